@@ -1,0 +1,165 @@
+"""S4ND: a global N-D convolution whose kernel is the outer product of per-axis SSM kernels.
+
+Paper: `S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces`
+(https://arxiv.org/abs/2210.06583).
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .ops import conv_along_axis, two_sided_kernel
+from .ssm_kernel import SSMKernel
+
+__all__ = ['S4ND']
+
+_Ints = Union[int, Sequence[int]]
+_Floats = Union[float, Sequence[float]]
+
+
+def _per_axis(value, ndim: int, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != ndim:
+            raise ValueError(f'{name} needs one value per spatial axis ({ndim}), got {tuple(value)}')
+        return tuple(value)
+    return (value,) * ndim
+
+
+class S4ND(nn.Module):
+    """Depthwise global convolution with an N-D S4 kernel, in linear form: y = K * x + D x.
+
+    Each spatial axis has its own diagonal SSM (`SSMKernel`); the N-D kernel of a channel is the
+    outer product of its axis kernels (a sum of `channels` such rank-1 terms), so the
+    convolution runs as one exact 1D convolution per axis.
+
+    Resolution: kernels are sampled from continuous parameters with step dt * rate, where
+    rate = reference length / input length per axis. With `l_ref` set (the training grid), the
+    rate follows the input automatically, so a layer trained at 56x56 sees the same continuous
+    kernel at 112x112 (finer steps, twice as many taps). Pass `rate` to forward to override.
+
+    Shapes: (B, dim, *spatial) -> (B, dim, *spatial), len(spatial) == ndim.
+
+    Args:
+        dim: channels.
+        ndim: number of spatial axes (1, 2 or 3).
+        d_state: SSM state size N per axis (N/2 complex modes).
+        channels: number of rank-1 kernel terms summed per channel.
+        bidirectional: two-sided kernels (per axis, or one bool for all); False = causal axis.
+        init: Im(A) initialization, 'lin' (S4D-Lin), 'inv' (S4D-Inv) or 'legs' (S4D-LegS).
+        dt_min, dt_max: range of the log-uniform step size initialization.
+        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2.
+        l_ref: reference (training) length per axis; enables the automatic rate.
+        l_max: longest kernel at rate 1 per axis (None = global, as long as the input).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            ndim: int = 2,
+            d_state: int = 64,
+            channels: int = 1,
+            bidirectional: Union[bool, Sequence[bool]] = True,
+            init: str = 'lin',
+            dt_min: float = 1e-3,
+            dt_max: float = 1e-1,
+            bandlimit: Optional[float] = None,
+            l_ref: Optional[_Ints] = None,
+            l_max: Optional[_Ints] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if ndim not in (1, 2, 3):
+            raise ValueError(f'ndim must be 1, 2 or 3, got {ndim}')
+        if channels < 1:
+            raise ValueError(f'channels must be >= 1, got {channels}')
+        self.dim = dim
+        self.ndim = ndim
+        self.channels = channels
+        self.bidirectional = tuple(bool(b) for b in _per_axis(bidirectional, ndim, 'bidirectional'))
+        self.l_ref = None
+        self.set_reference_size(l_ref)
+        self.l_max = None if l_max is None else _per_axis(l_max, ndim, 'l_max')
+        self.kernels = nn.ModuleList([
+            SSMKernel(
+                dim, d_state=d_state, num_kernels=channels * (2 if bi else 1), init=init,
+                dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, device=device, dtype=dtype)
+            for bi in self.bidirectional
+        ])
+        self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
+
+    def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
+        """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
+        if l_ref is not None:
+            l_ref = _per_axis(l_ref, self.ndim, 'l_ref')
+            if any(not isinstance(v, int) or v < 1 for v in l_ref):
+                raise ValueError(f'l_ref must hold positive integers, got {l_ref}')
+        self.l_ref = l_ref
+
+    def resolve_rate(self, sizes: Sequence[int], rate: Optional[_Floats] = None) -> Tuple[float, ...]:
+        """Per-axis rate for an input of spatial `sizes`: explicit, else l_ref / size, else 1."""
+        if rate is None:
+            if self.l_ref is None:
+                return (1.0,) * self.ndim
+            return tuple(r / s for r, s in zip(self.l_ref, sizes))
+        rate = tuple(float(r) for r in _per_axis(rate, self.ndim, 'rate'))
+        if any(not (math.isfinite(r) and r > 0) for r in rate):
+            raise ValueError(f'rate must be finite and positive on every axis, got {rate}')
+        return rate
+
+    def kernel_lengths(self, sizes: Sequence[int], rates: Sequence[float]) -> Tuple[int, ...]:
+        """Taps per direction on each axis: the input length, capped at ceil(l_max / rate)."""
+        if self.l_max is None:
+            return tuple(sizes)
+        return tuple(min(s, math.ceil(m / r)) for s, m, r in zip(sizes, self.l_max, rates))
+
+    def axis_kernels(self, sizes: Sequence[int], rate: Optional[_Floats] = None, dtype=torch.float32):
+        """Two-sided 1D kernels for each axis: a list (per axis) of (channels, dim, 2 n - 1) tensors."""
+        rates = self.resolve_rate(sizes, rate)
+        lengths = self.kernel_lengths(sizes, rates)
+        out = []
+        for kernel, bi, n, length, r in zip(self.kernels, self.bidirectional, sizes, lengths, rates):
+            k = kernel(length, rate=r, dtype=dtype)  # (channels * directions, dim, length)
+            if bi:
+                k_fwd, k_bwd = k[: self.channels], k[self.channels:]
+            else:
+                k_fwd, k_bwd = k, None
+            out.append(two_sided_kernel(k_fwd, k_bwd, n))
+        return out
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.ndim + 2:
+            raise ValueError(
+                f'S4ND with ndim={self.ndim} expects input (B, C, {", ".join("LHW"[-self.ndim:] if self.ndim < 3 else "THW")}) '
+                f'with {self.ndim} spatial dims, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.dim:
+            raise ValueError(f'S4ND expects {self.dim} input channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}')
+        if any(s < 1 for s in x.shape[2:]):
+            raise ValueError(f'S4ND cannot build a kernel for an empty spatial axis, got shape {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
+
+    def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
+        self._check_input(x)
+        # FFTs and long sums run in float32 (float64 stays float64), also under autocast
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = x.to(compute_dtype)
+            kernels = self.axis_kernels(x.shape[2:], rate, dtype=compute_dtype)
+            y = None
+            for term in range(self.channels):
+                z = u
+                for axis, k in enumerate(kernels):
+                    z = conv_along_axis(z, k[term], dim=axis + 2)
+                y = z if y is None else y + z
+            y = y + u * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = f'{self.dim}, ndim={self.ndim}, channels={self.channels}, bidirectional={self.bidirectional}'
+        if self.l_ref is not None:
+            s += f', l_ref={self.l_ref}'
+        if self.l_max is not None:
+            s += f', l_max={self.l_max}'
+        return s

@@ -1,0 +1,1 @@
+from .convnext_s4nd import ConvNeXtS4ND

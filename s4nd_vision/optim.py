@@ -1,0 +1,54 @@
+"""Optimizer parameter groups that give S4ND's SSM parameters their own learning rate.
+
+S4ND trains the SSM parameters (A, B and the log step size) with a smaller learning rate and
+no weight decay. Use with timm's optimizer factory::
+
+    optimizer = timm.optim.create_optimizer_v2(
+        model, 'adamw', lr=4e-3, weight_decay=0.05,
+        param_group_fn=partial(param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3))
+
+Without `param_group_fn`, timm still excludes them from weight decay through the models'
+`no_weight_decay()`, which lists them.
+"""
+from typing import Any, Collection, Dict, List, Optional
+
+import torch.nn as nn
+from timm.optim._param_groups import _matches_pattern
+
+from .layers import is_ssm_param
+
+__all__ = ['param_groups_ssm', 'ssm_param_names']
+
+
+def ssm_param_names(model: nn.Module) -> List[str]:
+    """Names of the SSM parameters (A, B, log dt) of every S4ND layer in `model`."""
+    return [name for name, p in model.named_parameters() if is_ssm_param(p)]
+
+
+def param_groups_ssm(
+        model: nn.Module,
+        weight_decay: float = 0.05,
+        ssm_lr: Optional[float] = None,
+        ssm_weight_decay: float = 0.0,
+        no_weight_decay_list: Collection[str] = (),
+) -> List[Dict[str, Any]]:
+    """Split parameters into SSM / no-decay / decay groups.
+
+    SSM parameters get `ssm_lr` (the optimizer's lr when None) and `ssm_weight_decay`; biases,
+    1-D parameters and names matching `no_weight_decay_list` (fnmatch patterns) get no weight decay.
+    """
+    ssm, no_decay, decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_ssm_param(p):
+            ssm.append(p)
+        elif p.ndim <= 1 or name.endswith('.bias') or _matches_pattern(name, no_weight_decay_list):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    ssm_group = {'params': ssm, 'weight_decay': ssm_weight_decay}
+    if ssm_lr is not None:
+        ssm_group['lr'] = ssm_lr
+    groups = [ssm_group, {'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
+    return [g for g in groups if g['params']]
