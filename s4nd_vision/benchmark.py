@@ -1,0 +1,154 @@
+"""Timing and memory of S4ND against what it replaces, as ratios measured in one process.
+
+Layer level: S4ND 2D vs timm's 7x7 depthwise conv (channels-last) at the ConvNeXt-T stage shapes.
+Model level: `convnext_s4nd_*` vs timm's `convnext_*` (training step and inference).
+Times are medians over repeated runs after warm-up. Memory is the bytes autograd saves for the
+backward pass (activations; on CUDA also the allocator's peak), which is what grows with batch size.
+"""
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import timm
+from timm.layers import create_conv2d
+
+from .layers import S4ND
+
+__all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_models', 'format_table']
+
+CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def saved_activation_mb(fn: Callable[[], torch.Tensor]) -> float:
+    """MB of distinct tensors autograd saves for backward while running fn() (parameters excluded)."""
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if not isinstance(t, nn.Parameter) and t.device.type != 'meta':
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / 2 ** 20
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).float().sum().backward()
+    return step
+
+
+def bench_layers(
+        batch_size: int = 8,
+        stages: Sequence = CONVNEXT_T_STAGES,
+        device: str = 'cpu',
+        repeats: int = 7,
+) -> List[dict]:
+    """S4ND 2D vs 7x7 depthwise conv (channels-last), forward+backward, per stage shape."""
+    dev = torch.device(device)
+    rows = []
+    for dim, size in stages:
+        torch.manual_seed(0)
+        s4nd = S4ND(dim, ndim=2, l_ref=size).to(dev)
+        conv = create_conv2d(dim, dim, 7, depthwise=True).to(dev, memory_format=torch.channels_last)
+        x = torch.randn(batch_size, dim, size, size, device=dev, requires_grad=True)
+        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        t_conv = time_ms(_fwd_bwd(conv, x_cl), dev, repeats=repeats)
+        t_s4nd = time_ms(_fwd_bwd(s4nd, x), dev, repeats=repeats)
+        m_conv = saved_activation_mb(lambda: conv(x_cl))
+        m_s4nd = saved_activation_mb(lambda: s4nd(x))
+        rows.append(dict(
+            case=f'layer {batch_size}x{dim}x{size}x{size}', baseline='dwconv7x7',
+            baseline_ms=t_conv, s4nd_ms=t_s4nd, time_ratio=t_s4nd / t_conv,
+            baseline_mb=m_conv, s4nd_mb=m_s4nd, mem_ratio=m_s4nd / m_conv))
+    return rows
+
+
+def bench_models(
+        pairs: Sequence = (('convnext_s4nd_tiny', 'convnext_tiny'),),
+        img_size: int = 224,
+        batch_size: int = 8,
+        device: str = 'cpu',
+        repeats: int = 5,
+        amp_dtype: Optional[torch.dtype] = None,
+) -> List[dict]:
+    """Training step (forward+backward) and inference of S4ND models vs their timm baselines."""
+    dev = torch.device(device)
+    rows = []
+    for name, baseline in pairs:
+        x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+        result = dict(case=f'{name} vs {baseline} @{img_size} b{batch_size}', baseline=baseline)
+        for key, model_name in (('s4nd', name), ('baseline', baseline)):
+            torch.manual_seed(0)
+            model = timm.create_model(model_name).to(dev)
+            result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
+            autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+            def train_step():
+                with autocast:
+                    out = model(x)
+                out.float().sum().backward()
+
+            def infer():
+                with torch.inference_mode(), autocast:
+                    model(x)
+
+            model.train()
+            result[f'{key}_train_ms'] = time_ms(train_step, dev, warmup=1, repeats=repeats)
+            with autocast:
+                result[f'{key}_train_mb'] = saved_activation_mb(lambda: model(x))
+            if dev.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(dev)
+                train_step()
+                result[f'{key}_cuda_peak_mb'] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+            model.eval()
+            result[f'{key}_infer_ms'] = time_ms(infer, dev, warmup=1, repeats=repeats)
+            del model
+        result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']
+        result['infer_ratio'] = result['s4nd_infer_ms'] / result['baseline_infer_ms']
+        result['train_mem_ratio'] = result['s4nd_train_mb'] / result['baseline_train_mb']
+        rows.append(result)
+    return rows
+
+
+def format_table(rows: List[dict]) -> str:
+    """Plain-text table of the numeric columns of `rows`."""
+    if not rows:
+        return ''
+    keys = [k for k in rows[0] if k != 'case']
+    lines = ['case'.ljust(44) + ''.join(k.rjust(18) for k in keys)]
+    for row in rows:
+        cells = [f'{row[k]:.2f}' if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append(row['case'].ljust(44) + ''.join(c.rjust(18) for c in cells))
+    return '\n'.join(lines)
+
+
+def write_json(rows: List[dict], path: str) -> None:
+    with open(path, 'w') as f:
+        json.dump(rows, f, indent=2)

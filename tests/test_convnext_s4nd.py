@@ -1,0 +1,147 @@
+"""ConvNeXt-S4ND specifics: registration, resolution control, checkpoints, optimizer groups, errors."""
+from functools import partial
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2
+
+import s4nd_vision  # noqa: F401
+from s4nd_vision.layers import S4ND
+from s4nd_vision.optim import param_groups_ssm, ssm_param_names
+
+SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')
+
+
+def test_registered_with_timm():
+    names = timm.list_models('convnext_s4nd_*')
+    assert names == sorted(f'convnext_s4nd_{s}' for s in SIZES)
+    assert all(timm.is_model(n) for n in names)
+    assert timm.get_pretrained_cfg('convnext_s4nd_tiny').input_size == (3, 224, 224)
+
+
+def test_tiny_parameter_count():
+    with torch.device('meta'):
+        s4nd = timm.create_model('convnext_s4nd_tiny')
+        base = timm.create_model('convnext_tiny')
+    n_s4nd = sum(p.numel() for p in s4nd.parameters())
+    n_base = sum(p.numel() for p in base.parameters())
+    assert 29e6 < n_s4nd < 33e6  # the paper's ConvNeXt-S4ND-T: about 30M
+    assert n_s4nd > n_base
+
+
+def test_every_s4nd_layer_is_referenced_to_its_grid():
+    model = timm.create_model('convnext_s4nd_atto', img_size=128)
+    layers = dict(model._s4nd_layers())
+    assert len(layers) == 1 + 3 + sum(len(s.blocks) for s in model.stages)
+    assert all(isinstance(m, S4ND) for m in layers)
+    assert {m.l_ref for m in layers} == {(128, 128), (32, 32), (16, 16), (8, 8), (4, 4)}
+    assert model.stem[1].l_ref == (128, 128)
+    assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 4)
+    assert model.stages[3].downsample[1].l_ref == (8, 8)
+
+
+def test_set_input_size_moves_the_reference_grid():
+    torch.manual_seed(0)
+    trained_64 = timm.create_model('convnext_s4nd_atto', img_size=64).eval()
+    native_96 = timm.create_model('convnext_s4nd_atto', img_size=96).eval()
+    native_96.load_state_dict(trained_64.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        before = trained_64(x)
+        trained_64.set_input_size(96)
+        after = trained_64(x)
+    assert trained_64.img_size == (96, 96)
+    torch.testing.assert_close(after, native_96(x))
+    assert not torch.allclose(before, after)
+    with pytest.raises(ValueError, match='img_size'):
+        trained_64.set_input_size(16)
+
+
+def test_runs_at_new_and_non_square_resolutions():
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=5).eval()
+    with torch.no_grad():
+        for size in ((64, 64), (96, 96), (64, 96), (100, 70)):
+            features = model.forward_features(torch.randn(1, 3, *size))
+            assert features.shape == (1, 320, size[0] // 32, size[1] // 32)
+            assert torch.isfinite(features).all()
+
+
+def test_stem_and_downsample_types():
+    patch = timm.create_model('convnext_s4nd_atto', stem_type='patch', downsample_type='conv')
+    assert isinstance(patch.stem[0], torch.nn.Conv2d) and patch.stem[0].stride == (4, 4)
+    assert not any(isinstance(m, S4ND) for m in patch.stem.modules())
+    assert not any(isinstance(m, S4ND) for s in patch.stages for m in s.downsample.modules())
+    assert patch(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    with pytest.raises(ValueError, match='stem_type'):
+        timm.create_model('convnext_s4nd_atto', stem_type='overlap')
+    with pytest.raises(ValueError, match='downsample_type'):
+        timm.create_model('convnext_s4nd_atto', downsample_type='strided')
+
+
+def test_bad_input_errors():
+    model = timm.create_model('convnext_s4nd_atto')
+    with pytest.raises(ValueError, match='at least 32'):
+        model(torch.randn(1, 3, 16, 64))
+    with pytest.raises(ValueError, match='3 input channels'):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
+        model(torch.randn(3, 64, 64))
+
+
+def test_pretrained_from_local_safetensors(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model('convnext_s4nd_atto', num_classes=7).eval()
+    path = tmp_path / 'weights.safetensors'
+    save_file(source.state_dict(), str(path))
+    loaded = timm.create_model(
+        'convnext_s4nd_atto', pretrained=True, num_classes=7,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=7)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+
+
+def test_start_from_plain_timm_convnext(tmp_path):
+    torch.manual_seed(0)
+    convnext = timm.create_model('convnext_atto', conv_mlp=False)  # the Linear MLP layout of convnext_tiny+
+    path = tmp_path / 'convnext_atto.safetensors'
+    save_file(convnext.state_dict(), str(path))
+    model = timm.create_model(
+        'convnext_s4nd_atto', pretrained=True, stem_type='patch', downsample_type='conv',
+        pretrained_cfg_overlay=dict(file=str(path)))
+    theirs, ours = convnext.state_dict(), model.state_dict()
+    transferred = [k for k in ours if k in theirs and theirs[k].shape == ours[k].shape]
+    assert 'stem.0.weight' in transferred and 'stages.1.downsample.1.weight' in transferred
+    assert 'stages.2.blocks.3.mlp.fc1.weight' in transferred and 'head.fc.weight' in transferred
+    for k in transferred:
+        torch.testing.assert_close(ours[k], theirs[k])
+    # the depthwise convs have no counterpart: S4ND keeps its own initialization
+    assert not any('conv_dw.weight' in k for k in ours)
+    assert model.stages[0].blocks[0].conv_dw.kernels[0].log_dt.abs().sum() > 0
+
+
+def test_ssm_params_get_no_weight_decay_and_their_own_lr():
+    model = timm.create_model('convnext_s4nd_atto')
+    ssm_names = set(ssm_param_names(model))
+    assert ssm_names == model.no_weight_decay()
+    assert {n.rsplit('.', 1)[-1] for n in ssm_names} == {'log_dt', 'log_a_real', 'a_imag', 'b'}
+    ssm_params = {id(p) for n, p in model.named_parameters() if n in ssm_names}
+
+    # timm's factory alone: SSM params land in a weight-decay-free group
+    opt = create_optimizer_v2(model, 'adamw', lr=4e-3, weight_decay=0.05)
+    for group in opt.param_groups:
+        if any(id(p) in ssm_params for p in group['params']):
+            assert group['weight_decay'] == 0.0
+
+    # with our groups: own learning rate too, and every parameter exactly once
+    opt = create_optimizer_v2(
+        model, 'adamw', lr=4e-3, weight_decay=0.05,
+        param_group_fn=partial(param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3))
+    ssm_groups = [g for g in opt.param_groups if any(id(p) in ssm_params for p in g['params'])]
+    assert len(ssm_groups) == 1 and ssm_groups[0]['lr'] == 1e-3 and ssm_groups[0]['weight_decay'] == 0.0
+    assert {id(p) for p in ssm_groups[0]['params']} == ssm_params
+    decayed = [g for g in opt.param_groups if g['weight_decay'] == 0.05]
+    assert decayed and all(p.ndim > 1 for g in decayed for p in g['params'])
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Benchmark S4ND against the depthwise conv / ConvNeXt it replaces (ratios in one process).
+
+    python tools/benchmark.py --what layers models --batch-size 8 --json output/benchmark.json
+"""
+import argparse
+import os
+
+import torch
+
+from s4nd_vision.benchmark import bench_layers, bench_models, format_table, write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--what', nargs='+', choices=['layers', 'models'], default=['layers', 'models'])
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--json', default=None, help='write the rows to this JSON file')
+    args = parser.parse_args()
+
+    rows = []
+    if 'layers' in args.what:
+        rows += bench_layers(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
+        print(format_table(rows), flush=True)
+    if 'models' in args.what:
+        amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
+        model_rows = bench_models(
+            img_size=args.img_size, batch_size=args.batch_size, device=args.device, repeats=args.repeats, amp_dtype=amp)
+        print(format_table(model_rows), flush=True)
+        rows += model_rows
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
+        write_json(rows, args.json)
+        print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
