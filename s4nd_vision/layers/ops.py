@@ -1,16 +1,16 @@
-"""Non-circular convolution of channels-first N-D inputs with per-channel 1D kernels along one axis.
+"""Exact non-circular depthwise convolution with separable (per-axis) kernels.
 
 A two-sided kernel for an axis of length n holds offsets -(n-1)..(n-1) (length 2n - 1, offset o at
 index o + n - 1): y[i] = sum_j k[i - j] x[j]. Two exact algorithms, chosen per axis length:
 a Toeplitz matrix product (GEMM speed, best for short axes) and a zero-padded FFT (N log N).
 """
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['two_sided_kernel', 'conv_along_axis', 'toeplitz_conv_along_axis', 'fft_conv_along_axis',
-           'TOEPLITZ_MAX_LEN']
+__all__ = ['two_sided_kernel', 'separable_conv', 'TOEPLITZ_MAX_LEN']
 
 # Axis lengths up to this use the Toeplitz product, longer ones the FFT. Measured on 2 CPU cores
 # (fwd+bwd, both axes of a 2D input): the Toeplitz product was 3-5x faster at every length 64..256.
@@ -41,31 +41,55 @@ def _toeplitz_index(n: int, device: torch.device) -> torch.Tensor:
     return i[:, None] - i[None, :] + (n - 1)
 
 
-def toeplitz_conv_along_axis(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """Convolve x (B, C, *spatial) along `dim` with two-sided kernels k (C, 2n - 1) by a Toeplitz product."""
-    n = x.shape[dim]
+def _toeplitz_conv(u: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), as one batched GEMM."""
+    c, n = u.shape[0], u.shape[dim]
+    prefix = math.prod(u.shape[1:dim])
+    suffix = math.prod(u.shape[dim + 1:])
     t = k[:, _toeplitz_index(n, k.device)]  # (C, n, n), t[c, i, j] = k[c, i - j]
-    axes = 'defg'[: x.ndim - 2]
-    src = 'bc' + axes
-    dst = src.replace(axes[dim - 2], 'z')
-    # e.g. along H of (B, C, H, W): 'cze,bcde->bcze' (einsum batches over C with contiguous GEMMs)
-    return torch.einsum(f'cz{axes[dim - 2]},{src}->{dst}', t, x)
+    if suffix == 1:  # last axis: (C, P, n) @ (C, n, n)^T
+        y = torch.bmm(u.reshape(c, prefix, n), t.transpose(1, 2))
+    else:  # (C * P, n, n) @ (C * P, n, Q); T repeats over P (small, and only for middle axes of 3D inputs)
+        if prefix > 1:
+            t = t[:, None].expand(c, prefix, n, n).reshape(c * prefix, n, n)
+        y = torch.bmm(t, u.reshape(c * prefix, n, suffix))
+    return y.view(u.shape)
 
 
-def fft_conv_along_axis(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """Convolve x (B, C, *spatial) along `dim` with two-sided kernels k (C, 2n - 1) by a zero-padded FFT."""
-    n = x.shape[dim]
-    m = 2 * n  # >= 2n - 1 taps + n inputs - 1: no circular wrap-around
+def _fft_conv(u: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), by a zero-padded FFT."""
+    n = u.shape[dim]
+    m = 2 * n  # >= (2n - 1 taps) + (n inputs) - 1: no circular wrap-around
     # circular layout: offsets 0..n-1 at 0..n-1, offset -n (zero) at n, offsets -(n-1)..-1 at n+1..2n-1
     k_circ = torch.cat([k[:, n - 1:], k.new_zeros(k.shape[0], 1), k[:, : n - 1]], dim=-1)
     k_f = torch.fft.rfft(k_circ, n=m)  # (C, m // 2 + 1)
-    k_f = k_f.reshape(k_f.shape[:1] + (1,) * (dim - 2) + k_f.shape[1:] + (1,) * (x.ndim - dim - 1))
-    y = torch.fft.irfft(torch.fft.rfft(x, n=m, dim=dim) * k_f, n=m, dim=dim)
+    k_f = k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (u.ndim - dim - 1))
+    y = torch.fft.irfft(torch.fft.rfft(u, n=m, dim=dim) * k_f, n=m, dim=dim)
     return y.narrow(dim, 0, n)
 
 
-def conv_along_axis(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """Exact non-circular convolution along `dim`, algorithm chosen by the axis length."""
-    if x.shape[dim] <= TOEPLITZ_MAX_LEN:
-        return toeplitz_conv_along_axis(x, k, dim)
-    return fft_conv_along_axis(x, k, dim)
+def separable_conv(x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Depthwise N-D convolution with a sum of separable (outer product) kernels.
+
+    Args:
+        x: (B, C, *spatial) input, N = len(spatial).
+        kernels: per axis, (R, C, 2n - 1) two-sided kernels of R rank-1 terms.
+
+    Returns:
+        (B, C, *spatial): sum over r of x convolved with kernels[0][r] (x) ... (x) kernels[N-1][r].
+
+    Works in the channel-major layout (C, S_1, ..., S_{N-1}, B, S_N), where the contraction along
+    the first and the last axis are single batched GEMMs (or FFTs) without further copies.
+    """
+    nd = len(kernels)
+    order = [1] + list(range(2, nd + 1)) + [0, nd + 1]
+    u = x.permute(order).contiguous()
+    dims = list(range(1, nd)) + [nd + 1]  # each spatial axis in the working layout
+    y = None
+    for term in range(kernels[0].shape[0]):
+        z = u
+        for dim, k in zip(dims, kernels):
+            z = (_toeplitz_conv if z.shape[dim] <= TOEPLITZ_MAX_LEN else _fft_conv)(z, k[term], dim)
+        y = z if y is None else y + z
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return y.permute(inverse)

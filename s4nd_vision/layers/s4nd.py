@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops import conv_along_axis, two_sided_kernel
+from .ops import separable_conv, two_sided_kernel
 from .ssm_kernel import SSMKernel
 
 __all__ = ['S4ND']
@@ -147,13 +147,7 @@ class S4ND(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.to(compute_dtype)
             kernels = self.axis_kernels(x.shape[2:], rate, dtype=compute_dtype)
-            y = None
-            for term in range(self.channels):
-                z = u
-                for axis, k in enumerate(kernels):
-                    z = conv_along_axis(z, k[term], dim=axis + 2)
-                y = z if y is None else y + z
-            y = y + u * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
+            y = separable_conv(u, kernels) + u * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
