@@ -60,7 +60,9 @@ def _direct_reference(layer: S4ND, x: torch.Tensor, rate=None) -> torch.Tensor:
     # y[i] = sum_j K[i - j] x[j] is a cross-correlation with the flipped kernel
     weight = kernel_nd.flip(list(range(1, layer.ndim + 1)))[:, None]
     y = conv(x.double(), weight, padding=[n - 1 for n in sizes], groups=layer.dim)
-    return y + layer.D.detach().double().reshape((-1,) + (1,) * layer.ndim) * x.double()
+    y = y + layer.D.detach().double().reshape((-1,) + (1,) * layer.ndim) * x.double()
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[layer.ndim - 1]
+    return pool(y, kernel_size=layer.pool)
 
 
 @pytest.mark.parametrize('init', ['lin', 'inv', 'legs'])
@@ -85,22 +87,25 @@ def test_inits():
 
 
 CASES = [
-    # ndim, sizes, l_ref, l_max, bidirectional, channels
-    (1, (9,), None, None, True, 1),
-    (1, (12,), 6, 4, False, 2),
-    (2, (7, 10), (7, 10), None, True, 1),
-    (2, (9, 6), (4, 4), (3, 5), (True, False), 2),
-    (3, (3, 5, 4), None, (2, 9, 3), (False, True, True), 1),
+    # ndim, sizes, l_ref, l_max, bidirectional, channels, pool
+    (1, (9,), None, None, True, 1, 1),
+    (1, (12,), 6, 4, False, 2, 1),
+    (1, (11,), 11, None, True, 1, 3),
+    (2, (7, 10), (7, 10), None, True, 1, 1),
+    (2, (9, 6), (4, 4), (3, 5), (True, False), 2, 1),
+    (2, (9, 8), (9, 8), None, True, 1, (4, 2)),
+    (3, (3, 5, 4), None, (2, 9, 3), (False, True, True), 1, 1),
+    (3, (4, 5, 6), (4, 5, 6), None, True, 2, 2),
 ]
 
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
-@pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,channels', CASES)
-def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_ref, l_max, bidirectional, channels):
+@pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,channels,pool', CASES)
+def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_ref, l_max, bidirectional, channels, pool):
     monkeypatch.setattr(ops, 'TOEPLITZ_MAX_LEN', 10 ** 6 if algorithm == 'toeplitz' else 0)
     torch.manual_seed(0)
     layer = S4ND(3, ndim=ndim, d_state=8, channels=channels, bidirectional=bidirectional,
-                 l_ref=l_ref, l_max=l_max, dt_min=0.05, dt_max=0.5).double()
+                 l_ref=l_ref, l_max=l_max, pool=pool, dt_min=0.05, dt_max=0.5).double()
     _randomize(layer)
     x = torch.randn(2, 3, *sizes, dtype=torch.float64)
     torch.testing.assert_close(layer(x), _direct_reference(layer, x))
@@ -182,7 +187,7 @@ def test_gradcheck(monkeypatch, algorithm):
     monkeypatch.setattr(ops, 'TOEPLITZ_MAX_LEN', 10 ** 6 if algorithm == 'toeplitz' else 0)
     torch.manual_seed(0)
     layer = S4ND(2, ndim=2, d_state=4, channels=2, bidirectional=(True, False), l_ref=(3, 4),
-                 dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
+                 pool=(1, 2), dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
     names, params = zip(*layer.named_parameters())
     x = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
 
@@ -217,6 +222,10 @@ def test_bad_input_errors():
         layer(torch.randn(1, 4, 8, 8), rate=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match='empty spatial axis'):
         layer(torch.randn(1, 4, 0, 8))
+    with pytest.raises(ValueError, match='at least pool'):
+        S4ND(4, ndim=2, pool=4)(torch.randn(1, 4, 8, 3))
+    with pytest.raises(ValueError, match='pool'):
+        S4ND(4, ndim=2, pool=0)
     with pytest.raises(ValueError, match='ndim'):
         S4ND(4, ndim=4)
     with pytest.raises(ValueError, match='l_ref'):

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ['two_sided_kernel', 'separable_conv', 'TOEPLITZ_MAX_LEN']
+__all__ = ['two_sided_kernel', 'separable_conv', 'avg_pool_axes', 'TOEPLITZ_MAX_LEN']
 
 # Axis lengths up to this use the Toeplitz product, longer ones the FFT. Measured on 2 CPU cores
 # (fwd+bwd, both axes of a 2D input): the Toeplitz product was 3-5x faster at every length 64..256.
@@ -41,23 +41,40 @@ def _toeplitz_index(n: int, device: torch.device) -> torch.Tensor:
     return i[:, None] - i[None, :] + (n - 1)
 
 
-def _toeplitz_conv(u: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), as one batched GEMM."""
+def _avg_pool_axis(y: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
+    """Average non-overlapping windows of `pool` along `dim` (a trailing remainder is dropped, like AvgPool)."""
+    if pool == 1:
+        return y
+    m = y.shape[dim] // pool
+    return y.narrow(dim, 0, m * pool).unflatten(dim, (m, pool)).mean(dim + 1)
+
+
+def avg_pool_axes(x: torch.Tensor, pools: Sequence[int]) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, C, *(s // p)): average pooling by pools[a] along spatial axis a."""
+    for a, pool in enumerate(pools):
+        x = _avg_pool_axis(x, a + 2, pool)
+    return x
+
+
+def _toeplitz_conv(u: torch.Tensor, k: torch.Tensor, dim: int, pool: int = 1) -> torch.Tensor:
+    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), then average pooling by `pool`,
+    as one batched GEMM (the pooling folds into the Toeplitz matrix: fewer rows, less work)."""
     c, n = u.shape[0], u.shape[dim]
     prefix = math.prod(u.shape[1:dim])
     suffix = math.prod(u.shape[dim + 1:])
-    t = k[:, _toeplitz_index(n, k.device)]  # (C, n, n), t[c, i, j] = k[c, i - j]
-    if suffix == 1:  # last axis: (C, P, n) @ (C, n, n)^T
+    t = _avg_pool_axis(k[:, _toeplitz_index(n, k.device)], 1, pool)  # (C, m, n), t[c, i, j] = k[c, i - j] pooled over i
+    m = t.shape[1]
+    if suffix == 1:  # last axis: (C, P, n) @ (C, m, n)^T
         y = torch.bmm(u.reshape(c, prefix, n), t.transpose(1, 2))
-    else:  # (C * P, n, n) @ (C * P, n, Q); T repeats over P (small, and only for middle axes of 3D inputs)
+    else:  # (C * P, m, n) @ (C * P, n, Q); T repeats over P (small, and only for middle axes of 3D inputs)
         if prefix > 1:
-            t = t[:, None].expand(c, prefix, n, n).reshape(c * prefix, n, n)
+            t = t[:, None].expand(c, prefix, m, n).reshape(c * prefix, m, n)
         y = torch.bmm(t, u.reshape(c * prefix, n, suffix))
-    return y.view(u.shape)
+    return y.view(u.shape[:dim] + (m,) + u.shape[dim + 1:])
 
 
-def _fft_conv(u: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), by a zero-padded FFT."""
+def _fft_conv(u: torch.Tensor, k: torch.Tensor, dim: int, pool: int = 1) -> torch.Tensor:
+    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1) by a zero-padded FFT, then pooling by `pool`."""
     n = u.shape[dim]
     m = 2 * n  # >= (2n - 1 taps) + (n inputs) - 1: no circular wrap-around
     # circular layout: offsets 0..n-1 at 0..n-1, offset -n (zero) at n, offsets -(n-1)..-1 at n+1..2n-1
@@ -65,31 +82,37 @@ def _fft_conv(u: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
     k_f = torch.fft.rfft(k_circ, n=m)  # (C, m // 2 + 1)
     k_f = k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (u.ndim - dim - 1))
     y = torch.fft.irfft(torch.fft.rfft(u, n=m, dim=dim) * k_f, n=m, dim=dim)
-    return y.narrow(dim, 0, n)
+    return _avg_pool_axis(y.narrow(dim, 0, n), dim, pool)
 
 
-def separable_conv(x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Depthwise N-D convolution with a sum of separable (outer product) kernels.
+def separable_conv(
+        x: torch.Tensor,
+        kernels: Sequence[torch.Tensor],
+        pools: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Depthwise N-D convolution with a sum of separable (outer product) kernels, optionally average-pooled.
 
     Args:
         x: (B, C, *spatial) input, N = len(spatial).
         kernels: per axis, (R, C, 2n - 1) two-sided kernels of R rank-1 terms.
+        pools: per axis, average pooling window (and stride) applied to the result; None = no pooling.
 
     Returns:
-        (B, C, *spatial): sum over r of x convolved with kernels[0][r] (x) ... (x) kernels[N-1][r].
+        (B, C, *(spatial // pools)): sum over r of x convolved with kernels[0][r] (x) ... (x) kernels[N-1][r].
 
     Works in the channel-major layout (C, S_1, ..., S_{N-1}, B, S_N), where the contraction along
     the first and the last axis are single batched GEMMs (or FFTs) without further copies.
     """
     nd = len(kernels)
+    pools = pools or (1,) * nd
     order = [1] + list(range(2, nd + 1)) + [0, nd + 1]
     u = x.permute(order).contiguous()
     dims = list(range(1, nd)) + [nd + 1]  # each spatial axis in the working layout
     y = None
     for term in range(kernels[0].shape[0]):
         z = u
-        for dim, k in zip(dims, kernels):
-            z = (_toeplitz_conv if z.shape[dim] <= TOEPLITZ_MAX_LEN else _fft_conv)(z, k[term], dim)
+        for dim, k, pool in zip(dims, kernels, pools):
+            z = (_toeplitz_conv if z.shape[dim] <= TOEPLITZ_MAX_LEN else _fft_conv)(z, k[term], dim, pool)
         y = z if y is None else y + z
     inverse = sorted(range(len(order)), key=order.__getitem__)
     return y.permute(inverse)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops import separable_conv, two_sided_kernel
+from .ops import avg_pool_axes, separable_conv, two_sided_kernel
 from .ssm_kernel import SSMKernel
 
 __all__ = ['S4ND']
@@ -38,7 +38,11 @@ class S4ND(nn.Module):
     rate follows the input automatically, so a layer trained at 56x56 sees the same continuous
     kernel at 112x112 (finer steps, twice as many taps). Pass `rate` to forward to override.
 
-    Shapes: (B, dim, *spatial) -> (B, dim, *spatial), len(spatial) == ndim.
+    With `pool` > 1 the output is average-pooled by `pool` (window = stride, remainder dropped,
+    like AvgPool): a resolution-aware downsampling. The pooling folds into the convolution, so
+    filtering and pooling together cost less than the filter alone.
+
+    Shapes: (B, dim, *spatial) -> (B, dim, *(spatial // pool)), len(spatial) == ndim.
 
     Args:
         dim: channels.
@@ -51,6 +55,7 @@ class S4ND(nn.Module):
         bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2.
         l_ref: reference (training) length per axis; enables the automatic rate.
         l_max: longest kernel at rate 1 per axis (None = global, as long as the input).
+        pool: average pooling of the output per axis (1 = none).
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class S4ND(nn.Module):
             bandlimit: Optional[float] = None,
             l_ref: Optional[_Ints] = None,
             l_max: Optional[_Ints] = None,
+            pool: _Ints = 1,
             device=None,
             dtype=None,
     ):
@@ -81,6 +87,9 @@ class S4ND(nn.Module):
         self.l_ref = None
         self.set_reference_size(l_ref)
         self.l_max = None if l_max is None else _per_axis(l_max, ndim, 'l_max')
+        self.pool = _per_axis(pool, ndim, 'pool')
+        if any(not isinstance(p, int) or p < 1 for p in self.pool):
+            raise ValueError(f'pool must hold positive integers, got {pool}')
         self.kernels = nn.ModuleList([
             SSMKernel(
                 dim, d_state=d_state, num_kernels=channels * (2 if bi else 1), init=init,
@@ -137,6 +146,8 @@ class S4ND(nn.Module):
             raise ValueError(f'S4ND expects {self.dim} input channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}')
         if any(s < 1 for s in x.shape[2:]):
             raise ValueError(f'S4ND cannot build a kernel for an empty spatial axis, got shape {tuple(x.shape)}')
+        if any(s < p for s, p in zip(x.shape[2:], self.pool)):
+            raise ValueError(f'S4ND with pool={self.pool} needs spatial sizes of at least pool, got shape {tuple(x.shape)}')
         if not x.is_floating_point():
             raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
 
@@ -147,7 +158,8 @@ class S4ND(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.to(compute_dtype)
             kernels = self.axis_kernels(x.shape[2:], rate, dtype=compute_dtype)
-            y = separable_conv(u, kernels) + u * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
+            skip = avg_pool_axes(u, self.pool) * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
+            y = separable_conv(u, kernels, self.pool) + skip
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -156,4 +168,6 @@ class S4ND(nn.Module):
             s += f', l_ref={self.l_ref}'
         if self.l_max is not None:
             s += f', l_max={self.l_max}'
+        if any(p > 1 for p in self.pool):
+            s += f', pool={self.pool}'
         return s

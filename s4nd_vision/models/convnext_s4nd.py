@@ -47,12 +47,11 @@ def _s4nd_stem(
         dtype=None,
 ) -> nn.Sequential:
     """(B, in_chs, H, W) -> (B, out_chs, H/4, W/4): pointwise in_chs -> stem_chs, S4ND at full
-    resolution, average pooling by 4, pointwise projection with GLU, norm."""
+    resolution with average pooling by 4 (fused), pointwise projection with GLU, norm."""
     dd = dict(device=device, dtype=dtype)
     return nn.Sequential(
         nn.Conv2d(in_chs, stem_chs, kernel_size=1, **dd),
-        s4nd_layer(stem_chs, l_ref=img_size),
-        nn.AvgPool2d(4),
+        s4nd_layer(stem_chs, l_ref=img_size, pool=4),
         nn.Conv2d(stem_chs, 2 * out_chs, kernel_size=1, **dd),
         nn.GLU(dim=1),
         LayerNorm2d(out_chs, **dd),
@@ -67,12 +66,11 @@ def _s4nd_downsample(
         device=None,
         dtype=None,
 ) -> nn.Sequential:
-    """(B, in_chs, H, W) -> (B, out_chs, H/2, W/2): norm, S4ND, average pooling by 2, pointwise GLU projection."""
+    """(B, in_chs, H, W) -> (B, out_chs, H/2, W/2): norm, S4ND with average pooling by 2 (fused), pointwise GLU projection."""
     dd = dict(device=device, dtype=dtype)
     return nn.Sequential(
         LayerNorm2d(in_chs, **dd),
-        s4nd_layer(in_chs, l_ref=feat_size),
-        nn.AvgPool2d(2),
+        s4nd_layer(in_chs, l_ref=feat_size, pool=2),
         nn.Conv2d(in_chs, 2 * out_chs, kernel_size=1, **dd),
         nn.GLU(dim=1),
     )
