@@ -1,4 +1,5 @@
 """The S4ND layer against direct references: SSM recurrence, direct convolution, ZOH consistency."""
+import copy
 import math
 
 import pytest
@@ -232,3 +233,34 @@ def test_bad_input_errors():
         S4ND(4, ndim=2, l_ref=(8, 0))
     with pytest.raises(ValueError, match='d_state'):
         S4ND(4, d_state=7)
+
+
+def test_kernel_cache_in_inference_is_invalidated_by_every_change():
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8, l_ref=8).eval()
+    x8, x12 = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 12, 12)
+
+    def check(x, **kw):
+        """Cached output (after a call that filled the cache) equals a cache-free copy's output."""
+        with torch.enable_grad():
+            expected = copy.deepcopy(layer)(x, **kw).detach()
+        torch.testing.assert_close(layer(x, **kw), expected)
+
+    with torch.no_grad():
+        check(x8)
+        first = layer._kernel_cache[1]
+        layer(x8)
+        assert layer._kernel_cache[1] is first  # reused while nothing changed
+        check(x12)  # new resolution
+        check(x12, rate=2.0)  # explicit rate
+        layer.kernels[0].log_dt.add_(0.5)  # in-place parameter update (optimizer step)
+        check(x12)
+        layer.load_state_dict({k: v + 0.1 for k, v in layer.state_dict().items()})
+        check(x12)
+        layer.kernels[1].bandlimit = 0.5
+        check(x12)
+        layer.double()
+        check(x12.double())
+    # with autograd on, kernels are rebuilt every call (and carry gradients)
+    layer(x12.double()).sum().backward()
+    assert layer._kernel_cache is None and layer.kernels[0].c.grad is not None

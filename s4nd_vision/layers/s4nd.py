@@ -97,6 +97,7 @@ class S4ND(nn.Module):
             for bi in self.bidirectional
         ])
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
+        self._kernel_cache = None  # (key, kernels), used without autograd (inference)
 
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
         """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
@@ -137,6 +138,26 @@ class S4ND(nn.Module):
             out.append(two_sided_kernel(k_fwd, k_bwd, n))
         return out
 
+    def _cached_axis_kernels(self, sizes: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype):
+        """`axis_kernels`, remembered between calls while no gradient is recorded (inference).
+
+        The cache key holds everything the kernels depend on: sizes, rates, kernel lengths,
+        dtype, band limits, and each SSM parameter's storage and version counter (so in-place
+        updates, `load_state_dict`, `.to()` and optimizer steps all invalidate it).
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._kernel_cache = None
+            return self.axis_kernels(sizes, rate, dtype=dtype)
+        rates = self.resolve_rate(sizes, rate)
+        key = (
+            tuple(sizes), rates, self.kernel_lengths(sizes, rates), dtype,
+            tuple(k.bandlimit for k in self.kernels),
+            tuple((p.device, p.data_ptr(), p._version) for p in self.kernels.parameters()),
+        )
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, self.axis_kernels(sizes, rates, dtype=dtype))
+        return self._kernel_cache[1]
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2:
             raise ValueError(
@@ -157,7 +178,7 @@ class S4ND(nn.Module):
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.to(compute_dtype)
-            kernels = self.axis_kernels(x.shape[2:], rate, dtype=compute_dtype)
+            kernels = self._cached_axis_kernels(x.shape[2:], rate, compute_dtype)
             skip = avg_pool_axes(u, self.pool) * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
             y = separable_conv(u, kernels, self.pool) + skip
         return y.to(x.dtype)
