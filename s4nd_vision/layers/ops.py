@@ -5,12 +5,12 @@ index o + n - 1): y[i] = sum_j k[i - j] x[j]. Two exact algorithms, chosen per a
 a Toeplitz matrix product (GEMM speed, best for short axes) and a zero-padded FFT (N log N).
 """
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['two_sided_kernel', 'separable_conv', 'avg_pool_axes', 'TOEPLITZ_MAX_LEN']
+__all__ = ['two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'avg_pool_axes', 'TOEPLITZ_MAX_LEN']
 
 # Axis lengths up to this use the Toeplitz product, longer ones the FFT. Measured on 2 CPU cores
 # (fwd+bwd, both axes of a 2D input): the Toeplitz product was 3-5x faster at every length 64..256.
@@ -49,13 +49,6 @@ def _avg_pool_axis(y: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
     return y.narrow(dim, 0, m * pool).unflatten(dim, (m, pool)).mean(dim + 1)
 
 
-def avg_pool_axes(x: torch.Tensor, pools: Sequence[int]) -> torch.Tensor:
-    """(B, C, *spatial) -> (B, C, *(s // p)): average pooling by pools[a] along spatial axis a."""
-    for a, pool in enumerate(pools):
-        x = _avg_pool_axis(x, a + 2, pool)
-    return x
-
-
 def _toeplitz_conv(u: torch.Tensor, k: torch.Tensor, dim: int, pool: int = 1) -> torch.Tensor:
     """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), then average pooling by `pool`,
     as one batched GEMM (the pooling folds into the Toeplitz matrix: fewer rows, less work)."""
@@ -85,34 +78,53 @@ def _fft_conv(u: torch.Tensor, k: torch.Tensor, dim: int, pool: int = 1) -> torc
     return _avg_pool_axis(y.narrow(dim, 0, n), dim, pool)
 
 
+def channel_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, S_1, ..., S_N) -> contiguous (C, S_1, ..., S_{N-1}, B, S_N), the working layout in which
+    the contractions along the first and the last spatial axis are single batched GEMMs (or FFTs)."""
+    nd = x.ndim - 2
+    return x.permute([1] + list(range(2, nd + 1)) + [0, nd + 1]).contiguous()
+
+
+def channels_first(u: torch.Tensor) -> torch.Tensor:
+    """Inverse of `channel_major` (a view): (C, S_1, ..., S_{N-1}, B, S_N) -> (B, C, S_1, ..., S_N)."""
+    nd = u.ndim - 2
+    return u.permute([nd, 0] + list(range(1, nd)) + [nd + 1])
+
+
+def _spatial_dims(u: torch.Tensor) -> List[int]:
+    """Positions of the spatial axes 1..N in the channel-major layout."""
+    nd = u.ndim - 2
+    return list(range(1, nd)) + [nd + 1]
+
+
+def avg_pool_axes(u: torch.Tensor, pools: Sequence[int]) -> torch.Tensor:
+    """Average pooling of a channel-major tensor by pools[a] along spatial axis a."""
+    for dim, pool in zip(_spatial_dims(u), pools):
+        u = _avg_pool_axis(u, dim, pool)
+    return u
+
+
 def separable_conv(
-        x: torch.Tensor,
+        u: torch.Tensor,
         kernels: Sequence[torch.Tensor],
         pools: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Depthwise N-D convolution with a sum of separable (outer product) kernels, optionally average-pooled.
 
     Args:
-        x: (B, C, *spatial) input, N = len(spatial).
+        u: channel-major input (see `channel_major`), N spatial axes.
         kernels: per axis, (R, C, 2n - 1) two-sided kernels of R rank-1 terms.
         pools: per axis, average pooling window (and stride) applied to the result; None = no pooling.
 
     Returns:
-        (B, C, *(spatial // pools)): sum over r of x convolved with kernels[0][r] (x) ... (x) kernels[N-1][r].
-
-    Works in the channel-major layout (C, S_1, ..., S_{N-1}, B, S_N), where the contraction along
-    the first and the last axis are single batched GEMMs (or FFTs) without further copies.
+        Channel-major result, spatial sizes s // pool: the sum over r of u convolved with
+        kernels[0][r] (x) ... (x) kernels[N-1][r].
     """
-    nd = len(kernels)
-    pools = pools or (1,) * nd
-    order = [1] + list(range(2, nd + 1)) + [0, nd + 1]
-    u = x.permute(order).contiguous()
-    dims = list(range(1, nd)) + [nd + 1]  # each spatial axis in the working layout
+    pools = pools or (1,) * len(kernels)
     y = None
     for term in range(kernels[0].shape[0]):
         z = u
-        for dim, k, pool in zip(dims, kernels, pools):
+        for dim, k, pool in zip(_spatial_dims(u), kernels, pools):
             z = (_toeplitz_conv if z.shape[dim] <= TOEPLITZ_MAX_LEN else _fft_conv)(z, k[term], dim, pool)
         y = z if y is None else y + z
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return y.permute(inverse)
+    return y

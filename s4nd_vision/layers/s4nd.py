@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops import avg_pool_axes, separable_conv, two_sided_kernel
+from .ops import avg_pool_axes, channel_major, channels_first, separable_conv, two_sided_kernel
 from .ssm_kernel import SSMKernel
 
 __all__ = ['S4ND']
@@ -177,10 +177,10 @@ class S4ND(nn.Module):
         # FFTs and long sums run in float32 (float64 stays float64), also under autocast
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            u = x.to(compute_dtype)
             kernels = self._cached_axis_kernels(x.shape[2:], rate, compute_dtype)
-            skip = avg_pool_axes(u, self.pool) * self.D.to(compute_dtype).reshape((-1,) + (1,) * self.ndim)
-            y = separable_conv(u, kernels, self.pool) + skip
+            u = channel_major(x.to(compute_dtype))  # (C, *spatial[:-1], B, spatial[-1])
+            d = self.D.to(compute_dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+            y = channels_first(separable_conv(u, kernels, self.pool) + d * avg_pool_axes(u, self.pool))
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
