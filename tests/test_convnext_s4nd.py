@@ -145,3 +145,23 @@ def test_ssm_params_get_no_weight_decay_and_their_own_lr():
     decayed = [g for g in opt.param_groups if g['weight_decay'] == 0.05]
     assert decayed and all(p.ndim > 1 for g in decayed for p in g['params'])
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_resolution_aware_stem_keeps_logits_across_resolutions():
+    """Untrained, for a smooth image at 64 and at 128 px: the S4ND stem and downsampling give nearly
+    the same logits (more so band-limited); timm's strided patch stem and convs do not."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 3, 6, 6, generator=g)
+    images = [torch.nn.functional.interpolate(coarse, size=(n, n), mode='bicubic') for n in (64, 128)]
+
+    def logit_change(**kwargs):
+        torch.manual_seed(0)
+        model = timm.create_model('convnext_s4nd_atto', img_size=64, **kwargs).eval()
+        with torch.no_grad():
+            low, high = (model(x) for x in images)
+        return ((high - low).norm() / low.norm()).item()
+
+    s4nd, band_limited = logit_change(), logit_change(bandlimit=0.5)
+    patch = logit_change(stem_type='patch', downsample_type='conv')
+    assert s4nd < 0.5 * patch
+    assert band_limited < 0.75 * s4nd
