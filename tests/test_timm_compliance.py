@@ -1,0 +1,199 @@
+"""timm compliance: the checks timm runs on its own models (its tests/test_models.py), on ours.
+
+Every registered `*s4nd*` model is created on the meta device and run once at a small input;
+the small variants in COMPLIANCE_MODELS go through the whole contract (backward, default cfg,
+features, intermediates, gradient checkpointing, bf16, torch.compile).
+"""
+import pytest
+import timm
+import torch
+
+import s4nd_vision  # noqa: F401  (registers the models)
+
+# (model name, constructor kwargs): the small variants that get every check. Add new families here.
+COMPLIANCE_MODELS = [
+    ('convnext_s4nd_atto', {}),
+    ('convnext_s4nd_atto', dict(stem_type='patch', downsample_type='conv')),
+]
+ALL_S4ND_MODELS = timm.list_models('*s4nd*')
+SMALL_SIDE = 64  # spatial sides used for the cheap runs (every model must accept it)
+
+
+def _ids(entry) -> str:
+    name, kwargs = entry
+    return name + ''.join(f'-{k}={v}' for k, v in kwargs.items())
+
+
+def _small_input(model: torch.nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """Input shaped like the model's default cfg with spatial sides capped at SMALL_SIDE (time kept)."""
+    chans, *sizes = model.pretrained_cfg['input_size']
+    spatial = [min(s, SMALL_SIDE) for s in sizes[-2:]]
+    torch.manual_seed(0)
+    return torch.randn(batch_size, chans, *sizes[:-2], *spatial)
+
+
+def _create(name: str, kwargs: dict, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **dict(kwargs, **extra))
+
+
+def test_every_family_is_covered():
+    assert ALL_S4ND_MODELS, 'no *s4nd* model registered'
+    families = {n.split('_')[0] + '_' + n.split('_')[1] for n in ALL_S4ND_MODELS}
+    covered = {n.split('_')[0] + '_' + n.split('_')[1] for n, _ in COMPLIANCE_MODELS}
+    assert families <= covered, f'families without a compliance entry: {families - covered}'
+
+
+@pytest.mark.parametrize('name', ALL_S4ND_MODELS)
+def test_create_on_meta_device_and_cfg_names(name):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    assert all(p.device.type == 'meta' for p in model.parameters())
+    cfg = model.pretrained_cfg
+    state = model.state_dict()
+    for key in ('input_size', 'num_classes', 'first_conv', 'classifier', 'mean', 'std'):
+        assert key in cfg, f'{name}: default cfg misses {key!r}'
+    classifiers = cfg['classifier'] if isinstance(cfg['classifier'], (tuple, list)) else (cfg['classifier'],)
+    first_convs = cfg['first_conv'] if isinstance(cfg['first_conv'], (tuple, list)) else (cfg['first_conv'],)
+    for layer in (*classifiers, *first_convs):
+        assert layer + '.weight' in state, f'{name}: {layer}.weight not in the state dict'
+    with pytest.raises(TypeError):
+        timm.create_model(name, not_an_argument=1)
+
+
+@pytest.mark.parametrize('name', ALL_S4ND_MODELS)
+def test_forward_every_model(name):
+    model = _create(name, {}).eval()
+    x = _small_input(model)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, model.num_classes)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_backward_reaches_every_parameter(entry):
+    model = _create(*entry, num_classes=5)
+    x = _small_input(model, batch_size=2)
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f'parameters without a (finite) gradient: {missing}'
+    # gradients are not all zero (layer scale starts tiny, but nothing may be disconnected)
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero, f'parameters with an all-zero gradient: {zero}'
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_default_cfg_contract(entry):
+    model = _create(*entry).eval()
+    cfg = model.pretrained_cfg
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[1] == model.num_features
+        if 'pool_size' in cfg:
+            assert tuple(features.shape[2:]) == tuple(cfg['pool_size'])
+        assert model.forward_head(features, pre_logits=True).shape == (1, model.head_hidden_size)
+        assert model(x).shape == (1, cfg['num_classes'])
+
+        model.reset_classifier(0)
+        pooled = model(x)
+        assert pooled.shape == (1, model.num_features)
+        assert isinstance(model.get_classifier(), torch.nn.Identity)
+        model.reset_classifier(0, '')
+        assert model(x).shape == features.shape
+        model.reset_classifier(11, 'avg')
+        assert model(x).shape == (1, 11)
+
+    for extra, expected in ((dict(num_classes=0), (1, model.num_features)), (dict(num_classes=0, global_pool=''), None)):
+        headless = _create(*entry, **extra).eval()
+        with torch.no_grad():
+            out = headless(x)
+        assert out.shape == (expected or features.shape)
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_bf16_weights(entry):
+    model = _create(*entry).eval().to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        out = model(_small_input(model).bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_features_only(entry):
+    model = _create(*entry, features_only=True).eval()
+    info = model.feature_info
+    assert len(info.channels()) >= 4
+    x = _small_input(model, batch_size=2)
+    with torch.no_grad():
+        outs = model(x)
+    assert len(outs) == len(info.channels())
+    for out, chs, reduction in zip(outs, info.channels(), info.reduction()):
+        assert out.shape[:2] == (2, chs)
+        assert tuple(out.shape[-2:]) == tuple(s // reduction for s in x.shape[-2:])
+
+    subset = _create(*entry, features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        outs = subset(x)
+    assert [o.shape[1] for o in outs] == subset.feature_info.channels() == [info.channels()[1], info.channels()[3]]
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_forward_intermediates_match_forward_features(entry):
+    model = _create(*entry).eval()
+    x = _small_input(model)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, features)
+        assert [t.shape[1] for t in intermediates] == [f['num_chs'] for f in model.feature_info]
+        only = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert len(only) == 2
+        for a, b in zip(only, intermediates[-2:]):
+            torch.testing.assert_close(a, b)
+        # pruning for the first two stages leaves a model whose intermediates are unchanged
+        kept = model.prune_intermediate_layers(indices=[0, 1], prune_head=True)
+        assert kept == [0, 1]
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        for a, b in zip(pruned, intermediates[:2]):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_gradient_checkpointing_same_output_and_grads(entry):
+    model = _create(*entry, num_classes=3)
+    x = _small_input(model, batch_size=2)
+    out = model(x)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    out_ckpt = model(x)
+    out_ckpt.sum().backward()
+    torch.testing.assert_close(out_ckpt, out)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_group_matcher_and_no_weight_decay(entry):
+    model = _create(*entry)
+    names = {n for n, _ in model.named_parameters()}
+    assert model.no_weight_decay() <= names
+    groups = timm.models.group_parameters(model, model.group_matcher(coarse=False))
+    grouped = {n for g in groups.values() for n in g}
+    assert grouped == names and len(groups) > 2
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_torch_compile_fullgraph(entry):
+    torch._dynamo.reset()
+    model = _create(*entry).eval()
+    x = _small_input(model)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
