@@ -13,7 +13,7 @@ Without `param_group_fn`, timm still excludes them from weight decay through the
 from typing import Any, Collection, Dict, List, Optional
 
 import torch.nn as nn
-from timm.optim._param_groups import _matches_pattern
+from timm.optim._param_groups import _matches_pattern, param_groups_layer_decay
 
 from .layers import is_ssm_param
 
@@ -31,24 +31,40 @@ def param_groups_ssm(
         ssm_lr: Optional[float] = None,
         ssm_weight_decay: float = 0.0,
         no_weight_decay_list: Collection[str] = (),
+        layer_decay: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """Split parameters into SSM / no-decay / decay groups.
 
     SSM parameters get `ssm_lr` (the optimizer's lr when None) and `ssm_weight_decay`; biases,
     1-D parameters and names matching `no_weight_decay_list` (fnmatch patterns) get no weight decay.
+    With `layer_decay`, timm's layer-wise groups (an `lr_scale` per depth, which timm's schedulers
+    apply) are split the same way, so SSM parameters keep their own lr at every depth.
     """
-    ssm, no_decay, decay = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if is_ssm_param(p):
-            ssm.append(p)
-        elif p.ndim <= 1 or name.endswith('.bias') or _matches_pattern(name, no_weight_decay_list):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    ssm_group = {'params': ssm, 'weight_decay': ssm_weight_decay}
-    if ssm_lr is not None:
-        ssm_group['lr'] = ssm_lr
-    groups = [ssm_group, {'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
-    return [g for g in groups if g['params']]
+    if layer_decay is not None:
+        groups = param_groups_layer_decay(
+            model, weight_decay=weight_decay, no_weight_decay_list=no_weight_decay_list, layer_decay=layer_decay)
+    else:
+        ssm, no_decay, decay = [], [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if is_ssm_param(p):
+                ssm.append(p)
+            elif p.ndim <= 1 or name.endswith('.bias') or _matches_pattern(name, no_weight_decay_list):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{'params': ssm}, {'params': no_decay, 'weight_decay': 0.0},
+                  {'params': decay, 'weight_decay': weight_decay}]
+    out = []
+    for group in groups:
+        ssm = [p for p in group['params'] if is_ssm_param(p)]
+        rest = [p for p in group['params'] if not is_ssm_param(p)]
+        if ssm:
+            ssm_group = dict(group, params=ssm, weight_decay=ssm_weight_decay)
+            if ssm_lr is not None:
+                ssm_group['lr'] = ssm_lr  # timm's schedulers scale each group from its own initial lr
+            out.append(ssm_group)
+        if rest:
+            out.append(dict(group, params=rest))
+    return out

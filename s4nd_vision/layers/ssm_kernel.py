@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['SSMKernel', 'ssm_init_imag', 'is_ssm_param', 'SSM_INITS']
+__all__ = ['SSMKernel', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
@@ -153,3 +153,13 @@ class SSMKernel(nn.Module):
         if self.bandlimit is not None:
             s += f', bandlimit={self.bandlimit}'
         return s
+
+
+def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
+    """Set the band-limiting cut-off of every SSM kernel in `module` (None = off); returns how many were set."""
+    if bandlimit is not None and not bandlimit > 0:
+        raise ValueError(f'bandlimit must be positive or None, got {bandlimit}')
+    kernels = [m for m in module.modules() if isinstance(m, SSMKernel)]
+    for m in kernels:
+        m.bandlimit = bandlimit
+    return len(kernels)

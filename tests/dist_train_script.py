@@ -1,0 +1,29 @@
+"""Launched by tests/test_train.py under `accelerate launch` (two CPU processes): trains, then writes what each rank holds."""
+import os
+import sys
+
+from safetensors.torch import save_file
+
+from s4nd_vision.data.images import ResumableSampler
+from s4nd_vision.train import Trainer, load_config
+
+
+def _save(model, path):
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def main() -> None:
+    trainer = Trainer(load_config(None, sys.argv[1:]))
+    acc, out = trainer.accelerator, trainer.cfg.train.output_dir
+    rank = acc.process_index
+    if rank == 0:
+        _save(acc.unwrap_model(trainer.model), os.path.join(out, 'rank0_initial.safetensors'))
+    sampler = ResumableSampler(trainer.train_set, 0, acc.num_processes, rank, trainer.cfg.train.seed)
+    with open(os.path.join(out, f'rank{rank}_indices.txt'), 'w') as f:
+        f.write(' '.join(str(i) for _, i in sampler))
+    trainer.fit()
+    _save(acc.unwrap_model(trainer.model), os.path.join(out, f'rank{rank}.safetensors'))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,242 @@
+"""The trainer: config validation, a real run, progressive resizing, corrupt images, kill-and-resume, two processes."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+import s4nd_vision  # noqa: F401
+from s4nd_vision.data.images import ResumableSampler
+from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a very small ConvNeXt-S4ND: fast enough for a few dozen steps on 2 cores
+TINY_MODEL = [
+    'model.name=convnext_s4nd_atto',
+    'model.kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 16, 16], d_state: 8, stem_chs: 8}',
+]
+
+
+def _write_folder(root, n_train: int = 8, n_val: int = 4, size: int = 32) -> str:
+    """Two classes (horizontal / vertical stripes) with random phase and noise, ImageFolder layout."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c, name in enumerate(('horizontal', 'vertical')):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                stripes = ((np.arange(size) + rng.integers(0, 8)) // 4 % 2 * 200 + 30)
+                img = np.broadcast_to(stripes[:, None] if c == 0 else stripes[None, :], (size, size))
+                img = np.clip(img[..., None] + rng.integers(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(folder, f'{i}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return _write_folder(tmp_path_factory.mktemp('stripes'))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each Trainer builds its own Accelerator; the process-wide accelerate state must not leak between tests."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _overrides(folder, out, *extra):
+    return [*TINY_MODEL, f'data.root={folder}', 'data.img_size=32', 'data.batch_size=4', 'data.workers=0',
+            'data.interpolation=bilinear', f'train.output_dir={out}', 'optim.lr=2e-3', 'sched.warmup_epochs=0',
+            *extra]
+
+
+# ------------------------------------------------------------------------------------------- config
+
+def test_config_errors_name_the_key(tmp_path, folder):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\)"):
+        load_config(None, _overrides(folder, tmp_path, 'optim.lrr=0.1'))
+    with pytest.raises(ConfigError, match=r'unknown config key .*trian'):
+        load_config(None, _overrides(folder, tmp_path, 'trian.epochs=3'))
+    with pytest.raises(ConfigError, match='optim.lr must be positive, got -0.1'):
+        load_config(None, _overrides(folder, tmp_path, 'optim.lr=-0.1'))
+    with pytest.raises(ConfigError, match='data.root must be an existing folder'):
+        load_config(None, _overrides(tmp_path / 'missing', tmp_path))
+    with pytest.raises(ConfigError, match='train.epochs must be int'):
+        load_config(None, _overrides(folder, tmp_path, 'train.epochs=three'))
+    with pytest.raises(ConfigError, match='increasing epoch order'):
+        load_config(None, _overrides(folder, tmp_path, 'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 0, img_size: 64}]'))
+    with pytest.raises(ConfigError, match='config file not found'):
+        load_config(str(tmp_path / 'nope.yaml'))
+    cfg = load_config(None, _overrides(folder, tmp_path, 'optim.lr=4e-3', 'aug.scale=[0.5, 1]'))
+    assert cfg.optim.lr == 4e-3 and cfg.aug.scale == (0.5, 1.0) and cfg.model.kwargs['dims'] == [8, 16, 16, 16]
+
+
+@pytest.mark.parametrize('path', sorted(
+    os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, 'configs')) for f in files if f.endswith('.yaml')))
+def test_shipped_configs_load(path, folder):
+    cfg = load_config(path, [f'data.root={folder}'] if 'imagenet' in path else [])
+    assert timm.is_model(cfg.model.name)
+
+
+def test_cli_bad_config_is_one_line_error(tmp_path, folder):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'tools', 'train.py'), *_overrides(folder, tmp_path, 'optim.lr=-1')],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == 'error: optim.lr must be positive, got -1.0'
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_single_process_run_exports_loadable_weights(tmp_path, folder):
+    cfg = load_config(None, _overrides(
+        folder, tmp_path / 'run', 'train.epochs=2', 'train.ema_decay=0.9', 'aug.mixup=0.8', 'aug.cutmix=1.0',
+        'aug.smoothing=0.1', 'optim.ssm_lr=1e-3', 'optim.clip_grad=1.0', 'train.trackers=[tensorboard]'))
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    out = tmp_path / 'run'
+    lines = (out / 'metrics.csv').read_text().splitlines()
+    header = lines[0].split(',')
+    for column in ('epoch', 'train_loss', 'top1', 'top5', 'img_per_s', 'lr', 'peak_mem_mb', 'ema_top1', 'skipped_images'):
+        assert column in header
+    assert len(lines) == 3 and summary['best_epoch'] in (0, 1)
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the SSM group got its own lr through the whole schedule; the scheduler reached min_lr at the end
+    lrs = sorted({g['lr'] for g in trainer.optimizer.param_groups})
+    assert lrs[0] < 2e-5
+
+    weights = load_file(str(out / 'last.safetensors'))
+    assert set(weights) == set(after)
+    # S4ND kernels are referenced to the training resolution: create the model for it (img_size=32)
+    model = timm.create_model('convnext_s4nd_atto', pretrained=True, num_classes=2, img_size=32,
+                              pretrained_cfg_overlay=dict(file=str(out / 'last.safetensors'), num_classes=2),
+                              **cfg.model.kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.model(x))
+    assert (out / 'best.safetensors').is_file() and (out / 'last_ema.safetensors').is_file()
+    assert list(out.glob('**/events.out.tfevents.*')), 'no TensorBoard event file'
+    assert latest_checkpoint(str(out)).endswith(f'step-{2 * trainer.updates_per_epoch:08d}')
+    # a fresh (non-resume) run into a folder that holds checkpoints is refused, not silently mixed
+    with pytest.raises(ConfigError, match='--resume'):
+        Trainer(cfg)
+
+
+def test_progressive_resizing_changes_resolution_without_recreating_the_model(tmp_path, folder):
+    cfg = load_config(None, _overrides(
+        folder, tmp_path, 'train.epochs=3', 'train.max_steps_per_epoch=2', 'data.img_size=48',
+        'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 2, img_size: 48, bandlimit: 0.5}]'))
+    trainer = Trainer(cfg)
+    model = trainer.model
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append((m.training, tuple(args[0].shape[-2:]))))
+    trainer.fit()
+    hook.remove()
+    train_sizes = [size for training, size in seen if training]
+    assert train_sizes == [(32, 32)] * 4 + [(48, 48)] * 2
+    assert all(size == (48, 48) for training, size in seen if not training)  # evaluation at data.img_size
+    assert trainer.model is model
+    kernels = [m for m in model.modules() if isinstance(m, s4nd_vision.layers.SSMKernel)]
+    assert kernels and all(k.bandlimit == 0.5 for k in kernels)
+    stem = trainer.accelerator.unwrap_model(model).stem[1]
+    assert stem.l_ref == (48, 48)  # the reference grid is the final resolution: rate 1.5 at 32 px
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = _write_folder(tmp_path / 'data', n_train=7, n_val=4)
+    (tmp_path / 'data' / 'train' / 'vertical' / 'corrupt.png').write_bytes(b'not an image at all')
+    good = (tmp_path / 'data' / 'train' / 'horizontal' / '0.png').read_bytes()
+    (tmp_path / 'data' / 'train' / 'horizontal' / 'truncated.png').write_bytes(good[: len(good) // 2])
+    (tmp_path / 'data' / 'val' / 'vertical' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff garbage')
+    cfg = load_config(None, _overrides(root, tmp_path / 'run', 'train.epochs=1'))
+    with pytest.warns(RuntimeWarning, match='skipped unreadable image') as record:
+        Trainer(cfg).fit()
+    messages = ' '.join(str(w.message) for w in record)
+    assert 'corrupt.png' in messages and 'truncated.png' in messages and 'corrupt.jpg' in messages
+    header, row = (tmp_path / 'run' / 'metrics.csv').read_text().splitlines()
+    row = dict(zip(header.split(','), row.split(',')))
+    assert int(row['skipped_images']) == 2  # 16 files, batch 4: every file is drawn once per epoch
+    assert int(row['val_skipped_images']) == 1
+
+
+def test_sampler_resumes_mid_epoch_and_shards_ranks():
+    data = list(range(20))
+    full = list(ResumableSampler(data, epoch=3, seed=1))
+    assert [e for e, _ in full] == [3] * 20 and sorted(i for _, i in full) == data
+    assert list(ResumableSampler(data, epoch=3, seed=1, start=8)) == full[8:]
+    assert full != list(ResumableSampler(data, epoch=4, seed=1))
+    ranks = [[i for _, i in ResumableSampler(data, 0, num_replicas=2, rank=r)] for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 10
+    repeated = [i for _, i in ResumableSampler(data, 0, num_replicas=2, rank=0, repeats=3)]
+    assert len(repeated) == 10 and len(set(repeated)) < 10  # repeated augmentation: samples recur
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, folder):
+    """A real SIGKILL after the first checkpoint, then --resume: the same weights (and EMA) as an uninterrupted run."""
+    extra = ('train.epochs=5', 'train.checkpoint_every_steps=3', 'train.ema_decay=0.8', 'aug.mixup=0.5',
+             'model.drop_path_rate=0.1', 'aug.auto_augment=rand-m9-mstd0.5')
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tools', 'train.py'), *_overrides(folder, killed, *extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while latest_checkpoint(str(killed)) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, f'the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}'
+    interrupted_at = latest_checkpoint(str(killed))
+    assert interrupted_at is not None
+
+    resumed = Trainer(load_config(None, _overrides(folder, killed, *extra)), resume=True)
+    assert 0 < resumed.state.update < 5 * resumed.updates_per_epoch
+    resumed.fit()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
+
+    for name in ('last', 'last_ema'):
+        a = load_file(str(killed / f'{name}.safetensors'))
+        b = load_file(str(tmp_path / 'straight' / f'{name}.safetensors'))
+        for k in b:
+            assert torch.equal(a[k], b[k]), f'{name}: {k} differs after resume'
+    rows = (killed / 'metrics.csv').read_text().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['0', '1', '2', '3', '4']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_synchronizes_gradients(tmp_path, folder):
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    out = tmp_path / 'dist'
+    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
+           os.path.join(ROOT, 'tests', 'dist_train_script.py'),
+           *_overrides(folder, out, 'train.epochs=2', 'train.ema_decay=0.9')]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'training convnext_s4nd_atto on 2 process(es), global batch 8' in result.stdout
+    ranks = [load_file(str(out / f'rank{r}.safetensors')) for r in (0, 1)]
+    initial = load_file(str(out / 'rank0_initial.safetensors'))
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), f'{k} differs between ranks: gradients were not synchronized'
+    assert any(not torch.equal(ranks[0][k], initial[k]) for k in initial)
+    shards = [set(map(int, (out / f'rank{r}_indices.txt').read_text().split())) for r in (0, 1)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]  # each rank trained on its own half
