@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,9 +14,12 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
+from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import ResumableSampler
+from s4nd_vision.layers import is_ssm_param
+from s4nd_vision.optim import param_groups_ssm
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,3 +244,33 @@ def test_two_process_run_synchronizes_gradients(tmp_path, folder):
     assert any(not torch.equal(ranks[0][k], initial[k]) for k in initial)
     shards = [set(map(int, (out / f'rank{r}_indices.txt').read_text().split())) for r in (0, 1)]
     assert shards[0] and shards[1] and not shards[0] & shards[1]  # each rank trained on its own half
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
+    """2 micro-batches of 2 with accumulation == 1 batch of 4 (same samples, same augmentations, no drop path)."""
+    runs = {}
+    for name, batch, accum in (('big', 4, 1), ('accum', 2, 2)):
+        cfg = load_config(None, _overrides(folder, tmp_path / name, 'train.epochs=1', f'data.batch_size={batch}',
+                                           f'train.grad_accum_steps={accum}', 'train.max_steps_per_epoch=2'))
+        trainer = Trainer(cfg)
+        assert trainer.global_batch == 4 and trainer.updates_per_epoch == 2
+        trainer.fit()
+        runs[name] = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    for k, v in runs['big'].items():
+        torch.testing.assert_close(runs['accum'][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_layer_decay_groups_keep_the_ssm_lr():
+    model = timm.create_model('convnext_s4nd_atto')
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-2, param_group_fn=partial(
+        param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, layer_decay=0.5))
+    scales = sorted({g['lr_scale'] for g in opt.param_groups})
+    assert len(scales) > 3 and scales[-1] == 1.0 and scales[0] < 0.01
+    for g in opt.param_groups:
+        ssm = [is_ssm_param(p) for p in g['params']]
+        assert all(ssm) or not any(ssm)
+        if all(ssm):
+            assert g['lr'] == 1e-3 and g['weight_decay'] == 0.0
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
