@@ -1,0 +1,379 @@
+""" ViT-S4ND
+
+A Vision Transformer whose self-attention is replaced by an S4ND global convolution: patch
+embedding -> pre-norm blocks (S4ND token mixer, MLP) -> norm -> average pooling -> classifier.
+There is no position embedding and no class token: the convolution knows where tokens are.
+
+Two token-mixing modes (`mixer`):
+* '2d' (default): S4ND on the patch grid (B, C, H/16, W/16). The kernels are continuous functions
+  of position referenced to the training grid, so the model runs at any input size (square or
+  not) without re-creation, and the mixer sees the same kernel over the image at every resolution.
+* '1d': S4ND over the raster-flattened patch sequence (B, C, H/16 * W/16), as in the published
+  ViT-S4ND experiments. Rows are concatenated, so this mode is not resolution-consistent (a row
+  step is W/16 sequence steps); it is here for comparisons.
+
+The patch stem is timm's strided 16x16 conv (`PatchEmbed`): unlike the S4ND stem of ConvNeXt-S4ND
+it is not resolution-invariant, since a patch always covers 16 pixels, whatever the image size.
+
+Papers:
+* `S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces`
+  - https://arxiv.org/abs/2210.06583
+* `An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale`
+  - https://arxiv.org/abs/2010.11929
+
+Resolution control: every S4ND layer knows the training grid (`img_size // patch_size`) and, by
+default, derives its step-size rate from each input's grid. `set_input_size(img_size)` moves that
+reference, e.g. after fine-tuning at a higher resolution.
+"""
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    ClassifierHead, DropPath, LayerNorm, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
+    get_device_dtype, to_2tuple,
+)
+from timm.models import (
+    build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, named_apply, register_model,
+)
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import init_weights_vit_timm
+
+from ..layers import S4ND, is_ssm_param
+
+__all__ = ['VisionTransformerS4ND']
+
+# S4ND step size initialization range per mode (with Re(A) = -1/2 a mode decays e-fold over 2 / dt steps):
+# the ImageNet ConvNeXt-S4ND range for the 14x14 grid (2-20 patches), the S4 sequence range for the
+# 196-long raster sequence (20-2000 tokens).
+_MIXER_DT = {'2d': (0.1, 1.0), '1d': (0.001, 0.1)}
+
+
+class S4NDMixer(nn.Module):
+    """Token mixer in place of self-attention: S4ND -> GELU -> linear projection with GLU.
+
+    '2d': S4ND(ndim=2) on the grid, referenced to `grid_size`; '1d': S4ND(ndim=1) on the
+    raster-flattened sequence, referenced to its length.
+
+    Shapes: (B, Hp, Wp, C) -> (B, Hp, Wp, C).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            grid_size: Tuple[int, int],
+            mode: str,
+            s4nd_layer: Callable,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        self.mode = mode
+        self.s4nd = s4nd_layer(dim, ndim=2 if mode == '2d' else 1, l_ref=self._reference(grid_size))
+        self.act = nn.GELU()
+        self.proj = nn.Linear(dim, 2 * dim, device=device, dtype=dtype)
+        self.gate = nn.GLU(dim=-1)
+
+    def _reference(self, grid_size: Tuple[int, int]) -> Union[Tuple[int, int], int]:
+        return tuple(grid_size) if self.mode == '2d' else grid_size[0] * grid_size[1]
+
+    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
+        """Make `grid_size` the grid on which the S4ND kernels run at rate 1."""
+        self.s4nd.set_reference_size(self._reference(grid_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == '2d':
+            y = self.s4nd(rearrange(x, 'b h w c -> b c h w'))
+            y = rearrange(y, 'b c h w -> b h w c')
+        else:
+            y = self.s4nd(rearrange(x, 'b h w c -> b c (h w)'))  # raster order: row after row
+            y = rearrange(y, 'b c (h w) -> b h w c', h=x.shape[1])
+        return self.gate(self.proj(self.act(y)))
+
+
+class S4NDViTBlock(nn.Module):
+    """Pre-norm ViT block with the S4ND mixer in place of attention: (B, Hp, Wp, C) -> (B, Hp, Wp, C)."""
+
+    def __init__(
+            self,
+            dim: int,
+            grid_size: Tuple[int, int],
+            mixer: str,
+            s4nd_layer: Callable,
+            mlp_ratio: float = 4.,
+            act_layer: Union[str, Callable] = 'gelu',
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = LayerNorm(dim, **dd)
+        self.mixer = S4NDMixer(dim, grid_size, mixer, s4nd_layer, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=get_act_layer(act_layer), **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.mixer(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class VisionTransformerS4ND(nn.Module):
+    """ViT with S4ND token mixing: (B, in_chans, H, W) -> (B, num_classes).
+
+    Blocks work on channels-last tokens that keep the grid, (B, H/p, W/p, C); features come out
+    as (B, C, H/p, W/p). Runs at any input whose sides are multiples of the patch size.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 768,
+            depth: int = 12,
+            mixer: str = '2d',
+            mlp_ratio: float = 4.,
+            d_state: int = 64,
+            ssm_init: str = 'lin',
+            dt_min: Optional[float] = None,
+            dt_max: Optional[float] = None,
+            bandlimit: Optional[float] = None,
+            act_layer: Union[str, Callable] = 'gelu',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            img_size: training resolution; the S4ND kernels are referenced to its patch grid (rate 1).
+            patch_size: side of the square patches (the stride of the patch embedding).
+            in_chans: input image channels.
+            num_classes: classifier outputs (0 for pooled features).
+            global_pool: head pooling type ('' for none).
+            embed_dim: token channels.
+            depth: number of blocks.
+            mixer: '2d' (S4ND on the patch grid) or '1d' (S4ND on the raster-flattened sequence).
+            mlp_ratio: MLP expansion ratio.
+            d_state: SSM state size per axis.
+            ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
+            dt_min, dt_max: step size initialization range (None: 0.1-1.0 for '2d', 0.001-0.1 for '1d').
+            bandlimit: S4ND band-limiting cut-off (None = off).
+            act_layer: MLP activation.
+            drop_rate: head dropout.
+            drop_path_rate: stochastic depth rate.
+        """
+        super().__init__()
+        if mixer not in _MIXER_DT:
+            raise ValueError(f'mixer must be one of {tuple(_MIXER_DT)}, got {mixer!r}')
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            output_fmt='NHWC', strict_img_size=False, **dd)
+        grid_size = self.patch_embed.grid_size
+        if min(grid_size) < 1:
+            raise ValueError(f'img_size must be at least patch_size ({patch_size}) on each side, got {img_size}')
+
+        default_dt_min, default_dt_max = _MIXER_DT[mixer]
+        s4nd_layer = partial(
+            S4ND, d_state=d_state, init=ssm_init,
+            dt_min=default_dt_min if dt_min is None else dt_min,
+            dt_max=default_dt_max if dt_max is None else dt_max,
+            bandlimit=bandlimit, **dd)
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(*[
+            S4NDViTBlock(
+                embed_dim, grid_size, mixer, s4nd_layer, mlp_ratio=mlp_ratio, act_layer=act_layer,
+                drop_path=dpr[i], **dd)
+            for i in range(depth)
+        ])
+        self.feature_info = [
+            dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.norm = LayerNorm(embed_dim, **dd)
+        self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        """The resolution at which the S4ND kernels run at rate 1."""
+        return self.patch_embed.img_size
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid).
+
+        Not needed to run at other sizes (the rate follows the input); use it when a new
+        resolution should become the model's native one, e.g. after fine-tuning at it.
+        """
+        img_size = to_2tuple(img_size)
+        if min(s // p for s, p in zip(img_size, self.patch_embed.patch_size)) < 1:
+            raise ValueError(f'img_size must be at least the patch size {self.patch_embed.patch_size}, got {img_size}')
+        self.patch_embed.set_input_size(img_size)
+        for block in self.blocks:
+            block.mixer.set_grid_size(self.patch_embed.grid_size)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of the SSM parameters (A, B, log dt): trained without weight decay.
+
+        (ViT also exempts its position embedding and class token; this model has neither.)
+        """
+        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^patch_embed',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f'expected input (B, C, H, W), got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
+        patch = self.patch_embed.patch_size
+        if any(s < p or s % p for s, p in zip(x.shape[2:], patch)):
+            raise ValueError(
+                f'input sides must be positive multiples of the patch size {patch}, got {tuple(x.shape[2:])}')
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, H/p, W/p, C)."""
+        self._check_input(x)
+        return self.patch_embed(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the blocks in `indices` (last n if int, all if None), each (B, C, H/p, W/p)
+        for output_fmt 'NCHW' or (B, H/p * W/p, C) for 'NLC' (raster order)."""
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                if output_fmt == 'NCHW':
+                    intermediates.append(rearrange(y, 'b h w c -> b c h w'))
+                else:
+                    intermediates.append(rearrange(y, 'b h w c -> b (h w) c'))
+        if intermediates_only:
+            return intermediates
+        return rearrange(self.norm(x), 'b h w c -> b c h w'), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and norm / head) not needed for the intermediates in `indices`."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p)."""
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return rearrange(self.norm(x), 'b h w c -> b c h w')
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    return build_model_with_cfg(
+        VisionTransformerS4ND, variant, pretrained,
+        feature_cfg=dict(out_indices=4, feature_cls='getter'),  # features_only: the last four blocks
+        **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> dict:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
+        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'vit_s4nd_atto_patch16_224.untrained': _cfg(),
+    'vit_s4nd_tiny_patch16_224.untrained': _cfg(),
+    'vit_s4nd_small_patch16_224.untrained': _cfg(),
+    'vit_s4nd_base_patch16_224.untrained': _cfg(),
+})
+
+
+@register_model
+def vit_s4nd_atto_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    """A very small ViT-S4ND for tests (4 blocks of 64 channels)."""
+    model_args = dict(patch_size=16, embed_dim=64, depth=4)
+    return _create_vit_s4nd('vit_s4nd_atto_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_s4nd_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    model_args = dict(patch_size=16, embed_dim=192, depth=12)
+    return _create_vit_s4nd('vit_s4nd_tiny_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_s4nd_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12)
+    return _create_vit_s4nd('vit_s4nd_small_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_s4nd_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    model_args = dict(patch_size=16, embed_dim=768, depth=12)
+    return _create_vit_s4nd('vit_s4nd_base_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,140 @@
+"""ViT-S4ND specifics: registration, the two mixer modes, resolution control, checkpoints, optimizer groups, errors.
+
+The generic timm contract (backward to every parameter, features, intermediates, bf16, compile,
+meta device) is checked for both modes in test_timm_compliance.py.
+"""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2
+
+import s4nd_vision  # noqa: F401
+from s4nd_vision.layers import S4ND
+from s4nd_vision.optim import ssm_param_names
+
+ATTO = 'vit_s4nd_atto_patch16_224'
+MODES = ('2d', '1d')
+
+
+def _atto(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(ATTO, **kwargs)
+
+
+def test_registered_with_timm():
+    names = timm.list_models('vit_s4nd_*')
+    assert names == sorted(f'vit_s4nd_{s}_patch16_224' for s in ('atto', 'tiny', 'small', 'base'))
+    cfg = timm.get_pretrained_cfg('vit_s4nd_small_patch16_224')
+    assert cfg.input_size == (3, 224, 224) and cfg.first_conv == 'patch_embed.proj' and cfg.classifier == 'head.fc'
+
+
+@pytest.mark.parametrize('mode, ndim, l_ref', [('2d', 2, (14, 10)), ('1d', 1, (140,))])
+def test_mixer_modes_reference_the_training_grid(mode, ndim, l_ref):
+    model = _atto(mixer=mode, img_size=(224, 160))
+    layers = [m for m in model.modules() if isinstance(m, S4ND)]
+    assert len(layers) == len(model.blocks)
+    assert all(m.ndim == ndim and m.l_ref == l_ref for m in layers)
+    # no position embedding, no class token: the S4ND layers are the only source of position
+    assert not any('pos_embed' in n or 'cls_token' in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_runs_at_new_and_non_square_resolutions(mode):
+    model = _atto(mixer=mode, num_classes=5).eval()
+    with torch.no_grad():
+        for size in ((224, 224), (160, 160), (288, 288), (224, 160), (160, 224)):
+            features = model.forward_features(torch.randn(1, 3, *size))
+            assert features.shape == (1, 64, size[0] // 16, size[1] // 16)
+            assert torch.isfinite(features).all()
+            assert model.forward_head(features).shape == (1, 5)
+
+
+def test_2d_mixer_uses_the_grid_1d_mixer_only_the_raster_order():
+    """Re-arranging the same raster sequence as a single row changes nothing in '1d' mode and
+    everything in '2d' mode: the grid shape reaches the 2D mixer, not just the token count."""
+    x = torch.randn(2, 6, 5, 64)  # (B, Hp, Wp, C)
+    as_row = x.reshape(2, 1, 30, 64)
+    with torch.no_grad():
+        for mode in MODES:
+            mixer = _atto(mixer=mode, img_size=(96, 80)).blocks[0].mixer
+            out, out_row = mixer(x), mixer(as_row).reshape(x.shape)
+            if mode == '1d':
+                torch.testing.assert_close(out_row, out)
+            else:
+                assert not torch.allclose(out_row, out, atol=1e-3)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_set_input_size_moves_the_reference_grid(mode):
+    trained_64 = _atto(mixer=mode, img_size=64).eval()
+    native_96 = _atto(mixer=mode, img_size=96).eval()
+    native_96.load_state_dict(trained_64.state_dict())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        before = trained_64(x)
+        trained_64.set_input_size(96)
+        after = trained_64(x)
+        torch.testing.assert_close(after, native_96(x))
+    assert trained_64.img_size == (96, 96) and trained_64.patch_embed.grid_size == (6, 6)
+    assert not torch.allclose(before, after)
+    with pytest.raises(ValueError, match='img_size'):
+        trained_64.set_input_size(8)
+
+
+def test_intermediates_nlc_are_the_nchw_grid_in_raster_order():
+    model = _atto().eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        nchw = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        nlc = model.forward_intermediates(x, indices=2, output_fmt='NLC', norm=True, intermediates_only=True)
+    assert [t.shape for t in nchw] == [(1, 64, 4, 6)] * 2
+    assert [t.shape for t in nlc] == [(1, 24, 64)] * 2
+    torch.testing.assert_close(model.norm(nchw[-1].flatten(2).transpose(1, 2)), nlc[-1])
+    with pytest.raises(ValueError, match='output_fmt'):
+        model.forward_intermediates(x, output_fmt='NHWC')
+
+
+def test_pretrained_from_local_safetensors(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model('vit_s4nd_small_patch16_224').eval()
+    path = tmp_path / 'vit_s4nd_small.safetensors'
+    save_file(source.state_dict(), str(path))
+    torch.manual_seed(1)
+    loaded = timm.create_model(
+        'vit_s4nd_small_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_ssm_params_without_weight_decay_and_layer_decay_groups(mode):
+    model = _atto(mixer=mode)
+    ssm_names = set(ssm_param_names(model))
+    assert ssm_names and model.no_weight_decay() == ssm_names
+    ssm_params = {id(p) for n, p in model.named_parameters() if n in ssm_names}
+    # layer-wise lr decay through group_matcher: one scale per block (plus stem and head), SSM params undecayed
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scales = {g['lr_scale'] for g in opt.param_groups}
+    assert len(scales) == len(model.blocks) + 2 and max(scales) == 1.0
+    for group in opt.param_groups:
+        if any(id(p) in ssm_params for p in group['params']):
+            assert group['weight_decay'] == 0.0
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_bad_input_errors():
+    model = _atto()
+    with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match='3 input channels'):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match='multiples of the patch size'):
+        model(torch.randn(1, 3, 64, 72))
+    with pytest.raises(ValueError, match='multiples of the patch size'):
+        model(torch.randn(1, 3, 8, 64))
+    with pytest.raises(ValueError, match='mixer'):
+        timm.create_model(ATTO, mixer='3d')
+    with pytest.raises(ValueError, match='img_size'):
+        timm.create_model(ATTO, img_size=8)
