@@ -103,7 +103,7 @@ CASES = [
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
 @pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,channels,pool', CASES)
 def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_ref, l_max, bidirectional, channels, pool):
-    monkeypatch.setattr(ops, 'TOEPLITZ_MAX_LEN', 10 ** 6 if algorithm == 'toeplitz' else 0)
+    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
     torch.manual_seed(0)
     layer = S4ND(3, ndim=ndim, d_state=8, channels=channels, bidirectional=bidirectional,
                  l_ref=l_ref, l_max=l_max, pool=pool, dt_min=0.05, dt_max=0.5).double()
@@ -116,7 +116,7 @@ def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
 def test_no_circular_wraparound(monkeypatch, algorithm):
     """A causal kernel cannot move an impulse at the end of an axis back to its start."""
-    monkeypatch.setattr(ops, 'TOEPLITZ_MAX_LEN', 10 ** 6 if algorithm == 'toeplitz' else 0)
+    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
     layer = S4ND(2, ndim=1, d_state=4, bidirectional=False, dt_min=0.01, dt_max=0.02).double()
     x = torch.zeros(1, 2, 16, dtype=torch.float64)
     x[..., -1] = 1.0
@@ -185,7 +185,7 @@ def _unmasked(kernel: SSMKernel) -> SSMKernel:
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
 def test_gradcheck(monkeypatch, algorithm):
-    monkeypatch.setattr(ops, 'TOEPLITZ_MAX_LEN', 10 ** 6 if algorithm == 'toeplitz' else 0)
+    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
     torch.manual_seed(0)
     layer = S4ND(2, ndim=2, d_state=4, channels=2, bidirectional=(True, False), l_ref=(3, 4),
                  pool=(1, 2), dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
@@ -264,3 +264,12 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change():
     # with autograd on, kernels are rebuilt every call (and carry gradients)
     layer(x12.double()).sum().backward()
     assert layer._kernel_cache is None and layer.kernels[0].c.grad is not None
+
+
+def test_algorithm_rule():
+    # 2D images: every axis matrix is shared by (batch x other axis) rows -> Toeplitz up to 256
+    assert ops.choose_algorithm(56, 8 * 56) == 'toeplitz'
+    assert ops.choose_algorithm(7, 8 * 7) == 'toeplitz'
+    assert ops.choose_algorithm(300, 8 * 300) == 'fft'
+    # a 1D raster sequence with a small batch: building the n x n matrix would dominate
+    assert ops.choose_algorithm(196, 8) == 'fft'
