@@ -17,7 +17,7 @@ from timm.layers import create_conv2d
 
 from .layers import S4ND
 
-__all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_models', 'format_table']
+__all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_models', 'parse_pair', 'format_table', 'write_json']
 
 CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 
@@ -94,8 +94,23 @@ def bench_layers(
     return rows
 
 
+def parse_pair(spec: str) -> tuple:
+    """'vit_s4nd_small_patch16_224,mixer=1d:vit_small_patch16_224' -> (name, kwargs, baseline)."""
+    if ':' not in spec:
+        raise ValueError(f'a model pair must look like NAME[,key=value...]:BASELINE, got {spec!r}')
+    left, baseline = spec.split(':', 1)
+    name, *options = left.split(',')
+    kwargs = {}
+    for option in options:
+        key, _, value = option.partition('=')
+        if not value:
+            raise ValueError(f'model option {option!r} in {spec!r} must look like key=value')
+        kwargs[key] = value
+    return name, kwargs, baseline
+
+
 def bench_models(
-        pairs: Sequence = (('convnext_s4nd_tiny', 'convnext_tiny'),),
+        pairs: Sequence = (('convnext_s4nd_tiny', {}, 'convnext_tiny'),),
         img_size: int = 224,
         batch_size: int = 8,
         device: str = 'cpu',
@@ -105,12 +120,13 @@ def bench_models(
     """Training step (forward+backward) and inference of S4ND models vs their timm baselines."""
     dev = torch.device(device)
     rows = []
-    for name, baseline in pairs:
+    for name, kwargs, baseline in pairs:
         x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
-        result = dict(case=f'{name} vs {baseline} @{img_size} b{batch_size}', baseline=baseline)
-        for key, model_name in (('s4nd', name), ('baseline', baseline)):
+        options = ''.join(f',{k}={v}' for k, v in kwargs.items())
+        result = dict(case=f'{name}{options} vs {baseline} @{img_size} b{batch_size}', baseline=baseline)
+        for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
-            model = timm.create_model(model_name).to(dev)
+            model = timm.create_model(model_name, **model_kwargs).to(dev)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
             autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from s4nd_vision.benchmark import bench_layers, bench_models, format_table, write_json
+from s4nd_vision.benchmark import bench_layers, bench_models, format_table, parse_pair, write_json
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     parser.add_argument('--what', nargs='+', choices=['layers', 'models'], default=['layers', 'models'])
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
+                        help='model pairs NAME[,key=value...]:BASELINE, e.g. vit_s4nd_small_patch16_224,mixer=1d:vit_small_patch16_224')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
     parser.add_argument('--repeats', type=int, default=5)
@@ -29,7 +31,8 @@ def main() -> None:
     if 'models' in args.what:
         amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
         model_rows = bench_models(
-            img_size=args.img_size, batch_size=args.batch_size, device=args.device, repeats=args.repeats, amp_dtype=amp)
+            pairs=[parse_pair(p) for p in args.pairs], img_size=args.img_size, batch_size=args.batch_size,
+            device=args.device, repeats=args.repeats, amp_dtype=amp)
         print(format_table(model_rows), flush=True)
         rows += model_rows
     if args.json:
