@@ -88,7 +88,8 @@ def test_config_errors_name_the_key(tmp_path, folder):
 @pytest.mark.parametrize('path', sorted(
     os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, 'configs')) for f in files if f.endswith('.yaml')))
 def test_shipped_configs_load(path, folder):
-    cfg = load_config(path, [f'data.root={folder}'] if 'imagenet' in path else [])
+    data = {'imagenet': [f'data.root={folder}'], 'hmdb51': [f'data.root={folder}', f'data.split_dir={folder}']}
+    cfg = load_config(path, data.get(os.path.basename(os.path.dirname(path)), []))
     assert timm.is_model(cfg.model.name)
 
 

@@ -188,6 +188,9 @@ class Hmdb51Clips(IterableDataset):
         num_shards, shard_id: split the videos over processes (distributed runs; every shard gets
             the same number of videos, some repeated). DataLoader workers split a shard further.
         seed: seed of the video order.
+        with_video_index: also yield the index of the clip's video in the split (the same for
+            every clip of a video and every repeat of it in another shard): `(clip, label,
+            skipped, video_index)`, for averaging clip scores per video.
     """
 
     def __init__(
@@ -202,6 +205,7 @@ class Hmdb51Clips(IterableDataset):
             num_shards: int = 1,
             shard_id: int = 0,
             seed: int = 0,
+            with_video_index: bool = False,
     ):
         split_dir = video_dir if split_dir is None else split_dir
         for arg, path in (('video_dir', video_dir), ('split_dir', split_dir)):
@@ -221,6 +225,7 @@ class Hmdb51Clips(IterableDataset):
             raise FileNotFoundError(f'video_dir {video_dir!r} has no folder for the classes {missing}')
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.transform = transform
+        self.with_video_index = with_video_index
         train = split == 'train'
         self.clips_per_video = 1 if train else clips_per_video
         clip_sampler = (
@@ -249,9 +254,10 @@ class Hmdb51Clips(IterableDataset):
         """Clips this shard yields per epoch when every video is readable."""
         return len(self._videos.video_sampler) * self.clips_per_video
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, int, int]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
         reported = self._paths.skipped
         for sample in self._videos:
             clip = sample['video'] if self.transform is None else self.transform(sample['video'])
-            yield clip, self.class_to_idx[sample['label']], self._paths.skipped - reported
+            out = clip, self.class_to_idx[sample['label']], self._paths.skipped - reported
+            yield (*out, sample['video_index']) if self.with_video_index else out
             reported = self._paths.skipped

@@ -423,14 +423,17 @@ class ConvNeXt3d(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> Dict[str, torch.Tensor]:
-    """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults, head kept).
+    """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults).
 
-    A checkpoint without a classifier (inflated with the head dropped) keeps the model's own
-    initialization of `head.fc`.
+    A 2D classifier is kept when it fits the model (the same number of classes) and dropped
+    otherwise (e.g. ImageNet weights for a 51-class video model). A checkpoint without a
+    classifier keeps the model's own initialization of `head.fc`.
     """
     state_dict = unwrap_state_dict(state_dict)
     if is_2d_state_dict(state_dict):
-        state_dict = inflate_state_dict(state_dict, model, keep_head=True)
+        fc, head_2d = model.get_classifier(), state_dict.get('head.fc.weight')
+        keep_head = isinstance(fc, nn.Linear) and head_2d is not None and head_2d.shape == fc.weight.shape
+        state_dict = inflate_state_dict(state_dict, model, keep_head=keep_head)
     for k, v in model.get_classifier().state_dict(prefix='head.fc.').items():
         state_dict.setdefault(k, v)
     return state_dict

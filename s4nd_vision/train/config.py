@@ -4,10 +4,17 @@ A config file holds the sections below (every key optional except `model.name` a
 location); an unknown or mistyped key, a value of the wrong type or out of range is a
 `ConfigError` naming the key. Command-line overrides use dotted keys: `optim.lr=1e-3`,
 `train.epochs=5`, `data.root=/data/imagenet` (values are parsed as YAML).
+
+Video (`data.dataset: hmdb51`) reads clips of `data.clip_duration` seconds subsampled to
+`data.num_frames` frames; of the augmentation keys, `aug.auto_augment` (torchvision's
+RandAugment as `rand-m<magnitude>[-n<ops>]`), `aug.no_aug`, `aug.smoothing` and Mixup/CutMix apply
+to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`, `aug.reprob`,
+`aug.repeated_aug`) must keep their defaults.
 """
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
@@ -31,18 +38,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = 'imagefolder'  # 'imagefolder' (root/train, root/val) or 'mnist' (built in, no download)
-    root: Optional[str] = None
-    train_split: str = 'train'
-    val_split: str = 'val'
+    # 'imagefolder' (root/train, root/val), 'mnist' (built in, no download) or 'hmdb51' (video)
+    dataset: str = 'imagefolder'
+    root: Optional[str] = None  # hmdb51: the videos, <root>/<class>/<video>.avi
+    train_split: str = 'train'  # imagefolder
+    val_split: str = 'val'  # imagefolder
     img_size: int = 224  # training resolution: the models' reference grid (rate 1)
     batch_size: int = 128  # per process, per micro-batch
     workers: int = 4
-    crop_pct: float = 0.875  # eval centre crop
-    interpolation: str = 'bicubic'
+    crop_pct: float = 0.875  # eval centre crop (hmdb51: every crop, after a short-side resize to img_size / crop_pct)
+    interpolation: str = 'bicubic'  # images (clips are resized bilinearly)
     mean: Optional[Tuple[float, ...]] = None  # None: the model's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
     in_chans: int = 3
+    # hmdb51 only
+    split_dir: Optional[str] = None  # the official split files <class>_test_split<1|2|3>.txt (None: root)
+    split: int = 1  # official split 1, 2 or 3 (train and test videos)
+    num_frames: int = 16  # frames per clip, subsampled uniformly: the video models' time reference grid
+    clip_duration: float = 2.0  # seconds per clip (training: one random clip per video and epoch)
+    clips_per_video: int = 1  # evenly spaced test clips per video; their softmax is averaged per video
 
 
 @dataclass
@@ -59,6 +73,17 @@ class AugConfig:
     smoothing: float = 0.0  # label smoothing
     repeated_aug: int = 0  # repeats per sample when distributed (0 = off; DeiT uses 3)
     no_aug: bool = False  # resize + centre crop only (small demos)
+
+    def video_randaugment(self) -> Optional[Tuple[int, int]]:
+        """(num_ops, magnitude) of torchvision's RandAugment for clips from `auto_augment` (None: off)."""
+        if self.auto_augment is None:
+            return None
+        match = re.fullmatch(r'rand-m(\d+)(?:-n(\d+))?', self.auto_augment)
+        if match is None or int(match.group(1)) > 30 or match.group(2) == '0':
+            raise ConfigError(
+                "aug.auto_augment must be null or 'rand-m<magnitude 0-30>[-n<ops>]' for video (torchvision's "
+                f'RandAugment, the same for every frame of a clip), got {self.auto_augment!r}')
+        return int(match.group(2) or 2), int(match.group(1))
 
 
 @dataclass
@@ -122,10 +147,13 @@ class Config:
                 raise ConfigError(f'{key} must be {expectation}, got {value!r}')
 
         need(bool(self.model.name), 'model.name', 'a timm model name', self.model.name)
-        need(self.data.dataset in ('imagefolder', 'mnist'), 'data.dataset', "'imagefolder' or 'mnist'", self.data.dataset)
+        need(self.data.dataset in ('imagefolder', 'mnist', 'hmdb51'), 'data.dataset',
+             "'imagefolder', 'mnist' or 'hmdb51'", self.data.dataset)
         if self.data.dataset == 'imagefolder':
             need(self.data.root is not None, 'data.root', 'the dataset folder (with train/ and val/)', self.data.root)
             need(os.path.isdir(self.data.root), 'data.root', 'an existing folder', self.data.root)
+        if self.data.dataset == 'hmdb51':
+            self._validate_video()
         for key in ('img_size', 'batch_size', 'in_chans'):
             need(getattr(self.data, key) > 0, f'data.{key}', 'positive', getattr(self.data, key))
         need(self.data.workers >= 0, 'data.workers', '>= 0', self.data.workers)
@@ -169,6 +197,28 @@ class Config:
                 need(stage.bandlimit is None or stage.bandlimit > 0, 'train.progressive[].bandlimit', 'positive or null',
                      stage.bandlimit)
         return self
+
+    def _validate_video(self) -> None:
+        def need(ok: bool, key: str, expectation: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f'{key} must be {expectation} for data.dataset hmdb51, got {value!r}')
+
+        data, aug = self.data, self.aug
+        need(data.root is not None, 'data.root', 'the video folder (<class>/<video>.avi)', data.root)
+        need(os.path.isdir(data.root), 'data.root', 'an existing folder', data.root)
+        need(data.split_dir is None or os.path.isdir(data.split_dir), 'data.split_dir', 'an existing folder or null',
+             data.split_dir)
+        need(data.split in (1, 2, 3), 'data.split', '1, 2 or 3 (the official splits)', data.split)
+        need(data.num_frames >= 2, 'data.num_frames', 'at least 2 (the stem strides 2 in time)', data.num_frames)
+        need(data.clip_duration > 0, 'data.clip_duration', 'positive (seconds)', data.clip_duration)
+        need(data.clips_per_video >= 1, 'data.clips_per_video', 'at least 1', data.clips_per_video)
+        need(data.in_chans == 3, 'data.in_chans', '3 (RGB clips)', data.in_chans)
+        defaults = AugConfig()
+        for key in ('scale', 'hflip', 'color_jitter', 'reprob', 'repeated_aug'):  # image-only settings
+            need(getattr(aug, key) == getattr(defaults, key), f'aug.{key}',
+                 f'left at {getattr(defaults, key)!r} (an image setting: clips get a short-side resize, random crop, '
+                 'flip and RandAugment)', getattr(aug, key))
+        aug.video_randaugment()
 
     def stage_at(self, epoch: int) -> ProgressiveStage:
         """The progressive-resizing stage of `epoch` (a single stage at data.img_size when none are set)."""

@@ -9,6 +9,20 @@ is seeded from (seed, epoch, index) and every micro-step reseeds the global gene
 (seed, step, rank) (Mixup, drop path), so a run resumed from a checkpoint, even mid-epoch, repeats
 the uninterrupted run exactly. Checkpoints are written to a temporary folder and renamed when every
 process has finished writing, so a run killed at any moment leaves only complete checkpoints.
+
+Video (`data.dataset: hmdb51`, models taking (B, C, T, H, W) clips): each process reads its own
+shard of the videos (`Hmdb51Clips(num_shards=num_processes, shard_id=rank)`; Accelerate does not
+shard the iterable dataset, which would make every rank decode every video). Every rank runs
+exactly the epoch's number of updates, computed from the shard size: a rank left short of clips
+by unreadable videos starts another pass over its shard, so DDP never waits on a rank that ran
+out. Each batch's random clips and augmentation are seeded from (seed, epoch, rank, batch) (with
+`data.workers > 0`, the workers' generators from (seed, epoch, rank)), so resuming at an epoch
+boundary (with the same `data.workers`) repeats the uninterrupted run exactly. An iterable dataset cannot seek: a mid-epoch
+resume decodes and discards the batches this rank had already trained on in that epoch, then
+continues with the same batches, so it too repeats the uninterrupted run (at the cost of decoding
+up to an epoch of clips). Evaluation scores `data.clips_per_video` clips per test video on each
+rank's shard with the unwrapped model, gathers the scores, counts videos repeated to even out the
+shards once, and reports clip top-1 and video top-1/top-5 (the mean softmax of a video's clips).
 """
 import csv
 import math
@@ -20,13 +34,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import save_file
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -122,6 +136,7 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         set_seed(tc.seed)
 
+        self.video = cfg.data.dataset == 'hmdb51'
         self.train_set, self.val_set, self.num_classes = self._datasets()
         self.model = self._model()
         self.data_config = resolve_data_config(
@@ -144,16 +159,21 @@ class Trainer:
                 ssm_weight_decay=cfg.optim.ssm_weight_decay, layer_decay=cfg.optim.layer_decay,
                 no_weight_decay_list=tuple(getattr(self.model, 'no_weight_decay', lambda: ())())))
 
-        self.micro_per_epoch = len(ResumableSampler(
-            self.train_set, 0, acc.num_processes, acc.process_index, tc.seed, repeats=cfg.aug.repeated_aug,
-        )) // cfg.data.batch_size
+        if self.video:  # Hmdb51Clips is this rank's shard already; every shard holds as many videos
+            per_rank = len(self.train_set)
+        else:
+            per_rank = len(ResumableSampler(
+                self.train_set, 0, acc.num_processes, acc.process_index, tc.seed, repeats=cfg.aug.repeated_aug))
+        self.micro_per_epoch = per_rank // cfg.data.batch_size
         self.updates_per_epoch = self.micro_per_epoch // tc.grad_accum_steps
         if tc.max_steps_per_epoch:
             self.updates_per_epoch = min(self.updates_per_epoch, tc.max_steps_per_epoch)
         if self.updates_per_epoch < 1:
+            total = self.train_set.num_videos if self.video else len(self.train_set)
             raise ConfigError(
                 f'data.batch_size={cfg.data.batch_size} x {acc.num_processes} processes x '
-                f'{tc.grad_accum_steps} accumulation steps is more than the {len(self.train_set)} training images')
+                f'{tc.grad_accum_steps} accumulation steps is more than the {total} training '
+                f'{"videos" if self.video else "images"}')
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched.sched, num_epochs=tc.epochs, warmup_epochs=cfg.sched.warmup_epochs,
             warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, step_on_epochs=False,
@@ -195,6 +215,18 @@ class Trainer:
 
     def _datasets(self) -> Tuple[Dataset, Dataset, int]:
         data = self.cfg.data
+        if self.video:
+            from ..data.video import Hmdb51Clips  # pytorchvideo is heavy: imported for video only
+            acc = self.accelerator
+            common = dict(video_dir=data.root, split_dir=data.split_dir, split_id=data.split,
+                          clip_duration=data.clip_duration, num_shards=acc.num_processes, shard_id=acc.process_index,
+                          seed=self.cfg.train.seed)
+            try:
+                train = Hmdb51Clips(split='train', **common)
+                val = Hmdb51Clips(split='test', clips_per_video=data.clips_per_video, with_video_index=True, **common)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f'data.root / data.split_dir (HMDB-51): {e}') from None
+            return train, val, len(train.classes)
         if data.dataset == 'mnist':
             from ..data.mnist import MNIST5k
             # 28 px originals as tensors; the transforms resample them to each stage's resolution
@@ -227,13 +259,26 @@ class Trainer:
             if 'Unknown model' in str(e):
                 raise ConfigError(f'model.name: {e}') from None
             raise
-        if hasattr(model, 'set_input_size'):  # S4ND models: the training grid is the kernels' reference
+        if self.video:  # the training clip is the kernels' reference, in time too
+            if len(model.pretrained_cfg.get('input_size', ())) != 4:  # video models state (C, T, H, W)
+                raise ConfigError(f'model.name: {mc.name} takes images; data.dataset hmdb51 needs a video model '
+                                  'taking (B, C, T, H, W) clips, e.g. convnext_s4nd_3d_tiny')
+            model.set_input_size(data.img_size, num_frames=data.num_frames)
+        elif hasattr(model, 'set_input_size'):  # S4ND models: the training grid is the kernels' reference
             model.set_input_size(data.img_size)
         return model
 
     def _transform(self, img_size: int, training: bool):
         data, aug = self.cfg.data, self.cfg.aug
         dc = self.data_config
+        if self.video:
+            from ..data.video import VideoTransform
+            randaugment = aug.video_randaugment()
+            ops, magnitude = randaugment if randaugment else (2, None)
+            return VideoTransform(
+                train=training and not aug.no_aug, num_frames=data.num_frames, img_size=img_size,
+                crop_pct=dc['crop_pct'], randaugment_ops=ops, randaugment_magnitude=magnitude, mean=dc['mean'],
+                std=dc['std'])
         if data.dataset == 'mnist':  # digits: resample to the stage's size, no crops or flips
             return create_transform((data.in_chans, img_size, img_size), is_training=False, crop_pct=1.0,
                                     interpolation=dc['interpolation'], mean=dc['mean'], std=dc['std'])
@@ -249,9 +294,11 @@ class Trainer:
         inner = dataset.dataset if isinstance(dataset, _WithSkipCount) else dataset
         inner.transform = transform
 
-    def _train_loader(self, epoch: int, img_size: int, start_update: int) -> DataLoader:
+    def _train_loader(self, epoch: int, img_size: int, start_update: int) -> Iterable:
         acc, cfg = self.accelerator, self.cfg
         self._set_transform(self.train_set, self._transform(img_size, training=True))
+        if self.video:
+            return self._video_batches(epoch, start_update * cfg.train.grad_accum_steps)
         sampler = ResumableSampler(
             self.train_set, epoch, acc.num_processes, acc.process_index, cfg.train.seed,
             start=start_update * cfg.train.grad_accum_steps * cfg.data.batch_size, repeats=cfg.aug.repeated_aug)
@@ -260,11 +307,35 @@ class Trainer:
             num_workers=cfg.data.workers, drop_last=True, pin_memory=acc.device.type == 'cuda',
             persistent_workers=False)
 
+    def _video_batches(self, epoch: int, start: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches `start`.. of `epoch`'s clips: as many as every rank trains on, whatever was
+        skipped (another pass over the shard when one runs short); the first `start` are decoded and discarded."""
+        acc, cfg = self.accelerator, self.cfg
+        self.train_set.set_epoch(epoch)
+        seed = partial(seed_from, cfg.train.seed, 'video', epoch, acc.process_index)
+        loader = DataLoader(
+            self.train_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.workers, drop_last=True,
+            pin_memory=acc.device.type == 'cuda', generator=torch.Generator().manual_seed(seed('workers')))
+        stop, micro = self.updates_per_epoch * cfg.train.grad_accum_steps, 0
+        while micro < stop:
+            batches, first = iter(loader), micro
+            while micro < stop:
+                seed_all(seed(micro))  # data.workers=0: the clips and augmentation of each batch from its own seed
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                if micro >= start:
+                    yield batch
+                micro += 1
+            if micro == first:
+                raise RuntimeError(f'process {acc.process_index}: fewer readable training clips than data.batch_size '
+                                   f'in its {len(self.train_set)} videos')
+
     def _val_loader(self) -> DataLoader:
         self._set_transform(self.val_set, self._transform(self.cfg.data.img_size, training=False))
         loader = DataLoader(self.val_set, batch_size=self.cfg.data.batch_size, shuffle=False,
                             num_workers=self.cfg.data.workers, pin_memory=self.accelerator.device.type == 'cuda')
-        return self.accelerator.prepare(loader)
+        return loader if self.video else self.accelerator.prepare(loader)  # video: sharded by Hmdb51Clips
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -328,8 +399,10 @@ class Trainer:
                 break
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
             seed_all(seed_from(cfg.train.seed, 'step', state.update, micro % accum, acc.process_index))
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
+            if self.mixup is not None:  # a clip mixes as a (C * T, H, W) image: one lambda and CutMix box per clip
+                shape = x.shape
+                x, y = self.mixup(x.flatten(1, -3), y)
+                x = x.view(shape)
             with acc.accumulate(model):
                 loss = self.train_loss(model(x), y)
                 acc.backward(loss)
@@ -357,19 +430,22 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         totals = acc.reduce(torch.tensor([loss_sum.item(), n_micro, seen, skipped],
                                          device=acc.device, dtype=torch.float64), reduction='sum')
-        return dict(
-            train_loss=(totals[0] / max(totals[1], 1)).item(),
-            img_per_s=totals[2].item() / max(elapsed, 1e-9),
-            skipped_images=int(totals[3].item()),
-            lr=max(g['lr'] for g in self.optimizer.param_groups),
-            train_img_size=stage.img_size,
-        )
+        unit = 'videos' if self.video else 'images'
+        return {
+            'train_loss': (totals[0] / max(totals[1], 1)).item(),
+            'clips_per_s' if self.video else 'img_per_s': totals[2].item() / max(elapsed, 1e-9),
+            f'skipped_{unit}': int(totals[3].item()),
+            'lr': max(g['lr'] for g in self.optimizer.param_groups),
+            'train_img_size': stage.img_size,
+        }
 
     @torch.no_grad()
     def evaluate(self, model: Optional[nn.Module] = None) -> Dict[str, float]:
-        """Top-1/top-5 and loss on the validation split at data.img_size, over all processes."""
+        """Top-1/top-5 and loss on the validation split at data.img_size, over all processes (video: per video)."""
         acc = self.accelerator
         model = model if model is not None else self.model
+        if self.video:
+            return self._evaluate_video(acc.unwrap_model(model))
         was_training = model.training
         model.eval()
         correct1, correct5, losses, skipped = [], [], [], 0
@@ -388,6 +464,46 @@ class Trainer:
         c1, c5, loss = torch.cat(correct1).float(), torch.cat(correct5).float(), torch.cat(losses)
         return dict(top1=100 * c1.mean().item(), top5=100 * c5.mean().item(), val_loss=loss.mean().item(),
                     val_skipped_images=skipped)
+
+    @torch.no_grad()
+    def _evaluate_video(self, model: nn.Module) -> Dict[str, float]:
+        """Video top-1/top-5 (the mean softmax of a video's clips), clip top-1 and loss on the test split.
+
+        `model` is unwrapped: ranks score their shards without collectives (unreadable videos can leave
+        them with different clip counts), then gather the scores; a video repeated to even out the
+        shards counts once (the copy of the lowest rank).
+        """
+        acc = self.accelerator
+        was_training = model.training
+        model.eval()
+        logits, labels, videos = [torch.empty(0, self.num_classes)], [torch.empty(0, dtype=torch.long)], []
+        skipped = 0
+        for x, y, n_skipped, video in self.val_loader:
+            with acc.autocast():
+                logits.append(model(x.to(acc.device)).float().cpu())
+            labels.append(y)
+            videos += video.tolist()
+            skipped += int(n_skipped.sum())
+        model.train(was_training)
+        shards = gather_object([(torch.cat(logits), torch.cat(labels), videos, skipped)])
+        seen, keep = set(), []
+        for shard_logits, shard_labels, shard_videos, _ in shards:
+            first = torch.tensor([v not in seen for v in shard_videos], dtype=torch.bool)
+            keep.append((shard_logits[first], shard_labels[first], torch.tensor(shard_videos, dtype=torch.long)[first]))
+            seen.update(shard_videos)
+        logits, labels, videos = (torch.cat(t) for t in zip(*keep))
+        if len(labels) == 0:
+            raise RuntimeError('no readable test video: nothing to evaluate')
+        ids, video_of_clip = torch.unique(videos, return_inverse=True)
+        # summed softmax per video (ranks classes as the mean does) and each video's label
+        scores = torch.zeros(len(ids), self.num_classes).index_add_(0, video_of_clip, logits.softmax(1))
+        video_labels = torch.zeros(len(ids), dtype=torch.long).scatter_(0, video_of_clip, labels)
+        hit = scores.topk(min(5, self.num_classes), dim=1).indices == video_labels[:, None]
+        return dict(
+            top1=100 * hit[:, 0].float().mean().item(), top5=100 * hit.any(1).float().mean().item(),
+            clip_top1=100 * (logits.argmax(1) == labels).float().mean().item(),
+            val_loss=nn.functional.cross_entropy(logits, labels).item(), val_videos=len(ids),
+            val_skipped_videos=sum(shard[3] for shard in shards))
 
     def fit(self) -> Dict[str, Any]:
         """Train from the current state to the last epoch; returns the final summary."""
@@ -411,7 +527,8 @@ class Trainer:
             if last or (epoch + 1) % cfg.train.eval_every_epochs == 0:
                 row.update(self.evaluate())
                 if self.ema is not None:
-                    row.update({f'ema_{k}': v for k, v in self.evaluate(self.ema.module).items() if k != 'val_skipped_images'})
+                    row.update({f'ema_{k}': v for k, v in self.evaluate(self.ema.module).items()
+                                if not k.startswith(('val_skipped', 'val_videos'))})
                 if row['top1'] > state.best_top1:
                     state.best_top1, state.best_epoch = row['top1'], epoch
                     self._export('best', self.model)
@@ -438,7 +555,10 @@ class Trainer:
 
 
     def _size_kwarg(self) -> str:
-        """`img_size=N, ` for models whose kernels are referenced to the training resolution, else ''."""
+        """`img_size=N, ` for models whose kernels are referenced to the training resolution (video models:
+        `img_size=N, num_frames=T, `), else ''."""
+        if self.video:
+            return f'img_size={self.cfg.data.img_size}, num_frames={self.cfg.data.num_frames}, '
         return f'img_size={self.cfg.data.img_size}, ' if hasattr(self.accelerator.unwrap_model(self.model), 'set_input_size') else ''
 
 

@@ -1,0 +1,251 @@
+"""The trainer on video: a generated HMDB-51-layout dataset through the real pipeline, one and two processes."""
+import os
+import socket
+import subprocess
+
+import av
+import numpy as np
+import pytest
+import timm
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file, save_file
+
+import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
+from s4nd_vision.models.inflate import inflate_state_dict
+from s4nd_vision.train import ConfigError, Trainer, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ('brush_hair', 'cartwheel', 'wave')
+TRAIN = [f'{c}_{i}.avi' for c in CLASSES for i in range(2)] + ['broken.avi']  # broken.avi: not a video
+TEST = [f'{c}_test.avi' for c in CLASSES]
+# a very small 3D ConvNeXt-S4ND on (B, 3, 4, 32, 32) clips of 1 s
+TINY = [
+    'model.name=convnext_s4nd_3d_atto',
+    'model.kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 16, 16], d_state: 8, stem_chs: 8}',
+    'data.dataset=hmdb51', 'data.num_frames=4', 'data.clip_duration=1.0', 'data.clips_per_video=2',
+    'data.img_size=32', 'data.batch_size=2', 'data.workers=0', 'optim.lr=2e-3', 'sched.warmup_epochs=0',
+    'aug.auto_augment=rand-m9-n2',
+]
+
+
+def _write_video(path, channel: int, frames: int = 12, fps: int = 6, size=(40, 48)) -> None:
+    """A 2 s clip: colour channel `channel` bright, a white square moving right."""
+    with av.open(str(path), mode='w') as container:
+        stream = container.add_stream('mpeg4', rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = 'yuv420p'
+        for i in range(frames):
+            img = np.full(size + (3,), 20, np.uint8)
+            img[..., channel] = 230
+            img[16:24, 2 * i: 2 * i + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope='module')
+def hmdb(tmp_path_factory):
+    """videos/<class>/<video>.avi and splits/<class>_test_split1.txt: per class two training videos and one
+    test video; brush_hair also holds an unreadable training video and an unreadable test video (listed first)."""
+    root = tmp_path_factory.mktemp('hmdb51')
+    videos, splits = root / 'videos', root / 'splits'
+    splits.mkdir()
+    garbage = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    for k, name in enumerate(CLASSES):
+        (videos / name).mkdir(parents=True)
+        lines = []
+        if k == 0:
+            for broken, tag in (('broken_test.avi', 2), ('broken.avi', 1)):
+                (videos / name / broken).write_bytes(garbage)
+                lines.append(f'{broken} {tag}')
+        for video, tag in ((f'{name}_0.avi', 1), (f'{name}_1.avi', 1), (f'{name}_test.avi', 2)):
+            _write_video(videos / name / video, channel=k)
+            lines.append(f'{video} {tag}')
+        (splits / f'{name}_test_split1.txt').write_text(' \n'.join(lines) + ' \n')
+    return str(videos), str(splits)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny clips: one thread each (threads spinning on shared cores cost several times the work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each Trainer builds its own Accelerator; the process-wide accelerate state must not leak between tests."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _overrides(hmdb, out, *extra):
+    videos, splits = hmdb
+    return [*TINY, f'data.root={videos}', f'data.split_dir={splits}', f'train.output_dir={out}', *extra]
+
+
+def _rows(out):
+    header, *rows = (out / 'metrics.csv').read_text().splitlines()
+    return [dict(zip(header.split(','), row.split(','))) for row in rows]
+
+
+def test_video_config_errors(hmdb, tmp_path):
+    with pytest.raises(ConfigError, match="data.dataset must be 'imagefolder', 'mnist' or 'hmdb51'"):
+        load_config(None, _overrides(hmdb, tmp_path, 'data.dataset=kinetics'))
+    with pytest.raises(ConfigError, match='data.root must be an existing folder for data.dataset hmdb51'):
+        load_config(None, _overrides(hmdb, tmp_path, f'data.root={tmp_path / "missing"}'))
+    with pytest.raises(ConfigError, match='data.split must be 1, 2 or 3'):
+        load_config(None, _overrides(hmdb, tmp_path, 'data.split=4'))
+    with pytest.raises(ConfigError, match='aug.reprob must be left at 0.0'):
+        load_config(None, _overrides(hmdb, tmp_path, 'aug.reprob=0.25'))
+    with pytest.raises(ConfigError, match="aug.auto_augment must be null or 'rand-m"):
+        load_config(None, _overrides(hmdb, tmp_path, 'aug.auto_augment=rand-m9-mstd0.5-inc1'))
+    with pytest.raises(ConfigError, match='holds no HMDB-51 split files'):  # at run time, before any model is built
+        Trainer(load_config(None, _overrides(hmdb, tmp_path, f'data.split_dir={tmp_path}')))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ConfigError, match='convnext_s4nd_atto takes images'):
+        Trainer(load_config(None, _overrides(hmdb, tmp_path, 'model.name=convnext_s4nd_atto')))
+
+
+def test_a_2d_imagenet_checkpoint_initializes_the_video_model(hmdb, tmp_path):
+    """model.pretrained_file with 2D weights (another class count): inflated on the fly, the classifier left new."""
+    kwargs = dict(depths=[1, 1, 1, 1], dims=[8, 16, 16, 16], d_state=8, stem_chs=8)
+    weights_2d = timm.create_model('convnext_s4nd_atto', num_classes=10, **kwargs).state_dict()
+    save_file(weights_2d, str(tmp_path / 'imagenet.safetensors'))
+    trainer = Trainer(load_config(None, _overrides(
+        hmdb, tmp_path / 'run', f'model.pretrained_file={tmp_path / "imagenet.safetensors"}')))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    own = model.state_dict()
+    inflated = inflate_state_dict(weights_2d, model)  # the default (smooth) time kernels on the model's own dt
+    assert set(own) - set(inflated) == {'head.fc.weight', 'head.fc.bias'} and own['head.fc.weight'].shape == (3, 16)
+    for k, v in inflated.items():
+        assert torch.equal(own[k], v), k
+    torch.testing.assert_close(own['stages.1.blocks.0.conv_dw.kernels.2.c'],
+                               weights_2d['stages.1.blocks.0.conv_dw.kernels.1.c'])  # W kernel: 2D axis 1 -> 3D axis 2
+
+
+def _evaluate_directly(model, hmdb):
+    """Video top-1 (mean softmax of each video's clips), clip top-1 and loss, computed clip by clip."""
+    videos, splits = hmdb
+    test = Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, clips_per_video=2, with_video_index=True,
+                       transform=VideoTransform(train=False, num_frames=4, img_size=32))
+    probs, losses, clip_hits = {}, [], []
+    model.eval()
+    with torch.no_grad():
+        for clip, label, _, video in test:
+            logits = model(clip[None])[0]
+            losses.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([label])))
+            clip_hits.append(float(logits.argmax() == label))
+            probs.setdefault(video, (label, []))[1].append(logits.softmax(0))
+    video_hits = [float(torch.stack(p).mean(0).argmax() == label) for label, p in probs.values()]
+    return dict(top1=100 * np.mean(video_hits), clip_top1=100 * np.mean(clip_hits),
+                val_loss=torch.stack(losses).mean().item(), val_videos=len(probs))
+
+
+def test_single_process_run_skips_broken_videos_evaluates_per_video_and_resumes_exactly(hmdb, tmp_path):
+    extra = ('train.epochs=2', 'train.checkpoint_every_steps=1', 'train.keep_checkpoints=10', 'train.ema_decay=0.8',
+             'model.drop_path_rate=0.1', 'aug.cutmix=1.0')
+    out = tmp_path / 'run'
+    trainer = Trainer(load_config(None, _overrides(hmdb, out, *extra)))
+    assert trainer.updates_per_epoch == 3  # 7 training videos, batch 2
+    model = trainer.model
+    inputs, mixed = [], []
+    model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()) if m.training else None)
+    cutmix = trainer.mixup
+
+    def recorded(x, y):
+        mixed.append(x.clone())
+        return cutmix(x, y)
+
+    trainer.mixup = recorded
+    with pytest.warns(RuntimeWarning, match='skipped unreadable video') as record:
+        trainer.fit()
+    assert any('broken.avi' in str(w.message) for w in record)
+    assert any('broken_test.avi' in str(w.message) for w in record)
+
+    # clips (B, 3, T, H, W) in, every frame of a clip with the same CutMix box from the same partner
+    assert len(inputs) == 6 and inputs[0].shape == (2, 3, 4, 32, 32)
+    boxes = 0
+    for before, after in zip(mixed, inputs):
+        before = before.view(after.shape)
+        box = (after != before).any(1).any(1)  # (B, H, W)
+        torch.testing.assert_close(after, torch.where(box[:, None, None], before.flip(0), before), rtol=0, atol=0)
+        boxes += int(box.any())
+    assert boxes > 0
+
+    rows = _rows(out)
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for column in ('clips_per_s', 'skipped_videos', 'top1', 'top5', 'clip_top1', 'val_videos', 'ema_top1'):
+        assert column in rows[0]
+    # the broken training video is read once per epoch (counted unless its epoch order puts it last, when the
+    # three batches are full before it: seed 0 puts it mid-epoch in both epochs); the broken test video every time
+    assert [r['skipped_videos'] for r in rows] == ['1', '1']
+    assert [r['val_skipped_videos'] for r in rows] == ['1', '1'] and [r['val_videos'] for r in rows] == ['3', '3']
+    with pytest.warns(RuntimeWarning, match='broken_test.avi'):
+        expected = _evaluate_directly(trainer.accelerator.unwrap_model(model), hmdb)
+        metrics = trainer.evaluate()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
+    trained = load_file(str(out / 'last.safetensors'))
+    # the export loads as the run's last line says: the training clip (32 px, 4 frames) is the kernels' reference
+    exported = timm.create_model(
+        'convnext_s4nd_3d_atto', pretrained=True, num_classes=3, img_size=32, num_frames=4,
+        pretrained_cfg_overlay=dict(file=str(out / 'last.safetensors'), num_classes=3), **trainer.cfg.model.kwargs)
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(clip), trainer.accelerator.unwrap_model(model).eval()(clip))
+
+    # resuming at the epoch boundary (update 3) and mid-epoch (update 4) ends with the same weights
+    for update in (3, 4):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        again = tmp_path / f'resumed-{update}'
+        resumed = Trainer(load_config(None, _overrides(hmdb, again, *extra)),
+                          resume=str(out / 'checkpoints' / f'step-{update:08d}'))
+        assert resumed.state.update == update
+        with pytest.warns(RuntimeWarning, match='skipped unreadable video'):
+            resumed.fit()
+        weights = load_file(str(again / 'last.safetensors'))
+        for k, v in trained.items():
+            assert torch.equal(weights[k], v), f'{k} differs after resuming at update {update}'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_shards_videos_and_synchronizes(hmdb, tmp_path):
+    """7 training videos over 2 ranks: 4 each (one repeated), one broken, so one rank has 3 clips for 2 batches of 2
+    and takes a second pass; 3 test videos: one repeated for evaluation, counted once."""
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    out = tmp_path / 'dist'
+    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
+           os.path.join(ROOT, 'tests', 'dist_video_train_script.py'), *_overrides(hmdb, out, 'train.epochs=1')]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'training convnext_s4nd_3d_atto on 2 process(es), global batch 4, lr 0.002, 2 updates/epoch' in result.stdout
+
+    ranks = [load_file(str(out / f'rank{r}.safetensors')) for r in (0, 1)]
+    initial = load_file(str(out / 'rank0_initial.safetensors'))
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), f'{k} differs between ranks: gradients were not synchronized'
+    assert any(not torch.equal(ranks[0][k], initial[k]) for k in initial)
+    updates, shards = [], []
+    for r in (0, 1):
+        done, opened = (out / f'rank{r}_videos.txt').read_text().split('\n')
+        updates.append(int(done))
+        shards.append({v for v in opened.split() if v in TRAIN})
+    assert updates == [2, 2]
+    assert shards[0] | shards[1] == set(TRAIN) and len(shards[0] & shards[1]) == 1  # own halves, one padding repeat
+    row, = _rows(out)
+    assert row['val_videos'] == '3' and int(row['skipped_videos']) >= 1
