@@ -17,6 +17,7 @@ COMPLIANCE_MODELS = [
     ('vit_s4nd_atto_patch16_224', {}),
     ('vit_s4nd_atto_patch16_224', dict(mixer='1d')),
     ('convnext_s4nd_3d_atto', {}),
+    ('s4nd_iso_tiny', {}),
 ]
 ALL_S4ND_MODELS = timm.list_models('*s4nd*')
 SMALL_SIDE = 64  # spatial sides used for the cheap runs (every model must accept it)

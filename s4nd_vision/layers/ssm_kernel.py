@@ -37,7 +37,7 @@ def is_ssm_param(param: torch.Tensor) -> bool:
 @lru_cache(maxsize=8)
 def _legs_imag(d_state: int) -> torch.Tensor:
     """Imaginary parts of the eigenvalues of the normal part of the HiPPO-LegS matrix."""
-    n = torch.arange(d_state, dtype=torch.float64)
+    n = torch.arange(d_state, dtype=torch.float64, device='cpu')
     q = torch.sqrt(2 * n + 1)
     # HiPPO-LegS: A[i, j] = -q_i q_j (i > j), -(i + 1) (i == j); normal part S = A + P P^T, P = sqrt(n + 1/2)
     a = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
@@ -49,7 +49,7 @@ def _legs_imag(d_state: int) -> torch.Tensor:
 
 def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     """Im(A) for the S4D initializations, (d_state // 2,) float64 on the CPU."""
-    n = torch.arange(d_state // 2, dtype=torch.float64)
+    n = torch.arange(d_state // 2, dtype=torch.float64, device='cpu')
     if init == 'lin':
         return math.pi * n
     if init == 'inv':

