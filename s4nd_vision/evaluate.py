@@ -43,6 +43,7 @@ def load_model(
         num_classes: Optional[int] = None,
         in_chans: Optional[int] = None,
         bandlimit: Optional[float] = None,
+        model_kwargs: Optional[Mapping] = None,
 ) -> nn.Module:
     """`timm.create_model(name)` in eval mode, with weights from a local checkpoint.
 
@@ -52,10 +53,12 @@ def load_model(
         num_classes, in_chans: passed to `timm.create_model` when given.
         bandlimit: band-limiting cut-off set on every S4ND kernel (None leaves the model's own);
             models without S4ND layers are unaffected.
+        model_kwargs: further `timm.create_model` arguments (those the model was trained with).
     """
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
-    kwargs = {k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None}
+    kwargs = dict(model_kwargs or {})
+    kwargs.update({k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None})
     model = timm.create_model(name, **kwargs)
     if checkpoint is not None:
         timm.models.load_checkpoint(model, checkpoint, strict=True)

@@ -6,7 +6,6 @@ import runpy
 import sys
 import warnings
 
-import av
 import numpy as np
 import pytest
 import timm
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import s4nd_vision  # noqa: F401  (registers the models)
+from media import write_video
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.layers import S4ND
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
@@ -265,22 +265,6 @@ def test_inflate_from_checkpoint_files(tmp_path, monkeypatch):
 CLASSES = ('brush_hair', 'cartwheel', 'wave')  # sorted; '_' in a name exercises the split-file parsing
 
 
-def _write_video(path, channel: int, frames: int = 12, fps: int = 6, size=(40, 48)) -> None:
-    """A 2 s PyAV-written clip: colour channel `channel` bright, a white square moving right."""
-    with av.open(str(path), mode='w') as container:
-        stream = container.add_stream('mpeg4', rate=fps)
-        stream.height, stream.width = size
-        stream.pix_fmt = 'yuv420p'
-        for i in range(frames):
-            img = np.full(size + (3,), 20, np.uint8)
-            img[..., channel] = 230
-            img[16:24, 2 * i: 2 * i + 8] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope='module')
 def hmdb(tmp_path_factory):
     """HMDB-51 layout: videos/<class>/<video>.avi, splits/<class>_test_split1.txt with two train,
@@ -292,7 +276,7 @@ def hmdb(tmp_path_factory):
         (videos / name).mkdir(parents=True)
         names = [f'{name}_u_nm_np1_fr_med_{i}.avi' for i in range(4)]
         for video in names:
-            _write_video(videos / name / video, channel=k)
+            write_video(videos / name / video, channel=k)
         (splits / f'{name}_test_split1.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (1, 1, 2, 0))))
         (splits / f'{name}_test_split2.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (1, 1, 0, 0))))
     return str(videos), str(splits)

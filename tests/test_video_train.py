@@ -3,7 +3,6 @@ import os
 import socket
 import subprocess
 
-import av
 import numpy as np
 import pytest
 import timm
@@ -12,6 +11,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
 import s4nd_vision  # noqa: F401  (registers the models)
+from media import write_video
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.models.inflate import inflate_state_dict
 from s4nd_vision.train import ConfigError, Trainer, load_config
@@ -30,22 +30,6 @@ TINY = [
 ]
 
 
-def _write_video(path, channel: int, frames: int = 12, fps: int = 6, size=(40, 48)) -> None:
-    """A 2 s clip: colour channel `channel` bright, a white square moving right."""
-    with av.open(str(path), mode='w') as container:
-        stream = container.add_stream('mpeg4', rate=fps)
-        stream.height, stream.width = size
-        stream.pix_fmt = 'yuv420p'
-        for i in range(frames):
-            img = np.full(size + (3,), 20, np.uint8)
-            img[..., channel] = 230
-            img[16:24, 2 * i: 2 * i + 8] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope='module')
 def hmdb(tmp_path_factory):
     """videos/<class>/<video>.avi and splits/<class>_test_split1.txt: per class two training videos and one
@@ -62,7 +46,7 @@ def hmdb(tmp_path_factory):
                 (videos / name / broken).write_bytes(garbage)
                 lines.append(f'{broken} {tag}')
         for video, tag in ((f'{name}_0.avi', 1), (f'{name}_1.avi', 1), (f'{name}_test.avi', 2)):
-            _write_video(videos / name / video, channel=k)
+            write_video(videos / name / video, channel=k)
             lines.append(f'{video} {tag}')
         (splits / f'{name}_test_split1.txt').write_text(' \n'.join(lines) + ' \n')
     return str(videos), str(splits)

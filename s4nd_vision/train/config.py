@@ -47,7 +47,7 @@ class DataConfig:
     batch_size: int = 128  # per process, per micro-batch
     workers: int = 4
     crop_pct: float = 0.875  # eval centre crop (hmdb51: every crop, after a short-side resize to img_size / crop_pct)
-    interpolation: str = 'bicubic'  # images (clips are resized bilinearly)
+    interpolation: Optional[str] = None  # images; None: the model's pretrained cfg (clips are resized bilinearly)
     mean: Optional[Tuple[float, ...]] = None  # None: the model's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
     in_chans: int = 3

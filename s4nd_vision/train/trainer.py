@@ -40,7 +40,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import save_file
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -182,6 +182,9 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.ema = None
         if tc.ema_decay is not None:
+            if acc.distributed_type == DistributedType.FSDP:  # the unwrapped module holds only this rank's shard
+                raise ConfigError('train.ema_decay: model EMA needs whole weights on every process (DDP or one '
+                                  'process), not FSDP; set it to null')
             self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=tc.ema_decay, device=acc.device)
             acc.register_for_checkpointing(self.ema)
         self.state = TrainState()
