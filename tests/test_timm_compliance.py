@@ -66,13 +66,15 @@ def test_create_on_meta_device_and_cfg_names(name):
 
 
 @pytest.mark.parametrize('name', ALL_S4ND_MODELS)
-def test_forward_every_model(name):
-    model = _create(name, {}).eval()
+def test_forward_backward_every_model(name):
+    model = _create(name, {})
     x = _small_input(model)
-    with torch.no_grad():
-        out = model(x)
+    out = model(x)
     assert out.shape == (1, model.num_classes)
     assert torch.isfinite(out).all()
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'parameters without a gradient: {missing}'
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
