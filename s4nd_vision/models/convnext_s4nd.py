@@ -30,6 +30,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, is_ssm_param
+from ._checks import check_input
 
 __all__ = ['ConvNeXtS4ND']
 
@@ -344,13 +345,7 @@ class ConvNeXtS4ND(nn.Module):
         self.head_hidden_size = self.head.num_features
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f'expected input (B, C, H, W), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
-        if min(x.shape[2:]) < self.min_input_size:
-            raise ValueError(
-                f'input sides must be at least {self.min_input_size} (the total stride), got {tuple(x.shape[2:])}')
+        check_input(x, self.in_chans, min_side=self.min_input_size)
 
     def forward_intermediates(
             self,

@@ -42,6 +42,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, is_ssm_param
+from ._checks import check_input
 from .convnext_s4nd import ConvNeXtS4NDBlock, _init_weights
 from .inflate import inflate_state_dict, is_2d_state_dict, unwrap_state_dict
 
@@ -349,15 +350,9 @@ class ConvNeXt3d(nn.Module):
         self.head_hidden_size = self.head.num_features
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5:
-            raise ValueError(f'expected a clip (B, C, T, H, W), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
+        check_input(x, self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size)
         if x.shape[2] < _TUBELET[0]:
             raise ValueError(f'clips need at least {_TUBELET[0]} frames (the stem stride in time), got {x.shape[2]}')
-        if min(x.shape[3:]) < self.min_input_size:
-            raise ValueError(
-                f'frame sides must be at least {self.min_input_size} (the total stride), got {tuple(x.shape[3:])}')
 
     def forward_intermediates(
             self,

@@ -30,6 +30,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, is_ssm_param
+from ._checks import check_input
 from .convnext_s4nd import ConvNeXtS4NDBlock
 
 __all__ = ['IsoS4ND']
@@ -163,10 +164,7 @@ class IsoS4ND(nn.Module):
         self.head_hidden_size = self.head.num_features
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f'expected input (B, C, H, W), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
+        check_input(x, self.in_chans)
 
     def forward_intermediates(
             self,

@@ -43,6 +43,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, is_ssm_param
+from ._checks import check_input
 
 __all__ = ['VisionTransformerS4ND']
 
@@ -254,10 +255,7 @@ class VisionTransformerS4ND(nn.Module):
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f'expected input (B, C, H, W), got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
+        check_input(x, self.in_chans)
         patch = self.patch_embed.patch_size
         if any(s < p or s % p for s, p in zip(x.shape[2:], patch)):
             raise ValueError(
