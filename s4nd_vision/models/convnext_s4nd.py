@@ -32,7 +32,7 @@ from timm.models._features import feature_take_indices
 from ..layers import S4ND, is_ssm_param
 from ._checks import check_input
 
-__all__ = ['ConvNeXtS4ND']
+__all__ = ['ConvNeXtS4ND', 'ConvNeXtAPI']
 
 _STEM_TYPES = ('s4nd', 'patch')
 _DOWNSAMPLE_TYPES = ('s4nd', 'conv')
@@ -167,7 +167,108 @@ class ConvNeXtS4NDStage(nn.Module):
         return x
 
 
-class ConvNeXtS4ND(nn.Module):
+class ConvNeXtAPI(nn.Module):
+    """timm's model API shared by the 2D and 3D ConvNeXt(-S4ND) models.
+
+    Subclasses build `stem`, `stages`, `norm_pre`, `head`, `feature_info`, `num_features`,
+    `head_hidden_size` and `num_classes`, and define `_check_input`.
+    """
+    intermediates_fmt = 'NCHW'  # layout of the features and intermediates (the only output_fmt)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
+        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm_pre', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        self.num_classes = num_classes
+        self.head.reset(
+            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
+            **get_device_dtype(self))
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: Optional[str] = None,
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stages in `indices` (last n if int, all if None), each (B, C_i, *spatial_i)."""
+        output_fmt = output_fmt or self.intermediates_fmt
+        if output_fmt != self.intermediates_fmt:
+            raise ValueError(f'output_fmt must be {self.intermediates_fmt!r}, got {output_fmt!r}')
+        self._check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        last_idx = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm_pre(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) not needed for the intermediates in `indices`."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        if prune_norm or prune_end:
+            self.norm_pre = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '', reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by 32 (clips: T by 2)."""
+        self._check_input(x)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm_pre(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class ConvNeXtS4ND(ConvNeXtAPI):
     """ConvNeXt with S4ND global convolutions: (B, in_chans, H, W) -> (B, num_classes).
 
     Runs at any input size whose sides are at least 32 (the total stride).
@@ -312,99 +413,8 @@ class ConvNeXtS4ND(nn.Module):
             layer.set_reference_size((img_size[0] // stride, img_size[1] // stride))
         self.img_size = img_size
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
-        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm_pre', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
-        self.num_classes = num_classes
-        self.head.reset(
-            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
-            **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
-
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.in_chans, min_side=self.min_input_size)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of the stages in `indices` (last n if int, all if None), each (B, C_i, H/r_i, W/r_i)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm_pre(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) not needed for the intermediates in `indices`."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm_pre = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '', reset_other=True)
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_features, H/32, W/32)."""
-        self._check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm_pre(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:

@@ -37,13 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, calculate_drop_path_rates, get_device_dtype, to_2tuple
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, calculate_drop_path_rates, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
-from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, is_ssm_param
+from ..layers import S4ND
 from ._checks import check_input
-from .convnext_s4nd import ConvNeXtS4NDBlock, _init_weights
+from .convnext_s4nd import ConvNeXtAPI, ConvNeXtS4NDBlock, _init_weights
 from .inflate import inflate_state_dict, is_2d_state_dict, unwrap_state_dict
 
 __all__ = ['ConvNeXt3d', 'LayerNorm3d']
@@ -137,11 +136,12 @@ class ConvNeXt3dStage(nn.Module):
         return x
 
 
-class ConvNeXt3d(nn.Module):
+class ConvNeXt3d(ConvNeXtAPI):
     """3D ConvNeXt(-S4ND) for clips: (B, in_chans, T, H, W) -> (B, num_classes).
 
     Runs at any clip with at least 2 frames and sides of at least 32 (the total stride).
     """
+    intermediates_fmt = 'NCTHW'  # features and intermediates are clips
 
     def __init__(
             self,
@@ -317,104 +317,16 @@ class ConvNeXt3d(nn.Module):
         self.img_size = img_size
         self.num_frames = num_frames
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
-        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm_pre', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
-        self.num_classes = num_classes
-        self.head.reset(
-            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
-            **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
-
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size)
         if x.shape[2] < _TUBELET[0]:
             raise ValueError(f'clips need at least {_TUBELET[0]} frames (the stem stride in time), got {x.shape[2]}')
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCTHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of the stages in `indices` (last n if int, all if None), each (B, C_i, T/2, H/r_i, W/r_i)."""
-        if output_fmt != 'NCTHW':
-            raise ValueError(f"output_fmt must be 'NCTHW', got {output_fmt!r}")
-        self._check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm_pre(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) not needed for the intermediates in `indices`."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        if prune_norm or prune_end:
-            self.norm_pre = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '', reset_other=True)
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, T, H, W) -> (B, num_features, T/2, H/32, W/32)."""
-        self._check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm_pre(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, num_classes), or (B, C', T, H, W) when the head does not pool."""
         frames = x.shape[2]
         x = self.head(x.flatten(2, 3), pre_logits=pre_logits)  # (B, C, T, H, W) -> (B, C, T * H, W)
         return x.unflatten(2, (frames, -1)) if x.ndim == 4 else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> Dict[str, torch.Tensor]:
