@@ -12,7 +12,7 @@
 import hashlib
 import random
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 import torch

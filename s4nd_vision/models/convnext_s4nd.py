@@ -175,6 +175,24 @@ class ConvNeXtAPI(nn.Module):
     """
     intermediates_fmt = 'NCHW'  # layout of the features and intermediates (the only output_fmt)
 
+    def _init_head(
+            self,
+            num_classes: int,
+            global_pool: str,
+            head_hidden_size: Optional[int],
+            drop_rate: float,
+            head_init_scale: float,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """timm's norm-MLP classifier head on `num_features`, then the weight init of the whole model."""
+        self.norm_pre = nn.Identity()
+        self.head = NormMlpClassifierHead(
+            self.num_features, num_classes, hidden_size=head_hidden_size, pool_type=global_pool,
+            drop_rate=drop_rate, norm_layer=LayerNorm2d, act_layer='gelu', device=device, dtype=dtype)
+        self.head_hidden_size = self.head.num_features
+        named_apply(partial(_init_weights, head_init_scale=head_init_scale), self)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
@@ -372,19 +390,7 @@ class ConvNeXtS4ND(ConvNeXtAPI):
         self.stages = nn.Sequential(*stages)
         self.min_input_size = stride
         self.num_features = prev_chs
-        self.norm_pre = nn.Identity()
-        self.head = NormMlpClassifierHead(
-            self.num_features,
-            num_classes,
-            hidden_size=head_hidden_size,
-            pool_type=global_pool,
-            drop_rate=drop_rate,
-            norm_layer=LayerNorm2d,
-            act_layer='gelu',
-            **dd,
-        )
-        self.head_hidden_size = self.head.num_features
-        named_apply(partial(_init_weights, head_init_scale=head_init_scale), self)
+        self._init_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)
 
     def _s4nd_layers(self) -> Iterator[Tuple[S4ND, int]]:
         """Every S4ND layer with the stride (w.r.t. the input image) of the grid it runs on."""

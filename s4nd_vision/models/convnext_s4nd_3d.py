@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, calculate_drop_path_rates, to_2tuple
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
+from timm.layers import calculate_drop_path_rates, to_2tuple
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND
 from ._checks import check_input
-from .convnext_s4nd import ConvNeXtAPI, ConvNeXtS4NDBlock, _init_weights
+from .convnext_s4nd import ConvNeXtAPI, ConvNeXtS4NDBlock
 from .inflate import inflate_state_dict, is_2d_state_dict, unwrap_state_dict
 
 __all__ = ['ConvNeXt3d', 'LayerNorm3d']
@@ -267,20 +267,8 @@ class ConvNeXt3d(ConvNeXtAPI):
         self.stages = nn.Sequential(*stages)
         self.min_input_size = stride
         self.num_features = prev_chs
-        self.norm_pre = nn.Identity()
-        # timm's head on (B, C, T * H, W): pooling over T * H x W is pooling over the clip
-        self.head = NormMlpClassifierHead(
-            self.num_features,
-            num_classes,
-            hidden_size=head_hidden_size,
-            pool_type=global_pool,
-            drop_rate=drop_rate,
-            norm_layer=LayerNorm2d,
-            act_layer='gelu',
-            **dd,
-        )
-        self.head_hidden_size = self.head.num_features
-        named_apply(partial(_init_weights, head_init_scale=head_init_scale), self)
+        # timm's head on (B, C, T * H, W) (see forward_head): pooling over T * H x W is pooling over the clip
+        self._init_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)
 
     def _s4nd_layers(self) -> Iterator[Tuple[S4ND, Tuple[int, int]]]:
         """Every S4ND layer with the (time, spatial) stride of the grid it runs on."""

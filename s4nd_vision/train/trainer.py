@@ -25,13 +25,11 @@ rank's shard with the unwrapped model, gathers the scores, counts videos repeate
 shards once, and reports clip top-1 and video top-1/top-5 (the mean softmax of a video's clips).
 """
 import csv
-import math
 import os
 import re
 import resource
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -39,6 +37,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 from safetensors.torch import save_file
@@ -515,7 +514,6 @@ class Trainer:
         if acc.is_main_process:
             _truncate_csv(metrics_path, before_epoch=state.epoch)
             with open(os.path.join(self.out_dir, 'config.yaml'), 'w') as f:
-                import yaml
                 yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
         if acc.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(acc.device)
