@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .ops import avg_pool_axes, channel_major, channels_first, separable_conv, two_sided_kernel
-from .ssm_kernel import SSMKernel
+from .ssm_kernel import SSMKernel, ssm_kernels
 
 __all__ = ['S4ND']
 
@@ -129,8 +129,8 @@ class S4ND(nn.Module):
         rates = self.resolve_rate(sizes, rate)
         lengths = self.kernel_lengths(sizes, rates)
         out = []
-        for kernel, bi, n, length, r in zip(self.kernels, self.bidirectional, sizes, lengths, rates):
-            k = kernel(length, rate=r, dtype=dtype)  # (channels * directions, dim, length)
+        generated = ssm_kernels(self.kernels, lengths, rates, dtype)  # (channels * directions, dim, length) per axis
+        for k, bi, n in zip(generated, self.bidirectional, sizes):
             if bi:
                 k_fwd, k_bwd = k[: self.channels], k[self.channels:]
             else:

@@ -10,12 +10,12 @@ S4ND (https://arxiv.org/abs/2210.06583).
 """
 import math
 from functools import lru_cache
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ['SSMKernel', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
+__all__ = ['SSMKernel', 'ssm_kernel', 'ssm_kernels', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
@@ -57,6 +57,100 @@ def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     if init == 'legs':
         return _legs_imag(d_state)
     raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
+
+
+def _powers(z: torch.Tensor, length: int) -> torch.Tensor:
+    """(length, *z.shape) complex: z ** l for l = 0..length-1, by repeated doubling.
+
+    log2(length) vectorized complex products instead of exp/cos/sin per element (faster, and more
+    accurate in float32 than exp(l log z), whose phase l * angle loses digits as l grows)."""
+    v = z.new_empty((length,) + z.shape)
+    v[0] = 1
+    filled, power = 1, z  # power == z ** filled
+    while filled < length:
+        take = min(filled, length - filled)
+        torch.mul(v[:take], power, out=v[filled:filled + take])
+        filled += take
+        if filled < length:
+            power = power * power
+    return v
+
+
+class _SSMKernelFn(torch.autograd.Function):
+    """S4D kernels K[k, h, l] = 2 Re(sum_n C~[k, h, n] z[h, n] ** l) from the raw parameters, with a
+    closed-form backward.
+
+    z = exp(dt A) and C~ = C B (exp(dt A) - 1) / A (zero-order hold), dt = exp(log_dt) * rate,
+    A = -exp(log_a_real) + i a_imag. Autograd through these steps would record ~40 small complex
+    ops and save several (L, H, N2) tensors; here only (H, N2)-sized values are saved, the backward
+    recomputes the powers z ** l once, and one batched GEMM serves the gradients of C~ and dt A.
+    Complex exp, expm1 and division are scalar loops on the CPU, so they are built from real ops.
+    Gradients follow PyTorch's convention for complex intermediates (dL/dRe + i dL/dIm).
+    """
+
+    @staticmethod
+    def forward(ctx, log_dt, log_a_real, a_imag, b, c, rate, mask, length: int):
+        dt = log_dt.exp()[:, None] * rate  # (H, 1)
+        a_re = -log_a_real.exp()
+        x, y = dt * a_re, dt * a_imag  # dt A
+        exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
+        z = torch.complex(exp_x * cos_y, exp_x * sin_y)  # exp(dt A)
+        # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y: no cancellation for small dt A
+        expm1_dta = torch.complex(torch.expm1(x) * cos_y - 2 * (y / 2).sin().square(), z.imag)
+        inv_abs2 = (a_re.square() + a_imag.square()).reciprocal()
+        inv_a = torch.complex(a_re * inv_abs2, -a_imag * inv_abs2)  # 1 / A
+        e = expm1_dta * inv_a
+        b = torch.view_as_complex(b)
+        q = b * e  # (H, N2)
+        c = torch.view_as_complex(c)
+        if mask is not None:
+            c = c * mask
+        c_disc = c * q  # (K, H, N2)
+        ctx.save_for_backward(dt, a_re, a_imag, z, expm1_dta, inv_a, e, b, q, c, c_disc, mask)
+        ctx.length = length
+        k, h, n2 = c_disc.shape
+        v = torch.view_as_real(_powers(z, length)).reshape(length, h, 2 * n2)  # (L, H, 2 N2): Re, Im pairs
+        c_pairs = torch.view_as_real(c_disc.conj().resolve_conj()).reshape(k, h, 2 * n2)  # Re C~, -Im C~
+        # 2 Re(C~ z^l) = 2 (Re C~ Re z^l - Im C~ Im z^l): one GEMM per channel
+        return 2 * torch.bmm(c_pairs.transpose(0, 1), v.permute(1, 2, 0)).transpose(0, 1)  # (K, H, L)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dt, a_re, a_imag, z, expm1_dta, inv_a, e, b, q, c, c_disc, mask = ctx.saved_tensors
+        length, (k, h, n2) = ctx.length, c_disc.shape
+        v = torch.view_as_real(_powers(z, length)).reshape(length, h, 2 * n2)
+        steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
+        # W = sum_l grad z^l and P = sum_l l grad z^l for all k in one GEMM: (H, 2K, 2 N2) -> complex (2, K, H, N2)
+        g = torch.cat([grad, grad * steps], dim=0).transpose(0, 1)
+        wp = torch.view_as_complex(torch.bmm(g, v.permute(1, 0, 2)).transpose(0, 1).reshape(2, k, h, n2, 2))
+        grad_c_disc = 2 * wp[0].conj()
+        grad_dta = 2 * (c_disc * wp[1]).conj().sum(0)  # through z ** l: d/d(dt A) = l z ** l
+        grad_c = grad_c_disc * q.conj()
+        if mask is not None:
+            grad_c = grad_c * mask
+        grad_q = (grad_c_disc * c.conj()).sum(0)
+        grad_b = grad_q * e.conj()
+        grad_e = grad_q * b.conj()
+        grad_dta = grad_dta + grad_e * (inv_a * z).conj()  # e = expm1(dt A) / A
+        grad_a = dt * grad_dta - grad_e * (expm1_dta * inv_a * inv_a).conj()
+        grad_dt = (grad_dta.real * a_re + grad_dta.imag * a_imag).sum(-1)  # dt A with dt real
+        return (grad_dt * dt[:, 0], grad_a.real * a_re, grad_a.imag,
+                torch.view_as_real(grad_b), torch.view_as_real(grad_c), None, None, None)
+
+
+def ssm_kernel(log_dt, log_a_real, a_imag, b, c, length: int, rate=1.0, mask=None) -> torch.Tensor:
+    """(K, H, length) real S4D kernels from raw parameters (see `SSMKernel`).
+
+    Args:
+        log_dt: (H,) log step sizes.
+        log_a_real, a_imag: (H, N2): A = -exp(log_a_real) + i a_imag.
+        b: (H, N2, 2) and c: (K, H, N2, 2), complex values as (real, imaginary) pairs.
+        length: number of taps L.
+        rate: step size multiplier, a float or an (H, 1) tensor.
+        mask: optional (H, N2) 0/1 tensor zeroing modes of C (band-limiting).
+    """
+    return _SSMKernelFn.apply(log_dt, log_a_real, a_imag, b.contiguous(), c.contiguous(), rate, mask, length)
 
 
 class SSMKernel(nn.Module):
@@ -123,36 +217,59 @@ class SSMKernel(nn.Module):
         freq = self.log_dt.detach().exp()[:, None] * self.a_imag.detach().abs() / (2 * math.pi)
         return freq < self.bandlimit / 2
 
+    def kernel_inputs(self, dtype: torch.dtype = torch.float32) -> tuple:
+        """The parameters in `dtype` plus the band-limiting mask (or None): the inputs of `ssm_kernel`."""
+        # the cut-off uses the base step size, so every resolution keeps the same modes
+        mask = None if self.bandlimit is None else self.mode_mask().to(dtype)
+        return (self.log_dt.to(dtype), self.log_a_real.to(dtype), self.a_imag.to(dtype), self.b.to(dtype),
+                self.c.to(dtype), mask)
+
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
 
         Returns:
             (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
         """
-        log_dt, log_a_real, a_imag = self.log_dt.to(dtype), self.log_a_real.to(dtype), self.a_imag.to(dtype)
-        dt = log_dt.exp() * rate  # (H,)
-        a = torch.complex(-log_a_real.exp(), a_imag)  # (H, N2)
-        b = torch.view_as_complex(self.b.to(dtype).contiguous())  # (H, N2)
-        c = torch.view_as_complex(self.c.to(dtype).contiguous())  # (K, H, N2)
-        if self.bandlimit is not None:
-            # the cut-off uses the base step size, so every resolution keeps the same modes
-            c = c * self.mode_mask().to(dtype)
-        dta = dt[:, None] * a  # (H, N2)
-        c_disc = c * (b * torch.expm1(dta) / a)  # ZOH: C B (exp(dt A) - 1) / A, (K, H, N2)
-        # Vandermonde exp(dt A l) in real arithmetic (real exp, cos, sin vectorize; complex exp does not)
-        steps = torch.arange(length, device=dta.device, dtype=dtype)
-        magnitude = torch.exp(dta.real[..., None] * steps)  # (H, N2, L)
-        angle = dta.imag[..., None] * steps
-        vandermonde = torch.cat([magnitude * torch.cos(angle), magnitude * torch.sin(angle)], dim=1)  # (H, 2 N2, L)
-        # 2 Re(sum_n C~ V) = 2 (Re C~ . Re V - Im C~ . Im V), as one batched GEMM over channels
-        c_real = torch.cat([c_disc.real, -c_disc.imag], dim=-1).transpose(0, 1)  # (H, K, 2 N2)
-        return 2 * torch.bmm(c_real, vandermonde).transpose(0, 1)  # (K, H, L)
+        *params, mask = self.kernel_inputs(dtype)
+        return ssm_kernel(*params, length, rate=rate, mask=mask)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, d_state={self.d_state}, num_kernels={self.num_kernels}, init={self.init!r}'
         if self.bandlimit is not None:
             s += f', bandlimit={self.bandlimit}'
         return s
+
+
+def ssm_kernels(
+        kernels: Sequence[SSMKernel],
+        lengths: Sequence[int],
+        rates: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+) -> List[torch.Tensor]:
+    """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all kernels that
+    share length, state size and kernel count (their channels are stacked): the cost of generation is
+    mostly per op, not per element, at the sizes of vision models (e.g. both axes of a square image)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, (kernel, length) in enumerate(zip(kernels, lengths)):
+        groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
+    out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    for (length, _, _), members in groups.items():
+        if len(members) == 1:
+            out[members[0]] = kernels[members[0]](length, rate=rates[members[0]], dtype=dtype)
+            continue
+        inputs = [kernels[i].kernel_inputs(dtype) for i in members]
+        log_dt, log_a_real, a_imag, b = (torch.cat(p) for p in list(zip(*inputs))[:4])
+        c = torch.cat([p[4] for p in inputs], dim=1)
+        rate = rates[members[0]]
+        if any(rates[i] != rate for i in members):
+            rate = torch.cat([log_dt.new_full((kernels[i].dim, 1), rates[i]) for i in members])
+        mask = None
+        if any(p[5] is not None for p in inputs):
+            mask = torch.cat([torch.ones_like(p[2]) if p[5] is None else p[5] for p in inputs])
+        stacked = ssm_kernel(log_dt, log_a_real, a_imag, b, c, length, rate=rate, mask=mask)
+        for i, k in zip(members, stacked.split([kernels[i].dim for i in members], dim=1)):
+            out[i] = k
+    return out
 
 
 def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
