@@ -27,18 +27,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 7) -> float:
-    """Median wall time of fn() in milliseconds."""
+def time_ms(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 7) -> Dict[str, float]:
+    """Median wall time in milliseconds of each fn(), run interleaved (a, b, a, b, ...) so that drifts in
+    machine speed (shared VMs, turbo, thermal) hit every candidate alike and the ratios stay fair."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    times = []
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def saved_activation_mb(fn: Callable[[], torch.Tensor]) -> float:
@@ -83,8 +86,8 @@ def bench_layers(
         conv = create_conv2d(dim, dim, 7, depthwise=True).to(dev, memory_format=torch.channels_last)
         x = torch.randn(batch_size, dim, size, size, device=dev, requires_grad=True)
         x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
-        t_conv = time_ms(_fwd_bwd(conv, x_cl), dev, repeats=repeats)
-        t_s4nd = time_ms(_fwd_bwd(s4nd, x), dev, repeats=repeats)
+        times = time_ms(dict(conv=_fwd_bwd(conv, x_cl), s4nd=_fwd_bwd(s4nd, x)), dev, repeats=repeats)
+        t_conv, t_s4nd = times['conv'], times['s4nd']
         m_conv = saved_activation_mb(lambda: conv(x_cl))
         m_s4nd = saved_activation_mb(lambda: s4nd(x))
         rows.append(dict(
@@ -109,6 +112,22 @@ def parse_pair(spec: str) -> tuple:
     return name, kwargs, baseline
 
 
+def _train_step(model: nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+        out.float().sum().backward()
+    return step
+
+
+def _inference(model: nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
+    def infer():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            model(x)
+    return infer
+
+
 def bench_models(
         pairs: Sequence = (('convnext_s4nd_tiny', {}, 'convnext_tiny'),),
         img_size: int = 224,
@@ -124,32 +143,29 @@ def bench_models(
         x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
         options = ''.join(f',{k}={v}' for k, v in kwargs.items())
         result = dict(case=f'{name}{options} vs {baseline} @{img_size} b{batch_size}', baseline=baseline)
+        models, train_steps, inferences = {}, {}, {}
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
-            model = timm.create_model(model_name, **model_kwargs).to(dev)
+            models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
-            autocast = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-            def train_step():
-                with autocast:
-                    out = model(x)
-                out.float().sum().backward()
-
-            def infer():
-                with torch.inference_mode(), autocast:
-                    model(x)
-
+            train_steps[key], inferences[key] = _train_step(model, x, amp_dtype), _inference(model, x, amp_dtype)
+        for model in models.values():
             model.train()
-            result[f'{key}_train_ms'] = time_ms(train_step, dev, warmup=1, repeats=repeats)
-            with autocast:
+        for key, ms in time_ms(train_steps, dev, warmup=1, repeats=repeats).items():
+            result[f'{key}_train_ms'] = ms
+        for key, model in models.items():
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 result[f'{key}_train_mb'] = saved_activation_mb(lambda: model(x))
             if dev.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(dev)
-                train_step()
+                train_steps[key]()
                 result[f'{key}_cuda_peak_mb'] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+            model.zero_grad(set_to_none=True)
+        for model in models.values():
             model.eval()
-            result[f'{key}_infer_ms'] = time_ms(infer, dev, warmup=1, repeats=repeats)
-            del model
+        for key, ms in time_ms(inferences, dev, warmup=1, repeats=repeats).items():
+            result[f'{key}_infer_ms'] = ms
+        del models, train_steps, inferences
         result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']
         result['infer_ratio'] = result['s4nd_infer_ms'] / result['baseline_infer_ms']
         result['train_mem_ratio'] = result['s4nd_train_mb'] / result['baseline_train_mb']

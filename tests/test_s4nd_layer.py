@@ -214,14 +214,18 @@ def _unmasked(kernel: SSMKernel) -> SSMKernel:
     return other
 
 
-@pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
-def test_gradcheck(monkeypatch, algorithm):
+@pytest.mark.parametrize('algorithm', ['toeplitz', 'fft', None])
+@pytest.mark.parametrize('ndim, sizes, pool', [(1, (7,), 2), (2, (3, 5), (1, 2)), (3, (3, 4, 5), (2, 1, 2))])
+def test_gradcheck(monkeypatch, algorithm, ndim, sizes, pool):
+    """Hand-written backward of kernel generation and convolution, every axis position, pooling, 2 rank-1 terms."""
     monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
+    monkeypatch.setattr(ops, 'TOEPLITZ_MIN_ROWS', 1.0)  # with the rule (None): Toeplitz and FFT axes mixed
     torch.manual_seed(0)
-    layer = S4ND(2, ndim=2, d_state=4, channels=2, bidirectional=(True, False), l_ref=(3, 4),
-                 pool=(1, 2), dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
+    bidirectional = (True, False, True)[:ndim]
+    layer = S4ND(2, ndim=ndim, d_state=4, channels=2, bidirectional=bidirectional, l_ref=sizes[::-1],
+                 pool=pool, dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
     names, params = zip(*layer.named_parameters())
-    x = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn((1, 2) + sizes, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *p):
         return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
@@ -283,6 +287,7 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change():
         layer(x8)
         assert layer._kernel_cache[1] is first  # reused while nothing changed
         check(x12)  # new resolution
+        check(x12.expand(3, -1, -1, -1))  # new batch size
         check(x12, rate=2.0)  # explicit rate
         layer.kernels[0].log_dt.add_(0.5)  # in-place parameter update (optimizer step)
         check(x12)

@@ -11,7 +11,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ['two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'avg_pool_axes', 'choose_algorithm']
+__all__ = [
+    'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'conv_operators', 'apply_operators',
+    'avg_pool_axes', 'choose_algorithm',
+]
 
 # Algorithm rule, measured on this CPU (fwd+bwd of one axis, 128 channels, 1 thread): the Toeplitz
 # product was 3-5x faster than the FFT at lengths 64..256 when the matrix of each channel is shared
@@ -62,33 +65,91 @@ def _avg_pool_axis(y: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
     return y.narrow(dim, 0, m * pool).unflatten(dim, (m, pool)).mean(dim + 1)
 
 
-def _toeplitz_conv(u: torch.Tensor, k: torch.Tensor, dim: int, pool: int = 1) -> torch.Tensor:
-    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1), then average pooling by `pool`,
-    as one batched GEMM (the pooling folds into the Toeplitz matrix: fewer rows, less work)."""
-    c, n = u.shape[0], u.shape[dim]
-    prefix = math.prod(u.shape[1:dim])
-    suffix = math.prod(u.shape[dim + 1:])
-    t = _avg_pool_axis(k[:, _toeplitz_index(n, k.device)], 1, pool)  # (C, m, n), t[c, i, j] = k[c, i - j] pooled over i
-    m = t.shape[1]
-    if suffix == 1:  # last axis: (C, P, n) @ (C, m, n)^T
-        y = torch.bmm(u.reshape(c, prefix, n), t.transpose(1, 2))
-    else:  # (C * P, m, n) @ (C * P, n, Q); T repeats over P (small, and only for middle axes of 3D inputs)
-        if prefix > 1:
-            t = t[:, None].expand(c, prefix, m, n).reshape(c * prefix, m, n)
-        y = torch.bmm(t, u.reshape(c * prefix, n, suffix))
-    return y.view(u.shape[:dim] + (m,) + u.shape[dim + 1:])
+def _avg_pool_axis_adjoint(g: torch.Tensor, dim: int, pool: int, n: int) -> torch.Tensor:
+    """Transpose of `_avg_pool_axis` for an axis of length n: spread each value over its window, / pool."""
+    if pool == 1:
+        return g
+    g = g.repeat_interleave(pool, dim=dim) / pool
+    pad = n - g.shape[dim]
+    return g if pad == 0 else torch.cat([g, g.new_zeros(g.shape[:dim] + (pad,) + g.shape[dim + 1:])], dim=dim)
 
 
-def _fft_conv(u: torch.Tensor, k: torch.Tensor, dim: int, pool: int = 1) -> torch.Tensor:
-    """Along `dim` of a channel-major u (C, ...) with k (C, 2n - 1) by a zero-padded FFT, then pooling by `pool`."""
-    n = u.shape[dim]
-    m = 2 * n  # >= (2n - 1 taps) + (n inputs) - 1: no circular wrap-around
-    # circular layout: offsets 0..n-1 at 0..n-1, offset -n (zero) at n, offsets -(n-1)..-1 at n+1..2n-1
-    k_circ = torch.cat([k[:, n - 1:], k.new_zeros(k.shape[0], 1), k[:, : n - 1]], dim=-1)
-    k_f = torch.fft.rfft(k_circ, n=m)  # (C, m // 2 + 1)
-    k_f = k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (u.ndim - dim - 1))
-    y = torch.fft.irfft(torch.fft.rfft(u, n=m, dim=dim) * k_f, n=m, dim=dim)
-    return _avg_pool_axis(y.narrow(dim, 0, n), dim, pool)
+def _shape3(z: torch.Tensor, dim: int) -> tuple:
+    """(C, prefix, suffix): channel-major z seen as (C, prefix, n, suffix) around `dim`."""
+    return z.shape[0], math.prod(z.shape[1:dim]), math.prod(z.shape[dim + 1:])
+
+
+class _ToeplitzAxis:
+    """Convolution along one axis as a batched Toeplitz GEMM, average pooling folded into the matrix rows
+    (fewer rows, less work). k: (C, 2n - 1); T[c, i, j] = k[c, i - j + n - 1], rows pooled by `pool`."""
+
+    def __init__(self, k: torch.Tensor, n: int, pool: int):
+        self.n, self.pool = n, pool
+        self.index = _toeplitz_index(n, k.device)
+        self.t = _avg_pool_axis(k[:, self.index], 1, pool)  # (C, m, n)
+
+    def _bmm(self, t: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
+        """t (C, rows, cols) applied along `dim` of z (length cols)."""
+        c, prefix, suffix = _shape3(z, dim)
+        rows, cols = t.shape[1:]
+        if suffix == 1:  # last axis: (C, P, cols) @ (C, rows, cols)^T
+            y = torch.bmm(z.reshape(c, prefix, cols), t.transpose(1, 2))
+        else:  # (C * P, rows, cols) @ (C * P, cols, Q); T repeats over P (only for middle axes of 3D inputs)
+            if prefix > 1:
+                t = t[:, None].expand(c, prefix, rows, cols).reshape(c * prefix, rows, cols)
+            y = torch.bmm(t, z.reshape(c * prefix, cols, suffix))
+        return y.view(z.shape[:dim] + (rows,) + z.shape[dim + 1:])
+
+    def apply(self, z: torch.Tensor, dim: int) -> torch.Tensor:
+        return self._bmm(self.t, z, dim)
+
+    def adjoint(self, g: torch.Tensor, dim: int) -> torch.Tensor:
+        return self._bmm(self.t.transpose(1, 2), g, dim)
+
+    def kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+        """(C, 2n - 1) gradient of the taps, given the axis input z and the output gradient g."""
+        c, prefix, suffix = _shape3(z, dim)
+        n, m = self.n, self.t.shape[1]
+        if suffix == 1:  # sum over rows of g^T z: (C, m, P) @ (C, P, n)
+            grad_t = torch.bmm(g.reshape(c, prefix, m).transpose(1, 2), z.reshape(c, prefix, n))
+        else:  # (C * P, m, Q) @ (C * P, Q, n), summed over P
+            grad_t = torch.bmm(g.reshape(c * prefix, m, suffix), z.reshape(c * prefix, n, suffix).transpose(1, 2))
+            grad_t = grad_t.view(c, prefix, m, n).sum(1)
+        grad_t = _avg_pool_axis_adjoint(grad_t, 1, self.pool, n)  # (C, n, n)
+        return grad_t.new_zeros(c, 2 * n - 1).index_add_(1, self.index.flatten(), grad_t.reshape(c, n * n))
+
+
+class _FFTAxis:
+    """Convolution along one axis by a zero-padded FFT (no circular wrap-around), then average pooling."""
+
+    def __init__(self, k: torch.Tensor, n: int, pool: int):
+        self.n, self.pool, self.m = n, pool, 2 * n  # 2n >= (2n - 1 taps) + (n inputs) - 1
+        # circular layout: offsets 0..n-1 at 0..n-1, offset -n (zero) at n, offsets -(n-1)..-1 at n+1..2n-1
+        k_circ = torch.cat([k[:, n - 1:], k.new_zeros(k.shape[0], 1), k[:, : n - 1]], dim=-1)
+        self.k_f = torch.fft.rfft(k_circ, n=self.m)  # (C, m // 2 + 1)
+
+    def _spectrum(self, z: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.fft.rfft(z, n=self.m, dim=dim)
+
+    def _broadcast(self, k_f: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
+        return k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (z.ndim - dim - 1))
+
+    def apply(self, z: torch.Tensor, dim: int) -> torch.Tensor:
+        y = torch.fft.irfft(self._spectrum(z, dim) * self._broadcast(self.k_f, z, dim), n=self.m, dim=dim)
+        return _avg_pool_axis(y.narrow(dim, 0, self.n), dim, self.pool)
+
+    def adjoint(self, g: torch.Tensor, dim: int) -> torch.Tensor:
+        """Correlation with the kernel: the spectrum times conj(kernel spectrum)."""
+        g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
+        return torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim).narrow(dim, 0, self.n)
+
+    def kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+        """(C, 2n - 1): circular cross-correlation of g and z, summed over every row, back in two-sided layout."""
+        g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
+        cross = (g_f * self._spectrum(z, dim).conj()).movedim(dim, -1)
+        grad_circ = torch.fft.irfft(cross.reshape(z.shape[0], -1, cross.shape[-1]).sum(1), n=self.m)  # (C, m)
+        n = self.n
+        return torch.cat([grad_circ[:, n + 1:], grad_circ[:, :n]], dim=-1)
 
 
 def channel_major(x: torch.Tensor) -> torch.Tensor:
@@ -117,10 +178,84 @@ def avg_pool_axes(u: torch.Tensor, pools: Sequence[int]) -> torch.Tensor:
     return u
 
 
+def conv_operators(kernels: Sequence[torch.Tensor], shape: Sequence[int], pools: Sequence[int]) -> list:
+    """Per rank-1 term, per axis, the Toeplitz or FFT operator (chosen by `choose_algorithm`) that convolves
+    axis a of a channel-major input of `shape` with kernels[a][term] and pools it by pools[a].
+
+    The operators hold everything that depends on the kernels only (Toeplitz matrices, kernel spectra),
+    so a fixed set of kernels (inference) builds them once."""
+    shape = list(shape)
+    dims = list(range(1, len(shape) - 2)) + [len(shape) - 1]
+    operators = [[] for _ in range(kernels[0].shape[0])]
+    for dim, k, pool in zip(dims, kernels, pools):
+        n = shape[dim]
+        op = _ToeplitzAxis if choose_algorithm(n, math.prod(shape) // (shape[0] * n)) == 'toeplitz' else _FFTAxis
+        for term, ops_ in enumerate(operators):
+            ops_.append(op(k[term], n, pool))
+        shape[dim] = n // pool
+    return operators
+
+
+def apply_operators(
+        u: torch.Tensor,
+        operators: list,
+        pools: Sequence[int],
+        skip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Forward of `separable_conv` with operators from `conv_operators` (no autograd bookkeeping)."""
+    y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * avg_pool_axes(u, pools)
+    for ops_ in operators:
+        z = u
+        for dim, op in zip(_spatial_dims(u), ops_):
+            z = op.apply(z, dim)
+        y = z if y is None else y + z
+    return y
+
+
+class _SeparableConv(torch.autograd.Function):
+    """sum_r (k_1[r] (x) ... (x) k_N[r]) * u + skip * pool(u), with a hand-written backward.
+
+    Only the input and the 1D kernels are saved: the intermediate results along the first N - 1
+    axes (each as large as the input) are recomputed in the backward pass, so S4ND keeps about as
+    much for backward as the depthwise conv it replaces, at the price of N - 1 extra 1D convolutions.
+    """
+
+    @staticmethod
+    def forward(ctx, u, skip, pools, *kernels):
+        ctx.save_for_backward(u, skip, *kernels)
+        ctx.pools = pools
+        return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        u, skip, *kernels = ctx.saved_tensors
+        pools, dims = ctx.pools, _spatial_dims(u)
+        grad = grad.contiguous()  # arrives as a permuted view (from the next layer's layout): one copy, not one per use
+        grad_u, grad_skip = None, None
+        if skip is not None:
+            grad_skip = (grad * avg_pool_axes(u, pools)).sum(dim=list(range(1, u.ndim)))
+            grad_u = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * grad
+            for dim, pool in zip(dims[::-1], pools[::-1]):
+                grad_u = _avg_pool_axis_adjoint(grad_u, dim, pool, u.shape[dim])
+        grad_kernels = [torch.zeros_like(k) for k in kernels]
+        for term, ops_ in enumerate(conv_operators(kernels, u.shape, pools)):
+            inputs = [u]  # the input of every axis, recomputed
+            for dim, op in zip(dims[:-1], ops_):
+                inputs.append(op.apply(inputs[-1], dim))
+            g = grad
+            for a in reversed(range(len(dims))):
+                grad_kernels[a][term] = ops_[a].kernel_grad(inputs[a], g, dims[a])
+                g = ops_[a].adjoint(g, dims[a])
+            grad_u = g if grad_u is None else grad_u + g
+        return (grad_u, grad_skip, None) + tuple(grad_kernels)
+
+
 def separable_conv(
         u: torch.Tensor,
         kernels: Sequence[torch.Tensor],
         pools: Optional[Sequence[int]] = None,
+        skip: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Depthwise N-D convolution with a sum of separable (outer product) kernels, optionally average-pooled.
 
@@ -128,18 +263,13 @@ def separable_conv(
         u: channel-major input (see `channel_major`), N spatial axes.
         kernels: per axis, (R, C, 2n - 1) two-sided kernels of R rank-1 terms.
         pools: per axis, average pooling window (and stride) applied to the result; None = no pooling.
+        skip: optional (C,) weights of a skip term skip * pool(u) added to the result (S4ND's D).
 
     Returns:
         Channel-major result, spatial sizes s // pool: the sum over r of u convolved with
-        kernels[0][r] (x) ... (x) kernels[N-1][r].
+        kernels[0][r] (x) ... (x) kernels[N-1][r], plus the skip term.
     """
-    pools = pools or (1,) * len(kernels)
-    y = None
-    for term in range(kernels[0].shape[0]):
-        z = u
-        for dim, k, pool in zip(_spatial_dims(u), kernels, pools):
-            n = z.shape[dim]
-            conv = _toeplitz_conv if choose_algorithm(n, z.numel() // (z.shape[0] * n)) == 'toeplitz' else _fft_conv
-            z = conv(z, k[term], dim, pool)
-        y = z if y is None else y + z
-    return y
+    pools = tuple(pools or (1,) * len(kernels))
+    if torch.jit.is_tracing():  # FLOP counting (fvcore traces): plain differentiable ops that it can see
+        return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
+    return _SeparableConv.apply(u, skip, pools, *kernels)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops import avg_pool_axes, channel_major, channels_first, separable_conv, two_sided_kernel
+from .ops import apply_operators, channel_major, channels_first, conv_operators, separable_conv, two_sided_kernel
 from .ssm_kernel import SSMKernel, ssm_kernels
 
 __all__ = ['S4ND']
@@ -97,7 +97,7 @@ class S4ND(nn.Module):
             for bi in self.bidirectional
         ])
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
-        self._kernel_cache = None  # (key, kernels), used without autograd (inference)
+        self._kernel_cache = None  # (key, convolution operators), used without autograd (inference)
 
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
         """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
@@ -138,24 +138,24 @@ class S4ND(nn.Module):
             out.append(two_sided_kernel(k_fwd, k_bwd, n))
         return out
 
-    def _cached_axis_kernels(self, sizes: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype):
-        """`axis_kernels`, remembered between calls while no gradient is recorded (inference).
+    def _cached_operators(self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype) -> list:
+        """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
+        remembered between calls while no gradient is recorded (inference).
 
-        The cache key holds everything the kernels depend on: sizes, rates, kernel lengths,
-        dtype, band limits, and each SSM parameter's storage and version counter (so in-place
-        updates, `load_state_dict`, `.to()` and optimizer steps all invalidate it).
+        The cache key holds everything they depend on: input shape (the algorithm depends on the
+        batch size too), rates, kernel lengths, dtype, band limits, and each SSM parameter's storage
+        and version counter (so in-place updates, `load_state_dict`, `.to()` and optimizer steps
+        all invalidate it).
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self._kernel_cache = None
-            return self.axis_kernels(sizes, rate, dtype=dtype)
+        sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
         key = (
-            tuple(sizes), rates, self.kernel_lengths(sizes, rates), dtype,
+            tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype,
             tuple(k.bandlimit for k in self.kernels),
             tuple((p.device, p.data_ptr(), p._version) for p in self.kernels.parameters()),
         )
         if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, self.axis_kernels(sizes, rates, dtype=dtype))
+            self._kernel_cache = (key, conv_operators(self.axis_kernels(sizes, rates, dtype=dtype), shape, self.pool))
         return self._kernel_cache[1]
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -177,11 +177,14 @@ class S4ND(nn.Module):
         # FFTs and long sums run in float32 (float64 stays float64), also under autocast
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            kernels = self._cached_axis_kernels(x.shape[2:], rate, compute_dtype)
             u = channel_major(x.to(compute_dtype))  # (C, *spatial[:-1], B, spatial[-1])
-            d = self.D.to(compute_dtype).reshape((-1,) + (1,) * (u.ndim - 1))
-            y = channels_first(separable_conv(u, kernels, self.pool) + d * avg_pool_axes(u, self.pool))
-        return y.to(x.dtype)
+            skip = self.D.to(compute_dtype)
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+                self._kernel_cache = None
+                y = separable_conv(u, self.axis_kernels(x.shape[2:], rate, dtype=compute_dtype), self.pool, skip=skip)
+            else:
+                y = apply_operators(u, self._cached_operators(u.shape, rate, compute_dtype), self.pool, skip=skip)
+        return channels_first(y).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, ndim={self.ndim}, channels={self.channels}, bidirectional={self.bidirectional}'

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ['SSMKernel', 'ssm_kernel', 'ssm_kernels', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
+__all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
@@ -64,93 +64,106 @@ def _powers(z: torch.Tensor, length: int) -> torch.Tensor:
 
     log2(length) vectorized complex products instead of exp/cos/sin per element (faster, and more
     accurate in float32 than exp(l log z), whose phase l * angle loses digits as l grows)."""
-    v = z.new_empty((length,) + z.shape)
-    v[0] = 1
-    filled, power = 1, z  # power == z ** filled
-    while filled < length:
-        take = min(filled, length - filled)
-        torch.mul(v[:take], power, out=v[filled:filled + take])
-        filled += take
-        if filled < length:
-            power = power * power
+    v, power = torch.ones_like(z)[None], z  # power == z ** len(v)
+    while v.shape[0] < length:
+        v = torch.cat([v, v[: length - v.shape[0]] * power])
+        power = power * power
     return v
 
 
-class _SSMKernelFn(torch.autograd.Function):
-    """S4D kernels K[k, h, l] = 2 Re(sum_n C~[k, h, n] z[h, n] ** l) from the raw parameters, with a
-    closed-form backward.
+def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequence[Optional[torch.Tensor]]):
+    """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels,
+    with the per-channel rate (a float when shared) and band-limiting mask (None when no kernel has one)."""
+    groups = [params[i: i + 5] for i in range(0, len(params), 5)]
+    if len(groups) == 1:
+        log_dt, log_a_real, a_imag, b, c = groups[0]
+    else:
+        log_dt, log_a_real, a_imag, b = (torch.cat(p) for p in list(zip(*groups))[:4])
+        c = torch.cat([g[4] for g in groups], dim=1)
+    rate = rates[0]
+    if any(r != rate for r in rates):
+        rate = torch.cat([g[0].new_full((g[0].shape[0], 1), r) for g, r in zip(groups, rates)])
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([torch.ones_like(g[2]) if m is None else m for g, m in zip(groups, masks)])
+    return log_dt, log_a_real, a_imag, b, c, rate, mask
 
-    z = exp(dt A) and C~ = C B (exp(dt A) - 1) / A (zero-order hold), dt = exp(log_dt) * rate,
-    A = -exp(log_a_real) + i a_imag. Autograd through these steps would record ~40 small complex
-    ops and save several (L, H, N2) tensors; here only (H, N2)-sized values are saved, the backward
-    recomputes the powers z ** l once, and one batched GEMM serves the gradients of C~ and dt A.
-    Complex exp, expm1 and division are scalar loops on the CPU, so they are built from real ops.
-    Gradients follow PyTorch's convention for complex intermediates (dL/dRe + i dL/dIm).
+
+def _discretize(log_dt, log_a_real, a_imag, b, c, rate, mask) -> dict:
+    """Zero-order hold: z = exp(dt A) and C~ = C B (exp(dt A) - 1) / A, with the intermediates the backward needs.
+
+    Complex exp, expm1 and division are scalar loops on the CPU, so they are built from real ops."""
+    dt = log_dt.exp()[:, None] * rate  # (H, 1)
+    a_re = -log_a_real.exp()
+    x, y = dt * a_re, dt * a_imag  # dt A
+    exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
+    z = torch.complex(exp_x * cos_y, exp_x * sin_y)  # exp(dt A)
+    # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y: no cancellation for small dt A
+    expm1_dta = torch.complex(torch.expm1(x) * cos_y - 2 * (y / 2).sin().square(), z.imag)
+    inv_abs2 = (a_re.square() + a_imag.square()).reciprocal()
+    inv_a = torch.complex(a_re * inv_abs2, -a_imag * inv_abs2)  # 1 / A
+    e = expm1_dta * inv_a
+    b = torch.view_as_complex(b.contiguous())
+    q = b * e  # (H, N2)
+    c = torch.view_as_complex(c.contiguous())
+    if mask is not None:
+        c = c * mask
+    return dict(dt=dt, a_re=a_re, a_imag=a_imag, z=z, expm1_dta=expm1_dta, inv_a=inv_a, e=e, b=b, q=q, c=c,
+                mask=mask, c_disc=c * q)
+
+
+def _vandermonde(z: torch.Tensor, c_disc: torch.Tensor, length: int) -> torch.Tensor:
+    """(K, H, L) real: 2 Re(sum_n C~[k, h, n] z[h, n] ** l) as one real GEMM per channel."""
+    k, h, n2 = c_disc.shape
+    v = torch.view_as_real(_powers(z, length)).reshape(length, h, 2 * n2)  # (L, H, 2 N2): Re, Im pairs
+    c_pairs = torch.view_as_real(c_disc.conj().resolve_conj()).reshape(k, h, 2 * n2)  # Re C~, -Im C~
+    return 2 * torch.bmm(c_pairs.transpose(0, 1), v.permute(1, 2, 0)).transpose(0, 1)
+
+
+class _SSMKernelFn(torch.autograd.Function):
+    """S4D kernels of one or more SSMs stacked along channels, with a closed-form backward.
+
+    Autograd through these steps would record ~60 small complex ops and save a dozen tensors,
+    some (L, H, N2) large; here nothing but the parameters themselves is saved (the backward
+    recomputes the cheap (H, N2) discretization and the powers z ** l), and one batched GEMM
+    serves the gradients of C~ and dt A. Gradients of complex intermediates follow PyTorch's
+    convention (dL/dRe + i dL/dIm).
     """
 
     @staticmethod
-    def forward(ctx, log_dt, log_a_real, a_imag, b, c, rate, mask, length: int):
-        dt = log_dt.exp()[:, None] * rate  # (H, 1)
-        a_re = -log_a_real.exp()
-        x, y = dt * a_re, dt * a_imag  # dt A
-        exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
-        z = torch.complex(exp_x * cos_y, exp_x * sin_y)  # exp(dt A)
-        # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y: no cancellation for small dt A
-        expm1_dta = torch.complex(torch.expm1(x) * cos_y - 2 * (y / 2).sin().square(), z.imag)
-        inv_abs2 = (a_re.square() + a_imag.square()).reciprocal()
-        inv_a = torch.complex(a_re * inv_abs2, -a_imag * inv_abs2)  # 1 / A
-        e = expm1_dta * inv_a
-        b = torch.view_as_complex(b)
-        q = b * e  # (H, N2)
-        c = torch.view_as_complex(c)
-        if mask is not None:
-            c = c * mask
-        c_disc = c * q  # (K, H, N2)
-        ctx.save_for_backward(dt, a_re, a_imag, z, expm1_dta, inv_a, e, b, q, c, c_disc, mask)
-        ctx.length = length
-        k, h, n2 = c_disc.shape
-        v = torch.view_as_real(_powers(z, length)).reshape(length, h, 2 * n2)  # (L, H, 2 N2): Re, Im pairs
-        c_pairs = torch.view_as_real(c_disc.conj().resolve_conj()).reshape(k, h, 2 * n2)  # Re C~, -Im C~
-        # 2 Re(C~ z^l) = 2 (Re C~ Re z^l - Im C~ Im z^l): one GEMM per channel
-        return 2 * torch.bmm(c_pairs.transpose(0, 1), v.permute(1, 2, 0)).transpose(0, 1)  # (K, H, L)
+    def forward(ctx, length: int, rates, masks, *params):
+        ctx.save_for_backward(*params)
+        ctx.length, ctx.rates, ctx.masks = length, rates, masks
+        d = _discretize(*_stack(params, rates, masks))
+        return _vandermonde(d['z'], d['c_disc'], length)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        dt, a_re, a_imag, z, expm1_dta, inv_a, e, b, q, c, c_disc, mask = ctx.saved_tensors
-        length, (k, h, n2) = ctx.length, c_disc.shape
-        v = torch.view_as_real(_powers(z, length)).reshape(length, h, 2 * n2)
+        params = ctx.saved_tensors
+        d = _discretize(*_stack(params, ctx.rates, ctx.masks))
+        (k, h, n2), length = d['c_disc'].shape, ctx.length
+        v = torch.view_as_real(_powers(d['z'], length)).reshape(length, h, 2 * n2)
         steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
         # W = sum_l grad z^l and P = sum_l l grad z^l for all k in one GEMM: (H, 2K, 2 N2) -> complex (2, K, H, N2)
         g = torch.cat([grad, grad * steps], dim=0).transpose(0, 1)
         wp = torch.view_as_complex(torch.bmm(g, v.permute(1, 0, 2)).transpose(0, 1).reshape(2, k, h, n2, 2))
         grad_c_disc = 2 * wp[0].conj()
-        grad_dta = 2 * (c_disc * wp[1]).conj().sum(0)  # through z ** l: d/d(dt A) = l z ** l
-        grad_c = grad_c_disc * q.conj()
-        if mask is not None:
-            grad_c = grad_c * mask
-        grad_q = (grad_c_disc * c.conj()).sum(0)
-        grad_b = grad_q * e.conj()
-        grad_e = grad_q * b.conj()
-        grad_dta = grad_dta + grad_e * (inv_a * z).conj()  # e = expm1(dt A) / A
-        grad_a = dt * grad_dta - grad_e * (expm1_dta * inv_a * inv_a).conj()
-        grad_dt = (grad_dta.real * a_re + grad_dta.imag * a_imag).sum(-1)  # dt A with dt real
-        return (grad_dt * dt[:, 0], grad_a.real * a_re, grad_a.imag,
-                torch.view_as_real(grad_b), torch.view_as_real(grad_c), None, None, None)
-
-
-def ssm_kernel(log_dt, log_a_real, a_imag, b, c, length: int, rate=1.0, mask=None) -> torch.Tensor:
-    """(K, H, length) real S4D kernels from raw parameters (see `SSMKernel`).
-
-    Args:
-        log_dt: (H,) log step sizes.
-        log_a_real, a_imag: (H, N2): A = -exp(log_a_real) + i a_imag.
-        b: (H, N2, 2) and c: (K, H, N2, 2), complex values as (real, imaginary) pairs.
-        length: number of taps L.
-        rate: step size multiplier, a float or an (H, 1) tensor.
-        mask: optional (H, N2) 0/1 tensor zeroing modes of C (band-limiting).
-    """
-    return _SSMKernelFn.apply(log_dt, log_a_real, a_imag, b.contiguous(), c.contiguous(), rate, mask, length)
+        grad_dta = 2 * (d['c_disc'] * wp[1]).conj().sum(0)  # through z ** l: d/d(dt A) = l z ** l
+        grad_c = grad_c_disc * d['q'].conj()
+        if d['mask'] is not None:
+            grad_c = grad_c * d['mask']
+        grad_q = (grad_c_disc * d['c'].conj()).sum(0)
+        grad_b = grad_q * d['e'].conj()
+        grad_e = grad_q * d['b'].conj()
+        grad_dta = grad_dta + grad_e * (d['inv_a'] * d['z']).conj()  # e = expm1(dt A) / A
+        grad_a = d['dt'] * grad_dta - grad_e * (d['expm1_dta'] * d['inv_a'] * d['inv_a']).conj()
+        grad_dt = (grad_dta.real * d['a_re'] + grad_dta.imag * d['a_imag']).sum(-1)  # dt A with dt real
+        stacked = (grad_dt * d['dt'][:, 0], grad_a.real * d['a_re'], grad_a.imag,
+                   torch.view_as_real(grad_b), torch.view_as_real(grad_c))
+        sizes = [p.shape[0] for p in params[::5]]  # channels of each kernel
+        per_kernel = [g.split(sizes, dim=1 if i == 4 else 0) for i, g in enumerate(stacked)]
+        return (None, None, None) + tuple(per_kernel[i % 5][i // 5] for i in range(len(params)))
 
 
 class SSMKernel(nn.Module):
@@ -217,21 +230,13 @@ class SSMKernel(nn.Module):
         freq = self.log_dt.detach().exp()[:, None] * self.a_imag.detach().abs() / (2 * math.pi)
         return freq < self.bandlimit / 2
 
-    def kernel_inputs(self, dtype: torch.dtype = torch.float32) -> tuple:
-        """The parameters in `dtype` plus the band-limiting mask (or None): the inputs of `ssm_kernel`."""
-        # the cut-off uses the base step size, so every resolution keeps the same modes
-        mask = None if self.bandlimit is None else self.mode_mask().to(dtype)
-        return (self.log_dt.to(dtype), self.log_a_real.to(dtype), self.a_imag.to(dtype), self.b.to(dtype),
-                self.c.to(dtype), mask)
-
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
 
         Returns:
             (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
         """
-        *params, mask = self.kernel_inputs(dtype)
-        return ssm_kernel(*params, length, rate=rate, mask=mask)
+        return ssm_kernels([self], [length], [rate], dtype)[0]
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, d_state={self.d_state}, num_kernels={self.num_kernels}, init={self.init!r}'
@@ -247,26 +252,29 @@ def ssm_kernels(
         dtype: torch.dtype = torch.float32,
 ) -> List[torch.Tensor]:
     """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all kernels that
-    share length, state size and kernel count (their channels are stacked): the cost of generation is
-    mostly per op, not per element, at the sizes of vision models (e.g. both axes of a square image)."""
+    share length, state size and kernel count (their channels are stacked): at the sizes of vision
+    models the cost of generation is mostly per op, not per element (e.g. both axes of a square image).
+
+    Returns:
+        per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
+    """
+    if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
+        return [kernel(length, rate=rate, dtype=dtype) for kernel, length, rate in zip(kernels, lengths, rates)]
     groups: Dict[tuple, List[int]] = {}
     for i, (kernel, length) in enumerate(zip(kernels, lengths)):
         groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
     for (length, _, _), members in groups.items():
-        if len(members) == 1:
-            out[members[0]] = kernels[members[0]](length, rate=rates[members[0]], dtype=dtype)
-            continue
-        inputs = [kernels[i].kernel_inputs(dtype) for i in members]
-        log_dt, log_a_real, a_imag, b = (torch.cat(p) for p in list(zip(*inputs))[:4])
-        c = torch.cat([p[4] for p in inputs], dim=1)
-        rate = rates[members[0]]
-        if any(rates[i] != rate for i in members):
-            rate = torch.cat([log_dt.new_full((kernels[i].dim, 1), rates[i]) for i in members])
-        mask = None
-        if any(p[5] is not None for p in inputs):
-            mask = torch.cat([torch.ones_like(p[2]) if p[5] is None else p[5] for p in inputs])
-        stacked = ssm_kernel(log_dt, log_a_real, a_imag, b, c, length, rate=rate, mask=mask)
+        params = [p.to(dtype) for i in members for p in
+                  (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c)]
+        # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
+        masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
+        group_rates = [rates[i] for i in members]
+        if torch.jit.is_tracing():  # FLOP counting (fvcore traces): plain differentiable ops that it can see
+            d = _discretize(*_stack(params, group_rates, masks))
+            stacked = _vandermonde(d['z'], d['c_disc'], length)
+        else:
+            stacked = _SSMKernelFn.apply(length, group_rates, masks, *params)
         for i, k in zip(members, stacked.split([kernels[i].dim for i in members], dim=1)):
             out[i] = k
     return out
