@@ -17,7 +17,7 @@ from timm.layers import create_conv2d
 
 from .layers import S4ND
 
-__all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_models', 'parse_pair', 'format_table', 'write_json']
+__all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_scaling', 'bench_models', 'parse_pair', 'format_table', 'write_json']
 
 CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 
@@ -97,6 +97,22 @@ def bench_layers(
     return rows
 
 
+def bench_scaling(
+        batch_size: int = 8,
+        dim: int = 96,
+        sizes: Sequence[int] = (56, 112, 224),
+        device: str = 'cpu',
+        repeats: int = 7,
+) -> List[dict]:
+    """Growth of the layer's forward+backward time with resolution (each step 4x the pixels when sizes double):
+    S4ND vs the 7x7 depthwise conv at a fixed width, each size's pair timed interleaved."""
+    rows = bench_layers(batch_size=batch_size, stages=[(dim, size) for size in sizes], device=device, repeats=repeats)
+    for prev, row in zip(rows, rows[1:]):
+        row['s4nd_growth'] = row['s4nd_ms'] / prev['s4nd_ms']
+        row['baseline_growth'] = row['baseline_ms'] / prev['baseline_ms']
+    return rows
+
+
 def parse_pair(spec: str) -> tuple:
     """'vit_s4nd_small_patch16_224,mixer=1d:vit_small_patch16_224' -> (name, kwargs, baseline)."""
     if ':' not in spec:
@@ -135,20 +151,24 @@ def bench_models(
         device: str = 'cpu',
         repeats: int = 5,
         amp_dtype: Optional[torch.dtype] = None,
+        compile: bool = False,
 ) -> List[dict]:
-    """Training step (forward+backward) and inference of S4ND models vs their timm baselines."""
+    """Training step (forward+backward) and inference of S4ND models vs their timm baselines
+    (with `compile`, both models run through `torch.compile`)."""
     dev = torch.device(device)
     rows = []
     for name, kwargs, baseline in pairs:
         x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
         options = ''.join(f',{k}={v}' for k, v in kwargs.items())
-        result = dict(case=f'{name}{options} vs {baseline} @{img_size} b{batch_size}', baseline=baseline)
+        result = dict(case=f'{name}{options} vs {baseline} @{img_size} b{batch_size}{" compiled" if compile else ""}',
+                      baseline=baseline)
         models, train_steps, inferences = {}, {}, {}
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
             models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
-            train_steps[key], inferences[key] = _train_step(model, x, amp_dtype), _inference(model, x, amp_dtype)
+            run = torch.compile(model) if compile else model
+            train_steps[key], inferences[key] = _train_step(run, x, amp_dtype), _inference(run, x, amp_dtype)
         for model in models.values():
             model.train()
         for key, ms in time_ms(train_steps, dev, warmup=1, repeats=repeats).items():

@@ -1,7 +1,7 @@
 """The benchmark harness runs and reports ratios (no timing is asserted)."""
 import pytest
 
-from s4nd_vision.benchmark import bench_layers, bench_models, format_table, parse_pair
+from s4nd_vision.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair
 
 
 def test_parse_pair():
@@ -22,3 +22,10 @@ def test_bench_rows_hold_ratios():
         assert ratios and all(row[k] > 0 for k in ratios)
     table = format_table(rows[:1])
     assert 'layer 1x8x7x7' in table and 'time_ratio' in table
+
+
+def test_scaling_rows_hold_growth():
+    rows = bench_scaling(batch_size=1, dim=4, sizes=(6, 12, 24), repeats=1)
+    assert [r['case'] for r in rows] == ['layer 1x4x6x6', 'layer 1x4x12x12', 'layer 1x4x24x24']
+    for prev, row in zip(rows, rows[1:]):
+        assert row['s4nd_growth'] == row['s4nd_ms'] / prev['s4nd_ms'] and row['baseline_growth'] > 0

@@ -1,25 +1,26 @@
 #!/usr/bin/env python
 """Benchmark S4ND against the depthwise conv / ConvNeXt it replaces (ratios in one process).
 
-    python tools/benchmark.py --what layers models --batch-size 8 --json output/benchmark.json
+    python tools/benchmark.py --what layers scaling models --batch-size 8 --json output/benchmark.json
 """
 import argparse
 import os
 
 import torch
 
-from s4nd_vision.benchmark import bench_layers, bench_models, format_table, parse_pair, write_json
+from s4nd_vision.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair, write_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--what', nargs='+', choices=['layers', 'models'], default=['layers', 'models'])
+    parser.add_argument('--what', nargs='+', choices=['layers', 'scaling', 'models'], default=['layers', 'scaling', 'models'])
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
                         help='model pairs NAME[,key=value...]:BASELINE, e.g. vit_s4nd_small_patch16_224,mixer=1d:vit_small_patch16_224')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
+    parser.add_argument('--compile', action='store_true', help='run both models through torch.compile')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--json', default=None, help='write the rows to this JSON file')
     args = parser.parse_args()
@@ -28,11 +29,15 @@ def main() -> None:
     if 'layers' in args.what:
         rows += bench_layers(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
         print(format_table(rows), flush=True)
+    if 'scaling' in args.what:
+        scaling_rows = bench_scaling(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
+        print(format_table(scaling_rows[1:]), flush=True)  # rows after the first carry the growth columns
+        rows += scaling_rows
     if 'models' in args.what:
         amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
         model_rows = bench_models(
             pairs=[parse_pair(p) for p in args.pairs], img_size=args.img_size, batch_size=args.batch_size,
-            device=args.device, repeats=args.repeats, amp_dtype=amp)
+            device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile)
         print(format_table(model_rows), flush=True)
         rows += model_rows
     if args.json:

@@ -270,6 +270,6 @@ def separable_conv(
         kernels[0][r] (x) ... (x) kernels[N-1][r], plus the skip term.
     """
     pools = tuple(pools or (1,) * len(kernels))
-    if torch.jit.is_tracing():  # FLOP counting (fvcore traces): plain differentiable ops that it can see
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
         return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
     return _SeparableConv.apply(u, skip, pools, *kernels)

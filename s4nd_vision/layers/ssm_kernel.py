@@ -270,7 +270,7 @@ def ssm_kernels(
         # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
         masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
         group_rates = [rates[i] for i in members]
-        if torch.jit.is_tracing():  # FLOP counting (fvcore traces): plain differentiable ops that it can see
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
             d = _discretize(*_stack(params, group_rates, masks))
             stacked = _vandermonde(d['z'], d['c_disc'], length)
         else:
