@@ -245,6 +245,23 @@ def test_bf16_autocast_close_to_float32():
     assert ((y.float() - ref).norm() / ref.norm()) < 2e-2
 
 
+def test_toeplitz_conv_in_bfloat16_matches_float32(monkeypatch):
+    """The half-precision path S4ND takes under CUDA autocast (Toeplitz GEMMs in bf16), run here on the CPU."""
+    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', 'toeplitz')
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8, l_ref=12, pool=(1, 2))
+    values = [ops.channel_major(torch.randn(2, 4, 12, 12)), layer.D.detach()] + layer.axis_kernels((12, 12))
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in values]
+        y = ops.separable_conv(inputs[0], inputs[2:], pools=(1, 2), skip=inputs[1])
+        y.float().square().sum().backward()
+        assert y.dtype == dtype and all(t.grad.dtype == dtype for t in inputs)
+        outs[dtype] = [y] + [t.grad for t in inputs]
+    for a, b in zip(outs[torch.bfloat16], outs[torch.float32]):
+        assert ((a.float() - b).norm() / b.norm()) < 3e-2
+
+
 def test_bad_input_errors():
     layer = S4ND(4, ndim=2, l_ref=8)
     with pytest.raises(ValueError, match='spatial dims'):

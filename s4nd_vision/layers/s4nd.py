@@ -9,7 +9,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops import apply_operators, channel_major, channels_first, conv_operators, separable_conv, two_sided_kernel
+from .ops import (
+    apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, separable_conv, two_sided_kernel)
 from .ssm_kernel import SSMKernel, ssm_kernels
 
 __all__ = ['S4ND']
@@ -138,7 +139,8 @@ class S4ND(nn.Module):
             out.append(two_sided_kernel(k_fwd, k_bwd, n))
         return out
 
-    def _cached_operators(self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype) -> list:
+    def _cached_operators(
+            self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype, conv_dtype: torch.dtype) -> list:
         """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
         remembered between calls while no gradient is recorded (inference).
 
@@ -150,12 +152,13 @@ class S4ND(nn.Module):
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
         key = (
-            tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype,
+            tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple(k.bandlimit for k in self.kernels),
             tuple((p.device, p.data_ptr(), p._version) for p in self.kernels.parameters()),
         )
         if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, conv_operators(self.axis_kernels(sizes, rates, dtype=dtype), shape, self.pool))
+            kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
+            self._kernel_cache = (key, conv_operators(kernels, shape, self.pool))
         return self._kernel_cache[1]
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -172,18 +175,30 @@ class S4ND(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
 
+    def _conv_dtype(self, x: torch.Tensor, kernel_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the convolution: under CUDA autocast, the autocast dtype when every axis runs as a
+        Toeplitz GEMM (like any convolution under autocast: half the memory traffic, tensor cores);
+        else `kernel_dtype`. FFTs and kernel generation always run in float32 (or float64)."""
+        if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda') and kernel_dtype == torch.float32:
+            shape = (x.shape[1], *x.shape[2:-1], x.shape[0], x.shape[-1])  # channel-major
+            if all(a == 'toeplitz' for a in conv_algorithms(shape, self.pool)):
+                return torch.get_autocast_dtype('cuda')
+        return kernel_dtype
+
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
         self._check_input(x)
-        # FFTs and long sums run in float32 (float64 stays float64), also under autocast
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        # kernels, FFTs and long sums run in float32 (float64 stays float64), also under autocast
+        kernel_dtype = torch.promote_types(x.dtype, torch.float32)
+        conv_dtype = self._conv_dtype(x, kernel_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            u = channel_major(x.to(compute_dtype))  # (C, *spatial[:-1], B, spatial[-1])
-            skip = self.D.to(compute_dtype)
+            u = channel_major(x.to(conv_dtype))  # (C, *spatial[:-1], B, spatial[-1])
+            skip = self.D.to(conv_dtype)
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 self._kernel_cache = None
-                y = separable_conv(u, self.axis_kernels(x.shape[2:], rate, dtype=compute_dtype), self.pool, skip=skip)
+                kernels = [k.to(conv_dtype) for k in self.axis_kernels(x.shape[2:], rate, dtype=kernel_dtype)]
+                y = separable_conv(u, kernels, self.pool, skip=skip)
             else:
-                y = apply_operators(u, self._cached_operators(u.shape, rate, compute_dtype), self.pool, skip=skip)
+                y = apply_operators(u, self._cached_operators(u.shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
         return channels_first(y).to(x.dtype)
 
     def extra_repr(self) -> str:
