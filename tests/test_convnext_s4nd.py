@@ -165,3 +165,32 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
     patch = logit_change(stem_type='patch', downsample_type='conv')
     assert s4nd < 0.5 * patch
     assert band_limited < 0.75 * s4nd
+
+
+def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
+    """With autograd on, the model generates every layer's kernels up front (one call per kernel length);
+    outputs and gradients equal the layer-by-layer generation, which each layer falls back to."""
+    from s4nd_vision.layers import ssm_kernel
+    from s4nd_vision.models import convnext_s4nd
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64)
+    x = torch.randn(2, 3, 70, 64)
+    calls = []
+    apply = ssm_kernel._SSMKernelFn.apply
+    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for batched in (True, False):
+        monkeypatch.setattr(convnext_s4nd, 'kernels_can_be_prepared', lambda module: batched)
+        calls.clear()
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+    strides = (1, 4, 8, 16, 32)  # the grids S4ND layers run on (the stem pools by 4)
+    assert results[0][2] == len({70 // s for s in strides} | {64 // s for s in strides})  # distinct kernel lengths
+    # layer by layer: one call per layer, two where its axes differ in length
+    assert results[1][2] == sum(len({70 // s, 64 // s}) for _, s in model._s4nd_layers()) > results[0][2]
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+    assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))

@@ -13,7 +13,7 @@ from .ops import (
     apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, separable_conv, two_sided_kernel)
 from .ssm_kernel import SSMKernel, ssm_kernels
 
-__all__ = ['S4ND']
+__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared']
 
 _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
@@ -99,6 +99,7 @@ class S4ND(nn.Module):
         ])
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
         self._kernel_cache = None  # (key, convolution operators), used without autograd (inference)
+        self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
 
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
         """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
@@ -129,8 +130,11 @@ class S4ND(nn.Module):
         """Two-sided 1D kernels for each axis: a list (per axis) of (channels, dim, 2 n - 1) tensors."""
         rates = self.resolve_rate(sizes, rate)
         lengths = self.kernel_lengths(sizes, rates)
+        return self._two_sided(ssm_kernels(self.kernels, lengths, rates, dtype), sizes)
+
+    def _two_sided(self, generated: Sequence[torch.Tensor], sizes: Sequence[int]) -> list:
+        """Per axis, the (channels * directions, dim, length) SSM kernels as (channels, dim, 2 n - 1) two-sided ones."""
         out = []
-        generated = ssm_kernels(self.kernels, lengths, rates, dtype)  # (channels * directions, dim, length) per axis
         for k, bi, n in zip(generated, self.bidirectional, sizes):
             if bi:
                 k_fwd, k_bwd = k[: self.channels], k[self.channels:]
@@ -138,6 +142,13 @@ class S4ND(nn.Module):
                 k_fwd, k_bwd = k, None
             out.append(two_sided_kernel(k_fwd, k_bwd, n))
         return out
+
+    def _prepared_kernels(self, sizes: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype):
+        """The kernels `prepare_kernels` made for this input (each used once), or None."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == (tuple(sizes), self.resolve_rate(sizes, rate), dtype):
+            return prepared[1]
+        return None
 
     def _cached_operators(
             self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype, conv_dtype: torch.dtype) -> list:
@@ -195,7 +206,10 @@ class S4ND(nn.Module):
             skip = self.D.to(conv_dtype)
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 self._kernel_cache = None
-                kernels = [k.to(conv_dtype) for k in self.axis_kernels(x.shape[2:], rate, dtype=kernel_dtype)]
+                kernels = self._prepared_kernels(x.shape[2:], rate, kernel_dtype)
+                if kernels is None:
+                    kernels = self.axis_kernels(x.shape[2:], rate, dtype=kernel_dtype)
+                kernels = [k.to(conv_dtype) for k in kernels]
                 y = separable_conv(u, kernels, self.pool, skip=skip)
             else:
                 y = apply_operators(u, self._cached_operators(u.shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
@@ -210,3 +224,43 @@ class S4ND(nn.Module):
         if any(p > 1 for p in self.pool):
             s += f', pool={self.pool}'
         return s
+
+
+def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.dtype = torch.float32) -> None:
+    """Generate the kernels of many S4ND layers at once, for their next forward on inputs of the given
+    spatial sizes (at their automatic rate): all axes of all layers that share kernel length and SSM
+    sizes become one stacked `ssm_kernels` call, so a whole network costs a handful of generation
+    calls per training step instead of one per layer (generation is bound by the number of ops, not
+    their size: ~120 small ops per call). A layer whose next input differs ignores them.
+
+    Every parameter must be materialized (not FSDP-sharded across units) when this runs.
+    """
+    if not layers:
+        return
+    kernels, lengths, rates = [], [], []
+    for layer, sizes in layers:
+        layer_rates = layer.resolve_rate(sizes)
+        kernels += list(layer.kernels)
+        lengths += layer.kernel_lengths(sizes, layer_rates)
+        rates += layer_rates
+    with torch.autocast(device_type=kernels[0].log_dt.device.type, enabled=False):  # generation runs in `dtype`
+        generated = iter(ssm_kernels(kernels, lengths, rates, dtype))
+    for layer, sizes in layers:
+        per_axis = [next(generated) for _ in layer.kernels]
+        layer._prepared = ((tuple(sizes), layer.resolve_rate(sizes), dtype), layer._two_sided(per_axis, sizes))
+
+
+def kernels_can_be_prepared(module: nn.Module) -> bool:
+    """False where `prepare_kernels` must not run for the S4ND layers of `module`: without autograd
+    (inference caches kernels per layer instead), under torch.compile, and under FSDP sharding
+    (wrapped submodules or DTensor parameters: parameters of other units are not materialized)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+            return False
+        if any(isinstance(p, DTensor) for p in module.parameters()):
+            return False
+    return True

@@ -29,7 +29,7 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, is_ssm_param
+from ..layers import S4ND, is_ssm_param, kernels_can_be_prepared, prepare_kernels
 from ._checks import check_input
 
 __all__ = ['ConvNeXtS4ND', 'ConvNeXtAPI']
@@ -404,6 +404,21 @@ class ConvNeXtS4ND(ConvNeXtAPI):
             for m in stage.blocks.modules():
                 if isinstance(m, S4ND):
                     yield m, reduction
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, num_features, H / 32, W / 32).
+
+        In a training step every S4ND layer's kernels are generated up front in a few stacked calls
+        (`prepare_kernels`: one per kernel length instead of one per layer)."""
+        prepared = []
+        if not any(s.grad_checkpointing for s in self.stages) and kernels_can_be_prepared(self):
+            prepared = [(layer, (x.shape[-2] // stride, x.shape[-1] // stride)) for layer, stride in self._s4nd_layers()]
+            prepare_kernels(prepared, dtype=torch.promote_types(x.dtype, torch.float32))
+        try:
+            return super().forward_features(x)
+        finally:
+            for layer, _ in prepared:
+                layer._prepared = None  # unused leftovers (e.g. after an error) hold no graph
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
