@@ -186,34 +186,37 @@ class S4ND(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
 
-    def _conv_dtype(self, x: torch.Tensor, kernel_dtype: torch.dtype) -> torch.dtype:
-        """The dtype of the convolution: under CUDA autocast, the autocast dtype when every axis runs as a
-        Toeplitz GEMM (like any convolution under autocast: half the memory traffic, tensor cores);
-        else `kernel_dtype`. FFTs and kernel generation always run in float32 (or float64)."""
-        if x.device.type == 'cuda' and torch.is_autocast_enabled('cuda') and kernel_dtype == torch.float32:
-            shape = (x.shape[1], *x.shape[2:-1], x.shape[0], x.shape[-1])  # channel-major
-            if all(a == 'toeplitz' for a in conv_algorithms(shape, self.pool)):
+    def _conv_dtype(self, u: torch.Tensor, kernel_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the convolution of a channel-major u: under CUDA autocast, the autocast dtype when every
+        axis runs as a Toeplitz GEMM (like any convolution under autocast: half the memory traffic, tensor
+        cores); else `kernel_dtype`. FFTs and kernel generation always run in float32 (or float64)."""
+        if u.device.type == 'cuda' and torch.is_autocast_enabled('cuda') and kernel_dtype == torch.float32:
+            if all(a == 'toeplitz' for a in conv_algorithms(u.shape, self.pool)):
                 return torch.get_autocast_dtype('cuda')
         return kernel_dtype
 
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
         self._check_input(x)
+        return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
+
+    def forward_channel_major(self, u: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
+        """The layer on S4ND's working layout (see `ops.channel_major`), unchecked:
+        (dim, *spatial[:-1], B, spatial[-1]) -> the same layout with spatial // pool, in the compute dtype."""
+        sizes = u.shape[1:-2] + u.shape[-1:]
         # kernels, FFTs and long sums run in float32 (float64 stays float64), also under autocast
-        kernel_dtype = torch.promote_types(x.dtype, torch.float32)
-        conv_dtype = self._conv_dtype(x, kernel_dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            u = channel_major(x.to(conv_dtype))  # (C, *spatial[:-1], B, spatial[-1])
+        kernel_dtype = torch.promote_types(u.dtype, torch.float32)
+        conv_dtype = self._conv_dtype(u, kernel_dtype)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u = u.to(conv_dtype)
             skip = self.D.to(conv_dtype)
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 self._kernel_cache = None
-                kernels = self._prepared_kernels(x.shape[2:], rate, kernel_dtype)
+                kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
                 if kernels is None:
-                    kernels = self.axis_kernels(x.shape[2:], rate, dtype=kernel_dtype)
+                    kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
                 kernels = [k.to(conv_dtype) for k in kernels]
-                y = separable_conv(u, kernels, self.pool, skip=skip)
-            else:
-                y = apply_operators(u, self._cached_operators(u.shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
-        return channels_first(y).to(x.dtype)
+                return separable_conv(u, kernels, self.pool, skip=skip)
+            return apply_operators(u, self._cached_operators(u.shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, ndim={self.ndim}, channels={self.channels}, bidirectional={self.bidirectional}'

@@ -29,7 +29,7 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, is_ssm_param, kernels_can_be_prepared, prepare_kernels
+from ..layers import S4ND, channel_major, channels_first, is_ssm_param, kernels_can_be_prepared, prepare_kernels
 from ._checks import check_input
 
 __all__ = ['ConvNeXtS4ND', 'ConvNeXtAPI']
@@ -38,25 +38,44 @@ _STEM_TYPES = ('s4nd', 'patch')
 _DOWNSAMPLE_TYPES = ('s4nd', 'conv')
 
 
-def _s4nd_stem(
-        in_chs: int,
-        out_chs: int,
-        stem_chs: int,
-        img_size: Tuple[int, int],
-        s4nd_layer: Callable,
-        device=None,
-        dtype=None,
-) -> nn.Sequential:
+class S4NDStem(nn.Sequential):
     """(B, in_chs, H, W) -> (B, out_chs, H/4, W/4): pointwise in_chs -> stem_chs, S4ND at full
-    resolution with average pooling by 4 (fused), pointwise projection with GLU, norm."""
-    dd = dict(device=device, dtype=dtype)
-    return nn.Sequential(
-        nn.Conv2d(in_chs, stem_chs, kernel_size=1, **dd),
-        s4nd_layer(stem_chs, l_ref=img_size, pool=4),
-        nn.Conv2d(stem_chs, 2 * out_chs, kernel_size=1, **dd),
-        nn.GLU(dim=1),
-        LayerNorm2d(out_chs, **dd),
-    )
+    resolution with average pooling by 4 (fused), pointwise projection with GLU, norm.
+
+    The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major
+    layout: the first projection writes it directly as one GEMM (no NCHW 1x1 conv, no permuted copy
+    of its output, no permuted gradient).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stem_chs: int,
+            img_size: Tuple[int, int],
+            s4nd_layer: Callable,
+            device=None,
+            dtype=None,
+    ):
+        dd = dict(device=device, dtype=dtype)
+        super().__init__(
+            nn.Conv2d(in_chs, stem_chs, kernel_size=1, **dd),
+            s4nd_layer(stem_chs, l_ref=img_size, pool=4),
+            nn.Conv2d(stem_chs, 2 * out_chs, kernel_size=1, **dd),
+            nn.GLU(dim=1),
+            LayerNorm2d(out_chs, **dd),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj, s4nd = self[0], self[1]
+        x_cm = channel_major(x)  # (in_chs, H, B, W): small
+        u = torch.mm(proj.weight.flatten(1), x_cm.flatten(1))
+        if proj.bias is not None:
+            u = u + proj.bias[:, None]
+        y = channels_first(s4nd.forward_channel_major(u.view((-1,) + x_cm.shape[1:]))).to(u.dtype)
+        for m in list(self)[2:]:
+            y = m(y)
+        return y
 
 
 def _s4nd_downsample(
@@ -357,7 +376,7 @@ class ConvNeXtS4ND(ConvNeXtAPI):
             S4ND, ndim=2, d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, **dd)
 
         if stem_type == 's4nd':
-            self.stem = _s4nd_stem(in_chans, dims[0], stem_chs, self.img_size, s4nd_layer, **dd)
+            self.stem = S4NDStem(in_chans, dims[0], stem_chs, self.img_size, s4nd_layer, **dd)
         else:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
@@ -410,6 +429,7 @@ class ConvNeXtS4ND(ConvNeXtAPI):
 
         In a training step every S4ND layer's kernels are generated up front in a few stacked calls
         (`prepare_kernels`: one per kernel length instead of one per layer)."""
+        self._check_input(x)
         prepared = []
         if not any(s.grad_checkpointing for s in self.stages) and kernels_can_be_prepared(self):
             prepared = [(layer, (x.shape[-2] // stride, x.shape[-1] // stride)) for layer, stride in self._s4nd_layers()]
