@@ -245,6 +245,28 @@ def test_bf16_autocast_close_to_float32():
     assert ((y.float() - ref).norm() / ref.norm()) < 2e-2
 
 
+@pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
+def test_fused_projection_equals_projection_then_layer(monkeypatch, algorithm):
+    """S4ND on a pointwise projection with the projection fused (recomputed in backward, not saved):
+    same values as projecting first, and gradcheck on every input."""
+    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=4, l_ref=(5, 6), pool=(2, 1)).double()
+    x = ops.channel_major(torch.randn(2, 2, 5, 6, dtype=torch.float64))  # 2 input channels -> 3
+    weight, bias = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = layer.forward_channel_major(ops.project(x, weight, bias))
+    torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected)
+    with torch.no_grad():  # the inference path (cached operators)
+        torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected)
+    kernels = [k.detach() for k in layer.axis_kernels((5, 6), dtype=torch.float64)]
+    inputs = [t.clone().requires_grad_() for t in [x, weight, bias, layer.D.detach()] + kernels]
+
+    def fn(x, weight, bias, skip, *kernels):
+        return ops.separable_conv(x, kernels, pools=(2, 1), skip=skip, proj=(weight, bias))
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
 def test_toeplitz_conv_in_bfloat16_matches_float32(monkeypatch):
     """The half-precision path S4ND takes under CUDA autocast (Toeplitz GEMMs in bf16), run here on the CPU."""
     monkeypatch.setattr(ops, 'FORCE_ALGORITHM', 'toeplitz')

@@ -6,13 +6,13 @@ a Toeplitz matrix product (GEMM speed, best for short axes shared by many rows) 
 FFT (N log N), chosen per axis by `choose_algorithm`.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'conv_algorithms', 'conv_operators', 'apply_operators',
+    'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms', 'conv_operators', 'apply_operators',
     'avg_pool_axes', 'choose_algorithm',
 ]
 
@@ -232,24 +232,37 @@ def apply_operators(
     return y
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pointwise (1x1) projection of a channel-major x (C_in, ...) by weight (C, C_in) plus bias (C,): (C, ...)."""
+    y = torch.mm(weight, x.flatten(1))
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view((-1,) + x.shape[1:])
+
+
 class _SeparableConv(torch.autograd.Function):
-    """sum_r (k_1[r] (x) ... (x) k_N[r]) * u + skip * pool(u), with a hand-written backward.
+    """sum_r (k_1[r] (x) ... (x) k_N[r]) * u + skip * pool(u), with a hand-written backward, where u is the
+    input or, with `weight`, its pointwise projection weight @ input + bias.
 
     Only the input and the 1D kernels are saved: the intermediate results along the first N - 1
     axes (each as large as the input) are recomputed in the backward pass, so S4ND keeps about as
     much for backward as the depthwise conv it replaces, at the price of N - 1 extra 1D convolutions.
+    A fused projection is recomputed too (one GEMM): a projection that widens its input (e.g. a stem,
+    3 -> 32 channels at full resolution) then costs the memory of its narrow input only.
     """
 
     @staticmethod
-    def forward(ctx, u, skip, pools, *kernels):
-        ctx.save_for_backward(u, skip, *kernels)
+    def forward(ctx, x, skip, weight, bias, pools, *kernels):
+        ctx.save_for_backward(x, skip, weight, bias, *kernels)
         ctx.pools = pools
+        u = x if weight is None else project(x, weight, bias)
         return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        u, skip, *kernels = ctx.saved_tensors
+        x, skip, weight, bias, *kernels = ctx.saved_tensors
+        u = x if weight is None else project(x, weight, bias)
         pools, dims = ctx.pools, _spatial_dims(u)
         grad = channel_major(channels_first(grad))  # usually a permuted view of the next layer's layout
         grad_u, grad_skip = None, None
@@ -268,7 +281,12 @@ class _SeparableConv(torch.autograd.Function):
                 grad_kernels[a][term] = ops_[a].kernel_grad(inputs[a], g, dims[a])
                 g = ops_[a].adjoint(g, dims[a])
             grad_u = g if grad_u is None else grad_u + g
-        return (grad_u, grad_skip, None) + tuple(grad_kernels)
+        if weight is None:
+            return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
+        grad_u = grad_u.flatten(1)
+        grad_x = torch.mm(weight.t(), grad_u).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_u.sum(1) if bias is not None else None
+        return (grad_x, grad_skip, torch.mm(grad_u, x.flatten(1).t()), grad_bias, None) + tuple(grad_kernels)
 
 
 def separable_conv(
@@ -276,6 +294,7 @@ def separable_conv(
         kernels: Sequence[torch.Tensor],
         pools: Optional[Sequence[int]] = None,
         skip: Optional[torch.Tensor] = None,
+        proj: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Depthwise N-D convolution with a sum of separable (outer product) kernels, optionally average-pooled.
 
@@ -284,12 +303,16 @@ def separable_conv(
         kernels: per axis, (R, C, 2n - 1) two-sided kernels of R rank-1 terms.
         pools: per axis, average pooling window (and stride) applied to the result; None = no pooling.
         skip: optional (C,) weights of a skip term skip * pool(u) added to the result (S4ND's D).
+        proj: optional (weight (C, C_in), bias (C,) or None): convolve the pointwise projection of a
+            (C_in, ...) u instead, fused (recomputed in the backward pass rather than saved).
 
     Returns:
         Channel-major result, spatial sizes s // pool: the sum over r of u convolved with
         kernels[0][r] (x) ... (x) kernels[N-1][r], plus the skip term.
     """
     pools = tuple(pools or (1,) * len(kernels))
+    weight, bias = proj if proj is not None else (None, None)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
+        u = u if weight is None else project(u, weight, bias)
         return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
-    return _SeparableConv.apply(u, skip, pools, *kernels)
+    return _SeparableConv.apply(u, skip, weight, bias, pools, *kernels)

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from .ops import (
-    apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, separable_conv, two_sided_kernel)
+    apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
+    two_sided_kernel)
 from .ssm_kernel import SSMKernel, ssm_kernels
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared']
@@ -186,12 +187,12 @@ class S4ND(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
 
-    def _conv_dtype(self, u: torch.Tensor, kernel_dtype: torch.dtype) -> torch.dtype:
-        """The dtype of the convolution of a channel-major u: under CUDA autocast, the autocast dtype when every
-        axis runs as a Toeplitz GEMM (like any convolution under autocast: half the memory traffic, tensor
-        cores); else `kernel_dtype`. FFTs and kernel generation always run in float32 (or float64)."""
-        if u.device.type == 'cuda' and torch.is_autocast_enabled('cuda') and kernel_dtype == torch.float32:
-            if all(a == 'toeplitz' for a in conv_algorithms(u.shape, self.pool)):
+    def _conv_dtype(self, device: torch.device, shape: Sequence[int], kernel_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the convolution of a channel-major input of `shape`: under CUDA autocast, the autocast
+        dtype when every axis runs as a Toeplitz GEMM (like any convolution under autocast: half the memory
+        traffic, tensor cores); else `kernel_dtype`. FFTs and kernel generation always run in float32 (or float64)."""
+        if device.type == 'cuda' and torch.is_autocast_enabled('cuda') and kernel_dtype == torch.float32:
+            if all(a == 'toeplitz' for a in conv_algorithms(shape, self.pool)):
                 return torch.get_autocast_dtype('cuda')
         return kernel_dtype
 
@@ -199,15 +200,27 @@ class S4ND(nn.Module):
         self._check_input(x)
         return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
 
-    def forward_channel_major(self, u: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
+    def forward_channel_major(
+            self,
+            u: torch.Tensor,
+            rate: Optional[_Floats] = None,
+            proj: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    ) -> torch.Tensor:
         """The layer on S4ND's working layout (see `ops.channel_major`), unchecked:
-        (dim, *spatial[:-1], B, spatial[-1]) -> the same layout with spatial // pool, in the compute dtype."""
+        (dim, *spatial[:-1], B, spatial[-1]) -> the same layout with spatial // pool, in the compute dtype.
+
+        With proj = (weight (dim, C_in), bias (dim,) or None), u is (C_in, ...) and the layer filters its
+        pointwise projection, fused: the projected tensor is recomputed for the backward pass, not saved.
+        """
         sizes = u.shape[1:-2] + u.shape[-1:]
+        shape = (self.dim,) + u.shape[1:]
         # kernels, FFTs and long sums run in float32 (float64 stays float64), also under autocast
         kernel_dtype = torch.promote_types(u.dtype, torch.float32)
-        conv_dtype = self._conv_dtype(u, kernel_dtype)
+        conv_dtype = self._conv_dtype(u.device, shape, kernel_dtype)
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(conv_dtype)
+            if proj is not None:
+                proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
             skip = self.D.to(conv_dtype)
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 self._kernel_cache = None
@@ -215,8 +228,10 @@ class S4ND(nn.Module):
                 if kernels is None:
                     kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
                 kernels = [k.to(conv_dtype) for k in kernels]
-                return separable_conv(u, kernels, self.pool, skip=skip)
-            return apply_operators(u, self._cached_operators(u.shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
+                return separable_conv(u, kernels, self.pool, skip=skip, proj=proj)
+            if proj is not None:
+                u = project(u, *proj)
+            return apply_operators(u, self._cached_operators(shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, ndim={self.ndim}, channels={self.channels}, bidirectional={self.bidirectional}'

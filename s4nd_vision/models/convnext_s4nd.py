@@ -43,8 +43,8 @@ class S4NDStem(nn.Sequential):
     resolution with average pooling by 4 (fused), pointwise projection with GLU, norm.
 
     The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major
-    layout: the first projection writes it directly as one GEMM (no NCHW 1x1 conv, no permuted copy
-    of its output, no permuted gradient).
+    layout, and the first projection is fused into the S4ND layer (one GEMM, recomputed in the
+    backward pass): no NCHW 1x1 conv, no permuted copies, and only the narrow input is saved.
     """
 
     def __init__(
@@ -68,11 +68,11 @@ class S4NDStem(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj, s4nd = self[0], self[1]
-        x_cm = channel_major(x)  # (in_chs, H, B, W): small
-        u = torch.mm(proj.weight.flatten(1), x_cm.flatten(1))
-        if proj.bias is not None:
-            u = u + proj.bias[:, None]
-        y = channels_first(s4nd.forward_channel_major(u.view((-1,) + x_cm.shape[1:]))).to(u.dtype)
+        # the projection is fused into S4ND: only the (in_chs, H, B, W) input is kept for backward
+        y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
+        y = channels_first(y)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the next conv picks its dtype)
+            y = y.to(x.dtype)
         for m in list(self)[2:]:
             y = m(y)
         return y
