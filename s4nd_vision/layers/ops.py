@@ -253,21 +253,35 @@ class _SeparableConv(torch.autograd.Function):
     Only the input and the 1D kernels are saved: the intermediate results along the first N - 1
     axes (each as large as the input) are recomputed in the backward pass, so S4ND keeps about as
     much for backward as the depthwise conv it replaces, at the price of N - 1 extra 1D convolutions.
-    A fused projection is recomputed too (one GEMM): a projection that widens its input (e.g. a stem,
+    When the first axis is pooled, the intermediates are at most 1 / pool of the input and are kept
+    instead (the stem and downsampling layers: one large GEMM fewer for a fraction of the memory).
+    A fused projection is recomputed (one GEMM): a projection that widens its input (e.g. a stem,
     3 -> 32 channels at full resolution) then costs the memory of its narrow input only.
     """
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, pools, *kernels):
-        ctx.save_for_backward(x, skip, weight, bias, *kernels)
-        ctx.pools = pools
         u = x if weight is None else project(x, weight, bias)
-        return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
+        dims, keep = _spatial_dims(u), pools[0] > 1
+        operators = conv_operators(kernels, u.shape, pools)
+        y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * avg_pool_axes(u, pools)
+        kept = []
+        for ops_ in operators:
+            z = u
+            for a, (dim, op) in enumerate(zip(dims, ops_)):
+                z = op.apply(z, dim)
+                if keep and a < len(dims) - 1:
+                    kept.append(z)
+            y = z if y is None else y + z
+        ctx.save_for_backward(x, skip, weight, bias, *kernels, *kept)
+        ctx.pools, ctx.num_kernels = pools, len(kernels)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, skip, weight, bias, *kernels = ctx.saved_tensors
+        kernels, kept = kernels[: ctx.num_kernels], kernels[ctx.num_kernels:]
         u = x if weight is None else project(x, weight, bias)
         pools, dims = ctx.pools, _spatial_dims(u)
         grad = channel_major(channels_first(grad))  # usually a permuted view of the next layer's layout
@@ -279,9 +293,9 @@ class _SeparableConv(torch.autograd.Function):
                 grad_u = _avg_pool_axis_adjoint(grad_u, dim, pool, u.shape[dim])
         grad_kernels = [torch.zeros_like(k) for k in kernels]
         for term, ops_ in enumerate(conv_operators(kernels, u.shape, pools)):
-            inputs = [u]  # the input of every axis, recomputed
-            for dim, op in zip(dims[:-1], ops_):
-                inputs.append(op.apply(inputs[-1], dim))
+            inputs = [u]  # the input of every axis, kept or recomputed
+            for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
+                inputs.append(kept[term * (len(dims) - 1) + a] if kept else op.apply(inputs[-1], dim))
             g = grad
             for a in reversed(range(len(dims))):
                 grad_kernels[a][term] = ops_[a].kernel_grad(inputs[a], g, dims[a])
