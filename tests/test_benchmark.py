@@ -29,3 +29,10 @@ def test_scaling_rows_hold_growth():
     assert [r['case'] for r in rows] == ['layer 1x4x6x6', 'layer 1x4x12x12', 'layer 1x4x24x24']
     for prev, row in zip(rows, rows[1:]):
         assert row['s4nd_growth'] == row['s4nd_ms'] / prev['s4nd_ms'] and row['baseline_growth'] > 0
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+    from s4nd_vision.runtime import keep_freed_memory
+    expected = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
+    assert keep_freed_memory() is expected
