@@ -194,3 +194,25 @@ def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], msg=name)
     assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))
+
+
+def test_fsdp_sharded_model_generates_kernels_layer_by_layer():
+    """Under FSDP (here FSDP2 on one gloo process) other units' parameters are not materialized, so the
+    model-wide kernel generation steps aside and every layer generates its own; training still runs."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from s4nd_vision.layers import kernels_can_be_prepared
+    model = timm.create_model('convnext_s4nd_atto', img_size=32)
+    assert kernels_can_be_prepared(model)
+    dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())
+    try:
+        for stage in model.stages:
+            for block in stage.blocks:
+                fully_shard(block)
+        fully_shard(model)
+        assert not kernels_can_be_prepared(model)
+        out = model(torch.randn(2, 3, 32, 32))
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
