@@ -113,11 +113,11 @@ class _ToeplitzAxis:
     def apply(self, z: torch.Tensor, dim: int) -> torch.Tensor:
         return self._bmm(self.t, z, dim)
 
-    def adjoint(self, g: torch.Tensor, dim: int) -> torch.Tensor:
-        return self._bmm(self.t.transpose(1, 2), g, dim)
+    def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> tuple:
+        """Gradients of the (C, 2n - 1) taps and of the axis input z, given the output gradient g."""
+        return self._kernel_grad(z, g, dim), self._bmm(self.t.transpose(1, 2), g, dim)
 
-    def kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
-        """(C, 2n - 1) gradient of the taps, given the axis input z and the output gradient g."""
+    def _kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
         c, prefix, suffix = _shape3(z, dim)
         n, m = self.n, self.t.shape[1]
         if suffix == 1:  # sum over rows of g^T z: (C, m, P) @ (C, P, n)
@@ -149,18 +149,15 @@ class _FFTAxis:
         y = torch.fft.irfft(self._spectrum(z, dim) * self._broadcast(self.k_f, z, dim), n=self.m, dim=dim)
         return _avg_pool_axis(y.narrow(dim, 0, self.n), dim, self.pool)
 
-    def adjoint(self, g: torch.Tensor, dim: int) -> torch.Tensor:
-        """Correlation with the kernel: the spectrum times conj(kernel spectrum)."""
+    def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> tuple:
+        """Gradients of the (C, 2n - 1) taps (circular cross-correlation of g and z, summed over every row)
+        and of the axis input z (correlation of g with the kernel), sharing the spectrum of g."""
         g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
-        return torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim).narrow(dim, 0, self.n)
-
-    def kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
-        """(C, 2n - 1): circular cross-correlation of g and z, summed over every row, back in two-sided layout."""
-        g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
+        grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim).narrow(dim, 0, self.n)
         cross = (g_f * self._spectrum(z, dim).conj()).movedim(dim, -1)
         grad_circ = torch.fft.irfft(cross.reshape(z.shape[0], -1, cross.shape[-1]).sum(1), n=self.m)  # (C, m)
         n = self.n
-        return torch.cat([grad_circ[:, n + 1:], grad_circ[:, :n]], dim=-1)
+        return torch.cat([grad_circ[:, n + 1:], grad_circ[:, :n]], dim=-1), grad_z
 
 
 def channel_major(x: torch.Tensor) -> torch.Tensor:
@@ -298,8 +295,7 @@ class _SeparableConv(torch.autograd.Function):
                 inputs.append(kept[term * (len(dims) - 1) + a] if kept else op.apply(inputs[-1], dim))
             g = grad
             for a in reversed(range(len(dims))):
-                grad_kernels[a][term] = ops_[a].kernel_grad(inputs[a], g, dims[a])
-                g = ops_[a].adjoint(g, dims[a])
+                grad_kernels[a][term], g = ops_[a].backward(inputs[a], g, dims[a])
             grad_u = g if grad_u is None else grad_u + g
         if weight is None:
             return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
