@@ -170,8 +170,7 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
 def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     """With autograd on, the model generates every layer's kernels up front (one call per kernel length);
     outputs and gradients equal the layer-by-layer generation, which each layer falls back to."""
-    from s4nd_vision.layers import ssm_kernel
-    from s4nd_vision.models import convnext_s4nd
+    from s4nd_vision.layers import s4nd, ssm_kernel
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64)
     x = torch.randn(2, 3, 70, 64)
@@ -180,7 +179,7 @@ def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
     results = []
     for batched in (True, False):
-        monkeypatch.setattr(convnext_s4nd, 'kernels_can_be_prepared', lambda module: batched)
+        monkeypatch.setattr(s4nd, 'kernels_can_be_prepared', lambda module: batched)
         calls.clear()
         model.zero_grad()
         out = model(x)

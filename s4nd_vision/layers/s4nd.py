@@ -3,8 +3,9 @@
 Paper: `S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces`
 (https://arxiv.org/abs/2210.06583).
 """
+import contextlib
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,7 +15,7 @@ from .ops import (
     two_sided_kernel)
 from .ssm_kernel import SSMKernel, ssm_kernels
 
-__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared']
+__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels']
 
 _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
@@ -282,3 +283,21 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
         if any(isinstance(p, DTensor) for p in module.parameters()):
             return False
     return True
+
+
+@contextlib.contextmanager
+def stacked_kernels(
+        module: nn.Module,
+        layers: Sequence[Tuple[S4ND, Sequence[int]]],
+        dtype: torch.dtype = torch.float32,
+) -> Iterator[None]:
+    """Within this context the S4ND `layers` (each with the spatial sizes of its next input) of `module`
+    use kernels made together by `prepare_kernels`, where `kernels_can_be_prepared(module)`; leftovers
+    (e.g. after an error) are dropped on exit so that they hold no autograd graph."""
+    layers = list(layers) if kernels_can_be_prepared(module) else []
+    prepare_kernels(layers, dtype)
+    try:
+        yield
+    finally:
+        for layer, _ in layers:
+            layer._prepared = None

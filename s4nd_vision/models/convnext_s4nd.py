@@ -29,7 +29,7 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, channel_major, channels_first, is_ssm_param, kernels_can_be_prepared, prepare_kernels
+from ..layers import S4ND, channel_major, channels_first, is_ssm_param, stacked_kernels
 from ._checks import check_input
 
 __all__ = ['ConvNeXtS4ND', 'ConvNeXtAPI']
@@ -430,15 +430,11 @@ class ConvNeXtS4ND(ConvNeXtAPI):
         In a training step every S4ND layer's kernels are generated up front in a few stacked calls
         (`prepare_kernels`: one per kernel length instead of one per layer)."""
         self._check_input(x)
-        prepared = []
-        if not any(s.grad_checkpointing for s in self.stages) and kernels_can_be_prepared(self):
-            prepared = [(layer, (x.shape[-2] // stride, x.shape[-1] // stride)) for layer, stride in self._s4nd_layers()]
-            prepare_kernels(prepared, dtype=torch.promote_types(x.dtype, torch.float32))
-        try:
+        layers = []
+        if not any(s.grad_checkpointing for s in self.stages):  # (a recomputed block must redo its generation)
+            layers = [(layer, (x.shape[-2] // stride, x.shape[-1] // stride)) for layer, stride in self._s4nd_layers()]
+        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
             return super().forward_features(x)
-        finally:
-            for layer, _ in prepared:
-                layer._prepared = None  # unused leftovers (e.g. after an error) hold no graph
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:

@@ -42,7 +42,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from ..layers import S4ND, is_ssm_param
+from ..layers import S4ND, is_ssm_param, stacked_kernels
 from ._checks import check_input
 
 __all__ = ['VisionTransformerS4ND']
@@ -311,11 +311,15 @@ class VisionTransformerS4ND(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p)."""
+        """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p).
+
+        In a training step the kernels of all blocks are generated together (`stacked_kernels`)."""
         x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
+            return rearrange(self.norm(checkpoint_seq(self.blocks, x)), 'b h w c -> b c h w')
+        grid = tuple(x.shape[1:3])
+        layers = [(b.mixer.s4nd, grid if b.mixer.mode == '2d' else (grid[0] * grid[1],)) for b in self.blocks]
+        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
             x = self.blocks(x)
         return rearrange(self.norm(x), 'b h w c -> b c h w')
 
