@@ -291,11 +291,21 @@ class ConvNeXtAPI(nn.Module):
             self.reset_classifier(0, '', reset_other=True)
         return take_indices
 
+    def _s4nd_grids(self, shape: torch.Size) -> List[Tuple[S4ND, Tuple[int, ...]]]:
+        """Every S4ND layer with the spatial sizes of its input, for an input of `shape`."""
+        raise NotImplementedError
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by 32 (clips: T by 2)."""
+        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by 32 (clips: T by 2).
+
+        In a training step every S4ND layer's kernels are generated up front in a few stacked calls
+        (`stacked_kernels`: one per kernel length instead of one per layer)."""
         self._check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)
+        # (under gradient checkpointing a recomputed block must redo its own generation)
+        layers = [] if any(s.grad_checkpointing for s in self.stages) else self._s4nd_grids(x.shape)
+        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
+            x = self.stem(x)
+            x = self.stages(x)
         return self.norm_pre(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -424,17 +434,8 @@ class ConvNeXtS4ND(ConvNeXtAPI):
                 if isinstance(m, S4ND):
                     yield m, reduction
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_features, H / 32, W / 32).
-
-        In a training step every S4ND layer's kernels are generated up front in a few stacked calls
-        (`prepare_kernels`: one per kernel length instead of one per layer)."""
-        self._check_input(x)
-        layers = []
-        if not any(s.grad_checkpointing for s in self.stages):  # (a recomputed block must redo its generation)
-            layers = [(layer, (x.shape[-2] // stride, x.shape[-1] // stride)) for layer, stride in self._s4nd_layers()]
-        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
-            return super().forward_features(x)
+    def _s4nd_grids(self, shape: torch.Size) -> List[Tuple[S4ND, Tuple[int, ...]]]:
+        return [(layer, (shape[-2] // stride, shape[-1] // stride)) for layer, stride in self._s4nd_layers()]
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:

@@ -283,6 +283,11 @@ class ConvNeXt3d(ConvNeXtAPI):
                 if isinstance(m, S4ND):
                     yield m, (_TUBELET[0], reduction)
 
+    def _s4nd_grids(self, shape: torch.Size) -> List[Tuple[S4ND, Tuple[int, ...]]]:
+        frames, height, width = shape[-3:]
+        return [(layer, (frames // t_stride, height // stride, width // stride))
+                for layer, (t_stride, stride) in self._s4nd_layers()]
+
     @torch.jit.ignore
     def set_input_size(
             self,
