@@ -10,6 +10,7 @@ from timm.optim import create_optimizer_v2
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND
 from s4nd_vision.optim import param_groups_ssm, ssm_param_names
+from stacking import step_with_and_without_stacking
 
 SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')
 
@@ -170,28 +171,17 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
 def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     """With autograd on, the model generates every layer's kernels up front (one call per kernel length);
     outputs and gradients equal the layer-by-layer generation, which each layer falls back to."""
-    from s4nd_vision.layers import s4nd, ssm_kernel
+    from s4nd_vision.layers import ssm_kernel
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64)
-    x = torch.randn(2, 3, 70, 64)
     calls = []
     apply = ssm_kernel._SSMKernelFn.apply
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
-    results = []
-    for batched in (True, False):
-        monkeypatch.setattr(s4nd, 'kernels_can_be_prepared', lambda module: batched)
-        calls.clear()
-        model.zero_grad()
-        out = model(x)
-        out.square().sum().backward()
-        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+    stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 3, 70, 64), calls)
     strides = (1, 4, 8, 16, 32)  # the grids S4ND layers run on (the stem pools by 4)
-    assert results[0][2] == len({70 // s for s in strides} | {64 // s for s in strides})  # distinct kernel lengths
+    assert stacked[2] == len({70 // s for s in strides} | {64 // s for s in strides})  # distinct kernel lengths
     # layer by layer: one call per layer, two where its axes differ in length
-    assert results[1][2] == sum(len({70 // s, 64 // s}) for _, s in model._s4nd_layers()) > results[0][2]
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+    assert per_layer[2] == sum(len({70 // s, 64 // s}) for _, s in model._s4nd_layers()) > stacked[2]
     assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))
 
 

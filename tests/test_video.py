@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from media import write_video
+from stacking import step_with_and_without_stacking
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.layers import S4ND
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
@@ -84,27 +85,15 @@ def test_s4nd_3d_layers_kernels_and_grids():
 
 
 def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
-    """As in 2D: every layer's time and space kernels come from one call per kernel length, and outputs
-    and gradients equal the layer-by-layer generation."""
-    from s4nd_vision.layers import s4nd
+    """As in 2D: every layer's time and space kernels come from the model-wide stacked generation (no layer
+    generates its own), and outputs and gradients equal the layer-by-layer generation."""
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4)
-    x = torch.randn(1, 3, 4, 64, 64)
     fallback = []
     axis_kernels = S4ND.axis_kernels
     monkeypatch.setattr(S4ND, 'axis_kernels', lambda self, *a, **k: fallback.append(1) or axis_kernels(self, *a, **k))
-    results = []
-    for stacked in (True, False):
-        monkeypatch.setattr(s4nd, 'kernels_can_be_prepared', lambda module: stacked)
-        fallback.clear()
-        model.zero_grad()
-        out = model(x)
-        out.square().sum().backward()
-        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, len(fallback)))
-    assert results[0][2] == 0 and results[1][2] == sum(isinstance(m, S4ND) for m in model.modules())
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+    stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(1, 3, 4, 64, 64), fallback)
+    assert stacked[2] == 0 and per_layer[2] == sum(isinstance(m, S4ND) for m in model.modules())
 
 
 def test_baseline_layers():

@@ -1,0 +1,22 @@
+"""Shared by the model tests: one training step with the model-wide stacked kernel generation and one
+without (every layer generating its own), for comparing outputs, gradients and generation calls."""
+import torch
+
+from s4nd_vision.layers import s4nd
+
+
+def step_with_and_without_stacking(monkeypatch, model: torch.nn.Module, x: torch.Tensor, calls: list) -> list:
+    """[(output, {name: grad}, len(calls))] for the stacked step, then the layer-by-layer one;
+    `calls` is a list the caller's instrumentation appends to."""
+    results = []
+    for stacked in (True, False):
+        monkeypatch.setattr(s4nd, 'kernels_can_be_prepared', lambda module: stacked)
+        calls.clear()
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+    return results
