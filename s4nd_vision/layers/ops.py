@@ -224,13 +224,18 @@ def apply_operators(
         operators: list,
         pools: Sequence[int],
         skip: Optional[torch.Tensor] = None,
+        intermediates: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Forward of `separable_conv` with operators from `conv_operators` (no autograd bookkeeping)."""
+    """Forward of `separable_conv` with operators from `conv_operators` (no autograd bookkeeping).
+    With `intermediates` (a list), the result along each axis but the last is appended to it, term by term."""
+    dims = _spatial_dims(u)
     y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * avg_pool_axes(u, pools)
     for ops_ in operators:
         z = u
-        for dim, op in zip(_spatial_dims(u), ops_):
+        for a, (dim, op) in enumerate(zip(dims, ops_)):
             z = op.apply(z, dim)
+            if intermediates is not None and a < len(dims) - 1:
+                intermediates.append(z)
         y = z if y is None else y + z
     return y
 
@@ -259,17 +264,9 @@ class _SeparableConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, skip, weight, bias, pools, *kernels):
         u = x if weight is None else project(x, weight, bias)
-        dims, keep = _spatial_dims(u), pools[0] > 1
-        operators = conv_operators(kernels, u.shape, pools)
-        y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * avg_pool_axes(u, pools)
         kept = []
-        for ops_ in operators:
-            z = u
-            for a, (dim, op) in enumerate(zip(dims, ops_)):
-                z = op.apply(z, dim)
-                if keep and a < len(dims) - 1:
-                    kept.append(z)
-            y = z if y is None else y + z
+        y = apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip,
+                            intermediates=kept if pools[0] > 1 else None)
         ctx.save_for_backward(x, skip, weight, bias, *kernels, *kept)
         ctx.pools, ctx.num_kernels = pools, len(kernels)
         return y
