@@ -60,14 +60,28 @@ def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
 
 
 def _powers(z: torch.Tensor, length: int) -> torch.Tensor:
-    """(length, *z.shape) complex: z ** l for l = 0..length-1, by repeated doubling.
+    """(H, length, N2) complex: z[h, n] ** l for l = 0..length-1, by repeated doubling (differentiable).
 
     log2(length) vectorized complex products instead of exp/cos/sin per element (faster, and more
     accurate in float32 than exp(l log z), whose phase l * angle loses digits as l grows)."""
-    v, power = torch.ones_like(z)[None], z  # power == z ** len(v)
-    while v.shape[0] < length:
-        v = torch.cat([v, v[: length - v.shape[0]] * power])
+    v, power = torch.ones_like(z)[:, None], z[:, None]  # power == z ** v.shape[1]
+    while v.shape[1] < length:
+        v = torch.cat([v, v[:, : length - v.shape[1]] * power], dim=1)
         power = power * power
+    return v
+
+
+def _powers_into(z: torch.Tensor, length: int) -> torch.Tensor:
+    """`_powers` written into one buffer (no autograd): no copies of the growing result."""
+    v = z.new_empty(z.shape[0], length, z.shape[1])
+    v[:, 0] = 1
+    filled, power = 1, z[:, None]
+    while filled < length:
+        step = min(filled, length - filled)
+        torch.mul(v[:, :step], power, out=v[:, filled: filled + step])
+        filled += step
+        if filled < length:
+            power = power * power
     return v
 
 
@@ -89,35 +103,33 @@ def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequen
     return log_dt, log_a_real, a_imag, b, c, rate, mask
 
 
-def _discretize(log_dt, log_a_real, a_imag, b, c, rate, mask) -> dict:
-    """Zero-order hold: z = exp(dt A) and C~ = C B (exp(dt A) - 1) / A, with the intermediates the backward needs.
+def _discretize(log_dt, log_a_real, a_imag, b, c, rate, mask) -> tuple:
+    """Zero-order hold: dt (H, 1), Re(A) (H, N2), then as complex z = exp(dt A), e = expm1(dt A) / A, 1 / A,
+    B (H, N2) and the masked C (K, H, N2); the discrete C~ = C B e.
 
     Complex exp, expm1 and division are scalar loops on the CPU, so they are built from real ops."""
     dt = log_dt.exp()[:, None] * rate  # (H, 1)
     a_re = -log_a_real.exp()
     x, y = dt * a_re, dt * a_imag  # dt A
     exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
-    z = torch.complex(exp_x * cos_y, exp_x * sin_y)  # exp(dt A)
+    z = torch.complex(exp_x * cos_y, exp_x * sin_y)
     # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y: no cancellation for small dt A
-    expm1_dta = torch.complex(torch.expm1(x) * cos_y - 2 * (y / 2).sin().square(), z.imag)
-    inv_abs2 = (a_re.square() + a_imag.square()).reciprocal()
-    inv_a = torch.complex(a_re * inv_abs2, -a_imag * inv_abs2)  # 1 / A
-    e = expm1_dta * inv_a
-    b = torch.view_as_complex(b.contiguous())
-    q = b * e  # (H, N2)
+    s = (0.5 * y).sin()
+    expm1_dta = torch.complex(torch.addcmul(torch.expm1(x) * cos_y, s, s, value=-2), z.imag)
+    inv_a = torch.complex(a_re, a_imag).reciprocal()
     c = torch.view_as_complex(c.contiguous())
     if mask is not None:
         c = c * mask
-    return dict(dt=dt, a_re=a_re, a_imag=a_imag, z=z, expm1_dta=expm1_dta, inv_a=inv_a, e=e, b=b, q=q, c=c,
-                mask=mask, c_disc=c * q)
+    return dt, a_re, z, expm1_dta * inv_a, inv_a, torch.view_as_complex(b.contiguous()), c
 
 
-def _vandermonde(z: torch.Tensor, c_disc: torch.Tensor, length: int) -> torch.Tensor:
-    """(K, H, L) real: 2 Re(sum_n C~[k, h, n] z[h, n] ** l) as one real GEMM per channel."""
+def _kernels(conj_powers: torch.Tensor, c_disc: torch.Tensor) -> torch.Tensor:
+    """(K, H, L) real: 2 Re(sum_n C~[k, h, n] z[h, n] ** l) = 2 <C~, conj(z) ** l> in real pairs, one real GEMM per
+    channel, from the powers of conj(z) (H, L, N2)."""
     k, h, n2 = c_disc.shape
-    v = torch.view_as_real(_powers(z, length)).reshape(length, h, 2 * n2)  # (L, H, 2 N2): Re, Im pairs
-    c_pairs = torch.view_as_real(c_disc.conj().resolve_conj()).reshape(k, h, 2 * n2)  # Re C~, -Im C~
-    return 2 * torch.bmm(c_pairs.transpose(0, 1), v.permute(1, 2, 0)).transpose(0, 1)
+    c_pairs = torch.view_as_real(c_disc).reshape(k, h, 2 * n2).transpose(0, 1)
+    v = torch.view_as_real(conj_powers).reshape(h, -1, 2 * n2)
+    return 2 * torch.bmm(c_pairs, v.transpose(1, 2)).transpose(0, 1)
 
 
 class _SSMKernelFn(torch.autograd.Function):
@@ -126,41 +138,47 @@ class _SSMKernelFn(torch.autograd.Function):
     Autograd through these steps would record ~60 small complex ops and save a dozen tensors,
     some (L, H, N2) large; here nothing but the parameters themselves is saved (the backward
     recomputes the cheap (H, N2) discretization and the powers z ** l), and one batched GEMM
-    serves the gradients of C~ and dt A. Gradients of complex intermediates follow PyTorch's
-    convention (dL/dRe + i dL/dIm).
+    serves the gradients of C~ and dt A. The backward works with conjugated gradients
+    g_x = conj(dL/dx) (PyTorch's convention is dL/dRe + i dL/dIm), which saves conjugations.
     """
 
     @staticmethod
     def forward(ctx, length: int, rates, masks, *params):
         ctx.save_for_backward(*params)
         ctx.length, ctx.rates, ctx.masks = length, rates, masks
-        d = _discretize(*_stack(params, rates, masks))
-        return _vandermonde(d['z'], d['c_disc'], length)
+        _, _, z, e, _, b, c = _discretize(*_stack(params, rates, masks))
+        return _kernels(_powers_into(torch.conj_physical(z), length), c * (b * e))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         params = ctx.saved_tensors
-        d = _discretize(*_stack(params, ctx.rates, ctx.masks))
-        (k, h, n2), length = d['c_disc'].shape, ctx.length
-        v = torch.view_as_real(_powers(d['z'], length)).reshape(length, h, 2 * n2)
+        log_dt, log_a_real, a_imag, b, c, rate, mask = _stack(params, ctx.rates, ctx.masks)
+        dt, a_re, z, e, inv_a, b, c = _discretize(log_dt, log_a_real, a_imag, b, c, rate, mask)
+        q = b * e
+        (k, h, length), n2 = grad.shape, z.shape[1]
+        # w = 2 sum_l grad z^l and p = 2 sum_l l grad z^l for all k in one GEMM (H, 2K, L) @ (H, L, 2 N2)
         steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
-        # W = sum_l grad z^l and P = sum_l l grad z^l for all k in one GEMM: (H, 2K, 2 N2) -> complex (2, K, H, N2)
-        g = torch.cat([grad, grad * steps], dim=0).transpose(0, 1)
-        wp = torch.view_as_complex(torch.bmm(g, v.permute(1, 0, 2)).transpose(0, 1).reshape(2, k, h, n2, 2))
-        grad_c_disc = 2 * wp[0].conj()
-        grad_dta = 2 * (d['c_disc'] * wp[1]).conj().sum(0)  # through z ** l: d/d(dt A) = l z ** l
-        grad_c = grad_c_disc * d['q'].conj()
-        if d['mask'] is not None:
-            grad_c = grad_c * d['mask']
-        grad_q = (grad_c_disc * d['c'].conj()).sum(0)
-        grad_b = grad_q * d['e'].conj()
-        grad_e = grad_q * d['b'].conj()
-        grad_dta = grad_dta + grad_e * (d['inv_a'] * d['z']).conj()  # e = expm1(dt A) / A
-        grad_a = d['dt'] * grad_dta - grad_e * (d['expm1_dta'] * d['inv_a'] * d['inv_a']).conj()
-        grad_dt = (grad_dta.real * d['a_re'] + grad_dta.imag * d['a_imag']).sum(-1)  # dt A with dt real
-        stacked = (grad_dt * d['dt'][:, 0], grad_a.real * d['a_re'], grad_a.imag,
-                   torch.view_as_real(grad_b), torch.view_as_real(grad_c))
+        g = (grad * torch.stack([torch.full_like(steps, 2), 2 * steps])[:, None, None]).view(2 * k, h, length)
+        v = torch.view_as_real(_powers_into(z, length)).view(h, length, 2 * n2)
+        wp = torch.view_as_complex(torch.bmm(g.transpose(0, 1), v).view(h, 2 * k, n2, 2)).transpose(0, 1)
+        w, p = wp[:k], wp[k:]  # (K, H, N2): g of C~, and g of dt A through z ** l per kernel (/ C~)
+        g_q = (w * c).sum(0)
+        g_e = g_q * b
+        g_dta = (p * (c * q)).sum(0)  # through z ** l: d/d(dt A) = l z ** l
+        t = g_e * inv_a
+        g_dta = g_dta + t * z  # e = expm1(dt A) / A
+        g_a = dt * g_dta - t * e  # A, directly and through dt A
+        g_c = w * q
+        if mask is not None:
+            g_c = g_c * mask
+        stacked = (
+            (g_dta * torch.complex(a_re, a_imag)).real.sum(-1) * dt[:, 0],  # dt A with dt real, dt = exp(log_dt)
+            g_a.real * a_re,  # Re A = -exp(log_a_real)
+            -g_a.imag,
+            torch.view_as_real(torch.conj_physical(g_q * e)),
+            torch.view_as_real(torch.conj_physical(g_c)),
+        )
         sizes = [p.shape[0] for p in params[::5]]  # channels of each kernel
         per_kernel = [g.split(sizes, dim=1 if i == 4 else 0) for i, g in enumerate(stacked)]
         return (None, None, None) + tuple(per_kernel[i % 5][i // 5] for i in range(len(params)))
@@ -271,8 +289,8 @@ def ssm_kernels(
         masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
         group_rates = [rates[i] for i in members]
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
-            d = _discretize(*_stack(params, group_rates, masks))
-            stacked = _vandermonde(d['z'], d['c_disc'], length)
+            _, _, z, e, _, b, c = _discretize(*_stack(params, group_rates, masks))
+            stacked = _kernels(_powers(torch.conj_physical(z), length), c * (b * e))
         else:
             stacked = _SSMKernelFn.apply(length, group_rates, masks, *params)
         for i, k in zip(members, stacked.split([kernels[i].dim for i in members], dim=1)):
