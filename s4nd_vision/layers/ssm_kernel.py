@@ -60,25 +60,25 @@ def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
 
 
 def _powers(z: torch.Tensor, length: int) -> torch.Tensor:
-    """(H, length, N2) complex: z[h, n] ** l for l = 0..length-1, by repeated doubling (differentiable).
+    """(length, *z.shape) complex: z ** l for l = 0..length-1, by repeated doubling (differentiable).
 
     log2(length) vectorized complex products instead of exp/cos/sin per element (faster, and more
     accurate in float32 than exp(l log z), whose phase l * angle loses digits as l grows)."""
-    v, power = torch.ones_like(z)[:, None], z[:, None]  # power == z ** v.shape[1]
-    while v.shape[1] < length:
-        v = torch.cat([v, v[:, : length - v.shape[1]] * power], dim=1)
+    v, power = torch.ones_like(z)[None], z  # power == z ** len(v)
+    while v.shape[0] < length:
+        v = torch.cat([v, v[: length - v.shape[0]] * power])
         power = power * power
     return v
 
 
 def _powers_into(z: torch.Tensor, length: int) -> torch.Tensor:
     """`_powers` written into one buffer (no autograd): no copies of the growing result."""
-    v = z.new_empty(z.shape[0], length, z.shape[1])
-    v[:, 0] = 1
-    filled, power = 1, z[:, None]
+    v = z.new_empty((length,) + z.shape)
+    v[0] = 1
+    filled, power = 1, z
     while filled < length:
         step = min(filled, length - filled)
-        torch.mul(v[:, :step], power, out=v[:, filled: filled + step])
+        torch.mul(v[:step], power, out=v[filled: filled + step])
         filled += step
         if filled < length:
             power = power * power
@@ -86,8 +86,8 @@ def _powers_into(z: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequence[Optional[torch.Tensor]]):
-    """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels,
-    with the per-channel rate (a float when shared) and band-limiting mask (None when no kernel has one)."""
+    """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels, B and the
+    masked C as complex (H, N2) and (K, H, N2), with the per-channel rate (a float when shared)."""
     groups = [params[i: i + 5] for i in range(0, len(params), 5)]
     if len(groups) == 1:
         log_dt, log_a_real, a_imag, b, c = groups[0]
@@ -97,84 +97,90 @@ def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequen
     rate = rates[0]
     if any(r != rate for r in rates):
         rate = torch.cat([g[0].new_full((g[0].shape[0], 1), r) for g, r in zip(groups, rates)])
-    mask = None
-    if any(m is not None for m in masks):
-        mask = torch.cat([torch.ones_like(g[2]) if m is None else m for g, m in zip(groups, masks)])
-    return log_dt, log_a_real, a_imag, b, c, rate, mask
+    c = torch.view_as_complex(c.contiguous())
+    mask = _stacked_mask(params, masks)
+    if mask is not None:
+        c = c * mask
+    return log_dt, log_a_real, a_imag, torch.view_as_complex(b.contiguous()), c, rate
 
 
-def _discretize(log_dt, log_a_real, a_imag, b, c, rate, mask) -> tuple:
-    """Zero-order hold: dt (H, 1), Re(A) (H, N2), then as complex z = exp(dt A), e = expm1(dt A) / A, 1 / A,
-    B (H, N2) and the masked C (K, H, N2); the discrete C~ = C B e.
+def _stacked_mask(params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The band-limiting masks of stacked kernels, (H, N2), or None when no kernel has one."""
+    if all(m is None for m in masks):
+        return None
+    return torch.cat([torch.ones_like(a_imag) if m is None else m for a_imag, m in zip(params[2::5], masks)])
+
+
+def _poles(log_dt, log_a_real, a_imag, rate) -> tuple:
+    """The step dt (H, 1) and the continuous-time poles A (H, N2 complex)."""
+    return log_dt.exp()[:, None] * rate, torch.complex(-log_a_real.exp(), a_imag)
+
+
+def _discretize(dt: torch.Tensor, a: torch.Tensor) -> tuple:
+    """Zero-order hold: z = exp(dt A) and e = expm1(dt A) / A (so that C~ = C B e), (H, N2) complex.
 
     Complex exp, expm1 and division are scalar loops on the CPU, so they are built from real ops."""
-    dt = log_dt.exp()[:, None] * rate  # (H, 1)
-    a_re = -log_a_real.exp()
-    x, y = dt * a_re, dt * a_imag  # dt A
+    x, y = dt * a.real, dt * a.imag  # dt A
     exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
     z = torch.complex(exp_x * cos_y, exp_x * sin_y)
     # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y: no cancellation for small dt A
     s = (0.5 * y).sin()
     expm1_dta = torch.complex(torch.addcmul(torch.expm1(x) * cos_y, s, s, value=-2), z.imag)
-    inv_a = torch.complex(a_re, a_imag).reciprocal()
-    c = torch.view_as_complex(c.contiguous())
-    if mask is not None:
-        c = c * mask
-    return dt, a_re, z, expm1_dta * inv_a, inv_a, torch.view_as_complex(b.contiguous()), c
+    return z, expm1_dta * a.reciprocal()
 
 
 def _kernels(conj_powers: torch.Tensor, c_disc: torch.Tensor) -> torch.Tensor:
     """(K, H, L) real: 2 Re(sum_n C~[k, h, n] z[h, n] ** l) = 2 <C~, conj(z) ** l> in real pairs, one real GEMM per
-    channel, from the powers of conj(z) (H, L, N2)."""
+    channel, from the powers of conj(z) (L, H, N2)."""
     k, h, n2 = c_disc.shape
     c_pairs = torch.view_as_real(c_disc).reshape(k, h, 2 * n2).transpose(0, 1)
-    v = torch.view_as_real(conj_powers).reshape(h, -1, 2 * n2)
-    return 2 * torch.bmm(c_pairs, v.transpose(1, 2)).transpose(0, 1)
+    v = torch.view_as_real(conj_powers).reshape(-1, h, 2 * n2)
+    return 2 * torch.bmm(c_pairs, v.permute(1, 2, 0)).transpose(0, 1)
 
 
 class _SSMKernelFn(torch.autograd.Function):
     """S4D kernels of one or more SSMs stacked along channels, with a closed-form backward.
 
     Autograd through these steps would record ~60 small complex ops and save a dozen tensors,
-    some (L, H, N2) large; here nothing but the parameters themselves is saved (the backward
-    recomputes the cheap (H, N2) discretization and the powers z ** l), and one batched GEMM
-    serves the gradients of C~ and dt A. The backward works with conjugated gradients
+    some (L, H, N2) large; here only z = exp(dt A) and e = expm1(dt A) / A are saved besides the
+    parameters (their transcendental functions are most of the discretization's cost), the backward
+    recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. The backward works with conjugated gradients
     g_x = conj(dL/dx) (PyTorch's convention is dL/dRe + i dL/dIm), which saves conjugations.
     """
 
     @staticmethod
     def forward(ctx, length: int, rates, masks, *params):
-        ctx.save_for_backward(*params)
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, rates, masks)
+        z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
+        ctx.save_for_backward(z, e, *params)
         ctx.length, ctx.rates, ctx.masks = length, rates, masks
-        _, _, z, e, _, b, c = _discretize(*_stack(params, rates, masks))
         return _kernels(_powers_into(torch.conj_physical(z), length), c * (b * e))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        params = ctx.saved_tensors
-        log_dt, log_a_real, a_imag, b, c, rate, mask = _stack(params, ctx.rates, ctx.masks)
-        dt, a_re, z, e, inv_a, b, c = _discretize(log_dt, log_a_real, a_imag, b, c, rate, mask)
+        z, e, *params = ctx.saved_tensors
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, ctx.rates, ctx.masks)
+        dt, a = _poles(log_dt, log_a_real, a_imag, rate)
         q = b * e
         (k, h, length), n2 = grad.shape, z.shape[1]
         # w = 2 sum_l grad z^l and p = 2 sum_l l grad z^l for all k in one GEMM (H, 2K, L) @ (H, L, 2 N2)
         steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
-        g = (grad * torch.stack([torch.full_like(steps, 2), 2 * steps])[:, None, None]).view(2 * k, h, length)
-        v = torch.view_as_real(_powers_into(z, length)).view(h, length, 2 * n2)
-        wp = torch.view_as_complex(torch.bmm(g.transpose(0, 1), v).view(h, 2 * k, n2, 2)).transpose(0, 1)
+        g = (grad * torch.stack([torch.full_like(steps, 2), 2 * steps])[:, None, None]).reshape(2 * k, h, length)
+        v = torch.view_as_real(_powers_into(z, length)).view(length, h, 2 * n2)
+        wp = torch.view_as_complex(torch.bmm(g.transpose(0, 1), v.transpose(0, 1)).view(h, 2 * k, n2, 2)).transpose(0, 1)
         w, p = wp[:k], wp[k:]  # (K, H, N2): g of C~, and g of dt A through z ** l per kernel (/ C~)
         g_q = (w * c).sum(0)
         g_e = g_q * b
         g_dta = (p * (c * q)).sum(0)  # through z ** l: d/d(dt A) = l z ** l
-        t = g_e * inv_a
+        t = g_e * a.reciprocal()
         g_dta = g_dta + t * z  # e = expm1(dt A) / A
         g_a = dt * g_dta - t * e  # A, directly and through dt A
-        g_c = w * q
-        if mask is not None:
-            g_c = g_c * mask
+        mask = _stacked_mask(params, ctx.masks)  # C~ = (C * mask) B e
+        g_c = w * q if mask is None else w * (q * mask)
         stacked = (
-            (g_dta * torch.complex(a_re, a_imag)).real.sum(-1) * dt[:, 0],  # dt A with dt real, dt = exp(log_dt)
-            g_a.real * a_re,  # Re A = -exp(log_a_real)
+            (g_dta * a).real.sum(-1) * dt[:, 0],  # dt A with dt real, dt = exp(log_dt)
+            g_a.real * a.real,  # Re A = -exp(log_a_real)
             -g_a.imag,
             torch.view_as_real(torch.conj_physical(g_q * e)),
             torch.view_as_real(torch.conj_physical(g_c)),
@@ -289,7 +295,8 @@ def ssm_kernels(
         masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
         group_rates = [rates[i] for i in members]
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
-            _, _, z, e, _, b, c = _discretize(*_stack(params, group_rates, masks))
+            log_dt, log_a_real, a_imag, b, c, rate = _stack(params, group_rates, masks)
+            z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
             stacked = _kernels(_powers(torch.conj_physical(z), length), c * (b * e))
         else:
             stacked = _SSMKernelFn.apply(length, group_rates, masks, *params)
