@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from s4nd_vision.layers import S4ND, SSMKernel, ops, ssm_init_imag
-from s4nd_vision.layers.ssm_kernel import ssm_kernels
+from s4nd_vision.layers.ssm_kernel import _SSMKernelFn, ssm_kernels
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
@@ -104,6 +104,21 @@ def test_stacked_generation_equals_one_kernel_at_a_time():
         return torch.cat([k.flatten() for k in torch.func.functional_call(stack, dict(zip(names, values)), ())])
 
     assert torch.autograd.gradcheck(fn, tuple(p.detach().requires_grad_() for p in params))
+
+
+
+def test_kernel_function_takes_a_strided_gradient():
+    """The generation Function returns a transposed view; an upstream gradient in that layout (`ones_like`)
+    gives the same parameter gradients as a contiguous one."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(4, d_state=6, num_kernels=2)
+    params = [kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c]
+    k = _SSMKernelFn.apply(9, [1.0], [None], *params)
+    g = torch.ones_like(k) * torch.arange(9.0)  # in the layout of k
+    assert not g.is_contiguous()
+    strided = torch.autograd.grad(k, params, g, retain_graph=True)
+    for a, b in zip(strided, torch.autograd.grad(k, params, g.contiguous())):
+        torch.testing.assert_close(a, b)
 
 
 def test_inits():
