@@ -24,8 +24,9 @@ __all__ = [
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
 # Along a last axis this short or shorter, the Toeplitz product runs as (T @ z^T)^T: batched 7x7 GEMMs took
-# 0.3 instead of 1.6 ms (768 channels, batch 8), 14x14 0.34 instead of 0.57, 28x28 0.81 instead of 1.09; 56: equal.
-SMALL_AXIS = 32
+# 0.3 instead of 1.6 ms (768 channels, batch 8). The transposed result slows the ops after it, though: a layer's
+# fwd+bwd took 0.89x the time with it at 7x7, but 1.09x at 14x14 and 1.07x at 28x28 (2x the GEMM speed-up there).
+SMALL_AXIS = 8
 FORCE_ALGORITHM: Optional[str] = None  # 'toeplitz' or 'fft' for every axis (tests, benchmarks); None = the rule
 
 
