@@ -17,9 +17,10 @@ timm and the ConvNeXt paper report (ConvNeXt-T: 4.5 G); real flops are about twi
   divisions (4): 8 per element (6 for a real x); a complex divided by a real number, 2.
   Real x real stays 0, as in fvcore.
 - Complex bmm / mm / matmul / einsum: fvcore's count times 4 (torch multiplies complex only by complex).
+  baddbmm (a product accumulated into a tensor) counts as its bmm, which fvcore leaves at 0.
 - `mean` (average pooling, folded into S4ND): one per input element, fvcore's convention for
   `adaptive_avg_pool2d`.
-- Pure data movement (pad, flip, complex <-> real views, unflatten, movedim) is marked as free.
+- Pure data movement (pad, flip, complex <-> real views and conjugation, unflatten, movedim) is marked as free.
 
 Like fvcore, real elementwise ops (add, sub, mul, exp, cos, sin, GELU, GLU, ...) are not counted
 (they stay in `unsupported_ops()`, except mul and div): the exp/cos/sin of S4ND's kernel
@@ -57,7 +58,7 @@ _FFT_OPS = {
 # ops that only move or reinterpret data
 _FREE_OPS = (
     'aten::pad', 'aten::flip', 'aten::complex', 'aten::view_as_complex', 'aten::view_as_real',
-    'aten::real', 'aten::imag', 'aten::unflatten', 'aten::movedim',
+    'aten::real', 'aten::imag', 'aten::conj_physical', 'aten::unflatten', 'aten::movedim',
 )
 
 _NOT_CONSTANT = object()
@@ -152,6 +153,7 @@ def s4nd_handles() -> Dict[str, Optional[Handle]]:
         'aten::mul': _complex_elementwise(divide=False),
         'aten::div': _complex_elementwise(divide=True),
         'aten::bmm': _complex_product(bmm_flop_jit),
+        'aten::baddbmm': _complex_product(lambda inputs, outputs: bmm_flop_jit(inputs[1:3], outputs)),
         'aten::mm': _complex_product(matmul_flop_jit),
         'aten::matmul': _complex_product(matmul_flop_jit),
         'aten::einsum': _complex_product(einsum_flop_jit),
