@@ -17,7 +17,7 @@ timm and the ConvNeXt paper report (ConvNeXt-T: 4.5 G); real flops are about twi
   divisions (4): 8 per element (6 for a real x); a complex divided by a real number, 2.
   Real x real stays 0, as in fvcore.
 - Complex bmm / mm / matmul / einsum: fvcore's count times 4 (torch multiplies complex only by complex).
-  baddbmm (a product accumulated into a tensor) counts as its bmm, which fvcore leaves at 0.
+  baddbmm(_) (a product accumulated into a tensor) counts as its bmm, which fvcore leaves at 0.
 - `mean` (average pooling, folded into S4ND): one per input element, fvcore's convention for
   `adaptive_avg_pool2d`.
 - Pure data movement (pad, flip, complex <-> real views and conjugation, unflatten, movedim) is marked as free.
@@ -153,7 +153,8 @@ def s4nd_handles() -> Dict[str, Optional[Handle]]:
         'aten::mul': _complex_elementwise(divide=False),
         'aten::div': _complex_elementwise(divide=True),
         'aten::bmm': _complex_product(bmm_flop_jit),
-        'aten::baddbmm': _complex_product(lambda inputs, outputs: bmm_flop_jit(inputs[1:3], outputs)),
+        **{name: _complex_product(lambda inputs, outputs: bmm_flop_jit(inputs[1:3], outputs))
+           for name in ('aten::baddbmm', 'aten::baddbmm_')},
         'aten::mm': _complex_product(matmul_flop_jit),
         'aten::matmul': _complex_product(matmul_flop_jit),
         'aten::einsum': _complex_product(einsum_flop_jit),

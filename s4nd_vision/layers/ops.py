@@ -84,7 +84,20 @@ def _shape3(z: torch.Tensor, dim: int) -> tuple:
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.bmm(a, b) if acc is None else torch.baddbmm(acc, a, b)
+    """a @ b, or acc += a @ b in place (the GEMM accumulates: no copy of acc, no separate add)."""
+    return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
+
+
+def _add_pool_adjoint_(target: torch.Tensor, s: torch.Tensor, dims: Sequence[int], pools: Sequence[int]) -> torch.Tensor:
+    """target += the transpose of average pooling by pools[a] along dims[a] (increasing) applied to s, in place:
+    s is spread (each value over its window, / pool) along every pooled axis but the outermost, which takes
+    a broadcast add into target (contiguous inner blocks), so no full-size spread tensor is materialized."""
+    (first, pool), *rest = [(dim, p) for dim, p in zip(dims, pools) if p > 1]
+    for dim, p in rest:
+        s = _avg_pool_axis_adjoint(s, dim, p, target.shape[dim])
+    m = s.shape[first]
+    target.narrow(first, 0, m * pool).unflatten(first, (m, pool)).add_(s.unsqueeze(first + 1), alpha=1 / pool)
+    return target
 
 
 class _ToeplitzAxis:
@@ -102,8 +115,8 @@ class _ToeplitzAxis:
         self.t = rev.flip(1)  # (C, m, n)
 
     def _bmm(self, t: torch.Tensor, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """t (C, rows, cols) applied along `dim` of z (length cols), plus `acc` (shaped like the result) if given:
-        accumulated by the GEMM (baddbmm), one pass over the result fewer than adding it afterwards."""
+        """t (C, rows, cols) applied along `dim` of z (length cols), plus `acc` (shaped like the result, a temporary
+        the caller owns) if given: the GEMM accumulates into it in place, one pass fewer than adding afterwards."""
         c, prefix, suffix = _shape3(z, dim)
         rows, cols = t.shape[1:]
         if suffix == 1 and cols <= SMALL_AXIS:  # last axis, short: (T @ z^T)^T, a GEMM shape MKL runs 1.3-5x faster
@@ -120,7 +133,7 @@ class _ToeplitzAxis:
         return y.reshape(z.shape[:dim] + (rows,) + z.shape[dim + 1:])  # a view, also of the transposed product
 
     def apply(self, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z convolved (and pooled) along `dim`, plus `acc` if given."""
+        """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten)."""
         return self._bmm(self.t, z, dim, acc)
 
     def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> tuple:
@@ -156,17 +169,17 @@ class _FFTAxis:
         return k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (z.ndim - dim - 1))
 
     def apply(self, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z convolved (and pooled) along `dim`, plus `acc` if given."""
+        """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten)."""
         y = torch.fft.irfft(self._spectrum(z, dim) * self._broadcast(self.k_f, z, dim), n=self.m, dim=dim)
         y = _avg_pool_axis(y.narrow(dim, 0, self.n), dim, self.pool)
-        return y if acc is None else acc + y
+        return y if acc is None else acc.add_(y)
 
     def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> tuple:
         """Gradients of the (C, 2n - 1) taps (circular cross-correlation of g and z, summed over every row)
         and of the axis input z (correlation of g with the kernel; plus `acc` if given), sharing the spectrum of g."""
         g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
         grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim).narrow(dim, 0, self.n)
-        grad_z = grad_z if acc is None else acc + grad_z
+        grad_z = grad_z if acc is None else acc.add_(grad_z)
         cross = (g_f * self._spectrum(z, dim).conj()).movedim(dim, -1)
         grad_circ = torch.fft.irfft(cross.reshape(z.shape[0], -1, cross.shape[-1]).sum(1), n=self.m)  # (C, m)
         n = self.n
@@ -292,12 +305,12 @@ class _SeparableConv(torch.autograd.Function):
         u = x if weight is None else project(x, weight, bias)
         pools, dims = ctx.pools, _spatial_dims(u)
         grad = channel_major(channels_first(grad))  # usually a permuted view of the next layer's layout
-        grad_u, grad_skip = None, None
+        grad_u, grad_skip, grad_pooled = None, None, None
         if skip is not None:
             grad_skip = (grad * avg_pool_axes(u, pools)).sum(dim=list(range(1, u.ndim)))
-            grad_u = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * grad
-            for dim, pool in zip(dims[::-1], pools[::-1]):
-                grad_u = _avg_pool_axis_adjoint(grad_u, dim, pool, u.shape[dim])
+            grad_pooled = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * grad
+            if all(p == 1 for p in pools):  # the first axis' adjoint GEMM accumulates into it
+                grad_u, grad_pooled = grad_pooled, None
         grad_kernels = [torch.zeros_like(k) for k in kernels]
         for term, ops_ in enumerate(conv_operators(kernels, u.shape, pools)):
             inputs = [u]  # the input of every axis, kept or recomputed
@@ -307,6 +320,8 @@ class _SeparableConv(torch.autograd.Function):
             for a in reversed(range(len(dims))):
                 grad_kernels[a][term], g = ops_[a].backward(inputs[a], g, dims[a], acc=grad_u if a == 0 else None)
             grad_u = g
+        if grad_pooled is not None:  # the skip's gradient, spread over the pooling windows
+            _add_pool_adjoint_(grad_u, grad_pooled, dims, pools)
         if weight is None:
             return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
         grad_u = grad_u.flatten(1)
