@@ -23,10 +23,6 @@ __all__ = [
 # 1.12 at rows = n/2 (n=32), 0.72 at rows = n (n=64), 1.13 at rows = n/3 and 0.28 at rows = 1.3 n (n=196).
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
-# Along a last axis this short or shorter, the Toeplitz product runs as (T @ z^T)^T: batched 7x7 GEMMs took
-# 0.3 instead of 1.6 ms (768 channels, batch 8). The transposed result slows the ops after it, though: a layer's
-# fwd+bwd took 0.89x the time with it at 7x7, but 1.09x at 14x14 and 1.07x at 28x28 (2x the GEMM speed-up there).
-SMALL_AXIS = 8
 FORCE_ALGORITHM: Optional[str] = None  # 'toeplitz' or 'fft' for every axis (tests, benchmarks); None = the rule
 
 
@@ -119,10 +115,9 @@ class _ToeplitzAxis:
         the caller owns) if given: the GEMM accumulates into it in place, one pass fewer than adding afterwards."""
         c, prefix, suffix = _shape3(z, dim)
         rows, cols = t.shape[1:]
-        if suffix == 1 and cols <= SMALL_AXIS:  # last axis, short: (T @ z^T)^T, a GEMM shape MKL runs 1.3-5x faster
-            acc = None if acc is None else acc.reshape(c, prefix, rows).transpose(1, 2)
-            y = _gemm(t, z.reshape(c, prefix, cols).transpose(1, 2), acc).transpose(1, 2)
-        elif suffix == 1:  # last axis: (C, P, cols) @ (C, rows, cols)^T
+        # (a last axis as (T @ z^T)^T runs its GEMM up to 5x faster at 7x7, but the strided result slows what
+        # follows: convnext_s4nd_tiny took 1% longer to train and 3% longer in inference with it)
+        if suffix == 1:  # last axis: (C, P, cols) @ (C, rows, cols)^T
             acc = None if acc is None else acc.reshape(c, prefix, rows)
             y = _gemm(z.reshape(c, prefix, cols), t.transpose(1, 2), acc)
         else:  # (C * P, rows, cols) @ (C * P, cols, Q); T repeats over P (only for middle axes of 3D inputs)
@@ -130,7 +125,7 @@ class _ToeplitzAxis:
                 t = t[:, None].expand(c, prefix, rows, cols).reshape(c * prefix, rows, cols)
             acc = None if acc is None else acc.reshape(c * prefix, rows, suffix)
             y = _gemm(t, z.reshape(c * prefix, cols, suffix), acc)
-        return y.reshape(z.shape[:dim] + (rows,) + z.shape[dim + 1:])  # a view, also of the transposed product
+        return y.reshape(z.shape[:dim] + (rows,) + z.shape[dim + 1:])  # a view
 
     def apply(self, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten)."""
