@@ -119,7 +119,7 @@ def _poles(log_dt, log_a_real, a_imag, rate) -> tuple:
 def _discretize(dt: torch.Tensor, a: torch.Tensor) -> tuple:
     """Zero-order hold: z = exp(dt A) and e = expm1(dt A) / A (so that C~ = C B e), (H, N2) complex.
 
-    Complex exp, expm1 and division are scalar loops on the CPU, so they are built from real ops."""
+    Complex exp and expm1 are scalar loops on the CPU, so they are built from real ops."""
     x, y = dt * a.real, dt * a.imag  # dt A
     exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
     z = torch.complex(exp_x * cos_y, exp_x * sin_y)
