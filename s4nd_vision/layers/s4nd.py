@@ -250,7 +250,7 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
     spatial sizes (at their automatic rate): all axes of all layers that share kernel length and SSM
     sizes become one stacked `ssm_kernels` call, so a whole network costs a handful of generation
     calls per training step instead of one per layer (generation is bound by the number of ops, not
-    their size: ~120 small ops per call). A layer whose next input differs ignores them.
+    their size: ~60 small ops per call, forward and backward). A layer whose next input differs ignores them.
 
     Every parameter must be materialized (not FSDP-sharded across units) when this runs.
     """
