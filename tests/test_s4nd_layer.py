@@ -42,18 +42,18 @@ def _direct_reference(layer: S4ND, x: torch.Tensor, rate=None) -> torch.Tensor:
     sizes = x.shape[2:]
     rates = layer.resolve_rate(sizes, rate)
     lengths = layer.kernel_lengths(sizes, rates)
-    full = []  # per axis: (channels, H, 2n - 1) over offsets -(n-1)..(n-1), assembled tap by tap
+    full = []  # per axis: (rank, H, 2n - 1) over offsets -(n-1)..(n-1), assembled tap by tap
     for kernel, bi, n, length, r in zip(layer.kernels, layer.bidirectional, sizes, lengths, rates):
         k = kernel(length, rate=r, dtype=torch.float64)
-        taps = torch.zeros(layer.channels, layer.dim, 2 * n - 1, dtype=torch.float64)
+        taps = torch.zeros(layer.rank, layer.dim, 2 * n - 1, dtype=torch.float64)
         for offset in range(-(n - 1), n):
             if 0 <= offset < length:
-                taps[..., offset + n - 1] = k[: layer.channels, :, offset]
+                taps[..., offset + n - 1] = k[: layer.rank, :, offset]
             elif offset < 0 and bi and -offset - 1 < length:
-                taps[..., offset + n - 1] = k[layer.channels:, :, -offset - 1]
+                taps[..., offset + n - 1] = k[layer.rank:, :, -offset - 1]
         full.append(taps)
     kernel_nd = 0
-    for term in range(layer.channels):  # sum of rank-1 (outer product) terms
+    for term in range(layer.rank):  # sum of rank-1 (outer product) terms
         outer = full[0][term]
         for taps in full[1:]:
             outer = outer[..., None] * taps[term].reshape((taps.shape[1],) + (1,) * (outer.ndim - 1) + (-1,))
@@ -134,7 +134,7 @@ def test_inits():
 
 
 CASES = [
-    # ndim, sizes, l_ref, l_max, bidirectional, channels, pool
+    # ndim, sizes, l_ref, l_max, bidirectional, rank, pool
     (1, (9,), None, None, True, 1, 1),
     (1, (12,), 6, 4, False, 2, 1),
     (1, (11,), 11, None, True, 1, 3),
@@ -147,11 +147,11 @@ CASES = [
 
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
-@pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,channels,pool', CASES)
-def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_ref, l_max, bidirectional, channels, pool):
+@pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,rank,pool', CASES)
+def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_ref, l_max, bidirectional, rank, pool):
     monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
     torch.manual_seed(0)
-    layer = S4ND(3, ndim=ndim, d_state=8, channels=channels, bidirectional=bidirectional,
+    layer = S4ND(3, ndim=ndim, d_state=8, rank=rank, bidirectional=bidirectional,
                  l_ref=l_ref, l_max=l_max, pool=pool, dt_min=0.05, dt_max=0.5).double()
     _randomize(layer)
     x = torch.randn(2, 3, *sizes, dtype=torch.float64)
@@ -237,7 +237,7 @@ def test_gradcheck(monkeypatch, algorithm, ndim, sizes, pool):
     monkeypatch.setattr(ops, 'TOEPLITZ_MIN_ROWS', 1.0)  # with the rule (None): Toeplitz and FFT axes mixed
     torch.manual_seed(0)
     bidirectional = (True, False, True)[:ndim]
-    layer = S4ND(2, ndim=ndim, d_state=4, channels=2, bidirectional=bidirectional, l_ref=sizes[::-1],
+    layer = S4ND(2, ndim=ndim, d_state=4, rank=2, bidirectional=bidirectional, l_ref=sizes[::-1],
                  pool=pool, dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
     names, params = zip(*layer.named_parameters())
     x = torch.randn((1, 2) + sizes, dtype=torch.float64, requires_grad=True)
@@ -253,7 +253,7 @@ def test_compiled_training_step_matches_eager(pool):
     """Under torch.compile the layer runs as plain differentiable ops (no custom Functions, in-place
     accumulation into temporaries): outputs and every gradient match the eager hand-written backward."""
     torch.manual_seed(0)
-    layer = S4ND(4, ndim=2, l_ref=8, channels=2, pool=pool)
+    layer = S4ND(4, ndim=2, l_ref=8, rank=2, pool=pool)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     grads = []
     for run in (layer, torch.compile(layer, fullgraph=True, backend='aot_eager')):

@@ -33,7 +33,7 @@ class S4ND(nn.Module):
     """Depthwise global convolution with an N-D S4 kernel, in linear form: y = K * x + D x.
 
     Each spatial axis has its own diagonal SSM (`SSMKernel`); the N-D kernel of a channel is the
-    outer product of its axis kernels (a sum of `channels` such rank-1 terms), so the
+    outer product of its axis kernels (a sum of `rank` such rank-1 terms), so the
     convolution runs as one exact 1D convolution per axis.
 
     Resolution: kernels are sampled from continuous parameters with step dt * rate, where
@@ -51,7 +51,9 @@ class S4ND(nn.Module):
         dim: channels.
         ndim: number of spatial axes (1, 2 or 3).
         d_state: SSM state size N per axis (N/2 complex modes).
-        channels: number of rank-1 kernel terms summed per channel.
+        rank: number of rank-1 kernel terms summed per channel (the original code's `trank`, which
+            averages its terms where this sums them; its `channels` argument, output channels per
+            feature, has no counterpart here).
         bidirectional: two-sided kernels (per axis, or one bool for all); False = causal axis.
         init: Im(A) initialization, 'lin' (S4D-Lin), 'inv' (S4D-Inv) or 'legs' (S4D-LegS).
         dt_min, dt_max: range of the log-uniform step size initialization.
@@ -66,7 +68,7 @@ class S4ND(nn.Module):
             dim: int,
             ndim: int = 2,
             d_state: int = 64,
-            channels: int = 1,
+            rank: int = 1,
             bidirectional: Union[bool, Sequence[bool]] = True,
             init: str = 'lin',
             dt_min: float = 1e-3,
@@ -81,11 +83,11 @@ class S4ND(nn.Module):
         super().__init__()
         if ndim not in (1, 2, 3):
             raise ValueError(f'ndim must be 1, 2 or 3, got {ndim}')
-        if channels < 1:
-            raise ValueError(f'channels must be >= 1, got {channels}')
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f'rank must be a positive integer, got {rank!r}')
         self.dim = dim
         self.ndim = ndim
-        self.channels = channels
+        self.rank = rank
         self.bidirectional = tuple(bool(b) for b in _per_axis(bidirectional, ndim, 'bidirectional'))
         self.l_ref = None
         self.set_reference_size(l_ref)
@@ -95,7 +97,7 @@ class S4ND(nn.Module):
             raise ValueError(f'pool must hold positive integers, got {pool}')
         self.kernels = nn.ModuleList([
             SSMKernel(
-                dim, d_state=d_state, num_kernels=channels * (2 if bi else 1), init=init,
+                dim, d_state=d_state, num_kernels=rank * (2 if bi else 1), init=init,
                 dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, device=device, dtype=dtype)
             for bi in self.bidirectional
         ])
@@ -129,17 +131,17 @@ class S4ND(nn.Module):
         return tuple(min(s, math.ceil(m / r)) for s, m, r in zip(sizes, self.l_max, rates))
 
     def axis_kernels(self, sizes: Sequence[int], rate: Optional[_Floats] = None, dtype=torch.float32):
-        """Two-sided 1D kernels for each axis: a list (per axis) of (channels, dim, 2 n - 1) tensors."""
+        """Two-sided 1D kernels for each axis: a list (per axis) of (rank, dim, 2 n - 1) tensors."""
         rates = self.resolve_rate(sizes, rate)
         lengths = self.kernel_lengths(sizes, rates)
         return self._two_sided(ssm_kernels(self.kernels, lengths, rates, dtype), sizes)
 
     def _two_sided(self, generated: Sequence[torch.Tensor], sizes: Sequence[int]) -> list:
-        """Per axis, the (channels * directions, dim, length) SSM kernels as (channels, dim, 2 n - 1) two-sided ones."""
+        """Per axis, the (rank * directions, dim, length) SSM kernels as (rank, dim, 2 n - 1) two-sided ones."""
         out = []
         for k, bi, n in zip(generated, self.bidirectional, sizes):
             if bi:
-                k_fwd, k_bwd = k[: self.channels], k[self.channels:]
+                k_fwd, k_bwd = k[: self.rank], k[self.rank:]
             else:
                 k_fwd, k_bwd = k, None
             out.append(two_sided_kernel(k_fwd, k_bwd, n))
@@ -235,7 +237,7 @@ class S4ND(nn.Module):
             return apply_operators(u, self._cached_operators(shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
 
     def extra_repr(self) -> str:
-        s = f'{self.dim}, ndim={self.ndim}, channels={self.channels}, bidirectional={self.bidirectional}'
+        s = f'{self.dim}, ndim={self.ndim}, rank={self.rank}, bidirectional={self.bidirectional}'
         if self.l_ref is not None:
             s += f', l_ref={self.l_ref}'
         if self.l_max is not None:

@@ -169,7 +169,7 @@ def inflate_state_dict(
         time = {k: target[f'{p}kernels.0.{k}'] for k in layer.kernels[0].state_dict()}
         if time_init != 'random':
             decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
-            time = _time_kernel(time, layer.channels, layer.bidirectional[0], decay)
+            time = _time_kernel(time, layer.rank, layer.bidirectional[0], decay)
         time_params.update({f'{p}kernels.0.{k}': v.contiguous() for k, v in time.items()})
 
     inflated, used, missing = {}, set(), []
