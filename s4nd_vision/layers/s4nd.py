@@ -92,6 +92,8 @@ class S4ND(nn.Module):
         self.l_ref = None
         self.set_reference_size(l_ref)
         self.l_max = None if l_max is None else _per_axis(l_max, ndim, 'l_max')
+        if self.l_max is not None and any(not isinstance(v, int) or v < 1 for v in self.l_max):
+            raise ValueError(f'l_max must hold positive integers (or be None for global kernels), got {l_max!r}')
         self.pool = _per_axis(pool, ndim, 'pool')
         if any(not isinstance(p, int) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
@@ -102,7 +104,7 @@ class S4ND(nn.Module):
             for bi in self.bidirectional
         ])
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
-        self._kernel_cache = None  # (key, convolution operators), used without autograd (inference)
+        self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
         self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
 
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
@@ -154,27 +156,39 @@ class S4ND(nn.Module):
             return prepared[1]
         return None
 
+    def _kernel_state(self) -> torch.Tensor:
+        """Every value the kernels are generated from (SSM parameters and buffers), flattened into one
+        float64 vector (an exact copy for every float dtype)."""
+        tensors = list(self.kernels.parameters()) + list(self.kernels.buffers())
+        return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+
     def _cached_operators(
             self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype, conv_dtype: torch.dtype) -> list:
         """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
         remembered between calls while no gradient is recorded (inference).
 
-        The cache key holds everything they depend on: input shape (the algorithm depends on the
-        batch size too), rates, kernel lengths, dtype, band limits, and each SSM parameter's storage
-        and version counter (so in-place updates, `load_state_dict`, `.to()` and optimizer steps
-        all invalidate it).
+        The cache is reused only when the input shape (the algorithm depends on the batch size too),
+        rates, kernel lengths, dtypes, band limits and the values of every SSM parameter equal those it
+        was built from. Parameters are compared by value, not by version counter: writes through
+        `.data`, `.copy_`, `load_state_dict(assign=True)`, `vector_to_parameters`, distributed broadcasts
+        or NumPy views can bypass the counters, and stale kernels would be a silently wrong result.
+        The comparison is one small vector per layer (on CUDA, one synchronization per layer).
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
         key = (
             tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple(k.bandlimit for k in self.kernels),
-            tuple((p.device, p.data_ptr(), p._version) for p in self.kernels.parameters()),
         )
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
-            self._kernel_cache = (key, conv_operators(kernels, shape, self.pool))
-        return self._kernel_cache[1]
+        state = self._kernel_state()
+        if self._kernel_cache is not None:
+            cached_key, cached_state, operators = self._kernel_cache
+            if (cached_key == key and cached_state.device == state.device
+                    and cached_state.shape == state.shape and torch.equal(cached_state, state)):
+                return operators
+        kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
+        self._kernel_cache = (key, state, conv_operators(kernels, shape, self.pool))
+        return self._kernel_cache[2]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2:
@@ -220,6 +234,10 @@ class S4ND(nn.Module):
         # kernels, FFTs and long sums run in float32 (float64 stays float64), also under autocast
         kernel_dtype = torch.promote_types(u.dtype, torch.float32)
         conv_dtype = self._conv_dtype(u.device, shape, kernel_dtype)
+        if u.shape[-2] == 0:  # empty batch: an empty output, like a convolution's (FFT libraries refuse it)
+            pooled = tuple(n // p for n, p in zip(sizes, self.pool))
+            out = u.new_zeros((self.dim,) + pooled[:-1] + (0, pooled[-1]), dtype=conv_dtype)
+            return out + 0 * (u.sum() + self.D.sum())  # keeps the output in the autograd graph
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(conv_dtype)
             if proj is not None:
