@@ -9,13 +9,14 @@ Papers: S4 (https://arxiv.org/abs/2111.00396), S4D (https://arxiv.org/abs/2206.1
 S4ND (https://arxiv.org/abs/2210.06583).
 """
 import math
-from functools import lru_cache
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
+from .hippo import legs_nplr
+
+__all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
@@ -34,19 +35,6 @@ def is_ssm_param(param: torch.Tensor) -> bool:
     return getattr(param, _SSM_ATTR, False)
 
 
-@lru_cache(maxsize=8)
-def _legs_imag(d_state: int) -> torch.Tensor:
-    """Imaginary parts of the eigenvalues of the normal part of the HiPPO-LegS matrix."""
-    n = torch.arange(d_state, dtype=torch.float64, device='cpu')
-    q = torch.sqrt(2 * n + 1)
-    # HiPPO-LegS: A[i, j] = -q_i q_j (i > j), -(i + 1) (i == j); normal part S = A + P P^T, P = sqrt(n + 1/2)
-    a = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
-    p = torch.sqrt(n + 0.5)
-    eig = torch.linalg.eigvals(a + p[:, None] * p[None, :])
-    imag = eig.imag[eig.imag > 0].sort().values
-    return imag[: d_state // 2].clone()
-
-
 def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     """Im(A) for the S4D initializations, (d_state // 2,) float64 on the CPU."""
     n = torch.arange(d_state // 2, dtype=torch.float64, device='cpu')
@@ -55,7 +43,17 @@ def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     if init == 'inv':
         return (d_state / math.pi) * (d_state / (2 * n + 1) - 1)
     if init == 'legs':
-        return _legs_imag(d_state)
+        return legs_nplr(d_state)[0].imag
+    raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
+
+
+def ssm_init_b(init: str, d_state: int) -> torch.Tensor:
+    """B for the S4D initializations, (d_state // 2,) complex128 on the CPU: ones for 'lin' and 'inv'; for 'legs'
+    HiPPO-LegS's B in the eigenbasis of its normal part (V^H B, the basis of Im(A), see `hippo.legs_nplr`)."""
+    if init == 'legs':
+        return legs_nplr(d_state)[1]
+    if init in SSM_INITS:
+        return torch.ones(d_state // 2, dtype=torch.complex128)
     raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
 
 
@@ -141,7 +139,7 @@ def _kernels(conj_powers: torch.Tensor, c_disc: torch.Tensor) -> torch.Tensor:
 class _SSMKernelFn(torch.autograd.Function):
     """S4D kernels of one or more SSMs stacked along channels, with a closed-form backward.
 
-    Autograd through these steps would record ~60 small complex ops and save a dozen tensors,
+    Autograd through these steps would record every small complex op and save many tensors,
     some (L, H, N2) large; here only z = exp(dt A) and e = expm1(dt A) / A are saved besides the
     parameters (their transcendental functions are most of the discretization's cost), the backward
     recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. The backward works with conjugated gradients
@@ -243,7 +241,7 @@ class SSMKernel(nn.Module):
         self.log_dt.copy_(log_dt)
         self.log_a_real.copy_(torch.full((self.dim, n2), math.log(0.5), dtype=torch.float64))
         self.a_imag.copy_(ssm_init_imag(self.init, self.d_state).expand(self.dim, n2))
-        self.b.copy_(torch.stack([torch.ones(self.dim, n2), torch.zeros(self.dim, n2)], dim=-1))
+        self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))
         # C ~ complex standard normal (variance 1/2 per component)
         self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
 

@@ -1,0 +1,58 @@
+"""Per-axis kernels against their definitions: S4D-LegS from the HiPPO-LegS decomposition, the S4 (DPLR)
+kernel against matrix powers of the dense discretized system, and the SGConv kernel's structure."""
+import math
+
+import pytest
+import torch
+
+from s4nd_vision.layers import SSMKernel
+from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
+
+
+def _zoh_dense_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt: float, length: int) -> torch.Tensor:
+    """K[l] = c^T exp(dt A)^l A^-1 (exp(dt A) - I) b of a dense real system (ZOH), (length,) float64."""
+    d_a = torch.linalg.matrix_exp(dt * a)
+    d_b = torch.linalg.solve(a, (d_a - torch.eye(a.shape[0], dtype=a.dtype)) @ b)
+    out, state = [], d_b
+    for _ in range(length):
+        out.append(c @ state)
+        state = d_a @ state
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize('d_state', [8, 16, 64])
+def test_legs_nplr_is_the_hippo_decomposition(d_state):
+    """Lambda, V^H B and V^H P rebuild HiPPO-LegS's A and B exactly (with the conjugate half)."""
+    a, b, p = hippo_legs(d_state)
+    lam, vb, vp, v = legs_nplr(d_state)
+    v_full = torch.cat([v, v.conj()], dim=1)
+    lam_full, vp_full, vb_full = (torch.cat([t, t.conj()]) for t in (lam, vp, vb))
+    torch.testing.assert_close(v_full.conj().T @ v_full, torch.eye(d_state, dtype=v.dtype))  # unitary
+    dplr = torch.diag(lam_full) - vp_full[:, None] * vp_full.conj()[None, :]
+    torch.testing.assert_close(v_full @ dplr @ v_full.conj().T, a.to(v.dtype), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(v_full @ vb_full, b.to(v.dtype))
+    # the eigenvalues of A's normal part, independently of our eigenvector basis
+    eig = torch.linalg.eigvals(a + p[:, None] * p[None, :])
+    expected = eig[eig.imag > 0].imag.sort().values
+    torch.testing.assert_close(lam.imag, expected)
+    torch.testing.assert_close(lam.real, torch.full_like(lam.real, -0.5))
+
+
+def test_s4d_legs_init_is_the_normal_part_of_hippo_legs():
+    """init='legs': A and B are HiPPO-LegS's normal part in its eigenbasis, so with C = V^H c the diagonal SSM's
+    kernel is the kernel of the real dense system (S = A + P P^T, B, c)."""
+    d_state, dt, length = 16, 0.05, 40
+    kernel = SSMKernel(1, d_state=d_state, num_kernels=1, init='legs', dtype=torch.float64)
+    a, b, p = hippo_legs(d_state)
+    lam, vb, vp, v = legs_nplr(d_state)
+    torch.testing.assert_close(torch.complex(-kernel.log_a_real.exp(), kernel.a_imag)[0], lam)
+    torch.testing.assert_close(torch.view_as_complex(kernel.b.detach())[0], vb)
+    magnitudes = vb.abs()
+    assert 0.6 < magnitudes.min() < 0.8 and magnitudes[:6].max() < 2.5 and bool((magnitudes.diff() > 0).all())
+    c = torch.randn(d_state, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        kernel.log_dt.fill_(math.log(dt))
+        # y = c^T x = c^T V_full x~: the half with Im > 0 carries C = V^T c (its conjugate the other half)
+        kernel.c.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
+    expected = _zoh_dense_kernel(a + p[:, None] * p[None, :], b, c, dt, length)
+    torch.testing.assert_close(kernel(length, dtype=torch.float64)[0, 0], expected)
