@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from s4nd_vision.layers import SSMKernel
+from s4nd_vision.layers.s4_kernel import S4Kernel
 from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
 
 
@@ -56,3 +57,79 @@ def test_s4d_legs_init_is_the_normal_part_of_hippo_legs():
         kernel.c.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
     expected = _zoh_dense_kernel(a + p[:, None] * p[None, :], b, c, dt, length)
     torch.testing.assert_close(kernel(length, dtype=torch.float64)[0, 0], expected)
+
+
+def _bilinear_dense_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt, length: int) -> torch.Tensor:
+    """K[k, h, l] = Re(c[k, h]^T A~^l B~) for dense systems A (H, N, N), b (H, N), c (K, H, N), dt (H,): bilinear,
+    by explicit matrix powers."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype)
+    half = (dt / 2).to(a.dtype)[:, None, None] * a
+    a_disc = torch.linalg.solve(eye - half, eye + half)
+    state = torch.linalg.solve(eye - half, dt.to(a.dtype)[:, None] * b)  # B~
+    out = []
+    for _ in range(length):
+        out.append(torch.einsum('khn,hn->kh', c, state).real)
+        state = (a_disc @ state[..., None])[..., 0]
+    return torch.stack(out, dim=-1)
+
+
+def _randomize_s4(kernel, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in kernel.named_parameters():
+            scale = 0.3 if name in ('log_dt', 'log_a_real') else 0.5
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize('randomized', [False, True])
+@pytest.mark.parametrize('length', [1, 2, 7, 12])
+def test_s4_kernel_equals_matrix_powers(randomized, length):
+    """Cauchy + Woodbury in the frequency domain == C^T A~^l B~ with the dense bilinear A~, at several rates."""
+    torch.manual_seed(0)
+    kernel = S4Kernel(3, d_state=8, num_kernels=2, dt_min=0.05, dt_max=0.5, dtype=torch.float64)
+    if randomized:
+        _randomize_s4(kernel)
+    a, b, c = kernel.dense()
+    # the conjugate-symmetric system is real: A is similar to a real matrix, the kernel has no imaginary part
+    for rate in (1.0, 0.5, 2.0):
+        dt = kernel.log_dt.detach().exp() * rate
+        expected = _bilinear_dense_kernel(a.detach(), b.detach(), c.detach(), dt, length)
+        torch.testing.assert_close(kernel(length, rate=rate, dtype=torch.float64), expected)
+
+
+def test_s4_init_is_hippo_legs():
+    """At initialization the S4 kernel is the kernel of HiPPO-LegS itself (the real dense A, B) with C = V^T c."""
+    d_state, dt, length = 16, 0.05, 30
+    kernel = S4Kernel(1, d_state=d_state, dtype=torch.float64)
+    a, b, _ = hippo_legs(d_state)
+    v = legs_nplr(d_state)[3]
+    c = torch.randn(d_state, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        kernel.log_dt.fill_(math.log(dt))
+        kernel.c.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
+    expected = _bilinear_dense_kernel(a[None], b[None], c[None, None], torch.tensor([dt], dtype=torch.float64), length)
+    torch.testing.assert_close(kernel(length, dtype=torch.float64), expected)
+
+
+def test_s4_kernel_gradcheck():
+    torch.manual_seed(0)
+    kernel = S4Kernel(2, d_state=4, num_kernels=2, dt_min=0.1, dt_max=0.5, dtype=torch.float64)
+    _randomize_s4(kernel)
+    names, params = zip(*kernel.named_parameters())
+    for length, rate in ((5, 1.0), (6, 0.5)):
+        def fn(*values):
+            return torch.func.functional_call(kernel, dict(zip(names, values)), (length, rate, torch.float64))
+        assert torch.autograd.gradcheck(fn, tuple(p.detach().requires_grad_() for p in params))
+
+
+def test_s4_kernel_errors_and_float32():
+    with pytest.raises(ValueError, match='init'):
+        S4Kernel(2, init='lin')
+    with pytest.raises(ValueError, match='d_state'):
+        S4Kernel(2, d_state=5)
+    torch.manual_seed(0)
+    kernel = S4Kernel(4, d_state=64, num_kernels=2, dt_min=0.1, dt_max=1.0)
+    k32 = kernel(56)
+    assert k32.dtype == torch.float32 and k32.shape == (2, 4, 56)
+    k64 = kernel(56, dtype=torch.float64)
+    assert ((k32.double() - k64).norm() / k64.norm()) < 1e-4
