@@ -7,6 +7,7 @@ import torch
 
 from s4nd_vision.layers import SSMKernel
 from s4nd_vision.layers.s4_kernel import S4Kernel
+from s4nd_vision.layers.sgconv_kernel import SGConvKernel
 from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
 
 
@@ -133,3 +134,84 @@ def test_s4_kernel_errors_and_float32():
     assert k32.dtype == torch.float32 and k32.shape == (2, 4, 56)
     k64 = kernel(56, dtype=torch.float64)
     assert ((k32.double() - k64).norm() / k64.norm()) < 1e-4
+
+
+def _sgconv_reference(weight: torch.Tensor, size: int, decay: float, length: int) -> torch.Tensor:
+    """SGConv's rate-1 kernel as its definition reads: each sub-kernel linearly interpolated (half-pixel centres,
+    edges clamped) to 2^max(0, i-1) times its size, times decay^i, concatenated; unnormalized. Interpolation is
+    sampled on a 64x finer grid and averaged over each tap's cell, the cell integral of the layer's kernel."""
+    fine = 64
+    parts = []
+    for i in range(weight.shape[-2]):
+        stretch = 2 ** max(0, i - 1)
+        parts.append(decay ** i * torch.nn.functional.interpolate(
+            weight[..., i, :].reshape(-1, 1, size), scale_factor=stretch * fine, mode='linear', align_corners=False))
+    k = torch.cat(parts, dim=-1).reshape(weight.shape[:-2] + (-1,))
+    return k[..., : length * fine].unflatten(-1, (length, fine)).mean(-1)
+
+
+def test_sgconv_kernel_is_the_dyadic_concatenation():
+    torch.manual_seed(0)
+    kernel = SGConvKernel(3, l_ref=100, num_kernels=2, size=8, dtype=torch.float64)
+    assert kernel.n_scales == 1 + math.ceil(math.log2(100 / 8)) == 5 and kernel.support == 128
+    k = kernel(128, dtype=torch.float64) * kernel.norm
+    expected = _sgconv_reference(kernel.weight.detach(), 8, 0.5, 128)
+    torch.testing.assert_close(k, expected, atol=2e-3 * expected.abs().max(), rtol=0)
+    # normalized once at initialization: unit norm at rate 1 over the covered length, fixed afterwards
+    torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), torch.ones(2, 3, dtype=torch.float64))
+    with torch.no_grad():
+        kernel.weight.mul_(3)
+    torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), torch.full((2, 3), 3.0, dtype=torch.float64))
+    assert 'norm' in kernel.state_dict() and kernel.norm.requires_grad is False
+
+
+def test_sgconv_kernel_decays_by_dyadic_range():
+    size, decay = 16, 0.5
+    kernel = SGConvKernel(2, l_ref=256, size=size, decay=decay, dtype=torch.float64)
+    with torch.no_grad():
+        kernel.weight.fill_(1.0)
+    k = kernel(256, dtype=torch.float64)[0, 0] * kernel.norm[0, 0]
+    torch.testing.assert_close(k[:size], torch.ones(size, dtype=torch.float64))
+    for i in range(1, kernel.n_scales):
+        lo, hi = size * 2 ** (i - 1), size * 2 ** i
+        torch.testing.assert_close(k[lo:hi], torch.full((hi - lo,), decay ** i, dtype=torch.float64))
+    # random sub-kernels: the mean magnitude halves from one dyadic range to the next
+    torch.manual_seed(0)
+    k = SGConvKernel(512, l_ref=256, size=size, decay=decay, dtype=torch.float64)(256, dtype=torch.float64)
+    means = [k[..., :size].abs().mean()] + [k[..., size * 2 ** (i - 1): size * 2 ** i].abs().mean() for i in (1, 2, 3, 4)]
+    for a, b in zip(means, means[1:]):
+        assert 0.4 < (b / a).item() < 0.6
+
+
+def test_sgconv_parameter_count_is_sublinear():
+    counts = {}
+    for l_ref in (32, 64, 128, 1024, 8192):
+        kernel = SGConvKernel(4, l_ref=l_ref, num_kernels=2, size=32)
+        counts[l_ref] = sum(p.numel() for p in kernel.parameters())
+        assert counts[l_ref] == 2 * 4 * 32 * (1 + int(math.log2(l_ref / 32)))
+        assert kernel(l_ref).shape == (2, 4, l_ref)
+    assert counts[8192] < 8192  # fewer values per channel and direction than taps (9 x 32)
+    assert counts[8192] - counts[1024] == 3 * 2 * 4 * 32  # each doubling of the length adds one sub-kernel
+    assert SGConvKernel(4, l_ref=7, size=32).weight.shape == (1, 4, 1, 7)  # no values beyond the reference length
+
+
+def test_sgconv_kernel_follows_the_rate():
+    """The kernel at rate r integrates the same continuous kernel over cells of width r: integer rates are box
+    sums of the rate-1 taps, finer rates split them, and the covered offsets stay the same."""
+    torch.manual_seed(0)
+    kernel = SGConvKernel(3, l_ref=40, num_kernels=2, size=8, dtype=torch.float64)
+    k1 = kernel(64, dtype=torch.float64)
+    torch.testing.assert_close(kernel(32, rate=2.0, dtype=torch.float64), k1[..., 0::2] + k1[..., 1::2])
+    k_half = kernel(128, rate=0.5, dtype=torch.float64)
+    torch.testing.assert_close(k_half[..., 0::2] + k_half[..., 1::2], k1)
+    k_third = kernel(96, rate=2 / 3, dtype=torch.float64)
+    torch.testing.assert_close(k_third.unflatten(-1, (32, 3)).sum(-1), kernel(32, rate=2.0, dtype=torch.float64))
+    # zero beyond the covered length (64 taps at rate 1), at every rate
+    assert kernel(80, dtype=torch.float64)[..., 64:].abs().max() == 0
+    assert kernel(100, rate=0.5, dtype=torch.float64)[..., :128].abs().amax(-1).min() > 0
+
+
+def test_sgconv_kernel_errors():
+    for bad in (dict(l_ref=0), dict(l_ref=8, size=0), dict(l_ref=8, decay=0.0), dict(l_ref=8, decay=1.5)):
+        with pytest.raises(ValueError, match=next(iter(k for k in bad if k != 'l_ref'), 'l_ref')):
+            SGConvKernel(2, **bad)
