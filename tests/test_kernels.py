@@ -161,7 +161,8 @@ def test_sgconv_kernel_is_the_dyadic_concatenation():
     torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), torch.ones(2, 3, dtype=torch.float64))
     with torch.no_grad():
         kernel.weight.mul_(3)
-    torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), torch.full((2, 3), 3.0, dtype=torch.float64))
+    three = torch.full((2, 3), 3.0, dtype=torch.float64)
+    torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), three)
     assert 'norm' in kernel.state_dict() and kernel.norm.requires_grad is False
 
 
@@ -178,7 +179,8 @@ def test_sgconv_kernel_decays_by_dyadic_range():
     # random sub-kernels: the mean magnitude halves from one dyadic range to the next
     torch.manual_seed(0)
     k = SGConvKernel(512, l_ref=256, size=size, decay=decay, dtype=torch.float64)(256, dtype=torch.float64)
-    means = [k[..., :size].abs().mean()] + [k[..., size * 2 ** (i - 1): size * 2 ** i].abs().mean() for i in (1, 2, 3, 4)]
+    ranges = [(0, size)] + [(size * 2 ** (i - 1), size * 2 ** i) for i in (1, 2, 3, 4)]
+    means = [k[..., lo:hi].abs().mean() for lo, hi in ranges]
     for a, b in zip(means, means[1:]):
         assert 0.4 < (b / a).item() < 0.6
 

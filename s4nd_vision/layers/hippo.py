@@ -35,7 +35,8 @@ def _legs_nplr(d_state: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     keep = (eig.imag > 0).nonzero().squeeze(1)
     keep = keep[eig.imag[keep].argsort()][: d_state // 2]
     if keep.numel() != d_state // 2:
-        raise RuntimeError(f'HiPPO-LegS normal part at d_state={d_state}: expected {d_state // 2} eigenvalues with Im > 0')
+        raise RuntimeError(
+            f'HiPPO-LegS normal part at d_state={d_state}: expected {d_state // 2} eigenvalues with Im > 0')
     lam, vec = eig[keep], vec[:, keep]  # (N/2,), (N, N/2): unit columns, orthogonal (S is normal)
     # an eigenvector is defined up to a phase: choose it so that V^H B is real and positive
     # (a unitary diagonal change of basis; kernels depend on C and B only through C_n B_n)

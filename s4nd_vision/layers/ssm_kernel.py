@@ -268,7 +268,7 @@ class SSMKernel(nn.Module):
 
 
 def ssm_kernels(
-        kernels: Sequence[SSMKernel],
+        kernels: Sequence[nn.Module],
         lengths: Sequence[int],
         rates: Sequence[float],
         dtype: torch.dtype = torch.float32,
@@ -276,6 +276,7 @@ def ssm_kernels(
     """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all kernels that
     share length, state size and kernel count (their channels are stacked): at the sizes of vision
     models the cost of generation is mostly per op, not per element (e.g. both axes of a square image).
+    Other kernel generators with the same interface (`S4Kernel`, `SGConvKernel`) run one by one.
 
     Returns:
         per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
@@ -283,9 +284,12 @@ def ssm_kernels(
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
         return [kernel(length, rate=rate, dtype=dtype) for kernel, length, rate in zip(kernels, lengths, rates)]
     groups: Dict[tuple, List[int]] = {}
-    for i, (kernel, length) in enumerate(zip(kernels, lengths)):
-        groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    for i, (kernel, length) in enumerate(zip(kernels, lengths)):
+        if isinstance(kernel, SSMKernel):
+            groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
+        else:
+            out[i] = kernel(length, rate=rates[i], dtype=dtype)
     for (length, _, _), members in groups.items():
         params = [p.to(dtype) for i in members for p in
                   (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c)]
@@ -308,6 +312,12 @@ def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
     if bandlimit is not None and not bandlimit > 0:
         raise ValueError(f'bandlimit must be positive or None, got {bandlimit}')
     kernels = [m for m in module.modules() if isinstance(m, SSMKernel)]
+    if bandlimit is not None:
+        from .s4_kernel import S4Kernel  # (they import this module)
+        from .sgconv_kernel import SGConvKernel
+        other = [type(m).__name__ for m in module.modules() if isinstance(m, (S4Kernel, SGConvKernel))]
+        if other:
+            raise ValueError(f"band-limiting applies to kernel='s4d' (SSMKernel) only; the module has {other[0]}s")
     for m in kernels:
         m.bandlimit = bandlimit
     return len(kernels)
