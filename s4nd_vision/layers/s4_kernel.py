@@ -116,6 +116,22 @@ class S4Kernel(nn.Module):
         p, b, c = (torch.view_as_complex(t.to(dtype).contiguous()) for t in (self.p, self.b, self.c))
         return _full(lam), _full(p), _full(b), _full(c)
 
+    @staticmethod
+    def _bilinear(lam: torch.Tensor, p: torch.Tensor, dt: torch.Tensor) -> tuple:
+        """Dense bilinear A~ = (I - dt/2 A)^-1 (I + dt/2 A) (H, N, N) and (I - dt/2 A) for A = Lambda - P P^*."""
+        a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
+        eye = torch.eye(lam.shape[-1], dtype=a.dtype, device=a.device)
+        half = (0.5 * dt).to(a.dtype)[:, None, None] * a
+        return torch.linalg.solve(eye - half, eye + half), eye - half
+
+    def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
+        """The recurrent view x_t = A~ x_{t-1} + B~ u_t, y_t = Re(C^T x_t) (conjugate halves included, so the state
+        stays conjugate-symmetric and Re drops nothing): A~ (dim, N, N), B~ (dim, N), C (num_kernels, dim, N)."""
+        lam, p, b, c = self._modes(dtype)
+        dt = self.log_dt.to(dtype).exp() * rate
+        a_disc, left = self._bilinear(lam, p, dt)
+        return a_disc, torch.linalg.solve(left, (dt[:, None] * b)[..., None])[..., 0], c
+
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
 
@@ -124,13 +140,8 @@ class S4Kernel(nn.Module):
         """
         lam, p, b, c = self._modes(dtype)  # (H, N) x 3, (K, H, N)
         dt = self.log_dt.to(dtype).exp() * rate  # (H,)
-        n = lam.shape[-1]
         # truncation: r = C^T (I - A~^L), with the dense bilinear A~ (H, N, N)
-        a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
-        eye = torch.eye(n, dtype=a.dtype, device=a.device)
-        half = (0.5 * dt).to(a.dtype)[:, None, None] * a
-        a_disc = torch.linalg.solve(eye - half, eye + half)
-        r = c - torch.einsum('khn,hnm->khm', c, _matrix_power(a_disc, length))
+        r = c - torch.einsum('khn,hnm->khm', c, _matrix_power(self._bilinear(lam, p, dt)[0], length))
         # Cauchy sums at the rfft frequencies z_m = exp(-2 pi i m / L): 1 / (a(z) - b(z) Lambda_n) = resolvent (H, M, N)
         m = torch.arange(length // 2 + 1, device=dt.device, dtype=dtype)
         z = torch.polar(torch.ones_like(m), -2 * math.pi * m / length)  # (M,)

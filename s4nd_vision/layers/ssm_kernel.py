@@ -252,6 +252,15 @@ class SSMKernel(nn.Module):
         freq = self.log_dt.detach().exp()[:, None] * self.a_imag.detach().abs() / (2 * math.pi)
         return freq < self.bandlimit / 2
 
+    def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
+        """The recurrent view x_t = z x_{t-1} + e B u_t, y_t = 2 Re(C^T x_t) (zero-order hold, step dt * rate):
+        z = exp(dt A) and e B (dim, N/2) complex, and the band-limited C (num_kernels, dim, N/2) complex."""
+        mask = None if self.bandlimit is None else self.mode_mask().to(dtype)
+        params = [p.to(dtype) for p in (self.log_dt, self.log_a_real, self.a_imag, self.b, self.c)]
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, [rate], [mask])
+        z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
+        return z, e * b, c
+
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
 
