@@ -15,7 +15,7 @@ def _layer(kernel: str, dim: int, ndim: int, sizes, l_ref=None, **kw) -> S4ND:
         if l_ref is None and kw.get('l_max') is None:
             l_ref = tuple(sizes)
     else:
-        kw.update(d_state=8, dt_min=0.05, dt_max=0.5)
+        kw = dict(dict(d_state=8, dt_min=0.05, dt_max=0.5), **kw)
     return S4ND(dim, ndim=ndim, kernel=kernel, l_ref=l_ref, **kw)
 
 
@@ -119,3 +119,18 @@ def test_kernel_type_errors():
     with pytest.raises(ValueError, match='band-limiting'):
         set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), 0.5)
     assert set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), None) == 0
+
+
+@pytest.mark.parametrize('kernel', ['s4', 'sgconv'])
+def test_gradcheck(kernel):
+    """Gradients through kernel generation and the separable convolution, every parameter, two rank-1 terms."""
+    torch.manual_seed(0)
+    kw = dict(d_state=2) if kernel == 's4' else {}  # (one conjugate pair: gradcheck's cost grows with d_state)
+    layer = _layer(kernel, 2, 2, (3, 4), l_ref=(4, 3), rank=2, bidirectional=(True, False), pool=(1, 2), **kw).double()
+    names, params = zip(*layer.named_parameters())
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *p):
+        return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x,) + tuple(p.detach().requires_grad_() for p in params))

@@ -192,9 +192,9 @@ class S4ND(nn.Module):
         remembered between calls while no gradient is recorded (inference).
 
         The cache key holds everything they depend on: input shape (the algorithm depends on the
-        batch size too), rates, kernel lengths, dtype, band limits, and each kernel parameter's and buffer's storage
-        and version counter (so in-place updates, `load_state_dict`, `.to()` and optimizer steps
-        all invalidate it).
+        batch size too), rates, kernel lengths, dtype, band limits, and each kernel parameter's and
+        buffer's storage and version counter (so in-place updates, `load_state_dict`, `.to()` and
+        optimizer steps all invalidate it).
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
