@@ -111,7 +111,9 @@ class SGConvKernel(nn.Module):
 
     def _unnormalized(self, weight: torch.Tensor, length: int, rate: float) -> torch.Tensor:
         scale = self.decay ** torch.arange(self.n_scales, dtype=weight.dtype, device=weight.device)
-        m = _cell_integrals(self.size, self.n_scales, length, float(rate)).to(weight.device, weight.dtype)
+        # (torch.compile traces the construction instead of calling the cache)
+        cell_integrals = _cell_integrals.__wrapped__ if torch.compiler.is_compiling() else _cell_integrals
+        m = cell_integrals(self.size, self.n_scales, length, float(rate)).to(weight.device, weight.dtype)
         return (weight * scale[:, None]).flatten(-2) @ m
 
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
