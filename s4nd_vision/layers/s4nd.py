@@ -13,9 +13,13 @@ import torch.nn as nn
 from .ops import (
     apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
     two_sided_kernel)
+from .s4_kernel import S4Kernel
+from .sgconv_kernel import SGConvKernel
 from .ssm_kernel import SSMKernel, ssm_kernels
 
-__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels']
+__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
+
+KERNELS = ('s4d', 's4', 'sgconv')
 
 _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
@@ -32,8 +36,9 @@ def _per_axis(value, ndim: int, name: str) -> tuple:
 class S4ND(nn.Module):
     """Depthwise global convolution with an N-D S4 kernel, in linear form: y = K * x + D x.
 
-    Each spatial axis has its own diagonal SSM (`SSMKernel`); the N-D kernel of a channel is the
-    outer product of its axis kernels (a sum of `rank` such rank-1 terms), so the
+    Each spatial axis has its own 1D kernel generator (`kernel`): a diagonal SSM ('s4d', `SSMKernel`), a diagonal
+    plus low-rank SSM ('s4', `S4Kernel`) or dyadic SGConv sub-kernels ('sgconv', `SGConvKernel`); the N-D kernel
+    of a channel is the outer product of its axis kernels (a sum of `rank` such rank-1 terms), so the
     convolution runs as one exact 1D convolution per axis.
 
     Resolution: kernels are sampled from continuous parameters with step dt * rate, where
@@ -55,9 +60,13 @@ class S4ND(nn.Module):
             averages its terms where this sums them; its `channels` argument, output channels per
             feature, has no counterpart here).
         bidirectional: two-sided kernels (per axis, or one bool for all); False = causal axis.
-        init: Im(A) initialization, 'lin' (S4D-Lin), 'inv' (S4D-Inv) or 'legs' (S4D-LegS).
-        dt_min, dt_max: range of the log-uniform step size initialization.
-        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2.
+        kernel: per-axis kernel type, 's4d', 's4' or 'sgconv'.
+        init: SSM initialization; 's4d': 'lin' (S4D-Lin, default), 'inv' (S4D-Inv) or 'legs' (S4D-LegS);
+            's4': 'legs' (HiPPO-LegS, default); 'sgconv': None.
+        dt_min, dt_max: range of the log-uniform step size initialization ('s4d', 's4').
+        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2 ('s4d' only).
+        sgconv_size, sgconv_decay: values per SGConv sub-kernel and decay per dyadic range ('sgconv'); the
+            sub-kernels cover min(l_ref, l_max) taps per axis, so 'sgconv' needs l_ref or l_max.
         l_ref: reference (training) length per axis; enables the automatic rate.
         l_max: longest kernel at rate 1 per axis (None = global, as long as the input).
         pool: average pooling of the output per axis (1 = none).
@@ -70,10 +79,13 @@ class S4ND(nn.Module):
             d_state: int = 64,
             rank: int = 1,
             bidirectional: Union[bool, Sequence[bool]] = True,
-            init: str = 'lin',
+            kernel: str = 's4d',
+            init: Optional[str] = None,
             dt_min: float = 1e-3,
             dt_max: float = 1e-1,
             bandlimit: Optional[float] = None,
+            sgconv_size: int = 32,
+            sgconv_decay: float = 0.5,
             l_ref: Optional[_Ints] = None,
             l_max: Optional[_Ints] = None,
             pool: _Ints = 1,
@@ -97,15 +109,35 @@ class S4ND(nn.Module):
         self.pool = _per_axis(pool, ndim, 'pool')
         if any(not isinstance(p, int) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
-        self.kernels = nn.ModuleList([
-            SSMKernel(
-                dim, d_state=d_state, num_kernels=rank * (2 if bi else 1), init=init,
-                dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, device=device, dtype=dtype)
-            for bi in self.bidirectional
-        ])
+        self.kernel = kernel
+        self.kernels = nn.ModuleList(self._axis_kernel_modules(
+            kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay, device, dtype))
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
         self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
         self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
+
+    def _axis_kernel_modules(self, kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay,
+                             device, dtype) -> list:
+        """One kernel generator per axis, with rank kernels per direction."""
+        if kernel not in KERNELS:
+            raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+        if bandlimit is not None and kernel != 's4d':
+            raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r}")
+        counts = [self.rank * (2 if bi else 1) for bi in self.bidirectional]
+        dd = dict(device=device, dtype=dtype)
+        if kernel == 'sgconv':
+            if init is not None:
+                raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
+            if self.l_ref is None and self.l_max is None:
+                raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
+            none = (None,) * self.ndim
+            refs = [min(r for r in pair if r is not None) for pair in zip(self.l_ref or none, self.l_max or none)]
+            return [SGConvKernel(self.dim, l_ref=ref, num_kernels=n, size=sgconv_size, decay=sgconv_decay, **dd)
+                    for ref, n in zip(refs, counts)]
+        ssm = dict(d_state=d_state, dt_min=dt_min, dt_max=dt_max, **dd)
+        if kernel == 's4':
+            return [S4Kernel(self.dim, num_kernels=n, init=init or 'legs', **ssm) for n in counts]
+        return [SSMKernel(self.dim, num_kernels=n, init=init or 'lin', bandlimit=bandlimit, **ssm) for n in counts]
 
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
         """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
@@ -255,7 +287,8 @@ class S4ND(nn.Module):
             return apply_operators(u, self._cached_operators(shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
 
     def extra_repr(self) -> str:
-        s = f'{self.dim}, ndim={self.ndim}, rank={self.rank}, bidirectional={self.bidirectional}'
+        s = f'{self.dim}, ndim={self.ndim}, kernel={self.kernel!r}, rank={self.rank}'
+        s += f', bidirectional={self.bidirectional}'
         if self.l_ref is not None:
             s += f', l_ref={self.l_ref}'
         if self.l_max is not None:
@@ -282,7 +315,7 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         kernels += list(layer.kernels)
         lengths += layer.kernel_lengths(sizes, layer_rates)
         rates += layer_rates
-    with torch.autocast(device_type=kernels[0].log_dt.device.type, enabled=False):  # generation runs in `dtype`
+    with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
         generated = iter(ssm_kernels(kernels, lengths, rates, dtype))
     for layer, sizes in layers:
         per_axis = [next(generated) for _ in layer.kernels]
