@@ -4,12 +4,12 @@
     python tools/demo.py                      # isotropic S4ND vs its conv twin, 14 px -> 14/20/28/42 px
     python tools/demo.py --setting convnext   # ConvNeXt-S4ND vs ConvNeXt, 64 px -> 64/96/128 px (longer)
 
-See s4nd_vision.demo.
+See s4nd_vision.eval.demo.
 """
 import argparse
 
-from s4nd_vision.demo import SETTINGS, run_demo
-from s4nd_vision.runtime import keep_freed_memory
+from s4nd_vision.eval.demo import SETTINGS, run_demo
+from s4nd_vision.utils.runtime import keep_freed_memory
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, seed_all, seed_from
 from ..layers import set_bandlimit
-from ..optim import param_groups_ssm
+from .optim import param_groups_ssm
 from .config import Config, ConfigError, config_to_dict
 
 __all__ = ['Trainer', 'TrainState', 'latest_checkpoint']

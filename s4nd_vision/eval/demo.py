@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .evaluate import CSV_NAME, PLOT_NAME, eval_resolution, format_table, load_model
+from .resolution import CSV_NAME, PLOT_NAME, eval_resolution, format_table, load_model
 
 __all__ = ['SETTINGS', 'DemoSetting', 'run_demo', 'retention']
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'demo')
+# configs/ sits next to the package, in the repository root (s4nd_vision/eval/demo.py -> configs/demo)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join(_REPO_ROOT, 'configs', 'demo')
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def _train(config: str, model_name: str, out_dir: str, overrides: Sequence[str])
     """Train (or resume, or find finished) one model; returns its best weights file."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from .train import Trainer, load_config
+    from ..train import Trainer, load_config
     cfg = load_config(config, [f'model.name={model_name}', f'train.output_dir={out_dir}', *overrides])
     Trainer(cfg, resume=True).fit()
     # the next model builds its own Accelerator in this process
@@ -94,7 +96,7 @@ def run_demo(
         s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model), common + s4nd_extra),
         s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline), common),
     }
-    from .train import load_config
+    from ..train import load_config
     common_kwargs = load_config(config).model.kwargs  # what both models were created with
     models = {
         name: load_model(name, path, num_classes=10, in_chans=1,

@@ -20,8 +20,8 @@ from timm.data import create_dataset, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import MNIST5k
-from .layers import S4ND, set_bandlimit
+from ..data import MNIST5k
+from ..layers import S4ND, set_bandlimit
 
 __all__ = [
     'load_model', 'dataset_num_classes', 'min_input_size', 'check_resolutions', 'eval_resolution',
