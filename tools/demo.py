@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--bandlimit', type=float, default=None,
                         help='S4ND band-limit cut-off (masks kernel modes above bandlimit/2 cycles per step); '
-                             'default off, which measured best for this demo')
+                             'default off (see the README)')
     parser.add_argument('--epochs', type=int, default=None, help="override the config's epochs")
     parser.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap the updates per epoch (quick check)')
     args = parser.parse_args()
