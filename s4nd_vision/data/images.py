@@ -9,31 +9,17 @@
   sees exactly the batches (and augmentations) the interrupted run would have seen, whatever the
   number of workers.
 """
-import hashlib
-import random
 import warnings
 from typing import Iterator, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'seed_from', 'seed_all']
+from ..utils.seeding import seed_all, seed_from
 
-
-def seed_from(*parts) -> int:
-    """A 63-bit seed derived deterministically from `parts` (ints or strings)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') >> 1
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (timm's transforms and Mixup use all three)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler']
 
 
 class ImageFolderDataset(ImageDataset):

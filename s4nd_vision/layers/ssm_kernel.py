@@ -21,7 +21,7 @@ __all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_pa
 SSM_INITS = ('lin', 'inv', 'legs')
 
 # Attribute set on the A, B and log-step parameters so optimizers can give them their own
-# learning rate and no weight decay (see `s4nd_vision.optim`).
+# learning rate and no weight decay (see `s4nd_vision.train.optim`).
 _SSM_ATTR = '_s4nd_ssm'
 
 
