@@ -13,6 +13,7 @@ import torch.nn as nn
 from .ops import (
     apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
     two_sided_kernel)
+from .reference import use_reference
 from .ssm_kernel import SSMKernel, ssm_kernels
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels']
@@ -243,7 +244,7 @@ class S4ND(nn.Module):
             if proj is not None:
                 proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
             skip = self.D.to(conv_dtype)
-            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if torch.is_grad_enabled() or use_reference():
                 self._kernel_cache = None
                 kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
                 if kernels is None:
