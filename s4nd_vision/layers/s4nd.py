@@ -13,6 +13,7 @@ import torch.nn as nn
 from .ops import (
     apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
     two_sided_kernel)
+from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
 from .ssm_kernel import SSMKernel, ssm_kernels
@@ -275,7 +276,7 @@ class S4ND(nn.Module):
             if proj is not None:
                 proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
             skip = self.D.to(conv_dtype)
-            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if torch.is_grad_enabled() or use_reference():
                 self._kernel_cache = None
                 kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
                 if kernels is None:

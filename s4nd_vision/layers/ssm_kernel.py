@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
+from .reference import ssm_kernel_reference, use_reference
 
 __all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
 
@@ -290,6 +291,13 @@ def ssm_kernels(
     Returns:
         per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
     """
+    if use_reference():  # export / compilation: real arithmetic, kernel by kernel (lengths may be symbolic)
+        return [
+            ssm_kernel_reference(
+                *(p.to(dtype) for p in (k.log_dt, k.log_a_real, k.a_imag, k.b, k.c)), length, rate,
+                mask=None if k.bandlimit is None else k.mode_mask().to(dtype))
+            if isinstance(k, SSMKernel) else k(length, rate=rate, dtype=dtype)
+            for k, length, rate in zip(kernels, lengths, rates)]
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
         return [kernel(length, rate=rate, dtype=dtype) for kernel, length, rate in zip(kernels, lengths, rates)]
     groups: Dict[tuple, List[int]] = {}
@@ -305,7 +313,7 @@ def ssm_kernels(
         # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
         masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
         group_rates = [rates[i] for i in members]
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
+        if torch.jit.is_tracing():  # plain differentiable ops that fvcore sees
             log_dt, log_a_real, a_imag, b, c, rate = _stack(params, group_rates, masks)
             z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
             stacked = _kernels(_powers(torch.conj_physical(z), length), c * (b * e))
