@@ -92,13 +92,13 @@ def test_onnx_export_with_dynamic_height_and_width(tmp_path, name, stride):
     model = timm.create_model(name, img_size=64).eval()
     h, w = stride * Dim('h', min=3, max=16), stride * Dim('w', min=3, max=16)
     program = torch.onnx.export(
-        model, (torch.randn(1, 3, 4 * stride, 4 * stride),), dynamo=True, dynamic_shapes=({2: h, 3: w},),
-        verbose=False)
+        model, (torch.randn(2, 3, 4 * stride, 4 * stride),), dynamo=True,
+        dynamic_shapes=({0: Dim('batch', max=256), 2: h, 3: w},), verbose=False)
     path = tmp_path / 'model.onnx'
     program.save(str(path))
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    for size in [(4 * stride, 4 * stride), (3 * stride, 5 * stride)]:
-        x = torch.randn(2, 3, *size)
+    for batch, size in [(2, (4 * stride, 4 * stride)), (3, (3 * stride, 5 * stride))]:
+        x = torch.randn(batch, 3, *size)
         with torch.no_grad():
             expected = model(x)
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
