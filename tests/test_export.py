@@ -1,12 +1,11 @@
 """Export and compilation: the real-arithmetic reference path equals the fast path, and whole models export
 to torch.export / ONNX with dynamic H and W and compile once for every size."""
-import onnxruntime as ort
 import pytest
 import timm
 import torch
-from torch.export import Dim
 
 import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.deploy.export import export_onnx, model_stride, onnx_latency
 from s4nd_vision.layers import S4ND, SSMKernel, ops
 from s4nd_vision.layers.reference import separable_conv_reference, ssm_kernel_reference
 from s4nd_vision.layers.ssm_kernel import ssm_kernels
@@ -85,21 +84,15 @@ def test_inductor_compiles_the_layer_without_complex_ops():
 
 
 @pytest.mark.parametrize('name,stride', [('convnext_s4nd_atto', 32), ('vit_s4nd_atto_patch16_224', 16)])
-def test_onnx_export_with_dynamic_height_and_width(tmp_path, name, stride):
+def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path, name, stride):
     """The dynamo ONNX exporter (torch.export underneath) gives one graph that onnxruntime runs at the traced
-    size and at another one, equal to PyTorch's outputs."""
+    size and at another one, at another batch size, equal to PyTorch's outputs."""
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=64).eval()
-    h, w = stride * Dim('h', min=3, max=16), stride * Dim('w', min=3, max=16)
-    program = torch.onnx.export(
-        model, (torch.randn(2, 3, 4 * stride, 4 * stride),), dynamo=True,
-        dynamic_shapes=({0: Dim('batch', max=256), 2: h, 3: w},), verbose=False)
-    path = tmp_path / 'model.onnx'
-    program.save(str(path))
-    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    for batch, size in [(2, (4 * stride, 4 * stride)), (3, (3 * stride, 5 * stride))]:
-        x = torch.randn(batch, 3, *size)
-        with torch.no_grad():
-            expected = model(x)
-        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+    assert model_stride(model) == stride
+    path = export_onnx(model, str(tmp_path / 'model.onnx'), img_size=(4 * stride, 4 * stride), max_side=1024)
+    rows = onnx_latency(model, path, [(4 * stride, 4 * stride), (3 * stride, 5 * stride)], batch_size=3, repeats=1)
+    assert [r['size'] for r in rows] == [f'{4 * stride}x{4 * stride}', f'{3 * stride}x{5 * stride}']
+    assert all(r['max_abs_diff'] < 1e-4 for r in rows), rows
+    with pytest.raises(ValueError, match='multiples of the model stride'):
+        export_onnx(model, str(tmp_path / 'bad.onnx'), img_size=(4 * stride + 1, 4 * stride))

@@ -1,0 +1,95 @@
+"""Export to ONNX with dynamic batch, height and width, and time the file in onnxruntime against eager PyTorch.
+
+While a graph is captured, S4ND runs its real-arithmetic reference formulation (`layers.reference`):
+no complex tensors, no size-dependent algorithm choice, so one graph serves every input size. Height
+and width are declared as multiples of the model's total stride (32 for ConvNeXt-S4ND, the patch size
+for ViT-S4ND), which keeps every stage grid an integer and spares torch.export's shape solver.
+"""
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from ..bench.benchmark import time_ms
+
+__all__ = ['model_stride', 'export_onnx', 'onnx_latency']
+
+
+def model_stride(model: nn.Module) -> int:
+    """The factor input sides must be a multiple of: the largest feature reduction (timm's `feature_info`),
+    else the patch size (ViT), else 1."""
+    info = getattr(model, 'feature_info', None)
+    if info:
+        return max(int(f['reduction']) for f in info)
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    return int(patch[0]) if patch else 1
+
+
+def export_onnx(
+        model: nn.Module,
+        path: str,
+        img_size: Tuple[int, int] = (224, 224),
+        in_chans: int = 3,
+        max_side: int = 2048,
+) -> str:
+    """Export `model` (set to eval) to an ONNX file at `path`, traced at `img_size` (and batch 2), with the
+    batch and both sides dynamic (sides: multiples of `model_stride(model)` from 3 strides to `max_side`).
+
+    Returns:
+        the path written.
+    """
+    stride = model_stride(model)
+    if any(s % stride or s < 3 * stride for s in img_size):
+        raise ValueError(f'img_size must be multiples of the model stride {stride} and at least {3 * stride}, '
+                         f'got {tuple(img_size)}')
+    if max_side < 3 * stride:
+        raise ValueError(f'max_side must be at least {3 * stride}, got {max_side}')
+    model = model.eval()
+    h = stride * Dim('h', min=3, max=max_side // stride)
+    w = stride * Dim('w', min=3, max=max_side // stride)
+    program = torch.onnx.export(
+        model, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
+        dynamic_shapes=({0: Dim('batch', max=4096), 2: h, 3: w},))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    program.save(path)
+    return path
+
+
+def onnx_latency(
+        model: nn.Module,
+        path: str,
+        sizes: Sequence[Tuple[int, int]],
+        batch_size: int = 1,
+        in_chans: int = 3,
+        repeats: int = 10,
+        threads: Optional[int] = None,
+) -> list:
+    """Per input size: the largest difference between the ONNX file's outputs (onnxruntime, CPU) and eager
+    PyTorch's, and both median latencies in ms (timed interleaved, see `bench.benchmark.time_ms`)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    rows = []
+    model = model.eval()
+    for size in sizes:
+        x = torch.randn(batch_size, in_chans, *size)
+        with torch.no_grad():
+            expected = model(x)
+        out = session.run(None, {name: x.numpy()})[0]
+        with torch.no_grad():
+            times: Dict[str, float] = time_ms({
+                'eager': lambda: model(x),
+                'onnxruntime': lambda: session.run(None, {name: x.numpy()}),
+            }, torch.device('cpu'), repeats=repeats)
+        rows.append(dict(
+            size=f'{size[0]}x{size[1]}', batch_size=batch_size,
+            max_abs_diff=float((torch.from_numpy(out) - expected).abs().max()),
+            eager_ms=round(times['eager'], 2), onnxruntime_ms=round(times['onnxruntime'], 2),
+            onnxruntime_vs_eager=round(times['onnxruntime'] / times['eager'], 3)))
+    return rows
