@@ -25,25 +25,25 @@ def check_layers(device: torch.device) -> list:
     results = []
     cases = [(1, (300,)), (2, (24, 40)), (2, (300, 20)), (3, (6, 12, 10))]
     for algorithm in ('toeplitz', 'fft'):
-        ops.FORCE_ALGORITHM = algorithm
-        for ndim, sizes in cases:
-            torch.manual_seed(0)
-            layer = S4ND(16, ndim=ndim, d_state=16, l_ref=sizes, dt_min=0.01, dt_max=0.2)
-            x = torch.randn(2, 16, *sizes)
-            ref_layer = copy.deepcopy(layer).double()
-            xr = x.double().requires_grad_()
-            y_ref = ref_layer(xr)
-            y_ref.square().sum().backward()
-            gpu = layer.to(device)
-            xg = x.to(device).requires_grad_()
-            y = gpu(xg)
-            y.square().sum().backward()
-            grad_err = max(_rel(p.grad.cpu(), q.grad) for p, q in zip(gpu.parameters(), ref_layer.parameters()))
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                y_bf16 = gpu(x.to(device).bfloat16())
-            results.append((f'{algorithm:8s} {ndim}D {sizes}', _rel(y.detach().cpu(), y_ref.detach()),
-                            _rel(xg.grad.cpu(), xr.grad), grad_err, _rel(y_bf16.float().detach().cpu(), y_ref.detach())))
-    ops.FORCE_ALGORITHM = None
+        with ops.conv_algorithm(algorithm):
+            for ndim, sizes in cases:
+                torch.manual_seed(0)
+                layer = S4ND(16, ndim=ndim, d_state=16, l_ref=sizes, dt_min=0.01, dt_max=0.2)
+                x = torch.randn(2, 16, *sizes)
+                ref_layer = copy.deepcopy(layer).double()
+                xr = x.double().requires_grad_()
+                y_ref = ref_layer(xr)
+                y_ref.square().sum().backward()
+                gpu = layer.to(device)
+                xg = x.to(device).requires_grad_()
+                y = gpu(xg)
+                y.square().sum().backward()
+                grad_err = max(_rel(p.grad.cpu(), q.grad) for p, q in zip(gpu.parameters(), ref_layer.parameters()))
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    y_bf16 = gpu(x.to(device).bfloat16())
+                results.append((
+                    f'{algorithm:8s} {ndim}D {sizes}', _rel(y.detach().cpu(), y_ref.detach()),
+                    _rel(xg.grad.cpu(), xr.grad), grad_err, _rel(y_bf16.float().detach().cpu(), y_ref.detach())))
     return results
 
 

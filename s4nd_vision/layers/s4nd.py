@@ -159,21 +159,22 @@ class S4ND(nn.Module):
         """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
         remembered between calls while no gradient is recorded (inference).
 
-        The cache key holds everything they depend on: input shape (the algorithm depends on the
-        batch size too), rates, kernel lengths, dtype, band limits, and each SSM parameter's storage
-        and version counter (so in-place updates, `load_state_dict`, `.to()` and optimizer steps
-        all invalidate it).
+        The cache key holds everything they depend on: input shape, the algorithm per axis (it depends
+        on the batch size too, and on an enclosing `ops.conv_algorithm`), rates, kernel lengths, dtype,
+        band limits, and each SSM parameter's storage and version counter (so in-place updates,
+        `load_state_dict`, `.to()` and optimizer steps all invalidate it).
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
+        algorithms = conv_algorithms(shape, self.pool)
         key = (
-            tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
+            tuple(shape), tuple(algorithms), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple(k.bandlimit for k in self.kernels),
             tuple((p.device, p.data_ptr(), p._version) for p in self.kernels.parameters()),
         )
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
-            self._kernel_cache = (key, conv_operators(kernels, shape, self.pool))
+            self._kernel_cache = (key, conv_operators(kernels, shape, self.pool, algorithms))
         return self._kernel_cache[1]
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -251,8 +252,8 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
     """Generate the kernels of many S4ND layers at once, for their next forward on inputs of the given
     spatial sizes (at their automatic rate): all axes of all layers that share kernel length and SSM
     sizes become one stacked `ssm_kernels` call, so a whole network costs a handful of generation
-    calls per training step instead of one per layer (generation is bound by the number of ops, not
-    their size: ~60 small ops per call, forward and backward). A layer whose next input differs ignores them.
+    calls per training step instead of one per layer (generation is many small ops, so its cost
+    follows the number of calls, not their size). A layer whose next input differs ignores them.
 
     Every parameter must be materialized (not FSDP-sharded across units) when this runs.
     """
