@@ -38,6 +38,8 @@ def test_every_s4nd_layer_is_referenced_to_its_grid():
     assert len(layers) == 1 + 3 + sum(len(s.blocks) for s in model.stages)
     assert all(isinstance(m, S4ND) for m in layers)
     assert {m.l_ref for m in layers} == {(128, 128), (32, 32), (16, 16), (8, 8), (4, 4)}
+    assert set(layers.values()) == {(1, 1), (4, 4), (8, 8), (16, 16), (32, 32)}  # strides of the grids
+    assert all(m.l_ref == (128 // sh, 128 // sw) for m, (sh, sw) in layers.items())
     assert model.stem[1].l_ref == (128, 128)
     assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 4)
     assert model.stages[3].downsample[1].l_ref == (8, 8)
@@ -181,7 +183,7 @@ def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     strides = (1, 4, 8, 16, 32)  # the grids S4ND layers run on (the stem pools by 4)
     assert stacked[2] == len({70 // s for s in strides} | {64 // s for s in strides})  # distinct kernel lengths
     # layer by layer: one call per layer, two where its axes differ in length
-    assert per_layer[2] == sum(len({70 // s, 64 // s}) for _, s in model._s4nd_layers()) > stacked[2]
+    assert per_layer[2] == sum(len({70 // sh, 64 // sw}) for _, (sh, sw) in model._s4nd_layers()) > stacked[2]
     assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))
 
 

@@ -65,7 +65,8 @@ def main() -> int:
         return 1
     device = torch.device('cuda')
     print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}')
-    print(f'{"case":30s} {"out fp32":>10s} {"dx fp32":>10s} {"dparams":>10s} {"out bf16":>10s}   (relative errors vs float64 CPU)')
+    print(f'{"case":30s} {"out fp32":>10s} {"dx fp32":>10s} {"dparams":>10s} {"out bf16":>10s}   '
+          '(relative errors vs float64 CPU)')
     ok = True
     for name, out, dx, dparams, bf16 in check_layers(device):
         good = out < 1e-4 and dx < 1e-4 and dparams < 1e-3 and bf16 < 3e-2
@@ -74,7 +75,8 @@ def main() -> int:
     rel, finite = check_model(device)
     good = rel < 5e-2 and finite
     ok &= good
-    print(f'convnext_s4nd_atto bf16 autocast vs fp32 logits: {rel:.2e}, finite grads: {finite}   {"ok" if good else "FAIL"}')
+    print(f'convnext_s4nd_atto bf16 autocast vs fp32 logits: {rel:.2e}, finite grads: {finite}   '
+          f'{"ok" if good else "FAIL"}')
     print('all checks passed' if ok else 'SOME CHECKS FAILED')
     return 0 if ok else 1
 

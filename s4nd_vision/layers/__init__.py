@@ -1,3 +1,5 @@
+from .convnext_block import ConvNeXtS4NDBlock
+from .norm import LayerNorm3d
 from .ops import avg_pool_axes, channel_major, channels_first, conv_algorithm, separable_conv, two_sided_kernel
 from .s4nd import S4ND, kernels_can_be_prepared, prepare_kernels, stacked_kernels
 from .ssm_kernel import SSM_INITS, SSMKernel, is_ssm_param, set_bandlimit, ssm_init_imag
