@@ -101,7 +101,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor]) -> torc
     return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
 
 
-def _add_pool_adjoint_(target: torch.Tensor, s: torch.Tensor, dims: Sequence[int], pools: Sequence[int]) -> torch.Tensor:
+def _add_pool_adjoint_(
+        target: torch.Tensor, s: torch.Tensor, dims: Sequence[int], pools: Sequence[int]) -> torch.Tensor:
     """target += the transpose of average pooling by pools[a] along dims[a] (increasing) applied to s, in place:
     s is spread (each value over its window, / pool) along every pooled axis but the outermost, which takes
     a broadcast add into target (contiguous inner blocks), so no full-size spread tensor is materialized."""
@@ -149,7 +150,8 @@ class _ToeplitzAxis:
         return self._bmm(self.t, z, dim, acc)
 
     def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> tuple:
-        """Gradients of the (C, 2n - 1) taps and of the axis input z (plus `acc` if given), given the output gradient g."""
+        """Gradients of the (C, 2n - 1) taps and of the axis input z (plus `acc` if given), given the output
+        gradient g."""
         return self._kernel_grad(z, g, dim), self._bmm(self.t.transpose(1, 2), g, dim, acc)
 
     def _kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
@@ -190,7 +192,8 @@ class _FFTAxis:
         """Gradients of the (C, 2n - 1) taps (circular cross-correlation of g and z, summed over every row)
         and of the axis input z (correlation of g with the kernel; plus `acc` if given), sharing the spectrum of g."""
         g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
-        grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim).narrow(dim, 0, self.n)
+        grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim)
+        grad_z = grad_z.narrow(dim, 0, self.n)
         grad_z = grad_z if acc is None else acc.add_(grad_z)
         cross = (g_f * self._spectrum(z, dim).conj()).movedim(dim, -1)
         grad_circ = torch.fft.irfft(cross.reshape(z.shape[0], -1, cross.shape[-1]).sum(1), n=self.m)  # (C, m)

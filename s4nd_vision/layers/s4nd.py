@@ -180,14 +180,17 @@ class S4ND(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2:
             raise ValueError(
-                f'S4ND with ndim={self.ndim} expects input (B, C, {", ".join("LHW"[-self.ndim:] if self.ndim < 3 else "THW")}) '
+                f'S4ND with ndim={self.ndim} expects input '
+                f'(B, C, {", ".join("LHW"[-self.ndim:] if self.ndim < 3 else "THW")}) '
                 f'with {self.ndim} spatial dims, got shape {tuple(x.shape)}')
         if x.shape[1] != self.dim:
-            raise ValueError(f'S4ND expects {self.dim} input channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}')
+            raise ValueError(
+                f'S4ND expects {self.dim} input channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}')
         if any(s < 1 for s in x.shape[2:]):
             raise ValueError(f'S4ND cannot build a kernel for an empty spatial axis, got shape {tuple(x.shape)}')
         if any(s < p for s, p in zip(x.shape[2:], self.pool)):
-            raise ValueError(f'S4ND with pool={self.pool} needs spatial sizes of at least pool, got shape {tuple(x.shape)}')
+            raise ValueError(
+                f'S4ND with pool={self.pool} needs spatial sizes of at least pool, got shape {tuple(x.shape)}')
         if not x.is_floating_point():
             raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
 
@@ -235,7 +238,8 @@ class S4ND(nn.Module):
                 return separable_conv(u, kernels, self.pool, skip=skip, proj=proj)
             if proj is not None:
                 u = project(u, *proj)
-            return apply_operators(u, self._cached_operators(shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
+            operators = self._cached_operators(shape, rate, kernel_dtype, conv_dtype)
+            return apply_operators(u, operators, self.pool, skip=skip)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, ndim={self.ndim}, rank={self.rank}, bidirectional={self.bidirectional}'
