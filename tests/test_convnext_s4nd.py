@@ -125,6 +125,22 @@ def test_start_from_plain_timm_convnext(tmp_path):
     assert model.stages[0].blocks[0].conv_dw.kernels[0].log_dt.abs().sum() > 0
 
 
+def test_checkpoint_filters_unwrap_training_checkpoints_the_same_way():
+    """One order for the 2D filter and 3D inflation: the EMA weights before the model's (as timm's
+    load_state_dict), DDP / torch.compile prefixes removed."""
+    from s4nd_vision.models import convnext_s4nd, inflate
+    torch.manual_seed(0)
+    model, ema = (timm.create_model('convnext_s4nd_atto', img_size=32).state_dict() for _ in range(2))
+    video = timm.create_model('convnext_s4nd_3d_atto', img_size=32, num_frames=4)
+    wrapped = {'model': model, 'model_ema': {'module.' + k: v for k, v in ema.items()}, 'epoch': 3}
+    filtered = convnext_s4nd.checkpoint_filter_fn(wrapped, timm.create_model('convnext_s4nd_atto', img_size=32))
+    assert filtered.keys() == ema.keys() and all(filtered[k] is ema[k] for k in ema)
+    inflated, expected = inflate.inflate_state_dict(wrapped, video), inflate.inflate_state_dict(ema, video)
+    assert inflated.keys() == expected.keys() and all(torch.equal(inflated[k], expected[k]) for k in expected)
+    assert not torch.equal(inflated['stages.0.blocks.0.mlp.fc1.weight'],
+                           inflate.inflate_state_dict(model, video)['stages.0.blocks.0.mlp.fc1.weight'])
+
+
 def test_ssm_params_get_no_weight_decay_and_their_own_lr():
     model = timm.create_model('convnext_s4nd_atto')
     ssm_names = set(ssm_param_names(model))
