@@ -5,13 +5,13 @@ from s4nd_vision.bench.benchmark import bench_layers, bench_models, bench_scalin
 
 
 def test_parse_pair():
-    assert parse_pair('vit_s4nd_small_patch16_224,mixer=1d:vit_small_patch16_224') == (
-        'vit_s4nd_small_patch16_224', {'mixer': '1d'}, 'vit_small_patch16_224')
+    assert parse_pair('vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224') == (
+        'vit_s4nd_small_patch16_224', {'token_layout': '1d'}, 'vit_small_patch16_224')
     assert parse_pair('a:b') == ('a', {}, 'b')
     with pytest.raises(ValueError, match='NAME'):
         parse_pair('convnext_s4nd_tiny')
     with pytest.raises(ValueError, match='key=value'):
-        parse_pair('a,mixer:b')
+        parse_pair('a,token_layout:b')
 
 
 def test_bench_rows_hold_ratios():

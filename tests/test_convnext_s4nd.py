@@ -38,6 +38,8 @@ def test_every_s4nd_layer_is_referenced_to_its_grid():
     assert len(layers) == 1 + 3 + sum(len(s.blocks) for s in model.stages)
     assert all(isinstance(m, S4ND) for m in layers)
     assert {m.l_ref for m in layers} == {(128, 128), (32, 32), (16, 16), (8, 8), (4, 4)}
+    assert set(layers.values()) == {(1, 1), (4, 4), (8, 8), (16, 16), (32, 32)}  # strides of the grids
+    assert all(m.l_ref == (128 // sh, 128 // sw) for m, (sh, sw) in layers.items())
     assert model.stem[1].l_ref == (128, 128)
     assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 4)
     assert model.stages[3].downsample[1].l_ref == (8, 8)
@@ -123,6 +125,22 @@ def test_start_from_plain_timm_convnext(tmp_path):
     assert model.stages[0].blocks[0].conv_dw.kernels[0].log_dt.abs().sum() > 0
 
 
+def test_checkpoint_filters_unwrap_training_checkpoints_the_same_way():
+    """One order for the 2D filter and 3D inflation: the EMA weights before the model's (as timm's
+    load_state_dict), DDP / torch.compile prefixes removed."""
+    from s4nd_vision.models import convnext_s4nd, inflate
+    torch.manual_seed(0)
+    model, ema = (timm.create_model('convnext_s4nd_atto', img_size=32).state_dict() for _ in range(2))
+    video = timm.create_model('convnext_s4nd_3d_atto', img_size=32, num_frames=4)
+    wrapped = {'model': model, 'model_ema': {'module.' + k: v for k, v in ema.items()}, 'epoch': 3}
+    filtered = convnext_s4nd.checkpoint_filter_fn(wrapped, timm.create_model('convnext_s4nd_atto', img_size=32))
+    assert filtered.keys() == ema.keys() and all(filtered[k] is ema[k] for k in ema)
+    inflated, expected = inflate.inflate_state_dict(wrapped, video), inflate.inflate_state_dict(ema, video)
+    assert inflated.keys() == expected.keys() and all(torch.equal(inflated[k], expected[k]) for k in expected)
+    assert not torch.equal(inflated['stages.0.blocks.0.mlp.fc1.weight'],
+                           inflate.inflate_state_dict(model, video)['stages.0.blocks.0.mlp.fc1.weight'])
+
+
 def test_ssm_params_get_no_weight_decay_and_their_own_lr():
     model = timm.create_model('convnext_s4nd_atto')
     ssm_names = set(ssm_param_names(model))
@@ -181,7 +199,7 @@ def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     strides = (1, 4, 8, 16, 32)  # the grids S4ND layers run on (the stem pools by 4)
     assert stacked[2] == len({70 // s for s in strides} | {64 // s for s in strides})  # distinct kernel lengths
     # layer by layer: one call per layer, two where its axes differ in length
-    assert per_layer[2] == sum(len({70 // s, 64 // s}) for _, s in model._s4nd_layers()) > stacked[2]
+    assert per_layer[2] == sum(len({70 // sh, 64 // sw}) for _, (sh, sw) in model._s4nd_layers()) > stacked[2]
     assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))
 
 

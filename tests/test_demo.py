@@ -6,7 +6,9 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
+from timm.data import resolve_data_config
 
+from s4nd_vision.eval import demo
 from s4nd_vision.eval.demo import CONFIG_DIR, SETTINGS, _train, retention, run_demo
 from s4nd_vision.eval.resolution import CSV_NAME, PLOT_NAME
 
@@ -18,9 +20,16 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def test_demo_reduced_end_to_end(tmp_path, capsys):
+def test_demo_reduced_end_to_end(tmp_path, capsys, monkeypatch):
+    evaluated = {}  # the data config each model is evaluated with
+    evaluate = demo.eval_resolution
+    monkeypatch.setattr(demo, 'eval_resolution', lambda models, *a, **k: evaluated.update(
+        {n: resolve_data_config({}, model=m) for n, m in models.items()}) or evaluate(models, *a, **k))
     rows = run_demo('iso', out_dir=str(tmp_path), epochs=1, max_steps_per_epoch=2)
     setting = SETTINGS['iso']
+    # normalized as in training: the demo config's MNIST statistics, not the models' ImageNet defaults
+    assert {n: (c['mean'], c['std']) for n, c in evaluated.items()} == {
+        m: ((0.1307,), (0.3081,)) for m in (setting.s4nd_model, setting.baseline)}
     assert {(r['model'], r['resolution']) for r in rows} == {
         (m, r) for m in (setting.s4nd_model, setting.baseline) for r in setting.resolutions}
     out = capsys.readouterr().out

@@ -91,40 +91,41 @@ def _conv_counts(layer: S4ND, x: torch.Tensor):
 C, B, H, W = 3, 2, 4, 8
 
 
-def test_s4nd_fft_counts(monkeypatch):
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', 'fft')
-    counts = _conv_counts(S4ND(C, ndim=2, d_state=4), torch.randn(B, C, H, W))
-    # per axis of length n: zero padding to 2n, FFT of the input rows and of the C two-sided kernels,
-    # product with the spectrum (n + 1 bins), inverse FFT
-    # axis H: 2n = 8 (30 per transform), C * B * W = 48 rows; axis W: 2n = 16 (80 per transform), C * B * H = 24 rows
-    assert counts == {
-        'fft_rfft': 48 * 30 + C * 30 + 24 * 80 + C * 80,
-        'mul': 4 * 48 * (H + 1) + 4 * 24 * (W + 1),
-        'fft_irfft': 48 * 30 + 24 * 80,
-    }
+def test_s4nd_fft_counts():
+    with ops.conv_algorithm('fft'):
+        counts = _conv_counts(S4ND(C, ndim=2, d_state=4), torch.randn(B, C, H, W))
+        # per axis of length n: zero padding to 2n, FFT of the input rows and of the C two-sided kernels,
+        # product with the spectrum (n + 1 bins), inverse FFT
+        # axis H: 2n = 8 (30 per transform), C * B * W = 48 rows;
+        # axis W: 2n = 16 (80 per transform), C * B * H = 24 rows
+        assert counts == {
+            'fft_rfft': 48 * 30 + C * 30 + 24 * 80 + C * 80,
+            'mul': 4 * 48 * (H + 1) + 4 * 24 * (W + 1),
+            'fft_irfft': 48 * 30 + 24 * 80,
+        }
 
 
 @pytest.mark.parametrize('pool', [1, 2])
-def test_s4nd_toeplitz_counts(monkeypatch, pool):
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', 'toeplitz')
-    counts = _conv_counts(S4ND(C, ndim=2, d_state=4, pool=pool), torch.randn(B, C, H, W))
-    # axis H: a (H / pool) x H matrix per channel times B * W columns; then axis W: a (W / pool) x W matrix
-    # per channel times B * H / pool rows (the pooling folds into the matrices)
-    expected = C * B * W * (H // pool) * H + C * B * (H // pool) * (W // pool) * W
-    assert counts['bmm'] + counts['baddbmm_'] == expected  # the skip term accumulates into the last product
-    assert not any(op.startswith('fft') for op in counts)
+def test_s4nd_toeplitz_counts(pool):
+    with ops.conv_algorithm('toeplitz'):
+        counts = _conv_counts(S4ND(C, ndim=2, d_state=4, pool=pool), torch.randn(B, C, H, W))
+        # axis H: a (H / pool) x H matrix per channel times B * W columns; then axis W: a (W / pool) x W matrix
+        # per channel times B * H / pool rows (the pooling folds into the matrices)
+        expected = C * B * W * (H // pool) * H + C * B * (H // pool) * (W // pool) * W
+        assert counts['bmm'] + counts['baddbmm_'] == expected  # the skip term accumulates into the last product
+        assert not any(op.startswith('fft') for op in counts)
 
 
-def test_model_count_adds_the_fft_cost(monkeypatch):
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', 'fft')
-    model = timm.create_model(
-        'convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(16, 16, 16, 16), d_state=8, img_size=32).eval()
-    x = torch.randn(1, 3, 32, 32)
-    counted = count_flops(model, (x,))
-    plain = FlopCountAnalysis(model, (x,))
-    ours, theirs = counted.by_operator(), plain.by_operator()
-    assert all(ours[op] == theirs[op] for op in theirs)  # real convs, matmuls and norms as fvcore counts them
-    assert ours['fft_rfft'] > 0 and ours['fft_irfft'] > 0 and ours['mul'] > 0
-    assert counted.total() > plain.total()
-    assert 'aten::fft_rfft' in plain.unsupported_ops()
-    assert not any('fft' in op or op in ('aten::mul', 'aten::div') for op in counted.unsupported_ops())
+def test_model_count_adds_the_fft_cost():
+    with ops.conv_algorithm('fft'):
+        model = timm.create_model(
+            'convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(16, 16, 16, 16), d_state=8, img_size=32).eval()
+        x = torch.randn(1, 3, 32, 32)
+        counted = count_flops(model, (x,))
+        plain = FlopCountAnalysis(model, (x,))
+        ours, theirs = counted.by_operator(), plain.by_operator()
+        assert all(ours[op] == theirs[op] for op in theirs)  # real convs, matmuls and norms as fvcore counts them
+        assert ours['fft_rfft'] > 0 and ours['fft_irfft'] > 0 and ours['mul'] > 0
+        assert counted.total() > plain.total()
+        assert 'aten::fft_rfft' in plain.unsupported_ops()
+        assert not any('fft' in op or op in ('aten::mul', 'aten::div') for op in counted.unsupported_ops())

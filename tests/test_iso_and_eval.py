@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data import MNIST5k, export_image_folder, load_mnist_5k
@@ -25,7 +26,8 @@ from s4nd_vision.train.optim import ssm_param_names
 
 CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'eval_resolution.py')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-SMALL = dict(depth=2, dim=16, d_state=8)  # a fast isotropic model for the evaluation tests
+MNIST = dict(in_chans=1, num_classes=10, img_size=14)  # the demo's digits (the models default to timm's ImageNet)
+SMALL = dict(depth=2, dim=16, d_state=8, **MNIST)  # a fast isotropic model for the evaluation tests
 
 
 def _create(name: str, **kwargs) -> nn.Module:
@@ -33,23 +35,33 @@ def _create(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _mnist(name: str, **kwargs) -> nn.Module:
+    """An isotropic model for 1x14x14 digits, 10 classes."""
+    return _create(name, **dict(MNIST, **kwargs))
+
+
 # ---------------------------------------------------------------------------------------- models
 
 def test_registered_with_timm_and_default_cfg():
     assert timm.list_models('*_iso_*') == ['conv_iso_small', 'conv_iso_tiny', 's4nd_iso_small', 's4nd_iso_tiny']
-    model = _create('s4nd_iso_tiny')
-    assert model.pretrained_cfg['input_size'] == (1, 14, 14) and model.pretrained_cfg['fixed_input_size'] is False
-    assert (model.in_chans, model.num_classes, model.img_size, model.min_input_size) == (1, 10, (14, 14), 1)
+    model = _create('s4nd_iso_tiny')  # timm's generic defaults: ImageNet
+    cfg = model.pretrained_cfg
+    assert cfg['input_size'] == (3, 224, 224) and cfg['fixed_input_size'] is False
+    assert (cfg['mean'], cfg['std']) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert (model.in_chans, model.num_classes, model.img_size, model.min_input_size) == (3, 1000, (224, 224), 1)
+    assert {b.conv_dw.l_ref for b in model.blocks} == {(224, 224)}
+    digits = _mnist('s4nd_iso_tiny')
+    assert (digits.in_chans, digits.num_classes, digits.img_size) == (1, 10, (14, 14))
     tiny, small = (sum(p.numel() for p in _create(n).parameters()) for n in ('s4nd_iso_tiny', 's4nd_iso_small'))
     assert tiny < small
     with pytest.raises(TypeError):
         timm.create_model('s4nd_iso_tiny', not_an_argument=1)
-    with pytest.raises(ValueError, match='mixer'):
-        timm.create_model('s4nd_iso_tiny', mixer='attention')
+    with pytest.raises(ValueError, match='mixer_type'):
+        timm.create_model('s4nd_iso_tiny', mixer_type='attention')
 
 
 def test_conv_twin_differs_only_in_the_mixer():
-    s4nd, conv = _create('s4nd_iso_tiny'), _create('conv_iso_tiny')
+    s4nd, conv = _mnist('s4nd_iso_tiny'), _mnist('conv_iso_tiny')
     assert all(isinstance(b.conv_dw, S4ND) and b.conv_dw.l_ref == (14, 14) for b in s4nd.blocks)
     assert all(isinstance(b.conv_dw, nn.Conv2d) and b.conv_dw.kernel_size == (7, 7) and b.conv_dw.groups == 64
                for b in conv.blocks)
@@ -60,7 +72,7 @@ def test_conv_twin_differs_only_in_the_mixer():
 
 @pytest.mark.parametrize('name', ['s4nd_iso_tiny', 'conv_iso_tiny'])
 def test_forward_backward_at_several_resolutions(name):
-    model = _create(name, num_classes=5)
+    model = _mnist(name, num_classes=5)
     for size in ((14, 14), (20, 20), (28, 28), (14, 21)):
         model.zero_grad(set_to_none=True)
         x = torch.randn(2, 1, *size)
@@ -77,7 +89,7 @@ def test_forward_backward_at_several_resolutions(name):
 
 @pytest.mark.parametrize('name', ['s4nd_iso_tiny', 'conv_iso_tiny'])
 def test_timm_contract(name):
-    model = _create(name).eval()
+    model = _mnist(name).eval()
     x = torch.randn(1, 1, 14, 14)
     with torch.no_grad():
         features = model.forward_features(x)
@@ -96,13 +108,13 @@ def test_timm_contract(name):
     assert bool(model.no_weight_decay()) == name.startswith('s4nd')
     groups = timm.models.group_parameters(model, model.group_matcher())
     assert {n for g in groups.values() for n in g} == {n for n, _ in model.named_parameters()}
-    feats = _create(name, features_only=True, out_indices=(1, 3)).eval()
+    feats = _mnist(name, features_only=True, out_indices=(1, 3)).eval()
     with torch.no_grad():
         assert [f.shape for f in feats(x)] == [(1, 64, 14, 14)] * 2
 
 
 def test_set_input_size_moves_the_reference_grid():
-    model = _create('s4nd_iso_tiny', img_size=14)
+    model = _mnist('s4nd_iso_tiny')
     model.set_input_size(28)
     assert model.img_size == (28, 28)
     assert {b.conv_dw.l_ref for b in model.blocks} == {(28, 28)}
@@ -117,7 +129,7 @@ def test_s4nd_features_keep_across_resolutions_where_the_conv_twin_does_not():
     low, high = (F.interpolate(coarse, size=(n, n), mode='bicubic', align_corners=False) for n in (14, 28))
 
     def change(name):
-        model = _create(name).eval()
+        model = _mnist(name).eval()
         with torch.no_grad():
             a, b = (model.forward_head(model.forward_features(x), pre_logits=True) for x in (low, high))
         return ((b - a).norm() / a.norm()).item()
@@ -235,10 +247,11 @@ def test_bad_resolutions_are_clear_errors(image_folder):
 
 
 def test_load_model_from_local_weights(tmp_path):
-    source = _create('s4nd_iso_tiny').eval()
+    source = _mnist('s4nd_iso_tiny').eval()
     path = str(tmp_path / 'w.safetensors')
     save_file(source.state_dict(), path)
-    loaded = load_model('s4nd_iso_tiny', path, num_classes=10, bandlimit=0.5)
+    loaded = load_model(
+        's4nd_iso_tiny', path, num_classes=10, in_chans=1, bandlimit=0.5, model_kwargs=dict(img_size=14))
     assert all(k.bandlimit == 0.5 for b in loaded.blocks for k in b.conv_dw.kernels)
     x = torch.randn(2, 1, 14, 14)
     set_bandlimit(source, 0.5)
@@ -252,12 +265,12 @@ def test_cli_end_to_end(image_folder, tmp_path):
     paths = []
     for name in ('s4nd_iso_tiny', 'conv_iso_tiny'):
         paths.append(str(tmp_path / f'{name}.safetensors'))
-        save_file(_create(name).state_dict(), paths[-1])
+        save_file(_mnist(name).state_dict(), paths[-1])
     out = tmp_path / 'out'
     result = subprocess.run(
         [sys.executable, CLI, '--models', 's4nd_iso_tiny', 'conv_iso_tiny', '--checkpoints', *paths,
          '--data', image_folder, '--resolutions', '14', '28', '--train-resolution', '14', '--bandlimit', '1.0',
-         '--out', str(out)],
+         '--in-chans', '1', '--out', str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert '| s4nd_iso_tiny |' in result.stdout and '| conv_iso_tiny |' in result.stdout
@@ -266,10 +279,31 @@ def test_cli_end_to_end(image_folder, tmp_path):
     assert (out / PLOT_NAME).read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_cli_reports_bad_arguments(image_folder):
+def _load_cli():
     spec = importlib.util.spec_from_file_location('eval_resolution_cli', CLI)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
+    """--mean/--std reach the models' data config (what evaluation normalizes with); without them each
+    model's own cfg (timm's ImageNet defaults here, averaged to one channel) is used."""
+    cli = _load_cli()
+    seen = []
+    monkeypatch.setattr(cli, 'eval_resolution', lambda models, *a, **k: seen.append(
+        {n: resolve_data_config({}, model=m) for n, m in models.items()}) or [])
+    monkeypatch.setattr(cli, 'format_table', lambda rows: '')
+    common = ['--models', 's4nd_iso_tiny', '--data', image_folder, '--resolutions', '14', '--in-chans', '1']
+    cli.main(common + ['--mean', '0.1307', '--std', '0.3081', '--out', 'unused'])
+    cli.main(common + ['--out', 'unused'])
+    trained, default = (s['s4nd_iso_tiny'] for s in seen)
+    assert (trained['mean'], trained['std']) == ((0.1307,), (0.3081,))
+    assert (default['mean'], default['std']) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def test_cli_reports_bad_arguments(image_folder):
+    cli = _load_cli()
     with pytest.raises(SystemExit, match='resolutions must be positive integers'):
         cli.main(['--models', 's4nd_iso_tiny', '--data', image_folder, '--resolutions', '0', '--out', 'unused'])
     with pytest.raises(SystemExit) as exit_info:  # argparse: one checkpoint for two models

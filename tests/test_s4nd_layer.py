@@ -148,28 +148,28 @@ CASES = [
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
 @pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,rank,pool', CASES)
-def test_layer_equals_direct_convolution(monkeypatch, algorithm, ndim, sizes, l_ref, l_max, bidirectional, rank, pool):
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
-    torch.manual_seed(0)
-    layer = S4ND(3, ndim=ndim, d_state=8, rank=rank, bidirectional=bidirectional,
-                 l_ref=l_ref, l_max=l_max, pool=pool, dt_min=0.05, dt_max=0.5).double()
-    _randomize(layer)
-    x = torch.randn(2, 3, *sizes, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), _direct_reference(layer, x))
-    torch.testing.assert_close(layer(x, rate=1.7), _direct_reference(layer, x, rate=1.7))
+def test_layer_equals_direct_convolution(algorithm, ndim, sizes, l_ref, l_max, bidirectional, rank, pool):
+    with ops.conv_algorithm(algorithm):
+        torch.manual_seed(0)
+        layer = S4ND(3, ndim=ndim, d_state=8, rank=rank, bidirectional=bidirectional,
+                     l_ref=l_ref, l_max=l_max, pool=pool, dt_min=0.05, dt_max=0.5).double()
+        _randomize(layer)
+        x = torch.randn(2, 3, *sizes, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), _direct_reference(layer, x))
+        torch.testing.assert_close(layer(x, rate=1.7), _direct_reference(layer, x, rate=1.7))
 
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
-def test_no_circular_wraparound(monkeypatch, algorithm):
+def test_no_circular_wraparound(algorithm):
     """A causal kernel cannot move an impulse at the end of an axis back to its start."""
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
-    layer = S4ND(2, ndim=1, d_state=4, bidirectional=False, dt_min=0.01, dt_max=0.02).double()
-    x = torch.zeros(1, 2, 16, dtype=torch.float64)
-    x[..., -1] = 1.0
-    y = layer(x)
-    assert y[..., :-1].abs().max() < 1e-12  # FFT round-off only
-    # and the kernel really is long: an impulse at the start reaches the end
-    assert layer(x.flip(-1))[..., -1].abs().min() > 1e-3
+    with ops.conv_algorithm(algorithm):
+        layer = S4ND(2, ndim=1, d_state=4, bidirectional=False, dt_min=0.01, dt_max=0.02).double()
+        x = torch.zeros(1, 2, 16, dtype=torch.float64)
+        x[..., -1] = 1.0
+        y = layer(x)
+        assert y[..., :-1].abs().max() < 1e-12  # FFT round-off only
+        # and the kernel really is long: an impulse at the start reaches the end
+        assert layer(x.flip(-1))[..., -1].abs().min() > 1e-3
 
 
 def test_rate_two_kernel_is_box_sum_of_rate_one():
@@ -233,19 +233,19 @@ def _unmasked(kernel: SSMKernel) -> SSMKernel:
 @pytest.mark.parametrize('ndim, sizes, pool', [(1, (7,), 2), (2, (3, 5), (1, 2)), (3, (3, 4, 5), (2, 1, 2))])
 def test_gradcheck(monkeypatch, algorithm, ndim, sizes, pool):
     """Hand-written backward of kernel generation and convolution, every axis position, pooling, 2 rank-1 terms."""
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
     monkeypatch.setattr(ops, 'TOEPLITZ_MIN_ROWS', 1.0)  # with the rule (None): Toeplitz and FFT axes mixed
-    torch.manual_seed(0)
-    bidirectional = (True, False, True)[:ndim]
-    layer = S4ND(2, ndim=ndim, d_state=4, rank=2, bidirectional=bidirectional, l_ref=sizes[::-1],
-                 pool=pool, dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
-    names, params = zip(*layer.named_parameters())
-    x = torch.randn((1, 2) + sizes, dtype=torch.float64, requires_grad=True)
+    with ops.conv_algorithm(algorithm):
+        torch.manual_seed(0)
+        bidirectional = (True, False, True)[:ndim]
+        layer = S4ND(2, ndim=ndim, d_state=4, rank=2, bidirectional=bidirectional, l_ref=sizes[::-1],
+                     pool=pool, dt_min=0.1, dt_max=0.5, bandlimit=2.0).double()
+        names, params = zip(*layer.named_parameters())
+        x = torch.randn((1, 2) + sizes, dtype=torch.float64, requires_grad=True)
 
-    def fn(x, *p):
-        return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
+        def fn(x, *p):
+            return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
 
-    assert torch.autograd.gradcheck(fn, (x,) + tuple(p.detach().requires_grad_() for p in params))
+        assert torch.autograd.gradcheck(fn, (x,) + tuple(p.detach().requires_grad_() for p in params))
 
 
 @pytest.mark.parametrize('pool', [1, 2])
@@ -280,42 +280,78 @@ def test_bf16_autocast_close_to_float32():
 
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
-def test_fused_projection_equals_projection_then_layer(monkeypatch, algorithm):
+def test_fused_projection_equals_projection_then_layer(algorithm):
     """S4ND on a pointwise projection with the projection fused (recomputed in backward, not saved):
     same values as projecting first, and gradcheck on every input."""
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
-    torch.manual_seed(0)
-    layer = S4ND(3, ndim=2, d_state=4, l_ref=(5, 6), pool=(2, 1)).double()
-    x = ops.channel_major(torch.randn(2, 2, 5, 6, dtype=torch.float64))  # 2 input channels -> 3
-    weight, bias = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    expected = layer.forward_channel_major(ops.project(x, weight, bias))
-    torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected)
-    with torch.no_grad():  # the inference path (cached operators)
+    with ops.conv_algorithm(algorithm):
+        torch.manual_seed(0)
+        layer = S4ND(3, ndim=2, d_state=4, l_ref=(5, 6), pool=(2, 1)).double()
+        x = ops.channel_major(torch.randn(2, 2, 5, 6, dtype=torch.float64))  # 2 input channels -> 3
+        weight, bias = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        expected = layer.forward_channel_major(ops.project(x, weight, bias))
         torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected)
-    kernels = [k.detach() for k in layer.axis_kernels((5, 6), dtype=torch.float64)]
-    inputs = [t.clone().requires_grad_() for t in [x, weight, bias, layer.D.detach()] + kernels]
+        with torch.no_grad():  # the inference path (cached operators)
+            torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected)
+        kernels = [k.detach() for k in layer.axis_kernels((5, 6), dtype=torch.float64)]
+        inputs = [t.clone().requires_grad_() for t in [x, weight, bias, layer.D.detach()] + kernels]
 
-    def fn(x, weight, bias, skip, *kernels):
-        return ops.separable_conv(x, kernels, pools=(2, 1), skip=skip, proj=(weight, bias))
+        def fn(x, weight, bias, skip, *kernels):
+            return ops.separable_conv(x, kernels, pools=(2, 1), skip=skip, proj=(weight, bias))
 
-    assert torch.autograd.gradcheck(fn, tuple(inputs))
+        assert torch.autograd.gradcheck(fn, tuple(inputs))
 
 
-def test_toeplitz_conv_in_bfloat16_matches_float32(monkeypatch):
+def test_toeplitz_conv_in_bfloat16_matches_float32():
     """The half-precision path S4ND takes under CUDA autocast (Toeplitz GEMMs in bf16), run here on the CPU."""
-    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', 'toeplitz')
-    torch.manual_seed(0)
-    layer = S4ND(4, ndim=2, d_state=8, l_ref=12, pool=(1, 2))
-    values = [ops.channel_major(torch.randn(2, 4, 12, 12)), layer.D.detach()] + layer.axis_kernels((12, 12))
-    outs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        inputs = [t.detach().to(dtype).requires_grad_() for t in values]
-        y = ops.separable_conv(inputs[0], inputs[2:], pools=(1, 2), skip=inputs[1])
-        y.float().square().sum().backward()
-        assert y.dtype == dtype and all(t.grad.dtype == dtype for t in inputs)
-        outs[dtype] = [y] + [t.grad for t in inputs]
-    for a, b in zip(outs[torch.bfloat16], outs[torch.float32]):
-        assert ((a.float() - b).norm() / b.norm()) < 3e-2
+    with ops.conv_algorithm('toeplitz'):
+        torch.manual_seed(0)
+        layer = S4ND(4, ndim=2, d_state=8, l_ref=12, pool=(1, 2))
+        values = [ops.channel_major(torch.randn(2, 4, 12, 12)), layer.D.detach()] + layer.axis_kernels((12, 12))
+        outs = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = [t.detach().to(dtype).requires_grad_() for t in values]
+            y = ops.separable_conv(inputs[0], inputs[2:], pools=(1, 2), skip=inputs[1])
+            y.float().square().sum().backward()
+            assert y.dtype == dtype and all(t.grad.dtype == dtype for t in inputs)
+            outs[dtype] = [y] + [t.grad for t in inputs]
+        for a, b in zip(outs[torch.bfloat16], outs[torch.float32]):
+            assert ((a.float() - b).norm() / b.norm()) < 3e-2
+
+
+def test_conv_algorithm_context(monkeypatch):
+    """`ops.conv_algorithm` forces the algorithm inside its context only and rejects unknown names; a backward
+    pass run after the context uses the algorithms of its forward, and cached inference operators follow it."""
+    shape, pools = (3, 12, 2, 12), (1, 1)  # channel-major (C, H, B, W)
+    rule = ops.conv_algorithms(shape, pools)
+    for algorithm in ops.ALGORITHMS:
+        with ops.conv_algorithm(algorithm):
+            assert ops.conv_algorithms(shape, pools) == [algorithm, algorithm]
+            with ops.conv_algorithm(None):  # nested: the rule again
+                assert ops.conv_algorithms(shape, pools) == rule
+        assert ops.conv_algorithms(shape, pools) == rule
+    with pytest.raises(ValueError, match='algorithm'):
+        with ops.conv_algorithm('direct'):
+            pass
+
+    backward_calls = []
+    for cls in (ops._ToeplitzAxis, ops._FFTAxis):
+        original = cls.backward
+        monkeypatch.setattr(cls, 'backward', lambda self, *a, _f=original, **k: backward_calls.append(
+            type(self).__name__) or _f(self, *a, **k))
+    layer = S4ND(3, ndim=2, d_state=4, l_ref=12)
+    x = torch.randn(2, 3, 12, 12)
+    assert rule == ['toeplitz', 'toeplitz']
+    with ops.conv_algorithm('fft'):
+        y = layer(x)
+    y.square().sum().backward()  # outside the context
+    assert backward_calls and set(backward_calls) == {'_FFTAxis'}
+
+    with torch.no_grad():
+        for algorithm, cls in (('fft', ops._FFTAxis), ('toeplitz', ops._ToeplitzAxis)):
+            with ops.conv_algorithm(algorithm):
+                out = layer(x)
+            assert all(isinstance(op, cls) for term in layer._kernel_cache[1] for op in term)
+            torch.testing.assert_close(out, y.detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_bad_input_errors():

@@ -15,7 +15,7 @@ COMPLIANCE_MODELS = [
     ('convnext_s4nd_atto', {}),
     ('convnext_s4nd_atto', dict(stem_type='patch', downsample_type='conv')),
     ('vit_s4nd_atto_patch16_224', {}),
-    ('vit_s4nd_atto_patch16_224', dict(mixer='1d')),
+    ('vit_s4nd_atto_patch16_224', dict(token_layout='1d')),
     ('convnext_s4nd_3d_atto', {}),
     ('s4nd_iso_tiny', {}),
 ]

@@ -64,6 +64,7 @@ def test_s4nd_3d_layers_kernels_and_grids():
     layers = dict(model._s4nd_layers())
     assert len(layers) == 1 + 3 + sum(len(s.blocks) for s in model.stages)
     assert all(m.ndim == 3 and len(m.kernels) == 3 and m.bidirectional == (True, True, True) for m in layers)
+    assert set(layers.values()) == {(1, 1, 1), (2, 4, 4), (2, 8, 8), (2, 16, 16), (2, 32, 32)}  # strides of the grids
     assert model.stem[1].l_ref == (8, 64, 64) and model.stem[1].pool == (2, 4, 4)
     assert model.stages[1].downsample[1].l_ref == (4, 16, 16) and model.stages[1].downsample[1].pool == (1, 2, 2)
     assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 2, 2)
@@ -103,8 +104,8 @@ def test_baseline_layers():
     assert model.stages[0].blocks[0].conv_dw.groups == 40
     assert model.stages[1].downsample[1].stride == (1, 2, 2)
     assert not any(isinstance(m, S4ND) for m in model.modules())
-    with pytest.raises(ValueError, match='conv_type'):
-        timm.create_model('convnext_3d_atto', conv_type='attention')
+    with pytest.raises(ValueError, match='mixer_type'):
+        timm.create_model('convnext_3d_atto', mixer_type='attention')
 
 
 def test_timm_contract():

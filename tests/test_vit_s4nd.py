@@ -1,4 +1,4 @@
-"""ViT-S4ND specifics: registration, the two mixer modes, resolution control, checkpoints, optimizer groups, errors.
+"""ViT-S4ND specifics: registration, the two token layouts, resolution control, checkpoints, optimizer groups, errors.
 
 The generic timm contract (backward to every parameter, features, intermediates, bf16, compile,
 meta device) is checked for both modes in test_timm_compliance.py.
@@ -31,8 +31,8 @@ def test_registered_with_timm():
 
 
 @pytest.mark.parametrize('mode, ndim, l_ref', [('2d', 2, (14, 10)), ('1d', 1, (140,))])
-def test_mixer_modes_reference_the_training_grid(mode, ndim, l_ref):
-    model = _atto(mixer=mode, img_size=(224, 160))
+def test_token_layouts_reference_the_training_grid(mode, ndim, l_ref):
+    model = _atto(token_layout=mode, img_size=(224, 160))
     layers = [m for m in model.modules() if isinstance(m, S4ND)]
     assert len(layers) == len(model.blocks)
     assert all(m.ndim == ndim and m.l_ref == l_ref for m in layers)
@@ -42,7 +42,7 @@ def test_mixer_modes_reference_the_training_grid(mode, ndim, l_ref):
 
 @pytest.mark.parametrize('mode', MODES)
 def test_runs_at_new_and_non_square_resolutions(mode):
-    model = _atto(mixer=mode, num_classes=5).eval()
+    model = _atto(token_layout=mode, num_classes=5).eval()
     with torch.no_grad():
         for size in ((224, 224), (160, 160), (288, 288), (224, 160), (160, 224)):
             features = model.forward_features(torch.randn(1, 3, *size))
@@ -51,14 +51,14 @@ def test_runs_at_new_and_non_square_resolutions(mode):
             assert model.forward_head(features).shape == (1, 5)
 
 
-def test_2d_mixer_uses_the_grid_1d_mixer_only_the_raster_order():
+def test_2d_layout_uses_the_grid_1d_layout_only_the_raster_order():
     """Re-arranging the same raster sequence as a single row changes nothing in '1d' mode and
     everything in '2d' mode: the grid shape reaches the 2D mixer, not just the token count."""
     x = torch.randn(2, 6, 5, 64)  # (B, Hp, Wp, C)
     as_row = x.reshape(2, 1, 30, 64)
     with torch.no_grad():
         for mode in MODES:
-            mixer = _atto(mixer=mode, img_size=(96, 80)).blocks[0].mixer
+            mixer = _atto(token_layout=mode, img_size=(96, 80)).blocks[0].mixer
             out, out_row = mixer(x), mixer(as_row).reshape(x.shape)
             if mode == '1d':
                 torch.testing.assert_close(out_row, out)
@@ -68,8 +68,8 @@ def test_2d_mixer_uses_the_grid_1d_mixer_only_the_raster_order():
 
 @pytest.mark.parametrize('mode', MODES)
 def test_set_input_size_moves_the_reference_grid(mode):
-    trained_64 = _atto(mixer=mode, img_size=64).eval()
-    native_96 = _atto(mixer=mode, img_size=96).eval()
+    trained_64 = _atto(token_layout=mode, img_size=64).eval()
+    native_96 = _atto(token_layout=mode, img_size=96).eval()
     native_96.load_state_dict(trained_64.state_dict())
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_pretrained_from_local_safetensors(tmp_path):
 
 @pytest.mark.parametrize('mode', MODES)
 def test_ssm_params_without_weight_decay_and_layer_decay_groups(mode):
-    model = _atto(mixer=mode)
+    model = _atto(token_layout=mode)
     ssm_names = set(ssm_param_names(model))
     assert ssm_names and model.no_weight_decay() == ssm_names
     ssm_params = {id(p) for n, p in model.named_parameters() if n in ssm_names}
@@ -135,8 +135,8 @@ def test_bad_input_errors():
         model(torch.randn(1, 3, 64, 72))
     with pytest.raises(ValueError, match='multiples of the patch size'):
         model(torch.randn(1, 3, 8, 64))
-    with pytest.raises(ValueError, match='mixer'):
-        timm.create_model(ATTO, mixer='3d')
+    with pytest.raises(ValueError, match='token_layout'):
+        timm.create_model(ATTO, token_layout='3d')
     with pytest.raises(ValueError, match='img_size'):
         timm.create_model(ATTO, img_size=8)
 
@@ -147,7 +147,7 @@ def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode, 
     outputs and gradients equal the block-by-block generation."""
     from s4nd_vision.layers import ssm_kernel
     torch.manual_seed(0)
-    model = timm.create_model('vit_s4nd_atto_patch16_224', mixer=mode)
+    model = timm.create_model('vit_s4nd_atto_patch16_224', token_layout=mode)
     calls = []
     apply = ssm_kernel._SSMKernelFn.apply
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))

@@ -25,25 +25,25 @@ def check_layers(device: torch.device) -> list:
     results = []
     cases = [(1, (300,)), (2, (24, 40)), (2, (300, 20)), (3, (6, 12, 10))]
     for algorithm in ('toeplitz', 'fft'):
-        ops.FORCE_ALGORITHM = algorithm
-        for ndim, sizes in cases:
-            torch.manual_seed(0)
-            layer = S4ND(16, ndim=ndim, d_state=16, l_ref=sizes, dt_min=0.01, dt_max=0.2)
-            x = torch.randn(2, 16, *sizes)
-            ref_layer = copy.deepcopy(layer).double()
-            xr = x.double().requires_grad_()
-            y_ref = ref_layer(xr)
-            y_ref.square().sum().backward()
-            gpu = layer.to(device)
-            xg = x.to(device).requires_grad_()
-            y = gpu(xg)
-            y.square().sum().backward()
-            grad_err = max(_rel(p.grad.cpu(), q.grad) for p, q in zip(gpu.parameters(), ref_layer.parameters()))
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                y_bf16 = gpu(x.to(device).bfloat16())
-            results.append((f'{algorithm:8s} {ndim}D {sizes}', _rel(y.detach().cpu(), y_ref.detach()),
-                            _rel(xg.grad.cpu(), xr.grad), grad_err, _rel(y_bf16.float().detach().cpu(), y_ref.detach())))
-    ops.FORCE_ALGORITHM = None
+        with ops.conv_algorithm(algorithm):
+            for ndim, sizes in cases:
+                torch.manual_seed(0)
+                layer = S4ND(16, ndim=ndim, d_state=16, l_ref=sizes, dt_min=0.01, dt_max=0.2)
+                x = torch.randn(2, 16, *sizes)
+                ref_layer = copy.deepcopy(layer).double()
+                xr = x.double().requires_grad_()
+                y_ref = ref_layer(xr)
+                y_ref.square().sum().backward()
+                gpu = layer.to(device)
+                xg = x.to(device).requires_grad_()
+                y = gpu(xg)
+                y.square().sum().backward()
+                grad_err = max(_rel(p.grad.cpu(), q.grad) for p, q in zip(gpu.parameters(), ref_layer.parameters()))
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    y_bf16 = gpu(x.to(device).bfloat16())
+                results.append((
+                    f'{algorithm:8s} {ndim}D {sizes}', _rel(y.detach().cpu(), y_ref.detach()),
+                    _rel(xg.grad.cpu(), xr.grad), grad_err, _rel(y_bf16.float().detach().cpu(), y_ref.detach())))
     return results
 
 
@@ -65,7 +65,8 @@ def main() -> int:
         return 1
     device = torch.device('cuda')
     print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}')
-    print(f'{"case":30s} {"out fp32":>10s} {"dx fp32":>10s} {"dparams":>10s} {"out bf16":>10s}   (relative errors vs float64 CPU)')
+    print(f'{"case":30s} {"out fp32":>10s} {"dx fp32":>10s} {"dparams":>10s} {"out bf16":>10s}   '
+          '(relative errors vs float64 CPU)')
     ok = True
     for name, out, dx, dparams, bf16 in check_layers(device):
         good = out < 1e-4 and dx < 1e-4 and dparams < 1e-3 and bf16 < 3e-2
@@ -74,7 +75,8 @@ def main() -> int:
     rel, finite = check_model(device)
     good = rel < 5e-2 and finite
     ok &= good
-    print(f'convnext_s4nd_atto bf16 autocast vs fp32 logits: {rel:.2e}, finite grads: {finite}   {"ok" if good else "FAIL"}')
+    print(f'convnext_s4nd_atto bf16 autocast vs fp32 logits: {rel:.2e}, finite grads: {finite}   '
+          f'{"ok" if good else "FAIL"}')
     print('all checks passed' if ok else 'SOME CHECKS FAILED')
     return 0 if ok else 1
 

@@ -2,7 +2,7 @@
 """Zero-shot resolution evaluation: accuracy of models at resolutions they were (or were not) trained at.
 
     python tools/eval_resolution.py --models s4nd_iso_tiny conv_iso_tiny \\
-        --checkpoints out/s4nd/best.safetensors out/conv/best.safetensors \\
+        --checkpoints out/s4nd/best.safetensors out/conv/best.safetensors --in-chans 1 --mean 0.1307 --std 0.3081 \\
         --data mnist --train-resolution 14 --resolutions 14 20 28 42 --out output/zero_shot
 
 Prints a top-1/top-5 table and writes accuracy_vs_resolution.csv and .png to --out
@@ -28,6 +28,10 @@ def main(argv=None) -> None:
     parser.add_argument('--bandlimit', type=float, default=None,
                         help='band-limiting cut-off of the S4ND models, as trained (default: their own, off)')
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
+    parser.add_argument('--mean', type=float, nargs='+', default=None,
+                        help="input normalization the models were trained with (default: each model's cfg), "
+                             'e.g. --mean 0.1307 --std 0.3081 for the MNIST demo models')
+    parser.add_argument('--std', type=float, nargs='+', default=None, help='see --mean')
     parser.add_argument('--crop-pct', type=float, default=None, help="ImageFolder center crop (default: each model's)")
     parser.add_argument('--out', default='output/eval_resolution', help='folder for the CSV and PNG')
     parser.add_argument('--batch-size', type=int, default=64)
@@ -42,10 +46,13 @@ def main(argv=None) -> None:
             parser.error(f'{flag} needs one entry per model ({len(args.models)}), got {len(values)}')
     if len(set(labels)) != len(labels):
         parser.error('two models share a display name: pass distinct --labels')
+    norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
+    model_kwargs = dict(pretrained_cfg_overlay=norm) if norm else None
     try:
         num_classes = dataset_num_classes(args.data, args.split)
         models = {
-            label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit)
+            label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
+                              model_kwargs=model_kwargs)
             for label, name, ckpt in zip(labels, args.models, checkpoints)
         }
         rows = eval_resolution(

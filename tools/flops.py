@@ -18,18 +18,8 @@ from s4nd_vision.bench.flops import count_flops
 from s4nd_vision.layers import ops
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('models', nargs='+', help='timm model names')
-    parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--batch-size', type=int, default=1,
-                        help='counts are per batch; the S4ND algorithm rule depends on it')
-    parser.add_argument('--algorithm', choices=['rule', 'fft', 'toeplitz'], default='rule',
-                        help="S4ND convolution algorithm: the measured per-axis rule, or one for every axis")
-    args = parser.parse_args()
-
-    logging.getLogger('fvcore').setLevel(logging.ERROR)  # unsupported ops are printed below instead
-    ops.FORCE_ALGORITHM = None if args.algorithm == 'rule' else args.algorithm
+def _count(args: argparse.Namespace) -> None:
+    """Print the counts of every model in `args.models`."""
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     for name in args.models:
         model = timm.create_model(name).eval()
@@ -43,6 +33,21 @@ def main() -> None:
               f'plain fvcore {plain.total() / 1e9:.3f} GMACs')
         print(f'  by operator (GMACs): {top}')
         print(f'  not counted: {dict(counted.unsupported_ops())}')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='+', help='timm model names')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batch-size', type=int, default=1,
+                        help='counts are per batch; the S4ND algorithm rule depends on it')
+    parser.add_argument('--algorithm', choices=['rule', 'fft', 'toeplitz'], default='rule',
+                        help="S4ND convolution algorithm: the per-axis rule, or one for every axis")
+    args = parser.parse_args()
+
+    logging.getLogger('fvcore').setLevel(logging.ERROR)  # unsupported ops are printed below instead
+    with ops.conv_algorithm(None if args.algorithm == 'rule' else args.algorithm):
+        _count(args)
 
 
 if __name__ == '__main__':

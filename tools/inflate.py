@@ -17,7 +17,8 @@ from s4nd_vision.models.inflate import CONV_MODES, TIME_INITS, inflate_checkpoin
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('source', help='2D checkpoint (safetensors, or a torch checkpoint with or without a wrapper)')
+    parser.add_argument('source', help='2D checkpoint: safetensors, or a torch checkpoint with or without a '
+                        'wrapper (its EMA weights first, as timm loads them)')
     parser.add_argument('output', help='where to write the 3D weights (safetensors)')
     parser.add_argument('--model', required=True, help='3D timm model: convnext_s4nd_3d_tiny, convnext_3d_tiny, ...')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,

@@ -114,7 +114,7 @@ def bench_scaling(
 
 
 def parse_pair(spec: str) -> tuple:
-    """'vit_s4nd_small_patch16_224,mixer=1d:vit_small_patch16_224' -> (name, kwargs, baseline)."""
+    """'vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224' -> (name, kwargs, baseline)."""
     if ':' not in spec:
         raise ValueError(f'a model pair must look like NAME[,key=value...]:BASELINE, got {spec!r}')
     left, baseline = spec.split(':', 1)

@@ -98,7 +98,11 @@ def run_demo(
         s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline), common),
     }
     from ..train import load_config
-    common_kwargs = load_config(config).model.kwargs  # what both models were created with
+    cfg = load_config(config)
+    common_kwargs = dict(cfg.model.kwargs)  # what both models were created with
+    norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
+    if norm:  # the normalization the models were trained with, where the config sets one (else their own cfg's)
+        common_kwargs['pretrained_cfg_overlay'] = norm
     models = {
         name: load_model(name, path, num_classes=10, in_chans=1,
                          model_kwargs=dict(common_kwargs, **(s4nd_kwargs if name == s.s4nd_model else {})))

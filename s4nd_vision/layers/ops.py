@@ -5,8 +5,10 @@ index o + n - 1): y[i] = sum_j k[i - j] x[j]. Two exact algorithms, chosen per a
 a Toeplitz matrix product (GEMM speed, best for short axes shared by many rows) and a zero-padded
 FFT (N log N), chosen per axis by `choose_algorithm`.
 """
+import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from contextvars import ContextVar
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,24 +16,39 @@ import torch.nn.functional as F
 from .reference import separable_conv_reference, use_reference
 
 __all__ = [
-    'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms', 'conv_operators', 'apply_operators',
-    'avg_pool_axes', 'choose_algorithm',
+    'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
+    'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
 ]
 
-# Algorithm rule, measured on this CPU (fwd+bwd of one axis, 128 channels, 1 thread): the Toeplitz
-# product was 3-5x faster than the FFT at lengths 64..256 when the matrix of each channel is shared
-# by many rows (the other axes times the batch: 2D images), but up to 17x slower when few rows share
-# it (a 1D sequence of 196 with batch 4: building the n x n matrix dominates). Toeplitz/FFT time was
-# 1.12 at rows = n/2 (n=32), 0.72 at rows = n (n=64), 1.13 at rows = n/3 and 0.28 at rows = 1.3 n (n=196).
+# The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
+# many rows share it (the other axes times the batch: 2D images), where the GEMM beats the FFT; with few
+# rows per matrix (a long 1D sequence, a small batch) building the matrix dominates and the FFT wins.
+# Beyond a few hundred taps the FFT's n log n wins whatever the rows.
+ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
-FORCE_ALGORITHM: Optional[str] = None  # 'toeplitz' or 'fft' for every axis (tests, benchmarks); None = the rule
+_FORCED_ALGORITHM: ContextVar[Optional[str]] = ContextVar('s4nd_conv_algorithm', default=None)
+
+
+@contextlib.contextmanager
+def conv_algorithm(algorithm: Optional[str]) -> Iterator[None]:
+    """Within this context every S4ND axis is convolved by `algorithm`, 'toeplitz' or 'fft' (None: the rule of
+    `choose_algorithm`), e.g. to compare or count the two. A backward pass uses the algorithms of its forward."""
+    if algorithm is not None and algorithm not in ALGORITHMS:
+        raise ValueError(f'algorithm must be one of {ALGORITHMS} or None, got {algorithm!r}')
+    token = _FORCED_ALGORITHM.set(algorithm)
+    try:
+        yield
+    finally:
+        _FORCED_ALGORITHM.reset(token)
 
 
 def choose_algorithm(n: int, rows: int) -> str:
-    """'toeplitz' or 'fft' for an axis of length `n` whose per-channel matrix multiplies `rows` vectors."""
-    if FORCE_ALGORITHM is not None:
-        return FORCE_ALGORITHM
+    """'toeplitz' or 'fft' for an axis of length `n` whose per-channel matrix multiplies `rows` vectors
+    (the one of an enclosing `conv_algorithm` context, if any)."""
+    forced = _FORCED_ALGORITHM.get()
+    if forced is not None:
+        return forced
     return 'toeplitz' if n <= TOEPLITZ_MAX_LEN and rows >= TOEPLITZ_MIN_ROWS * n else 'fft'
 
 
@@ -90,7 +107,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor]) -> torc
     return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
 
 
-def _add_pool_adjoint_(target: torch.Tensor, s: torch.Tensor, dims: Sequence[int], pools: Sequence[int]) -> torch.Tensor:
+def _add_pool_adjoint_(
+        target: torch.Tensor, s: torch.Tensor, dims: Sequence[int], pools: Sequence[int]) -> torch.Tensor:
     """target += the transpose of average pooling by pools[a] along dims[a] (increasing) applied to s, in place:
     s is spread (each value over its window, / pool) along every pooled axis but the outermost, which takes
     a broadcast add into target (contiguous inner blocks), so no full-size spread tensor is materialized."""
@@ -110,7 +128,7 @@ class _ToeplitzAxis:
         self.n, self.pool = n, pool
         m = n // pool
         # sliding windows of the reversed taps are T's rows in reverse order: rev[c, r, j] = T[c, n - 1 - r, j]
-        # (a strided view: 3-10x faster to materialize than a gather); rows are pooled before the flip
+        # (a strided view, cheaper to materialize than a gather); rows are pooled before the flip
         rev = k.flip(-1).unfold(1, n, 1)
         if pool > 1:  # AvgPool drops the last rows of T, i.e. the first of rev
             rev = rev.narrow(1, n - m * pool, m * pool).unflatten(1, (m, pool)).mean(2)
@@ -121,8 +139,8 @@ class _ToeplitzAxis:
         the caller owns) if given: the GEMM accumulates into it in place, one pass fewer than adding afterwards."""
         c, prefix, suffix = _shape3(z, dim)
         rows, cols = t.shape[1:]
-        # (a last axis as (T @ z^T)^T runs its GEMM up to 5x faster at 7x7, but the strided result slows what
-        # follows: convnext_s4nd_tiny took 1% longer to train and 3% longer in inference with it)
+        # (a last axis as (T @ z^T)^T would run a faster GEMM on small axes, but its strided result slows
+        # every op that follows, so the result is computed contiguous)
         if suffix == 1:  # last axis: (C, P, cols) @ (C, rows, cols)^T
             acc = None if acc is None else acc.reshape(c, prefix, rows)
             y = _gemm(z.reshape(c, prefix, cols), t.transpose(1, 2), acc)
@@ -138,7 +156,8 @@ class _ToeplitzAxis:
         return self._bmm(self.t, z, dim, acc)
 
     def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> tuple:
-        """Gradients of the (C, 2n - 1) taps and of the axis input z (plus `acc` if given), given the output gradient g."""
+        """Gradients of the (C, 2n - 1) taps and of the axis input z (plus `acc` if given), given the output
+        gradient g."""
         return self._kernel_grad(z, g, dim), self._bmm(self.t.transpose(1, 2), g, dim, acc)
 
     def _kernel_grad(self, z: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
@@ -179,7 +198,8 @@ class _FFTAxis:
         """Gradients of the (C, 2n - 1) taps (circular cross-correlation of g and z, summed over every row)
         and of the axis input z (correlation of g with the kernel; plus `acc` if given), sharing the spectrum of g."""
         g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
-        grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim).narrow(dim, 0, self.n)
+        grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim)
+        grad_z = grad_z.narrow(dim, 0, self.n)
         grad_z = grad_z if acc is None else acc.add_(grad_z)
         cross = (g_f * self._spectrum(z, dim).conj()).movedim(dim, -1)
         grad_circ = torch.fft.irfft(cross.reshape(z.shape[0], -1, cross.shape[-1]).sum(1), n=self.m)  # (C, m)
@@ -193,7 +213,7 @@ def channel_major(x: torch.Tensor) -> torch.Tensor:
     nd = x.ndim - 2
     if x.device.type == 'cpu' and x.shape[1] > 1 and x.stride(1) == 1:
         # channels-last memory (ConvNeXt blocks hand it on): on the CPU, going through (B, C, ...) first is
-        # two cheap copies instead of one transposing copy (measured 3.2 vs 5.0 ms at 8x96x56x56)
+        # two cheap copies instead of one transposing copy, which is slower
         x = x.contiguous()
     return x.permute([1] + list(range(2, nd + 1)) + [0, nd + 1]).contiguous()
 
@@ -229,16 +249,22 @@ def conv_algorithms(shape: Sequence[int], pools: Sequence[int]) -> List[str]:
     return algorithms
 
 
-def conv_operators(kernels: Sequence[torch.Tensor], shape: Sequence[int], pools: Sequence[int]) -> list:
-    """Per rank-1 term, per axis, the Toeplitz or FFT operator (`conv_algorithms`) that convolves
-    axis a of a channel-major input of `shape` with kernels[a][term] and pools it by pools[a].
+def conv_operators(
+        kernels: Sequence[torch.Tensor],
+        shape: Sequence[int],
+        pools: Sequence[int],
+        algorithms: Optional[Sequence[str]] = None,
+) -> list:
+    """Per rank-1 term, per axis, the Toeplitz or FFT operator (`algorithms`, by default `conv_algorithms`)
+    that convolves axis a of a channel-major input of `shape` with kernels[a][term] and pools it by pools[a].
 
     The operators hold everything that depends on the kernels only (Toeplitz matrices, kernel spectra),
     so a fixed set of kernels (inference) builds them once."""
     shape = tuple(shape)
     dims = list(range(1, len(shape) - 2)) + [len(shape) - 1]
+    algorithms = conv_algorithms(shape, pools) if algorithms is None else algorithms
     operators = [[] for _ in range(kernels[0].shape[0])]
-    for dim, k, pool, algorithm in zip(dims, kernels, pools, conv_algorithms(shape, pools)):
+    for dim, k, pool, algorithm in zip(dims, kernels, pools, algorithms):
         op = _ToeplitzAxis if algorithm == 'toeplitz' else _FFTAxis
         for term, ops_ in enumerate(operators):
             ops_.append(op(k[term], shape[dim], pool))
@@ -271,7 +297,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     """Pointwise (1x1) projection of a channel-major x (C_in, ...) by weight (C, C_in) plus bias (C,): (C, ...)."""
     if bias is None:
         y = torch.mm(weight, x.flatten(1))
-    else:  # the bias in the GEMM: a (C, pixels) result is written once (1.5x faster for the stem than mm, then +)
+    else:  # the bias in the GEMM: the (C, pixels) result is written once, not written and then added to
         y = torch.addmm(bias[:, None], weight, x.flatten(1))
     return y.view((-1,) + x.shape[1:])
 
@@ -293,10 +319,11 @@ class _SeparableConv(torch.autograd.Function):
     def forward(ctx, x, skip, weight, bias, pools, *kernels):
         u = x if weight is None else project(x, weight, bias)
         kept = []
-        y = apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip,
+        algorithms = conv_algorithms(u.shape, pools)  # the backward pass uses the same
+        y = apply_operators(u, conv_operators(kernels, u.shape, pools, algorithms), pools, skip,
                             intermediates=kept if pools[0] > 1 else None)
         ctx.save_for_backward(x, skip, weight, bias, *kernels, *kept)
-        ctx.pools, ctx.num_kernels = pools, len(kernels)
+        ctx.pools, ctx.num_kernels, ctx.algorithms = pools, len(kernels), algorithms
         return y
 
     @staticmethod
@@ -314,7 +341,7 @@ class _SeparableConv(torch.autograd.Function):
             if all(p == 1 for p in pools):  # the first axis' adjoint GEMM accumulates into it
                 grad_u, grad_pooled = grad_pooled, None
         grad_kernels = [torch.zeros_like(k) for k in kernels]
-        for term, ops_ in enumerate(conv_operators(kernels, u.shape, pools)):
+        for term, ops_ in enumerate(conv_operators(kernels, u.shape, pools, ctx.algorithms)):
             inputs = [u]  # the input of every axis, kept or recomputed
             for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
                 inputs.append(kept[term * (len(dims) - 1) + a] if kept else op.apply(inputs[-1], dim))

@@ -200,17 +200,19 @@ class S4ND(nn.Module):
         """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
         remembered between calls while no gradient is recorded (inference).
 
-        The cache is reused only when the input shape (the algorithm depends on the batch size too),
-        rates, kernel lengths, dtypes, band limits and the values of every SSM parameter equal those it
-        was built from. Parameters are compared by value, not by version counter: writes through
-        `.data`, `.copy_`, `load_state_dict(assign=True)`, `vector_to_parameters`, distributed broadcasts
-        or NumPy views can bypass the counters, and stale kernels would be a silently wrong result.
-        The comparison is one small vector per layer (on CUDA, one synchronization per layer).
+        The cache is reused only when the input shape, the algorithm per axis (it depends on the batch
+        size too, and on an enclosing `ops.conv_algorithm`), rates, kernel lengths, dtypes, band limits and
+        the values of every kernel parameter and buffer equal those it was built from. Parameters are
+        compared by value, not by version counter: writes through `.data`, `.copy_`,
+        `load_state_dict(assign=True)`, `vector_to_parameters`, distributed broadcasts or NumPy views can
+        bypass the counters, and stale kernels would be a silently wrong result. The comparison is one
+        small vector per layer (on CUDA, one synchronization per layer).
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
+        algorithms = conv_algorithms(shape, self.pool)
         key = (
-            tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
+            tuple(shape), tuple(algorithms), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple(k.bandlimit for k in self.kernels),
         )
         state = self._kernel_state()
@@ -220,20 +222,23 @@ class S4ND(nn.Module):
                     and cached_state.shape == state.shape and torch.equal(cached_state, state)):
                 return operators
         kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
-        self._kernel_cache = (key, state, conv_operators(kernels, shape, self.pool))
+        self._kernel_cache = (key, state, conv_operators(kernels, shape, self.pool, algorithms))
         return self._kernel_cache[2]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2:
             raise ValueError(
-                f'S4ND with ndim={self.ndim} expects input (B, C, {", ".join("LHW"[-self.ndim:] if self.ndim < 3 else "THW")}) '
+                f'S4ND with ndim={self.ndim} expects input '
+                f'(B, C, {", ".join("LHW"[-self.ndim:] if self.ndim < 3 else "THW")}) '
                 f'with {self.ndim} spatial dims, got shape {tuple(x.shape)}')
         if x.shape[1] != self.dim:
-            raise ValueError(f'S4ND expects {self.dim} input channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}')
+            raise ValueError(
+                f'S4ND expects {self.dim} input channels (dim 1), got {x.shape[1]} in shape {tuple(x.shape)}')
         if any(s < 1 for s in x.shape[2:]):
             raise ValueError(f'S4ND cannot build a kernel for an empty spatial axis, got shape {tuple(x.shape)}')
         if any(s < p for s, p in zip(x.shape[2:], self.pool)):
-            raise ValueError(f'S4ND with pool={self.pool} needs spatial sizes of at least pool, got shape {tuple(x.shape)}')
+            raise ValueError(
+                f'S4ND with pool={self.pool} needs spatial sizes of at least pool, got shape {tuple(x.shape)}')
         if not x.is_floating_point():
             raise ValueError(f'S4ND expects a floating point input, got {x.dtype}')
 
@@ -285,7 +290,8 @@ class S4ND(nn.Module):
                 return separable_conv(u, kernels, self.pool, skip=skip, proj=proj)
             if proj is not None:
                 u = project(u, *proj)
-            return apply_operators(u, self._cached_operators(shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
+            operators = self._cached_operators(shape, rate, kernel_dtype, conv_dtype)
+            return apply_operators(u, operators, self.pool, skip=skip)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, ndim={self.ndim}, kernel={self.kernel!r}, rank={self.rank}'
@@ -303,8 +309,8 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
     """Generate the kernels of many S4ND layers at once, for their next forward on inputs of the given
     spatial sizes (at their automatic rate): all axes of all layers that share kernel length and SSM
     sizes become one stacked `ssm_kernels` call, so a whole network costs a handful of generation
-    calls per training step instead of one per layer (generation is bound by the number of ops, not
-    their size: ~60 small ops per call, forward and backward). A layer whose next input differs ignores them.
+    calls per training step instead of one per layer (generation is many small ops, so its cost
+    follows the number of calls, not their size). A layer whose next input differs ignores them.
 
     Every parameter must be materialized (not FSDP-sharded across units) when this runs.
     """

@@ -2,7 +2,7 @@
 
 ConvNeXt for clips (B, C, T, H, W): the 2D ConvNeXt-S4ND with a time axis. Every block's S4ND
 has three SSM kernels, time (`kernels.0`), H (`kernels.1`) and W (`kernels.2`); the time kernel
-is two-sided by default (`time_bidirectional=False` makes it causal). With `conv_type='conv'`
+is two-sided by default (`time_bidirectional=False` makes it causal). With `mixer_type='conv'`
 the blocks hold depthwise (3, 7, 7) convs instead: timm's ConvNeXt inflated to 3D, the baseline.
 
 * Stem: a tubelet stem of stride (2, 4, 4). `stem_type='s4nd'` (default) is the 2D S4ND stem with
@@ -31,41 +31,27 @@ duration sees the same continuous time kernel. `set_input_size(img_size, num_fra
 reference.
 """
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import calculate_drop_path_rates, to_2tuple
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..layers import S4ND
+from ..layers import LayerNorm3d
+from ._base import MIXER_TYPES
+from ._checkpoint import unwrap_state_dict
 from ._checks import check_input
-from .convnext_s4nd import ConvNeXtAPI, ConvNeXtS4NDBlock
-from .inflate import inflate_state_dict, is_2d_state_dict, unwrap_state_dict
+from .convnext_base import ConvNeXtBase
+from .inflate import inflate_state_dict, is_2d_state_dict
 
-__all__ = ['ConvNeXt3d', 'LayerNorm3d']
+__all__ = ['ConvNeXt3d']
 
-_STEM_TYPES = ('s4nd', 'patch')
-_DOWNSAMPLE_TYPES = ('s4nd', 'conv')
-_CONV_TYPES = ('s4nd', 'conv')
 _TUBELET = (2, 4, 4)  # stem stride (T, H, W)
 _DW_KERNEL_SIZE = (3, 7, 7)  # depthwise conv of the baseline
 _NUM_FRAMES = 16
 _IMG_SIZE = 224
-
-
-class LayerNorm3d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, T, H, W) tensor (timm's LayerNorm2d, one axis more)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__(num_channels, eps=eps, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.movedim(1, -1)  # (B, C, T, H, W) -> (B, T, H, W, C)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.movedim(-1, 1)  # (B, T, H, W, C) -> (B, C, T, H, W)
 
 
 def _dw_conv3d(dim: int, device=None, dtype=None) -> nn.Conv3d:
@@ -75,218 +61,59 @@ def _dw_conv3d(dim: int, device=None, dtype=None) -> nn.Conv3d:
         device=device, dtype=dtype)
 
 
-class ConvNeXt3dStage(nn.Module):
-    """Optional spatial downsampling followed by `depth` blocks: (B, in_chs, T, H, W) -> (B, out_chs, T, H', W')."""
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            feat_size: Tuple[int, int, int],
-            conv_layer: Callable[[int], nn.Module],
-            s4nd_layer: Callable,
-            downsample_type: Optional[str] = 's4nd',
-            depth: int = 2,
-            drop_path_rates: Optional[List[float]] = None,
-            mlp_ratio: float = 4.,
-            ls_init_value: Optional[float] = 1e-6,
-            act_layer: Union[str, Callable] = 'gelu',
-            device=None,
-            dtype=None,
-    ):
-        """
-        Args:
-            feat_size: the stage's (output) (T, H, W) grid at the training clip size.
-            conv_layer: builds a block's spatio-temporal mixer for a channel count.
-            s4nd_layer: builds the S4ND of the 's4nd' downsampling.
-            downsample_type: 's4nd', 'conv' (norm + (1, 2, 2) stride-(1, 2, 2) conv) or None (none).
-        """
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.grad_checkpointing = False
-        if downsample_type == 's4nd':
-            in_size = (feat_size[0], 2 * feat_size[1], 2 * feat_size[2])
-            self.downsample = nn.Sequential(
-                LayerNorm3d(in_chs, **dd),
-                s4nd_layer(in_chs, l_ref=in_size, pool=(1, 2, 2)),
-                nn.Conv3d(in_chs, 2 * out_chs, kernel_size=1, **dd),
-                nn.GLU(dim=1),
-            )
-        elif downsample_type == 'conv':
-            self.downsample = nn.Sequential(
-                LayerNorm3d(in_chs, **dd),
-                nn.Conv3d(in_chs, out_chs, kernel_size=(1, 2, 2), stride=(1, 2, 2), **dd),
-            )
-        else:
-            self.downsample = nn.Identity()
-        drop_path_rates = drop_path_rates or [0.] * depth
-        self.blocks = nn.Sequential(*[
-            ConvNeXtS4NDBlock(
-                out_chs, conv_layer, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value,
-                act_layer=act_layer, drop_path=drop_path_rates[i], **dd)
-            for i in range(depth)
-        ])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x
-
-
-class ConvNeXt3d(ConvNeXtAPI):
+class ConvNeXt3d(ConvNeXtBase):
     """3D ConvNeXt(-S4ND) for clips: (B, in_chans, T, H, W) -> (B, num_classes).
 
     Runs at any clip with at least 2 frames and sides of at least 32 (the total stride).
     """
+    stem_stride = _TUBELET
+    down = (1, 2, 2)  # spatial only: time stays at T / 2
     intermediates_fmt = 'NCTHW'  # features and intermediates are clips
 
     def __init__(
             self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            img_size: Union[int, Tuple[int, int]] = _IMG_SIZE,
             num_frames: int = _NUM_FRAMES,
-            depths: Tuple[int, ...] = (3, 3, 9, 3),
-            dims: Tuple[int, ...] = (96, 192, 384, 768),
-            conv_type: str = 's4nd',
-            stem_type: str = 's4nd',
-            stem_chs: int = 32,
-            downsample_type: str = 's4nd',
+            mixer_type: str = 's4nd',
             time_bidirectional: bool = True,
-            d_state: int = 64,
-            ssm_init: str = 'lin',
-            dt_min: float = 0.1,
-            dt_max: float = 1.0,
-            bandlimit: Optional[float] = None,
-            mlp_ratio: float = 4.,
-            ls_init_value: Optional[float] = 1e-6,
-            head_init_scale: float = 1.,
-            head_hidden_size: Optional[int] = None,
-            act_layer: Union[str, Callable] = 'gelu',
-            drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            device=None,
-            dtype=None,
+            **kwargs,
     ):
         """
         Args:
-            in_chans: input channels.
-            num_classes: classifier outputs (0 for pooled features).
-            global_pool: head pooling type over (T, H, W) ('' for none).
-            img_size: training frame size; S4ND kernels are referenced to it (rate 1).
             num_frames: training clip length in frames; the time kernels are referenced to it.
-            depths: blocks per stage.
-            dims: channels per stage.
-            conv_type: the blocks' mixer, 's4nd' (3D S4ND) or 'conv' (depthwise (3, 7, 7) conv).
-            stem_type: 's4nd' (resolution-aware, default) or 'patch' ((2, 4, 4) tubelet conv).
-            stem_chs: channels of the S4ND stem filter.
-            downsample_type: 's4nd' (resolution-aware, default) or 'conv' ((1, 2, 2) strided conv).
+            mixer_type: the blocks' mixer, 's4nd' (3D S4ND) or 'conv' (depthwise (3, 7, 7) conv).
             time_bidirectional: two-sided time kernels (False: causal in time).
-            d_state: SSM state size per axis.
-            ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
-            dt_min, dt_max: step size initialization range.
-            bandlimit: S4ND band-limiting cut-off (None = off).
-            mlp_ratio: MLP expansion ratio.
-            ls_init_value: layer scale init (None disables).
-            head_init_scale: classifier weight and bias init scale.
-            head_hidden_size: pre-logits MLP size in the head (None = no MLP).
-            act_layer: MLP activation.
-            drop_rate: head dropout.
-            drop_path_rate: stochastic depth rate.
+            **kwargs: `ConvNeXtBase`'s arguments (img_size: the frame size; stem_type 'patch': a (2, 4, 4)
+                tubelet conv; downsample_type 'conv': a (1, 2, 2) strided conv; global_pool: over (T, H, W)).
         """
-        super().__init__()
-        if conv_type not in _CONV_TYPES:
-            raise ValueError(f'conv_type must be one of {_CONV_TYPES}, got {conv_type!r}')
-        if stem_type not in _STEM_TYPES:
-            raise ValueError(f'stem_type must be one of {_STEM_TYPES}, got {stem_type!r}')
-        if downsample_type not in _DOWNSAMPLE_TYPES:
-            raise ValueError(f'downsample_type must be one of {_DOWNSAMPLE_TYPES}, got {downsample_type!r}')
-        if len(depths) != len(dims):
-            raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
+        if mixer_type not in MIXER_TYPES:
+            raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
         if num_frames < _TUBELET[0]:
             raise ValueError(f'num_frames must be at least {_TUBELET[0]} (the stem stride in time), got {num_frames}')
-        dd = dict(device=device, dtype=dtype)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.img_size = to_2tuple(img_size)
+        # (plain attributes, set before nn.Module.__init__: the base's construction reads them)
         self.num_frames = num_frames
-        s4nd_layer = partial(
-            S4ND, ndim=3, d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit,
-            bidirectional=(time_bidirectional, True, True), **dd)
+        self.mixer_type = mixer_type
+        self.time_bidirectional = time_bidirectional
+        super().__init__(**kwargs)
 
-        grid = (num_frames, *self.img_size)
-        if stem_type == 's4nd':
-            self.stem = nn.Sequential(
-                nn.Conv3d(in_chans, stem_chs, kernel_size=1, **dd),
-                s4nd_layer(stem_chs, l_ref=grid, pool=_TUBELET),
-                nn.Conv3d(stem_chs, 2 * dims[0], kernel_size=1, **dd),
-                nn.GLU(dim=1),
-                LayerNorm3d(dims[0], **dd),
-            )
-        else:
-            self.stem = nn.Sequential(
-                nn.Conv3d(in_chans, dims[0], kernel_size=_TUBELET, stride=_TUBELET, **dd),
-                LayerNorm3d(dims[0], **dd),
-            )
+    def _grid(self, img_size: Tuple[int, int]) -> Tuple[int, int, int]:
+        return (self.num_frames, *img_size)
 
-        dp_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
-        self.feature_info = []
-        stages = []
-        prev_chs = dims[0]
-        stride = _TUBELET[1]
-        for i, (depth, out_chs) in enumerate(zip(depths, dims)):
-            if i > 0:
-                stride *= 2
-            feat_size = (num_frames // _TUBELET[0], self.img_size[0] // stride, self.img_size[1] // stride)
-            if conv_type == 's4nd':
-                conv_layer = partial(s4nd_layer, l_ref=feat_size)
-            else:
-                conv_layer = partial(_dw_conv3d, **dd)
-            stages.append(ConvNeXt3dStage(
-                prev_chs,
-                out_chs,
-                feat_size=feat_size,
-                conv_layer=conv_layer,
-                s4nd_layer=s4nd_layer,
-                downsample_type=downsample_type if i > 0 else None,
-                depth=depth,
-                drop_path_rates=dp_rates[i],
-                mlp_ratio=mlp_ratio,
-                ls_init_value=ls_init_value,
-                act_layer=act_layer,
-                **dd,
-            ))
-            prev_chs = out_chs
-            # reduction is spatial (timm's convention); time is reduced by 2 everywhere
-            self.feature_info += [dict(num_chs=out_chs, reduction=stride, module=f'stages.{i}')]
-        self.stages = nn.Sequential(*stages)
-        self.min_input_size = stride
-        self.num_features = prev_chs
-        # timm's head on (B, C, T * H, W) (see forward_head): pooling over T * H x W is pooling over the clip
-        self._init_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)
+    def _s4nd_bidirectional(self) -> Tuple[bool, bool, bool]:
+        return self.time_bidirectional, True, True
 
-    def _s4nd_layers(self) -> Iterator[Tuple[S4ND, Tuple[int, int]]]:
-        """Every S4ND layer with the (time, spatial) stride of the grid it runs on."""
-        if isinstance(self.stem[1], S4ND):
-            yield self.stem[1], (1, 1)
-        for i, stage in enumerate(self.stages):
-            reduction = self.feature_info[i]['reduction']
-            for m in stage.downsample.modules():
-                if isinstance(m, S4ND):
-                    yield m, (_TUBELET[0], reduction // 2)
-            for m in stage.blocks.modules():
-                if isinstance(m, S4ND):
-                    yield m, (_TUBELET[0], reduction)
+    def _mixer_layer(self, device=None, dtype=None) -> Optional[Callable[[int], nn.Module]]:
+        return partial(_dw_conv3d, device=device, dtype=dtype) if self.mixer_type == 'conv' else None
 
-    def _s4nd_grids(self, shape: torch.Size) -> List[Tuple[S4ND, Tuple[int, ...]]]:
-        frames, height, width = shape[-3:]
-        return [(layer, (frames // t_stride, height // stride, width // stride))
-                for layer, (t_stride, stride) in self._s4nd_layers()]
+    def _s4nd_stem(self, out_chs: int, stem_chs: int, s4nd_layer: Callable, **dd) -> nn.Module:
+        """Pointwise in_chans -> stem_chs, S4ND at full resolution with average pooling by the tubelet (2, 4, 4),
+        pointwise GLU projection, norm."""
+        return nn.Sequential(
+            nn.Conv3d(self.in_chans, stem_chs, kernel_size=1, **dd),
+            s4nd_layer(stem_chs, l_ref=self._grid(self.img_size), pool=_TUBELET),
+            nn.Conv3d(stem_chs, 2 * out_chs, kernel_size=1, **dd),
+            nn.GLU(dim=1),
+            LayerNorm3d(out_chs, **dd),
+        )
 
     @torch.jit.ignore
     def set_input_size(
@@ -305,8 +132,7 @@ class ConvNeXt3d(ConvNeXtAPI):
             raise ValueError(f'img_size must be at least {self.min_input_size} on each side, got {img_size}')
         if num_frames < _TUBELET[0]:
             raise ValueError(f'num_frames must be at least {_TUBELET[0]}, got {num_frames}')
-        for layer, (t_stride, stride) in self._s4nd_layers():
-            layer.set_reference_size((num_frames // t_stride, img_size[0] // stride, img_size[1] // stride))
+        self._set_reference_size((num_frames, *img_size))
         self.img_size = img_size
         self.num_frames = num_frames
 
@@ -316,7 +142,9 @@ class ConvNeXt3d(ConvNeXtAPI):
             raise ValueError(f'clips need at least {_TUBELET[0]} frames (the stem stride in time), got {x.shape[2]}')
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, num_classes), or (B, C', T, H, W) when the head does not pool."""
+        """(B, C, T, H, W) -> (B, num_classes), or (B, C', T, H, W) when the head does not pool.
+
+        timm's 2D head runs on (B, C, T * H, W): pooling over T * H x W is pooling over the clip."""
         frames = x.shape[2]
         x = self.head(x.flatten(2, 3), pre_logits=pre_logits)  # (B, C, T, H, W) -> (B, C, T * H, W)
         return x.unflatten(2, (frames, -1)) if x.ndim == 4 else x
@@ -373,7 +201,7 @@ default_cfgs = generate_default_cfgs({
     'convnext_3d_tiny.untrained': _cfg(),
 })
 
-_BASELINE = dict(conv_type='conv', stem_type='patch', downsample_type='conv')
+_BASELINE = dict(mixer_type='conv', stem_type='patch', downsample_type='conv')
 
 
 @register_model

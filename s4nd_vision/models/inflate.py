@@ -41,28 +41,18 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from timm.models import clean_state_dict, load_state_dict
+from timm.models import load_state_dict
 
 from ..layers import S4ND
+from ._checkpoint import unwrap_state_dict
 
 __all__ = [
-    'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight',
-    'unwrap_state_dict', 'is_2d_state_dict',
+    'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight', 'is_2d_state_dict',
 ]
 
 TIME_INITS = ('smooth', 'identity', 'random')
 CONV_MODES = ('repeat', 'center')
 _IDENTITY_DECAY = 1 / 200  # exp(-200) underflows to 0 in float32
-_CHECKPOINT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # timm's load_state_dict order
-
-
-def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The weights of a training checkpoint dict (EMA first, as timm), DDP / compile prefixes removed."""
-    for key in _CHECKPOINT_KEYS:
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    return clean_state_dict(state_dict)
 
 
 def is_2d_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
@@ -135,7 +125,7 @@ def inflate_state_dict(
     """Map a 2D model's weights onto `model`, a 3D ConvNeXt (see the module docstring).
 
     Args:
-        state_dict: the 2D weights (a training checkpoint dict is unwrapped).
+        state_dict: the 2D weights (a training checkpoint dict is unwrapped: `unwrap_state_dict`).
         model: the 3D target; its initialization is kept for the time kernels' step sizes (and
             the whole time kernels with time_init='random').
         time_init: 'smooth', 'identity' or 'random'.

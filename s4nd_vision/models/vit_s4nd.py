@@ -4,12 +4,12 @@ A Vision Transformer whose self-attention is replaced by an S4ND global convolut
 embedding -> pre-norm blocks (S4ND token mixer, MLP) -> norm -> average pooling -> classifier.
 There is no position embedding and no class token: the convolution knows where tokens are.
 
-Two token-mixing modes (`mixer`):
+Two token layouts for the S4ND mixer (`token_layout`):
 * '2d' (default): S4ND on the patch grid (B, C, H/16, W/16). The kernels are continuous functions
   of position referenced to the training grid, so the model runs at any input size (square or
   not) without re-creation, and the mixer sees the same kernel over the image at every resolution.
 * '1d': S4ND over the raster-flattened patch sequence (B, C, H/16 * W/16), as in the published
-  ViT-S4ND experiments. Rows are concatenated, so this mode is not resolution-consistent (a row
+  ViT-S4ND experiments. Rows are concatenated, so this layout is not resolution-consistent (a row
   step is W/16 sequence steps); it is here for comparisons.
 
 The patch stem is timm's strided 16x16 conv (`PatchEmbed`): unlike the S4ND stem of ConvNeXt-S4ND
@@ -26,31 +26,43 @@ default, derives its step-size rate from each input's grid. `set_input_size(img_
 reference, e.g. after fine-tuning at a higher resolution.
 """
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, DropPath, LayerNorm, Mlp, PatchEmbed, calculate_drop_path_rates, get_act_layer,
-    get_device_dtype, to_2tuple,
+    ClassifierHead,
+    DropPath,
+    LayerNorm,
+    Mlp,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    get_act_layer,
+    to_2tuple,
 )
 from timm.models import (
-    build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, named_apply, register_model,
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    named_apply,
+    register_model,
 )
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from ..layers import S4ND, is_ssm_param, stacked_kernels
+from ..layers import S4ND, stacked_kernels
+from ._base import S4NDModel
 from ._checks import check_input
 
 __all__ = ['VisionTransformerS4ND']
 
-# S4ND step size initialization range per mode (with Re(A) = -1/2 a mode decays e-fold over 2 / dt steps):
-# the ImageNet ConvNeXt-S4ND range for the 14x14 grid (2-20 patches), the S4 sequence range for the
+# S4ND step size initialization range per token layout (with Re(A) = -1/2 a mode decays e-fold over 2 / dt
+# steps): the ImageNet ConvNeXt-S4ND range for the 14x14 grid (2-20 patches), the S4 sequence range for the
 # 196-long raster sequence (20-2000 tokens).
-_MIXER_DT = {'2d': (0.1, 1.0), '1d': (0.001, 0.1)}
+_LAYOUT_DT = {'2d': (0.1, 1.0), '1d': (0.001, 0.1)}
 
 
 class S4NDMixer(nn.Module):
@@ -66,27 +78,28 @@ class S4NDMixer(nn.Module):
             self,
             dim: int,
             grid_size: Tuple[int, int],
-            mode: str,
+            token_layout: str,
             s4nd_layer: Callable,
             device=None,
             dtype=None,
     ):
         super().__init__()
-        self.mode = mode
-        self.s4nd = s4nd_layer(dim, ndim=2 if mode == '2d' else 1, l_ref=self._reference(grid_size))
+        self.token_layout = token_layout
+        self.s4nd = s4nd_layer(dim, ndim=2 if token_layout == '2d' else 1, l_ref=self.input_grid(grid_size))
         self.act = nn.GELU()
         self.proj = nn.Linear(dim, 2 * dim, device=device, dtype=dtype)
         self.gate = nn.GLU(dim=-1)
 
-    def _reference(self, grid_size: Tuple[int, int]) -> Union[Tuple[int, int], int]:
-        return tuple(grid_size) if self.mode == '2d' else grid_size[0] * grid_size[1]
+    def input_grid(self, grid_size: Sequence[int]) -> Tuple[int, ...]:
+        """The spatial sizes of the S4ND input for a patch grid of `grid_size`: the grid, or the sequence length."""
+        return tuple(grid_size) if self.token_layout == '2d' else (grid_size[0] * grid_size[1],)
 
     def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
         """Make `grid_size` the grid on which the S4ND kernels run at rate 1."""
-        self.s4nd.set_reference_size(self._reference(grid_size))
+        self.s4nd.set_reference_size(self.input_grid(grid_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == '2d':
+        if self.token_layout == '2d':
             y = self.s4nd(rearrange(x, 'b h w c -> b c h w'))
             y = rearrange(y, 'b c h w -> b h w c')
         else:
@@ -102,7 +115,7 @@ class S4NDViTBlock(nn.Module):
             self,
             dim: int,
             grid_size: Tuple[int, int],
-            mixer: str,
+            token_layout: str,
             s4nd_layer: Callable,
             mlp_ratio: float = 4.,
             act_layer: Union[str, Callable] = 'gelu',
@@ -113,7 +126,7 @@ class S4NDViTBlock(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = LayerNorm(dim, **dd)
-        self.mixer = S4NDMixer(dim, grid_size, mixer, s4nd_layer, **dd)
+        self.mixer = S4NDMixer(dim, grid_size, token_layout, s4nd_layer, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=get_act_layer(act_layer), **dd)
@@ -125,7 +138,7 @@ class S4NDViTBlock(nn.Module):
         return x
 
 
-class VisionTransformerS4ND(nn.Module):
+class VisionTransformerS4ND(S4NDModel):
     """ViT with S4ND token mixing: (B, in_chans, H, W) -> (B, num_classes).
 
     Blocks work on channels-last tokens that keep the grid, (B, H/p, W/p, C); features come out
@@ -141,7 +154,7 @@ class VisionTransformerS4ND(nn.Module):
             global_pool: str = 'avg',
             embed_dim: int = 768,
             depth: int = 12,
-            mixer: str = '2d',
+            token_layout: str = '2d',
             mlp_ratio: float = 4.,
             d_state: int = 64,
             ssm_init: str = 'lin',
@@ -163,7 +176,8 @@ class VisionTransformerS4ND(nn.Module):
             global_pool: head pooling type ('' for none).
             embed_dim: token channels.
             depth: number of blocks.
-            mixer: '2d' (S4ND on the patch grid) or '1d' (S4ND on the raster-flattened sequence).
+            token_layout: how S4ND sees the patch tokens: '2d' (the patch grid) or '1d' (the raster-flattened
+                sequence, as in the published ViT-S4ND).
             mlp_ratio: MLP expansion ratio.
             d_state: SSM state size per axis.
             ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
@@ -174,8 +188,8 @@ class VisionTransformerS4ND(nn.Module):
             drop_path_rate: stochastic depth rate.
         """
         super().__init__()
-        if mixer not in _MIXER_DT:
-            raise ValueError(f'mixer must be one of {tuple(_MIXER_DT)}, got {mixer!r}')
+        if token_layout not in _LAYOUT_DT:
+            raise ValueError(f'token_layout must be one of {tuple(_LAYOUT_DT)}, got {token_layout!r}')
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -189,7 +203,7 @@ class VisionTransformerS4ND(nn.Module):
         if min(grid_size) < 1:
             raise ValueError(f'img_size must be at least patch_size ({patch_size}) on each side, got {img_size}')
 
-        default_dt_min, default_dt_max = _MIXER_DT[mixer]
+        default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
         s4nd_layer = partial(
             S4ND, d_state=d_state, init=ssm_init,
             dt_min=default_dt_min if dt_min is None else dt_min,
@@ -198,7 +212,7 @@ class VisionTransformerS4ND(nn.Module):
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             S4NDViTBlock(
-                embed_dim, grid_size, mixer, s4nd_layer, mlp_ratio=mlp_ratio, act_layer=act_layer,
+                embed_dim, grid_size, token_layout, s4nd_layer, mlp_ratio=mlp_ratio, act_layer=act_layer,
                 drop_path=dpr[i], **dd)
             for i in range(depth)
         ])
@@ -228,14 +242,6 @@ class VisionTransformerS4ND(nn.Module):
             block.mixer.set_grid_size(self.patch_embed.grid_size)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM parameters (A, B, log dt): trained without weight decay.
-
-        (ViT also exempts its position embedding and class token; this model has neither.)
-        """
-        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         return dict(
             stem=r'^patch_embed',
@@ -245,14 +251,6 @@ class VisionTransformerS4ND(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.in_chans)
@@ -317,17 +315,10 @@ class VisionTransformerS4ND(nn.Module):
         x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return rearrange(self.norm(checkpoint_seq(self.blocks, x)), 'b h w c -> b c h w')
-        grid = tuple(x.shape[1:3])
-        layers = [(b.mixer.s4nd, grid if b.mixer.mode == '2d' else (grid[0] * grid[1],)) for b in self.blocks]
+        layers = [(b.mixer.s4nd, b.mixer.input_grid(x.shape[1:3])) for b in self.blocks]
         with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
             x = self.blocks(x)
         return rearrange(self.norm(x), 'b h w c -> b c h w')
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:

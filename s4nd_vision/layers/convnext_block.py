@@ -1,0 +1,55 @@
+"""The ConvNeXt block with a pluggable spatial mixer (S4ND, or a depthwise conv for the baselines)."""
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerNorm, Mlp, get_act_layer
+
+__all__ = ['ConvNeXtS4NDBlock']
+
+
+class ConvNeXtS4NDBlock(nn.Module):
+    """ConvNeXt block with S4ND in place of the depthwise conv: (B, C, *spatial) -> (B, C, *spatial).
+
+    mixer (S4ND in linear form: convolution + D skip) -> LayerNorm -> MLP -> layer scale -> drop path
+    + shortcut. Any number of spatial axes: `mixer_layer` decides (2D, 3D and isotropic models share it).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            mixer_layer: Callable[[int], nn.Module],
+            mlp_ratio: float = 4.,
+            ls_init_value: Optional[float] = 1e-6,
+            act_layer: Union[str, Callable] = 'gelu',
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            dim: channels.
+            mixer_layer: builds the spatial mixer for `dim` channels (an S4ND layer referenced to the
+                block's grid, or a depthwise conv).
+            mlp_ratio: MLP expansion ratio.
+            ls_init_value: layer scale init (None disables).
+            act_layer: MLP activation.
+            drop_path: stochastic depth rate.
+        """
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.conv_dw = mixer_layer(dim)  # (ConvNeXt's name for its depthwise conv: timm checkpoints map onto it)
+        self.norm = LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=get_act_layer(act_layer), **dd)
+        self.gamma = nn.Parameter(ls_init_value * torch.ones(dim, **dd)) if ls_init_value is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv_dw(x)
+        x = x.movedim(1, -1)  # (B, C, *spatial) -> (B, *spatial, C)
+        x = self.mlp(self.norm(x))
+        if self.gamma is not None:
+            x = x * self.gamma
+        x = x.movedim(-1, 1)  # (B, *spatial, C) -> (B, C, *spatial)
+        return self.drop_path(x) + shortcut

@@ -1,0 +1,164 @@
+"""timm's model API shared by every S4ND model (ConvNeXt-S4ND 2D and 3D, isotropic, ViT-S4ND).
+
+The models hold a `head` with timm's head interface (`NormMlpClassifierHead` or `ClassifierHead`),
+`num_features`, `in_chans`; models whose S4ND layers run at fixed strides of the input also
+implement `_s4nd_layers`, from which their reference grids and kernel generation follow.
+"""
+from functools import partial
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
+from timm.models import named_apply
+from timm.models._features import feature_take_indices
+
+from ..layers import S4ND, is_ssm_param
+from ._checks import check_input
+
+__all__ = ['S4NDModel', 'MIXER_TYPES', 'init_weights']
+
+MIXER_TYPES = ('s4nd', 'conv')  # the blocks' spatial mixer: S4ND, or the depthwise conv of the baselines
+
+
+class S4NDModel(nn.Module):
+    """Base of the S4ND models: optimizer groups, classifier handling, head and forward, reference grids.
+
+    Image models whose S4ND layers run at fixed strides set `min_input_size` (their total stride). The
+    intermediates are the outputs of the nn.Sequential `_feature_seq` that follows the `stem`, and
+    `norm_pre` (an Identity here: the norm is in the head) follows it.
+    """
+    intermediates_fmt = 'NCHW'  # layout of the features and intermediates (the only output_fmt)
+    _feature_seq = 'stages'
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
+        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """A new classifier for `num_classes` (0: none) and, if given, pooling; `reset_other` also removes
+        the head's norm and pre-logits MLP (heads that have them)."""
+        self.num_classes = num_classes
+        self.head.reset(
+            num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
+            **get_device_dtype(self))
+        self.head_hidden_size = self.head.num_features
+
+    def _init_norm_mlp_head(
+            self,
+            num_classes: int,
+            global_pool: str,
+            head_hidden_size: Optional[int],
+            drop_rate: float,
+            head_init_scale: float,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """ConvNeXt's head (timm's norm-MLP classifier head on `num_features`), then the weight init of the
+        whole model."""
+        self.head = NormMlpClassifierHead(
+            self.num_features, num_classes, hidden_size=head_hidden_size, pool_type=global_pool,
+            drop_rate=drop_rate, norm_layer=LayerNorm2d, act_layer='gelu', device=device, dtype=dtype)
+        self.head_hidden_size = self.head.num_features
+        named_apply(partial(init_weights, head_init_scale=head_init_scale), self)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: Optional[str] = None,
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the stages (`_feature_seq`) in `indices` (last n if int, all if None), each
+        (B, C_i, *spatial_i); `norm` applies `norm_pre` to the last."""
+        output_fmt = output_fmt or self.intermediates_fmt
+        if output_fmt != self.intermediates_fmt:
+            raise ValueError(f'output_fmt must be {self.intermediates_fmt!r}, got {output_fmt!r}')
+        self._check_input(x)
+        intermediates = []
+        all_stages = getattr(self, self._feature_seq)
+        take_indices, max_index = feature_take_indices(len(all_stages), indices)
+        x = self.stem(x)
+        last_idx = len(all_stages) - 1
+        stages = all_stages if torch.jit.is_scripting() or not stop_early else all_stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm_pre(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head) not needed for the intermediates in `indices`."""
+        stages = getattr(self, self._feature_seq)
+        take_indices, max_index = feature_take_indices(len(stages), indices)
+        prune_end = max_index < len(stages) - 1
+        if prune_norm or prune_end:
+            self.norm_pre = nn.Identity()
+        setattr(self, self._feature_seq, stages[:max_index + 1])
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '', reset_other=True)
+        return take_indices
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_input(x, self.in_chans, min_side=self.min_input_size)
+
+    def _s4nd_layers(self) -> Iterator[Tuple[S4ND, Tuple[int, ...]]]:
+        """Every S4ND layer with the stride per input axis of the grid it runs on."""
+        raise NotImplementedError
+
+    def _s4nd_grids(self, shape: Sequence[int]) -> List[Tuple[S4ND, Tuple[int, ...]]]:
+        """Every S4ND layer with the spatial sizes of its input, for a model input of `shape` (B, C, *spatial)."""
+        return [(layer, tuple(s // t for s, t in zip(shape[2:], stride))) for layer, stride in self._s4nd_layers()]
+
+    def _set_reference_size(self, size: Tuple[int, ...]) -> None:
+        """Reference every S4ND layer to its grid at the input size `size` (spatial axes)."""
+        for layer, stride in self._s4nd_layers():
+            layer.set_reference_size(tuple(s // t for s, t in zip(size, stride)))
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid).
+
+        Not needed for zero-shot evaluation at other sizes (the rate follows the input); use it
+        when a new resolution should become the model's native one, e.g. after fine-tuning at it.
+        """
+        img_size = to_2tuple(img_size)
+        if min(img_size) < self.min_input_size:
+            raise ValueError(f'img_size must be at least {self.min_input_size} on each side, got {img_size}')
+        self._set_reference_size(img_size)
+        self.img_size = img_size
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
+    """ConvNeXt's init: truncated normal (std 0.02) convs and linears, zero biases, the classifier scaled."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Linear) and name and 'head.' in name:
+            module.weight.data.mul_(head_init_scale)
+            module.bias.data.mul_(head_init_scale)

@@ -1,0 +1,282 @@
+""" The ConvNeXt(-S4ND) skeleton shared by the 2D (images) and 3D (clips) models
+
+A stem (the S4ND stem is each model's own; the 'patch' stem is timm's strided conv) -> stages, each
+an optional downsampling followed by ConvNeXt blocks -> timm's norm-MLP head. The stages are the
+same on 2 or 3 axes: only the strides (2D: stem (4, 4), downsampling (2, 2); 3D: (2, 4, 4) and
+(1, 2, 2), time is not downsampled) and the blocks' mixer differ. Every S4ND layer runs on the
+input grid divided by a stride known here, so its reference grid (at the training input size)
+and the input sizes for the stacked kernel generation need no per-model code.
+
+Paper:
+* `A ConvNet for the 2020s` - https://arxiv.org/abs/2201.03545
+"""
+from functools import partial
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d, calculate_drop_path_rates, to_2tuple
+from timm.models import checkpoint_seq
+
+from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, stacked_kernels
+from ._base import S4NDModel
+
+__all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'STEM_TYPES', 'DOWNSAMPLE_TYPES']
+
+STEM_TYPES = ('s4nd', 'patch')
+DOWNSAMPLE_TYPES = ('s4nd', 'conv')
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {2: LayerNorm2d, 3: LayerNorm3d}
+
+
+class ConvNeXtStage(nn.Module):
+    """Optional downsampling followed by `depth` blocks: (B, in_chs, *spatial) -> (B, out_chs, *spatial / down)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            feat_size: Tuple[int, ...],
+            down: Tuple[int, ...],
+            s4nd_layer: Callable,
+            mixer_layer: Optional[Callable[[int], nn.Module]] = None,
+            downsample_type: Optional[str] = 's4nd',
+            depth: int = 2,
+            drop_path_rates: Optional[List[float]] = None,
+            mlp_ratio: float = 4.,
+            ls_init_value: Optional[float] = 1e-6,
+            act_layer: Union[str, Callable] = 'gelu',
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            feat_size: the stage's (output) grid at the training input size, per spatial axis.
+            down: the downsampling factor per spatial axis.
+            s4nd_layer: builds an S4ND layer (channels, l_ref=, pool=).
+            mixer_layer: builds a block's mixer for a channel count; None: S4ND referenced to `feat_size`.
+            downsample_type: 's4nd' (norm, S4ND with average pooling by `down` (fused), pointwise GLU
+                projection), 'conv' (norm, conv of kernel and stride `down`) or None (no downsampling).
+        """
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        conv, norm = _CONV[len(feat_size)], _NORM[len(feat_size)]
+        self.grad_checkpointing = False
+        if downsample_type == 's4nd':
+            in_size = tuple(s * d for s, d in zip(feat_size, down))
+            self.downsample = nn.Sequential(
+                norm(in_chs, **dd),
+                s4nd_layer(in_chs, l_ref=in_size, pool=down),
+                conv(in_chs, 2 * out_chs, kernel_size=1, **dd),
+                nn.GLU(dim=1),
+            )
+        elif downsample_type == 'conv':
+            self.downsample = nn.Sequential(
+                norm(in_chs, **dd),
+                conv(in_chs, out_chs, kernel_size=down, stride=down, **dd),
+            )
+        else:
+            self.downsample = nn.Identity()
+        if mixer_layer is None:
+            mixer_layer = partial(s4nd_layer, l_ref=feat_size)
+        drop_path_rates = drop_path_rates or [0.] * depth
+        self.blocks = nn.Sequential(*[
+            ConvNeXtS4NDBlock(
+                out_chs, mixer_layer, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value,
+                act_layer=act_layer, drop_path=drop_path_rates[i], **dd)
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class ConvNeXtBase(S4NDModel):
+    """ConvNeXt(-S4ND) on `len(stem_stride)` spatial axes: (B, in_chans, *spatial) -> (B, num_classes).
+
+    Subclasses set `stem_stride` and `down` and build the S4ND stem (`_s4nd_stem`); a model with more
+    than the two image axes states its training grid (`_grid`) and its S4ND layers' directions.
+    """
+    stem_stride: Tuple[int, ...]  # the stem's stride per spatial axis
+    down: Tuple[int, ...]  # the downsampling factor per spatial axis between stages
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            img_size: Union[int, Tuple[int, int]] = 224,
+            depths: Tuple[int, ...] = (3, 3, 9, 3),
+            dims: Tuple[int, ...] = (96, 192, 384, 768),
+            stem_type: str = 's4nd',
+            stem_chs: int = 32,
+            downsample_type: str = 's4nd',
+            d_state: int = 64,
+            ssm_init: str = 'lin',
+            dt_min: float = 0.1,
+            dt_max: float = 1.0,
+            bandlimit: Optional[float] = None,
+            mlp_ratio: float = 4.,
+            ls_init_value: Optional[float] = 1e-6,
+            head_init_scale: float = 1.,
+            head_hidden_size: Optional[int] = None,
+            act_layer: Union[str, Callable] = 'gelu',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            in_chans: input channels.
+            num_classes: classifier outputs (0 for pooled features).
+            global_pool: head pooling type ('' for none).
+            img_size: training resolution (of the frames); S4ND kernels are referenced to it (rate 1).
+            depths: blocks per stage.
+            dims: channels per stage.
+            stem_type: 's4nd' (resolution-aware, default) or 'patch' (timm's patch conv: kernel and
+                stride `stem_stride`).
+            stem_chs: channels of the S4ND stem filter.
+            downsample_type: 's4nd' (resolution-aware, default) or 'conv' (timm's conv: kernel and
+                stride `down`).
+            d_state: SSM state size per axis.
+            ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
+            dt_min, dt_max: step size initialization range.
+            bandlimit: S4ND band-limiting cut-off (None = off).
+            mlp_ratio: MLP expansion ratio.
+            ls_init_value: layer scale init (None disables).
+            head_init_scale: classifier weight and bias init scale.
+            head_hidden_size: pre-logits MLP size in the head (None = no MLP).
+            act_layer: MLP activation.
+            drop_rate: head dropout.
+            drop_path_rate: stochastic depth rate.
+        """
+        super().__init__()
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
+        if downsample_type not in DOWNSAMPLE_TYPES:
+            raise ValueError(f'downsample_type must be one of {DOWNSAMPLE_TYPES}, got {downsample_type!r}')
+        if len(depths) != len(dims):
+            raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.img_size = to_2tuple(img_size)
+        grid = self._grid(self.img_size)
+        s4nd_layer = partial(
+            S4ND, ndim=len(grid), d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit,
+            bidirectional=self._s4nd_bidirectional(), **dd)
+        if stem_type == 's4nd':
+            self.stem = self._s4nd_stem(dims[0], stem_chs, s4nd_layer, **dd)
+        else:
+            self.stem = self._patch_stem(dims[0], **dd)
+
+        dp_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
+        mixer_layer = self._mixer_layer(**dd)
+        self.feature_info = []
+        self._stage_strides = []  # stride per spatial axis of each stage's grid
+        stages = []
+        prev_chs = dims[0]
+        stride = self.stem_stride
+        for i, (depth, out_chs) in enumerate(zip(depths, dims)):
+            if i > 0:
+                stride = tuple(s * d for s, d in zip(stride, self.down))
+            stages.append(ConvNeXtStage(
+                prev_chs,
+                out_chs,
+                feat_size=tuple(g // s for g, s in zip(grid, stride)),
+                down=self.down,
+                s4nd_layer=s4nd_layer,
+                mixer_layer=mixer_layer,
+                downsample_type=downsample_type if i > 0 else None,
+                depth=depth,
+                drop_path_rates=dp_rates[i],
+                mlp_ratio=mlp_ratio,
+                ls_init_value=ls_init_value,
+                act_layer=act_layer,
+                **dd,
+            ))
+            prev_chs = out_chs
+            self._stage_strides.append(stride)
+            # reduction is spatial (timm's convention): the last axis' stride
+            self.feature_info += [dict(num_chs=out_chs, reduction=stride[-1], module=f'stages.{i}')]
+        self.stages = nn.Sequential(*stages)
+        self.min_input_size = stride[-1]
+        self.num_features = prev_chs
+        self.norm_pre = nn.Identity()
+        self._init_norm_mlp_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)
+
+    def _grid(self, img_size: Tuple[int, int]) -> Tuple[int, ...]:
+        """The training input size per spatial axis: the reference of every S4ND layer."""
+        return img_size
+
+    def _s4nd_bidirectional(self) -> Union[bool, Tuple[bool, ...]]:
+        """The S4ND layers' `bidirectional`: two-sided kernels on every axis."""
+        return True
+
+    def _mixer_layer(self, device=None, dtype=None) -> Optional[Callable[[int], nn.Module]]:
+        """The blocks' mixer for a channel count; None: S4ND referenced to the stage's grid."""
+        return None
+
+    def _s4nd_stem(self, out_chs: int, stem_chs: int, s4nd_layer: Callable, **dd) -> nn.Module:
+        """The 's4nd' stem: (B, in_chans, *spatial) -> (B, out_chs, *spatial / stem_stride)."""
+        raise NotImplementedError
+
+    def _patch_stem(self, out_chs: int, **dd) -> nn.Module:
+        """The 'patch' stem, timm's: a conv of kernel and stride `stem_stride`, then norm."""
+        conv, norm = _CONV[len(self.stem_stride)], _NORM[len(self.stem_stride)]
+        return nn.Sequential(
+            conv(self.in_chans, out_chs, kernel_size=self.stem_stride, stride=self.stem_stride, **dd),
+            norm(out_chs, **dd),
+        )
+
+    def _s4nd_layers(self) -> Iterator[Tuple[S4ND, Tuple[int, ...]]]:
+        """Every S4ND layer with the stride per input axis of the grid it runs on: the stem's at the
+        input grid, a downsampling's at the previous stage's, the blocks' at their stage's."""
+        prev = (1,) * len(self._stage_strides[0])
+        for m in self.stem.modules():
+            if isinstance(m, S4ND):
+                yield m, prev
+        for stage, stride in zip(self.stages, self._stage_strides):
+            for m in stage.downsample.modules():
+                if isinstance(m, S4ND):
+                    yield m, prev
+            for m in stage.blocks.modules():
+                if isinstance(m, S4ND):
+                    yield m, stride
+            prev = stride
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm_pre', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by 32 (clips: T by 2).
+
+        In a training step every S4ND layer's kernels are generated up front in a few stacked calls
+        (`stacked_kernels`: one per kernel length instead of one per layer)."""
+        self._check_input(x)
+        # (under gradient checkpointing a recomputed block must redo its own generation)
+        layers = [] if any(s.grad_checkpointing for s in self.stages) else self._s4nd_grids(x.shape)
+        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
+            x = self.stem(x)
+            x = self.stages(x)
+        return self.norm_pre(x)
