@@ -18,8 +18,10 @@ COMPLIANCE_MODELS = [
     ('vit_s4nd_atto_patch16_224', dict(token_layout='1d')),
     ('convnext_s4nd_3d_atto', {}),
     ('s4nd_iso_tiny', {}),
+    ('convnext_sgconv_atto', {}),
+    ('convnext_s4nd_atto', dict(kernel='s4')),
 ]
-ALL_S4ND_MODELS = timm.list_models('*s4nd*')
+ALL_S4ND_MODELS = timm.list_models('*s4nd*') + timm.list_models('*sgconv*')
 SMALL_SIDE = 64  # spatial sides used for the cheap runs (every model must accept it)
 
 

@@ -16,7 +16,12 @@ from timm.models._features import feature_take_indices
 from ..layers import S4ND, is_ssm_param
 from ._checks import check_input
 
-__all__ = ['S4NDModel', 'MIXER_TYPES', 'init_weights']
+__all__ = ['S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'init_weights']
+
+# The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
+S4ND_PAPER = dict(
+    paper_ids='arXiv:2210.06583',
+    paper_name='S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces')
 
 MIXER_TYPES = ('s4nd', 'conv')  # the blocks' spatial mixer: S4ND, or the depthwise conv of the baselines
 

@@ -116,8 +116,9 @@ class ConvNeXtBase(S4NDModel):
             stem_type: str = 's4nd',
             stem_chs: int = 32,
             downsample_type: str = 's4nd',
+            kernel: str = 's4d',
             d_state: int = 64,
-            ssm_init: str = 'lin',
+            ssm_init: Optional[str] = None,
             dt_min: float = 0.1,
             dt_max: float = 1.0,
             bandlimit: Optional[float] = None,
@@ -144,10 +145,12 @@ class ConvNeXtBase(S4NDModel):
             stem_chs: channels of the S4ND stem filter.
             downsample_type: 's4nd' (resolution-aware, default) or 'conv' (timm's conv: kernel and
                 stride `down`).
-            d_state: SSM state size per axis.
-            ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
-            dt_min, dt_max: step size initialization range.
-            bandlimit: S4ND band-limiting cut-off (None = off).
+            kernel: per-axis kernel of every S4ND layer: 's4d' (diagonal SSM), 's4' (DPLR SSM) or 'sgconv'
+                (`S4ND`'s `kernel`).
+            d_state: SSM state size per axis ('s4d', 's4').
+            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d' (None: 'lin'), 'legs' for 's4'.
+            dt_min, dt_max: step size initialization range ('s4d', 's4').
+            bandlimit: S4ND band-limiting cut-off (None = off; 's4d' only).
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).
             head_init_scale: classifier weight and bias init scale.
@@ -170,7 +173,8 @@ class ConvNeXtBase(S4NDModel):
         self.img_size = to_2tuple(img_size)
         grid = self._grid(self.img_size)
         s4nd_layer = partial(
-            S4ND, ndim=len(grid), d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit,
+            S4ND, ndim=len(grid), kernel=kernel, d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max,
+            bandlimit=bandlimit,
             bidirectional=self._s4nd_bidirectional(), **dd)
         if stem_type == 's4nd':
             self.stem = self._s4nd_stem(dims[0], stem_chs, s4nd_layer, **dd)

@@ -25,6 +25,7 @@ from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import channel_major, channels_first
+from ._base import S4ND_PAPER
 from ._checkpoint import unwrap_state_dict
 from .convnext_base import ConvNeXtBase
 
@@ -116,9 +117,13 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **kwargs,
+        'license': 'apache-2.0', **S4ND_PAPER, **kwargs,
     }
 
+
+_SGCONV_PAPER = dict(  # SGConv kernels in the ConvNeXt-S4ND architecture
+    paper_ids=('arXiv:2210.09298', 'arXiv:2210.06583'),
+    paper_name='What Makes Convolutional Models Great on Long Sequence Modeling?')
 
 default_cfgs = generate_default_cfgs({
     'convnext_s4nd_atto.untrained': _cfg(),
@@ -128,6 +133,8 @@ default_cfgs = generate_default_cfgs({
     'convnext_s4nd_tiny.untrained': _cfg(),
     'convnext_s4nd_small.untrained': _cfg(),
     'convnext_s4nd_base.untrained': _cfg(),
+    'convnext_sgconv_atto.untrained': _cfg(**_SGCONV_PAPER),
+    'convnext_sgconv_tiny.untrained': _cfg(**_SGCONV_PAPER),
 })
 
 
@@ -171,3 +178,17 @@ def convnext_s4nd_small(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
 def convnext_s4nd_base(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     model_args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024))
     return _create_convnext_s4nd('convnext_s4nd_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_sgconv_atto(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    """ConvNeXt-S4ND-atto with SGConv kernels (multiscale sub-kernels with decay) in every S4ND layer."""
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), kernel='sgconv')
+    return _create_convnext_s4nd('convnext_sgconv_atto', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_sgconv_tiny(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    """ConvNeXt-S4ND-T with SGConv kernels (multiscale sub-kernels with decay) in every S4ND layer."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel='sgconv')
+    return _create_convnext_s4nd('convnext_sgconv_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
