@@ -1,5 +1,6 @@
 """Config values that pass the type checks but would fail (or train wrongly) deep in timm: a one-line error naming the key."""
 import os
+import runpy
 import subprocess
 import sys
 
@@ -87,3 +88,38 @@ def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], result.stderr[-2000:]
 
+
+
+# ------------------------------------------------------------------------------------------- tools/inflate.py
+
+def _inflate(capsys, *args):
+    """tools/inflate.py's main in this process: (exit status, stderr)."""
+    main = runpy.run_path(os.path.join(ROOT, 'tools', 'inflate.py'))['main']
+    with pytest.raises(SystemExit) as info:
+        main([*args, '--model', 'convnext_s4nd_3d_atto'])
+    return info.value.code, capsys.readouterr().err
+
+
+def test_inflate_cli_names_a_missing_or_wrong_source(tmp_path, capsys):
+    import torch
+
+    (tmp_path / 'config.yaml').write_text('model:\n  name: convnext_s4nd_tiny\n')
+    (tmp_path / 'metrics.csv').write_text('epoch,top1\n0,50.0\n')
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path / 'good.pth')
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'good.pth').read_bytes()[:200])
+    out = str(tmp_path / 'out.safetensors')
+    for name, message in (
+            ('missing.pth', "checkpoint '{}' does not exist"),
+            ('config.yaml', "checkpoint '{}' is neither a safetensors file nor a torch.save file (it starts with "
+                            "b'model:"),
+            ('metrics.csv', "checkpoint '{}' is neither a safetensors file nor a torch.save file"),
+            ('cut.pth', "checkpoint '{}' is a damaged torch.save file")):
+        path = str(tmp_path / name)
+        code, err = _inflate(capsys, path, out)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message.format(path) in lines[0], err
+        assert 'weights_only' not in err
+    # a readable torch file that is not a 2D ConvNeXt: the existing check, now on one line too
+    code, err = _inflate(capsys, str(tmp_path / 'good.pth'), out)
+    assert code == 2 and err.strip() == 'error: state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)'
+    assert not os.path.exists(out)
