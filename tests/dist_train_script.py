@@ -18,7 +18,7 @@ def main() -> None:
     rank = acc.process_index
     if rank == 0:
         _save(acc.unwrap_model(trainer.model), os.path.join(out, 'rank0_initial.safetensors'))
-    sampler = ResumableSampler(trainer.train_set, 0, acc.num_processes, rank, trainer.cfg.train.seed)
+    sampler = ResumableSampler(trainer.data.train_set, 0, acc.num_processes, rank, trainer.cfg.train.seed)
     with open(os.path.join(out, f'rank{rank}_indices.txt'), 'w') as f:
         f.write(' '.join(str(i) for _, i, _ in sampler))
     trainer.fit()

@@ -1,7 +1,7 @@
 """The benchmark harness runs and reports ratios (no timing is asserted)."""
 import pytest
 
-from s4nd_vision.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair
+from s4nd_vision.bench.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair
 
 
 def test_parse_pair():
@@ -33,6 +33,6 @@ def test_scaling_rows_hold_growth():
 
 def test_keep_freed_memory_on_glibc():
     import platform
-    from s4nd_vision.runtime import keep_freed_memory
+    from s4nd_vision.utils.runtime import keep_freed_memory
     expected = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
     assert keep_freed_memory() is expected

@@ -9,7 +9,7 @@ from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND
-from s4nd_vision.optim import param_groups_ssm, ssm_param_names
+from s4nd_vision.train.optim import param_groups_ssm, ssm_param_names
 from stacking import step_with_and_without_stacking
 
 SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')

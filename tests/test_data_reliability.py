@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from media import write_video
 from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, open_image
 from s4nd_vision.data.video import Hmdb51Clips
-from s4nd_vision.evaluate import dataset_num_classes
+from s4nd_vision.eval.resolution import dataset_num_classes
 
 
 def _identity(img: Image.Image) -> int:

@@ -7,8 +7,8 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 
-from s4nd_vision.demo import CONFIG_DIR, SETTINGS, _train, retention, run_demo
-from s4nd_vision.evaluate import CSV_NAME, PLOT_NAME
+from s4nd_vision.eval.demo import CONFIG_DIR, SETTINGS, _train, retention, run_demo
+from s4nd_vision.eval.resolution import CSV_NAME, PLOT_NAME
 
 
 @pytest.fixture(autouse=True)

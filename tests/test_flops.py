@@ -1,4 +1,4 @@
-"""FLOP counting: the fvcore handles of s4nd_vision.flops against counts worked out by hand.
+"""FLOP counting: the fvcore handles of s4nd_vision.bench.flops against counts worked out by hand.
 
 Unit: one multiply-add (fvcore's). A real FFT of N points costs 1.25 N log2 N, a complex one
 2.5 N log2 N; a complex x complex product 4 per element. Sizes are powers of two so log2 is exact.
@@ -13,7 +13,7 @@ import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.flops import count_flops
+from s4nd_vision.bench.flops import count_flops
 from s4nd_vision.layers import S4ND, ops
 
 

@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data import MNIST5k, export_image_folder, load_mnist_5k
-from s4nd_vision.evaluate import (
+from s4nd_vision.eval.resolution import (
     CSV_NAME, PLOT_NAME, check_resolutions, dataset_num_classes, eval_resolution, format_table, load_model,
     min_input_size,
 )
 from s4nd_vision.layers import S4ND, set_bandlimit
-from s4nd_vision.optim import ssm_param_names
+from s4nd_vision.train.optim import ssm_param_names
 
 CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'eval_resolution.py')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

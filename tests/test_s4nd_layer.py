@@ -341,6 +341,11 @@ def test_bad_input_errors():
         S4ND(4, ndim=2, l_ref=(8, 0))
     with pytest.raises(ValueError, match='d_state'):
         S4ND(4, d_state=7)
+    for bad in (0, -3, (8, 0), 2.5):
+        with pytest.raises(ValueError, match='l_max must hold positive integers'):
+            S4ND(4, ndim=2, l_max=bad)
+    with pytest.raises(ValueError, match='rank must be a positive integer'):
+        S4ND(4, rank=0)
 
 
 def test_kernel_cache_in_inference_is_invalidated_by_every_change():
@@ -356,9 +361,9 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change():
 
     with torch.no_grad():
         check(x8)
-        first = layer._kernel_cache[1]
+        first = layer._kernel_cache[2]
         layer(x8)
-        assert layer._kernel_cache[1] is first  # reused while nothing changed
+        assert layer._kernel_cache[2] is first  # reused while nothing changed
         check(x12)  # new resolution
         check(x12.expand(3, -1, -1, -1))  # new batch size
         check(x12, rate=2.0)  # explicit rate
@@ -373,6 +378,55 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change():
     # with autograd on, kernels are rebuilt every call (and carry gradients)
     layer(x12.double()).sum().backward()
     assert layer._kernel_cache is None and layer.kernels[0].c.grad is not None
+
+
+def _momentum_update(layer, other):
+    for pk, pq in zip(layer.parameters(), other.parameters()):  # DINO / MoCo / BYOL teacher update
+        pk.data.mul_(0.9).add_(0.1 * pq.data)
+
+
+def _vector_to_parameters(layer, other):
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(other.parameters()), layer.parameters())
+
+
+def _numpy_view(layer, other):
+    layer.kernels[0].c.detach().numpy()[...] = other.kernels[0].c.detach().numpy()  # no version counter sees this
+
+
+@pytest.mark.parametrize('change', [
+    pytest.param(lambda layer, other: layer.kernels[0].log_dt.data.add_(0.3), id='data.add_'),
+    pytest.param(_momentum_update, id='momentum-teacher'),
+    pytest.param(lambda layer, other: layer.kernels[1].c.copy_(other.kernels[1].c), id='copy_'),
+    pytest.param(lambda layer, other: layer.load_state_dict(other.state_dict(), assign=True), id='load_state_dict-assign'),
+    pytest.param(_vector_to_parameters, id='vector_to_parameters'),
+    pytest.param(lambda layer, other: setattr(layer.kernels[0].a_imag, 'data', other.kernels[0].a_imag.data), id='data='),
+    pytest.param(_numpy_view, id='numpy-view'),
+])
+def test_kernel_cache_never_serves_kernels_of_old_parameter_values(change):
+    """However a parameter is changed (also bypassing version counters), inference uses its current value."""
+    torch.manual_seed(0)
+    layer, other = S4ND(4, ndim=2, d_state=8, l_ref=8).eval(), S4ND(4, ndim=2, d_state=8, l_ref=8)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        assert layer._kernel_cache is not None
+        change(layer, other)
+        expected = copy.deepcopy(layer).train()(x)  # a fresh copy has no cache
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+        assert not torch.equal(expected, S4ND(4, ndim=2, d_state=8, l_ref=8)(x))  # sanity: the input matters
+
+
+def test_empty_batch_gives_an_empty_output():
+    layer = S4ND(4, ndim=2, l_ref=8, pool=2)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            x = torch.randn(0, 4, 8, 6, requires_grad=grad)
+            y = layer(x)
+            assert y.shape == (0, 4, 4, 3)
+            if grad:
+                y.sum().backward()
+                assert x.grad.shape == x.shape
+    assert S4ND(4, ndim=1)(torch.randn(0, 4, 300)).shape == (0, 4, 300)
 
 
 def test_algorithm_rule():

@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import ResumableSampler
 from s4nd_vision.layers import is_ssm_param
-from s4nd_vision.optim import param_groups_ssm
+from s4nd_vision.train.optim import param_groups_ssm
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,7 @@ from stacking import step_with_and_without_stacking
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.layers import S4ND
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
-from s4nd_vision.optim import ssm_param_names
+from s4nd_vision.train.optim import ssm_param_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = dict(img_size=32, num_frames=8)  # the smallest clip the models take: (B, 3, 8, 32, 32)

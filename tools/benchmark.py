@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from s4nd_vision.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair, write_json
-from s4nd_vision.runtime import keep_freed_memory
+from s4nd_vision.bench.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair, write_json
+from s4nd_vision.utils.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--json', default=None, help='write the rows to this JSON file')
     parser.add_argument('--default-malloc', action='store_true',
-                        help="leave glibc's allocator as it is (by default freed memory is kept: s4nd_vision.runtime)")
+                        help="leave glibc's allocator as it is "
+                             "(by default freed memory is kept: s4nd_vision.utils.runtime)")
     args = parser.parse_args()
     if not args.default_malloc:
         keep_freed_memory()

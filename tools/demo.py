@@ -4,12 +4,12 @@
     python tools/demo.py                      # isotropic S4ND vs its conv twin, 14 px -> 14/20/28/42 px
     python tools/demo.py --setting convnext   # ConvNeXt-S4ND vs ConvNeXt, 64 px -> 64/96/128 px (longer)
 
-See s4nd_vision.demo.
+See s4nd_vision.eval.demo.
 """
 import argparse
 
-from s4nd_vision.demo import SETTINGS, run_demo
-from s4nd_vision.runtime import keep_freed_memory
+from s4nd_vision.eval.demo import SETTINGS, run_demo
+from s4nd_vision.utils.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--bandlimit', type=float, default=None,
                         help='S4ND band-limit cut-off (masks kernel modes above bandlimit/2 cycles per step); '
-                             'default off, which measured best for this demo')
+                             'default off (see the README)')
     parser.add_argument('--epochs', type=int, default=None, help="override the config's epochs")
     parser.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap the updates per epoch (quick check)')
     args = parser.parse_args()

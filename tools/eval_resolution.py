@@ -6,12 +6,12 @@
         --data mnist --train-resolution 14 --resolutions 14 20 28 42 --out output/zero_shot
 
 Prints a top-1/top-5 table and writes accuracy_vs_resolution.csv and .png to --out
-(see s4nd_vision.evaluate).
+(see s4nd_vision.eval.resolution).
 """
 import argparse
 import sys
 
-from s4nd_vision.evaluate import dataset_num_classes, eval_resolution, format_table, load_model
+from s4nd_vision.eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
 
 
 def main(argv=None) -> None:

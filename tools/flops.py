@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Count an image model's multiply-adds (fvcore's "FLOPs") with the FFT and complex handles of s4nd_vision.flops.
+"""Count an image model's multiply-adds (fvcore's "FLOPs") with the FFT and complex handles of s4nd_vision.bench.flops.
 
     python tools/flops.py convnext_s4nd_tiny convnext_tiny --img-size 224 --algorithm fft
 
@@ -14,7 +14,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.flops import count_flops
+from s4nd_vision.bench.flops import count_flops
 from s4nd_vision.layers import ops
 
 

@@ -4,7 +4,7 @@
     python tools/train.py --config configs/imagenet/convnext_s4nd_tiny.yaml data.root=/data/imagenet
     accelerate launch --multi_gpu --num_processes 8 tools/train.py --config ... [--resume]
 """
-from s4nd_vision.runtime import keep_freed_memory
+from s4nd_vision.utils.runtime import keep_freed_memory
 from s4nd_vision.train.cli import main
 
 if __name__ == '__main__':

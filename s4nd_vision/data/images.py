@@ -14,7 +14,6 @@
   mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
   interrupted run would have seen, whatever the number of workers.
 """
-import hashlib
 import os
 import random
 import warnings
@@ -27,25 +26,11 @@ from PIL import Image
 from timm.data import ImageDataset
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-__all__ = [
-    'ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'seed_from', 'seed_all', 'open_image',
-    'check_folder_links',
-]
+from ..utils.seeding import seed_all, seed_from
+
+__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links']
 
 _16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # PIL's modes of 16-bit grayscale files ('I': PGM)
-
-
-def seed_from(*parts) -> int:
-    """A 63-bit seed derived deterministically from `parts` (ints or strings)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') >> 1
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (timm's transforms and Mixup use all three)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def open_image(fp, mode: str = 'RGB') -> Image.Image:

@@ -1,3 +1,6 @@
 from .ops import avg_pool_axes, channel_major, channels_first, separable_conv, two_sided_kernel
-from .s4nd import S4ND, kernels_can_be_prepared, prepare_kernels, stacked_kernels
-from .ssm_kernel import SSM_INITS, SSMKernel, is_ssm_param, set_bandlimit, ssm_init_imag
+from .s4_kernel import S4Kernel
+from .s4nd import KERNELS, S4ND, kernels_can_be_prepared, prepare_kernels, stacked_kernels
+from .recurrent import S4NDRecurrence
+from .sgconv_kernel import SGConvKernel
+from .ssm_kernel import SSM_INITS, SSMKernel, is_ssm_param, set_bandlimit, ssm_init_b, ssm_init_imag

@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .reference import separable_conv_reference, use_reference
+
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms', 'conv_operators', 'apply_operators',
     'avg_pool_axes', 'choose_algorithm',
@@ -44,12 +46,16 @@ def two_sided_kernel(k_fwd: torch.Tensor, k_bwd: Optional[torch.Tensor], n: int)
     Returns:
         (..., 2n - 1) kernel, offset o at index o + n - 1.
     """
-    right = F.pad(k_fwd[..., :n], (0, n - min(k_fwd.shape[-1], n)))
-    if k_bwd is None:
-        left = right.new_zeros(right.shape[:-1] + (n - 1,))
-    else:
-        left = F.pad(k_bwd[..., : n - 1], (0, n - 1 - min(k_bwd.shape[-1], n - 1))).flip(-1)
+    right = _first_taps(k_fwd, n)
+    left = right.new_zeros(right.shape[:-1] + (n - 1,)) if k_bwd is None else _first_taps(k_bwd, n - 1).flip(-1)
     return torch.cat([left, right], dim=-1)
+
+
+def _first_taps(k: torch.Tensor, m: int) -> torch.Tensor:
+    """The first m taps of k (..., L), zero-padded when L < m (written without min(), so that symbolic sizes
+    of an exported graph need no guard)."""
+    length = k.shape[-1]
+    return k.narrow(-1, 0, m) if length >= m else F.pad(k, (0, m - length))
 
 
 def _toeplitz_index(n: int, device: torch.device) -> torch.Tensor:
@@ -349,7 +355,10 @@ def separable_conv(
     """
     pools = tuple(pools or (1,) * len(kernels))
     weight, bias = proj if proj is not None else (None, None)
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
+    if use_reference():  # export / compilation: shape-generic real ops (see `reference`)
+        u = u if weight is None else project(u, weight, bias)
+        return separable_conv_reference(u, kernels, _spatial_dims(u), pools, skip)
+    if torch.jit.is_tracing():  # plain differentiable ops that fvcore sees
         u = u if weight is None else project(u, weight, bias)
         return apply_operators(u, conv_operators(kernels, u.shape, pools), pools, skip)
     return _SeparableConv.apply(u, skip, weight, bias, pools, *kernels)

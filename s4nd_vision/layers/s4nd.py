@@ -13,9 +13,14 @@ import torch.nn as nn
 from .ops import (
     apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
     two_sided_kernel)
+from .reference import use_reference
+from .s4_kernel import S4Kernel
+from .sgconv_kernel import SGConvKernel
 from .ssm_kernel import SSMKernel, ssm_kernels
 
-__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels']
+__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
+
+KERNELS = ('s4d', 's4', 'sgconv')
 
 _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
@@ -32,8 +37,9 @@ def _per_axis(value, ndim: int, name: str) -> tuple:
 class S4ND(nn.Module):
     """Depthwise global convolution with an N-D S4 kernel, in linear form: y = K * x + D x.
 
-    Each spatial axis has its own diagonal SSM (`SSMKernel`); the N-D kernel of a channel is the
-    outer product of its axis kernels (a sum of `rank` such rank-1 terms), so the
+    Each spatial axis has its own 1D kernel generator (`kernel`): a diagonal SSM ('s4d', `SSMKernel`), a diagonal
+    plus low-rank SSM ('s4', `S4Kernel`) or dyadic SGConv sub-kernels ('sgconv', `SGConvKernel`); the N-D kernel
+    of a channel is the outer product of its axis kernels (a sum of `rank` such rank-1 terms), so the
     convolution runs as one exact 1D convolution per axis.
 
     Resolution: kernels are sampled from continuous parameters with step dt * rate, where
@@ -55,9 +61,13 @@ class S4ND(nn.Module):
             averages its terms where this sums them; its `channels` argument, output channels per
             feature, has no counterpart here).
         bidirectional: two-sided kernels (per axis, or one bool for all); False = causal axis.
-        init: Im(A) initialization, 'lin' (S4D-Lin), 'inv' (S4D-Inv) or 'legs' (S4D-LegS).
-        dt_min, dt_max: range of the log-uniform step size initialization.
-        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2.
+        kernel: per-axis kernel type, 's4d', 's4' or 'sgconv'.
+        init: SSM initialization; 's4d': 'lin' (S4D-Lin, default), 'inv' (S4D-Inv) or 'legs' (S4D-LegS);
+            's4': 'legs' (HiPPO-LegS, default); 'sgconv': None.
+        dt_min, dt_max: range of the log-uniform step size initialization ('s4d', 's4').
+        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2 ('s4d' only).
+        sgconv_size, sgconv_decay: values per SGConv sub-kernel and decay per dyadic range ('sgconv'); the
+            sub-kernels cover min(l_ref, l_max) taps per axis, so 'sgconv' needs l_ref or l_max.
         l_ref: reference (training) length per axis; enables the automatic rate.
         l_max: longest kernel at rate 1 per axis (None = global, as long as the input).
         pool: average pooling of the output per axis (1 = none).
@@ -70,10 +80,13 @@ class S4ND(nn.Module):
             d_state: int = 64,
             rank: int = 1,
             bidirectional: Union[bool, Sequence[bool]] = True,
-            init: str = 'lin',
+            kernel: str = 's4d',
+            init: Optional[str] = None,
             dt_min: float = 1e-3,
             dt_max: float = 1e-1,
             bandlimit: Optional[float] = None,
+            sgconv_size: int = 32,
+            sgconv_decay: float = 0.5,
             l_ref: Optional[_Ints] = None,
             l_max: Optional[_Ints] = None,
             pool: _Ints = 1,
@@ -92,18 +105,40 @@ class S4ND(nn.Module):
         self.l_ref = None
         self.set_reference_size(l_ref)
         self.l_max = None if l_max is None else _per_axis(l_max, ndim, 'l_max')
+        if self.l_max is not None and any(not isinstance(v, int) or v < 1 for v in self.l_max):
+            raise ValueError(f'l_max must hold positive integers (or be None for global kernels), got {l_max!r}')
         self.pool = _per_axis(pool, ndim, 'pool')
         if any(not isinstance(p, int) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
-        self.kernels = nn.ModuleList([
-            SSMKernel(
-                dim, d_state=d_state, num_kernels=rank * (2 if bi else 1), init=init,
-                dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, device=device, dtype=dtype)
-            for bi in self.bidirectional
-        ])
+        self.kernel = kernel
+        self.kernels = nn.ModuleList(self._axis_kernel_modules(
+            kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay, device, dtype))
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
-        self._kernel_cache = None  # (key, convolution operators), used without autograd (inference)
+        self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
         self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
+
+    def _axis_kernel_modules(self, kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay,
+                             device, dtype) -> list:
+        """One kernel generator per axis, with rank kernels per direction."""
+        if kernel not in KERNELS:
+            raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+        if bandlimit is not None and kernel != 's4d':
+            raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r}")
+        counts = [self.rank * (2 if bi else 1) for bi in self.bidirectional]
+        dd = dict(device=device, dtype=dtype)
+        if kernel == 'sgconv':
+            if init is not None:
+                raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
+            if self.l_ref is None and self.l_max is None:
+                raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
+            none = (None,) * self.ndim
+            refs = [min(r for r in pair if r is not None) for pair in zip(self.l_ref or none, self.l_max or none)]
+            return [SGConvKernel(self.dim, l_ref=ref, num_kernels=n, size=sgconv_size, decay=sgconv_decay, **dd)
+                    for ref, n in zip(refs, counts)]
+        ssm = dict(d_state=d_state, dt_min=dt_min, dt_max=dt_max, **dd)
+        if kernel == 's4':
+            return [S4Kernel(self.dim, num_kernels=n, init=init or 'legs', **ssm) for n in counts]
+        return [SSMKernel(self.dim, num_kernels=n, init=init or 'lin', bandlimit=bandlimit, **ssm) for n in counts]
 
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
         """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
@@ -154,27 +189,39 @@ class S4ND(nn.Module):
             return prepared[1]
         return None
 
+    def _kernel_state(self) -> torch.Tensor:
+        """Every value the kernels are generated from (SSM parameters and buffers), flattened into one
+        float64 vector (an exact copy for every float dtype)."""
+        tensors = list(self.kernels.parameters()) + list(self.kernels.buffers())
+        return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+
     def _cached_operators(
             self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype, conv_dtype: torch.dtype) -> list:
         """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
         remembered between calls while no gradient is recorded (inference).
 
-        The cache key holds everything they depend on: input shape (the algorithm depends on the
-        batch size too), rates, kernel lengths, dtype, band limits, and each SSM parameter's storage
-        and version counter (so in-place updates, `load_state_dict`, `.to()` and optimizer steps
-        all invalidate it).
+        The cache is reused only when the input shape (the algorithm depends on the batch size too),
+        rates, kernel lengths, dtypes, band limits and the values of every SSM parameter equal those it
+        was built from. Parameters are compared by value, not by version counter: writes through
+        `.data`, `.copy_`, `load_state_dict(assign=True)`, `vector_to_parameters`, distributed broadcasts
+        or NumPy views can bypass the counters, and stale kernels would be a silently wrong result.
+        The comparison is one small vector per layer (on CUDA, one synchronization per layer).
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
         key = (
             tuple(shape), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple(k.bandlimit for k in self.kernels),
-            tuple((p.device, p.data_ptr(), p._version) for p in self.kernels.parameters()),
         )
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
-            self._kernel_cache = (key, conv_operators(kernels, shape, self.pool))
-        return self._kernel_cache[1]
+        state = self._kernel_state()
+        if self._kernel_cache is not None:
+            cached_key, cached_state, operators = self._kernel_cache
+            if (cached_key == key and cached_state.device == state.device
+                    and cached_state.shape == state.shape and torch.equal(cached_state, state)):
+                return operators
+        kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
+        self._kernel_cache = (key, state, conv_operators(kernels, shape, self.pool))
+        return self._kernel_cache[2]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2:
@@ -220,12 +267,16 @@ class S4ND(nn.Module):
         # kernels, FFTs and long sums run in float32 (float64 stays float64), also under autocast
         kernel_dtype = torch.promote_types(u.dtype, torch.float32)
         conv_dtype = self._conv_dtype(u.device, shape, kernel_dtype)
+        if u.shape[-2] == 0:  # empty batch: an empty output, like a convolution's (FFT libraries refuse it)
+            pooled = tuple(n // p for n, p in zip(sizes, self.pool))
+            out = u.new_zeros((self.dim,) + pooled[:-1] + (0, pooled[-1]), dtype=conv_dtype)
+            return out + 0 * (u.sum() + self.D.sum())  # keeps the output in the autograd graph
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(conv_dtype)
             if proj is not None:
                 proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
             skip = self.D.to(conv_dtype)
-            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if torch.is_grad_enabled() or use_reference():
                 self._kernel_cache = None
                 kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
                 if kernels is None:
@@ -237,7 +288,8 @@ class S4ND(nn.Module):
             return apply_operators(u, self._cached_operators(shape, rate, kernel_dtype, conv_dtype), self.pool, skip=skip)
 
     def extra_repr(self) -> str:
-        s = f'{self.dim}, ndim={self.ndim}, rank={self.rank}, bidirectional={self.bidirectional}'
+        s = f'{self.dim}, ndim={self.ndim}, kernel={self.kernel!r}, rank={self.rank}'
+        s += f', bidirectional={self.bidirectional}'
         if self.l_ref is not None:
             s += f', l_ref={self.l_ref}'
         if self.l_max is not None:
@@ -264,7 +316,7 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         kernels += list(layer.kernels)
         lengths += layer.kernel_lengths(sizes, layer_rates)
         rates += layer_rates
-    with torch.autocast(device_type=kernels[0].log_dt.device.type, enabled=False):  # generation runs in `dtype`
+    with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
         generated = iter(ssm_kernels(kernels, lengths, rates, dtype))
     for layer, sizes in layers:
         per_axis = [next(generated) for _ in layer.kernels]

@@ -9,18 +9,20 @@ Papers: S4 (https://arxiv.org/abs/2111.00396), S4D (https://arxiv.org/abs/2206.1
 S4ND (https://arxiv.org/abs/2210.06583).
 """
 import math
-from functools import lru_cache
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
+from .hippo import legs_nplr
+from .reference import ssm_kernel_reference, use_reference
+
+__all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
 # Attribute set on the A, B and log-step parameters so optimizers can give them their own
-# learning rate and no weight decay (see `s4nd_vision.optim`).
+# learning rate and no weight decay (see `s4nd_vision.train.optim`).
 _SSM_ATTR = '_s4nd_ssm'
 
 
@@ -34,19 +36,6 @@ def is_ssm_param(param: torch.Tensor) -> bool:
     return getattr(param, _SSM_ATTR, False)
 
 
-@lru_cache(maxsize=8)
-def _legs_imag(d_state: int) -> torch.Tensor:
-    """Imaginary parts of the eigenvalues of the normal part of the HiPPO-LegS matrix."""
-    n = torch.arange(d_state, dtype=torch.float64, device='cpu')
-    q = torch.sqrt(2 * n + 1)
-    # HiPPO-LegS: A[i, j] = -q_i q_j (i > j), -(i + 1) (i == j); normal part S = A + P P^T, P = sqrt(n + 1/2)
-    a = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
-    p = torch.sqrt(n + 0.5)
-    eig = torch.linalg.eigvals(a + p[:, None] * p[None, :])
-    imag = eig.imag[eig.imag > 0].sort().values
-    return imag[: d_state // 2].clone()
-
-
 def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     """Im(A) for the S4D initializations, (d_state // 2,) float64 on the CPU."""
     n = torch.arange(d_state // 2, dtype=torch.float64, device='cpu')
@@ -55,7 +44,17 @@ def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     if init == 'inv':
         return (d_state / math.pi) * (d_state / (2 * n + 1) - 1)
     if init == 'legs':
-        return _legs_imag(d_state)
+        return legs_nplr(d_state)[0].imag
+    raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
+
+
+def ssm_init_b(init: str, d_state: int) -> torch.Tensor:
+    """B for the S4D initializations, (d_state // 2,) complex128 on the CPU: ones for 'lin' and 'inv'; for 'legs'
+    HiPPO-LegS's B in the eigenbasis of its normal part (V^H B, the basis of Im(A), see `hippo.legs_nplr`)."""
+    if init == 'legs':
+        return legs_nplr(d_state)[1]
+    if init in SSM_INITS:
+        return torch.ones(d_state // 2, dtype=torch.complex128)
     raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
 
 
@@ -141,7 +140,7 @@ def _kernels(conj_powers: torch.Tensor, c_disc: torch.Tensor) -> torch.Tensor:
 class _SSMKernelFn(torch.autograd.Function):
     """S4D kernels of one or more SSMs stacked along channels, with a closed-form backward.
 
-    Autograd through these steps would record ~60 small complex ops and save a dozen tensors,
+    Autograd through these steps would record every small complex op and save many tensors,
     some (L, H, N2) large; here only z = exp(dt A) and e = expm1(dt A) / A are saved besides the
     parameters (their transcendental functions are most of the discretization's cost), the backward
     recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. The backward works with conjugated gradients
@@ -243,7 +242,7 @@ class SSMKernel(nn.Module):
         self.log_dt.copy_(log_dt)
         self.log_a_real.copy_(torch.full((self.dim, n2), math.log(0.5), dtype=torch.float64))
         self.a_imag.copy_(ssm_init_imag(self.init, self.d_state).expand(self.dim, n2))
-        self.b.copy_(torch.stack([torch.ones(self.dim, n2), torch.zeros(self.dim, n2)], dim=-1))
+        self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))
         # C ~ complex standard normal (variance 1/2 per component)
         self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
 
@@ -253,6 +252,15 @@ class SSMKernel(nn.Module):
             return torch.ones_like(self.a_imag, dtype=torch.bool)
         freq = self.log_dt.detach().exp()[:, None] * self.a_imag.detach().abs() / (2 * math.pi)
         return freq < self.bandlimit / 2
+
+    def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
+        """The recurrent view x_t = z x_{t-1} + e B u_t, y_t = 2 Re(C^T x_t) (zero-order hold, step dt * rate):
+        z = exp(dt A) and e B (dim, N/2) complex, and the band-limited C (num_kernels, dim, N/2) complex."""
+        mask = None if self.bandlimit is None else self.mode_mask().to(dtype)
+        params = [p.to(dtype) for p in (self.log_dt, self.log_a_real, self.a_imag, self.b, self.c)]
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, [rate], [mask])
+        z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
+        return z, e * b, c
 
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
@@ -270,7 +278,7 @@ class SSMKernel(nn.Module):
 
 
 def ssm_kernels(
-        kernels: Sequence[SSMKernel],
+        kernels: Sequence[nn.Module],
         lengths: Sequence[int],
         rates: Sequence[float],
         dtype: torch.dtype = torch.float32,
@@ -278,23 +286,34 @@ def ssm_kernels(
     """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all kernels that
     share length, state size and kernel count (their channels are stacked): at the sizes of vision
     models the cost of generation is mostly per op, not per element (e.g. both axes of a square image).
+    Other kernel generators with the same interface (`S4Kernel`, `SGConvKernel`) run one by one.
 
     Returns:
         per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
     """
+    if use_reference():  # export / compilation: real arithmetic, kernel by kernel (lengths may be symbolic)
+        return [
+            ssm_kernel_reference(
+                *(p.to(dtype) for p in (k.log_dt, k.log_a_real, k.a_imag, k.b, k.c)), length, rate,
+                mask=None if k.bandlimit is None else k.mode_mask().to(dtype))
+            if isinstance(k, SSMKernel) else k(length, rate=rate, dtype=dtype)
+            for k, length, rate in zip(kernels, lengths, rates)]
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
         return [kernel(length, rate=rate, dtype=dtype) for kernel, length, rate in zip(kernels, lengths, rates)]
     groups: Dict[tuple, List[int]] = {}
-    for i, (kernel, length) in enumerate(zip(kernels, lengths)):
-        groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    for i, (kernel, length) in enumerate(zip(kernels, lengths)):
+        if isinstance(kernel, SSMKernel):
+            groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
+        else:
+            out[i] = kernel(length, rate=rates[i], dtype=dtype)
     for (length, _, _), members in groups.items():
         params = [p.to(dtype) for i in members for p in
                   (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c)]
         # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
         masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
         group_rates = [rates[i] for i in members]
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # plain differentiable ops that fvcore / dynamo see
+        if torch.jit.is_tracing():  # plain differentiable ops that fvcore sees
             log_dt, log_a_real, a_imag, b, c, rate = _stack(params, group_rates, masks)
             z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
             stacked = _kernels(_powers(torch.conj_physical(z), length), c * (b * e))
@@ -310,6 +329,12 @@ def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
     if bandlimit is not None and not bandlimit > 0:
         raise ValueError(f'bandlimit must be positive or None, got {bandlimit}')
     kernels = [m for m in module.modules() if isinstance(m, SSMKernel)]
+    if bandlimit is not None:
+        from .s4_kernel import S4Kernel  # (they import this module)
+        from .sgconv_kernel import SGConvKernel
+        other = [type(m).__name__ for m in module.modules() if isinstance(m, (S4Kernel, SGConvKernel))]
+        if other:
+            raise ValueError(f"band-limiting applies to kernel='s4d' (SSMKernel) only; the module has {other[0]}s")
     for m in kernels:
         m.bandlimit = bandlimit
     return len(kernels)

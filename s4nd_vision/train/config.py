@@ -224,7 +224,7 @@ class Config:
         import torch
 
         from .. import models  # noqa: F401  (registers the models)
-        from ..evaluate import min_input_size
+        from ..eval.resolution import min_input_size
 
         mc, data = self.model, self.data
         if not timm.is_model(mc.name):

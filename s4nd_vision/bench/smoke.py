@@ -1,7 +1,7 @@
 """A short smoke run: build ConvNeXt-S4ND-T through timm and run it at several resolutions.
 
 The weights are untrained (random); this checks the install, the timm registration and the
-resolution control, and gives a first timing. The zero-shot demo will replace it as the main job.
+resolution control, and prints the time of each forward pass.
 """
 import argparse
 import time

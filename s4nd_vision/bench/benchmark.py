@@ -15,7 +15,7 @@ import torch.nn as nn
 import timm
 from timm.layers import create_conv2d
 
-from .layers import S4ND
+from ..layers import S4ND
 
 __all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_scaling', 'bench_models', 'parse_pair', 'format_table', 'write_json']
 

@@ -16,13 +16,15 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import timm
 import torch
 import torch.nn as nn
-from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import MNIST5k
-from .data.images import ImageFolderDataset, check_folder_links
-from .layers import S4ND, set_bandlimit
+from ..data import MNIST5k
+from ..data.images import ImageFolderDataset, check_folder_links
+from ..data.transforms import mnist_transform, model_data_config
+from ..layers import S4ND, set_bandlimit
+from .accuracy import topk_hits
 
 __all__ = [
     'load_model', 'dataset_num_classes', 'min_input_size', 'check_resolutions', 'eval_resolution',
@@ -114,25 +116,12 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
 def _dataset(data: str, split: str, resolution: int, model_cfg: dict, crop_pct: Optional[float]) -> Dataset:
     """`data` as model `model_cfg` expects it at `resolution`: channels, resampling, normalization."""
     chans = model_cfg['input_size'][0]
-    common = dict(interpolation=model_cfg['interpolation'], mean=model_cfg['mean'], std=model_cfg['std'])
-    if data == BUILTIN:
-        # resampled from the 28 px originals, uncropped (as the trainer feeds MNIST)
-        transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=1.0, **common)
-        return MNIST5k('val', img_size=28, in_chans=chans, transform=transform)
+    if data == BUILTIN:  # resampled from the 28 px originals, as the trainer feeds them
+        return MNIST5k('val', img_size=28, in_chans=chans, transform=mnist_transform(resolution, model_cfg))
     crop = model_cfg['crop_pct'] if crop_pct is None else crop_pct
+    common = dict(interpolation=model_cfg['interpolation'], mean=model_cfg['mean'], std=model_cfg['std'])
     transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=crop, **common)
     return _image_folder(data, split, input_img_mode='L' if chans == 1 else 'RGB', transform=transform)
-
-
-def _data_config(model: nn.Module) -> dict:
-    """timm's data config of `model`, with mean/std averaged to one channel for single-channel models."""
-    cfg = resolve_data_config({}, model=model)
-    chans = getattr(model, 'in_chans', cfg['input_size'][0])
-    cfg['input_size'] = (chans,) + tuple(cfg['input_size'][1:])
-    for key in ('mean', 'std'):
-        if len(cfg[key]) != chans:
-            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * chans
-    return cfg
 
 
 @torch.inference_mode()
@@ -174,7 +163,7 @@ def eval_resolution(
         model.eval().to(device)
         if train_resolution is not None and _has_s4nd(model) and hasattr(model, 'set_input_size'):
             model.set_input_size(train_resolution)
-        cfg = _data_config(model)
+        cfg = model_data_config(model)
         loaders = [
             DataLoader(_dataset(data, split, r, cfg, crop_pct), batch_size=batch_size, num_workers=num_workers)
             for r in resolutions
@@ -184,8 +173,7 @@ def eval_resolution(
                 correct1 = correct5 = n = 0
                 for images, targets, *_ in loader:  # image folders add a skip count
                     logits = model(images.to(device))
-                    k = min(5, logits.shape[1])
-                    hits = logits.topk(k, dim=1).indices.eq(targets.to(device)[:, None])
+                    hits = topk_hits(logits, targets.to(device))
                     correct1 += hits[:, 0].sum().item()
                     correct5 += hits.any(dim=1).sum().item()
                     n += len(targets)

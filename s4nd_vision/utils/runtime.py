@@ -12,9 +12,9 @@ def keep_freed_memory() -> bool:
     """Make glibc's allocator keep freed memory in the process, as `MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=-1` in the environment would: large temporaries (activations, Toeplitz
     products, FFT buffers) are then reused instead of being returned to the OS after every free and
-    page-faulted in again. On the 2-core VMs we measure on, those page faults took a third of the
-    S4ND layer's time (1.5x vs 0.9x the depthwise conv at 8x96x56x56). The resident memory stays
-    at its peak. Returns False, changing nothing, where the C library is not glibc.
+    page-faulted in again, a cost S4ND's large per-call temporaries pay on every step on CPU (the
+    README's benchmark shows both allocators). The resident memory stays at its peak. Returns False,
+    changing nothing, where the C library is not glibc.
     """
     if not sys.platform.startswith('linux'):
         return False

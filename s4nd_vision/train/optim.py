@@ -15,7 +15,7 @@ from typing import Any, Collection, Dict, List, Optional
 import torch.nn as nn
 from timm.optim._param_groups import _matches_pattern, param_groups_layer_decay
 
-from .layers import is_ssm_param
+from ..layers import is_ssm_param
 
 __all__ = ['param_groups_ssm', 'ssm_param_names']
 

@@ -1,0 +1,68 @@
+"""The recurrent view of a causal 1D S4ND layer: one step at a time, constant memory per step.
+
+A causal 1D S4ND layer with an S4D ('s4d') or S4 ('s4') kernel is a linear state-space system: the convolution
+view y = K * u + D u equals, sample by sample, the recurrence
+
+    x_t = A~ x_{t-1} + B~ u_t,    y_t = (C^T x_t, real part, summed over the rank-1 terms) + D u_t,
+
+with the discretization of its kernel (zero-order hold for S4D: diagonal A~; bilinear for S4: dense A~ of the
+diagonal plus low-rank A). All rank-1 terms share A, B and dt, so they share the state too. Used for
+autoregressive generation: each new sample costs O(dim * N) ('s4d') or O(dim * N^2) ('s4'), not a convolution
+over the whole past.
+"""
+import torch
+
+from .s4_kernel import S4Kernel
+from .s4nd import S4ND
+from .ssm_kernel import SSMKernel
+
+__all__ = ['S4NDRecurrence']
+
+
+class S4NDRecurrence:
+    """Step-by-step evaluation of a causal 1D S4ND layer: (B, dim) per step -> (B, dim).
+
+    Over a whole sequence u (B, dim, L), stepping through u[..., t] gives `layer(u, rate=rate)`.
+    The discretization is computed once, here (with the layer's current parameters and step dt * rate).
+
+    Args:
+        layer: an S4ND layer with ndim=1, bidirectional=False, pool=1, l_max=None, kernel 's4d' or 's4'.
+        rate: step-size rate (1 = the layer's reference grid).
+        dtype: compute dtype of the recurrence (float32 or float64).
+    """
+
+    def __init__(self, layer: S4ND, rate: float = 1.0, dtype: torch.dtype = torch.float32):
+        if layer.ndim != 1 or layer.bidirectional != (False,):
+            raise ValueError(f'the recurrent view needs a causal 1D S4ND layer (ndim=1, bidirectional=False), '
+                             f'got ndim={layer.ndim}, bidirectional={layer.bidirectional}')
+        if layer.pool != (1,):
+            raise ValueError(f'the recurrent view needs pool=1, got pool={layer.pool}')
+        if layer.l_max is not None:
+            raise ValueError(f'the recurrent view needs l_max=None (a truncated kernel has no finite state), '
+                             f'got l_max={layer.l_max}')
+        kernel = layer.kernels[0]
+        if not isinstance(kernel, (SSMKernel, S4Kernel)):
+            raise ValueError(f"the recurrent view needs an SSM kernel ('s4d' or 's4'), got kernel={layer.kernel!r}")
+        if not (rate > 0 and rate != float('inf')):
+            raise ValueError(f'rate must be finite and positive, got {rate}')
+        self.diagonal = isinstance(kernel, SSMKernel)
+        a, b, c = kernel.discretize(rate, dtype)
+        if self.diagonal:
+            c = 2 * c  # y = 2 Re(C^T x) over the modes with Im A > 0
+        self.a, self.b, self.c = a, b, c.sum(0)  # rank-1 terms share the state: (dim, N), their C summed
+        self.d = layer.D.to(dtype)
+        self.dtype = dtype
+
+    def default_state(self, batch: int) -> torch.Tensor:
+        """The zero state, (batch, dim, N) complex (N = d_state / 2 for 's4d', d_state for 's4')."""
+        return self.b.new_zeros((batch,) + self.b.shape)
+
+    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple:
+        """One sample u (B, dim) -> (y (B, dim) in u's dtype, new state)."""
+        x = u.to(self.dtype)
+        if self.diagonal:
+            state = self.a * state + self.b * x[..., None]
+        else:
+            state = torch.einsum('hnm,bhm->bhn', self.a, state) + self.b * x[..., None]
+        y = torch.einsum('hn,bhn->bh', self.c, state).real + self.d * x
+        return y.to(u.dtype), state

@@ -1,0 +1,128 @@
+"""The plain reference formulation of S4ND, in real arithmetic: the path for export and compilation.
+
+The fast paths (`ssm_kernel._SSMKernelFn`, `ops._SeparableConv`) use complex tensors, hand-written
+backward passes, cached operators and a size-dependent choice between Toeplitz GEMMs and FFTs. None
+of that survives export: ONNX has no complex type, `torch.export` needs shapes that stay symbolic,
+and inductor generates no code for complex operators. Here the same math is written with real
+tensors and shape-generic ops only (exp, cos, sin, gather, matmul), so `torch.export` with dynamic
+spatial sizes, the ONNX exporters and `torch.compile(dynamic=True)` trace one graph for every size.
+
+Kernel of one axis (zero-order hold, see `ssm_kernel`), with dt A = x + i y and C~ = C B expm1(dt A) / A:
+
+    K[l] = 2 Re( sum_n C~_n exp(dt A_n l) ) = 2 sum_n exp(x_n l) (Re C~_n cos(y_n l) - Im C~_n sin(y_n l)).
+
+The convolution applies each axis' two-sided kernel as a Toeplitz matrix gathered from the taps
+(rows averaged by the pooling window), one matrix product per axis and rank-1 term.
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['use_reference', 'ssm_kernel_reference', 'separable_conv_reference']
+
+
+def use_reference() -> bool:
+    """True while a graph is being captured for export or compilation (torch.export, torch.compile,
+    the TorchScript ONNX exporter): S4ND then runs the reference formulation."""
+    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def ssm_kernel_reference(
+        log_dt: torch.Tensor,
+        log_a_real: torch.Tensor,
+        a_imag: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        length,
+        rate=1.0,
+        mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """S4D kernels from the parameters of one `SSMKernel` (complex values as trailing (re, im) pairs).
+
+    Args:
+        log_dt: (H,) log step sizes.
+        log_a_real, a_imag: (H, N2) with A = -exp(log_a_real) + i a_imag.
+        b: (H, N2, 2); c: (K, H, N2, 2).
+        length: taps L (an int, or a symbolic size while exporting).
+        rate: the step is dt * rate.
+        mask: optional (H, N2) band-limiting mask applied to C.
+
+    Returns:
+        (K, H, L) real kernels.
+    """
+    dt = log_dt.exp()[:, None] * rate  # (H, 1)
+    a_re, a_im = -log_a_real.exp(), a_imag
+    x, y = dt * a_re, dt * a_im  # dt A
+    # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y, divided by A
+    s = (0.5 * y).sin()
+    n_re, n_im = torch.expm1(x) * y.cos() - 2 * s * s, x.exp() * y.sin()
+    norm = a_re * a_re + a_im * a_im
+    e_re, e_im = (n_re * a_re + n_im * a_im) / norm, (n_im * a_re - n_re * a_im) / norm
+    q_re = b[..., 0] * e_re - b[..., 1] * e_im  # B e
+    q_im = b[..., 0] * e_im + b[..., 1] * e_re
+    c_re, c_im = c[..., 0], c[..., 1]
+    if mask is not None:
+        c_re, c_im = c_re * mask, c_im * mask
+    ct_re, ct_im = c_re * q_re - c_im * q_im, c_re * q_im + c_im * q_re  # (K, H, N2)
+    steps = torch.arange(length, device=log_dt.device, dtype=log_dt.dtype)
+    mag = (x[..., None] * steps).exp()  # (H, N2, L)
+    phase = y[..., None] * steps
+    return 2 * (torch.einsum('khn,hnl->khl', ct_re, mag * phase.cos())
+                - torch.einsum('khn,hnl->khl', ct_im, mag * phase.sin()))
+
+
+def _toeplitz(k: torch.Tensor, n, pool: int) -> torch.Tensor:
+    """(C, n // pool, n) matrices T[c, i, j] = k[c, i - j + n - 1] of the (C, 2n - 1) two-sided taps, rows
+    averaged in windows of `pool` (a trailing remainder dropped, like AvgPool)."""
+    i = torch.arange(n, device=k.device)
+    t = k[:, i[:, None] - i[None, :] + (n - 1)]  # (C, n, n)
+    return _avg_pool(t, 1, pool)
+
+
+def _apply_axis(z: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(C, rows, n) matrices t applied along `dim` (length n) of a (C, ...) tensor z."""
+    moved = z.movedim(dim, -1)
+    y = torch.matmul(moved.reshape(z.shape[0], -1, moved.shape[-1]), t.transpose(1, 2))
+    return y.reshape(moved.shape[:-1] + (t.shape[1],)).movedim(-1, dim)
+
+
+def _avg_pool(z: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
+    """Average pooling by `pool` (window = stride, remainder dropped) along `dim`."""
+    if pool == 1:
+        return z
+    moved = z.movedim(dim, -1)
+    pooled = F.avg_pool1d(moved.reshape(-1, 1, moved.shape[-1]), pool)
+    return pooled.reshape(moved.shape[:-1] + (pooled.shape[-1],)).movedim(-1, dim)
+
+
+def separable_conv_reference(
+        u: torch.Tensor,
+        kernels: Sequence[torch.Tensor],
+        dims: Sequence[int],
+        pools: Sequence[int],
+        skip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """sum_r (k_1[r] (x) ... (x) k_N[r]) * u + skip * pool(u), pooled, for u of shape (C, ...) whose spatial
+    axes are `dims` (same math as `ops.separable_conv`, any layout with channels first).
+
+    Args:
+        kernels: per axis, (R, C, 2n - 1) two-sided kernels.
+        pools: per axis, the average pooling window (and stride).
+        skip: optional (C,) skip weights.
+    """
+    ts: List[List[torch.Tensor]] = [
+        [_toeplitz(k[r], u.shape[dim], pool) for dim, k, pool in zip(dims, kernels, pools)]
+        for r in range(kernels[0].shape[0])]
+    y = None
+    if skip is not None:
+        y = u
+        for dim, pool in zip(dims, pools):
+            y = _avg_pool(y, dim, pool)
+        y = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * y
+    for term in ts:
+        z = u
+        for dim, t in zip(dims, term):
+            z = _apply_axis(z, t, dim)
+        y = z if y is None else y + z
+    return y

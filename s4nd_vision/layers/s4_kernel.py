@@ -1,0 +1,159 @@
+"""S4 kernel along one axis: a diagonal plus low-rank (DPLR) state matrix, HiPPO-LegS initialization.
+
+For each channel the continuous SSM  x' = A x + B u,  y = C^T x  has N states and
+
+    A = Lambda - P P^*    (Lambda diagonal, Re(Lambda) < 0; P a column: rank 1),
+
+kept in conjugate-symmetric form: the N/2 modes with Im(Lambda) > 0 are parameters and the other half are
+their conjugates, so the system is real (the kernel is real). Initialized from HiPPO-LegS's NPLR
+decomposition (`hippo.legs_nplr`): the DPLR system starts as HiPPO-LegS itself, written in an eigenbasis.
+Hermitian part Re(Lambda) - P P^* < 0 keeps every A stable.
+
+Discretization: bilinear (S4's), with step dt:  A~ = (I - dt/2 A)^-1 (I + dt/2 A),  B~ = (I - dt/2 A)^-1 dt B,
+K[l] = C^T A~^l B~. Its length-L DFT at z = exp(-2 pi i m / L) is
+
+    K^(z) = C^T (I - A~^L) (I - A~ z)^-1 B~ = dt * r ((1 - z) I - dt/2 (1 + z) A)^-1 B,   r = C^T (I - A~^L),
+
+(no pole at z = -1 in this form). The resolvent of the DPLR matrix is diagonal plus rank 1 by the Woodbury
+identity, so K^ needs four Cauchy sums sum_n x_n y_n / (a(z) - b(z) Lambda_n) per frequency; an inverse real
+FFT gives K. The truncation term r uses the dense N x N A~ (log2 L products by repeated squaring).
+Resolution as in S4D: rate scales the step (dt * rate).
+
+Paper: S4 (https://arxiv.org/abs/2111.00396).
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from .hippo import legs_nplr
+from .ssm_kernel import _mark_ssm
+
+__all__ = ['S4Kernel']
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """(..., N/2) complex modes with Im > 0 -> (..., N) with their conjugates."""
+    return torch.cat([x, x.conj()], dim=-1)
+
+
+def _matrix_power(m: torch.Tensor, n: int) -> torch.Tensor:
+    """m ** n for a batch of square matrices (n >= 1), by repeated squaring."""
+    result, power = None, m
+    while True:
+        if n & 1:
+            result = power if result is None else result @ power
+        n >>= 1
+        if not n:
+            return result
+        power = power @ power
+
+
+class S4Kernel(nn.Module):
+    """Generates 1D convolution kernels from per-channel DPLR SSMs (S4).
+
+    Holds `num_kernels` C vectors per channel (e.g. forward and backward directions times rank-1 terms)
+    sharing A, B and dt. Same interface as `SSMKernel`: `forward(length, rate, dtype)` returns
+    (num_kernels, dim, length). Parameters are real (complex values as trailing pairs).
+    """
+
+    bandlimit = None  # band-limiting is defined for diagonal (S4D) kernels only
+
+    def __init__(
+            self,
+            dim: int,
+            d_state: int = 64,
+            num_kernels: int = 1,
+            init: str = 'legs',
+            dt_min: float = 1e-3,
+            dt_max: float = 1e-1,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f'd_state must be a positive even number, got {d_state}')
+        if init != 'legs':
+            raise ValueError(f"the S4 kernel's init must be 'legs' (HiPPO-LegS NPLR), got {init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
+        dd = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.d_state = d_state
+        self.num_kernels = num_kernels
+        self.init = init
+        self.dt_min, self.dt_max = dt_min, dt_max
+        n2 = d_state // 2
+        self.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
+        self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))  # Re(Lambda) = -exp(log_a_real)
+        self.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
+        self.p = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
+        self.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
+        self.c = nn.Parameter(torch.empty(num_kernels, dim, n2, 2, **dd))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n2 = self.d_state // 2
+        # computed on the CPU in float64, then copied (works on the meta device too)
+        u = torch.rand(self.dim, dtype=torch.float64, device='cpu')
+        self.log_dt.copy_(math.log(self.dt_min) + u * (math.log(self.dt_max) - math.log(self.dt_min)))
+        lam, vb, vp, _ = legs_nplr(self.d_state)
+        self.log_a_real.copy_((-lam.real).log().expand(self.dim, n2))
+        self.a_imag.copy_(lam.imag.expand(self.dim, n2))
+        self.p.copy_(torch.view_as_real(vp).expand(self.dim, n2, 2))
+        self.b.copy_(torch.view_as_real(vb).expand(self.dim, n2, 2))
+        self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> tuple:
+        """The full conjugate-symmetric system as dense complex tensors: A (dim, N, N), B (dim, N), C (K, dim, N)."""
+        lam, p, b, c = self._modes(dtype)
+        return torch.diag_embed(lam) - p[..., :, None] * p.conj()[..., None, :], b, c
+
+    def _modes(self, dtype: torch.dtype) -> tuple:
+        """Lambda, P, B (dim, N) and C (K, dim, N) complex, conjugate halves included."""
+        lam = torch.complex(-self.log_a_real.to(dtype).exp(), self.a_imag.to(dtype))
+        p, b, c = (torch.view_as_complex(t.to(dtype).contiguous()) for t in (self.p, self.b, self.c))
+        return _full(lam), _full(p), _full(b), _full(c)
+
+    @staticmethod
+    def _bilinear(lam: torch.Tensor, p: torch.Tensor, dt: torch.Tensor) -> tuple:
+        """Dense bilinear A~ = (I - dt/2 A)^-1 (I + dt/2 A) (H, N, N) and (I - dt/2 A) for A = Lambda - P P^*."""
+        a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
+        eye = torch.eye(lam.shape[-1], dtype=a.dtype, device=a.device)
+        half = (0.5 * dt).to(a.dtype)[:, None, None] * a
+        return torch.linalg.solve(eye - half, eye + half), eye - half
+
+    def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
+        """The recurrent view x_t = A~ x_{t-1} + B~ u_t, y_t = Re(C^T x_t) (conjugate halves included, so the state
+        stays conjugate-symmetric and Re drops nothing): A~ (dim, N, N), B~ (dim, N), C (num_kernels, dim, N)."""
+        lam, p, b, c = self._modes(dtype)
+        dt = self.log_dt.to(dtype).exp() * rate
+        a_disc, left = self._bilinear(lam, p, dt)
+        return a_disc, torch.linalg.solve(left, (dt[:, None] * b)[..., None])[..., 0], c
+
+    def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Kernels for `length` steps of size dt * rate.
+
+        Returns:
+            (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
+        """
+        lam, p, b, c = self._modes(dtype)  # (H, N) x 3, (K, H, N)
+        dt = self.log_dt.to(dtype).exp() * rate  # (H,)
+        # truncation: r = C^T (I - A~^L), with the dense bilinear A~ (H, N, N)
+        r = c - torch.einsum('khn,hnm->khm', c, _matrix_power(self._bilinear(lam, p, dt)[0], length))
+        # Cauchy sums at the rfft frequencies z_m = exp(-2 pi i m / L): 1 / (a(z) - b(z) Lambda_n) = resolvent (H, M, N)
+        m = torch.arange(length // 2 + 1, device=dt.device, dtype=dtype)
+        z = torch.polar(torch.ones_like(m), -2 * math.pi * m / length)  # (M,)
+        bz = (0.5 * dt)[:, None] * (1 + z)  # (H, M)
+        res = 1 / ((1 - z)[None, :, None] - bz[..., None] * lam[:, None, :])
+        k_rb = torch.einsum('khn,hmn->khm', r * b, res)
+        k_rp = torch.einsum('khn,hmn->khm', r * p, res)
+        k_pb = torch.einsum('hn,hmn->hm', p.conj() * b, res)
+        k_pp = torch.einsum('hn,hmn->hm', (p.conj() * p), res)
+        # Woodbury: (R^-1 + b P P^*)^-1 = R - b R P (1 + b P^* R P)^-1 P^* R
+        k_hat = dt[:, None] * (k_rb - k_rp * (bz * k_pb / (1 + bz * k_pp)))
+        return torch.fft.irfft(k_hat, n=length)
+
+    def extra_repr(self) -> str:
+        return f'{self.dim}, d_state={self.d_state}, num_kernels={self.num_kernels}, init={self.init!r}'

@@ -1,0 +1,129 @@
+"""SGConv kernel along one axis (Structured Global Convolution): few parameters, decaying weights.
+
+The kernel of a channel is a concatenation of `n_scales` small sub-kernels of `size` values each. Sub-kernel i
+covers one dyadic range of offsets: [0, d) for i = 0 and [2^(i-1) d, 2^i d) for i >= 1 (d = size), stretched by
+2^max(0, i-1) through linear interpolation, and scaled by decay^i. n_scales = 1 + ceil(log2(l_ref / d)) covers
+the reference length l_ref, so the parameter count grows with log(l_ref), not l_ref. The whole kernel is divided
+by its norm at initialization (a buffer, then fixed). Two-sided use: one kernel per direction.
+
+Resolution: the sub-kernel values are samples of a continuous function f of the offset t (in taps at rate 1):
+sample j of sub-kernel i sits at the centre of its stretched cell, f is linear between samples and constant over
+the outer half cells of each range. The kernel at rate r is f integrated over cells of width r,
+
+    K_r[l] = integral of f over [l r, (l + 1) r),
+
+so the kernel covers the same part of the signal at any rate (K_2[l] = K_1[2l] + K_1[2l + 1] exactly), and its
+taps scale with the cell width like a discretized continuous convolution (and like S4D's ZOH kernels).
+The kernel is zero beyond the covered length d 2^(n_scales - 1).
+
+Paper: `What Makes Convolutional Models Great on Long Sequence Modeling?` (https://arxiv.org/abs/2210.09298).
+"""
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+
+__all__ = ['SGConvKernel', 'sgconv_scales']
+
+
+def sgconv_scales(l_ref: int, size: int) -> int:
+    """Number of sub-kernels of `size` values that cover `l_ref` taps (dyadic ranges)."""
+    return 1 if l_ref <= size else 1 + math.ceil(math.log2(l_ref / size))
+
+
+@lru_cache(maxsize=64)
+def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
+    """(n_scales * size, length) float64: tap l of the kernel at `rate` as a linear map of the sub-kernel values
+    (row i * size + j = value j of sub-kernel i), the integral of the interpolant over [l rate, (l + 1) rate)."""
+    idx_a, idx_b, t_a, t_b = [], [], [], []
+    for i in range(n_scales):
+        stretch = 2 ** max(0, i - 1)
+        origin = 0 if i == 0 else size * stretch
+        # breakpoints origin + stretch * (0, 1/2, 3/2, ..., size - 1/2, size); values v0, v0, v1, ..., v_{d-1}, v_{d-1}
+        knots = [0.0] + [j + 0.5 for j in range(size)] + [float(size)]
+        values = [0] + list(range(size)) + [size - 1]
+        for k in range(size + 1):
+            t_a.append(origin + stretch * knots[k])
+            t_b.append(origin + stretch * knots[k + 1])
+            idx_a.append(i * size + values[k])
+            idx_b.append(i * size + values[k + 1])
+    t_a, t_b = torch.tensor(t_a, dtype=torch.float64), torch.tensor(t_b, dtype=torch.float64)
+    width = t_b - t_a
+    edges = torch.arange(length + 1, dtype=torch.float64) * rate
+    u = ((edges[:, None] - t_a) / width).clamp(0, 1)  # (length + 1, pieces): covered part of each linear piece
+    # integral over [t_a, t_a + u w] of the linear piece from y_a to y_b: w (u - u^2 / 2) y_a + w u^2 / 2 y_b
+    antiderivative = torch.zeros(length + 1, n_scales * size, dtype=torch.float64)
+    antiderivative.index_add_(1, torch.tensor(idx_a), width * (u - u * u / 2))
+    antiderivative.index_add_(1, torch.tensor(idx_b), width * u * u / 2)
+    return (antiderivative[1:] - antiderivative[:-1]).T.contiguous()
+
+
+class SGConvKernel(nn.Module):
+    """Generates 1D convolution kernels from per-channel SGConv sub-kernels.
+
+    Same interface as `SSMKernel`: `forward(length, rate, dtype)` returns (num_kernels, dim, length).
+
+    Args:
+        dim: channels.
+        l_ref: taps to cover at rate 1 (the reference length of the axis).
+        num_kernels: kernels per channel (directions times rank-1 terms).
+        size: values per sub-kernel (capped at l_ref).
+        decay: scale of sub-kernel i is decay ** i.
+    """
+
+    bandlimit = None  # band-limiting is defined for diagonal (S4D) kernels only
+
+    def __init__(
+            self,
+            dim: int,
+            l_ref: int,
+            num_kernels: int = 1,
+            size: int = 32,
+            decay: float = 0.5,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(l_ref, int) or l_ref < 1:
+            raise ValueError(f'l_ref must be a positive integer, got {l_ref!r}')
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f'size must be a positive integer, got {size!r}')
+        if not 0 < decay <= 1:
+            raise ValueError(f'decay must be in (0, 1], got {decay}')
+        self.dim = dim
+        self.l_ref = l_ref
+        self.num_kernels = num_kernels
+        self.size = min(size, l_ref)
+        self.decay = decay
+        self.n_scales = sgconv_scales(l_ref, self.size)
+        self.support = self.size * 2 ** (self.n_scales - 1)  # taps covered at rate 1
+        self.weight = nn.Parameter(torch.empty(num_kernels, dim, self.n_scales, self.size, device=device, dtype=dtype))
+        self.register_buffer('norm', torch.empty(num_kernels, dim, 1, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # computed on the CPU in float64, then copied (works on the meta device too)
+        weight = torch.randn(self.weight.shape, dtype=torch.float64, device='cpu')
+        self.weight.copy_(weight)
+        self.norm.copy_(self._unnormalized(weight, self.support, 1.0).norm(dim=-1, keepdim=True))
+
+    def _unnormalized(self, weight: torch.Tensor, length: int, rate: float) -> torch.Tensor:
+        scale = self.decay ** torch.arange(self.n_scales, dtype=weight.dtype, device=weight.device)
+        # (torch.compile traces the construction instead of calling the cache)
+        cell_integrals = _cell_integrals.__wrapped__ if torch.compiler.is_compiling() else _cell_integrals
+        m = cell_integrals(self.size, self.n_scales, length, float(rate)).to(weight.device, weight.dtype)
+        return (weight * scale[:, None]).flatten(-2) @ m
+
+    def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Kernels for `length` taps of width `rate` (in taps at rate 1).
+
+        Returns:
+            (num_kernels, dim, length) real tensor of `dtype`.
+        """
+        return self._unnormalized(self.weight.to(dtype), length, rate) / self.norm.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f'{self.dim}, l_ref={self.l_ref}, num_kernels={self.num_kernels}, size={self.size}, '
+                f'n_scales={self.n_scales}, decay={self.decay}')

@@ -1,0 +1,69 @@
+"""The recurrent view of causal 1D S4ND layers equals their convolutional view over whole sequences."""
+import pytest
+import torch
+from test_s4nd_layer import _randomize
+
+from s4nd_vision.layers import S4ND, S4NDRecurrence
+
+
+def _causal_layer(kernel: str, dim: int = 3, **kw) -> S4ND:
+    return S4ND(dim, ndim=1, kernel=kernel, bidirectional=False, d_state=8, dt_min=0.05, dt_max=0.5,
+                **kw).double()
+
+
+def _run(recurrences, u: torch.Tensor, between=None) -> torch.Tensor:
+    """Step a stack of recurrences through u (B, dim, L), with `between` applied after each but the last."""
+    states = [r.default_state(u.shape[0]) for r in recurrences]
+    out = []
+    for t in range(u.shape[-1]):
+        y = u[..., t]
+        for i, r in enumerate(recurrences):
+            y, states[i] = r.step(y, states[i])
+            if between is not None and i < len(recurrences) - 1:
+                y = between(y)
+        out.append(y)
+    return torch.stack(out, dim=-1)
+
+
+@pytest.mark.parametrize('kernel,kw', [('s4d', {}), ('s4d', dict(rank=2, bandlimit=0.8, init='legs')),
+                                       ('s4', {}), ('s4', dict(rank=2))])
+def test_recurrence_equals_convolution(kernel, kw):
+    torch.manual_seed(0)
+    layer = _causal_layer(kernel, **kw)
+    _randomize(layer)
+    if kernel == 's4':
+        with torch.no_grad():  # randomized P, B, C of moderate size: a stable, not too stiff system
+            for k in layer.kernels:
+                k.p.mul_(0.3)
+                k.log_a_real.fill_(-0.5)
+    u = torch.randn(2, 3, 40, dtype=torch.float64)
+    for rate in (1.0, 0.5):
+        expected = layer(u, rate=rate)
+        torch.testing.assert_close(_run([S4NDRecurrence(layer, rate, torch.float64)], u), expected)
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_recurrent_stack_with_nonlinearities_equals_convolutional_stack(kernel):
+    """Two causal layers with a GELU between them: the nonlinearity sees each sample once, in order."""
+    torch.manual_seed(0)
+    layers = [_causal_layer(kernel, l_ref=32) for _ in range(2)]
+    u = torch.randn(2, 3, 32, dtype=torch.float64)
+    expected = layers[1](torch.nn.functional.gelu(layers[0](u)))  # at the reference length: rate 1
+    recurrences = [S4NDRecurrence(layer, 1.0, torch.float64) for layer in layers]
+    torch.testing.assert_close(_run(recurrences, u, between=torch.nn.functional.gelu), expected)
+    assert recurrences[0].default_state(2).shape == ((2, 3, 4) if kernel == 's4d' else (2, 3, 8))
+
+
+def test_recurrence_errors():
+    with pytest.raises(ValueError, match='causal 1D'):
+        S4NDRecurrence(S4ND(3, ndim=1))
+    with pytest.raises(ValueError, match='causal 1D'):
+        S4NDRecurrence(S4ND(3, ndim=2, bidirectional=False))
+    with pytest.raises(ValueError, match='pool'):
+        S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, pool=2))
+    with pytest.raises(ValueError, match='l_max'):
+        S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, l_max=8))
+    with pytest.raises(ValueError, match='SSM kernel'):
+        S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, kernel='sgconv', l_ref=8))
+    with pytest.raises(ValueError, match='rate'):
+        S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), rate=0.0)

@@ -1,0 +1,136 @@
+"""The S4ND layer with its other per-axis kernels ('s4', 'sgconv'): direct N-D convolution reference, inference
+cache, stacked generation and resolution, as test_s4nd_layer.py checks for 's4d'."""
+import copy
+
+import pytest
+import torch
+from test_s4nd_layer import CASES, _direct_reference, _randomize, _smooth_image
+
+from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel, ops, prepare_kernels, set_bandlimit
+
+
+def _layer(kernel: str, dim: int, ndim: int, sizes, l_ref=None, **kw) -> S4ND:
+    if kernel == 'sgconv':
+        kw.setdefault('sgconv_size', 2)  # several dyadic ranges at these small sizes
+        if l_ref is None and kw.get('l_max') is None:
+            l_ref = tuple(sizes)
+    else:
+        kw = dict(dict(d_state=8, dt_min=0.05, dt_max=0.5), **kw)
+    return S4ND(dim, ndim=ndim, kernel=kernel, l_ref=l_ref, **kw)
+
+
+@pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
+@pytest.mark.parametrize('kernel', ['s4', 'sgconv'])
+@pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,rank,pool', CASES)
+def test_layer_equals_direct_convolution(monkeypatch, kernel, algorithm, ndim, sizes, l_ref, l_max, bidirectional,
+                                         rank, pool):
+    """Outer product of the per-axis kernels, the same separable convolution, pooling and skip as 's4d'."""
+    monkeypatch.setattr(ops, 'FORCE_ALGORITHM', algorithm)
+    torch.manual_seed(0)
+    layer = _layer(kernel, 3, ndim, sizes, l_ref=l_ref, l_max=l_max, rank=rank, bidirectional=bidirectional,
+                   pool=pool).double()
+    _randomize(layer)
+    assert all(type(k) is {'s4': S4Kernel, 'sgconv': SGConvKernel}[kernel] for k in layer.kernels)
+    x = torch.randn(2, 3, *sizes, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _direct_reference(layer, x))
+    torch.testing.assert_close(layer(x, rate=1.7), _direct_reference(layer, x, rate=1.7))
+
+
+@pytest.mark.parametrize('kernel', ['s4', 'sgconv'])
+def test_inference_cache_equals_training_path(kernel):
+    """Without autograd the layer caches its convolution operators; they give the training path's output and are
+    rebuilt after parameter (and, for SGConv, norm buffer) changes."""
+    torch.manual_seed(0)
+    layer = _layer(kernel, 4, 2, (8, 8), l_ref=8, pool=(1, 2)).eval()
+    x8, x12 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 12, 12)
+
+    def check(x):
+        expected = layer(x)  # autograd on: kernels generated, no cache
+        assert layer._kernel_cache is None
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected.detach())
+            assert layer._kernel_cache is not None
+
+    check(x8)
+    check(x12)
+    with torch.no_grad():
+        cached = layer(x12)
+        layer.load_state_dict({k: v * 1.5 for k, v in layer.state_dict().items()})
+        changed = layer(x12)
+    assert not torch.allclose(cached, changed)
+    torch.testing.assert_close(changed, copy.deepcopy(layer)(x12).detach())
+
+
+def test_stacked_generation_with_mixed_kernel_types():
+    """`prepare_kernels` over layers of all three kernel types gives each layer the kernels it makes itself:
+    same outputs and gradients as layer-by-layer generation."""
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(
+        [_layer(k, 3, 2, (6, 5), l_ref=(6, 5)) for k in ('s4d', 's4', 'sgconv')]
+        + [_layer('s4d', 3, 2, (6, 5), l_ref=(3, 5), rank=2)])
+    x = torch.randn(2, 3, 6, 5)
+    results = []
+    for stacked in (True, False):
+        layers.zero_grad()
+        if stacked:
+            prepare_kernels([(layer, (6, 5)) for layer in layers])
+            assert all(layer._prepared is not None for layer in layers)
+        out = torch.stack([layer(x) for layer in layers])
+        assert all(layer._prepared is None for layer in layers)  # used once
+        out.square().sum().backward()
+        results.append([out] + [p.grad.clone() for p in layers.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('kernel', ['s4', 'sgconv'])
+def test_smooth_image_at_double_resolution_matches(kernel):
+    """A layer referenced to 16x16 sees a smooth image at 32x32 through the same continuous kernel (the rate
+    follows the input); without the rate it does not."""
+    torch.manual_seed(0)
+    # (S4 has no band-limiting: modes far above either grid's Nyquist frequency alias differently on each, so the
+    # state is small and the steps short here; HiPPO-LegS's top frequency grows ~ N^2)
+    kw = dict(sgconv_size=4) if kernel == 'sgconv' else dict(d_state=8, dt_min=0.01, dt_max=0.1)
+    layer = S4ND(4, ndim=2, kernel=kernel, l_ref=16, **kw).double()
+    with torch.no_grad():
+        layer.D.zero_()
+        y1 = layer(_smooth_image(16, 4))
+        y2 = layer(_smooth_image(32, 4))  # automatic rate 16 / 32
+        y2_fixed = layer(_smooth_image(32, 4), rate=1.0)
+    # output i is the continuous output at the right edge of cell i: fine cell 2i + 1
+    rel = lambda a: ((a[..., 1::2, 1::2] - y1).norm() / y1.norm()).item()
+    assert rel(y2) < 0.06
+    assert rel(y2_fixed) > 5 * rel(y2)
+
+
+def test_kernel_type_errors():
+    with pytest.raises(ValueError, match='kernel must be one of'):
+        S4ND(4, kernel='s5')
+    with pytest.raises(ValueError, match='bandlimit applies'):
+        S4ND(4, kernel='s4', bandlimit=0.5)
+    with pytest.raises(ValueError, match='init applies'):
+        S4ND(4, kernel='sgconv', l_ref=8, init='lin')
+    with pytest.raises(ValueError, match='needs l_ref or l_max'):
+        S4ND(4, kernel='sgconv')
+    with pytest.raises(ValueError, match="init must be 'legs'"):
+        S4ND(4, kernel='s4', init='lin')
+    assert isinstance(S4ND(4, init='legs').kernels[0], SSMKernel)
+    assert S4ND(4, kernel='sgconv', l_ref=(40, 9), l_max=(16, 30)).kernels[0].l_ref == 16  # min(l_ref, l_max)
+    with pytest.raises(ValueError, match='band-limiting'):
+        set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), 0.5)
+    assert set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), None) == 0
+
+
+@pytest.mark.parametrize('kernel', ['s4', 'sgconv'])
+def test_gradcheck(kernel):
+    """Gradients through kernel generation and the separable convolution, every parameter, two rank-1 terms."""
+    torch.manual_seed(0)
+    kw = dict(d_state=2) if kernel == 's4' else {}  # (one conjugate pair: gradcheck's cost grows with d_state)
+    layer = _layer(kernel, 2, 2, (3, 4), l_ref=(4, 3), rank=2, bidirectional=(True, False), pool=(1, 2), **kw).double()
+    names, params = zip(*layer.named_parameters())
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *p):
+        return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x,) + tuple(p.detach().requires_grad_() for p in params))

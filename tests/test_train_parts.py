@@ -1,0 +1,65 @@
+"""The trainer's parts on their own: top-k hits, data configs, checkpoint lookup and the metrics CSV."""
+import os
+
+import pytest
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.data.transforms import mnist_transform, model_data_config
+from s4nd_vision.eval.accuracy import topk_hits
+from s4nd_vision.train import ConfigError, latest_checkpoint
+from s4nd_vision.train.checkpoint import checkpoint_to_resume
+from s4nd_vision.train.metrics import _append_csv, _truncate_csv
+
+
+def test_topk_hits_rank_the_target_and_cap_k_at_the_classes():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+    target = torch.tensor([1, 2, 0])
+    hits = topk_hits(scores, target, k=2)
+    assert hits.tolist() == [[True, False], [False, True], [False, False]]
+    assert topk_hits(scores, target, k=5).shape == (3, 3)  # only 3 classes
+    assert topk_hits(scores, target, k=5).any(1).all()
+
+
+def test_model_data_config_fits_mean_and_std_to_the_channels():
+    model = timm.create_model('convnext_atto', in_chans=1, num_classes=10)
+    cfg = model_data_config(model)
+    assert cfg['input_size'][0] == 1
+    assert cfg['mean'] == pytest.approx((sum(IMAGENET_DEFAULT_MEAN) / 3,))
+    assert cfg['std'] == pytest.approx((sum(IMAGENET_DEFAULT_STD) / 3,))
+    cfg = model_data_config(model, 1, dict(mean=(0.5,), std=(0.25,), interpolation='bilinear', crop_pct=None))
+    assert cfg['mean'] == (0.5,) and cfg['std'] == (0.25,) and cfg['interpolation'] == 'bilinear'
+    assert len(model_data_config(timm.create_model('convnext_atto'), 3)['mean']) == 3
+
+    digits = mnist_transform(20, cfg)(torch.full((1, 28, 28), 0.5))
+    assert digits.shape == (1, 20, 20)
+    torch.testing.assert_close(digits, torch.zeros(1, 20, 20))  # (0.5 - mean) / std, no crop of the constant
+
+
+def test_checkpoint_lookup_ignores_partial_folders_and_refuses_to_mix_runs(tmp_path):
+    out = str(tmp_path)
+    assert latest_checkpoint(out) is None and checkpoint_to_resume(out, True) is None
+    for name in ('step-00000002', 'step-00000010', '.tmp-step-00000012'):
+        os.makedirs(os.path.join(out, 'checkpoints', name))
+    latest = os.path.join(out, 'checkpoints', 'step-00000010')
+    assert latest_checkpoint(out) == latest
+    assert checkpoint_to_resume(out, True) == latest
+    assert checkpoint_to_resume(out, 'elsewhere/step-1') == 'elsewhere/step-1'
+    with pytest.raises(ConfigError, match='already holds checkpoints'):
+        checkpoint_to_resume(out, False)
+
+
+def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_path):
+    path = str(tmp_path / 'metrics.csv')
+    _truncate_csv(path, before_epoch=0)  # no file yet: nothing to do
+    assert not os.path.exists(path)
+    _append_csv(path, dict(epoch=0, train_loss=1.5))
+    _append_csv(path, dict(epoch=1, train_loss=1.0, top1=50.0))
+    _append_csv(path, dict(epoch=2, train_loss=0.5))
+    header, *rows = open(path).read().splitlines()
+    assert header == 'epoch,train_loss,top1' and rows == ['0,1.5,', '1,1.0,50.0', '2,0.5,']
+    _truncate_csv(path, before_epoch=1)
+    assert open(path).read().splitlines() == ['epoch,train_loss,top1', '0,1.5,']
+    assert not os.path.exists(path + '.tmp')
