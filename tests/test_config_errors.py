@@ -1,4 +1,5 @@
-"""Config values that pass the type checks but would fail (or train wrongly) deep in timm: a one-line error naming the key."""
+"""Config values that pass the type checks but would fail (or train wrongly) deep in timm: a one-line error naming
+the key. tools/inflate.py given a missing or wrong file: a one-line error naming it."""
 import os
 import runpy
 import subprocess
@@ -54,7 +55,8 @@ def test_invalid_values_name_the_key(override, message, folder, tmp_path):
 
 def test_valid_values_from_timm_lists_pass(folder, tmp_path):
     cfg = load_config(None, _overrides(
-        folder, tmp_path, 'optim.opt=lookahead_sgd', 'aug.auto_augment=rand-m9-mstd0.5-inc1', 'data.interpolation=bicubic',
+        folder, tmp_path, 'optim.opt=lookahead_sgd', 'aug.auto_augment=rand-m9-mstd0.5-inc1',
+        'data.interpolation=bicubic',
         'train.max_nonfinite_steps=0', "optim.lr='4e-3'"))
     assert cfg.optim.opt == 'lookahead_sgd' and cfg.optim.lr == 4e-3 and cfg.train.max_nonfinite_steps == 0
     for policy in ('original-mstd0.5', 'v0', 'augmix-m5-w4-d2', 'rand-m7-n3-mmax10'):
@@ -117,9 +119,11 @@ def test_inflate_cli_names_a_missing_or_wrong_source(tmp_path, capsys):
         path = str(tmp_path / name)
         code, err = _inflate(capsys, path, out)
         lines = err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message.format(path) in lines[0], err
+        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+        assert message.format(path) in lines[0], err
         assert 'weights_only' not in err
     # a readable torch file that is not a 2D ConvNeXt: the existing check, now on one line too
     code, err = _inflate(capsys, str(tmp_path / 'good.pth'), out)
-    assert code == 2 and err.strip() == 'error: state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)'
+    assert code == 2
+    assert err.strip() == 'error: state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)'
     assert not os.path.exists(out)

@@ -1,4 +1,5 @@
-"""Data that could go silently wrong: skip counts, replacement sampling, 16-bit images, symlink loops, HMDB-51 splits."""
+"""Data that could go silently wrong: skip counts, replacement sampling, 16-bit images, symlink loops, HMDB-51
+splits."""
 import os
 import warnings
 from collections import Counter

@@ -229,14 +229,16 @@ class Config:
         mc, data = self.model, self.data
         if not timm.is_model(mc.name):
             close = difflib.get_close_matches(mc.name, timm.list_models(), n=1)
-            raise ConfigError(f'model.name {mc.name!r} is not a timm model' + (f' (did you mean {close[0]}?)' if close else ''))
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise ConfigError(f'model.name {mc.name!r} is not a timm model{hint}')
         owned = dict(num_classes='the dataset', in_chans='data.in_chans', drop_rate='model.drop_rate',
                      drop_path_rate='model.drop_path_rate', pretrained='model.pretrained_file',
                      pretrained_cfg_overlay='model.pretrained_file', img_size='data.img_size',
                      num_frames='data.num_frames')
         for key in mc.kwargs:
             if key in owned:
-                raise ConfigError(f'model.kwargs.{key} is set by the trainer from {owned[key]}: remove it from model.kwargs')
+                raise ConfigError(
+                    f'model.kwargs.{key} is set by the trainer from {owned[key]}: remove it from model.kwargs')
         kwargs = dict(mc.kwargs, in_chans=data.in_chans, drop_rate=mc.drop_rate, drop_path_rate=mc.drop_path_rate)
         try:
             with torch.device('meta'):
