@@ -132,7 +132,7 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
         raise ConfigError(f'--resume: no checkpoint folder {path!r}')
     saved = _read_config(path)
     if config is not None and saved is not None:
-        _compare_configs(path, saved, config)
+        _compare_configs(path, saved, config, warn=accelerator.is_main_process)
     try:
         accelerator.load_state(path)
     except RuntimeError as e:  # load_state_dict's report of every mismatched tensor: one line instead
@@ -163,8 +163,9 @@ def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
     return out
 
 
-def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any]) -> None:
-    """Refuse another model; warn about every other key whose value changed since the checkpoint was written."""
+def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], warn: bool = True) -> None:
+    """Refuse another model; warn (if `warn`: once per run, not per process) about every other key whose value
+    changed since the checkpoint was written."""
     old, new = _flat(saved), _flat(config)
     model_keys = ('model.name', 'model.kwargs')
     if any(old.get(k) != new.get(k) for k in model_keys):
@@ -174,7 +175,7 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any]) -
             f'{new.get("model.kwargs")}: resume with the checkpoint\'s model, or choose another train.output_dir')
     changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if changed:
+    if changed and warn:
         warnings.warn(f'resuming {path} with a changed config (checkpoint -> now): {"; ".join(changed)}',
                       UserWarning, stacklevel=3)
 
