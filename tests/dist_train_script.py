@@ -20,7 +20,7 @@ def main() -> None:
         _save(acc.unwrap_model(trainer.model), os.path.join(out, 'rank0_initial.safetensors'))
     sampler = ResumableSampler(trainer.data.train_set, 0, acc.num_processes, rank, trainer.cfg.train.seed)
     with open(os.path.join(out, f'rank{rank}_indices.txt'), 'w') as f:
-        f.write(' '.join(str(i) for _, i in sampler))
+        f.write(' '.join(str(i) for _, i, _ in sampler))
     trainer.fit()
     _save(acc.unwrap_model(trainer.model), os.path.join(out, f'rank{rank}.safetensors'))
 

@@ -180,12 +180,13 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 def test_sampler_resumes_mid_epoch_and_shards_ranks():
     data = list(range(20))
     full = list(ResumableSampler(data, epoch=3, seed=1))
-    assert [e for e, _ in full] == [3] * 20 and sorted(i for _, i in full) == data
+    assert [e for e, _, _ in full] == [3] * 20 and sorted(i for _, i, _ in full) == data
+    assert all(repeat == 0 for _, _, repeat in full)
     assert list(ResumableSampler(data, epoch=3, seed=1, start=8)) == full[8:]
     assert full != list(ResumableSampler(data, epoch=4, seed=1))
-    ranks = [[i for _, i in ResumableSampler(data, 0, num_replicas=2, rank=r)] for r in (0, 1)]
+    ranks = [[i for _, i, _ in ResumableSampler(data, 0, num_replicas=2, rank=r)] for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 10
-    repeated = [i for _, i in ResumableSampler(data, 0, num_replicas=2, rank=0, repeats=3)]
+    repeated = [i for _, i, _ in ResumableSampler(data, 0, num_replicas=2, rank=0, repeats=3)]
     assert len(repeated) == 10 and len(set(repeated)) < 10  # repeated augmentation: samples recur
 
 

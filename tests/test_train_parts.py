@@ -40,7 +40,9 @@ def test_model_data_config_fits_mean_and_std_to_the_channels():
 
 def test_checkpoint_lookup_ignores_partial_folders_and_refuses_to_mix_runs(tmp_path):
     out = str(tmp_path)
-    assert latest_checkpoint(out) is None and checkpoint_to_resume(out, True) is None
+    assert latest_checkpoint(out) is None and checkpoint_to_resume(out, True, allow_fresh=True) is None
+    with pytest.raises(ConfigError, match='--resume: no checkpoint in .* to resume from .*--allow-fresh'):
+        checkpoint_to_resume(out, True)  # nothing to resume: a mistyped output_dir must not start over silently
     for name in ('step-00000002', 'step-00000010', '.tmp-step-00000012'):
         os.makedirs(os.path.join(out, 'checkpoints', name))
     latest = os.path.join(out, 'checkpoints', 'step-00000010')

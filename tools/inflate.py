@@ -8,6 +8,7 @@ The output loads with timm.create_model(MODEL, pretrained=True, pretrained_cfg_o
 See s4nd_vision.models.inflate for what each option does to the output on static clips.
 """
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from timm.utils import ParseKwargs
@@ -28,9 +29,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--conv-mode', choices=CONV_MODES, default='repeat')
     parser.add_argument('--keep-head', action='store_true', help='keep the 2D classifier (head.fc)')
     args = parser.parse_args(argv)
-    weights = inflate_checkpoint(
-        args.source, args.output, args.model, args.model_kwargs, time_init=args.time_init,
-        time_decay=args.time_decay, conv_mode=args.conv_mode, keep_head=args.keep_head)
+    try:
+        weights = inflate_checkpoint(
+            args.source, args.output, args.model, args.model_kwargs, time_init=args.time_init,
+            time_decay=args.time_decay, conv_mode=args.conv_mode, keep_head=args.keep_head)
+    except (OSError, ValueError) as e:  # a missing or wrong file, weights that do not fit the model
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     print(f'wrote {len(weights)} tensors for {args.model} to {args.output}')
 
 

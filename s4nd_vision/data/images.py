@@ -1,17 +1,26 @@
 """Image datasets and samplers for training: unreadable files skipped and counted, resumable order.
 
 * `ImageFolderDataset`: timm's `ImageDataset` (folder layout, class map) whose samples are
-  `(image, target, skipped)`: an image that fails to decode is replaced by the next readable one,
-  with a warning, and `skipped` counts the replacements, so the trainer can report them (the
-  count travels with the batch, so it works across worker processes and ranks).
+  `(image, target, skipped)`. An image that fails to decode is replaced by a random other image
+  (drawn from a generator seeded by the sample, so the replacement is deterministic and the
+  sample distribution stays that of the readable images), with a warning; `skipped` is 1 when the
+  drawn file itself was unreadable, so each unreadable file drawn in an epoch counts once (the
+  count travels with the batch, so it works across worker processes and ranks). 16-bit grayscale
+  images (PNG, TIFF, PGM) are scaled to 8 bits (PIL's conversion would clip them to white). A
+  folder reached twice through symbolic links (a link loop, which timm's reader would follow
+  again and again) is refused with an error naming the link.
 * `EpochSeeded` + `ResumableSampler`: the random augmentation of a sample is seeded from
-  (seed, epoch, index), and the sampler can start mid-epoch, so a run resumed from a checkpoint
-  sees exactly the batches (and augmentations) the interrupted run would have seen, whatever the
-  number of workers.
+  (seed, epoch, index) (and the repeat, under repeated augmentation), and the sampler can start
+  mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
+  interrupted run would have seen, whatever the number of workers.
 """
+import os
+import random
 import warnings
+from collections import Counter
 from typing import Iterator, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset
@@ -19,43 +28,109 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..utils.seeding import seed_all, seed_from
 
-__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler']
+__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links']
+
+_16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # PIL's modes of 16-bit grayscale files ('I': PGM)
+
+
+def open_image(fp, mode: str = 'RGB') -> Image.Image:
+    """The image file `fp` decoded and converted to `mode`; 16-bit grayscale scaled to 8 bits first.
+
+    PIL converts 16-bit grayscale ('I;16', and 'I' for PGM, which PIL scales to 0-65535) to 8 bits
+    by clipping at 255, which turns almost every pixel white: here the high byte is kept instead.
+    Raises OSError / ValueError for files that cannot be decoded (or values outside 16 bits).
+    """
+    img = Image.open(fp)
+    if img.mode in _16BIT_MODES:
+        pixels = np.asarray(img).astype(np.int64)  # decodes the pixels
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(f'{img.mode} image with values outside 0..65535 ({pixels.min()}..{pixels.max()}): '
+                             'cannot scale it to 8 bits')
+        img = Image.fromarray((pixels >> 8).astype(np.uint8), mode='L')
+    elif img.mode == 'F':  # float images have no fixed range to scale from
+        raise ValueError('floating-point image (mode F): no fixed range to scale to 8 bits')
+    return img.convert(mode)  # decodes the pixels: truncated files fail here
+
+
+def check_folder_links(root: str) -> None:
+    """Raise ValueError when a folder under `root` is reached twice through symbolic links.
+
+    timm's reader walks the tree following links: a link to a folder above it (a loop) lists the
+    files below that folder again at every level until the OS gives up, and two links to one
+    folder list its files twice. Both would multiply the dataset silently.
+    """
+    seen = {}
+    for path, dirs, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            first = seen[real]
+            kind = ('a symlink loop' if path.startswith(first.rstrip(os.sep) + os.sep)
+                    else 'the same folder reached twice through symbolic links')
+            raise ValueError(
+                f'{kind} under {root!r}: {path!r} is {first!r} ({real}); its images would be listed more than '
+                'once: remove the link')
+        seen[real] = path
 
 
 class ImageFolderDataset(ImageDataset):
-    """timm's ImageDataset returning `(image, target, skipped)`; unreadable images are skipped and counted.
+    """timm's ImageDataset returning `(image, target, skipped)`; unreadable images are replaced and counted.
 
     Args:
         root: folder with one sub-folder per class (or a timm reader root).
-        max_skips: consecutive unreadable files tolerated before giving up.
+        max_skips: unreadable replacements tolerated for one sample before giving up.
     """
 
     def __init__(self, root: str, split: str = 'train', transform=None, max_skips: int = 10, **kwargs):
+        if kwargs.get('reader') in (None, '') and os.path.isdir(root):
+            check_folder_links(root)  # before timm's reader walks (and multiplies) a loop
         super().__init__(root, split=split, transform=transform, **kwargs)
         if len(self.reader) == 0:
             raise ValueError(f'no images found in {root!r} (expected <class>/<image> sub-folders)')
         self.max_skips = max_skips
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
-        for skipped in range(self.max_skips + 1):
-            try:
-                img, target = self.reader[index][:2]
-                img = Image.open(img)
-                img = img.convert(self.input_img_mode)  # decodes the pixels: truncated files fail here
-                break
-            except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
-                warnings.warn(f'skipped unreadable image {self.reader.filename(index, absolute=True)}: {e}',
-                              RuntimeWarning)
-                index = (index + 1) % len(self.reader)
-        else:
-            raise RuntimeError(f'{self.max_skips + 1} consecutive unreadable images before index {index}')
+    def _read(self, index: int):
+        """(image, target) of `index`, or None (with a warning) when the file cannot be decoded."""
+        img, target = self.reader[index][:2]
+        try:
+            return open_image(img, self.input_img_mode or 'RGB'), target
+        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
+            warnings.warn(f'skipped unreadable image {self.reader.filename(index, absolute=True)}: {e}',
+                          RuntimeWarning)
+            return None
+
+    def load(self, index: int, seed: int) -> Tuple[torch.Tensor, int, int]:
+        """Sample `index`; when its file is unreadable, a random other sample drawn from `seed` (skipped = 1)."""
+        sample, skipped = self._read(index), 0
+        if sample is None:
+            skipped, n = 1, len(self.reader)
+            rng = random.Random(seed_from('replacement', seed))
+            for _ in range(self.max_skips if n > 1 else 0):
+                other = rng.randrange(n - 1)
+                sample = self._read(other + (other >= index))  # any index but `index`, uniformly
+                if sample is not None:
+                    break
+            else:
+                raise RuntimeError(
+                    f'image {self.reader.filename(index, absolute=True)!r} and {self.max_skips} random '
+                    'replacements are unreadable: is the folder readable?')
+        img, target = sample
         if self.transform is not None:
             img = self.transform(img)
         return img, target, skipped
 
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
+        return self.load(index, seed=index)
+
 
 class EpochSeeded(Dataset):
-    """Indexed by `(epoch, index)`: seeds the global generators from (seed, epoch, index), then returns dataset[index]."""
+    """Indexed by `(epoch, index, repeat)`: seeds the global generators from (seed, epoch, index[, repeat]),
+    then returns dataset[index].
+
+    `repeat` numbers the draws of one index in an epoch (repeated augmentation): each draw gets its
+    own augmentation, and a sample's `skipped` count (third item, when the dataset has one) is
+    kept for the first draw only, so an unreadable file counts once per epoch. A dataset with a
+    `load(index, seed)` method (`ImageFolderDataset`) also gets the seed, for its replacements.
+    """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
@@ -64,14 +139,23 @@ class EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: Tuple[int, int]):
-        epoch, index = key
-        seed_all(seed_from(self.seed, epoch, index))
-        return self.dataset[index]
+    def __getitem__(self, key: Tuple[int, int, int]):
+        epoch, index, repeat = key
+        seed = seed_from(self.seed, epoch, index, *((repeat,) if repeat else ()))
+        seed_all(seed)
+        load = getattr(self.dataset, 'load', None)
+        sample = load(index, seed) if load is not None else self.dataset[index]
+        if repeat and isinstance(sample, tuple) and len(sample) == 3:
+            sample = (*sample[:2], 0)
+        return sample
 
 
 class ResumableSampler(Sampler):
-    """One epoch of a distributed (or repeated-augmentation) sampler as `(epoch, index)` pairs, from sample `start` on.
+    """One epoch of a distributed (or repeated-augmentation) sampler as `(epoch, index, repeat)`, from sample
+    `start` on.
+
+    `repeat` is 0 for the first draw of `index` in the epoch (over all ranks), 1 for the second, ...
+    (always 0 without repeated augmentation).
 
     Args:
         dataset: the dataset sampled.
@@ -94,18 +178,29 @@ class ResumableSampler(Sampler):
     ):
         if repeats:
             from timm.data.distributed_sampler import RepeatAugSampler
-            base = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=repeats)
-            # timm seeds its permutation with the epoch alone: fold our seed in
-            base.set_epoch(seed_from(seed, epoch) % 2 ** 31)
+
+            def shard(r: int) -> list:
+                base = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=r, shuffle=True, num_repeats=repeats)
+                base.set_epoch(seed_from(seed, epoch) % 2 ** 31)  # timm seeds with the epoch alone: fold our seed in
+                return list(base)
+
+            # number the draws of each index in the epoch's global order (draw p of rank r is p * num_replicas + r)
+            shards, counts, draws = [shard(r) for r in range(num_replicas)], Counter(), []
+            for p in range(len(shards[rank])):
+                for r in range(num_replicas):
+                    i = shards[r][p]
+                    if r == rank:
+                        draws.append((i, counts[i]))
+                    counts[i] += 1
         else:
             base = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
             base.set_epoch(epoch)
-        self.indices = list(base)[start:]
+            draws = [(i, 0) for i in base]
+        self.draws = draws[start:]
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.draws)
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        return ((self.epoch, i) for i in self.indices)
-
+    def __iter__(self) -> Iterator[Tuple[int, int, int]]:
+        return ((self.epoch, i, repeat) for i, repeat in self.draws)

@@ -5,13 +5,15 @@
   integer ids, one random clip per video and epoch for training, `clips_per_video` evenly spaced
   clips for testing, videos sharded over processes and DataLoader workers. Problems a run would
   only meet later (a missing folder, no split files, an empty split) fail at construction with
-  a message saying what was expected.
+  a message saying what was expected, and so do class folders without a split file and split
+  files without a class folder (an incomplete download would train on fewer classes).
 * Unreadable videos: pytorchvideo already moves on to the next video when one fails to open or
   decode, silently, and gives up after 10 failures in a row. Here every such video is reported
   with a warning and counted (`skipped`: videos skipped since the previous clip of the same
   worker, so the count travels with the batch across worker processes and ranks; a skip after a
-  worker's last clip of the epoch is warned about but has no clip to ride on), and an epoch never
-  ends early because of them.
+  worker's last clip of the epoch is warned about but has no clip to ride on), once per epoch
+  when `set_epoch` is used (a second pass over the shard does not count them again), and an
+  epoch never ends early because of them.
 * `VideoTransform`: uniform temporal subsampling to a fixed number of frames, short-side resize,
   crop (random + flip + RandAugment for training, centre for evaluation), normalization, with
   torchvision's `transforms.v2` (`pytorchvideo.transforms` does not import on current torchvision).
@@ -118,6 +120,26 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
     return [name[:-len(suffix)] for name in files], count
 
 
+def _check_classes(video_dir: str, split_dir: str, split_id: int, classes: Sequence[str]) -> None:
+    """Raise FileNotFoundError unless every class of the split files has a folder in `video_dir` and every
+    folder of `video_dir` (but hidden ones and the one holding `split_dir`) has a split file: an
+    incomplete download would otherwise train on fewer classes without a word."""
+    no_folder = [c for c in classes if not os.path.isdir(os.path.join(video_dir, c))]
+    splits = os.path.realpath(split_dir) + os.sep
+    folders = [d for d in sorted(os.listdir(video_dir)) if not d.startswith('.')
+               and os.path.isdir(os.path.join(video_dir, d))
+               and not splits.startswith(os.path.realpath(os.path.join(video_dir, d)) + os.sep)]
+    no_split = sorted(set(folders) - set(classes))
+    problems = []
+    if no_folder:
+        problems.append(f'video_dir {video_dir!r} has no folder for the classes {no_folder}')
+    if no_split:
+        problems.append(f'split_dir {split_dir!r} has no split file <class>_test_split{split_id}.txt for the '
+                        f'class folders {no_split} of video_dir {video_dir!r}')
+    if problems:
+        raise FileNotFoundError('; '.join(problems) + ' (an incomplete HMDB-51 download?)')
+
+
 class _CheckedVideo:
     """A pytorchvideo video whose failed clip reads are reported (pytorchvideo drops the video silently)."""
 
@@ -148,13 +170,26 @@ class _CheckedVideo:
 
 
 class _CountingPathHandler(VideoPathHandler):
-    """pytorchvideo's path handler, with every video that fails to open or decode warned about and counted."""
+    """pytorchvideo's path handler, with every video that fails to open or decode warned about and counted.
 
-    def __init__(self):
+    After `set_epoch`, a video is counted (and warned about) once per epoch, however many passes
+    over the shard the epoch takes: the epoch of each video's last count is kept in shared memory,
+    which DataLoader workers (of this pass and of the next) share with the main process.
+    """
+
+    def __init__(self, paths: Sequence[str]):
         super().__init__()
         self.skipped = 0
+        self.epoch: Optional[int] = None
+        self._index = {path: i for i, path in enumerate(paths)}
+        self.counted_in = torch.full((len(paths),), -1, dtype=torch.long).share_memory_()  # epoch, -1 = never
 
     def _skip(self, path: str, reason: str) -> None:
+        i = self._index.get(path)
+        if self.epoch is not None and i is not None:
+            if self.counted_in[i] == self.epoch:  # counted in an earlier pass of this epoch
+                return
+            self.counted_in[i] = self.epoch
         self.skipped += 1
         warnings.warn(f'skipped unreadable video {path}: {reason}', RuntimeWarning)
 
@@ -220,9 +255,7 @@ class Hmdb51Clips(IterableDataset):
         if not 0 <= shard_id < num_shards:
             raise ValueError(f'need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}')
         self.classes, self.num_videos = read_hmdb51_split(split_dir, split, split_id)
-        missing = [c for c in self.classes if not os.path.isdir(os.path.join(video_dir, c))]
-        if missing:
-            raise FileNotFoundError(f'video_dir {video_dir!r} has no folder for the classes {missing}')
+        _check_classes(video_dir, split_dir, split_id, self.classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.transform = transform
         self.with_video_index = with_video_index
@@ -241,14 +274,30 @@ class Hmdb51Clips(IterableDataset):
             decode_audio=False,
             decoder='pyav',
         )
-        self._paths = _CountingPathHandler()
+        self._paths = _CountingPathHandler(
+            [self._videos._labeled_videos[i][0] for i in range(len(self._videos._labeled_videos))])
         self._videos.video_path_handler = self._paths
         # pytorchvideo gives up after 10 unreadable videos in a row: never, here (each costs one video)
         self._videos._MAX_CONSECUTIVE_FAILURES = self.num_videos + 1
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the video order of `epoch` (training; the random clips follow the global / worker seeds)."""
+        """Use the video order of `epoch` (training; the random clips follow the global / worker seeds).
+
+        From the first call on, each unreadable video is counted once per epoch, also when the epoch
+        takes more than one pass over the shard (without it, every pass counts its own).
+        """
         self._videos.video_sampler.set_epoch(epoch)
+        self._paths.epoch = epoch
+
+    def unreadable_videos(self) -> int:
+        """Videos of this shard found unreadable so far in the epoch of the last `set_epoch`, by any worker.
+
+        Exact where the per-clip `skipped` counts cannot be: a skip after a worker's last clip, or in
+        a dropped last batch, has no clip to ride on.
+        """
+        if self._paths.epoch is None:
+            raise RuntimeError('unreadable_videos() counts per epoch: call set_epoch(epoch) first')
+        return int((self._paths.counted_in == self._paths.epoch).sum())
 
     def __len__(self) -> int:
         """Clips this shard yields per epoch when every video is readable."""

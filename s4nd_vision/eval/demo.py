@@ -53,7 +53,7 @@ def _train(config: str, model_name: str, out_dir: str, overrides: Sequence[str])
 
     from ..train import Trainer, load_config
     cfg = load_config(config, [f'model.name={model_name}', f'train.output_dir={out_dir}', *overrides])
-    Trainer(cfg, resume=True).fit()
+    Trainer(cfg, resume=True, allow_fresh=True).fit()
     # the next model builds its own Accelerator in this process
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

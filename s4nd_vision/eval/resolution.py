@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data import MNIST5k
+from ..data.images import ImageFolderDataset, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import S4ND, set_bandlimit
 from .accuracy import topk_hits
@@ -79,10 +80,12 @@ def dataset_num_classes(data: str, split: str = 'validation') -> int:
 def _image_folder(root: str, split: str, **kwargs) -> Dataset:
     if not os.path.isdir(root):
         raise ValueError(f"data must be {BUILTIN!r} or an ImageFolder directory, got {root!r}")
-    ds = create_dataset('', root=root, split=split, **kwargs)
+    check_folder_links(root)  # before timm's reader walks (and multiplies) a symlink loop
+    ds = create_dataset('', root=root, split=split, **kwargs)  # finds the split folder as timm does
     if len(ds) == 0:
         raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
-    return ds
+    # samples (image, target, skipped): 16-bit images scaled, unreadable ones replaced with a warning
+    return ImageFolderDataset(root, reader=ds.reader, input_img_mode=ds.input_img_mode, transform=ds.transform)
 
 
 def min_input_size(model: nn.Module) -> int:
@@ -168,7 +171,7 @@ def eval_resolution(
         with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress) as bar:
             for resolution, loader in zip(resolutions, loaders):
                 correct1 = correct5 = n = 0
-                for images, targets in loader:
+                for images, targets, *_ in loader:  # image folders add a skip count
                     logits = model(images.to(device))
                     hits = topk_hits(logits, targets.to(device))
                     correct1 += hits[:, 0].sum().item()

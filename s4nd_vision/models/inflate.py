@@ -35,12 +35,16 @@ its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and 
 'center' is exact everywhere.
 """
 import math
+import os
+import pickle
+import zipfile
 from typing import Any, Dict, Optional
 
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict
 
 from ..layers import S4ND
@@ -48,11 +52,47 @@ from ._checkpoint import unwrap_state_dict
 
 __all__ = [
     'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight', 'is_2d_state_dict',
+    'load_checkpoint_file',
 ]
 
 TIME_INITS = ('smooth', 'identity', 'random')
 CONV_MODES = ('repeat', 'center')
 _IDENTITY_DECAY = 1 / 200  # exp(-200) underflows to 0 in float32
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) >= 9 and 0 < int.from_bytes(head[:8], 'little') <= size - 8 and head[8:9] == b'{'
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Any]:
+    """The contents of a checkpoint file: safetensors, or a `torch.save` file (zip or legacy pickle), told
+    apart by their contents. Raises FileNotFoundError / ValueError naming the file, on one line, for a
+    missing file or one that is neither (a YAML or CSV given by mistake)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} is not a file')
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    size = os.path.getsize(path)
+    if _looks_like_safetensors(head, size):
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f'checkpoint {path!r} is a damaged safetensors file: {e}') from None
+    if zipfile.is_zipfile(path) or head[:1] == b'\x80':  # torch.save: a zip archive, or (legacy) a pickle
+        try:
+            return load_state_dict(path)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            reason = ' '.join(str(e).split())
+            raise ValueError(f'checkpoint {path!r}: torch.load failed: {reason[:300]}') from None
+    if head[:2] == b'PK':
+        raise ValueError(f'checkpoint {path!r} is a damaged torch.save file (a zip archive without its directory: '
+                         'truncated?)')
+    text = all(32 <= b < 127 or b in b'\t\r\n' for b in head)
+    raise ValueError(f'checkpoint {path!r} is neither a safetensors file nor a torch.save file (it starts with '
+                     f'{head!r}{": a YAML, CSV or other text file?" if text else ""})')
 
 
 def is_2d_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
@@ -195,7 +235,10 @@ def inflate_checkpoint(
     `inflate_kwargs` go to `inflate_state_dict`. The file loads with
     `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=dst))`.
     """
+    state_dict = load_checkpoint_file(src)
+    if not timm.is_model(model_name):
+        raise ValueError(f'unknown timm model {model_name!r} (the 3D target, e.g. convnext_s4nd_3d_tiny)')
     model = timm.create_model(model_name, **(model_kwargs or {}))
-    weights = inflate_state_dict(load_state_dict(src), model, **inflate_kwargs)
+    weights = inflate_state_dict(state_dict, model, **inflate_kwargs)
     save_file(weights, dst)
     return weights

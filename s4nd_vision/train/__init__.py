@@ -6,4 +6,4 @@
 """
 from .checkpoint import TrainState, latest_checkpoint
 from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
-from .trainer import Trainer
+from .trainer import Trainer, TrainingDiverged

@@ -2,17 +2,22 @@
 weights exported as safetensors.
 
 `output_dir/checkpoints/step-<update>` holds `accelerator.save_state`: model, optimizer, scheduler, EMA,
-`TrainState` and the random generators. Each is written to a temporary folder and renamed once every process has
-written its part, so a run killed at any moment leaves only complete checkpoints.
+`TrainState` (with the epoch's running sums, so a mid-epoch resume reports the same epoch row) and the random
+generators, plus the run's `config.yaml` and its `metrics.csv` up to the checkpoint (the epoch-end checkpoint
+holds that epoch's row, so a run killed before writing the row gets it back on resume). Each is written to a
+temporary folder and renamed once every process has written its part, so a run killed at any moment leaves only
+complete checkpoints. Weights with non-finite values are never written (`all_finite` is checked first).
 """
 import os
 import re
 import shutil
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
@@ -20,7 +25,11 @@ from .config import ConfigError
 
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
+    'all_finite', 'CONFIG_FILE', 'METRICS_FILE',
 ]
+
+CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
+METRICS_FILE = 'metrics.csv'  # in each checkpoint folder: the metrics rows of the epochs it completes
 
 _CKPT_RE = re.compile(r'^step-(\d+)$')
 
@@ -33,6 +42,11 @@ class TrainState:
     update: int = 0  # optimizer updates done in total
     best_top1: float = -1.0
     best_epoch: int = -1
+    nonfinite_in_a_row: int = 0  # updates skipped in a row for a non-finite loss
+    # the epoch in progress, over all processes: [loss sum, finite micro-steps, samples, skipped samples,
+    # non-finite updates] and the seconds spent, up to step_in_epoch (a mid-epoch resume continues them)
+    epoch_sums: List[float] = field(default_factory=lambda: [0.0] * 5)
+    epoch_seconds: float = 0.0
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -55,10 +69,21 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(root, steps[-1][1]) if steps else None
 
 
-def checkpoint_to_resume(output_dir: str, resume: Union[bool, str]) -> Optional[str]:
-    """The checkpoint a run starts from: `resume` True = the latest in `output_dir` (None if there is none), a path
-    = that checkpoint, False = none, refused when `output_dir` already holds checkpoints (it would mix two runs)."""
+def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh: bool = False) -> Optional[str]:
+    """The checkpoint a run starts from: `resume` True = the latest in `output_dir`, a path = that checkpoint,
+    False = none, refused when `output_dir` already holds checkpoints (it would mix two runs).
+
+    `resume=True` with no checkpoint in `output_dir` is refused (a mistyped output_dir would silently start
+    over) unless `allow_fresh` (job scripts that always pass --resume): then it says so and returns None.
+    """
     latest = latest_checkpoint(output_dir)
+    if resume is True and latest is None:
+        where = os.path.join(output_dir, 'checkpoints')
+        if not allow_fresh:
+            raise ConfigError(f'--resume: no checkpoint in {where!r} to resume from (check train.output_dir; pass '
+                              '--allow-fresh to start a fresh run when there is none)')
+        print(f'--resume: no checkpoint in {where!r}: starting a fresh run (--allow-fresh)')
+        return None
     if resume:
         return resume if isinstance(resume, str) else latest
     if latest is not None:
@@ -67,9 +92,16 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str]) -> Optional[
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, update: int, keep: int) -> None:
+def save_checkpoint(
+        accelerator: Accelerator,
+        output_dir: str,
+        update: int,
+        keep: int,
+        write_extra: Optional[Callable[[str], None]] = None,
+) -> None:
     """`accelerator.save_state` into a temporary folder, renamed once every process has written its part; then
-    only the newest `keep` checkpoints are kept. Every process must call it."""
+    only the newest `keep` checkpoints are kept. `write_extra(folder)` (main process) adds files before the rename
+    (the run's config and metrics rows). Every process must call it."""
     acc = accelerator
     root = os.path.join(output_dir, 'checkpoints')
     final = os.path.join(root, f'step-{update:08d}')
@@ -81,6 +113,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, update: int, keep
     acc.save_state(tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, name in _complete(root)[:-keep]:
@@ -88,13 +122,72 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, update: int, keep
     acc.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState) -> None:
-    """Restore everything registered with `accelerator` (`state` among it) from the checkpoint folder `path`."""
+def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, config: Optional[Dict] = None) -> None:
+    """Restore everything registered with `accelerator` (`state` among it) from the checkpoint folder `path`.
+
+    With `config` (this run's, as a nested dict): a checkpoint of another model (`model.name`, `model.kwargs`) is
+    refused with a ConfigError naming the checkpoint's model, and any other key that changed is warned about.
+    """
     if not os.path.isdir(path):
         raise ConfigError(f'--resume: no checkpoint folder {path!r}')
-    accelerator.load_state(path)
+    saved = _read_config(path)
+    if config is not None and saved is not None:
+        _compare_configs(path, saved, config, warn=accelerator.is_main_process)
+    try:
+        accelerator.load_state(path)
+    except RuntimeError as e:  # load_state_dict's report of every mismatched tensor: one line instead
+        if 'state_dict' not in str(e):
+            raise
+        first = ' '.join(str(e).split())[:300]
+        raise ConfigError(f'--resume: checkpoint {path!r} does not fit the model {(config or {}).get("model", {})}'
+                          f' (a checkpoint of another model?): {first}') from None
     accelerator.print(f'resumed from {path}: epoch {state.epoch}, update {state.update} '
                       f'({state.step_in_epoch} into the epoch)')
+
+
+def _read_config(checkpoint: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(checkpoint, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None  # a checkpoint written before checkpoints held their config
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != 'kwargs':
+            out.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], warn: bool = True) -> None:
+    """Refuse another model; warn (if `warn`: once per run, not per process) about every other key whose value
+    changed since the checkpoint was written."""
+    old, new = _flat(saved), _flat(config)
+    model_keys = ('model.name', 'model.kwargs')
+    if any(old.get(k) != new.get(k) for k in model_keys):
+        raise ConfigError(
+            f'--resume: checkpoint {path!r} belongs to model {old.get("model.name")!r} with model.kwargs '
+            f'{old.get("model.kwargs")}, but this run builds {new.get("model.name")!r} with model.kwargs '
+            f'{new.get("model.kwargs")}: resume with the checkpoint\'s model, or choose another train.output_dir')
+    changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed and warn:
+        warnings.warn(f'resuming {path} with a changed config (checkpoint -> now): {"; ".join(changed)}',
+                      UserWarning, stacklevel=3)
+
+
+def all_finite(accelerator: Accelerator, *modules: nn.Module) -> bool:
+    """Whether every parameter and buffer of `modules` is finite on every process (a collective: all must call)."""
+    flags = [torch.isfinite(t).all() for m in modules for t in (*m.parameters(), *m.buffers())
+             if t.is_floating_point() or t.is_complex()]
+    ok = torch.stack(flags).all().float() if flags else torch.ones((), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok.to(accelerator.device), reduction='sum') / accelerator.num_processes
+    return bool(ok.item() == 1)
 
 
 def export_weights(accelerator: Accelerator, model: nn.Module, path: str) -> str:

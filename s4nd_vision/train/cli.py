@@ -1,4 +1,8 @@
-"""Command line of the trainer: `tools/train.py --config FILE [section.key=value ...] [--resume [CHECKPOINT]]`."""
+"""Command line of the trainer: `tools/train.py --config FILE [section.key=value ...] [--resume [CHECKPOINT]]`.
+
+Exit status 2: a configuration problem (one line naming the key); 3: training diverged (the loss stayed
+non-finite past `train.max_nonfinite_steps`; nothing non-finite was written).
+"""
 import argparse
 import sys
 from typing import Optional, Sequence
@@ -15,12 +19,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--config', help='YAML config file (configs/...)')
     parser.add_argument('overrides', nargs='*', help='section.key=value overrides (values parsed as YAML)')
     parser.add_argument('--resume', nargs='?', const=True, default=False,
-                        help='continue from the latest checkpoint in train.output_dir, or from CHECKPOINT')
+                        help='continue from the latest checkpoint in train.output_dir, or from CHECKPOINT '
+                             '(refused when train.output_dir holds none, unless --allow-fresh)')
+    parser.add_argument('--allow-fresh', action='store_true',
+                        help='with --resume: start a fresh run when train.output_dir holds no checkpoint yet '
+                             '(job scripts that may be preempted and restarted)')
     args = parser.parse_args(argv)
+    if args.allow_fresh and args.resume is not True:
+        parser.error('--allow-fresh goes with --resume (without a CHECKPOINT)')
     try:
         cfg = load_config(args.config, args.overrides)
-        from .trainer import Trainer  # heavy imports after the config is known to be good
-        return Trainer(cfg, resume=args.resume).fit()
+        from .trainer import Trainer, TrainingDiverged  # heavy imports after the config is known to be good
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    try:
+        return Trainer(cfg, resume=args.resume, allow_fresh=args.allow_fresh).fit()
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(3)

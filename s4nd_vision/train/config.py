@@ -2,8 +2,12 @@
 
 A config file holds the sections below (every key optional except `model.name` and the data
 location); an unknown or mistyped key, a value of the wrong type or out of range is a
-`ConfigError` naming the key. Command-line overrides use dotted keys: `optim.lr=1e-3`,
-`train.epochs=5`, `data.root=/data/imagenet` (values are parsed as YAML).
+`ConfigError` naming the key, on one line (so is malformed YAML). Command-line overrides use
+dotted keys: `optim.lr=1e-3`, `train.epochs=5`, `data.root=/data/imagenet` (values are parsed as
+YAML). Beyond types and ranges: every float must be finite; `optim.opt`, `aug.auto_augment` and
+`data.interpolation` are checked against timm's own registry and parsers; the model is built on
+the meta device (no memory) to check `model.name`, `model.kwargs` and that `data.img_size` and
+every progressive stage are at least the model's smallest input.
 
 Video (`data.dataset: hmdb51`) reads clips of `data.clip_duration` seconds subsampled to
 `data.num_frames` frames; of the augmentation keys, `aug.auto_augment` (torchvision's
@@ -13,6 +17,7 @@ to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`,
 """
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -129,6 +134,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     progressive: List[ProgressiveStage] = field(default_factory=list)
     trackers: List[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    # optimizer updates in a row with a non-finite loss (each skipped) tolerated before the run stops with an
+    # error; 0 = stop at the first
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -183,6 +191,17 @@ class Config:
         need(self.train.max_steps_per_epoch is None or self.train.max_steps_per_epoch > 0, 'train.max_steps_per_epoch',
              'positive or null', self.train.max_steps_per_epoch)
         need(self.train.eval_every_epochs >= 1, 'train.eval_every_epochs', '>= 1', self.train.eval_every_epochs)
+        need(0 <= self.train.seed < 2 ** 63, 'train.seed', 'in [0, 2**63)', self.train.seed)
+        need(self.train.max_nonfinite_steps >= 0, 'train.max_nonfinite_steps', '>= 0', self.train.max_nonfinite_steps)
+        need(all(0 <= b < 1 for b in self.optim.betas), 'optim.betas', 'two values in [0, 1)', self.optim.betas)
+        for key in ('warmup_lr', 'min_lr'):
+            need(getattr(self.sched, key) >= 0, f'sched.{key}', '>= 0', getattr(self.sched, key))
+        need(self.aug.color_jitter >= 0, 'aug.color_jitter', '>= 0', self.aug.color_jitter)
+        need(0 < self.aug.scale[0] <= self.aug.scale[1], 'aug.scale', '[min, max] with 0 < min <= max', self.aug.scale)
+        _check_optimizer(self.optim.opt)
+        _check_interpolation(self.data.interpolation)
+        if self.data.dataset != 'hmdb51':  # video parses it itself (video_randaugment)
+            _check_auto_augment(self.aug.auto_augment)
         for key in ('reprob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
             need(0 <= getattr(self.aug, key) <= 1, f'aug.{key}', 'in [0, 1]', getattr(self.aug, key))
         for key in ('mixup', 'cutmix', 'repeated_aug'):
@@ -196,7 +215,46 @@ class Config:
                 need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
                 need(stage.bandlimit is None or stage.bandlimit > 0, 'train.progressive[].bandlimit', 'positive or null',
                      stage.bandlimit)
+        self._validate_model()
         return self
+
+    def _validate_model(self) -> None:
+        """model.name, model.kwargs and the resolutions against the model, built on the meta device (no memory)."""
+        import timm
+        import torch
+
+        from .. import models  # noqa: F401  (registers the models)
+        from ..eval.resolution import min_input_size
+
+        mc, data = self.model, self.data
+        if not timm.is_model(mc.name):
+            close = difflib.get_close_matches(mc.name, timm.list_models(), n=1)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise ConfigError(f'model.name {mc.name!r} is not a timm model{hint}')
+        owned = dict(num_classes='the dataset', in_chans='data.in_chans', drop_rate='model.drop_rate',
+                     drop_path_rate='model.drop_path_rate', pretrained='model.pretrained_file',
+                     pretrained_cfg_overlay='model.pretrained_file', img_size='data.img_size',
+                     num_frames='data.num_frames')
+        for key in mc.kwargs:
+            if key in owned:
+                raise ConfigError(
+                    f'model.kwargs.{key} is set by the trainer from {owned[key]}: remove it from model.kwargs')
+        kwargs = dict(mc.kwargs, in_chans=data.in_chans, drop_rate=mc.drop_rate, drop_path_rate=mc.drop_path_rate)
+        try:
+            with torch.device('meta'):
+                model = timm.create_model(mc.name, **kwargs)
+        except (TypeError, ValueError, AssertionError, KeyError, IndexError) as e:
+            what = ' '.join(f'{type(e).__name__}: {e}'.split())  # one line
+            raise ConfigError(f'model.kwargs {mc.kwargs} do not build {mc.name}: {what}') from None
+        except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device:
+            return  # the trainer builds it for real and reports what fails
+        smallest = min_input_size(model)
+        need_size = f'at least {smallest} (the smallest input {mc.name} takes)'
+        if data.img_size < smallest:
+            raise ConfigError(f'data.img_size must be {need_size}, got {data.img_size}')
+        for i, stage in enumerate(self.train.progressive):
+            if stage.img_size < smallest:
+                raise ConfigError(f'train.progressive[{i}].img_size must be {need_size}, got {stage.img_size}')
 
     def _validate_video(self) -> None:
         def need(ok: bool, key: str, expectation: str, value: Any) -> None:
@@ -224,6 +282,54 @@ class Config:
         """The progressive-resizing stage of `epoch` (a single stage at data.img_size when none are set)."""
         stages = self.train.progressive or [ProgressiveStage(epoch=0, img_size=self.data.img_size)]
         return [s for s in stages if s.epoch <= epoch][-1]
+
+
+def _check_optimizer(opt: str) -> None:
+    """optim.opt against timm's optimizer registry (a `lookahead_` prefix allowed, as timm parses it)."""
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    parts = opt.lower().split('_')
+    if len(parts) <= 2 and (len(parts) == 1 or parts[0] == 'lookahead') and parts[-1] in names:
+        return
+    close = difflib.get_close_matches(parts[-1], names, n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    raise ConfigError(f'optim.opt must be a timm optimizer (timm.optim.list_optimizers(), optionally with a '
+                      f'lookahead_ prefix), got {opt!r}{hint}')
+
+
+def _check_interpolation(mode: Optional[str]) -> None:
+    """data.interpolation: null or a mode timm's transforms know (the trainer evaluates with it too: not 'random')."""
+    if mode is None:
+        return
+    from timm.data.transforms import str_to_interp_mode
+
+    try:
+        str_to_interp_mode(mode)
+    except KeyError:
+        raise ConfigError(f"data.interpolation must be null or a timm interpolation such as 'bilinear' or "
+                          f"'bicubic' (used for evaluation too, so not 'random'), got {mode!r}") from None
+
+
+def _check_auto_augment(policy: Optional[str]) -> None:
+    """aug.auto_augment through timm's own parsers (RandAugment, AugMix, AutoAugment), as create_transform calls
+    them; a section without a number, which timm's parsers skip without a word, is an error too."""
+    if policy is None:
+        return
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    build = (rand_augment_transform if policy.startswith('rand') else
+             augment_and_mix_transform if policy.startswith('augmix') else auto_augment_transform)
+    expectation = ("null or a timm policy: 'rand-m<magnitude>[-n<ops>][-mstd<std>]...', "
+                   "'augmix-m<magnitude>...' or an AutoAugment policy ('original', 'v0', ...)")
+    ignored = [c for c in policy.split('-')[1:] if not re.search(r'\d', c) and not (build is rand_augment_transform
+                                                                                    and c.startswith('t'))]
+    if ignored:
+        raise ConfigError(f'aug.auto_augment must be {expectation}, got {policy!r} (timm ignores {ignored})')
+    try:
+        build(policy, dict(translate_const=100, img_mean=(124, 116, 104)))
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f'aug.auto_augment must be {expectation}, got {policy!r} ({e})') from None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -255,13 +361,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f'{key} must be a mapping, got {value!r}')
         return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 4e-3 as a string
+    if tp is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)
+            number = float(value)  # YAML 1.1 reads 4e-3 as a string
         except ValueError:
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f'{key} must be a finite number, got {value!r}')
+        if number is not None:
+            return number
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f'{key} must be {tp.__name__}, got {value!r}')
@@ -308,8 +416,20 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if '=' not in item:
             raise ConfigError(f'override {item!r} must look like section.key=value')
         key, raw = item.split('=', 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f'override {item!r}: the value is not valid YAML ({_yaml_problem(e)})') from None
+        _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def _yaml_problem(e: 'yaml.YAMLError') -> str:
+    """A YAML error on one line: the problem and where (YAML's own message spans several lines)."""
+    problem = getattr(e, 'problem', None) or str(e)
+    mark = getattr(e, 'problem_mark', None)
+    where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+    return ' '.join(f'{problem}{where}'.split())
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -319,7 +439,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if not os.path.isfile(path):
             raise ConfigError(f'config file not found: {path}')
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f'{path} is not valid YAML: {_yaml_problem(e)}') from None
         if not isinstance(tree, dict):
             raise ConfigError(f'{path} must hold a mapping of sections, got {type(tree).__name__}')
     apply_overrides(tree, overrides)

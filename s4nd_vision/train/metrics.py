@@ -2,12 +2,14 @@
 import csv
 import os
 import resource
-from typing import Any, Dict, List
+import shutil
+from typing import Any, Dict, List, Optional
 
 import torch
 import yaml
 from accelerate import Accelerator
 
+from .checkpoint import CONFIG_FILE, METRICS_FILE
 from .config import Config, config_to_dict
 
 __all__ = ['MetricsLog', 'peak_memory_mb', 'reset_peak_memory']
@@ -28,13 +30,31 @@ class MetricsLog:
         if cfg.train.trackers:
             accelerator.init_trackers('logs', config=_flat(config_to_dict(cfg)))
 
-    def begin(self, epoch: int) -> None:
-        """A run (re)starting at `epoch`: drop the rows of epochs it will redo (written by an interrupted run after
-        its last checkpoint) and write the config it runs with to `config.yaml`."""
+    def begin(self, epoch: int, checkpoint: Optional[str] = None) -> None:
+        """A run (re)starting at `epoch`, from the checkpoint folder `checkpoint` if resumed: the rows of the epochs
+        before `epoch` are the checkpoint's (so a row the interrupted run did not get to write comes back), rows
+        of epochs it will redo are dropped; the config it runs with goes to `config.yaml`."""
         if self.accelerator.is_main_process:
+            saved = os.path.join(checkpoint, METRICS_FILE) if checkpoint is not None else None
+            if saved is not None and os.path.isfile(saved):
+                shutil.copyfile(saved, self.path + '.tmp')
+                os.replace(self.path + '.tmp', self.path)
             _truncate_csv(self.path, before_epoch=epoch)
-            with open(os.path.join(self.cfg.train.output_dir, 'config.yaml'), 'w') as f:
-                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+            self._write_config(self.cfg.train.output_dir)
+
+    def _write_config(self, folder: str) -> None:
+        with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
+            yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+
+    def snapshot(self, folder: str, row: Optional[Dict[str, Any]] = None) -> None:
+        """Write the config and the metrics rows so far (and `row`, the epoch a checkpoint completes) into the
+        checkpoint folder `folder` (main process; `save_checkpoint`'s `write_extra`)."""
+        self._write_config(folder)
+        target = os.path.join(folder, METRICS_FILE)
+        if os.path.isfile(self.path):
+            shutil.copyfile(self.path, target)
+        if row is not None:
+            _append_csv(target, row)
 
     def log(self, row: Dict[str, Any], epoch: int) -> None:
         """Append `row` to the CSV, send its numbers to the trackers, print it."""

@@ -9,12 +9,18 @@ folders, MNIST-5k, HMDB-51 clips), checkpoints (`train.checkpoint`) and the run'
 Determinism and resumption: the data repeats its batches and augmentation for a given (seed, epoch)
 from any micro-batch on, and every micro-step reseeds the global generators from (seed, step, rank)
 (Mixup, drop path), so a run resumed from a checkpoint, even mid-epoch, repeats the uninterrupted
-run exactly.
+run exactly; the checkpoint carries the epoch's running sums, so its metrics row is the same too.
+
+Divergence: every update checks that the loss was finite on every process (one scalar all-reduce). An
+update with a non-finite loss is skipped (no optimizer step, no EMA update, left out of `train_loss`,
+counted in `nonfinite_steps`); more than `train.max_nonfinite_steps` of them in a row stop the run with
+`TrainingDiverged`. Weights and checkpoints are written only when every value in them is finite, so the
+last checkpoint is always one to resume from.
 """
 import os
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
@@ -30,13 +36,19 @@ from tqdm.auto import tqdm
 
 from ..layers import set_bandlimit
 from ..utils.seeding import seed_all, seed_from
-from .checkpoint import TrainState, checkpoint_to_resume, export_weights, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
+from .checkpoint import (
+    TrainState, all_finite, checkpoint_to_resume, export_weights, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
+from .config import Config, ConfigError, config_to_dict
 from .data import create_train_data
 from .metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from .optim import param_groups_ssm
 
-__all__ = ['Trainer']
+__all__ = ['Trainer', 'TrainingDiverged']
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the weights) stopped being finite; nothing non-finite was written."""
 
 
 class Trainer:
@@ -44,11 +56,12 @@ class Trainer:
 
     Args:
         cfg: a validated `Config`.
-        resume: True = continue from the latest checkpoint in `cfg.train.output_dir` (fresh
-            start if there is none), a path = continue from that checkpoint, False = fresh start.
+        resume: True = continue from the latest checkpoint in `cfg.train.output_dir`, a path =
+            continue from that checkpoint, False = fresh start.
+        allow_fresh: with `resume=True`, start fresh when there is no checkpoint (refused otherwise).
     """
 
-    def __init__(self, cfg: Config, resume=False):
+    def __init__(self, cfg: Config, resume=False, allow_fresh: bool = False):
         self.cfg = cfg
         tc = cfg.train
         self.accelerator = Accelerator(
@@ -119,9 +132,9 @@ class Trainer:
             self.train_loss = nn.CrossEntropyLoss()
         self.data.prepare_evaluation()
 
-        path = checkpoint_to_resume(self.out_dir, resume)
-        if path is not None:
-            load_checkpoint(acc, path, self.state)
+        self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh)
+        if self.resumed_from is not None:
+            load_checkpoint(acc, self.resumed_from, self.state, config_to_dict(cfg))
         self.log = MetricsLog(acc, cfg)
 
     def _model(self) -> nn.Module:
@@ -139,12 +152,42 @@ class Trainer:
                 raise ConfigError(f'model.name: {e}') from None
             raise
 
-    def _save_checkpoint(self) -> None:
-        save_checkpoint(self.accelerator, self.out_dir, self.state.update, self.cfg.train.keep_checkpoints)
+    def _save_checkpoint(self, row: Optional[Dict[str, Any]] = None) -> None:
+        """A checkpoint at the current update, with the config and the metrics rows (and `row`, the epoch it
+        completes); refused when any weight is not finite."""
+        self._check_finite_weights()
+        save_checkpoint(self.accelerator, self.out_dir, self.state.update, self.cfg.train.keep_checkpoints,
+                        write_extra=lambda folder: self.log.snapshot(folder, row))
 
     def _export(self, name: str, model: nn.Module) -> str:
-        """Weights as `output_dir/<name>.safetensors` (see `checkpoint.export_weights`)."""
+        """Weights as `output_dir/<name>.safetensors` (see `checkpoint.export_weights`), if all finite."""
+        self._check_finite_weights()
         return export_weights(self.accelerator, model, os.path.join(self.out_dir, f'{name}.safetensors'))
+
+    def _check_finite_weights(self) -> None:
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        if not all_finite(self.accelerator, *modules):
+            raise TrainingDiverged(
+                f'the weights hold non-finite values at update {self.state.update} (epoch {self.state.epoch}): '
+                f'nothing was written; {self._last_good()}')
+
+    def _nonfinite_update(self) -> None:
+        """Count an update skipped for a non-finite loss; raise TrainingDiverged past train.max_nonfinite_steps."""
+        state, limit = self.state, self.cfg.train.max_nonfinite_steps
+        state.nonfinite_in_a_row += 1
+        self.accelerator.print(f'update {state.update}: the loss is not finite on some process; update skipped '
+                               f'({state.nonfinite_in_a_row} in a row, train.max_nonfinite_steps={limit})')
+        if state.nonfinite_in_a_row > limit:
+            raise TrainingDiverged(
+                f'training diverged: the loss was not finite in {state.nonfinite_in_a_row} updates in a row '
+                f'(epoch {state.epoch}, update {state.update}; train.max_nonfinite_steps={limit}); those updates '
+                f'were skipped and nothing was written from them; {self._last_good()}')
+
+    def _last_good(self) -> str:
+        latest = latest_checkpoint(self.out_dir)
+        if latest is None:
+            return 'no checkpoint was written before (start again with, e.g., a lower optim.lr)'
+        return f'the last good checkpoint is {latest} (resume from it with, e.g., a lower optim.lr)'
 
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
@@ -158,51 +201,81 @@ class Trainer:
         loader = self.data.train_batches(epoch, stage.img_size, start * accum, self.updates_per_epoch * accum)
         model.train()
         total_micro = (self.updates_per_epoch - start) * accum
-        loss_sum = torch.zeros((), device=acc.device)
-        n_micro = seen = skipped = 0
+        # the epoch's sums over all processes up to `start` (a mid-epoch resume), then this process's own
+        carried = list(state.epoch_sums) if start else [0.0] * 5
+        carried_seconds = state.epoch_seconds if start else 0.0
+        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        n_finite = torch.zeros((), device=acc.device, dtype=torch.float64)
+        bad = torch.zeros((), device=acc.device, dtype=torch.bool)  # a non-finite loss in this update
+        seen = skipped = nonfinite = 0
         bar = tqdm(total=self.updates_per_epoch, initial=start, desc=f'epoch {epoch} @{stage.img_size}px',
                    disable=not acc.is_local_main_process, dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
-        for micro, (x, y, n_skipped) in enumerate(loader):
-            if micro >= total_micro:
-                break
-            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-            seed_all(seed_from(cfg.train.seed, 'step', state.update, micro % accum, acc.process_index))
-            if self.mixup is not None:  # a clip mixes as a (C * T, H, W) image: one lambda and CutMix box per clip
-                shape = x.shape
-                x, y = self.mixup(x.flatten(1, -3), y)
-                x = x.view(shape)
-            with acc.accumulate(model):
-                loss = self.train_loss(model(x), y)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.optim.clip_grad is not None:
-                    acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            n_micro += 1
-            seen += x.shape[0]
-            skipped += int(n_skipped.sum())
-            if (micro + 1) % accum == 0:  # an optimizer update happened
-                state.update += 1
-                state.step_in_epoch += 1
-                self.scheduler.step_update(num_updates=state.update)
-                if self.ema is not None:
-                    self.ema.update(unwrapped, step=state.update)
-                bar.update(1)
-                if acc.is_local_main_process:
-                    bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{self.optimizer.param_groups[-1]["lr"]:.2e}')
-                every = cfg.train.checkpoint_every_steps
-                if every and state.update % every == 0 and state.step_in_epoch < self.updates_per_epoch:
-                    self._save_checkpoint()
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        totals = acc.reduce(torch.tensor([loss_sum.item(), n_micro, seen, skipped],
-                                         device=acc.device, dtype=torch.float64), reduction='sum')
+
+        def epoch_sums() -> List[float]:  # a collective: every process calls it
+            local = torch.stack([loss_sum, n_finite, torch.tensor(float(seen), dtype=torch.float64, device=acc.device),
+                                 torch.tensor(float(skipped), dtype=torch.float64, device=acc.device),
+                                 torch.tensor(float(nonfinite), dtype=torch.float64, device=acc.device)])
+            return [c + t for c, t in zip(carried, acc.reduce(local, reduction='sum').tolist())]
+
+        try:
+            for micro, (x, y, n_skipped) in enumerate(loader):
+                if micro >= total_micro:
+                    break
+                x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+                seed_all(seed_from(cfg.train.seed, 'step', state.update, micro % accum, acc.process_index))
+                if self.mixup is not None:  # a clip mixes as a (C * T, H, W) image: one lambda and CutMix box per clip
+                    shape = x.shape
+                    x, y = self.mixup(x.flatten(1, -3), y)
+                    x = x.view(shape)
+                with acc.accumulate(model):
+                    loss = self.train_loss(model(x), y)
+                    acc.backward(loss)
+                    finite = torch.isfinite(loss.detach())
+                    bad |= ~finite
+                    loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+                    n_finite += finite
+                    skip = False
+                    if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite loss?
+                        skip = bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
+                        bad.zero_()
+                    if not skip:
+                        if acc.sync_gradients and cfg.optim.clip_grad is not None:
+                            acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                        self.optimizer.step()  # Accelerate steps only when gradients sync
+                    self.optimizer.zero_grad(set_to_none=True)
+                seen += x.shape[0]
+                skipped += int(n_skipped.sum())
+                if (micro + 1) % accum == 0:  # an update happened (or was skipped)
+                    state.update += 1
+                    state.step_in_epoch += 1
+                    self.scheduler.step_update(num_updates=state.update)
+                    if skip:
+                        nonfinite += 1
+                        self._nonfinite_update()
+                    else:
+                        state.nonfinite_in_a_row = 0
+                        if self.ema is not None:
+                            self.ema.update(unwrapped, step=state.update)
+                    bar.update(1)
+                    if acc.is_local_main_process:
+                        bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{self.optimizer.param_groups[-1]["lr"]:.2e}')
+                    every = cfg.train.checkpoint_every_steps
+                    if (every and state.update % every == 0 and state.step_in_epoch < self.updates_per_epoch
+                            and not state.nonfinite_in_a_row):  # the last checkpoint precedes a non-finite streak
+                        state.epoch_sums = epoch_sums()
+                        state.epoch_seconds = carried_seconds + time.perf_counter() - t0
+                        self._save_checkpoint()
+        finally:
+            bar.close()
+        elapsed = carried_seconds + time.perf_counter() - t0
+        loss_total, finite_total, seen_total, skipped_total, nonfinite_total = epoch_sums()
+        state.epoch_sums, state.epoch_seconds = [0.0] * 5, 0.0  # the next checkpoint starts a new epoch
         return {
-            'train_loss': (totals[0] / max(totals[1], 1)).item(),
-            self.data.rate_name: totals[2].item() / max(elapsed, 1e-9),
-            f'skipped_{self.data.unit}': int(totals[3].item()),
+            'train_loss': loss_total / max(finite_total, 1),
+            self.data.rate_name: seen_total / max(elapsed, 1e-9),
+            f'skipped_{self.data.unit}': int(skipped_total),
+            'nonfinite_steps': int(nonfinite_total),
             'lr': max(g['lr'] for g in self.optimizer.param_groups),
             'train_img_size': stage.img_size,
         }
@@ -214,7 +287,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train from the current state to the last epoch; returns the final summary."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
-        self.log.begin(state.epoch)
+        self.log.begin(state.epoch, self.resumed_from)
         reset_peak_memory(acc.device)
         acc.print(f'training {cfg.model.name} on {acc.num_processes} process(es), global batch {self.global_batch}, '
                   f'lr {self.lr:.3g}, {self.updates_per_epoch} updates/epoch, '
@@ -238,7 +311,7 @@ class Trainer:
             self._export('last', self.model)
             if self.ema is not None:
                 self._export('last_ema', self.ema.module)
-            self._save_checkpoint()
+            self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
             self.log.log(row, epoch)
         acc.end_training()
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,

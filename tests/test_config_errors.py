@@ -1,0 +1,129 @@
+"""Config values that pass the type checks but would fail (or train wrongly) deep in timm: a one-line error naming
+the key. tools/inflate.py given a missing or wrong file: a one-line error naming it."""
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+from s4nd_vision.train import ConfigError, load_config
+from s4nd_vision.train.config import Config
+from test_train import _overrides, _write_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return _write_folder(tmp_path_factory.mktemp('stripes'), n_train=2, n_val=1)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('optim.lr=.inf', r'optim.lr must be a finite number, got inf'),
+    ('optim.lr=.nan', r'optim.lr must be a finite number, got nan'),
+    ('optim.weight_decay=-.inf', r'optim.weight_decay must be a finite number'),
+    ('optim.betas=[0.9, .nan]', r'optim.betas\[1\] must be a finite number'),
+    ("sched.min_lr='inf'", r'sched.min_lr must be a finite number'),
+    ('optim.betas=[0.9, 1.5]', r'optim.betas must be two values in \[0, 1\)'),
+    ('optim.opt=adamww', r"optim.opt must be a timm optimizer .*got 'adamww' \(did you mean adamw\?\)"),
+    ('optim.opt=lookahead_adamww', r"optim.opt must be a timm optimizer"),
+    ('aug.auto_augment=bogus', r"aug.auto_augment must be .*got 'bogus'"),
+    ('aug.auto_augment=rand-m9-bogus', r"aug.auto_augment must be .*got 'rand-m9-bogus' \(timm ignores \['bogus'\]\)"),
+    ('aug.auto_augment=rand-x9', r"aug.auto_augment must be .*got 'rand-x9' \(Unknown RandAugment config section\)"),
+    ('data.interpolation=bogus', r"data.interpolation must be null or a timm interpolation.*got 'bogus'"),
+    ('data.interpolation=random', r"data.interpolation must be .*not 'random'"),
+    ('data.img_size=16', r'data.img_size must be at least 32 \(the smallest input convnext_s4nd_atto takes\), got 16'),
+    ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 16}]',
+     r'train.progressive\[1\].img_size must be at least 32 .*got 16'),
+    ('train.seed=-1', r'train.seed must be in \[0, 2\*\*63\), got -1'),
+    ('train.max_nonfinite_steps=-1', r'train.max_nonfinite_steps must be >= 0, got -1'),
+    ('model.kwargs.foo=1', r"model.kwargs .* do not build convnext_s4nd_atto: TypeError: .*unexpected keyword argument "
+                           r"'foo'"),
+    ('model.kwargs.depths=[1, 1]', r'model.kwargs .* do not build convnext_s4nd_atto: ValueError: depths and dims'),
+    ('model.kwargs.num_classes=5', r'model.kwargs.num_classes is set by the trainer from the dataset'),
+    ('model.kwargs.img_size=64', r'model.kwargs.img_size is set by the trainer from data.img_size'),
+    ('model.name=convnext_s4nd_atoo', r"model.name 'convnext_s4nd_atoo' is not a timm model \(did you mean "
+                                      r"convnext_s4nd_atto\?\)"),
+    ('optim.lr=[1', r"override 'optim.lr=\[1': the value is not valid YAML \(expected ',' or '\]'"),
+])
+def test_invalid_values_name_the_key(override, message, folder, tmp_path):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, _overrides(folder, tmp_path, override))
+    assert '\n' not in str(info.value)
+
+
+def test_valid_values_from_timm_lists_pass(folder, tmp_path):
+    cfg = load_config(None, _overrides(
+        folder, tmp_path, 'optim.opt=lookahead_sgd', 'aug.auto_augment=rand-m9-mstd0.5-inc1',
+        'data.interpolation=bicubic',
+        'train.max_nonfinite_steps=0', "optim.lr='4e-3'"))
+    assert cfg.optim.opt == 'lookahead_sgd' and cfg.optim.lr == 4e-3 and cfg.train.max_nonfinite_steps == 0
+    for policy in ('original-mstd0.5', 'v0', 'augmix-m5-w4-d2', 'rand-m7-n3-mmax10'):
+        assert load_config(None, _overrides(folder, tmp_path, f'aug.auto_augment={policy}')).aug.auto_augment == policy
+    assert Config().train.max_nonfinite_steps >= 1  # a few stray non-finite steps are tolerated by default
+
+
+def test_malformed_yaml_file_is_one_line(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text('model:\n  name: convnext_s4nd_atto\n  kwargs: {depths: [1, 1\noptim:\n  lr: 1e-3\n')
+    with pytest.raises(ConfigError, match=r'bad.yaml is not valid YAML: .* at line \d+, column \d+$') as info:
+        load_config(str(path))
+    assert '\n' not in str(info.value)
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))  # this checkout
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'train.py'), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('optim: {lr: [1\n')
+    for args, message in (
+            (['--config', str(bad)], 'is not valid YAML'),
+            (_overrides(folder, tmp_path, 'optim.lr=[1'), "override 'optim.lr=[1': the value is not valid YAML"),
+            (_overrides(folder, tmp_path, 'optim.opt=adamww'), "optim.opt must be a timm optimizer")):
+        result = _cli(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], result.stderr[-2000:]
+
+
+
+# ------------------------------------------------------------------------------------------- tools/inflate.py
+
+def _inflate(capsys, *args):
+    """tools/inflate.py's main in this process: (exit status, stderr)."""
+    main = runpy.run_path(os.path.join(ROOT, 'tools', 'inflate.py'))['main']
+    with pytest.raises(SystemExit) as info:
+        main([*args, '--model', 'convnext_s4nd_3d_atto'])
+    return info.value.code, capsys.readouterr().err
+
+
+def test_inflate_cli_names_a_missing_or_wrong_source(tmp_path, capsys):
+    import torch
+
+    (tmp_path / 'config.yaml').write_text('model:\n  name: convnext_s4nd_tiny\n')
+    (tmp_path / 'metrics.csv').write_text('epoch,top1\n0,50.0\n')
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path / 'good.pth')
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'good.pth').read_bytes()[:200])
+    out = str(tmp_path / 'out.safetensors')
+    for name, message in (
+            ('missing.pth', "checkpoint '{}' does not exist"),
+            ('config.yaml', "checkpoint '{}' is neither a safetensors file nor a torch.save file (it starts with "
+                            "b'model:"),
+            ('metrics.csv', "checkpoint '{}' is neither a safetensors file nor a torch.save file"),
+            ('cut.pth', "checkpoint '{}' is a damaged torch.save file")):
+        path = str(tmp_path / name)
+        code, err = _inflate(capsys, path, out)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+        assert message.format(path) in lines[0], err
+        assert 'weights_only' not in err
+    # a readable torch file that is not a 2D ConvNeXt: the existing check, now on one line too
+    code, err = _inflate(capsys, str(tmp_path / 'good.pth'), out)
+    assert code == 2
+    assert err.strip() == 'error: state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)'
+    assert not os.path.exists(out)

@@ -1,0 +1,178 @@
+"""The trainer never ends silently wrong: divergence stops the run without writing non-finite weights, resuming says
+what it resumes (or refuses), and the metrics rows survive kills and mid-epoch resumes."""
+import csv
+import math
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from s4nd_vision.train import ConfigError, Trainer, TrainingDiverged, latest_checkpoint, load_config
+from s4nd_vision.train import cli
+from test_train import _overrides, _write_folder
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return _write_folder(tmp_path_factory.mktemp('stripes'))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    _reset()
+
+
+def _reset():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _rows(out):
+    with open(os.path.join(out, 'metrics.csv'), newline='') as f:
+        return list(csv.DictReader(f))
+
+
+class _NanLossAt:
+    """The trainer's loss, made NaN at the given updates (as a diverging run would)."""
+
+    def __init__(self, trainer: Trainer, updates):
+        self.trainer, self.loss, self.updates = trainer, trainer.train_loss, set(updates)
+
+    def __call__(self, logits, target):
+        loss = self.loss(logits, target)
+        return loss * math.nan if self.trainer.state.update in self.updates else loss
+
+
+def _all_finite(path) -> bool:
+    return all(torch.isfinite(v).all() for v in load_file(str(path)).values())
+
+
+# ------------------------------------------------------------------------------------------ divergence
+
+def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder):
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_nonfinite_steps=1',
+                                       'train.ema_decay=0.9'))
+    trainer = Trainer(cfg)
+    trainer.train_loss = _NanLossAt(trainer, {1, 5})  # isolated: tolerated
+    trainer.fit()
+    rows = _rows(tmp_path)
+    assert [int(r['nonfinite_steps']) for r in rows] == [1, 1]
+    assert all(math.isfinite(float(r['train_loss'])) for r in rows)  # the skipped losses are left out
+    for name in ('last', 'last_ema', 'best'):
+        assert _all_finite(tmp_path / f'{name}.safetensors')
+
+
+def test_a_diverged_run_stops_and_writes_nothing_non_finite(tmp_path, folder):
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=3', 'train.max_nonfinite_steps=2',
+                                       'train.checkpoint_every_steps=1'))
+    trainer = Trainer(cfg)
+    per_epoch = trainer.updates_per_epoch
+    trainer.train_loss = _NanLossAt(trainer, range(per_epoch + 1, 10 ** 6))  # diverges in epoch 1, for good
+    with pytest.raises(TrainingDiverged, match=r'not finite in 3 updates in a row .*max_nonfinite_steps=2.*last '
+                                               r'good checkpoint is .*step-'):
+        trainer.fit()
+    latest = latest_checkpoint(str(tmp_path))
+    assert latest.endswith(f'step-{per_epoch + 1:08d}')  # nothing checkpointed after the first NaN
+    assert _all_finite(os.path.join(latest, 'model.safetensors'))
+    assert [r['epoch'] for r in _rows(tmp_path)] == ['0']
+    assert _all_finite(tmp_path / 'last.safetensors') and _all_finite(tmp_path / 'best.safetensors')
+
+
+def test_non_finite_weights_are_never_written(tmp_path, folder):
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.max_nonfinite_steps=100'))
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = math.inf
+    with pytest.raises(TrainingDiverged, match='weights hold non-finite values .*nothing was written'):
+        trainer.fit()
+    assert not (tmp_path / 'last.safetensors').exists() and not (tmp_path / 'best.safetensors').exists()
+    assert latest_checkpoint(str(tmp_path)) is None
+
+
+def test_cli_exits_non_zero_on_divergence(tmp_path, folder, capsys):
+    """A learning rate finite but far too large: the loss turns non-finite, the CLI stops with exit status 3."""
+    args = _overrides(folder, tmp_path, 'train.epochs=3', 'optim.opt=sgd', 'optim.lr=1e30',
+                      'train.max_nonfinite_steps=0')
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 3 and lines[-1].startswith('error: ') and 'finite' in lines[-1], lines
+    for name in ('last', 'best'):
+        path = tmp_path / f'{name}.safetensors'
+        assert not path.exists() or _all_finite(path)
+
+
+# ------------------------------------------------------------------------------------------ resuming
+
+def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder, capsys):
+    args = _overrides(folder, tmp_path / 'typo', 'train.epochs=1')
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, '--resume'])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: --resume: no checkpoint in ") and '--allow-fresh' in err
+    assert not os.path.exists(tmp_path / 'typo' / 'metrics.csv')
+    _reset()
+    cli.main([*args, '--resume', '--allow-fresh'])
+    assert 'starting a fresh run' in capsys.readouterr().out
+    assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0']
+
+
+def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))).fit()
+    _reset()
+    other = [o.replace('dims: [8, 16, 16, 16]', 'dims: [8, 16, 16, 24]') for o in _overrides(folder, tmp_path)]
+    with pytest.raises(ConfigError, match=r"checkpoint .* belongs to model 'convnext_s4nd_atto' with model.kwargs "
+                                          r".*16, 16, 16.*this run builds 'convnext_s4nd_atto' with .*16, 16, 24"):
+        Trainer(load_config(None, [*other, 'train.epochs=2']), resume=True)
+    _reset()
+    with pytest.warns(UserWarning, match=r'changed config .*data.batch_size: 4 -> 2; train.epochs: 1 -> 2'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'data.batch_size=2')), resume=True)
+    _reset()
+    # a checkpoint without its config (written before checkpoints held one): the load error, on one line
+    os.remove(os.path.join(latest_checkpoint(str(tmp_path)), 'config.yaml'))
+    with pytest.raises(ConfigError, match=r'does not fit the model .* \(a checkpoint of another model\?\)') as info:
+        Trainer(load_config(None, [*other, 'train.epochs=2']), resume=True)
+    assert '\n' not in str(info.value)
+
+
+def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, folder):
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2'))).fit()
+    rows = _rows(tmp_path)
+    with open(tmp_path / 'metrics.csv', 'w', newline='') as f:  # as if killed before the last row was written
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow(rows[0])
+    _reset()
+    with pytest.warns(UserWarning, match='train.epochs: 2 -> 3'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=3')), resume=True).fit()
+    after = _rows(tmp_path)
+    assert [r['epoch'] for r in after] == ['0', '1', '2']
+    assert after[1] == rows[1]  # the row the interrupted run never wrote, from the checkpoint
+
+
+def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
+    root = _write_folder(tmp_path / 'data', n_train=7, n_val=2)
+    (tmp_path / 'data' / 'train' / 'vertical' / 'corrupt.png').write_bytes(b'not an image')
+    extra = ('train.epochs=1', 'train.checkpoint_every_steps=1', 'train.keep_checkpoints=4', 'aug.mixup=0.5')
+    straight = tmp_path / 'straight'
+    with pytest.warns(RuntimeWarning, match='skipped unreadable image'):
+        Trainer(load_config(None, _overrides(root, straight, *extra))).fit()
+    expected = _rows(straight)[0]
+    for update in (1, 2):  # resume from a copy of a mid-epoch checkpoint, as after a kill there
+        _reset()
+        resumed = tmp_path / f'resumed-{update}'
+        shutil.copytree(straight / 'checkpoints' / f'step-{update:08d}', resumed / 'checkpoints' / f'step-{update:08d}')
+        with warnings.catch_warnings():  # the corrupt image (if after the resume point), the changed output_dir
+            warnings.simplefilter('ignore')
+            trainer = Trainer(load_config(None, _overrides(root, resumed, *extra)), resume=True)
+            assert trainer.state.step_in_epoch == update
+            trainer.fit()
+        row = _rows(resumed)[0]
+        assert float(row['train_loss']) == pytest.approx(float(expected['train_loss']), rel=1e-12, abs=0)
+        for key in ('skipped_images', 'nonfinite_steps', 'top1', 'val_loss'):
+            assert row[key] == expected[key], key
