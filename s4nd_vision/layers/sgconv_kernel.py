@@ -35,7 +35,8 @@ def sgconv_scales(l_ref: int, size: int) -> int:
 @lru_cache(maxsize=64)
 def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
     """(n_scales * size, length) float64: tap l of the kernel at `rate` as a linear map of the sub-kernel values
-    (row i * size + j = value j of sub-kernel i), the integral of the interpolant over [l rate, (l + 1) rate)."""
+    (row i * size + j = value j of sub-kernel i), the integral of the interpolant over [l rate, (l + 1) rate).
+    Built on the CPU whatever the default device (models are also created under `torch.device('meta')`)."""
     idx_a, idx_b, t_a, t_b = [], [], [], []
     for i in range(n_scales):
         stretch = 2 ** max(0, i - 1)
@@ -48,14 +49,14 @@ def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch
             t_b.append(origin + stretch * knots[k + 1])
             idx_a.append(i * size + values[k])
             idx_b.append(i * size + values[k + 1])
-    t_a, t_b = torch.tensor(t_a, dtype=torch.float64), torch.tensor(t_b, dtype=torch.float64)
+    t_a, t_b = torch.tensor(t_a, dtype=torch.float64, device='cpu'), torch.tensor(t_b, dtype=torch.float64, device='cpu')
     width = t_b - t_a
-    edges = torch.arange(length + 1, dtype=torch.float64) * rate
+    edges = torch.arange(length + 1, dtype=torch.float64, device='cpu') * rate
     u = ((edges[:, None] - t_a) / width).clamp(0, 1)  # (length + 1, pieces): covered part of each linear piece
     # integral over [t_a, t_a + u w] of the linear piece from y_a to y_b: w (u - u^2 / 2) y_a + w u^2 / 2 y_b
-    antiderivative = torch.zeros(length + 1, n_scales * size, dtype=torch.float64)
-    antiderivative.index_add_(1, torch.tensor(idx_a), width * (u - u * u / 2))
-    antiderivative.index_add_(1, torch.tensor(idx_b), width * u * u / 2)
+    antiderivative = torch.zeros(length + 1, n_scales * size, dtype=torch.float64, device='cpu')
+    antiderivative.index_add_(1, torch.tensor(idx_a, device='cpu'), width * (u - u * u / 2))
+    antiderivative.index_add_(1, torch.tensor(idx_b, device='cpu'), width * u * u / 2)
     return (antiderivative[1:] - antiderivative[:-1]).T.contiguous()
 
 
