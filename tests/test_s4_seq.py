@@ -154,3 +154,19 @@ def test_sequential_mnist_5k():
         SequentialMNIST5k('test')
     with pytest.raises(ValueError, match=r'\(C, H, W\)'):
         flatten_image(torch.zeros(28, 28))
+
+
+def test_sequential_mnist_experiment_runs_small():
+    from s4nd_vision.eval.sequential import format_table, run_sequential_mnist
+    logged = []
+    rows = run_sequential_mnist(models=('s4nd_seq_atto', 'conv_seq_tiny'), rows=4, cols=4, epochs=1, batch_size=25,
+                                train_limit=50, model_kwargs=dict(dim=8, depth=1), log=logged.append)
+    assert [r['model'] for r in rows] == ['s4nd_seq_atto', 'conv_seq_tiny']
+    for row in rows:
+        assert row['train_len'] == 16 and [k for k in row if k.startswith('acc@')] == ['acc@8', 'acc@16', 'acc@32']
+        assert all(0 <= row[k] <= 1 for k in ('acc@8', 'acc@16', 'acc@32'))
+    assert any('epoch 1/1' in line for line in logged)
+    table = format_table(rows).splitlines()
+    assert table[0] == '| model | 8 samples | 16 samples (train) | 32 samples |' and len(table) == 4
+    with pytest.raises(ValueError, match='cols must be even'):
+        run_sequential_mnist(cols=7)
