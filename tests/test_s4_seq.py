@@ -49,7 +49,8 @@ def test_model_step_equals_convolutional_forward(kernel):
         state = model.default_state(3)
         for t in range(10):
             y, state = model.step(x[..., t], state)
-        torch.testing.assert_close(model.forward_head(y[..., None]), model.forward_head(model.forward_features(x)[..., 9:10]))
+        expected = model.forward_head(model.forward_features(x)[..., 9:10])
+        torch.testing.assert_close(model.forward_head(y[..., None]), expected)
     assert [s.shape for s in state.states] == [(3, 16, 4 if kernel == 's4d' else 8)] * 4
 
 
