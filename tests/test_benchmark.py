@@ -1,7 +1,8 @@
 """The benchmark harness runs and reports ratios (no timing is asserted)."""
 import pytest
 
-from s4nd_vision.bench.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair
+from s4nd_vision.bench.benchmark import (
+    bench_kernels, bench_layers, bench_models, bench_scaling, bench_step, format_table, parse_pair)
 
 
 def test_parse_pair():
@@ -22,6 +23,24 @@ def test_bench_rows_hold_ratios():
         assert ratios and all(row[k] > 0 for k in ratios)
     table = format_table(rows[:1])
     assert 'layer 1x8x7x7' in table and 'time_ratio' in table
+
+
+def test_kernel_rows_one_per_kernel_and_stage():
+    rows = bench_kernels(batch_size=1, stages=((8, 7), (4, 6)), repeats=1)
+    assert [r['case'] for r in rows] == [f'kernel {k} 1x{d}x{s}x{s}' for d, s in ((8, 7), (4, 6))
+                                         for k in ('s4d', 's4', 'sgconv')]
+    for row in rows:
+        assert row['baseline'] == 'dwconv7x7' and row['time_ratio'] == row['s4nd_ms'] / row['baseline_ms']
+        assert row['mem_ratio'] > 0
+    assert 'kernel sgconv 1x4x6x6' in format_table(rows)
+
+
+def test_step_rows_compare_recurrence_with_recompute():
+    rows = bench_step(lengths=(16, 64), dim=4, d_state=8, repeats=1)
+    assert [r['case'] for r in rows] == [f'step {k} 1x4 L={n}' for k in ('s4d', 's4') for n in (16, 64)]
+    for row in rows:
+        assert row['baseline'] == 'recompute' and row['s4nd_ms'] > 0 and row['baseline_ms'] > 0
+        assert row['speedup'] == pytest.approx(1 / row['time_ratio'])
 
 
 def test_scaling_rows_hold_growth():

@@ -1,6 +1,7 @@
 """timm compliance: the checks timm runs on its own models (its tests/test_models.py), on ours.
 
-Every registered `*s4nd*` model is created on the meta device and run once at a small input;
+Every registered `*s4nd*` model is created on the meta device and run once at a small input (sides capped at
+SMALL_SIDE; sequence models, input (C, L), get the length capped);
 the small variants in COMPLIANCE_MODELS go through the whole contract (backward, default cfg,
 features, intermediates, gradient checkpointing, bf16, torch.compile).
 """
@@ -20,6 +21,8 @@ COMPLIANCE_MODELS = [
     ('s4nd_iso_tiny', {}),
     ('convnext_sgconv_atto', {}),
     ('convnext_s4nd_atto', dict(kernel='s4')),
+    ('s4nd_seq_atto', {}),
+    ('s4nd_seq_atto', dict(kernel='s4', bidirectional=True, global_pool='last')),
 ]
 ALL_S4ND_MODELS = timm.list_models('*s4nd*') + timm.list_models('*sgconv*')
 SMALL_SIDE = 64  # spatial sides used for the cheap runs (every model must accept it)
@@ -140,9 +143,10 @@ def test_features_only(entry):
     with torch.no_grad():
         outs = model(x)
     assert len(outs) == len(info.channels())
+    sides = 1 if x.ndim == 3 else 2  # sequences (B, C, L): L; images and videos: H, W
     for out, chs, reduction in zip(outs, info.channels(), info.reduction()):
         assert out.shape[:2] == (2, chs)
-        assert tuple(out.shape[-2:]) == tuple(s // reduction for s in x.shape[-2:])
+        assert tuple(out.shape[-sides:]) == tuple(s // reduction for s in x.shape[-sides:])
 
     subset = _create(*entry, features_only=True, out_indices=(1, 3)).eval()
     with torch.no_grad():

@@ -1,20 +1,25 @@
 #!/usr/bin/env python
-"""Benchmark S4ND against the depthwise conv / ConvNeXt it replaces (ratios in one process).
+"""Benchmark S4ND against the depthwise conv / ConvNeXt it replaces (ratios in one process), its three per-axis
+kernels, and recurrent generation against recomputing the convolution.
 
-    python tools/benchmark.py --what layers scaling models --batch-size 8 --json output/benchmark.json
+    python tools/benchmark.py --what layers kernels step scaling models --batch-size 8 --json output/benchmark.json
 """
 import argparse
 import os
 
 import torch
 
-from s4nd_vision.bench.benchmark import bench_layers, bench_models, bench_scaling, format_table, parse_pair, write_json
+from s4nd_vision.bench.benchmark import (
+    bench_kernels, bench_layers, bench_models, bench_scaling, bench_step, format_table, parse_pair, write_json)
 from s4nd_vision.utils.runtime import keep_freed_memory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--what', nargs='+', choices=['layers', 'scaling', 'models'], default=['layers', 'scaling', 'models'])
+    what = ['layers', 'kernels', 'step', 'scaling', 'models']
+    parser.add_argument('--what', nargs='+', choices=what, default=what)
+    parser.add_argument('--step-lengths', nargs='+', type=int, default=[1024, 16384],
+                        help="sequence lengths of the 'step' rows (recurrent step vs recomputed convolution)")
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
@@ -36,6 +41,14 @@ def main() -> None:
     if 'layers' in args.what:
         rows += bench_layers(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
         print(format_table(rows), flush=True)
+    if 'kernels' in args.what:
+        kernel_rows = bench_kernels(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
+        print(format_table(kernel_rows), flush=True)
+        rows += kernel_rows
+    if 'step' in args.what:
+        step_rows = bench_step(lengths=args.step_lengths, device=args.device, repeats=args.repeats)
+        print(format_table(step_rows), flush=True)
+        rows += step_rows
     if 'scaling' in args.what:
         scaling_rows = bench_scaling(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
         print(format_table(scaling_rows[1:]), flush=True)  # rows after the first carry the growth columns

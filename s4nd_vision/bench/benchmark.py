@@ -1,6 +1,8 @@
 """Timing and memory of S4ND against what it replaces, as ratios measured in one process.
 
-Layer level: S4ND 2D vs timm's 7x7 depthwise conv (channels-last) at the ConvNeXt-T stage shapes.
+Layer level: S4ND 2D vs timm's 7x7 depthwise conv (channels-last) at the ConvNeXt-T stage shapes, with each
+per-axis kernel ('s4d', 's4', 'sgconv').
+Generation: one recurrent step of a causal 1D layer vs recomputing its convolution for each new sample.
 Model level: `convnext_s4nd_*` vs timm's `convnext_*` (training step and inference).
 Times are medians over repeated runs after warm-up. Memory is the bytes autograd saves for the
 backward pass (activations; on CUDA also the allocator's peak), which is what grows with batch size.
@@ -15,9 +17,11 @@ import torch.nn as nn
 import timm
 from timm.layers import create_conv2d
 
-from ..layers import S4ND
+from ..layers import KERNELS, S4ND, S4NDRecurrence
 
-__all__ = ['time_ms', 'saved_activation_mb', 'bench_layers', 'bench_scaling', 'bench_models', 'parse_pair', 'format_table', 'write_json']
+__all__ = [
+    'time_ms', 'saved_activation_mb', 'bench_layers', 'bench_kernels', 'bench_step', 'bench_scaling', 'bench_models',
+    'parse_pair', 'format_table', 'write_json']
 
 CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 
@@ -94,6 +98,75 @@ def bench_layers(
             case=f'layer {batch_size}x{dim}x{size}x{size}', baseline='dwconv7x7',
             baseline_ms=t_conv, s4nd_ms=t_s4nd, time_ratio=t_s4nd / t_conv,
             baseline_mb=m_conv, s4nd_mb=m_s4nd, mem_ratio=m_s4nd / m_conv))
+    return rows
+
+
+def bench_kernels(
+        batch_size: int = 8,
+        stages: Sequence = CONVNEXT_T_STAGES,
+        kernels: Sequence[str] = KERNELS,
+        device: str = 'cpu',
+        repeats: int = 7,
+) -> List[dict]:
+    """S4ND 2D with each per-axis kernel vs the 7x7 depthwise conv (channels-last), forward+backward, per stage
+    shape: one row per kernel and stage, all of a stage's candidates timed interleaved."""
+    dev = torch.device(device)
+    rows = []
+    for dim, size in stages:
+        torch.manual_seed(0)
+        conv = create_conv2d(dim, dim, 7, depthwise=True).to(dev, memory_format=torch.channels_last)
+        layers = {k: S4ND(dim, ndim=2, kernel=k, l_ref=size).to(dev) for k in kernels}
+        x = torch.randn(batch_size, dim, size, size, device=dev, requires_grad=True)
+        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        fns = dict(conv=_fwd_bwd(conv, x_cl), **{k: _fwd_bwd(layer, x) for k, layer in layers.items()})
+        times = time_ms(fns, dev, repeats=repeats)
+        m_conv = saved_activation_mb(lambda: conv(x_cl))
+        for k, layer in layers.items():
+            m_s4nd = saved_activation_mb(lambda: layer(x))
+            rows.append(dict(
+                case=f'kernel {k} {batch_size}x{dim}x{size}x{size}', baseline='dwconv7x7',
+                baseline_ms=times['conv'], s4nd_ms=times[k], time_ratio=times[k] / times['conv'],
+                baseline_mb=m_conv, s4nd_mb=m_s4nd, mem_ratio=m_s4nd / m_conv))
+    return rows
+
+
+def bench_step(
+        lengths: Sequence[int] = (1024, 16384),
+        dim: int = 256,
+        d_state: int = 64,
+        batch_size: int = 1,
+        kernels: Sequence[str] = ('s4d', 's4'),
+        device: str = 'cpu',
+        repeats: int = 7,
+) -> List[dict]:
+    """Cost of generating one more sample after L, with a causal 1D S4ND layer: one step of its recurrent view
+    (`S4NDRecurrence`, constant cost) vs recomputing the convolution over the L samples so far (kernel
+    generation included: the length grows with every sample, so no kernel can be reused). Inference mode."""
+    dev = torch.device(device)
+    rows = []
+    for kernel in kernels:
+        torch.manual_seed(0)
+        layer = S4ND(dim, ndim=1, d_state=d_state, kernel=kernel, bidirectional=False).to(dev)
+        with torch.inference_mode():
+            recurrence = S4NDRecurrence(layer)
+            state = recurrence.default_state(batch_size)
+        for length in lengths:
+            u = torch.randn(batch_size, dim, length, device=dev)
+
+            def recompute():
+                layer._kernel_cache = None  # the next sample makes the input longer: cached operators never apply
+                with torch.inference_mode():
+                    return layer(u)[..., -1]
+
+            def step():
+                with torch.inference_mode():
+                    return recurrence.step(u[..., -1], state)[0]
+
+            times = time_ms(dict(recompute=recompute, step=step), dev, repeats=repeats)
+            rows.append(dict(
+                case=f'step {kernel} {batch_size}x{dim} L={length}', baseline='recompute',
+                baseline_ms=times['recompute'], s4nd_ms=times['step'], time_ratio=times['step'] / times['recompute'],
+                speedup=times['recompute'] / times['step']))
     return rows
 
 

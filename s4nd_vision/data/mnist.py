@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['MNIST5k', 'load_mnist_5k', 'export_image_folder']
+__all__ = ['MNIST5k', 'SequentialMNIST5k', 'flatten_image', 'load_mnist_5k', 'export_image_folder']
 
 SPLITS = ('train', 'val', 'all')
 
@@ -103,6 +103,66 @@ class MNIST5k(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[i])
+
+
+def flatten_image(image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) -> (C, H * W): the pixels in raster order (row by row), a sequence for 1D models."""
+    if image.ndim != 3:
+        raise ValueError(f'flatten_image expects an image (C, H, W), got shape {tuple(image.shape)}')
+    return image.flatten(1)
+
+
+class SequentialMNIST5k(Dataset):
+    """MNIST-5k digits as pixel sequences (sequential MNIST): items (sequence (1, rows * cols), label).
+
+    The digits are resampled from the 28 px originals to `rows` x `cols` (antialiased bilinear) and
+    flattened in raster order. Changing `cols` alone resamples every row: the raster signal sampled at
+    another rate (cols=14 is the 28-row sequence at half its rate, 392 samples instead of 784).
+
+    Args:
+        split, val_fraction, seed: as for `MNIST5k` (the same split).
+        rows, cols: image size before flattening (28 x 28 = the originals, 784 samples).
+        transform: applied to each sequence, e.g. normalization.
+    """
+
+    classes = MNIST5k.classes
+
+    def __init__(
+            self,
+            split: str = 'train',
+            rows: int = 28,
+            cols: int = 28,
+            val_fraction: float = 0.2,
+            seed: int = 0,
+            transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+        for name, value in (('rows', rows), ('cols', cols)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        if not 0 < val_fraction < 1:
+            raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
+        images, labels = load_mnist_5k()
+        idx = _split_indices(labels, split, val_fraction, seed)
+        x = torch.from_numpy(images[idx]).unsqueeze(1).float().div_(255)  # (N, 1, 28, 28)
+        if (rows, cols) != (28, 28):
+            x = F.interpolate(x, size=(rows, cols), mode='bilinear', antialias=True, align_corners=False)
+            x = x.clamp_(0, 1)
+        self.sequences = x.flatten(2)  # (N, 1, rows * cols)
+        self.targets = torch.from_numpy(labels[idx].copy())
+        self.indices = idx
+        self.split, self.rows, self.cols = split, rows, cols
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        sequence = self.sequences[i]
+        if self.transform is not None:
+            sequence = self.transform(sequence)
+        return sequence, int(self.targets[i])
 
 
 def export_image_folder(dataset: MNIST5k, root: str, per_class: Optional[int] = None) -> str:

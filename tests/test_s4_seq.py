@@ -1,0 +1,173 @@
+"""The 1D sequence classifier (models/s4_seq.py): its recurrent view, sampling-rate change, training, and
+sequential MNIST-5k."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from s4nd_vision.data import MNIST5k, SequentialMNIST5k, flatten_image
+from s4nd_vision.layers import S4ND
+
+
+def _model(name: str = 's4nd_seq_atto', **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **kw).double().eval()
+
+
+def _step_through(model, x: torch.Tensor, rate: float = 1.0) -> torch.Tensor:
+    state = model.default_state(x.shape[0], rate=rate)
+    out = []
+    for t in range(x.shape[-1]):
+        y, state = model.step(x[..., t], state)
+        out.append(y)
+    return torch.stack(out, dim=-1)
+
+
+def _smooth_signal(length: int, chans: int = 1) -> torch.Tensor:
+    """A few low harmonics on [0, 1), sampled at `length` points: (1, chans, length) float64."""
+    t = torch.arange(length, dtype=torch.float64) / length
+    x = torch.stack([torch.sin(2 * math.pi * (3 + c) * t) + 0.5 * torch.cos(2 * math.pi * 5 * t + c)
+                     for c in range(chans)])
+    return x[None]
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_model_step_equals_convolutional_forward(kernel):
+    """Stepping the whole model (stem, S4 layers, GELU, GLU, residuals, norms) sample by sample gives the
+    features of the convolutional forward at every position, at the training rate and at rate 2."""
+    model = _model(kernel=kernel, seq_len=48, in_chans=2, d_state=8)
+    torch.manual_seed(1)
+    x = torch.randn(3, 2, 48, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(_step_through(model, x), model.forward_features(x))
+        half = x[..., :24]  # 24 samples against seq_len 48: the convolution runs at rate 2
+        torch.testing.assert_close(_step_through(model, half, rate=2.0), model.forward_features(half))
+        # after 10 steps, the head with global_pool='last' gives the logits of position 9 of the causal forward
+        model.reset_classifier(5, global_pool='last')
+        state = model.default_state(3)
+        for t in range(10):
+            y, state = model.step(x[..., t], state)
+        expected = model.forward_head(model.forward_features(x)[..., 9:10])
+        torch.testing.assert_close(model.forward_head(y[..., None]), expected)
+    assert [s.shape for s in state.states] == [(3, 16, 4 if kernel == 's4d' else 8)] * 4
+
+
+def test_recurrent_view_errors():
+    x = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match='causal 1D'):
+        _model(bidirectional=True).default_state(2)
+    with pytest.raises(ValueError, match="mixer='s4nd'"):
+        _model('conv_seq_tiny').default_state(2)
+    with pytest.raises(ValueError, match='SSM kernel'):
+        _model(kernel='sgconv').default_state(2)
+    model = _model()
+    state = model.default_state(2)
+    with pytest.raises(ValueError, match=r'one sample \(B, 1\)'):
+        model.step(torch.zeros(2, 1, 5), state)
+    with pytest.raises(ValueError, match='state holds'):
+        model.step(x.double(), state._replace(states=state.states[:2]))
+
+
+def test_input_and_argument_errors():
+    model = _model()
+    with pytest.raises(ValueError, match=r'\(B, C, L\)'):
+        model(torch.zeros(1, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match='input channels'):
+        model(torch.zeros(1, 3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match='global_pool'):
+        timm.create_model('s4nd_seq_atto', global_pool='token')
+    with pytest.raises(ValueError, match='mixer'):
+        timm.create_model('s4nd_seq_atto', mixer='attention')
+    with pytest.raises(ValueError, match='seq_len'):
+        model.set_input_size(0)
+
+
+@pytest.mark.parametrize('bidirectional', [False, True])
+def test_half_sampling_rate_matches_to_interpolation_error(bidirectional):
+    """A smooth signal at half the sampling rate: with the rate following the input (kernels referenced to
+    seq_len), the features match the full-rate features at the shared instants to a few percent; run at
+    rate 1 (the half-rate length made the reference), they do not match at all."""
+    model = _model(seq_len=512, bidirectional=bidirectional, d_state=16, dt_max=0.02, num_classes=0)
+    x = _smooth_signal(512)
+    with torch.no_grad():
+        full = model.forward_features(x)[..., ::2]
+        half = model.forward_features(x[..., ::2])
+        model.set_input_size(256)
+        half_rate1 = model.forward_features(x[..., ::2])
+    scale = full.abs().max()
+    assert (half - full).abs().max() / scale < 0.08
+    assert (half_rate1 - full).abs().max() / scale > 0.5
+
+
+def test_layer_rate_two_on_half_rate_signal():
+    """The same for one S4ND layer without l_ref, given rate=2 explicitly."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=1, d_state=16, dt_max=0.02, bidirectional=False).double()
+    x = _smooth_signal(512, chans=4)
+    with torch.no_grad():
+        full = layer(x)[..., ::2]
+        half = layer(x[..., ::2], rate=2.0)
+        half_rate1 = layer(x[..., ::2])
+    scale = full.abs().max()
+    assert (half - full).abs().max() / scale < 0.05
+    assert (half_rate1 - full).abs().max() / scale > 0.5
+
+
+@pytest.mark.parametrize('name,kw', [('s4nd_seq_atto', {}), ('s4nd_seq_atto', dict(kernel='sgconv')),
+                                     ('conv_seq_tiny', dict(dim=16))])
+def test_classifier_trains_a_few_steps(name, kw):
+    """Two classes of noisy tones (low vs high frequency): the loss falls over 20 Adam steps."""
+    torch.manual_seed(0)
+    length, n = 64, 32
+    labels = torch.arange(n) % 2
+    t = torch.arange(length) / length
+    freq = torch.where(labels == 0, 2.0, 9.0)[:, None]
+    x = torch.sin(2 * math.pi * freq * t + torch.rand(n, 1) * 6.28) + 0.3 * torch.randn(n, length)
+    model = timm.create_model(name, seq_len=length, num_classes=2, **kw)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(x[:, None]), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+
+
+def test_sequential_mnist_5k():
+    images = MNIST5k('val')
+    seqs = SequentialMNIST5k('val')
+    assert len(seqs) == len(images) == 1000
+    torch.testing.assert_close(seqs[3][0], flatten_image(images[3][0]))  # raster order of the same digit
+    assert seqs[3][1] == images[3][1] and seqs[3][0].shape == (1, 784)
+    half = SequentialMNIST5k('val', cols=14, transform=lambda s: s * 2)
+    assert half[3][0].shape == (1, 392) and half.rows == 28
+    # each row resampled on its own: row r of the half-rate sequence is row r of the 28 x 14 image
+    row = F.interpolate(images.images[3:4], size=(28, 14), mode='bilinear', antialias=True, align_corners=False)
+    torch.testing.assert_close(half[3][0][0, 14:28], 2 * row[0, 0, 1].clamp(0, 1))
+    with pytest.raises(ValueError, match='cols'):
+        SequentialMNIST5k(cols=0)
+    with pytest.raises(ValueError, match='split'):
+        SequentialMNIST5k('test')
+    with pytest.raises(ValueError, match=r'\(C, H, W\)'):
+        flatten_image(torch.zeros(28, 28))
+
+
+def test_sequential_mnist_experiment_runs_small():
+    from s4nd_vision.eval.sequential import format_table, run_sequential_mnist
+    logged = []
+    rows = run_sequential_mnist(models=('s4nd_seq_atto', 'conv_seq_tiny'), rows=4, cols=4, epochs=1, batch_size=25,
+                                train_limit=50, model_kwargs=dict(dim=8, depth=1), log=logged.append)
+    assert [r['model'] for r in rows] == ['s4nd_seq_atto', 'conv_seq_tiny']
+    for row in rows:
+        assert row['train_len'] == 16 and [k for k in row if k.startswith('acc@')] == ['acc@8', 'acc@16', 'acc@32']
+        assert all(0 <= row[k] <= 1 for k in ('acc@8', 'acc@16', 'acc@32'))
+    assert any('epoch 1/1' in line for line in logged)
+    table = format_table(rows).splitlines()
+    assert table[0] == '| model | 8 samples | 16 samples (train) | 32 samples |' and len(table) == 4
+    with pytest.raises(ValueError, match='cols must be even'):
+        run_sequential_mnist(cols=7)
