@@ -287,7 +287,8 @@ See s4nd_vision.models.inflate for what each option does to the output on static
         _benchmark_arguments, _benchmark_run),
     'flops': Command(
         "count a model's multiply-adds (fvcore, with FFT and complex handles)",
-        """Count an image model's multiply-adds (fvcore's "FLOPs") with the FFT and complex handles of s4nd_vision.bench.flops.
+        """Count an image model's multiply-adds (fvcore's "FLOPs"), with the FFT and complex handles of
+s4nd_vision.bench.flops.
 
     s4nd-vision flops convnext_s4nd_tiny convnext_tiny --img-size 224 --algorithm fft
 

@@ -1,4 +1,7 @@
-"""Command line of the trainer: `s4nd-vision train` / `tools/train.py --config FILE [section.key=value ...] [--resume [CHECKPOINT]]`."""
+"""Command line of the trainer (`s4nd-vision train`, `tools/train.py`).
+
+    s4nd-vision train --config FILE|NAME [section.key=value ...] [--resume [CHECKPOINT]]
+"""
 import argparse
 import sys
 from typing import Optional, Sequence

@@ -318,7 +318,7 @@ def _packaged_root():  # an importlib.resources Traversable
 
 
 def packaged_configs() -> List[str]:
-    """Names of the YAML configs shipped in the package (s4nd_vision/configs), e.g. 'imagenet/convnext_s4nd_tiny.yaml'."""
+    """Names of the YAML configs shipped in s4nd_vision/configs, e.g. 'imagenet/convnext_s4nd_tiny.yaml'."""
     names = []
     for folder in _packaged_root().iterdir():
         if folder.is_dir():
