@@ -320,14 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None):
-    """`s4nd-vision COMMAND [ARGS]` (the console script); returns what the command's function returns."""
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`s4nd-vision COMMAND [ARGS]`, the console script (which exits with what this returns: None is success)."""
     args = build_parser().parse_args(argv)
-    return COMMANDS[args._command].run(args, args._parser)
+    COMMANDS[args._command].run(args, args._parser)
 
 
 def tool_main(name: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
-    """One command as a standalone program (the repository's `tools/<name>.py` wrappers)."""
+    """One command as a standalone program (the repository's `tools/<name>.py` wrappers); returns its result."""
     command = COMMANDS[name]
     parser = _command_parser(name, argparse.ArgumentParser(
         prog=prog or os.path.basename(sys.argv[0]), description=command.description, formatter_class=_RAW))
