@@ -86,7 +86,8 @@ def test_config_errors_name_the_key(tmp_path, folder):
 
 
 @pytest.mark.parametrize('path', sorted(
-    os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, 'configs')) for f in files if f.endswith('.yaml')))
+    os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, 's4nd_vision', 'configs'))
+    for f in files if f.endswith('.yaml')))
 def test_shipped_configs_load(path, folder):
     data = {'imagenet': [f'data.root={folder}'], 'hmdb51': [f'data.root={folder}', f'data.split_dir={folder}']}
     cfg = load_config(path, data.get(os.path.basename(os.path.dirname(path)), []))

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
-"""Smoke run: create convnext_s4nd_tiny with timm and run it at two resolutions (see s4nd_vision.bench.smoke)."""
-from s4nd_vision.bench.smoke import main
+"""`s4nd-vision smoke` from a checkout, with the same arguments (see s4nd_vision.cli, or --help)."""
+from functools import partial
+
+from s4nd_vision.cli import tool_main
+
+main = partial(tool_main, 'smoke')
 
 if __name__ == '__main__':
     main()

@@ -1,12 +1,10 @@
 #!/usr/bin/env python
-"""Train a timm model from a YAML config, on one process or many (see s4nd_vision.train).
+"""`s4nd-vision train` from a checkout, with the same arguments (see s4nd_vision.cli, or --help)."""
+from functools import partial
 
-    python tools/train.py --config configs/imagenet/convnext_s4nd_tiny.yaml data.root=/data/imagenet
-    accelerate launch --multi_gpu --num_processes 8 tools/train.py --config ... [--resume]
-"""
-from s4nd_vision.utils.runtime import keep_freed_memory
-from s4nd_vision.train.cli import main
+from s4nd_vision.cli import tool_main
+
+main = partial(tool_main, 'train')
 
 if __name__ == '__main__':
-    keep_freed_memory()  # reuse freed memory instead of page-faulting it in again (CPU speed)
     main()

@@ -3,7 +3,6 @@
 The weights are untrained (random); this checks the install, the timm registration and the
 resolution control, and prints the time of each forward pass.
 """
-import argparse
 import time
 from typing import Sequence
 
@@ -33,13 +32,6 @@ def run(model_name: str = 'convnext_s4nd_tiny', resolutions: Sequence[int] = (22
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--model', default='convnext_s4nd_tiny')
-    parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 288])
-    parser.add_argument('--batch-size', type=int, default=2)
-    args = parser.parse_args()
-    run(args.model, args.resolutions, args.batch_size)
-
-
-if __name__ == '__main__':
-    main()
+    """The command line (`s4nd-vision smoke`, `tools/smoke.py`)."""
+    from ..cli import tool_main
+    tool_main('smoke')

@@ -9,6 +9,7 @@ at 64, 96 and 128 px. Prints the accuracy table and writes the CSV and the plot.
 Runs are resumable: run the demo again after an interruption and each model continues from its
 last checkpoint (a finished model is not trained again).
 """
+import importlib.resources
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,14 +18,13 @@ from .resolution import CSV_NAME, PLOT_NAME, eval_resolution, format_table, load
 
 __all__ = ['SETTINGS', 'DemoSetting', 'run_demo', 'retention']
 
-# configs/ sits next to the package, in the repository root (s4nd_vision/eval/demo.py -> configs/demo)
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_DIR = os.path.join(_REPO_ROOT, 'configs', 'demo')
+# the demo's configs ship inside the package (s4nd_vision/configs/demo), so an installed wheel finds them
+CONFIG_DIR = str(importlib.resources.files('s4nd_vision').joinpath('configs', 'demo'))
 
 
 @dataclass(frozen=True)
 class DemoSetting:
-    config: str  # YAML file in configs/demo
+    config: str  # YAML file in s4nd_vision/configs/demo
     s4nd_model: str
     baseline: str
     resolutions: Tuple[int, ...]  # the first is the training resolution

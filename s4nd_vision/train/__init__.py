@@ -2,8 +2,9 @@
 
 `config` (the YAML schema and its checks), `trainer` (the loop), `data` (one class per kind of data), `checkpoint`
 (atomic checkpoints, resume, exported weights), `metrics` (metrics.csv, trackers), `optim` (SSM parameter groups),
-`cli` (`tools/train.py`).
+`cli` (`s4nd-vision train`, `tools/train.py`).
 """
+from . import optim
 from .checkpoint import TrainState, latest_checkpoint
 from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
 from .trainer import Trainer, TrainingDiverged

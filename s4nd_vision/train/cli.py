@@ -1,4 +1,6 @@
-"""Command line of the trainer: `tools/train.py --config FILE [section.key=value ...] [--resume [CHECKPOINT]]`.
+"""Command line of the trainer (`s4nd-vision train`, `tools/train.py`).
+
+    s4nd-vision train --config FILE|NAME [section.key=value ...] [--resume [CHECKPOINT]]
 
 Exit status 2: a configuration problem (one line naming the key); 3: training diverged (the loss stayed
 non-finite past `train.max_nonfinite_steps`; nothing non-finite was written).
@@ -9,14 +11,12 @@ from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
 
-__all__ = ['main']
+__all__ = ['add_arguments', 'run', 'main']
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description='Train a timm model (S4ND backbones and baselines) with Accelerate from a YAML config.',
-        epilog='Overrides use dotted keys, e.g. optim.lr=1e-3 train.epochs=5 data.root=/data/imagenet')
-    parser.add_argument('--config', help='YAML config file (configs/...)')
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--config', help='YAML config file, or a packaged config name such as '
+                                         'imagenet/convnext_s4nd_tiny.yaml (configs/... also accepted)')
     parser.add_argument('overrides', nargs='*', help='section.key=value overrides (values parsed as YAML)')
     parser.add_argument('--resume', nargs='?', const=True, default=False,
                         help='continue from the latest checkpoint in train.output_dir, or from CHECKPOINT '
@@ -24,9 +24,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument('--allow-fresh', action='store_true',
                         help='with --resume: start a fresh run when train.output_dir holds no checkpoint yet '
                              '(job scripts that may be preempted and restarted)')
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """Train with parsed arguments; a bad config exits with status 2, a diverged run with 3 (one-line errors)."""
     if args.allow_fresh and args.resume is not True:
-        parser.error('--allow-fresh goes with --resume (without a CHECKPOINT)')
+        message = '--allow-fresh goes with --resume (without a CHECKPOINT)'
+        if parser is not None:
+            parser.error(message)
+        print(f'error: {message}', file=sys.stderr)
+        sys.exit(2)
     try:
         cfg = load_config(args.config, args.overrides)
         from .trainer import Trainer, TrainingDiverged  # heavy imports after the config is known to be good
@@ -41,3 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except TrainingDiverged as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(3)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description='Train a timm model (S4ND backbones and baselines) with Accelerate from a YAML config.',
+        epilog='Overrides use dotted keys, e.g. optim.lr=1e-3 train.epochs=5 data.root=/data/imagenet')
+    add_arguments(parser)
+    return run(parser.parse_args(argv), parser)

@@ -17,6 +17,7 @@ to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`,
 """
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, 
 
 import yaml
 
-__all__ = ['ConfigError', 'Config', 'load_config', 'apply_overrides', 'config_to_dict']
+__all__ = ['ConfigError', 'Config', 'load_config', 'apply_overrides', 'config_to_dict', 'packaged_configs']
 
 
 class ConfigError(ValueError):
@@ -432,17 +433,46 @@ def _yaml_problem(e: 'yaml.YAMLError') -> str:
     return ' '.join(f'{problem}{where}'.split())
 
 
+def _packaged_root():  # an importlib.resources Traversable
+    return importlib.resources.files('s4nd_vision').joinpath('configs')
+
+
+def packaged_configs() -> List[str]:
+    """Names of the YAML configs shipped in s4nd_vision/configs, e.g. 'imagenet/convnext_s4nd_tiny.yaml'."""
+    names = []
+    for folder in _packaged_root().iterdir():
+        if folder.is_dir():
+            names += [f'{folder.name}/{f.name}' for f in folder.iterdir() if f.name.endswith('.yaml')]
+    return sorted(names)
+
+
+def _read_config(path: str) -> str:
+    """The text of a config file, or of a packaged config named with or without a leading 'configs/'."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    name = path.replace(os.sep, '/')
+    name = name[len('configs/'):] if name.startswith('configs/') else name
+    packaged = _packaged_root().joinpath(*name.split('/')) if name and not os.path.isabs(path) else None
+    if packaged is not None and packaged.is_file():
+        return packaged.read_text()
+    raise ConfigError(f'config file not found: {path} (neither a file nor a packaged config; '
+                      f'packaged: {", ".join(packaged_configs())})')
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or start from the defaults), apply overrides, build and validate it."""
+    """Read a YAML config (or start from the defaults), apply overrides, build and validate it.
+
+    `path` is a YAML file, or the name of a config shipped in the package (`packaged_configs()`), such as
+    `imagenet/convnext_s4nd_tiny.yaml`, optionally as `configs/imagenet/convnext_s4nd_tiny.yaml`; an existing
+    file of that name wins.
+    """
     tree: Dict[str, Any] = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f'config file not found: {path}')
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f'{path} is not valid YAML: {_yaml_problem(e)}') from None
+        try:
+            tree = yaml.safe_load(_read_config(path)) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path} is not valid YAML: {_yaml_problem(e)}') from None
         if not isinstance(tree, dict):
             raise ConfigError(f'{path} must hold a mapping of sections, got {type(tree).__name__}')
     apply_overrides(tree, overrides)

@@ -1,0 +1,364 @@
+"""The `s4nd-vision` command: one entry point, a subcommand per job.
+
+    s4nd-vision demo [--setting iso|convnext]          # zero-shot resolution demo on built-in data
+    s4nd-vision train --config imagenet/convnext_s4nd_tiny.yaml data.root=/data/imagenet
+    s4nd-vision eval-resolution --models ... --resolutions 14 20 28 42
+    s4nd-vision inflate 2d.safetensors 3d.safetensors --model convnext_s4nd_3d_tiny
+    s4nd-vision benchmark | flops MODEL ... | smoke
+
+`python -m s4nd_vision ...` is the same command (e.g. `accelerate launch -m s4nd_vision train ...`), and each
+`tools/<name>.py` script of the repository is `s4nd-vision <name>` with the same arguments. The heavy modules are
+imported by the subcommand that needs them.
+"""
+import argparse
+import os
+import sys
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
+
+__all__ = ['COMMANDS', 'main', 'tool_main', 'build_parser']
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+class Command(NamedTuple):
+    help: str  # one line, in `s4nd-vision --help`
+    description: str  # the subcommand's --help text
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, argparse.ArgumentParser], object]
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval.demo import SETTINGS
+    parser.add_argument('--setting', choices=sorted(SETTINGS), default='iso')
+    parser.add_argument('--out', default=None, help='output folder (default: output/demo/<setting>)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--bandlimit', type=float, default=None,
+                        help='S4ND band-limit cut-off (masks kernel modes above bandlimit/2 cycles per step); '
+                             'default off (see the README)')
+    parser.add_argument('--epochs', type=int, default=None, help="override the config's epochs")
+    parser.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap the updates per epoch (quick check)')
+
+
+def _demo_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .eval.demo import run_demo
+    from .utils.runtime import keep_freed_memory
+    keep_freed_memory()  # reuse freed memory instead of page-faulting it in again (CPU speed)
+    return run_demo(args.setting, out_dir=args.out or f'output/demo/{args.setting}', seed=args.seed,
+                    bandlimit=args.bandlimit, epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch)
+
+
+# --------------------------------------------------------------------------------------------- train
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train.cli import add_arguments
+    add_arguments(parser)
+
+
+def _train_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .train.cli import run
+    from .utils.runtime import keep_freed_memory
+    keep_freed_memory()
+    return run(args, parser)
+
+
+# --------------------------------------------------------------------------------------- eval-resolution
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--models', nargs='+', required=True, help='timm model names')
+    parser.add_argument('--checkpoints', nargs='+', default=None,
+                        help='one weights file per model (safetensors or torch); omit for untrained models')
+    parser.add_argument('--labels', nargs='+', default=None, help='one display name per model (default: the names)')
+    parser.add_argument('--data', default='mnist', help="'mnist' (built-in MNIST-5k) or an ImageFolder directory")
+    parser.add_argument('--split', default='validation', help='sub-folder of an ImageFolder --data to use, if present')
+    parser.add_argument('--resolutions', nargs='+', type=int, required=True, help='input sides in pixels')
+    parser.add_argument('--train-resolution', type=int, default=None,
+                        help="the models' training resolution: the reference grid of S4ND kernels")
+    parser.add_argument('--bandlimit', type=float, default=None,
+                        help='band-limiting cut-off of the S4ND models, as trained (default: their own, off)')
+    parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
+    parser.add_argument('--crop-pct', type=float, default=None, help="ImageFolder center crop (default: each model's)")
+    parser.add_argument('--mean', type=float, nargs='+', default=None,
+                        help="input normalization the models were trained with (default: each model's cfg), "
+                             'e.g. --mean 0.1307 --std 0.3081 for the MNIST demo models')
+    parser.add_argument('--std', type=float, nargs='+', default=None, help='see --mean')
+    parser.add_argument('--out', default='output/eval_resolution', help='folder for the CSV and PNG')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--device', default='cpu')
+
+
+def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    checkpoints = args.checkpoints or [None] * len(args.models)
+    labels = args.labels or args.models
+    for flag, values in (('--checkpoints', checkpoints), ('--labels', labels)):
+        if len(values) != len(args.models):
+            parser.error(f'{flag} needs one entry per model ({len(args.models)}), got {len(values)}')
+    if len(set(labels)) != len(labels):
+        parser.error('two models share a display name: pass distinct --labels')
+    from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
+    norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
+    model_kwargs = dict(pretrained_cfg_overlay=norm) if norm else None
+    try:
+        num_classes = dataset_num_classes(args.data, args.split)
+        models = {
+            label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
+                              model_kwargs=model_kwargs)
+            for label, name, ckpt in zip(labels, args.models, checkpoints)
+        }
+        rows = eval_resolution(
+            models, args.data, args.resolutions, train_resolution=args.train_resolution, split=args.split,
+            batch_size=args.batch_size, device=args.device, num_workers=args.workers, crop_pct=args.crop_pct,
+            out_dir=args.out)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f'error: {e}')
+    print(format_table(rows))
+    print(f'wrote {args.out}/accuracy_vs_resolution.csv and {args.out}/accuracy_vs_resolution.png')
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- inflate
+
+def _inflate_arguments(parser: argparse.ArgumentParser) -> None:
+    from timm.utils import ParseKwargs
+
+    from .models.inflate import CONV_MODES, TIME_INITS
+    parser.add_argument('source', help='2D checkpoint: safetensors, or a torch checkpoint with or without a '
+                        'wrapper (its EMA weights first, as timm loads them)')
+    parser.add_argument('output', help='where to write the 3D weights (safetensors)')
+    parser.add_argument('--model', required=True, help='3D timm model: convnext_s4nd_3d_tiny, convnext_3d_tiny, ...')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='model constructor arguments, e.g. stem_type=patch downsample_type=conv')
+    parser.add_argument('--time-init', choices=TIME_INITS, default='smooth')
+    parser.add_argument('--time-decay', type=float, default=1.0, help='smooth time kernel decay, in frames')
+    parser.add_argument('--conv-mode', choices=CONV_MODES, default='repeat')
+    parser.add_argument('--keep-head', action='store_true', help='keep the 2D classifier (head.fc)')
+
+
+def _inflate_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .models.inflate import inflate_checkpoint
+    try:
+        weights = inflate_checkpoint(
+            args.source, args.output, args.model, args.model_kwargs, time_init=args.time_init,
+            time_decay=args.time_decay, conv_mode=args.conv_mode, keep_head=args.keep_head)
+    except (OSError, ValueError) as e:  # a missing or wrong file, weights that do not fit the model
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'wrote {len(weights)} tensors for {args.model} to {args.output}')
+    return weights
+
+
+# ----------------------------------------------------------------------------------------- benchmark
+
+def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    import torch
+    what = ['layers', 'kernels', 'step', 'scaling', 'models']
+    parser.add_argument('--what', nargs='+', choices=what, default=what)
+    parser.add_argument('--step-lengths', nargs='+', type=int, default=[1024, 16384],
+                        help="sequence lengths of the 'step' rows (recurrent step vs recomputed convolution)")
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
+                        help='model pairs NAME[,key=value...]:BASELINE, '
+                             'e.g. vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
+    parser.add_argument('--compile', action='store_true', help='run both models through torch.compile')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--json', default=None, help='write the rows to this JSON file')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="leave glibc's allocator as it is "
+                             "(by default freed memory is kept: s4nd_vision.utils.runtime)")
+
+
+def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import torch
+
+    from .bench.benchmark import (
+        bench_kernels, bench_layers, bench_models, bench_scaling, bench_step, format_table, parse_pair, write_json)
+    from .utils.runtime import keep_freed_memory
+    if not args.default_malloc:
+        keep_freed_memory()
+    rows = []
+    if 'layers' in args.what:
+        rows += bench_layers(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
+        print(format_table(rows), flush=True)
+    if 'kernels' in args.what:
+        kernel_rows = bench_kernels(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
+        print(format_table(kernel_rows), flush=True)
+        rows += kernel_rows
+    if 'step' in args.what:
+        step_rows = bench_step(lengths=args.step_lengths, device=args.device, repeats=args.repeats)
+        print(format_table(step_rows), flush=True)
+        rows += step_rows
+    if 'scaling' in args.what:
+        scaling_rows = bench_scaling(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
+        print(format_table(scaling_rows[1:]), flush=True)  # rows after the first carry the growth columns
+        rows += scaling_rows
+    if 'models' in args.what:
+        amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
+        model_rows = bench_models(
+            pairs=[parse_pair(p) for p in args.pairs], img_size=args.img_size, batch_size=args.batch_size,
+            device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile)
+        print(format_table(model_rows), flush=True)
+        rows += model_rows
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
+        write_json(rows, args.json)
+        print(f'wrote {args.json}')
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- flops
+
+def _flops_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('models', nargs='+', help='timm model names')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batch-size', type=int, default=1,
+                        help='counts are per batch; the S4ND algorithm rule depends on it')
+    parser.add_argument('--algorithm', choices=['rule', 'fft', 'toeplitz'], default='rule',
+                        help="S4ND convolution algorithm: the per-axis rule, or one for every axis")
+
+
+def _flops_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import logging
+
+    import torch
+
+    from .layers import ops
+    logging.getLogger('fvcore').setLevel(logging.ERROR)  # unsupported ops are printed below instead
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    with ops.conv_algorithm(None if args.algorithm == 'rule' else args.algorithm):
+        _count_flops(args, x)
+
+
+def _count_flops(args: argparse.Namespace, x) -> None:
+    """Print the counts of every model in `args.models` for the input x."""
+    import timm
+    from fvcore.nn import FlopCountAnalysis
+
+    from .bench.flops import count_flops
+    for name in args.models:
+        model = timm.create_model(name).eval()
+        if hasattr(model, 'set_input_size'):  # the S4ND models' reference grid (timm ViTs: the patch grid)
+            model.set_input_size(img_size=args.img_size)
+        counted = count_flops(model, (x,))
+        plain = FlopCountAnalysis(model, (x,))
+        top = ', '.join(f'{op} {v / 1e9:.3f}' for op, v in counted.by_operator().most_common())
+        print(f'{name} @ {args.img_size}, batch {args.batch_size}, algorithm {args.algorithm}: '
+              f'{counted.total() / 1e9:.3f} GMACs ({2 * counted.total() / 1e9:.2f} GFLOPs); '
+              f'plain fvcore {plain.total() / 1e9:.3f} GMACs')
+        print(f'  by operator (GMACs): {top}')
+        print(f'  not counted: {dict(counted.unsupported_ops())}')
+
+
+# --------------------------------------------------------------------------------------------- smoke
+
+def _smoke_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', default='convnext_s4nd_tiny')
+    parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 288])
+    parser.add_argument('--batch-size', type=int, default=2)
+
+
+def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .bench.smoke import run
+    run(args.model, args.resolutions, args.batch_size)
+
+
+COMMANDS: Dict[str, Command] = {
+    'demo': Command(
+        'zero-shot resolution demo on built-in data (no downloads)',
+        """Zero-shot resolution demo on built-in data (no downloads): train at a low resolution, test at higher ones.
+
+    s4nd-vision demo                      # isotropic S4ND vs its conv twin, 14 px -> 14/20/28/42 px
+    s4nd-vision demo --setting convnext   # ConvNeXt-S4ND vs ConvNeXt, 64 px -> 64/96/128 px (longer)
+    s4nd-vision demo --epochs 1 --max-steps-per-epoch 2 --out /tmp/demo   # a quick check of the pipeline
+
+See s4nd_vision.eval.demo.""",
+        _demo_arguments, _demo_run),
+    'train': Command(
+        'train a timm model from a YAML config (one process or many)',
+        """Train a timm model (S4ND backbones and baselines) with Accelerate from a YAML config.
+
+    s4nd-vision train --config imagenet/convnext_s4nd_tiny.yaml data.root=/data/imagenet
+    accelerate launch --multi_gpu --num_processes 8 -m s4nd_vision train --config ... [--resume]
+
+--config is a YAML file or the name of a config shipped in the package (demo/, imagenet/, hmdb51/;
+a leading configs/ is accepted). Overrides use dotted keys, e.g. optim.lr=1e-3 train.epochs=5.""",
+        _train_arguments, _train_run),
+    'eval-resolution': Command(
+        'accuracy of models at resolutions they were (or were not) trained at',
+        """Zero-shot resolution evaluation: accuracy of models at resolutions they were (or were not) trained at.
+
+    s4nd-vision eval-resolution --models s4nd_iso_tiny conv_iso_tiny \\
+        --checkpoints out/s4nd/best.safetensors out/conv/best.safetensors \\
+        --data mnist --train-resolution 14 --resolutions 14 20 28 42 --out output/zero_shot
+
+Prints a top-1/top-5 table and writes accuracy_vs_resolution.csv and .png to --out
+(see s4nd_vision.eval.resolution).""",
+        _eval_arguments, _eval_run),
+    'inflate': Command(
+        'inflate a 2D checkpoint into the weights of a 3D (video) model',
+        """Inflate a 2D checkpoint into the weights of a 3D (video) model, saved as safetensors.
+
+    s4nd-vision inflate convnext_s4nd_tiny.safetensors video_init.safetensors --model convnext_s4nd_3d_tiny
+    s4nd-vision inflate convnext_tiny.safetensors baseline_init.safetensors --model convnext_3d_tiny
+
+The output loads with timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUTPUT)).
+See s4nd_vision.models.inflate for what each option does to the output on static clips.""",
+        _inflate_arguments, _inflate_run),
+    'benchmark': Command(
+        'time and memory of S4ND against the depthwise conv / ConvNeXt it replaces',
+        """Benchmark S4ND against the depthwise conv / ConvNeXt it replaces (ratios in one process).
+
+    s4nd-vision benchmark --what layers kernels step scaling models --batch-size 8 --json output/benchmark.json""",
+        _benchmark_arguments, _benchmark_run),
+    'flops': Command(
+        "count a model's multiply-adds (fvcore, with FFT and complex handles)",
+        """Count an image model's multiply-adds (fvcore's "FLOPs"), with the FFT and complex handles of
+s4nd_vision.bench.flops.
+
+    s4nd-vision flops convnext_s4nd_tiny convnext_tiny --img-size 224 --algorithm fft
+
+Prints, per model: GMACs with the handles, fvcore's own count (FFTs and complex products as 0),
+the largest operators, and the ops still left uncounted.""",
+        _flops_arguments, _flops_run),
+    'smoke': Command(
+        'build a model through timm and run it at several resolutions',
+        'Smoke run: create convnext_s4nd_tiny with timm and run it at two resolutions (see s4nd_vision.bench.smoke).',
+        _smoke_arguments, _smoke_run),
+}
+
+
+def _command_parser(name: str, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    COMMANDS[name].add_arguments(parser)
+    parser.set_defaults(_command=name, _parser=parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `s4nd-vision` parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog='s4nd-vision', description=__doc__, formatter_class=_RAW)
+    from . import __version__
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    sub = parser.add_subparsers(title='commands', metavar='COMMAND', required=True)
+    for name, command in COMMANDS.items():
+        _command_parser(name, sub.add_parser(name, help=command.help, description=command.description,
+                                             formatter_class=_RAW))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`s4nd-vision COMMAND [ARGS]`, the console script (which exits with what this returns: None is success)."""
+    args = build_parser().parse_args(argv)
+    COMMANDS[args._command].run(args, args._parser)
+
+
+def tool_main(name: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
+    """One command as a standalone program (the repository's `tools/<name>.py` wrappers); returns its result."""
+    command = COMMANDS[name]
+    parser = _command_parser(name, argparse.ArgumentParser(
+        prog=prog or os.path.basename(sys.argv[0]), description=command.description, formatter_class=_RAW))
+    args = parser.parse_args(argv)
+    return command.run(args, parser)

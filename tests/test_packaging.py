@@ -1,0 +1,154 @@
+"""The package as users get it: a built wheel installed into a fresh virtual environment, run outside the repository.
+
+The wheel is built from a copy of the sources (no editable install, no repository on the path), installed with
+`--no-deps` into a new venv whose dependencies come from this interpreter's site-packages through a .pth file
+(a .pth path line adds the folder without running the .pth files inside it, so this environment's editable
+install of s4nd_vision stays invisible there).
+"""
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import yaml
+
+import s4nd_vision
+from s4nd_vision.cli import COMMANDS, main
+from s4nd_vision.train.config import ConfigError, _read_config, load_config, packaged_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ('pyproject.toml', 'README.md', 'LICENSE', 's4nd_vision')
+
+
+def _venv_paths(venv: str):
+    scheme = {'base': venv, 'platbase': venv}
+    purelib = sysconfig.get_path('purelib', 'venv' if 'venv' in sysconfig.get_scheme_names() else None, scheme)
+    bindir = sysconfig.get_path('scripts', 'venv' if 'venv' in sysconfig.get_scheme_names() else None, scheme)
+    return purelib, bindir
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory):
+    """(bin folder, environment, a working folder outside the repository) of a venv holding only the built wheel."""
+    tmp = tmp_path_factory.mktemp('wheel')
+    src = tmp / 'src'
+    src.mkdir()
+    for name in SOURCES:
+        (shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy)(
+            os.path.join(ROOT, name), src / name)
+    for cache in src.rglob('__pycache__'):
+        shutil.rmtree(cache)
+    # no build isolation: the build backend comes from this environment (setuptools>=77 is in the dev extra)
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-build-isolation',
+                    '--no-index', '-w', str(tmp / 'dist'), str(src)], check=True, capture_output=True, text=True)
+    wheels = list((tmp / 'dist').glob('s4nd_vision-*.whl'))
+    assert len(wheels) == 1, wheels
+
+    venv = str(tmp / 'venv')
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', venv], check=True)
+    purelib, bindir = _venv_paths(venv)
+    python = os.path.join(bindir, 'python')
+    parent = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-packages') and os.path.isdir(p)]
+    with open(os.path.join(purelib, '_parent_site_packages.pth'), 'w') as f:
+        f.write('\n'.join(parent) + '\n')
+    # -I: install even though this environment's editable s4nd-vision of the same version is visible through the .pth
+    subprocess.run([sys.executable, '-m', 'pip', '--python', python, 'install', '--quiet', '--no-deps', '--no-index',
+                    '-I', str(wheels[0])], check=True, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONHOME', 'VIRTUAL_ENV')}
+    env['PATH'] = bindir + os.pathsep + env.get('PATH', '')
+    work = tmp / 'work'
+    work.mkdir()
+    return bindir, env, str(work), purelib
+
+
+def _run(installed, *args, timeout=300):
+    bindir, env, work, _ = installed
+    return subprocess.run([os.path.join(bindir, args[0]), *args[1:]], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_wheel_imports_its_own_copy_with_configs_and_metadata(installed):
+    _, _, _, purelib = installed
+    result = _run(installed, 'python', '-c', (
+        'import importlib.metadata as m, s4nd_vision, timm; from s4nd_vision.train.config import packaged_configs;'
+        'print(s4nd_vision.__file__); print(len(packaged_configs()));'
+        'print(m.distribution("s4nd-vision").metadata["License-Expression"]);'
+        'print(timm.is_model("convnext_s4nd_tiny"), s4nd_vision.optim.param_groups_ssm.__module__)'))
+    assert result.returncode == 0, result.stderr
+    file, n_configs, license_expr, registered = result.stdout.split('\n')[:4]
+    assert file.startswith(purelib) and not file.startswith(ROOT)
+    assert int(n_configs) == len(packaged_configs()) >= 11
+    assert license_expr == 'Apache-2.0'
+    assert registered == 'True s4nd_vision.train.optim'
+
+
+def test_console_script_lists_every_command_and_train_help(installed):
+    result = _run(installed, 's4nd-vision', '--help')
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in COMMANDS)
+    result = _run(installed, 's4nd-vision', 'train', '--help')
+    assert result.returncode == 0, result.stderr
+    assert '--config' in result.stdout and '--resume' in result.stdout
+    # a packaged config by name, from a folder without configs/: a bad override is the trainer's one-line error
+    result = _run(installed, 's4nd-vision', 'train', '--config', 'configs/demo/mnist_iso.yaml', 'optim.lr=-1')
+    assert result.returncode == 2 and result.stderr.strip() == 'error: optim.lr must be positive, got -1.0'
+
+
+def test_installed_demo_quick_mode(installed):
+    _, _, work, _ = installed
+    result = _run(installed, 's4nd-vision', 'demo', '--epochs', '1', '--max-steps-per-epoch', '2', '--out', 'demo',
+                  timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '| s4nd_iso_tiny |' in result.stdout and '| conv_iso_tiny |' in result.stdout
+    with open(os.path.join(work, 'demo', 'accuracy_vs_resolution.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert {r['model'] for r in rows} == {'s4nd_iso_tiny', 'conv_iso_tiny'} and len(rows) == 8
+
+
+# ----------------------------------------------------------------------- in this process (no install)
+
+def test_packaged_config_names_and_paths_load_the_same(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: names resolve inside the package
+    for name in packaged_configs():
+        with open(os.path.join(os.path.dirname(s4nd_vision.__file__), 'configs', name)) as f:
+            text = f.read()
+        assert _read_config(name) == _read_config(f'configs/{name}') == text
+    assert load_config('configs/demo/mnist_iso.yaml').model.name == 's4nd_iso_tiny'
+    with pytest.raises(ConfigError, match='config file not found: imagenet/nope.yaml .*imagenet/convnext_s4nd_tiny'):
+        load_config('imagenet/nope.yaml')
+    # an existing file wins over the packaged config of the same name
+    (tmp_path / 'configs' / 'demo').mkdir(parents=True)
+    (tmp_path / 'configs' / 'demo' / 'mnist_iso.yaml').write_text('model: {name: conv_iso_tiny}\n'
+                                                                 'data: {dataset: mnist}\n')
+    assert load_config('configs/demo/mnist_iso.yaml').model.name == 'conv_iso_tiny'
+    assert load_config('demo/mnist_iso.yaml').model.name == 's4nd_iso_tiny'
+
+
+def test_optim_is_reachable_as_the_readme_uses_it():
+    from s4nd_vision.train.optim import param_groups_ssm
+    assert s4nd_vision.optim.param_groups_ssm is param_groups_ssm
+    assert s4nd_vision.train.optim.param_groups_ssm is param_groups_ssm
+    with pytest.raises(AttributeError, match='no attribute'):
+        s4nd_vision.not_a_module  # noqa: B018
+
+
+@pytest.mark.parametrize('script,command', [
+    ('demo', 'demo'), ('train', 'train'), ('eval_resolution', 'eval-resolution'), ('inflate', 'inflate'),
+    ('benchmark', 'benchmark'), ('flops', 'flops'), ('smoke', 'smoke')])
+def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch):
+    """Each tools/<name>.py takes the arguments of `s4nd-vision <name>` (they live in s4nd_vision.cli)."""
+    monkeypatch.setenv('COLUMNS', '100')
+    spec = importlib.util.spec_from_file_location(f'tool_{script}', os.path.join(ROOT, 'tools', f'{script}.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    helps = []
+    for run in (lambda: tool.main(['--help'], prog='PROG'), lambda: main([command, '--help'])):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 0
+        helps.append(capsys.readouterr().out.replace(f's4nd-vision {command}', 'PROG').split())
+    assert helps[0] == helps[1] and '--help' in helps[0]
