@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from s4nd_vision.layers import S4ND, dispatch, ops  # noqa: E402
-from s4nd_vision.layers import triton_conv  # noqa: E402
+from s4nd_vision.layers import triton_conv, triton_kernels  # noqa: E402
+from s4nd_vision.layers.ssm_kernel import SSMKernel, ssm_kernels  # noqa: E402
 from s4nd_vision.layers.reference import separable_conv_reference  # noqa: E402
 
 
@@ -117,9 +118,11 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
     torch.manual_seed(0)
     layer = S4ND(6, ndim=2, d_state=4, rank=2, pool=2, l_ref=(6, 5))
     x = torch.randn(2, 6, 6, 5).to(memory_format=torch.channels_last)
-    calls = []
+    calls, generated = [], []
     fused = triton_conv.separable_conv2d_cl
     monkeypatch.setattr(triton_conv, 'separable_conv2d_cl', lambda *args, **kw: calls.append(1) or fused(*args, **kw))
+    fused_gen = triton_kernels.ssm_kernels_fused
+    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused', lambda *a, **kw: generated.append(1) or fused_gen(*a, **kw))
     results = []
     for path in ('fast', 'triton'):
         monkeypatch.setattr(dispatch, 'FORCE_PATH', path)
@@ -128,7 +131,7 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
         y = layer(xi)
         y.square().sum().backward()
         results.append((y.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
-    assert len(calls) == 1  # the fused op ran on the 'triton' pass only
+    assert len(calls) == 1 and len(generated) == 1  # the fused ops ran on the 'triton' pass only (both axes at once)
     (y_fast, dx_fast, dp_fast), (y_tri, dx_tri, dp_tri) = results
     assert y_tri.shape == (2, 6, 3, 2) and y_tri.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y_tri, y_fast, rtol=1e-5, atol=1e-5)
@@ -177,6 +180,25 @@ def test_dispatch_picks_the_reference_while_compiling_and_fast_while_tracing(mon
     assert traced(torch.zeros(1)).item() == dispatch.PATHS.index('fast')
     monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
     assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')  # forcing never beats export
+
+
+def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_forced(monkeypatch):
+    torch.manual_seed(0)
+    kernels = [SSMKernel(3, d_state=4, num_kernels=2), SSMKernel(2, d_state=4, num_kernels=2), SSMKernel(2, d_state=6)]
+    lengths, rates = [5, 8, 3], [1.0, 0.5, 2.0]
+    expected = ssm_kernels(kernels, lengths, rates)
+    cpu = dispatch.generate_kernels(kernels, lengths, rates)
+    assert all(torch.equal(a, b) for a, b in zip(cpu, expected))  # the CPU: exactly `ssm_kernels`
+    groups = []
+    fused_gen = triton_kernels.ssm_kernels_fused
+    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused', lambda k, *a: groups.append(len(k)) or fused_gen(k, *a))
+    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
+    forced = dispatch.generate_kernels(kernels, lengths, rates)
+    assert sorted(groups) == [1, 2]  # one launch per (d_state, num_kernels) group
+    for a, b in zip(forced, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert dispatch.generate_kernels(kernels, lengths, rates, torch.float64)[0].dtype == torch.float64
+    assert sorted(groups) == [1, 2]  # float64 stays on `ssm_kernels`
 
 
 def test_dispatch_rejects_unknown_forced_path(monkeypatch):

@@ -17,7 +17,7 @@ from . import dispatch
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSMKernel, ssm_kernels
+from .ssm_kernel import SSMKernel
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
 
@@ -170,7 +170,7 @@ class S4ND(nn.Module):
         """Two-sided 1D kernels for each axis: a list (per axis) of (rank, dim, 2 n - 1) tensors."""
         rates = self.resolve_rate(sizes, rate)
         lengths = self.kernel_lengths(sizes, rates)
-        return self._two_sided(ssm_kernels(self.kernels, lengths, rates, dtype), sizes)
+        return self._two_sided(dispatch.generate_kernels(self.kernels, lengths, rates, dtype), sizes)
 
     def _two_sided(self, generated: Sequence[torch.Tensor], sizes: Sequence[int]) -> list:
         """Per axis, the (rank * directions, dim, length) SSM kernels as (rank, dim, 2 n - 1) two-sided ones."""
@@ -337,7 +337,7 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         lengths += layer.kernel_lengths(sizes, layer_rates)
         rates += layer_rates
     with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
-        generated = iter(ssm_kernels(kernels, lengths, rates, dtype))
+        generated = iter(dispatch.generate_kernels(kernels, lengths, rates, dtype))
     for layer, sizes in layers:
         per_axis = [next(generated) for _ in layer.kernels]
         layer._prepared = ((tuple(sizes), layer.resolve_rate(sizes), dtype), layer._two_sided(per_axis, sizes))
