@@ -16,8 +16,9 @@ one (image, channel block) are read by the programs of its output rows, which ru
 row is the fastest grid axis), so they come from the L2 cache after the first read.
 
 Backward: the input gradient is the same kernel with A and B transposed (`TRANSPOSE`), the skip term spread
-over its pooling windows; the kernel and D gradients come from one program per (image, output row, channel
-block) that recomputes the row's H-axis result and accumulates the tap gradients with atomic adds in fp32.
+over its pooling windows; the kernel and D gradients come from one program per (image, channel block) that
+recomputes each output row's H-axis result, keeps the tap gradients in registers (fp32) and adds them to
+memory once per program (atomic adds across the images).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 """
 from typing import Optional, Tuple
@@ -120,58 +121,79 @@ def _kernel_grad_kernel(
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
         PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
-        BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_IN: tl.constexpr, BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Gradients of the taps (fp32 (R, C, 2H - 1) and (R, C, 2W - 1), contiguous) and of D (fp32 (C,)),
-    accumulated over (b, output row p) programs with atomic adds, given the output gradient g (B, HO, WO, C)."""
-    pid = tl.program_id(0)
-    b = pid // HO
-    p = pid % HO
+    """Gradients of the taps (fp32 (R, C, 2H - 1) and (R, C, 2W - 1), contiguous, zeroed) and of D (fp32 (C,)),
+    given the output gradient g (B, HO, WO, C). One program per (image, channel block) walks the output rows,
+    keeps the tap gradients in registers and adds them to memory once (atomic adds across images)."""
+    b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     w = tl.arange(0, BLOCK_IN)
     w_ok = w < W
     mask2 = w_ok[:, None] & c_ok[None, :]
+    oh = tl.arange(0, BLOCK_OH)
+    ow = tl.arange(0, BLOCK_OW)
     x_base = x_ptr + b * sxb
-    g_row = g_ptr + b * sgb + p * sgh + c * sgc
+    g_base = g_ptr + b * sgb
     n_h = 2 * H - 1
     n_w = 2 * W - 1
     for r in range(R):
-        # zh[w, c] = sum_h A[p, h, c] x[h, w, c]: this row's H-axis result
-        zh = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
-        for h in range(H):
-            tap = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for s in tl.static_range(PH):
-                tap += tl.load(kh_ptr + r * skr + c * skc + (p * PH + s - h + H - 1), mask=c_ok, other=0.0).to(tl.float32)
-            row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
-            zh += (tap / PH)[None, :] * row.to(tl.float32)
-        # gw[w, c] = sum_q B[q, w, c] g[p, q, c]; dB[q, w, c] += g[p, q, c] zh[w, c], spread onto the taps
-        gw = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
-        for q in range(WO):
-            gq = tl.load(g_row + q * sgw, mask=c_ok, other=0.0).to(tl.float32)
-            contrib = gq[None, :] * zh / PW
-            for t in tl.static_range(PW):
-                idx = q * PW + t - w + W - 1
-                ptrs = c[None, :] * skwc + idx[:, None]
-                taps = tl.load(kw_ptr + r * skwr + ptrs, mask=mask2, other=0.0).to(tl.float32)
-                gw += taps * gq[None, :] / PW
-                tl.atomic_add(dkw_ptr + (r * C + c[None, :]) * n_w + idx[:, None], contrib, mask=mask2)
-        # dA[p, h, c] = sum_w gw[w, c] x[h, w, c], spread onto the taps of the pooling window
-        for h in range(H):
-            row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
-            val = tl.sum(gw * row.to(tl.float32), axis=0) / PH
-            for s in tl.static_range(PH):
-                tl.atomic_add(dkh_ptr + (r * C + c) * n_h + (p * PH + s - h + H - 1), val, mask=c_ok)
-    if HAS_SKIP:  # dD[c] = sum_q g[p, q, c] pool(x)[p, q, c]
+        acc_h = tl.zeros([BLOCK_OH, BLOCK_C], dtype=tl.float32)
+        acc_w = tl.zeros([BLOCK_OW, BLOCK_C], dtype=tl.float32)
+        for p in range(HO):
+            # zh[w, c] = sum_h A[p, h, c] x[h, w, c]: this row's H-axis result
+            zh = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for h in range(H):
+                tap = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for s in tl.static_range(PH):
+                    tap += tl.load(kh_ptr + r * skr + c * skc + (p * PH + s - h + H - 1), mask=c_ok,
+                                   other=0.0).to(tl.float32)
+                row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+                zh += (tap / PH)[None, :] * row.to(tl.float32)
+            # gw[w, c] = sum_q B[q, w, c] g[p, q, c]
+            gw = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for q in range(WO):
+                gq = tl.load(g_base + p * sgh + q * sgw + c * sgc, mask=c_ok, other=0.0).to(tl.float32)
+                for t in tl.static_range(PW):
+                    idx = q * PW + t - w + W - 1
+                    taps = tl.load(kw_ptr + r * skwr + c[None, :] * skwc + idx[:, None], mask=mask2, other=0.0)
+                    gw += taps.to(tl.float32) * gq[None, :]
+            gw = gw / PW
+            # tap o of the W axis: (1 / PW) sum_w zh[w, c] sum_t g[p, q, c] where q PW + t = o + w - W + 1
+            for o in range(n_w):
+                val = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for t in tl.static_range(PW):
+                    m = o + w - W + 1 - t
+                    q = m // PW
+                    ok = w_ok & (m >= 0) & (m % PW == 0) & (q < WO)
+                    gv = tl.load(g_base + p * sgh + q[:, None] * sgw + c[None, :] * sgc,
+                                 mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    val += tl.sum(gv.to(tl.float32) * zh, axis=0)
+                acc_w += tl.where(ow[:, None] == o, val[None, :] / PW, 0.0)
+            # dA[p, h, c] = sum_w gw[w, c] x[h, w, c], spread onto the taps of the pooling window
+            for h in range(H):
+                row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+                val = tl.sum(gw * row.to(tl.float32), axis=0) / PH
+                for s in tl.static_range(PH):
+                    acc_h += tl.where(oh[:, None] == p * PH + s - h + H - 1, val[None, :], 0.0)
+        tl.atomic_add(dkh_ptr + (r * C + c[None, :]) * n_h + oh[:, None], acc_h,
+                      mask=(oh < n_h)[:, None] & c_ok[None, :])
+        tl.atomic_add(dkw_ptr + (r * C + c[None, :]) * n_w + ow[:, None], acc_w,
+                      mask=(ow < n_w)[:, None] & c_ok[None, :])
+    if HAS_SKIP:  # dD[c] = sum_{p, q} g[p, q, c] pool(x)[p, q, c]
         q = tl.arange(0, BLOCK_IN)
         mask_q = (q < WO)[:, None] & c_ok[None, :]
-        pooled = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
-        for s in tl.static_range(PH):
-            for t in tl.static_range(PW):
-                pooled += tl.load(x_base + (p * PH + s) * sxh + (q[:, None] * PW + t) * sxw + c[None, :] * sxc,
-                                  mask=mask_q, other=0.0).to(tl.float32)
-        gq = tl.load(g_row[None, :] + q[:, None] * sgw, mask=mask_q, other=0.0).to(tl.float32)
-        tl.atomic_add(dd_ptr + c, tl.sum(gq * pooled, axis=0) / (PH * PW), mask=c_ok)
+        dd = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p in range(HO):
+            pooled = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for s in tl.static_range(PH):
+                for t in tl.static_range(PW):
+                    pooled += tl.load(x_base + (p * PH + s) * sxh + (q[:, None] * PW + t) * sxw + c[None, :] * sxc,
+                                      mask=mask_q, other=0.0).to(tl.float32)
+            gq = tl.load(g_base + p * sgh + q[:, None] * sgw + c[None, :] * sgc, mask=mask_q, other=0.0)
+            dd += tl.sum(gq.to(tl.float32) * pooled, axis=0)
+        tl.atomic_add(dd_ptr + c, dd / (PH * PW), mask=c_ok)
 
 
 def _block_c(c: int) -> int:
@@ -236,13 +258,14 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     dkw = torch.zeros((r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
-    grid = (b * (h // pool_h), triton.cdiv(c, _block_c(c)))
+    grid = (b, triton.cdiv(c, _block_c(c)))
     _kernel_grad_kernel[grid](
         x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
         c, h, w, h // pool_h, w // pool_w, r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         PH=pool_h, PW=pool_w, HAS_SKIP=skip is not None,
-        BLOCK_IN=triton.next_power_of_2(w), BLOCK_C=_block_c(c))
+        BLOCK_IN=triton.next_power_of_2(w), BLOCK_OH=triton.next_power_of_2(2 * h - 1),
+        BLOCK_OW=triton.next_power_of_2(2 * w - 1), BLOCK_C=_block_c(c))
     grad_skip = dd.to(skip.dtype) if skip is not None else dd
     return grad_x, dkh.to(kh.dtype), dkw.to(kw.dtype), grad_skip
 
