@@ -7,11 +7,11 @@ import os
 
 os.environ['TRITON_INTERPRET'] = '1'
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from s4nd_vision.layers import triton_kernels  # noqa: E402
-from s4nd_vision.layers.ssm_kernel import SSMKernel, ssm_kernels  # noqa: E402
+from s4nd_vision.layers import triton_kernels
+from s4nd_vision.layers.ssm_kernel import SSMKernel, ssm_kernels
 
 
 def _rel(a, b):
