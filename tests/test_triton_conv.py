@@ -121,7 +121,8 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
     fused = triton_conv.separable_conv2d_cl
     monkeypatch.setattr(triton_conv, 'separable_conv2d_cl', lambda *args, **kw: calls.append(1) or fused(*args, **kw))
     fused_gen = triton_kernels.ssm_kernels_fused
-    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused', lambda *a, **kw: generated.append(1) or fused_gen(*a, **kw))
+    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused',
+                        lambda *a, **kw: generated.append(1) or fused_gen(*a, **kw))
     results = []
     for path in ('fast', 'triton'):
         monkeypatch.setattr(dispatch, 'FORCE_PATH', path)

@@ -38,7 +38,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _report(name: str, errors: dict, limit: float) -> bool:
     good = all(e < limit for e in errors.values())
-    print(f'{name:44s} ' + ' '.join(f'{k}={v:.1e}' for k, v in errors.items()) + f'  (< {limit:g}) {"ok" if good else "FAIL"}')
+    values = ' '.join(f'{k}={v:.1e}' for k, v in errors.items())
+    print(f'{name:44s} {values}  (< {limit:g}) {"ok" if good else "FAIL"}')
     return good
 
 
@@ -49,7 +50,8 @@ def check_conv() -> bool:
     for b, h, w, c, rank, pools in cases:
         torch.manual_seed(0)
         x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
-        kh, kw = torch.randn(rank, c, 2 * h - 1, dtype=torch.float64), torch.randn(rank, c, 2 * w - 1, dtype=torch.float64)
+        kh = torch.randn(rank, c, 2 * h - 1, dtype=torch.float64)
+        kw = torch.randn(rank, c, 2 * w - 1, dtype=torch.float64)
         leaves = [t.requires_grad_() for t in (x, kh, kw, d)]
         y_ref = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, d).permute(1, 2, 3, 0)
         grad = torch.randn_like(y_ref)
@@ -64,8 +66,8 @@ def check_conv() -> bool:
     x = torch.randn(8, 28, 28, 64, device=DEV, dtype=torch.bfloat16)
     kh, kw, d = torch.randn(1, 64, 55, device=DEV), torch.randn(1, 64, 55, device=DEV), torch.randn(64, device=DEV)
     compiled = torch.compile(lambda *a: separable_conv2d_cl(a[0], a[1:3], (1, 1), a[3]) * 2, fullgraph=True)
-    ok &= _report('custom op under inductor (fullgraph)', {'y': _rel(compiled(x, kh, kw, d),
-                                                                     separable_conv2d_cl(x, (kh, kw), (1, 1), d) * 2)}, 1e-2)
+    eager = separable_conv2d_cl(x, (kh, kw), (1, 1), d) * 2
+    ok &= _report('custom op under inductor (fullgraph)', {'y': _rel(compiled(x, kh, kw, d), eager)}, 1e-2)
     return ok
 
 
@@ -76,7 +78,8 @@ def check_generation() -> bool:
     lengths, rates = [56, 28, 224], [1.0, 0.5, 2.0]
     ref = [ssm_kernels([k.double()], [n], [r], torch.float64)[0] for k, n, r in zip(kernels, lengths, rates)]
     weights = [torch.randn_like(r) for r in ref]
-    grads_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), [p for k in kernels for p in k.parameters()])
+    params = [p for k in kernels for p in k.parameters()]
+    grads_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
     for k in kernels:
         k.to(DEV, torch.float32)
     out = ssm_kernels_fused(kernels, lengths, rates)
@@ -174,7 +177,8 @@ def profile_models(steps: int = 3) -> None:
             wall_us = (time.perf_counter() - start) * 1e6
         gpu_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.time_range.elapsed_us() for e in gpu_events)  # kernels do not overlap on one stream
-        print(f'{name}: {wall_us / steps / 1e3:.1f} ms/step (profiled), {len(gpu_events) / steps:.0f} CUDA kernels/step, '
+        print(f'{name}: {wall_us / steps / 1e3:.1f} ms/step (profiled), '
+              f'{len(gpu_events) / steps:.0f} CUDA kernels/step, '
               f'GPU busy {min(busy_us / wall_us, 1):.0%}, peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB')
         print(prof.key_averages().table(sort_by='self_device_time_total', row_limit=12, max_name_column_width=60))
         del model, step, prof

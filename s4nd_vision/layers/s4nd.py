@@ -267,7 +267,8 @@ class S4ND(nn.Module):
             kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
             if kernels is None:
                 kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
-            y = separable_conv2d_cl(x.to(conv_dtype).permute(0, 2, 3, 1), kernels, self.pool, skip=self.D.to(kernel_dtype))
+            x_cl = x.to(conv_dtype).permute(0, 2, 3, 1)  # (B, H, W, C)
+            y = separable_conv2d_cl(x_cl, kernels, self.pool, skip=self.D.to(kernel_dtype))
         return y.permute(0, 3, 1, 2).to(x.dtype)
 
     def forward_channel_major(

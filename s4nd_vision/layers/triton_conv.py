@@ -29,7 +29,7 @@ import triton.language as tl
 
 __all__ = ['separable_conv2d_cl', 'supported']
 
-MAX_SIDE = 128  # a row of W (padded to a power of two) x BLOCK_C channels lives in registers
+MAX_SIDE = 64  # a row of W and the 2W - 1 tap gradients (padded to powers of two) x BLOCK_C channels live in registers
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
