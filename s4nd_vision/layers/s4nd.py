@@ -249,16 +249,15 @@ class S4ND(nn.Module):
 
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
         self._check_input(x)
-        # the fused kernels read x's dtype (or autocast's) and accumulate in float32
-        autocast = x.device.type == 'cuda' and torch.is_autocast_enabled('cuda')
-        conv_dtype = torch.get_autocast_dtype('cuda') if autocast else x.dtype
-        if x.shape[0] > 0 and dispatch.conv_path(x.device, x.shape, self.pool, conv_dtype) == 'triton':
-            return self._forward_triton(x, rate, conv_dtype)
+        # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
+        # from a cast copy), and accumulate in float32
+        if x.shape[0] > 0 and dispatch.conv_path(x.device, x.shape, self.pool, x.dtype) == 'triton':
+            return self._forward_triton(x, rate)
         return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
 
-    def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats], conv_dtype: torch.dtype) -> torch.Tensor:
+    def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
         """The fused Triton convolution (`triton_conv`) of a 2D input, read in channels-last order: a view,
-        no copy, when x is in channels-last memory; the result is channels-last too."""
+        no copy, when x is in channels-last memory; the result, in x's dtype, is channels-last too."""
         from .triton_conv import separable_conv2d_cl
         sizes = tuple(x.shape[2:])
         kernel_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -267,9 +266,8 @@ class S4ND(nn.Module):
             kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
             if kernels is None:
                 kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
-            x_cl = x.to(conv_dtype).permute(0, 2, 3, 1)  # (B, H, W, C)
-            y = separable_conv2d_cl(x_cl, kernels, self.pool, skip=self.D.to(kernel_dtype))
-        return y.permute(0, 3, 1, 2).to(x.dtype)
+            y = separable_conv2d_cl(x.permute(0, 2, 3, 1), kernels, self.pool, skip=self.D.to(kernel_dtype))
+        return y.permute(0, 3, 1, 2)
 
     def forward_channel_major(
             self,
