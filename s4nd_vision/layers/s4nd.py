@@ -13,10 +13,11 @@ import torch.nn as nn
 from .ops import (
     apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
     two_sided_kernel)
+from . import dispatch
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSMKernel, ssm_kernels
+from .ssm_kernel import SSMKernel
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
 
@@ -169,7 +170,7 @@ class S4ND(nn.Module):
         """Two-sided 1D kernels for each axis: a list (per axis) of (rank, dim, 2 n - 1) tensors."""
         rates = self.resolve_rate(sizes, rate)
         lengths = self.kernel_lengths(sizes, rates)
-        return self._two_sided(ssm_kernels(self.kernels, lengths, rates, dtype), sizes)
+        return self._two_sided(dispatch.generate_kernels(self.kernels, lengths, rates, dtype), sizes)
 
     def _two_sided(self, generated: Sequence[torch.Tensor], sizes: Sequence[int]) -> list:
         """Per axis, the (rank * directions, dim, length) SSM kernels as (rank, dim, 2 n - 1) two-sided ones."""
@@ -253,7 +254,25 @@ class S4ND(nn.Module):
 
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
         self._check_input(x)
+        # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
+        # from a cast copy), and accumulate in float32
+        if x.shape[0] > 0 and dispatch.conv_path(x.device, x.shape, self.pool, x.dtype) == 'triton':
+            return self._forward_triton(x, rate)
         return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
+
+    def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
+        """The fused Triton convolution (`triton_conv`) of a 2D input, read in channels-last order: a view,
+        no copy, when x is in channels-last memory; the result, in x's dtype, is channels-last too."""
+        from .triton_conv import separable_conv2d_cl
+        sizes = tuple(x.shape[2:])
+        kernel_dtype = torch.promote_types(x.dtype, torch.float32)
+        self._kernel_cache = None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
+            if kernels is None:
+                kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
+            y = separable_conv2d_cl(x.permute(0, 2, 3, 1), kernels, self.pool, skip=self.D.to(kernel_dtype))
+        return y.permute(0, 3, 1, 2)
 
     def forward_channel_major(
             self,
@@ -323,7 +342,7 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         lengths += layer.kernel_lengths(sizes, layer_rates)
         rates += layer_rates
     with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
-        generated = iter(ssm_kernels(kernels, lengths, rates, dtype))
+        generated = iter(dispatch.generate_kernels(kernels, lengths, rates, dtype))
     for layer, sizes in layers:
         per_axis = [next(generated) for _ in layer.kernels]
         layer._prepared = ((tuple(sizes), layer.resolve_rate(sizes), dtype), layer._two_sided(per_axis, sizes))

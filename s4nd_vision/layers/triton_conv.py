@@ -1,0 +1,317 @@
+"""Fused separable 2D convolution on a channels-last activation, as Triton kernels (the CUDA path of S4ND).
+
+    y[b, p, q, c] = sum_r sum_{h, w} A_r[p, h, c] B_r[q, w, c] x[b, h, w, c] + D[c] pool(x)[b, p, q, c]
+
+with A_r[p, h, c] = (1 / P_h) sum_{s < P_h} k_h[r, c, p P_h + s - h + H - 1] (the two-sided kernel of the H axis,
+offset o at index o + H - 1, rows averaged over the pooling window, see `ops.two_sided_kernel`) and B_r likewise
+for the W axis. x is (B, H, W, C) with C contiguous (a channels-last (B, C, H, W) tensor seen through
+`permute(0, 2, 3, 1)`, no copy); the result has the same layout, spatial sizes H // P_h, W // P_w.
+
+Design (for the GPU; on the CPU the kernels run under `TRITON_INTERPRET=1` for the tests): a program owns
+one output row of one image for a block of channels, the vectorized (contiguous) dimension. It sums the input
+rows weighted by its row of A (one (W, BLOCK_C) accumulator in registers, fp32), then produces each output
+pixel as a reduction of that accumulator against a column of B: no Toeplitz matrix and no intermediate
+tensor is written to memory; the taps are read from the small (C, 2n - 1) kernels (cached). The input rows of
+one (image, channel block) are read by the programs of its output rows, which run next to each other (the
+row is the fastest grid axis), so they come from the L2 cache after the first read.
+
+Backward: the input gradient is the same kernel with A and B transposed (`TRANSPOSE`), the skip term spread
+over its pooling windows; the kernel and D gradients come from one program per (image, channel block) that
+recomputes each output row's H-axis result, keeps the tap gradients in registers (fp32) and adds them to
+memory once per program (atomic adds across the images).
+Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ['separable_conv2d_cl', 'supported']
+
+MAX_SIDE = 64  # a row of W and the 2W - 1 tap gradients (padded to powers of two) x BLOCK_C channels live in registers
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supported(shape, pools, dtype: torch.dtype) -> Optional[str]:
+    """None when the Triton op handles a (B, H, W, C) input with `pools`, else the reason it does not."""
+    if len(shape) != 4:
+        return f'needs a (B, H, W, C) input, got {len(shape) - 2} spatial axes'
+    if dtype not in DTYPES:
+        return f'dtype {dtype} not in {DTYPES}'
+    if max(shape[1], shape[2]) > MAX_SIDE:
+        return f'spatial sizes {tuple(shape[1:3])} exceed {MAX_SIDE}'
+    if any(p not in (1, 2, 4) for p in pools) or shape[1] < pools[0] or shape[2] < pools[1]:
+        return f'pools {tuple(pools)} must be 1, 2 or 4 and at most the spatial sizes {tuple(shape[1:3])}'
+    return None
+
+
+@triton.jit
+def _conv_kernel(
+        x_ptr, kh_ptr, kw_ptr, d_ptr, y_ptr,
+        C, H, W, HO, WO, R,
+        sxb, sxh, sxw, sxc, syb, syh, syw, syc,
+        skr, skc, skwr, skwc,
+        PH: tl.constexpr, PW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_SKIP: tl.constexpr,
+        BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward (TRANSPOSE=False): x (B, H, W, C) -> y (B, HO, WO, C). Input gradient (TRANSPOSE=True):
+    x is the output gradient (B, HO, WO, C), y the input gradient (B, H, W, C). One program per (b, output row)."""
+    pid = tl.program_id(0)
+    if TRANSPOSE:
+        rows_out, rows_in, cols_in, cols_out = H, HO, WO, W
+    else:
+        rows_out, rows_in, cols_in, cols_out = HO, H, W, WO
+    b = pid // rows_out
+    i = pid % rows_out
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    v = tl.arange(0, BLOCK_IN)  # input columns
+    v_ok = v < cols_in
+    x_base = x_ptr + b * sxb
+    y_base = y_ptr + b * syb + i * syh + c * syc
+    mask2 = v_ok[:, None] & c_ok[None, :]
+    skip_d = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SKIP:
+        skip_d = tl.load(d_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    for r in range(R):
+        # stage 1: z[v, c] = sum_a A[i, a, c] x[a, v, c] (TRANSPOSE: sum_a A[a, i, c] g[a, v, c])
+        z = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+        for a in range(rows_in):
+            tap = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s in tl.static_range(PH):
+                if TRANSPOSE:
+                    idx = a * PH + s - i + H - 1
+                else:
+                    idx = i * PH + s - a + H - 1
+                tap += tl.load(kh_ptr + r * skr + c * skc + idx, mask=c_ok, other=0.0).to(tl.float32)
+            row = tl.load(x_base + a * sxh + v[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+            z += (tap / PH)[None, :] * row.to(tl.float32)
+        # stage 2: y[j, c] = sum_v B[j, v, c] z[v, c] (TRANSPOSE: sum_v B[v, j, c] z[v, c])
+        for j in range(cols_out):
+            taps = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for t in tl.static_range(PW):
+                if TRANSPOSE:
+                    idx2 = v * PW + t - j + W - 1
+                else:
+                    idx2 = j * PW + t - v + W - 1
+                taps += tl.load(kw_ptr + r * skwr + c[None, :] * skwc + idx2[:, None], mask=mask2, other=0.0)
+            out = tl.sum(taps * z, axis=0) / PW
+            if r > 0:
+                out += tl.load(y_base + j * syw, mask=c_ok, other=0.0).to(tl.float32)
+            elif HAS_SKIP:
+                if TRANSPOSE:  # the skip's gradient, spread over its pooling window
+                    inside = (i < HO * PH) & (j < WO * PW)
+                    g = tl.load(x_base + (i // PH) * sxh + (j // PW) * sxw + c * sxc, mask=c_ok & inside, other=0.0)
+                    out += skip_d * g.to(tl.float32) / (PH * PW)
+                else:
+                    pooled = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    for s in tl.static_range(PH):
+                        for t in tl.static_range(PW):
+                            pooled += tl.load(x_base + (i * PH + s) * sxh + (j * PW + t) * sxw + c * sxc,
+                                              mask=c_ok, other=0.0).to(tl.float32)
+                    out += skip_d * pooled / (PH * PW)
+            tl.store(y_base + j * syw, out.to(y_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _kernel_grad_kernel(
+        x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
+        C, H, W, HO, WO, R,
+        sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
+        skr, skc, skwr, skwc,
+        PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
+        BLOCK_IN: tl.constexpr, BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Gradients of the taps (fp32 (R, C, 2H - 1) and (R, C, 2W - 1), contiguous, zeroed) and of D (fp32 (C,)),
+    given the output gradient g (B, HO, WO, C). One program per (image, channel block) walks the output rows,
+    keeps the tap gradients in registers and adds them to memory once (atomic adds across images)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    w = tl.arange(0, BLOCK_IN)
+    w_ok = w < W
+    mask2 = w_ok[:, None] & c_ok[None, :]
+    oh = tl.arange(0, BLOCK_OH)
+    ow = tl.arange(0, BLOCK_OW)
+    x_base = x_ptr + b * sxb
+    g_base = g_ptr + b * sgb
+    n_h = 2 * H - 1
+    n_w = 2 * W - 1
+    for r in range(R):
+        acc_h = tl.zeros([BLOCK_OH, BLOCK_C], dtype=tl.float32)
+        acc_w = tl.zeros([BLOCK_OW, BLOCK_C], dtype=tl.float32)
+        for p in range(HO):
+            # zh[w, c] = sum_h A[p, h, c] x[h, w, c]: this row's H-axis result
+            zh = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for h in range(H):
+                tap = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for s in tl.static_range(PH):
+                    tap += tl.load(kh_ptr + r * skr + c * skc + (p * PH + s - h + H - 1), mask=c_ok,
+                                   other=0.0).to(tl.float32)
+                row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+                zh += (tap / PH)[None, :] * row.to(tl.float32)
+            # gw[w, c] = sum_q B[q, w, c] g[p, q, c]
+            gw = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for q in range(WO):
+                gq = tl.load(g_base + p * sgh + q * sgw + c * sgc, mask=c_ok, other=0.0).to(tl.float32)
+                for t in tl.static_range(PW):
+                    idx = q * PW + t - w + W - 1
+                    taps = tl.load(kw_ptr + r * skwr + c[None, :] * skwc + idx[:, None], mask=mask2, other=0.0)
+                    gw += taps.to(tl.float32) * gq[None, :]
+            gw = gw / PW
+            # tap o of the W axis: (1 / PW) sum_w zh[w, c] sum_t g[p, q, c] where q PW + t = o + w - W + 1
+            for o in range(n_w):
+                val = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for t in tl.static_range(PW):
+                    m = o + w - W + 1 - t
+                    q = m // PW
+                    ok = w_ok & (m >= 0) & (m % PW == 0) & (q < WO)
+                    gv = tl.load(g_base + p * sgh + q[:, None] * sgw + c[None, :] * sgc,
+                                 mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    val += tl.sum(gv.to(tl.float32) * zh, axis=0)
+                acc_w += tl.where(ow[:, None] == o, val[None, :] / PW, 0.0)
+            # dA[p, h, c] = sum_w gw[w, c] x[h, w, c], spread onto the taps of the pooling window
+            for h in range(H):
+                row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+                val = tl.sum(gw * row.to(tl.float32), axis=0) / PH
+                for s in tl.static_range(PH):
+                    acc_h += tl.where(oh[:, None] == p * PH + s - h + H - 1, val[None, :], 0.0)
+        tl.atomic_add(dkh_ptr + (r * C + c[None, :]) * n_h + oh[:, None], acc_h,
+                      mask=(oh < n_h)[:, None] & c_ok[None, :])
+        tl.atomic_add(dkw_ptr + (r * C + c[None, :]) * n_w + ow[:, None], acc_w,
+                      mask=(ow < n_w)[:, None] & c_ok[None, :])
+    if HAS_SKIP:  # dD[c] = sum_{p, q} g[p, q, c] pool(x)[p, q, c]
+        q = tl.arange(0, BLOCK_IN)
+        mask_q = (q < WO)[:, None] & c_ok[None, :]
+        dd = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p in range(HO):
+            pooled = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+            for s in tl.static_range(PH):
+                for t in tl.static_range(PW):
+                    pooled += tl.load(x_base + (p * PH + s) * sxh + (q[:, None] * PW + t) * sxw + c[None, :] * sxc,
+                                      mask=mask_q, other=0.0).to(tl.float32)
+            gq = tl.load(g_base + p * sgh + q[:, None] * sgw + c[None, :] * sgc, mask=mask_q, other=0.0)
+            dd += tl.sum(gq.to(tl.float32) * pooled, axis=0)
+        tl.atomic_add(dd_ptr + c, dd / (PH * PW), mask=c_ok)
+
+
+def _block_c(c: int) -> int:
+    return min(32, triton.next_power_of_2(c))
+
+
+def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool) -> torch.Tensor:
+    """Forward (transpose=False, x the input) or input gradient (transpose=True, x the output gradient)."""
+    b, _, _, c = x.shape
+    h, w = (out_hw if transpose else x.shape[1:3])
+    ho, wo = h // pools[0], w // pools[1]
+    rows, cols = (h, w) if transpose else (ho, wo)
+    y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype)
+    kh, kw = kh.contiguous(), kw.contiguous()
+    block_in = triton.next_power_of_2(wo if transpose else w)
+    grid = (b * rows, triton.cdiv(c, _block_c(c)))
+    _conv_kernel[grid](
+        x, kh, kw, skip if skip is not None else kh, y,
+        c, h, w, ho, wo, kh.shape[0],
+        *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
+        PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
+        BLOCK_IN=block_in, BLOCK_C=_block_c(c))
+    return y
+
+
+def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor], pools) -> None:
+    if x.ndim != 4:
+        raise ValueError(f'x must be (B, H, W, C), got shape {tuple(x.shape)}')
+    reason = supported(x.shape, pools, x.dtype)
+    if reason is not None:
+        raise ValueError(f'separable_conv2d_cl: {reason}')
+    _, h, w, c = x.shape
+    if kh.shape[1:] != (c, 2 * h - 1) or kw.shape[1:] != (c, 2 * w - 1) or kh.shape[0] != kw.shape[0]:
+        raise ValueError(f'kernels must be (R, C, 2H - 1) = (R, {c}, {2 * h - 1}) and (R, C, 2W - 1) = (R, {c}, '
+                         f'{2 * w - 1}), got {tuple(kh.shape)} and {tuple(kw.shape)}')
+    if skip is not None and skip.shape != (c,):
+        raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
+
+
+@torch.library.custom_op('s4nd_vision::separable_conv2d_cl', mutates_args=())
+def _conv_op(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor],
+             pool_h: int, pool_w: int) -> torch.Tensor:
+    return _launch_conv(x, kh, kw, skip, (pool_h, pool_w), None, transpose=False)
+
+
+@_conv_op.register_fake
+def _(x, kh, kw, skip, pool_h, pool_w):
+    b, h, w, c = x.shape
+    return x.new_empty((b, h // pool_h, w // pool_w, c))
+
+
+@torch.library.custom_op('s4nd_vision::separable_conv2d_cl_backward', mutates_args=())
+def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor,
+                      skip: Optional[torch.Tensor], pool_h: int, pool_w: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_kh, grad_kw, grad_skip); grad_skip is empty without a skip."""
+    b, h, w, c = x.shape
+    grad = grad.contiguous() if grad.stride(-1) != 1 else grad
+    grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True)
+    r = kh.shape[0]
+    dkh = torch.zeros((r, c, 2 * h - 1), device=x.device, dtype=torch.float32)
+    dkw = torch.zeros((r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
+    dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
+    khc, kwc = kh.contiguous(), kw.contiguous()
+    grid = (b, triton.cdiv(c, _block_c(c)))
+    _kernel_grad_kernel[grid](
+        x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
+        c, h, w, h // pool_h, w // pool_w, r,
+        *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
+        PH=pool_h, PW=pool_w, HAS_SKIP=skip is not None,
+        BLOCK_IN=triton.next_power_of_2(w), BLOCK_OH=triton.next_power_of_2(2 * h - 1),
+        BLOCK_OW=triton.next_power_of_2(2 * w - 1), BLOCK_C=_block_c(c))
+    grad_skip = dd.to(skip.dtype) if skip is not None else dd
+    return grad_x, dkh.to(kh.dtype), dkw.to(kw.dtype), grad_skip
+
+
+@_conv_backward_op.register_fake
+def _(grad, x, kh, kw, skip, pool_h, pool_w):
+    c = x.shape[-1]
+    dd = skip.new_empty((c,)) if skip is not None else x.new_empty((0,), dtype=torch.float32)
+    return x.new_empty(x.shape), kh.new_empty(kh.shape), kw.new_empty(kw.shape), dd
+
+
+def _setup_context(ctx, inputs, output):
+    x, kh, kw, skip, pool_h, pool_w = inputs
+    ctx.save_for_backward(x, kh, kw, skip)
+    ctx.pools = (pool_h, pool_w)
+
+
+def _backward(ctx, grad):
+    x, kh, kw, skip = ctx.saved_tensors
+    grad_x, dkh, dkw, dd = _conv_backward_op(grad, x, kh, kw, skip, *ctx.pools)
+    return grad_x, dkh, dkw, dd if skip is not None else None, None, None
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def separable_conv2d_cl(
+        x: torch.Tensor,
+        kernels: Tuple[torch.Tensor, torch.Tensor],
+        pools: Tuple[int, int] = (1, 1),
+        skip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Separable 2D convolution of a channels-last input, fused (one Triton launch forward, two backward).
+
+    Args:
+        x: (B, H, W, C) with C contiguous (e.g. `x.permute(0, 2, 3, 1)` of a channels-last (B, C, H, W) tensor).
+        kernels: (R, C, 2H - 1) and (R, C, 2W - 1) two-sided kernels of R rank-1 terms (`ops.two_sided_kernel`).
+        pools: average pooling window (and stride) per axis, 1, 2 or 4.
+        skip: optional (C,) weights D of the skip term D * pool(x).
+
+    Returns:
+        (B, H // pools[0], W // pools[1], C) in x's dtype (accumulated in float32), C contiguous.
+    """
+    kh, kw = kernels
+    pools = tuple(int(p) for p in pools)
+    _check(x, kh, kw, skip, pools)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _conv_op(x, kh, kw, skip, pools[0], pools[1])

@@ -1,0 +1,219 @@
+"""The fused Triton separable convolution (`layers.triton_conv`) under Triton's CPU interpreter, against the
+float64 reference, and the dispatch (`layers.dispatch`) that decides which implementation runs.
+
+TRITON_INTERPRET must be set before `triton_conv` is imported (Triton reads it when a kernel is decorated);
+nothing in the package imports `triton_conv` on the CPU, so setting it here, at collection, is early enough.
+"""
+import os
+
+os.environ['TRITON_INTERPRET'] = '1'
+
+import pytest
+import torch
+
+from s4nd_vision.layers import S4ND, dispatch, ops, triton_conv, triton_kernels
+from s4nd_vision.layers.reference import separable_conv_reference
+from s4nd_vision.layers.ssm_kernel import SSMKernel, ssm_kernels
+
+
+def test_kernels_run_in_the_interpreter():
+    from triton.runtime.interpreter import InterpretedFunction
+    assert isinstance(triton_conv._conv_kernel, InterpretedFunction), 'triton_conv was imported before TRITON_INTERPRET'
+
+
+def _reference(x, kh, kw, skip, pools):
+    """(B, H, W, C) -> (B, H // ph, W // pw, C) by the reference formulation on channel-first (C, B, H, W)."""
+    y = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, skip)
+    return y.permute(1, 2, 3, 0)
+
+
+def _inputs(b, h, w, c, rank, skip, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, w, c, generator=gen, dtype=torch.float64)
+    kh = torch.randn(rank, c, 2 * h - 1, generator=gen, dtype=torch.float64)
+    kw = torch.randn(rank, c, 2 * w - 1, generator=gen, dtype=torch.float64)
+    d = torch.randn(c, generator=gen, dtype=torch.float64) if skip else None
+    return [t for t in (x, kh, kw, d)]
+
+
+def _grads(fn, tensors, grad_out):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    y = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    return y.detach(), torch.autograd.grad(y, present, grad_out.to(y.dtype))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize('b,h,w,c,rank,pools,skip', [
+    (2, 5, 4, 6, 1, (1, 1), True),  # odd sizes, channels not a power of two
+    (2, 5, 5, 3, 2, (2, 2), True),  # rank 2, pooled with a dropped remainder
+    (1, 8, 4, 3, 1, (4, 1), False),  # pool 4 on one axis, no skip
+])
+def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip):
+    tensors = _inputs(b, h, w, c, rank, skip)
+    y_ref = _reference(*tensors, pools)
+    grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_ref, g_ref = _grads(lambda x, kh, kw, d: _reference(x, kh, kw, d, pools), tensors, grad_out)
+    y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
+                  [t.float() if t is not None else None for t in tensors], grad_out)
+    assert y.dtype == torch.float32 and y.shape == (b, h // pools[0], w // pools[1], c)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert len(g) == len(g_ref) == (4 if skip else 3)
+    for name, a, r in zip(['x', 'kh', 'kw', 'D'], g, g_ref):
+        assert a.dtype == torch.float32, name
+        assert _rel(a, r) < 1e-5, (name, _rel(a, r))
+
+
+def test_triton_conv_bf16_input_accumulates_in_fp32():
+    tensors = _inputs(2, 4, 5, 8, 1, True, seed=2)
+    pools = (2, 2)
+    y_ref = _reference(*tensors, pools)
+    grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, g_ref = _grads(lambda x, kh, kw, d: _reference(x, kh, kw, d, pools), tensors, grad_out)
+    x, kh, kw, d = tensors
+    # bf16 activation, float32 kernels and D (as S4ND passes them)
+    y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
+                  [x.bfloat16(), kh.float(), kw.float(), d.float()], grad_out)
+    assert y.dtype == torch.bfloat16 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.float32
+    x_rounded = x.bfloat16().double()  # the error of the rounded input is not the kernel's
+    assert _rel(y, _reference(x_rounded, kh, kw, d, pools)) < 1e-2
+    for name, a, r in zip(['x', 'kh', 'kw', 'D'], g, g_ref):
+        assert _rel(a, r) < 2e-2, (name, _rel(a, r))
+
+
+def test_triton_conv_custom_op_traces_in_compile_fullgraph():
+    x, kh, kw, d = [t.float() for t in _inputs(1, 2, 3, 2, 1, True, seed=4)]
+    torch.library.opcheck(triton_conv._conv_op, (x, kh, kw, d, 2, 1))
+
+    def step(x, kh, kw, d):
+        return (triton_conv.separable_conv2d_cl(x, (kh, kw), (2, 1), d) * 2).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, kh, kw, d)]
+    eager = torch.autograd.grad(step(*leaves), leaves)
+    compiled = torch.compile(step, fullgraph=True, backend='aot_eager')
+    leaves_c = [t.clone().requires_grad_() for t in (x, kh, kw, d)]
+    out = compiled(*leaves_c)
+    torch.testing.assert_close(out, step(*leaves).detach())
+    for a, b in zip(torch.autograd.grad(out, leaves_c), eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_triton_conv_rejects_bad_input():
+    x = torch.randn(1, 4, 4, 3)
+    with pytest.raises(ValueError, match='kernels must be'):
+        triton_conv.separable_conv2d_cl(x, (torch.randn(1, 3, 7), torch.randn(1, 3, 5)))
+    with pytest.raises(ValueError, match='pools'):
+        triton_conv.separable_conv2d_cl(x, (torch.randn(1, 3, 7), torch.randn(1, 3, 7)), (3, 1))
+    with pytest.raises(ValueError, match='dtype'):
+        triton_conv.separable_conv2d_cl(x.double(), (torch.randn(1, 3, 7), torch.randn(1, 3, 7)))
+
+
+def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
+    """The layer's wiring (kernel generation, channels-last view, D, pooling, dtypes) with the Triton path forced
+    on the CPU, against the same layer on the fast path: outputs and every gradient."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4, pool=2, l_ref=(5, 4))
+    x = torch.randn(2, 4, 5, 4).to(memory_format=torch.channels_last)
+    calls, generated = [], []
+    fused = triton_conv.separable_conv2d_cl
+    monkeypatch.setattr(triton_conv, 'separable_conv2d_cl', lambda *args, **kw: calls.append(1) or fused(*args, **kw))
+    fused_gen = triton_kernels.ssm_kernels_fused
+    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused',
+                        lambda *a, **kw: generated.append(1) or fused_gen(*a, **kw))
+    results = []
+    for path in ('fast', 'triton'):
+        monkeypatch.setattr(dispatch, 'FORCE_PATH', path)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.square().sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+    assert len(calls) == 1 and len(generated) == 1  # the fused ops ran on the 'triton' pass only (both axes at once)
+    (y_fast, dx_fast, dp_fast), (y_tri, dx_tri, dp_tri) = results
+    assert y_tri.shape == (2, 4, 2, 2) and y_tri.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_tri, y_fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_tri, dx_fast, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dp_tri, dp_fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----- dispatch (no CUDA needed: the choice depends on the device type, shape and dtype only) -----
+
+CUDA = torch.device('cuda')
+
+
+def test_dispatch_cpu_runs_the_fast_path():
+    assert dispatch.conv_path(torch.device('cpu'), (8, 96, 56, 56), (1, 1), torch.float32) == 'fast'
+
+
+def test_dispatch_cuda_runs_triton_when_available_and_supported(monkeypatch):
+    monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
+    assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'triton'
+    assert dispatch.conv_path(CUDA, (128, 32, 224, 224), (4, 4), torch.float32) == 'fast'  # too long for registers
+    assert dispatch.conv_path(CUDA, (8, 96, 16, 56, 56), (1, 1, 1), torch.float32) == 'fast'  # 3D
+    assert dispatch.conv_path(CUDA, (8, 96, 300), (1,), torch.float32) == 'fast'  # 1D
+    assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float64) == 'fast'
+    assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (3, 3), torch.float32) == 'fast'
+
+
+def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):
+    monkeypatch.setattr(dispatch, 'triton_available', lambda: False)
+    assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.float32) == 'fast'
+    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
+    assert dispatch.conv_path(torch.device('cpu'), (2, 6, 6, 5), (1, 1), torch.float32) == 'fast'
+
+
+def test_dispatch_picks_the_reference_while_compiling_and_fast_while_tracing(monkeypatch):
+    monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
+
+    def path_code(x):
+        path = dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.float32)
+        return x + dispatch.PATHS.index(path)
+
+    assert path_code(torch.zeros(1)).item() == dispatch.PATHS.index('triton')
+    compiled = torch.compile(path_code, fullgraph=True, backend='eager')
+    assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')
+    traced = torch.jit.trace(path_code, torch.zeros(1), check_trace=False)
+    assert traced(torch.zeros(1)).item() == dispatch.PATHS.index('fast')
+    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
+    assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')  # forcing never beats export
+
+
+def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_forced(monkeypatch):
+    torch.manual_seed(0)
+    kernels = [SSMKernel(3, d_state=4, num_kernels=2), SSMKernel(2, d_state=4, num_kernels=2), SSMKernel(2, d_state=6)]
+    lengths, rates = [5, 8, 3], [1.0, 0.5, 2.0]
+    expected = ssm_kernels(kernels, lengths, rates)
+    cpu = dispatch.generate_kernels(kernels, lengths, rates)
+    assert all(torch.equal(a, b) for a, b in zip(cpu, expected))  # the CPU: exactly `ssm_kernels`
+    groups = []
+    fused_gen = triton_kernels.ssm_kernels_fused
+    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused', lambda k, *a: groups.append(len(k)) or fused_gen(k, *a))
+    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
+    forced = dispatch.generate_kernels(kernels, lengths, rates)
+    assert sorted(groups) == [1, 2]  # one launch per (d_state, num_kernels) group
+    for a, b in zip(forced, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert dispatch.generate_kernels(kernels, lengths, rates, torch.float64)[0].dtype == torch.float64
+    assert sorted(groups) == [1, 2]  # float64 stays on `ssm_kernels`
+
+
+def test_dispatch_rejects_unknown_forced_path(monkeypatch):
+    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'cuda')
+    with pytest.raises(ValueError, match='FORCE_PATH'):
+        dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float32)
+
+
+def test_s4nd_layer_on_cpu_never_imports_triton_path(monkeypatch):
+    """On the CPU the layer's result is the fast path's, bit for bit (the dispatch changes nothing there)."""
+    monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
+    monkeypatch.setattr(triton_conv, 'separable_conv2d_cl', None)  # would raise if called
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4)
+    x = torch.randn(2, 4, 5, 6)
+    u = ops.channel_major(x)
+    expected = ops.channels_first(layer.forward_channel_major(u))
+    assert torch.equal(layer(x), expected)

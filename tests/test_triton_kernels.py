@@ -1,0 +1,76 @@
+"""Fused S4D kernel generation (`layers.triton_kernels`) under Triton's CPU interpreter: many (layer, axis)
+entries with different lengths, rates, initializations and band limits in one launch, against `ssm_kernels`
+in float64 (values and the gradients of every parameter).
+
+TRITON_INTERPRET must be set before `triton_kernels` is imported (see tests/test_triton_conv.py)."""
+import os
+
+os.environ['TRITON_INTERPRET'] = '1'
+
+import pytest
+import torch
+
+from s4nd_vision.layers import triton_kernels
+from s4nd_vision.layers.ssm_kernel import SSMKernel, ssm_kernels
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _entries():
+    torch.manual_seed(0)
+    kernels = [
+        SSMKernel(3, d_state=8, num_kernels=2, init='lin', dt_min=0.05, dt_max=0.5),
+        SSMKernel(4, d_state=8, num_kernels=2, init='legs', dt_min=0.05, dt_max=0.5, bandlimit=0.5),
+        SSMKernel(2, d_state=8, num_kernels=2, init='inv', dt_min=0.05, dt_max=0.5),
+    ]
+    with torch.no_grad():
+        for k in kernels:
+            k.b.add_(0.3 * torch.randn_like(k.b))
+    return kernels, [7, 70, 5], [1.0, 0.5, 2.0]  # 70 taps: more than one block of taps
+
+
+def test_fused_generation_equals_ssm_kernels_values_and_gradients():
+    kernels, lengths, rates = _entries()
+    ref = [ssm_kernels([k.double()], [n], [r], torch.float64)[0] for k, n, r in zip(kernels, lengths, rates)]
+    weights = [torch.randn_like(r) for r in ref]
+    params = [p for k in kernels for p in k.parameters()]
+    grads_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    for k in kernels:
+        k.float()
+    params = [p for k in kernels for p in k.parameters()]
+    out = triton_kernels.ssm_kernels_fused(kernels, lengths, rates)
+    assert [tuple(o.shape) for o in out] == [tuple(r.shape) for r in ref]
+    assert all(o.dtype == torch.float32 for o in out)
+    for o, r in zip(out, ref):
+        assert _rel(o, r) < 1e-5, _rel(o, r)
+    grads = torch.autograd.grad(sum((o * w.float()).sum() for o, w in zip(out, weights)), params)
+    for g, r in zip(grads, grads_ref):
+        assert g.shape == r.shape and _rel(g, r) < 2e-5, (tuple(g.shape), _rel(g, r))
+
+
+def test_vandermonde_op_is_zero_beyond_each_length_and_traces_in_compile():
+    torch.manual_seed(1)
+    x, y = -torch.rand(3, 4), torch.randn(3, 4)
+    c_re, c_im = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    lengths = torch.tensor([5, 9, 2], dtype=torch.int32)
+    out = triton_kernels.vandermonde(x, y, c_re, c_im, lengths, 9)
+    assert out.shape == (2, 3, 9)
+    for r, n in enumerate(lengths.tolist()):
+        assert torch.all(out[:, r, n:] == 0)
+        steps = torch.arange(n, dtype=torch.float64)
+        mag = (x[r].double()[:, None] * steps).exp()
+        phase = y[r].double()[:, None] * steps
+        expected = 2 * (c_re[:, r].double() @ (mag * phase.cos()) - c_im[:, r].double() @ (mag * phase.sin()))
+        torch.testing.assert_close(out[:, r, :n].double(), expected, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(triton_kernels._vandermonde_op, (x, y, c_re, c_im, lengths, 9))
+    compiled = torch.compile(lambda *a: triton_kernels.vandermonde(*a, lengths, 9).sum(), fullgraph=True,
+                             backend='aot_eager')
+    torch.testing.assert_close(compiled(x, y, c_re, c_im), out.sum())
+
+
+def test_fused_generation_rejects_mixed_state_sizes():
+    kernels = [SSMKernel(2, d_state=4), SSMKernel(2, d_state=8)]
+    with pytest.raises(ValueError, match='d_state'):
+        triton_kernels.ssm_kernels_fused(kernels, [5, 5], [1.0, 1.0])
