@@ -176,7 +176,15 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import torch
 
     from .bench.benchmark import (
-        bench_kernels, bench_layers, bench_models, bench_scaling, bench_step, format_table, parse_pair, write_json)
+        bench_kernels,
+        bench_layers,
+        bench_models,
+        bench_scaling,
+        bench_step,
+        format_table,
+        parse_pair,
+        write_json,
+    )
     from .utils.runtime import keep_freed_memory
     if not args.default_malloc:
         keep_freed_memory()

@@ -1,4 +1,5 @@
-"""Launched by tests/test_train.py under `accelerate launch` (two CPU processes): trains, then writes what each rank holds."""
+"""Launched by tests/test_train.py under `accelerate launch` (two CPU processes): trains, then writes what each
+rank holds."""
 import os
 import sys
 

@@ -2,7 +2,14 @@
 import pytest
 
 from s4nd_vision.bench.benchmark import (
-    bench_kernels, bench_layers, bench_models, bench_scaling, bench_step, format_table, parse_pair)
+    bench_kernels,
+    bench_layers,
+    bench_models,
+    bench_scaling,
+    bench_step,
+    format_table,
+    parse_pair,
+)
 
 
 def test_parse_pair():
@@ -52,6 +59,7 @@ def test_scaling_rows_hold_growth():
 
 def test_keep_freed_memory_on_glibc():
     import platform
+
     from s4nd_vision.utils.runtime import keep_freed_memory
     expected = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
     assert keep_freed_memory() is expected

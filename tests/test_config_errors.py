@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from test_train import _overrides, _write_folder
 
 from s4nd_vision.train import ConfigError, load_config
 from s4nd_vision.train.config import Config
-from test_train import _overrides, _write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,12 +5,12 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from stacking import step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND
 from s4nd_vision.train.optim import param_groups_ssm, ssm_param_names
-from stacking import step_with_and_without_stacking
 
 SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')
 
@@ -208,6 +208,7 @@ def test_fsdp_sharded_model_generates_kernels_layer_by_layer():
     model-wide kernel generation steps aside and every layer generates its own; training still runs."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+
     from s4nd_vision.layers import kernels_can_be_prepared
     model = timm.create_model('convnext_s4nd_atto', img_size=32)
     assert kernels_can_be_prepared(model)

@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from media import write_video
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from media import write_video
 from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, open_image
 from s4nd_vision.data.video import Hmdb51Clips
 from s4nd_vision.eval.resolution import dataset_num_classes

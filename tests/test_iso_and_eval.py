@@ -18,7 +18,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data import MNIST5k, export_image_folder, load_mnist_5k
 from s4nd_vision.eval.resolution import (
-    CSV_NAME, PLOT_NAME, check_resolutions, dataset_num_classes, eval_resolution, format_table, load_model,
+    CSV_NAME,
+    PLOT_NAME,
+    check_resolutions,
+    dataset_num_classes,
+    eval_resolution,
+    format_table,
+    load_model,
     min_input_size,
 )
 from s4nd_vision.layers import S4ND, set_bandlimit

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from s4nd_vision.layers import SSMKernel
+from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
 from s4nd_vision.layers.s4_kernel import S4Kernel
 from s4nd_vision.layers.sgconv_kernel import SGConvKernel
-from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
 
 
 def _zoh_dense_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt: float, length: int) -> torch.Tensor:

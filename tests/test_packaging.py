@@ -14,7 +14,6 @@ import sys
 import sysconfig
 
 import pytest
-import yaml
 
 import s4nd_vision
 from s4nd_vision.cli import COMMANDS, main

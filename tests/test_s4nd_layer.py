@@ -199,7 +199,9 @@ def test_smooth_image_at_double_resolution_matches():
         y2 = layer(_smooth_image(32, 4))  # automatic rate 16 / 32
         y2_fixed = layer(_smooth_image(32, 4), rate=1.0)
     # ZOH output i is the continuous output at the right edge of cell i: fine cell 2i + 1
-    rel = lambda a: ((a[..., 1::2, 1::2] - y1).norm() / y1.norm()).item()
+    def rel(a):
+        return ((a[..., 1::2, 1::2] - y1).norm() / y1.norm()).item()
+
     assert rel(y2) < 0.03
     assert rel(y2_fixed) > 10 * rel(y2)  # without the rate the kernel is twice as short: not a match
 
@@ -433,9 +435,11 @@ def _numpy_view(layer, other):
     pytest.param(lambda layer, other: layer.kernels[0].log_dt.data.add_(0.3), id='data.add_'),
     pytest.param(_momentum_update, id='momentum-teacher'),
     pytest.param(lambda layer, other: layer.kernels[1].c.copy_(other.kernels[1].c), id='copy_'),
-    pytest.param(lambda layer, other: layer.load_state_dict(other.state_dict(), assign=True), id='load_state_dict-assign'),
+    pytest.param(lambda layer, other: layer.load_state_dict(other.state_dict(), assign=True),
+                 id='load_state_dict-assign'),
     pytest.param(_vector_to_parameters, id='vector_to_parameters'),
-    pytest.param(lambda layer, other: setattr(layer.kernels[0].a_imag, 'data', other.kernels[0].a_imag.data), id='data='),
+    pytest.param(lambda layer, other: setattr(layer.kernels[0].a_imag, 'data', other.kernels[0].a_imag.data),
+                 id='data='),
     pytest.param(_numpy_view, id='numpy-view'),
 ])
 def test_kernel_cache_never_serves_kernels_of_old_parameter_values(change):

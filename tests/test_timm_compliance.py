@@ -118,7 +118,8 @@ def test_default_cfg_contract(entry):
         model.reset_classifier(11, 'avg')
         assert model(x).shape == (1, 11)
 
-    for extra, expected in ((dict(num_classes=0), (1, model.num_features)), (dict(num_classes=0, global_pool=''), None)):
+    cases = ((dict(num_classes=0), (1, model.num_features)), (dict(num_classes=0, global_pool=''), None))
+    for extra, expected in cases:
         headless = _create(*entry, **extra).eval()
         with torch.no_grad():
             out = headless(x)

@@ -19,8 +19,8 @@ from timm.optim import create_optimizer_v2
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import ResumableSampler
 from s4nd_vision.layers import is_ssm_param
-from s4nd_vision.train.optim import param_groups_ssm
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
+from s4nd_vision.train.optim import param_groups_ssm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a very small ConvNeXt-S4ND: fast enough for a few dozen steps on 2 cores
@@ -78,7 +78,8 @@ def test_config_errors_name_the_key(tmp_path, folder):
     with pytest.raises(ConfigError, match='train.epochs must be int'):
         load_config(None, _overrides(folder, tmp_path, 'train.epochs=three'))
     with pytest.raises(ConfigError, match='increasing epoch order'):
-        load_config(None, _overrides(folder, tmp_path, 'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 0, img_size: 64}]'))
+        stages = 'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 0, img_size: 64}]'
+        load_config(None, _overrides(folder, tmp_path, stages))
     with pytest.raises(ConfigError, match='config file not found'):
         load_config(str(tmp_path / 'nope.yaml'))
     cfg = load_config(None, _overrides(folder, tmp_path, 'optim.lr=4e-3', 'aug.scale=[0.5, 1]'))
@@ -114,7 +115,8 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder):
     out = tmp_path / 'run'
     lines = (out / 'metrics.csv').read_text().splitlines()
     header = lines[0].split(',')
-    for column in ('epoch', 'train_loss', 'top1', 'top5', 'img_per_s', 'lr', 'peak_mem_mb', 'ema_top1', 'skipped_images'):
+    for column in ('epoch', 'train_loss', 'top1', 'top5', 'img_per_s', 'lr', 'peak_mem_mb', 'ema_top1',
+                   'skipped_images'):
         assert column in header
     assert len(lines) == 3 and summary['best_epoch'] in (0, 1)
     after = trainer.model.state_dict()
@@ -196,8 +198,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, folder):
     extra = ('train.epochs=5', 'train.checkpoint_every_steps=3', 'train.ema_decay=0.8', 'aug.mixup=0.5',
              'model.drop_path_rate=0.1', 'aug.auto_augment=rand-m9-mstd0.5')
     killed = tmp_path / 'killed'
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tools', 'train.py'), *_overrides(folder, killed, *extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [sys.executable, os.path.join(ROOT, 'tools', 'train.py'), *_overrides(folder, killed, *extra)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while latest_checkpoint(str(killed)) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

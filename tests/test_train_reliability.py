@@ -10,10 +10,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-
-from s4nd_vision.train import ConfigError, Trainer, TrainingDiverged, latest_checkpoint, load_config
-from s4nd_vision.train import cli
 from test_train import _overrides, _write_folder
+
+from s4nd_vision.train import ConfigError, Trainer, TrainingDiverged, cli, latest_checkpoint, load_config
 
 
 @pytest.fixture(scope='module')

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from media import write_video
 from pytorchvideo.data.encoded_video import EncodedVideo
 from safetensors.torch import save_file
+from stacking import step_with_and_without_stacking
 from torch.utils.data import DataLoader
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from media import write_video
-from stacking import step_with_and_without_stacking
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.layers import S4ND
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict

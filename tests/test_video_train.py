@@ -8,10 +8,10 @@ import pytest
 import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from media import write_video
 from safetensors.torch import load_file, save_file
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from media import write_video
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.models.inflate import inflate_state_dict
 from s4nd_vision.train import ConfigError, Trainer, load_config

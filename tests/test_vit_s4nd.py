@@ -7,12 +7,12 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from stacking import step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND
 from s4nd_vision.train.optim import ssm_param_names
-from stacking import step_with_and_without_stacking
 
 ATTO = 'vit_s4nd_atto_patch16_224'
 MODES = ('2d', '1d')

@@ -12,9 +12,9 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 from timm.layers import create_conv2d
 
 from ..layers import KERNELS, S4ND, S4NDRecurrence
@@ -31,7 +31,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 7) -> Dict[str, float]:
+def time_ms(
+        fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 7,
+) -> Dict[str, float]:
     """Median wall time in milliseconds of each fn(), run interleaved (a, b, a, b, ...) so that drifts in
     machine speed (shared VMs, turbo, thermal) hit every candidate alike and the ratios stay fair."""
     for _ in range(warmup):

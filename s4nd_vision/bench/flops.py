@@ -36,7 +36,12 @@ import torch
 import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import (
-    Handle, bmm_flop_jit, einsum_flop_jit, elementwise_flop_counter, get_shape, matmul_flop_jit,
+    Handle,
+    bmm_flop_jit,
+    einsum_flop_jit,
+    elementwise_flop_counter,
+    get_shape,
+    matmul_flop_jit,
 )
 
 __all__ = ['count_flops', 's4nd_handles', 'fft_macs', 'FFT_MACS_PER_POINT_LOG2']

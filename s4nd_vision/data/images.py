@@ -193,7 +193,8 @@ class ResumableSampler(Sampler):
                         draws.append((i, counts[i]))
                     counts[i] += 1
         else:
-            base = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            base = DistributedSampler(
+                dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
             base.set_epoch(epoch)
             draws = [(i, 0) for i in base]
         self.draws = draws[start:]

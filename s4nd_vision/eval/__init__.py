@@ -5,6 +5,14 @@
 """
 from .demo import SETTINGS, DemoSetting, retention, run_demo
 from .resolution import (
-    CSV_NAME, PLOT_NAME, check_resolutions, dataset_num_classes, eval_resolution, format_table, load_model,
-    min_input_size, plot_accuracy, write_csv,
+    CSV_NAME,
+    PLOT_NAME,
+    check_resolutions,
+    dataset_num_classes,
+    eval_resolution,
+    format_table,
+    load_model,
+    min_input_size,
+    plot_accuracy,
+    write_csv,
 )

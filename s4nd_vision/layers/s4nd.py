@@ -10,10 +10,17 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .ops import (
-    apply_operators, channel_major, channels_first, conv_algorithms, conv_operators, project, separable_conv,
-    two_sided_kernel)
 from . import dispatch
+from .ops import (
+    apply_operators,
+    channel_major,
+    channels_first,
+    conv_algorithms,
+    conv_operators,
+    project,
+    separable_conv,
+    two_sided_kernel,
+)
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel

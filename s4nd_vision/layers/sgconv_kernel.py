@@ -49,7 +49,8 @@ def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch
             t_b.append(origin + stretch * knots[k + 1])
             idx_a.append(i * size + values[k])
             idx_b.append(i * size + values[k + 1])
-    t_a, t_b = torch.tensor(t_a, dtype=torch.float64, device='cpu'), torch.tensor(t_b, dtype=torch.float64, device='cpu')
+    t_a = torch.tensor(t_a, dtype=torch.float64, device='cpu')
+    t_b = torch.tensor(t_b, dtype=torch.float64, device='cpu')
     width = t_b - t_a
     edges = torch.arange(length + 1, dtype=torch.float64, device='cpu') * rate
     u = ((edges[:, None] - t_a) / width).clamp(0, 1)  # (length + 1, pieces): covered part of each linear piece

@@ -143,7 +143,8 @@ class _SSMKernelFn(torch.autograd.Function):
     Autograd through these steps would record every small complex op and save many tensors,
     some (L, H, N2) large; here only z = exp(dt A) and e = expm1(dt A) / A are saved besides the
     parameters (their transcendental functions are most of the discretization's cost), the backward
-    recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. The backward works with conjugated gradients
+    recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. The backward works
+    with conjugated gradients
     g_x = conj(dL/dx) (PyTorch's convention is dL/dRe + i dL/dIm), which saves conjugations.
     """
 
@@ -167,7 +168,8 @@ class _SSMKernelFn(torch.autograd.Function):
         steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
         g = (grad * torch.stack([torch.full_like(steps, 2), 2 * steps])[:, None, None]).reshape(2 * k, h, length)
         v = torch.view_as_real(_powers_into(z, length)).view(length, h, 2 * n2)
-        wp = torch.view_as_complex(torch.bmm(g.transpose(0, 1), v.transpose(0, 1)).view(h, 2 * k, n2, 2)).transpose(0, 1)
+        wp = torch.bmm(g.transpose(0, 1), v.transpose(0, 1)).view(h, 2 * k, n2, 2)
+        wp = torch.view_as_complex(wp).transpose(0, 1)
         w, p = wp[:k], wp[k:]  # (K, H, N2): g of C~, and g of dt A through z ** l per kernel (/ C~)
         g_q = (w * c).sum(0)
         g_e = g_q * b

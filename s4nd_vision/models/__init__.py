@@ -1,5 +1,5 @@
 from .convnext_s4nd import ConvNeXtS4ND
-from .iso_s4nd import IsoS4ND
-from .vit_s4nd import VisionTransformerS4ND
 from .convnext_s4nd_3d import ConvNeXt3d
+from .iso_s4nd import IsoS4ND
 from .s4_seq import SeqS4ND
+from .vit_s4nd import VisionTransformerS4ND

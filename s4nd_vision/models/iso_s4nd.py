@@ -28,7 +28,7 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d, t
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock
-from ._base import MIXER_TYPES, S4NDModel, S4ND_PAPER
+from ._base import MIXER_TYPES, S4ND_PAPER, S4NDModel
 
 __all__ = ['IsoS4ND']
 

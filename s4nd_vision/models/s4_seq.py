@@ -25,7 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import get_act_layer, trunc_normal_
 from timm.models import (
-    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, get_pretrained_cfg, named_apply, register_model)
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    named_apply,
+    register_model,
+)
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, S4NDRecurrence, is_ssm_param

@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, stacked_kernels
-from ._base import S4NDModel, S4ND_PAPER
+from ._base import S4ND_PAPER, S4NDModel
 from ._checks import check_input
 
 __all__ = ['VisionTransformerS4ND']

@@ -170,15 +170,16 @@ class Config:
         for key in ('lr', 'eps'):
             need(getattr(self.optim, key) > 0, f'optim.{key}', 'positive', getattr(self.optim, key))
         need(self.optim.ssm_lr is None or self.optim.ssm_lr > 0, 'optim.ssm_lr', 'positive or null', self.optim.ssm_lr)
-        need(self.optim.lr_base_batch is None or self.optim.lr_base_batch > 0, 'optim.lr_base_batch', 'positive or null',
-             self.optim.lr_base_batch)
+        need(self.optim.lr_base_batch is None or self.optim.lr_base_batch > 0, 'optim.lr_base_batch',
+             'positive or null', self.optim.lr_base_batch)
         for key in ('weight_decay', 'ssm_weight_decay'):
             need(getattr(self.optim, key) >= 0, f'optim.{key}', '>= 0', getattr(self.optim, key))
-        need(self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1, 'optim.layer_decay', 'in (0, 1] or null',
-             self.optim.layer_decay)
+        need(self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1, 'optim.layer_decay',
+             'in (0, 1] or null', self.optim.layer_decay)
         need(self.optim.clip_grad is None or self.optim.clip_grad > 0, 'optim.clip_grad', 'positive or null',
              self.optim.clip_grad)
-        need(self.sched.sched in ('cosine', 'tanh', 'poly'), 'sched.sched', "'cosine', 'tanh' or 'poly'", self.sched.sched)
+        need(self.sched.sched in ('cosine', 'tanh', 'poly'), 'sched.sched', "'cosine', 'tanh' or 'poly'",
+             self.sched.sched)
         need(self.sched.warmup_epochs >= 0, 'sched.warmup_epochs', '>= 0', self.sched.warmup_epochs)
         need(self.train.epochs > 0, 'train.epochs', 'positive', self.train.epochs)
         need(self.train.grad_accum_steps >= 1, 'train.grad_accum_steps', '>= 1', self.train.grad_accum_steps)
@@ -214,8 +215,8 @@ class Config:
             need(epochs == sorted(set(epochs)), 'train.progressive', 'stages in increasing epoch order', epochs)
             for stage in self.train.progressive:
                 need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
-                need(stage.bandlimit is None or stage.bandlimit > 0, 'train.progressive[].bandlimit', 'positive or null',
-                     stage.bandlimit)
+                need(stage.bandlimit is None or stage.bandlimit > 0, 'train.progressive[].bandlimit',
+                     'positive or null', stage.bandlimit)
         self._validate_model()
         return self
 

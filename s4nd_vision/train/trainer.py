@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 from ..layers import set_bandlimit
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
-    TrainState, all_finite, checkpoint_to_resume, export_weights, latest_checkpoint, load_checkpoint, save_checkpoint,
+    TrainState,
+    all_finite,
+    checkpoint_to_resume,
+    export_weights,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from .config import Config, ConfigError, config_to_dict
 from .data import create_train_data
