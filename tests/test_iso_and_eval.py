@@ -297,9 +297,10 @@ def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
     model's own cfg (timm's ImageNet defaults here, averaged to one channel) is used."""
     cli = _load_cli()
     seen = []
-    monkeypatch.setattr(cli, 'eval_resolution', lambda models, *a, **k: seen.append(
+    # the command imports these from s4nd_vision.eval.resolution when it runs
+    monkeypatch.setattr('s4nd_vision.eval.resolution.eval_resolution', lambda models, *a, **k: seen.append(
         {n: resolve_data_config({}, model=m) for n, m in models.items()}) or [])
-    monkeypatch.setattr(cli, 'format_table', lambda rows: '')
+    monkeypatch.setattr('s4nd_vision.eval.resolution.format_table', lambda rows: '')
     common = ['--models', 's4nd_iso_tiny', '--data', image_folder, '--resolutions', '14', '--in-chans', '1']
     cli.main(common + ['--mean', '0.1307', '--std', '0.3081', '--out', 'unused'])
     cli.main(common + ['--out', 'unused'])

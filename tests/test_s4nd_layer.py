@@ -352,7 +352,7 @@ def test_conv_algorithm_context(monkeypatch):
         for algorithm, cls in (('fft', ops._FFTAxis), ('toeplitz', ops._ToeplitzAxis)):
             with ops.conv_algorithm(algorithm):
                 out = layer(x)
-            assert all(isinstance(op, cls) for term in layer._kernel_cache[1] for op in term)
+            assert all(isinstance(op, cls) for term in layer._kernel_cache[2] for op in term)
             torch.testing.assert_close(out, y.detach(), atol=1e-5, rtol=1e-4)
 
 
