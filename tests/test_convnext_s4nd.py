@@ -56,6 +56,8 @@ def test_set_input_size_moves_the_reference_grid():
         trained_64.set_input_size(96)
         after = trained_64(x)
     assert trained_64.img_size == (96, 96)
+    trained_64.set_input_size(None)  # timm's meaning: keep the size
+    assert trained_64.img_size == (96, 96)
     torch.testing.assert_close(after, native_96(x))
     assert not torch.allclose(before, after)
     with pytest.raises(ValueError, match='img_size'):

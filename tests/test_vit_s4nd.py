@@ -78,6 +78,8 @@ def test_set_input_size_moves_the_reference_grid(mode):
         after = trained_64(x)
         torch.testing.assert_close(after, native_96(x))
     assert trained_64.img_size == (96, 96) and trained_64.patch_embed.grid_size == (6, 6)
+    trained_64.set_input_size(None)  # timm's meaning: keep the size
+    assert trained_64.img_size == (96, 96) and trained_64.patch_embed.grid_size == (6, 6)
     assert not torch.allclose(before, after)
     with pytest.raises(ValueError, match='img_size'):
         trained_64.set_input_size(8)

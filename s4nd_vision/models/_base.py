@@ -139,13 +139,14 @@ class S4NDModel(nn.Module):
             layer.set_reference_size(tuple(s // t for s, t in zip(size, stride)))
 
     @torch.jit.ignore
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid).
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid; None
+        keeps it, as in timm).
 
         Not needed for zero-shot evaluation at other sizes (the rate follows the input); use it
         when a new resolution should become the model's native one, e.g. after fine-tuning at it.
         """
-        img_size = to_2tuple(img_size)
+        img_size = self.img_size if img_size is None else to_2tuple(img_size)
         if min(img_size) < self.min_input_size:
             raise ValueError(f'img_size must be at least {self.min_input_size} on each side, got {img_size}')
         self._set_reference_size(img_size)

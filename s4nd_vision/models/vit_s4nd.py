@@ -228,13 +228,14 @@ class VisionTransformerS4ND(S4NDModel):
         return self.patch_embed.img_size
 
     @torch.jit.ignore
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid).
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid; None
+        keeps it, as in timm).
 
         Not needed to run at other sizes (the rate follows the input); use it when a new
         resolution should become the model's native one, e.g. after fine-tuning at it.
         """
-        img_size = to_2tuple(img_size)
+        img_size = self.img_size if img_size is None else to_2tuple(img_size)
         if min(s // p for s, p in zip(img_size, self.patch_embed.patch_size)) < 1:
             raise ValueError(f'img_size must be at least the patch size {self.patch_embed.patch_size}, got {img_size}')
         self.patch_embed.set_input_size(img_size)
