@@ -125,11 +125,11 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
                         lambda *a, **kw: generated.append(1) or fused_gen(*a, **kw))
     results = []
     for path in ('fast', 'triton'):
-        monkeypatch.setattr(dispatch, 'FORCE_PATH', path)
         layer.zero_grad()
         xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.square().sum().backward()
+        with dispatch.force_path(path):
+            y = layer(xi)
+            y.square().sum().backward()
         results.append((y.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
     assert len(calls) == 1 and len(generated) == 1  # the fused ops ran on the 'triton' pass only (both axes at once)
     (y_fast, dx_fast, dp_fast), (y_tri, dx_tri, dp_tri) = results
@@ -162,8 +162,8 @@ def test_dispatch_cuda_runs_triton_when_available_and_supported(monkeypatch):
 def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):
     monkeypatch.setattr(dispatch, 'triton_available', lambda: False)
     assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.float32) == 'fast'
-    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
-    assert dispatch.conv_path(torch.device('cpu'), (2, 6, 6, 5), (1, 1), torch.float32) == 'fast'
+    with dispatch.force_path('triton'):
+        assert dispatch.conv_path(torch.device('cpu'), (2, 6, 6, 5), (1, 1), torch.float32) == 'fast'
 
 
 def test_dispatch_picks_the_reference_while_compiling_and_fast_while_tracing(monkeypatch):
@@ -178,8 +178,8 @@ def test_dispatch_picks_the_reference_while_compiling_and_fast_while_tracing(mon
     assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')
     traced = torch.jit.trace(path_code, torch.zeros(1), check_trace=False)
     assert traced(torch.zeros(1)).item() == dispatch.PATHS.index('fast')
-    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
-    assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')  # forcing never beats export
+    with dispatch.force_path('triton'):
+        assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')  # forcing never beats export
 
 
 def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_forced(monkeypatch):
@@ -192,19 +192,23 @@ def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_f
     groups = []
     fused_gen = triton_kernels.ssm_kernels_fused
     monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused', lambda k, *a: groups.append(len(k)) or fused_gen(k, *a))
-    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'triton')
-    forced = dispatch.generate_kernels(kernels, lengths, rates)
+    with dispatch.force_path('triton'):
+        forced = dispatch.generate_kernels(kernels, lengths, rates)
     assert sorted(groups) == [1, 2]  # one launch per (d_state, num_kernels) group
     for a, b in zip(forced, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert dispatch.generate_kernels(kernels, lengths, rates, torch.float64)[0].dtype == torch.float64
+    with dispatch.force_path('triton'):
+        assert dispatch.generate_kernels(kernels, lengths, rates, torch.float64)[0].dtype == torch.float64
     assert sorted(groups) == [1, 2]  # float64 stays on `ssm_kernels`
+    dispatch.generate_kernels(kernels, lengths, rates)
+    assert sorted(groups) == [1, 2]  # outside the context: the CPU rule again
 
 
-def test_dispatch_rejects_unknown_forced_path(monkeypatch):
-    monkeypatch.setattr(dispatch, 'FORCE_PATH', 'cuda')
-    with pytest.raises(ValueError, match='FORCE_PATH'):
-        dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float32)
+def test_dispatch_rejects_unknown_forced_path():
+    with pytest.raises(ValueError, match="path must be 'triton', 'fast' or None"):
+        with dispatch.force_path('cuda'):
+            pass
+    assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float64) == 'fast'  # nothing left forced
 
 
 def test_s4nd_layer_on_cpu_never_imports_triton_path(monkeypatch):

@@ -123,11 +123,8 @@ def _fwd_bwd(module, x, amp):
 
 def _forced(path, fn):
     def run():
-        dispatch.FORCE_PATH = path
-        try:
+        with dispatch.force_path(path):
             fn()
-        finally:
-            dispatch.FORCE_PATH = None
     return run
 
 

@@ -9,11 +9,13 @@
 Kernel generation follows the same rule (`generate_kernels`): on the Triton path, the S4D kernels of every
 (layer, axis) entry that share d_state and num_kernels come from one fused launch (`triton_kernels`), float32.
 
-Model files call `S4ND` and never choose; `FORCE_PATH` ('triton' or 'fast') overrides the choice outside graph
-capture (tests, benchmarks); 'triton' still falls back to 'fast' for an unsupported input.
+Model files call `S4ND` and never choose; a `force_path('triton' | 'fast')` context overrides the choice outside
+graph capture (tests, benchmarks); 'triton' still falls back to 'fast' for an unsupported input.
 """
+import contextlib
+import contextvars
 import functools
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,10 +23,23 @@ import torch.nn as nn
 from .reference import use_reference
 from .ssm_kernel import SSMKernel, ssm_kernels
 
-__all__ = ['FORCE_PATH', 'PATHS', 'conv_path', 'generate_kernels', 'triton_available']
+__all__ = ['PATHS', 'conv_path', 'force_path', 'generate_kernels', 'triton_available']
 
 PATHS = ('reference', 'triton', 'fast')
-FORCE_PATH: Optional[str] = None  # 'triton' or 'fast' for every call that is not capturing a graph; None = the rule
+_FORCED_PATH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('s4nd_forced_path', default=None)
+
+
+@contextlib.contextmanager
+def force_path(path: Optional[str]) -> Iterator[None]:
+    """Within this context every S4ND call that is not capturing a graph runs `path`, 'triton' or 'fast'
+    (None: the rule of `conv_path`); 'triton' still falls back to 'fast' for an unsupported input."""
+    if path not in (None, 'triton', 'fast'):
+        raise ValueError(f"path must be 'triton', 'fast' or None, got {path!r}")
+    token = _FORCED_PATH.set(path)
+    try:
+        yield
+    finally:
+        _FORCED_PATH.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,12 +59,9 @@ def conv_path(device: torch.device, shape: Sequence[int], pools: Sequence[int], 
         return 'reference'
     if torch.jit.is_tracing():  # FLOP counting traces the plain ops of the fast path
         return 'fast'
-    if FORCE_PATH is not None:
-        if FORCE_PATH not in ('triton', 'fast'):
-            raise ValueError(f"dispatch.FORCE_PATH must be 'triton', 'fast' or None, got {FORCE_PATH!r}")
-        if FORCE_PATH != 'triton' or _triton_supports(shape, pools, dtype):
-            return FORCE_PATH
-        return 'fast'
+    forced = _FORCED_PATH.get()
+    if forced is not None:
+        return forced if forced == 'fast' or _triton_supports(shape, pools, dtype) else 'fast'
     if torch.device(device).type == 'cuda' and _triton_supports(shape, pools, dtype):
         return 'triton'
     return 'fast'
@@ -64,9 +76,10 @@ def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dt
 
 
 def _fused_generation(device: torch.device, dtype: torch.dtype) -> bool:
-    if use_reference() or torch.jit.is_tracing() or dtype != torch.float32 or FORCE_PATH == 'fast':
+    forced = _FORCED_PATH.get()
+    if use_reference() or torch.jit.is_tracing() or dtype != torch.float32 or forced == 'fast':
         return False
-    return (FORCE_PATH == 'triton' or torch.device(device).type == 'cuda') and triton_available()
+    return (forced == 'triton' or torch.device(device).type == 'cuda') and triton_available()
 
 
 def generate_kernels(
