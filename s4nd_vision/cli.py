@@ -74,7 +74,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--split', default='validation', help='sub-folder of an ImageFolder --data to use, if present')
     parser.add_argument('--resolutions', nargs='+', type=int, required=True, help='input sides in pixels')
     parser.add_argument('--train-resolution', type=int, default=None,
-                        help="the models' training resolution: the reference grid of S4ND kernels")
+                        help="the models' training resolution: they are built for it (the S4ND kernels' reference grid)")
     parser.add_argument('--bandlimit', type=float, default=None,
                         help='band-limiting cut-off of the S4ND models, as trained (default: their own, off)')
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
@@ -104,7 +104,7 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         num_classes = dataset_num_classes(args.data, args.split)
         models = {
             label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
-                              model_kwargs=model_kwargs)
+                              img_size=args.train_resolution, model_kwargs=model_kwargs)
             for label, name, ckpt in zip(labels, args.models, checkpoints)
         }
         rows = eval_resolution(
@@ -248,8 +248,9 @@ def _count_flops(args: argparse.Namespace, x) -> None:
 
     from .bench.flops import count_flops
     for name in args.models:
-        model = timm.create_model(name).eval()
-        if hasattr(model, 'set_input_size'):  # the S4ND models' reference grid (timm ViTs: the patch grid)
+        from .models import takes_input_size
+        model = timm.create_model(name, **(dict(img_size=args.img_size) if takes_input_size(name) else {})).eval()
+        if hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
             model.set_input_size(img_size=args.img_size)
         counted = count_flops(model, (x,))
         plain = FlopCountAnalysis(model, (x,))

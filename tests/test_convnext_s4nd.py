@@ -45,21 +45,13 @@ def test_every_s4nd_layer_is_referenced_to_its_grid():
     assert model.stages[3].downsample[1].l_ref == (8, 8)
 
 
-def test_set_input_size_moves_the_reference_grid():
-    torch.manual_seed(0)
+def test_set_input_size_keeps_the_reference_grids():
+    """(Function preservation for every family: tests/test_input_size.py.)"""
     trained_64 = timm.create_model('convnext_s4nd_atto', img_size=64).eval()
-    native_96 = timm.create_model('convnext_s4nd_atto', img_size=96).eval()
-    native_96.load_state_dict(trained_64.state_dict())
-    x = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        before = trained_64(x)
-        trained_64.set_input_size(96)
-        after = trained_64(x)
-    assert trained_64.img_size == (96, 96)
+    trained_64.set_input_size(96)
+    assert trained_64.img_size == (96, 96) and trained_64.stages[3].downsample[1].l_ref == (4, 4)
     trained_64.set_input_size(None)  # timm's meaning: keep the size
     assert trained_64.img_size == (96, 96)
-    torch.testing.assert_close(after, native_96(x))
-    assert not torch.allclose(before, after)
     with pytest.raises(ValueError, match='img_size'):
         trained_64.set_input_size(16)
 

@@ -119,11 +119,12 @@ def test_timm_contract(name):
         assert [f.shape for f in feats(x)] == [(1, 64, 14, 14)] * 2
 
 
-def test_set_input_size_moves_the_reference_grid():
+def test_set_input_size_keeps_the_reference_grids():
     model = _mnist('s4nd_iso_tiny')
+    reference = {b.conv_dw.l_ref for b in model.blocks}
     model.set_input_size(28)
-    assert model.img_size == (28, 28)
-    assert {b.conv_dw.l_ref for b in model.blocks} == {(28, 28)}
+    assert model.img_size == (28, 28) and model.pretrained_cfg['input_size'][1:] == (28, 28)
+    assert {b.conv_dw.l_ref for b in model.blocks} == reference
     with pytest.raises(ValueError, match='img_size'):
         model.set_input_size(0)
 

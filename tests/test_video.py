@@ -69,8 +69,9 @@ def test_s4nd_3d_layers_kernels_and_grids():
     assert model.stages[1].downsample[1].l_ref == (4, 16, 16) and model.stages[1].downsample[1].pool == (1, 2, 2)
     assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 2, 2)
 
-    model.set_input_size(img_size=96, num_frames=16)
-    assert model.stem[1].l_ref == (16, 96, 96) and model.stages[3].blocks[0].conv_dw.l_ref == (8, 3, 3)
+    model.set_input_size(img_size=96, num_frames=16)  # the native clip; the kernels keep their grids
+    assert model.stages[3].blocks[0].conv_dw.l_ref == (4, 2, 2)
+    assert model.pretrained_cfg['input_size'] == (3, 16, 96, 96)
     with pytest.raises(ValueError, match='num_frames'):
         model.set_input_size(num_frames=1)
 

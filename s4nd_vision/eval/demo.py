@@ -103,12 +103,12 @@ def run_demo(
     norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
     if norm:  # the normalization the models were trained with, where the config sets one (else their own cfg's)
         common_kwargs['pretrained_cfg_overlay'] = norm
+    train_res = s.resolutions[0]
     models = {
-        name: load_model(name, path, num_classes=10, in_chans=1,
+        name: load_model(name, path, num_classes=10, in_chans=1, img_size=train_res,
                          model_kwargs=dict(common_kwargs, **(s4nd_kwargs if name == s.s4nd_model else {})))
         for name, path in weights.items()
     }
-    train_res = s.resolutions[0]
     rows = eval_resolution(models, 'mnist', s.resolutions, train_resolution=train_res, out_dir=out_dir)
     print(f'\nTop-1 / top-5 accuracy (%) on the MNIST-5k validation split, trained at {train_res} px:\n')
     print(format_table(rows))

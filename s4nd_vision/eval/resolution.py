@@ -1,11 +1,12 @@
 """Zero-shot resolution evaluation: the accuracy of one or more models at a list of input resolutions.
 
-S4ND models are told their training resolution (`set_input_size`), after which their kernels'
-step size follows each input, so a model trained at 14 px sees the same continuous kernels at
-28 px; plain timm models (e.g. `convnext_tiny`) simply run at the new size. Each model is fed
-the way timm evaluates it: its own pretrained cfg gives mean, std, interpolation and crop.
+S4ND models know the grid they were trained on (built for it: `load_model(img_size=...)`; weight files
+written by the trainer also hold it), and their kernels' step size follows each input, so a model
+trained at 14 px sees the same continuous kernels at 28 px; plain timm models (e.g. `convnext_tiny`)
+simply run at the new size. Each model is fed the way timm evaluates it: its own pretrained cfg gives
+mean, std, interpolation and crop.
 
-    models = {name: load_model(name, ckpt, num_classes=10) for name, ckpt in ...}
+    models = {name: load_model(name, ckpt, num_classes=10, img_size=14) for name, ckpt in ...}
     rows = eval_resolution(models, 'mnist', [14, 20, 28, 42], train_resolution=14, out_dir='output/zero_shot')
     print(format_table(rows))
 """
@@ -23,7 +24,8 @@ from tqdm.auto import tqdm
 from ..data import MNIST5k
 from ..data.images import ImageFolderDataset, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
-from ..layers import S4ND, set_bandlimit
+from ..layers import set_bandlimit
+from ..models import takes_input_size
 from .accuracy import topk_hits
 
 __all__ = [
@@ -36,16 +38,13 @@ PLOT_NAME = 'accuracy_vs_resolution.png'
 BUILTIN = 'mnist'  # the built-in dataset: MNIST-5k, its deterministic 'val' split
 
 
-def _has_s4nd(model: nn.Module) -> bool:
-    return any(isinstance(m, S4ND) for m in model.modules())
-
-
 def load_model(
         name: str,
         checkpoint: Optional[str] = None,
         num_classes: Optional[int] = None,
         in_chans: Optional[int] = None,
         bandlimit: Optional[float] = None,
+        img_size: Optional[int] = None,
         model_kwargs: Optional[Mapping] = None,
 ) -> nn.Module:
     """`timm.create_model(name)` in eval mode, with weights from a local checkpoint.
@@ -54,6 +53,9 @@ def load_model(
         name: registered timm model name.
         checkpoint: safetensors or torch file (wrapped state dicts, 'state_dict' / 'model' / EMA, load too).
         num_classes, in_chans: passed to `timm.create_model` when given.
+        img_size: the resolution the weights were trained at: this package's models are built for it (their
+            S4ND kernels' reference grids, which weight files written by earlier versions do not hold); timm
+            models that take a size (ViTs) are set to it; others ignore it.
         bandlimit: band-limiting cut-off set on every S4ND kernel (None leaves the model's own);
             models without S4ND layers are unaffected.
         model_kwargs: further `timm.create_model` arguments (those the model was trained with).
@@ -62,7 +64,11 @@ def load_model(
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
     kwargs = dict(model_kwargs or {})
     kwargs.update({k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None})
+    if img_size is not None and takes_input_size(name):
+        kwargs['img_size'] = img_size
     model = timm.create_model(name, **kwargs)
+    if img_size is not None and hasattr(model, 'set_input_size'):
+        model.set_input_size(img_size)
     if checkpoint is not None:
         timm.models.load_checkpoint(model, checkpoint, strict=True)
     if bandlimit is not None:
@@ -145,8 +151,8 @@ def eval_resolution(
         data: 'mnist' (the built-in MNIST-5k validation split) or an ImageFolder directory
             (its `split` sub-folder when present, found as timm's `create_dataset` does).
         resolutions: input sides in pixels.
-        train_resolution: the resolution the models were trained at; S4ND models get it as their
-            kernels' reference grid (`set_input_size`). None leaves every model as it is.
+        train_resolution: the resolution the models were trained at (checked, marked on the plot); build
+            the models for it (`load_model(img_size=...)`).
         crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg).
         out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME.
 
@@ -161,8 +167,6 @@ def eval_resolution(
     rows = []
     for name, model in models.items():
         model.eval().to(device)
-        if train_resolution is not None and _has_s4nd(model) and hasattr(model, 'set_input_size'):
-            model.set_input_size(train_resolution)
         cfg = model_data_config(model)
         loaders = [
             DataLoader(_dataset(data, split, r, cfg, crop_pct), batch_size=batch_size, num_workers=num_workers)

@@ -132,29 +132,72 @@ class S4ND(nn.Module):
             raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
         if bandlimit is not None and kernel != 's4d':
             raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r}")
-        counts = [self.rank * (2 if bi else 1) for bi in self.bidirectional]
+        counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
         if kernel == 'sgconv':
             if init is not None:
                 raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
-            if self.l_ref is None and self.l_max is None:
-                raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
-            none = (None,) * self.ndim
-            refs = [min(r for r in pair if r is not None) for pair in zip(self.l_ref or none, self.l_max or none)]
-            return [SGConvKernel(self.dim, l_ref=ref, num_kernels=n, size=sgconv_size, decay=sgconv_decay, **dd)
-                    for ref, n in zip(refs, counts)]
+            self._sgconv_args = dict(size=sgconv_size, decay=sgconv_decay)
+            return self._sgconv_kernels(self.l_ref, **dd)
         ssm = dict(d_state=d_state, dt_min=dt_min, dt_max=dt_max, **dd)
         if kernel == 's4':
             return [S4Kernel(self.dim, num_kernels=n, init=init or 'legs', **ssm) for n in counts]
         return [SSMKernel(self.dim, num_kernels=n, init=init or 'lin', bandlimit=bandlimit, **ssm) for n in counts]
 
+    def _sgconv_kernels(self, l_ref: Optional[Tuple[int, ...]], device=None, dtype=None) -> list:
+        """SGConv kernel generators whose sub-kernels cover min(l_ref, l_max) taps per axis."""
+        if l_ref is None and self.l_max is None:
+            raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
+        none = (None,) * self.ndim
+        refs = [min(r for r in pair if r is not None) for pair in zip(l_ref or none, self.l_max or none)]
+        return [SGConvKernel(self.dim, l_ref=ref, num_kernels=n, device=device, dtype=dtype, **self._sgconv_args)
+                for ref, n in zip(refs, self._kernel_counts())]
+
+    def _kernel_counts(self) -> list:
+        """Kernels per axis: rank-1 terms times directions."""
+        return [self.rank * (2 if bi else 1) for bi in self.bidirectional]
+
     def set_reference_size(self, l_ref: Optional[_Ints]) -> None:
-        """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always."""
+        """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always.
+
+        This changes what the layer computes at every input size other than the old reference (its steps are
+        measured on the new grid); models keep their layers' references when their input size changes.
+        """
         if l_ref is not None:
             l_ref = _per_axis(l_ref, self.ndim, 'l_ref')
             if any(not isinstance(v, int) or v < 1 for v in l_ref):
                 raise ValueError(f'l_ref must hold positive integers, got {l_ref}')
         self.l_ref = l_ref
+
+    # The reference grid is saved with the weights, as `l_ref` (int64, zeros for None): it fixes the kernels'
+    # steps at every input size, so weights loaded into a layer built for another grid keep their function.
+    # Weight files without it keep the layer's own reference. (A plain attribute, not a buffer: the rate is
+    # computed on the host at every call, and a device tensor would cost a synchronization.)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        grid = self.l_ref if self.l_ref is not None else (0,) * self.ndim
+        destination[prefix + 'l_ref'] = torch.tensor(grid, dtype=torch.int64, device='cpu')
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + 'l_ref'
+        value = state_dict.get(key)
+        if value is not None and not value.is_meta:  # (before the kernels load: SGConv's layout follows the grid)
+            grid = value.tolist() if value.ndim == 1 and not value.is_floating_point() else None
+            if grid is None or len(grid) != self.ndim or not (all(v > 0 for v in grid) or not any(grid)):
+                error_msgs.append(f'{key}: expected {self.ndim} positive integers (the reference grid; zeros for '
+                                  f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
+            else:
+                l_ref = tuple(grid) if any(grid) else None
+                if self.kernel == 'sgconv' and l_ref != self.l_ref:
+                    like = self.kernels[0].weight
+                    self.kernels = nn.ModuleList(self._sgconv_kernels(l_ref, device=like.device, dtype=like.dtype))
+                self.set_reference_size(l_ref)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def resolve_rate(self, sizes: Sequence[int], rate: Optional[_Floats] = None) -> Tuple[float, ...]:
         """Per-axis rate for an input of spatial `sizes`: explicit, else l_ref / size, else 1."""

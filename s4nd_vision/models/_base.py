@@ -5,7 +5,7 @@ The models hold a `head` with timm's head interface (`NormMlpClassifierHead` or 
 implement `_s4nd_layers`, from which their reference grids and kernel generation follow.
 """
 from functools import partial
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,16 @@ from timm.models._features import feature_take_indices
 from ..layers import S4ND, is_ssm_param
 from ._checks import check_input
 
-__all__ = ['S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'init_weights']
+try:  # timm's record of a model's current input size and arguments, apart from its source cfg (recent timm)
+    from timm.models._input import update_model_args, update_model_input_size
+except ImportError:  # older timm: `pretrained_cfg['input_size']` is the only record
+    def update_model_input_size(model: nn.Module, img_size, **model_args) -> None:
+        pass
+
+    def update_model_args(model: nn.Module, **model_args) -> None:
+        pass
+
+__all__ = ['S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'init_weights', 'update_model_args', 'takes_input_size']
 
 # The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
 S4ND_PAPER = dict(
@@ -133,24 +142,52 @@ class S4NDModel(nn.Module):
         """Every S4ND layer with the spatial sizes of its input, for a model input of `shape` (B, C, *spatial)."""
         return [(layer, tuple(s // t for s, t in zip(shape[2:], stride))) for layer, stride in self._s4nd_layers()]
 
-    def _set_reference_size(self, size: Tuple[int, ...]) -> None:
-        """Reference every S4ND layer to its grid at the input size `size` (spatial axes)."""
-        for layer, stride in self._s4nd_layers():
-            layer.set_reference_size(tuple(s // t for s, t in zip(size, stride)))
+    def input_size(self) -> Tuple[int, ...]:
+        """The native input (C, *spatial) without the batch: what `pretrained_cfg['input_size']` states."""
+        return (self.in_chans, *self.img_size)
+
+    def _state_input_size(self, cfg: Dict[str, Any]) -> None:
+        """Write the native input size into a pretrained cfg (in place)."""
+        cfg['input_size'] = self.input_size()
+
+    @property
+    def pretrained_cfg(self) -> Optional[Dict[str, Any]]:
+        return self.__dict__.get('_pretrained_cfg')
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: Optional[Dict[str, Any]]) -> None:
+        """timm's builder assigns the registry's cfg (a fresh dict per model): it is made to state the input
+        size this model was built for (`img_size=`), in place, so that the copy a `features_only` wrapper
+        takes says it too, and `resolve_model_data_config` gives it."""
+        if cfg is not None:
+            self._state_input_size(cfg)
+        self.__dict__['_pretrained_cfg'] = cfg
+
+    def record_input_size(self) -> None:
+        """State `input_size()` where timm looks: `pretrained_cfg['input_size']` (read by
+        `resolve_model_data_config`), and the model's traits and arguments (`update_model_input_size`)."""
+        if self.pretrained_cfg is not None:
+            self._state_input_size(self.pretrained_cfg)
+        update_model_input_size(self, self.img_size)
+
+    def _check_input_size(self, img_size: Tuple[int, int]) -> None:
+        if min(img_size) < self.min_input_size:
+            raise ValueError(f'img_size must be at least {self.min_input_size} on each side, got {img_size}')
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
-        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid; None
-        keeps it, as in timm).
+        """Make `img_size` the model's native resolution (None keeps it, as in timm), keeping its function.
 
-        Not needed for zero-shot evaluation at other sizes (the rate follows the input); use it
-        when a new resolution should become the model's native one, e.g. after fine-tuning at it.
+        As in timm, the model then computes the same thing in image coordinates at every input size: the
+        S4ND layers keep their reference grids (the grids their step sizes are measured on, saved with
+        the weights), since the rate follows the input anyway. What changes is what the model states:
+        `img_size` and `pretrained_cfg['input_size']`, so `timm.data.resolve_model_data_config` gives the
+        new size.
         """
         img_size = self.img_size if img_size is None else to_2tuple(img_size)
-        if min(img_size) < self.min_input_size:
-            raise ValueError(f'img_size must be at least {self.min_input_size} on each side, got {img_size}')
-        self._set_reference_size(img_size)
+        self._check_input_size(img_size)
         self.img_size = img_size
+        self.record_input_size()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
@@ -168,3 +205,13 @@ def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale:
         if isinstance(module, nn.Linear) and name and 'head.' in name:
             module.weight.data.mul_(head_init_scale)
             module.bias.data.mul_(head_init_scale)
+
+
+def takes_input_size(name: str) -> bool:
+    """Whether the timm model `name` is one of this package's image or video models, which are built for an
+    input size (`img_size=`, and `num_frames=` for video): their kernels' reference grids."""
+    import timm
+    if not timm.is_model(name):
+        return False
+    module = timm.models.model_entrypoint(name).__module__
+    return module.startswith(__name__.rsplit('.', 1)[0] + '.') and not module.endswith('.s4_seq')

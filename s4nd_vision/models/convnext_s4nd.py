@@ -12,9 +12,9 @@ Papers:
 * `A ConvNet for the 2020s` - https://arxiv.org/abs/2201.03545
 
 Resolution control: every S4ND layer knows the grid it was trained on (`img_size` divided by its
-stride) and, by default, derives its step-size rate from each input's size, so evaluating at a
-new resolution needs nothing. `set_input_size(img_size)` moves that reference, e.g. after
-fine-tuning at a higher resolution, or to run larger images at the training pixel scale.
+stride, saved with the weights) and derives its step-size rate from each input's size, so
+evaluating at a new resolution needs nothing. `set_input_size(img_size)` makes another resolution
+the native one (the data config's), keeping the model's function, as in timm.
 """
 from typing import Callable, Dict, Tuple
 

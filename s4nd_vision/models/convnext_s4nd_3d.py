@@ -27,11 +27,11 @@ Papers:
 
 Resolution control as in 2D: every S4ND layer knows its (T, H, W) grid at `num_frames` x
 `img_size` and derives its rate from each input, so a clip with twice the frames over the same
-duration sees the same continuous time kernel. `set_input_size(img_size, num_frames)` moves that
-reference.
+duration sees the same continuous time kernel. `set_input_size(img_size, num_frames)` makes another
+clip size the native one, keeping the model's function.
 """
 from functools import partial
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import LayerNorm3d
-from ._base import MIXER_TYPES, S4ND_PAPER
+from ._base import MIXER_TYPES, S4ND_PAPER, update_model_args
 from ._checkpoint import unwrap_state_dict
 from ._checks import check_input
 from .convnext_base import ConvNeXtBase
@@ -115,26 +115,35 @@ class ConvNeXt3d(ConvNeXtBase):
             LayerNorm3d(out_chs, **dd),
         )
 
+    def input_size(self) -> Tuple[int, ...]:
+        return (self.in_chans, self.num_frames, *self.img_size)
+
+    def _state_input_size(self, cfg: Dict[str, Any]) -> None:
+        """timm's registry holds (C, H, W) input sizes only: the instance's cfg states the clip it takes."""
+        super()._state_input_size(cfg)
+        cfg['pool_size'] = (self.num_frames // _TUBELET[0], self.img_size[0] // 32, self.img_size[1] // 32)
+
+    def record_input_size(self) -> None:
+        super().record_input_size()
+        update_model_args(self, num_frames=self.num_frames)
+
     @torch.jit.ignore
     def set_input_size(
             self,
             img_size: Optional[Union[int, Tuple[int, int]]] = None,
             num_frames: Optional[int] = None,
     ) -> None:
-        """Make `num_frames` x `img_size` the clip size at which the S4ND kernels run at rate 1 (None keeps one).
-
-        Not needed for zero-shot evaluation at other sizes (the rate follows the input); use it
-        when a new clip size should become the model's native one, e.g. after fine-tuning at it.
-        """
+        """Make `num_frames` x `img_size` the model's native clip size (None keeps one), keeping its function:
+        the S4ND layers keep their reference grids (see `S4NDModel.set_input_size`), `pretrained_cfg['input_size']`
+        becomes (C, T, H, W)."""
         img_size = self.img_size if img_size is None else to_2tuple(img_size)
         num_frames = self.num_frames if num_frames is None else num_frames
-        if min(img_size) < self.min_input_size:
-            raise ValueError(f'img_size must be at least {self.min_input_size} on each side, got {img_size}')
+        self._check_input_size(img_size)
         if num_frames < _TUBELET[0]:
             raise ValueError(f'num_frames must be at least {_TUBELET[0]}, got {num_frames}')
-        self._set_reference_size((num_frames, *img_size))
         self.img_size = img_size
         self.num_frames = num_frames
+        self.record_input_size()
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_input(x, self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size)
@@ -168,19 +177,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d)
 
 
 def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXt3d:
-    model = build_model_with_cfg(
+    return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs)
-    # timm's registry only holds (C, H, W) input sizes; the instance's cfg states the clip it takes
-    img_size = to_2tuple(kwargs.get('img_size', _IMG_SIZE))
-    num_frames = kwargs.get('num_frames', _NUM_FRAMES)
-    model.pretrained_cfg = model.default_cfg = dict(
-        model.pretrained_cfg,
-        input_size=(kwargs.get('in_chans', 3), num_frames, *img_size),
-        pool_size=(num_frames // _TUBELET[0], img_size[0] // 32, img_size[1] // 32))
-    return model
 
 
 def _cfg(url: str = '', **kwargs) -> dict:

@@ -186,7 +186,7 @@ def inflate_state_dict(
     if not is_2d_state_dict(source):
         raise ValueError('state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)')
     target = model.state_dict()
-    renamed, time_params = {}, {}
+    renamed, time_params, used = {}, {}, set()
     for prefix, layer in model.named_modules():
         if not isinstance(layer, S4ND):
             continue
@@ -201,8 +201,12 @@ def inflate_state_dict(
             decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
             time = _time_kernel(time, layer.rank, layer.bidirectional[0], decay)
         time_params.update({f'{p}kernels.0.{k}': v.contiguous() for k, v in time.items()})
+        grid = f'{p}l_ref'  # the reference grid: the 2D (H, W) the kernels were trained on, the 3D model's T
+        if grid in source:
+            time_params[grid] = torch.cat([target[grid][:1], source[grid].to(target[grid].dtype)])
+            used.add(grid)
 
-    inflated, used, missing = {}, set(), []
+    inflated, missing = {}, []
     for name, t in target.items():
         if name in time_params:
             inflated[name] = time_params[name]

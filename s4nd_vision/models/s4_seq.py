@@ -35,6 +35,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, S4NDRecurrence, is_ssm_param
+from ._base import update_model_args
 from ._checks import check_input
 
 __all__ = ['SeqS4ND', 'SeqS4NDBlock', 'SeqState']
@@ -187,16 +188,15 @@ class SeqS4ND(nn.Module):
 
     @torch.jit.ignore
     def set_input_size(self, seq_len: int) -> None:
-        """Make `seq_len` the length at which the S4ND kernels run at rate 1 (the reference grid).
-
-        Not needed for zero-shot evaluation at other lengths (the rate follows the input).
-        """
+        """Make `seq_len` the model's native length, keeping its function: the S4ND layers keep their reference
+        grids (saved with the weights; the rate follows the input), `pretrained_cfg['input_size']` becomes
+        (C, seq_len)."""
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f'seq_len must be a positive integer, got {seq_len!r}')
-        for m in self.blocks.modules():
-            if isinstance(m, S4ND):
-                m.set_reference_size(seq_len)
         self.seq_len = seq_len
+        if getattr(self, 'pretrained_cfg', None) is not None:  # (set by timm's builder)
+            self.pretrained_cfg.update(input_size=(self.in_chans, seq_len), pool_size=(seq_len,))
+        update_model_args(self, seq_len=seq_len)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

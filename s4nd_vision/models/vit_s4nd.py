@@ -21,9 +21,9 @@ Papers:
 * `An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale`
   - https://arxiv.org/abs/2010.11929
 
-Resolution control: every S4ND layer knows the training grid (`img_size // patch_size`) and, by
-default, derives its step-size rate from each input's grid. `set_input_size(img_size)` moves that
-reference, e.g. after fine-tuning at a higher resolution.
+Resolution control: every S4ND layer knows the training grid (`img_size // patch_size`, saved with
+the weights) and derives its step-size rate from each input's grid. `set_input_size(img_size)` makes
+another resolution the native one (the patch grid's and the data config's), keeping the function.
 """
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -93,10 +93,6 @@ class S4NDMixer(nn.Module):
     def input_grid(self, grid_size: Sequence[int]) -> Tuple[int, ...]:
         """The spatial sizes of the S4ND input for a patch grid of `grid_size`: the grid, or the sequence length."""
         return tuple(grid_size) if self.token_layout == '2d' else (grid_size[0] * grid_size[1],)
-
-    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
-        """Make `grid_size` the grid on which the S4ND kernels run at rate 1."""
-        self.s4nd.set_reference_size(self.input_grid(grid_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_layout == '2d':
@@ -224,23 +220,21 @@ class VisionTransformerS4ND(S4NDModel):
 
     @property
     def img_size(self) -> Tuple[int, int]:
-        """The resolution at which the S4ND kernels run at rate 1."""
+        """The native resolution (the patch grid's)."""
         return self.patch_embed.img_size
+
+    def _check_input_size(self, img_size: Tuple[int, int]) -> None:
+        if min(s // p for s, p in zip(img_size, self.patch_embed.patch_size)) < 1:
+            raise ValueError(f'img_size must be at least the patch size {self.patch_embed.patch_size}, got {img_size}')
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
-        """Make `img_size` the resolution at which the S4ND kernels run at rate 1 (the reference grid; None
-        keeps it, as in timm).
-
-        Not needed to run at other sizes (the rate follows the input); use it when a new
-        resolution should become the model's native one, e.g. after fine-tuning at it.
-        """
+        """Make `img_size` the model's native resolution (the patch grid's; None keeps it), keeping its
+        function: see `S4NDModel.set_input_size`."""
         img_size = self.img_size if img_size is None else to_2tuple(img_size)
-        if min(s // p for s, p in zip(img_size, self.patch_embed.patch_size)) < 1:
-            raise ValueError(f'img_size must be at least the patch size {self.patch_embed.patch_size}, got {img_size}')
+        self._check_input_size(img_size)
         self.patch_embed.set_input_size(img_size)
-        for block in self.blocks:
-            block.mixer.set_grid_size(self.patch_embed.grid_size)
+        self.record_input_size()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:

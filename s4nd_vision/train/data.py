@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import EpochSeeded, ImageFolderDataset, ResumableSampler
 from ..data.transforms import mnist_transform, model_data_config
 from ..eval.accuracy import topk_hits
+from ..models import takes_input_size
 from ..utils.seeding import seed_all, seed_from
 from .config import Config, ConfigError
 
@@ -54,16 +55,22 @@ class TrainData:
         """(training set, validation set, number of classes)."""
         raise NotImplementedError
 
+    def input_size_kwargs(self) -> Dict[str, Any]:
+        """The `timm.create_model` arguments of this package's models for the training input: they are built
+        for it (the S4ND kernels' reference grids)."""
+        return dict(img_size=self.cfg.data.img_size)
+
     def bind(self, model: nn.Module) -> None:
-        """Fit `model` to the data (the training grid is the S4ND kernels' reference), then resolve the data config:
-        the config's mean/std/crop/interpolation, else the model's, fitted to `data.in_chans` channels."""
+        """Fit `model` to the data (other timm models that take a size, e.g. ViTs, are set to the training size),
+        then resolve the data config: the config's mean/std/crop/interpolation, else the model's, fitted to
+        `data.in_chans` channels."""
         self._configure_model(model)
         data = self.cfg.data
         self.data_config = model_data_config(model, data.in_chans, dict(
             mean=data.mean, std=data.std, crop_pct=data.crop_pct, interpolation=data.interpolation))
 
     def _configure_model(self, model: nn.Module) -> None:
-        if hasattr(model, 'set_input_size'):  # S4ND models
+        if hasattr(model, 'set_input_size'):  # (a no-op for this package's models, built at the size)
             model.set_input_size(self.cfg.data.img_size)
 
     @property
@@ -91,10 +98,12 @@ class TrainData:
         """Top-1/top-5 and loss on the validation split, over all processes."""
         raise NotImplementedError
 
-    def size_kwargs(self, model: nn.Module) -> str:
-        """The `timm.create_model` arguments that give a model created from the exported weights the training
-        grid as its kernels' reference (`img_size=N, ` for S4ND models), as text; '' for other models."""
-        return f'img_size={self.cfg.data.img_size}, ' if hasattr(model, 'set_input_size') else ''
+    def size_kwargs(self, model_name: str) -> str:
+        """`input_size_kwargs` as text for the message on loading the exported weights ('' for models that do
+        not take them)."""
+        if not takes_input_size(model_name):
+            return ''
+        return ''.join(f'{k}={v}, ' for k, v in self.input_size_kwargs().items())
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.workers,
@@ -248,7 +257,7 @@ class Hmdb51Data(TrainData):
         if len(model.pretrained_cfg.get('input_size', ())) != 4:  # video models state (C, T, H, W)
             raise ConfigError(f'model.name: {self.cfg.model.name} takes images; data.dataset hmdb51 needs a video '
                               'model taking (B, C, T, H, W) clips, e.g. convnext_s4nd_3d_tiny')
-        model.set_input_size(self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)
+        model.set_input_size(self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)  # (built at it)
 
     @property
     def num_train_samples(self) -> int:
@@ -338,8 +347,8 @@ class Hmdb51Data(TrainData):
             val_loss=nn.functional.cross_entropy(logits, labels).item(), val_videos=len(ids),
             val_skipped_videos=sum(shard[3] for shard in shards))
 
-    def size_kwargs(self, model: nn.Module) -> str:
-        return f'img_size={self.cfg.data.img_size}, num_frames={self.cfg.data.num_frames}, '
+    def input_size_kwargs(self) -> Dict[str, Any]:
+        return dict(img_size=self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)
 
 
 _KINDS = {'imagefolder': ImageFolderData, 'mnist': Mnist5kData, 'hmdb51': Hmdb51Data}

@@ -35,6 +35,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..layers import set_bandlimit
+from ..models import takes_input_size
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     TrainState,
@@ -147,6 +148,8 @@ class Trainer:
         mc, data = self.cfg.model, self.cfg.data
         kwargs = dict(mc.kwargs, num_classes=self.num_classes, in_chans=data.in_chans,
                       drop_rate=mc.drop_rate, drop_path_rate=mc.drop_path_rate)
+        if takes_input_size(mc.name):  # built for the training input: the S4ND kernels' reference grids
+            kwargs.update(self.data.input_size_kwargs())
         if mc.pretrained_file:
             if not os.path.isfile(mc.pretrained_file):
                 raise ConfigError(f'model.pretrained_file not found: {mc.pretrained_file}')
@@ -323,7 +326,7 @@ class Trainer:
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, 'best.safetensors')
-        size_kwargs = self.data.size_kwargs(acc.unwrap_model(self.model))
+        size_kwargs = self.data.size_kwargs(cfg.model.name)
         acc.print(f'done: {cfg.model.name} best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch}) in '
                   f'{summary["minutes"]:.1f} min; metrics {self.log.path}\n'
                   f'load the weights with timm.create_model({cfg.model.name!r}, pretrained=True, '

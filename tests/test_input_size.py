@@ -1,0 +1,138 @@
+"""timm's meaning of the input size: `create_model(img_size=)` and `set_input_size` state the native size
+(`pretrained_cfg['input_size']`, read by `resolve_model_data_config`) and keep the model's function at every
+input size; the S4ND layers' reference grids travel with the weights."""
+import pytest
+import timm
+import torch
+from timm.data import resolve_model_data_config
+
+import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.eval.resolution import load_model
+from s4nd_vision.layers import S4ND
+from s4nd_vision.models.inflate import inflate_state_dict
+
+# (model, kwargs at the training size, native-size kwargs after the change, input shapes (no batch) to compare)
+FAMILIES = {
+    'convnext_2d': ('convnext_s4nd_atto', dict(img_size=64), dict(img_size=128),
+                    [(3, 64, 64), (3, 96, 96), (3, 64, 96)]),
+    'convnext_sgconv': ('convnext_sgconv_atto', dict(img_size=64), dict(img_size=96), [(3, 64, 64), (3, 128, 128)]),
+    'convnext_3d': ('convnext_s4nd_3d_atto', dict(img_size=32, num_frames=4), dict(img_size=64, num_frames=8),
+                    [(3, 4, 32, 32), (3, 8, 64, 48)]),
+    'vit_2d': ('vit_s4nd_atto_patch16_224', dict(img_size=64), dict(img_size=96), [(3, 64, 64), (3, 128, 96)]),
+    'vit_1d': ('vit_s4nd_atto_patch16_224', dict(img_size=64, token_layout='1d'), dict(img_size=96),
+               [(3, 64, 64), (3, 128, 96)]),
+    'iso': ('s4nd_iso_tiny', dict(img_size=14, num_classes=10, in_chans=1), dict(img_size=28),
+            [(1, 14, 14), (1, 28, 28), (1, 21, 17)]),
+    'seq': ('s4nd_seq_atto', dict(seq_len=64), dict(seq_len=128), [(1, 64), (1, 128), (1, 100)]),
+}
+
+
+def _outputs(model, shapes):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return [model(torch.randn(2, *s, generator=gen)) for s in shapes]
+
+
+def _input_size(kwargs, in_chans=3):
+    if 'seq_len' in kwargs:
+        return (1, kwargs['seq_len'])
+    img = kwargs['img_size']
+    return (in_chans, *((kwargs['num_frames'],) if 'num_frames' in kwargs else ()), img, img)
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_set_input_size_keeps_the_function_and_states_the_size(family):
+    name, kwargs, new, shapes = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    in_chans = kwargs.get('in_chans', 3)
+    assert model.pretrained_cfg['input_size'] == _input_size(kwargs, in_chans)  # not the registry's 224
+    before = _outputs(model, shapes)
+    model.set_input_size(**new)
+    assert model.pretrained_cfg['input_size'] == _input_size(new, in_chans)
+    if family != 'seq':  # (timm's data config reads images)
+        assert resolve_model_data_config(model)['input_size'] == _input_size(new, in_chans)
+    for a, b in zip(before, _outputs(model, shapes)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+    # the weights carry the reference grids: a model built at the new size that loads them computes the same
+    native = timm.create_model(name, **dict(kwargs, **new)).eval()
+    state = model.state_dict()
+    native.load_state_dict(state)
+    for a, b in zip(before, _outputs(native, shapes)):
+        torch.testing.assert_close(b, a)
+    # ... which it would not without them (a weight file written before the grids were saved): the grid matters
+    if family != 'convnext_sgconv':  # (SGConv's sub-kernel layout follows the grid: its weights do not fit)
+        old_file = timm.create_model(name, **dict(kwargs, **new)).eval()
+        old_file.load_state_dict({k: v for k, v in state.items() if not k.endswith('l_ref')})
+        assert not all(torch.allclose(a, b) for a, b in zip(before, _outputs(old_file, shapes)))
+
+
+def test_create_model_states_the_input_size_for_timm_data_config():
+    model = timm.create_model('convnext_s4nd_atto', img_size=64)
+    config = resolve_model_data_config(model)
+    assert config['input_size'] == (3, 64, 64)
+    assert timm.create_model('convnext_s4nd_atto').pretrained_cfg['input_size'] == (3, 224, 224)
+    video = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=8)
+    assert video.pretrained_cfg['input_size'] == (3, 8, 64, 64) and video.pretrained_cfg['pool_size'] == (4, 2, 2)
+    # features_only wrappers build (they keep timm's cfg)
+    features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True)
+    assert len(features(torch.randn(1, 3, 64, 64))) == 4
+
+
+def test_layer_saves_and_loads_its_reference_grid():
+    torch.manual_seed(0)
+    trained = S4ND(4, l_ref=(8, 6))
+    other = S4ND(4, l_ref=(16, 12))
+    state = trained.state_dict()
+    assert state['l_ref'].tolist() == [8, 6] and state['l_ref'].dtype == torch.int64
+    other.load_state_dict(state)
+    assert other.l_ref == (8, 6)
+    x = torch.randn(2, 4, 12, 10)
+    torch.testing.assert_close(other(x), trained(x))
+
+    no_ref = S4ND(4)
+    assert no_ref.state_dict()['l_ref'].tolist() == [0, 0]  # zeros: no reference (rate 1 always)
+    other.load_state_dict(no_ref.state_dict())
+    assert other.l_ref is None
+    other.load_state_dict({k: v for k, v in state.items() if k != 'l_ref'})  # older files: the layer's own
+    assert other.l_ref is None
+
+    for bad in (torch.tensor([8.0, 6.0]), torch.tensor([8, 6, 4]), torch.tensor([8, 0])):
+        with pytest.raises(RuntimeError, match='l_ref: expected 2 positive integers'):
+            other.load_state_dict(dict(state, l_ref=bad))
+
+
+def test_sgconv_layer_adopts_the_sub_kernel_layout_of_the_grid_it_loads():
+    torch.manual_seed(0)
+    trained = S4ND(4, kernel='sgconv', l_ref=(64, 16), sgconv_size=8)
+    other = S4ND(4, kernel='sgconv', l_ref=(16, 16), sgconv_size=8)
+    assert trained.kernels[0].n_scales != other.kernels[0].n_scales
+    other.load_state_dict(trained.state_dict())
+    assert other.kernels[0].n_scales == trained.kernels[0].n_scales and other.l_ref == (64, 16)
+    x = torch.randn(1, 4, 32, 24)
+    torch.testing.assert_close(other(x), trained(x))
+
+
+def test_inflation_keeps_the_2d_reference_grid_and_the_3d_time_axis():
+    torch.manual_seed(0)
+    source = timm.create_model('convnext_s4nd_atto', img_size=64)
+    target = timm.create_model('convnext_s4nd_3d_atto', img_size=128, num_frames=8)
+    inflated = inflate_state_dict(source.state_dict(), target)
+    assert inflated['stem.1.l_ref'].tolist() == [8, 64, 64]
+    assert inflated['stages.3.blocks.0.conv_dw.l_ref'].tolist() == [4, 2, 2]
+    target.load_state_dict(inflated, strict=False)  # (the 2D head is left out)
+    assert target.stages[3].blocks[0].conv_dw.l_ref == (4, 2, 2)
+
+
+def test_load_model_builds_at_the_training_resolution(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    trained = timm.create_model('s4nd_iso_tiny', img_size=14, num_classes=10, in_chans=1)
+    path = str(tmp_path / 'w.safetensors')
+    save_file({k: v for k, v in trained.state_dict().items() if not k.endswith('l_ref')}, path)  # an older file
+    model = load_model('s4nd_iso_tiny', path, num_classes=10, in_chans=1, img_size=14)
+    assert model.img_size == (14, 14) and {b.conv_dw.l_ref for b in model.blocks} == {(14, 14)}
+    assert model.pretrained_cfg['input_size'] == (1, 14, 14)
+    plain = load_model('convnext_atto', None, num_classes=10, img_size=64)  # timm's own: no img_size argument
+    assert plain.num_classes == 10
