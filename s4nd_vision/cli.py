@@ -74,7 +74,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--split', default='validation', help='sub-folder of an ImageFolder --data to use, if present')
     parser.add_argument('--resolutions', nargs='+', type=int, required=True, help='input sides in pixels')
     parser.add_argument('--train-resolution', type=int, default=None,
-                        help="the models' training resolution: they are built for it (the S4ND kernels' reference grid)")
+                        help="the models' training resolution: they are built for it (the S4ND kernels' "
+                             "reference grid)")
     parser.add_argument('--bandlimit', type=float, default=None,
                         help='band-limiting cut-off of the S4ND models, as trained (default: their own, off)')
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
