@@ -249,8 +249,8 @@ def _count_flops(args: argparse.Namespace, x) -> None:
 
     from .bench.flops import count_flops
     for name in args.models:
-        from .models import takes_input_size
-        model = timm.create_model(name, **(dict(img_size=args.img_size) if takes_input_size(name) else {})).eval()
+        from .models import input_size_args
+        model = timm.create_model(name, **(dict(img_size=args.img_size) if input_size_args(name) else {})).eval()
         if hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
             model.set_input_size(img_size=args.img_size)
         counted = count_flops(model, (x,))

@@ -279,3 +279,15 @@ def test_layer_decay_groups_keep_the_ssm_lr():
         if all(ssm):
             assert g['lr'] == 1e-3 and g['weight_decay'] == 0.0
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_the_model_is_built_for_the_training_size(tmp_path, folder):
+    """S4ND models are created at data.img_size (their kernels' reference grids), not moved there afterwards;
+    their data config says it."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path)))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.img_size == (32, 32) and model.stem[1].l_ref == (32, 32)
+    assert model.stages[3].blocks[0].conv_dw.l_ref == (1, 1)
+    assert model.pretrained_cfg['input_size'] == (3, 32, 32)
+    assert trainer.data.size_kwargs('convnext_s4nd_atto') == 'img_size=32, '
+    assert trainer.data.size_kwargs('convnext_atto') == ''

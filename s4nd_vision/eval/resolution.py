@@ -25,7 +25,7 @@ from ..data import MNIST5k
 from ..data.images import ImageFolderDataset, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import set_bandlimit
-from ..models import takes_input_size
+from ..models import input_size_args
 from .accuracy import topk_hits
 
 __all__ = [
@@ -64,7 +64,7 @@ def load_model(
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
     kwargs = dict(model_kwargs or {})
     kwargs.update({k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None})
-    if img_size is not None and takes_input_size(name):
+    if img_size is not None and input_size_args(name):
         kwargs['img_size'] = img_size
     model = timm.create_model(name, **kwargs)
     if img_size is not None and hasattr(model, 'set_input_size'):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
-from .ssm_kernel import _mark_ssm
+from .ssm_kernel import _log_uniform_dt, _mark_ssm
 
 __all__ = ['S4Kernel']
 
@@ -96,8 +96,7 @@ class S4Kernel(nn.Module):
     def reset_parameters(self) -> None:
         n2 = self.d_state // 2
         # computed on the CPU in float64, then copied (works on the meta device too)
-        u = torch.rand(self.dim, dtype=torch.float64, device='cpu')
-        self.log_dt.copy_(math.log(self.dt_min) + u * (math.log(self.dt_max) - math.log(self.dt_min)))
+        self.log_dt.copy_(_log_uniform_dt(self.dim, self.dt_min, self.dt_max))
         lam, vb, vp, _ = legs_nplr(self.d_state)
         self.log_a_real.copy_((-lam.real).log().expand(self.dim, n2))
         self.a_imag.copy_(lam.imag.expand(self.dim, n2))

@@ -36,6 +36,12 @@ def is_ssm_param(param: torch.Tensor) -> bool:
     return getattr(param, _SSM_ATTR, False)
 
 
+def _log_uniform_dt(dim: int, dt_min: float, dt_max: float) -> torch.Tensor:
+    """(dim,) float64 on the CPU: log dt drawn uniformly in [log dt_min, log dt_max] (one step size per channel)."""
+    u = torch.rand(dim, dtype=torch.float64, device='cpu')
+    return math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))
+
+
 def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
     """Im(A) for the S4D initializations, (d_state // 2,) float64 on the CPU."""
     n = torch.arange(d_state // 2, dtype=torch.float64, device='cpu')
@@ -239,9 +245,7 @@ class SSMKernel(nn.Module):
     def reset_parameters(self) -> None:
         n2 = self.d_state // 2
         # Initial values are computed on the CPU in float64, then copied (works on the meta device too).
-        u = torch.rand(self.dim, dtype=torch.float64, device='cpu')
-        log_dt = math.log(self.dt_min) + u * (math.log(self.dt_max) - math.log(self.dt_min))
-        self.log_dt.copy_(log_dt)
+        self.log_dt.copy_(_log_uniform_dt(self.dim, self.dt_min, self.dt_max))
         self.log_a_real.copy_(torch.full((self.dim, n2), math.log(0.5), dtype=torch.float64))
         self.a_imag.copy_(ssm_init_imag(self.init, self.d_state).expand(self.dim, n2))
         self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))

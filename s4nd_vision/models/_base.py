@@ -25,7 +25,7 @@ except ImportError:  # older timm: `pretrained_cfg['input_size']` is the only re
     def update_model_args(model: nn.Module, **model_args) -> None:
         pass
 
-__all__ = ['S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'init_weights', 'update_model_args', 'takes_input_size']
+__all__ = ['S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'init_weights', 'update_model_args', 'input_size_args']
 
 # The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
 S4ND_PAPER = dict(
@@ -207,11 +207,14 @@ def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale:
             module.bias.data.mul_(head_init_scale)
 
 
-def takes_input_size(name: str) -> bool:
-    """Whether the timm model `name` is one of this package's image or video models, which are built for an
-    input size (`img_size=`, and `num_frames=` for video): their kernels' reference grids."""
+def input_size_args(name: str) -> Tuple[str, ...]:
+    """The input-size arguments the timm model `name` is built with: ('img_size',) for this package's image
+    models, ('img_size', 'num_frames') for its video models (their kernels' reference grids), () for others
+    (timm's own models; the sequence models, built with `seq_len`)."""
     import timm
     if not timm.is_model(name):
-        return False
+        return ()
     module = timm.models.model_entrypoint(name).__module__
-    return module.startswith(__name__.rsplit('.', 1)[0] + '.') and not module.endswith('.s4_seq')
+    if not module.startswith(__name__.rsplit('.', 1)[0] + '.') or module.endswith('.s4_seq'):
+        return ()
+    return ('img_size', 'num_frames') if module.endswith('.convnext_s4nd_3d') else ('img_size',)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import EpochSeeded, ImageFolderDataset, ResumableSampler
 from ..data.transforms import mnist_transform, model_data_config
 from ..eval.accuracy import topk_hits
-from ..models import takes_input_size
+from ..models import input_size_args
 from ..utils.seeding import seed_all, seed_from
 from .config import Config, ConfigError
 
@@ -55,10 +55,15 @@ class TrainData:
         """(training set, validation set, number of classes)."""
         raise NotImplementedError
 
-    def input_size_kwargs(self) -> Dict[str, Any]:
-        """The `timm.create_model` arguments of this package's models for the training input: they are built
-        for it (the S4ND kernels' reference grids)."""
+    def input_size(self) -> Dict[str, Any]:
+        """The training input as model arguments."""
         return dict(img_size=self.cfg.data.img_size)
+
+    def input_size_kwargs(self, model_name: str) -> Dict[str, Any]:
+        """The `timm.create_model` arguments of `model_name` for the training input ({} for models without them):
+        this package's models are built for it (the S4ND kernels' reference grids)."""
+        args = input_size_args(model_name)
+        return {k: v for k, v in self.input_size().items() if k in args}
 
     def bind(self, model: nn.Module) -> None:
         """Fit `model` to the data (other timm models that take a size, e.g. ViTs, are set to the training size),
@@ -99,11 +104,8 @@ class TrainData:
         raise NotImplementedError
 
     def size_kwargs(self, model_name: str) -> str:
-        """`input_size_kwargs` as text for the message on loading the exported weights ('' for models that do
-        not take them)."""
-        if not takes_input_size(model_name):
-            return ''
-        return ''.join(f'{k}={v}, ' for k, v in self.input_size_kwargs().items())
+        """`input_size_kwargs` as text, for the message on loading the exported weights."""
+        return ''.join(f'{k}={v}, ' for k, v in self.input_size_kwargs(model_name).items())
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.workers,
@@ -347,7 +349,7 @@ class Hmdb51Data(TrainData):
             val_loss=nn.functional.cross_entropy(logits, labels).item(), val_videos=len(ids),
             val_skipped_videos=sum(shard[3] for shard in shards))
 
-    def input_size_kwargs(self) -> Dict[str, Any]:
+    def input_size(self) -> Dict[str, Any]:
         return dict(img_size=self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)
 
 

@@ -35,7 +35,6 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..layers import set_bandlimit
-from ..models import takes_input_size
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     TrainState,
@@ -148,8 +147,7 @@ class Trainer:
         mc, data = self.cfg.model, self.cfg.data
         kwargs = dict(mc.kwargs, num_classes=self.num_classes, in_chans=data.in_chans,
                       drop_rate=mc.drop_rate, drop_path_rate=mc.drop_path_rate)
-        if takes_input_size(mc.name):  # built for the training input: the S4ND kernels' reference grids
-            kwargs.update(self.data.input_size_kwargs())
+        kwargs.update(self.data.input_size_kwargs(mc.name))  # built for it: the S4ND kernels' reference grids
         if mc.pretrained_file:
             if not os.path.isfile(mc.pretrained_file):
                 raise ConfigError(f'model.pretrained_file not found: {mc.pretrained_file}')
