@@ -40,7 +40,7 @@ def test_save_for_hf_card_and_local_dir_round_trip(tmp_path, name):
         text = f.read()
     assert f'# Model card for {name}\n' in text
     assert 'pip install s4nd-vision' in text and 'import s4nd_vision' in text
-    assert f"timm.create_model('local-dir:" in text and 'Unknown model' in text
+    assert "timm.create_model('local-dir:" in text and 'Unknown model' in text
     assert 'https://github.com/state-spaces/s4' in text and 'arxiv.org/abs/2210.06583' in text
     assert '@inproceedings{nguyen2022s4nd' in text
     # the config.json of timm's own save_for_hf says it too (the notes of every pretrained_cfg of ours)
