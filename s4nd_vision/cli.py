@@ -68,7 +68,8 @@ def _train_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------- eval-resolution
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--models', nargs='+', required=True, help='timm model names')
+    parser.add_argument('--models', nargs='+', required=True,
+                        help="timm model names, or shared weights: 'hf-hub:USER/REPO', 'local-dir:PATH'")
     parser.add_argument('--checkpoints', nargs='+', default=None,
                         help='one weights file per model (safetensors or torch); omit for untrained models')
     parser.add_argument('--labels', nargs='+', default=None, help='one display name per model (default: the names)')

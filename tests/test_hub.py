@@ -12,6 +12,7 @@ import torch
 
 import s4nd_vision
 from s4nd_vision.deploy import model_card, push_to_hub, save_for_hf
+from s4nd_vision.eval.resolution import load_model
 
 OUR_MODULES = ('convnext_s4nd', 'convnext_s4nd_3d', 'iso_s4nd', 's4_seq', 'vit_s4nd')
 
@@ -52,10 +53,12 @@ def test_save_for_hf_card_and_local_dir_round_trip(tmp_path, name):
     torch.manual_seed(1)
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     assert type(loaded) is type(model) and loaded.num_classes == 7
+    evaluated = load_model(f'local-dir:{folder}')  # what `s4nd-vision eval-resolution --models local-dir:...` runs
     for size in (64, 96):
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+            torch.testing.assert_close(evaluated(x), model(x), rtol=0, atol=0)
 
 
 def test_without_the_import_timm_does_not_know_the_model(tmp_path):

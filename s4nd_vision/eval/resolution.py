@@ -48,10 +48,11 @@ def load_model(
         bandlimit: Optional[float] = None,
         model_kwargs: Optional[Mapping] = None,
 ) -> nn.Module:
-    """`timm.create_model(name)` in eval mode, with weights from a local checkpoint.
+    """`timm.create_model(name)` in eval mode, with weights from a local checkpoint or from the name.
 
     Args:
-        name: registered timm model name.
+        name: registered timm model name, or shared weights: 'hf-hub:USER/REPO' or 'local-dir:PATH' (loaded
+            as with `pretrained=True`; see s4nd_vision.deploy.hub).
         checkpoint: safetensors or torch file (wrapped state dicts, 'state_dict' / 'model' / EMA, load too).
         num_classes, in_chans: passed to `timm.create_model` when given.
         bandlimit: band-limiting cut-off set on every S4ND kernel (None leaves the model's own);
@@ -62,7 +63,8 @@ def load_model(
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
     kwargs = dict(model_kwargs or {})
     kwargs.update({k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None})
-    model = timm.create_model(name, **kwargs)
+    shared = name.startswith(('hf-hub:', 'local-dir:'))  # the name is the weights: never a random init of them
+    model = timm.create_model(name, pretrained=shared and checkpoint is None, **kwargs)
     if checkpoint is not None:
         timm.models.load_checkpoint(model, checkpoint, strict=True)
     if bandlimit is not None:
