@@ -81,6 +81,9 @@ def test_model_card_overrides_and_paper_citations():
     card = model_card(model, 'me/convnext-sgconv', details={'Dataset': 'ImageNet-1k'}, description='Mine.')
     assert card['description'] == 'Mine.'
     assert card['details']['Dataset'] == 'ImageNet-1k' and 's4nd-vision' in card['details']['Library']
+    assert card['details']['Model Type'] == 'Image classification / feature backbone'
+    for name, kind in [('s4nd_seq_atto', 'Sequence'), ('convnext_s4nd_3d_atto', 'Video')]:
+        assert model_card(timm.create_model(name))['details']['Model Type'].startswith(kind), name
     assert "timm.create_model('hf-hub:me/convnext-sgconv', pretrained=True)" in card['usage']
     ids = model.pretrained_cfg['paper_ids']
     cites = card['citation']

@@ -39,6 +39,9 @@ CITATIONS = {
 }""",
 }
 _S4ND = 'arXiv:2210.06583'
+# by the number of axes of the pretrained_cfg's pool_size (the final feature grid)
+_MODEL_TYPES = {1: 'Sequence classification / feature backbone', 2: 'Image classification / feature backbone',
+                3: 'Video classification / feature backbone'}
 
 
 def _usage(repo_id: Optional[str]) -> str:
@@ -86,7 +89,7 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
     papers = ([cfg['paper_name']] if cfg.get('paper_name') else []) + [
         f'https://arxiv.org/abs/{i.split(":")[-1]}' for i in ids]
     details = {
-        'Model Type': 'Image classification / feature backbone',
+        'Model Type': _MODEL_TYPES.get(len(cfg.get('pool_size') or (0, 0)), _MODEL_TYPES[2]),
         'Architecture': f'`{name}`',
         'Library': f'{PACKAGE} (`pip install {PACKAGE}`, then `import s4nd_vision` before `timm.create_model`)',
         'Model Stats': {'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 2)},
