@@ -5,6 +5,8 @@
     s4nd-vision eval-resolution --models ... --resolutions 14 20 28 42
     s4nd-vision inflate 2d.safetensors 3d.safetensors --model convnext_s4nd_3d_tiny
     s4nd-vision benchmark | flops MODEL ... | smoke
+    s4nd-vision export convnext_s4nd_tiny --sizes 224 288x352      # ONNX with dynamic sizes
+    s4nd-vision seq-mnist --rows 14 --cols 14                       # sequential MNIST at other sampling rates
 
 `python -m s4nd_vision ...` is the same command (e.g. `accelerate launch -m s4nd_vision train ...`), and each
 `tools/<name>.py` script of the repository is `s4nd-vision <name>` with the same arguments. The heavy modules are
@@ -66,7 +68,8 @@ def _train_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------- eval-resolution
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--models', nargs='+', required=True, help='timm model names')
+    parser.add_argument('--models', nargs='+', required=True,
+                        help="timm model names, or shared weights: 'hf-hub:USER/REPO', 'local-dir:PATH'")
     parser.add_argument('--checkpoints', nargs='+', default=None,
                         help='one weights file per model (safetensors or torch); omit for untrained models')
     parser.add_argument('--labels', nargs='+', default=None, help='one display name per model (default: the names)')
@@ -276,6 +279,94 @@ def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     run(args.model, args.resolutions, args.batch_size)
 
 
+# -------------------------------------------------------------------------------------------- export
+
+def _key_value(text: str):
+    """A key=value argument as (key, value), the value read as a YAML scalar (number, boolean, list)."""
+    import yaml
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expects key=value, got {text!r}')
+    return key, yaml.safe_load(value)
+
+
+def _size(text: str):
+    """HxW (or one side for a square) as (height, width)."""
+    h, _, w = text.partition('x')
+    try:
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expects a size HxW or S in pixels, got {text!r}') from None
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('model', help='a registered model name, e.g. convnext_s4nd_tiny')
+    parser.add_argument('--output', default=None, help='ONNX file (default: output/<model>.onnx)')
+    parser.add_argument('--checkpoint', default=None, help='weights to load (timm checkpoint_path)')
+    parser.add_argument('--model-kwargs', nargs='*', type=_key_value, default=[],
+                        help='key=value arguments of timm.create_model (values read as YAML)')
+    parser.add_argument('--trace-size', type=_size, default=(224, 224), help='HxW the graph is traced at')
+    parser.add_argument('--sizes', nargs='*', type=_size, default=[], help='HxW sizes to check and time the file at')
+    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=None, help='threads of torch and onnxruntime (default: all)')
+
+
+def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import json
+    import time
+
+    import timm
+    import torch
+
+    from .deploy.export import export_onnx, onnx_latency
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(args.model, checkpoint_path=args.checkpoint or '', **dict(args.model_kwargs))
+    path = args.output or f'output/{args.model}.onnx'
+    start = time.perf_counter()
+    export_onnx(model, path, img_size=args.trace_size)
+    print(f'wrote {path} in {time.perf_counter() - start:.0f} s (dynamic batch, height and width)')
+    rows = onnx_latency(model, path, args.sizes, batch_size=args.batch_size, threads=args.threads) if args.sizes else []
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- seq-mnist
+
+def _seq_mnist_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--models', nargs='+', default=['s4nd_seq_tiny', 'conv_seq_tiny'])
+    parser.add_argument('--rows', type=int, default=14)
+    parser.add_argument('--cols', type=int, default=14, help='samples per row in training (even)')
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--batch-size', type=int, default=50)
+    parser.add_argument('--lr', type=float, default=1e-2)
+    parser.add_argument('--ssm-lr', type=float, default=1e-3)
+    parser.add_argument('--train-limit', type=int, default=None, help='train on the first n digits only')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', default=None, help='write the rows to this JSON file')
+
+
+def _seq_mnist_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import json
+
+    import torch
+
+    from .eval.sequential import format_table, run_sequential_mnist
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = run_sequential_mnist(
+        models=args.models, rows=args.rows, cols=args.cols, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, ssm_lr=args.ssm_lr, train_limit=args.train_limit, seed=args.seed)
+    print(format_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
 COMMANDS: Dict[str, Command] = {
     'demo': Command(
         'zero-shot resolution demo on built-in data (no downloads)',
@@ -338,6 +429,27 @@ the largest operators, and the ops still left uncounted.""",
         'build a model through timm and run it at several resolutions',
         'Smoke run: create convnext_s4nd_tiny with timm and run it at two resolutions (see s4nd_vision.bench.smoke).',
         _smoke_arguments, _smoke_run),
+    'export': Command(
+        'export a model to ONNX with dynamic batch, height and width; check and time the file',
+        """Export a model to ONNX with dynamic batch, height and width, then check the file against eager PyTorch
+and time both (onnxruntime, CPU; needs the `export` extra: pip install "s4nd-vision[export]").
+
+    s4nd-vision export convnext_s4nd_tiny --output output/convnext_s4nd_tiny.onnx --sizes 224 288x352
+    s4nd-vision export convnext_s4nd_tiny --checkpoint output/imagenet/convnext_s4nd_tiny/best.safetensors \\
+        --model-kwargs img_size=224
+
+Prints one JSON row per --sizes entry: the largest output difference and both latencies
+(see s4nd_vision.deploy.export).""",
+        _export_arguments, _export_run),
+    'seq-mnist': Command(
+        'sequential MNIST at half and double the sampling rate: S4 vs a 1D conv',
+        """Sequential MNIST-5k at half and double the sampling rate: S4 sequence model vs a 1D depthwise-conv baseline.
+
+    s4nd-vision seq-mnist --rows 14 --cols 14 --epochs 3 --threads 1
+
+Trains each model on the digits as rows * cols pixel sequences and prints a markdown table of validation
+accuracy at cols / 2, cols and cols * 2 samples per row (s4nd_vision.eval.sequential).""",
+        _seq_mnist_arguments, _seq_mnist_run),
 }
 
 

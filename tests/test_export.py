@@ -96,3 +96,24 @@ def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path, name, stride)
     assert all(r['max_abs_diff'] < 1e-4 for r in rows), rows
     with pytest.raises(ValueError, match='multiples of the model stride'):
         export_onnx(model, str(tmp_path / 'bad.onnx'), img_size=(4 * stride + 1, 4 * stride))
+
+
+def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
+    """`s4nd-vision export` (= tools/export.py): model kwargs read as YAML, one JSON row per checked size."""
+    import json
+
+    from s4nd_vision.cli import main, tool_main
+    path = tmp_path / 'vit.onnx'
+    rows = tool_main('export', ['vit_s4nd_atto_patch16_224', '--output', str(path), '--model-kwargs', 'img_size=64',
+                                'num_classes=5', 'bandlimit=0.5', '--trace-size', '64', '--sizes', '64', '48x80'])
+    out = capsys.readouterr().out.splitlines()
+    assert path.is_file() and out[0].startswith(f'wrote {path} in ')
+    assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['64x64', '48x80']
+    import onnx
+    graph = onnx.load(str(path)).graph
+    assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 5  # num_classes=5 reached the model
+    assert all(r['max_abs_diff'] < 1e-4 for r in rows), rows
+    with pytest.raises(SystemExit) as exit_info:
+        main(['export', 'vit_s4nd_atto_patch16_224', '--model-kwargs', 'img_size'])
+    assert exit_info.value.code == 2
+    assert "argument --model-kwargs: expects key=value, got 'img_size'" in capsys.readouterr().err

@@ -92,6 +92,9 @@ def test_console_script_lists_every_command_and_train_help(installed):
     result = _run(installed, 's4nd-vision', 'train', '--help')
     assert result.returncode == 0, result.stderr
     assert '--config' in result.stdout and '--resume' in result.stdout
+    result = _run(installed, 's4nd-vision', 'export', '--help')
+    assert result.returncode == 0, result.stderr
+    assert '--trace-size' in result.stdout and '--model-kwargs' in result.stdout
     # a packaged config by name, from a folder without configs/: a bad override is the trainer's one-line error
     result = _run(installed, 's4nd-vision', 'train', '--config', 'configs/demo/mnist_iso.yaml', 'optim.lr=-1')
     assert result.returncode == 2 and result.stderr.strip() == 'error: optim.lr must be positive, got -1.0'
@@ -137,7 +140,8 @@ def test_optim_is_reachable_as_the_readme_uses_it():
 
 @pytest.mark.parametrize('script,command', [
     ('demo', 'demo'), ('train', 'train'), ('eval_resolution', 'eval-resolution'), ('inflate', 'inflate'),
-    ('benchmark', 'benchmark'), ('flops', 'flops'), ('smoke', 'smoke')])
+    ('benchmark', 'benchmark'), ('flops', 'flops'), ('smoke', 'smoke'), ('export', 'export'),
+    ('seq_mnist', 'seq-mnist')])
 def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch):
     """Each tools/<name>.py takes the arguments of `s4nd-vision <name>` (they live in s4nd_vision.cli)."""
     monkeypatch.setenv('COLUMNS', '100')

@@ -173,3 +173,20 @@ def test_sequential_mnist_experiment_runs_small():
     assert table[0] == '| model | 8 samples | 16 samples (train) | 32 samples |' and len(table) == 4
     with pytest.raises(ValueError, match='cols must be even'):
         run_sequential_mnist(cols=7)
+
+
+def test_seq_mnist_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    """`s4nd-vision seq-mnist` (= tools/seq_mnist.py) runs the experiment above and writes its rows."""
+    import json
+
+    from s4nd_vision.cli import tool_main
+    out = tmp_path / 'rows' / 'seq.json'
+    rows = tool_main('seq-mnist', ['--models', 's4nd_seq_atto', '--rows', '4', '--cols', '4', '--epochs', '1',
+                                   '--batch-size', '25', '--train-limit', '50', '--json', str(out)])
+    assert [r['model'] for r in rows] == ['s4nd_seq_atto'] and rows[0]['train_len'] == 16
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('s4nd_seq_atto epoch 1/1: train loss ')  # the progress log, then the table
+    assert lines[-3] == '| model | 8 samples | 16 samples (train) | 32 samples |'
+    assert lines[-1].startswith('| `s4nd_seq_atto` | ')
+    with open(out) as f:
+        assert json.load(f) == rows

@@ -47,10 +47,11 @@ def load_model(
         img_size: Optional[int] = None,
         model_kwargs: Optional[Mapping] = None,
 ) -> nn.Module:
-    """`timm.create_model(name)` in eval mode, with weights from a local checkpoint.
+    """`timm.create_model(name)` in eval mode, with weights from a local checkpoint or from the name.
 
     Args:
-        name: registered timm model name.
+        name: registered timm model name, or shared weights: 'hf-hub:USER/REPO' or 'local-dir:PATH' (loaded
+            as with `pretrained=True`; see s4nd_vision.deploy.hub).
         checkpoint: safetensors or torch file (wrapped state dicts, 'state_dict' / 'model' / EMA, load too).
         num_classes, in_chans: passed to `timm.create_model` when given.
         img_size: the resolution the weights were trained at: this package's models are built for it (their
@@ -66,7 +67,8 @@ def load_model(
     kwargs.update({k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None})
     if img_size is not None and input_size_args(name):
         kwargs['img_size'] = img_size
-    model = timm.create_model(name, **kwargs)
+    shared = name.startswith(('hf-hub:', 'local-dir:'))  # the name is the weights: never a random init of them
+    model = timm.create_model(name, pretrained=shared and checkpoint is None, **kwargs)
     if img_size is not None and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size)
     if checkpoint is not None:

@@ -25,12 +25,23 @@ except ImportError:  # older timm: `pretrained_cfg['input_size']` is the only re
     def update_model_args(model: nn.Module, **model_args) -> None:
         pass
 
-__all__ = ['S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'init_weights', 'update_model_args', 'input_size_args']
+__all__ = [
+    'S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'LIBRARY_CFG', 'init_weights', 'update_model_args', 'input_size_args',
+]
 
 # The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
 S4ND_PAPER = dict(
     paper_ids='arXiv:2210.06583',
     paper_name='S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces')
+
+# In every pretrained_cfg, so that the config.json written by timm's own `save_for_hf` / `push_to_hf_hub` says
+# where the model comes from: timm has no plugin mechanism, and its registry knows these models only once this
+# package is imported (`s4nd_vision.deploy.hub` writes the same into the README model card).
+LIBRARY_CFG = dict(
+    origin_url='https://github.com/state-spaces/s4',  # the S4ND authors' research code (architecture, recipes)
+    notes=('Needs the s4nd-vision package: `pip install s4nd-vision`, then `import s4nd_vision` before '
+           "`timm.create_model('hf-hub:...' or 'local-dir:...', pretrained=True)`; without the import timm "
+           "ends in 'Unknown model'.",))
 
 MIXER_TYPES = ('s4nd', 'conv')  # the blocks' spatial mixer: S4ND, or the depthwise conv of the baselines
 

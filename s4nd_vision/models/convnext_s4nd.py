@@ -25,7 +25,7 @@ from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import channel_major, channels_first
-from ._base import S4ND_PAPER
+from ._base import LIBRARY_CFG, S4ND_PAPER
 from ._checkpoint import unwrap_state_dict
 from .convnext_base import ConvNeXtBase
 
@@ -117,7 +117,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **kwargs,
+        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
     }
 
 

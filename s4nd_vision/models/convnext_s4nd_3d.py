@@ -40,7 +40,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import LayerNorm3d
-from ._base import MIXER_TYPES, S4ND_PAPER, update_model_args
+from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, update_model_args
 from ._checkpoint import unwrap_state_dict
 from ._checks import check_input
 from .convnext_base import ConvNeXtBase
@@ -191,7 +191,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **kwargs,
+        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
     }
 
 

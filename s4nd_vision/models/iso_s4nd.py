@@ -28,7 +28,7 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d, t
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock
-from ._base import MIXER_TYPES, S4ND_PAPER, S4NDModel
+from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel
 
 __all__ = ['IsoS4ND']
 
@@ -155,7 +155,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **kwargs,
+        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
     }
 
 

@@ -35,7 +35,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, S4NDRecurrence, is_ssm_param
-from ._base import update_model_args
+from ._base import LIBRARY_CFG, update_model_args
 from ._checks import check_input
 
 __all__ = ['SeqS4ND', 'SeqS4NDBlock', 'SeqState']
@@ -355,7 +355,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'num_classes': 10, 'input_size': (1, 784), 'pool_size': (784,), 'fixed_input_size': False,
         'mean': MNIST_MEAN, 'std': MNIST_STD,
         'first_conv': 'stem', 'classifier': 'head',
-        'license': 'apache-2.0', **kwargs,
+        'license': 'apache-2.0', **LIBRARY_CFG, **kwargs,
     }
 
 

@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, stacked_kernels
-from ._base import S4ND_PAPER, S4NDModel
+from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel
 from ._checks import check_input
 
 __all__ = ['VisionTransformerS4ND']
@@ -330,7 +330,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **kwargs,
+        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
     }
 
 

@@ -1,0 +1,152 @@
+"""Sharing weights through timm's Hugging Face Hub format, with a model card that says how to load them.
+
+timm has no plugin mechanism: `timm.create_model('hf-hub:USER/REPO', pretrained=True)` and
+`timm.create_model('local-dir:PATH', pretrained=True)` find our architectures only after `import s4nd_vision`,
+and end in "Unknown model" without it. Whoever loads a shared model must learn that from what was shared:
+
+- config.json: every pretrained_cfg of ours carries `notes` (install and import this package) and `origin_url`
+  (the S4ND authors' research code), so timm's own `save_for_hf` / `push_to_hf_hub` write them there.
+- README.md: timm's card (`generate_readme`) is built from the `model_card` argument alone, never from the
+  pretrained_cfg. `model_card(model, repo_id)` gives one with a usage section (pip install, import, load),
+  the papers and the credit; `save_for_hf` / `push_to_hub` here are timm's with that card. A user of timm's own
+  `timm.models.push_to_hf_hub` passes it: `push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))`.
+"""
+import os
+from typing import Optional
+
+import torch.nn as nn
+
+__all__ = ['PACKAGE', 'CITATIONS', 'model_card', 'save_for_hf', 'push_to_hub']
+
+PACKAGE = 's4nd-vision'  # the pip distribution; the import name is s4nd_vision
+ORIGINAL_CODE = 'https://github.com/state-spaces/s4'
+
+# BibTeX by the `paper_ids` of a pretrained_cfg; the S4ND entry is cited by every card
+CITATIONS = {
+    'arXiv:2210.06583': """@inproceedings{nguyen2022s4nd,
+  title={S4ND: Modeling Images and Videos as Multidimensional Signals with State Spaces},
+  author={Nguyen, Eric and Goel, Karan and Gu, Albert and Downs, Gordon W. and Shah, Preey and Dao, Tri and
+          Baccus, Stephen A. and R{\\'e}, Christopher},
+  booktitle={Advances in Neural Information Processing Systems},
+  volume={35},
+  year={2022}
+}""",
+    'arXiv:2210.09298': """@inproceedings{li2023sgconv,
+  title={What Makes Convolutional Models Great on Long Sequence Modeling?},
+  author={Li, Yuhong and Cai, Tianle and Zhang, Yi and Chen, Deming and Dey, Debadeepta},
+  booktitle={International Conference on Learning Representations},
+  year={2023}
+}""",
+}
+_S4ND = 'arXiv:2210.06583'
+# by the number of axes of the pretrained_cfg's pool_size (the final feature grid)
+_MODEL_TYPES = {1: 'Sequence classification / feature backbone', 2: 'Image classification / feature backbone',
+                3: 'Video classification / feature backbone'}
+
+
+def _usage(repo_id: Optional[str]) -> str:
+    source = f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder'
+    return f"""The architecture is defined by the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) library, not by
+timm itself: timm has no plugin mechanism, so install the library and `import s4nd_vision` before
+`timm.create_model` (without the import, timm ends in "Unknown model").
+
+```bash
+pip install {PACKAGE}
+```
+
+```python
+import timm
+import torch
+
+import s4nd_vision  # registers the S4ND models with timm
+
+model = timm.create_model('{source}', pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config, is_training=False)
+
+with torch.no_grad():
+    logits = model(transform(img).unsqueeze(0))  # img: a PIL image
+```
+
+The library's `s4nd-vision` command imports it itself (`s4nd-vision eval-resolution --models {source} ...`);
+timm's own `train.py` / `validate.py` scripts do not.
+"""
+
+
+def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> dict:
+    """A timm `model_card` dict (timm's `generate_readme` keys: description, details, usage, citation, ...) for
+    one of our models: which library to install and import, the papers, the original code.
+
+    Args:
+        model: a model of this package, as built by `timm.create_model`.
+        repo_id: the Hub repository (USER/REPO) the usage example loads from; None: a local folder.
+        **overrides: card keys replacing ours; `details` entries are merged into ours.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    name = cfg.get('architecture') or type(model).__name__
+    ids = cfg.get('paper_ids') or ()
+    ids = [ids] if isinstance(ids, str) else list(ids)
+    papers = ([cfg['paper_name']] if cfg.get('paper_name') else []) + [
+        f'https://arxiv.org/abs/{i.split(":")[-1]}' for i in ids]
+    details = {
+        'Model Type': _MODEL_TYPES.get(len(cfg.get('pool_size') or (0, 0)), _MODEL_TYPES[2]),
+        'Architecture': f'`{name}`',
+        'Library': f'{PACKAGE} (`pip install {PACKAGE}`, then `import s4nd_vision` before `timm.create_model`)',
+        'Model Stats': {'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 2)},
+    }
+    if cfg.get('input_size'):  # the native size (`img_size=` / `set_input_size`); other sizes run too
+        details['Model Stats']['Input size'] = ' x '.join(str(s) for s in cfg['input_size'][1:])
+    if papers:
+        details['Papers'] = papers
+    details['Original'] = f'{cfg.get("origin_url") or ORIGINAL_CODE} (the research code of the S4ND authors)'
+    card = dict(
+        description=(f'`{name}`: an S4ND model (multidimensional state-space global convolutions) of the {PACKAGE} '
+                     'library for timm, an independent implementation of the S4ND architecture. Loading it needs '
+                     '`import s4nd_vision` first (see Model Usage).'),
+        details=details,
+        usage=_usage(repo_id),
+        citation=[CITATIONS[i] for i in dict.fromkeys([_S4ND, *ids]) if i in CITATIONS],
+        tags=['image-classification', 'timm', PACKAGE, 's4nd', 'state-space-model'],
+        license=cfg.get('license') or 'apache-2.0',
+    )
+    extra = dict(overrides)
+    if 'details' in extra:
+        card['details'] = {**details, **extra.pop('details')}
+    card.update(extra)
+    return card
+
+
+_card = model_card  # the wrappers below take timm's `model_card` argument (the overrides) under that name
+
+
+def save_for_hf(
+        model: nn.Module,
+        save_directory: str,
+        repo_id: Optional[str] = None,
+        model_card: Optional[dict] = None,
+        task_name: str = 'image-classification',
+        **kwargs,
+) -> str:
+    """timm's `save_for_hf` (weights and config.json; `kwargs`: model_config, model_args, safe_serialization,
+    data_config) plus the README.md model card of `model_card(model, repo_id, **model_card)`.
+
+    Returns:
+        the README.md path.
+    """
+    from timm.models import save_for_hf as timm_save_for_hf
+    from timm.models._hub import generate_readme  # the card push_to_hf_hub writes
+    timm_save_for_hf(model, save_directory, **kwargs)
+    card = _card(model, repo_id, **(model_card or {}))
+    name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
+    path = os.path.join(save_directory, 'README.md')
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(generate_readme(card, name, task_name=task_name))
+    return path
+
+
+def push_to_hub(model: nn.Module, repo_id: str, model_card: Optional[dict] = None, **kwargs):
+    """timm's `push_to_hf_hub` with the model card of `model_card(model, repo_id, **model_card)` (timm writes the
+    README only where the repository has none). `kwargs`: timm's (commit_message, token, private, ...)."""
+    from timm.models import push_to_hf_hub
+    card = _card(model, repo_id, **(model_card or {}))
+    return push_to_hf_hub(model, repo_id, model_card=card, **kwargs)

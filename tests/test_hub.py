@@ -1,0 +1,123 @@
+"""Sharing weights in timm's Hub format: the config and model card say to install and import s4nd_vision, and the
+saved folder loads back through timm's `local-dir:` (no network)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import timm.models._hub as timm_hub
+import torch
+
+import s4nd_vision
+from s4nd_vision.deploy import model_card, push_to_hub, save_for_hf
+from s4nd_vision.eval.resolution import load_model
+
+OUR_MODULES = ('convnext_s4nd', 'convnext_s4nd_3d', 'iso_s4nd', 's4_seq', 'vit_s4nd')
+
+
+def test_every_pretrained_cfg_says_which_library_to_import():
+    names = [n for m in OUR_MODULES for n in timm.list_models(module=m)]
+    assert {'convnext_s4nd_atto', 'vit_s4nd_atto_patch16_224', 'conv_iso_tiny', 'conv_seq_tiny',
+            'convnext_sgconv_atto', 'convnext_3d_tiny'} <= set(names)
+    for name in names:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert any('import s4nd_vision' in n and 'pip install s4nd-vision' in n for n in cfg.notes), name
+        assert cfg.origin_url == 'https://github.com/state-spaces/s4', name
+
+
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'vit_s4nd_atto_patch16_224'])
+def test_save_for_hf_card_and_local_dir_round_trip(tmp_path, name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, num_classes=7).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # nothing an initialization could reproduce
+    folder = tmp_path / name
+    readme = save_for_hf(model, str(folder), safe_serialization=True)
+
+    with open(readme, encoding='utf-8') as f:
+        text = f.read()
+    assert f'# Model card for {name}\n' in text
+    assert 'pip install s4nd-vision' in text and 'import s4nd_vision' in text
+    assert "timm.create_model('local-dir:" in text and 'Unknown model' in text
+    assert 'https://github.com/state-spaces/s4' in text and 'arxiv.org/abs/2210.06583' in text
+    assert '@inproceedings{nguyen2022s4nd' in text
+    assert 'Input size: 64 x 64' in text  # the size it was built for, not the registry's 224
+    # the config.json of timm's own save_for_hf says it too (the notes of every pretrained_cfg of ours)
+    with open(folder / 'config.json') as f:
+        config = json.load(f)
+    assert config['architecture'] == name
+    assert any('import s4nd_vision' in n for n in config['pretrained_cfg']['notes'])
+
+    torch.manual_seed(1)
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert type(loaded) is type(model) and loaded.num_classes == 7
+    assert loaded.img_size == (64, 64) and loaded.pretrained_cfg['input_size'] == (3, 64, 64)
+    evaluated = load_model(f'local-dir:{folder}')  # what `s4nd-vision eval-resolution --models local-dir:...` runs
+    for size in (64, 96):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+            torch.testing.assert_close(evaluated(x), model(x), rtol=0, atol=0)
+
+
+def test_without_the_import_timm_does_not_know_the_model(tmp_path):
+    """What the card warns about: a process that never imports s4nd_vision cannot load the folder."""
+    folder = tmp_path / 'iso'
+    timm.models.save_for_hf(timm.create_model('s4nd_iso_tiny', img_size=14, num_classes=3), str(folder))
+    code = 'import sys, timm; timm.create_model("local-dir:" + sys.argv[1], pretrained=True)'
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, '-c', code, str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and 'Unknown model (s4nd_iso_tiny)' in result.stderr, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, '-c', 'import s4nd_vision; ' + code, str(folder)], cwd=tmp_path,
+                            env=dict(env, PYTHONPATH=os.path.dirname(os.path.dirname(s4nd_vision.__file__))),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_model_card_overrides_and_paper_citations():
+    model = timm.create_model('convnext_sgconv_atto', img_size=64)
+    card = model_card(model, 'me/convnext-sgconv', details={'Dataset': 'ImageNet-1k'}, description='Mine.')
+    assert card['description'] == 'Mine.'
+    assert card['details']['Dataset'] == 'ImageNet-1k' and 's4nd-vision' in card['details']['Library']
+    assert card['details']['Model Type'] == 'Image classification / feature backbone'
+    for name, kind in [('s4nd_seq_atto', 'Sequence'), ('convnext_s4nd_3d_atto', 'Video')]:
+        assert model_card(timm.create_model(name))['details']['Model Type'].startswith(kind), name
+    assert "timm.create_model('hf-hub:me/convnext-sgconv', pretrained=True)" in card['usage']
+    ids = model.pretrained_cfg['paper_ids']
+    cites = card['citation']
+    assert ids == ('arXiv:2210.09298', 'arXiv:2210.06583'), ids  # the SGConv variant cites both papers
+    assert len(cites) == 2 and 'nguyen2022s4nd' in cites[0] and 'li2023sgconv' in cites[1]
+
+
+def test_push_to_hub_uploads_the_card(monkeypatch):
+    """timm's push_to_hf_hub with our card; the Hub client is replaced by one that reads the folder it is given."""
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type('RepoUrl', (), {'repo_id': repo_id})()
+
+        def file_exists(self, **kwargs):
+            return False
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            for name in os.listdir(folder_path):
+                uploaded[name] = os.path.getsize(os.path.join(folder_path, name))
+            with open(os.path.join(folder_path, 'README.md'), encoding='utf-8') as f:
+                uploaded['text'] = f.read()
+            return repo_id
+
+    monkeypatch.setattr(timm_hub, 'HfApi', FakeApi)
+    model = timm.create_model('s4nd_iso_tiny', img_size=14, num_classes=3)
+    assert push_to_hub(model, 'me/iso') == 'me/iso'
+    assert {'config.json', 'model.safetensors', 'README.md'} <= set(uploaded)
+    assert '# Model card for iso\n' in uploaded['text']
+    assert "timm.create_model('hf-hub:me/iso', pretrained=True)" in uploaded['text']
+    assert 'import s4nd_vision' in uploaded['text'] and 'pip install s4nd-vision' in uploaded['text']
