@@ -7,6 +7,7 @@ implement `_s4nd_layers`, from which their reference grids and kernel generation
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
@@ -222,7 +223,6 @@ def input_size_args(name: str) -> Tuple[str, ...]:
     """The input-size arguments the timm model `name` is built with: ('img_size',) for this package's image
     models, ('img_size', 'num_frames') for its video models (their kernels' reference grids), () for others
     (timm's own models; the sequence models, built with `seq_len`)."""
-    import timm
     if not timm.is_model(name):
         return ()
     module = timm.models.model_entrypoint(name).__module__
