@@ -4,6 +4,7 @@
     s4nd-vision train --config imagenet/convnext_s4nd_tiny.yaml data.root=/data/imagenet
     s4nd-vision eval-resolution --models ... --resolutions 14 20 28 42
     s4nd-vision kernel-report --model convnext_s4nd_atto --img-size 64 --bandlimits 1.0 0.5
+    s4nd-vision zero-shot-study --inits lin legs --seeds 0 1 2 --out output/zero_shot_study
     s4nd-vision inflate 2d.safetensors 3d.safetensors --model convnext_s4nd_3d_tiny
     s4nd-vision benchmark | flops MODEL ... | smoke
 
@@ -180,6 +181,50 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     print(format_report(rows))
     print(f'\nwrote {csv_path} and {png}')
     return rows
+
+
+# ---------------------------------------------------------------------------------------- zero-shot-study
+
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval.zero_shot_study import PROGRESSIVE_CHOICES
+    parser.add_argument('--inits', nargs='+', default=['lin', 'inv', 'legs'], help='S4D initializations')
+    parser.add_argument('--dt-ranges', nargs='+', default=['0.1,1', '0.05,0.5'], metavar='DT_MIN,DT_MAX',
+                        help='step-size initialization ranges')
+    parser.add_argument('--bandlimits', nargs='+', default=['off', '1.0', '0.5'],
+                        help="band-limit cut-offs ('off' or a positive number)")
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--no-baseline', action='store_true', help='leave out plain ConvNeXt-atto')
+    parser.add_argument('--progressive', choices=PROGRESSIVE_CHOICES, default='off',
+                        help="progressive-resizing twins: of the baseline and the settings without band-limit "
+                             "('off'), of every setting ('all'), or none")
+    parser.add_argument('--progressive-sizes', nargs='+', type=int, default=[32, 48, 64],
+                        help='progressive resizing: the training sizes, in equal parts of the epochs')
+    parser.add_argument('--img-size', type=int, default=64, help='training resolution')
+    parser.add_argument('--resolutions', nargs='+', type=int, default=[64, 96, 128, 256],
+                        help='test resolutions, the training resolution first')
+    parser.add_argument('--epochs', type=int, default=None, help="override the demo config's epochs")
+    parser.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap the updates per epoch (quick check)')
+    parser.add_argument('--report-only', action='store_true', help='train nothing: table and plot of the runs done')
+    parser.add_argument('--overrides', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='config overrides for every run (e.g. data.batch_size=128); keep them for a whole study')
+    parser.add_argument('--out', default='output/zero_shot_study', help='folder for the runs, CSV, table and plot')
+
+
+def _study_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .eval.zero_shot_study import parse_bandlimit, parse_dt_range, run_study, study_grid
+    from .utils.runtime import keep_freed_memory
+    try:
+        runs = study_grid(
+            inits=args.inits, dt_ranges=[parse_dt_range(t) for t in args.dt_ranges],
+            bandlimits=[parse_bandlimit(t) for t in args.bandlimits], seeds=args.seeds,
+            baseline=not args.no_baseline, progressive=args.progressive)
+        keep_freed_memory()
+        return run_study(
+            runs, out_dir=args.out, img_size=args.img_size, resolutions=args.resolutions, epochs=args.epochs,
+            max_steps_per_epoch=args.max_steps_per_epoch, progressive_sizes=args.progressive_sizes,
+            report_only=args.report_only, overrides=args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # ------------------------------------------------------------------------------------------- inflate
@@ -383,6 +428,19 @@ rate 1 and 1/2, with and without the mask.
 
 Writes kernel_report.csv and kernels_<layer>.png to --out (see s4nd_vision.eval.kernel_report).""",
         _kernel_report_arguments, _kernel_report_run),
+    'zero-shot-study': Command(
+        'the zero-shot resolution study: ConvNeXt-S4ND settings x seeds against ConvNeXt (long)',
+        """The zero-shot resolution study on MNIST-5k: ConvNeXt-S4ND-atto per S4D init x dt range x band-limit x seed,
+plain ConvNeXt-atto per seed, progressive resizing against the final size throughout; trained at 64 px with
+the demo's config and trainer, tested at 64, 96, 128 and 256 px.
+
+    s4nd-vision zero-shot-study --out output/zero_shot_study        # the whole grid: many hours on a CPU
+    s4nd-vision zero-shot-study --inits lin legs --bandlimits off 1.0 --seeds 0 --epochs 2
+    s4nd-vision zero-shot-study --report-only --out output/zero_shot_study
+
+Each finished run appends a row to runs.csv; run it again to skip those and resume the unfinished one. Writes
+study.md (mean +- std over seeds, kept at 2x and 4x) and study.png (see s4nd_vision.eval.zero_shot_study).""",
+        _study_arguments, _study_run),
     'inflate': Command(
         'inflate a 2D checkpoint into the weights of a 3D (video) model',
         """Inflate a 2D checkpoint into the weights of a 3D (video) model, saved as safetensors.
