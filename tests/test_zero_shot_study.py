@@ -21,6 +21,7 @@ from s4nd_vision.eval.zero_shot_study import (
     study_grid,
     summarize_runs,
 )
+from s4nd_vision.train import TrainingDiverged
 
 
 @pytest.fixture(autouse=True)
@@ -79,15 +80,19 @@ def test_progressive_stages_and_overrides():
     assert cfg.model.kwargs['ssm_init'] == 'inv' and cfg.data.img_size == 64
 
 
-def _fake(monkeypatch, calls, fail_at=None):
+def _fake(monkeypatch, calls, fail_at=None, diverge=()):
     """Training and evaluation replaced: top-1 from the setting and seed, epoch times in metrics.csv."""
     def train(config, model, run_dir, overrides):
         calls.append(os.path.basename(run_dir))
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
+        if os.path.basename(run_dir) in diverge:
+            raise TrainingDiverged('training diverged: the loss was not finite')
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, 'metrics.csv'), 'w') as f:
             f.write('epoch,top1,epoch_time_s\n0,50,10.5\n1,60,11.5\n')
+        with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
+            f.write(f'model: {{name: {model}}}\ndata: {{dataset: mnist}}\ntrain: {{epochs: 2}}\n')
         return os.path.join(run_dir, 'best.safetensors')
 
     def evaluate(run, run_dir, resolutions, img_size):
@@ -109,11 +114,18 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
         run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
     assert len(read_runs(str(tmp_path / RUNS_CSV))) == 3
     calls.clear()
+    _fake(monkeypatch, calls, diverge=[runs[4].run_id])
+    logged = []
+    rows = run_study(runs, out_dir=str(tmp_path), log=logged.append)
+    assert calls == [r.run_id for r in runs[3:]]  # only the runs not in the CSV
+    assert any('diverged' in line for line in logged)  # reported, left out, the others done
+    assert len(rows) == 5 and runs[4].run_id not in {r['run_id'] for r in rows}
+    calls.clear()
     _fake(monkeypatch, calls)
     rows = run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
-    assert calls == [r.run_id for r in runs[3:]]  # only the runs not in the CSV
+    assert calls == [runs[4].run_id]  # tried again
     assert len(rows) == 6 and {r['run_id'] for r in rows} == {r.run_id for r in runs}
-    assert all(r['train_s'] == 22.0 for r in rows)
+    assert all(r['train_s'] == 22.0 and r['epochs'] == 2 for r in rows)
     calls.clear()
     run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
     assert calls == []  # all done: nothing trained again
@@ -135,6 +147,8 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
         run_study([StudyRun('convnext_atto', 5)], out_dir=str(tmp_path), resolutions=[64, 128], log=lambda s: None)
     with pytest.raises(ValueError, match='start with the training resolution'):
         run_study(runs, out_dir=str(tmp_path), resolutions=[96, 64])
+    with pytest.raises(ValueError, match="overrides \\['train.seed=3'\\] set what the study sets"):
+        run_study(runs, out_dir=str(tmp_path), overrides=['data.batch_size=32', 'train.seed=3'])
 
 
 def test_tiny_real_run(tmp_path, capsys):

@@ -6,9 +6,10 @@ ConvNeXt-S4ND-atto on MNIST-5k, next to plain ConvNeXt-atto per seed; and progre
 (`configs/demo/mnist_convnext.yaml`) and trainer exactly as `s4nd_vision.eval.demo` does, with the model
 kwargs of its setting, is trained at `img_size` and evaluated at every resolution (`eval.resolution`).
 
-Interruptions: each finished run appends one row to `runs.csv` in the output folder (with its training time,
-the sum of its epochs' wall time, as the trainer records it); running the study again skips the runs in it
-and resumes unfinished ones from their last checkpoint. After the last run (or with `report_only`) it
+Interruptions: each finished run appends one row to `runs.csv` in the output folder (with its training time:
+the sum of its epochs' wall time as the trainer records it, each epoch's validation included); running the
+study again skips the runs in it and resumes unfinished ones from their last checkpoint (a run that diverges
+is reported and left out; the next study run tries it again). After the last run (or with `report_only`) it
 writes `study.md` (mean +- std over seeds per setting, and the fraction kept at 2x and 4x the training
 resolution) and `study.png` (top-1 against resolution, one line per setting).
 
@@ -145,6 +146,12 @@ def _overrides(run: StudyRun, img_size: int, epochs: Optional[int], max_steps_pe
     return out
 
 
+# config keys the study sets per run (from its options), not to be overridden
+_OWNED = ('model.name', 'train.output_dir', 'train.seed', 'train.epochs', 'train.max_steps_per_epoch',
+          'train.progressive', 'data.img_size', 'model.kwargs.ssm_init', 'model.kwargs.dt_min', 'model.kwargs.dt_max',
+          'model.kwargs.bandlimit')
+
+
 def _fields(resolutions: Sequence[int]) -> List[str]:
     return (['run_id', 'setting', 'model', 'init', 'dt_min', 'dt_max', 'bandlimit', 'progressive', 'seed', 'epochs',
              'train_s'] + [f'top1_{r}' for r in resolutions])
@@ -182,6 +189,12 @@ def _append_row(path: str, row: Dict, fields: List[str]) -> None:
         os.fsync(f.fileno())
 
 
+def _run_config(run_dir: str):
+    """The config a run was trained with (its config.yaml)."""
+    from ..train import load_config
+    return load_config(os.path.join(run_dir, 'config.yaml'))
+
+
 def _train_seconds(run_dir: str) -> float:
     """The sum of the run's epoch times (the trainer's metrics.csv, restored across resumes)."""
     with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
@@ -190,8 +203,7 @@ def _train_seconds(run_dir: str) -> float:
 
 def _evaluate(run: StudyRun, run_dir: str, resolutions: Sequence[int], img_size: int) -> Dict[int, float]:
     """Top-1 (%) of the run's best weights at every resolution, the model built as its config.yaml says."""
-    from ..train import load_config
-    cfg = load_config(os.path.join(run_dir, 'config.yaml'))
+    cfg = _run_config(run_dir)
     kwargs = dict(cfg.model.kwargs)
     norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
     if norm:
@@ -234,6 +246,9 @@ def run_study(
         raise ValueError(f'progressive_sizes must end with img_size={img_size}, got {list(progressive_sizes)}')
     _check_positive('resolutions', resolutions)
     _check_positive('progressive_sizes', progressive_sizes)
+    owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
+    if owned:
+        raise ValueError(f'overrides {owned} set what the study sets per run ({", ".join(_OWNED)}): use its options')
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, RUNS_CSV)
     fields = _fields(resolutions)
@@ -241,18 +256,23 @@ def run_study(
     todo = [] if report_only else [r for r in runs if r.run_id not in done]
     from ..train import load_config
     config_epochs = load_config(CONFIG).train.epochs
+    from ..train import TrainingDiverged
     for i, run in enumerate(todo):
         log(f'[{i + 1}/{len(todo)}] {run.run_id}')
         run_dir = os.path.join(out_dir, 'runs', run.run_id)
         overrides_run = _overrides(run, img_size, epochs, max_steps_per_epoch, progressive_sizes, config_epochs)
         t0 = time.perf_counter()
-        _train(CONFIG, run.model, run_dir, list(overrides) + overrides_run)
+        try:
+            _train(CONFIG, run.model, run_dir, list(overrides) + overrides_run)
+        except TrainingDiverged as e:  # a setting that diverges does not stop the others (a rerun tries again)
+            log(f'    diverged, left out of {RUNS_CSV}: {e}')
+            continue
         top1 = _evaluate(run, run_dir, resolutions, img_size)
         dt_min, dt_max = run.dt_range or ('', '')
         _append_row(path, dict(
             run_id=run.run_id, setting=run.setting, model=run.model, init=run.init or '', dt_min=dt_min,
             dt_max=dt_max, bandlimit='' if run.bandlimit is None else run.bandlimit, progressive=run.progressive,
-            seed=run.seed, epochs=epochs or config_epochs, train_s=f'{_train_seconds(run_dir):.1f}',
+            seed=run.seed, epochs=_run_config(run_dir).train.epochs, train_s=f'{_train_seconds(run_dir):.1f}',
             **{f'top1_{r}': f'{top1[r]:.2f}' for r in resolutions}), fields)
         log('    top-1 ' + ', '.join(f'{top1[r]:.1f}% at {r} px' for r in resolutions)
             + f' ({time.perf_counter() - t0:.0f} s)')
