@@ -1,5 +1,6 @@
 """Band-limiting: which modes the mask keeps, that the kept set is the same at every rate, that masked modes
 learn nothing, and the kernel report (`s4nd_vision.eval.kernel_report`) that measures what it removes."""
+import csv
 import math
 
 import pytest
@@ -193,3 +194,23 @@ def test_kernel_report_command(tmp_path, capsys):
     with pytest.raises(SystemExit, match='layer must name'):
         main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', '--img-size', '64',
               '--plot-layer', 'head', '--out', str(tmp_path)])
+
+
+def test_kernel_report_of_trained_weights(tmp_path):
+    """--checkpoint: the report reads the weights' step sizes (here all dt = 1: S4D-Lin keeps only mode 0)."""
+    from safetensors.torch import save_file
+
+    from s4nd_vision.cli import main
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1, **kwargs)
+    with torch.no_grad():
+        for k in model.modules():
+            if isinstance(k, SSMKernel):
+                k.log_dt.zero_()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'w.safetensors'))
+    main(['kernel-report', '--checkpoint', str(tmp_path / 'w.safetensors'), '--num-classes', '3', '--in-chans', '1',
+          '--img-size', '64', '--bandlimits', '1.0', '--out', str(tmp_path), '--model-kwargs',
+          *[f'{k}={v}'.replace(' ', '') for k, v in kwargs.items()]])
+    with open(tmp_path / 'kernel_report.csv') as f:
+        masked = [float(r['masked']) for r in csv.DictReader(f)]
+    assert len(masked) == 16 and all(m == pytest.approx(7 / 8) for m in masked)
