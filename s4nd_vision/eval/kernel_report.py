@@ -6,7 +6,8 @@ layer's reference grid (rate 1, its `l_ref`):
 - `masked`: the fraction of SSM modes whose frequency dt |Im A| / 2pi (base dt) is at or above
   bandlimit / 2 cycles per step, i.e. whose C the mask sets to zero;
 - `energy_kept`: ||K_masked||^2 / ||K_full||^2 over the layer's channels and directions, with K the
-  axis kernel at its rate-1 length; `energy_kept_median`: the median of the same ratio per channel.
+  axis kernel at its rate-1 length; `energy_kept_median`: the median of the same ratio per channel (a ratio
+  can exceed 1 where removed modes cancelled part of the kept ones).
 
 `plot_layer_kernels` draws one layer's axis kernels at rate 1 and rate 1/2 (twice as many taps of half
 the step) on the same continuous axis, with and without the mask.
