@@ -3,6 +3,8 @@
     s4nd-vision demo [--setting iso|convnext]          # zero-shot resolution demo on built-in data
     s4nd-vision train --config imagenet/convnext_s4nd_tiny.yaml data.root=/data/imagenet
     s4nd-vision eval-resolution --models ... --resolutions 14 20 28 42
+    s4nd-vision kernel-report --model convnext_s4nd_atto --img-size 64 --bandlimits 1.0 0.5
+    s4nd-vision zero-shot-study --inits lin legs --seeds 0 1 2 --out output/zero_shot_study
     s4nd-vision inflate 2d.safetensors 3d.safetensors --model convnext_s4nd_3d_tiny
     s4nd-vision benchmark | flops MODEL ... | smoke
     s4nd-vision export convnext_s4nd_tiny --sizes 224 288x352      # ONNX with dynamic sizes
@@ -120,6 +122,113 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     print(format_table(rows))
     print(f'wrote {args.out}/accuracy_vs_resolution.csv and {args.out}/accuracy_vs_resolution.png')
     return rows
+
+
+# ------------------------------------------------------------------------------------------ kernel-report
+
+def _kernel_report_arguments(parser: argparse.ArgumentParser) -> None:
+    from timm.utils import ParseKwargs
+    parser.add_argument('--model', default='convnext_s4nd_atto', help='timm model name (S4ND layers with S4D kernels)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='model constructor arguments, e.g. ssm_init=legs dt_min=0.05 dt_max=0.5')
+    parser.add_argument('--checkpoint', default=None, help='weights file (e.g. a run\'s best.safetensors); default: '
+                        'the initialization of --seed')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="the model's training resolution: every layer's reference grid (default: the model's)")
+    parser.add_argument('--num-classes', type=int, default=None, help="classifier size of --checkpoint's model")
+    parser.add_argument('--in-chans', type=int, default=None, help="input channels of --checkpoint's model")
+    parser.add_argument('--bandlimits', type=float, nargs='+', default=None,
+                        help='cut-offs to measure (default: each kernel\'s own)')
+    parser.add_argument('--plot-layer', default=None,
+                        help='S4ND layer (module name, e.g. stem.1 or stages.3.downsample.1) whose kernels to plot '
+                             '(default: the first)')
+    parser.add_argument('--axis', type=int, default=0, help='axis of --plot-layer to plot')
+    parser.add_argument('--channels', type=int, nargs='+', default=[0, 1], help='channels of --plot-layer to plot')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the initialization')
+    parser.add_argument('--out', default='output/kernel_report', help='folder for the CSV and the PNG')
+
+
+def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import torch
+
+    from .eval.kernel_report import (
+        format_report,
+        format_summary,
+        kernel_report,
+        plot_layer_kernels,
+        s4nd_layers,
+        summarize,
+        write_report_csv,
+    )
+    from .eval.resolution import load_model
+    torch.manual_seed(args.seed)
+    kwargs = dict(args.model_kwargs)
+    if args.img_size is not None:
+        kwargs['img_size'] = args.img_size
+    try:
+        model = load_model(args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
+                           model_kwargs=kwargs)
+        rows = []
+        for cut in args.bandlimits or [None]:
+            rows += kernel_report(model, bandlimit=cut)
+        os.makedirs(args.out, exist_ok=True)
+        csv_path = write_report_csv(rows, os.path.join(args.out, 'kernel_report.csv'))
+        layer = args.plot_layer or s4nd_layers(model)[0][0]
+        cut = args.bandlimits[0] if args.bandlimits else None
+        png = plot_layer_kernels(model, layer, os.path.join(args.out, f'kernels_{layer}.png'), bandlimit=cut,
+                                 axis=args.axis, channels=args.channels)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f'error: {e}')
+    for cut in dict.fromkeys(r['bandlimit'] for r in rows):
+        mine = [r for r in rows if r['bandlimit'] == cut]
+        print(f'\nbandlimit {"off" if cut is None else cut}:\n\n{format_summary(summarize(mine))}\n')
+    print(format_report(rows))
+    print(f'\nwrote {csv_path} and {png}')
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- zero-shot-study
+
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval.zero_shot_study import PROGRESSIVE_CHOICES
+    parser.add_argument('--inits', nargs='+', default=['lin', 'inv', 'legs'], help='S4D initializations')
+    parser.add_argument('--dt-ranges', nargs='+', default=['0.1,1', '0.05,0.5'], metavar='DT_MIN,DT_MAX',
+                        help='step-size initialization ranges')
+    parser.add_argument('--bandlimits', nargs='+', default=['off', '1.0', '0.5'],
+                        help="band-limit cut-offs ('off' or a positive number)")
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--no-baseline', action='store_true', help='leave out plain ConvNeXt-atto')
+    parser.add_argument('--progressive', choices=PROGRESSIVE_CHOICES, default='off',
+                        help="progressive-resizing twins: of the baseline and the settings without band-limit "
+                             "('off'), of every setting ('all'), or none")
+    parser.add_argument('--progressive-sizes', nargs='+', type=int, default=[32, 48, 64],
+                        help='progressive resizing: the training sizes, in equal parts of the epochs')
+    parser.add_argument('--img-size', type=int, default=64, help='training resolution')
+    parser.add_argument('--resolutions', nargs='+', type=int, default=[64, 96, 128, 256],
+                        help='test resolutions, the training resolution first')
+    parser.add_argument('--epochs', type=int, default=None, help="override the demo config's epochs")
+    parser.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap the updates per epoch (quick check)')
+    parser.add_argument('--report-only', action='store_true', help='train nothing: table and plot of the runs done')
+    parser.add_argument('--overrides', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='config overrides for every run (e.g. data.batch_size=128); keep them for a whole study')
+    parser.add_argument('--out', default='output/zero_shot_study', help='folder for the runs, CSV, table and plot')
+
+
+def _study_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from .eval.zero_shot_study import parse_bandlimit, parse_dt_range, run_study, study_grid
+    from .utils.runtime import keep_freed_memory
+    try:
+        runs = study_grid(
+            inits=args.inits, dt_ranges=[parse_dt_range(t) for t in args.dt_ranges],
+            bandlimits=[parse_bandlimit(t) for t in args.bandlimits], seeds=args.seeds,
+            baseline=not args.no_baseline, progressive=args.progressive)
+        keep_freed_memory()
+        return run_study(
+            runs, out_dir=args.out, img_size=args.img_size, resolutions=args.resolutions, epochs=args.epochs,
+            max_steps_per_epoch=args.max_steps_per_epoch, progressive_sizes=args.progressive_sizes,
+            report_only=args.report_only, overrides=args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # ------------------------------------------------------------------------------------------- inflate
@@ -399,6 +508,32 @@ a leading configs/ is accepted). Overrides use dotted keys, e.g. optim.lr=1e-3 t
 Prints a top-1/top-5 table and writes accuracy_vs_resolution.csv and .png to --out
 (see s4nd_vision.eval.resolution).""",
         _eval_arguments, _eval_run),
+    'kernel-report': Command(
+        'what band-limiting removes from the S4ND kernels of a model, per layer and axis',
+        """Band-limiting diagnostics: per S4ND layer (stem, downsampling, blocks) and axis, the fraction of SSM modes
+the mask removes and the kernel energy it keeps at the layer's reference grid; plots one layer's kernels at
+rate 1 and 1/2, with and without the mask.
+
+    s4nd-vision kernel-report --model convnext_s4nd_atto --img-size 64 --bandlimits 1.0 0.5
+    s4nd-vision kernel-report --model-kwargs ssm_init=legs dt_min=0.05 dt_max=0.5 --img-size 64 \\
+        --checkpoint output/demo/convnext/convnext_s4nd_atto/best.safetensors --num-classes 10 --in-chans 1 \\
+        --bandlimits 1.0 --plot-layer stages.3.downsample.1
+
+Writes kernel_report.csv and kernels_<layer>.png to --out (see s4nd_vision.eval.kernel_report).""",
+        _kernel_report_arguments, _kernel_report_run),
+    'zero-shot-study': Command(
+        'the zero-shot resolution study: ConvNeXt-S4ND settings x seeds against ConvNeXt (long)',
+        """The zero-shot resolution study on MNIST-5k: ConvNeXt-S4ND-atto per S4D init x dt range x band-limit x seed,
+plain ConvNeXt-atto per seed, progressive resizing against the final size throughout; trained at 64 px with
+the demo's config and trainer, tested at 64, 96, 128 and 256 px.
+
+    s4nd-vision zero-shot-study --out output/zero_shot_study        # the whole grid: many hours on a CPU
+    s4nd-vision zero-shot-study --inits lin legs --bandlimits off 1.0 --seeds 0 --epochs 2
+    s4nd-vision zero-shot-study --report-only --out output/zero_shot_study
+
+Each finished run appends a row to runs.csv; run it again to skip those and resume the unfinished one. Writes
+study.md (mean +- std over seeds, kept at 2x and 4x) and study.png (see s4nd_vision.eval.zero_shot_study).""",
+        _study_arguments, _study_run),
     'inflate': Command(
         'inflate a 2D checkpoint into the weights of a 3D (video) model',
         """Inflate a 2D checkpoint into the weights of a 3D (video) model, saved as safetensors.

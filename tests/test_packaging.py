@@ -141,7 +141,7 @@ def test_optim_is_reachable_as_the_readme_uses_it():
 @pytest.mark.parametrize('script,command', [
     ('demo', 'demo'), ('train', 'train'), ('eval_resolution', 'eval-resolution'), ('inflate', 'inflate'),
     ('benchmark', 'benchmark'), ('flops', 'flops'), ('smoke', 'smoke'), ('export', 'export'),
-    ('seq_mnist', 'seq-mnist')])
+    ('seq_mnist', 'seq-mnist'), ('kernel_report', 'kernel-report'), ('zero_shot_study', 'zero-shot-study')])
 def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch):
     """Each tools/<name>.py takes the arguments of `s4nd-vision <name>` (they live in s4nd_vision.cli)."""
     monkeypatch.setenv('COLUMNS', '100')

@@ -1,0 +1,381 @@
+"""The zero-shot resolution study: which S4ND settings keep their accuracy at resolutions never trained at.
+
+Grid: S4D init (lin, inv, legs) x step-size range (dt_min, dt_max) x band-limit (off or a cut-off) x seeds, for
+ConvNeXt-S4ND-atto on MNIST-5k, next to plain ConvNeXt-atto per seed; and progressive resizing (e.g.
+32 -> 48 -> 64 px) against training at the final size throughout. Every run uses the demo's config
+(`configs/demo/mnist_convnext.yaml`) and trainer exactly as `s4nd_vision.eval.demo` does, with the model
+kwargs of its setting, is trained at `img_size` and evaluated at every resolution (`eval.resolution`).
+
+Interruptions: each finished run appends one row to `runs.csv` in the output folder (with its training time:
+the sum of its epochs' wall time as the trainer records it, each epoch's validation included); running the
+study again skips the runs in it and resumes unfinished ones from their last checkpoint (a run that diverges
+is reported and left out; the next study run tries it again). After the last run (or with `report_only`) it
+writes `study.md` (mean +- std over seeds per setting, and the fraction kept at 2x and 4x the training
+resolution) and `study.png` (top-1 against resolution, one line per setting).
+
+    s4nd-vision zero-shot-study --out output/zero_shot_study               # the whole grid (hours on a CPU)
+    s4nd-vision zero-shot-study --inits lin --bandlimits off 1.0 --seeds 0 --epochs 2
+"""
+import csv
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .demo import CONFIG_DIR, SETTINGS, _train
+from .resolution import eval_resolution, load_model
+
+__all__ = [
+    'StudyRun', 'study_grid', 'progressive_stages', 'run_study', 'read_runs', 'summarize_runs', 'format_study',
+    'plot_study', 'parse_dt_range', 'parse_bandlimit', 'DEFAULT_DT_RANGES', 'RUNS_CSV', 'TABLE_NAME', 'PLOT_NAME',
+]
+
+RUNS_CSV = 'runs.csv'
+TABLE_NAME = 'study.md'
+PLOT_NAME = 'study.png'
+S4ND_MODEL = SETTINGS['convnext'].s4nd_model
+BASELINE = SETTINGS['convnext'].baseline
+CONFIG = os.path.join(CONFIG_DIR, SETTINGS['convnext'].config)
+DEFAULT_DT_RANGES = ((0.1, 1.0), (0.05, 0.5))
+PROGRESSIVE_CHOICES = ('none', 'off', 'all')  # progressive twins: none, of the settings without band-limit, all
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One training run of the study: a model setting and a seed."""
+    model: str
+    seed: int
+    init: Optional[str] = None  # S4ND settings only
+    dt_range: Optional[Tuple[float, float]] = None
+    bandlimit: Optional[float] = None
+    progressive: bool = False
+
+    @property
+    def setting(self) -> str:
+        """The setting's name, the same for every seed (the table's rows)."""
+        if self.model != S4ND_MODEL:
+            name = self.model
+        else:
+            cut = 'off' if self.bandlimit is None else f'{self.bandlimit:g}'
+            name = f'{self.init} dt {self.dt_range[0]:g}-{self.dt_range[1]:g} bandlimit {cut}'
+        return name + (' progressive' if self.progressive else '')
+
+    @property
+    def run_id(self) -> str:
+        """A folder name: the setting and the seed."""
+        return '_'.join(self.setting.replace('-', '_').split()) + f'_seed{self.seed}'
+
+    def model_kwargs(self) -> Dict:
+        """The model kwargs of the setting (on top of the config's)."""
+        if self.model != S4ND_MODEL:
+            return {}
+        kwargs = dict(ssm_init=self.init, dt_min=self.dt_range[0], dt_max=self.dt_range[1])
+        if self.bandlimit is not None:
+            kwargs['bandlimit'] = self.bandlimit
+        return kwargs
+
+
+def _check_positive(name: str, values: Sequence, allow_none: bool = False) -> None:
+    bad = [v for v in values if not (v is None and allow_none) and not (isinstance(v, (int, float)) and v > 0)]
+    if bad:
+        raise ValueError(f'{name} must hold positive numbers{" or None (off)" if allow_none else ""}, got {bad}')
+
+
+def study_grid(
+        inits: Sequence[str] = ('lin', 'inv', 'legs'),
+        dt_ranges: Sequence[Tuple[float, float]] = DEFAULT_DT_RANGES,
+        bandlimits: Sequence[Optional[float]] = (None, 1.0, 0.5),
+        seeds: Sequence[int] = (0, 1, 2),
+        baseline: bool = True,
+        progressive: str = 'off',
+) -> List[StudyRun]:
+    """The runs of the study, seed-major (every setting of seed 0 first: a partial study covers all settings).
+
+    progressive: 'off' adds a progressive-resizing twin of the baseline and of every S4ND setting without
+    band-limit, 'all' of every setting, 'none' none.
+    """
+    from ..layers import SSM_INITS
+    bad = [i for i in inits if i not in SSM_INITS]
+    if bad or not inits:
+        raise ValueError(f'inits must be a non-empty list of {SSM_INITS}, got {list(inits)}')
+    if not dt_ranges or any(len(r) != 2 or not 0 < r[0] <= r[1] for r in dt_ranges):
+        raise ValueError(f'dt_ranges must be (dt_min, dt_max) pairs with 0 < dt_min <= dt_max, got {list(dt_ranges)}')
+    _check_positive('bandlimits', bandlimits, allow_none=True)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f'seeds must be distinct non-negative integers, got {list(seeds)}')
+    if progressive not in PROGRESSIVE_CHOICES:
+        raise ValueError(f'progressive must be one of {PROGRESSIVE_CHOICES}, got {progressive!r}')
+    runs = []
+    for seed in seeds:
+        settings = []
+        if baseline:
+            settings.append(StudyRun(BASELINE, seed))
+        for init in inits:
+            for dt_range in dt_ranges:
+                for cut in bandlimits:
+                    settings.append(StudyRun(S4ND_MODEL, seed, init, tuple(dt_range), cut))
+        twins = [StudyRun(s.model, seed, s.init, s.dt_range, s.bandlimit, progressive=True) for s in settings
+                 if progressive == 'all' or (progressive == 'off' and s.bandlimit is None)]
+        runs += settings + twins
+    return list(dict.fromkeys(runs))  # (repeated grid values once)
+
+
+def progressive_stages(sizes: Sequence[int], epochs: int) -> List[Dict]:
+    """`train.progressive` stages that step through `sizes` in equal parts of `epochs` (the last size from
+    epoch (n - 1) * epochs // n on); sizes that would get no epoch are left out."""
+    stages: Dict[int, int] = {}
+    for i, size in enumerate(sizes):
+        stages[i * epochs // len(sizes)] = size  # a later size wins an epoch
+    return [dict(epoch=e, img_size=s) for e, s in sorted(stages.items())]
+
+
+def _overrides(run: StudyRun, img_size: int, epochs: Optional[int], max_steps_per_epoch: Optional[int],
+               progressive_sizes: Sequence[int], config_epochs: int) -> List[str]:
+    out = [f'train.seed={run.seed}', f'data.img_size={img_size}']
+    if epochs is not None:
+        out.append(f'train.epochs={epochs}')
+    if max_steps_per_epoch is not None:
+        out.append(f'train.max_steps_per_epoch={max_steps_per_epoch}')
+    if run.progressive:
+        stages = progressive_stages(progressive_sizes, epochs or config_epochs)
+        out.append('train.progressive=[' + ', '.join(f'{{epoch: {s["epoch"]}, img_size: {s["img_size"]}}}'
+                                                      for s in stages) + ']')
+    out += [f'model.kwargs.{k}={v}' for k, v in run.model_kwargs().items()]
+    return out
+
+
+# config keys the study sets per run (from its options), not to be overridden
+_OWNED = ('model.name', 'train.output_dir', 'train.seed', 'train.epochs', 'train.max_steps_per_epoch',
+          'train.progressive', 'data.img_size', 'model.kwargs.ssm_init', 'model.kwargs.dt_min', 'model.kwargs.dt_max',
+          'model.kwargs.bandlimit')
+
+
+def _fields(resolutions: Sequence[int]) -> List[str]:
+    return (['run_id', 'setting', 'model', 'init', 'dt_min', 'dt_max', 'bandlimit', 'progressive', 'seed', 'epochs',
+             'train_s'] + [f'top1_{r}' for r in resolutions])
+
+
+def read_runs(path: str) -> List[Dict]:
+    """The rows of a study's runs.csv, numbers parsed (`top1` a dict resolution -> top-1 %)."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, newline='') as f:
+        for r in csv.DictReader(f):
+            rows.append(dict(
+                r, seed=int(r['seed']), epochs=int(r['epochs']), train_s=float(r['train_s']),
+                progressive=r['progressive'] == 'True',
+                top1={int(k[5:]): float(v) for k, v in r.items() if k.startswith('top1_') and v != ''}))
+    return rows
+
+
+def _append_row(path: str, row: Dict, fields: List[str]) -> None:
+    """Append one row (the header first in a new file); the line is written and flushed in one call."""
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline='') as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            raise ValueError(f'{path} holds runs with the columns {header}, this study writes {fields}: '
+                             'use another --out (or the same resolutions)')
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _run_config(run_dir: str):
+    """The config a run was trained with (its config.yaml)."""
+    from ..train import load_config
+    return load_config(os.path.join(run_dir, 'config.yaml'))
+
+
+def _train_seconds(run_dir: str) -> float:
+    """The sum of the run's epoch times (the trainer's metrics.csv, restored across resumes)."""
+    with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
+        return sum(float(r['epoch_time_s']) for r in csv.DictReader(f) if r.get('epoch_time_s'))
+
+
+def _evaluate(run: StudyRun, run_dir: str, resolutions: Sequence[int], img_size: int) -> Dict[int, float]:
+    """Top-1 (%) of the run's best weights at every resolution, the model built as its config.yaml says."""
+    cfg = _run_config(run_dir)
+    kwargs = dict(cfg.model.kwargs)
+    norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
+    if norm:
+        kwargs['pretrained_cfg_overlay'] = norm
+    model = load_model(run.model, os.path.join(run_dir, 'best.safetensors'), num_classes=10,
+                       in_chans=cfg.data.in_chans, img_size=img_size, model_kwargs=kwargs)
+    rows = eval_resolution({run.setting: model}, 'mnist', resolutions, train_resolution=img_size)
+    return {r['resolution']: r['top1'] for r in rows}
+
+
+def run_study(
+        runs: Sequence[StudyRun],
+        out_dir: str = 'output/zero_shot_study',
+        img_size: int = 64,
+        resolutions: Sequence[int] = (64, 96, 128, 256),
+        epochs: Optional[int] = None,
+        max_steps_per_epoch: Optional[int] = None,
+        progressive_sizes: Sequence[int] = (32, 48, 64),
+        report_only: bool = False,
+        overrides: Sequence[str] = (),
+        log: Callable[[str], None] = print,
+) -> List[Dict]:
+    """Train and evaluate every run not yet in `out_dir`/runs.csv, then write the table and the plot.
+
+    Args:
+        runs: from `study_grid`.
+        img_size: training resolution (the models' reference grid); must be the first of `resolutions`
+            and the last of `progressive_sizes`.
+        epochs, max_steps_per_epoch: None keeps the config's (5 epochs, every batch).
+        report_only: train nothing; the table and plot of the rows already there.
+        overrides: further config overrides for every run, before the run's own (e.g. data.batch_size=128,
+            train.mixed_precision=bf16 on a GPU); they change what is compared, so keep them for a whole study.
+    Returns:
+        The rows of runs.csv (see `read_runs`).
+    """
+    resolutions = list(resolutions)
+    if not resolutions or resolutions[0] != img_size:
+        raise ValueError(f'resolutions must start with the training resolution img_size={img_size}, got {resolutions}')
+    if list(progressive_sizes)[-1:] != [img_size]:
+        raise ValueError(f'progressive_sizes must end with img_size={img_size}, got {list(progressive_sizes)}')
+    _check_positive('resolutions', resolutions)
+    _check_positive('progressive_sizes', progressive_sizes)
+    owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
+    if owned:
+        raise ValueError(f'overrides {owned} set what the study sets per run ({", ".join(_OWNED)}): use its options')
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, RUNS_CSV)
+    fields = _fields(resolutions)
+    done = {r['run_id'] for r in read_runs(path)}
+    todo = [] if report_only else [r for r in runs if r.run_id not in done]
+    from ..train import load_config
+    config_epochs = load_config(CONFIG).train.epochs
+    from ..train import TrainingDiverged
+    for i, run in enumerate(todo):
+        log(f'[{i + 1}/{len(todo)}] {run.run_id}')
+        run_dir = os.path.join(out_dir, 'runs', run.run_id)
+        overrides_run = _overrides(run, img_size, epochs, max_steps_per_epoch, progressive_sizes, config_epochs)
+        t0 = time.perf_counter()
+        try:
+            _train(CONFIG, run.model, run_dir, list(overrides) + overrides_run)
+        except TrainingDiverged as e:  # a setting that diverges does not stop the others (a rerun tries again)
+            log(f'    diverged, left out of {RUNS_CSV}: {e}')
+            continue
+        top1 = _evaluate(run, run_dir, resolutions, img_size)
+        dt_min, dt_max = run.dt_range or ('', '')
+        _append_row(path, dict(
+            run_id=run.run_id, setting=run.setting, model=run.model, init=run.init or '', dt_min=dt_min,
+            dt_max=dt_max, bandlimit='' if run.bandlimit is None else run.bandlimit, progressive=run.progressive,
+            seed=run.seed, epochs=_run_config(run_dir).train.epochs, train_s=f'{_train_seconds(run_dir):.1f}',
+            **{f'top1_{r}': f'{top1[r]:.2f}' for r in resolutions}), fields)
+        log('    top-1 ' + ', '.join(f'{top1[r]:.1f}% at {r} px' for r in resolutions)
+            + f' ({time.perf_counter() - t0:.0f} s)')
+    rows = read_runs(path)
+    if rows:
+        summary = summarize_runs(rows, img_size)
+        with open(os.path.join(out_dir, TABLE_NAME), 'w') as f:
+            f.write(format_study(summary, img_size) + '\n')
+        plot_study(summary, os.path.join(out_dir, PLOT_NAME), img_size)
+        log(format_study(summary, img_size))
+        log(f'\ntable: {os.path.join(out_dir, TABLE_NAME)}\nplot:  {os.path.join(out_dir, PLOT_NAME)}')
+    return rows
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
+    """Per setting (in order of appearance): seeds, mean and std of top-1 per resolution, of the fraction of
+    the `img_size` accuracy kept at every resolution (per seed, then averaged), and of the training time."""
+    by_setting: Dict[str, List[Dict]] = {}
+    for r in rows:
+        by_setting.setdefault(r['setting'], []).append(r)
+    out = []
+    for setting, mine in by_setting.items():
+        resolutions = sorted(set.intersection(*(set(r['top1']) for r in mine)))
+        kept = {res: [r['top1'][res] / r['top1'][img_size] if r['top1'].get(img_size) else 0.0 for r in mine]
+                for res in resolutions}
+        out.append(dict(
+            setting=setting, seeds=sorted(r['seed'] for r in mine),
+            top1={res: _mean_std([r['top1'][res] for r in mine]) for res in resolutions},
+            kept={res: _mean_std(v) for res, v in kept.items()},
+            train_s=_mean_std([r['train_s'] for r in mine])))
+    return out
+
+
+def format_study(summary: Sequence[Dict], img_size: int) -> str:
+    """Markdown table: top-1 mean +- std per resolution, kept at 2x and 4x, training time, seeds."""
+    resolutions = sorted({res for s in summary for res in s['top1']})
+    factors = [f for f in (2, 4) if f * img_size in resolutions]
+    head = ([f'{r} px' for r in resolutions] + [f'kept at {f}x' for f in factors]
+            + ['train time (s)', 'seeds'])
+    lines = [f'| setting (top-1 %, trained at {img_size} px) | ' + ' | '.join(head) + ' |',
+             '|---|' + '---|' * len(head)]
+    for s in summary:
+        cells = [('%.1f +- %.1f' % s['top1'][r]) if r in s['top1'] else '-' for r in resolutions]
+        cells += [('%.0f%% +- %.0f' % tuple(100 * v for v in s['kept'][f * img_size]))
+                  if f * img_size in s['kept'] else '-' for f in factors]
+        cells += ['%.0f +- %.0f' % s['train_s'], ','.join(str(x) for x in s['seeds'])]
+        lines.append(f'| {s["setting"]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
+    """Top-1 (mean, std as error bars) against test resolution, one line per setting, saved as PNG."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=120)
+    ax = fig.add_subplot()
+    colors = colormaps['tab20'].resampled(max(len(summary), 1))
+    for i, s in enumerate(summary):
+        res = sorted(s['top1'])
+        baseline = s['setting'].startswith(BASELINE)
+        ax.errorbar(res, [s['top1'][r][0] for r in res], yerr=[s['top1'][r][1] for r in res], marker='o',
+                    markersize=3, capsize=2, linestyle='--' if 'progressive' in s['setting'] else '-',
+                    color='black' if baseline else colors(i), linewidth=2 if baseline else 1, label=s['setting'])
+    ax.axvline(img_size, color='gray', linestyle=':', linewidth=1)
+    ax.set_xscale('log', base=2)
+    ticks = sorted({r for s in summary for r in s['top1']})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel(f'test resolution (px), trained at {img_size} px')
+    ax.set_ylabel('top-1 accuracy (%), mean over seeds')
+    ax.set_title('Zero-shot resolution: ConvNeXt-S4ND-atto settings and ConvNeXt-atto, MNIST-5k')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, format='png')
+    return path
+
+
+def parse_dt_range(text: str) -> Tuple[float, float]:
+    """'0.1,1' -> (0.1, 1.0)."""
+    parts = text.split(',')
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f'a dt range is DT_MIN,DT_MAX (e.g. 0.1,1), got {text!r}') from None
+    if not (math.isfinite(low) and 0 < low <= high):
+        raise ValueError(f'a dt range needs 0 < DT_MIN <= DT_MAX, got {text!r}')
+    return low, high
+
+
+def parse_bandlimit(text: str) -> Optional[float]:
+    """'off' / 'none' -> None, else a positive float."""
+    if text.lower() in ('off', 'none'):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"a band-limit is 'off' or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"a band-limit is 'off' or a positive number, got {text!r}")
+    return value

@@ -1,0 +1,216 @@
+"""Band-limiting: which modes the mask keeps, that the kept set is the same at every rate, that masked modes
+learn nothing, and the kernel report (`s4nd_vision.eval.kernel_report`) that measures what it removes."""
+import csv
+import math
+
+import pytest
+import timm
+import torch
+
+import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.eval.kernel_report import (
+    format_report,
+    format_summary,
+    kernel_bandlimit,
+    kernel_report,
+    plot_layer_kernels,
+    summarize,
+)
+from s4nd_vision.layers import S4ND, SSMKernel, set_bandlimit
+from s4nd_vision.layers.ssm_kernel import ssm_kernels
+
+
+def _expected_mask(kernel: SSMKernel, bandlimit: float) -> torch.Tensor:
+    """The kept modes computed one by one in Python floats: frequency dt |Im A| / 2pi below bandlimit / 2."""
+    dts = [math.exp(v) for v in kernel.log_dt.tolist()]
+    rows = [[dt * abs(a) / (2 * math.pi) < bandlimit / 2 for a in row] for dt, row in zip(dts, kernel.a_imag.tolist())]
+    return torch.tensor(rows)
+
+
+def _kept_only(kernel: SSMKernel, mask: torch.Tensor) -> SSMKernel:
+    """The same parameters without band-limiting, C zeroed on the modes `mask` removes."""
+    other = SSMKernel(kernel.dim, d_state=kernel.d_state, num_kernels=kernel.num_kernels).to(kernel.c.dtype)
+    other.load_state_dict(kernel.state_dict(), strict=False)
+    set_bandlimit(other, None)
+    with torch.no_grad():
+        other.c.mul_(mask[None, :, :, None].to(other.c.dtype))
+    return other
+
+
+def _boundary_kernel() -> SSMKernel:
+    """S4D-Lin modes at dt = 1 (frequency n / 2 exactly) and modes a rounding step either side of 1/2."""
+    kernel = SSMKernel(3, d_state=8, num_kernels=2, init='lin', bandlimit=1.0).double()
+    with torch.no_grad():
+        kernel.log_dt.zero_()  # dt = 1 exactly
+        below, above = math.nextafter(math.pi, 0.0), math.nextafter(math.pi, 4.0)
+        kernel.a_imag[1] = torch.tensor([0.0, below, math.pi, above], dtype=torch.float64)
+        kernel.a_imag[2] = -kernel.a_imag[1]  # the sign of Im A does not matter
+    return kernel
+
+
+def test_mask_keeps_exactly_the_modes_below_the_cutoff_at_the_boundary():
+    kernel = _boundary_kernel()
+    mask = kernel.mode_mask()
+    # S4D-Lin at dt = 1: frequency n / 2; n = 1 sits exactly on the cut-off 1/2 and is removed (at or above)
+    assert mask[0].tolist() == [True, False, False, False]
+    assert mask[1].tolist() == mask[2].tolist() == [True, True, False, False]  # just below kept, at / above not
+    assert torch.equal(mask, _expected_mask(kernel, 1.0))
+    set_bandlimit(kernel, 2.0)  # cut-off at 1 cycle per step: n = 0, 1 kept, n = 2 on the cut-off removed
+    assert kernel.mode_mask()[0].tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize('init', ['lin', 'inv', 'legs'])
+@pytest.mark.parametrize('bandlimit', [1.0, 0.5, 0.3])
+def test_mask_matches_an_independent_computation(init, bandlimit):
+    torch.manual_seed(0)
+    kernel = SSMKernel(16, d_state=32, num_kernels=2, init=init, dt_min=0.01, dt_max=1.0, bandlimit=bandlimit)
+    with torch.no_grad():  # trained-looking parameters: Im A moved off the init
+        kernel.a_imag.mul_(1 + 0.1 * torch.randn_like(kernel.a_imag))
+    expected = _expected_mask(kernel, bandlimit)
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(kernel.mode_mask(), expected)
+
+
+def test_kept_set_is_the_same_at_every_rate():
+    torch.manual_seed(0)
+    kernel = SSMKernel(6, d_state=16, num_kernels=2, init='lin', dt_min=0.05, dt_max=0.5, bandlimit=1.0).double()
+    mask = kernel.mode_mask()
+    kept_only = _kept_only(kernel, mask)
+    lin_freq = kernel.log_dt.exp()[:, None] * kernel.a_imag.abs() / (2 * math.pi)
+    # at rate 2 some kept modes are above the coarse grid's Nyquist frequency: the set is not recomputed per rate
+    assert (mask & (2 * lin_freq >= 0.5)).any()
+    for rate, length in ((1.0, 12), (0.5, 24), (2.0, 6)):
+        assert torch.equal(kernel.mode_mask(), mask)
+        torch.testing.assert_close(kernel(length, rate=rate, dtype=torch.float64),
+                                   kept_only(length, rate=rate, dtype=torch.float64))
+        # the recurrent view masks the same C
+        torch.testing.assert_close(kernel.discretize(rate, dtype=torch.float64)[2],
+                                   kept_only.discretize(rate, dtype=torch.float64)[2])
+    # stacked with other kernels (one generation call), at per-kernel rates
+    other = SSMKernel(6, d_state=16, num_kernels=2, init='inv', dt_min=0.05, dt_max=0.5).double()
+    stacked = ssm_kernels([kernel, other], [10, 10], [2.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(stacked[0], kept_only(10, rate=2.0, dtype=torch.float64))
+    torch.testing.assert_close(stacked[1], other(10, rate=0.5, dtype=torch.float64))
+
+
+def test_layer_kernels_at_other_input_sizes_use_the_kept_modes():
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=16, l_ref=16, dt_min=0.05, dt_max=0.5, bandlimit=0.5).double()
+    plain = S4ND(4, ndim=2, d_state=16, l_ref=16).double()
+    plain.load_state_dict(layer.state_dict())
+    for src, dst in zip(layer.kernels, plain.kernels):
+        dst.load_state_dict(_kept_only(src, src.mode_mask()).state_dict())
+    for size in (16, 32, 8):  # rates 1, 1/2, 2
+        for a, b in zip(layer.axis_kernels((size, size), dtype=torch.float64),
+                        plain.axis_kernels((size, size), dtype=torch.float64)):
+            torch.testing.assert_close(a, b)
+
+
+def test_masked_modes_get_zero_gradient():
+    torch.manual_seed(0)
+    kernel = SSMKernel(8, d_state=16, num_kernels=2, init='legs', dt_min=0.05, dt_max=0.5, bandlimit=0.5).double()
+    mask = kernel.mode_mask()
+    assert 0 < mask.sum() < mask.numel()
+    for rate in (1.0, 0.5):
+        kernel.zero_grad()
+        (kernel(12, rate=rate, dtype=torch.float64) * torch.randn(2, 8, 12, dtype=torch.float64)).sum().backward()
+        for name in ('c', 'b', 'a_imag', 'log_a_real'):
+            per_mode = getattr(kernel, name).grad.abs()  # -> (dim, N/2)
+            if name == 'c':
+                per_mode = per_mode.sum(0)
+            if name in ('c', 'b'):
+                per_mode = per_mode.sum(-1)
+            assert (per_mode[~mask] == 0).all(), name
+            assert (per_mode[mask] > 0).all(), name
+        assert (kernel.log_dt.grad != 0).all()
+
+
+def test_masked_modes_get_zero_gradient_in_a_model():
+    """Through ConvNeXt-S4ND's stacked generation (all layers' kernels in a few calls)."""
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=32, num_classes=3, in_chans=1, bandlimit=1.0,
+                              depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=8)
+    model(torch.randn(2, 1, 32, 32)).square().sum().backward()
+    kernels = [m for m in model.modules() if isinstance(m, SSMKernel)]
+    assert kernels
+    for k in kernels:
+        masked = ~k.mode_mask()
+        assert masked.any()
+        assert (k.c.grad[:, masked] == 0).all() and (k.a_imag.grad[masked] == 0).all()
+        assert (k.b.grad[masked] == 0).all() and (k.log_a_real.grad[masked] == 0).all()
+
+
+def test_kernel_report_measures_the_mask():
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1,
+                              depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    rows = kernel_report(model, bandlimit=1.0, progress=False)
+    # stem at 64, stage blocks at 16/8/4/2, downsampling at the previous stage's grid; two axes each
+    assert [(r['kind'], r['grid']) for r in rows[::2]] == [
+        ('stem', 64), ('block', 16), ('downsample', 16), ('block', 8), ('downsample', 8), ('block', 4),
+        ('downsample', 4), ('block', 2)]
+    for r in rows:
+        layer = model.get_submodule(r['layer'])
+        kernel = layer.kernels[r['axis']]
+        assert r['masked'] == pytest.approx(1 - _expected_mask(kernel, 1.0).double().mean().item())
+        full = kernel(r['grid'], dtype=torch.float64)
+        kept = _kept_only(kernel, _expected_mask(kernel, 1.0))(r['grid'], dtype=torch.float64)
+        assert r['energy_kept'] == pytest.approx((kept.square().sum() / full.square().sum()).item(), rel=1e-6)
+        assert r['energy_kept'] > 0  # (can exceed 1: removed modes may have cancelled kept ones)
+    assert kernel_bandlimit(model.stem[1].kernels[0]) is None  # measured, not changed
+    off = kernel_report(model, progress=False)  # the model's own cut-off: none
+    assert all(r['masked'] == 0 and r['energy_kept'] == 1 and r['bandlimit'] is None for r in off)
+    summary = summarize(rows)
+    assert [s['kind'] for s in summary] == ['stem', 'downsample', 'block']
+    assert summary[2]['grids'] == [16, 8, 4, 2]
+    assert '| stem.1 | stem | 0 | 64 | 1 |' in format_report(rows) and '| block | 4 |' in format_summary(summary)
+
+
+def test_kernel_plot(tmp_path):
+    from PIL import Image
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1,
+                              depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    path = plot_layer_kernels(model, 'stages.3.downsample.1', str(tmp_path / 'k.png'), bandlimit=1.0,
+                              channels=(0, 3))
+    with Image.open(path) as img:
+        assert img.format == 'PNG'
+    with pytest.raises(ValueError, match='layer must name'):
+        plot_layer_kernels(model, 'stages.9', str(tmp_path / 'x.png'))
+    with pytest.raises(ValueError, match='channels must be'):
+        plot_layer_kernels(model, 'stem.1', str(tmp_path / 'x.png'), channels=(99,))
+
+
+def test_kernel_report_command(tmp_path, capsys):
+    from s4nd_vision.cli import main
+    main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', 'stem_chs=4', 'd_state=16',
+          '--img-size', '64', '--bandlimits', '1.0', '0.5', '--plot-layer', 'stages.1.downsample.1',
+          '--out', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'bandlimit 1.0:' in out and 'bandlimit 0.5:' in out and '| downsample | 3 | 16/8/4 |' in out
+    with open(tmp_path / 'kernel_report.csv') as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 + 2 * 2 * 8  # two cut-offs, 8 layers, 2 axes
+    assert (tmp_path / 'kernels_stages.1.downsample.1.png').is_file()
+    with pytest.raises(SystemExit, match='layer must name'):
+        main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', '--img-size', '64',
+              '--plot-layer', 'head', '--out', str(tmp_path)])
+
+
+def test_kernel_report_of_trained_weights(tmp_path):
+    """--checkpoint: the report reads the weights' step sizes (here all dt = 1: S4D-Lin keeps only mode 0)."""
+    from safetensors.torch import save_file
+
+    from s4nd_vision.cli import main
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1, **kwargs)
+    with torch.no_grad():
+        for k in model.modules():
+            if isinstance(k, SSMKernel):
+                k.log_dt.zero_()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'w.safetensors'))
+    main(['kernel-report', '--checkpoint', str(tmp_path / 'w.safetensors'), '--num-classes', '3', '--in-chans', '1',
+          '--img-size', '64', '--bandlimits', '1.0', '--out', str(tmp_path), '--model-kwargs',
+          *[f'{k}={v}'.replace(' ', '') for k, v in kwargs.items()]])
+    with open(tmp_path / 'kernel_report.csv') as f:
+        masked = [float(r['masked']) for r in csv.DictReader(f)]
+    assert len(masked) == 16 and all(m == pytest.approx(7 / 8) for m in masked)

@@ -1,0 +1,177 @@
+"""The zero-shot resolution study runner: its grid, resumable CSV, table and plot, and one tiny real run."""
+import csv
+import os
+
+import pytest
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from s4nd_vision.cli import main
+from s4nd_vision.eval import zero_shot_study as study
+from s4nd_vision.eval.zero_shot_study import (
+    RUNS_CSV,
+    StudyRun,
+    format_study,
+    parse_bandlimit,
+    parse_dt_range,
+    progressive_stages,
+    read_runs,
+    run_study,
+    study_grid,
+    summarize_runs,
+)
+from s4nd_vision.train import TrainingDiverged
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_grid():
+    runs = study_grid()
+    # per seed: the baseline, 3 inits x 2 dt ranges x 3 band-limits, and progressive twins of the baseline and
+    # of the 6 settings without band-limit
+    assert len(runs) == 3 * (1 + 18 + 7) == len({r.run_id for r in runs})
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # seed-major: seed 0 covers every setting
+    assert len({r.setting for r in runs}) == 26
+    twins = [r for r in runs if r.progressive]
+    assert all(r.bandlimit is None for r in twins) and sum(r.model == 'convnext_atto' for r in twins) == 3
+    run = StudyRun('convnext_s4nd_atto', 1, 'legs', (0.05, 0.5), 1.0)
+    assert run.setting == 'legs dt 0.05-0.5 bandlimit 1' and run.run_id == 'legs_dt_0.05_0.5_bandlimit_1_seed1'
+    assert run.model_kwargs() == dict(ssm_init='legs', dt_min=0.05, dt_max=0.5, bandlimit=1.0)
+    assert StudyRun('convnext_atto', 0).model_kwargs() == {}
+    small = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None, 1.0], seeds=[4], baseline=False,
+                       progressive='all')
+    assert [r.setting for r in small] == ['lin dt 0.1-1 bandlimit off', 'lin dt 0.1-1 bandlimit 1',
+                                          'lin dt 0.1-1 bandlimit off progressive',
+                                          'lin dt 0.1-1 bandlimit 1 progressive']
+    for kwargs, match in ((dict(inits=['fourier']), 'inits'), (dict(dt_ranges=[(1.0, 0.1)]), 'dt_ranges'),
+                          (dict(bandlimits=[0.0]), 'bandlimits'), (dict(seeds=[0, 0]), 'seeds'),
+                          (dict(progressive='some'), 'progressive')):
+        with pytest.raises(ValueError, match=match):
+            study_grid(**kwargs)
+    assert parse_dt_range('0.05,0.5') == (0.05, 0.5) and parse_bandlimit('off') is None
+    assert parse_bandlimit('0.5') == 0.5
+    for bad in ('0.5', '1,0.1', 'a,b'):
+        with pytest.raises(ValueError, match='dt range'):
+            parse_dt_range(bad)
+    with pytest.raises(ValueError, match='band-limit'):
+        parse_bandlimit('-1')
+
+
+def test_progressive_stages_and_overrides():
+    assert progressive_stages([32, 48, 64], 5) == [
+        dict(epoch=0, img_size=32), dict(epoch=1, img_size=48), dict(epoch=3, img_size=64)]
+    assert progressive_stages([32, 48, 64], 2) == [dict(epoch=0, img_size=48), dict(epoch=1, img_size=64)]
+    assert progressive_stages([32, 48, 64], 1) == [dict(epoch=0, img_size=64)]
+    run = StudyRun('convnext_s4nd_atto', 2, 'inv', (0.1, 1.0), None, progressive=True)
+    overrides = study._overrides(run, 64, 6, None, [32, 48, 64], 5)
+    assert overrides == ['train.seed=2', 'data.img_size=64', 'train.epochs=6',
+                         'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 2, img_size: 48}, '
+                         '{epoch: 4, img_size: 64}]',
+                         'model.kwargs.ssm_init=inv', 'model.kwargs.dt_min=0.1', 'model.kwargs.dt_max=1.0']
+    from s4nd_vision.train import load_config
+    cfg = load_config(study.CONFIG, ['model.name=convnext_s4nd_atto', *overrides])
+    assert [(s.epoch, s.img_size) for s in cfg.train.progressive] == [(0, 32), (2, 48), (4, 64)]
+    assert cfg.model.kwargs['ssm_init'] == 'inv' and cfg.data.img_size == 64
+
+
+def _fake(monkeypatch, calls, fail_at=None, diverge=()):
+    """Training and evaluation replaced: top-1 from the setting and seed, epoch times in metrics.csv."""
+    def train(config, model, run_dir, overrides):
+        calls.append(os.path.basename(run_dir))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        if os.path.basename(run_dir) in diverge:
+            raise TrainingDiverged('training diverged: the loss was not finite')
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, 'metrics.csv'), 'w') as f:
+            f.write('epoch,top1,epoch_time_s\n0,50,10.5\n1,60,11.5\n')
+        with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
+            f.write(f'model: {{name: {model}}}\ndata: {{dataset: mnist}}\ntrain: {{epochs: 2}}\n')
+        return os.path.join(run_dir, 'best.safetensors')
+
+    def evaluate(run, run_dir, resolutions, img_size):
+        base = 90.0 + run.seed
+        drop = 0.0 if run.bandlimit is None else 10.0
+        return {r: base - drop * (r / img_size - 1) for r in resolutions}
+
+    monkeypatch.setattr(study, '_train', train)
+    monkeypatch.setattr(study, '_evaluate', evaluate)
+
+
+def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
+    runs = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None, 1.0], seeds=[0, 1],
+                      progressive='none')
+    assert len(runs) == 6
+    calls = []
+    _fake(monkeypatch, calls, fail_at=4)
+    with pytest.raises(KeyboardInterrupt):  # interrupted in the 4th run: 3 rows written
+        run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
+    assert len(read_runs(str(tmp_path / RUNS_CSV))) == 3
+    calls.clear()
+    _fake(monkeypatch, calls, diverge=[runs[4].run_id])
+    logged = []
+    rows = run_study(runs, out_dir=str(tmp_path), log=logged.append)
+    assert calls == [r.run_id for r in runs[3:]]  # only the runs not in the CSV
+    assert any('diverged' in line for line in logged)  # reported, left out, the others done
+    assert len(rows) == 5 and runs[4].run_id not in {r['run_id'] for r in rows}
+    calls.clear()
+    _fake(monkeypatch, calls)
+    rows = run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
+    assert calls == [runs[4].run_id]  # tried again
+    assert len(rows) == 6 and {r['run_id'] for r in rows} == {r.run_id for r in runs}
+    assert all(r['train_s'] == 22.0 and r['epochs'] == 2 for r in rows)
+    calls.clear()
+    run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
+    assert calls == []  # all done: nothing trained again
+    summary = {s['setting']: s for s in summarize_runs(rows, 64)}
+    banded = summary['lin dt 0.1-1 bandlimit 1']
+    assert banded['seeds'] == [0, 1]
+    assert banded['top1'][128] == pytest.approx((80.5, 2 ** -0.5))  # 80 and 81
+    assert banded['kept'][256][0] == pytest.approx((60 / 90 + 61 / 91) / 2)
+    table = (tmp_path / study.TABLE_NAME).read_text()
+    assert table.startswith('| setting (top-1 %, trained at 64 px) | 64 px | 96 px | 128 px | 256 px | kept at 2x |'
+                            ' kept at 4x | train time (s) | seeds |')
+    banded_line = '| lin dt 0.1-1 bandlimit 1 | 90.5 +- 0.7 | 85.5 +- 0.7 | 80.5 +- 0.7 | 60.5 +- 0.7 | 89% +- 0 |'
+    assert banded_line + ' 67% +- 0 | 22 +- 0 | 0,1 |' in table
+    assert table == format_study(summarize_runs(rows, 64), 64) + '\n'
+    with Image.open(tmp_path / study.PLOT_NAME) as img:
+        assert img.format == 'PNG'
+    # another set of resolutions does not mix into the same CSV
+    with pytest.raises(ValueError, match='columns'):
+        run_study([StudyRun('convnext_atto', 5)], out_dir=str(tmp_path), resolutions=[64, 128], log=lambda s: None)
+    with pytest.raises(ValueError, match='start with the training resolution'):
+        run_study(runs, out_dir=str(tmp_path), resolutions=[96, 64])
+    with pytest.raises(ValueError, match="overrides \\['train.seed=3'\\] set what the study sets"):
+        run_study(runs, out_dir=str(tmp_path), overrides=['data.batch_size=32', 'train.seed=3'])
+
+
+def test_tiny_real_run(tmp_path, capsys):
+    """One S4ND setting through the demo's trainer and the evaluation (1 update, 32 px), by the command."""
+    out = tmp_path / 'study'
+    args = ['zero-shot-study', '--inits', 'legs', '--dt-ranges', '0.05,0.5', '--bandlimits', '1.0', '--seeds', '3',
+            '--no-baseline', '--progressive', 'none', '--img-size', '32', '--resolutions', '32', '64',
+            '--progressive-sizes', '32', '--epochs', '1', '--max-steps-per-epoch', '1', '--out', str(out),
+            '--overrides', 'model.kwargs.depths=[1,1,1,1]', 'model.kwargs.dims=[8,8,8,8]', 'model.kwargs.stem_chs=4',
+            'model.kwargs.d_state=8', 'data.batch_size=200']
+    main(args)
+    rows = read_runs(str(out / RUNS_CSV))
+    assert [r['run_id'] for r in rows] == ['legs_dt_0.05_0.5_bandlimit_1_seed3']
+    assert set(rows[0]['top1']) == {32, 64} and all(0 <= v <= 100 for v in rows[0]['top1'].values())
+    assert rows[0]['train_s'] > 0 and rows[0]['epochs'] == 1
+    with open(out / 'runs' / rows[0]['run_id'] / 'config.yaml') as f:
+        cfg = yaml.safe_load(f)
+    assert cfg['model']['kwargs'] == dict(ls_init_value=1.0, depths=[1, 1, 1, 1], dims=[8, 8, 8, 8], stem_chs=4,
+                                          d_state=8, ssm_init='legs', dt_min=0.05, dt_max=0.5, bandlimit=1.0)
+    assert cfg['data']['img_size'] == 32 and cfg['train']['seed'] == 3
+    assert '| legs dt 0.05-0.5 bandlimit 1 |' in capsys.readouterr().out
+    assert (out / study.PLOT_NAME).is_file()
+    with open(out / RUNS_CSV) as f:
+        assert len(list(csv.DictReader(f))) == 1
+    main(args)  # done: skipped, the report written again
+    assert len(read_runs(str(out / RUNS_CSV))) == 1
