@@ -124,6 +124,13 @@ class TransferReport:
         _logger.info(str(self))
 
 
+def _fit(value: Any, shape: Sequence[int]) -> Optional[Tuple[torch.Tensor, Optional[str]]]:
+    """(value, None) as is, (reshaped, how) for a pointwise map in another layout, or None: does not fit."""
+    if not torch.is_tensor(value):
+        return None
+    return (value, None) if value.shape == tuple(shape) else pointwise_reshape(value, shape)
+
+
 def match_state_dict(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
@@ -148,9 +155,7 @@ def match_state_dict(
         fitted = {}
         if candidates.keys() == tensors.keys():
             for name, target in tensors.items():
-                value = candidates[name]
-                fit = None if not torch.is_tensor(value) else (value, None) if value.shape == target.shape else (
-                    pointwise_reshape(value, target.shape))
+                fit = _fit(candidates[name], target.shape)
                 if fit is None:
                     fitted = {}
                     break
