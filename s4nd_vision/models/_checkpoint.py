@@ -1,13 +1,23 @@
-"""The weights inside a checkpoint file's dict: one unwrapping order for every model's filter and for inflation."""
-from typing import Any, Dict
+"""Checkpoint weights for a model: one unwrapping order for every model's filter and for inflation, the
+weight transfer from other architectures (timm's ConvNeXt) and the report of what it did."""
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 from timm.models import clean_state_dict
 
-__all__ = ['unwrap_state_dict', 'CHECKPOINT_KEYS']
+__all__ = ['unwrap_state_dict', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict']
+
+_logger = logging.getLogger(__name__)
 
 # tried in this order, as timm's `load_state_dict` does: the EMA weights (what timm evaluates) before the model's
 CHECKPOINT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+
+KEPT_INIT = 'kept init'
+_POINTWISE = {2: 'linear', 4: '1x1 conv', 5: '1x1x1 conv'}
 
 
 def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -18,3 +28,146 @@ def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
             state_dict = state_dict[key]
             break
     return clean_state_dict(state_dict)
+
+
+def _pointwise_kind(shape: Sequence[int]) -> Optional[str]:
+    return _POINTWISE.get(len(shape)) if len(shape) == 2 or all(s == 1 for s in shape[2:]) else None
+
+
+def pointwise_reshape(value: torch.Tensor, shape: Sequence[int]) -> Optional[Tuple[torch.Tensor, str]]:
+    """`value` as a weight of `shape` when both are the same pointwise map (out, in): a Linear weight
+    (out, in), a 1x1 conv weight (out, in, 1, 1) or a 1x1x1 one (out, in, 1, 1, 1), in differing layouts.
+
+    Returns (the reshaped values, e.g. '1x1 conv -> linear'), or None for anything else (the values
+    would change meaning)."""
+    src, dst = _pointwise_kind(value.shape), _pointwise_kind(shape)
+    if src is None or dst is None or src == dst or tuple(value.shape[:2]) != tuple(shape[:2]):
+        return None
+    return value.reshape(shape), f'{src} -> {dst}'
+
+
+def _owner(name: str) -> str:
+    return name.rpartition('.')[0]
+
+
+def _pattern(module: str) -> str:
+    """'stages.1.blocks.0.mlp.fc1' -> 'stages.*.blocks.*.mlp.fc1'."""
+    return '.'.join('*' if p.isdigit() else p for p in module.split('.'))
+
+
+def _groups(names: Iterable[str], every: Iterable[str], model: Optional[nn.Module] = None) -> str:
+    """`names` (a subset of `every`, tensor names) summarized by module: each tensor under the outermost
+    module all of whose tensors are in `names` (else its own module); modules of one class that differ
+    in digit indices only share a line, those indices shown as '*' ('stages.*.blocks.*.conv_dw S4ND 132'),
+    and so do siblings ('mlp.fc1/fc2'). Each line: the name, the class (given `model`), the tensor count."""
+    names = list(names)
+    chosen, total = defaultdict(int), defaultdict(int)
+    for sets, counter in ((names, chosen), (every, total)):
+        for n in sets:
+            parts = n.split('.')[:-1]
+            for i in range(len(parts) + 1):
+                counter['.'.join(parts[:i])] += 1
+    classes = {k: type(m).__name__ for k, m in model.named_modules()} if model is not None else {}
+    groups = defaultdict(lambda: [0, set()])  # (pattern, class) -> [tensor count, modules]
+    for n in names:
+        parts = n.split('.')[:-1]
+        prefixes = ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)] or ['']
+        module = next((m for m in prefixes if chosen[m] == total[m]), prefixes[-1])
+        group = groups[(_pattern(module), classes.get(module, ''))]
+        group[0] += 1
+        group[1].add(module)
+    siblings = defaultdict(list)  # (parent, class) -> [(last part, count)]
+    for (_, kind), (count, modules) in groups.items():
+        split = [m.split('.') for m in modules]
+        name = '.'.join(p if all(s[i] == p for s in split) else '*' for i, p in enumerate(split[0]))
+        parent, _, last = name.rpartition('.')
+        siblings[(parent, kind)].append((last, count))
+    out = []
+    for (parent, kind), members in siblings.items():
+        name = '/'.join(m for m, _ in members)
+        name = f'{parent}.{name}' if parent else (name or '(top level)')
+        out.append(f"{name}{f' {kind}' if kind else ''} {sum(c for _, c in members)}")
+    return ', '.join(out)
+
+
+@dataclass
+class TransferReport:
+    """What a weight transfer did, by target tensor name: loaded as is, `mapped` from the checkpoint in
+    another form (how -> names), `initialized` without it (how -> names; KEPT_INIT: the model's own
+    initialization), and the checkpoint's `unused` tensors."""
+    source: str
+    target: str
+    loaded: List[str] = field(default_factory=list)
+    mapped: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    initialized: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    unused: List[str] = field(default_factory=list)
+    source_names: List[str] = field(default_factory=list)
+    model: Optional[nn.Module] = field(default=None, repr=False)
+
+    @property
+    def kept_init(self) -> List[str]:
+        return self.initialized.get(KEPT_INIT, [])
+
+    def __str__(self) -> str:
+        every = self.loaded + [n for v in self.mapped.values() for n in v] + [
+            n for v in self.initialized.values() for n in v]
+        parts = [f'loaded {len(self.loaded)} tensors as they are']
+        parts += [f'{how} {len(names)} ({_groups(names, every)})' for how, names in self.mapped.items() if names]
+        parts += [f'{how} {len(names)} ({_groups(names, every, self.model)})'
+                  for how, names in self.initialized.items() if names]
+        if self.unused:
+            parts.append(f'unused from the checkpoint {len(self.unused)} '
+                         f'({_groups(self.unused, self.source_names or self.unused)})')
+        return f'{self.target} from {self.source}: ' + '; '.join(parts)
+
+    def log(self) -> None:
+        _logger.info(str(self))
+
+
+def _fit(value: Any, shape: Sequence[int]) -> Optional[Tuple[torch.Tensor, Optional[str]]]:
+    """(value, None) as is, (reshaped, how) for a pointwise map in another layout, or None: does not fit."""
+    if not torch.is_tensor(value):
+        return None
+    return (value, None) if value.shape == tuple(shape) else pointwise_reshape(value, shape)
+
+
+def match_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        source: str = 'a checkpoint',
+) -> Tuple[Dict[str, torch.Tensor], TransferReport]:
+    """Weights for every entry of `model.state_dict()` from a checkpoint of another architecture.
+
+    A module of the model takes the checkpoint's tensors when the checkpoint holds one module of the same
+    name with the same tensor names and every tensor fits: the same shape, or the same pointwise map in
+    another layout (`pointwise_reshape`: 1x1 conv <-> Linear). A module loads whole or keeps its own
+    initialization whole (a bias never loads without its weight). Returns the weights and the report.
+    """
+    own = model.state_dict()
+    theirs, ours = defaultdict(dict), defaultdict(dict)
+    for sd, by_module in ((state_dict, theirs), (own, ours)):
+        for name, value in sd.items():
+            by_module[_owner(name)][name] = value
+    report = TransferReport(source, type(model).__name__, source_names=list(state_dict), model=model)
+    out, used = {}, set()
+    for module, tensors in ours.items():
+        candidates = theirs.get(module, {})
+        fitted = {}
+        if candidates.keys() == tensors.keys():
+            for name, target in tensors.items():
+                fit = _fit(candidates[name], target.shape)
+                if fit is None:
+                    fitted = {}
+                    break
+                fitted[name] = fit
+        for name, target in tensors.items():
+            if name in fitted:
+                value, how = fitted[name]
+                (report.mapped[f'reshaped {how}'] if how else report.loaded).append(name)
+                out[name] = value
+                used.add(name)
+            else:
+                report.initialized[KEPT_INIT].append(name)
+                out[name] = target
+    report.unused = [k for k in state_dict if k not in used]
+    return out, report

@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers import channel_major, channels_first
 from ._base import LIBRARY_CFG, S4ND_PAPER
-from ._checkpoint import unwrap_state_dict
+from ._checkpoint import match_state_dict, unwrap_state_dict
 from .convnext_base import ConvNeXtBase
 
 __all__ = ['ConvNeXtS4ND']
@@ -87,18 +87,17 @@ class ConvNeXtS4ND(ConvNeXtBase):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4ND) -> Dict[str, torch.Tensor]:
     """Load our own checkpoints as they are; start from a plain timm ConvNeXt checkpoint otherwise.
 
-    A training checkpoint dict is unwrapped first (`unwrap_state_dict`). From a timm `convnext_*`
-    state dict every tensor whose name and shape match is kept (MLPs, norms, layer scales, head and,
-    with the 'patch'/'conv' stem and downsampling, those too); the depthwise convs (and anything
-    else without a match) keep the model's initialization.
+    A training checkpoint dict is unwrapped first (`unwrap_state_dict`). From a timm `convnext_*` state
+    dict every module whose tensors fit is taken (`match_state_dict`): norms, layer scales, the MLPs
+    (the 1x1 conv MLPs of atto to nano reshaped to our Linear layers), head and, with the 'patch' /
+    'conv' stem and downsampling, those too. The S4ND layers (and anything else without a counterpart)
+    keep the model's initialization; a one-line report of what was loaded, reshaped and kept is logged.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any('.kernels.' in k for k in state_dict):
         return state_dict
-    own = model.state_dict()
-    out = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-    for k, v in own.items():
-        out.setdefault(k, v)
+    out, report = match_state_dict(state_dict, model, source='timm ConvNeXt weights')
+    report.log()
     return out
 
 

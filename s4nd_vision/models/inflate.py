@@ -8,8 +8,11 @@ baseline) maps onto a 3D model (`convnext_s4nd_3d_*`, `convnext_3d_*`) name for 
   initialization (`time_init`).
 * Convs gain the 3D kernel's time axis: the 2D weight repeated along time and divided by its
   length (`conv_mode='repeat'`), or put on the centre tap `T // 2` (`'center'`). 1x1 convs
-  (timm's conv-MLP layout) fold into the Linear layers of the same name.
+  (timm's conv-MLP layout) fold into the Linear layers of the same name (`pointwise_reshape`, as in
+  the 2D models' transfer from timm).
 * The classifier `head.fc` is dropped unless `keep_head` (the 3D model then keeps its own).
+
+A one-line report of what was copied, reshaped, inflated and initialized is logged (`TransferReport`).
 
 Static clips. S4ND's kernel per channel is sum_r K_T^r (x) K_H^r (x) K_W^r, plus D x. With the
 same time kernel K_T in every rank-1 term r (as inflated), the convolution term at frame t of a
@@ -38,7 +41,7 @@ import math
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -48,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict
 
 from ..layers import S4ND
-from ._checkpoint import unwrap_state_dict
+from ._checkpoint import KEPT_INIT, TransferReport, pointwise_reshape, unwrap_state_dict
 
 __all__ = [
     'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight', 'is_2d_state_dict',
@@ -58,6 +61,7 @@ __all__ = [
 TIME_INITS = ('smooth', 'identity', 'random')
 CONV_MODES = ('repeat', 'center')
 _IDENTITY_DECAY = 1 / 200  # exp(-200) underflows to 0 in float32
+_RENAMED = 'H/W kernels moved to the 3D H/W axes'
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -139,19 +143,22 @@ def _time_kernel(
     return {k: v.to(own[k].dtype) for k, v in new.items()}
 
 
-def _fit(name: str, value: torch.Tensor, target: torch.Tensor, conv_mode: str) -> torch.Tensor:
-    """`value` (2D) in the shape of `target` (3D): as is, inflated along time, or a 1x1 conv as Linear."""
+def _fit(name: str, value: torch.Tensor, target: torch.Tensor, conv_mode: str) -> Tuple[torch.Tensor, Optional[str]]:
+    """`value` (2D) in the shape of `target` (3D): as is, a pointwise map in another layout (1x1 conv ->
+    Linear, `pointwise_reshape`), or a conv inflated along time. Returns (the values, how: None if as is)."""
+    how = None
     if value.shape == target.shape:
         out = value
+    elif (reshaped := pointwise_reshape(value, target.shape)) is not None:
+        out, how = reshaped
+        how = f'reshaped {how}'
     elif value.ndim == 4 and target.ndim == 5 and value.shape == target.shape[:2] + target.shape[3:]:
-        out = inflate_conv_weight(value, target.shape[2], conv_mode)
-    elif value.ndim == 4 and target.ndim == 2 and value.shape == target.shape + (1, 1):
-        out = value.flatten(1)
+        out, how = inflate_conv_weight(value, target.shape[2], conv_mode), f'inflated along time ({conv_mode})'
     else:
         hint = ' (num_classes differs: drop the head, keep_head=False)' if name.startswith('head.fc.') else ''
         raise ValueError(
             f'cannot inflate {name}: 2D shape {tuple(value.shape)} does not fit 3D shape {tuple(target.shape)}{hint}')
-    return out.to(target.dtype).contiguous()
+    return out.to(target.dtype).contiguous(), how
 
 
 def inflate_state_dict(
@@ -186,7 +193,7 @@ def inflate_state_dict(
     if not is_2d_state_dict(source):
         raise ValueError('state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)')
     target = model.state_dict()
-    renamed, time_params, used = {}, {}, set()
+    renamed, time_params, grids, used = {}, {}, {}, set()
     for prefix, layer in model.named_modules():
         if not isinstance(layer, S4ND):
             continue
@@ -201,19 +208,30 @@ def inflate_state_dict(
             decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
             time = _time_kernel(time, layer.rank, layer.bidirectional[0], decay)
         time_params.update({f'{p}kernels.0.{k}': v.contiguous() for k, v in time.items()})
-        grid = f'{p}l_ref'  # the reference grid: the 2D (H, W) the kernels were trained on, the 3D model's T
-        if grid in source:
-            time_params[grid] = torch.cat([target[grid][:1], source[grid].to(target[grid].dtype)])
-            used.add(grid)
+        # the reference grid: the 3D model's T, and the 2D (H, W) the kernels were trained on (the model's own
+        # for weight files that do not hold it)
+        grid = f'{p}l_ref'
+        height_width = source[grid] if grid in source else target[grid][1:]
+        grids[grid] = torch.cat([target[grid][:1], height_width.to(target[grid].dtype)])
+        used.add(grid)
 
+    report = TransferReport('2D weights (inflated)', type(model).__name__, source_names=list(source), model=model)
     inflated, missing = {}, []
     for name, t in target.items():
-        if name in time_params:
+        if name in grids:
+            inflated[name] = grids[name]
+            report.loaded.append(name)
+        elif name in time_params:
             inflated[name] = time_params[name]
-        elif not (name.startswith('head.fc.') and not keep_head):
+            report.initialized[KEPT_INIT if time_init == 'random' else f'time kernels ({time_init})'].append(name)
+        elif name.startswith('head.fc.') and not keep_head:
+            report.initialized[KEPT_INIT].append(name)
+        else:
             src = renamed.get(name, name)
             if src in source:
-                inflated[name] = _fit(src, source[src], t, conv_mode)
+                inflated[name], how = _fit(src, source[src], t, conv_mode)
+                how = how or (_RENAMED if src != name else None)
+                (report.mapped[how] if how else report.loaded).append(name)
                 used.add(src)
             else:
                 missing.append(src)
@@ -223,6 +241,8 @@ def inflate_state_dict(
         raise ValueError(
             f'the 2D weights do not match {type(model).__name__} name for name: missing {missing[:5]}'
             f'{" ..." if len(missing) > 5 else ""}, unexpected {unexpected[:5]}{" ..." if len(unexpected) > 5 else ""}')
+    report.unused = [k for k in source if k in dropped]
+    report.log()
     return inflated
 
 

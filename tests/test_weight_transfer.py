@@ -1,0 +1,187 @@
+"""Weight transfer from timm's ConvNeXt into ConvNeXt-S4ND (and into the inflated 3D baseline): every timm
+tensor with a counterpart loads, with its values (1x1 conv MLP weights reshaped to our Linear ones), the
+rest keeps its initialization whole, and a one-line report says which is which."""
+import logging
+import re
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import s4nd_vision  # noqa: F401
+from s4nd_vision.layers import S4ND
+from s4nd_vision.models._checkpoint import match_state_dict, pointwise_reshape
+from s4nd_vision.models.convnext_s4nd import checkpoint_filter_fn
+from s4nd_vision.models.inflate import inflate_state_dict
+
+SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')
+CONV_MLP = {'atto', 'femto', 'pico', 'nano'}  # timm builds these with conv_mlp=True: 1x1 conv MLP weights
+LOGGER = 's4nd_vision.models._checkpoint'
+
+# what has no counterpart, by layout: the depthwise convs are S4ND layers; the S4ND stem (pointwise
+# conv, S4ND, pointwise GLU projection, norm) replaces timm's patch conv and norm; the S4ND downsampling
+# keeps timm's norm (downsample.0) and replaces its strided conv (downsample.1) by S4ND and a projection
+_KEPT = {
+    'patch': r'\.conv_dw\.',
+    's4nd': r'^stem\.|\.conv_dw\.|^stages\.\d\.downsample\.[12]\.',
+}
+_UNUSED = {
+    'patch': r'\.conv_dw\.',
+    's4nd': r'^stem\.|\.conv_dw\.|^stages\.\d\.downsample\.1\.',
+}
+_LAYOUTS = {'patch': dict(stem_type='patch', downsample_type='conv'), 's4nd': {}}
+
+
+def _records(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_every_timm_convnext_tensor_with_a_counterpart_loads(size, caplog):
+    """State dicts only (the models on the meta device): every variant we mirror, both layouts."""
+    torch.manual_seed(0)
+    with torch.device('meta'):
+        convnext = timm.create_model(f'convnext_{size}')
+    theirs = {k: torch.randn(v.shape) for k, v in convnext.state_dict().items()}
+    assert any(v.ndim == 4 and k.endswith('mlp.fc1.weight') for k, v in theirs.items()) == (size in CONV_MLP)
+    for layout, kwargs in _LAYOUTS.items():
+        with torch.device('meta'):
+            model = timm.create_model(f'convnext_s4nd_{size}', **kwargs)
+        own = model.state_dict()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            out = checkpoint_filter_fn(theirs, model)
+        assert out.keys() == own.keys() and all(out[k].shape == own[k].shape for k in own)
+
+        kept = {k for k in own if re.search(_KEPT[layout], k)}
+        unused = {k for k in theirs if re.search(_UNUSED[layout], k)}
+        loaded = set(theirs) - unused
+        assert loaded <= set(own)
+        for k in loaded:  # the values, after the reshape of 1x1 conv weights
+            assert out[k].shape == own[k].shape and torch.equal(out[k].flatten(), theirs[k].flatten()), k
+        assert set(own) - loaded == kept
+        # the model's own tensors: its initialization (meta), and its reference grids (host integers)
+        assert all(out[k].is_meta for k in kept if not k.endswith('.l_ref'))
+        assert all(torch.equal(out[k], own[k]) for k in kept if k.endswith('.l_ref'))
+        # what keeps its initialization is exactly the S4ND layers, and with the S4ND stem and downsampling
+        # their pointwise convs and the stem norm
+        s4nd = {f'{name}.{k}' for name, m in model.named_modules() if isinstance(m, S4ND) for k in m.state_dict()}
+        assert {k for k in kept if '.conv_dw.' in k} == {k for k in s4nd if '.conv_dw.' in k}
+        if layout == 's4nd':
+            assert kept - s4nd == {k for k in own if re.match(r'stem\.[024]\.|stages\.\d\.downsample\.2\.', k)}
+        else:
+            assert kept == s4nd
+
+        reshaped = sorted(k for k in loaded if theirs[k].shape != own[k].shape)
+        n_mlp = 2 * sum(len(s.blocks) for s in model.stages)
+        if size in CONV_MLP:
+            assert reshaped == sorted(k for k in own if re.search(r'\.mlp\.fc[12]\.weight$', k))
+            assert len(reshaped) == n_mlp
+        else:
+            assert not reshaped
+        (line,) = _records(caplog)
+        assert f'loaded {len(loaded) - len(reshaped)} tensors as they are' in line
+        assert f'kept init {len(kept)} (' in line and f'unused from the checkpoint {len(unused)} (' in line
+        assert f'stages.*.blocks.*.conv_dw S4ND {len([k for k in kept if ".conv_dw." in k])}' in line
+        if size in CONV_MLP:
+            assert f'reshaped 1x1 conv -> linear {n_mlp} (stages.*.blocks.*.mlp.fc1/fc2 {n_mlp})' in line
+        else:
+            assert 'reshaped' not in line
+
+
+def test_timm_convnext_atto_weights_give_timm_outputs(tmp_path):
+    """Functional check through timm's own loading path: with every block's mixer set to timm's depthwise conv
+    (the one part that is S4ND by design), ConvNeXt-S4ND-atto with the patch stem and conv downsampling,
+    loaded from timm's convnext_atto file, computes timm's convnext_atto: the 1x1 conv MLPs became our Linear
+    layers with the same function."""
+    torch.manual_seed(0)
+    convnext = timm.create_model('convnext_atto', ls_init_value=1.0).eval()  # blocks that matter
+    with torch.no_grad():  # no weight at its init value, so that every tensor's transfer is seen
+        for p in convnext.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / 'convnext_atto.safetensors'
+    save_file(convnext.state_dict(), str(path))
+    model = timm.create_model(
+        'convnext_s4nd_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        **_LAYOUTS['patch']).eval()
+    for ours, theirs in zip(model.stages, convnext.stages):
+        for block, timm_block in zip(ours.blocks, theirs.blocks):
+            block.conv_dw = timm_block.conv_dw
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = convnext(x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        # (not trivially: without the MLP weights the output differs)
+        model.stages[1].blocks[0].mlp.fc1.weight.zero_()
+        assert not torch.allclose(model(x), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_linear_and_1x1_conv_mlps_map_both_ways():
+    """timm's own ConvNeXt in both MLP layouts: the 1x1 conv weights load into Linear layers and back,
+    and the model computes the same function."""
+    torch.manual_seed(0)
+    kwargs = dict(ls_init_value=1.0, pretrained=False)
+    conv, linear = (timm.create_model('convnext_atto', conv_mlp=c, **kwargs).eval() for c in (True, False))
+    x = torch.randn(1, 3, 32, 32)
+    for source, target, how in ((conv, linear, '1x1 conv -> linear'), (linear, conv, 'linear -> 1x1 conv')):
+        weights, report = match_state_dict(source.state_dict(), target)
+        target.load_state_dict(weights)
+        assert not report.kept_init and not report.unused
+        assert list(report.mapped) == [f'reshaped {how}'] and len(report.mapped[f'reshaped {how}']) == 2 * 12
+        with torch.no_grad():
+            torch.testing.assert_close(target(x), source(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pointwise_reshape_only_maps_the_same_pointwise_map():
+    w = torch.randn(6, 4)
+    conv, how = pointwise_reshape(w, (6, 4, 1, 1))
+    assert how == 'linear -> 1x1 conv' and torch.equal(conv.flatten(1), w)
+    back, how = pointwise_reshape(conv, (6, 4))
+    assert how == '1x1 conv -> linear' and torch.equal(back, w)
+    assert pointwise_reshape(conv, (6, 4, 1, 1, 1))[1] == '1x1 conv -> 1x1x1 conv'
+    for value, shape in ((w, (6, 4)), (w, (4, 6, 1, 1)), (torch.randn(6, 4, 2, 2), (6, 16)),
+                         (torch.randn(24), (6, 4)), (torch.randn(6, 1, 1, 1), (6, 1, 7, 7)), (w, (6, 2, 2))):
+        assert pointwise_reshape(value, shape) is None, (tuple(value.shape), shape)
+
+
+def test_a_module_loads_whole_or_keeps_its_init():
+    """A bias never loads without its weight: with stem_chs equal to timm's stem width the pointwise stem conv's
+    bias has the shape of timm's patch conv bias, and keeps its initialization all the same."""
+    torch.manual_seed(0)
+    theirs = timm.create_model('convnext_atto').state_dict()
+    model = timm.create_model('convnext_s4nd_atto', stem_chs=40)
+    assert model.state_dict()['stem.0.bias'].shape == theirs['stem.0.bias'].shape
+    theirs['stem.0.bias'] = torch.randn_like(theirs['stem.0.bias'])
+    out = checkpoint_filter_fn(theirs, model)
+    assert torch.equal(out['stem.0.bias'], model.state_dict()['stem.0.bias'])
+    assert not torch.equal(out['stem.0.bias'], theirs['stem.0.bias'])
+
+
+def test_our_own_checkpoints_load_as_they_are_without_a_report(caplog):
+    model = timm.create_model('convnext_s4nd_atto', img_size=32)
+    own = model.state_dict()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        out = checkpoint_filter_fn(own, model)
+    assert out.keys() == own.keys() and all(out[k] is own[k] for k in own)
+    assert not _records(caplog)
+
+
+def test_inflating_timm_convnext_logs_the_same_report(caplog):
+    """Inflation (2D -> 3D) reshapes 1x1 conv MLP weights with the same helper and logs the same kind of line."""
+    torch.manual_seed(0)
+    convnext = timm.create_model('convnext_atto')
+    model_3d = timm.create_model('convnext_3d_atto', img_size=32, num_frames=4)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        weights = inflate_state_dict(convnext.state_dict(), model_3d)
+    (line,) = _records(caplog)
+    theirs = convnext.state_dict()
+    torch.testing.assert_close(weights['stages.2.blocks.3.mlp.fc2.weight'], theirs['stages.2.blocks.3.mlp.fc2.weight'][
+        :, :, 0, 0])
+    n_mlp = 2 * 12
+    n_inflated = 1 + 12 + 3  # the stem's patch conv, the depthwise convs, the downsampling convs
+    assert line.startswith('ConvNeXt3d from 2D weights (inflated): loaded ')
+    assert f'reshaped 1x1 conv -> linear {n_mlp} (stages.*.blocks.*.mlp.fc1/fc2 {n_mlp})' in line
+    assert f'inflated along time (repeat) {n_inflated} (stem.0 1, stages.*.blocks.*.conv_dw 12, ' \
+           'stages.*.downsample.1 3)' in line
+    assert 'kept init 2 (head.fc Linear 2)' in line and 'unused from the checkpoint 2 (head.fc 2)' in line
