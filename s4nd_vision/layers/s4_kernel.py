@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
-from .ssm_kernel import _log_uniform_dt, _mark_ssm
+from .ssm_kernel import _diagonal_params, _log_uniform_dt, _mark_ssm
 
 __all__ = ['S4Kernel']
 
@@ -84,12 +84,8 @@ class S4Kernel(nn.Module):
         self.init = init
         self.dt_min, self.dt_max = dt_min, dt_max
         n2 = d_state // 2
-        self.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
-        self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))  # Re(Lambda) = -exp(log_a_real)
-        self.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
-        self.p = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
-        self.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
-        self.c = nn.Parameter(torch.empty(num_kernels, dim, n2, 2, **dd))
+        _diagonal_params(self, dim, d_state, num_kernels, **dd)  # Lambda (as A), B, C, dt
+        self.p = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))  # the low-rank term P
         self.reset_parameters()
 
     @torch.no_grad()

@@ -36,6 +36,19 @@ def is_ssm_param(param: torch.Tensor) -> bool:
     return getattr(param, _SSM_ATTR, False)
 
 
+def _diagonal_params(module: nn.Module, dim: int, d_state: int, num_kernels: int, device=None, dtype=None) -> None:
+    """Register a diagonal SSM's parameters on `module` (uninitialized): log dt (dim,); Re(A) = -exp(log_a_real)
+    and Im(A) (dim, N/2); B (dim, N/2, 2) and C (num_kernels, dim, N/2, 2), complex values as (re, im) pairs.
+    A, B and dt are marked as SSM parameters."""
+    dd = dict(device=device, dtype=dtype)
+    n2 = d_state // 2
+    module.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
+    module.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
+    module.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
+    module.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
+    module.c = nn.Parameter(torch.empty(num_kernels, dim, n2, 2, **dd))
+
+
 def _log_uniform_dt(dim: int, dt_min: float, dt_max: float) -> torch.Tensor:
     """(dim,) float64 on the CPU: log dt drawn uniformly in [log dt_min, log dt_max] (one step size per channel)."""
     u = torch.rand(dim, dtype=torch.float64, device='cpu')
@@ -233,12 +246,7 @@ class SSMKernel(nn.Module):
         self.init = init
         self.dt_min, self.dt_max = dt_min, dt_max
         self.bandlimit = bandlimit
-        n2 = d_state // 2
-        self.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
-        self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))  # Re(A) = -exp(log_a_real)
-        self.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
-        self.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
-        self.c = nn.Parameter(torch.empty(num_kernels, dim, n2, 2, **dd))
+        _diagonal_params(self, dim, d_state, num_kernels, **dd)
         self.reset_parameters()
 
     @torch.no_grad()
