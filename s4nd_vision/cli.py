@@ -33,14 +33,24 @@ class Command(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- demo
 
+def _bandlimit_arg(text: str):
+    """'off' or a positive number (argparse type)."""
+    from .eval.zero_shot_study import parse_bandlimit
+    try:
+        value = parse_bandlimit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return 'off' if value is None else value
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from .eval.demo import SETTINGS
     parser.add_argument('--setting', choices=sorted(SETTINGS), default='iso')
     parser.add_argument('--out', default=None, help='output folder (default: output/demo/<setting>)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--bandlimit', type=float, default=None,
-                        help='S4ND band-limit cut-off (masks kernel modes above bandlimit/2 cycles per step); '
-                             'default off (see the README)')
+    parser.add_argument('--bandlimit', type=_bandlimit_arg, default=None,
+                        help="S4ND band-limit cut-off (masks kernel modes above bandlimit/2 cycles per step) or 'off'; "
+                             "default: the model's own (ConvNeXt-S4ND 1.0, isotropic S4ND off; see the README)")
     parser.add_argument('--epochs', type=int, default=None, help="override the config's epochs")
     parser.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap the updates per epoch (quick check)')
 
@@ -82,7 +92,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the models' training resolution: they are built for it (the S4ND kernels' "
                              "reference grid)")
     parser.add_argument('--bandlimit', type=float, default=None,
-                        help='band-limiting cut-off of the S4ND models, as trained (default: their own, off)')
+                        help='band-limiting cut-off of the S4ND models (default: the one saved with their weights, '
+                             "else the model's own)")
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
     parser.add_argument('--crop-pct', type=float, default=None, help="ImageFolder center crop (default: each model's)")
     parser.add_argument('--mean', type=float, nargs='+', default=None,

@@ -142,7 +142,7 @@ def test_masked_modes_get_zero_gradient_in_a_model():
 
 def test_kernel_report_measures_the_mask():
     torch.manual_seed(0)
-    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1,
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1, bandlimit=0,
                               depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
     rows = kernel_report(model, bandlimit=1.0, progress=False)
     # stem at 64, stage blocks at 16/8/4/2, downsampling at the previous stage's grid; two axes each
@@ -201,7 +201,7 @@ def test_kernel_report_of_trained_weights(tmp_path):
     from safetensors.torch import save_file
 
     from s4nd_vision.cli import main
-    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16, ssm_init='lin')
     model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1, **kwargs)
     with torch.no_grad():
         for k in model.modules():
@@ -214,3 +214,56 @@ def test_kernel_report_of_trained_weights(tmp_path):
     with open(tmp_path / 'kernel_report.csv') as f:
         masked = [float(r['masked']) for r in csv.DictReader(f)]
     assert len(masked) == 16 and all(m == pytest.approx(7 / 8) for m in masked)
+
+
+def _cuts(model) -> list:
+    return [k.bandlimit for k in model.modules() if isinstance(k, SSMKernel)]
+
+
+def test_the_band_limit_is_saved_with_the_weights():
+    """A model trained with one cut-off and loaded into one built with another keeps its function: the cut-off
+    travels in the state dict (`<kernel>.bandlimit`, 0 for off)."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    trained = timm.create_model('convnext_s4nd_atto', bandlimit=0.5, **kwargs).eval()
+    state = trained.state_dict()
+    assert state['stem.1.kernels.0.bandlimit'].dtype == torch.float64 and state['stem.1.kernels.0.bandlimit'] == 0.5
+    other = timm.create_model('convnext_s4nd_atto', bandlimit=0, **kwargs).eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        other.load_state_dict(state)
+        assert set(_cuts(other)) == {0.5}
+        torch.testing.assert_close(other(x), trained(x), atol=0, rtol=0)
+        set_bandlimit(trained, None)  # off is saved as 0 and loads as None
+        off = trained.state_dict()
+        assert off['stem.1.kernels.0.bandlimit'] == 0
+        other.load_state_dict(off)
+        assert set(_cuts(other)) == {None}
+        torch.testing.assert_close(other(x), trained(x), atol=0, rtol=0)
+    bad = dict(state, **{'stages.0.blocks.0.conv_dw.kernels.1.bandlimit': torch.tensor([1.0, 2.0])})
+    with pytest.raises(RuntimeError, match=r'stages\.0\.blocks\.0\.conv_dw\.kernels\.1\.bandlimit: expected one '
+                                           r'non-negative float'):
+        other.load_state_dict(bad)
+    # a file written before the cut-off was saved: the model's own is kept, with a warning that says so
+    old = {k: v for k, v in state.items() if not k.endswith('.bandlimit')}
+    fresh = timm.create_model('convnext_s4nd_atto', **kwargs)
+    with pytest.warns(UserWarning, match=r"without a band-limit record.*own bandlimit=1\.0 is kept"):
+        fresh.load_state_dict(old)
+    assert set(_cuts(fresh)) == {1.0}
+
+
+def test_inflation_carries_the_2d_band_limit():
+    """2D -> 3D: the H and W kernels keep the cut-off they were trained with, the new time kernel the 3D
+    model's; a 2D file without cut-offs inflates with the 3D model's own."""
+    from s4nd_vision.models.inflate import inflate_state_dict
+    torch.manual_seed(0)
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    source = timm.create_model('convnext_s4nd_atto', img_size=64, bandlimit=0, **kwargs)
+    target = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, **kwargs)  # default 1.0
+    target.load_state_dict(inflate_state_dict(source.state_dict(), target), strict=False)
+    layer = target.stages[1].blocks[0].conv_dw
+    assert [k.bandlimit for k in layer.kernels] == [1.0, None, None]
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith('.bandlimit')}
+    target = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, **kwargs)
+    target.load_state_dict(inflate_state_dict(old, target), strict=False)
+    assert set(_cuts(target)) == {1.0}

@@ -9,17 +9,52 @@ from stacking import step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
-from s4nd_vision.layers import S4ND
+from s4nd_vision.layers import S4ND, S4Kernel, SSMKernel
+from s4nd_vision.models import PAPER_SSM
 from s4nd_vision.train.optim import param_groups_ssm, ssm_param_names
 
 SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')
+PAPER_SIZES = ('tiny', 'small', 'base')
 
 
 def test_registered_with_timm():
     names = timm.list_models('convnext_s4nd_*', exclude_filters='*_3d_*')
-    assert names == sorted(f'convnext_s4nd_{s}' for s in SIZES)
+    assert names == sorted([f'convnext_s4nd_{s}' for s in SIZES] + [f'convnext_s4nd_{s}_paper' for s in PAPER_SIZES])
     assert all(timm.is_model(n) for n in names)
     assert timm.get_pretrained_cfg('convnext_s4nd_tiny').input_size == (3, 224, 224)
+
+
+def _ssm_settings(model) -> set:
+    """{(init, dt_min, dt_max, bandlimit)} over every SSM kernel of the model."""
+    return {(k.init, k.dt_min, k.dt_max, k.bandlimit) for k in model.modules() if isinstance(k, SSMKernel)}
+
+
+def test_defaults_and_paper_variants():
+    """The defaults are the zero-shot study's (S4D-LegS, dt in [0.05, 0.5], band-limit 1.0) in every S4ND layer;
+    `*_paper` has the published ImageNet settings and otherwise the same architecture and parameters."""
+    with torch.device('meta'):
+        default = timm.create_model('convnext_s4nd_tiny')
+        paper = timm.create_model('convnext_s4nd_tiny_paper')
+    assert _ssm_settings(default) == {('legs', 0.05, 0.5, 1.0)}
+    assert PAPER_SSM == dict(ssm_init='lin', dt_min=0.1, dt_max=1.0, bandlimit=0)
+    assert _ssm_settings(paper) == {('lin', 0.1, 1.0, None)}
+    # through timm.create_model (which drops None arguments) the published settings are one argument set away
+    with torch.device('meta'):
+        assert _ssm_settings(timm.create_model('convnext_s4nd_atto', **PAPER_SSM)) == {('lin', 0.1, 1.0, None)}
+        with pytest.raises(ValueError, match='bandlimit must be a positive cut-off, or 0 for off'):
+            timm.create_model('convnext_s4nd_atto', bandlimit=-1.0)
+    assert [(n, p.shape) for n, p in default.named_parameters()] == [(n, p.shape) for n, p in paper.named_parameters()]
+    for size in PAPER_SIZES:
+        with torch.device('meta'):
+            a, b = (timm.create_model(f'convnext_s4nd_{size}{tag}') for tag in ('', '_paper'))
+        assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    # other kernels: S4 takes the LegS default and no band-limit; the error says so
+    with torch.device('meta'):
+        s4 = timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=0)
+        assert {k.init for k in s4.modules() if isinstance(k, S4Kernel)} == {'legs'}
+        timm.create_model('convnext_sgconv_atto')
+        with pytest.raises(ValueError, match=r"bandlimit applies to kernel='s4d' only: pass bandlimit=0"):
+            timm.create_model('convnext_s4nd_atto', kernel='s4')
 
 
 def test_tiny_parameter_count():
@@ -162,7 +197,7 @@ def test_ssm_params_get_no_weight_decay_and_their_own_lr():
 
 def test_resolution_aware_stem_keeps_logits_across_resolutions():
     """Untrained, for a smooth image at 64 and at 128 px: the S4ND stem and downsampling give nearly
-    the same logits (more so band-limited); timm's strided patch stem and convs do not."""
+    the same logits (the more so, the lower the band-limit); timm's strided patch stem and convs do not."""
     g = torch.Generator().manual_seed(0)
     coarse = torch.randn(1, 3, 6, 6, generator=g)
     images = [torch.nn.functional.interpolate(coarse, size=(n, n), mode='bicubic') for n in (64, 128)]
@@ -174,10 +209,10 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
             low, high = (model(x) for x in images)
         return ((high - low).norm() / low.norm()).item()
 
-    s4nd, band_limited = logit_change(), logit_change(bandlimit=0.5)
+    default, off, half = logit_change(), logit_change(bandlimit=0), logit_change(bandlimit=0.5)
     patch = logit_change(stem_type='patch', downsample_type='conv')
-    assert s4nd < 0.5 * patch
-    assert band_limited < 0.75 * s4nd
+    assert default < 0.5 * patch
+    assert half < default < off and half < 0.75 * off  # the lower the cut-off, the closer
 
 
 def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):

@@ -56,3 +56,31 @@ def test_demo_reduced_end_to_end(tmp_path, capsys, monkeypatch):
 def test_demo_rejects_unknown_setting(tmp_path):
     with pytest.raises(ValueError, match='setting must be one of'):
         run_demo('resnet', out_dir=str(tmp_path))
+
+
+def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
+    """The ConvNeXt demo passes no model arguments (a layer scale of 1.0 in its config once kept S4D-Lin and
+    band-limited S4D-LegS at chance): ConvNeXt-S4ND trains with its own defaults, band-limit 1.0 included,
+    and `bandlimit='off'` / a number reach the model through timm.create_model."""
+    from s4nd_vision.train import load_config
+    setting = SETTINGS['convnext']
+    assert load_config(os.path.join(CONFIG_DIR, setting.config)).model.kwargs == {}
+    assert setting.resolutions == (64, 96, 128, 256)
+    class Built(Exception):
+        pass
+
+    def load_model(name, path, **kwargs):
+        raise Built(kwargs)  # (stops before evaluation)
+
+    trained = {}
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: trained.setdefault(name, overrides))
+    monkeypatch.setattr(demo, 'load_model', load_model)
+    for bandlimit, extra in ((None, []), ('off', ['model.kwargs.bandlimit=0']), (0.5, ['model.kwargs.bandlimit=0.5'])):
+        trained.clear()
+        with pytest.raises(Built) as built:
+            run_demo('convnext', out_dir=str(tmp_path), bandlimit=bandlimit)
+        assert trained[setting.s4nd_model] == ['train.seed=0', *extra] and trained[setting.baseline] == ['train.seed=0']
+        cut = built.value.args[0]['model_kwargs'].get('bandlimit', 1.0)
+        assert cut == {None: 1.0, 'off': 0, 0.5: 0.5}[bandlimit]
+    with pytest.raises(ValueError, match="bandlimit must be None"):
+        run_demo('convnext', out_dir=str(tmp_path), bandlimit=-1)

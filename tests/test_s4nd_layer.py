@@ -215,6 +215,7 @@ def test_bandlimit_masks_exactly_the_modes_above_cutoff():
     assert torch.equal(kernel.mode_mask(), expected)
     manual = SSMKernel(3, d_state=16, num_kernels=2, init='lin').double()
     manual.load_state_dict(kernel.state_dict())
+    manual.bandlimit = None  # (the cut-off comes with the weights)
     with torch.no_grad():
         manual.c.mul_(expected[None, ..., None])
     for rate in (1.0, 0.5):
@@ -228,6 +229,7 @@ def _unmasked(kernel: SSMKernel) -> SSMKernel:
     """The same parameters without band-limiting."""
     other = SSMKernel(kernel.dim, d_state=kernel.d_state, num_kernels=kernel.num_kernels).double()
     other.load_state_dict(kernel.state_dict())
+    other.bandlimit = None  # (the cut-off comes with the weights)
     return other
 
 

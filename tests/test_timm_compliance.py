@@ -20,7 +20,7 @@ COMPLIANCE_MODELS = [
     ('convnext_s4nd_3d_atto', {}),
     ('s4nd_iso_tiny', {}),
     ('convnext_sgconv_atto', {}),
-    ('convnext_s4nd_atto', dict(kernel='s4')),
+    ('convnext_s4nd_atto', dict(kernel='s4', bandlimit=0)),
     ('s4nd_seq_atto', {}),
     ('s4nd_seq_atto', dict(kernel='s4', bidirectional=True, global_pool='last')),
 ]

@@ -61,9 +61,11 @@ def test_every_timm_convnext_tensor_with_a_counterpart_loads(size, caplog):
         for k in loaded:  # the values, after the reshape of 1x1 conv weights
             assert out[k].shape == own[k].shape and torch.equal(out[k].flatten(), theirs[k].flatten()), k
         assert set(own) - loaded == kept
-        # the model's own tensors: its initialization (meta), and its reference grids (host integers)
-        assert all(out[k].is_meta for k in kept if not k.endswith('.l_ref'))
-        assert all(torch.equal(out[k], own[k]) for k in kept if k.endswith('.l_ref'))
+        # the model's own tensors: its initialization (meta), its reference grids and band-limits (host values)
+        host = ('.l_ref', '.bandlimit')
+        assert all(out[k].is_meta for k in kept if not k.endswith(host))
+        assert all(torch.equal(out[k], own[k]) for k in kept if k.endswith(host))
+        assert any(k.endswith('.bandlimit') for k in kept)
         # what keeps its initialization is exactly the S4ND layers, and with the S4ND stem and downsampling
         # their pointwise convs and the stem norm
         s4nd = {f'{name}.{k}' for name, m in model.named_modules() if isinstance(m, S4ND) for k in m.state_dict()}

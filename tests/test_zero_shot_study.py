@@ -3,6 +3,7 @@ import csv
 import os
 
 import pytest
+import timm
 import yaml
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
@@ -21,6 +22,7 @@ from s4nd_vision.eval.zero_shot_study import (
     study_grid,
     summarize_runs,
 )
+from s4nd_vision.layers import SSMKernel
 from s4nd_vision.train import TrainingDiverged
 
 
@@ -73,11 +75,17 @@ def test_progressive_stages_and_overrides():
     assert overrides == ['train.seed=2', 'data.img_size=64', 'train.epochs=6',
                          'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 2, img_size: 48}, '
                          '{epoch: 4, img_size: 64}]',
-                         'model.kwargs.ssm_init=inv', 'model.kwargs.dt_min=0.1', 'model.kwargs.dt_max=1.0']
+                         'model.kwargs.ssm_init=inv', 'model.kwargs.dt_min=0.1', 'model.kwargs.dt_max=1.0',
+                         'model.kwargs.bandlimit=0']
     from s4nd_vision.train import load_config
     cfg = load_config(study.CONFIG, ['model.name=convnext_s4nd_atto', *overrides])
     assert [(s.epoch, s.img_size) for s in cfg.train.progressive] == [(0, 32), (2, 48), (4, 64)]
     assert cfg.model.kwargs['ssm_init'] == 'inv' and cfg.data.img_size == 64
+    # 'off' is explicit, whatever the model's default cut-off (1.0), and survives timm.create_model (which
+    # drops None arguments): the model is built without one
+    assert cfg.model.kwargs['bandlimit'] == 0
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=10, in_chans=1, **cfg.model.kwargs)
+    assert {k.bandlimit for k in model.modules() if isinstance(k, SSMKernel)} == {None}
 
 
 def _fake(monkeypatch, calls, fail_at=None, diverge=()):
@@ -166,7 +174,7 @@ def test_tiny_real_run(tmp_path, capsys):
     assert rows[0]['train_s'] > 0 and rows[0]['epochs'] == 1
     with open(out / 'runs' / rows[0]['run_id'] / 'config.yaml') as f:
         cfg = yaml.safe_load(f)
-    assert cfg['model']['kwargs'] == dict(ls_init_value=1.0, depths=[1, 1, 1, 1], dims=[8, 8, 8, 8], stem_chs=4,
+    assert cfg['model']['kwargs'] == dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8], stem_chs=4,
                                           d_state=8, ssm_init='legs', dt_min=0.05, dt_max=0.5, bandlimit=1.0)
     assert cfg['data']['img_size'] == 32 and cfg['train']['seed'] == 3
     assert '| legs dt 0.05-0.5 bandlimit 1 |' in capsys.readouterr().out

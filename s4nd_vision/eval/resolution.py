@@ -57,8 +57,8 @@ def load_model(
         img_size: the resolution the weights were trained at: this package's models are built for it (their
             S4ND kernels' reference grids, which weight files written by earlier versions do not hold); timm
             models that take a size (ViTs) are set to it; others ignore it.
-        bandlimit: band-limiting cut-off set on every S4ND kernel (None leaves the model's own);
-            models without S4ND layers are unaffected.
+        bandlimit: band-limiting cut-off set on every S4ND kernel after loading (None leaves the one saved with
+            the weights, else the model's own); models without S4ND layers are unaffected.
         model_kwargs: further `timm.create_model` arguments (those the model was trained with).
     """
     if checkpoint is not None and not os.path.isfile(checkpoint):

@@ -71,10 +71,9 @@ class StudyRun:
         """The model kwargs of the setting (on top of the config's)."""
         if self.model != S4ND_MODEL:
             return {}
-        kwargs = dict(ssm_init=self.init, dt_min=self.dt_range[0], dt_max=self.dt_range[1])
-        if self.bandlimit is not None:
-            kwargs['bandlimit'] = self.bandlimit
-        return kwargs
+        # every S4ND argument the study varies is set explicitly, whatever the model's defaults; off is 0
+        # (timm.create_model drops arguments that are None)
+        return dict(ssm_init=self.init, dt_min=self.dt_range[0], dt_max=self.dt_range[1], bandlimit=self.bandlimit or 0)
 
 
 def _check_positive(name: str, values: Sequence, allow_none: bool = False) -> None:

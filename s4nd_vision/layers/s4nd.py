@@ -131,7 +131,8 @@ class S4ND(nn.Module):
         if kernel not in KERNELS:
             raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
         if bandlimit is not None and kernel != 's4d':
-            raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r}")
+            raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r} with "
+                             f"bandlimit={bandlimit} (pass bandlimit=None)")
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
         if kernel == 'sgconv':

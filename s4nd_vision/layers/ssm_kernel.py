@@ -9,6 +9,7 @@ Papers: S4 (https://arxiv.org/abs/2111.00396), S4D (https://arxiv.org/abs/2206.1
 S4ND (https://arxiv.org/abs/2210.06583).
 """
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -259,6 +260,35 @@ class SSMKernel(nn.Module):
         self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))
         # C ~ complex standard normal (variance 1/2 per component)
         self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
+
+    # The band-limit is saved with the weights, as `bandlimit` (a float64 scalar, 0 for off): the kernels'
+    # function depends on it, so weights trained with one cut-off and loaded into a kernel built with another
+    # (e.g. after a change of defaults) keep their function. Weight files without it keep the kernel's own,
+    # with a warning. (A plain attribute, not a buffer: the mask is built on the host's terms.)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + 'bandlimit'] = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + 'bandlimit'
+        value = state_dict.get(key)
+        if value is None:
+            warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the model\'s '
+                          f'own bandlimit={self.bandlimit} is kept; build the model with the band-limit they were '
+                          'trained with (bandlimit=0 or None for none)', stacklevel=2)
+        elif not value.is_meta:
+            cut = value.item() if value.numel() == 1 and value.is_floating_point() else None
+            if cut is None or not (math.isfinite(cut) and cut >= 0):
+                error_msgs.append(f'{key}: expected one non-negative float (the band-limit cut-off; 0 for none), '
+                                  f'got {value.dtype} {tuple(value.shape)} {value.tolist()}')
+            else:
+                self.bandlimit = cut or None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def mode_mask(self) -> torch.Tensor:
         """(dim, d_state // 2) bool: modes kept by band-limiting, i.e. frequency dt |Im A| / 2pi < bandlimit / 2."""

@@ -21,10 +21,14 @@ from timm.models import checkpoint_seq
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, stacked_kernels
 from ._base import S4NDModel
 
-__all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'STEM_TYPES', 'DOWNSAMPLE_TYPES']
+__all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'STEM_TYPES', 'DOWNSAMPLE_TYPES', 'PAPER_SSM']
 
 STEM_TYPES = ('s4nd', 'patch')
 DOWNSAMPLE_TYPES = ('s4nd', 'conv')
+# The S4ND settings of the published ImageNet ConvNeXt-S4ND (S4D-Lin, dt in [0.1, 1], no band-limit); the
+# `*_paper` models use them. The defaults (S4D-LegS, dt in [0.05, 0.5], band-limit 1.0) are the zero-shot
+# study's choice: they keep far more accuracy at resolutions not trained at (README, "Zero-shot resolution").
+PAPER_SSM = dict(ssm_init='lin', dt_min=0.1, dt_max=1.0, bandlimit=0)
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {2: LayerNorm2d, 3: LayerNorm3d}
 
@@ -119,9 +123,9 @@ class ConvNeXtBase(S4NDModel):
             kernel: str = 's4d',
             d_state: int = 64,
             ssm_init: Optional[str] = None,
-            dt_min: float = 0.1,
-            dt_max: float = 1.0,
-            bandlimit: Optional[float] = None,
+            dt_min: float = 0.05,
+            dt_max: float = 0.5,
+            bandlimit: float = 1.0,
             mlp_ratio: float = 4.,
             ls_init_value: Optional[float] = 1e-6,
             head_init_scale: float = 1.,
@@ -148,9 +152,12 @@ class ConvNeXtBase(S4NDModel):
             kernel: per-axis kernel of every S4ND layer: 's4d' (diagonal SSM), 's4' (DPLR SSM) or 'sgconv'
                 (`S4ND`'s `kernel`).
             d_state: SSM state size per axis ('s4d', 's4').
-            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d' (None: 'lin'), 'legs' for 's4'.
+            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: 'legs';
+                'sgconv' takes none).
             dt_min, dt_max: step size initialization range ('s4d', 's4').
-            bandlimit: S4ND band-limiting cut-off (None = off; 's4d' only).
+            bandlimit: S4ND band-limiting cut-off; 0 (or None) turns it off ('s4d' only: pass 0 with other
+                kernels). Off is 0 because `timm.create_model` drops arguments that are None.
+                The defaults of these three are the zero-shot study's; `PAPER_SSM` holds the published ones.
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).
             head_init_scale: classifier weight and bias init scale.
@@ -166,6 +173,11 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'downsample_type must be one of {DOWNSAMPLE_TYPES}, got {downsample_type!r}')
         if len(depths) != len(dims):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
+        if bandlimit is not None and not bandlimit >= 0:
+            raise ValueError(f'bandlimit must be a positive cut-off, or 0 for off, got {bandlimit}')
+        if bandlimit and kernel != 's4d':
+            raise ValueError(f"bandlimit applies to kernel='s4d' only: pass bandlimit=0 with kernel={kernel!r} "
+                             f"(got bandlimit={bandlimit})")
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -173,8 +185,9 @@ class ConvNeXtBase(S4NDModel):
         self.img_size = to_2tuple(img_size)
         grid = self._grid(self.img_size)
         s4nd_layer = partial(
-            S4ND, ndim=len(grid), kernel=kernel, d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max,
-            bandlimit=bandlimit,
+            S4ND, ndim=len(grid), kernel=kernel, d_state=d_state,
+            init=ssm_init if ssm_init is not None or kernel == 'sgconv' else 'legs', dt_min=dt_min, dt_max=dt_max,
+            bandlimit=bandlimit or None,
             bidirectional=self._s4nd_bidirectional(), **dd)
         if stem_type == 's4nd':
             self.stem = self._s4nd_stem(dims[0], stem_chs, s4nd_layer, **dd)

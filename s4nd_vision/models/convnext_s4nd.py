@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..layers import channel_major, channels_first
 from ._base import LIBRARY_CFG, S4ND_PAPER
 from ._checkpoint import match_state_dict, unwrap_state_dict
-from .convnext_base import ConvNeXtBase
+from .convnext_base import PAPER_SSM, ConvNeXtBase
 
 __all__ = ['ConvNeXtS4ND']
 
@@ -132,6 +132,9 @@ default_cfgs = generate_default_cfgs({
     'convnext_s4nd_tiny.untrained': _cfg(),
     'convnext_s4nd_small.untrained': _cfg(),
     'convnext_s4nd_base.untrained': _cfg(),
+    'convnext_s4nd_tiny_paper.untrained': _cfg(),
+    'convnext_s4nd_small_paper.untrained': _cfg(),
+    'convnext_s4nd_base_paper.untrained': _cfg(),
     'convnext_sgconv_atto.untrained': _cfg(**_SGCONV_PAPER),
     'convnext_sgconv_tiny.untrained': _cfg(**_SGCONV_PAPER),
 })
@@ -180,14 +183,36 @@ def convnext_s4nd_base(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
 
 
 @register_model
+def convnext_s4nd_tiny_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    """ConvNeXt-S4ND-T with the published ImageNet S4ND settings (`PAPER_SSM`: S4D-Lin, dt in [0.1, 1], no
+    band-limit) instead of the zero-shot defaults."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), **PAPER_SSM)
+    return _create_convnext_s4nd('convnext_s4nd_tiny_paper', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_s4nd_small_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    """ConvNeXt-S4ND-S with the published ImageNet S4ND settings (`PAPER_SSM`)."""
+    model_args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **PAPER_SSM)
+    return _create_convnext_s4nd('convnext_s4nd_small_paper', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_s4nd_base_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    """ConvNeXt-S4ND-B with the published ImageNet S4ND settings (`PAPER_SSM`)."""
+    model_args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **PAPER_SSM)
+    return _create_convnext_s4nd('convnext_s4nd_base_paper', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
 def convnext_sgconv_atto(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-atto with SGConv kernels (multiscale sub-kernels with decay) in every S4ND layer."""
-    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), kernel='sgconv')
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), kernel='sgconv', bandlimit=0)
     return _create_convnext_s4nd('convnext_sgconv_atto', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnext_sgconv_tiny(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-T with SGConv kernels (multiscale sub-kernels with decay) in every S4ND layer."""
-    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel='sgconv')
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel='sgconv', bandlimit=0)
     return _create_convnext_s4nd('convnext_sgconv_tiny', pretrained=pretrained, **dict(model_args, **kwargs))

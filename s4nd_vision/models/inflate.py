@@ -206,7 +206,7 @@ def inflate_state_dict(
         time = {k: target[f'{p}kernels.0.{k}'] for k in layer.kernels[0].state_dict()}
         if time_init != 'random':
             decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
-            time = _time_kernel(time, layer.rank, layer.bidirectional[0], decay)
+            time.update(_time_kernel(time, layer.rank, layer.bidirectional[0], decay))  # (bandlimit: the 3D model's)
         time_params.update({f'{p}kernels.0.{k}': v.contiguous() for k, v in time.items()})
         # the reference grid: the 3D model's T, and the 2D (H, W) the kernels were trained on (the model's own
         # for weight files that do not hold it)
@@ -228,7 +228,10 @@ def inflate_state_dict(
             report.initialized[KEPT_INIT].append(name)
         else:
             src = renamed.get(name, name)
-            if src in source:
+            if src.endswith('.bandlimit') and src not in source:  # weight files written before it was saved
+                inflated[name] = t
+                report.initialized[KEPT_INIT].append(name)
+            elif src in source:
                 inflated[name], how = _fit(src, source[src], t, conv_mode)
                 how = how or (_RENAMED if src != name else None)
                 (report.mapped[how] if how else report.loaded).append(name)
