@@ -264,7 +264,8 @@ class SSMKernel(nn.Module):
     # The band-limit is saved with the weights, as `bandlimit` (a float64 scalar, 0 for off): the kernels'
     # function depends on it, so weights trained with one cut-off and loaded into a kernel built with another
     # (e.g. after a change of defaults) keep their function. Weight files without it keep the kernel's own,
-    # with a warning. (A plain attribute, not a buffer: the mask is built on the host's terms.)
+    # with a warning. (A plain attribute, not a buffer: a hyper-parameter that `set_bandlimit` and progressive
+    # stages change, read on the host by the layers' kernel caches.)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -125,7 +125,7 @@ class ConvNeXtBase(S4NDModel):
             ssm_init: Optional[str] = None,
             dt_min: float = 0.05,
             dt_max: float = 0.5,
-            bandlimit: float = 1.0,
+            bandlimit: Optional[float] = 1.0,
             mlp_ratio: float = 4.,
             ls_init_value: Optional[float] = 1e-6,
             head_init_scale: float = 1.,
@@ -157,7 +157,8 @@ class ConvNeXtBase(S4NDModel):
             dt_min, dt_max: step size initialization range ('s4d', 's4').
             bandlimit: S4ND band-limiting cut-off; 0 (or None) turns it off ('s4d' only: pass 0 with other
                 kernels). Off is 0 because `timm.create_model` drops arguments that are None.
-                The defaults of these three are the zero-shot study's; `PAPER_SSM` holds the published ones.
+                The defaults of ssm_init, dt_min, dt_max and bandlimit are the zero-shot study's; `PAPER_SSM`
+                holds the published ImageNet ones.
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).
             head_init_scale: classifier weight and bias init scale.
