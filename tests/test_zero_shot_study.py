@@ -140,6 +140,9 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
     summary = {s['setting']: s for s in summarize_runs(rows, 64)}
     banded = summary['lin dt 0.1-1 bandlimit 1']
     assert banded['seeds'] == [0, 1]
+    assert (banded['model'], banded['init'], banded['dt_range'], banded['bandlimit'], banded['progressive']) == (
+        'convnext_s4nd_atto', 'lin', (0.1, 1.0), 1.0, False)
+    assert summary['lin dt 0.1-1 bandlimit off']['bandlimit'] is None and summary['convnext_atto']['dt_range'] is None
     assert banded['top1'][128] == pytest.approx((80.5, 2 ** -0.5))  # 80 and 81
     assert banded['kept'][256][0] == pytest.approx((60 / 90 + 61 / 91) / 2)
     table = (tmp_path / study.TABLE_NAME).read_text()

@@ -291,8 +291,9 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
-    """Per setting (in order of appearance): seeds, mean and std of top-1 per resolution, of the fraction of
-    the `img_size` accuracy kept at every resolution (per seed, then averaged), and of the training time."""
+    """Per setting (in order of appearance): what it is (model, init, dt_range, bandlimit, progressive), seeds,
+    mean and std of top-1 per resolution, of the fraction of the `img_size` accuracy kept at every resolution
+    (per seed, then averaged), and of the training time."""
     by_setting: Dict[str, List[Dict]] = {}
     for r in rows:
         by_setting.setdefault(r['setting'], []).append(r)
@@ -301,8 +302,12 @@ def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
         resolutions = sorted(set.intersection(*(set(r['top1']) for r in mine)))
         kept = {res: [r['top1'][res] / r['top1'][img_size] if r['top1'].get(img_size) else 0.0 for r in mine]
                 for res in resolutions}
+        first = mine[0]
         out.append(dict(
-            setting=setting, seeds=sorted(r['seed'] for r in mine),
+            setting=setting, seeds=sorted(r['seed'] for r in mine), model=first['model'], init=first['init'],
+            dt_range=(float(first['dt_min']), float(first['dt_max'])) if first['dt_min'] else None,
+            bandlimit=float(first['bandlimit']) if first['bandlimit'] else None,
+            progressive=first['progressive'],
             top1={res: _mean_std([r['top1'][res] for r in mine]) for res in resolutions},
             kept={res: _mean_std(v) for res, v in kept.items()},
             train_s=_mean_std([r['train_s'] for r in mine])))
@@ -327,29 +332,58 @@ def format_study(summary: Sequence[Dict], img_size: int) -> str:
 
 
 def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
-    """Top-1 (mean, std as error bars) against test resolution, one line per setting, saved as PNG."""
+    """Three panels, saved as PNG: top-1 (mean over seeds, std as error bars) against test resolution for the
+    baseline and the settings with a progressive twin (both drawn); and the share of the training-resolution
+    accuracy kept at 2x and at 4x for every fixed-size S4ND setting, grouped by init and dt range, one bar per
+    band-limit."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5), dpi=120)
-    ax = fig.add_subplot()
-    colors = colormaps['tab20'].resampled(max(len(summary), 1))
-    for i, s in enumerate(summary):
+    fig = Figure(figsize=(15, 4.8), dpi=110)
+    curves, kept_2x, kept_4x = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
+    twinned = {s['setting'][:-len(' progressive')] for s in summary if s['progressive']}
+    shown = [s for s in summary if s['model'] == BASELINE or s['setting'] in twinned or s['progressive']]
+    colors = colormaps['tab10']
+    base_names = list(dict.fromkeys(s['setting'].replace(' progressive', '') for s in shown))
+    for s in shown:
         res = sorted(s['top1'])
-        baseline = s['setting'].startswith(BASELINE)
-        ax.errorbar(res, [s['top1'][r][0] for r in res], yerr=[s['top1'][r][1] for r in res], marker='o',
-                    markersize=3, capsize=2, linestyle='--' if 'progressive' in s['setting'] else '-',
-                    color='black' if baseline else colors(i), linewidth=2 if baseline else 1, label=s['setting'])
-    ax.axvline(img_size, color='gray', linestyle=':', linewidth=1)
-    ax.set_xscale('log', base=2)
+        name = s['setting'].replace(' progressive', '')
+        color = 'black' if s['model'] == BASELINE else colors(base_names.index(name) % 10)
+        curves.errorbar(res, [s['top1'][r][0] for r in res], yerr=[s['top1'][r][1] for r in res], marker='o',
+                        markersize=3, capsize=2, linestyle='--' if s['progressive'] else '-', color=color,
+                        label=s['setting'])
+    curves.axvline(img_size, color='gray', linestyle=':', linewidth=1)
+    curves.set_xscale('log', base=2)
     ticks = sorted({r for s in summary for r in s['top1']})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_ylim(0, 100)
-    ax.set_xlabel(f'test resolution (px), trained at {img_size} px')
-    ax.set_ylabel('top-1 accuracy (%), mean over seeds')
-    ax.set_title('Zero-shot resolution: ConvNeXt-S4ND-atto settings and ConvNeXt-atto, MNIST-5k')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    curves.set_xticks(ticks, [str(t) for t in ticks])
+    curves.set_ylim(0, 100)
+    curves.set_xlabel(f'test resolution (px), trained at {img_size} px')
+    curves.set_ylabel('top-1 accuracy (%), mean over seeds')
+    curves.set_title('top-1 (dashed: progressive resizing)')
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=6, loc='lower right', bbox_to_anchor=(1.0, 0.15))
+
+    grid = [s for s in summary if s['model'] != BASELINE and not s['progressive']]
+    from ..layers import SSM_INITS
+    groups = sorted({(s['init'], s['dt_range']) for s in grid}, key=lambda g: (SSM_INITS.index(g[0]), g[1]))
+    cuts = sorted({s['bandlimit'] for s in grid}, key=lambda c: -math.inf if c is None else -c)  # off, high to low
+    width = 0.8 / max(len(cuts), 1)
+    for ax, factor in ((kept_2x, 2), (kept_4x, 4)):
+        res = factor * img_size
+        for j, cut in enumerate(cuts):
+            mine = {(s['init'], s['dt_range']): s for s in grid if s['bandlimit'] == cut and res in s['kept']}
+            xs = [i + (j - (len(cuts) - 1) / 2) * width for i, g in enumerate(groups) if g in mine]
+            vals = [mine[g]['kept'][res] for g in groups if g in mine]
+            ax.bar(xs, [100 * v[0] for v in vals], width, yerr=[100 * v[1] for v in vals], capsize=2,
+                   color=colors(j), label='band-limit off' if cut is None else f'band-limit {cut:g}')
+        ax.set_xticks(range(len(groups)), [f'{init}\ndt {lo:g}-{hi:g}' for init, (lo, hi) in groups], fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f'% of the {img_size} px top-1 kept at {res} px')
+        ax.set_title(f'kept at {factor}x ({res} px), fixed-size training')
+        ax.grid(alpha=0.3, axis='y')
+        ax.legend(fontsize=7, loc='lower right')
+    fig.suptitle('Zero-shot resolution: ConvNeXt-S4ND-atto settings and ConvNeXt-atto on MNIST-5k '
+                 '(mean +- std over seeds)')
     fig.tight_layout()
     fig.savefig(path, format='png')
     return path
