@@ -26,9 +26,10 @@ __all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'STEM_TYPES', 'DOWNSAMPLE_TYPES', 'P
 STEM_TYPES = ('s4nd', 'patch')
 DOWNSAMPLE_TYPES = ('s4nd', 'conv')
 # The S4ND settings of the published ImageNet ConvNeXt-S4ND (S4D-Lin, dt in [0.1, 1], no band-limit); the
-# `*_paper` models use them. The defaults (S4D-LegS, dt in [0.05, 0.5], band-limit 1.0) are the zero-shot
+# `*_paper` models use them. The defaults (S4D-Inv, dt in [0.1, 1], band-limit 1.0) are the zero-shot
 # study's choice: they keep far more accuracy at resolutions not trained at (README, "Zero-shot resolution").
 PAPER_SSM = dict(ssm_init='lin', dt_min=0.1, dt_max=1.0, bandlimit=0)
+_DEFAULT_INIT = {'s4d': 'inv', 's4': 'legs'}  # (S4's DPLR form is HiPPO-LegS's; SGConv takes no init)
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {2: LayerNorm2d, 3: LayerNorm3d}
 
@@ -123,8 +124,8 @@ class ConvNeXtBase(S4NDModel):
             kernel: str = 's4d',
             d_state: int = 64,
             ssm_init: Optional[str] = None,
-            dt_min: float = 0.05,
-            dt_max: float = 0.5,
+            dt_min: float = 0.1,
+            dt_max: float = 1.0,
             bandlimit: Optional[float] = 1.0,
             mlp_ratio: float = 4.,
             ls_init_value: Optional[float] = 1e-6,
@@ -152,8 +153,8 @@ class ConvNeXtBase(S4NDModel):
             kernel: per-axis kernel of every S4ND layer: 's4d' (diagonal SSM), 's4' (DPLR SSM) or 'sgconv'
                 (`S4ND`'s `kernel`).
             d_state: SSM state size per axis ('s4d', 's4').
-            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: 'legs';
-                'sgconv' takes none).
+            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: 'inv' for
+                's4d', 'legs' for 's4'; 'sgconv' takes none).
             dt_min, dt_max: step size initialization range ('s4d', 's4').
             bandlimit: S4ND band-limiting cut-off; 0 (or None) turns it off ('s4d' only: pass 0 with other
                 kernels). Off is 0 because `timm.create_model` drops arguments that are None.
@@ -187,7 +188,7 @@ class ConvNeXtBase(S4NDModel):
         grid = self._grid(self.img_size)
         s4nd_layer = partial(
             S4ND, ndim=len(grid), kernel=kernel, d_state=d_state,
-            init=ssm_init if ssm_init is not None or kernel == 'sgconv' else 'legs', dt_min=dt_min, dt_max=dt_max,
+            init=_DEFAULT_INIT.get(kernel) if ssm_init is None else ssm_init, dt_min=dt_min, dt_max=dt_max,
             bandlimit=bandlimit or None,
             bidirectional=self._s4nd_bidirectional(), **dd)
         if stem_type == 's4nd':
