@@ -105,7 +105,7 @@ def test_cli_bad_config_is_one_line_error(tmp_path, folder):
 
 # ------------------------------------------------------------------------------------------ training
 
-def test_single_process_run_exports_loadable_weights(tmp_path, folder):
+def test_single_process_run_exports_loadable_weights(tmp_path, folder, capsys):
     cfg = load_config(None, _overrides(
         folder, tmp_path / 'run', 'train.epochs=2', 'train.ema_decay=0.9', 'aug.mixup=0.8', 'aug.cutmix=1.0',
         'aug.smoothing=0.1', 'optim.ssm_lr=1e-3', 'optim.clip_grad=1.0', 'train.trackers=[tensorboard]'))
@@ -136,6 +136,11 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder):
     with torch.no_grad():
         torch.testing.assert_close(model(x), trainer.model(x))
     assert (out / 'best.safetensors').is_file() and (out / 'last_ema.safetensors').is_file()
+    # the call the run prints rebuilds the model (its architecture kwargs included) and loads the best weights
+    prefix = 'load the weights with '
+    call = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(prefix))[len(prefix):]
+    printed, best = eval(call, {'timm': timm}), load_file(str(out / 'best.safetensors'))
+    assert all(torch.equal(printed.state_dict()[k], best[k]) for k in best)
     assert list(out.glob('**/events.out.tfevents.*')), 'no TensorBoard event file'
     assert latest_checkpoint(str(out)).endswith(f'step-{2 * trainer.updates_per_epoch:08d}')
     # a fresh (non-resume) run into a folder that holds checkpoints is refused, not silently mixed

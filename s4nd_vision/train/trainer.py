@@ -324,10 +324,12 @@ class Trainer:
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, 'best.safetensors')
-        size_kwargs = self.data.size_kwargs(cfg.model.name)
+        # the call that rebuilds this model: its own arguments too (channels, architecture kwargs)
+        build = dict(cfg.model.kwargs, **({} if cfg.data.in_chans == 3 else {'in_chans': cfg.data.in_chans}))
+        build_kwargs = ''.join(f'{k}={v!r}, ' for k, v in build.items()) + self.data.size_kwargs(cfg.model.name)
         acc.print(f'done: {cfg.model.name} best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch}) in '
                   f'{summary["minutes"]:.1f} min; metrics {self.log.path}\n'
                   f'load the weights with timm.create_model({cfg.model.name!r}, pretrained=True, '
-                  f'num_classes={self.num_classes}, {size_kwargs}'
+                  f'num_classes={self.num_classes}, {build_kwargs}'
                   f'pretrained_cfg_overlay=dict(file={best!r}, num_classes={self.num_classes}))')
         return summary
