@@ -291,9 +291,9 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
-    """Per setting (in order of appearance): what it is (model, init, dt_range, bandlimit, progressive), seeds,
-    mean and std of top-1 per resolution, of the fraction of the `img_size` accuracy kept at every resolution
-    (per seed, then averaged), and of the training time."""
+    """Per setting (baseline first, then by init, dt range and band-limit): what it is (model, init, dt_range,
+    bandlimit, progressive), seeds, mean and std of top-1 per resolution, of the fraction of the `img_size`
+    accuracy kept at every resolution (per seed, then averaged), and of the training time."""
     by_setting: Dict[str, List[Dict]] = {}
     for r in rows:
         by_setting.setdefault(r['setting'], []).append(r)
@@ -311,7 +311,17 @@ def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
             top1={res: _mean_std([r['top1'][res] for r in mine]) for res in resolutions},
             kept={res: _mean_std(v) for res, v in kept.items()},
             train_s=_mean_std([r['train_s'] for r in mine])))
-    return out
+    return sorted(out, key=_order)
+
+
+def _order(s: Dict) -> tuple:
+    """Table order: the baseline, then S4ND settings by init, dt range and band-limit (off first, then from
+    the highest cut-off down), each progressive twin after its fixed-size setting."""
+    from ..layers import SSM_INITS
+    if s['model'] != S4ND_MODEL:
+        return (0, s['model'], (), 0.0, s['progressive'])
+    init = SSM_INITS.index(s['init']) if s['init'] in SSM_INITS else len(SSM_INITS)
+    return (1, init, s['dt_range'], -math.inf if s['bandlimit'] is None else -s['bandlimit'], s['progressive'])
 
 
 def format_study(summary: Sequence[Dict], img_size: int) -> str:
