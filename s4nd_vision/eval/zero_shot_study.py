@@ -353,6 +353,7 @@ def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
     curves, kept_2x, kept_4x = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
     twinned = {s['setting'][:-len(' progressive')] for s in summary if s['progressive']}
     shown = [s for s in summary if s['model'] == BASELINE or s['setting'] in twinned or s['progressive']]
+    shown = shown or list(summary)  # (nothing to single out: every setting)
     colors = colormaps['tab10']
     base_names = list(dict.fromkeys(s['setting'].replace(' progressive', '') for s in shown))
     for s in shown:
@@ -391,7 +392,8 @@ def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
         ax.set_ylabel(f'% of the {img_size} px top-1 kept at {res} px')
         ax.set_title(f'kept at {factor}x ({res} px), fixed-size training')
         ax.grid(alpha=0.3, axis='y')
-        ax.legend(fontsize=7, loc='lower right')
+        if grid:
+            ax.legend(fontsize=7, loc='lower right')
     fig.suptitle('Zero-shot resolution: ConvNeXt-S4ND-atto settings and ConvNeXt-atto on MNIST-5k '
                  '(mean +- std over seeds)')
     fig.tight_layout()
