@@ -261,15 +261,19 @@ class SSMKernel(nn.Module):
         # C ~ complex standard normal (variance 1/2 per component)
         self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
 
-    # The band-limit is saved with the weights, as `bandlimit` (a float64 scalar, 0 for off): the kernels'
-    # function depends on it, so weights trained with one cut-off and loaded into a kernel built with another
-    # (e.g. after a change of defaults) keep their function. Weight files without it keep the kernel's own,
-    # with a warning. (A plain attribute, not a buffer: a hyper-parameter that `set_bandlimit` and progressive
-    # stages change, read on the host by the layers' kernel caches.)
+    # The band-limit is saved with the weights, as `bandlimit`: the float64 cut-off's bit pattern in an int64
+    # scalar (0 for off). The kernels' function depends on it, so weights trained with one cut-off and loaded
+    # into a kernel built with another (e.g. after a change of defaults) keep their function. It is not a
+    # floating tensor on purpose: EMA and checkpoint averaging interpolate floating entries (a cut-off is not a
+    # weight to average) and copy the others, and a CPU float64 entry among CUDA weights would also take timm's
+    # foreach EMA update off its fused path. Weight files without it keep the kernel's own, with a warning.
+    # (A plain attribute, not a buffer: a hyper-parameter that `set_bandlimit` and progressive stages change,
+    # read on the host by the layers' kernel caches.)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + 'bandlimit'] = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
+        cut = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
+        destination[prefix + 'bandlimit'] = cut.view(torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -280,10 +284,11 @@ class SSMKernel(nn.Module):
                           f'own bandlimit={self.bandlimit} is kept; build the model with the band-limit they were '
                           'trained with (bandlimit=0 or None for none)', stacklevel=2)
         elif not value.is_meta:
-            cut = value.item() if value.numel() == 1 and value.is_floating_point() else None
+            ok = value.dtype == torch.int64 and value.numel() == 1
+            cut = value.reshape(()).cpu().view(torch.float64).item() if ok else None
             if cut is None or not (math.isfinite(cut) and cut >= 0):
-                error_msgs.append(f'{key}: expected one non-negative float (the band-limit cut-off; 0 for none), '
-                                  f'got {value.dtype} {tuple(value.shape)} {value.tolist()}')
+                error_msgs.append(f'{key}: expected the band-limit cut-off as float64 bits in one int64 (0 for '
+                                  f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
             else:
                 self.bandlimit = cut or None
         super()._load_from_state_dict(
