@@ -150,7 +150,7 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder, capsys):
 
 def test_progressive_resizing_changes_resolution_without_recreating_the_model(tmp_path, folder):
     cfg = load_config(None, _overrides(
-        folder, tmp_path, 'train.epochs=3', 'train.max_steps_per_epoch=2', 'data.img_size=48',
+        folder, tmp_path, 'train.epochs=3', 'train.max_steps_per_epoch=2', 'data.img_size=48', 'train.ema_decay=0.9',
         'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 2, img_size: 48, bandlimit: 0.5}]'))
     trainer = Trainer(cfg)
     model = trainer.model
@@ -164,6 +164,11 @@ def test_progressive_resizing_changes_resolution_without_recreating_the_model(tm
     assert trainer.model is model
     kernels = [m for m in model.modules() if isinstance(m, s4nd_vision.layers.SSMKernel)]
     assert kernels and all(k.bandlimit == 0.5 for k in kernels)
+    # the EMA model runs the stage's cut-off too, and its exported weights say so
+    ema_kernels = [m for m in trainer.ema.module.modules() if isinstance(m, s4nd_vision.layers.SSMKernel)]
+    assert ema_kernels and all(k.bandlimit == 0.5 for k in ema_kernels)
+    ema_weights = load_file(str(tmp_path / 'last_ema.safetensors'))
+    assert ema_weights['stem.1.kernels.0.bandlimit'].view(torch.float64).item() == 0.5
     stem = trainer.accelerator.unwrap_model(model).stem[1]
     assert stem.l_ref == (48, 48)  # the reference grid is the final resolution: rate 1.5 at 32 px
 

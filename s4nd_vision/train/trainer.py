@@ -201,8 +201,9 @@ class Trainer:
         stage = cfg.stage_at(epoch)
         model = self.model
         unwrapped = acc.unwrap_model(model)
-        if stage.bandlimit is not None:
-            set_bandlimit(unwrapped, stage.bandlimit)
+        if stage.bandlimit is not None:  # the EMA model too: it is evaluated and exported with its own cut-off
+            for m in [unwrapped] + ([self.ema.module] if self.ema is not None else []):
+                set_bandlimit(m, stage.bandlimit)
         start = state.step_in_epoch if state.epoch == epoch else 0
         accum = cfg.train.grad_accum_steps
         loader = self.data.train_batches(epoch, stage.img_size, start * accum, self.updates_per_epoch * accum)
