@@ -212,7 +212,7 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
     default, off, half = logit_change(), logit_change(bandlimit=0), logit_change(bandlimit=0.5)
     patch = logit_change(stem_type='patch', downsample_type='conv')
     assert default < 0.5 * patch and off < patch
-    assert max(default, half) < off  # band-limited at either cut-off: closer still
+    assert default < 0.8 * off and half < off  # band-limited at either cut-off: closer still
 
 
 def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
