@@ -271,3 +271,25 @@ def test_inflation_carries_the_2d_band_limit():
     target = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, **kwargs)
     target.load_state_dict(inflate_state_dict(old, target), strict=False)
     assert set(_cuts(target)) == {1.0}
+    # a malformed record (e.g. cast to a floating dtype with the rest of a file) fails loading, naming the key,
+    # instead of being converted by value into another cut-off
+    cast = {k: v.double() if k.endswith('.bandlimit') else v for k, v in source.state_dict().items()}
+    key = re.escape('stages.1.blocks.0.conv_dw.kernels.1.bandlimit')
+    with pytest.raises(RuntimeError, match=rf'{key}: expected the band-limit cut-off as float64 bits'):
+        target.load_state_dict(inflate_state_dict(cast, target), strict=False)
+
+
+def test_zero_and_none_are_off_everywhere():
+    """0 and None both mean no band-limit for the layers, `set_bandlimit` (progressive stages) and the isotropic and
+    ViT models (0 is how to say it through `timm.create_model`, which drops None)."""
+    assert SSMKernel(4, bandlimit=0).bandlimit is None and S4ND(4, kernel='s4', bandlimit=0).kernels[0].bandlimit is None
+    model = timm.create_model('s4nd_iso_tiny', img_size=16, depth=1, dim=8, d_state=8, bandlimit=0)
+    assert set(_cuts(model)) == {None}
+    model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=32, depth=1, bandlimit=0.5)
+    assert set(_cuts(model)) == {0.5}
+    assert set_bandlimit(model, 0) > 0 and set(_cuts(model)) == {None}
+    for bad in (-0.5, float('nan')):
+        with pytest.raises(ValueError, match='bandlimit must be a positive cut-off, or 0 or None for off'):
+            SSMKernel(4, bandlimit=bad)
+        with pytest.raises(ValueError, match='bandlimit must be a positive cut-off, or 0 or None for off'):
+            set_bandlimit(model, bad)

@@ -43,6 +43,10 @@ def folder(tmp_path_factory):
     ('model.kwargs.depths=[1, 1]', r'model.kwargs .* do not build convnext_s4nd_atto: ValueError: depths and dims'),
     ('model.kwargs.num_classes=5', r'model.kwargs.num_classes is set by the trainer from the dataset'),
     ('model.kwargs.img_size=64', r'model.kwargs.img_size is set by the trainer from data.img_size'),
+    ('model.kwargs.ls_init_value=null', r'model.kwargs.ls_init_value is null, which timm.create_model drops'),
+    ('model.kwargs.bandlimit=null', r'model.kwargs.bandlimit is null, .*bandlimit: 0 turns band-limiting off'),
+    ('train.progressive=[{epoch: 0, img_size: 32, bandlimit: -1}]',
+     r"train.progressive\[\].bandlimit must be a positive cut-off, 0 for off, or null for the model's own, got -1"),
     ('model.name=convnext_s4nd_atoo', r"model.name 'convnext_s4nd_atoo' is not a timm model \(did you mean "
                                       r"convnext_s4nd_atto\?\)"),
     ('optim.lr=[1', r"override 'optim.lr=\[1': the value is not valid YAML \(expected ',' or '\]'"),

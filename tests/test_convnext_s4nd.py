@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND, S4Kernel, SSMKernel
-from s4nd_vision.models import PAPER_SSM
+from s4nd_vision.models import PAPER_SSM, ConvNeXtS4ND
 from s4nd_vision.train.optim import param_groups_ssm, ssm_param_names
 
 SIZES = ('atto', 'femto', 'pico', 'nano', 'tiny', 'small', 'base')
@@ -48,13 +48,17 @@ def test_defaults_and_paper_variants():
         with torch.device('meta'):
             a, b = (timm.create_model(f'convnext_s4nd_{size}{tag}') for tag in ('', '_paper'))
         assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
-    # other kernels: S4 takes the LegS default and no band-limit; the error says so
+    # other kernels take their own defaults (S4: LegS, no band-limit); an explicit cut-off is an error
     with torch.device('meta'):
-        s4 = timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=0)
-        assert {k.init for k in s4.modules() if isinstance(k, S4Kernel)} == {'legs'}
+        for kwargs in (dict(kernel='s4'), dict(kernel='s4', bandlimit=0)):
+            s4 = timm.create_model('convnext_s4nd_atto', **kwargs)
+            assert {k.init for k in s4.modules() if isinstance(k, S4Kernel)} == {'legs'}
         timm.create_model('convnext_sgconv_atto')
-        with pytest.raises(ValueError, match=r"bandlimit applies to kernel='s4d' only: pass bandlimit=0"):
-            timm.create_model('convnext_s4nd_atto', kernel='s4')
+        with pytest.raises(ValueError, match=r"bandlimit applies to kernel='s4d' only: leave it out or pass 0"):
+            timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=1.0)
+    # the class itself: None is the kernel's default, as through timm.create_model (which drops it)
+    with torch.device('meta'):
+        assert _ssm_settings(ConvNeXtS4ND(depths=(1, 1), dims=(8, 16), bandlimit=None)) == {('inv', 0.1, 1.0, 1.0)}
 
 
 def test_tiny_parameter_count():

@@ -73,7 +73,8 @@ class S4ND(nn.Module):
         init: SSM initialization; 's4d': 'lin' (S4D-Lin, default), 'inv' (S4D-Inv) or 'legs' (S4D-LegS);
             's4': 'legs' (HiPPO-LegS, default); 'sgconv': None.
         dt_min, dt_max: range of the log-uniform step size initialization ('s4d', 's4').
-        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2 ('s4d' only).
+        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2 ('s4d' only; 0 or
+            None: off).
         sgconv_size, sgconv_decay: values per SGConv sub-kernel and decay per dyadic range ('sgconv'); the
             sub-kernels cover min(l_ref, l_max) taps per axis, so 'sgconv' needs l_ref or l_max.
         l_ref: reference (training) length per axis; enables the automatic rate.
@@ -130,9 +131,9 @@ class S4ND(nn.Module):
         """One kernel generator per axis, with rank kernels per direction."""
         if kernel not in KERNELS:
             raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
-        if bandlimit is not None and kernel != 's4d':
+        if bandlimit and kernel != 's4d':
             raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r} with "
-                             f"bandlimit={bandlimit} (pass bandlimit=None)")
+                             f"bandlimit={bandlimit} (pass bandlimit=None or 0)")
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
         if kernel == 'sgconv':

@@ -238,15 +238,14 @@ class SSMKernel(nn.Module):
             raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
         if not 0 < dt_min <= dt_max:
             raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
-        if bandlimit is not None and not bandlimit > 0:
-            raise ValueError(f'bandlimit must be positive or None, got {bandlimit}')
+        _check_bandlimit(bandlimit)
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.d_state = d_state
         self.num_kernels = num_kernels
         self.init = init
         self.dt_min, self.dt_max = dt_min, dt_max
-        self.bandlimit = bandlimit
+        self.bandlimit = bandlimit or None  # (0 and None: off)
         _diagonal_params(self, dim, d_state, num_kernels, **dd)
         self.reset_parameters()
 
@@ -282,7 +281,7 @@ class SSMKernel(nn.Module):
         if value is None:
             warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the model\'s '
                           f'own bandlimit={self.bandlimit} is kept; build the model with the band-limit they were '
-                          'trained with (bandlimit=0 or None for none)', stacklevel=2)
+                          'trained with (bandlimit=0 for none)', stacklevel=2)
         elif not value.is_meta:
             ok = value.dtype == torch.int64 and value.numel() == 1
             cut = value.reshape(()).cpu().view(torch.float64).item() if ok else None
@@ -374,10 +373,15 @@ def ssm_kernels(
     return out
 
 
+def _check_bandlimit(bandlimit: Optional[float]) -> None:
+    if bandlimit is not None and not bandlimit >= 0:
+        raise ValueError(f'bandlimit must be a positive cut-off, or 0 or None for off, got {bandlimit}')
+
+
 def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
-    """Set the band-limiting cut-off of every SSM kernel in `module` (None = off); returns how many were set."""
-    if bandlimit is not None and not bandlimit > 0:
-        raise ValueError(f'bandlimit must be positive or None, got {bandlimit}')
+    """Set the band-limiting cut-off of every SSM kernel in `module` (0 or None = off); returns how many were set."""
+    _check_bandlimit(bandlimit)
+    bandlimit = bandlimit or None
     kernels = [m for m in module.modules() if isinstance(m, SSMKernel)]
     if bandlimit is not None:
         from .s4_kernel import S4Kernel  # (they import this module)

@@ -30,6 +30,7 @@ DOWNSAMPLE_TYPES = ('s4nd', 'conv')
 # study's choice: they keep far more accuracy at resolutions not trained at (README, "Zero-shot resolution").
 PAPER_SSM = dict(ssm_init='lin', dt_min=0.1, dt_max=1.0, bandlimit=0)
 _DEFAULT_INIT = {'s4d': 'inv', 's4': 'legs'}  # (S4's DPLR form is HiPPO-LegS's; SGConv takes no init)
+_DEFAULT_BANDLIMIT = {'s4d': 1.0}  # (band-limiting is defined for the diagonal kernels only)
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {2: LayerNorm2d, 3: LayerNorm3d}
 
@@ -126,7 +127,7 @@ class ConvNeXtBase(S4NDModel):
             ssm_init: Optional[str] = None,
             dt_min: float = 0.1,
             dt_max: float = 1.0,
-            bandlimit: Optional[float] = 1.0,
+            bandlimit: Optional[float] = None,
             mlp_ratio: float = 4.,
             ls_init_value: Optional[float] = 1e-6,
             head_init_scale: float = 1.,
@@ -156,8 +157,8 @@ class ConvNeXtBase(S4NDModel):
             ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: 'inv' for
                 's4d', 'legs' for 's4'; 'sgconv' takes none).
             dt_min, dt_max: step size initialization range ('s4d', 's4').
-            bandlimit: S4ND band-limiting cut-off; 0 (or None) turns it off ('s4d' only: pass 0 with other
-                kernels). Off is 0 because `timm.create_model` drops arguments that are None.
+            bandlimit: S4ND band-limiting cut-off ('s4d' only); 0 turns it off (None: the kernel's default,
+                1.0 for 's4d', off for the others; `timm.create_model` drops arguments that are None).
                 The defaults of ssm_init, dt_min, dt_max and bandlimit are the zero-shot study's; `PAPER_SSM`
                 holds the published ImageNet ones.
             mlp_ratio: MLP expansion ratio.
@@ -178,8 +179,10 @@ class ConvNeXtBase(S4NDModel):
         if bandlimit is not None and not bandlimit >= 0:
             raise ValueError(f'bandlimit must be a positive cut-off, or 0 for off, got {bandlimit}')
         if bandlimit and kernel != 's4d':
-            raise ValueError(f"bandlimit applies to kernel='s4d' only: pass bandlimit=0 with kernel={kernel!r} "
+            raise ValueError(f"bandlimit applies to kernel='s4d' only: leave it out or pass 0 with kernel={kernel!r} "
                              f"(got bandlimit={bandlimit})")
+        if bandlimit is None:
+            bandlimit = _DEFAULT_BANDLIMIT.get(kernel)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans

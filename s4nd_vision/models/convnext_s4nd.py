@@ -207,12 +207,12 @@ def convnext_s4nd_base_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND
 @register_model
 def convnext_sgconv_atto(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-atto with SGConv kernels (multiscale sub-kernels with decay) in every S4ND layer."""
-    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), kernel='sgconv', bandlimit=0)
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), kernel='sgconv')
     return _create_convnext_s4nd('convnext_sgconv_atto', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnext_sgconv_tiny(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-T with SGConv kernels (multiscale sub-kernels with decay) in every S4ND layer."""
-    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel='sgconv', bandlimit=0)
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), kernel='sgconv')
     return _create_convnext_s4nd('convnext_sgconv_tiny', pretrained=pretrained, **dict(model_args, **kwargs))

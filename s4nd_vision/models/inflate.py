@@ -231,6 +231,10 @@ def inflate_state_dict(
             if src.endswith('.bandlimit') and src not in source:  # weight files written before it was saved
                 inflated[name] = t
                 report.initialized[KEPT_INIT].append(name)
+            elif src.endswith('.bandlimit'):  # as it is (not cast by `_fit`): loading checks the record
+                inflated[name] = source[src]
+                (report.mapped[_RENAMED] if src != name else report.loaded).append(name)
+                used.add(src)
             elif src in source:
                 inflated[name], how = _fit(src, source[src], t, conv_mode)
                 how = how or (_RENAMED if src != name else None)

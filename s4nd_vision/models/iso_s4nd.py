@@ -75,7 +75,7 @@ class IsoS4ND(S4NDModel):
             d_state: SSM state size per axis ('s4nd').
             ssm_init: S4D initialization of A, 'lin', 'inv' or 'legs' ('s4nd').
             dt_min, dt_max: step size initialization range ('s4nd').
-            bandlimit: S4ND band-limiting cut-off, None = off ('s4nd').
+            bandlimit: S4ND band-limiting cut-off, 0 or None = off ('s4nd').
             conv_kernel_size: depthwise kernel size ('conv').
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).

@@ -178,7 +178,7 @@ class VisionTransformerS4ND(S4NDModel):
             d_state: SSM state size per axis.
             ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
             dt_min, dt_max: step size initialization range (None: 0.1-1.0 for '2d', 0.001-0.1 for '1d').
-            bandlimit: S4ND band-limiting cut-off (None = off).
+            bandlimit: S4ND band-limiting cut-off (0 or None = off).
             act_layer: MLP activation.
             drop_rate: head dropout.
             drop_path_rate: stochastic depth rate.

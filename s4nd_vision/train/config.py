@@ -118,7 +118,7 @@ class SchedConfig:
 class ProgressiveStage:
     epoch: int = 0  # first epoch of the stage
     img_size: int = 224  # training resolution in this stage
-    bandlimit: Optional[float] = None  # S4ND band-limit in this stage (None: leave the model's)
+    bandlimit: Optional[float] = None  # S4ND band-limit in this stage (0: off; None: leave the model's)
 
 
 @dataclass
@@ -215,8 +215,8 @@ class Config:
             need(epochs == sorted(set(epochs)), 'train.progressive', 'stages in increasing epoch order', epochs)
             for stage in self.train.progressive:
                 need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
-                need(stage.bandlimit is None or stage.bandlimit > 0, 'train.progressive[].bandlimit',
-                     'positive or null', stage.bandlimit)
+                need(stage.bandlimit is None or stage.bandlimit >= 0, 'train.progressive[].bandlimit',
+                     "a positive cut-off, 0 for off, or null for the model's own", stage.bandlimit)
         self._validate_model()
         return self
 
@@ -237,7 +237,11 @@ class Config:
                      drop_path_rate='model.drop_path_rate', pretrained='model.pretrained_file',
                      pretrained_cfg_overlay='model.pretrained_file', img_size='data.img_size',
                      num_frames='data.num_frames')
-        for key in mc.kwargs:
+        for key, value in mc.kwargs.items():
+            if value is None:  # it would silently build the model's default instead
+                raise ConfigError(
+                    f'model.kwargs.{key} is null, which timm.create_model drops (the model would take its default): '
+                    f"remove it for the model's default, or give a value (e.g. bandlimit: 0 turns band-limiting off)")
             if key in owned:
                 raise ConfigError(
                     f'model.kwargs.{key} is set by the trainer from {owned[key]}: remove it from model.kwargs')
