@@ -282,7 +282,8 @@ def test_inflation_carries_the_2d_band_limit():
 def test_zero_and_none_are_off_everywhere():
     """0 and None both mean no band-limit for the layers, `set_bandlimit` (progressive stages) and the isotropic and
     ViT models (0 is how to say it through `timm.create_model`, which drops None)."""
-    assert SSMKernel(4, bandlimit=0).bandlimit is None and S4ND(4, kernel='s4', bandlimit=0).kernels[0].bandlimit is None
+    assert SSMKernel(4, bandlimit=0).bandlimit is None
+    assert S4ND(4, kernel='s4', bandlimit=0).kernels[0].bandlimit is None
     model = timm.create_model('s4nd_iso_tiny', img_size=16, depth=1, dim=8, d_state=8, bandlimit=0)
     assert set(_cuts(model)) == {None}
     model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=32, depth=1, bandlimit=0.5)
