@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s4nd_vision.layers import S4ND, SSMKernel, ops, ssm_init_imag
+from s4nd_vision.layers import S4ND, SSMKernel, dispatch, ops, ssm_init_imag
 from s4nd_vision.layers.ssm_kernel import _SSMKernelFn, ssm_kernels
 
 
@@ -388,10 +388,14 @@ def test_bad_input_errors():
         S4ND(4, rank=0)
 
 
-def test_kernel_cache_in_inference_is_invalidated_by_every_change():
+MEMORY_FORMATS = [pytest.param(torch.contiguous_format, id='nchw'), pytest.param(torch.channels_last, id='nhwc')]
+
+
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)  # (channels-last input: the 'depthwise' path)
+def test_kernel_cache_in_inference_is_invalidated_by_every_change(memory_format):
     torch.manual_seed(0)
     layer = S4ND(4, ndim=2, d_state=8, l_ref=8).eval()
-    x8, x12 = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 12, 12)
+    x8, x12 = (torch.randn(1, 4, n, n).to(memory_format=memory_format) for n in (8, 12))
 
     def check(x, **kw):
         """Cached output (after a call that filled the cache) equals a cache-free copy's output."""
@@ -412,6 +416,8 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change():
         layer.load_state_dict({k: v + 0.1 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
         check(x12)
         layer.kernels[1].bandlimit = 0.5
+        check(x12)
+        layer.D.mul_(-2.0)  # the skip term is not part of the cached operators
         check(x12)
         layer.double()
         check(x12.double())
@@ -444,11 +450,12 @@ def _numpy_view(layer, other):
                  id='data='),
     pytest.param(_numpy_view, id='numpy-view'),
 ])
-def test_kernel_cache_never_serves_kernels_of_old_parameter_values(change):
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+def test_kernel_cache_never_serves_kernels_of_old_parameter_values(change, memory_format):
     """However a parameter is changed (also bypassing version counters), inference uses its current value."""
     torch.manual_seed(0)
     layer, other = S4ND(4, ndim=2, d_state=8, l_ref=8).eval(), S4ND(4, ndim=2, d_state=8, l_ref=8)
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=memory_format)
     with torch.no_grad():
         layer(x)  # fills the cache
         assert layer._kernel_cache is not None
@@ -478,3 +485,33 @@ def test_algorithm_rule():
     assert ops.choose_algorithm(300, 8 * 300) == 'fft'
     # a 1D raster sequence with a small batch: building the n x n matrix would dominate
     assert ops.choose_algorithm(196, 8) == 'fft'
+
+
+def test_depthwise_inference_path():
+    """CPU inference on channels-last 2D float32 input without pooling runs two depthwise convolutions per term
+    (`ops.DepthwiseConv2d`): equal to the float64 direct convolution, channels-last out, chosen only there."""
+    cpu = torch.device('cpu')
+    with torch.no_grad():
+        assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'depthwise'
+        assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32) == 'fast'  # NCHW memory
+        assert dispatch.conv_path(cpu, (8, 96, 56, 56), (2, 2), torch.float32, channels_last=True) == 'fast'
+        assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float64, channels_last=True) == 'fast'
+        too_long = ops.DEPTHWISE_MAX_LEN + 1  # long axes: the Toeplitz GEMM is faster
+        assert dispatch.conv_path(cpu, (8, 96, 8, too_long), (1, 1), torch.float32, channels_last=True) == 'fast'
+        with dispatch.force_path('fast'):
+            assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'
+    assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'  # autograd
+    for rank, bidirectional, sizes, l_ref in ((1, True, (9, 12), (6, 6)), (2, (False, True), (7, 5), None)):
+        torch.manual_seed(0)
+        layer = S4ND(5, ndim=2, d_state=8, rank=rank, bidirectional=bidirectional, l_ref=l_ref).eval()
+        _randomize(layer)
+        x = torch.randn(3, 5, *sizes).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            y = layer(x)
+            assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv2d)
+            assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer(x, rate=1.7).double(), _direct_reference(layer, x, rate=1.7),
+                                       rtol=1e-5, atol=1e-5)
+            with torch.autocast('cpu', dtype=torch.bfloat16):  # kernels and convolution stay float32
+                torch.testing.assert_close(layer(x), y, rtol=0, atol=0)

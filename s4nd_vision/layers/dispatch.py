@@ -4,7 +4,10 @@
   real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic.
 - 'triton': on CUDA, when Triton imports and the input is supported (`triton_conv.supported`: 2D, sides up
   to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16): the fused channels-last kernels.
-- 'fast': everything else, e.g. every CPU input: `ops.separable_conv` (Toeplitz GEMMs or FFTs per axis).
+- 'depthwise': CPU inference (no autograd) on a 2D float32 input in channels-last memory, without pooling,
+  with sides up to `ops.DEPTHWISE_MAX_LEN`: `ops.DepthwiseConv2d`, two depthwise convolutions per rank-1 term
+  that read and write channels-last data (no transposing copies).
+- 'fast': everything else, e.g. every other CPU input: `ops.separable_conv` (Toeplitz GEMMs or FFTs per axis).
 
 Kernel generation follows the same rule (`generate_kernels`): on the Triton path, the S4D kernels of every
 (layer, axis) entry that share d_state and num_kernels come from one fused launch (`triton_kernels`), float32.
@@ -20,12 +23,13 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .ops import DEPTHWISE_MAX_LEN
 from .reference import use_reference
 from .ssm_kernel import SSMKernel, ssm_kernels
 
 __all__ = ['PATHS', 'conv_path', 'force_path', 'generate_kernels', 'triton_available']
 
-PATHS = ('reference', 'triton', 'fast')
+PATHS = ('reference', 'triton', 'depthwise', 'fast')
 _FORCED_PATH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('s4nd_forced_path', default=None)
 
 
@@ -52,9 +56,15 @@ def triton_available() -> bool:
     return True
 
 
-def conv_path(device: torch.device, shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> str:
-    """The implementation ('reference', 'triton' or 'fast') for an S4ND input of `shape` (B, C, *spatial) on
-    `device`, pooled by `pools`, convolved in `dtype`."""
+def conv_path(
+        device: torch.device,
+        shape: Sequence[int],
+        pools: Sequence[int],
+        dtype: torch.dtype,
+        channels_last: bool = False,
+) -> str:
+    """The implementation ('reference', 'triton', 'depthwise' or 'fast') for an S4ND input of `shape`
+    (B, C, *spatial) on `device`, pooled by `pools`, convolved in `dtype`, in channels-last memory or not."""
     if use_reference():
         return 'reference'
     if torch.jit.is_tracing():  # FLOP counting traces the plain ops of the fast path
@@ -62,8 +72,12 @@ def conv_path(device: torch.device, shape: Sequence[int], pools: Sequence[int], 
     forced = _FORCED_PATH.get()
     if forced is not None:
         return forced if forced == 'fast' or _triton_supports(shape, pools, dtype) else 'fast'
-    if torch.device(device).type == 'cuda' and _triton_supports(shape, pools, dtype):
+    device_type = torch.device(device).type
+    if device_type == 'cuda' and _triton_supports(shape, pools, dtype):
         return 'triton'
+    if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and len(shape) == 4
+            and dtype == torch.float32 and all(p == 1 for p in pools) and max(shape[2:]) <= DEPTHWISE_MAX_LEN):
+        return 'depthwise'
     return 'fast'
 
 

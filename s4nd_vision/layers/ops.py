@@ -18,6 +18,7 @@ from .reference import separable_conv_reference, use_reference
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
     'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
+    'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -27,6 +28,7 @@ __all__ = [
 ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
+DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side, no pooling
 _FORCED_ALGORITHM: ContextVar[Optional[str]] = ContextVar('s4nd_conv_algorithm', default=None)
 
 
@@ -291,6 +293,31 @@ def apply_operators(
                 intermediates.append(z)
         y = ops_[-1].apply(z, dims[-1], acc=y)  # the sum so far accumulates into the last product
     return y
+
+
+class DepthwiseConv2d:
+    """The 2D convolution of a (B, C, H, W) input in channels-last memory as two depthwise convolutions per
+    rank-1 term (H then W, taps of length 2n - 1, zero padding n - 1: exactly the non-circular convolution),
+    plus skip * x; no pooling. The result is channels-last too. For inference on the CPU, where PyTorch's
+    depthwise convolution reads and writes channels-last data directly: the Toeplitz path needs the input
+    channel-major, two transposing copies per layer that cost more than the convolution on short axes
+    (`DEPTHWISE_MAX_LEN`); on long axes the Toeplitz GEMM wins."""
+
+    def __init__(self, kernels: Sequence[torch.Tensor]):
+        k_h, k_w = kernels  # (rank, C, 2H - 1), (rank, C, 2W - 1), offset o at index o + n - 1
+        # cross-correlation weights (what conv2d applies) are the kernels reversed
+        self.w_h = k_h.flip(-1)[:, :, None, :, None]  # (rank, C, 1, 2H - 1, 1)
+        self.w_w = k_w.flip(-1)[:, :, None, None, :]  # (rank, C, 1, 1, 2W - 1)
+        self.padding = ((k_h.shape[-1] - 1) // 2, (k_w.shape[-1] - 1) // 2)
+
+    def apply(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W), channels-last memory; skip (C,) or None."""
+        c, (ph, pw) = x.shape[1], self.padding
+        y = None if skip is None else x * skip.reshape(-1, 1, 1)
+        for w_h, w_w in zip(self.w_h, self.w_w):
+            z = F.conv2d(F.conv2d(x, w_h, padding=(ph, 0), groups=c), w_w, padding=(0, pw), groups=c)
+            y = z if y is None else y.add_(z)
+        return y
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import dispatch
 from .ops import (
+    DepthwiseConv2d,
     apply_operators,
     channel_major,
     channels_first,
@@ -249,9 +250,16 @@ class S4ND(nn.Module):
         return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
 
     def _cached_operators(
-            self, shape: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype, conv_dtype: torch.dtype) -> list:
-        """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`,
-        remembered between calls while no gradient is recorded (inference).
+            self,
+            shape: Sequence[int],
+            rate: Optional[_Floats],
+            dtype: torch.dtype,
+            conv_dtype: torch.dtype,
+            depthwise: bool = False,
+    ):
+        """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`, or
+        with `depthwise` the `DepthwiseConv2d` for the same input in channels-last
+        memory, remembered between calls while no gradient is recorded (inference).
 
         The cache is reused only when the input shape, the algorithm per axis (it depends on the batch
         size too, and on an enclosing `ops.conv_algorithm`), rates, kernel lengths, dtypes, band limits and
@@ -263,7 +271,7 @@ class S4ND(nn.Module):
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
-        algorithms = conv_algorithms(shape, self.pool)
+        algorithms = ('depthwise',) if depthwise else conv_algorithms(shape, self.pool)
         key = (
             tuple(shape), tuple(algorithms), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple(k.bandlimit for k in self.kernels),
@@ -275,8 +283,12 @@ class S4ND(nn.Module):
                     and cached_state.shape == state.shape and torch.equal(cached_state, state)):
                 return operators
         kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
-        self._kernel_cache = (key, state, conv_operators(kernels, shape, self.pool, algorithms))
-        return self._kernel_cache[2]
+        if depthwise:
+            operators = DepthwiseConv2d(kernels)
+        else:
+            operators = conv_operators(kernels, shape, self.pool, algorithms)
+        self._kernel_cache = (key, state, operators)
+        return operators
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2:
@@ -308,8 +320,14 @@ class S4ND(nn.Module):
         self._check_input(x)
         # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
         # from a cast copy), and accumulate in float32
-        if x.shape[0] > 0 and dispatch.conv_path(x.device, x.shape, self.pool, x.dtype) == 'triton':
+        path = dispatch.conv_path(x.device, x.shape, self.pool, x.dtype,
+                                  channels_last=x.ndim == 4 and x.shape[1] > 1 and x.stride(1) == 1)
+        if x.shape[0] > 0 and path == 'triton':
             return self._forward_triton(x, rate)
+        if x.shape[0] > 0 and path == 'depthwise':  # (inference: operators cached like the fast path's)
+            b, c, h, w = x.shape
+            with torch.autocast(device_type='cpu', enabled=False):  # float32, like the fast path on the CPU
+                return self._cached_operators((c, h, b, w), rate, x.dtype, x.dtype, depthwise=True).apply(x, self.D)
         return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
 
     def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
