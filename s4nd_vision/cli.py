@@ -92,8 +92,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the models' training resolution: they are built for it (the S4ND kernels' "
                              "reference grid)")
     parser.add_argument('--bandlimit', type=float, default=None,
-                        help='band-limiting cut-off of the S4ND models (default: the one saved with their weights, '
-                             "else the model's own)")
+                        help='band-limiting cut-off of the S4ND models, 0 for off (default: the one saved with their '
+                             "weights, else the model's own)")
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
     parser.add_argument('--crop-pct', type=float, default=None, help="ImageFolder center crop (default: each model's)")
     parser.add_argument('--mean', type=float, nargs='+', default=None,

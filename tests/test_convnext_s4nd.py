@@ -41,7 +41,7 @@ def test_defaults_and_paper_variants():
     # through timm.create_model (which drops None arguments) the published settings are one argument set away
     with torch.device('meta'):
         assert _ssm_settings(timm.create_model('convnext_s4nd_atto', **PAPER_SSM)) == {('lin', 0.1, 1.0, None)}
-        with pytest.raises(ValueError, match='bandlimit must be a positive cut-off, or 0 for off'):
+        with pytest.raises(ValueError, match='bandlimit must be a positive cut-off, or 0 or None for off'):
             timm.create_model('convnext_s4nd_atto', bandlimit=-1.0)
     assert [(n, p.shape) for n, p in default.named_parameters()] == [(n, p.shape) for n, p in paper.named_parameters()]
     for size in PAPER_SIZES:

@@ -75,12 +75,13 @@ def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
     trained = {}
     monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: trained.setdefault(name, overrides))
     monkeypatch.setattr(demo, 'load_model', load_model)
-    for bandlimit, extra in ((None, []), ('off', ['model.kwargs.bandlimit=0']), (0.5, ['model.kwargs.bandlimit=0.5'])):
+    for bandlimit, extra in ((None, []), ('off', ['model.kwargs.bandlimit=0']), (0, ['model.kwargs.bandlimit=0']),
+                             (0.5, ['model.kwargs.bandlimit=0.5'])):
         trained.clear()
         with pytest.raises(Built) as built:
             run_demo('convnext', out_dir=str(tmp_path), bandlimit=bandlimit)
         assert trained[setting.s4nd_model] == ['train.seed=0', *extra] and trained[setting.baseline] == ['train.seed=0']
         cut = built.value.args[0]['model_kwargs'].get('bandlimit', 1.0)
-        assert cut == {None: 1.0, 'off': 0, 0.5: 0.5}[bandlimit]
+        assert cut == {None: 1.0, 'off': 0, 0: 0, 0.5: 0.5}[bandlimit]
     with pytest.raises(ValueError, match="bandlimit must be None"):
         run_demo('convnext', out_dir=str(tmp_path), bandlimit=-1)

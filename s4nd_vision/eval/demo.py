@@ -73,7 +73,7 @@ def run_demo(
         out_dir: where each model's run, the CSV and the plot go.
         seed: seed of the whole run (same seed, same numbers).
         bandlimit: S4ND band-limiting cut-off for training and evaluation: None keeps the model's own
-            (ConvNeXt-S4ND: 1.0; the isotropic model: off), 'off' turns it off.
+            (ConvNeXt-S4ND: 1.0; the isotropic model: off), 'off' or 0 turns it off.
         epochs, max_steps_per_epoch: shorten training (quick checks); None keeps the config's.
 
     Returns:
@@ -88,10 +88,11 @@ def run_demo(
         common.append(f'train.epochs={epochs}')
     if max_steps_per_epoch is not None:
         common.append(f'train.max_steps_per_epoch={max_steps_per_epoch}')
-    if not (bandlimit is None or bandlimit == 'off' or (isinstance(bandlimit, (int, float)) and bandlimit > 0)):
-        raise ValueError(f"bandlimit must be None (the model's own), 'off' or a positive number, got {bandlimit!r}")
+    if not (bandlimit is None or bandlimit == 'off' or (isinstance(bandlimit, (int, float)) and bandlimit >= 0)):
+        raise ValueError(f"bandlimit must be None (the model's own), 'off' (or 0) or a positive number, "
+                         f"got {bandlimit!r}")
     # (off is 0: timm.create_model drops arguments that are None)
-    s4nd_kwargs = {} if bandlimit is None else {'bandlimit': 0 if bandlimit == 'off' else float(bandlimit)}
+    s4nd_kwargs = {} if bandlimit is None else {'bandlimit': 0 if bandlimit in ('off', 0) else float(bandlimit)}
     s4nd_extra = [f'model.kwargs.{k}={v}' for k, v in s4nd_kwargs.items()]
     weights = {
         s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model), common + s4nd_extra),

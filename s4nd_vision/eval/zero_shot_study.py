@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..layers import SSM_INITS
 from .demo import CONFIG_DIR, SETTINGS, _train
 from .resolution import eval_resolution, load_model
 
@@ -317,7 +318,6 @@ def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
 def _order(s: Dict) -> tuple:
     """Table order: the baseline, then S4ND settings by init, dt range and band-limit (off first, then from
     the highest cut-off down), each progressive twin after its fixed-size setting."""
-    from ..layers import SSM_INITS
     if s['model'] != S4ND_MODEL:
         return (0, s['model'], (), 0.0, s['progressive'])
     init = SSM_INITS.index(s['init']) if s['init'] in SSM_INITS else len(SSM_INITS)
@@ -375,7 +375,6 @@ def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
     curves.legend(fontsize=6, loc='lower right', bbox_to_anchor=(1.0, 0.15))
 
     grid = [s for s in summary if s['model'] != BASELINE and not s['progressive']]
-    from ..layers import SSM_INITS
     groups = sorted({(s['init'], s['dt_range']) for s in grid}, key=lambda g: (SSM_INITS.index(g[0]), g[1]))
     cuts = sorted({s['bandlimit'] for s in grid}, key=lambda c: -math.inf if c is None else -c)  # off, high to low
     width = 0.8 / max(len(cuts), 1)

@@ -176,8 +176,6 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'downsample_type must be one of {DOWNSAMPLE_TYPES}, got {downsample_type!r}')
         if len(depths) != len(dims):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
-        if bandlimit is not None and not bandlimit >= 0:
-            raise ValueError(f'bandlimit must be a positive cut-off, or 0 for off, got {bandlimit}')
         if bandlimit and kernel != 's4d':
             raise ValueError(f"bandlimit applies to kernel='s4d' only: leave it out or pass 0 with kernel={kernel!r} "
                              f"(got bandlimit={bandlimit})")
@@ -192,7 +190,7 @@ class ConvNeXtBase(S4NDModel):
         s4nd_layer = partial(
             S4ND, ndim=len(grid), kernel=kernel, d_state=d_state,
             init=_DEFAULT_INIT.get(kernel) if ssm_init is None else ssm_init, dt_min=dt_min, dt_max=dt_max,
-            bandlimit=bandlimit or None,
+            bandlimit=bandlimit,
             bidirectional=self._s4nd_bidirectional(), **dd)
         if stem_type == 's4nd':
             self.stem = self._s4nd_stem(dims[0], stem_chs, s4nd_layer, **dd)
