@@ -305,6 +305,38 @@ def test_fused_projection_equals_projection_then_layer(algorithm):
         assert torch.autograd.gradcheck(fn, tuple(inputs))
 
 
+@pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
+def test_fused_projection_in_batch_chunks(monkeypatch, algorithm):
+    """A fused projection made a sample at a time (`ops.projection_chunks`, forced by a tiny budget) gives the
+    values and gradients of the whole batch at once (training and inference paths), and passes gradcheck."""
+    assert ops.projection_chunks((2, 5, 3, 6), 3, 8) == [(0, 3)]  # the default budget: one chunk
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=4, l_ref=(5, 6), pool=(2, 2)).double()
+    x = ops.channel_major(torch.randn(3, 2, 5, 6, dtype=torch.float64))  # batch 3, 2 input channels -> 3
+    weight, bias = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    kernels = [k.detach() for k in layer.axis_kernels((5, 6), dtype=torch.float64)]
+    inputs = [t.clone().requires_grad_() for t in [x, weight, bias, layer.D.detach()] + kernels]
+
+    def fn(x, weight, bias, skip, *kernels):
+        return ops.separable_conv(x, kernels, pools=(2, 2), skip=skip, proj=(weight, bias))
+
+    with ops.conv_algorithm(algorithm):
+        expected = fn(*inputs)
+        expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+        with torch.no_grad():
+            expected_inference = layer.forward_channel_major(x, proj=(weight, bias))
+        monkeypatch.setattr(ops, 'PROJECTION_CHUNK_BYTES', 1)
+        assert ops.projection_chunks(x.shape, 3, 8) == [(0, 1), (1, 1), (2, 1)]
+        y = fn(*inputs)
+        torch.testing.assert_close(y, expected)
+        for got, want in zip(torch.autograd.grad(y.square().sum(), inputs), expected_grads):
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            layer._kernel_cache = None
+            torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected_inference)
+        assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
 def test_toeplitz_conv_in_bfloat16_matches_float32():
     """The half-precision path S4ND takes under CUDA autocast (Toeplitz GEMMs in bf16), run here on the CPU."""
     with ops.conv_algorithm('toeplitz'):

@@ -18,7 +18,7 @@ from .reference import separable_conv_reference, use_reference
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
     'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
-    'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN',
+    'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -29,6 +29,7 @@ ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
 DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side, no pooling
+PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
 _FORCED_ALGORITHM: ContextVar[Optional[str]] = ContextVar('s4nd_conv_algorithm', default=None)
 
 
@@ -77,9 +78,9 @@ def _first_taps(k: torch.Tensor, m: int) -> torch.Tensor:
     return k.narrow(-1, 0, m) if length >= m else F.pad(k, (0, m - length))
 
 
-def _toeplitz_index(n: int, device: torch.device) -> torch.Tensor:
-    i = torch.arange(n, device=device)
-    return i[:, None] - i[None, :] + (n - 1)
+def _toeplitz_index(m: int, n: int, pool: int, device: torch.device) -> torch.Tensor:
+    """(m, n) tap index of the first row of each pooling window: T[c, r * pool, j] = k[c, index[r, j]]."""
+    return (torch.arange(m, device=device) * pool)[:, None] - torch.arange(n, device=device)[None, :] + (n - 1)
 
 
 def _avg_pool_axis(y: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
@@ -170,9 +171,13 @@ class _ToeplitzAxis:
         else:  # (C * P, m, Q) @ (C * P, Q, n), summed over P
             grad_t = torch.bmm(g.reshape(c * prefix, m, suffix), z.reshape(c * prefix, n, suffix).transpose(1, 2))
             grad_t = grad_t.view(c, prefix, m, n).sum(1)
-        grad_t = _avg_pool_axis_adjoint(grad_t, 1, self.pool, n)  # (C, n, n)
-        index = _toeplitz_index(n, grad_t.device).flatten()  # sum each diagonal into its tap
-        return grad_t.new_zeros(c, 2 * n - 1).index_add_(1, index, grad_t.reshape(c, n * n))
+        # each diagonal of the (pooled) matrix sums into its tap; a pooled row r averages the taps of rows
+        # r * pool + s, s < pool: its diagonal sums, spread over `pool` neighbouring taps (a box filter)
+        index = _toeplitz_index(m, n, self.pool, grad_t.device).flatten()
+        grad_k = grad_t.new_zeros(c, 2 * n - 1).index_add_(1, index, grad_t.reshape(c, m * n))
+        if self.pool == 1:
+            return grad_k
+        return F.pad(grad_k, (self.pool - 1, 0)).unfold(1, self.pool, 1).mean(-1)
 
 
 class _FFTAxis:
@@ -280,9 +285,20 @@ def apply_operators(
         pools: Sequence[int],
         skip: Optional[torch.Tensor] = None,
         intermediates: Optional[List[torch.Tensor]] = None,
+        proj: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Forward of `separable_conv` with operators from `conv_operators` (no autograd bookkeeping).
-    With `intermediates` (a list), the result along each axis but the last is appended to it, term by term."""
+    With `intermediates` (a list), the result along each axis but the last is appended to it, term by term
+    (and batch chunk by batch chunk, see `projection_chunks`). With `proj`, u is projected first, a batch
+    chunk at a time."""
+    if proj is None:
+        return _apply_operators(u, operators, pools, skip, intermediates)
+    parts = [_apply_operators(project(u.narrow(-2, start, size), *proj), operators, pools, skip, intermediates)
+             for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size())]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def _apply_operators(u, operators, pools, skip, intermediates) -> torch.Tensor:
     dims = _spatial_dims(u)
     y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * avg_pool_axes(u, pools)
     for ops_ in operators:
@@ -293,6 +309,19 @@ def apply_operators(
                 intermediates.append(z)
         y = ops_[-1].apply(z, dims[-1], acc=y)  # the sum so far accumulates into the last product
     return y
+
+
+def projection_chunks(shape: Sequence[int], channels: int, itemsize: int) -> List[Tuple[int, int]]:
+    """(start, size) slices of the batch axis (-2) of a channel-major input of `shape` whose pointwise
+    projection to `channels` takes at most `PROJECTION_CHUNK_BYTES` each (at least one sample).
+
+    A widening projection (the stem: 3 -> 32 channels at full resolution) makes the largest temporary of
+    the network. Made a few samples at a time it stays in cache, and the allocator reuses its memory
+    instead of mapping fresh pages for every call, which on the CPU costs more than the GEMM that fills them."""
+    batch = shape[-2]
+    per_sample = channels * math.prod(shape[1:]) // max(batch, 1) * itemsize
+    step = max(1, min(batch, PROJECTION_CHUNK_BYTES // max(per_sample, 1)))
+    return [(start, min(step, batch - start)) for start in range(0, batch, step)] or [(0, 0)]
 
 
 class DepthwiseConv2d:
@@ -339,17 +368,18 @@ class _SeparableConv(torch.autograd.Function):
     When the first axis is pooled, the intermediates are at most 1 / pool of the input and are kept
     instead (the stem and downsampling layers: one large GEMM fewer for a fraction of the memory).
     A fused projection is recomputed (one GEMM): a projection that widens its input (e.g. a stem,
-    3 -> 32 channels at full resolution) then costs the memory of its narrow input only.
+    3 -> 32 channels at full resolution) then costs the memory of its narrow input only. With a projection,
+    both passes run a batch chunk at a time (`projection_chunks`).
     """
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, pools, *kernels):
-        u = x if weight is None else project(x, weight, bias)
-        kept = []
-        algorithms = conv_algorithms(u.shape, pools)  # the backward pass uses the same
-        y = apply_operators(u, conv_operators(kernels, u.shape, pools, algorithms), pools, skip,
-                            intermediates=kept if pools[0] > 1 else None)
-        ctx.save_for_backward(x, skip, weight, bias, *kernels, *kept)
+        shape = x.shape if weight is None else (weight.shape[0],) + x.shape[1:]
+        algorithms = conv_algorithms(shape, pools)  # the backward pass uses the same
+        kept = [] if pools[0] > 1 else None
+        proj = None if weight is None else (weight, bias)
+        y = apply_operators(x, conv_operators(kernels, shape, pools, algorithms), pools, skip, kept, proj=proj)
+        ctx.save_for_backward(x, skip, weight, bias, *kernels, *(kept or ()))
         ctx.pools, ctx.num_kernels, ctx.algorithms = pools, len(kernels), algorithms
         return y
 
@@ -358,32 +388,55 @@ class _SeparableConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, skip, weight, bias, *kernels = ctx.saved_tensors
         kernels, kept = kernels[: ctx.num_kernels], kernels[ctx.num_kernels:]
-        u = x if weight is None else project(x, weight, bias)
-        pools, dims = ctx.pools, _spatial_dims(u)
         grad = channel_major(channels_first(grad))  # usually a permuted view of the next layer's layout
-        grad_u, grad_skip, grad_pooled = None, None, None
-        if skip is not None:
-            grad_skip = (grad * avg_pool_axes(u, pools)).sum(dim=list(range(1, u.ndim)))
-            grad_pooled = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * grad
-            if all(p == 1 for p in pools):  # the first axis' adjoint GEMM accumulates into it
-                grad_u, grad_pooled = grad_pooled, None
-        grad_kernels = [torch.zeros_like(k) for k in kernels]
-        for term, ops_ in enumerate(conv_operators(kernels, u.shape, pools, ctx.algorithms)):
-            inputs = [u]  # the input of every axis, kept or recomputed
-            for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
-                inputs.append(kept[term * (len(dims) - 1) + a] if kept else op.apply(inputs[-1], dim))
-            g = grad
-            for a in reversed(range(len(dims))):
-                grad_kernels[a][term], g = ops_[a].backward(inputs[a], g, dims[a], acc=grad_u if a == 0 else None)
-            grad_u = g
-        if grad_pooled is not None:  # the skip's gradient, spread over the pooling windows
-            _add_pool_adjoint_(grad_u, grad_pooled, dims, pools)
+        shape = x.shape if weight is None else (weight.shape[0],) + x.shape[1:]
+        operators = conv_operators(kernels, shape, ctx.pools, ctx.algorithms)
         if weight is None:
+            grad_u, grad_skip, grad_kernels = _separable_conv_backward(x, grad, skip, kernels, operators, kept,
+                                                                       ctx.pools)
             return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
-        grad_u = grad_u.flatten(1)
-        grad_x = torch.mm(weight.t(), grad_u).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_bias = grad_u.sum(1) if bias is not None else None
-        return (grad_x, grad_skip, torch.mm(grad_u, x.flatten(1).t()), grad_bias, None) + tuple(grad_kernels)
+        chunks = projection_chunks(x.shape, weight.shape[0], weight.element_size())
+        per_chunk = len(kept) // len(chunks)
+        grads_x, grad_weight, grad_bias, grad_skip, grad_kernels = [], 0, 0, 0, 0
+        for i, (start, size) in enumerate(chunks):
+            x_c = x.narrow(-2, start, size)
+            grad_u, grad_skip_c, grad_kernels_c = _separable_conv_backward(
+                project(x_c, weight, bias), grad.narrow(-2, start, size), skip, kernels, operators,
+                kept[i * per_chunk: (i + 1) * per_chunk], ctx.pools)
+            grad_u = grad_u.flatten(1)
+            if ctx.needs_input_grad[0]:
+                grads_x.append(torch.mm(weight.t(), grad_u).view(x_c.shape))
+            grad_weight = grad_weight + torch.mm(grad_u, x_c.flatten(1).t())
+            grad_bias = grad_bias + grad_u.sum(1) if bias is not None else None
+            grad_skip = grad_skip + grad_skip_c if skip is not None else None
+            grad_kernels = [g + g_c for g, g_c in zip(grad_kernels, grad_kernels_c)] if i else grad_kernels_c
+        grad_x = (grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x, dim=-2)) if grads_x else None
+        return (grad_x, grad_skip, grad_weight, grad_bias, None) + tuple(grad_kernels)
+
+
+def _separable_conv_backward(u, grad, skip, kernels, operators, kept, pools) -> tuple:
+    """Gradients of the input u, of the skip weights and of the kernels of `_SeparableConv` (without
+    projection) for the channel-major output gradient `grad`, with the forward's `operators` (any batch size)
+    and intermediates `kept` (or empty: recomputed)."""
+    dims = _spatial_dims(u)
+    grad_u, grad_skip, grad_pooled = None, None, None
+    if skip is not None:
+        grad_skip = (grad * avg_pool_axes(u, pools)).sum(dim=list(range(1, u.ndim)))
+        grad_pooled = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * grad
+        if all(p == 1 for p in pools):  # the first axis' adjoint GEMM accumulates into it
+            grad_u, grad_pooled = grad_pooled, None
+    grad_kernels = [torch.zeros_like(k) for k in kernels]
+    for term, ops_ in enumerate(operators):
+        inputs = [u]  # the input of every axis, kept or recomputed
+        for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
+            inputs.append(kept[term * (len(dims) - 1) + a] if kept else op.apply(inputs[-1], dim))
+        g = grad
+        for a in reversed(range(len(dims))):
+            grad_kernels[a][term], g = ops_[a].backward(inputs[a], g, dims[a], acc=grad_u if a == 0 else None)
+        grad_u = g
+    if grad_pooled is not None:  # the skip's gradient, spread over the pooling windows
+        _add_pool_adjoint_(grad_u, grad_pooled, dims, pools)
+    return grad_u, grad_skip, grad_kernels
 
 
 def separable_conv(

@@ -18,7 +18,6 @@ from .ops import (
     channels_first,
     conv_algorithms,
     conv_operators,
-    project,
     separable_conv,
     two_sided_kernel,
 )
@@ -377,10 +376,8 @@ class S4ND(nn.Module):
                     kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
                 kernels = [k.to(conv_dtype) for k in kernels]
                 return separable_conv(u, kernels, self.pool, skip=skip, proj=proj)
-            if proj is not None:
-                u = project(u, *proj)
             operators = self._cached_operators(shape, rate, kernel_dtype, conv_dtype)
-            return apply_operators(u, operators, self.pool, skip=skip)
+            return apply_operators(u, operators, self.pool, skip=skip, proj=proj)
 
     def extra_repr(self) -> str:
         s = f'{self.dim}, ndim={self.ndim}, kernel={self.kernel!r}, rank={self.rank}'

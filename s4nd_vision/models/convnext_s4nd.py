@@ -20,11 +20,12 @@ from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..layers import channel_major, channels_first
+from ..layers import channel_major
 from ._base import LIBRARY_CFG, S4ND_PAPER
 from ._checkpoint import match_state_dict, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase
@@ -38,7 +39,8 @@ class S4NDStem(nn.Sequential):
 
     The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major
     layout, and the first projection is fused into the S4ND layer (one GEMM, recomputed in the
-    backward pass): no NCHW 1x1 conv, no permuted copies, and only the narrow input is saved.
+    backward pass, a few samples at a time): no 1x1 conv or permuted copy at full resolution, and only
+    the narrow input is saved.
     """
 
     def __init__(
@@ -61,15 +63,16 @@ class S4NDStem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj, s4nd = self[0], self[1]
+        proj, s4nd, conv, _, norm = self  # (the GLU halves the channels: the last axis below)
         # the projection is fused into S4ND: only the (in_chs, H, B, W) input is kept for backward
         y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
-        y = channels_first(y)
-        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the next conv picks its dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
             y = y.to(x.dtype)
-        for m in list(self)[2:]:
-            y = m(y)
-        return y
+        # the pointwise projection, GLU and norm run on (B, H, W, C): plain GEMMs and row-wise ops that read
+        # and write channels-last memory, which the blocks take as it is (no layout conversions either way)
+        y = F.linear(y.permute(2, 1, 3, 0), conv.weight.flatten(1), conv.bias)
+        y = F.layer_norm(F.glu(y, dim=-1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return y.permute(0, 3, 1, 2)
 
 
 class ConvNeXtS4ND(ConvNeXtBase):
