@@ -15,13 +15,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, to_2tuple
 from timm.models import checkpoint_seq
 
-from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, stacked_kernels
+from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, stacked_kernels
 from ._base import S4NDModel
 
-__all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'STEM_TYPES', 'DOWNSAMPLE_TYPES', 'PAPER_SSM']
+__all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES', 'PAPER_SSM']
 
 STEM_TYPES = ('s4nd', 'patch')
 DOWNSAMPLE_TYPES = ('s4nd', 'conv')
@@ -33,6 +34,81 @@ _DEFAULT_INIT = {'s4d': 'inv', 's4': 'legs'}  # (S4's DPLR form is HiPPO-LegS's;
 _DEFAULT_BANDLIMIT = {'s4d': 1.0}  # (band-limiting is defined for the diagonal kernels only)
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {2: LayerNorm2d, 3: LayerNorm3d}
+
+
+def _pointwise_glu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, *spatial, C_out): the 1x1 `conv` (C -> 2 C_out) and a GLU over its channels,
+    computed as one GEMM on channels-last rows; `x` may be any permuted view (the GEMM reads it once).
+    A 1x1 conv on the permuted view the S4ND layers return on the CPU costs several times more."""
+    return F.glu(F.linear(x.movedim(1, -1), conv.weight.flatten(1), conv.bias), dim=-1)
+
+
+class S4NDStem(nn.Sequential):
+    """(B, in_chs, *spatial) -> (B, out_chs, *spatial / pool): pointwise in_chs -> stem_chs, S4ND at full
+    resolution with average pooling by `pool` (fused), pointwise projection with GLU, norm; 2 or 3 axes.
+
+    The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major layout,
+    and the first projection is fused into the S4ND layer (recomputed in the backward pass, a few samples
+    at a time): no 1x1 conv or permuted copy at full resolution, and only the narrow input is saved.
+    The result is in channels-last memory, the blocks' layout.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stem_chs: int,
+            grid: Tuple[int, ...],
+            pool: Tuple[int, ...],
+            s4nd_layer: Callable,
+            device=None,
+            dtype=None,
+    ):
+        dd = dict(device=device, dtype=dtype)
+        conv, norm = _CONV[len(grid)], _NORM[len(grid)]
+        super().__init__(
+            conv(in_chs, stem_chs, kernel_size=1, **dd),
+            s4nd_layer(stem_chs, l_ref=grid, pool=pool),
+            conv(stem_chs, 2 * out_chs, kernel_size=1, **dd),
+            nn.GLU(dim=1),
+            norm(out_chs, **dd),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj, s4nd, conv, _, norm = self  # (the GLU and the norm act on the channels, the last axis below)
+        y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
+            y = y.to(x.dtype)
+        y = _pointwise_glu(channels_first(y), conv)
+        return F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps).movedim(-1, 1)
+
+
+class S4NDDownsample(nn.Sequential):
+    """(B, in_chs, *spatial) -> (B, out_chs, *spatial / pool): norm, S4ND with average pooling by `pool`
+    (fused: a resolution-aware downsampling), pointwise projection with GLU; the result in channels-last
+    memory."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            grid: Tuple[int, ...],
+            pool: Tuple[int, ...],
+            s4nd_layer: Callable,
+            device=None,
+            dtype=None,
+    ):
+        dd = dict(device=device, dtype=dtype)
+        super().__init__(
+            _NORM[len(grid)](in_chs, **dd),
+            s4nd_layer(in_chs, l_ref=grid, pool=pool),
+            _CONV[len(grid)](in_chs, 2 * out_chs, kernel_size=1, **dd),
+            nn.GLU(dim=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, s4nd, conv, _ = self  # (the GLU acts on the channels, the last axis of `_pointwise_glu`)
+        return _pointwise_glu(s4nd(norm(x)), conv).movedim(-1, 1)
 
 
 class ConvNeXtStage(nn.Module):
@@ -70,12 +146,7 @@ class ConvNeXtStage(nn.Module):
         self.grad_checkpointing = False
         if downsample_type == 's4nd':
             in_size = tuple(s * d for s, d in zip(feat_size, down))
-            self.downsample = nn.Sequential(
-                norm(in_chs, **dd),
-                s4nd_layer(in_chs, l_ref=in_size, pool=down),
-                conv(in_chs, 2 * out_chs, kernel_size=1, **dd),
-                nn.GLU(dim=1),
-            )
+            self.downsample = S4NDDownsample(in_chs, out_chs, in_size, down, s4nd_layer, **dd)
         elif downsample_type == 'conv':
             self.downsample = nn.Sequential(
                 norm(in_chs, **dd),
@@ -245,8 +316,9 @@ class ConvNeXtBase(S4NDModel):
         return None
 
     def _s4nd_stem(self, out_chs: int, stem_chs: int, s4nd_layer: Callable, **dd) -> nn.Module:
-        """The 's4nd' stem: (B, in_chans, *spatial) -> (B, out_chs, *spatial / stem_stride)."""
-        raise NotImplementedError
+        """The 's4nd' stem (`S4NDStem`): (B, in_chans, *spatial) -> (B, out_chs, *spatial / stem_stride)."""
+        return S4NDStem(self.in_chans, out_chs, stem_chs, self._grid(self.img_size), self.stem_stride, s4nd_layer,
+                        **dd)
 
     def _patch_stem(self, out_chs: int, **dd) -> nn.Module:
         """The 'patch' stem, timm's: a conv of kernel and stride `stem_stride`, then norm."""

@@ -16,63 +16,17 @@ stride, saved with the weights) and derives its step-size rate from each input's
 evaluating at a new resolution needs nothing. `set_input_size(img_size)` makes another resolution
 the native one (the data config's), keeping the model's function, as in timm.
 """
-from typing import Callable, Dict, Tuple
+from typing import Dict
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..layers import channel_major
 from ._base import LIBRARY_CFG, S4ND_PAPER
 from ._checkpoint import match_state_dict, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase
 
 __all__ = ['ConvNeXtS4ND']
-
-
-class S4NDStem(nn.Sequential):
-    """(B, in_chs, H, W) -> (B, out_chs, H/4, W/4): pointwise in_chs -> stem_chs, S4ND at full
-    resolution with average pooling by 4 (fused), pointwise projection with GLU, norm.
-
-    The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major
-    layout, and the first projection is fused into the S4ND layer (one GEMM, recomputed in the
-    backward pass, a few samples at a time): no 1x1 conv or permuted copy at full resolution, and only
-    the narrow input is saved.
-    """
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            stem_chs: int,
-            img_size: Tuple[int, int],
-            s4nd_layer: Callable,
-            device=None,
-            dtype=None,
-    ):
-        dd = dict(device=device, dtype=dtype)
-        super().__init__(
-            nn.Conv2d(in_chs, stem_chs, kernel_size=1, **dd),
-            s4nd_layer(stem_chs, l_ref=img_size, pool=4),
-            nn.Conv2d(stem_chs, 2 * out_chs, kernel_size=1, **dd),
-            nn.GLU(dim=1),
-            LayerNorm2d(out_chs, **dd),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj, s4nd, conv, _, norm = self  # (the GLU halves the channels: the last axis below)
-        # the projection is fused into S4ND: only the (in_chs, H, B, W) input is kept for backward
-        y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
-        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
-            y = y.to(x.dtype)
-        # the pointwise projection, GLU and norm run on (B, H, W, C): plain GEMMs and row-wise ops that read
-        # and write channels-last memory, which the blocks take as it is (no layout conversions either way)
-        y = F.linear(y.permute(2, 1, 3, 0), conv.weight.flatten(1), conv.bias)
-        y = F.layer_norm(F.glu(y, dim=-1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        return y.permute(0, 3, 1, 2)
 
 
 class ConvNeXtS4ND(ConvNeXtBase):
@@ -82,9 +36,6 @@ class ConvNeXtS4ND(ConvNeXtBase):
     """
     stem_stride = (4, 4)
     down = (2, 2)
-
-    def _s4nd_stem(self, out_chs: int, stem_chs: int, s4nd_layer: Callable, **dd) -> nn.Module:
-        return S4NDStem(self.in_chans, out_chs, stem_chs, self.img_size, s4nd_layer, **dd)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4ND) -> Dict[str, torch.Tensor]:

@@ -39,7 +39,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..layers import LayerNorm3d
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, update_model_args
 from ._checkpoint import unwrap_state_dict
 from ._checks import check_input
@@ -103,17 +102,6 @@ class ConvNeXt3d(ConvNeXtBase):
 
     def _mixer_layer(self, device=None, dtype=None) -> Optional[Callable[[int], nn.Module]]:
         return partial(_dw_conv3d, device=device, dtype=dtype) if self.mixer_type == 'conv' else None
-
-    def _s4nd_stem(self, out_chs: int, stem_chs: int, s4nd_layer: Callable, **dd) -> nn.Module:
-        """Pointwise in_chans -> stem_chs, S4ND at full resolution with average pooling by the tubelet (2, 4, 4),
-        pointwise GLU projection, norm."""
-        return nn.Sequential(
-            nn.Conv3d(self.in_chans, stem_chs, kernel_size=1, **dd),
-            s4nd_layer(stem_chs, l_ref=self._grid(self.img_size), pool=_TUBELET),
-            nn.Conv3d(stem_chs, 2 * out_chs, kernel_size=1, **dd),
-            nn.GLU(dim=1),
-            LayerNorm3d(out_chs, **dd),
-        )
 
     def input_size(self) -> Tuple[int, ...]:
         return (self.in_chans, self.num_frames, *self.img_size)
