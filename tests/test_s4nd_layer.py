@@ -309,7 +309,7 @@ def test_fused_projection_equals_projection_then_layer(algorithm):
 def test_fused_projection_in_batch_chunks(monkeypatch, algorithm):
     """A fused projection made a sample at a time (`ops.projection_chunks`, forced by a tiny budget) gives the
     values and gradients of the whole batch at once (training and inference paths), and passes gradcheck."""
-    assert ops.projection_chunks((2, 5, 3, 6), 3, 8) == [(0, 3)]  # the default budget: one chunk
+    assert ops.projection_chunks((2, 5, 3, 6), 3, 8, 'cpu') == [(0, 3)]  # the default budget: one chunk
     torch.manual_seed(0)
     layer = S4ND(3, ndim=2, d_state=4, l_ref=(5, 6), pool=(2, 2)).double()
     x = ops.channel_major(torch.randn(3, 2, 5, 6, dtype=torch.float64))  # batch 3, 2 input channels -> 3
@@ -326,7 +326,8 @@ def test_fused_projection_in_batch_chunks(monkeypatch, algorithm):
         with torch.no_grad():
             expected_inference = layer.forward_channel_major(x, proj=(weight, bias))
         monkeypatch.setattr(ops, 'PROJECTION_CHUNK_BYTES', 1)
-        assert ops.projection_chunks(x.shape, 3, 8) == [(0, 1), (1, 1), (2, 1)]
+        assert ops.projection_chunks(x.shape, 3, 8, 'cpu') == [(0, 1), (1, 1), (2, 1)]
+        assert ops.projection_chunks(x.shape, 3, 8, 'meta') == [(0, 3)]  # (off the CPU: never chunked)
         y = fn(*inputs)
         torch.testing.assert_close(y, expected)
         for got, want in zip(torch.autograd.grad(y.square().sum(), inputs), expected_grads):

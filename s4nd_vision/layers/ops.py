@@ -294,7 +294,7 @@ def apply_operators(
     if proj is None:
         return _apply_operators(u, operators, pools, skip, intermediates)
     parts = [_apply_operators(project(u.narrow(-2, start, size), *proj), operators, pools, skip, intermediates)
-             for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size())]
+             for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size(), u.device)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
@@ -311,14 +311,19 @@ def _apply_operators(u, operators, pools, skip, intermediates) -> torch.Tensor:
     return y
 
 
-def projection_chunks(shape: Sequence[int], channels: int, itemsize: int) -> List[Tuple[int, int]]:
-    """(start, size) slices of the batch axis (-2) of a channel-major input of `shape` whose pointwise
-    projection to `channels` takes at most `PROJECTION_CHUNK_BYTES` each (at least one sample).
+def projection_chunks(
+        shape: Sequence[int], channels: int, itemsize: int, device: torch.device) -> List[Tuple[int, int]]:
+    """(start, size) slices of the batch axis (-2) of a channel-major input of `shape` on `device` whose
+    pointwise projection to `channels` takes at most `PROJECTION_CHUNK_BYTES` each (at least one sample);
+    off the CPU, the whole batch.
 
     A widening projection (the stem: 3 -> 32 channels at full resolution) makes the largest temporary of
-    the network. Made a few samples at a time it stays in cache, and the allocator reuses its memory
-    instead of mapping fresh pages for every call, which on the CPU costs more than the GEMM that fills them."""
+    the network. On the CPU, made a few samples at a time, it stays in cache, and glibc's allocator reuses
+    its memory instead of mapping fresh pages for every call, which costs more than the GEMM that fills
+    them (GPUs have caching allocators, and gain nothing from more, smaller launches)."""
     batch = shape[-2]
+    if torch.device(device).type != 'cpu':
+        return [(0, batch)]
     per_sample = channels * math.prod(shape[1:]) // max(batch, 1) * itemsize
     step = max(1, min(batch, PROJECTION_CHUNK_BYTES // max(per_sample, 1)))
     return [(start, min(step, batch - start)) for start in range(0, batch, step)] or [(0, 0)]
@@ -395,7 +400,7 @@ class _SeparableConv(torch.autograd.Function):
             grad_u, grad_skip, grad_kernels = _separable_conv_backward(x, grad, skip, kernels, operators, kept,
                                                                        ctx.pools)
             return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
-        chunks = projection_chunks(x.shape, weight.shape[0], weight.element_size())
+        chunks = projection_chunks(x.shape, weight.shape[0], weight.element_size(), x.device)
         per_chunk = len(kept) // len(chunks)
         grads_x, grad_weight, grad_bias, grad_skip, grad_kernels = [], 0, 0, 0, 0
         for i, (start, size) in enumerate(chunks):
