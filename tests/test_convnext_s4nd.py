@@ -116,6 +116,29 @@ def test_stem_and_downsample_types():
         timm.create_model('convnext_s4nd_atto', downsample_type='strided')
 
 
+@pytest.mark.parametrize('name, shape', [('convnext_s4nd_atto', (2, 3, 64, 48)),
+                                         ('convnext_s4nd_3d_atto', (2, 3, 4, 32, 32))])
+def test_stem_and_downsampling_compute_their_modules_in_order(name, shape):
+    """The S4ND stem and downsampling run their 1x1 conv, GLU and norm as GEMM and row ops on channels-last
+    rows (and the stem's first conv fused into S4ND): the same values and gradients as applying the modules
+    one after another, and channels-last results for the blocks."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=shape[-2:], **({'num_frames': shape[2]} if len(shape) == 5 else {}))
+    x = torch.randn(shape)
+    for module in (model.stem, model.stages[1].downsample):
+        module_x = x if module is model.stem else torch.randn(model.stages[0](model.stem(x)).shape)
+        outs, grads = [], []
+        for forward in (module.forward, partial(torch.nn.Sequential.forward, module)):
+            y = forward(module_x)
+            grads.append(torch.autograd.grad(y.square().sum(), list(module.parameters())))
+            outs.append(y)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        assert outs[0].is_contiguous(memory_format=memory_format)
+
+
 def test_bad_input_errors():
     model = timm.create_model('convnext_s4nd_atto')
     with pytest.raises(ValueError, match='at least 32'):
