@@ -75,7 +75,9 @@ class S4NDStem(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj, s4nd, conv, _, norm = self  # (the GLU and the norm act on the channels, the last axis below)
+        # (the nn.GLU, dim=1, describes the layer and keeps timm's module indices; here the channels are the
+        # last axis, where `_pointwise_glu` and the norm act)
+        proj, s4nd, conv, _, norm = self
         y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
             y = y.to(x.dtype)
@@ -107,7 +109,7 @@ class S4NDDownsample(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm, s4nd, conv, _ = self  # (the GLU acts on the channels, the last axis of `_pointwise_glu`)
+        norm, s4nd, conv, _ = self  # (the GLU, as in `S4NDStem`: applied by `_pointwise_glu`, channels last)
         return _pointwise_glu(s4nd(norm(x)), conv).movedim(-1, 1)
 
 
