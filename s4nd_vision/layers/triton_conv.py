@@ -165,9 +165,9 @@ def _kernel_grad_kernel(
                 val = tl.zeros([BLOCK_C], dtype=tl.float32)
                 for t in tl.static_range(PW):
                     m = o + w - W + 1 - t
-                    q = m // PW
-                    ok = w_ok & (m >= 0) & (m % PW == 0) & (q < WO)
-                    gv = tl.load(g_base + p * sgh + q[:, None] * sgw + c[None, :] * sgc,
+                    q_of_w = m // PW  # (a new name: a loop variable may not change type in compiled Triton)
+                    ok = w_ok & (m >= 0) & (m % PW == 0) & (q_of_w < WO)
+                    gv = tl.load(g_base + p * sgh + q_of_w[:, None] * sgw + c[None, :] * sgc,
                                  mask=ok[:, None] & c_ok[None, :], other=0.0)
                     val += tl.sum(gv.to(tl.float32) * zh, axis=0)
                 acc_w += tl.where(ow[:, None] == o, val[None, :] / PW, 0.0)
@@ -182,16 +182,16 @@ def _kernel_grad_kernel(
         tl.atomic_add(dkw_ptr + (r * C + c[None, :]) * n_w + ow[:, None], acc_w,
                       mask=(ow < n_w)[:, None] & c_ok[None, :])
     if HAS_SKIP:  # dD[c] = sum_{p, q} g[p, q, c] pool(x)[p, q, c]
-        q = tl.arange(0, BLOCK_IN)
-        mask_q = (q < WO)[:, None] & c_ok[None, :]
+        qs = tl.arange(0, BLOCK_IN)
+        mask_q = (qs < WO)[:, None] & c_ok[None, :]
         dd = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p in range(HO):
             pooled = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
             for s in tl.static_range(PH):
                 for t in tl.static_range(PW):
-                    pooled += tl.load(x_base + (p * PH + s) * sxh + (q[:, None] * PW + t) * sxw + c[None, :] * sxc,
+                    pooled += tl.load(x_base + (p * PH + s) * sxh + (qs[:, None] * PW + t) * sxw + c[None, :] * sxc,
                                       mask=mask_q, other=0.0).to(tl.float32)
-            gq = tl.load(g_base + p * sgh + q[:, None] * sgw + c[None, :] * sgc, mask=mask_q, other=0.0)
+            gq = tl.load(g_base + p * sgh + qs[:, None] * sgw + c[None, :] * sgc, mask=mask_q, other=0.0)
             dd += tl.sum(gq.to(tl.float32) * pooled, axis=0)
         tl.atomic_add(dd_ptr + c, dd / (PH * PW), mask=c_ok)
 

@@ -1,0 +1,137 @@
+"""Compile every Triton kernel of the CUDA path for a GPU target, on a machine without a GPU.
+
+Triton's CPU interpreter (the other tests) runs kernels as NumPy code: it checks their values, not that the
+compiler accepts them (e.g. a loop variable that changes type compiles to an error, but interprets fine).
+This script runs the real launchers (`triton_conv.separable_conv2d_cl` forward and backward,
+`triton_kernels.ssm_kernels_fused` forward and backward) on CPU tensors with the kernels replaced by recorders,
+then compiles each recorded launch (argument types, constexprs, num_warps) down to a cubin for the target
+(Triton ships ptxas; no driver is needed). It prints one JSON line per compiled kernel and exits non-zero if
+any launch fails to compile.
+
+    python tests/triton_compile_script.py [--arch 90]
+
+Run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    sys.exit('run triton_compile_script.py without TRITON_INTERPRET')
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from s4nd_vision.layers import triton_conv, triton_kernels  # noqa: E402
+from s4nd_vision.layers.ssm_kernel import SSMKernel  # noqa: E402
+
+KERNELS = {
+    (triton_conv, '_conv_kernel'), (triton_conv, '_kernel_grad_kernel'),
+    (triton_kernels, '_vandermonde_fwd'), (triton_kernels, '_vandermonde_bwd'),
+}
+_TYPES = {torch.float32: '*fp32', torch.bfloat16: '*bf16', torch.float16: '*fp16', torch.int32: '*i32',
+          torch.int64: '*i64'}
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, name, fn, launches):
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, self.fn, args, kwargs))
+
+
+def _signature(fn, args, kwargs):
+    """Triton's signature and constexprs of a launch of `fn` with positional `args` and keyword `kwargs`."""
+    signature, constexprs = {}, {}
+    positional = iter(args)
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = 'constexpr'
+            constexprs[name] = kwargs[name]
+            continue
+        value = next(positional)
+        if isinstance(value, torch.Tensor):
+            signature[name] = _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = 'i1'
+        elif isinstance(value, int):
+            signature[name] = 'i32' if -2 ** 31 <= value < 2 ** 31 else 'i64'
+        elif isinstance(value, float):
+            signature[name] = 'fp32'
+        else:
+            raise TypeError(f'{fn.__name__}: argument {name} of type {type(value).__name__}')
+    if next(positional, None) is not None:
+        raise TypeError(f'{fn.__name__}: more positional arguments than parameters')
+    return signature, constexprs
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers, stack (spills) and shared memory of a cubin, from cuobjdump (shipped with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, '--dump-resource-usage', f.name], capture_output=True, text=True).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r'(REG|STACK|SHARED|LOCAL):(\d+)', out)}
+
+
+def record_launches() -> list:
+    """Runs the launchers of the models' cases (the four ConvNeXt-T stages, the pooling of the downsampling
+    layers, float32 / bfloat16 / float16, forward and backward) and returns their recorded kernel launches."""
+    launches = []
+    for module, name in KERNELS:
+        setattr(module, name, _Recorder(name, getattr(module, name), launches))
+    cases = [((2, 56, 56, 96), (1, 1), torch.float32), ((2, 56, 56, 96), (1, 1), torch.bfloat16),
+             ((2, 28, 28, 192), (1, 1), torch.bfloat16), ((2, 14, 14, 384), (1, 1), torch.bfloat16),
+             ((2, 7, 7, 768), (1, 1), torch.bfloat16), ((2, 56, 56, 96), (2, 2), torch.bfloat16),
+             ((2, 64, 64, 32), (4, 4), torch.float16)]
+    for (b, h, w, c), pools, dtype in cases:
+        x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
+        kh = torch.zeros(1, c, 2 * h - 1, requires_grad=True)
+        kw = torch.zeros(1, c, 2 * w - 1, requires_grad=True)
+        skip = torch.zeros(c, requires_grad=True)
+        triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
+    entries = [SSMKernel(96, d_state=64, num_kernels=2), SSMKernel(192, d_state=64, num_kernels=2)]
+    made = triton_kernels.ssm_kernels_fused(entries, [56, 111], [1.0, 0.5])
+    sum(k.sum() for k in made).backward()
+    return launches
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--arch', type=int, default=90, help='CUDA compute capability, e.g. 90 (H100/H200), 80')
+    args = parser.parse_args()
+    target = GPUTarget('cuda', args.arch, 32)
+    seen, failed = set(), False
+    for name, fn, launch_args, kwargs in record_launches():
+        signature, constexprs = _signature(fn, launch_args, kwargs)
+        key = (name, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        options = {k: kwargs[k] for k in ('num_warps', 'num_stages') if k in kwargs}
+        report = {'kernel': name, 'arch': args.arch, 'constexprs': constexprs,
+                  'dtypes': sorted({t for t in signature.values() if t.startswith('*')})}
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                      target=target, options=options)
+            report.update(ok=True, **_resources(compiled.asm['cubin']))
+        except Exception as error:  # noqa: BLE001  (a CompilationError, or ptxas refusing the PTX)
+            failed = True
+            report.update(ok=False, error=f'{type(error).__name__}: {error}'[-2000:])
+        print(json.dumps(report), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
