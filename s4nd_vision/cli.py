@@ -6,7 +6,7 @@
     s4nd-vision kernel-report --model convnext_s4nd_atto --img-size 64 --bandlimits 1.0 0.5
     s4nd-vision zero-shot-study --inits lin legs --seeds 0 1 2 --out output/zero_shot_study
     s4nd-vision inflate 2d.safetensors 3d.safetensors --model convnext_s4nd_3d_tiny
-    s4nd-vision benchmark | flops MODEL ... | smoke
+    s4nd-vision benchmark | flops MODEL ... | smoke | gpu-check
     s4nd-vision export convnext_s4nd_tiny --sizes 224 288x352      # ONNX with dynamic sizes
     s4nd-vision seq-mnist --rows 14 --cols 14                       # sequential MNIST at other sampling rates
 
@@ -289,6 +289,10 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
     parser.add_argument('--compile', action='store_true', help='run both models through torch.compile')
+    parser.add_argument('--num-frames', type=int, default=None,
+                        help='video pairs (e.g. convnext_s4nd_3d_tiny:convnext_3d_tiny): clips of this many frames')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='models and input in channels-last memory (as GPU training usually runs)')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--json', default=None, help='write the rows to this JSON file')
     parser.add_argument('--default-malloc', action='store_true',
@@ -332,7 +336,8 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
         model_rows = bench_models(
             pairs=[parse_pair(p) for p in args.pairs], img_size=args.img_size, batch_size=args.batch_size,
-            device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile)
+            device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile,
+            num_frames=args.num_frames, channels_last=args.channels_last)
         print(format_table(model_rows), flush=True)
         rows += model_rows
     if args.json:
@@ -384,6 +389,32 @@ def _count_flops(args: argparse.Namespace, x) -> None:
               f'plain fvcore {plain.total() / 1e9:.3f} GMACs')
         print(f'  by operator (GMACs): {top}')
         print(f'  not counted: {dict(counted.unsupported_ops())}')
+
+
+# ----------------------------------------------------------------------------------------- gpu-check
+
+def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench.gpu_check import SECTIONS
+    parser.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS[:4]),
+                        help='what to run (default: all but compiled, which compiles four models: run it alone)')
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--tiny', action='store_true', help='tiny sizes (a minute on a CPU, with TRITON_INTERPRET=1): '
+                        'checks the script, measures nothing')
+    parser.add_argument('--json', default=None, help='write the results to this JSON file (after every section)')
+
+
+def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import torch
+
+    from .bench.gpu_check import GPU, TINY, run_checks
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+        parser.error('no CUDA device (--device cpu --tiny checks the script on the CPU, with TRITON_INTERPRET=1)')
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
+    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json)
+    if not results['ok']:
+        sys.exit(1)
+    return results
 
 
 # --------------------------------------------------------------------------------------------- smoke
@@ -571,6 +602,15 @@ s4nd_vision.bench.flops.
 Prints, per model: GMACs with the handles, fvcore's own count (FFTs and complex products as 0),
 the largest operators, and the ops still left uncounted.""",
         _flops_arguments, _flops_run),
+    'gpu-check': Command(
+        'every check of the CUDA path in one run: correctness, layer benchmark, profile, model pairs',
+        """Every check of S4ND's CUDA path in one run, sized to take under 8 minutes on one H100/H200
+(see s4nd_vision.bench.gpu_check); exits non-zero if a correctness check fails.
+
+    s4nd-vision gpu-check --json output/gpu_check.json            # correctness bench profile models
+    s4nd-vision gpu-check --sections compiled --json output/gpu_check_compiled.json
+    TRITON_INTERPRET=1 s4nd-vision gpu-check --device cpu --tiny  # checks the script on a CPU""",
+        _gpu_check_arguments, _gpu_check_run),
     'smoke': Command(
         'build a model through timm and run it at several resolutions',
         'Smoke run: create convnext_s4nd_tiny with timm and run it at two resolutions (see s4nd_vision.bench.smoke).',

@@ -32,6 +32,15 @@ def test_bench_rows_hold_ratios():
     assert 'layer 1x8x7x7' in table and 'time_ratio' in table
 
 
+def test_video_pairs_run_on_clips_in_channels_last_memory():
+    rows = bench_models(pairs=[('convnext_s4nd_3d_atto', {}, 'convnext_3d_atto')], img_size=32, batch_size=1,
+                        repeats=1, num_frames=4, channels_last=True)
+    assert rows[0]['case'] == 'convnext_s4nd_3d_atto vs convnext_3d_atto @4x32 b1 channels-last'
+    assert rows[0]['train_ratio'] > 0 and rows[0]['infer_ratio'] > 0 and rows[0]['train_mem_ratio'] > 0
+    with pytest.raises(ValueError, match='num_frames'):
+        bench_models(pairs=[('convnext_s4nd_3d_atto', {}, 'convnext_3d_atto')], num_frames=0)
+
+
 def test_kernel_rows_one_per_kernel_and_stage():
     rows = bench_kernels(batch_size=1, stages=((8, 7), (4, 6)), repeats=1)
     assert [r['case'] for r in rows] == [f'kernel {k} 1x{d}x{s}x{s}' for d, s in ((8, 7), (4, 6))

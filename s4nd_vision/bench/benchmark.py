@@ -227,20 +227,34 @@ def bench_models(
         repeats: int = 5,
         amp_dtype: Optional[torch.dtype] = None,
         compile: bool = False,
+        num_frames: Optional[int] = None,
+        channels_last: bool = False,
 ) -> List[dict]:
     """Training step (forward+backward) and inference of S4ND models vs their timm baselines
-    (with `compile`, both models run through `torch.compile`)."""
+    (with `compile`, both models run through `torch.compile`). With `num_frames`, the models are video models
+    and the input is (batch_size, 3, num_frames, img_size, img_size) clips. With `channels_last`, both models
+    and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs."""
     dev = torch.device(device)
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f'num_frames must be a positive number of frames or None (images), got {num_frames}')
+    shape = (batch_size, 3) + ((num_frames,) if num_frames else ()) + (img_size, img_size)
+    memory_format = (torch.channels_last_3d if num_frames else torch.channels_last) if channels_last else None
     rows = []
     for name, kwargs, baseline in pairs:
-        x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+        x = torch.randn(shape, device=dev)
+        x = x if memory_format is None else x.contiguous(memory_format=memory_format)
         options = ''.join(f',{k}={v}' for k, v in kwargs.items())
-        result = dict(case=f'{name}{options} vs {baseline} @{img_size} b{batch_size}{" compiled" if compile else ""}',
-                      baseline=baseline)
+        size = f'{num_frames}x{img_size}' if num_frames else f'{img_size}'
+        flags = (' channels-last' if channels_last else '') + (' compiled' if compile else '')
+        result = dict(case=f'{name}{options} vs {baseline} @{size} b{batch_size}{flags}', baseline=baseline)
         models, train_steps, inferences = {}, {}, {}
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
             models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev)
+            if memory_format is not None:  # the convolutions' weights (other parameters keep their layout)
+                for module in model.modules():
+                    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                        module.to(memory_format=memory_format)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
             run = torch.compile(model) if compile else model
             train_steps[key], inferences[key] = _train_step(run, x, amp_dtype), _inference(run, x, amp_dtype)

@@ -1,0 +1,304 @@
+"""Every check of S4ND's CUDA path in one run, sized (`GPU`) to take under 8 minutes on one H100/H200.
+
+GPU time is scarce, so one call does everything a GPU session needs, section by section (`SECTIONS`):
+
+1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16), the
+   fused kernel generation (`layers.triton_kernels`) and an S4ND layer on the Triton path, against float64 on the
+   CPU; the custom op compiled by inductor (fullgraph). A failed check makes the run fail.
+2. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
+   four ConvNeXt-T stage shapes, fp32 and bf16.
+3. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
+   step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
+4. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
+   and the video pair on clips.
+5. compiled: the image pairs through torch.compile (slow to compile: run it in a call of its own).
+
+`TINY` runs every section in seconds on the CPU, with Triton's interpreter (TRITON_INTERPRET=1) and the Triton
+path forced, so that the tests keep this script working between GPU sessions.
+"""
+import dataclasses
+import json
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+from timm.layers import create_conv2d
+
+from ..layers import S4ND, dispatch
+from ..layers.reference import separable_conv_reference
+from ..layers.ssm_kernel import SSMKernel, ssm_kernels
+from .benchmark import CONVNEXT_T_STAGES, bench_models, format_table, time_ms
+
+__all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
+
+SECTIONS = ('correctness', 'bench', 'profile', 'models', 'compiled')
+_Pair = Tuple[str, dict, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The sizes of one run."""
+    batch: int  # layer benchmark, profile and image model pairs
+    conv_cases: Sequence[Tuple[int, int, int, int, int, Tuple[int, int]]]  # (B, H, W, C, rank, pools)
+    generation: Sequence[Tuple[int, int, float, dict]]  # fused generation entries: (dim, length, rate, SSMKernel kw)
+    layer: Tuple[int, int, int, int]  # S4ND layer check: (B, C, side, pool)
+    stages: Sequence[Tuple[int, int]]  # layer benchmark shapes: (C, side)
+    profile_models: Tuple[str, str]
+    image_pairs: Sequence[_Pair]
+    img_size: int
+    video_pair: _Pair
+    video: Tuple[int, int, int]  # (batch, frames, side)
+    repeats: int
+    profile_steps: int
+
+
+GPU = Plan(
+    batch=128,
+    conv_cases=((4, 56, 56, 96, 1, (1, 1)), (2, 28, 28, 192, 2, (2, 2)), (2, 7, 7, 768, 1, (1, 1)),
+                (2, 64, 48, 40, 1, (4, 4)), (3, 13, 9, 37, 1, (2, 1))),
+    generation=((96, 56, 1.0, {}), (192, 28, 0.5, dict(bandlimit=0.5)), (40, 224, 2.0, dict(init='legs'))),
+    layer=(4, 96, 56, 2),
+    stages=CONVNEXT_T_STAGES,
+    profile_models=('convnext_tiny', 'convnext_s4nd_tiny'),
+    image_pairs=(('convnext_s4nd_tiny', {}, 'convnext_tiny'),
+                 ('vit_s4nd_small_patch16_224', {}, 'vit_small_patch16_224')),
+    img_size=224,
+    video_pair=('convnext_s4nd_3d_tiny', {}, 'convnext_3d_tiny'),
+    video=(8, 16, 224),
+    repeats=10,
+    profile_steps=3,
+)
+
+TINY = Plan(
+    batch=2,
+    conv_cases=((1, 6, 5, 4, 1, (1, 1)), (1, 8, 8, 3, 2, (2, 2))),
+    generation=((4, 6, 1.0, {}), (8, 5, 0.5, dict(bandlimit=0.5)), (3, 12, 2.0, dict(init='legs'))),
+    layer=(2, 8, 8, 2),
+    stages=((4, 5),),
+    profile_models=('convnext_atto', 'convnext_s4nd_atto'),
+    image_pairs=(('convnext_s4nd_atto', {}, 'convnext_atto'),),
+    img_size=32,
+    video_pair=('convnext_s4nd_3d_atto', {}, 'convnext_3d_atto'),
+    video=(1, 2, 32),
+    repeats=1,
+    profile_steps=1,
+)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.detach().cpu().double() - b.detach().cpu().double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+class _Checks:
+    """Collects named checks: relative errors against a limit."""
+
+    def __init__(self):
+        self.rows: List[dict] = []
+
+    def add(self, name: str, errors: Dict[str, float], limit: float) -> None:
+        ok = all(e < limit for e in errors.values())
+        self.rows.append(dict(check=name, errors=errors, limit=limit, ok=ok))
+        values = ' '.join(f'{k}={v:.1e}' for k, v in errors.items())
+        print(f'{name:46s} {values}  (< {limit:g}) {"ok" if ok else "FAIL"}', flush=True)
+
+    @property
+    def ok(self) -> bool:
+        return all(r['ok'] for r in self.rows)
+
+
+def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """The fused convolution against float64 on the CPU: output and every gradient, fp32 and bf16."""
+    from ..layers.triton_conv import separable_conv2d_cl
+    for b, h, w, c, rank, pools in plan.conv_cases:
+        torch.manual_seed(0)
+        x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+        kh = torch.randn(rank, c, 2 * h - 1, dtype=torch.float64)
+        kw = torch.randn(rank, c, 2 * w - 1, dtype=torch.float64)
+        leaves = [t.requires_grad_() for t in (x, kh, kw, d)]
+        y_ref = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, d).permute(1, 2, 3, 0)
+        grad = torch.randn_like(y_ref)
+        ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
+        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
+            inputs = [t.requires_grad_() for t in inputs]
+            y = separable_conv2d_cl(inputs[0], (inputs[1], inputs[2]), pools, inputs[3])
+            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
+            checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}', errors, limit)
+    b, h, w, c = plan.conv_cases[0][:4]
+    x = torch.randn(b, h, w, c, device=device, dtype=torch.bfloat16)
+    kh, kw = torch.randn(1, c, 2 * h - 1, device=device), torch.randn(1, c, 2 * w - 1, device=device)
+    d = torch.randn(c, device=device)
+    compiled = torch.compile(lambda *a: separable_conv2d_cl(a[0], a[1:3], (1, 1), a[3]) * 2, fullgraph=True)
+    eager = separable_conv2d_cl(x, (kh, kw), (1, 1), d) * 2
+    checks.add('custom op under inductor (fullgraph)', {'y': _rel(compiled(x, kh, kw, d), eager)}, 1e-2)
+
+
+def check_generation(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """The fused kernel generation (one launch for every entry) and its backward against float64 on the CPU."""
+    from ..layers.triton_kernels import ssm_kernels_fused
+    torch.manual_seed(0)
+    kernels = [SSMKernel(dim, d_state=64, num_kernels=2, **kw) for dim, _, _, kw in plan.generation]
+    lengths, rates = [e[1] for e in plan.generation], [e[2] for e in plan.generation]
+    ref = [ssm_kernels([k.double()], [n], [r], torch.float64)[0] for k, n, r in zip(kernels, lengths, rates)]
+    weights = [torch.randn_like(r) for r in ref]
+    params = [p for k in kernels for p in k.parameters()]
+    grads_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    for k in kernels:
+        k.to(device, torch.float32)
+    out = ssm_kernels_fused(kernels, lengths, rates)
+    grads = torch.autograd.grad(sum((o * w.to(device, torch.float32)).sum() for o, w in zip(out, weights)),
+                                [p for k in kernels for p in k.parameters()])
+    errors = {f'k{i}': _rel(o, r) for i, (o, r) in enumerate(zip(out, ref))}
+    errors['grads'] = max(_rel(g, r) for g, r in zip(grads, grads_ref))
+    checks.add(f'fused generation ({len(kernels)} entries, N=64, L<={max(lengths)})', errors, 1e-3)
+
+
+def check_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """An S4ND layer (pooled) on the Triton path, float32 and bf16 autocast, against the float64 layer on the CPU."""
+    b, c, side, pool = plan.layer
+    torch.manual_seed(0)
+    layer = S4ND(c, ndim=2, l_ref=(side, side), pool=pool)
+    x = torch.randn(b, c, side, side)
+    ref_layer = S4ND(c, ndim=2, l_ref=(side, side), pool=pool).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    xr = x.double().requires_grad_()
+    y_ref = ref_layer(xr)
+    y_ref.square().sum().backward()
+    layer = layer.to(device)
+    name = f'S4ND({c}, pool={pool}) {b}x{c}x{side}x{side}'
+    with dispatch.force_path('triton'):
+        if dispatch.conv_path(device, x.shape, layer.pool, torch.float32) != 'triton':
+            checks.add(f'{name}: runs the Triton path', {'not triton': 1.0}, 0.5)
+            return
+        xg = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = layer(xg)
+        y.square().sum().backward()
+        errors = {'y': _rel(y, y_ref), 'dx': _rel(xg.grad, xr.grad),
+                  'dparams': max(_rel(p.grad, q.grad) for p, q in zip(layer.parameters(), ref_layer.parameters()))}
+        checks.add(f'{name} fp32, Triton path', errors, 1e-3)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y16 = layer(xg.detach().bfloat16())
+    checks.add('  same, bf16 autocast', {'y': _rel(y16.float(), y_ref)}, 3e-2)
+
+
+def _fwd_bwd(module, x, amp: bool, path: Optional[str] = None):
+    def step():
+        module.zero_grad(set_to_none=True)
+        with dispatch.force_path(path), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            y = module(x)
+        y.backward(torch.ones_like(y))
+    return step
+
+
+def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
+    """S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv, forward+backward, channels-last."""
+    rows = []
+    print(f'layer fwd+bwd, batch {plan.batch}, channels-last, ms (ratio to dwconv7x7)')
+    for dtype in (torch.float32, torch.bfloat16):
+        amp = dtype == torch.bfloat16
+        for dim, size in plan.stages:
+            torch.manual_seed(0)
+            s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
+            conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
+            x = torch.randn(plan.batch, dim, size, size, device=device, dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+            fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton'),
+                   'fast': _fwd_bwd(s4nd, x, amp, 'fast')}
+            t = time_ms(fns, device, warmup=2, repeats=plan.repeats)
+            row = dict(case=f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}',
+                       **{f'{k}_ms': v for k, v in t.items()},
+                       triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
+            rows.append(row)
+            print(f'  {row["case"]}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} '
+                  f'({row["triton_ratio"]:.2f}x)  fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+    return rows
+
+
+def profile_models(plan: Plan, device: torch.device) -> List[dict]:
+    """torch.profiler over training steps of the two profile models: step time, device kernels per step, the
+    fraction of the step the device is busy, top operators by device time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    x = torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    rows = []
+    print(f'training steps, batch {plan.batch}, bf16 autocast, channels-last')
+    for name in plan.profile_models:
+        torch.manual_seed(0)
+        model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
+        step = _fwd_bwd(model, x, amp=True)
+        for _ in range(2):  # warm-up: Triton compilation, cuDNN autotuning
+            step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(plan.profile_steps):
+                step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            wall_us = (time.perf_counter() - start) * 1e6
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)  # kernels do not overlap on one stream
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+        row = dict(model=name, step_ms=wall_us / plan.profile_steps / 1e3,
+                   kernels_per_step=len(kernels) / plan.profile_steps, busy=min(busy_us / wall_us, 1.0), peak_gib=peak)
+        rows.append(row)
+        print(f'{name}: {row["step_ms"]:.1f} ms/step (profiled), {row["kernels_per_step"]:.0f} device kernels/step, '
+              f'device busy {row["busy"]:.0%}, peak {peak:.1f} GiB')
+        sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+        print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=60), flush=True)
+        del model, step, prof
+    return rows
+
+
+def bench_model_pairs(plan: Plan, device: torch.device, compile: bool = False) -> List[dict]:
+    """`bench_models` of the image pairs (and, eager, the video pair on clips): bf16 autocast, channels-last."""
+    common = dict(device=str(device), repeats=plan.repeats, amp_dtype=torch.bfloat16, channels_last=True,
+                  compile=compile)
+    rows = bench_models(pairs=plan.image_pairs, img_size=plan.img_size, batch_size=plan.batch, **common)
+    if not compile:
+        batch, frames, side = plan.video
+        rows += bench_models(pairs=[plan.video_pair], img_size=side, batch_size=batch, num_frames=frames, **common)
+    for row in rows:
+        if 's4nd_cuda_peak_mb' in row:
+            row['cuda_peak_ratio'] = row['s4nd_cuda_peak_mb'] / row['baseline_cuda_peak_mb']
+    print(format_table(rows), flush=True)
+    return rows
+
+
+def run_checks(sections: Sequence[str] = SECTIONS[:4], plan: Plan = GPU, device: str = 'cuda',
+               json_path: Optional[str] = None) -> dict:
+    """Runs the `sections` (see the module docstring) with the sizes of `plan` on `device`; returns (and with
+    `json_path` writes) the results, and 'ok': False if a correctness check failed."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f'sections must be among {SECTIONS}, got {unknown}')
+    dev = torch.device(device)
+    results: dict = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else str(dev),
+                         torch=torch.__version__, timm=timm.__version__, ok=True, seconds={})
+    print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}', flush=True)
+    for section in sections:
+        start = time.perf_counter()
+        print(f'\n== {section}', flush=True)
+        if section == 'correctness':
+            checks = _Checks()
+            for check in (check_conv, check_generation, check_layer):
+                check(plan, dev, checks)
+            results['correctness'], results['ok'] = checks.rows, checks.ok
+            print('all correctness checks passed' if checks.ok else 'SOME CORRECTNESS CHECKS FAILED')
+        elif section == 'bench':
+            results['bench'] = bench_layers(plan, dev)
+        elif section == 'profile':
+            results['profile'] = profile_models(plan, dev)
+        else:
+            results[section] = bench_model_pairs(plan, dev, compile=section == 'compiled')
+        results['seconds'][section] = time.perf_counter() - start
+        print(f'({section}: {results["seconds"][section]:.0f} s)', flush=True)
+        if json_path:  # after every section: a run cut short keeps what it measured
+            with open(json_path, 'w') as f:
+                json.dump(results, f, indent=1)
+    return results
