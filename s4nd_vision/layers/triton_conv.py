@@ -17,8 +17,8 @@ row is the fastest grid axis), so they come from the L2 cache after the first re
 
 Backward: the input gradient is the same kernel with A and B transposed (`TRANSPOSE`), the skip term spread
 over its pooling windows; the kernel and D gradients come from one program per (image, channel block) that
-recomputes each output row's H-axis result, keeps the tap gradients in registers (fp32) and adds them to
-memory once per program (atomic adds across the images).
+recomputes each output row's H-axis result and adds each tap gradient it finds to its image's slice of a
+(B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one small reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 """
 from typing import Optional, Tuple
@@ -121,26 +121,27 @@ def _kernel_grad_kernel(
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
         PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
-        BLOCK_IN: tl.constexpr, BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Gradients of the taps (fp32 (R, C, 2H - 1) and (R, C, 2W - 1), contiguous, zeroed) and of D (fp32 (C,)),
-    given the output gradient g (B, HO, WO, C). One program per (image, channel block) walks the output rows,
-    keeps the tap gradients in registers and adds them to memory once (atomic adds across images)."""
+    """Per-image gradients of the taps (fp32 (B, R, C, 2H - 1) and (B, R, C, 2W - 1), contiguous, zeroed: the caller
+    sums over B) and the gradient of D (fp32 (C,), atomic adds across images), given the output gradient
+    g (B, HO, WO, C). One program per (image, channel block) walks the output rows; each tap value it finds is
+    added to its image's slice with a reduction (an atomic add whose result is unused: no round trip, and no
+    other program writes there), instead of being selected into a register tile of every tap, which costs a
+    full-tile pass per tap."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     w = tl.arange(0, BLOCK_IN)
     w_ok = w < W
     mask2 = w_ok[:, None] & c_ok[None, :]
-    oh = tl.arange(0, BLOCK_OH)
-    ow = tl.arange(0, BLOCK_OW)
     x_base = x_ptr + b * sxb
     g_base = g_ptr + b * sgb
     n_h = 2 * H - 1
     n_w = 2 * W - 1
     for r in range(R):
-        acc_h = tl.zeros([BLOCK_OH, BLOCK_C], dtype=tl.float32)
-        acc_w = tl.zeros([BLOCK_OW, BLOCK_C], dtype=tl.float32)
+        dkh_base = dkh_ptr + ((b * R + r) * C + c) * n_h
+        dkw_base = dkw_ptr + ((b * R + r) * C + c) * n_w
         for p in range(HO):
             # zh[w, c] = sum_h A[p, h, c] x[h, w, c]: this row's H-axis result
             zh = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
@@ -170,17 +171,13 @@ def _kernel_grad_kernel(
                     gv = tl.load(g_base + p * sgh + q_of_w[:, None] * sgw + c[None, :] * sgc,
                                  mask=ok[:, None] & c_ok[None, :], other=0.0)
                     val += tl.sum(gv.to(tl.float32) * zh, axis=0)
-                acc_w += tl.where(ow[:, None] == o, val[None, :] / PW, 0.0)
+                tl.atomic_add(dkw_base + o, val / PW, mask=c_ok)
             # dA[p, h, c] = sum_w gw[w, c] x[h, w, c], spread onto the taps of the pooling window
             for h in range(H):
                 row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
                 val = tl.sum(gw * row.to(tl.float32), axis=0) / PH
                 for s in tl.static_range(PH):
-                    acc_h += tl.where(oh[:, None] == p * PH + s - h + H - 1, val[None, :], 0.0)
-        tl.atomic_add(dkh_ptr + (r * C + c[None, :]) * n_h + oh[:, None], acc_h,
-                      mask=(oh < n_h)[:, None] & c_ok[None, :])
-        tl.atomic_add(dkw_ptr + (r * C + c[None, :]) * n_w + ow[:, None], acc_w,
-                      mask=(ow < n_w)[:, None] & c_ok[None, :])
+                    tl.atomic_add(dkh_base + (p * PH + s - h + H - 1), val, mask=c_ok)
     if HAS_SKIP:  # dD[c] = sum_{p, q} g[p, q, c] pool(x)[p, q, c]
         qs = tl.arange(0, BLOCK_IN)
         mask_q = (qs < WO)[:, None] & c_ok[None, :]
@@ -254,8 +251,8 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     grad = grad.contiguous() if grad.stride(-1) != 1 else grad
     grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True)
     r = kh.shape[0]
-    dkh = torch.zeros((r, c, 2 * h - 1), device=x.device, dtype=torch.float32)
-    dkw = torch.zeros((r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
+    dkh = torch.zeros((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
+    dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
     grid = (b, triton.cdiv(c, _block_c(c)))
@@ -264,10 +261,9 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
         c, h, w, h // pool_h, w // pool_w, r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         PH=pool_h, PW=pool_w, HAS_SKIP=skip is not None,
-        BLOCK_IN=triton.next_power_of_2(w), BLOCK_OH=triton.next_power_of_2(2 * h - 1),
-        BLOCK_OW=triton.next_power_of_2(2 * w - 1), BLOCK_C=_block_c(c))
+        BLOCK_IN=triton.next_power_of_2(w), BLOCK_C=_block_c(c))
     grad_skip = dd.to(skip.dtype) if skip is not None else dd
-    return grad_x, dkh.to(kh.dtype), dkw.to(kw.dtype), grad_skip
+    return grad_x, dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), grad_skip
 
 
 @_conv_backward_op.register_fake
