@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, to_2tuple
 from timm.models import checkpoint_seq
 
-from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, stacked_kernels
+from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
 from ._base import S4NDModel
 
 __all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES', 'PAPER_SSM']
@@ -39,8 +39,9 @@ _NORM = {2: LayerNorm2d, 3: LayerNorm3d}
 def _pointwise_glu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     """(B, C, *spatial) -> (B, *spatial, C_out): the 1x1 `conv` (C -> 2 C_out) and a GLU over its channels,
     computed as one GEMM on channels-last rows; `x` may be any permuted view (the GEMM reads it once).
-    A 1x1 conv on the permuted view the S4ND layers return on the CPU costs several times more."""
-    return F.glu(F.linear(x.movedim(1, -1), conv.weight.flatten(1), conv.bias), dim=-1)
+    A 1x1 conv on the permuted view the S4ND layers return on the CPU costs several times more. Off the CPU
+    the (2 C_out)-channel projection is recomputed in the backward pass instead of saved (`linear_glu`)."""
+    return linear_glu(x.movedim(1, -1), conv.weight.flatten(1), conv.bias)
 
 
 class S4NDStem(nn.Sequential):

@@ -1,0 +1,68 @@
+"""`layers.linear_glu`: the projection + GLU that recomputes its projection in the backward pass (the default off the
+CPU) equals the plain ops, in values and gradients, and keeps only its input for the backward pass."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s4nd_vision.bench.benchmark import saved_activation_mb
+from s4nd_vision.layers import linear_glu
+
+
+def _inputs(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 3, 5, generator=gen, dtype=dtype).movedim(1, -1)  # a permuted view, as in the models
+    weight = torch.randn(8, 6, generator=gen, dtype=dtype)
+    bias = torch.randn(8, generator=gen, dtype=dtype)
+    return [t.detach().requires_grad_() for t in (x, weight, bias)]
+
+
+def test_gradcheck():
+    x, weight, bias = _inputs()
+    assert torch.autograd.gradcheck(lambda *a: linear_glu(*a, recompute=True), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, w: linear_glu(a, w, None, recompute=True), (x, weight))
+
+
+@pytest.mark.parametrize('needs', [(True, True, True), (False, True, True), (True, False, False)])
+def test_equals_the_plain_ops(needs):
+    inputs = [t.float().detach().requires_grad_(n) for t, n in zip(_inputs(), needs)]
+    grad = torch.randn(2, 3, 5, 4)
+    ref = F.glu(F.linear(*inputs), dim=-1)
+    ref_grads = torch.autograd.grad(ref, [t for t in inputs if t.requires_grad], grad)
+    out = linear_glu(*inputs, recompute=True)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_keeps_only_its_input():
+    x = torch.randn(4, 64, 64, 32, requires_grad=True)
+    weight, bias = torch.nn.Parameter(torch.randn(192, 32)), torch.nn.Parameter(torch.randn(192))
+    plain = saved_activation_mb(lambda: linear_glu(x, weight, bias, recompute=False))
+    recomputed = saved_activation_mb(lambda: linear_glu(x, weight, bias, recompute=True))
+    input_mb = x.numel() * 4 / 2 ** 20
+    assert recomputed == pytest.approx(input_mb, rel=0.01)  # x only (parameters are not counted)
+    assert plain == pytest.approx(input_mb * 7, rel=0.01)  # x and the 6x wider projection
+
+
+def test_autocast_recomputes_in_the_forward_dtype():
+    x, weight, bias = [t.float().detach().requires_grad_() for t in _inputs()]
+    grad = torch.randn(2, 3, 5, 4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = F.glu(F.linear(x, weight, bias), dim=-1)
+        out = linear_glu(x, weight, bias, recompute=True)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    ref_grads = torch.autograd.grad(ref, (x, weight, bias), grad.bfloat16())
+    grads = torch.autograd.grad(out, (x, weight, bias), grad.bfloat16())
+    torch.testing.assert_close(out, ref)
+    for g, r, t in zip(grads, ref_grads, (x, weight, bias)):
+        assert g.dtype == t.dtype
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
+
+
+def test_plain_ops_without_gradients_and_on_the_cpu_by_default():
+    x, weight, bias = _inputs()
+    assert linear_glu(x, weight, bias).grad_fn.name() == 'GluBackward0'
+    assert 'LinearGLU' in linear_glu(x, weight, bias, recompute=True).grad_fn.name()
+    with torch.no_grad():
+        assert linear_glu(x, weight, bias, recompute=True).grad_fn is None
