@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from s4nd_vision.bench.benchmark import saved_activation_mb
-from s4nd_vision.layers import linear_glu
+from s4nd_vision.layers import linear_glu, ops
 
 
 def _inputs(dtype=torch.float64, seed=0):
@@ -60,9 +60,11 @@ def test_autocast_recomputes_in_the_forward_dtype():
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2)
 
 
-def test_plain_ops_without_gradients_and_on_the_cpu_by_default():
+def test_plain_ops_without_gradients_and_on_the_cpu_by_default(monkeypatch):
     x, weight, bias = _inputs()
     assert linear_glu(x, weight, bias).grad_fn.name() == 'GluBackward0'
+    monkeypatch.setattr(ops, 'recompute_for_memory', lambda device: True)  # as off the CPU
+    assert 'LinearGLU' in linear_glu(x, weight, bias).grad_fn.name()
     assert 'LinearGLU' in linear_glu(x, weight, bias, recompute=True).grad_fn.name()
     with torch.no_grad():
         assert linear_glu(x, weight, bias, recompute=True).grad_fn is None

@@ -337,6 +337,37 @@ def test_fused_projection_in_batch_chunks(monkeypatch, algorithm):
         assert torch.autograd.gradcheck(fn, tuple(inputs))
 
 
+def test_widening_projection_recomputes_its_intermediates_for_memory(monkeypatch):
+    """With a projection that widens the input (the stem), the pooled intermediates outsize the saved input: where
+    memory is preferred (`ops.recompute_for_memory`, off the CPU) they are recomputed, not kept, with the same
+    gradients (gradcheck); on the CPU they are kept."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4, l_ref=(8, 6), pool=(2, 2)).double()
+    x = ops.channel_major(torch.randn(2, 1, 8, 6, dtype=torch.float64))  # 1 input channel -> 4
+    weight, bias = torch.randn(4, 1, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    kernels = [k.detach() for k in layer.axis_kernels((8, 6), dtype=torch.float64)]
+    inputs = [t.clone().requires_grad_() for t in [x, weight, bias, layer.D.detach()] + kernels]
+
+    def fn(x, weight, bias, skip, *kernels):
+        return ops.separable_conv(x, kernels, pools=(2, 2), skip=skip, proj=(weight, bias))
+
+    def saved_numel():
+        numel = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: numel.append(t.numel()) or t, lambda t: t):
+            y = fn(*inputs)
+        return sum(numel), y, torch.autograd.grad(y.square().sum(), inputs)
+
+    kept_numel, expected, expected_grads = saved_numel()
+    monkeypatch.setattr(ops, 'recompute_for_memory', lambda device: True)
+    numel, y, grads = saved_numel()
+    intermediates = 4 * 4 * 2 * 6  # (C, H / pool, B, W): the first axis' result
+    assert kept_numel - numel == intermediates
+    torch.testing.assert_close(y, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
 def test_toeplitz_conv_in_bfloat16_matches_float32():
     """The half-precision path S4ND takes under CUDA autocast (Toeplitz GEMMs in bf16), run here on the CPU."""
     with ops.conv_algorithm('toeplitz'):

@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .reference import use_reference
 
 __all__ = ['linear_glu']
@@ -17,15 +18,15 @@ def linear_glu(
 ) -> torch.Tensor:
     """GLU over the last axis of x @ weight^T + bias: (..., C_in) -> (..., C_out) for weight (2 C_out, C_in).
 
-    With `recompute` (by default off the CPU), training recomputes the (..., 2 C_out) projection in the backward
-    pass (one GEMM) instead of saving it: a projection that doubles the channels of a stem or a downsampling layer
-    would otherwise keep an activation as large as a full-resolution stage's (on a GPU, where the GEMM is cheap and
-    memory is what limits the batch). On the CPU the GEMM costs more than the memory is worth, so the plain ops
-    run. Autocast applies as to `F.linear` (the backward pass recomputes in the forward's dtype). Without gradients,
-    and while a graph is captured or traced, the plain ops run.
+    With `recompute` (by default `ops.recompute_for_memory`: off the CPU), training recomputes the (..., 2 C_out)
+    projection in the backward pass (one GEMM) instead of saving it: a projection that doubles the channels of a
+    stem or a downsampling layer would otherwise keep an activation as large as a full-resolution stage's (on a
+    GPU, where the GEMM is cheap and memory is what limits the batch). On the CPU the GEMM costs more than the
+    memory is worth, so the plain ops run. Autocast applies as to `F.linear` (the backward pass recomputes in the
+    forward's dtype). Without gradients, and while a graph is captured or traced, the plain ops run.
     """
     if recompute is None:
-        recompute = x.device.type != 'cpu'
+        recompute = ops.recompute_for_memory(x.device)
     if (not recompute or not torch.is_grad_enabled() or use_reference() or torch.jit.is_tracing()
             or not any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return F.glu(F.linear(x, weight, bias), dim=-1)

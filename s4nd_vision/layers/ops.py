@@ -18,7 +18,7 @@ from .reference import separable_conv_reference, use_reference
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
     'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
-    'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES',
+    'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES', 'recompute_for_memory',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -354,6 +354,13 @@ class DepthwiseConv2d:
         return y
 
 
+def recompute_for_memory(device: torch.device) -> bool:
+    """Whether a layer recomputes a large intermediate in the backward pass rather than saving it, where both are
+    possible (a widening projection, pooled intermediates): off the CPU, where the GEMM is cheap and memory is what
+    bounds the batch; not on the CPU, where time is the constraint."""
+    return torch.device(device).type != 'cpu'
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pointwise (1x1) projection of a channel-major x (C_in, ...) by weight (C, C_in) plus bias (C,): (C, ...)."""
     if bias is None:
@@ -373,7 +380,8 @@ class _SeparableConv(torch.autograd.Function):
     When the first axis is pooled, the intermediates are at most 1 / pool of the input and are kept
     instead (the stem and downsampling layers: one large GEMM fewer for a fraction of the memory).
     A fused projection is recomputed (one GEMM): a projection that widens its input (e.g. a stem,
-    3 -> 32 channels at full resolution) then costs the memory of its narrow input only. With a projection,
+    3 -> 32 channels at full resolution) then costs the memory of its narrow input only (and, off the CPU,
+    its intermediates are recomputed too, being larger than that input). With a projection,
     both passes run a batch chunk at a time (`projection_chunks`).
     """
 
@@ -381,7 +389,10 @@ class _SeparableConv(torch.autograd.Function):
     def forward(ctx, x, skip, weight, bias, pools, *kernels):
         shape = x.shape if weight is None else (weight.shape[0],) + x.shape[1:]
         algorithms = conv_algorithms(shape, pools)  # the backward pass uses the same
-        kept = [] if pools[0] > 1 else None
+        # intermediates are kept when the first axis is pooled, unless they outsize the saved input (a widening
+        # projection: the stem) where memory is worth a GEMM (`recompute_for_memory`)
+        small = math.prod(shape) // pools[0] <= x.numel()
+        kept = [] if pools[0] > 1 and (small or not recompute_for_memory(x.device)) else None
         proj = None if weight is None else (weight, bias)
         y = apply_operators(x, conv_operators(kernels, shape, pools, algorithms), pools, skip, kept, proj=proj)
         ctx.save_for_backward(x, skip, weight, bias, *kernels, *(kept or ()))
