@@ -140,6 +140,34 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
+    """A whole ConvNeXt-S4ND (stem, blocks, downsampling, stacked kernel generation, the GLU projections that
+    recompute off the CPU) with the Triton path forced, against the fast path: logits and every gradient."""
+    import timm
+
+    from s4nd_vision.layers import ops
+    monkeypatch.setattr(ops, 'recompute_for_memory', lambda device: True)  # as on a GPU
+    calls = []
+    fused = triton_conv.separable_conv2d_cl
+    monkeypatch.setattr(triton_conv, 'separable_conv2d_cl', lambda *args, **kw: calls.append(1) or fused(*args, **kw))
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=32, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    results = []
+    for path in ('fast', 'triton'):
+        model.zero_grad()
+        with dispatch.force_path(path):
+            y = model(x)
+            y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 7  # 4 blocks, 3 downsamplings (the stem, with its fused projection, runs the fast path)
+    (y_fast, grads_fast), (y_tri, grads_tri) = results
+    torch.testing.assert_close(y_tri, y_fast, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_tri, grads_fast):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 # ----- dispatch (no CUDA needed: the choice depends on the device type, shape and dtype only) -----
 
 CUDA = torch.device('cuda')
