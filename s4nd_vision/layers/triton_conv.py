@@ -16,9 +16,9 @@ one (image, channel block) are read by the programs of its output rows, which ru
 row is the fastest grid axis), so they come from the L2 cache after the first read.
 
 Backward: the input gradient is the same kernel with A and B transposed (`TRANSPOSE`), the skip term spread
-over its pooling windows; the kernel and D gradients come from one program per (image, channel block) that
-recomputes each output row's H-axis result and adds each tap gradient it finds to its image's slice of a
-(B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one small reduction).
+over its pooling windows; the kernel and D gradients come from one program per (image, group of `GRAD_ROWS`
+output rows, channel block) that recomputes each output row's H-axis result and adds each tap gradient it finds
+to its image's slice of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 """
 from typing import Optional, Tuple
@@ -30,6 +30,7 @@ import triton.language as tl
 __all__ = ['separable_conv2d_cl', 'supported']
 
 MAX_SIDE = 64  # a row of W and the 2W - 1 tap gradients (padded to powers of two) x BLOCK_C channels live in registers
+GRAD_ROWS = 8  # output rows per program of the kernel gradient: 7 x more programs than images x channel blocks at 56
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -117,7 +118,7 @@ def _conv_kernel(
 @triton.jit
 def _kernel_grad_kernel(
         x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
-        C, H, W, HO, WO, R,
+        C, H, W, HO, WO, R, ROWS,
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
         PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -125,12 +126,14 @@ def _kernel_grad_kernel(
 ):
     """Per-image gradients of the taps (fp32 (B, R, C, 2H - 1) and (B, R, C, 2W - 1), contiguous, zeroed: the caller
     sums over B) and the gradient of D (fp32 (C,), atomic adds across images), given the output gradient
-    g (B, HO, WO, C). One program per (image, channel block) walks the output rows; each tap value it finds is
-    added to its image's slice with a reduction (an atomic add whose result is unused: no round trip, and no
-    other program writes there), instead of being selected into a register tile of every tap, which costs a
-    full-tile pass per tap."""
+    g (B, HO, WO, C). One program per (image, group of ROWS output rows, channel block) walks its rows; each tap
+    value it finds is added to its image's slice with a reduction (an atomic add whose result is unused: no round
+    trip, and only the few programs of one image write there), instead of being selected into a register tile of
+    every tap, which costs a full-tile pass per tap."""
     b = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_start = tl.program_id(1) * ROWS
+    p_end = tl.minimum(p_start + ROWS, HO)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     w = tl.arange(0, BLOCK_IN)
     w_ok = w < W
@@ -142,7 +145,7 @@ def _kernel_grad_kernel(
     for r in range(R):
         dkh_base = dkh_ptr + ((b * R + r) * C + c) * n_h
         dkw_base = dkw_ptr + ((b * R + r) * C + c) * n_w
-        for p in range(HO):
+        for p in range(p_start, p_end):
             # zh[w, c] = sum_h A[p, h, c] x[h, w, c]: this row's H-axis result
             zh = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
             for h in range(H):
@@ -182,7 +185,7 @@ def _kernel_grad_kernel(
         qs = tl.arange(0, BLOCK_IN)
         mask_q = (qs < WO)[:, None] & c_ok[None, :]
         dd = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for p in range(HO):
+        for p in range(p_start, p_end):
             pooled = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
             for s in tl.static_range(PH):
                 for t in tl.static_range(PW):
@@ -255,10 +258,11 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
-    grid = (b, triton.cdiv(c, _block_c(c)))
+    ho = h // pool_h
+    grid = (b, triton.cdiv(ho, GRAD_ROWS), triton.cdiv(c, _block_c(c)))
     _kernel_grad_kernel[grid](
         x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
-        c, h, w, h // pool_h, w // pool_w, r,
+        c, h, w, ho, w // pool_w, r, GRAD_ROWS,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         PH=pool_h, PW=pool_w, HAS_SKIP=skip is not None,
         BLOCK_IN=triton.next_power_of_2(w), BLOCK_C=_block_c(c))
