@@ -293,14 +293,26 @@ def apply_operators(
     chunk at a time."""
     if proj is None:
         return _apply_operators(u, operators, pools, skip, intermediates)
-    parts = [_apply_operators(project(u.narrow(-2, start, size), *proj), operators, pools, skip, intermediates)
-             for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size(), u.device)]
+    parts = []
+    for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size(), u.device):
+        chunk = u.narrow(-2, start, size)
+        parts.append(_apply_operators(project(chunk, *proj), operators, pools, skip, intermediates,
+                                      _pooled_projection(chunk, proj, pools, skip)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
-def _apply_operators(u, operators, pools, skip, intermediates) -> torch.Tensor:
+def _pooled_projection(x: torch.Tensor, proj, pools: Sequence[int], skip: Optional[torch.Tensor]):
+    """pool(project(x)) for the skip term, as project(pool(x)): the same (both are linear, the projection acts on
+    channels only), pooling the narrow input instead of the wide projection; None without a skip term."""
+    return None if skip is None else project(avg_pool_axes(x, pools), *proj)
+
+
+def _apply_operators(u, operators, pools, skip, intermediates, pooled=None) -> torch.Tensor:
+    """`apply_operators` without projection; `pooled` is avg_pool_axes(u, pools) if the caller has it."""
     dims = _spatial_dims(u)
-    y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * avg_pool_axes(u, pools)
+    if skip is not None:
+        pooled = avg_pool_axes(u, pools) if pooled is None else pooled
+    y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * pooled
     for ops_ in operators:
         z = u
         for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
@@ -416,9 +428,10 @@ class _SeparableConv(torch.autograd.Function):
         grads_x, grad_weight, grad_bias, grad_skip, grad_kernels = [], 0, 0, 0, 0
         for i, (start, size) in enumerate(chunks):
             x_c = x.narrow(-2, start, size)
+            pooled = _pooled_projection(x_c, (weight, bias), ctx.pools, skip)
             grad_u, grad_skip_c, grad_kernels_c = _separable_conv_backward(
                 project(x_c, weight, bias), grad.narrow(-2, start, size), skip, kernels, operators,
-                kept[i * per_chunk: (i + 1) * per_chunk], ctx.pools)
+                kept[i * per_chunk: (i + 1) * per_chunk], ctx.pools, pooled)
             grad_u = grad_u.flatten(1)
             if ctx.needs_input_grad[0]:
                 grads_x.append(torch.mm(weight.t(), grad_u).view(x_c.shape))
@@ -430,14 +443,15 @@ class _SeparableConv(torch.autograd.Function):
         return (grad_x, grad_skip, grad_weight, grad_bias, None) + tuple(grad_kernels)
 
 
-def _separable_conv_backward(u, grad, skip, kernels, operators, kept, pools) -> tuple:
+def _separable_conv_backward(u, grad, skip, kernels, operators, kept, pools, pooled=None) -> tuple:
     """Gradients of the input u, of the skip weights and of the kernels of `_SeparableConv` (without
     projection) for the channel-major output gradient `grad`, with the forward's `operators` (any batch size)
-    and intermediates `kept` (or empty: recomputed)."""
+    and intermediates `kept` (or empty: recomputed); `pooled` is avg_pool_axes(u, pools) if the caller has it."""
     dims = _spatial_dims(u)
     grad_u, grad_skip, grad_pooled = None, None, None
     if skip is not None:
-        grad_skip = (grad * avg_pool_axes(u, pools)).sum(dim=list(range(1, u.ndim)))
+        pooled = avg_pool_axes(u, pools) if pooled is None else pooled
+        grad_skip = (grad * pooled).sum(dim=list(range(1, u.ndim)))
         grad_pooled = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * grad
         if all(p == 1 for p in pools):  # the first axis' adjoint GEMM accumulates into it
             grad_u, grad_pooled = grad_pooled, None
