@@ -401,6 +401,8 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--tiny', action='store_true', help='tiny sizes (a minute on a CPU, with TRITON_INTERPRET=1): '
                         'checks the script, measures nothing')
     parser.add_argument('--json', default=None, help='write the results to this JSON file (after every section)')
+    parser.add_argument('--path', choices=['triton', 'fast'], default=None,
+                        help="force S4ND's implementation in the profile and model sections (fast: if triton fails)")
 
 
 def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -411,7 +413,7 @@ def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error('no CUDA device (--device cpu --tiny checks the script on the CPU, with TRITON_INTERPRET=1)')
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json)
+    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json, args.path)
     if not results['ok']:
         sys.exit(1)
     return results

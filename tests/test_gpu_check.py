@@ -27,6 +27,22 @@ def test_every_section_runs_and_reports(tmp_path):
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
 
+def test_a_section_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError('no kernel image for this device')
+
+    monkeypatch.setattr(gpu_check, 'bench_layers', broken)
+    monkeypatch.setattr(gpu_check, 'check_generation', broken)
+    path = tmp_path / 'gpu_check.json'
+    results = gpu_check.run_checks(['correctness', 'bench', 'profile'], gpu_check.TINY, 'cpu', str(path), path='fast')
+    assert not results['ok'] and results['path'] == 'fast'
+    assert 'no kernel image' in results['errors']['bench'] and 'bench' not in results
+    failed = [c for c in results['correctness'] if not c['ok']]
+    assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
+    assert any('Triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
+    assert len(results['profile']) == 2 and json.loads(path.read_text())['errors'] == results['errors']
+
+
 def test_a_failed_check_fails_the_run():
     checks = gpu_check._Checks()
     checks.add('close', {'y': 1e-6}, 1e-4)

@@ -19,6 +19,7 @@ path forced, so that the tests keep this script working between GPU sessions.
 import dataclasses
 import json
 import time
+import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
@@ -101,6 +102,15 @@ class _Checks:
         self.rows.append(dict(check=name, errors=errors, limit=limit, ok=ok))
         values = ' '.join(f'{k}={v:.1e}' for k, v in errors.items())
         print(f'{name:46s} {values}  (< {limit:g}) {"ok" if ok else "FAIL"}', flush=True)
+
+    def run(self, check, plan: 'Plan', device: torch.device) -> None:
+        """Runs check(plan, device, self); an exception is recorded as a failed check and the next check runs."""
+        try:
+            check(plan, device, self)
+        except Exception:  # noqa: BLE001  (a GPU session is too short to stop at the first error)
+            error = traceback.format_exc()
+            self.rows.append(dict(check=check.__name__, error=error[-3000:], ok=False))
+            print(f'{check.__name__} FAILED:\n{error}', flush=True)
 
     @property
     def ok(self) -> bool:
@@ -271,31 +281,42 @@ def bench_model_pairs(plan: Plan, device: torch.device, compile: bool = False) -
 
 
 def run_checks(sections: Sequence[str] = SECTIONS[:4], plan: Plan = GPU, device: str = 'cuda',
-               json_path: Optional[str] = None) -> dict:
+               json_path: Optional[str] = None, path: Optional[str] = None) -> dict:
     """Runs the `sections` (see the module docstring) with the sizes of `plan` on `device`; returns (and with
-    `json_path` writes) the results, and 'ok': False if a correctness check failed."""
+    `json_path` writes) the results, with 'ok': False if a correctness check failed or a section raised. A section
+    that raises is recorded (its traceback under 'errors') and the next one runs. `path` ('triton' or 'fast')
+    forces S4ND's implementation in the profile and model sections, e.g. 'fast' to measure the models if the
+    Triton path fails (correctness and bench choose their paths themselves)."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f'sections must be among {SECTIONS}, got {unknown}')
     dev = torch.device(device)
     results: dict = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else str(dev),
-                         torch=torch.__version__, timm=timm.__version__, ok=True, seconds={})
+                         torch=torch.__version__, timm=timm.__version__, path=path, ok=True, seconds={}, errors={})
     print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}', flush=True)
     for section in sections:
         start = time.perf_counter()
         print(f'\n== {section}', flush=True)
-        if section == 'correctness':
-            checks = _Checks()
-            for check in (check_conv, check_generation, check_layer):
-                check(plan, dev, checks)
-            results['correctness'], results['ok'] = checks.rows, checks.ok
-            print('all correctness checks passed' if checks.ok else 'SOME CORRECTNESS CHECKS FAILED')
-        elif section == 'bench':
-            results['bench'] = bench_layers(plan, dev)
-        elif section == 'profile':
-            results['profile'] = profile_models(plan, dev)
-        else:
-            results[section] = bench_model_pairs(plan, dev, compile=section == 'compiled')
+        try:
+            if section == 'correctness':
+                checks = _Checks()
+                for check in (check_conv, check_generation, check_layer):
+                    checks.run(check, plan, dev)
+                results['correctness'] = checks.rows
+                results['ok'] &= checks.ok
+                print('all correctness checks passed' if checks.ok else 'SOME CORRECTNESS CHECKS FAILED')
+            elif section == 'bench':
+                results['bench'] = bench_layers(plan, dev)
+            else:
+                with dispatch.force_path(path):
+                    if section == 'profile':
+                        results['profile'] = profile_models(plan, dev)
+                    else:
+                        results[section] = bench_model_pairs(plan, dev, compile=section == 'compiled')
+        except Exception:  # noqa: BLE001  (record it and go on: the other sections still measure something)
+            results['errors'][section] = traceback.format_exc()[-3000:]
+            results['ok'] = False
+            print(f'SECTION {section} FAILED:\n{results["errors"][section]}', flush=True)
         results['seconds'][section] = time.perf_counter() - start
         print(f'({section}: {results["seconds"][section]:.0f} s)', flush=True)
         if json_path:  # after every section: a run cut short keeps what it measured
