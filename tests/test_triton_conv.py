@@ -47,14 +47,16 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize('grad_rows', [8, 2])  # the kernel gradient's rows per program: one group, or several
+@pytest.mark.parametrize('rows', [None, 2])  # rows per program (both kernels): all in one, or blocks of 2
 @pytest.mark.parametrize('b,h,w,c,rank,pools,skip', [
     (2, 5, 4, 6, 1, (1, 1), True),  # odd sizes, channels not a power of two
     (2, 5, 5, 3, 2, (2, 2), True),  # rank 2, pooled with a dropped remainder
     (1, 8, 4, 3, 1, (4, 1), False),  # pool 4 on one axis, no skip
 ])
-def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, grad_rows, monkeypatch):
-    monkeypatch.setattr(triton_conv, 'GRAD_ROWS', grad_rows)
+def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, monkeypatch):
+    if rows is not None:
+        monkeypatch.setattr(triton_conv, 'GRAD_ROWS', rows)
+        monkeypatch.setattr(triton_conv, '_conv_rows', lambda *args: rows)
     tensors = _inputs(b, h, w, c, rank, skip)
     y_ref = _reference(*tensors, pools)
     grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

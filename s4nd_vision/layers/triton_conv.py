@@ -30,6 +30,8 @@ import triton.language as tl
 __all__ = ['separable_conv2d_cl', 'supported']
 
 MAX_SIDE = 64  # a row of W and the 2W - 1 tap gradients (padded to powers of two) x BLOCK_C channels live in registers
+CONV_TILE = 8192  # fp32 accumulator values per program of the convolution (ROWS x BLOCK_IN x BLOCK_C)
+CONV_WARPS = 8  # 256 threads: 32 accumulator registers each
 GRAD_ROWS = 8  # output rows per program of the kernel gradient: 7 x more programs than images x channel blocks at 56
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,41 +56,46 @@ def _conv_kernel(
         sxb, sxh, sxw, sxc, syb, syh, syw, syc,
         skr, skc, skwr, skwc,
         PH: tl.constexpr, PW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_SKIP: tl.constexpr,
-        BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward (TRANSPOSE=False): x (B, H, W, C) -> y (B, HO, WO, C). Input gradient (TRANSPOSE=True):
-    x is the output gradient (B, HO, WO, C), y the input gradient (B, H, W, C). One program per (b, output row)."""
-    pid = tl.program_id(0)
+    x is the output gradient (B, HO, WO, C), y the input gradient (B, H, W, C). One program per (b, block of ROWS
+    output rows, channel block): each input row it reads serves all ROWS output rows, and each column of B all
+    ROWS results, so the input is read (from L2) once per ROWS output rows, not once per row."""
     if TRANSPOSE:
         rows_out, rows_in, cols_in, cols_out = H, HO, WO, W
     else:
         rows_out, rows_in, cols_in, cols_out = HO, H, W, WO
-    b = pid // rows_out
-    i = pid % rows_out
+    blocks = tl.cdiv(rows_out, ROWS)
+    b = tl.program_id(0) // blocks
+    i = (tl.program_id(0) % blocks) * ROWS + tl.arange(0, ROWS)  # output rows
+    i_ok = i < rows_out
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     v = tl.arange(0, BLOCK_IN)  # input columns
     v_ok = v < cols_in
     x_base = x_ptr + b * sxb
-    y_base = y_ptr + b * syb + i * syh + c * syc
+    y_rows = y_ptr + b * syb + i[:, None] * syh + c[None, :] * syc  # (ROWS, BLOCK_C) pointers of column 0
     mask2 = v_ok[:, None] & c_ok[None, :]
+    mask_out = i_ok[:, None] & c_ok[None, :]
     skip_d = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_SKIP:
         skip_d = tl.load(d_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     for r in range(R):
-        # stage 1: z[v, c] = sum_a A[i, a, c] x[a, v, c] (TRANSPOSE: sum_a A[a, i, c] g[a, v, c])
-        z = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
+        # stage 1: z[i, v, c] = sum_a A[i, a, c] x[a, v, c] (TRANSPOSE: sum_a A[a, i, c] g[a, v, c])
+        z = tl.zeros([ROWS, BLOCK_IN, BLOCK_C], dtype=tl.float32)
         for a in range(rows_in):
-            tap = tl.zeros([BLOCK_C], dtype=tl.float32)
+            tap = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             for s in tl.static_range(PH):
                 if TRANSPOSE:
                     idx = a * PH + s - i + H - 1
                 else:
                     idx = i * PH + s - a + H - 1
-                tap += tl.load(kh_ptr + r * skr + c * skc + idx, mask=c_ok, other=0.0).to(tl.float32)
+                tap += tl.load(kh_ptr + r * skr + c[None, :] * skc + idx[:, None], mask=mask_out,
+                               other=0.0).to(tl.float32)
             row = tl.load(x_base + a * sxh + v[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
-            z += (tap / PH)[None, :] * row.to(tl.float32)
-        # stage 2: y[j, c] = sum_v B[j, v, c] z[v, c] (TRANSPOSE: sum_v B[v, j, c] z[v, c])
+            z += (tap / PH)[:, None, :] * row.to(tl.float32)[None, :, :]
+        # stage 2: y[i, j, c] = sum_v B[j, v, c] z[i, v, c] (TRANSPOSE: sum_v B[v, j, c] z[i, v, c])
         for j in range(cols_out):
             taps = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
             for t in tl.static_range(PW):
@@ -97,22 +104,23 @@ def _conv_kernel(
                 else:
                     idx2 = j * PW + t - v + W - 1
                 taps += tl.load(kw_ptr + r * skwr + c[None, :] * skwc + idx2[:, None], mask=mask2, other=0.0)
-            out = tl.sum(taps * z, axis=0) / PW
+            out = tl.sum(taps[None, :, :] * z, axis=1) / PW  # (ROWS, BLOCK_C)
             if r > 0:
-                out += tl.load(y_base + j * syw, mask=c_ok, other=0.0).to(tl.float32)
+                out += tl.load(y_rows + j * syw, mask=mask_out, other=0.0).to(tl.float32)
             elif HAS_SKIP:
                 if TRANSPOSE:  # the skip's gradient, spread over its pooling window
                     inside = (i < HO * PH) & (j < WO * PW)
-                    g = tl.load(x_base + (i // PH) * sxh + (j // PW) * sxw + c * sxc, mask=c_ok & inside, other=0.0)
-                    out += skip_d * g.to(tl.float32) / (PH * PW)
+                    g = tl.load(x_base + (i[:, None] // PH) * sxh + (j // PW) * sxw + c[None, :] * sxc,
+                                mask=mask_out & inside[:, None], other=0.0)
+                    out += skip_d[None, :] * g.to(tl.float32) / (PH * PW)
                 else:
-                    pooled = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    pooled = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
                     for s in tl.static_range(PH):
                         for t in tl.static_range(PW):
-                            pooled += tl.load(x_base + (i * PH + s) * sxh + (j * PW + t) * sxw + c * sxc,
-                                              mask=c_ok, other=0.0).to(tl.float32)
-                    out += skip_d * pooled / (PH * PW)
-            tl.store(y_base + j * syw, out.to(y_ptr.dtype.element_ty), mask=c_ok)
+                            pooled += tl.load(x_base + (i[:, None] * PH + s) * sxh + (j * PW + t) * sxw
+                                              + c[None, :] * sxc, mask=mask_out, other=0.0).to(tl.float32)
+                    out += skip_d[None, :] * pooled / (PH * PW)
+            tl.store(y_rows + j * syw, out.to(y_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -209,14 +217,21 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool) -> torch.Tenso
     y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype)
     kh, kw = kh.contiguous(), kw.contiguous()
     block_in = triton.next_power_of_2(wo if transpose else w)
-    grid = (b * rows, triton.cdiv(c, _block_c(c)))
+    rows_per_program = _conv_rows(rows, block_in, _block_c(c))
+    grid = (b * triton.cdiv(rows, rows_per_program), triton.cdiv(c, _block_c(c)))
     _conv_kernel[grid](
         x, kh, kw, skip if skip is not None else kh, y,
         c, h, w, ho, wo, kh.shape[0],
         *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
         PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
-        BLOCK_IN=block_in, BLOCK_C=_block_c(c))
+        ROWS=rows_per_program, BLOCK_IN=block_in, BLOCK_C=_block_c(c), num_warps=CONV_WARPS)
     return y
+
+
+def _conv_rows(rows: int, block_in: int, block_c: int) -> int:
+    """Output rows per program of `_conv_kernel` (a power of two): a (ROWS, BLOCK_IN, BLOCK_C) accumulator of at
+    most `CONV_TILE` values, e.g. 4 rows at sides 33-64, 8 at 17-32."""
+    return min(triton.next_power_of_2(rows), max(1, CONV_TILE // (block_in * block_c)))
 
 
 def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor], pools) -> None:
