@@ -54,8 +54,7 @@ def _rel(a, b):
     (1, 8, 4, 3, 1, (4, 1), False),  # pool 4 on one axis, no skip
 ])
 def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, monkeypatch):
-    if rows is not None:
-        monkeypatch.setattr(triton_conv, 'GRAD_ROWS', rows)
+    if rows is not None:  # (the kernel gradient takes half the convolution's rows: blocks of 1)
         monkeypatch.setattr(triton_conv, '_conv_rows', lambda *args: rows)
     tensors = _inputs(b, h, w, c, rank, skip)
     y_ref = _reference(*tensors, pools)

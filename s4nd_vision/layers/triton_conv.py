@@ -16,9 +16,9 @@ one (image, channel block) are read by the programs of its output rows, which ru
 row is the fastest grid axis), so they come from the L2 cache after the first read.
 
 Backward: the input gradient is the same kernel with A and B transposed (`TRANSPOSE`), the skip term spread
-over its pooling windows; the kernel and D gradients come from one program per (image, group of `GRAD_ROWS`
-output rows, channel block) that recomputes each output row's H-axis result and adds each tap gradient it finds
-to its image's slice of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
+over its pooling windows; the kernel and D gradients come from one program per (image, block of output rows,
+channel block) that recomputes its rows' H-axis results and adds each tap gradient it finds to its image's slice
+of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 """
 from typing import Optional, Tuple
@@ -32,7 +32,6 @@ __all__ = ['separable_conv2d_cl', 'supported']
 MAX_SIDE = 64  # a row of W and the 2W - 1 tap gradients (padded to powers of two) x BLOCK_C channels live in registers
 CONV_TILE = 8192  # fp32 accumulator values per program of the convolution (ROWS x BLOCK_IN x BLOCK_C)
 CONV_WARPS = 8  # 256 threads: 32 accumulator registers each
-GRAD_ROWS = 8  # output rows per program of the kernel gradient: 7 x more programs than images x channel blocks at 56
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -126,81 +125,79 @@ def _conv_kernel(
 @triton.jit
 def _kernel_grad_kernel(
         x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
-        C, H, W, HO, WO, R, ROWS,
+        C, H, W, HO, WO, R,
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
         PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
-        BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-image gradients of the taps (fp32 (B, R, C, 2H - 1) and (B, R, C, 2W - 1), contiguous, zeroed: the caller
     sums over B) and the gradient of D (fp32 (C,), atomic adds across images), given the output gradient
-    g (B, HO, WO, C). One program per (image, group of ROWS output rows, channel block) walks its rows; each tap
-    value it finds is added to its image's slice with a reduction (an atomic add whose result is unused: no round
-    trip, and only the few programs of one image write there), instead of being selected into a register tile of
-    every tap, which costs a full-tile pass per tap."""
+    g (B, HO, WO, C). One program per (image, block of ROWS output rows, channel block), its rows at once (each
+    input row read serves them all); each tap value it finds is added to its image's slice with a reduction (an
+    atomic add whose result is unused: no round trip, and only the few programs of one image write there), instead
+    of being selected into a register tile of every tap, which costs a full-tile pass per tap."""
     b = tl.program_id(0)
-    p_start = tl.program_id(1) * ROWS
-    p_end = tl.minimum(p_start + ROWS, HO)
+    p = tl.program_id(1) * ROWS + tl.arange(0, ROWS)  # output rows
+    p_ok = p < HO
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     w = tl.arange(0, BLOCK_IN)
     w_ok = w < W
     mask2 = w_ok[:, None] & c_ok[None, :]
+    mask_pc = p_ok[:, None] & c_ok[None, :]
     x_base = x_ptr + b * sxb
-    g_base = g_ptr + b * sgb
+    g_rows = g_ptr + b * sgb + p[:, None] * sgh + c[None, :] * sgc  # (ROWS, BLOCK_C) pointers of column 0
     n_h = 2 * H - 1
     n_w = 2 * W - 1
     for r in range(R):
         dkh_base = dkh_ptr + ((b * R + r) * C + c) * n_h
         dkw_base = dkw_ptr + ((b * R + r) * C + c) * n_w
-        for p in range(p_start, p_end):
-            # zh[w, c] = sum_h A[p, h, c] x[h, w, c]: this row's H-axis result
-            zh = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
-            for h in range(H):
-                tap = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for s in tl.static_range(PH):
-                    tap += tl.load(kh_ptr + r * skr + c * skc + (p * PH + s - h + H - 1), mask=c_ok,
-                                   other=0.0).to(tl.float32)
-                row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
-                zh += (tap / PH)[None, :] * row.to(tl.float32)
-            # gw[w, c] = sum_q B[q, w, c] g[p, q, c]
-            gw = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
-            for q in range(WO):
-                gq = tl.load(g_base + p * sgh + q * sgw + c * sgc, mask=c_ok, other=0.0).to(tl.float32)
-                for t in tl.static_range(PW):
-                    idx = q * PW + t - w + W - 1
-                    taps = tl.load(kw_ptr + r * skwr + c[None, :] * skwc + idx[:, None], mask=mask2, other=0.0)
-                    gw += taps.to(tl.float32) * gq[None, :]
-            gw = gw / PW
-            # tap o of the W axis: (1 / PW) sum_w zh[w, c] sum_t g[p, q, c] where q PW + t = o + w - W + 1
-            for o in range(n_w):
-                val = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for t in tl.static_range(PW):
-                    m = o + w - W + 1 - t
-                    q_of_w = m // PW  # (a new name: a loop variable may not change type in compiled Triton)
-                    ok = w_ok & (m >= 0) & (m % PW == 0) & (q_of_w < WO)
-                    gv = tl.load(g_base + p * sgh + q_of_w[:, None] * sgw + c[None, :] * sgc,
-                                 mask=ok[:, None] & c_ok[None, :], other=0.0)
-                    val += tl.sum(gv.to(tl.float32) * zh, axis=0)
-                tl.atomic_add(dkw_base + o, val / PW, mask=c_ok)
-            # dA[p, h, c] = sum_w gw[w, c] x[h, w, c], spread onto the taps of the pooling window
-            for h in range(H):
-                row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
-                val = tl.sum(gw * row.to(tl.float32), axis=0) / PH
-                for s in tl.static_range(PH):
-                    tl.atomic_add(dkh_base + (p * PH + s - h + H - 1), val, mask=c_ok)
+        # zh[p, w, c] = sum_h A[p, h, c] x[h, w, c]: the rows' H-axis results
+        zh = tl.zeros([ROWS, BLOCK_IN, BLOCK_C], dtype=tl.float32)
+        for h in range(H):
+            tap = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+            for s in tl.static_range(PH):
+                tap += tl.load(kh_ptr + r * skr + c[None, :] * skc + (p[:, None] * PH + s - h + H - 1), mask=mask_pc,
+                               other=0.0).to(tl.float32)
+            row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+            zh += (tap / PH)[:, None, :] * row.to(tl.float32)[None, :, :]
+        # gw[p, w, c] = sum_q B[q, w, c] g[p, q, c]
+        gw = tl.zeros([ROWS, BLOCK_IN, BLOCK_C], dtype=tl.float32)
+        for q in range(WO):
+            gq = tl.load(g_rows + q * sgw, mask=mask_pc, other=0.0).to(tl.float32)
+            for t in tl.static_range(PW):
+                idx = q * PW + t - w + W - 1
+                taps = tl.load(kw_ptr + r * skwr + c[None, :] * skwc + idx[:, None], mask=mask2, other=0.0)
+                gw += taps.to(tl.float32)[None, :, :] * gq[:, None, :]
+        gw = gw / PW
+        # tap o of the W axis: (1 / PW) sum_{p, w} zh[p, w, c] sum_t g[p, q, c] where q PW + t = o + w - W + 1
+        for o in range(n_w):
+            val = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for t in tl.static_range(PW):
+                m = o + w - W + 1 - t
+                q_of_w = m // PW  # (a new name: a loop variable may not change type in compiled Triton)
+                ok = w_ok & (m >= 0) & (m % PW == 0) & (q_of_w < WO)
+                gv = tl.load(g_rows[:, None, :] + q_of_w[None, :, None] * sgw,
+                             mask=mask_pc[:, None, :] & ok[None, :, None], other=0.0)
+                val += tl.sum(tl.sum(gv.to(tl.float32) * zh, axis=1), axis=0)
+            tl.atomic_add(dkw_base + o, val / PW, mask=c_ok)
+        # dA[p, h, c] = sum_w gw[p, w, c] x[h, w, c], spread onto the taps of the pooling window
+        for h in range(H):
+            row = tl.load(x_base + h * sxh + w[:, None] * sxw + c[None, :] * sxc, mask=mask2, other=0.0)
+            val = tl.sum(gw * row.to(tl.float32)[None, :, :], axis=1) / PH  # (ROWS, BLOCK_C)
+            for s in tl.static_range(PH):
+                tl.atomic_add(dkh_base[None, :] + (p[:, None] * PH + s - h + H - 1), val, mask=mask_pc)
     if HAS_SKIP:  # dD[c] = sum_{p, q} g[p, q, c] pool(x)[p, q, c]
         qs = tl.arange(0, BLOCK_IN)
-        mask_q = (qs < WO)[:, None] & c_ok[None, :]
-        dd = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for p in range(p_start, p_end):
-            pooled = tl.zeros([BLOCK_IN, BLOCK_C], dtype=tl.float32)
-            for s in tl.static_range(PH):
-                for t in tl.static_range(PW):
-                    pooled += tl.load(x_base + (p * PH + s) * sxh + (qs[:, None] * PW + t) * sxw + c[None, :] * sxc,
-                                      mask=mask_q, other=0.0).to(tl.float32)
-            gq = tl.load(g_base + p * sgh + qs[:, None] * sgw + c[None, :] * sgc, mask=mask_q, other=0.0)
-            dd += tl.sum(gq.to(tl.float32) * pooled, axis=0)
+        mask3 = mask_pc[:, None, :] & (qs < WO)[None, :, None]
+        pooled = tl.zeros([ROWS, BLOCK_IN, BLOCK_C], dtype=tl.float32)
+        for s in tl.static_range(PH):
+            for t in tl.static_range(PW):
+                pooled += tl.load(x_base + (p[:, None, None] * PH + s) * sxh + (qs[None, :, None] * PW + t) * sxw
+                                  + c[None, None, :] * sxc, mask=mask3, other=0.0).to(tl.float32)
+        gq = tl.load(g_rows[:, None, :] + qs[None, :, None] * sgw, mask=mask3, other=0.0)
+        dd = tl.sum(tl.sum(gq.to(tl.float32) * pooled, axis=1), axis=0)
         tl.atomic_add(dd_ptr + c, dd / (PH * PW), mask=c_ok)
 
 
@@ -273,14 +270,15 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
-    ho = h // pool_h
-    grid = (b, triton.cdiv(ho, GRAD_ROWS), triton.cdiv(c, _block_c(c)))
+    ho, block_in, block_c = h // pool_h, triton.next_power_of_2(w), _block_c(c)
+    rows = max(1, _conv_rows(ho, block_in, block_c) // 2)  # (two accumulators: half the convolution's rows)
+    grid = (b, triton.cdiv(ho, rows), triton.cdiv(c, block_c))
     _kernel_grad_kernel[grid](
         x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
-        c, h, w, ho, w // pool_w, r, GRAD_ROWS,
+        c, h, w, ho, w // pool_w, r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         PH=pool_h, PW=pool_w, HAS_SKIP=skip is not None,
-        BLOCK_IN=triton.next_power_of_2(w), BLOCK_C=_block_c(c))
+        ROWS=rows, BLOCK_IN=block_in, BLOCK_C=block_c, num_warps=CONV_WARPS)
     grad_skip = dd.to(skip.dtype) if skip is not None else dd
     return grad_x, dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), grad_skip
 
