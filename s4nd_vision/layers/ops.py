@@ -403,7 +403,7 @@ class _SeparableConv(torch.autograd.Function):
         algorithms = conv_algorithms(shape, pools)  # the backward pass uses the same
         # intermediates are kept when the first axis is pooled, unless they outsize the saved input (a widening
         # projection: the stem) where memory is worth a GEMM (`recompute_for_memory`)
-        small = math.prod(shape) // pools[0] <= x.numel()
+        small = kernels[0].shape[0] * math.prod(shape) // pools[0] <= x.numel()  # (one per rank-1 term)
         kept = [] if pools[0] > 1 and (small or not recompute_for_memory(x.device)) else None
         proj = None if weight is None else (weight, bias)
         y = apply_operators(x, conv_operators(kernels, shape, pools, algorithms), pools, skip, kept, proj=proj)
