@@ -359,11 +359,11 @@ class DepthwiseConv2d:
     def apply(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, C, H, W), channels-last memory; skip (C,) or None."""
         c, (ph, pw) = x.shape[1], self.padding
-        y = None if skip is None else x * skip.reshape(-1, 1, 1)
+        y = None
         for w_h, w_w in zip(self.w_h, self.w_w):
             z = F.conv2d(F.conv2d(x, w_h, padding=(ph, 0), groups=c), w_w, padding=(0, pw), groups=c)
             y = z if y is None else y.add_(z)
-        return y
+        return y if skip is None else y.addcmul_(x, skip.reshape(-1, 1, 1))  # (one pass, into the last result)
 
 
 def recompute_for_memory(device: torch.device) -> bool:
