@@ -145,7 +145,8 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
 
 def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
     """A whole ConvNeXt-S4ND (stem, blocks, downsampling, stacked kernel generation, the GLU projections that
-    recompute off the CPU) with the Triton path forced, against the fast path: logits and every gradient."""
+    recompute off the CPU) with the Triton path forced, eager and compiled as one graph, against the fast path:
+    logits and every gradient."""
     import timm
 
     from s4nd_vision.layers import ops
@@ -158,17 +159,20 @@ def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     results = []
-    for path in ('fast', 'triton'):
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')  # (one graph: the custom ops trace)
+    for path, run in (('fast', model), ('triton', model), ('triton', compiled)):
         model.zero_grad()
         with dispatch.force_path(path):
-            y = model(x)
+            y = run(x)
             y.square().sum().backward()
         results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert len(calls) == 7  # 4 blocks, 3 downsamplings (the stem, with its fused projection, runs the fast path)
-    (y_fast, grads_fast), (y_tri, grads_tri) = results
-    torch.testing.assert_close(y_tri, y_fast, rtol=1e-4, atol=1e-5)
-    for a, b in zip(grads_tri, grads_fast):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        if len(results) == 2:
+            assert len(calls) == 7  # 4 blocks, 3 downsamplings (the stem, its projection fused, runs the fast path)
+    (y_fast, grads_fast), *triton_results = results
+    for y_tri, grads_tri in triton_results:
+        torch.testing.assert_close(y_tri, y_fast, rtol=1e-4, atol=1e-5)
+        for a, b in zip(grads_tri, grads_fast):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 # ----- dispatch (no CUDA needed: the choice depends on the device type, shape and dtype only) -----
@@ -197,20 +201,60 @@ def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):
         assert dispatch.conv_path(torch.device('cpu'), (2, 6, 6, 5), (1, 1), torch.float32) == 'fast'
 
 
-def test_dispatch_picks_the_reference_while_compiling_and_fast_while_tracing(monkeypatch):
+def test_dispatch_while_compiling_exporting_and_tracing(monkeypatch):
+    """torch.compile on CUDA takes the Triton custom ops (their fake implementations trace); torch.export gets the
+    portable reference, and so does compilation on the CPU unless 'triton' is forced; jit tracing (FLOP counts)
+    the fast path."""
     monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
 
-    def path_code(x):
-        path = dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.float32)
+    def path_code(x, device=CUDA):
+        path = dispatch.conv_path(device, (128, 96, 56, 56), (1, 1), torch.float32)
         return x + dispatch.PATHS.index(path)
 
     assert path_code(torch.zeros(1)).item() == dispatch.PATHS.index('triton')
     compiled = torch.compile(path_code, fullgraph=True, backend='eager')
-    assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')
+    assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('triton')
+    on_cpu = torch.compile(lambda x: path_code(x, torch.device('cpu')), fullgraph=True, backend='eager')
+    assert on_cpu(torch.zeros(1)).item() == dispatch.PATHS.index('reference')
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return path_code(x)
+
+    exported = torch.export.export(Module(), (torch.zeros(1),))
+    assert exported.module()(torch.zeros(1)).item() == dispatch.PATHS.index('reference')
     traced = torch.jit.trace(path_code, torch.zeros(1), check_trace=False)
     assert traced(torch.zeros(1)).item() == dispatch.PATHS.index('fast')
-    with dispatch.force_path('triton'):
-        assert compiled(torch.zeros(1)).item() == dispatch.PATHS.index('reference')  # forcing never beats export
+    monkeypatch.setattr(dispatch, 'triton_available', lambda: False)  # no Triton: the reference
+    torch.compiler.reset()
+    assert torch.compile(path_code, fullgraph=True, backend='eager')(torch.zeros(1)).item() == \
+        dispatch.PATHS.index('reference')
+
+
+def test_compiled_layer_runs_the_triton_ops_and_equals_the_fast_path(monkeypatch):
+    """A layer under torch.compile(fullgraph=True) with the Triton path (forced here, on the CPU's interpreter): the
+    custom ops run inside the graph, forward and backward, and give the fast path's values and gradients."""
+    launches = []
+    launch = triton_conv._launch_conv
+    monkeypatch.setattr(triton_conv, '_launch_conv',
+                        lambda *a, **kw: launches.append(kw['transpose']) or launch(*a, **kw))
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4, l_ref=(6, 5), pool=(2, 1))
+    x = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    results = []
+    for path in ('fast', 'triton'):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with dispatch.force_path(path):
+            y = (layer if path == 'fast' else torch.compile(layer, fullgraph=True, backend='aot_eager'))(xi)
+            y.square().sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad.clone() for p in layer.parameters()]))
+    assert launches == [False, True]  # forward, then the input gradient: the compiled graph ran the custom ops
+    (y_fast, dx_fast, dp_fast), (y_tri, dx_tri, dp_tri) = results
+    torch.testing.assert_close(y_tri, y_fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_tri, dx_fast, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dp_tri, dp_fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_forced(monkeypatch):

@@ -1,7 +1,8 @@
 """Which implementation of S4ND's convolution runs: the one place that decides.
 
 - 'reference': while a graph is captured for export or compilation (`reference.use_reference`): the plain
-  real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic.
+  real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic; except that torch.compile
+  on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
 - 'triton': on CUDA, when Triton imports and the input is supported (`triton_conv.supported`: 2D, sides up
   to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16): the fused channels-last kernels.
 - 'depthwise': CPU inference (no autograd) on a 2D float32 input in channels-last memory, without pooling,
@@ -66,7 +67,7 @@ def conv_path(
     """The implementation ('reference', 'triton', 'depthwise' or 'fast') for an S4ND input of `shape`
     (B, C, *spatial) on `device`, pooled by `pools`, convolved in `dtype`, in channels-last memory or not."""
     if use_reference():
-        return 'reference'
+        return 'triton' if _compiles_triton(device, shape, pools, dtype) else 'reference'
     if torch.jit.is_tracing():  # FLOP counting traces the plain ops of the fast path
         return 'fast'
     forced = _FORCED_PATH.get()
@@ -79,6 +80,21 @@ def conv_path(
             and dtype == torch.float32 and all(p == 1 for p in pools) and max(shape[2:]) <= DEPTHWISE_MAX_LEN):
         return 'depthwise'
     return 'fast'
+
+
+def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether a graph being captured takes the Triton custom ops: under torch.compile (not torch.export, not the
+    ONNX exporter, which need the portable reference), on CUDA or with 'triton' forced, for a supported input."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    forced = _FORCED_PATH.get()
+    wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda')
+    return wanted and _triton_supports_constant(tuple(int(s) for s in shape), tuple(pools), dtype)
+
+
+@torch.compiler.assume_constant_result  # (the capture calls it eagerly and keeps the answer: no import is traced)
+def _triton_supports_constant(shape: tuple, pools: tuple, dtype: torch.dtype) -> bool:
+    return _triton_supports(shape, pools, dtype)
 
 
 def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
