@@ -278,6 +278,8 @@ def bench_models(
         result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']
         result['infer_ratio'] = result['s4nd_infer_ms'] / result['baseline_infer_ms']
         result['train_mem_ratio'] = result['s4nd_train_mb'] / result['baseline_train_mb']
+        if dev.type == 'cuda':
+            result['cuda_peak_ratio'] = result['s4nd_cuda_peak_mb'] / result['baseline_cuda_peak_mb']
         rows.append(result)
     return rows
 

@@ -29,7 +29,7 @@ from timm.layers import create_conv2d
 from ..layers import S4ND, dispatch
 from ..layers.reference import separable_conv_reference
 from ..layers.ssm_kernel import SSMKernel, ssm_kernels
-from .benchmark import CONVNEXT_T_STAGES, bench_models, format_table, time_ms
+from .benchmark import CONVNEXT_T_STAGES, _train_step, bench_models, format_table, time_ms
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
@@ -193,7 +193,8 @@ def check_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
     checks.add('  same, bf16 autocast', {'y': _rel(y16.float(), y_ref)}, 3e-2)
 
 
-def _fwd_bwd(module, x, amp: bool, path: Optional[str] = None):
+def _layer_step(module, x, amp: bool, path: Optional[str] = None):
+    """forward+backward of a layer with S4ND's implementation forced to `path` (None: the dispatch's choice)."""
     def step():
         module.zero_grad(set_to_none=True)
         with dispatch.force_path(path), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -214,8 +215,8 @@ def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
             conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
             x = torch.randn(plan.batch, dim, size, size, device=device, dtype=dtype)
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton'),
-                   'fast': _fwd_bwd(s4nd, x, amp, 'fast')}
+            fns = {'dwconv': _layer_step(conv, x, amp), 'triton': _layer_step(s4nd, x, amp, 'triton'),
+                   'fast': _layer_step(s4nd, x, amp, 'fast')}
             t = time_ms(fns, device, warmup=2, repeats=plan.repeats)
             row = dict(case=f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}',
                        **{f'{k}_ms': v for k, v in t.items()},
@@ -238,7 +239,7 @@ def profile_models(plan: Plan, device: torch.device) -> List[dict]:
     for name in plan.profile_models:
         torch.manual_seed(0)
         model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
-        step = _fwd_bwd(model, x, amp=True)
+        step = _train_step(model, x, torch.bfloat16)
         for _ in range(2):  # warm-up: Triton compilation, cuDNN autotuning
             step()
         if device.type == 'cuda':
@@ -275,9 +276,6 @@ def bench_model_pairs(plan: Plan, device: torch.device, compile: bool = False) -
     if not compile:
         batch, frames, side = plan.video
         rows += bench_models(pairs=[plan.video_pair], img_size=side, batch_size=batch, num_frames=frames, **common)
-    for row in rows:
-        if 's4nd_cuda_peak_mb' in row:
-            row['cuda_peak_ratio'] = row['s4nd_cuda_peak_mb'] / row['baseline_cuda_peak_mb']
     print(format_table(rows), flush=True)
     return rows
 

@@ -89,14 +89,10 @@ def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence
         return False
     forced = _FORCED_PATH.get()
     wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda')
-    return wanted and _triton_supports_constant(tuple(int(s) for s in shape), tuple(pools), dtype)
+    return wanted and _triton_supports(tuple(int(s) for s in shape), tuple(pools), dtype)
 
 
-@torch.compiler.assume_constant_result  # (the capture calls it eagerly and keeps the answer: no import is traced)
-def _triton_supports_constant(shape: tuple, pools: tuple, dtype: torch.dtype) -> bool:
-    return _triton_supports(shape, pools, dtype)
-
-
+@torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer: no import is traced)
 def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
     if len(shape) != 4 or not triton_available():
         return False

@@ -8,12 +8,12 @@ for the W axis. x is (B, H, W, C) with C contiguous (a channels-last (B, C, H, W
 `permute(0, 2, 3, 1)`, no copy); the result has the same layout, spatial sizes H // P_h, W // P_w.
 
 Design (for the GPU; on the CPU the kernels run under `TRITON_INTERPRET=1` for the tests): a program owns
-one output row of one image for a block of channels, the vectorized (contiguous) dimension. It sums the input
-rows weighted by its row of A (one (W, BLOCK_C) accumulator in registers, fp32), then produces each output
-pixel as a reduction of that accumulator against a column of B: no Toeplitz matrix and no intermediate
-tensor is written to memory; the taps are read from the small (C, 2n - 1) kernels (cached). The input rows of
-one (image, channel block) are read by the programs of its output rows, which run next to each other (the
-row is the fastest grid axis), so they come from the L2 cache after the first read.
+a block of output rows of one image for a block of channels, the vectorized (contiguous) dimension. It sums the
+input rows weighted by its rows of A (a (ROWS, W, BLOCK_C) accumulator in registers, fp32: each input row read
+serves every row of the block), then produces each output pixel as a reduction of that accumulator against a
+column of B: no Toeplitz matrix and no intermediate tensor is written to memory; the taps are read from the
+small (C, 2n - 1) kernels (cached). The programs of one (image, channel block) run next to each other (the row
+block is the fastest grid axis), so its input rows come from the L2 cache after the first read.
 
 Backward: the input gradient is the same kernel with A and B transposed (`TRANSPOSE`), the skip term spread
 over its pooling windows; the kernel and D gradients come from one program per (image, block of output rows,
@@ -29,7 +29,7 @@ import triton.language as tl
 
 __all__ = ['separable_conv2d_cl', 'supported']
 
-MAX_SIDE = 64  # a row of W and the 2W - 1 tap gradients (padded to powers of two) x BLOCK_C channels live in registers
+MAX_SIDE = 64  # rows of W (padded to a power of two) x BLOCK_C channels live in registers
 CONV_TILE = 8192  # fp32 accumulator values per program of the convolution (ROWS x BLOCK_IN x BLOCK_C)
 CONV_WARPS = 8  # 256 threads: 32 accumulator registers each
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
