@@ -25,7 +25,7 @@ def test_reference_kernel_equals_fast_kernel_and_its_gradients(init, bandlimit):
     for length, rate in [(9, 1.0), (17, 0.45)]:
         fast = ssm_kernels([kernel], [length], [rate], torch.float64)[0]
         mask = None if bandlimit is None else kernel.mode_mask().double()
-        ref = ssm_kernel_reference(*_params(kernel), length, rate, mask=mask)
+        ref = ssm_kernel_reference(*_params(kernel)[:4], kernel.c_pairs, length, rate, mask=mask)
         torch.testing.assert_close(ref, fast, rtol=1e-10, atol=1e-12)
         weight = torch.randn_like(fast)
         grads_fast = torch.autograd.grad((fast * weight).sum(), _params(kernel))

@@ -55,7 +55,7 @@ def test_s4d_legs_init_is_the_normal_part_of_hippo_legs():
     with torch.no_grad():
         kernel.log_dt.fill_(math.log(dt))
         # y = c^T x = c^T V_full x~: the half with Im > 0 carries C = V^T c (its conjugate the other half)
-        kernel.c.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
+        kernel.c_pairs.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
     expected = _zoh_dense_kernel(a + p[:, None] * p[None, :], b, c, dt, length)
     torch.testing.assert_close(kernel(length, dtype=torch.float64)[0, 0], expected)
 
@@ -107,7 +107,7 @@ def test_s4_init_is_hippo_legs():
     c = torch.randn(d_state, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         kernel.log_dt.fill_(math.log(dt))
-        kernel.c.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
+        kernel.c_pairs.copy_(torch.view_as_real(v.T @ c.to(v.dtype))[None, None])
     expected = _bilinear_dense_kernel(a[None], b[None], c[None, None], torch.tensor([dt], dtype=torch.float64), length)
     torch.testing.assert_close(kernel(length, dtype=torch.float64), expected)
 
@@ -155,7 +155,7 @@ def test_sgconv_kernel_is_the_dyadic_concatenation():
     kernel = SGConvKernel(3, l_ref=100, num_kernels=2, size=8, dtype=torch.float64)
     assert kernel.n_scales == 1 + math.ceil(math.log2(100 / 8)) == 5 and kernel.support == 128
     k = kernel(128, dtype=torch.float64) * kernel.norm
-    expected = _sgconv_reference(kernel.weight.detach(), 8, 0.5, 128)
+    expected = _sgconv_reference(kernel.weight.detach().unflatten(0, (2, 3)), 8, 0.5, 128)
     torch.testing.assert_close(k, expected, atol=2e-3 * expected.abs().max(), rtol=0)
     # normalized once at initialization: unit norm at rate 1 over the covered length, fixed afterwards
     torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), torch.ones(2, 3, dtype=torch.float64))
@@ -194,7 +194,7 @@ def test_sgconv_parameter_count_is_sublinear():
         assert kernel(l_ref).shape == (2, 4, l_ref)
     assert counts[8192] < 8192  # fewer values per channel and direction than taps (9 x 32)
     assert counts[8192] - counts[1024] == 3 * 2 * 4 * 32  # each doubling of the length adds one sub-kernel
-    assert SGConvKernel(4, l_ref=7, size=32).weight.shape == (1, 4, 1, 7)  # no values beyond the reference length
+    assert SGConvKernel(4, l_ref=7, size=32).weight.shape == (1 * 4, 1, 7)  # no values beyond the reference length
 
 
 def test_sgconv_kernel_follows_the_rate():

@@ -26,7 +26,7 @@ def _recurrence_kernel(kernel: SSMKernel, length: int, rate: float = 1.0) -> tor
     dt = kernel.log_dt.detach().double().exp() * rate
     a = torch.complex(-kernel.log_a_real.detach().double().exp(), kernel.a_imag.detach().double())
     b = torch.view_as_complex(kernel.b.detach().double().contiguous())
-    c = torch.view_as_complex(kernel.c.detach().double().contiguous()) * kernel.mode_mask()
+    c = torch.view_as_complex(kernel.c_pairs.detach().double().contiguous()) * kernel.mode_mask()
     d_a = torch.exp(dt[:, None] * a)
     d_b = (d_a - 1) / a * b
     state = d_b.clone()  # state after the unit impulse at step 0
@@ -112,7 +112,7 @@ def test_kernel_function_takes_a_strided_gradient():
     gives the same parameter gradients as a contiguous one."""
     torch.manual_seed(0)
     kernel = SSMKernel(4, d_state=6, num_kernels=2)
-    params = [kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c]
+    params = [kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c_pairs]
     k = _SSMKernelFn.apply(9, [1.0], [None], *params)
     g = torch.ones_like(k) * torch.arange(9.0)  # in the layout of k
     assert not g.is_contiguous()
@@ -217,7 +217,7 @@ def test_bandlimit_masks_exactly_the_modes_above_cutoff():
     manual.load_state_dict(kernel.state_dict())
     manual.bandlimit = None  # (the cut-off comes with the weights)
     with torch.no_grad():
-        manual.c.mul_(expected[None, ..., None])
+        manual.c_pairs.mul_(expected[None, ..., None])
     for rate in (1.0, 0.5):
         torch.testing.assert_close(kernel(12, rate=rate, dtype=torch.float64),
                                    manual(12, rate=rate, dtype=torch.float64))

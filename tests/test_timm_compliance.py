@@ -210,3 +210,24 @@ def test_torch_compile_fullgraph(entry):
     compiled = torch.compile(model, fullgraph=True, backend='eager')
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_channels_last_memory_format(entry):
+    """`model.to(memory_format=...)` as GPU training runs it (timm's --channels-last): channels_last for images,
+    channels_last_3d for clips and sequences (which refuses any 4-D tensor: S4ND keeps its parameters 3-D);
+    outputs and gradients do not change."""
+    model = _create(*entry)
+    x = _small_input(model, batch_size=2)
+    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    other = _create(*entry).to(memory_format=fmt)
+    assert any(p.ndim in (4, 5) for p in other.parameters()) == (x.ndim > 3)  # (sequence models: no conv)
+    for p in other.parameters():
+        assert p.is_contiguous(memory_format=fmt) if p.ndim in (4, 5) else p.is_contiguous()
+    x_other = x.contiguous(memory_format=fmt) if x.ndim > 3 else x
+    out, out_other = model(x), other(x_other)
+    torch.testing.assert_close(out_other, out, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    out_other.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)

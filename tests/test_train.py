@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from memory_format_runs import train_in_both_memory_formats
 from PIL import Image
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
@@ -301,3 +302,7 @@ def test_the_model_is_built_for_the_training_size(tmp_path, folder):
     assert model.pretrained_cfg['input_size'] == (3, 32, 32)
     assert trainer.data.size_kwargs('convnext_s4nd_atto') == 'img_size=32, '
     assert trainer.data.size_kwargs('convnext_atto') == ''
+
+
+def test_channels_last_run(tmp_path, folder):
+    train_in_both_memory_formats(tmp_path, partial(_overrides, folder), torch.channels_last)

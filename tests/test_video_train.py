@@ -2,6 +2,7 @@
 import os
 import socket
 import subprocess
+from functools import partial
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from media import write_video
+from memory_format_runs import train_in_both_memory_formats
 from safetensors.torch import load_file, save_file
 
 import s4nd_vision  # noqa: F401  (registers the models)
@@ -233,3 +235,7 @@ def test_two_process_run_shards_videos_and_synchronizes(hmdb, tmp_path):
     assert shards[0] | shards[1] == set(TRAIN) and len(shards[0] & shards[1]) == 1  # own halves, one padding repeat
     row, = _rows(out)
     assert row['val_videos'] == '3' and int(row['skipped_videos']) >= 1
+
+
+def test_channels_last_run(hmdb, tmp_path):
+    train_in_both_memory_formats(tmp_path, partial(_overrides, hmdb), torch.channels_last_3d)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import s4nd_vision  # noqa: F401
-from s4nd_vision.layers import S4ND
+from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel
 from s4nd_vision.models._checkpoint import match_state_dict, pointwise_reshape
 from s4nd_vision.models.convnext_s4nd import checkpoint_filter_fn
 from s4nd_vision.models.inflate import inflate_state_dict
@@ -187,3 +187,39 @@ def test_inflating_timm_convnext_logs_the_same_report(caplog):
     assert f'inflated along time (repeat) {n_inflated} (stem.0 1, stages.*.blocks.*.conv_dw 12, ' \
            'stages.*.downsample.1 3)' in line
     assert 'kept init 2 (head.fc Linear 2)' in line and 'unused from the checkpoint 2 (head.fc 2)' in line
+
+
+def _as_saved_before_3d_kernel_tensors(model: torch.nn.Module) -> dict:
+    """`model`'s weights as s4nd_vision saved them while SSM C and SGConv weights were 4-D, (num_kernels, dim, ...)."""
+    old = dict(model.state_dict())
+    for prefix, m in model.named_modules():
+        if isinstance(m, (SSMKernel, S4Kernel, SGConvKernel)):
+            key = f'{prefix}.{"weight" if isinstance(m, SGConvKernel) else "c"}'
+            old[key] = old[key].unflatten(0, (m.num_kernels, m.dim))
+    assert sum(v.ndim == 4 for v in old.values()) > sum(v.ndim == 4 for v in model.state_dict().values())
+    return old
+
+
+@pytest.mark.parametrize('name,kwargs', [('convnext_s4nd_atto', {}), ('convnext_s4nd_atto', dict(kernel='s4')),
+                                         ('convnext_sgconv_atto', {})], ids=['s4d', 's4', 'sgconv'])
+def test_weights_saved_with_4d_kernel_tensors_still_load(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, **kwargs)
+    old = _as_saved_before_3d_kernel_tensors(model)
+    fresh = timm.create_model(name, img_size=32, **kwargs)
+    fresh.load_state_dict(old)
+    filtered = checkpoint_filter_fn(old, fresh)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+        assert torch.equal(filtered[key], value), key
+
+
+def test_inflating_weights_saved_with_4d_kernel_tensors():
+    torch.manual_seed(0)
+    model_2d = timm.create_model('convnext_s4nd_atto', img_size=32)
+    model_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=32, num_frames=4)
+    torch.manual_seed(1)
+    expected = inflate_state_dict(model_2d.state_dict(), model_3d)
+    torch.manual_seed(1)
+    out = inflate_state_dict(_as_saved_before_3d_kernel_tensors(model_2d), model_3d)
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)

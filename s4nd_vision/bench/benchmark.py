@@ -250,11 +250,7 @@ def bench_models(
         models, train_steps, inferences = {}, {}, {}
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
-            models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev)
-            if memory_format is not None:  # the convolutions' weights (other parameters keep their layout)
-                for module in model.modules():
-                    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-                        module.to(memory_format=memory_format)
+            models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev, memory_format=memory_format)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
             run = torch.compile(model) if compile else model
             train_steps[key], inferences[key] = _train_step(run, x, amp_dtype), _inference(run, x, amp_dtype)

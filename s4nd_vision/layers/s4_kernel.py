@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
-from .ssm_kernel import _diagonal_params, _log_uniform_dt, _mark_ssm
+from .ssm_kernel import _diagonal_params, _DiagonalSSM, _log_uniform_dt, _mark_ssm
 
 __all__ = ['S4Kernel']
 
@@ -49,7 +49,7 @@ def _matrix_power(m: torch.Tensor, n: int) -> torch.Tensor:
         power = power @ power
 
 
-class S4Kernel(nn.Module):
+class S4Kernel(_DiagonalSSM):
     """Generates 1D convolution kernels from per-channel DPLR SSMs (S4).
 
     Holds `num_kernels` C vectors per channel (e.g. forward and backward directions times rank-1 terms)
@@ -98,7 +98,7 @@ class S4Kernel(nn.Module):
         self.a_imag.copy_(lam.imag.expand(self.dim, n2))
         self.p.copy_(torch.view_as_real(vp).expand(self.dim, n2, 2))
         self.b.copy_(torch.view_as_real(vb).expand(self.dim, n2, 2))
-        self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
+        self.c.copy_(torch.randn(self.num_kernels * self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
 
     def dense(self, dtype: torch.dtype = torch.float64) -> tuple:
         """The full conjugate-symmetric system as dense complex tensors: A (dim, N, N), B (dim, N), C (K, dim, N)."""
@@ -108,7 +108,7 @@ class S4Kernel(nn.Module):
     def _modes(self, dtype: torch.dtype) -> tuple:
         """Lambda, P, B (dim, N) and C (K, dim, N) complex, conjugate halves included."""
         lam = torch.complex(-self.log_a_real.to(dtype).exp(), self.a_imag.to(dtype))
-        p, b, c = (torch.view_as_complex(t.to(dtype).contiguous()) for t in (self.p, self.b, self.c))
+        p, b, c = (torch.view_as_complex(t.to(dtype).contiguous()) for t in (self.p, self.b, self.c_pairs))
         return _full(lam), _full(p), _full(b), _full(c)
 
     @staticmethod

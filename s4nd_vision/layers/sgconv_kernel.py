@@ -24,6 +24,8 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
+from .ssm_kernel import flatten_legacy_4d
+
 __all__ = ['SGConvKernel', 'sgconv_scales']
 
 
@@ -100,7 +102,8 @@ class SGConvKernel(nn.Module):
         self.decay = decay
         self.n_scales = sgconv_scales(l_ref, self.size)
         self.support = self.size * 2 ** (self.n_scales - 1)  # taps covered at rate 1
-        self.weight = nn.Parameter(torch.empty(num_kernels, dim, self.n_scales, self.size, device=device, dtype=dtype))
+        # (num_kernels * dim, n_scales, size): 3-D, as `Module.to(memory_format=...)` converts 4-D tensors
+        self.weight = nn.Parameter(torch.empty(num_kernels * dim, self.n_scales, self.size, device=device, dtype=dtype))
         self.register_buffer('norm', torch.empty(num_kernels, dim, 1, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -116,7 +119,11 @@ class SGConvKernel(nn.Module):
         # (torch.compile traces the construction instead of calling the cache)
         cell_integrals = _cell_integrals.__wrapped__ if torch.compiler.is_compiling() else _cell_integrals
         m = cell_integrals(self.size, self.n_scales, length, float(rate)).to(weight.device, weight.dtype)
-        return (weight * scale[:, None]).flatten(-2) @ m
+        return ((weight * scale[:, None]).flatten(-2) @ m).unflatten(0, (self.num_kernels, self.dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        flatten_legacy_4d(state_dict, prefix + 'weight')
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` taps of width `rate` (in taps at rate 1).

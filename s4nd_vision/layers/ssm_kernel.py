@@ -39,15 +39,41 @@ def is_ssm_param(param: torch.Tensor) -> bool:
 
 def _diagonal_params(module: nn.Module, dim: int, d_state: int, num_kernels: int, device=None, dtype=None) -> None:
     """Register a diagonal SSM's parameters on `module` (uninitialized): log dt (dim,); Re(A) = -exp(log_a_real)
-    and Im(A) (dim, N/2); B (dim, N/2, 2) and C (num_kernels, dim, N/2, 2), complex values as (re, im) pairs.
-    A, B and dt are marked as SSM parameters."""
+    and Im(A) (dim, N/2); B (dim, N/2, 2) and C (num_kernels * dim, N/2, 2), complex values as (re, im) pairs.
+    A, B and dt are marked as SSM parameters. No parameter is 4-D (`c_pairs` gives C as (num_kernels, dim, N/2, 2)):
+    `Module.to(memory_format=...)` converts every 4-D and 5-D tensor, and channels_last_3d refuses 4-D ones."""
     dd = dict(device=device, dtype=dtype)
     n2 = d_state // 2
     module.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
     module.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
     module.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
     module.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
-    module.c = nn.Parameter(torch.empty(num_kernels, dim, n2, 2, **dd))
+    module.c = nn.Parameter(torch.empty(num_kernels * dim, n2, 2, **dd))
+
+
+def flatten_legacy_4d(state_dict: Dict[str, torch.Tensor], key: str) -> None:
+    """In place: a kernel parameter saved 4-D, (num_kernels, dim, ...), as before they became 3-D (see
+    `_diagonal_params`), flattened to the (num_kernels * dim, ...) it is now; the same values in the same order."""
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.ndim == 4:
+        state_dict[key] = value.flatten(0, 1)
+
+
+class _DiagonalSSM(nn.Module):
+    """Base of the kernels with `_diagonal_params`: C as (num_kernels, dim, N/2, 2), and weights saved with
+    the earlier 4-D C load."""
+
+    num_kernels: int
+    dim: int
+
+    @property
+    def c_pairs(self) -> torch.Tensor:
+        """(num_kernels, dim, N/2, 2): a view of the parameter `c`."""
+        return self.c.unflatten(0, (self.num_kernels, self.dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        flatten_legacy_4d(state_dict, prefix + 'c')
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def _log_uniform_dt(dim: int, dt_min: float, dt_max: float) -> torch.Tensor:
@@ -211,7 +237,7 @@ class _SSMKernelFn(torch.autograd.Function):
         return (None, None, None) + tuple(per_kernel[i % 5][i // 5] for i in range(len(params)))
 
 
-class SSMKernel(nn.Module):
+class SSMKernel(_DiagonalSSM):
     """Generates 1D convolution kernels from per-channel diagonal SSMs.
 
     Holds `num_kernels` independent C matrices per channel (e.g. forward and backward
@@ -258,7 +284,7 @@ class SSMKernel(nn.Module):
         self.a_imag.copy_(ssm_init_imag(self.init, self.d_state).expand(self.dim, n2))
         self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))
         # C ~ complex standard normal (variance 1/2 per component)
-        self.c.copy_(torch.randn(self.num_kernels, self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
+        self.c.copy_(torch.randn(self.num_kernels * self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
 
     # The band-limit is saved with the weights, as `bandlimit`: the float64 cut-off's bit pattern in an int64
     # scalar (0 for off). The kernels' function depends on it, so weights trained with one cut-off and loaded
@@ -306,7 +332,7 @@ class SSMKernel(nn.Module):
         """The recurrent view x_t = z x_{t-1} + e B u_t, y_t = 2 Re(C^T x_t) (zero-order hold, step dt * rate):
         z = exp(dt A) and e B (dim, N/2) complex, and the band-limited C (num_kernels, dim, N/2) complex."""
         mask = None if self.bandlimit is None else self.mode_mask().to(dtype)
-        params = [p.to(dtype) for p in (self.log_dt, self.log_a_real, self.a_imag, self.b, self.c)]
+        params = [p.to(dtype) for p in (self.log_dt, self.log_a_real, self.a_imag, self.b, self.c_pairs)]
         log_dt, log_a_real, a_imag, b, c, rate = _stack(params, [rate], [mask])
         z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
         return z, e * b, c
@@ -343,7 +369,7 @@ def ssm_kernels(
     if use_reference():  # export / compilation: real arithmetic, kernel by kernel (lengths may be symbolic)
         return [
             ssm_kernel_reference(
-                *(p.to(dtype) for p in (k.log_dt, k.log_a_real, k.a_imag, k.b, k.c)), length, rate,
+                *(p.to(dtype) for p in (k.log_dt, k.log_a_real, k.a_imag, k.b, k.c_pairs)), length, rate,
                 mask=None if k.bandlimit is None else k.mode_mask().to(dtype))
             if isinstance(k, SSMKernel) else k(length, rate=rate, dtype=dtype)
             for k, length, rate in zip(kernels, lengths, rates)]
@@ -358,7 +384,7 @@ def ssm_kernels(
             out[i] = kernel(length, rate=rates[i], dtype=dtype)
     for (length, _, _), members in groups.items():
         params = [p.to(dtype) for i in members for p in
-                  (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c)]
+                  (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c_pairs)]
         # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
         masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
         group_rates = [rates[i] for i in members]

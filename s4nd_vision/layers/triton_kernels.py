@@ -176,7 +176,7 @@ def ssm_kernels_fused(
     a_re = -torch.cat([k.log_a_real.to(f32) for k in kernels]).exp()
     a_im = torch.cat([k.a_imag.to(f32) for k in kernels])
     b = torch.cat([k.b.to(f32) for k in kernels])
-    c = torch.cat([k.c.to(f32) for k in kernels], dim=1)
+    c = torch.cat([k.c_pairs.to(f32) for k in kernels], dim=1)
     if any(k.bandlimit is not None for k in kernels):
         c = c * torch.cat([k.mode_mask().to(f32) for k in kernels])[None, :, :, None]
     dt = (log_dt.exp() * rate)[:, None]

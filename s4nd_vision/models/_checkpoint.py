@@ -1,6 +1,7 @@
 """Checkpoint weights for a model: one unwrapping order for every model's filter and for inflation, the
 weight transfer from other architectures (timm's ConvNeXt) and the report of what it did."""
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -8,6 +9,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
+
+from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = ['unwrap_state_dict', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict']
 
@@ -17,17 +20,23 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 KEPT_INIT = 'kept init'
+_KERNEL_TENSOR = re.compile(r'(^|\.)kernels\.\d+\.(c|weight)$')  # an S4ND layer's SSM C or SGConv weight
 _POINTWISE = {2: 'linear', 4: '1x1 conv', 5: '1x1x1 conv'}
 
 
 def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The weights of a training checkpoint dict: the first of CHECKPOINT_KEYS that holds a dict (EMA first),
-    else the dict itself; DDP / torch.compile prefixes ('module.', '_orig_mod.') removed."""
+    else the dict itself; DDP / torch.compile prefixes ('module.', '_orig_mod.') removed, and S4ND kernel
+    tensors saved 4-D (before s4nd_vision stored them 3-D) flattened to today's shape."""
     for key in CHECKPOINT_KEYS:
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
-    return clean_state_dict(state_dict)
+    state_dict = clean_state_dict(state_dict)
+    for name in state_dict:
+        if _KERNEL_TENSOR.search(name):
+            flatten_legacy_4d(state_dict, name)
+    return state_dict
 
 
 def _pointwise_kind(shape: Sequence[int]) -> Optional[str]:

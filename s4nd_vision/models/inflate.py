@@ -129,16 +129,17 @@ def _time_kernel(
     lam = math.exp(-1 / decay)
     a = (1 / decay) / log_dt.exp()  # Re(A) = -a, so exp(dt A) = lam at rate 1
     log_a_real, a_imag = own['log_a_real'].double().clone(), own['a_imag'].double().clone()  # (H, N2)
-    b, c = own['b'].double().clone(), torch.zeros_like(own['c'], dtype=torch.float64)  # (H, N2, 2), (K, H, N2, 2)
+    b, c = own['b'].double().clone(), torch.zeros_like(own['c'], dtype=torch.float64)  # (H, N2, 2), (K * H, N2, 2)
     log_a_real[:, 0] = a.log()
     a_imag[:, 0] = 0
     # ZOH: the forward taps are 2 C B (1 - lam) / a * lam^l, the backward ones (offsets -1, -2, ...)
     # the same with their own C
     b[:, 0, 0] = a / (2 * (1 + lam)) if bidirectional else a / 2
     b[:, 0, 1] = 0
-    c[:channels, :, 0, 0] = 1
+    c_pairs = c.unflatten(0, (-1, log_dt.shape[0]))  # (K, H, N2, 2), a view
+    c_pairs[:channels, :, 0, 0] = 1
     if bidirectional:
-        c[channels:, :, 0, 0] = lam
+        c_pairs[channels:, :, 0, 0] = lam
     new = dict(log_dt=log_dt, log_a_real=log_a_real, a_imag=a_imag, b=b, c=c)
     return {k: v.to(own[k].dtype) for k, v in new.items()}
 

@@ -135,6 +135,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     progressive: List[ProgressiveStage] = field(default_factory=list)
     trackers: List[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    # model and batches in channels-last memory (channels_last_3d for clips), as GPU training usually runs (timm's
+    # --channels-last); the S4ND layers read it without transposing copies
+    channels_last: bool = False
     # optimizer updates in a row with a non-finite loss (each skipped) tolerated before the run stops with an
     # error; 0 = stop at the first
     max_nonfinite_steps: int = 3

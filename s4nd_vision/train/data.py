@@ -44,9 +44,11 @@ class TrainData:
     """
     unit = 'images'  # what a training sample is: metric names and messages
     rate_name = 'img_per_s'  # the training throughput's metric name
+    channels_last_format = torch.channels_last  # the memory format of batches (and model) with `train.channels_last`
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
+        self.memory_format = self.channels_last_format if cfg.train.channels_last else torch.contiguous_format
         self.train_set, self.val_set, self.num_classes = self._datasets()
         self.data_config: Dict[str, Any] = {}
         self.val_loader: Optional[Iterable] = None
@@ -162,7 +164,7 @@ class _ImageData(TrainData):
         correct1, correct5, losses, skipped = [], [], [], 0
         for x, y, n_skipped in self.val_loader:
             with acc.autocast():
-                logits = model(x)
+                logits = model(x.contiguous(memory_format=self.memory_format))
             loss = nn.functional.cross_entropy(logits.float(), y, reduction='none')
             hit = topk_hits(logits, y)
             c1, c5, loss, n_skipped = acc.gather_for_metrics((hit[:, 0], hit.any(1), loss, n_skipped))
@@ -240,6 +242,7 @@ class Hmdb51Data(TrainData):
     """
     unit = 'videos'
     rate_name = 'clips_per_s'
+    channels_last_format = torch.channels_last_3d
 
     def _datasets(self) -> Tuple[Dataset, Dataset, int]:
         from ..data.video import Hmdb51Clips  # pytorchvideo is heavy: imported for video only
@@ -324,7 +327,7 @@ class Hmdb51Data(TrainData):
         skipped = 0
         for x, y, n_skipped, video in self.val_loader:
             with acc.autocast():
-                logits.append(model(x.to(acc.device)).float().cpu())
+                logits.append(model(x.to(acc.device).contiguous(memory_format=self.memory_format)).float().cpu())
             labels.append(y)
             videos += video.tolist()
             skipped += int(n_skipped.sum())

@@ -85,7 +85,7 @@ class Trainer:
 
         self.data = create_train_data(cfg, acc)
         self.num_classes = self.data.num_classes
-        self.model = self._model()
+        self.model = self._model().to(memory_format=self.data.memory_format)
         self.data.bind(self.model)
 
         self.global_batch = cfg.data.batch_size * acc.num_processes * tc.grad_accum_steps
@@ -236,6 +236,7 @@ class Trainer:
                     shape = x.shape
                     x, y = self.mixup(x.flatten(1, -3), y)
                     x = x.view(shape)
+                x = x.contiguous(memory_format=self.data.memory_format)
                 with acc.accumulate(model):
                     loss = self.train_loss(model(x), y)
                     acc.backward(loss)
