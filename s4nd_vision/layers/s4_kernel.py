@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
-from .ssm_kernel import _diagonal_params, _DiagonalSSM, _log_uniform_dt, _mark_ssm
+from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm
 
 __all__ = ['S4Kernel']
 
@@ -70,22 +70,10 @@ class S4Kernel(_DiagonalSSM):
             device=None,
             dtype=None,
     ):
-        super().__init__()
-        if d_state < 2 or d_state % 2:
-            raise ValueError(f'd_state must be a positive even number, got {d_state}')
         if init != 'legs':
             raise ValueError(f"the S4 kernel's init must be 'legs' (HiPPO-LegS NPLR), got {init!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
-        dd = dict(device=device, dtype=dtype)
-        self.dim = dim
-        self.d_state = d_state
-        self.num_kernels = num_kernels
-        self.init = init
-        self.dt_min, self.dt_max = dt_min, dt_max
-        n2 = d_state // 2
-        _diagonal_params(self, dim, d_state, num_kernels, **dd)  # Lambda (as A), B, C, dt
-        self.p = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))  # the low-rank term P
+        super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, device=device, dtype=dtype)  # Lambda as A
+        self.p = _mark_ssm(nn.Parameter(torch.empty(dim, d_state // 2, 2, device=device, dtype=dtype)))  # low rank P
         self.reset_parameters()
 
     @torch.no_grad()

@@ -37,34 +37,41 @@ def is_ssm_param(param: torch.Tensor) -> bool:
     return getattr(param, _SSM_ATTR, False)
 
 
-def _diagonal_params(module: nn.Module, dim: int, d_state: int, num_kernels: int, device=None, dtype=None) -> None:
-    """Register a diagonal SSM's parameters on `module` (uninitialized): log dt (dim,); Re(A) = -exp(log_a_real)
-    and Im(A) (dim, N/2); B (dim, N/2, 2) and C (num_kernels * dim, N/2, 2), complex values as (re, im) pairs.
-    A, B and dt are marked as SSM parameters. No parameter is 4-D (`c_pairs` gives C as (num_kernels, dim, N/2, 2)):
-    `Module.to(memory_format=...)` converts every 4-D and 5-D tensor, and channels_last_3d refuses 4-D ones."""
-    dd = dict(device=device, dtype=dtype)
-    n2 = d_state // 2
-    module.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
-    module.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
-    module.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
-    module.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
-    module.c = nn.Parameter(torch.empty(num_kernels * dim, n2, 2, **dd))
-
-
 def flatten_legacy_4d(state_dict: Dict[str, torch.Tensor], key: str) -> None:
     """In place: a kernel parameter saved 4-D, (num_kernels, dim, ...), as before they became 3-D (see
-    `_diagonal_params`), flattened to the (num_kernels * dim, ...) it is now; the same values in the same order."""
+    `_DiagonalSSM`), flattened to the (num_kernels * dim, ...) it is now; the same values in the same order."""
     value = state_dict.get(key)
     if isinstance(value, torch.Tensor) and value.ndim == 4:
         state_dict[key] = value.flatten(0, 1)
 
 
 class _DiagonalSSM(nn.Module):
-    """Base of the kernels with `_diagonal_params`: C as (num_kernels, dim, N/2, 2), and weights saved with
-    the earlier 4-D C load."""
+    """The parameters of a diagonal (S4D) or diagonal-plus-low-rank (S4) SSM per channel, uninitialized:
+    log dt (dim,); Re(A) = -exp(log_a_real) and Im(A) (dim, N/2); B (dim, N/2, 2) and C (num_kernels * dim, N/2, 2),
+    complex values as (re, im) pairs. A, B and dt are marked as SSM parameters.
 
-    num_kernels: int
-    dim: int
+    No parameter is 4-D (`c_pairs` is C as (num_kernels, dim, N/2, 2)): `Module.to(memory_format=...)` converts
+    every 4-D and 5-D tensor, and channels_last_3d refuses 4-D ones. Weights saved with the earlier 4-D C load."""
+
+    def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
+                 device=None, dtype=None):
+        super().__init__()
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f'd_state must be a positive even number, got {d_state}')
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
+        dd = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.d_state = d_state
+        self.num_kernels = num_kernels
+        self.init = init
+        self.dt_min, self.dt_max = dt_min, dt_max
+        n2 = d_state // 2
+        self.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
+        self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
+        self.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
+        self.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
+        self.c = nn.Parameter(torch.empty(num_kernels * dim, n2, 2, **dd))
 
     @property
     def c_pairs(self) -> torch.Tensor:
@@ -257,22 +264,11 @@ class SSMKernel(_DiagonalSSM):
             device=None,
             dtype=None,
     ):
-        super().__init__()
-        if d_state < 2 or d_state % 2:
-            raise ValueError(f'd_state must be a positive even number, got {d_state}')
         if init not in SSM_INITS:
             raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
         _check_bandlimit(bandlimit)
-        dd = dict(device=device, dtype=dtype)
-        self.dim = dim
-        self.d_state = d_state
-        self.num_kernels = num_kernels
-        self.init = init
-        self.dt_min, self.dt_max = dt_min, dt_max
+        super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, device=device, dtype=dtype)
         self.bandlimit = bandlimit or None  # (0 and None: off)
-        _diagonal_params(self, dim, d_state, num_kernels, **dd)
         self.reset_parameters()
 
     @torch.no_grad()
