@@ -8,8 +8,13 @@ import os
 os.environ['TRITON_INTERPRET'] = '1'
 
 import pytest
+import timm
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.layers import triton_kernels
 from s4nd_vision.layers.ssm_kernel import SSMKernel, ssm_kernels
 
@@ -74,3 +79,50 @@ def test_fused_generation_rejects_mixed_state_sizes():
     kernels = [SSMKernel(2, d_state=4), SSMKernel(2, d_state=8)]
     with pytest.raises(ValueError, match='d_state'):
         triton_kernels.ssm_kernels_fused(kernels, [5, 5], [1.0, 1.0])
+
+
+class _Ops(TorchDispatchMode):
+    """Records the non-view operators dispatched inside it, with the device types of their tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.namespace != 'prim':
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.ops.append((str(func), {t.device.type for t in tensors}))
+        return out
+
+
+def test_fused_generation_issues_the_same_ops_for_any_number_of_entries():
+    """A training step generates every (layer, axis) kernel in one call: its host work (launches) must not
+    grow with the entries, band-limited ones included (one stacked mode mask, row constants kept)."""
+    counts = []
+    for n in (2, 8):
+        torch.manual_seed(0)
+        kernels = [SSMKernel(3 + i, d_state=8, num_kernels=2, bandlimit=0.5) for i in range(n)]
+        lengths, rates = [5 + i for i in range(n)], [1.0 + 0.25 * i for i in range(n)]
+        triton_kernels.ssm_kernels_fused(kernels, lengths, rates)
+        with _Ops() as ops:
+            triton_kernels.ssm_kernels_fused(kernels, lengths, rates)
+        counts.append(len(ops.ops))
+    assert counts[0] == counts[1], counts
+
+
+def test_cuda_path_keeps_every_tensor_on_the_device():
+    """On CUDA tensors (fake ones: no GPU needed) a model's forward takes the Triton ops, with no host-to-device
+    copy and no host sync: what capturing a training step in a CUDA graph needs."""
+    model = timm.create_model('convnext_s4nd_atto', img_size=64)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to('cuda')
+        x = torch.randn(2, 3, 64, 64, device='cuda')
+        with _Ops() as ops:
+            model(x)
+    names = [name for name, _ in ops.ops]
+    assert names.count('s4nd_vision.ssm_vandermonde.default') == 1
+    # the blocks and the downsampling layers (the stem keeps its fused projection on the fast path)
+    assert names.count('s4nd_vision.separable_conv2d_cl.default') == 2 + 2 + 6 + 2 + 3
+    assert not [op for op in ops.ops if 'cpu' in op[1]]
+    assert 'aten._local_scalar_dense.default' not in names

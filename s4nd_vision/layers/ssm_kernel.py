@@ -321,8 +321,7 @@ class SSMKernel(_DiagonalSSM):
         """(dim, d_state // 2) bool: modes kept by band-limiting, i.e. frequency dt |Im A| / 2pi < bandlimit / 2."""
         if self.bandlimit is None:
             return torch.ones_like(self.a_imag, dtype=torch.bool)
-        freq = self.log_dt.detach().exp()[:, None] * self.a_imag.detach().abs() / (2 * math.pi)
-        return freq < self.bandlimit / 2
+        return mode_masks([self])
 
     def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
         """The recurrent view x_t = z x_{t-1} + e B u_t, y_t = 2 Re(C^T x_t) (zero-order hold, step dt * rate):
@@ -346,6 +345,21 @@ class SSMKernel(_DiagonalSSM):
         if self.bandlimit is not None:
             s += f', bandlimit={self.bandlimit}'
         return s
+
+
+def mode_masks(kernels: Sequence[SSMKernel]) -> Optional[torch.Tensor]:
+    """The `mode_mask`s of `kernels` stacked along channels, (sum of dims, d_state // 2) bool, in a number of ops
+    that does not grow with the number of kernels when they share one cut-off; None when none band-limits."""
+    cuts = [k.bandlimit for k in kernels]
+    if all(cut is None for cut in cuts):
+        return None
+    log_dt = torch.cat([k.log_dt.detach() for k in kernels]) if len(kernels) > 1 else kernels[0].log_dt.detach()
+    a_imag = torch.cat([k.a_imag.detach() for k in kernels]) if len(kernels) > 1 else kernels[0].a_imag.detach()
+    freq = log_dt.exp()[:, None] * a_imag.abs() / (2 * math.pi)
+    if all(cut == cuts[0] for cut in cuts):
+        return freq < cuts[0] / 2
+    half = torch.cat([freq.new_full((k.dim, 1), math.inf if k.bandlimit is None else k.bandlimit / 2) for k in kernels])
+    return freq < half
 
 
 def ssm_kernels(

@@ -11,13 +11,15 @@ modes for every tap (zero-order hold, see `ssm_kernel` and `reference.ssm_kernel
 is one Triton kernel over (row, block of taps), written into a (K, rows, max length) buffer zero beyond each
 row's length, and its backward (the gradients of x, y and C~, sums over the taps) one more.
 """
-from typing import List, Sequence
+import functools
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
-from .ssm_kernel import SSMKernel
+from .ssm_kernel import SSMKernel, mode_masks
 
 __all__ = ['ssm_kernels_fused', 'vandermonde']
 
@@ -150,6 +152,26 @@ def vandermonde(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torc
     return _vandermonde_op(*tensors, lengths.to(torch.int32).contiguous(), int(max_length))
 
 
+def _row_constants(dims: Tuple[int, ...], lengths: Tuple[int, ...], rates: Tuple[float, ...],
+                   like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per packed row, the entry's rate (float32) and length (int32), made on `like`'s device (no host-to-device
+    copy, so a training step stays capturable in a CUDA graph) and kept for the next steps with the same entries;
+    not kept while a CUDA graph is captured (its kernels only run at replay) or tensors are fake (tracing)."""
+    capturing = like.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if capturing or is_fake(like):
+        return _make_row_constants(dims, lengths, rates, like.device)
+    return _cached_row_constants(dims, lengths, rates, like.device)
+
+
+def _make_row_constants(dims, lengths, rates, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    rate = torch.cat([torch.full((d,), r, device=device, dtype=torch.float32) for d, r in zip(dims, rates)])
+    row_lengths = torch.cat([torch.full((d,), n, device=device, dtype=torch.int32) for d, n in zip(dims, lengths)])
+    return rate, row_lengths
+
+
+_cached_row_constants = functools.lru_cache(maxsize=64)(_make_row_constants)
+
+
 def ssm_kernels_fused(
         kernels: Sequence[SSMKernel],
         lengths: Sequence[int],
@@ -172,13 +194,15 @@ def ssm_kernels_fused(
     f32 = torch.float32
     dims = [k.dim for k in kernels]
     log_dt = torch.cat([k.log_dt.to(f32) for k in kernels])
-    rate = torch.cat([torch.full((k.dim,), float(r), device=log_dt.device, dtype=f32) for k, r in zip(kernels, rates)])
+    rate, row_lengths = _row_constants(tuple(dims), tuple(int(n) for n in lengths), tuple(float(r) for r in rates),
+                                       log_dt)
     a_re = -torch.cat([k.log_a_real.to(f32) for k in kernels]).exp()
     a_im = torch.cat([k.a_imag.to(f32) for k in kernels])
     b = torch.cat([k.b.to(f32) for k in kernels])
     c = torch.cat([k.c_pairs.to(f32) for k in kernels], dim=1)
-    if any(k.bandlimit is not None for k in kernels):
-        c = c * torch.cat([k.mode_mask().to(f32) for k in kernels])[None, :, :, None]
+    mask = mode_masks(kernels)
+    if mask is not None:
+        c = c * mask.to(f32)[None, :, :, None]
     dt = (log_dt.exp() * rate)[:, None]
     x, y = dt * a_re, dt * a_im
     # e = expm1(dt A) / A, with expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y
@@ -189,6 +213,5 @@ def ssm_kernels_fused(
     q_re, q_im = b[..., 0] * e_re - b[..., 1] * e_im, b[..., 0] * e_im + b[..., 1] * e_re
     ct_re = c[..., 0] * q_re - c[..., 1] * q_im
     ct_im = c[..., 0] * q_im + c[..., 1] * q_re
-    row_lengths = torch.cat([torch.full((d,), int(n), dtype=torch.int32) for d, n in zip(dims, lengths)])
-    out = vandermonde(x, y, ct_re, ct_im, row_lengths.to(log_dt.device), max(lengths))
+    out = vandermonde(x, y, ct_re, ct_im, row_lengths, max(lengths))
     return [o[..., :n].to(dtype) for o, n in zip(out.split(dims, dim=1), lengths)]
