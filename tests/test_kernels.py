@@ -9,6 +9,7 @@ from s4nd_vision.layers import SSMKernel
 from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
 from s4nd_vision.layers.s4_kernel import S4Kernel
 from s4nd_vision.layers.sgconv_kernel import SGConvKernel
+from s4nd_vision.layers.ssm_kernel import per_kernel
 
 
 def _zoh_dense_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt: float, length: int) -> torch.Tensor:
@@ -155,7 +156,7 @@ def test_sgconv_kernel_is_the_dyadic_concatenation():
     kernel = SGConvKernel(3, l_ref=100, num_kernels=2, size=8, dtype=torch.float64)
     assert kernel.n_scales == 1 + math.ceil(math.log2(100 / 8)) == 5 and kernel.support == 128
     k = kernel(128, dtype=torch.float64) * kernel.norm
-    expected = _sgconv_reference(kernel.weight.detach().unflatten(0, (2, 3)), 8, 0.5, 128)
+    expected = _sgconv_reference(per_kernel(kernel.weight.detach(), 3), 8, 0.5, 128)
     torch.testing.assert_close(k, expected, atol=2e-3 * expected.abs().max(), rtol=0)
     # normalized once at initialization: unit norm at rate 1 over the covered length, fixed afterwards
     torch.testing.assert_close(kernel(128, dtype=torch.float64).norm(dim=-1), torch.ones(2, 3, dtype=torch.float64))
@@ -194,7 +195,7 @@ def test_sgconv_parameter_count_is_sublinear():
         assert kernel(l_ref).shape == (2, 4, l_ref)
     assert counts[8192] < 8192  # fewer values per channel and direction than taps (9 x 32)
     assert counts[8192] - counts[1024] == 3 * 2 * 4 * 32  # each doubling of the length adds one sub-kernel
-    assert SGConvKernel(4, l_ref=7, size=32).weight.shape == (1 * 4, 1, 7)  # no values beyond the reference length
+    assert SGConvKernel(4, l_ref=7, size=32).weight.shape == (4 * 1, 1, 7)  # no values beyond the reference length
 
 
 def test_sgconv_kernel_follows_the_rate():

@@ -123,8 +123,8 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
     calls, generated = [], []
     fused = triton_conv.separable_conv2d_cl
     monkeypatch.setattr(triton_conv, 'separable_conv2d_cl', lambda *args, **kw: calls.append(1) or fused(*args, **kw))
-    fused_gen = triton_kernels.ssm_kernels_fused
-    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused',
+    fused_gen = triton_kernels.two_sided_kernels_fused
+    monkeypatch.setattr(triton_kernels, 'two_sided_kernels_fused',
                         lambda *a, **kw: generated.append(1) or fused_gen(*a, **kw))
     results = []
     for path in ('fast', 'triton'):
@@ -258,25 +258,41 @@ def test_compiled_layer_runs_the_triton_ops_and_equals_the_fast_path(monkeypatch
 
 
 def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_forced(monkeypatch):
+    """Two-sided kernels, bidirectional or causal, with lengths below, at and above the axis size: on the CPU
+    exactly `ops.two_sided_kernel` of `ssm_kernels`; forced to Triton one fused launch and gather per (d_state,
+    num_kernels, direction) group, equal to it, gradients included."""
     torch.manual_seed(0)
-    kernels = [SSMKernel(3, d_state=4, num_kernels=2), SSMKernel(2, d_state=4, num_kernels=2), SSMKernel(2, d_state=6)]
-    lengths, rates = [5, 8, 3], [1.0, 0.5, 2.0]
-    expected = ssm_kernels(kernels, lengths, rates)
-    cpu = dispatch.generate_kernels(kernels, lengths, rates)
+    kernels = [SSMKernel(3, d_state=4, num_kernels=2), SSMKernel(2, d_state=4, num_kernels=2), SSMKernel(2, d_state=6),
+               SSMKernel(4, d_state=4, num_kernels=2), SSMKernel(2, d_state=4, num_kernels=2, bandlimit=0.5)]
+    lengths, rates, sizes = [5, 8, 3, 6, 2], [1.0, 0.5, 2.0, 1.5, 1.0], [5, 6, 4, 6, 3]
+    bidirectional = [True, True, False, False, True]
+    generated = ssm_kernels(kernels, lengths, rates)
+    expected = [ops.two_sided_kernel(k[: k.shape[0] // 2], k[k.shape[0] // 2:], n) if bi else
+                ops.two_sided_kernel(k, None, n) for k, n, bi in zip(generated, sizes, bidirectional)]
+    cpu = dispatch.generate_two_sided(kernels, lengths, rates, sizes, bidirectional)
     assert all(torch.equal(a, b) for a, b in zip(cpu, expected))  # the CPU: exactly `ssm_kernels`
     groups = []
-    fused_gen = triton_kernels.ssm_kernels_fused
-    monkeypatch.setattr(triton_kernels, 'ssm_kernels_fused', lambda k, *a: groups.append(len(k)) or fused_gen(k, *a))
+    fused_gen = triton_kernels.two_sided_kernels_fused
+    monkeypatch.setattr(triton_kernels, 'two_sided_kernels_fused',
+                        lambda k, *a: groups.append(len(k)) or fused_gen(k, *a))
     with dispatch.force_path('triton'):
-        forced = dispatch.generate_kernels(kernels, lengths, rates)
-    assert sorted(groups) == [1, 2]  # one launch per (d_state, num_kernels) group
+        forced = dispatch.generate_two_sided(kernels, lengths, rates, sizes, bidirectional)
+    assert sorted(groups) == [1, 1, 3]  # one launch per (d_state, num_kernels, direction) group
+    weights = [torch.randn_like(e) for e in expected]
+    params = [p for k in kernels for p in k.parameters()]
+    grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), params)
+             for out in (expected, forced)]
     for a, b in zip(forced, expected):
+        assert a.shape == b.shape and a.is_contiguous()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     with dispatch.force_path('triton'):
-        assert dispatch.generate_kernels(kernels, lengths, rates, torch.float64)[0].dtype == torch.float64
-    assert sorted(groups) == [1, 2]  # float64 stays on `ssm_kernels`
-    dispatch.generate_kernels(kernels, lengths, rates)
-    assert sorted(groups) == [1, 2]  # outside the context: the CPU rule again
+        f64 = dispatch.generate_two_sided(kernels, lengths, rates, sizes, bidirectional, torch.float64)
+        assert f64[0].dtype == torch.float64
+    assert sorted(groups) == [1, 1, 3]  # float64 stays on `ssm_kernels`
+    dispatch.generate_two_sided(kernels, lengths, rates, sizes, bidirectional)
+    assert sorted(groups) == [1, 1, 3]  # outside the context: the CPU rule again
 
 
 def test_dispatch_rejects_unknown_forced_path():

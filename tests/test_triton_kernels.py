@@ -98,16 +98,20 @@ class _Ops(TorchDispatchMode):
 
 def test_fused_generation_issues_the_same_ops_for_any_number_of_entries():
     """A training step generates every (layer, axis) kernel in one call: its host work (launches) must not
-    grow with the entries, band-limited ones included (one stacked mode mask, row constants kept)."""
+    grow with the entries, band-limited ones included (one stacked mode mask, row constants and gather index kept),
+    forward nor backward."""
     counts = []
     for n in (2, 8):
         torch.manual_seed(0)
         kernels = [SSMKernel(3 + i, d_state=8, num_kernels=2, bandlimit=0.5) for i in range(n)]
-        lengths, rates = [5 + i for i in range(n)], [1.0 + 0.25 * i for i in range(n)]
-        triton_kernels.ssm_kernels_fused(kernels, lengths, rates)
-        with _Ops() as ops:
-            triton_kernels.ssm_kernels_fused(kernels, lengths, rates)
-        counts.append(len(ops.ops))
+        args = [5 + i for i in range(n)], [1.0 + 0.25 * i for i in range(n)], [6 + i for i in range(n)], True
+        triton_kernels.two_sided_kernels_fused(kernels, *args)
+        with _Ops() as forward:
+            out = triton_kernels.two_sided_kernels_fused(kernels, *args)
+        grads = [torch.randn_like(o) for o in out]
+        with _Ops() as backward:
+            torch.autograd.backward(out, grads)
+        counts.append((len(forward.ops), len(backward.ops)))
     assert counts[0] == counts[1], counts
 
 

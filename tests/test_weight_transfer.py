@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel
+from s4nd_vision.layers.ssm_kernel import per_kernel
 from s4nd_vision.models._checkpoint import match_state_dict, pointwise_reshape
 from s4nd_vision.models.convnext_s4nd import checkpoint_filter_fn
 from s4nd_vision.models.inflate import inflate_state_dict
@@ -195,7 +196,7 @@ def _as_saved_before_3d_kernel_tensors(model: torch.nn.Module) -> dict:
     for prefix, m in model.named_modules():
         if isinstance(m, (SSMKernel, S4Kernel, SGConvKernel)):
             key = f'{prefix}.{"weight" if isinstance(m, SGConvKernel) else "c"}'
-            old[key] = old[key].unflatten(0, (m.num_kernels, m.dim))
+            old[key] = per_kernel(old[key], m.dim).contiguous()
     assert sum(v.ndim == 4 for v in old.values()) > sum(v.ndim == 4 for v in model.state_dict().values())
     return old
 

@@ -86,7 +86,7 @@ class S4Kernel(_DiagonalSSM):
         self.a_imag.copy_(lam.imag.expand(self.dim, n2))
         self.p.copy_(torch.view_as_real(vp).expand(self.dim, n2, 2))
         self.b.copy_(torch.view_as_real(vb).expand(self.dim, n2, 2))
-        self.c.copy_(torch.randn(self.num_kernels * self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
+        self._reset_c()
 
     def dense(self, dtype: torch.dtype = torch.float64) -> tuple:
         """The full conjugate-symmetric system as dense complex tensors: A (dim, N, N), B (dim, N), C (K, dim, N)."""

@@ -19,7 +19,6 @@ from .ops import (
     conv_algorithms,
     conv_operators,
     separable_conv,
-    two_sided_kernel,
 )
 from .reference import use_reference
 from .s4_kernel import S4Kernel
@@ -222,18 +221,7 @@ class S4ND(nn.Module):
         """Two-sided 1D kernels for each axis: a list (per axis) of (rank, dim, 2 n - 1) tensors."""
         rates = self.resolve_rate(sizes, rate)
         lengths = self.kernel_lengths(sizes, rates)
-        return self._two_sided(dispatch.generate_kernels(self.kernels, lengths, rates, dtype), sizes)
-
-    def _two_sided(self, generated: Sequence[torch.Tensor], sizes: Sequence[int]) -> list:
-        """Per axis, the (rank * directions, dim, length) SSM kernels as (rank, dim, 2 n - 1) two-sided ones."""
-        out = []
-        for k, bi, n in zip(generated, self.bidirectional, sizes):
-            if bi:
-                k_fwd, k_bwd = k[: self.rank], k[self.rank:]
-            else:
-                k_fwd, k_bwd = k, None
-            out.append(two_sided_kernel(k_fwd, k_bwd, n))
-        return out
+        return dispatch.generate_two_sided(self.kernels, lengths, rates, sizes, self.bidirectional, dtype)
 
     def _prepared_kernels(self, sizes: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype):
         """The kernels `prepare_kernels` made for this input (each used once), or None."""
@@ -402,17 +390,18 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
     """
     if not layers:
         return
-    kernels, lengths, rates = [], [], []
+    kernels, lengths, rates, all_sizes, bidirectional = [], [], [], [], []
     for layer, sizes in layers:
         layer_rates = layer.resolve_rate(sizes)
         kernels += list(layer.kernels)
         lengths += layer.kernel_lengths(sizes, layer_rates)
         rates += layer_rates
+        all_sizes += sizes
+        bidirectional += layer.bidirectional
     with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
-        generated = iter(dispatch.generate_kernels(kernels, lengths, rates, dtype))
+        made = iter(dispatch.generate_two_sided(kernels, lengths, rates, all_sizes, bidirectional, dtype))
     for layer, sizes in layers:
-        per_axis = [next(generated) for _ in layer.kernels]
-        layer._prepared = ((tuple(sizes), layer.resolve_rate(sizes), dtype), layer._two_sided(per_axis, sizes))
+        layer._prepared = ((tuple(sizes), layer.resolve_rate(sizes), dtype), [next(made) for _ in layer.kernels])
 
 
 def kernels_can_be_prepared(module: nn.Module) -> bool:

@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from .ssm_kernel import flatten_legacy_4d
+from .ssm_kernel import flatten_legacy_4d, per_kernel
 
 __all__ = ['SGConvKernel', 'sgconv_scales']
 
@@ -102,15 +102,16 @@ class SGConvKernel(nn.Module):
         self.decay = decay
         self.n_scales = sgconv_scales(l_ref, self.size)
         self.support = self.size * 2 ** (self.n_scales - 1)  # taps covered at rate 1
-        # (num_kernels * dim, n_scales, size): 3-D, as `Module.to(memory_format=...)` converts 4-D tensors
-        self.weight = nn.Parameter(torch.empty(num_kernels * dim, self.n_scales, self.size, device=device, dtype=dtype))
+        # (dim * num_kernels, n_scales, size): channel-major and 3-D, like `SSMKernel`'s C (`per_kernel` views it)
+        self.weight = nn.Parameter(torch.empty(dim * num_kernels, self.n_scales, self.size, device=device, dtype=dtype))
         self.register_buffer('norm', torch.empty(num_kernels, dim, 1, device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # computed on the CPU in float64, then copied (works on the meta device too)
-        weight = torch.randn(self.weight.shape, dtype=torch.float64, device='cpu')
+        weight = torch.randn(self.num_kernels, self.dim, self.n_scales, self.size, dtype=torch.float64, device='cpu')
+        weight = weight.transpose(0, 1).flatten(0, 1)
         self.weight.copy_(weight)
         self.norm.copy_(self._unnormalized(weight, self.support, 1.0).norm(dim=-1, keepdim=True))
 
@@ -119,7 +120,7 @@ class SGConvKernel(nn.Module):
         # (torch.compile traces the construction instead of calling the cache)
         cell_integrals = _cell_integrals.__wrapped__ if torch.compiler.is_compiling() else _cell_integrals
         m = cell_integrals(self.size, self.n_scales, length, float(rate)).to(weight.device, weight.dtype)
-        return ((weight * scale[:, None]).flatten(-2) @ m).unflatten(0, (self.num_kernels, self.dim))
+        return per_kernel((weight * scale[:, None]).flatten(-2) @ m, self.dim)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         flatten_legacy_4d(state_dict, prefix + 'weight')

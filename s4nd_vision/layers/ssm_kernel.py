@@ -37,21 +37,28 @@ def is_ssm_param(param: torch.Tensor) -> bool:
     return getattr(param, _SSM_ATTR, False)
 
 
+def per_kernel(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """A kernel tensor stored channel-major, (dim * num_kernels, ...), as (num_kernels, dim, ...): a view."""
+    return t.unflatten(0, (dim, -1)).transpose(0, 1)
+
+
 def flatten_legacy_4d(state_dict: Dict[str, torch.Tensor], key: str) -> None:
-    """In place: a kernel parameter saved 4-D, (num_kernels, dim, ...), as before they became 3-D (see
-    `_DiagonalSSM`), flattened to the (num_kernels * dim, ...) it is now; the same values in the same order."""
+    """In place: a kernel tensor saved 4-D, (num_kernels, dim, ...), as before kernel parameters became 3-D (see
+    `_DiagonalSSM`), in today's channel-major (dim * num_kernels, ...) layout."""
     value = state_dict.get(key)
     if isinstance(value, torch.Tensor) and value.ndim == 4:
-        state_dict[key] = value.flatten(0, 1)
+        state_dict[key] = value.transpose(0, 1).flatten(0, 1)
 
 
 class _DiagonalSSM(nn.Module):
     """The parameters of a diagonal (S4D) or diagonal-plus-low-rank (S4) SSM per channel, uninitialized:
-    log dt (dim,); Re(A) = -exp(log_a_real) and Im(A) (dim, N/2); B (dim, N/2, 2) and C (num_kernels * dim, N/2, 2),
+    log dt (dim,); Re(A) = -exp(log_a_real) and Im(A) (dim, N/2); B (dim, N/2, 2) and C (dim * num_kernels, N/2, 2),
     complex values as (re, im) pairs. A, B and dt are marked as SSM parameters.
 
     No parameter is 4-D (`c_pairs` is C as (num_kernels, dim, N/2, 2)): `Module.to(memory_format=...)` converts
-    every 4-D and 5-D tensor, and channels_last_3d refuses 4-D ones. Weights saved with the earlier 4-D C load."""
+    every 4-D and 5-D tensor, and channels_last_3d refuses 4-D ones. C is channel-major like the others, so the
+    parameters of many kernels stack along channels (dim 0) and their gradients split back without copies.
+    Weights saved with the earlier 4-D C load."""
 
     def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
                  device=None, dtype=None):
@@ -71,12 +78,17 @@ class _DiagonalSSM(nn.Module):
         self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
         self.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
         self.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
-        self.c = nn.Parameter(torch.empty(num_kernels * dim, n2, 2, **dd))
+        self.c = nn.Parameter(torch.empty(dim * num_kernels, n2, 2, **dd))
 
     @property
     def c_pairs(self) -> torch.Tensor:
         """(num_kernels, dim, N/2, 2): a view of the parameter `c`."""
-        return self.c.unflatten(0, (self.num_kernels, self.dim))
+        return per_kernel(self.c, self.dim)
+
+    def _reset_c(self) -> None:
+        """C ~ complex standard normal (variance 1/2 per component), drawn on the CPU in float64."""
+        c = torch.randn(self.num_kernels, self.dim, self.d_state // 2, 2, dtype=torch.float64, device='cpu')
+        self.c_pairs.copy_(c * 0.5 ** 0.5)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         flatten_legacy_4d(state_dict, prefix + 'c')
@@ -279,8 +291,7 @@ class SSMKernel(_DiagonalSSM):
         self.log_a_real.copy_(torch.full((self.dim, n2), math.log(0.5), dtype=torch.float64))
         self.a_imag.copy_(ssm_init_imag(self.init, self.d_state).expand(self.dim, n2))
         self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))
-        # C ~ complex standard normal (variance 1/2 per component)
-        self.c.copy_(torch.randn(self.num_kernels * self.dim, n2, 2, dtype=torch.float64, device='cpu') * 0.5 ** 0.5)
+        self._reset_c()
 
     # The band-limit is saved with the weights, as `bandlimit`: the float64 cut-off's bit pattern in an int64
     # scalar (0 for off). The kernels' function depends on it, so weights trained with one cut-off and loaded

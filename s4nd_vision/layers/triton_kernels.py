@@ -12,6 +12,7 @@ is one Triton kernel over (row, block of taps), written into a (K, rows, max len
 row's length, and its backward (the gradients of x, y and C~, sums over the taps) one more.
 """
 import functools
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -19,9 +20,9 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .ssm_kernel import SSMKernel, mode_masks
+from .ssm_kernel import SSMKernel, mode_masks, per_kernel
 
-__all__ = ['ssm_kernels_fused', 'vandermonde']
+__all__ = ['ssm_kernels_fused', 'two_sided_kernels_fused', 'vandermonde']
 
 
 @triton.jit
@@ -152,24 +153,81 @@ def vandermonde(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torc
     return _vandermonde_op(*tensors, lengths.to(torch.int32).contiguous(), int(max_length))
 
 
+def _kept(make):
+    """`make(*key, device)` kept per (key, device) for the next steps: constants a step needs on its device, made
+    there (no host-to-device copy, so a training step stays capturable in a CUDA graph). Not kept while a CUDA
+    graph is captured (its kernels only run at replay) nor for fake tensors (tracing); `like` gives the device."""
+    cached = functools.lru_cache(maxsize=64)(make)
+
+    def get(*key, like: torch.Tensor):
+        capturing = like.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return (make if capturing or is_fake(like) else cached)(*key, like.device)
+    return get
+
+
+@_kept
 def _row_constants(dims: Tuple[int, ...], lengths: Tuple[int, ...], rates: Tuple[float, ...],
-                   like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per packed row, the entry's rate (float32) and length (int32), made on `like`'s device (no host-to-device
-    copy, so a training step stays capturable in a CUDA graph) and kept for the next steps with the same entries;
-    not kept while a CUDA graph is captured (its kernels only run at replay) or tensors are fake (tracing)."""
-    capturing = like.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if capturing or is_fake(like):
-        return _make_row_constants(dims, lengths, rates, like.device)
-    return _cached_row_constants(dims, lengths, rates, like.device)
-
-
-def _make_row_constants(dims, lengths, rates, device) -> Tuple[torch.Tensor, torch.Tensor]:
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per packed row, the entry's rate (float32) and length (int32)."""
     rate = torch.cat([torch.full((d,), r, device=device, dtype=torch.float32) for d, r in zip(dims, rates)])
     row_lengths = torch.cat([torch.full((d,), n, device=device, dtype=torch.int32) for d, n in zip(dims, lengths)])
     return rate, row_lengths
 
 
-_cached_row_constants = functools.lru_cache(maxsize=64)(_make_row_constants)
+@_kept
+def _two_sided_index(num_kernels: int, dims: Tuple[int, ...], sizes: Tuple[int, ...], bidirectional: bool,
+                     max_length: int, device: torch.device) -> torch.Tensor:
+    """Where each value of the entries' two-sided kernels (`ops.two_sided_kernel`), laid out one after another
+    (rank, dim, 2 n - 1) each, is in the flattened (num_kernels, rows, max_length) generation buffer followed by
+    one zero (index num_kernels * rows * max_length). Offset o >= 0 is tap o of a forward kernel (the first rank),
+    o < 0 tap -o - 1 of the backward one (the others), zero for a causal kernel or beyond the buffer."""
+    rank, rows = num_kernels // 2 if bidirectional else num_kernels, sum(dims)
+    zero = num_kernels * rows * max_length
+    parts, first_row = [], 0
+    for dim, n in zip(dims, sizes):
+        j = torch.arange(rank, device=device)[:, None, None]
+        r = first_row + torch.arange(dim, device=device)[None, :, None]
+        o = torch.arange(2 * n - 1, device=device)[None, None, :] - (n - 1)
+        tap = torch.where(o >= 0, o, -o - 1)
+        k = torch.where(o >= 0, j, j + rank)
+        ok = (tap < max_length) & ((o >= 0) | bidirectional)
+        parts.append(torch.where(ok, (k * rows + r) * max_length + tap, zero).flatten())
+        first_row += dim
+    return torch.cat(parts)
+
+
+def _generate(kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Sequence[float]) -> torch.Tensor:
+    """The packed (num_kernels, rows, max length) float32 kernels of every entry (rows: the entries' channels in
+    order), zero beyond each entry's length."""
+    first = kernels[0]
+    if any(not isinstance(k, SSMKernel) for k in kernels):
+        raise ValueError('fused kernel generation takes SSMKernel (S4D) entries only')
+    if any((k.d_state, k.num_kernels) != (first.d_state, first.num_kernels) for k in kernels):
+        raise ValueError('fused kernel generation needs one d_state and one num_kernels for every entry, got '
+                         f'{[(k.d_state, k.num_kernels) for k in kernels]}')
+    f32 = torch.float32
+    dims = [k.dim for k in kernels]
+    log_dt = torch.cat([k.log_dt.to(f32) for k in kernels])
+    rate, row_lengths = _row_constants(tuple(dims), tuple(int(n) for n in lengths), tuple(float(r) for r in rates),
+                                       like=log_dt)
+    a_re = -torch.cat([k.log_a_real.to(f32) for k in kernels]).exp()
+    a_im = torch.cat([k.a_imag.to(f32) for k in kernels])
+    b = torch.cat([k.b.to(f32) for k in kernels])
+    c = per_kernel(torch.cat([k.c.to(f32) for k in kernels]), sum(dims))  # (K, rows, N2, 2)
+    mask = mode_masks(kernels)
+    if mask is not None:
+        c = c * mask.to(f32)[None, :, :, None]
+    dt = (log_dt.exp() * rate)[:, None]
+    x, y = dt * a_re, dt * a_im
+    # e = expm1(dt A) / A, with expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y
+    s = (0.5 * y).sin()
+    n_re, n_im = torch.expm1(x) * y.cos() - 2 * s * s, x.exp() * y.sin()
+    norm = a_re * a_re + a_im * a_im
+    e_re, e_im = (n_re * a_re + n_im * a_im) / norm, (n_im * a_re - n_re * a_im) / norm
+    q_re, q_im = b[..., 0] * e_re - b[..., 1] * e_im, b[..., 0] * e_im + b[..., 1] * e_re
+    ct_re = c[..., 0] * q_re - c[..., 1] * q_im
+    ct_im = c[..., 0] * q_im + c[..., 1] * q_re
+    return vandermonde(x, y, ct_re, ct_im, row_lengths, max(lengths))
 
 
 def ssm_kernels_fused(
@@ -185,33 +243,32 @@ def ssm_kernels_fused(
     """
     if not kernels:
         return []
-    first = kernels[0]
-    if any(not isinstance(k, SSMKernel) for k in kernels):
-        raise ValueError('ssm_kernels_fused takes SSMKernel (S4D) entries only')
-    if any((k.d_state, k.num_kernels) != (first.d_state, first.num_kernels) for k in kernels):
-        raise ValueError('ssm_kernels_fused needs one d_state and one num_kernels for every entry, got '
-                         f'{[(k.d_state, k.num_kernels) for k in kernels]}')
-    f32 = torch.float32
-    dims = [k.dim for k in kernels]
-    log_dt = torch.cat([k.log_dt.to(f32) for k in kernels])
-    rate, row_lengths = _row_constants(tuple(dims), tuple(int(n) for n in lengths), tuple(float(r) for r in rates),
-                                       log_dt)
-    a_re = -torch.cat([k.log_a_real.to(f32) for k in kernels]).exp()
-    a_im = torch.cat([k.a_imag.to(f32) for k in kernels])
-    b = torch.cat([k.b.to(f32) for k in kernels])
-    c = torch.cat([k.c_pairs.to(f32) for k in kernels], dim=1)
-    mask = mode_masks(kernels)
-    if mask is not None:
-        c = c * mask.to(f32)[None, :, :, None]
-    dt = (log_dt.exp() * rate)[:, None]
-    x, y = dt * a_re, dt * a_im
-    # e = expm1(dt A) / A, with expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y
-    s = (0.5 * y).sin()
-    n_re, n_im = torch.expm1(x) * y.cos() - 2 * s * s, x.exp() * y.sin()
-    norm = a_re * a_re + a_im * a_im
-    e_re, e_im = (n_re * a_re + n_im * a_im) / norm, (n_im * a_re - n_re * a_im) / norm
-    q_re, q_im = b[..., 0] * e_re - b[..., 1] * e_im, b[..., 0] * e_im + b[..., 1] * e_re
-    ct_re = c[..., 0] * q_re - c[..., 1] * q_im
-    ct_im = c[..., 0] * q_im + c[..., 1] * q_re
-    out = vandermonde(x, y, ct_re, ct_im, row_lengths, max(lengths))
-    return [o[..., :n].to(dtype) for o, n in zip(out.split(dims, dim=1), lengths)]
+    out = _generate(kernels, lengths, rates)
+    return [o[..., :n].to(dtype) for o, n in zip(out.split([k.dim for k in kernels], dim=1), lengths)]
+
+
+def two_sided_kernels_fused(
+        kernels: Sequence[SSMKernel],
+        lengths: Sequence[int],
+        rates: Sequence[float],
+        sizes: Sequence[int],
+        bidirectional: bool,
+        dtype: torch.dtype = torch.float32,
+) -> List[torch.Tensor]:
+    """The two-sided kernels (`ops.two_sided_kernel`) of S4D kernels sharing d_state, num_kernels and direction,
+    on axes of `sizes`: one generation launch and one gather for all entries, forward and backward (a number of
+    ops that does not grow with the entries). Bidirectional entries hold rank forward then rank backward kernels.
+
+    Returns:
+        per entry, a (rank, dim, 2 n - 1) tensor of `dtype` (computed in float32).
+    """
+    if not kernels:
+        return []
+    out = _generate(kernels, lengths, rates)
+    dims, num_kernels = tuple(k.dim for k in kernels), kernels[0].num_kernels
+    index = _two_sided_index(num_kernels, dims, tuple(int(n) for n in sizes), bool(bidirectional), out.shape[-1],
+                             like=out)
+    packed = torch.cat([out.flatten(), out.new_zeros(1)])[index].to(dtype)
+    rank = num_kernels // 2 if bidirectional else num_kernels
+    shapes = [(rank, d, 2 * n - 1) for d, n in zip(dims, sizes)]
+    return [p.view(shape) for p, shape in zip(packed.split([math.prod(s) for s in shapes]), shapes)]

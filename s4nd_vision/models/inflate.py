@@ -51,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict
 
 from ..layers import S4ND
+from ..layers.ssm_kernel import per_kernel
 from ._checkpoint import KEPT_INIT, TransferReport, pointwise_reshape, unwrap_state_dict
 
 __all__ = [
@@ -129,14 +130,14 @@ def _time_kernel(
     lam = math.exp(-1 / decay)
     a = (1 / decay) / log_dt.exp()  # Re(A) = -a, so exp(dt A) = lam at rate 1
     log_a_real, a_imag = own['log_a_real'].double().clone(), own['a_imag'].double().clone()  # (H, N2)
-    b, c = own['b'].double().clone(), torch.zeros_like(own['c'], dtype=torch.float64)  # (H, N2, 2), (K * H, N2, 2)
+    b, c = own['b'].double().clone(), torch.zeros_like(own['c'], dtype=torch.float64)  # (H, N2, 2), (H * K, N2, 2)
     log_a_real[:, 0] = a.log()
     a_imag[:, 0] = 0
     # ZOH: the forward taps are 2 C B (1 - lam) / a * lam^l, the backward ones (offsets -1, -2, ...)
     # the same with their own C
     b[:, 0, 0] = a / (2 * (1 + lam)) if bidirectional else a / 2
     b[:, 0, 1] = 0
-    c_pairs = c.unflatten(0, (-1, log_dt.shape[0]))  # (K, H, N2, 2), a view
+    c_pairs = per_kernel(c, log_dt.shape[0])  # (K, H, N2, 2), a view
     c_pairs[:channels, :, 0, 0] = 1
     if bidirectional:
         c_pairs[channels:, :, 0, 0] = lam
