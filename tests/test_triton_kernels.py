@@ -130,3 +130,36 @@ def test_cuda_path_keeps_every_tensor_on_the_device():
     assert names.count('s4nd_vision.separable_conv2d_cl.default') == 2 + 2 + 6 + 2 + 3
     assert not [op for op in ops.ops if 'cpu' in op[1]]
     assert 'aten._local_scalar_dense.default' not in names
+
+
+@pytest.mark.parametrize('masked', [False, True], ids=['all-modes', 'band-limited'])
+def test_discretize_op_equals_the_complex_formulation(masked):
+    """The discretization kernel and its closed-form backward against complex PyTorch in float64 (autograd),
+    at step sizes where expm1 needs its series (|dt A| < 0.5) and where it does not."""
+    torch.manual_seed(0)
+    rows, n2, k = 37, 6, 2
+    log_dt = torch.rand(rows, dtype=torch.float64) * 6 - 7  # dt from 1e-3 to 0.37
+    rate = torch.rand(rows, dtype=torch.float64) + 0.5
+    log_a_real = torch.randn(rows, n2, dtype=torch.float64) * 0.5 - 0.7
+    a_imag = torch.randn(rows, n2, dtype=torch.float64) * 30
+    b, c = torch.randn(rows, n2, 2, dtype=torch.float64), torch.randn(rows, k, n2, 2, dtype=torch.float64)
+    mask = (torch.rand(rows, n2) > 0.3).double() if masked else None
+    params = [t.requires_grad_() for t in (log_dt, log_a_real, a_imag, b, c)]
+    a = torch.complex(-log_a_real.exp(), a_imag)
+    dta = (log_dt.exp() * rate)[:, None] * a
+    assert (dta.abs() < 0.5).any() and (dta.abs() > 0.5).any()
+    q = torch.view_as_complex(b) * torch.expm1(dta) / a * (1 if mask is None else mask)
+    ct = torch.view_as_complex(c).transpose(0, 1) * q
+    expected = (dta.real, dta.imag, ct.real, ct.imag)
+    inputs = [t.detach().float() for t in (log_dt, rate, log_a_real, a_imag, b, c)]
+    inputs = [t.requires_grad_(i != 1) for i, t in enumerate(inputs)]
+    out = triton_kernels.discretize(*inputs, None if mask is None else mask.float())
+    for o, e in zip(out, expected):
+        assert _rel(o, e) < 1e-6, _rel(o, e)
+    grads_out = [torch.randn_like(e) for e in expected]
+    grads_ref = torch.autograd.grad(expected, params, grads_out)
+    grads = torch.autograd.grad(out, [t for i, t in enumerate(inputs) if i != 1], [g.float() for g in grads_out])
+    for g, r in zip(grads, grads_ref):
+        assert _rel(g, r) < 1e-5, _rel(g, r)
+    torch.library.opcheck(triton_kernels._discretize_op, [t.detach() for t in inputs] + [
+        None if mask is None else mask.float()])

@@ -3,10 +3,10 @@
 Triton's CPU interpreter (the other tests) runs kernels as NumPy code: it checks their values, not that the
 compiler accepts them (e.g. a loop variable that changes type compiles to an error, but interprets fine).
 This script runs the real launchers (`triton_conv.separable_conv2d_cl` forward and backward,
-`triton_kernels.ssm_kernels_fused` forward and backward) on CPU tensors with the kernels replaced by recorders,
-then compiles each recorded launch (argument types, constexprs, num_warps) down to a cubin for the target
-(Triton ships ptxas; no driver is needed). It prints one JSON line per compiled kernel and exits non-zero if
-any launch fails to compile.
+`triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting) on CPU tensors with the
+kernels replaced by recorders, then compiles each recorded launch (argument types, constexprs, num_warps) down to
+a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per compiled kernel and
+exits non-zero if any launch fails to compile.
 
     python tests/triton_compile_script.py [--arch 90]
 
@@ -34,6 +34,7 @@ from s4nd_vision.layers.ssm_kernel import SSMKernel  # noqa: E402
 KERNELS = {
     (triton_conv, '_conv_kernel'), (triton_conv, '_kernel_grad_kernel'),
     (triton_kernels, '_vandermonde_fwd'), (triton_kernels, '_vandermonde_bwd'),
+    (triton_kernels, '_discretize_fwd'), (triton_kernels, '_discretize_bwd'),
 }
 _TYPES = {torch.float32: '*fp32', torch.bfloat16: '*bf16', torch.float16: '*fp16', torch.int32: '*i32',
           torch.int64: '*i64'}
@@ -101,9 +102,11 @@ def record_launches() -> list:
         kw = torch.zeros(1, c, 2 * w - 1, requires_grad=True)
         skip = torch.zeros(c, requires_grad=True)
         triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
-    entries = [SSMKernel(96, d_state=64, num_kernels=2), SSMKernel(192, d_state=64, num_kernels=2)]
-    made = triton_kernels.ssm_kernels_fused(entries, [56, 111], [1.0, 0.5])
-    sum(k.sum() for k in made).backward()
+    for bandlimit in (None, 1.0):  # (with and without the band-limiting mask)
+        entries = [SSMKernel(96, d_state=64, num_kernels=2, bandlimit=bandlimit),
+                   SSMKernel(192, d_state=64, num_kernels=2, bandlimit=bandlimit)]
+        made = triton_kernels.ssm_kernels_fused(entries, [56, 111], [1.0, 0.5])
+        sum(k.sum() for k in made).backward()
     return launches
 
 

@@ -1,9 +1,9 @@
 """S4D kernel generation of many (layer, axis) entries in one Triton launch (and one for the backward).
 
 Every entry (an `SSMKernel` with its own length and rate) contributes its channels as rows of one packed
-problem. The per-mode discretization is a handful of elementwise ops on the stacked (rows, N/2) parameters,
-the same number whatever the number of entries (differentiated by autograd); the heavy part, the sum over
-modes for every tap (zero-order hold, see `ssm_kernel` and `reference.ssm_kernel_reference`),
+problem. The per-mode discretization (zero-order hold, see `ssm_kernel` and `reference.ssm_kernel_reference`) of
+the stacked (rows, N/2) parameters is one Triton kernel, and its closed-form backward another; the heavy part,
+the sum over modes for every tap,
 
     K[k, r, l] = 2 sum_n exp(x[r, n] l) (Re C~[k, r, n] cos(y[r, n] l) - Im C~[k, r, n] sin(y[r, n] l)),
     x + i y = dt A (dt including the entry's rate), l < length[r],
@@ -13,16 +13,125 @@ row's length, and its backward (the gradients of x, y and C~, sums over the taps
 """
 import functools
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .ssm_kernel import SSMKernel, mode_masks, per_kernel
+from .ssm_kernel import SSMKernel, mode_masks
 
-__all__ = ['ssm_kernels_fused', 'two_sided_kernels_fused', 'vandermonde']
+__all__ = ['discretize', 'ssm_kernels_fused', 'two_sided_kernels_fused', 'vandermonde']
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation: its series (to x^10, relative error < 3e-11) for |x| < 0.5, else exp(x) - 1."""
+    series = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * (1 + x / 7 * (1 + x / 8 * (
+        1 + x / 9 * (1 + x / 10)))))))))
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1)
+
+
+@triton.jit
+def _discretize_fwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_ptr, x_ptr, y_ptr, cre_ptr, cim_ptr,
+                    R, N2, K, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    n = tl.arange(0, BLOCK_N)[None, :]
+    ok = (r < R) & (n < N2)
+    rn = r * N2 + n
+    dt = tl.exp(tl.load(log_dt_ptr + r, mask=r < R, other=0.0)) * tl.load(rate_ptr + r, mask=r < R, other=1.0)
+    a_re = -tl.exp(tl.load(lar_ptr + rn, mask=ok, other=0.0))
+    a_im = tl.load(aim_ptr + rn, mask=ok, other=0.0)
+    x, y = dt * a_re, dt * a_im
+    s = tl.sin(0.5 * y)
+    ex = tl.exp(x)
+    n_re = _expm1(x) * tl.cos(y) - 2 * s * s
+    n_im = ex * tl.sin(y)
+    norm = a_re * a_re + a_im * a_im
+    e_re = (n_re * a_re + n_im * a_im) / norm
+    e_im = (n_im * a_re - n_re * a_im) / norm
+    b_re = tl.load(b_ptr + 2 * rn, mask=ok, other=0.0)
+    b_im = tl.load(b_ptr + 2 * rn + 1, mask=ok, other=0.0)
+    q_re = b_re * e_re - b_im * e_im
+    q_im = b_re * e_im + b_im * e_re
+    if HAS_MASK:
+        m = tl.load(mask_ptr + rn, mask=ok, other=0.0)
+        q_re, q_im = q_re * m, q_im * m
+    tl.store(x_ptr + rn, x, mask=ok)
+    tl.store(y_ptr + rn, y, mask=ok)
+    for k in range(K):
+        c_at = c_ptr + 2 * ((r * K + k) * N2 + n)  # C channel-major: (R, K, N2, 2)
+        c_re = tl.load(c_at, mask=ok, other=0.0)
+        c_im = tl.load(c_at + 1, mask=ok, other=0.0)
+        tl.store(cre_ptr + k * R * N2 + rn, c_re * q_re - c_im * q_im, mask=ok)
+        tl.store(cim_ptr + k * R * N2 + rn, c_re * q_im + c_im * q_re, mask=ok)
+
+
+@triton.jit
+def _discretize_bwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_ptr,
+                    gx_ptr, gy_ptr, gcre_ptr, gcim_ptr,
+                    g_log_dt_ptr, g_lar_ptr, g_aim_ptr, g_b_ptr, g_c_ptr,
+                    R, N2, K, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    r1 = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = r1[:, None]
+    n = tl.arange(0, BLOCK_N)[None, :]
+    ok = (r < R) & (n < N2)
+    rn = r * N2 + n
+    dt = tl.exp(tl.load(log_dt_ptr + r, mask=r < R, other=0.0)) * tl.load(rate_ptr + r, mask=r < R, other=1.0)
+    a_re = -tl.exp(tl.load(lar_ptr + rn, mask=ok, other=0.0))
+    a_im = tl.load(aim_ptr + rn, mask=ok, other=0.0)
+    x, y = dt * a_re, dt * a_im
+    s = tl.sin(0.5 * y)
+    ex = tl.exp(x)
+    cos_y, sin_y = tl.cos(y), tl.sin(y)
+    n_re = _expm1(x) * cos_y - 2 * s * s
+    n_im = ex * sin_y
+    norm = a_re * a_re + a_im * a_im
+    e_re = (n_re * a_re + n_im * a_im) / norm
+    e_im = (n_im * a_re - n_re * a_im) / norm
+    b_re = tl.load(b_ptr + 2 * rn, mask=ok, other=0.0)
+    b_im = tl.load(b_ptr + 2 * rn + 1, mask=ok, other=0.0)
+    m = tl.load(mask_ptr + rn, mask=ok, other=0.0) if HAS_MASK else 1.0
+    q_re = (b_re * e_re - b_im * e_im) * m  # q = B e (masked)
+    q_im = (b_re * e_im + b_im * e_re) * m
+    # g_u for u = v w (complex) gives g_v = g_u conj(w), with g = dL/dRe + i dL/dIm
+    gq_re = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    gq_im = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for k in range(K):
+        c_at = c_ptr + 2 * ((r * K + k) * N2 + n)
+        c_re = tl.load(c_at, mask=ok, other=0.0)
+        c_im = tl.load(c_at + 1, mask=ok, other=0.0)
+        g_re = tl.load(gcre_ptr + k * R * N2 + rn, mask=ok, other=0.0)
+        g_im = tl.load(gcim_ptr + k * R * N2 + rn, mask=ok, other=0.0)
+        g_c = g_c_ptr + 2 * ((r * K + k) * N2 + n)
+        tl.store(g_c, g_re * q_re + g_im * q_im, mask=ok)
+        tl.store(g_c + 1, g_im * q_re - g_re * q_im, mask=ok)
+        gq_re += g_re * c_re + g_im * c_im
+        gq_im += g_im * c_re - g_re * c_im
+    gq_re, gq_im = gq_re * m, gq_im * m
+    tl.store(g_b_ptr + 2 * rn, gq_re * e_re + gq_im * e_im, mask=ok)
+    tl.store(g_b_ptr + 2 * rn + 1, gq_im * e_re - gq_re * e_im, mask=ok)
+    ge_re = gq_re * b_re + gq_im * b_im  # g_e = g_q conj(B)
+    ge_im = gq_im * b_re - gq_re * b_im
+    # e = N / A: g_N = g_e conj(1 / A), g_A = -g_e conj(e / A)
+    inv_re, inv_im = a_re / norm, -a_im / norm
+    gn_re = ge_re * inv_re + ge_im * inv_im
+    gn_im = ge_im * inv_re - ge_re * inv_im
+    ea_re = e_re * inv_re - e_im * inv_im
+    ea_im = e_re * inv_im + e_im * inv_re
+    ga_re = -(ge_re * ea_re + ge_im * ea_im)
+    ga_im = -(ge_im * ea_re - ge_re * ea_im)
+    # N = expm1(Z), Z = x + i y: g_Z = g_N conj(exp(Z)); plus the Vandermonde sums' own g_x, g_y
+    z_re, z_im = ex * cos_y, ex * sin_y
+    gx = tl.load(gx_ptr + rn, mask=ok, other=0.0) + gn_re * z_re + gn_im * z_im
+    gy = tl.load(gy_ptr + rn, mask=ok, other=0.0) + gn_im * z_re - gn_re * z_im
+    # x = dt Re(A), y = dt Im(A); Re(A) = -exp(log_a_real); dt = exp(log_dt) rate
+    tl.store(g_lar_ptr + rn, (gx * dt + ga_re) * a_re, mask=ok)
+    tl.store(g_aim_ptr + rn, gy * dt + ga_im, mask=ok)
+    g_dt = tl.sum(tl.where(ok, gx * a_re + gy * a_im, 0.0), axis=1)
+    dt1 = tl.exp(tl.load(log_dt_ptr + r1, mask=r1 < R, other=0.0)) * tl.load(rate_ptr + r1, mask=r1 < R, other=1.0)
+    tl.store(g_log_dt_ptr + r1, g_dt * dt1, mask=r1 < R)
 
 
 @triton.jit
@@ -137,6 +246,80 @@ def _backward(ctx, grad):
 _vandermonde_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_DISCRETIZE_ROWS = 16  # rows per program of the discretization kernels
+
+
+@torch.library.custom_op('s4nd_vision::ssm_discretize', mutates_args=())
+def _discretize_op(log_dt: torch.Tensor, rate: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor,
+                   b: torch.Tensor, c: torch.Tensor, mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    r, n2 = log_a_real.shape
+    k = c.shape[1]
+    x, y = torch.empty_like(log_a_real), torch.empty_like(log_a_real)
+    c_re, c_im = log_a_real.new_empty((k, r, n2)), log_a_real.new_empty((k, r, n2))
+    _discretize_fwd[(triton.cdiv(r, _DISCRETIZE_ROWS),)](
+        log_dt, rate, log_a_real, a_imag, b, c, mask if mask is not None else log_a_real, x, y, c_re, c_im,
+        r, n2, k, HAS_MASK=mask is not None, BLOCK_R=_DISCRETIZE_ROWS, BLOCK_N=triton.next_power_of_2(n2))
+    return [x, y, c_re, c_im]
+
+
+@_discretize_op.register_fake
+def _(log_dt, rate, log_a_real, a_imag, b, c, mask):
+    r, n2 = log_a_real.shape
+    k = c.shape[1]
+    return [log_a_real.new_empty((r, n2)), log_a_real.new_empty((r, n2)), log_a_real.new_empty((k, r, n2)),
+            log_a_real.new_empty((k, r, n2))]
+
+
+@torch.library.custom_op('s4nd_vision::ssm_discretize_backward', mutates_args=())
+def _discretize_backward_op(g_x: torch.Tensor, g_y: torch.Tensor, g_re: torch.Tensor, g_im: torch.Tensor,
+                            log_dt: torch.Tensor, rate: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor,
+                            b: torch.Tensor, c: torch.Tensor, mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    r, n2 = log_a_real.shape
+    grads = [torch.empty_like(t) for t in (log_dt, log_a_real, a_imag, b, c)]
+    _discretize_bwd[(triton.cdiv(r, _DISCRETIZE_ROWS),)](
+        log_dt, rate, log_a_real, a_imag, b, c, mask if mask is not None else log_a_real,
+        g_x.contiguous(), g_y.contiguous(), g_re.contiguous(), g_im.contiguous(), *grads,
+        r, n2, c.shape[1], HAS_MASK=mask is not None, BLOCK_R=_DISCRETIZE_ROWS, BLOCK_N=triton.next_power_of_2(n2))
+    return grads
+
+
+@_discretize_backward_op.register_fake
+def _(g_x, g_y, g_re, g_im, log_dt, rate, log_a_real, a_imag, b, c, mask):
+    return [torch.empty_like(t) for t in (log_dt, log_a_real, a_imag, b, c)]
+
+
+def _discretize_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.mask = inputs[6]  # (a constant: no gradient)
+
+
+def _discretize_backward(ctx, grads):  # (the op returns a list: its gradients come as one list)
+    log_a_real, c = ctx.saved_tensors[2], ctx.saved_tensors[5]
+    shapes = [log_a_real.shape] * 2 + [(c.shape[1],) + tuple(log_a_real.shape)] * 2
+    g = [log_a_real.new_zeros(shape) if gi is None else gi for gi, shape in zip(grads, shapes)]
+    g_log_dt, g_lar, g_aim, g_b, g_c = _discretize_backward_op(*g, *ctx.saved_tensors, ctx.mask)
+    return g_log_dt, None, g_lar, g_aim, g_b, g_c, None
+
+
+_discretize_op.register_autograd(_discretize_backward, setup_context=_discretize_setup_context)
+
+
+def discretize(log_dt: torch.Tensor, rate: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor,
+               b: torch.Tensor, c: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """Zero-order hold of stacked diagonal SSMs, one Triton launch (and one for the backward): x + i y = dt A and
+    C~ = (C * mask) B expm1(dt A) / A, with dt = exp(log_dt) rate and A = -exp(log_a_real) + i a_imag.
+
+    Args:
+        log_dt, rate: (R,); log_a_real, a_imag: (R, N2); b: (R, N2, 2); c: (R, K, N2, 2) (channel-major);
+        mask: optional (R, N2) band-limiting mask (no gradient). All float32.
+
+    Returns:
+        x, y (R, N2) and Re C~, Im C~ (K, R, N2), float32, the inputs of `vandermonde`.
+    """
+    tensors = [t.float().contiguous() for t in (log_dt, rate, log_a_real, a_imag, b, c)]
+    return _discretize_op(*tensors, None if mask is None else mask.float().contiguous())
+
+
 def vandermonde(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor,
                 lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     """K[k, r, l] = 2 sum_n exp(x l) (c_re cos(y l) - c_im sin(y l)) for l < lengths[r], else 0.
@@ -210,23 +393,11 @@ def _generate(kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Seque
     log_dt = torch.cat([k.log_dt.to(f32) for k in kernels])
     rate, row_lengths = _row_constants(tuple(dims), tuple(int(n) for n in lengths), tuple(float(r) for r in rates),
                                        like=log_dt)
-    a_re = -torch.cat([k.log_a_real.to(f32) for k in kernels]).exp()
-    a_im = torch.cat([k.a_imag.to(f32) for k in kernels])
-    b = torch.cat([k.b.to(f32) for k in kernels])
-    c = per_kernel(torch.cat([k.c.to(f32) for k in kernels]), sum(dims))  # (K, rows, N2, 2)
+    params = [torch.cat([getattr(k, name).to(f32) for k in kernels]) for name in ('log_a_real', 'a_imag', 'b', 'c')]
+    log_a_real, a_imag, b, c = params
     mask = mode_masks(kernels)
-    if mask is not None:
-        c = c * mask.to(f32)[None, :, :, None]
-    dt = (log_dt.exp() * rate)[:, None]
-    x, y = dt * a_re, dt * a_im
-    # e = expm1(dt A) / A, with expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y
-    s = (0.5 * y).sin()
-    n_re, n_im = torch.expm1(x) * y.cos() - 2 * s * s, x.exp() * y.sin()
-    norm = a_re * a_re + a_im * a_im
-    e_re, e_im = (n_re * a_re + n_im * a_im) / norm, (n_im * a_re - n_re * a_im) / norm
-    q_re, q_im = b[..., 0] * e_re - b[..., 1] * e_im, b[..., 0] * e_im + b[..., 1] * e_re
-    ct_re = c[..., 0] * q_re - c[..., 1] * q_im
-    ct_im = c[..., 0] * q_im + c[..., 1] * q_re
+    x, y, ct_re, ct_im = discretize(log_dt, rate, log_a_real, a_imag, b, c.unflatten(0, (sum(dims), -1)),
+                                    None if mask is None else mask.to(f32))
     return vandermonde(x, y, ct_re, ct_im, row_lengths, max(lengths))
 
 
