@@ -34,10 +34,9 @@ def _expm1(x):
 
 
 @triton.jit
-def _discretize_fwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_ptr, x_ptr, y_ptr, cre_ptr, cim_ptr,
-                    R, N2, K, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    n = tl.arange(0, BLOCK_N)[None, :]
+def _zoh(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, mask_ptr, r, n, R, N2, HAS_MASK: tl.constexpr):
+    """Zero-order hold of rows r (BLOCK_R, 1) x modes n (1, BLOCK_N): dt, A, x + i y = dt A, exp(x), cos y, sin y,
+    e = expm1(dt A) / A, B and the masked q = B e (mask 1 without band-limiting); complex values as (re, im)."""
     ok = (r < R) & (n < N2)
     rn = r * N2 + n
     dt = tl.exp(tl.load(log_dt_ptr + r, mask=r < R, other=0.0)) * tl.load(rate_ptr + r, mask=r < R, other=1.0)
@@ -45,19 +44,29 @@ def _discretize_fwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_p
     a_im = tl.load(aim_ptr + rn, mask=ok, other=0.0)
     x, y = dt * a_re, dt * a_im
     s = tl.sin(0.5 * y)
-    ex = tl.exp(x)
-    n_re = _expm1(x) * tl.cos(y) - 2 * s * s
-    n_im = ex * tl.sin(y)
+    ex, cos_y, sin_y = tl.exp(x), tl.cos(y), tl.sin(y)
+    n_re = _expm1(x) * cos_y - 2 * s * s  # expm1(x + i y), no cancellation for small dt A
+    n_im = ex * sin_y
     norm = a_re * a_re + a_im * a_im
     e_re = (n_re * a_re + n_im * a_im) / norm
     e_im = (n_im * a_re - n_re * a_im) / norm
     b_re = tl.load(b_ptr + 2 * rn, mask=ok, other=0.0)
     b_im = tl.load(b_ptr + 2 * rn + 1, mask=ok, other=0.0)
-    q_re = b_re * e_re - b_im * e_im
-    q_im = b_re * e_im + b_im * e_re
-    if HAS_MASK:
-        m = tl.load(mask_ptr + rn, mask=ok, other=0.0)
-        q_re, q_im = q_re * m, q_im * m
+    m = tl.load(mask_ptr + rn, mask=ok, other=0.0) if HAS_MASK else 1.0
+    q_re = (b_re * e_re - b_im * e_im) * m
+    q_im = (b_re * e_im + b_im * e_re) * m
+    return dt, a_re, a_im, x, y, ex, cos_y, sin_y, norm, e_re, e_im, b_re, b_im, m, q_re, q_im
+
+
+@triton.jit
+def _discretize_fwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_ptr, x_ptr, y_ptr, cre_ptr, cim_ptr,
+                    R, N2, K, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    n = tl.arange(0, BLOCK_N)[None, :]
+    ok = (r < R) & (n < N2)
+    rn = r * N2 + n
+    _, _, _, x, y, _, _, _, _, _, _, _, _, _, q_re, q_im = _zoh(
+        log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, mask_ptr, r, n, R, N2, HAS_MASK)
     tl.store(x_ptr + rn, x, mask=ok)
     tl.store(y_ptr + rn, y, mask=ok)
     for k in range(K):
@@ -78,23 +87,8 @@ def _discretize_bwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_p
     n = tl.arange(0, BLOCK_N)[None, :]
     ok = (r < R) & (n < N2)
     rn = r * N2 + n
-    dt = tl.exp(tl.load(log_dt_ptr + r, mask=r < R, other=0.0)) * tl.load(rate_ptr + r, mask=r < R, other=1.0)
-    a_re = -tl.exp(tl.load(lar_ptr + rn, mask=ok, other=0.0))
-    a_im = tl.load(aim_ptr + rn, mask=ok, other=0.0)
-    x, y = dt * a_re, dt * a_im
-    s = tl.sin(0.5 * y)
-    ex = tl.exp(x)
-    cos_y, sin_y = tl.cos(y), tl.sin(y)
-    n_re = _expm1(x) * cos_y - 2 * s * s
-    n_im = ex * sin_y
-    norm = a_re * a_re + a_im * a_im
-    e_re = (n_re * a_re + n_im * a_im) / norm
-    e_im = (n_im * a_re - n_re * a_im) / norm
-    b_re = tl.load(b_ptr + 2 * rn, mask=ok, other=0.0)
-    b_im = tl.load(b_ptr + 2 * rn + 1, mask=ok, other=0.0)
-    m = tl.load(mask_ptr + rn, mask=ok, other=0.0) if HAS_MASK else 1.0
-    q_re = (b_re * e_re - b_im * e_im) * m  # q = B e (masked)
-    q_im = (b_re * e_im + b_im * e_re) * m
+    dt, a_re, a_im, x, y, ex, cos_y, sin_y, norm, e_re, e_im, b_re, b_im, m, q_re, q_im = _zoh(
+        log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, mask_ptr, r, n, R, N2, HAS_MASK)
     # g_u for u = v w (complex) gives g_v = g_u conj(w), with g = dL/dRe + i dL/dIm
     gq_re = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     gq_im = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
@@ -129,9 +123,8 @@ def _discretize_bwd(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, c_ptr, mask_p
     # x = dt Re(A), y = dt Im(A); Re(A) = -exp(log_a_real); dt = exp(log_dt) rate
     tl.store(g_lar_ptr + rn, (gx * dt + ga_re) * a_re, mask=ok)
     tl.store(g_aim_ptr + rn, gy * dt + ga_im, mask=ok)
-    g_dt = tl.sum(tl.where(ok, gx * a_re + gy * a_im, 0.0), axis=1)
-    dt1 = tl.exp(tl.load(log_dt_ptr + r1, mask=r1 < R, other=0.0)) * tl.load(rate_ptr + r1, mask=r1 < R, other=1.0)
-    tl.store(g_log_dt_ptr + r1, g_dt * dt1, mask=r1 < R)
+    g_log_dt = tl.sum(tl.where(ok, (gx * a_re + gy * a_im) * dt, 0.0), axis=1)  # d dt / d log_dt = dt
+    tl.store(g_log_dt_ptr + r1, g_log_dt, mask=r1 < R)
 
 
 @triton.jit
