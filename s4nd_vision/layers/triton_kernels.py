@@ -332,8 +332,9 @@ def vandermonde(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torc
 def _kept(make):
     """`make(*key, device)` kept per (key, device) for the next steps: constants a step needs on its device, made
     there (no host-to-device copy, so a training step stays capturable in a CUDA graph). Not kept while a CUDA
-    graph is captured (its kernels only run at replay) nor for fake tensors (tracing); `like` gives the device."""
-    cached = functools.lru_cache(maxsize=64)(make)
+    graph is captured (its kernels only run at replay) nor for fake tensors (tracing); `like` gives the device.
+    The last 16 are kept (a few resolutions of a few models; the gather index of ConvNeXt-S4ND-T at 224 px is 4 MB)."""
+    cached = functools.lru_cache(maxsize=16)(make)
 
     def get(*key, like: torch.Tensor):
         capturing = like.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
