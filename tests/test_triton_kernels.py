@@ -115,17 +115,19 @@ def test_fused_generation_issues_the_same_ops_for_any_number_of_entries():
     assert counts[0] == counts[1], counts
 
 
-def test_cuda_path_keeps_every_tensor_on_the_device():
-    """On CUDA tensors (fake ones: no GPU needed) a model's forward takes the Triton ops, with no host-to-device
-    copy and no host sync: what capturing a training step in a CUDA graph needs."""
-    model = timm.create_model('convnext_s4nd_atto', img_size=64)
+@pytest.mark.parametrize('training', [True, False], ids=['training', 'inference'])
+def test_cuda_path_keeps_every_tensor_on_the_device(training):
+    """On CUDA tensors (fake ones: no GPU needed) a model's forward takes the Triton ops, generating the kernels of
+    all its layers in one fused call (in inference too), with no host-to-device copy and no host sync: what
+    capturing a step in a CUDA graph needs."""
+    model = timm.create_model('convnext_s4nd_atto', img_size=64).train(training)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to('cuda')
         x = torch.randn(2, 3, 64, 64, device='cuda')
-        with _Ops() as ops:
+        with _Ops() as ops, torch.set_grad_enabled(training):
             model(x)
     names = [name for name, _ in ops.ops]
-    assert names.count('s4nd_vision.ssm_vandermonde.default') == 1
+    assert names.count('s4nd_vision.ssm_discretize.default') == names.count('s4nd_vision.ssm_vandermonde.default') == 1
     # the blocks and the downsampling layers (the stem keeps its fused projection on the fast path)
     assert names.count('s4nd_vision.separable_conv2d_cl.default') == 2 + 2 + 6 + 2 + 3
     assert not [op for op in ops.ops if 'cpu' in op[1]]

@@ -102,7 +102,8 @@ def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dt
     return supported((b, h, w, c), tuple(pools), dtype) is None
 
 
-def _fused_generation(device: torch.device, dtype: torch.dtype) -> bool:
+def fused_generation(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether S4D kernels for `device` in `dtype` come from the fused Triton generation (`generate_two_sided`)."""
     forced = _FORCED_PATH.get()
     if use_reference() or torch.jit.is_tracing() or dtype != torch.float32 or forced == 'fast':
         return False
@@ -122,7 +123,7 @@ def generate_two_sided(
     backward when `bidirectional[i]`. On the Triton path the S4D entries that share d_state, num_kernels and
     direction come from one fused launch and one gather (`triton_kernels.two_sided_kernels_fused`); elsewhere
     (the CPU, export) from `ssm_kernels`, entry by entry."""
-    if not kernels or not _fused_generation(next(kernels[0].parameters()).device, dtype):
+    if not kernels or not fused_generation(next(kernels[0].parameters()).device, dtype):
         return [_two_sided(k, n, bi) for k, n, bi in zip(ssm_kernels(kernels, lengths, rates, dtype), sizes,
                                                           bidirectional)]
     from .triton_kernels import two_sided_kernels_fused

@@ -357,9 +357,11 @@ class S4ND(nn.Module):
             if proj is not None:
                 proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
             skip = self.D.to(conv_dtype)
-            if torch.is_grad_enabled() or use_reference():
+            # prepared kernels (training, and inference on the Triton path) are used as they are: no cache, whose
+            # check would synchronize a GPU
+            kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
+            if kernels is not None or torch.is_grad_enabled() or use_reference():
                 self._kernel_cache = None
-                kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
                 if kernels is None:
                     kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
                 kernels = [k.to(conv_dtype) for k in kernels]
@@ -405,11 +407,17 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
 
 
 def kernels_can_be_prepared(module: nn.Module) -> bool:
-    """False where `prepare_kernels` must not run for the S4ND layers of `module`: without autograd
-    (inference caches kernels per layer instead), under torch.compile, and under FSDP sharding
-    (wrapped submodules or DTensor parameters: parameters of other units are not materialized)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    """False where `prepare_kernels` must not run for the S4ND layers of `module`: without autograd off the
+    Triton path (inference caches operators per layer instead; on the Triton path one fused generation for all
+    layers costs less than one per layer, and comparing cached parameters would synchronize every layer), under
+    torch.compile, and under FSDP sharding (wrapped submodules or DTensor parameters: parameters of other units
+    are not materialized)."""
+    if torch.compiler.is_compiling():
         return False
+    if not torch.is_grad_enabled():
+        param = next(module.parameters(), None)
+        if param is None or not dispatch.fused_generation(param.device, torch.float32):
+            return False
     if torch.distributed.is_available():
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
