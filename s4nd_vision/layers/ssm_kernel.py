@@ -252,8 +252,8 @@ class _SSMKernelFn(torch.autograd.Function):
             torch.view_as_real(torch.conj_physical(g_c)),
         )
         sizes = [p.shape[0] for p in params[::5]]  # channels of each kernel
-        per_kernel = [g.split(sizes, dim=1 if i == 4 else 0) for i, g in enumerate(stacked)]
-        return (None, None, None) + tuple(per_kernel[i % 5][i // 5] for i in range(len(params)))
+        split = [g.split(sizes, dim=1 if i == 4 else 0) for i, g in enumerate(stacked)]
+        return (None, None, None) + tuple(split[i % 5][i // 5] for i in range(len(params)))
 
 
 class SSMKernel(_DiagonalSSM):
