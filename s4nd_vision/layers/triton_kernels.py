@@ -333,7 +333,7 @@ def _kept(make):
     """`make(*key, device)` kept per (key, device) for the next steps: constants a step needs on its device, made
     there (no host-to-device copy, so a training step stays capturable in a CUDA graph). Not kept while a CUDA
     graph is captured (its kernels only run at replay) nor for fake tensors (tracing); `like` gives the device.
-    The last 16 are kept (a few resolutions of a few models; the gather index of ConvNeXt-S4ND-T at 224 px is 4 MB)."""
+    The last 16 are kept: a few resolutions of a few models (a gather index holds one int64 per kernel tap)."""
     cached = functools.lru_cache(maxsize=16)(make)
 
     def get(*key, like: torch.Tensor):
