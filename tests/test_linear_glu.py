@@ -68,3 +68,31 @@ def test_plain_ops_without_gradients_and_on_the_cpu_by_default(monkeypatch):
     assert 'LinearGLU' in linear_glu(x, weight, bias, recompute=True).grad_fn.name()
     with torch.no_grad():
         assert linear_glu(x, weight, bias, recompute=True).grad_fn is None
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 3, 5), (2, 6, 4, 3, 5), (2, 6, 5)])  # (B, C_in, *spatial), as a permuted view
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_inference_on_the_cpu_runs_a_onednn_convolution_equal_to_the_projection(monkeypatch, shape, with_bias):
+    """Without gradients, float32 rows on the CPU go through oneDNN's 1x1 convolution (`_project_rows_onednn`),
+    whose result equals the float64 projection; float64, 2-D inputs and inputs needing gradients do not."""
+    from s4nd_vision.layers import glu
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip('this PyTorch build has no oneDNN')
+    calls, original = [], glu._project_rows_onednn
+    monkeypatch.setattr(glu, '_project_rows_onednn', lambda *a: calls.append(1) or original(*a))
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64).movedim(1, -1)
+    w64, b64 = torch.randn(8, 6, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)
+    b64 = b64 if with_bias else None
+    expected = F.glu(F.linear(x64, w64, b64), dim=-1)
+    with torch.no_grad():
+        out = linear_glu(x64.float(), w64.float(), None if b64 is None else b64.float())
+    assert calls == [1] and out.dtype == torch.float32 and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        linear_glu(x64, w64, b64)  # float64: F.linear
+        linear_glu(x64.float().reshape(-1, 6), w64.float())  # rows without a spatial axis
+    x = x64.float().requires_grad_()
+    linear_glu(x, w64.float(), None).sum().backward()  # training: F.linear (autograd)
+    assert calls == [1] and x.grad is not None
+

@@ -23,14 +23,35 @@ def linear_glu(
     stem or a downsampling layer would otherwise keep an activation as large as a full-resolution stage's (on a
     GPU, where the GEMM is cheap and memory is what limits the batch). On the CPU the GEMM costs more than the
     memory is worth, so the plain ops run. Autocast applies as to `F.linear` (the backward pass recomputes in the
-    forward's dtype). Without gradients, and while a graph is captured or traced, the plain ops run.
+    forward's dtype). Without gradients, and while a graph is captured or traced, the plain ops run (without
+    gradients on the CPU, the projection as a oneDNN convolution: `_project_rows_onednn`).
     """
     if recompute is None:
         recompute = ops.recompute_for_memory(x.device)
-    if (not recompute or not torch.is_grad_enabled() or use_reference() or torch.jit.is_tracing()
-            or not any(t is not None and t.requires_grad for t in (x, weight, bias))):
+    plain = use_reference() or torch.jit.is_tracing()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad and not plain and _onednn_rows(x, weight):
+        return F.glu(_project_rows_onednn(x, weight, bias), dim=-1)
+    if not recompute or not needs_grad or plain:
         return F.glu(F.linear(x, weight, bias), dim=-1)
     return _LinearGLU.apply(x, weight, bias)
+
+
+def _onednn_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `_project_rows_onednn` takes x: on the CPU with oneDNN, float32 or bfloat16, at least 3 axes and a
+    second-to-last axis longer than 1 (so that the 4-D view below is unambiguously channels-last)."""
+    return (x.device.type == 'cpu' and torch.backends.mkldnn.is_available() and x.ndim >= 3 and x.shape[-2] > 1
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype)
+
+
+def _project_rows_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight^T + bias for x (..., W, C_in), as oneDNN's 1x1 convolution of the rows seen as one channels-last
+    image (1, C_in, rows / W, W): in inference on the CPU it takes about half the time of the GEMM at the stem and
+    downsampling shapes of ConvNeXt-S4ND (2 cores, batch 8: 1.2-1.4 against 2.2-2.5 ms). A permuted x is copied to
+    contiguous rows first, as `F.linear` would."""
+    rows = x.reshape(1, -1, x.shape[-2], x.shape[-1]).permute(0, 3, 1, 2)  # (1, C_in, rows / W, W), channels-last
+    y = F.conv2d(rows, weight[:, :, None, None], bias)
+    return y.permute(0, 2, 3, 1).reshape(x.shape[:-1] + (weight.shape[0],))  # a view: oneDNN writes channels-last
 
 
 class _LinearGLU(torch.autograd.Function):

