@@ -16,9 +16,11 @@ def test_every_section_runs_and_reports(tmp_path):
     assert set(results['seconds']) == set(sections)
     plan = gpu_check.TINY
     checks = results['correctness']
-    assert len(checks) == 2 * len(plan.conv_cases) + 4 and all(c['ok'] for c in checks)
+    assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 4 and all(c['ok'] for c in checks)
     assert any('Triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
-    assert [r['case'] for r in results['bench']] == [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
+    assert sum(c['check'].startswith('conv3d') for c in checks) == 2 * len(plan.conv3d_cases)
+    image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
+    assert [r['case'] for r in results['bench']] == image_rows + [f'3D layer {plan.video[0]}x4x2x5x5 bfloat16']
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
     assert [r['model'] for r in results['profile']] == list(plan.profile_models)
     cases = [r['case'] for r in results['models']]

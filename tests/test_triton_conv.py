@@ -114,6 +114,69 @@ def test_triton_conv_rejects_bad_input():
         triton_conv.separable_conv2d_cl(x.double(), (torch.randn(1, 3, 7), torch.randn(1, 3, 7)))
 
 
+def _reference3d(x, kt, kh, kw, skip, pools):
+    """(B, T, H, W, C) -> pooled, by the reference formulation on channel-first (C, B, T, H, W)."""
+    y = separable_conv_reference(x.permute(4, 0, 1, 2, 3), [kt, kh, kw], [2, 3, 4], pools, skip)
+    return y.permute(1, 2, 3, 4, 0)
+
+
+@pytest.mark.parametrize('b,t,h,w,c,rank,pools,skip', [
+    (2, 4, 5, 3, 6, 1, (1, 1, 1), True),  # odd sizes, channels not a power of two, no pooling (the blocks)
+    (1, 5, 4, 4, 3, 2, (2, 2, 1), True),  # rank 2, time pooled with a dropped remainder
+    (2, 4, 3, 5, 5, 1, (4, 1, 1), False),  # pool 4 on the time axis, no skip
+])
+def test_triton_conv3d_equals_reference_fp32(b, t, h, w, c, rank, pools, skip, monkeypatch):
+    """The 3D composition (time axis kernel, then the fused 2D kernel per frame, skip by PyTorch ops): outputs and
+    every gradient against float64; small plane chunks so that the tap gradient sums several programs' slices."""
+    monkeypatch.setattr(triton_conv, 'AXIS_BLOCK_S', 4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, t, h, w, c, generator=gen, dtype=torch.float64)
+    kernels = [torch.randn(rank, c, 2 * n - 1, generator=gen, dtype=torch.float64) for n in (t, h, w)]
+    d = torch.randn(c, generator=gen, dtype=torch.float64) if skip else None
+    tensors = [x, *kernels, d]
+    y_ref = _reference3d(*tensors, pools)
+    grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=gen)
+    y_ref, g_ref = _grads(lambda x, kt, kh, kw, d: _reference3d(x, kt, kh, kw, d, pools), tensors, grad_out)
+    y, g = _grads(lambda x, kt, kh, kw, d: triton_conv.separable_conv3d_cl(x, (kt, kh, kw), pools, d),
+                  [v.float() if v is not None else None for v in tensors], grad_out)
+    assert y.dtype == torch.float32 and y.shape == (b, t // pools[0], h // pools[1], w // pools[2], c)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert len(g) == len(g_ref) == (5 if skip else 4)
+    for name, a, r in zip(['x', 'kt', 'kh', 'kw', 'D'], g, g_ref):
+        assert a.dtype == torch.float32, name
+        assert _rel(a, r) < 1e-5, (name, _rel(a, r))
+
+
+def test_triton_axis_custom_ops_pass_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(5)
+    x, k = torch.randn(2, 4, 6, 3, generator=gen), torch.randn(3, 7, generator=gen)
+    torch.library.opcheck(triton_conv._axis_op, (x, k, 2))
+    torch.library.opcheck(triton_conv._axis_backward_op, (torch.randn(2, 2, 6, 3, generator=gen), x, k, 2))
+    clip = torch.randn(1, 4, 3, 3, 2, generator=gen)
+    kernels = [torch.randn(1, 2, 2 * n - 1, generator=gen) for n in (4, 3, 3)]
+    d = torch.randn(2, generator=gen)
+
+    def step(x, kt, kh, kw, d):
+        return (triton_conv.separable_conv3d_cl(x, (kt, kh, kw), (2, 1, 1), d) * 2).sum()
+
+    leaves = [v.clone().requires_grad_() for v in (clip, *kernels, d)]
+    eager = torch.autograd.grad(step(*leaves), leaves)
+    compiled = torch.compile(step, fullgraph=True, backend='aot_eager')
+    leaves_c = [v.clone().requires_grad_() for v in (clip, *kernels, d)]
+    for a, b in zip(torch.autograd.grad(compiled(*leaves_c), leaves_c), eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_triton_conv3d_rejects_bad_input():
+    x = torch.randn(1, 4, 4, 4, 3)
+    with pytest.raises(ValueError, match='kernels must be'):
+        triton_conv.separable_conv3d_cl(x, (torch.randn(1, 3, 5), torch.randn(1, 3, 7), torch.randn(1, 3, 7)))
+    with pytest.raises(ValueError, match='pools'):
+        triton_conv.separable_conv3d_cl(x, [torch.randn(1, 3, 7)] * 3, (3, 1, 1))
+    with pytest.raises(ValueError, match=r'\(B, T, H, W, C\)'):
+        triton_conv.separable_conv3d_cl(x[0], [torch.randn(1, 3, 7)] * 3)
+
+
 def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
     """The layer's wiring (kernel generation, channels-last view, D, pooling, dtypes) with the Triton path forced
     on the CPU, against the same layer on the fast path: outputs and every gradient."""
@@ -175,6 +238,35 @@ def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_video_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
+    """A 3D ConvNeXt-S4ND (its blocks and downsampling on the Triton path: time axis kernel, fused 2D kernel per
+    frame) with the Triton path forced, against the fast path: logits and every gradient."""
+    import timm
+
+    from s4nd_vision.layers import ops
+    monkeypatch.setattr(ops, 'recompute_for_memory', lambda device: True)  # as on a GPU
+    calls = []
+    fused = triton_conv.separable_conv3d_cl
+    monkeypatch.setattr(triton_conv, 'separable_conv3d_cl', lambda *args, **kw: calls.append(1) or fused(*args, **kw))
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_3d_atto', img_size=32, num_frames=4, depths=(1, 1, 1, 1),
+                              dims=(8, 16, 16, 16))
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 3, 4, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+    results = []
+    for path in ('fast', 'triton'):
+        model.zero_grad()
+        with dispatch.force_path(path):
+            y = model(x)
+            y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 7  # 4 blocks, 3 downsamplings (the stem, its projection fused, runs the fast path)
+    (y_fast, grads_fast), (y_tri, grads_tri) = results
+    torch.testing.assert_close(y_tri, y_fast, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_tri, grads_fast):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 # ----- dispatch (no CUDA needed: the choice depends on the device type, shape and dtype only) -----
 
 CUDA = torch.device('cuda')
@@ -188,7 +280,8 @@ def test_dispatch_cuda_runs_triton_when_available_and_supported(monkeypatch):
     monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
     assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'triton'
     assert dispatch.conv_path(CUDA, (128, 32, 224, 224), (4, 4), torch.float32) == 'fast'  # too long for registers
-    assert dispatch.conv_path(CUDA, (8, 96, 16, 56, 56), (1, 1, 1), torch.float32) == 'fast'  # 3D
+    assert dispatch.conv_path(CUDA, (8, 96, 16, 56, 56), (2, 1, 1), torch.float32) == 'triton'  # 3D
+    assert dispatch.conv_path(CUDA, (8, 32, 16, 112, 112), (1, 1, 1), torch.float32) == 'fast'  # 3D, too long
     assert dispatch.conv_path(CUDA, (8, 96, 300), (1,), torch.float32) == 'fast'  # 1D
     assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float64) == 'fast'
     assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (3, 3), torch.float32) == 'fast'

@@ -2,11 +2,11 @@
 
 Triton's CPU interpreter (the other tests) runs kernels as NumPy code: it checks their values, not that the
 compiler accepts them (e.g. a loop variable that changes type compiles to an error, but interprets fine).
-This script runs the real launchers (`triton_conv.separable_conv2d_cl` forward and backward,
-`triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting) on CPU tensors with the
-kernels replaced by recorders, then compiles each recorded launch (argument types, constexprs, num_warps) down to
-a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per compiled kernel and
-exits non-zero if any launch fails to compile.
+This script runs the real launchers (`triton_conv.separable_conv2d_cl` and `separable_conv3d_cl` forward and
+backward, `triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting) on CPU tensors
+with the kernels replaced by recorders, then compiles each recorded launch (argument types, constexprs, num_warps)
+down to a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per compiled
+kernel and exits non-zero if any launch fails to compile.
 
     python tests/triton_compile_script.py [--arch 90]
 
@@ -33,6 +33,7 @@ from s4nd_vision.layers.ssm_kernel import SSMKernel  # noqa: E402
 
 KERNELS = {
     (triton_conv, '_conv_kernel'), (triton_conv, '_kernel_grad_kernel'),
+    (triton_conv, '_axis_kernel'), (triton_conv, '_axis_grad_kernel'),
     (triton_kernels, '_vandermonde_fwd'), (triton_kernels, '_vandermonde_bwd'),
     (triton_kernels, '_discretize_fwd'), (triton_kernels, '_discretize_bwd'),
 }
@@ -102,6 +103,11 @@ def record_launches() -> list:
         kw = torch.zeros(1, c, 2 * w - 1, requires_grad=True)
         skip = torch.zeros(c, requires_grad=True)
         triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
+    for pools, dtype in (((1, 1, 1), torch.bfloat16), ((2, 2, 2), torch.float32)):  # clips: the time axis
+        x = torch.zeros(2, 8, 28, 28, 192, dtype=dtype, requires_grad=True)
+        kernels = [torch.zeros(1, 192, 2 * n - 1, requires_grad=True) for n in (8, 28, 28)]
+        skip = torch.zeros(192, requires_grad=True)
+        triton_conv.separable_conv3d_cl(x, kernels, pools, skip).float().sum().backward()
     for bandlimit in (None, 1.0):  # (with and without the band-limiting mask)
         entries = [SSMKernel(96, d_state=64, num_kernels=2, bandlimit=bandlimit),
                    SSMKernel(192, d_state=64, num_kernels=2, bandlimit=bandlimit)]

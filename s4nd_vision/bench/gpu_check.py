@@ -6,7 +6,8 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    fused kernel generation (`layers.triton_kernels`) and an S4ND layer on the Triton path, against float64 on the
    CPU; the custom op compiled by inductor (fullgraph). A failed check makes the run fail.
 2. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
-   four ConvNeXt-T stage shapes, fp32 and bf16.
+   four ConvNeXt-T stage shapes, fp32 and bf16; the 3D layer vs the 3D baseline's depthwise conv at the video
+   model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
 3. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
    step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
 4. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
@@ -29,6 +30,7 @@ from timm.layers import create_conv2d
 from ..layers import S4ND, dispatch
 from ..layers.reference import separable_conv_reference
 from ..layers.ssm_kernel import SSMKernel, ssm_kernels
+from ..models.convnext_s4nd_3d import _dw_conv3d
 from .benchmark import CONVNEXT_T_STAGES, _train_step, bench_models, format_table, time_ms
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
@@ -42,9 +44,11 @@ class Plan:
     """The sizes of one run."""
     batch: int  # layer benchmark, profile and image model pairs
     conv_cases: Sequence[Tuple[int, int, int, int, int, Tuple[int, int]]]  # (B, H, W, C, rank, pools)
+    conv3d_cases: Sequence[Tuple[int, int, int, int, int, int, Tuple[int, int, int]]]  # (B, T, H, W, C, rank, pools)
     generation: Sequence[Tuple[int, int, float, dict]]  # fused generation entries: (dim, length, rate, SSMKernel kw)
     layer: Tuple[int, int, int, int]  # S4ND layer check: (B, C, side, pool)
     stages: Sequence[Tuple[int, int]]  # layer benchmark shapes: (C, side)
+    video_stages: Sequence[Tuple[int, int, int]]  # 3D layer benchmark shapes (batch `video[0]`): (C, frames, side)
     profile_models: Tuple[str, str]
     image_pairs: Sequence[_Pair]
     img_size: int
@@ -58,9 +62,11 @@ GPU = Plan(
     batch=128,
     conv_cases=((4, 56, 56, 96, 1, (1, 1)), (2, 28, 28, 192, 2, (2, 2)), (2, 7, 7, 768, 1, (1, 1)),
                 (2, 64, 48, 40, 1, (4, 4)), (3, 13, 9, 37, 1, (2, 1))),
+    conv3d_cases=((2, 8, 28, 28, 96, 1, (1, 1, 1)), (2, 8, 14, 14, 192, 1, (2, 2, 2))),
     generation=((96, 56, 1.0, {}), (192, 28, 0.5, dict(bandlimit=0.5)), (40, 224, 2.0, dict(init='legs'))),
     layer=(4, 96, 56, 2),
     stages=CONVNEXT_T_STAGES,
+    video_stages=((96, 8, 56), (192, 8, 28), (384, 8, 14), (768, 8, 7)),
     profile_models=('convnext_tiny', 'convnext_s4nd_tiny'),
     image_pairs=(('convnext_s4nd_tiny', {}, 'convnext_tiny'),
                  ('vit_s4nd_small_patch16_224', {}, 'vit_small_patch16_224')),
@@ -74,9 +80,11 @@ GPU = Plan(
 TINY = Plan(
     batch=2,
     conv_cases=((1, 6, 5, 4, 1, (1, 1)), (1, 8, 8, 3, 2, (2, 2))),
+    conv3d_cases=((1, 4, 3, 5, 3, 1, (2, 1, 1)),),
     generation=((4, 6, 1.0, {}), (8, 5, 0.5, dict(bandlimit=0.5)), (3, 12, 2.0, dict(init='legs'))),
     layer=(2, 8, 8, 2),
     stages=((4, 5),),
+    video_stages=((4, 2, 5),),
     profile_models=('convnext_atto', 'convnext_s4nd_atto'),
     image_pairs=(('convnext_s4nd_atto', {}, 'convnext_atto'),),
     img_size=32,
@@ -118,8 +126,9 @@ class _Checks:
 
 
 def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
-    """The fused convolution against float64 on the CPU: output and every gradient, fp32 and bf16."""
-    from ..layers.triton_conv import separable_conv2d_cl
+    """The fused convolution (2D, and 3D: time axis then 2D per frame) against float64 on the CPU: output and
+    every gradient, fp32 and bf16."""
+    from ..layers.triton_conv import separable_conv2d_cl, separable_conv3d_cl
     for b, h, w, c, rank, pools in plan.conv_cases:
         torch.manual_seed(0)
         x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
@@ -136,6 +145,22 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
             out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
             errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
             checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}', errors, limit)
+    for b, t, h, w, c, rank, pools in plan.conv3d_cases:
+        torch.manual_seed(0)
+        x, d = torch.randn(b, t, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+        kernels = [torch.randn(rank, c, 2 * n - 1, dtype=torch.float64) for n in (t, h, w)]
+        leaves = [v.requires_grad_() for v in (x, *kernels, d)]
+        y_ref = separable_conv_reference(x.permute(4, 0, 1, 2, 3), kernels, [2, 3, 4], pools, d)
+        y_ref = y_ref.permute(1, 2, 3, 4, 0)
+        grad = torch.randn_like(y_ref)
+        ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
+        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
+            inputs = [v.requires_grad_() for v in inputs]
+            y = separable_conv3d_cl(inputs[0], inputs[1:4], pools, inputs[4])
+            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkt', 'dkh', 'dkw', 'dD'), out, ref)}
+            checks.add(f'conv3d {b}x{t}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}', errors, limit)
     b, h, w, c = plan.conv_cases[0][:4]
     x = torch.randn(b, h, w, c, device=device, dtype=torch.bfloat16)
     kh, kw = torch.randn(1, c, 2 * h - 1, device=device), torch.randn(1, c, 2 * w - 1, device=device)
@@ -204,7 +229,8 @@ def _layer_step(module, x, amp: bool, path: Optional[str] = None):
 
 
 def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
-    """S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv, forward+backward, channels-last."""
+    """S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv, forward+backward, channels-last; then
+    3D S4ND vs the 3D baseline's depthwise conv."""
     rows = []
     print(f'layer fwd+bwd, batch {plan.batch}, channels-last, ms (ratio to dwconv7x7)')
     for dtype in (torch.float32, torch.bfloat16):
@@ -224,6 +250,23 @@ def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
             rows.append(row)
             print(f'  {row["case"]}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} '
                   f'({row["triton_ratio"]:.2f}x)  fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+    batch = plan.video[0]
+    print(f'3D layer fwd+bwd, batch {batch}, bf16 autocast, channels-last-3d, ms (ratio to the 3D baseline\'s dwconv)')
+    for dim, frames, size in plan.video_stages:
+        torch.manual_seed(0)
+        s4nd = S4ND(dim, ndim=3, l_ref=(frames, size, size)).to(device)
+        conv = _dw_conv3d(dim).to(device, memory_format=torch.channels_last_3d)
+        x = torch.randn(batch, dim, frames, size, size, device=device)
+        x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        fns = {'dwconv': _layer_step(conv, x, True), 'triton': _layer_step(s4nd, x, True, 'triton'),
+               'fast': _layer_step(s4nd, x, True, 'fast')}
+        t = time_ms(fns, device, warmup=2, repeats=plan.repeats)
+        row = dict(case=f'3D layer {batch}x{dim}x{frames}x{size}x{size} bfloat16',
+                   **{f'{k}_ms': v for k, v in t.items()},
+                   triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
+        rows.append(row)
+        print(f'  {row["case"]}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} '
+              f'({row["triton_ratio"]:.2f}x)  fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
     return rows
 
 

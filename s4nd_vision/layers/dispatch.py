@@ -3,8 +3,9 @@
 - 'reference': while a graph is captured for export or compilation (`reference.use_reference`): the plain
   real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic; except that torch.compile
   on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
-- 'triton': on CUDA, when Triton imports and the input is supported (`triton_conv.supported`: 2D, sides up
-  to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16): the fused channels-last kernels.
+- 'triton': on CUDA, when Triton imports and the input is supported (`triton_conv.supported`: 2D or 3D, H and
+  W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16): the fused channels-last kernels (3D: the
+  time axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D float32 input in channels-last memory, without pooling,
   with sides up to `ops.DEPTHWISE_MAX_LEN`: `ops.DepthwiseConv2d`, two depthwise convolutions per rank-1 term
   that read and write channels-last data (no transposing copies).
@@ -95,11 +96,11 @@ def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence
 
 @torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer: no import is traced)
 def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
-    if len(shape) != 4 or not triton_available():
+    if len(shape) not in (4, 5) or not triton_available():
         return False
     from .triton_conv import supported
-    b, c, h, w = shape
-    return supported((b, h, w, c), tuple(pools), dtype) is None
+    b, c, *spatial = shape
+    return supported((b, *spatial, c), tuple(pools), dtype) is None
 
 
 def fused_generation(device: torch.device, dtype: torch.dtype) -> bool:

@@ -328,18 +328,19 @@ class S4ND(nn.Module):
         return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
 
     def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
-        """The fused Triton convolution (`triton_conv`) of a 2D input, read in channels-last order: a view,
-        no copy, when x is in channels-last memory; the result, in x's dtype, is channels-last too."""
-        from .triton_conv import separable_conv2d_cl
+        """The fused Triton convolution (`triton_conv`) of a 2D or 3D input, read in channels-last order: a view,
+        no copy, when x is in channels-last (3d) memory; the result, in x's dtype, is channels-last too."""
+        from .triton_conv import separable_conv2d_cl, separable_conv3d_cl
         sizes = tuple(x.shape[2:])
+        conv = separable_conv2d_cl if len(sizes) == 2 else separable_conv3d_cl
         kernel_dtype = torch.promote_types(x.dtype, torch.float32)
         self._kernel_cache = None
         with torch.autocast(device_type=x.device.type, enabled=False):
             kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
             if kernels is None:
                 kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
-            y = separable_conv2d_cl(x.permute(0, 2, 3, 1), kernels, self.pool, skip=self.D.to(kernel_dtype))
-        return y.permute(0, 3, 1, 2)
+            y = conv(x.movedim(1, -1), kernels, self.pool, skip=self.D.to(kernel_dtype))
+        return y.movedim(-1, 1)
 
     def forward_channel_major(
             self,

@@ -1,4 +1,4 @@
-"""Fused separable 2D convolution on a channels-last activation, as Triton kernels (the CUDA path of S4ND).
+"""Fused separable 2D (and 3D) convolution on a channels-last activation, as Triton kernels (the CUDA path of S4ND).
 
     y[b, p, q, c] = sum_r sum_{h, w} A_r[p, h, c] B_r[q, w, c] x[b, h, w, c] + D[c] pool(x)[b, p, q, c]
 
@@ -20,6 +20,10 @@ over its pooling windows; the kernel and D gradients come from one program per (
 channel block) that recomputes its rows' H-axis results and adds each tap gradient it finds to its image's slice
 of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
+
+3D (clips, (B, T, H, W, C)): per rank-1 term, `_axis_kernel` convolves (and pools) the time axis, writing its
+result once, and the 2D kernels above then treat every frame as an image; the skip term is added by PyTorch ops.
+The time axis' tap gradient reduces over each image's plane in a few chunks (`_axis_grad_kernel`).
 """
 from typing import Optional, Tuple
 
@@ -27,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ['separable_conv2d_cl', 'supported']
+from .ops import _avg_pool_axis
+
+__all__ = ['separable_conv2d_cl', 'separable_conv3d_cl', 'supported']
 
 MAX_SIDE = 64  # rows of W (padded to a power of two) x BLOCK_C channels live in registers
 CONV_TILE = 8192  # fp32 accumulator values per program of the convolution (ROWS x BLOCK_IN x BLOCK_C)
@@ -36,15 +42,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supported(shape, pools, dtype: torch.dtype) -> Optional[str]:
-    """None when the Triton op handles a (B, H, W, C) input with `pools`, else the reason it does not."""
-    if len(shape) != 4:
-        return f'needs a (B, H, W, C) input, got {len(shape) - 2} spatial axes'
+    """None when the Triton ops handle a (B, H, W, C) or (B, T, H, W, C) input with `pools`, else the reason they
+    do not."""
+    if len(shape) not in (4, 5) or len(pools) != len(shape) - 2:
+        return f'needs a (B, H, W, C) or (B, T, H, W, C) input and a pool per axis, got shape {tuple(shape)}'
     if dtype not in DTYPES:
         return f'dtype {dtype} not in {DTYPES}'
-    if max(shape[1], shape[2]) > MAX_SIDE:
-        return f'spatial sizes {tuple(shape[1:3])} exceed {MAX_SIDE}'
-    if any(p not in (1, 2, 4) for p in pools) or shape[1] < pools[0] or shape[2] < pools[1]:
-        return f'pools {tuple(pools)} must be 1, 2 or 4 and at most the spatial sizes {tuple(shape[1:3])}'
+    spatial = tuple(shape[1:-1])
+    if max(spatial[-2:]) > MAX_SIDE:
+        return f'spatial sizes {spatial[-2:]} exceed {MAX_SIDE}'
+    if any(p not in (1, 2, 4) for p in pools) or any(n < p for n, p in zip(spatial, pools)):
+        return f'pools {tuple(pools)} must be 1, 2 or 4 and at most the spatial sizes {spatial}'
     return None
 
 
@@ -201,6 +209,77 @@ def _kernel_grad_kernel(
         tl.atomic_add(dd_ptr + c, dd / (PH * PW), mask=c_ok)
 
 
+@triton.jit
+def _axis_kernel(
+        x_ptr, k_ptr, y_ptr,
+        C, N, NO, S,
+        sxb, sxn, sxs, sxc, syb, syn, sys_, syc, skc,
+        P: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The leading axis of a 3D input (time), one rank-1 term. Forward (TRANSPOSE=False): x (B, N, S, C) ->
+    y (B, NO, S, C), y[b, p, s, c] = (1 / P) sum_{u < P} sum_t k[c, p P + u - t + N - 1] x[b, t, s, c] (S: the
+    flattened H x W plane). Input gradient (TRANSPOSE=True): x is the output gradient (B, NO, S, C), y (B, N, S, C).
+    One program per (b, block of S, channel block): each output row sums the program's input rows (from L1/L2)."""
+    if TRANSPOSE:
+        rows_out, rows_in = N, NO
+    else:
+        rows_out, rows_in = NO, N
+    blocks = tl.cdiv(S, BLOCK_S)
+    b = tl.program_id(0) // blocks
+    s = (tl.program_id(0) % blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mask = (s < S)[:, None] & c_ok[None, :]
+    x_tile = x_ptr + b * sxb + s[:, None] * sxs + c[None, :] * sxc
+    y_tile = y_ptr + b * syb + s[:, None] * sys_ + c[None, :] * syc
+    for i in range(rows_out):
+        acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        for a in range(rows_in):
+            tap = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for u in tl.static_range(P):
+                if TRANSPOSE:
+                    idx = a * P + u - i + N - 1
+                else:
+                    idx = i * P + u - a + N - 1
+                tap += tl.load(k_ptr + c * skc + idx, mask=c_ok, other=0.0).to(tl.float32)
+            row = tl.load(x_tile + a * sxn, mask=mask, other=0.0)
+            acc += tap[None, :] * row.to(tl.float32)
+        tl.store(y_tile + i * syn, (acc / P).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _axis_grad_kernel(
+        x_ptr, g_ptr, dk_ptr,
+        C, N, NO, S, S_CHUNK,
+        sxb, sxn, sxs, sxc, sgb, sgn, sgs, sgc,
+        P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Gradient of the taps of `_axis_kernel` (forward) given its output gradient g (B, NO, S, C): per (image,
+    chunk of S_CHUNK plane positions), a fp32 (C, 2N - 1) slice of dk (B, chunks, C, 2N - 1), zeroed, that only
+    this program writes (the caller sums over images and chunks). For each pair of rows (p, t) it reduces
+    g[b, p, s, c] x[b, t, s, c] over its positions and adds the result to the taps p P + u - t + N - 1, u < P."""
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    n_taps = 2 * N - 1
+    dk_base = dk_ptr + ((b * tl.num_programs(1) + chunk) * C + c) * n_taps
+    start = chunk * S_CHUNK
+    for p in range(NO):
+        for t in range(N):
+            val = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s0 in range(start, tl.minimum(start + S_CHUNK, S), BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                mask = ((s < S) & (s < start + S_CHUNK))[:, None] & c_ok[None, :]
+                g = tl.load(g_ptr + b * sgb + p * sgn + s[:, None] * sgs + c[None, :] * sgc, mask=mask, other=0.0)
+                x = tl.load(x_ptr + b * sxb + t * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0)
+                val += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
+            for u in tl.static_range(P):
+                idx = p * P + u - t + N - 1  # (pairs share taps: read, add, write; no other program writes here)
+                old = tl.load(dk_base + idx, mask=c_ok, other=0.0)
+                tl.store(dk_base + idx, old + val / P, mask=c_ok)
+
+
 def _block_c(c: int) -> int:
     return min(32, triton.next_power_of_2(c))
 
@@ -328,3 +407,124 @@ def separable_conv2d_cl(
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _conv_op(x, kh, kw, skip, pools[0], pools[1])
+
+
+AXIS_BLOCK_S = 32  # plane positions per program of the time axis (BLOCK_S x BLOCK_C fp32 accumulator)
+AXIS_GRAD_CHUNKS = 8  # plane chunks per image of the time axis' tap gradient (more programs, then one sum)
+
+
+def _launch_axis(x: torch.Tensor, k: torch.Tensor, pool: int, n: int, transpose: bool) -> torch.Tensor:
+    """`_axis_kernel`: forward (x (B, N, S, C) -> (B, N // pool, S, C)) or, with `transpose`, the input gradient
+    (x the output gradient (B, N // pool, S, C) -> (B, n, S, C))."""
+    b, rows, plane, c = x.shape
+    rows_out = n if transpose else n // pool
+    y = torch.empty((b, rows_out, plane, c), device=x.device, dtype=x.dtype)
+    k = k.contiguous()
+    block_c = _block_c(c)
+    grid = (b * triton.cdiv(plane, AXIS_BLOCK_S), triton.cdiv(c, block_c))
+    _axis_kernel[grid](
+        x, k, y, c, n, n // pool, plane, *x.stride(), *y.stride(), k.stride(0),
+        P=pool, TRANSPOSE=transpose, BLOCK_S=AXIS_BLOCK_S, BLOCK_C=block_c)
+    return y
+
+
+@torch.library.custom_op('s4nd_vision::axis_conv_cl', mutates_args=())
+def _axis_op(x: torch.Tensor, k: torch.Tensor, pool: int) -> torch.Tensor:
+    return _launch_axis(x, k, pool, x.shape[1], transpose=False)
+
+
+@_axis_op.register_fake
+def _(x, k, pool):
+    b, n, plane, c = x.shape
+    return x.new_empty((b, n // pool, plane, c))
+
+
+@torch.library.custom_op('s4nd_vision::axis_conv_cl_backward', mutates_args=())
+def _axis_backward_op(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pool: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_k) of `_axis_op`."""
+    b, n, plane, c = x.shape
+    grad = grad.contiguous() if grad.stride(-1) != 1 else grad
+    grad_x = _launch_axis(grad, k, pool, n, transpose=True)
+    chunks = min(AXIS_GRAD_CHUNKS, triton.cdiv(plane, AXIS_BLOCK_S))
+    dk = torch.zeros((b, chunks, c, 2 * n - 1), device=x.device, dtype=torch.float32)  # summed below
+    block_c = _block_c(c)
+    _axis_grad_kernel[(b, chunks, triton.cdiv(c, block_c))](
+        x, grad, dk, c, n, n // pool, plane, triton.cdiv(plane, chunks), *x.stride(), *grad.stride(),
+        P=pool, BLOCK_S=AXIS_BLOCK_S, BLOCK_C=block_c)
+    return grad_x, dk.sum((0, 1)).to(k.dtype)
+
+
+@_axis_backward_op.register_fake
+def _(grad, x, k, pool):
+    return x.new_empty(x.shape), k.new_empty(k.shape)
+
+
+def _axis_setup_context(ctx, inputs, output):
+    x, k, pool = inputs
+    ctx.save_for_backward(x, k)
+    ctx.pool = pool
+
+
+def _axis_backward(ctx, grad):
+    x, k = ctx.saved_tensors
+    grad_x, grad_k = _axis_backward_op(grad, x, k, ctx.pool)
+    return grad_x, grad_k, None
+
+
+_axis_op.register_autograd(_axis_backward, setup_context=_axis_setup_context)
+
+
+def separable_conv3d_cl(
+        x: torch.Tensor,
+        kernels: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        pools: Tuple[int, int, int] = (1, 1, 1),
+        skip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Separable 3D convolution of a channels-last clip: per rank-1 term, the time axis (`_axis_kernel`, one
+    launch, its result written once) and then each frame's fused 2D convolution (`separable_conv2d_cl`); the
+    skip term D * pool(x) is added by PyTorch ops.
+
+    Args:
+        x: (B, T, H, W, C) with C contiguous (e.g. `x.permute(0, 2, 3, 4, 1)` of a channels-last-3d clip).
+        kernels: (R, C, 2T - 1), (R, C, 2H - 1) and (R, C, 2W - 1) two-sided kernels of R rank-1 terms.
+        pools: average pooling window (and stride) per axis, 1, 2 or 4.
+        skip: optional (C,) weights D of the skip term.
+
+    Returns:
+        (B, T // pools[0], H // pools[1], W // pools[2], C) in x's dtype (accumulated in float32), C contiguous.
+    """
+    kt, kh, kw = kernels
+    pools = tuple(int(p) for p in pools)
+    _check3d(x, kt, kh, kw, skip, pools)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, t, h, w, c = x.shape
+    to = t // pools[0]
+    y = None
+    for r in range(kt.shape[0]):
+        z = _axis_op(x.reshape(b, t, h * w, c), kt[r], pools[0])  # (B, T // pool, H W, C)
+        term = _conv_op(z.view(b * to, h, w, c), kh[r:r + 1], kw[r:r + 1], None, pools[1], pools[2])
+        y = term if y is None else y + term
+    y = y.view(b, to, h // pools[1], w // pools[2], c)
+    if skip is None:
+        return y
+    pooled = x
+    for dim, pool in zip((1, 2, 3), pools):
+        pooled = _avg_pool_axis(pooled, dim, pool)
+    return torch.addcmul(y, pooled, skip.to(y.dtype))
+
+
+def _check3d(x, kt, kh, kw, skip, pools) -> None:
+    if x.ndim != 5:
+        raise ValueError(f'x must be (B, T, H, W, C), got shape {tuple(x.shape)}')
+    reason = supported(x.shape, pools, x.dtype)
+    if reason is not None:
+        raise ValueError(f'separable_conv3d_cl: {reason}')
+    _, t, h, w, c = x.shape
+    expected = [(c, 2 * n - 1) for n in (t, h, w)]
+    if [k.shape[1:] for k in (kt, kh, kw)] != expected or not kt.shape[0] == kh.shape[0] == kw.shape[0]:
+        raise ValueError(f'kernels must be (R, C, 2n - 1) per axis, (R, {c}, n) with n = {[e[1] for e in expected]}, '
+                         f'got {tuple(kt.shape)}, {tuple(kh.shape)} and {tuple(kw.shape)}')
+    if skip is not None and skip.shape != (c,):
+        raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
