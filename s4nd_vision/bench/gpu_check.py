@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+import torch.nn as nn
 from timm.layers import create_conv2d
 
 from ..layers import S4ND, dispatch
@@ -228,28 +229,33 @@ def _layer_step(module, x, amp: bool, path: Optional[str] = None):
     return step
 
 
+def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int) -> dict:
+    """One row of `bench_layers`: forward+backward of `s4nd` on the Triton and the fast path and of the baseline
+    depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
+    fns = {'dwconv': _layer_step(conv, x, amp), 'triton': _layer_step(s4nd, x, amp, 'triton'),
+           'fast': _layer_step(s4nd, x, amp, 'fast')}
+    t = time_ms(fns, x.device, warmup=2, repeats=repeats)
+    row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
+               triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
+    print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} ({row["triton_ratio"]:.2f}x)  '
+          f'fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+    return row
+
+
 def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
     """S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv, forward+backward, channels-last; then
     3D S4ND vs the 3D baseline's depthwise conv."""
     rows = []
     print(f'layer fwd+bwd, batch {plan.batch}, channels-last, ms (ratio to dwconv7x7)')
     for dtype in (torch.float32, torch.bfloat16):
-        amp = dtype == torch.bfloat16
         for dim, size in plan.stages:
             torch.manual_seed(0)
             s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
             conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
             x = torch.randn(plan.batch, dim, size, size, device=device, dtype=dtype)
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            fns = {'dwconv': _layer_step(conv, x, amp), 'triton': _layer_step(s4nd, x, amp, 'triton'),
-                   'fast': _layer_step(s4nd, x, amp, 'fast')}
-            t = time_ms(fns, device, warmup=2, repeats=plan.repeats)
-            row = dict(case=f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}',
-                       **{f'{k}_ms': v for k, v in t.items()},
-                       triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
-            rows.append(row)
-            print(f'  {row["case"]}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} '
-                  f'({row["triton_ratio"]:.2f}x)  fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+            rows.append(_bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}', s4nd, conv, x,
+                                     dtype == torch.bfloat16, plan.repeats))
     batch = plan.video[0]
     print(f'3D layer fwd+bwd, batch {batch}, bf16 autocast, channels-last-3d, ms (ratio to the 3D baseline\'s dwconv)')
     for dim, frames, size in plan.video_stages:
@@ -258,15 +264,8 @@ def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
         conv = _dw_conv3d(dim).to(device, memory_format=torch.channels_last_3d)
         x = torch.randn(batch, dim, frames, size, size, device=device)
         x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-        fns = {'dwconv': _layer_step(conv, x, True), 'triton': _layer_step(s4nd, x, True, 'triton'),
-               'fast': _layer_step(s4nd, x, True, 'fast')}
-        t = time_ms(fns, device, warmup=2, repeats=plan.repeats)
-        row = dict(case=f'3D layer {batch}x{dim}x{frames}x{size}x{size} bfloat16',
-                   **{f'{k}_ms': v for k, v in t.items()},
-                   triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
-        rows.append(row)
-        print(f'  {row["case"]}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} '
-              f'({row["triton_ratio"]:.2f}x)  fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+        rows.append(_bench_layer(f'3D layer {batch}x{dim}x{frames}x{size}x{size} bfloat16', s4nd, conv, x, True,
+                                 plan.repeats))
     return rows
 
 

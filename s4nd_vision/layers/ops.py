@@ -88,7 +88,7 @@ def _avg_pool_axis(y: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
     if pool == 1:
         return y
     # the sum of the windows' strided slices, then one division: `mean` over a short inner axis reads the
-    # windows element by element and costs several times more on the CPU (4-14x at the S4ND downsampling shapes)
+    # windows element by element and costs several times more on the CPU (see the README's inference notes)
     windows = y.narrow(dim, 0, y.shape[dim] // pool * pool).unflatten(dim, (-1, pool))
     out = windows.select(dim + 1, 0) + windows.select(dim + 1, 1)
     for i in range(2, pool):
