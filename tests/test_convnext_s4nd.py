@@ -148,6 +148,8 @@ def test_bad_input_errors():
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match=r'\(B, C, H, W\)'):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match='floating point input.*torch.uint8'):
+        model(torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8))
 
 
 def test_pretrained_from_local_safetensors(tmp_path):

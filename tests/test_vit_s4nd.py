@@ -128,6 +128,8 @@ def test_bad_input_errors():
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match='3 input channels'):
         model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match='floating point input.*torch.int64'):
+        model(torch.randint(0, 255, (1, 3, 64, 64)))
     with pytest.raises(ValueError, match='multiples of the patch size'):
         model(torch.randn(1, 3, 64, 72))
     with pytest.raises(ValueError, match='multiples of the patch size'):

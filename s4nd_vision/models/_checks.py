@@ -5,8 +5,11 @@ __all__ = ['check_input']
 
 
 def check_input(x: torch.Tensor, in_chans: int, layout: str = '(B, C, H, W)', min_side: int = 1) -> None:
-    """Raise ValueError unless `x` has the rank of `layout`, `in_chans` channels (dim 1) and its last two
-    sides (H, W) at least `min_side` (the model's total stride)."""
+    """Raise ValueError unless `x` is a floating point tensor with the rank of `layout`, `in_chans` channels (dim 1)
+    and its last two sides (H, W) at least `min_side` (the model's total stride)."""
+    if not x.is_floating_point():  # (e.g. uint8 images: the projections would fail on the dtype, less clearly)
+        raise ValueError(f'expected a floating point input {layout}, got {x.dtype} (convert images with .float() '
+                         'and normalize them as the model\'s data config says)')
     rank = layout.count(',') + 1
     if x.ndim != rank:
         raise ValueError(f'expected input {layout}, got shape {tuple(x.shape)}')
