@@ -117,3 +117,22 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
         main(['export', 'vit_s4nd_atto_patch16_224', '--model-kwargs', 'img_size'])
     assert exit_info.value.code == 2
     assert "argument --model-kwargs: expects key=value, got 'img_size'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_sgconv_atto'])
+def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, grad):
+    """`torch.jit.trace` (with its check that two invocations trace the same graph) works with and without autograd,
+    and the traced graph generates the kernels from the parameters: with other weights copied in, it gives the other
+    model's output (inference's kernel cache, baked into a trace, would keep the old kernels)."""
+    torch.manual_seed(0)
+    model, other = (timm.create_model(name).eval() for _ in range(2))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(other(x), model(x), rtol=1e-3, atol=1e-3)  # (sanity: the weights matter)
+        for t, o in zip([*traced.parameters(), *traced.buffers()], [*other.parameters(), *other.buffers()]):
+            t.copy_(o)
+        torch.testing.assert_close(traced(x), other(x), rtol=1e-4, atol=1e-5)

@@ -369,9 +369,10 @@ class S4ND(nn.Module):
                 proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
             skip = self.D.to(conv_dtype)
             # prepared kernels (training, and inference on the Triton path) are used as they are: no cache, whose
-            # check would synchronize a GPU
+            # check would synchronize a GPU; a traced graph generates them from the parameters (cached ones would
+            # be baked into it as constants, stale once its weights change)
             kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
-            if kernels is not None or torch.is_grad_enabled() or use_reference():
+            if kernels is not None or torch.is_grad_enabled() or use_reference() or torch.jit.is_tracing():
                 self._kernel_cache = None
                 if kernels is None:
                     kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
@@ -421,9 +422,10 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
     """False where `prepare_kernels` must not run for the S4ND layers of `module`: without autograd off the
     Triton path (inference caches operators per layer instead; on the Triton path one fused generation for all
     layers costs less than one per layer, and comparing cached parameters would synchronize every layer), under
-    torch.compile, and under FSDP sharding (wrapped submodules or DTensor parameters: parameters of other units
-    are not materialized)."""
-    if torch.compiler.is_compiling():
+    torch.compile, while tracing (`torch.jit.trace`, fvcore: each layer's generation then lies in its own scope,
+    and the graph is the same with and without autograd), and under FSDP sharding (wrapped submodules or DTensor
+    parameters: parameters of other units are not materialized)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if not torch.is_grad_enabled():
         param = next(module.parameters(), None)
