@@ -438,6 +438,9 @@ def test_bad_input_errors():
         S4ND(4, ndim=2, pool=4)(torch.randn(1, 4, 8, 3))
     with pytest.raises(ValueError, match='pool'):
         S4ND(4, ndim=2, pool=0)
+    for bad in (0, -2, 3.0):
+        with pytest.raises(ValueError, match=r'dim \(channels\) must be a positive integer'):
+            S4ND(bad, ndim=2)
     with pytest.raises(ValueError, match='ndim'):
         S4ND(4, ndim=4)
     with pytest.raises(ValueError, match='l_ref'):

@@ -6,6 +6,7 @@ Paper: `S4ND: Modeling Images and Videos as Multidimensional Signals Using State
 import contextlib
 import itertools
 import math
+import numbers
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -115,6 +116,9 @@ class S4ND(nn.Module):
             dtype=None,
     ):
         super().__init__()
+        if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f'dim (channels) must be a positive integer, got {dim!r}')
+        dim = int(dim)
         if ndim not in (1, 2, 3):
             raise ValueError(f'ndim must be 1, 2 or 3, got {ndim}')
         if not isinstance(rank, int) or rank < 1:
