@@ -524,7 +524,8 @@ def _check3d(x, kt, kh, kw, skip, pools) -> None:
     _, t, h, w, c = x.shape
     expected = [(c, 2 * n - 1) for n in (t, h, w)]
     if [k.shape[1:] for k in (kt, kh, kw)] != expected or not kt.shape[0] == kh.shape[0] == kw.shape[0]:
-        raise ValueError(f'kernels must be (R, C, 2n - 1) per axis, (R, {c}, n) with n = {[e[1] for e in expected]}, '
-                         f'got {tuple(kt.shape)}, {tuple(kh.shape)} and {tuple(kw.shape)}')
+        raise ValueError(f'kernels must be (R, C, 2n - 1) per axis of n = {t}, {h}, {w}, i.e. (R, {c}, '
+                         f'{2 * t - 1}), (R, {c}, {2 * h - 1}) and (R, {c}, {2 * w - 1}) with one R, got '
+                         f'{tuple(kt.shape)}, {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
