@@ -136,6 +136,20 @@ def test_bf16_weights(entry):
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_empty_batch(entry):
+    """An empty batch (e.g. a rank's share of an uneven last batch) gives empty logits, as timm's models do, in
+    inference and in training."""
+    model = _create(*entry).eval()
+    x = _small_input(model)[:0]
+    with torch.no_grad():
+        assert model(x).shape == (0, model.num_classes)
+    out = model.train()(x.requires_grad_())
+    assert out.shape == (0, model.num_classes)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_features_only(entry):
     model = _create(*entry, features_only=True).eval()
     info = model.feature_info

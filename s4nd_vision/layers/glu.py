@@ -38,10 +38,11 @@ def linear_glu(
 
 
 def _onednn_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `_project_rows_onednn` takes x: on the CPU with oneDNN, float32 or bfloat16, at least 3 axes and a
-    second-to-last axis longer than 1 (so that the 4-D view below is unambiguously channels-last)."""
+    """Whether `_project_rows_onednn` takes x: on the CPU with oneDNN, float32 or bfloat16, at least 3 axes, a
+    second-to-last axis longer than 1 (so that the 4-D view below is unambiguously channels-last) and not empty
+    (a convolution refuses an image of no rows; `F.linear` maps an empty batch to an empty batch)."""
     return (x.device.type == 'cpu' and torch.backends.mkldnn.is_available() and x.ndim >= 3 and x.shape[-2] > 1
-            and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype)
+            and x.numel() > 0 and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype)
 
 
 def _project_rows_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
