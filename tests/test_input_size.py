@@ -1,10 +1,12 @@
 """timm's meaning of the input size: `create_model(img_size=)` and `set_input_size` state the native size
 (`pretrained_cfg['input_size']`, read by `resolve_model_data_config`) and keep the model's function at every
-input size; the S4ND layers' reference grids travel with the weights."""
+input size; the S4ND layers' reference grids travel with the weights. The cfg's channel count stays the source
+weights' (timm adapts the first conv to `in_chans` from it); the model's own is `get_model_input_config`'s."""
 import pytest
 import timm
 import torch
 from timm.data import resolve_model_data_config
+from timm.models import get_model_input_config
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.eval.resolution import load_model
@@ -33,11 +35,12 @@ def _outputs(model, shapes):
         return [model(torch.randn(2, *s, generator=gen)) for s in shapes]
 
 
-def _input_size(kwargs, in_chans=3):
+def _input_size(kwargs):
+    """What the cfg states: the registry's (source weights') channels, the native size of `kwargs`."""
     if 'seq_len' in kwargs:
         return (1, kwargs['seq_len'])
     img = kwargs['img_size']
-    return (in_chans, *((kwargs['num_frames'],) if 'num_frames' in kwargs else ()), img, img)
+    return (3, *((kwargs['num_frames'],) if 'num_frames' in kwargs else ()), img, img)
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
@@ -46,12 +49,13 @@ def test_set_input_size_keeps_the_function_and_states_the_size(family):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
     in_chans = kwargs.get('in_chans', 3)
-    assert model.pretrained_cfg['input_size'] == _input_size(kwargs, in_chans)  # not the registry's 224
+    assert model.pretrained_cfg['input_size'] == _input_size(kwargs)  # not the registry's 224
     before = _outputs(model, shapes)
     model.set_input_size(**new)
-    assert model.pretrained_cfg['input_size'] == _input_size(new, in_chans)
+    assert model.pretrained_cfg['input_size'] == _input_size(new)
     if family != 'seq':  # (timm's data config reads images)
-        assert resolve_model_data_config(model)['input_size'] == _input_size(new, in_chans)
+        assert resolve_model_data_config(model)['input_size'] == _input_size(new)
+        assert get_model_input_config(model)['input_size'] == (in_chans, new['img_size'], new['img_size'])
     for a, b in zip(before, _outputs(model, shapes)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
@@ -133,6 +137,23 @@ def test_load_model_builds_at_the_training_resolution(tmp_path):
     save_file({k: v for k, v in trained.state_dict().items() if not k.endswith('l_ref')}, path)  # an older file
     model = load_model('s4nd_iso_tiny', path, num_classes=10, in_chans=1, img_size=14)
     assert model.img_size == (14, 14) and {b.conv_dw.l_ref for b in model.blocks} == {(14, 14)}
-    assert model.pretrained_cfg['input_size'] == (1, 14, 14)
+    assert get_model_input_config(model)['input_size'] == (1, 14, 14)
     plain = load_model('convnext_atto', None, num_classes=10, img_size=64)  # timm's own: no img_size argument
     assert plain.num_classes == 10
+
+
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'vit_s4nd_atto_patch16_224', 's4nd_iso_tiny'])
+def test_pretrained_weights_adapt_to_other_input_channels(name, tmp_path):
+    """`create_model(name, pretrained=True, in_chans=1)` sums the source RGB filters of the first conv, as for
+    timm's models: the cfg still states the 3 channels the weights were trained on, also at another img_size."""
+    torch.manual_seed(0)
+    source = timm.create_model(name)
+    torch.save(source.state_dict(), tmp_path / 'rgb.pth')
+    model = timm.create_model(name, pretrained=True, in_chans=1, img_size=64,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'rgb.pth')))
+    assert model.pretrained_cfg['input_size'] == (3, 64, 64)
+    first_conv = model.pretrained_cfg['first_conv'] + '.weight'
+    weights = model.state_dict()
+    torch.testing.assert_close(weights[first_conv], source.state_dict()[first_conv].sum(1, keepdim=True))
+    assert all(torch.equal(weights[k], v) for k, v in source.state_dict().items() if k != first_conv)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 1000)

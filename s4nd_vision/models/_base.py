@@ -155,12 +155,16 @@ class S4NDModel(nn.Module):
         return [(layer, tuple(s // t for s, t in zip(shape[2:], stride))) for layer, stride in self._s4nd_layers()]
 
     def input_size(self) -> Tuple[int, ...]:
-        """The native input (C, *spatial) without the batch: what `pretrained_cfg['input_size']` states."""
+        """The native input (C, *spatial) without the batch; `pretrained_cfg['input_size']` states its spatial
+        part."""
         return (self.in_chans, *self.img_size)
 
     def _state_input_size(self, cfg: Dict[str, Any]) -> None:
-        """Write the native input size into a pretrained cfg (in place)."""
-        cfg['input_size'] = self.input_size()
+        """Write the native spatial input size into a pretrained cfg (in place). The channel count stays the one
+        the cfg states, that of the source weights: timm's builder adapts their first conv to `in_chans` from
+        it (`create_model(name, pretrained=True, in_chans=1)`). The model's own channels are `in_chans`."""
+        chans = (cfg.get('input_size') or (self.in_chans,))[0]
+        cfg['input_size'] = (chans, *self.input_size()[1:])
 
     @property
     def pretrained_cfg(self) -> Optional[Dict[str, Any]]:
