@@ -149,6 +149,18 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder, capsys):
         Trainer(cfg)
 
 
+def test_single_channel_run_prints_a_call_that_loads_its_weights_as_they_are(tmp_path, folder, capsys, caplog):
+    """The printed call states the file's channels, so timm neither adapts the first conv nor warns that the
+    registry's RGB cfg disagrees with the weights."""
+    Trainer(load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=1', 'data.in_chans=1'))).fit()
+    prefix = 'load the weights with '
+    call = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(prefix))[len(prefix):]
+    caplog.clear()
+    printed, best = eval(call, {'timm': timm}), load_file(str(tmp_path / 'run' / 'best.safetensors'))
+    assert printed.in_chans == 1 and all(torch.equal(printed.state_dict()[k], best[k]) for k in best)
+    assert not [r for r in caplog.records if 'channels' in r.getMessage()]
+
+
 def test_progressive_resizing_changes_resolution_without_recreating_the_model(tmp_path, folder):
     cfg = load_config(None, _overrides(
         folder, tmp_path, 'train.epochs=3', 'train.max_steps_per_epoch=2', 'data.img_size=48', 'train.ema_decay=0.9',

@@ -329,9 +329,12 @@ class Trainer:
         # the call that rebuilds this model: its own arguments too (channels, architecture kwargs)
         build = dict(cfg.model.kwargs, **({} if cfg.data.in_chans == 3 else {'in_chans': cfg.data.in_chans}))
         build_kwargs = ''.join(f'{k}={v!r}, ' for k, v in build.items()) + self.data.size_kwargs(cfg.model.name)
+        # the file's channels, where they are not the RGB of the registry's cfgs (timm would warn that they differ)
+        size = cfg.data.img_size
+        source = '' if cfg.data.in_chans == 3 else f', input_size={(cfg.data.in_chans, size, size)!r}'
         acc.print(f'done: {cfg.model.name} best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch}) in '
                   f'{summary["minutes"]:.1f} min; metrics {self.log.path}\n'
                   f'load the weights with timm.create_model({cfg.model.name!r}, pretrained=True, '
                   f'num_classes={self.num_classes}, {build_kwargs}'
-                  f'pretrained_cfg_overlay=dict(file={best!r}, num_classes={self.num_classes}))')
+                  f'pretrained_cfg_overlay=dict(file={best!r}, num_classes={self.num_classes}{source}))')
         return summary
