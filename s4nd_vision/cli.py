@@ -117,19 +117,16 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
     norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
     model_kwargs = dict(pretrained_cfg_overlay=norm) if norm else None
-    try:
-        num_classes = dataset_num_classes(args.data, args.split)
-        models = {
-            label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
-                              img_size=args.train_resolution, model_kwargs=model_kwargs)
-            for label, name, ckpt in zip(labels, args.models, checkpoints)
-        }
-        rows = eval_resolution(
-            models, args.data, args.resolutions, train_resolution=args.train_resolution, split=args.split,
-            batch_size=args.batch_size, device=args.device, num_workers=args.workers, crop_pct=args.crop_pct,
-            out_dir=args.out)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    num_classes = dataset_num_classes(args.data, args.split)
+    models = {
+        label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
+                          img_size=args.train_resolution, model_kwargs=model_kwargs)
+        for label, name, ckpt in zip(labels, args.models, checkpoints)
+    }
+    rows = eval_resolution(
+        models, args.data, args.resolutions, train_resolution=args.train_resolution, split=args.split,
+        batch_size=args.batch_size, device=args.device, num_workers=args.workers, crop_pct=args.crop_pct,
+        out_dir=args.out)
     print(format_table(rows))
     print(f'wrote {args.out}/accuracy_vs_resolution.csv and {args.out}/accuracy_vs_resolution.png')
     return rows
@@ -176,20 +173,17 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
         kwargs['img_size'] = args.img_size
-    try:
-        model = load_model(args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
-                           model_kwargs=kwargs)
-        rows = []
-        for cut in args.bandlimits or [None]:
-            rows += kernel_report(model, bandlimit=cut)
-        os.makedirs(args.out, exist_ok=True)
-        csv_path = write_report_csv(rows, os.path.join(args.out, 'kernel_report.csv'))
-        layer = args.plot_layer or s4nd_layers(model)[0][0]
-        cut = args.bandlimits[0] if args.bandlimits else None
-        png = plot_layer_kernels(model, layer, os.path.join(args.out, f'kernels_{layer}.png'), bandlimit=cut,
-                                 axis=args.axis, channels=args.channels)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    model = load_model(args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
+                       model_kwargs=kwargs)
+    rows = []
+    for cut in args.bandlimits or [None]:
+        rows += kernel_report(model, bandlimit=cut)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = write_report_csv(rows, os.path.join(args.out, 'kernel_report.csv'))
+    layer = args.plot_layer or s4nd_layers(model)[0][0]
+    cut = args.bandlimits[0] if args.bandlimits else None
+    png = plot_layer_kernels(model, layer, os.path.join(args.out, f'kernels_{layer}.png'), bandlimit=cut,
+                             axis=args.axis, channels=args.channels)
     for cut in dict.fromkeys(r['bandlimit'] for r in rows):
         mine = [r for r in rows if r['bandlimit'] == cut]
         print(f'\nbandlimit {"off" if cut is None else cut}:\n\n{format_summary(summarize(mine))}\n')
@@ -233,13 +227,13 @@ def _study_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
             inits=args.inits, dt_ranges=[parse_dt_range(t) for t in args.dt_ranges],
             bandlimits=[parse_bandlimit(t) for t in args.bandlimits], seeds=args.seeds,
             baseline=not args.no_baseline, progressive=args.progressive)
-        keep_freed_memory()
-        return run_study(
-            runs, out_dir=args.out, img_size=args.img_size, resolutions=args.resolutions, epochs=args.epochs,
-            max_steps_per_epoch=args.max_steps_per_epoch, progressive_sizes=args.progressive_sizes,
-            report_only=args.report_only, overrides=args.overrides)
     except ValueError as e:
         parser.error(str(e))
+    keep_freed_memory()
+    return run_study(
+        runs, out_dir=args.out, img_size=args.img_size, resolutions=args.resolutions, epochs=args.epochs,
+        max_steps_per_epoch=args.max_steps_per_epoch, progressive_sizes=args.progressive_sizes,
+        report_only=args.report_only, overrides=args.overrides)
 
 
 # ------------------------------------------------------------------------------------------- inflate
@@ -262,13 +256,9 @@ def _inflate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _inflate_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .models.inflate import inflate_checkpoint
-    try:
-        weights = inflate_checkpoint(
-            args.source, args.output, args.model, args.model_kwargs, time_init=args.time_init,
-            time_decay=args.time_decay, conv_mode=args.conv_mode, keep_head=args.keep_head)
-    except (OSError, ValueError) as e:  # a missing or wrong file, weights that do not fit the model
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    weights = inflate_checkpoint(
+        args.source, args.output, args.model, args.model_kwargs, time_init=args.time_init,
+        time_decay=args.time_decay, conv_mode=args.conv_mode, keep_head=args.keep_head)
     print(f'wrote {len(weights)} tensors for {args.model} to {args.output}')
     return weights
 
@@ -474,12 +464,22 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .deploy.export import export_onnx, onnx_latency
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = timm.create_model(args.model, checkpoint_path=args.checkpoint or '', **dict(args.model_kwargs))
+    kwargs = dict(args.model_kwargs)
+    model = timm.create_model(args.model, checkpoint_path=args.checkpoint or '', **kwargs).eval()
+    chans = kwargs.get('in_chans', 3)
+    for flag, sizes in (('--trace-size', [args.trace_size]), ('--sizes', args.sizes)):
+        for size in sizes:  # sizes the model refuses, before the export (which takes minutes for large models)
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, chans, *size))
+            except ValueError as e:
+                parser.error(f'argument {flag}: {size[0]}x{size[1]}: {e}')
     path = args.output or f'output/{args.model}.onnx'
     start = time.perf_counter()
-    export_onnx(model, path, img_size=args.trace_size)
+    export_onnx(model, path, img_size=args.trace_size, in_chans=chans)
     print(f'wrote {path} in {time.perf_counter() - start:.0f} s (dynamic batch, height and width)')
-    rows = onnx_latency(model, path, args.sizes, batch_size=args.batch_size, threads=args.threads) if args.sizes else []
+    rows = onnx_latency(model, path, args.sizes, batch_size=args.batch_size, threads=args.threads,
+                        in_chans=chans) if args.sizes else []
     for row in rows:
         print(json.dumps(row))
     return rows
@@ -659,10 +659,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Run `command`. What a user can get wrong (a value, a file, a model name) ends it with a one-line
+    `error: ...` on stderr and exit status 2, as an argparse error does, instead of a traceback."""
+    try:
+        return command.run(args, parser)
+    except (ValueError, OSError) as e:
+        error = e
+    except RuntimeError as e:  # timm's create_model
+        if not str(e).startswith('Unknown model'):
+            raise
+        error = e
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """`s4nd-vision COMMAND [ARGS]`, the console script (which exits with what this returns: None is success)."""
     args = build_parser().parse_args(argv)
-    COMMANDS[args._command].run(args, args._parser)
+    _run(COMMANDS[args._command], args, args._parser)
 
 
 def tool_main(name: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
@@ -671,4 +686,4 @@ def tool_main(name: str, argv: Optional[Sequence[str]] = None, prog: Optional[st
     parser = _command_parser(name, argparse.ArgumentParser(
         prog=prog or os.path.basename(sys.argv[0]), description=command.description, formatter_class=_RAW))
     args = parser.parse_args(argv)
-    return command.run(args, parser)
+    return _run(command, args, parser)

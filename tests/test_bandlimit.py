@@ -193,9 +193,10 @@ def test_kernel_report_command(tmp_path, capsys):
         lines = f.read().splitlines()
     assert len(lines) == 1 + 2 * 2 * 8  # two cut-offs, 8 layers, 2 axes
     assert (tmp_path / 'kernels_stages.1.downsample.1.png').is_file()
-    with pytest.raises(SystemExit, match='layer must name'):
+    with pytest.raises(SystemExit) as exit_info:
         main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', '--img-size', '64',
               '--plot-layer', 'head', '--out', str(tmp_path)])
+    assert exit_info.value.code == 2 and 'layer must name' in capsys.readouterr().err
 
 
 def test_kernel_report_of_trained_weights(tmp_path):

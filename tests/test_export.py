@@ -136,3 +136,15 @@ def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, 
         for t, o in zip([*traced.parameters(), *traced.buffers()], [*other.parameters(), *other.buffers()]):
             t.copy_(o)
         torch.testing.assert_close(traced(x), other(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_command_passes_the_models_input_channels(monkeypatch, tmp_path, capsys):
+    """`--model-kwargs in_chans=1`: the export and the timing runs feed 1-channel inputs (the model's own)."""
+    import s4nd_vision.deploy.export as export
+    from s4nd_vision.cli import main
+    seen = {}
+    monkeypatch.setattr(export, 'export_onnx', lambda model, path, **kw: seen.setdefault('export', kw))
+    monkeypatch.setattr(export, 'onnx_latency', lambda model, path, sizes, **kw: seen.setdefault('latency', kw) and [])
+    main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'in_chans=1', '--trace-size', '96', '--sizes', '128',
+          '--output', str(tmp_path / 'm.onnx')])
+    assert seen['export']['in_chans'] == 1 and seen['latency']['in_chans'] == 1

@@ -310,10 +310,11 @@ def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
     assert (default['mean'], default['std']) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
-def test_cli_reports_bad_arguments(image_folder):
+def test_cli_reports_bad_arguments(image_folder, capsys):
     cli = _load_cli()
-    with pytest.raises(SystemExit, match='resolutions must be positive integers'):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(['--models', 's4nd_iso_tiny', '--data', image_folder, '--resolutions', '0', '--out', 'unused'])
+    assert exit_info.value.code == 2 and 'resolutions must be positive integers' in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse: one checkpoint for two models
         cli.main(['--models', 's4nd_iso_tiny', 'conv_iso_tiny', '--checkpoints', 'a.pth', '--resolutions', '14'])
     assert exit_info.value.code == 2

@@ -155,3 +155,23 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
         assert exit_info.value.code == 0
         helps.append(capsys.readouterr().out.replace(f's4nd-vision {command}', 'PROG').split())
     assert helps[0] == helps[1] and '--help' in helps[0]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['flops', 'no_such_model'], 'Unknown model (no_such_model)'),
+    (['kernel-report', '--model', 'no_such_model'], 'Unknown model (no_such_model)'),
+    (['export', 'convnext_s4nd_atto', '--sizes', '64', '16x64'], 'argument --sizes: 16x64: input sides must be'),
+    (['export', 'vit_s4nd_atto_patch16_224', '--trace-size', '100'], 'argument --trace-size: 100x100: input sides'),
+    (['seq-mnist', '--rows', '0', '--cols', '14'], 'rows must be a positive integer'),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--checkpoints', 'missing.pth'],
+     "checkpoint not found: 'missing.pth'"),
+    (['inflate', 'missing.safetensors', 'out.safetensors', '--model', 'convnext_s4nd_3d_atto'], 'does not exist'),
+], ids=lambda v: v[0] if isinstance(v, list) else '')
+def test_commands_report_user_errors_in_one_line(argv, message, capsys):
+    """A wrong name, file or value ends any command with an `error: ...` line and exit status 2, no traceback (an
+    argument's value the model refuses, as argparse reports it: after the usage)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and 'Traceback' not in err, err
+    assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
