@@ -170,6 +170,24 @@ def test_features_only(entry):
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_fx_feature_extraction(entry):
+    """timm's FX feature graphs (`feature_cls='fx'`, what torchvision-style detection necks use) trace every
+    family: the same block outputs as the hooks (raw, as timm's), gradients to every S4ND layer, and the input
+    checks still run in the graph."""
+    graph = _create(*entry, features_only=True, feature_cls='fx').eval()
+    hooks = _create(*entry, features_only=True, feature_cls='hook').eval()
+    x = _small_input(graph, batch_size=2)
+    with torch.no_grad():
+        for a, b in zip(graph(x), hooks(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    sum(out.square().sum() for out in graph.train()(x)).backward()
+    s4nd = [p for n, p in graph.named_parameters() if '.kernels.' in n]
+    assert s4nd and all(p.grad is not None for p in s4nd)
+    with pytest.raises(ValueError, match='floating point'):
+        graph(x.to(torch.uint8))
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_forward_intermediates_match_forward_features(entry):
     model = _create(*entry).eval()
     x = _small_input(model)

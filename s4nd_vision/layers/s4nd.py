@@ -7,10 +7,11 @@ import contextlib
 import itertools
 import math
 import numbers
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 
 from . import dispatch
 from .ops import (
@@ -55,6 +56,7 @@ def _equal_tensors(cached: Sequence[torch.Tensor], current: Sequence[torch.Tenso
     return bool(torch.stack([(a == b).all() for a, b in zip(cached, current)]).all())
 
 
+@register_notrace_module  # a leaf of timm's FX feature graphs (its forward branches on the input's shape)
 class S4ND(nn.Module):
     """Depthwise global convolution with an N-D S4 kernel, in linear form: y = K * x + D x.
 
@@ -448,14 +450,18 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def stacked_kernels(
         module: nn.Module,
-        layers: Sequence[Tuple[S4ND, Sequence[int]]],
-        dtype: torch.dtype = torch.float32,
+        x: torch.Tensor,
+        layers: Callable[[], Sequence[Tuple[S4ND, Sequence[int]]]],
 ) -> Iterator[None]:
-    """Within this context the S4ND `layers` (each with the spatial sizes of its next input) of `module`
-    use kernels made together by `prepare_kernels`, where `kernels_can_be_prepared(module)`; leftovers
-    (e.g. after an error) are dropped on exit so that they hold no autograd graph."""
-    layers = list(layers) if kernels_can_be_prepared(module) else []
-    prepare_kernels(layers, dtype)
+    """Within this context the S4ND layers `layers()` (each with the spatial sizes of its next input) of `module`,
+    run on `module`'s input x, use kernels made together by `prepare_kernels` (in x's dtype promoted to float32),
+    where `kernels_can_be_prepared(module)`; leftovers (e.g. after an error) are dropped on exit so that they hold
+    no autograd graph. Under FX symbolic tracing (timm's `feature_cls='fx'`) x is a proxy with no sizes: the S4ND
+    layers are leaves of that graph and make their own kernels."""
+    prepared = kernels_can_be_prepared(module) and not isinstance(x, torch.fx.Proxy)
+    layers = list(layers()) if prepared else []
+    if layers:
+        prepare_kernels(layers, torch.promote_types(x.dtype, torch.float32))
     try:
         yield
     finally:

@@ -26,6 +26,8 @@ except ImportError:  # older timm: `pretrained_cfg['input_size']` is the only re
     def update_model_args(model: nn.Module, **model_args) -> None:
         pass
 
+torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
+
 __all__ = [
     'S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'LIBRARY_CFG', 'init_weights', 'update_model_args', 'input_size_args',
 ]
@@ -107,7 +109,7 @@ class S4NDModel(nn.Module):
         output_fmt = output_fmt or self.intermediates_fmt
         if output_fmt != self.intermediates_fmt:
             raise ValueError(f'output_fmt must be {self.intermediates_fmt!r}, got {output_fmt!r}')
-        self._check_input(x)
+        x = self._check_input(x)
         intermediates = []
         all_stages = getattr(self, self._feature_seq)
         take_indices, max_index = feature_take_indices(len(all_stages), indices)
@@ -143,8 +145,8 @@ class S4NDModel(nn.Module):
             self.reset_classifier(0, '', reset_other=True)
         return take_indices
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_chans, min_side=self.min_input_size)
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input(x, self.in_chans, min_side=self.min_input_size)
 
     def _s4nd_layers(self) -> Iterator[Tuple[S4ND, Tuple[int, ...]]]:
         """Every S4ND layer with the stride per input axis of the grid it runs on."""

@@ -1,12 +1,26 @@
 """Input checks shared by the models: a clear ValueError naming what is wrong with the input."""
+from typing import Optional, Tuple
+
 import torch
 
 __all__ = ['check_input']
 
 
-def check_input(x: torch.Tensor, in_chans: int, layout: str = '(B, C, H, W)', min_side: int = 1) -> None:
-    """Raise ValueError unless `x` is a floating point tensor with the rank of `layout`, `in_chans` channels (dim 1)
-    and its last two sides (H, W) at least `min_side` (the model's total stride)."""
+def check_input(
+        x: torch.Tensor,
+        in_chans: int,
+        layout: str = '(B, C, H, W)',
+        min_side: int = 1,
+        patch: Optional[Tuple[int, int]] = None,
+        min_frames: int = 1,
+) -> torch.Tensor:
+    """x, after raising ValueError unless it is a floating point tensor with the rank of `layout`, `in_chans`
+    channels (dim 1), its last two sides (H, W) at least `min_side` (the model's total stride) and multiples of
+    `patch`, and (clips) at least `min_frames` frames (dim 2).
+
+    Every check of a model's input is here: the models' modules wrap this function for FX (`torch.fx.wrap`), so
+    an FX graph (timm's `feature_cls='fx'`) calls it on the real input instead of tracing through it; it returns
+    x so that the call lies on the input's path (graphs drop calls whose results are unused)."""
     if not x.is_floating_point():  # (e.g. uint8 images: the projections would fail on the dtype, less clearly)
         raise ValueError(f'expected a floating point input {layout}, got {x.dtype} (convert images with .float() '
                          'and normalize them as the model\'s data config says)')
@@ -17,3 +31,9 @@ def check_input(x: torch.Tensor, in_chans: int, layout: str = '(B, C, H, W)', mi
         raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
     if min(x.shape[-2:]) < min_side:
         raise ValueError(f'input sides must be at least {min_side} (the total stride), got {tuple(x.shape[-2:])}')
+    if patch is not None and any(s < p or s % p for s, p in zip(x.shape[-2:], patch)):
+        raise ValueError(
+            f'input sides must be positive multiples of the patch size {patch}, got {tuple(x.shape[-2:])}')
+    if rank == 5 and x.shape[2] < min_frames:
+        raise ValueError(f'clips need at least {min_frames} frames (the stem stride in time), got {x.shape[2]}')
+    return x

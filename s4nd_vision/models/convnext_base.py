@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, calculate_drop_path_rates, to_2tuple
+from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace_module, to_2tuple
 from timm.models import checkpoint_seq
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
@@ -44,6 +44,7 @@ def _pointwise_glu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     return linear_glu(x.movedim(1, -1), conv.weight.flatten(1), conv.bias)
 
 
+@register_notrace_module  # a leaf of timm's FX feature graphs (its layout depends on the input's strides)
 class S4NDStem(nn.Sequential):
     """(B, in_chs, *spatial) -> (B, out_chs, *spatial / pool): pointwise in_chs -> stem_chs, S4ND at full
     resolution with average pooling by `pool` (fused), pointwise projection with GLU, norm; 2 or 3 axes.
@@ -86,6 +87,7 @@ class S4NDStem(nn.Sequential):
         return F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps).movedim(-1, 1)
 
 
+@register_notrace_module  # (as S4NDStem)
 class S4NDDownsample(nn.Sequential):
     """(B, in_chs, *spatial) -> (B, out_chs, *spatial / pool): norm, S4ND with average pooling by `pool`
     (fused: a resolution-aware downsampling), pointwise projection with GLU; the result in channels-last
@@ -368,10 +370,10 @@ class ConvNeXtBase(S4NDModel):
 
         In a training step every S4ND layer's kernels are generated up front in a few stacked calls
         (`stacked_kernels`: one per kernel length instead of one per layer)."""
-        self._check_input(x)
+        x = self._check_input(x)
         # (under gradient checkpointing a recomputed block must redo its own generation)
-        layers = [] if any(s.grad_checkpointing for s in self.stages) else self._s4nd_grids(x.shape)
-        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
+        checkpointed = any(s.grad_checkpointing for s in self.stages)
+        with stacked_kernels(self, x, lambda: [] if checkpointed else self._s4nd_grids(x.shape)):
             x = self.stem(x)
             x = self.stages(x)
         return self.norm_pre(x)

@@ -45,6 +45,8 @@ from ._checks import check_input
 from .convnext_base import ConvNeXtBase
 from .inflate import inflate_state_dict, is_2d_state_dict
 
+torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
+
 __all__ = ['ConvNeXt3d']
 
 _TUBELET = (2, 4, 4)  # stem stride (T, H, W)
@@ -133,10 +135,9 @@ class ConvNeXt3d(ConvNeXtBase):
         self.num_frames = num_frames
         self.record_input_size()
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size)
-        if x.shape[2] < _TUBELET[0]:
-            raise ValueError(f'clips need at least {_TUBELET[0]} frames (the stem stride in time), got {x.shape[2]}')
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input(
+            x, self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size, min_frames=_TUBELET[0])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, num_classes), or (B, C', T, H, W) when the head does not pool.
@@ -144,7 +145,7 @@ class ConvNeXt3d(ConvNeXtBase):
         timm's 2D head runs on (B, C, T * H, W): pooling over T * H x W is pooling over the clip."""
         frames = x.shape[2]
         x = self.head(x.flatten(2, 3), pre_logits=pre_logits)  # (B, C, T, H, W) -> (B, C, T * H, W)
-        return x.unflatten(2, (frames, -1)) if x.ndim == 4 else x
+        return x.unflatten(2, (frames, -1)) if self.head.global_pool.is_identity() else x  # (unpooled: 4-D)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> Dict[str, torch.Tensor]:

@@ -132,7 +132,7 @@ class IsoS4ND(S4NDModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, dim, H, W)."""
-        self._check_input(x)
+        x = self._check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)

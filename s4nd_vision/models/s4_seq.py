@@ -38,6 +38,8 @@ from ..layers import S4ND, S4NDRecurrence, is_ssm_param
 from ._base import LIBRARY_CFG, update_model_args
 from ._checks import check_input
 
+torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
+
 __all__ = ['SeqS4ND', 'SeqS4NDBlock', 'SeqState']
 
 MIXERS = ('s4nd', 'conv')
@@ -49,9 +51,8 @@ class LayerNorm1d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, L) tensor, or of a (B, C) sample."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return F.layer_norm(x.transpose(1, 2), self.normalized_shape, self.weight, self.bias, self.eps).transpose(1, 2)
+        # (for a sample, moving the channel axis last moves nothing: one expression for both, which FX can trace)
+        return F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps).movedim(-1, 1)
 
 
 class SeqState(NamedTuple):
@@ -80,10 +81,10 @@ class SeqS4NDBlock(nn.Module):
         self.out_proj = nn.Conv1d(dim, 2 * dim, kernel_size=1, **dd)
         self.norm = LayerNorm1d(dim, **dd)
 
-    def _pointwise(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Everything after the mixer, for (B, dim, L) or one sample (B, dim)."""
+    def _pointwise(self, x: torch.Tensor, y: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Everything after the mixer, for (B, dim, L), or with `sample` for one sample (B, dim)."""
         y = self.drop(self.act(y))
-        if y.ndim == 2:
+        if sample:
             y = F.linear(y, self.out_proj.weight[..., 0], self.out_proj.bias)
         else:
             y = self.out_proj(y)
@@ -96,7 +97,7 @@ class SeqS4NDBlock(nn.Module):
     def step(self, x: torch.Tensor, recurrence: S4NDRecurrence, state: torch.Tensor) -> tuple:
         """One sample (B, dim) -> (B, dim), new state."""
         y, state = recurrence.step(x, state)
-        return self._pointwise(x, y), state
+        return self._pointwise(x, y, sample=True), state
 
 
 class SeqS4ND(nn.Module):
@@ -225,8 +226,8 @@ class SeqS4ND(nn.Module):
         self.head = (nn.Linear(self.num_features, num_classes, device=param.device, dtype=param.dtype)
                      if num_classes > 0 else nn.Identity())
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_chans, layout='(B, C, L)')
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input(x, self.in_chans, layout='(B, C, L)')
 
     def forward_intermediates(
             self,
@@ -243,7 +244,7 @@ class SeqS4ND(nn.Module):
         """
         if output_fmt not in ('NCL', 'NCHW'):  # timm's feature wrappers ask for 'NCHW': channels first
             raise ValueError(f"output_fmt must be 'NCL' (channels first), got {output_fmt!r}")
-        self._check_input(x)
+        x = self._check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self.stem(x)
@@ -271,7 +272,7 @@ class SeqS4ND(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, L) -> (B, dim, L)."""
-        self._check_input(x)
+        x = self._check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)

@@ -57,6 +57,9 @@ from ..layers import S4ND, stacked_kernels
 from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel
 from ._checks import check_input
 
+torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
+torch.fx.wrap('rearrange')  # (einops does not take FX proxies)
+
 __all__ = ['VisionTransformerS4ND']
 
 # S4ND step size initialization range per token layout (with Re(A) = -1/2 a mode decays e-fold over 2 / dt
@@ -247,16 +250,12 @@ class VisionTransformerS4ND(S4NDModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_chans)
-        patch = self.patch_embed.patch_size
-        if any(s < p or s % p for s, p in zip(x.shape[2:], patch)):
-            raise ValueError(
-                f'input sides must be positive multiples of the patch size {patch}, got {tuple(x.shape[2:])}')
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input(x, self.in_chans, patch=self.patch_embed.patch_size)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, H/p, W/p, C)."""
-        self._check_input(x)
+        x = self._check_input(x)
         return self.patch_embed(x)
 
     def forward_intermediates(
@@ -310,8 +309,7 @@ class VisionTransformerS4ND(S4NDModel):
         x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return rearrange(self.norm(checkpoint_seq(self.blocks, x)), 'b h w c -> b c h w')
-        layers = [(b.mixer.s4nd, b.mixer.input_grid(x.shape[1:3])) for b in self.blocks]
-        with stacked_kernels(self, layers, dtype=torch.promote_types(x.dtype, torch.float32)):
+        with stacked_kernels(self, x, lambda: [(b.mixer.s4nd, b.mixer.input_grid(x.shape[1:3])) for b in self.blocks]):
             x = self.blocks(x)
         return rearrange(self.norm(x), 'b h w c -> b c h w')
 
