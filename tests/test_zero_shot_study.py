@@ -137,6 +137,13 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
     calls.clear()
     run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
     assert calls == []  # all done: nothing trained again
+    logged.clear()
+    assert len(run_study(runs, out_dir=str(tmp_path), report_only=True, log=logged.append)) == 6 and calls == []
+    assert any('table:' in line for line in logged)
+    # a report of a folder that holds no study says so (a wrong --out), instead of printing nothing
+    with pytest.raises(ValueError, match='report_only: no runs recorded in'):
+        run_study(runs, out_dir=str(tmp_path / 'elsewhere'), report_only=True)
+    assert not (tmp_path / 'elsewhere').exists()
     summary = {s['setting']: s for s in summarize_runs(rows, 64)}
     banded = summary['lin dt 0.1-1 bandlimit 1']
     assert banded['seeds'] == [0, 1]

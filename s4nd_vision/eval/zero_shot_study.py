@@ -249,8 +249,10 @@ def run_study(
     owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
     if owned:
         raise ValueError(f'overrides {owned} set what the study sets per run ({", ".join(_OWNED)}): use its options')
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, RUNS_CSV)
+    if report_only and not read_runs(path):
+        raise ValueError(f'report_only: no runs recorded in {path} (train them first, or check the output folder)')
+    os.makedirs(out_dir, exist_ok=True)
     fields = _fields(resolutions)
     done = {r['run_id'] for r in read_runs(path)}
     todo = [] if report_only else [r for r in runs if r.run_id not in done]
