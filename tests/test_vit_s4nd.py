@@ -93,6 +93,20 @@ def test_intermediates_nlc_are_the_nchw_grid_in_raster_order():
         model.forward_intermediates(x, output_fmt='NHWC')
 
 
+def test_unpooled_head_gives_logits_per_token():
+    """global_pool='' (timm's meaning: no pooling) classifies every token, (B, num_classes, H/p, W/p)."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_s4nd_atto_patch16_224', num_classes=5, global_pool='').eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        features, logits = model.forward_features(x), model(x)
+        expected = torch.einsum('bchw,kc->bkhw', features, model.head.fc.weight) + model.head.fc.bias[:, None, None]
+        torch.testing.assert_close(logits, expected)
+        assert model.forward_head(features, pre_logits=True).shape == features.shape
+        model.reset_classifier(5, 'avg')  # (a new classifier)
+        torch.testing.assert_close(model(x), model.head.fc(features.mean((2, 3))))
+
+
 def test_pretrained_from_local_safetensors(tmp_path):
     torch.manual_seed(0)
     source = timm.create_model('vit_s4nd_small_patch16_224').eval()

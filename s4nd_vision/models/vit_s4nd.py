@@ -302,6 +302,13 @@ class VisionTransformerS4ND(S4NDModel):
             self.reset_classifier(0, '')
         return take_indices
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, H/p, W/p) -> (B, num_classes); without pooling (global_pool='') logits per token,
+        (B, num_classes, H/p, W/p), as ConvNeXt's head gives (timm's linear classifier acts on the last axis)."""
+        if self.head.global_pool.is_identity():
+            return self.head(x.movedim(1, -1), pre_logits=pre_logits).movedim(-1, 1)
+        return self.head(x, pre_logits=pre_logits)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p).
 
