@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import is_compiled_module
 from memory_format_runs import train_in_both_memory_formats
 from PIL import Image
 from safetensors.torch import load_file
@@ -318,3 +319,21 @@ def test_the_model_is_built_for_the_training_size(tmp_path, folder):
 
 def test_channels_last_run(tmp_path, folder):
     train_in_both_memory_formats(tmp_path, partial(_overrides, folder), torch.channels_last)
+
+
+def test_run_compiled_by_accelerate_trains_and_exports_like_an_eager_run(tmp_path, folder, monkeypatch):
+    """`accelerate launch --dynamo_backend ...` compiles the model in `prepare`: the run trains as the eager run does
+    and writes its weights (the EMA's too) with the plain model's keys, not the compiled wrapper's '_orig_mod.'."""
+    extra = ('train.epochs=1', 'train.ema_decay=0.9')
+    Trainer(load_config(None, _overrides(folder, tmp_path / 'eager', *extra))).fit()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    monkeypatch.setenv('ACCELERATE_DYNAMO_BACKEND', 'AOT_EAGER')  # dynamo and AOT autograd without code generation
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'compiled', *extra)))
+    assert is_compiled_module(trainer.model) and not is_compiled_module(trainer.ema.module)
+    trainer.fit()
+    for name in ('last', 'last_ema', 'best'):
+        eager, compiled = (load_file(str(tmp_path / run / f'{name}.safetensors')) for run in ('eager', 'compiled'))
+        assert compiled.keys() == eager.keys(), name
+        for key in eager:
+            torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=f'{name}: {key}')

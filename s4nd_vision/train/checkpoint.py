@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
 from safetensors.torch import save_file
 
 from .config import ConfigError
@@ -193,7 +194,10 @@ def all_finite(accelerator: Accelerator, *modules: nn.Module) -> bool:
 def export_weights(accelerator: Accelerator, model: nn.Module, path: str) -> str:
     """The weights of `model` as safetensors at `path` (written by the main process, atomically), loadable with
     `timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=path))`. Every process must call it
-    (FSDP gathers the weights)."""
+    (FSDP gathers the weights). A model compiled by Accelerate (`accelerate launch --dynamo_backend ...`) is written
+    with the keys of the module it compiles, as its checkpoints are."""
+    if is_compiled_module(model):  # Accelerate's state dict keeps the wrapper's '_orig_mod.' prefix
+        model = model._orig_mod
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         _atomic_save_file(state, path)

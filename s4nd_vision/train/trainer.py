@@ -120,7 +120,9 @@ class Trainer:
             if acc.distributed_type == DistributedType.FSDP:  # the unwrapped module holds only this rank's shard
                 raise ConfigError('train.ema_decay: model EMA needs whole weights on every process (DDP or one '
                                   'process), not FSDP; set it to null')
-            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=tc.ema_decay, device=acc.device)
+            # a copy of the plain module (not of a `--dynamo_backend` compiled wrapper, whose keys gain '_orig_mod.')
+            self.ema = ModelEmaV3(acc.unwrap_model(self.model, keep_torch_compile=False), decay=tc.ema_decay,
+                                  device=acc.device)
             acc.register_for_checkpointing(self.ema)
         self.state = TrainState()
         acc.register_for_checkpointing(self.scheduler, self.state)
@@ -200,7 +202,7 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         stage = cfg.stage_at(epoch)
         model = self.model
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
         if stage.bandlimit is not None:  # the EMA model too: it is evaluated and exported with its own cut-off
             for m in [unwrapped] + ([self.ema.module] if self.ema is not None else []):
                 set_bandlimit(m, stage.bandlimit)
