@@ -291,6 +291,14 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
         torch.testing.assert_close(runs['accum'][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_accumulation_steps_set_by_the_launcher_must_match_the_config(tmp_path, folder, monkeypatch):
+    """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS over its argument; the loop counts updates by the
+    config: a difference would silently change the batch, the lr scaling and the schedule."""
+    monkeypatch.setenv('ACCELERATE_GRADIENT_ACCUMULATION_STEPS', '4')
+    with pytest.raises(ConfigError, match=r'train.grad_accum_steps is 2 .* sets 4'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.grad_accum_steps=2')))
+
+
 def test_layer_decay_groups_keep_the_ssm_lr():
     model = timm.create_model('convnext_s4nd_atto')
     opt = create_optimizer_v2(model, 'adamw', lr=1e-2, param_group_fn=partial(
