@@ -51,6 +51,17 @@ def test_kernel_rows_one_per_kernel_and_stage():
     assert 'kernel sgconv 1x4x6x6' in format_table(rows)
 
 
+def test_table_columns_stay_apart_for_long_names():
+    rows = [dict(case='vit_s4nd_small_patch16_224,token_layout=1d vs vit_small_patch16_224 @224 b8',
+                 baseline='vit_small_patch16_224', train_ratio=0.87),
+            dict(case='layer 8x96x56x56', baseline='dwconv7x7', train_ratio=1.4)]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ['case', 'baseline', 'train_ratio']
+    for line, row in zip(lines[1:], rows):
+        assert line.split() == [*row['case'].split(), row['baseline'], f"{row['train_ratio']:.2f}"]
+    assert len({len(line) for line in lines}) == 1  # right-aligned columns end together
+
+
 def test_step_rows_compare_recurrence_with_recompute():
     rows = bench_step(lengths=(16, 64), dim=4, d_state=8, repeats=1)
     assert [r['case'] for r in rows] == [f'step {k} 1x4 L={n}' for k in ('s4d', 's4') for n in (16, 64)]

@@ -285,11 +285,11 @@ def format_table(rows: List[dict]) -> str:
     if not rows:
         return ''
     keys = [k for k in rows[0] if k != 'case']
-    lines = ['case'.ljust(44) + ''.join(k.rjust(18) for k in keys)]
-    for row in rows:
-        cells = [f'{row[k]:.2f}' if isinstance(row[k], float) else str(row[k]) for k in keys]
-        lines.append(row['case'].ljust(44) + ''.join(c.rjust(18) for c in cells))
-    return '\n'.join(lines)
+    table = [['case', *keys]] + [
+        [row['case'], *(f'{row[k]:.2f}' if isinstance(row[k], float) else str(row[k]) for k in keys)] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]  # long names never run together
+    return '\n'.join(line[0].ljust(widths[0]) + ''.join(c.rjust(w + 2) for c, w in zip(line[1:], widths[1:]))
+                     for line in table)
 
 
 def write_json(rows: List[dict], path: str) -> None:
