@@ -80,8 +80,9 @@ class Trainer:
         acc = self.accelerator
         if acc.gradient_accumulation_steps != tc.grad_accum_steps:  # the environment overrides Accelerator's argument
             raise ConfigError(
-                f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate '
-                f'launch with DeepSpeed) sets {acc.gradient_accumulation_steps}: give the same number in both')
+                f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS '
+                f'(accelerate launch with DeepSpeed) sets {acc.gradient_accumulation_steps}: give the same number in '
+                f'both')
         self.out_dir = tc.output_dir
         if acc.is_main_process:
             os.makedirs(self.out_dir, exist_ok=True)
