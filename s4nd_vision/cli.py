@@ -81,7 +81,9 @@ def _train_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--models', nargs='+', required=True,
-                        help="timm model names, or shared weights: 'hf-hub:USER/REPO', 'local-dir:PATH'")
+                        help="timm model names, or shared weights: 'hf-hub:USER/REPO', 'local-dir:PATH'; with the "
+                             "arguments a model was built with as NAME,key=value,... (YAML values), e.g. "
+                             "vit_s4nd_small_patch16_224,token_layout=1d")
     parser.add_argument('--checkpoints', nargs='+', default=None,
                         help='one weights file per model (safetensors or torch); omit for untrained models')
     parser.add_argument('--labels', nargs='+', default=None, help='one display name per model (default: the names)')
@@ -115,13 +117,18 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if len(set(labels)) != len(labels):
         parser.error('two models share a display name: pass distinct --labels')
     from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
+    from .utils.model_spec import parse_model_spec
+    try:
+        specs = [parse_model_spec(spec) for spec in args.models]
+    except ValueError as e:
+        parser.error(f'--models: {e}')
     norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
-    model_kwargs = dict(pretrained_cfg_overlay=norm) if norm else None
     num_classes = dataset_num_classes(args.data, args.split)
     models = {
         label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
-                          img_size=args.train_resolution, model_kwargs=model_kwargs)
-        for label, name, ckpt in zip(labels, args.models, checkpoints)
+                          img_size=args.train_resolution,
+                          model_kwargs=dict(kwargs, **({'pretrained_cfg_overlay': norm} if norm else {})))
+        for label, (name, kwargs), ckpt in zip(labels, specs, checkpoints)
     }
     rows = eval_resolution(
         models, args.data, args.resolutions, train_resolution=args.train_resolution, split=args.split,
@@ -668,6 +675,10 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
         error = e
     except RuntimeError as e:  # timm's create_model
         if not str(e).startswith('Unknown model'):
+            raise
+        error = e
+    except TypeError as e:  # timm's create_model: a model argument (--model-kwargs, NAME,key=value) it does not take
+        if 'got an unexpected keyword argument' not in str(e):
             raise
         error = e
     print(f'error: {error}', file=sys.stderr)

@@ -10,6 +10,7 @@ from s4nd_vision.bench.benchmark import (
     format_table,
     parse_pair,
 )
+from s4nd_vision.utils.model_spec import parse_model_spec
 
 
 def test_parse_pair():
@@ -20,6 +21,19 @@ def test_parse_pair():
         parse_pair('convnext_s4nd_tiny')
     with pytest.raises(ValueError, match='key=value'):
         parse_pair('a,token_layout:b')
+    assert parse_pair('convnext_s4nd_atto,d_state=8:convnext_atto')[1] == {'d_state': 8}  # a number, not '8'
+
+
+def test_model_spec_values_are_yaml_and_keep_their_commas():
+    assert parse_model_spec('convnext_s4nd_atto,dims=[8, 16,16,16],d_state=8,bandlimit=0.5,kernel=sgconv,'
+                            "stem={a: 1, b: [2,3]},flag=true") == ('convnext_s4nd_atto', dict(
+                                dims=[8, 16, 16, 16], d_state=8, bandlimit=0.5, kernel='sgconv',
+                                stem={'a': 1, 'b': [2, 3]}, flag=True))
+    assert parse_model_spec('hf-hub:user/repo') == ('hf-hub:user/repo', {})
+    for bad, match in ((',d_state=8', 'NAME'), ('m,d_state=', 'key=value'), ('m,=8', 'key=value'),
+                       ('m,dims=[8,16', 'not a YAML value')):
+        with pytest.raises(ValueError, match=match):
+            parse_model_spec(bad)
 
 
 def test_bench_rows_hold_ratios():

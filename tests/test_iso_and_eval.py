@@ -33,7 +33,8 @@ from s4nd_vision.train.optim import ssm_param_names
 CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'eval_resolution.py')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 MNIST = dict(in_chans=1, num_classes=10, img_size=14)  # the demo's digits (the models default to timm's ImageNet)
-SMALL = dict(depth=2, dim=16, d_state=8, **MNIST)  # a fast isotropic model for the evaluation tests
+SMALL_KWARGS = dict(depth=2, dim=16, d_state=8)
+SMALL = dict(SMALL_KWARGS, **MNIST)  # a fast isotropic model for the evaluation tests
 
 
 def _create(name: str, **kwargs) -> nn.Module:
@@ -308,6 +309,32 @@ def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
     trained, default = (s['s4nd_iso_tiny'] for s in seen)
     assert (trained['mean'], trained['std']) == ((0.1307,), (0.3081,))
     assert (default['mean'], default['std']) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def test_cli_builds_a_model_with_the_arguments_it_was_trained_with(image_folder, tmp_path, monkeypatch, capsys):
+    """NAME,key=value,... rebuilds a model trained with other arguments than its defaults (a list value keeps its
+    commas); without them its weights do not fit."""
+    trained = _mnist('s4nd_iso_tiny', **SMALL_KWARGS).eval()
+    path = str(tmp_path / 'small.safetensors')
+    save_file(trained.state_dict(), path)
+    cli, seen = _load_cli(), []
+    monkeypatch.setattr('s4nd_vision.eval.resolution.eval_resolution',
+                        lambda models, *a, **k: seen.append(models) or [])
+    monkeypatch.setattr('s4nd_vision.eval.resolution.format_table', lambda rows: '')
+    spec = 's4nd_iso_tiny,depth=2,dim=16,d_state=8,img_size=[14,14]'
+    common = ['--checkpoints', path, '--data', image_folder, '--resolutions', '14', '--in-chans', '1',
+              '--out', 'unused']
+    cli.main(['--models', spec, *common])
+    (label, loaded), = seen[0].items()
+    assert label == spec and len(loaded.blocks) == 2
+    x = torch.randn(2, 1, 14, 14)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x))
+    with pytest.raises(SystemExit) as exit_info:  # without them its weights do not fit: one line, no traceback
+        cli.main(['--models', 's4nd_iso_tiny', *common])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.splitlines()) == 1, err
+    assert f"error: the weights in {path!r} do not fit s4nd_iso_tiny built with its defaults (" in err
 
 
 def test_cli_reports_bad_arguments(image_folder, capsys):

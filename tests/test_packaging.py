@@ -166,6 +166,12 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--checkpoints', 'missing.pth'],
      "checkpoint not found: 'missing.pth'"),
     (['inflate', 'missing.safetensors', 'out.safetensors', '--model', 'convnext_s4nd_3d_atto'], 'does not exist'),
+    (['kernel-report', '--model', 'convnext_s4nd_atto', '--model-kwargs', 'd_stat=8'],
+     "unexpected keyword argument 'd_stat'"),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto,d_stat=8', '--resolutions', '64'],
+     "unexpected keyword argument 'd_stat'"),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto,d_state', '--resolutions', '64'],
+     "--models: model option 'd_state' in 'convnext_s4nd_atto,d_state' must look like key=value"),
 ], ids=lambda v: v[0] if isinstance(v, list) else '')
 def test_commands_report_user_errors_in_one_line(argv, message, capsys):
     """A wrong name, file or value ends any command with an `error: ...` line and exit status 2, no traceback (an

@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.layers import create_conv2d
 
 from ..layers import KERNELS, S4ND, S4NDRecurrence
+from ..utils.model_spec import parse_model_spec
 
 __all__ = [
     'time_ms', 'saved_activation_mb', 'bench_layers', 'bench_kernels', 'bench_step', 'bench_scaling', 'bench_models',
@@ -189,17 +190,12 @@ def bench_scaling(
 
 
 def parse_pair(spec: str) -> tuple:
-    """'vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224' -> (name, kwargs, baseline)."""
+    """'vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224' -> (name, kwargs, baseline); the model's
+    options are read as `parse_model_spec` reads them (YAML values)."""
     if ':' not in spec:
         raise ValueError(f'a model pair must look like NAME[,key=value...]:BASELINE, got {spec!r}')
     left, baseline = spec.split(':', 1)
-    name, *options = left.split(',')
-    kwargs = {}
-    for option in options:
-        key, _, value = option.partition('=')
-        if not value:
-            raise ValueError(f'model option {option!r} in {spec!r} must look like key=value')
-        kwargs[key] = value
+    name, kwargs = parse_model_spec(left)
     return name, kwargs, baseline
 
 

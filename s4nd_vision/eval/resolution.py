@@ -72,7 +72,18 @@ def load_model(
     if img_size is not None and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size)
     if checkpoint is not None:
-        timm.models.load_checkpoint(model, checkpoint, strict=True)
+        try:
+            timm.models.load_checkpoint(model, checkpoint, strict=True)
+        except RuntimeError as e:
+            if 'Error(s) in loading state_dict' not in str(e):
+                raise
+            detail = ' '.join(str(e).split('\n', 1)[-1].split())
+            detail = detail if len(detail) <= 300 else detail[:300] + '...'
+            built = {k: v for k, v in (model_kwargs or {}).items() if k != 'pretrained_cfg_overlay'}
+            raise ValueError(
+                f'the weights in {checkpoint!r} do not fit {name} built with {built or "its defaults"} '
+                f'({detail}): build it with the arguments it was trained with (eval-resolution: '
+                f'--models NAME,key=value,...)') from None
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()

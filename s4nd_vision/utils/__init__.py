@@ -1,3 +1,5 @@
-"""Process-wide helpers shared by training, the benchmarks and the demo: seeding and allocator settings."""
+"""Helpers shared by training, the benchmarks, the demo and the commands: seeding, allocator settings, and
+model specs on command lines."""
+from .model_spec import parse_model_spec
 from .runtime import keep_freed_memory
 from .seeding import seed_all, seed_from
