@@ -347,7 +347,9 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------- flops
 
 def _flops_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('models', nargs='+', help='timm model names')
+    parser.add_argument('models', nargs='+',
+                        help='timm model names, each with arguments as NAME,key=value,... if it needs them (YAML '
+                             'values), e.g. vit_s4nd_small_patch16_224,token_layout=1d')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--batch-size', type=int, default=1,
                         help='counts are per batch; the S4ND algorithm rule depends on it')
@@ -358,30 +360,35 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
 def _flops_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import logging
 
-    import torch
-
     from .layers import ops
+    from .utils.model_spec import parse_model_spec
+    try:
+        specs = [parse_model_spec(spec) for spec in args.models]
+    except ValueError as e:
+        parser.error(str(e))
     logging.getLogger('fvcore').setLevel(logging.ERROR)  # unsupported ops are printed below instead
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     with ops.conv_algorithm(None if args.algorithm == 'rule' else args.algorithm):
-        _count_flops(args, x)
+        _count_flops(args, args.models, specs)
 
 
-def _count_flops(args: argparse.Namespace, x) -> None:
-    """Print the counts of every model in `args.models` for the input x."""
+def _count_flops(args: argparse.Namespace, labels, specs) -> None:
+    """Print the counts of every model (name, kwargs) in `specs`, on a batch of its own input channels."""
     import timm
+    import torch
     from fvcore.nn import FlopCountAnalysis
 
     from .bench.flops import count_flops
-    for name in args.models:
-        from .models import input_size_args
-        model = timm.create_model(name, **(dict(img_size=args.img_size) if input_size_args(name) else {})).eval()
+    from .models import input_size_args
+    for label, (name, kwargs) in zip(labels, specs):
+        size = dict(img_size=args.img_size) if input_size_args(name) else {}
+        model = timm.create_model(name, **dict(size, **kwargs)).eval()
         if hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
             model.set_input_size(img_size=args.img_size)
+        x = torch.randn(args.batch_size, getattr(model, 'in_chans', 3), args.img_size, args.img_size)
         counted = count_flops(model, (x,))
         plain = FlopCountAnalysis(model, (x,))
         top = ', '.join(f'{op} {v / 1e9:.3f}' for op, v in counted.by_operator().most_common())
-        print(f'{name} @ {args.img_size}, batch {args.batch_size}, algorithm {args.algorithm}: '
+        print(f'{label} @ {args.img_size}, batch {args.batch_size}, algorithm {args.algorithm}: '
               f'{counted.total() / 1e9:.3f} GMACs ({2 * counted.total() / 1e9:.2f} GFLOPs); '
               f'plain fvcore {plain.total() / 1e9:.3f} GMACs')
         print(f'  by operator (GMACs): {top}')

@@ -129,3 +129,15 @@ def test_model_count_adds_the_fft_cost():
         assert counted.total() > plain.total()
         assert 'aten::fft_rfft' in plain.unsupported_ops()
         assert not any('fft' in op or op in ('aten::mul', 'aten::div') for op in counted.unsupported_ops())
+
+
+def test_command_counts_a_model_built_with_its_arguments(capsys):
+    """`s4nd-vision flops NAME,key=value,...`: the model as built with them, on an input of its own channels."""
+    from s4nd_vision.cli import main
+    spec = 'convnext_s4nd_atto,depths=[1,1,1,1],dims=[16,16,16,16],d_state=8,in_chans=1'
+    main(['flops', spec, '--img-size', '64'])
+    out = capsys.readouterr().out
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(16, 16, 16, 16), d_state=8,
+                              in_chans=1, img_size=64).eval()
+    total = count_flops(model, (torch.randn(1, 1, 64, 64),)).total()
+    assert out.startswith(f'{spec} @ 64, batch 1, algorithm rule: {total / 1e9:.3f} GMACs')
