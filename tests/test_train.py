@@ -345,3 +345,32 @@ def test_run_compiled_by_accelerate_trains_and_exports_like_an_eager_run(tmp_pat
         assert compiled.keys() == eager.keys(), name
         for key in eager:
             torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=f'{name}: {key}')
+
+
+def test_resume_keeps_the_global_batch(tmp_path, folder):
+    """A resumed run must update with the checkpoint's global batch (processes x batch x accumulation): a run restarted
+    on half the processes keeps it with twice the accumulation, and then ends as the uninterrupted run does; another
+    global batch (the lr scaling, the schedule and the data position are counted in its updates) is refused."""
+    class StoppedAfterFirstEpoch(Trainer):
+        def train_one_epoch(self, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return super().train_one_epoch(epoch)
+
+    def trainer(cls, out, *extra, resume=False):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return cls(load_config(None, _overrides(folder, out, 'train.epochs=2', *extra)), resume=resume)
+
+    trainer(Trainer, tmp_path / 'straight').fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(StoppedAfterFirstEpoch, tmp_path / 'resumed').fit()
+    with pytest.raises(ConfigError, match=r'4 images per update; this run has 1 process\(es\) x data.batch_size=2 '
+                                          r'x train.grad_accum_steps=1 = 2'):
+        trainer(Trainer, tmp_path / 'resumed', 'data.batch_size=2', resume=True)
+    resumed = trainer(Trainer, tmp_path / 'resumed', 'data.batch_size=2', 'train.grad_accum_steps=2', resume=True)
+    assert resumed.state.update == resumed.updates_per_epoch
+    resumed.fit()
+    a, b = (load_file(str(tmp_path / name / 'last.safetensors')) for name in ('resumed', 'straight'))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

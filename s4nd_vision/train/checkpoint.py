@@ -48,6 +48,9 @@ class TrainState:
     # non-finite updates] and the seconds spent, up to step_in_epoch (a mid-epoch resume continues them)
     epoch_sums: List[float] = field(default_factory=lambda: [0.0] * 5)
     epoch_seconds: float = 0.0
+    # samples per update over all processes (processes x batch x accumulation), the unit of `update` and
+    # `step_in_epoch`; 0 in checkpoints written before it was recorded
+    global_batch: int = 0
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)

@@ -129,7 +129,7 @@ class Trainer:
             self.ema = ModelEmaV3(acc.unwrap_model(self.model, keep_torch_compile=False), decay=tc.ema_decay,
                                   device=acc.device)
             acc.register_for_checkpointing(self.ema)
-        self.state = TrainState()
+        self.state = TrainState(global_batch=self.global_batch)
         acc.register_for_checkpointing(self.scheduler, self.state)
 
         self.mixup = None
@@ -148,6 +148,14 @@ class Trainer:
         self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh)
         if self.resumed_from is not None:
             load_checkpoint(acc, self.resumed_from, self.state, config_to_dict(cfg))
+            if self.state.global_batch not in (0, self.global_batch):  # e.g. restarted on fewer GPUs
+                raise ConfigError(
+                    f'--resume: {self.resumed_from} was written by a run of {self.state.global_batch} {self.data.unit} '
+                    f'per update; this run has {acc.num_processes} process(es) x data.batch_size={cfg.data.batch_size}'
+                    f' x train.grad_accum_steps={tc.grad_accum_steps} = {self.global_batch}. Keep '
+                    f'{self.state.global_batch} (e.g. on half the processes, twice train.grad_accum_steps): the '
+                    f'learning rate, its schedule and the position in the epoch are counted in updates of that size')
+            self.state.global_batch = self.global_batch  # (a checkpoint written before it was recorded)
         self.log = MetricsLog(acc, cfg)
 
     def _model(self) -> nn.Module:
