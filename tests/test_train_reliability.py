@@ -129,8 +129,10 @@ def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):
                                           r".*16, 16, 16.*this run builds 'convnext_s4nd_atto' with .*16, 16, 24"):
         Trainer(load_config(None, [*other, 'train.epochs=2']), resume=True)
     _reset()
-    with pytest.warns(UserWarning, match=r'changed config .*data.batch_size: 4 -> 2; train.epochs: 1 -> 2'):
-        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'data.batch_size=2')), resume=True)
+    with pytest.warns(UserWarning, match=r'changed config .*data.batch_size: 4 -> 2; train.epochs: 1 -> 2; '
+                                         r'train.grad_accum_steps: 1 -> 2'):  # (the same global batch)
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'data.batch_size=2',
+                                             'train.grad_accum_steps=2')), resume=True)
     _reset()
     # a checkpoint without its config (written before checkpoints held one): the load error, on one line
     os.remove(os.path.join(latest_checkpoint(str(tmp_path)), 'config.yaml'))
