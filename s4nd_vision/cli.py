@@ -502,7 +502,9 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------- seq-mnist
 
 def _seq_mnist_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--models', nargs='+', default=['s4nd_seq_tiny', 'conv_seq_tiny'])
+    parser.add_argument('--models', nargs='+', default=['s4nd_seq_tiny', 'conv_seq_tiny'],
+                        help='timm model names, each with arguments of its own as NAME,key=value,... (YAML values), '
+                             'e.g. s4nd_seq_tiny,kernel=sgconv')
     parser.add_argument('--rows', type=int, default=14)
     parser.add_argument('--cols', type=int, default=14, help='samples per row in training (even)')
     parser.add_argument('--epochs', type=int, default=3)

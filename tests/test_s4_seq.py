@@ -161,20 +161,29 @@ def test_sequential_mnist_5k():
         flatten_image(torch.zeros(28, 28))
 
 
-def test_sequential_mnist_experiment_runs_small():
+def test_sequential_mnist_experiment_runs_small(monkeypatch):
+    import timm
+
     from s4nd_vision.eval.sequential import format_table, run_sequential_mnist
-    logged = []
-    rows = run_sequential_mnist(models=('s4nd_seq_atto', 'conv_seq_tiny'), rows=4, cols=4, epochs=1, batch_size=25,
-                                train_limit=50, model_kwargs=dict(dim=8, depth=1), log=logged.append)
-    assert [r['model'] for r in rows] == ['s4nd_seq_atto', 'conv_seq_tiny']
+    logged, built, create = [], [], timm.create_model
+    monkeypatch.setattr(timm, 'create_model', lambda name, **kw: built.append((name, kw)) or create(name, **kw))
+    models = ('s4nd_seq_atto', 's4nd_seq_atto,kernel=sgconv,d_state=4', 'conv_seq_tiny')  # (its own arguments too)
+    rows = run_sequential_mnist(models=models, rows=4, cols=4, epochs=1, batch_size=25, train_limit=50,
+                                model_kwargs=dict(dim=8, depth=1), log=logged.append)
+    assert [r['model'] for r in rows] == list(models)
+    common = dict(in_chans=1, num_classes=10, seq_len=16, dim=8, depth=1)
+    assert built == [('s4nd_seq_atto', common), ('s4nd_seq_atto', dict(common, kernel='sgconv', d_state=4)),
+                     ('conv_seq_tiny', common)]
     for row in rows:
         assert row['train_len'] == 16 and [k for k in row if k.startswith('acc@')] == ['acc@8', 'acc@16', 'acc@32']
         assert all(0 <= row[k] <= 1 for k in ('acc@8', 'acc@16', 'acc@32'))
     assert any('epoch 1/1' in line for line in logged)
     table = format_table(rows).splitlines()
-    assert table[0] == '| model | 8 samples | 16 samples (train) | 32 samples |' and len(table) == 4
+    assert table[0] == '| model | 8 samples | 16 samples (train) | 32 samples |' and len(table) == 5
     with pytest.raises(ValueError, match='cols must be even'):
         run_sequential_mnist(cols=7)
+    with pytest.raises(ValueError, match='key=value'):
+        run_sequential_mnist(models=('s4nd_seq_atto', 's4nd_seq_atto,sgconv'))
 
 
 def test_seq_mnist_command_prints_the_table_and_writes_json(tmp_path, capsys):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import SequentialMNIST5k
 from ..train.optim import param_groups_ssm
+from ..utils.model_spec import parse_model_spec
 from ..utils.seeding import seed_all
 
 __all__ = ['run_sequential_mnist', 'format_table']
@@ -54,8 +55,11 @@ def run_sequential_mnist(
     schedule, SSM parameters at `ssm_lr` without weight decay), then report its validation accuracy at
     cols / 2, cols and cols * 2 samples per row. One row per model: {'model', 'train_len', 'acc@<len>': ...}.
 
-    `train_limit` keeps the first n training digits; `model_kwargs` go to every model's constructor.
+    `models` are timm names, each with constructor arguments of its own as `NAME,key=value,...`
+    (`parse_model_spec`, e.g. 's4nd_seq_tiny,kernel=sgconv'); `model_kwargs` go to every model's constructor;
+    `train_limit` keeps the first n training digits.
     """
+    specs = [parse_model_spec(spec) for spec in models]  # (malformed ones fail before any training)
     if cols < 2 or cols % 2:
         raise ValueError(f'cols must be even (the test lengths are cols / 2 and cols * 2), got {cols}')
     train = SequentialMNIST5k('train', rows=rows, cols=cols, seed=seed, transform=_normalize)
@@ -64,9 +68,10 @@ def run_sequential_mnist(
     tests = {rows * c: SequentialMNIST5k('val', rows=rows, cols=c, seed=seed, transform=_normalize)
              for c in (cols // 2, cols, cols * 2)}
     results = []
-    for name in models:
+    for spec, (name, kwargs) in zip(models, specs):
         seed_all(seed)
-        model = timm.create_model(name, in_chans=1, num_classes=10, seq_len=rows * cols, **dict(model_kwargs or {}))
+        model = timm.create_model(name, in_chans=1, num_classes=10, seq_len=rows * cols,
+                                  **dict(model_kwargs or {}, **kwargs))
         optimizer = torch.optim.AdamW(
             param_groups_ssm(model, weight_decay=weight_decay, ssm_lr=ssm_lr), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
@@ -83,8 +88,8 @@ def run_sequential_mnist(
                 optimizer.step()
                 scheduler.step()
                 running += loss.item()
-            log(f'{name} epoch {epoch + 1}/{epochs}: train loss {running / max(1, len(loader)):.3f}')
-        row = dict(model=name, train_len=rows * cols)
+            log(f'{spec} epoch {epoch + 1}/{epochs}: train loss {running / max(1, len(loader)):.3f}')
+        row = dict(model=spec, train_len=rows * cols)
         for length, dataset in tests.items():
             row[f'acc@{length}'] = _accuracy(model, dataset, batch_size)
         log(', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
