@@ -1,5 +1,5 @@
 """Launched by tests/test_train.py under `accelerate launch` (two CPU processes): trains, then writes what each
-rank holds."""
+rank holds. '{rank}' in an argument becomes the process's rank (e.g. a folder of each process's own)."""
 import os
 import sys
 
@@ -14,7 +14,7 @@ def _save(model, path):
 
 
 def main() -> None:
-    trainer = Trainer(load_config(None, sys.argv[1:]))
+    trainer = Trainer(load_config(None, [a.replace('{rank}', os.environ['RANK']) for a in sys.argv[1:]]))
     acc, out = trainer.accelerator, trainer.cfg.train.output_dir
     rank = acc.process_index
     if rank == 0:

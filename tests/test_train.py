@@ -275,6 +275,22 @@ def test_two_process_run_synchronizes_gradients(tmp_path, folder):
     assert shards[0] and shards[1] and not shards[0] & shards[1]  # each rank trained on its own half
 
 
+def test_output_folder_must_be_the_same_on_every_process(tmp_path, folder):
+    """A train.output_dir on each machine's own disk (here: one folder per process) is refused by every process
+    before any training: the other machines would not see the main one's checkpoints when resuming."""
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
+           os.path.join(ROOT, 'tests', 'dist_train_script.py'),
+           *_overrides(folder, tmp_path / 'node{rank}', 'train.epochs=1')]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = 'is not the same folder on every process: 1 of 2 processes do not see what the main process writes'
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]  # both processes stop, none waits for the other
+    assert 'training convnext_s4nd_atto' not in result.stdout
+    assert os.listdir(tmp_path / 'node0') == []  # the marker is gone
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
     """2 micro-batches of 2 with accumulation == 1 batch of 4 (same samples, same augmentations, no drop path)."""
     runs = {}

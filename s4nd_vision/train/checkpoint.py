@@ -11,6 +11,7 @@ complete checkpoints. Weights with non-finite values are never written (`all_fin
 import os
 import re
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -19,14 +20,14 @@ import torch
 import torch.nn as nn
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import is_compiled_module
+from accelerate.utils import broadcast_object_list, is_compiled_module
 from safetensors.torch import save_file
 
 from .config import ConfigError
 
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
-    'all_finite', 'CONFIG_FILE', 'METRICS_FILE',
+    'all_finite', 'check_shared_folder', 'CONFIG_FILE', 'METRICS_FILE',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -57,6 +58,30 @@ class TrainState:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def check_shared_folder(accelerator: Accelerator, folder: str) -> None:
+    """Refuse, on every process at once (a collective), a `folder` that is not the same on every process.
+
+    Checkpoints are written there by the main process and a resume is decided from its contents by each process: a
+    folder on each machine's own disk would resume only the main machine (the others would refuse, or start afresh
+    with `--allow-fresh` and train other weights beside it). The main process writes a marker that all must see.
+    """
+    acc = accelerator
+    token = broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None])[0]
+    marker = os.path.join(folder, f'.shared-{token}')
+    if acc.is_main_process:
+        open(marker, 'w').close()
+    acc.wait_for_everyone()
+    blind = torch.tensor(0.0 if os.path.exists(marker) else 1.0, device=acc.device)
+    missing = int(acc.reduce(blind, reduction='sum').item())
+    if acc.is_main_process:
+        os.remove(marker)
+    if missing:
+        raise ConfigError(
+            f'train.output_dir {folder!r} is not the same folder on every process: {missing} of {acc.num_processes} '
+            f"processes do not see what the main process writes there (a folder on each machine's own disk?); put it "
+            f'on storage that every machine shares')
 
 
 def _complete(root: str):

@@ -39,6 +39,7 @@ from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     TrainState,
     all_finite,
+    check_shared_folder,
     checkpoint_to_resume,
     export_weights,
     latest_checkpoint,
@@ -86,6 +87,8 @@ class Trainer:
         self.out_dir = tc.output_dir
         if acc.is_main_process:
             os.makedirs(self.out_dir, exist_ok=True)
+        if acc.num_processes > 1:
+            check_shared_folder(acc, self.out_dir)
         set_seed(tc.seed)
 
         self.data = create_train_data(cfg, acc)
