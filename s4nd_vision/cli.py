@@ -176,12 +176,15 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
         write_report_csv,
     )
     from .eval.resolution import load_model
+    from .models import input_size_args
+    if args.img_size is not None and 'img_size' not in input_size_args(args.model):
+        parser.error(f'--img-size: {args.model} is not one of our image models built for a resolution (a sequence '
+                     f'model takes its reference length as --model-kwargs seq_len=N)')
     torch.manual_seed(args.seed)
-    kwargs = dict(args.model_kwargs)
-    if args.img_size is not None:
-        kwargs['img_size'] = args.img_size
     model = load_model(args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
-                       model_kwargs=kwargs)
+                       img_size=args.img_size, model_kwargs=args.model_kwargs)
+    if not s4nd_layers(model):
+        raise ValueError(f'{args.model} has no S4ND layer with S4D kernels: no kernel to report')
     rows = []
     for cut in args.bandlimits or [None]:
         rows += kernel_report(model, bandlimit=cut)

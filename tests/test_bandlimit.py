@@ -199,6 +199,18 @@ def test_kernel_report_command(tmp_path, capsys):
     assert exit_info.value.code == 2 and 'layer must name' in capsys.readouterr().err
 
 
+def test_kernel_report_of_a_sequence_model(tmp_path, capsys):
+    """A sequence model's reference length is its seq_len (--img-size is refused for it, not ignored)."""
+    from s4nd_vision.cli import main
+    main(['kernel-report', '--model', 's4nd_seq_atto', '--model-kwargs', 'seq_len=100', '--out', str(tmp_path)])
+    with open(tmp_path / 'kernel_report.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r['grid'] for r in rows} == {'100'}  # 4 blocks, one axis each
+    with pytest.raises(SystemExit) as exit_info:
+        main(['kernel-report', '--model', 's4nd_seq_atto', '--img-size', '64', '--out', str(tmp_path)])
+    assert exit_info.value.code == 2 and 'seq_len=N' in capsys.readouterr().err
+
+
 def test_kernel_report_of_trained_weights(tmp_path):
     """--checkpoint: the report reads the weights' step sizes (here all dt = 1: S4D-Lin keeps only mode 0)."""
     from safetensors.torch import save_file
