@@ -11,6 +11,7 @@ complete checkpoints. Weights with non-finite values are never written (`all_fin
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -60,12 +61,14 @@ class TrainState:
         self.__dict__.update(state)
 
 
-def check_shared_folder(accelerator: Accelerator, folder: str) -> None:
+def check_shared_folder(accelerator: Accelerator, folder: str, wait_s: float = 5.0) -> None:
     """Refuse, on every process at once (a collective), a `folder` that is not the same on every process.
 
     Checkpoints are written there by the main process and a resume is decided from its contents by each process: a
     folder on each machine's own disk would resume only the main machine (the others would refuse, or start afresh
-    with `--allow-fresh` and train other weights beside it). The main process writes a marker that all must see.
+    with `--allow-fresh` and train other weights beside it). The main process writes a marker that all must see
+    within `wait_s` seconds (network filesystems may show a new file late; its name is new, so no cached lookup
+    of it can hide it).
     """
     acc = accelerator
     token = broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None])[0]
@@ -73,6 +76,9 @@ def check_shared_folder(accelerator: Accelerator, folder: str) -> None:
     if acc.is_main_process:
         open(marker, 'w').close()
     acc.wait_for_everyone()
+    deadline = time.monotonic() + wait_s
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
     blind = torch.tensor(0.0 if os.path.exists(marker) else 1.0, device=acc.device)
     missing = int(acc.reduce(blind, reduction='sum').item())
     if acc.is_main_process:
