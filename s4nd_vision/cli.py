@@ -368,21 +368,22 @@ def _flops_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     try:
         specs = [parse_model_spec(spec) for spec in args.models]
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(f'models: {e}')
     logging.getLogger('fvcore').setLevel(logging.ERROR)  # unsupported ops are printed below instead
     with ops.conv_algorithm(None if args.algorithm == 'rule' else args.algorithm):
-        _count_flops(args, args.models, specs)
+        _count_flops(args, specs)
 
 
-def _count_flops(args: argparse.Namespace, labels, specs) -> None:
-    """Print the counts of every model (name, kwargs) in `specs`, on a batch of its own input channels."""
+def _count_flops(args: argparse.Namespace, specs) -> None:
+    """Print the counts of every model of `args.models` ((name, kwargs) in `specs`), on a batch of its own input
+    channels."""
     import timm
     import torch
     from fvcore.nn import FlopCountAnalysis
 
     from .bench.flops import count_flops
     from .models import input_size_args
-    for label, (name, kwargs) in zip(labels, specs):
+    for label, (name, kwargs) in zip(args.models, specs):
         size = dict(img_size=args.img_size) if input_size_args(name) else {}
         model = timm.create_model(name, **dict(size, **kwargs)).eval()
         if hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
