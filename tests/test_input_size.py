@@ -2,6 +2,8 @@
 (`pretrained_cfg['input_size']`, read by `resolve_model_data_config`) and keep the model's function at every
 input size; the S4ND layers' reference grids travel with the weights. The cfg's channel count stays the source
 weights' (timm adapts the first conv to `in_chans` from it); the model's own is `get_model_input_config`'s."""
+import logging
+
 import pytest
 import timm
 import torch
@@ -157,3 +159,30 @@ def test_pretrained_weights_adapt_to_other_input_channels(name, tmp_path):
     torch.testing.assert_close(weights[first_conv], source.state_dict()[first_conv].sum(1, keepdim=True))
     assert all(torch.equal(weights[k], v) for k, v in source.state_dict().items() if k != first_conv)
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('name, source_name, kwargs, in_chans', [
+    ('convnext_s4nd_3d_atto', 'convnext_s4nd_3d_atto', dict(img_size=64, num_frames=4), 1),
+    ('convnext_3d_atto', 'convnext_3d_atto', dict(img_size=64, num_frames=4), 1),
+    ('convnext_s4nd_3d_atto', 'convnext_s4nd_atto', dict(img_size=64, num_frames=4), 1),  # inflated on the fly
+    ('s4nd_seq_atto', 's4nd_seq_atto', dict(seq_len=64), 2),
+])
+def test_video_and_sequence_weights_adapt_to_other_input_channels(name, source_name, kwargs, in_chans, tmp_path,
+                                                                   caplog):
+    """The 3D and 1D models' first convs (Conv3d, Conv1d), which timm's loader does not adapt, follow its rule:
+    one channel sums the checkpoint's filters, more repeat them scaled by checkpoint / model channels; no
+    warning that the weights stay random or were loaded unchanged."""
+    torch.manual_seed(0)
+    source = timm.create_model(source_name)
+    torch.save(source.state_dict(), tmp_path / 'source.pth')
+    with caplog.at_level(logging.WARNING):
+        model = timm.create_model(name, pretrained=True, in_chans=in_chans, **kwargs,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / 'source.pth')))
+    assert not [r for r in caplog.records if 'stem' in r.getMessage()], caplog.text
+    first_conv = 'stem' if name.startswith('s4nd_seq') else 'stem.0'
+    src = source.state_dict()[f'{first_conv}.weight']
+    got = model.state_dict()[f'{first_conv}.weight']
+    want = src.sum(1, keepdim=True) if in_chans == 1 else src.repeat(1, 2, *[1] * (src.ndim - 2)) * src.shape[1] / 2
+    torch.testing.assert_close(got.reshape(want.shape[0], in_chans, -1), want.reshape(want.shape[0], in_chans, -1))
+    x = torch.randn(1, in_chans, 64) if name.startswith('s4nd_seq') else torch.randn(1, in_chans, 4, 64, 64)
+    assert model(x).shape == (1, model.num_classes)

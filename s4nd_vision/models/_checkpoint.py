@@ -9,10 +9,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
+from timm.models._manipulate import adapt_input_conv
 
 from ..layers.ssm_kernel import flatten_legacy_4d
 
-__all__ = ['unwrap_state_dict', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict']
+__all__ = [
+    'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
+    'match_state_dict',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +42,23 @@ def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
             flatten_legacy_4d(state_dict, name)
     return state_dict
 
+
+
+def adapt_input_channels(
+        state_dict: Dict[str, torch.Tensor], first_conv: str, in_chans: int) -> Dict[str, torch.Tensor]:
+    """`state_dict` with the weight of the conv `first_conv` (any number of kernel axes) adapted to `in_chans`
+    input channels by timm's rule (`adapt_input_conv`: one channel sums the checkpoint's, more repeat them scaled
+    by checkpoint / model channels). timm's loader adapts Conv2d weights only; the 1D and 3D models declare
+    `first_conv=None` to it and adapt in their checkpoint filters with this instead."""
+    name = f'{first_conv}.weight'
+    weight = state_dict.get(name)
+    if weight is None or weight.ndim < 3 or weight.shape[1] == in_chans:
+        return state_dict
+    out_chs, source_chs, *kernel_size = weight.shape
+    flat = weight.reshape(out_chs, source_chs, -1, 1)  # (O, I, prod(kernel), 1): the Conv2d layout timm adapts
+    adapted = adapt_input_conv(in_chans, flat, base_chans=source_chs).reshape(out_chs, in_chans, *kernel_size)
+    _logger.info(f'{name}: adapted from {source_chs} to {in_chans} input channels')
+    return {**state_dict, name: adapted}
 
 def _pointwise_kind(shape: Sequence[int]) -> Optional[str]:
     return _POINTWISE.get(len(shape)) if len(shape) == 2 or all(s == 1 for s in shape[2:]) else None

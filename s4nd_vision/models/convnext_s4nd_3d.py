@@ -40,7 +40,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, update_model_args
-from ._checkpoint import unwrap_state_dict
+from ._checkpoint import adapt_input_channels, unwrap_state_dict
 from ._checks import check_input
 from .convnext_base import ConvNeXtBase
 from .inflate import inflate_state_dict, is_2d_state_dict
@@ -95,6 +95,7 @@ class ConvNeXt3d(ConvNeXtBase):
         self.mixer_type = mixer_type
         self.time_bidirectional = time_bidirectional
         super().__init__(**kwargs)
+        self._traits = dict(first_conv=None)  # timm's loader adapts Conv2d stems only: `checkpoint_filter_fn` does
 
     def _grid(self, img_size: Tuple[int, int]) -> Tuple[int, int, int]:
         return (self.num_frames, *img_size)
@@ -148,14 +149,18 @@ class ConvNeXt3d(ConvNeXtBase):
         return x.unflatten(2, (frames, -1)) if self.head.global_pool.is_identity() else x  # (unpooled: 4-D)
 
 
+_FIRST_CONV = 'stem.0'  # the patch stem's conv, or the S4ND stem's pointwise projection
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> Dict[str, torch.Tensor]:
     """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults).
 
     A 2D classifier is kept when it fits the model (the same number of classes) and dropped
     otherwise (e.g. ImageNet weights for a 51-class video model). A checkpoint without a
-    classifier keeps the model's own initialization of `head.fc`.
+    classifier keeps the model's own initialization of `head.fc`. The first conv is adapted to the
+    model's `in_chans` as timm adapts 2D models' (`adapt_input_channels`).
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict = adapt_input_channels(unwrap_state_dict(state_dict), _FIRST_CONV, model.in_chans)
     if is_2d_state_dict(state_dict):
         fc, head_2d = model.get_classifier(), state_dict.get('head.fc.weight')
         keep_head = isinstance(fc, nn.Linear) and head_2d is not None and head_2d.shape == fc.weight.shape
@@ -179,7 +184,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'num_classes': 1000, 'input_size': (3, _IMG_SIZE, _IMG_SIZE), 'pool_size': (_NUM_FRAMES // 2, 7, 7),
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.0', 'classifier': 'head.fc',
+        'first_conv': _FIRST_CONV, 'classifier': 'head.fc',
         'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
     }
 

@@ -36,6 +36,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, S4NDRecurrence, is_ssm_param
 from ._base import LIBRARY_CFG, update_model_args
+from ._checkpoint import adapt_input_channels, unwrap_state_dict
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -155,6 +156,7 @@ class SeqS4ND(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self._traits = dict(first_conv=None)  # timm's loader adapts Conv2d stems only: `checkpoint_filter_fn` does
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.seq_len = seq_len
@@ -334,6 +336,11 @@ def _init_weights(module: nn.Module, name: Optional[str] = None) -> None:
             nn.init.zeros_(module.bias)
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SeqS4ND) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint, with the stem adapted to the model's `in_chans` as timm adapts 2D models'."""
+    return adapt_input_channels(unwrap_state_dict(state_dict), 'stem', model.in_chans)
+
+
 def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
     # timm's builder reads an input_size as (C, H, W); a sequence model's is (C, L): in_chans and seq_len come
     # from it here, and it goes into the model's pretrained_cfg after building
@@ -344,6 +351,7 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
     model = build_model_with_cfg(
         SeqS4ND, variant, pretrained,
         pretrained_cfg_overlay=dict(overlay, input_size=None),
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=4, feature_cls='getter'),
         **kwargs)
     model.pretrained_cfg.update(input_size=(kwargs['in_chans'], kwargs['seq_len']), pool_size=(kwargs['seq_len'],))
