@@ -376,7 +376,9 @@ def test_resume_keeps_the_global_batch(tmp_path, folder):
     def trainer(cls, out, *extra, resume=False):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        return cls(load_config(None, _overrides(folder, out, 'train.epochs=2', *extra)), resume=resume)
+        # 3 updates an epoch: the checkpoint's update (3) is not a multiple of the resumed run's accumulation (2)
+        return cls(load_config(None, _overrides(folder, out, 'train.epochs=2', 'train.max_steps_per_epoch=3', *extra)),
+                   resume=resume)
 
     trainer(Trainer, tmp_path / 'straight').fit()
     with pytest.raises(KeyboardInterrupt):

@@ -141,6 +141,25 @@ def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):
     assert '\n' not in str(info.value)
 
 
+def test_resume_applies_the_changed_hyperparameters(tmp_path, folder):
+    """The checkpoint restores weights, optimizer moments and position; the resumed run's config sets lr, weight
+    decay and schedule length (what the divergence error advises: resume with a lower optim.lr), exactly as a
+    fresh run of that config would have them at the same update."""
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))).fit()
+    _reset()
+    changed = ['train.epochs=3', 'optim.lr=1e-4', 'optim.ssm_lr=3e-5', 'optim.weight_decay=0.01']
+    with pytest.warns(UserWarning, match='the new values apply'):
+        resumed = Trainer(load_config(None, _overrides(folder, tmp_path, *changed)), resume=True)
+    _reset()
+    fresh = Trainer(load_config(None, _overrides(folder, tmp_path / 'fresh', *changed)))
+    fresh.scheduler.step_update(num_updates=resumed.state.update)
+    assert resumed.state.update == fresh.updates_per_epoch
+    hyper = [{k: v for k, v in g.items() if k != 'params'} for g in fresh.optimizer.param_groups]
+    assert [{k: v for k, v in g.items() if k != 'params'} for g in resumed.optimizer.param_groups] == hyper
+    assert {g['weight_decay'] for g in hyper} >= {0.01} and max(g['initial_lr'] for g in hyper) == 1e-4
+    assert resumed.scheduler.t_initial == fresh.scheduler.t_initial == 3 * fresh.updates_per_epoch
+
+
 def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2'))).fit()
     rows = _rows(tmp_path)

@@ -211,7 +211,8 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], w
     changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed and warn:
-        warnings.warn(f'resuming {path} with a changed config (checkpoint -> now): {"; ".join(changed)}',
+        warnings.warn(f'resuming {path} with a changed config (checkpoint -> now; the new values apply from here '
+                      f'on): {"; ".join(changed)}',
                       UserWarning, stacklevel=3)
 
 

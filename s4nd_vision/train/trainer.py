@@ -150,7 +150,18 @@ class Trainer:
 
         self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh)
         if self.resumed_from is not None:
+            # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
+            # restores the weights, the optimizer's moments and the position, and the schedule goes on from there
+            fresh_groups = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
+            fresh_schedule = self.scheduler.state_dict()  # (cosine, tanh, poly: a function of the config alone)
             load_checkpoint(acc, self.resumed_from, self.state, config_to_dict(cfg))
+            for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
+                group.update(fresh)
+            self.scheduler.load_state_dict(fresh_schedule)
+            self.scheduler.step_update(num_updates=self.state.update)
+            # Accelerate restores its micro-batch count, which decides when gradients sync: count it in this run's
+            # accumulation (a checkpoint of an odd update, written without accumulation, would shift every update)
+            acc.step = self.state.update * tc.grad_accum_steps
             if self.state.global_batch not in (0, self.global_batch):  # e.g. restarted on fewer GPUs
                 raise ConfigError(
                     f'--resume: {self.resumed_from} was written by a run of {self.state.global_batch} {self.data.unit} '
@@ -231,7 +242,7 @@ class Trainer:
         carried = list(state.epoch_sums) if start else [0.0] * 5
         carried_seconds = state.epoch_seconds if start else 0.0
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        n_finite = torch.zeros((), device=acc.device, dtype=torch.float64)
+        n_finite = torch.zeros((), device=acc.device, dtype=torch.float64)  # samples with a finite loss
         bad = torch.zeros((), device=acc.device, dtype=torch.bool)  # a non-finite loss in this update
         seen = skipped = nonfinite = 0
         bar = tqdm(total=self.updates_per_epoch, initial=start, desc=f'epoch {epoch} @{stage.img_size}px',
@@ -260,8 +271,9 @@ class Trainer:
                     acc.backward(loss)
                     finite = torch.isfinite(loss.detach())
                     bad |= ~finite
-                    loss_sum += torch.where(finite, loss.detach().double(), 0.0)
-                    n_finite += finite
+                    # per sample: a mid-epoch resume may split the same update into other micro-batches
+                    loss_sum += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
+                    n_finite += finite * x.shape[0]
                     skip = False
                     if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite loss?
                         skip = bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
