@@ -160,6 +160,29 @@ def test_resume_applies_the_changed_hyperparameters(tmp_path, folder):
     assert resumed.scheduler.t_initial == fresh.scheduler.t_initial == 3 * fresh.updates_per_epoch
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, folder):
+    """Resuming from an earlier checkpoint starts a new branch: a later plain --resume must continue it, not the
+    abandoned run's higher step. Resuming from a folder that is not a checkpoint, or switching the EMA on or off,
+    is a one-line error naming what to pass."""
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.keep_checkpoints=3'))).fit()
+    root = tmp_path / 'checkpoints'
+    first, second = sorted(p.name for p in root.iterdir())
+    _reset()
+    for bad in (str(tmp_path), str(root)):
+        with pytest.raises(ConfigError, match='is not a checkpoint folder'):
+            Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2')), resume=bad)
+        _reset()
+    with pytest.raises(ConfigError, match=r'written without a model EMA .*train.ema_decay=0.99'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.ema_decay=0.99')),
+                resume=True)
+    _reset()
+    assert latest_checkpoint(str(tmp_path)).endswith(second)
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'optim.clip_grad=0.5')),
+            resume=str(root / first))
+    assert latest_checkpoint(str(tmp_path)).endswith(first)
+    assert [p.name for p in root.iterdir() if p.name.startswith('abandoned-')][0].endswith(second)
+
+
 def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2'))).fit()
     rows = _rows(tmp_path)

@@ -28,7 +28,7 @@ from .config import ConfigError
 
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
-    'all_finite', 'check_shared_folder', 'CONFIG_FILE', 'METRICS_FILE',
+    'all_finite', 'check_shared_folder', 'CONFIG_FILE', 'METRICS_FILE', 'set_aside_newer',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -127,6 +127,25 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
     return None
 
 
+def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> List[str]:
+    """Rename the complete checkpoints under output_dir/checkpoints past `update` to 'abandoned-<time>-step-*' (main
+    process; all must call): a run resumed from an earlier checkpoint starts a new branch, and a later `--resume`
+    must continue this branch, not the abandoned one's higher step. Returns the new paths."""
+    root = os.path.join(output_dir, 'checkpoints')
+    moved = []
+    if accelerator.is_main_process and os.path.isdir(root):
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        for step, name in _complete(root):
+            if step > update:
+                moved.append(os.path.join(root, f'abandoned-{stamp}-{name}'))
+                os.replace(os.path.join(root, name), moved[-1])
+        if moved:
+            accelerator.print(f'--resume: resumed at update {update}; the later checkpoints of the abandoned run are '
+                              f'set aside as {", ".join(os.path.basename(m) for m in moved)}')
+    accelerator.wait_for_everyone()
+    return moved
+
+
 def save_checkpoint(
         accelerator: Accelerator,
         output_dir: str,
@@ -165,6 +184,9 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
     """
     if not os.path.isdir(path):
         raise ConfigError(f'--resume: no checkpoint folder {path!r}')
+    if not any(name.startswith('custom_checkpoint_') for name in os.listdir(path)):  # (our TrainState, scheduler)
+        raise ConfigError(f'--resume: {path!r} is not a checkpoint folder (one of <train.output_dir>/checkpoints/'
+                          f'step-*; --resume alone takes the latest in train.output_dir)')
     saved = _read_config(path)
     if config is not None and saved is not None:
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
@@ -208,6 +230,12 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], w
             f'--resume: checkpoint {path!r} belongs to model {old.get("model.name")!r} with model.kwargs '
             f'{old.get("model.kwargs")}, but this run builds {new.get("model.name")!r} with model.kwargs '
             f'{new.get("model.kwargs")}: resume with the checkpoint\'s model, or choose another train.output_dir')
+    if (old.get('train.ema_decay') is None) != (new.get('train.ema_decay') is None):
+        raise ConfigError(
+            f'--resume: checkpoint {path!r} was written {"without" if old.get("train.ema_decay") is None else "with"} '
+            f'a model EMA (train.ema_decay={old.get("train.ema_decay")}), this run has train.ema_decay='
+            f'{new.get("train.ema_decay")}: resume with the checkpoint\'s choice (another non-null decay is fine), or '
+            f'start a fresh run in another output_dir')
     changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed and warn:

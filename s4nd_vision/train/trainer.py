@@ -45,6 +45,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    set_aside_newer,
 )
 from .config import Config, ConfigError, config_to_dict
 from .data import create_train_data
@@ -170,6 +171,7 @@ class Trainer:
                     f'{self.state.global_batch} (e.g. on half the processes, twice train.grad_accum_steps): the '
                     f'learning rate, its schedule and the position in the epoch are counted in updates of that size')
             self.state.global_batch = self.global_batch  # (a checkpoint written before it was recorded)
+            set_aside_newer(acc, self.out_dir, self.state.update)
         self.log = MetricsLog(acc, cfg)
 
     def _model(self) -> nn.Module:
