@@ -16,6 +16,7 @@ from accelerate.utils import is_compiled_module
 from memory_format_runs import train_in_both_memory_formats
 from PIL import Image
 from safetensors.torch import load_file
+from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
@@ -84,6 +85,18 @@ def test_config_errors_name_the_key(tmp_path, folder):
         load_config(None, _overrides(folder, tmp_path, stages))
     with pytest.raises(ConfigError, match='config file not found'):
         load_config(str(tmp_path / 'nope.yaml'))
+    # values that timm would refuse only once training runs (a bare AssertionError, or a RuntimeError mid-step)
+    for override, message in [
+            ('data.mean=[0.5, 0.5]', r'data.mean must be null or one value per channel \(data.in_chans=3\)'),
+            ('data.std=[0.2, 0, 0.2]', 'data.std must be positive values'),
+            ('model.drop_path_rate=1.5', r'model.drop_path_rate must be in \[0, 1\)'),
+            ('aug.cutmix=1.0', 'data.batch_size must be even with aug.mixup or aug.cutmix on, got 3')]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, _overrides(folder, tmp_path, override, 'data.batch_size=3'))
+    with pytest.raises(ConfigError, match='train.progressive changes the training size, but vit_tiny_patch16_224 has '
+                                          'a fixed input size .*dynamic_img_size: true'):
+        load_config(None, _overrides(folder, tmp_path, 'model.name=vit_tiny_patch16_224', 'model.kwargs={}',
+                                     'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 48}]'))
     cfg = load_config(None, _overrides(folder, tmp_path, 'optim.lr=4e-3', 'aug.scale=[0.5, 1]'))
     assert cfg.optim.lr == 4e-3 and cfg.aug.scale == (0.5, 1.0) and cfg.model.kwargs['dims'] == [8, 16, 16, 16]
 
@@ -160,6 +173,27 @@ def test_single_channel_run_prints_a_call_that_loads_its_weights_as_they_are(tmp
     printed, best = eval(call, {'timm': timm}), load_file(str(tmp_path / 'run' / 'best.safetensors'))
     assert printed.in_chans == 1 and all(torch.equal(printed.state_dict()[k], best[k]) for k in best)
     assert not [r for r in caplog.records if 'channels' in r.getMessage()]
+
+
+def test_a_timm_vit_run_prints_a_call_that_rebuilds_it_at_the_training_size(tmp_path, folder, capsys):
+    """Other timm models are set to the training size (`set_input_size`): the printed call states it, and the
+    preprocessing the run used (the MNIST-style mean/std given in data.*), which the loaded model's data config
+    then gives."""
+    vit = ['model.name=vit_tiny_patch16_224', 'model.kwargs={depth: 1, embed_dim: 16, num_heads: 1}']
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=1', *vit,
+                                                   'data.mean=[0.5, 0.4, 0.3]', 'data.std=[0.2, 0.2, 0.2]')))
+    trainer.fit()
+    prefix = 'load the weights with '
+    call = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(prefix))[len(prefix):]
+    printed = eval(call, {'timm': timm}).eval()
+    trainer.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(printed(x), trainer.model(x))
+    config = resolve_model_data_config(printed)
+    assert config['input_size'] == (3, 32, 32)
+    for key in ('mean', 'std', 'crop_pct', 'interpolation'):
+        assert config[key] == trainer.data.data_config[key], key
 
 
 def test_progressive_resizing_changes_resolution_without_recreating_the_model(tmp_path, folder):

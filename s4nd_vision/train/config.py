@@ -169,6 +169,13 @@ class Config:
         for key in ('img_size', 'batch_size', 'in_chans'):
             need(getattr(self.data, key) > 0, f'data.{key}', 'positive', getattr(self.data, key))
         need(self.data.workers >= 0, 'data.workers', '>= 0', self.data.workers)
+        for key in ('mean', 'std'):  # (null: the model's, fitted to data.in_chans)
+            value = getattr(self.data, key)
+            need(value is None or len(value) == self.data.in_chans, f'data.{key}',
+                 f'null or one value per channel (data.in_chans={self.data.in_chans})', value)
+        need(self.data.std is None or all(v > 0 for v in self.data.std), 'data.std', 'positive values', self.data.std)
+        for key in ('drop_rate', 'drop_path_rate'):
+            need(0 <= getattr(self.model, key) < 1, f'model.{key}', 'in [0, 1)', getattr(self.model, key))
         need(0 < self.data.crop_pct <= 1, 'data.crop_pct', 'in (0, 1]', self.data.crop_pct)
         for key in ('lr', 'eps'):
             need(getattr(self.optim, key) > 0, f'optim.{key}', 'positive', getattr(self.optim, key))
@@ -212,6 +219,9 @@ class Config:
         for key in ('mixup', 'cutmix', 'repeated_aug'):
             need(getattr(self.aug, key) >= 0, f'aug.{key}', '>= 0', getattr(self.aug, key))
         need(0 <= self.aug.smoothing < 1, 'aug.smoothing', 'in [0, 1)', self.aug.smoothing)
+        if self.aug.mixup > 0 or self.aug.cutmix > 0:  # timm's Mixup pairs each sample with its mirror in the batch
+            need(self.data.batch_size % 2 == 0, 'data.batch_size', 'even with aug.mixup or aug.cutmix on',
+                 self.data.batch_size)
         epochs = [s.epoch for s in self.train.progressive]
         if epochs:
             need(epochs[0] == 0, 'train.progressive', 'stages starting at epoch 0', epochs)
@@ -227,6 +237,7 @@ class Config:
         """model.name, model.kwargs and the resolutions against the model, built on the meta device (no memory)."""
         import timm
         import torch
+        from timm.models import get_model_input_config
 
         from .. import models  # noqa: F401  (registers the models)
         from ..eval.resolution import min_input_size
@@ -257,6 +268,10 @@ class Config:
             raise ConfigError(f'model.kwargs {mc.kwargs} do not build {mc.name}: {what}') from None
         except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device:
             return  # the trainer builds it for real and reports what fails
+        if self.train.progressive and get_model_input_config(model)['fixed_input_size']:
+            raise ConfigError(
+                f'train.progressive changes the training size, but {mc.name} has a fixed input size (timm\'s '
+                f'fixed_input_size; for timm ViTs set model.kwargs.dynamic_img_size: true), or train without it')
         smallest = min_input_size(model)
         need_size = f'at least {smallest} (the smallest input {mc.name} takes)'
         if data.img_size < smallest:

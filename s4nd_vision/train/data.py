@@ -105,9 +105,14 @@ class TrainData:
         """Top-1/top-5 and loss on the validation split, over all processes."""
         raise NotImplementedError
 
-    def size_kwargs(self, model_name: str) -> str:
-        """`input_size_kwargs` as text, for the message on loading the exported weights."""
-        return ''.join(f'{k}={v}, ' for k, v in self.input_size_kwargs(model_name).items())
+    def rebuild_kwargs(self, model_name: str, model: nn.Module) -> Dict[str, Any]:
+        """The size arguments that rebuild `model` as trained, for the message on loading the exported weights:
+        this package's models' (`input_size_kwargs`), or img_size for other timm models set to the training size
+        (`set_input_size`, e.g. ViTs)."""
+        own = self.input_size_kwargs(model_name)
+        if own or not hasattr(model, 'set_input_size'):
+            return own
+        return dict(img_size=self.cfg.data.img_size)
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.workers,

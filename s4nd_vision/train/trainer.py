@@ -358,12 +358,25 @@ class Trainer:
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, 'best.safetensors')
-        # the call that rebuilds this model: its own arguments too (channels, architecture kwargs)
-        build = dict(cfg.model.kwargs, **({} if cfg.data.in_chans == 3 else {'in_chans': cfg.data.in_chans}))
-        build_kwargs = ''.join(f'{k}={v!r}, ' for k, v in build.items()) + self.data.size_kwargs(cfg.model.name)
-        # the file's channels, where they are not the RGB of the registry's cfgs (timm would warn that they differ)
-        size = cfg.data.img_size
-        source = '' if cfg.data.in_chans == 3 else f', input_size={(cfg.data.in_chans, size, size)!r}'
+        # the call that rebuilds this model: its own arguments too (channels, architecture kwargs, training size)
+        unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
+        build = dict(cfg.model.kwargs, **({} if cfg.data.in_chans == 3 else {'in_chans': cfg.data.in_chans}),
+                     **self.data.rebuild_kwargs(cfg.model.name, unwrapped))
+        build_kwargs = ''.join(f'{k}={v!r}, ' for k, v in build.items())
+        # the file's channels and size where they are not the registry cfg's (timm would warn that the channels
+        # differ; a timm ViT's cfg keeps 224), and the preprocessing it was trained with where it is not the
+        # model's default: timm's data config of the loaded model then gives them
+        size, source = cfg.data.img_size, ''
+        trained = (cfg.data.in_chans, size, size)
+        registered = tuple(unwrapped.pretrained_cfg['input_size'])
+        if len(registered) == 3 and registered != trained:
+            source = f', input_size={trained!r}'  # (images: video models are built for their clips, RGB only)
+        for key in ('mean', 'std', 'crop_pct', 'interpolation'):
+            value = self.data.data_config[key]
+            value = tuple(value) if isinstance(value, (list, tuple)) else value
+            default = unwrapped.pretrained_cfg.get(key)
+            if value != (tuple(default) if isinstance(default, (list, tuple)) else default):
+                source += f', {key}={value!r}'
         acc.print(f'done: {cfg.model.name} best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch}) in '
                   f'{summary["minutes"]:.1f} min; metrics {self.log.path}\n'
                   f'load the weights with timm.create_model({cfg.model.name!r}, pretrained=True, '
