@@ -238,6 +238,14 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert int(row['val_skipped_images']) == 1
 
 
+def test_train_and_val_class_folders_must_match(tmp_path):
+    root = _write_folder(tmp_path / 'data', n_train=2, n_val=2)
+    (tmp_path / 'data' / 'val' / 'vertical').rename(tmp_path / 'data' / 'val' / 'diagonal')
+    with pytest.raises(ConfigError, match=r"different class folders \(only in train: \['vertical'\], only in val: "
+                                          r"\['diagonal'\]\)"):
+        Trainer(load_config(None, _overrides(root, tmp_path / 'run', 'train.epochs=1')))
+
+
 def test_sampler_resumes_mid_epoch_and_shards_ranks():
     data = list(range(20))
     full = list(ResumableSampler(data, epoch=3, seed=1))

@@ -198,7 +198,11 @@ class ImageFolderData(_ImageData):
             splits.append(ImageFolderDataset(folder, input_img_mode=mode))
         train, val = splits
         if train.reader.class_to_idx != val.reader.class_to_idx:
-            raise ConfigError(f'data.root: {data.train_split!r} and {data.val_split!r} hold different class folders')
+            only_train = sorted(set(train.reader.class_to_idx) - set(val.reader.class_to_idx))
+            only_val = sorted(set(val.reader.class_to_idx) - set(train.reader.class_to_idx))
+            raise ConfigError(
+                f'data.root: {data.train_split!r} and {data.val_split!r} hold different class folders '
+                f'(only in {data.train_split}: {only_train[:5]}, only in {data.val_split}: {only_val[:5]})')
         return train, val, len(train.reader.class_to_idx)
 
     def transform(self, img_size: int, training: bool):
