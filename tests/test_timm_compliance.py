@@ -158,6 +158,10 @@ def test_features_only(entry):
     with torch.no_grad():
         outs = model(x)
     assert len(outs) == len(info.channels())
+    getter = _create(*entry, features_only=True, feature_cls='getter').eval()  # (it asks for output_fmt='NCHW')
+    with torch.no_grad():
+        for a, b in zip(getter(x), outs, strict=True):
+            torch.testing.assert_close(a, b)
     sides = 1 if x.ndim == 3 else 2  # sequences (B, C, L): L; images and videos: H, W
     for out, chs, reduction in zip(outs, info.channels(), info.reduction()):
         assert out.shape[:2] == (2, chs)
@@ -222,6 +226,15 @@ def test_gradient_checkpointing_same_output_and_grads(entry):
     torch.testing.assert_close(out_ckpt, out)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
+    # forward_intermediates (what feature extractors train through) checkpoints too: it keeps far less for backward
+    saved = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            model.forward_intermediates(x)
+        saved.append(sum(sizes))
+    assert saved[1] < saved[0] / 2, saved
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)

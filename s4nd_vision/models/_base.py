@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
-from timm.models import named_apply
+from timm.models import checkpoint, named_apply
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, is_ssm_param
@@ -107,8 +107,8 @@ class S4NDModel(nn.Module):
         """Outputs of the stages (`_feature_seq`) in `indices` (last n if int, all if None), each
         (B, C_i, *spatial_i); `norm` applies `norm_pre` to the last."""
         output_fmt = output_fmt or self.intermediates_fmt
-        if output_fmt != self.intermediates_fmt:
-            raise ValueError(f'output_fmt must be {self.intermediates_fmt!r}, got {output_fmt!r}')
+        if output_fmt not in (self.intermediates_fmt, 'NCHW'):  # (timm's feature wrappers ask for 'NCHW')
+            raise ValueError(f'output_fmt must be {self.intermediates_fmt!r} (channels first), got {output_fmt!r}')
         x = self._check_input(x)
         intermediates = []
         all_stages = getattr(self, self._feature_seq)
@@ -116,8 +116,10 @@ class S4NDModel(nn.Module):
         x = self.stem(x)
         last_idx = len(all_stages) - 1
         stages = all_stages if torch.jit.is_scripting() or not stop_early else all_stages[:max_index + 1]
+        # model-wide checkpointing (the isotropic blocks; ConvNeXt's stages checkpoint themselves)
+        checkpointed = getattr(self, 'grad_checkpointing', False) and not torch.jit.is_scripting()
         for feat_idx, stage in enumerate(stages):
-            x = stage(x)
+            x = checkpoint(stage, x) if checkpointed else stage(x)
             if feat_idx in take_indices:
                 intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
         if intermediates_only:

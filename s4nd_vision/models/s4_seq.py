@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer, trunc_normal_
 from timm.models import (
     build_model_with_cfg,
+    checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
     get_pretrained_cfg,
@@ -251,8 +252,9 @@ class SeqS4ND(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self.stem(x)
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
         for i, block in enumerate(blocks):
-            x = block(x)
+            x = checkpoint(block, x) if checkpointed else block(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
