@@ -463,7 +463,8 @@ def _size(text: str):
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('model', help='a registered model name, e.g. convnext_s4nd_tiny')
     parser.add_argument('--output', default=None, help='ONNX file (default: output/<model>.onnx)')
-    parser.add_argument('--checkpoint', default=None, help='weights to load (timm checkpoint_path)')
+    parser.add_argument('--checkpoint', default=None,
+                        help='weights to load (safetensors or torch file; training checkpoints unwrap)')
     parser.add_argument('--model-kwargs', nargs='*', type=_key_value, default=[],
                         help='key=value arguments of timm.create_model (values read as YAML)')
     parser.add_argument('--trace-size', type=_size, default=(224, 224), help='HxW the graph is traced at')
@@ -476,22 +477,27 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import json
     import time
 
-    import timm
     import torch
 
-    from .deploy.export import export_onnx, onnx_latency
+    from .deploy.export import check_export_size, export_onnx, onnx_latency
+    from .eval.resolution import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
-    kwargs = dict(args.model_kwargs)
-    model = timm.create_model(args.model, checkpoint_path=args.checkpoint or '', **kwargs).eval()
-    chans = kwargs.get('in_chans', 3)
+    model = load_model(args.model, args.checkpoint, model_kwargs=dict(args.model_kwargs))
+    if len(model.pretrained_cfg.get('input_size', (3, 0, 0))) != 3:
+        parser.error(f'{args.model} does not take images (its input_size is {model.pretrained_cfg["input_size"]}): '
+                     'export writes image models, (B, C, H, W); use torch.export for video and sequence models')
+    chans = model.in_chans
     for flag, sizes in (('--trace-size', [args.trace_size]), ('--sizes', args.sizes)):
-        for size in sizes:  # sizes the model refuses, before the export (which takes minutes for large models)
+        for size in sizes:  # sizes the model or the graph refuse, before the export (minutes for large models)
             try:
+                check_export_size(model, size)
                 with torch.no_grad():
                     model(torch.zeros(1, chans, *size))
             except ValueError as e:
                 parser.error(f'argument {flag}: {size[0]}x{size[1]}: {e}')
+    print(f'exporting {args.model} traced at {args.trace_size[0]}x{args.trace_size[1]} (large models take minutes)',
+          file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     path = args.output or f'output/{args.model}.onnx'
     start = time.perf_counter()
     export_onnx(model, path, img_size=args.trace_size, in_chans=chans)

@@ -14,7 +14,7 @@ from torch.export import Dim
 
 from ..bench.benchmark import time_ms
 
-__all__ = ['model_stride', 'export_onnx', 'onnx_latency']
+__all__ = ['model_stride', 'check_export_size', 'export_onnx', 'onnx_latency']
 
 
 def model_stride(model: nn.Module) -> int:
@@ -25,6 +25,15 @@ def model_stride(model: nn.Module) -> int:
         return max(int(f['reduction']) for f in info)
     patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
     return int(patch[0]) if patch else 1
+
+
+def check_export_size(model: nn.Module, size: Tuple[int, int], max_side: int = 2048) -> None:
+    """Refuse an (H, W) the exported graph does not cover: sides must be multiples of `model_stride(model)`
+    from 3 strides to `max_side` (the graph's dynamic range)."""
+    stride = model_stride(model)
+    if any(s % stride or not 3 * stride <= s <= max_side for s in size):
+        raise ValueError(f'sides must be multiples of the model stride {stride} from {3 * stride} to {max_side} '
+                         f'(the exported graph\'s sizes), got {size[0]}x{size[1]}')
 
 
 def export_onnx(
@@ -41,11 +50,12 @@ def export_onnx(
         the path written.
     """
     stride = model_stride(model)
-    if any(s % stride or s < 3 * stride for s in img_size):
-        raise ValueError(f'img_size must be multiples of the model stride {stride} and at least {3 * stride}, '
-                         f'got {tuple(img_size)}')
     if max_side < 3 * stride:
         raise ValueError(f'max_side must be at least {3 * stride}, got {max_side}')
+    try:
+        check_export_size(model, tuple(img_size), max_side)
+    except ValueError as e:
+        raise ValueError(f'img_size: {e}') from None
     model = model.eval()
     h = stride * Dim('h', min=3, max=max_side // stride)
     w = stride * Dim('w', min=3, max=max_side // stride)

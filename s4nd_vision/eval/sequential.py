@@ -60,11 +60,19 @@ def run_sequential_mnist(
     `train_limit` keeps the first n training digits.
     """
     specs = [parse_model_spec(spec) for spec in models]  # (malformed ones fail before any training)
+    fixed = {'seq_len': 'rows x cols', 'in_chans': '1', 'num_classes': '10'}
+    for spec, (_, kwargs) in zip(models, specs):
+        for key in fixed.keys() & {**(model_kwargs or {}), **kwargs}.keys():
+            raise ValueError(f'{spec}: {key} is set by the task ({fixed[key]}), not a model argument here')
     if cols < 2 or cols % 2:
         raise ValueError(f'cols must be even (the test lengths are cols / 2 and cols * 2), got {cols}')
+    if epochs < 1:
+        raise ValueError(f'epochs must be at least 1, got {epochs}')
     train = SequentialMNIST5k('train', rows=rows, cols=cols, seed=seed, transform=_normalize)
     if train_limit is not None:
         train = Subset(train, range(min(train_limit, len(train))))
+    if not 1 <= batch_size <= len(train):  # (full batches only: a larger one would train nothing)
+        raise ValueError(f'batch_size must be in [1, {len(train)}] (the training digits), got {batch_size}')
     tests = {rows * c: SequentialMNIST5k('val', rows=rows, cols=c, seed=seed, transform=_normalize)
              for c in (cols // 2, cols, cols * 2)}
     results = []
@@ -76,7 +84,7 @@ def run_sequential_mnist(
             param_groups_ssm(model, weight_decay=weight_decay, ssm_lr=ssm_lr), lr=lr, weight_decay=weight_decay)
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
-        total = max(1, epochs * len(loader))
+        total = epochs * len(loader)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_cosine, total=total))
         for epoch in range(epochs):
             model.train()
@@ -88,7 +96,7 @@ def run_sequential_mnist(
                 optimizer.step()
                 scheduler.step()
                 running += loss.item()
-            log(f'{spec} epoch {epoch + 1}/{epochs}: train loss {running / max(1, len(loader)):.3f}')
+            log(f'{spec} epoch {epoch + 1}/{epochs}: train loss {running / len(loader):.3f}')
         row = dict(model=spec, train_len=rows * cols)
         for length, dataset in tests.items():
             row[f'acc@{length}'] = _accuracy(model, dataset, batch_size)
