@@ -85,3 +85,10 @@ def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
         assert cut == {None: 1.0, 'off': 0, 0: 0, 0.5: 0.5}[bandlimit]
     with pytest.raises(ValueError, match="bandlimit must be None"):
         run_demo('convnext', out_dir=str(tmp_path), bandlimit=-1)
+    # another seed or band-limit trains in a folder of its own (it resumed the first run's finished models)
+    folders = {}
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: folders.setdefault(name, out))
+    with pytest.raises(Built):
+        run_demo('convnext', out_dir=str(tmp_path), seed=3, bandlimit=0.5)
+    assert folders == {setting.s4nd_model: str(tmp_path / f'{setting.s4nd_model}-seed3-bandlimit0.5'),
+                       setting.baseline: str(tmp_path / f'{setting.baseline}-seed3')}

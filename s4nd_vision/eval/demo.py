@@ -70,7 +70,7 @@ def run_demo(
 
     Args:
         setting: 'iso' or 'convnext' (see SETTINGS).
-        out_dir: where each model's run, the CSV and the plot go.
+        out_dir: where each model's run (`<model>[-seed<seed>][-bandlimit<b>]`), the CSV and the plot go.
         seed: seed of the whole run (same seed, same numbers).
         bandlimit: S4ND band-limiting cut-off for training and evaluation: None keeps the model's own
             (ConvNeXt-S4ND: 1.0; the isotropic model: off), 'off' or 0 turns it off.
@@ -94,9 +94,13 @@ def run_demo(
     # (off is 0: timm.create_model drops arguments that are None)
     s4nd_kwargs = {} if bandlimit is None else {'bandlimit': 0 if bandlimit in ('off', 0) else float(bandlimit)}
     s4nd_extra = [f'model.kwargs.{k}={v}' for k, v in s4nd_kwargs.items()]
+    # a run folder per model and setting (another seed or band-limit trains anew; the same command resumes)
+    seed_tag = f'-seed{seed}' if seed else ''
+    s4nd_tag = ''.join(f'-{k}{v}' for k, v in s4nd_kwargs.items())
     weights = {
-        s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model), common + s4nd_extra),
-        s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline), common),
+        s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model + seed_tag + s4nd_tag),
+                             common + s4nd_extra),
+        s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline + seed_tag), common),
     }
     from ..train import load_config
     cfg = load_config(config)
