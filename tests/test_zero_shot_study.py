@@ -160,9 +160,15 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
     assert table == format_study(summarize_runs(rows, 64), 64) + '\n'
     with Image.open(tmp_path / study.PLOT_NAME) as img:
         assert img.format == 'PNG'
-    # another set of resolutions does not mix into the same CSV
-    with pytest.raises(ValueError, match='columns'):
-        run_study([StudyRun('convnext_atto', 5)], out_dir=str(tmp_path), resolutions=[64, 128], log=lambda s: None)
+    # a report reads the study's own resolutions from its CSV, whatever the options say (they are for training)
+    run_study(runs, out_dir=str(tmp_path), report_only=True, img_size=32, resolutions=[32, 64],
+              progressive_sizes=(16, 24), log=lambda s: None)
+    assert (tmp_path / study.TABLE_NAME).read_text() == table
+    # another training size or set of resolutions does not mix into the same CSV
+    for img_size, resolutions in ((64, [64, 128]), (32, [32, 64, 128])):
+        with pytest.raises(ValueError, match=r'holds runs trained at 64 px and tested at \[64, 96, 128, 256\]'):
+            run_study([StudyRun('convnext_atto', 5)], out_dir=str(tmp_path), img_size=img_size,
+                      resolutions=resolutions, progressive_sizes=(img_size,), log=lambda s: None)
     with pytest.raises(ValueError, match='start with the training resolution'):
         run_study(runs, out_dir=str(tmp_path), resolutions=[96, 64])
     with pytest.raises(ValueError, match="overrides \\['train.seed=3'\\] set what the study sets"):

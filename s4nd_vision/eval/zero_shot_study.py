@@ -171,6 +171,15 @@ def read_runs(path: str) -> List[Dict]:
     return rows
 
 
+def _recorded_resolutions(path: str) -> Optional[List[int]]:
+    """The test resolutions of a study's runs.csv (its header), the training resolution first; None if none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline='') as f:
+        header = next(csv.reader(f), [])
+    return [int(k[5:]) for k in header if k.startswith('top1_')] or None
+
+
 def _append_row(path: str, row: Dict, fields: List[str]) -> None:
     """Append one row (the header first in a new file); the line is written and flushed in one call."""
     new = not os.path.isfile(path) or os.path.getsize(path) == 0
@@ -233,25 +242,32 @@ def run_study(
         img_size: training resolution (the models' reference grid); must be the first of `resolutions`
             and the last of `progressive_sizes`.
         epochs, max_steps_per_epoch: None keeps the config's (5 epochs, every batch).
-        report_only: train nothing; the table and plot of the rows already there.
+        report_only: train nothing; the table and plot of the rows already there (at the resolutions they were
+            trained and tested at, whatever `img_size` and `resolutions` say).
         overrides: further config overrides for every run, before the run's own (e.g. data.batch_size=128,
             train.mixed_precision=bf16 on a GPU); they change what is compared, so keep them for a whole study.
     Returns:
         The rows of runs.csv (see `read_runs`).
     """
+    path = os.path.join(out_dir, RUNS_CSV)
+    recorded = _recorded_resolutions(path)  # the study's own: training resolution first
+    if report_only:
+        if not read_runs(path):
+            raise ValueError(f'report_only: no runs recorded in {path} (train them first, or check the output folder)')
+        resolutions, img_size = recorded, recorded[0]
     resolutions = list(resolutions)
     if not resolutions or resolutions[0] != img_size:
         raise ValueError(f'resolutions must start with the training resolution img_size={img_size}, got {resolutions}')
-    if list(progressive_sizes)[-1:] != [img_size]:
+    if recorded is not None and recorded != resolutions:
+        raise ValueError(f'{path} holds runs trained at {recorded[0]} px and tested at {recorded}: continue that study '
+                         f'with img_size={recorded[0]} and these resolutions, or choose another output folder')
+    if not report_only and list(progressive_sizes)[-1:] != [img_size]:
         raise ValueError(f'progressive_sizes must end with img_size={img_size}, got {list(progressive_sizes)}')
     _check_positive('resolutions', resolutions)
     _check_positive('progressive_sizes', progressive_sizes)
     owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
     if owned:
         raise ValueError(f'overrides {owned} set what the study sets per run ({", ".join(_OWNED)}): use its options')
-    path = os.path.join(out_dir, RUNS_CSV)
-    if report_only and not read_runs(path):
-        raise ValueError(f'report_only: no runs recorded in {path} (train them first, or check the output folder)')
     os.makedirs(out_dir, exist_ok=True)
     fields = _fields(resolutions)
     done = {r['run_id'] for r in read_runs(path)}
