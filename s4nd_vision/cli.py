@@ -265,7 +265,11 @@ def _inflate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inflate_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import logging
+
     from .models.inflate import inflate_checkpoint
+    logging.basicConfig(format='%(message)s')
+    logging.getLogger('s4nd_vision').setLevel(logging.INFO)  # the report of what was copied, inflated, initialized
     weights = inflate_checkpoint(
         args.source, args.output, args.model, args.model_kwargs, time_init=args.time_init,
         time_decay=args.time_decay, conv_mode=args.conv_mode, keep_head=args.keep_head)
@@ -384,15 +388,18 @@ def _count_flops(args: argparse.Namespace, specs) -> None:
     from .bench.flops import count_flops
     from .models import input_size_args
     for label, (name, kwargs) in zip(args.models, specs):
-        size = dict(img_size=args.img_size) if input_size_args(name) else {}
-        model = timm.create_model(name, **dict(size, **kwargs)).eval()
-        if hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
+        own = input_size_args(name)  # this package's image and video models: built for the size
+        model = timm.create_model(name, **dict({'img_size': args.img_size} if own else {}, **kwargs)).eval()
+        layout = model.pretrained_cfg.get('input_size', (3, 0, 0))
+        if not own and len(layout) == 3 and hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
             model.set_input_size(img_size=args.img_size)
-        x = torch.randn(args.batch_size, getattr(model, 'in_chans', 3), args.img_size, args.img_size)
+        # an image at --img-size, a clip of the model's frames at it, or a sequence of the model's length
+        shape = {2: layout[1:], 3: (args.img_size,) * 2, 4: (layout[1], args.img_size, args.img_size)}[len(layout)]
+        x = torch.randn(args.batch_size, getattr(model, 'in_chans', layout[0]), *shape)
         counted = count_flops(model, (x,))
         plain = FlopCountAnalysis(model, (x,))
         top = ', '.join(f'{op} {v / 1e9:.3f}' for op, v in counted.by_operator().most_common())
-        print(f'{label} @ {args.img_size}, batch {args.batch_size}, algorithm {args.algorithm}: '
+        print(f'{label} @ {"x".join(map(str, shape))}, batch {args.batch_size}, algorithm {args.algorithm}: '
               f'{counted.total() / 1e9:.3f} GMACs ({2 * counted.total() / 1e9:.2f} GFLOPs); '
               f'plain fvcore {plain.total() / 1e9:.3f} GMACs')
         print(f'  by operator (GMACs): {top}')

@@ -131,3 +131,21 @@ def test_inflate_cli_names_a_missing_or_wrong_source(tmp_path, capsys):
     assert code == 2
     assert err.strip() == 'error: state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)'
     assert not os.path.exists(out)
+
+
+def test_inflate_cli_creates_the_output_folder_and_refuses_a_folder_as_output(tmp_path, capsys, caplog):
+    import timm
+    from safetensors.torch import save_file
+
+    import s4nd_vision  # noqa: F401
+    source = str(tmp_path / '2d.safetensors')
+    save_file(timm.create_model('convnext_s4nd_atto').state_dict(), source)
+    code, err = _inflate(capsys, source, str(tmp_path))
+    assert code == 2 and err.strip() == f"error: dst '{tmp_path}' is a folder: give the safetensors file to write"
+    out = tmp_path / 'new' / 'folder' / '3d.safetensors'
+    main = runpy.run_path(os.path.join(ROOT, 'tools', 'inflate.py'))['main']
+    main([source, str(out), '--model', 'convnext_s4nd_3d_atto'])
+    captured = capsys.readouterr()
+    assert out.is_file() and not os.path.exists(str(out) + '.tmp') and f'to {out}' in captured.out
+    assert 'from 2D weights (inflated): loaded' in caplog.text  # the transfer report: the command shows INFO
+    timm.create_model('convnext_s4nd_3d_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))

@@ -186,3 +186,22 @@ def test_video_and_sequence_weights_adapt_to_other_input_channels(name, source_n
     torch.testing.assert_close(got.reshape(want.shape[0], in_chans, -1), want.reshape(want.shape[0], in_chans, -1))
     x = torch.randn(1, in_chans, 64) if name.startswith('s4nd_seq') else torch.randn(1, in_chans, 4, 64, 64)
     assert model(x).shape == (1, model.num_classes)
+
+
+def test_sizes_and_poolings_the_models_cannot_run_are_refused_when_built():
+    """An img_size no input could have (below the total stride, or off the ViT patch grid, which the forward
+    refuses) and timm's class-token poolings fail at construction with the expectation, not at the first
+    forward or inside a layer ('l_ref must hold positive integers') or timm's head (a bare AssertionError)."""
+    with pytest.raises(ValueError, match=r'img_size must be at least 32 on each side, got \(64, 16\)'):
+        timm.create_model('convnext_s4nd_atto', img_size=(64, 16))
+    with pytest.raises(ValueError, match=r'img_size must be positive multiples of the patch size \(16, 16\)'):
+        timm.create_model('vit_s4nd_atto_patch16_224', img_size=70)
+    vit = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64)
+    with pytest.raises(ValueError, match='positive multiples of the patch size'):
+        vit.set_input_size(70)
+    assert vit.img_size == (64, 64)
+    for name in ('vit_s4nd_atto_patch16_224', 'convnext_s4nd_atto'):
+        with pytest.raises(ValueError, match="global_pool='token' pools a class token"):
+            timm.create_model(name, global_pool='token')
+        with pytest.raises(ValueError, match="global_pool='map'"):
+            timm.create_model(name).reset_classifier(5, 'map')

@@ -30,6 +30,7 @@ torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): t
 
 __all__ = [
     'S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'LIBRARY_CFG', 'init_weights', 'update_model_args', 'input_size_args',
+    'check_global_pool',
 ]
 
 # The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
@@ -47,6 +48,13 @@ LIBRARY_CFG = dict(
            "ends in 'Unknown model'.",))
 
 MIXER_TYPES = ('s4nd', 'conv')  # the blocks' spatial mixer: S4ND, or the depthwise conv of the baselines
+
+
+def check_global_pool(global_pool: Optional[str]) -> None:
+    """Refuse timm's ViT poolings, which these models have nothing for (timm's heads only assert)."""
+    if global_pool in ('token', 'map'):
+        raise ValueError(f"global_pool={global_pool!r} pools a class token or with attention, which S4ND models do "
+                         f"not have: use 'avg', 'max', 'avgmax' or '' (none)")
 
 
 class S4NDModel(nn.Module):
@@ -71,6 +79,7 @@ class S4NDModel(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
         """A new classifier for `num_classes` (0: none) and, if given, pooling; `reset_other` also removes
         the head's norm and pre-logits MLP (heads that have them)."""
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.head.reset(
             num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
@@ -89,6 +98,7 @@ class S4NDModel(nn.Module):
     ) -> None:
         """ConvNeXt's head (timm's norm-MLP classifier head on `num_features`), then the weight init of the
         whole model."""
+        check_global_pool(global_pool)
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, hidden_size=head_hidden_size, pool_type=global_pool,
             drop_rate=drop_rate, norm_layer=LayerNorm2d, act_layer='gelu', device=device, dtype=dtype)

@@ -262,6 +262,8 @@ class ConvNeXtBase(S4NDModel):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.img_size = to_2tuple(img_size)
+        self.min_input_size = self.stem_stride[-1] * self.down[-1] ** (len(depths) - 1)  # the total stride
+        self._check_input_size(self.img_size)
         grid = self._grid(self.img_size)
         s4nd_layer = partial(
             S4ND, ndim=len(grid), kernel=kernel, d_state=d_state,
@@ -303,7 +305,6 @@ class ConvNeXtBase(S4NDModel):
             # reduction is spatial (timm's convention): the last axis' stride
             self.feature_info += [dict(num_chs=out_chs, reduction=stride[-1], module=f'stages.{i}')]
         self.stages = nn.Sequential(*stages)
-        self.min_input_size = stride[-1]
         self.num_features = prev_chs
         self.norm_pre = nn.Identity()
         self._init_norm_mlp_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)

@@ -263,15 +263,20 @@ def inflate_checkpoint(
         **inflate_kwargs,
 ) -> Dict[str, torch.Tensor]:
     """Inflate the 2D checkpoint file `src` (safetensors or torch) for the timm model `model_name`
-    (built with `model_kwargs`), and save the result to `dst` (safetensors). Returns the weights.
+    (built with `model_kwargs`), and save the result to `dst` (safetensors; its folder is created). Returns the
+    weights.
 
     `inflate_kwargs` go to `inflate_state_dict`. The file loads with
     `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=dst))`.
     """
+    if os.path.isdir(dst):
+        raise ValueError(f'dst {dst!r} is a folder: give the safetensors file to write')
     state_dict = load_checkpoint_file(src)
     if not timm.is_model(model_name):
         raise ValueError(f'unknown timm model {model_name!r} (the 3D target, e.g. convnext_s4nd_3d_tiny)')
     model = timm.create_model(model_name, **(model_kwargs or {}))
     weights = inflate_state_dict(state_dict, model, **inflate_kwargs)
-    save_file(weights, dst)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    save_file(weights, dst + '.tmp')  # (then renamed: a killed run leaves no partial file under the name)
+    os.replace(dst + '.tmp', dst)
     return weights

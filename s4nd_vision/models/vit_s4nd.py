@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, stacked_kernels
-from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel
+from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -187,6 +187,7 @@ class VisionTransformerS4ND(S4NDModel):
             drop_path_rate: stochastic depth rate.
         """
         super().__init__()
+        check_global_pool(global_pool)
         if token_layout not in _LAYOUT_DT:
             raise ValueError(f'token_layout must be one of {tuple(_LAYOUT_DT)}, got {token_layout!r}')
         dd = dict(device=device, dtype=dtype)
@@ -198,9 +199,8 @@ class VisionTransformerS4ND(S4NDModel):
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             output_fmt='NHWC', strict_img_size=False, **dd)
+        self._check_input_size(self.patch_embed.img_size)
         grid_size = self.patch_embed.grid_size
-        if min(grid_size) < 1:
-            raise ValueError(f'img_size must be at least patch_size ({patch_size}) on each side, got {img_size}')
 
         default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
         s4nd_layer = partial(
@@ -227,8 +227,9 @@ class VisionTransformerS4ND(S4NDModel):
         return self.patch_embed.img_size
 
     def _check_input_size(self, img_size: Tuple[int, int]) -> None:
-        if min(s // p for s, p in zip(img_size, self.patch_embed.patch_size)) < 1:
-            raise ValueError(f'img_size must be at least the patch size {self.patch_embed.patch_size}, got {img_size}')
+        if any(s < p or s % p for s, p in zip(img_size, self.patch_embed.patch_size)):  # (what the input must be)
+            raise ValueError(f'img_size must be positive multiples of the patch size {self.patch_embed.patch_size}, '
+                             f'got {img_size}')
 
     @torch.jit.ignore
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
