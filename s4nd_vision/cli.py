@@ -196,7 +196,7 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
                              axis=args.axis, channels=args.channels)
     for cut in dict.fromkeys(r['bandlimit'] for r in rows):
         mine = [r for r in rows if r['bandlimit'] == cut]
-        print(f'\nbandlimit {"off" if cut is None else cut}:\n\n{format_summary(summarize(mine))}\n')
+        print(f'\nbandlimit {"off" if not cut else cut}:\n\n{format_summary(summarize(mine))}\n')
     print(format_report(rows))
     print(f'\nwrote {csv_path} and {png}')
     return rows

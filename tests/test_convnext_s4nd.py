@@ -298,3 +298,36 @@ def test_inference_paths_agree_in_a_model():
         assert ops.DepthwiseConv2d in used and list in used  # (the pooling stem and downsampling: Toeplitz)
         with dispatch.force_path('fast'):
             torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name, kwargs, shape', [
+    ('convnext_s4nd_atto', {}, (2, 3, 64, 96)),
+    ('convnext_s4nd_atto', dict(stem_type='patch', downsample_type='conv'), (2, 3, 64, 96)),
+    ('convnext_s4nd_3d_atto', dict(num_frames=4), (1, 3, 4, 64, 64)),
+])
+def test_output_stride_keeps_the_weights_and_dilates_the_last_stages(name, kwargs, shape, monkeypatch):
+    """timm's `output_stride` (dense prediction): the same weights load, the stages before the dilated ones are
+    unchanged, the dilated ones keep the resolution (feature_info says so) with their S4ND kernels sampled
+    twice (four times) as densely, and the stacked training step equals the layer-by-layer one (each layer
+    gets kernels for the grid it really runs on)."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, img_size=64, **kwargs).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        plain_feats = plain.forward_intermediates(x, intermediates_only=True)
+    for output_stride, reductions in ((16, [4, 8, 16, 16]), (8, [4, 8, 8, 8])):
+        model = timm.create_model(name, img_size=64, output_stride=output_stride, **kwargs).eval()
+        model.load_state_dict(plain.state_dict())  # (strict: the same parameters and reference grids)
+        assert [f['reduction'] for f in model.feature_info] == reductions
+        with torch.no_grad():
+            feats = model.forward_intermediates(x, intermediates_only=True)
+        for feat, reduction in zip(feats, reductions):
+            assert tuple(feat.shape[-2:]) == tuple(s // reduction for s in shape[-2:])
+        undilated = reductions.index(output_stride) + 1  # the stages up to the first at output_stride
+        for a, b in zip(feats[:undilated], plain_feats[:undilated]):
+            torch.testing.assert_close(a, b)
+        step_with_and_without_stacking(monkeypatch, model.train(), x, [])
+    features = timm.create_model(name, img_size=64, output_stride=16, features_only=True, **kwargs)
+    assert features.feature_info.reduction() == [4, 8, 16, 16]
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
+        timm.create_model(name, output_stride=4, **kwargs)

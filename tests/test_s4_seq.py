@@ -78,6 +78,8 @@ def test_input_and_argument_errors():
         model(torch.zeros(1, 3, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match=r'floating point input \(B, C, L\)'):
         model(torch.zeros(1, 1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r'input sides must be at least 1 .*got \(0,\)'):  # (the length, not (C, L))
+        model(torch.zeros(1, 1, 0, dtype=torch.float64))
     with pytest.raises(ValueError, match='global_pool'):
         timm.create_model('s4nd_seq_atto', global_pool='token')
     with pytest.raises(ValueError, match='mixer'):

@@ -83,7 +83,7 @@ def load_model(
             raise ValueError(
                 f'the weights in {checkpoint!r} do not fit {name} built with {built or "its defaults"} '
                 f'({detail}): build it with the arguments it was trained with (eval-resolution: '
-                f'--models NAME,key=value,...)') from None
+                f'--models NAME,key=value,...; kernel-report, export: --model-kwargs key=value ...)') from None
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()

@@ -15,8 +15,8 @@ def check_input(
         min_frames: int = 1,
 ) -> torch.Tensor:
     """x, after raising ValueError unless it is a floating point tensor with the rank of `layout`, `in_chans`
-    channels (dim 1), its last two sides (H, W) at least `min_side` (the model's total stride) and multiples of
-    `patch`, and (clips) at least `min_frames` frames (dim 2).
+    channels (dim 1), its last two sides (H, W; a sequence: its length) at least `min_side` (the model's total
+    stride) and multiples of `patch`, and (clips) at least `min_frames` frames (dim 2).
 
     Every check of a model's input is here: the models' modules wrap this function for FX (`torch.fx.wrap`), so
     an FX graph (timm's `feature_cls='fx'`) calls it on the real input instead of tracing through it; it returns
@@ -29,8 +29,9 @@ def check_input(
         raise ValueError(f'expected input {layout}, got shape {tuple(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(f'expected {in_chans} input channels, got {x.shape[1]} in shape {tuple(x.shape)}')
-    if min(x.shape[-2:]) < min_side:
-        raise ValueError(f'input sides must be at least {min_side} (the total stride), got {tuple(x.shape[-2:])}')
+    sides = x.shape[-2:] if rank >= 4 else x.shape[-1:]  # (H, W), or a sequence's length
+    if min(sides) < min_side:
+        raise ValueError(f'input sides must be at least {min_side} (the total stride), got {tuple(sides)}')
     if patch is not None and any(s < p or s % p for s, p in zip(x.shape[-2:], patch)):
         raise ValueError(
             f'input sides must be positive multiples of the patch size {patch}, got {tuple(x.shape[-2:])}')

@@ -128,6 +128,7 @@ class ConvNeXtStage(nn.Module):
             s4nd_layer: Callable,
             mixer_layer: Optional[Callable[[int], nn.Module]] = None,
             downsample_type: Optional[str] = 's4nd',
+            dilated: bool = False,
             depth: int = 2,
             drop_path_rates: Optional[List[float]] = None,
             mlp_ratio: float = 4.,
@@ -144,6 +145,10 @@ class ConvNeXtStage(nn.Module):
             mixer_layer: builds a block's mixer for a channel count; None: S4ND referenced to `feat_size`.
             downsample_type: 's4nd' (norm, S4ND with average pooling by `down` (fused), pointwise GLU
                 projection), 'conv' (norm, conv of kernel and stride `down`) or None (no downsampling).
+            dilated: keep the input's resolution (timm's `output_stride`): no pooling, a conv of stride 1
+                ('same' padding, timm's choice), and the blocks' S4ND kernels sampled `down` times as densely
+                (their reference grid stays `feat_size`: the kernels cover the same part of the image, as
+                dilated convs do).
         """
         super().__init__()
         dd = dict(device=device, dtype=dtype)
@@ -151,11 +156,13 @@ class ConvNeXtStage(nn.Module):
         self.grad_checkpointing = False
         if downsample_type == 's4nd':
             in_size = tuple(s * d for s, d in zip(feat_size, down))
-            self.downsample = S4NDDownsample(in_chs, out_chs, in_size, down, s4nd_layer, **dd)
+            pool = (1,) * len(down) if dilated else down
+            self.downsample = S4NDDownsample(in_chs, out_chs, in_size, pool, s4nd_layer, **dd)
         elif downsample_type == 'conv':
             self.downsample = nn.Sequential(
                 norm(in_chs, **dd),
-                conv(in_chs, out_chs, kernel_size=down, stride=down, **dd),
+                conv(in_chs, out_chs, kernel_size=down, **(
+                    dict(stride=1, padding='same') if dilated else dict(stride=down)), **dd),
             )
         else:
             self.downsample = nn.Identity()
@@ -198,6 +205,7 @@ class ConvNeXtBase(S4NDModel):
             stem_type: str = 's4nd',
             stem_chs: int = 32,
             downsample_type: str = 's4nd',
+            output_stride: int = 32,
             kernel: str = 's4d',
             d_state: int = 64,
             ssm_init: Optional[str] = None,
@@ -227,6 +235,8 @@ class ConvNeXtBase(S4NDModel):
             stem_chs: channels of the S4ND stem filter.
             downsample_type: 's4nd' (resolution-aware, default) or 'conv' (timm's conv: kernel and
                 stride `down`).
+            output_stride: 32, 16 or 8 (timm's, for dense prediction): the last stages keep the resolution of
+                the stage before them (see `ConvNeXtStage`'s `dilated`); the weights are the same.
             kernel: per-axis kernel of every S4ND layer: 's4d' (diagonal SSM), 's4' (DPLR SSM) or 'sgconv'
                 (`S4ND`'s `kernel`).
             d_state: SSM state size per axis ('s4d', 's4').
@@ -252,6 +262,8 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'downsample_type must be one of {DOWNSAMPLE_TYPES}, got {downsample_type!r}')
         if len(depths) != len(dims):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
         if bandlimit and kernel != 's4d':
             raise ValueError(f"bandlimit applies to kernel='s4d' only: leave it out or pass 0 with kernel={kernel!r} "
                              f"(got bandlimit={bandlimit})")
@@ -277,22 +289,28 @@ class ConvNeXtBase(S4NDModel):
 
         dp_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         mixer_layer = self._mixer_layer(**dd)
+        if mixer_layer is not None and output_stride < 32:
+            raise ValueError(f'output_stride={output_stride} needs S4ND blocks (mixer_type=\'s4nd\'): dilated '
+                             f'depthwise convs are not implemented')
         self.feature_info = []
-        self._stage_strides = []  # stride per spatial axis of each stage's grid
+        self._stage_strides = []  # stride per spatial axis of each stage's grid (as run)
         stages = []
         prev_chs = dims[0]
-        stride = self.stem_stride
+        stride = nominal = self.stem_stride  # (nominal: without dilation, what the reference grids follow)
         for i, (depth, out_chs) in enumerate(zip(depths, dims)):
+            dilated = i > 0 and stride[-1] * self.down[-1] > output_stride
             if i > 0:
-                stride = tuple(s * d for s, d in zip(stride, self.down))
+                nominal = tuple(s * d for s, d in zip(nominal, self.down))
+                stride = stride if dilated else tuple(s * d for s, d in zip(stride, self.down))
             stages.append(ConvNeXtStage(
                 prev_chs,
                 out_chs,
-                feat_size=tuple(g // s for g, s in zip(grid, stride)),
+                feat_size=tuple(g // s for g, s in zip(grid, nominal)),
                 down=self.down,
                 s4nd_layer=s4nd_layer,
                 mixer_layer=mixer_layer,
                 downsample_type=downsample_type if i > 0 else None,
+                dilated=dilated,
                 depth=depth,
                 drop_path_rates=dp_rates[i],
                 mlp_ratio=mlp_ratio,
@@ -367,7 +385,7 @@ class ConvNeXtBase(S4NDModel):
             s.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by 32 (clips: T by 2).
+        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by output_stride (clips: T by 2).
 
         In a training step every S4ND layer's kernels are generated up front in a few stacked calls
         (`stacked_kernels`: one per kernel length instead of one per layer)."""
