@@ -55,6 +55,10 @@ def test_set_input_size_keeps_the_function_and_states_the_size(family):
     before = _outputs(model, shapes)
     model.set_input_size(**new)
     assert model.pretrained_cfg['input_size'] == _input_size(new)
+    if family != 'seq':  # pool_size: the final feature map at the new size (the head's pooling window)
+        with torch.no_grad():
+            final = model.forward_features(torch.randn(1, in_chans, *_input_size(new)[1:]))
+        assert model.pretrained_cfg['pool_size'] == tuple(final.shape[2:]), family
     if family != 'seq':  # (timm's data config reads images)
         assert resolve_model_data_config(model)['input_size'] == _input_size(new)
         assert get_model_input_config(model)['input_size'] == (in_chans, new['img_size'], new['img_size'])

@@ -174,11 +174,15 @@ class S4NDModel(nn.Module):
         return (self.in_chans, *self.img_size)
 
     def _state_input_size(self, cfg: Dict[str, Any]) -> None:
-        """Write the native spatial input size into a pretrained cfg (in place). The channel count stays the one
-        the cfg states, that of the source weights: timm's builder adapts their first conv to `in_chans` from
-        it (`create_model(name, pretrained=True, in_chans=1)`). The model's own channels are `in_chans`."""
+        """Write the native spatial input size (and its final feature map's, `pool_size`) into a pretrained cfg
+        (in place). The channel count stays the one the cfg states, that of the source weights: timm's builder
+        adapts their first conv to `in_chans` from it (`create_model(name, pretrained=True, in_chans=1)`). The
+        model's own channels are `in_chans`."""
         chans = (cfg.get('input_size') or (self.in_chans,))[0]
         cfg['input_size'] = (chans, *self.input_size()[1:])
+        if getattr(self, 'feature_info', None):  # the final feature map at that size (H, W)
+            reduction = self.feature_info[-1]['reduction']
+            cfg['pool_size'] = tuple(s // reduction for s in self.input_size()[-2:])
 
     @property
     def pretrained_cfg(self) -> Optional[Dict[str, Any]]:

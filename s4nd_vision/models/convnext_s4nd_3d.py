@@ -112,7 +112,7 @@ class ConvNeXt3d(ConvNeXtBase):
     def _state_input_size(self, cfg: Dict[str, Any]) -> None:
         """timm's registry holds (C, H, W) input sizes only: the instance's cfg states the clip it takes."""
         super()._state_input_size(cfg)
-        cfg['pool_size'] = (self.num_frames // _TUBELET[0], self.img_size[0] // 32, self.img_size[1] // 32)
+        cfg['pool_size'] = (self.num_frames // _TUBELET[0], *cfg['pool_size'])
 
     def record_input_size(self) -> None:
         super().record_input_size()
