@@ -43,7 +43,6 @@ def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-
 def adapt_input_channels(
         state_dict: Dict[str, torch.Tensor], first_conv: str, in_chans: int) -> Dict[str, torch.Tensor]:
     """`state_dict` with the weight of the conv `first_conv` (any number of kernel axes) adapted to `in_chans`
@@ -59,6 +58,7 @@ def adapt_input_channels(
     adapted = adapt_input_conv(in_chans, flat, base_chans=source_chs).reshape(out_chs, in_chans, *kernel_size)
     _logger.info(f'{name}: adapted from {source_chs} to {in_chans} input channels')
     return {**state_dict, name: adapted}
+
 
 def _pointwise_kind(shape: Sequence[int]) -> Optional[str]:
     return _POINTWISE.get(len(shape)) if len(shape) == 2 or all(s == 1 for s in shape[2:]) else None

@@ -192,6 +192,12 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
     try:
         accelerator.load_state(path)
+    except ValueError as e:  # the optimizer's parameter groups (torch: 'loaded state dict has a different ...')
+        if 'parameter group' not in str(e):
+            raise
+        raise ConfigError(f'--resume: the optimizer of checkpoint {path!r} has other parameter groups than this '
+                          f'run\'s ({e}): optim.layer_decay, optim.ssm_lr or the no-weight-decay parameters changed; '
+                          f'resume with the checkpoint\'s, or start a fresh run in another output_dir') from None
     except RuntimeError as e:  # load_state_dict's report of every mismatched tensor: one line instead
         if 'state_dict' not in str(e):
             raise
@@ -230,6 +236,10 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], w
             f'--resume: checkpoint {path!r} belongs to model {old.get("model.name")!r} with model.kwargs '
             f'{old.get("model.kwargs")}, but this run builds {new.get("model.name")!r} with model.kwargs '
             f'{new.get("model.kwargs")}: resume with the checkpoint\'s model, or choose another train.output_dir')
+    if old.get('optim.opt', new.get('optim.opt')) != new.get('optim.opt'):  # (its moments would not fit)
+        raise ConfigError(f'--resume: checkpoint {path!r} was written with optim.opt={old.get("optim.opt")!r}, this '
+                          f'run has {new.get("optim.opt")!r}: resume with the checkpoint\'s optimizer, or start a '
+                          f'fresh run in another output_dir')
     if (old.get('train.ema_decay') is None) != (new.get('train.ema_decay') is None):
         raise ConfigError(
             f'--resume: checkpoint {path!r} was written {"without" if old.get("train.ema_decay") is None else "with"} '
