@@ -86,6 +86,8 @@ def test_input_and_argument_errors():
         timm.create_model('s4nd_seq_atto', mixer='attention')
     with pytest.raises(ValueError, match='seq_len'):
         model.set_input_size(0)
+    model.set_input_size()  # (None keeps the length, as timm's models do)
+    assert model.seq_len == 784 and model.pretrained_cfg['input_size'] == (1, 784)
 
 
 @pytest.mark.parametrize('bidirectional', [False, True])

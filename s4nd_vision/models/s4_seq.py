@@ -191,10 +191,11 @@ class SeqS4ND(nn.Module):
             nn.Conv1d(dim, dim, conv_kernel_size, groups=dim, **dd))
 
     @torch.jit.ignore
-    def set_input_size(self, seq_len: int) -> None:
-        """Make `seq_len` the model's native length, keeping its function: the S4ND layers keep their reference
-        grids (saved with the weights; the rate follows the input), `pretrained_cfg['input_size']` becomes
-        (C, seq_len)."""
+    def set_input_size(self, seq_len: Optional[int] = None) -> None:
+        """Make `seq_len` the model's native length (None keeps it, as in timm), keeping its function: the S4ND
+        layers keep their reference grids (saved with the weights; the rate follows the input),
+        `pretrained_cfg['input_size']` becomes (C, seq_len)."""
+        seq_len = self.seq_len if seq_len is None else seq_len
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f'seq_len must be a positive integer, got {seq_len!r}')
         self.seq_len = seq_len
