@@ -531,6 +531,22 @@ def test_kernel_cache_never_serves_kernels_of_old_parameter_values(change, memor
         assert not torch.equal(expected, S4ND(4, ndim=2, d_state=8, l_ref=8)(x))  # sanity: the input matters
 
 
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_parameters_that_are_views_into_one_flat_vector_work(kernel):
+    """`vector_to_parameters` (and FSDP's flat parameters) leave parameters as views that can start at an odd
+    offset, where a complex view of the (re, im) pairs is impossible without a copy."""
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=4, kernel=kernel)
+    plain = copy.deepcopy(layer)
+    flat = torch.nn.utils.parameters_to_vector(layer.parameters())
+    torch.nn.utils.vector_to_parameters(flat, layer.parameters())
+    assert any(p.storage_offset() % 2 for p in layer.parameters())
+    x = torch.randn(2, 3, 6, 5)  # (axes of different lengths: each generated on its own, not concatenated)
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
 def test_empty_batch_gives_an_empty_output():
     layer = S4ND(4, ndim=2, l_ref=8, pool=2)
     for grad in (True, False):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
-from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm
+from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm, as_complex
 
 __all__ = ['S4Kernel']
 
@@ -96,7 +96,7 @@ class S4Kernel(_DiagonalSSM):
     def _modes(self, dtype: torch.dtype) -> tuple:
         """Lambda, P, B (dim, N) and C (K, dim, N) complex, conjugate halves included."""
         lam = torch.complex(-self.log_a_real.to(dtype).exp(), self.a_imag.to(dtype))
-        p, b, c = (torch.view_as_complex(t.to(dtype).contiguous()) for t in (self.p, self.b, self.c_pairs))
+        p, b, c = (as_complex(t.to(dtype)) for t in (self.p, self.b, self.c_pairs))
         return _full(lam), _full(p), _full(b), _full(c)
 
     @staticmethod

@@ -149,6 +149,13 @@ def _powers_into(z: torch.Tensor, length: int) -> torch.Tensor:
     return v
 
 
+def as_complex(pairs: torch.Tensor) -> torch.Tensor:
+    """(..., 2) real pairs as a complex view, copied first where a view is impossible: a parameter that is a view
+    into a flat vector (`vector_to_parameters`, FSDP's flat parameters) can start at an odd offset."""
+    pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs if pairs.storage_offset() % 2 == 0 else pairs.clone())
+
+
 def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequence[Optional[torch.Tensor]]):
     """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels, B and the
     masked C as complex (H, N2) and (K, H, N2), with the per-channel rate (a float when shared)."""
@@ -161,11 +168,11 @@ def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequen
     rate = rates[0]
     if any(r != rate for r in rates):
         rate = torch.cat([g[0].new_full((g[0].shape[0], 1), r) for g, r in zip(groups, rates)])
-    c = torch.view_as_complex(c.contiguous())
+    c = as_complex(c)
     mask = _stacked_mask(params, masks)
     if mask is not None:
         c = c * mask
-    return log_dt, log_a_real, a_imag, torch.view_as_complex(b.contiguous()), c, rate
+    return log_dt, log_a_real, a_imag, as_complex(b), c, rate
 
 
 def _stacked_mask(params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
