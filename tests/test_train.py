@@ -379,8 +379,8 @@ def test_the_model_is_built_for_the_training_size(tmp_path, folder):
     assert model.img_size == (32, 32) and model.stem[1].l_ref == (32, 32)
     assert model.stages[3].blocks[0].conv_dw.l_ref == (1, 1)
     assert model.pretrained_cfg['input_size'] == (3, 32, 32)
-    assert trainer.data.size_kwargs('convnext_s4nd_atto') == 'img_size=32, '
-    assert trainer.data.size_kwargs('convnext_atto') == ''
+    assert trainer.data.rebuild_kwargs('convnext_s4nd_atto', model) == dict(img_size=32)
+    assert trainer.data.rebuild_kwargs('convnext_atto', timm.create_model('convnext_atto')) == {}
 
 
 def test_channels_last_run(tmp_path, folder):

@@ -153,7 +153,9 @@ def as_complex(pairs: torch.Tensor) -> torch.Tensor:
     """(..., 2) real pairs as a complex view, copied first where a view is impossible: a parameter that is a view
     into a flat vector (`vector_to_parameters`, FSDP's flat parameters) can start at an odd offset."""
     pairs = pairs.contiguous()
-    return torch.view_as_complex(pairs if pairs.storage_offset() % 2 == 0 else pairs.clone())
+    if not torch.compiler.is_compiling() and pairs.storage_offset() % 2:  # (a compiled graph has no offsets)
+        pairs = pairs.clone()
+    return torch.view_as_complex(pairs)
 
 
 def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequence[Optional[torch.Tensor]]):
