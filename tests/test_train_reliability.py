@@ -145,15 +145,20 @@ def test_resume_applies_the_changed_hyperparameters(tmp_path, folder):
     """The checkpoint restores weights, optimizer moments and position; the resumed run's config sets lr, weight
     decay and schedule length (what the divergence error advises: resume with a lower optim.lr), exactly as a
     fresh run of that config would have them at the same update."""
-    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))).fit()
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'optim.opt=lookahead_adamw'))).fit()
     _reset()
-    changed = ['train.epochs=3', 'optim.lr=1e-4', 'optim.ssm_lr=3e-5', 'optim.weight_decay=0.01']
+    changed = ['optim.opt=lookahead_adamw', 'train.epochs=3', 'optim.lr=1e-4', 'optim.ssm_lr=3e-5',
+               'optim.weight_decay=0.01']
     with pytest.warns(UserWarning, match='the new values apply'):
         resumed = Trainer(load_config(None, _overrides(folder, tmp_path, *changed)), resume=True)
     _reset()
     fresh = Trainer(load_config(None, _overrides(folder, tmp_path / 'fresh', *changed)))
     fresh.scheduler.step_update(num_updates=resumed.state.update)
     assert resumed.state.update == fresh.updates_per_epoch
+    # the optimizer's own counters in its groups come from the checkpoint (lookahead's step: the slow-weight sync)
+    assert {g['lookahead_step'] for g in resumed.optimizer.param_groups} == {resumed.state.update}
+    for g in fresh.optimizer.param_groups:
+        g['lookahead_step'] = resumed.state.update
     hyper = [{k: v for k, v in g.items() if k != 'params'} for g in fresh.optimizer.param_groups]
     assert [{k: v for k, v in g.items() if k != 'params'} for g in resumed.optimizer.param_groups] == hyper
     assert {g['weight_decay'] for g in hyper} >= {0.01} and max(g['initial_lr'] for g in hyper) == 1e-4

@@ -59,6 +59,11 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the weights) stopped being finite; nothing non-finite was written."""
 
 
+# the parameter-group entries a config sets (lr and its schedule's base, layer decay's scale, weight decay, and the
+# optimizer's own settings); a resumed run takes these from its config and everything else from the checkpoint
+_CONFIG_GROUP_KEYS = ('lr', 'initial_lr', 'lr_scale', 'weight_decay', 'betas', 'eps')
+
+
 class Trainer:
     """Trains a timm model as `cfg` says. `fit()` runs (or resumes) the whole schedule.
 
@@ -153,7 +158,8 @@ class Trainer:
         if self.resumed_from is not None:
             # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
             # restores the weights, the optimizer's moments and the position, and the schedule goes on from there
-            fresh_groups = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
+            # (only the config's values: optimizers also keep counters in their groups, e.g. lookahead_step)
+            fresh_groups = [{k: g[k] for k in _CONFIG_GROUP_KEYS if k in g} for g in self.optimizer.param_groups]
             fresh_schedule = self.scheduler.state_dict()  # (cosine, tanh, poly: a function of the config alone)
             load_checkpoint(acc, self.resumed_from, self.state, config_to_dict(cfg))
             for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
