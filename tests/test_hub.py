@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 import timm
-import timm.models._hub as timm_hub
 import torch
 
 import s4nd_vision
@@ -93,8 +93,31 @@ def test_model_card_overrides_and_paper_citations():
     assert len(cites) == 2 and 'nguyen2022s4nd' in cites[0] and 'li2023sgconv' in cites[1]
 
 
-def test_push_to_hub_uploads_the_card(monkeypatch):
-    """timm's push_to_hf_hub with our card; the Hub client is replaced by one that reads the folder it is given."""
+@pytest.mark.parametrize('name, kwargs, input_size, pool_size', [
+    ('convnext_s4nd_3d_atto', dict(img_size=32, num_frames=8, in_chans=1), [1, 8, 32, 32], [4, 1, 1]),
+    ('s4nd_seq_atto', dict(seq_len=50, in_chans=2), [2, 50], [50]),
+])
+def test_video_and_sequence_sizes_survive_the_round_trip(tmp_path, name, kwargs, input_size, pool_size):
+    """timm's config.json states (C, H, W) and drops other pool sizes; ours states the clip or the length."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    with open(tmp_path / 'config.json') as f:
+        cfg = json.load(f)['pretrained_cfg']
+    assert cfg['input_size'] == input_size and cfg['pool_size'] == pool_size
+    assert 'Input size: ' + ' x '.join(str(s) for s in input_size[1:]) in (tmp_path / 'README.md').read_text()
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert list(loaded.pretrained_cfg['input_size']) == input_size
+    assert timm.data.resolve_model_data_config(loaded)['input_size'] == tuple(input_size)
+    x = torch.randn(2, *input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize('has_readme', [False, True])
+def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
+    """timm's push_to_hf_hub with our card and config; the Hub client is replaced by one that reads the folder
+    it is given. A repository's README is kept, as timm keeps it."""
     uploaded = {}
 
     class FakeApi:
@@ -105,18 +128,22 @@ def test_push_to_hub_uploads_the_card(monkeypatch):
             return type('RepoUrl', (), {'repo_id': repo_id})()
 
         def file_exists(self, **kwargs):
-            return False
+            return has_readme
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
             for name in os.listdir(folder_path):
                 uploaded[name] = os.path.getsize(os.path.join(folder_path, name))
-            with open(os.path.join(folder_path, 'README.md'), encoding='utf-8') as f:
-                uploaded['text'] = f.read()
+            if not has_readme:
+                with open(os.path.join(folder_path, 'README.md'), encoding='utf-8') as f:
+                    uploaded['text'] = f.read()
             return repo_id
 
-    monkeypatch.setattr(timm_hub, 'HfApi', FakeApi)
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
     model = timm.create_model('s4nd_iso_tiny', img_size=14, num_classes=3)
     assert push_to_hub(model, 'me/iso') == 'me/iso'
+    if has_readme:
+        assert 'README.md' not in uploaded and {'config.json', 'model.safetensors'} <= set(uploaded)
+        return
     assert {'config.json', 'model.safetensors', 'README.md'} <= set(uploaded)
     assert '# Model card for iso\n' in uploaded['text']
     assert "timm.create_model('hf-hub:me/iso', pretrained=True)" in uploaded['text']

@@ -6,11 +6,14 @@ meta device) is checked for both modes in test_timm_compliance.py.
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from safetensors.torch import save_file
 from stacking import step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
+from s4nd_vision.deploy import save_for_hf
 from s4nd_vision.layers import S4ND
 from s4nd_vision.train.optim import ssm_param_names
 
@@ -78,6 +81,35 @@ def test_set_input_size_sets_the_patch_grid_and_keeps_the_reference_grids(mode):
     assert trained_64.blocks[0].mixer.s4nd.l_ref == reference == ((4, 4) if mode == '2d' else (16,))
     with pytest.raises(ValueError, match='img_size'):
         trained_64.set_input_size(8)
+
+
+def test_set_input_size_resamples_the_patch_embedding(tmp_path):
+    """timm's `set_input_size(patch_size=)`: a 32 px patch on a 2x image sees what the 16 px patch saw (FlexiViT's
+    resampling is exact for a patch resized as it assumes), on the same token grid; the change is saved."""
+    model = _atto(img_size=64, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    model.set_input_size(128, patch_size=32)
+    assert model.patch_embed.patch_size == (32, 32) and model.patch_embed.grid_size == (4, 4)
+    assert [i['reduction'] for i in model.feature_info] == [32] * len(model.blocks)
+    assert model.pretrained_cfg['input_size'] == (3, 128, 128) and model.pretrained_cfg['pool_size'] == (4, 4)
+    # each 16 px patch resized to 32 px on its own, as the resampling's pseudo-inverse assumes
+    patches = rearrange(x, 'b c (h p) (w q) -> (b h w) c p q', p=16, q=16)
+    patches = F.interpolate(patches, size=(32, 32), mode='bicubic', antialias=True)
+    x_128 = rearrange(patches, '(b h w) c p q -> b c (h p) (w q)', b=2, h=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_128), expected, atol=2e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match='multiples of the patch size'):
+        model.set_input_size(96, patch_size=64)
+    with pytest.raises(ValueError, match='square'):
+        model.set_input_size(128, patch_size=(32, 16))
+
+    save_for_hf(model, str(tmp_path))
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert loaded.patch_embed.patch_size == (32, 32) and loaded.img_size == (128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_128), model(x_128))
 
 
 def test_intermediates_nlc_are_the_nchw_grid_in_raster_order():

@@ -11,7 +11,9 @@ and end in "Unknown model" without it. Whoever loads a shared model must learn t
   the papers and the credit; `save_for_hf` / `push_to_hub` here are timm's with that card. A user of timm's own
   `timm.models.push_to_hf_hub` passes it: `push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))`.
 """
+import json
 import os
+import tempfile
 from typing import Optional
 
 import torch.nn as nn
@@ -136,6 +138,7 @@ def save_for_hf(
     from timm.models import save_for_hf as timm_save_for_hf
     from timm.models._hub import generate_readme  # the card push_to_hf_hub writes
     timm_save_for_hf(model, save_directory, **kwargs)
+    _state_clip_or_sequence_size(model, os.path.join(save_directory, 'config.json'))
     card = _card(model, repo_id, **(model_card or {}))
     name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
     path = os.path.join(save_directory, 'README.md')
@@ -144,9 +147,48 @@ def save_for_hf(
     return path
 
 
-def push_to_hub(model: nn.Module, repo_id: str, model_card: Optional[dict] = None, **kwargs):
-    """timm's `push_to_hf_hub` with the model card of `model_card(model, repo_id, **model_card)` (timm writes the
-    README only where the repository has none). `kwargs`: timm's (commit_message, token, private, ...)."""
-    from timm.models import push_to_hf_hub
-    card = _card(model, repo_id, **(model_card or {}))
-    return push_to_hf_hub(model, repo_id, model_card=card, **kwargs)
+def _state_clip_or_sequence_size(model: nn.Module, config_path: str) -> None:
+    """timm's config.json states an image input, (C, H, W), and drops the `pool_size` of any other: for our video
+    (C, T, H, W) and sequence (C, L) models write the sizes their pretrained_cfg states, with the channels of the
+    saved weights."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    size = cfg.get('input_size')
+    if not size or len(size) == 3:
+        return
+    with open(config_path, encoding='utf-8') as f:
+        config = json.load(f)
+    config['pretrained_cfg'].update(input_size=[model.in_chans, *size[1:]], pool_size=list(cfg['pool_size']))
+    tmp = f'{config_path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, config_path)
+
+
+def push_to_hub(
+        model: nn.Module,
+        repo_id: str,
+        model_card: Optional[dict] = None,
+        commit_message: str = 'Add model',
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: bool = False,
+        create_pr: bool = False,
+        task_name: str = 'image-classification',
+        safe_serialization='both',
+        **kwargs,
+):
+    """timm's `push_to_hf_hub`, with the folder of `save_for_hf` above: its config.json states video and sequence
+    sizes, and its model card is `model_card(model, repo_id, **model_card)`, written only where the repository
+    has no README yet (as timm does). `kwargs`: `save_for_hf`'s (model_config, model_args, data_config)."""
+    from huggingface_hub import HfApi
+    from timm import __version__
+    api = HfApi(token=token, library_name='timm', library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    has_readme = api.file_exists(repo_id=repo_id, filename='README.md', revision=revision)
+    with tempfile.TemporaryDirectory() as folder:
+        readme = save_for_hf(model, folder, repo_id=repo_id, model_card=model_card, task_name=task_name,
+                             safe_serialization=safe_serialization, **kwargs)
+        if has_readme:
+            os.remove(readme)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message)

@@ -15,7 +15,7 @@ from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
     'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
-    'match_state_dict',
+    'match_state_dict', 'split_input_size',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -58,6 +58,23 @@ def adapt_input_channels(
     adapted = adapt_input_conv(in_chans, flat, base_chans=source_chs).reshape(out_chs, in_chans, *kernel_size)
     _logger.info(f'{name}: adapted from {source_chs} to {in_chans} input channels')
     return {**state_dict, name: adapted}
+
+
+def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, ...]]:
+    """The (C, *sizes) input_size of `axes` axes that a `pretrained_cfg` argument states (as the config.json of
+    `s4nd_vision.deploy.save_for_hf` does for video and sequence models), or None. timm's builder asserts an
+    image's (C, H, W), so the argument in `kwargs` is replaced by a copy holding (C, H, W) for a video
+    (`axes=3`) and no input_size for a sequence; the caller builds with the sizes and states them after."""
+    cfg = kwargs.get('pretrained_cfg')
+    if cfg is None or isinstance(cfg, str):
+        return None
+    cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+    size = cfg.get('input_size')
+    if size is None or len(size) != axes + 1:
+        return None
+    cfg['input_size'] = (size[0], *size[-2:]) if axes == 3 else None
+    kwargs['pretrained_cfg'] = cfg
+    return tuple(size)
 
 
 def _pointwise_kind(shape: Sequence[int]) -> Optional[str]:

@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, S4NDRecurrence, is_ssm_param
 from ._base import LIBRARY_CFG, update_model_args
-from ._checkpoint import adapt_input_channels, unwrap_state_dict
+from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -348,7 +348,8 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
     # timm's builder reads an input_size as (C, H, W); a sequence model's is (C, L): in_chans and seq_len come
     # from it here, and it goes into the model's pretrained_cfg after building
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    in_chans, seq_len = overlay.pop('input_size', None) or get_pretrained_cfg(variant).input_size
+    stated = split_input_size(kwargs, axes=1)  # a config.json's
+    in_chans, seq_len = overlay.pop('input_size', None) or stated or get_pretrained_cfg(variant).input_size
     kwargs.setdefault('in_chans', in_chans)
     kwargs.setdefault('seq_len', seq_len)
     model = build_model_with_cfg(

@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, stacked_kernels
-from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool
+from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, update_model_args
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -226,18 +226,34 @@ class VisionTransformerS4ND(S4NDModel):
         """The native resolution (the patch grid's)."""
         return self.patch_embed.img_size
 
-    def _check_input_size(self, img_size: Tuple[int, int]) -> None:
-        if any(s < p or s % p for s, p in zip(img_size, self.patch_embed.patch_size)):  # (what the input must be)
-            raise ValueError(f'img_size must be positive multiples of the patch size {self.patch_embed.patch_size}, '
-                             f'got {img_size}')
+    def _check_input_size(self, img_size: Tuple[int, int], patch_size: Optional[Tuple[int, int]] = None) -> None:
+        patch_size = patch_size or self.patch_embed.patch_size
+        if any(s < p or s % p for s, p in zip(img_size, patch_size)):  # (what the input must be)
+            raise ValueError(f'img_size must be positive multiples of the patch size {patch_size}, got {img_size}')
 
     @torch.jit.ignore
-    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+    def set_input_size(
+            self,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+            patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+    ) -> None:
         """Make `img_size` the model's native resolution (the patch grid's; None keeps it), keeping its
-        function: see `S4NDModel.set_input_size`."""
+        function: see `S4NDModel.set_input_size`. A new `patch_size` resamples the patch embedding as timm's
+        ViT does (FlexiViT's pseudo-inverse); the S4ND layers keep their reference grids, so their continuous
+        kernels cover the same image extent on the finer or coarser token grid. Like timm's, it replaces
+        `patch_embed.proj`: build the optimizer after."""
         img_size = self.img_size if img_size is None else to_2tuple(img_size)
-        self._check_input_size(img_size)
-        self.patch_embed.set_input_size(img_size)
+        patch_size = self.patch_embed.patch_size if patch_size is None else to_2tuple(patch_size)
+        self._check_input_size(img_size, patch_size)
+        if patch_size != self.patch_embed.patch_size:
+            if patch_size[0] != patch_size[1]:
+                raise ValueError(f'patch_size must be square (feature_info states one reduction), got {patch_size}')
+            self.patch_embed.set_input_size(img_size, patch_size=patch_size)
+            for info in self.feature_info:
+                info['reduction'] = patch_size[0]
+            update_model_args(self, patch_size=patch_size[0])
+        else:
+            self.patch_embed.set_input_size(img_size)
         self.record_input_size()
 
     @torch.jit.ignore
