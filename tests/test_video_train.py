@@ -117,6 +117,21 @@ def test_a_2d_imagenet_checkpoint_initializes_the_video_model(hmdb, tmp_path):
                                weights_2d['stages.1.blocks.0.conv_dw.kernels.1.c'])  # W kernel: 2D axis 1 -> 3D axis 2
 
 
+@pytest.mark.parametrize('source', ['convnext_s4nd_atto', 'convnext_s4nd_3d_atto'])
+def test_a_checkpoint_of_the_same_classes_keeps_its_classifier(hmdb, tmp_path, source):
+    """A 3-class file (a 2D one, or a video run's, in a training checkpoint) in a 3-class run: its classifier is
+    loaded (timm compares the file's class count, stated from the file, with the model's)."""
+    kwargs = dict(depths=[1, 1, 1, 1], dims=[8, 16, 16, 16], d_state=8, stem_chs=8)
+    torch.manual_seed(3)
+    weights = timm.create_model(source, num_classes=len(CLASSES), **kwargs).state_dict()
+    torch.save({'state_dict': weights}, tmp_path / 'same.pth')
+    file = tmp_path / 'same.pth'
+    trainer = Trainer(load_config(None, _overrides(hmdb, tmp_path / 'run', f'model.pretrained_file={file}')))
+    own = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert torch.equal(own['head.fc.weight'], weights['head.fc.weight'])
+    assert torch.equal(own['head.fc.bias'], weights['head.fc.bias'])
+
+
 def _evaluate_directly(model, hmdb):
     """Video top-1 (mean softmax of each video's clips), clip top-1 and loss, computed clip by clip."""
     videos, splits = hmdb

@@ -15,7 +15,7 @@ from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
     'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
-    'match_state_dict', 'split_input_size',
+    'match_state_dict', 'split_input_size', 'file_num_classes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -58,6 +58,20 @@ def adapt_input_channels(
     adapted = adapt_input_conv(in_chans, flat, base_chans=source_chs).reshape(out_chs, in_chans, *kernel_size)
     _logger.info(f'{name}: adapted from {source_chs} to {in_chans} input channels')
     return {**state_dict, name: adapted}
+
+
+def file_num_classes(path: str, classifier: str) -> Optional[int]:
+    """The classes of the weights file `path` (safetensors, or a torch checkpoint of any of CHECKPOINT_KEYS): the
+    rows of `classifier`'s weight, None without one. `pretrained_cfg_overlay=dict(file=path)` needs it as the
+    overlay's `num_classes`: timm drops the file's classifier whenever that differs from the model's, and the
+    registry's is ImageNet's 1000, so without it a 51-class file lost its fitting head in a 51-class model."""
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state_dict = load_file(path)
+    else:
+        state_dict = torch.load(path, map_location='cpu', weights_only=True)
+    weight = unwrap_state_dict(state_dict).get(f'{classifier}.weight')
+    return None if weight is None else weight.shape[0]
 
 
 def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, ...]]:

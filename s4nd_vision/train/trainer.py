@@ -35,6 +35,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..layers import set_bandlimit
+from ..models._checkpoint import file_num_classes
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     TrainState,
@@ -188,7 +189,12 @@ class Trainer:
         if mc.pretrained_file:
             if not os.path.isfile(mc.pretrained_file):
                 raise ConfigError(f'model.pretrained_file not found: {mc.pretrained_file}')
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=mc.pretrained_file))
+            overlay = dict(file=mc.pretrained_file)
+            cfg = timm.models.get_pretrained_cfg(mc.name) if timm.is_model(mc.name) else None
+            classes = file_num_classes(mc.pretrained_file, cfg.classifier) if cfg and cfg.classifier else None
+            if classes is not None:  # timm then keeps the file's classifier where it fits
+                overlay.update(num_classes=classes)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         try:
             return timm.create_model(mc.name, **kwargs)
         except RuntimeError as e:
