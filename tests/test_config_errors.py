@@ -7,8 +7,11 @@ import sys
 
 import pytest
 from test_train import _overrides, _write_folder
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms import v2
 
-from s4nd_vision.train import ConfigError, load_config
+from s4nd_vision.data.video import VideoTransform
+from s4nd_vision.train import ConfigError, Trainer, load_config
 from s4nd_vision.train.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +29,7 @@ def folder(tmp_path_factory):
     ('optim.betas=[0.9, .nan]', r'optim.betas\[1\] must be a finite number'),
     ("sched.min_lr='inf'", r'sched.min_lr must be a finite number'),
     ('optim.betas=[0.9, 1.5]', r'optim.betas must be two values in \[0, 1\)'),
+    ('aug.remode=zero', r"aug.remode must be 'pixel', 'rand' or 'const', got 'zero'"),
     ('optim.opt=adamww', r"optim.opt must be a timm optimizer .*got 'adamww' \(did you mean adamw\?\)"),
     ('optim.opt=lookahead_adamww', r"optim.opt must be a timm optimizer"),
     ('aug.auto_augment=bogus', r"aug.auto_augment must be .*got 'bogus'"),
@@ -66,6 +70,21 @@ def test_valid_values_from_timm_lists_pass(folder, tmp_path):
     for policy in ('original-mstd0.5', 'v0', 'augmix-m5-w4-d2', 'rand-m7-n3-mmax10'):
         assert load_config(None, _overrides(folder, tmp_path, f'aug.auto_augment={policy}')).aug.auto_augment == policy
     assert Config().train.max_nonfinite_steps >= 1  # a few stray non-finite steps are tolerated by default
+
+
+def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):
+    """Random erasing fills with per-pixel noise by default, as timm's train.py (and the published recipes); a
+    video RandAugment magnitude counts to 10 as timm's and pytorchvideo's: m9 rotates by up to 27 degrees."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'aug.reprob=0.25')))
+    erasing = [t for t in trainer.data.transform(32, training=True).transforms if isinstance(t, RandomErasing)]
+    assert len(erasing) == 1 and erasing[0].mode == 'pixel' and erasing[0].probability == 0.25
+
+    clip = VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=9)
+    (randaugment,) = [t for t in clip.transform.transforms if isinstance(t, v2.RandAugment)]
+    magnitudes = randaugment._AUGMENTATION_SPACE['Rotate'][0](randaugment.num_magnitude_bins, 32, 32)
+    assert magnitudes[randaugment.magnitude].item() == pytest.approx(27.0)
+    with pytest.raises(ValueError, match=r'randaugment_magnitude must be in \[0, 10\]'):
+        VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=11)
 
 
 def test_malformed_yaml_file_is_one_line(tmp_path):

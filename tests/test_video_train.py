@@ -92,6 +92,8 @@ def test_video_config_errors(hmdb, tmp_path):
         load_config(None, _overrides(hmdb, tmp_path, 'aug.reprob=0.25'))
     with pytest.raises(ConfigError, match="aug.auto_augment must be null or 'rand-m"):
         load_config(None, _overrides(hmdb, tmp_path, 'aug.auto_augment=rand-m9-mstd0.5-inc1'))
+    with pytest.raises(ConfigError, match=r"rand-m<magnitude 0-10>.*got 'rand-m11-n2'"):
+        load_config(None, _overrides(hmdb, tmp_path, 'aug.auto_augment=rand-m11-n2'))
     with pytest.raises(ConfigError, match='holds no HMDB-51 split files'):  # at run time, before any model is built
         Trainer(load_config(None, _overrides(hmdb, tmp_path, f'data.split_dir={tmp_path}')))
     AcceleratorState._reset_state(reset_partial_state=True)

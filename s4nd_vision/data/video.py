@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 __all__ = ['Hmdb51Clips', 'VideoTransform', 'read_hmdb51_split']
 
 _SPLIT_TAGS = {'train': 1, 'test': 2}  # official split files: 1 = train, 2 = test, 0 = unused
+_MAX_MAGNITUDE = 10  # RandAugment magnitudes as timm and pytorchvideo count them (timm's _LEVEL_DENOM)
 
 
 class VideoTransform:
@@ -60,7 +61,8 @@ class VideoTransform:
         """
         Args:
             train: random crop, flip and RandAugment (True) or centre crop (False).
-            randaugment_magnitude: RandAugment magnitude (0-30), None for no RandAugment.
+            randaugment_magnitude: RandAugment magnitude, 0-10 as timm's and pytorchvideo's (9: rotations up to
+                27 degrees), None for no RandAugment.
         """
         if num_frames < 1:
             raise ValueError(f'num_frames must be positive, got {num_frames}')
@@ -71,7 +73,11 @@ class VideoTransform:
         if train:
             steps += [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
             if randaugment_magnitude is not None:
-                steps.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude))
+                if not 0 <= randaugment_magnitude <= _MAX_MAGNITUDE:
+                    raise ValueError(
+                        f'randaugment_magnitude must be in [0, {_MAX_MAGNITUDE}], got {randaugment_magnitude}')
+                steps.append(v2.RandAugment(  # torchvision's bins span the same ranges: bin m of 11 is m / 10
+                    num_ops=randaugment_ops, magnitude=randaugment_magnitude, num_magnitude_bins=_MAX_MAGNITUDE + 1))
         else:
             steps.append(v2.CenterCrop(img_size))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]

@@ -12,7 +12,7 @@ every progressive stage are at least the model's smallest input.
 Video (`data.dataset: hmdb51`) reads clips of `data.clip_duration` seconds subsampled to
 `data.num_frames` frames; of the augmentation keys, `aug.auto_augment` (torchvision's
 RandAugment as `rand-m<magnitude>[-n<ops>]`), `aug.no_aug`, `aug.smoothing` and Mixup/CutMix apply
-to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`, `aug.reprob`,
+to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`, `aug.reprob`, `aug.remode`,
 `aug.repeated_aug`) must keep their defaults.
 """
 import dataclasses
@@ -72,6 +72,7 @@ class AugConfig:
     hflip: float = 0.5
     color_jitter: float = 0.4
     reprob: float = 0.0  # random erasing probability
+    remode: str = 'pixel'  # random erasing fill: 'pixel' (per-pixel normal, timm's train.py default), 'rand', 'const'
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off)
     mixup_prob: float = 1.0
@@ -81,14 +82,15 @@ class AugConfig:
     no_aug: bool = False  # resize + centre crop only (small demos)
 
     def video_randaugment(self) -> Optional[Tuple[int, int]]:
-        """(num_ops, magnitude) of torchvision's RandAugment for clips from `auto_augment` (None: off)."""
+        """(num_ops, magnitude 0-10) of RandAugment for clips from `auto_augment` (None: off); the magnitude is
+        timm's and pytorchvideo's (10: the strongest), as `rand-m9` means for images."""
         if self.auto_augment is None:
             return None
         match = re.fullmatch(r'rand-m(\d+)(?:-n(\d+))?', self.auto_augment)
-        if match is None or int(match.group(1)) > 30 or match.group(2) == '0':
+        if match is None or int(match.group(1)) > 10 or match.group(2) == '0':
             raise ConfigError(
-                "aug.auto_augment must be null or 'rand-m<magnitude 0-30>[-n<ops>]' for video (torchvision's "
-                f'RandAugment, the same for every frame of a clip), got {self.auto_augment!r}')
+                "aug.auto_augment must be null or 'rand-m<magnitude 0-10>[-n<ops>]' for video (RandAugment, the "
+                f'same for every frame of a clip, magnitudes as timm\'s), got {self.auto_augment!r}')
         return int(match.group(2) or 2), int(match.group(1))
 
 
@@ -214,6 +216,8 @@ class Config:
         _check_interpolation(self.data.interpolation)
         if self.data.dataset != 'hmdb51':  # video parses it itself (video_randaugment)
             _check_auto_augment(self.aug.auto_augment)
+        need(self.aug.remode in ('pixel', 'rand', 'const'), 'aug.remode', "'pixel', 'rand' or 'const'",
+             self.aug.remode)
         for key in ('reprob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
             need(0 <= getattr(self.aug, key) <= 1, f'aug.{key}', 'in [0, 1]', getattr(self.aug, key))
         for key in ('mixup', 'cutmix', 'repeated_aug'):
@@ -296,7 +300,7 @@ class Config:
         need(data.clips_per_video >= 1, 'data.clips_per_video', 'at least 1', data.clips_per_video)
         need(data.in_chans == 3, 'data.in_chans', '3 (RGB clips)', data.in_chans)
         defaults = AugConfig()
-        for key in ('scale', 'hflip', 'color_jitter', 'reprob', 'repeated_aug'):  # image-only settings
+        for key in ('scale', 'hflip', 'color_jitter', 'reprob', 'remode', 'repeated_aug'):  # image-only settings
             need(getattr(aug, key) == getattr(defaults, key), f'aug.{key}',
                  f'left at {getattr(defaults, key)!r} (an image setting: clips get a short-side resize, random crop, '
                  'flip and RandAugment)', getattr(aug, key))

@@ -214,7 +214,7 @@ class ImageFolderData(_ImageData):
         return create_transform(
             (data.in_chans, img_size, img_size), is_training=True, no_aug=aug.no_aug, scale=aug.scale,
             hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.reprob,
-            **common)
+            re_mode=aug.remode, **common)
 
 
 class Mnist5kData(_ImageData):
