@@ -3,6 +3,7 @@ import importlib.util
 import math
 import os
 import runpy
+import shutil
 import sys
 import warnings
 
@@ -369,6 +370,24 @@ def test_hmdb51_errors(hmdb, tmp_path):
     (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n\nb.avi 2\n')
     with pytest.raises(ValueError, match='line 2'):
         Hmdb51Clips(videos, str(tmp_path))
+
+
+def test_hmdb51_reads_only_the_split_files_it_checks(hmdb, tmp_path):
+    """A copy `<class>_test_split1 (1).txt` (pytorchvideo's own listing reads it as the same class: every video
+    twice) and a macOS AppleDouble `._<class>_test_split1.txt` (binary) in the split folder change nothing."""
+    videos, splits = hmdb
+    stray = tmp_path / 'splits'
+    shutil.copytree(splits, stray)
+    (stray / f'{CLASSES[0]}_test_split1 (1).txt').write_text((stray / f'{CLASSES[0]}_test_split1.txt').read_text())
+    (stray / f'._{CLASSES[1]}_test_split1.txt').write_bytes(b'\x00\x05\x16\x07\xff\xfe' * 8)
+    for split in ('train', 'test'):
+        clean = Hmdb51Clips(videos, splits, split, clip_duration=1.0)
+        with_stray = Hmdb51Clips(videos, str(stray), split, clip_duration=1.0)
+        assert with_stray.classes == clean.classes and len(with_stray) == len(clean)
+        assert sorted(y for _, y, _ in with_stray) == sorted(y for _, y, _ in clean)
+    (stray / f'{CLASSES[2]}_test_split1.txt').write_bytes(b'\xff\xfe\x00bad')
+    with pytest.raises(ValueError, match=f'{CLASSES[2]}_test_split1.txt is not a text split file'):
+        Hmdb51Clips(videos, str(stray))
 
 
 def test_real_video_through_the_eval_transform_and_a_3d_model():

@@ -1,6 +1,6 @@
 """Video clips for training and evaluation: HMDB-51 through pytorchvideo, transforms through torchvision.
 
-* `Hmdb51Clips`: pytorchvideo's `Hmdb51` (official split files, `<class>/<video>.avi`, PyAV
+* `Hmdb51Clips`: pytorchvideo's HMDB-51 dataset (official split files, `<class>/<video>.avi`, PyAV
   decoding) as an iterable dataset of `(clip, label, skipped)`: class names mapped to sorted
   integer ids, one random clip per video and epoch for training, `clips_per_video` evenly spaced
   clips for testing, videos sharded over processes and DataLoader workers. Problems a run would
@@ -25,7 +25,8 @@ from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from pytorchvideo.data import Hmdb51, make_clip_sampler
+from pytorchvideo.data import LabeledVideoDataset, make_clip_sampler
+from pytorchvideo.data.hmdb51 import Hmdb51LabeledVideoPaths
 from pytorchvideo.data.video import VideoPathHandler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DistributedSampler, IterableDataset
@@ -108,17 +109,22 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
     if split_id not in (1, 2, 3):
         raise ValueError(f'split_id must be 1, 2 or 3 (the official HMDB-51 splits), got {split_id!r}')
     suffix = f'_test_split{split_id}.txt'
-    files = sorted(f for f in os.listdir(split_dir) if f.endswith(suffix))
+    # hidden files (macOS' AppleDouble `._<name>`) are not split files
+    files = sorted(f for f in os.listdir(split_dir) if f.endswith(suffix) and not f.startswith('.'))
     if not files:
         raise ValueError(f'split_dir {split_dir!r} holds no HMDB-51 split files <class>{suffix}')
     tag, count = _SPLIT_TAGS[split], 0
     for name in files:
-        with open(os.path.join(split_dir, name)) as f:
-            for n, line in enumerate(f.read().splitlines(), 1):  # pytorchvideo's reading, which fails on blank lines
-                fields = line.rsplit(None, 1)
-                if len(fields) != 2 or fields[1] not in ('0', '1', '2'):
-                    raise ValueError(f'{name} line {n}: expected "<video>.avi <0|1|2>", got {line!r}')
-                count += int(fields[1]) == tag
+        try:
+            with open(os.path.join(split_dir, name), encoding='utf-8') as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f'{os.path.join(split_dir, name)} is not a text split file ({e})') from None
+        for n, line in enumerate(lines, 1):  # pytorchvideo's reading, which fails on blank lines
+            fields = line.rsplit(None, 1)
+            if len(fields) != 2 or fields[1] not in ('0', '1', '2'):
+                raise ValueError(f'{name} line {n}: expected "<video>.avi <0|1|2>", got {line!r}')
+            count += int(fields[1]) == tag
     if count == 0:
         raise ValueError(
             f'split {split!r} of split {split_id} is empty: no line of the {len(files)} split files in '
@@ -209,7 +215,7 @@ class _CountingPathHandler(VideoPathHandler):
 
 
 class Hmdb51Clips(IterableDataset):
-    """HMDB-51 clips through pytorchvideo's `Hmdb51`: yields `(clip, label, skipped)`.
+    """HMDB-51 clips through pytorchvideo (its `Hmdb51` on the checked split files): yields `(clip, label, skipped)`.
 
     `clip` is the transform's output (by default pytorchvideo's float (C, T, H, W) clip, values
     0-255), `label` the index of the video's class in `classes` (sorted names), `skipped` the
@@ -270,13 +276,16 @@ class Hmdb51Clips(IterableDataset):
         clip_sampler = (
             make_clip_sampler('random', clip_duration) if train
             else make_clip_sampler('constant_clips_per_video', clip_duration, clips_per_video))
-        self._videos = Hmdb51(
-            data_path=split_dir,
+        # pytorchvideo's `Hmdb51`, over exactly the split files checked above: its own listing (`from_dir`) also
+        # reads any other .txt whose name holds `_test_split<id>` (a stray `wave_test_split1 (1).txt` listed every
+        # wave video twice) and hidden AppleDouble files
+        paths = Hmdb51LabeledVideoPaths.from_csvs(
+            [os.path.join(split_dir, f'{c}_test_split{split_id}.txt') for c in self.classes], split)
+        paths.path_prefix = video_dir
+        self._videos = LabeledVideoDataset(
+            paths,
             clip_sampler=clip_sampler,
             video_sampler=partial(DistributedSampler, num_replicas=num_shards, rank=shard_id, shuffle=train, seed=seed),
-            video_path_prefix=video_dir,
-            split_id=split_id,
-            split_type=split,
             decode_audio=False,
             decoder='pyav',
         )
