@@ -12,11 +12,13 @@ from accelerate.state import AcceleratorState, GradientState
 from media import write_video
 from memory_format_runs import train_in_both_memory_formats
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DistributedSampler
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.models.inflate import inflate_state_dict
 from s4nd_vision.train import ConfigError, Trainer, load_config
+from s4nd_vision.train.data import _full_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ('brush_hair', 'cartwheel', 'wave')
@@ -187,8 +189,8 @@ def test_single_process_run_skips_broken_videos_evaluates_per_video_and_resumes_
     assert [r['epoch'] for r in rows] == ['0', '1']
     for column in ('clips_per_s', 'skipped_videos', 'top1', 'top5', 'clip_top1', 'val_videos', 'ema_top1'):
         assert column in rows[0]
-    # the broken training video is read once per epoch (counted unless its epoch order puts it last, when the
-    # three batches are full before it: seed 0 puts it mid-epoch in both epochs); the broken test video every time
+    # the broken training video is read once per epoch (seed 0 puts it mid-epoch in both), the broken test video
+    # at every evaluation
     assert [r['skipped_videos'] for r in rows] == ['1', '1']
     assert [r['val_skipped_videos'] for r in rows] == ['1', '1'] and [r['val_videos'] for r in rows] == ['3', '3']
     with pytest.warns(RuntimeWarning, match='broken_test.avi'):
@@ -218,6 +220,41 @@ def test_single_process_run_skips_broken_videos_evaluates_per_video_and_resumes_
         weights = load_file(str(again / 'last.safetensors'))
         for k, v in trained.items():
             assert torch.equal(weights[k], v), f'{k} differs after resuming at update {update}'
+
+
+def test_an_unreadable_video_read_last_is_counted(hmdb, tmp_path):
+    """Batches of one: with the epoch order putting broken.avi last, no clip follows it to carry its count; the
+    epoch's count comes from the dataset, which counts every unreadable video it meets."""
+    videos, splits = hmdb
+    paths = [p for p, _ in Hmdb51Clips(videos, splits, 'train')._videos._labeled_videos]
+    broken = next(i for i, p in enumerate(paths) if p.endswith('broken.avi'))
+    seed = next(s for s in range(100)  # the video order of epoch 0 (Hmdb51Clips' DistributedSampler)
+                if list(DistributedSampler(paths, num_replicas=1, rank=0, shuffle=True, seed=s))[-1] == broken)
+    out = tmp_path / 'run'
+    trainer = Trainer(load_config(None, _overrides(
+        hmdb, out, 'data.batch_size=1', f'train.seed={seed}', 'train.epochs=1')))
+    with pytest.warns(RuntimeWarning, match='broken.avi'):
+        trainer.fit()
+    assert [r['skipped_videos'] for r in _rows(out)] == ['1']
+
+
+def test_workers_train_on_every_video_once_per_epoch(hmdb, tmp_path):
+    """data.workers=2: each worker's share of the 7 training videos (one unreadable) can end in a partial batch;
+    merged, every readable video is trained on once per epoch (dropped, the epoch ran short into a second pass
+    that repeated videos)."""
+    data = Trainer(load_config(None, _overrides(hmdb, tmp_path, 'data.workers=2'))).data
+    stop = data.samples_per_rank() // data.cfg.data.batch_size
+    for epoch in range(3):
+        batches = list(data.train_batches(epoch, 32, 0, stop))  # (the workers warn about broken.avi)
+        assert len(batches) == stop == 3 and all(len(x) == 2 for x, _, _ in batches)
+        assert sorted(torch.cat([y for _, y, _ in batches]).tolist()) == [0, 0, 1, 1, 2, 2], epoch
+
+
+def test_full_batches_merge_the_partial_ones_in_order():
+    batches = [[torch.arange(n) + 10 * i, torch.full((n,), i)] for i, n in enumerate((3, 1, 3, 2, 2, 1, 1))]
+    merged = list(_full_batches(iter(batches), 3))  # the remainder [60] is dropped
+    assert [b[0].tolist() for b in merged] == [[0, 1, 2], [20, 21, 22], [10, 30, 31], [40, 41, 50]]
+    assert [b[1].tolist() for b in merged] == [[0, 0, 0], [2, 2, 2], [1, 3, 3], [4, 4, 5]]
 
 
 def _free_port() -> int:

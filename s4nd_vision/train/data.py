@@ -13,7 +13,7 @@ sees exactly the batches the interrupted run would have seen, whatever the numbe
 """
 import os
 from functools import partial
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -91,6 +91,11 @@ class TrainData:
 
     def transform(self, img_size: int, training: bool):
         raise NotImplementedError
+
+    def skipped_in_epoch(self) -> Optional[int]:
+        """This process's unreadable training samples in the current epoch, where the data counts them exactly
+        (None: the trainer sums the per-batch counts)."""
+        return None
 
     def train_batches(self, epoch: int, img_size: int, start: int, stop: int) -> Iterable:
         """This process's `(x, y, skipped)` micro-batches of `epoch` at `img_size`, from micro-batch `start` on
@@ -280,6 +285,10 @@ class Hmdb51Data(TrainData):
     def samples_per_rank(self) -> int:
         return len(self.train_set)  # this rank's shard already; every shard holds as many videos
 
+    def skipped_in_epoch(self) -> Optional[int]:
+        # a video skipped after a worker's last clip has no clip to carry its count in the batches
+        return self.train_set.unreadable_videos()
+
     def transform(self, img_size: int, training: bool):
         from ..data.video import VideoTransform
         data, aug, dc = self.cfg.data, self.cfg.aug, self.data_config
@@ -296,14 +305,19 @@ class Hmdb51Data(TrainData):
 
     def _batches(self, epoch: int, start: int, stop: int) -> Iterator[Tuple[torch.Tensor, ...]]:
         """Micro-batches `start`..`stop` of `epoch`'s clips, whatever was skipped (another pass over the shard when
-        it runs short); the first `start` are decoded and discarded."""
+        it runs short); the first `start` are decoded and discarded.
+
+        A loader of an iterable dataset batches each worker's clips apart: the partial batch that ends each
+        worker's share is kept and merged with the others into full batches (`_full_batches`); dropping them
+        (drop_last) left videos unseen with `data.workers > 0` and ran the epoch short into a second pass that
+        repeated others."""
         acc, cfg = self.accelerator, self.cfg
         self.train_set.set_epoch(epoch)
         seed = partial(seed_from, cfg.train.seed, 'video', epoch, acc.process_index)
-        loader = self._loader(self.train_set, drop_last=True, generator=torch.Generator().manual_seed(seed('workers')))
+        loader = self._loader(self.train_set, generator=torch.Generator().manual_seed(seed('workers')))
         micro = 0
         while micro < stop:
-            batches, first = iter(loader), micro
+            batches, first = _full_batches(iter(loader), cfg.data.batch_size), micro
             while micro < stop:
                 seed_all(seed(micro))  # data.workers=0: the clips and augmentation of each batch from its own seed
                 batch = next(batches, None)
@@ -363,6 +377,21 @@ class Hmdb51Data(TrainData):
 
     def input_size(self) -> Dict[str, Any]:
         return dict(img_size=self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)
+
+
+def _full_batches(batches: Iterator[List[torch.Tensor]], size: int) -> Iterator[List[torch.Tensor]]:
+    """The batches of `size` samples as they come, and the smaller ones (the end of a worker's share) merged in
+    order into batches of `size`; a remainder smaller than `size` is dropped."""
+    parts: List[List[torch.Tensor]] = []
+    for batch in batches:
+        if len(batch[0]) == size:
+            yield batch
+            continue
+        parts.append(batch)
+        if sum(len(p[0]) for p in parts) >= size:
+            merged = [torch.cat(fields) for fields in zip(*parts)]
+            yield [t[:size] for t in merged]
+            parts = [[t[size:] for t in merged]] if len(merged[0]) > size else []
 
 
 _KINDS = {'imagefolder': ImageFolderData, 'mnist': Mnist5kData, 'hmdb51': Hmdb51Data}
