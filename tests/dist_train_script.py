@@ -1,5 +1,8 @@
 """Launched by tests/test_train.py under `accelerate launch` (two CPU processes): trains, then writes what each
-rank holds. '{rank}' in an argument becomes the process's rank (e.g. a folder of each process's own)."""
+rank holds. '{rank}' in an argument becomes the process's rank (e.g. a folder of each process's own).
+NAN_ON_RANK1_AT=<update>: rank 1's loss is NaN at that update (the update is skipped on every rank); each rank
+writes its micro-batches' (update, loss, samples) to rank<r>_losses.txt."""
+import math
 import os
 import sys
 
@@ -22,7 +25,21 @@ def main() -> None:
     sampler = ResumableSampler(trainer.data.train_set, 0, acc.num_processes, rank, trainer.cfg.train.seed)
     with open(os.path.join(out, f'rank{rank}_indices.txt'), 'w') as f:
         f.write(' '.join(str(i) for _, i, _ in sampler))
+    nan_at, losses = os.environ.get('NAN_ON_RANK1_AT'), []
+    if nan_at is not None:
+        loss_fn = trainer.train_loss
+
+        def loss_nan_on_rank1(logits, target):
+            loss = loss_fn(logits, target)
+            if rank == 1 and trainer.state.update == int(nan_at):
+                loss = loss * math.nan
+            losses.append(f'{trainer.state.update} {loss.item()!r} {len(target)}')
+            return loss
+
+        trainer.train_loss = loss_nan_on_rank1
     trainer.fit()
+    with open(os.path.join(out, f'rank{rank}_losses.txt'), 'w') as f:
+        f.write('\n'.join(losses))
     _save(acc.unwrap_model(trainer.model), os.path.join(out, f'rank{rank}.safetensors'))
 
 

@@ -1,4 +1,5 @@
 """The trainer: config validation, a real run, progressive resizing, corrupt images, kill-and-resume, two processes."""
+import csv
 import os
 import signal
 import socket
@@ -228,14 +229,30 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     (tmp_path / 'data' / 'train' / 'horizontal' / 'truncated.png').write_bytes(good[: len(good) // 2])
     (tmp_path / 'data' / 'val' / 'vertical' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff garbage')
     cfg = load_config(None, _overrides(root, tmp_path / 'run', 'train.epochs=1'))
+    trainer = Trainer(cfg)
     with pytest.warns(RuntimeWarning, match='skipped unreadable image') as record:
-        Trainer(cfg).fit()
+        trainer.fit()
     messages = ' '.join(str(w.message) for w in record)
     assert 'corrupt.png' in messages and 'truncated.png' in messages and 'corrupt.jpg' in messages
     header, row = (tmp_path / 'run' / 'metrics.csv').read_text().splitlines()
     row = dict(zip(header.split(','), row.split(',')))
     assert int(row['skipped_images']) == 2  # 16 files, batch 4: every file is drawn once per epoch
     assert int(row['val_skipped_images']) == 1
+
+    # validation scores the 8 readable images only (the corrupt one's stand-in is not scored)
+    model, transform = trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.data.transform(32, False)
+    x, y = [], []
+    for label, name in enumerate(('horizontal', 'vertical')):
+        for path in sorted((tmp_path / 'data' / 'val' / name).glob('*.png')):
+            x.append(transform(Image.open(path).convert('RGB')))
+            y.append(label)
+    with torch.no_grad():
+        logits = model(torch.stack(x))
+    with pytest.warns(RuntimeWarning, match='corrupt.jpg'):
+        metrics = trainer.evaluate()
+    assert metrics['top1'] == pytest.approx(100 * (logits.argmax(1) == torch.tensor(y)).float().mean().item())
+    assert metrics['val_loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(y)).item(),
+                                                rel=1e-5)
 
 
 def test_train_and_val_class_folders_must_match(tmp_path):
@@ -299,7 +316,9 @@ def _free_port() -> int:
 
 
 def test_two_process_run_synchronizes_gradients(tmp_path, folder):
-    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    """Also: an update skipped for a NaN loss on rank 1 is counted once, and none of its losses (rank 0's finite
+    ones included) enter train_loss."""
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', NAN_ON_RANK1_AT='1')
     out = tmp_path / 'dist'
     cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
            '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
@@ -315,6 +334,12 @@ def test_two_process_run_synchronizes_gradients(tmp_path, folder):
     assert any(not torch.equal(ranks[0][k], initial[k]) for k in initial)
     shards = [set(map(int, (out / f'rank{r}_indices.txt').read_text().split())) for r in (0, 1)]
     assert shards[0] and shards[1] and not shards[0] & shards[1]  # each rank trained on its own half
+
+    rows = list(csv.DictReader((out / 'metrics.csv').read_text().splitlines()))
+    assert [int(r['nonfinite_steps']) for r in rows] == [1, 0]
+    logged = [line.split() for r in (0, 1) for line in (out / f'rank{r}_losses.txt').read_text().splitlines()]
+    applied = [(float(loss), int(n)) for update, loss, n in logged if int(update) < 2 and update != '1']
+    assert float(rows[0]['train_loss']) == pytest.approx(sum(v * n for v, n in applied) / sum(n for _, n in applied))
 
 
 def test_output_folder_must_be_the_same_on_every_process(tmp_path, folder):

@@ -78,7 +78,9 @@ class AugConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     smoothing: float = 0.0  # label smoothing
-    repeated_aug: int = 0  # repeats per sample when distributed (0 = off; DeiT uses 3)
+    # DeiT's repeated augmentation (0 = off; DeiT uses 3): each drawn image this many times, differently augmented,
+    # spread over the processes; on one process in the same batch, so the global batch is the same at any count
+    repeated_aug: int = 0
     no_aug: bool = False  # resize + centre crop only (small demos)
 
     def video_randaugment(self) -> Optional[Tuple[int, int]]:

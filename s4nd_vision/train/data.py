@@ -178,12 +178,15 @@ class _ImageData(TrainData):
             loss = nn.functional.cross_entropy(logits.float(), y, reduction='none')
             hit = topk_hits(logits, y)
             c1, c5, loss, n_skipped = acc.gather_for_metrics((hit[:, 0], hit.any(1), loss, n_skipped))
-            correct1.append(c1)
-            correct5.append(c5)
-            losses.append(loss)
+            read = n_skipped == 0  # an unreadable image's stand-in (another image) is not scored
+            correct1.append(c1[read])
+            correct5.append(c5[read])
+            losses.append(loss[read])
             skipped += int(n_skipped.sum())
         model.train(was_training)
         c1, c5, loss = torch.cat(correct1).float(), torch.cat(correct5).float(), torch.cat(losses)
+        if len(loss) == 0:
+            raise RuntimeError('no readable validation image: nothing to evaluate')
         return dict(top1=100 * c1.mean().item(), top5=100 * c5.mean().item(), val_loss=loss.mean().item(),
                     val_skipped_images=skipped)
 

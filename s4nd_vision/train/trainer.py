@@ -257,6 +257,7 @@ class Trainer:
         carried_seconds = state.epoch_seconds if start else 0.0
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         n_finite = torch.zeros((), device=acc.device, dtype=torch.float64)  # samples with a finite loss
+        update_loss, update_n = torch.zeros_like(loss_sum), torch.zeros_like(n_finite)  # this update's, until applied
         bad = torch.zeros((), device=acc.device, dtype=torch.bool)  # a non-finite loss in this update
         seen = skipped = nonfinite = 0
         bar = tqdm(total=self.updates_per_epoch, initial=start, desc=f'epoch {epoch} @{stage.img_size}px',
@@ -266,7 +267,9 @@ class Trainer:
         def epoch_sums() -> List[float]:  # a collective: every process calls it
             local = torch.stack([loss_sum, n_finite, torch.tensor(float(seen), dtype=torch.float64, device=acc.device),
                                  torch.tensor(float(skipped), dtype=torch.float64, device=acc.device),
-                                 torch.tensor(float(nonfinite), dtype=torch.float64, device=acc.device)])
+                                 # every process counts the same skipped updates: the main process's count
+                                 torch.tensor(float(nonfinite if acc.is_main_process else 0), dtype=torch.float64,
+                                              device=acc.device)])
             return [c + t for c, t in zip(carried, acc.reduce(local, reduction='sum').tolist())]
 
         try:
@@ -286,12 +289,17 @@ class Trainer:
                     finite = torch.isfinite(loss.detach())
                     bad |= ~finite
                     # per sample: a mid-epoch resume may split the same update into other micro-batches
-                    loss_sum += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
-                    n_finite += finite * x.shape[0]
+                    update_loss += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
+                    update_n += finite * x.shape[0]
                     skip = False
                     if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite loss?
                         skip = bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
                         bad.zero_()
+                        if not skip:  # a skipped update's finite losses stay out of train_loss too
+                            loss_sum += update_loss
+                            n_finite += update_n
+                        update_loss.zero_()
+                        update_n.zero_()
                     if not skip:
                         if acc.sync_gradients and cfg.optim.clip_grad is not None:
                             acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
