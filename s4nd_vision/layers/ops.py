@@ -6,6 +6,7 @@ a Toeplitz matrix product (GEMM speed, best for short axes shared by many rows) 
 FFT (N log N), chosen per axis by `choose_algorithm`.
 """
 import contextlib
+import functools
 import math
 from contextvars import ContextVar
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -19,6 +20,7 @@ __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
     'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
     'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES', 'recompute_for_memory',
+    'backward_without_autocast',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -378,6 +380,19 @@ def recompute_for_memory(device: torch.device) -> bool:
     return torch.device(device).type != 'cpu'
 
 
+def backward_without_autocast(backward):
+    """Decorates a custom autograd Function's backward to run in the dtypes of its saved tensors (autocast off), as
+    when `.backward()` is called outside autocast. Called inside an autocast region (a common training loop), the
+    region would recast its products: a bf16 GEMM into a float32 accumulator fails, and kernel generation's
+    gradient, float32 by design, would lose precision."""
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), 'cpu')
+        with torch.autocast(device_type=device, enabled=False):
+            return backward(ctx, *grads)
+    return wrapped
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pointwise (1x1) projection of a channel-major x (C_in, ...) by weight (C, C_in) plus bias (C,): (C, ...)."""
     if bias is None:
@@ -418,6 +433,7 @@ class _SeparableConv(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad):
         x, skip, weight, bias, *kernels = ctx.saved_tensors
         kernels, kept = kernels[: ctx.num_kernels], kernels[ctx.num_kernels:]

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_nplr
+from .ops import backward_without_autocast
 from .reference import ssm_kernel_reference, use_reference
 
 __all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
@@ -232,6 +233,7 @@ class _SSMKernelFn(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backward_without_autocast
     def backward(ctx, grad):
         z, e, *params = ctx.saved_tensors
         log_dt, log_a_real, a_imag, b, c, rate = _stack(params, ctx.rates, ctx.masks)
