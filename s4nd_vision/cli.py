@@ -451,11 +451,11 @@ def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def _key_value(text: str):
     """A key=value argument as (key, value), the value read as a YAML scalar (number, boolean, list)."""
-    import yaml
+    from .utils.yaml12 import load_yaml
     key, sep, value = text.partition('=')
     if not sep or not key:
         raise argparse.ArgumentTypeError(f'expects key=value, got {text!r}')
-    return key, yaml.safe_load(value)
+    return key, load_yaml(value)
 
 
 def _size(text: str):

@@ -30,6 +30,8 @@ def folder(tmp_path_factory):
     ("sched.min_lr='inf'", r'sched.min_lr must be a finite number'),
     ('optim.betas=[0.9, 1.5]', r'optim.betas must be two values in \[0, 1\)'),
     ('aug.remode=zero', r"aug.remode must be 'pixel', 'rand' or 'const', got 'zero'"),
+    ('train.trackers=[tensorbaord]', r"train.trackers must be a list of \[.*'tensorboard'.*\], got \['tensorbaord'\]"),
+    ('train.channels_last=yes', r"train.channels_last must be bool, got 'yes'"),  # YAML 1.2: only true / false
     ('optim.opt=adamww', r"optim.opt must be a timm optimizer .*got 'adamww' \(did you mean adamw\?\)"),
     ('optim.opt=lookahead_adamww', r"optim.opt must be a timm optimizer"),
     ('aug.auto_augment=bogus', r"aug.auto_augment must be .*got 'bogus'"),
@@ -70,6 +72,12 @@ def test_valid_values_from_timm_lists_pass(folder, tmp_path):
     for policy in ('original-mstd0.5', 'v0', 'augmix-m5-w4-d2', 'rand-m7-n3-mmax10'):
         assert load_config(None, _overrides(folder, tmp_path, f'aug.auto_augment={policy}')).aug.auto_augment == policy
     assert Config().train.max_nonfinite_steps >= 1  # a few stray non-finite steps are tolerated by default
+    # Accelerate's spelling, read as YAML 1.2 (1.1 made an unquoted no the boolean False), on the command line and
+    # in a file
+    assert load_config(None, _overrides(folder, tmp_path, 'train.mixed_precision=no')).train.mixed_precision == 'no'
+    (tmp_path / 'no.yaml').write_text('train:\n  mixed_precision: no\n  channels_last: true\n')
+    cfg = load_config(str(tmp_path / 'no.yaml'), _overrides(folder, tmp_path))
+    assert cfg.train.mixed_precision == 'no' and cfg.train.channels_last is True
 
 
 def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):

@@ -119,6 +119,9 @@ def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder,
     cli.main([*args, '--resume', '--allow-fresh'])
     assert 'starting a fresh run' in capsys.readouterr().out
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0']
+    _reset()
+    cli.main([*args, '--resume', 'train.epochs=2'])  # an override after --resume is an override, not a CHECKPOINT
+    assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1']
 
 
 def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):

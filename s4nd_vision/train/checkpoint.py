@@ -19,11 +19,11 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module
 from safetensors.torch import save_file
 
+from ..utils.yaml12 import load_yaml
 from .config import ConfigError
 
 __all__ = [
@@ -104,7 +104,8 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(root, steps[-1][1]) if steps else None
 
 
-def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh: bool = False) -> Optional[str]:
+def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh: bool = False,
+                         say: Callable[[str], None] = print) -> Optional[str]:
     """The checkpoint a run starts from: `resume` True = the latest in `output_dir`, a path = that checkpoint,
     False = none, refused when `output_dir` already holds checkpoints (it would mix two runs).
 
@@ -117,7 +118,7 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
         if not allow_fresh:
             raise ConfigError(f'--resume: no checkpoint in {where!r} to resume from (check train.output_dir; pass '
                               '--allow-fresh to start a fresh run when there is none)')
-        print(f'--resume: no checkpoint in {where!r}: starting a fresh run (--allow-fresh)')
+        say(f'--resume: no checkpoint in {where!r}: starting a fresh run (--allow-fresh)')
         return None
     if resume:
         return resume if isinstance(resume, str) else latest
@@ -213,7 +214,7 @@ def _read_config(checkpoint: str) -> Optional[Dict[str, Any]]:
     if not os.path.isfile(path):
         return None  # a checkpoint written before checkpoints held their config
     with open(path) as f:
-        return yaml.safe_load(f)
+        return load_yaml(f)
 
 
 def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:

@@ -3,9 +3,11 @@
     s4nd-vision train --config FILE|NAME [section.key=value ...] [--resume [CHECKPOINT]]
 
 Exit status 2: a configuration problem (one line naming the key); 3: training diverged (the loss stayed
-non-finite past `train.max_nonfinite_steps`; nothing non-finite was written).
+non-finite past `train.max_nonfinite_steps`; nothing non-finite was written). Under `accelerate launch`, torchrun
+reports any failing process as 1: the one-line error on stderr says which.
 """
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -34,6 +36,9 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
             parser.error(message)
         print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
+    if isinstance(args.resume, str) and '=' in args.resume and not os.path.exists(args.resume):
+        # `--resume optim.lr=1e-4`: argparse gave the override to --resume's optional CHECKPOINT
+        args.overrides, args.resume = [*args.overrides, args.resume], True
     try:
         cfg = load_config(args.config, args.overrides)
         from .trainer import Trainer, TrainingDiverged  # heavy imports after the config is known to be good

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, 
 
 import yaml
 
+from ..utils.yaml12 import load_yaml
+
 __all__ = ['ConfigError', 'Config', 'load_config', 'apply_overrides', 'config_to_dict', 'packaged_configs']
 
 
@@ -199,6 +201,10 @@ class Config:
         need(self.train.grad_accum_steps >= 1, 'train.grad_accum_steps', '>= 1', self.train.grad_accum_steps)
         need(self.train.mixed_precision in (None, 'no', 'bf16', 'fp16'), 'train.mixed_precision',
              "one of no, bf16, fp16 or null", self.train.mixed_precision)
+        from accelerate.utils import LoggerType
+        trackers = [t.value for t in LoggerType]
+        need(all(t in trackers for t in self.train.trackers), 'train.trackers', f'a list of {trackers}',
+             self.train.trackers)
         need(self.train.ema_decay is None or 0 < self.train.ema_decay < 1, 'train.ema_decay', 'in (0, 1) or null',
              self.train.ema_decay)
         need(self.train.checkpoint_every_steps >= 0, 'train.checkpoint_every_steps', '>= 0',
@@ -447,7 +453,7 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
             raise ConfigError(f'override {item!r} must look like section.key=value')
         key, raw = item.split('=', 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f'override {item!r}: the value is not valid YAML ({_yaml_problem(e)})') from None
         _set_dotted(tree, key.strip(), value)
@@ -499,7 +505,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     tree: Dict[str, Any] = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(_read_config(path)) or {}
+            tree = load_yaml(_read_config(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f'{path} is not valid YAML: {_yaml_problem(e)}') from None
         if not isinstance(tree, dict):

@@ -155,7 +155,7 @@ class Trainer:
             self.train_loss = nn.CrossEntropyLoss()
         self.data.prepare_evaluation()
 
-        self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh)
+        self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh, say=acc.print)
         if self.resumed_from is not None:
             # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
             # restores the weights, the optimizer's moments and the position, and the schedule goes on from there

@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Tuple
 
 import yaml
 
+from .yaml12 import load_yaml
+
 __all__ = ['parse_model_spec']
 
 
@@ -32,7 +34,7 @@ def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
         if not sep or not key or not value:
             raise ValueError(f'model option {option!r} in {spec!r} must look like key=value')
         try:
-            kwargs[key] = yaml.safe_load(value)
+            kwargs[key] = load_yaml(value)
         except yaml.YAMLError:
             raise ValueError(f'model option {option!r} in {spec!r}: {value!r} is not a YAML value') from None
     return name, kwargs
