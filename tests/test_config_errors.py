@@ -95,6 +95,16 @@ def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):
         VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=11)
 
 
+def test_image_data_refuses_video_and_sequence_models(folder, tmp_path):
+    """Before any training (the mirror of hmdb51 refusing image models), not at the first forward."""
+    with pytest.raises(ConfigError, match=r'model.name: convnext_s4nd_3d_atto takes video clips \(B, C, T, H, W\); '
+                                          'data.dataset imagefolder holds images'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'model.name=convnext_s4nd_3d_atto')))
+    with pytest.raises(ConfigError, match='model.name: s4nd_seq_atto is a sequence model; the trainer trains image '
+                                          'and video models'):
+        load_config(None, _overrides(folder, tmp_path, 'model.name=s4nd_seq_atto', 'model.kwargs={}'))
+
+
 def test_malformed_yaml_file_is_one_line(tmp_path):
     path = tmp_path / 'bad.yaml'
     path.write_text('model:\n  name: convnext_s4nd_atto\n  kwargs: {depths: [1, 1\noptim:\n  lr: 1e-3\n')

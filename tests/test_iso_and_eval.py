@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -252,6 +253,17 @@ def test_bad_resolutions_are_clear_errors(image_folder):
             check_resolutions([64, 16], {'net': net})
     with pytest.raises(ValueError, match='ImageFolder directory'):
         eval_resolution({'m': model}, '/no/such/folder', [14], progress=False)
+
+
+def test_a_missing_split_folder_is_refused(image_folder, tmp_path):
+    """<root>/{train,test}/<class> evaluated as split 'validation': timm falls back to the root itself (its
+    'train' and 'test' folders as two classes, training images included); refused, naming the split folders."""
+    for split in ('train', 'test'):
+        shutil.copytree(image_folder, tmp_path / split)
+    model = _create('s4nd_iso_tiny', **SMALL)
+    with pytest.raises(ValueError, match=r"no folder for split 'validation' .* split folders \['test', 'train'\]"):
+        eval_resolution({'m': model}, str(tmp_path), [14], progress=False)
+    assert dataset_num_classes(str(tmp_path), split='test') == 10
 
 
 def test_load_model_from_local_weights(tmp_path):

@@ -96,11 +96,18 @@ def dataset_num_classes(data: str, split: str = 'validation') -> int:
     return len(_image_folder(data, split).reader.class_to_idx)
 
 
+_SPLIT_FOLDERS = ('train', 'training', 'val', 'valid', 'validation', 'eval', 'evaluation', 'test')
+
+
 def _image_folder(root: str, split: str, **kwargs) -> Dataset:
     if not os.path.isdir(root):
         raise ValueError(f"data must be {BUILTIN!r} or an ImageFolder directory, got {root!r}")
     check_folder_links(root)  # before timm's reader walks (and multiplies) a symlink loop
     ds = create_dataset('', root=root, split=split, **kwargs)  # finds the split folder as timm does
+    splits = sorted(d for d in os.listdir(root) if d in _SPLIT_FOLDERS and os.path.isdir(os.path.join(root, d)))
+    if splits and os.path.samefile(ds.reader.root, root):  # timm fell back to the root: every split as classes
+        raise ValueError(f'{root!r} holds no folder for split {split!r} (nor a synonym timm accepts) but holds the '
+                         f'split folders {splits}: pass one of them as the split')
     if len(ds) == 0:
         raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
     # samples (image, target, skipped): 16-bit images scaled, unreadable ones replaced with a warning

@@ -259,6 +259,9 @@ class Config:
             close = difflib.get_close_matches(mc.name, timm.list_models(), n=1)
             hint = f' (did you mean {close[0]}?)' if close else ''
             raise ConfigError(f'model.name {mc.name!r} is not a timm model{hint}')
+        if len(timm.models.get_pretrained_cfg(mc.name).input_size or ()) == 2:  # (C, L)
+            raise ConfigError(f'model.name: {mc.name} is a sequence model; the trainer trains image and video '
+                              'models (sequence models: s4nd-vision seq-mnist)')
         owned = dict(num_classes='the dataset', in_chans='data.in_chans', drop_rate='model.drop_rate',
                      drop_path_rate='model.drop_path_rate', pretrained='model.pretrained_file',
                      pretrained_cfg_overlay='model.pretrained_file', img_size='data.img_size',

@@ -77,6 +77,9 @@ class TrainData:
             mean=data.mean, std=data.std, crop_pct=data.crop_pct, interpolation=data.interpolation))
 
     def _configure_model(self, model: nn.Module) -> None:
+        if len((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or ()) == 4:  # (C, T, H, W)
+            raise ConfigError(f'model.name: {self.cfg.model.name} takes video clips (B, C, T, H, W); data.dataset '
+                              f'{self.cfg.data.dataset} holds images: choose an image model, e.g. convnext_s4nd_tiny')
         if hasattr(model, 'set_input_size'):  # (a no-op for this package's models, built at the size)
             model.set_input_size(self.cfg.data.img_size)
 
