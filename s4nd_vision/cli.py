@@ -103,7 +103,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              'e.g. --mean 0.1307 --std 0.3081 for the MNIST demo models')
     parser.add_argument('--std', type=float, nargs='+', default=None, help='see --mean')
     parser.add_argument('--out', default='output/eval_resolution', help='folder for the CSV and PNG')
-    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--batch-size', type=_positive_int, default=64)
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--device', default='cpu')
 
@@ -285,7 +285,7 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--what', nargs='+', choices=what, default=what)
     parser.add_argument('--step-lengths', nargs='+', type=int, default=[1024, 16384],
                         help="sequence lengths of the 'step' rows (recurrent step vs recomputed convolution)")
-    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--batch-size', type=_positive_int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
                         help='model pairs NAME[,key=value...]:BASELINE, '
@@ -297,7 +297,7 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                         help='video pairs (e.g. convnext_s4nd_3d_tiny:convnext_3d_tiny): clips of this many frames')
     parser.add_argument('--channels-last', action='store_true',
                         help='models and input in channels-last memory (as GPU training usually runs)')
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=_positive_int, default=5)
     parser.add_argument('--json', default=None, help='write the rows to this JSON file')
     parser.add_argument('--default-malloc', action='store_true',
                         help="leave glibc's allocator as it is "
@@ -358,7 +358,7 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
                         help='timm model names, each with arguments as NAME,key=value,... if it needs them (YAML '
                              'values), e.g. vit_s4nd_small_patch16_224,token_layout=1d')
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--batch-size', type=int, default=1,
+    parser.add_argument('--batch-size', type=_positive_int, default=1,
                         help='counts are per batch; the S4ND algorithm rule depends on it')
     parser.add_argument('--algorithm', choices=['rule', 'fft', 'toeplitz'], default='rule',
                         help="S4ND convolution algorithm: the per-axis rule, or one for every axis")
@@ -439,7 +439,7 @@ def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def _smoke_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='convnext_s4nd_tiny')
     parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 288])
-    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--batch-size', type=_positive_int, default=2)
 
 
 def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -456,6 +456,17 @@ def _key_value(text: str):
     if not sep or not key:
         raise argparse.ArgumentTypeError(f'expects key=value, got {text!r}')
     return key, load_yaml(value)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expects a positive integer, got {text!r}')
+    return value
 
 
 def _size(text: str):
@@ -476,7 +487,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help='key=value arguments of timm.create_model (values read as YAML)')
     parser.add_argument('--trace-size', type=_size, default=(224, 224), help='HxW the graph is traced at')
     parser.add_argument('--sizes', nargs='*', type=_size, default=[], help='HxW sizes to check and time the file at')
-    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--batch-size', type=_positive_int, default=1)
     parser.add_argument('--threads', type=int, default=None, help='threads of torch and onnxruntime (default: all)')
 
 
@@ -525,7 +536,7 @@ def _seq_mnist_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--rows', type=int, default=14)
     parser.add_argument('--cols', type=int, default=14, help='samples per row in training (even)')
     parser.add_argument('--epochs', type=int, default=3)
-    parser.add_argument('--batch-size', type=int, default=50)
+    parser.add_argument('--batch-size', type=_positive_int, default=50)
     parser.add_argument('--lr', type=float, default=1e-2)
     parser.add_argument('--ssm-lr', type=float, default=1e-3)
     parser.add_argument('--train-limit', type=int, default=None, help='train on the first n digits only')

@@ -117,16 +117,36 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
         main(['export', 'vit_s4nd_atto_patch16_224', '--model-kwargs', 'img_size'])
     assert exit_info.value.code == 2
     assert "argument --model-kwargs: expects key=value, got 'img_size'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # before minutes of export, not in onnxruntime after them
+        main(['export', 'vit_s4nd_atto_patch16_224', '--batch-size', '0'])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: expects a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):
+    """SGConv's interpolation matrix is built from the symbolic length and rate (it was specialized to the traced
+    ones); the DPLR S4 kernel's repeated squaring cannot follow a symbolic length: refused in one line."""
+    torch.manual_seed(0)
+    seq = timm.create_model('s4nd_seq_atto', kernel='sgconv', seq_len=64).eval()
+    program = torch.export.export(seq, (torch.randn(2, 1, 64),),
+                                  dynamic_shapes=({2: torch.export.Dim('length', min=8, max=512)},))
+    x = torch.randn(2, 1, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), seq(x), rtol=1e-4, atol=1e-5)
+    s4 = timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=0, img_size=64).eval()
+    with pytest.raises(ValueError, match=r'model: the S4 \(DPLR\) kernel cannot be exported for every size'):
+        export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(96, 96))
 
 
 @pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
-@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_sgconv_atto'])
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_sgconv_atto', 's4'])
 def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, grad):
     """`torch.jit.trace` (with its check that two invocations trace the same graph) works with and without autograd,
     and the traced graph generates the kernels from the parameters: with other weights copied in, it gives the other
     model's output (inference's kernel cache, baked into a trace, would keep the old kernels)."""
     torch.manual_seed(0)
-    model, other = (timm.create_model(name).eval() for _ in range(2))
+    args = dict(model_name='convnext_s4nd_atto', kernel='s4', bandlimit=0) if name == 's4' else dict(model_name=name)
+    model, other = (timm.create_model(**args).eval() for _ in range(2))
     x = torch.randn(2, 3, 32, 32)
     with torch.set_grad_enabled(grad):
         traced = torch.jit.trace(model, x)

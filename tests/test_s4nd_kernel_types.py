@@ -105,6 +105,19 @@ def test_smooth_image_at_double_resolution_matches(kernel):
     assert rel(y2_fixed) > 5 * rel(y2)
 
 
+def test_sgconv_kernel_first_made_under_inference_mode_trains():
+    """SGConv's matrix for a (length, rate) is cached: made first under inference_mode, it must not be an inference
+    tensor that a later training step at that length saves for backward (float64 reuses it without a copy)."""
+    layer = S4ND(4, ndim=1, kernel='sgconv', l_ref=37).double()
+    x = torch.randn(2, 4, 37, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = layer(x)
+    y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), expected)
+    assert layer.kernels[0].weight.grad is not None
+
+
 def test_kernel_type_errors():
     with pytest.raises(ValueError, match='kernel must be one of'):
         S4ND(4, kernel='s5')

@@ -49,6 +49,11 @@ def export_onnx(
     Returns:
         the path written.
     """
+    from ..layers import S4Kernel
+    if any(isinstance(m, S4Kernel) for m in model.modules()):
+        raise ValueError("model: the S4 (DPLR) kernel cannot be exported for every size (its generation raises A to "
+                         "the power of each axis length by repeated squaring, a graph per length); export an S4D "
+                         "(kernel='s4d') or SGConv model, or torch.export this one at a static size")
     stride = model_stride(model)
     if max_side < 3 * stride:
         raise ValueError(f'max_side must be at least {3 * stride}, got {max_side}')

@@ -38,8 +38,9 @@ def _full(x: torch.Tensor) -> torch.Tensor:
 
 
 def _matrix_power(m: torch.Tensor, n: int) -> torch.Tensor:
-    """m ** n for a batch of square matrices (n >= 1), by repeated squaring."""
-    result, power = None, m
+    """m ** n for a batch of square matrices (n >= 1), by repeated squaring (its bits: a Python int; a traced
+    length arrives as a 0-dim tensor, which the in-place shift would otherwise zero)."""
+    result, power, n = None, m, int(n)
     while True:
         if n & 1:
             result = power if result is None else result @ power

@@ -20,6 +20,7 @@ Paper: `What Makes Convolutional Models Great on Long Sequence Modeling?` (https
 """
 import math
 from functools import lru_cache
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -34,11 +35,10 @@ def sgconv_scales(l_ref: int, size: int) -> int:
     return 1 if l_ref <= size else 1 + math.ceil(math.log2(l_ref / size))
 
 
-@lru_cache(maxsize=64)
-def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
-    """(n_scales * size, length) float64: tap l of the kernel at `rate` as a linear map of the sub-kernel values
-    (row i * size + j = value j of sub-kernel i), the integral of the interpolant over [l rate, (l + 1) rate).
-    Built on the CPU whatever the default device (models are also created under `torch.device('meta')`)."""
+@lru_cache(maxsize=None)
+def _pieces(size: int, n_scales: int) -> Tuple[torch.Tensor, ...]:
+    """The linear pieces of the sub-kernels' interpolant, float64 on the CPU: start t_a, width, and the rows
+    (i * size + j: value j of sub-kernel i) of the values at each piece's two ends."""
     idx_a, idx_b, t_a, t_b = [], [], [], []
     for i in range(n_scales):
         stretch = 2 ** max(0, i - 1)
@@ -51,16 +51,31 @@ def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch
             t_b.append(origin + stretch * knots[k + 1])
             idx_a.append(i * size + values[k])
             idx_b.append(i * size + values[k + 1])
-    t_a = torch.tensor(t_a, dtype=torch.float64, device='cpu')
-    t_b = torch.tensor(t_b, dtype=torch.float64, device='cpu')
-    width = t_b - t_a
+    with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
+        t_a, t_b = (torch.tensor(t, dtype=torch.float64, device='cpu') for t in (t_a, t_b))
+        return t_a, t_b - t_a, torch.tensor(idx_a, device='cpu'), torch.tensor(idx_b, device='cpu')
+
+
+def _integrals(size: int, n_scales: int, length: int, rate) -> torch.Tensor:
+    """(n_scales * size, length) float64: tap l of the kernel at `rate` as a linear map of the sub-kernel values
+    (row i * size + j = value j of sub-kernel i), the integral of the interpolant over [l rate, (l + 1) rate).
+    Built on the CPU whatever the default device (models are also created under `torch.device('meta')`); plain
+    tensor arithmetic in `length` and `rate`, so a graph capture keeps both symbolic."""
+    t_a, width, idx_a, idx_b = _pieces(size, n_scales)
     edges = torch.arange(length + 1, dtype=torch.float64, device='cpu') * rate
     u = ((edges[:, None] - t_a) / width).clamp(0, 1)  # (length + 1, pieces): covered part of each linear piece
     # integral over [t_a, t_a + u w] of the linear piece from y_a to y_b: w (u - u^2 / 2) y_a + w u^2 / 2 y_b
     antiderivative = torch.zeros(length + 1, n_scales * size, dtype=torch.float64, device='cpu')
-    antiderivative.index_add_(1, torch.tensor(idx_a, device='cpu'), width * (u - u * u / 2))
-    antiderivative.index_add_(1, torch.tensor(idx_b, device='cpu'), width * u * u / 2)
+    antiderivative = antiderivative.index_add(1, idx_a, width * (u - u * u / 2))
+    antiderivative = antiderivative.index_add(1, idx_b, width * u * u / 2)
     return (antiderivative[1:] - antiderivative[:-1]).T.contiguous()
+
+
+@lru_cache(maxsize=64)
+def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
+    """`_integrals`, cached per (length, rate) for eager calls."""
+    with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
+        return _integrals(size, n_scales, length, rate)
 
 
 class SGConvKernel(nn.Module):
@@ -117,9 +132,11 @@ class SGConvKernel(nn.Module):
 
     def _unnormalized(self, weight: torch.Tensor, length: int, rate: float) -> torch.Tensor:
         scale = self.decay ** torch.arange(self.n_scales, dtype=weight.dtype, device=weight.device)
-        # (torch.compile traces the construction instead of calling the cache)
-        cell_integrals = _cell_integrals.__wrapped__ if torch.compiler.is_compiling() else _cell_integrals
-        m = cell_integrals(self.size, self.n_scales, length, float(rate)).to(weight.device, weight.dtype)
+        if torch.compiler.is_compiling():  # compile / export trace the construction, length and rate symbolic
+            m = _integrals(self.size, self.n_scales, length, rate)
+        else:
+            m = _cell_integrals(self.size, self.n_scales, length, float(rate))
+        m = m.to(weight.device, weight.dtype)
         return per_kernel((weight * scale[:, None]).flatten(-2) @ m, self.dim)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
