@@ -67,3 +67,8 @@ def test_recurrence_errors():
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, kernel='sgconv', l_ref=8))
     with pytest.raises(ValueError, match='rate'):
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), rate=0.0)
+    recurrence = S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False))
+    with pytest.raises(ValueError, match=r'one sample u \(B, 3\), got shape \(3,\)'):
+        recurrence.step(torch.zeros(3), recurrence.default_state(2))  # (it broadcast over the state's batch)
+    with pytest.raises(ValueError, match=r'state must be .* for a batch of 2'):
+        recurrence.step(torch.zeros(2, 3), S4NDRecurrence(S4ND(4, ndim=1, bidirectional=False)).default_state(2))

@@ -68,6 +68,11 @@ def test_recurrent_view_errors():
         model.step(torch.zeros(2, 1, 5), state)
     with pytest.raises(ValueError, match='state holds'):
         model.step(x.double(), state._replace(states=state.states[:2]))
+    dtype = model.stem.weight.dtype
+    with pytest.raises(ValueError, match=f"step expects x in the model's dtype {dtype}, got torch.float16"):
+        model.step(x.half(), state)
+    with pytest.raises(ValueError, match=r'state must be \(B, dim, N\) = \(3, .* for a batch of 3'):
+        model.step(torch.zeros(3, 1, dtype=dtype), state)  # a state made for batch 2
 
 
 def test_input_and_argument_errors():

@@ -59,6 +59,11 @@ class S4NDRecurrence:
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple:
         """One sample u (B, dim) -> (y (B, dim) in u's dtype, new state)."""
+        if u.ndim != 2 or u.shape[1] != self.b.shape[0]:
+            raise ValueError(f'step expects one sample u (B, {self.b.shape[0]}), got shape {tuple(u.shape)}')
+        if state.shape != (u.shape[0],) + self.b.shape:
+            raise ValueError(f'state must be (B, dim, N) = {(u.shape[0],) + tuple(self.b.shape)} for a batch of '
+                             f'{u.shape[0]} (see default_state), got shape {tuple(state.shape)}')
         x = u.to(self.dtype)
         if self.diagonal:
             state = self.a * state + self.b * x[..., None]

@@ -324,6 +324,8 @@ class SeqS4ND(nn.Module):
             raise ValueError(f'step expects one sample (B, {self.in_chans}), got shape {tuple(x.shape)}')
         if len(state.states) != len(self.blocks):
             raise ValueError(f'state holds {len(state.states)} blocks, the model has {len(self.blocks)}')
+        if x.dtype != self.stem.weight.dtype:
+            raise ValueError(f'step expects x in the model\'s dtype {self.stem.weight.dtype}, got {x.dtype}')
         x = F.linear(x, self.stem.weight[..., 0], self.stem.bias)
         states = []
         for block, recurrence, s in zip(self.blocks, state.recurrences, state.states):
