@@ -114,6 +114,32 @@ def test_video_and_sequence_sizes_survive_the_round_trip(tmp_path, name, kwargs,
         torch.testing.assert_close(loaded(x), model(x))
 
 
+@pytest.mark.parametrize('name, kwargs, size', [
+    ('convnext_s4nd_atto', dict(img_size=64), (3, 96, 96)),
+    ('convnext_s4nd_3d_atto', dict(img_size=32, num_frames=4), (3, 8, 64, 64)),
+    ('s4nd_seq_atto', dict(seq_len=50), (1, 80)),
+])
+def test_a_data_config_input_size_is_kept(tmp_path, name, kwargs, size):
+    """save_for_hf(data_config=dict(input_size=...)) states that size on reload (ours restated the built size; timm
+    refused a clip's or a sequence's); the model saved keeps its size and the loaded one its function."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    built = model.pretrained_cfg['input_size']
+    readme = save_for_hf(model, str(tmp_path), data_config=dict(input_size=size, mean=(0.5,) * size[0]))
+    assert model.pretrained_cfg['input_size'] == built  # restored after the save
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(loaded)
+    assert config['input_size'] == size and tuple(config['mean']) == (0.5,) * size[0]
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    text = open(readme, encoding='utf-8').read()
+    task = {2: 'other', 3: 'image-classification', 4: 'video-classification'}[len(size)]
+    assert f'pipeline_tag: {task}\n' in text and ('create_transform' in text) == (len(size) == 3)
+    with pytest.raises(ValueError, match='states 5 channels'):
+        save_for_hf(model, str(tmp_path / 'bad'), data_config=dict(input_size=(5, *size[1:])))
+
+
 @pytest.mark.parametrize('has_readme', [False, True])
 def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
     """timm's push_to_hf_hub with our card and config; the Hub client is replaced by one that reads the folder

@@ -11,12 +11,14 @@ and end in "Unknown model" without it. Whoever loads a shared model must learn t
   the papers and the credit; `save_for_hf` / `push_to_hub` here are timm's with that card. A user of timm's own
   `timm.models.push_to_hf_hub` passes it: `push_to_hf_hub(model, repo_id, model_card=model_card(model, repo_id))`.
 """
+import contextlib
 import json
 import os
 import tempfile
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch.nn as nn
+from timm.layers import to_2tuple
 
 __all__ = ['PACKAGE', 'CITATIONS', 'model_card', 'save_for_hf', 'push_to_hub']
 
@@ -44,10 +46,30 @@ _S4ND = 'arXiv:2210.06583'
 # by the number of axes of the pretrained_cfg's pool_size (the final feature grid)
 _MODEL_TYPES = {1: 'Sequence classification / feature backbone', 2: 'Image classification / feature backbone',
                 3: 'Video classification / feature backbone'}
+TASKS = {1: 'other', 2: 'image-classification', 3: 'video-classification'}  # the Hub's pipeline_tag
+# what to feed the model, and the command that evaluates it, by axes
+_INPUT = {
+    1: """with torch.no_grad():
+    logits = model(x)  # x: (B, C, L) sequences of any length (the native one: data_config['input_size'])""",
+    2: """transform = timm.data.create_transform(**data_config, is_training=False)
+
+with torch.no_grad():
+    logits = model(transform(img).unsqueeze(0))  # img: a PIL image""",
+    3: """with torch.no_grad():  # clips: (B, C, T, H, W), frames normalized with data_config['mean'] / ['std']
+    logits = model(clips)""",
+}
 
 
-def _usage(repo_id: Optional[str]) -> str:
+def _axes(model: nn.Module) -> int:
+    """Input axes of `model` (1 sequence, 2 image, 3 video): those of its final feature grid, `pool_size`."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return len(cfg.get('pool_size') or (0, 0))
+
+
+def _usage(repo_id: Optional[str], axes: int) -> str:
     source = f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder'
+    command = (f"The library's `s4nd-vision` command imports it itself (`s4nd-vision eval-resolution --models {source} "
+               "...`); timm's own" if axes == 2 else "timm's own")
     return f"""The architecture is defined by the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) library, not by
 timm itself: timm has no plugin mechanism, so install the library and `import s4nd_vision` before
 `timm.create_model` (without the import, timm ends in "Unknown model").
@@ -64,14 +86,10 @@ import s4nd_vision  # registers the S4ND models with timm
 
 model = timm.create_model('{source}', pretrained=True).eval()
 data_config = timm.data.resolve_model_data_config(model)
-transform = timm.data.create_transform(**data_config, is_training=False)
-
-with torch.no_grad():
-    logits = model(transform(img).unsqueeze(0))  # img: a PIL image
+{_INPUT.get(axes, _INPUT[2])}
 ```
 
-The library's `s4nd-vision` command imports it itself (`s4nd-vision eval-resolution --models {source} ...`);
-timm's own `train.py` / `validate.py` scripts do not.
+{command} `train.py` / `validate.py` scripts do not.
 """
 
 
@@ -91,7 +109,7 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
     papers = ([cfg['paper_name']] if cfg.get('paper_name') else []) + [
         f'https://arxiv.org/abs/{i.split(":")[-1]}' for i in ids]
     details = {
-        'Model Type': _MODEL_TYPES.get(len(cfg.get('pool_size') or (0, 0)), _MODEL_TYPES[2]),
+        'Model Type': _MODEL_TYPES.get(_axes(model), _MODEL_TYPES[2]),
         'Architecture': f'`{name}`',
         'Library': f'{PACKAGE} (`pip install {PACKAGE}`, then `import s4nd_vision` before `timm.create_model`)',
         'Model Stats': {'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 2)},
@@ -106,9 +124,9 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
                      'library for timm, an independent implementation of the S4ND architecture. Loading it needs '
                      '`import s4nd_vision` first (see Model Usage).'),
         details=details,
-        usage=_usage(repo_id),
+        usage=_usage(repo_id, _axes(model)),
         citation=[CITATIONS[i] for i in dict.fromkeys([_S4ND, *ids]) if i in CITATIONS],
-        tags=['image-classification', 'timm', PACKAGE, 's4nd', 'state-space-model'],
+        tags=[TASKS.get(_axes(model), TASKS[2]), 'timm', PACKAGE, 's4nd', 'state-space-model'],
         license=cfg.get('license') or 'apache-2.0',
     )
     extra = dict(overrides)
@@ -126,25 +144,63 @@ def save_for_hf(
         save_directory: str,
         repo_id: Optional[str] = None,
         model_card: Optional[dict] = None,
-        task_name: str = 'image-classification',
+        task_name: Optional[str] = None,
         **kwargs,
 ) -> str:
     """timm's `save_for_hf` (weights and config.json; `kwargs`: model_config, model_args, safe_serialization,
-    data_config) plus the README.md model card of `model_card(model, repo_id, **model_card)`.
+    data_config) plus the README.md model card of `model_card(model, repo_id, **model_card)`. `task_name`: the
+    Hub's pipeline_tag (None: image- or video-classification, or other for sequences, by the model's input).
+
+    A `data_config` input size (input_size (C, *sizes), or img_size) is saved as the model's native size
+    (`set_input_size` for the save, then restored): our models restate their pretrained_cfg's input size from
+    their arguments on load, and keep their function at any native size.
 
     Returns:
         the README.md path.
     """
     from timm.models import save_for_hf as timm_save_for_hf
     from timm.models._hub import generate_readme  # the card push_to_hf_hub writes
-    timm_save_for_hf(model, save_directory, **kwargs)
-    _state_clip_or_sequence_size(model, os.path.join(save_directory, 'config.json'))
+    with _native_size(model, kwargs.pop('data_config', None)) as data_config:
+        timm_save_for_hf(model, save_directory, data_config=data_config, **kwargs)
+        _state_clip_or_sequence_size(model, os.path.join(save_directory, 'config.json'))
     card = _card(model, repo_id, **(model_card or {}))
     name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
     path = os.path.join(save_directory, 'README.md')
     with open(path, 'w', encoding='utf-8') as f:
-        f.write(generate_readme(card, name, task_name=task_name))
+        f.write(generate_readme(card, name, task_name=task_name or TASKS.get(_axes(model), TASKS[2])))
     return path
+
+
+def _set_native_size(model: nn.Module, sizes: Tuple[int, ...]) -> None:
+    """`set_input_size` of a sequence (L,), image (H, W) or video (T, H, W) model."""
+    axes = len(model.pretrained_cfg['input_size']) - 1
+    if len(sizes) != axes:
+        raise ValueError(f'data_config: {type(model).__name__} takes {axes} input axes, got sizes {sizes}')
+    if axes == 1:
+        model.set_input_size(seq_len=sizes[0])
+    elif axes == 3:
+        model.set_input_size(img_size=sizes[1:], num_frames=sizes[0])
+    else:
+        model.set_input_size(img_size=sizes)
+
+
+@contextlib.contextmanager
+def _native_size(model: nn.Module, data_config: Optional[dict]) -> Iterator[Optional[dict]]:
+    """`data_config` without its input size, with that size the model's native one until the context exits."""
+    config = dict(data_config or {})
+    size, img_size = config.pop('input_size', None), config.pop('img_size', None)
+    if size is None and img_size is None:
+        yield config or None
+        return
+    if size is not None and size[0] != model.in_chans:
+        raise ValueError(f'data_config: input_size {tuple(size)} states {size[0]} channels, the model takes '
+                         f'{model.in_chans}')
+    before = tuple(model.pretrained_cfg['input_size'][1:])
+    _set_native_size(model, tuple(size[1:]) if size is not None else to_2tuple(img_size))
+    try:
+        yield config or None
+    finally:
+        _set_native_size(model, before)
 
 
 def _state_clip_or_sequence_size(model: nn.Module, config_path: str) -> None:
@@ -173,7 +229,7 @@ def push_to_hub(
         revision: Optional[str] = None,
         private: bool = False,
         create_pr: bool = False,
-        task_name: str = 'image-classification',
+        task_name: Optional[str] = None,
         safe_serialization='both',
         **kwargs,
 ):
