@@ -409,13 +409,16 @@ def _count_flops(args: argparse.Namespace, specs) -> None:
 # ----------------------------------------------------------------------------------------- gpu-check
 
 def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench.gpu_check import SECTIONS
-    parser.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS[:4]),
-                        help='what to run (default: all but compiled, which compiles four models: run it alone)')
+    from .bench.gpu_check import BUDGET_S, SECTIONS
+    parser.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS),
+                        help='what to run (default: all, in this order; compiled while the budget lasts)')
+    parser.add_argument('--budget-s', type=float, default=None,
+                        help=f'start no row after this many seconds (default: {BUDGET_S} on a GPU, none with --tiny)')
     parser.add_argument('--device', default='cuda')
-    parser.add_argument('--tiny', action='store_true', help='tiny sizes (a minute on a CPU, with TRITON_INTERPRET=1): '
+    parser.add_argument('--tiny', action='store_true',
+                        help='tiny sizes (minutes on a CPU with TRITON_INTERPRET=1, most of them compiling): '
                         'checks the script, measures nothing')
-    parser.add_argument('--json', default=None, help='write the results to this JSON file (after every section)')
+    parser.add_argument('--json', default=None, help='write the results to this JSON file (after every row)')
     parser.add_argument('--path', choices=['triton', 'fast'], default=None,
                         help="force S4ND's implementation in the profile and model sections (fast: if triton fails)")
 
@@ -423,12 +426,13 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
 def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import torch
 
-    from .bench.gpu_check import GPU, TINY, run_checks
+    from .bench.gpu_check import BUDGET_S, GPU, TINY, run_checks
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
         parser.error('no CUDA device (--device cpu --tiny checks the script on the CPU, with TRITON_INTERPRET=1)')
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json, args.path)
+    budget = args.budget_s if args.budget_s is not None else (None if args.tiny else BUDGET_S)
+    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json, args.path, budget)
     if not results['ok']:
         sys.exit(1)
     return results

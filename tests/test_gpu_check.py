@@ -11,38 +11,55 @@ from s4nd_vision.cli import tool_main
 def test_every_section_runs_and_reports(tmp_path):
     path = tmp_path / 'gpu_check.json'
     sections = [s for s in gpu_check.SECTIONS if s != 'compiled']  # compiled: the same code, compile=True
-    results = gpu_check.run_checks(sections, gpu_check.TINY, 'cpu', str(path))
+    results = gpu_check.run_checks(sections[::-1], gpu_check.TINY, 'cpu', str(path))
     assert results['ok'] and json.loads(path.read_text()) == json.loads(json.dumps(results))
-    assert set(results['seconds']) == set(sections)
+    assert list(results['seconds']) == sections  # in SECTIONS order, whatever the order asked
+    assert results['plan']['batch'] == gpu_check.TINY.batch and 'commit' in results and 'triton' in results
     plan = gpu_check.TINY
     checks = results['correctness']
     assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 4 and all(c['ok'] for c in checks)
     assert any('Triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
     assert sum(c['check'].startswith('conv3d') for c in checks) == 2 * len(plan.conv3d_cases)
     image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
-    assert [r['case'] for r in results['bench']] == image_rows + [f'3D layer {plan.video[0]}x4x2x5x5 bfloat16']
+    assert [r['case'] for r in results['bench']] == image_rows + [
+        f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
     assert [r['model'] for r in results['profile']] == list(plan.profile_models)
+    assert all('Name' in r['top_operators'] for r in results['profile'])
     cases = [r['case'] for r in results['models']]
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
 
-def test_a_section_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
+def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
+    """A failing check switches the later sections to the fast path; a failing row loses only itself, and the
+    file holds every row measured so far."""
     def broken(*args, **kwargs):
         raise RuntimeError('no kernel image for this device')
 
-    monkeypatch.setattr(gpu_check, 'bench_layers', broken)
+    saved = []
+    monkeypatch.setattr(gpu_check, '_bench_video_stage', broken)  # the last row of bench
     monkeypatch.setattr(gpu_check, 'check_generation', broken)
+    real_save = gpu_check._Results.save
+    monkeypatch.setattr(gpu_check._Results, 'save', lambda self: (real_save(self), saved.append(len(self['bench']))
+                                                                  if 'bench' in self else None))
     path = tmp_path / 'gpu_check.json'
-    results = gpu_check.run_checks(['correctness', 'bench', 'profile'], gpu_check.TINY, 'cpu', str(path), path='fast')
-    assert not results['ok'] and results['path'] == 'fast'
-    assert 'no kernel image' in results['errors']['bench'] and 'bench' not in results
+    results = gpu_check.run_checks(['correctness', 'bench', 'profile'], gpu_check.TINY, 'cpu', str(path))
+    assert not results['ok'] and results['path'] == 'fast'  # switched by the failed check
+    assert 'no kernel image' in results['errors']['bench[2]'] and len(results['bench']) == 2  # the 2D rows kept
+    assert saved[:2] == [1, 2]  # written after each row
     failed = [c for c in results['correctness'] if not c['ok']]
     assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
     assert any('Triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
     assert len(results['profile']) == 2 and json.loads(path.read_text())['errors'] == results['errors']
+
+
+def test_the_budget_stops_starting_rows(tmp_path):
+    results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
+    assert results['skipped'] == {'correctness': ['check_conv', 'check_generation', 'check_layer'],
+                                  'profile': [0, 1]}
+    assert results['profile'] == [] and results['ok']
 
 
 def test_a_failed_check_fails_the_run():

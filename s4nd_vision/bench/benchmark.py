@@ -74,6 +74,7 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
     def step():
         module.zero_grad(set_to_none=True)
+        x.grad = None  # (accumulating an input gradient would add a full-size kernel to every candidate's time)
         module(x).backward(grad)
     return step
 
@@ -254,13 +255,17 @@ def bench_models(
             model.train()
         for key, ms in time_ms(train_steps, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_train_ms'] = ms
+        for model in models.values():  # neither model's gradients held while the other's peak is measured
+            model.zero_grad(set_to_none=True)
         for key, model in models.items():
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 result[f'{key}_train_mb'] = saved_activation_mb(lambda: model(x))
-            if dev.type == 'cuda':
+            if dev.type == 'cuda':  # the step's peak above what was allocated before it (weights, input, ...)
+                torch.cuda.synchronize(dev)
+                before = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 train_steps[key]()
-                result[f'{key}_cuda_peak_mb'] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+                result[f'{key}_cuda_peak_mb'] = (torch.cuda.max_memory_allocated(dev) - before) / 2 ** 20
             model.zero_grad(set_to_none=True)
         for model in models.values():
             model.eval()

@@ -1,27 +1,39 @@
 """Every check of S4ND's CUDA path in one run, sized (`GPU`) to take under 8 minutes on one H100/H200.
 
-GPU time is scarce, so one call does everything a GPU session needs, section by section (`SECTIONS`):
+GPU time is scarce, so one call does everything a GPU session needs, section by section, the most needed first
+(`SECTIONS`, their order):
 
 1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16), the
    fused kernel generation (`layers.triton_kernels`) and an S4ND layer on the Triton path, against float64 on the
-   CPU; the custom op compiled by inductor (fullgraph). A failed check makes the run fail.
-2. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
+   CPU; the custom op compiled by inductor (fullgraph). A failed check makes the run fail, and the later sections
+   then run S4ND's fast path (unless a path is forced).
+2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
+   and the video pair on clips.
+3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
    four ConvNeXt-T stage shapes, fp32 and bf16; the 3D layer vs the 3D baseline's depthwise conv at the video
    model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
-3. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
+4. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
    step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
-4. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
-   and the video pair on clips.
-5. compiled: ConvNeXt-S4ND-T and ConvNeXt-T through torch.compile (slow to compile: run it in a call of its own).
+5. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
-`TINY` runs every section in seconds on the CPU, with Triton's interpreter (TRITON_INTERPRET=1) and the Triton
-path forced, so that the tests keep this script working between GPU sessions.
+Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
+traceback and the next one runs, and the JSON file is rewritten (atomically) after every row, so a run cut short
+keeps everything it measured. A time budget (`budget_s`) stops starting rows when it is spent (recorded as
+skipped). The file states the device, versions, the commit, the plan and the path that ran.
+
+`TINY` runs every section in seconds on the CPU, with Triton's interpreter (TRITON_INTERPRET=1): correctness and
+bench run the Triton kernels; profile and models take the dispatch's choice (the fast path on the CPU; `path`
+'triton' runs them on the kernels too, for minutes under the interpreter), so that the tests keep this script
+working between GPU sessions.
 """
 import dataclasses
 import json
+import os
+import subprocess
 import time
 import traceback
-from typing import Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -36,7 +48,9 @@ from .benchmark import CONVNEXT_T_STAGES, _train_step, bench_models, format_tabl
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
-SECTIONS = ('correctness', 'bench', 'profile', 'models', 'compiled')
+SECTIONS = ('correctness', 'models', 'bench', 'profile', 'compiled')  # the order they run in
+BUDGET_S = 420  # the default time budget of a GPU run: rows start until it is spent (seconds)
+_MIN_LEFT_S = {'compiled': 150}  # a compiled pair compiles 4 graphs: not started with less left
 _Pair = Tuple[str, dict, str]
 
 
@@ -223,6 +237,7 @@ def _layer_step(module, x, amp: bool, path: Optional[str] = None):
     """forward+backward of a layer with S4ND's implementation forced to `path` (None: the dispatch's choice)."""
     def step():
         module.zero_grad(set_to_none=True)
+        x.grad = None  # (accumulating it would add a full-size kernel to every candidate's time)
         with dispatch.force_path(path), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             y = module(x)
         y.backward(torch.ones_like(y))
@@ -230,7 +245,7 @@ def _layer_step(module, x, amp: bool, path: Optional[str] = None):
 
 
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int) -> dict:
-    """One row of `bench_layers`: forward+backward of `s4nd` on the Triton and the fast path and of the baseline
+    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton and the fast path and of the baseline
     depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
     fns = {'dwconv': _layer_step(conv, x, amp), 'triton': _layer_step(s4nd, x, amp, 'triton'),
            'fast': _layer_step(s4nd, x, amp, 'fast')}
@@ -242,126 +257,213 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
     return row
 
 
-def bench_layers(plan: Plan, device: torch.device) -> List[dict]:
-    """S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv, forward+backward, channels-last; then
-    3D S4ND vs the 3D baseline's depthwise conv."""
-    rows = []
-    print(f'layer fwd+bwd, batch {plan.batch}, channels-last, ms (ratio to dwconv7x7)')
-    for dtype in (torch.float32, torch.bfloat16):
-        for dim, size in plan.stages:
-            torch.manual_seed(0)
-            s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
-            conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
-            x = torch.randn(plan.batch, dim, size, size, device=device, dtype=dtype)
-            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            rows.append(_bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}', s4nd, conv, x,
-                                     dtype == torch.bfloat16, plan.repeats))
+def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: torch.dtype) -> dict:
+    """One 2D row of `layer_jobs`."""
+    torch.manual_seed(0)
+    s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
+    conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
+    x = torch.randn(plan.batch, dim, size, size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    return _bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}', s4nd, conv, x,
+                        dtype == torch.bfloat16, plan.repeats)
+
+
+def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, size: int) -> dict:
+    """One 3D row of `layer_jobs` (a float32 input under bf16 autocast, as in the video model)."""
     batch = plan.video[0]
-    print(f'3D layer fwd+bwd, batch {batch}, bf16 autocast, channels-last-3d, ms (ratio to the 3D baseline\'s dwconv)')
-    for dim, frames, size in plan.video_stages:
-        torch.manual_seed(0)
-        s4nd = S4ND(dim, ndim=3, l_ref=(frames, size, size)).to(device)
-        conv = _dw_conv3d(dim).to(device, memory_format=torch.channels_last_3d)
-        x = torch.randn(batch, dim, frames, size, size, device=device)
-        x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-        rows.append(_bench_layer(f'3D layer {batch}x{dim}x{frames}x{size}x{size} bfloat16', s4nd, conv, x, True,
-                                 plan.repeats))
-    return rows
+    torch.manual_seed(0)
+    s4nd = S4ND(dim, ndim=3, l_ref=(frames, size, size)).to(device)
+    conv = _dw_conv3d(dim).to(device, memory_format=torch.channels_last_3d)
+    x = torch.randn(batch, dim, frames, size, size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    return _bench_layer(f'3D layer {batch}x{dim}x{frames}x{size}x{size} float32 in bf16 autocast', s4nd, conv, x,
+                        True, plan.repeats)
 
 
-def profile_models(plan: Plan, device: torch.device) -> List[dict]:
-    """torch.profiler over training steps of the two profile models: step time, device kernels per step, the
-    fraction of the step the device is busy, top operators by device time."""
+def layer_jobs(plan: Plan, device: torch.device) -> List[Callable[[], dict]]:
+    """The rows of the layer benchmark: S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv,
+    forward+backward, channels-last, fp32 and bf16; then 3D S4ND vs the 3D baseline's depthwise conv."""
+    return ([partial(_bench_stage, plan, device, dim, size, dtype)
+             for dtype in (torch.float32, torch.bfloat16) for dim, size in plan.stages]
+            + [partial(_bench_video_stage, plan, device, *stage) for stage in plan.video_stages])
+
+
+def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
+    """torch.profiler over training steps of model `name`: step time, device kernels per step, the fraction of the
+    step the device is busy, top operators by device time (kept in the row)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     x = torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    rows = []
     print(f'training steps, batch {plan.batch}, bf16 autocast, channels-last')
-    for name in plan.profile_models:
-        torch.manual_seed(0)
-        model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
-        step = _train_step(model, x, torch.bfloat16)
-        for _ in range(2):  # warm-up: Triton compilation, cuDNN autotuning
+    torch.manual_seed(0)
+    model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
+    step = _train_step(model, x, torch.bfloat16)
+    for _ in range(2):  # warm-up: Triton compilation, cuDNN autotuning
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(plan.profile_steps):
             step()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(plan.profile_steps):
-                step()
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            wall_us = (time.perf_counter() - start) * 1e6
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy_us = sum(e.time_range.elapsed_us() for e in kernels)  # kernels do not overlap on one stream
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
-        row = dict(model=name, step_ms=wall_us / plan.profile_steps / 1e3,
-                   kernels_per_step=len(kernels) / plan.profile_steps, busy=min(busy_us / wall_us, 1.0), peak_gib=peak)
-        rows.append(row)
-        print(f'{name}: {row["step_ms"]:.1f} ms/step (profiled), {row["kernels_per_step"]:.0f} device kernels/step, '
-              f'device busy {row["busy"]:.0%}, peak {peak:.1f} GiB')
-        sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-        print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=60), flush=True)
-        del model, step, prof
-    return rows
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)  # kernels do not overlap on one stream
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+    sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)
+    row = dict(model=name, step_ms=wall_us / plan.profile_steps / 1e3,
+               kernels_per_step=len(kernels) / plan.profile_steps, busy=min(busy_us / wall_us, 1.0), peak_gib=peak,
+               top_operators=table)
+    print(f'{name}: {row["step_ms"]:.1f} ms/step (profiled), {row["kernels_per_step"]:.0f} device kernels/step, '
+          f'device busy {row["busy"]:.0%}, peak {peak:.1f} GiB')
+    print(table, flush=True)
+    return row
 
 
-def bench_model_pairs(plan: Plan, device: torch.device, compile: bool = False) -> List[dict]:
-    """`bench_models` of the image pairs and the video pair on clips, bf16 autocast, channels-last; compiled, the
-    first image pair only (each model compiles twice, training and inference: minutes on a GPU)."""
-    common = dict(device=str(device), repeats=plan.repeats, amp_dtype=torch.bfloat16, channels_last=True,
-                  compile=compile)
-    pairs = plan.image_pairs[:1] if compile else plan.image_pairs
-    rows = bench_models(pairs=pairs, img_size=plan.img_size, batch_size=plan.batch, **common)
-    if not compile:
-        batch, frames, side = plan.video
-        rows += bench_models(pairs=[plan.video_pair], img_size=side, batch_size=batch, num_frames=frames, **common)
-    print(format_table(rows), flush=True)
-    return rows
+def _bench_pair(plan: Plan, device: torch.device, pair: _Pair, compile: bool = False) -> dict:
+    """`bench_models` of one image pair, bf16 autocast, channels-last (through torch.compile with `compile`)."""
+    (row,) = bench_models(pairs=[pair], img_size=plan.img_size, batch_size=plan.batch, device=str(device),
+                          repeats=plan.repeats, amp_dtype=torch.bfloat16, channels_last=True, compile=compile)
+    print(format_table([row]), flush=True)
+    return row
 
 
-def run_checks(sections: Sequence[str] = SECTIONS[:4], plan: Plan = GPU, device: str = 'cuda',
-               json_path: Optional[str] = None, path: Optional[str] = None) -> dict:
-    """Runs the `sections` (see the module docstring) with the sizes of `plan` on `device`; returns (and with
-    `json_path` writes) the results, with 'ok': False if a correctness check failed or a section raised. A section
-    that raises is recorded (its traceback under 'errors') and the next one runs. `path` ('triton' or 'fast')
-    forces S4ND's implementation in the profile and model sections, e.g. 'fast' to measure the models if the
-    Triton path fails (correctness and bench choose their paths themselves)."""
+def _bench_video_pair(plan: Plan, device: torch.device) -> dict:
+    """`bench_models` of the video pair on clips, bf16 autocast, channels-last-3d."""
+    batch, frames, side = plan.video
+    (row,) = bench_models(pairs=[plan.video_pair], img_size=side, batch_size=batch, num_frames=frames,
+                          device=str(device), repeats=plan.repeats, amp_dtype=torch.bfloat16, channels_last=True)
+    print(format_table([row]), flush=True)
+    return row
+
+
+def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], dict]]:
+    """The rows of a measuring section, each a call that returns one row."""
+    if section == 'models':
+        return [partial(_bench_pair, plan, device, pair) for pair in plan.image_pairs] + [
+            partial(_bench_video_pair, plan, device)]
+    if section == 'bench':
+        return layer_jobs(plan, device)
+    if section == 'profile':
+        return [partial(_profile_model, plan, device, name) for name in plan.profile_models]
+    return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
+
+
+def _commit() -> Optional[str]:
+    """The checkout's git commit (with '+changes' when the tree differs from it), None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
+
+
+def _environment(dev: torch.device, plan: Plan, path: Optional[str], budget_s: Optional[float]) -> dict:
+    """What a result file must state to be read later: device, versions, commit, settings, the plan."""
+    env = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else str(dev), torch=torch.__version__,
+               timm=timm.__version__, commit=_commit(), path=path, budget_s=budget_s, plan=dataclasses.asdict(plan),
+               started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), units='ms per call (median), MB, ratios S4ND / baseline')
+    try:
+        import triton
+        env['triton'] = triton.__version__
+    except ImportError:
+        env['triton'] = None
+    if dev.type == 'cuda':
+        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   capability='.'.join(map(str, torch.cuda.get_device_capability(dev))),
+                   cudnn_benchmark=torch.backends.cudnn.benchmark,
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    return env
+
+
+class _Results(dict):
+    """The results of a run, written atomically to `json_path` (if any) after every row."""
+
+    def __init__(self, json_path: Optional[str], **fields):
+        super().__init__(fields, ok=True, seconds={}, errors={}, skipped={})
+        self.json_path = json_path
+
+    def save(self) -> None:
+        if self.json_path:
+            tmp = f'{self.json_path}.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(self, f, indent=1)
+            os.replace(tmp, self.json_path)
+
+    def fail(self, key: str, error: str) -> None:
+        self['errors'][key] = error[-3000:]
+        self['ok'] = False
+        print(f'{key} FAILED:\n{error}', flush=True)
+        self.save()
+
+
+def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str = 'cuda',
+               json_path: Optional[str] = None, path: Optional[str] = None,
+               budget_s: Optional[float] = None) -> dict:
+    """Runs the `sections` (see the module docstring; in `SECTIONS` order) with the sizes of `plan` on `device`;
+    returns (and with `json_path` writes, after every row) the results, with 'ok': False if a correctness check
+    failed or a row raised (its traceback under 'errors', the next row runs). `path` ('triton' or 'fast') forces
+    S4ND's implementation in the model, profile and compiled sections (None: the dispatch's choice, or 'fast' once a
+    correctness check failed). `budget_s`: no row starts once that many seconds have passed (nor a compiled pair
+    with less than `_MIN_LEFT_S` left); the rows left are listed under 'skipped'."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f'sections must be among {SECTIONS}, got {unknown}')
     dev = torch.device(device)
-    results: dict = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else str(dev),
-                         torch=torch.__version__, timm=timm.__version__, path=path, ok=True, seconds={}, errors={})
-    print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}', flush=True)
-    for section in sections:
+    if dev.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # as timm's train.py: the baselines' convolutions autotuned (warm-up)
+    start_run = time.perf_counter()
+    results = _Results(json_path, **_environment(dev, plan, path, budget_s))
+    print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}, triton {results["triton"]}, '
+          f'commit {results["commit"]}', flush=True)
+
+    def left() -> float:
+        return float('inf') if budget_s is None else budget_s - (time.perf_counter() - start_run)
+
+    for section in sorted(sections, key=SECTIONS.index):
         start = time.perf_counter()
         print(f'\n== {section}', flush=True)
-        try:
-            if section == 'correctness':
-                checks = _Checks()
-                for check in (check_conv, check_generation, check_layer):
-                    checks.run(check, plan, dev)
+        if section == 'correctness':
+            checks = _Checks()
+            for check in (check_conv, check_generation, check_layer):
+                if left() <= 0:
+                    results['skipped'].setdefault(section, []).append(check.__name__)
+                    continue
+                checks.run(check, plan, dev)
                 results['correctness'] = checks.rows
                 results['ok'] &= checks.ok
-                print('all correctness checks passed' if checks.ok else 'SOME CORRECTNESS CHECKS FAILED')
-            elif section == 'bench':
-                results['bench'] = bench_layers(plan, dev)
-            else:
-                with dispatch.force_path(path):
-                    if section == 'profile':
-                        results['profile'] = profile_models(plan, dev)
-                    else:
-                        results[section] = bench_model_pairs(plan, dev, compile=section == 'compiled')
-        except Exception:  # noqa: BLE001  (record it and go on: the other sections still measure something)
-            results['errors'][section] = traceback.format_exc()[-3000:]
-            results['ok'] = False
-            print(f'SECTION {section} FAILED:\n{results["errors"][section]}', flush=True)
+                results.save()
+            print('all correctness checks passed' if checks.ok else 'SOME CORRECTNESS CHECKS FAILED')
+            if not checks.ok and path is None:
+                path = results['path'] = 'fast'  # measure the models on the fast path rather than not at all
+                print("a correctness check failed: the next sections run S4ND's fast path", flush=True)
+        else:
+            results.setdefault(section, [])
+            with dispatch.force_path(path):
+                for i, job in enumerate(_jobs(section, plan, dev)):
+                    if left() <= _MIN_LEFT_S.get(section, 0):
+                        results['skipped'].setdefault(section, []).append(i)
+                        continue
+                    try:
+                        results[section].append(job())
+                    except Exception:  # noqa: BLE001  (record it and go on: the other rows still measure)
+                        results.fail(f'{section}[{i}]', traceback.format_exc())
+                    if dev.type == 'cuda':
+                        torch.cuda.empty_cache()
+                    results.save()
         results['seconds'][section] = time.perf_counter() - start
         print(f'({section}: {results["seconds"][section]:.0f} s)', flush=True)
-        if json_path:  # after every section: a run cut short keeps what it measured
-            with open(json_path, 'w') as f:
-                json.dump(results, f, indent=1)
-    return results
+        results.save()
+    if results['skipped']:
+        print(f'skipped for the time budget: {results["skipped"]}', flush=True)
+    return dict(results)
