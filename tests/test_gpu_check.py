@@ -17,8 +17,9 @@ def test_every_section_runs_and_reports(tmp_path):
     assert results['plan']['batch'] == gpu_check.TINY.batch and 'commit' in results and 'triton' in results
     plan = gpu_check.TINY
     checks = results['correctness']
-    assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 4 and all(c['ok'] for c in checks)
-    assert any('Triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
+    assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 and all(c['ok'] for c in checks)
+    assert any('triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
+    assert any('fast path' in c['check'] for c in checks)
     assert sum(c['check'].startswith('conv3d') for c in checks) == 2 * len(plan.conv3d_cases)
     image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
     assert [r['case'] for r in results['bench']] == image_rows + [
@@ -51,13 +52,13 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
     assert saved[:2] == [1, 2]  # written after each row
     failed = [c for c in results['correctness'] if not c['ok']]
     assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
-    assert any('Triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
+    assert any('triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
     assert len(results['profile']) == 2 and json.loads(path.read_text())['errors'] == results['errors']
 
 
 def test_the_budget_stops_starting_rows(tmp_path):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
-    assert results['skipped'] == {'correctness': ['check_conv', 'check_generation', 'check_layer'],
+    assert results['skipped'] == {'correctness': ['check_conv', 'check_generation', 'check_layer', 'check_fast_layer'],
                                   'profile': [0, 1]}
     assert results['profile'] == [] and results['ok']
 

@@ -4,9 +4,9 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 (`SECTIONS`, their order):
 
 1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16), the
-   fused kernel generation (`layers.triton_kernels`) and an S4ND layer on the Triton path, against float64 on the
-   CPU; the custom op compiled by inductor (fullgraph). A failed check makes the run fail, and the later sections
-   then run S4ND's fast path (unless a path is forced).
+   fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
+   fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
+   run fail, and the later sections then run S4ND's fast path (unless a path is forced).
 2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
    and the video pair on clips.
 3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
@@ -61,7 +61,8 @@ class Plan:
     conv_cases: Sequence[Tuple[int, int, int, int, int, Tuple[int, int]]]  # (B, H, W, C, rank, pools)
     conv3d_cases: Sequence[Tuple[int, int, int, int, int, int, Tuple[int, int, int]]]  # (B, T, H, W, C, rank, pools)
     generation: Sequence[Tuple[int, int, float, dict]]  # fused generation entries: (dim, length, rate, SSMKernel kw)
-    layer: Tuple[int, int, int, int]  # S4ND layer check: (B, C, side, pool)
+    layer: Tuple[int, int, int, int]  # S4ND layer check on the Triton path: (B, C, side, pool)
+    fast_layer: Tuple[int, int, int, int]  # S4ND layer check on the fast path (a stem-like layer): (B, C, side, pool)
     stages: Sequence[Tuple[int, int]]  # layer benchmark shapes: (C, side)
     video_stages: Sequence[Tuple[int, int, int]]  # 3D layer benchmark shapes (batch `video[0]`): (C, frames, side)
     profile_models: Tuple[str, str]
@@ -80,6 +81,7 @@ GPU = Plan(
     conv3d_cases=((2, 8, 28, 28, 96, 1, (1, 1, 1)), (2, 8, 14, 14, 192, 1, (2, 2, 2))),
     generation=((96, 56, 1.0, {}), (192, 28, 0.5, dict(bandlimit=0.5)), (40, 224, 2.0, dict(init='legs'))),
     layer=(4, 96, 56, 2),
+    fast_layer=(4, 32, 112, 4),
     stages=CONVNEXT_T_STAGES,
     video_stages=((96, 8, 56), (192, 8, 28), (384, 8, 14), (768, 8, 7)),
     profile_models=('convnext_tiny', 'convnext_s4nd_tiny'),
@@ -98,6 +100,7 @@ TINY = Plan(
     conv3d_cases=((1, 4, 3, 5, 3, 1, (2, 1, 1)),),
     generation=((4, 6, 1.0, {}), (8, 5, 0.5, dict(bandlimit=0.5)), (3, 12, 2.0, dict(init='legs'))),
     layer=(2, 8, 8, 2),
+    fast_layer=(2, 4, 12, 4),
     stages=((4, 5),),
     video_stages=((4, 2, 5),),
     profile_models=('convnext_atto', 'convnext_s4nd_atto'),
@@ -207,7 +210,16 @@ def check_generation(plan: Plan, device: torch.device, checks: _Checks) -> None:
 
 def check_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """An S4ND layer (pooled) on the Triton path, float32 and bf16 autocast, against the float64 layer on the CPU."""
-    b, c, side, pool = plan.layer
+    _check_layer(device, checks, 'triton', *plan.layer)
+
+
+def check_fast_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """A stem-like S4ND layer (wider than the Triton kernels take, pooled) on the fast path (Toeplitz GEMMs, bf16
+    under autocast), float32 and bf16 autocast, against the float64 layer on the CPU."""
+    _check_layer(device, checks, 'fast', *plan.fast_layer)
+
+
+def _check_layer(device: torch.device, checks: _Checks, path: str, b: int, c: int, side: int, pool: int) -> None:
     torch.manual_seed(0)
     layer = S4ND(c, ndim=2, l_ref=(side, side), pool=pool)
     x = torch.randn(b, c, side, side)
@@ -218,16 +230,16 @@ def check_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
     y_ref.square().sum().backward()
     layer = layer.to(device)
     name = f'S4ND({c}, pool={pool}) {b}x{c}x{side}x{side}'
-    with dispatch.force_path('triton'):
-        if dispatch.conv_path(device, x.shape, layer.pool, torch.float32) != 'triton':
-            checks.add(f'{name}: runs the Triton path', {'not triton': 1.0}, 0.5)
+    with dispatch.force_path(path):
+        if dispatch.conv_path(device, x.shape, layer.pool, torch.float32) != path:
+            checks.add(f'{name}: runs the {path} path', {f'not {path}': 1.0}, 0.5)
             return
         xg = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
         y = layer(xg)
         y.square().sum().backward()
         errors = {'y': _rel(y, y_ref), 'dx': _rel(xg.grad, xr.grad),
                   'dparams': max(_rel(p.grad, q.grad) for p, q in zip(layer.parameters(), ref_layer.parameters()))}
-        checks.add(f'{name} fp32, Triton path', errors, 1e-3)
+        checks.add(f'{name} fp32, {path} path', errors, 1e-3)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             y16 = layer(xg.detach().bfloat16())
     checks.add('  same, bf16 autocast', {'y': _rel(y16.float(), y_ref)}, 3e-2)
@@ -435,7 +447,7 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
         print(f'\n== {section}', flush=True)
         if section == 'correctness':
             checks = _Checks()
-            for check in (check_conv, check_generation, check_layer):
+            for check in (check_conv, check_generation, check_layer, check_fast_layer):
                 if left() <= 0:
                     results['skipped'].setdefault(section, []).append(check.__name__)
                     continue
