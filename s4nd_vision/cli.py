@@ -653,11 +653,11 @@ Prints, per model: GMACs with the handles, fvcore's own count (FFTs and complex 
 the largest operators, and the ops still left uncounted.""",
         _flops_arguments, _flops_run),
     'gpu-check': Command(
-        'every check of the CUDA path in one run: correctness, layer benchmark, profile, model pairs',
+        'every check of the CUDA path in one run: correctness, model pairs, layer benchmark, profile, compiled',
         """Every check of S4ND's CUDA path in one run, sized to take under 8 minutes on one H100/H200
-(see s4nd_vision.bench.gpu_check); exits non-zero if a correctness check fails.
+(see s4nd_vision.bench.gpu_check); exits non-zero if a correctness check fails or a row raises.
 
-    s4nd-vision gpu-check --json output/gpu_check.json            # correctness bench profile models
+    s4nd-vision gpu-check --json output/gpu_check.json            # every section, rows until the budget is spent
     s4nd-vision gpu-check --sections compiled --json output/gpu_check_compiled.json
     TRITON_INTERPRET=1 s4nd-vision gpu-check --device cpu --tiny  # checks the script on a CPU""",
         _gpu_check_arguments, _gpu_check_run),

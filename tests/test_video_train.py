@@ -16,6 +16,7 @@ from torch.utils.data import DistributedSampler
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
+from s4nd_vision.models._checkpoint import file_num_classes
 from s4nd_vision.models.inflate import inflate_state_dict
 from s4nd_vision.train import ConfigError, Trainer, load_config
 from s4nd_vision.train.data import _full_batches
@@ -134,6 +135,17 @@ def test_a_checkpoint_of_the_same_classes_keeps_its_classifier(hmdb, tmp_path, s
     own = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     assert torch.equal(own['head.fc.weight'], weights['head.fc.weight'])
     assert torch.equal(own['head.fc.bias'], weights['head.fc.bias'])
+
+
+def test_file_num_classes_reads_shapes_of_either_format(tmp_path):
+    """The classifier rows of a safetensors file (DDP prefix) and of a torch training checkpoint (EMA first)."""
+    save_file({'module.head.fc.weight': torch.zeros(7, 4), 'module.stem.0.weight': torch.zeros(4, 3, 1, 1)},
+              str(tmp_path / 'w.safetensors'))
+    torch.save({'state_dict': {'head.fc.weight': torch.zeros(5, 4)}, 'state_dict_ema': {'head.fc.weight':
+                torch.zeros(9, 4)}}, tmp_path / 'ckpt.pth')
+    assert file_num_classes(str(tmp_path / 'w.safetensors'), 'head.fc') == 7
+    assert file_num_classes(str(tmp_path / 'ckpt.pth'), 'head.fc') == 9
+    assert file_num_classes(str(tmp_path / 'ckpt.pth'), 'head') is None
 
 
 def _evaluate_directly(model, hmdb):

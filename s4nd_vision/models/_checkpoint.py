@@ -64,14 +64,21 @@ def file_num_classes(path: str, classifier: str) -> Optional[int]:
     """The classes of the weights file `path` (safetensors, or a torch checkpoint of any of CHECKPOINT_KEYS): the
     rows of `classifier`'s weight, None without one. `pretrained_cfg_overlay=dict(file=path)` needs it as the
     overlay's `num_classes`: timm drops the file's classifier whenever that differs from the model's, and the
-    registry's is ImageNet's 1000, so without it a 51-class file lost its fitting head in a 51-class model."""
+    registry's is ImageNet's 1000, so without it a 51-class file lost its fitting head in a 51-class model.
+    Reads the shapes only (the safetensors header, a memory-mapped torch file): timm loads the weights after."""
     if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state_dict = load_file(path)
+        from safetensors import safe_open
+        with safe_open(path, 'pt') as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        shape = clean_state_dict(shapes).get(f'{classifier}.weight')
     else:
-        state_dict = torch.load(path, map_location='cpu', weights_only=True)
-    weight = unwrap_state_dict(state_dict).get(f'{classifier}.weight')
-    return None if weight is None else weight.shape[0]
+        try:
+            state_dict = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+            state_dict = torch.load(path, map_location='cpu', weights_only=True)
+        weight = unwrap_state_dict(state_dict).get(f'{classifier}.weight')
+        shape = None if weight is None else weight.shape
+    return None if shape is None else int(shape[0])
 
 
 def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, ...]]:

@@ -10,8 +10,8 @@ the meta device (no memory) to check `model.name`, `model.kwargs` and that `data
 every progressive stage are at least the model's smallest input.
 
 Video (`data.dataset: hmdb51`) reads clips of `data.clip_duration` seconds subsampled to
-`data.num_frames` frames; of the augmentation keys, `aug.auto_augment` (torchvision's
-RandAugment as `rand-m<magnitude>[-n<ops>]`), `aug.no_aug`, `aug.smoothing` and Mixup/CutMix apply
+`data.num_frames` frames; of the augmentation keys, `aug.auto_augment` (RandAugment
+as `rand-m<magnitude 0-10, as timm's>[-n<ops>]`), `aug.no_aug`, `aug.smoothing` and Mixup/CutMix apply
 to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`, `aug.reprob`, `aug.remode`,
 `aug.repeated_aug`) must keep their defaults.
 """
