@@ -421,6 +421,9 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', default=None, help='write the results to this JSON file (after every row)')
     parser.add_argument('--path', choices=['triton', 'fast'], default=None,
                         help="force S4ND's implementation in the profile and model sections (fast: if triton fails)")
+    parser.add_argument('--in-process', action='store_true',
+                        help='run every row in this process (the default off CUDA); on CUDA the rows run in a worker '
+                        'process, replaced after a row that kills it, breaks its CUDA context or runs past its limit')
 
 
 def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -432,7 +435,8 @@ def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else (None if args.tiny else BUDGET_S)
-    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json, args.path, budget)
+    results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json, args.path, budget,
+                         isolate=False if args.in_process else None)
     if not results['ok']:
         sys.exit(1)
     return results

@@ -79,3 +79,27 @@ def test_cli_refuses_cuda_without_a_device(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         tool_main('gpu-check', ['--sections', 'bench'])
     assert exit_info.value.code == 2 and 'no CUDA device' in capsys.readouterr().err
+
+
+def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypatch, tmp_path):
+    """Isolated (the default on CUDA): a row that kills its process, one that breaks its CUDA context and one that
+    hangs are each recorded as failed, and a new worker goes on with the next row, on the fast path."""
+    monkeypatch.setenv(gpu_check._FAULT_ENV, 'bench[0]=exit,bench[1]=cuda,profile[0]=hang')
+    monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 15)
+    path = tmp_path / 'gpu_check.json'
+    results = gpu_check.run_checks(['bench', 'profile'], gpu_check.TINY, 'cpu', str(path), isolate=True)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results)) and 'running' not in results
+    assert results['crashed'] == ['bench[0]', 'bench[1]', 'profile[0]'] and not results['ok']
+    assert 'exit status 13' in results['errors']['bench[0]']
+    assert 'illegal memory access' in results['errors']['bench[1]']
+    assert 'killed after' in results['errors']['profile[0]']
+    assert [r['case'] for r in results['bench']] == [f'3D layer {gpu_check.TINY.video[0]}x4x2x5x5 float32 in bf16 '
+                                                     'autocast']
+    assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[1]]
+    assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 15
+
+
+def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):
+    results = gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', isolate=True)
+    assert results['ok'] and results['crashed'] == [] and results['path'] is None
+    assert len(results['correctness']) == 2 * (len(gpu_check.TINY.conv_cases) + len(gpu_check.TINY.conv3d_cases)) + 6

@@ -18,7 +18,10 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 
 Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
 traceback and the next one runs, and the JSON file is rewritten (atomically) after every row, so a run cut short
-keeps everything it measured. A time budget (`budget_s`) stops starting rows when it is spent (recorded as
+keeps everything it measured. On CUDA the rows run in a worker process that the run replaces after a row that
+kills it (a crash), leaves its CUDA context unusable (a sticky error such as an illegal address, which would fail
+every later row) or runs past its time limit (a hang): that row is recorded as failed and the next one runs in a
+new worker, on the fast path. A time budget (`budget_s`) stops starting rows when it is spent (recorded as
 skipped). The file states the device, versions, the commit, the plan and the path that ran.
 
 `TINY` runs every section in seconds on the CPU, with Triton's interpreter (TRITON_INTERPRET=1): correctness and
@@ -28,8 +31,10 @@ working between GPU sessions.
 """
 import dataclasses
 import json
+import multiprocessing
 import os
 import subprocess
+import tempfile
 import time
 import traceback
 from functools import partial
@@ -118,10 +123,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _Checks:
-    """Collects named checks: relative errors against a limit."""
+    """Collects named checks (into `rows`, e.g. the results' list): relative errors against a limit."""
 
-    def __init__(self):
-        self.rows: List[dict] = []
+    def __init__(self, rows: Optional[List[dict]] = None):
+        self.rows: List[dict] = [] if rows is None else rows
 
     def add(self, name: str, errors: Dict[str, float], limit: float) -> None:
         ok = all(e < limit for e in errors.values())
@@ -129,14 +134,10 @@ class _Checks:
         values = ' '.join(f'{k}={v:.1e}' for k, v in errors.items())
         print(f'{name:46s} {values}  (< {limit:g}) {"ok" if ok else "FAIL"}', flush=True)
 
-    def run(self, check, plan: 'Plan', device: torch.device) -> None:
-        """Runs check(plan, device, self); an exception is recorded as a failed check and the next check runs."""
-        try:
-            check(plan, device, self)
-        except Exception:  # noqa: BLE001  (a GPU session is too short to stop at the first error)
-            error = traceback.format_exc()
-            self.rows.append(dict(check=check.__name__, error=error[-3000:], ok=False))
-            print(f'{check.__name__} FAILED:\n{error}', flush=True)
+    def failed(self, name: str, error: str) -> None:
+        """Records check `name` as failed with `error` (a traceback, or why its process ended)."""
+        self.rows.append(dict(check=name, error=error[-3000:], ok=False))
+        print(f'{name} FAILED:\n{error}', flush=True)
 
     @property
     def ok(self) -> bool:
@@ -402,8 +403,15 @@ class _Results(dict):
     """The results of a run, written atomically to `json_path` (if any) after every row."""
 
     def __init__(self, json_path: Optional[str], **fields):
-        super().__init__(fields, ok=True, seconds={}, errors={}, skipped={})
+        super().__init__(fields)
+        for key, empty in (('ok', True), ('seconds', {}), ('errors', {}), ('skipped', {}), ('crashed', [])):
+            self.setdefault(key, empty)
         self.json_path = json_path
+
+    @classmethod
+    def load(cls, json_path: str) -> '_Results':
+        with open(json_path) as f:
+            return cls(json_path, **json.load(f))
 
     def save(self) -> None:
         if self.json_path:
@@ -419,63 +427,235 @@ class _Results(dict):
         self.save()
 
 
+_Row = Tuple[str, object, Callable]  # (section, id: a check's name or a row's index, the call)
+_ROW_LIMIT_S = dict(correctness=240, models=240, bench=120, profile=180, compiled=420)  # a worker's row is killed after
+_OVERRUN_S = 150  # ...or once the run is this far past its budget (a compiled pair may start with 150 s left)
+_BROKEN_EXIT = 3  # a worker's exit status after a row broke its CUDA context (the row's error is recorded)
+_FAULT_ENV = 'S4ND_GPU_CHECK_FAULT'  # tests: 'ROW=exit|hang|cuda,...' makes a worker fail at rows ROW ('bench[0]')
+_injected_broken = False
+
+
+def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
+    """Every row of the run, in order."""
+    rows: List[_Row] = []
+    for section in sections:
+        if section == 'correctness':
+            rows += [(section, c.__name__, c) for c in (check_conv, check_generation, check_layer, check_fast_layer)]
+        else:
+            rows += [(section, i, job) for i, job in enumerate(_jobs(section, plan, dev))]
+    return rows
+
+
+def _measured_path(results: _Results, forced: Optional[str]) -> Optional[str]:
+    """S4ND's implementation for the measuring sections: `forced`, else the fast path once a correctness check
+    failed or a row crashed its process (the models measured on it rather than not at all), else the dispatch's."""
+    if forced is not None:
+        return forced
+    if results['crashed'] or not all(c['ok'] for c in results.get('correctness', [])):
+        if results['path'] != 'fast':
+            results['path'] = 'fast'
+            print("a correctness check failed or a row crashed: the next rows run S4ND's fast path", flush=True)
+        return 'fast'
+    return None
+
+
+def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch.device, forced: Optional[str],
+              deadline: Optional[float], start: int = 0, worker: bool = False) -> None:
+    """Runs the rows of `sections` from the `start`-th on, recording each in `results`, saved after each. A
+    `worker` marks the row it runs as 'running' in the file, and exits with `_BROKEN_EXIT` after a row that leaves
+    its CUDA context unusable (the supervisor goes on in a new process)."""
+    if dev.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # as timm's train.py: the baselines' convolutions autotuned (warm-up)
+    checks = _Checks(results.setdefault('correctness', [])) if 'correctness' in sections else None
+    current = None
+    for index, (section, ident, call) in enumerate(_rows(sections, plan, dev)):
+        if index < start:
+            continue
+        if section != current:
+            current = section
+            print(f'\n== {section}', flush=True)
+            results.setdefault(section, [])
+            results['seconds'].setdefault(section, 0.0)
+        left = float('inf') if deadline is None else deadline - time.time()
+        if left <= _MIN_LEFT_S.get(section, 0):
+            results['skipped'].setdefault(section, []).append(ident)
+            results.save()
+            continue
+        key, began, error = f'{section}[{ident}]', time.time(), None
+        if worker:
+            results['running'] = dict(index=index, section=section, id=ident, row=key, started=began)
+            results.save()
+        try:
+            if worker:
+                _inject_fault(key)
+            if section == 'correctness':
+                call(plan, dev, checks)
+            else:
+                with dispatch.force_path(_measured_path(results, forced)):
+                    results[section].append(call())
+        except Exception:  # noqa: BLE001  (a GPU session is too short to stop at the first error)
+            error = traceback.format_exc()
+            if section == 'correctness':
+                checks.failed(ident, error)
+            else:
+                results.fail(key, error)
+        results['ok'] &= checks is None or checks.ok
+        results['seconds'][section] += time.time() - began
+        if error is not None and worker and _device_broken(dev):
+            results.save()
+            print(f'{key} left the CUDA context unusable: this worker stops', flush=True)
+            os._exit(_BROKEN_EXIT)  # (no clean-up on a broken context)
+        results.pop('running', None)
+        if dev.type == 'cuda':
+            torch.cuda.empty_cache()
+        results.save()
+
+
+def _inject_fault(key: str) -> None:
+    """For the tests of the supervisor: fails row `key` as `_FAULT_ENV` says (a worker only)."""
+    global _injected_broken
+    for item in os.environ.get(_FAULT_ENV, '').split(','):
+        row, _, kind = item.partition('=')
+        if row != key:
+            continue
+        if kind == 'exit':
+            os._exit(13)
+        if kind == 'hang':
+            time.sleep(3600)
+        if kind == 'cuda':
+            _injected_broken = True
+            raise RuntimeError('CUDA error: an illegal memory access was encountered (injected)')
+
+
+def _device_broken(dev: torch.device) -> bool:
+    """Whether the CUDA context is unusable (a sticky error: illegal address, device-side assert)."""
+    if _injected_broken or dev.type != 'cuda':
+        return _injected_broken
+    try:
+        torch.cuda.synchronize(dev)
+        torch.zeros(1, device=dev).cpu()
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def _worker(json_path: str, sections: Sequence[str], plan: Plan, device: str, forced: Optional[str],
+            deadline: Optional[float], start: int) -> None:
+    """A worker process (`_supervise`): the rows from the `start`-th on, into the results file."""
+    _run_rows(_Results.load(json_path), sections, plan, torch.device(device), forced, deadline, start, worker=True)
+
+
+def _running(json_path: str) -> Optional[dict]:
+    try:
+        with open(json_path) as f:
+            return json.load(f).get('running')
+    except (OSError, ValueError):
+        return None
+
+
+def _watch(worker, json_path: str, deadline: Optional[float]) -> Optional[str]:
+    """Waits for `worker` to end; kills it when its row runs past `_ROW_LIMIT_S` or the run `_OVERRUN_S` past its
+    budget, and then returns why."""
+    while True:
+        worker.join(1.0)
+        if worker.exitcode is not None:
+            return None
+        running, now, reason = _running(json_path), time.time(), None
+        if running and now - running['started'] > _ROW_LIMIT_S[running['section']]:
+            reason = f'killed after {now - running["started"]:.0f} s (a {running["section"]} row may take ' \
+                     f'{_ROW_LIMIT_S[running["section"]]} s)'
+        elif deadline is not None and now > deadline + _OVERRUN_S:
+            reason = f'killed {_OVERRUN_S} s after the budget was spent'
+        if reason:
+            worker.kill()
+            worker.join()
+            print(f'{running["row"] if running else "the worker"}: {reason}', flush=True)
+            return reason
+
+
+def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: str, forced: Optional[str],
+               deadline: Optional[float]) -> None:
+    """Runs the rows in worker processes: one, unless a row kills its process, leaves its CUDA context unusable
+    (a sticky error) or runs past its limit; that row is recorded as failed (the later rows then run the fast path,
+    unless a path is forced) and a new worker goes on with the next row."""
+    own_file = results.json_path is None
+    if own_file:
+        fd, results.json_path = tempfile.mkstemp(suffix='.json', prefix='gpu_check_')
+        os.close(fd)
+    rows = _rows(sections, plan, torch.device('cpu'))  # (the same rows on every device)
+    context = multiprocessing.get_context('spawn')  # (a CUDA context does not survive fork)
+    start, worker = 0, None
+    try:
+        while start < len(rows):
+            results.save()
+            # (not a daemon: inductor's compile workers are its children)
+            worker = context.Process(target=_worker,
+                                     args=(results.json_path, sections, plan, device, forced, deadline, start))
+            worker.start()
+            reason = _watch(worker, results.json_path, deadline)
+            measured = _Results.load(results.json_path)
+            results.clear()
+            results.update(measured)
+            running = results.pop('running', None)
+            if worker.exitcode == 0 and running is None:
+                break
+            if running is None:
+                results.fail('worker', f'the worker process ended (exit status {worker.exitcode}) outside a row')
+                break
+            if worker.exitcode != _BROKEN_EXIT:  # (after a broken context the row's error is recorded already)
+                error = reason or (f'the worker process died (exit status {worker.exitcode}) in this row; its output '
+                                   'is above')
+                if running['section'] == 'correctness':
+                    results['ok'] = False
+                    _Checks(results['correctness']).failed(running['id'], error)
+                else:
+                    results.fail(running['row'], error)
+                results['seconds'][running['section']] += time.time() - running['started']
+            results['crashed'].append(running['row'])
+            start = running['index'] + 1
+            if reason and deadline is not None and time.time() > deadline:
+                for section, ident, _ in rows[start:]:
+                    results['skipped'].setdefault(section, []).append(ident)
+                break
+            print(f'a new worker goes on after {running["row"]}', flush=True)
+    finally:
+        if worker is not None and worker.is_alive():  # (the supervisor interrupted)
+            worker.kill()
+        if own_file:
+            os.remove(results.json_path)
+            results.json_path = None
+    results.save()
+
+
 def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str = 'cuda',
                json_path: Optional[str] = None, path: Optional[str] = None,
-               budget_s: Optional[float] = None) -> dict:
+               budget_s: Optional[float] = None, isolate: Optional[bool] = None) -> dict:
     """Runs the `sections` (see the module docstring; in `SECTIONS` order) with the sizes of `plan` on `device`;
     returns (and with `json_path` writes, after every row) the results, with 'ok': False if a correctness check
     failed or a row raised (its traceback under 'errors', the next row runs). `path` ('triton' or 'fast') forces
     S4ND's implementation in the model, profile and compiled sections (None: the dispatch's choice, or 'fast' once a
-    correctness check failed). `budget_s`: no row starts once that many seconds have passed (nor a compiled pair
-    with less than `_MIN_LEFT_S` left); the rows left are listed under 'skipped'."""
+    correctness check failed or a row crashed). `budget_s`: no row starts once that many seconds have passed (nor
+    a compiled pair with less than `_MIN_LEFT_S` left); the rows left are listed under 'skipped'. `isolate` (by
+    default on CUDA): the rows run in a worker process, replaced after a row that kills it, breaks its CUDA context
+    or runs past its time limit (`_supervise`; those rows are listed under 'crashed'), so that one such row does not
+    end the run."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f'sections must be among {SECTIONS}, got {unknown}')
+    sections = sorted(sections, key=SECTIONS.index)
     dev = torch.device(device)
-    if dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # as timm's train.py: the baselines' convolutions autotuned (warm-up)
-    start_run = time.perf_counter()
-    results = _Results(json_path, **_environment(dev, plan, path, budget_s))
+    isolate = dev.type == 'cuda' if isolate is None else isolate
+    deadline = None if budget_s is None else time.time() + budget_s
+    results = _Results(json_path, **_environment(dev, plan, path, budget_s), isolated=isolate)
     print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}, triton {results["triton"]}, '
           f'commit {results["commit"]}', flush=True)
-
-    def left() -> float:
-        return float('inf') if budget_s is None else budget_s - (time.perf_counter() - start_run)
-
-    for section in sorted(sections, key=SECTIONS.index):
-        start = time.perf_counter()
-        print(f'\n== {section}', flush=True)
-        if section == 'correctness':
-            checks = _Checks()
-            for check in (check_conv, check_generation, check_layer, check_fast_layer):
-                if left() <= 0:
-                    results['skipped'].setdefault(section, []).append(check.__name__)
-                    continue
-                checks.run(check, plan, dev)
-                results['correctness'] = checks.rows
-                results['ok'] &= checks.ok
-                results.save()
-            print('all correctness checks passed' if checks.ok else 'SOME CORRECTNESS CHECKS FAILED')
-            if not checks.ok and path is None:
-                path = results['path'] = 'fast'  # measure the models on the fast path rather than not at all
-                print("a correctness check failed: the next sections run S4ND's fast path", flush=True)
-        else:
-            results.setdefault(section, [])
-            with dispatch.force_path(path):
-                for i, job in enumerate(_jobs(section, plan, dev)):
-                    if left() <= _MIN_LEFT_S.get(section, 0):
-                        results['skipped'].setdefault(section, []).append(i)
-                        continue
-                    try:
-                        results[section].append(job())
-                    except Exception:  # noqa: BLE001  (record it and go on: the other rows still measure)
-                        results.fail(f'{section}[{i}]', traceback.format_exc())
-                    if dev.type == 'cuda':
-                        torch.cuda.empty_cache()
-                    results.save()
-        results['seconds'][section] = time.perf_counter() - start
-        print(f'({section}: {results["seconds"][section]:.0f} s)', flush=True)
-        results.save()
+    if isolate:
+        _supervise(results, sections, plan, device, path, deadline)
+    else:
+        _run_rows(results, sections, plan, dev, path, deadline)
+    failed = [c['check'] for c in results.get('correctness', []) if not c['ok']]
+    if 'correctness' in sections:
+        print('correctness: ' + (f'FAILED: {failed}' if failed else 'every check passed'), flush=True)
     if results['skipped']:
         print(f'skipped for the time budget: {results["skipped"]}', flush=True)
     return dict(results)
