@@ -59,6 +59,13 @@ def test_inference_cache_equals_training_path(kernel):
         changed = layer(x12)
     assert not torch.allclose(cached, changed)
     torch.testing.assert_close(changed, copy.deepcopy(layer)(x12).detach())
+    if kernel == 'sgconv':  # a hyper-parameter of the kernels, not a tensor: part of the cache's key
+        with torch.no_grad():
+            for k in layer.kernels:
+                k.decay = 0.9
+            decayed = layer(x12)
+        assert not torch.allclose(decayed, changed)
+        torch.testing.assert_close(decayed, copy.deepcopy(layer)(x12).detach())
 
 
 def test_stacked_generation_with_mixed_kernel_types():

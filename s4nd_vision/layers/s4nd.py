@@ -266,7 +266,8 @@ class S4ND(nn.Module):
         memory, remembered between calls while no gradient is recorded (inference).
 
         The cache is reused only when the input shape, the algorithm per axis (it depends on the batch
-        size too, and on an enclosing `ops.conv_algorithm`), rates, kernel lengths, dtypes, band limits, pooling
+        size too, and on an enclosing `ops.conv_algorithm`), rates, kernel lengths, dtypes, band limits (SGConv:
+        decays), pooling
         and the values of every kernel parameter and buffer equal those it was built from. Parameters are
         compared by value, not by version counter: writes through `.data`, `.copy_`,
         `load_state_dict(assign=True)`, `vector_to_parameters`, distributed broadcasts or NumPy views can
@@ -278,7 +279,7 @@ class S4ND(nn.Module):
         algorithms = ('depthwise',) if depthwise else conv_algorithms(shape, self.pool)
         key = (
             tuple(shape), tuple(algorithms), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
-            tuple(k.bandlimit for k in self.kernels), self.pool,
+            tuple((k.bandlimit, getattr(k, 'decay', None)) for k in self.kernels), self.pool,
         )
         state = self._kernel_tensors()
         if self._kernel_cache is not None:
