@@ -329,5 +329,14 @@ def test_output_stride_keeps_the_weights_and_dilates_the_last_stages(name, kwarg
         step_with_and_without_stacking(monkeypatch, model.train(), x, [])
     features = timm.create_model(name, img_size=64, output_stride=16, features_only=True, **kwargs)
     assert features.feature_info.reduction() == [4, 8, 16, 16]
+    if kwargs.get('downsample_type') == 'conv':  # dilated as timm's ConvNeXt: the taps combine the same pixels
+        ref = timm.create_model('convnext_atto', output_stride=8).eval()
+        model = timm.create_model(name, img_size=64, output_stride=8, **kwargs).eval()
+        for i in (1, 2, 3):
+            ds, ref_ds = model.stages[i].downsample, ref.stages[i].downsample
+            ds.load_state_dict(ref_ds.state_dict())
+            x = torch.randn(1, ds[0].normalized_shape[0], 9, 12)
+            with torch.no_grad():
+                torch.testing.assert_close(ds(x), ref_ds(x))
     with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
         timm.create_model(name, output_stride=4, **kwargs)

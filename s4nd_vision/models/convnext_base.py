@@ -129,6 +129,7 @@ class ConvNeXtStage(nn.Module):
             mixer_layer: Optional[Callable[[int], nn.Module]] = None,
             downsample_type: Optional[str] = 's4nd',
             dilated: bool = False,
+            in_dilation: Optional[Tuple[int, ...]] = None,
             depth: int = 2,
             drop_path_rates: Optional[List[float]] = None,
             mlp_ratio: float = 4.,
@@ -149,6 +150,9 @@ class ConvNeXtStage(nn.Module):
                 ('same' padding, timm's choice), and the blocks' S4ND kernels sampled `down` times as densely
                 (their reference grid stays `feat_size`: the kernels cover the same part of the image, as
                 dilated convs do).
+            in_dilation: how many times as densely as without `output_stride` the input is sampled, per axis
+                (None: not at all); a dilated 'conv' downsampling dilates its taps by as much (timm's
+                `first_dilation`), so that they combine the pixels they were trained to.
         """
         super().__init__()
         dd = dict(device=device, dtype=dtype)
@@ -162,7 +166,8 @@ class ConvNeXtStage(nn.Module):
             self.downsample = nn.Sequential(
                 norm(in_chs, **dd),
                 conv(in_chs, out_chs, kernel_size=down, **(
-                    dict(stride=1, padding='same') if dilated else dict(stride=down)), **dd),
+                    dict(stride=1, padding='same', dilation=in_dilation or 1) if dilated else dict(stride=down)),
+                     **dd),
             )
         else:
             self.downsample = nn.Identity()
@@ -299,6 +304,7 @@ class ConvNeXtBase(S4NDModel):
         stride = nominal = self.stem_stride  # (nominal: without dilation, what the reference grids follow)
         for i, (depth, out_chs) in enumerate(zip(depths, dims)):
             dilated = i > 0 and stride[-1] * self.down[-1] > output_stride
+            in_dilation = tuple(n // s for n, s in zip(nominal, stride))  # (of this stage's input)
             if i > 0:
                 nominal = tuple(s * d for s, d in zip(nominal, self.down))
                 stride = stride if dilated else tuple(s * d for s, d in zip(stride, self.down))
@@ -311,6 +317,7 @@ class ConvNeXtBase(S4NDModel):
                 mixer_layer=mixer_layer,
                 downsample_type=downsample_type if i > 0 else None,
                 dilated=dilated,
+                in_dilation=in_dilation,
                 depth=depth,
                 drop_path_rates=dp_rates[i],
                 mlp_ratio=mlp_ratio,
