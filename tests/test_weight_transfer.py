@@ -118,6 +118,14 @@ def test_timm_convnext_atto_weights_give_timm_outputs(tmp_path):
         # (not trivially: without the MLP weights the output differs)
         model.stages[1].blocks[0].mlp.fc1.weight.zero_()
         assert not torch.allclose(model(x), expected, rtol=1e-3, atol=1e-3)
+    # another number of input channels: the stem conv adapted as timm's loader adapts timm's convnext_atto
+    for in_chans in (1, 4):
+        ours = timm.create_model('convnext_s4nd_atto', pretrained=True, in_chans=in_chans,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **_LAYOUTS['patch'])
+        theirs = timm.create_model('convnext_atto', pretrained=True, in_chans=in_chans,
+                                   pretrained_cfg_overlay=dict(file=str(path)))
+        torch.testing.assert_close(ours.stem[0].weight, theirs.stem[0].weight)
+        torch.testing.assert_close(ours.stem[0].bias, theirs.stem[0].bias)
 
 
 def test_linear_and_1x1_conv_mlps_map_both_ways():

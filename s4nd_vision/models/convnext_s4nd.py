@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, S4ND_PAPER
-from ._checkpoint import match_state_dict, unwrap_state_dict
+from ._checkpoint import adapt_input_channels, match_state_dict, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase
 
 __all__ = ['ConvNeXtS4ND']
@@ -44,12 +44,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4N
     A training checkpoint dict is unwrapped first (`unwrap_state_dict`). From a timm `convnext_*` state
     dict every module whose tensors fit is taken (`match_state_dict`): norms, layer scales, the MLPs
     (the 1x1 conv MLPs of atto to nano reshaped to our Linear layers), head and, with the 'patch' /
-    'conv' stem and downsampling, those too. The S4ND layers (and anything else without a counterpart)
-    keep the model's initialization; a one-line report of what was loaded, reshaped and kept is logged.
+    'conv' stem and downsampling, those too (the patch stem's conv adapted to the model's `in_chans` first, by
+    timm's rule, as timm's loader does for its own models). The S4ND layers (and anything else without a
+    counterpart) keep the model's initialization; a one-line report of what was loaded, reshaped and kept is
+    logged.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any('.kernels.' in k for k in state_dict):
         return state_dict
+    state_dict = adapt_input_channels(state_dict, 'stem.0', model.in_chans)
     out, report = match_state_dict(state_dict, model, source='timm ConvNeXt weights')
     report.log()
     return out
