@@ -126,6 +126,21 @@ def test_default_cfg_contract(entry):
         assert out.shape == (expected or features.shape)
 
 
+@pytest.mark.parametrize('entry', [e for e in COMPLIANCE_MODELS if not e[0].startswith('s4nd_seq')], ids=_ids)
+def test_an_overlay_input_size_is_the_native_size(entry):
+    """As timm's fixed-size models (its ViTs): without `img_size`, the input size a `pretrained_cfg_overlay`
+    states is the size the model is built for, and the data config keeps it; an `img_size` argument wins."""
+    from timm.data import resolve_model_data_config
+    name, kwargs = entry
+    with torch.device('meta'):
+        model = timm.create_model(name, pretrained_cfg_overlay=dict(input_size=(3, 96, 80)), **kwargs)
+        explicit = timm.create_model(name, img_size=64, pretrained_cfg_overlay=dict(input_size=(3, 96, 80)),
+                                     **kwargs)
+    assert tuple(model.img_size) == (96, 80) and resolve_model_data_config(model)['input_size'][-2:] == (96, 80)
+    assert tuple(explicit.img_size) == (64, 64)
+    assert resolve_model_data_config(explicit)['input_size'][-2:] == (64, 64)
+
+
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_bf16_weights(entry):
     model = _create(*entry).eval().to(torch.bfloat16)

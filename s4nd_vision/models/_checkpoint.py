@@ -15,7 +15,7 @@ from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
     'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
-    'match_state_dict', 'split_input_size', 'file_num_classes',
+    'match_state_dict', 'split_input_size', 'stated_img_size', 'file_num_classes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -96,6 +96,22 @@ def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, .
     cfg['input_size'] = (size[0], *size[-2:]) if axes == 3 else None
     kwargs['pretrained_cfg'] = cfg
     return tuple(size)
+
+
+def stated_img_size(kwargs: Dict[str, Any]) -> None:
+    """timm's rule for models built for one input size (`fixed_input_size`, e.g. its ViTs), which ours are in
+    that their S4ND kernels are referenced to their `img_size`: without an `img_size` argument, the (H, W) of an
+    input_size that a `pretrained_cfg_overlay` (else a `pretrained_cfg` dict) states is the size the model is
+    built for (in `kwargs`, in place). The models then state their native size in their pretrained_cfg, which
+    without this discarded the overlay's."""
+    if 'img_size' in kwargs:
+        return
+    for key in ('pretrained_cfg_overlay', 'pretrained_cfg'):
+        cfg = kwargs.get(key)
+        cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
+        if isinstance(cfg, dict) and cfg.get('input_size') is not None:
+            kwargs['img_size'] = tuple(cfg['input_size'][-2:])
+            return
 
 
 def _pointwise_kind(shape: Sequence[int]) -> Optional[str]:

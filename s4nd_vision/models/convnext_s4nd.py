@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, S4ND_PAPER
-from ._checkpoint import adapt_input_channels, match_state_dict, unwrap_state_dict
+from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase
 
 __all__ = ['ConvNeXtS4ND']
@@ -59,6 +59,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4N
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXtS4ND, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -40,7 +40,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, update_model_args
-from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
+from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
 from ._checks import check_input
 from .convnext_base import ConvNeXtBase
 from .inflate import inflate_state_dict, is_2d_state_dict
@@ -174,6 +174,7 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
     stated = split_input_size(kwargs, axes=3)  # a config.json's (C, T, H, W)
     if stated:
         kwargs.setdefault('num_frames', stated[1])
+    stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

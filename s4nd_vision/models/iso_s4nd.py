@@ -29,6 +29,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ..layers import S4ND, ConvNeXtS4NDBlock
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel
+from ._checkpoint import stated_img_size
 
 __all__ = ['IsoS4ND']
 
@@ -142,6 +143,7 @@ class IsoS4ND(S4NDModel):
 
 
 def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
+    stated_img_size(kwargs)
     return build_model_with_cfg(
         IsoS4ND, variant, pretrained,
         feature_cfg=dict(out_indices=4, feature_cls='getter'),

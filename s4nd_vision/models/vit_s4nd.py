@@ -55,6 +55,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, stacked_kernels
 from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, update_model_args
+from ._checkpoint import stated_img_size
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -339,6 +340,7 @@ class VisionTransformerS4ND(S4NDModel):
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
         feature_cfg=dict(out_indices=4, feature_cls='getter'),  # features_only: the last four blocks
