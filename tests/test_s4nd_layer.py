@@ -146,6 +146,18 @@ CASES = [
 ]
 
 
+def test_l_max_caps_the_kernel_at_the_original_codes_round_of_l_max_over_rate():
+    """round(l_max / rate) taps per direction (at least one), as the original code: 42 / (56 / 40) is
+    30.000000000000004 in floating point, where a ceiling took a 31st tap."""
+    layer = S4ND(2, ndim=1, l_ref=56, l_max=42)
+    assert layer.kernel_lengths((40,), layer.resolve_rate((40,))) == (30,)
+    assert layer.kernel_lengths((40,), (3.0,)) == (14,) and layer.kernel_lengths((40,), (100.0,)) == (1,)
+    with torch.no_grad():
+        k = layer.axis_kernels((40,))[0]  # (rank, dim, 2 n - 1), offset o at index o + 39
+    assert k[..., 39 + 29].abs().min() > 0 and k[..., 39 + 30].abs().max() == 0  # offsets 0..29 forward
+    assert k[..., 39 - 30].abs().min() > 0 and k[..., 39 - 31].abs().max() == 0  # -1..-30 backward
+
+
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
 @pytest.mark.parametrize('ndim,sizes,l_ref,l_max,bidirectional,rank,pool', CASES)
 def test_layer_equals_direct_convolution(algorithm, ndim, sizes, l_ref, l_max, bidirectional, rank, pool):

@@ -213,9 +213,8 @@ def plot_layer_kernels(
     for i, (limit, title) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         for rate, style in ((1.0, dict(marker='o', linestyle='-')), (0.5, dict(marker='.', linestyle='--'))):
-            length = round(size / rate)  # taps at this rate, as on an input of that size
-            if s4nd.l_max is not None:
-                length = min(length, math.ceil(s4nd.l_max[axis] / rate))
+            n = round(size / rate)  # taps at this rate, as on an input of that size
+            length = s4nd.kernel_lengths((n,) * s4nd.ndim, (rate,) * s4nd.ndim)[axis]
             k = _axis_kernel(kernel, length, rate, limit)[0]  # the forward direction, first rank-1 term
             position = torch.arange(length, dtype=torch.float64) * rate
             for c in channels:

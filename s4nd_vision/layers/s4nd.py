@@ -231,10 +231,12 @@ class S4ND(nn.Module):
         return rate
 
     def kernel_lengths(self, sizes: Sequence[int], rates: Sequence[float]) -> Tuple[int, ...]:
-        """Taps per direction on each axis: the input length, capped at ceil(l_max / rate)."""
+        """Taps per direction on each axis: the input length, capped at round(l_max / rate) (at least 1), as the
+        original code (a ceiling would also take one tap too many where the rate's rounding puts l_max / rate a
+        hair above an integer)."""
         if self.l_max is None:
             return tuple(sizes)
-        return tuple(min(s, math.ceil(m / r)) for s, m, r in zip(sizes, self.l_max, rates))
+        return tuple(min(s, max(1, round(m / r))) for s, m, r in zip(sizes, self.l_max, rates))
 
     def axis_kernels(self, sizes: Sequence[int], rate: Optional[_Floats] = None, dtype=torch.float32):
         """Two-sided 1D kernels for each axis: a list (per axis) of (rank, dim, 2 n - 1) tensors."""
