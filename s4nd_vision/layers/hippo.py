@@ -17,7 +17,9 @@ from typing import Tuple
 
 import torch
 
-__all__ = ['hippo_legs', 'legs_nplr']
+__all__ = ['hippo_legs', 'legs_nplr', 'legs_b', 'LEGS_B_CLIP']
+
+LEGS_B_CLIP = 2.0  # the cap on |V^H B| of the LegS initializations (the original code's B_clip)
 
 
 def hippo_legs(d_state: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,3 +55,13 @@ def legs_nplr(d_state: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     if d_state < 2 or d_state % 2:
         raise ValueError(f'd_state must be a positive even number, got {d_state}')
     return tuple(t.clone() for t in _legs_nplr(d_state))
+
+
+def legs_b(d_state: int) -> torch.Tensor:
+    """B of the LegS initializations (S4D-LegS, S4): V^H B of `legs_nplr` (real and positive in its eigenbasis)
+    with magnitudes capped at LEGS_B_CLIP, (d_state // 2,) complex128. The original code clips Im(V^H B) to
+    [-2, 2] in its own eigenvector phases, where V^H B is nearly imaginary: magnitudes about 0.7-2.0 at N = 16
+    (NOTES.md), where V^H B itself grows to 10 at N = 16 and 41 at N = 64 on the fastest modes. The cap does the
+    same independently of the phases (and C, random, does not depend on them either)."""
+    vb = legs_nplr(d_state)[1]
+    return vb * (LEGS_B_CLIP / vb.abs()).clamp(max=1.0)

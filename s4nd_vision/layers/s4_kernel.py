@@ -6,7 +6,8 @@ For each channel the continuous SSM  x' = A x + B u,  y = C^T x  has N states an
 
 kept in conjugate-symmetric form: the N/2 modes with Im(Lambda) > 0 are parameters and the other half are
 their conjugates, so the system is real (the kernel is real). Initialized from HiPPO-LegS's NPLR
-decomposition (`hippo.legs_nplr`): the DPLR system starts as HiPPO-LegS itself, written in an eigenbasis.
+decomposition (`hippo.legs_nplr`): the DPLR system starts as HiPPO-LegS's A written in an eigenbasis, with its B
+there capped at magnitude 2 as in the original code (`hippo.legs_b`; the fastest modes' would reach 10 at N = 16).
 Hermitian part Re(Lambda) - P P^* < 0 keeps every A stable.
 
 Discretization: bilinear (S4's), with step dt:  A~ = (I - dt/2 A)^-1 (I + dt/2 A),  B~ = (I - dt/2 A)^-1 dt B,
@@ -26,7 +27,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .hippo import legs_nplr
+from .hippo import legs_b, legs_nplr
 from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm, as_complex
 
 __all__ = ['S4Kernel']
@@ -82,7 +83,8 @@ class S4Kernel(_DiagonalSSM):
         n2 = self.d_state // 2
         # computed on the CPU in float64, then copied (works on the meta device too)
         self.log_dt.copy_(_log_uniform_dt(self.dim, self.dt_min, self.dt_max))
-        lam, vb, vp, _ = legs_nplr(self.d_state)
+        lam, _, vp, _ = legs_nplr(self.d_state)
+        vb = legs_b(self.d_state)
         self.log_a_real.copy_((-lam.real).log().expand(self.dim, n2))
         self.a_imag.copy_(lam.imag.expand(self.dim, n2))
         self.p.copy_(torch.view_as_real(vp).expand(self.dim, n2, 2))

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .hippo import legs_nplr
+from .hippo import legs_b, legs_nplr
 from .ops import backward_without_autocast
 from .reference import ssm_kernel_reference, use_reference
 
@@ -116,9 +116,10 @@ def ssm_init_imag(init: str, d_state: int) -> torch.Tensor:
 
 def ssm_init_b(init: str, d_state: int) -> torch.Tensor:
     """B for the S4D initializations, (d_state // 2,) complex128 on the CPU: ones for 'lin' and 'inv'; for 'legs'
-    HiPPO-LegS's B in the eigenbasis of its normal part (V^H B, the basis of Im(A), see `hippo.legs_nplr`)."""
+    HiPPO-LegS's B in the eigenbasis of its normal part (V^H B, the basis of Im(A), see `hippo.legs_nplr`), its
+    magnitudes capped at 2 as in the original code (`hippo.legs_b`)."""
     if init == 'legs':
-        return legs_nplr(d_state)[1]
+        return legs_b(d_state)
     if init in SSM_INITS:
         return torch.ones(d_state // 2, dtype=torch.complex128)
     raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
