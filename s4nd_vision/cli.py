@@ -135,6 +135,8 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         batch_size=args.batch_size, device=args.device, num_workers=args.workers, crop_pct=args.crop_pct,
         out_dir=args.out)
     print(format_table(rows))
+    if any(r['skipped'] for r in rows):
+        print(f'not scored: {max(r["skipped"] for r in rows)} unreadable validation images')
     print(f'wrote {args.out}/accuracy_vs_resolution.csv and {args.out}/accuracy_vs_resolution.png')
     return rows
 

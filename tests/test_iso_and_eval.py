@@ -207,6 +207,21 @@ class _Constant(nn.Module):
         return torch.tensor([0., 0., 0., 9., 8., 7., 6., 5., 0., 0.]).expand(len(x), 10)
 
 
+def test_eval_resolution_leaves_unreadable_images_out(image_folder, tmp_path):
+    """An unreadable image's stand-in (another image, with its label) is not scored: two of the three 3s and one
+    7 unreadable leave 27 images, one of them a 3 (top-1 1/27) and five of them 3-7 (top-5 12/27), whichever
+    images stand in for them."""
+    root = tmp_path / 'folder'
+    shutil.copytree(image_folder, root)
+    for name in sorted(os.listdir(root / '3'))[:2] + ['7/' + sorted(os.listdir(root / '7'))[0]]:
+        path = root / ('3/' + name if '/' not in name else name)
+        path.write_bytes(b'not an image')
+    with pytest.warns(RuntimeWarning, match='skipped unreadable image'):
+        (row,) = eval_resolution({'constant': _Constant()}, str(root), [14], progress=False)
+    assert (row['n'], row['skipped']) == (27, 3)
+    assert row['top1'] == pytest.approx(100 / 27) and row['top5'] == pytest.approx(100 * 12 / 27)
+
+
 def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
     models = {
         's4nd': _create('s4nd_iso_tiny', **SMALL),
@@ -222,7 +237,7 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
 
     with open(tmp_path / CSV_NAME) as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 9 and set(table[0]) == {'model', 'resolution', 'top1', 'top5', 'n'}
+    assert len(table) == 9 and set(table[0]) == {'model', 'resolution', 'top1', 'top5', 'n', 'skipped'}
     assert (table[-1]['model'], table[-1]['resolution'], float(table[-1]['top1'])) == ('constant', '21', 10.0)
     png = tmp_path / PLOT_NAME
     assert png.read_bytes()[:8] == PNG_SIGNATURE

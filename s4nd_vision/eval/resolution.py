@@ -177,7 +177,8 @@ def eval_resolution(
         out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME.
 
     Returns:
-        One dict per (model, resolution): model, resolution, top1, top5, n.
+        One dict per (model, resolution): model, resolution, top1, top5, n (images scored), skipped (unreadable
+        images: their stand-ins are not scored).
     """
     if not models:
         raise ValueError('models must hold at least one model')
@@ -194,16 +195,21 @@ def eval_resolution(
         ]
         with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress) as bar:
             for resolution, loader in zip(resolutions, loaders):
-                correct1 = correct5 = n = 0
-                for images, targets, *_ in loader:  # image folders add a skip count
+                correct1 = correct5 = n = skipped = 0
+                for images, targets, *counts in loader:  # image folders add a skip count per sample
                     logits = model(images.to(device))
                     hits = topk_hits(logits, targets.to(device))
-                    correct1 += hits[:, 0].sum().item()
-                    correct5 += hits.any(dim=1).sum().item()
-                    n += len(targets)
+                    # an unreadable image's stand-in (another image, with its label) is not scored, as in training
+                    read = (counts[0] == 0).to(hits.device) if counts else torch.ones_like(hits[:, 0])
+                    correct1 += hits[read, 0].sum().item()
+                    correct5 += hits[read].any(dim=1).sum().item()
+                    n += int(read.sum())
+                    skipped += len(targets) - int(read.sum())
                     bar.update()
-                rows.append(dict(
-                    model=name, resolution=resolution, top1=100 * correct1 / n, top5=100 * correct5 / n, n=n))
+                if n == 0:
+                    raise ValueError(f'{name} at {resolution} px: none of the {skipped} validation images is readable')
+                rows.append(dict(model=name, resolution=resolution, top1=100 * correct1 / n, top5=100 * correct5 / n,
+                                 n=n, skipped=skipped))
                 bar.set_postfix({f'{resolution}px': f'{rows[-1]["top1"]:.1f}%'})
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -230,9 +236,9 @@ def format_table(rows: Sequence[Dict]) -> str:
 
 
 def write_csv(rows: Sequence[Dict], path: str) -> str:
-    """Write the rows (model, resolution, top1, top5, n) to `path`."""
+    """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones) to `path`."""
     with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n'])
+        writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n', 'skipped'])
         writer.writeheader()
         for r in rows:
             writer.writerow(dict(r, top1=f'{r["top1"]:.2f}', top5=f'{r["top5"]:.2f}'))
