@@ -42,6 +42,11 @@ def folder(tmp_path_factory):
     ('data.img_size=16', r'data.img_size must be at least 32 \(the smallest input convnext_s4nd_atto takes\), got 16'),
     ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 16}]',
      r'train.progressive\[1\].img_size must be at least 32 .*got 16'),
+    ('sched.warmup_epochs=5000', r'sched.warmup_epochs must be less than train.epochs \(\d+\): the LR would never '
+                                 r'reach optim.lr, got 5000'),
+    ('sched.min_lr=0.01', r'sched.min_lr must be at most optim.lr \(0.002\).*got 0.01'),
+    ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 500, img_size: 48}]',
+     r'train.progressive must be stages starting before train.epochs \(\d+\): a later one never runs'),
     ('train.seed=-1', r'train.seed must be in \[0, 2\*\*63\), got -1'),
     ('train.max_nonfinite_steps=-1', r'train.max_nonfinite_steps must be >= 0, got -1'),
     ('model.kwargs.foo=1', r"model.kwargs .* do not build convnext_s4nd_atto: TypeError: .*unexpected keyword argument "
@@ -117,6 +122,19 @@ def _cli(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))  # this checkout
     return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'train.py'), *args],
                           capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """YAML forbids it; PyYAML would keep the last: the first `optim:` section would be silently dropped."""
+    path = tmp_path / 'twice.yaml'
+    path.write_text('optim:\n  lr: 5.0e-3\ndata:\n  batch_size: 4\noptim:\n  ssm_lr: 1.0e-4\n')
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: found the key 'optim' twice at line 5") \
+            as info:
+        load_config(str(path))
+    assert '\n' not in str(info.value)
+    path.write_text('optim:\n  lr: 5.0e-3\ndata:\n  batch_size: 4\n  batch_size: 64\n')
+    with pytest.raises(ConfigError, match=r"found the key 'batch_size' twice at line 5"):
+        load_config(str(path))
 
 
 def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder):

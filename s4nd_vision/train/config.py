@@ -198,6 +198,11 @@ class Config:
              self.sched.sched)
         need(self.sched.warmup_epochs >= 0, 'sched.warmup_epochs', '>= 0', self.sched.warmup_epochs)
         need(self.train.epochs > 0, 'train.epochs', 'positive', self.train.epochs)
+        need(self.sched.warmup_epochs < self.train.epochs, 'sched.warmup_epochs',
+             f'less than train.epochs ({self.train.epochs}): the LR would never reach optim.lr',
+             self.sched.warmup_epochs)
+        need(self.sched.min_lr <= self.optim.lr, 'sched.min_lr', f'at most optim.lr ({self.optim.lr}): the schedule '
+             'decays to it', self.sched.min_lr)
         need(self.train.grad_accum_steps >= 1, 'train.grad_accum_steps', '>= 1', self.train.grad_accum_steps)
         need(self.train.mixed_precision in (None, 'no', 'bf16', 'fp16'), 'train.mixed_precision',
              "one of no, bf16, fp16 or null", self.train.mixed_precision)
@@ -238,6 +243,8 @@ class Config:
         if epochs:
             need(epochs[0] == 0, 'train.progressive', 'stages starting at epoch 0', epochs)
             need(epochs == sorted(set(epochs)), 'train.progressive', 'stages in increasing epoch order', epochs)
+            need(epochs[-1] < self.train.epochs, 'train.progressive',
+                 f'stages starting before train.epochs ({self.train.epochs}): a later one never runs', epochs)
             for stage in self.train.progressive:
                 need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
                 need(stage.bandlimit is None or stage.bandlimit >= 0, 'train.progressive[].bandlimit',

@@ -1,5 +1,7 @@
 """YAML read with YAML 1.2's booleans: only true / false are booleans. PyYAML follows YAML 1.1, where an unquoted
-no / yes / on / off is one too, so `train.mixed_precision=no` (Accelerate's own spelling) arrived as False."""
+no / yes / on / off is one too, so `train.mixed_precision=no` (Accelerate's own spelling) arrived as False.
+A key given twice in one mapping is an error, as YAML says (PyYAML kept the last one: a second `optim:` section
+silently replaced the first)."""
 import re
 from typing import Any
 
@@ -11,7 +13,20 @@ _BOOL = 'tag:yaml.org,2002:bool'
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True) if key_node.tag != 'tag:yaml.org,2002:merge' else None
+            try:
+                duplicate = key is not None and key in seen
+            except TypeError:  # (an unhashable key: the constructor below reports it)
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError('while constructing a mapping', node.start_mark,
+                                                        f'found the key {key!r} twice', key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {
