@@ -182,9 +182,12 @@ def test_tiny_real_run(tmp_path, capsys):
             '--no-baseline', '--progressive', 'none', '--img-size', '32', '--resolutions', '32', '64',
             '--progressive-sizes', '32', '--epochs', '1', '--max-steps-per-epoch', '1', '--out', str(out),
             '--overrides', 'model.kwargs.depths=[1,1,1,1]', 'model.kwargs.dims=[8,8,8,8]', 'model.kwargs.stem_chs=4',
-            'model.kwargs.d_state=8', 'data.batch_size=200']
+            'model.kwargs.d_state=8', 'data.batch_size=200', 'data.interpolation=nearest']
     main(args)
     rows = read_runs(str(out / RUNS_CSV))
+    with open(out / 'runs' / rows[0]['run_id'] / 'metrics.csv') as f:  # the trainer's validation of the weights
+        validated = float(list(csv.DictReader(f))[-1]['top1'])
+    assert rows[0]['top1'][32] == pytest.approx(validated, abs=0.01)  # evaluated as validated: nearest resampling
     assert [r['run_id'] for r in rows] == ['legs_dt_0.05_0.5_bandlimit_1_seed3']
     assert set(rows[0]['top1']) == {32, 64} and all(0 <= v <= 100 for v in rows[0]['top1'].values())
     assert rows[0]['train_s'] > 0 and rows[0]['epochs'] == 1
@@ -192,7 +195,7 @@ def test_tiny_real_run(tmp_path, capsys):
         cfg = yaml.safe_load(f)
     assert cfg['model']['kwargs'] == dict(depths=[1, 1, 1, 1], dims=[8, 8, 8, 8], stem_chs=4,
                                           d_state=8, ssm_init='legs', dt_min=0.05, dt_max=0.5, bandlimit=1.0)
-    assert cfg['data']['img_size'] == 32 and cfg['train']['seed'] == 3
+    assert cfg['data']['img_size'] == 32 and cfg['train']['seed'] == 3 and cfg['data']['interpolation'] == 'nearest'
     assert '| legs dt 0.05-0.5 bandlimit 1 |' in capsys.readouterr().out
     assert (out / study.PLOT_NAME).is_file()
     with open(out / RUNS_CSV) as f:

@@ -211,12 +211,14 @@ def _train_seconds(run_dir: str) -> float:
 
 
 def _evaluate(run: StudyRun, run_dir: str, resolutions: Sequence[int], img_size: int) -> Dict[int, float]:
-    """Top-1 (%) of the run's best weights at every resolution, the model built as its config.yaml says."""
+    """Top-1 (%) of the run's best weights at every resolution, the model built and the digits resampled and
+    normalized as its config.yaml says (as the trainer's validation does)."""
     cfg = _run_config(run_dir)
     kwargs = dict(cfg.model.kwargs)
-    norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
-    if norm:
-        kwargs['pretrained_cfg_overlay'] = norm
+    data = (('mean', cfg.data.mean), ('std', cfg.data.std), ('interpolation', cfg.data.interpolation))
+    overlay = {k: v for k, v in data if v is not None}
+    if overlay:
+        kwargs['pretrained_cfg_overlay'] = overlay
     model = load_model(run.model, os.path.join(run_dir, 'best.safetensors'), num_classes=10,
                        in_chans=cfg.data.in_chans, img_size=img_size, model_kwargs=kwargs)
     rows = eval_resolution({run.setting: model}, 'mnist', resolutions, train_resolution=img_size)
