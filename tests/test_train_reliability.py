@@ -168,6 +168,14 @@ def test_resume_applies_the_changed_hyperparameters(tmp_path, folder):
     assert resumed.scheduler.t_initial == fresh.scheduler.t_initial == 3 * fresh.updates_per_epoch
 
 
+def test_poly_schedule_takes_its_power_from_the_config(tmp_path, folder):
+    """sched.decay_rate is the poly schedule's power (timm's decay_rate), 0.1 by default as in timm's train.py."""
+    for extra, power in (((), 0.1), (('sched.decay_rate=1.0',), 1.0)):
+        _reset()
+        trainer = Trainer(load_config(None, _overrides(folder, tmp_path / str(power), 'sched.sched=poly', *extra)))
+        assert trainer.scheduler.power == power
+
+
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, folder):
     """Resuming from an earlier checkpoint starts a new branch: a later plain --resume must continue it, not the
     abandoned run's higher step. Resuming from a folder that is not a checkpoint, switching the EMA on or off, or

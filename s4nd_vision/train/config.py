@@ -118,6 +118,7 @@ class SchedConfig:
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
+    decay_rate: float = 0.1  # poly: the power of the decay (timm's decay_rate, its train.py's default); 1: linear
 
 
 @dataclass
@@ -197,6 +198,7 @@ class Config:
         need(self.sched.sched in ('cosine', 'tanh', 'poly'), 'sched.sched', "'cosine', 'tanh' or 'poly'",
              self.sched.sched)
         need(self.sched.warmup_epochs >= 0, 'sched.warmup_epochs', '>= 0', self.sched.warmup_epochs)
+        need(self.sched.decay_rate > 0, 'sched.decay_rate', 'positive', self.sched.decay_rate)
         need(self.train.epochs > 0, 'train.epochs', 'positive', self.train.epochs)
         need(self.sched.warmup_epochs < self.train.epochs, 'sched.warmup_epochs',
              f'less than train.epochs ({self.train.epochs}): the LR would never reach optim.lr',

@@ -126,8 +126,8 @@ class Trainer:
                 f'{self.data.unit}')
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched.sched, num_epochs=tc.epochs, warmup_epochs=cfg.sched.warmup_epochs,
-            warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch)
+            warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, decay_rate=cfg.sched.decay_rate,
+            step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
 
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.ema = None
