@@ -141,6 +141,16 @@ def test_an_overlay_input_size_is_the_native_size(entry):
     assert resolve_model_data_config(explicit)['input_size'][-2:] == (64, 64)
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
+@pytest.mark.parametrize('name', ALL_S4ND_MODELS + ['conv_iso_tiny', 'convnext_3d_atto'])
+def test_torchscript_is_refused_with_the_alternatives(name):
+    """timm's `--torchscript` scripts a model: ours say at once what to use instead (not an error deep inside)."""
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    with pytest.raises(RuntimeError, match=r'torch.jit.script does not support .*: use torch.compile, torch.export'):
+        torch.jit.script(model)
+
+
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_bf16_weights(entry):
     model = _create(*entry).eval().to(torch.bfloat16)

@@ -31,6 +31,9 @@ from .ssm_kernel import SSMKernel
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
 
 KERNELS = ('s4d', 's4', 'sgconv')
+_NOT_SCRIPTABLE = ('torch.jit.script does not support S4ND (kernel generation uses complex tensors and Python '
+                   'control flow on sizes): use torch.compile, torch.export or torch.jit.trace, or export to ONNX '
+                   '(s4nd_vision.deploy.export_onnx)')
 
 _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
@@ -143,6 +146,9 @@ class S4ND(nn.Module):
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
         self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
         self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NOT_SCRIPTABLE)
 
     def _axis_kernel_modules(self, kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay,
                              device, dtype) -> list:

@@ -67,6 +67,12 @@ class S4NDModel(nn.Module):
     intermediates_fmt = 'NCHW'  # layout of the features and intermediates (the only output_fmt)
     _feature_seq = 'stages'
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script's hook: refused with the alternatives (timm's `--torchscript` scripts models)."""
+        raise RuntimeError(f'{type(self).__name__}: torch.jit.script does not support the models of s4nd_vision: '
+                           'use torch.compile, torch.export or torch.jit.trace, or export to ONNX '
+                           '(s4nd_vision.deploy.export_onnx)')
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
