@@ -250,7 +250,7 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
 
 def test_eval_on_builtin_mnist():
     rows = eval_resolution({'constant': _Constant()}, 'mnist', [7], progress=False)
-    assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000)]
+    assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000, skipped=0)]
     assert dataset_num_classes('mnist') == 10
 
 

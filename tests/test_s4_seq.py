@@ -210,3 +210,18 @@ def test_seq_mnist_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert lines[-1].startswith('| `s4nd_seq_atto` | ')
     with open(out) as f:
         assert json.load(f) == rows
+
+
+def test_drop_path_rate_is_timms_stochastic_depth():
+    """drop_path_rate (timm's train.py --drop-path) rises linearly over the blocks' residual branches; in eval the
+    model computes what it computes without it, and in training it drops whole samples' branches."""
+    torch.manual_seed(0)
+    plain = timm.create_model('s4nd_seq_atto', seq_len=32)
+    model = timm.create_model('s4nd_seq_atto', seq_len=32, drop_path_rate=0.3)
+    model.load_state_dict(plain.state_dict())
+    probs = [getattr(b.drop_path, 'drop_prob', 0.0) for b in model.blocks]
+    assert probs == pytest.approx([0.3 * i / (len(probs) - 1) for i in range(len(probs))])
+    x = torch.randn(8, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+        assert not torch.allclose(model.train()(x), plain.train()(x))

@@ -141,6 +141,15 @@ def test_an_overlay_input_size_is_the_native_size(entry):
     assert resolve_model_data_config(explicit)['input_size'][-2:] == (64, 64)
 
 
+def test_vit_features_only_gives_timms_default_blocks():
+    """timm's ViT gives the last three blocks by default: so does ours."""
+    ours = timm.create_model('vit_s4nd_atto_patch16_224', features_only=True, img_size=64)
+    depth = len(timm.create_model('vit_s4nd_atto_patch16_224', img_size=64).blocks)
+    assert ours.feature_info.out_indices == tuple(range(depth - 3, depth))
+    with torch.no_grad():
+        assert len(ours(torch.randn(1, 3, 64, 64))) == 3
+
+
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
 @pytest.mark.parametrize('name', ALL_S4ND_MODELS + ['conv_iso_tiny', 'convnext_3d_atto'])
 def test_torchscript_is_refused_with_the_alternatives(name):
@@ -178,7 +187,7 @@ def test_empty_batch(entry):
 def test_features_only(entry):
     model = _create(*entry, features_only=True).eval()
     info = model.feature_info
-    assert len(info.channels()) >= 4
+    assert len(info.channels()) >= 3  # (ViTs: timm's last three blocks)
     x = _small_input(model, batch_size=2)
     with torch.no_grad():
         outs = model(x)
@@ -195,7 +204,8 @@ def test_features_only(entry):
     subset = _create(*entry, features_only=True, out_indices=(1, 3)).eval()
     with torch.no_grad():
         outs = subset(x)
-    assert [o.shape[1] for o in outs] == subset.feature_info.channels() == [info.channels()[1], info.channels()[3]]
+    every = _create(*entry).feature_info  # (the model's: features_only gives a ViT's last three by default)
+    assert [o.shape[1] for o in outs] == subset.feature_info.channels() == [every[1]['num_chs'], every[3]['num_chs']]
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)

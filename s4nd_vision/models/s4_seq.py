@@ -23,7 +23,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import get_act_layer, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, get_act_layer, trunc_normal_
 from timm.models import (
     build_model_with_cfg,
     checkpoint,
@@ -64,7 +64,7 @@ class SeqState(NamedTuple):
 
 
 class SeqS4NDBlock(nn.Module):
-    """S4 block: (B, dim, L) -> (B, dim, L), x + drop(GLU(W drop(GELU(mixer(x))))), then LayerNorm."""
+    """S4 block: (B, dim, L) -> (B, dim, L), x + drop_path(drop(GLU(W drop(GELU(mixer(x)))))), then LayerNorm."""
 
     def __init__(
             self,
@@ -72,6 +72,7 @@ class SeqS4NDBlock(nn.Module):
             mixer: nn.Module,
             act_layer: Union[str, type] = 'gelu',
             drop: float = 0.,
+            drop_path: float = 0.,
             device=None,
             dtype=None,
     ):
@@ -81,6 +82,7 @@ class SeqS4NDBlock(nn.Module):
         self.act = get_act_layer(act_layer)()
         self.drop = nn.Dropout(drop)
         self.out_proj = nn.Conv1d(dim, 2 * dim, kernel_size=1, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm = LayerNorm1d(dim, **dd)
 
     def _pointwise(self, x: torch.Tensor, y: torch.Tensor, sample: bool = False) -> torch.Tensor:
@@ -91,7 +93,7 @@ class SeqS4NDBlock(nn.Module):
         else:
             y = self.out_proj(y)
         y = self.drop(F.glu(y, dim=1))
-        return self.norm(x + y)
+        return self.norm(x + self.drop_path(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._pointwise(x, self.mixer(x))
@@ -124,6 +126,7 @@ class SeqS4ND(nn.Module):
             act_layer: Union[str, type] = 'gelu',
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
             device=None,
             dtype=None,
     ):
@@ -146,6 +149,7 @@ class SeqS4ND(nn.Module):
             act_layer: activation after the mixer.
             drop_rate: head dropout.
             proj_drop_rate: dropout in the blocks (after the activation and after the GLU).
+            drop_path_rate: stochastic depth of the blocks' residual branches, rising linearly to this rate (timm's).
         """
         super().__init__()
         if mixer not in MIXERS:
@@ -169,8 +173,8 @@ class SeqS4ND(nn.Module):
         self.blocks = nn.Sequential(*[
             SeqS4NDBlock(dim, self._make_mixer(
                 dim, kernel, d_state, ssm_init, dt_min, dt_max, conv_kernel_size, dd),
-                act_layer=act_layer, drop=proj_drop_rate, **dd)
-            for _ in range(depth)
+                act_layer=act_layer, drop=proj_drop_rate, drop_path=rate, **dd)
+            for rate in calculate_drop_path_rates(drop_path_rate, depth)
         ])
         self.feature_info = [dict(num_chs=dim, reduction=1, module=f'blocks.{i}') for i in range(depth)]
         self.num_features = self.head_hidden_size = dim

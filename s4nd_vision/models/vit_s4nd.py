@@ -343,7 +343,7 @@ def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> Vision
     stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
-        feature_cfg=dict(out_indices=4, feature_cls='getter'),  # features_only: the last four blocks
+        feature_cfg=dict(out_indices=3, feature_cls='getter'),  # features_only: the last three blocks, as timm's ViT
         **kwargs)
 
 
