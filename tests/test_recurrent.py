@@ -67,6 +67,8 @@ def test_recurrence_errors():
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, kernel='sgconv', l_ref=8))
     with pytest.raises(ValueError, match='rate'):
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), rate=0.0)
+    causal = S4ND(3, ndim=1, bidirectional=False)  # a per-axis rate, as the layer's forward takes it
+    torch.testing.assert_close(S4NDRecurrence(causal, rate=(2.0,)).a, S4NDRecurrence(causal, rate=2.0).a)
     recurrence = S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False))
     with pytest.raises(ValueError, match=r'one sample u \(B, 3\), got shape \(3,\)'):
         recurrence.step(torch.zeros(3), recurrence.default_state(2))  # (it broadcast over the state's batch)

@@ -489,6 +489,24 @@ def test_bad_input_errors():
             S4ND(4, ndim=2, l_max=bad)
     with pytest.raises(ValueError, match='rank must be a positive integer'):
         S4ND(4, rank=0)
+    # values that Python would take for something else: a string as a bool, a bool as an integer
+    for bad in ('false', (True, 'no'), 1):
+        with pytest.raises(ValueError, match='bidirectional must be a bool, or one per spatial axis'):
+            S4ND(4, ndim=2, bidirectional=bad)
+    with pytest.raises(ValueError, match='rank must be a positive integer, got True'):
+        S4ND(4, rank=True)
+    with pytest.raises(ValueError, match=r'l_ref must hold positive integers, got \(True, True\)'):
+        S4ND(4, l_ref=True)
+    with pytest.raises(ValueError, match='d_state must be a positive even integer, got 8.0'):
+        S4ND(4, d_state=8.0)
+    with pytest.raises(ValueError, match=r"bandlimit must be a positive cut-off, or 0 or None for off, got '0.5'"):
+        S4ND(4, bandlimit='0.5')
+    with pytest.raises(ValueError, match='need finite 0 < dt_min <= dt_max'):  # (an infinite step: NaN outputs)
+        S4ND(4, dt_max=float('inf'))
+    with pytest.raises(ValueError, match='sgconv_size must be a positive integer, got 0'):
+        S4ND(4, kernel='sgconv', l_ref=8, sgconv_size=0)
+    with pytest.raises(ValueError, match=r'sgconv_decay must be in \(0, 1\], got 2'):
+        S4ND(4, kernel='sgconv', l_ref=8, sgconv_decay=2)
 
 
 MEMORY_FORMATS = [pytest.param(torch.contiguous_format, id='nchw'), pytest.param(torch.channels_last, id='nhwc')]

@@ -43,8 +43,7 @@ class S4NDRecurrence:
         kernel = layer.kernels[0]
         if not isinstance(kernel, (SSMKernel, S4Kernel)):
             raise ValueError(f"the recurrent view needs an SSM kernel ('s4d' or 's4'), got kernel={layer.kernel!r}")
-        if not (rate > 0 and rate != float('inf')):
-            raise ValueError(f'rate must be finite and positive, got {rate}')
+        (rate,) = layer.resolve_rate((1,), rate)  # (a number or a one-axis tuple, as the layer's forward takes)
         self.diagonal = isinstance(kernel, SSMKernel)
         a, b, c = kernel.discretize(rate, dtype)
         if self.diagonal:

@@ -39,6 +39,11 @@ _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
 
 
+def _is_int(value) -> bool:
+    """An integer, and not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _per_axis(value, ndim: int, name: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != ndim:
@@ -126,19 +131,21 @@ class S4ND(nn.Module):
         dim = int(dim)
         if ndim not in (1, 2, 3):
             raise ValueError(f'ndim must be 1, 2 or 3, got {ndim}')
-        if not isinstance(rank, int) or rank < 1:
+        if not _is_int(rank) or rank < 1:
             raise ValueError(f'rank must be a positive integer, got {rank!r}')
         self.dim = dim
         self.ndim = ndim
         self.rank = rank
-        self.bidirectional = tuple(bool(b) for b in _per_axis(bidirectional, ndim, 'bidirectional'))
+        self.bidirectional = _per_axis(bidirectional, ndim, 'bidirectional')
+        if not all(isinstance(b, bool) for b in self.bidirectional):  # (bool('false') is True)
+            raise ValueError(f'bidirectional must be a bool, or one per spatial axis, got {bidirectional!r}')
         self.l_ref = None
         self.set_reference_size(l_ref)
         self.l_max = None if l_max is None else _per_axis(l_max, ndim, 'l_max')
-        if self.l_max is not None and any(not isinstance(v, int) or v < 1 for v in self.l_max):
+        if self.l_max is not None and any(not _is_int(v) or v < 1 for v in self.l_max):
             raise ValueError(f'l_max must hold positive integers (or be None for global kernels), got {l_max!r}')
         self.pool = _per_axis(pool, ndim, 'pool')
-        if any(not isinstance(p, int) or p < 1 for p in self.pool):
+        if any(not _is_int(p) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
         self.kernel = kernel
         self.kernels = nn.ModuleList(self._axis_kernel_modules(
@@ -161,6 +168,10 @@ class S4ND(nn.Module):
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
         if kernel == 'sgconv':
+            if not _is_int(sgconv_size) or sgconv_size < 1:
+                raise ValueError(f'sgconv_size must be a positive integer, got {sgconv_size!r}')
+            if not (isinstance(sgconv_decay, numbers.Real) and 0 < sgconv_decay <= 1):
+                raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
             if init is not None:
                 raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
             self._sgconv_args = dict(size=sgconv_size, decay=sgconv_decay)
@@ -191,7 +202,7 @@ class S4ND(nn.Module):
         """
         if l_ref is not None:
             l_ref = _per_axis(l_ref, self.ndim, 'l_ref')
-            if any(not isinstance(v, int) or v < 1 for v in l_ref):
+            if any(not _is_int(v) or v < 1 for v in l_ref):
                 raise ValueError(f'l_ref must hold positive integers, got {l_ref}')
         self.l_ref = l_ref
 

@@ -9,6 +9,7 @@ Papers: S4 (https://arxiv.org/abs/2111.00396), S4D (https://arxiv.org/abs/2206.1
 S4ND (https://arxiv.org/abs/2210.06583).
 """
 import math
+import numbers
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -64,10 +65,10 @@ class _DiagonalSSM(nn.Module):
     def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
                  device=None, dtype=None):
         super().__init__()
-        if d_state < 2 or d_state % 2:
-            raise ValueError(f'd_state must be a positive even number, got {d_state}')
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f'need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
+        if not isinstance(d_state, numbers.Integral) or isinstance(d_state, bool) or d_state < 2 or d_state % 2:
+            raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
+        if not (math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
+            raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.d_state = d_state
@@ -433,8 +434,9 @@ def ssm_kernels(
 
 
 def _check_bandlimit(bandlimit: Optional[float]) -> None:
-    if bandlimit is not None and not bandlimit >= 0:
-        raise ValueError(f'bandlimit must be a positive cut-off, or 0 or None for off, got {bandlimit}')
+    if bandlimit is not None and not (isinstance(bandlimit, numbers.Real) and not isinstance(bandlimit, bool)
+                                      and math.isfinite(bandlimit) and bandlimit >= 0):
+        raise ValueError(f'bandlimit must be a positive cut-off, or 0 or None for off, got {bandlimit!r}')
 
 
 def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
