@@ -7,6 +7,7 @@ import torch
 from test_s4nd_layer import CASES, _direct_reference, _randomize, _smooth_image
 
 from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel, ops, prepare_kernels, set_bandlimit
+from s4nd_vision.layers.ssm_kernel import ssm_kernels
 
 
 def _layer(kernel: str, dim: int, ndim: int, sizes, l_ref=None, **kw) -> S4ND:
@@ -156,3 +157,17 @@ def test_gradcheck(kernel):
         return torch.func.functional_call(layer, dict(zip(names, p)), (x,))
 
     assert torch.autograd.gradcheck(fn, (x,) + tuple(p.detach().requires_grad_() for p in params))
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4', 'sgconv'])
+def test_kernel_generation_ignores_autocast(kernel):
+    """Kernels come in the dtype asked for also inside an autocast region (CPU autocast runs GEMMs in bfloat16):
+    through the layer's `axis_kernels`, `ssm_kernels` and each kernel module."""
+    torch.manual_seed(0)
+    layer = _layer(kernel, 4, 2, (8, 6), l_ref=(8, 6))
+    plain = [layer.axis_kernels((8, 6)), ssm_kernels(list(layer.kernels), [8, 6], [1.0, 1.0]), layer.kernels[0](8)]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        cast = [layer.axis_kernels((8, 6)), ssm_kernels(list(layer.kernels), [8, 6], [1.0, 1.0]), layer.kernels[0](8)]
+    for a, b in zip(torch.utils._pytree.tree_leaves(cast), torch.utils._pytree.tree_leaves(plain)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)

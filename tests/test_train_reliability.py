@@ -168,6 +168,15 @@ def test_resume_applies_the_changed_hyperparameters(tmp_path, folder):
     assert resumed.scheduler.t_initial == fresh.scheduler.t_initial == 3 * fresh.updates_per_epoch
 
 
+def test_fp16_is_refused_where_accelerate_would_train_in_float32(tmp_path, folder):
+    """Accelerate runs fp16 autocast and its GradScaler on GPUs only: on the CPU the run would silently be float32."""
+    _reset()
+    with pytest.raises(ConfigError, match=r'train.mixed_precision .* is fp16, which runs on GPUs only: on cpu '
+                                          r'Accelerate would train in float32; use bf16 or no'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.mixed_precision=fp16')))
+    _reset()
+
+
 def test_poly_schedule_takes_its_power_from_the_config(tmp_path, folder):
     """sched.decay_rate is the poly schedule's power (timm's decay_rate), 0.1 by default as in timm's train.py."""
     for extra, power in (((), 0.1), (('sched.decay_rate=1.0',), 1.0)):

@@ -393,6 +393,19 @@ def backward_without_autocast(backward):
     return wrapped
 
 
+def generation_without_autocast(generate):
+    """Decorates a kernel generator (a kernel module's forward, or a function of a sequence of kernel modules) to
+    run with autocast off on the modules' device: kernels are generated in the dtype asked for (float32 or
+    float64), also when called inside an autocast region (CPU autocast would run its GEMMs in bfloat16)."""
+    @functools.wraps(generate)
+    def wrapped(kernels, *args, **kwargs):
+        module = kernels if isinstance(kernels, torch.nn.Module) else (kernels[0] if len(kernels) else None)
+        param = None if module is None else next(module.parameters(), None)
+        with torch.autocast(device_type=param.device.type if param is not None else 'cpu', enabled=False):
+            return generate(kernels, *args, **kwargs)
+    return wrapped
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pointwise (1x1) projection of a channel-major x (C_in, ...) by weight (C, C_in) plus bias (C,): (C, ...)."""
     if bias is None:

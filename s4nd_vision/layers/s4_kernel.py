@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_b, legs_nplr
+from .ops import generation_without_autocast
 from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm, as_complex
 
 __all__ = ['S4Kernel']
@@ -118,6 +119,7 @@ class S4Kernel(_DiagonalSSM):
         a_disc, left = self._bilinear(lam, p, dt)
         return a_disc, torch.linalg.solve(left, (dt[:, None] * b)[..., None])[..., 0], c
 
+    @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
 

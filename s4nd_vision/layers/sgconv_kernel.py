@@ -25,6 +25,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
+from .ops import generation_without_autocast
 from .ssm_kernel import flatten_legacy_4d, per_kernel
 
 __all__ = ['SGConvKernel', 'sgconv_scales']
@@ -143,6 +144,7 @@ class SGConvKernel(nn.Module):
         flatten_legacy_4d(state_dict, prefix + 'weight')
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` taps of width `rate` (in taps at rate 1).
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .hippo import legs_b, legs_nplr
-from .ops import backward_without_autocast
+from .ops import backward_without_autocast, generation_without_autocast
 from .reference import ssm_kernel_reference, use_reference
 
 __all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
@@ -356,6 +356,7 @@ class SSMKernel(_DiagonalSSM):
         z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
         return z, e * b, c
 
+    @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Kernels for `length` steps of size dt * rate.
 
@@ -386,6 +387,7 @@ def mode_masks(kernels: Sequence[SSMKernel]) -> Optional[torch.Tensor]:
     return freq < half
 
 
+@generation_without_autocast
 def ssm_kernels(
         kernels: Sequence[nn.Module],
         lengths: Sequence[int],

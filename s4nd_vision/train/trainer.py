@@ -86,6 +86,9 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
+            raise ConfigError(f'train.mixed_precision (or accelerate launch --mixed_precision) is fp16, which runs on '
+                              f'GPUs only: on {acc.device.type} Accelerate would train in float32; use bf16 or no')
         if acc.gradient_accumulation_steps != tc.grad_accum_steps:  # the environment overrides Accelerator's argument
             raise ConfigError(
                 f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS '
