@@ -240,6 +240,38 @@ def test_inflation_errors():
         inflate_state_dict(model_2d.state_dict(), model_3d, time_init='zeros')
     with pytest.raises(ValueError, match='not a 2D'):
         inflate_state_dict(model_3d.state_dict(), model_3d)
+    with pytest.raises(ValueError, match='time_decay must be positive and finite'):  # (an infinite one: NaN outputs)
+        inflate_state_dict(model_2d.state_dict(), model_3d, time_decay=math.inf)
+    timm_2d = timm.create_model('convnext_atto').state_dict()
+    with pytest.raises(ValueError, match=r'the 2D weights hold no S4ND layer \(timm ConvNeXt weights\?\): they '
+                                         r'inflate into the convnext_3d_\* baseline'):
+        inflate_state_dict(timm_2d, model_3d)
+    # the smooth and pass-through time kernels are S4D kernels: the other kernels' models take 'random'
+    for kernel in ('s4', 'sgconv'):
+        other_2d = timm.create_model('convnext_s4nd_atto', img_size=64, kernel=kernel)
+        other_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, kernel=kernel)
+        for time_init in ('smooth', 'identity'):
+            with pytest.raises(ValueError, match=rf"time_init='{time_init}' builds an S4D .* stem.1 has "
+                                                 rf"kernel='{kernel}': inflate with time_init='random'"):
+                inflate_state_dict(other_2d.state_dict(), other_3d, time_init=time_init)
+        loaded = other_3d.load_state_dict(inflate_state_dict(other_2d.state_dict(), other_3d, time_init='random'),
+                                          strict=False)
+        assert set(loaded.missing_keys) == {'head.fc.weight', 'head.fc.bias'} and not loaded.unexpected_keys
+    with pytest.raises(ValueError, match=r"time_bidirectional=False needs S4ND blocks \(mixer_type='s4nd'\)"):
+        timm.create_model('convnext_3d_atto', time_bidirectional=False)
+
+
+def test_inflation_adapts_the_input_channels_and_reads_a_clip_input_size(tmp_path):
+    """RGB weights inflate into a 1-channel model whichever way (file, state dict), by timm's rule; and a clip's
+    (C, T, H, W) input size is taken from a pretrained_cfg_overlay as from a pretrained_cfg."""
+    model_2d, _ = _pair()
+    gray = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, num_classes=7, in_chans=1)
+    weights = inflate_state_dict(model_2d.state_dict(), gray)
+    torch.testing.assert_close(weights['stem.0.weight'][:, 0, 0, 0, 0], model_2d.stem[0].weight.sum(1)[:, 0, 0])
+    for key in ('pretrained_cfg_overlay', 'pretrained_cfg'):
+        model = timm.create_model('convnext_s4nd_3d_atto', **{key: dict(input_size=(3, 6, 64, 96))})
+        assert (model.num_frames, tuple(model.img_size)) == (6, (64, 96))
+        assert model.pretrained_cfg['input_size'] == (3, 6, 64, 96)
 
 
 def test_inflate_from_checkpoint_files(tmp_path, monkeypatch):

@@ -82,20 +82,24 @@ def file_num_classes(path: str, classifier: str) -> Optional[int]:
 
 
 def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, ...]]:
-    """The (C, *sizes) input_size of `axes` axes that a `pretrained_cfg` argument states (as the config.json of
-    `s4nd_vision.deploy.save_for_hf` does for video and sequence models), or None. timm's builder asserts an
-    image's (C, H, W), so the argument in `kwargs` is replaced by a copy holding (C, H, W) for a video
-    (`axes=3`) and no input_size for a sequence; the caller builds with the sizes and states them after."""
-    cfg = kwargs.get('pretrained_cfg')
-    if cfg is None or isinstance(cfg, str):
-        return None
-    cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
-    size = cfg.get('input_size')
-    if size is None or len(size) != axes + 1:
-        return None
-    cfg['input_size'] = (size[0], *size[-2:]) if axes == 3 else None
-    kwargs['pretrained_cfg'] = cfg
-    return tuple(size)
+    """The (C, *sizes) input_size of `axes` axes that a `pretrained_cfg_overlay` or (else) a `pretrained_cfg`
+    argument states (as the config.json of `s4nd_vision.deploy.save_for_hf` does for video and sequence models),
+    or None. timm's builder asserts an image's (C, H, W), so every such argument in `kwargs` is replaced by a copy
+    holding (C, H, W) for a video (`axes=3`) and no input_size for a sequence; the caller builds with the sizes
+    and states them after."""
+    stated = None
+    for key in ('pretrained_cfg_overlay', 'pretrained_cfg'):
+        cfg = kwargs.get(key)
+        if cfg is None or isinstance(cfg, str):
+            continue
+        cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+        size = cfg.get('input_size')
+        if size is None or len(size) != axes + 1:
+            continue
+        cfg['input_size'] = (size[0], *size[-2:]) if axes == 3 else None
+        kwargs[key] = cfg
+        stated = stated or tuple(size)
+    return stated
 
 
 def stated_img_size(kwargs: Dict[str, Any]) -> None:

@@ -88,6 +88,9 @@ class ConvNeXt3d(ConvNeXtBase):
         """
         if mixer_type not in MIXER_TYPES:
             raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
+        if not time_bidirectional and mixer_type == 'conv':
+            raise ValueError("time_bidirectional=False needs S4ND blocks (mixer_type='s4nd'): the blocks' depthwise "
+                             "(3, 7, 7) convs see both directions in time")
         if num_frames < _TUBELET[0]:
             raise ValueError(f'num_frames must be at least {_TUBELET[0]} (the stem stride in time), got {num_frames}')
         # (plain attributes, set before nn.Module.__init__: the base's construction reads them)

@@ -51,8 +51,8 @@ from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict
 
 from ..layers import S4ND
-from ..layers.ssm_kernel import per_kernel
-from ._checkpoint import KEPT_INIT, TransferReport, pointwise_reshape, unwrap_state_dict
+from ..layers.ssm_kernel import SSMKernel, per_kernel
+from ._checkpoint import KEPT_INIT, TransferReport, adapt_input_channels, pointwise_reshape, unwrap_state_dict
 
 __all__ = [
     'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight', 'is_2d_state_dict',
@@ -189,12 +189,17 @@ def inflate_state_dict(
         raise ValueError(f'time_init must be one of {TIME_INITS}, got {time_init!r}')
     if conv_mode not in CONV_MODES:
         raise ValueError(f'conv_mode must be one of {CONV_MODES}, got {conv_mode!r}')
-    if not time_decay > 0:
-        raise ValueError(f'time_decay must be positive (frames), got {time_decay}')
+    if not (math.isfinite(time_decay) and time_decay > 0):
+        raise ValueError(f'time_decay must be positive and finite (frames), got {time_decay}')
     source = unwrap_state_dict(state_dict)
     if not is_2d_state_dict(source):
         raise ValueError('state_dict is not a 2D ConvNeXt(-S4ND) state dict (no 4-D stem.0.weight)')
+    if getattr(model, 'in_chans', None) is not None:  # RGB weights for a model of other inputs: timm's rule
+        source = adapt_input_channels(source, 'stem.0', model.in_chans)
     target = model.state_dict()
+    if not any('.kernels.' in k for k in source) and any('.kernels.' in k for k in target):
+        raise ValueError(f'the 2D weights hold no S4ND layer (timm ConvNeXt weights?): they inflate into the '
+                         f'convnext_3d_* baseline, not {type(model).__name__} with S4ND layers')
     renamed, time_params, grids, used = {}, {}, {}, set()
     for prefix, layer in model.named_modules():
         if not isinstance(layer, S4ND):
@@ -206,6 +211,9 @@ def inflate_state_dict(
             for k in layer.kernels[axis].state_dict():
                 renamed[f'{p}kernels.{axis}.{k}'] = f'{p}kernels.{axis - 1}.{k}'
         time = {k: target[f'{p}kernels.0.{k}'] for k in layer.kernels[0].state_dict()}
+        if time_init != 'random' and type(layer.kernels[0]) is not SSMKernel:
+            raise ValueError(f"time_init={time_init!r} builds an S4D (kernel='s4d') time kernel, but {prefix} has "
+                             f"kernel={layer.kernel!r}: inflate with time_init='random' (its own time kernels)")
         if time_init != 'random':
             decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
             time.update(_time_kernel(time, layer.rank, layer.bidirectional[0], decay))  # (bandlimit: the 3D model's)
