@@ -185,6 +185,25 @@ def test_inflation_is_exact_on_static_clips_with_a_pass_through_time_kernel(type
         assert (model_3d.forward_features(clip) - features_2d[:, :, None]).abs().max() > 0.1
 
 
+def test_s4_kernels_inflate_with_the_same_time_kernels():
+    """kernel='s4' (DPLR, bilinear): the pass-through time kernel reproduces the 2D model on a static clip, and the
+    smooth one has the documented mass (the low-rank term is zeroed on the time axis, its pole set for bilinear)."""
+    torch.manual_seed(0)
+    model_2d = timm.create_model('convnext_s4nd_atto', img_size=64, ls_init_value=1.0, kernel='s4').eval()
+    model_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, kernel='s4').eval()
+    frame = torch.randn(1, 3, 64, 64)
+    model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_init='identity', keep_head=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model_3d(_static_clip(frame, 4)), model_2d(frame), rtol=1e-4, atol=1e-5)
+    decay, frames, lam = 1.5, 6, math.exp(-1 / 1.5)
+    model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_decay=decay, keep_head=True))
+    kernel = model_3d.stages[2].blocks[1].conv_dw.axis_kernels((frames, 4, 4), rate=1.0, dtype=torch.float64)[0]
+    t = torch.arange(frames, dtype=torch.float64)
+    expected = 1 - (lam ** (t + 1) + lam ** (frames - t)) / (1 + lam)
+    mass = torch.stack([kernel[..., i: i + frames].sum(-1) for i in range(frames)], -1)
+    torch.testing.assert_close(mass, expected.expand_as(mass), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('time_bidirectional', [True, False], ids=['two-sided', 'causal'])
 def test_smooth_time_kernel_has_the_documented_mass_on_a_static_clip(time_bidirectional):
     model_2d, model_3d = _pair(time_bidirectional=time_bidirectional)
@@ -246,12 +265,12 @@ def test_inflation_errors():
     with pytest.raises(ValueError, match=r'the 2D weights hold no S4ND layer \(timm ConvNeXt weights\?\): they '
                                          r'inflate into the convnext_3d_\* baseline'):
         inflate_state_dict(timm_2d, model_3d)
-    # the smooth and pass-through time kernels are S4D kernels: the other kernels' models take 'random'
-    for kernel in ('s4', 'sgconv'):
+    # the smooth and pass-through time kernels are SSM kernels: SGConv models take 'random'
+    for kernel in ('sgconv',):
         other_2d = timm.create_model('convnext_s4nd_atto', img_size=64, kernel=kernel)
         other_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, kernel=kernel)
         for time_init in ('smooth', 'identity'):
-            with pytest.raises(ValueError, match=rf"time_init='{time_init}' builds an S4D .* stem.1 has "
+            with pytest.raises(ValueError, match=rf"time_init='{time_init}' builds an SSM time kernel, but stem.1 has "
                                                  rf"kernel='{kernel}': inflate with time_init='random'"):
                 inflate_state_dict(other_2d.state_dict(), other_3d, time_init=time_init)
         loaded = other_3d.load_state_dict(inflate_state_dict(other_2d.state_dict(), other_3d, time_init='random'),

@@ -31,7 +31,9 @@ on every frame exactly when s(t) = 1 everywhere:
 
 Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
 Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalization in B (which
-has no weight decay). The identity is the same kernel with a decay of 1/200 frame, whose taps
+has no weight decay). An S4 (DPLR) time kernel gets the same taps: its low-rank term P is zeroed, so A is
+diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only.
+The identity is the same kernel with a decay of 1/200 frame, whose taps
 after the first are below float32's smallest number. The convs: 'repeat' is exact on static
 clips wherever all of a conv's time taps land inside the clip (the tubelet stem, whose stride is
 its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
@@ -51,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import load_state_dict
 
 from ..layers import S4ND
+from ..layers.s4_kernel import S4Kernel
 from ..layers.ssm_kernel import SSMKernel, per_kernel
 from ._checkpoint import KEPT_INIT, TransferReport, adapt_input_channels, pointwise_reshape, unwrap_state_dict
 
@@ -124,24 +127,30 @@ def _time_kernel(
         bidirectional: bool,
         decay: float,
 ) -> Dict[str, torch.Tensor]:
-    """Parameters of a time SSM kernel (`own`: the 3D model's, by short name) made the unit-mass
-    exponential kernel of `decay` frames (see the module docstring)."""
+    """Parameters of a time SSM kernel (`own`: the 3D model's, by short name; S4D, or S4 with its low-rank
+    term `p`) made the unit-mass exponential kernel of `decay` frames (see the module docstring)."""
     log_dt = own['log_dt'].double()  # (H,)
+    dt = log_dt.exp()
     lam = math.exp(-1 / decay)
-    a = (1 / decay) / log_dt.exp()  # Re(A) = -a, so exp(dt A) = lam at rate 1
     log_a_real, a_imag = own['log_a_real'].double().clone(), own['a_imag'].double().clone()  # (H, N2)
     b, c = own['b'].double().clone(), torch.zeros_like(own['c'], dtype=torch.float64)  # (H, N2, 2), (H * K, N2, 2)
-    log_a_real[:, 0] = a.log()
+    new = {}
+    if 'p' in own:  # S4: no low-rank term (A diagonal), and the bilinear step (1 - dt a / 2) / (1 + dt a / 2) = lam
+        a = 2 * (1 - lam) / ((1 + lam) * dt)
+        # the forward taps are 2 C B~ lam^l with B~ = dt B / (1 + dt a / 2) = dt B (1 + lam) / 2
+        b[:, 0, 0] = (1 - lam) / ((1 + lam) ** 2 * dt) if bidirectional else (1 - lam) / ((1 + lam) * dt)
+        new['p'] = torch.zeros_like(own['p'], dtype=torch.float64)
+    else:  # S4D, ZOH: exp(-dt a) = lam; the forward taps are 2 C B (1 - lam) / a * lam^l
+        a = (1 / decay) / dt
+        b[:, 0, 0] = a / (2 * (1 + lam)) if bidirectional else a / 2
+    log_a_real[:, 0] = a.log()  # Re(A) = -a
     a_imag[:, 0] = 0
-    # ZOH: the forward taps are 2 C B (1 - lam) / a * lam^l, the backward ones (offsets -1, -2, ...)
-    # the same with their own C
-    b[:, 0, 0] = a / (2 * (1 + lam)) if bidirectional else a / 2
     b[:, 0, 1] = 0
     c_pairs = per_kernel(c, log_dt.shape[0])  # (K, H, N2, 2), a view
     c_pairs[:channels, :, 0, 0] = 1
-    if bidirectional:
+    if bidirectional:  # the backward taps (offsets -1, -2, ...): the same with their own C
         c_pairs[channels:, :, 0, 0] = lam
-    new = dict(log_dt=log_dt, log_a_real=log_a_real, a_imag=a_imag, b=b, c=c)
+    new.update(log_dt=log_dt, log_a_real=log_a_real, a_imag=a_imag, b=b, c=c)
     return {k: v.to(own[k].dtype) for k, v in new.items()}
 
 
@@ -211,8 +220,8 @@ def inflate_state_dict(
             for k in layer.kernels[axis].state_dict():
                 renamed[f'{p}kernels.{axis}.{k}'] = f'{p}kernels.{axis - 1}.{k}'
         time = {k: target[f'{p}kernels.0.{k}'] for k in layer.kernels[0].state_dict()}
-        if time_init != 'random' and type(layer.kernels[0]) is not SSMKernel:
-            raise ValueError(f"time_init={time_init!r} builds an S4D (kernel='s4d') time kernel, but {prefix} has "
+        if time_init != 'random' and not isinstance(layer.kernels[0], (SSMKernel, S4Kernel)):
+            raise ValueError(f"time_init={time_init!r} builds an SSM time kernel, but {prefix} has "
                              f"kernel={layer.kernel!r}: inflate with time_init='random' (its own time kernels)")
         if time_init != 'random':
             decay = _IDENTITY_DECAY if time_init == 'identity' else time_decay
