@@ -27,14 +27,14 @@ on every frame exactly when s(t) = 1 everywhere:
   conv term is scaled by about 1 / (1 + lam) at the first and last frame (0.73 for the default
   decay of one frame) and by nearly 1 inside. With a causal time axis K(o) = (1 - lam) lam^o for
   o >= 0 and s(t) = 1 - lam^(t+1).
-* `time_init='random'`: the 3D model's own S4D initialization (no relation to the 2D output).
+* `time_init='random'`: the 3D model's own initialization of its time kernels (no relation to the 2D output).
 
 Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
 Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalization in B (which
 has no weight decay). An S4 (DPLR) time kernel gets the same taps: its low-rank term P is zeroed, so A is
 diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only.
 The identity is the same kernel with a decay of 1/200 frame, whose taps
-after the first are below float32's smallest number. The convs: 'repeat' is exact on static
+after the first are below float32's smallest number (S4's: within float32 rounding of 0). The convs: 'repeat' is exact on static
 clips wherever all of a conv's time taps land inside the clip (the tubelet stem, whose stride is
 its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
 'center' is exact everywhere.
