@@ -507,14 +507,15 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     import torch
 
-    from .deploy.export import check_export_size, export_onnx, onnx_latency
+    from .deploy.export import check_export_size, check_image_model, export_onnx, onnx_latency
     from .eval.resolution import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.checkpoint, model_kwargs=dict(args.model_kwargs))
-    if len(model.pretrained_cfg.get('input_size', (3, 0, 0))) != 3:
-        parser.error(f'{args.model} does not take images (its input_size is {model.pretrained_cfg["input_size"]}): '
-                     'export writes image models, (B, C, H, W); use torch.export for video and sequence models')
+    try:
+        check_image_model(model)
+    except ValueError as e:
+        parser.error(f'{args.model}: {e}')
     chans = model.in_chans
     for flag, sizes in (('--trace-size', [args.trace_size]), ('--sizes', args.sizes)):
         for size in sizes:  # sizes the model or the graph refuse, before the export (minutes for large models)

@@ -1,5 +1,7 @@
 """Export and compilation: the real-arithmetic reference path equals the fast path, and whole models export
 to torch.export / ONNX with dynamic H and W and compile once for every size."""
+import re
+
 import pytest
 import timm
 import torch
@@ -136,6 +138,13 @@ def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):
     s4 = timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=0, img_size=64).eval()
     with pytest.raises(ValueError, match=r'model: the S4 \(DPLR\) kernel cannot be exported for every size'):
         export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(96, 96))
+    # a sequence or video model: the reason in one line, before a trace fails on a 4-D input
+    for name, size in (('s4nd_seq_atto', '(1, 784)'), ('convnext_s4nd_3d_atto', '(3, 16, 224, 224)')):
+        with torch.device('meta'):
+            model = timm.create_model(name)
+        with pytest.raises(ValueError, match=rf'does not take images \(its input_size is {re.escape(size)}\): export '
+                                             r'writes image models'):
+            export_onnx(model, str(tmp_path / 'other.onnx'), img_size=(96, 96))
 
 
 @pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])

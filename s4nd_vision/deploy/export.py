@@ -14,7 +14,15 @@ from torch.export import Dim
 
 from ..bench.benchmark import time_ms
 
-__all__ = ['model_stride', 'check_export_size', 'export_onnx', 'onnx_latency']
+__all__ = ['model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_latency']
+
+
+def check_image_model(model: nn.Module) -> None:
+    """Raise ValueError unless `model` takes images (B, C, H, W): `export_onnx` writes image models."""
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 0, 0))
+    if len(size) != 3:
+        raise ValueError(f'model: {type(model).__name__} does not take images (its input_size is {tuple(size)}): '
+                         'export writes image models, (B, C, H, W); use torch.export for video and sequence models')
 
 
 def model_stride(model: nn.Module) -> int:
@@ -50,6 +58,7 @@ def export_onnx(
         the path written.
     """
     from ..layers import S4Kernel
+    check_image_model(model)
     if any(isinstance(m, S4Kernel) for m in model.modules()):
         raise ValueError("model: the S4 (DPLR) kernel cannot be exported for every size (its generation raises A to "
                          "the power of each axis length by repeated squaring, a graph per length); export an S4D "

@@ -33,8 +33,8 @@ Both kernels use one real mode (the others start with C = 0 and are free to lear
 Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalization in B (which
 has no weight decay). An S4 (DPLR) time kernel gets the same taps: its low-rank term P is zeroed, so A is
 diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only.
-The identity is the same kernel with a decay of 1/200 frame, whose taps
-after the first are below float32's smallest number (S4's: within float32 rounding of 0). The convs: 'repeat' is exact on static
+The identity is the same kernel with a decay of 1/200 frame, whose taps after the first are below
+float32's smallest number (S4's: within float32 rounding of 0). The convs: 'repeat' is exact on static
 clips wherever all of a conv's time taps land inside the clip (the tubelet stem, whose stride is
 its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
 'center' is exact everywhere.
