@@ -130,6 +130,12 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
                           model_kwargs=dict(kwargs, **({'pretrained_cfg_overlay': norm} if norm else {})))
         for label, (name, kwargs), ckpt in zip(labels, specs, checkpoints)
     }
+    for flag, values in (('--mean', args.mean), ('--std', args.std)):  # (a model's own cfg is fitted; these are not)
+        for label, model in models.items():
+            chans = getattr(model, 'in_chans', 3)
+            if values is not None and len(values) not in (1, chans):
+                parser.error(f'{flag} needs one value or one per input channel ({chans} for {label}), got '
+                             f'{len(values)}')
     rows = eval_resolution(
         models, args.data, args.resolutions, train_resolution=args.train_resolution, split=args.split,
         batch_size=args.batch_size, device=args.device, num_workers=args.workers, crop_pct=args.crop_pct,
@@ -285,10 +291,10 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     import torch
     what = ['layers', 'kernels', 'step', 'scaling', 'models']
     parser.add_argument('--what', nargs='+', choices=what, default=what)
-    parser.add_argument('--step-lengths', nargs='+', type=int, default=[1024, 16384],
+    parser.add_argument('--step-lengths', nargs='+', type=_positive_int, default=[1024, 16384],
                         help="sequence lengths of the 'step' rows (recurrent step vs recomputed convolution)")
     parser.add_argument('--batch-size', type=_positive_int, default=8)
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--img-size', type=_positive_int, default=224)
     parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
                         help='model pairs NAME[,key=value...]:BASELINE, '
                              'e.g. vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224')
@@ -359,7 +365,7 @@ def _flops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('models', nargs='+',
                         help='timm model names, each with arguments as NAME,key=value,... if it needs them (YAML '
                              'values), e.g. vit_s4nd_small_patch16_224,token_layout=1d')
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--img-size', type=_positive_int, default=224)
     parser.add_argument('--batch-size', type=_positive_int, default=1,
                         help='counts are per batch; the S4ND algorithm rule depends on it')
     parser.add_argument('--algorithm', choices=['rule', 'fft', 'toeplitz'], default='rule',
@@ -448,7 +454,7 @@ def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def _smoke_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='convnext_s4nd_tiny')
-    parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 288])
+    parser.add_argument('--resolutions', type=_positive_int, nargs='+', default=[224, 288])
     parser.add_argument('--batch-size', type=_positive_int, default=2)
 
 
@@ -498,7 +504,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--trace-size', type=_size, default=(224, 224), help='HxW the graph is traced at')
     parser.add_argument('--sizes', nargs='*', type=_size, default=[], help='HxW sizes to check and time the file at')
     parser.add_argument('--batch-size', type=_positive_int, default=1)
-    parser.add_argument('--threads', type=int, default=None, help='threads of torch and onnxruntime (default: all)')
+    parser.add_argument('--threads', type=_positive_int, default=None,
+                        help='threads of torch and onnxruntime (default: all)')
 
 
 def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -550,8 +557,8 @@ def _seq_mnist_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch-size', type=_positive_int, default=50)
     parser.add_argument('--lr', type=float, default=1e-2)
     parser.add_argument('--ssm-lr', type=float, default=1e-3)
-    parser.add_argument('--train-limit', type=int, default=None, help='train on the first n digits only')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--train-limit', type=_positive_int, default=None, help='train on the first n digits only')
+    parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', default=None, help='write the rows to this JSON file')
 
@@ -714,11 +721,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OUTPUTS = (('json', '--json', False), ('output', '--output', False), ('out', '--out', True))  # (a folder?)
+
+
+def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Before any work: output paths of the right kind (a file, or a folder), and a device that exists."""
+    for attr, flag, folder in _OUTPUTS:
+        path = getattr(args, attr, None)
+        if isinstance(path, str) and folder and os.path.isfile(path):
+            parser.error(f'{flag}: {path!r} is a file: give a folder')
+        if isinstance(path, str) and not folder and os.path.isdir(path):
+            parser.error(f'{flag}: {path!r} is a folder: give the file to write')
+    device = getattr(args, 'device', None)
+    if device is not None and args._command != 'gpu-check':  # (gpu-check says how to check it on a CPU)
+        import torch
+        try:
+            device_type = torch.device(device).type
+        except RuntimeError as e:
+            parser.error(f'--device: {e}')
+        if device_type == 'cuda' and not torch.cuda.is_available():
+            parser.error(f'--device {device}: no CUDA device here (use --device cpu)')
+
+
 def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Run `command`. What a user can get wrong (a value, a file, a model name) ends it with a one-line
-    `error: ...` on stderr and exit status 2, as an argparse error does, instead of a traceback."""
+    `error: ...` on stderr and exit status 2, as an argparse error does, instead of a traceback; Ctrl-C with one
+    line and status 130."""
+    _check_common(args, parser)
     try:
         return command.run(args, parser)
+    except KeyboardInterrupt:
+        print('interrupted (a training run continues from its last checkpoint with --resume)', file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError) as e:
         error = e
     except RuntimeError as e:  # timm's create_model

@@ -179,12 +179,37 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
      "unexpected keyword argument 'd_stat'"),
     (['eval-resolution', '--models', 'convnext_s4nd_atto,d_state', '--resolutions', '64'],
      "--models: model option 'd_state' in 'convnext_s4nd_atto,d_state' must look like key=value"),
+    # before any work: sizes, threads and limits positive, outputs of the right kind, a device that exists
+    (['smoke', '--model', 'convnext_s4nd_atto', '--resolutions', '-32'], "argument --resolutions: expects a positive"),
+    (['benchmark', '--what', 'step', '--step-lengths', '-5'], 'argument --step-lengths: expects a positive integer'),
+    (['flops', 'convnext_atto', '--img-size', '0'], 'argument --img-size: expects a positive integer'),
+    (['seq-mnist', '--threads', '0'], 'argument --threads: expects a positive integer'),
+    (['seq-mnist', '--train-limit', '0'], 'argument --train-limit: expects a positive integer'),
+    (['benchmark', '--json', '.'], "--json: '.' is a folder: give the file to write"),
+    (['export', 'convnext_s4nd_atto', '--output', '.'], "--output: '.' is a folder: give the file to write"),
+    (['kernel-report', '--out', 'README.md'], "--out: 'README.md' is a file: give a folder"),
+    (['benchmark', '--device', 'cuda'], '--device cuda: no CUDA device here (use --device cpu)'),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--device', 'gpu'], '--device: '),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--mean', '0.1', '0.9'],
+     '--mean needs one value or one per input channel (3 for convnext_s4nd_atto), got 2'),
 ], ids=lambda v: v[0] if isinstance(v, list) else '')
-def test_commands_report_user_errors_in_one_line(argv, message, capsys):
+def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypatch):
     """A wrong name, file or value ends any command with an `error: ...` line and exit status 2, no traceback (an
     argument's value the model refuses, as argparse reports it: after the usage)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # (the CUDA case, on any machine)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and 'Traceback' not in err, err
     assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(args, parser):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(COMMANDS, 'smoke', COMMANDS['smoke']._replace(run=interrupted))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['smoke'])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 130 and err.startswith('interrupted') and 'Traceback' not in err

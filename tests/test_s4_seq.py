@@ -189,7 +189,7 @@ def test_sequential_mnist_experiment_runs_small(monkeypatch):
     assert any('epoch 1/1' in line for line in logged)
     table = format_table(rows).splitlines()
     assert table[0] == '| model | 8 samples | 16 samples (train) | 32 samples |' and len(table) == 5
-    with pytest.raises(ValueError, match='cols must be even'):
+    with pytest.raises(ValueError, match='cols must be a positive even number'):
         run_sequential_mnist(cols=7)
     with pytest.raises(ValueError, match='key=value'):
         run_sequential_mnist(models=('s4nd_seq_atto', 's4nd_seq_atto,sgconv'))

@@ -65,11 +65,14 @@ def run_sequential_mnist(
         for key in fixed.keys() & {**(model_kwargs or {}), **kwargs}.keys():
             raise ValueError(f'{spec}: {key} is set by the task ({fixed[key]}), not a model argument here')
     if cols < 2 or cols % 2:
-        raise ValueError(f'cols must be even (the test lengths are cols / 2 and cols * 2), got {cols}')
+        raise ValueError(f'cols must be a positive even number (the test lengths are cols / 2 and cols * 2), '
+                         f'got {cols}')
     if epochs < 1:
         raise ValueError(f'epochs must be at least 1, got {epochs}')
     train = SequentialMNIST5k('train', rows=rows, cols=cols, seed=seed, transform=_normalize)
     if train_limit is not None:
+        if train_limit < 1:
+            raise ValueError(f'train_limit must be a positive number of digits, got {train_limit}')
         train = Subset(train, range(min(train_limit, len(train))))
     if not 1 <= batch_size <= len(train):  # (full batches only: a larger one would train nothing)
         raise ValueError(f'batch_size must be in [1, {len(train)}] (the training digits), got {batch_size}')
