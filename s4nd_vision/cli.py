@@ -726,8 +726,9 @@ _OUTPUTS = (('json', '--json', False), ('output', '--output', False), ('out', '-
 
 def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Before any work: output paths of the right kind (a file, or a folder), and a device that exists."""
+    options = {a.dest for a in parser._actions if a.option_strings}  # (a positional output checks itself)
     for attr, flag, folder in _OUTPUTS:
-        path = getattr(args, attr, None)
+        path = getattr(args, attr, None) if attr in options else None
         if isinstance(path, str) and folder and os.path.isfile(path):
             parser.error(f'{flag}: {path!r} is a file: give a folder')
         if isinstance(path, str) and not folder and os.path.isdir(path):
