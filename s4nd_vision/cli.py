@@ -435,11 +435,7 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    import torch
-
     from .bench.gpu_check import BUDGET_S, GPU, TINY, run_checks
-    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
-        parser.error('no CUDA device (--device cpu --tiny checks the script on the CPU, with TRITON_INTERPRET=1)')
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else (None if args.tiny else BUDGET_S)
@@ -722,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OUTPUTS = (('json', '--json', False), ('output', '--output', False), ('out', '--out', True))  # (a folder?)
+_CPU_HINT = {'gpu-check': '--device cpu --tiny checks the script on the CPU, with TRITON_INTERPRET=1'}
 
 
 def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -734,14 +731,14 @@ def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if isinstance(path, str) and not folder and os.path.isdir(path):
             parser.error(f'{flag}: {path!r} is a folder: give the file to write')
     device = getattr(args, 'device', None)
-    if device is not None and args._command != 'gpu-check':  # (gpu-check says how to check it on a CPU)
+    if device is not None:
         import torch
         try:
             device_type = torch.device(device).type
         except RuntimeError as e:
             parser.error(f'--device: {e}')
         if device_type == 'cuda' and not torch.cuda.is_available():
-            parser.error(f'--device {device}: no CUDA device here (use --device cpu)')
+            parser.error(f'--device {device}: no CUDA device here ({_CPU_HINT.get(args._command, "use --device cpu")})')
 
 
 def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser):

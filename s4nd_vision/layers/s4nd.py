@@ -26,22 +26,16 @@ from .ops import (
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSMKernel
+from .ssm_kernel import SSMKernel, is_int
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
 
 KERNELS = ('s4d', 's4', 'sgconv')
-_NOT_SCRIPTABLE = ('torch.jit.script does not support S4ND (kernel generation uses complex tensors and Python '
-                   'control flow on sizes): use torch.compile, torch.export or torch.jit.trace, or export to ONNX '
-                   '(s4nd_vision.deploy.export_onnx)')
+SCRIPT_ALTERNATIVES = ('use torch.compile, torch.export or torch.jit.trace, or export to ONNX '
+                       '(s4nd_vision.deploy.export_onnx)')  # what to say where torch.jit.script is refused
 
 _Ints = Union[int, Sequence[int]]
 _Floats = Union[float, Sequence[float]]
-
-
-def _is_int(value) -> bool:
-    """An integer, and not a bool (True would pass as 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _per_axis(value, ndim: int, name: str) -> tuple:
@@ -126,12 +120,12 @@ class S4ND(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f'dim (channels) must be a positive integer, got {dim!r}')
         dim = int(dim)
         if ndim not in (1, 2, 3):
             raise ValueError(f'ndim must be 1, 2 or 3, got {ndim}')
-        if not _is_int(rank) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise ValueError(f'rank must be a positive integer, got {rank!r}')
         self.dim = dim
         self.ndim = ndim
@@ -142,10 +136,10 @@ class S4ND(nn.Module):
         self.l_ref = None
         self.set_reference_size(l_ref)
         self.l_max = None if l_max is None else _per_axis(l_max, ndim, 'l_max')
-        if self.l_max is not None and any(not _is_int(v) or v < 1 for v in self.l_max):
+        if self.l_max is not None and any(not is_int(v) or v < 1 for v in self.l_max):
             raise ValueError(f'l_max must hold positive integers (or be None for global kernels), got {l_max!r}')
         self.pool = _per_axis(pool, ndim, 'pool')
-        if any(not _is_int(p) or p < 1 for p in self.pool):
+        if any(not is_int(p) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
         self.kernel = kernel
         self.kernels = nn.ModuleList(self._axis_kernel_modules(
@@ -155,7 +149,8 @@ class S4ND(nn.Module):
         self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(_NOT_SCRIPTABLE)
+        raise RuntimeError('torch.jit.script does not support S4ND (kernel generation uses complex tensors and '
+                           f'Python control flow on sizes): {SCRIPT_ALTERNATIVES}')
 
     def _axis_kernel_modules(self, kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay,
                              device, dtype) -> list:
@@ -168,7 +163,7 @@ class S4ND(nn.Module):
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
         if kernel == 'sgconv':
-            if not _is_int(sgconv_size) or sgconv_size < 1:
+            if not is_int(sgconv_size) or sgconv_size < 1:
                 raise ValueError(f'sgconv_size must be a positive integer, got {sgconv_size!r}')
             if not (isinstance(sgconv_decay, numbers.Real) and 0 < sgconv_decay <= 1):
                 raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
@@ -202,7 +197,7 @@ class S4ND(nn.Module):
         """
         if l_ref is not None:
             l_ref = _per_axis(l_ref, self.ndim, 'l_ref')
-            if any(not _is_int(v) or v < 1 for v in l_ref):
+            if any(not is_int(v) or v < 1 for v in l_ref):
                 raise ValueError(f'l_ref must hold positive integers, got {l_ref}')
         self.l_ref = l_ref
 

@@ -65,7 +65,7 @@ class _DiagonalSSM(nn.Module):
     def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
                  device=None, dtype=None):
         super().__init__()
-        if not isinstance(d_state, numbers.Integral) or isinstance(d_state, bool) or d_state < 2 or d_state % 2:
+        if not is_int(d_state) or d_state < 2 or d_state % 2:
             raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
         if not (math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
             raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
@@ -433,6 +433,11 @@ def ssm_kernels(
         for i, k in zip(members, stacked.split([kernels[i].dim for i in members], dim=1)):
             out[i] = k
     return out
+
+
+def is_int(value) -> bool:
+    """An integer, and not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_bandlimit(bandlimit: Optional[float]) -> None:

@@ -15,6 +15,7 @@ from timm.models import checkpoint, named_apply
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, is_ssm_param
+from ..layers.s4nd import SCRIPT_ALTERNATIVES
 from ._checks import check_input
 
 try:  # timm's record of a model's current input size and arguments, apart from its source cfg (recent timm)
@@ -70,8 +71,7 @@ class S4NDModel(nn.Module):
     def __prepare_scriptable__(self):
         """torch.jit.script's hook: refused with the alternatives (timm's `--torchscript` scripts models)."""
         raise RuntimeError(f'{type(self).__name__}: torch.jit.script does not support the models of s4nd_vision: '
-                           'use torch.compile, torch.export or torch.jit.trace, or export to ONNX '
-                           '(s4nd_vision.deploy.export_onnx)')
+                           f'{SCRIPT_ALTERNATIVES}')
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

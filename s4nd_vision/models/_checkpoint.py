@@ -4,7 +4,7 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -81,6 +81,18 @@ def file_num_classes(path: str, classifier: str) -> Optional[int]:
     return None if shape is None else int(shape[0])
 
 
+def _stated_cfgs(kwargs: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(argument name, a dict copy) of the `pretrained_cfg_overlay` and then the `pretrained_cfg` argument in
+    `kwargs` (a dict or a PretrainedCfg, not a tag) that state an input_size."""
+    for key in ('pretrained_cfg_overlay', 'pretrained_cfg'):
+        cfg = kwargs.get(key)
+        if cfg is None or isinstance(cfg, str):
+            continue
+        cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+        if cfg.get('input_size') is not None:
+            yield key, cfg
+
+
 def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, ...]]:
     """The (C, *sizes) input_size of `axes` axes that a `pretrained_cfg_overlay` or (else) a `pretrained_cfg`
     argument states (as the config.json of `s4nd_vision.deploy.save_for_hf` does for video and sequence models),
@@ -88,32 +100,22 @@ def split_input_size(kwargs: Dict[str, Any], axes: int) -> Optional[Tuple[int, .
     holding (C, H, W) for a video (`axes=3`) and no input_size for a sequence; the caller builds with the sizes
     and states them after."""
     stated = None
-    for key in ('pretrained_cfg_overlay', 'pretrained_cfg'):
-        cfg = kwargs.get(key)
-        if cfg is None or isinstance(cfg, str):
-            continue
-        cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
-        size = cfg.get('input_size')
-        if size is None or len(size) != axes + 1:
-            continue
-        cfg['input_size'] = (size[0], *size[-2:]) if axes == 3 else None
-        kwargs[key] = cfg
-        stated = stated or tuple(size)
+    for key, cfg in list(_stated_cfgs(kwargs)):
+        size = cfg['input_size']
+        if len(size) == axes + 1:
+            kwargs[key] = dict(cfg, input_size=(size[0], *size[-2:]) if axes == 3 else None)
+            stated = stated or tuple(size)
     return stated
 
 
 def stated_img_size(kwargs: Dict[str, Any]) -> None:
     """timm's rule for models built for one input size (`fixed_input_size`, e.g. its ViTs), which ours are in
     that their S4ND kernels are referenced to their `img_size`: without an `img_size` argument, the (H, W) of an
-    input_size that a `pretrained_cfg_overlay` (else a `pretrained_cfg` dict) states is the size the model is
-    built for (in `kwargs`, in place). The models then state their native size in their pretrained_cfg, which
-    without this discarded the overlay's."""
-    if 'img_size' in kwargs:
-        return
-    for key in ('pretrained_cfg_overlay', 'pretrained_cfg'):
-        cfg = kwargs.get(key)
-        cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
-        if isinstance(cfg, dict) and cfg.get('input_size') is not None:
+    input_size that a `pretrained_cfg_overlay` (else a `pretrained_cfg`) states is the size the model is built
+    for (in `kwargs`, in place). The models then state their native size in their pretrained_cfg, which without
+    this discarded the overlay's."""
+    if 'img_size' not in kwargs:
+        for _, cfg in _stated_cfgs(kwargs):
             kwargs['img_size'] = tuple(cfg['input_size'][-2:])
             return
 
