@@ -179,6 +179,7 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
         format_summary,
         kernel_report,
         plot_layer_kernels,
+        plotted_layer,
         s4nd_layers,
         summarize,
         write_report_csv,
@@ -193,12 +194,16 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
                        img_size=args.img_size, model_kwargs=args.model_kwargs)
     if not s4nd_layers(model):
         raise ValueError(f'{args.model} has no S4ND layer with S4D kernels: no kernel to report')
+    layer = args.plot_layer or s4nd_layers(model)[0][0]
+    try:  # before any work or output: a bad --plot-layer/--axis/--channels must not leave a CSV behind
+        plotted_layer(model, layer, args.axis, args.channels)
+    except ValueError as e:
+        parser.error(f'--plot-layer/--axis/--channels: {e}')
     rows = []
     for cut in args.bandlimits or [None]:
         rows += kernel_report(model, bandlimit=cut)
     os.makedirs(args.out, exist_ok=True)
     csv_path = write_report_csv(rows, os.path.join(args.out, 'kernel_report.csv'))
-    layer = args.plot_layer or s4nd_layers(model)[0][0]
     cut = args.bandlimits[0] if args.bandlimits else None
     png = plot_layer_kernels(model, layer, os.path.join(args.out, f'kernels_{layer}.png'), bandlimit=cut,
                              axis=args.axis, channels=args.channels)

@@ -197,6 +197,13 @@ def test_kernel_report_command(tmp_path, capsys):
         main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', '--img-size', '64',
               '--plot-layer', 'head', '--out', str(tmp_path)])
     assert exit_info.value.code == 2 and 'layer must name' in capsys.readouterr().err
+    fresh = tmp_path / 'fresh'
+    for bad in (['--axis', '2'], ['--channels', '0', '99']):  # found before the report: no CSV left behind
+        with pytest.raises(SystemExit) as exit_info:
+            main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', '--img-size', '64',
+                  *bad, '--out', str(fresh)])
+        assert exit_info.value.code == 2 and '--plot-layer/--axis/--channels' in capsys.readouterr().err
+        assert not fresh.exists()
 
 
 def test_kernel_report_of_a_sequence_model(tmp_path, capsys):

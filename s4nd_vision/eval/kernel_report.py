@@ -30,7 +30,7 @@ from ..layers import S4ND, SSMKernel, set_bandlimit
 
 __all__ = [
     'kernel_bandlimit', 'layer_kind', 's4nd_layers', 'kernel_report', 'summarize', 'format_report',
-    'format_summary', 'write_report_csv', 'plot_layer_kernels', 'REPORT_FIELDS', 'LAYER_KINDS',
+    'format_summary', 'write_report_csv', 'plotted_layer', 'plot_layer_kernels', 'REPORT_FIELDS', 'LAYER_KINDS',
 ]
 
 LAYER_KINDS = ('stem', 'downsample', 'block')
@@ -178,6 +178,21 @@ def write_report_csv(rows: Sequence[Dict], path: str) -> str:
     return path
 
 
+def plotted_layer(model: nn.Module, layer: str, axis: int, channels: Sequence[int]) -> S4ND:
+    """The S4ND layer named `layer`, once `axis` and `channels` are checked against it (a clear error
+    otherwise): what `plot_layer_kernels` draws, checkable before any other work."""
+    layers = dict(s4nd_layers(model))
+    if layer not in layers:
+        raise ValueError(f'layer must name an S4ND layer with S4D kernels, one of {list(layers)}, got {layer!r}')
+    s4nd = layers[layer]
+    if not 0 <= axis < s4nd.ndim:
+        raise ValueError(f'axis must be in [0, {s4nd.ndim}) for {layer}, got {axis}')
+    dim = s4nd.kernels[axis].dim
+    if any(not 0 <= c < dim for c in channels):
+        raise ValueError(f'channels must be in [0, {dim}) for {layer}, got {list(channels)}')
+    return s4nd
+
+
 def plot_layer_kernels(
         model: nn.Module,
         layer: str,
@@ -195,15 +210,8 @@ def plot_layer_kernels(
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or window state
 
-    layers = dict(s4nd_layers(model))
-    if layer not in layers:
-        raise ValueError(f'layer must name an S4ND layer with S4D kernels, one of {list(layers)}, got {layer!r}')
-    s4nd = layers[layer]
-    if not 0 <= axis < s4nd.ndim:
-        raise ValueError(f'axis must be in [0, {s4nd.ndim}) for {layer}, got {axis}')
+    s4nd = plotted_layer(model, layer, axis, channels)
     kernel = s4nd.kernels[axis]
-    if any(not 0 <= c < kernel.dim for c in channels):
-        raise ValueError(f'channels must be in [0, {kernel.dim}) for {layer}, got {list(channels)}')
     size = s4nd.l_ref[axis] if s4nd.l_ref is not None else grid
     if size is None:
         raise ValueError(f'S4ND layer {layer} has no reference grid (l_ref): pass grid')
