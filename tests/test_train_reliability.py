@@ -47,17 +47,27 @@ class _NanLossAt:
         return loss * math.nan if self.trainer.state.update in self.updates else loss
 
 
+class _NanGradAt(_NanLossAt):
+    """The trainer's loss, finite, but with NaN gradients at the given updates (as an overflowing backward)."""
+
+    def __call__(self, logits, target):
+        if self.trainer.state.update in self.updates:
+            logits.register_hook(lambda grad: grad * math.nan)
+        return self.loss(logits, target)
+
+
 def _all_finite(path) -> bool:
     return all(torch.isfinite(v).all() for v in load_file(str(path)).values())
 
 
 # ------------------------------------------------------------------------------------------ divergence
 
-def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder):
+@pytest.mark.parametrize('fault', [_NanLossAt, _NanGradAt])
+def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder, fault):
     cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_nonfinite_steps=1',
                                        'train.ema_decay=0.9'))
     trainer = Trainer(cfg)
-    trainer.train_loss = _NanLossAt(trainer, {1, 5})  # isolated: tolerated
+    trainer.train_loss = fault(trainer, {1, 5})  # isolated: tolerated
     trainer.fit()
     rows = _rows(tmp_path)
     assert [int(r['nonfinite_steps']) for r in rows] == [1, 1]

@@ -45,7 +45,7 @@ class TrainState:
     update: int = 0  # optimizer updates done in total
     best_top1: float = -1.0
     best_epoch: int = -1
-    nonfinite_in_a_row: int = 0  # updates skipped in a row for a non-finite loss
+    nonfinite_in_a_row: int = 0  # updates skipped in a row for a non-finite loss or gradient
     # the epoch in progress, over all processes: [loss sum, finite micro-steps, samples, skipped samples,
     # non-finite updates] and the seconds spent, up to step_in_epoch (a mid-epoch resume continues them)
     epoch_sums: List[float] = field(default_factory=lambda: [0.0] * 5)

@@ -145,8 +145,8 @@ class TrainConfig:
     # model and batches in channels-last memory (channels_last_3d for clips), as GPU training usually runs (timm's
     # --channels-last); the S4ND layers read it without transposing copies
     channels_last: bool = False
-    # optimizer updates in a row with a non-finite loss (each skipped) tolerated before the run stops with an
-    # error; 0 = stop at the first
+    # optimizer updates in a row with a non-finite loss or gradient (each skipped) tolerated before the run stops
+    # with an error; 0 = stop at the first
     max_nonfinite_steps: int = 3
 
 

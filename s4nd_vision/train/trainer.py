@@ -11,11 +11,11 @@ from any micro-batch on, and every micro-step reseeds the global generators from
 (Mixup, drop path), so a run resumed from a checkpoint, even mid-epoch, repeats the uninterrupted
 run exactly; the checkpoint carries the epoch's running sums, so its metrics row is the same too.
 
-Divergence: every update checks that the loss was finite on every process (one scalar all-reduce). An
-update with a non-finite loss is skipped (no optimizer step, no EMA update, left out of `train_loss`,
-counted in `nonfinite_steps`); more than `train.max_nonfinite_steps` of them in a row stop the run with
-`TrainingDiverged`. Weights and checkpoints are written only when every value in them is finite, so the
-last checkpoint is always one to resume from.
+Divergence: every update checks that the loss and the gradients were finite on every process (one
+scalar all-reduce). An update with a non-finite loss or gradient is skipped (no optimizer step, no EMA
+update, left out of `train_loss`, counted in `nonfinite_steps`); more than `train.max_nonfinite_steps`
+of them in a row stop the run with `TrainingDiverged`. Weights and checkpoints are written only when
+every value in them is finite, so the last checkpoint is always one to resume from.
 """
 import os
 import time
@@ -54,6 +54,14 @@ from .metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from .optim import param_groups_ssm
 
 __all__ = ['Trainer', 'TrainingDiverged']
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The 2-norm of all of `model`'s gradients (0 without any): not finite when any gradient is not."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
 class TrainingDiverged(RuntimeError):
@@ -225,15 +233,17 @@ class Trainer:
                 f'nothing was written; {self._last_good()}')
 
     def _nonfinite_update(self) -> None:
-        """Count an update skipped for a non-finite loss; raise TrainingDiverged past train.max_nonfinite_steps."""
+        """Count an update skipped for a non-finite loss or gradient; raise TrainingDiverged past
+        train.max_nonfinite_steps."""
         state, limit = self.state, self.cfg.train.max_nonfinite_steps
         state.nonfinite_in_a_row += 1
-        self.accelerator.print(f'update {state.update}: the loss is not finite on some process; update skipped '
-                               f'({state.nonfinite_in_a_row} in a row, train.max_nonfinite_steps={limit})')
+        self.accelerator.print(f'update {state.update}: the loss or a gradient is not finite on some process; '
+                               f'update skipped ({state.nonfinite_in_a_row} in a row, '
+                               f'train.max_nonfinite_steps={limit})')
         if state.nonfinite_in_a_row > limit:
             raise TrainingDiverged(
-                f'training diverged: the loss was not finite in {state.nonfinite_in_a_row} updates in a row '
-                f'(epoch {state.epoch}, update {state.update}; train.max_nonfinite_steps={limit}); those updates '
+                f'training diverged: the loss or a gradient was not finite in {state.nonfinite_in_a_row} updates in '
+                f'a row (epoch {state.epoch}, update {state.update}; train.max_nonfinite_steps={limit}); those updates '
                 f'were skipped and nothing was written from them; {self._last_good()}')
 
     def _last_good(self) -> str:
@@ -295,7 +305,10 @@ class Trainer:
                     update_loss += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
                     update_n += finite * x.shape[0]
                     skip = False
-                    if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite loss?
+                    if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite
+                        # loss or gradient? (fp16's GradScaler skips its own overflowed steps: its grads are scaled)
+                        if acc.mixed_precision != 'fp16':
+                            bad |= ~torch.isfinite(grad_norm(model))
                         skip = bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
                         bad.zero_()
                         if not skip:  # a skipped update's finite losses stay out of train_loss too
