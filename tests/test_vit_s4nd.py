@@ -198,3 +198,39 @@ def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode, 
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
     stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 3, 64, 96), calls)
     assert stacked[2] == num_lengths and per_layer[2] == len(model.blocks) * num_lengths
+
+
+def test_intermediates_as_a_dict_as_timm_vit_gives_them():
+    model = _atto().eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, indices=2)
+        out = model.forward_intermediates(x, indices=2, output_dict=True, return_prefix_tokens=True)
+        only = model.forward_intermediates(x, indices=2, output_dict=True, intermediates_only=True)
+    assert set(out) == {'image_intermediates', 'image_features'} and set(only) == {'image_intermediates'}
+    torch.testing.assert_close(out['image_features'], final)
+    for got in (out['image_intermediates'], only['image_intermediates']):
+        assert len(got) == 2
+        for a, b in zip(got, intermediates):
+            torch.testing.assert_close(a, b)
+
+
+def test_dynamic_img_size_and_pad_have_timm_vit_meanings():
+    torch.manual_seed(0)
+    kw = dict(img_size=64, num_classes=0)
+    dynamic = timm.create_model('vit_s4nd_atto_patch16_224', dynamic_img_size=True, **kw).eval()
+    assert dynamic.dynamic_img_size and dynamic(torch.randn(1, 3, 96, 80)).shape == (1, dynamic.num_features)
+    fixed = timm.create_model('vit_s4nd_atto_patch16_224', dynamic_img_size=False, **kw).eval()
+    fixed.load_state_dict(dynamic.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), dynamic(x))
+    with pytest.raises(AssertionError, match=r"Input height \(96\) doesn't match model \(64\)"):
+        fixed(torch.randn(1, 3, 96, 64))
+    padded = timm.create_model('vit_s4nd_atto_patch16_224', dynamic_img_pad=True, **kw).eval()
+    padded.load_state_dict(dynamic.state_dict())
+    x = torch.randn(1, 3, 70, 50)  # padded on the bottom and right to 80 x 64
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), dynamic(torch.nn.functional.pad(x, (0, 14, 0, 10))))
+    with pytest.raises(ValueError, match='multiples of the patch size'):
+        dynamic(x)

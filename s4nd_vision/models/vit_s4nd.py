@@ -26,7 +26,7 @@ the weights) and derives its step-size rate from each input's grid. `set_input_s
 another resolution the native one (the patch grid's and the data config's), keeping the function.
 """
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -161,6 +161,8 @@ class VisionTransformerS4ND(S4NDModel):
             dt_min: Optional[float] = None,
             dt_max: Optional[float] = None,
             bandlimit: Optional[float] = None,
+            dynamic_img_size: bool = True,
+            dynamic_img_pad: bool = False,
             act_layer: Union[str, Callable] = 'gelu',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -183,6 +185,9 @@ class VisionTransformerS4ND(S4NDModel):
             ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
             dt_min, dt_max: step size initialization range (None: 0.1-1.0 for '2d', 0.001-0.1 for '1d').
             bandlimit: S4ND band-limiting cut-off (0 or None = off).
+            dynamic_img_size: timm's ViT flag: accept any input size (multiples of the patch size). True by
+                default, since nothing here is tied to one grid; False refuses every size but `img_size`.
+            dynamic_img_pad: timm's ViT flag: pad inputs on the bottom and right to a multiple of the patch size.
             act_layer: MLP activation.
             drop_rate: head dropout.
             drop_path_rate: stochastic depth rate.
@@ -196,10 +201,11 @@ class VisionTransformerS4ND(S4NDModel):
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            output_fmt='NHWC', strict_img_size=False, **dd)
+            output_fmt='NHWC', strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_pad, **dd)
         self._check_input_size(self.patch_embed.img_size)
         grid_size = self.patch_embed.grid_size
 
@@ -269,7 +275,8 @@ class VisionTransformerS4ND(S4NDModel):
         self.grad_checkpointing = enable
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_input(x, self.in_chans, patch=self.patch_embed.patch_size)
+        patch = None if self.patch_embed.dynamic_img_pad else self.patch_embed.patch_size  # (else: padded to it)
+        return check_input(x, self.in_chans, patch=patch)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, H/p, W/p, C)."""
@@ -284,9 +291,14 @@ class VisionTransformerS4ND(S4NDModel):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+            output_dict: bool = False,
+            return_prefix_tokens: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Outputs of the blocks in `indices` (last n if int, all if None), each (B, C, H/p, W/p)
-        for output_fmt 'NCHW' or (B, H/p * W/p, C) for 'NLC' (raster order)."""
+        for output_fmt 'NCHW' or (B, H/p * W/p, C) for 'NLC' (raster order), and the final features
+        (B, C, H/p, W/p) unless `intermediates_only`. `output_dict`: as timm's ViT, a dict with
+        'image_intermediates' and (unless `intermediates_only`) 'image_features'. There are no prefix
+        (class) tokens, so `return_prefix_tokens` changes nothing, as in timm's ViT without them."""
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -301,9 +313,10 @@ class VisionTransformerS4ND(S4NDModel):
                     intermediates.append(rearrange(y, 'b h w c -> b c h w'))
                 else:
                     intermediates.append(rearrange(y, 'b h w c -> b (h w) c'))
-        if intermediates_only:
-            return intermediates
-        return rearrange(self.norm(x), 'b h w c -> b c h w'), intermediates
+        final = None if intermediates_only else rearrange(self.norm(x), 'b h w c -> b c h w')
+        if output_dict:
+            return dict(image_intermediates=intermediates) | ({} if final is None else dict(image_features=final))
+        return intermediates if final is None else (final, intermediates)
 
     def prune_intermediate_layers(
             self,
