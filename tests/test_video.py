@@ -276,6 +276,13 @@ def test_inflation_errors():
         loaded = other_3d.load_state_dict(inflate_state_dict(other_2d.state_dict(), other_3d, time_init='random'),
                                           strict=False)
         assert set(loaded.missing_keys) == {'head.fc.weight', 'head.fc.bias'} and not loaded.unexpected_keys
+        # SGConv's parameters are laid out for the training grid: a 3D model built for another is refused, even
+        # where the shapes happen to agree (48 px: 2 sub-kernels in the stem, as at 64)
+        for img_size in ((64, 96), 48):
+            with pytest.raises(ValueError, match=r'stem.1: the 2D SGConv kernels were trained on a \(64, 64\) grid '
+                                                 r'.* build it at the 2D training size, img_size=\(64, 64\)'):
+                elsewhere = timm.create_model('convnext_s4nd_3d_atto', img_size=img_size, num_frames=4, kernel=kernel)
+                inflate_state_dict(other_2d.state_dict(), elsewhere, time_init='random')
     with pytest.raises(ValueError, match=r"time_bidirectional=False needs S4ND blocks \(mixer_type='s4nd'\)"):
         timm.create_model('convnext_3d_atto', time_bidirectional=False)
 

@@ -32,7 +32,8 @@ on every frame exactly when s(t) = 1 everywhere:
 Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
 Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalization in B (which
 has no weight decay). An S4 (DPLR) time kernel gets the same taps: its low-rank term P is zeroed, so A is
-diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only.
+diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only, and
+SGConv models inflate into a 3D model built at the 2D training size (their parameters are laid out for it).
 The identity is the same kernel with a decay of 1/200 frame, whose taps after the first are below
 float32's smallest number (S4's: within float32 rounding of 0). The convs: 'repeat' is exact on static
 clips wherever all of a conv's time taps land inside the clip (the tubelet stem, whose stride is
@@ -54,6 +55,7 @@ from timm.models import load_state_dict
 
 from ..layers import S4ND
 from ..layers.s4_kernel import S4Kernel
+from ..layers.sgconv_kernel import SGConvKernel
 from ..layers.ssm_kernel import SSMKernel, per_kernel
 from ._checkpoint import KEPT_INIT, TransferReport, adapt_input_channels, pointwise_reshape, unwrap_state_dict
 
@@ -231,6 +233,13 @@ def inflate_state_dict(
         # for weight files that do not hold it)
         grid = f'{p}l_ref'
         height_width = source[grid] if grid in source else target[grid][1:]
+        if isinstance(layer.kernels[1], SGConvKernel) and height_width.tolist() != target[grid][1:].tolist():
+            # (an SSM kernel is a function of position on any grid; SGConv's sub-kernel count follows l_ref)
+            trained = [round(s * int(h) / int(t)) for s, h, t in zip(model.img_size, height_width, target[grid][1:])]
+            raise ValueError(
+                f'{prefix}: the 2D SGConv kernels were trained on a {tuple(height_width.tolist())} grid and their '
+                f'parameters are laid out for it, but the 3D model is built for {tuple(target[grid][1:].tolist())}: '
+                f'build it at the 2D training size, img_size={tuple(trained)} (any clip size runs after)')
         grids[grid] = torch.cat([target[grid][:1], height_width.to(target[grid].dtype)])
         used.add(grid)
 
