@@ -262,6 +262,21 @@ def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))
 
 
+def test_features_only_training_step_stacks_the_kernel_generation(monkeypatch):
+    """A backbone (features_only: forward_intermediates) trains with the stacked generation too, also pruned."""
+    from s4nd_vision.layers import ssm_kernel
+    calls = []
+    apply = ssm_kernel._SSMKernelFn.apply
+    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    for out_indices, strides in (((0, 1, 2, 3), (1, 4, 8, 16, 32)), ((0, 1), (1, 4, 8))):
+        torch.manual_seed(0)
+        features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=out_indices)
+        calls.clear()
+        sum(out.square().sum() for out in features(torch.randn(2, 3, 64, 64))).backward()
+        assert len(calls) == len(strides)  # one per kernel length (square input: both axes alike)
+        assert all(p.grad is not None for n, p in features.named_parameters() if '.kernels.' in n)
+
+
 def test_fsdp_sharded_model_generates_kernels_layer_by_layer():
     """Under FSDP (here FSDP2 on one gloo process) other units' parameters are not materialized, so the
     model-wide kernel generation steps aside and every layer generates its own; training still runs."""

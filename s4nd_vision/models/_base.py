@@ -14,7 +14,7 @@ from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to
 from timm.models import checkpoint, named_apply
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, is_ssm_param
+from ..layers import S4ND, is_ssm_param, stacked_kernels
 from ..layers.s4nd import SCRIPT_ALTERNATIVES
 from ._checks import check_input
 
@@ -129,15 +129,20 @@ class S4NDModel(nn.Module):
         intermediates = []
         all_stages = getattr(self, self._feature_seq)
         take_indices, max_index = feature_take_indices(len(all_stages), indices)
-        x = self.stem(x)
         last_idx = len(all_stages) - 1
         stages = all_stages if torch.jit.is_scripting() or not stop_early else all_stages[:max_index + 1]
         # model-wide checkpointing (the isotropic blocks; ConvNeXt's stages checkpoint themselves)
         checkpointed = getattr(self, 'grad_checkpointing', False) and not torch.jit.is_scripting()
-        for feat_idx, stage in enumerate(stages):
-            x = checkpoint(stage, x) if checkpointed else stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
+        # as in forward_features, a training step makes all kernels in a few stacked calls, where every layer runs
+        # and none recomputes its own under checkpointing
+        stack = len(stages) == len(all_stages) and not checkpointed and not any(
+            getattr(s, 'grad_checkpointing', False) for s in all_stages)
+        with stacked_kernels(self, x, lambda: self._s4nd_grids(x.shape) if stack else []):
+            x = self.stem(x)
+            for feat_idx, stage in enumerate(stages):
+                x = checkpoint(stage, x) if checkpointed else stage(x)
+                if feat_idx in take_indices:
+                    intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
         if intermediates_only:
             return intermediates
         if feat_idx == last_idx:
