@@ -70,6 +70,24 @@ def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, 
         assert _rel(a, r) < 1e-5, (name, _rel(a, r))
 
 
+def test_triton_conv_reads_a_strided_skip_and_sums_ranks_in_fp32():
+    """D may be a strided view (e.g. a parameter loaded with assign=True); a 16-bit output of several rank-1
+    terms is rounded once (their partial sums are float32), as one rounding of the exact result."""
+    x, kh, kw, d = _inputs(2, 6, 5, 8, 4, True, seed=4)
+    strided = torch.stack([d.float(), torch.full_like(d.float(), 99.0)], 1)[:, 0]  # stride 2
+    assert strided.stride() == (2,)
+    y_ref, g_ref = _grads(lambda x, d: _reference(x, kh, kw, d, (1, 1)), [x, d], torch.ones(2, 6, 5, 8))
+    y, g = _grads(lambda x, d: triton_conv.separable_conv2d_cl(x, (kh.float(), kw.float()), (1, 1), d),
+                  [x.float(), strided], torch.ones(2, 6, 5, 8))
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g, g_ref):
+        assert _rel(a, r) < 1e-5
+    x16 = x.bfloat16()
+    exact = _reference(x16.double(), kh, kw, d, (1, 1))
+    y16 = triton_conv.separable_conv2d_cl(x16, (kh.float(), kw.float()), (1, 1), d.float())
+    assert y16.dtype == torch.bfloat16 and _rel(y16, exact) <= 1.05 * _rel(exact.bfloat16(), exact)
+
+
 def test_triton_conv_bf16_input_accumulates_in_fp32():
     tensors = _inputs(2, 4, 5, 8, 1, True, seed=2)
     pools = (2, 2)
@@ -348,6 +366,36 @@ def test_compiled_layer_runs_the_triton_ops_and_equals_the_fast_path(monkeypatch
     torch.testing.assert_close(dx_tri, dx_fast, rtol=1e-5, atol=1e-5)
     for a, b in zip(dp_tri, dp_fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_after_an_inference_mode_pass_on_the_triton_path():
+    """A validation loop under torch.inference_mode, then training at the same size: the fused generation's kept
+    constants (made in the first pass) must be normal tensors, which autograd can save."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4, l_ref=(6, 7))  # (a size no other test of this process keeps constants of)
+    x = torch.randn(2, 4, 6, 7).contiguous(memory_format=torch.channels_last)
+    with dispatch.force_path('triton'):
+        with torch.inference_mode():
+            expected = layer.eval()(x)
+        y = layer.train()(x)
+        y.square().sum().backward()
+    torch.testing.assert_close(y.detach(), expected)
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize('dynamic', [None, True])
+def test_compiled_layer_with_dynamic_shapes_keeps_the_triton_ops(dynamic):
+    """A compiled training loop meets a smaller last batch and another resolution: torch.compile then makes the
+    sizes symbolic (dynamic=None after a change, or from the start) and the dispatch must trace with them."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4, l_ref=(6, 5))
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager', dynamic=dynamic)
+    for shape in ((3, 4, 6, 5), (2, 4, 6, 5), (2, 4, 8, 7)):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        with dispatch.force_path('triton'):
+            y = compiled(x)
+        with torch.no_grad(), dispatch.force_path('fast'):
+            torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_generates_kernels_with_ssm_kernels_on_the_cpu_and_fused_when_forced(monkeypatch):

@@ -21,6 +21,7 @@ graph capture (tests, benchmarks); 'triton' still falls back to 'fast' for an un
 import contextlib
 import contextvars
 import functools
+import sys
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -91,16 +92,26 @@ def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence
         return False
     forced = _FORCED_PATH.get()
     wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda')
-    return wanted and _triton_supports(tuple(int(s) for s in shape), tuple(pools), dtype)
+    return wanted and _triton_supports(shape, pools, dtype)
+
+
+def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether the Triton ops take an input of `shape` (B, C, *spatial); traceable with symbolic sizes (a compiled
+    graph with dynamic shapes guards on the answer)."""
+    if len(shape) not in (4, 5) or not _triton_ready():
+        return False
+    b, c, *spatial = shape
+    return _triton_conv().supported((b, *spatial, c), tuple(pools), dtype) is None
 
 
 @torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer: no import is traced)
-def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
-    if len(shape) not in (4, 5) or not triton_available():
-        return False
-    from .triton_conv import supported
-    b, c, *spatial = shape
-    return supported((b, *spatial, c), tuple(pools), dtype) is None
+def _triton_ready() -> bool:
+    return triton_available()
+
+
+def _triton_conv():
+    """The module of the Triton ops (once `triton_available()`), as a plain lookup that graph capture can trace."""
+    return sys.modules[f'{__package__}.triton_conv']
 
 
 def fused_generation(device: torch.device, dtype: torch.dtype) -> bool:

@@ -290,8 +290,10 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool) -> torch.Tenso
     h, w = (out_hw if transpose else x.shape[1:3])
     ho, wo = h // pools[0], w // pools[1]
     rows, cols = (h, w) if transpose else (ho, wo)
-    y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype)
+    # the rank-1 terms are summed in y: over several, in float32 (in a 16-bit y every term would round the sum)
+    y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype if kh.shape[0] == 1 else torch.float32)
     kh, kw = kh.contiguous(), kw.contiguous()
+    skip = skip.contiguous() if skip is not None else None  # (read at stride 1)
     block_in = triton.next_power_of_2(wo if transpose else w)
     rows_per_program = _conv_rows(rows, block_in, _block_c(c))
     grid = (b * triton.cdiv(rows, rows_per_program), triton.cdiv(c, _block_c(c)))
@@ -301,7 +303,7 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool) -> torch.Tenso
         *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
         PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
         ROWS=rows_per_program, BLOCK_IN=block_in, BLOCK_C=_block_c(c), num_warps=CONV_WARPS)
-    return y
+    return y.to(x.dtype)
 
 
 def _conv_rows(rows: int, block_in: int, block_c: int) -> int:

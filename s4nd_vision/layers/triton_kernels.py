@@ -333,8 +333,13 @@ def _kept(make):
     """`make(*key, device)` kept per (key, device) for the next steps: constants a step needs on its device, made
     there (no host-to-device copy, so a training step stays capturable in a CUDA graph). Not kept while a CUDA
     graph is captured (its kernels only run at replay) nor for fake tensors (tracing); `like` gives the device.
-    The last 16 are kept: a few resolutions of a few models (a gather index holds one int64 per kernel tap)."""
-    cached = functools.lru_cache(maxsize=16)(make)
+    The last 16 are kept: a few resolutions of a few models (a gather index holds one int64 per kernel tap). They
+    are made as normal tensors even under `torch.inference_mode` (a validation loop), which autograd of a later
+    training step could not save."""
+    def normal(*key):
+        with torch.inference_mode(False):
+            return make(*key)
+    cached = functools.lru_cache(maxsize=16)(normal)
 
     def get(*key, like: torch.Tensor):
         capturing = like.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
