@@ -256,3 +256,32 @@ def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
         assert float(row['train_loss']) == pytest.approx(float(expected['train_loss']), rel=1e-12, abs=0)
         for key in ('skipped_images', 'nonfinite_steps', 'top1', 'val_loss'):
             assert row[key] == expected[key], key
+
+
+# ------------------------------------------------------------------------------------------ one run per folder
+
+def test_a_folder_a_live_run_writes_to_is_refused(tmp_path, folder):
+    """Another process holding the run folder (e.g. the orphaned workers of a launcher killed with kill -9) makes
+    a new run, fresh or resumed, refuse it before reading or writing anything; it is free once that run ends."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); '
+         'fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b"pid 1234 on elsewhere"); print("held", flush=True); '
+         'time.sleep(60)', str(tmp_path / '.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))
+        for resume in (False, True):
+            with pytest.raises(ConfigError, match=r"train.output_dir '.*' is in use by another run \(pid 1234 on "
+                                                  r"elsewhere\).*kill -9"):
+                Trainer(cfg, resume=resume, allow_fresh=True)
+            _reset()
+        assert sorted(os.listdir(tmp_path)) == ['.lock']
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(cfg).fit()  # the holder is gone: the folder is free again
+    _reset()
+    Trainer(cfg, resume=True)  # and a later run in the same process takes it again
+    assert (tmp_path / 'best.safetensors').is_file()

@@ -8,9 +8,11 @@ holds that epoch's row, so a run killed before writing the row gets it back on r
 temporary folder and renamed once every process has written its part, so a run killed at any moment leaves only
 complete checkpoints. Weights with non-finite values are never written (`all_finite` is checked first).
 """
+import fcntl
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -28,7 +30,8 @@ from .config import ConfigError
 
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
-    'all_finite', 'check_shared_folder', 'CONFIG_FILE', 'METRICS_FILE', 'set_aside_newer',
+    'all_finite', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE', 'METRICS_FILE',
+    'LOCK_FILE', 'set_aside_newer',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -88,6 +91,53 @@ def check_shared_folder(accelerator: Accelerator, folder: str, wait_s: float = 5
             f'train.output_dir {folder!r} is not the same folder on every process: {missing} of {acc.num_processes} '
             f"processes do not see what the main process writes there (a folder on each machine's own disk?); put it "
             f'on storage that every machine shares')
+
+
+LOCK_FILE = '.lock'  # in output_dir: held (flock) by the main process of the run that writes there
+_HELD: Dict[str, int] = {}  # output folders (real paths) this process holds the lock of -> the lock's descriptor
+
+
+def lock_run_folder(accelerator: Accelerator, folder: str) -> None:
+    """Refuse, on every process at once (a collective), a run folder that another live run writes to.
+
+    The main process holds an exclusive `flock` on `folder/.lock` until `release_run_folder` or its exit, so two
+    runs never mix their checkpoints, weights and metrics rows: e.g. a `--resume` started while the workers of a
+    launcher killed with `kill -9` still train (torchrun's workers outlive it). The lock file names its holder.
+    The same process may take a folder again (a later Trainer of the same notebook). A file system without locks
+    (some network mounts) leaves the folder unguarded, with a warning."""
+    error = None
+    if accelerator.is_main_process:
+        path = os.path.realpath(folder)
+        if path not in _HELD:
+            fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+                os.close(fd)
+                error = (f'train.output_dir {folder!r} is in use by another run ({holder}): wait for it to end or stop '
+                         f'it (the workers of an `accelerate launch` killed with kill -9 keep running: stop them too), '
+                         f'or give another train.output_dir')
+            except OSError as e:
+                os.close(fd)
+                warnings.warn(f'train.output_dir {folder!r}: no file lock on this file system ({e}); nothing stops '
+                              f'another run from writing to the same folder')
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}, since '
+                             f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode())
+                _HELD[path] = fd
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ConfigError(error)
+
+
+def release_run_folder(folder: str) -> None:
+    """Release the lock of `lock_run_folder` on `folder` (where this process holds it)."""
+    fd = _HELD.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _complete(root: str):

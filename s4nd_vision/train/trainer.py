@@ -45,6 +45,8 @@ from .checkpoint import (
     export_weights,
     latest_checkpoint,
     load_checkpoint,
+    lock_run_folder,
+    release_run_folder,
     save_checkpoint,
     set_aside_newer,
 )
@@ -107,6 +109,7 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         if acc.num_processes > 1:
             check_shared_folder(acc, self.out_dir)
+        lock_run_folder(acc, self.out_dir)  # before anything in it is read or moved
         set_seed(tc.seed)
 
         self.data = create_train_data(cfg, acc)
@@ -394,6 +397,7 @@ class Trainer:
             self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
             self.log.log(row, epoch)
         acc.end_training()
+        release_run_folder(self.out_dir)
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, 'best.safetensors')
