@@ -116,17 +116,30 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error(f'{flag} needs one entry per model ({len(args.models)}), got {len(values)}')
     if len(set(labels)) != len(labels):
         parser.error('two models share a display name: pass distinct --labels')
+    import timm
+
     from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
+    from .models._checkpoint import file_num_classes
     from .utils.model_spec import parse_model_spec
     try:
         specs = [parse_model_spec(spec) for spec in args.models]
     except ValueError as e:
         parser.error(f'--models: {e}')
     norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
-    num_classes = dataset_num_classes(args.data, args.split)
+    folder_classes = dataset_num_classes(args.data, args.split)
+
+    def num_classes(name, kwargs, ckpt):
+        """The classes the model is built with: its --models num_classes, else its weights', else the data's
+        (eval_resolution then refuses data whose classes are not the model's)."""
+        if 'num_classes' in kwargs:
+            return None  # (in kwargs)
+        cfg = timm.models.get_pretrained_cfg(name) if ckpt and timm.is_model(name) else None
+        classes = file_num_classes(ckpt, cfg.classifier) if cfg is not None and cfg.classifier else None
+        return folder_classes if classes is None else classes
+
     models = {
-        label: load_model(name, ckpt, num_classes=num_classes, in_chans=args.in_chans, bandlimit=args.bandlimit,
-                          img_size=args.train_resolution,
+        label: load_model(name, ckpt, num_classes=num_classes(name, kwargs, ckpt), in_chans=args.in_chans,
+                          bandlimit=args.bandlimit, img_size=args.train_resolution,
                           model_kwargs=dict(kwargs, **({'pretrained_cfg_overlay': norm} if norm else {})))
         for label, (name, kwargs), ckpt in zip(labels, specs, checkpoints)
     }

@@ -364,6 +364,25 @@ def test_cli_builds_a_model_with_the_arguments_it_was_trained_with(image_folder,
     assert f"error: the weights in {path!r} do not fit s4nd_iso_tiny built with its defaults (" in err
 
 
+def test_a_split_whose_classes_are_not_the_models_is_refused(image_folder, tmp_path, capsys):
+    """Targets index the split's own class folders: one missing shifts every later label. The command builds the
+    model with its weights' classes (not the folder's count, which made the weights not fit) and says so."""
+    root = tmp_path / 'folder'
+    shutil.copytree(image_folder, root)
+    shutil.rmtree(root / '5')  # 9 class folders: '6' would be label 5
+    trained = _mnist('s4nd_iso_tiny', **SMALL_KWARGS).eval()
+    with pytest.raises(ValueError, match=r"m classifies 10 classes, but .* holds 9 class folders: its labels would "
+                                         r"not be the model's"):
+        eval_resolution({'m': trained}, str(root), [14], progress=False)
+    path = str(tmp_path / 'small.safetensors')
+    save_file(trained.state_dict(), path)
+    with pytest.raises(SystemExit) as exit_info:
+        _load_cli().main(['--models', 's4nd_iso_tiny,depth=2,dim=16,d_state=8', '--checkpoints', path,
+                          '--data', str(root), '--resolutions', '14', '--in-chans', '1', '--train-resolution', '14',
+                          '--out', str(tmp_path / 'out')])
+    assert exit_info.value.code == 2 and 'classifies 10 classes, but' in capsys.readouterr().err
+
+
 def test_cli_reports_bad_arguments(image_folder, capsys):
     cli = _load_cli()
     with pytest.raises(SystemExit) as exit_info:

@@ -93,7 +93,11 @@ def dataset_num_classes(data: str, split: str = 'validation') -> int:
     """Number of classes of `data` ('mnist' or an ImageFolder directory)."""
     if data == BUILTIN:
         return len(MNIST5k.classes)
-    return len(_image_folder(data, split).reader.class_to_idx)
+    return _num_classes(_image_folder(data, split))
+
+
+def _num_classes(dataset: Dataset) -> int:
+    return len(MNIST5k.classes) if isinstance(dataset, MNIST5k) else len(dataset.reader.class_to_idx)
 
 
 _SPLIT_FOLDERS = ('train', 'training', 'val', 'valid', 'validation', 'eval', 'evaluation', 'test')
@@ -193,6 +197,11 @@ def eval_resolution(
             DataLoader(_dataset(data, split, r, cfg, crop_pct), batch_size=batch_size, num_workers=num_workers)
             for r in resolutions
         ]
+        classes = _num_classes(loaders[0].dataset)
+        if getattr(model, 'num_classes', classes) != classes:  # (targets are indices into the folder's classes)
+            raise ValueError(
+                f'{name} classifies {model.num_classes} classes, but {data!r} ({split}) holds {classes} class '
+                f'folders: its labels would not be the model\'s (a class missing from the split, or an extra folder?)')
         with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress) as bar:
             for resolution, loader in zip(resolutions, loaders):
                 correct1 = correct5 = n = skipped = 0
