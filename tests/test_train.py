@@ -1,5 +1,6 @@
 """The trainer: config validation, a real run, progressive resizing, corrupt images, kill-and-resume, two processes."""
 import csv
+import math
 import os
 import signal
 import socket
@@ -195,6 +196,19 @@ def test_a_timm_vit_run_prints_a_call_that_rebuilds_it_at_the_training_size(tmp_
     assert config['input_size'] == (3, 32, 32)
     for key in ('mean', 'std', 'crop_pct', 'interpolation'):
         assert config[key] == trainer.data.data_config[key], key
+
+
+def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
+    """data.crop_pct unset: the model's pretrained cfg's, as eval-resolution and timm's validate.py use for the
+    same weights (so the run's top-1 and theirs come from the same crop)."""
+    for extra, expected in (((), 0.9), (('data.crop_pct=0.8',), 0.8)):
+        trainer = Trainer(load_config(None, _overrides(folder, tmp_path / str(expected), 'train.epochs=1', *extra)))
+        assert trainer.model.pretrained_cfg['crop_pct'] == 0.9
+        assert trainer.data.data_config['crop_pct'] == expected
+        crop = next(t for t in trainer.data.transform(32, training=False).transforms if hasattr(t, 'size'))
+        assert crop.size == math.floor(32 / expected)  # the resize before the 32 px centre crop
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def test_progressive_resizing_changes_resolution_without_recreating_the_model(tmp_path, folder):

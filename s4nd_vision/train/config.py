@@ -54,7 +54,9 @@ class DataConfig:
     img_size: int = 224  # training resolution: the models' reference grid (rate 1)
     batch_size: int = 128  # per process, per micro-batch
     workers: int = 4
-    crop_pct: float = 0.875  # eval centre crop (hmdb51: every crop, after a short-side resize to img_size / crop_pct)
+    # eval centre crop (hmdb51: every crop, after a short-side resize to img_size / crop_pct); None: the model's
+    # pretrained cfg, as eval-resolution and timm's validate.py take it for the same weights
+    crop_pct: Optional[float] = None
     interpolation: Optional[str] = None  # images; None: the model's pretrained cfg (clips are resized bilinearly)
     mean: Optional[Tuple[float, ...]] = None  # None: the model's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
@@ -183,7 +185,8 @@ class Config:
         need(self.data.std is None or all(v > 0 for v in self.data.std), 'data.std', 'positive values', self.data.std)
         for key in ('drop_rate', 'drop_path_rate'):
             need(0 <= getattr(self.model, key) < 1, f'model.{key}', 'in [0, 1)', getattr(self.model, key))
-        need(0 < self.data.crop_pct <= 1, 'data.crop_pct', 'in (0, 1]', self.data.crop_pct)
+        need(self.data.crop_pct is None or 0 < self.data.crop_pct <= 1, 'data.crop_pct', 'in (0, 1] or null',
+             self.data.crop_pct)
         for key in ('lr', 'eps'):
             need(getattr(self.optim, key) > 0, f'optim.{key}', 'positive', getattr(self.optim, key))
         need(self.optim.ssm_lr is None or self.optim.ssm_lr > 0, 'optim.ssm_lr', 'positive or null', self.optim.ssm_lr)
