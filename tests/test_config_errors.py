@@ -204,3 +204,16 @@ def test_inflate_cli_creates_the_output_folder_and_refuses_a_folder_as_output(tm
     assert out.is_file() and not os.path.exists(str(out) + '.tmp') and f'to {out}' in captured.out
     assert 'from 2D weights (inflated): loaded' in caplog.text  # the transfer report: the command shows INFO
     timm.create_model('convnext_s4nd_3d_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
+
+
+def test_mnist_refuses_image_augmentation_it_would_ignore(tmp_path):
+    """MNIST-5k's digits get the same resize in training and evaluation: RandAugment, crops, flips, jitter and
+    random erasing would be silently dropped, so setting them is an error; Mixup/CutMix and smoothing apply."""
+    base = ['model.name=s4nd_iso_tiny', 'data.dataset=mnist', f'train.output_dir={tmp_path}']
+    for key, value in (('auto_augment', 'rand-m9-mstd0.5-inc1'), ('reprob', '0.25'), ('hflip', '0.0'),
+                       ('scale', '[0.5, 1.0]'), ('color_jitter', '0.0'), ('remode', 'const')):
+        with pytest.raises(ConfigError, match=rf'aug.{key} must be left at .* for data.dataset mnist, which applies '
+                                              r'no image augmentation'):
+            load_config(None, [*base, f'aug.{key}={value}'])
+    cfg = load_config(None, [*base, 'aug.mixup=0.2', 'aug.smoothing=0.1', 'aug.no_aug=true'])
+    assert cfg.aug.mixup == 0.2

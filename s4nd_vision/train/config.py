@@ -69,6 +69,10 @@ class DataConfig:
     clips_per_video: int = 1  # evenly spaced test clips per video; their softmax is averaged per video
 
 
+# the settings of the image-folder data's training transform (clips take auto_augment as their RandAugment)
+_IMAGE_AUG = ('auto_augment', 'scale', 'hflip', 'color_jitter', 'reprob', 'remode')
+
+
 @dataclass
 class AugConfig:
     auto_augment: Optional[str] = None  # timm policy string, e.g. rand-m9-mstd0.5-inc1
@@ -175,6 +179,11 @@ class Config:
             need(os.path.isdir(self.data.root), 'data.root', 'an existing folder', self.data.root)
         if self.data.dataset == 'hmdb51':
             self._validate_video()
+        if self.data.dataset == 'mnist':  # (digits fill their image: the same resize in training and evaluation)
+            for key in _IMAGE_AUG:
+                need(getattr(self.aug, key) == getattr(AugConfig(), key), f'aug.{key}',
+                     f'left at {getattr(AugConfig(), key)!r} for data.dataset mnist, which applies no image '
+                     f'augmentation (Mixup/CutMix and label smoothing apply)', getattr(self.aug, key))
         for key in ('img_size', 'batch_size', 'in_chans'):
             need(getattr(self.data, key) > 0, f'data.{key}', 'positive', getattr(self.data, key))
         need(self.data.workers >= 0, 'data.workers', '>= 0', self.data.workers)
@@ -323,7 +332,7 @@ class Config:
         need(data.clips_per_video >= 1, 'data.clips_per_video', 'at least 1', data.clips_per_video)
         need(data.in_chans == 3, 'data.in_chans', '3 (RGB clips)', data.in_chans)
         defaults = AugConfig()
-        for key in ('scale', 'hflip', 'color_jitter', 'reprob', 'remode', 'repeated_aug'):  # image-only settings
+        for key in [k for k in _IMAGE_AUG if k != 'auto_augment'] + ['repeated_aug']:  # image-only settings
             need(getattr(aug, key) == getattr(defaults, key), f'aug.{key}',
                  f'left at {getattr(defaults, key)!r} (an image setting: clips get a short-side resize, random crop, '
                  'flip and RandAugment)', getattr(aug, key))
