@@ -133,7 +133,8 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         (eval_resolution then refuses data whose classes are not the model's)."""
         if 'num_classes' in kwargs:
             return None  # (in kwargs)
-        cfg = timm.models.get_pretrained_cfg(name) if ckpt and timm.is_model(name) else None
+        readable = ckpt is not None and os.path.isfile(ckpt)  # (a missing one: load_model's error)
+        cfg = timm.models.get_pretrained_cfg(name) if readable and timm.is_model(name) else None
         classes = file_num_classes(ckpt, cfg.classifier) if cfg is not None and cfg.classifier else None
         return folder_classes if classes is None else classes
 
