@@ -239,8 +239,14 @@ def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
     model = timm.create_model('convnext_s4nd_atto', img_size=32, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    results = []
-    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')  # (one graph: the custom ops trace)
+    results, graphs = [], []
+
+    def backend(gm, example_inputs):  # aot_eager, keeping the graph dynamo captured
+        from torch._dynamo.backends.debugging import aot_eager
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # (one graph: the custom ops trace)
     for path, run in (('fast', model), ('triton', model), ('triton', compiled)):
         model.zero_grad()
         with dispatch.force_path(path):
@@ -254,6 +260,14 @@ def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
         torch.testing.assert_close(y_tri, y_fast, rtol=1e-4, atol=1e-5)
         for a, b in zip(grads_tri, grads_fast):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    # the compiled graph runs the fused kernel generation and the fused convolution (one op per layer: stacking
+    # is eager-only), not the reference formulation
+    (graph,) = graphs
+    ops = [str(n.target) for n in graph.graph.nodes if n.op == 'call_function' and 's4nd_vision' in str(n.target)]
+    generations = sum(1 for layer in model.modules() if isinstance(layer, S4ND))
+    assert ops.count('s4nd_vision.ssm_discretize.default') == ops.count('s4nd_vision.ssm_vandermonde.default') \
+        == generations
+    assert ops.count('s4nd_vision.separable_conv2d_cl.default') == 7
 
 
 def test_video_model_on_the_triton_path_equals_the_fast_path(monkeypatch):

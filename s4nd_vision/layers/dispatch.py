@@ -88,11 +88,17 @@ def conv_path(
 def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
     """Whether a graph being captured takes the Triton custom ops: under torch.compile (not torch.export, not the
     ONNX exporter, which need the portable reference), on CUDA or with 'triton' forced, for a supported input."""
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if not _compiling_not_exporting():
         return False
     forced = _FORCED_PATH.get()
     wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda')
     return wanted and _triton_supports(shape, pools, dtype)
+
+
+def _compiling_not_exporting() -> bool:
+    """Whether torch.compile is capturing a graph (not torch.export or the ONNX exporter, which need the portable
+    reference)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
 
 
 def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
@@ -115,11 +121,16 @@ def _triton_conv():
 
 
 def fused_generation(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether S4D kernels for `device` in `dtype` come from the fused Triton generation (`generate_two_sided`)."""
+    """Whether S4D kernels for `device` in `dtype` come from the fused Triton generation (`generate_two_sided`):
+    as the convolution, on CUDA or with 'triton' forced, also in a graph torch.compile captures (the ops' fake
+    implementations trace), not in one captured for export."""
     forced = _FORCED_PATH.get()
-    if use_reference() or torch.jit.is_tracing() or dtype != torch.float32 or forced == 'fast':
+    if torch.jit.is_tracing() or dtype != torch.float32 or forced == 'fast':
         return False
-    return (forced == 'triton' or torch.device(device).type == 'cuda') and triton_available()
+    wanted = forced == 'triton' or torch.device(device).type == 'cuda'
+    if use_reference():
+        return wanted and _compiling_not_exporting() and _triton_ready()
+    return wanted and triton_available()
 
 
 def generate_two_sided(

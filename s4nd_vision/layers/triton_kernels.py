@@ -332,7 +332,8 @@ def vandermonde(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torc
 def _kept(make):
     """`make(*key, device)` kept per (key, device) for the next steps: constants a step needs on its device, made
     there (no host-to-device copy, so a training step stays capturable in a CUDA graph). Not kept while a CUDA
-    graph is captured (its kernels only run at replay) nor for fake tensors (tracing); `like` gives the device.
+    graph is captured (its kernels only run at replay) nor while tracing (torch.compile, fake tensors); `like`
+    gives the device.
     The last 16 are kept: a few resolutions of a few models (a gather index holds one int64 per kernel tap). They
     are made as normal tensors even under `torch.inference_mode` (a validation loop), which autograd of a later
     training step could not save."""
@@ -342,6 +343,8 @@ def _kept(make):
     cached = functools.lru_cache(maxsize=16)(normal)
 
     def get(*key, like: torch.Tensor):
+        if torch.compiler.is_compiling():  # made in the graph torch.compile captures
+            return make(*key, like.device)
         capturing = like.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         return (make if capturing or is_fake(like) else cached)(*key, like.device)
     return get
