@@ -1,5 +1,6 @@
 """The benchmark harness runs and reports ratios (no timing is asserted)."""
 import pytest
+import torch
 
 from s4nd_vision.bench.benchmark import (
     bench_kernels,
@@ -44,6 +45,30 @@ def test_bench_rows_hold_ratios():
         assert ratios and all(row[k] > 0 for k in ratios)
     table = format_table(rows[:1])
     assert 'layer 1x8x7x7' in table and 'time_ratio' in table
+
+
+def test_layer_candidates_share_one_channels_last_input(monkeypatch):
+    """The conv and S4ND get the same tensor (none pays a layout copy the others do not)."""
+    from s4nd_vision.bench import benchmark
+    inputs = []
+    fwd_bwd = benchmark._fwd_bwd
+    monkeypatch.setattr(benchmark, '_fwd_bwd', lambda module, x: inputs.append(x) or fwd_bwd(module, x))
+    bench_layers(batch_size=1, stages=((8, 7),), repeats=1)
+    bench_kernels(batch_size=1, stages=((8, 7),), kernels=('s4d', 'sgconv'), repeats=1)
+    assert len(inputs) == 5 and inputs[0] is inputs[1] and inputs[2] is inputs[3] is inputs[4]
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and x.requires_grad for x in inputs)
+
+
+def test_compiled_pairs_report_as_they_go_without_an_eager_memory_column(monkeypatch):
+    """torch.compile'd models (identity here: the columns are the point) have no saved-activation column (its
+    hooks count eager autograd); `progress` gets the training times before inference is measured."""
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: model)
+    seen = []
+    (row,) = bench_models(pairs=[('convnext_s4nd_atto', {}, 'convnext_atto')], img_size=32, batch_size=1, repeats=1,
+                          compile=True, progress=lambda r: seen.append(sorted(r)))
+    assert 'compiled' in row['case'] and 'train_mem_ratio' not in row and 's4nd_train_mb' not in row
+    assert row['train_ratio'] > 0 and row['infer_ratio'] > 0
+    assert 'train_ratio' in seen[0] and not any('infer' in k for keys in seen for k in keys)
 
 
 def test_video_pairs_run_on_clips_in_channels_last_memory():

@@ -27,6 +27,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
     assert [r['model'] for r in results['profile']] == list(plan.profile_models)
     assert all('Name' in r['top_operators'] for r in results['profile'])
+    assert all(r['step_ms'] > 0 and r['profiled_step_ms'] > 0 for r in results['profile'])
     cases = [r['case'] for r in results['models']]
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
@@ -103,3 +104,40 @@ def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):
     results = gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', isolate=True)
     assert results['ok'] and results['crashed'] == [] and results['path'] is None
     assert len(results['correctness']) == 2 * (len(gpu_check.TINY.conv_cases) + len(gpu_check.TINY.conv3d_cases)) + 6
+
+
+def test_device_activity_counts_kernels_and_the_union_of_busy_time():
+    """Two 300 us kernels, a memset, and a user annotation spanning both kernels (as Kineto mirrors a
+    record_function range on the device timeline), over a 1 ms step: 2 launches, 610 us busy (not 1,310)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, start, end, **kw):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=DeviceType.CUDA, **kw)
+
+    events = [event('kernel_a', 0, 300, activity_type='kernel'), event('kernel_b', 400, 700, activity_type='kernel'),
+              event('Memset (Device)', 700, 710, activity_type='gpu_memset'),
+              event('region', 0, 700, is_user_annotation=True, activity_type='gpu_user_annotation'),
+              event('kernel_c', 200, 350, activity_type='kernel'),  # on another stream, overlapping kernel_a
+              FunctionEvent(id=0, name='aten::add', thread=0, start_us=0, end_us=900)]  # a host event
+    assert gpu_check._device_activity(events) == (3, 660.0)
+
+
+def test_a_compiled_pair_cut_short_keeps_what_it_measured(monkeypatch, tmp_path):
+    """A compiled pair compiles for minutes: its training times are in the file before its inference runs, and
+    stay there (under 'partial') when the row fails or is killed; a row that completes leaves no partial entry."""
+
+    def training_then_failure(*args, progress=None, **kwargs):
+        progress(dict(case='pair', s4nd_train_ms=2.0, baseline_train_ms=1.0, train_ratio=2.0))
+        raise RuntimeError('killed while compiling the inference graph')
+
+    monkeypatch.setattr(gpu_check, 'bench_models', training_then_failure)
+    path = tmp_path / 'gpu_check.json'
+    results = gpu_check.run_checks(['compiled'], gpu_check.TINY, 'cpu', str(path))
+    assert results['partial'] == {'compiled[0]': dict(case='pair', s4nd_train_ms=2.0, baseline_train_ms=1.0,
+                                                      train_ratio=2.0)}
+    assert 'killed while compiling' in results['errors']['compiled[0]']
+    assert json.loads(path.read_text())['partial'] == results['partial']
+    monkeypatch.setattr(gpu_check, 'bench_models', lambda *a, progress=None, **k: progress({}) or [dict(case='ok')])
+    results = gpu_check.run_checks(['compiled'], gpu_check.TINY, 'cpu', str(path))
+    assert results['compiled'] == [dict(case='ok')] and results['partial'] == {}

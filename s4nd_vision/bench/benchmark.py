@@ -21,10 +21,20 @@ from ..layers import KERNELS, S4ND, S4NDRecurrence
 from ..utils.model_spec import parse_model_spec
 
 __all__ = [
-    'time_ms', 'saved_activation_mb', 'bench_layers', 'bench_kernels', 'bench_step', 'bench_scaling', 'bench_models',
-    'parse_pair', 'format_table', 'write_json']
+    'time_ms', 'saved_activation_mb', 'cuda_settings', 'bench_layers', 'bench_kernels', 'bench_step', 'bench_scaling',
+    'bench_models', 'parse_pair', 'format_table', 'write_json']
 
 CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+
+
+def cuda_settings(device: torch.device) -> Dict[str, bool]:
+    """Sets what every benchmark here runs under on CUDA and returns it: cuDNN autotuning on, as timm's train.py
+    runs (the baselines' convolutions get their fastest algorithms during warm-up); TF32 as PyTorch's defaults."""
+    if device.type != 'cuda':
+        return {}
+    torch.backends.cudnn.benchmark = True
+    return dict(cudnn_benchmark=True, tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                tf32_cudnn=torch.backends.cudnn.allow_tf32)
 
 
 def _sync(device: torch.device) -> None:
@@ -79,24 +89,32 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def _channels_last_input(batch_size: int, dim: int, size: int, device: torch.device) -> torch.Tensor:
+    """The layer benchmarks' input, (batch_size, dim, size, size) in channels-last memory, as the convs of
+    ConvNeXt (and S4ND's CUDA path) take it: every candidate gets the same tensor, so none pays a layout copy the
+    others do not."""
+    x = torch.randn(batch_size, dim, size, size, device=device)
+    return x.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+
 def bench_layers(
         batch_size: int = 8,
         stages: Sequence = CONVNEXT_T_STAGES,
         device: str = 'cpu',
         repeats: int = 7,
 ) -> List[dict]:
-    """S4ND 2D vs 7x7 depthwise conv (channels-last), forward+backward, per stage shape."""
+    """S4ND 2D vs 7x7 depthwise conv, forward+backward, per stage shape, both on the same channels-last input."""
     dev = torch.device(device)
+    cuda_settings(dev)
     rows = []
     for dim, size in stages:
         torch.manual_seed(0)
         s4nd = S4ND(dim, ndim=2, l_ref=size).to(dev)
         conv = create_conv2d(dim, dim, 7, depthwise=True).to(dev, memory_format=torch.channels_last)
-        x = torch.randn(batch_size, dim, size, size, device=dev, requires_grad=True)
-        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
-        times = time_ms(dict(conv=_fwd_bwd(conv, x_cl), s4nd=_fwd_bwd(s4nd, x)), dev, repeats=repeats)
+        x = _channels_last_input(batch_size, dim, size, dev)
+        times = time_ms(dict(conv=_fwd_bwd(conv, x), s4nd=_fwd_bwd(s4nd, x)), dev, repeats=repeats)
         t_conv, t_s4nd = times['conv'], times['s4nd']
-        m_conv = saved_activation_mb(lambda: conv(x_cl))
+        m_conv = saved_activation_mb(lambda: conv(x))
         m_s4nd = saved_activation_mb(lambda: s4nd(x))
         rows.append(dict(
             case=f'layer {batch_size}x{dim}x{size}x{size}', baseline='dwconv7x7',
@@ -115,16 +133,16 @@ def bench_kernels(
     """S4ND 2D with each per-axis kernel vs the 7x7 depthwise conv (channels-last), forward+backward, per stage
     shape: one row per kernel and stage, all of a stage's candidates timed interleaved."""
     dev = torch.device(device)
+    cuda_settings(dev)
     rows = []
     for dim, size in stages:
         torch.manual_seed(0)
         conv = create_conv2d(dim, dim, 7, depthwise=True).to(dev, memory_format=torch.channels_last)
         layers = {k: S4ND(dim, ndim=2, kernel=k, l_ref=size).to(dev) for k in kernels}
-        x = torch.randn(batch_size, dim, size, size, device=dev, requires_grad=True)
-        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
-        fns = dict(conv=_fwd_bwd(conv, x_cl), **{k: _fwd_bwd(layer, x) for k, layer in layers.items()})
+        x = _channels_last_input(batch_size, dim, size, dev)
+        fns = dict(conv=_fwd_bwd(conv, x), **{k: _fwd_bwd(layer, x) for k, layer in layers.items()})
         times = time_ms(fns, dev, repeats=repeats)
-        m_conv = saved_activation_mb(lambda: conv(x_cl))
+        m_conv = saved_activation_mb(lambda: conv(x))
         for k, layer in layers.items():
             m_s4nd = saved_activation_mb(lambda: layer(x))
             rows.append(dict(
@@ -226,12 +244,16 @@ def bench_models(
         compile: bool = False,
         num_frames: Optional[int] = None,
         channels_last: bool = False,
+        progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Training step (forward+backward) and inference of S4ND models vs their timm baselines
     (with `compile`, both models run through `torch.compile`). With `num_frames`, the models are video models
     and the input is (batch_size, 3, num_frames, img_size, img_size) clips. With `channels_last`, both models
-    and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs."""
+    and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs.
+    `progress` gets a pair's row as it fills (training times, then memory), so that a caller cut short keeps what
+    was measured. Compiled pairs have no saved-activation column (the hooks that count it see eager autograd)."""
     dev = torch.device(device)
+    cuda_settings(dev)
     if num_frames is not None and num_frames < 1:
         raise ValueError(f'num_frames must be a positive number of frames or None (images), got {num_frames}')
     shape = (batch_size, 3) + ((num_frames,) if num_frames else ()) + (img_size, img_size)
@@ -255,11 +277,15 @@ def bench_models(
             model.train()
         for key, ms in time_ms(train_steps, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_train_ms'] = ms
+        result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']
+        if progress is not None:
+            progress(dict(result))
         for model in models.values():  # neither model's gradients held while the other's peak is measured
             model.zero_grad(set_to_none=True)
         for key, model in models.items():
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                result[f'{key}_train_mb'] = saved_activation_mb(lambda: model(x))
+            if not compile:
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    result[f'{key}_train_mb'] = saved_activation_mb(lambda: model(x))
             if dev.type == 'cuda':  # the step's peak above what was allocated before it (weights, input, ...)
                 torch.cuda.synchronize(dev)
                 before = torch.cuda.memory_allocated(dev)
@@ -267,16 +293,18 @@ def bench_models(
                 train_steps[key]()
                 result[f'{key}_cuda_peak_mb'] = (torch.cuda.max_memory_allocated(dev) - before) / 2 ** 20
             model.zero_grad(set_to_none=True)
+        if not compile:
+            result['train_mem_ratio'] = result['s4nd_train_mb'] / result['baseline_train_mb']
+        if dev.type == 'cuda':
+            result['cuda_peak_ratio'] = result['s4nd_cuda_peak_mb'] / result['baseline_cuda_peak_mb']
+        if progress is not None:
+            progress(dict(result))
         for model in models.values():
             model.eval()
         for key, ms in time_ms(inferences, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_infer_ms'] = ms
         del models, train_steps, inferences
-        result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']
         result['infer_ratio'] = result['s4nd_infer_ms'] / result['baseline_infer_ms']
-        result['train_mem_ratio'] = result['s4nd_train_mb'] / result['baseline_train_mb']
-        if dev.type == 'cuda':
-            result['cuda_peak_ratio'] = result['s4nd_cuda_peak_mb'] / result['baseline_cuda_peak_mb']
         rows.append(result)
     return rows
 

@@ -49,7 +49,7 @@ from ..layers import S4ND, dispatch
 from ..layers.reference import separable_conv_reference
 from ..layers.ssm_kernel import SSMKernel, ssm_kernels
 from ..models.convnext_s4nd_3d import _dw_conv3d
-from .benchmark import CONVNEXT_T_STAGES, _train_step, bench_models, format_table, time_ms
+from .benchmark import CONVNEXT_T_STAGES, _train_step, bench_models, cuda_settings, format_table, time_ms
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
@@ -301,9 +301,24 @@ def layer_jobs(plan: Plan, device: torch.device) -> List[Callable[[], dict]]:
             + [partial(_bench_video_stage, plan, device, *stage) for stage in plan.video_stages])
 
 
+def _device_activity(events) -> Tuple[int, float]:
+    """(kernel launches, microseconds the device is busy) in profiler `events`: busy is the union of the device
+    activities' intervals (kernels, copies, memsets; several streams may overlap), without the user annotations
+    that span them; only kernels are counted as launches."""
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    kernels = [e for e in device if getattr(e, 'activity_type', None) in (None, 'kernel', 'concurrent_kernel')
+               and not e.name.startswith(('Memcpy', 'Memset'))]
+    busy, end = 0.0, float('-inf')
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in device):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return len(kernels), busy
+
+
 def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
-    """torch.profiler over training steps of model `name`: step time, device kernels per step, the fraction of the
-    step the device is busy, top operators by device time (kept in the row)."""
+    """torch.profiler over training steps of model `name`: step time (unprofiled, and under the profiler, whose
+    host overhead grows with the operators), device kernels per step, the fraction of the profiled step the device
+    is busy, top operators by device time (kept in the row)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     x = torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=device)
@@ -312,8 +327,8 @@ def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
     step = _train_step(model, x, torch.bfloat16)
-    for _ in range(2):  # warm-up: Triton compilation, cuDNN autotuning
-        step()
+    step_ms = time_ms(dict(step=step), device, warmup=2, repeats=plan.profile_steps)['step']  # (warm-up: Triton
+    # compilation, cuDNN autotuning)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -324,24 +339,25 @@ def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(e.time_range.elapsed_us() for e in kernels)  # kernels do not overlap on one stream
+    kernels, busy_us = _device_activity(prof.events())
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
     sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)
-    row = dict(model=name, step_ms=wall_us / plan.profile_steps / 1e3,
-               kernels_per_step=len(kernels) / plan.profile_steps, busy=min(busy_us / wall_us, 1.0), peak_gib=peak,
+    row = dict(model=name, step_ms=step_ms, profiled_step_ms=wall_us / plan.profile_steps / 1e3,
+               kernels_per_step=kernels / plan.profile_steps, busy=min(busy_us / wall_us, 1.0), peak_gib=peak,
                top_operators=table)
-    print(f'{name}: {row["step_ms"]:.1f} ms/step (profiled), {row["kernels_per_step"]:.0f} device kernels/step, '
-          f'device busy {row["busy"]:.0%}, peak {peak:.1f} GiB')
+    print(f'{name}: {step_ms:.1f} ms/step ({row["profiled_step_ms"]:.1f} profiled), {row["kernels_per_step"]:.0f} '
+          f'device kernels/step, device busy {row["busy"]:.0%} of the profiled step, peak {peak:.1f} GiB')
     print(table, flush=True)
     return row
 
 
-def _bench_pair(plan: Plan, device: torch.device, pair: _Pair, compile: bool = False) -> dict:
+def _bench_pair(plan: Plan, device: torch.device, pair: _Pair, compile: bool = False,
+                progress: Optional[Callable[[dict], None]] = None) -> dict:
     """`bench_models` of one image pair, bf16 autocast, channels-last (through torch.compile with `compile`)."""
     (row,) = bench_models(pairs=[pair], img_size=plan.img_size, batch_size=plan.batch, device=str(device),
-                          repeats=plan.repeats, amp_dtype=torch.bfloat16, channels_last=True, compile=compile)
+                          repeats=plan.repeats, amp_dtype=torch.bfloat16, channels_last=True, compile=compile,
+                          progress=progress)
     print(format_table([row]), flush=True)
     return row
 
@@ -391,11 +407,9 @@ def _environment(dev: torch.device, plan: Plan, path: Optional[str], budget_s: O
         env['triton'] = triton.__version__
     except ImportError:
         env['triton'] = None
-    if dev.type == 'cuda':
+    if dev.type == 'cuda':  # (the settings every row runs under, its worker's too)
         env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   capability='.'.join(map(str, torch.cuda.get_device_capability(dev))),
-                   cudnn_benchmark=torch.backends.cudnn.benchmark,
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+                   capability='.'.join(map(str, torch.cuda.get_device_capability(dev))), **cuda_settings(dev))
     return env
 
 
@@ -404,7 +418,8 @@ class _Results(dict):
 
     def __init__(self, json_path: Optional[str], **fields):
         super().__init__(fields)
-        for key, empty in (('ok', True), ('seconds', {}), ('errors', {}), ('skipped', {}), ('crashed', [])):
+        for key, empty in (('ok', True), ('seconds', {}), ('errors', {}), ('skipped', {}), ('crashed', []),
+                           ('partial', {})):
             self.setdefault(key, empty)
         self.json_path = json_path
 
@@ -429,7 +444,8 @@ class _Results(dict):
 
 _Row = Tuple[str, object, Callable]  # (section, id: a check's name or a row's index, the call)
 _ROW_LIMIT_S = dict(correctness=240, models=240, bench=120, profile=180, compiled=420)  # a worker's row is killed after
-_OVERRUN_S = 150  # ...or once the run is this far past its budget (a compiled pair may start with 150 s left)
+_OVERRUN_S = 90  # ...or once the run is this far past its budget (a compiled pair may start with 150 s left; what
+# it measured by then is kept under 'partial'), so that a run ends within budget + 90 s + start-up
 _BROKEN_EXIT = 3  # a worker's exit status after a row broke its CUDA context (the row's error is recorded)
 _FAULT_ENV = 'S4ND_GPU_CHECK_FAULT'  # tests: 'ROW=exit|hang|cuda,...' makes a worker fail at rows ROW ('bench[0]')
 _injected_broken = False
@@ -464,8 +480,7 @@ def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch
     """Runs the rows of `sections` from the `start`-th on, recording each in `results`, saved after each. A
     `worker` marks the row it runs as 'running' in the file, and exits with `_BROKEN_EXIT` after a row that leaves
     its CUDA context unusable (the supervisor goes on in a new process)."""
-    if dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # as timm's train.py: the baselines' convolutions autotuned (warm-up)
+    cuda_settings(dev)
     checks = _Checks(results.setdefault('correctness', [])) if 'correctness' in sections else None
     current = None
     for index, (section, ident, call) in enumerate(_rows(sections, plan, dev)):
@@ -490,6 +505,10 @@ def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch
                 _inject_fault(key)
             if section == 'correctness':
                 call(plan, dev, checks)
+            elif section == 'compiled':  # minutes of compilation: what a pair measured is kept if it is cut short
+                with dispatch.force_path(_measured_path(results, forced)):
+                    results[section].append(call(progress=partial(_keep_partial, results, key)))
+                results['partial'].pop(key, None)
             else:
                 with dispatch.force_path(_measured_path(results, forced)):
                     results[section].append(call())
@@ -509,6 +528,12 @@ def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch
         if dev.type == 'cuda':
             torch.cuda.empty_cache()
         results.save()
+
+
+def _keep_partial(results: _Results, key: str, row: dict) -> None:
+    """Row `key` as measured so far, under 'partial' in the results file until the row completes."""
+    results['partial'][key] = row
+    results.save()
 
 
 def _inject_fault(key: str) -> None:
