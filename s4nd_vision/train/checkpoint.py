@@ -8,7 +8,6 @@ holds that epoch's row, so a run killed before writing the row gets it back on r
 temporary folder and renamed once every process has written its part, so a run killed at any moment leaves only
 complete checkpoints. Weights with non-finite values are never written (`all_finite` is checked first).
 """
-import fcntl
 import os
 import re
 import shutil
@@ -27,6 +26,11 @@ from safetensors.torch import save_file
 
 from ..utils.yaml12 import load_yaml
 from .config import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: run folders are not locked there)
+    fcntl = None
 
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
@@ -104,9 +108,9 @@ def lock_run_folder(accelerator: Accelerator, folder: str) -> None:
     runs never mix their checkpoints, weights and metrics rows: e.g. a `--resume` started while the workers of a
     launcher killed with `kill -9` still train (torchrun's workers outlive it). The lock file names its holder.
     The same process may take a folder again (a later Trainer of the same notebook). A file system without locks
-    (some network mounts) leaves the folder unguarded, with a warning."""
+    (some network mounts) leaves the folder unguarded, with a warning; so does a system without `fcntl` (Windows)."""
     error = None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and fcntl is not None:
         path = os.path.realpath(folder)
         if path not in _HELD:
             fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
