@@ -48,14 +48,18 @@ def test_defaults_and_paper_variants():
         with torch.device('meta'):
             a, b = (timm.create_model(f'convnext_s4nd_{size}{tag}') for tag in ('', '_paper'))
         assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
-    # other kernels take their own defaults (S4: LegS, no band-limit); an explicit cut-off is an error
+    # other kernels take their own defaults (S4: LegS, no band-limit, as the original; SGConv: none, an explicit
+    # cut-off is an error)
     with torch.device('meta'):
-        for kwargs in (dict(kernel='s4'), dict(kernel='s4', bandlimit=0)):
+        for kwargs, cut in ((dict(kernel='s4'), None), (dict(kernel='s4', bandlimit=0), None),
+                            (dict(kernel='s4', bandlimit=1.0), 1.0)):
             s4 = timm.create_model('convnext_s4nd_atto', **kwargs)
-            assert {k.init for k in s4.modules() if isinstance(k, S4Kernel)} == {'legs'}
+            kernels = [k for k in s4.modules() if isinstance(k, S4Kernel)]
+            assert {k.init for k in kernels} == {'legs'} and {k.bandlimit for k in kernels} == {cut}
         timm.create_model('convnext_sgconv_atto')
-        with pytest.raises(ValueError, match=r"bandlimit applies to kernel='s4d' only: leave it out or pass 0"):
-            timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=1.0)
+        with pytest.raises(ValueError, match=r"bandlimit applies to the SSM kernels \('s4d', 's4'\), got "
+                                             r"kernel='sgconv'"):
+            timm.create_model('convnext_s4nd_atto', kernel='sgconv', bandlimit=1.0)
     # the class itself: None is the kernel's default, as through timm.create_model (which drops it)
     with torch.device('meta'):
         assert _ssm_settings(ConvNeXtS4ND(depths=(1, 1), dims=(8, 16), bandlimit=None)) == {('inv', 0.1, 1.0, 1.0)}

@@ -1,6 +1,7 @@
 """The S4ND layer with its other per-axis kernels ('s4', 'sgconv'): direct N-D convolution reference, inference
 cache, stacked generation and resolution, as test_s4nd_layer.py checks for 's4d'."""
 import copy
+import math
 
 import pytest
 import torch
@@ -129,8 +130,8 @@ def test_sgconv_kernel_first_made_under_inference_mode_trains():
 def test_kernel_type_errors():
     with pytest.raises(ValueError, match='kernel must be one of'):
         S4ND(4, kernel='s5')
-    with pytest.raises(ValueError, match='bandlimit applies'):
-        S4ND(4, kernel='s4', bandlimit=0.5)
+    with pytest.raises(ValueError, match=r"bandlimit applies to the SSM kernels \('s4d', 's4'\), got kernel='sgconv'"):
+        S4ND(4, kernel='sgconv', l_ref=8, bandlimit=0.5)
     with pytest.raises(ValueError, match='init applies'):
         S4ND(4, kernel='sgconv', l_ref=8, init='lin')
     with pytest.raises(ValueError, match='needs l_ref or l_max'):
@@ -139,9 +140,50 @@ def test_kernel_type_errors():
         S4ND(4, kernel='s4', init='lin')
     assert isinstance(S4ND(4, init='legs').kernels[0], SSMKernel)
     assert S4ND(4, kernel='sgconv', l_ref=(40, 9), l_max=(16, 30)).kernels[0].l_ref == 16  # min(l_ref, l_max)
-    with pytest.raises(ValueError, match='band-limiting'):
-        set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), 0.5)
-    assert set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), None) == 0
+    with pytest.raises(ValueError, match='band-limiting applies to the SSM kernels'):
+        set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='sgconv', l_ref=8)), 0.5)
+    assert set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), 0.5) == 2  # (one kernel per axis)
+
+
+def test_s4_band_limit_masks_c_on_the_modes_of_lambda():
+    """As the original code's DPLR kernel: the modes of Lambda at or above the cut-off (base dt) get C = 0, at
+    every rate; the band-limit is saved with the weights; the recurrent view is masked alike."""
+    from s4nd_vision.layers import S4NDRecurrence
+    torch.manual_seed(0)
+    cut = S4Kernel(3, d_state=16, num_kernels=2, dt_min=0.05, dt_max=0.5, bandlimit=0.5).double()
+    freq = cut.log_dt.exp()[:, None] * cut.a_imag.abs() / (2 * math.pi)
+    kept = freq < 0.25
+    assert kept.any() and not kept.all()
+    full = S4Kernel(3, d_state=16, num_kernels=2).double()
+    full.load_state_dict(cut.state_dict())
+    assert cut.bandlimit == full.bandlimit == 0.5  # (the record travels with the weights)
+    full.bandlimit = None
+    with torch.no_grad():
+        full.c_pairs.mul_(kept[..., None])
+    for length, rate in ((20, 1.0), (41, 0.5), (9, 2.0)):
+        torch.testing.assert_close(cut(length, rate, torch.float64), full(length, rate, torch.float64))
+        assert not torch.allclose(cut(length, rate, torch.float64), S4Kernel.forward(
+            _unmasked(cut), length, rate, torch.float64))
+    layer = S4ND(3, ndim=1, kernel='s4', d_state=16, bidirectional=False, dt_min=0.1, dt_max=0.5,
+                 bandlimit=0.5).double()
+    u = torch.randn(2, 3, 12, dtype=torch.float64)
+    rec, steps = S4NDRecurrence(layer), []
+    state = rec.default_state(2)
+    for t in range(12):
+        y, state = rec.step(u[..., t], state)
+        steps.append(y)
+    with torch.no_grad():
+        y = layer(u)
+        set_bandlimit(layer, None)
+        unmasked = layer(u)
+    torch.testing.assert_close(torch.stack(steps, -1), y, rtol=1e-5, atol=1e-6)  # (the layer convolves in float32)
+    assert (y - unmasked).abs().max() > 1e-3
+
+
+def _unmasked(kernel):
+    other = copy.deepcopy(kernel)
+    other.bandlimit = None
+    return other
 
 
 @pytest.mark.parametrize('kernel', ['s4', 'sgconv'])

@@ -23,6 +23,7 @@ Resolution as in S4D: rate scales the step (dt * rate).
 Paper: S4 (https://arxiv.org/abs/2111.00396).
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -57,10 +58,10 @@ class S4Kernel(_DiagonalSSM):
 
     Holds `num_kernels` C vectors per channel (e.g. forward and backward directions times rank-1 terms)
     sharing A, B and dt. Same interface as `SSMKernel`: `forward(length, rate, dtype)` returns
-    (num_kernels, dim, length). Parameters are real (complex values as trailing pairs).
+    (num_kernels, dim, length). Parameters are real (complex values as trailing pairs). Band-limiting masks C
+    on the modes of Lambda whose frequency dt |Im Lambda| / 2pi is at or above bandlimit / 2, as the original
+    S4 code does for its DPLR kernel (the low-rank term couples the modes, so the cut is not exact there).
     """
-
-    bandlimit = None  # band-limiting is defined for diagonal (S4D) kernels only
 
     def __init__(
             self,
@@ -70,12 +71,14 @@ class S4Kernel(_DiagonalSSM):
             init: str = 'legs',
             dt_min: float = 1e-3,
             dt_max: float = 1e-1,
+            bandlimit: Optional[float] = None,
             device=None,
             dtype=None,
     ):
         if init != 'legs':
             raise ValueError(f"the S4 kernel's init must be 'legs' (HiPPO-LegS NPLR), got {init!r}")
-        super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, device=device, dtype=dtype)  # Lambda as A
+        super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, bandlimit, device=device,
+                         dtype=dtype)  # Lambda as A
         self.p = _mark_ssm(nn.Parameter(torch.empty(dim, d_state // 2, 2, device=device, dtype=dtype)))  # low rank P
         self.reset_parameters()
 
@@ -98,9 +101,11 @@ class S4Kernel(_DiagonalSSM):
         return torch.diag_embed(lam) - p[..., :, None] * p.conj()[..., None, :], b, c
 
     def _modes(self, dtype: torch.dtype) -> tuple:
-        """Lambda, P, B (dim, N) and C (K, dim, N) complex, conjugate halves included."""
+        """Lambda, P, B (dim, N) and C (K, dim, N, band-limited) complex, conjugate halves included."""
         lam = torch.complex(-self.log_a_real.to(dtype).exp(), self.a_imag.to(dtype))
         p, b, c = (as_complex(t.to(dtype)) for t in (self.p, self.b, self.c_pairs))
+        if self.bandlimit is not None:
+            c = c * self.mode_mask()
         return _full(lam), _full(p), _full(b), _full(c)
 
     @staticmethod
@@ -142,6 +147,3 @@ class S4Kernel(_DiagonalSSM):
         # Woodbury: (R^-1 + b P P^*)^-1 = R - b R P (1 + b P^* R P)^-1 P^* R
         k_hat = dt[:, None] * (k_rb - k_rp * (bz * k_pb / (1 + bz * k_pp)))
         return torch.fft.irfft(k_hat, n=length)
-
-    def extra_repr(self) -> str:
-        return f'{self.dim}, d_state={self.d_state}, num_kernels={self.num_kernels}, init={self.init!r}'

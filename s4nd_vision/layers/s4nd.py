@@ -90,7 +90,7 @@ class S4ND(nn.Module):
         init: SSM initialization; 's4d': 'lin' (S4D-Lin, default), 'inv' (S4D-Inv) or 'legs' (S4D-LegS);
             's4': 'legs' (HiPPO-LegS, default); 'sgconv': None.
         dt_min, dt_max: range of the log-uniform step size initialization ('s4d', 's4').
-        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2 ('s4d' only; 0 or
+        bandlimit: mask modes whose frequency dt |Im A| / 2pi is at or above bandlimit / 2 ('s4d', 's4'; 0 or
             None: off).
         sgconv_size, sgconv_decay: values per SGConv sub-kernel and decay per dyadic range ('sgconv'); the
             sub-kernels cover min(l_ref, l_max) taps per axis, so 'sgconv' needs l_ref or l_max.
@@ -157,8 +157,8 @@ class S4ND(nn.Module):
         """One kernel generator per axis, with rank kernels per direction."""
         if kernel not in KERNELS:
             raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
-        if bandlimit and kernel != 's4d':
-            raise ValueError(f"bandlimit applies to kernel='s4d' only, got kernel={kernel!r} with "
+        if bandlimit and kernel == 'sgconv':
+            raise ValueError(f"bandlimit applies to the SSM kernels ('s4d', 's4'), got kernel='sgconv' with "
                              f"bandlimit={bandlimit} (pass bandlimit=None or 0)")
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
@@ -171,10 +171,10 @@ class S4ND(nn.Module):
                 raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
             self._sgconv_args = dict(size=sgconv_size, decay=sgconv_decay)
             return self._sgconv_kernels(self.l_ref, **dd)
-        ssm = dict(d_state=d_state, dt_min=dt_min, dt_max=dt_max, **dd)
+        ssm = dict(d_state=d_state, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, **dd)
         if kernel == 's4':
             return [S4Kernel(self.dim, num_kernels=n, init=init or 'legs', **ssm) for n in counts]
-        return [SSMKernel(self.dim, num_kernels=n, init=init or 'lin', bandlimit=bandlimit, **ssm) for n in counts]
+        return [SSMKernel(self.dim, num_kernels=n, init=init or 'lin', **ssm) for n in counts]
 
     def _sgconv_kernels(self, l_ref: Optional[Tuple[int, ...]], device=None, dtype=None) -> list:
         """SGConv kernel generators whose sub-kernels cover min(l_ref, l_max) taps per axis."""

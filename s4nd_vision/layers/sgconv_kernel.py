@@ -92,7 +92,7 @@ class SGConvKernel(nn.Module):
         decay: scale of sub-kernel i is decay ** i.
     """
 
-    bandlimit = None  # band-limiting is defined for diagonal (S4D) kernels only
+    bandlimit = None  # band-limiting is defined for the SSM kernels only
 
     def __init__(
             self,

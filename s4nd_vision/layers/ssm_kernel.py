@@ -63,8 +63,9 @@ class _DiagonalSSM(nn.Module):
     Weights saved with the earlier 4-D C load."""
 
     def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
-                 device=None, dtype=None):
+                 bandlimit: Optional[float] = None, device=None, dtype=None):
         super().__init__()
+        _check_bandlimit(bandlimit)
         if not is_int(d_state) or d_state < 2 or d_state % 2:
             raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
         if not (math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
@@ -75,6 +76,7 @@ class _DiagonalSSM(nn.Module):
         self.num_kernels = num_kernels
         self.init = init
         self.dt_min, self.dt_max = dt_min, dt_max
+        self.bandlimit = bandlimit or None  # (0 and None: off)
         n2 = d_state // 2
         self.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
         self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
@@ -92,9 +94,53 @@ class _DiagonalSSM(nn.Module):
         c = torch.randn(self.num_kernels, self.dim, self.d_state // 2, 2, dtype=torch.float64, device='cpu')
         self.c_pairs.copy_(c * 0.5 ** 0.5)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+    # The band-limit is saved with the weights, as `bandlimit`: the float64 cut-off's bit pattern in an int64
+    # scalar (0 for off). The kernels' function depends on it, so weights trained with one cut-off and loaded
+    # into a kernel built with another (e.g. after a change of defaults) keep their function. It is not a
+    # floating tensor on purpose: EMA and checkpoint averaging interpolate floating entries (a cut-off is not a
+    # weight to average) and copy the others, and a CPU float64 entry among CUDA weights would also take timm's
+    # foreach EMA update off its fused path. Weight files without it keep the kernel's own, with a warning.
+    # (A plain attribute, not a buffer: a hyper-parameter that `set_bandlimit` and progressive stages change,
+    # read on the host by the layers' kernel caches.)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        cut = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
+        destination[prefix + 'bandlimit'] = cut.view(torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         flatten_legacy_4d(state_dict, prefix + 'c')
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        key = prefix + 'bandlimit'
+        value = state_dict.get(key)
+        if value is None:
+            warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the model\'s '
+                          f'own bandlimit={self.bandlimit} is kept; build the model with the band-limit they were '
+                          'trained with (bandlimit=0 for none)', stacklevel=2)
+        elif not value.is_meta:
+            ok = value.dtype == torch.int64 and value.numel() == 1
+            cut = value.reshape(()).cpu().view(torch.float64).item() if ok else None
+            if cut is None or not (math.isfinite(cut) and cut >= 0):
+                error_msgs.append(f'{key}: expected the band-limit cut-off as float64 bits in one int64 (0 for '
+                                  f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
+            else:
+                self.bandlimit = cut or None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+
+    def mode_mask(self) -> torch.Tensor:
+        """(dim, d_state // 2) bool: modes kept by band-limiting, i.e. frequency dt |Im A| / 2pi < bandlimit / 2."""
+        if self.bandlimit is None:
+            return torch.ones_like(self.a_imag, dtype=torch.bool)
+        return mode_masks([self])
+
+    def extra_repr(self) -> str:
+        s = f'{self.dim}, d_state={self.d_state}, num_kernels={self.num_kernels}, init={self.init!r}'
+        if self.bandlimit is not None:
+            s += f', bandlimit={self.bandlimit}'
+        return s
 
 
 def _log_uniform_dt(dim: int, dt_min: float, dt_max: float) -> torch.Tensor:
@@ -291,9 +337,7 @@ class SSMKernel(_DiagonalSSM):
     ):
         if init not in SSM_INITS:
             raise ValueError(f'init must be one of {SSM_INITS}, got {init!r}')
-        _check_bandlimit(bandlimit)
-        super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, device=device, dtype=dtype)
-        self.bandlimit = bandlimit or None  # (0 and None: off)
+        super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, bandlimit, device=device, dtype=dtype)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -305,47 +349,6 @@ class SSMKernel(_DiagonalSSM):
         self.a_imag.copy_(ssm_init_imag(self.init, self.d_state).expand(self.dim, n2))
         self.b.copy_(torch.view_as_real(ssm_init_b(self.init, self.d_state)).expand(self.dim, n2, 2))
         self._reset_c()
-
-    # The band-limit is saved with the weights, as `bandlimit`: the float64 cut-off's bit pattern in an int64
-    # scalar (0 for off). The kernels' function depends on it, so weights trained with one cut-off and loaded
-    # into a kernel built with another (e.g. after a change of defaults) keep their function. It is not a
-    # floating tensor on purpose: EMA and checkpoint averaging interpolate floating entries (a cut-off is not a
-    # weight to average) and copy the others, and a CPU float64 entry among CUDA weights would also take timm's
-    # foreach EMA update off its fused path. Weight files without it keep the kernel's own, with a warning.
-    # (A plain attribute, not a buffer: a hyper-parameter that `set_bandlimit` and progressive stages change,
-    # read on the host by the layers' kernel caches.)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        cut = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
-        destination[prefix + 'bandlimit'] = cut.view(torch.int64)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        key = prefix + 'bandlimit'
-        value = state_dict.get(key)
-        if value is None:
-            warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the model\'s '
-                          f'own bandlimit={self.bandlimit} is kept; build the model with the band-limit they were '
-                          'trained with (bandlimit=0 for none)', stacklevel=2)
-        elif not value.is_meta:
-            ok = value.dtype == torch.int64 and value.numel() == 1
-            cut = value.reshape(()).cpu().view(torch.float64).item() if ok else None
-            if cut is None or not (math.isfinite(cut) and cut >= 0):
-                error_msgs.append(f'{key}: expected the band-limit cut-off as float64 bits in one int64 (0 for '
-                                  f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
-            else:
-                self.bandlimit = cut or None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-
-    def mode_mask(self) -> torch.Tensor:
-        """(dim, d_state // 2) bool: modes kept by band-limiting, i.e. frequency dt |Im A| / 2pi < bandlimit / 2."""
-        if self.bandlimit is None:
-            return torch.ones_like(self.a_imag, dtype=torch.bool)
-        return mode_masks([self])
 
     def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
         """The recurrent view x_t = z x_{t-1} + e B u_t, y_t = 2 Re(C^T x_t) (zero-order hold, step dt * rate):
@@ -365,11 +368,6 @@ class SSMKernel(_DiagonalSSM):
         """
         return ssm_kernels([self], [length], [rate], dtype)[0]
 
-    def extra_repr(self) -> str:
-        s = f'{self.dim}, d_state={self.d_state}, num_kernels={self.num_kernels}, init={self.init!r}'
-        if self.bandlimit is not None:
-            s += f', bandlimit={self.bandlimit}'
-        return s
 
 
 def mode_masks(kernels: Sequence[SSMKernel]) -> Optional[torch.Tensor]:
@@ -450,13 +448,11 @@ def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
     """Set the band-limiting cut-off of every SSM kernel in `module` (0 or None = off); returns how many were set."""
     _check_bandlimit(bandlimit)
     bandlimit = bandlimit or None
-    kernels = [m for m in module.modules() if isinstance(m, SSMKernel)]
+    kernels = [m for m in module.modules() if isinstance(m, _DiagonalSSM)]  # S4D and S4 kernels
     if bandlimit is not None:
-        from .s4_kernel import S4Kernel  # (they import this module)
-        from .sgconv_kernel import SGConvKernel
-        other = [type(m).__name__ for m in module.modules() if isinstance(m, (S4Kernel, SGConvKernel))]
-        if other:
-            raise ValueError(f"band-limiting applies to kernel='s4d' (SSMKernel) only; the module has {other[0]}s")
+        from .sgconv_kernel import SGConvKernel  # (it imports this module)
+        if any(isinstance(m, SGConvKernel) for m in module.modules()):
+            raise ValueError("band-limiting applies to the SSM kernels ('s4d', 's4'); the module has SGConvKernels")
     for m in kernels:
         m.bandlimit = bandlimit
     return len(kernels)

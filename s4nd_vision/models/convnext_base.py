@@ -31,7 +31,7 @@ DOWNSAMPLE_TYPES = ('s4nd', 'conv')
 # study's choice: they keep far more accuracy at resolutions not trained at (README, "Zero-shot resolution").
 PAPER_SSM = dict(ssm_init='lin', dt_min=0.1, dt_max=1.0, bandlimit=0)
 _DEFAULT_INIT = {'s4d': 'inv', 's4': 'legs'}  # (S4's DPLR form is HiPPO-LegS's; SGConv takes no init)
-_DEFAULT_BANDLIMIT = {'s4d': 1.0}  # (band-limiting is defined for the diagonal kernels only)
+_DEFAULT_BANDLIMIT = {'s4d': 1.0}  # (S4's default is the original code's: off; SGConv has none)
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _NORM = {2: LayerNorm2d, 3: LayerNorm3d}
 
@@ -248,7 +248,7 @@ class ConvNeXtBase(S4NDModel):
             ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: 'inv' for
                 's4d', 'legs' for 's4'; 'sgconv' takes none).
             dt_min, dt_max: step size initialization range ('s4d', 's4').
-            bandlimit: S4ND band-limiting cut-off ('s4d' only); 0 turns it off (None: the kernel's default,
+            bandlimit: S4ND band-limiting cut-off ('s4d', 's4'); 0 turns it off (None: the kernel's default,
                 1.0 for 's4d', off for the others; `timm.create_model` drops arguments that are None).
                 The defaults of ssm_init, dt_min, dt_max and bandlimit are the zero-shot study's; `PAPER_SSM`
                 holds the published ImageNet ones.
@@ -269,9 +269,6 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
         if output_stride not in (8, 16, 32):
             raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
-        if bandlimit and kernel != 's4d':
-            raise ValueError(f"bandlimit applies to kernel='s4d' only: leave it out or pass 0 with kernel={kernel!r} "
-                             f"(got bandlimit={bandlimit})")
         if bandlimit is None:
             bandlimit = _DEFAULT_BANDLIMIT.get(kernel)
         dd = dict(device=device, dtype=dtype)
