@@ -126,7 +126,6 @@ def test_device_activity_counts_kernels_and_the_union_of_busy_time():
 def test_a_compiled_pair_cut_short_keeps_what_it_measured(monkeypatch, tmp_path):
     """A compiled pair compiles for minutes: its training times are in the file before its inference runs, and
     stay there (under 'partial') when the row fails or is killed; a row that completes leaves no partial entry."""
-
     def training_then_failure(*args, progress=None, **kwargs):
         progress(dict(case='pair', s4nd_train_ms=2.0, baseline_train_ms=1.0, train_ratio=2.0))
         raise RuntimeError('killed while compiling the inference graph')

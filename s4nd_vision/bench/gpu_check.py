@@ -327,8 +327,8 @@ def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
     step = _train_step(model, x, torch.bfloat16)
-    step_ms = time_ms(dict(step=step), device, warmup=2, repeats=plan.profile_steps)['step']  # (warm-up: Triton
-    # compilation, cuDNN autotuning)
+    # the step time without the profiler (its warm-up: Triton compilation, cuDNN autotuning)
+    step_ms = time_ms(dict(step=step), device, warmup=2, repeats=plan.profile_steps)['step']
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

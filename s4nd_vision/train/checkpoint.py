@@ -108,7 +108,8 @@ def lock_run_folder(accelerator: Accelerator, folder: str) -> None:
     runs never mix their checkpoints, weights and metrics rows: e.g. a `--resume` started while the workers of a
     launcher killed with `kill -9` still train (torchrun's workers outlive it). The lock file names its holder.
     The same process may take a folder again (a later Trainer of the same notebook). A file system without locks
-    (some network mounts) leaves the folder unguarded, with a warning; so does a system without `fcntl` (Windows)."""
+    (some network mounts) leaves the folder unguarded, with a warning; a system without `fcntl` (Windows) locks
+    nothing."""
     error = None
     if accelerator.is_main_process and fcntl is not None:
         path = os.path.realpath(folder)
