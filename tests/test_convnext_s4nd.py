@@ -266,15 +266,27 @@ def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     assert all(layer._prepared is None for layer in model.modules() if isinstance(layer, S4ND))
 
 
+def test_features_only_keeps_timms_list_wrapper():
+    """Backbones keep timm ConvNeXt's wrapper (its state-dict keys, set_grad_checkpointing, feature_cls='list'),
+    which detection and segmentation code and saved backbone weights rely on."""
+    from timm.models import FeatureListNet
+    for kwargs in (dict(), dict(feature_cls='list')):
+        features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, **kwargs)
+        assert isinstance(features, FeatureListNet) and 'stem_0.weight' in features.state_dict()
+        features.set_grad_checkpointing(True)
+
+
 def test_features_only_training_step_stacks_the_kernel_generation(monkeypatch):
-    """A backbone (features_only: forward_intermediates) trains with the stacked generation too, also pruned."""
+    """A backbone through forward_intermediates (timm's 'getter' wrapper) trains with the stacked generation too,
+    also pruned."""
     from s4nd_vision.layers import ssm_kernel
     calls = []
     apply = ssm_kernel._SSMKernelFn.apply
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
     for out_indices, strides in (((0, 1, 2, 3), (1, 4, 8, 16, 32)), ((0, 1), (1, 4, 8))):
         torch.manual_seed(0)
-        features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=out_indices)
+        features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=out_indices,
+                                     feature_cls='getter')
         calls.clear()
         sum(out.square().sum() for out in features(torch.randn(2, 3, 64, 64))).backward()
         assert len(calls) == len(strides)  # one per kernel length (square input: both axes alike)

@@ -181,8 +181,7 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
     return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        # features_only through forward_intermediates (timm's 'getter'), so that the input is checked as in forward
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs)
 
 
