@@ -285,3 +285,27 @@ def test_a_folder_a_live_run_writes_to_is_refused(tmp_path, folder):
     _reset()
     Trainer(cfg, resume=True)  # and a later run in the same process takes it again
     assert (tmp_path / 'best.safetensors').is_file()
+
+
+def _free(folder) -> bool:
+    """Whether another process can take the run folder's lock now."""
+    import subprocess
+    import sys
+    probe = ('import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); '
+             'fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)')
+    return subprocess.run([sys.executable, '-c', probe, str(folder / '.lock')]).returncode == 0
+
+
+def test_a_run_that_fails_frees_its_folder(tmp_path, folder):
+    """A run that fails to start, or diverges, does not keep its folder from the next run of the same process's
+    lifetime (a notebook, the zero-shot study, which goes on after a diverged run)."""
+    with pytest.raises(ConfigError, match='is more than the'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'data.batch_size=100000')))
+    assert _free(tmp_path)
+    _reset()
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.max_nonfinite_steps=0')))
+    assert not _free(tmp_path)  # (held while the run lives)
+    trainer.train_loss = _NanLossAt(trainer, {1})
+    with pytest.raises(TrainingDiverged):
+        trainer.fit()
+    assert _free(tmp_path)

@@ -110,6 +110,16 @@ class Trainer:
         if acc.num_processes > 1:
             check_shared_folder(acc, self.out_dir)
         lock_run_folder(acc, self.out_dir)  # before anything in it is read or moved
+        try:
+            self._build(resume, allow_fresh)
+        except BaseException:
+            release_run_folder(self.out_dir)  # (a run that fails to start holds the folder no longer)
+            raise
+
+    def _build(self, resume, allow_fresh: bool) -> None:
+        """Data, model, optimizer, schedule, EMA, loss and the resumed state (the folder is this run's)."""
+        cfg, acc = self.cfg, self.accelerator
+        tc = cfg.train
         set_seed(tc.seed)
 
         self.data = create_train_data(cfg, acc)
@@ -368,7 +378,14 @@ class Trainer:
         return self.data.evaluate(model if model is not None else self.model)
 
     def fit(self) -> Dict[str, Any]:
-        """Train from the current state to the last epoch; returns the final summary."""
+        """Train from the current state to the last epoch; returns the final summary. The run folder is free again
+        afterwards, also when training fails (divergence, an interrupt)."""
+        try:
+            return self._fit()
+        finally:
+            release_run_folder(self.out_dir)
+
+    def _fit(self) -> Dict[str, Any]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         self.log.begin(state.epoch, self.resumed_from)
         reset_peak_memory(acc.device)
@@ -397,7 +414,6 @@ class Trainer:
             self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
             self.log.log(row, epoch)
         acc.end_training()
-        release_run_folder(self.out_dir)
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, 'best.safetensors')
