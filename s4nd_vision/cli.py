@@ -131,8 +131,8 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     def num_classes(name, kwargs, ckpt):
         """The classes the model is built with: its --models num_classes, else its weights', else the data's
         (eval_resolution then refuses data whose classes are not the model's)."""
-        if 'num_classes' in kwargs:
-            return None  # (in kwargs)
+        if 'num_classes' in kwargs or name.startswith(('hf-hub:', 'local-dir:')):
+            return None  # (in kwargs; shared weights: their config's)
         readable = ckpt is not None and os.path.isfile(ckpt)  # (a missing one: load_model's error)
         cfg = timm.models.get_pretrained_cfg(name) if readable and timm.is_model(name) else None
         classes = file_num_classes(ckpt, cfg.classifier) if cfg is not None and cfg.classifier else None

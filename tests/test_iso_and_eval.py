@@ -381,6 +381,12 @@ def test_a_split_whose_classes_are_not_the_models_is_refused(image_folder, tmp_p
                           '--data', str(root), '--resolutions', '14', '--in-chans', '1', '--train-resolution', '14',
                           '--out', str(tmp_path / 'out')])
     assert exit_info.value.code == 2 and 'classifies 10 classes, but' in capsys.readouterr().err
+    from s4nd_vision.deploy import save_for_hf
+    save_for_hf(trained, str(tmp_path / 'shared'))  # shared weights are built with their config's classes
+    with pytest.raises(SystemExit) as exit_info:
+        _load_cli().main(['--models', f'local-dir:{tmp_path / "shared"}', '--data', str(root), '--resolutions', '14',
+                          '--in-chans', '1', '--out', str(tmp_path / 'out')])
+    assert exit_info.value.code == 2 and 'classifies 10 classes, but' in capsys.readouterr().err
 
 
 def test_cli_reports_bad_arguments(image_folder, capsys):
