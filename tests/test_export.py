@@ -145,6 +145,11 @@ def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):
         with pytest.raises(ValueError, match=rf'does not take images \(its input_size is {re.escape(size)}\): export '
                                              r'writes image models'):
             export_onnx(model, str(tmp_path / 'other.onnx'), img_size=(96, 96))
+    # a ViT of one input size (timm's dynamic_img_size=False): a graph of dynamic sides would take other sizes
+    with torch.device('meta'):
+        fixed = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, dynamic_img_size=False)
+    with pytest.raises(ValueError, match=r'built with dynamic_img_size=False \(it takes \(64, 64\) only\)'):
+        export_onnx(fixed, str(tmp_path / 'fixed.onnx'), img_size=(64, 64))
 
 
 @pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])

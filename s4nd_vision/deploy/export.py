@@ -23,6 +23,10 @@ def check_image_model(model: nn.Module) -> None:
     if len(size) != 3:
         raise ValueError(f'model: {type(model).__name__} does not take images (its input_size is {tuple(size)}): '
                          'export writes image models, (B, C, H, W); use torch.export for video and sequence models')
+    if getattr(model, 'dynamic_img_size', True) is False:  # (a graph of dynamic sides would accept what it refuses)
+        raise ValueError(f'model: {type(model).__name__} is built with dynamic_img_size=False (it takes '
+                         f'{tuple(size[1:])} only); export writes graphs of dynamic sizes: build it with '
+                         'dynamic_img_size=True')
 
 
 def model_stride(model: nn.Module) -> int:
