@@ -198,6 +198,13 @@ def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode, 
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
     stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 3, 64, 96), calls)
     assert stacked[2] == num_lengths and per_layer[2] == len(model.blocks) * num_lengths
+    # a backbone (features_only, forward_intermediates) too, with the blocks it runs
+    from s4nd_vision.layers import s4nd
+    monkeypatch.setattr(s4nd, 'kernels_can_be_prepared', lambda module: True)  # (as in a CPU training step)
+    features = timm.create_model('vit_s4nd_atto_patch16_224', token_layout=mode, features_only=True)
+    calls.clear()
+    sum(out.square().sum() for out in features(torch.randn(2, 3, 64, 96))).backward()
+    assert len(calls) == num_lengths
 
 
 def test_intermediates_as_a_dict_as_timm_vit_gives_them():

@@ -304,15 +304,17 @@ class VisionTransformerS4ND(S4NDModel):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self._embed(x)
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
         intermediates = []
-        for i, block in enumerate(blocks):
-            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                if output_fmt == 'NCHW':
-                    intermediates.append(rearrange(y, 'b h w c -> b c h w'))
-                else:
-                    intermediates.append(rearrange(y, 'b h w c -> b (h w) c'))
+        with stacked_kernels(self, x, lambda: [] if checkpointed else self._block_grids(blocks, x)):
+            for i, block in enumerate(blocks):
+                x = checkpoint(block, x) if checkpointed else block(x)
+                if i in take_indices:
+                    y = self.norm(x) if norm else x
+                    if output_fmt == 'NCHW':
+                        intermediates.append(rearrange(y, 'b h w c -> b c h w'))
+                    else:
+                        intermediates.append(rearrange(y, 'b h w c -> b (h w) c'))
         final = None if intermediates_only else rearrange(self.norm(x), 'b h w c -> b c h w')
         if output_dict:
             return dict(image_intermediates=intermediates) | ({} if final is None else dict(image_features=final))
@@ -343,13 +345,19 @@ class VisionTransformerS4ND(S4NDModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p).
 
-        In a training step the kernels of all blocks are generated together (`stacked_kernels`)."""
+        In a training step the kernels of all blocks are generated together (`stacked_kernels`), as in
+        `forward_intermediates`."""
         x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return rearrange(self.norm(checkpoint_seq(self.blocks, x)), 'b h w c -> b c h w')
-        with stacked_kernels(self, x, lambda: [(b.mixer.s4nd, b.mixer.input_grid(x.shape[1:3])) for b in self.blocks]):
+        with stacked_kernels(self, x, lambda: self._block_grids(self.blocks, x)):
             x = self.blocks(x)
         return rearrange(self.norm(x), 'b h w c -> b c h w')
+
+    @staticmethod
+    def _block_grids(blocks: Sequence[nn.Module], tokens: torch.Tensor) -> List[Tuple[S4ND, Tuple[int, ...]]]:
+        """The S4ND layer of each block with the grid it runs on, for tokens (B, H/p, W/p, C)."""
+        return [(b.mixer.s4nd, b.mixer.input_grid(tokens.shape[1:3])) for b in blocks]
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
