@@ -62,10 +62,11 @@ def _all_finite(path) -> bool:
 
 # ------------------------------------------------------------------------------------------ divergence
 
-@pytest.mark.parametrize('fault', [_NanLossAt, _NanGradAt])
-def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder, fault):
+@pytest.mark.parametrize('fault, clip', [(_NanLossAt, 'null'), (_NanGradAt, 'null'), (_NanGradAt, '1.0')])
+def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder, fault, clip):
+    """(With optim.clip_grad the clipping's norm is the one checked.)"""
     cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_nonfinite_steps=1',
-                                       'train.ema_decay=0.9'))
+                                       'train.ema_decay=0.9', f'optim.clip_grad={clip}'))
     trainer = Trainer(cfg)
     trainer.train_loss = fault(trainer, {1, 5})  # isolated: tolerated
     trainer.fit()

@@ -320,8 +320,11 @@ class Trainer:
                     skip = False
                     if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite
                         # loss or gradient? (fp16's GradScaler skips its own overflowed steps: its grads are scaled)
+                        norm = None  # the clipping's norm where it clips (a skipped update's grads are dropped)
+                        if cfg.optim.clip_grad is not None:
+                            norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
                         if acc.mixed_precision != 'fp16':
-                            bad |= ~torch.isfinite(grad_norm(model))
+                            bad |= ~torch.isfinite(grad_norm(model) if norm is None else norm)
                         skip = bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
                         bad.zero_()
                         if not skip:  # a skipped update's finite losses stay out of train_loss too
@@ -330,8 +333,6 @@ class Trainer:
                         update_loss.zero_()
                         update_n.zero_()
                     if not skip:
-                        if acc.sync_gradients and cfg.optim.clip_grad is not None:
-                            acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
                         self.optimizer.step()  # Accelerate steps only when gradients sync
                     self.optimizer.zero_grad(set_to_none=True)
                 seen += x.shape[0]
