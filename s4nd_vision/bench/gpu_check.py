@@ -505,13 +505,11 @@ def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch
                 _inject_fault(key)
             if section == 'correctness':
                 call(plan, dev, checks)
-            elif section == 'compiled':  # minutes of compilation: what a pair measured is kept if it is cut short
+            else:  # (a compiled pair compiles for minutes: what it measured is kept if it is cut short)
+                kwargs = dict(progress=partial(_keep_partial, results, key)) if section == 'compiled' else {}
                 with dispatch.force_path(_measured_path(results, forced)):
-                    results[section].append(call(progress=partial(_keep_partial, results, key)))
+                    results[section].append(call(**kwargs))
                 results['partial'].pop(key, None)
-            else:
-                with dispatch.force_path(_measured_path(results, forced)):
-                    results[section].append(call())
         except Exception:  # noqa: BLE001  (a GPU session is too short to stop at the first error)
             error = traceback.format_exc()
             if section == 'correctness':

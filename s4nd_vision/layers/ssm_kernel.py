@@ -369,8 +369,7 @@ class SSMKernel(_DiagonalSSM):
         return ssm_kernels([self], [length], [rate], dtype)[0]
 
 
-
-def mode_masks(kernels: Sequence[SSMKernel]) -> Optional[torch.Tensor]:
+def mode_masks(kernels: Sequence[_DiagonalSSM]) -> Optional[torch.Tensor]:
     """The `mode_mask`s of `kernels` stacked along channels, (sum of dims, d_state // 2) bool, in a number of ops
     that does not grow with the number of kernels when they share one cut-off; None when none band-limits."""
     cuts = [k.bandlimit for k in kernels]
