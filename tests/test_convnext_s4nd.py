@@ -270,27 +270,57 @@ def test_features_only_keeps_timms_list_wrapper():
     """Backbones keep timm ConvNeXt's wrapper (its state-dict keys, set_grad_checkpointing, feature_cls='list'),
     which detection and segmentation code and saved backbone weights rely on."""
     from timm.models import FeatureListNet
-    for kwargs in (dict(), dict(feature_cls='list')):
+
+    from s4nd_vision.models.convnext_base import ConvNeXtFeatures
+    for kwargs, cls in ((dict(), ConvNeXtFeatures), (dict(feature_cls='list'), FeatureListNet)):
         features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, **kwargs)
-        assert isinstance(features, FeatureListNet) and 'stem_0.weight' in features.state_dict()
+        assert type(features) is cls and 'stem_0.weight' in features.state_dict()
         features.set_grad_checkpointing(True)
+        assert features.grad_checkpointing
+    # the S4ND layers it knows are not registered twice
+    assert len(features.state_dict()) == len(ConvNeXtFeatures(
+        timm.create_model('convnext_s4nd_atto', img_size=64), flatten_sequential=True).state_dict())
 
 
-def test_features_only_training_step_stacks_the_kernel_generation(monkeypatch):
-    """A backbone through forward_intermediates (timm's 'getter' wrapper) trains with the stacked generation too,
-    also pruned."""
+@pytest.mark.parametrize('name, shape, message', [
+    ('convnext_s4nd_atto', (2, 3, 16, 16), 'at least 32'),
+    ('convnext_s4nd_atto', (2, 1, 64, 64), 'channels'),
+    ('convnext_s4nd_3d_atto', (2, 3, 64, 64), r'\(B, C, T, H, W\)'),
+])
+def test_features_only_checks_its_input_as_the_model(name, shape, message):
+    features = timm.create_model(name, img_size=64, features_only=True)
+    model = timm.create_model(name, img_size=64)
+    for module in (features, model):
+        with pytest.raises(ValueError, match=message):
+            module(torch.randn(shape))
+
+
+@pytest.mark.parametrize('feature_cls', [None, 'getter'])
+def test_features_only_training_step_stacks_the_kernel_generation(monkeypatch, feature_cls):
+    """A backbone, timm's list wrapper (the default) or through forward_intermediates (the 'getter' wrapper), trains
+    with the stacked generation too, also pruned, and gives the model's intermediates."""
     from s4nd_vision.layers import ssm_kernel
     calls = []
     apply = ssm_kernel._SSMKernelFn.apply
     monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    kwargs = {} if feature_cls is None else dict(feature_cls=feature_cls)
+    x = torch.randn(2, 3, 64, 64)
     for out_indices, strides in (((0, 1, 2, 3), (1, 4, 8, 16, 32)), ((0, 1), (1, 4, 8))):
         torch.manual_seed(0)
         features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=out_indices,
-                                     feature_cls='getter')
+                                     **kwargs)
         calls.clear()
-        sum(out.square().sum() for out in features(torch.randn(2, 3, 64, 64))).backward()
+        outs = features(x)
+        sum(out.square().sum() for out in outs).backward()
         assert len(calls) == len(strides)  # one per kernel length (square input: both axes alike)
         assert all(p.grad is not None for n, p in features.named_parameters() if '.kernels.' in n)
+        assert all(m._prepared is None for m in features.modules() if isinstance(m, S4ND))
+        torch.manual_seed(0)
+        model = timm.create_model('convnext_s4nd_atto', img_size=64)
+        with torch.no_grad():
+            expected = model.forward_intermediates(x, indices=out_indices, intermediates_only=True)
+        for out, ref in zip(outs, expected, strict=True):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_fsdp_sharded_model_generates_kernels_layer_by_layer():

@@ -5,7 +5,7 @@ The models hold a `head` with timm's head interface (`NormMlpClassifierHead` or 
 implement `_s4nd_layers`, from which their reference grids and kernel generation follow.
 """
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -31,7 +31,7 @@ torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): t
 
 __all__ = [
     'S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'LIBRARY_CFG', 'init_weights', 'update_model_args', 'input_size_args',
-    'check_global_pool',
+    'check_global_pool', 's4nd_grids',
 ]
 
 # The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
@@ -168,8 +168,12 @@ class S4NDModel(nn.Module):
             self.reset_classifier(0, '', reset_other=True)
         return take_indices
 
+    def _input_checks(self) -> Dict[str, Any]:
+        """`check_input`'s arguments for this model's input."""
+        return dict(in_chans=self.in_chans, min_side=self.min_input_size)
+
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_input(x, self.in_chans, min_side=self.min_input_size)
+        return check_input(x, **self._input_checks())
 
     def _s4nd_layers(self) -> Iterator[Tuple[S4ND, Tuple[int, ...]]]:
         """Every S4ND layer with the stride per input axis of the grid it runs on."""
@@ -177,7 +181,7 @@ class S4NDModel(nn.Module):
 
     def _s4nd_grids(self, shape: Sequence[int]) -> List[Tuple[S4ND, Tuple[int, ...]]]:
         """Every S4ND layer with the spatial sizes of its input, for a model input of `shape` (B, C, *spatial)."""
-        return [(layer, tuple(s // t for s, t in zip(shape[2:], stride))) for layer, stride in self._s4nd_layers()]
+        return s4nd_grids(self._s4nd_layers(), shape)
 
     def input_size(self) -> Tuple[int, ...]:
         """The native input (C, *spatial) without the batch; `pretrained_cfg['input_size']` states its spatial
@@ -239,6 +243,13 @@ class S4NDModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def s4nd_grids(
+        layers: Iterable[Tuple[S4ND, Tuple[int, ...]]], shape: Sequence[int]) -> List[Tuple[S4ND, Tuple[int, ...]]]:
+    """(layer, stride per input axis of its grid) pairs as (layer, spatial sizes of its input) for a model input of
+    `shape` (B, C, *spatial)."""
+    return [(layer, tuple(s // t for s, t in zip(shape[2:], stride))) for layer, stride in layers]
 
 
 def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:

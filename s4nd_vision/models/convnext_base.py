@@ -17,12 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace_module, to_2tuple
-from timm.models import checkpoint_seq
+from timm.models import FeatureListNet, checkpoint_seq
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
-from ._base import S4NDModel
+from ._base import S4NDModel, s4nd_grids
+from ._checks import check_input
 
-__all__ = ['ConvNeXtBase', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES', 'PAPER_SSM']
+__all__ = [
+    'ConvNeXtBase', 'ConvNeXtFeatures', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES',
+    'PAPER_SSM',
+]
 
 STEM_TYPES = ('s4nd', 'patch')
 DOWNSAMPLE_TYPES = ('s4nd', 'conv')
@@ -400,3 +404,25 @@ class ConvNeXtBase(S4NDModel):
             x = self.stem(x)
             x = self.stages(x)
         return self.norm_pre(x)
+
+
+class ConvNeXtFeatures(FeatureListNet):
+    """The `features_only=True` backbone of a ConvNeXt(-S4ND): timm's list wrapper (the model's modules one by one,
+    its state-dict keys, `set_grad_checkpointing`), which also checks its input as the model does and, in a training
+    step, makes the kernels of all its S4ND layers in a few stacked calls, as the model's forward does.
+    (B, in_chans, *spatial) -> the outputs of the stages in `out_indices`, each (B, C_i, *spatial_i).
+    `feature_cls='list'` gives timm's plain wrapper, whose layers generate their kernels one by one."""
+
+    def __init__(self, model: ConvNeXtBase, out_indices: Tuple[int, ...] = (0, 1, 2, 3), **kwargs):
+        super().__init__(model, out_indices=out_indices, **kwargs)
+        held = set(self.modules())  # (timm keeps the modules up to the last stage asked for)
+        # a plain list (not registered): the layers stay in the state dict once, under their stage
+        self._s4nd_strides = [(layer, stride) for layer, stride in model._s4nd_layers() if layer in held]
+        self._check_input = partial(check_input, **model._input_checks())
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self._check_input(x)
+        # (under gradient checkpointing a recomputed module must redo its own generation)
+        checkpointed = self.grad_checkpointing or any(getattr(m, 'grad_checkpointing', False) for m in self.values())
+        with stacked_kernels(self, x, lambda: [] if checkpointed else s4nd_grids(self._s4nd_strides, x.shape)):
+            return super().forward(x)

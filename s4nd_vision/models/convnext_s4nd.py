@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ._base import LIBRARY_CFG, S4ND_PAPER
 from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
-from .convnext_base import PAPER_SSM, ConvNeXtBase
+from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures
 
 __all__ = ['ConvNeXtS4ND']
 
@@ -63,7 +63,7 @@ def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> C
     return build_model_with_cfg(
         ConvNeXtS4ND, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)
 
 
