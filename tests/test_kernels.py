@@ -232,3 +232,32 @@ def test_sgconv_kernel_errors():
     for bad in (dict(l_ref=0), dict(l_ref=8, size=0), dict(l_ref=8, decay=0.0), dict(l_ref=8, decay=1.5)):
         with pytest.raises(ValueError, match=next(iter(k for k in bad if k != 'l_ref'), 'l_ref')):
             SGConvKernel(2, **bad)
+
+
+@pytest.mark.parametrize('make', [
+    lambda **kw: SSMKernel(kw.pop('dim', 4), **kw),
+    lambda **kw: S4Kernel(kw.pop('dim', 4), **kw),
+    lambda **kw: SGConvKernel(kw.pop('dim', 4), l_ref=8, **kw),
+], ids=['s4d', 's4', 'sgconv'])
+def test_kernel_modules_refuse_bad_sizes_and_generation_arguments(make):
+    """Each kernel module, used on its own, names the bad argument (not a torch error deep inside, not a silently
+    all-zero kernel at rate 0)."""
+    for name, bad in (('dim', 0), ('dim', -1), ('dim', 2.0), ('num_kernels', 0)):
+        with pytest.raises(ValueError, match=f'{name} must be a positive integer'):
+            make(**{name: bad})
+    kernel = make()
+    for length in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match='length must be a positive integer'):
+            kernel(length)
+    for rate in (0.0, -1.0, float('nan'), float('inf')):
+        with pytest.raises(ValueError, match='rate must be finite and positive'):
+            kernel(8, rate=rate)
+    with pytest.raises(ValueError, match='dtype must be torch.float32 or torch.float64'):
+        kernel(8, dtype=torch.float16)
+    assert kernel(8, dtype=torch.float64).shape == (1, 4, 8)
+
+
+def test_ssm_step_sizes_must_be_real_numbers():
+    for bad in (dict(dt_min='a'), dict(dt_max=True), dict(dt_min=0.5, dt_max=0.1)):
+        with pytest.raises(ValueError, match='dt_min <= dt_max'):
+            SSMKernel(4, **bad)

@@ -478,8 +478,9 @@ def test_bad_input_errors():
     for bad in (0, -2, 3.0):
         with pytest.raises(ValueError, match=r'dim \(channels\) must be a positive integer'):
             S4ND(bad, ndim=2)
-    with pytest.raises(ValueError, match='ndim'):
-        S4ND(4, ndim=4)
+    for bad in (4, 2.0):
+        with pytest.raises(ValueError, match='ndim must be 1, 2 or 3'):
+            S4ND(4, ndim=bad)
     with pytest.raises(ValueError, match='l_ref'):
         S4ND(4, ndim=2, l_ref=(8, 0))
     with pytest.raises(ValueError, match='d_state'):
@@ -652,3 +653,25 @@ def test_depthwise_inference_path():
                                        rtol=1e-5, atol=1e-5)
             with torch.autocast('cpu', dtype=torch.bfloat16):  # kernels and convolution stay float32
                 torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+def test_separable_conv_refuses_kernels_that_do_not_fit():
+    """A kernel of the wrong length, a rank that differs between axes, or a skip/projection of the wrong size is an
+    error naming the argument, not a result of another shape."""
+    u = torch.randn(8, 4, 2, 6)  # channel-major (C, H, B, W)
+    k_h, k_w = torch.randn(1, 8, 7), torch.randn(1, 8, 11)
+    assert ops.separable_conv(u, [k_h, k_w]).shape == u.shape
+    for kernels, match in (([k_h, torch.randn(1, 8, 9)], r'kernels\[1\] must be .* \(1, 8, 11\)'),
+                           ([k_h, torch.randn(2, 8, 11)], r'kernels\[1\] must be'),
+                           ([torch.randn(1, 4, 7), k_w], r'kernels\[0\] must be'),
+                           ([k_h], 'one entry per spatial axis')):
+        with pytest.raises(ValueError, match=match):
+            ops.separable_conv(u, kernels)
+    with pytest.raises(ValueError, match=r'skip must be \(8,\)'):
+        ops.separable_conv(u, [k_h, k_w], skip=torch.randn(4))
+    with pytest.raises(ValueError, match='one entry per spatial axis'):
+        ops.separable_conv(u, [k_h, k_w], pools=(2,))
+    with pytest.raises(ValueError, match='pools must be between 1'):
+        ops.separable_conv(u, [k_h, k_w], pools=(1, 8))
+    with pytest.raises(ValueError, match=r'proj weight must be \(C, 8\)'):
+        ops.separable_conv(u, [torch.randn(1, 16, 7), torch.randn(1, 16, 11)], proj=(torch.randn(16, 3), None))

@@ -151,8 +151,9 @@ def test_bad_input_errors():
         model(torch.randn(1, 1, 4, 32, 32))
     with pytest.raises(ValueError, match='floating point input'):
         model(torch.zeros(1, 3, 4, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match='num_frames'):
-        timm.create_model('convnext_s4nd_3d_atto', num_frames=1)
+    for bad in (1, '16', 4.0):
+        with pytest.raises(ValueError, match='num_frames must be an integer of at least 2'):
+            timm.create_model('convnext_s4nd_3d_atto', num_frames=bad)
 
 
 # ---------------------------------------------------------------------------------------------

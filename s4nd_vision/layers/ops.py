@@ -503,6 +503,28 @@ def _separable_conv_backward(u, grad, skip, kernels, operators, kept, pools, poo
     return grad_u, grad_skip, grad_kernels
 
 
+def _check_conv_args(u: torch.Tensor, kernels: Sequence[torch.Tensor], pools: Sequence[int],
+                     skip: Optional[torch.Tensor], weight: Optional[torch.Tensor]) -> None:
+    """Raise ValueError unless `separable_conv`'s arguments fit a channel-major u (C_in, S_1, ..., B, S_N)."""
+    dims = _spatial_dims(u)
+    if len(kernels) != len(dims) or len(pools) != len(dims):
+        raise ValueError(f'kernels and pools need one entry per spatial axis of u ({len(dims)} for a channel-major '
+                         f'u of shape {tuple(u.shape)}), got {len(kernels)} and {len(pools)}')
+    channels = u.shape[0] if weight is None else weight.shape[0]
+    rank = kernels[0].shape[0] if kernels[0].ndim == 3 else None
+    for a, (k, dim) in enumerate(zip(kernels, dims)):
+        expected = (rank, channels, 2 * u.shape[dim] - 1)
+        if tuple(k.shape) != expected:
+            raise ValueError(f'kernels[{a}] must be (rank, C, 2n - 1) = {expected} for axis {a} of length '
+                             f'{u.shape[dim]} (one rank for every axis), got {tuple(k.shape)}')
+    if skip is not None and tuple(skip.shape) != (channels,):
+        raise ValueError(f'skip must be ({channels},), got {tuple(skip.shape)}')
+    if weight is not None and (weight.ndim != 2 or weight.shape[1] != u.shape[0]):
+        raise ValueError(f'proj weight must be (C, {u.shape[0]}), got {tuple(weight.shape)}')
+    if any(not 1 <= p <= u.shape[dim] for p, dim in zip(pools, dims)):
+        raise ValueError(f'pools must be between 1 and the axis lengths, got {tuple(pools)}')
+
+
 def separable_conv(
         u: torch.Tensor,
         kernels: Sequence[torch.Tensor],
@@ -526,6 +548,7 @@ def separable_conv(
     """
     pools = tuple(pools or (1,) * len(kernels))
     weight, bias = proj if proj is not None else (None, None)
+    _check_conv_args(u, kernels, pools, skip, weight)
     if use_reference():  # export / compilation: shape-generic real ops (see `reference`)
         u = u if weight is None else project(u, weight, bias)
         return separable_conv_reference(u, kernels, _spatial_dims(u), pools, skip)

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .hippo import legs_b, legs_nplr
 from .ops import generation_without_autocast
-from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm, as_complex
+from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm, as_complex, check_generation
 
 __all__ = ['S4Kernel']
 
@@ -131,6 +131,7 @@ class S4Kernel(_DiagonalSSM):
         Returns:
             (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
         """
+        check_generation(length, rate, dtype)
         lam, p, b, c = self._modes(dtype)  # (H, N) x 3, (K, H, N)
         dt = self.log_dt.to(dtype).exp() * rate  # (H,)
         # truncation: r = C^T (I - A~^L), with the dense bilinear A~ (H, N, N)

@@ -123,8 +123,8 @@ class S4ND(nn.Module):
         if not is_int(dim) or dim < 1:
             raise ValueError(f'dim (channels) must be a positive integer, got {dim!r}')
         dim = int(dim)
-        if ndim not in (1, 2, 3):
-            raise ValueError(f'ndim must be 1, 2 or 3, got {ndim}')
+        if not is_int(ndim) or ndim not in (1, 2, 3):
+            raise ValueError(f'ndim must be 1, 2 or 3, got {ndim!r}')
         if not is_int(rank) or rank < 1:
             raise ValueError(f'rank must be a positive integer, got {rank!r}')
         self.dim = dim

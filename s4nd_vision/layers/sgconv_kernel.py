@@ -19,6 +19,7 @@ The kernel is zero beyond the covered length d 2^(n_scales - 1).
 Paper: `What Makes Convolutional Models Great on Long Sequence Modeling?` (https://arxiv.org/abs/2210.09298).
 """
 import math
+import numbers
 from functools import lru_cache
 from typing import Tuple
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .ops import generation_without_autocast
-from .ssm_kernel import flatten_legacy_4d, per_kernel
+from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel
 
 __all__ = ['SGConvKernel', 'sgconv_scales']
 
@@ -105,11 +106,8 @@ class SGConvKernel(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        if not isinstance(l_ref, int) or l_ref < 1:
-            raise ValueError(f'l_ref must be a positive integer, got {l_ref!r}')
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f'size must be a positive integer, got {size!r}')
-        if not 0 < decay <= 1:
+        check_sizes(dim=dim, l_ref=l_ref, num_kernels=num_kernels, size=size)
+        if not (isinstance(decay, numbers.Real) and 0 < decay <= 1):
             raise ValueError(f'decay must be in (0, 1], got {decay}')
         self.dim = dim
         self.l_ref = l_ref
@@ -149,8 +147,9 @@ class SGConvKernel(nn.Module):
         """Kernels for `length` taps of width `rate` (in taps at rate 1).
 
         Returns:
-            (num_kernels, dim, length) real tensor of `dtype`.
+            (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
         """
+        check_generation(length, rate, dtype)
         return self._unnormalized(self.weight.to(dtype), length, rate) / self.norm.to(dtype)
 
     def extra_repr(self) -> str:

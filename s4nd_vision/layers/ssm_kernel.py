@@ -65,10 +65,12 @@ class _DiagonalSSM(nn.Module):
     def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
                  bandlimit: Optional[float] = None, device=None, dtype=None):
         super().__init__()
+        check_sizes(dim=dim, num_kernels=num_kernels)
         _check_bandlimit(bandlimit)
         if not is_int(d_state) or d_state < 2 or d_state % 2:
             raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
-        if not (math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
+        if not (all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (dt_min, dt_max))
+                and math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
             raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
@@ -366,6 +368,7 @@ class SSMKernel(_DiagonalSSM):
         Returns:
             (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
         """
+        check_generation(length, rate, dtype)
         return ssm_kernels([self], [length], [rate], dtype)[0]
 
 
@@ -435,6 +438,25 @@ def ssm_kernels(
 def is_int(value) -> bool:
     """An integer, and not a bool (True would pass as 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sizes(**sizes) -> None:
+    """Raise ValueError naming the first of `sizes` (name=value) that is not a positive integer."""
+    for name, value in sizes.items():
+        if not is_int(value) or value < 1:
+            raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+def check_generation(length, rate, dtype: torch.dtype) -> None:
+    """Raise ValueError unless a kernel module's forward can make `length` taps at `rate` in `dtype`: a positive
+    integer length (symbolic in a captured graph), a finite positive rate, float32 or float64."""
+    if isinstance(length, bool) or not isinstance(length, (numbers.Integral, torch.SymInt)) or length < 1:
+        raise ValueError(f'length must be a positive integer, got {length!r}')
+    if isinstance(rate, numbers.Real) and not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f'rate must be finite and positive, got {rate!r}')
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f'dtype must be torch.float32 or torch.float64 (kernels are generated in full precision), '
+                         f'got {dtype}')
 
 
 def _check_bandlimit(bandlimit: Optional[float]) -> None:

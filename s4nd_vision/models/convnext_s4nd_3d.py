@@ -39,13 +39,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
-from ._checks import check_input
-from .convnext_base import ConvNeXtBase
+from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
 from .inflate import inflate_state_dict, is_2d_state_dict
-
-torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
 __all__ = ['ConvNeXt3d']
 
@@ -60,6 +58,12 @@ def _dw_conv3d(dim: int, device=None, dtype=None) -> nn.Conv3d:
     return nn.Conv3d(
         dim, dim, kernel_size=_DW_KERNEL_SIZE, padding=tuple(k // 2 for k in _DW_KERNEL_SIZE), groups=dim,
         device=device, dtype=dtype)
+
+
+def _check_num_frames(num_frames: int) -> None:
+    if not is_int(num_frames) or num_frames < _TUBELET[0]:
+        raise ValueError(f'num_frames must be an integer of at least {_TUBELET[0]} (the stem stride in time), got '
+                         f'{num_frames!r}')
 
 
 class ConvNeXt3d(ConvNeXtBase):
@@ -91,8 +95,7 @@ class ConvNeXt3d(ConvNeXtBase):
         if not time_bidirectional and mixer_type == 'conv':
             raise ValueError("time_bidirectional=False needs S4ND blocks (mixer_type='s4nd'): the blocks' depthwise "
                              "(3, 7, 7) convs see both directions in time")
-        if num_frames < _TUBELET[0]:
-            raise ValueError(f'num_frames must be at least {_TUBELET[0]} (the stem stride in time), got {num_frames}')
+        _check_num_frames(num_frames)
         # (plain attributes, set before nn.Module.__init__: the base's construction reads them)
         self.num_frames = num_frames
         self.mixer_type = mixer_type
@@ -133,15 +136,14 @@ class ConvNeXt3d(ConvNeXtBase):
         img_size = self.img_size if img_size is None else to_2tuple(img_size)
         num_frames = self.num_frames if num_frames is None else num_frames
         self._check_input_size(img_size)
-        if num_frames < _TUBELET[0]:
-            raise ValueError(f'num_frames must be at least {_TUBELET[0]}, got {num_frames}')
+        _check_num_frames(num_frames)
         self.img_size = img_size
         self.num_frames = num_frames
         self.record_input_size()
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_input(
-            x, self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size, min_frames=_TUBELET[0])
+    def _input_checks(self) -> Dict[str, Any]:
+        return dict(in_chans=self.in_chans, layout='(B, C, T, H, W)', min_side=self.min_input_size,
+                    min_frames=_TUBELET[0])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, num_classes), or (B, C', T, H, W) when the head does not pool.
@@ -181,7 +183,7 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
     return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)
 
 
