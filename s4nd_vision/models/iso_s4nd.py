@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..layers import S4ND, ConvNeXtS4NDBlock
+from ..layers import S4ND, ConvNeXtS4NDBlock, stacked_kernels
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel
 from ._checkpoint import stated_img_size
 
@@ -132,13 +132,17 @@ class IsoS4ND(S4NDModel):
         self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, dim, H, W)."""
+        """(B, in_chans, H, W) -> (B, dim, H, W).
+
+        In a training step the kernels of all blocks are generated together (`stacked_kernels`), as in
+        `forward_intermediates`."""
         x = self._check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
-            x = self.blocks(x)
+            with stacked_kernels(self, x, lambda: self._s4nd_grids(x.shape)):
+                x = self.blocks(x)
         return self.norm_pre(x)
 
 
