@@ -6,6 +6,7 @@ import pytest
 
 from s4nd_vision.bench import gpu_check
 from s4nd_vision.cli import tool_main
+from s4nd_vision.layers import ops
 
 
 def test_every_section_runs_and_reports(tmp_path):
@@ -17,7 +18,11 @@ def test_every_section_runs_and_reports(tmp_path):
     assert results['plan']['batch'] == gpu_check.TINY.batch and 'commit' in results and 'triton' in results
     plan = gpu_check.TINY
     checks = results['correctness']
-    assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 and all(c['ok'] for c in checks)
+    # (conv cases in two dtypes, custom op, generation, two layers and every fast case with each algorithm, in fp32
+    # and bf16)
+    fast = 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
+    assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + fast
+    assert all(c['ok'] for c in checks)
     assert any('triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
     assert any('fast path' in c['check'] for c in checks)
     assert sum(c['check'].startswith('conv3d') for c in checks) == 2 * len(plan.conv3d_cases)
@@ -59,7 +64,8 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
 
 def test_the_budget_stops_starting_rows(tmp_path):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
-    assert results['skipped'] == {'correctness': ['check_conv', 'check_generation', 'check_layer', 'check_fast_layer'],
+    assert results['skipped'] == {'correctness': ['check_conv', 'check_generation', 'check_layer', 'check_fast_layer',
+                                                   'check_fast_algorithms'],
                                   'profile': [0, 1]}
     assert results['profile'] == [] and results['ok']
 
@@ -103,7 +109,9 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
 def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):
     results = gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', isolate=True)
     assert results['ok'] and results['crashed'] == [] and results['path'] is None
-    assert len(results['correctness']) == 2 * (len(gpu_check.TINY.conv_cases) + len(gpu_check.TINY.conv3d_cases)) + 6
+    tiny = gpu_check.TINY
+    fast = 2 * len(tiny.fast_cases) * len(ops.ALGORITHMS)
+    assert len(results['correctness']) == 2 * (len(tiny.conv_cases) + len(tiny.conv3d_cases)) + 6 + fast
 
 
 def test_device_activity_counts_kernels_and_the_union_of_busy_time():

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 from timm.layers import create_conv2d
 
-from ..layers import S4ND, dispatch
+from ..layers import S4ND, dispatch, ops
 from ..layers.reference import separable_conv_reference
 from ..layers.ssm_kernel import SSMKernel, ssm_kernels
 from ..models.convnext_s4nd_3d import _dw_conv3d
@@ -68,6 +68,7 @@ class Plan:
     generation: Sequence[Tuple[int, int, float, dict]]  # fused generation entries: (dim, length, rate, SSMKernel kw)
     layer: Tuple[int, int, int, int]  # S4ND layer check on the Triton path: (B, C, side, pool)
     fast_layer: Tuple[int, int, int, int]  # S4ND layer check on the fast path (a stem-like layer): (B, C, side, pool)
+    fast_cases: Sequence[Tuple[int, int, Tuple[int, ...]]]  # fast path, each algorithm, 1D/2D/3D: (B, C, sizes)
     stages: Sequence[Tuple[int, int]]  # layer benchmark shapes: (C, side)
     video_stages: Sequence[Tuple[int, int, int]]  # 3D layer benchmark shapes (batch `video[0]`): (C, frames, side)
     profile_models: Tuple[str, str]
@@ -87,6 +88,7 @@ GPU = Plan(
     generation=((96, 56, 1.0, {}), (192, 28, 0.5, dict(bandlimit=0.5)), (40, 224, 2.0, dict(init='legs'))),
     layer=(4, 96, 56, 2),
     fast_layer=(4, 32, 112, 4),
+    fast_cases=((2, 16, (300,)), (2, 16, (300, 20)), (2, 16, (6, 12, 10))),
     stages=CONVNEXT_T_STAGES,
     video_stages=((96, 8, 56), (192, 8, 28), (384, 8, 14), (768, 8, 7)),
     profile_models=('convnext_tiny', 'convnext_s4nd_tiny'),
@@ -106,6 +108,7 @@ TINY = Plan(
     generation=((4, 6, 1.0, {}), (8, 5, 0.5, dict(bandlimit=0.5)), (3, 12, 2.0, dict(init='legs'))),
     layer=(2, 8, 8, 2),
     fast_layer=(2, 4, 12, 4),
+    fast_cases=((1, 3, (9,)), (1, 3, (9, 5)), (1, 3, (3, 4, 5))),
     stages=((4, 5),),
     video_stages=((4, 2, 5),),
     profile_models=('convnext_atto', 'convnext_s4nd_atto'),
@@ -211,31 +214,44 @@ def check_generation(plan: Plan, device: torch.device, checks: _Checks) -> None:
 
 def check_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """An S4ND layer (pooled) on the Triton path, float32 and bf16 autocast, against the float64 layer on the CPU."""
-    _check_layer(device, checks, 'triton', *plan.layer)
+    b, c, side, pool = plan.layer
+    _check_layer(device, checks, 'triton', b, c, (side, side), pool)
 
 
 def check_fast_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """A stem-like S4ND layer (wider than the Triton kernels take, pooled) on the fast path (Toeplitz GEMMs, bf16
     under autocast), float32 and bf16 autocast, against the float64 layer on the CPU."""
-    _check_layer(device, checks, 'fast', *plan.fast_layer)
+    b, c, side, pool = plan.fast_layer
+    _check_layer(device, checks, 'fast', b, c, (side, side), pool)
 
 
-def _check_layer(device: torch.device, checks: _Checks, path: str, b: int, c: int, side: int, pool: int) -> None:
+def check_fast_algorithms(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """1D, 2D and 3D S4ND layers on the fast path with each convolution algorithm forced (Toeplitz GEMMs, FFTs),
+    float32 and bf16 autocast, against the float64 layer on the CPU."""
+    for b, c, sizes in plan.fast_cases:
+        for algorithm in ops.ALGORITHMS:
+            with ops.conv_algorithm(algorithm):
+                _check_layer(device, checks, 'fast', b, c, sizes, 1, algorithm)
+
+
+def _check_layer(device: torch.device, checks: _Checks, path: str, b: int, c: int, sizes: Tuple[int, ...], pool: int,
+                 algorithm: Optional[str] = None) -> None:
     torch.manual_seed(0)
-    layer = S4ND(c, ndim=2, l_ref=(side, side), pool=pool)
-    x = torch.randn(b, c, side, side)
-    ref_layer = S4ND(c, ndim=2, l_ref=(side, side), pool=pool).double()
+    layer = S4ND(c, ndim=len(sizes), l_ref=sizes, pool=pool)
+    x = torch.randn(b, c, *sizes)
+    ref_layer = S4ND(c, ndim=len(sizes), l_ref=sizes, pool=pool).double()
     ref_layer.load_state_dict(layer.state_dict())
     xr = x.double().requires_grad_()
     y_ref = ref_layer(xr)
     y_ref.square().sum().backward()
     layer = layer.to(device)
-    name = f'S4ND({c}, pool={pool}) {b}x{c}x{side}x{side}'
+    name = f'S4ND({c}, pool={pool}) {"x".join(map(str, x.shape))}' + (f' {algorithm}' if algorithm else '')
     with dispatch.force_path(path):
         if dispatch.conv_path(device, x.shape, layer.pool, torch.float32) != path:
             checks.add(f'{name}: runs the {path} path', {f'not {path}': 1.0}, 0.5)
             return
-        xg = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        xg = x.to(device)
+        xg = (xg.contiguous(memory_format=torch.channels_last) if xg.ndim == 4 else xg).requires_grad_()
         y = layer(xg)
         y.square().sum().backward()
         errors = {'y': _rel(y, y_ref), 'dx': _rel(xg.grad, xr.grad),
@@ -456,7 +472,8 @@ def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
     rows: List[_Row] = []
     for section in sections:
         if section == 'correctness':
-            rows += [(section, c.__name__, c) for c in (check_conv, check_generation, check_layer, check_fast_layer)]
+            rows += [(section, c.__name__, c) for c in (check_conv, check_generation, check_layer, check_fast_layer,
+                                                           check_fast_algorithms)]
         else:
             rows += [(section, i, job) for i, job in enumerate(_jobs(section, plan, dev))]
     return rows
