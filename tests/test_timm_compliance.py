@@ -277,6 +277,38 @@ def test_gradient_checkpointing_same_output_and_grads(entry):
     assert saved[1] < saved[0] / 2, saved
 
 
+@pytest.mark.parametrize('entry', [e for e in COMPLIANCE_MODELS if e[0] != 's4nd_seq_atto'], ids=_ids)
+def test_blocks_checkpointed_from_outside_train_as_without(entry, monkeypatch):
+    """Non-reentrant activation checkpointing applied to the blocks from outside (PyTorch's default, and FSDP's
+    `apply_activation_checkpointing`): the recomputed blocks save what their first pass saved (their layers
+    generate their own kernels in both), so the step equals one without checkpointing. Saved-tensor hooks around
+    the whole step (`save_on_cpu`) keep the model-wide kernel generation."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from s4nd_vision.layers import S4ND, ssm_kernel
+    from s4nd_vision.layers import s4nd as s4nd_module
+    monkeypatch.setattr(s4nd_module, 'kernels_can_be_prepared', lambda module: True)  # (as in a CPU training step)
+    model = _create(*entry, num_classes=3)
+    x = _small_input(model, batch_size=2)
+    model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    calls = []
+    apply = ssm_kernel._SSMKernelFn.apply
+    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    with torch.autograd.graph.save_on_cpu():
+        model.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+    stacked_calls = len(calls)
+    is_block = lambda m: any(isinstance(c, S4ND) for c in m.children()) or type(m).__name__.endswith('Block')  # noqa
+    apply_activation_checkpointing(model, check_fn=is_block)
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n.replace('_checkpoint_wrapped_module.', '')], msg=n)
+    if any(isinstance(m, ssm_kernel.SSMKernel) for m in model.modules()):
+        assert 0 < stacked_calls < len(calls) - stacked_calls  # (the checkpointed step: more, per-layer calls)
+
+
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_group_matcher_and_no_weight_decay(entry):
     model = _create(*entry)

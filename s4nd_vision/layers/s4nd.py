@@ -257,9 +257,13 @@ class S4ND(nn.Module):
         return dispatch.generate_two_sided(self.kernels, lengths, rates, sizes, self.bidirectional, dtype)
 
     def _prepared_kernels(self, sizes: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype):
-        """The kernels `prepare_kernels` made for this input (each used once), or None."""
+        """The kernels `prepare_kernels` made for this input (each used once), or None. Also None where other
+        saved-tensor hooks are active than where they were made: non-reentrant activation checkpointing around this
+        layer (e.g. FSDP's `apply_activation_checkpointing`) recomputes it alone, finding no prepared kernels, so the
+        first pass must generate them too to save the same tensors."""
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == (tuple(sizes), self.resolve_rate(sizes, rate), dtype):
+        if prepared is not None and prepared[0] == (
+                tuple(sizes), self.resolve_rate(sizes, rate), dtype, _saved_tensor_hooks()):
             return prepared[1]
         return None
 
@@ -414,6 +418,14 @@ class S4ND(nn.Module):
         return s
 
 
+def _saved_tensor_hooks() -> Optional[Callable]:
+    """The pack hook of the innermost active `torch.autograd.graph.saved_tensors_hooks` context (non-reentrant
+    checkpointing, `save_on_cpu`), or None."""
+    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    hooks = None if top is None else top(False)
+    return None if hooks is None else hooks[0]
+
+
 def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.dtype = torch.float32) -> None:
     """Generate the kernels of many S4ND layers at once, for their next forward on inputs of the given
     spatial sizes (at their automatic rate): all axes of all layers that share kernel length and SSM
@@ -436,7 +448,8 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
     with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
         made = iter(dispatch.generate_two_sided(kernels, lengths, rates, all_sizes, bidirectional, dtype))
     for layer, sizes in layers:
-        layer._prepared = ((tuple(sizes), layer.resolve_rate(sizes), dtype), [next(made) for _ in layer.kernels])
+        key = (tuple(sizes), layer.resolve_rate(sizes), dtype, _saved_tensor_hooks())
+        layer._prepared = (key, [next(made) for _ in layer.kernels])
 
 
 def kernels_can_be_prepared(module: nn.Module) -> bool:
