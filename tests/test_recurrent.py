@@ -67,6 +67,9 @@ def test_recurrence_errors():
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, kernel='sgconv', l_ref=8))
     with pytest.raises(ValueError, match='rate'):
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), rate=0.0)
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match='dtype must be torch.float32 or torch.float64'):
+            S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), dtype=dtype)
     causal = S4ND(3, ndim=1, bidirectional=False)  # a per-axis rate, as the layer's forward takes it
     torch.testing.assert_close(S4NDRecurrence(causal, rate=(2.0,)).a, S4NDRecurrence(causal, rate=2.0).a)
     recurrence = S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False))

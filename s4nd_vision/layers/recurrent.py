@@ -40,6 +40,9 @@ class S4NDRecurrence:
         if layer.l_max is not None:
             raise ValueError(f'the recurrent view needs l_max=None (a truncated kernel has no finite state), '
                              f'got l_max={layer.l_max}')
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f'dtype must be torch.float32 or torch.float64 (the state is complex64 or complex128), '
+                             f'got {dtype}')
         kernel = layer.kernels[0]
         if not isinstance(kernel, (SSMKernel, S4Kernel)):
             raise ValueError(f"the recurrent view needs an SSM kernel ('s4d' or 's4'), got kernel={layer.kernel!r}")

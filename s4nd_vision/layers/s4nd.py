@@ -148,6 +148,19 @@ class S4ND(nn.Module):
         self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
         self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw D ~ N(0, 1), as at construction (e.g. after `to_empty` from the meta device; each axis kernel module
+        resets its own parameters)."""
+        self.D.normal_()
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied (an EMA copy, `torch.save(model)`) without the inference cache or prepared
+        kernels: they are rebuilt on use, and a cache holds operators as large as tens of MB per model."""
+        state = super().__getstate__()
+        state['_kernel_cache'] = state['_prepared'] = None
+        return state
+
     def __prepare_scriptable__(self):
         raise RuntimeError('torch.jit.script does not support S4ND (kernel generation uses complex tensors and '
                            f'Python control flow on sizes): {SCRIPT_ALTERNATIVES}')
