@@ -76,7 +76,8 @@ class S4ND(nn.Module):
     like AvgPool): a resolution-aware downsampling. The pooling folds into the convolution, so
     filtering and pooling together cost less than the filter alone.
 
-    Shapes: (B, dim, *spatial) -> (B, dim, *(spatial // pool)), len(spatial) == ndim.
+    Shapes: (B, dim, *spatial) -> (B, dim, *(spatial // pool)), len(spatial) == ndim. The result may be a permuted
+    view of the layout the convolution ran in (what the next layer reads at no cost): `.reshape` it, not `.view`.
 
     Args:
         dim: channels.
