@@ -12,7 +12,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from test_train import _overrides, _write_folder
 
-from s4nd_vision.train import ConfigError, Trainer, TrainingDiverged, cli, latest_checkpoint, load_config
+from s4nd_vision.cli import tool_main
+from s4nd_vision.train import ConfigError, Trainer, TrainingDiverged, latest_checkpoint, load_config
 
 
 @pytest.fixture(scope='module')
@@ -109,7 +110,7 @@ def test_cli_exits_non_zero_on_divergence(tmp_path, folder, capsys):
     args = _overrides(folder, tmp_path, 'train.epochs=3', 'optim.opt=sgd', 'optim.lr=1e30',
                       'train.max_nonfinite_steps=0')
     with pytest.raises(SystemExit) as info:
-        cli.main(args)
+        tool_main('train', args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 3 and lines[-1].startswith('error: ') and 'finite' in lines[-1], lines
     for name in ('last', 'best'):
@@ -122,16 +123,16 @@ def test_cli_exits_non_zero_on_divergence(tmp_path, folder, capsys):
 def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder, capsys):
     args = _overrides(folder, tmp_path / 'typo', 'train.epochs=1')
     with pytest.raises(SystemExit) as info:
-        cli.main([*args, '--resume'])
+        tool_main('train', [*args, '--resume'])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: --resume: no checkpoint in ") and '--allow-fresh' in err
     assert not os.path.exists(tmp_path / 'typo' / 'metrics.csv')
     _reset()
-    cli.main([*args, '--resume', '--allow-fresh'])
+    tool_main('train', [*args, '--resume', '--allow-fresh'])
     assert 'starting a fresh run' in capsys.readouterr().out
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0']
     _reset()
-    cli.main([*args, '--resume', 'train.epochs=2'])  # an override after --resume is an override, not a CHECKPOINT
+    tool_main('train', [*args, '--resume', 'train.epochs=2'])  # an override after --resume, not a CHECKPOINT
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1']
 
 

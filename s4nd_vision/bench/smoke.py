@@ -29,9 +29,3 @@ def run(model_name: str = 'convnext_s4nd_tiny', resolutions: Sequence[int] = (22
         print(f'  input {tuple(x.shape)} -> features {tuple(features.shape)} -> logits {tuple(logits.shape)}'
               f'  {elapsed * 1e3:.0f} ms ({batch_size / elapsed:.1f} img/s, {torch.get_num_threads()} threads)')
     print('ok: the same weights ran at every resolution (S4ND kernels follow the input grid)')
-
-
-def main() -> None:
-    """The command line (`s4nd-vision smoke`, `tools/smoke.py`)."""
-    from ..cli import tool_main
-    tool_main('smoke')

@@ -18,7 +18,6 @@ the step) on the same continuous axis, with and without the mask.
 """
 import contextlib
 import csv
-import math
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -38,13 +37,8 @@ REPORT_FIELDS = ('layer', 'kind', 'axis', 'grid', 'bandlimit', 'modes', 'masked'
 
 
 def kernel_bandlimit(kernel: nn.Module) -> Optional[float]:
-    """The band-limiting cut-off of an SSM kernel as a float, or None when it has none (off)."""
-    value = getattr(kernel, 'bandlimit', None)
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else None
-    if value is None or not math.isfinite(value) or value <= 0:  # (a stored 'off' value)
-        return None
-    return float(value)
+    """The band-limiting cut-off of a kernel module, or None when it has none (off, or an SGConv kernel)."""
+    return getattr(kernel, 'bandlimit', None)
 
 
 @contextlib.contextmanager

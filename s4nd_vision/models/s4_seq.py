@@ -272,7 +272,8 @@ class SeqS4ND(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the blocks (and head) not needed for the intermediates in `indices`."""
+        """Drop the blocks (and head) not needed for the intermediates in `indices`. `prune_norm` is accepted for
+        timm's interface: there is no final norm to drop (every block ends with its norm)."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
         if prune_head:

@@ -9,11 +9,11 @@ reports any failing process as 1: the one-line error on stderr says which.
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 from .config import ConfigError, load_config
 
-__all__ = ['add_arguments', 'run', 'main']
+__all__ = ['add_arguments', 'run']
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,11 +53,3 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     except TrainingDiverged as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(3)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description='Train a timm model (S4ND backbones and baselines) with Accelerate from a YAML config.',
-        epilog='Overrides use dotted keys, e.g. optim.lr=1e-3 train.epochs=5 data.root=/data/imagenet')
-    add_arguments(parser)
-    return run(parser.parse_args(argv), parser)
