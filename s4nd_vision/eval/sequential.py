@@ -6,7 +6,6 @@ Each digit is resampled to `rows` x `cols` and read in raster order; the test se
 (`s4nd_seq_*`) are referenced to the training length and follow the rate; the depthwise-conv baseline
 (`conv_seq_*`) has a kernel fixed in samples.
 """
-from functools import partial
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import timm
@@ -15,17 +14,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..data import SequentialMNIST5k
+from ..models.s4_seq import MNIST_MEAN, MNIST_STD
 from ..train.optim import param_groups_ssm
 from ..utils.model_spec import parse_model_spec
 from ..utils.seeding import seed_all
 
 __all__ = ['run_sequential_mnist', 'format_table']
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def _normalize(sequence: torch.Tensor) -> torch.Tensor:
-    return (sequence - MNIST_MEAN) / MNIST_STD
+    return (sequence - MNIST_MEAN[0]) / MNIST_STD[0]
 
 
 def _accuracy(model: torch.nn.Module, dataset, batch_size: int) -> float:
@@ -88,7 +87,7 @@ def run_sequential_mnist(
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
         total = epochs * len(loader)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_cosine, total=total))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         for epoch in range(epochs):
             model.train()
             running = 0.0
@@ -106,10 +105,6 @@ def run_sequential_mnist(
         log(', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
         results.append(row)
     return results
-
-
-def _cosine(step: int, total: int) -> float:
-    return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(step, total) / total)).item())
 
 
 def format_table(rows: Sequence[Dict]) -> str:
