@@ -1,6 +1,6 @@
 from .convnext_block import ConvNeXtS4NDBlock
 from .glu import linear_glu
-from .norm import LayerNorm3d
+from .norm import ChannelLayerNorm, LayerNorm3d
 from .ops import avg_pool_axes, channel_major, channels_first, conv_algorithm, separable_conv, two_sided_kernel
 from .recurrent import S4NDRecurrence
 from .s4_kernel import S4Kernel

@@ -1,18 +1,22 @@
-"""Channel LayerNorm for clips: timm's LayerNorm2d with a time axis."""
+"""Channel LayerNorm for channels-first tensors of any rank: timm's LayerNorm2d for sequences and clips too."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['LayerNorm3d']
+__all__ = ['ChannelLayerNorm', 'LayerNorm3d']
 
 
-class LayerNorm3d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, T, H, W) tensor (timm's LayerNorm2d, one axis more)."""
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels (axis 1) of a (B, C, *spatial) tensor, or of a (B, C) sample (timm's LayerNorm2d
+    for any number of axes)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__(num_channels, eps=eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.movedim(1, -1)  # (B, C, T, H, W) -> (B, T, H, W, C)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.movedim(-1, 1)  # (B, T, H, W, C) -> (B, C, T, H, W)
+        # (B, C, *spatial) -> (B, *spatial, C) and back; for a (B, C) sample nothing moves (one expression for both,
+        # which FX can trace)
+        return F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps).movedim(-1, 1)
+
+
+LayerNorm3d = ChannelLayerNorm  # (B, C, T, H, W): the name timm's LayerNorm2d suggests for clips

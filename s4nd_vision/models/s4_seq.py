@@ -35,8 +35,8 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, S4NDRecurrence, is_ssm_param
-from ._base import LIBRARY_CFG, update_model_args
+from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, is_ssm_param
+from ._base import LIBRARY_CFG, MIXER_TYPES, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input
 
@@ -44,17 +44,8 @@ torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): t
 
 __all__ = ['SeqS4ND', 'SeqS4NDBlock', 'SeqState']
 
-MIXERS = ('s4nd', 'conv')
 POOLS = ('avg', 'max', 'last', '')
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-
-
-class LayerNorm1d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, L) tensor, or of a (B, C) sample."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (for a sample, moving the channel axis last moves nothing: one expression for both, which FX can trace)
-        return F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps).movedim(-1, 1)
 
 
 class SeqState(NamedTuple):
@@ -83,7 +74,7 @@ class SeqS4NDBlock(nn.Module):
         self.drop = nn.Dropout(drop)
         self.out_proj = nn.Conv1d(dim, 2 * dim, kernel_size=1, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm = LayerNorm1d(dim, **dd)
+        self.norm = ChannelLayerNorm(dim, eps=1e-5, **dd)  # (nn.LayerNorm's eps, as in the S4 block)
 
     def _pointwise(self, x: torch.Tensor, y: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """Everything after the mixer, for (B, dim, L), or with `sample` for one sample (B, dim)."""
@@ -152,8 +143,8 @@ class SeqS4ND(nn.Module):
             drop_path_rate: stochastic depth of the blocks' residual branches, rising linearly to this rate (timm's).
         """
         super().__init__()
-        if mixer not in MIXERS:
-            raise ValueError(f'mixer must be one of {MIXERS}, got {mixer!r}')
+        if mixer not in MIXER_TYPES:
+            raise ValueError(f'mixer must be one of {MIXER_TYPES}, got {mixer!r}')
         if global_pool not in POOLS:
             raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
         if not isinstance(seq_len, int) or seq_len < 1:
