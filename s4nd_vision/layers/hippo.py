@@ -60,8 +60,8 @@ def legs_nplr(d_state: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 def legs_b(d_state: int) -> torch.Tensor:
     """B of the LegS initializations (S4D-LegS, S4): V^H B of `legs_nplr` (real and positive in its eigenbasis)
     with magnitudes capped at LEGS_B_CLIP, (d_state // 2,) complex128. The original code clips Im(V^H B) to
-    [-2, 2] in its own eigenvector phases, where V^H B is nearly imaginary: magnitudes about 0.7-2.0 at N = 16
-    (NOTES.md), where V^H B itself grows to 10 at N = 16 and 41 at N = 64 on the fastest modes. The cap does the
-    same independently of the phases (and C, random, does not depend on them either)."""
+    [-2, 2] in its own eigenvector phases, where V^H B is nearly imaginary, while V^H B itself grows with N on the
+    fastest modes. The cap bounds the magnitudes alike, independently of the phases (and C, random, does not depend
+    on them either)."""
     vb = legs_nplr(d_state)[1]
     return vb * (LEGS_B_CLIP / vb.abs()).clamp(max=1.0)

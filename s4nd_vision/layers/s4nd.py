@@ -48,8 +48,8 @@ def _per_axis(value, ndim: int, name: str) -> tuple:
 
 def _equal_tensors(cached: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> bool:
     """Whether two lists of tensors have equal dtypes, shapes, devices and values, compared tensor by tensor in
-    their own dtype (no concatenated or converted copy: at 7x7 that copy cost more than the convolution); on a GPU
-    with one synchronization."""
+    their own dtype (no concatenated or converted copy, which on small layers costs more than their convolution);
+    on a GPU with one synchronization."""
     if len(cached) != len(current) or any(
             a.dtype != b.dtype or a.shape != b.shape or a.device != b.device for a, b in zip(cached, current)):
         return False

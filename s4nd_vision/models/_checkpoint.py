@@ -64,7 +64,7 @@ def file_num_classes(path: str, classifier: str) -> Optional[int]:
     """The classes of the weights file `path` (safetensors, or a torch checkpoint of any of CHECKPOINT_KEYS): the
     rows of `classifier`'s weight, None without one. `pretrained_cfg_overlay=dict(file=path)` needs it as the
     overlay's `num_classes`: timm drops the file's classifier whenever that differs from the model's, and the
-    registry's is ImageNet's 1000, so without it a 51-class file lost its fitting head in a 51-class model.
+    registry's is ImageNet's 1000, so without it a 51-class file's head would not load into a 51-class model.
     Reads the shapes only (the safetensors header, a memory-mapped torch file): timm loads the weights after."""
     if path.endswith('.safetensors'):
         from safetensors import safe_open

@@ -314,9 +314,8 @@ class Hmdb51Data(TrainData):
         it runs short); the first `start` are decoded and discarded.
 
         A loader of an iterable dataset batches each worker's clips apart: the partial batch that ends each
-        worker's share is kept and merged with the others into full batches (`_full_batches`); dropping them
-        (drop_last) left videos unseen with `data.workers > 0` and ran the epoch short into a second pass that
-        repeated others."""
+        worker's share is kept and merged with the others into full batches (`_full_batches`), so that with
+        `data.workers > 0` every video of the epoch is seen and the epoch does not run short into a second pass."""
         acc, cfg = self.accelerator, self.cfg
         self.train_set.set_epoch(epoch)
         seed = partial(seed_from, cfg.train.seed, 'video', epoch, acc.process_index)
