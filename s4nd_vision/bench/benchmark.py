@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.layers import create_conv2d
 
-from ..layers import KERNELS, S4ND, S4NDRecurrence
+from ..layers import KERNELS, S4ND, S4NDRecurrence, dispatch
 from ..utils.model_spec import parse_model_spec
 
 __all__ = [
@@ -77,23 +77,30 @@ def saved_activation_mb(fn: Callable[[], torch.Tensor]) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
-def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, amp: bool = False, path: Optional[str] = None) -> Callable[[], None]:
+    """forward+backward of a layer on x, under bf16 autocast with `amp`, S4ND's implementation forced to `path`
+    (None: the dispatch's choice)."""
+    def forward():
+        with dispatch.force_path(path), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            return module(x)
+
     # a dense upstream gradient, as in a network (the expanded one of .sum() sends CPU bmm down a slow path)
     with torch.no_grad():
-        grad = torch.randn_like(module(x))
+        grad = torch.randn_like(forward())
 
     def step():
         module.zero_grad(set_to_none=True)
         x.grad = None  # (accumulating an input gradient would add a full-size kernel to every candidate's time)
-        module(x).backward(grad)
+        forward().backward(grad)
     return step
 
 
-def _channels_last_input(batch_size: int, dim: int, size: int, device: torch.device) -> torch.Tensor:
+def _channels_last_input(batch_size: int, dim: int, size: int, device: torch.device,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The layer benchmarks' input, (batch_size, dim, size, size) in channels-last memory, as the convs of
     ConvNeXt (and S4ND's CUDA path) take it: every candidate gets the same tensor, so none pays a layout copy the
     others do not."""
-    x = torch.randn(batch_size, dim, size, size, device=device)
+    x = torch.randn(batch_size, dim, size, size, device=device, dtype=dtype)
     return x.contiguous(memory_format=torch.channels_last).requires_grad_()
 
 

@@ -49,7 +49,16 @@ from ..layers import S4ND, dispatch, ops
 from ..layers.reference import separable_conv_reference
 from ..layers.ssm_kernel import SSMKernel, ssm_kernels
 from ..models.convnext_s4nd_3d import _dw_conv3d
-from .benchmark import CONVNEXT_T_STAGES, _train_step, bench_models, cuda_settings, format_table, time_ms
+from .benchmark import (
+    CONVNEXT_T_STAGES,
+    _channels_last_input,
+    _fwd_bwd,
+    _train_step,
+    bench_models,
+    cuda_settings,
+    format_table,
+    time_ms,
+)
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
@@ -262,22 +271,11 @@ def _check_layer(device: torch.device, checks: _Checks, path: str, b: int, c: in
     checks.add('  same, bf16 autocast', {'y': _rel(y16.float(), y_ref)}, 3e-2)
 
 
-def _layer_step(module, x, amp: bool, path: Optional[str] = None):
-    """forward+backward of a layer with S4ND's implementation forced to `path` (None: the dispatch's choice)."""
-    def step():
-        module.zero_grad(set_to_none=True)
-        x.grad = None  # (accumulating it would add a full-size kernel to every candidate's time)
-        with dispatch.force_path(path), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            y = module(x)
-        y.backward(torch.ones_like(y))
-    return step
-
-
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton and the fast path and of the baseline
     depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
-    fns = {'dwconv': _layer_step(conv, x, amp), 'triton': _layer_step(s4nd, x, amp, 'triton'),
-           'fast': _layer_step(s4nd, x, amp, 'fast')}
+    fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton'),
+           'fast': _fwd_bwd(s4nd, x, amp, 'fast')}
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
                triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
@@ -291,8 +289,7 @@ def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: t
     torch.manual_seed(0)
     s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
     conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
-    x = torch.randn(plan.batch, dim, size, size, device=device, dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = _channels_last_input(plan.batch, dim, size, device, dtype)
     return _bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}', s4nd, conv, x,
                         dtype == torch.bfloat16, plan.repeats)
 
