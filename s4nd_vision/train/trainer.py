@@ -265,6 +265,17 @@ class Trainer:
             return 'no checkpoint was written before (start again with, e.g., a lower optim.lr)'
         return f'the last good checkpoint is {latest} (resume from it with, e.g., a lower optim.lr)'
 
+    def _skip_update(self, bad: torch.Tensor) -> bool:
+        """At the last micro-step of an update, after clipping the gradients (`optim.clip_grad`): whether any process
+        saw a non-finite loss (`bad`) or gradient, so that the update is skipped. fp16's GradScaler skips its own
+        overflowed steps (its gradients are scaled)."""
+        acc, clip = self.accelerator, self.cfg.optim.clip_grad
+        # the clipping's norm where it clips (a skipped update's gradients are dropped anyway)
+        norm = acc.clip_grad_norm_(self.model.parameters(), clip) if clip is not None else None
+        if acc.mixed_precision != 'fp16':
+            bad = bad | ~torch.isfinite(grad_norm(self.model) if norm is None else norm)
+        return bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
+
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         stage = cfg.stage_at(epoch)
@@ -318,14 +329,8 @@ class Trainer:
                     update_loss += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
                     update_n += finite * x.shape[0]
                     skip = False
-                    if acc.sync_gradients:  # the last micro-step of an update: did any process see a non-finite
-                        # loss or gradient? (fp16's GradScaler skips its own overflowed steps: its grads are scaled)
-                        norm = None  # the clipping's norm where it clips (a skipped update's grads are dropped)
-                        if cfg.optim.clip_grad is not None:
-                            norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                        if acc.mixed_precision != 'fp16':
-                            bad |= ~torch.isfinite(grad_norm(model) if norm is None else norm)
-                        skip = bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
+                    if acc.sync_gradients:  # the last micro-step of an update
+                        skip = self._skip_update(bad)
                         bad.zero_()
                         if not skip:  # a skipped update's finite losses stay out of train_loss too
                             loss_sum += update_loss
