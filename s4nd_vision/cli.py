@@ -116,10 +116,7 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error(f'{flag} needs one entry per model ({len(args.models)}), got {len(values)}')
     if len(set(labels)) != len(labels):
         parser.error('two models share a display name: pass distinct --labels')
-    import timm
-
-    from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
-    from .models._checkpoint import file_num_classes
+    from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model, weights_num_classes
     from .utils.model_spec import parse_model_spec
     try:
         specs = [parse_model_spec(spec) for spec in args.models]
@@ -129,14 +126,12 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     folder_classes = dataset_num_classes(args.data, args.split)
 
     def num_classes(name, kwargs, ckpt):
-        """The classes the model is built with: its --models num_classes, else its weights', else the data's
-        (eval_resolution then refuses data whose classes are not the model's)."""
+        """The classes the model is built with where load_model would not know them: its --models num_classes, else
+        its weights' (load_model reads them), else the data's (eval_resolution then refuses data whose classes are
+        not the model's)."""
         if 'num_classes' in kwargs or name.startswith(('hf-hub:', 'local-dir:')):
             return None  # (in kwargs; shared weights: their config's)
-        readable = ckpt is not None and os.path.isfile(ckpt)  # (a missing one: load_model's error)
-        cfg = timm.models.get_pretrained_cfg(name) if readable and timm.is_model(name) else None
-        classes = file_num_classes(ckpt, cfg.classifier) if cfg is not None and cfg.classifier else None
-        return folder_classes if classes is None else classes
+        return None if weights_num_classes(name, ckpt) is not None else folder_classes
 
     models = {
         label: load_model(name, ckpt, num_classes=num_classes(name, kwargs, ckpt), in_chans=args.in_chans,

@@ -309,6 +309,8 @@ def test_load_model_from_local_weights(tmp_path):
         torch.testing.assert_close(loaded(x), source(x))
     with pytest.raises(FileNotFoundError):
         load_model('s4nd_iso_tiny', str(tmp_path / 'missing.safetensors'))
+    # without num_classes, the model is built with its weights' classes (10 here, where the model's default is 1000)
+    assert load_model('s4nd_iso_tiny', path, in_chans=1, model_kwargs=dict(img_size=14)).num_classes == 10
 
 
 def test_cli_end_to_end(image_folder, tmp_path):
