@@ -2,7 +2,15 @@
 without (every layer generating its own), for comparing outputs, gradients and generation calls."""
 import torch
 
-from s4nd_vision.layers import s4nd
+from s4nd_vision.layers import s4nd, ssm_kernel
+
+
+def count_generation_calls(monkeypatch) -> list:
+    """A list that gets one entry per S4D kernel generation call (`_SSMKernelFn`) from now on in the test."""
+    calls = []
+    apply = ssm_kernel._SSMKernelFn.apply
+    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    return calls
 
 
 def step_with_and_without_stacking(monkeypatch, model: torch.nn.Module, x: torch.Tensor, calls: list) -> list:

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from stacking import step_with_and_without_stacking
+from stacking import count_generation_calls, step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
@@ -252,12 +252,9 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
 def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
     """With autograd on, the model generates every layer's kernels up front (one call per kernel length);
     outputs and gradients equal the layer-by-layer generation, which each layer falls back to."""
-    from s4nd_vision.layers import ssm_kernel
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64)
-    calls = []
-    apply = ssm_kernel._SSMKernelFn.apply
-    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    calls = count_generation_calls(monkeypatch)
     stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 3, 70, 64), calls)
     strides = (1, 4, 8, 16, 32)  # the grids S4ND layers run on (the stem pools by 4)
     assert stacked[2] == len({70 // s for s in strides} | {64 // s for s in strides})  # distinct kernel lengths
@@ -299,10 +296,7 @@ def test_features_only_checks_its_input_as_the_model(name, shape, message):
 def test_features_only_training_step_stacks_the_kernel_generation(monkeypatch, feature_cls):
     """A backbone, timm's list wrapper (the default) or through forward_intermediates (the 'getter' wrapper), trains
     with the stacked generation too, also pruned, and gives the model's intermediates."""
-    from s4nd_vision.layers import ssm_kernel
-    calls = []
-    apply = ssm_kernel._SSMKernelFn.apply
-    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    calls = count_generation_calls(monkeypatch)
     kwargs = {} if feature_cls is None else dict(feature_cls=feature_cls)
     x = torch.randn(2, 3, 64, 64)
     for out_indices, strides in (((0, 1, 2, 3), (1, 4, 8, 16, 32)), ((0, 1), (1, 4, 8))):

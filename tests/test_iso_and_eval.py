@@ -124,14 +124,10 @@ def test_timm_contract(name):
 def test_training_step_generates_all_blocks_kernels_together(monkeypatch):
     """All blocks' kernels come from one stacked call per kernel length (a 14x20 input: two); outputs and
     gradients equal the block-by-block generation."""
-    from stacking import step_with_and_without_stacking
-
-    from s4nd_vision.layers import ssm_kernel
+    from stacking import count_generation_calls, step_with_and_without_stacking
     torch.manual_seed(0)
     model = timm.create_model('s4nd_iso_tiny', in_chans=1)
-    calls = []
-    apply = ssm_kernel._SSMKernelFn.apply
-    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    calls = count_generation_calls(monkeypatch)
     stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 1, 14, 20), calls)
     assert stacked[2] == 2 and per_layer[2] == 2 * len(model.blocks)
 

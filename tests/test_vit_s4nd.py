@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import save_file
-from stacking import step_with_and_without_stacking
+from stacking import count_generation_calls, step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
@@ -190,12 +190,9 @@ def test_bad_input_errors():
 def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode, num_lengths):
     """All blocks' kernels come from one stacked call per kernel length (2d on a 4x6 grid: two);
     outputs and gradients equal the block-by-block generation."""
-    from s4nd_vision.layers import ssm_kernel
     torch.manual_seed(0)
     model = timm.create_model('vit_s4nd_atto_patch16_224', token_layout=mode)
-    calls = []
-    apply = ssm_kernel._SSMKernelFn.apply
-    monkeypatch.setattr(ssm_kernel._SSMKernelFn, 'apply', lambda *a: calls.append(1) or apply(*a))
+    calls = count_generation_calls(monkeypatch)
     stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 3, 64, 96), calls)
     assert stacked[2] == num_lengths and per_layer[2] == len(model.blocks) * num_lengths
     # a backbone (features_only, forward_intermediates) too, with the blocks it runs
