@@ -292,6 +292,30 @@ def test_features_only_checks_its_input_as_the_model(name, shape, message):
             module(torch.randn(shape))
 
 
+def test_a_cut_backbone_takes_inputs_down_to_its_own_reduction():
+    """Stages 0 and 1 reduce by 8: a 16 px input runs (as in timm's plain wrapper), a 4 px one is refused."""
+    features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=(0, 1))
+    assert [tuple(f.shape) for f in features(torch.randn(2, 3, 16, 16))] == [(2, 40, 4, 4), (2, 80, 2, 2)]
+    with pytest.raises(ValueError, match='at least 8'):
+        features(torch.randn(2, 3, 4, 4))
+
+
+def test_meta_device_then_reset_parameters_gives_a_finite_model():
+    """The meta-device recipe (build on meta, `to_empty`, `reset_parameters` of every module that has one) leaves
+    nothing uninitialized: S4ND's D and the blocks' layer scale included."""
+    with torch.device('meta'):
+        model = timm.create_model('convnext_s4nd_atto', img_size=32)
+    model.to_empty(device='cpu')
+    with torch.no_grad():
+        for p in model.parameters():  # (what to_empty hands out is arbitrary memory)
+            p.fill_(float('nan'))
+    for module in model.modules():
+        if hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
 @pytest.mark.parametrize('feature_cls', [None, 'getter'])
 def test_features_only_training_step_stacks_the_kernel_generation(monkeypatch, feature_cls):
     """A backbone, timm's list wrapper (the default) or through forward_intermediates (the 'getter' wrapper), trains

@@ -41,8 +41,16 @@ class ConvNeXtS4NDBlock(nn.Module):
         self.conv_dw = mixer_layer(dim)  # (ConvNeXt's name for its depthwise conv: timm checkpoints map onto it)
         self.norm = LayerNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=get_act_layer(act_layer), **dd)
+        self.ls_init_value = ls_init_value
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim, **dd)) if ls_init_value is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The layer scale back to `ls_init_value` (e.g. after `to_empty` from the meta device; the submodules reset
+        their own parameters)."""
+        if self.gamma is not None:
+            self.gamma.fill_(self.ls_init_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x

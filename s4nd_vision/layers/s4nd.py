@@ -274,7 +274,8 @@ class S4ND(nn.Module):
         """The kernels `prepare_kernels` made for this input (each used once), or None. Also None where other
         saved-tensor hooks are active than where they were made: non-reentrant activation checkpointing around this
         layer (e.g. FSDP's `apply_activation_checkpointing`) recomputes it alone, finding no prepared kernels, so the
-        first pass must generate them too to save the same tensors."""
+        first pass must generate them too to save the same tensors. (Hooks that recompute nothing, e.g. `save_on_cpu`
+        entered per stage, lose the stacking too: no hook says whether it recomputes.)"""
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == (
                 tuple(sizes), self.resolve_rate(sizes, rate), dtype, _saved_tensor_hooks()):

@@ -418,7 +418,9 @@ class ConvNeXtFeatures(FeatureListNet):
         held = set(self.modules())  # (timm keeps the modules up to the last stage asked for)
         # a plain list (not registered): the layers stay in the state dict once, under their stage
         self._s4nd_strides = [(layer, stride) for layer, stride in model._s4nd_layers() if layer in held]
-        self._check_input = partial(check_input, **model._input_checks())
+        # (a backbone cut after an earlier stage runs at sides down to that stage's reduction)
+        checks = dict(model._input_checks(), min_side=self.feature_info.reduction()[-1])
+        self._check_input = partial(check_input, **checks)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         x = self._check_input(x)
