@@ -22,7 +22,6 @@ from ..utils.seeding import seed_all
 __all__ = ['run_sequential_mnist', 'format_table']
 
 
-
 def _normalize(sequence: torch.Tensor) -> torch.Tensor:
     return (sequence - MNIST_MEAN[0]) / MNIST_STD[0]
 
