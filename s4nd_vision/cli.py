@@ -598,7 +598,7 @@ COMMANDS: Dict[str, Command] = {
         """Zero-shot resolution demo on built-in data (no downloads): train at a low resolution, test at higher ones.
 
     s4nd-vision demo                      # isotropic S4ND vs its conv twin, 14 px -> 14/20/28/42 px
-    s4nd-vision demo --setting convnext   # ConvNeXt-S4ND vs ConvNeXt, 64 px -> 64/96/128 px (longer)
+    s4nd-vision demo --setting convnext   # ConvNeXt-S4ND vs ConvNeXt, 64 px -> 64/96/128/256 px (longer)
     s4nd-vision demo --epochs 1 --max-steps-per-epoch 2 --out /tmp/demo   # a quick check of the pipeline
 
 See s4nd_vision.eval.demo.""",

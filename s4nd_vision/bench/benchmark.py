@@ -277,6 +277,8 @@ def bench_models(
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
             models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev, memory_format=memory_format)
+            if not num_frames and hasattr(model, 'set_input_size'):  # (timm's ViTs take their patch grid from it)
+                model.set_input_size(img_size)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
             run = torch.compile(model) if compile else model
             train_steps[key], inferences[key] = _train_step(run, x, amp_dtype), _inference(run, x, amp_dtype)
