@@ -313,6 +313,7 @@ def test_meta_device_then_reset_parameters_gives_a_finite_model():
         if hasattr(module, 'reset_parameters'):
             module.reset_parameters()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.cat([m.D for m in model.modules() if isinstance(m, S4ND)]).std() > 0.5  # D ~ N(0, 1)
     assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
 
 

@@ -677,23 +677,6 @@ def test_separable_conv_refuses_kernels_that_do_not_fit():
         ops.separable_conv(u, [torch.randn(1, 16, 7), torch.randn(1, 16, 11)], proj=(torch.randn(16, 3), None))
 
 
-def test_meta_device_then_reset_parameters_initializes_every_parameter():
-    """The meta-device recipe (build on meta, `to_empty`, `reset_parameters` of every module that has one) leaves no
-    parameter uninitialized: D is drawn as at construction."""
-    with torch.device('meta'):
-        layer = S4ND(6, ndim=2, l_ref=8)
-    layer.to_empty(device='cpu')
-    with torch.no_grad():
-        for p in layer.parameters():  # (what to_empty hands out is arbitrary memory)
-            p.fill_(float('nan'))
-    for module in layer.modules():
-        if hasattr(module, 'reset_parameters'):
-            module.reset_parameters()
-    assert all(torch.isfinite(p).all() for p in layer.parameters())
-    assert layer.D.std() > 0.1
-    assert torch.isfinite(layer(torch.randn(1, 6, 8, 8))).all()
-
-
 def test_copies_and_pickles_leave_the_inference_cache_behind():
     """A deep copy (an EMA model) or a pickled model does not carry the inference cache (operators, tens of MB per
     model); the copy rebuilds it and computes the same."""
