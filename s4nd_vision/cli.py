@@ -116,7 +116,8 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error(f'{flag} needs one entry per model ({len(args.models)}), got {len(values)}')
     if len(set(labels)) != len(labels):
         parser.error('two models share a display name: pass distinct --labels')
-    from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model, weights_num_classes
+    from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
+    from .models._checkpoint import weights_num_classes
     from .utils.model_spec import parse_model_spec
     try:
         specs = [parse_model_spec(spec) for spec in args.models]

@@ -26,12 +26,12 @@ from ..data.images import ImageFolderDataset, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import set_bandlimit
 from ..models import input_size_args
-from ..models._checkpoint import file_num_classes
+from ..models._checkpoint import weights_num_classes
 from .accuracy import topk_hits
 
 __all__ = [
-    'load_model', 'weights_num_classes', 'dataset_num_classes', 'min_input_size', 'check_resolutions',
-    'eval_resolution', 'format_table', 'write_csv', 'plot_accuracy', 'CSV_NAME', 'PLOT_NAME',
+    'load_model', 'dataset_num_classes', 'min_input_size', 'check_resolutions', 'eval_resolution',
+    'format_table', 'write_csv', 'plot_accuracy', 'CSV_NAME', 'PLOT_NAME',
 ]
 
 CSV_NAME = 'accuracy_vs_resolution.csv'
@@ -54,8 +54,8 @@ def load_model(
         name: registered timm model name, or shared weights: 'hf-hub:USER/REPO' or 'local-dir:PATH' (loaded
             as with `pretrained=True`; see s4nd_vision.deploy.hub).
         checkpoint: safetensors or torch file (wrapped state dicts, 'state_dict' / 'model' / EMA, load too).
-        num_classes: classifier outputs; None: those of the checkpoint's classifier (`weights_num_classes`), else the
-            model's default (shared weights: their config's).
+        num_classes: classifier outputs; None: those of the checkpoint's classifier (`weights_num_classes`), else
+            the model's default (shared weights: their config's).
         in_chans: passed to `timm.create_model` when given.
         img_size: the resolution the weights were trained at: this package's models are built for it (their
             S4ND kernels' reference grids, which weight files written by earlier versions do not hold); timm
@@ -92,16 +92,6 @@ def load_model(
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()
-
-
-def weights_num_classes(name: str, checkpoint: Optional[str]) -> Optional[int]:
-    """The classes of the classifier in the weights file `checkpoint` for the registered model `name` (timm drops a
-    file's classifier whose size differs from the model's, so the model is built with it); None without a file,
-    without a classifier in it, or for shared weights ('hf-hub:', 'local-dir:': their config says)."""
-    if checkpoint is None or not os.path.isfile(checkpoint) or not timm.is_model(name):
-        return None
-    classifier = timm.models.get_pretrained_cfg(name).classifier
-    return file_num_classes(checkpoint, classifier) if classifier else None
 
 
 def dataset_num_classes(data: str, split: str = 'validation') -> int:

@@ -157,7 +157,7 @@ class S4ND(nn.Module):
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied (an EMA copy, `torch.save(model)`) without the inference cache or prepared
-        kernels: they are rebuilt on use, and a cache holds operators as large as tens of MB per model."""
+        kernels: both are rebuilt on use, and the cache's convolution operators would only add to every copy."""
         state = super().__getstate__()
         state['_kernel_cache'] = state['_prepared'] = None
         return state

@@ -1,11 +1,13 @@
 """Checkpoint weights for a model: one unwrapping order for every model's filter and for inflation, the
 weight transfer from other architectures (timm's ConvNeXt) and the report of what it did."""
 import logging
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
@@ -15,7 +17,7 @@ from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
     'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
-    'match_state_dict', 'split_input_size', 'stated_img_size', 'file_num_classes',
+    'match_state_dict', 'split_input_size', 'stated_img_size', 'file_num_classes', 'weights_num_classes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -79,6 +81,16 @@ def file_num_classes(path: str, classifier: str) -> Optional[int]:
         weight = unwrap_state_dict(state_dict).get(f'{classifier}.weight')
         shape = None if weight is None else weight.shape
     return None if shape is None else int(shape[0])
+
+
+def weights_num_classes(name: str, path: Optional[str]) -> Optional[int]:
+    """`file_num_classes` of the weights file `path` for the registered timm model `name` (its cfg names the
+    classifier); None without an existing file, without a classifier in it, or for a name timm does not register
+    (shared weights, 'hf-hub:' / 'local-dir:', state their classes in their config)."""
+    if path is None or not os.path.isfile(path) or not timm.is_model(name):
+        return None
+    cfg = timm.models.get_pretrained_cfg(name)
+    return file_num_classes(path, cfg.classifier) if cfg is not None and cfg.classifier else None
 
 
 def _stated_cfgs(kwargs: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:

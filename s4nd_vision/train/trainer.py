@@ -35,7 +35,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..layers import set_bandlimit
-from ..models._checkpoint import file_num_classes
+from ..models._checkpoint import weights_num_classes
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     TrainState,
@@ -214,8 +214,7 @@ class Trainer:
             if not os.path.isfile(mc.pretrained_file):
                 raise ConfigError(f'model.pretrained_file not found: {mc.pretrained_file}')
             overlay = dict(file=mc.pretrained_file)
-            cfg = timm.models.get_pretrained_cfg(mc.name) if timm.is_model(mc.name) else None
-            classes = file_num_classes(mc.pretrained_file, cfg.classifier) if cfg and cfg.classifier else None
+            classes = weights_num_classes(mc.name, mc.pretrained_file)
             if classes is not None:  # timm then keeps the file's classifier where it fits
                 overlay.update(num_classes=classes)
             kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
