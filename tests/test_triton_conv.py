@@ -310,18 +310,25 @@ def test_dispatch_cpu_runs_the_fast_path():
 
 def test_dispatch_cuda_runs_triton_when_available_and_supported(monkeypatch):
     monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
-    assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'triton'
+    assert dispatch.conv_path(CUDA, (128, 384, 14, 14), (1, 1), torch.bfloat16) == 'triton'
+    assert dispatch.conv_path(CUDA, (128, 384, 14, 14), (2, 2), torch.float32) == 'triton'
+    # supported, but measured slower than the fast path (`dispatch.TRITON_FASTER_SIDE`); forcing still runs it
+    assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'fast'
+    assert dispatch.conv_path(CUDA, (128, 192, 28, 28), (2, 2), torch.bfloat16) == 'fast'
+    with dispatch.force_path('triton'):
+        assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'triton'
     assert dispatch.conv_path(CUDA, (128, 32, 224, 224), (4, 4), torch.float32) == 'fast'  # too long for registers
-    assert dispatch.conv_path(CUDA, (8, 96, 16, 56, 56), (2, 1, 1), torch.float32) == 'triton'  # 3D
+    assert dispatch.conv_path(CUDA, (8, 192, 16, 28, 28), (2, 1, 1), torch.float32) == 'triton'  # 3D
+    assert dispatch.conv_path(CUDA, (8, 96, 16, 56, 56), (1, 1, 1), torch.float32) == 'fast'  # 3D, measured slower
     assert dispatch.conv_path(CUDA, (8, 32, 16, 112, 112), (1, 1, 1), torch.float32) == 'fast'  # 3D, too long
     assert dispatch.conv_path(CUDA, (8, 96, 300), (1,), torch.float32) == 'fast'  # 1D
-    assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float64) == 'fast'
-    assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (3, 3), torch.float32) == 'fast'
+    assert dispatch.conv_path(CUDA, (8, 96, 14, 14), (1, 1), torch.float64) == 'fast'
+    assert dispatch.conv_path(CUDA, (8, 96, 14, 14), (3, 3), torch.float32) == 'fast'
 
 
 def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):
     monkeypatch.setattr(dispatch, 'triton_available', lambda: False)
-    assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.float32) == 'fast'
+    assert dispatch.conv_path(CUDA, (128, 384, 14, 14), (1, 1), torch.float32) == 'fast'
     with dispatch.force_path('triton'):
         assert dispatch.conv_path(torch.device('cpu'), (2, 6, 6, 5), (1, 1), torch.float32) == 'fast'
 
@@ -333,7 +340,7 @@ def test_dispatch_while_compiling_exporting_and_tracing(monkeypatch):
     monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
 
     def path_code(x, device=CUDA):
-        path = dispatch.conv_path(device, (128, 96, 56, 56), (1, 1), torch.float32)
+        path = dispatch.conv_path(device, (128, 384, 14, 14), (1, 1), torch.float32)
         return x + dispatch.PATHS.index(path)
 
     assert path_code(torch.zeros(1)).item() == dispatch.PATHS.index('triton')

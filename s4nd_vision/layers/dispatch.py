@@ -3,9 +3,10 @@
 - 'reference': while a graph is captured for export or compilation (`reference.use_reference`): the plain
   real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic; except that torch.compile
   on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
-- 'triton': on CUDA, when Triton imports and the input is supported (`triton_conv.supported`: 2D or 3D, H and
-  W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16): the fused channels-last kernels (3D: the
-  time axis, then each frame's fused 2D convolution).
+- 'triton': on CUDA, when Triton imports, the input is supported (`triton_conv.supported`: 2D or 3D, H and
+  W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16) and its sides are at most
+  `TRITON_FASTER_SIDE` (where an H200 measured the fused kernels faster than the fast path, see below): the fused
+  channels-last kernels (3D: the time axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D float32 input in channels-last memory, without pooling,
   with sides up to `ops.DEPTHWISE_MAX_LEN`: `ops.DepthwiseConv2d`, two depthwise convolutions per rank-1 term
   that read and write channels-last data (no transposing copies).
@@ -34,6 +35,11 @@ from .ssm_kernel import SSMKernel, ssm_kernels
 __all__ = ['PATHS', 'conv_path', 'force_path', 'generate_two_sided', 'triton_available']
 
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
+# The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default. `gpu_check`'s layer
+# benchmark on an H200 (commit feaa13b, batch 128, forward+backward, ms; README): 2D, bf16, sides 56/28/14/7:
+# Triton 25.8/11.7/6.7/4.4, fast path 8.7/7.5/6.9/6.7; float32 25.2/12.1/5.8/4.6 against 7.0/7.6/7.3/5.8. 3D
+# (8 frames, bf16 autocast) 56/28/14/7: 15.4/8.4/6.1/5.6 against 11.3/12.3/10.7/9.8.
+TRITON_FASTER_SIDE = {2: 16, 3: 32}
 _FORCED_PATH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('s4nd_forced_path', default=None)
 
 
@@ -77,7 +83,7 @@ def conv_path(
     if forced is not None:
         return forced if forced == 'fast' or _triton_supports(shape, pools, dtype) else 'fast'
     device_type = torch.device(device).type
-    if device_type == 'cuda' and _triton_supports(shape, pools, dtype):
+    if device_type == 'cuda' and _triton_faster(shape) and _triton_supports(shape, pools, dtype):
         return 'triton'
     if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and len(shape) == 4
             and dtype == torch.float32 and all(p == 1 for p in pools) and max(shape[2:]) <= DEPTHWISE_MAX_LEN):
@@ -91,7 +97,7 @@ def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence
     if not _compiling_not_exporting():
         return False
     forced = _FORCED_PATH.get()
-    wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda')
+    wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda' and _triton_faster(shape))
     return wanted and _triton_supports(shape, pools, dtype)
 
 
@@ -99,6 +105,13 @@ def _compiling_not_exporting() -> bool:
     """Whether torch.compile is capturing a graph (not torch.export or the ONNX exporter, which need the portable
     reference)."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
+
+
+def _triton_faster(shape: Sequence[int]) -> bool:
+    """Whether the fused kernels beat the fast path on an input of `shape` (B, C, *spatial): sides up to
+    `TRITON_FASTER_SIDE` (measured, see there)."""
+    side = TRITON_FASTER_SIDE.get(len(shape) - 2)
+    return side is not None and max(shape[-2:]) <= side
 
 
 def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
