@@ -464,6 +464,27 @@ def test_dispatch_rejects_unknown_forced_path():
     assert dispatch.conv_path(CUDA, (8, 96, 56, 56), (1, 1), torch.float64) == 'fast'  # nothing left forced
 
 
+def test_forced_choices_under_compile_follow_their_context():
+    """`force_path` and `ops.conv_algorithm` inside a graph torch.compile captures (fullgraph): the graph takes the
+    forced value and is recompiled when the context forces another (dynamo guards on the mirror that compiled
+    code reads instead of the ContextVar, which dynamo before torch 2.14 cannot trace); nested contexts restore
+    the outer value, in eager code and compiled."""
+    def code(x):
+        path, algorithm = dispatch._FORCED_PATH.get(), ops._FORCED_ALGORITHM.get()
+        return x + (dispatch.PATHS.index(path) if path else -1) + 10 * ops.ALGORITHMS.index(algorithm or 'fft')
+
+    compiled = torch.compile(code, fullgraph=True, backend='eager')
+    x = torch.zeros(1)
+    assert compiled(x).item() == 9
+    with dispatch.force_path('fast'):
+        assert compiled(x).item() == code(x).item() == 10 + 3
+        with dispatch.force_path('triton'), ops.conv_algorithm('toeplitz'):
+            assert compiled(x).item() == code(x).item() == 1
+        assert compiled(x).item() == code(x).item() == 13
+    assert compiled(x).item() == code(x).item() == 9
+    assert dispatch._FORCED_PATH.value is None and ops._FORCED_ALGORITHM.value is None
+
+
 def test_s4nd_layer_on_cpu_never_imports_triton_path(monkeypatch):
     """On the CPU the layer's result is the fast path's, bit for bit (the dispatch changes nothing there)."""
     monkeypatch.setattr(dispatch, 'triton_available', lambda: True)

@@ -20,7 +20,6 @@ Model files call `S4ND` and never choose; a `force_path('triton' | 'fast')` cont
 graph capture (tests, benchmarks); 'triton' still falls back to 'fast' for an unsupported input.
 """
 import contextlib
-import contextvars
 import functools
 import sys
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -28,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .ops import DEPTHWISE_MAX_LEN, two_sided_kernel
+from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, two_sided_kernel
 from .reference import use_reference
 from .ssm_kernel import SSMKernel, ssm_kernels
 
@@ -40,7 +39,7 @@ PATHS = ('reference', 'triton', 'depthwise', 'fast')
 # Triton 25.8/11.7/6.7/4.4, fast path 8.7/7.5/6.9/6.7; float32 25.2/12.1/5.8/4.6 against 7.0/7.6/7.3/5.8. 3D
 # (8 frames, bf16 autocast) 56/28/14/7: 15.4/8.4/6.1/5.6 against 11.3/12.3/10.7/9.8.
 TRITON_FASTER_SIDE = {2: 16, 3: 32}
-_FORCED_PATH: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('s4nd_forced_path', default=None)
+_FORCED_PATH = ForcedChoice('s4nd_forced_path')
 
 
 @contextlib.contextmanager
@@ -49,11 +48,8 @@ def force_path(path: Optional[str]) -> Iterator[None]:
     (None: the rule of `conv_path`); 'triton' still falls back to 'fast' for an unsupported input."""
     if path not in (None, 'triton', 'fast'):
         raise ValueError(f"path must be 'triton', 'fast' or None, got {path!r}")
-    token = _FORCED_PATH.set(path)
-    try:
+    with _FORCED_PATH.forced(path):
         yield
-    finally:
-        _FORCED_PATH.reset(token)
 
 
 @functools.lru_cache(maxsize=None)

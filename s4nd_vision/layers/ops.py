@@ -32,7 +32,34 @@ TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
 DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side, no pooling
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
-_FORCED_ALGORITHM: ContextVar[Optional[str]] = ContextVar('s4nd_conv_algorithm', default=None)
+
+
+class ForcedChoice:
+    """A choice forced within a context (`forced(value)`), None outside any. Eager code reads it from a
+    ContextVar (per thread and asyncio task); code that torch.compile captures reads a process-wide mirror,
+    which dynamo guards on (a graph captured under one value is recompiled under another), since dynamo before
+    torch 2.14 cannot trace `ContextVar.get` (a graph break in every S4ND layer: `fullgraph=True` fails). Threads
+    that force different values while compiling may see each other's."""
+
+    def __init__(self, name: str):
+        self._var: ContextVar[Optional[str]] = ContextVar(name, default=None)
+        self.value: Optional[str] = None  # the mirror: the value of the innermost context entered last
+
+    @contextlib.contextmanager
+    def forced(self, value: Optional[str]) -> Iterator[None]:
+        token, previous = self._var.set(value), self.value
+        self.value = value
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+            self.value = previous
+
+    def get(self) -> Optional[str]:
+        return self.value if torch.compiler.is_compiling() else self._var.get()
+
+
+_FORCED_ALGORITHM = ForcedChoice('s4nd_conv_algorithm')
 
 
 @contextlib.contextmanager
@@ -41,11 +68,8 @@ def conv_algorithm(algorithm: Optional[str]) -> Iterator[None]:
     `choose_algorithm`), e.g. to compare or count the two. A backward pass uses the algorithms of its forward."""
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f'algorithm must be one of {ALGORITHMS} or None, got {algorithm!r}')
-    token = _FORCED_ALGORITHM.set(algorithm)
-    try:
+    with _FORCED_ALGORITHM.forced(algorithm):
         yield
-    finally:
-        _FORCED_ALGORITHM.reset(token)
 
 
 def choose_algorithm(n: int, rows: int) -> str:
