@@ -9,6 +9,13 @@ from s4nd_vision.cli import tool_main
 from s4nd_vision.layers import ops
 
 
+def _correctness_checks(plan) -> int:
+    """The checks of `plan`'s correctness section: conv cases (all with sides up to DOT_SIDE) in two dtypes with
+    both algorithms, custom op, generation, two layers and every fast case with each algorithm, in fp32 and
+    bf16."""
+    return 4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
+
+
 def test_every_section_runs_and_reports(tmp_path):
     path = tmp_path / 'gpu_check.json'
     sections = [s for s in gpu_check.SECTIONS if s != 'compiled']  # compiled: the same code, compile=True
@@ -18,24 +25,24 @@ def test_every_section_runs_and_reports(tmp_path):
     assert results['plan']['batch'] == gpu_check.TINY.batch and 'commit' in results and 'triton' in results
     plan = gpu_check.TINY
     checks = results['correctness']
-    # (conv cases in two dtypes, custom op, generation, two layers and every fast case with each algorithm, in fp32
-    # and bf16)
-    fast = 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
-    assert len(checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + fast
+    assert len(checks) == _correctness_checks(plan)
+    assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     assert all(c['ok'] for c in checks)
     assert any('triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
     assert any('fast path' in c['check'] for c in checks)
-    assert sum(c['check'].startswith('conv3d') for c in checks) == 2 * len(plan.conv3d_cases)
+    assert sum(c['check'].startswith('conv3d') for c in checks) == 4 * len(plan.conv3d_cases)
     image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
     assert [r['case'] for r in results['bench']] == image_rows + [
         f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
+    assert [r.get('dot_ratio', 0) > 0 for r in results['bench']] == [True, True, False]  # 2D only
     assert [r['model'] for r in results['profile']] == list(plan.profile_models)
     assert all('Name' in r['top_operators'] for r in results['profile'])
     assert all(r['step_ms'] > 0 and r['profiled_step_ms'] > 0 for r in results['profile'])
     cases = [r['case'] for r in results['models']]
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
-    assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
+    assert cases[1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
+    assert cases[2:] == cases[:2] and [r.get('algorithm') for r in results['models']] == [None, None, 'dot', 'dot']
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
 
@@ -109,9 +116,7 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
 def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):
     results = gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', isolate=True)
     assert results['ok'] and results['crashed'] == [] and results['path'] is None
-    tiny = gpu_check.TINY
-    fast = 2 * len(tiny.fast_cases) * len(ops.ALGORITHMS)
-    assert len(results['correctness']) == 2 * (len(tiny.conv_cases) + len(tiny.conv3d_cases)) + 6 + fast
+    assert len(results['correctness']) == _correctness_checks(gpu_check.TINY)
 
 
 def test_device_activity_counts_kernels_and_the_union_of_busy_time():

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = {'_conv_kernel', '_kernel_grad_kernel', '_axis_kernel', '_axis_grad_kernel', '_vandermonde_fwd',
-           '_vandermonde_bwd', '_discretize_fwd', '_discretize_bwd'}
+KERNELS = {'_conv_kernel', '_kernel_grad_kernel', '_axis_kernel', '_axis_grad_kernel', '_dot_conv_kernel',
+           '_dot_grad_kernel', '_vandermonde_fwd', '_vandermonde_bwd', '_discretize_fwd', '_discretize_bwd'}
 
 
 @pytest.mark.parametrize('arch', [90, 80])

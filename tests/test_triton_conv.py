@@ -70,6 +70,64 @@ def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, 
         assert _rel(a, r) < 1e-5, (name, _rel(a, r))
 
 
+@pytest.mark.parametrize('b,h,w,c,rank,pools,skip', [
+    (2, 5, 4, 6, 1, (1, 1), True),  # odd sizes, channels not a power of two
+    (2, 5, 5, 19, 2, (2, 2), True),  # rank 2, pooled with a dropped remainder, two channel blocks
+    (1, 8, 4, 3, 1, (4, 1), False),  # pool 4 on one axis, no skip
+    (1, 16, 16, 4, 1, (2, 4), True),  # the largest side, pooled unequally
+])
+def test_dot_algorithm_equals_reference(b, h, w, c, rank, pools, skip):
+    """The tensor-core formulation (`fused_algorithm('dot')`: per-channel Toeplitz matrix products, the taps'
+    gradients as diagonal sums) against the float64 reference: fp32 (three TF32 products on a GPU) and bf16."""
+    tensors = _inputs(b, h, w, c, rank, skip)
+    grad_out = torch.randn((b, h // pools[0], w // pools[1], c), dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1))
+    y_ref, g_ref = _grads(lambda x, kh, kw, d: _reference(x, kh, kw, d, pools), tensors, grad_out)
+    with triton_conv.fused_algorithm('dot'):
+        y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
+                      [t.float() if t is not None else None for t in tensors], grad_out)
+        y16, g16 = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
+                          [tensors[0].bfloat16()] + [t.float() if t is not None else None for t in tensors[1:]],
+                          grad_out)
+    assert y.dtype == torch.float32 and y16.dtype == torch.bfloat16 and y.shape == y_ref.shape
+    assert _rel(y, y_ref) < 1e-5, _rel(y, y_ref)
+    assert _rel(y16, _reference(tensors[0].bfloat16().double(), *tensors[1:], pools)) < 1e-2
+    for name, a, a16, r in zip(['x', 'kh', 'kw', 'D'], g, g16, g_ref):
+        assert a.dtype == torch.float32, name
+        assert _rel(a, r) < 1e-5, (name, _rel(a, r))
+        assert _rel(a16, r) < 2e-2, (name, _rel(a16, r))
+
+
+def test_dot_algorithm_runs_its_kernels_up_to_its_side(monkeypatch):
+    """'dot' launches the tensor-core kernels for sides up to DOT_SIDE and the sums beyond; 'sum' (the default)
+    never launches them."""
+    calls = []
+    for name in ('_dot_conv_kernel', '_dot_grad_kernel', '_conv_kernel', '_kernel_grad_kernel'):
+        kernel = getattr(triton_conv, name)
+        monkeypatch.setattr(triton_conv, name, _Counting(kernel, name, calls))
+    dot, sums = ['_dot_conv_kernel', '_dot_conv_kernel', '_dot_grad_kernel'], ['_conv_kernel', '_conv_kernel',
+                                                                               '_kernel_grad_kernel']
+    for side, algorithm, expected in ((16, 'dot', dot), (17, 'dot', sums), (8, None, sums), (8, 'sum', sums)):
+        calls.clear()
+        x, kh, kw, d = [t.float() if t is not None else None for t in _inputs(1, side, 3, 2, 1, True)]
+        x.requires_grad_()
+        with triton_conv.fused_algorithm(algorithm):
+            triton_conv.separable_conv2d_cl(x, (kh, kw), (1, 1), d).sum().backward()
+        assert calls == expected, (side, algorithm, calls)  # forward, then the input and the kernel gradients
+    with pytest.raises(ValueError, match='algorithm must be one of'):
+        with triton_conv.fused_algorithm('fft'):
+            pass
+
+
+class _Counting:
+    def __init__(self, kernel, name, calls):
+        self.kernel, self.name, self.calls = kernel, name, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.kernel[grid]
+
+
 def test_triton_conv_reads_a_strided_skip_and_sums_ranks_in_fp32():
     """D may be a strided view (e.g. a parameter loaded with assign=True); a 16-bit output of several rank-1
     terms is rounded once (their partial sums are float32), as one rounding of the exact result."""
@@ -107,7 +165,8 @@ def test_triton_conv_bf16_input_accumulates_in_fp32():
 
 def test_triton_conv_custom_op_traces_in_compile_fullgraph():
     x, kh, kw, d = [t.float() for t in _inputs(1, 2, 3, 2, 1, True, seed=4)]
-    torch.library.opcheck(triton_conv._conv_op, (x, kh, kw, d, 2, 1))
+    for dot in (False, True):
+        torch.library.opcheck(triton_conv._conv_op, (x, kh, kw, d, 2, 1, dot))
 
     def step(x, kh, kw, d):
         return (triton_conv.separable_conv2d_cl(x, (kh, kw), (2, 1), d) * 2).sum()
@@ -143,9 +202,11 @@ def _reference3d(x, kt, kh, kw, skip, pools):
     (1, 5, 4, 4, 3, 2, (2, 2, 1), True),  # rank 2, time pooled with a dropped remainder
     (2, 4, 3, 5, 5, 1, (4, 1, 1), False),  # pool 4 on the time axis, no skip
 ])
-def test_triton_conv3d_equals_reference_fp32(b, t, h, w, c, rank, pools, skip, monkeypatch):
-    """The 3D composition (time axis kernel, then the fused 2D kernel per frame, skip by PyTorch ops): outputs and
-    every gradient against float64; small plane chunks so that the tap gradient sums several programs' slices."""
+@pytest.mark.parametrize('algorithm', ['sum', 'dot'])
+def test_triton_conv3d_equals_reference_fp32(b, t, h, w, c, rank, pools, skip, algorithm, monkeypatch):
+    """The 3D composition (time axis kernel, then the fused 2D kernel per frame, by either algorithm, skip by
+    PyTorch ops): outputs and every gradient against float64; small plane chunks so that the tap gradient sums
+    several programs' slices."""
     monkeypatch.setattr(triton_conv, 'AXIS_BLOCK_S', 4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, t, h, w, c, generator=gen, dtype=torch.float64)
@@ -155,8 +216,9 @@ def test_triton_conv3d_equals_reference_fp32(b, t, h, w, c, rank, pools, skip, m
     y_ref = _reference3d(*tensors, pools)
     grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=gen)
     y_ref, g_ref = _grads(lambda x, kt, kh, kw, d: _reference3d(x, kt, kh, kw, d, pools), tensors, grad_out)
-    y, g = _grads(lambda x, kt, kh, kw, d: triton_conv.separable_conv3d_cl(x, (kt, kh, kw), pools, d),
-                  [v.float() if v is not None else None for v in tensors], grad_out)
+    with triton_conv.fused_algorithm(algorithm):
+        y, g = _grads(lambda x, kt, kh, kw, d: triton_conv.separable_conv3d_cl(x, (kt, kh, kw), pools, d),
+                      [v.float() if v is not None else None for v in tensors], grad_out)
     assert y.dtype == torch.float32 and y.shape == (b, t // pools[0], h // pools[1], w // pools[2], c)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
     assert len(g) == len(g_ref) == (5 if skip else 4)

@@ -34,6 +34,7 @@ from s4nd_vision.layers.ssm_kernel import SSMKernel  # noqa: E402
 KERNELS = {
     (triton_conv, '_conv_kernel'), (triton_conv, '_kernel_grad_kernel'),
     (triton_conv, '_axis_kernel'), (triton_conv, '_axis_grad_kernel'),
+    (triton_conv, '_dot_conv_kernel'), (triton_conv, '_dot_grad_kernel'),
     (triton_kernels, '_vandermonde_fwd'), (triton_kernels, '_vandermonde_bwd'),
     (triton_kernels, '_discretize_fwd'), (triton_kernels, '_discretize_bwd'),
 }
@@ -103,6 +104,15 @@ def record_launches() -> list:
         kw = torch.zeros(1, c, 2 * w - 1, requires_grad=True)
         skip = torch.zeros(c, requires_grad=True)
         triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
+    with triton_conv.fused_algorithm('dot'):  # the tensor-core candidate at its sides, three dtypes, pooled
+        for (b, h, w, c), pools, dtype, rank in (((2, 14, 14, 384), (1, 1), torch.bfloat16, 1),
+                                                 ((2, 7, 7, 768), (1, 1), torch.float32, 2),
+                                                 ((2, 14, 14, 384), (2, 2), torch.float16, 1)):
+            x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
+            kh = torch.zeros(rank, c, 2 * h - 1, requires_grad=True)
+            kw = torch.zeros(rank, c, 2 * w - 1, requires_grad=True)
+            skip = torch.zeros(c, requires_grad=True)
+            triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
     for pools, dtype in (((1, 1, 1), torch.bfloat16), ((2, 2, 2), torch.float32)):  # clips: the time axis
         x = torch.zeros(2, 8, 28, 28, 192, dtype=dtype, requires_grad=True)
         kernels = [torch.zeros(1, 192, 2 * n - 1, requires_grad=True) for n in (8, 28, 28)]
@@ -129,7 +139,8 @@ def main() -> int:
             continue
         seen.add(key)
         options = {k: kwargs[k] for k in ('num_warps', 'num_stages') if k in kwargs}
-        report = {'kernel': name, 'arch': args.arch, 'constexprs': constexprs,
+        shown = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in constexprs.items()}  # dtypes
+        report = {'kernel': name, 'arch': args.arch, 'constexprs': shown,
                   'dtypes': sorted({t for t in signature.values() if t.startswith('*')})}
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

@@ -158,8 +158,9 @@ class _Checks:
 
 def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """The fused convolution (2D, and 3D: time axis then 2D per frame) against float64 on the CPU: output and
-    every gradient, fp32 and bf16."""
-    from ..layers.triton_conv import separable_conv2d_cl, separable_conv3d_cl
+    every gradient, fp32 and bf16; also with the tensor-core algorithm (`fused_algorithm('dot')`) where it
+    applies (sides up to `DOT_SIDE`)."""
+    from ..layers.triton_conv import DOT_SIDE, fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
     for b, h, w, c, rank, pools in plan.conv_cases:
         torch.manual_seed(0)
         x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
@@ -169,13 +170,15 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
         y_ref = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, d).permute(1, 2, 3, 0)
         grad = torch.randn_like(y_ref)
         ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-            inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
-            inputs = [t.requires_grad_() for t in inputs]
-            y = separable_conv2d_cl(inputs[0], (inputs[1], inputs[2]), pools, inputs[3])
-            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
-            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
-            checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}', errors, limit)
+        for algorithm in ('sum', 'dot') if max(h, w) <= DOT_SIDE else ('sum',):
+            for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+                inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
+                inputs = [t.requires_grad_() for t in inputs]
+                with fused_algorithm(algorithm):
+                    y = separable_conv2d_cl(inputs[0], (inputs[1], inputs[2]), pools, inputs[3])
+                out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+                errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
+                checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]} {algorithm}', errors, limit)
     for b, t, h, w, c, rank, pools in plan.conv3d_cases:
         torch.manual_seed(0)
         x, d = torch.randn(b, t, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
@@ -185,13 +188,16 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
         y_ref = y_ref.permute(1, 2, 3, 4, 0)
         grad = torch.randn_like(y_ref)
         ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-            inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
-            inputs = [v.requires_grad_() for v in inputs]
-            y = separable_conv3d_cl(inputs[0], inputs[1:4], pools, inputs[4])
-            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
-            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkt', 'dkh', 'dkw', 'dD'), out, ref)}
-            checks.add(f'conv3d {b}x{t}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}', errors, limit)
+        for algorithm in ('sum', 'dot') if max(h, w) <= DOT_SIDE else ('sum',):
+            for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+                inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
+                inputs = [v.requires_grad_() for v in inputs]
+                with fused_algorithm(algorithm):
+                    y = separable_conv3d_cl(inputs[0], inputs[1:4], pools, inputs[4])
+                out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+                errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkt', 'dkh', 'dkw', 'dD'), out, ref)}
+                checks.add(f'conv3d {b}x{t}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]} {algorithm}', errors,
+                           limit)
     b, h, w, c = plan.conv_cases[0][:4]
     x = torch.randn(b, h, w, c, device=device, dtype=torch.bfloat16)
     kh, kw = torch.randn(1, c, 2 * h - 1, device=device), torch.randn(1, c, 2 * w - 1, device=device)
@@ -271,16 +277,31 @@ def _check_layer(device: torch.device, checks: _Checks, path: str, b: int, c: in
     checks.add('  same, bf16 autocast', {'y': _rel(y16.float(), y_ref)}, 3e-2)
 
 
+def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
+    """`fn` run with the fused convolution's `algorithm` (`triton_conv.fused_algorithm`)."""
+    from ..layers.triton_conv import fused_algorithm
+
+    def run(*args, **kwargs):
+        with fused_algorithm(algorithm):
+            return fn(*args, **kwargs)
+    return run
+
+
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int) -> dict:
-    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton and the fast path and of the baseline
+    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path (its tensor-core algorithm too,
+    'dot', where it applies: 2D, sides up to `triton_conv.DOT_SIDE`) and the fast path and of the baseline
     depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
+    from ..layers.triton_conv import DOT_SIDE
     fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton'),
            'fast': _fwd_bwd(s4nd, x, amp, 'fast')}
+    if x.ndim == 4 and max(x.shape[2:]) <= DOT_SIDE:
+        fns['dot'] = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
-               triton_ratio=t['triton'] / t['dwconv'], fast_ratio=t['fast'] / t['dwconv'])
+               **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'})
+    dot = f'  triton dot {t["dot"]:.2f} ({row["dot_ratio"]:.2f}x)' if 'dot' in t else ''
     print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} ({row["triton_ratio"]:.2f}x)  '
-          f'fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+          f'fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x){dot}', flush=True)
     return row
 
 
@@ -386,14 +407,22 @@ def _bench_video_pair(plan: Plan, device: torch.device) -> dict:
 
 def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], dict]]:
     """The rows of a measuring section, each a call that returns one row."""
-    if section == 'models':
-        return [partial(_bench_pair, plan, device, pair) for pair in plan.image_pairs] + [
+    if section == 'models':  # the dispatch's choice, then with the tensor-core algorithm where it applies
+        jobs = [partial(_bench_pair, plan, device, pair) for pair in plan.image_pairs] + [
             partial(_bench_video_pair, plan, device)]
+        return jobs + [_labelled(_with_algorithm(job, 'dot'), algorithm='dot') for job in jobs]
     if section == 'bench':
         return layer_jobs(plan, device)
     if section == 'profile':
         return [partial(_profile_model, plan, device, name) for name in plan.profile_models]
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
+
+
+def _labelled(job: Callable[[], dict], **labels) -> Callable[[], dict]:
+    """`job` whose row carries `labels` too."""
+    def run(**kwargs) -> dict:
+        return dict(job(**kwargs), **labels)
+    return run
 
 
 def _commit() -> Optional[str]:

@@ -21,19 +21,30 @@ channel block) that recomputes its rows' H-axis results and adds each tap gradie
 of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 
+The tensor-core candidate ('dot', `fused_algorithm`, sides up to `DOT_SIDE`): the same products as matrix
+products per channel, y[c] = sum_r A_r[c] x[c] B_r[c]^T with each image's plane of a channel one padded
+(DOT_SIDE, DOT_SIDE) matrix and a block of channels the batch of 3D dots (fp32 as three TF32 products, 16-bit
+inputs in their own dtype), the rank terms summed in registers; backward, the input gradient by the transposed
+operators and the taps' gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g (one
+product with a 0/1 matrix each). It runs where the 'sum' kernels are weakest (their reductions across threads
+and gathered tap loads; an H200 measured them at 3-15x a depthwise conv) and has not run on a GPU yet:
+`gpu_check` measures it beside them, and `DEFAULT_KERNEL_ALGORITHM` stays 'sum' until it has.
+
 3D (clips, (B, T, H, W, C)): per rank-1 term, `_axis_kernel` convolves (and pools) the time axis, writing its
 result once, and the 2D kernels above then treat every frame as an image; the skip term is added by PyTorch ops.
 The time axis' tap gradient reduces over each image's plane in a few chunks (`_axis_grad_kernel`).
 """
-from typing import Optional, Tuple
+import contextlib
+import os
+from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .ops import _avg_pool_axis
+from .ops import ForcedChoice, _avg_pool_axis
 
-__all__ = ['separable_conv2d_cl', 'separable_conv3d_cl', 'supported']
+__all__ = ['separable_conv2d_cl', 'separable_conv3d_cl', 'supported', 'fused_algorithm', 'KERNEL_ALGORITHMS']
 
 MAX_SIDE = 64  # rows of W (padded to a power of two) x BLOCK_C channels live in registers
 CONV_TILE = 8192  # fp32 accumulator values per program of the convolution (ROWS x BLOCK_IN x BLOCK_C)
@@ -280,16 +291,199 @@ def _axis_grad_kernel(
                 tl.store(dk_base + idx, old + val / P, mask=c_ok)
 
 
+# ----- the same convolution on tensor cores, for sides up to DOT_SIDE (a candidate until a GPU measures it) -----
+
+DOT_SIDE = 16  # the padded side of the per-channel (DOT_SIDE x DOT_SIDE) matrices; also tl.dot's smallest size
+DOT_BLOCK_C = 8  # channels per program: the batch dimension of its 3D dots
+DOT_WARPS = 8
+KERNEL_ALGORITHMS = ('sum', 'dot')
+DEFAULT_KERNEL_ALGORITHM = 'sum'  # measured (README); 'dot' has not run on a GPU yet
+
+
+@triton.jit
+def _toeplitz(k_ptr, c, c_ok, row, col, n, P: tl.constexpr, TRANSPOSE: tl.constexpr, mask):
+    """(BLOCK_C, S, S) fp32 operator of one axis: TRANSPOSE=False, [c, i, a] = (1 / P) sum_{s < P}
+    k[c, i P + s - a + n - 1] (rows i: outputs, columns a: inputs); TRANSPOSE=True, its transpose [c, a, i]
+    (`row` a, `col` i). `k_ptr` points at one rank term, `c` (BLOCK_C, 1, 1) holds channel offsets of k."""
+    full = mask & c_ok
+    op = tl.zeros(full.shape, dtype=tl.float32)
+    for s in tl.static_range(P):
+        if TRANSPOSE:
+            idx = col * P + s - row + n - 1
+        else:
+            idx = row * P + s - col + n - 1
+        op += tl.load(k_ptr + c + idx, mask=full, other=0.0).to(tl.float32)
+    return op / P
+
+
+@triton.jit
+def _pooling(row, col, n_out, P: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """(1, S, S) fp32 average-pooling operator of one axis: [i, a] = 1 / P where a // P == i < n_out
+    (TRANSPOSE: its transpose, [a, i])."""
+    if TRANSPOSE:
+        hit = (row // P == col) & (col < n_out)
+    else:
+        hit = (col // P == row) & (row < n_out)
+    return tl.where(hit, 1.0 / P, 0.0)
+
+
+@triton.jit
+def _dot_conv_kernel(
+        x_ptr, kh_ptr, kw_ptr, d_ptr, y_ptr,
+        C, H, W, HO, WO, R,
+        sxb, sxh, sxw, sxc, syb, syh, syw, syc,
+        skr, skc, skwr, skwc,
+        PH: tl.constexpr, PW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_SKIP: tl.constexpr,
+        S: tl.constexpr, BLOCK_C: tl.constexpr, OPERANDS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """`_conv_kernel` as matrix products per channel: y[c] = sum_r A_r[c] x[c] B_r[c]^T (+ D[c] pool(x[c])), each
+    image's (H, W) plane of a channel a padded (S, S) matrix and the channels of a program the batch of 3D dots
+    (TRANSPOSE: the input gradient A_r^T g B_r). One program per (image, channel block): it reads its input once,
+    builds the Toeplitz operators from the taps (gathered from the small kernels, L1-resident) and writes its
+    output once, all in registers."""
+    b = tl.program_id(0)
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[:, None, None]
+    c_ok = c < C
+    m = tl.arange(0, S)[None, :, None]
+    n = tl.arange(0, S)[None, None, :]
+    if TRANSPOSE:
+        rows_out, rows_in, cols_in, cols_out = H, HO, WO, W
+    else:
+        rows_out, rows_in, cols_in, cols_out = HO, H, W, WO
+    inp = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=c_ok & (m < rows_in) & (n < cols_in),
+                  other=0.0).to(OPERANDS)
+    left_mask = (m < rows_out) & (n < rows_in)  # [., i, a]: output row i, input row a
+    right_mask = (m < cols_in) & (n < cols_out)  # [., v, j]: input column v, output column j
+    acc = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
+    for r in range(R):
+        left = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, TRANSPOSE, left_mask)
+        # the right operator is B^T ([v, j] = B[j, v]): the transposed Toeplitz of the forward, and vice versa
+        right = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, TRANSPOSE, right_mask)
+        z = tl.dot(left.to(OPERANDS), inp, input_precision=PRECISION)
+        acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
+    if HAS_SKIP:
+        d = tl.load(d_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        left = tl.broadcast_to(_pooling(m, n, HO, PH, TRANSPOSE), [BLOCK_C, S, S]) * d
+        right = tl.broadcast_to(_pooling(n, m, WO, PW, TRANSPOSE), [BLOCK_C, S, S])
+        z = tl.dot(left.to(OPERANDS), inp, input_precision=PRECISION)
+        acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
+    tl.store(y_ptr + b * syb + m * syh + n * syw + c * syc, acc.to(y_ptr.dtype.element_ty),
+             mask=c_ok & (m < rows_out) & (n < cols_out))
+
+
+@triton.jit
+def _diagonal_sums(mat, n, P: tl.constexpr, S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
+    """(BLOCK_C, TAPS) fp32: tap o of an axis of n inputs gets (1 / P) sum of mat[c, i, a] (rows i: outputs,
+    columns a: inputs) over i P + s - a + n - 1 = o, s < P: the gradient of the taps given that of the
+    Toeplitz operator, as one product with a 0/1 matrix (exact in any precision of the product)."""
+    k = tl.arange(0, S * S)[:, None]
+    o = tl.arange(0, TAPS)[None, :]
+    hits = tl.zeros([S * S, TAPS], dtype=tl.float32)
+    for s in tl.static_range(P):
+        hits += tl.where((k // S) * P + s - k % S + n - 1 == o, 1.0, 0.0)
+    return tl.dot(tl.reshape(mat, [BLOCK_C, S * S]), hits, input_precision='ieee') / P
+
+
+@triton.jit
+def _dot_grad_kernel(
+        x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
+        C, H, W, HO, WO, R,
+        sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
+        skr, skc, skwr, skwc,
+        PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
+        S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """`_kernel_grad_kernel` as matrix products: per rank term, the gradients of the operators,
+    dA = g (x B^T)^T and dB^T = (A x)^T g, then their diagonal sums (`_diagonal_sums`) into this image's fp32
+    slices of dkh (B, R, C, 2H - 1) and dkw (B, R, C, 2W - 1), and dD (B, C) (the caller sums over images).
+    One program per (image, channel block), which reads x and g once."""
+    b = tl.program_id(0)
+    c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c1[:, None, None]
+    c_ok = c < C
+    m = tl.arange(0, S)[None, :, None]
+    n = tl.arange(0, S)[None, None, :]
+    x = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=c_ok & (m < H) & (n < W), other=0.0)
+    g = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=c_ok & (m < HO) & (n < WO), other=0.0)
+    x32 = x.to(tl.float32)
+    g32 = g.to(tl.float32)
+    o = tl.arange(0, TAPS)[None, :]
+    n_h = 2 * H - 1
+    n_w = 2 * W - 1
+    for r in range(R):
+        a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, False, (m < HO) & (n < H))  # [i, a]
+        bt_op = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, False, (m < W) & (n < WO))  # [v, j]
+        xb = tl.dot(x32, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
+        da = tl.dot(g32, tl.permute(xb, (0, 2, 1)), input_precision=PRECISION)  # [i, a]
+        ax = tl.dot(a_op, x32, input_precision=PRECISION)  # A x: [i, v]
+        dbt = tl.dot(tl.permute(ax, (0, 2, 1)), g32, input_precision=PRECISION)  # [v, j]
+        dkh = _diagonal_sums(da, H, PH, S, BLOCK_C, TAPS)
+        # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
+        dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), W, PW, S, BLOCK_C, TAPS)
+        tl.store(dkh_ptr + ((b * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
+        tl.store(dkw_ptr + ((b * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
+    if HAS_SKIP:  # dD[c] = sum g pool(x)
+        left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
+        right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
+        pooled = tl.dot(tl.dot(left, x32, input_precision=PRECISION), right, input_precision=PRECISION)
+        dd = tl.sum(tl.sum(g32 * pooled, axis=2), axis=1)
+        tl.store(dd_ptr + b * C + c1, dd, mask=c1 < C)
+
+
+_ALGORITHM = ForcedChoice('s4nd_fused_algorithm')
+
+
+@contextlib.contextmanager
+def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
+    """Within this context the fused 2D convolution runs `algorithm`: 'sum' (`_conv_kernel`, sums on CUDA cores)
+    or 'dot' (`_dot_conv_kernel`, matrix products on tensor cores, for sides up to `DOT_SIDE`; 'sum' beyond);
+    None: `DEFAULT_KERNEL_ALGORITHM`."""
+    if algorithm is not None and algorithm not in KERNEL_ALGORITHMS:
+        raise ValueError(f'algorithm must be one of {KERNEL_ALGORITHMS} or None, got {algorithm!r}')
+    with _ALGORITHM.forced(algorithm):
+        yield
+
+
+def _use_dot(sides) -> bool:
+    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM) == 'dot' and max(sides) <= DOT_SIDE
+
+
 def _block_c(c: int) -> int:
     return min(32, triton.next_power_of_2(c))
 
 
-def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool) -> torch.Tensor:
-    """Forward (transpose=False, x the input) or input gradient (transpose=True, x the output gradient)."""
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 through three TF32 products (float32 accuracy on tensor cores)."""
+    return 'tf32x3' if dtype == torch.float32 else 'ieee'  # (16-bit inputs: their own precision)
+
+
+def _operands(dtype: torch.dtype):
+    """The dtype `_dot_conv_kernel` multiplies in: the input's, except bfloat16 under Triton's interpreter, whose
+    dot multiplies bfloat16 values as the integers that store them (Triton 3.8): float32 there."""
+    if dtype == torch.bfloat16 and os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        return tl.float32
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool) -> torch.Tensor:
+    """Forward (transpose=False, x the input) or input gradient (transpose=True, x the output gradient), by
+    `_dot_conv_kernel` (dot) or `_conv_kernel`."""
     b, _, _, c = x.shape
     h, w = (out_hw if transpose else x.shape[1:3])
     ho, wo = h // pools[0], w // pools[1]
     rows, cols = (h, w) if transpose else (ho, wo)
+    if dot:  # (the rank-1 terms are summed in registers, in float32)
+        y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype)
+        kh, kw = kh.contiguous(), kw.contiguous()
+        _dot_conv_kernel[(b, triton.cdiv(c, DOT_BLOCK_C))](
+            x, kh, kw, skip.contiguous() if skip is not None else kh, y,
+            c, h, w, ho, wo, kh.shape[0],
+            *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
+            PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
+            S=DOT_SIDE, BLOCK_C=DOT_BLOCK_C, OPERANDS=_operands(x.dtype), PRECISION=_precision(x.dtype),
+            num_warps=DOT_WARPS)
+        return y
     # the rank-1 terms are summed in y: over several, in float32 (in a 16-bit y every term would round the sum)
     y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype if kh.shape[0] == 1 else torch.float32)
     kh, kw = kh.contiguous(), kw.contiguous()
@@ -328,25 +522,27 @@ def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[t
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl', mutates_args=())
 def _conv_op(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor],
-             pool_h: int, pool_w: int) -> torch.Tensor:
-    return _launch_conv(x, kh, kw, skip, (pool_h, pool_w), None, transpose=False)
+             pool_h: int, pool_w: int, dot: bool) -> torch.Tensor:
+    return _launch_conv(x, kh, kw, skip, (pool_h, pool_w), None, transpose=False, dot=dot)
 
 
 @_conv_op.register_fake
-def _(x, kh, kw, skip, pool_h, pool_w):
+def _(x, kh, kw, skip, pool_h, pool_w, dot):
     b, h, w, c = x.shape
     return x.new_empty((b, h // pool_h, w // pool_w, c))
 
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl_backward', mutates_args=())
 def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor,
-                      skip: Optional[torch.Tensor], pool_h: int, pool_w: int
+                      skip: Optional[torch.Tensor], pool_h: int, pool_w: int, dot: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_kh, grad_kw, grad_skip); grad_skip is empty without a skip."""
     b, h, w, c = x.shape
     grad = grad.contiguous() if grad.stride(-1) != 1 else grad
-    grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True)
+    grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True, dot=dot)
     r = kh.shape[0]
+    if dot:
+        return (grad_x,) + _dot_kernel_grads(grad, x, kh, kw, skip, (pool_h, pool_w))
     dkh = torch.zeros((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
     dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
@@ -364,23 +560,41 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     return grad_x, dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), grad_skip
 
 
+def _dot_kernel_grads(grad, x, kh, kw, skip, pools) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_dot_grad_kernel`: the gradients of kh, kw and skip (empty without one)."""
+    b, h, w, c = x.shape
+    r = kh.shape[0]
+    dkh = torch.empty((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
+    dkw = torch.empty((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
+    dd = torch.empty((b, c if skip is not None else 0), device=x.device, dtype=torch.float32)
+    khc, kwc = kh.contiguous(), kw.contiguous()
+    _dot_grad_kernel[(b, triton.cdiv(c, DOT_BLOCK_C))](
+        x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
+        c, h, w, h // pools[0], w // pools[1], r,
+        *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
+        PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=DOT_SIDE, BLOCK_C=DOT_BLOCK_C,
+        TAPS=triton.next_power_of_2(2 * DOT_SIDE - 1), PRECISION=_precision(torch.float32), num_warps=DOT_WARPS)
+    dd = dd.sum(0)
+    return dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), dd.to(skip.dtype) if skip is not None else dd
+
+
 @_conv_backward_op.register_fake
-def _(grad, x, kh, kw, skip, pool_h, pool_w):
+def _(grad, x, kh, kw, skip, pool_h, pool_w, dot):
     c = x.shape[-1]
     dd = skip.new_empty((c,)) if skip is not None else x.new_empty((0,), dtype=torch.float32)
     return x.new_empty(x.shape), kh.new_empty(kh.shape), kw.new_empty(kw.shape), dd
 
 
 def _setup_context(ctx, inputs, output):
-    x, kh, kw, skip, pool_h, pool_w = inputs
+    x, kh, kw, skip, pool_h, pool_w, dot = inputs
     ctx.save_for_backward(x, kh, kw, skip)
-    ctx.pools = (pool_h, pool_w)
+    ctx.pools, ctx.dot = (pool_h, pool_w), dot
 
 
 def _backward(ctx, grad):
     x, kh, kw, skip = ctx.saved_tensors
-    grad_x, dkh, dkw, dd = _conv_backward_op(grad, x, kh, kw, skip, *ctx.pools)
-    return grad_x, dkh, dkw, dd if skip is not None else None, None, None
+    grad_x, dkh, dkw, dd = _conv_backward_op(grad, x, kh, kw, skip, *ctx.pools, ctx.dot)
+    return grad_x, dkh, dkw, dd if skip is not None else None, None, None, None
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -408,7 +622,7 @@ def separable_conv2d_cl(
     _check(x, kh, kw, skip, pools)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _conv_op(x, kh, kw, skip, pools[0], pools[1])
+    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(x.shape[1:3]))
 
 
 AXIS_BLOCK_S = 32  # plane positions per program of the time axis (BLOCK_S x BLOCK_C fp32 accumulator)
@@ -506,7 +720,8 @@ def separable_conv3d_cl(
     y = None
     for r in range(kt.shape[0]):
         z = _axis_op(x.reshape(b, t, h * w, c), kt[r], pools[0])  # (B, T // pool, H W, C)
-        term = _conv_op(z.view(b * to, h, w, c), kh[r:r + 1], kw[r:r + 1], None, pools[1], pools[2])
+        term = _conv_op(z.view(b * to, h, w, c), kh[r:r + 1], kw[r:r + 1], None, pools[1], pools[2],
+                        _use_dot((h, w)))
         y = term if y is None else y + term
     y = y.view(b, to, h // pools[1], w // pools[2], c)
     if skip is None:
