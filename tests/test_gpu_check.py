@@ -10,9 +10,8 @@ from s4nd_vision.layers import ops
 
 
 def _correctness_checks(plan) -> int:
-    """The checks of `plan`'s correctness section: conv cases (all with sides up to DOT_SIDE) in two dtypes with
-    both algorithms, custom op, generation, two layers and every fast case with each algorithm, in fp32 and
-    bf16."""
+    """The checks of `plan`'s correctness section: conv cases in two dtypes with both algorithms, custom op,
+    generation, two layers and every fast case with each algorithm, in fp32 and bf16."""
     return 4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
 
 
@@ -35,7 +34,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert [r['case'] for r in results['bench']] == image_rows + [
         f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
-    assert [r.get('dot_ratio', 0) > 0 for r in results['bench']] == [True, True, False]  # 2D only
+    assert all(r['dot_ratio'] > 0 for r in results['bench'])
     assert [r['model'] for r in results['profile']] == list(plan.profile_models)
     assert all('Name' in r['top_operators'] for r in results['profile'])
     assert all(r['step_ms'] > 0 and r['profiled_step_ms'] > 0 for r in results['profile'])

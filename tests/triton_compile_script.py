@@ -104,8 +104,10 @@ def record_launches() -> list:
         kw = torch.zeros(1, c, 2 * w - 1, requires_grad=True)
         skip = torch.zeros(c, requires_grad=True)
         triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
-    with triton_conv.fused_algorithm('dot'):  # the tensor-core candidate at its sides, three dtypes, pooled
-        for (b, h, w, c), pools, dtype, rank in (((2, 14, 14, 384), (1, 1), torch.bfloat16, 1),
+    with triton_conv.fused_algorithm('dot'):  # the tensor-core candidate: its two tile sizes, dtypes, pooled
+        for (b, h, w, c), pools, dtype, rank in (((2, 32, 32, 96), (2, 2), torch.float32, 1),
+                                                 ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1),
+                                                 ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1),
                                                  ((2, 7, 7, 768), (1, 1), torch.float32, 2),
                                                  ((2, 14, 14, 384), (2, 2), torch.float16, 1)):
             x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)

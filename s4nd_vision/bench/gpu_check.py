@@ -3,15 +3,17 @@
 GPU time is scarce, so one call does everything a GPU session needs, section by section, the most needed first
 (`SECTIONS`, their order):
 
-1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16), the
-   fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
-   fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
-   run fail, and the later sections then run S4ND's fast path (unless a path is forced).
+1. correctness: the fused convolution (`layers.triton_conv`, both algorithms, forward and every gradient, fp32
+   and bf16), the fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a
+   stem-like one on the fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph).
+   A failed check makes the run fail, and the later sections then run S4ND's fast path (unless a path is
+   forced).
 2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
-   and the video pair on clips.
-3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
-   four ConvNeXt-T stage shapes, fp32 and bf16; the 3D layer vs the 3D baseline's depthwise conv at the video
-   model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
+   and the video pair on clips; then each again with the fused convolution's 'dot' algorithm.
+3. bench: S4ND (the Triton path by both algorithms of the fused convolution, and the fast path) vs timm's 7x7
+   depthwise conv, channels-last, forward+backward, at the four ConvNeXt-T stage shapes, fp32 and bf16; the 3D
+   layer vs the 3D baseline's depthwise conv at the video model's stage shapes (bf16 autocast): which path the
+   3D dispatch should take.
 4. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
    step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
 5. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
@@ -158,9 +160,8 @@ class _Checks:
 
 def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """The fused convolution (2D, and 3D: time axis then 2D per frame) against float64 on the CPU: output and
-    every gradient, fp32 and bf16; also with the tensor-core algorithm (`fused_algorithm('dot')`) where it
-    applies (sides up to `DOT_SIDE`)."""
-    from ..layers.triton_conv import DOT_SIDE, fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
+    every gradient, fp32 and bf16, by both algorithms (`triton_conv.fused_algorithm`) where 'dot' applies."""
+    from ..layers.triton_conv import fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
     for b, h, w, c, rank, pools in plan.conv_cases:
         torch.manual_seed(0)
         x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
@@ -170,7 +171,7 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
         y_ref = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, d).permute(1, 2, 3, 0)
         grad = torch.randn_like(y_ref)
         ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for algorithm in ('sum', 'dot') if max(h, w) <= DOT_SIDE else ('sum',):
+        for algorithm in _algorithms(h, w):
             for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
                 inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
                 inputs = [t.requires_grad_() for t in inputs]
@@ -188,7 +189,7 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
         y_ref = y_ref.permute(1, 2, 3, 4, 0)
         grad = torch.randn_like(y_ref)
         ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for algorithm in ('sum', 'dot') if max(h, w) <= DOT_SIDE else ('sum',):
+        for algorithm in _algorithms(h, w):
             for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
                 inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
                 inputs = [v.requires_grad_() for v in inputs]
@@ -205,6 +206,12 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
     compiled = torch.compile(lambda *a: separable_conv2d_cl(a[0], a[1:3], (1, 1), a[3]) * 2, fullgraph=True)
     eager = separable_conv2d_cl(x, (kh, kw), (1, 1), d) * 2
     checks.add('custom op under inductor (fullgraph)', {'y': _rel(compiled(x, kh, kw, d), eager)}, 1e-2)
+
+
+def _algorithms(h: int, w: int) -> Tuple[str, ...]:
+    """The fused convolution's algorithms that run at sides h and w ('dot' up to `triton_conv.DOT_MAX_SIDE`)."""
+    from ..layers.triton_conv import DOT_MAX_SIDE
+    return ('sum', 'dot') if max(h, w) <= DOT_MAX_SIDE else ('sum',)
 
 
 def check_generation(plan: Plan, device: torch.device, checks: _Checks) -> None:
@@ -288,20 +295,19 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
 
 
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int) -> dict:
-    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path (its tensor-core algorithm too,
-    'dot', where it applies: 2D, sides up to `triton_conv.DOT_SIDE`) and the fast path and of the baseline
-    depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
-    from ..layers.triton_conv import DOT_SIDE
+    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path (both algorithms of the fused
+    convolution: 'triton' its default, 'dot' the tensor-core one where it applies) and the fast path and of the
+    baseline depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton'),
            'fast': _fwd_bwd(s4nd, x, amp, 'fast')}
-    if x.ndim == 4 and max(x.shape[2:]) <= DOT_SIDE:
+    if 'dot' in _algorithms(*x.shape[-2:]):
         fns['dot'] = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
                **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'})
-    dot = f'  triton dot {t["dot"]:.2f} ({row["dot_ratio"]:.2f}x)' if 'dot' in t else ''
-    print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} ({row["triton_ratio"]:.2f}x)  '
-          f'fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x){dot}', flush=True)
+    dot = f'  dot {t["dot"]:.2f} ({row["dot_ratio"]:.2f}x)' if 'dot' in t else ''
+    print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} ({row["triton_ratio"]:.2f}x){dot}  '
+          f'fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
     return row
 
 

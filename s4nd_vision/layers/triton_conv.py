@@ -21,14 +21,14 @@ channel block) that recomputes its rows' H-axis results and adds each tap gradie
 of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 
-The tensor-core candidate ('dot', `fused_algorithm`, sides up to `DOT_SIDE`): the same products as matrix
-products per channel, y[c] = sum_r A_r[c] x[c] B_r[c]^T with each image's plane of a channel one padded
-(DOT_SIDE, DOT_SIDE) matrix and a block of channels the batch of 3D dots (fp32 as three TF32 products, 16-bit
-inputs in their own dtype), the rank terms summed in registers; backward, the input gradient by the transposed
-operators and the taps' gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g (one
-product with a 0/1 matrix each). It runs where the 'sum' kernels are weakest (their reductions across threads
-and gathered tap loads; an H200 measured them at 3-15x a depthwise conv) and has not run on a GPU yet:
-`gpu_check` measures it beside them, and `DEFAULT_KERNEL_ALGORITHM` stays 'sum' until it has.
+The tensor-core candidate ('dot', `fused_algorithm`): the same products as matrix products per channel,
+y[c] = sum_r A_r[c] x[c] B_r[c]^T, each image's plane of a channel one padded (S, S) matrix (S = 16 or 32)
+and a block of channels the batch of 3D dots (fp32 as three TF32 products, 16-bit inputs in their own dtype),
+the rank terms summed in registers; backward, the input gradient by the transposed operators, and the taps'
+gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g. It avoids what makes the
+'sum' kernels slow (reductions across threads, gathered tap loads: an H200 measured them at 3-15x a depthwise
+conv) but has not run on a GPU yet: `gpu_check` measures it beside them, and `DEFAULT_KERNEL_ALGORITHM` stays
+'sum' until it has.
 
 3D (clips, (B, T, H, W, C)): per rank-1 term, `_axis_kernel` convolves (and pools) the time axis, writing its
 result once, and the 2D kernels above then treat every frame as an image; the skip term is added by PyTorch ops.
@@ -291,10 +291,11 @@ def _axis_grad_kernel(
                 tl.store(dk_base + idx, old + val / P, mask=c_ok)
 
 
-# ----- the same convolution on tensor cores, for sides up to DOT_SIDE (a candidate until a GPU measures it) -----
+# ----- the same convolution on tensor cores (a candidate until a GPU measures it) -----
 
-DOT_SIDE = 16  # the padded side of the per-channel (DOT_SIDE x DOT_SIDE) matrices; also tl.dot's smallest size
-DOT_BLOCK_C = 8  # channels per program: the batch dimension of its 3D dots
+DOT_MAX_SIDE = 32  # the largest padded side S (at 64 the operators spill from registers)
+DOT_TILE = 4096  # values of one (BLOCK_C, S, S) tensor of a forward or input-gradient program
+DOT_GRAD_TILE = 1024  # ... of a kernel-gradient program (more tensors live at once)
 DOT_WARPS = 8
 KERNEL_ALGORITHMS = ('sum', 'dot')
 DEFAULT_KERNEL_ALGORITHM = 'sum'  # measured (README); 'dot' has not run on a GPU yet
@@ -375,14 +376,17 @@ def _dot_conv_kernel(
 @triton.jit
 def _diagonal_sums(mat, n, P: tl.constexpr, S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
     """(BLOCK_C, TAPS) fp32: tap o of an axis of n inputs gets (1 / P) sum of mat[c, i, a] (rows i: outputs,
-    columns a: inputs) over i P + s - a + n - 1 = o, s < P: the gradient of the taps given that of the
-    Toeplitz operator, as one product with a 0/1 matrix (exact in any precision of the product)."""
-    k = tl.arange(0, S * S)[:, None]
-    o = tl.arange(0, TAPS)[None, :]
-    hits = tl.zeros([S * S, TAPS], dtype=tl.float32)
+    columns a: inputs, zero beyond the axis) over i P + s - a + n - 1 = o, s < P: the gradient of the taps given
+    that of the Toeplitz operator. Each row's entries are gathered onto the taps, then summed over the rows."""
+    i = tl.arange(0, S)[None, :, None]
+    o = tl.arange(0, TAPS)[None, None, :]
+    sums = tl.zeros([BLOCK_C, TAPS], dtype=tl.float32)
     for s in tl.static_range(P):
-        hits += tl.where((k // S) * P + s - k % S + n - 1 == o, 1.0, 0.0)
-    return tl.dot(tl.reshape(mat, [BLOCK_C, S * S]), hits, input_precision='ieee') / P
+        col = i * P + s + n - 1 - o
+        inside = (col >= 0) & (col < S)
+        taps = tl.gather(mat, tl.broadcast_to(tl.where(inside, col, 0), [BLOCK_C, S, TAPS]), 2)
+        sums += tl.sum(tl.where(inside, taps, 0.0), axis=1)
+    return sums / P
 
 
 @triton.jit
@@ -437,7 +441,7 @@ _ALGORITHM = ForcedChoice('s4nd_fused_algorithm')
 @contextlib.contextmanager
 def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
     """Within this context the fused 2D convolution runs `algorithm`: 'sum' (`_conv_kernel`, sums on CUDA cores)
-    or 'dot' (`_dot_conv_kernel`, matrix products on tensor cores, for sides up to `DOT_SIDE`; 'sum' beyond);
+    or 'dot' (`_dot_conv_kernel`, matrix products on tensor cores, for sides up to `DOT_MAX_SIDE`; 'sum' beyond);
     None: `DEFAULT_KERNEL_ALGORITHM`."""
     if algorithm is not None and algorithm not in KERNEL_ALGORITHMS:
         raise ValueError(f'algorithm must be one of {KERNEL_ALGORITHMS} or None, got {algorithm!r}')
@@ -446,7 +450,14 @@ def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
 
 
 def _use_dot(sides) -> bool:
-    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM) == 'dot' and max(sides) <= DOT_SIDE
+    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM) == 'dot' and max(sides) <= DOT_MAX_SIDE
+
+
+def _dot_sizes(h: int, w: int, tile: int) -> Tuple[int, int]:
+    """(S, BLOCK_C) of the dot kernels: the planes padded to S x S (a power of two, at least tl.dot's 16), and
+    as many channels per program as keep each of its (BLOCK_C, S, S) tensors within `tile` values, at most 8."""
+    side = max(16, triton.next_power_of_2(max(h, w)))
+    return side, max(1, min(8, tile // side ** 2))
 
 
 def _block_c(c: int) -> int:
@@ -476,12 +487,13 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool) -> 
     if dot:  # (the rank-1 terms are summed in registers, in float32)
         y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype)
         kh, kw = kh.contiguous(), kw.contiguous()
-        _dot_conv_kernel[(b, triton.cdiv(c, DOT_BLOCK_C))](
+        side, block_c = _dot_sizes(h, w, DOT_TILE)
+        _dot_conv_kernel[(b, triton.cdiv(c, block_c))](
             x, kh, kw, skip.contiguous() if skip is not None else kh, y,
             c, h, w, ho, wo, kh.shape[0],
             *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
             PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
-            S=DOT_SIDE, BLOCK_C=DOT_BLOCK_C, OPERANDS=_operands(x.dtype), PRECISION=_precision(x.dtype),
+            S=side, BLOCK_C=block_c, OPERANDS=_operands(x.dtype), PRECISION=_precision(x.dtype),
             num_warps=DOT_WARPS)
         return y
     # the rank-1 terms are summed in y: over several, in float32 (in a 16-bit y every term would round the sum)
@@ -568,12 +580,13 @@ def _dot_kernel_grads(grad, x, kh, kw, skip, pools) -> Tuple[torch.Tensor, torch
     dkw = torch.empty((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.empty((b, c if skip is not None else 0), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
-    _dot_grad_kernel[(b, triton.cdiv(c, DOT_BLOCK_C))](
+    side, block_c = _dot_sizes(h, w, DOT_GRAD_TILE)
+    _dot_grad_kernel[(b, triton.cdiv(c, block_c))](
         x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
         c, h, w, h // pools[0], w // pools[1], r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
-        PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=DOT_SIDE, BLOCK_C=DOT_BLOCK_C,
-        TAPS=triton.next_power_of_2(2 * DOT_SIDE - 1), PRECISION=_precision(torch.float32), num_warps=DOT_WARPS)
+        PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
+        PRECISION=_precision(torch.float32), num_warps=DOT_WARPS)
     dd = dd.sum(0)
     return dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), dd.to(skip.dtype) if skip is not None else dd
 
