@@ -64,7 +64,7 @@ from .benchmark import (
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
-SECTIONS = ('correctness', 'models', 'bench', 'profile', 'compiled')  # the order they run in
+SECTIONS = ('correctness', 'models', 'bench', 'profile', 'dot', 'compiled')  # the order they run in
 BUDGET_S = 420  # the default time budget of a GPU run: rows start until it is spent (seconds)
 _MIN_LEFT_S = {'compiled': 150}  # a compiled pair compiles 4 graphs: not started with less left
 _Pair = Tuple[str, dict, str]
@@ -158,11 +158,15 @@ class _Checks:
         return all(r['ok'] for r in self.rows)
 
 
-def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
-    """The fused convolution (2D, and 3D: time axis then 2D per frame) against float64 on the CPU: output and
-    every gradient, fp32 and bf16, by both algorithms (`triton_conv.fused_algorithm`) where 'dot' applies."""
+def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str = 'sum') -> None:
+    """The fused convolution (2D, and 3D: time axis then 2D per frame) by `algorithm`
+    (`triton_conv.fused_algorithm`; the cases where it applies) against float64 on the CPU: output and every
+    gradient, fp32 and bf16; with 'sum', also the custom op compiled by inductor."""
     from ..layers.triton_conv import fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
+    label = '' if algorithm == 'sum' else f' {algorithm}'
     for b, h, w, c, rank, pools in plan.conv_cases:
+        if algorithm not in _algorithms(h, w):
+            continue
         torch.manual_seed(0)
         x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
         kh = torch.randn(rank, c, 2 * h - 1, dtype=torch.float64)
@@ -171,16 +175,17 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
         y_ref = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, d).permute(1, 2, 3, 0)
         grad = torch.randn_like(y_ref)
         ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for algorithm in _algorithms(h, w):
-            for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-                inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
-                inputs = [t.requires_grad_() for t in inputs]
-                with fused_algorithm(algorithm):
-                    y = separable_conv2d_cl(inputs[0], (inputs[1], inputs[2]), pools, inputs[3])
-                out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
-                errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
-                checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]} {algorithm}', errors, limit)
+        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
+            inputs = [t.requires_grad_() for t in inputs]
+            with fused_algorithm(algorithm):
+                y = separable_conv2d_cl(inputs[0], (inputs[1], inputs[2]), pools, inputs[3])
+            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
+            checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}{label}', errors, limit)
     for b, t, h, w, c, rank, pools in plan.conv3d_cases:
+        if algorithm not in _algorithms(h, w):
+            continue
         torch.manual_seed(0)
         x, d = torch.randn(b, t, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
         kernels = [torch.randn(rank, c, 2 * n - 1, dtype=torch.float64) for n in (t, h, w)]
@@ -189,16 +194,16 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
         y_ref = y_ref.permute(1, 2, 3, 4, 0)
         grad = torch.randn_like(y_ref)
         ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for algorithm in _algorithms(h, w):
-            for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-                inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
-                inputs = [v.requires_grad_() for v in inputs]
-                with fused_algorithm(algorithm):
-                    y = separable_conv3d_cl(inputs[0], inputs[1:4], pools, inputs[4])
-                out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
-                errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkt', 'dkh', 'dkw', 'dD'), out, ref)}
-                checks.add(f'conv3d {b}x{t}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]} {algorithm}', errors,
-                           limit)
+        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
+            inputs = [v.requires_grad_() for v in inputs]
+            with fused_algorithm(algorithm):
+                y = separable_conv3d_cl(inputs[0], inputs[1:4], pools, inputs[4])
+            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkt', 'dkh', 'dkw', 'dD'), out, ref)}
+            checks.add(f'conv3d {b}x{t}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}{label}', errors, limit)
+    if algorithm != 'sum':
+        return
     b, h, w, c = plan.conv_cases[0][:4]
     x = torch.randn(b, h, w, c, device=device, dtype=torch.bfloat16)
     kh, kw = torch.randn(1, c, 2 * h - 1, device=device), torch.randn(1, c, 2 * w - 1, device=device)
@@ -206,6 +211,16 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks) -> None:
     compiled = torch.compile(lambda *a: separable_conv2d_cl(a[0], a[1:3], (1, 1), a[3]) * 2, fullgraph=True)
     eager = separable_conv2d_cl(x, (kh, kw), (1, 1), d) * 2
     checks.add('custom op under inductor (fullgraph)', {'y': _rel(compiled(x, kh, kw, d), eager)}, 1e-2)
+
+
+def _check_dot(plan: Plan, device: torch.device) -> dict:
+    """The 'dot' section's first row: `check_conv` by the 'dot' algorithm; raises if a check fails."""
+    checks = _Checks()
+    check_conv(plan, device, checks, 'dot')
+    failed = [c['check'] for c in checks.rows if not c['ok']]
+    if failed:
+        raise AssertionError(f"'dot' differs from the float64 reference: {failed}")
+    return dict(case="fused convolution by 'dot' against float64", checks=checks.rows)
 
 
 def _algorithms(h: int, w: int) -> Tuple[str, ...]:
@@ -294,34 +309,38 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
     return run
 
 
-def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int) -> dict:
-    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path (both algorithms of the fused
-    convolution: 'triton' its default, 'dot' the tensor-core one where it applies) and the fast path and of the
-    baseline depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
-    fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton'),
-           'fast': _fwd_bwd(s4nd, x, amp, 'fast')}
-    if 'dot' in _algorithms(*x.shape[-2:]):
+def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int,
+                 dot: bool = False) -> dict:
+    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
+    default algorithm) and the fast path, or with `dot` on the Triton path by both algorithms ('triton' and
+    'dot'), and of the baseline depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as
+    it comes."""
+    fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton')}
+    if dot:
         fns['dot'] = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
+    else:
+        fns['fast'] = _fwd_bwd(s4nd, x, amp, 'fast')
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
                **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'})
-    dot = f'  dot {t["dot"]:.2f} ({row["dot_ratio"]:.2f}x)' if 'dot' in t else ''
-    print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND triton {t["triton"]:.2f} ({row["triton_ratio"]:.2f}x){dot}  '
-          f'fast {t["fast"]:.2f} ({row["fast_ratio"]:.2f}x)', flush=True)
+    print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND ' + '  '.join(
+        f'{k} {t[k]:.2f} ({row[f"{k}_ratio"]:.2f}x)' for k in fns if k != 'dwconv'), flush=True)
     return row
 
 
-def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: torch.dtype) -> dict:
+def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: torch.dtype,
+                 dot: bool = False) -> dict:
     """One 2D row of `layer_jobs`."""
     torch.manual_seed(0)
     s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
     conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
     x = _channels_last_input(plan.batch, dim, size, device, dtype)
     return _bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}', s4nd, conv, x,
-                        dtype == torch.bfloat16, plan.repeats)
+                        dtype == torch.bfloat16, plan.repeats, dot)
 
 
-def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, size: int) -> dict:
+def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, size: int, dot: bool = False
+                       ) -> dict:
     """One 3D row of `layer_jobs` (a float32 input under bf16 autocast, as in the video model)."""
     batch = plan.video[0]
     torch.manual_seed(0)
@@ -330,15 +349,18 @@ def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, 
     x = torch.randn(batch, dim, frames, size, size, device=device)
     x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     return _bench_layer(f'3D layer {batch}x{dim}x{frames}x{size}x{size} float32 in bf16 autocast', s4nd, conv, x,
-                        True, plan.repeats)
+                        True, plan.repeats, dot)
 
 
-def layer_jobs(plan: Plan, device: torch.device) -> List[Callable[[], dict]]:
-    """The rows of the layer benchmark: S4ND on the Triton and the fast path vs timm's 7x7 depthwise conv,
-    forward+backward, channels-last, fp32 and bf16; then 3D S4ND vs the 3D baseline's depthwise conv."""
-    return ([partial(_bench_stage, plan, device, dim, size, dtype)
-             for dtype in (torch.float32, torch.bfloat16) for dim, size in plan.stages]
-            + [partial(_bench_video_stage, plan, device, *stage) for stage in plan.video_stages])
+def layer_jobs(plan: Plan, device: torch.device, dot: bool = False) -> List[Callable[[], dict]]:
+    """The rows of the layer benchmark: S4ND on the Triton and the fast path (`dot`: by both algorithms of the
+    fused convolution, at the shapes where 'dot' applies) vs timm's 7x7 depthwise conv, forward+backward,
+    channels-last, fp32 and bf16; then 3D S4ND vs the 3D baseline's depthwise conv."""
+    applies = (lambda side: 'dot' in _algorithms(side, side)) if dot else (lambda side: True)
+    return ([partial(_bench_stage, plan, device, dim, size, dtype, dot)
+             for dtype in (torch.float32, torch.bfloat16) for dim, size in plan.stages if applies(size)]
+            + [partial(_bench_video_stage, plan, device, *stage, dot) for stage in plan.video_stages
+               if applies(stage[-1])])
 
 
 def _device_activity(events) -> Tuple[int, float]:
@@ -413,14 +435,17 @@ def _bench_video_pair(plan: Plan, device: torch.device) -> dict:
 
 def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], dict]]:
     """The rows of a measuring section, each a call that returns one row."""
-    if section == 'models':  # the dispatch's choice, then with the tensor-core algorithm where it applies
-        jobs = [partial(_bench_pair, plan, device, pair) for pair in plan.image_pairs] + [
-            partial(_bench_video_pair, plan, device)]
-        return jobs + [_labelled(_with_algorithm(job, 'dot'), algorithm='dot') for job in jobs]
+    models = [partial(_bench_pair, plan, device, pair) for pair in plan.image_pairs] + [
+        partial(_bench_video_pair, plan, device)]
+    if section == 'models':
+        return models
     if section == 'bench':
         return layer_jobs(plan, device)
     if section == 'profile':
         return [partial(_profile_model, plan, device, name) for name in plan.profile_models]
+    if section == 'dot':  # the tensor-core candidate: checked, then layers and models again with it
+        return [partial(_check_dot, plan, device)] + layer_jobs(plan, device, dot=True) + [
+            _labelled(_with_algorithm(job, 'dot'), algorithm='dot') for job in models]
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
 
 
@@ -491,7 +516,8 @@ class _Results(dict):
 
 
 _Row = Tuple[str, object, Callable]  # (section, id: a check's name or a row's index, the call)
-_ROW_LIMIT_S = dict(correctness=240, models=240, bench=120, profile=180, compiled=420)  # a worker's row is killed after
+_ROW_LIMIT_S = dict(correctness=240, models=240, bench=120, profile=180, dot=240,
+                    compiled=420)  # a worker's row is killed after
 _OVERRUN_S = 90  # ...or once the run is this far past its budget (a compiled pair may start with 150 s left; what
 # it measured by then is kept under 'partial'), so that a run ends within budget + 90 s + start-up
 _BROKEN_EXIT = 3  # a worker's exit status after a row broke its CUDA context (the row's error is recorded)
@@ -513,10 +539,12 @@ def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
 
 def _measured_path(results: _Results, forced: Optional[str]) -> Optional[str]:
     """S4ND's implementation for the measuring sections: `forced`, else the fast path once a correctness check
-    failed or a row crashed its process (the models measured on it rather than not at all), else the dispatch's."""
+    failed or a row crashed its process (the models measured on it rather than not at all), else the dispatch's.
+    The 'dot' section's rows (a candidate's) do not count."""
     if forced is not None:
         return forced
-    if results['crashed'] or not all(c['ok'] for c in results.get('correctness', [])):
+    crashed = [key for key in results['crashed'] if not key.startswith('dot[')]
+    if crashed or not all(c['ok'] for c in results.get('correctness', [])):
         if results['path'] != 'fast':
             results['path'] = 'fast'
             print("a correctness check failed or a row crashed: the next rows run S4ND's fast path", flush=True)
