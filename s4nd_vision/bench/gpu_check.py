@@ -3,20 +3,21 @@
 GPU time is scarce, so one call does everything a GPU session needs, section by section, the most needed first
 (`SECTIONS`, their order):
 
-1. correctness: the fused convolution (`layers.triton_conv`, both algorithms, forward and every gradient, fp32
-   and bf16), the fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a
-   stem-like one on the fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph).
-   A failed check makes the run fail, and the later sections then run S4ND's fast path (unless a path is
-   forced).
+1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16), the
+   fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
+   fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
+   run fail, and the later sections then run S4ND's fast path (unless a path is forced).
 2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
-   and the video pair on clips; then each again with the fused convolution's 'dot' algorithm.
-3. bench: S4ND (the Triton path by both algorithms of the fused convolution, and the fast path) vs timm's 7x7
-   depthwise conv, channels-last, forward+backward, at the four ConvNeXt-T stage shapes, fp32 and bf16; the 3D
-   layer vs the 3D baseline's depthwise conv at the video model's stage shapes (bf16 autocast): which path the
-   3D dispatch should take.
+   and the video pair on clips.
+3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
+   four ConvNeXt-T stage shapes, fp32 and bf16; the 3D layer vs the 3D baseline's depthwise conv at the video
+   model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
 4. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
    step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
-5. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
+5. dot: the fused convolution's tensor-core candidate (`triton_conv.fused_algorithm('dot')`): checked against
+   float64, then the layers where it applies by both algorithms and the model pairs again with it. Its failures
+   and crashes do not switch the other sections to the fast path.
+6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
 Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
 traceback and the next one runs, and the JSON file is rewritten (atomically) after every row, so a run cut short
