@@ -12,12 +12,13 @@
   that read and write channels-last data (no transposing copies).
 - 'fast': everything else, e.g. every other CPU input: `ops.separable_conv` (Toeplitz GEMMs or FFTs per axis).
 
-Kernel generation follows the same rule (`generate_two_sided`): on the Triton path, the two-sided S4D kernels of
-every (layer, axis) entry that share d_state, num_kernels and direction come from one fused launch and one gather
-(`triton_kernels`), float32.
+Kernel generation (`generate_two_sided`, `fused_generation`): on CUDA, whichever path each layer's convolution
+takes, the two-sided S4D kernels of every (layer, axis) entry that share d_state, num_kernels and direction come
+from one fused launch and one gather (`triton_kernels`), float32.
 
-Model files call `S4ND` and never choose; a `force_path('triton' | 'fast')` context overrides the choice outside
-graph capture (tests, benchmarks); 'triton' still falls back to 'fast' for an unsupported input.
+Model files call `S4ND` and never choose; a `force_path('triton' | 'fast')` context overrides the choice (tests,
+benchmarks; under torch.compile 'triton' takes the custom ops and 'fast' the reference); 'triton' still falls
+back to 'fast' for an unsupported input.
 """
 import contextlib
 import functools
@@ -131,8 +132,8 @@ def _triton_conv():
 
 def fused_generation(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether S4D kernels for `device` in `dtype` come from the fused Triton generation (`generate_two_sided`):
-    as the convolution, on CUDA or with 'triton' forced, also in a graph torch.compile captures (the ops' fake
-    implementations trace), not in one captured for export."""
+    on CUDA (whatever path the layers' convolutions take) or with 'triton' forced, not with 'fast' forced; also in
+    a graph torch.compile captures (the ops' fake implementations trace), not in one captured for export."""
     forced = _FORCED_PATH.get()
     if torch.jit.is_tracing() or dtype != torch.float32 or forced == 'fast':
         return False
