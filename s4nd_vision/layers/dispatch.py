@@ -35,10 +35,8 @@ from .ssm_kernel import SSMKernel, ssm_kernels
 __all__ = ['PATHS', 'conv_path', 'force_path', 'generate_two_sided', 'triton_available']
 
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
-# The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default. `gpu_check`'s layer
-# benchmark on an H200 (commit feaa13b, batch 128, forward+backward, ms; README): 2D, bf16, sides 56/28/14/7:
-# Triton 25.8/11.7/6.7/4.4, fast path 8.7/7.5/6.9/6.7; float32 25.2/12.1/5.8/4.6 against 7.0/7.6/7.3/5.8. 3D
-# (8 frames, bf16 autocast) 56/28/14/7: 15.4/8.4/6.1/5.6 against 11.3/12.3/10.7/9.8.
+# The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default: where `gpu_check`'s
+# layer benchmark on an H200 measured them faster than the fast path (README, "H200").
 TRITON_FASTER_SIDE = {2: 16, 3: 32}
 _FORCED_PATH = ForcedChoice('s4nd_forced_path')
 

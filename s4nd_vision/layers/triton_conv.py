@@ -552,9 +552,9 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     b, h, w, c = x.shape
     grad = grad.contiguous() if grad.stride(-1) != 1 else grad
     grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True, dot=dot)
-    r = kh.shape[0]
     if dot:
         return (grad_x,) + _dot_kernel_grads(grad, x, kh, kw, skip, (pool_h, pool_w))
+    r = kh.shape[0]
     dkh = torch.zeros((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
     dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
     dd = torch.zeros((c if skip is not None else 0,), device=x.device, dtype=torch.float32)
