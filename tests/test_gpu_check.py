@@ -47,6 +47,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert [r['case'] for r in dot[1:4]] == [r['case'] for r in results['bench']]
     assert all(r['dot_ratio'] > 0 and r['triton_ratio'] > 0 and 'fast_ms' not in r for r in dot[1:4])
     assert [r['case'] for r in dot[4:]] == cases and all(r['algorithm'] == 'dot' for r in dot[4:])
+    assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
 
@@ -71,6 +72,7 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
     assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
     assert any('triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
     assert len(results['profile']) == 2 and json.loads(path.read_text())['errors'] == results['errors']
+    assert all(r['path'] == 'fast' for r in results['bench'] + results['profile'])  # each row says so
 
 
 def test_the_budget_stops_starting_rows(tmp_path):
@@ -156,7 +158,7 @@ def test_a_compiled_pair_cut_short_keeps_what_it_measured(monkeypatch, tmp_path)
     assert json.loads(path.read_text())['partial'] == results['partial']
     monkeypatch.setattr(gpu_check, 'bench_models', lambda *a, progress=None, **k: progress({}) or [dict(case='ok')])
     results = gpu_check.run_checks(['compiled'], gpu_check.TINY, 'cpu', str(path))
-    assert results['compiled'] == [dict(case='ok')] and results['partial'] == {}
+    assert results['compiled'] == [dict(case='ok', path='dispatch')] and results['partial'] == {}
 
 
 def test_the_candidate_failing_leaves_the_measured_path_alone():

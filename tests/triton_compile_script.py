@@ -94,26 +94,20 @@ def record_launches() -> list:
     launches = []
     for module, name in KERNELS:
         setattr(module, name, _Recorder(name, getattr(module, name), launches))
-    cases = [((2, 56, 56, 96), (1, 1), torch.float32), ((2, 56, 56, 96), (1, 1), torch.bfloat16),
-             ((2, 28, 28, 192), (1, 1), torch.bfloat16), ((2, 14, 14, 384), (1, 1), torch.bfloat16),
-             ((2, 7, 7, 768), (1, 1), torch.bfloat16), ((2, 56, 56, 96), (2, 2), torch.bfloat16),
-             ((2, 64, 64, 32), (4, 4), torch.float16)]
-    for (b, h, w, c), pools, dtype in cases:
+    # 2D: (B, H, W, C), pools, dtype, rank, algorithm; 'dot' at its two tile sides (16, 32)
+    cases = [((2, 56, 56, 96), (1, 1), torch.float32, 1, 'sum'), ((2, 56, 56, 96), (1, 1), torch.bfloat16, 1, 'sum'),
+             ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1, 'sum'), ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'sum'),
+             ((2, 7, 7, 768), (1, 1), torch.bfloat16, 1, 'sum'), ((2, 56, 56, 96), (2, 2), torch.bfloat16, 1, 'sum'),
+             ((2, 64, 64, 32), (4, 4), torch.float16, 1, 'sum'),
+             ((2, 32, 32, 96), (2, 2), torch.float32, 1, 'dot'), ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1, 'dot'),
+             ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'dot'), ((2, 7, 7, 768), (1, 1), torch.float32, 2, 'dot'),
+             ((2, 14, 14, 384), (2, 2), torch.float16, 1, 'dot')]
+    for (b, h, w, c), pools, dtype, rank, algorithm in cases:
         x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
-        kh = torch.zeros(1, c, 2 * h - 1, requires_grad=True)
-        kw = torch.zeros(1, c, 2 * w - 1, requires_grad=True)
+        kh = torch.zeros(rank, c, 2 * h - 1, requires_grad=True)
+        kw = torch.zeros(rank, c, 2 * w - 1, requires_grad=True)
         skip = torch.zeros(c, requires_grad=True)
-        triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
-    with triton_conv.fused_algorithm('dot'):  # the tensor-core candidate: its two tile sizes, dtypes, pooled
-        for (b, h, w, c), pools, dtype, rank in (((2, 32, 32, 96), (2, 2), torch.float32, 1),
-                                                 ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1),
-                                                 ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1),
-                                                 ((2, 7, 7, 768), (1, 1), torch.float32, 2),
-                                                 ((2, 14, 14, 384), (2, 2), torch.float16, 1)):
-            x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
-            kh = torch.zeros(rank, c, 2 * h - 1, requires_grad=True)
-            kw = torch.zeros(rank, c, 2 * w - 1, requires_grad=True)
-            skip = torch.zeros(c, requires_grad=True)
+        with triton_conv.fused_algorithm(algorithm):
             triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
     for pools, dtype in (((1, 1, 1), torch.bfloat16), ((2, 2, 2), torch.float32)):  # clips: the time axis
         x = torch.zeros(2, 8, 28, 28, 192, dtype=dtype, requires_grad=True)

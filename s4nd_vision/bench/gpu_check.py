@@ -585,8 +585,9 @@ def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch
                 call(plan, dev, checks)
             else:  # (a compiled pair compiles for minutes: what it measured is kept if it is cut short)
                 kwargs = dict(progress=partial(_keep_partial, results, key)) if section == 'compiled' else {}
-                with dispatch.force_path(_measured_path(results, forced)):
-                    results[section].append(call(**kwargs))
+                path = _measured_path(results, forced)
+                with dispatch.force_path(path):  # (each row says which path it measured)
+                    results[section].append(dict(call(**kwargs), path=path or 'dispatch'))
                 results['partial'].pop(key, None)
         except Exception:  # noqa: BLE001  (a GPU session is too short to stop at the first error)
             error = traceback.format_exc()
