@@ -310,6 +310,18 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
     return run
 
 
+def _with_triton_side(fn: Callable, side: int) -> Callable:
+    """`fn` run with the dispatch taking the Triton path at 2D sides up to `side` (`dispatch.TRITON_FASTER_SIDE`)."""
+    def run(*args, **kwargs):
+        saved = dict(dispatch.TRITON_FASTER_SIDE)
+        dispatch.TRITON_FASTER_SIDE[2] = side
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            dispatch.TRITON_FASTER_SIDE.update(saved)
+    return run
+
+
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int,
                  dot: bool = False) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
@@ -444,9 +456,13 @@ def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], d
         return layer_jobs(plan, device)
     if section == 'profile':
         return [partial(_profile_model, plan, device, name) for name in plan.profile_models]
-    if section == 'dot':  # the tensor-core candidate: checked, then layers and models again with it
+    if section == 'dot':  # the tensor-core candidate: checked, then layers and models again with it, then the
+        # first pair with the Triton path up to 2D sides of `DOT_MAX_SIDE` (whether the dispatch should widen)
+        from ..layers.triton_conv import DOT_MAX_SIDE
         return [partial(_check_dot, plan, device)] + layer_jobs(plan, device, dot=True) + [
-            _labelled(_with_algorithm(job, 'dot'), algorithm='dot') for job in models]
+            _labelled(_with_algorithm(job, 'dot'), algorithm='dot') for job in models] + [
+            _labelled(_with_triton_side(_with_algorithm(models[0], 'dot'), DOT_MAX_SIDE), algorithm='dot',
+                      triton_side=DOT_MAX_SIDE)]
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
 
 
