@@ -6,8 +6,7 @@ import pytest
 
 from s4nd_vision.bench import gpu_check
 from s4nd_vision.cli import tool_main
-from s4nd_vision.layers import dispatch, ops
-from s4nd_vision.layers.triton_conv import DOT_MAX_SIDE
+from s4nd_vision.layers import ops
 
 
 def _correctness_checks(plan) -> int:
@@ -18,7 +17,6 @@ def _correctness_checks(plan) -> int:
 
 def test_every_section_runs_and_reports(tmp_path):
     path = tmp_path / 'gpu_check.json'
-    faster_side = dict(dispatch.TRITON_FASTER_SIDE)
     sections = [s for s in gpu_check.SECTIONS if s != 'compiled']  # compiled: the same code, compile=True
     results = gpu_check.run_checks(sections[::-1], gpu_check.TINY, 'cpu', str(path))
     assert results['ok'] and json.loads(path.read_text()) == json.loads(json.dumps(results))
@@ -41,16 +39,14 @@ def test_every_section_runs_and_reports(tmp_path):
     cases = [r['case'] for r in results['models']]
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
-    # the candidate: its checks (every conv case, its sides all within DOT_MAX_SIDE), the layers by both
-    # algorithms, the model pairs again with it
+    # the tensor-core kernels: their checks (every conv case, its sides all within DOT_MAX_SIDE), the layers by
+    # both algorithms, the video pair again with them
     dot = results['dot']
     assert len(dot[0]['checks']) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     assert all(c['ok'] and c['check'].endswith(' dot') for c in dot[0]['checks'])
     assert [r['case'] for r in dot[1:4]] == [r['case'] for r in results['bench']]
-    assert all(r['dot_ratio'] > 0 and r['triton_ratio'] > 0 and 'fast_ms' not in r for r in dot[1:4])
-    assert [r['case'] for r in dot[4:]] == cases + cases[:1] and all(r['algorithm'] == 'dot' for r in dot[4:])
-    assert dot[-1]['triton_side'] == DOT_MAX_SIDE and 'triton_side' not in dot[-2]  # the dispatch widened
-    assert dispatch.TRITON_FASTER_SIDE == faster_side  # ...for that row only
+    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and 'fast_ms' not in r for r in dot[1:4])
+    assert [r['case'] for r in dot[4:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 

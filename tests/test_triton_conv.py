@@ -100,21 +100,29 @@ def test_dot_algorithm_equals_reference(b, h, w, c, rank, pools, skip):
 
 
 def test_dot_algorithm_runs_its_kernels_up_to_its_side(monkeypatch):
-    """'dot' launches the tensor-core kernels for sides up to DOT_MAX_SIDE and the sums beyond; 'sum' (the default)
-    never launches them."""
+    """'dot' (the default for images, `DEFAULT_KERNEL_ALGORITHM`) launches the tensor-core kernels for sides up to
+    DOT_MAX_SIDE and the sums beyond; 'sum' (the default for clips' frames) never launches them."""
     calls = []
     for name in ('_dot_conv_kernel', '_dot_grad_kernel', '_conv_kernel', '_kernel_grad_kernel'):
         kernel = getattr(triton_conv, name)
         monkeypatch.setattr(triton_conv, name, _Counting(kernel, name, calls))
     dot, sums = ['_dot_conv_kernel', '_dot_conv_kernel', '_dot_grad_kernel'], ['_conv_kernel', '_conv_kernel',
                                                                                '_kernel_grad_kernel']
-    for side, algorithm, expected in ((32, 'dot', dot), (33, 'dot', sums), (8, None, sums), (8, 'sum', sums)):
+    for side, algorithm, expected in ((32, 'dot', dot), (33, 'dot', sums), (8, None, dot), (33, None, sums),
+                                      (8, 'sum', sums)):
         calls.clear()
         x, kh, kw, d = [t.float() if t is not None else None for t in _inputs(1, side, 3, 2, 1, True)]
         x.requires_grad_()
         with triton_conv.fused_algorithm(algorithm):
             triton_conv.separable_conv2d_cl(x, (kh, kw), (1, 1), d).sum().backward()
         assert calls == expected, (side, algorithm, calls)  # forward, then the input and the kernel gradients
+    for algorithm, expected in ((None, sums), ('dot', dot)):  # a clip's frames (2 frames: one 2D launch each way)
+        calls.clear()
+        x = torch.randn(1, 2, 8, 3, 2, requires_grad=True)
+        kernels = [torch.randn(1, 2, 2 * n - 1) for n in (2, 8, 3)]
+        with triton_conv.fused_algorithm(algorithm):
+            triton_conv.separable_conv3d_cl(x, kernels).sum().backward()
+        assert calls == expected, ('3D', algorithm, calls)
     with pytest.raises(ValueError, match='algorithm must be one of'):
         with triton_conv.fused_algorithm('fft'):
             pass
@@ -378,6 +386,9 @@ def test_dispatch_cuda_runs_triton_when_available_and_supported(monkeypatch):
     # supported, but measured slower than the fast path (`dispatch.TRITON_FASTER_SIDE`); forcing still runs it
     assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'fast'
     assert dispatch.conv_path(CUDA, (128, 192, 28, 28), (2, 2), torch.bfloat16) == 'fast'
+    with torch.no_grad():  # inference: the kernels' forward measured faster up to `TRITON_FASTER_SIDE_INFERENCE`
+        assert dispatch.conv_path(CUDA, (128, 192, 28, 28), (2, 2), torch.bfloat16) == 'triton'
+        assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'fast'
     with dispatch.force_path('triton'):
         assert dispatch.conv_path(CUDA, (128, 96, 56, 56), (1, 1), torch.bfloat16) == 'triton'
     assert dispatch.conv_path(CUDA, (128, 32, 224, 224), (4, 4), torch.float32) == 'fast'  # too long for registers

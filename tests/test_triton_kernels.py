@@ -115,14 +115,15 @@ def test_fused_generation_issues_the_same_ops_for_any_number_of_entries():
     assert counts[0] == counts[1], counts
 
 
-@pytest.mark.parametrize('training', [True, False], ids=['training', 'inference'])
-@pytest.mark.parametrize('img_size, triton_layers', [(64, 2 + 2 + 6 + 2 + 3), (128, 2 + 6 + 2 + 2)],
-                         ids=['all-triton', 'mixed'])
+@pytest.mark.parametrize('training, img_size, triton_layers', [
+    (True, 64, 2 + 2 + 6 + 2 + 3), (False, 64, 2 + 2 + 6 + 2 + 3), (True, 128, 2 + 6 + 2 + 2),
+    (False, 128, 2 + 2 + 6 + 2 + 3)], ids=['training-all-triton', 'inference', 'training-mixed', 'inference-128'])
 def test_cuda_path_keeps_every_tensor_on_the_device(training, img_size, triton_layers):
     """On CUDA tensors (fake ones: no GPU needed) a model's forward takes the Triton ops where they are faster
     (`dispatch.TRITON_FASTER_SIDE`: at 64 px every block and downsampling; at 128 px the first stage's sides of 32
-    take the fast path), generating the kernels of all its layers in one fused call (in inference too), with no
-    host-to-device copy and no host sync on either path: what capturing a step in a CUDA graph needs."""
+    take the fast path in training, the Triton ops in inference), generating the kernels of all its layers in one
+    fused call (in inference too), with no host-to-device copy and no host sync on either path: what capturing a
+    step in a CUDA graph needs."""
     model = timm.create_model('convnext_s4nd_atto', img_size=img_size).train(training)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to('cuda')
@@ -132,8 +133,8 @@ def test_cuda_path_keeps_every_tensor_on_the_device(training, img_size, triton_l
     names = [name for name, _ in ops.ops]
     assert names.count('s4nd_vision.ssm_discretize.default') == names.count('s4nd_vision.ssm_vandermonde.default') == 1
     # the blocks and the downsampling layers on the Triton path (the stem keeps its fused projection on the fast
-    # path), stages 1-4 with 2, 2, 6, 2 blocks, then the 3 downsampling layers; at 128 px stage 1's 2 blocks and
-    # the first downsampling (input sides 32) run the fast path
+    # path), stages 1-4 with 2, 2, 6, 2 blocks, then the 3 downsampling layers; at 128 px in training stage 1's 2
+    # blocks and the first downsampling (input sides 32) run the fast path
     assert names.count('s4nd_vision.separable_conv2d_cl.default') == triton_layers
     assert not [op for op in ops.ops if 'cpu' in op[1]]
     assert 'aten._local_scalar_dense.default' not in names

@@ -14,9 +14,9 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
 4. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
    step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
-5. dot: the fused convolution's tensor-core candidate (`triton_conv.fused_algorithm('dot')`): checked against
-   float64, then the layers where it applies by both algorithms and the model pairs again with it. Its failures
-   and crashes do not switch the other sections to the fast path.
+5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
+   not yet for clips): checked against float64, then the layers where they apply by both algorithms and the video
+   pair again with them. Its failures and crashes do not switch the other sections to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
 Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
@@ -310,29 +310,17 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
     return run
 
 
-def _with_triton_side(fn: Callable, side: int) -> Callable:
-    """`fn` run with the dispatch taking the Triton path at 2D sides up to `side` (`dispatch.TRITON_FASTER_SIDE`)."""
-    def run(*args, **kwargs):
-        saved = dict(dispatch.TRITON_FASTER_SIDE)
-        dispatch.TRITON_FASTER_SIDE[2] = side
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            dispatch.TRITON_FASTER_SIDE.update(saved)
-    return run
-
-
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int,
                  dot: bool = False) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
-    default algorithm) and the fast path, or with `dot` on the Triton path by both algorithms ('triton' and
-    'dot'), and of the baseline depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as
-    it comes."""
-    fns = {'dwconv': _fwd_bwd(conv, x, amp), 'triton': _fwd_bwd(s4nd, x, amp, 'triton')}
+    default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot'),
+    and of the baseline depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it
+    comes."""
+    fns = {'dwconv': _fwd_bwd(conv, x, amp)}
     if dot:
-        fns['dot'] = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
+        fns.update({a: _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), a) for a in ('sum', 'dot')})
     else:
-        fns['fast'] = _fwd_bwd(s4nd, x, amp, 'fast')
+        fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
                **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'})
@@ -456,13 +444,10 @@ def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], d
         return layer_jobs(plan, device)
     if section == 'profile':
         return [partial(_profile_model, plan, device, name) for name in plan.profile_models]
-    if section == 'dot':  # the tensor-core candidate: checked, then layers and models again with it, then the
-        # first pair with the Triton path up to 2D sides of `DOT_MAX_SIDE` (whether the dispatch should widen)
-        from ..layers.triton_conv import DOT_MAX_SIDE
+    if section == 'dot':  # the tensor-core kernels: checked, the layers by both algorithms, and the video pair
+        # with them (clips default to 'sum': the images' pairs in 'models' already run 'dot')
         return [partial(_check_dot, plan, device)] + layer_jobs(plan, device, dot=True) + [
-            _labelled(_with_algorithm(job, 'dot'), algorithm='dot') for job in models] + [
-            _labelled(_with_triton_side(_with_algorithm(models[0], 'dot'), DOT_MAX_SIDE), algorithm='dot',
-                      triton_side=DOT_MAX_SIDE)]
+            _labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot')]
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
 
 
@@ -557,7 +542,7 @@ def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
 def _measured_path(results: _Results, forced: Optional[str]) -> Optional[str]:
     """S4ND's implementation for the measuring sections: `forced`, else the fast path once a correctness check
     failed or a row crashed its process (the models measured on it rather than not at all), else the dispatch's.
-    The 'dot' section's rows (a candidate's) do not count."""
+    The 'dot' section's rows (algorithms the dispatch does not take by default) do not count."""
     if forced is not None:
         return forced
     crashed = [key for key in results['crashed'] if not key.startswith('dot[')]

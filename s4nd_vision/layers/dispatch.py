@@ -5,7 +5,8 @@
   on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
 - 'triton': on CUDA, when Triton imports, the input is supported (`triton_conv.supported`: 2D or 3D, H and
   W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16) and its sides are at most
-  `TRITON_FASTER_SIDE` (where an H200 measured the fused kernels faster than the fast path, see below): the fused
+  `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without autograd; where an H200 measured the fused kernels
+  faster than the fast path, see below): the fused
   channels-last kernels (3D: the time axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D float32 input in channels-last memory, without pooling,
   with sides up to `ops.DEPTHWISE_MAX_LEN`: `ops.DepthwiseConv2d`, two depthwise convolutions per rank-1 term
@@ -35,9 +36,11 @@ from .ssm_kernel import SSMKernel, ssm_kernels
 __all__ = ['PATHS', 'conv_path', 'force_path', 'generate_two_sided', 'triton_available']
 
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
-# The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default: where `gpu_check`'s
-# layer benchmark on an H200 measured them faster than the fast path (README, "H200").
+# The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default, with autograd and
+# without (inference): where an H200 measured them faster than the fast path in the models (README, "H200"; at
+# 28x28 the tensor-core kernels' forward wins, their backward does not).
 TRITON_FASTER_SIDE = {2: 16, 3: 32}
+TRITON_FASTER_SIDE_INFERENCE = {2: 32, 3: 32}
 _FORCED_PATH = ForcedChoice('s4nd_forced_path')
 
 
@@ -104,8 +107,9 @@ def _compiling_not_exporting() -> bool:
 
 def _triton_faster(shape: Sequence[int]) -> bool:
     """Whether the fused kernels beat the fast path on an input of `shape` (B, C, *spatial): sides up to
-    `TRITON_FASTER_SIDE` (measured, see there)."""
-    side = TRITON_FASTER_SIDE.get(len(shape) - 2)
+    `TRITON_FASTER_SIDE`, or `TRITON_FASTER_SIDE_INFERENCE` without autograd (measured, see there)."""
+    sides = TRITON_FASTER_SIDE if torch.is_grad_enabled() else TRITON_FASTER_SIDE_INFERENCE
+    side = sides.get(len(shape) - 2)
     return side is not None and max(shape[-2:]) <= side
 
 

@@ -27,8 +27,9 @@ and a block of channels the batch of 3D dots (fp32 as three TF32 products, 16-bi
 the rank terms summed in registers; backward, the input gradient by the transposed operators, and the taps'
 gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g. It avoids what makes the
 'sum' kernels slow (reductions across threads, gathered tap loads: an H200 measured them at 3-15x a depthwise
-conv) but has not run on a GPU yet: `gpu_check` measures it beside them, and `DEFAULT_KERNEL_ALGORITHM` stays
-'sum' until it has.
+conv). An H200 measured it faster than 'sum' at every 2D layer shape (forward+backward) and in the image models,
+so it is the default for images (`DEFAULT_KERNEL_ALGORITHM`); the video model ran slower with it (another day's
+run: to be measured in one process), so clips keep 'sum'.
 
 3D (clips, (B, T, H, W, C)): per rank-1 term, `_axis_kernel` convolves (and pools) the time axis, writing its
 result once, and the 2D kernels above then treat every frame as an image; the skip term is added by PyTorch ops.
@@ -298,7 +299,8 @@ DOT_TILE = 4096  # values of one (BLOCK_C, S, S) tensor of a forward or input-gr
 DOT_GRAD_TILE = 1024  # ... of a kernel-gradient program (more tensors live at once)
 DOT_WARPS = 8
 KERNEL_ALGORITHMS = ('sum', 'dot')
-DEFAULT_KERNEL_ALGORITHM = 'sum'  # measured (README); 'dot' has not run on a GPU yet
+# by spatial rank (images, clips): measured on an H200 (README)
+DEFAULT_KERNEL_ALGORITHM = {2: 'dot', 3: 'sum'}
 
 
 @triton.jit
@@ -442,15 +444,16 @@ _ALGORITHM = ForcedChoice('s4nd_fused_algorithm')
 def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
     """Within this context the fused 2D convolution runs `algorithm`: 'sum' (`_conv_kernel`, sums on CUDA cores)
     or 'dot' (`_dot_conv_kernel`, matrix products on tensor cores, for sides up to `DOT_MAX_SIDE`; 'sum' beyond);
-    None: `DEFAULT_KERNEL_ALGORITHM`."""
+    None: `DEFAULT_KERNEL_ALGORITHM` (by the input's spatial rank: a clip's frames count as 3D)."""
     if algorithm is not None and algorithm not in KERNEL_ALGORITHMS:
         raise ValueError(f'algorithm must be one of {KERNEL_ALGORITHMS} or None, got {algorithm!r}')
     with _ALGORITHM.forced(algorithm):
         yield
 
 
-def _use_dot(sides) -> bool:
-    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM) == 'dot' and max(sides) <= DOT_MAX_SIDE
+def _use_dot(sides: Tuple[int, int], ndim: int) -> bool:
+    """Whether the 2D convolution of planes of `sides` (in an input of spatial rank `ndim`) runs 'dot'."""
+    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM[ndim]) == 'dot' and max(sides) <= DOT_MAX_SIDE
 
 
 def _dot_sizes(h: int, w: int, tile: int) -> Tuple[int, int]:
@@ -635,7 +638,7 @@ def separable_conv2d_cl(
     _check(x, kh, kw, skip, pools)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(x.shape[1:3]))
+    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(x.shape[1:3], 2))
 
 
 AXIS_BLOCK_S = 32  # plane positions per program of the time axis (BLOCK_S x BLOCK_C fp32 accumulator)
@@ -734,7 +737,7 @@ def separable_conv3d_cl(
     for r in range(kt.shape[0]):
         z = _axis_op(x.reshape(b, t, h * w, c), kt[r], pools[0])  # (B, T // pool, H W, C)
         term = _conv_op(z.view(b * to, h, w, c), kh[r:r + 1], kw[r:r + 1], None, pools[1], pools[2],
-                        _use_dot((h, w)))
+                        _use_dot((h, w), 3))
         y = term if y is None else y + term
     y = y.view(b, to, h // pools[1], w // pools[2], c)
     if skip is None:
