@@ -75,6 +75,19 @@ def test_vandermonde_op_is_zero_beyond_each_length_and_traces_in_compile():
     torch.testing.assert_close(compiled(x, y, c_re, c_im), out.sum())
 
 
+@pytest.mark.parametrize('bidirectional', [True, False], ids=['bidirectional', 'causal'])
+def test_two_sided_index_op_equals_the_kept_index(bidirectional):
+    """The gather index as one operator (what torch.compile traces, sizes possibly symbolic) equals the kept one,
+    is a tensor of its own (not the kept one), and its fake implementation gives its size."""
+    args = (4, [3, 2, 5], [6, 4, 1], bidirectional, 7)
+    like = torch.zeros(1)
+    kept = triton_kernels._two_sided_index(4, (3, 2, 5), (6, 4, 1), bidirectional, 7, like=like)
+    index = triton_kernels._two_sided_index_op(*args, like)
+    assert torch.equal(index, kept) and index.data_ptr() != kept.data_ptr()
+    assert index.numel() == (2 if bidirectional else 4) * (3 * 11 + 2 * 7 + 5 * 1)
+    torch.library.opcheck(triton_kernels._two_sided_index_op, args + (like,))
+
+
 def test_fused_generation_rejects_mixed_state_sizes():
     kernels = [SSMKernel(2, d_state=4), SSMKernel(2, d_state=8)]
     with pytest.raises(ValueError, match='d_state'):

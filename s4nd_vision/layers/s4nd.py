@@ -436,6 +436,8 @@ class S4ND(nn.Module):
 def _saved_tensor_hooks() -> Optional[Callable]:
     """The pack hook of the innermost active `torch.autograd.graph.saved_tensors_hooks` context (non-reentrant
     checkpointing, `save_on_cpu`), or None."""
+    if torch.compiler.is_compiling():  # (dynamo cannot read them)
+        return None
     top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
     hooks = None if top is None else top(False)
     return None if hooks is None else hooks[0]
@@ -471,10 +473,10 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
     """False where `prepare_kernels` must not run for the S4ND layers of `module`: without autograd off the
     Triton path (inference caches operators per layer instead; on the Triton path one fused generation for all
     layers costs less than one per layer, and comparing cached parameters would synchronize every layer), under
-    torch.compile, while tracing (`torch.jit.trace`, fvcore: each layer's generation then lies in its own scope,
+    torch.export, while tracing (`torch.jit.trace`, fvcore: each layer's generation then lies in its own scope,
     and the graph is the same with and without autograd), and under FSDP sharding (wrapped submodules or DTensor
     parameters: parameters of other units are not materialized)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
         return False
     if not torch.is_grad_enabled():
         param = next(module.parameters(), None)

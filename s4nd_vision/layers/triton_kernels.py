@@ -381,6 +381,20 @@ def _two_sided_index(num_kernels: int, dims: Tuple[int, ...], sizes: Tuple[int, 
     return torch.cat(parts)
 
 
+@torch.library.custom_op('s4nd_vision::two_sided_index', mutates_args=())
+def _two_sided_index_op(num_kernels: int, dims: List[int], sizes: List[int], bidirectional: bool, max_length: int,
+                        like: torch.Tensor) -> torch.Tensor:
+    """`_two_sided_index` on `like`'s device as one operator of a graph torch.compile captures (sizes may be
+    symbolic) instead of a dozen per entry; a copy of the kept index (an operator's output is its own)."""
+    return _two_sided_index(num_kernels, tuple(dims), tuple(sizes), bidirectional, max_length, like=like).clone()
+
+
+@_two_sided_index_op.register_fake
+def _(num_kernels, dims, sizes, bidirectional, max_length, like):
+    rank = num_kernels // 2 if bidirectional else num_kernels
+    return like.new_empty(rank * sum(d * (2 * n - 1) for d, n in zip(dims, sizes)), dtype=torch.int64)
+
+
 def _generate(kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Sequence[float]) -> torch.Tensor:
     """The packed (num_kernels, rows, max length) float32 kernels of every entry (rows: the entries' channels in
     order), zero beyond each entry's length."""
@@ -439,8 +453,11 @@ def two_sided_kernels_fused(
         return []
     out = _generate(kernels, lengths, rates)
     dims, num_kernels = tuple(k.dim for k in kernels), kernels[0].num_kernels
-    index = _two_sided_index(num_kernels, dims, tuple(int(n) for n in sizes), bool(bidirectional), out.shape[-1],
-                             like=out)
+    sizes = tuple(int(n) for n in sizes)
+    if torch.compiler.is_compiling():
+        index = _two_sided_index_op(num_kernels, list(dims), list(sizes), bool(bidirectional), out.shape[-1], out)
+    else:
+        index = _two_sided_index(num_kernels, dims, sizes, bool(bidirectional), out.shape[-1], like=out)
     packed = torch.cat([out.flatten(), out.new_zeros(1)])[index].to(dtype)
     rank = num_kernels // 2 if bidirectional else num_kernels
     shapes = [(rank, d, 2 * n - 1) for d, n in zip(dims, sizes)]
