@@ -38,7 +38,7 @@ __all__ = ['PATHS', 'conv_path', 'force_path', 'generate_two_sided', 'triton_ava
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
 # The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default, with autograd and
 # without (inference): where an H200 measured them faster than the fast path in the models (README, "H200"; at
-# 28x28 the tensor-core kernels' forward wins, their backward does not).
+# 28x28 the tensor-core kernels made inference faster, training no faster).
 TRITON_FASTER_SIDE = {2: 16, 3: 32}
 TRITON_FASTER_SIDE_INFERENCE = {2: 32, 3: 32}
 _FORCED_PATH = ForcedChoice('s4nd_forced_path')
