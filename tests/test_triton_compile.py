@@ -32,7 +32,7 @@ def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
     assert {c['BLOCK_IN'] for c in conv} == {8, 16, 32, 64} and {c['PH'] for c in conv} == {1, 2, 4}
     assert {c['TRANSPOSE'] for c in conv} == {False, True}
     assert {d for r in reports for d in r['dtypes']} >= {'*fp32', '*bf16', '*fp16'}
-    # the tensor-core candidate at both tile sides, forward and input gradient, each operand dtype
+    # the tensor-core kernels at both tile sides, forward and input gradient, each operand dtype
     dot = [r['constexprs'] for r in reports if r['kernel'] == '_dot_conv_kernel']
     assert {c['S'] for c in dot} == {16, 32} and {c['TRANSPOSE'] for c in dot} == {False, True}
     assert {c['OPERANDS'] for c in dot} == {'fp32', 'bf16', 'fp16'}

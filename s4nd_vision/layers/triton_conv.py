@@ -21,15 +21,16 @@ channel block) that recomputes its rows' H-axis results and adds each tap gradie
 of a (B, R, C, 2n - 1) float32 buffer, summed over the images afterwards (one reduction).
 Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 
-The tensor-core candidate ('dot', `fused_algorithm`): the same products as matrix products per channel,
+The tensor-core kernels ('dot', `fused_algorithm`): the same products as matrix products per channel,
 y[c] = sum_r A_r[c] x[c] B_r[c]^T, each image's plane of a channel one padded (S, S) matrix (S = 16 or 32)
-and a block of channels the batch of 3D dots (fp32 as three TF32 products, 16-bit inputs in their own dtype),
+and a block of channels the batch of 3D dots (fp32 as three TF32 products; 16-bit inputs in their own dtype,
+which the operators, D and the first product's result are rounded to as well),
 the rank terms summed in registers; backward, the input gradient by the transposed operators, and the taps'
 gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g. It avoids what makes the
-'sum' kernels slow (reductions across threads, gathered tap loads: an H200 measured them at 3-15x a depthwise
-conv). An H200 measured it faster than 'sum' at every 2D layer shape (forward+backward) and in the image models,
-so it is the default for images (`DEFAULT_KERNEL_ALGORITHM`); the video model ran slower with it (another day's
-run: to be measured in one process), so clips keep 'sum'.
+'sum' kernels slow (reductions across threads, gathered tap loads; README, "H200"). An H200 measured it faster
+than 'sum' at every 2D layer shape (forward+backward) and in the image models, so it is the default for images
+(`DEFAULT_KERNEL_ALGORITHM`); the video model ran slower with it (another day's run: to be measured in one
+process), so clips keep 'sum'.
 
 3D (clips, (B, T, H, W, C)): per rank-1 term, `_axis_kernel` convolves (and pools) the time axis, writing its
 result once, and the 2D kernels above then treat every frame as an image; the skip term is added by PyTorch ops.
@@ -292,7 +293,7 @@ def _axis_grad_kernel(
                 tl.store(dk_base + idx, old + val / P, mask=c_ok)
 
 
-# ----- the same convolution on tensor cores (a candidate until a GPU measures it) -----
+# ----- the same convolution on tensor cores ('dot') -----
 
 DOT_MAX_SIDE = 32  # the largest padded side S (at 64 the operators spill from registers)
 DOT_TILE = 4096  # values of one (BLOCK_C, S, S) tensor of a forward or input-gradient program
