@@ -10,9 +10,10 @@ from s4nd_vision.layers import ops
 
 
 def _correctness_checks(plan) -> int:
-    """The checks of `plan`'s correctness section: conv cases in two dtypes, custom op, generation, two layers and
-    every fast case with each algorithm, in fp32 and bf16."""
-    return 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
+    """The checks of `plan`'s correctness section: conv cases in two dtypes by both fused algorithms (the tiny
+    plan's sides all within DOT_MAX_SIDE), custom op, generation, two layers and every fast case with each
+    algorithm, in fp32 and bf16."""
+    return 4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
 
 
 def test_every_section_runs_and_reports(tmp_path):
@@ -28,7 +29,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert all(c['ok'] for c in checks)
     assert any('triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
     assert any('fast path' in c['check'] for c in checks)
-    assert sum(c['check'].startswith('conv3d') for c in checks) == 2 * len(plan.conv3d_cases)
+    assert sum(c['check'].startswith('conv3d') for c in checks) == 4 * len(plan.conv3d_cases)  # by both algorithms
     image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
     assert [r['case'] for r in results['bench']] == image_rows + [
         f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
@@ -39,14 +40,13 @@ def test_every_section_runs_and_reports(tmp_path):
     cases = [r['case'] for r in results['models']]
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
-    # the tensor-core kernels: their checks (every conv case, its sides all within DOT_MAX_SIDE), the layers by
-    # both algorithms, the video pair again with them
+    # the tensor-core kernels: checked in correctness (every conv case), then the layers by both algorithms, the
+    # video pair again with them
+    assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     dot = results['dot']
-    assert len(dot[0]['checks']) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
-    assert all(c['ok'] and c['check'].endswith(' dot') for c in dot[0]['checks'])
-    assert [r['case'] for r in dot[1:4]] == [r['case'] for r in results['bench']]
-    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and 'fast_ms' not in r for r in dot[1:4])
-    assert [r['case'] for r in dot[4:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
+    assert [r['case'] for r in dot[:3]] == [r['case'] for r in results['bench']]
+    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and 'fast_ms' not in r for r in dot[:3])
+    assert [r['case'] for r in dot[3:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
@@ -77,8 +77,8 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
 
 def test_the_budget_stops_starting_rows(tmp_path):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
-    assert results['skipped'] == {'correctness': ['check_conv', 'check_generation', 'check_layer', 'check_fast_layer',
-                                                   'check_fast_algorithms'],
+    assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_generation', 'check_layer',
+                                                   'check_fast_layer', 'check_fast_algorithms'],
                                   'profile': [0, 1]}
     assert results['profile'] == [] and results['ok']
 
@@ -161,9 +161,9 @@ def test_a_compiled_pair_cut_short_keeps_what_it_measured(monkeypatch, tmp_path)
     assert results['compiled'] == [dict(case='ok', path='dispatch')] and results['partial'] == {}
 
 
-def test_the_candidate_failing_leaves_the_measured_path_alone():
-    """A crashed or failed row of the 'dot' section (a candidate algorithm) does not switch the later sections to
-    the fast path; a crash elsewhere, or a failed correctness check, does."""
+def test_the_dot_section_failing_leaves_the_measured_path_alone():
+    """A crashed or failed row of the 'dot' section (algorithms beside the default) does not switch the later
+    sections to the fast path; a crash elsewhere, or a failed correctness check, does."""
     ok = [dict(check='conv', ok=True)]
     assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=ok, crashed=['dot[1]']),
                                     None) is None
