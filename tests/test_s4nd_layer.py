@@ -655,6 +655,30 @@ def test_depthwise_inference_path():
                 torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('pool', [1, 2])
+def test_cpu_operators_drop_taps_in_the_denormal_range(pool):
+    """Taps below `ops.FLUSH_BELOW` (a decayed kernel's far end) are zero in the CPU's float32 operators, Toeplitz and
+    depthwise, whose results still equal the float64 convolution with every tap; float64 keeps them all."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 4, 2 * 9 - 1, generator=g, dtype=torch.float64)
+    k[..., :5] *= 1e-38  # normal float32, tiny
+    k[..., 5:7] *= 1e-42  # float32 denormals
+    u = torch.randn(4, 9, 3, 9, generator=g, dtype=torch.float64)  # channel-major (C, H, B, W)
+    expected = ops.separable_conv(u, [k, k], pools=(pool, pool))
+    def tiny(t):
+        return ((t != 0) & (t.abs() < 1e-30)).any()
+
+    op = ops._ToeplitzAxis(k[0].float(), 9, pool)
+    assert op.t.abs().max() > 0 and not tiny(op.t) and tiny(ops._ToeplitzAxis(k[0], 9, pool).t)
+    y = ops.separable_conv(u.float(), [k.float(), k.float()], pools=(pool, pool))
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
+    if pool == 1:
+        x = ops.channels_first(u.float()).contiguous(memory_format=torch.channels_last)
+        depthwise = ops.DepthwiseConv2d([k.float(), k.float()])
+        assert not tiny(depthwise.w_h) and not tiny(depthwise.w_w)
+        torch.testing.assert_close(depthwise.apply(x).double(), ops.channels_first(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_separable_conv_refuses_kernels_that_do_not_fit():
     """A kernel of the wrong length, a rank that differs between axes, or a skip/projection of the wrong size is an
     error naming the argument, not a result of another shape."""

@@ -32,6 +32,10 @@ TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
 DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side, no pooling
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
+# Taps below this magnitude are dropped from the CPU's operators (`flush_tiny`): a decayed kernel's far taps reach
+# 1e-40 on long axes, and their products with activations fall in the denormal range, which x86 CPUs compute
+# 10-100 times slower than normal numbers (the stem's Toeplitz GEMMs took 1.3-1.8x as long, README "2-core CPU").
+FLUSH_BELOW = 2.0 ** -100  # (~7.9e-31: a dropped tap changes a sum of O(1) terms ~1e23 below float32 rounding)
 
 
 class ForcedChoice:
@@ -136,6 +140,15 @@ def _shape3(z: torch.Tensor, dim: int) -> tuple:
     return z.shape[0], math.prod(z.shape[1:dim]), math.prod(z.shape[dim + 1:])
 
 
+def flush_tiny(k: torch.Tensor) -> torch.Tensor:
+    """Kernel taps k with those below `FLUSH_BELOW` in magnitude set to zero (a new tensor), on the CPU in float32
+    and narrower dtypes; k itself elsewhere (GPUs compute denormals at full speed; float64's range ends at 1e-308).
+    Applied to the taps, not to the operators built from them: a fraction of the elements."""
+    if k.device.type != 'cpu' or k.dtype == torch.float64:
+        return k
+    return torch.where(k.abs() < FLUSH_BELOW, 0.0, k)
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.Tensor:
     """a @ b, or acc += a @ b in place (the GEMM accumulates: no copy of acc, no separate add)."""
     return torch.bmm(a, b) if acc is None else acc.baddbmm_(a, b)
@@ -163,7 +176,7 @@ class _ToeplitzAxis:
         m = n // pool
         # sliding windows of the reversed taps are T's rows in reverse order: rev[c, r, j] = T[c, n - 1 - r, j]
         # (a strided view, cheaper to materialize than a gather); rows are pooled before the flip
-        rev = k.flip(-1).unfold(1, n, 1)
+        rev = flush_tiny(k).flip(-1).unfold(1, n, 1)
         if pool > 1:  # AvgPool drops the last rows of T, i.e. the first of rev
             rev = rev.narrow(1, n - m * pool, m * pool).unflatten(1, (m, pool)).mean(2)
         self.t = rev.flip(1)  # (C, m, n)
@@ -383,8 +396,8 @@ class DepthwiseConv2d:
     def __init__(self, kernels: Sequence[torch.Tensor]):
         k_h, k_w = kernels  # (rank, C, 2H - 1), (rank, C, 2W - 1), offset o at index o + n - 1
         # cross-correlation weights (what conv2d applies) are the kernels reversed
-        self.w_h = k_h.flip(-1)[:, :, None, :, None]  # (rank, C, 1, 2H - 1, 1)
-        self.w_w = k_w.flip(-1)[:, :, None, None, :]  # (rank, C, 1, 1, 2W - 1)
+        self.w_h = flush_tiny(k_h).flip(-1)[:, :, None, :, None]  # (rank, C, 1, 2H - 1, 1)
+        self.w_w = flush_tiny(k_w).flip(-1)[:, :, None, None, :]  # (rank, C, 1, 1, 2W - 1)
         self.padding = ((k_h.shape[-1] - 1) // 2, (k_w.shape[-1] - 1) // 2)
 
     def apply(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
