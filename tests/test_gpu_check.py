@@ -34,7 +34,8 @@ def test_every_section_runs_and_reports(tmp_path):
     assert [r['case'] for r in results['bench']] == image_rows + [
         f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
-    assert [r['model'] for r in results['profile']] == list(plan.profile_models)
+    assert [(r['model'], r['train']) for r in results['profile']] == (
+        [(name, True) for name in plan.profile_models] + [(name, False) for name in plan.profile_models])
     assert all('Name' in r['top_operators'] for r in results['profile'])
     assert all(r['step_ms'] > 0 and r['profiled_step_ms'] > 0 for r in results['profile'])
     cases = [r['case'] for r in results['models']]
@@ -71,7 +72,7 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
     failed = [c for c in results['correctness'] if not c['ok']]
     assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
     assert any('triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
-    assert len(results['profile']) == 2 and json.loads(path.read_text())['errors'] == results['errors']
+    assert len(results['profile']) == 4 and json.loads(path.read_text())['errors'] == results['errors']
     assert all(r['path'] == 'fast' for r in results['bench'] + results['profile'])  # each row says so
 
 
@@ -79,7 +80,7 @@ def test_the_budget_stops_starting_rows(tmp_path):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
     assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_generation', 'check_layer',
                                                    'check_fast_layer', 'check_fast_algorithms'],
-                                  'profile': [0, 1]}
+                                  'profile': [0, 1, 2, 3]}
     assert results['profile'] == [] and results['ok']
 
 
@@ -115,7 +116,8 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
     assert 'killed after' in results['errors']['profile[0]']
     assert [r['case'] for r in results['bench']] == [f'3D layer {gpu_check.TINY.video[0]}x4x2x5x5 float32 in bf16 '
                                                      'autocast']
-    assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[1]]
+    assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[1]] + list(
+        gpu_check.TINY.profile_models)  # (training, then inference)
     assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 15
 
 

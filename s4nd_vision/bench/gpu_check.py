@@ -13,8 +13,9 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
    four ConvNeXt-T stage shapes, fp32 and bf16; the 3D layer vs the 3D baseline's depthwise conv at the video
    model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
-4. profile: torch.profiler over training steps (bf16 autocast, channels-last) of ConvNeXt-S4ND-T and ConvNeXt-T:
-   step time, device kernels per step, the fraction of the step the device is busy, top operators by device time.
+4. profile: torch.profiler over training steps, then inference forwards (bf16 autocast, channels-last) of
+   ConvNeXt-T and ConvNeXt-S4ND-T: step time, device kernels per step, the fraction of the step the device is busy
+   (what the host's launches leave idle), top operators by device time.
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
    not yet for clips; checked in correctness): the layers where they apply by both algorithms and the video pair
    again with them. Its failures and crashes do not switch the other sections to the fast path.
@@ -57,6 +58,7 @@ from .benchmark import (
     CONVNEXT_T_STAGES,
     _channels_last_input,
     _fwd_bwd,
+    _inference,
     _train_step,
     bench_models,
     cuda_settings,
@@ -374,18 +376,19 @@ def _device_activity(events) -> Tuple[int, float]:
     return len(kernels), busy
 
 
-def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
-    """torch.profiler over training steps of model `name`: step time (unprofiled, and under the profiler, whose
-    host overhead grows with the operators), device kernels per step, the fraction of the profiled step the device
-    is busy, top operators by device time (kept in the row)."""
+def _profile_model(plan: Plan, device: torch.device, name: str, train: bool = True) -> dict:
+    """torch.profiler over training steps (or, without `train`, inference forwards) of model `name`: step time
+    (unprofiled, and under the profiler, whose host overhead grows with the operators), device kernels per step, the
+    fraction of the profiled step the device is busy (well below 1: the host's launches limit it), top operators by
+    device time (kept in the row)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     x = torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    print(f'training steps, batch {plan.batch}, bf16 autocast, channels-last')
+    print(f'{"training steps" if train else "inference"}, batch {plan.batch}, bf16 autocast, channels-last')
     torch.manual_seed(0)
-    model = timm.create_model(name).to(device, memory_format=torch.channels_last).train()
-    step = _train_step(model, x, torch.bfloat16)
+    model = timm.create_model(name).to(device, memory_format=torch.channels_last).train(train)
+    step = (_train_step if train else _inference)(model, x, torch.bfloat16)
     # the step time without the profiler (its warm-up: Triton compilation, cuDNN autotuning)
     step_ms = time_ms(dict(step=step), device, warmup=2, repeats=plan.profile_steps)['step']
     if device.type == 'cuda':
@@ -402,10 +405,11 @@ def _profile_model(plan: Plan, device: torch.device, name: str) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
     sort = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)
-    row = dict(model=name, step_ms=step_ms, profiled_step_ms=wall_us / plan.profile_steps / 1e3,
+    row = dict(model=name, train=train, step_ms=step_ms, profiled_step_ms=wall_us / plan.profile_steps / 1e3,
                kernels_per_step=kernels / plan.profile_steps, busy=min(busy_us / wall_us, 1.0), peak_gib=peak,
                top_operators=table)
-    print(f'{name}: {step_ms:.1f} ms/step ({row["profiled_step_ms"]:.1f} profiled), {row["kernels_per_step"]:.0f} '
+    print(f'{name} {"training" if train else "inference"}: {step_ms:.1f} ms/step '
+          f'({row["profiled_step_ms"]:.1f} profiled), {row["kernels_per_step"]:.0f} '
           f'device kernels/step, device busy {row["busy"]:.0%} of the profiled step, peak {peak:.1f} GiB')
     print(table, flush=True)
     return row
@@ -439,7 +443,8 @@ def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], d
     if section == 'bench':
         return layer_jobs(plan, device)
     if section == 'profile':
-        return [partial(_profile_model, plan, device, name) for name in plan.profile_models]
+        return [partial(_profile_model, plan, device, name, train) for train in (True, False)
+                for name in plan.profile_models]
     if section == 'dot':  # the layers by both algorithms of the fused convolution, and the video pair with the
         # tensor-core kernels (clips default to 'sum': the images' pairs in 'models' already run 'dot')
         return layer_jobs(plan, device, dot=True) + [_labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot')]
