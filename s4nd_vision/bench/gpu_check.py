@@ -308,15 +308,37 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
     return run
 
 
+# The tensor-core kernels' tiles that an H200 ran (commit 54b42a5), before they were made smaller for occupancy
+# (`triton_conv.DOT_TILE`): the 'dot' section times both, so that one GPU run confirms the smaller ones or reverts.
+WIDE_DOT_TILES = dict(DOT_TILE=4096, DOT_GRAD_TILE=1024)
+
+
+def _with_dot_tiles(fn: Callable, tiles: Dict[str, int]) -> Callable:
+    """`fn` run with the tensor-core kernels' tile sizes set to `tiles` (`triton_conv` attributes)."""
+    from ..layers import triton_conv
+
+    def run(*args, **kwargs):
+        saved = {k: getattr(triton_conv, k) for k in tiles}
+        for k, v in tiles.items():
+            setattr(triton_conv, k, v)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                setattr(triton_conv, k, v)
+    return run
+
+
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int,
                  dot: bool = False) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
-    default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot'),
-    and of the baseline depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it
-    comes."""
+    default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot', and
+    'dot_wide': 'dot' with `WIDE_DOT_TILES`), and of the baseline depthwise `conv`, on x (its grad enabled), ms and
+    ratios to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp)}
     if dot:
         fns.update({a: _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), a) for a in ('sum', 'dot')})
+        fns['dot_wide'] = _with_dot_tiles(fns['dot'], WIDE_DOT_TILES)
     else:
         fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)

@@ -24,7 +24,7 @@ Inputs may be float32, bfloat16 or float16; every sum accumulates in float32.
 The tensor-core kernels ('dot', `fused_algorithm`): the same products as matrix products per channel,
 y[c] = sum_r A_r[c] x[c] B_r[c]^T, each image's plane of a channel one padded (S, S) matrix (S = 16 or 32)
 and a block of channels the batch of 3D dots (fp32 as three TF32 products; 16-bit inputs in their own dtype,
-which the operators, D and the first product's result are rounded to as well),
+which the operators, the first product's result and, where it pools, D are rounded to as well),
 the rank terms summed in registers; backward, the input gradient by the transposed operators, and the taps'
 gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g. It avoids what makes the
 'sum' kernels slow (reductions across threads, gathered tap loads; README, "H200"). An H200 measured it faster
@@ -296,8 +296,12 @@ def _axis_grad_kernel(
 # ----- the same convolution on tensor cores ('dot') -----
 
 DOT_MAX_SIDE = 32  # the largest padded side S (at 64 the operators spill from registers)
-DOT_TILE = 4096  # values of one (BLOCK_C, S, S) tensor of a forward or input-gradient program
-DOT_GRAD_TILE = 1024  # ... of a kernel-gradient program (more tensors live at once)
+# Values of one (BLOCK_C, S, S) tensor of a forward or input-gradient program, and of a kernel-gradient program
+# (more tensors live at once). Small programs: the registers of one thread bound how many warps an SM keeps, and
+# these programs wait on chains of dependent products. Compiled for sm_90 (`tests/triton_compile_script.py`),
+# 1024 / 512 keep 16-40 warps per SM at S = 16 (bf16 and fp32), against 8-24 with 4096 / 1024, which an H200 ran.
+DOT_TILE = 1024
+DOT_GRAD_TILE = 512
 DOT_WARPS = 8
 KERNEL_ALGORITHMS = ('sum', 'dot')
 # by spatial rank (images, clips): measured on an H200 (README)
@@ -368,10 +372,13 @@ def _dot_conv_kernel(
         acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
     if HAS_SKIP:
         d = tl.load(d_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        left = tl.broadcast_to(_pooling(m, n, HO, PH, TRANSPOSE), [BLOCK_C, S, S]) * d
-        right = tl.broadcast_to(_pooling(n, m, WO, PW, TRANSPOSE), [BLOCK_C, S, S])
-        z = tl.dot(left.to(OPERANDS), inp, input_precision=PRECISION)
-        acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
+        if PH == 1 and PW == 1:  # D x, elementwise (the products below would double the program's dots)
+            acc += d * inp.to(tl.float32)
+        else:  # D times the input pooled (forward) or spread over the pooling windows (TRANSPOSE)
+            left = tl.broadcast_to(_pooling(m, n, HO, PH, TRANSPOSE), [BLOCK_C, S, S]) * d
+            right = tl.broadcast_to(_pooling(n, m, WO, PW, TRANSPOSE), [BLOCK_C, S, S])
+            z = tl.dot(left.to(OPERANDS), inp, input_precision=PRECISION)
+            acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
     tl.store(y_ptr + b * syb + m * syh + n * syw + c * syc, acc.to(y_ptr.dtype.element_ty),
              mask=c_ok & (m < rows_out) & (n < cols_out))
 
@@ -431,9 +438,12 @@ def _dot_grad_kernel(
         tl.store(dkh_ptr + ((b * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
         tl.store(dkw_ptr + ((b * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
     if HAS_SKIP:  # dD[c] = sum g pool(x)
-        left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
-        right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
-        pooled = tl.dot(tl.dot(left, x32, input_precision=PRECISION), right, input_precision=PRECISION)
+        if PH == 1 and PW == 1:
+            pooled = x32
+        else:
+            left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
+            right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
+            pooled = tl.dot(tl.dot(left, x32, input_precision=PRECISION), right, input_precision=PRECISION)
         dd = tl.sum(tl.sum(g32 * pooled, axis=2), axis=1)
         tl.store(dd_ptr + b * C + c1, dd, mask=c1 < C)
 
