@@ -46,8 +46,8 @@ def test_every_section_runs_and_reports(tmp_path):
     assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     dot = results['dot']
     assert [r['case'] for r in dot[:3]] == [r['case'] for r in results['bench']]
-    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and r['dot_wide_ratio'] > 0 and 'fast_ms' not in r
-               for r in dot[:3])
+    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and r['dot_wide_ratio'] > 0 and r['dot_single_ratio'] > 0
+               and 'fast_ms' not in r for r in dot[:3])
     assert [r['case'] for r in dot[3:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
@@ -177,18 +177,20 @@ def test_the_dot_section_failing_leaves_the_measured_path_alone():
     assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=failed), 'triton') == 'triton'
 
 
-def test_wide_dot_tiles_apply_within_the_call_only():
-    """The 'dot' section's 'dot_wide' column runs the tensor-core kernels with the tiles an H200 measured before;
-    the landed tiles are back after the call, also when it raises."""
+def test_dot_variants_apply_within_the_call_only():
+    """The 'dot' section's variant columns run the tensor-core kernels with other settings (those an H200 measured
+    before: 'dot_wide'); the landed settings are back after the call, also when it raises."""
     from s4nd_vision.layers import triton_conv
-    landed = triton_conv.DOT_TILE, triton_conv.DOT_GRAD_TILE
-    assert landed != (gpu_check.WIDE_DOT_TILES['DOT_TILE'], gpu_check.WIDE_DOT_TILES['DOT_GRAD_TILE'])
-    seen = gpu_check._with_dot_tiles(lambda: (triton_conv.DOT_TILE, triton_conv.DOT_GRAD_TILE),
-                                     gpu_check.WIDE_DOT_TILES)()
-    assert seen == (4096, 1024) and (triton_conv.DOT_TILE, triton_conv.DOT_GRAD_TILE) == landed
+    names = ('DOT_TILE', 'DOT_GRAD_TILE', 'DOT_IMAGES')
+    landed = {k: getattr(triton_conv, k) for k in names}
+    wide = gpu_check.DOT_VARIANTS['dot_wide']
+    assert wide != {k: landed[k] for k in wide}
+    seen = gpu_check._with_dot_settings(lambda: {k: getattr(triton_conv, k) for k in names}, wide)()
+    assert seen == dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1)
+    assert {k: getattr(triton_conv, k) for k in names} == landed
 
     def broken():
         raise RuntimeError('row failed')
     with pytest.raises(RuntimeError):
-        gpu_check._with_dot_tiles(broken, gpu_check.WIDE_DOT_TILES)()
-    assert (triton_conv.DOT_TILE, triton_conv.DOT_GRAD_TILE) == landed
+        gpu_check._with_dot_settings(broken, wide)()
+    assert {k: getattr(triton_conv, k) for k in names} == landed

@@ -99,6 +99,29 @@ def test_dot_algorithm_equals_reference(b, h, w, c, rank, pools, skip):
         assert _rel(a16, r) < 2e-2, (name, _rel(a16, r))
 
 
+@pytest.mark.parametrize('rank,pools,skip', [(1, (1, 1), True), (2, (2, 2), True), (1, (2, 1), False)])
+def test_dot_kernels_with_several_images_per_program(rank, pools, skip, monkeypatch):
+    """Programs of the tensor-core kernels that loop over a group of images (the operators built, and their
+    gradients reduced to taps, once per group; a last group not full): equal to the float64 reference."""
+    monkeypatch.setattr(triton_conv, '_dot_images', lambda b: 3)
+    b, h, w, c = 7, 5, 6, 5  # groups of 3, 3, 1
+    tensors = _inputs(b, h, w, c, rank, skip)
+    grad_out = torch.randn((b, h // pools[0], w // pools[1], c), dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1))
+    y_ref, g_ref = _grads(lambda x, kh, kw, d: _reference(x, kh, kw, d, pools), tensors, grad_out)
+    with triton_conv.fused_algorithm('dot'):
+        y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
+                      [t.float() if t is not None else None for t in tensors], grad_out)
+    assert _rel(y, y_ref) < 1e-5, _rel(y, y_ref)
+    for name, a, r in zip(['x', 'kh', 'kw', 'D'], g, g_ref):
+        assert _rel(a, r) < 1e-5, (name, _rel(a, r))
+
+
+def test_dot_images_per_program_keep_the_gpu_filled():
+    """At least 16 programs per channel block, at most `DOT_IMAGES` images each (ConvNeXt-T's batch of 128: 8)."""
+    assert [triton_conv._dot_images(b) for b in (1, 8, 31, 32, 64, 128, 1024)] == [1, 1, 1, 2, 4, 8, 8]
+
+
 def test_dot_algorithm_runs_its_kernels_up_to_its_side(monkeypatch):
     """'dot' (the default for images, `DEFAULT_KERNEL_ALGORITHM`) launches the tensor-core kernels for sides up to
     DOT_MAX_SIDE and the sums beyond; 'sum' (the default for clips' frames) never launches them."""

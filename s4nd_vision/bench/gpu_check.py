@@ -308,18 +308,19 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
     return run
 
 
-# The tensor-core kernels' tiles that an H200 ran (commit 54b42a5), before they were made smaller for occupancy
-# (`triton_conv.DOT_TILE`): the 'dot' section times both, so that one GPU run confirms the smaller ones or reverts.
-WIDE_DOT_TILES = dict(DOT_TILE=4096, DOT_GRAD_TILE=1024)
+# Settings of the tensor-core kernels (`triton_conv` attributes) that the 'dot' section times beside the landed ones,
+# so that one GPU run confirms or reverts the changes made since an H200 last ran them (commit 54b42a5):
+# 'dot_wide' as it ran then (large tiles, one image per program), 'dot_single' the landed tiles, one image per program.
+DOT_VARIANTS = {'dot_wide': dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1), 'dot_single': dict(DOT_IMAGES=1)}
 
 
-def _with_dot_tiles(fn: Callable, tiles: Dict[str, int]) -> Callable:
-    """`fn` run with the tensor-core kernels' tile sizes set to `tiles` (`triton_conv` attributes)."""
+def _with_dot_settings(fn: Callable, settings: Dict[str, int]) -> Callable:
+    """`fn` run with the tensor-core kernels' `settings` (`triton_conv` attributes), restored afterwards."""
     from ..layers import triton_conv
 
     def run(*args, **kwargs):
-        saved = {k: getattr(triton_conv, k) for k in tiles}
-        for k, v in tiles.items():
+        saved = {k: getattr(triton_conv, k) for k in settings}
+        for k, v in settings.items():
             setattr(triton_conv, k, v)
         try:
             return fn(*args, **kwargs)
@@ -333,12 +334,12 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
                  dot: bool = False) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
     default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot', and
-    'dot_wide': 'dot' with `WIDE_DOT_TILES`), and of the baseline depthwise `conv`, on x (its grad enabled), ms and
-    ratios to the conv; printed as it comes."""
+    'dot' with each of `DOT_VARIANTS`), and of the baseline depthwise `conv`, on x (its grad enabled), ms and ratios
+    to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp)}
     if dot:
         fns.update({a: _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), a) for a in ('sum', 'dot')})
-        fns['dot_wide'] = _with_dot_tiles(fns['dot'], WIDE_DOT_TILES)
+        fns.update({name: _with_dot_settings(fns['dot'], settings) for name, settings in DOT_VARIANTS.items()})
     else:
         fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)

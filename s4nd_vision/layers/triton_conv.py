@@ -26,8 +26,9 @@ y[c] = sum_r A_r[c] x[c] B_r[c]^T, each image's plane of a channel one padded (S
 and a block of channels the batch of 3D dots (fp32 as three TF32 products; 16-bit inputs in their own dtype,
 which the operators, the first product's result and, where it pools, D are rounded to as well),
 the rank terms summed in registers; backward, the input gradient by the transposed operators, and the taps'
-gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g. It avoids what makes the
-'sum' kernels slow (reductions across threads, gathered tap loads; README, "H200"). An H200 measured it faster
+gradients as the diagonal sums of the operators' gradients g (x B^T)^T and (A x)^T g, summed over a program's
+images first (a program takes a few images, `DOT_IMAGES`: per-channel work is done once for them). It avoids what
+makes the 'sum' kernels slow (reductions across threads, gathered tap loads; README, "H200"). An H200 measured it faster
 than 'sum' at every 2D layer shape (forward+backward) and in the image models, so it is the default for images
 (`DEFAULT_KERNEL_ALGORITHM`); the video model ran slower with it (another day's run: to be measured in one
 process), so clips keep 'sum'.
@@ -297,12 +298,14 @@ def _axis_grad_kernel(
 
 DOT_MAX_SIDE = 32  # the largest padded side S (at 64 the operators spill from registers)
 # Values of one (BLOCK_C, S, S) tensor of a forward or input-gradient program, and of a kernel-gradient program
-# (more tensors live at once). Small programs: the registers of one thread bound how many warps an SM keeps, and
-# these programs wait on chains of dependent products. Compiled for sm_90 (`tests/triton_compile_script.py`),
-# 1024 / 512 keep 16-40 warps per SM at S = 16 (bf16 and fp32), against 8-24 with 4096 / 1024, which an H200 ran.
+# (more tensors live at once). Small: a thread's registers bound the warps an SM keeps, and these programs wait on
+# chains of dependent products (registers per kernel for sm_90: README, "H200"; `gpu_check` times the former tiles).
 DOT_TILE = 1024
 DOT_GRAD_TILE = 512
 DOT_WARPS = 8
+# Images per program (at most): a program builds its channels' operators and, in the kernel gradient, reduces their
+# gradients to taps once for all its images (the same work for every image; one image per program repeated it)
+DOT_IMAGES = 8
 KERNEL_ALGORITHMS = ('sum', 'dot')
 # by spatial rank (images, clips): measured on an H200 (README)
 DEFAULT_KERNEL_ALGORITHM = {2: 'dot', 3: 'sum'}
@@ -338,18 +341,19 @@ def _pooling(row, col, n_out, P: tl.constexpr, TRANSPOSE: tl.constexpr):
 @triton.jit
 def _dot_conv_kernel(
         x_ptr, kh_ptr, kw_ptr, d_ptr, y_ptr,
-        C, H, W, HO, WO, R,
+        B, C, H, W, HO, WO,
         sxb, sxh, sxw, sxc, syb, syh, syw, syc,
         skr, skc, skwr, skwc,
+        R: tl.constexpr, IMAGES: tl.constexpr,
         PH: tl.constexpr, PW: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_SKIP: tl.constexpr,
         S: tl.constexpr, BLOCK_C: tl.constexpr, OPERANDS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """`_conv_kernel` as matrix products per channel: y[c] = sum_r A_r[c] x[c] B_r[c]^T (+ D[c] pool(x[c])), each
     image's (H, W) plane of a channel a padded (S, S) matrix and the channels of a program the batch of 3D dots
-    (TRANSPOSE: the input gradient A_r^T g B_r). One program per (image, channel block): it reads its input once,
-    builds the Toeplitz operators from the taps (gathered from the small kernels, L1-resident) and writes its
-    output once, all in registers."""
-    b = tl.program_id(0)
+    (TRANSPOSE: the input gradient A_r^T g B_r). One program per (group of IMAGES images, channel block): it builds
+    the Toeplitz operators from the taps (gathered from the small kernels) once for its images when there is one
+    rank term, reads each input once and writes each output once, all in registers."""
+    b0 = tl.program_id(0) * IMAGES
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[:, None, None]
     c_ok = c < C
@@ -359,28 +363,40 @@ def _dot_conv_kernel(
         rows_out, rows_in, cols_in, cols_out = H, HO, WO, W
     else:
         rows_out, rows_in, cols_in, cols_out = HO, H, W, WO
-    inp = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=c_ok & (m < rows_in) & (n < cols_in),
-                  other=0.0).to(OPERANDS)
     left_mask = (m < rows_out) & (n < rows_in)  # [., i, a]: output row i, input row a
     right_mask = (m < cols_in) & (n < cols_out)  # [., v, j]: input column v, output column j
-    acc = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
-    for r in range(R):
-        left = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, TRANSPOSE, left_mask)
-        # the right operator is B^T ([v, j] = B[j, v]): the transposed Toeplitz of the forward, and vice versa
-        right = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, TRANSPOSE, right_mask)
-        z = tl.dot(left.to(OPERANDS), inp, input_precision=PRECISION)
-        acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
+    if R == 1:  # the same operators for every image of the program
+        left0 = _toeplitz(kh_ptr, c * skc, c_ok, m, n, H, PH, TRANSPOSE, left_mask).to(OPERANDS)
+        right0 = _toeplitz(kw_ptr, c * skwc, c_ok, n, m, W, PW, TRANSPOSE, right_mask).to(OPERANDS)
     if HAS_SKIP:
         d = tl.load(d_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        if PH == 1 and PW == 1:  # D x, elementwise (the products below would double the program's dots)
-            acc += d * inp.to(tl.float32)
-        else:  # D times the input pooled (forward) or spread over the pooling windows (TRANSPOSE)
-            left = tl.broadcast_to(_pooling(m, n, HO, PH, TRANSPOSE), [BLOCK_C, S, S]) * d
-            right = tl.broadcast_to(_pooling(n, m, WO, PW, TRANSPOSE), [BLOCK_C, S, S])
-            z = tl.dot(left.to(OPERANDS), inp, input_precision=PRECISION)
-            acc += tl.dot(z.to(OPERANDS), right.to(OPERANDS), input_precision=PRECISION)
-    tl.store(y_ptr + b * syb + m * syh + n * syw + c * syc, acc.to(y_ptr.dtype.element_ty),
-             mask=c_ok & (m < rows_out) & (n < cols_out))
+        if PH != 1 or PW != 1:  # D times the input pooled (forward) or spread over the pooling windows (TRANSPOSE)
+            pool_left = (tl.broadcast_to(_pooling(m, n, HO, PH, TRANSPOSE), [BLOCK_C, S, S]) * d).to(OPERANDS)
+            pool_right = tl.broadcast_to(_pooling(n, m, WO, PW, TRANSPOSE), [BLOCK_C, S, S]).to(OPERANDS)
+    for i in range(IMAGES):
+        b = b0 + i
+        b_ok = b < B
+        inp = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc,
+                      mask=b_ok & c_ok & (m < rows_in) & (n < cols_in), other=0.0).to(OPERANDS)
+        acc = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
+        for r in tl.static_range(R):
+            if R == 1:
+                left = left0
+                right = right0
+            else:
+                left = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, TRANSPOSE, left_mask).to(OPERANDS)
+                # the right operator is B^T ([v, j] = B[j, v]): the transposed Toeplitz of the forward, and vice versa
+                right = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, TRANSPOSE, right_mask).to(OPERANDS)
+            z = tl.dot(left, inp, input_precision=PRECISION)
+            acc += tl.dot(z.to(OPERANDS), right, input_precision=PRECISION)
+        if HAS_SKIP:
+            if PH == 1 and PW == 1:  # D x, elementwise (products would double the program's dots)
+                acc += d * inp.to(tl.float32)
+            else:
+                z = tl.dot(pool_left, inp, input_precision=PRECISION)
+                acc += tl.dot(z.to(OPERANDS), pool_right, input_precision=PRECISION)
+        tl.store(y_ptr + b * syb + m * syh + n * syw + c * syc, acc.to(y_ptr.dtype.element_ty),
+                 mask=b_ok & c_ok & (m < rows_out) & (n < cols_out))
 
 
 @triton.jit
@@ -402,50 +418,60 @@ def _diagonal_sums(mat, n, P: tl.constexpr, S: tl.constexpr, BLOCK_C: tl.constex
 @triton.jit
 def _dot_grad_kernel(
         x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
-        C, H, W, HO, WO, R,
+        B, C, H, W, HO, WO, R,
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
-        PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
+        IMAGES: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
         S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """`_kernel_grad_kernel` as matrix products: per rank term, the gradients of the operators,
-    dA = g (x B^T)^T and dB^T = (A x)^T g, then their diagonal sums (`_diagonal_sums`) into this image's fp32
-    slices of dkh (B, R, C, 2H - 1) and dkw (B, R, C, 2W - 1), and dD (B, C) (the caller sums over images).
-    One program per (image, channel block), which reads x and g once."""
-    b = tl.program_id(0)
+    dA = sum over images of g (x B^T)^T and dB^T = sum of (A x)^T g, then their diagonal sums (`_diagonal_sums`)
+    into this program's fp32 slices of dkh (groups, R, C, 2H - 1) and dkw (groups, R, C, 2W - 1), and dD (groups, C)
+    (the caller sums over the groups). One program per (group of IMAGES images, channel block): the operators are
+    built and their gradients reduced to taps once per group."""
+    grp = tl.program_id(0)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[:, None, None]
     c_ok = c < C
     m = tl.arange(0, S)[None, :, None]
     n = tl.arange(0, S)[None, None, :]
-    x = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=c_ok & (m < H) & (n < W), other=0.0)
-    g = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=c_ok & (m < HO) & (n < WO), other=0.0)
-    x32 = x.to(tl.float32)
-    g32 = g.to(tl.float32)
+    x_mask = c_ok & (m < H) & (n < W)
+    g_mask = c_ok & (m < HO) & (n < WO)
     o = tl.arange(0, TAPS)[None, :]
     n_h = 2 * H - 1
     n_w = 2 * W - 1
+    dd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SKIP and (PH != 1 or PW != 1):
+        pool_left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
+        pool_right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
     for r in range(R):
         a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, False, (m < HO) & (n < H))  # [i, a]
         bt_op = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, False, (m < W) & (n < WO))  # [v, j]
-        xb = tl.dot(x32, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
-        da = tl.dot(g32, tl.permute(xb, (0, 2, 1)), input_precision=PRECISION)  # [i, a]
-        ax = tl.dot(a_op, x32, input_precision=PRECISION)  # A x: [i, v]
-        dbt = tl.dot(tl.permute(ax, (0, 2, 1)), g32, input_precision=PRECISION)  # [v, j]
+        da = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
+        dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
+        for i in range(IMAGES):
+            b = grp * IMAGES + i
+            b_ok = b < B
+            x32 = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(tl.float32)
+            g32 = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(tl.float32)
+            xb = tl.dot(x32, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
+            da += tl.dot(g32, tl.permute(xb, (0, 2, 1)), input_precision=PRECISION)  # [i, a]
+            ax = tl.dot(a_op, x32, input_precision=PRECISION)  # A x: [i, v]
+            dbt += tl.dot(tl.permute(ax, (0, 2, 1)), g32, input_precision=PRECISION)  # [v, j]
+            if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
+                if PH == 1 and PW == 1:
+                    pooled = x32
+                else:
+                    pooled = tl.dot(tl.dot(pool_left, x32, input_precision=PRECISION), pool_right,
+                                    input_precision=PRECISION)
+                dd += tl.where(r == 0, tl.sum(tl.sum(g32 * pooled, axis=2), axis=1), 0.0)
         dkh = _diagonal_sums(da, H, PH, S, BLOCK_C, TAPS)
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
         dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), W, PW, S, BLOCK_C, TAPS)
-        tl.store(dkh_ptr + ((b * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
-        tl.store(dkw_ptr + ((b * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
-    if HAS_SKIP:  # dD[c] = sum g pool(x)
-        if PH == 1 and PW == 1:
-            pooled = x32
-        else:
-            left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
-            right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
-            pooled = tl.dot(tl.dot(left, x32, input_precision=PRECISION), right, input_precision=PRECISION)
-        dd = tl.sum(tl.sum(g32 * pooled, axis=2), axis=1)
-        tl.store(dd_ptr + b * C + c1, dd, mask=c1 < C)
+        tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
+        tl.store(dkw_ptr + ((grp * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
+    if HAS_SKIP:
+        tl.store(dd_ptr + grp * C + c1, dd, mask=c1 < C)
 
 
 _ALGORITHM = ForcedChoice('s4nd_fused_algorithm')
@@ -472,6 +498,12 @@ def _dot_sizes(h: int, w: int, tile: int) -> Tuple[int, int]:
     as many channels per program as keep each of its (BLOCK_C, S, S) tensors within `tile` values, at most 8."""
     side = max(16, triton.next_power_of_2(max(h, w)))
     return side, max(1, min(8, tile // side ** 2))
+
+
+def _dot_images(b: int) -> int:
+    """Images per program of the dot kernels: a power of two up to `DOT_IMAGES`, leaving at least 16 programs per
+    channel block (small batches keep one image per program, and the GPU filled)."""
+    return max(1, min(DOT_IMAGES, triton.next_power_of_2(b // 16 + 1) // 2))
 
 
 def _block_c(c: int) -> int:
@@ -502,11 +534,12 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool) -> 
         y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype)
         kh, kw = kh.contiguous(), kw.contiguous()
         side, block_c = _dot_sizes(h, w, DOT_TILE)
-        _dot_conv_kernel[(b, triton.cdiv(c, block_c))](
+        images = _dot_images(b)
+        _dot_conv_kernel[(triton.cdiv(b, images), triton.cdiv(c, block_c))](
             x, kh, kw, skip.contiguous() if skip is not None else kh, y,
-            c, h, w, ho, wo, kh.shape[0],
+            b, c, h, w, ho, wo,
             *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
-            PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
+            R=kh.shape[0], IMAGES=images, PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
             S=side, BLOCK_C=block_c, OPERANDS=_operands(x.dtype), PRECISION=_precision(x.dtype),
             num_warps=DOT_WARPS)
         return y
@@ -590,16 +623,18 @@ def _dot_kernel_grads(grad, x, kh, kw, skip, pools) -> Tuple[torch.Tensor, torch
     """`_dot_grad_kernel`: the gradients of kh, kw and skip (empty without one)."""
     b, h, w, c = x.shape
     r = kh.shape[0]
-    dkh = torch.empty((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
-    dkw = torch.empty((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
-    dd = torch.empty((b, c if skip is not None else 0), device=x.device, dtype=torch.float32)
+    images = _dot_images(b)
+    groups = triton.cdiv(b, images)
+    dkh = torch.empty((groups, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per group, summed below
+    dkw = torch.empty((groups, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
+    dd = torch.empty((groups, c if skip is not None else 0), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
     side, block_c = _dot_sizes(h, w, DOT_GRAD_TILE)
-    _dot_grad_kernel[(b, triton.cdiv(c, block_c))](
+    _dot_grad_kernel[(groups, triton.cdiv(c, block_c))](
         x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
-        c, h, w, h // pools[0], w // pools[1], r,
+        b, c, h, w, h // pools[0], w // pools[1], r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
-        PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
+        IMAGES=images, PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
         PRECISION=_precision(torch.float32), num_warps=DOT_WARPS)
     dd = dd.sum(0)
     return dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), dd.to(skip.dtype) if skip is not None else dd
