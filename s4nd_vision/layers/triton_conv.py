@@ -301,7 +301,7 @@ DOT_MAX_SIDE = 32  # the largest padded side S (at 64 the operators spill from r
 # (more tensors live at once). Small: a thread's registers bound the warps an SM keeps, and these programs wait on
 # chains of dependent products (registers per kernel for sm_90: README, "H200"; `gpu_check` times the former tiles).
 DOT_TILE = 1024
-DOT_GRAD_TILE = 512
+DOT_GRAD_TILE = 256
 DOT_WARPS = 8
 # Images per program (at most): a program builds its channels' operators and, in the kernel gradient, reduces their
 # gradients to taps once for all its images (the same work for every image; one image per program repeated it)
@@ -445,10 +445,10 @@ def _dot_grad_kernel(
         pool_left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
         pool_right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
     for r in range(R):
-        a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, False, (m < HO) & (n < H))  # [i, a]
+        # two passes over the images, one operator gradient each (half the tensors live at once; the second pass
+        # reads the planes from the L2 cache)
         bt_op = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, False, (m < W) & (n < WO))  # [v, j]
         da = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
-        dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for i in range(IMAGES):
             b = grp * IMAGES + i
             b_ok = b < B
@@ -456,8 +456,6 @@ def _dot_grad_kernel(
             g32 = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(tl.float32)
             xb = tl.dot(x32, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
             da += tl.dot(g32, tl.permute(xb, (0, 2, 1)), input_precision=PRECISION)  # [i, a]
-            ax = tl.dot(a_op, x32, input_precision=PRECISION)  # A x: [i, v]
-            dbt += tl.dot(tl.permute(ax, (0, 2, 1)), g32, input_precision=PRECISION)  # [v, j]
             if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
                 if PH == 1 and PW == 1:
                     pooled = x32
@@ -466,9 +464,18 @@ def _dot_grad_kernel(
                                     input_precision=PRECISION)
                 dd += tl.where(r == 0, tl.sum(tl.sum(g32 * pooled, axis=2), axis=1), 0.0)
         dkh = _diagonal_sums(da, H, PH, S, BLOCK_C, TAPS)
+        tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
+        a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, False, (m < HO) & (n < H))  # [i, a]
+        dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
+        for i in range(IMAGES):
+            b = grp * IMAGES + i
+            b_ok = b < B
+            x32 = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(tl.float32)
+            g32 = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(tl.float32)
+            ax = tl.dot(a_op, x32, input_precision=PRECISION)  # A x: [i, v]
+            dbt += tl.dot(tl.permute(ax, (0, 2, 1)), g32, input_precision=PRECISION)  # [v, j]
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
         dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), W, PW, S, BLOCK_C, TAPS)
-        tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
         tl.store(dkw_ptr + ((grp * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
     if HAS_SKIP:
         tl.store(dd_ptr + grp * C + c1, dd, mask=c1 < C)
