@@ -37,4 +37,6 @@ def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
     assert {c['S'] for c in dot} == {16, 32} and {c['TRANSPOSE'] for c in dot} == {False, True}
     assert {c['OPERANDS'] for c in dot} == {'fp32', 'bf16', 'fp16'}
     assert {r['constexprs']['S'] for r in reports if r['kernel'] == '_dot_grad_kernel'} == {16, 32}
+    # programs over one image and over 8 (batch 128), for both kernels
+    assert {r['constexprs']['IMAGES'] for r in reports if r['kernel'].startswith('_dot_')} == {1, 8}
     assert all(r['reg'] > 0 for r in reports)

@@ -94,13 +94,16 @@ def record_launches() -> list:
     launches = []
     for module, name in KERNELS:
         setattr(module, name, _Recorder(name, getattr(module, name), launches))
-    # 2D: (B, H, W, C), pools, dtype, rank, algorithm; 'dot' at its two tile sides (16, 32)
+    # 2D: (B, H, W, C), pools, dtype, rank, algorithm; 'dot' at its two tile sides (16, 32), and at ConvNeXt-T's
+    # batch of 128, whose programs loop over 8 images (`triton_conv._dot_images`)
     cases = [((2, 56, 56, 96), (1, 1), torch.float32, 1, 'sum'), ((2, 56, 56, 96), (1, 1), torch.bfloat16, 1, 'sum'),
              ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1, 'sum'), ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'sum'),
              ((2, 7, 7, 768), (1, 1), torch.bfloat16, 1, 'sum'), ((2, 56, 56, 96), (2, 2), torch.bfloat16, 1, 'sum'),
              ((2, 64, 64, 32), (4, 4), torch.float16, 1, 'sum'),
-             ((2, 32, 32, 96), (2, 2), torch.float32, 1, 'dot'), ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1, 'dot'),
-             ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'dot'), ((2, 7, 7, 768), (1, 1), torch.float32, 2, 'dot'),
+             ((2, 32, 32, 96), (2, 2), torch.float32, 1, 'dot'),
+             ((128, 28, 28, 192), (1, 1), torch.bfloat16, 1, 'dot'),
+             ((128, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'dot'),
+             ((128, 7, 7, 768), (1, 1), torch.float32, 2, 'dot'),
              ((2, 14, 14, 384), (2, 2), torch.float16, 1, 'dot')]
     for (b, h, w, c), pools, dtype, rank, algorithm in cases:
         x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
