@@ -30,7 +30,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert any('triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
     assert any('fast path' in c['check'] for c in checks)
     assert sum(c['check'].startswith('conv3d') for c in checks) == 4 * len(plan.conv3d_cases)  # by both algorithms
-    image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16')]
+    image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16', 'float32 in bf16 autocast')]
     assert [r['case'] for r in results['bench']] == image_rows + [
         f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert all(r['triton_ratio'] > 0 and r['fast_ratio'] > 0 for r in results['bench'])
@@ -45,10 +45,10 @@ def test_every_section_runs_and_reports(tmp_path):
     # video pair again with them
     assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     dot = results['dot']
-    assert [r['case'] for r in dot[:3]] == [r['case'] for r in results['bench']]
+    assert [r['case'] for r in dot[:4]] == [r['case'] for r in results['bench']]
     assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and r['dot_wide_ratio'] > 0 and r['dot_single_ratio'] > 0
-               and 'fast_ms' not in r for r in dot[:3])
-    assert [r['case'] for r in dot[3:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
+               and 'fast_ms' not in r for r in dot[:4])
+    assert [r['case'] for r in dot[4:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
@@ -68,7 +68,7 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
     path = tmp_path / 'gpu_check.json'
     results = gpu_check.run_checks(['correctness', 'bench', 'profile'], gpu_check.TINY, 'cpu', str(path))
     assert not results['ok'] and results['path'] == 'fast'  # switched by the failed check
-    assert 'no kernel image' in results['errors']['bench[2]'] and len(results['bench']) == 2  # the 2D rows kept
+    assert 'no kernel image' in results['errors']['bench[3]'] and len(results['bench']) == 3  # the 2D rows kept
     assert saved[:2] == [1, 2]  # written after each row
     failed = [c for c in results['correctness'] if not c['ok']]
     assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
@@ -115,8 +115,9 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
     assert 'exit status 13' in results['errors']['bench[0]']
     assert 'illegal memory access' in results['errors']['bench[1]']
     assert 'killed after' in results['errors']['profile[0]']
-    assert [r['case'] for r in results['bench']] == [f'3D layer {gpu_check.TINY.video[0]}x4x2x5x5 float32 in bf16 '
-                                                     'autocast']
+    assert [r['case'] for r in results['bench']] == [
+        f'layer {gpu_check.TINY.batch}x4x5x5 float32 in bf16 autocast',
+        f'3D layer {gpu_check.TINY.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[1]] + list(
         gpu_check.TINY.profile_models)  # (training, then inference)
     assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 15

@@ -204,8 +204,8 @@ def test_triton_conv_bf16_input_accumulates_in_fp32():
 
 def test_triton_conv_custom_op_traces_in_compile_fullgraph():
     x, kh, kw, d = [t.float() for t in _inputs(1, 2, 3, 2, 1, True, seed=4)]
-    for dot in (False, True):
-        torch.library.opcheck(triton_conv._conv_op, (x, kh, kw, d, 2, 1, dot))
+    for dot, operands in ((False, None), (True, None), (True, torch.bfloat16)):
+        torch.library.opcheck(triton_conv._conv_op, (x, kh, kw, d, 2, 1, dot, operands))
 
     def step(x, kh, kw, d):
         return (triton_conv.separable_conv2d_cl(x, (kh, kw), (2, 1), d) * 2).sum()
@@ -323,6 +323,47 @@ def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):
     torch.testing.assert_close(dx_tri, dx_fast, rtol=1e-5, atol=1e-5)
     for a, b in zip(dp_tri, dp_fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_runs_the_tensor_core_kernels_in_its_dtype(monkeypatch):
+    """Under autocast the layer's float32 input is read as it is (no cast copy) and the tensor-core kernels multiply
+    in the autocast dtype (bfloat16: one product per pair, Triton's 'ieee', not three TF32 ones), forward and
+    backward, like the fast path's GEMMs; the result stays float32. Outside autocast they multiply in float32."""
+    launches = []
+    for name in ('_dot_conv_kernel', '_dot_grad_kernel'):
+        monkeypatch.setattr(triton_conv, name, _Recording(getattr(triton_conv, name), name, launches))
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=4)
+    x = torch.randn(2, 4, 6, 5).to(memory_format=torch.channels_last)
+    outputs = []
+    for amp, precision in ((False, 'tf32x3'), (True, 'ieee')):
+        launches.clear()
+        xi = x.clone().requires_grad_()
+        with dispatch.force_path('triton'), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            y = layer(xi)
+        y.sum().backward()
+        assert y.dtype == torch.float32 and xi.grad.dtype == torch.float32
+        assert [(name, kw['PRECISION']) for name, kw in launches] == [
+            ('_dot_conv_kernel', precision), ('_dot_conv_kernel', precision), ('_dot_grad_kernel', precision)]
+        outputs.append(y.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match='operands must be one of'):
+        triton_conv.separable_conv2d_cl(x.permute(0, 2, 3, 1), layer.axis_kernels((6, 5)), operands=torch.int8)
+
+
+class _Recording:
+    """Stands in for a Triton kernel: records each launch's keyword arguments (constexprs), then launches it."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append((self.name, kwargs))
+            return launch(*args, **kwargs)
+        return run
 
 
 def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):

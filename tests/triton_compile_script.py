@@ -105,13 +105,16 @@ def record_launches() -> list:
              ((128, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'dot'),
              ((128, 7, 7, 768), (1, 1), torch.float32, 2, 'dot'),
              ((2, 14, 14, 384), (2, 2), torch.float16, 1, 'dot')]
-    for (b, h, w, c), pools, dtype, rank, algorithm in cases:
+    # (under bf16 autocast the models' float32 activations are multiplied in bf16: `operands`)
+    cases = [case + (None,) for case in cases] + [((128, 14, 14, 384), (1, 1), torch.float32, 1, 'dot', torch.bfloat16),
+                                                  ((128, 28, 28, 192), (2, 2), torch.float32, 1, 'dot', torch.bfloat16)]
+    for (b, h, w, c), pools, dtype, rank, algorithm, operands in cases:
         x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
         kh = torch.zeros(rank, c, 2 * h - 1, requires_grad=True)
         kw = torch.zeros(rank, c, 2 * w - 1, requires_grad=True)
         skip = torch.zeros(c, requires_grad=True)
         with triton_conv.fused_algorithm(algorithm):
-            triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip).float().sum().backward()
+            triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip, operands=operands).float().sum().backward()
     for pools, dtype in (((1, 1, 1), torch.bfloat16), ((2, 2, 2), torch.float32)):  # clips: the time axis
         x = torch.zeros(2, 8, 28, 28, 192, dtype=dtype, requires_grad=True)
         kernels = [torch.zeros(1, 192, 2 * n - 1, requires_grad=True) for n in (8, 28, 28)]

@@ -350,15 +350,16 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
     return row
 
 
-def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: torch.dtype,
+def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: torch.dtype, amp: bool,
                  dot: bool = False) -> dict:
-    """One 2D row of `layer_jobs`."""
+    """One 2D row of `layer_jobs`: an input of `dtype`, under bf16 autocast with `amp`."""
     torch.manual_seed(0)
     s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
     conv = create_conv2d(dim, dim, 7, depthwise=True).to(device, memory_format=torch.channels_last)
     x = _channels_last_input(plan.batch, dim, size, device, dtype)
-    return _bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}', s4nd, conv, x,
-                        dtype == torch.bfloat16, plan.repeats, dot)
+    autocast = ' in bf16 autocast' if amp and dtype != torch.bfloat16 else ''
+    return _bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}{autocast}', s4nd, conv, x,
+                        amp, plan.repeats, dot)
 
 
 def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, size: int, dot: bool = False
@@ -377,10 +378,12 @@ def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, 
 def layer_jobs(plan: Plan, device: torch.device, dot: bool = False) -> List[Callable[[], dict]]:
     """The rows of the layer benchmark: S4ND on the Triton and the fast path (`dot`: by both algorithms of the
     fused convolution, at the shapes where 'dot' applies) vs timm's 7x7 depthwise conv, forward+backward,
-    channels-last, fp32 and bf16; then 3D S4ND vs the 3D baseline's depthwise conv."""
+    channels-last, fp32, bf16, and fp32 under bf16 autocast (the models' case: their blocks hand on float32
+    activations); then 3D S4ND vs the 3D baseline's depthwise conv."""
     applies = (lambda side: 'dot' in _algorithms(side, side)) if dot else (lambda side: True)
-    return ([partial(_bench_stage, plan, device, dim, size, dtype, dot)
-             for dtype in (torch.float32, torch.bfloat16) for dim, size in plan.stages if applies(size)]
+    kinds = ((torch.float32, False), (torch.bfloat16, True), (torch.float32, True))
+    return ([partial(_bench_stage, plan, device, dim, size, dtype, amp, dot)
+             for dtype, amp in kinds for dim, size in plan.stages if applies(size)]
             + [partial(_bench_video_stage, plan, device, *stage, dot) for stage in plan.video_stages
                if applies(stage[-1])])
 

@@ -369,17 +369,22 @@ class S4ND(nn.Module):
 
     def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
         """The fused Triton convolution (`triton_conv`) of a 2D or 3D input, read in channels-last order: a view,
-        no copy, when x is in channels-last (3d) memory; the result, in x's dtype, is channels-last too."""
+        no copy, when x is in channels-last (3d) memory; the result, in x's dtype, is channels-last too. Under autocast
+        the tensor-core kernels multiply in its dtype."""
         from .triton_conv import separable_conv2d_cl, separable_conv3d_cl
         sizes = tuple(x.shape[2:])
         conv = separable_conv2d_cl if len(sizes) == 2 else separable_conv3d_cl
         kernel_dtype = torch.promote_types(x.dtype, torch.float32)
+        device_type = x.device.type
+        # under autocast the tensor-core kernels multiply in its dtype, like any convolution (x is read as it is)
+        autocast = torch.is_autocast_enabled(device_type) and x.dtype == torch.float32
+        operands = torch.get_autocast_dtype(device_type) if autocast else None
         self._kernel_cache = None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=device_type, enabled=False):
             kernels = self._prepared_kernels(sizes, rate, kernel_dtype)
             if kernels is None:
                 kernels = self.axis_kernels(sizes, rate, dtype=kernel_dtype)
-            y = conv(x.movedim(1, -1), kernels, self.pool, skip=self.D.to(kernel_dtype))
+            y = conv(x.movedim(1, -1), kernels, self.pool, skip=self.D.to(kernel_dtype), operands=operands)
         return y.movedim(-1, 1)
 
     def forward_channel_major(

@@ -422,13 +422,14 @@ def _dot_grad_kernel(
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
         IMAGES: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
-        S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr, PRECISION: tl.constexpr,
+        S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr, OPERANDS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """`_kernel_grad_kernel` as matrix products: per rank term, the gradients of the operators,
     dA = sum over images of g (x B^T)^T and dB^T = sum of (A x)^T g, then their diagonal sums (`_diagonal_sums`)
     into this program's fp32 slices of dkh (groups, R, C, 2H - 1) and dkw (groups, R, C, 2W - 1), and dD (groups, C)
     (the caller sums over the groups). One program per (group of IMAGES images, channel block): the operators are
-    built and their gradients reduced to taps once per group."""
+    built and their gradients reduced to taps once per group. The products multiply in OPERANDS (accumulating in
+    float32), the operators' gradients in float32."""
     grp = tl.program_id(0)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[:, None, None]
@@ -442,38 +443,40 @@ def _dot_grad_kernel(
     n_w = 2 * W - 1
     dd = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_SKIP and (PH != 1 or PW != 1):
-        pool_left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S])
-        pool_right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S])
+        pool_left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S]).to(OPERANDS)
+        pool_right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S]).to(OPERANDS)
     for r in range(R):
         # two passes over the images, one operator gradient each (half the tensors live at once; the second pass
         # reads the planes from the L2 cache)
         bt_op = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, False, (m < W) & (n < WO))  # [v, j]
+        bt_op = bt_op.to(OPERANDS)
         da = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for i in range(IMAGES):
             b = grp * IMAGES + i
             b_ok = b < B
-            x32 = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(tl.float32)
-            g32 = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(tl.float32)
-            xb = tl.dot(x32, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
-            da += tl.dot(g32, tl.permute(xb, (0, 2, 1)), input_precision=PRECISION)  # [i, a]
+            xo = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(OPERANDS)
+            go = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
+            xb = tl.dot(xo, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
+            da += tl.dot(go, tl.permute(xb, (0, 2, 1)).to(OPERANDS), input_precision=PRECISION)  # [i, a]
             if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
                 if PH == 1 and PW == 1:
-                    pooled = x32
+                    pooled = xo.to(tl.float32)
                 else:
-                    pooled = tl.dot(tl.dot(pool_left, x32, input_precision=PRECISION), pool_right,
+                    pooled = tl.dot(tl.dot(pool_left, xo, input_precision=PRECISION).to(OPERANDS), pool_right,
                                     input_precision=PRECISION)
-                dd += tl.where(r == 0, tl.sum(tl.sum(g32 * pooled, axis=2), axis=1), 0.0)
+                dd += tl.where(r == 0, tl.sum(tl.sum(go.to(tl.float32) * pooled, axis=2), axis=1), 0.0)
         dkh = _diagonal_sums(da, H, PH, S, BLOCK_C, TAPS)
         tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
         a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, False, (m < HO) & (n < H))  # [i, a]
+        a_op = a_op.to(OPERANDS)
         dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for i in range(IMAGES):
             b = grp * IMAGES + i
             b_ok = b < B
-            x32 = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(tl.float32)
-            g32 = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(tl.float32)
-            ax = tl.dot(a_op, x32, input_precision=PRECISION)  # A x: [i, v]
-            dbt += tl.dot(tl.permute(ax, (0, 2, 1)), g32, input_precision=PRECISION)  # [v, j]
+            xo = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(OPERANDS)
+            go = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
+            ax = tl.dot(a_op, xo, input_precision=PRECISION)  # A x: [i, v]
+            dbt += tl.dot(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, input_precision=PRECISION)  # [v, j]
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
         dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), W, PW, S, BLOCK_C, TAPS)
         tl.store(dkw_ptr + ((grp * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
@@ -530,9 +533,10 @@ def _operands(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool) -> torch.Tensor:
+def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool,
+                 operands: Optional[torch.dtype] = None) -> torch.Tensor:
     """Forward (transpose=False, x the input) or input gradient (transpose=True, x the output gradient), by
-    `_dot_conv_kernel` (dot) or `_conv_kernel`."""
+    `_dot_conv_kernel` (dot: its products in `operands`, by default x's dtype) or `_conv_kernel`."""
     b, _, _, c = x.shape
     h, w = (out_hw if transpose else x.shape[1:3])
     ho, wo = h // pools[0], w // pools[1]
@@ -547,7 +551,7 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool) -> 
             b, c, h, w, ho, wo,
             *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
             R=kh.shape[0], IMAGES=images, PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
-            S=side, BLOCK_C=block_c, OPERANDS=_operands(x.dtype), PRECISION=_precision(x.dtype),
+            S=side, BLOCK_C=block_c, OPERANDS=_operands(operands or x.dtype), PRECISION=_precision(operands or x.dtype),
             num_warps=DOT_WARPS)
         return y
     # the rank-1 terms are summed in y: over several, in float32 (in a 16-bit y every term would round the sum)
@@ -572,6 +576,12 @@ def _conv_rows(rows: int, block_in: int, block_c: int) -> int:
     return min(triton.next_power_of_2(rows), max(1, CONV_TILE // (block_in * block_c)))
 
 
+def _check_operands(operands: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if operands is not None and operands not in DTYPES:
+        raise ValueError(f'operands must be one of {DTYPES} or None, got {operands!r}')
+    return operands
+
+
 def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor], pools) -> None:
     if x.ndim != 4:
         raise ValueError(f'x must be (B, H, W, C), got shape {tuple(x.shape)}')
@@ -588,26 +598,26 @@ def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[t
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl', mutates_args=())
 def _conv_op(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor],
-             pool_h: int, pool_w: int, dot: bool) -> torch.Tensor:
-    return _launch_conv(x, kh, kw, skip, (pool_h, pool_w), None, transpose=False, dot=dot)
+             pool_h: int, pool_w: int, dot: bool, operands: Optional[torch.dtype]) -> torch.Tensor:
+    return _launch_conv(x, kh, kw, skip, (pool_h, pool_w), None, transpose=False, dot=dot, operands=operands)
 
 
 @_conv_op.register_fake
-def _(x, kh, kw, skip, pool_h, pool_w, dot):
+def _(x, kh, kw, skip, pool_h, pool_w, dot, operands):
     b, h, w, c = x.shape
     return x.new_empty((b, h // pool_h, w // pool_w, c))
 
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl_backward', mutates_args=())
 def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor,
-                      skip: Optional[torch.Tensor], pool_h: int, pool_w: int, dot: bool
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      skip: Optional[torch.Tensor], pool_h: int, pool_w: int, dot: bool,
+                      operands: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_kh, grad_kw, grad_skip); grad_skip is empty without a skip."""
     b, h, w, c = x.shape
     grad = grad.contiguous() if grad.stride(-1) != 1 else grad
-    grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True, dot=dot)
+    grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True, dot=dot, operands=operands)
     if dot:
-        return (grad_x,) + _dot_kernel_grads(grad, x, kh, kw, skip, (pool_h, pool_w))
+        return (grad_x,) + _dot_kernel_grads(grad, x, kh, kw, skip, (pool_h, pool_w), operands)
     r = kh.shape[0]
     dkh = torch.zeros((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
     dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
@@ -626,8 +636,10 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     return grad_x, dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), grad_skip
 
 
-def _dot_kernel_grads(grad, x, kh, kw, skip, pools) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_dot_grad_kernel`: the gradients of kh, kw and skip (empty without one)."""
+def _dot_kernel_grads(grad, x, kh, kw, skip, pools, operands: Optional[torch.dtype] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_dot_grad_kernel`: the gradients of kh, kw and skip (empty without one), its products in `operands` (by
+    default float32, whatever x's dtype)."""
     b, h, w, c = x.shape
     r = kh.shape[0]
     images = _dot_images(b)
@@ -642,28 +654,29 @@ def _dot_kernel_grads(grad, x, kh, kw, skip, pools) -> Tuple[torch.Tensor, torch
         b, c, h, w, h // pools[0], w // pools[1], r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         IMAGES=images, PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
-        PRECISION=_precision(torch.float32), num_warps=DOT_WARPS)
+        OPERANDS=_operands(operands or torch.float32), PRECISION=_precision(operands or torch.float32),
+        num_warps=DOT_WARPS)
     dd = dd.sum(0)
     return dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), dd.to(skip.dtype) if skip is not None else dd
 
 
 @_conv_backward_op.register_fake
-def _(grad, x, kh, kw, skip, pool_h, pool_w, dot):
+def _(grad, x, kh, kw, skip, pool_h, pool_w, dot, operands):
     c = x.shape[-1]
     dd = skip.new_empty((c,)) if skip is not None else x.new_empty((0,), dtype=torch.float32)
     return x.new_empty(x.shape), kh.new_empty(kh.shape), kw.new_empty(kw.shape), dd
 
 
 def _setup_context(ctx, inputs, output):
-    x, kh, kw, skip, pool_h, pool_w, dot = inputs
+    x, kh, kw, skip, pool_h, pool_w, dot, operands = inputs
     ctx.save_for_backward(x, kh, kw, skip)
-    ctx.pools, ctx.dot = (pool_h, pool_w), dot
+    ctx.pools, ctx.dot, ctx.operands = (pool_h, pool_w), dot, operands
 
 
 def _backward(ctx, grad):
     x, kh, kw, skip = ctx.saved_tensors
-    grad_x, dkh, dkw, dd = _conv_backward_op(grad, x, kh, kw, skip, *ctx.pools, ctx.dot)
-    return grad_x, dkh, dkw, dd if skip is not None else None, None, None, None
+    grad_x, dkh, dkw, dd = _conv_backward_op(grad, x, kh, kw, skip, *ctx.pools, ctx.dot, ctx.operands)
+    return grad_x, dkh, dkw, dd if skip is not None else None, None, None, None, None
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -674,6 +687,7 @@ def separable_conv2d_cl(
         kernels: Tuple[torch.Tensor, torch.Tensor],
         pools: Tuple[int, int] = (1, 1),
         skip: Optional[torch.Tensor] = None,
+        operands: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Separable 2D convolution of a channels-last input, fused (one Triton launch forward, two backward).
 
@@ -682,6 +696,9 @@ def separable_conv2d_cl(
         kernels: (R, C, 2H - 1) and (R, C, 2W - 1) two-sided kernels of R rank-1 terms (`ops.two_sided_kernel`).
         pools: average pooling window (and stride) per axis, 1, 2 or 4.
         skip: optional (C,) weights D of the skip term D * pool(x).
+        operands: the dtype the tensor-core kernels multiply in (accumulating in float32), e.g. autocast's
+            bfloat16 for a float32 x, read as it is (no cast copy); None: x's dtype forward, float32 for the
+            kernels' gradients. The 'sum' kernels multiply in float32.
 
     Returns:
         (B, H // pools[0], W // pools[1], C) in x's dtype (accumulated in float32), C contiguous.
@@ -691,7 +708,7 @@ def separable_conv2d_cl(
     _check(x, kh, kw, skip, pools)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(x.shape[1:3], 2))
+    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(x.shape[1:3], 2), _check_operands(operands))
 
 
 AXIS_BLOCK_S = 32  # plane positions per program of the time axis (BLOCK_S x BLOCK_C fp32 accumulator)
@@ -765,6 +782,7 @@ def separable_conv3d_cl(
         kernels: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         pools: Tuple[int, int, int] = (1, 1, 1),
         skip: Optional[torch.Tensor] = None,
+        operands: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Separable 3D convolution of a channels-last clip: per rank-1 term, the time axis (`_axis_kernel`, one
     launch, its result written once) and then each frame's fused 2D convolution (`separable_conv2d_cl`); the
@@ -775,6 +793,7 @@ def separable_conv3d_cl(
         kernels: (R, C, 2T - 1), (R, C, 2H - 1) and (R, C, 2W - 1) two-sided kernels of R rank-1 terms.
         pools: average pooling window (and stride) per axis, 1, 2 or 4.
         skip: optional (C,) weights D of the skip term.
+        operands: the dtype the frames' tensor-core kernels multiply in (see `separable_conv2d_cl`).
 
     Returns:
         (B, T // pools[0], H // pools[1], W // pools[2], C) in x's dtype (accumulated in float32), C contiguous.
@@ -782,6 +801,7 @@ def separable_conv3d_cl(
     kt, kh, kw = kernels
     pools = tuple(int(p) for p in pools)
     _check3d(x, kt, kh, kw, skip, pools)
+    operands = _check_operands(operands)
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, t, h, w, c = x.shape
@@ -790,7 +810,7 @@ def separable_conv3d_cl(
     for r in range(kt.shape[0]):
         z = _axis_op(x.reshape(b, t, h * w, c), kt[r], pools[0])  # (B, T // pool, H W, C)
         term = _conv_op(z.view(b * to, h, w, c), kh[r:r + 1], kw[r:r + 1], None, pools[1], pools[2],
-                        _use_dot((h, w), 3))
+                        _use_dot((h, w), 3), operands)
         y = term if y is None else y + term
     y = y.view(b, to, h // pools[1], w // pools[2], c)
     if skip is None:
