@@ -104,17 +104,7 @@ def test_dot_kernels_with_several_images_per_program(rank, pools, skip, monkeypa
     """Programs of the tensor-core kernels that loop over a group of images (the operators built, and their
     gradients reduced to taps, once per group; a last group not full): equal to the float64 reference."""
     monkeypatch.setattr(triton_conv, '_dot_images', lambda b: 3)
-    b, h, w, c = 7, 5, 6, 5  # groups of 3, 3, 1
-    tensors = _inputs(b, h, w, c, rank, skip)
-    grad_out = torch.randn((b, h // pools[0], w // pools[1], c), dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(1))
-    y_ref, g_ref = _grads(lambda x, kh, kw, d: _reference(x, kh, kw, d, pools), tensors, grad_out)
-    with triton_conv.fused_algorithm('dot'):
-        y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
-                      [t.float() if t is not None else None for t in tensors], grad_out)
-    assert _rel(y, y_ref) < 1e-5, _rel(y, y_ref)
-    for name, a, r in zip(['x', 'kh', 'kw', 'D'], g, g_ref):
-        assert _rel(a, r) < 1e-5, (name, _rel(a, r))
+    test_dot_algorithm_equals_reference(7, 5, 6, 5, rank, pools, skip)  # groups of 3, 3 and 1 images (fp32, bf16)
 
 
 def test_dot_images_per_program_keep_the_gpu_filled():

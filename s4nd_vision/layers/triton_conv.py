@@ -416,6 +416,17 @@ def _diagonal_sums(mat, n, P: tl.constexpr, S: tl.constexpr, BLOCK_C: tl.constex
 
 
 @triton.jit
+def _planes(x_ptr, g_ptr, b, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc, x_mask, g_mask,
+            OPERANDS: tl.constexpr):
+    """Image b's (BLOCK_C, S, S) planes of the input x and of the output gradient g in OPERANDS (zero beyond the
+    batch and the masks)."""
+    b_ok = b < B
+    xo = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(OPERANDS)
+    go = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
+    return xo, go
+
+
+@triton.jit
 def _dot_grad_kernel(
         x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
         B, C, H, W, HO, WO, R,
@@ -452,10 +463,8 @@ def _dot_grad_kernel(
         bt_op = bt_op.to(OPERANDS)
         da = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for i in range(IMAGES):
-            b = grp * IMAGES + i
-            b_ok = b < B
-            xo = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(OPERANDS)
-            go = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
+            xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
+                             x_mask, g_mask, OPERANDS)
             xb = tl.dot(xo, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
             da += tl.dot(go, tl.permute(xb, (0, 2, 1)).to(OPERANDS), input_precision=PRECISION)  # [i, a]
             if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
@@ -471,10 +480,8 @@ def _dot_grad_kernel(
         a_op = a_op.to(OPERANDS)
         dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for i in range(IMAGES):
-            b = grp * IMAGES + i
-            b_ok = b < B
-            xo = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(OPERANDS)
-            go = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
+            xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
+                             x_mask, g_mask, OPERANDS)
             ax = tl.dot(a_op, xo, input_precision=PRECISION)  # A x: [i, v]
             dbt += tl.dot(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, input_precision=PRECISION)  # [v, j]
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
