@@ -337,6 +337,13 @@ def test_autocast_runs_the_tensor_core_kernels_in_its_dtype(monkeypatch):
             ('_dot_conv_kernel', precision), ('_dot_conv_kernel', precision), ('_dot_grad_kernel', precision)]
         outputs.append(y.detach())
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-2, atol=1e-2)
+
+    def amp_forward(x):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            return layer(x)
+    with dispatch.force_path('triton'):  # torch.compile traces the autocast query (fullgraph: no graph break)
+        compiled = torch.compile(amp_forward, fullgraph=True, backend='aot_eager')(x)
+    torch.testing.assert_close(compiled, outputs[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match='operands must be one of'):
         triton_conv.separable_conv2d_cl(x.permute(0, 2, 3, 1), layer.axis_kernels((6, 5)), operands=torch.int8)
 
