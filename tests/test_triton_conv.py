@@ -154,7 +154,7 @@ class _Counting:
 def test_triton_conv_reads_a_strided_skip_and_sums_ranks_in_fp32(algorithm, roundings):
     """D may be a strided view (e.g. a parameter loaded with assign=True); a 16-bit output of several rank-1
     terms is rounded once (their partial sums are float32): 'sum' as one rounding of the exact result; 'dot'
-    within three (its tensor-core operands, the kernels, D and the first axis' result, are 16-bit too)."""
+    within three (its tensor-core operands, the kernels and the first axis' result, are 16-bit too)."""
     with triton_conv.fused_algorithm(algorithm):
         _strided_skip_and_fp32_rank_sums(roundings)
 

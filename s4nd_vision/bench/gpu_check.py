@@ -11,14 +11,16 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
    and the video pair on clips.
 3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
-   four ConvNeXt-T stage shapes, fp32 and bf16; the 3D layer vs the 3D baseline's depthwise conv at the video
-   model's stage shapes (bf16 autocast): which path the 3D dispatch should take.
+   four ConvNeXt-T stage shapes, fp32, bf16 and fp32 under bf16 autocast (the models' case); the 3D layer vs the
+   3D baseline's depthwise conv at the video model's stage shapes (bf16 autocast): which path the 3D dispatch
+   should take.
 4. profile: torch.profiler over training steps, then inference forwards (bf16 autocast, channels-last) of
    ConvNeXt-T and ConvNeXt-S4ND-T: step time, device kernels per step, the fraction of the step the device is busy
    (what the host's launches leave idle), top operators by device time.
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
-   not yet for clips; checked in correctness): the layers where they apply by both algorithms and the video pair
-   again with them. Its failures and crashes do not switch the other sections to the fast path.
+   not yet for clips; checked in correctness): the layers where they apply by both algorithms, and by 'dot' with
+   each of `DOT_VARIANTS` (the settings an H200 ran before), and the video pair again with them. Its failures and
+   crashes do not switch the other sections to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
 Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
@@ -406,8 +408,8 @@ def _device_activity(events) -> Tuple[int, float]:
 def _profile_model(plan: Plan, device: torch.device, name: str, train: bool = True) -> dict:
     """torch.profiler over training steps (or, without `train`, inference forwards) of model `name`: step time
     (unprofiled, and under the profiler, whose host overhead grows with the operators), device kernels per step, the
-    fraction of the profiled step the device is busy (well below 1: the host's launches limit it), top operators by
-    device time (kept in the row)."""
+    fraction of the profiled step the device is busy (well below 1 when the host's launches limit the step), top
+    operators by device time (kept in the row)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     x = torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=device)

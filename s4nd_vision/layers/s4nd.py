@@ -376,7 +376,7 @@ class S4ND(nn.Module):
         conv = separable_conv2d_cl if len(sizes) == 2 else separable_conv3d_cl
         kernel_dtype = torch.promote_types(x.dtype, torch.float32)
         device_type = x.device.type
-        # under autocast the tensor-core kernels multiply in its dtype, like any convolution (x is read as it is)
+        # (like any convolution under autocast; x is read as it is, no cast copy)
         autocast = torch.is_autocast_enabled(device_type) and x.dtype == torch.float32
         operands = torch.get_autocast_dtype(device_type) if autocast else None
         self._kernel_cache = None

@@ -384,8 +384,8 @@ def _two_sided_index(num_kernels: int, dims: Tuple[int, ...], sizes: Tuple[int, 
 @torch.library.custom_op('s4nd_vision::two_sided_index', mutates_args=())
 def _two_sided_index_op(num_kernels: int, dims: List[int], sizes: List[int], bidirectional: bool, max_length: int,
                         like: torch.Tensor) -> torch.Tensor:
-    """`_two_sided_index` on `like`'s device as one operator of a graph torch.compile captures (sizes may be
-    symbolic) instead of a dozen per entry; a copy of the kept index (an operator's output is its own)."""
+    """`_two_sided_index` on `like`'s device as one operator of a graph torch.compile captures, instead of a dozen
+    per entry; a copy of the kept index (an operator's output is its own)."""
     return _two_sided_index(num_kernels, tuple(dims), tuple(sizes), bidirectional, max_length, like=like).clone()
 
 
