@@ -182,3 +182,35 @@ def test_export_command_passes_the_models_input_channels(monkeypatch, tmp_path, 
     main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'in_chans=1', '--trace-size', '96', '--sizes', '128',
           '--output', str(tmp_path / 'm.onnx')])
     assert seen['export']['in_chans'] == 1 and seen['latency']['in_chans'] == 1
+
+
+def test_reference_generation_stacks_kernels_of_one_length_and_equals_the_fast_kernels():
+    """In a captured graph the S4D kernels sharing d_state, num_kernels, length and rate come from one reference
+    call (mixed band limits included): equal to the fast generation, values and gradients, in a graph that grows
+    with the number of groups, not of kernels."""
+    torch.manual_seed(0)
+    kernels = [SSMKernel(dim, d_state=8, num_kernels=2, dt_min=0.05, dt_max=0.5, bandlimit=cut).double()
+               for dim, cut in ((3, None), (4, 0.5), (2, None), (5, 0.5))]
+    kernels.append(SSMKernel(3, d_state=4, num_kernels=2).double())
+    # groups: the first two; the third (its rate); the fourth (its length); the fifth (its d_state)
+    lengths, rates = [9, 9, 9, 12, 9], [1.0, 1.0, 0.5, 1.0, 1.0]
+    fast = ssm_kernels(kernels, lengths, rates, torch.float64)
+    sines = []
+
+    def backend(gm, example_inputs):
+        sines.append(sum(n.target in (torch.sin, 'sin') for n in gm.graph.nodes))
+        return gm.forward
+
+    for group in (kernels[:1], kernels):
+        torch._dynamo.reset()
+        made = torch.compile(lambda: ssm_kernels(group, lengths, rates, torch.float64),
+                             backend=backend, fullgraph=True)()
+        for got, want in zip(made, fast):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    params = [p for k in kernels for p in _params(k)]
+    weights = [torch.randn_like(k) for k in fast]
+    grads = [torch.autograd.grad(sum((k * w).sum() for k, w in zip(ks, weights)), params)
+             for ks in (fast, made)]
+    for g_ref, g_fast in zip(*grads):
+        torch.testing.assert_close(g_ref, g_fast, rtol=1e-9, atol=1e-11)
+    assert sines[0] > 0 and sines[1] == 4 * sines[0]
