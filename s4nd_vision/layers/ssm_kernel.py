@@ -439,9 +439,9 @@ def _reference_kernels(
 ) -> List[torch.Tensor]:
     """`ssm_kernels` in the reference formulation (`reference.ssm_kernel_reference`), for graph capture: the S4D
     kernels that share d_state, num_kernels, length and rate come from one call, their channels stacked, so that
-    a captured graph (and torch.compile's time) does not grow with the layers: ConvNeXt-S4ND-T's forward graph has
-    ~2,100 nodes instead of ~4,900, and compiles 2.2x faster on the CPU. Symbolic lengths and rates (an export or
-    compilation with dynamic sizes) join a group only where they are equal without a guard (no specialization)."""
+    a captured graph (and torch.compile's time, README "Deployment") grows with the distinct axis lengths, not with
+    the layers. Symbolic lengths and rates (an export or compilation with dynamic sizes) join a group only where
+    they are equal without a guard: grouping never specializes a size."""
     groups: List[List[int]] = []
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
     for i, kernel in enumerate(kernels):
