@@ -69,7 +69,8 @@ def test_layer_candidates_share_one_channels_last_input(monkeypatch):
 
 def test_compiled_pairs_report_as_they_go_without_an_eager_memory_column(monkeypatch):
     """torch.compile'd models (identity here: the columns are the point) have no saved-activation column (its
-    hooks count eager autograd); `progress` gets the training times before inference is measured."""
+    hooks count eager autograd) but the seconds of each first call (the compilation); `progress` gets the training
+    times before inference is measured."""
     monkeypatch.setattr(torch, 'compile', lambda model, **kw: model)
     seen = []
     (row,) = bench_models(pairs=[('convnext_s4nd_atto', {}, 'convnext_atto')], img_size=32, batch_size=1, repeats=1,
@@ -77,6 +78,8 @@ def test_compiled_pairs_report_as_they_go_without_an_eager_memory_column(monkeyp
     assert 'compiled' in row['case'] and 'train_mem_ratio' not in row and 's4nd_train_mb' not in row
     assert row['train_ratio'] > 0 and row['infer_ratio'] > 0
     assert 'train_ratio' in seen[0] and not any('infer' in k for keys in seen for k in keys)
+    assert all(row[f'{key}_{step}_compile_s'] > 0 for key in ('s4nd', 'baseline') for step in ('train', 'infer'))
+    assert 's4nd_train_compile_s' in seen[0]  # (a pair cut short while compiling inference keeps them)
 
 
 def test_video_pairs_run_on_clips_in_channels_last_memory():

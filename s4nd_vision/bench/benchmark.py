@@ -258,7 +258,8 @@ def bench_models(
     and the input is (batch_size, 3, num_frames, img_size, img_size) clips. With `channels_last`, both models
     and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs.
     `progress` gets a pair's row as it fills (training times, then memory), so that a caller cut short keeps what
-    was measured. Compiled pairs have no saved-activation column (the hooks that count it see eager autograd)."""
+    was measured. Compiled pairs have no saved-activation column (the hooks that count it see eager autograd), and
+    add the seconds of each model's first training step and first inference (their compilation, `*_compile_s`)."""
     dev = torch.device(device)
     cuda_settings(dev)
     if num_frames is not None and num_frames < 1:
@@ -284,6 +285,8 @@ def bench_models(
             train_steps[key], inferences[key] = _train_step(run, x, amp_dtype), _inference(run, x, amp_dtype)
         for model in models.values():
             model.train()
+        if compile:  # the first call compiles: what a user waits for before the first step
+            _first_call_s(train_steps, dev, result, 'train_compile_s')
         for key, ms in time_ms(train_steps, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_train_ms'] = ms
         result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']
@@ -310,12 +313,23 @@ def bench_models(
             progress(dict(result))
         for model in models.values():
             model.eval()
+        if compile:  # (eval mode and no autograd: another graph)
+            _first_call_s(inferences, dev, result, 'infer_compile_s')
         for key, ms in time_ms(inferences, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_infer_ms'] = ms
         del models, train_steps, inferences
         result['infer_ratio'] = result['s4nd_infer_ms'] / result['baseline_infer_ms']
         rows.append(result)
     return rows
+
+
+def _first_call_s(fns: Dict[str, Callable[[], object]], device: torch.device, result: dict, column: str) -> None:
+    """result[f'{key}_{column}'] = seconds of the first call of fns[key] (through torch.compile: its compilation)."""
+    for key, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        result[f'{key}_{column}'] = time.perf_counter() - start
 
 
 def format_table(rows: List[dict]) -> str:
