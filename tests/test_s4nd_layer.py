@@ -374,6 +374,46 @@ def test_fused_projection_in_batch_chunks(monkeypatch, algorithm):
         assert torch.autograd.gradcheck(fn, tuple(inputs))
 
 
+@pytest.mark.parametrize('shape, pools, rank, bias, skip, chunked', [
+    ((3, 8, 2, 6), (4, 2), 1, True, True, False),  # the stem's case: C_in = 3, pooled first axis, bias and D
+    ((3, 8, 3, 6), (2, 1), 2, False, True, True),  # two rank terms, a sample at a time, no bias
+    ((2, 6, 4, 2, 5), (2, 1, 2), 1, True, False, True),  # 3D, no skip term
+])
+def test_projection_gradients_without_input_gradient(monkeypatch, shape, pools, rank, bias, skip, chunked):
+    """When the projected input needs no gradient (an image into the stem), the projection's and the first axis'
+    gradients come from one GEMM against the narrow input (`ops._projection_params_backward`, the projection's
+    gradient never formed): the same gradients as the general backward pass, and gradcheck passes."""
+    if chunked:
+        monkeypatch.setattr(ops, 'PROJECTION_CHUNK_BYTES', 1)
+    calls = []
+    fused = ops._projection_params_backward
+    monkeypatch.setattr(ops, '_projection_params_backward', lambda *args: calls.append(1) or fused(*args))
+    torch.manual_seed(0)
+    c = 4
+    x = torch.randn(shape, dtype=torch.float64)
+    dims = ops._spatial_dims(x)
+    params = [torch.randn(rank, c, 2 * shape[d] - 1, dtype=torch.float64) for d in dims]
+    params += [torch.randn(c, shape[0], dtype=torch.float64)]
+    params += [torch.randn(c, dtype=torch.float64) if flag else None for flag in (bias, skip)]
+    inputs = [p.requires_grad_() for p in params if p is not None]
+
+    def fn(x, *inputs):
+        it = iter(inputs)
+        kernels = [next(it) for _ in dims]
+        weight, b, d = next(it), next(it) if bias else None, next(it) if skip else None
+        return ops.separable_conv(x, kernels, pools=pools, skip=d, proj=(weight, b))
+
+    y = fn(x, *inputs)
+    grads = torch.autograd.grad(y.square().sum(), inputs)
+    assert calls == [1]
+    x_grad = x.clone().requires_grad_()  # the general backward pass, which makes the input's gradient too
+    expected = torch.autograd.grad(fn(x_grad, *inputs).square().sum(), inputs)
+    assert calls == [1]
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda *inputs: fn(x, *inputs), tuple(inputs))
+
+
 def test_widening_projection_recomputes_its_intermediates_for_memory(monkeypatch):
     """With a projection that widens the input (the stem), the pooled intermediates outsize the saved input: where
     memory is preferred (`ops.recompute_for_memory`, off the CPU) they are recomputed, not kept, with the same

@@ -215,6 +215,11 @@ class _ToeplitzAxis:
         else:  # (C * P, m, Q) @ (C * P, Q, n), summed over P
             grad_t = torch.bmm(g.reshape(c * prefix, m, suffix), z.reshape(c * prefix, n, suffix).transpose(1, 2))
             grad_t = grad_t.view(c, prefix, m, n).sum(1)
+        return self.taps_grad(grad_t)
+
+    def taps_grad(self, grad_t: torch.Tensor) -> torch.Tensor:
+        """Gradient of the (C, 2n - 1) taps given that of the (C, m, n) matrix."""
+        c, m, n = grad_t.shape
         # each diagonal of the (pooled) matrix sums into its tap; a pooled row r averages the taps of rows
         # r * pool + s, s < pool: its diagonal sums, spread over `pool` neighbouring taps (a box filter)
         index = _toeplitz_index(m, n, self.pool, grad_t.device).flatten()
@@ -464,7 +469,9 @@ class _SeparableConv(torch.autograd.Function):
     A fused projection is recomputed (one GEMM): a projection that widens its input (e.g. a stem,
     3 -> 32 channels at full resolution) then costs the memory of its narrow input only (and, off the CPU,
     its intermediates are recomputed too, being larger than that input). With a projection,
-    both passes run a batch chunk at a time (`projection_chunks`).
+    both passes run a batch chunk at a time (`projection_chunks`); when the projected input needs no gradient
+    and the intermediates are kept (an image into the stem, on the CPU), the backward pass forms neither the
+    projection nor its gradient (`_projection_params_backward`).
     """
 
     @staticmethod
@@ -495,6 +502,9 @@ class _SeparableConv(torch.autograd.Function):
                                                                        ctx.pools)
             return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
         chunks = projection_chunks(x.shape, weight.shape[0], weight.element_size(), x.device)
+        if not ctx.needs_input_grad[0] and kept and all(isinstance(ops_[0], _ToeplitzAxis) for ops_ in operators):
+            return (None,) + _projection_params_backward(x, grad, skip, weight, bias, operators, kept, ctx.pools,
+                                                         chunks)
         per_chunk = len(kept) // len(chunks)
         grads_x, grad_weight, grad_bias, grad_skip, grad_kernels = [], 0, 0, 0, 0
         for i, (start, size) in enumerate(chunks):
@@ -531,13 +541,73 @@ def _separable_conv_backward(u, grad, skip, kernels, operators, kept, pools, poo
         inputs = [u]  # the input of every axis, kept or recomputed
         for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
             inputs.append(kept[term * (len(dims) - 1) + a] if kept else op.apply(inputs[-1], dim))
-        g = grad
-        for a in reversed(range(len(dims))):
-            grad_kernels[a][term], g = ops_[a].backward(inputs[a], g, dims[a], acc=grad_u if a == 0 else None)
-        grad_u = g
+        g = _later_axes_backward(grad, ops_, inputs, dims, grad_kernels, term)
+        grad_kernels[0][term], grad_u = ops_[0].backward(u, g, dims[0], acc=grad_u)
     if grad_pooled is not None:  # the skip's gradient, spread over the pooling windows
         _add_pool_adjoint_(grad_u, grad_pooled, dims, pools)
     return grad_u, grad_skip, grad_kernels
+
+
+def _later_axes_backward(grad, ops_, inputs, dims, grad_kernels, term) -> torch.Tensor:
+    """The adjoints of every axis but the first of one rank-1 term (`inputs`: each axis' input) applied to the
+    output gradient: the gradient at the first axis' output. Adds each axis' tap gradient to grad_kernels[a][term]."""
+    g = grad
+    for a in reversed(range(1, len(dims))):
+        grad_taps, g = ops_[a].backward(inputs[a], g, dims[a])
+        grad_kernels[a][term] += grad_taps
+    return g
+
+
+def _projection_params_backward(x, grad, skip, weight, bias, operators, kept, pools, chunks) -> tuple:
+    """Gradients of skip, weight, bias and the kernels of a projected `_SeparableConv` whose input x (C_in, n, ...)
+    needs none, with kept intermediates and a Toeplitz first axis (the stem on the CPU). The gradient of the
+    projection u = weight x + bias, as large as u (C channels at full resolution), is never formed, nor is u: with
+    g0 the gradient at the first axis' output (C, m, ...) and T its (C, m, n) matrix, one GEMM against the narrow
+    input, mixed[c, p, i, h] = sum g0[c, p, ...] x[i, h, ...], gives T's gradient, sum_i weight[c, i] mixed[c, :, i]
+    (+ the bias' part), and the projection's, sum_{p, h} T[c, p, h] mixed[c, p, i, h]. It costs C_in times the
+    GEMM of T's gradient alone, which the two GEMMs, projection and memory passes it replaces outweigh at C_in = 3."""
+    dims = _spatial_dims(x)
+    c, c_in = weight.shape
+    per_chunk = len(kept) // len(chunks)
+    grad_kernels = [torch.zeros((len(operators), c, 2 * x.shape[d] - 1), dtype=grad.dtype, device=grad.device)
+                    for d in dims]
+    firsts = [None] * len(operators)  # per term, g0 for the whole batch
+    for i, (start, size) in enumerate(chunks):
+        kept_c = kept[i * per_chunk: (i + 1) * per_chunk]
+        for term, ops_ in enumerate(operators):
+            inputs = [None] + kept_c[term * (len(dims) - 1): (term + 1) * (len(dims) - 1)]
+            g0 = _later_axes_backward(grad.narrow(-2, start, size), ops_, inputs, dims, grad_kernels, term)
+            if len(chunks) == 1:
+                firsts[term] = g0
+                continue
+            if firsts[term] is None:
+                firsts[term] = g0.new_empty(g0.shape[:-2] + (x.shape[-2], g0.shape[-1]))
+            firsts[term].narrow(-2, start, size).copy_(g0)
+    x_rows = x.reshape(c_in * x.shape[1], -1)  # (C_in n, other axes and batch)
+    grad_weight = torch.zeros_like(weight)
+    grad_bias = None if bias is None else torch.zeros_like(bias)
+    for term, (ops_, g0) in enumerate(zip(operators, firsts)):
+        t = ops_[0].t
+        m, n = t.shape[1:]
+        mixed = torch.mm(g0.reshape(c * m, -1), x_rows.t()).view(c, m, c_in, n)
+        grad_t = torch.einsum('cpih,ci->cph', mixed, weight)
+        grad_weight += torch.einsum('cph,cpih->ci', t, mixed)
+        if bias is not None:
+            g_rows = g0.reshape(c, m, -1).sum(-1)  # (C, m)
+            grad_t += bias[:, None, None] * g_rows[:, :, None]
+            grad_bias += (g_rows * t.sum(-1)).sum(-1)
+        grad_kernels[0][term] += ops_[0].taps_grad(grad_t)
+    grad_skip = None
+    if skip is not None:  # skip * pool(weight x + bias): pool(x)'s products with the output gradient serve all three
+        out = grad.reshape(c, -1)
+        mixed = torch.mm(out, avg_pool_axes(x, pools).reshape(c_in, -1).t())  # (C, C_in)
+        grad_skip = (mixed * weight).sum(1)
+        grad_weight += skip[:, None] * mixed
+        if bias is not None:
+            out_sums = out.sum(1)
+            grad_skip += bias * out_sums
+            grad_bias += skip * out_sums
+    return (grad_skip, grad_weight, grad_bias, None) + tuple(grad_kernels)
 
 
 def _check_conv_args(u: torch.Tensor, kernels: Sequence[torch.Tensor], pools: Sequence[int],
