@@ -343,10 +343,10 @@ def apply_operators(
     if proj is None:
         return _apply_operators(u, operators, pools, skip, intermediates)
     parts = []
+    pooled = _pooled_projection(u, proj, pools, skip)  # (small: pooled before it is projected)
     for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size(), u.device):
-        chunk = u.narrow(-2, start, size)
-        parts.append(_apply_operators(project(chunk, *proj), operators, pools, skip, intermediates,
-                                      _pooled_projection(chunk, proj, pools, skip)))
+        parts.append(_apply_operators(project(u.narrow(-2, start, size), *proj), operators, pools, skip, intermediates,
+                                      None if pooled is None else pooled.narrow(-2, start, size)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
