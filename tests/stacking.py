@@ -24,7 +24,10 @@ def step_with_and_without_stacking(monkeypatch, model: torch.nn.Module, x: torch
         out = model(x)
         out.square().sum().backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
-    torch.testing.assert_close(results[0][0], results[1][0])
+    # equal up to float32 rounding: on the CPU a stacked call generates over the modes kept in any of its layers
+    # (`ssm_kernel._kept_modes`), a layer's own call over its own, and the GEMMs then sum in another order
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+        other = results[1][1][name]
+        torch.testing.assert_close(grad, other, rtol=1e-4, atol=1e-4 * float(other.abs().max()), msg=name)
     return results

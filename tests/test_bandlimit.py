@@ -18,7 +18,7 @@ from s4nd_vision.eval.kernel_report import (
     summarize,
 )
 from s4nd_vision.layers import S4ND, SSMKernel, set_bandlimit
-from s4nd_vision.layers.ssm_kernel import per_kernel, ssm_kernels
+from s4nd_vision.layers.ssm_kernel import _kept_modes, per_kernel, ssm_kernels
 
 
 def _expected_mask(kernel: SSMKernel, bandlimit: float) -> torch.Tensor:
@@ -124,6 +124,44 @@ def test_masked_modes_get_zero_gradient():
             assert (per_mode[~mask] == 0).all(), name
             assert (per_mode[mask] > 0).all(), name
         assert (kernel.log_dt.grad != 0).all()
+
+
+@pytest.mark.parametrize('rows, window', [
+    ([[5, 1, 2, 5, 5, 5], [5, 5, 1, 2, 5, 5], [5, 1, 5, 5, 5, 5]], slice(1, 4)),  # kept: modes 1-3
+    ([[5, 1, 5, 5, 2, 5], [5, 5, 5, 5, 5, 5], [5, 5, 2, 5, 5, 5]], slice(1, 5)),  # 1-4, masked ones inside
+    ([[5] * 6] * 3, slice(0, 1)),  # nothing kept: a zero kernel
+    ([[1, 5, 5, 5, 5, 2], [5] * 6, [5] * 6], None),  # the first and the last mode: all of them
+])
+def test_generation_runs_over_the_modes_some_channel_keeps(rows, window):
+    """On the CPU, generation runs over the modes from the first to the last that any channel keeps
+    (`ssm_kernel._kept_modes`): the kernels and the gradients of the kept modes equal those of generation over
+    all modes with C zeroed on the masked ones, and every masked mode gets a zero gradient."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(3, d_state=12, num_kernels=2, init='lin', bandlimit=1.0).double()
+    with torch.no_grad():
+        kernel.log_dt.zero_()  # dt = 1: mode n is kept where |Im A| < pi
+        kernel.a_imag.copy_(torch.tensor(rows, dtype=torch.float64))
+        kernel.b.add_(0.3 * torch.randn_like(kernel.b))
+    mask = kernel.mode_mask()
+    assert _kept_modes(mask.double()) == window
+    other = _kept_only(kernel, mask)
+    for rate in (1.0, 0.6):
+        k, expected = (ssm_kernels([m], [10], [rate], torch.float64)[0] for m in (kernel, other))
+        torch.testing.assert_close(k, expected, rtol=1e-12, atol=1e-14)
+        weight = torch.randn_like(k)
+        names = ('log_dt', 'log_a_real', 'a_imag', 'b', 'c')
+        grads, expected_grads = (
+            torch.autograd.grad((g * weight).sum(), [getattr(m, n) for n in names]) for m, g in
+            ((kernel, k), (other, expected)))
+        for name, got, want in zip(names, grads, expected_grads):
+            if name == 'c':
+                got, want = per_kernel(got, kernel.dim), per_kernel(want, kernel.dim)
+                assert (got[:, ~mask] == 0).all()
+                got, want = got[:, mask], want[:, mask]
+            elif name != 'log_dt':
+                assert (got[~mask] == 0).all(), name
+                got, want = got[mask], want[mask]
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
 def test_masked_modes_get_zero_gradient_in_a_model():

@@ -113,7 +113,7 @@ def test_kernel_function_takes_a_strided_gradient():
     torch.manual_seed(0)
     kernel = SSMKernel(4, d_state=6, num_kernels=2)
     params = [kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c_pairs]
-    k = _SSMKernelFn.apply(9, [1.0], [None], *params)
+    k = _SSMKernelFn.apply(9, [1.0], None, *params)
     g = torch.ones_like(k) * torch.arange(9.0)  # in the layout of k
     assert not g.is_contiguous()
     strided = torch.autograd.grad(k, params, g, retain_graph=True)

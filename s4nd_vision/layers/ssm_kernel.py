@@ -210,9 +210,10 @@ def as_complex(pairs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
-def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequence[Optional[torch.Tensor]]):
-    """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels, B and the
-    masked C as complex (H, N2) and (K, H, N2), with the per-channel rate (a float when shared)."""
+def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optional[torch.Tensor]):
+    """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels, B and C,
+    masked by the band-limiting `mask` (H, N2) of 0s and 1s if given, as complex (H, N2) and (K, H, N2), with the
+    per-channel rate (a float when shared)."""
     groups = [params[i: i + 5] for i in range(0, len(params), 5)]
     if len(groups) == 1:
         log_dt, log_a_real, a_imag, b, c = groups[0]
@@ -222,18 +223,41 @@ def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], masks: Sequen
     rate = rates[0]
     if any(r != rate for r in rates):
         rate = torch.cat([g[0].new_full((g[0].shape[0], 1), r) for g, r in zip(groups, rates)])
-    c = as_complex(c)
-    mask = _stacked_mask(params, masks)
-    if mask is not None:
-        c = c * mask
-    return log_dt, log_a_real, a_imag, as_complex(b), c, rate
+    if mask is not None:  # (on the real pairs: a complex tensor times a real one costs several times more)
+        c = c * mask[..., None]
+    return log_dt, log_a_real, a_imag, as_complex(b), as_complex(c), rate
 
 
-def _stacked_mask(params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The band-limiting masks of stacked kernels, (H, N2), or None when no kernel has one."""
-    if all(m is None for m in masks):
+def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
+    """The modes from the first to the last that band-limiting keeps in any channel, as a slice of the mode axis;
+    None where that is every mode, and off the CPU (the slice is read on the host, which would synchronize a GPU).
+    Generation over these modes equals generation over all: a masked mode's C~ is 0. (S4D's initializations order
+    the modes by frequency, so the kept ones are one run: a third of them in ConvNeXt-S4ND at its init.)"""
+    if mask is None or mask.device.type != 'cpu':
         return None
-    return torch.cat([torch.ones_like(a_imag) if m is None else m for a_imag, m in zip(params[2::5], masks)])
+    kept = mask.sum(0).nonzero()  # (a 0/1 float mask: `sum` is far faster than `any` across rows on the CPU)
+    if len(kept) == 0:
+        return slice(0, 1)
+    first, last = int(kept[0]), int(kept[-1])
+    return None if last - first + 1 == mask.shape[1] else slice(first, last + 1)
+
+
+def _take_modes(stacked: tuple, mask: Optional[torch.Tensor], modes: Optional[slice]) -> tuple:
+    """`_stack`'s result and the stacked mask restricted to `modes` (`_kept_modes`, views); as they are for None."""
+    if modes is None:
+        return stacked, mask
+    log_dt, log_a_real, a_imag, b, c, rate = stacked
+    return (log_dt, log_a_real[:, modes], a_imag[:, modes], b[:, modes], c[:, :, modes], rate), mask[:, modes]
+
+
+def _put_modes(g: torch.Tensor, modes: Optional[slice], n2: int) -> torch.Tensor:
+    """The gradient g (..., M) of values restricted to `modes` (`_take_modes`) for all n2 modes, (..., n2): zero for
+    the modes left out."""
+    if modes is None:
+        return g
+    out = g.new_zeros(g.shape[:-1] + (n2,))
+    out[..., modes] = g
+    return out
 
 
 def _poles(log_dt, log_a_real, a_imag, rate) -> tuple:
@@ -267,28 +291,31 @@ class _SSMKernelFn(torch.autograd.Function):
     """S4D kernels of one or more SSMs stacked along channels, with a closed-form backward.
 
     Autograd through these steps would record every small complex op and save many tensors,
-    some (L, H, N2) large; here only z = exp(dt A) and e = expm1(dt A) / A are saved besides the
-    parameters (their transcendental functions are most of the discretization's cost), the backward
-    recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. The backward works
+    some (L, H, N2) large; here only (H, N2) values are saved: z = exp(dt A) and e = expm1(dt A) / A (their
+    transcendental functions are most of the discretization's cost) and the stacked dt, A, B and masked C. The
+    backward recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. On the CPU
+    both passes run over the modes that band-limiting keeps in some channel only (`_kept_modes`). The backward works
     with conjugated gradients
     g_x = conj(dL/dx) (PyTorch's convention is dL/dRe + i dL/dIm), which saves conjugations.
     """
 
     @staticmethod
-    def forward(ctx, length: int, rates, masks, *params):
-        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, rates, masks)
-        z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
-        ctx.save_for_backward(z, e, *params)
-        ctx.length, ctx.rates, ctx.masks = length, rates, masks
+    def forward(ctx, length: int, rates, mask, *params):
+        modes = _kept_modes(mask)  # band-limiting keeps about a third of the modes: the others cost nothing
+        (log_dt, log_a_real, a_imag, b, c, rate), mask = _take_modes(_stack(params, rates, mask), mask, modes)
+        dt, a = _poles(log_dt, log_a_real, a_imag, rate)
+        z, e = _discretize(dt, a)
+        # (the stacked values are kept, (H, N2) small: the backward pass neither stacks nor discretizes again)
+        ctx.save_for_backward(z, e, dt, a, b, c, mask)
+        ctx.modes, ctx.all_modes, ctx.sizes = modes, params[1].shape[1], [p.shape[0] for p in params[::5]]
         return _kernels(_powers_into(torch.conj_physical(z), length), c * (b * e))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @backward_without_autocast
     def backward(ctx, grad):
-        z, e, *params = ctx.saved_tensors
-        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, ctx.rates, ctx.masks)
-        dt, a = _poles(log_dt, log_a_real, a_imag, rate)
+        z, e, dt, a, b, c, mask = ctx.saved_tensors
+        modes, all_modes = ctx.modes, ctx.all_modes
         q = b * e
         (k, h, length), n2 = grad.shape, z.shape[1]
         # w = 2 sum_l grad z^l and p = 2 sum_l l grad z^l for all k in one GEMM (H, 2K, L) @ (H, L, 2 N2)
@@ -304,18 +331,16 @@ class _SSMKernelFn(torch.autograd.Function):
         t = g_e * a.reciprocal()
         g_dta = g_dta + t * z  # e = expm1(dt A) / A
         g_a = dt * g_dta - t * e  # A, directly and through dt A
-        mask = _stacked_mask(params, ctx.masks)  # C~ = (C * mask) B e
-        g_c = w * q if mask is None else w * (q * mask)
+        g_c = w * q if mask is None else w * (q * mask)  # C~ = (C * mask) B e
         stacked = (
             (g_dta * a).real.sum(-1) * dt[:, 0],  # dt A with dt real, dt = exp(log_dt)
-            g_a.real * a.real,  # Re A = -exp(log_a_real)
-            -g_a.imag,
-            torch.view_as_real(torch.conj_physical(g_q * e)),
-            torch.view_as_real(torch.conj_physical(g_c)),
+            _put_modes(g_a.real * a.real, modes, all_modes),  # Re A = -exp(log_a_real)
+            _put_modes(-g_a.imag, modes, all_modes),
+            torch.view_as_real(torch.conj_physical(_put_modes(g_q * e, modes, all_modes))),
+            torch.view_as_real(torch.conj_physical(_put_modes(g_c, modes, all_modes))),
         )
-        sizes = [p.shape[0] for p in params[::5]]  # channels of each kernel
-        split = [g.split(sizes, dim=1 if i == 4 else 0) for i, g in enumerate(stacked)]
-        return (None, None, None) + tuple(split[i % 5][i // 5] for i in range(len(params)))
+        split = [g.split(ctx.sizes, dim=1 if i == 4 else 0) for i, g in enumerate(stacked)]  # per kernel
+        return (None, None, None) + tuple(split[i % 5][i // 5] for i in range(5 * len(ctx.sizes)))
 
 
 class SSMKernel(_DiagonalSSM):
@@ -358,7 +383,7 @@ class SSMKernel(_DiagonalSSM):
         z = exp(dt A) and e B (dim, N/2) complex, and the band-limited C (num_kernels, dim, N/2) complex."""
         mask = None if self.bandlimit is None else self.mode_mask().to(dtype)
         params = [p.to(dtype) for p in (self.log_dt, self.log_a_real, self.a_imag, self.b, self.c_pairs)]
-        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, [rate], [mask])
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, [rate], mask)
         z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
         return z, e * b, c
 
@@ -418,14 +443,15 @@ def ssm_kernels(
         params = [p.to(dtype) for i in members for p in
                   (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c_pairs)]
         # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
-        masks = [None if kernels[i].bandlimit is None else kernels[i].mode_mask().to(dtype) for i in members]
+        mask = mode_masks([kernels[i] for i in members])
+        mask = None if mask is None else mask.to(dtype)
         group_rates = [rates[i] for i in members]
         if torch.jit.is_tracing():  # plain differentiable ops that fvcore sees
-            log_dt, log_a_real, a_imag, b, c, rate = _stack(params, group_rates, masks)
+            log_dt, log_a_real, a_imag, b, c, rate = _stack(params, group_rates, mask)
             z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
             stacked = _kernels(_powers(torch.conj_physical(z), length), c * (b * e))
         else:
-            stacked = _SSMKernelFn.apply(length, group_rates, masks, *params)
+            stacked = _SSMKernelFn.apply(length, group_rates, mask, *params)
         for i, k in zip(members, stacked.split([kernels[i].dim for i in members], dim=1)):
             out[i] = k
     return out
