@@ -24,10 +24,15 @@ def step_with_and_without_stacking(monkeypatch, model: torch.nn.Module, x: torch
         out = model(x)
         out.square().sum().backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
-    # equal up to float32 rounding: on the CPU a stacked call generates over the modes kept in any of its layers
-    # (`ssm_kernel._kept_modes`), a layer's own call over its own, and the GEMMs then sum in another order
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for name, grad in results[0][1].items():
-        other = results[1][1][name]
-        torch.testing.assert_close(grad, other, rtol=1e-4, atol=1e-4 * float(other.abs().max()), msg=name)
+        assert_same_gradient(grad, results[1][1][name], name)
     return results
+
+
+def assert_same_gradient(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """The gradient of one parameter from a step with the model-wide stacked kernel generation and from one where
+    layers generate their own (layer by layer, checkpointed blocks): equal up to float32 rounding. On the CPU a
+    stacked call generates over the modes kept in any of its layers (`ssm_kernel._kept_modes`), a layer's own call
+    over its own, and their GEMMs then sum in another order; a wrong kernel would differ by its own size."""
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()), msg=name)
