@@ -741,6 +741,25 @@ def test_separable_conv_refuses_kernels_that_do_not_fit():
         ops.separable_conv(u, [torch.randn(1, 16, 7), torch.randn(1, 16, 11)], proj=(torch.randn(16, 3), None))
 
 
+@pytest.mark.parametrize('make', [
+    lambda: torch.randn(3, 8, 7, 5).to(memory_format=torch.channels_last),
+    lambda: torch.randn(2, 8, 3, 7, 5).to(memory_format=torch.channels_last_3d),
+    lambda: torch.randn(4, 9, 6).transpose(1, 2),  # 1D, channels innermost
+    lambda: torch.randn(2, 5, 12, 8)[:, :, ::2].permute(0, 3, 1, 2),  # channels innermost, rows strided
+    lambda: torch.randn(0, 8, 7, 5).to(memory_format=torch.channels_last),
+    lambda: torch.randn(3, 8, 7, 5),
+])
+def test_channel_major_of_any_layout_is_the_permuted_copy(make):
+    """`ops.channel_major` (on the CPU a blocked transpose for channels-innermost memory) gives the contiguous
+    (C, S_1, ..., B, S_N) copy whatever the input's strides."""
+    x = make()
+    nd = x.ndim - 2
+    u = ops.channel_major(x)
+    assert u.is_contiguous()
+    assert torch.equal(u, x.permute([1] + list(range(2, nd + 1)) + [0, nd + 1]))
+    assert torch.equal(ops.channels_first(u), x)
+
+
 def test_copies_and_pickles_leave_the_inference_cache_behind():
     """A deep copy (an EMA model) or a pickled model does not carry the inference cache (operators, tens of MB per
     model); the copy rebuilds it and computes the same."""
