@@ -412,6 +412,13 @@ def test_projection_gradients_without_input_gradient(monkeypatch, shape, pools, 
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(lambda *inputs: fn(x, *inputs), tuple(inputs))
+    # beyond `PROJECTION_PARAMS_MAX_IN` input channels the general backward pass runs (the GEMM grows with them)
+    monkeypatch.setattr(ops, 'PROJECTION_PARAMS_MAX_IN', shape[0] - 1)
+    calls.clear()
+    general = torch.autograd.grad(fn(x, *inputs).square().sum(), inputs)
+    assert calls == []
+    for got, want in zip(general, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_widening_projection_recomputes_its_intermediates_for_memory(monkeypatch):

@@ -32,6 +32,10 @@ TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
 DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side, no pooling
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
+# Input channels up to which the backward pass of a fused projection whose input needs no gradient skips forming the
+# projection's gradient (`_projection_params_backward`): its GEMM grows with them, the general pass's does not
+# (the crossover, measured on the CPU: README, "2-core CPU")
+PROJECTION_PARAMS_MAX_IN = 6
 # Taps below this magnitude are dropped from the CPU's operators (`flush_tiny`): a decayed kernel's far taps reach
 # 1e-40 on long axes, and their products with activations fall in the denormal range, which x86 CPUs compute
 # 10-100 times slower than normal numbers (the stem's Toeplitz GEMMs took 1.3-1.8x as long, README "2-core CPU").
@@ -269,8 +273,8 @@ def channel_major(x: torch.Tensor) -> torch.Tensor:
     nd = x.ndim - 2
     if x.device.type == 'cpu' and x.shape[1] > 1 and x.stride(1) == 1:
         # channels-last memory (ConvNeXt blocks hand it on): on the CPU one copy that permutes all axes at once
-        # reads or writes with a stride everywhere (4x slower at 96x56x56, 2x at 112x112); instead transpose each
-        # (S_N, C) block of the rows, then move whole rows of S_N values (README, "2-core CPU")
+        # reads or writes with a stride everywhere, which is slow; instead transpose each (S_N, C) block of the
+        # rows, then move whole rows of S_N values (timings: README, "2-core CPU")
         b, c, sizes = x.shape[0], x.shape[1], x.shape[2:]
         rows = x.movedim(1, -1).reshape(-1, sizes[-1], c).transpose(1, 2).contiguous()  # (B S_1..S_N-1, C, S_N)
         x = rows.view((b,) + sizes[:-1] + (c, sizes[-1])).movedim(nd, 1)  # (B, C, S_1, ..., S_N), a view
@@ -505,7 +509,8 @@ class _SeparableConv(torch.autograd.Function):
                                                                        ctx.pools)
             return (grad_u, grad_skip, None, None, None) + tuple(grad_kernels)
         chunks = projection_chunks(x.shape, weight.shape[0], weight.element_size(), x.device)
-        if not ctx.needs_input_grad[0] and kept and all(isinstance(ops_[0], _ToeplitzAxis) for ops_ in operators):
+        if (not ctx.needs_input_grad[0] and kept and weight.shape[1] <= PROJECTION_PARAMS_MAX_IN
+                and all(isinstance(ops_[0], _ToeplitzAxis) for ops_ in operators)):
             return (None,) + _projection_params_backward(x, grad, skip, weight, bias, operators, kept, ctx.pools,
                                                          chunks)
         per_chunk = len(kept) // len(chunks)
@@ -568,7 +573,8 @@ def _projection_params_backward(x, grad, skip, weight, bias, operators, kept, po
     g0 the gradient at the first axis' output (C, m, ...) and T its (C, m, n) matrix, one GEMM against the narrow
     input, mixed[c, p, i, h] = sum g0[c, p, ...] x[i, h, ...], gives T's gradient, sum_i weight[c, i] mixed[c, :, i]
     (+ the bias' part), and the projection's, sum_{p, h} T[c, p, h] mixed[c, p, i, h]. It costs C_in times the
-    GEMM of T's gradient alone, which the two GEMMs, projection and memory passes it replaces outweigh at C_in = 3."""
+    GEMM of T's gradient alone, which the two GEMMs, projection and memory passes it replaces outweigh for few input
+    channels (`PROJECTION_PARAMS_MAX_IN`)."""
     dims = _spatial_dims(x)
     c, c_in = weight.shape
     per_chunk = len(kept) // len(chunks)
