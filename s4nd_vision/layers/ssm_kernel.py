@@ -232,7 +232,7 @@ def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
     """The modes from the first to the last that band-limiting keeps in any channel, as a slice of the mode axis;
     None where that is every mode, and off the CPU (the slice is read on the host, which would synchronize a GPU).
     Generation over these modes equals generation over all: a masked mode's C~ is 0. (S4D's initializations order
-    the modes by frequency, so the kept ones are one run: a third of them in ConvNeXt-S4ND at its init.)"""
+    the modes by frequency, so the kept ones are one run; how many: README, "2-core CPU".)"""
     if mask is None or mask.device.type != 'cpu':
         return None
     kept = mask.sum(0).nonzero()  # (a 0/1 float mask: `sum` is far faster than `any` across rows on the CPU)
@@ -301,7 +301,7 @@ class _SSMKernelFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, length: int, rates, mask, *params):
-        modes = _kept_modes(mask)  # band-limiting keeps about a third of the modes: the others cost nothing
+        modes = _kept_modes(mask)  # the modes band-limiting removes everywhere cost nothing
         (log_dt, log_a_real, a_imag, b, c, rate), mask = _take_modes(_stack(params, rates, mask), mask, modes)
         dt, a = _poles(log_dt, log_a_real, a_imag, rate)
         z, e = _discretize(dt, a)
