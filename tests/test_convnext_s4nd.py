@@ -366,8 +366,8 @@ def test_fsdp_sharded_model_generates_kernels_layer_by_layer():
 
 
 def test_inference_paths_agree_in_a_model():
-    """In inference on the CPU the blocks' S4ND layers get channels-last input and run the 'depthwise' path;
-    the logits equal those of the Toeplitz path (`force_path('fast')`)."""
+    """In inference on the CPU the S4ND layers of the blocks and the downsampling get channels-last input and run the
+    'depthwise' path; the logits equal those of the Toeplitz path (`force_path('fast')`)."""
     from s4nd_vision.layers import dispatch, ops
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=10).eval()
@@ -375,7 +375,8 @@ def test_inference_paths_agree_in_a_model():
     with torch.no_grad():
         logits = model(x)
         used = [type(m._kernel_cache[2]) for m in model.modules() if isinstance(m, S4ND) and m._kernel_cache]
-        assert ops.DepthwiseConv2d in used and list in used  # (the pooling stem and downsampling: Toeplitz)
+        assert ops.DepthwiseConv2d in used and list in used  # (the stem, channel-major with its projection: Toeplitz)
+        assert all(isinstance(stage.downsample[1]._kernel_cache[2], ops.DepthwiseConv2d) for stage in model.stages[1:])
         with dispatch.force_path('fast'):
             torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-5)
 

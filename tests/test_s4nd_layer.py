@@ -673,22 +673,26 @@ def test_algorithm_rule():
 
 
 def test_depthwise_inference_path():
-    """CPU inference on channels-last 2D float32 input without pooling runs two depthwise convolutions per term
-    (`ops.DepthwiseConv2d`): equal to the float64 direct convolution, channels-last out, chosen only there."""
+    """CPU inference on channels-last 2D float32 input runs two depthwise convolutions per term, strided where the
+    layer pools (`ops.DepthwiseConv2d`): equal to the float64 direct convolution, channels-last out, chosen only
+    there."""
     cpu = torch.device('cpu')
     with torch.no_grad():
-        assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'depthwise'
+        for pools in ((1, 1), (2, 2), (4, 1)):
+            assert dispatch.conv_path(cpu, (8, 96, 56, 56), pools, torch.float32, channels_last=True) == 'depthwise'
         assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32) == 'fast'  # NCHW memory
-        assert dispatch.conv_path(cpu, (8, 96, 56, 56), (2, 2), torch.float32, channels_last=True) == 'fast'
         assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float64, channels_last=True) == 'fast'
         too_long = ops.DEPTHWISE_MAX_LEN + 1  # long axes: the Toeplitz GEMM is faster
         assert dispatch.conv_path(cpu, (8, 96, 8, too_long), (1, 1), torch.float32, channels_last=True) == 'fast'
         with dispatch.force_path('fast'):
             assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'
     assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'  # autograd
-    for rank, bidirectional, sizes, l_ref in ((1, True, (9, 12), (6, 6)), (2, (False, True), (7, 5), None)):
+    # (pooling windows that divide the sides or leave a remainder, which AvgPool drops; one axis pooled)
+    cases = ((1, True, (9, 12), (6, 6), 1), (2, (False, True), (7, 5), None, 1),
+             (1, True, (9, 12), None, (2, 3)), (2, True, (11, 8), (6, 6), (4, 1)))
+    for rank, bidirectional, sizes, l_ref, pool in cases:
         torch.manual_seed(0)
-        layer = S4ND(5, ndim=2, d_state=8, rank=rank, bidirectional=bidirectional, l_ref=l_ref).eval()
+        layer = S4ND(5, ndim=2, d_state=8, rank=rank, bidirectional=bidirectional, l_ref=l_ref, pool=pool).eval()
         _randomize(layer)
         x = torch.randn(3, 5, *sizes).to(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -719,11 +723,10 @@ def test_cpu_operators_drop_taps_in_the_denormal_range(pool):
     assert op.t.abs().max() > 0 and not tiny(op.t) and tiny(ops._ToeplitzAxis(k[0], 9, pool).t)
     y = ops.separable_conv(u.float(), [k.float(), k.float()], pools=(pool, pool))
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
-    if pool == 1:
-        x = ops.channels_first(u.float()).contiguous(memory_format=torch.channels_last)
-        depthwise = ops.DepthwiseConv2d([k.float(), k.float()])
-        assert not tiny(depthwise.w_h) and not tiny(depthwise.w_w)
-        torch.testing.assert_close(depthwise.apply(x).double(), ops.channels_first(expected), rtol=1e-5, atol=1e-6)
+    x = ops.channels_first(u.float()).contiguous(memory_format=torch.channels_last)
+    depthwise = ops.DepthwiseConv2d([k.float(), k.float()], (pool, pool))
+    assert not tiny(depthwise.w_h) and not tiny(depthwise.w_w)
+    torch.testing.assert_close(depthwise.apply(x).double(), ops.channels_first(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_separable_conv_refuses_kernels_that_do_not_fit():

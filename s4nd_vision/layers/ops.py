@@ -30,7 +30,7 @@ __all__ = [
 ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
-DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side, no pooling
+DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
 # Input channels up to which the backward pass of a fused projection whose input needs no gradient skips forming the
 # projection's gradient (`_projection_params_backward`): its GEMM grows with them, the general pass's does not
@@ -400,26 +400,40 @@ def projection_chunks(
 class DepthwiseConv2d:
     """The 2D convolution of a (B, C, H, W) input in channels-last memory as two depthwise convolutions per
     rank-1 term (H then W, taps of length 2n - 1, zero padding n - 1: exactly the non-circular convolution),
-    plus skip * x; no pooling. The result is channels-last too. For inference on the CPU, where PyTorch's
-    depthwise convolution reads and writes channels-last data directly: the Toeplitz path needs the input
-    channel-major, two transposing copies per layer that cost more than the convolution on short axes
-    (`DEPTHWISE_MAX_LEN`); on long axes the Toeplitz GEMM wins."""
+    average pooled by `pools` (folded into the taps, below), plus skip * x (pooled). The result is channels-last
+    too. For inference on the CPU, where PyTorch's depthwise convolution reads and writes channels-last data
+    directly: the Toeplitz path needs the input channel-major, two transposing copies per layer that cost more than
+    the convolution on short axes (`DEPTHWISE_MAX_LEN`); on long axes the Toeplitz GEMM wins."""
 
-    def __init__(self, kernels: Sequence[torch.Tensor]):
+    def __init__(self, kernels: Sequence[torch.Tensor], pools: Sequence[int] = (1, 1)):
         k_h, k_w = kernels  # (rank, C, 2H - 1), (rank, C, 2W - 1), offset o at index o + n - 1
-        # cross-correlation weights (what conv2d applies) are the kernels reversed
-        self.w_h = flush_tiny(k_h).flip(-1)[:, :, None, :, None]  # (rank, C, 1, 2H - 1, 1)
-        self.w_w = flush_tiny(k_w).flip(-1)[:, :, None, None, :]  # (rank, C, 1, 1, 2W - 1)
+        self.pools = tuple(pools)
+        self.w_h = _pooled_taps(k_h, self.pools[0])[:, :, None, :, None]  # (rank, C, 1, 2H - 2 + pool, 1)
+        self.w_w = _pooled_taps(k_w, self.pools[1])[:, :, None, None, :]  # (rank, C, 1, 1, 2W - 2 + pool)
         self.padding = ((k_h.shape[-1] - 1) // 2, (k_w.shape[-1] - 1) // 2)
 
     def apply(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, H, W), channels-last memory; skip (C,) or None."""
-        c, (ph, pw) = x.shape[1], self.padding
+        """x (B, C, H, W), channels-last memory; skip (C,) or None -> (B, C, H // pool, W // pool)."""
+        c, (ph, pw), (sh, sw) = x.shape[1], self.padding, self.pools
         y = None
         for w_h, w_w in zip(self.w_h, self.w_w):
-            z = F.conv2d(F.conv2d(x, w_h, padding=(ph, 0), groups=c), w_w, padding=(0, pw), groups=c)
+            z = F.conv2d(x, w_h, stride=(sh, 1), padding=(ph, 0), groups=c)
+            z = F.conv2d(z, w_w, stride=(1, sw), padding=(0, pw), groups=c)
             y = z if y is None else y.add_(z)
-        return y if skip is None else y.addcmul_(x, skip.reshape(-1, 1, 1))  # (one pass, into the last result)
+        if skip is None:
+            return y
+        pooled = x if self.pools == (1, 1) else F.avg_pool2d(x, self.pools)  # (drops the remainder, as AvgPool)
+        return y.addcmul_(pooled, skip.reshape(-1, 1, 1))  # (one pass, into the last result)
+
+
+def _pooled_taps(k: torch.Tensor, pool: int) -> torch.Tensor:
+    """The cross-correlation weights (what conv2d applies: the taps reversed) of the convolution by taps k
+    (..., 2n - 1) followed by average pooling over windows of `pool` outputs, applied at stride `pool`: each
+    window's mean is one product with the taps averaged over `pool` neighbours (a box filter), (..., 2n - 2 + pool)."""
+    w = flush_tiny(k).flip(-1)
+    if pool == 1:
+        return w
+    return F.pad(w, (pool - 1, pool - 1)).unfold(-1, pool, 1).mean(-1)
 
 
 def recompute_for_memory(device: torch.device) -> bool:

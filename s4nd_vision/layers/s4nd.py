@@ -321,7 +321,7 @@ class S4ND(nn.Module):
                 return operators
         kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
         if depthwise:
-            operators = DepthwiseConv2d(kernels)
+            operators = DepthwiseConv2d(kernels, self.pool)
         else:
             operators = conv_operators(kernels, shape, self.pool, algorithms)
         self._kernel_cache = (key, [t.clone() for t in state], operators)
