@@ -1,6 +1,7 @@
 """The S4ND layer against direct references: SSM recurrence, direct convolution, ZOH consistency."""
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -606,6 +607,27 @@ def _vector_to_parameters(layer, other):
 
 def _numpy_view(layer, other):
     layer.kernels[0].c.detach().numpy()[...] = other.kernels[0].c.detach().numpy()  # no version counter sees this
+
+
+def test_cache_check_compares_parameters_by_their_bytes():
+    """The inference cache's check compares dense real CPU tensors bitwise (memcmp, reached through ctypes on
+    Linux): one bit of the last element differs, and -0.0 differs from 0.0; a NaN equals itself (its kernels are
+    those of the cached copy); strided and complex tensors go through torch.equal."""
+    from s4nd_vision.layers import s4nd as s4nd_module
+    same = s4nd_module._same_values
+    if sys.platform.startswith('linux'):
+        assert s4nd_module._MEMCMP is not None
+    a = torch.randn(96, 32, 2)
+    b = a.clone()
+    assert same(a, b)
+    b.view(-1)[-1] = torch.nextafter(b.view(-1)[-1], torch.tensor(float('inf')))
+    assert not same(a, b) and not same(a.transpose(0, 1), b.transpose(0, 1))
+    assert same(a.transpose(0, 1), a.clone().transpose(0, 1))
+    nan = torch.full((3,), float('nan'))
+    assert not same(torch.zeros(3), -torch.zeros(3)) and same(nan, nan.clone())
+    assert same(torch.empty(0), torch.empty(0))
+    z = torch.randn(4, dtype=torch.complex64)
+    assert same(z, z.clone()) and not same(z, z.conj().resolve_conj())
 
 
 @pytest.mark.parametrize('change', [
