@@ -349,11 +349,20 @@ def apply_operators(
     chunk at a time."""
     if proj is None:
         return _apply_operators(u, operators, pools, skip, intermediates)
-    parts = []
+    weight, bias = proj
     pooled = _pooled_projection(u, proj, pools, skip)  # (small: pooled before it is projected)
-    for start, size in projection_chunks(u.shape, proj[0].shape[0], proj[0].element_size(), u.device):
+    responses = None
+    if bias is not None and u.ndim > 3:
+        # the bias, a constant per channel, enters after the first axis as that axis' response to it, added by the
+        # GEMM into a tensor the size of its (pooled) result: a pass over a quarter of the projection in the stem,
+        # where a bias in the projection's GEMM is a pass over all of it (addmm writes the bias first, then adds)
+        responses = [bias.reshape((-1,) + (1,) * (u.ndim - 1)) * ops_[0].apply(
+            u.new_ones((weight.shape[0], u.shape[1]) + (1,) * (u.ndim - 2)), 1) for ops_ in operators]
+        proj = (weight, None)
+    parts = []
+    for start, size in projection_chunks(u.shape, weight.shape[0], weight.element_size(), u.device):
         parts.append(_apply_operators(project(u.narrow(-2, start, size), *proj), operators, pools, skip, intermediates,
-                                      None if pooled is None else pooled.narrow(-2, start, size)))
+                                      None if pooled is None else pooled.narrow(-2, start, size), responses))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
@@ -363,16 +372,20 @@ def _pooled_projection(x: torch.Tensor, proj, pools: Sequence[int], skip: Option
     return None if skip is None else project(avg_pool_axes(x, pools), *proj)
 
 
-def _apply_operators(u, operators, pools, skip, intermediates, pooled=None) -> torch.Tensor:
-    """`apply_operators` without projection; `pooled` is avg_pool_axes(u, pools) if the caller has it."""
+def _apply_operators(u, operators, pools, skip, intermediates, pooled=None, responses=None) -> torch.Tensor:
+    """`apply_operators` without projection; `pooled` is avg_pool_axes(u, pools) if the caller has it;
+    `responses` (per term, broadcastable to the first axis' result) are added to that result."""
     dims = _spatial_dims(u)
     if skip is not None:
         pooled = avg_pool_axes(u, pools) if pooled is None else pooled
     y = None if skip is None else skip.reshape((-1,) + (1,) * (u.ndim - 1)) * pooled
-    for ops_ in operators:
+    for term, ops_ in enumerate(operators):
         z = u
         for a, (dim, op) in enumerate(zip(dims[:-1], ops_)):
-            z = op.apply(z, dim)
+            acc = None
+            if a == 0 and responses is not None:
+                acc = responses[term].expand(responses[term].shape[:2] + z.shape[2:]).contiguous()
+            z = op.apply(z, dim, acc=acc)
             if intermediates is not None:
                 intermediates.append(z)
         y = ops_[-1].apply(z, dims[-1], acc=y)  # the sum so far accumulates into the last product
@@ -473,7 +486,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     """Pointwise (1x1) projection of a channel-major x (C_in, ...) by weight (C, C_in) plus bias (C,): (C, ...)."""
     if bias is None:
         y = torch.mm(weight, x.flatten(1))
-    else:  # the bias in the GEMM: the (C, pixels) result is written once, not written and then added to
+    else:
         y = torch.addmm(bias[:, None], weight, x.flatten(1))
     return y.view((-1,) + x.shape[1:])
 
