@@ -375,8 +375,8 @@ def test_inference_paths_agree_in_a_model():
     with torch.no_grad():
         logits = model(x)
         used = [type(m._kernel_cache[2]) for m in model.modules() if isinstance(m, S4ND) and m._kernel_cache]
-        assert ops.DepthwiseConv2d in used and list in used  # (the stem, channel-major with its projection: Toeplitz)
-        assert all(isinstance(stage.downsample[1]._kernel_cache[2], ops.DepthwiseConv2d) for stage in model.stages[1:])
+        assert ops.DepthwiseConv in used and list in used  # (the stem, channel-major with its projection: Toeplitz)
+        assert all(isinstance(stage.downsample[1]._kernel_cache[2], ops.DepthwiseConv) for stage in model.stages[1:])
         with dispatch.force_path('fast'):
             torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-5)
 

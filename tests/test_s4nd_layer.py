@@ -695,32 +695,38 @@ def test_algorithm_rule():
 
 
 def test_depthwise_inference_path():
-    """CPU inference on channels-last 2D float32 input runs two depthwise convolutions per term, strided where the
-    layer pools (`ops.DepthwiseConv2d`): equal to the float64 direct convolution, channels-last out, chosen only
-    there."""
+    """CPU inference on channels-last 2D or 3D float32 input runs one depthwise convolution per axis and term,
+    strided where the layer pools (`ops.DepthwiseConv`): equal to the float64 direct convolution, channels-last
+    out, chosen only there (3D: sides up to 16)."""
     cpu = torch.device('cpu')
     with torch.no_grad():
         for pools in ((1, 1), (2, 2), (4, 1)):
             assert dispatch.conv_path(cpu, (8, 96, 56, 56), pools, torch.float32, channels_last=True) == 'depthwise'
         assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32) == 'fast'  # NCHW memory
         assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float64, channels_last=True) == 'fast'
-        too_long = ops.DEPTHWISE_MAX_LEN + 1  # long axes: the Toeplitz GEMM is faster
+        too_long = ops.DEPTHWISE_MAX_LEN[2] + 1  # long axes: the Toeplitz GEMM is faster
         assert dispatch.conv_path(cpu, (8, 96, 8, too_long), (1, 1), torch.float32, channels_last=True) == 'fast'
+        assert dispatch.conv_path(cpu, (2, 384, 8, 14, 14), (1, 1, 1), torch.float32, channels_last=True) == 'depthwise'
+        assert dispatch.conv_path(cpu, (2, 96, 8, 28, 28), (1, 1, 1), torch.float32, channels_last=True) == 'fast'
+        assert dispatch.conv_path(cpu, (8, 96, 56), (1,), torch.float32, channels_last=True) == 'fast'  # 1D
         with dispatch.force_path('fast'):
             assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'
     assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'  # autograd
     # (pooling windows that divide the sides or leave a remainder, which AvgPool drops; one axis pooled)
     cases = ((1, True, (9, 12), (6, 6), 1), (2, (False, True), (7, 5), None, 1),
-             (1, True, (9, 12), None, (2, 3)), (2, True, (11, 8), (6, 6), (4, 1)))
+             (1, True, (9, 12), None, (2, 3)), (2, True, (11, 8), (6, 6), (4, 1)),
+             (1, True, (4, 9, 7), None, 1), (2, (True, False, True), (5, 8, 6), (4, 6, 6), (1, 2, 3)))
     for rank, bidirectional, sizes, l_ref, pool in cases:
         torch.manual_seed(0)
-        layer = S4ND(5, ndim=2, d_state=8, rank=rank, bidirectional=bidirectional, l_ref=l_ref, pool=pool).eval()
+        layer = S4ND(5, ndim=len(sizes), d_state=8, rank=rank, bidirectional=bidirectional, l_ref=l_ref,
+                     pool=pool).eval()
         _randomize(layer)
-        x = torch.randn(3, 5, *sizes).to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if len(sizes) == 2 else torch.channels_last_3d
+        x = torch.randn(3, 5, *sizes).to(memory_format=memory_format)
         with torch.no_grad():
             y = layer(x)
-            assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv2d)
-            assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
+            assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv)
+            assert y.is_contiguous(memory_format=memory_format) and y.dtype == torch.float32
             torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(layer(x, rate=1.7).double(), _direct_reference(layer, x, rate=1.7),
                                        rtol=1e-5, atol=1e-5)
@@ -746,8 +752,8 @@ def test_cpu_operators_drop_taps_in_the_denormal_range(pool):
     y = ops.separable_conv(u.float(), [k.float(), k.float()], pools=(pool, pool))
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
     x = ops.channels_first(u.float()).contiguous(memory_format=torch.channels_last)
-    depthwise = ops.DepthwiseConv2d([k.float(), k.float()], (pool, pool))
-    assert not tiny(depthwise.w_h) and not tiny(depthwise.w_w)
+    depthwise = ops.DepthwiseConv([k.float(), k.float()], (pool, pool))
+    assert not any(tiny(weights) for weights, _, _ in depthwise.axes)
     torch.testing.assert_close(depthwise.apply(x).double(), ops.channels_first(expected), rtol=1e-5, atol=1e-6)
 
 

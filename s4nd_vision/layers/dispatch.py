@@ -8,9 +8,9 @@
   `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without autograd; where an H200 measured the fused kernels
   faster than the fast path, see below): the fused
   channels-last kernels (3D: the time axis, then each frame's fused 2D convolution).
-- 'depthwise': CPU inference (no autograd) on a 2D float32 input in channels-last memory with sides up to
-  `ops.DEPTHWISE_MAX_LEN`: `ops.DepthwiseConv2d`, two depthwise convolutions per rank-1 term (strided where the
-  layer pools) that read and write channels-last data (no transposing copies).
+- 'depthwise': CPU inference (no autograd) on a 2D or 3D float32 input in channels-last memory with sides up to
+  `ops.DEPTHWISE_MAX_LEN` (64 in 2D, 16 in 3D): `ops.DepthwiseConv`, one depthwise convolution per axis and
+  rank-1 term (strided where the layer pools) that reads and writes channels-last data (no transposing copies).
 - 'fast': everything else, e.g. every other CPU input: `ops.separable_conv` (Toeplitz GEMMs or FFTs per axis).
 
 Kernel generation (`generate_two_sided`, `fused_generation`): on CUDA, whichever path each layer's convolution
@@ -83,8 +83,8 @@ def conv_path(
     device_type = torch.device(device).type
     if device_type == 'cuda' and _triton_faster(shape) and _triton_supports(shape, pools, dtype):
         return 'triton'
-    if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and len(shape) == 4
-            and dtype == torch.float32 and max(shape[2:]) <= DEPTHWISE_MAX_LEN):
+    if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and dtype == torch.float32
+            and max(shape[2:]) <= DEPTHWISE_MAX_LEN.get(len(shape) - 2, 0)):
         return 'depthwise'
     return 'fast'
 

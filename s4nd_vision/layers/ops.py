@@ -19,7 +19,7 @@ from .reference import separable_conv_reference, use_reference
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
     'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
-    'DepthwiseConv2d', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES', 'recompute_for_memory',
+    'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES', 'recompute_for_memory',
     'backward_without_autocast',
 ]
 
@@ -30,7 +30,9 @@ __all__ = [
 ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
-DEPTHWISE_MAX_LEN = 64  # CPU inference on channels-last 2D input: `DepthwiseConv2d` up to this side
+# CPU inference on channels-last input: `DepthwiseConv` up to this side, by number of spatial axes (3D: clips, whose
+# layers measured slower than the Toeplitz path at 56 and even at 28 sides, faster at 14 and 7; README "2-core CPU")
+DEPTHWISE_MAX_LEN = {2: 64, 3: 16}
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
 # Input channels up to which the backward pass of a fused projection whose input needs no gradient skips forming the
 # projection's gradient (`_projection_params_backward`): its GEMM grows with them, the general pass's does not
@@ -410,33 +412,38 @@ def projection_chunks(
     return [(start, min(step, batch - start)) for start in range(0, batch, step)] or [(0, 0)]
 
 
-class DepthwiseConv2d:
-    """The 2D convolution of a (B, C, H, W) input in channels-last memory as two depthwise convolutions per
-    rank-1 term (H then W, taps of length 2n - 1, zero padding n - 1: exactly the non-circular convolution),
-    average pooled by `pools` (folded into the taps, below), plus skip * x (pooled). The result is channels-last
-    too. For inference on the CPU, where PyTorch's depthwise convolution reads and writes channels-last data
-    directly: the Toeplitz path needs the input channel-major, two transposing copies per layer that cost more than
-    the convolution on short axes (`DEPTHWISE_MAX_LEN`); on long axes the Toeplitz GEMM wins."""
+class DepthwiseConv:
+    """The 2D or 3D convolution of a (B, C, *spatial) input in channels-last memory as one depthwise convolution per
+    axis and rank-1 term (taps of length 2n - 1, zero padding n - 1: exactly the non-circular convolution), average
+    pooled by `pools` (folded into the taps, below), plus skip * x (pooled). The result is channels-last too. For
+    inference on the CPU, where PyTorch's depthwise convolution reads and writes channels-last data directly: the
+    Toeplitz path needs the input channel-major, two transposing copies per layer that cost more than the
+    convolution on short axes (`DEPTHWISE_MAX_LEN`); on long axes the Toeplitz GEMM wins."""
 
-    def __init__(self, kernels: Sequence[torch.Tensor], pools: Sequence[int] = (1, 1)):
-        k_h, k_w = kernels  # (rank, C, 2H - 1), (rank, C, 2W - 1), offset o at index o + n - 1
-        self.pools = tuple(pools)
-        self.w_h = _pooled_taps(k_h, self.pools[0])[:, :, None, :, None]  # (rank, C, 1, 2H - 2 + pool, 1)
-        self.w_w = _pooled_taps(k_w, self.pools[1])[:, :, None, None, :]  # (rank, C, 1, 1, 2W - 2 + pool)
-        self.padding = ((k_h.shape[-1] - 1) // 2, (k_w.shape[-1] - 1) // 2)
+    def __init__(self, kernels: Sequence[torch.Tensor], pools: Sequence[int]):
+        nd = len(kernels)  # kernels[a]: (rank, C, 2 n_a - 1), offset o at index o + n_a - 1
+        self.conv = (F.conv2d, F.conv3d)[nd - 2]
+        self.pool = None if all(p == 1 for p in pools) else functools.partial((F.avg_pool2d, F.avg_pool3d)[nd - 2],
+                                                                              kernel_size=tuple(pools))
+        self.axes = []  # per axis: weights (rank, C, 1, *taps along that axis), stride, padding
+        for a, (k, pool) in enumerate(zip(kernels, pools)):
+            w = _pooled_taps(k, pool)  # (rank, C, 2n - 2 + pool)
+            taps, stride, padding = [1] * nd, [1] * nd, [0] * nd
+            taps[a], stride[a], padding[a] = w.shape[-1], pool, (k.shape[-1] - 1) // 2
+            self.axes.append((w.reshape(w.shape[:2] + (1, *taps)), tuple(stride), tuple(padding)))
 
     def apply(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, H, W), channels-last memory; skip (C,) or None -> (B, C, H // pool, W // pool)."""
-        c, (ph, pw), (sh, sw) = x.shape[1], self.padding, self.pools
-        y = None
-        for w_h, w_w in zip(self.w_h, self.w_w):
-            z = F.conv2d(x, w_h, stride=(sh, 1), padding=(ph, 0), groups=c)
-            z = F.conv2d(z, w_w, stride=(1, sw), padding=(0, pw), groups=c)
+        """x (B, C, *spatial), channels-last memory; skip (C,) or None -> (B, C, *(spatial // pools))."""
+        c, y = x.shape[1], None
+        for term in range(len(self.axes[0][0])):
+            z = x
+            for w, stride, padding in self.axes:
+                z = self.conv(z, w[term], stride=stride, padding=padding, groups=c)
             y = z if y is None else y.add_(z)
         if skip is None:
             return y
-        pooled = x if self.pools == (1, 1) else F.avg_pool2d(x, self.pools)  # (drops the remainder, as AvgPool)
-        return y.addcmul_(pooled, skip.reshape(-1, 1, 1))  # (one pass, into the last result)
+        pooled = x if self.pool is None else self.pool(x)  # (drops the remainder, as AvgPool)
+        return y.addcmul_(pooled, skip.reshape((-1,) + (1,) * (x.ndim - 2)))  # (one pass, into the last result)
 
 
 def _pooled_taps(k: torch.Tensor, pool: int) -> torch.Tensor:

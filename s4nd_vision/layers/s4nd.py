@@ -16,7 +16,7 @@ from timm.layers import register_notrace_module
 
 from . import dispatch
 from .ops import (
-    DepthwiseConv2d,
+    DepthwiseConv,
     apply_operators,
     channel_major,
     channels_first,
@@ -319,7 +319,7 @@ class S4ND(nn.Module):
             depthwise: bool = False,
     ):
         """Convolution operators (Toeplitz matrices, kernel spectra) for a channel-major input of `shape`, or
-        with `depthwise` the `DepthwiseConv2d` for the same input in channels-last
+        with `depthwise` the `DepthwiseConv` for the same input in channels-last
         memory, remembered between calls while no gradient is recorded (inference).
 
         The cache is reused only when the input shape, the algorithm per axis (it depends on the batch
@@ -345,7 +345,7 @@ class S4ND(nn.Module):
                 return operators
         kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
         if depthwise:
-            operators = DepthwiseConv2d(kernels, self.pool)
+            operators = DepthwiseConv(kernels, self.pool)
         else:
             operators = conv_operators(kernels, shape, self.pool, algorithms)
         self._kernel_cache = (key, [t.clone() for t in state], operators)
@@ -382,13 +382,14 @@ class S4ND(nn.Module):
         # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
         # from a cast copy), and accumulate in float32
         path = dispatch.conv_path(x.device, x.shape, self.pool, x.dtype,
-                                  channels_last=x.ndim == 4 and x.shape[1] > 1 and x.stride(1) == 1)
+                                  channels_last=x.ndim in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1)
         if x.shape[0] > 0 and path == 'triton':
             return self._forward_triton(x, rate)
         if x.shape[0] > 0 and path == 'depthwise':  # (inference: operators cached like the fast path's)
-            b, c, h, w = x.shape
+            b, c, *sizes = x.shape
+            shape = (c, *sizes[:-1], b, sizes[-1])  # (the channel-major shape, as the fast path's cache keys it)
             with torch.autocast(device_type='cpu', enabled=False):  # float32, like the fast path on the CPU
-                return self._cached_operators((c, h, b, w), rate, x.dtype, x.dtype, depthwise=True).apply(x, self.D)
+                return self._cached_operators(shape, rate, x.dtype, x.dtype, depthwise=True).apply(x, self.D)
         return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
 
     def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
