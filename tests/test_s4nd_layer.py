@@ -711,6 +711,9 @@ def test_depthwise_inference_path():
         assert dispatch.conv_path(cpu, (8, 96, 56), (1,), torch.float32, channels_last=True) == 'fast'  # 1D
         with dispatch.force_path('fast'):
             assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'
+        for algorithm in ops.ALGORITHMS:  # (a forced algorithm is one of the fast path's)
+            with ops.conv_algorithm(algorithm):
+                assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'
     assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'  # autograd
     # (pooling windows that divide the sides or leave a remainder, which AvgPool drops; one axis pooled)
     cases = ((1, True, (9, 12), (6, 6), 1), (2, (False, True), (7, 5), None, 1),

@@ -18,9 +18,9 @@ from .reference import separable_conv_reference, use_reference
 
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
-    'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'ALGORITHMS',
-    'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES', 'recompute_for_memory',
-    'backward_without_autocast',
+    'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'forced_algorithm',
+    'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES',
+    'recompute_for_memory', 'backward_without_autocast',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -75,17 +75,23 @@ _FORCED_ALGORITHM = ForcedChoice('s4nd_conv_algorithm')
 @contextlib.contextmanager
 def conv_algorithm(algorithm: Optional[str]) -> Iterator[None]:
     """Within this context every S4ND axis is convolved by `algorithm`, 'toeplitz' or 'fft' (None: the rule of
-    `choose_algorithm`), e.g. to compare or count the two. A backward pass uses the algorithms of its forward."""
+    `choose_algorithm`), e.g. to compare or count the two: CPU inference takes the fast path, not the depthwise
+    convolutions (`dispatch`). A backward pass uses the algorithms of its forward."""
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f'algorithm must be one of {ALGORITHMS} or None, got {algorithm!r}')
     with _FORCED_ALGORITHM.forced(algorithm):
         yield
 
 
+def forced_algorithm() -> Optional[str]:
+    """The algorithm of an enclosing `conv_algorithm` context, or None."""
+    return _FORCED_ALGORITHM.get()
+
+
 def choose_algorithm(n: int, rows: int) -> str:
     """'toeplitz' or 'fft' for an axis of length `n` whose per-channel matrix multiplies `rows` vectors
     (the one of an enclosing `conv_algorithm` context, if any)."""
-    forced = _FORCED_ALGORITHM.get()
+    forced = forced_algorithm()
     if forced is not None:
         return forced
     return 'toeplitz' if n <= TOEPLITZ_MAX_LEN and rows >= TOEPLITZ_MIN_ROWS * n else 'fft'
