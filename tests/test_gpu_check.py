@@ -10,9 +10,8 @@ from s4nd_vision.layers import ops
 
 
 def _correctness_checks(plan) -> int:
-    """The checks of `plan`'s correctness section: conv cases in two dtypes by both fused algorithms (the tiny
-    plan's sides all within DOT_MAX_SIDE), custom op, generation, two layers and every fast case with each
-    algorithm, in fp32 and bf16."""
+    """The checks of `plan`'s correctness section: conv cases in two dtypes by both fused algorithms, custom op,
+    generation, two layers and every fast case with each algorithm, in fp32 and bf16."""
     return 4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
 
 

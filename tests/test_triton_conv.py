@@ -75,7 +75,8 @@ def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, 
     (2, 5, 5, 19, 2, (2, 2), True),  # rank 2, pooled with a dropped remainder, two channel blocks
     (1, 8, 4, 3, 1, (4, 1), False),  # pool 4 on one axis, no skip
     (1, 16, 16, 4, 1, (2, 4), True),  # the largest side of 16 x 16 tiles, pooled unequally
-    (1, 20, 9, 3, 1, (2, 1), True),  # 32 x 32 tiles (one channel per program in the backward)
+    (1, 20, 9, 3, 1, (2, 1), True),  # 32 x 32 tiles (one channel per program: 2D products)
+    (2, 33, 60, 3, 2, (1, 4), True),  # 64 x 64 tiles, the largest (sides up to 64, stage 1 of ConvNeXt-T)
 ])
 def test_dot_algorithm_equals_reference(b, h, w, c, rank, pools, skip):
     """The tensor-core formulation (`fused_algorithm('dot')`: per-channel Toeplitz matrix products, the taps'
@@ -112,17 +113,17 @@ def test_dot_images_per_program_keep_the_gpu_filled():
     assert [triton_conv._dot_images(b) for b in (1, 8, 31, 32, 64, 128, 1024)] == [1, 1, 1, 2, 4, 8, 8]
 
 
-def test_dot_algorithm_runs_its_kernels_up_to_its_side(monkeypatch):
-    """'dot' (the default for images, `DEFAULT_KERNEL_ALGORITHM`) launches the tensor-core kernels for sides up to
-    DOT_MAX_SIDE and the sums beyond; 'sum' (the default for clips' frames) never launches them."""
+def test_dot_algorithm_runs_its_kernels_at_every_side(monkeypatch):
+    """'dot' (the default for images, `DEFAULT_KERNEL_ALGORITHM`) launches the tensor-core kernels at every side the
+    kernels take (up to `MAX_SIDE`); 'sum' (the default for clips' frames) never launches them."""
     calls = []
     for name in ('_dot_conv_kernel', '_dot_grad_kernel', '_conv_kernel', '_kernel_grad_kernel'):
         kernel = getattr(triton_conv, name)
         monkeypatch.setattr(triton_conv, name, _Counting(kernel, name, calls))
     dot, sums = ['_dot_conv_kernel', '_dot_conv_kernel', '_dot_grad_kernel'], ['_conv_kernel', '_conv_kernel',
                                                                                '_kernel_grad_kernel']
-    for side, algorithm, expected in ((32, 'dot', dot), (33, 'dot', sums), (8, None, dot), (33, None, sums),
-                                      (8, 'sum', sums)):
+    for side, algorithm, expected in ((32, 'dot', dot), (33, 'dot', dot), (8, None, dot), (64, None, dot),
+                                      (8, 'sum', sums), (64, 'sum', sums)):
         calls.clear()
         x, kh, kw, d = [t.float() if t is not None else None for t in _inputs(1, side, 3, 2, 1, True)]
         x.requires_grad_()

@@ -94,8 +94,8 @@ def record_launches() -> list:
     launches = []
     for module, name in KERNELS:
         setattr(module, name, _Recorder(name, getattr(module, name), launches))
-    # 2D: (B, H, W, C), pools, dtype, rank, algorithm; 'dot' at its two tile sides (16, 32), and at ConvNeXt-T's
-    # batch of 128, whose programs loop over 8 images (`triton_conv._dot_images`)
+    # 2D: (B, H, W, C), pools, dtype, rank, algorithm; 'dot' at its three tile sides (16, 32, 64), and at
+    # ConvNeXt-T's batch of 128, whose programs loop over 8 images (`triton_conv._dot_images`)
     cases = [((2, 56, 56, 96), (1, 1), torch.float32, 1, 'sum'), ((2, 56, 56, 96), (1, 1), torch.bfloat16, 1, 'sum'),
              ((2, 28, 28, 192), (1, 1), torch.bfloat16, 1, 'sum'), ((2, 14, 14, 384), (1, 1), torch.bfloat16, 1, 'sum'),
              ((2, 7, 7, 768), (1, 1), torch.bfloat16, 1, 'sum'), ((2, 56, 56, 96), (2, 2), torch.bfloat16, 1, 'sum'),
@@ -106,8 +106,11 @@ def record_launches() -> list:
              ((128, 7, 7, 768), (1, 1), torch.float32, 2, 'dot'),
              ((2, 14, 14, 384), (2, 2), torch.float16, 1, 'dot')]
     # (under bf16 autocast the models' float32 activations are multiplied in bf16: `operands`)
-    cases = [case + (None,) for case in cases] + [((128, 14, 14, 384), (1, 1), torch.float32, 1, 'dot', torch.bfloat16),
-                                                  ((128, 28, 28, 192), (2, 2), torch.float32, 1, 'dot', torch.bfloat16)]
+    cases = [case + (None,) for case in cases] + [
+        ((128, 14, 14, 384), (1, 1), torch.float32, 1, 'dot', torch.bfloat16),
+        ((128, 28, 28, 192), (2, 2), torch.float32, 1, 'dot', torch.bfloat16),
+        ((128, 56, 56, 96), (1, 1), torch.float32, 1, 'dot', torch.bfloat16),
+        ((128, 56, 56, 96), (2, 2), torch.float32, 1, 'dot', torch.bfloat16)]
     for (b, h, w, c), pools, dtype, rank, algorithm, operands in cases:
         x = torch.zeros(b, h, w, c, dtype=dtype, requires_grad=True)
         kh = torch.zeros(rank, c, 2 * h - 1, requires_grad=True)

@@ -4,7 +4,7 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 (`SECTIONS`, their order):
 
 1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16, by
-   each algorithm: 'sum' and, where they apply, the tensor-core kernels 'dot'), the
+   each algorithm: 'sum' and the tensor-core kernels 'dot'), the
    fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
    fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
    run fail, and the later sections then run S4ND's fast path (unless a path is forced).
@@ -18,7 +18,7 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    ConvNeXt-T and ConvNeXt-S4ND-T: step time, device kernels per step, the fraction of the step the device is busy
    (what the host's launches leave idle), top operators by device time.
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
-   not yet for clips; checked in correctness): the layers where they apply by both algorithms, and by 'dot' with
+   not yet for clips; checked in correctness): the layers by both algorithms, and by 'dot' with
    each of `DOT_VARIANTS` (the settings an H200 ran before), and the video pair again with them. Its failures and
    crashes do not switch the other sections to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
@@ -166,13 +166,11 @@ class _Checks:
 
 def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str = 'sum') -> None:
     """The fused convolution (2D, and 3D: time axis then 2D per frame) by `algorithm`
-    (`triton_conv.fused_algorithm`; the cases where it applies) against float64 on the CPU: output and every
+    (`triton_conv.fused_algorithm`) against float64 on the CPU: output and every
     gradient, fp32 and bf16; with 'sum', also the custom op compiled by inductor."""
     from ..layers.triton_conv import fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
     label = '' if algorithm == 'sum' else f' {algorithm}'
     for b, h, w, c, rank, pools in plan.conv_cases:
-        if algorithm not in _algorithms(h, w):
-            continue
         torch.manual_seed(0)
         x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
         kh = torch.randn(rank, c, 2 * h - 1, dtype=torch.float64)
@@ -190,8 +188,6 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str
             errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
             checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}{label}', errors, limit)
     for b, t, h, w, c, rank, pools in plan.conv3d_cases:
-        if algorithm not in _algorithms(h, w):
-            continue
         torch.manual_seed(0)
         x, d = torch.randn(b, t, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
         kernels = [torch.randn(rank, c, 2 * n - 1, dtype=torch.float64) for n in (t, h, w)]
@@ -220,14 +216,8 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str
 
 
 def check_conv_dot(plan: Plan, device: torch.device, checks: _Checks) -> None:
-    """`check_conv` by the tensor-core kernels ('dot', the images' default), where they apply."""
+    """`check_conv` by the tensor-core kernels ('dot', the images' default)."""
     check_conv(plan, device, checks, 'dot')
-
-
-def _algorithms(h: int, w: int) -> Tuple[str, ...]:
-    """The fused convolution's algorithms that run at sides h and w ('dot' up to `triton_conv.DOT_MAX_SIDE`)."""
-    from ..layers.triton_conv import DOT_MAX_SIDE
-    return ('sum', 'dot') if max(h, w) <= DOT_MAX_SIDE else ('sum',)
 
 
 def check_generation(plan: Plan, device: torch.device, checks: _Checks) -> None:
@@ -380,15 +370,13 @@ def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, 
 
 def layer_jobs(plan: Plan, device: torch.device, dot: bool = False) -> List[Callable[[], dict]]:
     """The rows of the layer benchmark: S4ND on the Triton and the fast path (`dot`: by both algorithms of the
-    fused convolution, at the shapes where 'dot' applies) vs timm's 7x7 depthwise conv, forward+backward,
-    channels-last, fp32, bf16, and fp32 under bf16 autocast (the models' case: their blocks hand on float32
-    activations); then 3D S4ND vs the 3D baseline's depthwise conv."""
-    applies = (lambda side: 'dot' in _algorithms(side, side)) if dot else (lambda side: True)
+    fused convolution) vs timm's 7x7 depthwise conv, forward+backward, channels-last, fp32, bf16, and fp32 under
+    bf16 autocast (the models' case: their blocks hand on float32 activations); then 3D S4ND vs the 3D baseline's
+    depthwise conv."""
     kinds = ((torch.float32, False), (torch.bfloat16, True), (torch.float32, True))
     return ([partial(_bench_stage, plan, device, dim, size, dtype, amp, dot)
-             for dtype, amp in kinds for dim, size in plan.stages if applies(size)]
-            + [partial(_bench_video_stage, plan, device, *stage, dot) for stage in plan.video_stages
-               if applies(stage[-1])])
+             for dtype, amp in kinds for dim, size in plan.stages]
+            + [partial(_bench_video_stage, plan, device, *stage, dot) for stage in plan.video_stages])
 
 
 def _device_activity(events) -> Tuple[int, float]:

@@ -296,10 +296,10 @@ def _axis_grad_kernel(
 
 # ----- the same convolution on tensor cores ('dot') -----
 
-DOT_MAX_SIDE = 32  # the largest padded side S (at 64 the operators spill from registers)
 # Values of one (BLOCK_C, S, S) tensor of a forward or input-gradient program, and of a kernel-gradient program
 # (more tensors live at once). Small: a thread's registers bound the warps an SM keeps, and these programs wait on
 # chains of dependent products (registers per kernel for sm_90: README, "H200"; `gpu_check` times the former tiles).
+# From S = 32 (and in every kernel-gradient program) a program holds one channel.
 DOT_TILE = 1024
 DOT_GRAD_TILE = 256
 DOT_WARPS = 8
@@ -336,6 +336,17 @@ def _pooling(row, col, n_out, P: tl.constexpr, TRANSPOSE: tl.constexpr):
     else:
         hit = (col // P == row) & (row < n_out)
     return tl.where(hit, 1.0 / P, 0.0)
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The batched product of (BLOCK_C, M, K) and (BLOCK_C, K, N) tensors, fp32 (BLOCK_C, M, N). One channel's
+    as a 2D dot: for a batch of one, Triton's 3D dot took up to twice the registers and spilled (sm_90, S >= 32)."""
+    if BLOCK_C == 1:
+        z = tl.dot(tl.reshape(a, [a.shape[1], a.shape[2]]), tl.reshape(b, [b.shape[1], b.shape[2]]),
+                   input_precision=PRECISION)
+        return tl.reshape(z, [1, a.shape[1], b.shape[2]])
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -387,14 +398,14 @@ def _dot_conv_kernel(
                 left = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, TRANSPOSE, left_mask).to(OPERANDS)
                 # the right operator is B^T ([v, j] = B[j, v]): the transposed Toeplitz of the forward, and vice versa
                 right = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, TRANSPOSE, right_mask).to(OPERANDS)
-            z = tl.dot(left, inp, input_precision=PRECISION)
-            acc += tl.dot(z.to(OPERANDS), right, input_precision=PRECISION)
+            z = _mm(left, inp, PRECISION, BLOCK_C)
+            acc += _mm(z.to(OPERANDS), right, PRECISION, BLOCK_C)
         if HAS_SKIP:
             if PH == 1 and PW == 1:  # D x, elementwise (products would double the program's dots)
                 acc += d * inp.to(tl.float32)
             else:
-                z = tl.dot(pool_left, inp, input_precision=PRECISION)
-                acc += tl.dot(z.to(OPERANDS), pool_right, input_precision=PRECISION)
+                z = _mm(pool_left, inp, PRECISION, BLOCK_C)
+                acc += _mm(z.to(OPERANDS), pool_right, PRECISION, BLOCK_C)
         tl.store(y_ptr + b * syb + m * syh + n * syw + c * syc, acc.to(y_ptr.dtype.element_ty),
                  mask=b_ok & c_ok & (m < rows_out) & (n < cols_out))
 
@@ -465,14 +476,13 @@ def _dot_grad_kernel(
         for i in range(IMAGES):
             xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
                              x_mask, g_mask, OPERANDS)
-            xb = tl.dot(xo, bt_op, input_precision=PRECISION)  # x B^T: [a, j]
-            da += tl.dot(go, tl.permute(xb, (0, 2, 1)).to(OPERANDS), input_precision=PRECISION)  # [i, a]
+            xb = _mm(xo, bt_op, PRECISION, BLOCK_C)  # x B^T: [a, j]
+            da += _mm(go, tl.permute(xb, (0, 2, 1)).to(OPERANDS), PRECISION, BLOCK_C)  # [i, a]
             if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
                 if PH == 1 and PW == 1:
                     pooled = xo.to(tl.float32)
                 else:
-                    pooled = tl.dot(tl.dot(pool_left, xo, input_precision=PRECISION).to(OPERANDS), pool_right,
-                                    input_precision=PRECISION)
+                    pooled = _mm(_mm(pool_left, xo, PRECISION, BLOCK_C).to(OPERANDS), pool_right, PRECISION, BLOCK_C)
                 dd += tl.where(r == 0, tl.sum(tl.sum(go.to(tl.float32) * pooled, axis=2), axis=1), 0.0)
         dkh = _diagonal_sums(da, H, PH, S, BLOCK_C, TAPS)
         tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
@@ -482,8 +492,8 @@ def _dot_grad_kernel(
         for i in range(IMAGES):
             xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
                              x_mask, g_mask, OPERANDS)
-            ax = tl.dot(a_op, xo, input_precision=PRECISION)  # A x: [i, v]
-            dbt += tl.dot(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, input_precision=PRECISION)  # [v, j]
+            ax = _mm(a_op, xo, PRECISION, BLOCK_C)  # A x: [i, v]
+            dbt += _mm(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, PRECISION, BLOCK_C)  # [v, j]
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
         dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), W, PW, S, BLOCK_C, TAPS)
         tl.store(dkw_ptr + ((grp * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
@@ -497,7 +507,7 @@ _ALGORITHM = ForcedChoice('s4nd_fused_algorithm')
 @contextlib.contextmanager
 def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
     """Within this context the fused 2D convolution runs `algorithm`: 'sum' (`_conv_kernel`, sums on CUDA cores)
-    or 'dot' (`_dot_conv_kernel`, matrix products on tensor cores, for sides up to `DOT_MAX_SIDE`; 'sum' beyond);
+    or 'dot' (`_dot_conv_kernel`, matrix products on tensor cores);
     None: `DEFAULT_KERNEL_ALGORITHM` (by the input's spatial rank: a clip's frames count as 3D)."""
     if algorithm is not None and algorithm not in KERNEL_ALGORITHMS:
         raise ValueError(f'algorithm must be one of {KERNEL_ALGORITHMS} or None, got {algorithm!r}')
@@ -505,9 +515,9 @@ def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
         yield
 
 
-def _use_dot(sides: Tuple[int, int], ndim: int) -> bool:
-    """Whether the 2D convolution of planes of `sides` (in an input of spatial rank `ndim`) runs 'dot'."""
-    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM[ndim]) == 'dot' and max(sides) <= DOT_MAX_SIDE
+def _use_dot(ndim: int) -> bool:
+    """Whether the 2D convolution of the planes of an input of spatial rank `ndim` runs 'dot'."""
+    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM[ndim]) == 'dot'
 
 
 def _dot_sizes(h: int, w: int, tile: int) -> Tuple[int, int]:
@@ -715,7 +725,7 @@ def separable_conv2d_cl(
     _check(x, kh, kw, skip, pools)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(x.shape[1:3], 2), _check_operands(operands))
+    return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(2), _check_operands(operands))
 
 
 AXIS_BLOCK_S = 32  # plane positions per program of the time axis (BLOCK_S x BLOCK_C fp32 accumulator)
@@ -817,7 +827,7 @@ def separable_conv3d_cl(
     for r in range(kt.shape[0]):
         z = _axis_op(x.reshape(b, t, h * w, c), kt[r], pools[0])  # (B, T // pool, H W, C)
         term = _conv_op(z.view(b * to, h, w, c), kh[r:r + 1], kw[r:r + 1], None, pools[1], pools[2],
-                        _use_dot((h, w), 3), operands)
+                        _use_dot(3), operands)
         y = term if y is None else y + term
     y = y.view(b, to, h // pools[1], w // pools[2], c)
     if skip is None:
