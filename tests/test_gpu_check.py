@@ -45,7 +45,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     dot = results['dot']
     assert [r['case'] for r in dot[:4]] == [r['case'] for r in results['bench']]
-    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and r['dot_wide_ratio'] > 0 and r['dot_single_ratio'] > 0
+    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and all(r[f'{v}_ratio'] > 0 for v in gpu_check.DOT_VARIANTS)
                and 'fast_ms' not in r for r in dot[:4])
     assert [r['case'] for r in dot[4:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
@@ -181,12 +181,12 @@ def test_dot_variants_apply_within_the_call_only():
     """The 'dot' section's variant columns run the tensor-core kernels with other settings (those an H200 measured
     before: 'dot_wide'); the landed settings are back after the call, also when it raises."""
     from s4nd_vision.layers import triton_conv
-    names = ('DOT_TILE', 'DOT_GRAD_TILE', 'DOT_IMAGES')
+    names = ('DOT_TILE', 'DOT_GRAD_TILE', 'DOT_IMAGES', 'DOT_GRAD_BLOCK')
     landed = {k: getattr(triton_conv, k) for k in names}
     wide = gpu_check.DOT_VARIANTS['dot_wide']
     assert wide != {k: landed[k] for k in wide}
     seen = gpu_check._with_dot_settings(lambda: {k: getattr(triton_conv, k) for k in names}, wide)()
-    assert seen == dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1)
+    assert seen == dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1, DOT_GRAD_BLOCK=64)
     assert {k: getattr(triton_conv, k) for k in names} == landed
 
     def broken():

@@ -108,6 +108,17 @@ def test_dot_kernels_with_several_images_per_program(rank, pools, skip, monkeypa
     test_dot_algorithm_equals_reference(7, 5, 6, 5, rank, pools, skip)  # groups of 3, 3 and 1 images (fp32, bf16)
 
 
+@pytest.mark.parametrize('settings', [dict(DOT_GRAD_BLOCK=64), dict(DOT_GRAD_TILE=1024, DOT_TILE=4096)])
+def test_dot_kernels_with_other_tiles(settings, monkeypatch):
+    """The tensor-core kernels with the settings `gpu_check` times beside the landed ones: the kernel gradient's
+    products whole (no blocks), and programs of several channels in the kernel gradient (3D products, 16 x 16
+    tiles) and of more channels in the forward: equal to the float64 reference."""
+    for name, value in settings.items():
+        monkeypatch.setattr(triton_conv, name, value)
+    test_dot_algorithm_equals_reference(2, 5, 5, 19, 2, (2, 2), True)
+    test_dot_algorithm_equals_reference(1, 20, 9, 3, 1, (2, 1), True)
+
+
 def test_dot_images_per_program_keep_the_gpu_filled():
     """At least 16 programs per channel block, at most `DOT_IMAGES` images each (ConvNeXt-T's batch of 128: 8)."""
     assert [triton_conv._dot_images(b) for b in (1, 8, 31, 32, 64, 128, 1024)] == [1, 1, 1, 2, 4, 8, 8]

@@ -303,8 +303,10 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
 
 # Settings of the tensor-core kernels (`triton_conv` attributes) that the 'dot' section times beside the landed ones,
 # so that one GPU run confirms or reverts the changes made since an H200 last ran them (commit 54b42a5):
-# 'dot_wide' as it ran then (large tiles, one image per program), 'dot_single' the landed tiles, one image per program.
-DOT_VARIANTS = {'dot_wide': dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1), 'dot_single': dict(DOT_IMAGES=1)}
+# 'dot_wide' as it ran then (large tiles, one image per program), 'dot_single' the landed tiles, one image per
+# program, 'dot_unsplit' the kernel gradient's products whole (one pass over the images each, more registers).
+DOT_VARIANTS = {'dot_wide': dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1, DOT_GRAD_BLOCK=64),
+                'dot_single': dict(DOT_IMAGES=1), 'dot_unsplit': dict(DOT_GRAD_BLOCK=64)}
 
 
 def _with_dot_settings(fn: Callable, settings: Dict[str, int]) -> Callable:

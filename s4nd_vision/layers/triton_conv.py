@@ -302,6 +302,11 @@ def _axis_grad_kernel(
 # From S = 32 (and in every kernel-gradient program) a program holds one channel.
 DOT_TILE = 1024
 DOT_GRAD_TILE = 256
+# The kernel gradient's products contract over blocks of at most this many rows or columns (`_dot_grad_kernel`'s
+# SPLIT), each block a pass over the images: fewer values live, more reads of the input planes (from the L2
+# cache). For sm_90, whole products spilled registers at S = 64 (1.9-3.3 KB, the diagonal sums gathered in
+# registers), blocks of 16 spill 0.2-0.4 KB there and none at S = 32 (`gpu_check` times 'dot_unsplit' beside)
+DOT_GRAD_BLOCK = 16
 DOT_WARPS = 8
 # Images per program (at most): a program builds its channels' operators and, in the kernel gradient, reduces their
 # gradients to taps once for all its images (the same work for every image; one image per program repeated it)
@@ -411,91 +416,120 @@ def _dot_conv_kernel(
 
 
 @triton.jit
-def _diagonal_sums(mat, n, P: tl.constexpr, S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
+def _diagonal_sums(mat, scratch_ptr, n, P: tl.constexpr, S: tl.constexpr, BLOCK_C: tl.constexpr,
+                   TAPS: tl.constexpr, ROWS: tl.constexpr):
     """(BLOCK_C, TAPS) fp32: tap o of an axis of n inputs gets (1 / P) sum of mat[c, i, a] (rows i: outputs,
     columns a: inputs, zero beyond the axis) over i P + s - a + n - 1 = o, s < P: the gradient of the taps given
-    that of the Toeplitz operator. Each row's entries are gathered onto the taps, then summed over the rows."""
+    that of the Toeplitz operator. `mat` goes to this program's (BLOCK_C, S, S) fp32 `scratch` and comes back ROWS
+    rows at a time, each row's entries gathered onto the taps, then summed over the rows (gathering the whole
+    matrix at once took the registers of (BLOCK_C, S, TAPS) values: at S = 64 they spilled)."""
+    cc = tl.arange(0, BLOCK_C)[:, None, None]
     i = tl.arange(0, S)[None, :, None]
+    tl.store(scratch_ptr + (cc * S + i) * S + tl.arange(0, S)[None, None, :], mat)
+    tl.debug_barrier()  # (the stores of every thread of the program, before any reads them)
     o = tl.arange(0, TAPS)[None, None, :]
     sums = tl.zeros([BLOCK_C, TAPS], dtype=tl.float32)
-    for s in tl.static_range(P):
-        col = i * P + s + n - 1 - o
-        inside = (col >= 0) & (col < S)
-        taps = tl.gather(mat, tl.broadcast_to(tl.where(inside, col, 0), [BLOCK_C, S, TAPS]), 2)
-        sums += tl.sum(tl.where(inside, taps, 0.0), axis=1)
+    for block in range(S // ROWS):
+        rows = block * ROWS + tl.arange(0, ROWS)[None, :, None]
+        for s in tl.static_range(P):
+            col = rows * P + s + n - 1 - o
+            inside = (col >= 0) & (col < S)
+            sums += tl.sum(tl.load(scratch_ptr + (cc * S + rows) * S + col, mask=inside, other=0.0), axis=1)
+    tl.debug_barrier()  # (every read done before the scratch is written again)
     return sums / P
 
 
 @triton.jit
-def _planes(x_ptr, g_ptr, b, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc, x_mask, g_mask,
-            OPERANDS: tl.constexpr):
-    """Image b's (BLOCK_C, S, S) planes of the input x and of the output gradient g in OPERANDS (zero beyond the
-    batch and the masks)."""
+def _planes(x_ptr, g_ptr, b, B, m, n, q, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc, x_mask, g_mask,
+            OPERANDS: tl.constexpr, ROWS: tl.constexpr = False):
+    """Image b's (BLOCK_C, S, S) plane of the input x and its block of the output gradient g in OPERANDS (zero
+    beyond the batch and the masks): g's columns `q` (BLOCK_C, S, S / SPLIT), or with ROWS its rows `q`
+    (BLOCK_C, S / SPLIT, S)."""
     b_ok = b < B
     xo = tl.load(x_ptr + b * sxb + m * sxh + n * sxw + c * sxc, mask=b_ok & x_mask, other=0.0).to(OPERANDS)
-    go = tl.load(g_ptr + b * sgb + m * sgh + n * sgw + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
+    if ROWS:
+        g_off = q * sgh + n * sgw
+    else:
+        g_off = m * sgh + q * sgw
+    go = tl.load(g_ptr + b * sgb + g_off + c * sgc, mask=b_ok & g_mask, other=0.0).to(OPERANDS)
     return xo, go
 
 
 @triton.jit
 def _dot_grad_kernel(
-        x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr,
+        x_ptr, g_ptr, kh_ptr, kw_ptr, dkh_ptr, dkw_ptr, dd_ptr, scratch_ptr,
         B, C, H, W, HO, WO, R,
         sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
         skr, skc, skwr, skwc,
         IMAGES: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_SKIP: tl.constexpr,
-        S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr, OPERANDS: tl.constexpr, PRECISION: tl.constexpr,
+        S: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr, SPLIT: tl.constexpr, OPERANDS: tl.constexpr,
+        PRECISION: tl.constexpr,
 ):
     """`_kernel_grad_kernel` as matrix products: per rank term, the gradients of the operators,
     dA = sum over images of g (x B^T)^T and dB^T = sum of (A x)^T g, then their diagonal sums (`_diagonal_sums`)
     into this program's fp32 slices of dkh (groups, R, C, 2H - 1) and dkw (groups, R, C, 2W - 1), and dD (groups, C)
     (the caller sums over the groups). One program per (group of IMAGES images, channel block): the operators are
-    built and their gradients reduced to taps once per group. The products multiply in OPERANDS (accumulating in
-    float32), the operators' gradients in float32."""
+    built and their gradients reduced to taps once per group. Each product's contraction (the output columns for
+    dA, the output rows for dB^T) runs in SPLIT blocks of S / SPLIT, each a pass over the images with its block of
+    the operator and of g (`DOT_GRAD_BLOCK`). The products multiply in OPERANDS (accumulating in float32), the
+    operators' gradients in float32; `scratch` holds (programs, BLOCK_C, S, S) fp32 for the diagonal sums."""
     grp = tl.program_id(0)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[:, None, None]
     c_ok = c < C
+    scratch_ptr += (grp * tl.num_programs(1) + tl.program_id(1)) * BLOCK_C * S * S  # this program's
     m = tl.arange(0, S)[None, :, None]
     n = tl.arange(0, S)[None, None, :]
+    q_rows = tl.arange(0, S // SPLIT)[None, :, None]  # a block of rows, then of columns
+    q_cols = tl.arange(0, S // SPLIT)[None, None, :]
     x_mask = c_ok & (m < H) & (n < W)
-    g_mask = c_ok & (m < HO) & (n < WO)
     o = tl.arange(0, TAPS)[None, :]
     n_h = 2 * H - 1
     n_w = 2 * W - 1
     dd = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_SKIP and (PH != 1 or PW != 1):
         pool_left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S]).to(OPERANDS)
-        pool_right = tl.broadcast_to(_pooling(n, m, WO, PW, False), [BLOCK_C, S, S]).to(OPERANDS)
     for r in range(R):
         # two passes over the images, one operator gradient each (half the tensors live at once; the second pass
         # reads the planes from the L2 cache)
-        bt_op = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, n, m, W, PW, False, (m < W) & (n < WO))  # [v, j]
-        bt_op = bt_op.to(OPERANDS)
         da = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
-        for i in range(IMAGES):
-            xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
-                             x_mask, g_mask, OPERANDS)
-            xb = _mm(xo, bt_op, PRECISION, BLOCK_C)  # x B^T: [a, j]
-            da += _mm(go, tl.permute(xb, (0, 2, 1)).to(OPERANDS), PRECISION, BLOCK_C)  # [i, a]
-            if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
-                if PH == 1 and PW == 1:
-                    pooled = xo.to(tl.float32)
-                else:
-                    pooled = _mm(_mm(pool_left, xo, PRECISION, BLOCK_C).to(OPERANDS), pool_right, PRECISION, BLOCK_C)
-                dd += tl.where(r == 0, tl.sum(tl.sum(go.to(tl.float32) * pooled, axis=2), axis=1), 0.0)
-        dkh = _diagonal_sums(da, H, PH, S, BLOCK_C, TAPS)
+        for q in range(SPLIT):
+            j = q * (S // SPLIT) + q_cols  # output columns: B's rows, g's columns
+            bt_op = _toeplitz(kw_ptr + r * skwr, c * skwc, c_ok, j, m, W, PW, False, (m < W) & (j < WO))  # [v, j]
+            bt_op = bt_op.to(OPERANDS)
+            g_mask = c_ok & (m < HO) & (j < WO)
+            for i in range(IMAGES):
+                b = grp * IMAGES + i
+                xo, go = _planes(x_ptr, g_ptr, b, B, m, n, j, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc, x_mask,
+                                 g_mask, OPERANDS)
+                xb = _mm(xo, bt_op, PRECISION, BLOCK_C)  # x B^T: [a, j]
+                da += _mm(go, tl.permute(xb, (0, 2, 1)).to(OPERANDS), PRECISION, BLOCK_C)  # [i, a]
+                if HAS_SKIP:  # dD[c] = sum g pool(x), once (in the first term's pass)
+                    if PH != 1 or PW != 1:
+                        pool_right = tl.broadcast_to(_pooling(j, m, WO, PW, False), [BLOCK_C, S, S // SPLIT])
+                        pooled = _mm(_mm(pool_left, xo, PRECISION, BLOCK_C).to(OPERANDS), pool_right.to(OPERANDS),
+                                     PRECISION, BLOCK_C)
+                    elif SPLIT == 1:
+                        pooled = xo.to(tl.float32)
+                    else:  # x's columns of this block
+                        pooled = tl.load(x_ptr + b * sxb + m * sxh + j * sxw + c * sxc,
+                                         mask=(b < B) & c_ok & (m < H) & (j < W), other=0.0).to(tl.float32)
+                    dd += tl.where(r == 0, tl.sum(tl.sum(go.to(tl.float32) * pooled, axis=2), axis=1), 0.0)
+        dkh = _diagonal_sums(da, scratch_ptr, H, PH, S, BLOCK_C, TAPS, 16)
         tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
-        a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, m, n, H, PH, False, (m < HO) & (n < H))  # [i, a]
-        a_op = a_op.to(OPERANDS)
         dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
-        for i in range(IMAGES):
-            xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, c, sxb, sxh, sxw, sxc, sgb, sgh, sgw, sgc,
-                             x_mask, g_mask, OPERANDS)
-            ax = _mm(a_op, xo, PRECISION, BLOCK_C)  # A x: [i, v]
-            dbt += _mm(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, PRECISION, BLOCK_C)  # [v, j]
+        for q in range(SPLIT):
+            rows = q * (S // SPLIT) + q_rows  # output rows: A's rows, g's rows
+            a_op = _toeplitz(kh_ptr + r * skr, c * skc, c_ok, rows, n, H, PH, False, (rows < HO) & (n < H))  # [i, a]
+            a_op = a_op.to(OPERANDS)
+            g_mask = c_ok & (rows < HO) & (n < WO)
+            for i in range(IMAGES):
+                xo, go = _planes(x_ptr, g_ptr, grp * IMAGES + i, B, m, n, rows, c, sxb, sxh, sxw, sxc, sgb, sgh,
+                                 sgw, sgc, x_mask, g_mask, OPERANDS, ROWS=True)
+                ax = _mm(a_op, xo, PRECISION, BLOCK_C)  # A x: [i, v]
+                dbt += _mm(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, PRECISION, BLOCK_C)  # [v, j]
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
-        dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), W, PW, S, BLOCK_C, TAPS)
+        dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), scratch_ptr, W, PW, S, BLOCK_C, TAPS, 16)
         tl.store(dkw_ptr + ((grp * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
     if HAS_SKIP:
         tl.store(dd_ptr + grp * C + c1, dd, mask=c1 < C)
@@ -666,11 +700,14 @@ def _dot_kernel_grads(grad, x, kh, kw, skip, pools, operands: Optional[torch.dty
     dd = torch.empty((groups, c if skip is not None else 0), device=x.device, dtype=torch.float32)
     khc, kwc = kh.contiguous(), kw.contiguous()
     side, block_c = _dot_sizes(h, w, DOT_GRAD_TILE)
-    _dot_grad_kernel[(groups, triton.cdiv(c, block_c))](
-        x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh,
+    blocks = triton.cdiv(c, block_c)
+    scratch = torch.empty((groups * blocks * block_c * side * side,), device=x.device, dtype=torch.float32)
+    _dot_grad_kernel[(groups, blocks)](
+        x, grad, khc, kwc, dkh, dkw, dd if skip is not None else dkh, scratch,
         b, c, h, w, h // pools[0], w // pools[1], r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         IMAGES=images, PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
+        SPLIT=max(1, side // DOT_GRAD_BLOCK),
         OPERANDS=_operands(operands or torch.float32), PRECISION=_precision(operands or torch.float32),
         num_warps=DOT_WARPS)
     dd = dd.sum(0)
