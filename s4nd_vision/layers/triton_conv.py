@@ -303,9 +303,10 @@ def _axis_grad_kernel(
 DOT_TILE = 1024
 DOT_GRAD_TILE = 256
 # The kernel gradient's products contract over blocks of at most this many rows or columns (`_dot_grad_kernel`'s
-# SPLIT), each block a pass over the images: fewer values live, more reads of the input planes (from the L2
-# cache). For sm_90, whole products spilled registers at S = 64 (1.9-3.3 KB, the diagonal sums gathered in
-# registers), blocks of 16 spill 0.2-0.4 KB there and none at S = 32 (`gpu_check` times 'dot_unsplit' beside)
+# SPLIT), each block a pass over the images, and its diagonal sums read as many rows at a time: fewer values live,
+# more reads of the input planes (from the L2 cache). For sm_90, whole products spilled registers at S = 64
+# (1.9-3.3 KB, the diagonal sums gathered at once), blocks of 16 spill 0.2-0.4 KB there and none at S = 32
+# (`gpu_check` times 'dot_unsplit' beside them)
 DOT_GRAD_BLOCK = 16
 DOT_WARPS = 8
 # Images per program (at most): a program builds its channels' operators and, in the kernel gradient, reduces their
@@ -471,8 +472,9 @@ def _dot_grad_kernel(
     (the caller sums over the groups). One program per (group of IMAGES images, channel block): the operators are
     built and their gradients reduced to taps once per group. Each product's contraction (the output columns for
     dA, the output rows for dB^T) runs in SPLIT blocks of S / SPLIT, each a pass over the images with its block of
-    the operator and of g (`DOT_GRAD_BLOCK`). The products multiply in OPERANDS (accumulating in float32), the
-    operators' gradients in float32; `scratch` holds (programs, BLOCK_C, S, S) fp32 for the diagonal sums."""
+    the operator and of g (`DOT_GRAD_BLOCK`); the diagonal sums read as many rows at a time. The products multiply
+    in OPERANDS (accumulating in float32), the operators' gradients in float32; `scratch` holds (programs, BLOCK_C,
+    S, S) fp32 for the diagonal sums."""
     grp = tl.program_id(0)
     c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c = c1[:, None, None]
@@ -480,8 +482,8 @@ def _dot_grad_kernel(
     scratch_ptr += (grp * tl.num_programs(1) + tl.program_id(1)) * BLOCK_C * S * S  # this program's
     m = tl.arange(0, S)[None, :, None]
     n = tl.arange(0, S)[None, None, :]
-    q_rows = tl.arange(0, S // SPLIT)[None, :, None]  # a block of rows, then of columns
-    q_cols = tl.arange(0, S // SPLIT)[None, None, :]
+    q_rows = tl.arange(0, S // SPLIT)[None, :, None]  # offsets within a block of rows
+    q_cols = tl.arange(0, S // SPLIT)[None, None, :]  # and of columns
     x_mask = c_ok & (m < H) & (n < W)
     o = tl.arange(0, TAPS)[None, :]
     n_h = 2 * H - 1
@@ -490,8 +492,8 @@ def _dot_grad_kernel(
     if HAS_SKIP and (PH != 1 or PW != 1):
         pool_left = tl.broadcast_to(_pooling(m, n, HO, PH, False), [BLOCK_C, S, S]).to(OPERANDS)
     for r in range(R):
-        # two passes over the images, one operator gradient each (half the tensors live at once; the second pass
-        # reads the planes from the L2 cache)
+        # one operator gradient after the other, each in SPLIT passes over the images (fewer tensors live at once;
+        # the later passes read the planes from the L2 cache)
         da = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for q in range(SPLIT):
             j = q * (S // SPLIT) + q_cols  # output columns: B's rows, g's columns
@@ -515,7 +517,7 @@ def _dot_grad_kernel(
                         pooled = tl.load(x_ptr + b * sxb + m * sxh + j * sxw + c * sxc,
                                          mask=(b < B) & c_ok & (m < H) & (j < W), other=0.0).to(tl.float32)
                     dd += tl.where(r == 0, tl.sum(tl.sum(go.to(tl.float32) * pooled, axis=2), axis=1), 0.0)
-        dkh = _diagonal_sums(da, scratch_ptr, H, PH, S, BLOCK_C, TAPS, 16)
+        dkh = _diagonal_sums(da, scratch_ptr, H, PH, S, BLOCK_C, TAPS, S // SPLIT)
         tl.store(dkh_ptr + ((grp * R + r) * C + c1[:, None]) * n_h + o, dkh, mask=(c1 < C)[:, None] & (o < n_h))
         dbt = tl.zeros([BLOCK_C, S, S], dtype=tl.float32)
         for q in range(SPLIT):
@@ -529,7 +531,7 @@ def _dot_grad_kernel(
                 ax = _mm(a_op, xo, PRECISION, BLOCK_C)  # A x: [i, v]
                 dbt += _mm(tl.permute(ax, (0, 2, 1)).to(OPERANDS), go, PRECISION, BLOCK_C)  # [v, j]
         # dB^T[v, j] is dB[j, v]: B's rows j are its outputs, the diagonal sums of its transpose
-        dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), scratch_ptr, W, PW, S, BLOCK_C, TAPS, 16)
+        dkw = _diagonal_sums(tl.permute(dbt, (0, 2, 1)), scratch_ptr, W, PW, S, BLOCK_C, TAPS, S // SPLIT)
         tl.store(dkw_ptr + ((grp * R + r) * C + c1[:, None]) * n_w + o, dkw, mask=(c1 < C)[:, None] & (o < n_w))
     if HAS_SKIP:
         tl.store(dd_ptr + grp * C + c1, dd, mask=c1 < C)
