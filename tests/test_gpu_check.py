@@ -3,6 +3,7 @@ interpreter, the Triton path forced), so that it works the first time a GPU is l
 import json
 
 import pytest
+import torch
 
 from s4nd_vision.bench import gpu_check
 from s4nd_vision.cli import tool_main
@@ -41,13 +42,14 @@ def test_every_section_runs_and_reports(tmp_path):
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
     # the tensor-core kernels: checked in correctness (every conv case), then the layers by both algorithms, the
-    # video pair again with them
+    # video pair again with them, the first image pair with them on every layer up to DOT_TRY_SIDE
     assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     dot = results['dot']
     assert [r['case'] for r in dot[:4]] == [r['case'] for r in results['bench']]
     assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and all(r[f'{v}_ratio'] > 0 for v in gpu_check.DOT_VARIANTS)
                and 'fast_ms' not in r for r in dot[:4])
-    assert [r['case'] for r in dot[4:]] == cases[-1:] and dot[-1]['algorithm'] == 'dot'  # the video pair
+    assert [r['case'] for r in dot[4:]] == [cases[-1], cases[0]]  # the video pair, the first image pair
+    assert dot[-2]['algorithm'] == 'dot' and dot[-1]['triton_side'] == gpu_check.DOT_TRY_SIDE
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
@@ -175,6 +177,28 @@ def test_the_dot_section_failing_leaves_the_measured_path_alone():
     failed = [dict(check='conv', ok=False)]
     assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=failed), None) == 'fast'
     assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=failed), 'triton') == 'triton'
+
+
+def test_triton_sides_apply_within_the_call_only():
+    """The 'dot' section's extra image pair runs the fused kernels on every 2D layer up to DOT_TRY_SIDE, in training
+    and inference; the dispatch's measured sides are back after the call, also when it raises."""
+    from s4nd_vision.layers import dispatch
+    landed = (dict(dispatch.TRITON_FASTER_SIDE), dict(dispatch.TRITON_FASTER_SIDE_INFERENCE))
+    shape = (2, 96, 56, 56)
+
+    def faster():
+        with torch.no_grad():
+            inference = dispatch._triton_faster(shape)
+        return dispatch._triton_faster(shape), inference
+    assert faster() == (False, False)  # (the landed sides: 16 and 32)
+    assert gpu_check._with_triton_sides(faster, gpu_check.DOT_TRY_SIDE)() == (True, True)
+    assert (dispatch.TRITON_FASTER_SIDE, dispatch.TRITON_FASTER_SIDE_INFERENCE) == landed
+
+    def broken():
+        raise RuntimeError('row failed')
+    with pytest.raises(RuntimeError):
+        gpu_check._with_triton_sides(broken, 64)()
+    assert (dispatch.TRITON_FASTER_SIDE, dispatch.TRITON_FASTER_SIDE_INFERENCE) == landed
 
 
 def test_dot_variants_apply_within_the_call_only():

@@ -19,7 +19,8 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    (what the host's launches leave idle), top operators by device time.
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
    not yet for clips; checked in correctness): the layers by both algorithms, and by 'dot' with
-   each of `DOT_VARIANTS` (the settings an H200 ran before), and the video pair again with them. Its failures and
+   each of `DOT_VARIANTS` (the settings an H200 ran before), the video pair again with them, and the ConvNeXt pair
+   with the fused kernels on every layer up to `DOT_TRY_SIDE` (the dispatch's sides are smaller). Its failures and
    crashes do not switch the other sections to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
@@ -309,6 +310,25 @@ DOT_VARIANTS = {'dot_wide': dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1
                 'dot_single': dict(DOT_IMAGES=1), 'dot_unsplit': dict(DOT_GRAD_BLOCK=64)}
 
 
+# The side up to which the 'dot' section's extra ConvNeXt pair runs the fused kernels (every block and downsampling
+# layer of ConvNeXt-T at 224 px), in training and inference, against the dispatch's measured sides in 'models'.
+DOT_TRY_SIDE = 64
+
+
+def _with_triton_sides(fn: Callable, side: int) -> Callable:
+    """`fn` with the dispatch running the fused kernels on 2D sides up to `side` in training and inference
+    (`dispatch.TRITON_FASTER_SIDE` and `TRITON_FASTER_SIDE_INFERENCE`), restored afterwards."""
+    def run(*args, **kwargs):
+        saved = dispatch.TRITON_FASTER_SIDE, dispatch.TRITON_FASTER_SIDE_INFERENCE
+        dispatch.TRITON_FASTER_SIDE = {**saved[0], 2: side}
+        dispatch.TRITON_FASTER_SIDE_INFERENCE = {**saved[1], 2: side}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            dispatch.TRITON_FASTER_SIDE, dispatch.TRITON_FASTER_SIDE_INFERENCE = saved
+    return run
+
+
 def _with_dot_settings(fn: Callable, settings: Dict[str, int]) -> Callable:
     """`fn` run with the tensor-core kernels' `settings` (`triton_conv` attributes), restored afterwards."""
     from ..layers import triton_conv
@@ -464,9 +484,12 @@ def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], d
     if section == 'profile':
         return [partial(_profile_model, plan, device, name, train) for train in (True, False)
                 for name in plan.profile_models]
-    if section == 'dot':  # the layers by both algorithms of the fused convolution, and the video pair with the
-        # tensor-core kernels (clips default to 'sum': the images' pairs in 'models' already run 'dot')
-        return layer_jobs(plan, device, dot=True) + [_labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot')]
+    if section == 'dot':  # the layers by both algorithms of the fused convolution, the video pair with the
+        # tensor-core kernels (clips default to 'sum': the images' pairs in 'models' already run 'dot'), and the
+        # first image pair with them on every layer up to `DOT_TRY_SIDE`
+        return layer_jobs(plan, device, dot=True) + [
+            _labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot'),
+            _labelled(_with_triton_sides(models[0], DOT_TRY_SIDE), triton_side=DOT_TRY_SIDE)]
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
 
 
