@@ -133,7 +133,8 @@ def record_launches() -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--arch', type=int, default=90, help='CUDA compute capability, e.g. 90 (H100/H200), 80 (A100), 100 (B200)')
+    parser.add_argument('--arch', type=int, default=90,
+                        help='CUDA compute capability, e.g. 90 (H100/H200), 80 (A100), 100 (B200)')
     args = parser.parse_args()
     target = GPUTarget('cuda', args.arch, 32)
     seen, failed = set(), False
