@@ -41,15 +41,15 @@ def test_every_section_runs_and_reports(tmp_path):
     cases = [r['case'] for r in results['models']]
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
-    # the tensor-core kernels: checked in correctness (every conv case), then the layers by both algorithms, the
-    # video pair again with them, the first image pair with them on every layer up to DOT_TRY_SIDE
+    # the tensor-core kernels: checked in correctness (every conv case), then the first image pair with them on
+    # every layer up to DOT_TRY_SIDE, the video pair again with them, the layers by both algorithms
     assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
     dot = results['dot']
-    assert [r['case'] for r in dot[:4]] == [r['case'] for r in results['bench']]
+    assert [r['case'] for r in dot[:2]] == [cases[0], cases[-1]]  # the first image pair, the video pair
+    assert dot[0]['triton_side'] == gpu_check.DOT_TRY_SIDE and dot[1]['algorithm'] == 'dot'
+    assert [r['case'] for r in dot[2:]] == [r['case'] for r in results['bench']]
     assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and all(r[f'{v}_ratio'] > 0 for v in gpu_check.DOT_VARIANTS)
-               and 'fast_ms' not in r for r in dot[:4])
-    assert [r['case'] for r in dot[4:]] == [cases[-1], cases[0]]  # the video pair, the first image pair
-    assert dot[-2]['algorithm'] == 'dot' and dot[-1]['triton_side'] == gpu_check.DOT_TRY_SIDE
+               and 'fast_ms' not in r for r in dot[2:])
     assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 

@@ -18,9 +18,9 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    ConvNeXt-T and ConvNeXt-S4ND-T: step time, device kernels per step, the fraction of the step the device is busy
    (what the host's launches leave idle), top operators by device time.
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
-   not yet for clips; checked in correctness): the layers by both algorithms, and by 'dot' with
-   each of `DOT_VARIANTS` (the settings an H200 ran before), the video pair again with them, and the ConvNeXt pair
-   with the fused kernels on every layer up to `DOT_TRY_SIDE` (the dispatch's sides are smaller). Its failures and
+   not yet for clips; checked in correctness): the ConvNeXt pair with the fused kernels on every layer up to
+   `DOT_TRY_SIDE` (the dispatch's sides are smaller), the video pair again with them, then the layers by both
+   algorithms and by 'dot' with each of `DOT_VARIANTS` (the settings an H200 ran before). Its failures and
    crashes do not switch the other sections to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
@@ -484,12 +484,11 @@ def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], d
     if section == 'profile':
         return [partial(_profile_model, plan, device, name, train) for train in (True, False)
                 for name in plan.profile_models]
-    if section == 'dot':  # the layers by both algorithms of the fused convolution, the video pair with the
-        # tensor-core kernels (clips default to 'sum': the images' pairs in 'models' already run 'dot'), and the
-        # first image pair with them on every layer up to `DOT_TRY_SIDE`
-        return layer_jobs(plan, device, dot=True) + [
-            _labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot'),
-            _labelled(_with_triton_sides(models[0], DOT_TRY_SIDE), triton_side=DOT_TRY_SIDE)]
+    if section == 'dot':  # the first image pair with the fused kernels on every layer up to `DOT_TRY_SIDE`, the
+        # video pair with the tensor-core kernels (clips default to 'sum': the images' pairs in 'models' already run
+        # 'dot'), then the layers by both algorithms (the model rows first: a run cut short by its budget keeps them)
+        return [_labelled(_with_triton_sides(models[0], DOT_TRY_SIDE), triton_side=DOT_TRY_SIDE),
+                _labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot')] + layer_jobs(plan, device, dot=True)
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
 
 
