@@ -119,6 +119,13 @@ def test_dot_kernels_with_other_tiles(settings, monkeypatch):
     test_dot_algorithm_equals_reference(1, 20, 9, 3, 1, (2, 1), True)
 
 
+def test_dot_warps_one_per_16_rows_when_asked(monkeypatch):
+    """`DOT_WARPS` warps per program, or with 0 one warp per 16 rows of its (BLOCK_C, S, S) tiles, at most 8."""
+    assert triton_conv._dot_warps(64, 1) == triton_conv.DOT_WARPS == 8
+    monkeypatch.setattr(triton_conv, 'DOT_WARPS', 0)
+    assert [triton_conv._dot_warps(s, c) for s, c in ((16, 4), (16, 1), (32, 1), (64, 1), (32, 8))] == [4, 1, 2, 4, 8]
+
+
 def test_dot_images_per_program_keep_the_gpu_filled():
     """At least 16 programs per channel block, at most `DOT_IMAGES` images each (ConvNeXt-T's batch of 128: 8)."""
     assert [triton_conv._dot_images(b) for b in (1, 8, 31, 32, 64, 128, 1024)] == [1, 1, 1, 2, 4, 8, 8]

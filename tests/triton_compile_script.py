@@ -118,6 +118,18 @@ def record_launches() -> list:
         skip = torch.zeros(c, requires_grad=True)
         with triton_conv.fused_algorithm(algorithm):
             triton_conv.separable_conv2d_cl(x, (kh, kw), pools, skip, operands=operands).float().sum().backward()
+    # the models' case again with one warp per 16 rows of a program's tiles (`triton_conv.DOT_WARPS` = 0, timed by
+    # gpu_check beside the landed warps)
+    warps, triton_conv.DOT_WARPS = triton_conv.DOT_WARPS, 0
+    try:
+        for side, c in ((14, 384), (28, 192), (56, 96)):
+            x = torch.zeros(128, side, side, c, requires_grad=True)
+            kernels = [torch.zeros(1, c, 2 * side - 1, requires_grad=True) for _ in range(2)]
+            skip = torch.zeros(c, requires_grad=True)
+            with triton_conv.fused_algorithm('dot'):
+                triton_conv.separable_conv2d_cl(x, kernels, (1, 1), skip, operands=torch.bfloat16).sum().backward()
+    finally:
+        triton_conv.DOT_WARPS = warps
     for pools, dtype in (((1, 1, 1), torch.bfloat16), ((2, 2, 2), torch.float32)):  # clips: the time axis
         x = torch.zeros(2, 8, 28, 28, 192, dtype=dtype, requires_grad=True)
         kernels = [torch.zeros(1, 192, 2 * n - 1, requires_grad=True) for n in (8, 28, 28)]
@@ -140,13 +152,13 @@ def main() -> int:
     seen, failed = set(), False
     for name, fn, launch_args, kwargs in record_launches():
         signature, constexprs = _signature(fn, launch_args, kwargs)
-        key = (name, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())))
+        options = {k: kwargs[k] for k in ('num_warps', 'num_stages') if k in kwargs}
+        key = (name, *(tuple(sorted(d.items())) for d in (signature, constexprs, options)))
         if key in seen:
             continue
         seen.add(key)
-        options = {k: kwargs[k] for k in ('num_warps', 'num_stages') if k in kwargs}
         shown = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in constexprs.items()}  # dtypes
-        report = {'kernel': name, 'arch': args.arch, 'constexprs': shown,
+        report = {'kernel': name, 'arch': args.arch, 'constexprs': shown, 'num_warps': options.get('num_warps'),
                   'dtypes': sorted({t for t in signature.values() if t.startswith('*')})}
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

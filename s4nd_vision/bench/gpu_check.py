@@ -305,9 +305,12 @@ def _with_algorithm(fn: Callable, algorithm: str) -> Callable:
 # Settings of the tensor-core kernels (`triton_conv` attributes) that the 'dot' section times beside the landed ones,
 # so that one GPU run confirms or reverts the changes made since an H200 last ran them (commit 54b42a5):
 # 'dot_wide' as it ran then (large tiles, one image per program), 'dot_single' the landed tiles, one image per
-# program, 'dot_unsplit' the kernel gradient's products whole (one pass over the images each, more registers).
+# program, 'dot_unsplit' the kernel gradient's products whole (one pass over the images each, more registers),
+# 'dot_row_warps' one warp per 16 rows of a program's tiles (no warp repeating another's products). Timed on the
+# rows of the models' case (float32 input under bf16 autocast): each setting compiles kernels of its own.
 DOT_VARIANTS = {'dot_wide': dict(DOT_TILE=4096, DOT_GRAD_TILE=1024, DOT_IMAGES=1, DOT_GRAD_BLOCK=64),
-                'dot_single': dict(DOT_IMAGES=1), 'dot_unsplit': dict(DOT_GRAD_BLOCK=64)}
+                'dot_single': dict(DOT_IMAGES=1), 'dot_unsplit': dict(DOT_GRAD_BLOCK=64),
+                'dot_row_warps': dict(DOT_WARPS=0)}
 
 
 # The side up to which the 'dot' section's extra ConvNeXt pair runs the fused kernels (every block and downsampling
@@ -349,12 +352,13 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
                  dot: bool = False) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
     default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot', and
-    'dot' with each of `DOT_VARIANTS`), and of the baseline depthwise `conv`, on x (its grad enabled), ms and ratios
-    to the conv; printed as it comes."""
+    for a float32 x under autocast 'dot' with each of `DOT_VARIANTS`), and of the baseline depthwise `conv`, on x
+    (its grad enabled), ms and ratios to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp)}
     if dot:
         fns.update({a: _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), a) for a in ('sum', 'dot')})
-        fns.update({name: _with_dot_settings(fns['dot'], settings) for name, settings in DOT_VARIANTS.items()})
+        if amp and x.dtype == torch.float32:
+            fns.update({name: _with_dot_settings(fns['dot'], settings) for name, settings in DOT_VARIANTS.items()})
     else:
         fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)

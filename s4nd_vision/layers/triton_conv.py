@@ -308,6 +308,9 @@ DOT_GRAD_TILE = 256
 # (1.9-3.3 KB, the diagonal sums gathered at once), blocks of 16 spill 0.2-0.4 KB there and none at S = 32
 # (`gpu_check` times 'dot_unsplit' beside them)
 DOT_GRAD_BLOCK = 16
+# Warps per program; 0: one per 16 rows of the program's tiles (BLOCK_C x S / 16, at most 8). Chained products lay
+# their warps along the rows, so warps beyond those rows repeat others' products (8 warps on a 32 x 32 tile: each
+# product four times, in registers a quarter of the warps would hold; `gpu_check` times 0 as 'dot_row_warps')
 DOT_WARPS = 8
 # Images per program (at most): a program builds its channels' operators and, in the kernel gradient, reduces their
 # gradients to taps once for all its images (the same work for every image; one image per program repeated it)
@@ -563,6 +566,11 @@ def _dot_sizes(h: int, w: int, tile: int) -> Tuple[int, int]:
     return side, max(1, min(8, tile // side ** 2))
 
 
+def _dot_warps(side: int, block_c: int) -> int:
+    """num_warps of a dot program of (block_c, side, side) tiles (`DOT_WARPS`)."""
+    return DOT_WARPS or max(1, min(8, block_c * side // 16))
+
+
 def _dot_images(b: int) -> int:
     """Images per program of the dot kernels: a power of two up to `DOT_IMAGES`, leaving at least 16 programs per
     channel block (small batches keep one image per program, and the GPU filled)."""
@@ -605,7 +613,7 @@ def _launch_conv(x, kh, kw, skip, pools, out_hw, transpose: bool, dot: bool,
             *x.stride(), *y.stride(), kh.stride(0), kh.stride(1), kw.stride(0), kw.stride(1),
             R=kh.shape[0], IMAGES=images, PH=pools[0], PW=pools[1], TRANSPOSE=transpose, HAS_SKIP=skip is not None,
             S=side, BLOCK_C=block_c, OPERANDS=_operands(operands or x.dtype), PRECISION=_precision(operands or x.dtype),
-            num_warps=DOT_WARPS)
+            num_warps=_dot_warps(side, block_c))
         return y
     # the rank-1 terms are summed in y: over several, in float32 (in a 16-bit y every term would round the sum)
     y = torch.empty((b, rows, cols, c), device=x.device, dtype=x.dtype if kh.shape[0] == 1 else torch.float32)
@@ -711,7 +719,7 @@ def _dot_kernel_grads(grad, x, kh, kw, skip, pools, operands: Optional[torch.dty
         IMAGES=images, PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
         SPLIT=max(1, side // DOT_GRAD_BLOCK),
         OPERANDS=_operands(operands or torch.float32), PRECISION=_precision(operands or torch.float32),
-        num_warps=DOT_WARPS)
+        num_warps=_dot_warps(side, block_c))
     dd = dd.sum(0)
     return dkh.sum(0).to(kh.dtype), dkw.sum(0).to(kw.dtype), dd.to(skip.dtype) if skip is not None else dd
 
