@@ -119,6 +119,16 @@ def test_dot_kernels_with_other_tiles(settings, monkeypatch):
     test_dot_algorithm_equals_reference(1, 20, 9, 3, 1, (2, 1), True)
 
 
+def test_dot_grad_blocks_of_16_or_more(monkeypatch):
+    """The kernel gradient contracts in blocks of `DOT_GRAD_BLOCK` (16: S = 64 in 4 blocks, S = 16 whole), never
+    below tl.dot's 16 (a smaller setting compiles to an error on the GPU, not in the interpreter)."""
+    assert [triton_conv._dot_grad_split(s) for s in (16, 32, 64)] == [1, 2, 4]
+    monkeypatch.setattr(triton_conv, 'DOT_GRAD_BLOCK', 8)
+    assert [triton_conv._dot_grad_split(s) for s in (16, 32, 64)] == [1, 2, 4]
+    monkeypatch.setattr(triton_conv, 'DOT_GRAD_BLOCK', 64)
+    assert [triton_conv._dot_grad_split(s) for s in (16, 32, 64)] == [1, 1, 1]
+
+
 def test_dot_warps_one_per_16_rows_when_asked(monkeypatch):
     """`DOT_WARPS` warps per program, or with 0 one warp per 16 rows of its (BLOCK_C, S, S) tiles, at most 8."""
     assert triton_conv._dot_warps(64, 1) == triton_conv.DOT_WARPS == 8

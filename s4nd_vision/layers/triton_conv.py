@@ -571,6 +571,12 @@ def _dot_warps(side: int, block_c: int) -> int:
     return DOT_WARPS or max(1, min(8, block_c * side // 16))
 
 
+def _dot_grad_split(side: int) -> int:
+    """Blocks of the kernel gradient's contractions over a side S (`DOT_GRAD_BLOCK` rows or columns each, at least
+    16: tl.dot's operands have sides of 16 or more)."""
+    return max(1, side // max(16, DOT_GRAD_BLOCK))
+
+
 def _dot_images(b: int) -> int:
     """Images per program of the dot kernels: a power of two up to `DOT_IMAGES`, leaving at least 16 programs per
     channel block (small batches keep one image per program, and the GPU filled)."""
@@ -717,7 +723,7 @@ def _dot_kernel_grads(grad, x, kh, kw, skip, pools, operands: Optional[torch.dty
         b, c, h, w, h // pools[0], w // pools[1], r,
         *x.stride(), *grad.stride(), khc.stride(0), khc.stride(1), kwc.stride(0), kwc.stride(1),
         IMAGES=images, PH=pools[0], PW=pools[1], HAS_SKIP=skip is not None, S=side, BLOCK_C=block_c, TAPS=2 * side,
-        SPLIT=max(1, side // DOT_GRAD_BLOCK),
+        SPLIT=_dot_grad_split(side),
         OPERANDS=_operands(operands or torch.float32), PRECISION=_precision(operands or torch.float32),
         num_warps=_dot_warps(side, block_c))
     dd = dd.sum(0)
