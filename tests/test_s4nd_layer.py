@@ -612,7 +612,7 @@ def _numpy_view(layer, other):
 def test_cache_check_compares_parameters_by_their_bytes():
     """The inference cache's check compares dense real CPU tensors bitwise (memcmp, reached through ctypes on
     Linux): one bit of the last element differs, and -0.0 differs from 0.0; a NaN equals itself (its kernels are
-    those of the cached copy); strided and complex tensors go through torch.equal."""
+    those of the cached copy); strided, complex and negative-view tensors go through torch.equal."""
     from s4nd_vision.layers import s4nd as s4nd_module
     same = s4nd_module._same_values
     if sys.platform.startswith('linux'):
@@ -628,6 +628,9 @@ def test_cache_check_compares_parameters_by_their_bytes():
     assert same(torch.empty(0), torch.empty(0))
     z = torch.randn(4, dtype=torch.complex64)
     assert same(z, z.clone()) and not same(z, z.conj().resolve_conj())
+    # a negative view shares the bytes of what it negates: compared by value
+    x = torch.randn(5)
+    assert not same(x.clone(), torch._neg_view(x)) and same(-x, torch._neg_view(x))
 
 
 @pytest.mark.parametrize('change', [

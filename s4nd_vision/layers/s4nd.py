@@ -61,12 +61,12 @@ _MEMCMP = _libc_memcmp()
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two CPU tensors of one dtype and shape hold the same values: by their bytes where both are dense
-    and real (memcmp reads a layer's parameters faster than torch.equal, README "2-core CPU"; bitwise equality is
-    the stricter test: a NaN equals itself, -0.0 differs from 0.0, and either way the kernels built from b are
-    those of a)."""
+    """Whether two CPU tensors of one dtype and shape hold the same values: by their bytes where both are dense,
+    real and not negative views, whose bytes are their values negated (memcmp reads a layer's parameters faster
+    than torch.equal, README "2-core CPU"; bitwise equality is the stricter test: a NaN equals itself, -0.0
+    differs from 0.0, and either way the kernels built from b are those of a)."""
     if (_MEMCMP is None or a.dtype.is_complex or a.layout != torch.strided or b.layout != torch.strided
-            or not a.is_contiguous() or not b.is_contiguous()):
+            or not a.is_contiguous() or not b.is_contiguous() or a.is_neg() or b.is_neg()):
         return torch.equal(a, b)
     return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.nbytes) == 0
 
