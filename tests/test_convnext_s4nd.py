@@ -9,7 +9,8 @@ from stacking import count_generation_calls, step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
-from s4nd_vision.layers import S4ND, S4Kernel, SSMKernel
+from s4nd_vision.layers import S4ND, S4Kernel, SSMKernel, channel_major, channels_first
+from s4nd_vision.layers.ops import channel_major_memory
 from s4nd_vision.models import PAPER_SSM, ConvNeXtS4ND
 from s4nd_vision.train.optim import param_groups_ssm, ssm_param_names
 
@@ -123,15 +124,22 @@ def test_stem_and_downsample_types():
 @pytest.mark.parametrize('name, shape', [('convnext_s4nd_atto', (2, 3, 64, 48)),
                                          ('convnext_s4nd_3d_atto', (2, 3, 4, 32, 32))])
 def test_stem_and_downsampling_compute_their_modules_in_order(name, shape):
-    """The S4ND stem and downsampling run their 1x1 conv, GLU and norm as GEMM and row ops on channels-last
-    rows (and the stem's first conv fused into S4ND): the same values and gradients as applying the modules
-    one after another, and channels-last results for the blocks."""
+    """The S4ND stem and downsampling run their 1x1 conv, GLU and norm as GEMM and row ops, on channels-last rows
+    or on S4ND's channel-major layout (and the stem's first conv fused into S4ND): the same values and gradients as
+    applying the modules one after another. Under autograd on the CPU the stem hands on the channel-major layout
+    and the downsampling keeps it; without autograd both hand on channels-last results, and so does the
+    downsampling for channels-last input."""
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=shape[-2:], **({'num_frames': shape[2]} if len(shape) == 5 else {}))
     model = model.double()  # (float64: the two orders of operations agree to rounding, far below the tolerances)
+    memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = torch.randn(shape, dtype=torch.float64)
-    for module in (model.stem, model.stages[1].downsample):
-        module_x = x if module is model.stem else torch.randn(model.stages[0](model.stem(x)).shape, dtype=x.dtype)
+    with torch.no_grad():
+        down_x = torch.randn(model.stages[0](model.stem(x)).shape, dtype=x.dtype)
+    down = model.stages[1].downsample
+    cases = [(model.stem, x, 'channel-major'), (down, down_x.contiguous(memory_format=memory_format), 'channels-last'),
+             (down, channels_first(channel_major(down_x)), 'channel-major')]
+    for module, module_x, layout in cases:
         outs, grads = [], []
         for forward in (module.forward, partial(torch.nn.Sequential.forward, module)):
             y = forward(module_x)
@@ -140,8 +148,15 @@ def test_stem_and_downsampling_compute_their_modules_in_order(name, shape):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-        assert outs[0].is_contiguous(memory_format=memory_format)
+        if layout == 'channel-major':
+            assert channel_major_memory(outs[0]) is not None
+        else:
+            assert outs[0].is_contiguous(memory_format=memory_format)
+        with torch.no_grad():
+            y = module(module_x if layout == 'channels-last' or module is model.stem
+                       else module_x.contiguous(memory_format=memory_format))
+        torch.testing.assert_close(y, outs[1].detach(), rtol=1e-10, atol=1e-12)
+        assert y.is_contiguous(memory_format=memory_format)
 
 
 def test_bad_input_errors():

@@ -5,6 +5,10 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm, Mlp, get_act_layer
 
+from .dispatch import channel_major_input
+from .ops import channels_first
+from .pointwise import norm_mlp_channels
+
 __all__ = ['ConvNeXtS4NDBlock']
 
 
@@ -13,6 +17,8 @@ class ConvNeXtS4NDBlock(nn.Module):
 
     mixer (S4ND in linear form: convolution + D skip) -> LayerNorm -> MLP -> layer scale -> drop path
     + shortcut. Any number of spatial axes: `mixer_layer` decides (2D, 3D and isotropic models share it).
+    On the CPU, a mixer output in S4ND's channel-major working layout stays in it (`pointwise`), and so does the
+    block's output when its input was.
     """
 
     def __init__(
@@ -55,9 +61,13 @@ class ConvNeXtS4NDBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.conv_dw(x)
-        x = x.movedim(1, -1)  # (B, C, *spatial) -> (B, *spatial, C)
-        x = self.mlp(self.norm(x))
-        if self.gamma is not None:
-            x = x * self.gamma
-        x = x.movedim(-1, 1)  # (B, *spatial, C) -> (B, C, *spatial)
+        u = channel_major_input(x)
+        if u is not None:  # an S4ND layer's output in its working layout: the rest acts on it there (no copies)
+            x = channels_first(norm_mlp_channels(u, self.norm, self.mlp, self.gamma))
+        else:
+            x = x.movedim(1, -1)  # (B, C, *spatial) -> (B, *spatial, C)
+            x = self.mlp(self.norm(x))
+            if self.gamma is not None:
+                x = x * self.gamma
+            x = x.movedim(-1, 1)  # (B, *spatial, C) -> (B, C, *spatial)
         return self.drop_path(x) + shortcut

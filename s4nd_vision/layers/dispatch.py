@@ -18,6 +18,12 @@ Kernel generation (`generate_two_sided`, `fused_generation`): on CUDA, whichever
 takes, the two-sided S4D kernels of every (layer, axis) entry that share d_state, num_kernels and direction come
 from one fused launch and one gather (`triton_kernels`), float32.
 
+Layout of the activations around S4ND (`channel_major_input`, `stem_keeps_channel_major`): on the CPU an S4ND
+layer on the fast path returns its channel-major working layout (`ops.channel_major`), and the layers after it
+act on that layout (`pointwise`: norms, 1x1 projections, the ConvNeXt block's MLP) instead of copying it back to
+channels-last; in a training step the ConvNeXt-S4ND stem starts it, so the whole network runs channel-major
+without transposing copies. In inference the stem hands on channels-last, where the 'depthwise' path needs none.
+
 Model files call `S4ND` and never choose; a `force_path('triton' | 'fast')` context overrides the choice (tests,
 benchmarks; under torch.compile 'triton' takes the custom ops and 'fast' the reference); 'triton' still falls
 back to 'fast' for an unsupported input.
@@ -30,11 +36,14 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, forced_algorithm, two_sided_kernel
+from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, channel_major_memory, forced_algorithm, two_sided_kernel
 from .reference import use_reference
 from .ssm_kernel import SSMKernel, ssm_kernels
 
-__all__ = ['PATHS', 'conv_path', 'force_path', 'generate_two_sided', 'triton_available']
+__all__ = [
+    'PATHS', 'channel_major_input', 'conv_path', 'force_path', 'generate_two_sided', 'stem_keeps_channel_major',
+    'triton_available',
+]
 
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
 # The largest H and W (by spatial rank) at which CUDA runs the fused Triton kernels by default, with autograd and
@@ -88,6 +97,26 @@ def conv_path(
             and max(shape[2:]) <= DEPTHWISE_MAX_LEN.get(len(shape) - 2, 0) and forced_algorithm() is None):
         return 'depthwise'
     return 'fast'
+
+
+def channel_major_input(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The contiguous channel-major tensor behind x (`ops.channel_major_memory`) when the layers around S4ND act on
+    it in that layout (`pointwise`): on the CPU, outside graph capture, more than one channel; else None (they
+    take x in its own layout, as while timm's FX tracing passes a proxy). Off the CPU the layout copies are cheap
+    and the fused kernels read channels-last."""
+    if (not isinstance(x, torch.Tensor) or x.device.type != 'cpu' or x.ndim < 3 or x.shape[1] < 2 or use_reference()
+            or torch.jit.is_tracing()):
+        return None
+    return channel_major_memory(x)
+
+
+def stem_keeps_channel_major(x: torch.Tensor) -> bool:
+    """Whether an S4ND stem hands on its output in S4ND's channel-major layout, to be kept up to the head
+    (`pointwise`): in a CPU training step (under autograd), outside graph capture. Without autograd the blocks get
+    channels-last activations, on which their S4ND layers run as depthwise convolutions ('depthwise', faster for
+    inference than the channel-major path: README, "2-core CPU")."""
+    return (x.device.type == 'cpu' and torch.is_grad_enabled() and not use_reference()
+            and not torch.jit.is_tracing())
 
 
 def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:

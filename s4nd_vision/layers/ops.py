@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .reference import separable_conv_reference, use_reference
 
 __all__ = [
-    'two_sided_kernel', 'channel_major', 'channels_first', 'separable_conv', 'project', 'conv_algorithms',
+    'two_sided_kernel', 'channel_major', 'channels_first', 'channel_major_memory', 'separable_conv', 'project',
+    'conv_algorithms',
     'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'forced_algorithm',
     'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES',
     'recompute_for_memory', 'backward_without_autocast',
@@ -293,6 +294,16 @@ def channels_first(u: torch.Tensor) -> torch.Tensor:
     """Inverse of `channel_major` (a view): (C, S_1, ..., S_{N-1}, B, S_N) -> (B, C, S_1, ..., S_N)."""
     nd = u.ndim - 2
     return u.permute([nd, 0] + list(range(1, nd)) + [nd + 1])
+
+
+def channel_major_memory(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The contiguous channel-major tensor (C, S_1, ..., S_{N-1}, B, S_N) whose `channels_first` view x
+    (B, C, S_1, ..., S_N) is, no copy; None when x is laid out otherwise (or has no spatial axis)."""
+    if x.ndim < 3:
+        return None
+    nd = x.ndim - 2
+    u = x.permute([1] + list(range(2, nd + 1)) + [0, nd + 1])
+    return u if u.is_contiguous() else None
 
 
 def _spatial_dims(u: torch.Tensor) -> List[int]:

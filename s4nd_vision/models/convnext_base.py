@@ -20,6 +20,8 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace
 from timm.models import FeatureListNet, checkpoint_seq
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
+from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
+from ..layers.pointwise import layer_norm_channels, linear_glu_channels
 from ._base import S4NDModel, s4nd_grids
 from ._checks import check_input
 
@@ -56,7 +58,9 @@ class S4NDStem(nn.Sequential):
     The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major layout,
     and the first projection is fused into the S4ND layer (recomputed in the backward pass, a few samples
     at a time): no 1x1 conv or permuted copy at full resolution, and only the narrow input is saved.
-    The result is in channels-last memory, the blocks' layout.
+    The result is in channels-last memory, the blocks' layout; in a CPU training step it stays in S4ND's
+    channel-major layout instead, which the downsampling layers and blocks keep up to the head (`layers.pointwise`:
+    no transposing copies around the S4ND layers).
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class S4NDStem(nn.Sequential):
         y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
             y = y.to(x.dtype)
+        if stem_keeps_channel_major(x):  # (a CPU training step: the layers up to the head keep this layout)
+            return channels_first(layer_norm_channels(linear_glu_channels(y, conv.weight.flatten(1), conv.bias), norm))
         y = _pointwise_glu(channels_first(y), conv)
         return F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps).movedim(-1, 1)
 
@@ -95,7 +101,7 @@ class S4NDStem(nn.Sequential):
 class S4NDDownsample(nn.Sequential):
     """(B, in_chs, *spatial) -> (B, out_chs, *spatial / pool): norm, S4ND with average pooling by `pool`
     (fused: a resolution-aware downsampling), pointwise projection with GLU; the result in channels-last
-    memory."""
+    memory, or on the CPU in S4ND's channel-major layout if x is (see `S4NDStem`)."""
 
     def __init__(
             self,
@@ -117,6 +123,10 @@ class S4NDDownsample(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, s4nd, conv, _ = self  # (the GLU, as in `S4NDStem`: applied by `_pointwise_glu`, channels last)
+        u = channel_major_input(x)
+        if u is not None:  # (S4ND's working layout, kept: see `S4NDStem`)
+            u = s4nd(channels_first(layer_norm_channels(u, norm)))
+            return channels_first(linear_glu_channels(channel_major(u), conv.weight.flatten(1), conv.bias))
         return _pointwise_glu(s4nd(norm(x)), conv).movedim(-1, 1)
 
 
