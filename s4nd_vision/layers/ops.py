@@ -18,9 +18,9 @@ from .reference import separable_conv_reference, use_reference
 
 __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'channel_major_memory', 'separable_conv', 'project',
-    'conv_algorithms',
-    'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm', 'forced_algorithm',
-    'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks', 'PROJECTION_CHUNK_BYTES',
+    'conv_algorithms', 'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm',
+    'forced_algorithm', 'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks',
+    'PROJECTION_CHUNK_BYTES',
     'recompute_for_memory', 'backward_without_autocast',
 ]
 

@@ -1,10 +1,11 @@
 """Per-position layers on S4ND's channel-major working layout (`ops.channel_major`: (C, S_1..S_{N-1}, B, S_N)).
 
 On the CPU a training step of ConvNeXt-S4ND keeps its activations in that layout from the stem to the head
-(`dispatch.keeps_channel_major`): the S4ND layers then read and write it without transposing copies, and the
-layers between them act on the (C, positions) matrix it is: a LayerNorm over channels normalizes its columns, a
-1x1 projection is one GEMM from the left. Channels-last activations cost two transposing copies per S4ND layer
-each way (forward and backward), at a quarter of memory speed on the CPU (README, "2-core CPU").
+(`dispatch.stem_keeps_channel_major`, `dispatch.channel_major_input`): the S4ND layers then read and write it
+without transposing copies, and the layers between them act on the (C, positions) matrix it is: a LayerNorm over
+channels normalizes its columns, a 1x1 projection is one GEMM from the left. Channels-last activations cost two
+transposing copies per S4ND layer each way (forward and backward), at a quarter of memory speed on the CPU (README,
+"2-core CPU").
 """
 from typing import Optional
 
@@ -54,7 +55,7 @@ def norm_mlp_channels(u: torch.Tensor, norm: nn.LayerNorm, mlp: nn.Module,
     """The ConvNeXt block's LayerNorm -> MLP (timm's `Mlp`, no inner norm) -> layer scale `gamma`, on channel-major
     u: (C, ...) -> (C, ...).
 
-    Where the MLP's weights are smaller than the activation (4 C < positions: the first two ConvNeXt-T stages), the
+    Where the MLP's weights are smaller than the activation (4 C < positions: ConvNeXt-T's early stages), the
     norm's affine and the layer scale are folded into them (fc1 (W diag(w), W b + b1), fc2 (diag(gamma) W,
     gamma b2)): elementwise passes over the weights instead of over the activation, forward and backward.
     """
