@@ -125,8 +125,8 @@ class S4NDDownsample(nn.Sequential):
         norm, s4nd, conv, _ = self  # (the GLU, as in `S4NDStem`: applied by `_pointwise_glu`, channels last)
         u = channel_major_input(x)
         if u is not None:  # (S4ND's working layout, kept: see `S4NDStem`)
-            u = s4nd(channels_first(layer_norm_channels(u, norm)))
-            return channels_first(linear_glu_channels(channel_major(u), conv.weight.flatten(1), conv.bias))
+            y = s4nd(channels_first(layer_norm_channels(u, norm)))  # (its result: a view of that layout, no copy)
+            return channels_first(linear_glu_channels(channel_major(y), conv.weight.flatten(1), conv.bias))
         return _pointwise_glu(s4nd(norm(x)), conv).movedim(-1, 1)
 
 
