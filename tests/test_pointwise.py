@@ -31,7 +31,6 @@ def test_channel_major_memory_finds_the_working_tensor_of_a_view_only():
 def test_channel_major_input_only_on_the_cpu_outside_graph_capture(monkeypatch):
     x, _ = _channel_major((2, 3, 4, 5))
     assert dispatch.channel_major_input(x) is not None
-    assert dispatch.channel_major_input(x[:, :1]) is None  # (one channel: nothing to normalize over)
     assert dispatch.channel_major_input(channels_first(torch.empty(3, 4, 2, 5, device='meta'))) is None  # (off the CPU)
     monkeypatch.setattr(dispatch, 'use_reference', lambda: True)  # (as under torch.compile or export)
     assert dispatch.channel_major_input(x) is None
@@ -45,11 +44,12 @@ def test_stem_keeps_channel_major_only_under_autograd():
         assert not dispatch.stem_keeps_channel_major(x)
 
 
+@pytest.mark.parametrize('channels', [6, 1])  # (one channel: batch norm refuses it, layer_norm takes it)
 @pytest.mark.parametrize('affine', [True, False])
-def test_layer_norm_channels_is_layer_norm_over_channels(affine):
+def test_layer_norm_channels_is_layer_norm_over_channels(affine, channels):
     torch.manual_seed(0)
-    x, u = _channel_major((3, 6, 5, 4))
-    norm = LayerNorm(6, eps=1e-6, affine=affine).double()
+    x, u = _channel_major((3, channels, 5, 4))
+    norm = LayerNorm(channels, eps=1e-6, affine=affine).double()
     if affine:
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
@@ -74,7 +74,8 @@ def test_linear_glu_channels_is_the_pointwise_conv_and_glu():
                                F.glu(F.linear(x.movedim(1, -1), weight), dim=-1).movedim(-1, 1))
 
 
-@pytest.mark.parametrize('shape', [(2, 4, 6, 6), (1, 4, 2, 1)])  # (positions above / below 4 C: folded or not)
+# (positions above / below 4 C: folded or not; one channel)
+@pytest.mark.parametrize('shape', [(2, 4, 6, 6), (1, 4, 2, 1), (2, 1, 3, 3)])
 @pytest.mark.parametrize('gamma, affine', [(True, True), (False, True), (True, False)])
 def test_norm_mlp_channels_is_the_blocks_norm_mlp_and_layer_scale(shape, gamma, affine):
     """Folded into the MLP's weights (many positions) or applied to the activation (few), the norm's affine and the
@@ -130,14 +131,15 @@ def test_block_keeps_an_s4nd_layers_channel_major_output(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('name, shape', [('convnext_s4nd_atto', (2, 3, 64, 48)),
-                                         ('convnext_s4nd_3d_atto', (2, 3, 4, 32, 32))])
-def test_cpu_training_step_keeps_the_channel_major_layout_to_the_head(name, shape, monkeypatch):
+@pytest.mark.parametrize('name, shape, kwargs', [('convnext_s4nd_atto', (2, 3, 64, 48), {}),
+                                                 ('convnext_s4nd_3d_atto', (2, 3, 4, 32, 32), {'num_frames': 4}),
+                                                 ('convnext_s4nd_atto', (2, 3, 32, 32), {'dims': (1, 2, 4, 8)})])
+def test_cpu_training_step_keeps_the_channel_major_layout_to_the_head(name, shape, kwargs, monkeypatch):
     """Every stage's output in a CPU training step is in S4ND's channel-major layout (no layer in between falls back
     to another layout, which would cost transposing copies), and the logits and gradients equal those of the same
-    step on channels-last activations (with drop path: the same masks)."""
+    step on channels-last activations (with drop path: the same masks; also with a one-channel stage, whose norms
+    batch norm refuses)."""
     torch.manual_seed(0)
-    kwargs = {'num_frames': shape[2]} if len(shape) == 5 else {}
     model = timm.create_model(name, img_size=shape[-2:], drop_path_rate=0.2, **kwargs).double().train()
     x = torch.randn(shape, dtype=torch.float64)
     layouts = []
@@ -162,3 +164,4 @@ def test_cpu_training_step_keeps_the_channel_major_layout_to_the_head(name, shap
     torch.testing.assert_close(out, out_cl, rtol=1e-10, atol=1e-12)
     for a, b in zip(grads, grads_cl):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+

@@ -101,13 +101,10 @@ def conv_path(
 
 def channel_major_input(x: torch.Tensor) -> Optional[torch.Tensor]:
     """The contiguous channel-major tensor behind x (`ops.channel_major_memory`) when the layers around S4ND act on
-    it in that layout (`pointwise`): on the CPU, outside graph capture, more than one channel; else None (they
-    take x in its own layout, as while timm's FX tracing passes a proxy). Off the CPU the layout copies are cheap
-    and the fused kernels read channels-last."""
-    if (not isinstance(x, torch.Tensor) or x.device.type != 'cpu' or x.ndim < 3 or x.shape[1] < 2 or use_reference()
-            or torch.jit.is_tracing()):
-        return None
-    return channel_major_memory(x)
+    it in that layout (`pointwise`): on the CPU, outside graph capture; else None (they take x in its own layout, as
+    while timm's FX tracing passes a proxy). Off the CPU the layout copies are cheap and the fused kernels read
+    channels-last."""
+    return channel_major_memory(x) if _cpu_eager(x) and x.ndim >= 3 else None
 
 
 def stem_keeps_channel_major(x: torch.Tensor) -> bool:
@@ -115,7 +112,12 @@ def stem_keeps_channel_major(x: torch.Tensor) -> bool:
     (`pointwise`): in a CPU training step (under autograd), outside graph capture. Without autograd the blocks get
     channels-last activations, on which their S4ND layers run as depthwise convolutions ('depthwise', faster for
     inference than the channel-major path: README, "2-core CPU")."""
-    return (x.device.type == 'cpu' and torch.is_grad_enabled() and not use_reference()
+    return _cpu_eager(x) and torch.is_grad_enabled()
+
+
+def _cpu_eager(x: torch.Tensor) -> bool:
+    """x is a CPU tensor and no graph is being captured (export, compilation, tracing)."""
+    return (isinstance(x, torch.Tensor) and x.device.type == 'cpu' and not use_reference()
             and not torch.jit.is_tracing())
 
 

@@ -27,8 +27,11 @@ def _project(weight: torch.Tensor, bias: Optional[torch.Tensor], u: torch.Tensor
 
 
 def _normalized(u: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each column of u (C, N), C > 1, minus its mean, over its standard deviation (biased, + eps): LayerNorm
-    without affine. Batch norm's fused kernels compute it, u seen as a batch of C samples of N channels."""
+    """Each column of u (C, N) minus its mean, over its standard deviation (biased, + eps): LayerNorm without
+    affine. Batch norm's fused kernels compute it, u seen as a batch of C samples of N channels; one channel, which
+    batch norm refuses in training, by layer_norm on the transposed (N, 1) view (contiguous then: no copy)."""
+    if u.shape[0] == 1:
+        return F.layer_norm(u.t(), (1,), eps=eps).t()
     return F.batch_norm(u, None, None, training=True, eps=eps)
 
 
