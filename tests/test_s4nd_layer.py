@@ -697,20 +697,24 @@ def test_algorithm_rule():
     assert ops.choose_algorithm(196, 8) == 'fft'
 
 
-def test_depthwise_inference_path():
+@pytest.mark.parametrize('rows_view_min', [ops.DEPTHWISE_ROWS_VIEW_MIN, 1])
+def test_depthwise_inference_path(rows_view_min, monkeypatch):
     """CPU inference on channels-last 2D or 3D float32 input runs one depthwise convolution per axis and term,
     strided where the layer pools (`ops.DepthwiseConv`): equal to the float64 direct convolution, channels-last
-    out, chosen only there (3D: sides up to 16)."""
+    out, chosen only there (sides up to 64). The H axis of many rows runs on a view with the (column, channel)
+    pairs as channels (`rows_view_min`: every case below takes that route with 1)."""
+    monkeypatch.setattr(ops, 'DEPTHWISE_ROWS_VIEW_MIN', rows_view_min)
     cpu = torch.device('cpu')
     with torch.no_grad():
         for pools in ((1, 1), (2, 2), (4, 1)):
             assert dispatch.conv_path(cpu, (8, 96, 56, 56), pools, torch.float32, channels_last=True) == 'depthwise'
         assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32) == 'fast'  # NCHW memory
         assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float64, channels_last=True) == 'fast'
-        too_long = ops.DEPTHWISE_MAX_LEN[2] + 1  # long axes: the Toeplitz GEMM is faster
+        too_long = ops.DEPTHWISE_MAX_LEN + 1  # long axes: the Toeplitz GEMM is faster
         assert dispatch.conv_path(cpu, (8, 96, 8, too_long), (1, 1), torch.float32, channels_last=True) == 'fast'
         assert dispatch.conv_path(cpu, (2, 384, 8, 14, 14), (1, 1, 1), torch.float32, channels_last=True) == 'depthwise'
-        assert dispatch.conv_path(cpu, (2, 96, 8, 28, 28), (1, 1, 1), torch.float32, channels_last=True) == 'fast'
+        assert dispatch.conv_path(cpu, (2, 96, 8, 56, 56), (1, 1, 1), torch.float32, channels_last=True) == 'depthwise'
+        assert dispatch.conv_path(cpu, (2, 96, 8, 8, too_long), (1, 1, 1), torch.float32, channels_last=True) == 'fast'
         assert dispatch.conv_path(cpu, (8, 96, 56), (1,), torch.float32, channels_last=True) == 'fast'  # 1D
         with dispatch.force_path('fast'):
             assert dispatch.conv_path(cpu, (8, 96, 56, 56), (1, 1), torch.float32, channels_last=True) == 'fast'
@@ -732,6 +736,8 @@ def test_depthwise_inference_path():
         with torch.no_grad():
             y = layer(x)
             assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv)
+            rows_axis = layer._kernel_cache[2].axes[-2][-1]
+            assert rows_axis == (sizes[-2] // layer.pool[-2] >= rows_view_min)
             assert y.is_contiguous(memory_format=memory_format) and y.dtype == torch.float32
             torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(layer(x, rate=1.7).double(), _direct_reference(layer, x, rate=1.7),
@@ -759,7 +765,7 @@ def test_cpu_operators_drop_taps_in_the_denormal_range(pool):
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
     x = ops.channels_first(u.float()).contiguous(memory_format=torch.channels_last)
     depthwise = ops.DepthwiseConv([k.float(), k.float()], (pool, pool))
-    assert not any(tiny(weights) for weights, _, _ in depthwise.axes)
+    assert not any(tiny(weights) for weights, *_ in depthwise.axes)
     torch.testing.assert_close(depthwise.apply(x).double(), ops.channels_first(expected), rtol=1e-5, atol=1e-6)
 
 

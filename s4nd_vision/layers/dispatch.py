@@ -9,7 +9,7 @@
   faster than the fast path, see below): the fused
   channels-last kernels (3D: the time axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D or 3D float32 input in channels-last memory with sides up to
-  `ops.DEPTHWISE_MAX_LEN` (64 in 2D, 16 in 3D): `ops.DepthwiseConv`, one depthwise convolution per axis and
+  `ops.DEPTHWISE_MAX_LEN` (64): `ops.DepthwiseConv`, one depthwise convolution per axis and
   rank-1 term (strided where the layer pools) that reads and writes channels-last data (no transposing copies);
   not within `ops.conv_algorithm`, which asks for the fast path's algorithms.
 - 'fast': everything else, e.g. every other CPU input: `ops.separable_conv` (Toeplitz GEMMs or FFTs per axis).
@@ -94,7 +94,7 @@ def conv_path(
     if device_type == 'cuda' and _triton_faster(shape) and _triton_supports(shape, pools, dtype):
         return 'triton'
     if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and dtype == torch.float32
-            and max(shape[2:]) <= DEPTHWISE_MAX_LEN.get(len(shape) - 2, 0) and forced_algorithm() is None):
+            and len(shape) in (4, 5) and max(shape[2:]) <= DEPTHWISE_MAX_LEN and forced_algorithm() is None):
         return 'depthwise'
     return 'fast'
 

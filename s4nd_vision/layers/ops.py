@@ -31,9 +31,13 @@ __all__ = [
 ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
-# CPU inference on channels-last input: `DepthwiseConv` up to this side, by number of spatial axes (3D: clips, whose
-# layers measured slower than the Toeplitz path at 56 and even at 28 sides, faster at 14 and 7; README "2-core CPU")
-DEPTHWISE_MAX_LEN = {2: 64, 3: 16}
+# CPU inference on 2D or 3D channels-last input: `DepthwiseConv` up to this side; beyond it the Toeplitz GEMMs win
+# (README "2-core CPU")
+DEPTHWISE_MAX_LEN = 64
+# From this many output rows (H // pool) on, `DepthwiseConv` convolves the H axis as the last axis of a view whose
+# channels are the (column, channel) pairs (`_conv_rows`): oneDNN's depthwise convolution along the contiguous last axis
+# ran 1.1-1.9x as fast as along H at 24-64 rows, slower below (README "2-core CPU")
+DEPTHWISE_ROWS_VIEW_MIN = 24
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
 # Input channels up to which the backward pass of a fused projection whose input needs no gradient skips forming the
 # projection's gradient (`_projection_params_backward`): its GEMM grows with them, the general pass's does not
@@ -442,25 +446,47 @@ class DepthwiseConv:
         self.conv = (F.conv2d, F.conv3d)[nd - 2]
         self.pool = None if all(p == 1 for p in pools) else functools.partial((F.avg_pool2d, F.avg_pool3d)[nd - 2],
                                                                               kernel_size=tuple(pools))
-        self.axes = []  # per axis: weights (rank, C, 1, *taps along that axis), stride, padding
+        # per axis: weights (rank, C, 1, *taps along that axis), stride, padding, and whether the axis runs as the
+        # last axis of a view of the rows (`_conv_rows`; its weights are then (rank, W C, 1, 1, taps))
+        self.axes = []
+        width = (kernels[-1].shape[-1] + 1) // 2
         for a, (k, pool) in enumerate(zip(kernels, pools)):
             w = _pooled_taps(k, pool)  # (rank, C, 2n - 2 + pool)
+            n = (k.shape[-1] + 1) // 2
+            if a == nd - 2 and n // pool >= DEPTHWISE_ROWS_VIEW_MIN:
+                w = w.repeat(1, width, 1)  # channel (column j, channel c) of the view, j C + c, takes c's taps
+                self.axes.append((w.reshape(w.shape[:2] + (1, 1, w.shape[-1])), (1, pool), (0, n - 1), True))
+                continue
             taps, stride, padding = [1] * nd, [1] * nd, [0] * nd
-            taps[a], stride[a], padding[a] = w.shape[-1], pool, (k.shape[-1] - 1) // 2
-            self.axes.append((w.reshape(w.shape[:2] + (1, *taps)), tuple(stride), tuple(padding)))
+            taps[a], stride[a], padding[a] = w.shape[-1], pool, n - 1
+            self.axes.append((w.reshape(w.shape[:2] + (1, *taps)), tuple(stride), tuple(padding), False))
 
     def apply(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, C, *spatial), channels-last memory; skip (C,) or None -> (B, C, *(spatial // pools))."""
         c, y = x.shape[1], None
         for term in range(len(self.axes[0][0])):
             z = x
-            for w, stride, padding in self.axes:
-                z = self.conv(z, w[term], stride=stride, padding=padding, groups=c)
+            for w, stride, padding, rows in self.axes:
+                if rows:
+                    z = _conv_rows(z, w[term], stride, padding)
+                else:
+                    z = self.conv(z, w[term], stride=stride, padding=padding, groups=c)
             y = z if y is None else y.add_(z)
         if skip is None:
             return y
         pooled = x if self.pool is None else self.pool(x)  # (drops the remainder, as AvgPool)
         return y.addcmul_(pooled, skip.reshape((-1,) + (1,) * (x.ndim - 2)))  # (one pass, into the last result)
+
+
+def _conv_rows(z: torch.Tensor, w: torch.Tensor, stride: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    """The depthwise convolution of channels-last z (B, C, ..., H, W) along H, as a convolution along the last axis
+    of a view, no copy: (B ..., W C, 1, H) channels-last, every (column, channel) pair a channel. w: (W C, 1, 1, taps).
+    The result is channels-last (B, C, ..., H // pool, W)."""
+    b, c, *spatial = z.shape
+    h, width = spatial[-2:]
+    rows = z.movedim(1, -1).reshape(-1, 1, h, width * c).permute(0, 3, 1, 2)
+    y = F.conv2d(rows, w, stride=stride, padding=padding, groups=width * c)  # (B ..., W C, 1, H // pool)
+    return y.permute(0, 2, 3, 1).reshape(b, *spatial[:-2], y.shape[-1], width, c).movedim(-1, 1)
 
 
 def _pooled_taps(k: torch.Tensor, pool: int) -> torch.Tensor:
