@@ -122,14 +122,14 @@ def test_timm_contract(name):
 
 
 def test_training_step_generates_all_blocks_kernels_together(monkeypatch):
-    """All blocks' kernels come from one stacked call per kernel length (a 14x20 input: two); outputs and
-    gradients equal the block-by-block generation."""
+    """All blocks' kernels come from one stacked call (a 14x20 input: two kernel lengths); outputs and
+    gradients equal the block-by-block generation (one call per block)."""
     from stacking import count_generation_calls, step_with_and_without_stacking
     torch.manual_seed(0)
     model = timm.create_model('s4nd_iso_tiny', in_chans=1)
     calls = count_generation_calls(monkeypatch)
     stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(2, 1, 14, 20), calls)
-    assert stacked[2] == 2 and per_layer[2] == 2 * len(model.blocks)
+    assert stacked[2] == 1 and per_layer[2] == len(model.blocks)
 
 
 def test_set_input_size_keeps_the_reference_grids():

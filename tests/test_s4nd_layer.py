@@ -89,16 +89,18 @@ class _Stack(torch.nn.Module):
         return ssm_kernels(self.kernels, self.lengths, self.rates, torch.float64)
 
 
-def test_stacked_generation_equals_one_kernel_at_a_time():
-    """Kernels that share length and sizes are generated in one call, also with different rates and masks."""
+@pytest.mark.parametrize('lengths', [(9, 9, 9, 9, 9), (9, 4, 9, 7, 4)], ids=['one-length', 'three-lengths'])
+def test_stacked_generation_equals_one_kernel_at_a_time(lengths):
+    """Kernels that share sizes are generated in one call, also with different rates, masks and lengths (the
+    entries' order is not the lengths'), and the call's closed-form gradients pass gradcheck."""
     torch.manual_seed(0)
     kernels = [SSMKernel(3, d_state=6, num_kernels=2, dt_min=0.05, dt_max=0.5, bandlimit=bl).double()
-               for bl in (None, 0.5, None)] + [SSMKernel(2, d_state=6, num_kernels=1).double()]
+               for bl in (None, 0.5, None, 0.5)] + [SSMKernel(2, d_state=6, num_kernels=1).double()]
     for kernel in kernels:
         _randomize(kernel)
-    stack = _Stack(kernels, lengths=(9, 9, 9, 9), rates=(1.0, 0.5, 2.0, 1.0))
-    for kernel, k, rate in zip(kernels, stack(), stack.rates):
-        torch.testing.assert_close(k, _recurrence_kernel(kernel, 9, rate))
+    stack = _Stack(kernels, lengths=lengths, rates=(1.0, 0.5, 2.0, 1.5, 1.0))
+    for kernel, k, length, rate in zip(kernels, stack(), lengths, stack.rates):
+        torch.testing.assert_close(k, _recurrence_kernel(kernel, length, rate))
     names, params = zip(*stack.named_parameters())
 
     def fn(*values):
@@ -114,7 +116,7 @@ def test_kernel_function_takes_a_strided_gradient():
     torch.manual_seed(0)
     kernel = SSMKernel(4, d_state=6, num_kernels=2)
     params = [kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c_pairs]
-    k = _SSMKernelFn.apply(9, [1.0], None, *params)
+    k, = _SSMKernelFn.apply(((4, 9),), [1.0], None, *params)
     g = torch.ones_like(k) * torch.arange(9.0)  # in the layout of k
     assert not g.is_contiguous()
     strided = torch.autograd.grad(k, params, g, retain_graph=True)

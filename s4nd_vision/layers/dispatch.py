@@ -31,14 +31,14 @@ back to 'fast' for an unsupported input.
 import contextlib
 import functools
 import sys
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, channel_major_memory, forced_algorithm, two_sided_kernel
 from .reference import use_reference
-from .ssm_kernel import SSMKernel, ssm_kernels
+from .ssm_kernel import SSMKernel, ssm_kernel_runs, ssm_kernels
 
 __all__ = [
     'PATHS', 'channel_major_input', 'conv_path', 'force_path', 'generate_two_sided', 'stem_keeps_channel_major',
@@ -191,8 +191,7 @@ def generate_two_sided(
     direction come from one fused launch and one gather (`triton_kernels.two_sided_kernels_fused`); elsewhere
     (the CPU, export) from `ssm_kernels`, entry by entry."""
     if not kernels or not fused_generation(next(kernels[0].parameters()).device, dtype):
-        return [_two_sided(k, n, bi) for k, n, bi in zip(ssm_kernels(kernels, lengths, rates, dtype), sizes,
-                                                          bidirectional)]
+        return _two_sided_runs(kernels, ssm_kernel_runs(kernels, lengths, rates, dtype), sizes, bidirectional)
     from .triton_kernels import two_sided_kernels_fused
     groups: Dict[Optional[tuple], List[int]] = {}
     for i, k in enumerate(kernels):
@@ -207,6 +206,31 @@ def generate_two_sided(
             made = two_sided_kernels_fused(*args, [sizes[i] for i in members], key[2], dtype)
         for i, k in zip(members, made):
             out[i] = k
+    return out
+
+
+def _two_sided_runs(
+        kernels: Sequence[nn.Module],
+        runs: Sequence[Tuple[List[int], torch.Tensor]],
+        sizes: Sequence[int],
+        bidirectional: Sequence[bool],
+) -> List[torch.Tensor]:
+    """Per entry, its two-sided kernel from `ssm_kernel.ssm_kernel_runs`' runs: made for the entries of a run
+    that share size and direction at once (a few ops per run instead of per entry, forward and backward)."""
+    out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    for members, stacked in runs:
+        start, part = 0, []
+        for j, i in enumerate(members):
+            part.append(i)
+            if j + 1 < len(members) and (sizes[members[j + 1]], bidirectional[members[j + 1]]) == (
+                    sizes[i], bidirectional[i]):
+                continue
+            dims = [kernels[m].dim for m in part]
+            two = _two_sided(stacked.narrow(1, start, sum(dims)) if len(members) > 1 else stacked, sizes[i],
+                             bidirectional[i])
+            for m, k in zip(part, two.split(dims, dim=1) if len(dims) > 1 else [two]):
+                out[m] = k
+            start, part = start + sum(dims), []
     return out
 
 

@@ -8,10 +8,11 @@ A (N/2 conjugate pairs, Re(A) < 0). Zero-order hold with step dt gives the lengt
 Papers: S4 (https://arxiv.org/abs/2111.00396), S4D (https://arxiv.org/abs/2206.11893),
 S4ND (https://arxiv.org/abs/2210.06583).
 """
+import itertools
 import math
 import numbers
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,10 @@ from .hippo import legs_b, legs_nplr
 from .ops import backward_without_autocast, generation_without_autocast
 from .reference import ssm_kernel_reference, use_reference
 
-__all__ = ['SSMKernel', 'ssm_kernels', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit', 'SSM_INITS']
+__all__ = [
+    'SSMKernel', 'ssm_kernels', 'ssm_kernel_runs', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit',
+    'SSM_INITS',
+]
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
@@ -268,13 +272,17 @@ def _poles(log_dt, log_a_real, a_imag, rate) -> tuple:
 def _discretize(dt: torch.Tensor, a: torch.Tensor) -> tuple:
     """Zero-order hold: z = exp(dt A) and e = expm1(dt A) / A (so that C~ = C B e), (H, N2) complex.
 
-    Complex exp and expm1 are scalar loops on the CPU, so they are built from real ops."""
+    Complex exp and expm1 are scalar loops on the CPU, so they are built from real ops; so is the real expm1,
+    a scalar loop too (5x tanh's time): expm1(x) = 2 t / (1 - t) with t = tanh(x / 2), as accurate (x = Re(dt A) < 0,
+    so 1 - t is in [1, 2): no cancellation)."""
     x, y = dt * a.real, dt * a.imag  # dt A
     exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
     z = torch.complex(exp_x * cos_y, exp_x * sin_y)
     # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y: no cancellation for small dt A
     s = (0.5 * y).sin()
-    expm1_dta = torch.complex(torch.addcmul(torch.expm1(x) * cos_y, s, s, value=-2), z.imag)
+    t = (0.5 * x).tanh()
+    expm1_x = (2 * t).div_(1 - t)
+    expm1_dta = torch.complex(torch.addcmul(expm1_x.mul_(cos_y), s, s, value=-2), z.imag)
     return z, expm1_dta * a.reciprocal()
 
 
@@ -287,6 +295,18 @@ def _kernels(conj_powers: torch.Tensor, c_disc: torch.Tensor) -> torch.Tensor:
     return 2 * torch.bmm(c_pairs, v.permute(1, 2, 0)).transpose(0, 1)
 
 
+def _powers_grad(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """For the gradient (K, H, L) of `_kernels(z ** l, C~)`: w = 2 sum_l grad z^l (the conjugated gradient of
+    C~) and p = 2 sum_l l grad z^l (of dt A through z ** l, per kernel, / C~), (2 K, H, N2) complex, in one GEMM
+    (H, 2K, L) @ (H, L, 2 N2)."""
+    (k, h, length), n2 = grad.shape, z.shape[1]
+    steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
+    g = (grad * torch.stack([torch.full_like(steps, 2), 2 * steps])[:, None, None]).reshape(2 * k, h, length)
+    v = torch.view_as_real(_powers_into(z, length)).view(length, h, 2 * n2)
+    wp = torch.bmm(g.transpose(0, 1), v.transpose(0, 1)).view(h, 2 * k, n2, 2)
+    return torch.view_as_complex(wp).transpose(0, 1)
+
+
 class _SSMKernelFn(torch.autograd.Function):
     """S4D kernels of one or more SSMs stacked along channels, with a closed-form backward.
 
@@ -297,41 +317,46 @@ class _SSMKernelFn(torch.autograd.Function):
     both passes run over the modes that band-limiting keeps in some channel only (`_kept_modes`). The backward works
     with conjugated gradients
     g_x = conj(dL/dx) (PyTorch's convention is dL/dRe + i dL/dIm), which saves conjugations.
+
+    The SSMs may have different lengths, each run of equal lengths one output (K, H_run, length): the powers and
+    GEMMs run per length, everything else (stacking, discretization, the backward's elementwise work) once for
+    all, so a model's generation costs the ops of one length (they are most of its cost at vision sizes).
     """
 
     @staticmethod
-    def forward(ctx, length: int, rates, mask, *params):
+    def forward(ctx, runs: Tuple[Tuple[int, int], ...], rates, mask, *params):
+        """runs: (rows, length) per output, the stacked rows in order."""
         modes = _kept_modes(mask)  # the modes band-limiting removes everywhere cost nothing
-        (log_dt, log_a_real, a_imag, b, c, rate), mask = _take_modes(_stack(params, rates, mask), mask, modes)
+        # (the mask multiplies B e, (H, N2), not C, num_kernels times as large and before the modes are taken)
+        (log_dt, log_a_real, a_imag, b, c, rate), mask = _take_modes(_stack(params, rates, None), mask, modes)
         dt, a = _poles(log_dt, log_a_real, a_imag, rate)
         z, e = _discretize(dt, a)
         # (the stacked values are kept, (H, N2) small: the backward pass neither stacks nor discretizes again)
         ctx.save_for_backward(z, e, dt, a, b, c, mask)
         ctx.modes, ctx.all_modes, ctx.sizes = modes, params[1].shape[1], [p.shape[0] for p in params[::5]]
-        return _kernels(_powers_into(torch.conj_physical(z), length), c * (b * e))
+        ctx.runs = runs
+        q = b * e if mask is None else b * e * mask
+        c_disc, z_conj = (c * q).split([n for n, _ in runs], dim=1), torch.conj_physical(z).split([n for n, _ in runs])
+        return tuple(_kernels(_powers_into(z_r, length), c_r) for (_, length), z_r, c_r in zip(runs, z_conj, c_disc))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @backward_without_autocast
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         z, e, dt, a, b, c, mask = ctx.saved_tensors
         modes, all_modes = ctx.modes, ctx.all_modes
         q = b * e
-        (k, h, length), n2 = grad.shape, z.shape[1]
-        # w = 2 sum_l grad z^l and p = 2 sum_l l grad z^l for all k in one GEMM (H, 2K, L) @ (H, L, 2 N2)
-        steps = torch.arange(length, device=grad.device, dtype=grad.dtype)
-        g = (grad * torch.stack([torch.full_like(steps, 2), 2 * steps])[:, None, None]).reshape(2 * k, h, length)
-        v = torch.view_as_real(_powers_into(z, length)).view(length, h, 2 * n2)
-        wp = torch.bmm(g.transpose(0, 1), v.transpose(0, 1)).view(h, 2 * k, n2, 2)
-        wp = torch.view_as_complex(wp).transpose(0, 1)
+        wp = torch.cat([_powers_grad(grad, z_r) for grad, z_r in zip(grads, z.split([n for n, _ in ctx.runs]))], 1)
+        k = c.shape[0]
         w, p = wp[:k], wp[k:]  # (K, H, N2): g of C~, and g of dt A through z ** l per kernel (/ C~)
-        g_q = (w * c).sum(0)
+        q_masked = q if mask is None else q * mask  # C~ = C (B e mask)
+        g_q = (w * c).sum(0) if mask is None else (w * c).sum(0) * mask
         g_e = g_q * b
-        g_dta = (p * (c * q)).sum(0)  # through z ** l: d/d(dt A) = l z ** l
+        g_dta = (p * (c * q_masked)).sum(0)  # through z ** l: d/d(dt A) = l z ** l
         t = g_e * a.reciprocal()
         g_dta = g_dta + t * z  # e = expm1(dt A) / A
         g_a = dt * g_dta - t * e  # A, directly and through dt A
-        g_c = w * q if mask is None else w * (q * mask)  # C~ = (C * mask) B e
+        g_c = w * q_masked
         stacked = (
             (g_dta * a).real.sum(-1) * dt[:, 0],  # dt A with dt real, dt = exp(log_dt)
             _put_modes(g_a.real * a.real, modes, all_modes),  # Re A = -exp(log_a_real)
@@ -414,45 +439,67 @@ def mode_masks(kernels: Sequence[_DiagonalSSM]) -> Optional[torch.Tensor]:
 
 
 @generation_without_autocast
-def ssm_kernels(
+def ssm_kernel_runs(
         kernels: Sequence[nn.Module],
         lengths: Sequence[int],
         rates: Sequence[float],
         dtype: torch.dtype = torch.float32,
-) -> List[torch.Tensor]:
-    """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all kernels that
-    share length, state size and kernel count (their channels are stacked): at the sizes of vision
-    models the cost of generation is mostly per op, not per element (e.g. both axes of a square image).
-    Other kernel generators with the same interface (`S4Kernel`, `SGConvKernel`) run one by one.
-
-    Returns:
-        per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
-    """
+) -> List[Tuple[List[int], torch.Tensor]]:
+    """The kernels of `ssm_kernels` as they are made: runs of entries of one length, each run's indices into
+    `kernels` and its kernels stacked along channels in that order, (num_kernels, sum of their dims, length), so
+    that the steps after generation can act on a run at once. The S4D kernels that share state size and kernel
+    count come from one generation call (`_SSMKernelFn`, whatever their lengths); other kernel generators
+    (`S4Kernel`, `SGConvKernel`), export and tracing give runs of one."""
     if use_reference():  # export / compilation: real arithmetic
-        return _reference_kernels(kernels, lengths, rates, dtype)
+        return [([i], k) for i, k in enumerate(_reference_kernels(kernels, lengths, rates, dtype))]
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
-        return [kernel(length, rate=rate, dtype=dtype) for kernel, length, rate in zip(kernels, lengths, rates)]
+        return [([i], kernel(length, rate=rate, dtype=dtype))
+                for i, (kernel, length, rate) in enumerate(zip(kernels, lengths, rates))]
     groups: Dict[tuple, List[int]] = {}
-    out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    out: List[Tuple[List[int], torch.Tensor]] = []
     for i, (kernel, length) in enumerate(zip(kernels, lengths)):
         if isinstance(kernel, SSMKernel):
-            groups.setdefault((length, kernel.d_state, kernel.num_kernels), []).append(i)
+            groups.setdefault((kernel.d_state, kernel.num_kernels), []).append(i)
         else:
-            out[i] = kernel(length, rate=rates[i], dtype=dtype)
-    for (length, _, _), members in groups.items():
+            out.append(([i], kernel(length, rate=rates[i], dtype=dtype)))
+    for members in groups.values():
+        members = sorted(members, key=lambda i: lengths[i])  # (stable: runs of equal lengths, in order)
         params = [p.to(dtype) for i in members for p in
                   (kernels[i].log_dt, kernels[i].log_a_real, kernels[i].a_imag, kernels[i].b, kernels[i].c_pairs)]
         # the band-limiting cut-off uses the base step size, so every resolution keeps the same modes
         mask = mode_masks([kernels[i] for i in members])
         mask = None if mask is None else mask.to(dtype)
         group_rates = [rates[i] for i in members]
-        if torch.jit.is_tracing():  # plain differentiable ops that fvcore sees
+        if torch.jit.is_tracing():  # plain differentiable ops that fvcore sees (one kernel, see above)
             log_dt, log_a_real, a_imag, b, c, rate = _stack(params, group_rates, mask)
             z, e = _discretize(*_poles(log_dt, log_a_real, a_imag, rate))
-            stacked = _kernels(_powers(torch.conj_physical(z), length), c * (b * e))
-        else:
-            stacked = _SSMKernelFn.apply(length, group_rates, mask, *params)
-        for i, k in zip(members, stacked.split([kernels[i].dim for i in members], dim=1)):
+            out.append((members, _kernels(_powers(torch.conj_physical(z), lengths[members[0]]), c * (b * e))))
+            continue
+        runs = [list(run) for _, run in itertools.groupby(members, key=lambda i: lengths[i])]
+        stacked = _SSMKernelFn.apply(tuple((sum(kernels[i].dim for i in run), lengths[run[0]]) for run in runs),
+                                     group_rates, mask, *params)
+        out += zip(runs, stacked)
+    return out
+
+
+def ssm_kernels(
+        kernels: Sequence[nn.Module],
+        lengths: Sequence[int],
+        rates: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+) -> List[torch.Tensor]:
+    """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all S4D kernels that
+    share state size and kernel count (their channels are stacked, `ssm_kernel_runs`): at the sizes of vision
+    models the cost of generation is mostly per op, not per element (e.g. both axes of a square image, and every
+    layer of a network).
+
+    Returns:
+        per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
+    """
+    out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    for members, stacked in ssm_kernel_runs(kernels, lengths, rates, dtype):
+        parts = stacked.split([kernels[i].dim for i in members], dim=1) if len(members) > 1 else [stacked]
+        for i, k in zip(members, parts):
             out[i] = k
     return out
 

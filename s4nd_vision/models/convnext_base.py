@@ -405,8 +405,8 @@ class ConvNeXtBase(S4NDModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by output_stride (clips: T by 2).
 
-        In a training step every S4ND layer's kernels are generated up front in a few stacked calls
-        (`stacked_kernels`: one per kernel length instead of one per layer)."""
+        In a training step every S4ND layer's kernels are generated up front in one stacked call
+        (`stacked_kernels`, instead of one per layer)."""
         x = self._check_input(x)
         # (under gradient checkpointing a recomputed block must redo its own generation)
         checkpointed = any(s.grad_checkpointing for s in self.stages)
