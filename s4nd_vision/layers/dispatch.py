@@ -189,7 +189,8 @@ def generate_two_sided(
     (`ops.two_sided_kernel`) of `kernels[i](lengths[i], rates[i])`: its first rank kernels forward, the others
     backward when `bidirectional[i]`. On the Triton path the S4D entries that share d_state, num_kernels and
     direction come from one fused launch and one gather (`triton_kernels.two_sided_kernels_fused`); elsewhere
-    (the CPU, export) from `ssm_kernels`, entry by entry."""
+    (the CPU, export) from `ssm_kernel.ssm_kernel_runs` (on the CPU one call for the entries that share d_state and
+    num_kernels), made two-sided a run at a time."""
     if not kernels or not fused_generation(next(kernels[0].parameters()).device, dtype):
         return _two_sided_runs(kernels, ssm_kernel_runs(kernels, lengths, rates, dtype), sizes, bidirectional)
     from .triton_kernels import two_sided_kernels_fused
