@@ -214,10 +214,13 @@ def as_complex(pairs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
-def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optional[torch.Tensor]):
+def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optional[torch.Tensor],
+           modes: Optional[slice] = None):
     """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels, B and C,
     masked by the band-limiting `mask` (H, N2) of 0s and 1s if given, as complex (H, N2) and (K, H, N2), with the
-    per-channel rate (a float when shared)."""
+    per-channel rate (a float when shared); with `modes` (`_kept_modes`) those modes only, sliced before stacking."""
+    if modes is not None:
+        params = [p if i % 5 == 0 else p[:, :, modes] if i % 5 == 4 else p[:, modes] for i, p in enumerate(params)]
     groups = [params[i: i + 5] for i in range(0, len(params), 5)]
     if len(groups) == 1:
         log_dt, log_a_real, a_imag, b, c = groups[0]
@@ -246,16 +249,8 @@ def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
     return None if last - first + 1 == mask.shape[1] else slice(first, last + 1)
 
 
-def _take_modes(stacked: tuple, mask: Optional[torch.Tensor], modes: Optional[slice]) -> tuple:
-    """`_stack`'s result and the stacked mask restricted to `modes` (`_kept_modes`, views); as they are for None."""
-    if modes is None:
-        return stacked, mask
-    log_dt, log_a_real, a_imag, b, c, rate = stacked
-    return (log_dt, log_a_real[:, modes], a_imag[:, modes], b[:, modes], c[:, :, modes], rate), mask[:, modes]
-
-
 def _put_modes(g: torch.Tensor, modes: Optional[slice], n2: int) -> torch.Tensor:
-    """The gradient g (..., M) of values restricted to `modes` (`_take_modes`) for all n2 modes, (..., n2): zero for
+    """The gradient g (..., M) of values restricted to `modes` (`_stack`) for all n2 modes, (..., n2): zero for
     the modes left out."""
     if modes is None:
         return g
@@ -328,7 +323,8 @@ class _SSMKernelFn(torch.autograd.Function):
         """runs: (rows, length) per output, the stacked rows in order."""
         modes = _kept_modes(mask)  # the modes band-limiting removes everywhere cost nothing
         # (the mask multiplies B e, (H, N2), not C, num_kernels times as large and before the modes are taken)
-        (log_dt, log_a_real, a_imag, b, c, rate), mask = _take_modes(_stack(params, rates, None), mask, modes)
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, rates, None, modes)
+        mask = mask if modes is None else mask[:, modes]
         dt, a = _poles(log_dt, log_a_real, a_imag, rate)
         z, e = _discretize(dt, a)
         # (the stacked values are kept, (H, N2) small: the backward pass neither stacks nor discretizes again)
