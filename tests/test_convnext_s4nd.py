@@ -264,7 +264,7 @@ def test_resolution_aware_stem_keeps_logits_across_resolutions():
     assert default < 0.8 * off and half < off  # band-limited at either cut-off: closer still
 
 
-def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
+def test_training_step_generates_all_kernels_in_one_stacked_call(monkeypatch):
     """With autograd on, the model generates every layer's kernels up front, in one call whatever their lengths;
     outputs and gradients equal the layer-by-layer generation (one call per layer), which each layer falls back to."""
     torch.manual_seed(0)
