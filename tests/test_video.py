@@ -14,12 +14,12 @@ import torch
 from media import write_video
 from pytorchvideo.data.encoded_video import EncodedVideo
 from safetensors.torch import save_file
-from stacking import step_with_and_without_stacking
+from stacking import count_generation_calls, step_with_and_without_stacking
 from torch.utils.data import DataLoader
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
-from s4nd_vision.layers import S4ND
+from s4nd_vision.layers import S4ND, s4nd
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
 from s4nd_vision.train.optim import ssm_param_names
 
@@ -87,16 +87,22 @@ def test_s4nd_3d_layers_kernels_and_grids():
         torch.testing.assert_close(layer(changed)[:, :, :4], layer(x)[:, :, :4])
 
 
-def test_training_step_generates_all_kernels_in_few_stacked_calls(monkeypatch):
+def test_training_step_generates_all_kernels_in_one_stacked_call(monkeypatch):
     """As in 2D: every layer's time and space kernels come from the model-wide stacked generation (no layer
-    generates its own), and outputs and gradients equal the layer-by-layer generation."""
+    generates its own), one generation call for all their lengths, and outputs and gradients equal the
+    layer-by-layer generation."""
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4)
     fallback = []
     axis_kernels = S4ND.axis_kernels
     monkeypatch.setattr(S4ND, 'axis_kernels', lambda self, *a, **k: fallback.append(1) or axis_kernels(self, *a, **k))
-    stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, torch.randn(1, 3, 4, 64, 64), fallback)
+    x = torch.randn(1, 3, 4, 64, 64)
+    stacked, per_layer = step_with_and_without_stacking(monkeypatch, model, x, fallback)
     assert stacked[2] == 0 and per_layer[2] == sum(isinstance(m, S4ND) for m in model.modules())
+    calls = count_generation_calls(monkeypatch)
+    monkeypatch.setattr(s4nd, 'kernels_can_be_prepared', lambda module: True)  # (as in a CPU training step)
+    model(x).square().sum().backward()
+    assert len(calls) == 1
 
 
 def test_baseline_layers():
