@@ -28,6 +28,34 @@ def test_channel_major_memory_finds_the_working_tensor_of_a_view_only():
     assert channel_major_memory(x3).shape == u3.shape == (3, 4, 5, 2, 6)
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_channel_major_casts_in_its_copy(memory_format):
+    """`channel_major(x, dtype)` equals the copy then the cast; off the CPU (fake CUDA tensors) it is one operator,
+    the cast copy into the working layout (under CUDA autocast the fast path's single pass over its input)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.namespace != 'prim':
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=memory_format)
+    expected = channel_major(x).to(torch.bfloat16)
+    assert torch.equal(channel_major(x, torch.bfloat16), expected) and expected.is_contiguous()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 3, 4, 5, device='cuda').contiguous(memory_format=memory_format)
+        with Ops() as ops:
+            u = channel_major(x, torch.bfloat16)
+    assert u.shape == (3, 4, 2, 5) and u.dtype == torch.bfloat16 and u.is_contiguous()
+    assert ops.ops == ['aten._to_copy.default'], ops.ops
+
+
 def test_channel_major_input_only_on_the_cpu_outside_graph_capture(monkeypatch):
     x, _ = _channel_major((2, 3, 4, 5))
     assert dispatch.channel_major_input(x) is not None

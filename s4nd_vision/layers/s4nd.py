@@ -386,12 +386,14 @@ class S4ND(nn.Module):
                                   channels_last=x.ndim in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1)
         if x.shape[0] > 0 and path == 'triton':
             return self._forward_triton(x, rate)
+        b, c, *sizes = x.shape
+        shape = (c, *sizes[:-1], b, sizes[-1])  # (the channel-major shape, as the fast path's cache keys it)
         if x.shape[0] > 0 and path == 'depthwise':  # (inference: operators cached like the fast path's)
-            b, c, *sizes = x.shape
-            shape = (c, *sizes[:-1], b, sizes[-1])  # (the channel-major shape, as the fast path's cache keys it)
             with torch.autocast(device_type='cpu', enabled=False):  # float32, like the fast path on the CPU
                 return self._cached_operators(shape, rate, x.dtype, x.dtype, depthwise=True).apply(x, self.D)
-        return channels_first(self.forward_channel_major(channel_major(x), rate)).to(x.dtype)
+        # (the layout copy casts to the convolution's dtype too: under CUDA autocast one pass instead of two)
+        conv_dtype = self._conv_dtype(x.device, shape, torch.promote_types(x.dtype, torch.float32))
+        return channels_first(self.forward_channel_major(channel_major(x, conv_dtype), rate)).to(x.dtype)
 
     def _forward_triton(self, x: torch.Tensor, rate: Optional[_Floats]) -> torch.Tensor:
         """The fused Triton convolution (`triton_conv`) of a 2D or 3D input, read in channels-last order: a view,
