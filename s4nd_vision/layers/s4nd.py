@@ -478,10 +478,10 @@ def _saved_tensor_hooks() -> Optional[Callable]:
 
 def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.dtype = torch.float32) -> None:
     """Generate the kernels of many S4ND layers at once, for their next forward on inputs of the given
-    spatial sizes (at their automatic rate): all axes of all layers that share kernel length and SSM
-    sizes become one stacked `ssm_kernels` call, so a whole network costs a handful of generation
-    calls per training step instead of one per layer (generation is many small ops, so its cost
-    follows the number of calls, not their size). A layer whose next input differs ignores them.
+    spatial sizes (at their automatic rate): all axes of all layers that share SSM sizes, whatever their kernel
+    lengths, become one stacked generation call (`dispatch.generate_two_sided`), so a whole network costs one
+    call per training step instead of one per layer (generation is many small ops, so its cost follows the
+    number of calls, not their size). A layer whose next input differs ignores them.
 
     Every parameter must be materialized (not FSDP-sharded across units) when this runs.
     """

@@ -133,7 +133,7 @@ class S4NDModel(nn.Module):
         stages = all_stages if torch.jit.is_scripting() or not stop_early else all_stages[:max_index + 1]
         # model-wide checkpointing (the isotropic blocks; ConvNeXt's stages checkpoint themselves)
         checkpointed = getattr(self, 'grad_checkpointing', False) and not torch.jit.is_scripting()
-        # as in forward_features, a training step makes all kernels in a few stacked calls, where every layer runs
+        # as in forward_features, a training step makes all kernels in one stacked call, where every layer runs
         # and none recomputes its own under checkpointing
         stack = len(stages) == len(all_stages) and not checkpointed and not any(
             getattr(s, 'grad_checkpointing', False) for s in all_stages)

@@ -419,7 +419,7 @@ class ConvNeXtBase(S4NDModel):
 class ConvNeXtFeatures(FeatureListNet):
     """The `features_only=True` backbone of a ConvNeXt(-S4ND): timm's list wrapper (the model's modules one by one,
     its state-dict keys, `set_grad_checkpointing`), which also checks its input as the model does and, in a training
-    step, makes the kernels of all its S4ND layers in a few stacked calls, as the model's forward does.
+    step, makes the kernels of all its S4ND layers in one stacked call, as the model's forward does.
     (B, in_chans, *spatial) -> the outputs of the stages in `out_indices`, each (B, C_i, *spatial_i).
     `feature_cls='list'` gives timm's plain wrapper, whose layers generate their kernels one by one."""
 
