@@ -36,7 +36,7 @@ TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, p
 DEPTHWISE_MAX_LEN = 64
 # From this many output rows (H // pool) on, `DepthwiseConv` convolves the H axis as the last axis of a view whose
 # channels are the (column, channel) pairs (`_conv_rows`): oneDNN's depthwise convolution along the contiguous last axis
-# ran 1.1-1.9x as fast as along H at 24-64 rows, slower below (README "2-core CPU")
+# ran faster than along H from 24 rows on, slower below (README "2-core CPU")
 DEPTHWISE_ROWS_VIEW_MIN = 24
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
 # Input channels up to which the backward pass of a fused projection whose input needs no gradient skips forming the
@@ -681,7 +681,7 @@ def _projection_params_backward(x, grad, skip, weight, bias, operators, kept, po
         t = ops_[0].t
         m, n = t.shape[1:]
         mixed = torch.mm(g0.reshape(c * m, -1), x_rows.t()).view(c, m, c_in, n)
-        # (a few input channels: a sum over them, not einsum's batched GEMMs over permuted copies, 10x the time)
+        # (a few input channels: a sum over them; einsum ran batched GEMMs over permuted copies, far slower)
         grad_t = mixed[:, :, 0] * weight[:, 0, None, None]
         for i in range(1, c_in):
             grad_t.addcmul_(mixed[:, :, i], weight[:, i, None, None])

@@ -267,8 +267,8 @@ def _poles(log_dt, log_a_real, a_imag, rate) -> tuple:
 def _discretize(dt: torch.Tensor, a: torch.Tensor) -> tuple:
     """Zero-order hold: z = exp(dt A) and e = expm1(dt A) / A (so that C~ = C B e), (H, N2) complex.
 
-    Complex exp and expm1 are scalar loops on the CPU, so they are built from real ops; so is the real expm1,
-    a scalar loop too (5x tanh's time): expm1(x) = 2 t / (1 - t) with t = tanh(x / 2), as accurate (x = Re(dt A) < 0,
+    Complex exp and expm1 are scalar loops on the CPU, so they are built from real ops; the real expm1 is a scalar
+    loop too (README, "2-core CPU"), so expm1(x) = 2 t / (1 - t) with t = tanh(x / 2), as accurate (x = Re(dt A) < 0,
     so 1 - t is in [1, 2): no cancellation)."""
     x, y = dt * a.real, dt * a.imag  # dt A
     exp_x, cos_y, sin_y = x.exp(), y.cos(), y.sin()
@@ -307,7 +307,7 @@ class _SSMKernelFn(torch.autograd.Function):
 
     Autograd through these steps would record every small complex op and save many tensors,
     some (L, H, N2) large; here only (H, N2) values are saved: z = exp(dt A) and e = expm1(dt A) / A (their
-    transcendental functions are most of the discretization's cost) and the stacked dt, A, B and masked C. The
+    transcendental functions are most of the discretization's cost), the stacked dt, A, B and C, and the mask. The
     backward recomputes the powers z ** l, and one batched GEMM serves the gradients of C~ and dt A. On the CPU
     both passes run over the modes that band-limiting keeps in some channel only (`_kept_modes`). The backward works
     with conjugated gradients
@@ -322,7 +322,7 @@ class _SSMKernelFn(torch.autograd.Function):
     def forward(ctx, runs: Tuple[Tuple[int, int], ...], rates, mask, *params):
         """runs: (rows, length) per output, the stacked rows in order."""
         modes = _kept_modes(mask)  # the modes band-limiting removes everywhere cost nothing
-        # (the mask multiplies B e, (H, N2), not C, num_kernels times as large and before the modes are taken)
+        # (the mask multiplies B e (H, modes), not C, num_kernels times as large)
         log_dt, log_a_real, a_imag, b, c, rate = _stack(params, rates, None, modes)
         mask = mask if modes is None else mask[:, modes]
         dt, a = _poles(log_dt, log_a_real, a_imag, rate)
@@ -342,7 +342,8 @@ class _SSMKernelFn(torch.autograd.Function):
         z, e, dt, a, b, c, mask = ctx.saved_tensors
         modes, all_modes = ctx.modes, ctx.all_modes
         q = b * e
-        wp = torch.cat([_powers_grad(grad, z_r) for grad, z_r in zip(grads, z.split([n for n, _ in ctx.runs]))], 1)
+        parts = [_powers_grad(grad, z_r) for grad, z_r in zip(grads, z.split([n for n, _ in ctx.runs]))]
+        wp = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         k = c.shape[0]
         w, p = wp[:k], wp[k:]  # (K, H, N2): g of C~, and g of dt A through z ** l per kernel (/ C~)
         q_masked = q if mask is None else q * mask  # C~ = C (B e mask)
