@@ -72,6 +72,44 @@ def test_compiled_layer_and_model_trace_one_graph_for_every_size():
     assert len(frames) == 1
 
 
+def _sines(gm: torch.fx.GraphModule) -> int:
+    """The sin nodes of a captured graph and its submodules (one per reference generation)."""
+    return sum(n.target in (torch.sin, 'sin', torch.ops.aten.sin.default)
+               for _, m in gm.named_modules() for n in m.graph.nodes)
+
+
+def test_captured_inference_generates_every_layers_kernels_together():
+    """A graph that torch.compile or torch.export captures has no kernel cache (it generates every kernel per
+    call), so inference stacks the generation like a training step: one reference generation per distinct axis
+    length and rate, not one per layer; eager inference on the CPU still caches per layer."""
+    from s4nd_vision.layers import kernels_can_be_prepared
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    sines = {}
+
+    def compile_(train):
+        torch._dynamo.reset()
+        model.train(train)
+
+        def backend(gm, example_inputs):
+            sines[train] = _sines(gm)
+            return gm.forward
+        with torch.set_grad_enabled(train):
+            return torch.compile(model, backend=backend, fullgraph=True)(x)
+
+    out = compile_(False)
+    compile_(True)
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    layers = sum(isinstance(m, S4ND) for m in model.modules())
+    assert 0 < sines[False] == sines[True] == _sines(exported.graph_module) < layers
+    with torch.no_grad():
+        assert not kernels_can_be_prepared(model)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_inductor_compiles_the_layer_without_complex_ops():
     torch._dynamo.reset()
     torch.manual_seed(0)

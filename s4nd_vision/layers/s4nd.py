@@ -504,14 +504,16 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
 
 def kernels_can_be_prepared(module: nn.Module) -> bool:
     """False where `prepare_kernels` must not run for the S4ND layers of `module`: without autograd off the
-    Triton path (inference caches operators per layer instead; on the Triton path one fused generation for all
-    layers costs less than one per layer, and comparing cached parameters would synchronize every layer), under
-    torch.export, while tracing (`torch.jit.trace`, fvcore: each layer's generation then lies in its own scope,
-    and the graph is the same with and without autograd), and under FSDP sharding (wrapped submodules or DTensor
-    parameters: parameters of other units are not materialized)."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    Triton path in eager mode (inference caches operators per layer instead; on the Triton path one fused
+    generation for all layers costs less than one per layer, and comparing cached parameters would synchronize
+    every layer; a graph that torch.compile or torch.export captures has no cache and generates every kernel per
+    call, so there stacking leaves a few ops per distinct axis length instead of per layer), while tracing
+    (`torch.jit.trace`, fvcore: each layer's generation then lies in its own scope, and the graph is the same with
+    and without autograd), and under FSDP sharding (wrapped submodules or DTensor parameters: parameters of other
+    units are not materialized)."""
+    if torch.jit.is_tracing():
         return False
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         param = next(module.parameters(), None)
         if param is None or not dispatch.fused_generation(param.device, torch.float32):
             return False
