@@ -81,7 +81,13 @@ def _toeplitz(k: torch.Tensor, n, pool: int) -> torch.Tensor:
 
 
 def _apply_axis(z: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(C, rows, n) matrices t applied along `dim` (length n) of a (C, ...) tensor z."""
+    """(C, rows, n) matrices t applied along `dim` (length n) of a (C, ...) tensor z: on the first axis after the
+    channels and on the last one a batched product with z as it is (no transposing copy in or out), elsewhere with
+    that axis moved last."""
+    if dim == z.ndim - 1:
+        return torch.matmul(z.flatten(1, -2), t.transpose(1, 2)).reshape(z.shape[:-1] + (t.shape[1],))
+    if dim == 1:
+        return torch.matmul(t, z.flatten(2)).reshape(z.shape[:1] + (t.shape[1],) + z.shape[2:])
     moved = z.movedim(dim, -1)
     y = torch.matmul(moved.reshape(z.shape[0], -1, moved.shape[-1]), t.transpose(1, 2))
     return y.reshape(moved.shape[:-1] + (t.shape[1],)).movedim(-1, dim)
