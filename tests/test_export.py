@@ -44,8 +44,16 @@ def test_reference_conv_equals_separable_conv(ndim, sizes, pool):
     kernels = [torch.randn(2, 3, 2 * n - 1, dtype=torch.float64) for n in sizes]
     skip = torch.randn(3, dtype=torch.float64)
     dims = list(range(1, ndim)) + [ndim + 1]
+    inputs = [u, skip, *kernels]
+    for t in inputs:
+        t.requires_grad_(True)
     expected = ops.separable_conv(u, kernels, pool, skip=skip)
-    torch.testing.assert_close(separable_conv_reference(u, kernels, dims, pool, skip=skip), expected)
+    got = separable_conv_reference(u, kernels, dims, pool, skip=skip)
+    torch.testing.assert_close(got, expected)
+    weight = torch.randn_like(expected)
+    for g_ref, g_fast in zip(torch.autograd.grad((got * weight).sum(), inputs),
+                             torch.autograd.grad((expected * weight).sum(), inputs)):
+        torch.testing.assert_close(g_ref, g_fast)
 
 
 def test_compiled_layer_and_model_trace_one_graph_for_every_size():

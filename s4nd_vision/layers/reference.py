@@ -11,10 +11,12 @@ Kernel of one axis (zero-order hold, see `ssm_kernel`), with dt A = x + i y and 
 
     K[l] = 2 Re( sum_n C~_n exp(dt A_n l) ) = 2 sum_n exp(x_n l) (Re C~_n cos(y_n l) - Im C~_n sin(y_n l)).
 
-The convolution applies each axis' two-sided kernel as a Toeplitz matrix gathered from the taps
-(rows averaged by the pooling window), one matrix product per axis and rank-1 term.
+The convolution applies each axis' two-sided kernel as a Toeplitz matrix gathered from the taps (averaged
+first in sliding windows of the pooling size, which averages the matrix's rows by the pooling window), one
+matrix product per axis and rank-1 term, on the channel-major tensor as it is where the axis is the first or the
+last (no transposing copies: the graph is also what onnxruntime runs).
 """
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,34 +74,40 @@ def ssm_kernel_reference(
                 - torch.einsum('khn,hnl->khl', ct_im, mag * phase.sin()))
 
 
-def _toeplitz(k: torch.Tensor, n, pool: int) -> torch.Tensor:
-    """(C, n // pool, n) matrices T[c, i, j] = k[c, i - j + n - 1] of the (C, 2n - 1) two-sided taps, rows
-    averaged in windows of `pool` (a trailing remainder dropped, like AvgPool)."""
-    i = torch.arange(n, device=k.device)
-    t = k[:, i[:, None] - i[None, :] + (n - 1)]  # (C, n, n)
-    return _avg_pool(t, 1, pool)
+def _toeplitz(k: torch.Tensor, n, pool: int, transposed: bool = False) -> torch.Tensor:
+    """(C, n // pool, n) matrices T[c, i, j] = mean over r < pool of k[c, pool i + r - j + n - 1] of the
+    (C, 2n - 1) two-sided taps (the rows of the Toeplitz matrix averaged in windows of `pool`, a trailing remainder
+    dropped, like AvgPool), gathered from the taps averaged in sliding windows of `pool`; (C, n, n // pool) with
+    `transposed`."""
+    if pool > 1:
+        k = F.avg_pool1d(k.unsqueeze(1), pool, stride=1).squeeze(1)  # (C, 2n - pool)
+    rows = torch.arange(n // pool, device=k.device) * pool
+    cols = torch.arange(n, device=k.device)
+    index = rows[None, :] - cols[:, None] if transposed else rows[:, None] - cols[None, :]
+    return k[:, index + (n - 1)]
 
 
-def _apply_axis(z: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(C, rows, n) matrices t applied along `dim` (length n) of a (C, ...) tensor z: on the first axis after the
-    channels and on the last one a batched product with z as it is (no transposing copy in or out), elsewhere with
-    that axis moved last."""
-    if dim == z.ndim - 1:
-        return torch.matmul(z.flatten(1, -2), t.transpose(1, 2)).reshape(z.shape[:-1] + (t.shape[1],))
-    if dim == 1:
+def _apply_axis(z: torch.Tensor, k: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
+    """The two-sided taps k (C, 2n - 1) applied along `dim` (length n) of a (C, ...) tensor z as a Toeplitz
+    product, pooled by `pool`: on the first axis after the channels and on the last one a batched product with z
+    as it is (no transposing copy in or out), elsewhere with that axis moved last."""
+    n = z.shape[dim]
+    if dim == 1 and dim < z.ndim - 1:
+        t = _toeplitz(k, n, pool)
         return torch.matmul(t, z.flatten(2)).reshape(z.shape[:1] + (t.shape[1],) + z.shape[2:])
-    moved = z.movedim(dim, -1)
-    y = torch.matmul(moved.reshape(z.shape[0], -1, moved.shape[-1]), t.transpose(1, 2))
-    return y.reshape(moved.shape[:-1] + (t.shape[1],)).movedim(-1, dim)
+    t = _toeplitz(k, n, pool, transposed=True)
+    moved = z.movedim(dim, -1)  # (a view, no copy, on the last axis)
+    y = torch.matmul(moved.flatten(1, -2), t)
+    return y.reshape(moved.shape[:-1] + (t.shape[2],)).movedim(-1, dim)
 
 
 def _avg_pool(z: torch.Tensor, dim: int, pool: int) -> torch.Tensor:
-    """Average pooling by `pool` (window = stride, remainder dropped) along `dim`."""
+    """Average pooling by `pool` (window = stride, a trailing remainder dropped) along `dim`, as a mean over a
+    split axis (no transposing copy)."""
     if pool == 1:
         return z
-    moved = z.movedim(dim, -1)
-    pooled = F.avg_pool1d(moved.reshape(-1, 1, moved.shape[-1]), pool)
-    return pooled.reshape(moved.shape[:-1] + (pooled.shape[-1],)).movedim(-1, dim)
+    windows = z.shape[dim] // pool
+    return z.narrow(dim, 0, windows * pool).unflatten(dim, (windows, pool)).mean(dim + 1)
 
 
 def separable_conv_reference(
@@ -117,18 +125,15 @@ def separable_conv_reference(
         pools: per axis, the average pooling window (and stride).
         skip: optional (C,) skip weights.
     """
-    ts: List[List[torch.Tensor]] = [
-        [_toeplitz(k[r], u.shape[dim], pool) for dim, k, pool in zip(dims, kernels, pools)]
-        for r in range(kernels[0].shape[0])]
     y = None
     if skip is not None:
         y = u
         for dim, pool in zip(dims, pools):
             y = _avg_pool(y, dim, pool)
         y = skip.reshape((-1,) + (1,) * (u.ndim - 1)) * y
-    for term in ts:
+    for r in range(kernels[0].shape[0]):
         z = u
-        for dim, t in zip(dims, term):
-            z = _apply_axis(z, t, dim)
+        for dim, k, pool in zip(dims, kernels, pools):
+            z = _apply_axis(z, k[r], dim, pool)
         y = z if y is None else y + z
     return y
