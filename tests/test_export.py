@@ -80,21 +80,26 @@ def test_compiled_layer_and_model_trace_one_graph_for_every_size():
     assert len(frames) == 1
 
 
+def _count(gm: torch.fx.GraphModule, *targets) -> int:
+    """The nodes of a captured graph and its submodules that call one of `targets`."""
+    return sum(n.target in targets for _, m in gm.named_modules() for n in m.graph.nodes)
+
+
 def _sines(gm: torch.fx.GraphModule) -> int:
-    """The sin nodes of a captured graph and its submodules (one per reference generation)."""
-    return sum(n.target in (torch.sin, 'sin', torch.ops.aten.sin.default)
-               for _, m in gm.named_modules() for n in m.graph.nodes)
+    """The sin nodes of a captured graph (one per reference generation)."""
+    return _count(gm, torch.sin, 'sin', torch.ops.aten.sin.default)
 
 
 def test_captured_inference_generates_every_layers_kernels_together():
     """A graph that torch.compile or torch.export captures has no kernel cache (it generates every kernel per
     call), so inference stacks the generation like a training step: one reference generation per distinct axis
-    length and rate, not one per layer; eager inference on the CPU still caches per layer."""
+    length and rate, not one per layer, and its two-sided kernels are made a stacked run at a time (one flip per
+    run of bidirectional entries sharing a size, not per entry); eager inference on the CPU still caches per layer."""
     from s4nd_vision.layers import kernels_can_be_prepared
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64)
     x = torch.randn(2, 3, 64, 64)
-    sines = {}
+    sines, flips = {}, {}
 
     def compile_(train):
         torch._dynamo.reset()
@@ -102,6 +107,7 @@ def test_captured_inference_generates_every_layers_kernels_together():
 
         def backend(gm, example_inputs):
             sines[train] = _sines(gm)
+            flips[train] = _count(gm, torch.flip, 'flip')
             return gm.forward
         with torch.set_grad_enabled(train):
             return torch.compile(model, backend=backend, fullgraph=True)(x)
@@ -112,6 +118,8 @@ def test_captured_inference_generates_every_layers_kernels_together():
     exported = torch.export.export(model, (x,))
     layers = sum(isinstance(m, S4ND) for m in model.modules())
     assert 0 < sines[False] == sines[True] == _sines(exported.graph_module) < layers
+    entries = sum(m.ndim for m in model.modules() if isinstance(m, S4ND))
+    assert 0 < flips[False] == flips[True] < layers < entries
     with torch.no_grad():
         assert not kernels_can_be_prepared(model)
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)

@@ -35,6 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, channel_major_memory, forced_algorithm, two_sided_kernel
 from .reference import use_reference
@@ -217,14 +218,16 @@ def _two_sided_runs(
         bidirectional: Sequence[bool],
 ) -> List[torch.Tensor]:
     """Per entry, its two-sided kernel from `ssm_kernel.ssm_kernel_runs`' runs: made for the entries of a run
-    that share size and direction at once (a few ops per run instead of per entry, forward and backward)."""
+    that share size and direction at once (a few ops per run instead of per entry, forward and backward; symbolic
+    sizes of a captured graph join only where they are equal without a guard)."""
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
     for members, stacked in runs:
         start, part = 0, []
         for j, i in enumerate(members):
             part.append(i)
-            if j + 1 < len(members) and (sizes[members[j + 1]], bidirectional[members[j + 1]]) == (
-                    sizes[i], bidirectional[i]):
+            after = members[j + 1] if j + 1 < len(members) else None
+            if (after is not None and bidirectional[after] == bidirectional[i]
+                    and statically_known_true(sizes[after] == sizes[i])):
                 continue
             dims = [kernels[m].dim for m in part]
             two = _two_sided(stacked.narrow(1, start, sum(dims)) if len(members) > 1 else stacked, sizes[i],

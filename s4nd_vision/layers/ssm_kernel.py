@@ -445,10 +445,11 @@ def ssm_kernel_runs(
     """The kernels of `ssm_kernels` as they are made: runs of entries of one length, each run's indices into
     `kernels` and its kernels stacked along channels in that order, (num_kernels, sum of their dims, length), so
     that the steps after generation can act on a run at once. The S4D kernels that share state size and kernel
-    count come from one generation call (`_SSMKernelFn`, whatever their lengths); other kernel generators
-    (`S4Kernel`, `SGConvKernel`), export and tracing give runs of one."""
+    count come from one generation call (`_SSMKernelFn`, whatever their lengths); in a captured graph (export,
+    compilation) those that also share length and rate come from one reference call (`_reference_kernels`);
+    other kernel generators (`S4Kernel`, `SGConvKernel`) and tracing give runs of one."""
     if use_reference():  # export / compilation: real arithmetic
-        return [([i], k) for i, k in enumerate(_reference_kernels(kernels, lengths, rates, dtype))]
+        return _reference_kernels(kernels, lengths, rates, dtype)
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
         return [([i], kernel(length, rate=rate, dtype=dtype))
                 for i, (kernel, length, rate) in enumerate(zip(kernels, lengths, rates))]
@@ -506,17 +507,17 @@ def _reference_kernels(
         lengths: Sequence,
         rates: Sequence,
         dtype: torch.dtype,
-) -> List[torch.Tensor]:
-    """`ssm_kernels` in the reference formulation (`reference.ssm_kernel_reference`), for graph capture: the S4D
+) -> List[Tuple[List[int], torch.Tensor]]:
+    """`ssm_kernel_runs` in the reference formulation (`reference.ssm_kernel_reference`), for graph capture: the S4D
     kernels that share d_state, num_kernels, length and rate come from one call, their channels stacked, so that
     a captured graph (and torch.compile's time, README "Deployment") grows with the distinct axis lengths, not with
     the layers. Symbolic lengths and rates (an export or compilation with dynamic sizes) join a group only where
     they are equal without a guard: grouping never specializes a size."""
     groups: List[List[int]] = []
-    out: List[Optional[torch.Tensor]] = [None] * len(kernels)
+    out: List[Tuple[List[int], torch.Tensor]] = []
     for i, kernel in enumerate(kernels):
         if not isinstance(kernel, SSMKernel):
-            out[i] = kernel(lengths[i], rate=rates[i], dtype=dtype)
+            out.append(([i], kernel(lengths[i], rate=rates[i], dtype=dtype)))
             continue
         for members in groups:
             first = kernels[members[0]]
@@ -533,10 +534,8 @@ def _reference_kernels(
                    else getattr(group[0], name)).to(dtype)
                   for name, dim in (('log_dt', 0), ('log_a_real', 0), ('a_imag', 0), ('b', 0), ('c_pairs', 1))]
         mask = mode_masks(group)  # the cut-off uses the base step size: every resolution keeps the same modes
-        stacked = ssm_kernel_reference(*params, lengths[members[0]], rates[members[0]],
-                                       mask=None if mask is None else mask.to(dtype))
-        for i, k in zip(members, stacked.split([k.dim for k in group], dim=1) if len(group) > 1 else [stacked]):
-            out[i] = k
+        out.append((members, ssm_kernel_reference(*params, lengths[members[0]], rates[members[0]],
+                                                  mask=None if mask is None else mask.to(dtype))))
     return out
 
 
