@@ -513,6 +513,9 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model-kwargs', nargs='*', type=_key_value, default=[],
                         help='key=value arguments of timm.create_model (values read as YAML)')
     parser.add_argument('--trace-size', type=_size, default=(224, 224), help='HxW the graph is traced at')
+    parser.add_argument('--fixed-size', action='store_true',
+                        help='a graph of --trace-size only (the batch stays dynamic): onnxruntime folds the S4ND '
+                             'kernels into constants when it loads the file, so calls are faster')
     parser.add_argument('--sizes', nargs='*', type=_size, default=[], help='HxW sizes to check and time the file at')
     parser.add_argument('--batch-size', type=_positive_int, default=1)
     parser.add_argument('--threads', type=_positive_int, default=None,
@@ -531,14 +534,18 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.checkpoint, model_kwargs=dict(args.model_kwargs))
     try:
-        check_image_model(model)
+        check_image_model(model, args.fixed_size)
     except ValueError as e:
         parser.error(f'{args.model}: {e}')
     chans = model.in_chans
     for flag, sizes in (('--trace-size', [args.trace_size]), ('--sizes', args.sizes)):
         for size in sizes:  # sizes the model or the graph refuse, before the export (minutes for large models)
+            if args.fixed_size and size != args.trace_size:
+                parser.error(f'argument {flag}: {size[0]}x{size[1]}: the graph of --fixed-size takes its '
+                             f'--trace-size only ({args.trace_size[0]}x{args.trace_size[1]})')
             try:
-                check_export_size(model, size)
+                if not args.fixed_size:
+                    check_export_size(model, size)
                 with torch.no_grad():
                     model(torch.zeros(1, chans, *size))
             except ValueError as e:
@@ -547,8 +554,9 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     path = args.output or f'output/{args.model}.onnx'
     start = time.perf_counter()
-    export_onnx(model, path, img_size=args.trace_size, in_chans=chans)
-    print(f'wrote {path} in {time.perf_counter() - start:.0f} s (dynamic batch, height and width)')
+    export_onnx(model, path, img_size=args.trace_size, in_chans=chans, fixed_size=args.fixed_size)
+    shape = 'height and width fixed' if args.fixed_size else 'height and width'
+    print(f'wrote {path} in {time.perf_counter() - start:.0f} s (dynamic batch, {shape})')
     rows = onnx_latency(model, path, args.sizes, batch_size=args.batch_size, threads=args.threads,
                         in_chans=chans) if args.sizes else []
     for row in rows:
@@ -692,12 +700,14 @@ the largest operators, and the ops still left uncounted.""",
         _smoke_arguments, _smoke_run),
     'export': Command(
         'export a model to ONNX with dynamic batch, height and width; check and time the file',
-        """Export a model to ONNX with dynamic batch, height and width, then check the file against eager PyTorch
-and time both (onnxruntime, CPU; needs the `export` extra: pip install "s4nd-vision[export]").
+        """Export a model to ONNX with dynamic batch, height and width (or a fixed height and width: --fixed-size),
+then check the file against eager PyTorch and time both (onnxruntime, CPU; needs the `export` extra:
+pip install "s4nd-vision[export]").
 
     s4nd-vision export convnext_s4nd_tiny --output output/convnext_s4nd_tiny.onnx --sizes 224 288x352
     s4nd-vision export convnext_s4nd_tiny --checkpoint output/imagenet/convnext_s4nd_tiny/best.safetensors \\
         --model-kwargs img_size=224
+    s4nd-vision export convnext_s4nd_tiny --fixed-size --trace-size 224 --sizes 224   # faster calls, 224 only
 
 Prints one JSON row per --sizes entry: the largest output difference and both latencies
 (see s4nd_vision.deploy.export).""",

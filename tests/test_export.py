@@ -1,5 +1,6 @@
 """Export and compilation: the real-arithmetic reference path equals the fast path, and whole models export
 to torch.export / ONNX with dynamic H and W and compile once for every size."""
+import collections
 import re
 
 import pytest
@@ -190,7 +191,7 @@ def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), seq(x), rtol=1e-4, atol=1e-5)
     s4 = timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=0, img_size=64).eval()
-    with pytest.raises(ValueError, match=r'model: the S4 \(DPLR\) kernel cannot be exported for every size'):
+    with pytest.raises(ValueError, match=r'model: the S4 \(DPLR\) kernel cannot be exported to ONNX'):
         export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(96, 96))
     # a sequence or video model: the reason in one line, before a trace fails on a 4-D input
     for name, size in (('s4nd_seq_atto', '(1, 784)'), ('convnext_s4nd_3d_atto', '(3, 16, 224, 224)')):
@@ -268,3 +269,47 @@ def test_reference_generation_stacks_kernels_of_one_length_and_equals_the_fast_k
     for g_ref, g_fast in zip(*grads):
         torch.testing.assert_close(g_ref, g_fast, rtol=1e-9, atol=1e-11)
     assert sines[0] > 0 and sines[1] == 4 * sines[0]
+
+
+def _ops_after_onnxruntime_loads(path: str, tmp_path) -> collections.Counter:
+    """Operator counts of the ONNX file at `path` as onnxruntime runs it (its basic, portable optimizations:
+    constant folding among them)."""
+    import onnx
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / 'loaded.onnx')
+    ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, capsys):
+    """A graph of one fixed size (the batch dynamic) computes S4ND's kernels from the weights alone: once onnxruntime
+    has loaded it, no kernel generation (Sin, Cos, Exp) is left to run per call. Outputs equal PyTorch's at batches
+    1 and 3; a ViT built for one size exports this way; the S4 (DPLR) kernel, complex arithmetic, still does not;
+    the command refuses to check such a file at another size, before exporting."""
+    from s4nd_vision.cli import main
+    torch.manual_seed(0)
+    generation = ('Sin', 'Cos', 'Exp')
+    model = timm.create_model('convnext_s4nd_atto').eval()
+    path = export_onnx(model, str(tmp_path / 'fixed.onnx'), img_size=(64, 96), fixed_size=True)
+    import onnx
+    assert sum(n.op_type in generation for n in onnx.load(path).graph.node) > 10  # (generated in the file...)
+    assert sum(_ops_after_onnxruntime_loads(path, tmp_path)[op] for op in generation) == 0  # (...folded on load)
+    for batch in (1, 3):
+        (row,) = onnx_latency(model, path, [(64, 96)], batch_size=batch, repeats=1)
+        assert row['max_abs_diff'] < 1e-4, row
+    vit = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, dynamic_img_size=False).eval()
+    path = export_onnx(vit, str(tmp_path / 'vit.onnx'), img_size=(64, 64), fixed_size=True)
+    (row,) = onnx_latency(vit, path, [(64, 64)], batch_size=2, repeats=1)
+    assert row['max_abs_diff'] < 1e-4, row
+    with torch.device('meta'):
+        s4 = timm.create_model('convnext_s4nd_atto', kernel='s4', bandlimit=0)
+    with pytest.raises(ValueError, match=r'the S4 \(DPLR\) kernel cannot be exported to ONNX \(its generation is '
+                                         r'complex arithmetic'):
+        export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(64, 64), fixed_size=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['export', 'convnext_s4nd_atto', '--fixed-size', '--trace-size', '64', '--sizes', '64', '96'])
+    assert exit_info.value.code == 2
+    assert ('argument --sizes: 96x96: the graph of --fixed-size takes its --trace-size only (64x64)'
+            in capsys.readouterr().err)

@@ -1,9 +1,14 @@
-"""Export to ONNX with dynamic batch, height and width, and time the file in onnxruntime against eager PyTorch.
+"""Export to ONNX with dynamic batch, height and width (or one fixed size), and time the file in onnxruntime
+against eager PyTorch.
 
 While a graph is captured, S4ND runs its real-arithmetic reference formulation (`layers.reference`):
 no complex tensors, no size-dependent algorithm choice, so one graph serves every input size. Height
 and width are declared as multiples of the model's total stride (32 for ConvNeXt-S4ND, the patch size
 for ViT-S4ND), which keeps every stage grid an integer and spares torch.export's shape solver.
+
+A graph of one fixed size (`fixed_size=True`, the batch still dynamic) computes its S4ND kernels and
+Toeplitz operators from the weights alone: onnxruntime folds them into constants when it loads the file,
+so no call generates them (a dynamic graph generates them at every call, as it must for a new size).
 """
 import os
 from typing import Dict, Optional, Sequence, Tuple
@@ -17,16 +22,18 @@ from ..bench.benchmark import time_ms
 __all__ = ['model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_latency']
 
 
-def check_image_model(model: nn.Module) -> None:
-    """Raise ValueError unless `model` takes images (B, C, H, W): `export_onnx` writes image models."""
+def check_image_model(model: nn.Module, fixed_size: bool = False) -> None:
+    """Raise ValueError unless `model` takes images (B, C, H, W): `export_onnx` writes image models; a graph of
+    dynamic sides (not `fixed_size`) also needs a model that takes every size."""
     size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 0, 0))
     if len(size) != 3:
         raise ValueError(f'model: {type(model).__name__} does not take images (its input_size is {tuple(size)}): '
                          'export writes image models, (B, C, H, W); use torch.export for video and sequence models')
-    if getattr(model, 'dynamic_img_size', True) is False:  # (a graph of dynamic sides would accept what it refuses)
+    # (a graph of dynamic sides would accept what the model refuses)
+    if not fixed_size and getattr(model, 'dynamic_img_size', True) is False:
         raise ValueError(f'model: {type(model).__name__} is built with dynamic_img_size=False (it takes '
                          f'{tuple(size[1:])} only); export writes graphs of dynamic sizes: build it with '
-                         'dynamic_img_size=True')
+                         'dynamic_img_size=True, or export it at that fixed size')
 
 
 def model_stride(model: nn.Module) -> int:
@@ -54,32 +61,41 @@ def export_onnx(
         img_size: Tuple[int, int] = (224, 224),
         in_chans: int = 3,
         max_side: int = 2048,
+        fixed_size: bool = False,
 ) -> str:
     """Export `model` (set to eval) to an ONNX file at `path`, traced at `img_size` (and batch 2), with the
     batch and both sides dynamic (sides: multiples of `model_stride(model)` from 3 strides to `max_side`).
+
+    Args:
+        fixed_size: the graph takes `img_size` only (any size the model takes; the batch stays dynamic).
+            Its S4ND kernels and operators depend on the weights alone, and onnxruntime folds them into
+            constants when it loads the file: faster calls (ConvNeXt-S4ND-T at batch 1: about two thirds of
+            the dynamic graph's time, README "Deployment"), at the memory of the operators.
 
     Returns:
         the path written.
     """
     from ..layers import S4Kernel
-    check_image_model(model)
+    check_image_model(model, fixed_size)
     if any(isinstance(m, S4Kernel) for m in model.modules()):
-        raise ValueError("model: the S4 (DPLR) kernel cannot be exported for every size (its generation raises A to "
-                         "the power of each axis length by repeated squaring, a graph per length); export an S4D "
-                         "(kernel='s4d') or SGConv model, or torch.export this one at a static size")
-    stride = model_stride(model)
-    if max_side < 3 * stride:
-        raise ValueError(f'max_side must be at least {3 * stride}, got {max_side}')
-    try:
-        check_export_size(model, tuple(img_size), max_side)
-    except ValueError as e:
-        raise ValueError(f'img_size: {e}') from None
+        raise ValueError("model: the S4 (DPLR) kernel cannot be exported to ONNX (its generation is complex "
+                         "arithmetic, which ONNX has no type for, and raises A to the power of each axis length by "
+                         "repeated squaring, a graph per length); export an S4D (kernel='s4d') or SGConv model, or "
+                         "torch.export this one at a static size")
     model = model.eval()
-    h = stride * Dim('h', min=3, max=max_side // stride)
-    w = stride * Dim('w', min=3, max=max_side // stride)
-    program = torch.onnx.export(
-        model, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
-        dynamic_shapes=({0: Dim('batch', max=4096), 2: h, 3: w},))
+    shapes = {0: Dim('batch', max=4096)}
+    if not fixed_size:
+        stride = model_stride(model)
+        if max_side < 3 * stride:
+            raise ValueError(f'max_side must be at least {3 * stride}, got {max_side}')
+        try:
+            check_export_size(model, tuple(img_size), max_side)
+        except ValueError as e:
+            raise ValueError(f'img_size: {e}') from None
+        shapes.update({2: stride * Dim('h', min=3, max=max_side // stride),
+                       3: stride * Dim('w', min=3, max=max_side // stride)})
+    program = torch.onnx.export(model, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
+                                dynamic_shapes=(shapes,))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(path)
     return path
