@@ -17,7 +17,7 @@ imported by the subcommand that needs them.
 import argparse
 import os
 import sys
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = ['COMMANDS', 'main', 'tool_main', 'build_parser']
 
@@ -496,13 +496,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _size(text: str):
-    """HxW (or one side for a square) as (height, width)."""
-    h, _, w = text.partition('x')
+def _size(text: str) -> Tuple[int, ...]:
+    """Sides joined by x (HxW, TxHxW; L for a sequence), each a positive integer; one side S stands for every
+    side of the model's input (a square image): see `_model_size`."""
     try:
-        return int(h), int(w or h)
+        sides = tuple(int(side) for side in text.split('x'))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'expects a size HxW or S in pixels, got {text!r}') from None
+        sides = ()
+    if not sides or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f'expects a size HxW (TxHxW for clips) or S, got {text!r}')
+    return sides
+
+
+def _model_size(size: Tuple[int, ...], sides: int) -> Tuple[int, ...]:
+    """`size` (from `_size`) for a model whose inputs have `sides` sides: one side repeated; ValueError if neither
+    one side nor `sides`."""
+    if len(size) == 1:
+        return size * sides
+    if len(size) != sides:
+        raise ValueError(f'the model takes inputs of {sides} sides, got {len(size)}')
+    return size
+
+
+def _size_text(size: Sequence[int]) -> str:
+    return 'x'.join(str(side) for side in size)
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -512,11 +529,14 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help='weights to load (safetensors or torch file; training checkpoints unwrap)')
     parser.add_argument('--model-kwargs', nargs='*', type=_key_value, default=[],
                         help='key=value arguments of timm.create_model (values read as YAML)')
-    parser.add_argument('--trace-size', type=_size, default=(224, 224), help='HxW the graph is traced at')
+    parser.add_argument('--trace-size', type=_size, default=None,
+                        help="HxW the graph is traced at (TxHxW for a clip, L for a sequence, with --fixed-size; "
+                             "default: the model's input size)")
     parser.add_argument('--fixed-size', action='store_true',
                         help='a graph of --trace-size only (the batch stays dynamic): onnxruntime folds the S4ND '
                              'kernels into constants when it loads the file, so calls are faster')
-    parser.add_argument('--sizes', nargs='*', type=_size, default=[], help='HxW sizes to check and time the file at')
+    parser.add_argument('--sizes', nargs='*', type=_size, default=[],
+                        help='HxW sizes to check and time the file at (or as --trace-size)')
     parser.add_argument('--batch-size', type=_positive_int, default=1)
     parser.add_argument('--threads', type=_positive_int, default=None,
                         help='threads of torch and onnxruntime (default: all)')
@@ -528,7 +548,7 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     import torch
 
-    from .deploy.export import check_export_size, check_image_model, export_onnx, onnx_latency
+    from .deploy.export import check_export_size, check_image_model, export_onnx, input_sides, onnx_latency
     from .eval.resolution import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -537,28 +557,31 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         check_image_model(model, args.fixed_size)
     except ValueError as e:
         parser.error(f'{args.model}: {e}')
-    chans = model.in_chans
-    for flag, sizes in (('--trace-size', [args.trace_size]), ('--sizes', args.sizes)):
+    chans, sides = model.in_chans, len(input_sides(model))
+    trace_size = args.trace_size or input_sides(model)
+    for flag, sizes in (('--trace-size', [trace_size]), ('--sizes', args.sizes)):
         for size in sizes:  # sizes the model or the graph refuse, before the export (minutes for large models)
-            if args.fixed_size and size != args.trace_size:
-                parser.error(f'argument {flag}: {size[0]}x{size[1]}: the graph of --fixed-size takes its '
-                             f'--trace-size only ({args.trace_size[0]}x{args.trace_size[1]})')
             try:
+                size = _model_size(size, sides)
+                if args.fixed_size and size != _model_size(trace_size, sides):
+                    raise ValueError('the graph of --fixed-size takes its --trace-size only '
+                                     f'({_size_text(_model_size(trace_size, sides))})')
                 if not args.fixed_size:
                     check_export_size(model, size)
                 with torch.no_grad():
                     model(torch.zeros(1, chans, *size))
             except ValueError as e:
-                parser.error(f'argument {flag}: {size[0]}x{size[1]}: {e}')
-    print(f'exporting {args.model} traced at {args.trace_size[0]}x{args.trace_size[1]} (large models take minutes)',
+                parser.error(f'argument {flag}: {_size_text(size)}: {e}')
+    trace_size, sizes = _model_size(trace_size, sides), [_model_size(size, sides) for size in args.sizes]
+    print(f'exporting {args.model} traced at {_size_text(trace_size)} (large models take minutes)',
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     path = args.output or f'output/{args.model}.onnx'
     start = time.perf_counter()
-    export_onnx(model, path, img_size=args.trace_size, in_chans=chans, fixed_size=args.fixed_size)
-    shape = 'height and width fixed' if args.fixed_size else 'height and width'
+    export_onnx(model, path, img_size=trace_size, in_chans=chans, fixed_size=args.fixed_size)
+    shape = 'input size fixed' if args.fixed_size else 'height and width'
     print(f'wrote {path} in {time.perf_counter() - start:.0f} s (dynamic batch, {shape})')
-    rows = onnx_latency(model, path, args.sizes, batch_size=args.batch_size, threads=args.threads,
-                        in_chans=chans) if args.sizes else []
+    rows = onnx_latency(model, path, sizes, batch_size=args.batch_size, threads=args.threads,
+                        in_chans=chans) if sizes else []
     for row in rows:
         print(json.dumps(row))
     return rows
@@ -700,14 +723,15 @@ the largest operators, and the ops still left uncounted.""",
         _smoke_arguments, _smoke_run),
     'export': Command(
         'export a model to ONNX with dynamic batch, height and width; check and time the file',
-        """Export a model to ONNX with dynamic batch, height and width (or a fixed height and width: --fixed-size),
-then check the file against eager PyTorch and time both (onnxruntime, CPU; needs the `export` extra:
-pip install "s4nd-vision[export]").
+        """Export a model to ONNX with dynamic batch, height and width (or a fixed input size: --fixed-size, which
+video and sequence models need), then check the file against eager PyTorch and time both (onnxruntime, CPU;
+needs the `export` extra: pip install "s4nd-vision[export]").
 
     s4nd-vision export convnext_s4nd_tiny --output output/convnext_s4nd_tiny.onnx --sizes 224 288x352
     s4nd-vision export convnext_s4nd_tiny --checkpoint output/imagenet/convnext_s4nd_tiny/best.safetensors \\
         --model-kwargs img_size=224
     s4nd-vision export convnext_s4nd_tiny --fixed-size --trace-size 224 --sizes 224   # faster calls, 224 only
+    s4nd-vision export convnext_s4nd_3d_tiny --fixed-size --trace-size 16x224x224 --sizes 16x224x224
 
 Prints one JSON row per --sizes entry: the largest output difference and both latencies
 (see s4nd_vision.deploy.export).""",

@@ -194,11 +194,12 @@ def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r'model: the S4 \(DPLR\) kernel cannot be exported to ONNX'):
         export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(96, 96))
     # a sequence or video model: the reason in one line, before a trace fails on a 4-D input
-    for name, size in (('s4nd_seq_atto', '(1, 784)'), ('convnext_s4nd_3d_atto', '(3, 16, 224, 224)')):
+    for name, size in (('s4nd_seq_atto', '(784,)'), ('convnext_s4nd_3d_atto', '(16, 224, 224)')):
         with torch.device('meta'):
             model = timm.create_model(name)
-        with pytest.raises(ValueError, match=rf'does not take images \(its input_size is {re.escape(size)}\): export '
-                                             r'writes image models'):
+        with pytest.raises(ValueError, match=rf'does not take images \(its input_size has the sides '
+                                             rf'{re.escape(size)}\): graphs of dynamic sizes take image models, '
+                                             r'.* at a fixed size'):
             export_onnx(model, str(tmp_path / 'other.onnx'), img_size=(96, 96))
     # a ViT of one input size (timm's dynamic_img_size=False): a graph of dynamic sides would take other sizes
     with torch.device('meta'):
@@ -313,3 +314,30 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
     assert exit_info.value.code == 2
     assert ('argument --sizes: 96x96: the graph of --fixed-size takes its --trace-size only (64x64)'
             in capsys.readouterr().err)
+
+
+def test_fixed_size_onnx_exports_clips_and_sequences(tmp_path, capsys):
+    """Video and sequence models (no graph of dynamic sizes) export at a fixed size, through the command too
+    (sizes TxHxW, or L), equal to PyTorch; a size of the wrong number of sides is refused in one line."""
+    import json
+
+    from s4nd_vision.cli import main, tool_main
+    torch.manual_seed(0)
+    video = timm.create_model('convnext_s4nd_3d_atto').eval()
+    path = export_onnx(video, str(tmp_path / 'video.onnx'), img_size=(4, 32, 32), fixed_size=True)
+    (row,) = onnx_latency(video, path, [(4, 32, 32)], batch_size=2, repeats=1)
+    assert row['size'] == '4x32x32' and row['max_abs_diff'] < 1e-4, row
+    with pytest.raises(ValueError, match=r'img_size: ConvNeXt3d takes inputs of 3 sides \(its input_size has '
+                                         r'\(16, 224, 224\)\), got \(32, 32\)'):
+        export_onnx(video, str(tmp_path / 'bad.onnx'), img_size=(32, 32), fixed_size=True)
+    path = tmp_path / 'seq.onnx'
+    rows = tool_main('export', ['s4nd_seq_atto', '--fixed-size', '--trace-size', '100', '--sizes', '100',
+                                '--output', str(path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f'wrote {path} in ') and out[0].endswith('(dynamic batch, input size fixed)')
+    assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['100']
+    assert rows[0]['max_abs_diff'] < 1e-4, rows
+    with pytest.raises(SystemExit) as exit_info:
+        main(['export', 'convnext_s4nd_3d_atto', '--fixed-size', '--trace-size', '32x32'])
+    assert exit_info.value.code == 2
+    assert 'argument --trace-size: 32x32: the model takes inputs of 3 sides, got 2' in capsys.readouterr().err

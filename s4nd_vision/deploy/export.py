@@ -1,4 +1,4 @@
-"""Export to ONNX with dynamic batch, height and width (or one fixed size), and time the file in onnxruntime
+"""Export to ONNX with dynamic batch, height and width (or a fixed input size), and time the file in onnxruntime
 against eager PyTorch.
 
 While a graph is captured, S4ND runs its real-arithmetic reference formulation (`layers.reference`):
@@ -8,7 +8,8 @@ for ViT-S4ND), which keeps every stage grid an integer and spares torch.export's
 
 A graph of one fixed size (`fixed_size=True`, the batch still dynamic) computes its S4ND kernels and
 Toeplitz operators from the weights alone: onnxruntime folds them into constants when it loads the file,
-so no call generates them (a dynamic graph generates them at every call, as it must for a new size).
+so no call generates them (a dynamic graph generates them at every call, as it must for a new size). Video
+and sequence models export this way.
 """
 import os
 from typing import Dict, Optional, Sequence, Tuple
@@ -19,20 +20,28 @@ from torch.export import Dim
 
 from ..bench.benchmark import time_ms
 
-__all__ = ['model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_latency']
+__all__ = ['input_sides', 'model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_latency']
+
+
+def input_sides(model: nn.Module) -> Tuple[int, ...]:
+    """The model's default input size without channels (timm's `pretrained_cfg['input_size'][1:]`): (H, W) for
+    images, (T, H, W) for clips, (L,) for sequences; (224, 224) for a model without one."""
+    return tuple((getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))[1:])
 
 
 def check_image_model(model: nn.Module, fixed_size: bool = False) -> None:
-    """Raise ValueError unless `model` takes images (B, C, H, W): `export_onnx` writes image models; a graph of
-    dynamic sides (not `fixed_size`) also needs a model that takes every size."""
-    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 0, 0))
-    if len(size) != 3:
-        raise ValueError(f'model: {type(model).__name__} does not take images (its input_size is {tuple(size)}): '
-                         'export writes image models, (B, C, H, W); use torch.export for video and sequence models')
-    # (a graph of dynamic sides would accept what the model refuses)
-    if not fixed_size and getattr(model, 'dynamic_img_size', True) is False:
+    """Raise ValueError unless `export_onnx` takes `model`: a graph of dynamic sizes, an image model (B, C, H, W)
+    that takes every size; a graph of one fixed size (`fixed_size`), any model."""
+    if fixed_size:
+        return
+    size = input_sides(model)
+    if len(size) != 2:
+        raise ValueError(f'model: {type(model).__name__} does not take images (its input_size has the sides '
+                         f'{size}): graphs of dynamic sizes take image models, (B, C, H, W); export video and '
+                         'sequence models at a fixed size (fixed_size=True; the command: --fixed-size)')
+    if getattr(model, 'dynamic_img_size', True) is False:  # (a graph of dynamic sides would accept what it refuses)
         raise ValueError(f'model: {type(model).__name__} is built with dynamic_img_size=False (it takes '
-                         f'{tuple(size[1:])} only); export writes graphs of dynamic sizes: build it with '
+                         f'{size} only); export writes graphs of dynamic sizes: build it with '
                          'dynamic_img_size=True, or export it at that fixed size')
 
 
@@ -58,7 +67,7 @@ def check_export_size(model: nn.Module, size: Tuple[int, int], max_side: int = 2
 def export_onnx(
         model: nn.Module,
         path: str,
-        img_size: Tuple[int, int] = (224, 224),
+        img_size: Tuple[int, ...] = (224, 224),
         in_chans: int = 3,
         max_side: int = 2048,
         fixed_size: bool = False,
@@ -67,6 +76,8 @@ def export_onnx(
     batch and both sides dynamic (sides: multiples of `model_stride(model)` from 3 strides to `max_side`).
 
     Args:
+        img_size: (H, W); with `fixed_size`, the input's sides as the model takes them (`input_sides`): (H, W),
+            (T, H, W) for clips, (L,) for sequences.
         fixed_size: the graph takes `img_size` only (any size the model takes; the batch stays dynamic).
             Its S4ND kernels and operators depend on the weights alone, and onnxruntime folds them into
             constants when it loads the file: faster calls (ConvNeXt-S4ND-T at batch 1: about two thirds of
@@ -77,6 +88,9 @@ def export_onnx(
     """
     from ..layers import S4Kernel
     check_image_model(model, fixed_size)
+    if fixed_size and len(img_size) != len(input_sides(model)):
+        raise ValueError(f'img_size: {type(model).__name__} takes inputs of {len(input_sides(model))} sides '
+                         f'(its input_size has {input_sides(model)}), got {tuple(img_size)}')
     if any(isinstance(m, S4Kernel) for m in model.modules()):
         raise ValueError("model: the S4 (DPLR) kernel cannot be exported to ONNX (its generation is complex "
                          "arithmetic, which ONNX has no type for, and raises A to the power of each axis length by "
@@ -104,7 +118,7 @@ def export_onnx(
 def onnx_latency(
         model: nn.Module,
         path: str,
-        sizes: Sequence[Tuple[int, int]],
+        sizes: Sequence[Tuple[int, ...]],
         batch_size: int = 1,
         in_chans: int = 3,
         repeats: int = 10,
@@ -132,7 +146,7 @@ def onnx_latency(
                 'onnxruntime': lambda: session.run(None, {name: x.numpy()}),
             }, torch.device('cpu'), repeats=repeats)
         rows.append(dict(
-            size=f'{size[0]}x{size[1]}', batch_size=batch_size,
+            size='x'.join(str(side) for side in size), batch_size=batch_size,
             max_abs_diff=float((torch.from_numpy(out) - expected).abs().max()),
             eager_ms=round(times['eager'], 2), onnxruntime_ms=round(times['onnxruntime'], 2),
             onnxruntime_vs_eager=round(times['onnxruntime'] / times['eager'], 3)))
