@@ -426,13 +426,15 @@ def mode_masks(kernels: Sequence[_DiagonalSSM]) -> Optional[torch.Tensor]:
     cuts = [k.bandlimit for k in kernels]
     if all(cut is None for cut in cuts):
         return None
-    log_dt = torch.cat([k.log_dt.detach() for k in kernels]) if len(kernels) > 1 else kernels[0].log_dt.detach()
-    a_imag = torch.cat([k.a_imag.detach() for k in kernels]) if len(kernels) > 1 else kernels[0].a_imag.detach()
-    freq = log_dt.exp()[:, None] * a_imag.abs() / (2 * math.pi)
-    if all(cut == cuts[0] for cut in cuts):
-        return freq < cuts[0] / 2
-    half = torch.cat([freq.new_full((k.dim, 1), math.inf if k.bandlimit is None else k.bandlimit / 2) for k in kernels])
-    return freq < half
+    with torch.no_grad():  # (stacked, then detached: not one detach per kernel in a captured graph)
+        log_dt = torch.cat([k.log_dt for k in kernels]) if len(kernels) > 1 else kernels[0].log_dt
+        a_imag = torch.cat([k.a_imag for k in kernels]) if len(kernels) > 1 else kernels[0].a_imag
+        freq = log_dt.exp()[:, None] * a_imag.abs() / (2 * math.pi)
+        if all(cut == cuts[0] for cut in cuts):
+            return freq < cuts[0] / 2
+        half = torch.cat([freq.new_full((k.dim, 1), math.inf if k.bandlimit is None else k.bandlimit / 2)
+                          for k in kernels])
+        return freq < half
 
 
 @generation_without_autocast

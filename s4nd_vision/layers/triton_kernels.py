@@ -406,11 +406,11 @@ def _generate(kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Seque
                          f'{[(k.d_state, k.num_kernels) for k in kernels]}')
     f32 = torch.float32
     dims = [k.dim for k in kernels]
-    log_dt = torch.cat([k.log_dt.to(f32) for k in kernels])
+    # (each parameter stacked, then cast: one cast per kind, not per entry, in the graphs torch.compile captures)
+    log_dt, log_a_real, a_imag, b, c = [torch.cat([getattr(k, name) for k in kernels]).to(f32)
+                                        for name in ('log_dt', 'log_a_real', 'a_imag', 'b', 'c')]
     rate, row_lengths = _row_constants(tuple(dims), tuple(int(n) for n in lengths), tuple(float(r) for r in rates),
                                        like=log_dt)
-    params = [torch.cat([getattr(k, name).to(f32) for k in kernels]) for name in ('log_a_real', 'a_imag', 'b', 'c')]
-    log_a_real, a_imag, b, c = params
     mask = mode_masks(kernels)
     x, y, ct_re, ct_im = discretize(log_dt, rate, log_a_real, a_imag, b, c.unflatten(0, (sum(dims), -1)),
                                     None if mask is None else mask.to(f32))
