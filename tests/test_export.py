@@ -169,6 +169,8 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
     import onnx
     graph = onnx.load(str(path)).graph
     assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 5  # num_classes=5 reached the model
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta['num_classes'] == '5' and json.loads(meta['data_config'])['input_size'] == [3, 64, 64]
     assert all(r['max_abs_diff'] < 1e-4 for r in rows), rows
     with pytest.raises(SystemExit) as exit_info:
         main(['export', 'vit_s4nd_atto_patch16_224', '--model-kwargs', 'img_size'])
@@ -294,8 +296,15 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
     generation = ('Sin', 'Cos', 'Exp')
     model = timm.create_model('convnext_s4nd_atto').eval()
     path = export_onnx(model, str(tmp_path / 'fixed.onnx'), img_size=(64, 96), fixed_size=True)
+    import json
+
     import onnx
     assert sum(n.op_type in generation for n in onnx.load(path).graph.node) > 10  # (generated in the file...)
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}  # (what preprocessing needs, the graph's size)
+    assert meta['architecture'] == 'convnext_s4nd_atto' and meta['num_classes'] == '1000'
+    config = json.loads(meta['data_config'])
+    assert config['input_size'] == [3, 64, 96] and config['interpolation'] == 'bicubic'
+    assert config['mean'] == list(model.pretrained_cfg['mean']) and config['std'] == list(model.pretrained_cfg['std'])
     assert sum(_ops_after_onnxruntime_loads(path, tmp_path)[op] for op in generation) == 0  # (...folded on load)
     for batch in (1, 3):
         (row,) = onnx_latency(model, path, [(64, 96)], batch_size=batch, repeats=1)

@@ -6,11 +6,15 @@ no complex tensors, no size-dependent algorithm choice, so one graph serves ever
 and width are declared as multiples of the model's total stride (32 for ConvNeXt-S4ND, the patch size
 for ViT-S4ND), which keeps every stage grid an integer and spares torch.export's shape solver.
 
+The file's metadata holds what a deployment needs besides the graph (`onnx_metadata`): the architecture, the
+classes and timm's data config (input size, interpolation, mean, std, crop), to preprocess as timm would.
+
 A graph of one fixed size (`fixed_size=True`, the batch still dynamic) computes its S4ND kernels and
 Toeplitz operators from the weights alone: onnxruntime folds them into constants when it loads the file,
 so no call generates them (a dynamic graph generates them at every call, as it must for a new size). Video
 and sequence models export this way.
 """
+import json
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -20,7 +24,8 @@ from torch.export import Dim
 
 from ..bench.benchmark import time_ms
 
-__all__ = ['input_sides', 'model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_latency']
+__all__ = ['input_sides', 'model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_metadata',
+           'onnx_latency']
 
 
 def input_sides(model: nn.Module) -> Tuple[int, ...]:
@@ -110,9 +115,24 @@ def export_onnx(
                        3: stride * Dim('w', min=3, max=max_side // stride)})
     program = torch.onnx.export(model, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
                                 dynamic_shapes=(shapes,))
+    program.model.metadata_props.update(onnx_metadata(model, (in_chans, *img_size) if fixed_size else None))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(path)
     return path
+
+
+def onnx_metadata(model: nn.Module, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, str]:
+    """The ONNX metadata `export_onnx` writes (string values): 'architecture' (the timm name), 'num_classes', and
+    'data_config', timm's data config of the model as JSON (`timm.data.resolve_data_config`: input_size,
+    interpolation, mean, std, crop_pct, crop_mode), its input_size replaced by `input_size` (channels first) if
+    given: the size of a fixed-size graph."""
+    from timm.data import resolve_data_config
+    config = resolve_data_config({}, model=model)
+    if input_size is not None:
+        config['input_size'] = tuple(input_size)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return {'architecture': str(cfg.get('architecture', type(model).__name__)),
+            'num_classes': str(getattr(model, 'num_classes', '')), 'data_config': json.dumps(config)}
 
 
 def onnx_latency(
