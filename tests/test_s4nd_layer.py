@@ -323,10 +323,17 @@ def test_backward_inside_autocast_equals_backward_outside():
         assert torch.equal(grads[1][name], grad), name
 
 
+@pytest.mark.parametrize('projected_axis', [True, False], ids=['with-first-axis', 'apart'])
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
-def test_fused_projection_equals_projection_then_layer(algorithm):
+def test_fused_projection_equals_projection_then_layer(monkeypatch, algorithm, projected_axis):
     """S4ND on a pointwise projection with the projection fused (recomputed in backward, not saved):
-    same values as projecting first, and gradcheck on every input."""
+    same values as projecting first, and gradcheck on every input; with a short first axis on the Toeplitz path the
+    projection is multiplied together with that axis' matrix (`ops._projected_first_axis`), else made apart."""
+    calls = []
+    projected = ops._projected_first_axis
+    monkeypatch.setattr(ops, '_projected_first_axis', lambda *args: calls.append(1) or projected(*args))
+    if not projected_axis:
+        monkeypatch.setattr(ops, 'PROJECTED_AXIS_MAX_LEN', 0)
     with ops.conv_algorithm(algorithm):
         torch.manual_seed(0)
         layer = S4ND(3, ndim=2, d_state=4, l_ref=(5, 6), pool=(2, 1)).double()
@@ -343,6 +350,31 @@ def test_fused_projection_equals_projection_then_layer(algorithm):
             return ops.separable_conv(x, kernels, pools=(2, 1), skip=skip, proj=(weight, bias))
 
         assert torch.autograd.gradcheck(fn, tuple(inputs))
+    assert bool(calls) == (projected_axis and algorithm == 'toeplitz')
+
+
+def test_projected_first_axis_of_a_clip(monkeypatch):
+    """A clip's short time axis multiplied together with the projection (`ops._projected_first_axis`, a sample at
+    a time here): the values of projecting first, in training (with its gradients) and inference, rank 2, bias."""
+    calls = []
+    projected = ops._projected_first_axis
+    monkeypatch.setattr(ops, '_projected_first_axis', lambda *args: calls.append(1) or projected(*args))
+    monkeypatch.setattr(ops, 'PROJECTION_CHUNK_BYTES', 1)
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=3, d_state=4, rank=2, l_ref=(6, 5, 8), pool=(2, 1, 4)).double()
+    x = ops.channel_major(torch.randn(2, 3, 6, 5, 8, dtype=torch.float64))  # 3 input channels -> 4
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    expected = layer.forward_channel_major(ops.project(x, weight, bias))
+    expected_grads = torch.autograd.grad(expected.square().sum(), [weight, bias, *layer.parameters()])
+    assert not calls
+    y = layer.forward_channel_major(x, proj=(weight, bias))
+    assert len(calls) == 2 * 2  # (two samples, two rank terms)
+    torch.testing.assert_close(y, expected)
+    for got, want in zip(torch.autograd.grad(y.square().sum(), [weight, bias, *layer.parameters()]), expected_grads):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.forward_channel_major(x, proj=(weight, bias)), expected)
 
 
 @pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
