@@ -85,7 +85,7 @@ def export_onnx(
             (T, H, W) for clips, (L,) for sequences.
         fixed_size: the graph takes `img_size` only (any size the model takes; the batch stays dynamic).
             Its S4ND kernels and operators depend on the weights alone, and onnxruntime folds them into
-            constants when it loads the file: faster calls (ConvNeXt-S4ND-T at batch 1: about two thirds of
+            constants when it loads the file: faster calls (ConvNeXt-S4ND-T at batch 1: about 0.6 times
             the dynamic graph's time, README "Deployment"), at the memory of the operators.
 
     Returns:
