@@ -41,9 +41,8 @@ DEPTHWISE_ROWS_VIEW_MIN = 24
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
 # On the CPU, a fused projection whose first axis is at most this long (a clip's frames, not an image's rows) is
 # multiplied together with that axis' Toeplitz matrix, one GEMM (`_projected_first_axis`): the full-resolution
-# projection, a memory-bound pass written and read once more, is never made, for C_in times the axis' multiply-adds.
-# (32 channels from 3, pooled by 2, 224 x 224 columns, ms: 3.2 against 4.6 at 8 frames, 7.3 against 8.4 at 16,
-# 25.6 against 24.3 at 32; README "2-core CPU")
+# projection, a memory-bound pass written and read once more, is never made, for C_in times the axis' multiply-adds
+# (faster up to 16, slower at 32: README "2-core CPU")
 PROJECTED_AXIS_MAX_LEN = 16
 # Input channels up to which the backward pass of a fused projection whose input needs no gradient skips forming the
 # projection's gradient (`_projection_params_backward`): its GEMM grows with them, the general pass's does not
@@ -385,16 +384,11 @@ def apply_operators(
         return _apply_operators(u, operators, pools, skip, intermediates)
     weight, bias = proj
     pooled = _pooled_projection(u, proj, pools, skip)  # (small: pooled before it is projected)
-    if _projects_first_axis(u, operators):
-        parts = []
-        for start, size in projection_chunks(u.shape, weight.shape[0], weight.element_size(), u.device):
-            chunk = u.narrow(-2, start, size)
-            first = [_projected_first_axis(chunk, ops_[0], weight, bias) for ops_ in operators]
-            parts.append(_apply_operators(chunk, operators, pools, skip, intermediates,
-                                          None if pooled is None else pooled.narrow(-2, start, size), first=first))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    projected = None
+    if _projects_first_axis(u, operators):  # (a clip's frames: the projection taken into their Toeplitz matrices)
+        projected = [_projected_matrix(ops_[0].t, weight, bias) for ops_ in operators]
     responses = None
-    if bias is not None and u.ndim > 3:
+    if projected is None and bias is not None and u.ndim > 3:
         # the bias, a constant per channel, enters after the first axis as that axis' response to it, added by the
         # GEMM into a tensor the size of its (pooled) result: a pass over a quarter of the projection in the stem,
         # where a bias in the projection's GEMM is a pass over all of it (addmm writes the bias first, then adds)
@@ -403,8 +397,14 @@ def apply_operators(
         proj = (weight, None)
     parts = []
     for start, size in projection_chunks(u.shape, weight.shape[0], weight.element_size(), u.device):
-        parts.append(_apply_operators(project(u.narrow(-2, start, size), *proj), operators, pools, skip, intermediates,
-                                      None if pooled is None else pooled.narrow(-2, start, size), responses))
+        chunk = u.narrow(-2, start, size)
+        pooled_chunk = None if pooled is None else pooled.narrow(-2, start, size)
+        if projected is None:
+            parts.append(_apply_operators(project(chunk, *proj), operators, pools, skip, intermediates, pooled_chunk,
+                                          responses))
+        else:  # (the chunk only gives the number of axes: the first axis' results are made here)
+            first = [_projected_first_axis(chunk, *matrices) for matrices in projected]
+            parts.append(_apply_operators(chunk, operators, pools, skip, intermediates, pooled_chunk, first=first))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
@@ -446,22 +446,24 @@ def _projects_first_axis(u: torch.Tensor, operators: list) -> bool:
             and all(isinstance(ops_[0], _ToeplitzAxis) and ops_[0].n <= PROJECTED_AXIS_MAX_LEN for ops_ in operators))
 
 
-def _projected_first_axis(x: torch.Tensor, op: '_ToeplitzAxis', weight: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """op along the first axis of the projection weight @ x + bias, for a channel-major x (C_in, n, ...): one GEMM
-    of the (C m, C_in n) matrix M[c i, j a] = T[c, i, a] weight[c, j] with x's (C_in n) rows, the bias entering as
-    its response, bias[c] times T[c, i]'s sum (added by the GEMM): (C, m, ...), as op.apply(project(x, weight, bias),
-    1) but without the full-size projection."""
-    t = op.t  # (C, m, n)
+def _projected_matrix(t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
+    """The first axis' (C, m, n) Toeplitz matrices t with the projection weight (C, C_in) @ x + bias taken in, for
+    `_projected_first_axis`: M (C, m, C_in n), M[c, i, j a] = t[c, i, a] weight[c, j], and the bias' response,
+    bias[c] times t[c, i]'s sum, (C, m, 1), or None without a bias."""
     c, m, n = t.shape
-    c_in = x.shape[0]
-    mat = (t[:, :, None, :] * weight[:, None, :, None]).reshape(c * m, c_in * n)
+    mat = (t[:, :, None, :] * weight[:, None, :, None]).reshape(c, m, weight.shape[1] * n)
+    return mat, None if bias is None else bias[:, None, None] * t.sum(-1, keepdim=True)
+
+
+def _projected_first_axis(x: torch.Tensor, mat: torch.Tensor, response: Optional[torch.Tensor]) -> torch.Tensor:
+    """The first axis' Toeplitz product of the projection of a channel-major x (C_in, n, ...), from
+    `_projected_matrix`: one GEMM of (C m, C_in n) against x's (C_in n) rows, the bias' response added by it:
+    (C, m, ...), as op.apply(project(x, weight, bias), 1) but without the full-size projection."""
+    c_in, n = x.shape[:2]
     rows = x.reshape(c_in * n, -1)  # (x narrowed to a batch chunk: a copy of the narrow input)
-    if bias is None:
-        z = torch.mm(mat, rows)
-    else:
-        z = torch.addmm((bias[:, None] * t.sum(-1)).reshape(c * m, 1), mat, rows)
-    return z.view((c, m) + x.shape[2:])
+    flat = mat.flatten(0, 1)
+    z = torch.mm(flat, rows) if response is None else torch.addmm(response.flatten(0, 1), flat, rows)
+    return z.view(mat.shape[:2] + x.shape[2:])
 
 
 def projection_chunks(
