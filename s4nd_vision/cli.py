@@ -558,21 +558,24 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     except ValueError as e:
         parser.error(f'{args.model}: {e}')
     chans, sides = model.in_chans, len(input_sides(model))
-    trace_size = args.trace_size or input_sides(model)
-    for flag, sizes in (('--trace-size', [trace_size]), ('--sizes', args.sizes)):
-        for size in sizes:  # sizes the model or the graph refuse, before the export (minutes for large models)
+    trace_size, sizes = args.trace_size or input_sides(model), []
+    for flag, given in (('--trace-size', [trace_size]), ('--sizes', args.sizes)):
+        for size in given:  # sizes the model or the graph refuse, before the export (minutes for large models)
             try:
                 size = _model_size(size, sides)
-                if args.fixed_size and size != _model_size(trace_size, sides):
+                if flag == '--trace-size':
+                    trace_size = size
+                elif args.fixed_size and size != trace_size:
                     raise ValueError('the graph of --fixed-size takes its --trace-size only '
-                                     f'({_size_text(_model_size(trace_size, sides))})')
+                                     f'({_size_text(trace_size)})')
                 if not args.fixed_size:
                     check_export_size(model, size)
                 with torch.no_grad():
                     model(torch.zeros(1, chans, *size))
             except ValueError as e:
                 parser.error(f'argument {flag}: {_size_text(size)}: {e}')
-    trace_size, sizes = _model_size(trace_size, sides), [_model_size(size, sides) for size in args.sizes]
+            if flag == '--sizes':
+                sizes.append(size)
     print(f'exporting {args.model} traced at {_size_text(trace_size)} (large models take minutes)',
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     path = args.output or f'output/{args.model}.onnx'

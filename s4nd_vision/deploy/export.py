@@ -85,17 +85,17 @@ def export_onnx(
             (T, H, W) for clips, (L,) for sequences.
         fixed_size: the graph takes `img_size` only (any size the model takes; the batch stays dynamic).
             Its S4ND kernels and operators depend on the weights alone, and onnxruntime folds them into
-            constants when it loads the file: faster calls (ConvNeXt-S4ND-T at batch 1: about 0.6 times
-            the dynamic graph's time, README "Deployment"), at the memory of the operators.
+            constants when it loads the file: faster calls, at the memory of the operators (README "Deployment").
 
     Returns:
         the path written.
     """
     from ..layers import S4Kernel
     check_image_model(model, fixed_size)
-    if fixed_size and len(img_size) != len(input_sides(model)):
-        raise ValueError(f'img_size: {type(model).__name__} takes inputs of {len(input_sides(model))} sides '
-                         f'(its input_size has {input_sides(model)}), got {tuple(img_size)}')
+    own = input_sides(model)
+    if fixed_size and len(img_size) != len(own):
+        raise ValueError(f'img_size: {type(model).__name__} takes inputs of {len(own)} sides (its input_size has '
+                         f'{own}), got {tuple(img_size)}')
     if any(isinstance(m, S4Kernel) for m in model.modules()):
         raise ValueError("model: the S4 (DPLR) kernel cannot be exported to ONNX (its generation is complex "
                          "arithmetic, which ONNX has no type for, and raises A to the power of each axis length by "
