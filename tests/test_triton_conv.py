@@ -435,9 +435,9 @@ def test_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
     ops = [str(n.target) for n in graph.graph.nodes if n.op == 'call_function']
     assert ops.count('s4nd_vision.ssm_discretize.default') == ops.count('s4nd_vision.ssm_vandermonde.default') == 1
     assert ops.count('s4nd_vision.separable_conv2d_cl.default') == 7
-    assert ops.count('s4nd_vision.two_sided_index.default') == 1
+    assert ops.count('s4nd_vision.two_sided_index.default') == ops.count('s4nd_vision.row_constants.default') == 1
     made = [n for n in graph.graph.nodes if n.op == 'call_function' and 'triton_kernels.py' in n.meta.get(
-        'stack_trace', '') and any(name in str(n.target) for name in ('arange', 'where'))]
+        'stack_trace', '') and any(name in str(n.target) for name in ('arange', 'where', 'full'))]
     assert not made and any('arange' in op for op in ops)  # (the stem's reference Toeplitz makes its indices)
 
 

@@ -88,6 +88,19 @@ def test_two_sided_index_op_equals_the_kept_index(bidirectional):
     torch.library.opcheck(triton_kernels._two_sided_index_op, args + (like,))
 
 
+def test_row_constants_op_equals_the_kept_constants():
+    """The per-row rates and lengths as one operator (what torch.compile traces) equal the kept ones and are
+    tensors of their own."""
+    args = ([3, 2, 5], [6, 4, 1], [1.0, 0.5, 2.0])
+    like = torch.zeros(1)
+    kept = triton_kernels._row_constants((3, 2, 5), (6, 4, 1), (1.0, 0.5, 2.0), like=like)
+    made = triton_kernels._row_constants_op(*args, like)
+    for a, b in zip(made, kept):
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.data_ptr() != b.data_ptr()
+    assert made[1].tolist() == [6] * 3 + [4] * 2 + [1] * 5 and made[0].tolist() == [1.0] * 3 + [0.5] * 2 + [2.0] * 5
+    torch.library.opcheck(triton_kernels._row_constants_op, args + (like,))
+
+
 def test_fused_generation_rejects_mixed_state_sizes():
     kernels = [SSMKernel(2, d_state=4), SSMKernel(2, d_state=8)]
     with pytest.raises(ValueError, match='d_state'):

@@ -359,6 +359,21 @@ def _row_constants(dims: Tuple[int, ...], lengths: Tuple[int, ...], rates: Tuple
     return rate, row_lengths
 
 
+@torch.library.custom_op('s4nd_vision::row_constants', mutates_args=())
+def _row_constants_op(dims: List[int], lengths: List[int], rates: List[float],
+                      like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`_row_constants` on `like`'s device as one operator of a graph torch.compile captures, instead of two per
+    entry; copies of the kept tensors (an operator's outputs are its own)."""
+    rate, row_lengths = _row_constants(tuple(dims), tuple(lengths), tuple(rates), like=like)
+    return rate.clone(), row_lengths.clone()
+
+
+@_row_constants_op.register_fake
+def _(dims, lengths, rates, like):
+    rows = sum(dims)
+    return like.new_empty(rows, dtype=torch.float32), like.new_empty(rows, dtype=torch.int32)
+
+
 @_kept
 def _two_sided_index(num_kernels: int, dims: Tuple[int, ...], sizes: Tuple[int, ...], bidirectional: bool,
                      max_length: int, device: torch.device) -> torch.Tensor:
@@ -409,8 +424,11 @@ def _generate(kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Seque
     # (each parameter stacked, then cast: one cast per kind, not per entry, in the graphs torch.compile captures)
     log_dt, log_a_real, a_imag, b, c = [torch.cat([getattr(k, name) for k in kernels]).to(f32)
                                         for name in ('log_dt', 'log_a_real', 'a_imag', 'b', 'c')]
-    rate, row_lengths = _row_constants(tuple(dims), tuple(int(n) for n in lengths), tuple(float(r) for r in rates),
-                                       like=log_dt)
+    lengths, rates = [int(n) for n in lengths], [float(r) for r in rates]
+    if torch.compiler.is_compiling():
+        rate, row_lengths = _row_constants_op(dims, lengths, rates, log_dt.detach())  # (constants: no gradient)
+    else:
+        rate, row_lengths = _row_constants(tuple(dims), tuple(lengths), tuple(rates), like=log_dt)
     mask = mode_masks(kernels)
     x, y, ct_re, ct_im = discretize(log_dt, rate, log_a_real, a_imag, b, c.unflatten(0, (sum(dims), -1)),
                                     None if mask is None else mask.to(f32))
