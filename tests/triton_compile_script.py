@@ -6,7 +6,7 @@ This script runs the real launchers (`triton_conv.separable_conv2d_cl` and `sepa
 backward, `triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting) on CPU tensors
 with the kernels replaced by recorders, then compiles each recorded launch (argument types, constexprs, num_warps)
 down to a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per compiled
-kernel and exits non-zero if any launch fails to compile.
+kernel (registers, spills, Triton's dynamic shared memory) and exits non-zero if any launch fails to compile.
 
     python tests/triton_compile_script.py [--arch 90]
 
@@ -163,7 +163,7 @@ def main() -> int:
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                       target=target, options=options)
-            report.update(ok=True, **_resources(compiled.asm['cubin']))
+            report.update(ok=True, **_resources(compiled.asm['cubin']), dynamic_shared=compiled.metadata.shared)
         except Exception as error:  # noqa: BLE001  (a CompilationError, or ptxas refusing the PTX)
             failed = True
             report.update(ok=False, error=f'{type(error).__name__}: {error}'[-2000:])
