@@ -1,4 +1,4 @@
-"""Every Triton kernel of the CUDA path compiles for GPU targets (H100/H200, A100 and B200), on a machine without one.
+"""Every Triton kernel of the CUDA path compiles for GPU targets (H100/H200, A100, B200, V100) on a machine without one.
 
 The interpreter tests check the kernels' values; only the compiler checks that Triton accepts them as GPU code
 (a loop variable that changes type, a type mismatch between branches). `triton_compile_script.py` runs the real
@@ -16,7 +16,7 @@ KERNELS = {'_conv_kernel', '_kernel_grad_kernel', '_axis_kernel', '_axis_grad_ke
            '_dot_grad_kernel', '_vandermonde_fwd', '_vandermonde_bwd', '_discretize_fwd', '_discretize_bwd'}
 
 
-@pytest.mark.parametrize('arch', [90, 80, 100])
+@pytest.mark.parametrize('arch', [90, 80, 100, 70])  # (70: the oldest the dispatch runs them on)
 def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT + os.pathsep + env.get('PYTHONPATH', ''))

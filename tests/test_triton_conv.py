@@ -507,6 +507,26 @@ def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):
         assert dispatch.conv_path(torch.device('cpu'), (2, 6, 6, 5), (1, 1), torch.float32) == 'fast'
 
 
+def test_dispatch_keeps_gpus_older_than_the_kernels_support_on_the_fast_path(monkeypatch):
+    """On a GPU below `dispatch.MIN_CAPABILITY` (a P100: ptxas refuses the kernels' atomics) every layer runs the
+    fast path and the unfused kernel generation, forced or not, eager or compiled; from it on, the Triton path."""
+    monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
+    shape, pools = (128, 384, 14, 14), (1, 1)
+
+    def path_code(x):
+        return x + dispatch.PATHS.index(dispatch.conv_path(CUDA, shape, pools, torch.float32))
+
+    for capability, path in (((6, 0), 'fast'), ((7, 0), 'triton'), ((9, 0), 'triton')):
+        monkeypatch.setattr(dispatch, '_capability', lambda device: capability)
+        assert dispatch.conv_path(CUDA, shape, pools, torch.float32) == path
+        with dispatch.force_path('triton'):
+            assert dispatch.conv_path(CUDA, shape, pools, torch.float32) == path
+        assert dispatch.fused_generation(CUDA, torch.float32) == (path == 'triton')
+        torch.compiler.reset()
+        compiled = torch.compile(path_code, fullgraph=True, backend='eager')(torch.zeros(1)).item()
+        assert compiled == dispatch.PATHS.index('triton' if path == 'triton' else 'reference')
+
+
 def test_dispatch_while_compiling_exporting_and_tracing(monkeypatch):
     """torch.compile on CUDA takes the Triton custom ops (their fake implementations trace); torch.export gets the
     portable reference, and so does compilation on the CPU unless 'triton' is forced; jit tracing (FLOP counts)

@@ -3,11 +3,11 @@
 - 'reference': while a graph is captured for export or compilation (`reference.use_reference`): the plain
   real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic; except that torch.compile
   on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
-- 'triton': on CUDA, when Triton imports, the input is supported (`triton_conv.supported`: 2D or 3D, H and
-  W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16) and its sides are at most
-  `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without autograd; where an H200 measured the fused kernels
-  faster than the fast path, see below): the fused
-  channels-last kernels (3D: the time axis, then each frame's fused 2D convolution).
+- 'triton': on CUDA, when Triton imports and compiles for the GPU (`MIN_CAPABILITY`), the input is supported
+  (`triton_conv.supported`: 2D or 3D, H and W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16)
+  and its sides are at most `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without autograd; where an H200
+  measured the fused kernels faster than the fast path, see below): the fused channels-last kernels (3D: the time
+  axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D or 3D float32 input in channels-last memory with sides up to
   `ops.DEPTHWISE_MAX_LEN` (64): `ops.DepthwiseConv`, one depthwise convolution per axis and
   rank-1 term (strided where the layer pools) that reads and writes channels-last data (no transposing copies);
@@ -52,6 +52,10 @@ PATHS = ('reference', 'triton', 'depthwise', 'fast')
 # 28x28 the tensor-core kernels made inference faster, training no faster).
 TRITON_FASTER_SIDE = {2: 16, 3: 32}
 TRITON_FASTER_SIDE_INFERENCE = {2: 32, 3: 32}
+# The oldest GPUs the Triton kernels compile for: compute capability 7.0 (V100; `tests/triton_compile_script.py`
+# builds every kernel for it). For sm_60 (P100, GTX 10xx) ptxas refuses the kernel gradients' atomics: those GPUs
+# run the fast path and the unfused kernel generation, also when 'triton' is forced.
+MIN_CAPABILITY = (7, 0)
 _FORCED_PATH = ForcedChoice('s4nd_forced_path')
 
 
@@ -90,9 +94,9 @@ def conv_path(
         return 'fast'
     forced = _FORCED_PATH.get()
     if forced is not None:
-        return forced if forced == 'fast' or _triton_supports(shape, pools, dtype) else 'fast'
+        return forced if forced == 'fast' or _triton_supports(device, shape, pools, dtype) else 'fast'
     device_type = torch.device(device).type
-    if device_type == 'cuda' and _triton_faster(shape) and _triton_supports(shape, pools, dtype):
+    if device_type == 'cuda' and _triton_faster(shape) and _triton_supports(device, shape, pools, dtype):
         return 'triton'
     if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and dtype == torch.float32
             and len(shape) in (4, 5) and max(shape[2:]) <= DEPTHWISE_MAX_LEN and forced_algorithm() is None):
@@ -129,7 +133,7 @@ def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence
         return False
     forced = _FORCED_PATH.get()
     wanted = forced == 'triton' or (forced is None and torch.device(device).type == 'cuda' and _triton_faster(shape))
-    return wanted and _triton_supports(shape, pools, dtype)
+    return wanted and _triton_supports(device, shape, pools, dtype)
 
 
 def _compiling_not_exporting() -> bool:
@@ -146,10 +150,10 @@ def _triton_faster(shape: Sequence[int]) -> bool:
     return side is not None and max(shape[-2:]) <= side
 
 
-def _triton_supports(shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
-    """Whether the Triton ops take an input of `shape` (B, C, *spatial); traceable with symbolic sizes (a compiled
-    graph with dynamic shapes guards on the answer)."""
-    if len(shape) not in (4, 5) or not _triton_ready():
+def _triton_supports(device: torch.device, shape: Sequence[int], pools: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether the Triton ops take an input of `shape` (B, C, *spatial) on `device`; traceable with symbolic sizes (a
+    compiled graph with dynamic shapes guards on the answer)."""
+    if len(shape) not in (4, 5) or not _triton_ready() or not _triton_device(device):
         return False
     b, c, *spatial = shape
     return _triton_conv().supported((b, *spatial, c), tuple(pools), dtype) is None
@@ -160,6 +164,20 @@ def _triton_ready() -> bool:
     return triton_available()
 
 
+@torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer)
+def _triton_device(device: torch.device) -> bool:
+    """Whether the Triton kernels compile for `device`: a GPU of compute capability `MIN_CAPABILITY` or newer; true
+    off CUDA (CPU tensors under Triton's interpreter) and where no GPU is visible (fake CUDA tensors)."""
+    device = torch.device(device)
+    capability = _capability(device) if device.type == 'cuda' else None
+    return capability is None or capability >= MIN_CAPABILITY
+
+
+def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The compute capability of a CUDA device; None where no GPU is visible."""
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+
+
 def _triton_conv():
     """The module of the Triton ops (once `triton_available()`), as a plain lookup that graph capture can trace."""
     return sys.modules[f'{__package__}.triton_conv']
@@ -167,15 +185,16 @@ def _triton_conv():
 
 def fused_generation(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether S4D kernels for `device` in `dtype` come from the fused Triton generation (`generate_two_sided`):
-    on CUDA (whatever path the layers' convolutions take) or with 'triton' forced, not with 'fast' forced; also in
-    a graph torch.compile captures (the ops' fake implementations trace), not in one captured for export."""
+    on a GPU of `MIN_CAPABILITY` or newer (whatever path the layers' convolutions take) or with 'triton' forced (not
+    on an older GPU), not with 'fast' forced; also in a graph torch.compile captures (the ops' fake implementations
+    trace), not in one captured for export."""
     forced = _FORCED_PATH.get()
     if torch.jit.is_tracing() or dtype != torch.float32 or forced == 'fast':
         return False
     wanted = forced == 'triton' or torch.device(device).type == 'cuda'
     if use_reference():
-        return wanted and _compiling_not_exporting() and _triton_ready()
-    return wanted and triton_available()
+        return wanted and _compiling_not_exporting() and _triton_ready() and _triton_device(device)
+    return wanted and triton_available() and _triton_device(device)
 
 
 def generate_two_sided(
