@@ -509,7 +509,8 @@ def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):
 
 def test_dispatch_keeps_gpus_older_than_the_kernels_support_on_the_fast_path(monkeypatch):
     """On a GPU below `dispatch.MIN_CAPABILITY` (a P100: ptxas refuses the kernels' atomics) every layer runs the
-    fast path and the unfused kernel generation, forced or not, eager or compiled; from it on, the Triton path."""
+    fast path and the unfused kernel generation, forced or not, eager or compiled; from it on, the Triton path; on
+    AMD GPUs (ROCm) the fast path."""
     monkeypatch.setattr(dispatch, 'triton_available', lambda: True)
     shape, pools = (128, 384, 14, 14), (1, 1)
 
@@ -525,6 +526,9 @@ def test_dispatch_keeps_gpus_older_than_the_kernels_support_on_the_fast_path(mon
         torch.compiler.reset()
         compiled = torch.compile(path_code, fullgraph=True, backend='eager')(torch.zeros(1)).item()
         assert compiled == dispatch.PATHS.index('triton' if path == 'triton' else 'reference')
+    monkeypatch.setattr(torch.version, 'hip', '6.4')  # a ROCm build (AMD GPUs): the kernels are not built for it
+    assert dispatch.conv_path(CUDA, shape, pools, torch.float32) == 'fast'
+    assert not dispatch.fused_generation(CUDA, torch.float32)
 
 
 def test_dispatch_while_compiling_exporting_and_tracing(monkeypatch):

@@ -3,7 +3,7 @@
 - 'reference': while a graph is captured for export or compilation (`reference.use_reference`): the plain
   real-arithmetic formulation (`reference.separable_conv_reference`), shape-generic; except that torch.compile
   on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
-- 'triton': on CUDA, when Triton imports and compiles for the GPU (`MIN_CAPABILITY`), the input is supported
+- 'triton': on CUDA, when Triton imports and compiles for the GPU (NVIDIA, `MIN_CAPABILITY`), the input is supported
   (`triton_conv.supported`: 2D or 3D, H and W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16)
   and its sides are at most `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without autograd; where an H200
   measured the fused kernels faster than the fast path, see below): the fused channels-last kernels (3D: the time
@@ -52,9 +52,10 @@ PATHS = ('reference', 'triton', 'depthwise', 'fast')
 # 28x28 the tensor-core kernels made inference faster, training no faster).
 TRITON_FASTER_SIDE = {2: 16, 3: 32}
 TRITON_FASTER_SIDE_INFERENCE = {2: 32, 3: 32}
-# The oldest GPUs the Triton kernels compile for: compute capability 7.0 (V100; `tests/triton_compile_script.py`
+# The oldest NVIDIA GPUs the Triton kernels compile for: compute capability 7.0 (V100; `tests/triton_compile_script.py`
 # builds every kernel for it). For sm_60 (P100, GTX 10xx) ptxas refuses the kernel gradients' atomics: those GPUs
-# run the fast path and the unfused kernel generation, also when 'triton' is forced.
+# run the fast path and the unfused kernel generation, also when 'triton' is forced; so do AMD GPUs (ROCm), for
+# which the kernels are neither built nor checked.
 MIN_CAPABILITY = (7, 0)
 _FORCED_PATH = ForcedChoice('s4nd_forced_path')
 
@@ -166,9 +167,12 @@ def _triton_ready() -> bool:
 
 @torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer)
 def _triton_device(device: torch.device) -> bool:
-    """Whether the Triton kernels compile for `device`: a GPU of compute capability `MIN_CAPABILITY` or newer; true
-    off CUDA (CPU tensors under Triton's interpreter) and where no GPU is visible (fake CUDA tensors)."""
+    """Whether the Triton kernels compile for `device`: an NVIDIA GPU of compute capability `MIN_CAPABILITY` or newer
+    (not a ROCm build's GPU); true off CUDA (CPU tensors under Triton's interpreter) and where no GPU is visible (fake
+    CUDA tensors)."""
     device = torch.device(device)
+    if device.type == 'cuda' and torch.version.hip is not None:
+        return False
     capability = _capability(device) if device.type == 'cuda' else None
     return capability is None or capability >= MIN_CAPABILITY
 
