@@ -3,6 +3,7 @@ entries with different lengths, rates, initializations and band limits in one la
 in float64 (values and the gradients of every parameter).
 
 TRITON_INTERPRET must be set before `triton_kernels` is imported (see tests/test_triton_conv.py)."""
+import contextlib
 import os
 
 os.environ['TRITON_INTERPRET'] = '1'
@@ -99,6 +100,30 @@ def test_row_constants_op_equals_the_kept_constants():
         assert torch.equal(a, b) and a.dtype == b.dtype and a.data_ptr() != b.data_ptr()
     assert made[1].tolist() == [6] * 3 + [4] * 2 + [1] * 5 and made[0].tolist() == [1.0] * 3 + [0.5] * 2 + [2.0] * 5
     torch.library.opcheck(triton_kernels._row_constants_op, args + (like,))
+
+
+def test_triton_ops_make_their_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current GPU, not on the tensors': every op that launches kernels first makes its
+    tensors' GPU current (a model on cuda:1 while cuda:0 is current); off CUDA nothing is switched."""
+    from s4nd_vision.layers import triton_conv
+    entered = []
+
+    @contextlib.contextmanager
+    def current(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, 'device', current)
+    with FakeTensorMode():
+        x = torch.empty(3, device='cuda:1')
+    launch = triton_kernels.on_tensor_device(lambda n, t=None: (n, t.shape, list(entered)))
+    assert launch(2, x) == (2, (3,), [torch.device('cuda:1')])  # (the GPU is current while the launch runs)
+    assert launch(2, t=x) == (2, (3,), [torch.device('cuda:1')] * 2)  # (a tensor passed by keyword)
+    assert launch(2, torch.zeros(1)) == (2, (1,), [torch.device('cuda:1')] * 2)  # a CPU tensor: nothing switched
+    launching = [triton_conv._conv_op, triton_conv._conv_backward_op, triton_conv._axis_op,
+                 triton_conv._axis_backward_op, triton_kernels._vandermonde_op, triton_kernels._vandermonde_backward_op,
+                 triton_kernels._discretize_op, triton_kernels._discretize_backward_op]
+    assert all(op._init_fn.__code__ is launch.__code__ for op in launching)  # (the same wrapper's code)
 
 
 def test_fused_generation_rejects_mixed_state_sizes():

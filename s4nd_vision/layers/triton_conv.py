@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .ops import ForcedChoice, _avg_pool_axis
+from .triton_kernels import on_tensor_device
 
 __all__ = ['separable_conv2d_cl', 'separable_conv3d_cl', 'supported', 'fused_algorithm', 'KERNEL_ALGORITHMS']
 
@@ -664,6 +665,7 @@ def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[t
 
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl', mutates_args=())
+@on_tensor_device
 def _conv_op(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor],
              pool_h: int, pool_w: int, dot: bool, operands: Optional[torch.dtype]) -> torch.Tensor:
     return _launch_conv(x, kh, kw, skip, (pool_h, pool_w), None, transpose=False, dot=dot, operands=operands)
@@ -676,6 +678,7 @@ def _(x, kh, kw, skip, pool_h, pool_w, dot, operands):
 
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl_backward', mutates_args=())
+@on_tensor_device
 def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor,
                       skip: Optional[torch.Tensor], pool_h: int, pool_w: int, dot: bool,
                       operands: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -801,6 +804,7 @@ def _launch_axis(x: torch.Tensor, k: torch.Tensor, pool: int, n: int, transpose:
 
 
 @torch.library.custom_op('s4nd_vision::axis_conv_cl', mutates_args=())
+@on_tensor_device
 def _axis_op(x: torch.Tensor, k: torch.Tensor, pool: int) -> torch.Tensor:
     return _launch_axis(x, k, pool, x.shape[1], transpose=False)
 
@@ -812,6 +816,7 @@ def _(x, k, pool):
 
 
 @torch.library.custom_op('s4nd_vision::axis_conv_cl_backward', mutates_args=())
+@on_tensor_device
 def _axis_backward_op(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pool: int
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_k) of `_axis_op`."""

@@ -22,7 +22,22 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .ssm_kernel import SSMKernel, mode_masks
 
-__all__ = ['discretize', 'ssm_kernels_fused', 'two_sided_kernels_fused', 'vandermonde']
+__all__ = ['discretize', 'on_tensor_device', 'ssm_kernels_fused', 'two_sided_kernels_fused', 'vandermonde']
+
+
+def on_tensor_device(launch):
+    """Decorates a function that launches Triton kernels on its tensor arguments: it runs with the first tensor's
+    GPU as the current device. Triton launches on the current device and its current stream, not on the tensors'
+    device: a model on cuda:1 while cuda:0 is current would have its kernels read another GPU's memory, unordered
+    with the stream that wrote it."""
+    @functools.wraps(launch)
+    def on_device(*args, **kwargs):
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if device.type != 'cuda':
+            return launch(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launch(*args, **kwargs)
+    return on_device
 
 
 @triton.jit
@@ -192,6 +207,7 @@ def _blocks(n2: int, lmax: int):
 
 
 @torch.library.custom_op('s4nd_vision::ssm_vandermonde', mutates_args=())
+@on_tensor_device
 def _vandermonde_op(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor,
                     lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     k, r, n2 = c_re.shape
@@ -208,6 +224,7 @@ def _(x, y, c_re, c_im, lengths, max_length):
 
 
 @torch.library.custom_op('s4nd_vision::ssm_vandermonde_backward', mutates_args=())
+@on_tensor_device
 def _vandermonde_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor,
                              c_im: torch.Tensor, lengths: torch.Tensor
                              ) -> List[torch.Tensor]:
@@ -243,6 +260,7 @@ _DISCRETIZE_ROWS = 16  # rows per program of the discretization kernels
 
 
 @torch.library.custom_op('s4nd_vision::ssm_discretize', mutates_args=())
+@on_tensor_device
 def _discretize_op(log_dt: torch.Tensor, rate: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor,
                    b: torch.Tensor, c: torch.Tensor, mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
     r, n2 = log_a_real.shape
@@ -264,6 +282,7 @@ def _(log_dt, rate, log_a_real, a_imag, b, c, mask):
 
 
 @torch.library.custom_op('s4nd_vision::ssm_discretize_backward', mutates_args=())
+@on_tensor_device
 def _discretize_backward_op(g_x: torch.Tensor, g_y: torch.Tensor, g_re: torch.Tensor, g_im: torch.Tensor,
                             log_dt: torch.Tensor, rate: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor,
                             b: torch.Tensor, c: torch.Tensor, mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
