@@ -498,6 +498,11 @@ def test_dispatch_cuda_runs_triton_when_available_and_supported(monkeypatch):
     assert dispatch.conv_path(CUDA, (8, 96, 300), (1,), torch.float32) == 'fast'  # 1D
     assert dispatch.conv_path(CUDA, (8, 96, 14, 14), (1, 1), torch.float64) == 'fast'
     assert dispatch.conv_path(CUDA, (8, 96, 14, 14), (3, 3), torch.float32) == 'fast'
+    # beyond int32 offsets (the kernels' indices): the fast path
+    largest = triton_conv.MAX_ELEMENTS // (384 * 14 * 14)
+    assert dispatch.conv_path(CUDA, (largest, 384, 14, 14), (1, 1), torch.bfloat16) == 'triton'
+    assert dispatch.conv_path(CUDA, (largest + 1, 384, 14, 14), (1, 1), torch.bfloat16) == 'fast'
+    assert 'int32' in triton_conv.supported((largest + 1, 14, 14, 384), (1, 1), torch.bfloat16)
 
 
 def test_dispatch_falls_back_when_triton_is_missing(monkeypatch):

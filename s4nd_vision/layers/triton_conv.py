@@ -38,6 +38,7 @@ result once, and the 2D kernels above then treat every frame as an image; the sk
 The time axis' tap gradient reduces over each image's plane in a few chunks (`_axis_grad_kernel`).
 """
 import contextlib
+import math
 import os
 from typing import Iterator, Optional, Tuple
 
@@ -54,6 +55,7 @@ MAX_SIDE = 64  # rows of W (padded to a power of two) x BLOCK_C channels live in
 CONV_TILE = 8192  # fp32 accumulator values per program of the convolution (ROWS x BLOCK_IN x BLOCK_C)
 CONV_WARPS = 8  # 256 threads: 32 accumulator registers each
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ELEMENTS = 2 ** 31 - 1  # the kernels index their tensors in int32: a larger input runs the fast path
 
 
 def supported(shape, pools, dtype: torch.dtype) -> Optional[str]:
@@ -63,6 +65,8 @@ def supported(shape, pools, dtype: torch.dtype) -> Optional[str]:
         return f'needs a (B, H, W, C) or (B, T, H, W, C) input and a pool per axis, got shape {tuple(shape)}'
     if dtype not in DTYPES:
         return f'dtype {dtype} not in {DTYPES}'
+    if math.prod(shape) > MAX_ELEMENTS:
+        return f'more than {MAX_ELEMENTS} elements (int32 offsets), got shape {tuple(shape)}'
     spatial = tuple(shape[1:-1])
     if max(spatial[-2:]) > MAX_SIDE:
         return f'spatial sizes {spatial[-2:]} exceed {MAX_SIDE}'
