@@ -5,10 +5,9 @@
   on CUDA (not export) takes the Triton custom ops where they apply (their fake implementations trace).
 - 'triton': on CUDA, when Triton imports and compiles for the GPU (NVIDIA, `MIN_CAPABILITY`), the input is supported
   (`triton_conv.supported`: 2D or 3D, H and W up to `triton_conv.MAX_SIDE`, pools 1/2/4, float32/bfloat16/float16,
-  fewer than 2^31 elements)
-  and its sides are at most `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without autograd; where an H200
-  measured the fused kernels faster than the fast path, see below): the fused channels-last kernels (3D: the time
-  axis, then each frame's fused 2D convolution).
+  fewer than 2^31 elements) and its sides are at most `TRITON_FASTER_SIDE` (`TRITON_FASTER_SIDE_INFERENCE` without
+  autograd; where an H200 measured the fused kernels faster than the fast path, see below): the fused channels-last
+  kernels (3D: the time axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D or 3D float32 input in channels-last memory with sides up to
   `ops.DEPTHWISE_MAX_LEN` (64): `ops.DepthwiseConv`, one depthwise convolution per axis and
   rank-1 term (strided where the layer pools) that reads and writes channels-last data (no transposing copies);
