@@ -305,6 +305,39 @@ def test_triton_axis_custom_ops_pass_opcheck_and_compile():
         torch.testing.assert_close(a, b)
 
 
+def test_deterministic_algorithms_run_the_dot_kernel_gradient(monkeypatch):
+    """Under torch.use_deterministic_algorithms clips run 'dot' (whose kernel gradient sums per program group,
+    then in PyTorch) instead of their default 'sum' (atomic adds): two backward passes give identical gradients; a
+    forced 'sum' is refused as PyTorch refuses its nondeterministic operators, or warns with warn_only."""
+    launched = []
+    dot_grad = triton_conv._dot_kernel_grads
+    monkeypatch.setattr(triton_conv, '_dot_kernel_grads', lambda *a: launched.append('dot') or dot_grad(*a))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 5, 5, 3, generator=gen, requires_grad=True)
+    kernels = [torch.randn(1, 3, 2 * n - 1, generator=gen, requires_grad=True) for n in (4, 5, 5)]
+    d = torch.randn(3, generator=gen, requires_grad=True)
+
+    def grads():
+        y = triton_conv.separable_conv3d_cl(x, kernels, (1, 1, 1), d)
+        return torch.autograd.grad((y * y).sum(), [x, *kernels, d])
+
+    assert triton_conv.DEFAULT_KERNEL_ALGORITHM[3] == 'sum'
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first, second = grads(), grads()
+        assert launched == ['dot', 'dot'] and all(torch.equal(a, b) for a, b in zip(first, second))
+        with triton_conv.fused_algorithm('sum'), pytest.raises(RuntimeError, match='not deterministic'):
+            grads()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with triton_conv.fused_algorithm('sum'), pytest.warns(UserWarning, match='not deterministic'):
+            grads()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    grads()  # outside: the default 'sum' again
+    assert launched == ['dot', 'dot']
+
+
 def test_triton_conv3d_rejects_bad_input():
     x = torch.randn(1, 4, 4, 4, 3)
     with pytest.raises(ValueError, match=r'kernels must be .* \(R, 3, 7\), \(R, 3, 7\) and \(R, 3, 7\)'):

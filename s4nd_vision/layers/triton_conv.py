@@ -40,6 +40,7 @@ The time axis' tap gradient reduces over each image's plane in a few chunks (`_a
 import contextlib
 import math
 import os
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -560,8 +561,27 @@ def fused_algorithm(algorithm: Optional[str]) -> Iterator[None]:
 
 
 def _use_dot(ndim: int) -> bool:
-    """Whether the 2D convolution of the planes of an input of spatial rank `ndim` runs 'dot'."""
-    return (_ALGORITHM.get() or DEFAULT_KERNEL_ALGORITHM[ndim]) == 'dot'
+    """Whether the 2D convolution of the planes of an input of spatial rank `ndim` runs 'dot': as forced, else
+    `DEFAULT_KERNEL_ALGORITHM`, except under `torch.use_deterministic_algorithms`, where only 'dot' gives the same
+    gradients every run ('sum' accumulates the taps' gradients with atomic adds, in whatever order they land)."""
+    forced = _ALGORITHM.get()
+    if forced is None and torch.are_deterministic_algorithms_enabled():
+        return True
+    return (forced or DEFAULT_KERNEL_ALGORITHM[ndim]) == 'dot'
+
+
+def _alert_not_deterministic() -> None:
+    """What PyTorch's nondeterministic operators do under `torch.use_deterministic_algorithms`: an error (a warning
+    with warn_only=True); for the 'sum' kernel gradient, which only a forced 'sum' runs there."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = ("the 'sum' kernel gradient of s4nd_vision's fused convolution accumulates with atomic adds and is "
+               "not deterministic; under torch.use_deterministic_algorithms(True) leave the algorithm to the default "
+               "(fused_algorithm(None): 'dot', deterministic) or run the fast path (dispatch.force_path('fast'))")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def _dot_sizes(h: int, w: int, tile: int) -> Tuple[int, int]:
@@ -692,6 +712,7 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
     grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True, dot=dot, operands=operands)
     if dot:
         return (grad_x,) + _dot_kernel_grads(grad, x, kh, kw, skip, (pool_h, pool_w), operands)
+    _alert_not_deterministic()
     r = kh.shape[0]
     dkh = torch.zeros((b, r, c, 2 * h - 1), device=x.device, dtype=torch.float32)  # per image, summed below
     dkw = torch.zeros((b, r, c, 2 * w - 1), device=x.device, dtype=torch.float32)
