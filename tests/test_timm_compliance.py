@@ -353,3 +353,27 @@ def test_channels_last_memory_format(entry):
     out_other.square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# what Accelerate's offloading must load at these modules' forward: they read their submodules' weights directly
+# (fused projections, stacked kernel generation), not through the submodules' forward (README, "Deployment")
+OFFLOAD_PRELOAD = ['S4ND', 'S4NDStem', 'S4NDDownsample', 'ConvNeXtS4NDBlock']
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_accelerate_cpu_offload(entry):
+    """Weights offloaded by Accelerate (`cpu_offload`: on the meta device until their module runs) give the same
+    output, in inference and in a training forward, with the README's `preload_module_classes`; the layers then
+    generate their kernels one by one (no stacking over meta parameters)."""
+    from accelerate import cpu_offload
+
+    from s4nd_vision.layers import kernels_can_be_prepared
+    for train in (False, True):
+        model = _create(*entry).train(train)
+        x = _small_input(model, batch_size=2)
+        offloaded = _create(*entry).train(train)
+        offloaded.load_state_dict(model.state_dict())
+        cpu_offload(offloaded, execution_device=torch.device('cpu'), preload_module_classes=OFFLOAD_PRELOAD)
+        assert not kernels_can_be_prepared(offloaded)
+        with torch.set_grad_enabled(train):
+            torch.testing.assert_close(offloaded(x), model(x), rtol=1e-5, atol=1e-6)

@@ -509,9 +509,13 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
     every layer; a graph that torch.compile or torch.export captures has no cache and generates every kernel per
     call, so there stacking leaves a few ops per distinct axis length instead of per layer), while tracing
     (`torch.jit.trace`, fvcore: each layer's generation then lies in its own scope, and the graph is the same with
-    and without autograd), and under FSDP sharding (wrapped submodules or DTensor parameters: parameters of other
-    units are not materialized)."""
+    and without autograd), under FSDP sharding (wrapped submodules or DTensor parameters: parameters of other
+    units are not materialized), and where the parameters are not all on one device (layers placed on several GPUs,
+    or offloaded to the meta device until their module runs, as by Accelerate's `device_map` and `cpu_offload`)."""
     if torch.jit.is_tracing():
+        return False
+    devices = {p.device for p in module.parameters()}
+    if len(devices) > 1 or any(d.type == 'meta' for d in devices):
         return False
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         param = next(module.parameters(), None)
