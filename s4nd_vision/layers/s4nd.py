@@ -514,13 +514,13 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
     or offloaded to the meta device until their module runs, as by Accelerate's `device_map` and `cpu_offload`)."""
     if torch.jit.is_tracing():
         return False
-    devices = {p.device for p in module.parameters()}
-    if len(devices) > 1 or any(d.type == 'meta' for d in devices):
-        return False
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         param = next(module.parameters(), None)
         if param is None or not dispatch.fused_generation(param.device, torch.float32):
             return False
+    devices = {p.device for p in module.parameters()}
+    if len(devices) > 1 or any(d.type == 'meta' for d in devices):
+        return False
     if torch.distributed.is_available():
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
