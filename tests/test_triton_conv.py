@@ -247,6 +247,8 @@ def test_triton_conv_rejects_bad_input():
         triton_conv.separable_conv2d_cl(x, (torch.randn(1, 3, 7), torch.randn(1, 3, 7)), (3, 1))
     with pytest.raises(ValueError, match='dtype'):
         triton_conv.separable_conv2d_cl(x.double(), (torch.randn(1, 3, 7), torch.randn(1, 3, 7)))
+    with pytest.raises(ValueError, match="kernels and skip must be on the input's device cpu"):  # (not launched)
+        triton_conv.separable_conv2d_cl(x, (torch.randn(1, 3, 7),) * 2, skip=torch.ones(3, device='meta'))
 
 
 def _reference3d(x, kt, kh, kw, skip, pools):
@@ -346,6 +348,8 @@ def test_triton_conv3d_rejects_bad_input():
         triton_conv.separable_conv3d_cl(x, [torch.randn(1, 3, 7)] * 3, (3, 1, 1))
     with pytest.raises(ValueError, match=r'\(B, T, H, W, C\)'):
         triton_conv.separable_conv3d_cl(x[0], [torch.randn(1, 3, 7)] * 3)
+    with pytest.raises(ValueError, match="kernels and skip must be on the input's device"):
+        triton_conv.separable_conv3d_cl(x, [torch.randn(1, 3, 7)] * 2 + [torch.randn(1, 3, 7, device='meta')])
 
 
 def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):

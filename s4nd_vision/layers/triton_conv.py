@@ -674,6 +674,14 @@ def _check_operands(operands: Optional[torch.dtype]) -> Optional[torch.dtype]:
     return operands
 
 
+def _check_devices(x: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
+    """The kernels read every tensor on x's device (they launch there, `on_tensor_device`): PyTorch's check for its
+    own operators."""
+    devices = [t.device for t in others if t is not None]
+    if any(d != x.device for d in devices):
+        raise ValueError(f'kernels and skip must be on the input\'s device {x.device}, got {devices}')
+
+
 def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor], pools) -> None:
     if x.ndim != 4:
         raise ValueError(f'x must be (B, H, W, C), got shape {tuple(x.shape)}')
@@ -686,6 +694,7 @@ def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[t
                          f'{2 * w - 1}), got {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
+    _check_devices(x, kh, kw, skip)
 
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl', mutates_args=())
@@ -935,3 +944,4 @@ def _check3d(x, kt, kh, kw, skip, pools) -> None:
                          f'{tuple(kt.shape)}, {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
+    _check_devices(x, kt, kh, kw, skip)
