@@ -140,7 +140,15 @@ def _compiles_triton(device: torch.device, shape: Sequence[int], pools: Sequence
 def _compiling_not_exporting() -> bool:
     """Whether torch.compile is capturing a graph (not torch.export or the ONNX exporter, which need the portable
     reference)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() and not _exporting()
+
+
+@torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer)
+def _exporting() -> bool:
+    """Whether torch.export or the ONNX exporter is running. Asked eagerly: the dynamo of torch 2.11 (not 2.14)
+    reads `torch.compiler.is_exporting()` as True in every graph it captures, which sent torch.compile off the
+    Triton ops."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 def _triton_faster(shape: Sequence[int]) -> bool:
