@@ -185,6 +185,7 @@ def _triton_device(device: torch.device) -> bool:
     return capability is None or capability >= MIN_CAPABILITY
 
 
+@functools.lru_cache(maxsize=None)  # (asked per layer call; a device's capability never changes)
 def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
     """The compute capability of a CUDA device; None where no GPU is visible."""
     return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None

@@ -518,7 +518,8 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
         param = next(module.parameters(), None)
         if param is None or not dispatch.fused_generation(param.device, torch.float32):
             return False
-    devices = {p.device for p in module.parameters()}
+    params = list(module.parameters())
+    devices = {p.device for p in params}
     if len(devices) > 1 or any(d.type == 'meta' for d in devices):
         return False
     if torch.distributed.is_available():
@@ -526,7 +527,7 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
         from torch.distributed.tensor import DTensor
         if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
             return False
-        if any(isinstance(p, DTensor) for p in module.parameters()):
+        if any(isinstance(p, DTensor) for p in params):
             return False
     return True
 
