@@ -118,6 +118,53 @@ def test_cli_exits_non_zero_on_divergence(tmp_path, folder, capsys):
         assert not path.exists() or _all_finite(path)
 
 
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """Accelerate's fp16 on the CPU as on a GPU: autocast to float16 and a GradScaler (initial scale 4)."""
+    from accelerate import Accelerator
+    init = Accelerator.__init__
+
+    def fp16_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.mixed_precision == 'fp16':
+            self.native_amp, self.scaler = True, torch.amp.GradScaler('cpu', init_scale=4.0)
+    monkeypatch.setattr(Accelerator, '__init__', fp16_init)
+
+
+def test_fp16_skips_a_non_finite_loss_after_clipping(tmp_path, folder, fp16_on_cpu):
+    """The clipping unscales the gradients: a skipped update then updates the GradScaler itself (else the next
+    update's unscaling raises)."""
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.mixed_precision=fp16',
+                                       'optim.clip_grad=1.0'))
+    trainer = Trainer(cfg)
+    trainer.train_loss = _NanLossAt(trainer, {1})
+    trainer.fit()
+    assert [int(r['nonfinite_steps']) for r in _rows(tmp_path)] == [1]
+    assert trainer.accelerator.scaler.get_scale() < 4.0 and _all_finite(tmp_path / 'last.safetensors')
+
+
+@pytest.mark.parametrize('clip', ['null', '1.0'])
+def test_fp16_gradients_never_finite_stop_the_run(tmp_path, folder, fp16_on_cpu, clip):
+    """fp16 overflows at loss scales 4, 2 and 1 are the GradScaler's back-off; below 1 they count as non-finite."""
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=10', 'train.mixed_precision=fp16',
+                                       'train.max_nonfinite_steps=1', f'optim.clip_grad={clip}'))
+    trainer = Trainer(cfg)
+    trainer.train_loss = _NanGradAt(trainer, range(10 ** 6))
+    with pytest.raises(TrainingDiverged, match=r'not finite in 2 updates in a row'):
+        trainer.fit()
+    assert trainer.state.update == 3 + 2 and trainer.accelerator.scaler.get_scale() == 0.125
+
+
+def test_a_min_lr_above_a_scaled_lr_is_refused(tmp_path, folder):
+    """timm's schedules take each group from its LR to sched.min_lr: a group's LR scaled below it would rise."""
+    _reset()
+    with pytest.raises(ConfigError, match=r'sched.min_lr \(1e-05\) must be at most optim.ssm_lr at this global '
+                                          r'batch \(0.0001 x 4 / optim.lr_base_batch 512 = 7.81e-07\)'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'optim.ssm_lr=1e-4', 'optim.lr_base_batch=512',
+                                             'optim.lr=2.0', 'sched.min_lr=1e-5')))
+    _reset()
+
+
 # ------------------------------------------------------------------------------------------ resuming
 
 def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder, capsys):

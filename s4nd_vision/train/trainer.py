@@ -131,6 +131,12 @@ class Trainer:
         scale = self.global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0
         self.lr = cfg.optim.lr * scale
         ssm_lr = cfg.optim.ssm_lr * scale if cfg.optim.ssm_lr is not None else None
+        for key, lr in (('optim.lr', self.lr), ('optim.ssm_lr', ssm_lr)):
+            if lr is not None and lr < cfg.sched.min_lr:  # (timm's schedules would raise that group's LR to it)
+                at = f' x {self.global_batch} / optim.lr_base_batch {cfg.optim.lr_base_batch}' if scale != 1 else ''
+                raise ConfigError(f'sched.min_lr ({cfg.sched.min_lr}) must be at most {key} at this global batch '
+                                  f'({getattr(cfg.optim, key.split(".")[1])}{at} = {lr:.3g}): the schedule decays '
+                                  f'to it, and would raise the LR instead')
         optimizer = create_optimizer_v2(
             self.model, cfg.optim.opt, lr=self.lr, weight_decay=cfg.optim.weight_decay,
             betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -264,16 +270,27 @@ class Trainer:
             return 'no checkpoint was written before (start again with, e.g., a lower optim.lr)'
         return f'the last good checkpoint is {latest} (resume from it with, e.g., a lower optim.lr)'
 
-    def _skip_update(self, bad: torch.Tensor) -> bool:
-        """At the last micro-step of an update, after clipping the gradients (`optim.clip_grad`): whether any process
-        saw a non-finite loss (`bad`) or gradient, so that the update is skipped. fp16's GradScaler skips its own
-        overflowed steps (its gradients are scaled)."""
+    def _skip_update(self, bad: torch.Tensor) -> Optional[str]:
+        """At the last micro-step of an update, after clipping the gradients (`optim.clip_grad`): why the update is
+        skipped, or None. 'nonfinite': some process saw a non-finite loss (`bad`) or gradient. 'overflow' (fp16): only
+        the gradients were not finite, at a GradScaler loss scale of at least 1: the scaler's normal back-off (it
+        halves the scale), not counted as divergence. Below scale 1 the gradients overflow or are NaN unscaled."""
         acc, clip = self.accelerator, self.cfg.optim.clip_grad
-        # the clipping's norm where it clips (a skipped update's gradients are dropped anyway)
+        scaler = acc.scaler if acc.mixed_precision == 'fp16' else None
+        # the clipping's norm where it clips; fp16: the gradients unscaled (by the clipping, or here) to be checked
         norm = acc.clip_grad_norm_(self.model.parameters(), clip) if clip is not None else None
-        if acc.mixed_precision != 'fp16':
-            bad = bad | ~torch.isfinite(grad_norm(self.model) if norm is None else norm)
-        return bool(acc.reduce(bad.float(), reduction='sum').item() > 0)
+        if scaler is not None and norm is None:
+            acc.unscale_gradients()
+        grad_bad = ~torch.isfinite(grad_norm(self.model) if norm is None else norm)
+        loss_bad, grad_bad = (acc.reduce(torch.stack([bad, grad_bad]).float(), reduction='sum') > 0).tolist()
+        if not (loss_bad or grad_bad):
+            return None
+        if scaler is not None:  # the step is skipped, so the scaler updates here (it halves the scale on inf/NaN)
+            scale = scaler.get_scale()
+            scaler.update()
+            if not loss_bad and scale >= 1:
+                return 'overflow'
+        return 'nonfinite'
 
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
@@ -327,7 +344,7 @@ class Trainer:
                     # per sample: a mid-epoch resume may split the same update into other micro-batches
                     update_loss += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
                     update_n += finite * x.shape[0]
-                    skip = False
+                    skip = None
                     if acc.sync_gradients:  # the last micro-step of an update
                         skip = self._skip_update(bad)
                         bad.zero_()
@@ -347,7 +364,8 @@ class Trainer:
                     self.scheduler.step_update(num_updates=state.update)
                     if skip:
                         nonfinite += 1
-                        self._nonfinite_update()
+                        if skip == 'nonfinite':  # (an fp16 overflow neither counts nor ends a non-finite streak)
+                            self._nonfinite_update()
                     else:
                         state.nonfinite_in_a_row = 0
                         if self.ema is not None:
