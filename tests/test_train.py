@@ -92,13 +92,29 @@ def test_config_errors_name_the_key(tmp_path, folder):
             ('data.mean=[0.5, 0.5]', r'data.mean must be null or one value per channel \(data.in_chans=3\)'),
             ('data.std=[0.2, 0, 0.2]', 'data.std must be positive values'),
             ('model.drop_path_rate=1.5', r'model.drop_path_rate must be in \[0, 1\)'),
-            ('aug.cutmix=1.0', 'data.batch_size must be even with aug.mixup or aug.cutmix on, got 3')]:
+            ('aug.cutmix=1.0', 'data.batch_size must be even with aug.mixup or aug.cutmix on, got 3'),
+            # (Accelerate's set_seed seeds NumPy, which takes 32-bit seeds)
+            ('train.seed=4294967296', r'train.seed must be in \[0, 2\*\*32\)'),
+            # (images are read as grayscale or RGB)
+            ('data.in_chans=4', r'data.in_chans must be 1 \(images read as grayscale\) or 3 \(RGB\) for '
+                                r'data.dataset imagefolder, got 4'),
+            ('optim.ssm_lr=1e-7', r'sched.min_lr must be at most optim.ssm_lr \(1e-07\)')]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, _overrides(folder, tmp_path, override, 'data.batch_size=3'))
     with pytest.raises(ConfigError, match='train.progressive changes the training size, but vit_tiny_patch16_224 has '
                                           'a fixed input size .*dynamic_img_size: true'):
         load_config(None, _overrides(folder, tmp_path, 'model.name=vit_tiny_patch16_224', 'model.kwargs={}',
                                      'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 48}]'))
+    # a stage's band-limit checked at load (not when the stage starts, epochs later)
+    stages = 'train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 32, bandlimit: 0.5}]'
+    for model, message in [
+            (['model.name=convnext_sgconv_atto', 'model.kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 16, 16]}'],
+             r"train.progressive\[1\].bandlimit: band-limiting applies to the SSM kernels \('s4d', 's4'\); the "
+             r"module has SGConvKernels"),
+            (['model.name=convnext_atto', 'model.kwargs={}'],
+             r"train.progressive\[1\].bandlimit is 0.5, but convnext_atto has no SSM kernels .* leave it null")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, _overrides(folder, tmp_path, *model, stages))
     cfg = load_config(None, _overrides(folder, tmp_path, 'optim.lr=4e-3', 'aug.scale=[0.5, 1]'))
     assert cfg.optim.lr == 4e-3 and cfg.aug.scale == (0.5, 1.0) and cfg.model.kwargs['dims'] == [8, 16, 16, 16]
 

@@ -177,6 +177,8 @@ class Config:
         if self.data.dataset == 'imagefolder':
             need(self.data.root is not None, 'data.root', 'the dataset folder (with train/ and val/)', self.data.root)
             need(os.path.isdir(self.data.root), 'data.root', 'an existing folder', self.data.root)
+            need(self.data.in_chans in (1, 3), 'data.in_chans', '1 (images read as grayscale) or 3 (RGB) for '
+                 'data.dataset imagefolder', self.data.in_chans)
         if self.data.dataset == 'hmdb51':
             self._validate_video()
         if self.data.dataset == 'mnist':  # (digits fill their image: the same resize in training and evaluation)
@@ -215,8 +217,10 @@ class Config:
         need(self.sched.warmup_epochs < self.train.epochs, 'sched.warmup_epochs',
              f'less than train.epochs ({self.train.epochs}): the LR would never reach optim.lr',
              self.sched.warmup_epochs)
-        need(self.sched.min_lr <= self.optim.lr, 'sched.min_lr', f'at most optim.lr ({self.optim.lr}): the schedule '
-             'decays to it', self.sched.min_lr)
+        for key in ('lr', 'ssm_lr'):  # (scaled to the global batch, the trainer checks them again)
+            lr = getattr(self.optim, key)
+            need(lr is None or self.optim.lr_base_batch is not None or self.sched.min_lr <= lr, 'sched.min_lr',
+                 f'at most optim.{key} ({lr}): the schedule decays to it', self.sched.min_lr)
         need(self.train.grad_accum_steps >= 1, 'train.grad_accum_steps', '>= 1', self.train.grad_accum_steps)
         need(self.train.mixed_precision in (None, 'no', 'bf16', 'fp16'), 'train.mixed_precision',
              "one of no, bf16, fp16 or null", self.train.mixed_precision)
@@ -232,7 +236,8 @@ class Config:
         need(self.train.max_steps_per_epoch is None or self.train.max_steps_per_epoch > 0, 'train.max_steps_per_epoch',
              'positive or null', self.train.max_steps_per_epoch)
         need(self.train.eval_every_epochs >= 1, 'train.eval_every_epochs', '>= 1', self.train.eval_every_epochs)
-        need(0 <= self.train.seed < 2 ** 63, 'train.seed', 'in [0, 2**63)', self.train.seed)
+        # (Accelerate's set_seed seeds NumPy too, which takes 32-bit seeds)
+        need(0 <= self.train.seed < 2 ** 32, 'train.seed', 'in [0, 2**32)', self.train.seed)
         need(self.train.max_nonfinite_steps >= 0, 'train.max_nonfinite_steps', '>= 0', self.train.max_nonfinite_steps)
         need(all(0 <= b < 1 for b in self.optim.betas), 'optim.betas', 'two values in [0, 1)', self.optim.betas)
         for key in ('warmup_lr', 'min_lr'):
@@ -274,6 +279,7 @@ class Config:
 
         from .. import models  # noqa: F401  (registers the models)
         from ..eval.resolution import min_input_size
+        from ..layers import set_bandlimit
 
         mc, data = self.model, self.data
         if not timm.is_model(mc.name):
@@ -315,6 +321,14 @@ class Config:
         for i, stage in enumerate(self.train.progressive):
             if stage.img_size < smallest:
                 raise ConfigError(f'train.progressive[{i}].img_size must be {need_size}, got {stage.img_size}')
+            if stage.bandlimit:  # (set on the meta model: the stage would fail or set nothing when it starts)
+                try:
+                    band_limited = set_bandlimit(model, stage.bandlimit)
+                except ValueError as e:
+                    raise ConfigError(f'train.progressive[{i}].bandlimit: {e}') from None
+                if not band_limited:
+                    raise ConfigError(f'train.progressive[{i}].bandlimit is {stage.bandlimit}, but {mc.name} has no '
+                                      f"SSM kernels ('s4d', 's4') to band-limit: leave it null")
 
     def _validate_video(self) -> None:
         def need(ok: bool, key: str, expectation: str, value: Any) -> None:
