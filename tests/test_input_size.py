@@ -123,6 +123,19 @@ def test_sgconv_layer_adopts_the_sub_kernel_layout_of_the_grid_it_loads():
     x = torch.randn(1, 4, 32, 24)
     torch.testing.assert_close(other(x), trained(x))
 
+    # the layout comes from the weights, not from the grid saved with them: a layer whose reference was set
+    # after it was built (its sub-kernels unchanged) saves weights that load, into a layer built like it or not
+    trained.set_reference_size((128, 16))
+    for like in ((64, 16), (128, 16)):
+        copy = S4ND(4, kernel='sgconv', l_ref=like, sgconv_size=8)
+        copy.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(copy(x), trained(x))
+    # and where the layout does not change, the loaded parameters are the layer's own (an optimizer keeps them)
+    capped = S4ND(4, kernel='sgconv', l_ref=(16, 16), l_max=(16, 16), sgconv_size=8)
+    params = list(capped.parameters())
+    capped.load_state_dict(S4ND(4, kernel='sgconv', l_ref=(64, 64), l_max=(16, 16), sgconv_size=8).state_dict())
+    assert capped.l_ref == (64, 64) and all(a is b for a, b in zip(capped.parameters(), params))
+
 
 def test_inflation_keeps_the_2d_reference_grid_and_the_3d_time_axis():
     torch.manual_seed(0)

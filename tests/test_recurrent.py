@@ -67,6 +67,8 @@ def test_recurrence_errors():
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, kernel='sgconv', l_ref=8))
     with pytest.raises(ValueError, match='rate'):
         S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), rate=0.0)
+    with pytest.raises(ValueError, match=r'rate must be a positive number .* got None'):  # (no length to divide)
+        S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, l_ref=16), rate=None)
     for dtype in (torch.float16, torch.bfloat16):
         with pytest.raises(ValueError, match='dtype must be torch.float32 or torch.float64'):
             S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), dtype=dtype)

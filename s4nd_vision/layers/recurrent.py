@@ -46,6 +46,9 @@ class S4NDRecurrence:
         kernel = layer.kernels[0]
         if not isinstance(kernel, (SSMKernel, S4Kernel)):
             raise ValueError(f"the recurrent view needs an SSM kernel ('s4d' or 's4'), got kernel={layer.kernel!r}")
+        if rate is None:  # (the layer's forward would take l_ref / length: a recurrence has no length)
+            raise ValueError('rate must be a positive number (1 = the layer\'s reference grid; l_ref / length for a '
+                             'sequence of that length), got None')
         (rate,) = layer.resolve_rate((1,), rate)  # (a number or a one-axis tuple, as the layer's forward takes)
         self.diagonal = isinstance(kernel, SSMKernel)
         a, b, c = kernel.discretize(rate, dtype)

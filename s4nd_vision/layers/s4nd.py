@@ -208,21 +208,16 @@ class S4ND(nn.Module):
                 raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
             if init is not None:
                 raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
-            self._sgconv_args = dict(size=sgconv_size, decay=sgconv_decay)
-            return self._sgconv_kernels(self.l_ref, **dd)
+            if self.l_ref is None and self.l_max is None:
+                raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
+            none = (None,) * self.ndim  # sub-kernels covering min(l_ref, l_max) taps per axis
+            refs = [min(r for r in pair if r is not None) for pair in zip(self.l_ref or none, self.l_max or none)]
+            return [SGConvKernel(self.dim, l_ref=ref, num_kernels=n, size=sgconv_size, decay=sgconv_decay, **dd)
+                    for ref, n in zip(refs, counts)]
         ssm = dict(d_state=d_state, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, **dd)
         if kernel == 's4':
             return [S4Kernel(self.dim, num_kernels=n, init=init or 'legs', **ssm) for n in counts]
         return [SSMKernel(self.dim, num_kernels=n, init=init or 'lin', **ssm) for n in counts]
-
-    def _sgconv_kernels(self, l_ref: Optional[Tuple[int, ...]], device=None, dtype=None) -> list:
-        """SGConv kernel generators whose sub-kernels cover min(l_ref, l_max) taps per axis."""
-        if l_ref is None and self.l_max is None:
-            raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
-        none = (None,) * self.ndim
-        refs = [min(r for r in pair if r is not None) for pair in zip(l_ref or none, self.l_max or none)]
-        return [SGConvKernel(self.dim, l_ref=ref, num_kernels=n, device=device, dtype=dtype, **self._sgconv_args)
-                for ref, n in zip(refs, self._kernel_counts())]
 
     def _kernel_counts(self) -> list:
         """Kernels per axis: rank-1 terms times directions."""
@@ -232,7 +227,8 @@ class S4ND(nn.Module):
         """Set the grid on which rate == 1 (the training resolution of this layer), or None for rate 1 always.
 
         This changes what the layer computes at every input size other than the old reference (its steps are
-        measured on the new grid); models keep their layers' references when their input size changes.
+        measured on the new grid); models keep their layers' references when their input size changes. SGConv
+        kernels keep their sub-kernels (the taps they cover at rate 1).
         """
         if l_ref is not None:
             l_ref = _per_axis(l_ref, self.ndim, 'l_ref')
@@ -254,17 +250,13 @@ class S4ND(nn.Module):
                               error_msgs) -> None:
         key = prefix + 'l_ref'
         value = state_dict.get(key)
-        if value is not None and not value.is_meta:  # (before the kernels load: SGConv's layout follows the grid)
+        if value is not None and not value.is_meta:  # (SGConv kernels take their layout from their own weights)
             grid = value.tolist() if value.ndim == 1 and not value.is_floating_point() else None
             if grid is None or len(grid) != self.ndim or not (all(v > 0 for v in grid) or not any(grid)):
                 error_msgs.append(f'{key}: expected {self.ndim} positive integers (the reference grid; zeros for '
                                   f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
             else:
-                l_ref = tuple(grid) if any(grid) else None
-                if self.kernel == 'sgconv' and l_ref != self.l_ref:
-                    like = self.kernels[0].weight
-                    self.kernels = nn.ModuleList(self._sgconv_kernels(l_ref, device=like.device, dtype=like.dtype))
-                self.set_reference_size(l_ref)
+                self.set_reference_size(tuple(grid) if any(grid) else None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if key in unexpected_keys:

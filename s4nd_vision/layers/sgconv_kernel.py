@@ -140,7 +140,18 @@ class SGConvKernel(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         flatten_legacy_4d(state_dict, prefix + 'weight')
+        weight = state_dict.get(prefix + 'weight')
+        if weight is not None and weight.ndim == 3 and tuple(weight.shape[1:]) != (self.n_scales, self.size):
+            self._adopt_layout(*weight.shape[1:])
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _adopt_layout(self, n_scales: int, size: int) -> None:
+        """Take the sub-kernel layout of loaded weights: the weight's shape (n_scales, size) defines the kernel (the
+        l_ref it was built for only chose them), so weights trained for another reference length load as they are."""
+        like = self.weight
+        self.n_scales, self.size = n_scales, size
+        self.l_ref = self.support = size * 2 ** (n_scales - 1)
+        self.weight = nn.Parameter(torch.empty(like.shape[0], n_scales, size, device=like.device, dtype=like.dtype))
 
     @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
