@@ -1,4 +1,5 @@
 """ConvNeXt-S4ND specifics: registration, resolution control, checkpoints, optimizer groups, errors."""
+import copy
 from functools import partial
 
 import pytest
@@ -242,6 +243,21 @@ def test_ssm_params_get_no_weight_decay_and_their_own_lr():
     decayed = [g for g in opt.param_groups if g['weight_decay'] == 0.05]
     assert decayed and all(p.ndim > 1 for g in decayed for p in g['params'])
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_ssm_params_are_found_in_copies_and_in_models_built_on_the_meta_device():
+    """By the kernels' parameter names: deepcopy, meta-device creation and loading with assign=True make new
+    parameter objects (a mark on the tensors would be lost, and the SSM parameters silently decayed)."""
+    model = timm.create_model('convnext_s4nd_atto')
+    names = model.no_weight_decay()
+    meta = timm.create_model('convnext_s4nd_atto', device='meta')
+    assigned = timm.create_model('convnext_s4nd_atto', device='meta')
+    assigned.load_state_dict(model.state_dict(), assign=True)
+    for other in (copy.deepcopy(model), meta.to_empty(device='cpu'), assigned):
+        assert other.no_weight_decay() == names and set(ssm_param_names(other)) == names
+        opt = create_optimizer_v2(other, 'adamw', lr=4e-3, weight_decay=0.05)
+        ssm = {id(p) for n, p in other.named_parameters() if n in names}
+        assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if ssm & {id(p) for p in g['params']})
 
 
 def test_resolution_aware_stem_keeps_logits_across_resolutions():

@@ -9,7 +9,7 @@ from s4nd_vision.layers import SSMKernel
 from s4nd_vision.layers.hippo import hippo_legs, legs_nplr
 from s4nd_vision.layers.s4_kernel import S4Kernel
 from s4nd_vision.layers.sgconv_kernel import SGConvKernel
-from s4nd_vision.layers.ssm_kernel import per_kernel
+from s4nd_vision.layers.ssm_kernel import per_kernel, ssm_kernels
 
 
 def _zoh_dense_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt: float, length: int) -> torch.Tensor:
@@ -255,6 +255,14 @@ def test_kernel_modules_refuse_bad_sizes_and_generation_arguments(make):
     with pytest.raises(ValueError, match='dtype must be torch.float32 or torch.float64'):
         kernel(8, dtype=torch.float16)
     assert kernel(8, dtype=torch.float64).shape == (1, 4, 8)
+    # the same through the stacked generation of several kernels (the layers' path)
+    for lengths, rates, message in (([0], [1.0], 'length must be a positive integer'),
+                                    ([8], [-1.0], 'rate must be finite and positive'),
+                                    ([8], [1.0, 2.0], 'one entry per kernel, got 1, 1 and 2')):
+        with pytest.raises(ValueError, match=message):
+            ssm_kernels([kernel], lengths, rates)
+    with pytest.raises(ValueError, match='dtype must be torch.float32 or torch.float64'):
+        ssm_kernels([kernel], [8], [1.0], torch.bfloat16)
 
 
 def test_ssm_step_sizes_must_be_real_numbers():

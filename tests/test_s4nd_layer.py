@@ -3,6 +3,7 @@ import copy
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -551,6 +552,9 @@ def test_bad_input_errors():
             layer(torch.randn(1, 4, 8, 8), rate=bad)
     with pytest.raises(ValueError, match='rate needs one value per spatial axis'):
         layer(torch.randn(1, 4, 8, 8), rate=(1.0, 1.0, 1.0))
+    x = torch.randn(1, 4, 8, 8)  # per-axis values in a tensor or an array, as in a tuple
+    for rate in (torch.tensor([2.0, 0.5]), np.array([2.0, 0.5])):
+        torch.testing.assert_close(layer(x, rate=rate), layer(x, rate=(2.0, 0.5)))
     with pytest.raises(ValueError, match='empty spatial axis'):
         layer(torch.randn(1, 4, 0, 8))
     with pytest.raises(ValueError, match='at least pool'):

@@ -23,7 +23,7 @@ from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import ResumableSampler
-from s4nd_vision.layers import is_ssm_param
+from s4nd_vision.layers import ssm_parameters
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
 from s4nd_vision.train.optim import param_groups_ssm
 
@@ -418,8 +418,9 @@ def test_layer_decay_groups_keep_the_ssm_lr():
         param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, layer_decay=0.5))
     scales = sorted({g['lr_scale'] for g in opt.param_groups})
     assert len(scales) > 3 and scales[-1] == 1.0 and scales[0] < 0.01
+    ssm_ids = {id(p) for _, p in ssm_parameters(model)}
     for g in opt.param_groups:
-        ssm = [is_ssm_param(p) for p in g['params']]
+        ssm = [id(p) in ssm_ids for p in g['params']]
         assert all(ssm) or not any(ssm)
         if all(ssm):
             assert g['lr'] == 1e-3 and g['weight_decay'] == 0.0

@@ -6,4 +6,4 @@ from .recurrent import S4NDRecurrence
 from .s4_kernel import S4Kernel
 from .s4nd import KERNELS, S4ND, kernels_can_be_prepared, prepare_kernels, stacked_kernels
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSM_INITS, SSMKernel, is_ssm_param, set_bandlimit, ssm_init_b, ssm_init_imag
+from .ssm_kernel import SSM_INITS, SSMKernel, set_bandlimit, ssm_init_b, ssm_init_imag, ssm_parameters

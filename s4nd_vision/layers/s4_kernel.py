@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .hippo import legs_b, legs_nplr
 from .ops import generation_without_autocast
-from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, _mark_ssm, as_complex, check_generation
+from .ssm_kernel import _DiagonalSSM, _log_uniform_dt, as_complex, check_generation
 
 __all__ = ['S4Kernel']
 
@@ -63,6 +63,8 @@ class S4Kernel(_DiagonalSSM):
     S4 code does for its DPLR kernel (the low-rank term couples the modes, so the cut is not exact there).
     """
 
+    ssm_param_names = _DiagonalSSM.ssm_param_names + ('p',)
+
     def __init__(
             self,
             dim: int,
@@ -79,7 +81,7 @@ class S4Kernel(_DiagonalSSM):
             raise ValueError(f"the S4 kernel's init must be 'legs' (HiPPO-LegS NPLR), got {init!r}")
         super().__init__(dim, d_state, num_kernels, init, dt_min, dt_max, bandlimit, device=device,
                          dtype=dtype)  # Lambda as A
-        self.p = _mark_ssm(nn.Parameter(torch.empty(dim, d_state // 2, 2, device=device, dtype=dtype)))  # low rank P
+        self.p = nn.Parameter(torch.empty(dim, d_state // 2, 2, device=device, dtype=dtype))  # low rank P
         self.reset_parameters()
 
     @torch.no_grad()

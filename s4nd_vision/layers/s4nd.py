@@ -40,6 +40,8 @@ _Floats = Union[float, Sequence[float]]
 
 
 def _per_axis(value, ndim: int, name: str) -> tuple:
+    if getattr(value, 'ndim', 0) > 0:  # a tensor or array of per-axis values
+        value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) != ndim:
             raise ValueError(f'{name} needs one value per spatial axis ({ndim}), got {tuple(value)}')

@@ -12,7 +12,7 @@ import itertools
 import math
 import numbers
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,25 +23,21 @@ from .ops import backward_without_autocast, generation_without_autocast
 from .reference import ssm_kernel_reference, use_reference
 
 __all__ = [
-    'SSMKernel', 'ssm_kernels', 'ssm_kernel_runs', 'ssm_init_imag', 'ssm_init_b', 'is_ssm_param', 'set_bandlimit',
+    'SSMKernel', 'ssm_kernels', 'ssm_kernel_runs', 'ssm_init_imag', 'ssm_init_b', 'ssm_parameters', 'set_bandlimit',
     'SSM_INITS',
 ]
 
 SSM_INITS = ('lin', 'inv', 'legs')
 
-# Attribute set on the A, B and log-step parameters so optimizers can give them their own
-# learning rate and no weight decay (see `s4nd_vision.train.optim`).
-_SSM_ATTR = '_s4nd_ssm'
-
-
-def _mark_ssm(param: nn.Parameter) -> nn.Parameter:
-    setattr(param, _SSM_ATTR, True)
-    return param
-
-
-def is_ssm_param(param: torch.Tensor) -> bool:
-    """True for the SSM parameters (A, B, log dt) that want their own lr and no weight decay."""
-    return getattr(param, _SSM_ATTR, False)
+def ssm_parameters(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """(name, parameter) of the SSM parameters (A, B, log dt; S4's P) of every SSM kernel in `module`, which want
+    their own learning rate and no weight decay (see `s4nd_vision.train.optim`). Found by the kernels' parameter
+    names, not by a mark on the tensors, which copies (deepcopy, creation on the meta device, loading with
+    assign=True) would drop."""
+    for prefix, m in module.named_modules():
+        if isinstance(m, _DiagonalSSM):
+            for name in m.ssm_param_names:
+                yield f'{prefix}.{name}' if prefix else name, getattr(m, name)
 
 
 def per_kernel(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -60,12 +56,14 @@ def flatten_legacy_4d(state_dict: Dict[str, torch.Tensor], key: str) -> None:
 class _DiagonalSSM(nn.Module):
     """The parameters of a diagonal (S4D) or diagonal-plus-low-rank (S4) SSM per channel, uninitialized:
     log dt (dim,); Re(A) = -exp(log_a_real) and Im(A) (dim, N/2); B (dim, N/2, 2) and C (dim * num_kernels, N/2, 2),
-    complex values as (re, im) pairs. A, B and dt are marked as SSM parameters.
+    complex values as (re, im) pairs. A, B and dt are the SSM parameters (`ssm_param_names`).
 
     No parameter is 4-D (`c_pairs` is C as (num_kernels, dim, N/2, 2)): `Module.to(memory_format=...)` converts
     every 4-D and 5-D tensor, and channels_last_3d refuses 4-D ones. C is channel-major like the others, so the
     parameters of many kernels stack along channels (dim 0) and their gradients split back without copies.
     Weights saved with the earlier 4-D C load."""
+
+    ssm_param_names = ('log_dt', 'log_a_real', 'a_imag', 'b')  # (`ssm_parameters`)
 
     def __init__(self, dim: int, d_state: int, num_kernels: int, init: str, dt_min: float, dt_max: float,
                  bandlimit: Optional[float] = None, device=None, dtype=None):
@@ -85,10 +83,10 @@ class _DiagonalSSM(nn.Module):
         self.dt_min, self.dt_max = dt_min, dt_max
         self.bandlimit = bandlimit or None  # (0 and None: off)
         n2 = d_state // 2
-        self.log_dt = _mark_ssm(nn.Parameter(torch.empty(dim, **dd)))
-        self.log_a_real = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
-        self.a_imag = _mark_ssm(nn.Parameter(torch.empty(dim, n2, **dd)))
-        self.b = _mark_ssm(nn.Parameter(torch.empty(dim, n2, 2, **dd)))
+        self.log_dt = nn.Parameter(torch.empty(dim, **dd))
+        self.log_a_real = nn.Parameter(torch.empty(dim, n2, **dd))
+        self.a_imag = nn.Parameter(torch.empty(dim, n2, **dd))
+        self.b = nn.Parameter(torch.empty(dim, n2, 2, **dd))
         self.c = nn.Parameter(torch.empty(dim * num_kernels, n2, 2, **dd))
 
     @property
@@ -450,8 +448,13 @@ def ssm_kernel_runs(
     count come from one generation call (`_SSMKernelFn`, whatever their lengths); in a captured graph (export,
     compilation) those that also share length and rate come from one reference call (`_reference_kernels`);
     other kernel generators (`S4Kernel`, `SGConvKernel`) and tracing give runs of one."""
+    if not len(kernels) == len(lengths) == len(rates):
+        raise ValueError(f'kernels, lengths and rates need one entry per kernel, got {len(kernels)}, {len(lengths)} '
+                         f'and {len(rates)}')
     if use_reference():  # export / compilation: real arithmetic
         return _reference_kernels(kernels, lengths, rates, dtype)
+    for length, rate in zip(lengths, rates):  # (as each kernel module's forward checks them)
+        check_generation(length, rate, dtype)
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
         return [([i], kernel(length, rate=rate, dtype=dtype))
                 for i, (kernel, length, rate) in enumerate(zip(kernels, lengths, rates))]

@@ -14,7 +14,7 @@ from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to
 from timm.models import checkpoint, named_apply
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, is_ssm_param, stacked_kernels
+from ..layers import S4ND, ssm_parameters, stacked_kernels
 from ..layers.s4nd import SCRIPT_ALTERNATIVES
 from ._checks import check_input
 
@@ -76,7 +76,7 @@ class S4NDModel(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
-        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
+        return {name for name, _ in ssm_parameters(self)}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -35,7 +35,7 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, is_ssm_param
+from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, ssm_parameters
 from ._base import LIBRARY_CFG, MIXER_TYPES, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input
@@ -201,7 +201,7 @@ class SeqS4ND(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
-        return {name for name, p in self.named_parameters() if is_ssm_param(p)}
+        return {name for name, _ in ssm_parameters(self)}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:

@@ -15,14 +15,14 @@ from typing import Any, Collection, Dict, List, Optional
 import torch.nn as nn
 from timm.optim._param_groups import _matches_pattern, param_groups_layer_decay
 
-from ..layers import is_ssm_param
+from ..layers import ssm_parameters
 
 __all__ = ['param_groups_ssm', 'ssm_param_names']
 
 
 def ssm_param_names(model: nn.Module) -> List[str]:
     """Names of the SSM parameters (A, B, log dt) of every S4ND layer in `model`."""
-    return [name for name, p in model.named_parameters() if is_ssm_param(p)]
+    return [name for name, _ in ssm_parameters(model)]
 
 
 def param_groups_ssm(
@@ -40,6 +40,11 @@ def param_groups_ssm(
     With `layer_decay`, timm's layer-wise groups (an `lr_scale` per depth, which timm's schedulers
     apply) are split the same way, so SSM parameters keep their own lr at every depth.
     """
+    ssm_ids = {id(p) for _, p in ssm_parameters(model)}
+
+    def is_ssm(p: nn.Parameter) -> bool:
+        return id(p) in ssm_ids
+
     if layer_decay is not None:
         groups = param_groups_layer_decay(
             model, weight_decay=weight_decay, no_weight_decay_list=no_weight_decay_list, layer_decay=layer_decay)
@@ -48,7 +53,7 @@ def param_groups_ssm(
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            if is_ssm_param(p):
+            if is_ssm(p):
                 ssm.append(p)
             elif p.ndim <= 1 or name.endswith('.bias') or _matches_pattern(name, no_weight_decay_list):
                 no_decay.append(p)
@@ -58,8 +63,8 @@ def param_groups_ssm(
                   {'params': decay, 'weight_decay': weight_decay}]
     out = []
     for group in groups:
-        ssm = [p for p in group['params'] if is_ssm_param(p)]
-        rest = [p for p in group['params'] if not is_ssm_param(p)]
+        ssm = [p for p in group['params'] if is_ssm(p)]
+        rest = [p for p in group['params'] if not is_ssm(p)]
         if ssm:
             ssm_group = dict(group, params=ssm, weight_decay=ssm_weight_decay)
             if ssm_lr is not None:
