@@ -260,6 +260,41 @@ def test_ssm_params_are_found_in_copies_and_in_models_built_on_the_meta_device()
         assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if ssm & {id(p) for p in g['params']})
 
 
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_fused_layers_call_hooked_or_replaced_submodules(train):
+    """The stem, the downsampling layers and (in a CPU training step) the blocks read their submodules' weights
+    instead of calling them; with hooks on a submodule (feature capture, FLOP counters) or a submodule replaced (an
+    adapter), they call them: hooks fire and replacements act, with the same result otherwise."""
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', num_classes=10, ls_init_value=1.0).train(train)
+    x = torch.randn(2, 3, 64, 64)
+    fused = model(x)
+    hooked = ['stem.0', 'stem.1', 'stem.2', 'stages.1.downsample.2', 'stages.0.blocks.0.mlp.fc1',
+              'stages.3.blocks.0.norm']
+    calls = []
+    handles = [model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+               for name in hooked]
+    torch.testing.assert_close(model(x), fused, rtol=1e-4, atol=1e-5)
+    assert sorted(calls) == sorted(hooked)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(model(x), fused, rtol=0, atol=0)  # (fused again)
+
+    class Shifted(torch.nn.Module):  # an adapter around a submodule
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1.0
+
+    for name in ('stages.0.blocks.0.mlp.fc1', 'stem.2'):
+        adapted = copy.deepcopy(model)
+        parent, _, child = name.rpartition('.')
+        setattr(adapted.get_submodule(parent), child, Shifted(adapted.get_submodule(name)))
+        assert (adapted(x) - fused).abs().max() > 1e-3, name
+
+
 def test_resolution_aware_stem_keeps_logits_across_resolutions():
     """Untrained, for a smooth image at 64 and at 128 px: the S4ND stem and downsampling give nearly
     the same logits (more so band-limited); timm's strided patch stem and convs do not."""

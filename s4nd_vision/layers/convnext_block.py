@@ -7,7 +7,7 @@ from timm.layers import DropPath, LayerNorm, Mlp, get_act_layer
 
 from .dispatch import channel_major_input
 from .ops import channels_first
-from .pointwise import norm_mlp_channels
+from .pointwise import norm_mlp_channels, record_submodules, submodules_as_built
 
 __all__ = ['ConvNeXtS4NDBlock']
 
@@ -50,6 +50,7 @@ class ConvNeXtS4NDBlock(nn.Module):
         self.ls_init_value = ls_init_value
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim, **dd)) if ls_init_value is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        record_submodules(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -62,7 +63,8 @@ class ConvNeXtS4NDBlock(nn.Module):
         shortcut = x
         x = self.conv_dw(x)
         u = channel_major_input(x)
-        if u is not None:  # an S4ND layer's output in its working layout: the rest acts on it there (no copies)
+        if u is not None and submodules_as_built(self):  # an S4ND layer's output in its working layout: the rest
+            # acts on it there (no copies), reading the norm's and the MLP's weights
             x = channels_first(norm_mlp_channels(u, self.norm, self.mlp, self.gamma))
         else:
             x = x.movedim(1, -1)  # (B, C, *spatial) -> (B, *spatial, C)

@@ -13,7 +13,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['layer_norm_channels', 'linear_glu_channels', 'norm_mlp_channels']
+__all__ = ['layer_norm_channels', 'linear_glu_channels', 'norm_mlp_channels', 'record_submodules',
+           'submodules_as_built']
+
+_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+_GLOBAL_HOOKS = ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
+                 '_global_backward_pre_hooks')
+
+
+def record_submodules(owner: nn.Module) -> None:
+    """Note the classes of `owner`'s submodules as built, for `submodules_as_built` (the end of its __init__)."""
+    owner._built_as = tuple((name, type(m)) for name, m in owner.named_modules() if name)
+
+
+def submodules_as_built(owner: nn.Module) -> bool:
+    """Whether a fused forward of `owner` may read its submodules' weights instead of calling them: each submodule is
+    of the class it was built with (none replaced, as adapters such as LoRA or quantization do) and none has hooks
+    (feature capture, per-module FLOP counters, quantization observers), nor are global module hooks set. Else the
+    owner calls its submodules, and computes what they do."""
+    if any(getattr(nn.modules.module, hooks, None) for hooks in _GLOBAL_HOOKS):
+        return False
+    modules = [(name, m) for name, m in owner.named_modules() if name]
+    return (tuple((name, type(m)) for name, m in modules) == owner._built_as
+            and not any(getattr(m, hooks) for _, m in modules for hooks in _HOOKS))
 
 
 def _columns(u: torch.Tensor) -> torch.Tensor:

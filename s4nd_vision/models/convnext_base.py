@@ -21,7 +21,7 @@ from timm.models import FeatureListNet, checkpoint_seq
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
-from ..layers.pointwise import layer_norm_channels, linear_glu_channels
+from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
 from ._base import S4NDModel, s4nd_grids
 from ._checks import check_input
 
@@ -83,8 +83,11 @@ class S4NDStem(nn.Sequential):
             nn.GLU(dim=1),
             norm(out_chs, **dd),
         )
+        record_submodules(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not submodules_as_built(self):  # (hooked or replaced submodules: called one after the other)
+            return super().forward(x)
         # (the nn.GLU, dim=1, describes the layer and keeps timm's module indices; here the channels are the
         # last axis, where `_pointwise_glu` and the norm act)
         proj, s4nd, conv, _, norm = self
@@ -120,8 +123,11 @@ class S4NDDownsample(nn.Sequential):
             _CONV[len(grid)](in_chs, 2 * out_chs, kernel_size=1, **dd),
             nn.GLU(dim=1),
         )
+        record_submodules(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not submodules_as_built(self):  # (as in `S4NDStem`)
+            return super().forward(x)
         norm, s4nd, conv, _ = self  # (the GLU, as in `S4NDStem`: applied by `_pointwise_glu`, channels last)
         u = channel_major_input(x)
         if u is not None:  # (S4ND's working layout, kept: see `S4NDStem`)
