@@ -20,7 +20,10 @@ clip that repeats one frame is s(t) times the 2D term, where s(t) is the sum of 
 that land inside the clip, and the D term is unchanged. So the 3D model reproduces the 2D model
 on every frame exactly when s(t) = 1 everywhere:
 
-* `time_init='identity'`: a pass-through time kernel (1 at offset 0, 0 elsewhere). Exact.
+* `time_init='identity'`: a pass-through time kernel (1 at offset 0, 0 elsewhere). Exact, at every clip
+  length with S4D (ZOH: exp(-r dt a) stays 0 at any rate r). S4's bilinear step (1 - r x) / (1 + r x), with
+  x = dt a / 2 = 1 at the 3D model's `num_frames` (rate 1), is 0 there only: a clip of another length (rate
+  r = num_frames / T) gets the taps of (1 - r) / (1 + r), a blur (no single pole passes through at every rate).
 * `time_init='smooth'` (default): the symmetric exponential kernel K(o) = lam^|o| (1 - lam) / (1 + lam)
   of unit total mass, lam = exp(-1 / time_decay) per frame of the layer's reference grid: a
   temporal blur. Over a clip of T frames, s(t) = 1 - (lam^(t+1) + lam^(T-t)) / (1 + lam): the
