@@ -18,7 +18,7 @@ from stacking import count_generation_calls, step_with_and_without_stacking
 from torch.utils.data import DataLoader
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
+from s4nd_vision.data.video import Hmdb51Clips, VideoTransform, read_hmdb51_split
 from s4nd_vision.layers import S4ND, s4nd
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
 from s4nd_vision.train.optim import ssm_param_names
@@ -435,6 +435,16 @@ def test_hmdb51_errors(hmdb, tmp_path):
     (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n\nb.avi 2\n')
     with pytest.raises(ValueError, match='line 2'):
         Hmdb51Clips(videos, str(tmp_path))
+
+
+def test_hmdb51_classes_are_sorted_by_name(tmp_path):
+    """Class ids in sorted-name order (as torchvision's HMDB51), also where a class name begins another:
+    HMDB-51's climb / climb_stairs, kick / kick_ball, sword / sword_exercise (their split file names sort the
+    other way)."""
+    names = ['climb', 'climb_stairs', 'kick', 'kick_ball', 'sword', 'sword_exercise', 'wave']
+    for name in names:
+        (tmp_path / f'{name}_test_split1.txt').write_text(f'{name}_1.avi 1\n')
+    assert read_hmdb51_split(str(tmp_path)) == (names, len(names))
 
 
 def test_hmdb51_reads_only_the_split_files_it_checks(hmdb, tmp_path):

@@ -109,8 +109,10 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
     if split_id not in (1, 2, 3):
         raise ValueError(f'split_id must be 1, 2 or 3 (the official HMDB-51 splits), got {split_id!r}')
     suffix = f'_test_split{split_id}.txt'
-    # hidden files (macOS' AppleDouble `._<name>`) are not split files
-    files = sorted(f for f in os.listdir(split_dir) if f.endswith(suffix) and not f.startswith('.'))
+    # hidden files (macOS' AppleDouble `._<name>`) are not split files; sorted by class name (the file names sort
+    # 'climb_stairs_...' before 'climb_...')
+    files = sorted((f for f in os.listdir(split_dir) if f.endswith(suffix) and not f.startswith('.')),
+                   key=lambda f: f[:-len(suffix)])
     if not files:
         raise ValueError(f'split_dir {split_dir!r} holds no HMDB-51 split files <class>{suffix}')
     tag, count = _SPLIT_TAGS[split], 0
