@@ -8,7 +8,7 @@ import timm
 import torch
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.deploy.export import export_onnx, model_stride, onnx_latency
+from s4nd_vision.deploy.export import export_onnx, model_stride, onnx_latency, onnx_metadata
 from s4nd_vision.layers import S4ND, SSMKernel, ops
 from s4nd_vision.layers.reference import separable_conv_reference, ssm_kernel_reference
 from s4nd_vision.layers.ssm_kernel import ssm_kernels
@@ -180,6 +180,17 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
         main(['export', 'vit_s4nd_atto_patch16_224', '--batch-size', '0'])
     assert exit_info.value.code == 2
     assert "argument --batch-size: expects a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_onnx_metadata_fits_the_models_input_channels():
+    """A single-channel model's file says so, with one mean and std (its pretrained cfg states the 3-channel source
+    weights', as timm's do): preprocessing by the metadata feeds the graph what it takes."""
+    import json
+    for name in ('convnext_s4nd_atto', 's4nd_iso_tiny'):
+        model = timm.create_model(name, in_chans=1, img_size=64)
+        config = json.loads(onnx_metadata(model)['data_config'])
+        assert config['input_size'] == [1, 64, 64] and len(config['mean']) == len(config['std']) == 1, name
+        assert json.loads(onnx_metadata(model, (1, 32, 48))['data_config'])['input_size'] == [1, 32, 48]
 
 
 def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):

@@ -124,10 +124,11 @@ def export_onnx(
 def onnx_metadata(model: nn.Module, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, str]:
     """The ONNX metadata `export_onnx` writes (string values): 'architecture' (the timm name), 'num_classes', and
     'data_config', timm's data config of the model as JSON (`timm.data.resolve_data_config`: input_size,
-    interpolation, mean, std, crop_pct, crop_mode), its input_size replaced by `input_size` (channels first) if
-    given: the size of a fixed-size graph."""
-    from timm.data import resolve_data_config
-    config = resolve_data_config({}, model=model)
+    interpolation, mean, std, crop_pct, crop_mode) fitted to the model's input channels (`model_data_config`: a
+    pretrained cfg states its source weights' channels), its input_size replaced by `input_size` (channels first)
+    if given: the size of a fixed-size graph."""
+    from ..data.transforms import model_data_config
+    config = model_data_config(model)
     if input_size is not None:
         config['input_size'] = tuple(input_size)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
