@@ -173,6 +173,13 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
         run_study(runs, out_dir=str(tmp_path), resolutions=[96, 64])
     with pytest.raises(ValueError, match="overrides \\['train.seed=3'\\] set what the study sets"):
         run_study(runs, out_dir=str(tmp_path), overrides=['data.batch_size=32', 'train.seed=3'])
+    # nor do runs trained with other shared settings (they would be averaged with these: refused, nothing trained)
+    for changed, message in ((dict(epochs=5), 'epochs=None, not epochs=5'),
+                             (dict(overrides=['data.batch_size=32']),
+                              "overrides=\\[\\], not overrides=\\['data.batch_size=32'\\]")):
+        with pytest.raises(ValueError, match=f'holds runs trained with {message}: continue that study'):
+            run_study(runs + [StudyRun('convnext_atto', 7)], out_dir=str(tmp_path), log=lambda s: None, **changed)
+    assert calls == []
 
 
 def test_tiny_real_run(tmp_path, capsys):

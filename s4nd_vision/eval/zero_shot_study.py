@@ -9,7 +9,9 @@ kwargs of its setting, is trained at `img_size` and evaluated at every resolutio
 Interruptions: each finished run appends one row to `runs.csv` in the output folder (with its training time:
 the sum of its epochs' wall time as the trainer records it, each epoch's validation included); running the
 study again skips the runs in it and resumes unfinished ones from their last checkpoint (a run that diverges
-is reported and left out; the next study run tries it again). After the last run (or with `report_only`) it
+is reported and left out; the next study run tries it again). The settings every run shares (epochs, steps per
+epoch, progressive sizes, overrides) are kept in `study_settings.json`: a continuation with others is refused, as
+its runs would be averaged with those trained before. After the last run (or with `report_only`) it
 writes `study.md` (mean +- std over seeds per setting, and the fraction kept at 2x and 4x the training
 resolution) and `study.png` (top-1 against resolution, one line per setting).
 
@@ -17,6 +19,7 @@ resolution) and `study.png` (top-1 against resolution, one line per setting).
     s4nd-vision zero-shot-study --inits lin --bandlimits off 1.0 --seeds 0 --epochs 2
 """
 import csv
+import json
 import math
 import os
 import statistics
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 RUNS_CSV = 'runs.csv'
+SETTINGS_JSON = 'study_settings.json'
 TABLE_NAME = 'study.md'
 PLOT_NAME = 'study.png'
 S4ND_MODEL = SETTINGS['convnext'].s4nd_model
@@ -180,6 +184,28 @@ def _recorded_resolutions(path: str) -> Optional[List[int]]:
     return [int(k[5:]) for k in header if k.startswith('top1_')] or None
 
 
+def _check_settings(out_dir: str, settings: Dict, log: Callable[[str], None]) -> None:
+    """Refuse to continue a study in `out_dir` with other shared settings than its runs were trained with (recorded
+    in `SETTINGS_JSON` when it started; written now if there is none)."""
+    path = os.path.join(out_dir, SETTINGS_JSON)
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        changed = [k for k in settings if recorded.get(k) != settings[k]]
+        if changed:
+            before = ', '.join(f'{k}={recorded.get(k)!r}' for k in changed)
+            now = ', '.join(f'{k}={settings[k]!r}' for k in changed)
+            raise ValueError(f'{out_dir} holds runs trained with {before}, not {now}: continue that study with its '
+                             f'settings, or choose another output folder')
+        return
+    if read_runs(os.path.join(out_dir, RUNS_CSV)):
+        log(f'{path}: none (a study begun before it was kept); recording these settings for the next runs')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _append_row(path: str, row: Dict, fields: List[str]) -> None:
     """Append one row (the header first in a new file); the line is written and flushed in one call."""
     new = not os.path.isfile(path) or os.path.getsize(path) == 0
@@ -271,6 +297,10 @@ def run_study(
     if owned:
         raise ValueError(f'overrides {owned} set what the study sets per run ({", ".join(_OWNED)}): use its options')
     os.makedirs(out_dir, exist_ok=True)
+    if not report_only:
+        _check_settings(out_dir, dict(epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
+                                      progressive_sizes=[int(s) for s in progressive_sizes],
+                                      overrides=list(overrides)), log)
     fields = _fields(resolutions)
     done = {r['run_id'] for r in read_runs(path)}
     todo = [] if report_only else [r for r in runs if r.run_id not in done]
