@@ -43,6 +43,17 @@ def _bandlimit_arg(text: str):
     return 'off' if value is None else value
 
 
+def _cutoff_arg(text: str) -> float:
+    """A band-limit to set: 'off' or 0 -> 0.0 (off), else a positive number (argparse type)."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    value = _bandlimit_arg(text)
+    return 0.0 if value == 'off' else value
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from .eval.demo import SETTINGS
     parser.add_argument('--setting', choices=sorted(SETTINGS), default='iso')
@@ -93,9 +104,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--train-resolution', type=int, default=None,
                         help="the models' training resolution: they are built for it (the S4ND kernels' "
                              "reference grid)")
-    parser.add_argument('--bandlimit', type=float, default=None,
-                        help='band-limiting cut-off of the S4ND models, 0 for off (default: the one saved with their '
-                             "weights, else the model's own)")
+    parser.add_argument('--bandlimit', type=_cutoff_arg, default=None,
+                        help="band-limiting cut-off of the S4ND models, or 'off' (or 0) (default: the one saved with "
+                             "their weights, else the model's own)")
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
     parser.add_argument('--crop-pct', type=float, default=None, help="ImageFolder center crop (default: each model's)")
     parser.add_argument('--mean', type=float, nargs='+', default=None,

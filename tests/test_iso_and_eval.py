@@ -259,6 +259,31 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
     assert '| constant | 10.0 / 50.0 | 10.0 / 50.0 | 10.0 / 50.0 |' in text
 
 
+def test_rows_are_written_as_each_model_finishes(image_folder, tmp_path):
+    """A model that fails leaves the rows of those measured before it in the CSV."""
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError('broken model')
+
+    with pytest.raises(RuntimeError, match='broken model'):
+        eval_resolution({'constant': _Constant(), 'broken': Broken()}, image_folder, [8, 14], out_dir=str(tmp_path),
+                        progress=False)
+    with open(tmp_path / CSV_NAME) as f:
+        assert [(r['model'], r['resolution']) for r in csv.DictReader(f)] == [('constant', '8'), ('constant', '14')]
+
+
+def test_a_model_of_one_input_size_is_refused_at_others_before_any_work(image_folder):
+    """timm's ViTs without dynamic_img_size take only their own size: refused up front (not after its first
+    resolution, with an AssertionError), naming the way to build one that takes any."""
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, in_chans=1, num_classes=10, depth=1)
+    with pytest.raises(ValueError, match=r"resolutions \[48\]: 'vit' takes only its own input size 32x32 \(timm's "
+                                         r"fixed_input_size\); .*NAME,dynamic_img_size=true"):
+        eval_resolution({'vit': vit}, image_folder, [32, 48], progress=False)
+    dynamic = timm.create_model('vit_tiny_patch16_224', img_size=32, in_chans=1, num_classes=10, depth=1,
+                                dynamic_img_size=True)
+    assert check_resolutions([32, 48], {'vit': dynamic}) == [32, 48]
+
+
 def test_eval_on_builtin_mnist():
     rows = eval_resolution({'constant': _Constant()}, 'mnist', [7], progress=False)
     assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000, skipped=0)]
@@ -317,7 +342,7 @@ def test_cli_end_to_end(image_folder, tmp_path):
     out = tmp_path / 'out'
     result = subprocess.run(
         [sys.executable, CLI, '--models', 's4nd_iso_tiny', 'conv_iso_tiny', '--checkpoints', *paths,
-         '--data', image_folder, '--resolutions', '14', '28', '--train-resolution', '14', '--bandlimit', '1.0',
+         '--data', image_folder, '--resolutions', '14', '28', '--train-resolution', '14', '--bandlimit', 'off',
          '--in-chans', '1', '--out', str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

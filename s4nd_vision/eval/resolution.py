@@ -18,6 +18,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import create_dataset, create_transform
+from timm.models import get_model_input_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -132,7 +133,8 @@ def min_input_size(model: nn.Module) -> int:
 
 
 def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, nn.Module]] = None) -> List[int]:
-    """Validate `resolutions` (positive integers, each at least every model's minimum input size)."""
+    """Validate `resolutions` (positive integers, each at least every model's minimum input size, and only its own
+    size for a model that takes no other: timm's `fixed_input_size`)."""
     resolutions = list(resolutions)
     if not resolutions:
         raise ValueError('resolutions must list at least one resolution')
@@ -145,6 +147,14 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
         if too_small:
             raise ValueError(
                 f'resolutions {too_small} are smaller than the minimum input size of {name!r} ({smallest} px)')
+        config = get_model_input_config(model)
+        own = tuple(config['input_size'][-2:])
+        other = [r for r in resolutions if (r, r) != own]
+        if config['fixed_input_size'] and other:
+            raise ValueError(
+                f"resolutions {other}: {name!r} takes only its own input size {own[0]}x{own[1]} (timm's "
+                f"fixed_input_size); a timm ViT takes any with dynamic_img_size=true "
+                f"(--models NAME,dynamic_img_size=true)")
     return resolutions
 
 
@@ -225,9 +235,10 @@ def eval_resolution(
                 rows.append(dict(model=name, resolution=resolution, top1=100 * correct1 / n, top5=100 * correct5 / n,
                                  n=n, skipped=skipped))
                 bar.set_postfix({f'{resolution}px': f'{rows[-1]["top1"]:.1f}%'})
+        if out_dir is not None:  # (each model's rows as soon as they are measured: a later failure keeps them)
+            os.makedirs(out_dir, exist_ok=True)
+            write_csv(rows, os.path.join(out_dir, CSV_NAME))
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        write_csv(rows, os.path.join(out_dir, CSV_NAME))
         plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=train_resolution)
     return rows
 
@@ -250,12 +261,14 @@ def format_table(rows: Sequence[Dict]) -> str:
 
 
 def write_csv(rows: Sequence[Dict], path: str) -> str:
-    """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones) to `path`."""
-    with open(path, 'w', newline='') as f:
+    """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones) to `path` (through a
+    temporary file: an interrupted write leaves the previous file)."""
+    with open(path + '.tmp', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n', 'skipped'])
         writer.writeheader()
         for r in rows:
             writer.writerow(dict(r, top1=f'{r["top1"]:.2f}', top5=f'{r["top5"]:.2f}'))
+    os.replace(path + '.tmp', path)
     return path
 
 
@@ -280,5 +293,6 @@ def plot_accuracy(rows: Sequence[Dict], path: str, train_resolution: Optional[in
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format='png')
+    fig.savefig(path + '.tmp', format='png')
+    os.replace(path + '.tmp', path)
     return path
