@@ -625,6 +625,7 @@ def _seq_mnist_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import torch
 
     from .eval.sequential import format_table, run_sequential_mnist
+    from .utils import replaced_atomically
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run_sequential_mnist(
@@ -633,7 +634,7 @@ def _seq_mnist_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     print(format_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-        with open(args.json, 'w') as f:
+        with replaced_atomically(args.json) as tmp, open(tmp, 'w') as f:
             json.dump(rows, f, indent=2)
     return rows
 

@@ -30,6 +30,7 @@ from s4nd_vision.eval.resolution import (
 )
 from s4nd_vision.layers import S4ND, set_bandlimit
 from s4nd_vision.train.optim import ssm_param_names
+from s4nd_vision.utils import replaced_atomically
 
 CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'eval_resolution.py')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -282,6 +283,20 @@ def test_a_model_of_one_input_size_is_refused_at_others_before_any_work(image_fo
     dynamic = timm.create_model('vit_tiny_patch16_224', img_size=32, in_chans=1, num_classes=10, depth=1,
                                 dynamic_img_size=True)
     assert check_resolutions([32, 48], {'vit': dynamic}) == [32, 48]
+
+
+def test_result_files_are_replaced_atomically(tmp_path):
+    """A write that fails leaves the previous file and no temporary one; one that completes replaces it."""
+    path = tmp_path / 'rows.csv'
+    path.write_text('previous')
+    with pytest.raises(KeyboardInterrupt):
+        with replaced_atomically(str(path)) as tmp, open(tmp, 'w') as f:
+            f.write('half')
+            raise KeyboardInterrupt
+    assert path.read_text() == 'previous' and os.listdir(tmp_path) == ['rows.csv']
+    with replaced_atomically(str(path)) as tmp, open(tmp, 'w') as f:
+        f.write('new')
+    assert path.read_text() == 'new' and os.listdir(tmp_path) == ['rows.csv']
 
 
 def test_eval_on_builtin_mnist():

@@ -58,7 +58,7 @@ def test_grid():
             study_grid(**kwargs)
     assert parse_dt_range('0.05,0.5') == (0.05, 0.5) and parse_bandlimit('off') is None
     assert parse_bandlimit('0.5') == 0.5
-    for bad in ('0.5', '1,0.1', 'a,b'):
+    for bad in ('0.5', '1,0.1', 'a,b', '0.1,inf', 'nan,1'):
         with pytest.raises(ValueError, match='dt range'):
             parse_dt_range(bad)
     with pytest.raises(ValueError, match='band-limit'):

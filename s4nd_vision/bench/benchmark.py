@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.layers import create_conv2d
 
 from ..layers import KERNELS, S4ND, S4NDRecurrence, dispatch
+from ..utils import replaced_atomically
 from ..utils.model_spec import parse_model_spec
 
 __all__ = [
@@ -345,5 +346,5 @@ def format_table(rows: List[dict]) -> str:
 
 
 def write_json(rows: List[dict], path: str) -> None:
-    with open(path, 'w') as f:
+    with replaced_atomically(path) as tmp, open(tmp, 'w') as f:
         json.dump(rows, f, indent=2)

@@ -26,6 +26,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..layers import S4ND, SSMKernel, set_bandlimit
+from ..utils import replaced_atomically
 
 __all__ = [
     'kernel_bandlimit', 'layer_kind', 's4nd_layers', 'kernel_report', 'summarize', 'format_report',
@@ -164,7 +165,7 @@ def format_summary(summary: Sequence[Dict]) -> str:
 
 def write_report_csv(rows: Sequence[Dict], path: str) -> str:
     """Write the rows (REPORT_FIELDS) to `path`."""
-    with open(path, 'w', newline='') as f:
+    with replaced_atomically(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
         writer.writeheader()
         for r in rows:
@@ -228,5 +229,6 @@ def plot_layer_kernels(
         ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    fig.savefig(path, format='png')
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format='png')
     return path

@@ -28,6 +28,7 @@ from ..data.transforms import mnist_transform, model_data_config
 from ..layers import set_bandlimit
 from ..models import input_size_args
 from ..models._checkpoint import weights_num_classes
+from ..utils import replaced_atomically
 from .accuracy import topk_hits
 
 __all__ = [
@@ -263,12 +264,11 @@ def format_table(rows: Sequence[Dict]) -> str:
 def write_csv(rows: Sequence[Dict], path: str) -> str:
     """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones) to `path` (through a
     temporary file: an interrupted write leaves the previous file)."""
-    with open(path + '.tmp', 'w', newline='') as f:
+    with replaced_atomically(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n', 'skipped'])
         writer.writeheader()
         for r in rows:
             writer.writerow(dict(r, top1=f'{r["top1"]:.2f}', top5=f'{r["top5"]:.2f}'))
-    os.replace(path + '.tmp', path)
     return path
 
 
@@ -293,6 +293,6 @@ def plot_accuracy(rows: Sequence[Dict], path: str, train_resolution: Optional[in
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + '.tmp', format='png')
-    os.replace(path + '.tmp', path)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format='png')
     return path

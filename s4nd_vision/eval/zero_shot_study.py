@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..layers import SSM_INITS
+from ..utils import replaced_atomically
 from .demo import CONFIG_DIR, SETTINGS, _train
 from .resolution import eval_resolution, load_model
 
@@ -200,10 +201,8 @@ def _check_settings(out_dir: str, settings: Dict, log: Callable[[str], None]) ->
         return
     if read_runs(os.path.join(out_dir, RUNS_CSV)):
         log(f'{path}: none (a study begun before it was kept); recording these settings for the next runs')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with replaced_atomically(path) as tmp, open(tmp, 'w') as f:
         json.dump(settings, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _append_row(path: str, row: Dict, fields: List[str]) -> None:
@@ -329,7 +328,7 @@ def run_study(
     rows = read_runs(path)
     if rows:
         summary = summarize_runs(rows, img_size)
-        with open(os.path.join(out_dir, TABLE_NAME), 'w') as f:
+        with replaced_atomically(os.path.join(out_dir, TABLE_NAME)) as tmp, open(tmp, 'w') as f:
             f.write(format_study(summary, img_size) + '\n')
         plot_study(summary, os.path.join(out_dir, PLOT_NAME), img_size)
         log(format_study(summary, img_size))
@@ -446,7 +445,8 @@ def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
     fig.suptitle('Zero-shot resolution: ConvNeXt-S4ND-atto settings and ConvNeXt-atto on MNIST-5k '
                  '(mean +- std over seeds)')
     fig.tight_layout()
-    fig.savefig(path, format='png')
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format='png')
     return path
 
 
@@ -457,8 +457,8 @@ def parse_dt_range(text: str) -> Tuple[float, float]:
         low, high = (float(p) for p in parts)
     except ValueError:
         raise ValueError(f'a dt range is DT_MIN,DT_MAX (e.g. 0.1,1), got {text!r}') from None
-    if not (math.isfinite(low) and 0 < low <= high):
-        raise ValueError(f'a dt range needs 0 < DT_MIN <= DT_MAX, got {text!r}')
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        raise ValueError(f'a dt range needs finite 0 < DT_MIN <= DT_MAX, got {text!r}')
     return low, high
 
 
