@@ -47,7 +47,7 @@ def folder(tmp_path_factory):
     ('sched.min_lr=0.01', r'sched.min_lr must be at most optim.lr \(0.002\).*got 0.01'),
     ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 500, img_size: 48}]',
      r'train.progressive must be stages starting before train.epochs \(\d+\): a later one never runs'),
-    ('train.seed=-1', r'train.seed must be in \[0, 2\*\*63\), got -1'),
+    ('train.seed=-1', r'train.seed must be in \[0, 2\*\*32\), got -1'),
     ('train.max_nonfinite_steps=-1', r'train.max_nonfinite_steps must be >= 0, got -1'),
     ('model.kwargs.foo=1', r"model.kwargs .* do not build convnext_s4nd_atto: TypeError: .*unexpected keyword argument "
                            r"'foo'"),
