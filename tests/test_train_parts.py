@@ -10,7 +10,7 @@ import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.transforms import mnist_transform, model_data_config
 from s4nd_vision.eval.accuracy import topk_hits
 from s4nd_vision.train import ConfigError, latest_checkpoint
-from s4nd_vision.train.checkpoint import checkpoint_to_resume
+from s4nd_vision.train.checkpoint import checkpoint_to_resume, save_checkpoint
 from s4nd_vision.train.metrics import _append_csv, _truncate_csv
 
 
@@ -51,6 +51,28 @@ def test_checkpoint_lookup_ignores_partial_folders_and_refuses_to_mix_runs(tmp_p
     assert checkpoint_to_resume(out, 'elsewhere/step-1') == 'elsewhere/step-1'
     with pytest.raises(ConfigError, match='already holds checkpoints'):
         checkpoint_to_resume(out, False)
+
+
+def test_a_save_removes_killed_saves_folders_and_replaces_a_checkpoint_of_its_update(tmp_path):
+    """Partial folders of saves killed before (full size each) do not pile up; saving an update again replaces
+    its checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    acc = Accelerator(cpu=True)
+    try:
+        acc.prepare(torch.nn.Linear(2, 2))
+        root = tmp_path / 'checkpoints'
+        for name in ('.tmp-step-00000003', '.old-step-00000002'):
+            (root / name).mkdir(parents=True)
+            (root / name / 'model.safetensors').write_bytes(b'partial')
+        save_checkpoint(acc, str(tmp_path), 5, keep=3)
+        assert sorted(os.listdir(root)) == ['step-00000005']
+        save_checkpoint(acc, str(tmp_path), 5, keep=3,
+                        write_extra=lambda folder: open(os.path.join(folder, 'again'), 'w').close())
+        assert sorted(os.listdir(root)) == ['step-00000005'] and (root / 'step-00000005' / 'again').is_file()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_path):

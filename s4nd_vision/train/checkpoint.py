@@ -211,22 +211,28 @@ def save_checkpoint(
 ) -> None:
     """`accelerator.save_state` into a temporary folder, renamed once every process has written its part; then
     only the newest `keep` checkpoints are kept. `write_extra(folder)` (main process) adds files before the rename
-    (the run's config and metrics rows). Every process must call it."""
+    (the run's config and metrics rows). Every process must call it. Partial folders of saves killed before (full
+    size each) are removed first: this run holds the folder (`lock_run_folder`), nothing else writes them."""
     acc = accelerator
     root = os.path.join(output_dir, 'checkpoints')
     final = os.path.join(root, f'step-{update:08d}')
     tmp = os.path.join(root, f'.tmp-step-{update:08d}')
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):
+            if name.startswith(('.tmp-step-', '.old-step-')):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if write_extra is not None:
             write_extra(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        old = os.path.join(root, f'.old-step-{update:08d}')
+        if os.path.isdir(final):  # (the same update saved again, e.g. after a resume: two renames, then removed)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         for _, name in _complete(root)[:-keep]:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
