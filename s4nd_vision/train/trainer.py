@@ -131,12 +131,12 @@ class Trainer:
         scale = self.global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0
         self.lr = cfg.optim.lr * scale
         ssm_lr = cfg.optim.ssm_lr * scale if cfg.optim.ssm_lr is not None else None
-        for key, lr in (('optim.lr', self.lr), ('optim.ssm_lr', ssm_lr)):
-            if lr is not None and lr < cfg.sched.min_lr:  # (timm's schedules would raise that group's LR to it)
+        for key, base in (('lr', cfg.optim.lr), ('ssm_lr', cfg.optim.ssm_lr)):
+            if base is not None and base * scale < cfg.sched.min_lr:  # (timm's schedules would raise the LR to it)
                 at = f' x {self.global_batch} / optim.lr_base_batch {cfg.optim.lr_base_batch}' if scale != 1 else ''
-                raise ConfigError(f'sched.min_lr ({cfg.sched.min_lr}) must be at most {key} at this global batch '
-                                  f'({getattr(cfg.optim, key.split(".")[1])}{at} = {lr:.3g}): the schedule decays '
-                                  f'to it, and would raise the LR instead')
+                raise ConfigError(f'sched.min_lr ({cfg.sched.min_lr}) must be at most optim.{key} at this global batch '
+                                  f'({base}{at} = {base * scale:.3g}): the schedule decays to it, and would raise '
+                                  f'the LR instead')
         optimizer = create_optimizer_v2(
             self.model, cfg.optim.opt, lr=self.lr, weight_decay=cfg.optim.weight_decay,
             betas=cfg.optim.betas, eps=cfg.optim.eps,
