@@ -1,5 +1,6 @@
 """The trainer on video: a generated HMDB-51-layout dataset through the real pipeline, one and two processes."""
 import os
+import shutil
 import socket
 import subprocess
 from functools import partial
@@ -250,6 +251,21 @@ def test_an_unreadable_video_read_last_is_counted(hmdb, tmp_path):
     assert [r['skipped_videos'] for r in _rows(out)] == ['1']
 
 
+def test_an_unreadable_test_video_read_last_is_counted(hmdb, tmp_path):
+    """The last test video unreadable (here missing): no clip follows it to carry its count; evaluation counts the
+    dataset's record, as training does."""
+    videos, splits = hmdb
+    mine = tmp_path / 'splits'
+    shutil.copytree(splits, mine)
+    with open(mine / 'wave_test_split1.txt', 'a') as f:
+        f.write('missing_test.avi 2 \n')
+    trainer = Trainer(load_config(None, _overrides((videos, str(mine)), tmp_path / 'run', 'train.epochs=1')))
+    for _ in range(2):  # (each evaluation counts its own)
+        with pytest.warns(RuntimeWarning, match='missing_test.avi'):
+            metrics = trainer.evaluate()
+        assert metrics['val_videos'] == 3 and metrics['val_skipped_videos'] == 2
+
+
 def test_workers_train_on_every_video_once_per_epoch(hmdb, tmp_path):
     """data.workers=2: each worker's share of the 7 training videos (one unreadable) can end in a partial batch;
     merged, every readable video is trained on once per epoch (dropped, the epoch ran short into a second pass
@@ -299,8 +315,8 @@ def test_two_process_run_shards_videos_and_synchronizes(hmdb, tmp_path):
         shards.append({v for v in opened.split() if v in TRAIN})
     assert updates == [2, 2]
     assert shards[0] | shards[1] == set(TRAIN) and len(shards[0] & shards[1]) == 1  # own halves, one padding repeat
-    row, = _rows(out)
-    assert row['val_videos'] == '3' and int(row['skipped_videos']) >= 1
+    row, = _rows(out)  # (each unreadable video once, also where it is a shard's padding repeat)
+    assert row['val_videos'] == '3' and row['skipped_videos'] == '1' and row['val_skipped_videos'] == '1'
 
 
 def test_channels_last_run(hmdb, tmp_path):

@@ -306,15 +306,17 @@ class Hmdb51Clips(IterableDataset):
         self._videos.video_sampler.set_epoch(epoch)
         self._paths.epoch = epoch
 
-    def unreadable_videos(self) -> int:
-        """Videos of this shard found unreadable so far in the epoch of the last `set_epoch`, by any worker.
+    def unreadable_videos(self) -> List[int]:
+        """The videos of this shard found unreadable so far in the epoch of the last `set_epoch`, by any worker: their
+        indices in the split (the same on every shard, so that a video repeated to even out the shards counts once
+        in the union over shards).
 
         Exact where the per-clip `skipped` counts cannot be: a skip after a worker's last clip, or in
         a dropped last batch, has no clip to ride on.
         """
         if self._paths.epoch is None:
             raise RuntimeError('unreadable_videos() counts per epoch: call set_epoch(epoch) first')
-        return int((self._paths.counted_in == self._paths.epoch).sum())
+        return torch.nonzero(self._paths.counted_in == self._paths.epoch).flatten().tolist()
 
     def __len__(self) -> int:
         """Clips this shard yields per epoch when every video is readable."""

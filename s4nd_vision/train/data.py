@@ -96,8 +96,8 @@ class TrainData:
         raise NotImplementedError
 
     def skipped_in_epoch(self) -> Optional[int]:
-        """This process's unreadable training samples in the current epoch, where the data counts them exactly
-        (None: the trainer sums the per-batch counts)."""
+        """The unreadable training samples of the current epoch over all processes (every process calls it), where
+        the data counts them exactly (None: the trainer sums the per-batch counts)."""
         return None
 
     def train_batches(self, epoch: int, img_size: int, start: int, stop: int) -> Iterable:
@@ -292,8 +292,9 @@ class Hmdb51Data(TrainData):
         return len(self.train_set)  # this rank's shard already; every shard holds as many videos
 
     def skipped_in_epoch(self) -> Optional[int]:
-        # a video skipped after a worker's last clip has no clip to carry its count in the batches
-        return self.train_set.unreadable_videos()
+        # a video skipped after a worker's last clip has no clip to carry its count in the batches; one repeated
+        # to even out the shards is counted by both
+        return len(set().union(*gather_object([self.train_set.unreadable_videos()])))
 
     def transform(self, img_size: int, training: bool):
         from ..data.video import VideoTransform
@@ -338,6 +339,7 @@ class Hmdb51Data(TrainData):
     def prepare_evaluation(self) -> None:
         _set_transform(self.val_set, self.transform(self.cfg.data.img_size, training=False))
         self.val_loader = self._loader(self.val_set, shuffle=False)  # sharded by Hmdb51Clips, not Accelerate
+        self._evaluations = 0  # (each evaluation counts its unreadable videos as an epoch of the test split)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
@@ -352,15 +354,17 @@ class Hmdb51Data(TrainData):
         was_training = model.training
         model.eval()
         logits, labels, videos = [torch.empty(0, self.num_classes)], [torch.empty(0, dtype=torch.long)], []
-        skipped = 0
-        for x, y, n_skipped, video in self.val_loader:
+        self._evaluations += 1
+        self.val_set.set_epoch(self._evaluations)  # (no shuffling: the same order)
+        for x, y, _, video in self.val_loader:
             with acc.autocast():
                 logits.append(model(x.to(acc.device).contiguous(memory_format=self.memory_format)).float().cpu())
             labels.append(y)
             videos += video.tolist()
-            skipped += int(n_skipped.sum())
         model.train(was_training)
-        shards = gather_object([(torch.cat(logits), torch.cat(labels), videos, skipped)])
+        # unreadable videos from the shards' records, not the per-clip counts: one after a shard's last clip has no
+        # clip to carry its count
+        shards = gather_object([(torch.cat(logits), torch.cat(labels), videos, self.val_set.unreadable_videos())])
         seen, keep = set(), []
         for shard_logits, shard_labels, shard_videos, _ in shards:
             first = torch.tensor([v not in seen for v in shard_videos], dtype=torch.bool)
@@ -378,7 +382,7 @@ class Hmdb51Data(TrainData):
             top1=100 * hit[:, 0].float().mean().item(), top5=100 * hit.any(1).float().mean().item(),
             clip_top1=100 * (logits.argmax(1) == labels).float().mean().item(),
             val_loss=nn.functional.cross_entropy(logits, labels).item(), val_videos=len(ids),
-            val_skipped_videos=sum(shard[3] for shard in shards))
+            val_skipped_videos=len(set().union(*(shard[3] for shard in shards))))
 
     def input_size(self) -> Dict[str, Any]:
         return dict(img_size=self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)

@@ -385,7 +385,7 @@ class Trainer:
         loss_total, finite_total, seen_total, skipped_total, nonfinite_total = epoch_sums()
         exact = self.data.skipped_in_epoch()  # counted over the whole epoch, also across a mid-epoch resume
         if exact is not None:
-            skipped_total = acc.reduce(torch.tensor(float(exact), dtype=torch.float64, device=acc.device)).item()
+            skipped_total = exact
         state.epoch_sums, state.epoch_seconds = [0.0] * 5, 0.0  # the next checkpoint starts a new epoch
         return {
             'train_loss': loss_total / max(finite_total, 1),
