@@ -482,7 +482,7 @@ def test_resume_keeps_the_global_batch(tmp_path, folder):
     with pytest.raises(KeyboardInterrupt):
         trainer(StoppedAfterFirstEpoch, tmp_path / 'resumed').fit()
     with pytest.raises(ConfigError, match=r'4 images per update; this run has 1 process\(es\) x data.batch_size=2 '
-                                          r'x train.grad_accum_steps=1 = 2'):
+                                          r'x train.grad_accum_steps=1 = 2. Keep 4 \(e.g. train.grad_accum_steps=2\)'):
         trainer(Trainer, tmp_path / 'resumed', 'data.batch_size=2', resume=True)
     resumed = trainer(Trainer, tmp_path / 'resumed', 'data.batch_size=2', 'train.grad_accum_steps=2', resume=True)
     assert resumed.state.update == resumed.updates_per_epoch

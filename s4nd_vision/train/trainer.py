@@ -201,12 +201,16 @@ class Trainer:
             # accumulation (a checkpoint of an odd update, written without accumulation, would shift every update)
             acc.step = self.state.update * tc.grad_accum_steps
             if self.state.global_batch not in (0, self.global_batch):  # e.g. restarted on fewer GPUs
+                factor = self.state.global_batch / self.global_batch
+                hint = (f'train.grad_accum_steps={tc.grad_accum_steps * factor:g}' if factor == int(factor) else
+                        f'data.batch_size={cfg.data.batch_size * factor:g}' if cfg.data.batch_size * factor % 1 == 0
+                        else 'processes x data.batch_size x train.grad_accum_steps')
                 raise ConfigError(
                     f'--resume: {self.resumed_from} was written by a run of {self.state.global_batch} {self.data.unit} '
                     f'per update; this run has {acc.num_processes} process(es) x data.batch_size={cfg.data.batch_size}'
                     f' x train.grad_accum_steps={tc.grad_accum_steps} = {self.global_batch}. Keep '
-                    f'{self.state.global_batch} (e.g. on half the processes, twice train.grad_accum_steps): the '
-                    f'learning rate, its schedule and the position in the epoch are counted in updates of that size')
+                    f'{self.state.global_batch} (e.g. {hint}): the learning rate, its schedule and the position in '
+                    f'the epoch are counted in updates of that size')
             self.state.global_batch = self.global_batch  # (a checkpoint written before it was recorded)
             set_aside_newer(acc, self.out_dir, self.state.update)
         self.log = MetricsLog(acc, cfg)
