@@ -37,8 +37,9 @@ def open_image(fp, mode: str = 'RGB') -> Image.Image:
     """The image file `fp` decoded and converted to `mode`; 16-bit grayscale scaled to 8 bits first.
 
     PIL converts 16-bit grayscale ('I;16', and 'I' for PGM, which PIL scales to 0-65535) to 8 bits
-    by clipping at 255, which turns almost every pixel white: here the high byte is kept instead, unless
-    every value fits in 8 bits (8-bit data in a 16-bit file, which the high byte would turn black).
+    by clipping at 255, which turns almost every pixel white: here the high byte is kept instead, the same
+    mapping for every image (a choice by each image's values would scale a dark image 256 times brighter than a
+    bright one). 8-bit data in 16-bit files (every value below 256) therefore comes out black: warned about.
     Raises OSError / ValueError for files that cannot be decoded (or values outside 16 bits).
     """
     img = Image.open(fp)
@@ -47,8 +48,10 @@ def open_image(fp, mode: str = 'RGB') -> Image.Image:
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
             raise ValueError(f'{img.mode} image with values outside 0..65535 ({pixels.min()}..{pixels.max()}): '
                              'cannot scale it to 8 bits')
-        shift = 0 if not pixels.size or pixels.max() <= 255 else 8
-        img = Image.fromarray((pixels >> shift).astype(np.uint8), mode='L')
+        if pixels.size and 0 < pixels.max() <= 255:
+            warnings.warn('a 16-bit image holds only values below 256 (8-bit data in a 16-bit file?): scaled from '
+                          '16 bits it is black; convert such files to 8 bits', RuntimeWarning)
+        img = Image.fromarray((pixels >> 8).astype(np.uint8), mode='L')
     elif img.mode == 'F':  # float images have no fixed range to scale from
         raise ValueError('floating-point image (mode F): no fixed range to scale to 8 bits')
     return img.convert(mode)  # decodes the pixels: truncated files fail here
