@@ -299,6 +299,16 @@ def test_result_files_are_replaced_atomically(tmp_path):
     assert path.read_text() == 'new' and os.listdir(tmp_path) == ['rows.csv']
 
 
+def test_evaluation_crops_as_the_models_config_says(image_folder):
+    """A data config's crop_mode reaches the transform ('squash': both sides resized to 21 / crop_pct, the aspect
+    ratio not kept; 'center': the short side), as its crop_pct does."""
+    from s4nd_vision.data.transforms import model_data_config
+    from s4nd_vision.eval.resolution import _dataset
+    for mode, resize in (('squash', 'Resize(size=(24, 24)'), ('center', 'Resize(size=24,')):
+        model = timm.create_model('convnext_atto', pretrained_cfg_overlay=dict(crop_mode=mode, crop_pct=0.875))
+        assert resize in repr(_dataset(image_folder, 'validation', 21, model_data_config(model), None).transform)
+
+
 def test_eval_on_builtin_mnist():
     rows = eval_resolution({'constant': _Constant()}, 'mnist', [7], progress=False)
     assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000, skipped=0)]

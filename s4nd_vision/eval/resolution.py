@@ -166,7 +166,8 @@ def _dataset(data: str, split: str, resolution: int, model_cfg: dict, crop_pct: 
         return MNIST5k('val', img_size=28, in_chans=chans, transform=mnist_transform(resolution, model_cfg))
     crop = model_cfg['crop_pct'] if crop_pct is None else crop_pct
     common = dict(interpolation=model_cfg['interpolation'], mean=model_cfg['mean'], std=model_cfg['std'])
-    transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=crop, **common)
+    transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=crop,
+                                 crop_mode=model_cfg.get('crop_mode', 'center'), **common)
     return _image_folder(data, split, input_img_mode='L' if chans == 1 else 'RGB', transform=transform)
 
 

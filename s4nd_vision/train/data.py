@@ -221,7 +221,8 @@ class ImageFolderData(_ImageData):
         common = dict(interpolation=dc['interpolation'], mean=dc['mean'], std=dc['std'])
         if not training:
             return create_transform(
-                (data.in_chans, img_size, img_size), is_training=False, crop_pct=dc['crop_pct'], **common)
+                (data.in_chans, img_size, img_size), is_training=False, crop_pct=dc['crop_pct'],
+                crop_mode=dc.get('crop_mode', 'center'), **common)
         return create_transform(
             (data.in_chans, img_size, img_size), is_training=True, no_aug=aug.no_aug, scale=aug.scale,
             hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.reprob,
