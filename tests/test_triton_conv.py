@@ -249,6 +249,11 @@ def test_triton_conv_rejects_bad_input():
         triton_conv.separable_conv2d_cl(x.double(), (torch.randn(1, 3, 7), torch.randn(1, 3, 7)))
     with pytest.raises(ValueError, match="kernels and skip must be on the input's device cpu"):  # (not launched)
         triton_conv.separable_conv2d_cl(x, (torch.randn(1, 3, 7),) * 2, skip=torch.ones(3, device='meta'))
+    # no rank-1 term ('sum' wrote no output: uninitialized memory) and no channel ('sum' divided by zero)
+    with pytest.raises(ValueError, match=r'with R >= 1, got \(0, 3, 7\)'):
+        triton_conv.separable_conv2d_cl(x, (torch.randn(0, 3, 7),) * 2, skip=torch.ones(3))
+    with pytest.raises(ValueError, match='needs at least one channel'):
+        triton_conv.separable_conv2d_cl(x[..., :0], (torch.randn(1, 0, 7),) * 2)
 
 
 def _reference3d(x, kt, kh, kw, skip, pools):
@@ -350,6 +355,8 @@ def test_triton_conv3d_rejects_bad_input():
         triton_conv.separable_conv3d_cl(x[0], [torch.randn(1, 3, 7)] * 3)
     with pytest.raises(ValueError, match="kernels and skip must be on the input's device"):
         triton_conv.separable_conv3d_cl(x, [torch.randn(1, 3, 7)] * 2 + [torch.randn(1, 3, 7, device='meta')])
+    with pytest.raises(ValueError, match='with one R >= 1'):
+        triton_conv.separable_conv3d_cl(x, [torch.randn(0, 3, 7)] * 3)
 
 
 def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):

@@ -66,6 +66,8 @@ def supported(shape, pools, dtype: torch.dtype) -> Optional[str]:
         return f'needs a (B, H, W, C) or (B, T, H, W, C) input and a pool per axis, got shape {tuple(shape)}'
     if dtype not in DTYPES:
         return f'dtype {dtype} not in {DTYPES}'
+    if shape[-1] < 1:
+        return f'needs at least one channel, got shape {tuple(shape)}'
     if math.prod(shape) > MAX_ELEMENTS:
         return f'more than {MAX_ELEMENTS} elements (int32 offsets), got shape {tuple(shape)}'
     spatial = tuple(shape[1:-1])
@@ -689,9 +691,10 @@ def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[t
     if reason is not None:
         raise ValueError(f'separable_conv2d_cl: {reason}')
     _, h, w, c = x.shape
-    if kh.shape[1:] != (c, 2 * h - 1) or kw.shape[1:] != (c, 2 * w - 1) or kh.shape[0] != kw.shape[0]:
+    if (kh.shape[1:] != (c, 2 * h - 1) or kw.shape[1:] != (c, 2 * w - 1) or kh.shape[0] != kw.shape[0]
+            or kh.shape[0] < 1):
         raise ValueError(f'kernels must be (R, C, 2H - 1) = (R, {c}, {2 * h - 1}) and (R, C, 2W - 1) = (R, {c}, '
-                         f'{2 * w - 1}), got {tuple(kh.shape)} and {tuple(kw.shape)}')
+                         f'{2 * w - 1}) with R >= 1, got {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
     _check_devices(x, kh, kw, skip)
@@ -938,9 +941,9 @@ def _check3d(x, kt, kh, kw, skip, pools) -> None:
         raise ValueError(f'separable_conv3d_cl: {reason}')
     _, t, h, w, c = x.shape
     expected = [(c, 2 * n - 1) for n in (t, h, w)]
-    if [k.shape[1:] for k in (kt, kh, kw)] != expected or not kt.shape[0] == kh.shape[0] == kw.shape[0]:
+    if [k.shape[1:] for k in (kt, kh, kw)] != expected or not 1 <= kt.shape[0] == kh.shape[0] == kw.shape[0]:
         raise ValueError(f'kernels must be (R, C, 2n - 1) per axis of n = {t}, {h}, {w}, i.e. (R, {c}, '
-                         f'{2 * t - 1}), (R, {c}, {2 * h - 1}) and (R, {c}, {2 * w - 1}) with one R, got '
+                         f'{2 * t - 1}), (R, {c}, {2 * h - 1}) and (R, {c}, {2 * w - 1}) with one R >= 1, got '
                          f'{tuple(kt.shape)}, {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
