@@ -151,6 +151,19 @@ def test_vit_features_only_gives_timms_default_blocks():
         assert len(ours(torch.randn(1, 3, 64, 64))) == 3
 
 
+@pytest.mark.parametrize('name, kwargs, x', [
+    ('vit_s4nd_atto_patch16_224', dict(img_size=32), torch.randn(1, 3, 32, 32)),
+    ('s4nd_iso_tiny', dict(img_size=16), torch.randn(1, 3, 16, 16)),
+    ('s4nd_seq_atto', dict(seq_len=32), torch.randn(1, 1, 32))])
+def test_features_only_of_a_shallow_isotropic_model_gives_all_its_blocks(name, kwargs, x):
+    """The default of the last 3 (ViT) or 4 blocks, capped at the depth: a 2-block model gives both (timm's last-n
+    count refused it as out of range)."""
+    model = timm.create_model(name, features_only=True, depth=2, **kwargs)
+    assert model.feature_info.module_name() == ['blocks.0', 'blocks.1']
+    with torch.no_grad():
+        assert len(model(x)) == 2
+
+
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
 @pytest.mark.parametrize('name', ALL_S4ND_MODELS + ['conv_iso_tiny', 'convnext_3d_atto'])
 def test_torchscript_is_refused_with_the_alternatives(name):

@@ -150,7 +150,7 @@ def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         IsoS4ND, variant, pretrained,
-        feature_cfg=dict(out_indices=4, feature_cls='getter'),
+        feature_cfg=dict(out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),  # the last 4 blocks
         **kwargs)
 
 

@@ -354,7 +354,7 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
         SeqS4ND, variant, pretrained,
         pretrained_cfg_overlay=dict(overlay, input_size=None),
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=4, feature_cls='getter'),
+        feature_cfg=dict(out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),  # the last 4 blocks
         **kwargs)
     model.pretrained_cfg.update(input_size=(kwargs['in_chans'], kwargs['seq_len']), pool_size=(kwargs['seq_len'],))
     return model

@@ -364,7 +364,8 @@ def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> Vision
     stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
-        feature_cfg=dict(out_indices=3, feature_cls='getter'),  # features_only: the last three blocks, as timm's ViT
+        # features_only: the last three blocks, as timm's ViT (all of a shallower model)
+        feature_cfg=dict(out_indices=min(3, kwargs.get('depth', 12)), feature_cls='getter'),
         **kwargs)
 
 
