@@ -151,6 +151,17 @@ def test_vit_features_only_gives_timms_default_blocks():
         assert len(ours(torch.randn(1, 3, 64, 64))) == 3
 
 
+def test_vit_head_hidden_size_follows_a_pooling_that_widens():
+    """'catavgmax' concatenates two poolings: head_hidden_size is the pre-logits width as built, as after a
+    reset_classifier."""
+    model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=32, num_classes=4, global_pool='catavgmax').eval()
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(torch.randn(1, 3, 32, 32)), pre_logits=True)
+    assert pre_logits.shape == (1, model.head_hidden_size) == (1, 2 * model.num_features)
+    model.reset_classifier(4)
+    assert model.head_hidden_size == 2 * model.num_features
+
+
 @pytest.mark.parametrize('name, kwargs, x', [
     ('vit_s4nd_atto_patch16_224', dict(img_size=32), torch.randn(1, 3, 32, 32)),
     ('s4nd_iso_tiny', dict(img_size=16), torch.randn(1, 3, 16, 16)),

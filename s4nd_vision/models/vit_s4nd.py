@@ -226,6 +226,7 @@ class VisionTransformerS4ND(S4NDModel):
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = LayerNorm(embed_dim, **dd)
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.head_hidden_size = self.head.num_features  # (twice embed_dim with 'catavgmax', as reset_classifier says)
         named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
     @property
