@@ -1,6 +1,10 @@
 """The one-call GPU check (`bench.gpu_check`) runs every section end to end at tiny sizes on the CPU (Triton's
 interpreter, the Triton path forced), so that it works the first time a GPU is lent; it measures nothing here."""
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -125,6 +129,29 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
     assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[1]] + list(
         gpu_check.TINY.profile_models)  # (training, then inference)
     assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 15
+
+
+def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path):
+    """An outer time limit (`timeout` sends SIGTERM): the interrupted row is recorded as failed, the rows after it as
+    skipped, and the file says so (it kept 'running', and the run 'ok', before)."""
+    monkeypatch.setenv(gpu_check._FAULT_ENV, 'profile[1]=hang')
+    monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 600)
+    path = tmp_path / 'gpu_check.json'
+
+    def terminate_in_the_hanging_row():
+        while (gpu_check._running(str(path)) or {}).get('row') != 'profile[1]':
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_in_the_hanging_row, daemon=True)
+    killer.start()
+    results = gpu_check.run_checks(['profile'], gpu_check.TINY, 'cpu', str(path), isolate=True)
+    killer.join()
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results)) and 'running' not in results
+    assert results['interrupted'] and not results['ok'] and results['crashed'] == ['profile[1]']
+    assert 'SIGTERM' in results['errors']['profile[1]'] and results['skipped'] == {'profile': [2, 3]}
+    assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[0]]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (restored)
 
 
 def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):

@@ -258,9 +258,10 @@ def bench_models(
     (with `compile`, both models run through `torch.compile`). With `num_frames`, the models are video models
     and the input is (batch_size, 3, num_frames, img_size, img_size) clips. With `channels_last`, both models
     and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs.
-    `progress` gets a pair's row as it fills (training times, then memory), so that a caller cut short keeps what
-    was measured. Compiled pairs have no saved-activation column (the hooks that count it see eager autograd), and
-    add the seconds of each model's first training step and first inference (their compilation, `*_compile_s`)."""
+    `progress` gets a pair's row as it fills (compile times, training times, then memory), so that a caller cut
+    short keeps what was measured. Compiled pairs have no saved-activation column (the hooks that count it see
+    eager autograd), and add the seconds of each model's first training step and first inference (their
+    compilation, `*_compile_s`)."""
     dev = torch.device(device)
     cuda_settings(dev)
     if num_frames is not None and num_frames < 1:
@@ -288,6 +289,8 @@ def bench_models(
             model.train()
         if compile:  # the first call compiles: what a user waits for before the first step
             _first_call_s(train_steps, dev, result, 'train_compile_s')
+            if progress is not None:  # (a caller cut short during the timing keeps the compile times)
+                progress(dict(result))
         for key, ms in time_ms(train_steps, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_train_ms'] = ms
         result['train_ratio'] = result['s4nd_train_ms'] / result['baseline_train_ms']

@@ -41,8 +41,10 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from functools import partial
@@ -73,7 +75,8 @@ __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
 SECTIONS = ('correctness', 'models', 'bench', 'profile', 'dot', 'compiled')  # the order they run in
 BUDGET_S = 420  # the default time budget of a GPU run: rows start until it is spent (seconds)
-_MIN_LEFT_S = {'compiled': 150}  # a compiled pair compiles 4 graphs: not started with less left
+_MIN_LEFT_S = {'compiled': 300}  # a compiled pair compiles 4 graphs (an H200 took 358 s for the ConvNeXt pair's
+# training graphs at 54b42a5, since reduced): not started with less left
 _Pair = Tuple[str, dict, str]
 
 
@@ -565,8 +568,9 @@ class _Results(dict):
 _Row = Tuple[str, object, Callable]  # (section, id: a check's name or a row's index, the call)
 _ROW_LIMIT_S = dict(correctness=240, models=240, bench=120, profile=180, dot=240,
                     compiled=420)  # a worker's row is killed after
-_OVERRUN_S = 90  # ...or once the run is this far past its budget (a compiled pair may start with 150 s left; what
-# it measured by then is kept under 'partial'), so that a run ends within budget + 90 s + start-up
+_OVERRUN_S = 90  # ...or once the run is this far past its budget (a compiled pair may start with 300 s left; what
+# it measured by then is kept under 'partial'), so that a run ends within budget + 90 s + start-up: under an outer
+# time limit, give a budget that leaves that (a SIGTERM still ends the run with its bookkeeping, `_supervise`)
 _BROKEN_EXIT = 3  # a worker's exit status after a row broke its CUDA context (the row's error is recorded)
 _FAULT_ENV = 'S4ND_GPU_CHECK_FAULT'  # tests: 'ROW=exit|hang|cuda,...' makes a worker fail at rows ROW ('bench[0]')
 _injected_broken = False
@@ -721,17 +725,47 @@ def _watch(worker, json_path: str, deadline: Optional[float]) -> Optional[str]:
             return reason
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the supervisor (an outer time limit, e.g. `timeout`): the run ends with its bookkeeping."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _record_lost_row(results: _Results, running: dict, error: str) -> None:
+    """The row a worker was in when it died or was killed: failed (a correctness check: the check), its time
+    counted, listed under 'crashed'."""
+    if running['section'] == 'correctness':
+        results['ok'] = False
+        _Checks(results['correctness']).failed(running['id'], error)
+    else:
+        results.fail(running['row'], error)
+    results['seconds'][running['section']] += time.time() - running['started']
+
+
+def _reload(results: _Results) -> Optional[dict]:
+    """`results` as the worker left the file; returns the row it was in (None between rows)."""
+    measured = _Results.load(results.json_path)
+    results.clear()
+    results.update(measured)
+    return results.pop('running', None)
+
+
 def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: str, forced: Optional[str],
                deadline: Optional[float]) -> None:
     """Runs the rows in worker processes: one, unless a row kills its process, leaves its CUDA context unusable
     (a sticky error) or runs past its limit; that row is recorded as failed (the later rows then run the fast path,
-    unless a path is forced) and a new worker goes on with the next row."""
+    unless a path is forced) and a new worker goes on with the next row. A SIGTERM (an outer time limit) ends the
+    run with the row it interrupted recorded as failed and the rows after it as skipped ('interrupted')."""
     own_file = results.json_path is None
     if own_file:
         fd, results.json_path = tempfile.mkstemp(suffix='.json', prefix='gpu_check_')
         os.close(fd)
     rows = _rows(sections, plan, torch.device('cpu'))  # (the same rows on every device)
     context = multiprocessing.get_context('spawn')  # (a CUDA context does not survive fork)
+    handles_signals = threading.current_thread() is threading.main_thread()  # (signals reach the main thread only)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles_signals else None
     start, worker = 0, None
     try:
         while start < len(rows):
@@ -741,24 +775,15 @@ def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: s
                                      args=(results.json_path, sections, plan, device, forced, deadline, start))
             worker.start()
             reason = _watch(worker, results.json_path, deadline)
-            measured = _Results.load(results.json_path)
-            results.clear()
-            results.update(measured)
-            running = results.pop('running', None)
+            running = _reload(results)
             if worker.exitcode == 0 and running is None:
                 break
             if running is None:
                 results.fail('worker', f'the worker process ended (exit status {worker.exitcode}) outside a row')
                 break
             if worker.exitcode != _BROKEN_EXIT:  # (after a broken context the row's error is recorded already)
-                error = reason or (f'the worker process died (exit status {worker.exitcode}) in this row; its output '
-                                   'is above')
-                if running['section'] == 'correctness':
-                    results['ok'] = False
-                    _Checks(results['correctness']).failed(running['id'], error)
-                else:
-                    results.fail(running['row'], error)
-                results['seconds'][running['section']] += time.time() - running['started']
+                _record_lost_row(results, running, reason or (f'the worker process died (exit status '
+                                                              f'{worker.exitcode}) in this row; its output is above'))
             results['crashed'].append(running['row'])
             start = running['index'] + 1
             if reason and deadline is not None and time.time() > deadline:
@@ -766,8 +791,23 @@ def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: s
                     results['skipped'].setdefault(section, []).append(ident)
                 break
             print(f'a new worker goes on after {running["row"]}', flush=True)
+    except _Terminated:
+        if worker is not None:
+            worker.kill()
+            worker.join()
+            running = _reload(results)
+            if running is not None:
+                _record_lost_row(results, running, 'interrupted by SIGTERM (an outer time limit) in this row')
+                results['crashed'].append(running['row'])
+                start = running['index'] + 1
+        for section, ident, _ in rows[start:]:
+            results['skipped'].setdefault(section, []).append(ident)
+        results['ok'], results['interrupted'] = False, True
+        print('interrupted by SIGTERM: the rows not run are listed under skipped', flush=True)
     finally:
-        if worker is not None and worker.is_alive():  # (the supervisor interrupted)
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous)
+        if worker is not None and worker.is_alive():  # (the supervisor interrupted otherwise)
             worker.kill()
         if own_file:
             os.remove(results.json_path)
