@@ -155,6 +155,21 @@ def test_fp16_gradients_never_finite_stop_the_run(tmp_path, folder, fp16_on_cpu,
     assert trainer.state.update == 3 + 2 and trainer.accelerator.scaler.get_scale() == 0.125
 
 
+def test_fp16_gradients_of_an_engine_that_scales_its_own_loss_are_left_to_it(tmp_path, folder, fp16_on_cpu):
+    """Without Accelerate's GradScaler (DeepSpeed scales the loss and skips its own overflows) the gradients are
+    scaled: an overflow there is not the run's divergence. With the scaler, the same gradients are its back-off."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.mixed_precision=fp16')))
+    model = trainer.model
+    for scaler, expected in ((None, None), (trainer.accelerator.scaler, 'overflow')):
+        trainer.accelerator.scaler = scaler
+        if scaler is not None:
+            scaler.scale(torch.ones(()))  # (its scale starts with the first scaled loss)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, math.inf)
+        assert trainer._skip_update(torch.zeros((), dtype=torch.bool)) == expected
+    _reset()
+
+
 def test_a_min_lr_above_a_scaled_lr_is_refused(tmp_path, folder):
     """timm's schedules take each group from its LR to sched.min_lr: a group's LR scaled below it would rise."""
     _reset()

@@ -285,7 +285,11 @@ class Trainer:
         norm = acc.clip_grad_norm_(self.model.parameters(), clip) if clip is not None else None
         if scaler is not None and norm is None:
             acc.unscale_gradients()
-        grad_bad = ~torch.isfinite(grad_norm(self.model) if norm is None else norm)
+        if acc.mixed_precision == 'fp16' and scaler is None:
+            # an engine that scales the loss itself (DeepSpeed): its gradients are scaled, and it skips its overflows
+            grad_bad = torch.zeros_like(bad)
+        else:
+            grad_bad = ~torch.isfinite(grad_norm(self.model) if norm is None else norm)
         loss_bad, grad_bad = (acc.reduce(torch.stack([bad, grad_bad]).float(), reduction='sum') > 0).tolist()
         if not (loss_bad or grad_bad):
             return None
