@@ -59,6 +59,7 @@ from ..layers import S4ND, dispatch, ops
 from ..layers.reference import separable_conv_reference
 from ..layers.ssm_kernel import SSMKernel, ssm_kernels
 from ..models.convnext_s4nd_3d import _dw_conv3d
+from ..utils.files import replaced_atomically
 from .benchmark import (
     CONVNEXT_T_STAGES,
     _channels_last_input,
@@ -553,10 +554,8 @@ class _Results(dict):
 
     def save(self) -> None:
         if self.json_path:
-            tmp = f'{self.json_path}.tmp'
-            with open(tmp, 'w') as f:
+            with replaced_atomically(self.json_path) as tmp, open(tmp, 'w') as f:
                 json.dump(self, f, indent=1)
-            os.replace(tmp, self.json_path)
 
     def fail(self, key: str, error: str) -> None:
         self['errors'][key] = error[-3000:]

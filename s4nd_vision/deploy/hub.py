@@ -20,6 +20,8 @@ from typing import Iterator, Optional, Tuple
 import torch.nn as nn
 from timm.layers import to_2tuple
 
+from ..utils.files import replaced_atomically
+
 __all__ = ['PACKAGE', 'CITATIONS', 'model_card', 'save_for_hf', 'push_to_hub']
 
 PACKAGE = 's4nd-vision'  # the pip distribution; the import name is s4nd_vision
@@ -214,10 +216,8 @@ def _state_clip_or_sequence_size(model: nn.Module, config_path: str) -> None:
     with open(config_path, encoding='utf-8') as f:
         config = json.load(f)
     config['pretrained_cfg'].update(input_size=[model.in_chans, *size[1:]], pool_size=list(cfg['pool_size']))
-    tmp = f'{config_path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with replaced_atomically(config_path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         json.dump(config, f, indent=2)
-    os.replace(tmp, config_path)
 
 
 def push_to_hub(

@@ -60,6 +60,7 @@ from ..layers import S4ND
 from ..layers.s4_kernel import S4Kernel
 from ..layers.sgconv_kernel import SGConvKernel
 from ..layers.ssm_kernel import SSMKernel, per_kernel
+from ..utils.files import replaced_atomically
 from ._checkpoint import KEPT_INIT, TransferReport, adapt_input_channels, pointwise_reshape, unwrap_state_dict
 
 __all__ = [
@@ -306,6 +307,6 @@ def inflate_checkpoint(
     model = timm.create_model(model_name, **(model_kwargs or {}))
     weights = inflate_state_dict(state_dict, model, **inflate_kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    save_file(weights, dst + '.tmp')  # (then renamed: a killed run leaves no partial file under the name)
-    os.replace(dst + '.tmp', dst)
+    with replaced_atomically(dst) as tmp:  # (a killed run leaves no partial file under the name)
+        save_file(weights, tmp)
     return weights

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module
 from safetensors.torch import save_file
 
+from ..utils.files import replaced_atomically
 from ..utils.yaml12 import load_yaml
 from .config import ConfigError
 
@@ -340,6 +341,5 @@ def export_weights(accelerator: Accelerator, model: nn.Module, path: str) -> str
 
 
 def _atomic_save_file(state: Dict[str, torch.Tensor], path: str) -> None:
-    tmp = path + '.tmp'
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)

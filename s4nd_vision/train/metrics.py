@@ -9,6 +9,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+from ..utils.files import replaced_atomically
 from .checkpoint import CONFIG_FILE, METRICS_FILE
 from .config import Config, config_to_dict
 
@@ -37,8 +38,8 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             saved = os.path.join(checkpoint, METRICS_FILE) if checkpoint is not None else None
             if saved is not None and os.path.isfile(saved):
-                shutil.copyfile(saved, self.path + '.tmp')
-                os.replace(self.path + '.tmp', self.path)
+                with replaced_atomically(self.path) as tmp:
+                    shutil.copyfile(saved, tmp)
             _truncate_csv(self.path, before_epoch=epoch)
             self._write_config(self.cfg.train.output_dir)
 
@@ -117,9 +118,7 @@ def _truncate_csv(path: str, before_epoch: int) -> None:
 
 def _write_csv(path: str, fields: List[str], rows: List[Dict[str, Any]]) -> None:
     """Write to a temporary file, then rename: a run killed mid-write leaves the previous file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
+    with replaced_atomically(path) as tmp, open(tmp, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

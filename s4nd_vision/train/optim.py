@@ -41,10 +41,6 @@ def param_groups_ssm(
     apply) are split the same way, so SSM parameters keep their own lr at every depth.
     """
     ssm_ids = {id(p) for _, p in ssm_parameters(model)}
-
-    def is_ssm(p: nn.Parameter) -> bool:
-        return id(p) in ssm_ids
-
     if layer_decay is not None:
         groups = param_groups_layer_decay(
             model, weight_decay=weight_decay, no_weight_decay_list=no_weight_decay_list, layer_decay=layer_decay)
@@ -53,7 +49,7 @@ def param_groups_ssm(
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            if is_ssm(p):
+            if id(p) in ssm_ids:
                 ssm.append(p)
             elif p.ndim <= 1 or name.endswith('.bias') or _matches_pattern(name, no_weight_decay_list):
                 no_decay.append(p)
@@ -63,8 +59,8 @@ def param_groups_ssm(
                   {'params': decay, 'weight_decay': weight_decay}]
     out = []
     for group in groups:
-        ssm = [p for p in group['params'] if is_ssm(p)]
-        rest = [p for p in group['params'] if not is_ssm(p)]
+        ssm = [p for p in group['params'] if id(p) in ssm_ids]
+        rest = [p for p in group['params'] if id(p) not in ssm_ids]
         if ssm:
             ssm_group = dict(group, params=ssm, weight_decay=ssm_weight_decay)
             if ssm_lr is not None:
