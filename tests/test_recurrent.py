@@ -79,3 +79,18 @@ def test_recurrence_errors():
         recurrence.step(torch.zeros(3), recurrence.default_state(2))  # (it broadcast over the state's batch)
     with pytest.raises(ValueError, match=r'state must be .* for a batch of 2'):
         recurrence.step(torch.zeros(2, 3), S4NDRecurrence(S4ND(4, ndim=1, bidirectional=False)).default_state(2))
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_recurrence_is_a_snapshot_without_autograd_history(kernel):
+    """Steps build no graph through the parameters (memory would grow with every step), and later in-place
+    parameter updates do not change the snapshot."""
+    layer = S4ND(3, ndim=1, bidirectional=False, kernel=kernel, d_state=8)
+    recurrence = S4NDRecurrence(layer)
+    assert not any(t.requires_grad for t in (recurrence.a, recurrence.b, recurrence.c, recurrence.d))
+    y, state = recurrence.step(torch.randn(2, 3), recurrence.default_state(2))
+    assert not y.requires_grad and not state.requires_grad
+    d = recurrence.d.clone()
+    with torch.no_grad():
+        layer.D.add_(1.0)
+    torch.testing.assert_close(recurrence.d, d)

@@ -23,7 +23,9 @@ class S4NDRecurrence:
     """Step-by-step evaluation of a causal 1D S4ND layer: (B, dim) per step -> (B, dim).
 
     Over a whole sequence u (B, dim, L), stepping through u[..., t] gives `layer(u, rate=rate)`.
-    The discretization is computed once, here (with the layer's current parameters and step dt * rate).
+    The discretization is computed once, here (with the layer's current parameters and step dt * rate), as a
+    snapshot without autograd history: steps never build a graph through the parameters, so memory stays constant
+    per step with or without `torch.no_grad()`, and later optimizer updates to the layer do not reach it.
 
     Args:
         layer: an S4ND layer with ndim=1, bidirectional=False, pool=1, l_max=None, kernel 's4d' or 's4'.
@@ -51,11 +53,12 @@ class S4NDRecurrence:
                              'sequence of that length), got None')
         (rate,) = layer.resolve_rate((1,), rate)  # (a number or a one-axis tuple, as the layer's forward takes)
         self.diagonal = isinstance(kernel, SSMKernel)
-        a, b, c = kernel.discretize(rate, dtype)
-        if self.diagonal:
-            c = 2 * c  # y = 2 Re(C^T x) over the modes with Im A > 0
-        self.a, self.b, self.c = a, b, c.sum(0)  # rank-1 terms share the state: (dim, N), their C summed
-        self.d = layer.D.to(dtype)
+        with torch.no_grad():
+            a, b, c = kernel.discretize(rate, dtype)
+            if self.diagonal:
+                c = 2 * c  # y = 2 Re(C^T x) over the modes with Im A > 0
+            self.a, self.b, self.c = a, b, c.sum(0)  # rank-1 terms share the state: (dim, N), their C summed
+            self.d = layer.D.to(dtype, copy=True)
         self.dtype = dtype
 
     def default_state(self, batch: int) -> torch.Tensor:

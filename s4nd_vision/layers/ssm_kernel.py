@@ -180,8 +180,9 @@ def ssm_init_b(init: str, d_state: int) -> torch.Tensor:
 def _powers(z: torch.Tensor, length: int) -> torch.Tensor:
     """(length, *z.shape) complex: z ** l for l = 0..length-1, by repeated doubling (differentiable).
 
-    log2(length) vectorized complex products instead of exp/cos/sin per element (faster, and more
-    accurate in float32 than exp(l log z), whose phase l * angle loses digits as l grows)."""
+    log2(length) vectorized complex products instead of exp/cos/sin per element: faster. In float32 the
+    errors of the products compound: at dt >= 0.1 the kernel matches exp(l log z)'s accuracy (about 3e-6 of its
+    largest tap at length 4096), at dt of 1e-4 to 1e-3 (|z| near 1) it is off by up to 1.4e-4 against 3e-5."""
     v, power = torch.ones_like(z)[None], z  # power == z ** len(v)
     while v.shape[0] < length:
         v = torch.cat([v, v[: length - v.shape[0]] * power])
