@@ -485,3 +485,20 @@ def test_output_stride_keeps_the_weights_and_dilates_the_last_stages(name, kwarg
                 torch.testing.assert_close(ds(x), ref_ds(x))
     with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
         timm.create_model(name, output_stride=4, **kwargs)
+
+
+@pytest.mark.parametrize('output_stride', [16, 8])
+def test_output_stride_accepts_inputs_down_to_its_total_stride(output_stride):
+    """A dilated model runs inputs down to its total stride as run, as its features_only wrapper does; its
+    img_size (the reference grids) still needs the total stride without dilation."""
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, output_stride=output_stride).eval()
+    features = timm.create_model('convnext_s4nd_atto', img_size=64, output_stride=output_stride, features_only=True)
+    assert model.min_input_size == output_stride
+    x = torch.randn(1, 3, output_stride, output_stride)
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
+        assert [f.shape[-1] for f in features(x)] == [output_stride // r for r in features.feature_info.reduction()]
+    with pytest.raises(ValueError, match=f'at least {output_stride} '):
+        model(torch.randn(1, 3, output_stride // 2, output_stride))
+    with pytest.raises(ValueError, match='img_size must be at least 32 on each side'):
+        timm.create_model('convnext_s4nd_atto', img_size=16, output_stride=output_stride)

@@ -7,10 +7,12 @@ features, intermediates, gradient checkpointing, bf16, torch.compile).
 """
 import pytest
 import timm
+import timm.optim
 import torch
 from stacking import assert_same_gradient
 
 import s4nd_vision  # noqa: F401  (registers the models)
+from s4nd_vision.layers import ssm_kernel
 
 # (model name, constructor kwargs): the small variants that get every check. Add new families here.
 COMPLIANCE_MODELS = [
@@ -346,6 +348,30 @@ def test_group_matcher_and_no_weight_decay(entry):
     groups = timm.models.group_parameters(model, model.group_matcher(coarse=False))
     grouped = {n for g in groups.values() for n in g}
     assert grouped == names and len(groups) > 2
+
+
+def _decayed_ssm_parameters(model: torch.nn.Module) -> list:
+    """Names of SSM parameters that timm's optimizer factory would give weight decay."""
+    optimizer = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    return [n for n, p in ssm_kernel.ssm_parameters(model) if id(p) in decayed]
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_features_only_backbone_keeps_ssm_parameters_out_of_weight_decay(entry):
+    """A `features_only` backbone (what detection and segmentation code trains) lists the SSM parameters in its
+    own `no_weight_decay`, as the model does: timm's optimizer factory asks the wrapper, not the model."""
+    features = _create(*entry, features_only=True)
+    assert features.no_weight_decay() == {n for n, _ in ssm_kernel.ssm_parameters(features)}
+    assert not _decayed_ssm_parameters(features)
+
+
+@pytest.mark.parametrize('feature_cls', ['list', 'dict', 'Hook', 'fx', 'getter'])
+def test_every_named_feature_wrapper_keeps_ssm_parameters_out_of_weight_decay(feature_cls):
+    features = _create('convnext_s4nd_atto', {}, features_only=True, feature_cls=feature_cls)
+    assert any(True for _ in ssm_kernel.ssm_parameters(features)) and not _decayed_ssm_parameters(features)
+    outputs = features(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in (outputs.values() if isinstance(outputs, dict) else outputs)] == [40, 80, 160, 320]
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)

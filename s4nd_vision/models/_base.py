@@ -11,8 +11,9 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
-from timm.models import checkpoint, named_apply
-from timm.models._features import feature_take_indices
+from timm.models import FeatureDictNet, FeatureHookNet, FeatureListNet, checkpoint, named_apply
+from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._features_fx import FeatureGraphNet
 
 from ..layers import S4ND, ssm_parameters, stacked_kernels
 from ..layers.s4nd import SCRIPT_ALTERNATIVES
@@ -31,7 +32,7 @@ torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): t
 
 __all__ = [
     'S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'LIBRARY_CFG', 'init_weights', 'update_model_args', 'input_size_args',
-    'check_global_pool', 's4nd_grids',
+    'check_global_pool', 's4nd_grids', 'SSMNoWeightDecay', 'feature_cfg',
 ]
 
 # The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
@@ -58,10 +59,57 @@ def check_global_pool(global_pool: Optional[str]) -> None:
                          f"not have: use 'avg', 'max', 'avgmax' or '' (none)")
 
 
-class S4NDModel(nn.Module):
+class SSMNoWeightDecay:
+    """`no_weight_decay()` as timm's optimizer factory asks for it: the names of the SSM parameters (A, B, log dt;
+    S4's P) under this module, trained without weight decay. Mixed into the models and into their `features_only`
+    wrappers, the module a detection or segmentation user hands to `timm.optim.create_optimizer_v2`."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in ssm_parameters(self)}
+
+
+class _FeatureListNet(SSMNoWeightDecay, FeatureListNet):
+    pass
+
+
+class _FeatureDictNet(SSMNoWeightDecay, FeatureDictNet):
+    pass
+
+
+class _FeatureHookNet(SSMNoWeightDecay, FeatureHookNet):
+    pass
+
+
+class _FeatureGraphNet(SSMNoWeightDecay, FeatureGraphNet):
+    pass
+
+
+class _FeatureGetterNet(SSMNoWeightDecay, FeatureGetterNet):
+    pass
+
+
+_FEATURE_CLASSES = dict(list=_FeatureListNet, dict=_FeatureDictNet, hook=_FeatureHookNet, fx=_FeatureGraphNet,
+                        getter=_FeatureGetterNet)
+
+
+def feature_cfg(kwargs: Dict[str, Any], **cfg) -> Dict[str, Any]:
+    """timm's `feature_cfg` for `build_model_with_cfg`, whose wrapper class keeps the SSM parameters' no weight
+    decay: `cfg['feature_cls']` or a `feature_cls=` the user gave in `kwargs` (popped), where a name of timm's
+    wrappers ('list', 'dict', 'hook', 'fx', 'getter') becomes the same wrapper with `no_weight_decay`."""
+    if kwargs.get('features_only'):
+        cls = kwargs.pop('feature_cls', cfg['feature_cls'])
+        if isinstance(cls, str):
+            name = 'hook' if 'hook' in cls.lower() else cls.lower()  # (timm's own matching of the names)
+            cls = _FEATURE_CLASSES.get(name, cls)
+        cfg['feature_cls'] = cls
+    return cfg
+
+
+class S4NDModel(SSMNoWeightDecay, nn.Module):
     """Base of the S4ND models: optimizer groups, classifier handling, head and forward, reference grids.
 
-    Image models whose S4ND layers run at fixed strides set `min_input_size` (their total stride). The
+    Image models whose S4ND layers run at fixed strides set `min_input_size` (their total stride as run). The
     intermediates are the outputs of the nn.Sequential `_feature_seq` that follows the `stem`, and
     `norm_pre` (an Identity here: the norm is in the head) follows it.
     """
@@ -72,11 +120,6 @@ class S4NDModel(nn.Module):
         """torch.jit.script's hook: refused with the alternatives (timm's `--torchscript` scripts models)."""
         raise RuntimeError(f'{type(self).__name__}: torch.jit.script does not support the models of s4nd_vision: '
                            f'{SCRIPT_ALTERNATIVES}')
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
-        return {name for name, _ in ssm_parameters(self)}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -22,7 +22,7 @@ from timm.models import FeatureListNet, checkpoint_seq
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
-from ._base import S4NDModel, s4nd_grids
+from ._base import S4NDModel, SSMNoWeightDecay, s4nd_grids
 from ._checks import check_input
 
 __all__ = [
@@ -296,7 +296,8 @@ class ConvNeXtBase(S4NDModel):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.img_size = to_2tuple(img_size)
-        self.min_input_size = self.stem_stride[-1] * self.down[-1] ** (len(depths) - 1)  # the total stride
+        # img_size: at least the total stride without dilation, which the reference grids follow
+        self.min_img_size = self.stem_stride[-1] * self.down[-1] ** (len(depths) - 1)
         self._check_input_size(self.img_size)
         grid = self._grid(self.img_size)
         s4nd_layer = partial(
@@ -347,9 +348,15 @@ class ConvNeXtBase(S4NDModel):
             # reduction is spatial (timm's convention): the last axis' stride
             self.feature_info += [dict(num_chs=out_chs, reduction=stride[-1], module=f'stages.{i}')]
         self.stages = nn.Sequential(*stages)
+        self.min_input_size = stride[-1]  # inputs: at least the total stride as run (less with output_stride)
         self.num_features = prev_chs
         self.norm_pre = nn.Identity()
         self._init_norm_mlp_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)
+
+    def _check_input_size(self, img_size: Tuple[int, int]) -> None:
+        if min(img_size) < self.min_img_size:
+            raise ValueError(f'img_size must be at least {self.min_img_size} on each side (the total stride without '
+                             f'output_stride\'s dilation, which the reference grids follow), got {img_size}')
 
     def _grid(self, img_size: Tuple[int, int]) -> Tuple[int, ...]:
         """The training input size per spatial axis: the reference of every S4ND layer."""
@@ -422,12 +429,13 @@ class ConvNeXtBase(S4NDModel):
         return self.norm_pre(x)
 
 
-class ConvNeXtFeatures(FeatureListNet):
+class ConvNeXtFeatures(SSMNoWeightDecay, FeatureListNet):
     """The `features_only=True` backbone of a ConvNeXt(-S4ND): timm's list wrapper (the model's modules one by one,
     its state-dict keys, `set_grad_checkpointing`), which also checks its input as the model does and, in a training
     step, makes the kernels of all its S4ND layers in one stacked call, as the model's forward does.
     (B, in_chans, *spatial) -> the outputs of the stages in `out_indices`, each (B, C_i, *spatial_i).
-    `feature_cls='list'` gives timm's plain wrapper, whose layers generate their kernels one by one."""
+    `feature_cls='list'` gives timm's plain wrapper, whose layers generate their kernels one by one (both keep the
+    SSM parameters' `no_weight_decay`)."""
 
     def __init__(self, model: ConvNeXtBase, out_indices: Tuple[int, ...] = (0, 1, 2, 3), **kwargs):
         super().__init__(model, out_indices=out_indices, **kwargs)

@@ -22,7 +22,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._base import LIBRARY_CFG, S4ND_PAPER
+from ._base import LIBRARY_CFG, S4ND_PAPER, feature_cfg
 from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures
 
@@ -63,7 +63,8 @@ def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> C
     return build_model_with_cfg(
         ConvNeXtS4ND, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
+        feature_cfg=feature_cfg(
+            kwargs, out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)
 
 

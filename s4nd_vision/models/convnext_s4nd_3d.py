@@ -40,7 +40,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.ssm_kernel import is_int
-from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, update_model_args
+from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
 from .inflate import inflate_state_dict, is_2d_state_dict
@@ -183,7 +183,8 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
     return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
+        feature_cfg=feature_cfg(
+            kwargs, out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)
 
 

@@ -28,7 +28,7 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d, t
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, stacked_kernels
-from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel
+from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel, feature_cfg
 from ._checkpoint import stated_img_size
 
 __all__ = ['IsoS4ND']
@@ -150,7 +150,8 @@ def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         IsoS4ND, variant, pretrained,
-        feature_cfg=dict(out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),  # the last 4 blocks
+        # the last 4 blocks
+        feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)
 
 

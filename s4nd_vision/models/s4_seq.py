@@ -35,8 +35,8 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, ssm_parameters
-from ._base import LIBRARY_CFG, MIXER_TYPES, update_model_args
+from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence
+from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input
 
@@ -95,7 +95,7 @@ class SeqS4NDBlock(nn.Module):
         return self._pointwise(x, y, sample=True), state
 
 
-class SeqS4ND(nn.Module):
+class SeqS4ND(SSMNoWeightDecay, nn.Module):
     """S4 sequence classifier: (B, in_chans, L) -> (B, num_classes)."""
 
     def __init__(
@@ -197,11 +197,6 @@ class SeqS4ND(nn.Module):
         if getattr(self, 'pretrained_cfg', None) is not None:  # (set by timm's builder)
             self.pretrained_cfg.update(input_size=(self.in_chans, seq_len), pool_size=(seq_len,))
         update_model_args(self, seq_len=seq_len)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Names of the SSM parameters (A, B, log dt): trained without weight decay."""
-        return {name for name, _ in ssm_parameters(self)}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -354,7 +349,8 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
         SeqS4ND, variant, pretrained,
         pretrained_cfg_overlay=dict(overlay, input_size=None),
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),  # the last 4 blocks
+        # the last 4 blocks
+        feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)
     model.pretrained_cfg.update(input_size=(kwargs['in_chans'], kwargs['seq_len']), pool_size=(kwargs['seq_len'],))
     return model

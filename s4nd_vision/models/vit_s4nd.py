@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, stacked_kernels
-from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, update_model_args
+from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, feature_cfg, update_model_args
 from ._checkpoint import stated_img_size
 from ._checks import check_input
 
@@ -366,7 +366,7 @@ def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> Vision
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
         # features_only: the last three blocks, as timm's ViT (all of a shallower model)
-        feature_cfg=dict(out_indices=min(3, kwargs.get('depth', 12)), feature_cls='getter'),
+        feature_cfg=feature_cfg(kwargs, out_indices=min(3, kwargs.get('depth', 12)), feature_cls='getter'),
         **kwargs)
 
 
