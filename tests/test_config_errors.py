@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_train import _overrides, _write_folder
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
@@ -93,11 +94,44 @@ def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):
     assert len(erasing) == 1 and erasing[0].mode == 'pixel' and erasing[0].probability == 0.25
 
     clip = VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=9)
-    (randaugment,) = [t for t in clip.transform.transforms if isinstance(t, v2.RandAugment)]
+    applied = [t for t in clip.transform.transforms if isinstance(t, v2.RandomApply)]
+    assert len(applied) == 2 and all(t.p == 0.5 for t in applied)  # rand-m9-n2: two ops, each with p 0.5 as timm
+    randaugment = applied[0].transforms[0]
+    assert randaugment.num_ops == 1 and randaugment.interpolation == v2.InterpolationMode.BILINEAR
     magnitudes = randaugment._AUGMENTATION_SPACE['Rotate'][0](randaugment.num_magnitude_bins, 32, 32)
     assert magnitudes[randaugment.magnitude].item() == pytest.approx(27.0)
     with pytest.raises(ValueError, match=r'randaugment_magnitude must be in \[0, 10\]'):
         VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=11)
+
+
+def test_clip_randaugment_is_as_strong_as_timms_policy():
+    """timm's rand-m9-n2 leaves about a quarter of the images as they are (each op with p 0.5; torchvision's own
+    RandAugment applied every op: 1% unchanged); an unchanged clip keeps every frame."""
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 2, 32, 32), dtype=torch.uint8)
+    transform = VideoTransform(train=True, num_frames=2, img_size=32, crop_pct=1.0, randaugment_magnitude=9)
+    steps = transform.transform.transforms
+    transform.transform.transforms = [t for t in steps if not isinstance(t, v2.RandomHorizontalFlip)]
+    plain = VideoTransform(train=False, num_frames=2, img_size=32, crop_pct=1.0)(frames)
+    unchanged = sum(torch.equal(transform(frames), plain) for _ in range(200)) / 200
+    assert 0.15 < unchanged < 0.5
+
+
+def test_clip_interpolation_follows_the_data_config(tmp_path):
+    """data.interpolation resizes clips (and is what the exported cfg then says); clips take torchvision's modes."""
+    frames = torch.randint(0, 256, (3, 2, 40, 40), dtype=torch.uint8)
+    bicubic = VideoTransform(train=False, num_frames=2, img_size=32, interpolation='bicubic')
+    assert 'bicubic' in repr(bicubic).lower()
+    assert not torch.equal(bicubic(frames), VideoTransform(train=False, num_frames=2, img_size=32)(frames))
+    with pytest.raises(ValueError, match=r"interpolation must be one of \('bilinear', 'bicubic', 'nearest'\) for "
+                                         r"clips, got 'lanczos'"):
+        VideoTransform(train=False, num_frames=2, img_size=32, interpolation='lanczos')
+    videos, splits = tmp_path / 'videos', tmp_path / 'splits'
+    videos.mkdir(), splits.mkdir()
+    with pytest.raises(ConfigError, match=r"data.interpolation must be null or one of .* for data.dataset hmdb51, "
+                                          r"got 'lanczos'"):
+        load_config(None, ['model.name=convnext_s4nd_3d_atto', 'data.dataset=hmdb51', f'data.root={videos}',
+                           f'data.split_dir={splits}', 'data.interpolation=lanczos'])
 
 
 def test_image_data_refuses_video_and_sequence_models(folder, tmp_path):
@@ -217,3 +251,8 @@ def test_mnist_refuses_image_augmentation_it_would_ignore(tmp_path):
             load_config(None, [*base, f'aug.{key}={value}'])
     cfg = load_config(None, [*base, 'aug.mixup=0.2', 'aug.smoothing=0.1', 'aug.no_aug=true'])
     assert cfg.aug.mixup == 0.2
+    # nor is there a crop: crop_pct other than 1.0 would be ignored, and the weights' cfg says 1.0 (what ran)
+    with pytest.raises(ConfigError, match=r'data.crop_pct must be null or 1.0 for data.dataset mnist'):
+        load_config(None, [*base, 'data.crop_pct=0.5'])
+    trainer = Trainer(load_config(None, [*base, 'data.img_size=14']))
+    assert trainer.model.pretrained_cfg['crop_pct'] != 1.0 and trainer.data.data_config['crop_pct'] == 1.0

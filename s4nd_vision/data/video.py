@@ -33,19 +33,23 @@ from torch.utils.data import DistributedSampler, IterableDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ['Hmdb51Clips', 'VideoTransform', 'read_hmdb51_split']
+__all__ = ['Hmdb51Clips', 'VideoTransform', 'VIDEO_INTERPOLATIONS', 'read_hmdb51_split']
 
 _SPLIT_TAGS = {'train': 1, 'test': 2}  # official split files: 1 = train, 2 = test, 0 = unused
 _MAX_MAGNITUDE = 10  # RandAugment magnitudes as timm and pytorchvideo count them (timm's _LEVEL_DENOM)
+VIDEO_INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')  # the modes torchvision resizes uint8 clips with
 
 
 class VideoTransform:
     """(C, T, H, W) clip, values 0-255 (pytorchvideo's; float or uint8) -> (C, num_frames, img_size, img_size) float.
 
     Frames are subsampled uniformly in time (repeated when the clip is shorter), the short side is
-    resized to img_size / crop_pct, then cropped: at random, with horizontal flips and
-    RandAugment(randaugment_ops, randaugment_magnitude) for training; in the centre for
-    evaluation. Every frame of a clip gets the same augmentation. Output normalized by mean, std.
+    resized to img_size / crop_pct, then cropped: at random, with horizontal flips and RandAugment for training;
+    in the centre for evaluation. Every frame of a clip gets the same augmentation. Output normalized by mean, std.
+
+    RandAugment follows timm's `rand-m{magnitude}-n{ops}`: `randaugment_ops` operations drawn at random, each
+    applied with probability 0.5 at the fixed magnitude, filling with the mean colour (torchvision's own
+    RandAugment applies every drawn operation, with black fill: far stronger at the same numbers).
     """
 
     def __init__(
@@ -58,27 +62,35 @@ class VideoTransform:
             randaugment_magnitude: Optional[int] = 9,
             mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
             std: Sequence[float] = IMAGENET_DEFAULT_STD,
+            interpolation: str = 'bilinear',
     ):
         """
         Args:
             train: random crop, flip and RandAugment (True) or centre crop (False).
             randaugment_magnitude: RandAugment magnitude, 0-10 as timm's and pytorchvideo's (9: rotations up to
                 27 degrees), None for no RandAugment.
+            interpolation: of the resize and RandAugment's geometric operations: one of VIDEO_INTERPOLATIONS.
         """
         if num_frames < 1:
             raise ValueError(f'num_frames must be positive, got {num_frames}')
         if not 0 < crop_pct <= 1:
             raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
+        if interpolation not in VIDEO_INTERPOLATIONS:
+            raise ValueError(f'interpolation must be one of {VIDEO_INTERPOLATIONS} for clips, got {interpolation!r}')
+        mode = v2.InterpolationMode(interpolation)
         self.num_frames = num_frames
-        steps = [v2.Resize(math.floor(img_size / crop_pct), antialias=True)]
+        steps = [v2.Resize(math.floor(img_size / crop_pct), interpolation=mode, antialias=True)]
         if train:
             steps += [v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
             if randaugment_magnitude is not None:
                 if not 0 <= randaugment_magnitude <= _MAX_MAGNITUDE:
                     raise ValueError(
                         f'randaugment_magnitude must be in [0, {_MAX_MAGNITUDE}], got {randaugment_magnitude}')
-                steps.append(v2.RandAugment(  # torchvision's bins span the same ranges: bin m of 11 is m / 10
-                    num_ops=randaugment_ops, magnitude=randaugment_magnitude, num_magnitude_bins=_MAX_MAGNITUDE + 1))
+                fill = [round(255 * m) for m in mean]  # (timm's fill: the mean colour)
+                # torchvision's bins span the same ranges: bin m of 11 is m / 10
+                op = partial(v2.RandAugment, num_ops=1, magnitude=randaugment_magnitude,
+                             num_magnitude_bins=_MAX_MAGNITUDE + 1, interpolation=mode, fill=fill)
+                steps += [v2.RandomApply([op()], p=0.5) for _ in range(randaugment_ops)]
         else:
             steps.append(v2.CenterCrop(img_size))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]

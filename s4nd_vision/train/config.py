@@ -57,7 +57,7 @@ class DataConfig:
     # eval centre crop (hmdb51: every crop, after a short-side resize to img_size / crop_pct); None: the model's
     # pretrained cfg, as eval-resolution and timm's validate.py take it for the same weights
     crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None  # images; None: the model's pretrained cfg (clips are resized bilinearly)
+    interpolation: Optional[str] = None  # resizing (clips: and RandAugment); None: the model's pretrained cfg
     mean: Optional[Tuple[float, ...]] = None  # None: the model's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
     in_chans: int = 3
@@ -188,6 +188,8 @@ class Config:
                 need(getattr(self.aug, key) == getattr(AugConfig(), key), f'aug.{key}',
                      f'left at {getattr(AugConfig(), key)!r} for data.dataset mnist, which applies no image '
                      f'augmentation (Mixup/CutMix and label smoothing apply)', getattr(self.aug, key))
+            need(self.data.crop_pct in (None, 1.0), 'data.crop_pct', 'null or 1.0 for data.dataset mnist (a digit '
+                 'fills its image: resized whole, never cropped)', self.data.crop_pct)
         for key in ('img_size', 'batch_size', 'in_chans'):
             need(getattr(self.data, key) > 0, f'data.{key}', 'positive', getattr(self.data, key))
         need(self.data.workers >= 0, 'data.workers', '>= 0', self.data.workers)
@@ -333,6 +335,8 @@ class Config:
                                       f"SSM kernels ('s4d', 's4') to band-limit: leave it null")
 
     def _validate_video(self) -> None:
+        from ..data.video import VIDEO_INTERPOLATIONS
+
         def need(ok: bool, key: str, expectation: str, value: Any) -> None:
             if not ok:
                 raise ConfigError(f'{key} must be {expectation} for data.dataset hmdb51, got {value!r}')
@@ -347,6 +351,8 @@ class Config:
         need(data.clip_duration > 0, 'data.clip_duration', 'positive (seconds)', data.clip_duration)
         need(data.clips_per_video >= 1, 'data.clips_per_video', 'at least 1', data.clips_per_video)
         need(data.in_chans == 3, 'data.in_chans', '3 (RGB clips)', data.in_chans)
+        need(data.interpolation in (None,) + VIDEO_INTERPOLATIONS, 'data.interpolation',
+             f'null or one of {VIDEO_INTERPOLATIONS} (torchvision resizes clips)', data.interpolation)
         defaults = AugConfig()
         for key in [k for k in _IMAGE_AUG if k != 'auto_augment'] + ['repeated_aug']:  # image-only settings
             need(getattr(aug, key) == getattr(defaults, key), f'aug.{key}',

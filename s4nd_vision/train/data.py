@@ -231,7 +231,12 @@ class ImageFolderData(_ImageData):
 
 class Mnist5kData(_ImageData):
     """The built-in MNIST-5k (4,000 training and 1,000 validation digits), kept as 28 px tensors and resampled to
-    each stage's size (`mnist_transform`, the same for training and evaluation)."""
+    each stage's size (`mnist_transform`, the same for training and evaluation: no crop, so the data config, which
+    the exported cfg states, says crop_pct 1.0)."""
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.data_config['crop_pct'] = 1.0
 
     def _datasets(self) -> Tuple[Dataset, Dataset, int]:
         from ..data.mnist import MNIST5k
@@ -305,7 +310,7 @@ class Hmdb51Data(TrainData):
         return VideoTransform(
             train=training and not aug.no_aug, num_frames=data.num_frames, img_size=img_size,
             crop_pct=dc['crop_pct'], randaugment_ops=ops, randaugment_magnitude=magnitude, mean=dc['mean'],
-            std=dc['std'])
+            std=dc['std'], interpolation=dc['interpolation'])
 
     def train_batches(self, epoch: int, img_size: int, start: int, stop: int) -> Iterator[Tuple[torch.Tensor, ...]]:
         _set_transform(self.train_set, self.transform(img_size, training=True))
