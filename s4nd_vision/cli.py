@@ -613,7 +613,8 @@ def _seq_mnist_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch-size', type=_positive_int, default=50)
     parser.add_argument('--lr', type=float, default=1e-2)
     parser.add_argument('--ssm-lr', type=float, default=1e-3)
-    parser.add_argument('--train-limit', type=_positive_int, default=None, help='train on the first n digits only')
+    parser.add_argument('--train-limit', type=_positive_int, default=None,
+                        help='train on n digits chosen at random by --seed (the split is sorted by class)')
     parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', default=None, help='write the rows to this JSON file')

@@ -195,6 +195,22 @@ def test_sequential_mnist_experiment_runs_small(monkeypatch):
         run_sequential_mnist(models=('s4nd_seq_atto', 's4nd_seq_atto,sgconv'))
 
 
+def test_sequential_mnist_train_limit_keeps_every_class(monkeypatch):
+    """`train_limit` trains on digits chosen by the seed: the split is sorted by class, so its first 100 digits would
+    all be zeros."""
+    from s4nd_vision.eval import sequential
+    trained = []
+    loader = sequential.DataLoader
+    monkeypatch.setattr(sequential, 'DataLoader', lambda data, **kw: trained.append(data) or loader(data, **kw))
+    for seed in (0, 1):
+        sequential.run_sequential_mnist(models=('conv_seq_tiny',), rows=4, cols=4, epochs=1, batch_size=25,
+                                        train_limit=100, model_kwargs=dict(dim=8, depth=1), seed=seed, log=print)
+    first, second = trained[0], trained[4]  # (each run: its training loader, then one per test length)
+    assert len(first) == len(second) == 100
+    assert len({first[i][1] for i in range(100)}) == 10
+    assert first.indices != second.indices  # another seed, other digits
+
+
 def test_seq_mnist_command_prints_the_table_and_writes_json(tmp_path, capsys):
     """`s4nd-vision seq-mnist` (= tools/seq_mnist.py) runs the experiment above and writes its rows."""
     import json

@@ -55,7 +55,8 @@ def run_sequential_mnist(
 
     `models` are timm names, each with constructor arguments of its own as `NAME,key=value,...`
     (`parse_model_spec`, e.g. 's4nd_seq_tiny,kernel=sgconv'); `model_kwargs` go to every model's constructor;
-    `train_limit` keeps the first n training digits.
+    `train_limit` keeps n training digits chosen at random by `seed` (the split is sorted by class: its first n
+    digits would hold one or two classes).
     """
     specs = [parse_model_spec(spec) for spec in models]  # (malformed ones fail before any training)
     fixed = {'seq_len': 'rows x cols', 'in_chans': '1', 'num_classes': '10'}
@@ -71,7 +72,8 @@ def run_sequential_mnist(
     if train_limit is not None:
         if train_limit < 1:
             raise ValueError(f'train_limit must be a positive number of digits, got {train_limit}')
-        train = Subset(train, range(min(train_limit, len(train))))
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_limit]
+        train = Subset(train, chosen.sort().values.tolist())
     if not 1 <= batch_size <= len(train):  # (full batches only: a larger one would train nothing)
         raise ValueError(f'batch_size must be in [1, {len(train)}] (the training digits), got {batch_size}')
     tests = {rows * c: SequentialMNIST5k('val', rows=rows, cols=c, seed=seed, transform=_normalize)
