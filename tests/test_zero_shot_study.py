@@ -1,5 +1,6 @@
 """The zero-shot resolution study runner: its grid, resumable CSV, table and plot, and one tiny real run."""
 import csv
+import json
 import os
 
 import pytest
@@ -180,6 +181,25 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f'holds runs trained with {message}: continue that study'):
             run_study(runs + [StudyRun('convnext_atto', 7)], out_dir=str(tmp_path), log=lambda s: None, **changed)
     assert calls == []
+
+
+def test_bad_settings_record_nothing(tmp_path, monkeypatch):
+    """A value the runs' configs refuse fails before study_settings.json is written (it would hold the folder for
+    runs that never existed); settings recorded for no run are replaced, never reported as runs."""
+    runs = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[1.0], seeds=[0], baseline=False,
+                      progressive='none')
+    calls = []
+    _fake(monkeypatch, calls)
+    for bad, message in ((dict(epochs=0), 'train.epochs must be positive'),
+                         (dict(max_steps_per_epoch=0), 'train.max_steps_per_epoch must be positive'),
+                         (dict(overrides=['bogus.key=1']), "unknown config key 'bogus'")):
+        with pytest.raises(ValueError, match=message):
+            run_study(runs, out_dir=str(tmp_path), log=lambda s: None, **bad)
+        assert not (tmp_path / study.SETTINGS_JSON).exists() and calls == []
+    (tmp_path / study.SETTINGS_JSON).write_text('{"epochs": 7}')  # recorded for no run
+    run_study(runs, out_dir=str(tmp_path), epochs=1, log=lambda s: None)
+    assert calls == [runs[0].run_id]
+    assert json.loads((tmp_path / study.SETTINGS_JSON).read_text())['epochs'] == 1
 
 
 def test_tiny_real_run(tmp_path, capsys):

@@ -44,13 +44,18 @@ def retention(rows: Sequence[Dict], model: str) -> Dict[int, float]:
     return {res: top1 / base if base > 0 else 0.0 for res, top1 in mine}
 
 
+def _train_config(config: str, model_name: str, out_dir: str, overrides: Sequence[str]):
+    """The config `_train` trains with (ValueError for a bad override or value, before any training)."""
+    from ..train import load_config
+    return load_config(config, [f'model.name={model_name}', f'train.output_dir={out_dir}', *overrides])
+
+
 def _train(config: str, model_name: str, out_dir: str, overrides: Sequence[str]) -> str:
     """Train (or resume, or find finished) one model; returns its best weights file."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from ..train import Trainer, load_config
-    cfg = load_config(config, [f'model.name={model_name}', f'train.output_dir={out_dir}', *overrides])
-    Trainer(cfg, resume=True, allow_fresh=True).fit()
+    from ..train import Trainer
+    Trainer(_train_config(config, model_name, out_dir, overrides), resume=True, allow_fresh=True).fit()
     # the next model builds its own Accelerator in this process
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

@@ -10,10 +10,11 @@ Interruptions: each finished run appends one row to `runs.csv` in the output fol
 the sum of its epochs' wall time as the trainer records it, each epoch's validation included); running the
 study again skips the runs in it and resumes unfinished ones from their last checkpoint (a run that diverges
 is reported and left out; the next study run tries it again). The settings every run shares (epochs, steps per
-epoch, progressive sizes, overrides) are kept in `study_settings.json`: a continuation with others is refused, as
-its runs would be averaged with those trained before. After the last run (or with `report_only`) it
-writes `study.md` (mean +- std over seeds per setting, and the fraction kept at 2x and 4x the training
-resolution) and `study.png` (top-1 against resolution, one line per setting).
+epoch, progressive sizes, overrides) are kept in `study_settings.json` once a run starts (every run's config is
+loaded first: a bad value fails before anything is recorded); a continuation with others is refused, as its runs
+would be averaged with those trained before. After the last run (or with `report_only`) it writes `study.md`
+(mean +- std over seeds per setting, and the fraction kept at 2x and 4x the training resolution) and `study.png`
+(top-1 against resolution, one line per setting).
 
     s4nd-vision zero-shot-study --out output/zero_shot_study               # the whole grid (hours on a CPU)
     s4nd-vision zero-shot-study --inits lin --bandlimits off 1.0 --seeds 0 --epochs 2
@@ -29,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..layers import SSM_INITS
 from ..utils import replaced_atomically
-from .demo import CONFIG_DIR, SETTINGS, _train
+from .demo import CONFIG_DIR, SETTINGS, _train, _train_config
 from .resolution import eval_resolution, load_model
 
 __all__ = [
@@ -185,24 +186,35 @@ def _recorded_resolutions(path: str) -> Optional[List[int]]:
     return [int(k[5:]) for k in header if k.startswith('top1_')] or None
 
 
-def _check_settings(out_dir: str, settings: Dict, log: Callable[[str], None]) -> None:
+def _begun_runs(out_dir: str) -> bool:
+    """Whether `out_dir` holds a run: a row of runs.csv, or a run folder its training has begun (its config.yaml)."""
+    runs = os.path.join(out_dir, 'runs')
+    return bool(read_runs(os.path.join(out_dir, RUNS_CSV))) or (os.path.isdir(runs) and any(
+        os.path.isfile(os.path.join(runs, name, 'config.yaml')) for name in os.listdir(runs)))
+
+
+def _check_settings(out_dir: str, settings: Dict, starting: bool, log: Callable[[str], None]) -> None:
     """Refuse to continue a study in `out_dir` with other shared settings than its runs were trained with (recorded
-    in `SETTINGS_JSON` when it started; written now if there is none)."""
+    in `SETTINGS_JSON`); record them when a run is `starting` (settings recorded for no run are replaced)."""
     path = os.path.join(out_dir, SETTINGS_JSON)
+    begun = _begun_runs(out_dir)
     if os.path.isfile(path):
         with open(path) as f:
             recorded = json.load(f)
         changed = [k for k in settings if recorded.get(k) != settings[k]]
-        if changed:
+        if not changed:
+            return
+        if begun:
             before = ', '.join(f'{k}={recorded.get(k)!r}' for k in changed)
             now = ', '.join(f'{k}={settings[k]!r}' for k in changed)
             raise ValueError(f'{out_dir} holds runs trained with {before}, not {now}: continue that study with its '
                              f'settings, or choose another output folder')
-        return
-    if read_runs(os.path.join(out_dir, RUNS_CSV)):
+    elif begun and starting:
         log(f'{path}: none (a study begun before it was kept); recording these settings for the next runs')
-    with replaced_atomically(path) as tmp, open(tmp, 'w') as f:
-        json.dump(settings, f, indent=1)
+    if starting:
+        os.makedirs(out_dir, exist_ok=True)
+        with replaced_atomically(path) as tmp, open(tmp, 'w') as f:
+            json.dump(settings, f, indent=1)
 
 
 def _append_row(path: str, row: Dict, fields: List[str]) -> None:
@@ -295,24 +307,28 @@ def run_study(
     owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
     if owned:
         raise ValueError(f'overrides {owned} set what the study sets per run ({", ".join(_OWNED)}): use its options')
-    os.makedirs(out_dir, exist_ok=True)
-    if not report_only:
-        _check_settings(out_dir, dict(epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
-                                      progressive_sizes=[int(s) for s in progressive_sizes],
-                                      overrides=list(overrides)), log)
     fields = _fields(resolutions)
     done = {r['run_id'] for r in read_runs(path)}
     todo = [] if report_only else [r for r in runs if r.run_id not in done]
     from ..train import load_config
     config_epochs = load_config(CONFIG).train.epochs
-    from ..train import TrainingDiverged
-    for i, run in enumerate(todo):
-        log(f'[{i + 1}/{len(todo)}] {run.run_id}')
+    planned = []  # (run, its folder, its overrides), every config loaded as the run will (a bad value fails here)
+    for run in todo:
         run_dir = os.path.join(out_dir, 'runs', run.run_id)
-        overrides_run = _overrides(run, img_size, epochs, max_steps_per_epoch, progressive_sizes, config_epochs)
+        run_overrides = list(overrides) + _overrides(run, img_size, epochs, max_steps_per_epoch, progressive_sizes,
+                                                     config_epochs)
+        _train_config(CONFIG, run.model, run_dir, run_overrides)
+        planned.append((run, run_dir, run_overrides))
+    if not report_only:
+        _check_settings(out_dir, dict(epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
+                                      progressive_sizes=[int(s) for s in progressive_sizes],
+                                      overrides=list(overrides)), starting=bool(todo), log=log)
+    from ..train import TrainingDiverged
+    for i, (run, run_dir, run_overrides) in enumerate(planned):
+        log(f'[{i + 1}/{len(todo)}] {run.run_id}')
         t0 = time.perf_counter()
         try:
-            _train(CONFIG, run.model, run_dir, list(overrides) + overrides_run)
+            _train(CONFIG, run.model, run_dir, run_overrides)
         except TrainingDiverged as e:  # a setting that diverges does not stop the others (a rerun tries again)
             log(f'    diverged, left out of {RUNS_CSV}: {e}')
             continue
