@@ -33,24 +33,29 @@ def test_demo_reduced_end_to_end(tmp_path, capsys, monkeypatch):
     assert {(r['model'], r['resolution']) for r in rows} == {
         (m, r) for m in (setting.s4nd_model, setting.baseline) for r in setting.resolutions}
     out = capsys.readouterr().out
-    assert '| s4nd_iso_tiny |' in out and 'keeps' in out and str(tmp_path / PLOT_NAME) in out
-    with open(tmp_path / CSV_NAME) as f:
+    # runs and results named by the settings that differ from the config's (another --epochs: other runs)
+    tag = '-epochs1-steps2'
+    csv_path, plot_path = (tmp_path / name.replace('.', tag + '.') for name in (CSV_NAME, PLOT_NAME))
+    assert '| s4nd_iso_tiny |' in out and 'keeps' in out and str(plot_path) in out
+    with open(csv_path) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
-    with Image.open(tmp_path / PLOT_NAME) as img:
+    with Image.open(plot_path) as img:
         assert img.format == 'PNG' and img.size[0] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [csv_path.name, plot_path.name, setting.s4nd_model + tag, setting.baseline + tag])
     for model in (setting.s4nd_model, setting.baseline):
-        assert (tmp_path / model / 'best.safetensors').is_file()
+        assert (tmp_path / (model + tag) / 'best.safetensors').is_file()
         assert set(retention(rows, model)) == set(setting.resolutions)
 
     # the same seed trains the same weights; running again resumes the finished runs (no retraining)
     again = _train(os.path.join(CONFIG_DIR, setting.config), setting.s4nd_model, str(tmp_path / 'again'),
                    ['train.epochs=1', 'train.max_steps_per_epoch=2'])
-    first, second = load_file(str(tmp_path / setting.s4nd_model / 'best.safetensors')), load_file(again)
+    first, second = load_file(str(tmp_path / (setting.s4nd_model + tag) / 'best.safetensors')), load_file(again)
     assert all((first[k] == second[k]).all() for k in first)
-    mtime = (tmp_path / setting.s4nd_model / 'best.safetensors').stat().st_mtime
-    _train(os.path.join(CONFIG_DIR, setting.config), setting.s4nd_model, str(tmp_path / setting.s4nd_model),
+    mtime = (tmp_path / (setting.s4nd_model + tag) / 'best.safetensors').stat().st_mtime
+    _train(os.path.join(CONFIG_DIR, setting.config), setting.s4nd_model, str(tmp_path / (setting.s4nd_model + tag)),
            ['train.epochs=1', 'train.max_steps_per_epoch=2'])
-    assert (tmp_path / setting.s4nd_model / 'best.safetensors').stat().st_mtime == mtime
+    assert (tmp_path / (setting.s4nd_model + tag) / 'best.safetensors').stat().st_mtime == mtime
 
 
 def test_demo_rejects_unknown_setting(tmp_path):
@@ -92,3 +97,10 @@ def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
         run_demo('convnext', out_dir=str(tmp_path), seed=3, bandlimit=0.5)
     assert folders == {setting.s4nd_model: str(tmp_path / f'{setting.s4nd_model}-seed3-bandlimit0.5'),
                        setting.baseline: str(tmp_path / f'{setting.baseline}-seed3')}
+    # and so do other epochs or steps per epoch (a run never continues one trained with others); the config's
+    # own number of epochs is the default run
+    for epochs, steps, tag in ((2, 3, '-epochs2-steps3'), (5, None, ''), (None, 4, '-steps4')):
+        folders.clear()
+        with pytest.raises(Built):
+            run_demo('convnext', out_dir=str(tmp_path), epochs=epochs, max_steps_per_epoch=steps)
+        assert folders == {name: str(tmp_path / (name + tag)) for name in (setting.s4nd_model, setting.baseline)}

@@ -106,7 +106,7 @@ def test_installed_demo_quick_mode(installed):
                   timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert '| s4nd_iso_tiny |' in result.stdout and '| conv_iso_tiny |' in result.stdout
-    with open(os.path.join(work, 'demo', 'accuracy_vs_resolution.csv')) as f:
+    with open(os.path.join(work, 'demo', 'accuracy_vs_resolution-epochs1-steps2.csv')) as f:
         rows = list(csv.DictReader(f))
     assert {r['model'] for r in rows} == {'s4nd_iso_tiny', 'conv_iso_tiny'} and len(rows) == 8
 

@@ -8,14 +8,16 @@ at 64, 96, 128 and 256 px, both with their default arguments. Prints the accurac
 and the plot.
 
 Runs are resumable: run the demo again after an interruption and each model continues from its
-last checkpoint (a finished model is not trained again).
+last checkpoint (a finished model is not trained again). Another seed, band-limit, number of epochs or of steps
+per epoch trains in run folders of its own and writes its own CSV and plot (`accuracy_vs_resolution-seed1.csv`),
+so no run continues one trained with other settings.
 """
 import importlib.resources
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .resolution import CSV_NAME, PLOT_NAME, eval_resolution, format_table, load_model
+from .resolution import CSV_NAME, PLOT_NAME, eval_resolution, format_table, load_model, plot_accuracy, write_csv
 
 __all__ = ['SETTINGS', 'DemoSetting', 'run_demo', 'retention']
 
@@ -75,7 +77,9 @@ def run_demo(
 
     Args:
         setting: 'iso' or 'convnext' (see SETTINGS).
-        out_dir: where each model's run (`<model>[-seed<seed>][-bandlimit<b>]`), the CSV and the plot go.
+        out_dir: where each model's run (`<model>[-seed<s>][-epochs<e>][-steps<n>][-bandlimit<b>]`, the S4ND
+            model's band-limit only; a part where the argument keeps the config's is left out), the CSV and the
+            plot (`accuracy_vs_resolution` with the same parts) go.
         seed: seed of the whole run (same seed, same numbers).
         bandlimit: S4ND band-limiting cut-off for training and evaluation: None keeps the model's own
             (ConvNeXt-S4ND: 1.0; the isotropic model: off), 'off' or 0 turns it off.
@@ -88,6 +92,8 @@ def run_demo(
         raise ValueError(f'setting must be one of {tuple(SETTINGS)}, got {setting!r}')
     s = SETTINGS[setting]
     config = os.path.join(config_dir, s.config)
+    from ..train import load_config
+    cfg = load_config(config)
     common = [f'train.seed={seed}']
     if epochs is not None:
         common.append(f'train.epochs={epochs}')
@@ -99,16 +105,17 @@ def run_demo(
     # (off is 0: timm.create_model drops arguments that are None)
     s4nd_kwargs = {} if bandlimit is None else {'bandlimit': 0 if bandlimit in ('off', 0) else float(bandlimit)}
     s4nd_extra = [f'model.kwargs.{k}={v}' for k, v in s4nd_kwargs.items()]
-    # a run folder per model and setting (another seed or band-limit trains anew; the same command resumes)
-    seed_tag = f'-seed{seed}' if seed else ''
+    # a run folder per model and setting: another seed, number of epochs or of steps, or band-limit trains anew
+    # (a run never continues one trained with other settings); the same command resumes
+    given = dict(seed=seed, epochs=epochs, steps=max_steps_per_epoch)
+    own = dict(seed=0, epochs=cfg.train.epochs, steps=cfg.train.max_steps_per_epoch)  # (not in the names)
+    train_tag = ''.join(f'-{k}{v}' for k, v in given.items() if v is not None and v != own[k])
     s4nd_tag = ''.join(f'-{k}{v}' for k, v in s4nd_kwargs.items())
     weights = {
-        s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model + seed_tag + s4nd_tag),
+        s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model + train_tag + s4nd_tag),
                              common + s4nd_extra),
-        s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline + seed_tag), common),
+        s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline + train_tag), common),
     }
-    from ..train import load_config
-    cfg = load_config(config)
     common_kwargs = dict(cfg.model.kwargs)  # what both models were created with
     norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
     if norm:  # the normalization the models were trained with, where the config sets one (else their own cfg's)
@@ -119,12 +126,17 @@ def run_demo(
                          model_kwargs=dict(common_kwargs, **(s4nd_kwargs if name == s.s4nd_model else {})))
         for name, path in weights.items()
     }
-    rows = eval_resolution(models, 'mnist', s.resolutions, train_resolution=train_res, out_dir=out_dir)
+    rows = eval_resolution(models, 'mnist', s.resolutions, train_resolution=train_res)
+    # the results of these runs, named as their folders (the default command: accuracy_vs_resolution.csv)
+    csv_path, plot_path = (os.path.join(out_dir, f'{base}{train_tag}{s4nd_tag}{ext}')
+                           for base, ext in map(os.path.splitext, (CSV_NAME, PLOT_NAME)))
+    write_csv(rows, csv_path)
+    plot_accuracy(rows, plot_path, train_resolution=train_res)
     print(f'\nTop-1 / top-5 accuracy (%) on the MNIST-5k validation split, trained at {train_res} px:\n')
     print(format_table(rows))
     for name in weights:
         kept = retention(rows, name)
         print(f'{name}: keeps ' + ', '.join(f'{100 * kept[r]:.0f}% at {r} px' for r in s.resolutions[1:])
               + f' of its {train_res} px accuracy')
-    print(f'\ncsv:  {os.path.join(out_dir, CSV_NAME)}\nplot: {os.path.join(out_dir, PLOT_NAME)}')
+    print(f'\ncsv:  {csv_path}\nplot: {plot_path}')
     return rows
