@@ -81,6 +81,20 @@ def test_complex_products():
     assert _counts(lambda a, r: a / r, a, r) == {'div': 2 * 32}
 
 
+def test_attention_counts_its_two_products():
+    """timm's attention (scaled_dot_product_attention, 0 in plain fvcore): q k^T and the weights times v, as fvcore
+    counts the same products written out."""
+    import torch.nn.functional as F
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    assert _counts(F.scaled_dot_product_attention, q, k, v) == {'scaled_dot_product_attention': 2 * 3 * 5 * 7 * 12}
+    written_out = _counts(lambda q, k, v: torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(-1), v), q, k, v)
+    assert sum(written_out.values()) == 2 * 3 * 5 * 7 * 12
+    # grouped-query attention: 6 query heads share 3 key/value heads, every query head costs its products
+    q6 = torch.randn(2, 6, 5, 8)
+    assert _counts(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q6, k, v) == {
+        'scaled_dot_product_attention': 2 * 6 * 5 * 7 * 12}
+
+
 def _conv_counts(layer: S4ND, x: torch.Tensor):
     """Counts of the layer's convolution: the whole layer minus its kernel generation."""
     analysis = count_flops(layer, (x,))

@@ -20,6 +20,9 @@ timm and the ConvNeXt paper report (ConvNeXt-T: 4.5 G); real flops are about twi
   baddbmm(_) (a product accumulated into a tensor) counts as its bmm, which fvcore leaves at 0.
 - `mean` (average pooling, folded into S4ND): one per input element, fvcore's convention for
   `adaptive_avg_pool2d`.
+- `scaled_dot_product_attention` (timm's attention: the ViT baselines): its two matrix products, q k^T and the
+  weights times v, Lq * Lk * (d + dv) per batch and head, as fvcore counts them written out (in full: a causal
+  or masked call counts the whole product; the softmax, like other real elementwise ops, is not counted).
 - Pure data movement (pad, flip, complex <-> real views and conjugation, unflatten, movedim) is marked as free.
 
 Like fvcore, real elementwise ops (add, sub, mul, exp, cos, sin, GELU, GLU, ...) are not counted
@@ -151,8 +154,16 @@ def _complex_product(real_handle: Handle) -> Handle:
     return handle
 
 
+def _attention_handle(inputs: List[Any], outputs: List[Any]) -> int:
+    """q (..., Lq, d) k^T (..., d, Lk), then the weights times v (..., Lk, dv): Lq * Lk * (d + dv) per batch and head
+    (the output (..., Lq, dv) gives the batch and heads, also where grouped-query attention shares k and v)."""
+    query, key, out = get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0])
+    return math.prod(out[:-1]) * key[-2] * (query[-1] + out[-1])
+
+
 def s4nd_handles() -> Dict[str, Optional[Handle]]:
-    """fvcore op handles for FFTs, complex products and pooling means (None = free); see the module doc."""
+    """fvcore op handles for FFTs, complex products, pooling means and attention (None = free); see the module
+    doc."""
     handles: Dict[str, Optional[Handle]] = {name: _fft_handle(*spec) for name, spec in _FFT_OPS.items()}
     handles.update({
         'aten::mul': _complex_elementwise(divide=False),
@@ -164,6 +175,7 @@ def s4nd_handles() -> Dict[str, Optional[Handle]]:
         'aten::matmul': _complex_product(matmul_flop_jit),
         'aten::einsum': _complex_product(einsum_flop_jit),
         'aten::mean': elementwise_flop_counter(1, 0),  # one per input element
+        'aten::scaled_dot_product_attention': _attention_handle,
     })
     handles.update({name: None for name in _FREE_OPS})
     return handles
