@@ -784,6 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OUTPUTS = (('json', '--json', False), ('output', '--output', False), ('out', '--out', True))  # (a folder?)
 _CPU_HINT = {'gpu-check': '--device cpu --tiny checks the script on the CPU, with TRITON_INTERPRET=1'}
+_RERUN = 'run the same command again: it continues from the last checkpoints'
+_INTERRUPT_HINT = {'train': 'the run continues from its last checkpoint with --resume', 'demo': _RERUN,
+                   'zero-shot-study': _RERUN}  # (how an interrupted command continues, where it does)
 
 
 def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -814,7 +817,8 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
     try:
         return command.run(args, parser)
     except KeyboardInterrupt:
-        print('interrupted (a training run continues from its last checkpoint with --resume)', file=sys.stderr)
+        hint = _INTERRUPT_HINT.get(args._command)
+        print('interrupted' + (f' ({hint})' if hint else ''), file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:
         error = e

@@ -206,11 +206,18 @@ def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypa
     assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
 
 
-def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch):
+@pytest.mark.parametrize('argv, hint', [
+    (['smoke'], ''),
+    (['train', '--config', 'demo/mnist_iso.yaml'], ' (the run continues from its last checkpoint with --resume)'),
+    (['demo'], ' (run the same command again: it continues from the last checkpoints)'),
+    (['zero-shot-study'], ' (run the same command again: it continues from the last checkpoints)'),
+], ids=lambda v: v[0] if isinstance(v, list) else '')
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(argv, hint, capsys, monkeypatch):
+    """One line, with how the command continues where it does (--resume is train's option only)."""
     def interrupted(args, parser):
         raise KeyboardInterrupt
-    monkeypatch.setitem(COMMANDS, 'smoke', COMMANDS['smoke']._replace(run=interrupted))
+    monkeypatch.setitem(COMMANDS, argv[0], COMMANDS[argv[0]]._replace(run=interrupted))
     with pytest.raises(SystemExit) as exit_info:
-        main(['smoke'])
+        main(argv)
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 130 and err.startswith('interrupted') and 'Traceback' not in err
+    assert exit_info.value.code == 130 and err == 'interrupted' + hint
