@@ -31,6 +31,15 @@ class Command(NamedTuple):
     run: Callable[[argparse.Namespace, argparse.ArgumentParser], object]
 
 
+def _model_spec(flag: str, spec: str, parser: argparse.ArgumentParser):
+    """(name, kwargs) of a `NAME[,key=value...]` option (`parse_model_spec`); a malformed one is `flag`'s error."""
+    from .utils.model_spec import parse_model_spec
+    try:
+        return parse_model_spec(spec)
+    except ValueError as e:
+        parser.error(f'{flag}: {e}')
+
+
 # ---------------------------------------------------------------------------------------------- demo
 
 def _bandlimit_arg(text: str):
@@ -129,11 +138,7 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error('two models share a display name: pass distinct --labels')
     from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
     from .models._checkpoint import weights_num_classes
-    from .utils.model_spec import parse_model_spec
-    try:
-        specs = [parse_model_spec(spec) for spec in args.models]
-    except ValueError as e:
-        parser.error(f'--models: {e}')
+    specs = [_model_spec('--models', spec, parser) for spec in args.models]
     norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
     folder_classes = dataset_num_classes(args.data, args.split)
 
@@ -172,7 +177,9 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def _kernel_report_arguments(parser: argparse.ArgumentParser) -> None:
     from timm.utils import ParseKwargs
-    parser.add_argument('--model', default='convnext_s4nd_atto', help='timm model name (S4ND layers with S4D kernels)')
+    parser.add_argument('--model', default='convnext_s4nd_atto',
+                        help='timm model name (S4ND layers with S4D kernels), with arguments as NAME,key=value,... '
+                             'if it needs them (YAML values)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='model constructor arguments, e.g. ssm_init=legs dt_min=0.05 dt_max=0.5')
     parser.add_argument('--checkpoint', default=None, help='weights file (e.g. a run\'s best.safetensors); default: '
@@ -181,8 +188,8 @@ def _kernel_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model's training resolution: every layer's reference grid (default: the model's)")
     parser.add_argument('--num-classes', type=int, default=None, help="classifier size of --checkpoint's model")
     parser.add_argument('--in-chans', type=int, default=None, help="input channels of --checkpoint's model")
-    parser.add_argument('--bandlimits', type=float, nargs='+', default=None,
-                        help='cut-offs to measure (default: each kernel\'s own)')
+    parser.add_argument('--bandlimits', type=_cutoff_arg, nargs='+', default=None,
+                        help="cut-offs to measure, 'off' (or 0) for none (default: each kernel's own)")
     parser.add_argument('--plot-layer', default=None,
                         help='S4ND layer (module name, e.g. stem.1 or stages.3.downsample.1) whose kernels to plot '
                              '(default: the first)')
@@ -207,12 +214,13 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     )
     from .eval.resolution import load_model
     from .models import input_size_args
-    if args.img_size is not None and 'img_size' not in input_size_args(args.model):
-        parser.error(f'--img-size: {args.model} is not one of our image models built for a resolution (a sequence '
+    name, kwargs = _model_spec('--model', args.model, parser)
+    if args.img_size is not None and 'img_size' not in input_size_args(name):
+        parser.error(f'--img-size: {name} is not one of our image models built for a resolution (a sequence '
                      f'model takes its reference length as --model-kwargs seq_len=N)')
     torch.manual_seed(args.seed)
-    model = load_model(args.model, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
-                       img_size=args.img_size, model_kwargs=args.model_kwargs)
+    model = load_model(name, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
+                       img_size=args.img_size, model_kwargs=dict(args.model_kwargs, **kwargs))
     if not s4nd_layers(model):
         raise ValueError(f'{args.model} has no S4ND layer with S4D kernels: no kernel to report')
     layer = args.plot_layer or s4nd_layers(model)[0][0]
@@ -402,11 +410,7 @@ def _flops_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import logging
 
     from .layers import ops
-    from .utils.model_spec import parse_model_spec
-    try:
-        specs = [parse_model_spec(spec) for spec in args.models]
-    except ValueError as e:
-        parser.error(f'models: {e}')
+    specs = [_model_spec('models', spec, parser) for spec in args.models]
     logging.getLogger('fvcore').setLevel(logging.ERROR)  # unsupported ops are printed below instead
     with ops.conv_algorithm(None if args.algorithm == 'rule' else args.algorithm):
         _count_flops(args, specs)
@@ -475,14 +479,16 @@ def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------- smoke
 
 def _smoke_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--model', default='convnext_s4nd_tiny')
+    parser.add_argument('--model', default='convnext_s4nd_tiny',
+                        help='timm model name, with arguments as NAME,key=value,... if it needs them (YAML values)')
     parser.add_argument('--resolutions', type=_positive_int, nargs='+', default=[224, 288])
     parser.add_argument('--batch-size', type=_positive_int, default=2)
 
 
 def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .bench.smoke import run
-    run(args.model, args.resolutions, args.batch_size)
+    name, kwargs = _model_spec('--model', args.model, parser)
+    run(name, args.resolutions, args.batch_size, model_kwargs=kwargs)
 
 
 # -------------------------------------------------------------------------------------------- export

@@ -244,6 +244,20 @@ def test_kernel_report_command(tmp_path, capsys):
         assert not fresh.exists()
 
 
+def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys):
+    """--model NAME,key=value as the other commands take it, and --bandlimits off (nothing masked) beside a cut-off."""
+    from s4nd_vision.cli import main
+    main(['kernel-report', '--model', 'convnext_s4nd_atto,depths=[1,1,1,1],dims=[8,8,8,8],stem_chs=4,d_state=16',
+          '--img-size', '64', '--bandlimits', 'off', '1.0', '--out', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'bandlimit off:' in out and 'bandlimit 1.0:' in out and '| stem.1 | stem | 0 | 64 | off | 0.0% |' in out
+    with open(tmp_path / 'kernel_report.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 8  # two cut-offs, 8 layers (the spec's depths), 2 axes
+    assert all(r['masked'] == '0.0' for r in rows if r['bandlimit'] == '')
+    assert {r['bandlimit'] for r in rows} == {'', '1.0'}
+
+
 def test_kernel_report_of_a_sequence_model(tmp_path, capsys):
     """A sequence model's reference length is its seq_len (--img-size is refused for it, not ignored)."""
     from s4nd_vision.cli import main

@@ -4,7 +4,7 @@ The weights are untrained (random); this checks the install, the timm registrati
 resolution control, and prints the time of each forward pass.
 """
 import time
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -12,9 +12,10 @@ import torch
 import s4nd_vision  # noqa: F401  (registers the models with timm)
 
 
-def run(model_name: str = 'convnext_s4nd_tiny', resolutions: Sequence[int] = (224, 288), batch_size: int = 2) -> None:
+def run(model_name: str = 'convnext_s4nd_tiny', resolutions: Sequence[int] = (224, 288), batch_size: int = 2,
+        model_kwargs: Optional[Mapping] = None) -> None:
     torch.manual_seed(0)
-    model = timm.create_model(model_name).eval()
+    model = timm.create_model(model_name, **dict(model_kwargs or {})).eval()
     n_params = sum(p.numel() for p in model.parameters())
     train_size = model.pretrained_cfg['input_size'][1:]
     print(f'{model_name}: {n_params / 1e6:.2f}M parameters, trained resolution {train_size[0]}x{train_size[1]}')

@@ -90,7 +90,8 @@ def kernel_report(
     """One row per S4D-kernel S4ND layer of `model` and spatial axis (see the module docstring).
 
     Args:
-        bandlimit: the cut-off to measure; None: each kernel's own (layers without one report nothing masked).
+        bandlimit: the cut-off to measure, 0 for none (nothing masked); None: each kernel's own (layers without
+            one report nothing masked).
         grid: the reference grid for layers without `l_ref` (e.g. a bare S4ND); layers with one use it.
     Returns:
         dicts with the keys REPORT_FIELDS (`bandlimit` None when the kernel is not band-limited).
@@ -106,7 +107,7 @@ def kernel_report(
         sizes = tuple(sizes) if isinstance(sizes, (tuple, list)) else (sizes,) * layer.ndim
         lengths = layer.kernel_lengths(sizes, (1.0,) * layer.ndim)
         for axis, (kernel, size, length) in enumerate(zip(layer.kernels, sizes, lengths)):
-            cut = kernel_bandlimit(kernel) if bandlimit is None else bandlimit
+            cut = kernel_bandlimit(kernel) if bandlimit is None else bandlimit or None  # (0: off, as None)
             mask = _mode_mask(kernel, cut)
             full = _axis_kernel(kernel, length, 1.0, None)
             masked = _axis_kernel(kernel, length, 1.0, cut) if cut is not None else full
@@ -210,7 +211,7 @@ def plot_layer_kernels(
     size = s4nd.l_ref[axis] if s4nd.l_ref is not None else grid
     if size is None:
         raise ValueError(f'S4ND layer {layer} has no reference grid (l_ref): pass grid')
-    cut = kernel_bandlimit(kernel) if bandlimit is None else bandlimit
+    cut = kernel_bandlimit(kernel) if bandlimit is None else bandlimit or None  # (0: off, as None)
     fig = Figure(figsize=(10, 3.6), dpi=120)
     panels = [(None, 'no mask'), (cut, 'masked' if cut is None else f'masked, bandlimit {cut:g}')]
     for i, (limit, title) in enumerate(panels):
