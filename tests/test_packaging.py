@@ -177,6 +177,10 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['kernel-report', '--bandlimits', '-1'], "argument --bandlimits: a band-limit is 'off' or a positive number"),
     (['kernel-report', '--model', 'convnext_s4nd_atto,d_state'], "--model: model option 'd_state' in"),
     (['smoke', '--model', 'convnext_s4nd_atto,d_state'], "--model: model option 'd_state' in"),
+    (['smoke', '--model', 's4nd_seq_atto'], 's4nd_seq_atto takes sequences (its input_size is (1, 784))'),
+    (['smoke', '--model', 'vit_small_patch16_224'],
+     'takes 224x224 images only (built with dynamic_img_size=False): build it for any size, --model '
+     'vit_small_patch16_224,dynamic_img_size=True'),
     (['kernel-report', '--model', 'convnext_s4nd_atto', '--model-kwargs', 'd_stat=8'],
      "unexpected keyword argument 'd_stat'"),
     (['eval-resolution', '--models', 'convnext_s4nd_atto,d_stat=8', '--resolutions', '64'],
@@ -207,6 +211,15 @@ def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and 'Traceback' not in err, err
     assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
+
+
+def test_smoke_builds_the_input_the_model_takes(capsys):
+    """smoke runs image models with their own input channels, and video models on clips of their frames."""
+    main(['smoke', '--model', 'convnext_s4nd_atto,in_chans=1', '--resolutions', '64', '96', '--batch-size', '1'])
+    main(['smoke', '--model', 'convnext_s4nd_3d_atto,num_frames=4', '--resolutions', '64', '--batch-size', '1'])
+    out = capsys.readouterr().out
+    assert 'input (1, 1, 64, 64) ->' in out and 'input (1, 1, 96, 96) ->' in out and 'input (1, 3, 4, 64, 64) ->' in out
+    assert out.count('ok: the same weights ran at every resolution') == 2
 
 
 @pytest.mark.parametrize('argv, hint', [
