@@ -220,6 +220,27 @@ def test_kernel_plot(tmp_path):
         plot_layer_kernels(model, 'stem.1', str(tmp_path / 'x.png'), channels=(99,))
 
 
+def test_kernel_plot_puts_both_samplings_on_one_curve(tmp_path, monkeypatch):
+    """A tap integrates the kernel over its cell (rate 1: tap l is the mean of rate-1/2 taps 2l and 2l + 1), so the
+    plot draws it at the cell's centre, (l + 1/2) * rate: there the two samplings of a smooth (band-limited) kernel
+    lie on one curve, where at the cells' starts they were a quarter step apart."""
+    import numpy as np
+    from matplotlib.axes import Axes
+    lines = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, 'plot', lambda ax, x, y, **kw: lines.append((kw['label'], np.asarray(x),
+                                                                          np.asarray(y))) or plot(ax, x, y, **kw))
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8),
+                              stem_chs=4, d_state=16)
+    plot_layer_kernels(model, 'stem.1', str(tmp_path / 'k.png'), bandlimit=1.0, channels=(0,))
+    (_, x1, k1), (_, x05, k05) = lines[2:4]  # the masked panel: rate 1, then rate 1/2 (as a density)
+    assert np.allclose(x1, np.arange(len(x1)) + 0.5) and np.allclose(x05, (np.arange(len(x05)) + 0.5) * 0.5)
+    assert np.allclose(k1, (k05[0::2] + k05[1::2]) / 2)  # the cells' integrals
+    gap = np.abs(np.interp(x1[2:40], x05, k05) - k1[2:40]).mean() / np.abs(k1).max()
+    assert gap < 0.005, gap
+
+
 def test_kernel_report_command(tmp_path, capsys):
     from s4nd_vision.cli import main
     main(['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', 'stem_chs=4', 'd_state=16',

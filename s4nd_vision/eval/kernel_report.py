@@ -201,8 +201,9 @@ def plot_layer_kernels(
     """Plot the forward axis kernels of S4ND layer `layer` (a module name) at rate 1 and rate 1/2 against the
     position in reference-grid steps, without (left) and with (right) the band-limit mask; saved as PNG.
 
-    The rate-1/2 kernel has twice the taps at half the step; it is drawn divided by its rate (a density), so
-    that both samplings of one continuous kernel lie on one curve.
+    The rate-1/2 kernel has twice the taps at half the step; it is drawn divided by its rate (a density), and every
+    tap at the centre of the cell it integrates (tap l of rate r at (l + 1/2) r: the discretization's taps are
+    integrals over cells, not point samples), so that both samplings of one continuous kernel lie on one curve.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or window state
 
@@ -220,7 +221,7 @@ def plot_layer_kernels(
             n = round(size / rate)  # taps at this rate, as on an input of that size
             length = s4nd.kernel_lengths((n,) * s4nd.ndim, (rate,) * s4nd.ndim)[axis]
             k = _axis_kernel(kernel, length, rate, limit)[0]  # the forward direction, first rank-1 term
-            position = torch.arange(length, dtype=torch.float64) * rate
+            position = (torch.arange(length, dtype=torch.float64) + 0.5) * rate  # cell centres
             for c in channels:
                 ax.plot(position, k[c] / rate, label=f'ch {c}, rate {rate:g}', markersize=3, **style)
         ax.set_xlabel(f'position (steps of the {size}-point reference grid)')
