@@ -176,11 +176,10 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------ kernel-report
 
 def _kernel_report_arguments(parser: argparse.ArgumentParser) -> None:
-    from timm.utils import ParseKwargs
     parser.add_argument('--model', default='convnext_s4nd_atto',
                         help='timm model name (S4ND layers with S4D kernels), with arguments as NAME,key=value,... '
                              'if it needs them (YAML values)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=_model_kwargs_action(),
                         help='model constructor arguments, e.g. ssm_init=legs dt_min=0.05 dt_max=0.5')
     parser.add_argument('--checkpoint', default=None, help='weights file (e.g. a run\'s best.safetensors); default: '
                         'the initialization of --seed')
@@ -291,14 +290,12 @@ def _study_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------- inflate
 
 def _inflate_arguments(parser: argparse.ArgumentParser) -> None:
-    from timm.utils import ParseKwargs
-
     from .models.inflate import CONV_MODES, TIME_INITS
     parser.add_argument('source', help='2D checkpoint: safetensors, or a torch checkpoint with or without a '
                         'wrapper (its EMA weights first, as timm loads them)')
     parser.add_argument('output', help='where to write the 3D weights (safetensors)')
     parser.add_argument('--model', required=True, help='3D timm model: convnext_s4nd_3d_tiny, convnext_3d_tiny, ...')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=_model_kwargs_action(),
                         help='model constructor arguments, e.g. stem_type=patch downsample_type=conv')
     parser.add_argument('--time-init', choices=TIME_INITS, default='smooth')
     parser.add_argument('--time-decay', type=float, default=1.0, help='smooth time kernel decay, in frames')
@@ -494,12 +491,29 @@ def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 # -------------------------------------------------------------------------------------------- export
 
 def _key_value(text: str):
-    """A key=value argument as (key, value), the value read as a YAML scalar (number, boolean, list)."""
-    from .utils.yaml12 import load_yaml
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'expects key=value, got {text!r}')
-    return key, load_yaml(value)
+    """A model's key=value argument as (key, value), the value read as YAML (number, boolean, list; not null)."""
+    from .utils.model_spec import parse_model_option
+    try:
+        return parse_model_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_kwargs_action():
+    """timm's `--model-kwargs` action (key=value, values as Python literals, as timm's train.py reads them), refusing
+    None values: timm.create_model drops them, so the model would silently take its default."""
+    from timm.utils import ParseKwargs
+
+    from .utils.model_spec import NULL_OPTION
+
+    class ModelKwargs(ParseKwargs):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            for key, value in getattr(namespace, self.dest).items():
+                if value is None:
+                    parser.error(f'{option_string}: {key}=None: {NULL_OPTION}')
+
+    return ModelKwargs
 
 
 def _positive_int(text: str) -> int:

@@ -277,6 +277,11 @@ def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys):
     assert len(rows) == 2 * 2 * 8  # two cut-offs, 8 layers (the spec's depths), 2 axes
     assert all(r['masked'] == '0.0' for r in rows if r['bandlimit'] == '')
     assert {r['bandlimit'] for r in rows} == {'', '1.0'}
+    # a None argument would be dropped by timm.create_model (the model's default band-limit, not off): refused
+    for args in (['--model', 'convnext_s4nd_atto,bandlimit=null'], ['--model-kwargs', 'bandlimit=None']):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['kernel-report', *args, '--out', str(tmp_path / 'none')])
+        assert exit_info.value.code == 2 and 'timm.create_model drops null (None)' in capsys.readouterr().err
 
 
 def test_kernel_report_of_a_sequence_model(tmp_path, capsys):

@@ -1,4 +1,6 @@
 """The benchmark harness runs and reports ratios (no timing is asserted)."""
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from s4nd_vision.bench.benchmark import (
     parse_pair,
 )
 from s4nd_vision.utils.model_spec import parse_model_spec
+from s4nd_vision.utils.yaml12 import load_yaml
 
 
 def test_parse_pair():
@@ -32,9 +35,22 @@ def test_model_spec_values_are_yaml_and_keep_their_commas():
                                 stem={'a': 1, 'b': [2, 3]}, flag=True))
     assert parse_model_spec('hf-hub:user/repo') == ('hf-hub:user/repo', {})
     for bad, match in ((',d_state=8', 'NAME'), ('m,d_state=', 'key=value'), ('m,=8', 'key=value'),
-                       ('m,dims=[8,16', 'not a YAML value')):
+                       ('m,dims=[8,16', 'not a YAML value'), ('m,a=1,a=2', "'a' is given twice"),
+                       ('m,a=1],b=2', 'closes a bracket it never opened'),
+                       ('m,bandlimit=null', 'is null: timm.create_model drops'),
+                       ('m,bandlimit=~', 'is null: timm.create_model drops')):
         with pytest.raises(ValueError, match=match):
             parse_model_spec(bad)
+    # YAML 1.2 numbers (1.1 read 1e-6 as a string and 010 as 8), quoted commas, spaces after commas
+    assert parse_model_spec('m,ls_init_value=1e-6,depth=010,name="a,b", c=0x10,d=2020-01-01') == ('m', dict(
+        ls_init_value=1e-6, depth=10, name='a,b', c=16, d='2020-01-01'))
+
+
+def test_yaml_reads_yaml_1_2_scalars():
+    values = load_yaml('[1e-3, 1.0e3, .5, 1., -1E+2, .inf, 0o10, 010, 0x1F, 1:30, 2020-01-01, 1_000, no, on, true, ~]')
+    assert values[:5] == [1e-3, 1e3, 0.5, 1.0, -100.0] and values[5] == float('inf')
+    assert values[6:] == [8, 10, 31, '1:30', '2020-01-01', '1_000', 'no', 'on', True, None]
+    assert math.isnan(load_yaml('.nan'))
 
 
 def test_bench_rows_hold_ratios():

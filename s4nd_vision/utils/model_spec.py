@@ -1,24 +1,38 @@
 """A model with its constructor arguments on a command line: `NAME[,key=value...]`.
 
 `vit_s4nd_small_patch16_224,token_layout=1d` or `convnext_s4nd_atto,dims=[8,16,16,16],d_state=8`: values are
-read as YAML (numbers, booleans, lists, strings), and commas inside brackets or braces belong to a value.
+read as YAML 1.2 (numbers, booleans, lists, strings), and commas inside brackets, braces or quotes belong to a
+value. A key given twice, and a null value (timm.create_model drops it: the model's default would apply), are
+errors.
 """
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from .yaml12 import load_yaml
 
-__all__ = ['parse_model_spec']
+__all__ = ['parse_model_spec', 'parse_model_option', 'NULL_OPTION']
+
+# why a model argument may not be null (None)
+NULL_OPTION = ('timm.create_model drops null (None) arguments, so the model would take its default: leave it out '
+               'for the default, or give a value (e.g. bandlimit=0 turns band-limiting off)')
 
 
 def _split_options(spec: str) -> List[str]:
-    parts, depth, start = [], 0, 0
+    """`spec` split at the commas outside brackets, braces and quotes (ValueError for a bracket closed unopened)."""
+    parts, depth, start, quote = [], 0, 0, None
     for i, char in enumerate(spec):
-        depth += (char in '[{') - (char in ']}')
-        if char == ',' and depth == 0:
-            parts.append(spec[start:i])
-            start = i + 1
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in '"\'':
+            quote = char
+        else:
+            depth += (char in '[{') - (char in ']}')
+            if depth < 0:
+                raise ValueError(f'{spec!r} closes a bracket it never opened (at {spec[:i + 1]!r})')
+            if char == ',' and depth == 0:
+                parts.append(spec[start:i])
+                start = i + 1
     parts.append(spec[start:])
     return parts
 
@@ -30,11 +44,25 @@ def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
         raise ValueError(f'a model must look like NAME[,key=value...], got {spec!r}')
     kwargs = {}
     for option in options:
-        key, sep, value = option.partition('=')
-        if not sep or not key or not value:
-            raise ValueError(f'model option {option!r} in {spec!r} must look like key=value')
-        try:
-            kwargs[key] = load_yaml(value)
-        except yaml.YAMLError:
-            raise ValueError(f'model option {option!r} in {spec!r}: {value!r} is not a YAML value') from None
+        key, value = parse_model_option(option, spec)
+        if key in kwargs:
+            raise ValueError(f'model option {key!r} is given twice in {spec!r}')
+        kwargs[key] = value
     return name, kwargs
+
+
+def parse_model_option(option: str, spec: Optional[str] = None) -> Tuple[str, Any]:
+    """'key=value' (a model constructor argument; of `spec`, for messages) -> (key, value read as YAML); ValueError
+    when it is malformed or null."""
+    where = f' in {spec!r}' if spec else ''
+    key, sep, value = option.partition('=')
+    key = key.strip()
+    if not sep or not key or not value:
+        raise ValueError(f'model option {option!r}{where} must look like key=value')
+    try:
+        parsed = load_yaml(value)
+    except yaml.YAMLError:
+        raise ValueError(f'model option {option!r}{where}: {value!r} is not a YAML value') from None
+    if parsed is None:
+        raise ValueError(f'model option {option!r}{where} is null: {NULL_OPTION}')
+    return key, parsed

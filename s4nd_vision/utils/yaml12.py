@@ -1,5 +1,8 @@
-"""YAML read with YAML 1.2's booleans: only true / false are booleans. PyYAML follows YAML 1.1, where an unquoted
-no / yes / on / off is one too, so `train.mixed_precision=no` (Accelerate's own spelling) arrived as False.
+"""YAML read with YAML 1.2's core schema for scalars. PyYAML follows YAML 1.1, where an unquoted no / yes / on / off
+is a boolean (so `train.mixed_precision=no`, Accelerate's own spelling, arrived as False), `1e-3` is a string (a
+float needs a dot: `model.kwargs.ls_init_value=1e-6` reached the model as '1e-6'), `010` is octal 8, `1:30` is 90
+and `2020-01-01` a date. Here only true / false are booleans, numbers are YAML 1.2's (decimal, 0o octal, 0x hex
+integers; floats with or without a dot or exponent, .inf, .nan) and dates stay strings.
 A key given twice in one mapping is an error, as YAML says (PyYAML kept the last one: a second `optim:` section
 silently replaced the first)."""
 import re
@@ -9,7 +12,11 @@ import yaml
 
 __all__ = ['load_yaml']
 
-_BOOL = 'tag:yaml.org,2002:bool'
+_BOOL, _INT, _FLOAT = 'tag:yaml.org,2002:bool', 'tag:yaml.org,2002:int', 'tag:yaml.org,2002:float'
+_TIMESTAMP = 'tag:yaml.org,2002:timestamp'
+_INT_RE = re.compile(r'^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$')
+_FLOAT_RE = re.compile(r'^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?'
+                       r'|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$')
 
 
 class _Loader(yaml.SafeLoader):
@@ -28,13 +35,25 @@ class _Loader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node) -> int:
+        value = self.construct_scalar(node)
+        return int(value, 0) if value[:2] in ('0o', '0x') else int(value, 10)  # (int('010', 10) is 10, not 8)
+
+    def construct_yaml_float(self, node) -> float:
+        value = self.construct_scalar(node).lower()
+        return float(value.replace('.inf', 'inf').replace('.nan', 'nan'))
+
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIMESTAMP)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r'^(?:true|True|TRUE|false|False|FALSE)$'), list('tTfF'))
+_Loader.add_implicit_resolver(_INT, _INT_RE, list('-+0123456789'))
+_Loader.add_implicit_resolver(_FLOAT, _FLOAT_RE, list('-+.0123456789'))
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
+_Loader.add_constructor(_FLOAT, _Loader.construct_yaml_float)
 
 
 def load_yaml(text) -> Any:
-    """`yaml.safe_load` of `text` (a string or stream) with YAML 1.2's booleans."""
+    """`yaml.safe_load` of `text` (a string or stream) with YAML 1.2's booleans and numbers."""
     return yaml.load(text, Loader=_Loader)
