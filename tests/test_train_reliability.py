@@ -194,7 +194,8 @@ def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder,
     assert 'starting a fresh run' in capsys.readouterr().out
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0']
     _reset()
-    tool_main('train', [*args, '--resume', 'train.epochs=2'])  # an override after --resume, not a CHECKPOINT
+    # overrides after --resume, not a CHECKPOINT, in their order: the last one for a key wins
+    tool_main('train', ['--resume', 'train.epochs=3', *args, 'train.epochs=2'])
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1']
 
 

@@ -16,11 +16,20 @@ from .config import ConfigError, load_config
 __all__ = ['add_arguments', 'run']
 
 
+class _Resume(argparse.Action):
+    """--resume [CHECKPOINT], noting how many overrides preceded it: `--resume a=1 b=2` gives a=1 to CHECKPOINT,
+    and `run` puts it back in its place among the overrides (a later one for the same key wins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.resume_position = len(getattr(namespace, 'overrides', None) or [])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', help='YAML config file, or a packaged config name such as '
                                          'imagenet/convnext_s4nd_tiny.yaml (configs/... also accepted)')
     parser.add_argument('overrides', nargs='*', help='section.key=value overrides (values parsed as YAML)')
-    parser.add_argument('--resume', nargs='?', const=True, default=False,
+    parser.add_argument('--resume', nargs='?', const=True, default=False, action=_Resume,
                         help='continue from the latest checkpoint in train.output_dir, or from CHECKPOINT '
                              '(refused when train.output_dir holds none, unless --allow-fresh)')
     parser.add_argument('--allow-fresh', action='store_true',
@@ -38,7 +47,8 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         sys.exit(2)
     if isinstance(args.resume, str) and '=' in args.resume and not os.path.exists(args.resume):
         # `--resume optim.lr=1e-4`: argparse gave the override to --resume's optional CHECKPOINT
-        args.overrides, args.resume = [*args.overrides, args.resume], True
+        at = getattr(args, 'resume_position', 0)
+        args.overrides, args.resume = [*args.overrides[:at], args.resume, *args.overrides[at:]], True
     try:
         cfg = load_config(args.config, args.overrides)
         from .trainer import Trainer, TrainingDiverged  # heavy imports after the config is known to be good
