@@ -297,6 +297,21 @@ def test_result_files_are_replaced_atomically(tmp_path):
     with replaced_atomically(str(path)) as tmp, open(tmp, 'w') as f:
         f.write('new')
     assert path.read_text() == 'new' and os.listdir(tmp_path) == ['rows.csv']
+    # the file keeps its permissions; a link keeps naming its target, the file replaced; other files are left alone
+    path.chmod(0o600)
+    link, unrelated = tmp_path / 'link.csv', tmp_path / 'rows.csv.tmp'
+    link.symlink_to(path)
+    unrelated.write_text('not ours')
+    with replaced_atomically(str(link)) as tmp, open(tmp, 'w') as f:
+        f.write('through the link')
+    assert link.is_symlink() and path.read_text() == 'through the link' and (path.stat().st_mode & 0o777) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ['link.csv', 'rows.csv', 'rows.csv.tmp'] and unrelated.read_text()
+    fresh = tmp_path / 'fresh.csv'
+    with replaced_atomically(str(fresh)) as tmp, open(tmp, 'w') as f:
+        f.write('new')
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask  # (not the temporary file's 0600)
 
 
 def test_evaluation_crops_as_the_models_config_says(image_folder):

@@ -86,4 +86,4 @@ def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_pat
     assert header == 'epoch,train_loss,top1' and rows == ['0,1.5,', '1,1.0,50.0', '2,0.5,']
     _truncate_csv(path, before_epoch=1)
     assert open(path).read().splitlines() == ['epoch,train_loss,top1', '0,1.5,']
-    assert not os.path.exists(path + '.tmp')
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # (no temporary file left)

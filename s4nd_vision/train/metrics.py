@@ -44,7 +44,7 @@ class MetricsLog:
             self._write_config(self.cfg.train.output_dir)
 
     def _write_config(self, folder: str) -> None:
-        with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
+        with replaced_atomically(os.path.join(folder, CONFIG_FILE)) as tmp, open(tmp, 'w') as f:
             yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
 
     def snapshot(self, folder: str, row: Optional[Dict[str, Any]] = None) -> None:
