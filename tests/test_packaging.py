@@ -185,6 +185,9 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
      "unexpected keyword argument 'd_stat'"),
     (['eval-resolution', '--models', 'convnext_s4nd_atto,d_stat=8', '--resolutions', '64'],
      "unexpected keyword argument 'd_stat'"),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto,pretrained=true', '--resolutions', '64'],
+     "got multiple values for keyword argument 'pretrained'"),  # (one the command sets itself)
+    (['flops', 'convnext_s4nd_atto,ls_init_value=1e-6,d_state=010,bandlimit=null'], 'bandlimit=null'),  # YAML 1.2
     (['eval-resolution', '--models', 'convnext_s4nd_atto,d_state', '--resolutions', '64'],
      "--models: model option 'd_state' in 'convnext_s4nd_atto,d_state' must look like key=value"),
     # before any work: sizes, threads and limits positive, outputs of the right kind, a device that exists
