@@ -15,9 +15,11 @@ from s4nd_vision.layers import ops
 
 
 def _correctness_checks(plan) -> int:
-    """The checks of `plan`'s correctness section: conv cases in two dtypes by both fused algorithms, custom op,
-    generation, two layers and every fast case with each algorithm, in fp32 and bf16."""
-    return 4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + 6 + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS)
+    """The checks of `plan`'s correctness section: conv cases in two dtypes by both fused algorithms, the models'
+    kernels (autocast cases), custom op, generation, two layers and every fast case with each algorithm, in fp32 and
+    bf16."""
+    return (4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + len(plan.autocast_cases) + 6
+            + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS))
 
 
 def test_every_section_runs_and_reports(tmp_path):
@@ -33,7 +35,8 @@ def test_every_section_runs_and_reports(tmp_path):
     assert all(c['ok'] for c in checks)
     assert any('triton path' in c['check'] for c in checks) and any('inductor' in c['check'] for c in checks)
     assert any('fast path' in c['check'] for c in checks)
-    assert sum(c['check'].startswith('conv3d') for c in checks) == 4 * len(plan.conv3d_cases)  # by both algorithms
+    assert sum(c['check'].startswith('conv3d') for c in checks) == 4 * len(plan.conv3d_cases) + sum(
+        len(shape) == 5 for shape, _ in plan.autocast_cases)  # by both algorithms, and the video pair's kernels
     image_rows = [f'layer {plan.batch}x4x5x5 {d}' for d in ('float32', 'bfloat16', 'float32 in bf16 autocast')]
     assert [r['case'] for r in results['bench']] == image_rows + [
         f'3D layer {plan.video[0]}x4x2x5x5 float32 in bf16 autocast']
@@ -47,7 +50,9 @@ def test_every_section_runs_and_reports(tmp_path):
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
     # the tensor-core kernels: checked in correctness (every conv case), then the first image pair with them on
     # every layer up to DOT_TRY_SIDE, the video pair again with them, the layers by both algorithms
-    assert sum(c['check'].endswith(' dot') for c in checks) == 2 * (len(plan.conv_cases) + len(plan.conv3d_cases))
+    dot_checks = 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + len(plan.autocast_cases)
+    assert sum(c['check'].endswith(' dot') for c in checks) == dot_checks
+    assert sum(c['check'].endswith('float32 in bf16 autocast dot') for c in checks) == len(plan.autocast_cases)
     dot = results['dot']
     assert [r['case'] for r in dot[:2]] == [cases[0], cases[-1]]  # the first image pair, the video pair
     assert dot[0]['triton_side'] == gpu_check.DOT_TRY_SIDE and dot[1]['algorithm'] == 'dot'
@@ -87,8 +92,9 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
 
 def test_the_budget_stops_starting_rows(tmp_path):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
-    assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_generation', 'check_layer',
-                                                   'check_fast_layer', 'check_fast_algorithms'],
+    assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_conv_autocast',
+                                                   'check_generation', 'check_layer', 'check_fast_layer',
+                                                   'check_fast_algorithms'],
                                   'profile': [0, 1, 2, 3]}
     assert results['profile'] == [] and results['ok']
 
@@ -248,3 +254,55 @@ def test_dot_variants_apply_within_the_call_only():
     with pytest.raises(RuntimeError):
         gpu_check._with_dot_settings(broken, wide)()
     assert {k: getattr(triton_conv, k) for k in names} == landed
+
+
+def test_correctness_launches_the_kernel_configurations_of_the_models(monkeypatch):
+    """The GPU plan's correctness section launches every configuration (constexprs: images per program, tile side,
+    product dtype, pooling...) of the tensor-core kernels that the models' layers launch under bf16 autocast:
+    ConvNeXt-T's stage shapes at batch 128, pooled and not, and the video pair's stage shapes (8 clips of 8 frames,
+    with 'dot' as the 'dot' section runs it). The kernels are recorders here: they compute nothing."""
+    import triton.runtime.jit
+
+    from s4nd_vision.layers import S4ND, dispatch, triton_conv, triton_kernels
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, tuple(sorted(map(str, kwargs.items())))))
+
+    for module in (triton_conv, triton_kernels):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.jit.KernelInterface):
+                monkeypatch.setattr(module, name, Recorder(name))
+    monkeypatch.setattr(triton_conv, '_operands', str)  # (the interpreter multiplies bf16 in float32)
+
+    def configurations(run) -> set:
+        start = len(launches)
+        run()
+        return {launch for launch in launches[start:] if launch[0].startswith('_dot')}
+
+    class Unchecked(gpu_check._Checks):  # (the recorded kernels' outputs are left uninitialized)
+        def add(self, *args):
+            pass
+
+    plan, cpu = gpu_check.GPU, torch.device('cpu')
+    checked = configurations(lambda: [check(plan, cpu, Unchecked()) for check in (
+        gpu_check.check_conv, gpu_check.check_conv_dot, gpu_check.check_conv_autocast)])
+
+    def models():
+        shapes = [(plan.batch, dim, side, side) for dim, side in plan.stages] + [
+            (plan.video[0], dim, frames, side, side) for dim, frames, side in plan.video_stages]
+        for shape in shapes:  # (the blocks' layers, and the downsampling ones: spatial pooling)
+            for pool in (1, 2):
+                pools = (1,) * (len(shape) - 4) + (pool, pool)
+                layer = S4ND(shape[1], ndim=len(shape) - 2, l_ref=shape[2:], pool=pools)
+                x = torch.zeros(shape).contiguous(memory_format=torch.channels_last if len(shape) == 4 else
+                                                  torch.channels_last_3d).requires_grad_()
+                with dispatch.force_path('triton'), triton_conv.fused_algorithm('dot'), \
+                        torch.autocast('cpu', dtype=torch.bfloat16):
+                    layer(x).float().sum().backward()
+    launched = configurations(models)
+    assert len(launched) == 36 and launched <= checked, sorted(launched - checked)

@@ -4,7 +4,8 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 (`SECTIONS`, their order):
 
 1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16, by
-   each algorithm: 'sum' and the tensor-core kernels 'dot'), the
+   each algorithm: 'sum' and the tensor-core kernels 'dot'; then 'dot' in every configuration the models launch: a
+   float32 input multiplied in bf16 as under autocast, their batches' images per program, `Plan.autocast_cases`), the
    fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
    fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
    run fail, and the later sections then run S4ND's fast path (unless a path is forced).
@@ -89,6 +90,9 @@ class Plan:
     conv3d_cases: Sequence[Tuple[int, int, int, int, int, int, Tuple[int, int, int]]]  # (B, T, H, W, C, rank, pools)
     generation: Sequence[Tuple[int, int, float, dict]]  # fused generation entries: (dim, length, rate, SSMKernel kw)
     layer: Tuple[int, int, int, int]  # S4ND layer check on the Triton path: (B, C, side, pool)
+    autocast_cases: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]  # the models' tensor-core kernels: (x's shape
+    # (B, H, W, C) or (B, T, H, W, C), pools), a float32 x multiplied in bf16 (bf16 autocast); 128 images give
+    # programs of 8, 64 frames programs of 4
     fast_layer: Tuple[int, int, int, int]  # S4ND layer check on the fast path (a stem-like layer): (B, C, side, pool)
     fast_cases: Sequence[Tuple[int, int, Tuple[int, ...]]]  # fast path, each algorithm, 1D/2D/3D: (B, C, sizes)
     stages: Sequence[Tuple[int, int]]  # layer benchmark shapes: (C, side)
@@ -109,6 +113,8 @@ GPU = Plan(
     conv3d_cases=((2, 8, 28, 28, 96, 1, (1, 1, 1)), (2, 8, 14, 14, 192, 1, (2, 2, 2))),
     generation=((96, 56, 1.0, {}), (192, 28, 0.5, dict(bandlimit=0.5)), (40, 224, 2.0, dict(init='legs'))),
     layer=(4, 96, 56, 2),
+    autocast_cases=tuple(((128, side, side, 32), (pool, pool)) for side in (56, 28, 14) for pool in (1, 2)) + tuple(
+        ((8, 8, side, side, 32), (1, pool, pool)) for side in (56, 28, 14) for pool in (1, 2)),  # (the video pair's)
     fast_layer=(4, 32, 112, 4),
     fast_cases=((2, 16, (300,)), (2, 16, (300, 20)), (2, 16, (6, 12, 10))),
     stages=CONVNEXT_T_STAGES,
@@ -129,6 +135,7 @@ TINY = Plan(
     conv3d_cases=((1, 4, 3, 5, 3, 1, (2, 1, 1)),),
     generation=((4, 6, 1.0, {}), (8, 5, 0.5, dict(bandlimit=0.5)), (3, 12, 2.0, dict(init='legs'))),
     layer=(2, 8, 8, 2),
+    autocast_cases=(((32, 6, 5, 3), (2, 2)), ((2, 4, 5, 4, 3), (1, 2, 2))),  # (32 images: 2 per program)
     fast_layer=(2, 4, 12, 4),
     fast_cases=((1, 3, (9,)), (1, 3, (9, 5)), (1, 3, (3, 4, 5))),
     stages=((4, 5),),
@@ -169,46 +176,49 @@ class _Checks:
         return all(r['ok'] for r in self.rows)
 
 
+def _conv_case(shape: Tuple[int, ...], rank: int, pools: Tuple[int, ...]
+               ) -> Tuple[List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+    """A seeded case of the fused convolution on the CPU, x of `shape` (B, *spatial, C): its float64 leaves (x,
+    a kernel per spatial axis, d), an output gradient, and the reference output and gradients."""
+    torch.manual_seed(0)
+    x, d = torch.randn(shape, dtype=torch.float64), torch.randn(shape[-1], dtype=torch.float64)
+    kernels = [torch.randn(rank, shape[-1], 2 * n - 1, dtype=torch.float64) for n in shape[1:-1]]
+    leaves = [t.requires_grad_() for t in (x, *kernels, d)]
+    dims = list(range(2, len(shape)))
+    y_ref = separable_conv_reference(x.movedim(-1, 0), kernels, dims, pools, d).movedim(0, -1)
+    grad = torch.randn_like(y_ref)
+    return leaves, grad, [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
+
+
+def _check_conv_case(device: torch.device, checks: _Checks, name: str, case, pools: Tuple[int, ...],
+                     dtype: torch.dtype, limit: float, algorithm: str, operands: Optional[torch.dtype] = None) -> None:
+    """`case` (`_conv_case`, 2D or 3D) on `device` by `algorithm`, x in `dtype` (the kernels and d in float32),
+    the tensor-core kernels' products in `operands`: output and every gradient against the reference."""
+    from ..layers.triton_conv import fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
+    leaves, grad, ref = case
+    inputs = [leaves[0].detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in leaves[1:]]
+    inputs = [t.requires_grad_() for t in inputs]
+    conv = separable_conv2d_cl if len(inputs) == 4 else separable_conv3d_cl
+    with fused_algorithm(algorithm):
+        y = conv(inputs[0], tuple(inputs[1:-1]), pools, inputs[-1], operands=operands)
+    out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
+    names = ('y', 'dx', *(f'dk{axis}' for axis in 'thw'[5 - len(inputs):]), 'dD')
+    checks.add(name, {k: _rel(a, r) for k, a, r in zip(names, out, ref)}, limit)
+
+
 def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str = 'sum') -> None:
     """The fused convolution (2D, and 3D: time axis then 2D per frame) by `algorithm`
     (`triton_conv.fused_algorithm`) against float64 on the CPU: output and every
     gradient, fp32 and bf16; with 'sum', also the custom op compiled by inductor."""
-    from ..layers.triton_conv import fused_algorithm, separable_conv2d_cl, separable_conv3d_cl
+    from ..layers.triton_conv import separable_conv2d_cl
     label = '' if algorithm == 'sum' else f' {algorithm}'
-    for b, h, w, c, rank, pools in plan.conv_cases:
-        torch.manual_seed(0)
-        x, d = torch.randn(b, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
-        kh = torch.randn(rank, c, 2 * h - 1, dtype=torch.float64)
-        kw = torch.randn(rank, c, 2 * w - 1, dtype=torch.float64)
-        leaves = [t.requires_grad_() for t in (x, kh, kw, d)]
-        y_ref = separable_conv_reference(x.permute(3, 0, 1, 2), [kh, kw], [2, 3], pools, d).permute(1, 2, 3, 0)
-        grad = torch.randn_like(y_ref)
-        ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
+    cases = [('conv', (b, h, w, c), rank, pools) for b, h, w, c, rank, pools in plan.conv_cases] + [
+        ('conv3d', (b, t, h, w, c), rank, pools) for b, t, h, w, c, rank, pools in plan.conv3d_cases]
+    for kind, shape, rank, pools in cases:
+        case = _conv_case(shape, rank, pools)
         for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-            inputs = [x.detach().to(device, dtype)] + [t.detach().to(device, torch.float32) for t in (kh, kw, d)]
-            inputs = [t.requires_grad_() for t in inputs]
-            with fused_algorithm(algorithm):
-                y = separable_conv2d_cl(inputs[0], (inputs[1], inputs[2]), pools, inputs[3])
-            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
-            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkh', 'dkw', 'dD'), out, ref)}
-            checks.add(f'conv {b}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}{label}', errors, limit)
-    for b, t, h, w, c, rank, pools in plan.conv3d_cases:
-        torch.manual_seed(0)
-        x, d = torch.randn(b, t, h, w, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
-        kernels = [torch.randn(rank, c, 2 * n - 1, dtype=torch.float64) for n in (t, h, w)]
-        leaves = [v.requires_grad_() for v in (x, *kernels, d)]
-        y_ref = separable_conv_reference(x.permute(4, 0, 1, 2, 3), kernels, [2, 3, 4], pools, d)
-        y_ref = y_ref.permute(1, 2, 3, 4, 0)
-        grad = torch.randn_like(y_ref)
-        ref = [y_ref] + list(torch.autograd.grad(y_ref, leaves, grad))
-        for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-            inputs = [x.detach().to(device, dtype)] + [v.detach().to(device, torch.float32) for v in (*kernels, d)]
-            inputs = [v.requires_grad_() for v in inputs]
-            with fused_algorithm(algorithm):
-                y = separable_conv3d_cl(inputs[0], inputs[1:4], pools, inputs[4])
-            out = [y] + list(torch.autograd.grad(y, inputs, grad.to(device, y.dtype)))
-            errors = {k: _rel(a, r) for k, a, r in zip(('y', 'dx', 'dkt', 'dkh', 'dkw', 'dD'), out, ref)}
-            checks.add(f'conv3d {b}x{t}x{h}x{w}x{c} r{rank} pool{pools} {str(dtype)[6:]}{label}', errors, limit)
+            name = f'{kind} {"x".join(map(str, shape))} r{rank} pool{pools} {str(dtype)[6:]}{label}'
+            _check_conv_case(device, checks, name, case, pools, dtype, limit, algorithm)
     if algorithm != 'sum':
         return
     b, h, w, c = plan.conv_cases[0][:4]
@@ -223,6 +233,18 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str
 def check_conv_dot(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """`check_conv` by the tensor-core kernels ('dot', the images' default)."""
     check_conv(plan, device, checks, 'dot')
+
+
+def check_conv_autocast(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """The tensor-core kernels as the models launch them: a float32 input multiplied in bf16 (the `operands` that
+    `S4ND` passes under bf16 autocast) forward and in every gradient, at batches whose programs take several images
+    (`triton_conv.DOT_IMAGES`: 8 at the models' batch of 128) and at each of their sides' tiles, pooled and not
+    (`Plan.autocast_cases`), against float64 on the CPU."""
+    for shape, pools in plan.autocast_cases:
+        name = f'conv{"3d" if len(shape) == 5 else ""} {"x".join(map(str, shape))} r1 pool{pools} float32 in bf16 ' \
+               'autocast dot'
+        _check_conv_case(device, checks, name, _conv_case(shape, 1, pools), pools, torch.float32, 3e-2, 'dot',
+                         operands=torch.bfloat16)
 
 
 def check_generation(plan: Plan, device: torch.device, checks: _Checks) -> None:
@@ -580,8 +602,9 @@ def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
     rows: List[_Row] = []
     for section in sections:
         if section == 'correctness':
-            rows += [(section, c.__name__, c) for c in (check_conv, check_conv_dot, check_generation, check_layer,
-                                                           check_fast_layer, check_fast_algorithms)]
+            rows += [(section, c.__name__, c) for c in (check_conv, check_conv_dot, check_conv_autocast,
+                                                           check_generation, check_layer, check_fast_layer,
+                                                           check_fast_algorithms)]
         else:
             rows += [(section, i, job) for i, job in enumerate(_jobs(section, plan, dev))]
     return rows
