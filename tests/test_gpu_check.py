@@ -62,13 +62,14 @@ def test_every_section_runs_and_reports(tmp_path):
     variants = [r for r in dot[2:] if all(f'{v}_ratio' in r for v in gpu_check.DOT_VARIANTS)]
     assert [r['case'] for r in variants] == [r['case'] for r in dot[2:] if 'autocast' in r['case']]
     assert len(variants) == 2 and all(r[f'{v}_ratio'] > 0 for r in variants for v in gpu_check.DOT_VARIANTS)
-    assert all(r['path'] == 'dispatch' for section in ('models', 'bench', 'dot') for r in results[section])
+    assert all(r['path'] == 'dispatch' for r in results['models'] + results['profile'] + dot[:2])
+    assert all(r['path'] == 'per column' for r in results['bench'] + dot[2:])  # (each column forces its path)
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])
 
 
 def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
-    """A failing check switches the later sections to the fast path; a failing row loses only itself, and the
-    file holds every row measured so far."""
+    """A failing check of the Triton path switches the later model and profile rows to the fast path; a failing row
+    loses only itself, and the file holds every row measured so far."""
     def broken(*args, **kwargs):
         raise RuntimeError('no kernel image for this device')
 
@@ -87,14 +88,15 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
     assert [c['check'] for c in failed] == ['broken'] and 'no kernel image' in failed[0]['error']
     assert any('triton path' in c['check'] and c['ok'] for c in results['correctness'])  # the checks after it ran
     assert len(results['profile']) == 4 and json.loads(path.read_text())['errors'] == results['errors']
-    assert all(r['path'] == 'fast' for r in results['bench'] + results['profile'])  # each row says so
+    assert all(r['path'] == 'fast' for r in results['profile'])  # each row says so
+    assert all(r['path'] == 'per column' for r in results['bench'])  # (its columns force their paths)
 
 
 def test_the_budget_stops_starting_rows(tmp_path):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
     assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_conv_autocast',
                                                    'check_generation', 'check_layer', 'check_fast_layer',
-                                                   'check_fast_algorithms'],
+                                                   'check_fast_algorithms', 'check_inductor'],
                                   'profile': [0, 1, 2, 3]}
     assert results['profile'] == [] and results['ok']
 
@@ -202,17 +204,39 @@ def test_a_compiled_pair_cut_short_keeps_what_it_measured(monkeypatch, tmp_path)
     assert results['compiled'] == [dict(case='ok', path='dispatch')] and results['partial'] == {}
 
 
-def test_the_dot_section_failing_leaves_the_measured_path_alone():
-    """A crashed or failed row of the 'dot' section (algorithms beside the default) does not switch the later
-    sections to the fast path; a crash elsewhere, or a failed correctness check, does."""
-    ok = [dict(check='conv', ok=True)]
-    assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=ok, crashed=['dot[1]']),
-                                    None) is None
-    assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=ok, crashed=['bench[0]']),
-                                    None) == 'fast'
-    failed = [dict(check='conv', ok=False)]
-    assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=failed), None) == 'fast'
-    assert gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=failed), 'triton') == 'triton'
+def test_only_the_triton_path_failing_switches_the_model_and_profile_rows_to_the_fast_path():
+    """A crashed row outside 'dot', or a failed check of the Triton path, switches the rows that run S4ND as the
+    dispatch chooses (models, profile, compiled) to the fast path; the 'dot' rows (settings beside the dispatch's) and
+    the layer rows (each column forces its path) keep theirs, and a crashed 'dot' row, a failed check of the fast
+    path or of inductor switch nothing."""
+    def path(section, crashed=(), failed=(), forced=None):
+        checks = [dict(check='conv', row='check_conv', ok=True)] + [dict(check=f, row=f, ok=False) for f in failed]
+        return gpu_check._measured_path(gpu_check._Results(None, path=None, correctness=checks,
+                                                           crashed=list(crashed)), forced, section)
+    assert path('models', crashed=['dot[1]']) is None
+    assert path('models', crashed=['models[0]']) == path('profile', crashed=['bench[0]']) == 'fast'
+    assert path('dot', crashed=['profile[0]']) is None and path('bench', failed=['check_conv']) is None
+    assert path('profile', failed=['check_conv_autocast']) == path('compiled', failed=['check_layer']) == 'fast'
+    assert path('models', failed=['check_inductor', 'check_fast_layer', 'check_fast_algorithms']) is None
+    assert path('models', failed=['check_conv'], forced='triton') == 'triton'
+    assert path('dot', forced='fast') is None  # (--path forces the model, profile and compiled sections)
+
+
+def test_inductor_failing_leaves_the_model_rows_on_the_dispatch(monkeypatch):
+    """torch.compile failing fails its own check (the run fails) but switches no model row to the fast path."""
+    def broken(*args, **kwargs):
+        raise RuntimeError('inductor failed (injected)')
+
+    def passing(plan, device, checks):
+        checks.add('passing', {'y': 0.0}, 1e-4)
+    monkeypatch.setattr(torch, 'compile', broken)
+    for name in ('check_conv', 'check_conv_dot', 'check_conv_autocast', 'check_generation', 'check_layer',
+                 'check_fast_layer', 'check_fast_algorithms'):
+        monkeypatch.setattr(gpu_check, name, passing)
+    results = gpu_check.run_checks(['correctness', 'models'], gpu_check.TINY, 'cpu')
+    failed = [c for c in results['correctness'] if not c['ok']]
+    assert len(failed) == 1 and 'inductor failed' in failed[0]['error'] and not results['ok']
+    assert results['path'] is None and [r['path'] for r in results['models']] == ['dispatch', 'dispatch']
 
 
 def test_triton_sides_apply_within_the_call_only():

@@ -8,7 +8,8 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    float32 input multiplied in bf16 as under autocast, their batches' images per program, `Plan.autocast_cases`), the
    fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
    fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
-   run fail, and the later sections then run S4ND's fast path (unless a path is forced).
+   run fail; one of the Triton path (not of the fast path, nor inductor's) switches the later sections that run S4ND
+   as the dispatch chooses (models, profile, compiled) to its fast path, unless a path is forced.
 2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
    and the video pair on clips.
 3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
@@ -21,8 +22,8 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
    not yet for clips; checked in correctness): the ConvNeXt pair with the fused kernels on every layer up to
    `DOT_TRY_SIDE` (the dispatch's sides are smaller), the video pair again with them, then the layers by both
-   algorithms and by 'dot' with each of `DOT_VARIANTS` (the settings an H200 ran before). Its failures and
-   crashes do not switch the other sections to the fast path.
+   algorithms and by 'dot' with each of `DOT_VARIANTS` (the settings an H200 ran before). It runs the paths it
+   tries whatever failed before, and its failures and crashes switch no other row to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
 Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
@@ -30,8 +31,9 @@ traceback and the next one runs, and the JSON file is rewritten (atomically) aft
 keeps everything it measured. On CUDA the rows run in a worker process that the run replaces after a row that
 kills it (a crash), leaves its CUDA context unusable (a sticky error such as an illegal address, which would fail
 every later row) or runs past its time limit (a hang): that row is recorded as failed and the next one runs in a
-new worker, on the fast path. A time budget (`budget_s`) stops starting rows when it is spent (recorded as
-skipped). The file states the device, versions, the commit, the plan and the path that ran.
+new worker (the model and profile rows on the fast path). Each row records the path it ran ('per column' for the
+layer rows, whose columns force theirs). A time budget (`budget_s`) stops starting rows when it is spent (recorded
+as skipped). The file states the device, versions, the commit, the plan and the path that ran.
 
 `TINY` runs every section in seconds on the CPU, with Triton's interpreter (TRITON_INTERPRET=1): correctness and
 bench run the Triton kernels; profile and models take the dispatch's choice (the fast path on the CPU; `path`
@@ -159,16 +161,17 @@ class _Checks:
 
     def __init__(self, rows: Optional[List[dict]] = None):
         self.rows: List[dict] = [] if rows is None else rows
+        self.row: Optional[str] = None  # the correctness row (its check function's name) the checks come from
 
     def add(self, name: str, errors: Dict[str, float], limit: float) -> None:
         ok = all(e < limit for e in errors.values())
-        self.rows.append(dict(check=name, errors=errors, limit=limit, ok=ok))
+        self.rows.append(dict(check=name, row=self.row, errors=errors, limit=limit, ok=ok))
         values = ' '.join(f'{k}={v:.1e}' for k, v in errors.items())
         print(f'{name:46s} {values}  (< {limit:g}) {"ok" if ok else "FAIL"}', flush=True)
 
     def failed(self, name: str, error: str) -> None:
-        """Records check `name` as failed with `error` (a traceback, or why its process ended)."""
-        self.rows.append(dict(check=name, error=error[-3000:], ok=False))
+        """Records correctness row `name` as failed with `error` (a traceback, or why its process ended)."""
+        self.rows.append(dict(check=name, row=name, error=error[-3000:], ok=False))
         print(f'{name} FAILED:\n{error}', flush=True)
 
     @property
@@ -209,8 +212,7 @@ def _check_conv_case(device: torch.device, checks: _Checks, name: str, case, poo
 def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str = 'sum') -> None:
     """The fused convolution (2D, and 3D: time axis then 2D per frame) by `algorithm`
     (`triton_conv.fused_algorithm`) against float64 on the CPU: output and every
-    gradient, fp32 and bf16; with 'sum', also the custom op compiled by inductor."""
-    from ..layers.triton_conv import separable_conv2d_cl
+    gradient, fp32 and bf16."""
     label = '' if algorithm == 'sum' else f' {algorithm}'
     cases = [('conv', (b, h, w, c), rank, pools) for b, h, w, c, rank, pools in plan.conv_cases] + [
         ('conv3d', (b, t, h, w, c), rank, pools) for b, t, h, w, c, rank, pools in plan.conv3d_cases]
@@ -219,8 +221,12 @@ def check_conv(plan: Plan, device: torch.device, checks: _Checks, algorithm: str
         for dtype, limit in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
             name = f'{kind} {"x".join(map(str, shape))} r{rank} pool{pools} {str(dtype)[6:]}{label}'
             _check_conv_case(device, checks, name, case, pools, dtype, limit, algorithm)
-    if algorithm != 'sum':
-        return
+
+
+def check_inductor(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """The fused convolution's custom op compiled by inductor (fullgraph) against eager: what torch.compile runs (its
+    failure switches no row to the fast path, `_switches_to_fast`)."""
+    from ..layers.triton_conv import separable_conv2d_cl
     b, h, w, c = plan.conv_cases[0][:4]
     x = torch.randn(b, h, w, c, device=device, dtype=torch.bfloat16)
     kh, kw = torch.randn(1, c, 2 * h - 1, device=device), torch.randn(1, c, 2 * w - 1, device=device)
@@ -389,7 +395,8 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
         fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
-               **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'})
+               **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'},
+               path='per column')  # (fast: the fast path; triton, sum, dot and the variants: the Triton path)
     print(f'  {case}: dwconv {t["dwconv"]:.2f}  S4ND ' + '  '.join(
         f'{k} {t[k]:.2f} ({row[f"{k}_ratio"]:.2f}x)' for k in fns if k != 'dwconv'), flush=True)
     return row
@@ -592,6 +599,9 @@ _ROW_LIMIT_S = dict(correctness=240, models=240, bench=120, profile=180, dot=240
 _OVERRUN_S = 90  # ...or once the run is this far past its budget (a compiled pair may start with 300 s left; what
 # it measured by then is kept under 'partial'), so that a run ends within budget + 90 s + start-up: under an outer
 # time limit, give a budget that leaves that (a SIGTERM still ends the run with its bookkeeping, `_supervise`)
+_PATH_SECTIONS = ('models', 'profile', 'compiled')  # run S4ND as the dispatch chooses: `path` forces it, and a failed
+# check or crashed row switches them to the fast path (`_measured_path`)
+_OWN_CHECKS = ('correctness[check_fast_layer]', 'correctness[check_fast_algorithms]', 'correctness[check_inductor]')
 _BROKEN_EXIT = 3  # a worker's exit status after a row broke its CUDA context (the row's error is recorded)
 _FAULT_ENV = 'S4ND_GPU_CHECK_FAULT'  # tests: 'ROW=exit|hang|cuda,...' makes a worker fail at rows ROW ('bench[0]')
 _injected_broken = False
@@ -604,23 +614,34 @@ def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
         if section == 'correctness':
             rows += [(section, c.__name__, c) for c in (check_conv, check_conv_dot, check_conv_autocast,
                                                            check_generation, check_layer, check_fast_layer,
-                                                           check_fast_algorithms)]
+                                                           check_fast_algorithms, check_inductor)]
         else:
             rows += [(section, i, job) for i, job in enumerate(_jobs(section, plan, dev))]
     return rows
 
 
-def _measured_path(results: _Results, forced: Optional[str]) -> Optional[str]:
-    """S4ND's implementation for the measuring sections: `forced`, else the fast path once a correctness check
-    failed or a row crashed its process (the models measured on it rather than not at all), else the dispatch's.
-    The 'dot' section's rows (algorithms the dispatch does not take by default) do not count."""
+def _switches_to_fast(key: str) -> bool:
+    """Whether row `key` failing a check or crashing its process switches the later rows of `_PATH_SECTIONS` to the
+    fast path: a row of the Triton path, not one of the 'dot' section (settings the dispatch does not take by
+    default) nor a check of the fast path itself or of compiled code (`_OWN_CHECKS`)."""
+    return not key.startswith('dot[') and key not in _OWN_CHECKS
+
+
+def _measured_path(results: _Results, forced: Optional[str], section: str) -> Optional[str]:
+    """S4ND's implementation for a row of `section`. In the sections that run S4ND as the dispatch chooses
+    (`_PATH_SECTIONS`): `forced`, else the fast path once a check of the Triton path failed or a row crashed its
+    process (`_switches_to_fast`: the models measured on it rather than not at all), else the dispatch's (None).
+    Elsewhere None: the layer rows force each column's path, the 'dot' model rows run the settings they try."""
+    if section not in _PATH_SECTIONS:
+        return None
     if forced is not None:
         return forced
-    crashed = [key for key in results['crashed'] if not key.startswith('dot[')]
-    if crashed or not all(c['ok'] for c in results.get('correctness', [])):
+    failed = [f'correctness[{c["row"]}]' for c in results.get('correctness', []) if not c['ok']]
+    if any(_switches_to_fast(key) for key in results['crashed'] + failed):
         if results['path'] != 'fast':
             results['path'] = 'fast'
-            print("a correctness check failed or a row crashed: the next rows run S4ND's fast path", flush=True)
+            print("a check of the Triton path failed or a row crashed: the next model and profile rows run S4ND's "
+                  "fast path", flush=True)
         return 'fast'
     return None
 
@@ -654,12 +675,14 @@ def _run_rows(results: _Results, sections: Sequence[str], plan: Plan, dev: torch
             if worker:
                 _inject_fault(key)
             if section == 'correctness':
+                checks.row = ident
                 call(plan, dev, checks)
             else:  # (a compiled pair compiles for minutes: what it measured is kept if it is cut short)
                 kwargs = dict(progress=partial(_keep_partial, results, key)) if section == 'compiled' else {}
-                path = _measured_path(results, forced)
-                with dispatch.force_path(path):  # (each row says which path it measured)
-                    results[section].append(dict(call(**kwargs), path=path or 'dispatch'))
+                path = _measured_path(results, forced, section)
+                with dispatch.force_path(path):  # (each row says which path it measured: layer rows 'per column')
+                    row = call(**kwargs)
+                results[section].append(dict(row, path=row.get('path', path or 'dispatch')))
                 results['partial'].pop(key, None)
         except Exception:  # noqa: BLE001  (a GPU session is too short to stop at the first error)
             error = traceback.format_exc()
@@ -777,9 +800,9 @@ def _reload(results: _Results) -> Optional[dict]:
 def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: str, forced: Optional[str],
                deadline: Optional[float]) -> None:
     """Runs the rows in worker processes: one, unless a row kills its process, leaves its CUDA context unusable
-    (a sticky error) or runs past its limit; that row is recorded as failed (the later rows then run the fast path,
-    unless a path is forced) and a new worker goes on with the next row. A SIGTERM (an outer time limit) ends the
-    run with the row it interrupted recorded as failed and the rows after it as skipped ('interrupted')."""
+    (a sticky error) or runs past its limit; that row is recorded as failed (the later model and profile rows then
+    run the fast path, `_measured_path`) and a new worker goes on with the next row. A SIGTERM (an outer time limit)
+    ends the run with the row it interrupted recorded as failed and the rows after it as skipped ('interrupted')."""
     own_file = results.json_path is None
     if own_file:
         fd, results.json_path = tempfile.mkstemp(suffix='.json', prefix='gpu_check_')
@@ -844,8 +867,9 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     returns (and with `json_path` writes, after every row) the results, with 'ok': False if a correctness check
     failed or a row raised (its traceback under 'errors', the next row runs). `path` ('triton' or 'fast') forces
     S4ND's implementation in the model, profile and compiled sections (None: the dispatch's choice, or 'fast' once a
-    correctness check failed or a row crashed). `budget_s`: no row starts once that many seconds have passed (nor
-    a compiled pair with less than `_MIN_LEFT_S` left); the rows left are listed under 'skipped'. `isolate` (by
+    check of the Triton path failed or a row outside 'dot' crashed, `_measured_path`). `budget_s`: no row starts once
+    that many seconds have passed (nor a compiled pair with less than `_MIN_LEFT_S` left); the rows left are listed
+    under 'skipped'. `isolate` (by
     default on CUDA): the rows run in a worker process, replaced after a row that kills it, breaks its CUDA context
     or runs past its time limit (`_supervise`; those rows are listed under 'crashed'), so that one such row does not
     end the run."""
