@@ -22,7 +22,7 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
    not yet for clips; checked in correctness): the ConvNeXt pair with the fused kernels on every layer up to
    `DOT_TRY_SIDE` (the dispatch's sides are smaller), the video pair again with them, then the layers by both
-   algorithms and by 'dot' with each of `DOT_VARIANTS` (the settings an H200 ran before). It runs the paths it
+   algorithms and on the fast path, and by 'dot' with each of `DOT_VARIANTS` (the settings an H200 ran before). It runs the paths it
    tries whatever failed before, and its failures and crashes switch no other row to the fast path.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
@@ -384,11 +384,12 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
                  dot: bool = False) -> dict:
     """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
     default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot', and
-    for a float32 x under autocast 'dot' with each of `DOT_VARIANTS`), and of the baseline depthwise `conv`, on x
-    (its grad enabled), ms and ratios to the conv; printed as it comes."""
+    for a float32 x under autocast 'dot' with each of `DOT_VARIANTS`) and the fast path, and of the baseline
+    depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp)}
-    if dot:
+    if dot:  # (the fast path compiles nothing: each shape's 'dot' against it, the dispatch's other choice)
         fns.update({a: _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), a) for a in ('sum', 'dot')})
+        fns['fast'] = _fwd_bwd(s4nd, x, amp, 'fast')
         if amp and x.dtype == torch.float32:
             fns.update({name: _with_dot_settings(fns['dot'], settings) for name, settings in DOT_VARIANTS.items()})
     else:
