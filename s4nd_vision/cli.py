@@ -745,7 +745,7 @@ Prints, per model: GMACs with the handles, fvcore's own count (FFTs and complex 
 the largest operators, and the ops still left uncounted.""",
         _flops_arguments, _flops_run),
     'gpu-check': Command(
-        'every check of the CUDA path in one run: correctness, model pairs, layer benchmark, profile, compiled',
+        'every check of the CUDA path in one run: correctness, model pairs, layer benchmark, dot, profile, compiled',
         """Every check of S4ND's CUDA path in one run, sized to take under 8 minutes on one H100/H200
 (see s4nd_vision.bench.gpu_check); exits non-zero if a correctness check fails or a row raises.
 

@@ -28,6 +28,7 @@ def test_every_section_runs_and_reports(tmp_path):
     results = gpu_check.run_checks(sections[::-1], gpu_check.TINY, 'cpu', str(path))
     assert results['ok'] and json.loads(path.read_text()) == json.loads(json.dumps(results))
     assert list(results['seconds']) == sections  # in SECTIONS order, whatever the order asked
+    assert sections == ['correctness', 'models', 'bench', 'dot', 'profile']  # (profile decides nothing: last)
     assert results['plan']['batch'] == gpu_check.TINY.batch and 'commit' in results and 'triton' in results
     plan = gpu_check.TINY
     checks = results['correctness']
@@ -49,19 +50,21 @@ def test_every_section_runs_and_reports(tmp_path):
     assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
     # the tensor-core kernels: checked in correctness (every conv case), then the first image pair with them on
-    # every layer up to DOT_TRY_SIDE, the video pair again with them, the layers by both algorithms
+    # every layer up to DOT_TRY_SIDE, the video pair again with them, the layers by both algorithms and the fast
+    # path (the rows deciding the dispatch's choices), and last the variants
     dot_checks = 2 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + len(plan.autocast_cases)
     assert sum(c['check'].endswith(' dot') for c in checks) == dot_checks
     assert sum(c['check'].endswith('float32 in bf16 autocast dot') for c in checks) == len(plan.autocast_cases)
     dot = results['dot']
     assert [r['case'] for r in dot[:2]] == [cases[0], cases[-1]]  # the first image pair, the video pair
     assert dot[0]['triton_side'] == gpu_check.DOT_TRY_SIDE and dot[1]['algorithm'] == 'dot'
-    assert [r['case'] for r in dot[2:]] == [r['case'] for r in results['bench']]
-    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and r['fast_ratio'] > 0 for r in dot[2:])  # (both paths)
+    layers, variants = dot[2:2 + len(results['bench'])], dot[2 + len(results['bench']):]
+    assert [r['case'] for r in layers] == [r['case'] for r in results['bench']]
+    assert all(r['dot_ratio'] > 0 and r['sum_ratio'] > 0 and r['fast_ratio'] > 0 for r in layers)  # (both paths)
+    assert not any(f'{v}_ratio' in r for r in layers for v in gpu_check.DOT_VARIANTS)
     # the variants on the rows of the models' case (float32 under bf16 autocast: the 2D one and the 3D one)
-    variants = [r for r in dot[2:] if all(f'{v}_ratio' in r for v in gpu_check.DOT_VARIANTS)]
-    assert [r['case'] for r in variants] == [r['case'] for r in dot[2:] if 'autocast' in r['case']]
-    assert len(variants) == 2 and all(r[f'{v}_ratio'] > 0 for r in variants for v in gpu_check.DOT_VARIANTS)
+    assert [r['case'] for r in variants] == [r['case'] for r in layers if 'autocast' in r['case']]
+    assert len(variants) == 2 and all(r[f'{v}_ratio'] > 0 for r in variants for v in ('dot', *gpu_check.DOT_VARIANTS))
     assert all(r['path'] == 'dispatch' for r in results['models'] + results['profile'] + dot[:2])
     assert all(r['path'] == 'per column' for r in results['bench'] + dot[2:])  # (each column forces its path)
     assert all(r['train_ratio'] > 0 and r['infer_ratio'] > 0 for r in results['models'])

@@ -16,14 +16,16 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
    four ConvNeXt-T stage shapes, fp32, bf16 and fp32 under bf16 autocast (the models' case); the 3D layer vs the
    3D baseline's depthwise conv at the video model's stage shapes (bf16 autocast): which path the 3D dispatch
    should take.
-4. profile: torch.profiler over training steps, then inference forwards (bf16 autocast, channels-last) of
+4. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
+   not yet for clips; checked in correctness), first the rows that decide the dispatch's choices: the ConvNeXt pair
+   with the fused kernels on every layer up to `DOT_TRY_SIDE` (the dispatch's sides are smaller), the video pair
+   again with them, the layers by both algorithms and on the fast path; then the layers of the models' case by 'dot'
+   with each of `DOT_VARIANTS` (the settings an H200 ran before, each compiling kernels of its own). It runs the
+   paths it tries whatever failed before, and its failures and crashes switch no other row to the fast path.
+5. profile: torch.profiler over training steps, then inference forwards (bf16 autocast, channels-last) of
    ConvNeXt-T and ConvNeXt-S4ND-T: step time, device kernels per step, the fraction of the step the device is busy
-   (what the host's launches leave idle), top operators by device time.
-5. dot: the fused convolution's tensor-core kernels (`triton_conv.fused_algorithm('dot')`, the default for images,
-   not yet for clips; checked in correctness): the ConvNeXt pair with the fused kernels on every layer up to
-   `DOT_TRY_SIDE` (the dispatch's sides are smaller), the video pair again with them, then the layers by both
-   algorithms and on the fast path, and by 'dot' with each of `DOT_VARIANTS` (the settings an H200 ran before). It runs the paths it
-   tries whatever failed before, and its failures and crashes switch no other row to the fast path.
+   (what the host's launches leave idle), top operators by device time. It decides nothing: it runs after the
+   sections that do.
 6. compiled: the image pairs through torch.compile, while the time budget lasts (minutes of compilation each).
 
 Every row (a check, a layer shape, a model pair) is measured on its own: one that raises is recorded with its
@@ -77,7 +79,7 @@ from .benchmark import (
 
 __all__ = ['Plan', 'GPU', 'TINY', 'SECTIONS', 'run_checks']
 
-SECTIONS = ('correctness', 'models', 'bench', 'profile', 'dot', 'compiled')  # the order they run in
+SECTIONS = ('correctness', 'models', 'bench', 'dot', 'profile', 'compiled')  # the order they run in
 BUDGET_S = 420  # the default time budget of a GPU run: rows start until it is spent (seconds)
 _MIN_LEFT_S = {'compiled': 300}  # a compiled pair compiles 4 graphs (an H200 took 358 s for the ConvNeXt pair's
 # training graphs at 54b42a5, since reduced): not started with less left
@@ -380,20 +382,24 @@ def _with_dot_settings(fn: Callable, settings: Dict[str, int]) -> Callable:
     return run
 
 
+_COLUMNS = ('paths', 'algorithms', 'variants')  # the S4ND columns of a layer row (`_bench_layer`)
+
+
 def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: bool, repeats: int,
-                 dot: bool = False) -> dict:
-    """One row of `layer_jobs`: forward+backward of `s4nd` on the Triton path ('triton', the fused convolution's
-    default algorithm) and the fast path, or with `dot` on the Triton path by each algorithm ('sum' and 'dot', and
-    for a float32 x under autocast 'dot' with each of `DOT_VARIANTS`) and the fast path, and of the baseline
-    depthwise `conv`, on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
+                 columns: str = 'paths') -> dict:
+    """One row of `layer_jobs`: forward+backward of the baseline depthwise `conv` and of `s4nd` by each of its
+    `columns`: 'paths' the Triton path ('triton', the fused convolution's default algorithm) and the fast path,
+    'algorithms' the Triton path by each algorithm ('sum' and 'dot') and the fast path, 'variants' 'dot' as landed
+    and with each of `DOT_VARIANTS`; on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp)}
-    if dot:  # (the fast path compiles nothing: each shape's 'dot' against it, the dispatch's other choice)
-        fns.update({a: _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), a) for a in ('sum', 'dot')})
-        fns['fast'] = _fwd_bwd(s4nd, x, amp, 'fast')
-        if amp and x.dtype == torch.float32:
-            fns.update({name: _with_dot_settings(fns['dot'], settings) for name, settings in DOT_VARIANTS.items()})
-    else:
+    dot = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
+    if columns == 'paths':
         fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
+    elif columns == 'algorithms':  # (the fast path compiles nothing: each shape's 'dot' against it too)
+        fns.update(sum=_with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'sum'), dot=dot,
+                   fast=_fwd_bwd(s4nd, x, amp, 'fast'))
+    else:
+        fns.update(dot=dot, **{name: _with_dot_settings(dot, settings) for name, settings in DOT_VARIANTS.items()})
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
                **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'},
@@ -404,7 +410,7 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
 
 
 def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: torch.dtype, amp: bool,
-                 dot: bool = False) -> dict:
+                 columns: str = 'paths') -> dict:
     """One 2D row of `layer_jobs`: an input of `dtype`, under bf16 autocast with `amp`."""
     torch.manual_seed(0)
     s4nd = S4ND(dim, ndim=2, l_ref=size).to(device)
@@ -412,10 +418,10 @@ def _bench_stage(plan: Plan, device: torch.device, dim: int, size: int, dtype: t
     x = _channels_last_input(plan.batch, dim, size, device, dtype)
     autocast = ' in bf16 autocast' if amp and dtype != torch.bfloat16 else ''
     return _bench_layer(f'layer {plan.batch}x{dim}x{size}x{size} {str(dtype)[6:]}{autocast}', s4nd, conv, x,
-                        amp, plan.repeats, dot)
+                        amp, plan.repeats, columns)
 
 
-def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, size: int, dot: bool = False
+def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, size: int, columns: str = 'paths'
                        ) -> dict:
     """One 3D row of `layer_jobs` (a float32 input under bf16 autocast, as in the video model)."""
     batch = plan.video[0]
@@ -425,18 +431,21 @@ def _bench_video_stage(plan: Plan, device: torch.device, dim: int, frames: int, 
     x = torch.randn(batch, dim, frames, size, size, device=device)
     x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     return _bench_layer(f'3D layer {batch}x{dim}x{frames}x{size}x{size} float32 in bf16 autocast', s4nd, conv, x,
-                        True, plan.repeats, dot)
+                        True, plan.repeats, columns)
 
 
-def layer_jobs(plan: Plan, device: torch.device, dot: bool = False) -> List[Callable[[], dict]]:
-    """The rows of the layer benchmark: S4ND on the Triton and the fast path (`dot`: by both algorithms of the
-    fused convolution) vs timm's 7x7 depthwise conv, forward+backward, channels-last, fp32, bf16, and fp32 under
-    bf16 autocast (the models' case: their blocks hand on float32 activations); then 3D S4ND vs the 3D baseline's
-    depthwise conv."""
-    kinds = ((torch.float32, False), (torch.bfloat16, True), (torch.float32, True))
-    return ([partial(_bench_stage, plan, device, dim, size, dtype, amp, dot)
+def layer_jobs(plan: Plan, device: torch.device, columns: str = 'paths') -> List[Callable[[], dict]]:
+    """The rows of the layer benchmark: S4ND by `columns` (`_bench_layer`: the Triton and the fast path by default)
+    vs timm's 7x7 depthwise conv, forward+backward, channels-last, fp32, bf16, and fp32 under bf16 autocast (the
+    models' case: their blocks hand on float32 activations; the only one for 'variants', each of which compiles
+    kernels of its own); then 3D S4ND vs the 3D baseline's depthwise conv."""
+    if columns not in _COLUMNS:
+        raise ValueError(f'columns must be one of {_COLUMNS}, got {columns!r}')
+    kinds = ((torch.float32, True),) if columns == 'variants' else (
+        (torch.float32, False), (torch.bfloat16, True), (torch.float32, True))
+    return ([partial(_bench_stage, plan, device, dim, size, dtype, amp, columns)
              for dtype, amp in kinds for dim, size in plan.stages]
-            + [partial(_bench_video_stage, plan, device, *stage, dot) for stage in plan.video_stages])
+            + [partial(_bench_video_stage, plan, device, *stage, columns) for stage in plan.video_stages])
 
 
 def _device_activity(events) -> Tuple[int, float]:
@@ -522,11 +531,13 @@ def _jobs(section: str, plan: Plan, device: torch.device) -> List[Callable[[], d
     if section == 'profile':
         return [partial(_profile_model, plan, device, name, train) for train in (True, False)
                 for name in plan.profile_models]
-    if section == 'dot':  # the first image pair with the fused kernels on every layer up to `DOT_TRY_SIDE`, the
+    if section == 'dot':  # the rows that decide the dispatch's choices first (a run cut short by its budget keeps
+        # them): the first image pair with the fused kernels on every layer up to `DOT_TRY_SIDE` (its sides), the
         # video pair with the tensor-core kernels (clips default to 'sum': the images' pairs in 'models' already run
-        # 'dot'), then the layers by both algorithms (the model rows first: a run cut short by its budget keeps them)
-        return [_labelled(_with_triton_sides(models[0], DOT_TRY_SIDE), triton_side=DOT_TRY_SIDE),
-                _labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot')] + layer_jobs(plan, device, dot=True)
+        # 'dot'), the layers by both algorithms and on the fast path; then the kernels' settings, `DOT_VARIANTS`
+        return ([_labelled(_with_triton_sides(models[0], DOT_TRY_SIDE), triton_side=DOT_TRY_SIDE),
+                 _labelled(_with_algorithm(models[-1], 'dot'), algorithm='dot')]
+                + layer_jobs(plan, device, 'algorithms') + layer_jobs(plan, device, 'variants'))
     return [partial(_bench_pair, plan, device, pair, compile=True) for pair in plan.image_pairs]  # compiled
 
 
