@@ -3,6 +3,8 @@ interpreter, the Triton path forced), so that it works the first time a GPU is l
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -163,6 +165,56 @@ def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path
     assert 'SIGTERM' in results['errors']['profile[1]'] and results['skipped'] == {'profile': [2, 3]}
     assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[0]]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (restored)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list:
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        return f.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_a_worker_ends_with_its_killed_supervisor(tmp_path):
+    """A supervisor killed without clean-up (SIGKILL, e.g. an outer `timeout -k`) leaves no worker running on (it
+    would hold the GPU): the worker ends with it, here in a row that would hang for an hour."""
+    path = tmp_path / 'gpu_check.json'
+    code = ('import sys; from s4nd_vision.bench import gpu_check; '
+            "gpu_check.run_checks(['profile'], gpu_check.TINY, 'cpu', sys.argv[1], isolate=True)")
+    env = dict(os.environ, **{gpu_check._FAULT_ENV: 'profile[0]=hang'})
+    supervisor = subprocess.Popen([sys.executable, '-c', code, str(path)], env=env)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while (gpu_check._running(str(path)) or {}).get('row') != 'profile[0]':
+            assert time.time() < deadline and supervisor.poll() is None
+            time.sleep(0.2)
+        (worker,) = [pid for pid in _children(supervisor.pid) if b'spawn_main' in _cmdline(pid)]
+        assert _alive(worker)
+        supervisor.kill()
+        supervisor.wait()
+        deadline = time.time() + 10
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker)
+    finally:  # (no process left behind, whatever failed)
+        left = [worker] if worker is not None else _children(supervisor.pid) if supervisor.poll() is None else []
+        supervisor.kill()
+        for pid in left:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):

@@ -42,12 +42,14 @@ bench run the Triton kernels; profile and models take the dispatch's choice (the
 'triton' runs them on the kernels too, for minutes under the interpreter), so that the tests keep this script
 working between GPU sessions.
 """
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -615,6 +617,7 @@ _PATH_SECTIONS = ('models', 'profile', 'compiled')  # run S4ND as the dispatch c
 # check or crashed row switches them to the fast path (`_measured_path`)
 _OWN_CHECKS = ('correctness[check_fast_layer]', 'correctness[check_fast_algorithms]', 'correctness[check_inductor]')
 _BROKEN_EXIT = 3  # a worker's exit status after a row broke its CUDA context (the row's error is recorded)
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 _FAULT_ENV = 'S4ND_GPU_CHECK_FAULT'  # tests: 'ROW=exit|hang|cuda,...' makes a worker fail at rows ROW ('bench[0]')
 _injected_broken = False
 
@@ -749,9 +752,25 @@ def _device_broken(dev: torch.device) -> bool:
 
 
 def _worker(json_path: str, sections: Sequence[str], plan: Plan, device: str, forced: Optional[str],
-            deadline: Optional[float], start: int) -> None:
-    """A worker process (`_supervise`): the rows from the `start`-th on, into the results file."""
+            deadline: Optional[float], start: int, parent: int) -> None:
+    """A worker process (`_supervise`, process `parent`): the rows from the `start`-th on, into the results file."""
+    _end_with(parent)
     _run_rows(_Results.load(json_path), sections, plan, torch.device(device), forced, deadline, start, worker=True)
+
+
+def _end_with(parent: int) -> None:
+    """Ends this process when process `parent` (its supervisor) ends, also killed without clean-up (SIGKILL), so
+    that no worker goes on holding the GPU: Linux's PR_SET_PDEATHSIG, elsewhere a thread polling the parent's id."""
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # (it ended before)
+        os._exit(1)
 
 
 def _running(json_path: str) -> Optional[dict]:
@@ -829,7 +848,8 @@ def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: s
             results.save()
             # (not a daemon: inductor's compile workers are its children)
             worker = context.Process(target=_worker,
-                                     args=(results.json_path, sections, plan, device, forced, deadline, start))
+                                     args=(results.json_path, sections, plan, device, forced, deadline, start,
+                                           os.getpid()))
             worker.start()
             reason = _watch(worker, results.json_path, deadline)
             running = _reload(results)
