@@ -167,6 +167,33 @@ def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (restored)
 
 
+def test_a_second_sigterm_does_not_cut_the_bookkeeping_short(monkeypatch, tmp_path):
+    """`timeout` and process-group kills may send SIGTERM again while the run records the interrupted row: the run
+    still ends with its file written (and the handler restored after)."""
+    monkeypatch.setenv(gpu_check._FAULT_ENV, 'profile[0]=hang')
+    monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 600)
+    path = tmp_path / 'gpu_check.json'
+    real_reload = gpu_check._reload
+
+    def reload_under_a_second_sigterm(results):  # (called once the worker is killed: the bookkeeping's start)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_reload(results)
+    monkeypatch.setattr(gpu_check, '_reload', reload_under_a_second_sigterm)
+
+    def terminate_in_the_hanging_row():
+        while (gpu_check._running(str(path)) or {}).get('row') != 'profile[0]':
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_in_the_hanging_row, daemon=True)
+    killer.start()
+    results = gpu_check.run_checks(['profile'], gpu_check.TINY, 'cpu', str(path), isolate=True)
+    killer.join()
+    assert results['interrupted'] and results['skipped'] == {'profile': [1, 2, 3]}
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, ended but not yet reaped, does not)."""
     try:

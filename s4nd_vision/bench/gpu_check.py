@@ -869,6 +869,8 @@ def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: s
                 break
             print(f'a new worker goes on after {running["row"]}', flush=True)
     except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one, e.g. sent to the process group, must not cut
+        # the bookkeeping short: the rows' file is written below)
         if worker is not None:
             worker.kill()
             worker.join()
@@ -882,14 +884,16 @@ def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: s
         results['ok'], results['interrupted'] = False, True
         print('interrupted by SIGTERM: the rows not run are listed under skipped', flush=True)
     finally:
-        if handles_signals:
-            signal.signal(signal.SIGTERM, previous)
+        if handles_signals:  # (until the final write)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if worker is not None and worker.is_alive():  # (the supervisor interrupted otherwise)
             worker.kill()
         if own_file:
             os.remove(results.json_path)
             results.json_path = None
-    results.save()
+        results.save()
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str = 'cuda',
