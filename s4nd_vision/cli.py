@@ -454,6 +454,9 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help='tiny sizes (minutes on a CPU with TRITON_INTERPRET=1, most of them compiling): '
                         'checks the script, measures nothing')
     parser.add_argument('--json', default=None, help='write the results to this JSON file (after every row)')
+    parser.add_argument('--commit', default=None,
+                        help="the tree's commit, recorded in the results (default: git's; a copy of the tree without "
+                        'its .git folder, e.g. on a lent GPU machine, has none)')
     parser.add_argument('--path', choices=['triton', 'fast'], default=None,
                         help="force S4ND's implementation in the profile and model sections (fast: if triton fails)")
     parser.add_argument('--in-process', action='store_true',
@@ -467,7 +470,7 @@ def _gpu_check_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else (None if args.tiny else BUDGET_S)
     results = run_checks(args.sections, TINY if args.tiny else GPU, args.device, args.json, args.path, budget,
-                         isolate=False if args.in_process else None)
+                         isolate=False if args.in_process else None, commit=args.commit)
     if not results['ok']:
         sys.exit(1)
     return results

@@ -116,6 +116,23 @@ def test_a_failed_check_fails_the_run():
         gpu_check.run_checks(['speed'], gpu_check.TINY, 'cpu')
 
 
+def test_the_commit_can_be_given_and_the_tool_runs_from_an_uninstalled_copy(tmp_path):
+    """A GPU machine may get a copy of the tree without .git and without installing it: `--commit` records the
+    commit, and tools/gpu_check.py imports the package of the tree it is in."""
+    results = tool_main('gpu-check', ['--device', 'cpu', '--tiny', '--sections', 'profile', '--budget-s', '0',
+                                      '--commit', 'abc1234'])
+    assert results['commit'] == 'abc1234' and results['skipped'] == {'profile': [0, 1, 2, 3]}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ('import os, runpy, sys; '
+            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "  # (not installed)
+            f"runpy.run_path({os.path.join(root, 'tools', 'gpu_check.py')!r}); "
+            "import s4nd_vision; print(os.path.dirname(os.path.dirname(s4nd_vision.__file__)))")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    run = subprocess.run([sys.executable, '-I', '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert os.path.samefile(run.stdout.strip(), root)
+
+
 def test_cli_refuses_cuda_without_a_device(capsys, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

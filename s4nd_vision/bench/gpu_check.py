@@ -564,11 +564,14 @@ def _commit() -> Optional[str]:
     return head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
 
 
-def _environment(dev: torch.device, plan: Plan, path: Optional[str], budget_s: Optional[float]) -> dict:
-    """What a result file must state to be read later: device, versions, commit, settings, the plan."""
+def _environment(dev: torch.device, plan: Plan, path: Optional[str], budget_s: Optional[float],
+                 commit: Optional[str]) -> dict:
+    """What a result file must state to be read later: device, versions, commit (`commit`, else git's), settings,
+    the plan."""
     env = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else str(dev), torch=torch.__version__,
-               timm=timm.__version__, commit=_commit(), path=path, budget_s=budget_s, plan=dataclasses.asdict(plan),
-               started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), units='ms per call (median), MB, ratios S4ND / baseline')
+               timm=timm.__version__, commit=commit or _commit(), path=path, budget_s=budget_s,
+               plan=dataclasses.asdict(plan), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+               units='ms per call (median), MB, ratios S4ND / baseline')
     try:
         import triton
         env['triton'] = triton.__version__
@@ -898,7 +901,7 @@ def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: s
 
 def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str = 'cuda',
                json_path: Optional[str] = None, path: Optional[str] = None,
-               budget_s: Optional[float] = None, isolate: Optional[bool] = None) -> dict:
+               budget_s: Optional[float] = None, isolate: Optional[bool] = None, commit: Optional[str] = None) -> dict:
     """Runs the `sections` (see the module docstring; in `SECTIONS` order) with the sizes of `plan` on `device`;
     returns (and with `json_path` writes, after every row) the results, with 'ok': False if a correctness check
     failed or a row raised (its traceback under 'errors', the next row runs). `path` ('triton' or 'fast') forces
@@ -908,7 +911,8 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     under 'skipped'. `isolate` (by
     default on CUDA): the rows run in a worker process, replaced after a row that kills it, breaks its CUDA context
     or runs past its time limit (`_supervise`; those rows are listed under 'crashed'), so that one such row does not
-    end the run."""
+    end the run. `commit`: the tree's commit, recorded in the results (None: git's, which a copy of the tree without
+    its .git folder lacks)."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f'sections must be among {SECTIONS}, got {unknown}')
@@ -916,7 +920,7 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     dev = torch.device(device)
     isolate = dev.type == 'cuda' if isolate is None else isolate
     deadline = None if budget_s is None else time.time() + budget_s
-    results = _Results(json_path, **_environment(dev, plan, path, budget_s), isolated=isolate)
+    results = _Results(json_path, **_environment(dev, plan, path, budget_s, commit), isolated=isolate)
     print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}, triton {results["triton"]}, '
           f'commit {results["commit"]}', flush=True)
     if isolate:
