@@ -335,7 +335,7 @@ def test_features_only_keeps_timms_list_wrapper():
     from s4nd_vision.models.convnext_base import ConvNeXtFeatures
     for kwargs, cls in ((dict(), ConvNeXtFeatures), (dict(feature_cls='list'), FeatureListNet)):
         features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, **kwargs)
-        assert type(features) is cls and 'stem_0.weight' in features.state_dict()
+        assert isinstance(features, cls) and 'stem_0.weight' in features.state_dict()
         features.set_grad_checkpointing(True)
         assert features.grad_checkpointing
     # the S4ND layers it knows are not registered twice
