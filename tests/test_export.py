@@ -153,6 +153,37 @@ def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path, name, stride)
     assert all(r['max_abs_diff'] < 1e-4 for r in rows), rows
     with pytest.raises(ValueError, match='multiples of the model stride'):
         export_onnx(model, str(tmp_path / 'bad.onnx'), img_size=(4 * stride + 1, 4 * stride))
+    # onnxruntime does not enforce the declared sides: the graph checks them (ViT-S4ND answered for a crop)
+    with pytest.raises(Exception, match=f'input_sides_must_be_multiples_of_{stride}'):
+        _onnxruntime(path, torch.randn(1, 3, 4 * stride + 8, 4 * stride))
+    import onnx
+    names = {value.name for value in onnx.load(path).graph.initializer}  # (the weights keep the model's names)
+    assert 'head.fc.weight' in names and not any(name.startswith('model.') for name in names)
+
+
+def _onnxruntime(path: str, x: torch.Tensor) -> torch.Tensor:
+    """The ONNX file at `path` run on `x` by onnxruntime (CPU)."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize('pad', [False, True], ids=['refused', 'padded'])
+def test_onnx_vit_fails_or_pads_at_sides_that_are_not_multiples_of_the_patch(tmp_path, pad):
+    """A ViT-S4ND graph at 72 px (not a multiple of 16) answered for the top-left 64x64 crop, since onnxruntime does
+    not enforce the declared sides: now it fails there (dynamic_img_pad=False: eager refuses 72 px too) or pads as
+    eager does (dynamic_img_pad=True); at 64 and 80 px both equal eager."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, num_classes=10, dynamic_img_pad=pad).eval()
+    path = export_onnx(model, str(tmp_path / 'vit.onnx'), img_size=(64, 64))
+    for size in ((64, 64), (72, 72), (80, 80), (72, 96)):
+        x = torch.randn(2, 3, *size)
+        if pad or size[0] % 16 == 0:
+            with torch.no_grad():
+                torch.testing.assert_close(_onnxruntime(path, x), model(x), rtol=1e-4, atol=1e-5)
+        else:
+            with pytest.raises(Exception, match='input_sides_must_be_multiples_of_16'):
+                _onnxruntime(path, x)
 
 
 def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):

@@ -4,7 +4,11 @@ against eager PyTorch.
 While a graph is captured, S4ND runs its real-arithmetic reference formulation (`layers.reference`):
 no complex tensors, no size-dependent algorithm choice, so one graph serves every input size. Height
 and width are declared as multiples of the model's total stride (32 for ConvNeXt-S4ND, the patch size
-for ViT-S4ND), which keeps every stage grid an integer and spares torch.export's shape solver.
+for ViT-S4ND), which keeps every stage grid an integer and spares torch.export's shape solver. onnxruntime
+does not enforce declared sizes, so the graph begins with an exact reshape of its input into stride blocks: other
+sides fail at run time (a strided stem would otherwise answer for the top-left crop). A model that pads its
+input to a multiple of the stride (ViT-S4ND's `dynamic_img_pad`) takes every side, the padding computed in the
+graph as in eager mode.
 
 The file's metadata holds what a deployment needs besides the graph (`onnx_metadata`): the architecture, the
 classes and timm's data config (input size, interpolation, mean, std, crop), to preprocess as timm would.
@@ -24,8 +28,8 @@ from torch.export import Dim
 
 from ..bench.benchmark import time_ms
 
-__all__ = ['input_sides', 'model_stride', 'check_image_model', 'check_export_size', 'export_onnx', 'onnx_metadata',
-           'onnx_latency']
+__all__ = ['input_sides', 'model_stride', 'pads_inputs', 'check_image_model', 'check_export_size', 'export_onnx',
+           'onnx_metadata', 'onnx_latency']
 
 
 def input_sides(model: nn.Module) -> Tuple[int, ...]:
@@ -60,13 +64,35 @@ def model_stride(model: nn.Module) -> int:
     return int(patch[0]) if patch else 1
 
 
+def pads_inputs(model: nn.Module) -> bool:
+    """Whether `model` pads its input sides to multiples of its stride (timm's ViT flag `dynamic_img_pad`)."""
+    return bool(getattr(getattr(model, 'patch_embed', None), 'dynamic_img_pad', False))
+
+
 def check_export_size(model: nn.Module, size: Tuple[int, int], max_side: int = 2048) -> None:
-    """Refuse an (H, W) the exported graph does not cover: sides must be multiples of `model_stride(model)`
-    from 3 strides to `max_side` (the graph's dynamic range)."""
+    """Refuse an (H, W) the exported graph does not cover: sides from 3 strides (`model_stride(model)`) to
+    `max_side` (the graph's dynamic range), multiples of the stride unless the model pads (`pads_inputs`)."""
     stride = model_stride(model)
-    if any(s % stride or not 3 * stride <= s <= max_side for s in size):
-        raise ValueError(f'sides must be multiples of the model stride {stride} from {3 * stride} to {max_side} '
-                         f'(the exported graph\'s sizes), got {size[0]}x{size[1]}')
+    multiple = not pads_inputs(model)
+    if any((multiple and s % stride) or not 3 * stride <= s <= max_side for s in size):
+        what = f'multiples of the model stride {stride} ' if multiple else ''
+        raise ValueError(f'sides must be {what}from {3 * stride} to {max_side} (the exported graph\'s sizes), '
+                         f'got {size[0]}x{size[1]}')
+
+
+class _StrideBlocks(nn.Module):
+    """`model` behind an exact reshape of its input (B, C, H, W) into stride blocks, which fails unless the
+    stride divides H and W: the exported graph's check of its declared sides, which onnxruntime does not enforce."""
+
+    def __init__(self, model: nn.Module, stride: int):
+        super().__init__()
+        self.model = model
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s = self.stride  # (B, C, H, W) -> (B, C, H/s, s, W/s, s) -> (B, C, H, W)
+        return self.model(x.reshape(b, c, h // s, s, w // s, s).reshape(b, c, h, w))
 
 
 def export_onnx(
@@ -78,7 +104,8 @@ def export_onnx(
         fixed_size: bool = False,
 ) -> str:
     """Export `model` (set to eval) to an ONNX file at `path`, traced at `img_size` (and batch 2), with the
-    batch and both sides dynamic (sides: multiples of `model_stride(model)` from 3 strides to `max_side`).
+    batch and both sides dynamic (sides: multiples of `model_stride(model)` from 3 strides to `max_side`; the
+    graph fails at run time on other sides, or pads them as the model does if it pads: `pads_inputs`).
 
     Args:
         img_size: (H, W); with `fixed_size`, the input's sides as the model takes them (`input_sides`): (H, W),
@@ -101,7 +128,7 @@ def export_onnx(
                          "arithmetic, which ONNX has no type for, and raises A to the power of each axis length by "
                          "repeated squaring, a graph per length); export an S4D (kernel='s4d') or SGConv model, or "
                          "torch.export this one at a static size")
-    model = model.eval()
+    model = traced = model.eval()
     shapes = {0: Dim('batch', max=4096)}
     if not fixed_size:
         stride = model_stride(model)
@@ -111,10 +138,20 @@ def export_onnx(
             check_export_size(model, tuple(img_size), max_side)
         except ValueError as e:
             raise ValueError(f'img_size: {e}') from None
-        shapes.update({2: stride * Dim('h', min=3, max=max_side // stride),
-                       3: stride * Dim('w', min=3, max=max_side // stride)})
-    program = torch.onnx.export(model, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
+        if pads_inputs(model):  # (the padding to a multiple of the stride stays symbolic in the graph)
+            shapes.update({2: Dim('h', min=3 * stride, max=max_side), 3: Dim('w', min=3 * stride, max=max_side)})
+        else:
+            traced = _StrideBlocks(model, stride).eval()
+            shapes.update({2: stride * Dim('h', min=3, max=max_side // stride),
+                           3: stride * Dim('w', min=3, max=max_side // stride)})
+    program = torch.onnx.export(traced, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
                                 dynamic_shapes=(shapes,))
+    if traced is not model:  # the weights keep the model's names; onnxruntime's error on other sides names the check
+        for value in list(program.model.graph.initializers.values()):
+            value.name = value.name.removeprefix('model.')
+        for node, _ in program.model.graph.inputs[0].uses():
+            if node.op_type == 'Reshape':
+                node.name = f'input_sides_must_be_multiples_of_{stride}'
     program.model.metadata_props.update(onnx_metadata(model, (in_chans, *img_size) if fixed_size else None))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(path)
