@@ -192,6 +192,28 @@ def test_inflation_is_exact_on_static_clips_with_a_pass_through_time_kernel(type
         assert (model_3d.forward_features(clip) - features_2d[:, :, None]).abs().max() > 0.1
 
 
+def test_identity_inflation_passes_through_at_every_clip_length():
+    """time_init='identity' with S4D: every time kernel is 1 at offset 0 and 0 elsewhere at clips of 2 to 4096 frames
+    of a num_frames=2 model (its pole, exp(-200 r) per frame, stopped being 0 at clips of about 32x num_frames), and
+    a static clip of 64x num_frames gives the 2D model's features."""
+    torch.manual_seed(0)
+    model_2d = timm.create_model('convnext_s4nd_atto', img_size=32, ls_init_value=1.0).eval()
+    model_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=32, num_frames=2).eval()
+    model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_init='identity', keep_head=True))
+    layers = [m for m in model_3d.modules() if isinstance(m, S4ND)]
+    for frames in (1, 2, 32, 2048):  # time steps after the stem's stride 2: clips of 2 to 4096 frames
+        for layer in layers:
+            kernel = layer.axis_kernels((frames, 4, 4))[0].detach()  # (rank, dim, 2 frames - 1)
+            identity = torch.zeros_like(kernel)
+            identity[..., frames - 1] = 1
+            torch.testing.assert_close(kernel, identity, rtol=0, atol=3e-7)
+    frame = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        features_3d = model_3d.forward_features(_static_clip(frame, 128))
+        torch.testing.assert_close(features_3d, model_2d.forward_features(frame)[:, :, None].expand_as(features_3d),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_s4_kernels_inflate_with_the_same_time_kernels():
     """kernel='s4' (DPLR, bilinear): the pass-through time kernel reproduces the 2D model on a static clip, and the
     smooth one has the documented mass (the low-rank term is zeroed on the time axis, its pole set for bilinear)."""

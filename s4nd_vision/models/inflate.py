@@ -20,8 +20,9 @@ clip that repeats one frame is s(t) times the 2D term, where s(t) is the sum of 
 that land inside the clip, and the D term is unchanged. So the 3D model reproduces the 2D model
 on every frame exactly when s(t) = 1 everywhere:
 
-* `time_init='identity'`: a pass-through time kernel (1 at offset 0, 0 elsewhere). Exact, at every clip
-  length with S4D (ZOH: exp(-r dt a) stays 0 at any rate r). S4's bilinear step (1 - r x) / (1 + r x), with
+* `time_init='identity'`: a pass-through time kernel (1 at offset 0, 0 elsewhere). Exact at every clip length
+  with S4D (ZOH: exp(-r dt a) = exp(-r / 1e-9) is 0 in float32 at every rate r = num_frames / T above 1.04e-7,
+  clips up to 9.6 million times num_frames). S4's bilinear step (1 - r x) / (1 + r x), with
   x = dt a / 2 = 1 at the 3D model's `num_frames` (rate 1), is 0 there only: a clip of another length (rate
   r = num_frames / T) gets the taps of (1 - r) / (1 + r), a blur (no single pole passes through at every rate).
 * `time_init='smooth'` (default): the symmetric exponential kernel K(o) = lam^|o| (1 - lam) / (1 + lam)
@@ -37,10 +38,11 @@ Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalizati
 has no weight decay). An S4 (DPLR) time kernel gets the same taps: its low-rank term P is zeroed, so A is
 diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only, and
 SGConv models inflate into a 3D model built at the 2D training size (their parameters are laid out for it).
-The identity is the same kernel with a decay of 1/200 frame, whose taps after the first are below
-float32's smallest number (S4's: within float32 rounding of 0). The convs: 'repeat' is exact on static
-clips wherever all of a conv's time taps land inside the clip (the tubelet stem, whose stride is
-its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
+The identity is the same kernel with a decay of 1e-9 frame, whose taps after the first are 0 in float32 (S4's:
+within float32 rounding of 0); S4D's B normalizes Re(A) as float32 stores it, so its first tap is 1 to float32
+rounding. (A decay of 1/200 frame stopped passing through at clips of about 32x num_frames.)
+The convs: 'repeat' is exact on static clips wherever all of a conv's time taps land inside the clip (the tubelet
+stem, whose stride is its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
 'center' is exact everywhere.
 """
 import math
@@ -70,7 +72,7 @@ __all__ = [
 
 TIME_INITS = ('smooth', 'identity', 'random')
 CONV_MODES = ('repeat', 'center')
-_IDENTITY_DECAY = 1 / 200  # exp(-200) underflows to 0 in float32
+_IDENTITY_DECAY = 1e-9  # exp(-r / 1e-9) underflows to 0 in float32 for every rate r above 1.04e-7
 _RENAMED = 'H/W kernels moved to the 3D H/W axes'
 
 
@@ -147,7 +149,7 @@ def _time_kernel(
         b[:, 0, 0] = (1 - lam) / ((1 + lam) ** 2 * dt) if bidirectional else (1 - lam) / ((1 + lam) * dt)
         new['p'] = torch.zeros_like(own['p'], dtype=torch.float64)
     else:  # S4D, ZOH: exp(-dt a) = lam; the forward taps are 2 C B (1 - lam) / a * lam^l
-        a = (1 / decay) / dt
+        a = ((1 / decay) / dt).log().to(own['log_a_real'].dtype).double().exp()  # (as stored: B normalizes that a)
         b[:, 0, 0] = a / (2 * (1 + lam)) if bidirectional else a / 2
     log_a_real[:, 0] = a.log()  # Re(A) = -a
     a_imag[:, 0] = 0
