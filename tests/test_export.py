@@ -213,6 +213,19 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
     assert "argument --batch-size: expects a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_export_onnx_defaults_to_the_models_channels_and_size(tmp_path):
+    """Without img_size and in_chans, export_onnx and onnx_latency take the model's own input: a 1-channel model
+    exports without arguments (the defaults were 3 channels at 224x224, whatever the model)."""
+    import onnx
+    torch.manual_seed(0)
+    model = timm.create_model('s4nd_iso_tiny', img_size=14, in_chans=1, num_classes=10).eval()
+    path = export_onnx(model, str(tmp_path / 'iso.onnx'))
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_value == 1
+    (row,) = onnx_latency(model, path, [(14, 14)], batch_size=2, repeats=1)
+    assert row['max_abs_diff'] < 1e-4, row
+
+
 def test_onnx_metadata_fits_the_models_input_channels():
     """A single-channel model's file says so, with one mean and std (its pretrained cfg states the 3-channel source
     weights', as timm's do): preprocessing by the metadata feeds the graph what it takes."""

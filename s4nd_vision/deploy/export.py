@@ -98,8 +98,8 @@ class _StrideBlocks(nn.Module):
 def export_onnx(
         model: nn.Module,
         path: str,
-        img_size: Tuple[int, ...] = (224, 224),
-        in_chans: int = 3,
+        img_size: Optional[Tuple[int, ...]] = None,
+        in_chans: Optional[int] = None,
         max_side: int = 2048,
         fixed_size: bool = False,
 ) -> str:
@@ -109,7 +109,8 @@ def export_onnx(
 
     Args:
         img_size: (H, W); with `fixed_size`, the input's sides as the model takes them (`input_sides`): (H, W),
-            (T, H, W) for clips, (L,) for sequences.
+            (T, H, W) for clips, (L,) for sequences. Default: the model's (`input_sides`).
+        in_chans: input channels; default: the model's (`model_data_config`).
         fixed_size: the graph takes `img_size` only (any size the model takes; the batch stays dynamic).
             Its S4ND kernels and operators depend on the weights alone, and onnxruntime folds them into
             constants when it loads the file: faster calls, at the memory of the operators (README "Deployment").
@@ -120,6 +121,8 @@ def export_onnx(
     from ..layers import S4Kernel
     check_image_model(model, fixed_size)
     own = input_sides(model)
+    img_size = own if img_size is None else img_size
+    in_chans = _model_chans(model) if in_chans is None else in_chans
     if fixed_size and len(img_size) != len(own):
         raise ValueError(f'img_size: {type(model).__name__} takes inputs of {len(own)} sides (its input_size has '
                          f'{own}), got {tuple(img_size)}')
@@ -158,6 +161,12 @@ def export_onnx(
     return path
 
 
+def _model_chans(model: nn.Module) -> int:
+    """The model's input channels, as its data config states them (`model_data_config`)."""
+    from ..data.transforms import model_data_config
+    return model_data_config(model)['input_size'][0]
+
+
 def onnx_metadata(model: nn.Module, input_size: Optional[Tuple[int, ...]] = None) -> Dict[str, str]:
     """The ONNX metadata `export_onnx` writes (string values): 'architecture' (the timm name), 'num_classes', and
     'data_config', timm's data config of the model as JSON (`timm.data.resolve_data_config`: input_size,
@@ -178,13 +187,15 @@ def onnx_latency(
         path: str,
         sizes: Sequence[Tuple[int, ...]],
         batch_size: int = 1,
-        in_chans: int = 3,
+        in_chans: Optional[int] = None,
         repeats: int = 10,
         threads: Optional[int] = None,
 ) -> list:
     """Per input size: the largest difference between the ONNX file's outputs (onnxruntime, CPU) and eager
-    PyTorch's, and both median latencies in ms (timed interleaved, see `bench.benchmark.time_ms`)."""
+    PyTorch's, and both median latencies in ms (timed interleaved, see `bench.benchmark.time_ms`); inputs of
+    `in_chans` channels (default: the model's)."""
     import onnxruntime as ort
+    in_chans = _model_chans(model) if in_chans is None else in_chans
 
     options = ort.SessionOptions()
     if threads is not None:
