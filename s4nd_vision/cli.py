@@ -565,12 +565,12 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help='key=value arguments of timm.create_model (values read as YAML)')
     parser.add_argument('--trace-size', type=_size, default=None,
                         help="HxW the graph is traced at (TxHxW for a clip, L for a sequence, with --fixed-size; "
-                             "default: the model's input size)")
+                             "default: the model's input size, at least 3 strides without --fixed-size)")
     parser.add_argument('--fixed-size', action='store_true',
                         help='a graph of --trace-size only (the batch stays dynamic): onnxruntime folds the S4ND '
                              'kernels into constants when it loads the file, so calls are faster')
     parser.add_argument('--sizes', nargs='*', type=_size, default=[],
-                        help='HxW sizes to check and time the file at (or as --trace-size)')
+                        help='HxW sizes to check and time the file at (or as --trace-size; from 1 stride)')
     parser.add_argument('--batch-size', type=_positive_int, default=1)
     parser.add_argument('--threads', type=_positive_int, default=None,
                         help='threads of torch and onnxruntime (default: all)')
@@ -583,6 +583,7 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     import torch
 
     from .deploy.export import check_export_size, check_image_model, export_onnx, input_sides, onnx_latency
+    from .deploy.export import trace_size as default_trace_size
     from .eval.resolution import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -591,26 +592,28 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         check_image_model(model, args.fixed_size)
     except ValueError as e:
         parser.error(f'{args.model}: {e}')
-    chans, sides = model.in_chans, len(input_sides(model))
-    trace_size, sizes = args.trace_size or input_sides(model), []
-    for flag, given in (('--trace-size', [trace_size]), ('--sizes', args.sizes)):
+    chans, own = model.in_chans, input_sides(model)
+    trace_size, sizes = args.trace_size or default_trace_size(model, args.fixed_size), []
+    trace_flag = 'argument --trace-size' if args.trace_size else "the default trace size (the model's input size)"
+    for flag, given in ((trace_flag, [trace_size]), ('argument --sizes', args.sizes)):
         for size in given:  # sizes the model or the graph refuse, before the export (minutes for large models)
             try:
-                size = _model_size(size, sides)
-                if flag == '--trace-size':
+                size = _model_size(size, len(own))
+                if flag == trace_flag:
                     trace_size = size
                 elif args.fixed_size and size != trace_size:
                     raise ValueError('the graph of --fixed-size takes its --trace-size only '
                                      f'({_size_text(trace_size)})')
-                if not args.fixed_size:
-                    check_export_size(model, size)
+                if not args.fixed_size:  # (the graph is traced at 3 strides or more, and serves 1 stride up)
+                    check_export_size(model, size, min_strides=3 if flag == trace_flag else 1)
                 with torch.no_grad():
                     model(torch.zeros(1, chans, *size))
             except ValueError as e:
-                parser.error(f'argument {flag}: {_size_text(size)}: {e}')
-            if flag == '--sizes':
+                parser.error(f'{flag}: {_size_text(size)}: {e}')
+            if flag != trace_flag:
                 sizes.append(size)
-    print(f'exporting {args.model} traced at {_size_text(trace_size)} (large models take minutes)',
+    raised = '' if args.trace_size or trace_size == own else f' (the model\'s {_size_text(own)} raised to 3 strides)'
+    print(f'exporting {args.model} traced at {_size_text(trace_size)}{raised} (large models take minutes)',
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     path = args.output or f'output/{args.model}.onnx'
     start = time.perf_counter()

@@ -193,10 +193,11 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
     from s4nd_vision.cli import main, tool_main
     path = tmp_path / 'vit.onnx'
     rows = tool_main('export', ['vit_s4nd_atto_patch16_224', '--output', str(path), '--model-kwargs', 'img_size=64',
-                                'num_classes=5', 'bandlimit=0.5', '--trace-size', '64', '--sizes', '64', '48x80'])
+                                'num_classes=5', 'bandlimit=0.5', '--trace-size', '64', '--sizes', '64', '48x80',
+                                '16x32'])
     out = capsys.readouterr().out.splitlines()
     assert path.is_file() and out[0].startswith(f'wrote {path} in ')
-    assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['64x64', '48x80']
+    assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['64x64', '48x80', '16x32']
     import onnx
     graph = onnx.load(str(path)).graph
     assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 5  # num_classes=5 reached the model
@@ -224,6 +225,38 @@ def test_export_onnx_defaults_to_the_models_channels_and_size(tmp_path):
     assert dims[1].dim_value == 1
     (row,) = onnx_latency(model, path, [(14, 14)], batch_size=2, repeats=1)
     assert row['max_abs_diff'] < 1e-4, row
+
+
+def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride(tmp_path, capsys):
+    """convnext_s4nd_atto built at 64 px (2 strides) exports without --trace-size: traced at 3 strides, 96 px (it
+    failed on a --trace-size never given), and the graph equals eager at its own 64 px and at 32 px; a default
+    trace size the graph refuses is named as such."""
+    import json
+
+    from s4nd_vision.cli import main, tool_main
+    from s4nd_vision.deploy.export import trace_size
+    torch.manual_seed(0)
+    path = tmp_path / 'small.onnx'
+    rows = tool_main('export', ['convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'num_classes=5',
+                                '--sizes', '64', '32', '32x96', '--output', str(path)])
+    captured = capsys.readouterr()
+    assert "traced at 96x96 (the model's 64x64 raised to 3 strides)" in captured.err
+    assert [json.loads(line) for line in captured.out.splitlines()[1:]] == rows
+    assert [r['size'] for r in rows] == ['64x64', '32x32', '32x96'] and all(r['max_abs_diff'] < 1e-4 for r in rows)
+    with torch.device('meta'):
+        model = timm.create_model('convnext_s4nd_atto', img_size=64)
+    assert trace_size(model) == (96, 96) and trace_size(model, fixed_size=True) == (64, 64)
+    for argv, message in (
+            (['--model-kwargs', 'img_size=112'], "error: the default trace size (the model's input size): 112x112: "
+                                                 'sides must be multiples of the model stride 32 from 96 to 2048'),
+            (['--trace-size', '64'], 'error: argument --trace-size: 64x64: sides must be multiples of the model '
+                                     'stride 32 from 96 to 2048'),
+            (['--sizes', '48'], 'error: argument --sizes: 48x48: sides must be multiples of the model stride 32 from '
+                                '32 to 2048')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['export', 'convnext_s4nd_atto', *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
 
 
 def test_onnx_metadata_fits_the_models_input_channels():

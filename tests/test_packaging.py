@@ -161,7 +161,7 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['flops', 'no_such_model'], 'Unknown model (no_such_model)'),
     (['kernel-report', '--model', 'no_such_model'], 'Unknown model (no_such_model)'),
     (['export', 'convnext_s4nd_atto', '--sizes', '96', '96x100'],
-     "argument --sizes: 96x100: sides must be multiples of the model stride 32 from 96 to 2048 (the exported graph"),
+     "argument --sizes: 96x100: sides must be multiples of the model stride 32 from 32 to 2048 (the exported graph"),
     (['export', 'vit_s4nd_atto_patch16_224', '--trace-size', '100'], 'argument --trace-size: 100x100: sides must be'),
     (['export', 's4nd_seq_atto'],
      'does not take images (its input_size has the sides (784,)): graphs of dynamic sizes take image models'),

@@ -28,8 +28,8 @@ from torch.export import Dim
 
 from ..bench.benchmark import time_ms
 
-__all__ = ['input_sides', 'model_stride', 'pads_inputs', 'check_image_model', 'check_export_size', 'export_onnx',
-           'onnx_metadata', 'onnx_latency']
+__all__ = ['input_sides', 'model_stride', 'pads_inputs', 'check_image_model', 'check_export_size', 'trace_size',
+           'export_onnx', 'onnx_metadata', 'onnx_latency']
 
 
 def input_sides(model: nn.Module) -> Tuple[int, ...]:
@@ -69,15 +69,24 @@ def pads_inputs(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, 'patch_embed', None), 'dynamic_img_pad', False))
 
 
-def check_export_size(model: nn.Module, size: Tuple[int, int], max_side: int = 2048) -> None:
-    """Refuse an (H, W) the exported graph does not cover: sides from 3 strides (`model_stride(model)`) to
-    `max_side` (the graph's dynamic range), multiples of the stride unless the model pads (`pads_inputs`)."""
+def check_export_size(model: nn.Module, size: Tuple[int, int], max_side: int = 2048, min_strides: int = 3) -> None:
+    """Refuse an (H, W) the exported graph does not cover: sides from `min_strides` strides (`model_stride(model)`)
+    to `max_side`, multiples of the stride unless the model pads (`pads_inputs`). A graph is traced at 3 strides or
+    more (its declared range; smaller traces specialize to the stage grids of 1 and 2), and serves sides from
+    1 stride up (`min_strides=1`: equal to eager, `tests/test_export.py`)."""
     stride = model_stride(model)
     multiple = not pads_inputs(model)
-    if any((multiple and s % stride) or not 3 * stride <= s <= max_side for s in size):
+    if any((multiple and s % stride) or not min_strides * stride <= s <= max_side for s in size):
         what = f'multiples of the model stride {stride} ' if multiple else ''
-        raise ValueError(f'sides must be {what}from {3 * stride} to {max_side} (the exported graph\'s sizes), '
-                         f'got {size[0]}x{size[1]}')
+        raise ValueError(f'sides must be {what}from {min_strides * stride} to {max_side} (the exported graph\'s '
+                         f'sizes), got {size[0]}x{size[1]}')
+
+
+def trace_size(model: nn.Module, fixed_size: bool = False) -> Tuple[int, ...]:
+    """The size `export_onnx` traces at by default: the model's input sides (`input_sides`), for a graph of dynamic
+    sizes each raised to 3 strides (the smallest trace: `check_export_size`)."""
+    sides = input_sides(model)
+    return sides if fixed_size else tuple(max(side, 3 * model_stride(model)) for side in sides)
 
 
 class _StrideBlocks(nn.Module):
@@ -109,7 +118,8 @@ def export_onnx(
 
     Args:
         img_size: (H, W); with `fixed_size`, the input's sides as the model takes them (`input_sides`): (H, W),
-            (T, H, W) for clips, (L,) for sequences. Default: the model's (`input_sides`).
+            (T, H, W) for clips, (L,) for sequences. Default: the model's, raised to 3 strides for a graph of
+            dynamic sizes (`trace_size`).
         in_chans: input channels; default: the model's (`model_data_config`).
         fixed_size: the graph takes `img_size` only (any size the model takes; the batch stays dynamic).
             Its S4ND kernels and operators depend on the weights alone, and onnxruntime folds them into
@@ -121,7 +131,7 @@ def export_onnx(
     from ..layers import S4Kernel
     check_image_model(model, fixed_size)
     own = input_sides(model)
-    img_size = own if img_size is None else img_size
+    img_size = trace_size(model, fixed_size) if img_size is None else img_size
     in_chans = _model_chans(model) if in_chans is None else in_chans
     if fixed_size and len(img_size) != len(own):
         raise ValueError(f'img_size: {type(model).__name__} takes inputs of {len(own)} sides (its input_size has '
