@@ -209,7 +209,7 @@ def test_sizes_and_poolings_the_models_cannot_run_are_refused_when_built():
     """An img_size no input could have (below the total stride, or off the ViT patch grid, which the forward
     refuses) and timm's class-token poolings fail at construction with the expectation, not at the first
     forward or inside a layer ('l_ref must hold positive integers') or timm's head (a bare AssertionError)."""
-    with pytest.raises(ValueError, match=r'img_size must be at least 32 on each side \(the total stride .*\), got \(64, 16\)'):
+    with pytest.raises(ValueError, match=r'img_size must be at least 32 on each side \(the total .*\), got \(64, 16\)'):
         timm.create_model('convnext_s4nd_atto', img_size=(64, 16))
     with pytest.raises(ValueError, match=r'img_size must be positive multiples of the patch size \(16, 16\)'):
         timm.create_model('vit_s4nd_atto_patch16_224', img_size=70)
