@@ -222,3 +222,17 @@ def test_discretize_op_equals_the_complex_formulation(masked):
         assert _rel(g, r) < 1e-5, _rel(g, r)
     torch.library.opcheck(triton_kernels._discretize_op, [t.detach() for t in inputs] + [
         None if mask is None else mask.float()])
+
+
+def test_fused_generation_of_a_very_stiff_kernel_overflows_nowhere():
+    """An inflated identity time kernel has dt A near -1e9 (`models.inflate`): exp(dt A) - 1's series, which only
+    small |dt A| use, must not be evaluated into inf elsewhere (the interpreter raises on any overflow here)."""
+    import numpy as np
+    kernel = SSMKernel(2, d_state=4, num_kernels=1, init='lin', dt_min=0.5, dt_max=0.5)
+    with torch.no_grad():
+        kernel.log_a_real.fill_(21.0)  # Re(A) = -1.3e9
+    with np.errstate(over='raise', invalid='raise'):
+        (out,) = triton_kernels.ssm_kernels_fused([kernel], [6], [0.1])
+        out.sum().backward()
+    ref = ssm_kernels([kernel.double()], [6], [0.1], torch.float64)[0]
+    assert _rel(out, ref) < 1e-5 and all(torch.isfinite(p.grad).all() for p in kernel.parameters())

@@ -42,10 +42,13 @@ def on_tensor_device(launch):
 
 @triton.jit
 def _expm1(x):
-    """exp(x) - 1 without cancellation: its series (to x^10, relative error < 3e-11) for |x| < 0.5, else exp(x) - 1."""
-    series = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * (1 + x / 7 * (1 + x / 8 * (
-        1 + x / 9 * (1 + x / 10)))))))))
-    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1)
+    """exp(x) - 1 without cancellation: its series (to x^10, relative error < 3e-11) for |x| < 0.5, else exp(x) - 1.
+    The series sees 0 elsewhere: it would overflow to inf for large |x| (an inflated identity time kernel: 1e9)."""
+    small = tl.abs(x) < 0.5
+    s = tl.where(small, x, 0.0)
+    series = s * (1 + s / 2 * (1 + s / 3 * (1 + s / 4 * (1 + s / 5 * (1 + s / 6 * (1 + s / 7 * (1 + s / 8 * (
+        1 + s / 9 * (1 + s / 10)))))))))
+    return tl.where(small, series, tl.exp(x) - 1)
 
 
 @triton.jit
