@@ -161,15 +161,13 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
     assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 15
 
 
-def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path):
-    """An outer time limit (`timeout` sends SIGTERM): the interrupted row is recorded as failed, the rows after it as
-    skipped, and the file says so (it kept 'running', and the run 'ok', before)."""
-    monkeypatch.setenv(gpu_check._FAULT_ENV, 'profile[1]=hang')
+def _terminated_in_a_hanging_row(monkeypatch, path, row: str) -> dict:
+    """An isolated TINY 'profile' run whose `row` hangs, sent SIGTERM (as `timeout` would) once it runs it."""
+    monkeypatch.setenv(gpu_check._FAULT_ENV, f'{row}=hang')
     monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 600)
-    path = tmp_path / 'gpu_check.json'
 
     def terminate_in_the_hanging_row():
-        while (gpu_check._running(str(path)) or {}).get('row') != 'profile[1]':
+        while (gpu_check._running(str(path)) or {}).get('row') != row:
             time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -177,6 +175,14 @@ def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path
     killer.start()
     results = gpu_check.run_checks(['profile'], gpu_check.TINY, 'cpu', str(path), isolate=True)
     killer.join()
+    return results
+
+
+def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path):
+    """An outer time limit (`timeout` sends SIGTERM): the interrupted row is recorded as failed, the rows after it as
+    skipped, and the file says so (it kept 'running', and the run 'ok', before)."""
+    path = tmp_path / 'gpu_check.json'
+    results = _terminated_in_a_hanging_row(monkeypatch, path, 'profile[1]')
     assert json.loads(path.read_text()) == json.loads(json.dumps(results)) and 'running' not in results
     assert results['interrupted'] and not results['ok'] and results['crashed'] == ['profile[1]']
     assert 'SIGTERM' in results['errors']['profile[1]'] and results['skipped'] == {'profile': [2, 3]}
@@ -187,8 +193,6 @@ def test_sigterm_ends_an_isolated_run_with_its_bookkeeping(monkeypatch, tmp_path
 def test_a_second_sigterm_does_not_cut_the_bookkeeping_short(monkeypatch, tmp_path):
     """`timeout` and process-group kills may send SIGTERM again while the run records the interrupted row: the run
     still ends with its file written (and the handler restored after)."""
-    monkeypatch.setenv(gpu_check._FAULT_ENV, 'profile[0]=hang')
-    monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 600)
     path = tmp_path / 'gpu_check.json'
     real_reload = gpu_check._reload
 
@@ -196,16 +200,7 @@ def test_a_second_sigterm_does_not_cut_the_bookkeeping_short(monkeypatch, tmp_pa
         os.kill(os.getpid(), signal.SIGTERM)
         return real_reload(results)
     monkeypatch.setattr(gpu_check, '_reload', reload_under_a_second_sigterm)
-
-    def terminate_in_the_hanging_row():
-        while (gpu_check._running(str(path)) or {}).get('row') != 'profile[0]':
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    killer = threading.Thread(target=terminate_in_the_hanging_row, daemon=True)
-    killer.start()
-    results = gpu_check.run_checks(['profile'], gpu_check.TINY, 'cpu', str(path), isolate=True)
-    killer.join()
+    results = _terminated_in_a_hanging_row(monkeypatch, path, 'profile[0]')
     assert results['interrupted'] and results['skipped'] == {'profile': [1, 2, 3]}
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
