@@ -142,6 +142,38 @@ def test_one_folder_linked_twice_is_refused_and_a_single_link_is_fine(tmp_path):
         ImageFolderDataset(str(root))
 
 
+def test_an_image_that_cannot_be_opened_is_skipped_and_counted(tmp_path):
+    """A link to nothing (or a file removed after the folder was listed) is unreadable like a corrupt file."""
+    root = _constant_folder(tmp_path, n=4, bad=())
+    os.symlink(os.path.join(root, 'nowhere.png'), os.path.join(root, 'digits', '09.png'))
+    ds = ImageFolderDataset(root, transform=_identity)
+    os.remove(os.path.join(root, 'digits', '01.png'))
+    with pytest.warns(RuntimeWarning, match='skipped unreadable image .*09.png'):
+        value, _, skipped = ds[4]
+    assert skipped == 1 and value in (0, 20, 30)
+    assert _quiet(ds.__getitem__, 1)[2] == 1
+
+
+def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(tmp_path):
+    """timm labels an image by its innermost folder: images in sub-folders or beside the classes would form or
+    merge classes silently; 'cat' and 'Cat' tie in timm's order, which set order then breaks per process."""
+    nested = _constant_folder(tmp_path / 'nested', n=2, bad=())
+    os.makedirs(os.path.join(nested, 'digits', '2019'))
+    Image.new('L', (4, 4)).save(os.path.join(nested, 'digits', '2019', 'x.png'))
+    with pytest.raises(ValueError, match=r"2019/x.png' is in a sub-folder of a class folder .*<class>/<image>"):
+        ImageFolderDataset(nested)
+    stray = _constant_folder(tmp_path / 'stray', n=2, bad=())
+    Image.new('L', (4, 4)).save(os.path.join(stray, 'x.png'))
+    with pytest.raises(ValueError, match=r"x.png' is beside the class folders"):
+        ImageFolderDataset(stray)
+    ties = _constant_folder(tmp_path / 'ties', n=2, bad=())
+    for name in ('cat', 'Cat'):
+        os.makedirs(os.path.join(ties, name))
+        Image.new('L', (4, 4)).save(os.path.join(ties, name, 'x.png'))
+    with pytest.raises(ValueError, match=r"class folders '(cat|Cat)' and '(cat|Cat)' .* sort as equal"):
+        ImageFolderDataset(ties)
+
+
 # ------------------------------------------------------------------------------------------- video
 
 CLASSES = ('brush_hair', 'cartwheel', 'wave')

@@ -285,12 +285,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
                                                 rel=1e-5)
 
 
-def test_train_and_val_class_folders_must_match(tmp_path):
+def test_val_classes_must_be_training_classes_and_keep_their_numbers(tmp_path):
     root = _write_folder(tmp_path / 'data', n_train=2, n_val=2)
     (tmp_path / 'data' / 'val' / 'vertical').rename(tmp_path / 'data' / 'val' / 'diagonal')
-    with pytest.raises(ConfigError, match=r"different class folders \(only in train: \['vertical'\], only in val: "
-                                          r"\['diagonal'\]\)"):
+    with pytest.raises(ConfigError, match=r"'val' holds images of classes 'train' has none of: \['diagonal'\]"):
         Trainer(load_config(None, _overrides(root, tmp_path / 'run', 'train.epochs=1')))
+    # a class without validation images (an empty folder, or none): the others keep the training numbers
+    for path in (tmp_path / 'data' / 'val' / 'diagonal').iterdir():
+        path.unlink()
+    (tmp_path / 'data' / 'val' / 'diagonal').rmdir()
+    (tmp_path / 'data' / 'val' / 'horizontal').rename(tmp_path / 'data' / 'val' / 'vertical')
+    data = Trainer(load_config(None, _overrides(root, tmp_path / 'run', 'train.epochs=1'))).data
+    assert data.num_classes == 2 and [t for _, t in data.val_set.reader.samples] == [1, 1]  # (vertical: 1)
 
 
 def test_sampler_resumes_mid_epoch_and_shards_ranks():

@@ -6,9 +6,13 @@
   sample distribution stays that of the readable images), with a warning; `skipped` is 1 when the
   drawn file itself was unreadable, so each unreadable file drawn in an epoch counts once (the
   count travels with the batch, so it works across worker processes and ranks). 16-bit grayscale
-  images (PNG, TIFF, PGM) are scaled to 8 bits (PIL's conversion would clip them to white). A
+  PNG images are scaled to 8 bits (PIL's conversion would clip them to white; timm's reader lists .png, .jpg
+  and .jpeg files only). A
   folder reached twice through symbolic links (a link loop, which timm's reader would follow
-  again and again) is refused with an error naming the link.
+  again and again) is refused with an error naming the link. The folder must be `<class>/<image>`: timm's
+  reader labels an image by its innermost folder, so images in sub-folders (`cat/2019/x.png`) or beside the class
+  folders would silently form or merge classes; both are refused, and so are class names that timm's natural
+  order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number differently.
 * `EpochSeeded` + `ResumableSampler`: the random augmentation of a sample is seeded from
   (seed, epoch, index) (and the repeat, under repeated augmentation), and the sampler can start
   mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset
+from timm.data.readers.reader_image_folder import natural_key
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..utils.seeding import seed_all, seed_from
@@ -77,6 +82,23 @@ def check_folder_links(root: str) -> None:
         seen[real] = path
 
 
+def _check_class_folders(root: str, samples, class_to_idx) -> None:
+    """ValueError unless every image of `samples` is `root/<class>/<image>` and timm's order of the classes is
+    total (`natural_key` ignores case and leading zeros; ties fall to set order, which differs between processes)."""
+    for path, _ in samples:
+        parts = os.path.normpath(os.path.relpath(path, root)).split(os.sep)
+        if len(parts) != 2:
+            where = 'beside the class folders' if len(parts) == 1 else 'in a sub-folder of a class folder'
+            raise ValueError(f'{path!r} is {where} of {root!r}: expected <class>/<image> (timm labels an image by its '
+                             f'innermost folder, so it would form or merge a class): move it, or remove it')
+    keys = {}
+    for name in class_to_idx:
+        other = keys.setdefault(tuple(natural_key(name)), name)
+        if other != name:
+            raise ValueError(f'class folders {other!r} and {name!r} of {root!r} sort as equal in timm\'s order (case '
+                             'and leading zeros ignored), so processes could number them differently: rename one')
+
+
 class ImageFolderDataset(ImageDataset):
     """timm's ImageDataset returning `(image, target, skipped)`; unreadable images are replaced and counted.
 
@@ -86,17 +108,20 @@ class ImageFolderDataset(ImageDataset):
     """
 
     def __init__(self, root: str, split: str = 'train', transform=None, max_skips: int = 10, **kwargs):
-        if kwargs.get('reader') in (None, '') and os.path.isdir(root):
+        folder = kwargs.get('reader') in (None, '') and os.path.isdir(root)
+        if folder:
             check_folder_links(root)  # before timm's reader walks (and multiplies) a loop
         super().__init__(root, split=split, transform=transform, **kwargs)
         if len(self.reader) == 0:
             raise ValueError(f'no images found in {root!r} (expected <class>/<image> sub-folders)')
+        if folder and kwargs.get('class_map') in (None, ''):
+            _check_class_folders(root, self.reader.samples, self.reader.class_to_idx)
         self.max_skips = max_skips
 
     def _read(self, index: int):
-        """(image, target) of `index`, or None (with a warning) when the file cannot be decoded."""
-        img, target = self.reader[index][:2]
+        """(image, target) of `index`, or None (with a warning) when the file cannot be opened or decoded."""
         try:
+            img, target = self.reader[index][:2]  # (opens the file: a link to nothing, a file removed since)
             return open_image(img, self.input_img_mode or 'RGB'), target
         except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for corrupt or truncated files
             warnings.warn(f'skipped unreadable image {self.reader.filename(index, absolute=True)}: {e}',

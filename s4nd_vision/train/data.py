@@ -208,13 +208,14 @@ class ImageFolderData(_ImageData):
                 raise ConfigError(f'data.root: no {split!r} folder in {data.root!r} (expected {split}/<class>/<image>)')
             splits.append(ImageFolderDataset(folder, input_img_mode=mode))
         train, val = splits
-        if train.reader.class_to_idx != val.reader.class_to_idx:
-            only_train = sorted(set(train.reader.class_to_idx) - set(val.reader.class_to_idx))
-            only_val = sorted(set(val.reader.class_to_idx) - set(train.reader.class_to_idx))
-            raise ConfigError(
-                f'data.root: {data.train_split!r} and {data.val_split!r} hold different class folders '
-                f'(only in {data.train_split}: {only_train[:5]}, only in {data.val_split}: {only_val[:5]})')
-        return train, val, len(train.reader.class_to_idx)
+        classes = train.reader.class_to_idx
+        only_val = sorted(set(val.reader.class_to_idx) - set(classes))
+        if only_val:
+            raise ConfigError(f'data.root: {data.val_split!r} holds images of classes {data.train_split!r} has none '
+                              f'of: {only_val[:5]}')
+        if val.reader.class_to_idx != classes:  # (a class without validation images: the training classes' numbers)
+            val = ImageFolderDataset(os.path.join(data.root, data.val_split), input_img_mode=mode, class_map=classes)
+        return train, val, len(classes)
 
     def transform(self, img_size: int, training: bool):
         data, aug, dc = self.cfg.data, self.cfg.aug, self.data_config
