@@ -89,7 +89,8 @@ class AugConfig:
     # DeiT's repeated augmentation (0 = off; DeiT uses 3): each drawn image this many times, differently augmented,
     # spread over the processes; on one process in the same batch, so the global batch is the same at any count.
     # As in DeiT (timm's RepeatAugSampler), an epoch keeps its number of draws: 1 / repeated_aug of the images,
-    # the draws rounded down to a multiple of 256 (a dataset of fewer than 256 images has none)
+    # the draws rounded down to a multiple of 256 (a dataset of fewer than 256 images: all of them, rounded up to a
+    # multiple of the processes)
     repeated_aug: int = 0
     no_aug: bool = False  # resize + centre crop only (small demos)
 
