@@ -154,6 +154,14 @@ def test_an_image_that_cannot_be_opened_is_skipped_and_counted(tmp_path):
     assert _quiet(ds.__getitem__, 1)[2] == 1
 
 
+def test_timms_dataset_arguments_apply_or_are_refused(tmp_path):
+    root = _constant_folder(tmp_path, n=2, bad=())
+    assert ImageFolderDataset(root, transform=_identity, target_transform=lambda t: t + 100)[1] == (10, 100, 0)
+    for key in ('load_bytes', 'additional_features'):
+        with pytest.raises(ValueError, match=f'{key} is not supported by ImageFolderDataset'):
+            ImageFolderDataset(root, **{key: True})
+
+
 def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(tmp_path):
     """timm labels an image by its innermost folder: images in sub-folders or beside the classes would form or
     merge classes silently; 'cat' and 'Cat' tie in timm's order, which set order then breaks per process."""

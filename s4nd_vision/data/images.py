@@ -108,6 +108,10 @@ class ImageFolderDataset(ImageDataset):
     """
 
     def __init__(self, root: str, split: str = 'train', transform=None, max_skips: int = 10, **kwargs):
+        for key in ('load_bytes', 'additional_features'):  # (samples here are decoded images with a skip count)
+            if kwargs.get(key):
+                raise ValueError(f'{key} is not supported by ImageFolderDataset (samples are (image, target, '
+                                 f'skipped)): use timm\'s ImageDataset')
         folder = kwargs.get('reader') in (None, '') and os.path.isdir(root)
         if folder:
             check_folder_links(root)  # before timm's reader walks (and multiplies) a loop
@@ -146,6 +150,10 @@ class ImageFolderDataset(ImageDataset):
         img, target = sample
         if self.transform is not None:
             img = self.transform(img)
+        if target is None:  # (as timm's ImageDataset)
+            target = -1
+        elif self.target_transform is not None:
+            target = self.target_transform(target)
         return img, target, skipped
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
