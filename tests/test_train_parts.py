@@ -10,8 +10,9 @@ import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.transforms import mnist_transform, model_data_config
 from s4nd_vision.eval.accuracy import topk_hits
 from s4nd_vision.train import ConfigError, latest_checkpoint
-from s4nd_vision.train.checkpoint import checkpoint_to_resume, save_checkpoint
+from s4nd_vision.train.checkpoint import checkpoint_to_resume, export_weights, save_checkpoint, set_aside_newer
 from s4nd_vision.train.metrics import _append_csv, _truncate_csv
+from s4nd_vision.utils import remove_temporaries
 
 
 def test_topk_hits_rank_the_target_and_cap_k_at_the_classes():
@@ -87,3 +88,28 @@ def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_pat
     _truncate_csv(path, before_epoch=1)
     assert open(path).read().splitlines() == ['epoch,train_loss,top1', '0,1.5,']
     assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # (no temporary file left)
+
+
+def test_a_branch_resume_sets_aside_the_abandoned_branchs_best_weights(tmp_path):
+    """best.safetensors records the update it was exported at: resumed from an earlier checkpoint, the run's best is
+    the checkpoint's, so weights exported later by the abandoned run must not stay under the name."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
+        best = tmp_path / 'best.safetensors'
+        export_weights(acc, model, str(best), update=12)
+        assert set_aside_newer(acc, str(tmp_path), 12) == [] and best.is_file()  # (not past the resumed update)
+        (moved,) = set_aside_newer(acc, str(tmp_path), 8)
+        assert not best.exists() and os.path.basename(moved).startswith('abandoned-')
+        assert moved.endswith('-best.safetensors') and os.path.isfile(moved)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_temporaries_of_writes_killed_midway_are_removed(tmp_path):
+    for name in ('.last.safetensors.ab12cd_9.tmp', '.metrics.csv.zzzzzzzz.tmp', 'keep.tmp', '.hidden', 'x.csv'):
+        (tmp_path / name).write_text('x')
+    assert sorted(remove_temporaries(str(tmp_path))) == ['.last.safetensors.ab12cd_9.tmp', '.metrics.csv.zzzzzzzz.tmp']
+    assert sorted(os.listdir(tmp_path)) == ['.hidden', 'keep.tmp', 'x.csv']

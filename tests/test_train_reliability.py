@@ -194,9 +194,12 @@ def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder,
     assert 'starting a fresh run' in capsys.readouterr().out
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0']
     _reset()
-    # overrides after --resume, not a CHECKPOINT, in their order: the last one for a key wins
+    # overrides after --resume, not a CHECKPOINT, in their order: the last one for a key wins; a weights file's
+    # temporary left by a kill mid-write (full size) is removed
+    (tmp_path / 'typo' / '.last.safetensors.k1ll3d_0.tmp').write_bytes(b'partial')
     tool_main('train', ['--resume', 'train.epochs=3', *args, 'train.epochs=2'])
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1']
+    assert not [name for name in os.listdir(tmp_path / 'typo') if name.endswith('.tmp')]
 
 
 def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils.files import replaced_atomically
@@ -185,20 +186,27 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
 
 
 def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> List[str]:
-    """Rename the complete checkpoints under output_dir/checkpoints past `update` to 'abandoned-<time>-step-*' (main
-    process; all must call): a run resumed from an earlier checkpoint starts a new branch, and a later `--resume`
-    must continue this branch, not the abandoned one's higher step. Returns the new paths."""
+    """Rename the complete checkpoints under output_dir/checkpoints past `update` to 'abandoned-<time>-step-*', and
+    a best.safetensors exported past it to 'abandoned-<time>-best.safetensors' (main process; all must call): a run
+    resumed from an earlier checkpoint starts a new branch, and a later `--resume` must continue this branch, not the
+    abandoned one's higher step, nor report the abandoned branch's best weights as its own (the resumed state's best
+    accuracy is the checkpoint's). Returns the new paths."""
     root = os.path.join(output_dir, 'checkpoints')
     moved = []
-    if accelerator.is_main_process and os.path.isdir(root):
+    if accelerator.is_main_process:
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        for step, name in _complete(root):
+        for step, name in _complete(root) if os.path.isdir(root) else []:
             if step > update:
                 moved.append(os.path.join(root, f'abandoned-{stamp}-{name}'))
                 os.replace(os.path.join(root, name), moved[-1])
+        best = os.path.join(output_dir, 'best.safetensors')
+        exported = _exported_update(best)
+        if exported is not None and exported > update:
+            moved.append(os.path.join(output_dir, f'abandoned-{stamp}-best.safetensors'))
+            os.replace(best, moved[-1])
         if moved:
-            accelerator.print(f'--resume: resumed at update {update}; the later checkpoints of the abandoned run are '
-                              f'set aside as {", ".join(os.path.basename(m) for m in moved)}')
+            accelerator.print(f'--resume: resumed at update {update}; the later checkpoints and weights of the '
+                              f'abandoned run are set aside as {", ".join(os.path.basename(m) for m in moved)}')
     accelerator.wait_for_everyone()
     return moved
 
@@ -327,19 +335,29 @@ def all_finite(accelerator: Accelerator, *modules: nn.Module) -> bool:
     return bool(ok.item() == 1)
 
 
-def export_weights(accelerator: Accelerator, model: nn.Module, path: str) -> str:
+def export_weights(accelerator: Accelerator, model: nn.Module, path: str, update: Optional[int] = None) -> str:
     """The weights of `model` as safetensors at `path` (written by the main process, atomically), loadable with
     `timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=path))`. Every process must call it
     (FSDP gathers the weights). A model compiled by Accelerate (`accelerate launch --dynamo_backend ...`) is written
-    with the keys of the module it compiles, as its checkpoints are."""
+    with the keys of the module it compiles, as its checkpoints are. `update`: the run's update count, recorded in
+    the file's metadata (`set_aside_newer` reads it)."""
     if is_compiled_module(model):  # Accelerate's state dict keeps the wrapper's '_orig_mod.' prefix
         model = model._orig_mod
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        _atomic_save_file(state, path)
+        _atomic_save_file(state, path, None if update is None else {'update': str(update)})
     return path
 
 
-def _atomic_save_file(state: Dict[str, torch.Tensor], path: str) -> None:
+def _atomic_save_file(state: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     with replaced_atomically(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+
+
+def _exported_update(path: str) -> Optional[int]:
+    """The update `export_weights` recorded in weights file `path` (None: none recorded, or no such file)."""
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework='pt') as f:
+        update = (f.metadata() or {}).get('update')
+    return int(update) if update is not None and update.isdigit() else None

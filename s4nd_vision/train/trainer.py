@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..layers import set_bandlimit
 from ..models._checkpoint import weights_num_classes
+from ..utils.files import remove_temporaries
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     TrainState,
@@ -110,6 +111,8 @@ class Trainer:
         if acc.num_processes > 1:
             check_shared_folder(acc, self.out_dir)
         lock_run_folder(acc, self.out_dir)  # before anything in it is read or moved
+        if acc.is_main_process:  # (weights, metrics rows, config of a run killed mid-write: full size each)
+            remove_temporaries(self.out_dir)
         try:
             self._build(resume, allow_fresh)
         except BaseException:
@@ -245,7 +248,8 @@ class Trainer:
     def _export(self, name: str, model: nn.Module) -> str:
         """Weights as `output_dir/<name>.safetensors` (see `checkpoint.export_weights`), if all finite."""
         self._check_finite_weights()
-        return export_weights(self.accelerator, model, os.path.join(self.out_dir, f'{name}.safetensors'))
+        return export_weights(self.accelerator, model, os.path.join(self.out_dir, f'{name}.safetensors'),
+                              update=self.state.update)
 
     def _check_finite_weights(self) -> None:
         modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
@@ -426,7 +430,8 @@ class Trainer:
         row: Dict[str, Any] = {}
         t_start = time.perf_counter()
         for epoch in range(state.epoch, cfg.train.epochs):
-            t0 = time.perf_counter()
+            # (an epoch resumed mid-way: the seconds before the interruption count, as in its img_per_s)
+            t0 = time.perf_counter() - (state.epoch_seconds if state.step_in_epoch else 0.0)
             row = dict(epoch=epoch, **self.train_one_epoch(epoch))
             last = epoch == cfg.train.epochs - 1
             if last or (epoch + 1) % cfg.train.eval_every_epochs == 0:

@@ -1,10 +1,13 @@
 """Writing result files so that an interrupted write never leaves a truncated one."""
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ['replaced_atomically']
+__all__ = ['replaced_atomically', 'remove_temporaries']
+
+_TEMPORARY = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')  # `replaced_atomically`'s names: .<name>.<mkstemp's 8>.tmp
 
 
 @contextmanager
@@ -34,3 +37,14 @@ def replaced_atomically(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_temporaries(folder: str) -> list:
+    """Remove the temporary files `replaced_atomically` left in `folder` when its process was killed mid-write (no
+    clean-up ran): each as large as the file it was to replace. Only for a folder no other process writes to (a
+    run's, held by its lock). Returns the names removed."""
+    removed = [name for name in os.listdir(folder) if _TEMPORARY.match(name)
+               and os.path.isfile(os.path.join(folder, name))]
+    for name in removed:
+        os.remove(os.path.join(folder, name))
+    return removed
