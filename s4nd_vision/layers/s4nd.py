@@ -40,7 +40,8 @@ _Floats = Union[float, Sequence[float]]
 
 
 def _per_axis(value, ndim: int, name: str) -> tuple:
-    if getattr(value, 'ndim', 0) > 0:  # a tensor or array of per-axis values
+    if not isinstance(value, (numbers.Number, list, tuple)) and getattr(value, 'ndim', 0) > 0:  # a tensor or array
+        # of per-axis values (a number is not asked: under torch.compile a symbolic float has no ndim to trace)
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) != ndim:
@@ -271,7 +272,8 @@ class S4ND(nn.Module):
                 return (1.0,) * self.ndim
             return tuple(r / s for r, s in zip(self.l_ref, sizes))
         rate = tuple(float(r) for r in _per_axis(rate, self.ndim, 'rate'))
-        if any(not (math.isfinite(r) and r > 0) for r in rate):
+        # (checked in eager mode: under torch.compile a rate may be symbolic, and math.isfinite does not trace)
+        if not torch.compiler.is_compiling() and any(not (math.isfinite(r) and r > 0) for r in rate):
             raise ValueError(f'rate must be finite and positive on every axis, got {rate}')
         return rate
 

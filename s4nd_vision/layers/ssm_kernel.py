@@ -565,7 +565,8 @@ def check_generation(length, rate, dtype: torch.dtype) -> None:
         return
     if isinstance(length, bool) or not isinstance(length, (numbers.Integral, torch.SymInt)) or length < 1:
         raise ValueError(f'length must be a positive integer, got {length!r}')
-    if isinstance(rate, numbers.Real) and not (math.isfinite(rate) and rate > 0):
+    compiling = torch.compiler.is_compiling()  # (a symbolic rate under torch.compile: math.isfinite does not trace)
+    if isinstance(rate, numbers.Real) and not compiling and not (math.isfinite(rate) and rate > 0):
         raise ValueError(f'rate must be finite and positive, got {rate!r}')
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f'dtype must be torch.float32 or torch.float64 (kernels are generated in full precision), '
