@@ -2,6 +2,7 @@
 cache, stacked generation and resolution, as test_s4nd_layer.py checks for 's4d'."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -232,3 +233,24 @@ def test_compiled_layer_follows_sizes_and_rates(kernel):
             for rate in (0.5, 0.7, (0.7, 0.8)):
                 torch.testing.assert_close(compiled(x, rate=rate), layer(x, rate=rate))
         torch._dynamo.reset()
+
+
+def test_layer_api_edges_a_standalone_user_meets():
+    """An empty batch gives every parameter a (zero) gradient, as a convolution does (DDP waits for all of them);
+    kernels prepared without autograd are not used by a forward with it; complex dtypes are refused; the Triton path
+    forced on CPU tensors without Triton's interpreter falls back instead of failing in Triton."""
+    layer = S4ND(4, ndim=2, l_ref=8)
+    layer(torch.zeros(0, 4, 8, 8)).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    layer.zero_grad(set_to_none=True)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        prepare_kernels([(layer, (8, 8))])
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.kernels.parameters())
+    with pytest.raises(ValueError, match='dtype must be a real floating-point dtype'):
+        S4ND(4, ndim=2, dtype=torch.complex64)
+    from s4nd_vision.layers import dispatch
+    if os.environ.get('TRITON_INTERPRET', '0') in ('', '0'):
+        with dispatch.force_path('triton'):
+            torch.testing.assert_close(layer(x), layer(x))

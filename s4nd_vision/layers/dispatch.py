@@ -30,6 +30,7 @@ back to 'fast' for an unsupported input.
 """
 import contextlib
 import functools
+import os
 import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -176,10 +177,12 @@ def _triton_ready() -> bool:
 @torch.compiler.assume_constant_result  # (a graph capture calls it eagerly and keeps the answer)
 def _triton_device(device: torch.device) -> bool:
     """Whether the Triton kernels compile for `device`: an NVIDIA GPU of compute capability `MIN_CAPABILITY` or newer
-    (not a ROCm build's GPU); true off CUDA (CPU tensors under Triton's interpreter) and where no GPU is visible (fake
-    CUDA tensors)."""
+    (not a ROCm build's GPU); off CUDA only under Triton's interpreter (TRITON_INTERPRET=1: CPU tensors; without it
+    Triton has no driver for them); true where no GPU is visible (fake CUDA tensors)."""
     device = torch.device(device)
-    if device.type == 'cuda' and torch.version.hip is not None:
+    if device.type != 'cuda':
+        return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+    if torch.version.hip is not None:
         return False
     capability = _capability(device) if device.type == 'cuda' else None
     return capability is None or capability >= MIN_CAPABILITY

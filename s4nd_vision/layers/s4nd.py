@@ -170,6 +170,8 @@ class S4ND(nn.Module):
         self.pool = _per_axis(pool, ndim, 'pool')
         if any(not is_int(p) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
+        if dtype is not None and not torch.empty((), dtype=dtype).is_floating_point():
+            raise ValueError(f'dtype must be a real floating-point dtype (or None), got {dtype}')
         self.kernel = kernel
         self.kernels = nn.ModuleList(self._axis_kernel_modules(
             kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay, device, dtype))
@@ -292,14 +294,14 @@ class S4ND(nn.Module):
         return dispatch.generate_two_sided(self.kernels, lengths, rates, sizes, self.bidirectional, dtype)
 
     def _prepared_kernels(self, sizes: Sequence[int], rate: Optional[_Floats], dtype: torch.dtype):
-        """The kernels `prepare_kernels` made for this input (each used once), or None. Also None where other
-        saved-tensor hooks are active than where they were made: non-reentrant activation checkpointing around this
-        layer (e.g. FSDP's `apply_activation_checkpointing`) recomputes it alone, finding no prepared kernels, so the
-        first pass must generate them too to save the same tensors. (Hooks that recompute nothing, e.g. `save_on_cpu`
-        entered per stage, lose the stacking too: no hook says whether it recomputes.)"""
+        """The kernels `prepare_kernels` made for this input (each used once) in this grad mode, or None. Also None
+        where other saved-tensor hooks are active than where they were made: non-reentrant activation checkpointing
+        around this layer (e.g. FSDP's `apply_activation_checkpointing`) recomputes it alone, finding no prepared
+        kernels, so the first pass must generate them too to save the same tensors. (Hooks that recompute nothing,
+        e.g. `save_on_cpu` entered per stage, lose the stacking too: no hook says whether it recomputes.)"""
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == (
-                tuple(sizes), self.resolve_rate(sizes, rate), dtype, _saved_tensor_hooks()):
+                tuple(sizes), self.resolve_rate(sizes, rate), dtype, _saved_tensor_hooks(), torch.is_grad_enabled()):
             return prepared[1]
         return None
 
@@ -431,7 +433,8 @@ class S4ND(nn.Module):
         if u.shape[-2] == 0:  # empty batch: an empty output, like a convolution's (FFT libraries refuse it)
             pooled = tuple(n // p for n, p in zip(sizes, self.pool))
             out = u.new_zeros((self.dim,) + pooled[:-1] + (0, pooled[-1]), dtype=conv_dtype)
-            return out + 0 * (u.sum() + self.D.sum())  # keeps the output in the autograd graph
+            # keeps the output in the autograd graph, with (zero) gradients for every parameter, as a convolution's
+            return out + 0 * (u.sum() + sum(p.sum() for p in self.parameters()))
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(conv_dtype)
             if proj is not None:
@@ -494,7 +497,8 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
     with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
         made = iter(dispatch.generate_two_sided(kernels, lengths, rates, all_sizes, bidirectional, dtype))
     for layer, sizes in layers:
-        key = (tuple(sizes), layer.resolve_rate(sizes), dtype, _saved_tensor_hooks())
+        # (autograd on or off: kernels prepared under no_grad carry no graph to the parameters)
+        key = (tuple(sizes), layer.resolve_rate(sizes), dtype, _saved_tensor_hooks(), torch.is_grad_enabled())
         layer._prepared = (key, [next(made) for _ in layer.kernels])
 
 

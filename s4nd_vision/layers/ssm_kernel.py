@@ -74,7 +74,7 @@ class _DiagonalSSM(nn.Module):
             raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
         if not (all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (dt_min, dt_max))
                 and math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
-            raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}')
+            raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}')
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.d_state = d_state
