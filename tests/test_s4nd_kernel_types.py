@@ -254,3 +254,33 @@ def test_layer_api_edges_a_standalone_user_meets():
     if os.environ.get('TRITON_INTERPRET', '0') in ('', '0'):
         with dispatch.force_path('triton'):
             torch.testing.assert_close(layer(x), layer(x))
+
+
+def test_sgconv_decay_is_saved_with_the_weights():
+    """The decay shapes the kernel: weights loaded into a layer built with another keep their function."""
+    torch.manual_seed(0)
+    source = S4ND(4, ndim=2, kernel='sgconv', l_ref=16, sgconv_decay=0.5)
+    target = S4ND(4, ndim=2, kernel='sgconv', l_ref=16, sgconv_decay=0.9)
+    x = torch.randn(1, 4, 16, 16)
+    target.load_state_dict(source.state_dict())
+    assert [k.decay for k in target.kernels] == [0.5, 0.5]
+    torch.testing.assert_close(target(x), source(x))
+    state = source.state_dict()
+    state['kernels.0.decay'] = torch.tensor(1.5, dtype=torch.float64).view(torch.int64)
+    with pytest.raises(RuntimeError, match=r'kernels.0.decay: expected the decay in \(0, 1\]'):
+        target.load_state_dict(state)
+    del state['kernels.0.decay'], state['kernels.1.decay']  # (files written before it was saved: the layer's own)
+    target.load_state_dict(state)
+
+
+def test_sgconv_interpolation_cache_is_bounded_in_bytes(monkeypatch):
+    """A 1D layer fed many long sequence lengths keeps at most `_CACHE_BYTES` of interpolation matrices."""
+    from s4nd_vision.layers import sgconv_kernel
+    monkeypatch.setattr(sgconv_kernel, '_CACHE_BYTES', 2 ** 20)
+    monkeypatch.setattr(sgconv_kernel, '_cache', type(sgconv_kernel._cache)())
+    kernel = SGConvKernel(2, l_ref=256, size=32)
+    for length in range(300, 600, 10):
+        kernel(length, 256 / length)
+    held = sum(t.nbytes for t in sgconv_kernel._cache.values())
+    assert 0 < held <= 2 ** 20 and len(sgconv_kernel._cache) < 30
+    torch.testing.assert_close(kernel(590, 256 / 590), kernel(590, 256 / 590))  # (a hit)

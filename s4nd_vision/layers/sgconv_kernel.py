@@ -20,6 +20,8 @@ Paper: `What Makes Convolutional Models Great on Long Sequence Modeling?` (https
 """
 import math
 import numbers
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Tuple
 
@@ -73,11 +75,27 @@ def _integrals(size: int, n_scales: int, length: int, rate) -> torch.Tensor:
     return (antiderivative[1:] - antiderivative[:-1]).T.contiguous()
 
 
-@lru_cache(maxsize=64)
+_CACHE_BYTES = 64 * 2 ** 20  # what the cache of `_cell_integrals` may hold: the matrices of ~ 100 image axes; a
+# 1D layer fed sequences of thousands of taps of many lengths (about 10 MB each) rebuilds them (~50 ms) instead
+_cache: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
+_cache_lock = threading.Lock()
+
+
 def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
-    """`_integrals`, cached per (length, rate) for eager calls."""
+    """`_integrals`, cached per (size, n_scales, length, rate) for eager calls, least recently used out first once
+    the matrices pass `_CACHE_BYTES`."""
+    key = (size, n_scales, length, rate)
+    with _cache_lock:  # (models called from several threads share it)
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
     with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
-        return _integrals(size, n_scales, length, rate)
+        m = _integrals(size, n_scales, length, rate)
+    with _cache_lock:
+        _cache[key] = m
+        while sum(t.nbytes for t in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
+            _cache.popitem(last=False)
+    return m
 
 
 class SGConvKernel(nn.Module):
@@ -138,12 +156,35 @@ class SGConvKernel(nn.Module):
         m = m.to(weight.device, weight.dtype)
         return per_kernel((weight * scale[:, None]).flatten(-2) @ m, self.dim)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+    # The decay is saved with the weights, as `decay`: the float64 value's bit pattern in an int64 scalar (as
+    # `SSMKernel` saves its band-limit: not a floating entry that EMA would average). The kernels' function depends
+    # on it, so weights load into a kernel built with another decay keeping theirs. Files without it keep the
+    # kernel's own (the default never changed).
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + 'decay'] = torch.tensor(float(self.decay), dtype=torch.float64).view(torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         flatten_legacy_4d(state_dict, prefix + 'weight')
         weight = state_dict.get(prefix + 'weight')
         if weight is not None and weight.ndim == 3 and tuple(weight.shape[1:]) != (self.n_scales, self.size):
             self._adopt_layout(*weight.shape[1:])
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        key = prefix + 'decay'
+        value = state_dict.get(key)
+        if value is not None and not value.is_meta:
+            ok = value.dtype == torch.int64 and value.numel() == 1
+            decay = value.reshape(()).cpu().view(torch.float64).item() if ok else None
+            if decay is None or not 0 < decay <= 1:
+                error_msgs.append(f'{key}: expected the decay in (0, 1] as float64 bits in one int64, got '
+                                  f'{value.dtype} {tuple(value.shape)} {value.tolist()}')
+            else:
+                self.decay = decay
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def _adopt_layout(self, n_scales: int, size: int) -> None:
         """Take the sub-kernel layout of loaded weights: the weight's shape (n_scales, size) defines the kernel (the
