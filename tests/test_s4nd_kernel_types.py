@@ -144,6 +144,11 @@ def test_kernel_type_errors():
     with pytest.raises(ValueError, match='band-limiting applies to the SSM kernels'):
         set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='sgconv', l_ref=8)), 0.5)
     assert set_bandlimit(torch.nn.Sequential(S4ND(4, kernel='s4')), 0.5) == 2  # (one kernel per axis)
+    # every kernel's arguments are checked whichever kernel is built
+    with pytest.raises(ValueError, match='need finite 0 < dt_min <= dt_max'):
+        S4ND(4, kernel='sgconv', l_ref=8, dt_min=-1)
+    with pytest.raises(ValueError, match='sgconv_decay must be in'):
+        S4ND(4, sgconv_decay=5)
 
 
 def test_s4_band_limit_masks_c_on_the_modes_of_lambda():

@@ -27,7 +27,7 @@ from .ops import (
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSMKernel, is_int
+from .ssm_kernel import SSMKernel, check_ssm_args, is_int
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
 
@@ -206,11 +206,13 @@ class S4ND(nn.Module):
                              f"bandlimit={bandlimit} (pass bandlimit=None or 0)")
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
+        # every kernel's arguments are checked whichever kernel is built (models pass them all to every layer)
+        if not is_int(sgconv_size) or sgconv_size < 1:
+            raise ValueError(f'sgconv_size must be a positive integer, got {sgconv_size!r}')
+        if not (isinstance(sgconv_decay, numbers.Real) and 0 < sgconv_decay <= 1):
+            raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
+        check_ssm_args(d_state, dt_min, dt_max)
         if kernel == 'sgconv':
-            if not is_int(sgconv_size) or sgconv_size < 1:
-                raise ValueError(f'sgconv_size must be a positive integer, got {sgconv_size!r}')
-            if not (isinstance(sgconv_decay, numbers.Real) and 0 < sgconv_decay <= 1):
-                raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
             if init is not None:
                 raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
             if self.l_ref is None and self.l_max is None:

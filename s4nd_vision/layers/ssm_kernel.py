@@ -40,6 +40,15 @@ def ssm_parameters(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
                 yield f'{prefix}.{name}' if prefix else name, getattr(m, name)
 
 
+def check_ssm_args(d_state: int, dt_min: float, dt_max: float) -> None:
+    """ValueError unless d_state is a positive even integer and 0 < dt_min <= dt_max, finite."""
+    if not is_int(d_state) or d_state < 2 or d_state % 2:
+        raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
+    if not (all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (dt_min, dt_max))
+            and math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
+        raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}')
+
+
 def per_kernel(t: torch.Tensor, dim: int) -> torch.Tensor:
     """A kernel tensor stored channel-major, (dim * num_kernels, ...), as (num_kernels, dim, ...): a view."""
     return t.unflatten(0, (dim, -1)).transpose(0, 1)
@@ -70,11 +79,7 @@ class _DiagonalSSM(nn.Module):
         super().__init__()
         check_sizes(dim=dim, num_kernels=num_kernels)
         _check_bandlimit(bandlimit)
-        if not is_int(d_state) or d_state < 2 or d_state % 2:
-            raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
-        if not (all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (dt_min, dt_max))
-                and math.isfinite(dt_min) and math.isfinite(dt_max) and 0 < dt_min <= dt_max):
-            raise ValueError(f'need finite 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}')
+        check_ssm_args(d_state, dt_min, dt_max)
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.d_state = d_state
