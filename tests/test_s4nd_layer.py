@@ -865,3 +865,19 @@ def test_copies_and_pickles_leave_the_inference_cache_behind():
         with torch.no_grad():
             torch.testing.assert_close(other(x), y)
     assert layer._kernel_cache is not None  # (the original keeps its own)
+
+
+def test_depthwise_inference_path_answers_channels_last_on_one_thread():
+    """PyTorch's conv3d on one CPU thread answers in NCDHW memory: the path still hands on channels-last output."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layer = S4ND(5, ndim=3, d_state=8).eval()
+        x = torch.randn(3, 5, 4, 9, 7).to(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            y = layer(x)
+        assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv)
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

@@ -523,6 +523,9 @@ class DepthwiseConv:
                 else:
                     z = self.conv(z, w[term], stride=stride, padding=padding, groups=c)
             y = z if y is None else y.add_(z)
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        if not y.is_contiguous(memory_format=fmt):  # (PyTorch's conv3d on one thread answers in NCDHW memory)
+            y = y.contiguous(memory_format=fmt)
         if skip is None:
             return y
         pooled = x if self.pool is None else self.pool(x)  # (drops the remainder, as AvgPool)
