@@ -113,3 +113,31 @@ def test_temporaries_of_writes_killed_midway_are_removed(tmp_path):
         (tmp_path / name).write_text('x')
     assert sorted(remove_temporaries(str(tmp_path))) == ['.last.safetensors.ab12cd_9.tmp', '.metrics.csv.zzzzzzzz.tmp']
     assert sorted(os.listdir(tmp_path)) == ['.hidden', 'keep.tmp', 'x.csv']
+
+
+def test_a_resumed_run_sends_checkpointed_rows_it_never_logged_to_the_trackers(tmp_path):
+    """Killed between an epoch's checkpoint and its row: metrics.csv gets the row back from the checkpoint, and so
+    do the trackers (TensorBoard lost that epoch's scalars before)."""
+    from s4nd_vision.train.config import Config
+    from s4nd_vision.train.metrics import MetricsLog
+
+    class Accelerator:
+        is_main_process = True
+
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+    cfg = Config()
+    cfg.train.output_dir, cfg.train.trackers = str(tmp_path), []
+    checkpoint = tmp_path / 'checkpoints' / 'step-00000004'
+    checkpoint.mkdir(parents=True)
+    _append_csv(str(tmp_path / 'metrics.csv'), dict(epoch=0, top1=10.0))
+    for row in (dict(epoch=0, top1=10.0), dict(epoch=1, top1=20.0, note='x')):
+        _append_csv(str(checkpoint / 'metrics.csv'), row)
+    acc = Accelerator()
+    MetricsLog(acc, cfg).begin(2, str(checkpoint))
+    assert acc.logged == [(1, dict(epoch=1.0, top1=20.0))]
+    assert [r.split(',')[0] for r in open(tmp_path / 'metrics.csv').read().splitlines()] == ['epoch', '0', '1']

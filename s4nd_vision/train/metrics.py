@@ -38,8 +38,13 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             saved = os.path.join(checkpoint, METRICS_FILE) if checkpoint is not None else None
             if saved is not None and os.path.isfile(saved):
+                logged = {r['epoch'] for r in _read_csv(self.path)}
                 with replaced_atomically(self.path) as tmp:
                     shutil.copyfile(saved, tmp)
+                # a row the interrupted run checkpointed but never logged: the trackers get it now
+                for row in _read_csv(self.path):
+                    if row['epoch'] not in logged and int(row['epoch']) < epoch:
+                        self.accelerator.log(_numbers(row), step=int(row['epoch']))
             _truncate_csv(self.path, before_epoch=epoch)
             self._write_config(self.cfg.train.output_dir)
 
@@ -104,6 +109,25 @@ def _append_csv(path: str, row: Dict[str, Any]) -> None:
     for r in rows:
         fields += [k for k in r if k not in fields]
     _write_csv(path, fields, rows)
+
+
+def _read_csv(path: str) -> List[Dict[str, str]]:
+    """The rows of the CSV file `path` ([] without one)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def _numbers(row: Dict[str, str]) -> Dict[str, float]:
+    """The numeric entries of a CSV row, as the trackers take them."""
+    values = {}
+    for key, text in row.items():
+        try:
+            values[key] = float(text)
+        except (TypeError, ValueError):
+            pass
+    return values
 
 
 def _truncate_csv(path: str, before_epoch: int) -> None:
