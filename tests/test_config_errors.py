@@ -104,6 +104,27 @@ def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):
         VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=11)
 
 
+def test_randaugment_posterize_runs_on_current_pillow(folder, tmp_path):
+    """timm's RandAugment asks posterize for 0 bits at magnitude 10 with inc1 (the ImageNet recipes' mstd draws
+    reach it), which Pillow 11+ refuses: the training transform keeps Pillow 10's black image instead."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from s4nd_vision.data.transforms import posterize_any_bits
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'aug.auto_augment=rand-m10-n3-inc1')))
+    transform = trainer.data.transform(32, training=True)
+    (randaugment,) = [t for t in transform.transforms if isinstance(t, auto_augment.RandAugment)]
+    assert [op.aug_fn for op in randaugment.ops if op.name == 'PosterizeIncreasing'] == [posterize_any_bits]
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    random.seed(0)
+    for _ in range(200):  # (each op of 3 is posterize with p 1/15, applied with p 0.5: ~20 times)
+        transform(img)
+    assert not np.asarray(posterize_any_bits(img, 0)).any() and posterize_any_bits(img, 8) is img
+
+
 def test_clip_randaugment_is_as_strong_as_timms_policy():
     """timm's rand-m9-n2 leaves about a quarter of the images as they are (each op with p 0.5; torchvision's own
     RandAugment applied every op: 1% unchanged); an unchanged clip keeps every frame."""

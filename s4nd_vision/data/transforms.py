@@ -1,11 +1,33 @@
-"""Input settings shared by training and evaluation: a model's data config for its input channels, and the
-transform of the built-in digits."""
+"""Input settings shared by training and evaluation: a model's data config for its input channels, the transform
+of the built-in digits, and timm's augmentation ops kept working on current Pillow."""
 from typing import Any, Dict, Mapping, Optional
 
 import torch.nn as nn
-from timm.data import create_transform, resolve_data_config
+from PIL import Image
+from timm.data import auto_augment, create_transform, resolve_data_config
 
-__all__ = ['model_data_config', 'mnist_transform']
+__all__ = ['model_data_config', 'mnist_transform', 'posterize_any_bits', 'with_posterize_any_bits']
+
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits kept as Pillow before 11 computed them: a black image. Pillow 11 and later
+    refuse 0 bits, which timm's RandAugment asks for at magnitude 10 with 'inc1' (a magnitude drawn by 'mstd' is
+    clipped to 10: `rand-m9-mstd0.5-inc1`, the ImageNet recipes', in about 1 image of 900) and below 2.5 without:
+    the transform raised and the training run ended."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def with_posterize_any_bits(transform):
+    """`transform` (timm's, a Compose or one transform) with the posterize of its RandAugment, AutoAugment and
+    AugMix ops replaced by `posterize_any_bits`, in place."""
+    for t in getattr(transform, 'transforms', [transform]):
+        ops = list(getattr(t, 'ops', [])) + [op for policy in getattr(t, 'policy', []) for op in policy]
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is auto_augment.posterize:
+                op.aug_fn = posterize_any_bits
+    return transform
 
 
 def model_data_config(

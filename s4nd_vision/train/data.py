@@ -23,7 +23,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import EpochSeeded, ImageFolderDataset, ResumableSampler
-from ..data.transforms import mnist_transform, model_data_config
+from ..data.transforms import mnist_transform, model_data_config, with_posterize_any_bits
 from ..eval.accuracy import topk_hits
 from ..models import input_size_args
 from ..utils.seeding import seed_all, seed_from
@@ -224,10 +224,10 @@ class ImageFolderData(_ImageData):
             return create_transform(
                 (data.in_chans, img_size, img_size), is_training=False, crop_pct=dc['crop_pct'],
                 crop_mode=dc.get('crop_mode', 'center'), **common)
-        return create_transform(
+        return with_posterize_any_bits(create_transform(
             (data.in_chans, img_size, img_size), is_training=True, no_aug=aug.no_aug, scale=aug.scale,
             hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.reprob,
-            re_mode=aug.remode, **common)
+            re_mode=aug.remode, **common))
 
 
 class Mnist5kData(_ImageData):
