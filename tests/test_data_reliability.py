@@ -170,6 +170,8 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
     Image.new('L', (4, 4)).save(os.path.join(nested, 'digits', '2019', 'x.png'))
     with pytest.raises(ValueError, match=r"2019/x.png' is in a sub-folder of a class folder .*<class>/<image>"):
         ImageFolderDataset(nested)
+    with pytest.raises(ValueError, match=r"is in a sub-folder of a class folder"):  # (evaluation reads it so too)
+        dataset_num_classes(nested, split='')
     stray = _constant_folder(tmp_path / 'stray', n=2, bad=())
     Image.new('L', (4, 4)).save(os.path.join(stray, 'x.png'))
     with pytest.raises(ValueError, match=r"x.png' is beside the class folders"):

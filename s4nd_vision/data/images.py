@@ -33,7 +33,8 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..utils.seeding import seed_all, seed_from
 
-__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links']
+__all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links',
+           'check_class_folders']
 
 _16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # PIL's modes of 16-bit grayscale files ('I': PGM)
 
@@ -82,7 +83,7 @@ def check_folder_links(root: str) -> None:
         seen[real] = path
 
 
-def _check_class_folders(root: str, samples, class_to_idx) -> None:
+def check_class_folders(root: str, samples, class_to_idx) -> None:
     """ValueError unless every image of `samples` is `root/<class>/<image>` and timm's order of the classes is
     total (`natural_key` ignores case and leading zeros; ties fall to set order, which differs between processes)."""
     for path, _ in samples:
@@ -119,7 +120,7 @@ class ImageFolderDataset(ImageDataset):
         if len(self.reader) == 0:
             raise ValueError(f'no images found in {root!r} (expected <class>/<image> sub-folders)')
         if folder and kwargs.get('class_map') in (None, ''):
-            _check_class_folders(root, self.reader.samples, self.reader.class_to_idx)
+            check_class_folders(root, self.reader.samples, self.reader.class_to_idx)
         self.max_skips = max_skips
 
     def _read(self, index: int):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data import MNIST5k
-from ..data.images import ImageFolderDataset, check_folder_links
+from ..data.images import ImageFolderDataset, check_class_folders, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import set_bandlimit
 from ..models import input_size_args
@@ -121,6 +121,7 @@ def _image_folder(root: str, split: str, **kwargs) -> Dataset:
                          f'split folders {splits}: pass one of them as the split')
     if len(ds) == 0:
         raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
+    check_class_folders(ds.reader.root, ds.reader.samples, ds.reader.class_to_idx)  # (as training checks them)
     # samples (image, target, skipped): 16-bit images scaled, unreadable ones replaced with a warning
     return ImageFolderDataset(root, reader=ds.reader, input_img_mode=ds.input_img_mode, transform=ds.transform)
 
