@@ -493,28 +493,33 @@ def _smoke_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 # -------------------------------------------------------------------------------------------- export
 
-def _key_value(text: str):
-    """A model's key=value argument as (key, value), the value read as YAML (number, boolean, list; not null)."""
-    from .utils.model_spec import parse_model_option
-    try:
-        return parse_model_option(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _model_kwargs_action():
-    """timm's `--model-kwargs` action (key=value, values as Python literals, as timm's train.py reads them), refusing
-    None values: timm.create_model drops them, so the model would silently take its default."""
-    from timm.utils import ParseKwargs
+    """timm's `--model-kwargs` action: key=value arguments of timm.create_model, values read as Python literals (as
+    timm's train.py reads them; a value that is none, such as `legs`, stays a string). Refuses, naming the option,
+    what timm would take silently wrongly: a malformed option (timm: a traceback), None (timm.create_model drops it,
+    so the model would take its default) and true/false/null spelt the YAML way (a non-empty string is true)."""
+    import ast
 
     from .utils.model_spec import NULL_OPTION
 
-    class ModelKwargs(ParseKwargs):
+    class ModelKwargs(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
-            super().__call__(parser, namespace, values, option_string)
-            for key, value in getattr(namespace, self.dest).items():
+            kwargs = {}
+            for option in values:
+                key, sep, text = option.partition('=')
+                if not sep or not key.strip() or not text:
+                    raise argparse.ArgumentError(self, f'model option {option!r} must look like key=value')
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    value = text
                 if value is None:
-                    parser.error(f'{option_string}: {key}=None: {NULL_OPTION}')
+                    raise argparse.ArgumentError(self, f'{option}: {NULL_OPTION}')
+                if isinstance(value, str) and value.lower() in ('true', 'false', 'null', 'none'):
+                    raise argparse.ArgumentError(self, f'{option}: values are Python literals, as in timm\'s train.py '
+                                                       f'(True, False; a string {value!r} would be passed as it is)')
+                kwargs[key.strip()] = value
+            setattr(namespace, self.dest, kwargs)
 
     return ModelKwargs
 
@@ -561,8 +566,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', default=None, help='ONNX file (default: output/<model>.onnx)')
     parser.add_argument('--checkpoint', default=None,
                         help='weights to load (safetensors or torch file; training checkpoints unwrap)')
-    parser.add_argument('--model-kwargs', nargs='*', type=_key_value, default=[],
-                        help='key=value arguments of timm.create_model (values read as YAML)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=_model_kwargs_action(),
+                        help='key=value arguments of timm.create_model (values as Python literals, as in timm)')
     parser.add_argument('--trace-size', type=_size, default=None,
                         help="HxW the graph is traced at (TxHxW for a clip, L for a sequence, with --fixed-size; "
                              "default: the model's input size, at least 3 strides without --fixed-size)")
@@ -587,7 +592,7 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .eval.resolution import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, args.checkpoint, model_kwargs=dict(args.model_kwargs))
+    model = load_model(args.model, args.checkpoint, model_kwargs=args.model_kwargs)
     try:
         check_image_model(model, args.fixed_size)
     except ValueError as e:

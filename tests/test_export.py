@@ -238,6 +238,7 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
     torch.manual_seed(0)
     path = tmp_path / 'small.onnx'
     rows = tool_main('export', ['convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'num_classes=5',
+                                'depths=(1,1,2,1)',  # (a tuple, as timm's --model-kwargs reads it)
                                 '--sizes', '64', '32', '32x96', '--output', str(path)])
     captured = capsys.readouterr()
     assert "traced at 96x96 (the model's 64x64 raised to 3 strides)" in captured.err

@@ -183,6 +183,11 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
      'vit_small_patch16_224,dynamic_img_size=True'),
     (['kernel-report', '--model', 'convnext_s4nd_atto', '--model-kwargs', 'd_stat=8'],
      "unexpected keyword argument 'd_stat'"),
+    # --model-kwargs: timm's meaning (Python literals) in every command, without timm's traceback or silent strings
+    (['kernel-report', '--model-kwargs', 'img_size'], "argument --model-kwargs: model option 'img_size' must look"),
+    (['inflate', 'a.safetensors', 'b.safetensors', '--model', 'convnext_s4nd_3d_atto', '--model-kwargs', 'x=false'],
+     "argument --model-kwargs: x=false: values are Python literals, as in timm's train.py (True, False;"),
+    (['export', 'convnext_s4nd_atto', '--model-kwargs', 'bandlimit=None'], 'timm.create_model drops null (None)'),
     (['eval-resolution', '--models', 'convnext_s4nd_atto,d_stat=8', '--resolutions', '64'],
      "unexpected keyword argument 'd_stat'"),
     (['eval-resolution', '--models', 'convnext_s4nd_atto,pretrained=true', '--resolutions', '64'],
