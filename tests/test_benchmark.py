@@ -12,6 +12,7 @@ from s4nd_vision.bench.benchmark import (
     bench_step,
     format_table,
     parse_pair,
+    saved_activation_mb,
 )
 from s4nd_vision.utils.model_spec import parse_model_spec
 from s4nd_vision.utils.yaml12 import load_yaml
@@ -61,6 +62,22 @@ def test_bench_rows_hold_ratios():
         assert ratios and all(row[k] > 0 for k in ratios)
     table = format_table(rows[:1])
     assert 'layer 1x8x7x7' in table and 'time_ratio' in table
+
+
+def test_saved_activations_leave_out_parameters_their_views_and_autocast_copies():
+    """nn.Linear saves `weight.t()` (a view) and autocast saves bf16 copies of the weights: neither is an activation,
+    so the memory column grows with the batch alone (an S4ND model's generated kernels are its only fixed part)."""
+    import timm
+    linear = torch.nn.Linear(256, 256)
+    x = torch.randn(4, 256, requires_grad=True)
+    assert saved_activation_mb(lambda: linear(x)) == 4 * 256 * 4 / 2 ** 20  # the input only, not the 256 KB weight
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert saved_activation_mb(lambda: linear(x)) == 4 * 256 * 2 / 2 ** 20  # its bf16 copy, not the weight's
+    model = timm.create_model('convnext_atto')
+    for amp in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            one, two = (saved_activation_mb(lambda: model(torch.randn(b, 3, 32, 32))) for b in (1, 2))
+        assert two == pytest.approx(2 * one, rel=1e-6), (amp, one, two)
 
 
 def test_model_pairs_fit_a_vit_baseline_to_the_size():

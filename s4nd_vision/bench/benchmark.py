@@ -62,12 +62,35 @@ def time_ms(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+# autograd nodes that only view, transpose, expand or cast their one input: a saved tensor that reaches a
+# parameter through these alone is the parameter's own storage or a copy of it (autocast's bf16 weights)
+_VIEW_OR_CAST_NODES = frozenset((
+    'AliasBackward0', 'ExpandBackward0', 'PermuteBackward0', 'SqueezeBackward0', 'SqueezeBackward1',
+    'TBackward0', 'ToCopyBackward0', 'TransposeBackward0', 'UnsafeViewBackward0', 'UnsqueezeBackward0',
+    'ViewBackward0'))
+
+
+def _is_parameter_or_copy(t: torch.Tensor) -> bool:
+    """Whether `t` is a parameter, or a view or dtype copy of one (nn.Linear saves `weight.t()`, a view; autocast
+    saves bf16 copies of weights): memory that does not grow with the batch."""
+    if isinstance(t, nn.Parameter):
+        return True
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEW_OR_CAST_NODES:
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        if len(inputs) != 1:
+            return False
+        fn = inputs[0]
+    return fn is not None and isinstance(getattr(fn, 'variable', None), nn.Parameter)
+
+
 def saved_activation_mb(fn: Callable[[], torch.Tensor]) -> float:
-    """MB of distinct tensors autograd saves for backward while running fn() (parameters excluded)."""
+    """MB of distinct storages autograd saves for backward while running fn(): the activations, which grow with the
+    batch (parameters and their views and autocast copies excluded; kernels generated from them included)."""
     seen: Dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if not isinstance(t, nn.Parameter) and t.device.type != 'meta':
+        if t.device.type != 'meta' and not _is_parameter_or_copy(t):
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return t
