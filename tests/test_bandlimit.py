@@ -3,6 +3,7 @@ learn nothing, and the kernel report (`s4nd_vision.eval.kernel_report`) that mea
 import csv
 import math
 import re
+import warnings
 
 import pytest
 import timm
@@ -353,6 +354,12 @@ def test_the_band_limit_is_saved_with_the_weights():
     with pytest.warns(UserWarning, match=r"without a band-limit record.*own bandlimit=1\.0 is kept"):
         fresh.load_state_dict(old)
     assert set(_cuts(fresh)) == {1.0}
+    # a file of another model (a plain timm ConvNeXt, no kernel weights at all): its missing-keys error, no warnings
+    plain = timm.create_model('convnext_atto', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8)).state_dict()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match='Missing key'):
+        warnings.simplefilter('always')
+        fresh.load_state_dict(plain)
+    assert not [w for w in caught if 'band-limit record' in str(w.message)]
 
 
 def test_inflation_carries_the_2d_band_limit():

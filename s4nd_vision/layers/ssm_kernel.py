@@ -124,9 +124,12 @@ class _DiagonalSSM(nn.Module):
         key = prefix + 'bandlimit'
         value = state_dict.get(key)
         if value is None:
-            warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the model\'s '
-                          f'own bandlimit={self.bandlimit} is kept; build the model with the band-limit they were '
-                          'trained with (bandlimit=0 for none)', stacklevel=2)
+            # (only for weights of this kernel without the record: a file of another model, e.g. a plain timm
+            # ConvNeXt given to checkpoint_path, ends in the missing-keys error without a warning per kernel)
+            if any(k.startswith(prefix) and '.' not in k[len(prefix):] for k in state_dict):
+                warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the '
+                              f'model\'s own bandlimit={self.bandlimit} is kept; build the model with the band-limit '
+                              'they were trained with (bandlimit=0 for none)', stacklevel=2)
         elif not value.is_meta:
             ok = value.dtype == torch.int64 and value.numel() == 1
             cut = value.reshape(()).cpu().view(torch.float64).item() if ok else None
