@@ -16,9 +16,10 @@ from pytorchvideo.data.encoded_video import EncodedVideo
 from safetensors.torch import save_file
 from stacking import count_generation_calls, step_with_and_without_stacking
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.data.video import Hmdb51Clips, VideoTransform, read_hmdb51_split
+from s4nd_vision.data.video import VIDEO_INTERPOLATIONS, Hmdb51Clips, VideoTransform, read_hmdb51_split
 from s4nd_vision.layers import S4ND, s4nd
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
 from s4nd_vision.train.optim import ssm_param_names
@@ -385,6 +386,22 @@ def hmdb(tmp_path_factory):
         (splits / f'{name}_test_split1.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (1, 1, 2, 0))))
         (splits / f'{name}_test_split2.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (1, 1, 0, 0))))
     return str(videos), str(splits)
+
+
+@pytest.mark.parametrize('interpolation', VIDEO_INTERPOLATIONS)
+def test_training_transform_takes_every_clip_interpolation(interpolation):
+    """torchvision's rotate, shear and translate take only nearest and bilinear on tensors: a bicubic resize keeps
+    bicubic and RandAugment's geometric ops run bilinear (they raised on about a third of the clips)."""
+    transform = VideoTransform(train=True, num_frames=2, img_size=32, interpolation=interpolation)
+    resize = transform.transform.transforms[0]
+    randaugments = [t.transforms[0] for t in transform.transform.transforms if isinstance(t, v2.RandomApply)]
+    assert resize.interpolation == v2.InterpolationMode(interpolation) and len(randaugments) == 2
+    expected = 'bilinear' if interpolation == 'bicubic' else interpolation
+    assert all(t.interpolation == v2.InterpolationMode(expected) for t in randaugments)
+    torch.manual_seed(0)
+    clip = torch.randint(0, 256, (3, 2, 40, 48), dtype=torch.uint8)
+    for _ in range(50):  # (each clip draws a geometric op with p ~0.3)
+        assert transform(clip).shape == (3, 2, 32, 32)
 
 
 def test_hmdb51_training_clips(hmdb):

@@ -38,6 +38,7 @@ __all__ = ['Hmdb51Clips', 'VideoTransform', 'VIDEO_INTERPOLATIONS', 'read_hmdb51
 _SPLIT_TAGS = {'train': 1, 'test': 2}  # official split files: 1 = train, 2 = test, 0 = unused
 _MAX_MAGNITUDE = 10  # RandAugment magnitudes as timm and pytorchvideo count them (timm's _LEVEL_DENOM)
 VIDEO_INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')  # the modes torchvision resizes uint8 clips with
+_AFFINE_INTERPOLATIONS = ('bilinear', 'nearest')  # the modes of torchvision's affine ops (rotate, shear...) on tensors
 
 
 class VideoTransform:
@@ -49,7 +50,9 @@ class VideoTransform:
 
     RandAugment follows timm's `rand-m{magnitude}-n{ops}`: `randaugment_ops` operations drawn at random, each
     applied with probability 0.5 at the fixed magnitude, filling with the mean colour (torchvision's own
-    RandAugment applies every drawn operation, with black fill: far stronger at the same numbers).
+    RandAugment applies every drawn operation, with black fill: far stronger at the same numbers). Its geometric
+    operations (rotate, shear, translate) interpolate as the resize does, but bilinear where the resize is bicubic:
+    torchvision's affine ops take only nearest and bilinear on tensors.
     """
 
     def __init__(
@@ -69,7 +72,8 @@ class VideoTransform:
             train: random crop, flip and RandAugment (True) or centre crop (False).
             randaugment_magnitude: RandAugment magnitude, 0-10 as timm's and pytorchvideo's (9: rotations up to
                 27 degrees), None for no RandAugment.
-            interpolation: of the resize and RandAugment's geometric operations: one of VIDEO_INTERPOLATIONS.
+            interpolation: of the resize, one of VIDEO_INTERPOLATIONS, and of RandAugment's geometric operations
+                (bilinear for 'bicubic').
         """
         if num_frames < 1:
             raise ValueError(f'num_frames must be positive, got {num_frames}')
@@ -88,8 +92,9 @@ class VideoTransform:
                         f'randaugment_magnitude must be in [0, {_MAX_MAGNITUDE}], got {randaugment_magnitude}')
                 fill = [round(255 * m) for m in mean]  # (timm's fill: the mean colour)
                 # torchvision's bins span the same ranges: bin m of 11 is m / 10
+                affine = mode if interpolation in _AFFINE_INTERPOLATIONS else v2.InterpolationMode.BILINEAR
                 op = partial(v2.RandAugment, num_ops=1, magnitude=randaugment_magnitude,
-                             num_magnitude_bins=_MAX_MAGNITUDE + 1, interpolation=mode, fill=fill)
+                             num_magnitude_bins=_MAX_MAGNITUDE + 1, interpolation=affine, fill=fill)
                 steps += [v2.RandomApply([op()], p=0.5) for _ in range(randaugment_ops)]
         else:
             steps.append(v2.CenterCrop(img_size))
