@@ -1,5 +1,6 @@
 """Video: 3D ConvNeXt(-S4ND) models, temporal inflation of 2D weights, the HMDB-51 pipeline, a real clip end to end."""
 import importlib.util
+import logging
 import math
 import os
 import runpy
@@ -363,6 +364,26 @@ def test_inflate_from_checkpoint_files(tmp_path, monkeypatch):
     expected = inflate_state_dict(model_2d.state_dict(), fresh, keep_head=True)
     for k, v in on_the_fly.state_dict().items():
         torch.testing.assert_close(v, expected[k], msg=k)
+
+
+def test_sgconv_weights_inflate_on_the_fly_with_random_time_kernels(tmp_path, caplog):
+    """SGConv time kernels have no smooth form: a 2D SGConv file given to timm (or model.pretrained_file) inflates
+    with the 3D model's own time kernels, as the report says, and the H/W kernels copied."""
+    model_2d = timm.create_model('convnext_s4nd_atto', img_size=64, kernel='sgconv')
+    plain_2d = tmp_path / 'sgconv_2d.safetensors'
+    save_file(model_2d.state_dict(), str(plain_2d))
+    create = dict(img_size=64, num_frames=4, kernel='sgconv', num_classes=7)
+    torch.manual_seed(1)
+    with caplog.at_level(logging.INFO, logger='s4nd_vision.models._checkpoint'):
+        on_the_fly = timm.create_model('convnext_s4nd_3d_atto', pretrained=True, **create,
+                                       pretrained_cfg_overlay=dict(file=str(plain_2d), num_classes=7))
+    assert "time kernels (random: the 3D model's own init)" in caplog.text
+    torch.manual_seed(1)
+    fresh = timm.create_model('convnext_s4nd_3d_atto', **create)
+    expected = inflate_state_dict(model_2d.state_dict(), fresh, time_init='random')
+    for k, v in on_the_fly.state_dict().items():
+        torch.testing.assert_close(v, expected.get(k, fresh.state_dict()[k]), msg=k)
+    torch.testing.assert_close(on_the_fly.stem[1].kernels[2].weight, model_2d.stem[1].kernels[1].weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
-from .inflate import inflate_state_dict, is_2d_state_dict
+from .inflate import default_time_init, inflate_state_dict, is_2d_state_dict
 
 __all__ = ['ConvNeXt3d']
 
@@ -158,7 +158,8 @@ _FIRST_CONV = 'stem.0'  # the patch stem's conv, or the S4ND stem's pointwise pr
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> Dict[str, torch.Tensor]:
-    """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults).
+    """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults, but the time
+    kernels' init: 'smooth', or 'random' for SGConv models, `default_time_init`; the transfer report says which).
 
     A 2D classifier is kept when it fits the model (the same number of classes) and dropped
     otherwise (e.g. ImageNet weights for a 51-class video model). A checkpoint without a
@@ -169,7 +170,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d)
     if is_2d_state_dict(state_dict):
         fc, head_2d = model.get_classifier(), state_dict.get('head.fc.weight')
         keep_head = isinstance(fc, nn.Linear) and head_2d is not None and head_2d.shape == fc.weight.shape
-        state_dict = inflate_state_dict(state_dict, model, keep_head=keep_head)
+        state_dict = inflate_state_dict(state_dict, model, time_init=default_time_init(model), keep_head=keep_head)
     for k, v in model.get_classifier().state_dict(prefix='head.fc.').items():
         state_dict.setdefault(k, v)
     return state_dict

@@ -36,8 +36,9 @@ on every frame exactly when s(t) = 1 everywhere:
 Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
 Re(A) = -1 / (dt * time_decay) for the layer's own step size dt, the normalization in B (which
 has no weight decay). An S4 (DPLR) time kernel gets the same taps: its low-rank term P is zeroed, so A is
-diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only, and
-SGConv models inflate into a 3D model built at the 2D training size (their parameters are laid out for it).
+diagonal, and Re(A) is the pole whose bilinear step is lam. SGConv time kernels take 'random' only (on-the-fly
+inflation picks it for them: `default_time_init`), and SGConv models inflate into a 3D model built at the 2D
+training size (their parameters are laid out for it).
 The identity is the same kernel with a decay of 1e-9 frame, whose taps after the first are 0 in float32 (S4's:
 within float32 rounding of 0); S4D's B normalizes Re(A) as float32 stores it, so its first tap is 1 to float32
 rounding. (A decay of 1/200 frame stopped passing through at clips of about 32x num_frames.)
@@ -67,13 +68,14 @@ from ._checkpoint import KEPT_INIT, TransferReport, adapt_input_channels, pointw
 
 __all__ = [
     'TIME_INITS', 'CONV_MODES', 'inflate_state_dict', 'inflate_checkpoint', 'inflate_conv_weight', 'is_2d_state_dict',
-    'load_checkpoint_file',
+    'load_checkpoint_file', 'default_time_init',
 ]
 
 TIME_INITS = ('smooth', 'identity', 'random')
 CONV_MODES = ('repeat', 'center')
 _IDENTITY_DECAY = 1e-9  # exp(-r / 1e-9) underflows to 0 in float32 for every rate r above 1.04e-7
 _RENAMED = 'H/W kernels moved to the 3D H/W axes'
+_RANDOM_TIME = "time kernels (random: the 3D model's own init)"
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -115,6 +117,18 @@ def is_2d_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
     """True for the weights of a 2D ConvNeXt(-S4ND): its first conv `stem.0` has a 4-D weight."""
     stem = state_dict.get('stem.0.weight')
     return stem is not None and stem.ndim == 4
+
+
+def _ssm_time_kernel(layer: S4ND) -> bool:
+    """Whether a 3D S4ND layer's time kernel is an SSM kernel (S4D's or S4's), which 'smooth' and 'identity' set."""
+    return isinstance(layer.kernels[0], (SSMKernel, S4Kernel))
+
+
+def default_time_init(model: nn.Module) -> str:
+    """The time_init of on-the-fly inflation: 'smooth' where every time kernel of `model` is an SSM kernel, 'random'
+    otherwise (SGConv's time kernels have no smooth or pass-through form)."""
+    layers = [m for m in model.modules() if isinstance(m, S4ND)]
+    return 'smooth' if all(_ssm_time_kernel(layer) for layer in layers) else 'random'
 
 
 def inflate_conv_weight(weight: torch.Tensor, time_size: int, mode: str = 'repeat') -> torch.Tensor:
@@ -228,7 +242,7 @@ def inflate_state_dict(
             for k in layer.kernels[axis].state_dict():
                 renamed[f'{p}kernels.{axis}.{k}'] = f'{p}kernels.{axis - 1}.{k}'
         time = {k: target[f'{p}kernels.0.{k}'] for k in layer.kernels[0].state_dict()}
-        if time_init != 'random' and not isinstance(layer.kernels[0], (SSMKernel, S4Kernel)):
+        if time_init != 'random' and not _ssm_time_kernel(layer):
             raise ValueError(f"time_init={time_init!r} builds an SSM time kernel, but {prefix} has "
                              f"kernel={layer.kernel!r}: inflate with time_init='random' (its own time kernels)")
         if time_init != 'random':
@@ -257,7 +271,7 @@ def inflate_state_dict(
             report.loaded.append(name)
         elif name in time_params:
             inflated[name] = time_params[name]
-            report.initialized[KEPT_INIT if time_init == 'random' else f'time kernels ({time_init})'].append(name)
+            report.initialized[_RANDOM_TIME if time_init == 'random' else f'time kernels ({time_init})'].append(name)
         elif name.startswith('head.fc.') and not keep_head:
             report.initialized[KEPT_INIT].append(name)
         else:
