@@ -425,6 +425,22 @@ def test_training_transform_takes_every_clip_interpolation(interpolation):
         assert transform(clip).shape == (3, 2, 32, 32)
 
 
+def test_clip_randaugment_draws_torchvisions_operations_as_documented():
+    """The README's account of clip RandAugment: torchvision's operations and magnitude ranges, not timm's image set
+    (Identity is one, Invert and SolarizeAdd are not; at m9 posterize keeps 4 bits where timm's keeps 3, solarize
+    inverts above 10% of the range, the colour ops scale by 1 +- 0.81; the geometric ops span timm's ranges)."""
+    transform = VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=9)
+    randaugment = next(t.transforms[0] for t in transform.transform.transforms if isinstance(t, v2.RandomApply))
+    space = randaugment._AUGMENTATION_SPACE
+    assert 'Identity' in space and not {'Invert', 'SolarizeAdd'} & set(space) and len(space) == 14
+    at_m = {name: magnitudes(randaugment.num_magnitude_bins, 32, 32) for name, (magnitudes, _) in space.items()}
+    at_m = {name: float(v[randaugment.magnitude]) for name, v in at_m.items() if v is not None}
+    assert at_m['Posterize'] == 4 and at_m['Solarize'] == pytest.approx(0.1)
+    assert all(at_m[k] == pytest.approx(0.81) for k in ('Brightness', 'Color', 'Contrast', 'Sharpness'))
+    assert (at_m['Rotate'], at_m['ShearX']) == (pytest.approx(27), pytest.approx(0.27))
+    assert at_m['TranslateX'] / 32 == pytest.approx(0.41, abs=0.005)  # (timm's: 0.405 of the size)
+
+
 def test_hmdb51_training_clips(hmdb):
     videos, splits = hmdb
     transform = VideoTransform(train=True, num_frames=4, img_size=32)

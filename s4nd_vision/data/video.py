@@ -48,9 +48,12 @@ class VideoTransform:
     resized to img_size / crop_pct, then cropped: at random, with horizontal flips and RandAugment for training;
     in the centre for evaluation. Every frame of a clip gets the same augmentation. Output normalized by mean, std.
 
-    RandAugment follows timm's `rand-m{magnitude}-n{ops}`: `randaugment_ops` operations drawn at random, each
-    applied with probability 0.5 at the fixed magnitude, filling with the mean colour (torchvision's own
-    RandAugment applies every drawn operation, with black fill: far stronger at the same numbers). Its geometric
+    RandAugment is applied as timm applies `rand-m{magnitude}-n{ops}`: `randaugment_ops` operations drawn at random,
+    each applied with probability 0.5 at the fixed magnitude, filling with the mean colour (torchvision's own
+    RandAugment applies every drawn operation, with black fill: far stronger at the same numbers). The operations and
+    their magnitude ranges are torchvision's, not timm's image set: Identity is one, Invert and SolarizeAdd are not,
+    and at magnitude 9 posterize keeps 4 bits (timm: 3), solarize inverts above 10% of the range (timm: 90%), and the
+    colour ops scale by 1 +- 0.81 (timm: 1.72); rotate, shear and translate span timm's ranges. Its geometric
     operations (rotate, shear, translate) interpolate as the resize does, but bilinear where the resize is bicubic:
     torchvision's affine ops take only nearest and bilinear on tensors.
     """
