@@ -866,9 +866,21 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
     sys.exit(2)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """parser.parse_args(argv), but train's section.key=value overrides may also follow `--resume [CHECKPOINT]`
+    (`a=1 --resume CKPT b=2`: argparse's positional takes only the first run of them), in their order."""
+    args, extras = parser.parse_known_args(argv)
+    if args._command == 'train':
+        overrides = [t for t in extras if '=' in t and not t.startswith('-')]
+        args.overrides, extras = [*args.overrides, *overrides], [t for t in extras if t not in overrides]
+    if extras:
+        parser.error(f'unrecognized arguments: {" ".join(extras)}')
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """`s4nd-vision COMMAND [ARGS]`, the console script (which exits with what this returns: None is success)."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _run(COMMANDS[args._command], args, args._parser)
 
 
@@ -877,5 +889,5 @@ def tool_main(name: str, argv: Optional[Sequence[str]] = None, prog: Optional[st
     command = COMMANDS[name]
     parser = _command_parser(name, argparse.ArgumentParser(
         prog=prog or os.path.basename(sys.argv[0]), description=command.description, formatter_class=_RAW))
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     return _run(command, args, parser)

@@ -200,6 +200,14 @@ def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder,
     tool_main('train', ['--resume', 'train.epochs=3', *args, 'train.epochs=2'])
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1']
     assert not [name for name in os.listdir(tmp_path / 'typo') if name.endswith('.tmp')]
+    _reset()
+    # overrides on both sides of --resume (the first run of them is argparse's positional): all taken, in order;
+    # anything else after them is still refused
+    with pytest.raises(SystemExit) as info:
+        tool_main('train', [*args, '--resume', '--allow-fresh', 'train.epochs=3', '--bogus'])
+    assert info.value.code == 2 and 'unrecognized arguments: --bogus' in capsys.readouterr().err
+    tool_main('train', [*args, '--resume', '--allow-fresh', 'train.epochs=4', 'train.epochs=3'])
+    assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1', '2']
 
 
 def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):
