@@ -108,6 +108,24 @@ def test_a_branch_resume_sets_aside_the_abandoned_branchs_best_weights(tmp_path)
         GradientState._reset_state()
 
 
+def test_a_branch_resume_sets_aside_the_abandoned_branchs_last_weights_too(tmp_path):
+    """last.safetensors and last_ema.safetensors exported past the resumed update are the abandoned branch's weights
+    as much as best.safetensors is: set aside alike (a branch stopped before its first epoch end had kept them)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
+        for name, update in (('best', 4), ('last', 12), ('last_ema', 12)):
+            export_weights(acc, model, str(tmp_path / f'{name}.safetensors'), update=update)
+        moved = set_aside_newer(acc, str(tmp_path), 8)
+        assert sorted(name.split('-')[-1] for name in map(os.path.basename, moved)) == [
+            'last.safetensors', 'last_ema.safetensors']
+        assert sorted(os.listdir(tmp_path)) == sorted(['best.safetensors', *map(os.path.basename, moved)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_temporaries_of_writes_killed_midway_are_removed(tmp_path):
     for name in ('.last.safetensors.ab12cd_9.tmp', '.metrics.csv.zzzzzzzz.tmp', 'keep.tmp', '.hidden', 'x.csv'):
         (tmp_path / name).write_text('x')

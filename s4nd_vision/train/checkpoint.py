@@ -44,6 +44,7 @@ CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run 
 METRICS_FILE = 'metrics.csv'  # in each checkpoint folder: the metrics rows of the epochs it completes
 
 _CKPT_RE = re.compile(r'^step-(\d+)$')
+_EXPORTED = ('best.safetensors', 'last.safetensors', 'last_ema.safetensors')  # the weights a run exports
 
 
 @dataclass
@@ -187,10 +188,10 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
 
 def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> List[str]:
     """Rename the complete checkpoints under output_dir/checkpoints past `update` to 'abandoned-<time>-step-*', and
-    a best.safetensors exported past it to 'abandoned-<time>-best.safetensors' (main process; all must call): a run
-    resumed from an earlier checkpoint starts a new branch, and a later `--resume` must continue this branch, not the
-    abandoned one's higher step, nor report the abandoned branch's best weights as its own (the resumed state's best
-    accuracy is the checkpoint's). Returns the new paths."""
+    the weights files exported past it (best, last, last_ema) to 'abandoned-<time>-<name>.safetensors' (main process;
+    all must call): a run resumed from an earlier checkpoint starts a new branch, and a later `--resume` must continue
+    this branch, not the abandoned one's higher step, nor present the abandoned branch's weights as its own (the
+    resumed state's best accuracy is the checkpoint's). Returns the new paths."""
     root = os.path.join(output_dir, 'checkpoints')
     moved = []
     if accelerator.is_main_process:
@@ -199,11 +200,12 @@ def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> L
             if step > update:
                 moved.append(os.path.join(root, f'abandoned-{stamp}-{name}'))
                 os.replace(os.path.join(root, name), moved[-1])
-        best = os.path.join(output_dir, 'best.safetensors')
-        exported = _exported_update(best)
-        if exported is not None and exported > update:
-            moved.append(os.path.join(output_dir, f'abandoned-{stamp}-best.safetensors'))
-            os.replace(best, moved[-1])
+        for name in _EXPORTED:
+            path = os.path.join(output_dir, name)
+            exported = _exported_update(path)
+            if exported is not None and exported > update:
+                moved.append(os.path.join(output_dir, f'abandoned-{stamp}-{name}'))
+                os.replace(path, moved[-1])
         if moved:
             accelerator.print(f'--resume: resumed at update {update}; the later checkpoints and weights of the '
                               f'abandoned run are set aside as {", ".join(os.path.basename(m) for m in moved)}')
