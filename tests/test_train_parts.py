@@ -4,13 +4,20 @@ import os
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.transforms import mnist_transform, model_data_config
 from s4nd_vision.eval.accuracy import topk_hits
 from s4nd_vision.train import ConfigError, latest_checkpoint
-from s4nd_vision.train.checkpoint import checkpoint_to_resume, export_weights, save_checkpoint, set_aside_newer
+from s4nd_vision.train.checkpoint import (
+    checkpoint_to_resume,
+    export_weights,
+    restore_best_weights,
+    save_checkpoint,
+    set_aside_newer,
+)
 from s4nd_vision.train.metrics import _append_csv, _truncate_csv
 from s4nd_vision.utils import remove_temporaries
 
@@ -121,6 +128,35 @@ def test_a_branch_resume_sets_aside_the_abandoned_branchs_last_weights_too(tmp_p
         assert sorted(name.split('-')[-1] for name in map(os.path.basename, moved)) == [
             'last.safetensors', 'last_ema.safetensors']
         assert sorted(os.listdir(tmp_path)) == sorted(['best.safetensors', *map(os.path.basename, moved)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_checkpoints_keep_the_best_weights_of_their_state_for_a_branch_resume(tmp_path):
+    """Each checkpoint keeps the best.safetensors of its time, unchanged by later exports; a resume puts it back where
+    the output folder has none (set aside), and says when there is none to put back (the run then exports its own)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    try:
+        acc = Accelerator(cpu=True)
+        model = acc.prepare(torch.nn.Linear(2, 2))
+        best = tmp_path / 'best.safetensors'
+        save_checkpoint(acc, str(tmp_path), 2, keep=3)  # (before any best: none kept)
+        export_weights(acc, model, str(best), update=4)
+        save_checkpoint(acc, str(tmp_path), 4, keep=3)
+        at4 = model.weight.detach().clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        export_weights(acc, model, str(best), update=6)
+        save_checkpoint(acc, str(tmp_path), 6, keep=3)
+        step2, step4 = (str(tmp_path / 'checkpoints' / f'step-{u:08d}') for u in (2, 4))
+        assert not os.path.exists(os.path.join(step2, 'best.safetensors'))
+        set_aside_newer(acc, str(tmp_path), 4)
+        assert restore_best_weights(acc, str(tmp_path), step4)
+        assert torch.equal(load_file(str(best))['weight'], at4)
+        set_aside_newer(acc, str(tmp_path), 2)
+        assert not restore_best_weights(acc, str(tmp_path), step2) and not best.exists()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -296,6 +296,28 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, fold
     assert [p.name for p in root.iterdir() if p.name.startswith('abandoned-')][0].endswith(second)
 
 
+def _scored(trainer: Trainer, top1_by_epoch) -> Trainer:
+    """`trainer`, its evaluation reporting the given top-1 for each epoch."""
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda model=None: dict(evaluate(model), top1=top1_by_epoch[trainer.state.epoch])
+    return trainer
+
+
+def test_a_branch_keeps_the_best_weights_its_checkpoint_records(tmp_path, folder, capsys):
+    """Resumed from an earlier checkpoint, the run's best accuracy is that checkpoint's: the abandoned run's later
+    best.safetensors is set aside and the checkpoint's copy takes its place, so a branch that never beats it ends
+    with the weights its summary names (it ended with no best.safetensors, printing a call that loads it)."""
+    overrides = _overrides(folder, tmp_path, 'train.epochs=2', 'train.keep_checkpoints=2')
+    _scored(Trainer(load_config(None, overrides)), [50.0, 90.0]).fit()
+    epoch0 = sorted((tmp_path / 'checkpoints').iterdir())[0]
+    _reset()
+    summary = _scored(Trainer(load_config(None, overrides), resume=str(epoch0)), [None, 40.0]).fit()
+    assert (summary['best_top1'], summary['best_epoch']) == (50.0, 0)
+    best, at_epoch0 = load_file(str(tmp_path / 'best.safetensors')), load_file(str(epoch0 / 'model.safetensors'))
+    assert best.keys() == at_epoch0.keys() and all(torch.equal(best[k], at_epoch0[k]) for k in best)
+    assert f"file='{tmp_path / 'best.safetensors'}'" in capsys.readouterr().out
+
+
 def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2'))).fit()
     rows = _rows(tmp_path)

@@ -4,7 +4,8 @@ weights exported as safetensors.
 `output_dir/checkpoints/step-<update>` holds `accelerator.save_state`: model, optimizer, scheduler, EMA,
 `TrainState` (with the epoch's running sums, so a mid-epoch resume reports the same epoch row) and the random
 generators, plus the run's `config.yaml` and its `metrics.csv` up to the checkpoint (the epoch-end checkpoint
-holds that epoch's row, so a run killed before writing the row gets it back on resume). Each is written to a
+holds that epoch's row, so a run killed before writing the row gets it back on resume) and its `best.safetensors`
+(a branch resumed there gets back the best weights its state records). Each is written to a
 temporary folder and renamed once every process has written its part, so a run killed at any moment leaves only
 complete checkpoints. Weights with non-finite values are never written (`all_finite` is checked first).
 """
@@ -37,14 +38,15 @@ except ImportError:  # (not on Windows: run folders are not locked there)
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
     'all_finite', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE', 'METRICS_FILE',
-    'LOCK_FILE', 'set_aside_newer',
+    'LOCK_FILE', 'BEST_FILE', 'set_aside_newer', 'restore_best_weights',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
 METRICS_FILE = 'metrics.csv'  # in each checkpoint folder: the metrics rows of the epochs it completes
 
 _CKPT_RE = re.compile(r'^step-(\d+)$')
-_EXPORTED = ('best.safetensors', 'last.safetensors', 'last_ema.safetensors')  # the weights a run exports
+BEST_FILE = 'best.safetensors'  # in output_dir, and in each checkpoint folder: the best weights its state records
+_EXPORTED = (BEST_FILE, 'last.safetensors', 'last_ema.safetensors')  # the weights a run exports
 
 
 @dataclass
@@ -213,6 +215,31 @@ def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> L
     return moved
 
 
+def restore_best_weights(accelerator: Accelerator, output_dir: str, checkpoint: str) -> bool:
+    """Put the copy of best.safetensors that `checkpoint` keeps back in `output_dir` where it has none (e.g. the
+    abandoned branch's set aside by `set_aside_newer`): the resumed state's best accuracy is that file's. Returns
+    whether `output_dir` holds best weights now, the same on every process (all must call); where it does not (a
+    checkpoint written before checkpoints kept them), the resumed run must export its own."""
+    present = None
+    if accelerator.is_main_process:
+        best, kept = os.path.join(output_dir, BEST_FILE), os.path.join(checkpoint, BEST_FILE)
+        if not os.path.exists(best) and os.path.isfile(kept):
+            _link_or_copy(kept, best)
+            accelerator.print(f'--resume: {BEST_FILE} restored from {checkpoint} (the best weights of its state)')
+        present = os.path.isfile(best)
+    return bool(broadcast_object_list([present])[0])
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """`dst`, a new name, as a hard link to `src` (`export_weights` writes each file anew, so the link keeps these
+    bytes), or as a copy written atomically where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        with replaced_atomically(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
 def save_checkpoint(
         accelerator: Accelerator,
         output_dir: str,
@@ -222,7 +249,8 @@ def save_checkpoint(
 ) -> None:
     """`accelerator.save_state` into a temporary folder, renamed once every process has written its part; then
     only the newest `keep` checkpoints are kept. `write_extra(folder)` (main process) adds files before the rename
-    (the run's config and metrics rows). Every process must call it. Partial folders of saves killed before (full
+    (the run's config and metrics rows); the run's best.safetensors is kept with it (a hard link where the file
+    system has them: no copy of the data). Every process must call it. Partial folders of saves killed before (full
     size each) are removed first: this run holds the folder (`lock_run_folder`), nothing else writes them."""
     acc = accelerator
     root = os.path.join(output_dir, 'checkpoints')
@@ -239,6 +267,9 @@ def save_checkpoint(
     if acc.is_main_process:
         if write_extra is not None:
             write_extra(tmp)
+        best = os.path.join(output_dir, BEST_FILE)
+        if os.path.isfile(best):  # the best weights this checkpoint's state records (a branch resume restores them)
+            _link_or_copy(best, os.path.join(tmp, BEST_FILE))
         old = os.path.join(root, f'.old-step-{update:08d}')
         if os.path.isdir(final):  # (the same update saved again, e.g. after a resume: two renames, then removed)
             os.replace(final, old)

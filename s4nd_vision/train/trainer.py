@@ -39,6 +39,7 @@ from ..models._checkpoint import weights_num_classes
 from ..utils.files import remove_temporaries
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
+    BEST_FILE,
     TrainState,
     all_finite,
     check_shared_folder,
@@ -48,6 +49,7 @@ from .checkpoint import (
     load_checkpoint,
     lock_run_folder,
     release_run_folder,
+    restore_best_weights,
     save_checkpoint,
     set_aside_newer,
 )
@@ -216,6 +218,9 @@ class Trainer:
                     f'the epoch are counted in updates of that size')
             self.state.global_batch = self.global_batch  # (a checkpoint written before it was recorded)
             set_aside_newer(acc, self.out_dir, self.state.update)
+            if not restore_best_weights(acc, self.out_dir, self.resumed_from):  # the branch exports its own best
+                fresh = TrainState()
+                self.state.best_top1, self.state.best_epoch = fresh.best_top1, fresh.best_epoch
         self.log = MetricsLog(acc, cfg)
 
     def _model(self) -> nn.Module:
@@ -452,7 +457,10 @@ class Trainer:
         acc.end_training()
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
-        best = os.path.join(self.out_dir, 'best.safetensors')
+        best = os.path.join(self.out_dir, BEST_FILE)
+        if not os.path.isfile(best):  # (a branch resumed at its last epoch, from a checkpoint that kept no best)
+            acc.print(f'done: {cfg.model.name}; no {BEST_FILE} in {self.out_dir}: this branch evaluated no epoch')
+            return summary
         # the call that rebuilds this model: its own arguments too (channels, architecture kwargs, training size)
         unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
         build = dict(cfg.model.kwargs, **({} if cfg.data.in_chans == 3 else {'in_chans': cfg.data.in_chans}),
