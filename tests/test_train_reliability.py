@@ -94,6 +94,24 @@ def test_a_diverged_run_stops_and_writes_nothing_non_finite(tmp_path, folder):
     assert _all_finite(tmp_path / 'last.safetensors') and _all_finite(tmp_path / 'best.safetensors')
 
 
+def test_a_resumed_run_counts_a_non_finite_streak_afresh(tmp_path, folder):
+    """The epoch-end checkpoint is written within a non-finite streak too (its weights are the last good update's),
+    and a divergence names it as the last good checkpoint: resumed from it, one more non-finite update must not
+    stop the run at once."""
+    overrides = _overrides(folder, tmp_path, 'train.max_nonfinite_steps=1')
+    trainer = Trainer(load_config(None, [*overrides, 'train.epochs=1']))
+    per_epoch = trainer.updates_per_epoch
+    trainer.train_loss = _NanLossAt(trainer, {per_epoch - 1})  # the epoch's last update
+    trainer.fit()
+    _reset()
+    with warnings.catch_warnings():  # (train.epochs changed)
+        warnings.simplefilter('ignore')
+        trainer = Trainer(load_config(None, [*overrides, 'train.epochs=2']), resume=True)
+    trainer.train_loss = _NanLossAt(trainer, {per_epoch})  # the next epoch's first update
+    trainer.fit()
+    assert [r['nonfinite_steps'] for r in _rows(tmp_path)] == ['1', '1']
+
+
 def test_non_finite_weights_are_never_written(tmp_path, folder):
     cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.max_nonfinite_steps=100'))
     trainer = Trainer(cfg)

@@ -198,6 +198,9 @@ class Trainer:
             fresh_groups = [{k: g[k] for k in _CONFIG_GROUP_KEYS if k in g} for g in self.optimizer.param_groups]
             fresh_schedule = self.scheduler.state_dict()  # (cosine, tanh, poly: a function of the config alone)
             load_checkpoint(acc, self.resumed_from, self.state, config_to_dict(cfg))
+            # a non-finite streak counts afresh: the epoch-end checkpoint is written within one too (its weights are
+            # the last good update's), and it is resumed as the last good checkpoint, e.g. with a lower optim.lr
+            self.state.nonfinite_in_a_row = 0
             for group, fresh in zip(self.optimizer.param_groups, fresh_groups):
                 group.update(fresh)
             self.scheduler.load_state_dict(fresh_schedule)
