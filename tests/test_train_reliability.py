@@ -78,6 +78,18 @@ def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder, fault,
         assert _all_finite(tmp_path / f'{name}.safetensors')
 
 
+def test_an_epoch_of_skipped_updates_reports_no_train_loss(tmp_path, folder):
+    """Every update of an epoch skipped (within train.max_nonfinite_steps): its train_loss is NaN, not 0."""
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_nonfinite_steps=100'))
+    trainer = Trainer(cfg)
+    per_epoch = trainer.updates_per_epoch
+    trainer.train_loss = _NanLossAt(trainer, range(per_epoch, 2 * per_epoch))
+    trainer.fit()
+    rows = _rows(tmp_path)
+    assert int(rows[1]['nonfinite_steps']) == per_epoch and math.isnan(float(rows[1]['train_loss']))
+    assert math.isfinite(float(rows[0]['train_loss']))
+
+
 def test_a_diverged_run_stops_and_writes_nothing_non_finite(tmp_path, folder):
     cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=3', 'train.max_nonfinite_steps=2',
                                        'train.checkpoint_every_steps=1'))

@@ -17,6 +17,7 @@ update, left out of `train_loss`, counted in `nonfinite_steps`); more than `trai
 of them in a row stop the run with `TrainingDiverged`. Weights and checkpoints are written only when
 every value in them is finite, so the last checkpoint is always one to resume from.
 """
+import math
 import os
 import time
 from functools import partial
@@ -408,7 +409,7 @@ class Trainer:
             skipped_total = exact
         state.epoch_sums, state.epoch_seconds = [0.0] * 5, 0.0  # the next checkpoint starts a new epoch
         return {
-            'train_loss': loss_total / max(finite_total, 1),
+            'train_loss': loss_total / finite_total if finite_total else math.nan,  # (every update skipped: no loss)
             self.data.rate_name: seen_total / max(elapsed, 1e-9),
             f'skipped_{self.data.unit}': int(skipped_total),
             'nonfinite_steps': int(nonfinite_total),
