@@ -348,6 +348,38 @@ def test_a_branch_keeps_the_best_weights_its_checkpoint_records(tmp_path, folder
     assert f"file='{tmp_path / 'best.safetensors'}'" in capsys.readouterr().out
 
 
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path, folder):
+    """A truncated or missing file in the latest checkpoint (a full disk, a bad copy) ends the resume with one line
+    naming the checkpoint and the --resume of the one before it (a traceback before, or a pytorch_model.bin that
+    the trainer never writes)."""
+    run = tmp_path / 'run'
+    Trainer(load_config(None, _overrides(folder, run, 'train.epochs=2', 'train.keep_checkpoints=2'))).fit()
+    first, second = sorted((run / 'checkpoints').iterdir())
+    for damage, reason in (('model.safetensors', 'incomplete metadata'), ('optimizer.bin', 'PytorchStreamReader'),
+                           ('custom_checkpoint_0.pkl', 'PytorchStreamReader'), (None, 'model.safetensors is missing')):
+        _reset()
+        out = tmp_path / str(damage)
+        shutil.copytree(run, out)
+        latest = out / 'checkpoints' / second.name
+        if damage is None:
+            os.remove(latest / 'model.safetensors')
+        else:
+            with open(latest / damage, 'r+b') as f:
+                f.truncate(os.path.getsize(latest / damage) // 2)
+        with warnings.catch_warnings():  # (train.output_dir changed)
+            warnings.simplefilter('ignore')
+            with pytest.raises(ConfigError, match=rf"checkpoint '{latest}' is damaged \(.*{reason}.*\); resume from "
+                                                  rf"the checkpoint before it with --resume {out}/checkpoints/"
+                                                  rf"{first.name}$"):
+                Trainer(load_config(None, _overrides(folder, out, 'train.epochs=2')), resume=True)
+    _reset()
+    shutil.rmtree(out / 'checkpoints' / first.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(ConfigError, match='is damaged .*; no earlier checkpoint is kept: start a fresh run'):
+            Trainer(load_config(None, _overrides(folder, out, 'train.epochs=2')), resume=True)
+
+
 def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2'))).fit()
     rows = _rows(tmp_path)

@@ -10,6 +10,7 @@ temporary folder and renamed once every process has written its part, so a run k
 complete checkpoints. Weights with non-finite values are never written (`all_finite` is checked first).
 """
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..utils.files import replaced_atomically
@@ -303,13 +304,34 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
                           f'run\'s ({e}): optim.layer_decay, optim.ssm_lr or the no-weight-decay parameters changed; '
                           f'resume with the checkpoint\'s, or start a fresh run in another output_dir') from None
     except RuntimeError as e:  # load_state_dict's report of every mismatched tensor: one line instead
+        if 'PytorchStreamReader' in str(e):  # torch.load of a truncated file
+            raise _damaged(path, e) from None
         if 'state_dict' not in str(e):
             raise
         first = ' '.join(str(e).split())[:300]
         raise ConfigError(f'--resume: checkpoint {path!r} does not fit the model {(config or {}).get("model", {})}'
                           f' (a checkpoint of another model?): {first}') from None
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError, SafetensorError) as e:  # missing or truncated
+        raise _damaged(path, e) from None
     accelerator.print(f'resumed from {path}: epoch {state.epoch}, update {state.update} '
                       f'({state.step_in_epoch} into the epoch)')
+
+
+def _damaged(path: str, error: BaseException) -> ConfigError:
+    """The error for checkpoint `path` whose files fail to load (`error`): one line naming it and the checkpoint
+    before it to resume from instead."""
+    if isinstance(error, FileNotFoundError) and error.filename:
+        # (Accelerate looks for pytorch_model.bin where model.safetensors is missing: name the file it writes)
+        name = re.sub(r'^pytorch_model(_\d+)?\.bin$', r'model\1.safetensors', os.path.basename(error.filename))
+        reason = f'{name} is missing'
+    else:
+        reason = ' '.join(str(error).split()).split('. ')[0][:200]  # (torch's has paragraphs of advice)
+    root, name = os.path.split(os.path.normpath(path))
+    step = _CKPT_RE.match(name)
+    earlier = [n for u, n in _complete(root) if step and u < int(step.group(1))] if os.path.isdir(root) else []
+    advice = (f'resume from the checkpoint before it with --resume {os.path.join(root, earlier[-1])}' if earlier else
+              'no earlier checkpoint is kept: start a fresh run in another train.output_dir')
+    return ConfigError(f'--resume: checkpoint {path!r} is damaged ({reason}); {advice}')
 
 
 def _read_config(checkpoint: str) -> Optional[Dict[str, Any]]:
