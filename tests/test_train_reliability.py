@@ -418,6 +418,22 @@ def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
             assert row[key] == expected[key], key
 
 
+@pytest.mark.parametrize('writer', ['s4nd_vision.train.checkpoint.save_file', 'accelerate.utils.other.safe_save_file'])
+def test_a_full_disk_is_a_one_line_error(tmp_path, folder, capsys, monkeypatch, writer):
+    """safetensors reports a full disk as a SafetensorError, not an OSError: exported weights (our writer) and
+    checkpoints (Accelerate's) end the run with one error line, keeping the message (a traceback before)."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+    monkeypatch.setattr(writer, full)
+    with pytest.raises(SystemExit) as info:
+        tool_main('train', _overrides(folder, tmp_path, 'train.epochs=1', 'train.checkpoint_every_steps=1'))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and last.startswith('error: [Errno 28] writing ') and 'No space left' in last, last
+
+
 # ------------------------------------------------------------------------------------------ one run per folder
 
 def test_a_folder_a_live_run_writes_to_is_refused(tmp_path, folder):

@@ -17,8 +17,9 @@ import socket
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -263,7 +264,8 @@ def save_checkpoint(
             if name.startswith(('.tmp-step-', '.old-step-')):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(tmp)
+    with _write_errors_as_oserror(tmp):
+        acc.save_state(tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if write_extra is not None:
@@ -405,8 +407,21 @@ def export_weights(accelerator: Accelerator, model: nn.Module, path: str, update
 
 
 def _atomic_save_file(state: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    with replaced_atomically(path) as tmp:
+    with replaced_atomically(path) as tmp, _write_errors_as_oserror(path):
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+
+
+@contextmanager
+def _write_errors_as_oserror(path: str) -> Iterator[None]:
+    """safetensors reports a failed write (e.g. a full disk: os error 28) as a SafetensorError: re-raised as the
+    OSError it is (its errno where the message gives one, its message kept), which the command line reports in
+    one line instead of a traceback."""
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r'\bcode: (\d+)', str(e))
+        message = f'writing {path}: {e}'
+        raise (OSError(int(code.group(1)), message) if code else OSError(message)) from e
 
 
 def _exported_update(path: str) -> Optional[int]:
