@@ -57,7 +57,8 @@ class DataConfig:
     # eval centre crop (hmdb51: every crop, after a short-side resize to img_size / crop_pct); None: the model's
     # pretrained cfg, as eval-resolution and timm's validate.py take it for the same weights
     crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None  # resizing (clips: and RandAugment); None: the model's pretrained cfg
+    # resizing (clips: also RandAugment's affine ops, bilinear for bicubic); None: the model's pretrained cfg
+    interpolation: Optional[str] = None
     mean: Optional[Tuple[float, ...]] = None  # None: the model's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
     in_chans: int = 3
