@@ -15,6 +15,7 @@
 torch and timm first (the package registers its models with timm when imported: about 5 s on a 2-core machine).
 """
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -590,6 +591,9 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .deploy.export import check_export_size, check_image_model, export_onnx, input_sides, onnx_latency
     from .deploy.export import trace_size as default_trace_size
     from .eval.resolution import load_model
+    for package in ('onnx', 'onnxscript', 'onnxruntime'):  # (before any work, not in the exporter after it)
+        if importlib.util.find_spec(package) is None:
+            parser.error(f'export needs the {package} package of the export extra: pip install "s4nd-vision[export]"')
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.checkpoint, model_kwargs=args.model_kwargs)

@@ -440,3 +440,19 @@ def test_fixed_size_onnx_exports_clips_and_sequences(tmp_path, capsys):
         main(['export', 'convnext_s4nd_3d_atto', '--fixed-size', '--trace-size', '32x32'])
     assert exit_info.value.code == 2
     assert 'argument --trace-size: 32x32: the model takes inputs of 3 sides, got 2' in capsys.readouterr().err
+
+
+def test_export_without_the_export_extra_says_how_to_install_it(monkeypatch, capsys):
+    """A plain install (no onnx/onnxscript/onnxruntime): one error line naming the extra, not the exporter's
+    ModuleNotFoundError traceback."""
+    import importlib.util
+
+    from s4nd_vision.cli import main
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *rest: None if name == 'onnxscript' else find_spec(name, *rest))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'depths=(1,1,1,1)'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'Traceback' not in err
+    assert 'export needs the onnxscript package of the export extra: pip install "s4nd-vision[export]"' in err
