@@ -278,6 +278,31 @@ def test_sgconv_decay_is_saved_with_the_weights():
     target.load_state_dict(state)
 
 
+def test_sgconv_weights_of_another_layout_load_into_the_same_parameter():
+    """Weights of another sub-kernel layout (a layer built for another length) load into the layer's own
+    Parameter: an optimizer made before the load trains them, and with the optimizer's state saved alongside
+    (a resume) it steps on as the source's would."""
+    torch.manual_seed(0)
+    source = S4ND(4, ndim=1, kernel='sgconv', l_ref=64, sgconv_size=8)
+    target = S4ND(4, ndim=1, kernel='sgconv', l_ref=16, sgconv_size=8)
+    x = torch.randn(2, 4, 32)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (source, target)]
+    for model, optimizer in zip((source, target), optimizers):  # both optimizers hold state of their own shapes
+        model(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weight = target.kernels[0].weight
+    target.load_state_dict(source.state_dict())
+    optimizers[1].load_state_dict(copy.deepcopy(optimizers[0].state_dict()))
+    assert target.kernels[0].weight is weight and weight.shape == source.kernels[0].weight.shape
+    loaded = weight.detach().clone()
+    for model, optimizer in zip((source, target), optimizers):
+        model(x).square().sum().backward()
+        optimizer.step()
+    assert not torch.equal(weight, loaded)
+    torch.testing.assert_close(target(x), source(x))
+
+
 def test_sgconv_interpolation_cache_is_bounded_in_bytes(monkeypatch):
     """A 1D layer fed many long sequence lengths keeps at most `_CACHE_BYTES` of interpolation matrices."""
     from s4nd_vision.layers import sgconv_kernel

@@ -188,11 +188,16 @@ class SGConvKernel(nn.Module):
 
     def _adopt_layout(self, n_scales: int, size: int) -> None:
         """Take the sub-kernel layout of loaded weights: the weight's shape (n_scales, size) defines the kernel (the
-        l_ref it was built for only chose them), so weights trained for another reference length load as they are."""
-        like = self.weight
+        l_ref it was built for only chose them), so weights trained for another reference length load as they are.
+
+        The weight stays the same Parameter, reshaped in place (its data replaced, its gradient of the old shape
+        dropped): an optimizer, EMA or wrapper made before the load holds the weight it loads into and trains it.
+        Optimizer state of the old shape (Adam's moments after a step) does not fit the new one: load the optimizer's
+        state saved with the weights, or make a new optimizer."""
         self.n_scales, self.size = n_scales, size
         self.l_ref = self.support = size * 2 ** (n_scales - 1)
-        self.weight = nn.Parameter(torch.empty(like.shape[0], n_scales, size, device=like.device, dtype=like.dtype))
+        self.weight.data = self.weight.new_empty(self.weight.shape[0], n_scales, size)
+        self.weight.grad = None
 
     @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
