@@ -303,6 +303,25 @@ def test_sgconv_weights_of_another_layout_load_into_the_same_parameter():
     torch.testing.assert_close(target(x), source(x))
 
 
+def test_sgconv_refused_load_leaves_the_kernel_as_it_was():
+    """A load refused for the weights' channels or decay does not take their layout or decay first (the layer kept
+    a new, uninitialized weight); weights of other channels leave the kernel unchanged."""
+    torch.manual_seed(0)
+    kernel = SGConvKernel(4, l_ref=64, size=8, decay=0.9)
+    weight, saved, expected = kernel.weight, kernel.weight.detach().clone(), kernel(64)
+    wrong_channels = SGConvKernel(8, l_ref=128, size=8, decay=0.5).state_dict()
+    with pytest.raises(RuntimeError, match='size mismatch for weight'):
+        kernel.load_state_dict(wrong_channels)
+    assert (kernel.n_scales, kernel.size, kernel.l_ref, kernel.decay) == (4, 8, 64, 0.9) and kernel.weight is weight
+    torch.testing.assert_close(kernel(64), expected)
+    bad_decay = dict(SGConvKernel(4, l_ref=128, size=8).state_dict(),
+                     decay=torch.tensor(1.5, dtype=torch.float64).view(torch.int64))
+    with pytest.raises(RuntimeError, match=r'decay: expected the decay in \(0, 1\]'):
+        kernel.load_state_dict(bad_decay)
+    assert (kernel.n_scales, kernel.size, kernel.l_ref, kernel.decay) == (4, 8, 64, 0.9)
+    assert kernel.weight is weight and torch.equal(weight, saved)
+
+
 def test_sgconv_interpolation_cache_is_bounded_in_bytes(monkeypatch):
     """A 1D layer fed many long sequence lengths keeps at most `_CACHE_BYTES` of interpolation matrices."""
     from s4nd_vision.layers import sgconv_kernel

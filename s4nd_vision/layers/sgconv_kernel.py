@@ -168,19 +168,25 @@ class SGConvKernel(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         flatten_legacy_4d(state_dict, prefix + 'weight')
-        weight = state_dict.get(prefix + 'weight')
-        if weight is not None and weight.ndim == 3 and tuple(weight.shape[1:]) != (self.n_scales, self.size):
-            self._adopt_layout(*weight.shape[1:])
         key = prefix + 'decay'
         value = state_dict.get(key)
+        decay = self.decay
         if value is not None and not value.is_meta:
             ok = value.dtype == torch.int64 and value.numel() == 1
             decay = value.reshape(()).cpu().view(torch.float64).item() if ok else None
             if decay is None or not 0 < decay <= 1:
                 error_msgs.append(f'{key}: expected the decay in (0, 1] as float64 bits in one int64, got '
                                   f'{value.dtype} {tuple(value.shape)} {value.tolist()}')
-            else:
-                self.decay = decay
+                decay = None
+        # The layout and decay are taken only from weights that load here (those of this layer's channels, with a
+        # valid decay): a load refused by the shape checks below leaves the layer as it was.
+        weight, norm = state_dict.get(prefix + 'weight'), state_dict.get(prefix + 'norm')
+        if (decay is not None
+                and (weight is None or (weight.ndim == 3 and weight.shape[0] == self.weight.shape[0]))
+                and (norm is None or norm.shape == self.norm.shape)):
+            if weight is not None and tuple(weight.shape[1:]) != (self.n_scales, self.size):
+                self._adopt_layout(*weight.shape[1:])
+            self.decay = decay
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if key in unexpected_keys:
