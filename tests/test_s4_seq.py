@@ -54,6 +54,27 @@ def test_model_step_equals_convolutional_forward(kernel):
     assert [s.shape for s in state.states] == [(3, 16, 4 if kernel == 's4d' else 8)] * 4
 
 
+def test_recurrent_view_defaults_to_the_native_length():
+    """After `set_input_size`, or with weights of a model built for another length, the layers keep their reference
+    length: `default_state`'s rate is relative to `seq_len`, as `forward_features` runs a sequence of seq_len
+    samples (the layers' rate 1 would step another system)."""
+    model = _model(seq_len=32, d_state=8)
+    model.set_input_size(64)
+    loaded = _model(seq_len=64, d_state=8)
+    loaded.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 64, dtype=torch.float64)
+    with torch.no_grad():
+        for m in (model, loaded):
+            assert m.blocks[0].mixer.l_ref == (32,)
+            torch.testing.assert_close(_step_through(m, x), m.forward_features(x))
+            half = x[..., :32]
+            torch.testing.assert_close(_step_through(m, half, rate=2.0), m.forward_features(half))
+    for rate in (None, 0, -1.0, float('nan'), (2.0,)):
+        with pytest.raises(ValueError, match=r'rate must be a positive number \(seq_len / the length'):
+            model.default_state(2, rate)
+
+
 def test_recurrent_view_errors():
     x = torch.zeros(2, 1)
     with pytest.raises(ValueError, match='causal 1D'):

@@ -18,6 +18,8 @@ Papers:
 * `S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces`
   - https://arxiv.org/abs/2210.06583
 """
+import math
+import numbers
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -295,20 +297,29 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
     # the recurrent view (causal S4ND models)
 
     def default_state(self, batch_size: int, rate: float = 1.0) -> SeqState:
-        """The zero state for stepping `batch_size` sequences at `rate` (2 = half the training sampling rate).
+        """The zero state for stepping `batch_size` sequences sampled at `rate` relative to the model's native
+        length `seq_len` (1: sequences of seq_len samples; 2: half the sampling rate, seq_len / 2 samples).
 
-        The SSMs are discretized here, once, from the current parameters; make a new state after they change.
+        Each layer steps at the rate `forward_features` gives it for a sequence of seq_len / rate samples (its
+        reference length over that length: weights loaded from a model of another length, or `set_input_size`,
+        keep their layers' reference). The SSMs are discretized here, once, from the current parameters; make a
+        new state after they change.
         """
         if self.mixer != 's4nd':
             raise ValueError(f"the recurrent view needs mixer='s4nd', got mixer={self.mixer!r}")
+        if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f'rate must be a positive number (seq_len / the length of the sequences stepped '
+                             f'through), got {rate!r}')
         dtype = torch.promote_types(self.stem.weight.dtype, torch.float32)
-        recurrences = tuple(S4NDRecurrence(block.mixer, rate, dtype) for block in self.blocks)
+        recurrences = tuple(S4NDRecurrence(block.mixer, rate * block.mixer.resolve_rate((self.seq_len,))[0], dtype)
+                            for block in self.blocks)
         return SeqState(recurrences, tuple(r.default_state(batch_size) for r in recurrences))
 
     def step(self, x: torch.Tensor, state: SeqState) -> Tuple[torch.Tensor, SeqState]:
         """One sample x (B, in_chans) -> (features (B, dim), new state).
 
-        Stepping through x[..., t] of a whole sequence gives `forward_features(x)[..., t]` (in eval mode), so
+        Stepping through x[..., t] of a whole sequence of L samples from `default_state(B, seq_len / L)` (the
+        default for L = seq_len) gives `forward_features(x)[..., t]` (in eval mode), so
         `forward_head(features[..., None])` with global_pool='last' classifies the sequence seen so far.
         """
         if x.ndim != 2 or x.shape[1] != self.in_chans:
