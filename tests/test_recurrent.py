@@ -4,6 +4,7 @@ import torch
 from test_s4nd_layer import _randomize
 
 from s4nd_vision.layers import S4ND, S4NDRecurrence
+from s4nd_vision.models.s4_seq import SeqS4NDBlock
 
 
 def _causal_layer(kernel: str, dim: int = 3, **kw) -> S4ND:
@@ -79,6 +80,20 @@ def test_recurrence_errors():
         recurrence.step(torch.zeros(3), recurrence.default_state(2))  # (it broadcast over the state's batch)
     with pytest.raises(ValueError, match=r'state must be .* for a batch of 2'):
         recurrence.step(torch.zeros(2, 3), S4NDRecurrence(S4ND(4, ndim=1, bidirectional=False)).default_state(2))
+    # a block instead of its S4ND mixer, a state of another dtype (it was promoted or failed in the arithmetic), an
+    # integer input (its output came back rounded)
+    block = SeqS4NDBlock(3, S4ND(3, ndim=1, bidirectional=False))
+    with pytest.raises(ValueError, match=r'layer must be an S4ND layer \(a block\'s S4ND mixer.* got SeqS4NDBlock'):
+        S4NDRecurrence(block)
+    for kernel in ('s4d', 's4'):
+        recurrence = S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False, kernel=kernel, d_state=8))
+        state = recurrence.default_state(2)
+        for wrong in (state.to(torch.complex128), state.real):
+            with pytest.raises(ValueError, match=f'state must be torch.complex64, as this recurrence computes in '
+                                                 f'torch.float32 \\(see default_state\\), got {wrong.dtype}'):
+                recurrence.step(torch.zeros(2, 3), wrong)
+        with pytest.raises(ValueError, match='step expects u of a real floating-point dtype, got torch.int64'):
+            recurrence.step(torch.ones(2, 3, dtype=torch.long), state)
 
 
 @pytest.mark.parametrize('kernel', ['s4d', 's4'])

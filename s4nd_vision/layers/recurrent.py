@@ -34,6 +34,9 @@ class S4NDRecurrence:
     """
 
     def __init__(self, layer: S4ND, rate: float = 1.0, dtype: torch.dtype = torch.float32):
+        if not isinstance(layer, S4ND):
+            raise ValueError(f'layer must be an S4ND layer (a block\'s S4ND mixer, e.g. `block.mixer`), got '
+                             f'{type(layer).__name__}')
         if layer.ndim != 1 or layer.bidirectional != (False,):
             raise ValueError(f'the recurrent view needs a causal 1D S4ND layer (ndim=1, bidirectional=False), '
                              f'got ndim={layer.ndim}, bidirectional={layer.bidirectional}')
@@ -69,9 +72,14 @@ class S4NDRecurrence:
         """One sample u (B, dim) -> (y (B, dim) in u's dtype, new state)."""
         if u.ndim != 2 or u.shape[1] != self.b.shape[0]:
             raise ValueError(f'step expects one sample u (B, {self.b.shape[0]}), got shape {tuple(u.shape)}')
+        if not u.is_floating_point():  # (y is returned in u's dtype)
+            raise ValueError(f'step expects u of a real floating-point dtype, got {u.dtype}')
         if state.shape != (u.shape[0],) + self.b.shape:
             raise ValueError(f'state must be (B, dim, N) = {(u.shape[0],) + tuple(self.b.shape)} for a batch of '
                              f'{u.shape[0]} (see default_state), got shape {tuple(state.shape)}')
+        if state.dtype != self.b.dtype:
+            raise ValueError(f'state must be {self.b.dtype}, as this recurrence computes in {self.dtype} (see '
+                             f'default_state), got {state.dtype}')
         x = u.to(self.dtype)
         if self.diagonal:
             state = self.a * state + self.b * x[..., None]
