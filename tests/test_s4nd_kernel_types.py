@@ -320,6 +320,14 @@ def test_sgconv_refused_load_leaves_the_kernel_as_it_was():
         kernel.load_state_dict(bad_decay)
     assert (kernel.n_scales, kernel.size, kernel.l_ref, kernel.decay) == (4, 8, 64, 0.9)
     assert kernel.weight is weight and torch.equal(weight, saved)
+    # the whole layer: its reference grid stays too (the input would otherwise run at another rate)
+    layer = S4ND(4, ndim=1, kernel='sgconv', l_ref=64)
+    x = torch.randn(1, 4, 64)
+    expected = layer(x)
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        layer.load_state_dict(S4ND(8, ndim=1, kernel='sgconv', l_ref=128).state_dict())
+    assert layer.l_ref == (64,)
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_sgconv_interpolation_cache_is_bounded_in_bytes(monkeypatch):

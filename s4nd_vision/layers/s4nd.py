@@ -259,10 +259,12 @@ class S4ND(nn.Module):
         value = state_dict.get(key)
         if value is not None and not value.is_meta:  # (SGConv kernels take their layout from their own weights)
             grid = value.tolist() if value.ndim == 1 and not value.is_floating_point() else None
+            d = state_dict.get(prefix + 'D')
             if grid is None or len(grid) != self.ndim or not (all(v > 0 for v in grid) or not any(grid)):
                 error_msgs.append(f'{key}: expected {self.ndim} positive integers (the reference grid; zeros for '
                                   f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
-            else:
+            elif d is None or d.shape == self.D.shape:  # (a layer of other channels: load_state_dict refuses it
+                # for D's shape, and a refused load leaves this layer's grid as it was)
                 self.set_reference_size(tuple(grid) if any(grid) else None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
