@@ -255,9 +255,9 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
                         help="band-limit cut-offs ('off' or a positive number)")
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--no-baseline', action='store_true', help='leave out plain ConvNeXt-atto')
-    parser.add_argument('--progressive', choices=PROGRESSIVE_CHOICES, default='off',
-                        help="progressive-resizing twins: of the baseline and the settings without band-limit "
-                             "('off'), of every setting ('all'), or none")
+    parser.add_argument('--progressive', choices=PROGRESSIVE_CHOICES, default='unlimited',
+                        help="progressive-resizing twins (more runs): of the baseline and the settings without "
+                             "band-limit ('unlimited'), of every setting ('all'), or 'none'")
     parser.add_argument('--progressive-sizes', nargs='+', type=int, default=[32, 48, 64],
                         help='progressive resizing: the training sizes, in equal parts of the epochs')
     parser.add_argument('--img-size', type=int, default=64, help='training resolution')

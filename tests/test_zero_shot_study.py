@@ -43,6 +43,9 @@ def test_grid():
     assert len({r.setting for r in runs}) == 26
     twins = [r for r in runs if r.progressive]
     assert all(r.bandlimit is None for r in twins) and sum(r.model == 'convnext_atto' for r in twins) == 3
+    assert study_grid(progressive='unlimited') == runs  # (named for what gets twins: 'off' read as 'no twins')
+    with pytest.raises(ValueError, match='progressive must be one of'):
+        study_grid(progressive='off')
     run = StudyRun('convnext_s4nd_atto', 1, 'legs', (0.05, 0.5), 1.0)
     assert run.setting == 'legs dt 0.05-0.5 bandlimit 1' and run.run_id == 'legs_dt_0.05_0.5_bandlimit_1_seed1'
     assert run.model_kwargs() == dict(ssm_init='legs', dt_min=0.05, dt_max=0.5, bandlimit=1.0)

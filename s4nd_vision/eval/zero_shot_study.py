@@ -46,7 +46,8 @@ S4ND_MODEL = SETTINGS['convnext'].s4nd_model
 BASELINE = SETTINGS['convnext'].baseline
 CONFIG = os.path.join(CONFIG_DIR, SETTINGS['convnext'].config)
 DEFAULT_DT_RANGES = ((0.1, 1.0), (0.05, 0.5))
-PROGRESSIVE_CHOICES = ('none', 'off', 'all')  # progressive twins: none, of the settings without band-limit, all
+# progressive-resizing twins: none, of the baseline and the settings without band-limit ('unlimited'), of all
+PROGRESSIVE_CHOICES = ('none', 'unlimited', 'all')
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,11 @@ def study_grid(
         bandlimits: Sequence[Optional[float]] = (None, 1.0, 0.5),
         seeds: Sequence[int] = (0, 1, 2),
         baseline: bool = True,
-        progressive: str = 'off',
+        progressive: str = 'unlimited',
 ) -> List[StudyRun]:
     """The runs of the study, seed-major (every setting of seed 0 first: a partial study covers all settings).
 
-    progressive: 'off' adds a progressive-resizing twin of the baseline and of every S4ND setting without
+    progressive: 'unlimited' adds a progressive-resizing twin of the baseline and of every S4ND setting without
     band-limit, 'all' of every setting, 'none' none.
     """
     from ..layers import SSM_INITS
@@ -123,7 +124,7 @@ def study_grid(
                 for cut in bandlimits:
                     settings.append(StudyRun(S4ND_MODEL, seed, init, tuple(dt_range), cut))
         twins = [StudyRun(s.model, seed, s.init, s.dt_range, s.bandlimit, progressive=True) for s in settings
-                 if progressive == 'all' or (progressive == 'off' and s.bandlimit is None)]
+                 if progressive == 'all' or (progressive == 'unlimited' and s.bandlimit is None)]
         runs += settings + twins
     return list(dict.fromkeys(runs))  # (repeated grid values once)
 
