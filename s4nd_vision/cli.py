@@ -338,13 +338,17 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--channels-last', action='store_true',
                         help='models and input in channels-last memory (as GPU training usually runs)')
     parser.add_argument('--repeats', type=_positive_int, default=5)
-    parser.add_argument('--json', default=None, help='write the rows to this JSON file')
+    parser.add_argument('--json', default=None,
+                        help='write the conditions and the rows to this JSON file: {"environment": ..., "rows": [...]}')
     parser.add_argument('--default-malloc', action='store_true',
                         help="leave glibc's allocator as it is "
                              "(by default freed memory is kept: s4nd_vision.utils.runtime)")
 
 
 def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import shlex
+    import time
+
     import torch
 
     from .bench.benchmark import (
@@ -353,13 +357,29 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         bench_models,
         bench_scaling,
         bench_step,
+        describe_environment,
+        environment,
         format_table,
         parse_pair,
         write_json,
     )
     from .utils.runtime import keep_freed_memory
-    if not args.default_malloc:
-        keep_freed_memory()
+    kept = not args.default_malloc and keep_freed_memory()
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
+    # the conditions every number depends on, stated above the tables and in the JSON (layer, kernel, step and
+    # scaling rows run float32 without autocast on channels-last input; amp, channels_last and compile are the
+    # model rows')
+    env = dict(environment(torch.device(args.device)), command=shlex.join(sys.argv), what=args.what,
+               batch_size=args.batch_size, repeats=args.repeats, dtype='float32', amp=args.amp,
+               channels_last=args.channels_last, compile=args.compile, img_size=args.img_size,
+               num_frames=args.num_frames, pairs=args.pairs,
+               malloc='freed memory kept (keep_freed_memory)' if kept else "the C library's default",
+               started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), units='ms per call (median), MB, ratios S4ND / baseline')
+    header = f'{describe_environment(env)}; malloc: {env["malloc"]}'
+    if 'models' in args.what:
+        layout = 'channels-last' if args.channels_last else 'channels-first'
+        header += f'; model rows: {f"amp {args.amp}" if amp else "float32"}, {layout}{", compiled" * args.compile}'
+    print(header, flush=True)
     rows = []
     if 'layers' in args.what:
         rows += bench_layers(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
@@ -377,18 +397,18 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         print(format_table(scaling_rows[1:]), flush=True)  # rows after the first carry the growth columns
         rows += scaling_rows
     if 'models' in args.what:
-        amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
         model_rows = bench_models(
             pairs=[parse_pair(p) for p in args.pairs], img_size=args.img_size, batch_size=args.batch_size,
             device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile,
             num_frames=args.num_frames, channels_last=args.channels_last)
         print(format_table(model_rows), flush=True)
         rows += model_rows
+    results = dict(environment=env, rows=rows)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-        write_json(rows, args.json)
+        write_json(results, args.json)
         print(f'wrote {args.json}')
-    return rows
+    return results
 
 
 # --------------------------------------------------------------------------------------------- flops

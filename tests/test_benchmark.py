@@ -1,5 +1,8 @@
 """The benchmark harness runs and reports ratios (no timing is asserted)."""
+import json
 import math
+import shlex
+import sys
 
 import pytest
 import torch
@@ -167,3 +170,26 @@ def test_keep_freed_memory_on_glibc():
     from s4nd_vision.utils.runtime import keep_freed_memory
     expected = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
     assert keep_freed_memory() is expected
+
+
+def test_results_state_their_conditions(tmp_path, capsys):
+    """The JSON holds the conditions beside the rows (device, threads, versions, commit, dtype and autocast,
+    layout, compile, allocator, command), the same line heads the printed tables, and an autocast pair's row says so
+    (it was named as the float32 one)."""
+    from s4nd_vision.cli import tool_main
+    path = tmp_path / 'bench.json'
+    pair = 'convnext_s4nd_atto:convnext_atto'
+    tool_main('benchmark', ['--what', 'step', 'models', '--step-lengths', '8', '--pairs', pair, '--img-size', '32',
+                            '--batch-size', '1', '--repeats', '1', '--amp', 'bf16', '--device', 'cpu',
+                            '--json', str(path)])
+    results = json.loads(path.read_text())
+    env = results['environment']
+    assert env['device'] == 'cpu' and env['threads'] == torch.get_num_threads() and env['torch'] == torch.__version__
+    assert env['amp'] == 'bf16' and env['dtype'] == 'float32' and env['channels_last'] is False
+    assert env['compile'] is False and 'keep_freed_memory' in env['malloc'] and env['batch_size'] == 1
+    assert env['command'] == shlex.join(sys.argv) and 'timm' in env and 'commit' in env  # (the process's command)
+    cases = [r['case'] for r in results['rows']]
+    assert cases[-1] == 'convnext_s4nd_atto vs convnext_atto @32 b1 amp-bfloat16' and cases[0].startswith('step s4d')
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"cpu ({env['cpu']}, {env['threads']} threads), torch {torch.__version__}")
+    assert 'model rows: amp bf16, channels-first' in header

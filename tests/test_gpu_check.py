@@ -49,7 +49,7 @@ def test_every_section_runs_and_reports(tmp_path):
     assert all('Name' in r['top_operators'] for r in results['profile'])
     assert all(r['step_ms'] > 0 and r['profiled_step_ms'] > 0 for r in results['profile'])
     cases = [r['case'] for r in results['models']]
-    assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 channels-last')
+    assert cases[0].startswith('convnext_s4nd_atto vs convnext_atto @32 b2 amp-bfloat16 channels-last')
     assert cases[-1].startswith('convnext_s4nd_3d_atto vs convnext_3d_atto @2x32 b1')
     # the tensor-core kernels: checked in correctness (every conv case), then the first image pair with them on
     # every layer up to DOT_TRY_SIDE, the video pair again with them, the layers by both algorithms and the fast

@@ -8,7 +8,10 @@ Times are medians over repeated runs after warm-up. Memory is the bytes autograd
 backward pass (activations; on CUDA also the allocator's peak), which is what grows with batch size.
 """
 import json
+import os
+import platform
 import statistics
+import subprocess
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -22,8 +25,8 @@ from ..utils import replaced_atomically
 from ..utils.model_spec import parse_model_spec
 
 __all__ = [
-    'time_ms', 'saved_activation_mb', 'cuda_settings', 'bench_layers', 'bench_kernels', 'bench_step', 'bench_scaling',
-    'bench_models', 'parse_pair', 'format_table', 'write_json']
+    'time_ms', 'saved_activation_mb', 'cuda_settings', 'environment', 'describe_environment', 'bench_layers',
+    'bench_kernels', 'bench_step', 'bench_scaling', 'bench_models', 'parse_pair', 'format_table', 'write_json']
 
 CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 
@@ -36,6 +39,56 @@ def cuda_settings(device: torch.device) -> Dict[str, bool]:
     torch.backends.cudnn.benchmark = True
     return dict(cudnn_benchmark=True, tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                 tf32_cudnn=torch.backends.cudnn.allow_tf32)
+
+
+def _commit() -> Optional[str]:
+    """The checkout's git commit (with '+changes' when the tree differs from it), None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, commit: Optional[str] = None) -> dict:
+    """What a result file must state to be read later, whatever measured it: the device, the CPU and its threads,
+    the versions, the commit (`commit`, else git's) and, on CUDA, the toolkit and the settings every benchmark here
+    runs under (`cuda_settings`, which this applies)."""
+    env = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device), cpu=_cpu_name(),
+               threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
+               commit=commit or _commit())
+    try:
+        import triton
+        env['triton'] = triton.__version__
+    except ImportError:
+        env['triton'] = None
+    if device.type == 'cuda':
+        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   capability='.'.join(map(str, torch.cuda.get_device_capability(device))), **cuda_settings(device))
+    return env
+
+
+def describe_environment(env: dict) -> str:
+    """One line of `environment`'s device, threads, versions and commit, to print above results."""
+    return (f"{env['device']} ({env['cpu']}, {env['threads']} threads), torch {env['torch']}, timm {env['timm']}, "
+            f"triton {env['triton']}, commit {env['commit']}")
 
 
 def _sync(device: torch.device) -> None:
@@ -281,6 +334,7 @@ def bench_models(
     (with `compile`, both models run through `torch.compile`). With `num_frames`, the models are video models
     and the input is (batch_size, 3, num_frames, img_size, img_size) clips. With `channels_last`, both models
     and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs.
+    A row's `case` names the pair, the size, the batch and these settings (`amp-bfloat16`, channels-last, compiled).
     `progress` gets a pair's row as it fills (compile times, training times, then memory), so that a caller cut
     short keeps what was measured. Compiled pairs have no saved-activation column (the hooks that count it see
     eager autograd), and add the seconds of each model's first training step and first inference (their
@@ -297,7 +351,8 @@ def bench_models(
         x = x if memory_format is None else x.contiguous(memory_format=memory_format)
         options = ''.join(f',{k}={v}' for k, v in kwargs.items())
         size = f'{num_frames}x{img_size}' if num_frames else f'{img_size}'
-        flags = (' channels-last' if channels_last else '') + (' compiled' if compile else '')
+        flags = ''.join(flag for flag, on in ((f" amp-{str(amp_dtype).replace('torch.', '')}", amp_dtype is not None),
+                                              (' channels-last', channels_last), (' compiled', compile)) if on)
         result = dict(case=f'{name}{options} vs {baseline} @{size} b{batch_size}{flags}', baseline=baseline)
         models, train_steps, inferences = {}, {}, {}
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
@@ -371,6 +426,7 @@ def format_table(rows: List[dict]) -> str:
                      for line in table)
 
 
-def write_json(rows: List[dict], path: str) -> None:
+def write_json(results: dict, path: str) -> None:
+    """Write `results` ({'environment': ..., 'rows': [...]}) to `path` as JSON, atomically."""
     with replaced_atomically(path) as tmp, open(tmp, 'w') as f:
-        json.dump(rows, f, indent=2)
+        json.dump(results, f, indent=2)

@@ -48,7 +48,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -75,6 +74,8 @@ from .benchmark import (
     _train_step,
     bench_models,
     cuda_settings,
+    describe_environment,
+    environment,
     format_table,
     time_ms,
 )
@@ -550,37 +551,12 @@ def _labelled(job: Callable[[], dict], **labels) -> Callable[[], dict]:
     return run
 
 
-def _commit() -> Optional[str]:
-    """The checkout's git commit (with '+changes' when the tree differs from it), None outside a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
-
-
 def _environment(dev: torch.device, plan: Plan, path: Optional[str], budget_s: Optional[float],
                  commit: Optional[str]) -> dict:
-    """What a result file must state to be read later: device, versions, commit (`commit`, else git's), settings,
-    the plan."""
-    env = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else str(dev), torch=torch.__version__,
-               timm=timm.__version__, commit=commit or _commit(), path=path, budget_s=budget_s,
-               plan=dataclasses.asdict(plan), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
-               units='ms per call (median), MB, ratios S4ND / baseline')
-    try:
-        import triton
-        env['triton'] = triton.__version__
-    except ImportError:
-        env['triton'] = None
-    if dev.type == 'cuda':  # (the settings every row runs under, its worker's too)
-        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   capability='.'.join(map(str, torch.cuda.get_device_capability(dev))), **cuda_settings(dev))
-    return env
+    """What a result file must state to be read later: `benchmark.environment` (device, versions, commit: `commit`,
+    else git's; the CUDA settings), this run's settings, the plan."""
+    return dict(environment(dev, commit), path=path, budget_s=budget_s, plan=dataclasses.asdict(plan),
+                started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), units='ms per call (median), MB, ratios S4ND / baseline')
 
 
 class _Results(dict):
@@ -921,8 +897,7 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     isolate = dev.type == 'cuda' if isolate is None else isolate
     deadline = None if budget_s is None else time.time() + budget_s
     results = _Results(json_path, **_environment(dev, plan, path, budget_s, commit), isolated=isolate)
-    print(f'{results["device"]}, torch {torch.__version__}, timm {timm.__version__}, triton {results["triton"]}, '
-          f'commit {results["commit"]}', flush=True)
+    print(describe_environment(results), flush=True)
     if isolate:
         _supervise(results, sections, plan, device, path, deadline)
     else:
