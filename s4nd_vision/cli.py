@@ -366,6 +366,7 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .utils.runtime import keep_freed_memory
     kept = not args.default_malloc and keep_freed_memory()
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
+    pairs = [parse_pair(p) for p in args.pairs] if 'models' in args.what else []
     # the conditions every number depends on, stated above the tables and in the JSON (layer, kernel, step and
     # scaling rows run float32 without autocast on channels-last input; amp, channels_last and compile are the
     # model rows')
@@ -380,33 +381,54 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         layout = 'channels-last' if args.channels_last else 'channels-first'
         header += f'; model rows: {f"amp {args.amp}" if amp else "float32"}, {layout}{", compiled" * args.compile}'
     print(header, flush=True)
-    rows = []
-    if 'layers' in args.what:
-        rows += bench_layers(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
-        print(format_table(rows), flush=True)
-    if 'kernels' in args.what:
-        kernel_rows = bench_kernels(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
-        print(format_table(kernel_rows), flush=True)
-        rows += kernel_rows
-    if 'step' in args.what:
-        step_rows = bench_step(lengths=args.step_lengths, device=args.device, repeats=args.repeats)
-        print(format_table(step_rows), flush=True)
-        rows += step_rows
-    if 'scaling' in args.what:
-        scaling_rows = bench_scaling(batch_size=args.batch_size, device=args.device, repeats=args.repeats)
-        print(format_table(scaling_rows[1:]), flush=True)  # rows after the first carry the growth columns
-        rows += scaling_rows
-    if 'models' in args.what:
-        model_rows = bench_models(
-            pairs=[parse_pair(p) for p in args.pairs], img_size=args.img_size, batch_size=args.batch_size,
-            device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile,
-            num_frames=args.num_frames, channels_last=args.channels_last)
-        print(format_table(model_rows), flush=True)
-        rows += model_rows
-    results = dict(environment=env, rows=rows)
+    results = dict(environment=env, rows=[])
+
+    def save() -> None:  # (atomically: an interrupted write leaves the file before it)
+        if args.json:
+            write_json(results, args.json)
+
+    def measured(row: dict) -> None:  # each row is kept as soon as it is measured
+        results.pop('partial', None)
+        results['rows'].append(row)
+        save()
+
+    def partial(row: dict) -> None:  # a model pair's row as it fills (compile and training times, then memory)
+        results['partial'] = row
+        save()
+
+    def models(progress: Callable[[dict], None]) -> None:
+        for pair in pairs:  # (one at a time: each pair's row is kept as it completes)
+            for row in bench_models(pairs=[pair], img_size=args.img_size, batch_size=args.batch_size,
+                                    device=args.device, repeats=args.repeats, amp_dtype=amp, compile=args.compile,
+                                    num_frames=args.num_frames, channels_last=args.channels_last, progress=partial):
+                progress(row)
+
+    common = dict(device=args.device, repeats=args.repeats)
+    runs = dict(layers=lambda progress: bench_layers(batch_size=args.batch_size, progress=progress, **common),
+                kernels=lambda progress: bench_kernels(batch_size=args.batch_size, progress=progress, **common),
+                step=lambda progress: bench_step(lengths=args.step_lengths, progress=progress, **common),
+                scaling=lambda progress: bench_scaling(batch_size=args.batch_size, progress=progress, **common),
+                models=models)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or '.', exist_ok=True)
-        write_json(results, args.json)
+    save()
+    start = 0
+    try:
+        for what, run in runs.items():
+            if what in args.what:
+                start = len(results['rows'])
+                run(measured)
+                shown = results['rows'][start:]
+                print(format_table(shown[1:] if what == 'scaling' else shown), flush=True)  # (growth: from the 2nd)
+    except KeyboardInterrupt:  # (Ctrl-C) what was measured stays: the file holds it, the table shows it
+        results['interrupted'] = True
+        save()
+        if len(results['rows']) > start:
+            print(format_table(results['rows'][start:]), flush=True)
+        written = f', in {args.json}' if args.json else ''
+        print(f'{len(results["rows"])} rows measured before the interruption{written}', file=sys.stderr, flush=True)
+        raise
+    if args.json:
         print(f'wrote {args.json}')
     return results
 

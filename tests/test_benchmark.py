@@ -193,3 +193,26 @@ def test_results_state_their_conditions(tmp_path, capsys):
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith(f"cpu ({env['cpu']}, {env['threads']} threads), torch {torch.__version__}")
     assert 'model rows: amp bf16, channels-first' in header
+
+
+def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    """The JSON is rewritten as each row finishes, and Ctrl-C keeps it: the finished rows, a model pair's row so far
+    (under 'partial') and 'interrupted' (it was written only at the end: an interruption lost every row)."""
+    from s4nd_vision.bench import benchmark
+    from s4nd_vision.cli import tool_main
+    path = tmp_path / 'bench.json'
+
+    def interrupted_pair(pairs, progress, **kwargs):
+        on_disk = json.loads(path.read_text())  # the finished rows are already in the file
+        assert [r['case'] for r in on_disk['rows']] == [f'step {k} 1x256 L=8' for k in ('s4d', 's4')]
+        progress(dict(case='pair so far', baseline_train_ms=1.0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, 'bench_models', interrupted_pair)
+    with pytest.raises(SystemExit) as exit_info:
+        tool_main('benchmark', ['--what', 'step', 'models', '--step-lengths', '8', '--repeats', '1', '--device', 'cpu',
+                                '--json', str(path)])
+    assert exit_info.value.code == 130
+    results = json.loads(path.read_text())
+    assert results['interrupted'] and len(results['rows']) == 2 and results['partial']['case'] == 'pair so far'
+    assert 'step s4 1x256 L=8' in capsys.readouterr().out  # (the table of the rows measured)

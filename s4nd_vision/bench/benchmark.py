@@ -181,13 +181,21 @@ def _channels_last_input(batch_size: int, dim: int, size: int, device: torch.dev
     return x.contiguous(memory_format=torch.channels_last).requires_grad_()
 
 
+def _report(progress: Optional[Callable[[dict], None]], row: dict) -> None:
+    """Hands a measured row to a caller's `progress` hook (if any), which keeps it should the run be cut short."""
+    if progress is not None:
+        progress(row)
+
+
 def bench_layers(
         batch_size: int = 8,
         stages: Sequence = CONVNEXT_T_STAGES,
         device: str = 'cpu',
         repeats: int = 7,
+        progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
-    """S4ND 2D vs 7x7 depthwise conv, forward+backward, per stage shape, both on the same channels-last input."""
+    """S4ND 2D vs 7x7 depthwise conv, forward+backward, per stage shape, both on the same channels-last input.
+    `progress` gets each row as it is measured (so that a caller cut short keeps it)."""
     dev = torch.device(device)
     cuda_settings(dev)
     rows = []
@@ -204,6 +212,7 @@ def bench_layers(
             case=f'layer {batch_size}x{dim}x{size}x{size}', baseline='dwconv7x7',
             baseline_ms=t_conv, s4nd_ms=t_s4nd, time_ratio=t_s4nd / t_conv,
             baseline_mb=m_conv, s4nd_mb=m_s4nd, mem_ratio=m_s4nd / m_conv))
+        _report(progress, rows[-1])
     return rows
 
 
@@ -213,9 +222,11 @@ def bench_kernels(
         kernels: Sequence[str] = KERNELS,
         device: str = 'cpu',
         repeats: int = 7,
+        progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """S4ND 2D with each per-axis kernel vs the 7x7 depthwise conv (channels-last), forward+backward, per stage
-    shape: one row per kernel and stage, all of a stage's candidates timed interleaved."""
+    shape: one row per kernel and stage, all of a stage's candidates timed interleaved. `progress` gets each row as
+    it is measured."""
     dev = torch.device(device)
     cuda_settings(dev)
     rows = []
@@ -233,6 +244,7 @@ def bench_kernels(
                 case=f'kernel {k} {batch_size}x{dim}x{size}x{size}', baseline='dwconv7x7',
                 baseline_ms=times['conv'], s4nd_ms=times[k], time_ratio=times[k] / times['conv'],
                 baseline_mb=m_conv, s4nd_mb=m_s4nd, mem_ratio=m_s4nd / m_conv))
+            _report(progress, rows[-1])
     return rows
 
 
@@ -244,10 +256,12 @@ def bench_step(
         kernels: Sequence[str] = ('s4d', 's4'),
         device: str = 'cpu',
         repeats: int = 7,
+        progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Cost of generating one more sample after L, with a causal 1D S4ND layer: one step of its recurrent view
     (`S4NDRecurrence`, constant cost) vs recomputing the convolution over the L samples so far (kernel
-    generation included: the length grows with every sample, so no kernel can be reused). Inference mode."""
+    generation included: the length grows with every sample, so no kernel can be reused). Inference mode.
+    `progress` gets each row as it is measured."""
     dev = torch.device(device)
     rows = []
     for kernel in kernels:
@@ -273,6 +287,7 @@ def bench_step(
                 case=f'step {kernel} {batch_size}x{dim} L={length}', baseline='recompute',
                 baseline_ms=times['recompute'], s4nd_ms=times['step'], time_ratio=times['step'] / times['recompute'],
                 speedup=times['recompute'] / times['step']))
+            _report(progress, rows[-1])
     return rows
 
 
@@ -282,13 +297,22 @@ def bench_scaling(
         sizes: Sequence[int] = (56, 112, 224),
         device: str = 'cpu',
         repeats: int = 7,
+        progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Growth of the layer's forward+backward time with resolution (each step 4x the pixels when sizes double):
-    S4ND vs the 7x7 depthwise conv at a fixed width, each size's pair timed interleaved."""
-    rows = bench_layers(batch_size=batch_size, stages=[(dim, size) for size in sizes], device=device, repeats=repeats)
-    for prev, row in zip(rows, rows[1:]):
-        row['s4nd_growth'] = row['s4nd_ms'] / prev['s4nd_ms']
-        row['baseline_growth'] = row['baseline_ms'] / prev['baseline_ms']
+    S4ND vs the 7x7 depthwise conv at a fixed width, each size's pair timed interleaved. `progress` gets each row as
+    it is measured (with its growth over the one before)."""
+    rows: List[dict] = []
+
+    def grow(row: dict) -> None:
+        if rows:
+            row['s4nd_growth'] = row['s4nd_ms'] / rows[-1]['s4nd_ms']
+            row['baseline_growth'] = row['baseline_ms'] / rows[-1]['baseline_ms']
+        rows.append(row)
+        _report(progress, row)
+
+    bench_layers(batch_size=batch_size, stages=[(dim, size) for size in sizes], device=device, repeats=repeats,
+                 progress=grow)
     return rows
 
 
