@@ -464,11 +464,16 @@ def _count_flops(args: argparse.Namespace, specs) -> None:
     from fvcore.nn import FlopCountAnalysis
 
     from .bench.flops import count_flops
+    from .eval.resolution import min_input_size
     from .models import input_size_args
     for label, (name, kwargs) in zip(args.models, specs):
         own = input_size_args(name)  # this package's image and video models: built for the size
         model = timm.create_model(name, **dict({'img_size': args.img_size} if own else {}, **kwargs)).eval()
         layout = model.pretrained_cfg.get('input_size', (3, 0, 0))
+        smallest = min_input_size(model)  # (a timm baseline's conv would fail deeper, less clearly)
+        if len(layout) > 2 and args.img_size < smallest:
+            raise ValueError(f'--img-size {args.img_size} is smaller than the minimum input size of {label!r} '
+                             f'({smallest} px)')
         if not own and len(layout) == 3 and hasattr(model, 'set_input_size'):  # timm ViTs: the patch grid
             model.set_input_size(img_size=args.img_size)
         # an image at --img-size, a clip of the model's frames at it, or a sequence of the model's length

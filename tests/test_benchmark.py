@@ -216,3 +216,21 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
     results = json.loads(path.read_text())
     assert results['interrupted'] and len(results['rows']) == 2 and results['partial']['case'] == 'pair so far'
     assert 'step s4 1x256 L=8' in capsys.readouterr().out  # (the table of the rows measured)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['flops', 'convnext_atto', '--img-size', '16'],
+     "--img-size 16 is smaller than the minimum input size of 'convnext_atto' (32 px)"),
+    (['flops', 'vit_tiny_patch16_224', '--img-size', '8'],
+     "--img-size 8 is smaller than the minimum input size of 'vit_tiny_patch16_224' (16 px)"),
+    (['smoke', '--model', 'convnext_atto', '--resolutions', '16'],
+     "resolutions [16] are smaller than the minimum input size of 'convnext_atto' (32 px)"),
+], ids=lambda v: v[0] if isinstance(v, list) else '')
+def test_flops_and_smoke_check_a_baselines_minimum_size(argv, message, capsys):
+    """A timm baseline below its total stride (patch size) ends in one `error:` line, as our models do (it was a
+    traceback from deep in its first conv)."""
+    from s4nd_vision.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and 'Traceback' not in err and err.splitlines()[-1] == f'error: {message}', err
