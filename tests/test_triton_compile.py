@@ -26,11 +26,15 @@ def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
     failures = [r for r in reports if not r['ok']]
     assert run.returncode == 0 and not failures, failures or run.stderr[-3000:]
     assert {r['kernel'] for r in reports} == KERNELS
-    # every variant the models launch: forward and input gradient (TRANSPOSE) at each stage's block size,
-    # pools 1, 2 and 4, three input dtypes
+    # every variant the models launch: forward and input gradient (TRANSPOSE) at each stage's block size (and 1, the
+    # one-channel edge's), pools 1, 2 and 4, three input dtypes
     conv = [r['constexprs'] for r in reports if r['kernel'] == '_conv_kernel']
-    assert {c['BLOCK_IN'] for c in conv} == {8, 16, 32, 64} and {c['PH'] for c in conv} == {1, 2, 4}
+    assert {c['BLOCK_IN'] for c in conv} == {1, 8, 16, 32, 64} and {c['PH'] for c in conv} == {1, 2, 4}
     assert {c['TRANSPOSE'] for c in conv} == {False, True}
+    # each launch as Triton's launcher specializes it: an int equal to 1 is a constexpr (rank 1, the models'
+    # default; channels-last's unit channel stride), and every kernel at the edges (one channel, d_state 2: N2 = 1)
+    assert any(c.get('R') == 1 and c.get('sxc') == 1 for c in conv)
+    assert {r['kernel'] for r in reports if 1 in (r['constexprs'].get('C'), r['constexprs'].get('N2'))} == KERNELS
     assert {d for r in reports for d in r['dtypes']} >= {'*fp32', '*bf16', '*fp16'}
     # the tensor-core kernels at every tile side, forward and input gradient, each operand dtype
     dot = [r for r in reports if r['kernel'] == '_dot_conv_kernel']

@@ -3,10 +3,11 @@
 Triton's CPU interpreter (the other tests) runs kernels as NumPy code: it checks their values, not that the
 compiler accepts them (e.g. a loop variable that changes type compiles to an error, but interprets fine).
 This script runs the real launchers (`triton_conv.separable_conv2d_cl` and `separable_conv3d_cl` forward and
-backward, `triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting) on CPU tensors
-with the kernels replaced by recorders, then compiles each recorded launch (argument types, constexprs, num_warps)
-down to a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per compiled
-kernel (registers, spills, Triton's dynamic shared memory) and exits non-zero if any launch fails to compile.
+backward, `triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting; at the models'
+shapes and at the edges: batch, channels, sides, rank and length 1) on CPU tensors with the kernels replaced by
+recorders, then compiles each recorded launch (argument types and constexprs as Triton's launcher specializes them,
+num_warps) down to a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per
+compiled kernel (registers, spills, Triton's dynamic shared memory) and exits non-zero if any launch fails to compile.
 
     python tests/triton_compile_script.py [--arch 90]
 
@@ -25,7 +26,8 @@ if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from s4nd_vision.layers import triton_conv, triton_kernels  # noqa: E402
@@ -53,7 +55,9 @@ class _Recorder:
 
 
 def _signature(fn, args, kwargs):
-    """Triton's signature and constexprs of a launch of `fn` with positional `args` and keyword `kwargs`."""
+    """Triton's signature and constexprs of a launch of `fn` with positional `args` and keyword `kwargs`, as its
+    launcher specializes them: an int equal to 1 becomes a constexpr (Triton's `native_specialize_impl`, which the
+    JIT calls on every launch), so that a rank, batch or channel count of 1 compiles the variant a GPU runs."""
     signature, constexprs = {}, {}
     positional = iter(args)
     for param in fn.params:
@@ -65,12 +69,11 @@ def _signature(fn, args, kwargs):
         value = next(positional)
         if isinstance(value, torch.Tensor):
             signature[name] = _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = 'i1'
-        elif isinstance(value, int):
-            signature[name] = 'i32' if -2 ** 31 <= value < 2 ** 31 else 'i64'
-        elif isinstance(value, float):
-            signature[name] = 'fp32'
+        elif isinstance(value, (bool, int, float)):
+            kind = native_specialize_impl(BaseBackend, value, param.is_const, not param.do_not_specialize, True)[0]
+            signature[name] = kind
+            if kind == 'constexpr':
+                constexprs[name] = value
         else:
             raise TypeError(f'{fn.__name__}: argument {name} of type {type(value).__name__}')
     if next(positional, None) is not None:
@@ -140,6 +143,18 @@ def record_launches() -> list:
                    SSMKernel(192, d_state=64, num_kernels=2, bandlimit=bandlimit)]
         made = triton_kernels.ssm_kernels_fused(entries, [56, 111], [1.0, 0.5])
         sum(k.sum() for k in made).backward()
+    # the edges, where ints of 1 become constexprs: one image of one channel at sides 1 (both algorithms), a clip of
+    # one frame at sides 1, one kernel of length 1 with d_state 2
+    for algorithm in ('sum', 'dot'):
+        x = torch.zeros(1, 1, 1, 1, requires_grad=True)
+        kernels = [torch.zeros(1, 1, 1, requires_grad=True) for _ in range(2)]
+        with triton_conv.fused_algorithm(algorithm):
+            triton_conv.separable_conv2d_cl(x, kernels, (1, 1), torch.zeros(1, requires_grad=True)).sum().backward()
+    x = torch.zeros(1, 1, 1, 1, 1, requires_grad=True)
+    kernels = [torch.zeros(1, 1, 1, requires_grad=True) for _ in range(3)]
+    triton_conv.separable_conv3d_cl(x, kernels, (1, 1, 1), torch.zeros(1, requires_grad=True)).sum().backward()
+    made = triton_kernels.ssm_kernels_fused([SSMKernel(1, d_state=2)], [1], [1.0])
+    sum(k.sum() for k in made).backward()
     return launches
 
 
