@@ -3,6 +3,8 @@
 The generic timm contract (backward to every parameter, features, intermediates, bf16, compile,
 meta device) is checked for both modes in test_timm_compliance.py.
 """
+import importlib.resources
+
 import pytest
 import timm
 import torch
@@ -14,7 +16,8 @@ from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.deploy import save_for_hf
-from s4nd_vision.layers import S4ND
+from s4nd_vision.layers import S4ND, S4Kernel
+from s4nd_vision.train.config import load_config, packaged_configs
 from s4nd_vision.train.optim import ssm_param_names
 
 ATTO = 'vit_s4nd_atto_patch16_224'
@@ -238,3 +241,25 @@ def test_dynamic_img_size_and_pad_have_timm_vit_meanings():
         torch.testing.assert_close(padded(x), dynamic(torch.nn.functional.pad(x, (0, 14, 0, 10))))
     with pytest.raises(ValueError, match='multiples of the patch size'):
         dynamic(x)
+
+
+@pytest.mark.parametrize('name', [n for n in packaged_configs() if n.startswith('imagenet/vit_s4nd_')])
+def test_configs_override_builds_the_published_1d_s4_layer(name, tmp_path):
+    """The override the ViT configs' header gives builds the research run's layer (state-spaces/s4,
+    vit_b_16_s4_imagenet_v2 with layer s4nd): S4's DPLR kernel (HiPPO-LegS) over the raster sequence, d_state 64,
+    dt in [0.001, 0.1], no band-limit."""
+    text = importlib.resources.files('s4nd_vision').joinpath('configs', *name.split('/')).read_text()
+    header = [line for line in text.splitlines() if "'model.kwargs=" in line]
+    assert len(header) == 1
+    cfg = load_config(name, [header[0].strip('# \''), f'data.root={tmp_path}'])
+    assert cfg.model.kwargs == dict(token_layout='1d', kernel='s4', ssm_init='legs')
+    torch.manual_seed(0)
+    model = timm.create_model(cfg.model.name, depth=1, **cfg.model.kwargs)
+    layer = model.blocks[0].mixer.s4nd
+    assert layer.ndim == 1 and layer.kernel == 's4' and all(layer.bidirectional)
+    (kernel,) = layer.kernels
+    assert isinstance(kernel, S4Kernel) and kernel.d_state == 64 and kernel.bandlimit is None
+    assert (kernel.dt_min, kernel.dt_max) == (0.001, 0.1)
+    assert 0.001 <= kernel.log_dt.exp().min() and kernel.log_dt.exp().max() <= 0.1
+    model(torch.randn(2, 3, 64, 96)).square().mean().backward()  # (a training step, its kernels stacked)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())

@@ -9,8 +9,8 @@ Two token layouts for the S4ND mixer (`token_layout`):
   of position referenced to the training grid, so the model runs at any input size (square or
   not) without re-creation, and the mixer sees the same kernel over the image at every resolution.
 * '1d': S4ND over the raster-flattened patch sequence (B, C, H/16 * W/16), as in the published
-  ViT-S4ND experiments. Rows are concatenated, so this layout is not resolution-consistent (a row
-  step is W/16 sequence steps); it is here for comparisons.
+  ViT-S4ND experiments (whose layer was S4's: `kernel='s4'`). Rows are concatenated, so this layout is not
+  resolution-consistent (a row step is W/16 sequence steps); it is here for comparisons.
 
 The patch stem is timm's strided 16x16 conv (`PatchEmbed`): unlike the S4ND stem of ConvNeXt-S4ND
 it is not resolution-invariant, since a patch always covers 16 pixels, whatever the image size.
@@ -156,8 +156,9 @@ class VisionTransformerS4ND(S4NDModel):
             depth: int = 12,
             token_layout: str = '2d',
             mlp_ratio: float = 4.,
+            kernel: str = 's4d',
             d_state: int = 64,
-            ssm_init: str = 'lin',
+            ssm_init: Optional[str] = None,
             dt_min: Optional[float] = None,
             dt_max: Optional[float] = None,
             bandlimit: Optional[float] = None,
@@ -181,10 +182,14 @@ class VisionTransformerS4ND(S4NDModel):
             token_layout: how S4ND sees the patch tokens: '2d' (the patch grid) or '1d' (the raster-flattened
                 sequence, as in the published ViT-S4ND).
             mlp_ratio: MLP expansion ratio.
-            d_state: SSM state size per axis.
-            ssm_init: S4D initialization of A ('lin', 'inv', 'legs').
-            dt_min, dt_max: step size initialization range (None: 0.1-1.0 for '2d', 0.001-0.1 for '1d').
-            bandlimit: S4ND band-limiting cut-off (0 or None = off).
+            kernel: per-axis kernel of every S4ND layer: 's4d' (diagonal SSM), 's4' (DPLR SSM, the published
+                ViT-S4ND's) or 'sgconv' (`S4ND`'s `kernel`).
+            d_state: SSM state size per axis ('s4d', 's4').
+            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: the kernel's
+                default, 'lin' for 's4d', 'legs' for 's4'; 'sgconv' takes none).
+            dt_min, dt_max: step size initialization range ('s4d', 's4'; None: 0.1-1.0 for '2d', 0.001-0.1 for
+                '1d').
+            bandlimit: S4ND band-limiting cut-off ('s4d', 's4'; 0 or None = off).
             dynamic_img_size: timm's ViT flag: accept any input size (multiples of the patch size). True by
                 default, since nothing here is tied to one grid; False refuses every size but `img_size`.
             dynamic_img_pad: timm's ViT flag: pad inputs on the bottom and right to a multiple of the patch size.
@@ -211,7 +216,7 @@ class VisionTransformerS4ND(S4NDModel):
 
         default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
         s4nd_layer = partial(
-            S4ND, d_state=d_state, init=ssm_init,
+            S4ND, kernel=kernel, d_state=d_state, init=ssm_init,
             dt_min=default_dt_min if dt_min is None else dt_min,
             dt_max=default_dt_max if dt_max is None else dt_max,
             bandlimit=bandlimit, **dd)
