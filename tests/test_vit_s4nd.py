@@ -208,14 +208,24 @@ def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode):
 
 
 def test_intermediates_as_a_dict_as_timm_vit_gives_them():
+    """The dict has timm's ViT keys and layouts (its encoders read 'image_features' as tokens, (B, N, C)); the tuple's
+    final features are `forward_features`'s, (B, C, H/p, W/p), which the head and features_only take."""
     model = _atto().eval()
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=2, class_token=False, global_pool='avg',
+                            dynamic_img_size=True).eval()
+    assert model.num_prefix_tokens == vit.num_prefix_tokens == 0
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x, indices=2)
         out = model.forward_intermediates(x, indices=2, output_dict=True, return_prefix_tokens=True)
         only = model.forward_intermediates(x, indices=2, output_dict=True, intermediates_only=True)
-    assert set(out) == {'image_intermediates', 'image_features'} and set(only) == {'image_intermediates'}
-    torch.testing.assert_close(out['image_features'], final)
+        timm_out = vit.forward_intermediates(x, indices=2, output_dict=True)
+        torch.testing.assert_close(final, model.forward_features(x))
+    assert set(out) == set(timm_out) == {'image_intermediates', 'image_features'}
+    assert set(only) == {'image_intermediates'}
+    assert out['image_features'].shape == timm_out['image_features'].shape[:2] + (64,) == (1, 24, 64)
+    torch.testing.assert_close(out['image_features'], final.flatten(2).transpose(1, 2))  # raster order
+    assert [t.shape[2:] for t in out['image_intermediates']] == [t.shape[2:] for t in timm_out['image_intermediates']]
     for got in (out['image_intermediates'], only['image_intermediates']):
         assert len(got) == 2
         for a, b in zip(got, intermediates):

@@ -205,6 +205,7 @@ class VisionTransformerS4ND(S4NDModel):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 0  # (timm's ViT attribute: no class or register tokens)
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
 
@@ -302,9 +303,11 @@ class VisionTransformerS4ND(S4NDModel):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Outputs of the blocks in `indices` (last n if int, all if None), each (B, C, H/p, W/p)
         for output_fmt 'NCHW' or (B, H/p * W/p, C) for 'NLC' (raster order), and the final features
-        (B, C, H/p, W/p) unless `intermediates_only`. `output_dict`: as timm's ViT, a dict with
-        'image_intermediates' and (unless `intermediates_only`) 'image_features'. There are no prefix
-        (class) tokens, so `return_prefix_tokens` changes nothing, as in timm's ViT without them."""
+        (B, C, H/p, W/p), as `forward_features` gives them, unless `intermediates_only`. `output_dict`: as
+        timm's ViT, a dict with 'image_intermediates' and (unless `intermediates_only`) 'image_features', the
+        final tokens (B, H/p * W/p, C) in raster order, as timm's ViT gives them to the encoders that read it.
+        There are no prefix (class) tokens, so `return_prefix_tokens` changes nothing, as in timm's ViT without
+        them."""
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -321,10 +324,14 @@ class VisionTransformerS4ND(S4NDModel):
                         intermediates.append(rearrange(y, 'b h w c -> b c h w'))
                     else:
                         intermediates.append(rearrange(y, 'b h w c -> b (h w) c'))
-        final = None if intermediates_only else rearrange(self.norm(x), 'b h w c -> b c h w')
         if output_dict:
-            return dict(image_intermediates=intermediates) | ({} if final is None else dict(image_features=final))
-        return intermediates if final is None else (final, intermediates)
+            if intermediates_only:
+                return dict(image_intermediates=intermediates)
+            tokens = rearrange(self.norm(x), 'b h w c -> b (h w) c')
+            return dict(image_intermediates=intermediates, image_features=tokens)
+        if intermediates_only:
+            return intermediates
+        return rearrange(self.norm(x), 'b h w c -> b c h w'), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -349,7 +356,8 @@ class VisionTransformerS4ND(S4NDModel):
         return self.head(x, pre_logits=pre_logits)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p).
+        """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p): channels first, as ConvNeXt's, for the head and
+        features_only (timm's ViT gives tokens, (B, N, C): here `forward_intermediates(output_dict=True)` does).
 
         In a training step the kernels of all blocks are generated together (`stacked_kernels`), as in
         `forward_intermediates`."""
