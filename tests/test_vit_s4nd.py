@@ -273,3 +273,16 @@ def test_configs_override_builds_the_published_1d_s4_layer(name, tmp_path):
     assert 0.001 <= kernel.log_dt.exp().min() and kernel.log_dt.exp().max() <= 0.1
     model(torch.randn(2, 3, 64, 96)).square().mean().backward()  # (a training step, its kernels stacked)
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_intermediates_arguments_in_timm_vit_order():
+    """A positional call written for timm's ViT (x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+    intermediates_only, output_dict) means the same here."""
+    model = _atto().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        positional = model.forward_intermediates(x, [0], False, True, True, 'NLC', True, True)
+        named = model.forward_intermediates(x, indices=[0], return_prefix_tokens=False, norm=True, stop_early=True,
+                                            output_fmt='NLC', intermediates_only=True, output_dict=True)
+    assert set(positional) == {'image_intermediates'} and positional['image_intermediates'][0].shape == (1, 16, 64)
+    torch.testing.assert_close(positional, named)

@@ -294,12 +294,12 @@ class VisionTransformerS4ND(S4NDModel):
             self,
             x: torch.Tensor,
             indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
             output_dict: bool = False,
-            return_prefix_tokens: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Outputs of the blocks in `indices` (last n if int, all if None), each (B, C, H/p, W/p)
         for output_fmt 'NCHW' or (B, H/p * W/p, C) for 'NLC' (raster order), and the final features
@@ -307,7 +307,7 @@ class VisionTransformerS4ND(S4NDModel):
         timm's ViT, a dict with 'image_intermediates' and (unless `intermediates_only`) 'image_features', the
         final tokens (B, H/p * W/p, C) in raster order, as timm's ViT gives them to the encoders that read it.
         There are no prefix (class) tokens, so `return_prefix_tokens` changes nothing, as in timm's ViT without
-        them."""
+        them. The arguments are in timm's ViT's order, so a positional call means what it means there."""
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
