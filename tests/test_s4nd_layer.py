@@ -410,6 +410,32 @@ def test_fused_projection_in_batch_chunks(monkeypatch, algorithm):
         assert torch.autograd.gradcheck(fn, tuple(inputs))
 
 
+@pytest.mark.parametrize('algorithm', ['toeplitz', 'fft'])
+def test_fused_projection_in_chunks_of_one_sample_with_a_last_side_of_1(monkeypatch, algorithm):
+    """With one sample per chunk and a last side of 1 the bias response's expand is the response itself: each chunk
+    must accumulate into a copy of it, or the next chunk's bias term (and the first chunk's kept intermediate, hence
+    the kernels' gradients) come out corrupted."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 2, 1, dtype=torch.float64)  # channel-major: 1 input channel, H 2, batch 2, W 1
+    params = [torch.randn(1, 1, 3, dtype=torch.float64), torch.randn(1, 1, 1, dtype=torch.float64),
+              torch.randn(1, 1, dtype=torch.float64), torch.randn(1, dtype=torch.float64)]
+    inputs = [p.requires_grad_() for p in params]
+
+    def fn():
+        kh, kw, weight, bias = inputs
+        return ops.separable_conv(x, [kh, kw], pools=(2, 1), proj=(weight, bias))
+
+    with ops.conv_algorithm(algorithm):
+        expected = fn()
+        expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+        monkeypatch.setattr(ops, 'PROJECTION_CHUNK_BYTES', 1)
+        assert ops.projection_chunks(x.shape, 1, 8, 'cpu') == [(0, 1), (1, 1)]
+        y = fn()
+        torch.testing.assert_close(y, expected)
+        for got, want in zip(torch.autograd.grad(y.square().sum(), inputs), expected_grads):
+            torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize('shape, pools, rank, bias, skip, chunked', [
     ((3, 8, 2, 6), (4, 2), 1, True, True, False),  # the stem's case: C_in = 3, pooled first axis, bias and D
     ((3, 8, 3, 6), (2, 1), 2, False, True, True),  # two rank terms, a sample at a time, no bias

@@ -431,7 +431,10 @@ def _apply_operators(u, operators, pools, skip, intermediates, pooled=None, resp
             else:
                 acc = None
                 if a == 0 and responses is not None:
-                    acc = responses[term].expand(responses[term].shape[:2] + z.shape[2:]).contiguous()
+                    # (a copy: with one sample and a last side of 1 the expand is the response itself, and the
+                    # product accumulates into its accumulator)
+                    acc = responses[term].expand(responses[term].shape[:2] + z.shape[2:]).clone(
+                        memory_format=torch.contiguous_format)
                 z = op.apply(z, dim, acc=acc)
             if intermediates is not None:
                 intermediates.append(z)
