@@ -261,6 +261,26 @@ def test_layer_api_edges_a_standalone_user_meets():
             torch.testing.assert_close(layer(x), layer(x))
 
 
+def test_prepared_kernels_serve_the_next_call_only():
+    """Kernels prepared for a call that did not use them (the depthwise path's, or one refused for its input) are
+    dropped, not taken by a later call after the parameters changed."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        prepare_kernels([(layer, (8, 8))])
+        layer(x.contiguous(memory_format=torch.channels_last))  # (the CPU's depthwise path in inference)
+        layer.kernels[0].c.mul_(-3.0)
+        torch.testing.assert_close(layer(x), copy.deepcopy(layer)(x))
+    layer.train()
+    prepare_kernels([(layer, (8, 8))])
+    with pytest.raises(ValueError, match='expects 4 input channels'):
+        layer(torch.randn(2, 5, 8, 8))
+    with torch.no_grad():
+        layer.kernels[1].c.mul_(-3.0)
+    torch.testing.assert_close(layer(x), copy.deepcopy(layer)(x))
+
+
 def test_sgconv_decay_is_saved_with_the_weights():
     """The decay shapes the kernel: weights loaded into a layer built with another keep their function."""
     torch.manual_seed(0)

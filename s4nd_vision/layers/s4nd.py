@@ -381,7 +381,11 @@ class S4ND(nn.Module):
         return kernel_dtype
 
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
-        self._check_input(x)
+        try:
+            self._check_input(x)
+        except ValueError:  # (kernels prepared for this call are for it alone: never for a later one)
+            self._prepared = None
+            raise
         # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
         # from a cast copy), and accumulate in float32
         path = dispatch.conv_path(x.device, x.shape, self.pool, x.dtype,
@@ -391,6 +395,7 @@ class S4ND(nn.Module):
         b, c, *sizes = x.shape
         shape = (c, *sizes[:-1], b, sizes[-1])  # (the channel-major shape, as the fast path's cache keys it)
         if x.shape[0] > 0 and path == 'depthwise':  # (inference: operators cached like the fast path's)
+            self._prepared = None  # (this path takes no prepared kernels: they must not wait for a later call)
             with torch.autocast(device_type='cpu', enabled=False):  # float32, like the fast path on the CPU
                 return self._cached_operators(shape, rate, x.dtype, x.dtype, depthwise=True).apply(x, self.D)
         # (the layout copy casts to the convolution's dtype too: under CUDA autocast one pass instead of two)
