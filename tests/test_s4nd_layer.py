@@ -907,3 +907,23 @@ def test_depthwise_inference_path_answers_channels_last_on_one_thread():
         torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_torch_func_transforms_run_the_reference_formulation():
+    """grad, vmap and jacrev (per-sample gradients, ensembles, Jacobians) work as on timm's models: the fast paths'
+    autograd Functions have no functorch rules, so S4ND runs its reference formulation under a transform."""
+    import timm
+    from torch.func import functional_call, grad, jacrev, vmap
+    torch.manual_seed(0)
+    layer = S4ND(2, ndim=2, d_state=4, l_ref=4).double()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(jacrev(layer)(x), torch.autograd.functional.jacobian(layer, x))
+    batch = torch.randn(3, 2, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(vmap(layer)(batch), torch.stack([layer(b) for b in batch]))
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_classes=4).double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = grad(lambda p: functional_call(model, p, (images,)).square().sum())(params)
+    model(images).square().sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, msg=name)

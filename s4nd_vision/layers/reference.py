@@ -26,8 +26,10 @@ __all__ = ['use_reference', 'ssm_kernel_reference', 'separable_conv_reference']
 
 def use_reference() -> bool:
     """True while a graph is being captured for export or compilation (torch.export, torch.compile,
-    the TorchScript ONNX exporter): S4ND then runs the reference formulation."""
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    the TorchScript ONNX exporter), or under a torch.func transform (grad, vmap, jacrev, ...: the fast paths'
+    autograd Functions have no functorch rules): S4ND then runs the reference formulation."""
+    return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+            or torch._C._are_functorch_transforms_active())
 
 
 def ssm_kernel_reference(
