@@ -225,8 +225,10 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
      "--img-size 8 is smaller than the minimum input size of 'vit_tiny_patch16_224' (16 px)"),
     (['smoke', '--model', 'convnext_atto', '--resolutions', '16'],
      "resolutions [16] are smaller than the minimum input size of 'convnext_atto' (32 px)"),
+    (['benchmark', '--what', 'models', '--pairs', 's4nd_iso_tiny:convnext_atto', '--img-size', '16', '--repeats', '1'],
+     "img_size 16 is smaller than the minimum input size of 'convnext_atto' (32 px)"),
 ], ids=lambda v: v[0] if isinstance(v, list) else '')
-def test_flops_and_smoke_check_a_baselines_minimum_size(argv, message, capsys):
+def test_tools_check_a_baselines_minimum_size(argv, message, capsys):
     """A timm baseline below its total stride (patch size) ends in one `error:` line, as our models do (it was a
     traceback from deep in its first conv)."""
     from s4nd_vision.cli import main

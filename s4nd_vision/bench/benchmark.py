@@ -363,6 +363,7 @@ def bench_models(
     short keeps what was measured. Compiled pairs have no saved-activation column (the hooks that count it see
     eager autograd), and add the seconds of each model's first training step and first inference (their
     compilation, `*_compile_s`)."""
+    from ..eval.resolution import min_input_size
     dev = torch.device(device)
     cuda_settings(dev)
     if num_frames is not None and num_frames < 1:
@@ -382,6 +383,10 @@ def bench_models(
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
             torch.manual_seed(0)
             models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev, memory_format=memory_format)
+            smallest = min_input_size(model)  # (a timm baseline's conv would fail deeper, less clearly)
+            if img_size < smallest:
+                raise ValueError(f'img_size {img_size} is smaller than the minimum input size of {model_name!r} '
+                                 f'({smallest} px)')
             if not num_frames and hasattr(model, 'set_input_size'):  # (timm's ViTs take their patch grid from it)
                 model.set_input_size(img_size)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
