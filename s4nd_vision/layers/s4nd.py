@@ -381,23 +381,22 @@ class S4ND(nn.Module):
         return kernel_dtype
 
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
-        try:
-            self._check_input(x)
-        except ValueError:  # (kernels prepared for this call are for it alone: never for a later one)
-            self._prepared = None
-            raise
+        # kernels `prepare_kernels` made serve this call alone: taken here and handed to the path that reads them,
+        # so that none outlives a call that refuses its input or runs without them (the depthwise path)
+        prepared, self._prepared = self._prepared, None
+        self._check_input(x)
         # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
         # from a cast copy), and accumulate in float32
         path = dispatch.conv_path(x.device, x.shape, self.pool, x.dtype,
                                   channels_last=x.ndim in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1)
-        if x.shape[0] > 0 and path == 'triton':
-            return self._forward_triton(x, rate)
         b, c, *sizes = x.shape
         shape = (c, *sizes[:-1], b, sizes[-1])  # (the channel-major shape, as the fast path's cache keys it)
         if x.shape[0] > 0 and path == 'depthwise':  # (inference: operators cached like the fast path's)
-            self._prepared = None  # (this path takes no prepared kernels: they must not wait for a later call)
             with torch.autocast(device_type='cpu', enabled=False):  # float32, like the fast path on the CPU
                 return self._cached_operators(shape, rate, x.dtype, x.dtype, depthwise=True).apply(x, self.D)
+        self._prepared = prepared
+        if x.shape[0] > 0 and path == 'triton':
+            return self._forward_triton(x, rate)
         # (the layout copy casts to the convolution's dtype too: under CUDA autocast one pass instead of two)
         conv_dtype = self._conv_dtype(x.device, shape, torch.promote_types(x.dtype, torch.float32))
         return channels_first(self.forward_channel_major(channel_major(x, conv_dtype), rate)).to(x.dtype)
