@@ -41,6 +41,7 @@ def test_model_spec_values_are_yaml_and_keep_their_commas():
     for bad, match in ((',d_state=8', 'NAME'), ('m,d_state=', 'key=value'), ('m,=8', 'key=value'),
                        ('m,dims=[8,16', 'not a YAML value'), ('m,a=1,a=2', "'a' is given twice"),
                        ('m,a=1],b=2', 'closes a bracket it never opened'),
+                       ('m,a="x,b=2', 'opens a quote it never closes'),
                        ('m,bandlimit=null', 'is null: timm.create_model drops'),
                        ('m,bandlimit=~', 'is null: timm.create_model drops')):
         with pytest.raises(ValueError, match=match):
@@ -48,6 +49,8 @@ def test_model_spec_values_are_yaml_and_keep_their_commas():
     # YAML 1.2 numbers (1.1 read 1e-6 as a string and 010 as 8), quoted commas, spaces after commas
     assert parse_model_spec('m,ls_init_value=1e-6,depth=010,name="a,b", c=0x10,d=2020-01-01') == ('m', dict(
         ls_init_value=1e-6, depth=10, name='a,b', c=16, d='2020-01-01'))
+    # a quote inside a plain value is a character, as in YAML (it swallowed the options after it)
+    assert parse_model_spec("m,a=it's,b=2") == ('m', dict(a="it's", b=2))
 
 
 def test_yaml_reads_yaml_1_2_scalars():

@@ -19,12 +19,14 @@ NULL_OPTION = ('timm.create_model drops null (None) arguments, so the model woul
 
 
 def _split_options(spec: str) -> List[str]:
-    """`spec` split at the commas outside brackets, braces and quotes (ValueError for a bracket closed unopened)."""
+    """`spec` split at the commas outside brackets, braces and quoted values (ValueError for a bracket closed unopened
+    or a quote never closed). A quote opens a quoted value only where YAML's would, at a value's start (after `=`,
+    `[`, `{`, `,` or `:`): elsewhere it is a character of a plain value (`a=it's`)."""
     parts, depth, start, quote = [], 0, 0, None
     for i, char in enumerate(spec):
         if quote is not None:
             quote = None if char == quote else quote
-        elif char in '"\'':
+        elif char in '"\'' and i > 0 and spec[i - 1] in '=[{,:':
             quote = char
         else:
             depth += (char in '[{') - (char in ']}')
@@ -33,6 +35,8 @@ def _split_options(spec: str) -> List[str]:
             if char == ',' and depth == 0:
                 parts.append(spec[start:i])
                 start = i + 1
+    if quote is not None:
+        raise ValueError(f'{spec!r} opens a quote it never closes')
     parts.append(spec[start:])
     return parts
 
