@@ -33,9 +33,9 @@ traceback and the next one runs, and the JSON file is rewritten (atomically) aft
 keeps everything it measured. On CUDA the rows run in a worker process that the run replaces after a row that
 kills it (a crash), leaves its CUDA context unusable (a sticky error such as an illegal address, which would fail
 every later row) or runs past its time limit (a hang): that row is recorded as failed and the next one runs in a
-new worker (the model and profile rows on the fast path). Each row records the path it ran ('per column' for the
-layer rows, whose columns force theirs). A time budget (`budget_s`) stops starting rows when it is spent (recorded
-as skipped). The file states the device, versions, the commit, the plan and the path that ran.
+new worker (the model, profile and compiled rows on the fast path). Each row records the path it ran ('per
+column' for the layer rows, whose columns force theirs). A time budget (`budget_s`) stops starting rows when it
+is spent (recorded as skipped). The file states the device, versions, the commit, the plan and the path that ran.
 
 `TINY` runs every section in seconds on the CPU, with Triton's interpreter (TRITON_INTERPRET=1): correctness and
 bench run the Triton kernels; profile and models take the dispatch's choice (the fast path on the CPU; `path`
@@ -395,14 +395,15 @@ def _bench_layer(case: str, s4nd: S4ND, conv: nn.Module, x: torch.Tensor, amp: b
     'algorithms' the Triton path by each algorithm ('sum' and 'dot') and the fast path, 'variants' 'dot' as landed
     and with each of `DOT_VARIANTS`; on x (its grad enabled), ms and ratios to the conv; printed as it comes."""
     fns = {'dwconv': _fwd_bwd(conv, x, amp)}
-    dot = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
     if columns == 'paths':
         fns.update(triton=_fwd_bwd(s4nd, x, amp, 'triton'), fast=_fwd_bwd(s4nd, x, amp, 'fast'))
-    elif columns == 'algorithms':  # (the fast path compiles nothing: each shape's 'dot' against it too)
-        fns.update(sum=_with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'sum'), dot=dot,
-                   fast=_fwd_bwd(s4nd, x, amp, 'fast'))
-    else:
-        fns.update(dot=dot, **{name: _with_dot_settings(dot, settings) for name, settings in DOT_VARIANTS.items()})
+    else:  # (built only here: `_fwd_bwd` runs a forward to shape the gradient)
+        dot = _with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'dot')
+        if columns == 'algorithms':  # (the fast path compiles nothing: each shape's 'dot' against it too)
+            fns.update(sum=_with_algorithm(_fwd_bwd(s4nd, x, amp, 'triton'), 'sum'), dot=dot,
+                       fast=_fwd_bwd(s4nd, x, amp, 'fast'))
+        else:
+            fns.update(dot=dot, **{name: _with_dot_settings(dot, settings) for name, settings in DOT_VARIANTS.items()})
     t = time_ms(fns, x.device, warmup=2, repeats=repeats)
     row = dict(case=case, **{f'{k}_ms': v for k, v in t.items()},
                **{f'{k}_ratio': t[k] / t['dwconv'] for k in fns if k != 'dwconv'},
@@ -634,8 +635,8 @@ def _measured_path(results: _Results, forced: Optional[str], section: str) -> Op
     if any(_switches_to_fast(key) for key in results['crashed'] + failed):
         if results['path'] != 'fast':
             results['path'] = 'fast'
-            print("a check of the Triton path failed or a row crashed: the next model and profile rows run S4ND's "
-                  "fast path", flush=True)
+            print("a check of the Triton path failed or a row crashed: the next model, profile and compiled rows run "
+                  "S4ND's fast path", flush=True)
         return 'fast'
     return None
 
@@ -739,10 +740,10 @@ def _worker(json_path: str, sections: Sequence[str], plan: Plan, device: str, fo
 
 def _end_with(parent: int) -> None:
     """Ends this process when process `parent` (its supervisor) ends, also killed without clean-up (SIGKILL), so
-    that no worker goes on holding the GPU: Linux's PR_SET_PDEATHSIG, elsewhere a thread polling the parent's id."""
-    if sys.platform.startswith('linux'):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    else:
+    that no worker goes on holding the GPU: Linux's PR_SET_PDEATHSIG, elsewhere (or where prctl fails) a thread
+    polling the parent's id."""
+    if not (sys.platform.startswith('linux')
+            and ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0):
         def watch():
             while os.getppid() == parent:
                 time.sleep(1.0)
@@ -810,9 +811,10 @@ def _reload(results: _Results) -> Optional[dict]:
 def _supervise(results: _Results, sections: Sequence[str], plan: Plan, device: str, forced: Optional[str],
                deadline: Optional[float]) -> None:
     """Runs the rows in worker processes: one, unless a row kills its process, leaves its CUDA context unusable
-    (a sticky error) or runs past its limit; that row is recorded as failed (the later model and profile rows then
-    run the fast path, `_measured_path`) and a new worker goes on with the next row. A SIGTERM (an outer time limit)
-    ends the run with the row it interrupted recorded as failed and the rows after it as skipped ('interrupted')."""
+    (a sticky error) or runs past its limit; that row is recorded as failed (the later model, profile and compiled
+    rows then run the fast path, `_measured_path`) and a new worker goes on with the next row. A SIGTERM (an outer
+    time limit) ends the run with the row it interrupted recorded as failed and the rows after it as skipped
+    ('interrupted')."""
     own_file = results.json_path is None
     if own_file:
         fd, results.json_path = tempfile.mkstemp(suffix='.json', prefix='gpu_check_')
@@ -882,13 +884,12 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     returns (and with `json_path` writes, after every row) the results, with 'ok': False if a correctness check
     failed or a row raised (its traceback under 'errors', the next row runs). `path` ('triton' or 'fast') forces
     S4ND's implementation in the model, profile and compiled sections (None: the dispatch's choice, or 'fast' once a
-    check of the Triton path failed or a row outside 'dot' crashed, `_measured_path`). `budget_s`: no row starts once
-    that many seconds have passed (nor a compiled pair with less than `_MIN_LEFT_S` left); the rows left are listed
-    under 'skipped'. `isolate` (by
-    default on CUDA): the rows run in a worker process, replaced after a row that kills it, breaks its CUDA context
-    or runs past its time limit (`_supervise`; those rows are listed under 'crashed'), so that one such row does not
-    end the run. `commit`: the tree's commit, recorded in the results (None: git's, which a copy of the tree without
-    its .git folder lacks)."""
+    check of the Triton path failed or a row crashed, but 'dot' rows and the fast path's own checks,
+    `_measured_path`). `budget_s`: no row starts once that many seconds have passed (nor a compiled pair with less
+    than `_MIN_LEFT_S` left); the rows left are listed under 'skipped'. `isolate` (by default on CUDA): the rows
+    run in a worker process, replaced after a row that kills it, breaks its CUDA context or runs past its time limit
+    (`_supervise`; those rows are listed under 'crashed'), so that one such row does not end the run. `commit`: the
+    tree's commit, recorded in the results (None: git's, which a copy of the tree without its .git folder lacks)."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f'sections must be among {SECTIONS}, got {unknown}')

@@ -184,7 +184,7 @@ def _triton_device(device: torch.device) -> bool:
         return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
     if torch.version.hip is not None:
         return False
-    capability = _capability(device) if device.type == 'cuda' else None
+    capability = _capability(device)
     return capability is None or capability >= MIN_CAPABILITY
 
 
