@@ -170,7 +170,7 @@ class S4ND(nn.Module):
         self.pool = _per_axis(pool, ndim, 'pool')
         if any(not is_int(p) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
-        if dtype is not None and not torch.empty((), dtype=dtype).is_floating_point():
+        if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f'dtype must be a real floating-point dtype (or None), got {dtype}')
         self.kernel = kernel
         self.kernels = nn.ModuleList(self._axis_kernel_modules(
@@ -264,7 +264,7 @@ class S4ND(nn.Module):
                 error_msgs.append(f'{key}: expected {self.ndim} positive integers (the reference grid; zeros for '
                                   f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
             elif d is None or d.shape == self.D.shape:  # (a layer of other channels: load_state_dict refuses it
-                # for D's shape, and a refused load leaves this layer's grid as it was)
+                # for D's shape, and a refused load leaves this layer's grid as it was, not only its other tensors)
                 self.set_reference_size(tuple(grid) if any(grid) else None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -381,8 +381,8 @@ class S4ND(nn.Module):
         return kernel_dtype
 
     def forward(self, x: torch.Tensor, rate: Optional[_Floats] = None) -> torch.Tensor:
-        # kernels `prepare_kernels` made serve this call alone: taken here and handed to the path that reads them,
-        # so that none outlives a call that refuses its input or runs without them (the depthwise path)
+        # kernels `prepare_kernels` made serve this call alone: taken off the layer here and put back only for the
+        # paths that read them, so that none outlives a call that refuses its input or runs without them (depthwise)
         prepared, self._prepared = self._prepared, None
         self._check_input(x)
         # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing

@@ -179,7 +179,7 @@ class SGConvKernel(nn.Module):
                                   f'{value.dtype} {tuple(value.shape)} {value.tolist()}')
                 decay = None
         # The layout and decay are taken only from weights that load here (those of this layer's channels, with a
-        # valid decay): a load refused by the shape checks below leaves the layer as it was.
+        # valid decay): a load refused by the shape checks below leaves the layout and decay as they were.
         weight, norm = state_dict.get(prefix + 'weight'), state_dict.get(prefix + 'norm')
         if (decay is not None
                 and (weight is None or (weight.ndim == 3 and weight.shape[0] == self.weight.shape[0]))
@@ -197,9 +197,9 @@ class SGConvKernel(nn.Module):
         l_ref it was built for only chose them), so weights trained for another reference length load as they are.
 
         The weight stays the same Parameter, reshaped in place (its data replaced, its gradient of the old shape
-        dropped): an optimizer, EMA or wrapper made before the load holds the weight it loads into and trains it.
-        Optimizer state of the old shape (Adam's moments after a step) does not fit the new one: load the optimizer's
-        state saved with the weights, or make a new optimizer."""
+        dropped): an optimizer made before the load holds the weight it loads into and trains it. Optimizer state of
+        the old shape (Adam's moments after a step) does not fit the new one: load the optimizer's state saved with the
+        weights, or make a new optimizer; copies (a model EMA) and DDP wrappers are made after the load."""
         self.n_scales, self.size = n_scales, size
         self.l_ref = self.support = size * 2 ** (n_scales - 1)
         self.weight.data = self.weight.new_empty(self.weight.shape[0], n_scales, size)

@@ -126,7 +126,7 @@ class _DiagonalSSM(nn.Module):
         if value is None:
             # (only for weights of this kernel without the record: a file of another model, e.g. a plain timm
             # ConvNeXt given to checkpoint_path, ends in the missing-keys error without a warning per kernel)
-            if any(k.startswith(prefix) and '.' not in k[len(prefix):] for k in state_dict):
+            if any(prefix + name in state_dict for name in self._parameters):
                 warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the '
                               f'model\'s own bandlimit={self.bandlimit} is kept; build the model with the band-limit '
                               'they were trained with (bandlimit=0 for none)', stacklevel=2)
