@@ -172,6 +172,10 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
         ImageFolderDataset(nested)
     with pytest.raises(ValueError, match=r"is in a sub-folder of a class folder"):  # (evaluation reads it so too)
         dataset_num_classes(nested, split='')
+    os.makedirs(os.path.join(nested, 'digits', '2019', 'digits'))  # (innermost folder a class of the map: merged)
+    Image.new('L', (4, 4)).save(os.path.join(nested, 'digits', '2019', 'digits', 'y.png'))
+    with pytest.raises(ValueError, match=r"y.png' is in a sub-folder of a class folder"):
+        ImageFolderDataset(nested, class_map={'digits': 0})
     stray = _constant_folder(tmp_path / 'stray', n=2, bad=())
     Image.new('L', (4, 4)).save(os.path.join(stray, 'x.png'))
     with pytest.raises(ValueError, match=r"x.png' is beside the class folders"):
@@ -182,6 +186,7 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
         Image.new('L', (4, 4)).save(os.path.join(ties, name, 'x.png'))
     with pytest.raises(ValueError, match=r"class folders '(cat|Cat)' and '(cat|Cat)' .* sort as equal"):
         ImageFolderDataset(ties)
+    assert len(ImageFolderDataset(ties, class_map={'digits': 0, 'cat': 1, 'Cat': 2})) > 0  # (the map numbers them)
 
 
 # ------------------------------------------------------------------------------------------- video

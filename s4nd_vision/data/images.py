@@ -7,12 +7,12 @@
   drawn file itself was unreadable, so each unreadable file drawn in an epoch counts once (the
   count travels with the batch, so it works across worker processes and ranks). 16-bit grayscale
   PNG images are scaled to 8 bits (PIL's conversion would clip them to white; timm's reader lists .png, .jpg
-  and .jpeg files only). A
-  folder reached twice through symbolic links (a link loop, which timm's reader would follow
-  again and again) is refused with an error naming the link. The folder must be `<class>/<image>`: timm's
+  and .jpeg files only). A folder reached twice through symbolic links (a link loop, which timm's reader would
+  follow again and again) is refused with an error naming the link. The folder must be `<class>/<image>`: timm's
   reader labels an image by its innermost folder, so images in sub-folders (`cat/2019/x.png`) or beside the class
-  folders would silently form or merge classes; both are refused, and so are class names that timm's natural
-  order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number differently.
+  folders would silently form or merge classes (also under a class map); both are refused, and so are
+  class names that timm's natural order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would
+  number differently (unless a class map numbers them).
 * `EpochSeeded` + `ResumableSampler`: the random augmentation of a sample is seeded from
   (seed, epoch, index) (and the repeat, under repeated augmentation), and the sampler can start
   mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
@@ -83,17 +83,20 @@ def check_folder_links(root: str) -> None:
         seen[real] = path
 
 
-def check_class_folders(root: str, samples, class_to_idx) -> None:
-    """ValueError unless every image of `samples` is `root/<class>/<image>` and timm's order of the classes is
-    total (`natural_key` ignores case and leading zeros; ties fall to set order, which differs between processes)."""
-    for path, _ in samples:
-        parts = os.path.normpath(os.path.relpath(path, root)).split(os.sep)
-        if len(parts) != 2:
-            where = 'beside the class folders' if len(parts) == 1 else 'in a sub-folder of a class folder'
+def check_class_folders(root: str, samples, class_to_idx=None) -> None:
+    """ValueError unless every image of `samples` is `root/<class>/<image>` and, where timm numbers the classes
+    (`class_to_idx` given: no class map), its order of them is total (`natural_key` ignores case and leading zeros;
+    ties fall to set order, which differs between processes)."""
+    prefix = os.path.join(root, '')
+    for path, _ in samples:  # (timm's paths start with root as given: a slice, not relpath, for a million images)
+        rest = path[len(prefix):] if path.startswith(prefix) else os.path.normpath(os.path.relpath(path, root))
+        depth = rest.count(os.sep) + 1
+        if depth != 2:
+            where = 'beside the class folders' if depth == 1 else 'in a sub-folder of a class folder'
             raise ValueError(f'{path!r} is {where} of {root!r}: expected <class>/<image> (timm labels an image by its '
                              f'innermost folder, so it would form or merge a class): move it, or remove it')
     keys = {}
-    for name in class_to_idx:
+    for name in class_to_idx or ():
         other = keys.setdefault(tuple(natural_key(name)), name)
         if other != name:
             raise ValueError(f'class folders {other!r} and {name!r} of {root!r} sort as equal in timm\'s order (case '
@@ -119,8 +122,9 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(root, split=split, transform=transform, **kwargs)
         if len(self.reader) == 0:
             raise ValueError(f'no images found in {root!r} (expected <class>/<image> sub-folders)')
-        if folder and kwargs.get('class_map') in (None, ''):
-            check_class_folders(root, self.reader.samples, self.reader.class_to_idx)
+        if folder:  # (a class map numbers the classes itself: their order is not timm's)
+            mapped = kwargs.get('class_map') not in (None, '')
+            check_class_folders(root, self.reader.samples, None if mapped else self.reader.class_to_idx)
         self.max_skips = max_skips
 
     def _read(self, index: int):
