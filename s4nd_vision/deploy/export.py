@@ -113,8 +113,9 @@ def export_onnx(
         fixed_size: bool = False,
 ) -> str:
     """Export `model` (set to eval) to an ONNX file at `path`, traced at `img_size` (and batch 2), with the
-    batch and both sides dynamic (sides: multiples of `model_stride(model)` from 3 strides to `max_side`; the
-    graph fails at run time on other sides, or pads them as the model does if it pads: `pads_inputs`).
+    batch and both sides dynamic (declared from 3 strides of `model_stride(model)` to `max_side`, it serves
+    multiples of the stride from 1 stride up, `check_export_size`; the graph fails at run time on other sides, or
+    pads them as the model does if it pads: `pads_inputs`).
 
     Args:
         img_size: (H, W); with `fixed_size`, the input's sides as the model takes them (`input_sides`): (H, W),

@@ -10,6 +10,21 @@ __all__ = ['replaced_atomically', 'remove_temporaries']
 _TEMPORARY = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')  # `replaced_atomically`'s names: .<name>.<mkstemp's 8>.tmp
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status): setting and restoring
+    it would give files other threads create meanwhile the permissions of umask 0."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def replaced_atomically(path: str) -> Iterator[str]:
     """Yield a new temporary path next to `path` to write to; when the block completes it replaces `path` in one
@@ -29,9 +44,7 @@ def replaced_atomically(path: str) -> Iterator[str]:
         if os.path.exists(target):
             mode = os.stat(target).st_mode
         else:  # (mkstemp made it 0600)
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_umask()
         os.chmod(tmp, mode & 0o7777)
         os.replace(tmp, target)
     finally:
