@@ -42,7 +42,7 @@ class MetricsLog:
                 with replaced_atomically(self.path) as tmp:
                     shutil.copyfile(saved, tmp)
                 # a row the interrupted run checkpointed but never logged: the trackers get it now
-                for row in _read_csv(self.path):
+                for row in _read_csv(saved):
                     if row['epoch'] not in logged and int(row['epoch']) < epoch:
                         self.accelerator.log(_numbers(row), step=int(row['epoch']))
             _truncate_csv(self.path, before_epoch=epoch)
@@ -100,11 +100,7 @@ def _format_row(row: Dict[str, Any]) -> str:
 
 
 def _append_csv(path: str, row: Dict[str, Any]) -> None:
-    rows = []
-    if os.path.isfile(path):
-        with open(path, newline='') as f:
-            rows = list(csv.DictReader(f))
-    rows.append(row)
+    rows = [*_read_csv(path), row]
     fields: List[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
