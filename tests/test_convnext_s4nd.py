@@ -204,6 +204,23 @@ def test_start_from_plain_timm_convnext(tmp_path):
     assert model.stages[0].blocks[0].conv_dw.kernels[0].log_dt.abs().sum() > 0
 
 
+@pytest.mark.parametrize('source', ['resnet18', 'convnext_tiny', 'one tensor', 'head only'])
+def test_weights_that_fit_nothing_outside_the_head_are_refused(source, tmp_path):
+    """Another architecture, a ConvNeXt of other widths or a file of unrelated tensors would leave the model at
+    its initialization under a pretrained name (reported at INFO only): refused, naming what went unused."""
+    if source == 'one tensor':
+        weights = {'x': torch.zeros(1)}
+    elif source == 'head only':
+        weights = {k: v for k, v in timm.create_model('convnext_atto').state_dict().items() if k.startswith('head.')}
+    else:
+        weights = timm.create_model(source).state_dict()
+    path = tmp_path / 'w.safetensors'
+    save_file(weights, str(path))
+    with pytest.raises(ValueError, match='fit no module of ConvNeXtS4ND outside the head') as e:
+        timm.create_model('convnext_s4nd_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert ('unused from the checkpoint' in str(e.value)) == (source != 'head only')
+
+
 def test_checkpoint_filters_unwrap_training_checkpoints_the_same_way():
     """One order for the 2D filter and 3D inflation: the EMA weights before the model's (as timm's
     load_state_dict), DDP / torch.compile prefixes removed."""

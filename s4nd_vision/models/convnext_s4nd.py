@@ -47,13 +47,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4N
     'conv' stem and downsampling, those too (the patch stem's conv adapted to the model's `in_chans` first, by
     timm's rule, as timm's loader does for its own models). The S4ND layers (and anything else without a
     counterpart) keep the model's initialization; a one-line report of what was loaded, reshaped and kept is
-    logged.
+    logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the
+    model would otherwise be its initialization under the name of a pretrained one.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any('.kernels.' in k for k in state_dict):
         return state_dict
     state_dict = adapt_input_channels(state_dict, 'stem.0', model.in_chans)
     out, report = match_state_dict(state_dict, model, source='timm ConvNeXt weights')
+    taken = report.loaded + [n for names in report.mapped.values() for n in names]
+    if not any(not n.startswith('head.') for n in taken):
+        raise ValueError(f'the weights fit no module of {type(model).__name__} outside the head: neither its own '
+                         f'weights nor a timm ConvNeXt of its widths ({report})')
     report.log()
     return out
 
