@@ -927,3 +927,70 @@ def test_torch_func_transforms_run_the_reference_formulation():
     model(images).square().sum().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, msg=name)
+
+
+def test_a_write_while_the_cache_is_built_is_seen_by_the_next_call():
+    """Parameters written while inference generates the cached kernels (an EMA update or a weight reload from
+    another thread) must not leave kernels of the old values cached under the new ones."""
+    torch.manual_seed(0)
+    layer, other = S4ND(4, ndim=2, d_state=8, l_ref=8).eval(), S4ND(4, ndim=2, d_state=8, l_ref=8)
+    generate = layer.axis_kernels
+
+    def generate_then_write(*args, **kwargs):  # the write lands after generation read the parameters
+        kernels = generate(*args, **kwargs)
+        with torch.no_grad():
+            layer.kernels[0].log_dt.copy_(other.kernels[0].log_dt)
+        return kernels
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        layer.axis_kernels = generate_then_write
+        layer(x)
+        del layer.axis_kernels
+        torch.testing.assert_close(layer(x), copy.deepcopy(layer).train()(x), rtol=0, atol=0)
+
+
+def test_kernels_prepared_in_one_thread_never_serve_another():
+    """Kernels `prepare_kernels` made (with their autograd graph) serve the next forward of the thread that made
+    them only: another thread's forward taking them would run two backward passes through one graph."""
+    import threading
+
+    from s4nd_vision.layers import prepare_kernels
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8, l_ref=8)
+    x = torch.randn(2, 4, 8, 8)
+    thread = threading.Thread(target=prepare_kernels, args=([(layer, (8, 8))],))
+    thread.start()
+    thread.join()
+    made = []
+    generate = layer.axis_kernels
+    layer.axis_kernels = lambda *args, **kwargs: made.append(1) or generate(*args, **kwargs)
+    layer(x).sum().backward()
+    assert made == [1]  # generated its own
+    prepare_kernels([(layer, (8, 8))])
+    layer(x).sum().backward()
+    assert made == [1]  # the same thread's prepared kernels serve it
+
+
+def test_forced_choices_of_overlapping_threads_leave_nothing_forced():
+    """Two threads whose contexts overlap without nesting (A enters, B enters, A exits, B exits) leave no value
+    forced for torch.compile's reads once both have exited."""
+    import threading
+    entered_a, entered_b, exited_a = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with ops.conv_algorithm('fft'):
+            entered_a.set()
+            entered_b.wait()
+        exited_a.set()
+
+    def b():
+        entered_a.wait()
+        with ops.conv_algorithm('toeplitz'):
+            entered_b.set()
+            exited_a.wait()
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ops._FORCED_ALGORITHM.value is None and ops.forced_algorithm() is None

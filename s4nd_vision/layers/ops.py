@@ -59,7 +59,7 @@ class ForcedChoice:
     ContextVar (per thread and asyncio task); code that torch.compile captures reads a process-wide mirror,
     which dynamo guards on (a graph captured under one value is recompiled under another), since dynamo before
     torch 2.14 cannot trace `ContextVar.get` (a graph break in every S4ND layer: `fullgraph=True` fails). Threads
-    that force different values while compiling may see each other's."""
+    that force different values while compiling may see each other's while their contexts overlap."""
 
     def __init__(self, name: str):
         self._var: ContextVar[Optional[str]] = ContextVar(name, default=None)
@@ -67,13 +67,15 @@ class ForcedChoice:
 
     @contextlib.contextmanager
     def forced(self, value: Optional[str]) -> Iterator[None]:
-        token, previous = self._var.set(value), self.value
+        token = self._var.set(value)
         self.value = value
         try:
             yield
         finally:
             self._var.reset(token)
-            self.value = previous
+            # (this context's enclosing value, not the mirror's value on entry: contexts of two threads that
+            # overlap without nesting would otherwise leave the value of the first one set after both exit)
+            self.value = self._var.get()
 
     def get(self) -> Optional[str]:
         return self.value if torch.compiler.is_compiling() else self._var.get()

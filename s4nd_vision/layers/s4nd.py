@@ -8,6 +8,7 @@ import ctypes
 import itertools
 import math
 import numbers
+import threading
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -304,10 +305,16 @@ class S4ND(nn.Module):
         kernels, so the first pass must generate them too to save the same tensors. (Hooks that recompute nothing,
         e.g. `save_on_cpu` entered per stage, lose the stacking too: no hook says whether it recomputes.)"""
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == (
-                tuple(sizes), self.resolve_rate(sizes, rate), dtype, _saved_tensor_hooks(), torch.is_grad_enabled()):
+        if prepared is not None and prepared[0] == self._preparation_key(sizes, self.resolve_rate(sizes, rate), dtype):
             return prepared[1]
         return None
+
+    def _preparation_key(self, sizes: Sequence[int], rates: Tuple[float, ...], dtype: torch.dtype) -> tuple:
+        """What prepared kernels must match to serve a call: input sizes, rates, dtype, saved-tensor hooks, grad
+        mode, and in eager mode the thread: a forward in another thread (a server computing input gradients, Hogwild
+        training) would otherwise take them, and two backward passes would run through one generation graph."""
+        thread = None if torch.compiler.is_compiling() else threading.get_ident()
+        return tuple(sizes), rates, dtype, _saved_tensor_hooks(), torch.is_grad_enabled(), thread
 
     def _kernel_tensors(self) -> List[torch.Tensor]:
         """Every tensor the kernels are generated from (SSM parameters and buffers), detached."""
@@ -346,12 +353,15 @@ class S4ND(nn.Module):
             cached_key, cached_state, operators = self._kernel_cache
             if cached_key == key and _equal_tensors(cached_state, state):
                 return operators
+        # (the values compared next time are those read before generating: a write while generating, e.g. an EMA
+        # update from another thread, makes the next call rebuild instead of serving kernels of the old values)
+        snapshot = [t.clone() for t in state]
         kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
         if depthwise:
             operators = DepthwiseConv(kernels, self.pool)
         else:
             operators = conv_operators(kernels, shape, self.pool, algorithms)
-        self._kernel_cache = (key, [t.clone() for t in state], operators)
+        self._kernel_cache = (key, snapshot, operators)
         return operators
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -506,8 +516,8 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         made = iter(dispatch.generate_two_sided(kernels, lengths, rates, all_sizes, bidirectional, dtype))
     for layer, sizes in layers:
         # (autograd on or off: kernels prepared under no_grad carry no graph to the parameters)
-        key = (tuple(sizes), layer.resolve_rate(sizes), dtype, _saved_tensor_hooks(), torch.is_grad_enabled())
-        layer._prepared = (key, [next(made) for _ in layer.kernels])
+        layer._prepared = (layer._preparation_key(sizes, layer.resolve_rate(sizes), dtype),
+                           [next(made) for _ in layer.kernels])
 
 
 def kernels_can_be_prepared(module: nn.Module) -> bool:
