@@ -136,8 +136,17 @@ def test_a_data_config_input_size_is_kept(tmp_path, name, kwargs, size):
     text = open(readme, encoding='utf-8').read()
     task = {2: 'other', 3: 'image-classification', 4: 'video-classification'}[len(size)]
     assert f'pipeline_tag: {task}\n' in text and ('create_transform' in text) == (len(size) == 3)
+    assert f'Input size: {" x ".join(map(str, size[1:]))}' in text  # the card states the size config.json does
     with pytest.raises(ValueError, match='states 5 channels'):
         save_for_hf(model, str(tmp_path / 'bad'), data_config=dict(input_size=(5, *size[1:])))
+    # img_size, as timm's data configs give it: (H, W), a video model keeping its frames; no meaning for sequences
+    if len(size) == 2:
+        with pytest.raises(ValueError, match='img_size does not apply to the sequence model.*input_size=\\(C, L\\)'):
+            save_for_hf(model, str(tmp_path / 'img'), data_config=dict(img_size=96))
+    else:
+        save_for_hf(model, str(tmp_path / 'img'), data_config=dict(img_size=96))
+        loaded = timm.create_model(f'local-dir:{tmp_path / "img"}', pretrained=True)
+        assert loaded.pretrained_cfg['input_size'] == (*built[:-2], 96, 96)
 
 
 @pytest.mark.parametrize('has_readme', [False, True])

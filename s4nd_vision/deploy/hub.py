@@ -153,9 +153,10 @@ def save_for_hf(
     data_config) plus the README.md model card of `model_card(model, repo_id, **model_card)`. `task_name`: the
     Hub's pipeline_tag (None: image- or video-classification, or other for sequences, by the model's input).
 
-    A `data_config` input size (input_size (C, *sizes), or img_size) is saved as the model's native size
-    (`set_input_size` for the save, then restored): our models restate their pretrained_cfg's input size from
-    their arguments on load, and keep their function at any native size.
+    A `data_config` input size (input_size (C, *sizes), or img_size: (H, W), a video model keeping its frames) is
+    saved, in config.json and the card, as the model's native size (`set_input_size` for the save, then restored):
+    our models restate their pretrained_cfg's input size from their arguments on load, and keep their function at
+    any native size.
 
     Returns:
         the README.md path.
@@ -165,7 +166,7 @@ def save_for_hf(
     with _native_size(model, kwargs.pop('data_config', None)) as data_config:
         timm_save_for_hf(model, save_directory, data_config=data_config, **kwargs)
         _state_clip_or_sequence_size(model, os.path.join(save_directory, 'config.json'))
-    card = _card(model, repo_id, **(model_card or {}))
+        card = _card(model, repo_id, **(model_card or {}))  # (at the saved native size, as config.json)
     name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
     path = os.path.join(save_directory, 'README.md')
     with open(path, 'w', encoding='utf-8') as f:
@@ -198,7 +199,14 @@ def _native_size(model: nn.Module, data_config: Optional[dict]) -> Iterator[Opti
         raise ValueError(f'data_config: input_size {tuple(size)} states {size[0]} channels, the model takes '
                          f'{model.in_chans}')
     before = tuple(model.pretrained_cfg['input_size'][1:])
-    _set_native_size(model, tuple(size[1:]) if size is not None else to_2tuple(img_size))
+    if size is not None:
+        sizes = tuple(size[1:])
+    elif len(before) == 1:
+        raise ValueError(f'data_config: img_size does not apply to the sequence model {type(model).__name__}: '
+                         'give input_size=(C, L)')
+    else:  # (an image size, (H, W); a video model keeps its frames)
+        sizes = (*before[:-2], *to_2tuple(img_size))
+    _set_native_size(model, sizes)
     try:
         yield config or None
     finally:
