@@ -3,7 +3,7 @@ import csv
 import os
 import resource
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -27,7 +27,7 @@ class MetricsLog:
 
     def __init__(self, accelerator: Accelerator, cfg: Config):
         self.accelerator, self.cfg = accelerator, cfg
-        self.path = os.path.join(cfg.train.output_dir, 'metrics.csv')
+        self.path = os.path.join(cfg.train.output_dir, METRICS_FILE)
         if cfg.train.trackers:
             accelerator.init_trackers('logs', config=_flat(config_to_dict(cfg)))
 
@@ -109,10 +109,16 @@ def _append_csv(path: str, row: Dict[str, Any]) -> None:
 
 def _read_csv(path: str) -> List[Dict[str, str]]:
     """The rows of the CSV file `path` ([] without one)."""
+    return _read_csv_fields(path)[1]
+
+
+def _read_csv_fields(path: str) -> Tuple[Optional[List[str]], List[Dict[str, str]]]:
+    """The header (None without one) and the rows of the CSV file `path`."""
     if not os.path.isfile(path):
-        return []
+        return None, []
     with open(path, newline='') as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
 
 
 def _numbers(row: Dict[str, str]) -> Dict[str, float]:
@@ -130,10 +136,8 @@ def _truncate_csv(path: str, before_epoch: int) -> None:
     """Drop the rows of epochs >= `before_epoch`."""
     if not os.path.isfile(path):
         return
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [r for r in reader if int(r['epoch']) < before_epoch]
-    _write_csv(path, fields or ['epoch'], rows)
+    fields, rows = _read_csv_fields(path)
+    _write_csv(path, fields or ['epoch'], [r for r in rows if int(r['epoch']) < before_epoch])
 
 
 def _write_csv(path: str, fields: List[str], rows: List[Dict[str, Any]]) -> None:
