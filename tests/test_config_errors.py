@@ -29,7 +29,9 @@ def folder(tmp_path_factory):
     ('optim.weight_decay=-.inf', r'optim.weight_decay must be a finite number'),
     ('optim.betas=[0.9, .nan]', r'optim.betas\[1\] must be a finite number'),
     ("sched.min_lr='inf'", r'sched.min_lr must be a finite number'),
-    ('optim.betas=[0.9, 1.5]', r'optim.betas must be two values in \[0, 1\)'),
+    ('optim.betas=[0.9, 1.5]', r'optim.betas must be null or 2 values in \[0, 1\) for optim.opt adamw, got '
+                               r'\[0.9, 1.5\]'),
+    ('optim.eps=0', r'optim.eps must be positive or null, got 0'),
     ('aug.remode=zero', r"aug.remode must be 'pixel', 'rand' or 'const', got 'zero'"),
     ('train.trackers=[tensorbaord]', r"train.trackers must be a list of \[.*'tensorboard'.*\], got \['tensorbaord'\]"),
     ('train.channels_last=yes', r"train.channels_last must be bool, got 'yes'"),  # YAML 1.2: only true / false
@@ -84,6 +86,24 @@ def test_valid_values_from_timm_lists_pass(folder, tmp_path):
     (tmp_path / 'no.yaml').write_text('train:\n  mixed_precision: no\n  channels_last: true\n')
     cfg = load_config(str(tmp_path / 'no.yaml'), _overrides(folder, tmp_path))
     assert cfg.train.mixed_precision == 'no' and cfg.train.channels_last is True
+
+
+def test_optimizers_keep_their_own_betas_and_eps_unless_set(folder, tmp_path):
+    """As timm's train.py, optim.betas and optim.eps are passed only when set (AdamW's own are the values the
+    shipped configs train with); a set value must fit the optimizer: Adan takes 3 betas, SGD none, Lion no eps."""
+    for i, (extra, betas, eps) in enumerate((
+            ((), (0.9, 0.999), 1e-8), (('optim.opt=lamb',), (0.9, 0.999), 1e-6),
+            (('optim.opt=adan',), (0.98, 0.92, 0.99), 1e-8),
+            (('optim.opt=adan', 'optim.betas=[0.9, 0.9, 0.9]', 'optim.eps=1e-6'), (0.9,) * 3, 1e-6))):
+        group = Trainer(load_config(None, _overrides(folder, tmp_path / str(i), *extra))).optimizer.param_groups[0]
+        assert (tuple(group['betas']), group['eps']) == (betas, eps), extra
+    for extra, message in (
+            (('optim.opt=adan', 'optim.betas=[0.9, 0.99]'),
+             r'optim.betas must be null or 3 values in \[0, 1\) for optim.opt adan, got \[0.9, 0.99\]'),
+            (('optim.opt=sgd', 'optim.betas=[0.9, 0.99]'), r'optim.betas must be null: optim.opt sgd takes no betas'),
+            (('optim.opt=lion', 'optim.eps=1e-8'), r'optim.eps must be null: optim.opt lion takes no eps')):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, _overrides(folder, tmp_path, *extra))
 
 
 def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):
@@ -198,7 +218,9 @@ def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder):
     for args, message in (
             (['--config', str(bad)], 'is not valid YAML'),
             (_overrides(folder, tmp_path, 'optim.lr=[1'), "override 'optim.lr=[1': the value is not valid YAML"),
-            (_overrides(folder, tmp_path, 'optim.opt=adamww'), "optim.opt must be a timm optimizer")):
+            (_overrides(folder, tmp_path, 'optim.opt=adamww'), "optim.opt must be a timm optimizer"),
+            # (CUDA-only; without CUDA or APEX timm's factory raises)
+            (_overrides(folder, tmp_path, 'optim.opt=fusedadam'), "optim.opt 'fusedadam' cannot be created here")):
         result = _cli(*args)
         assert result.returncode == 2, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()

@@ -4,8 +4,9 @@ A config file holds the sections below (every key optional except `model.name` a
 location); an unknown or mistyped key, a value of the wrong type or out of range is a
 `ConfigError` naming the key, on one line (so is malformed YAML). Command-line overrides use
 dotted keys: `optim.lr=1e-3`, `train.epochs=5`, `data.root=/data/imagenet` (values are parsed as
-YAML). Beyond types and ranges: every float must be finite; `optim.opt`, `aug.auto_augment` and
-`data.interpolation` are checked against timm's own registry and parsers; the model is built on
+YAML). Beyond types and ranges: every float must be finite; `optim.opt` (and what it takes of `optim.betas`
+and `optim.eps`, which are the optimizer's own when null), `aug.auto_augment` and `data.interpolation` are
+checked against timm's own registry and parsers; the model is built on
 the meta device (no memory) to check `model.name`, `model.kwargs` and that `data.img_size` and
 every progressive stage are at least the model's smallest input.
 
@@ -117,8 +118,9 @@ class OptimConfig:
     ssm_lr: Optional[float] = None  # SSM parameters (A, B, dt); scaled like lr; None = lr
     ssm_weight_decay: float = 0.0
     layer_decay: Optional[float] = None  # layer-wise lr decay
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    # null: the optimizer's own (timm's train.py passes them only when given; AdamW's are (0.9, 0.999) and 1e-8)
+    betas: Optional[Tuple[float, ...]] = None
+    eps: Optional[float] = None
     clip_grad: Optional[float] = None  # max gradient norm
 
 
@@ -204,8 +206,8 @@ class Config:
             need(0 <= getattr(self.model, key) < 1, f'model.{key}', 'in [0, 1)', getattr(self.model, key))
         need(self.data.crop_pct is None or 0 < self.data.crop_pct <= 1, 'data.crop_pct', 'in (0, 1] or null',
              self.data.crop_pct)
-        for key in ('lr', 'eps'):
-            need(getattr(self.optim, key) > 0, f'optim.{key}', 'positive', getattr(self.optim, key))
+        need(self.optim.lr > 0, 'optim.lr', 'positive', self.optim.lr)
+        need(self.optim.eps is None or self.optim.eps > 0, 'optim.eps', 'positive or null', self.optim.eps)
         need(self.optim.ssm_lr is None or self.optim.ssm_lr > 0, 'optim.ssm_lr', 'positive or null', self.optim.ssm_lr)
         need(self.optim.lr_base_batch is None or self.optim.lr_base_batch > 0, 'optim.lr_base_batch',
              'positive or null', self.optim.lr_base_batch)
@@ -245,12 +247,11 @@ class Config:
         # (Accelerate's set_seed seeds NumPy too, which takes 32-bit seeds)
         need(0 <= self.train.seed < 2 ** 32, 'train.seed', 'in [0, 2**32)', self.train.seed)
         need(self.train.max_nonfinite_steps >= 0, 'train.max_nonfinite_steps', '>= 0', self.train.max_nonfinite_steps)
-        need(all(0 <= b < 1 for b in self.optim.betas), 'optim.betas', 'two values in [0, 1)', self.optim.betas)
         for key in ('warmup_lr', 'min_lr'):
             need(getattr(self.sched, key) >= 0, f'sched.{key}', '>= 0', getattr(self.sched, key))
         need(self.aug.color_jitter >= 0, 'aug.color_jitter', '>= 0', self.aug.color_jitter)
         need(0 < self.aug.scale[0] <= self.aug.scale[1], 'aug.scale', '[min, max] with 0 < min <= max', self.aug.scale)
-        _check_optimizer(self.optim.opt)
+        _check_optimizer(self.optim)
         _check_interpolation(self.data.interpolation)
         if self.data.dataset != 'hmdb51':  # video parses it itself (video_randaugment)
             _check_auto_augment(self.aug.auto_augment)
@@ -368,18 +369,26 @@ class Config:
         return [s for s in stages if s.epoch <= epoch][-1]
 
 
-def _check_optimizer(opt: str) -> None:
-    """optim.opt against timm's optimizer registry (a `lookahead_` prefix allowed, as timm parses it)."""
-    from timm.optim import list_optimizers
+def _check_optimizer(optim: OptimConfig) -> None:
+    """optim.opt against timm's optimizer registry (a `lookahead_` prefix allowed, as timm parses it), and
+    optim.betas / optim.eps against what that optimizer takes (timm would drop them, or fail on the count)."""
+    from timm.optim import get_optimizer_info, list_optimizers
 
     names = list_optimizers()
-    parts = opt.lower().split('_')
-    if len(parts) <= 2 and (len(parts) == 1 or parts[0] == 'lookahead') and parts[-1] in names:
-        return
-    close = difflib.get_close_matches(parts[-1], names, n=1)
-    hint = f' (did you mean {close[0]}?)' if close else ''
-    raise ConfigError(f'optim.opt must be a timm optimizer (timm.optim.list_optimizers(), optionally with a '
-                      f'lookahead_ prefix), got {opt!r}{hint}')
+    parts = optim.opt.lower().split('_')
+    if not (len(parts) <= 2 and (len(parts) == 1 or parts[0] == 'lookahead') and parts[-1] in names):
+        close = difflib.get_close_matches(parts[-1], names, n=1)
+        hint = f' (did you mean {close[0]}?)' if close else ''
+        raise ConfigError(f'optim.opt must be a timm optimizer (timm.optim.list_optimizers(), optionally with a '
+                          f'lookahead_ prefix), got {optim.opt!r}{hint}')
+    info = get_optimizer_info(parts[-1])
+    if optim.betas is not None:
+        expectation = (f'null or {info.num_betas} values in [0, 1) for optim.opt {optim.opt}' if info.has_betas else
+                       f'null: optim.opt {optim.opt} takes no betas')
+        if not info.has_betas or len(optim.betas) != info.num_betas or not all(0 <= b < 1 for b in optim.betas):
+            raise ConfigError(f'optim.betas must be {expectation}, got {list(optim.betas)!r}')
+    if optim.eps is not None and not info.has_eps:
+        raise ConfigError(f'optim.eps must be null: optim.opt {optim.opt} takes no eps, got {optim.eps!r}')
 
 
 def _check_interpolation(mode: Optional[str]) -> None:

@@ -143,13 +143,18 @@ class Trainer:
                 raise ConfigError(f'sched.min_lr ({cfg.sched.min_lr}) must be at most optim.{key} at this global batch '
                                   f'({base}{at} = {base * scale:.3g}): the schedule decays to it, and would raise '
                                   f'the LR instead')
-        optimizer = create_optimizer_v2(
-            self.model, cfg.optim.opt, lr=self.lr, weight_decay=cfg.optim.weight_decay,
-            betas=cfg.optim.betas, eps=cfg.optim.eps,
-            param_group_fn=partial(
-                param_groups_ssm, weight_decay=cfg.optim.weight_decay, ssm_lr=ssm_lr,
-                ssm_weight_decay=cfg.optim.ssm_weight_decay, layer_decay=cfg.optim.layer_decay,
-                no_weight_decay_list=tuple(getattr(self.model, 'no_weight_decay', lambda: ())())))
+        # betas and eps only where set, as timm's train.py: each optimizer keeps its own defaults
+        own = {key: getattr(cfg.optim, key) for key in ('betas', 'eps') if getattr(cfg.optim, key) is not None}
+        try:
+            optimizer = create_optimizer_v2(
+                self.model, cfg.optim.opt, lr=self.lr, weight_decay=cfg.optim.weight_decay, **own,
+                param_group_fn=partial(
+                    param_groups_ssm, weight_decay=cfg.optim.weight_decay, ssm_lr=ssm_lr,
+                    ssm_weight_decay=cfg.optim.ssm_weight_decay, layer_decay=cfg.optim.layer_decay,
+                    no_weight_decay_list=tuple(getattr(self.model, 'no_weight_decay', lambda: ())())))
+        except (AssertionError, ImportError, ValueError) as e:  # e.g. CUDA-only (bitsandbytes, APEX), not installed
+            raise ConfigError(f'optim.opt {cfg.optim.opt!r} cannot be created here: {type(e).__name__}: '
+                              f'{" ".join(str(e).split())}') from None
 
         self.micro_per_epoch = self.data.samples_per_rank() // cfg.data.batch_size
         self.updates_per_epoch = self.micro_per_epoch // tc.grad_accum_steps
