@@ -433,6 +433,22 @@ def test_layer_decay_groups_keep_the_ssm_lr():
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_ssm_groups_keep_the_models_no_weight_decay():
+    """timm's factory never gives a param_group_fn the model's no_weight_decay(): param_groups_ssm reads it itself,
+    so the README's recipe decays what plain create_optimizer_v2 decays (not a ViT's pos_embed and cls_token)."""
+    model = timm.create_model('vit_tiny_patch16_224', depth=1, img_size=32)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(opt):
+        return {names[id(p)] for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+
+    plain = decayed(create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05))
+    assert not plain & {'pos_embed', 'cls_token'}
+    for layer_decay in (None, 0.75):
+        assert decayed(create_optimizer_v2(model, 'adamw', lr=1e-3, param_group_fn=partial(
+            param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, layer_decay=layer_decay))) == plain, layer_decay
+
+
 def test_the_model_is_built_for_the_training_size(tmp_path, folder):
     """S4ND models are created at data.img_size (their kernels' reference grids), not moved there afterwards;
     their data config says it."""

@@ -8,7 +8,8 @@ no weight decay. Use with timm's optimizer factory::
         param_group_fn=partial(param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3))
 
 Without `param_group_fn`, timm still excludes them from weight decay through the models'
-`no_weight_decay()`, which lists them.
+`no_weight_decay()`, which lists them; `param_groups_ssm` honours the rest of that list too (timm's factory
+does not pass it to a `param_group_fn`), e.g. a ViT's `pos_embed` and `cls_token`.
 """
 from typing import Any, Collection, Dict, List, Optional
 
@@ -30,16 +31,19 @@ def param_groups_ssm(
         weight_decay: float = 0.05,
         ssm_lr: Optional[float] = None,
         ssm_weight_decay: float = 0.0,
-        no_weight_decay_list: Collection[str] = (),
+        no_weight_decay_list: Optional[Collection[str]] = None,
         layer_decay: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """Split parameters into SSM / no-decay / decay groups.
 
     SSM parameters get `ssm_lr` (the optimizer's lr when None) and `ssm_weight_decay`; biases,
-    1-D parameters and names matching `no_weight_decay_list` (fnmatch patterns) get no weight decay.
+    1-D parameters and names matching `no_weight_decay_list` (fnmatch patterns; None = the model's
+    `no_weight_decay()`, as plain `create_optimizer_v2` uses it) get no weight decay.
     With `layer_decay`, timm's layer-wise groups (an `lr_scale` per depth, which timm's schedulers
     apply) are split the same way, so SSM parameters keep their own lr at every depth.
     """
+    if no_weight_decay_list is None:
+        no_weight_decay_list = tuple(getattr(model, 'no_weight_decay', lambda: ())())
     ssm_ids = {id(p) for _, p in ssm_parameters(model)}
     if layer_decay is not None:
         groups = param_groups_layer_decay(

@@ -150,8 +150,7 @@ class Trainer:
                 self.model, cfg.optim.opt, lr=self.lr, weight_decay=cfg.optim.weight_decay, **own,
                 param_group_fn=partial(
                     param_groups_ssm, weight_decay=cfg.optim.weight_decay, ssm_lr=ssm_lr,
-                    ssm_weight_decay=cfg.optim.ssm_weight_decay, layer_decay=cfg.optim.layer_decay,
-                    no_weight_decay_list=tuple(getattr(self.model, 'no_weight_decay', lambda: ())())))
+                    ssm_weight_decay=cfg.optim.ssm_weight_decay, layer_decay=cfg.optim.layer_decay))
         except (AssertionError, ImportError, ValueError) as e:  # e.g. CUDA-only (bitsandbytes, APEX), not installed
             raise ConfigError(f'optim.opt {cfg.optim.opt!r} cannot be created here: {type(e).__name__}: '
                               f'{" ".join(str(e).split())}') from None
