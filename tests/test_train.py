@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from functools import partial
 
 import numpy as np
@@ -408,6 +409,26 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
         GradientState._reset_state()
     for k, v in runs['big'].items():
         torch.testing.assert_close(runs['accum'][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_partial_last_accumulation_window_is_warned_about(tmp_path, folder):
+    """An epoch makes whole updates (resumption counts them): 8 micro-batches of 2 per epoch in updates of 3 leave
+    the last 2 out, which the run says at its start; not when the steps divide them or train.max_steps_per_epoch
+    ends the epoch before them anyway."""
+    for extra, warned in ((('train.grad_accum_steps=3',), True), (('train.grad_accum_steps=2',), False),
+                          (('train.grad_accum_steps=3', 'train.max_steps_per_epoch=1'), False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            Trainer(load_config(None, _overrides(folder, tmp_path / '-'.join(extra), 'data.batch_size=2', *extra)))
+        messages = [str(w.message) for w in caught if 'does not divide' in str(w.message)]
+        if warned:
+            assert len(messages) == 1 and messages[0].startswith(
+                'train.grad_accum_steps=3 does not divide the 8 micro-batches (data.batch_size=2) of an epoch per '
+                'process: the last 2 are left out, 4 of the 16 images an epoch draws'), messages
+        else:
+            assert not messages, extra
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def test_accumulation_steps_set_by_the_launcher_must_match_the_config(tmp_path, folder, monkeypatch):

@@ -20,6 +20,7 @@ every value in them is finite, so the last checkpoint is always one to resume fr
 import math
 import os
 import time
+import warnings
 from functools import partial
 from typing import Any, Dict, List, Optional
 
@@ -156,14 +157,23 @@ class Trainer:
                               f'{" ".join(str(e).split())}') from None
 
         self.micro_per_epoch = self.data.samples_per_rank() // cfg.data.batch_size
-        self.updates_per_epoch = self.micro_per_epoch // tc.grad_accum_steps
-        if tc.max_steps_per_epoch:
-            self.updates_per_epoch = min(self.updates_per_epoch, tc.max_steps_per_epoch)
+        full_updates = self.micro_per_epoch // tc.grad_accum_steps
+        self.updates_per_epoch = min(full_updates, tc.max_steps_per_epoch or full_updates)
         if self.updates_per_epoch < 1:
             raise ConfigError(
                 f'data.batch_size={cfg.data.batch_size} x {acc.num_processes} processes x '
                 f'{tc.grad_accum_steps} accumulation steps is more than the {self.data.num_train_samples} training '
                 f'{self.data.unit}')
+        left_out = self.micro_per_epoch - full_updates * tc.grad_accum_steps
+        if left_out and self.updates_per_epoch == full_updates and acc.is_main_process:
+            # (positions are counted in whole updates, so an epoch has no shorter last one, as timm's train.py has)
+            batch = cfg.data.batch_size * acc.num_processes
+            warnings.warn(
+                f'train.grad_accum_steps={tc.grad_accum_steps} does not divide the {self.micro_per_epoch} '
+                f'micro-batches (data.batch_size={cfg.data.batch_size}) of an epoch per process: the last {left_out} '
+                f'are left out, {left_out * batch} of the {self.micro_per_epoch * batch} {self.data.unit} an epoch '
+                f'draws (others each epoch, as they are shuffled); choose data.batch_size or train.grad_accum_steps '
+                f'so that it divides them')
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched.sched, num_epochs=tc.epochs, warmup_epochs=cfg.sched.warmup_epochs,
             warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, decay_rate=cfg.sched.decay_rate,
