@@ -101,7 +101,8 @@ def test_optimizers_keep_their_own_betas_and_eps_unless_set(folder, tmp_path):
             (('optim.opt=adan', 'optim.betas=[0.9, 0.99]'),
              r'optim.betas must be null or 3 values in \[0, 1\) for optim.opt adan, got \[0.9, 0.99\]'),
             (('optim.opt=sgd', 'optim.betas=[0.9, 0.99]'), r'optim.betas must be null: optim.opt sgd takes no betas'),
-            (('optim.opt=lion', 'optim.eps=1e-8'), r'optim.eps must be null: optim.opt lion takes no eps')):
+            (('optim.opt=lion', 'optim.eps=1e-8'), r'optim.eps must be null: optim.opt lion takes no eps'),
+            (('optim.opt=adahessian',), r"optim.opt must be a first-order optimizer: 'adahessian' needs second-order")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, _overrides(folder, tmp_path, *extra))
 

@@ -382,6 +382,9 @@ def _check_optimizer(optim: OptimConfig) -> None:
         raise ConfigError(f'optim.opt must be a timm optimizer (timm.optim.list_optimizers(), optionally with a '
                           f'lookahead_ prefix), got {optim.opt!r}{hint}')
     info = get_optimizer_info(parts[-1])
+    if info.second_order:  # (its step reads Hessian-vector products: a backward pass with create_graph=True)
+        raise ConfigError(f'optim.opt must be a first-order optimizer: {optim.opt!r} needs second-order gradients '
+                          f'(backward with create_graph=True), which the trainer does not compute')
     if optim.betas is not None:
         expectation = (f'null or {info.num_betas} values in [0, 1) for optim.opt {optim.opt}' if info.has_betas else
                        f'null: optim.opt {optim.opt} takes no betas')
