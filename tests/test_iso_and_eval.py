@@ -28,7 +28,7 @@ from s4nd_vision.eval.resolution import (
     load_model,
     min_input_size,
 )
-from s4nd_vision.layers import S4ND, set_bandlimit
+from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel, set_bandlimit
 from s4nd_vision.train.optim import ssm_param_names
 from s4nd_vision.utils import replaced_atomically
 
@@ -77,6 +77,16 @@ def test_conv_twin_differs_only_in_the_mixer():
     outside = lambda model: {k: v.shape for k, v in model.state_dict().items() if '.conv_dw.' not in k}  # noqa: E731
     assert outside(s4nd) == outside(conv)
     assert len(outside(s4nd)) < len(s4nd.state_dict())
+
+
+def test_kernel_is_a_keyword_as_in_the_other_families():
+    """`kernel=` as ConvNeXt-S4ND takes it; the default init (LegS) of the SSM kernels, none for SGConv."""
+    for kernel, cls in [('s4d', SSMKernel), ('s4', S4Kernel), ('sgconv', SGConvKernel)]:
+        model = _mnist('s4nd_iso_tiny', kernel=kernel, **SMALL_KWARGS)
+        kernels = [k for b in model.blocks for k in b.conv_dw.kernels]
+        assert all(type(k) is cls for k in kernels), kernel
+        assert {getattr(k, 'init', None) for k in kernels} == ({None} if kernel == 'sgconv' else {'legs'})
+        assert model(torch.randn(1, 1, 14, 14)).shape == (1, 10)
 
 
 @pytest.mark.parametrize('name', ['s4nd_iso_tiny', 'conv_iso_tiny'])

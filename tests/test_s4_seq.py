@@ -116,6 +116,18 @@ def test_input_and_argument_errors():
     assert model.seq_len == 784 and model.pretrained_cfg['input_size'] == (1, 784)
 
 
+def test_bandlimit_is_a_keyword_as_in_the_other_families():
+    """`bandlimit=` reaches every S4ND layer; off by default (the S4 layer's), as `bandlimit=0` is."""
+    def cutoffs(model):
+        return {k.bandlimit for b in model.blocks for k in b.mixer.kernels}
+
+    assert cutoffs(_model()) == cutoffs(_model(bandlimit=0)) == {None}
+    assert cutoffs(_model(bandlimit=0.5)) == {0.5}
+    assert cutoffs(_model(kernel='s4', bandlimit=0.5)) == {0.5}
+    with pytest.raises(ValueError, match="bandlimit applies to the SSM kernels"):
+        _model(kernel='sgconv', bandlimit=0.5)
+
+
 @pytest.mark.parametrize('bidirectional', [False, True])
 def test_half_sampling_rate_matches_to_interpolation_error(bidirectional):
     """A smooth signal at half the sampling rate: with the rate following the input (kernels referenced to

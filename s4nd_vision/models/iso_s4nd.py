@@ -33,6 +33,8 @@ from ._checkpoint import stated_img_size
 
 __all__ = ['IsoS4ND']
 
+_DEFAULT_INIT = {'s4d': 'legs', 's4': 'legs'}  # (the zero-shot defaults above; SGConv takes no init)
+
 
 class IsoS4ND(S4NDModel):
     """Isotropic (no downsampling) S4ND network: (B, in_chans, H, W) -> (B, num_classes).
@@ -50,8 +52,9 @@ class IsoS4ND(S4NDModel):
             depth: int = 4,
             dim: int = 64,
             mixer_type: str = 's4nd',
+            kernel: str = 's4d',
             d_state: int = 64,
-            ssm_init: str = 'legs',
+            ssm_init: Optional[str] = None,
             dt_min: float = 0.05,
             dt_max: float = 0.5,
             bandlimit: Optional[float] = None,
@@ -73,10 +76,13 @@ class IsoS4ND(S4NDModel):
             depth: number of blocks.
             dim: channels of every block.
             mixer_type: the blocks' spatial mixer, 's4nd' or 'conv' (depthwise conv, the baseline).
-            d_state: SSM state size per axis ('s4nd').
-            ssm_init: S4D initialization of A, 'lin', 'inv' or 'legs' ('s4nd').
-            dt_min, dt_max: step size initialization range ('s4nd').
-            bandlimit: S4ND band-limiting cut-off, 0 or None = off ('s4nd').
+            kernel: per-axis kernel of every S4ND layer: 's4d' (diagonal SSM), 's4' (DPLR SSM) or 'sgconv'
+                (`S4ND`'s `kernel`; 's4nd').
+            d_state: SSM state size per axis ('s4d', 's4').
+            ssm_init: initialization of A: 'lin', 'inv' or 'legs' for 's4d', 'legs' for 's4' (None: 'legs', S4D-LegS
+                or HiPPO-LegS; 'sgconv' takes none).
+            dt_min, dt_max: step size initialization range ('s4d', 's4').
+            bandlimit: S4ND band-limiting cut-off ('s4d', 's4'), 0 or None = off.
             conv_kernel_size: depthwise kernel size ('conv').
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).
@@ -97,8 +103,9 @@ class IsoS4ND(S4NDModel):
         self.grad_checkpointing = False
         if mixer_type == 's4nd':
             mixer_layer = partial(
-                S4ND, ndim=2, d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit,
-                l_ref=self.img_size, **dd)
+                S4ND, ndim=2, kernel=kernel, d_state=d_state,
+                init=_DEFAULT_INIT.get(kernel) if ssm_init is None else ssm_init, dt_min=dt_min, dt_max=dt_max,
+                bandlimit=bandlimit, l_ref=self.img_size, **dd)
         else:
             mixer_layer = lambda chs: create_conv2d(chs, chs, conv_kernel_size, depthwise=True, **dd)  # noqa: E731
 

@@ -115,6 +115,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             ssm_init: Optional[str] = None,
             dt_min: float = 1e-3,
             dt_max: float = 1e-1,
+            bandlimit: Optional[float] = None,
             conv_kernel_size: int = 9,
             act_layer: Union[str, type] = 'gelu',
             drop_rate: float = 0.,
@@ -138,6 +139,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             d_state: SSM state size ('s4d', 's4').
             ssm_init: SSM initialization (None = the kernel's default; see `S4ND`).
             dt_min, dt_max: step size initialization range ('s4d', 's4').
+            bandlimit: S4ND band-limiting cut-off ('s4d', 's4'); 0 or None = off (the S4 layer's default).
             conv_kernel_size: depthwise kernel size ('conv').
             act_layer: activation after the mixer.
             drop_rate: head dropout.
@@ -165,7 +167,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         self.stem = nn.Conv1d(in_chans, dim, kernel_size=1, **dd)
         self.blocks = nn.Sequential(*[
             SeqS4NDBlock(dim, self._make_mixer(
-                dim, kernel, d_state, ssm_init, dt_min, dt_max, conv_kernel_size, dd),
+                dim, kernel, d_state, ssm_init, dt_min, dt_max, bandlimit, conv_kernel_size, dd),
                 act_layer=act_layer, drop=proj_drop_rate, drop_path=rate, **dd)
             for rate in calculate_drop_path_rates(drop_path_rate, depth)
         ])
@@ -175,10 +177,11 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         named_apply(_init_weights, self)
 
-    def _make_mixer(self, dim, kernel, d_state, ssm_init, dt_min, dt_max, conv_kernel_size, dd) -> nn.Module:
+    def _make_mixer(self, dim, kernel, d_state, ssm_init, dt_min, dt_max, bandlimit, conv_kernel_size,
+                    dd) -> nn.Module:
         if self.mixer == 's4nd':
             return S4ND(dim, ndim=1, d_state=d_state, bidirectional=self.bidirectional, kernel=kernel, init=ssm_init,
-                        dt_min=dt_min, dt_max=dt_max, l_ref=self.seq_len, **dd)
+                        dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit, l_ref=self.seq_len, **dd)
         if self.bidirectional:
             padding = (conv_kernel_size // 2, (conv_kernel_size - 1) // 2)
         else:
