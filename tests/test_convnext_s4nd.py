@@ -67,6 +67,31 @@ def test_defaults_and_paper_variants():
         assert _ssm_settings(ConvNeXtS4ND(depths=(1, 1), dims=(8, 16), bandlimit=None)) == {('inv', 0.1, 1.0, 1.0)}
 
 
+
+def test_ssm_init_errors_name_the_keyword_and_paper_models_take_any_kernel():
+    """A bad `ssm_init` is refused in the model's keywords (the layers name their own `init`), for every family;
+    a `*_paper` model with another kernel keeps that kernel's init (S4D-Lin is an S4D init) and takes the rest
+    of `PAPER_SSM`, instead of blaming an init the user never passed."""
+    with torch.device('meta'):
+        for name in ('convnext_s4nd_atto', 'convnext_s4nd_3d_atto', 'vit_s4nd_atto_patch16_224', 's4nd_iso_tiny',
+                     's4nd_seq_atto'):
+            with pytest.raises(ValueError, match=r"ssm_init must be one of \('lin', 'inv', 'legs'\) for "
+                                                 r"kernel='s4d' \(or None for the default\), got 'fourier'"):
+                timm.create_model(name, ssm_init='fourier')
+        with pytest.raises(ValueError, match=r"ssm_init must be one of \('legs',\) for kernel='s4'"):
+            timm.create_model('convnext_s4nd_atto', kernel='s4', ssm_init='lin')
+        with pytest.raises(ValueError, match=r"ssm_init applies to the SSM kernels \('s4d', 's4'\), not "
+                                             r"kernel='sgconv' \(pass ssm_init=None\)"):
+            timm.create_model('convnext_s4nd_atto', kernel='sgconv', ssm_init='lin')
+        with pytest.raises(ValueError, match=r"kernel must be one of \('s4d', 's4', 'sgconv'\), got 's5'"):
+            timm.create_model('vit_s4nd_atto_patch16_224', kernel='s5')
+        s4 = timm.create_model('convnext_s4nd_tiny_paper', kernel='s4')
+        assert {(k.init, k.dt_min, k.dt_max, k.bandlimit) for k in s4.modules() if isinstance(k, S4Kernel)} == {
+            ('legs', 0.1, 1.0, None)}
+        sgconv = timm.create_model('convnext_s4nd_tiny_paper', kernel='sgconv')
+        assert not any(isinstance(k, SSMKernel) for k in sgconv.modules())
+        assert _ssm_settings(timm.create_model('convnext_s4nd_tiny_paper')) == {('lin', 0.1, 1.0, None)}
+
 def test_tiny_parameter_count():
     with torch.device('meta'):
         s4nd = timm.create_model('convnext_s4nd_tiny')

@@ -162,6 +162,8 @@ def test_bad_input_errors():
     for bad in (1, '16', 4.0):
         with pytest.raises(ValueError, match='num_frames must be an integer of at least 2'):
             timm.create_model('convnext_s4nd_3d_atto', num_frames=bad)
+    with pytest.raises(ValueError, match=r"time_bidirectional must be a bool \(False: causal in time\), got 'no'"):
+        timm.create_model('convnext_s4nd_3d_atto', time_bidirectional='no')  # (not one of the layers' tuple)
 
 
 # ---------------------------------------------------------------------------------------------

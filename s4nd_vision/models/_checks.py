@@ -1,9 +1,28 @@
-"""Input checks shared by the models: a clear ValueError naming what is wrong with the input."""
+"""Checks shared by the models: a clear ValueError naming what is wrong with the input or with an argument."""
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['check_input']
+from ..layers import KERNELS, SSM_INITS
+
+__all__ = ['check_input', 'check_ssm_init']
+
+_KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
+
+
+def check_ssm_init(kernel: str, ssm_init: Optional[str]) -> None:
+    """Raise ValueError unless `kernel` is one of `KERNELS` and `ssm_init` is None (the model's default) or an init
+    of that kernel: in the model's keywords, where the layers' errors name their own `init`."""
+    if kernel not in KERNELS:
+        raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+    if ssm_init is None:
+        return
+    if kernel not in _KERNEL_INITS:
+        raise ValueError(f"ssm_init applies to the SSM kernels {tuple(_KERNEL_INITS)}, not kernel={kernel!r} "
+                         f"(pass ssm_init=None), got {ssm_init!r}")
+    if ssm_init not in _KERNEL_INITS[kernel]:
+        raise ValueError(f'ssm_init must be one of {_KERNEL_INITS[kernel]} for kernel={kernel!r} (or None for the '
+                         f'default), got {ssm_init!r}')
 
 
 def check_input(

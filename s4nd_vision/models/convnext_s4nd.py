@@ -16,7 +16,7 @@ stride, saved with the weights) and derives its step-size rate from each input's
 evaluating at a new resolution needs nothing. `set_input_size(img_size)` makes another resolution
 the native one (the data config's), keeping the model's function, as in timm.
 """
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -82,6 +82,12 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'first_conv': 'stem.0', 'classifier': 'head.fc',
         'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
     }
+
+
+def _paper_ssm(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """`PAPER_SSM` as it applies to the kernel in `kwargs`: its init, S4D-Lin, is an S4D init, so another kernel
+    keeps its own (S4's HiPPO-LegS, none for SGConv) and takes the step sizes and band-limit."""
+    return {k: v for k, v in PAPER_SSM.items() if k != 'ssm_init' or kwargs.get('kernel', 's4d') == 's4d'}
 
 
 _SGCONV_PAPER = dict(  # SGConv kernels in the ConvNeXt-S4ND architecture
@@ -150,21 +156,21 @@ def convnext_s4nd_base(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
 def convnext_s4nd_tiny_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-T with the published ImageNet S4ND settings (`PAPER_SSM`: S4D-Lin, dt in [0.1, 1], no
     band-limit) instead of the zero-shot defaults."""
-    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), **PAPER_SSM)
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), **_paper_ssm(kwargs))
     return _create_convnext_s4nd('convnext_s4nd_tiny_paper', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnext_s4nd_small_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-S with the published ImageNet S4ND settings (`PAPER_SSM`)."""
-    model_args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **PAPER_SSM)
+    model_args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **_paper_ssm(kwargs))
     return _create_convnext_s4nd('convnext_s4nd_small_paper', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnext_s4nd_base_paper(pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     """ConvNeXt-S4ND-B with the published ImageNet S4ND settings (`PAPER_SSM`)."""
-    model_args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **PAPER_SSM)
+    model_args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **_paper_ssm(kwargs))
     return _create_convnext_s4nd('convnext_s4nd_base_paper', pretrained=pretrained, **dict(model_args, **kwargs))
 
 

@@ -92,6 +92,8 @@ class ConvNeXt3d(ConvNeXtBase):
         """
         if mixer_type not in MIXER_TYPES:
             raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
+        if not isinstance(time_bidirectional, bool):  # (bool('no') is True)
+            raise ValueError(f'time_bidirectional must be a bool (False: causal in time), got {time_bidirectional!r}')
         if not time_bidirectional and mixer_type == 'conv':
             raise ValueError("time_bidirectional=False needs S4ND blocks (mixer_type='s4nd'): the blocks' depthwise "
                              "(3, 7, 7) convs see both directions in time")

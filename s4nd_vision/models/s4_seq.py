@@ -40,7 +40,7 @@ from timm.models._features import feature_take_indices
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence
 from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
-from ._checks import check_input
+from ._checks import check_input, check_ssm_init
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
@@ -149,6 +149,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         super().__init__()
         if mixer not in MIXER_TYPES:
             raise ValueError(f'mixer must be one of {MIXER_TYPES}, got {mixer!r}')
+        check_ssm_init(kernel, ssm_init)
         if global_pool not in POOLS:
             raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
         if not isinstance(seq_len, int) or seq_len < 1:

@@ -56,7 +56,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from ..layers import S4ND, stacked_kernels
 from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, feature_cfg, update_model_args
 from ._checkpoint import stated_img_size
-from ._checks import check_input
+from ._checks import check_input, check_ssm_init
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 torch.fx.wrap('rearrange')  # (einops does not take FX proxies)
@@ -201,6 +201,7 @@ class VisionTransformerS4ND(S4NDModel):
         check_global_pool(global_pool)
         if token_layout not in _LAYOUT_DT:
             raise ValueError(f'token_layout must be one of {tuple(_LAYOUT_DT)}, got {token_layout!r}')
+        check_ssm_init(kernel, ssm_init)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
