@@ -4,6 +4,7 @@ input size; the S4ND layers' reference grids travel with the weights. The cfg's 
 weights' (timm adapts the first conv to `in_chans` from it); the model's own is `get_model_input_config`'s."""
 import logging
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -222,3 +223,19 @@ def test_sizes_and_poolings_the_models_cannot_run_are_refused_when_built():
             timm.create_model(name, global_pool='token')
         with pytest.raises(ValueError, match="global_pool='map'"):
             timm.create_model(name).reset_classifier(5, 'map')
+
+
+@pytest.mark.parametrize('family', [f for f in FAMILIES if f != 'seq'])
+def test_img_size_that_is_not_one_or_two_positive_integers_is_refused_by_name(family):
+    """Every image and video family refuses it as `img_size`, at construction and in `set_input_size`, rather than
+    as an error about a layer's grid or pooling (or a KeyError); NumPy integers pass, kept as ints."""
+    name, kwargs, _, _ = FAMILIES[family]
+    with torch.device('meta'):
+        for bad in ((64, 64, 64), 64.0, 0, (64, -64), True, '64'):
+            with pytest.raises(ValueError, match=r'img_size must be a positive integer, or two \(H, W\), got '):
+                timm.create_model(name, **dict(kwargs, img_size=bad))
+        model = timm.create_model(name, **kwargs)
+        with pytest.raises(ValueError, match=r'img_size must be a positive integer, or two \(H, W\), got 64.0'):
+            model.set_input_size(64.0)
+        model.set_input_size(np.int64(64))  # (timm's builder itself takes no NumPy img_size)
+        assert model.img_size == (64, 64) and all(type(s) is int for s in model.img_size)

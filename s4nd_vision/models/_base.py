@@ -10,14 +10,14 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, to_2tuple, trunc_normal_
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, get_device_dtype, trunc_normal_
 from timm.models import FeatureDictNet, FeatureHookNet, FeatureListNet, checkpoint, named_apply
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._features_fx import FeatureGraphNet
 
 from ..layers import S4ND, ssm_parameters, stacked_kernels
 from ..layers.s4nd import SCRIPT_ALTERNATIVES
-from ._checks import check_input
+from ._checks import check_img_size, check_input
 
 try:  # timm's record of a model's current input size and arguments, apart from its source cfg (recent timm)
     from timm.models._input import update_model_args, update_model_input_size
@@ -276,7 +276,7 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         `img_size` and `pretrained_cfg['input_size']`, so `timm.data.resolve_model_data_config` gives the
         new size.
         """
-        img_size = self.img_size if img_size is None else to_2tuple(img_size)
+        img_size = self.img_size if img_size is None else check_img_size(img_size)
         self._check_input_size(img_size)
         self.img_size = img_size
         self.record_input_size()

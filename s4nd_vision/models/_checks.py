@@ -1,13 +1,24 @@
 """Checks shared by the models: a clear ValueError naming what is wrong with the input or with an argument."""
+from collections.abc import Iterable
 from typing import Optional, Tuple
 
 import torch
 
 from ..layers import KERNELS, SSM_INITS
+from ..layers.ssm_kernel import is_int
 
-__all__ = ['check_input', 'check_ssm_init']
+__all__ = ['check_input', 'check_ssm_init', 'check_img_size']
 
 _KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
+
+
+def check_img_size(img_size) -> Tuple[int, int]:
+    """`img_size` as (H, W) (one integer: a square), after raising ValueError unless it is one or two positive
+    integers (NumPy's too): here, rather than as an error about a layer's grid or pooling."""
+    size = tuple(img_size) if isinstance(img_size, Iterable) and not isinstance(img_size, str) else (img_size,) * 2
+    if len(size) != 2 or not all(is_int(s) and s > 0 for s in size):
+        raise ValueError(f'img_size must be a positive integer, or two (H, W), got {img_size!r}')
+    return int(size[0]), int(size[1])
 
 
 def check_ssm_init(kernel: str, ssm_init: Optional[str]) -> None:

@@ -16,14 +16,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace_module, to_2tuple
+from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace_module
 from timm.models import FeatureListNet, checkpoint_seq
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
 from ._base import S4NDModel, SSMNoWeightDecay, s4nd_grids
-from ._checks import check_input, check_ssm_init
+from ._checks import check_img_size, check_input, check_ssm_init
 
 __all__ = [
     'ConvNeXtBase', 'ConvNeXtFeatures', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES',
@@ -296,7 +296,7 @@ class ConvNeXtBase(S4NDModel):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.img_size = to_2tuple(img_size)
+        self.img_size = check_img_size(img_size)
         # img_size: at least the total stride without dilation, which the reference grids follow
         self.min_img_size = self.stem_stride[-1] * self.down[-1] ** (len(depths) - 1)
         self._check_input_size(self.img_size)

@@ -36,12 +36,12 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
+from ._checks import check_img_size
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
 from .inflate import default_time_init, inflate_state_dict, is_2d_state_dict
 
@@ -135,7 +135,7 @@ class ConvNeXt3d(ConvNeXtBase):
         """Make `num_frames` x `img_size` the model's native clip size (None keeps one), keeping its function:
         the S4ND layers keep their reference grids (see `S4NDModel.set_input_size`), `pretrained_cfg['input_size']`
         becomes (C, T, H, W)."""
-        img_size = self.img_size if img_size is None else to_2tuple(img_size)
+        img_size = self.img_size if img_size is None else check_img_size(img_size)
         num_frames = self.num_frames if num_frames is None else num_frames
         self._check_input_size(img_size)
         _check_num_frames(num_frames)

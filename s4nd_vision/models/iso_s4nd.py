@@ -24,13 +24,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d, to_2tuple
+from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, stacked_kernels
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel, feature_cfg
 from ._checkpoint import stated_img_size
-from ._checks import check_ssm_init
+from ._checks import check_img_size, check_ssm_init
 
 __all__ = ['IsoS4ND']
 
@@ -99,7 +99,7 @@ class IsoS4ND(S4NDModel):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.img_size = to_2tuple(img_size)
+        self.img_size = check_img_size(img_size)
         self.mixer_type = mixer_type
         self.min_input_size = 1  # no downsampling: every side length works
         self.grad_checkpointing = False

@@ -56,7 +56,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from ..layers import S4ND, stacked_kernels
 from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, feature_cfg, update_model_args
 from ._checkpoint import stated_img_size
-from ._checks import check_input, check_ssm_init
+from ._checks import check_img_size, check_input, check_ssm_init
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 torch.fx.wrap('rearrange')  # (einops does not take FX proxies)
@@ -211,7 +211,7 @@ class VisionTransformerS4ND(S4NDModel):
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            img_size=check_img_size(img_size), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             output_fmt='NHWC', strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_pad, **dd)
         self._check_input_size(self.patch_embed.img_size)
         grid_size = self.patch_embed.grid_size
@@ -257,7 +257,7 @@ class VisionTransformerS4ND(S4NDModel):
         ViT does (FlexiViT's pseudo-inverse); the S4ND layers keep their reference grids, so their continuous
         kernels cover the same image extent on the finer or coarser token grid. Like timm's, it replaces
         `patch_embed.proj`: build the optimizer after."""
-        img_size = self.img_size if img_size is None else to_2tuple(img_size)
+        img_size = self.img_size if img_size is None else check_img_size(img_size)
         patch_size = self.patch_embed.patch_size if patch_size is None else to_2tuple(patch_size)
         self._check_input_size(img_size, patch_size)
         if patch_size != self.patch_embed.patch_size:
