@@ -1,7 +1,9 @@
 """The 1D sequence classifier (models/s4_seq.py): its recurrent view, sampling-rate change, training, and
 sequential MNIST-5k."""
+import json
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -126,6 +128,22 @@ def test_bandlimit_is_a_keyword_as_in_the_other_families():
     assert cutoffs(_model(kernel='s4', bandlimit=0.5)) == {0.5}
     with pytest.raises(ValueError, match="bandlimit applies to the SSM kernels"):
         _model(kernel='sgconv', bandlimit=0.5)
+
+
+def test_seq_len_takes_numpy_integers_and_refuses_bools():
+    """`seq_len` is checked as the other size arguments are: NumPy integers pass (kept as ints, which a JSON
+    config needs), True does not pass as 1."""
+    for name in ('s4nd_seq_atto', 'conv_seq_tiny'):
+        for bad in (True, 64.0, 0):
+            with pytest.raises(ValueError, match=f'seq_len must be a positive integer, got {bad!r}'):
+                timm.create_model(name, seq_len=bad)
+    model = timm.create_model('s4nd_seq_atto', seq_len=np.int64(50))
+    assert type(model.seq_len) is int and model.pretrained_cfg['input_size'] == (1, 50)
+    json.dumps(model.pretrained_cfg)
+    model.set_input_size(np.int64(64))
+    assert type(model.seq_len) is int and model.pretrained_cfg['input_size'] == (1, 64)
+    with pytest.raises(ValueError, match='seq_len must be a positive integer, got True'):
+        model.set_input_size(True)
 
 
 @pytest.mark.parametrize('bidirectional', [False, True])

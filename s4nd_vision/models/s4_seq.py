@@ -38,6 +38,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence
+from ..layers.ssm_kernel import check_sizes
 from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input, check_ssm_init
@@ -152,15 +153,14 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         check_ssm_init(kernel, ssm_init)
         if global_pool not in POOLS:
             raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f'seq_len must be a positive integer, got {seq_len!r}')
+        check_sizes(seq_len=seq_len)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self._traits = dict(first_conv=None)  # timm's loader adapts Conv2d stems only: `checkpoint_filter_fn` does
         self.global_pool = global_pool
         self.drop_rate = drop_rate
-        self.seq_len = seq_len
+        self.seq_len = int(seq_len)  # (a NumPy integer too, as the other size arguments)
         self.mixer = mixer
         self.bidirectional = bidirectional
         self.grad_checkpointing = False
@@ -196,13 +196,12 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         """Make `seq_len` the model's native length (None keeps it, as in timm), keeping its function: the S4ND
         layers keep their reference grids (saved with the weights; the rate follows the input),
         `pretrained_cfg['input_size']` becomes (C, seq_len)."""
-        seq_len = self.seq_len if seq_len is None else seq_len
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f'seq_len must be a positive integer, got {seq_len!r}')
-        self.seq_len = seq_len
+        if seq_len is not None:
+            check_sizes(seq_len=seq_len)
+            self.seq_len = int(seq_len)
         if getattr(self, 'pretrained_cfg', None) is not None:  # (set by timm's builder)
-            self.pretrained_cfg.update(input_size=(self.in_chans, seq_len), pool_size=(seq_len,))
-        update_model_args(self, seq_len=seq_len)
+            self.pretrained_cfg.update(input_size=(self.in_chans, self.seq_len), pool_size=(self.seq_len,))
+        update_model_args(self, seq_len=self.seq_len)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -367,7 +366,8 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
         # the last 4 blocks
         feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)
-    model.pretrained_cfg.update(input_size=(kwargs['in_chans'], kwargs['seq_len']), pool_size=(kwargs['seq_len'],))
+    seq_len = int(kwargs['seq_len'])  # (the model took it: an integer, maybe NumPy's)
+    model.pretrained_cfg.update(input_size=(kwargs['in_chans'], seq_len), pool_size=(seq_len,))
     return model
 
 
