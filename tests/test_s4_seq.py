@@ -146,6 +146,24 @@ def test_seq_len_takes_numpy_integers_and_refuses_bools():
         model.set_input_size(True)
 
 
+def test_baselines_refuse_what_their_s4nd_twins_refuse():
+    """The conv baselines (no S4ND layer to object) check the S4ND keywords as their twins do, and the sequence
+    model's `bidirectional` is a bool whatever the mixer: 'false' would build a two-sided conv for a causal one."""
+    bad = [(dict(kernel='bogus'), r"kernel must be one of \('s4d', 's4', 'sgconv'\), got 'bogus'"),
+           (dict(ssm_init='bogus'), r"ssm_init must be one of \('lin', 'inv', 'legs'\) for kernel='s4d'"),
+           (dict(d_state=3), 'd_state must be a positive even integer, got 3'),
+           (dict(dt_min=-1.0), r'need finite 0 < dt_min <= dt_max, got dt_min=-1.0')]
+    with torch.device('meta'):
+        for name in ('conv_seq_tiny', 'conv_iso_tiny', 'convnext_3d_atto', 's4nd_seq_atto'):
+            for kwargs, match in bad:
+                with pytest.raises(ValueError, match=match):
+                    timm.create_model(name, **kwargs)
+        for name in ('conv_seq_tiny', 's4nd_seq_atto'):
+            with pytest.raises(ValueError, match=r"bidirectional must be a bool \(False: causal\), got 'false'"):
+                timm.create_model(name, bidirectional='false')
+        assert timm.create_model('conv_seq_tiny').blocks[0].mixer[0].padding == (8, 0)  # (causal: past samples)
+
+
 @pytest.mark.parametrize('bidirectional', [False, True])
 def test_half_sampling_rate_matches_to_interpolation_error(bidirectional):
     """A smooth signal at half the sampling rate: with the rate following the input (kernels referenced to

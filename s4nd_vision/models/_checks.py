@@ -5,9 +5,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..layers import KERNELS, SSM_INITS
-from ..layers.ssm_kernel import is_int
+from ..layers.ssm_kernel import check_ssm_args, is_int
 
-__all__ = ['check_input', 'check_ssm_init', 'check_img_size']
+__all__ = ['check_input', 'check_s4nd_args', 'check_img_size']
 
 _KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
 
@@ -21,9 +21,12 @@ def check_img_size(img_size) -> Tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def check_ssm_init(kernel: str, ssm_init: Optional[str]) -> None:
-    """Raise ValueError unless `kernel` is one of `KERNELS` and `ssm_init` is None (the model's default) or an init
-    of that kernel: in the model's keywords, where the layers' errors name their own `init`."""
+def check_s4nd_args(kernel: str, ssm_init: Optional[str], d_state: int, dt_min: float, dt_max: float) -> None:
+    """Raise ValueError unless `kernel` is one of `KERNELS`, `ssm_init` None (the model's default) or an init of that
+    kernel, and d_state, dt_min, dt_max what the SSM kernels take: in the model's keywords (the layers' errors name
+    their own `init`). The models check them whatever their mixer, so that a baseline refuses what its S4ND twin
+    refuses."""
+    check_ssm_args(d_state, dt_min, dt_max)
     if kernel not in KERNELS:
         raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
     if ssm_init is None:

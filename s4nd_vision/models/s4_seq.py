@@ -41,7 +41,7 @@ from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence
 from ..layers.ssm_kernel import check_sizes
 from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
-from ._checks import check_input, check_ssm_init
+from ._checks import check_input, check_s4nd_args
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
@@ -150,7 +150,9 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         super().__init__()
         if mixer not in MIXER_TYPES:
             raise ValueError(f'mixer must be one of {MIXER_TYPES}, got {mixer!r}')
-        check_ssm_init(kernel, ssm_init)
+        check_s4nd_args(kernel=kernel, ssm_init=ssm_init, d_state=d_state, dt_min=dt_min, dt_max=dt_max)
+        if not isinstance(bidirectional, bool):  # (bool('false') is True: a two-sided conv for a causal one)
+            raise ValueError(f'bidirectional must be a bool (False: causal), got {bidirectional!r}')
         if global_pool not in POOLS:
             raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
         check_sizes(seq_len=seq_len)

@@ -56,7 +56,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from ..layers import S4ND, stacked_kernels
 from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, feature_cfg, update_model_args
 from ._checkpoint import stated_img_size
-from ._checks import check_img_size, check_input, check_ssm_init
+from ._checks import check_img_size, check_input, check_s4nd_args
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 torch.fx.wrap('rearrange')  # (einops does not take FX proxies)
@@ -201,7 +201,10 @@ class VisionTransformerS4ND(S4NDModel):
         check_global_pool(global_pool)
         if token_layout not in _LAYOUT_DT:
             raise ValueError(f'token_layout must be one of {tuple(_LAYOUT_DT)}, got {token_layout!r}')
-        check_ssm_init(kernel, ssm_init)
+        default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
+        dt_min = default_dt_min if dt_min is None else dt_min
+        dt_max = default_dt_max if dt_max is None else dt_max
+        check_s4nd_args(kernel=kernel, ssm_init=ssm_init, d_state=d_state, dt_min=dt_min, dt_max=dt_max)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -216,12 +219,9 @@ class VisionTransformerS4ND(S4NDModel):
         self._check_input_size(self.patch_embed.img_size)
         grid_size = self.patch_embed.grid_size
 
-        default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
         s4nd_layer = partial(
-            S4ND, kernel=kernel, d_state=d_state, init=ssm_init,
-            dt_min=default_dt_min if dt_min is None else dt_min,
-            dt_max=default_dt_max if dt_max is None else dt_max,
-            bandlimit=bandlimit, **dd)
+            S4ND, kernel=kernel, d_state=d_state, init=ssm_init, dt_min=dt_min, dt_max=dt_max, bandlimit=bandlimit,
+            **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             S4NDViTBlock(
