@@ -91,6 +91,14 @@ def test_model_card_overrides_and_paper_citations():
     cites = card['citation']
     assert ids == ('arXiv:2210.09298', 'arXiv:2210.06583'), ids  # the SGConv variant cites both papers
     assert len(cites) == 2 and 'nguyen2022s4nd' in cites[0] and 'li2023sgconv' in cites[1]
+    # the sequence models (the S4 block, S4ND layers) cite S4 and S4ND
+    seq = timm.create_model('s4nd_seq_atto', seq_len=16)
+    assert seq.pretrained_cfg['paper_ids'] == ('arXiv:2111.00396', 'arXiv:2210.06583')
+    card = model_card(seq)
+    assert card['details']['Papers'] == ['Efficiently Modeling Long Sequences with Structured State Spaces',
+                                         'https://arxiv.org/abs/2111.00396', 'https://arxiv.org/abs/2210.06583']
+    assert [c.split(',')[0] for c in card['citation']] == ['@inproceedings{nguyen2022s4nd',
+                                                           '@inproceedings{gu2022efficiently']
 
 
 @pytest.mark.parametrize('name, kwargs, input_size, pool_size', [

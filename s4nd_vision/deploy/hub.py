@@ -37,6 +37,12 @@ CITATIONS = {
   volume={35},
   year={2022}
 }""",
+    'arXiv:2111.00396': """@inproceedings{gu2022efficiently,
+  title={Efficiently Modeling Long Sequences with Structured State Spaces},
+  author={Gu, Albert and Goel, Karan and R{\\'e}, Christopher},
+  booktitle={International Conference on Learning Representations},
+  year={2022}
+}""",
     'arXiv:2210.09298': """@inproceedings{li2023sgconv,
   title={What Makes Convolutional Models Great on Long Sequence Modeling?},
   author={Li, Yuhong and Cai, Tianle and Zhang, Yi and Chen, Deming and Dey, Debadeepta},

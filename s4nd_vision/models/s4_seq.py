@@ -49,6 +49,9 @@ __all__ = ['SeqS4ND', 'SeqS4NDBlock', 'SeqState']
 
 POOLS = ('avg', 'max', 'last', '')
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+_S4_PAPER = dict(  # the S4 block and layer, as S4ND layers (the papers of the module docstring)
+    paper_ids=('arXiv:2111.00396', 'arXiv:2210.06583'),
+    paper_name='Efficiently Modeling Long Sequences with Structured State Spaces')
 
 
 class SeqState(NamedTuple):
@@ -379,7 +382,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'num_classes': 10, 'input_size': (1, 784), 'pool_size': (784,), 'fixed_input_size': False,
         'mean': MNIST_MEAN, 'std': MNIST_STD,
         'first_conv': 'stem', 'classifier': 'head',
-        'license': 'apache-2.0', **LIBRARY_CFG, **kwargs,
+        'license': 'apache-2.0', **_S4_PAPER, **LIBRARY_CFG, **kwargs,
     }
 
 
