@@ -157,6 +157,21 @@ def test_a_data_config_input_size_is_kept(tmp_path, name, kwargs, size):
         assert loaded.pretrained_cfg['input_size'] == (*built[:-2], 96, 96)
 
 
+def test_the_card_describes_the_model_as_built():
+    """A baseline is not called an S4ND model, and a model built with SGConv kernels cites SGConv whatever its
+    registry name."""
+    for name in ('convnext_3d_atto', 'conv_iso_tiny', 'conv_seq_tiny'):
+        card = model_card(timm.create_model(name))
+        assert 'a baseline without S4ND layers' in card['description'] and ': an S4ND model' not in card['description']
+    card = model_card(timm.create_model('convnext_s4nd_atto', img_size=64))
+    assert ': an S4ND model' in card['description'] and len(card['citation']) == 1
+    for name in ('convnext_s4nd_atto', 'convnext_sgconv_atto'):
+        card = model_card(timm.create_model(name, img_size=64, kernel='sgconv'))
+        assert [c.split(',')[0] for c in card['citation']] == ['@inproceedings{nguyen2022s4nd',
+                                                               '@inproceedings{li2023sgconv'], name
+        assert card['details']['Papers'].count('https://arxiv.org/abs/2210.09298') == 1, name
+
+
 @pytest.mark.parametrize('has_readme', [False, True])
 def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
     """timm's push_to_hf_hub with our card and config; the Hub client is replaced by one that reads the folder

@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Tuple
 import torch.nn as nn
 from timm.layers import to_2tuple
 
+from ..layers import S4ND
 from ..utils.files import replaced_atomically
 
 __all__ = ['PACKAGE', 'CITATIONS', 'model_card', 'save_for_hf', 'push_to_hub']
@@ -51,6 +52,7 @@ CITATIONS = {
 }""",
 }
 _S4ND = 'arXiv:2210.06583'
+_SGCONV = 'arXiv:2210.09298'
 # by the number of axes of the pretrained_cfg's pool_size (the final feature grid)
 _MODEL_TYPES = {1: 'Sequence classification / feature backbone', 2: 'Image classification / feature backbone',
                 3: 'Video classification / feature backbone'}
@@ -114,6 +116,9 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
     name = cfg.get('architecture') or type(model).__name__
     ids = cfg.get('paper_ids') or ()
     ids = [ids] if isinstance(ids, str) else list(ids)
+    kernels = {m.kernel for m in model.modules() if isinstance(m, S4ND)}  # (none: a baseline)
+    if 'sgconv' in kernels and _SGCONV not in ids:  # (built with kernel='sgconv', whatever the registry name)
+        ids.append(_SGCONV)
     papers = ([cfg['paper_name']] if cfg.get('paper_name') else []) + [
         f'https://arxiv.org/abs/{i.split(":")[-1]}' for i in ids]
     details = {
@@ -127,10 +132,11 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
     if papers:
         details['Papers'] = papers
     details['Original'] = f'{cfg.get("origin_url") or ORIGINAL_CODE} (the research code of the S4ND authors)'
+    what = ('an S4ND model (multidimensional state-space global convolutions)' if kernels else
+            'a baseline without S4ND layers (the convolutional counterpart of an S4ND model)')
     card = dict(
-        description=(f'`{name}`: an S4ND model (multidimensional state-space global convolutions) of the {PACKAGE} '
-                     'library for timm, an independent implementation of the S4ND architecture. Loading it needs '
-                     '`import s4nd_vision` first (see Model Usage).'),
+        description=(f'`{name}`: {what} of the {PACKAGE} library for timm, an independent implementation of the '
+                     'S4ND architecture. Loading it needs `import s4nd_vision` first (see Model Usage).'),
         details=details,
         usage=_usage(repo_id, _axes(model)),
         citation=[CITATIONS[i] for i in dict.fromkeys([_S4ND, *ids]) if i in CITATIONS],
