@@ -297,7 +297,7 @@ def s4nd_grids(
 
 def init_weights(module: nn.Module, name: Optional[str] = None, head_init_scale: float = 1.0) -> None:
     """ConvNeXt's init: truncated normal (std 0.02) convs and linears, zero biases, the classifier scaled."""
-    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -25,7 +25,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, calculate_drop_path_rates, get_act_layer, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, get_act_layer
 from timm.models import (
     build_model_with_cfg,
     checkpoint,
@@ -39,7 +39,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence
 from ..layers.ssm_kernel import check_sizes
-from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, update_model_args
+from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, init_weights, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input, check_s4nd_args
 
@@ -181,7 +181,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         self.num_features = self.head_hidden_size = dim
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        named_apply(_init_weights, self)
+        named_apply(init_weights, self)
 
     def _make_mixer(self, dim, kernel, d_state, ssm_init, dt_min, dt_max, bandlimit, conv_kernel_size,
                     dd) -> nn.Module:
@@ -343,12 +343,6 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             states.append(s)
         return x, SeqState(state.recurrences, tuple(states))
 
-
-def _init_weights(module: nn.Module, name: Optional[str] = None) -> None:
-    if isinstance(module, (nn.Conv1d, nn.Linear)):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SeqS4ND) -> Dict[str, torch.Tensor]:
