@@ -195,3 +195,36 @@ def test_a_resumed_run_sends_checkpointed_rows_it_never_logged_to_the_trackers(t
     MetricsLog(acc, cfg).begin(2, str(checkpoint))
     assert acc.logged == [(1, dict(epoch=1.0, top1=20.0))]
     assert [r.split(',')[0] for r in open(tmp_path / 'metrics.csv').read().splitlines()] == ['epoch', '0', '1']
+
+
+def test_non_finite_checks_reduce_fsdp2_shards():
+    """FSDP2's parameters and gradients are DTensors, which collectives refuse: the gradient and weight checks
+    all-reduce each process's verdict on its local shards (here FSDP2 on one gloo process), and still see a NaN."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from s4nd_vision.train.checkpoint import all_finite
+    from s4nd_vision.train.trainer import grad_norm
+
+    class Accelerator:  # what all_finite uses of one: the all-reduce of two processes that hold the same values
+        device, num_processes = torch.device('cpu'), 2
+
+        def reduce(self, tensor, reduction):
+            dist.all_reduce(tensor)
+            return tensor * self.num_processes
+
+    dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = timm.create_model('convnext_s4nd_atto', num_classes=4, img_size=32)
+        fully_shard(model)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        norm = grad_norm(model)
+        dist.all_reduce(norm)
+        expected = torch.linalg.vector_norm(torch.stack([p.grad.full_tensor().norm() for p in model.parameters()]))
+        torch.testing.assert_close(norm, expected)
+        assert all_finite(Accelerator(), model)
+        with torch.no_grad():
+            model.head.fc.weight.to_local()[0, 0] = float('nan')
+        assert not all_finite(Accelerator(), model)
+    finally:
+        dist.destroy_process_group()

@@ -19,7 +19,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -39,8 +39,8 @@ except ImportError:  # (not on Windows: run folders are not locked there)
 
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
-    'all_finite', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE', 'METRICS_FILE',
-    'LOCK_FILE', 'BEST_FILE', 'set_aside_newer', 'restore_best_weights',
+    'all_finite', 'local_shards', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE',
+    'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'set_aside_newer', 'restore_best_weights',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -382,9 +382,20 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], w
                       UserWarning, stacklevel=3)
 
 
+def local_shards(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """This process's parts of `tensors`: the local shard of an FSDP2 DTensor (collectives refuse DTensors; a check
+    of every process's shard covers the whole tensor), any other tensor as it is."""
+    tensors = list(tensors)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return tensors
+
+
 def all_finite(accelerator: Accelerator, *modules: nn.Module) -> bool:
-    """Whether every parameter and buffer of `modules` is finite on every process (a collective: all must call)."""
-    flags = [torch.isfinite(t).all() for m in modules for t in (*m.parameters(), *m.buffers())
+    """Whether every parameter and buffer of `modules` is finite on every process (a collective: all must call);
+    each process checks its shards under FSDP."""
+    flags = [torch.isfinite(t).all() for m in modules for t in local_shards((*m.parameters(), *m.buffers()))
              if t.is_floating_point() or t.is_complex()]
     ok = torch.stack(flags).all().float() if flags else torch.ones((), device=accelerator.device)
     if accelerator.num_processes > 1:

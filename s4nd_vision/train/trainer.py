@@ -49,6 +49,7 @@ from .checkpoint import (
     export_weights,
     latest_checkpoint,
     load_checkpoint,
+    local_shards,
     lock_run_folder,
     release_run_folder,
     restore_best_weights,
@@ -64,8 +65,9 @@ __all__ = ['Trainer', 'TrainingDiverged']
 
 
 def grad_norm(model: nn.Module) -> torch.Tensor:
-    """The 2-norm of all of `model`'s gradients (0 without any): not finite when any gradient is not."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    """The 2-norm of this process's gradients of `model` (its shards under FSDP; 0 without any): not finite when any
+    of them is not. A plain tensor, for the all-reduce that tells every process whether some gradient is not."""
+    grads = local_shards(p.grad for p in model.parameters() if p.grad is not None)
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
