@@ -228,3 +228,20 @@ def test_non_finite_checks_reduce_fsdp2_shards():
         assert not all_finite(Accelerator(), model)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('param_dtype, warns', [(torch.bfloat16, True), (torch.float32, False), (None, False)])
+def test_fsdp_mixed_precision_that_casts_parameters_is_warned_of(param_dtype, warns, recwarn):
+    """Accelerate's FSDP bf16 casts every parameter (the SSM's too) before the forward: the trainer warns."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from s4nd_vision.train.trainer import warn_fsdp_parameter_cast
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype)
+    fsdp = SimpleNamespace(fsdp_plugin=SimpleNamespace(mixed_precision_policy=policy))
+    warn_fsdp_parameter_cast(SimpleNamespace(distributed_type=DistributedType.FSDP, state=fsdp))
+    warn_fsdp_parameter_cast(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=None))
+    assert [str(w.message).split(' before')[0] for w in recwarn.list if 'FSDP' in str(w.message)] == (
+        [f'FSDP mixed precision casts every parameter to {param_dtype}'] if warns else [])

@@ -73,6 +73,21 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
+def warn_fsdp_parameter_cast(accelerator: Accelerator) -> None:
+    """Warn where FSDP's mixed precision casts the parameters (Accelerate's FSDP with bf16 or fp16): the SSM's are
+    rounded before kernel generation, which autocast alone keeps in float32."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    dtype = getattr(accelerator.state.fsdp_plugin.mixed_precision_policy, 'param_dtype', None)
+    if dtype is not None and dtype != torch.float32:
+        warnings.warn(
+            f'FSDP mixed precision casts every parameter to {dtype} before the forward, the S4ND layers\' SSM '
+            f'parameters (log dt, A, B, C) and SGConv sub-kernels too: kernel generation (float32) then starts from '
+            f'rounded values (Im A, up to about 1e3, moves by up to about 3; a layer\'s output changes by a few '
+            f'percent). To keep them float32, train with DDP, or FSDP with mixed precision no', UserWarning,
+            stacklevel=2)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss (or the weights) stopped being finite; nothing non-finite was written."""
 
@@ -103,6 +118,8 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        if acc.is_main_process:
+            warn_fsdp_parameter_cast(acc)
         if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
             raise ConfigError(f'train.mixed_precision (or accelerate launch --mixed_precision) is fp16, which runs on '
                               f'GPUs only: on {acc.device.type} Accelerate would train in float32; use bf16 or no')
