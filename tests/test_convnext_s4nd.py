@@ -1,5 +1,6 @@
 """ConvNeXt-S4ND specifics: registration, resolution control, checkpoints, optimizer groups, errors."""
 import copy
+import warnings
 from functools import partial
 
 import pytest
@@ -469,6 +470,55 @@ def test_fsdp_sharded_model_generates_kernels_layer_by_layer():
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 'sgconv'])
+def test_fsdp2_full_state_dicts_load_without_the_layers_records(kernel):
+    """torch's `set_model_state_dict` (Accelerate's load of FSDP2 full checkpoints) lists parameters and buffers
+    only, and refused the S4ND layers' records (l_ref, band-limit, SGConv decay); the trainer's FSDP checkpoints
+    leave them out (`state_dict_without_records`), and a model rebuilt from the config has them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from s4nd_vision.layers import state_dict_without_records
+    torch.manual_seed(0)
+    source = timm.create_model('convnext_s4nd_atto', img_size=32, num_classes=4, kernel=kernel)
+    model = timm.create_model('convnext_s4nd_atto', img_size=32, num_classes=4, kernel=kernel)
+    records = {k: v for k, v in source.state_dict().items() if k.endswith(('.l_ref', '.bandlimit', '.decay'))}
+    assert records
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())
+    try:
+        for stage in model.stages:
+            fully_shard(stage)
+        fully_shard(model)
+        with pytest.raises(KeyError):  # (torch's refusal of an entry that is neither a parameter nor a buffer)
+            set_model_state_dict(model, source.state_dict(), options=options)
+        with state_dict_without_records(), warnings.catch_warnings():
+            warnings.simplefilter('error')  # (no warning of the records' absence)
+            full = source.state_dict()
+            assert not set(records) & set(full)
+            set_model_state_dict(model, full, options=options)
+            assert set(get_model_state_dict(model, options=options)) == set(full)
+        loaded = get_model_state_dict(model, options=options)
+        for k, v in source.state_dict().items():
+            torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_trainers_fsdp_checkpoints_leave_the_records_out():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from s4nd_vision.train.checkpoint import _fsdp_records
+    model = timm.create_model('convnext_s4nd_atto', img_size=32)
+    for kind, kept in ((DistributedType.FSDP, False), (DistributedType.MULTI_GPU, True), (DistributedType.NO, True)):
+        with _fsdp_records(SimpleNamespace(distributed_type=kind)):
+            assert any(k.endswith('.l_ref') for k in model.state_dict()) == kept, kind
+    assert any(k.endswith('.l_ref') for k in model.state_dict())
 
 
 def test_inference_paths_agree_in_a_model():

@@ -2,6 +2,7 @@ from .convnext_block import ConvNeXtS4NDBlock
 from .glu import linear_glu
 from .norm import ChannelLayerNorm, LayerNorm3d
 from .ops import avg_pool_axes, channel_major, channels_first, conv_algorithm, separable_conv, two_sided_kernel
+from .records import state_dict_without_records
 from .recurrent import S4NDRecurrence
 from .s4_kernel import S4Kernel
 from .s4nd import KERNELS, S4ND, kernels_can_be_prepared, prepare_kernels, stacked_kernels

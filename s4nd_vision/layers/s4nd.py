@@ -25,6 +25,7 @@ from .ops import (
     conv_operators,
     separable_conv,
 )
+from .records import records_in_state_dict
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
@@ -251,8 +252,9 @@ class S4ND(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        grid = self.l_ref if self.l_ref is not None else (0,) * self.ndim
-        destination[prefix + 'l_ref'] = torch.tensor(grid, dtype=torch.int64, device='cpu')
+        if records_in_state_dict():
+            grid = self.l_ref if self.l_ref is not None else (0,) * self.ndim
+            destination[prefix + 'l_ref'] = torch.tensor(grid, dtype=torch.int64, device='cpu')
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

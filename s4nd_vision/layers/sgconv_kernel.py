@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .ops import generation_without_autocast
+from .records import records_in_state_dict
 from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel
 
 __all__ = ['SGConvKernel', 'sgconv_scales']
@@ -163,7 +164,8 @@ class SGConvKernel(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + 'decay'] = torch.tensor(float(self.decay), dtype=torch.float64).view(torch.int64)
+        if records_in_state_dict():
+            destination[prefix + 'decay'] = torch.tensor(float(self.decay), dtype=torch.float64).view(torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

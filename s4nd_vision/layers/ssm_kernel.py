@@ -20,6 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .hippo import legs_b, legs_nplr
 from .ops import backward_without_autocast, generation_without_autocast
+from .records import records_in_state_dict
 from .reference import ssm_kernel_reference, use_reference
 
 __all__ = [
@@ -115,8 +116,9 @@ class _DiagonalSSM(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        cut = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
-        destination[prefix + 'bandlimit'] = cut.view(torch.int64)
+        if records_in_state_dict():
+            cut = torch.tensor(self.bandlimit or 0.0, dtype=torch.float64, device='cpu')
+            destination[prefix + 'bandlimit'] = cut.view(torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -126,7 +128,7 @@ class _DiagonalSSM(nn.Module):
         if value is None:
             # (only for weights of this kernel without the record: a file of another model, e.g. a plain timm
             # ConvNeXt given to checkpoint_path, ends in the missing-keys error without a warning per kernel)
-            if any(prefix + name in state_dict for name in self._parameters):
+            if records_in_state_dict() and any(prefix + name in state_dict for name in self._parameters):
                 warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the '
                               f'model\'s own bandlimit={self.bandlimit} is kept; build the model with the band-limit '
                               'they were trained with (bandlimit=0 for none)', stacklevel=2)

@@ -17,17 +17,18 @@ import socket
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, is_compiled_module
+from accelerate.utils import DistributedType, broadcast_object_list, is_compiled_module
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..layers import state_dict_without_records
 from ..utils.files import replaced_atomically
 from ..utils.yaml12 import load_yaml
 from .config import ConfigError
@@ -264,7 +265,7 @@ def save_checkpoint(
             if name.startswith(('.tmp-step-', '.old-step-')):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
-    with _write_errors_as_oserror(tmp):
+    with _write_errors_as_oserror(tmp), _fsdp_records(acc):
         acc.save_state(tmp)
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -283,6 +284,14 @@ def save_checkpoint(
     acc.wait_for_everyone()
 
 
+def _fsdp_records(accelerator: Accelerator):
+    """Under FSDP, the model's state in checkpoints without the S4ND layers' records (`layers.records`): torch's
+    distributed state-dict functions refuse them (FSDP2's full state dict) or restore them on rank 0 only, and a
+    resumed run rebuilds its model from the same config, records included. Its exported weights keep them."""
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    return state_dict_without_records() if fsdp else nullcontext()
+
+
 def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, config: Optional[Dict] = None) -> None:
     """Restore everything registered with `accelerator` (`state` among it) from the checkpoint folder `path`.
 
@@ -298,7 +307,8 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
     if config is not None and saved is not None:
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
     try:
-        accelerator.load_state(path)
+        with _fsdp_records(accelerator):
+            accelerator.load_state(path)
     except ValueError as e:  # the optimizer's parameter groups (torch: 'loaded state dict has a different ...')
         if 'parameter group' not in str(e):
             raise
