@@ -19,6 +19,7 @@ from s4nd_vision.eval.kernel_report import (
     summarize,
 )
 from s4nd_vision.layers import S4ND, SSMKernel, set_bandlimit
+from s4nd_vision.layers.reference import ssm_kernel_reference
 from s4nd_vision.layers.ssm_kernel import _kept_modes, per_kernel, ssm_kernels
 
 
@@ -163,6 +164,30 @@ def test_generation_runs_over_the_modes_some_channel_keeps(rows, window):
                 assert (got[~mask] == 0).all(), name
                 got, want = got[mask], want[mask]
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize('name', ['log_a_real', 'a_imag', 'b', 'c'])
+@pytest.mark.parametrize('bad', [math.nan, math.inf])
+def test_a_non_finite_parameter_of_a_mode_left_out_is_not_hidden(name, bad):
+    """A NaN or infinity in a parameter of a mode that band-limiting masks in every channel, which CPU generation
+    leaves out (`_kept_modes`), makes that channel's kernel NaN, as generation over all modes does (the reference
+    formulation, and CUDA: 0 * NaN), so a broken model is not silently finite on the CPU only. The other channels
+    keep their kernels."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(3, d_state=12, num_kernels=2, init='lin', bandlimit=1.0)
+    with torch.no_grad():
+        kernel.log_dt.zero_()  # dt = 1: S4D-Lin's mode n (Im A = pi n) is kept for n = 0 only
+    clean = kernel(10)
+    with torch.no_grad():
+        values = kernel.c_pairs[1] if name == 'c' else getattr(kernel, name)  # (channel 1 of the second kernel)
+        values[1, 3] = bad
+    mask = kernel.mode_mask()
+    assert not mask[:, 3].any() and _kept_modes(mask.float()) == slice(0, 1)
+    reference = ssm_kernel_reference(kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c_pairs, 10,
+                                     mask=mask.float())
+    for k in (kernel(10), reference):
+        assert (k[1, 1] if name == 'c' else k[:, 1]).isnan().all()  # (C: the second kernel's, at least)
+        torch.testing.assert_close(k[:, [0, 2]], clean[:, [0, 2]].detach())
 
 
 def test_masked_modes_get_zero_gradient_in_a_model():

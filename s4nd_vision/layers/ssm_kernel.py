@@ -223,13 +223,10 @@ def as_complex(pairs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
-def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optional[torch.Tensor],
-           modes: Optional[slice] = None):
+def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optional[torch.Tensor]):
     """Parameters of several kernels (5 each: log_dt, log_a_real, a_imag, b, c) stacked along channels, B and C,
     masked by the band-limiting `mask` (H, N2) of 0s and 1s if given, as complex (H, N2) and (K, H, N2), with the
-    per-channel rate (a float when shared); with `modes` (`_kept_modes`) those modes only, sliced before stacking."""
-    if modes is not None:
-        params = [p if i % 5 == 0 else p[:, :, modes] if i % 5 == 4 else p[:, modes] for i, p in enumerate(params)]
+    per-channel rate (a float when shared)."""
     groups = [params[i: i + 5] for i in range(0, len(params), 5)]
     if len(groups) == 1:
         log_dt, log_a_real, a_imag, b, c = groups[0]
@@ -247,8 +244,9 @@ def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optiona
 def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
     """The modes from the first to the last that band-limiting keeps in any channel, as a slice of the mode axis;
     None where that is every mode, and off the CPU (the slice is read on the host, which would synchronize a GPU).
-    Generation over these modes equals generation over all: a masked mode's C~ is 0. (S4D's initializations order
-    the modes by frequency, so the kept ones are one run; how many: README, "2-core CPU".)"""
+    Generation over these modes equals generation over all: a masked mode's C~ is 0 (or NaN where its parameters
+    are not finite, which `_kept_values` keeps). (S4D's initializations order the modes by frequency, so the kept
+    ones are one run; how many: README, "2-core CPU".)"""
     if mask is None or mask.device.type != 'cpu':
         return None
     kept = mask.sum(0).nonzero()  # (a 0/1 float mask: `sum` is far faster than `any` across rows on the CPU)
@@ -258,8 +256,22 @@ def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
     return None if last - first + 1 == mask.shape[1] else slice(first, last + 1)
 
 
+def _kept_values(modes: slice, mask: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, b: torch.Tensor,
+                 c: torch.Tensor) -> tuple:
+    """The stacked values (`_stack`) of the `modes` only, and the mask of those modes plus, per channel, 0 times
+    the sum of all modes' parameters: the mask itself, or NaN in a channel where a parameter of a mode left out is
+    not finite. Generation over all modes (the reference formulation, and CUDA) gives that channel NaN (0 * NaN),
+    so a broken parameter is not hidden on the CPU either; (H, N2) work, the size of the values."""
+    # (sums over the last, contiguous axis: reductions over other axes are many times slower on the CPU)
+    total = (log_a_real.sum(1) + a_imag.sum(1) + torch.view_as_real(b).flatten(1).sum(1)
+             + torch.view_as_real(c).flatten(2).sum(2).sum(0))
+    mask = mask[:, modes] + total.mul(0)[:, None]
+    # (B and C contiguous: the complex products downstream are slower on strided views)
+    return log_a_real[:, modes], a_imag[:, modes], b[:, modes].contiguous(), c[:, :, modes].contiguous(), mask
+
+
 def _put_modes(g: torch.Tensor, modes: Optional[slice], n2: int) -> torch.Tensor:
-    """The gradient g (..., M) of values restricted to `modes` (`_stack`) for all n2 modes, (..., n2): zero for
+    """The gradient g (..., M) of values restricted to `modes` (`_kept_values`) for all n2 modes, (..., n2): zero for
     the modes left out."""
     if modes is None:
         return g
@@ -330,10 +342,11 @@ class _SSMKernelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runs: Tuple[Tuple[int, int], ...], rates, mask, *params):
         """runs: (rows, length) per output, the stacked rows in order."""
-        modes = _kept_modes(mask)  # the modes band-limiting removes everywhere cost nothing
+        modes = _kept_modes(mask)  # the modes band-limiting removes everywhere cost only a finiteness check
         # (the mask multiplies B e (H, modes), not C, num_kernels times as large)
-        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, rates, None, modes)
-        mask = mask if modes is None else mask[:, modes]
+        log_dt, log_a_real, a_imag, b, c, rate = _stack(params, rates, None)
+        if modes is not None:
+            log_a_real, a_imag, b, c, mask = _kept_values(modes, mask, log_a_real, a_imag, b, c)
         dt, a = _poles(log_dt, log_a_real, a_imag, rate)
         z, e = _discretize(dt, a)
         # (the stacked values are kept, (H, N2) small: the backward pass neither stacks nor discretizes again)
