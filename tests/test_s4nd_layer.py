@@ -299,16 +299,18 @@ def test_bf16_autocast_close_to_float32():
     assert ((y.float() - ref).norm() / ref.norm()) < 2e-2
 
 
-def test_backward_inside_autocast_equals_backward_outside():
+@pytest.mark.parametrize('kernel', ['s4d', 'sgconv', 's4'])
+def test_backward_inside_autocast_equals_backward_outside(kernel):
     """A training loop that calls .backward() inside the autocast region (common): S4ND's hand-written backward
     passes run as outside it, in the forward's dtypes (autocast recast their GEMMs: a bf16 product into a float32
-    accumulator failed). A small ConvNeXt-S4ND: the stem's fused projection, pooled downsampling, the blocks."""
+    accumulator failed), and so does every kernel type's generation (SGConv's kernel gradient was a bf16 product).
+    A small ConvNeXt-S4ND: the stem's fused projection, pooled downsampling, the blocks."""
     import timm
 
     import s4nd_vision  # noqa: F401
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=32, depths=[1, 1, 1, 1], dims=[8, 16, 16, 16],
-                              d_state=8, stem_chs=8)
+                              d_state=8, stem_chs=8, kernel=kernel)
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for inside in (False, True):

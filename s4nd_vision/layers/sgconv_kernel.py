@@ -28,8 +28,9 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from .ops import generation_without_autocast
+from .ops import backward_without_autocast, generation_without_autocast
 from .records import records_in_state_dict
+from .reference import use_reference
 from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel
 
 __all__ = ['SGConvKernel', 'sgconv_scales']
@@ -99,6 +100,24 @@ def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch
     return m
 
 
+class _IntegralsFn(torch.autograd.Function):
+    """values (R, n_scales * size) @ m (n_scales * size, L), m the fixed `_cell_integrals`, with a backward that
+    runs with autocast off (`ops.backward_without_autocast`): the product's plain autograd backward would run under
+    the autocast region that `.backward()` is called in (a common training loop), in bfloat16 on the CPU, while
+    kernel generation and its gradient are float32 by design."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        return values @ m
+
+    @staticmethod
+    @backward_without_autocast
+    def backward(ctx, grad: torch.Tensor):
+        m, = ctx.saved_tensors
+        return grad @ m.T, None
+
+
 class SGConvKernel(nn.Module):
     """Generates 1D convolution kernels from per-channel SGConv sub-kernels.
 
@@ -155,7 +174,11 @@ class SGConvKernel(nn.Module):
         else:
             m = _cell_integrals(self.size, self.n_scales, length, float(rate))
         m = m.to(weight.device, weight.dtype)
-        return per_kernel((weight * scale[:, None]).flatten(-2) @ m, self.dim)
+        values = (weight * scale[:, None]).flatten(-2)
+        # (the plain product for graph capture and torch.func transforms, which take no autograd Function, and for
+        # FLOP counting's trace, which would not see into one)
+        plain = use_reference() or torch.jit.is_tracing()
+        return per_kernel(values @ m if plain else _IntegralsFn.apply(values, m), self.dim)
 
     # The decay is saved with the weights, as `decay`: the float64 value's bit pattern in an int64 scalar (as
     # `SSMKernel` saves its band-limit: not a floating entry that EMA would average). The kernels' function depends
