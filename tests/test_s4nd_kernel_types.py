@@ -151,6 +151,19 @@ def test_kernel_type_errors():
         S4ND(4, sgconv_decay=5)
 
 
+@pytest.mark.parametrize('rate', [1.0, 0.1])
+def test_s4_float32_kernel_keeps_its_accuracy_at_a_small_step(rate):
+    """At dt * rate ~ 1e-5 the bilinear A~ = I + O(dt A) rounded to float32 lost the truncation term's accuracy,
+    which the power A~^L amplifies (3e-4 to 1e-2 of the largest tap): A~ and its power are kept as their differences
+    from I (`s4_kernel._power_minus_identity`)."""
+    torch.manual_seed(0)
+    kernel = S4Kernel(4, d_state=16, num_kernels=2, dt_min=1e-5, dt_max=1e-5)
+    with torch.no_grad():
+        got, want = kernel(64, rate=rate), kernel(64, rate=rate, dtype=torch.float64)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_s4_band_limit_masks_c_on_the_modes_of_lambda():
     """As the original code's DPLR kernel: the modes of Lambda at or above the cut-off (base dt) get C = 0, at
     every rate; the band-limit is saved with the weights; the recurrent view is masked alike."""
