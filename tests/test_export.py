@@ -37,6 +37,19 @@ def test_reference_kernel_equals_fast_kernel_and_its_gradients(init, bandlimit):
             torch.testing.assert_close(g_ref, g_fast, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize('log_a_real', [-50.0, -60.0])
+def test_reference_kernel_equals_fast_kernel_at_a_tiny_decay_rate(log_a_real):
+    """Re A = -exp(log_a_real) near 0 on a mode with Im A = 0 (S4D-Lin's first): in float32 |A|^2 underflows (to a
+    wrong value, then to 0) where the fast path's complex division does not; the reference scales A first."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(2, d_state=4, num_kernels=2, init='lin', dt_min=0.1, dt_max=0.1)
+    with torch.no_grad():
+        kernel.log_a_real[:, 0] = log_a_real
+        fast = ssm_kernels([kernel], [16], [1.0])[0]
+        ref = ssm_kernel_reference(*_params(kernel)[:4], kernel.c_pairs, 16)
+    torch.testing.assert_close(ref, fast, rtol=1e-5, atol=1e-5 * fast.abs().max().item())
+
+
 @pytest.mark.parametrize('ndim,sizes,pool', [
     (1, (13,), (1,)), (1, (12,), (3,)), (2, (6, 9), (1, 1)), (2, (8, 7), (2, 2)), (3, (4, 5, 6), (1, 2, 2))])
 def test_reference_conv_equals_separable_conv(ndim, sizes, pool):

@@ -61,8 +61,13 @@ def ssm_kernel_reference(
     # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y, divided by A
     s = (0.5 * y).sin()
     n_re, n_im = torch.expm1(x) * y.cos() - 2 * s * s, x.exp() * y.sin()
-    norm = a_re * a_re + a_im * a_im
-    e_re, e_im = (n_re * a_re + n_im * a_im) / norm, (n_im * a_re - n_re * a_im) / norm
+    # n / A = n conj(A) / |A|^2 with A scaled by |Re A| + |Im A| first: |A|^2 underflows in float32 where |A| < 1e-19
+    # (a decay rate that small on a mode with Im A = 0, S4D-Lin's first), which the fast path's complex division
+    # does not
+    scale = a_im.abs() - a_re  # (Re A < 0)
+    u_re, u_im = a_re / scale, a_im / scale
+    norm = (u_re * u_re + u_im * u_im) * scale
+    e_re, e_im = (n_re * u_re + n_im * u_im) / norm, (n_im * u_re - n_re * u_im) / norm
     q_re = b[..., 0] * e_re - b[..., 1] * e_im  # B e
     q_im = b[..., 0] * e_im + b[..., 1] * e_re
     c_re, c_im = c[..., 0], c[..., 1]
