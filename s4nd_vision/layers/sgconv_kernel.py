@@ -77,15 +77,18 @@ def _integrals(size: int, n_scales: int, length: int, rate) -> torch.Tensor:
     return (antiderivative[1:] - antiderivative[:-1]).T.contiguous()
 
 
-_CACHE_BYTES = 64 * 2 ** 20  # what the cache of `_cell_integrals` may hold: the matrices of ~ 100 image axes; a
-# 1D layer fed sequences of thousands of taps of many lengths (about 10 MB each) rebuilds them (~50 ms) instead
+_CACHE_BYTES = 64 * 2 ** 20  # what the cache of `_cell_integrals` may hold: the matrices of ~ 100 image axes
+# A matrix above this is not cached: those of 1D layers fed sequences of thousands of taps (about 10 MB each), whose
+# rebuild (~50 ms) is small beside their FFTs. Cached, a server's many lengths churned them through the cache, and
+# glibc's heap then held over 1 GB more than the cache (lengths 16 to 6000: 1.9 against 1.1 GB resident).
+_CACHE_MATRIX_BYTES = 2 * 2 ** 20
 _cache: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
 _cache_lock = threading.Lock()
 
 
 def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
     """`_integrals`, cached per (size, n_scales, length, rate) for eager calls, least recently used out first once
-    the matrices pass `_CACHE_BYTES`."""
+    the matrices pass `_CACHE_BYTES`; matrices above `_CACHE_MATRIX_BYTES` are made per call."""
     key = (size, n_scales, length, rate)
     with _cache_lock:  # (models called from several threads share it)
         if key in _cache:
@@ -93,6 +96,8 @@ def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch
             return _cache[key]
     with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
         m = _integrals(size, n_scales, length, rate)
+    if m.nbytes > _CACHE_MATRIX_BYTES:
+        return m
     with _cache_lock:
         _cache[key] = m
         while sum(t.nbytes for t in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
