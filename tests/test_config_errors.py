@@ -4,6 +4,7 @@ import os
 import runpy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 
 from s4nd_vision.data.video import VideoTransform
-from s4nd_vision.train import ConfigError, Trainer, load_config
+from s4nd_vision.train import ConfigError, Trainer, config_to_dict, load_config
 from s4nd_vision.train.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,10 +102,31 @@ def test_optimizers_keep_their_own_betas_and_eps_unless_set(folder, tmp_path):
             (('optim.opt=adan', 'optim.betas=[0.9, 0.99]'),
              r'optim.betas must be null or 3 values in \[0, 1\) for optim.opt adan, got \[0.9, 0.99\]'),
             (('optim.opt=sgd', 'optim.betas=[0.9, 0.99]'), r'optim.betas must be null: optim.opt sgd takes no betas'),
-            (('optim.opt=lion', 'optim.eps=1e-8'), r'optim.eps must be null: optim.opt lion takes no eps'),
+            (('optim.opt=lion', 'optim.eps=1e-6'), r'optim.eps must be null: optim.opt lion takes no eps'),
             (('optim.opt=adahessian',), r"optim.opt must be a first-order optimizer: 'adahessian' needs second-order")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, _overrides(folder, tmp_path, *extra))
+
+
+def test_configs_written_before_betas_and_eps_became_null_still_load_and_resume(folder, tmp_path):
+    """A run's config.yaml from before holds AdamW's betas and eps whatever optim.opt: for an optimizer that takes
+    none they never applied, and load as null; resuming such a run warns only of a real change."""
+    from s4nd_vision.train.checkpoint import _compare_configs
+    legacy = ('optim.betas=[0.9, 0.999]', 'optim.eps=1e-8')
+    cfg = load_config(None, _overrides(folder, tmp_path, 'optim.opt=sgd', *legacy))
+    assert cfg.optim.betas is None and cfg.optim.eps is None
+    with pytest.raises(ConfigError, match='optim.betas must be null: optim.opt sgd takes no betas'):
+        load_config(None, _overrides(folder, tmp_path, 'optim.opt=sgd', 'optim.betas=[0.9, 0.99]'))
+    assert load_config(None, _overrides(folder, tmp_path, 'optim.opt=lion', *legacy)).optim.eps is None
+    for opt, changed in (('adamw', []), ('sgd', []), ('lamb', ['optim.eps'])):  # (LAMB's own eps is 1e-6)
+        old = config_to_dict(load_config(None, _overrides(folder, tmp_path, f'optim.opt={opt}')))
+        old['optim'].update(betas=[0.9, 0.999], eps=1e-8)
+        new = config_to_dict(load_config(None, _overrides(folder, tmp_path, f'optim.opt={opt}')))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            _compare_configs('ckpt', old, new)
+        said = ' '.join(str(w.message) for w in caught)
+        assert [k for k in ('optim.betas', 'optim.eps') if k in said] == changed, (opt, said)
 
 
 def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from ..layers import state_dict_without_records
 from ..utils.files import replaced_atomically
 from ..utils.yaml12 import load_yaml
-from .config import ConfigError
+from .config import LEGACY_OPTIM, ConfigError, optimizer_default
 
 try:
     import fcntl
@@ -384,6 +384,10 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], w
             f'a model EMA (train.ema_decay={old.get("train.ema_decay")}), this run has train.ema_decay='
             f'{new.get("train.ema_decay")}: resume with the checkpoint\'s choice (another non-null decay is fine), or '
             f'start a fresh run in another output_dir')
+    for key, legacy in LEGACY_OPTIM.items():  # (written before they became null: null means the same values)
+        if (new.get(f'optim.{key}') is None and old.get(f'optim.{key}') == legacy
+                and optimizer_default(new.get('optim.opt', 'adamw'), key) in (None, legacy)):
+            old[f'optim.{key}'] = None
     changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}'
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed and warn:

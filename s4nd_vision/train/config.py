@@ -19,6 +19,7 @@ to clips, and the image-only ones (`aug.scale`, `aug.hflip`, `aug.color_jitter`,
 import dataclasses
 import difflib
 import importlib.resources
+import inspect
 import math
 import os
 import re
@@ -369,6 +370,27 @@ class Config:
         return [s for s in stages if s.epoch <= epoch][-1]
 
 
+# optim.betas and optim.eps before they became null (the optimizer's own): every config held AdamW's values, which
+# the trainer passed to any optimizer (timm drops them for one that takes none)
+LEGACY_OPTIM = {'betas': [0.9, 0.999], 'eps': 1e-8}
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def optimizer_default(opt: str, key: str) -> Any:
+    """The default of `key` ('betas' or 'eps') of timm's optimizer `opt` (a `lookahead_` prefix allowed), betas as
+    a list; None where it takes none."""
+    from timm.optim import get_optimizer_info
+
+    info = get_optimizer_info(opt.lower().split('_')[-1])
+    param = inspect.signature(info.opt_class).parameters.get(key)
+    if not (info.has_betas if key == 'betas' else info.has_eps) or param is None or param.default is param.empty:
+        return None
+    return _listed(param.default)
+
+
 def _check_optimizer(optim: OptimConfig) -> None:
     """optim.opt against timm's optimizer registry (a `lookahead_` prefix allowed, as timm parses it), and
     optim.betas / optim.eps against what that optimizer takes (timm would drop them, or fail on the count)."""
@@ -385,6 +407,9 @@ def _check_optimizer(optim: OptimConfig) -> None:
     if info.second_order:  # (its step reads Hessian-vector products: a backward pass with create_graph=True)
         raise ConfigError(f'optim.opt must be a first-order optimizer: {optim.opt!r} needs second-order gradients '
                           f'(backward with create_graph=True), which the trainer does not compute')
+    for key, legacy in LEGACY_OPTIM.items():  # (a run's config.yaml written before: values that never applied)
+        if _listed(getattr(optim, key)) == legacy and optimizer_default(optim.opt, key) is None:
+            setattr(optim, key, None)
     if optim.betas is not None:
         expectation = (f'null or {info.num_betas} values in [0, 1) for optim.opt {optim.opt}' if info.has_betas else
                        f'null: optim.opt {optim.opt} takes no betas')
