@@ -374,9 +374,14 @@ def test_sgconv_interpolation_cache_is_bounded_in_bytes(monkeypatch):
     held = sum(t.nbytes for t in sgconv_kernel._cache.values())
     assert 0 < held <= 2 ** 20 and len(sgconv_kernel._cache) < 30
     torch.testing.assert_close(kernel(590, 256 / 590), kernel(590, 256 / 590))  # (a hit)
-    # a matrix above _CACHE_MATRIX_BYTES (a long sequence's) is made per call, not churned through the cache
+    # of the matrices above _CACHE_MATRIX_BYTES (long sequences') only the last is kept, not churned through the cache
     monkeypatch.setattr(sgconv_kernel, '_CACHE_MATRIX_BYTES', 256 * 1024)
     monkeypatch.setattr(sgconv_kernel, '_cache', type(sgconv_kernel._cache)())
+    monkeypatch.setattr(sgconv_kernel, '_large', [None, None])
     kernel(100, 256 / 100)
+    for length in (2000, 3000, 2000):
+        kernel(length, 256 / length)
+        assert [key[2] for key in sgconv_kernel._cache] == [100] and sgconv_kernel._large[0][2] == length
+    m = sgconv_kernel._large[1]
     kernel(2000, 256 / 2000)
-    assert [key[2] for key in sgconv_kernel._cache] == [100]
+    assert sgconv_kernel._large[1] is m  # (reused at the same length)

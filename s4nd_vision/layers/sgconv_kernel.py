@@ -78,27 +78,32 @@ def _integrals(size: int, n_scales: int, length: int, rate) -> torch.Tensor:
 
 
 _CACHE_BYTES = 64 * 2 ** 20  # what the cache of `_cell_integrals` may hold: the matrices of ~ 100 image axes
-# A matrix above this is not cached: those of 1D layers fed sequences of thousands of taps (about 10 MB each), whose
-# rebuild (~50 ms) is small beside their FFTs. Cached, a server's many lengths churned them through the cache, and
-# glibc's heap then held over 1 GB more than the cache (lengths 16 to 6000: 1.9 against 1.1 GB resident).
+# A matrix above this (a 1D layer's over thousands of taps) is kept alone, the last one made, in `_large`: a training
+# run at one length reuses it (a rebuild took 4 / 35 / 294 ms at 2k / 8k / 16k taps), and a server fed many lengths
+# does not churn them through the cache, after which glibc's heap held over 1 GB more than the cache (lengths 16 to
+# 6000: 1.9 against 1.1 GB resident).
 _CACHE_MATRIX_BYTES = 2 * 2 ** 20
 _cache: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
+_large: list = [None, None]  # (key, matrix) of the last matrix above _CACHE_MATRIX_BYTES
 _cache_lock = threading.Lock()
 
 
 def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
     """`_integrals`, cached per (size, n_scales, length, rate) for eager calls, least recently used out first once
-    the matrices pass `_CACHE_BYTES`; matrices above `_CACHE_MATRIX_BYTES` are made per call."""
+    the matrices pass `_CACHE_BYTES`; of the matrices above `_CACHE_MATRIX_BYTES` only the last one is kept."""
     key = (size, n_scales, length, rate)
     with _cache_lock:  # (models called from several threads share it)
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
+        if _large[0] == key:
+            return _large[1]
     with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
         m = _integrals(size, n_scales, length, rate)
-    if m.nbytes > _CACHE_MATRIX_BYTES:
-        return m
     with _cache_lock:
+        if m.nbytes > _CACHE_MATRIX_BYTES:
+            _large[:] = key, m
+            return m
         _cache[key] = m
         while sum(t.nbytes for t in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
             _cache.popitem(last=False)
