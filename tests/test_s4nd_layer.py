@@ -996,3 +996,34 @@ def test_forced_choices_of_overlapping_threads_leave_nothing_forced():
     for t in threads:
         t.join()
     assert ops._FORCED_ALGORITHM.value is None and ops.forced_algorithm() is None
+
+
+def test_a_compiled_layer_takes_kernels_prepared_eagerly_in_any_thread_without_recompiling():
+    """Regional compilation (layers compiled, the model's forward eager): the compiled layer takes the kernels
+    `prepare_kernels` made before it, and the thread check, an eager-mode guard, neither splits its graph nor makes
+    a new thread recompile it."""
+    import threading
+
+    from s4nd_vision.layers import prepare_kernels
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8, l_ref=8)
+    x = torch.randn(2, 4, 8, 8)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == 'call_function'))
+        return gm.forward
+    torch._dynamo.reset()
+    generating = torch.compile(copy.deepcopy(layer), backend=backend, fullgraph=True)
+    generating(x)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+
+    def step():
+        prepare_kernels([(layer, (8, 8))])
+        compiled(x).sum().backward()
+    step()
+    assert len(graphs) == 2 and graphs[1] < graphs[0]  # (no generation in the graph that takes prepared kernels)
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    assert len(graphs) == 2

@@ -179,7 +179,7 @@ class S4ND(nn.Module):
             kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay, device, dtype))
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
         self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
-        self._prepared = None  # (key, kernels) from `prepare_kernels`, for the next forward
+        self._prepared = None  # (key, kernels, thread) from `prepare_kernels`, for the next forward
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -307,16 +307,19 @@ class S4ND(nn.Module):
         kernels, so the first pass must generate them too to save the same tensors. (Hooks that recompute nothing,
         e.g. `save_on_cpu` entered per stage, lose the stacking too: no hook says whether it recomputes.)"""
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == self._preparation_key(sizes, self.resolve_rate(sizes, rate), dtype):
-            return prepared[1]
-        return None
+        if prepared is None or prepared[0] != self._preparation_key(sizes, self.resolve_rate(sizes, rate), dtype):
+            return None
+        # Made in eager mode by another thread: a forward there (a server computing input gradients, Hogwild
+        # training) would otherwise take them, and two backward passes would run through one generation graph. (Not
+        # read in a graph that torch.compile captures: it would guard on the thread and recompile per thread.)
+        if not torch.compiler.is_compiling() and prepared[2] not in (None, threading.get_ident()):
+            return None
+        return prepared[1]
 
     def _preparation_key(self, sizes: Sequence[int], rates: Tuple[float, ...], dtype: torch.dtype) -> tuple:
-        """What prepared kernels must match to serve a call: input sizes, rates, dtype, saved-tensor hooks, grad
-        mode, and in eager mode the thread: a forward in another thread (a server computing input gradients, Hogwild
-        training) would otherwise take them, and two backward passes would run through one generation graph."""
-        thread = None if torch.compiler.is_compiling() else threading.get_ident()
-        return tuple(sizes), rates, dtype, _saved_tensor_hooks(), torch.is_grad_enabled(), thread
+        """What prepared kernels must match to serve a call: input sizes, rates, dtype, saved-tensor hooks and grad
+        mode."""
+        return tuple(sizes), rates, dtype, _saved_tensor_hooks(), torch.is_grad_enabled()
 
     def _kernel_tensors(self) -> List[torch.Tensor]:
         """Every tensor the kernels are generated from (SSM parameters and buffers), detached."""
@@ -516,10 +519,11 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         bidirectional += layer.bidirectional
     with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
         made = iter(dispatch.generate_two_sided(kernels, lengths, rates, all_sizes, bidirectional, dtype))
+    thread = None if torch.compiler.is_compiling() else threading.get_ident()  # (see `_prepared_kernels`)
     for layer, sizes in layers:
         # (autograd on or off: kernels prepared under no_grad carry no graph to the parameters)
         layer._prepared = (layer._preparation_key(sizes, layer.resolve_rate(sizes), dtype),
-                           [next(made) for _ in layer.kernels])
+                           [next(made) for _ in layer.kernels], thread)
 
 
 def kernels_can_be_prepared(module: nn.Module) -> bool:
