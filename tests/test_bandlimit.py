@@ -190,6 +190,18 @@ def test_a_non_finite_parameter_of_a_mode_left_out_is_not_hidden(name, bad):
         torch.testing.assert_close(k[:, [0, 2]], clean[:, [0, 2]].detach())
 
 
+def test_large_finite_parameters_of_modes_left_out_do_not_poison_the_kernel():
+    """The finiteness check over the modes left out must not overflow where every value is finite (B of 2e38 on
+    several modes sums past float32's range): generation over all modes stays finite there."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(3, d_state=12, init='lin', bandlimit=1.0)
+    with torch.no_grad():
+        kernel.log_dt.zero_()
+        kernel.b[:, 2:5] = 2e38
+    assert _kept_modes(kernel.mode_mask().float()) == slice(0, 1)
+    assert kernel(10).isfinite().all()
+
+
 def test_masked_modes_get_zero_gradient_in_a_model():
     """Through ConvNeXt-S4ND's stacked generation (all layers' kernels in a few calls)."""
     torch.manual_seed(0)

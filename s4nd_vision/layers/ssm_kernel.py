@@ -260,14 +260,16 @@ def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
 
 def _kept_values(modes: slice, mask: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, b: torch.Tensor,
                  c: torch.Tensor) -> tuple:
-    """The stacked values (`_stack`) of the `modes` only, and the mask of those modes plus, per channel, 0 times
-    the sum of all modes' parameters: the mask itself, or NaN in a channel where a parameter of a mode left out is
-    not finite. Generation over all modes (the reference formulation, and CUDA) gives that channel NaN (0 * NaN),
-    so a broken parameter is not hidden on the CPU either; (H, N2) work, the size of the values."""
-    # (sums over the last, contiguous axis: reductions over other axes are many times slower on the CPU)
-    total = (log_a_real.sum(1) + a_imag.sum(1) + torch.view_as_real(b).flatten(1).sum(1)
-             + torch.view_as_real(c).flatten(2).sum(2).sum(0))
-    mask = mask[:, modes] + total.mul(0)[:, None]
+    """The stacked values (`_stack`) of the `modes` only, and the mask of those modes plus, per channel, the sum of
+    all modes' parameters times 0: the mask itself, or NaN in a channel where a parameter of a mode left out is NaN
+    or infinite. Generation over all modes (the reference formulation, and CUDA) gives that channel NaN (0 * NaN)
+    for all of these but log_a_real = -inf (a mode that does not decay, masked to 0 there), so a broken parameter is
+    not hidden on the CPU either; (H, N2) work, the size of the values."""
+    # (each value times 0 before the sums: 0 where finite, NaN where not, never an overflow of finite values; sums
+    # over the last, contiguous axis: reductions over other axes are many times slower on the CPU)
+    poison = (log_a_real.mul(0).sum(1) + a_imag.mul(0).sum(1) + torch.view_as_real(b).flatten(1).mul(0).sum(1)
+              + torch.view_as_real(c).flatten(2).mul(0).sum(2).sum(0))
+    mask = mask[:, modes] + poison[:, None]
     # (B and C contiguous: the complex products downstream are slower on strided views)
     return log_a_real[:, modes], a_imag[:, modes], b[:, modes].contiguous(), c[:, :, modes].contiguous(), mask
 
