@@ -996,6 +996,16 @@ def test_forced_choices_of_overlapping_threads_leave_nothing_forced():
     for t in threads:
         t.join()
     assert ops._FORCED_ALGORITHM.value is None and ops.forced_algorithm() is None
+    # a short context of another thread inside this one's leaves this one's value for compiled code
+    def short():
+        with ops.conv_algorithm('toeplitz'):
+            pass
+    with ops.conv_algorithm('fft'):
+        thread = threading.Thread(target=short)
+        thread.start()
+        thread.join()
+        assert ops._FORCED_ALGORITHM.value == 'fft'
+    assert ops._FORCED_ALGORITHM.value is None
 
 
 def test_a_compiled_layer_takes_kernels_prepared_eagerly_in_any_thread_without_recompiling():

@@ -8,6 +8,7 @@ FFT (N log N), chosen per axis by `choose_algorithm`.
 import contextlib
 import functools
 import math
+import threading
 from contextvars import ContextVar
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -63,19 +64,25 @@ class ForcedChoice:
 
     def __init__(self, name: str):
         self._var: ContextVar[Optional[str]] = ContextVar(name, default=None)
-        self.value: Optional[str] = None  # the mirror: the value of the innermost context entered last
+        self.value: Optional[str] = None  # the mirror: the value of the context entered last of those still open
+        self._open: List[list] = []  # [value] per open context, of every thread, in the order entered
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def forced(self, value: Optional[str]) -> Iterator[None]:
-        token = self._var.set(value)
-        self.value = value
+        token, entry = self._var.set(value), [value]
+        with self._lock:
+            self._open.append(entry)
+            self.value = value
         try:
             yield
         finally:
             self._var.reset(token)
-            # (this context's enclosing value, not the mirror's value on entry: contexts of two threads that
-            # overlap without nesting would otherwise leave the value of the first one set after both exit)
-            self.value = self._var.get()
+            # (from the contexts still open, of any thread: restoring the value on entry would leave a closed
+            # context's value set when two threads' contexts overlap without nesting)
+            with self._lock:
+                self._open = [e for e in self._open if e is not entry]
+                self.value = self._open[-1][0] if self._open else None
 
     def get(self) -> Optional[str]:
         return self.value if torch.compiler.is_compiling() else self._var.get()
