@@ -395,6 +395,56 @@ def test_output_folder_must_be_the_same_on_every_process(tmp_path, folder):
     assert os.listdir(tmp_path / 'node0') == []  # the marker is gone
 
 
+def _two_machines(overrides, timeout: float = 120):
+    """`tools/train.py` as two machines of one process each (two `accelerate launch --num_machines 2`, gloo on this
+    host), machine r with its own `overrides[r]`: [(exit status, stdout, stderr)] of each launcher; both are stopped
+    after `timeout` seconds (status None)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    port = str(_free_port())
+    launchers = [subprocess.Popen(
+        ['accelerate', 'launch', '--multi_gpu', '--num_machines', '2', '--machine_rank', str(rank),
+         '--main_process_ip', '127.0.0.1', '--main_process_port', port, '--num_processes', '2',
+         '--mixed_precision', 'no', '--dynamo_backend', 'no', os.path.join(ROOT, 'tools', 'train.py'), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank, args in enumerate(overrides)]
+    deadline, results = time.monotonic() + timeout, []
+    for launcher in launchers:
+        try:
+            out, err = launcher.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append((launcher.returncode, out, err))
+        except subprocess.TimeoutExpired:
+            launcher.terminate()  # (torchrun stops its worker on SIGTERM; a killed launcher would leave it running)
+            out, err = launcher.communicate(timeout=60)
+            results.append((None, out, err))
+    return results
+
+
+@pytest.mark.parametrize('differ', ['config', 'data'])
+def test_machines_that_differ_are_refused_by_every_process(tmp_path, folder, differ):
+    """Each machine builds its model, optimizer and data from its own command line and files: a learning rate,
+    model.kwargs or data copy of its own would silently train other weights, or deadlock with other updates per
+    epoch. The run's start compares them (data.root may differ: its contents are compared) and stops every process,
+    naming the keys and the processes that hold each value."""
+    if differ == 'config':
+        own = ['optim.lr=3e-3', 'model.kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 16, 16], d_state: 8, '
+                                'stem_chs: 8, bandlimit: 0.3}']
+        expected = ['optim.lr is 0.002 on process 0 of 2 (host ', '0.003 on process 1 of 2 (host ',
+                    "model.kwargs is {'d_state': 8, 'depths': [1, 1, 1, 1], 'dims': [8, 16, 16, 16], 'stem_chs': 8} on "
+                    "process 0 of 2 (host ", "{'bandlimit': 0.3, 'd_state': 8"]
+    else:  # a stale copy of the data on machine 1 (other images: the same labels and names, fewer of them)
+        own = [f'data.root={_write_folder(tmp_path / "stale", n_train=6)}']
+        expected = ['training images is 16 on process 0 of 2 (host ', '12 on process 1 of 2 (host ',
+                    'micro-batches per process and epoch is 2 on process 0 of 2']
+    results = _two_machines([_overrides(folder, tmp_path / 'run', 'train.epochs=1'),
+                             _overrides(folder, tmp_path / 'run', 'train.epochs=1', *own)])
+    for status, out, err in results:
+        assert status not in (0, None), err[-3000:]
+        assert 'error: the processes of this run differ (every machine must run the same config' in err, err[-3000:]
+        for text in expected:
+            assert text in err, err[-3000:]
+        assert 'training convnext_s4nd_atto' not in out
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
     """2 micro-batches of 2 with accumulation == 1 batch of 4 (same samples, same augmentations, no drop path)."""
     runs = {}

@@ -12,6 +12,7 @@ complete checkpoints. Weights with non-finite values are never written (`all_fin
 import os
 import pickle
 import re
+import reprlib
 import shutil
 import socket
 import time
@@ -23,8 +24,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, is_compiled_module
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, is_compiled_module
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -41,7 +42,7 @@ except ImportError:  # (not on Windows: run folders are not locked there)
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
     'all_finite', 'local_shards', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE',
-    'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'set_aside_newer', 'restore_best_weights',
+    'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'set_aside_newer', 'restore_best_weights', 'same_on_every_process',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -103,6 +104,48 @@ def check_shared_folder(accelerator: Accelerator, folder: str, wait_s: float = 5
             f'train.output_dir {folder!r} is not the same folder on every process: {missing} of {acc.num_processes} '
             f"processes do not see what the main process writes there (a folder on each machine's own disk?); put it "
             f'on storage that every machine shares')
+
+
+@contextmanager
+def same_on_every_process(state: PartialState) -> Iterator[Dict[str, Any]]:
+    """Refuse, on every process at once (a collective: one gather), start-up facts that differ between processes.
+
+    The block fills the dict it is given with this process's facts (flat keys, e.g. `optim.lr`); after it, a
+    ConfigError names each key whose value differs from process 0's, with the values and the processes (and hosts)
+    that hold them. Each machine of a run builds the model, optimizer and data from its own command line and files:
+    a difference would train other weights on some processes without a word, or deadlock when they count other
+    updates per epoch."""
+    facts: Dict[str, Any] = {}
+    yield facts
+    if state.num_processes == 1:
+        return
+    everyone = gather_object([(facts, socket.gethostname())])
+    differences = []
+    for key in dict.fromkeys(k for process_facts, _ in everyone for k in process_facts):
+        values: List[list] = []  # [value, [(rank, host), ...]] in order of first appearance (process 0's first)
+        for rank, (process_facts, host) in enumerate(everyone):
+            value = process_facts.get(key)
+            held = next((v for v in values if v[0] == value), None)  # (==: dicts alike in another key order)
+            if held is None:
+                values.append(held := [value, []])
+            held[1].append((rank, host))
+        if len(values) > 1:
+            differences.append(f'{key} is ' + ', '.join(f'{_SHORT.repr(value)} on {_processes(at, state)}'
+                                                        for value, at in values))
+    if differences:
+        raise ConfigError(f'the processes of this run differ (every machine must run the same config, --resume and '
+                          f'data): {"; ".join(differences)}')
+
+
+_SHORT = reprlib.Repr()  # values in messages: whole model.kwargs, the first classes of a long list
+_SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring = 16, 8, 80
+
+
+def _processes(at: List[tuple], state: PartialState) -> str:
+    """'process 1 of 2 (host b)', 'processes 0, 2 of 4 (hosts a, c)' for [(rank, host), ...]."""
+    ranks, hosts = [str(rank) for rank, _ in at], list(dict.fromkeys(host for _, host in at))
+    return (f'process{"es" if len(ranks) > 1 else ""} {", ".join(ranks)} of {state.num_processes} '
+            f'(host{"s" if len(hosts) > 1 else ""} {", ".join(hosts)})')
 
 
 LOCK_FILE = '.lock'  # in output_dir: held (flock) by the main process of the run that writes there
@@ -354,11 +397,12 @@ def _read_config(checkpoint: str) -> Optional[Dict[str, Any]]:
         return load_yaml(f)
 
 
-def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+def flat_config(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    """A config as a nested dict (`config_to_dict`) as {'section.key': value}, `model.kwargs` whole."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and key != 'kwargs':
-            out.update(_flat(value, f'{prefix}{key}.'))
+            out.update(flat_config(value, f'{prefix}{key}.'))
         else:
             out[f'{prefix}{key}'] = value
     return out
@@ -367,7 +411,7 @@ def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
 def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], warn: bool = True) -> None:
     """Refuse another model; warn (if `warn`: once per run, not per process) about every other key whose value
     changed since the checkpoint was written."""
-    old, new = _flat(saved), _flat(config)
+    old, new = flat_config(saved), flat_config(config)
     model_keys = ('model.name', 'model.kwargs')
     if any(old.get(k) != new.get(k) for k in model_keys):
         raise ConfigError(

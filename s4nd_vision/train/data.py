@@ -49,12 +49,13 @@ class TrainData:
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.memory_format = self.channels_last_format if cfg.train.channels_last else torch.contiguous_format
-        self.train_set, self.val_set, self.num_classes = self._datasets()
+        self.train_set, self.val_set, self.classes = self._datasets()
+        self.num_classes = len(self.classes)
         self.data_config: Dict[str, Any] = {}
         self.val_loader: Optional[Iterable] = None
 
-    def _datasets(self) -> Tuple[Dataset, Dataset, int]:
-        """(training set, validation set, number of classes)."""
+    def _datasets(self) -> Tuple[Dataset, Dataset, List[str]]:
+        """(training set, validation set, class names in label order)."""
         raise NotImplementedError
 
     def input_size(self) -> Dict[str, Any]:
@@ -87,6 +88,17 @@ class TrainData:
     def num_train_samples(self) -> int:
         """Training samples (of all processes), for messages."""
         return len(self.train_set)
+
+    @property
+    def num_val_samples(self) -> int:
+        """Validation samples (of all processes)."""
+        return len(self.val_set)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What every process must hold alike (compared at the run's start): a stale copy of the data on one machine
+        would give it other labels, or another number of updates per epoch (a deadlock at the epoch's end)."""
+        return {f'training {self.unit}': self.num_train_samples, f'validation {self.unit}': self.num_val_samples,
+                'classes': self.classes}
 
     def samples_per_rank(self) -> int:
         """Training samples this process sees per epoch."""
@@ -198,7 +210,7 @@ class ImageFolderData(_ImageData):
     """`data.root/{data.train_split,data.val_split}/<class>/<image>`; unreadable images are skipped and counted.
     Training uses timm's transforms (random resized crop, flip, color jitter, RandAugment, random erasing)."""
 
-    def _datasets(self) -> Tuple[Dataset, Dataset, int]:
+    def _datasets(self) -> Tuple[Dataset, Dataset, List[str]]:
         data = self.cfg.data
         mode = 'L' if data.in_chans == 1 else 'RGB'
         splits = []
@@ -215,7 +227,7 @@ class ImageFolderData(_ImageData):
                               f'of: {only_val[:5]}')
         if val.reader.class_to_idx != classes:  # (a class without validation images: the training classes' numbers)
             val = ImageFolderDataset(os.path.join(data.root, data.val_split), input_img_mode=mode, class_map=classes)
-        return train, val, len(classes)
+        return train, val, sorted(classes, key=classes.get)
 
     def transform(self, img_size: int, training: bool):
         data, aug, dc = self.cfg.data, self.cfg.aug, self.data_config
@@ -239,12 +251,12 @@ class Mnist5kData(_ImageData):
         super().bind(model)
         self.data_config['crop_pct'] = 1.0
 
-    def _datasets(self) -> Tuple[Dataset, Dataset, int]:
+    def _datasets(self) -> Tuple[Dataset, Dataset, List[str]]:
         from ..data.mnist import MNIST5k
         chans = self.cfg.data.in_chans
         train = MNIST5k('train', img_size=28, in_chans=chans)
         val = MNIST5k('val', img_size=28, in_chans=chans)
-        return _WithSkipCount(train), _WithSkipCount(val), 10
+        return _WithSkipCount(train), _WithSkipCount(val), [str(digit) for digit in range(10)]
 
     def transform(self, img_size: int, training: bool):
         return mnist_transform(img_size, self.data_config)
@@ -271,7 +283,7 @@ class Hmdb51Data(TrainData):
     rate_name = 'clips_per_s'
     channels_last_format = torch.channels_last_3d
 
-    def _datasets(self) -> Tuple[Dataset, Dataset, int]:
+    def _datasets(self) -> Tuple[Dataset, Dataset, List[str]]:
         from ..data.video import Hmdb51Clips  # pytorchvideo is heavy: imported for video only
         data, acc = self.cfg.data, self.accelerator
         common = dict(video_dir=data.root, split_dir=data.split_dir, split_id=data.split,
@@ -282,7 +294,7 @@ class Hmdb51Data(TrainData):
             val = Hmdb51Clips(split='test', clips_per_video=data.clips_per_video, with_video_index=True, **common)
         except (OSError, ValueError) as e:
             raise ConfigError(f'data.root / data.split_dir (HMDB-51): {e}') from None
-        return train, val, len(train.classes)
+        return train, val, list(train.classes)
 
     def _configure_model(self, model: nn.Module) -> None:
         # the training clip is the kernels' reference, in time too
@@ -294,6 +306,10 @@ class Hmdb51Data(TrainData):
     @property
     def num_train_samples(self) -> int:
         return self.train_set.num_videos
+
+    @property
+    def num_val_samples(self) -> int:
+        return self.val_set.num_videos
 
     def samples_per_rank(self) -> int:
         return len(self.train_set)  # this rank's shard already; every shard holds as many videos

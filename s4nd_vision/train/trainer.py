@@ -47,12 +47,14 @@ from .checkpoint import (
     check_shared_folder,
     checkpoint_to_resume,
     export_weights,
+    flat_config,
     latest_checkpoint,
     load_checkpoint,
     local_shards,
     lock_run_folder,
     release_run_folder,
     restore_best_weights,
+    same_on_every_process,
     save_checkpoint,
     set_aside_newer,
 )
@@ -95,6 +97,10 @@ class TrainingDiverged(RuntimeError):
 # the parameter-group entries a config sets (lr and its schedule's base, layer decay's scale, weight decay, and the
 # optimizer's own settings); a resumed run takes these from its config and everything else from the checkpoint
 _CONFIG_GROUP_KEYS = ('lr', 'initial_lr', 'lr_scale', 'weight_decay', 'betas', 'eps')
+# the config keys that may differ between the machines of a run: paths, as each machine mounts the data, the run
+# folder and the weights where it does (the data's contents are compared instead, and `check_shared_folder` checks
+# the run folder), and the loader processes each machine can afford
+_MACHINE_LOCAL_KEYS = ('data.root', 'data.split_dir', 'model.pretrained_file', 'train.output_dir', 'data.workers')
 
 
 class Trainer:
@@ -118,6 +124,12 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        with same_on_every_process(acc) as facts:  # the first collective
+            facts.update((key, value) for key, value in flat_config(config_to_dict(cfg)).items()
+                         if key not in _MACHINE_LOCAL_KEYS)
+            # a checkpoint by its folder's name (the machines may mount the run folder at other paths)
+            facts['--resume'] = os.path.basename(os.path.normpath(resume)) if isinstance(resume, str) else resume
+            facts['--allow-fresh'] = allow_fresh
         if acc.is_main_process:
             warn_fsdp_parameter_cast(acc)
         if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
@@ -148,7 +160,11 @@ class Trainer:
         tc = cfg.train
         set_seed(tc.seed)
 
-        self.data = create_train_data(cfg, acc)
+        with same_on_every_process(acc) as facts:
+            self.data = create_train_data(cfg, acc)
+            self.micro_per_epoch = self.data.samples_per_rank() // cfg.data.batch_size
+            facts.update(self.data.fingerprint())
+            facts['micro-batches per process and epoch'] = self.micro_per_epoch
         self.num_classes = self.data.num_classes
         self.model = self._model().to(memory_format=self.data.memory_format)
         self.data.bind(self.model)
@@ -175,7 +191,6 @@ class Trainer:
             raise ConfigError(f'optim.opt {cfg.optim.opt!r} cannot be created here: {type(e).__name__}: '
                               f'{" ".join(str(e).split())}') from None
 
-        self.micro_per_epoch = self.data.samples_per_rank() // cfg.data.batch_size
         full_updates = self.micro_per_epoch // tc.grad_accum_steps
         self.updates_per_epoch = min(full_updates, tc.max_steps_per_epoch or full_updates)
         if self.updates_per_epoch < 1:
