@@ -445,6 +445,22 @@ def test_machines_that_differ_are_refused_by_every_process(tmp_path, folder, dif
         assert 'training convnext_s4nd_atto' not in out
 
 
+@pytest.mark.parametrize('own', ['data.root={missing}', 'optim.lrr=1e-3'])
+def test_a_config_error_on_one_machine_stops_every_machine(tmp_path, folder, own):
+    """A config that fails on one machine only (its data missing, a typo in its command line) stops that process
+    before it joins the others; they learn it at their first collective and stop too, each naming the process and
+    its error, instead of waiting for it until the process group's timeout (30 minutes)."""
+    own = own.format(missing=tmp_path / 'missing')
+    expected = ('data.root must be an existing folder' if own.startswith('data.root') else
+                "unknown config key 'optim.lrr' (did you mean optim.lr?)")
+    results = _two_machines([_overrides(folder, tmp_path / 'run', 'train.epochs=1'),
+                             _overrides(folder, tmp_path / 'run', 'train.epochs=1', own)], timeout=90)
+    for status, out, err in results:
+        assert status not in (0, None), err[-3000:]
+        assert 'error: process 1 of 2 (host ' in err and expected in err, err[-3000:]
+        assert 'training convnext_s4nd_atto' not in out
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
     """2 micro-batches of 2 with accumulation == 1 batch of 4 (same samples, same augmentations, no drop path)."""
     runs = {}

@@ -108,22 +108,36 @@ def check_shared_folder(accelerator: Accelerator, folder: str, wait_s: float = 5
 
 @contextmanager
 def same_on_every_process(state: PartialState) -> Iterator[Dict[str, Any]]:
-    """Refuse, on every process at once (a collective: one gather), start-up facts that differ between processes.
+    """Refuse, on every process at once (a collective: one gather), a start-up step that failed on some process or
+    whose facts differ between processes.
 
-    The block fills the dict it is given with this process's facts (flat keys, e.g. `optim.lr`); after it, a
-    ConfigError names each key whose value differs from process 0's, with the values and the processes (and hosts)
-    that hold them. Each machine of a run builds the model, optimizer and data from its own command line and files:
-    a difference would train other weights on some processes without a word, or deadlock when they count other
-    updates per epoch."""
+    The block fills the dict it is given with this process's facts (flat keys, e.g. `optim.lr`). A ConfigError in
+    the block is raised on every process, naming the processes (and hosts) it came from: a process stopping alone
+    (e.g. data missing on its machine) would leave the others waiting in their next collective until the process
+    group's timeout (30 minutes). Otherwise a ConfigError names each key whose value differs from process 0's, with
+    the values and the processes that hold them: each machine builds the model, optimizer and data from its own
+    command line and files, and a difference would train other weights on some processes without a word, or
+    deadlock when they count other updates per epoch. One process: the block runs as it is."""
     facts: Dict[str, Any] = {}
-    yield facts
     if state.num_processes == 1:
+        yield facts
         return
-    everyone = gather_object([(facts, socket.gethostname())])
+    error = None
+    try:
+        yield facts
+    except ConfigError as e:
+        error = str(e)
+    everyone = gather_object([(error, facts, socket.gethostname())])
+    errors: Dict[str, list] = {}  # error -> [(rank, host), ...]
+    for rank, (process_error, _, host) in enumerate(everyone):
+        if process_error is not None:
+            errors.setdefault(process_error, []).append((rank, host))
+    if errors:
+        raise ConfigError('; '.join(f'{_processes(at, state)}: {message}' for message, at in errors.items()))
     differences = []
-    for key in dict.fromkeys(k for process_facts, _ in everyone for k in process_facts):
+    for key in dict.fromkeys(k for _, process_facts, _ in everyone for k in process_facts):
         values: List[list] = []  # [value, [(rank, host), ...]] in order of first appearance (process 0's first)
-        for rank, (process_facts, host) in enumerate(everyone):
+        for rank, (_, process_facts, host) in enumerate(everyone):
             value = process_facts.get(key)
             held = next((v for v in values if v[0] == value), None)  # (==: dicts alike in another key order)
             if held is None:

@@ -4,7 +4,8 @@
 
 Exit status 2: a configuration problem (one line naming the key); 3: training diverged (the loss stayed
 non-finite past `train.max_nonfinite_steps`; nothing non-finite was written). Under `accelerate launch`, torchrun
-reports any failing process as 1: the one-line error on stderr says which.
+reports any failing process as 1: the one-line error on stderr says which. A config error on some processes of a
+multi-process launch stops every process, each naming the processes (and hosts) it came from.
 """
 import argparse
 import os
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         cfg = load_config(args.config, args.overrides)
         from .trainer import Trainer, TrainingDiverged  # heavy imports after the config is known to be good
     except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {_told_to_every_process(e)}', file=sys.stderr)
         sys.exit(2)
     try:
         return Trainer(cfg, resume=args.resume, allow_fresh=args.allow_fresh).fit()
@@ -63,3 +64,20 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     except TrainingDiverged as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(3)
+
+
+def _told_to_every_process(error: ConfigError) -> ConfigError:
+    """This process's config `error` as every process of a multi-process launch reports it: the others wait at their
+    Trainer's first collective (`same_on_every_process`), which this one joins with its error (e.g. data.root missing
+    on its machine) instead of leaving them waiting until the process group's timeout (30 minutes)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return error
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .checkpoint import same_on_every_process
+    try:  # (the process group as the others' Accelerator makes it: gloo where `accelerate launch` says CPU)
+        with same_on_every_process(PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU'))):
+            raise error
+    except ConfigError as everyone:
+        return everyone

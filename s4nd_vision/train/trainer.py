@@ -124,22 +124,24 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
-        with same_on_every_process(acc) as facts:  # the first collective
+        # the first collective: a process whose config failed to load joins it with its error (`cli.run`)
+        with same_on_every_process(acc) as facts:
             facts.update((key, value) for key, value in flat_config(config_to_dict(cfg)).items()
                          if key not in _MACHINE_LOCAL_KEYS)
             # a checkpoint by its folder's name (the machines may mount the run folder at other paths)
             facts['--resume'] = os.path.basename(os.path.normpath(resume)) if isinstance(resume, str) else resume
             facts['--allow-fresh'] = allow_fresh
+            if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
+                raise ConfigError(f'train.mixed_precision (or accelerate launch --mixed_precision) is fp16, which runs '
+                                  f'on GPUs only: on {acc.device.type} Accelerate would train in float32; use bf16 or '
+                                  f'no')
+            if acc.gradient_accumulation_steps != tc.grad_accum_steps:  # the environment overrides the argument
+                raise ConfigError(
+                    f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS '
+                    f'(accelerate launch with DeepSpeed) sets {acc.gradient_accumulation_steps}: give the same number '
+                    f'in both')
         if acc.is_main_process:
             warn_fsdp_parameter_cast(acc)
-        if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
-            raise ConfigError(f'train.mixed_precision (or accelerate launch --mixed_precision) is fp16, which runs on '
-                              f'GPUs only: on {acc.device.type} Accelerate would train in float32; use bf16 or no')
-        if acc.gradient_accumulation_steps != tc.grad_accum_steps:  # the environment overrides Accelerator's argument
-            raise ConfigError(
-                f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS '
-                f'(accelerate launch with DeepSpeed) sets {acc.gradient_accumulation_steps}: give the same number in '
-                f'both')
         self.out_dir = tc.output_dir
         if acc.is_main_process:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -160,14 +162,14 @@ class Trainer:
         tc = cfg.train
         set_seed(tc.seed)
 
-        with same_on_every_process(acc) as facts:
+        with same_on_every_process(acc) as facts:  # (machine-local too: the data's folders, model.pretrained_file)
             self.data = create_train_data(cfg, acc)
+            self.num_classes = self.data.num_classes
+            self.model = self._model().to(memory_format=self.data.memory_format)
+            self.data.bind(self.model)
             self.micro_per_epoch = self.data.samples_per_rank() // cfg.data.batch_size
             facts.update(self.data.fingerprint())
             facts['micro-batches per process and epoch'] = self.micro_per_epoch
-        self.num_classes = self.data.num_classes
-        self.model = self._model().to(memory_format=self.data.memory_format)
-        self.data.bind(self.model)
 
         self.global_batch = cfg.data.batch_size * acc.num_processes * tc.grad_accum_steps
         scale = self.global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0
