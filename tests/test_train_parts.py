@@ -1,5 +1,7 @@
 """The trainer's parts on their own: top-k hits, data configs, checkpoint lookup and the metrics CSV."""
 import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -167,6 +169,36 @@ def test_temporaries_of_writes_killed_midway_are_removed(tmp_path):
         (tmp_path / name).write_text('x')
     assert sorted(remove_temporaries(str(tmp_path))) == ['.last.safetensors.ab12cd_9.tmp', '.metrics.csv.zzzzzzzz.tmp']
     assert sorted(os.listdir(tmp_path)) == ['.hidden', 'keep.tmp', 'x.csv']
+
+
+_EXPORT_200_MB = """
+import sys, torch
+from accelerate import Accelerator
+from s4nd_vision.train.checkpoint import export_weights
+export_weights(Accelerator(cpu=True), torch.nn.Linear(50_000, 1_000, bias=False), sys.argv[1] + '/last.safetensors')
+"""
+
+
+def test_a_weights_export_killed_midway_leaves_only_what_the_clean_up_removes(tmp_path):
+    """kill -9 while weights are written: what is left is `replaced_atomically`'s temporary, which the next run's
+    `remove_temporaries` removes (safetensors' own save_file wrote through a `.tmpXXXXXX` of its own, left at full
+    size)."""
+    child = subprocess.Popen([sys.executable, '-c', _EXPORT_200_MB, str(tmp_path)],
+                             env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        writing = False
+        while not writing and child.poll() is None:  # until a file other than the result holds data
+            for entry in os.scandir(tmp_path):
+                try:
+                    writing = writing or (entry.name != 'last.safetensors' and entry.stat().st_size > 0)
+                except FileNotFoundError:  # (renamed meanwhile)
+                    pass
+        assert writing, 'the export ended before it was seen writing'
+    finally:
+        child.kill()
+        child.wait()
+    remove_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_resumed_run_sends_checkpointed_rows_it_never_logged_to_the_trackers(tmp_path):

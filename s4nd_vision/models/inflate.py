@@ -56,14 +56,14 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models import load_state_dict
 
 from ..layers import S4ND
 from ..layers.s4_kernel import S4Kernel
 from ..layers.sgconv_kernel import SGConvKernel
 from ..layers.ssm_kernel import SSMKernel, per_kernel
-from ..utils.files import replaced_atomically
+from ..utils.files import save_safetensors
 from ._checkpoint import KEPT_INIT, TransferReport, adapt_input_channels, pointwise_reshape, unwrap_state_dict
 
 __all__ = [
@@ -323,6 +323,5 @@ def inflate_checkpoint(
     model = timm.create_model(model_name, **(model_kwargs or {}))
     weights = inflate_state_dict(state_dict, model, **inflate_kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with replaced_atomically(dst) as tmp:  # (a killed run leaves no partial file under the name)
-        save_file(weights, tmp)
+    save_safetensors(weights, dst)  # (atomically: a killed run leaves no partial file under the name)
     return weights

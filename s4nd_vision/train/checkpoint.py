@@ -27,10 +27,9 @@ import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object, is_compiled_module
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..layers import state_dict_without_records
-from ..utils.files import replaced_atomically
+from ..utils.files import replaced_atomically, save_safetensors
 from ..utils.yaml12 import load_yaml
 from .config import LEGACY_OPTIM, ConfigError, optimizer_default
 
@@ -485,13 +484,8 @@ def export_weights(accelerator: Accelerator, model: nn.Module, path: str, update
         model = model._orig_mod
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        _atomic_save_file(state, path, None if update is None else {'update': str(update)})
+        save_safetensors(state, path, None if update is None else {'update': str(update)})
     return path
-
-
-def _atomic_save_file(state: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    with replaced_atomically(path) as tmp, _write_errors_as_oserror(path):
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
 
 
 @contextmanager

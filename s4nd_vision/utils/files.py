@@ -3,9 +3,12 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
-__all__ = ['replaced_atomically', 'remove_temporaries']
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ['replaced_atomically', 'remove_temporaries', 'save_safetensors']
 
 _TEMPORARY = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')  # `replaced_atomically`'s names: .<name>.<mkstemp's 8>.tmp
 
@@ -50,6 +53,17 @@ def replaced_atomically(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_safetensors(tensors: Dict[str, 'torch.Tensor'], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """`tensors` as a safetensors file at `path`, written atomically (`replaced_atomically`). They are serialized in
+    memory and written into `replaced_atomically`'s temporary: safetensors' `save_file` writes through a temporary of
+    its own (`.tmpXXXXXX`, safetensors 0.8), which a process killed mid-write leaves behind at full size, unknown to
+    `remove_temporaries`."""
+    from safetensors.torch import save
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with replaced_atomically(path) as tmp, open(tmp, 'wb') as f:
+        f.write(data)
 
 
 def remove_temporaries(folder: str) -> list:
