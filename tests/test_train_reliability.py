@@ -418,16 +418,40 @@ def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
             assert row[key] == expected[key], key
 
 
-@pytest.mark.parametrize('writer', ['s4nd_vision.train.checkpoint.save_file', 'accelerate.utils.other.safe_save_file'])
+@pytest.mark.parametrize('writer', ['exported weights', 'accelerate.utils.other.safe_save_file'])
 def test_a_full_disk_is_a_one_line_error(tmp_path, folder, capsys, monkeypatch, writer):
-    """safetensors reports a full disk as a SafetensorError, not an OSError: exported weights (our writer) and
-    checkpoints (Accelerate's) end the run with one error line, keeping the message (a traceback before)."""
+    """A full disk ends the run with one error line naming the file, keeping the message (a traceback before):
+    exported weights (our writer: the write of the serialized bytes fails) and checkpoints (Accelerate's, through
+    safetensors, which reports it as a SafetensorError, not an OSError)."""
+    import builtins
+    import errno
+
     from safetensors import SafetensorError
 
     def full(*args, **kwargs):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
                               'space left on device" })')
-    monkeypatch.setattr(writer, full)
+
+    class FullFile:  # (a file on a full disk: opens, and refuses the write)
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_open(file, mode='r', *args, **kwargs):
+        opened = builtins.open(file, mode, *args, **kwargs)
+        return FullFile(opened) if mode == 'wb' else opened
+    if writer == 'exported weights':
+        monkeypatch.setattr('s4nd_vision.utils.files.open', full_open, raising=False)
+    else:
+        monkeypatch.setattr(writer, full)
     with pytest.raises(SystemExit) as info:
         tool_main('train', _overrides(folder, tmp_path, 'train.epochs=1', 'train.checkpoint_every_steps=1'))
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -59,11 +59,14 @@ def save_safetensors(tensors: Dict[str, 'torch.Tensor'], path: str, metadata: Op
     """`tensors` as a safetensors file at `path`, written atomically (`replaced_atomically`). They are serialized in
     memory and written into `replaced_atomically`'s temporary: safetensors' `save_file` writes through a temporary of
     its own (`.tmpXXXXXX`, safetensors 0.8), which a process killed mid-write leaves behind at full size, unknown to
-    `remove_temporaries`."""
+    `remove_temporaries`. A failed write (e.g. a full disk) raises an OSError that names `path`."""
     from safetensors.torch import save
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    with replaced_atomically(path) as tmp, open(tmp, 'wb') as f:
-        f.write(data)
+    try:
+        with replaced_atomically(path) as tmp, open(tmp, 'wb') as f:
+            f.write(data)
+    except OSError as e:
+        raise OSError(e.errno, f'writing {path}: {e.strerror or e}') from e
 
 
 def remove_temporaries(folder: str) -> list:
