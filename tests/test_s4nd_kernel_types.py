@@ -137,7 +137,7 @@ def test_kernel_type_errors():
         S4ND(4, kernel='sgconv', l_ref=8, init='lin')
     with pytest.raises(ValueError, match='needs l_ref or l_max'):
         S4ND(4, kernel='sgconv')
-    with pytest.raises(ValueError, match="init must be 'legs'"):
+    with pytest.raises(ValueError, match=r"init must be one of \('legs',\) for kernel='s4'"):
         S4ND(4, kernel='s4', init='lin')
     assert isinstance(S4ND(4, init='legs').kernels[0], SSMKernel)
     assert S4ND(4, kernel='sgconv', l_ref=(40, 9), l_max=(16, 30)).kernels[0].l_ref == 16  # min(l_ref, l_max)

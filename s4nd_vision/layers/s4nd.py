@@ -29,11 +29,31 @@ from .records import records_in_state_dict
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSMKernel, check_ssm_args, is_int
+from .ssm_kernel import SSM_INITS, SSMKernel, check_ssm_args, is_int
 
-__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS']
+__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS', 'check_kernel_args']
 
 KERNELS = ('s4d', 's4', 'sgconv')
+KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
+
+
+def check_kernel_args(kernel: str, init: Optional[str], d_state: int, dt_min: float, dt_max: float,
+                      name: str = 'init') -> None:
+    """Raise ValueError unless `kernel` is one of `KERNELS`, `init` (the argument `name`) None (the default) or an
+    init of that kernel, and d_state, dt_min, dt_max what the SSM kernels take (checked whichever kernel is built).
+    S4ND checks its arguments with it, and the models theirs (`ssm_init`) whatever their mixer, so that a baseline
+    refuses what its S4ND twin refuses."""
+    if kernel not in KERNELS:
+        raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+    check_ssm_args(d_state, dt_min, dt_max)
+    if init is None:
+        return
+    if kernel not in KERNEL_INITS:
+        raise ValueError(f"{name} applies to the SSM kernels {tuple(KERNEL_INITS)}, not kernel={kernel!r} "
+                         f"(pass {name}=None), got {init!r}")
+    if init not in KERNEL_INITS[kernel]:
+        raise ValueError(f'{name} must be one of {KERNEL_INITS[kernel]} for kernel={kernel!r} (or None for the '
+                         f'default), got {init!r}')
 SCRIPT_ALTERNATIVES = ('use torch.compile, torch.export or torch.jit.trace, or export to ONNX '
                        '(s4nd_vision.deploy.export_onnx)')  # what to say where torch.jit.script is refused
 
@@ -201,8 +221,7 @@ class S4ND(nn.Module):
     def _axis_kernel_modules(self, kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay,
                              device, dtype) -> list:
         """One kernel generator per axis, with rank kernels per direction."""
-        if kernel not in KERNELS:
-            raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
+        check_kernel_args(kernel, init, d_state, dt_min, dt_max)
         if bandlimit and kernel == 'sgconv':
             raise ValueError(f"bandlimit applies to the SSM kernels ('s4d', 's4'), got kernel='sgconv' with "
                              f"bandlimit={bandlimit} (pass bandlimit=None or 0)")
@@ -213,10 +232,7 @@ class S4ND(nn.Module):
             raise ValueError(f'sgconv_size must be a positive integer, got {sgconv_size!r}')
         if not (isinstance(sgconv_decay, numbers.Real) and 0 < sgconv_decay <= 1):
             raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
-        check_ssm_args(d_state, dt_min, dt_max)
         if kernel == 'sgconv':
-            if init is not None:
-                raise ValueError(f"init applies to the SSM kernels ('s4d', 's4'), not 'sgconv', got {init!r}")
             if self.l_ref is None and self.l_max is None:
                 raise ValueError("kernel='sgconv' needs l_ref or l_max: the length its sub-kernels cover")
             none = (None,) * self.ndim  # sub-kernels covering min(l_ref, l_max) taps per axis

@@ -4,12 +4,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..layers import KERNELS, SSM_INITS
-from ..layers.ssm_kernel import check_ssm_args, is_int
+from ..layers.ssm_kernel import is_int
 
-__all__ = ['check_input', 'check_s4nd_args', 'check_img_size']
-
-_KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
+__all__ = ['check_input', 'check_img_size']
 
 
 def check_img_size(img_size) -> Tuple[int, int]:
@@ -19,24 +16,6 @@ def check_img_size(img_size) -> Tuple[int, int]:
     if len(size) != 2 or not all(is_int(s) and s > 0 for s in size):
         raise ValueError(f'img_size must be a positive integer, or two (H, W), got {img_size!r}')
     return int(size[0]), int(size[1])
-
-
-def check_s4nd_args(kernel: str, ssm_init: Optional[str], d_state: int, dt_min: float, dt_max: float) -> None:
-    """Raise ValueError unless `kernel` is one of `KERNELS`, `ssm_init` None (the model's default) or an init of that
-    kernel, and d_state, dt_min, dt_max what the SSM kernels take: in the model's keywords (the layers' errors name
-    their own `init`). The models check them whatever their mixer, so that a baseline refuses what its S4ND twin
-    refuses."""
-    check_ssm_args(d_state, dt_min, dt_max)
-    if kernel not in KERNELS:
-        raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
-    if ssm_init is None:
-        return
-    if kernel not in _KERNEL_INITS:
-        raise ValueError(f"ssm_init applies to the SSM kernels {tuple(_KERNEL_INITS)}, not kernel={kernel!r} "
-                         f"(pass ssm_init=None), got {ssm_init!r}")
-    if ssm_init not in _KERNEL_INITS[kernel]:
-        raise ValueError(f'ssm_init must be one of {_KERNEL_INITS[kernel]} for kernel={kernel!r} (or None for the '
-                         f'default), got {ssm_init!r}')
 
 
 def check_input(

@@ -19,11 +19,20 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace_module
 from timm.models import FeatureListNet, checkpoint_seq
 
-from ..layers import S4ND, ConvNeXtS4NDBlock, LayerNorm3d, channel_major, channels_first, linear_glu, stacked_kernels
+from ..layers import (
+    S4ND,
+    ConvNeXtS4NDBlock,
+    LayerNorm3d,
+    channel_major,
+    channels_first,
+    check_kernel_args,
+    linear_glu,
+    stacked_kernels,
+)
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
 from ._base import S4NDModel, SSMNoWeightDecay, s4nd_grids
-from ._checks import check_img_size, check_input, check_s4nd_args
+from ._checks import check_img_size, check_input
 
 __all__ = [
     'ConvNeXtBase', 'ConvNeXtFeatures', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES',
@@ -289,7 +298,7 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
         if output_stride not in (8, 16, 32):
             raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
-        check_s4nd_args(kernel=kernel, ssm_init=ssm_init, d_state=d_state, dt_min=dt_min, dt_max=dt_max)
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
         if bandlimit is None:
             bandlimit = _DEFAULT_BANDLIMIT.get(kernel)
         dd = dict(device=device, dtype=dtype)

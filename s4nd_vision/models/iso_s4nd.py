@@ -27,10 +27,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..layers import S4ND, ConvNeXtS4NDBlock, stacked_kernels
+from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel, feature_cfg
 from ._checkpoint import stated_img_size
-from ._checks import check_img_size, check_s4nd_args
+from ._checks import check_img_size
 
 __all__ = ['IsoS4ND']
 
@@ -94,7 +94,7 @@ class IsoS4ND(S4NDModel):
         super().__init__()
         if mixer_type not in MIXER_TYPES:
             raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
-        check_s4nd_args(kernel=kernel, ssm_init=ssm_init, d_state=d_state, dt_min=dt_min, dt_max=dt_max)
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans

@@ -37,11 +37,11 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 
-from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence
+from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, check_kernel_args
 from ..layers.ssm_kernel import check_sizes
 from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, init_weights, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
-from ._checks import check_input, check_s4nd_args
+from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
@@ -153,7 +153,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         super().__init__()
         if mixer not in MIXER_TYPES:
             raise ValueError(f'mixer must be one of {MIXER_TYPES}, got {mixer!r}')
-        check_s4nd_args(kernel=kernel, ssm_init=ssm_init, d_state=d_state, dt_min=dt_min, dt_max=dt_max)
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
         if not isinstance(bidirectional, bool):  # (bool('false') is True: a two-sided conv for a causal one)
             raise ValueError(f'bidirectional must be a bool (False: causal), got {bidirectional!r}')
         if global_pool not in POOLS:

@@ -53,10 +53,10 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from ..layers import S4ND, stacked_kernels
+from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, feature_cfg, update_model_args
 from ._checkpoint import stated_img_size
-from ._checks import check_img_size, check_input, check_s4nd_args
+from ._checks import check_img_size, check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 torch.fx.wrap('rearrange')  # (einops does not take FX proxies)
@@ -204,7 +204,7 @@ class VisionTransformerS4ND(S4NDModel):
         default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
         dt_min = default_dt_min if dt_min is None else dt_min
         dt_max = default_dt_max if dt_max is None else dt_max
-        check_s4nd_args(kernel=kernel, ssm_init=ssm_init, d_state=d_state, dt_min=dt_min, dt_max=dt_max)
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
