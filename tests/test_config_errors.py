@@ -118,6 +118,8 @@ def test_configs_written_before_betas_and_eps_became_null_still_load_and_resume(
     with pytest.raises(ConfigError, match='optim.betas must be null: optim.opt sgd takes no betas'):
         load_config(None, _overrides(folder, tmp_path, 'optim.opt=sgd', 'optim.betas=[0.9, 0.99]'))
     assert load_config(None, _overrides(folder, tmp_path, 'optim.opt=lion', *legacy)).optim.eps is None
+    # an optimizer timm names by a string (bitsandbytes', not installed here) loads with them as set
+    assert load_config(None, _overrides(folder, tmp_path, 'optim.opt=bnbadamw', *legacy)).optim.eps == 1e-8
     for opt, changed in (('adamw', []), ('sgd', []), ('lamb', ['optim.eps'])):  # (LAMB's own eps is 1e-6)
         old = config_to_dict(load_config(None, _overrides(folder, tmp_path, f'optim.opt={opt}')))
         old['optim'].update(betas=[0.9, 0.999], eps=1e-8)

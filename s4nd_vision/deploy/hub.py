@@ -18,9 +18,9 @@ import tempfile
 from typing import Iterator, Optional, Tuple
 
 import torch.nn as nn
-from timm.layers import to_2tuple
 
 from ..layers import S4ND
+from ..models._checks import check_img_size
 from ..utils.files import replaced_atomically
 
 __all__ = ['PACKAGE', 'CITATIONS', 'model_card', 'save_for_hf', 'push_to_hub']
@@ -217,7 +217,7 @@ def _native_size(model: nn.Module, data_config: Optional[dict]) -> Iterator[Opti
         raise ValueError(f'data_config: img_size does not apply to the sequence model {type(model).__name__}: '
                          'give input_size=(C, L)')
     else:  # (an image size, (H, W); a video model keeps its frames)
-        sizes = (*before[:-2], *to_2tuple(img_size))
+        sizes = (*before[:-2], *check_img_size(img_size))
     _set_native_size(model, sizes)
     try:
         yield config or None

@@ -22,9 +22,9 @@ def records_in_state_dict() -> bool:
 
 @contextlib.contextmanager
 def state_dict_without_records() -> Iterator[None]:
-    """State dicts of parameters and buffers only, and loads that keep each layer's own records (no warning of
-    their absence): for checkpoints of a model that is always rebuilt from the same config, e.g. the trainer's
-    FSDP checkpoints (its exported weights keep the records)."""
+    """State dicts of parameters and buffers only, and loads that do not expect the records (no warning of their
+    absence; records a file holds still load): for checkpoints of a model that is always rebuilt from the same
+    config, e.g. the trainer's FSDP checkpoints (its exported weights keep the records)."""
     token = _RECORDS.set(False)
     try:
         yield

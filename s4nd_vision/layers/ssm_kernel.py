@@ -264,7 +264,7 @@ def _kept_values(modes: slice, mask: torch.Tensor, log_a_real: torch.Tensor, a_i
     all modes' parameters times 0: the mask itself, or NaN in a channel where a parameter of a mode left out is NaN
     or infinite. Generation over all modes (the reference formulation, and CUDA) gives that channel NaN (0 * NaN)
     for all of these but log_a_real = -inf (a mode that does not decay, masked to 0 there), so a broken parameter is
-    not hidden on the CPU either; (H, N2) work, the size of the values."""
+    not hidden on the CPU either; work the size of the values (C's: num_kernels x H x N2)."""
     # (each value times 0 before the sums: 0 where finite, NaN where not, never an overflow of finite values; sums
     # over the last, contiguous axis: reductions over other axes are many times slower on the CPU)
     poison = (log_a_real.mul(0).sum(1) + a_imag.mul(0).sum(1) + torch.view_as_real(b).flatten(1).mul(0).sum(1)

@@ -385,10 +385,12 @@ def optimizer_default(opt: str, key: str) -> Any:
     from timm.optim import get_optimizer_info
 
     info = get_optimizer_info(opt.lower().split('_')[-1])
-    param = inspect.signature(info.opt_class).parameters.get(key)
-    if not (info.has_betas if key == 'betas' else info.has_eps) or param is None or param.default is param.empty:
+    if not (info.has_betas if key == 'betas' else info.has_eps):
         return None
-    return _listed(param.default)
+    if not callable(info.opt_class):  # (named by a string, not imported: bitsandbytes', APEX's; AdamW-like defaults)
+        return LEGACY_OPTIM[key]
+    param = inspect.signature(info.opt_class).parameters.get(key)
+    return None if param is None or param.default is param.empty else _listed(param.default)
 
 
 def _check_optimizer(optim: OptimConfig) -> None:
