@@ -374,14 +374,31 @@ def test_sgconv_interpolation_cache_is_bounded_in_bytes(monkeypatch):
     held = sum(t.nbytes for t in sgconv_kernel._cache.values())
     assert 0 < held <= 2 ** 20 and len(sgconv_kernel._cache) < 30
     torch.testing.assert_close(kernel(590, 256 / 590), kernel(590, 256 / 590))  # (a hit)
-    # of the matrices above _CACHE_MATRIX_BYTES (long sequences') only the last is kept, not churned through the cache
+    # of the matrices above _CACHE_MATRIX_BYTES (long sequences') only the last two are kept, not churned through the
+    # cache: a run alternating between a training and an evaluation length reuses both
     monkeypatch.setattr(sgconv_kernel, '_CACHE_MATRIX_BYTES', 256 * 1024)
     monkeypatch.setattr(sgconv_kernel, '_cache', type(sgconv_kernel._cache)())
-    monkeypatch.setattr(sgconv_kernel, '_large', [None, None])
+    monkeypatch.setattr(sgconv_kernel, '_large', type(sgconv_kernel._large)())
     kernel(100, 256 / 100)
-    for length in (2000, 3000, 2000):
+    held = {}
+    for length in (2000, 3000, 2000, 3000, 4000):
         kernel(length, 256 / length)
-        assert [key[2] for key in sgconv_kernel._cache] == [100] and sgconv_kernel._large[0][2] == length
-    m = sgconv_kernel._large[1]
-    kernel(2000, 256 / 2000)
-    assert sgconv_kernel._large[1] is m  # (reused at the same length)
+        assert [key[2] for key in sgconv_kernel._cache] == [100] and len(sgconv_kernel._large) <= 2
+        held.setdefault(length, next(m for key, m in sgconv_kernel._large.items() if key[2] == length))
+    assert [key[2] for key in sgconv_kernel._large] == [3000, 4000]
+    assert all(m is held[key[2]] for key, m in sgconv_kernel._large.items())  # (reused, not rebuilt)
+
+
+def test_sgconv_interpolation_cache_holds_matrices_in_the_weights_dtype(monkeypatch):
+    """The cache keeps each matrix on the weights' device in their dtype: a call converts nothing (on a GPU, no copy
+    from the host per step), and float32 and float64 generation each get their own."""
+    from s4nd_vision.layers import sgconv_kernel
+    monkeypatch.setattr(sgconv_kernel, '_cache', type(sgconv_kernel._cache)())
+    kernel = SGConvKernel(2, l_ref=64, size=8)
+    kernel(64)
+    kernel(64, dtype=torch.float64)
+    (key32, m32), (key64, m64) = sgconv_kernel._cache.items()
+    assert (m32.dtype, m64.dtype) == (torch.float32, torch.float64) and key32[-1:] == (torch.float32,)
+    kernel(64)
+    assert sgconv_kernel._cache[key32] is m32 and len(sgconv_kernel._cache) == 2
+    torch.testing.assert_close(kernel(64), kernel(64, dtype=torch.float64).float())

@@ -78,35 +78,40 @@ def _integrals(size: int, n_scales: int, length: int, rate) -> torch.Tensor:
 
 
 _CACHE_BYTES = 64 * 2 ** 20  # what the cache of `_cell_integrals` may hold: the matrices of ~ 100 image axes
-# A matrix above this (a 1D layer's over thousands of taps) is kept alone, the last one made, in `_large`: a training
-# run at one length reuses it (a rebuild took 4 / 35 / 294 ms at 2k / 8k / 16k taps), and a server fed many lengths
-# does not churn them through the cache, after which glibc's heap held over 1 GB more than the cache (lengths 16 to
-# 6000: 1.9 against 1.1 GB resident).
+# Matrices above this (a 1D layer's over thousands of taps) are kept apart, the last `_LARGE_KEPT` made, in `_large`: a
+# training run at one length reuses its matrix (a rebuild took 4 / 35 / 294 ms at 2k / 8k / 16k taps), and so does one
+# that alternates between a training and an evaluation length, while a server fed many lengths does not churn them
+# through the cache, after which glibc's heap held over 1 GB more than the cache (lengths 16 to 6000: 1.9 against
+# 1.1 GB resident).
 _CACHE_MATRIX_BYTES = 2 * 2 ** 20
+_LARGE_KEPT = 2
 _cache: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
-_large: list = [None, None]  # (key, matrix) of the last matrix above _CACHE_MATRIX_BYTES
+_large: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _cell_integrals(size: int, n_scales: int, length: int, rate: float) -> torch.Tensor:
-    """`_integrals`, cached per (size, n_scales, length, rate) for eager calls, least recently used out first once
-    the matrices pass `_CACHE_BYTES`; of the matrices above `_CACHE_MATRIX_BYTES` only the last one is kept."""
-    key = (size, n_scales, length, rate)
+def _cell_integrals(size: int, n_scales: int, length: int, rate: float, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """`_integrals` on `device` in `dtype`, cached per (size, n_scales, length, rate, device, dtype) for eager calls
+    (so a GPU step copies no matrix from the host), least recently used out first once the matrices pass
+    `_CACHE_BYTES`; of the matrices above `_CACHE_MATRIX_BYTES` only the last `_LARGE_KEPT` are kept."""
+    device = torch.device(device)
+    if device.type == 'meta':  # (models built under torch.device('meta'): nothing to keep)
+        return _integrals(size, n_scales, length, rate).to(device, dtype)
+    key = (size, n_scales, length, rate, device, dtype)
     with _cache_lock:  # (models called from several threads share it)
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-        if _large[0] == key:
-            return _large[1]
+        for store in (_cache, _large):
+            if key in store:
+                store.move_to_end(key)
+                return store[key]
     with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
-        m = _integrals(size, n_scales, length, rate)
+        m = _integrals(size, n_scales, length, rate).to(device, dtype)
     with _cache_lock:
-        if m.nbytes > _CACHE_MATRIX_BYTES:
-            _large[:] = key, m
-            return m
-        _cache[key] = m
-        while sum(t.nbytes for t in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
-            _cache.popitem(last=False)
+        store, limit = (_large, None) if m.nbytes > _CACHE_MATRIX_BYTES else (_cache, _CACHE_BYTES)
+        store[key] = m
+        while len(store) > 1 and (len(store) > _LARGE_KEPT if limit is None
+                                  else sum(t.nbytes for t in store.values()) > limit):
+            store.popitem(last=False)
     return m
 
 
@@ -180,10 +185,9 @@ class SGConvKernel(nn.Module):
     def _unnormalized(self, weight: torch.Tensor, length: int, rate: float) -> torch.Tensor:
         scale = self.decay ** torch.arange(self.n_scales, dtype=weight.dtype, device=weight.device)
         if torch.compiler.is_compiling():  # compile / export trace the construction, length and rate symbolic
-            m = _integrals(self.size, self.n_scales, length, rate)
+            m = _integrals(self.size, self.n_scales, length, rate).to(weight.device, weight.dtype)
         else:
-            m = _cell_integrals(self.size, self.n_scales, length, float(rate))
-        m = m.to(weight.device, weight.dtype)
+            m = _cell_integrals(self.size, self.n_scales, length, float(rate), weight.device, weight.dtype)
         values = (weight * scale[:, None]).flatten(-2)
         # (the plain product for graph capture and torch.func transforms, which take no autograd Function, and for
         # FLOP counting's trace, which would not see into one)
