@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Tuple
 import torch.nn as nn
 
 from ..layers import S4ND
+from ..models._base import S4_ID, S4ND_ID, SGCONV_ID
 from ..models._checks import check_img_size
 from ..utils.files import replaced_atomically
 
@@ -30,7 +31,7 @@ ORIGINAL_CODE = 'https://github.com/state-spaces/s4'
 
 # BibTeX by the `paper_ids` of a pretrained_cfg; the S4ND entry is cited by every card
 CITATIONS = {
-    'arXiv:2210.06583': """@inproceedings{nguyen2022s4nd,
+    S4ND_ID: """@inproceedings{nguyen2022s4nd,
   title={S4ND: Modeling Images and Videos as Multidimensional Signals with State Spaces},
   author={Nguyen, Eric and Goel, Karan and Gu, Albert and Downs, Gordon W. and Shah, Preey and Dao, Tri and
           Baccus, Stephen A. and R{\\'e}, Christopher},
@@ -38,21 +39,19 @@ CITATIONS = {
   volume={35},
   year={2022}
 }""",
-    'arXiv:2111.00396': """@inproceedings{gu2022efficiently,
+    S4_ID: """@inproceedings{gu2022efficiently,
   title={Efficiently Modeling Long Sequences with Structured State Spaces},
   author={Gu, Albert and Goel, Karan and R{\\'e}, Christopher},
   booktitle={International Conference on Learning Representations},
   year={2022}
 }""",
-    'arXiv:2210.09298': """@inproceedings{li2023sgconv,
+    SGCONV_ID: """@inproceedings{li2023sgconv,
   title={What Makes Convolutional Models Great on Long Sequence Modeling?},
   author={Li, Yuhong and Cai, Tianle and Zhang, Yi and Chen, Deming and Dey, Debadeepta},
   booktitle={International Conference on Learning Representations},
   year={2023}
 }""",
 }
-_S4ND = 'arXiv:2210.06583'
-_SGCONV = 'arXiv:2210.09298'
 # by the number of axes of the pretrained_cfg's pool_size (the final feature grid)
 _MODEL_TYPES = {1: 'Sequence classification / feature backbone', 2: 'Image classification / feature backbone',
                 3: 'Video classification / feature backbone'}
@@ -117,8 +116,8 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
     ids = cfg.get('paper_ids') or ()
     ids = [ids] if isinstance(ids, str) else list(ids)
     kernels = {m.kernel for m in model.modules() if isinstance(m, S4ND)}  # (none: a baseline)
-    if 'sgconv' in kernels and _SGCONV not in ids:  # (built with kernel='sgconv', whatever the registry name)
-        ids.append(_SGCONV)
+    if 'sgconv' in kernels and SGCONV_ID not in ids:  # (built with kernel='sgconv', whatever the registry name)
+        ids.append(SGCONV_ID)
     papers = ([cfg['paper_name']] if cfg.get('paper_name') else []) + [
         f'https://arxiv.org/abs/{i.split(":")[-1]}' for i in ids]
     details = {
@@ -139,7 +138,7 @@ def model_card(model: nn.Module, repo_id: Optional[str] = None, **overrides) -> 
                      'S4ND architecture. Loading it needs `import s4nd_vision` first (see Model Usage).'),
         details=details,
         usage=_usage(repo_id, _axes(model)),
-        citation=[CITATIONS[i] for i in dict.fromkeys([_S4ND, *ids]) if i in CITATIONS],
+        citation=[CITATIONS[i] for i in dict.fromkeys([S4ND_ID, *ids]) if i in CITATIONS],
         tags=[TASKS.get(_axes(model), TASKS[2]), 'timm', PACKAGE, 's4nd', 'state-space-model'],
         license=cfg.get('license') or 'apache-2.0',
     )

@@ -31,14 +31,26 @@ except ImportError:  # older timm: `pretrained_cfg['input_size']` is the only re
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
 __all__ = [
-    'S4NDModel', 'MIXER_TYPES', 'S4ND_PAPER', 'LIBRARY_CFG', 'init_weights', 'update_model_args', 'input_size_args',
+    'S4NDModel', 'MIXER_TYPES', 'S4ND_ID', 'S4_ID', 'SGCONV_ID', 'PAPER_NAMES', 'paper_cfg', 'LIBRARY_CFG',
+    'init_weights', 'update_model_args', 'input_size_args',
     'check_global_pool', 's4nd_grids', 'SSMNoWeightDecay', 'feature_cfg',
 ]
 
-# The paper every model here implements, for each pretrained_cfg (timm's `paper_ids` / `paper_name`).
-S4ND_PAPER = dict(
-    paper_ids='arXiv:2210.06583',
-    paper_name='S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces')
+# The papers our models implement, by arXiv id, with their titles: the pretrained_cfgs' `paper_ids` / `paper_name`
+# (timm's keys) and the hub's citations go by these ids.
+S4ND_ID, S4_ID, SGCONV_ID = 'arXiv:2210.06583', 'arXiv:2111.00396', 'arXiv:2210.09298'
+PAPER_NAMES = {
+    S4ND_ID: 'S4ND: Modeling Images and Videos as Multidimensional Signals Using State Spaces',
+    S4_ID: 'Efficiently Modeling Long Sequences with Structured State Spaces',
+    SGCONV_ID: 'What Makes Convolutional Models Great on Long Sequence Modeling?',
+}
+
+
+def paper_cfg(paper_id: str = S4ND_ID) -> dict:
+    """A pretrained_cfg's paper entries: the paper of the model's architecture, then S4ND's, which every model here
+    implements (its layer)."""
+    ids = tuple(dict.fromkeys((paper_id, S4ND_ID)))
+    return dict(paper_ids=ids[0] if len(ids) == 1 else ids, paper_name=PAPER_NAMES[paper_id])
 
 # In every pretrained_cfg, so that the config.json written by timm's own `save_for_hf` / `push_to_hf_hub` says
 # where the model comes from: timm has no plugin mechanism, and its registry knows these models only once this

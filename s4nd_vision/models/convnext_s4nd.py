@@ -22,7 +22,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._base import LIBRARY_CFG, S4ND_PAPER, feature_cfg
+from ._base import LIBRARY_CFG, SGCONV_ID, feature_cfg, paper_cfg
 from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures
 
@@ -80,7 +80,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
+        'license': 'apache-2.0', **paper_cfg(), **LIBRARY_CFG, **kwargs,
     }
 
 
@@ -90,9 +90,6 @@ def _paper_ssm(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in PAPER_SSM.items() if k != 'ssm_init' or kwargs.get('kernel', 's4d') == 's4d'}
 
 
-_SGCONV_PAPER = dict(  # SGConv kernels in the ConvNeXt-S4ND architecture
-    paper_ids=('arXiv:2210.09298', 'arXiv:2210.06583'),
-    paper_name='What Makes Convolutional Models Great on Long Sequence Modeling?')
 
 default_cfgs = generate_default_cfgs({
     'convnext_s4nd_atto.untrained': _cfg(),
@@ -105,8 +102,8 @@ default_cfgs = generate_default_cfgs({
     'convnext_s4nd_tiny_paper.untrained': _cfg(),
     'convnext_s4nd_small_paper.untrained': _cfg(),
     'convnext_s4nd_base_paper.untrained': _cfg(),
-    'convnext_sgconv_atto.untrained': _cfg(**_SGCONV_PAPER),
-    'convnext_sgconv_tiny.untrained': _cfg(**_SGCONV_PAPER),
+    'convnext_sgconv_atto.untrained': _cfg(**paper_cfg(SGCONV_ID)),
+    'convnext_sgconv_tiny.untrained': _cfg(**paper_cfg(SGCONV_ID)),
 })
 
 

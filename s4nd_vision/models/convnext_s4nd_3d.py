@@ -39,7 +39,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.ssm_kernel import is_int
-from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, feature_cfg, update_model_args
+from ._base import LIBRARY_CFG, MIXER_TYPES, feature_cfg, paper_cfg, update_model_args
 from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
@@ -198,7 +198,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': _FIRST_CONV, 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
+        'license': 'apache-2.0', **paper_cfg(), **LIBRARY_CFG, **kwargs,
     }
 
 

@@ -28,7 +28,7 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
-from ._base import LIBRARY_CFG, MIXER_TYPES, S4ND_PAPER, S4NDModel, feature_cfg
+from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, paper_cfg
 from ._checkpoint import stated_img_size
 from ._checks import check_img_size
 
@@ -171,7 +171,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.875, 'interpolation': 'bilinear', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
+        'license': 'apache-2.0', **paper_cfg(), **LIBRARY_CFG, **kwargs,
     }
 
 

@@ -39,7 +39,16 @@ from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, check_kernel_args
 from ..layers.ssm_kernel import check_sizes
-from ._base import LIBRARY_CFG, MIXER_TYPES, SSMNoWeightDecay, feature_cfg, init_weights, update_model_args
+from ._base import (
+    LIBRARY_CFG,
+    MIXER_TYPES,
+    S4_ID,
+    SSMNoWeightDecay,
+    feature_cfg,
+    init_weights,
+    paper_cfg,
+    update_model_args,
+)
 from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
 from ._checks import check_input
 
@@ -49,9 +58,6 @@ __all__ = ['SeqS4ND', 'SeqS4NDBlock', 'SeqState']
 
 POOLS = ('avg', 'max', 'last', '')
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-_S4_PAPER = dict(  # the S4 block and layer, as S4ND layers (the papers of the module docstring)
-    paper_ids=('arXiv:2111.00396', 'arXiv:2210.06583'),
-    paper_name='Efficiently Modeling Long Sequences with Structured State Spaces')
 
 
 class SeqState(NamedTuple):
@@ -375,7 +381,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'num_classes': 10, 'input_size': (1, 784), 'pool_size': (784,), 'fixed_input_size': False,
         'mean': MNIST_MEAN, 'std': MNIST_STD,
         'first_conv': 'stem', 'classifier': 'head',
-        'license': 'apache-2.0', **_S4_PAPER, **LIBRARY_CFG, **kwargs,
+        'license': 'apache-2.0', **paper_cfg(S4_ID), **LIBRARY_CFG, **kwargs,
     }
 
 

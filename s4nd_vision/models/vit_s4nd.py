@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, check_kernel_args, stacked_kernels
-from ._base import LIBRARY_CFG, S4ND_PAPER, S4NDModel, check_global_pool, feature_cfg, update_model_args
+from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
 from ._checkpoint import stated_img_size
 from ._checks import check_img_size, check_input
 
@@ -391,7 +391,7 @@ def _cfg(url: str = '', **kwargs) -> dict:
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
-        'license': 'apache-2.0', **S4ND_PAPER, **LIBRARY_CFG, **kwargs,
+        'license': 'apache-2.0', **paper_cfg(), **LIBRARY_CFG, **kwargs,
     }
 
 
