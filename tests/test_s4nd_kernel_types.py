@@ -164,6 +164,16 @@ def test_s4_float32_kernel_keeps_its_accuracy_at_a_small_step(rate):
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
 
 
+def test_s4_float32_kernel_keeps_its_accuracy_at_long_lengths():
+    """At 16k taps 1 - z rounded to float32 lost its real part 1 - cos(2 pi m / L), as large as the dt term at small
+    dt (1e-4 of the largest tap, 5e-4 of a channel's own): it is formed from the half angle."""
+    torch.manual_seed(0)
+    kernel = S4Kernel(4, d_state=32, dt_min=1e-7, dt_max=1e-5)
+    with torch.no_grad():
+        got, want = kernel(16384).double(), kernel(16384, dtype=torch.float64)
+    assert ((got - want).abs().amax(-1) / want.abs().amax(-1)).max() < 2e-5
+
+
 def test_s4_band_limit_masks_c_on_the_modes_of_lambda():
     """As the original code's DPLR kernel: the modes of Lambda at or above the cut-off (base dt) get C = 0, at
     every rate; the band-limit is saved with the weights; the recurrent view is masked alike."""
