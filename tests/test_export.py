@@ -312,6 +312,21 @@ def test_sgconv_exports_one_graph_for_every_length_and_s4_is_refused(tmp_path):
         export_onnx(fixed, str(tmp_path / 'fixed.onnx'), img_size=(64, 64))
 
 
+@pytest.mark.parametrize('kwargs', [dict(l_ref=8, l_max=4), dict(l_ref=None, l_max=5), dict(kernel='sgconv', l_max=4)],
+                         ids=['l_ref', 'no_l_ref', 'sgconv'])
+def test_layer_with_l_max_exports_one_graph_for_every_size(kwargs):
+    """A layer's l_max caps its kernels at min(side, l_max / rate): the graph exported with dynamic sides held a guard
+    that was true at the traced side only (export refused the declared range)."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8, **kwargs).eval()
+    dims = {2: torch.export.Dim('h', min=3, max=64), 3: torch.export.Dim('w', min=3, max=64)}
+    program = torch.export.export(layer, (torch.randn(2, 4, 12, 12),), dynamic_shapes=(dims,))
+    for size in ((12, 12), (9, 20), (30, 7), (3, 5)):
+        x = torch.randn(2, 4, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
 @pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_sgconv_atto', 's4'])
 def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, grad):

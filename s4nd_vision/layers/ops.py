@@ -133,10 +133,10 @@ def two_sided_kernel(k_fwd: torch.Tensor, k_bwd: Optional[torch.Tensor], n: int)
 
 
 def _first_taps(k: torch.Tensor, m: int) -> torch.Tensor:
-    """The first m taps of k (..., L), zero-padded when L < m (written without min(), so that symbolic sizes
-    of an exported graph need no guard)."""
-    length = k.shape[-1]
-    return k.narrow(-1, 0, m) if length >= m else F.pad(k, (0, m - length))
+    """The first m taps of k (..., L), zero-padded when L < m: one pad, negative where it crops, with no branch on
+    the sizes, so that an exported graph of symbolic sizes needs no guard (a layer's `l_max` makes L = min(n, l_max /
+    rate), whose comparison with m held at the traced size only)."""
+    return F.pad(k, (0, m - k.shape[-1]))
 
 
 def _toeplitz_index(m: int, n: int, pool: int, device: torch.device) -> torch.Tensor:
