@@ -904,10 +904,13 @@ def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentPa
         sys.exit(130)
     except (ValueError, OSError) as e:
         error = e
-    except RuntimeError as e:  # timm's create_model
-        if not str(e).startswith('Unknown model'):
+    except RuntimeError as e:  # timm's create_model: 'Unknown model (NAME)'
+        if not str(e).startswith('Unknown model ('):
             raise
-        error = e
+        from .utils.model_spec import closest_model_hint
+        name = str(e)[len('Unknown model ('):-1]
+        error = f'{name!r} is not a timm model{closest_model_hint(name)}'
+
     except TypeError as e:  # timm's create_model: a model argument (--model-kwargs, NAME,key=value) it does not take,
         # or one the command sets itself (pretrained, num_classes, ...)
         if not any(text in str(e) for text in ('got an unexpected keyword argument', 'got multiple values for')):

@@ -158,8 +158,10 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['flops', 'no_such_model'], 'Unknown model (no_such_model)'),
-    (['kernel-report', '--model', 'no_such_model'], 'Unknown model (no_such_model)'),
+    (['flops', 'no_such_model'], "'no_such_model' is not a timm model"),
+    (['kernel-report', '--model', 'no_such_model'], "'no_such_model' is not a timm model"),
+    (['eval-resolution', '--models', 'convnext_s4nd_tinyy', '--resolutions', '64'],
+     "'convnext_s4nd_tinyy' is not a timm model (did you mean convnext_s4nd_tiny?)"),
     (['export', 'convnext_s4nd_atto', '--sizes', '96', '96x100'],
      "argument --sizes: 96x100: sides must be multiples of the model stride 32 from 32 to 2048 (the exported graph"),
     (['export', 'vit_s4nd_atto_patch16_224', '--trace-size', '100'], 'argument --trace-size: 100x100: sides must be'),

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, 
 
 import yaml
 
+from ..utils.model_spec import closest_model_hint
 from ..utils.yaml12 import load_yaml
 
 __all__ = ['ConfigError', 'Config', 'load_config', 'apply_overrides', 'config_to_dict', 'packaged_configs']
@@ -291,9 +292,7 @@ class Config:
 
         mc, data = self.model, self.data
         if not timm.is_model(mc.name):
-            close = difflib.get_close_matches(mc.name, timm.list_models(), n=1)
-            hint = f' (did you mean {close[0]}?)' if close else ''
-            raise ConfigError(f'model.name {mc.name!r} is not a timm model{hint}')
+            raise ConfigError(f'model.name {mc.name!r} is not a timm model{closest_model_hint(mc.name)}')
         if len(timm.models.get_pretrained_cfg(mc.name).input_size or ()) == 2:  # (C, L)
             raise ConfigError(f'model.name: {mc.name} is a sequence model; the trainer trains image and video '
                               'models (sequence models: s4nd-vision seq-mnist)')

@@ -11,11 +11,20 @@ import yaml
 
 from .yaml12 import load_yaml
 
-__all__ = ['parse_model_spec', 'parse_model_option', 'NULL_OPTION']
+__all__ = ['parse_model_spec', 'parse_model_option', 'NULL_OPTION', 'closest_model_hint']
 
 # why a model argument may not be null (None)
 NULL_OPTION = ('timm.create_model drops null (None) arguments, so the model would take its default: leave it out '
                'for the default, or give a value (e.g. bandlimit=0 turns band-limiting off)')
+
+
+def closest_model_hint(name: str) -> str:
+    """' (did you mean NAME?)' with the registered timm model name closest to a misspelled `name`, or ''."""
+    import difflib
+
+    import timm
+    close = difflib.get_close_matches(name, timm.list_models(), n=1)
+    return f' (did you mean {close[0]}?)' if close else ''
 
 
 def _split_options(spec: str) -> List[str]:
