@@ -283,6 +283,31 @@ def test_rows_are_written_as_each_model_finishes(image_folder, tmp_path):
         assert [(r['model'], r['resolution']) for r in csv.DictReader(f)] == [('constant', '8'), ('constant', '14')]
 
 
+def test_each_resolution_is_written_as_soon_as_it_is_measured(image_folder, tmp_path):
+    """A model that fails at its second resolution leaves the row of its first in the CSV."""
+    class FailsAbove8(_Constant):
+        def forward(self, x):
+            if x.shape[-1] > 8:
+                raise RuntimeError('out of memory')
+            return super().forward(x)
+
+    with pytest.raises(RuntimeError, match='out of memory'):
+        eval_resolution({'m': FailsAbove8()}, image_folder, [8, 14], out_dir=str(tmp_path), progress=False)
+    with open(tmp_path / CSV_NAME) as f:
+        assert [(r['model'], r['resolution']) for r in csv.DictReader(f)] == [('m', '8')]
+
+
+def test_a_resolution_the_models_input_check_refuses_is_refused_before_any_work(image_folder, tmp_path):
+    """A ViT-S4ND takes only multiples of its patch size: 40 px is refused up front (not after evaluating 32 and
+    48 px, their results lost), and nothing is written."""
+    vit = _create('vit_s4nd_atto_patch16_224', img_size=32, in_chans=1, num_classes=10, depth=1)
+    with pytest.raises(ValueError, match=r"resolution 40: 'vit' does not take it \(input sides must be positive "
+                                         r"multiples of the patch size \(16, 16\), got \(40, 40\)\)"):
+        eval_resolution({'vit': vit}, image_folder, [32, 48, 40], out_dir=str(tmp_path / 'out'), progress=False)
+    assert not os.path.exists(tmp_path / 'out')
+    assert check_resolutions([32, 48], {'vit': vit}) == [32, 48]
+
+
 def test_a_model_of_one_input_size_is_refused_at_others_before_any_work(image_folder):
     """timm's ViTs without dynamic_img_size take only their own size: refused up front (not after its first
     resolution, with an AssertionError), naming the way to build one that takes any."""

@@ -135,8 +135,9 @@ def min_input_size(model: nn.Module) -> int:
 
 
 def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, nn.Module]] = None) -> List[int]:
-    """Validate `resolutions` (positive integers, each at least every model's minimum input size, and only its own
-    size for a model that takes no other: timm's `fixed_input_size`)."""
+    """Validate `resolutions` (positive integers, each at least every model's minimum input size, only its own
+    size for a model that takes no other: timm's `fixed_input_size`, and each one the model's own input check
+    accepts: e.g. a ViT-S4ND's patch-size multiples), before any evaluation."""
     resolutions = list(resolutions)
     if not resolutions:
         raise ValueError('resolutions must list at least one resolution')
@@ -157,6 +158,12 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
                 f"resolutions {other}: {name!r} takes only its own input size {own[0]}x{own[1]} (timm's "
                 f"fixed_input_size); a timm ViT takes any with dynamic_img_size=true "
                 f"(--models NAME,dynamic_img_size=true)")
+        check_input = getattr(model, '_check_input', None)  # this package's models: what their forward checks first
+        for r in resolutions if check_input is not None else ():
+            try:  # (a meta tensor: its shape is checked, nothing is allocated or computed)
+                check_input(torch.empty(1, config['input_size'][0], r, r, device='meta'))
+            except ValueError as e:
+                raise ValueError(f'resolution {r}: {name!r} does not take it ({e})') from None
     return resolutions
 
 
@@ -238,9 +245,9 @@ def eval_resolution(
                 rows.append(dict(model=name, resolution=resolution, top1=100 * correct1 / n, top5=100 * correct5 / n,
                                  n=n, skipped=skipped))
                 bar.set_postfix({f'{resolution}px': f'{rows[-1]["top1"]:.1f}%'})
-        if out_dir is not None:  # (each model's rows as soon as they are measured: a later failure keeps them)
-            os.makedirs(out_dir, exist_ok=True)
-            write_csv(rows, os.path.join(out_dir, CSV_NAME))
+                if out_dir is not None:  # (each row as soon as it is measured: a later failure keeps it)
+                    os.makedirs(out_dir, exist_ok=True)
+                    write_csv(rows, os.path.join(out_dir, CSV_NAME))
     if out_dir is not None:
         plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=train_resolution)
     return rows
