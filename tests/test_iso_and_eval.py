@@ -259,7 +259,7 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
 
     with open(tmp_path / CSV_NAME) as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 9 and set(table[0]) == {'model', 'resolution', 'top1', 'top5', 'n', 'skipped'}
+    assert len(table) == 9 and set(table[0]) == {'model', 'resolution', 'top1', 'top5', 'n', 'skipped', 'nonfinite'}
     assert (table[-1]['model'], table[-1]['resolution'], float(table[-1]['top1'])) == ('constant', '21', 10.0)
     png = tmp_path / PLOT_NAME
     assert png.read_bytes()[:8] == PNG_SIGNATURE
@@ -268,6 +268,25 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
     text = format_table(rows)
     assert text.splitlines()[0] == '| model (top-1 / top-5 %) | 8 px | 14 px | 21 px |'
     assert '| constant | 10.0 / 50.0 | 10.0 / 50.0 | 10.0 / 50.0 |' in text
+
+
+def test_non_finite_logits_are_misses_and_counted(image_folder, tmp_path):
+    """NaN logits are not scored as chance (topk ranks NaNs in a fixed order: 10 / 50 % here): every image with a
+    non-finite logit is a miss, warned about and counted in the rows, the CSV and the table."""
+    class NanAbove8(_Constant):
+        def forward(self, x):
+            out = super().forward(x).clone()
+            if x.shape[-1] > 8:
+                out[::3] = float('nan')  # images 0, 3, 6, ...: 10 of the 30
+            return out
+
+    with pytest.warns(RuntimeWarning, match='m at 14 px: 10 of 30 images gave non-finite logits'):
+        rows = eval_resolution({'m': NanAbove8()}, image_folder, [8, 14], out_dir=str(tmp_path), progress=False)
+    assert [(r['resolution'], r['nonfinite']) for r in rows] == [(8, 0), (14, 10)]
+    assert rows[0]['top1'] == 10 and rows[1]['top1'] == pytest.approx(100 * 2 / 30)  # two of the three 3s finite
+    with open(tmp_path / CSV_NAME) as f:
+        assert [r['nonfinite'] for r in csv.DictReader(f)] == ['0', '10']
+    assert format_table(rows).splitlines()[-1] == '| m | 10.0 / 50.0 | 6.7 / 33.3 | 14 px: 10/30 |'
 
 
 def test_rows_are_written_as_each_model_finishes(image_folder, tmp_path):
@@ -361,7 +380,7 @@ def test_evaluation_crops_as_the_models_config_says(image_folder):
 
 def test_eval_on_builtin_mnist():
     rows = eval_resolution({'constant': _Constant()}, 'mnist', [7], progress=False)
-    assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000, skipped=0)]
+    assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000, skipped=0, nonfinite=0)]
     assert dataset_num_classes('mnist') == 10
 
 

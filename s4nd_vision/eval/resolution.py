@@ -12,6 +12,7 @@ mean, std, interpolation and crop.
 """
 import csv
 import os
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import timm
@@ -207,7 +208,8 @@ def eval_resolution(
 
     Returns:
         One dict per (model, resolution): model, resolution, top1, top5, n (images scored), skipped (unreadable
-        images: their stand-ins are not scored).
+        images: their stand-ins are not scored), nonfinite (images scored whose logits hold a NaN or inf: never a
+        hit, and warned about, so that a model that blows up is not read as one at chance).
     """
     if not models:
         raise ValueError('models must hold at least one model')
@@ -229,7 +231,7 @@ def eval_resolution(
                 f'folders: its labels would not be the model\'s (a class missing from the split, or an extra folder?)')
         with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress) as bar:
             for resolution, loader in zip(resolutions, loaders):
-                correct1 = correct5 = n = skipped = 0
+                correct1 = correct5 = n = skipped = nonfinite = 0
                 for images, targets, *counts in loader:  # image folders add a skip count per sample
                     logits = model(images.to(device))
                     hits = topk_hits(logits, targets.to(device))
@@ -238,12 +240,16 @@ def eval_resolution(
                     correct1 += hits[read, 0].sum().item()
                     correct5 += hits[read].any(dim=1).sum().item()
                     n += int(read.sum())
+                    nonfinite += int((read & ~logits.isfinite().all(dim=1)).sum())
                     skipped += len(targets) - int(read.sum())
                     bar.update()
                 if n == 0:
                     raise ValueError(f'{name} at {resolution} px: none of the {skipped} validation images is readable')
+                if nonfinite:
+                    warnings.warn(f'{name} at {resolution} px: {nonfinite} of {n} images gave non-finite logits '
+                                  '(scored as misses)', RuntimeWarning)
                 rows.append(dict(model=name, resolution=resolution, top1=100 * correct1 / n, top5=100 * correct5 / n,
-                                 n=n, skipped=skipped))
+                                 n=n, skipped=skipped, nonfinite=nonfinite))
                 bar.set_postfix({f'{resolution}px': f'{rows[-1]["top1"]:.1f}%'})
                 if out_dir is not None:  # (each row as soon as it is measured: a later failure keeps it)
                     os.makedirs(out_dir, exist_ok=True)
@@ -254,27 +260,34 @@ def eval_resolution(
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    """Markdown table: one line per model, one column per resolution, cells 'top-1 / top-5' (%)."""
+    """Markdown table: one line per model, one column per resolution, cells 'top-1 / top-5' (%); where a row has
+    images with non-finite logits, a last column counts them per resolution."""
     resolutions = sorted({r['resolution'] for r in rows})
     by_model: Dict[str, Dict[int, Dict]] = {}
     for r in rows:
         by_model.setdefault(r['model'], {})[r['resolution']] = r
+    flagged = any(r.get('nonfinite') for r in rows)
     lines = [
-        '| model (top-1 / top-5 %) | ' + ' | '.join(f'{res} px' for res in resolutions) + ' |',
-        '|---|' + '---|' * len(resolutions),
+        '| model (top-1 / top-5 %) | ' + ' | '.join(f'{res} px' for res in resolutions)
+        + (' | non-finite logits |' if flagged else ' |'),
+        '|---|' + '---|' * (len(resolutions) + flagged),
     ]
     for model, cells in by_model.items():
         values = [
             f'{cells[res]["top1"]:.1f} / {cells[res]["top5"]:.1f}' if res in cells else '-' for res in resolutions]
+        if flagged:
+            counts = [f'{res} px: {c["nonfinite"]}/{c["n"]}' for res, c in sorted(cells.items()) if c.get('nonfinite')]
+            values.append(', '.join(counts) or '-')
         lines.append(f'| {model} | ' + ' | '.join(values) + ' |')
     return '\n'.join(lines)
 
 
 def write_csv(rows: Sequence[Dict], path: str) -> str:
-    """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones) to `path` (through a
-    temporary file: an interrupted write leaves the previous file)."""
+    """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones, nonfinite: scored
+    ones with non-finite logits) to `path` (through a temporary file: an interrupted write leaves the previous
+    file)."""
     with replaced_atomically(path) as tmp, open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n', 'skipped'])
+        writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n', 'skipped', 'nonfinite'])
         writer.writeheader()
         for r in rows:
             writer.writerow(dict(r, top1=f'{r["top1"]:.2f}', top5=f'{r["top5"]:.2f}'))
