@@ -411,6 +411,20 @@ def test_a_missing_split_folder_is_refused(image_folder, tmp_path):
     assert dataset_num_classes(str(tmp_path), split='test') == 10
 
 
+def test_a_split_missing_a_class_takes_the_training_splits_labels(image_folder, tmp_path):
+    """As the trainer validates: <root>/val without class 5 is labelled with <root>/train's class numbers (not
+    refused, nor '6' read as label 5); a class the training split lacks is refused."""
+    shutil.copytree(image_folder, tmp_path / 'train')
+    shutil.copytree(image_folder, tmp_path / 'val')
+    shutil.rmtree(tmp_path / 'val' / '5')
+    assert dataset_num_classes(str(tmp_path), split='val') == 10
+    (row,) = eval_resolution({'constant': _Constant()}, str(tmp_path), [14], split='val', progress=False)
+    assert row['n'] == 27 and row['top1'] == pytest.approx(100 * 3 / 27) and row['top5'] == pytest.approx(100 * 12 / 27)
+    shutil.copytree(os.path.join(image_folder, '5'), tmp_path / 'val' / 'x')
+    with pytest.raises(ValueError, match=r"holds images of classes the training split .*train' has none of .*\['x'\]"):
+        eval_resolution({'constant': _Constant()}, str(tmp_path), [14], split='val', progress=False)
+
+
 def test_load_model_from_local_weights(tmp_path):
     source = _mnist('s4nd_iso_tiny').eval()
     path = str(tmp_path / 'w.safetensors')

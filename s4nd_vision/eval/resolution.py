@@ -98,7 +98,8 @@ def load_model(
 
 
 def dataset_num_classes(data: str, split: str = 'validation') -> int:
-    """Number of classes of `data` ('mnist' or an ImageFolder directory)."""
+    """Number of classes of `data` ('mnist' or an ImageFolder directory: those of its training split, when it has
+    one, as the trainer numbers them)."""
     if data == BUILTIN:
         return len(MNIST5k.classes)
     return _num_classes(_image_folder(data, split))
@@ -109,9 +110,12 @@ def _num_classes(dataset: Dataset) -> int:
 
 
 _SPLIT_FOLDERS = ('train', 'training', 'val', 'valid', 'validation', 'eval', 'evaluation', 'test')
+TRAIN_SPLIT = 'train'  # the trainer's data.train_split: the classes a model trained on the folder knows
 
 
 def _image_folder(root: str, split: str, **kwargs) -> Dataset:
+    """The `split` of ImageFolder `root`, its labels the training split's class numbers when `root` has one (as the
+    trainer validates: a class without images in `split` shifts no label); classes only in `split` are refused."""
     if not os.path.isdir(root):
         raise ValueError(f"data must be {BUILTIN!r} or an ImageFolder directory, got {root!r}")
     check_folder_links(root)  # before timm's reader walks (and multiplies) a symlink loop
@@ -122,7 +126,18 @@ def _image_folder(root: str, split: str, **kwargs) -> Dataset:
                          f'split folders {splits}: pass one of them as the split')
     if len(ds) == 0:
         raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
-    check_class_folders(ds.reader.root, ds.reader.samples, ds.reader.class_to_idx)  # (as training checks them)
+    train = os.path.join(root, TRAIN_SPLIT)
+    other = os.path.isdir(train) and not os.path.samefile(train, ds.reader.root)
+    classes = ImageFolderDataset(train).reader.class_to_idx if other else ds.reader.class_to_idx
+    mapped = ds.reader.class_to_idx != classes
+    if mapped:  # (as the trainer's ImageFolderData: the training classes' numbers)
+        unknown = sorted(set(ds.reader.class_to_idx) - set(classes))
+        if unknown:
+            raise ValueError(f'{ds.reader.root!r} holds images of classes the training split {train!r} has none of '
+                             f'(so no model trained on it knows them): {unknown[:5]}')
+        ds = create_dataset('', root=root, split=split, class_map=classes, **kwargs)
+    # (as training checks them; a class map numbers the classes itself, not in timm's order)
+    check_class_folders(ds.reader.root, ds.reader.samples, None if mapped else ds.reader.class_to_idx)
     # samples (image, target, skipped): 16-bit images scaled, unreadable ones replaced with a warning
     return ImageFolderDataset(root, reader=ds.reader, input_img_mode=ds.input_img_mode, transform=ds.transform)
 
