@@ -442,6 +442,27 @@ def test_load_model_from_local_weights(tmp_path):
     assert load_model('s4nd_iso_tiny', path, in_chans=1, model_kwargs=dict(img_size=14)).num_classes == 10
 
 
+def test_weights_trained_at_another_size_are_named_and_marked(image_folder, tmp_path, monkeypatch):
+    """Weights saved at 28 px, loaded with img_size=14 (a wrong --train-resolution), keep their 28 px grids: a
+    warning names both sizes, the model states 28 px, and the plot marks 28 px, not 14."""
+    import s4nd_vision.eval.resolution as resolution
+    path = str(tmp_path / 'w28.safetensors')
+    save_file(_create('s4nd_iso_tiny', **dict(SMALL, img_size=28)).state_dict(), path)
+    load = dict(in_chans=1, num_classes=10, model_kwargs=SMALL_KWARGS)
+    with pytest.warns(UserWarning, match=r"w28.safetensors' holds weights trained at 28 px .*, not at img_size=14 "):
+        model = load_model('s4nd_iso_tiny', path, img_size=14, **load)
+    assert model.img_size == (28, 28) and {m.l_ref for m in model.modules() if isinstance(m, S4ND)} == {(28, 28)}
+    marks = []
+    monkeypatch.setattr(resolution, 'plot_accuracy', lambda rows, path, train_resolution: marks.append(
+        train_resolution))
+    eval_resolution({'m': model}, image_folder, [14], train_resolution=14, out_dir=str(tmp_path), progress=False)
+    assert marks == [28]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert load_model('s4nd_iso_tiny', path, img_size=28, **load).img_size == (28, 28)
+
+
 def test_cli_end_to_end(image_folder, tmp_path):
     paths = []
     for name in ('s4nd_iso_tiny', 'conv_iso_tiny'):

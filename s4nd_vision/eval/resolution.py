@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import MNIST5k
 from ..data.images import ImageFolderDataset, check_class_folders, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
-from ..layers import set_bandlimit
+from ..layers import S4ND, set_bandlimit
 from ..models import input_size_args
 from ..models._checkpoint import weights_num_classes
 from ..utils import replaced_atomically
@@ -62,7 +62,8 @@ def load_model(
         in_chans: passed to `timm.create_model` when given.
         img_size: the resolution the weights were trained at: this package's models are built for it (their
             S4ND kernels' reference grids, which weight files written by earlier versions do not hold); timm
-            models that take a size (ViTs) are set to it; others ignore it.
+            models that take a size (ViTs) are set to it; others ignore it. Weights that hold another grid keep
+            it (they were trained at another size): a warning names both, and the model is set to the weights'.
         bandlimit: band-limiting cut-off set on every S4ND kernel after loading (None leaves the one saved with
             the weights, else the model's own); models without S4ND layers are unaffected.
         model_kwargs: further `timm.create_model` arguments (those the model was trained with).
@@ -80,6 +81,7 @@ def load_model(
     if img_size is not None and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size)
     if checkpoint is not None:
+        built = [(layer, layer.l_ref) for layer in model.modules() if isinstance(layer, S4ND)]
         try:
             timm.models.load_checkpoint(model, checkpoint, strict=True)
         except RuntimeError as e:
@@ -92,6 +94,15 @@ def load_model(
                 f'the weights in {checkpoint!r} do not fit {name} built with {built or "its defaults"} '
                 f'({detail}): build it with the arguments it was trained with (eval-resolution: '
                 f'--models NAME,key=value,...; kernel-report, export: --model-kwargs key=value ...)') from None
+        # the saved reference grids replace those built for img_size: the size the weights were trained at
+        changed = [(grid[-1], layer.l_ref[-1]) for layer, grid in built if grid and layer.l_ref and layer.l_ref != grid]
+        if img_size is not None and changed:
+            trained = round(img_size * changed[0][1] / changed[0][0])
+            warnings.warn(f'{checkpoint!r} holds weights trained at {trained} px (their S4ND reference grids), not '
+                          f'at img_size={img_size} (--train-resolution): they are evaluated as trained at {trained} px',
+                          UserWarning)
+            if hasattr(model, 'set_input_size'):
+                model.set_input_size(trained)
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()
@@ -217,7 +228,8 @@ def eval_resolution(
             (its `split` sub-folder when present, found as timm's `create_dataset` does).
         resolutions: input sides in pixels.
         train_resolution: the resolution the models were trained at (checked, marked on the plot); build
-            the models for it (`load_model(img_size=...)`).
+            the models for it (`load_model(img_size=...)`). Where the S4ND models all state another native size
+            (e.g. `load_model` found weights trained at it), the plot marks theirs.
         crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg).
         out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME.
 
@@ -270,7 +282,10 @@ def eval_resolution(
                     os.makedirs(out_dir, exist_ok=True)
                     write_csv(rows, os.path.join(out_dir, CSV_NAME))
     if out_dir is not None:
-        plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=train_resolution)
+        stated = {get_model_input_config(m)['input_size'][-1] for m in models.values()
+                  if any(isinstance(layer, S4ND) for layer in m.modules())}
+        mark = stated.pop() if train_resolution is not None and len(stated) == 1 else train_resolution
+        plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=mark)
     return rows
 
 
