@@ -186,6 +186,40 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_two_studies_on_one_folder_record_each_run_once(tmp_path, monkeypatch):
+    """A study beside this one (on the same --out) finishes a run this one planned: it is not trained, evaluated
+    nor recorded again; a row given twice (a file from before this check) counts once, not as another seed."""
+    runs = study_grid(inits=['lin', 'inv'], dt_ranges=[(0.1, 1.0)], bandlimits=[1.0], seeds=[0], baseline=False,
+                      progressive='none')
+    path = str(tmp_path / RUNS_CSV)
+    fields = study._fields([64, 96, 128, 256])
+    other = dict(run_id=runs[1].run_id, setting=runs[1].setting, model=runs[1].model, init='inv', dt_min=0.1,
+                 dt_max=1.0, bandlimit=1.0, progressive=False, seed=0, epochs=2, train_s=22.0,
+                 top1_64=11, top1_96=11, top1_128=11, top1_256=11)
+    calls = []
+    _fake(monkeypatch, calls)
+    fake_train = study._train
+
+    def train(config, model, run_dir, overrides):  # the other study finishes runs[1] while this one trains runs[0]
+        study._append_row(path, other, fields)
+        return fake_train(config, model, run_dir, overrides)
+
+    monkeypatch.setattr(study, '_train', train)
+    logged = []
+    rows = run_study(runs, out_dir=str(tmp_path), log=logged.append)
+    assert calls == [runs[0].run_id] and any('meanwhile, skipped' in line for line in logged)
+    with open(path) as f:
+        assert [r['run_id'] for r in csv.DictReader(f)] == [runs[1].run_id, runs[0].run_id]
+    assert [r['run_id'] for r in rows] == [runs[1].run_id, runs[0].run_id]
+    assert study._append_row(path, other, fields) is False  # the run_id is there: nothing appended
+    with open(path, 'a') as f:  # a copy written before processes checked for each other
+        f.write(','.join(str(other[k]) for k in fields).replace('11', '99') + '\n')
+    assert [r['top1'][64] for r in read_runs(path)] == [11.0, 90.0]  # the first row of each run_id
+    summary = summarize_runs(read_runs(path) * 2, 64)  # (rows given twice, as read before)
+    inv = next(s for s in summary if s['init'] == 'inv')
+    assert inv['seeds'] == [0] and inv['top1'][64] == (11.0, 0.0)
+
+
 def test_bad_settings_record_nothing(tmp_path, monkeypatch):
     """A value the runs' configs refuse fails before study_settings.json is written (it would hold the folder for
     runs that never existed); settings recorded for no run are replaced, never reported as runs."""

@@ -8,7 +8,9 @@ kwargs of its setting, is trained at `img_size` and evaluated at every resolutio
 
 Interruptions: each finished run appends one row to `runs.csv` in the output folder (with its training time:
 the sum of its epochs' wall time as the trainer records it, each epoch's validation included); running the
-study again skips the runs in it and resumes unfinished ones from their last checkpoint (a run that diverges
+study again skips the runs in it and resumes unfinished ones from their last checkpoint. Studies run side by
+side on one folder share it: each looks at `runs.csv` again before every run, skipping those another has
+finished since, and a run_id is recorded (and read) once (a run that diverges
 is reported and left out; the next study run tries it again). The settings every run shares (epochs, steps per
 epoch, progressive sizes, overrides) are kept in `study_settings.json` once a run starts (every run's config is
 loaded first: a bad value fails before anything is recorded); a continuation with others is refused, as its runs
@@ -30,6 +32,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..layers import SSM_INITS
 from ..utils import replaced_atomically
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: runs.csv is not locked there)
+    fcntl = None
 from .demo import CONFIG_DIR, SETTINGS, _train, _train_config
 from .resolution import eval_resolution, load_model
 
@@ -165,17 +172,18 @@ def _fields(resolutions: Sequence[int]) -> List[str]:
 
 
 def read_runs(path: str) -> List[Dict]:
-    """The rows of a study's runs.csv, numbers parsed (`top1` a dict resolution -> top-1 %)."""
+    """The rows of a study's runs.csv, numbers parsed (`top1` a dict resolution -> top-1 %), one per run_id (the
+    first: a file written by two study processes before they checked for each other may hold a run twice)."""
     if not os.path.isfile(path):
         return []
-    rows = []
+    rows = {}
     with open(path, newline='') as f:
         for r in csv.DictReader(f):
-            rows.append(dict(
+            rows.setdefault(r['run_id'], dict(
                 r, seed=int(r['seed']), epochs=int(r['epochs']), train_s=float(r['train_s']),
                 progressive=r['progressive'] == 'True',
                 top1={int(k[5:]): float(v) for k, v in r.items() if k.startswith('top1_') and v != ''}))
-    return rows
+    return list(rows.values())
 
 
 def _recorded_resolutions(path: str) -> Optional[List[int]]:
@@ -218,22 +226,28 @@ def _check_settings(out_dir: str, settings: Dict, starting: bool, log: Callable[
             json.dump(settings, f, indent=1)
 
 
-def _append_row(path: str, row: Dict, fields: List[str]) -> None:
-    """Append one row (the header first in a new file); the line is written and flushed in one call."""
-    new = not os.path.isfile(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline='') as f:
-            header = next(csv.reader(f), [])
-        if header != fields:
+def _append_row(path: str, row: Dict, fields: List[str]) -> bool:
+    """Append one row (the header first in a new file) unless the file holds its run_id already (another study
+    process on the folder recorded it first); False then. The check and the write hold an exclusive lock on the
+    file, and the line is written and flushed in one call."""
+    with open(path, 'a+', newline='') as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # (released when the file is closed)
+        f.seek(0)
+        reader = csv.DictReader(f)
+        header = reader.fieldnames  # (None: a new, empty file)
+        if header is not None and header != fields:
             raise ValueError(f'{path} holds runs with the columns {header}, this study writes {fields}: '
                              'use another --out (or the same resolutions)')
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
+        if any(r['run_id'] == row['run_id'] for r in reader):
+            return False
+        writer = csv.DictWriter(f, fieldnames=fields)  # ('a+': written at the end, wherever the reading stopped)
+        if header is None:
             writer.writeheader()
         writer.writerow(row)
         f.flush()
         os.fsync(f.fileno())
+    return True
 
 
 def _run_config(run_dir: str):
@@ -326,6 +340,9 @@ def run_study(
                                       overrides=list(overrides)), starting=bool(todo), log=log)
     from ..train import TrainingDiverged
     for i, (run, run_dir, run_overrides) in enumerate(planned):
+        if any(r['run_id'] == run.run_id for r in read_runs(path)):  # (a study beside this one finished it since)
+            log(f'[{i + 1}/{len(todo)}] {run.run_id}: recorded by another study on {out_dir} meanwhile, skipped')
+            continue
         log(f'[{i + 1}/{len(todo)}] {run.run_id}')
         t0 = time.perf_counter()
         try:
@@ -335,11 +352,13 @@ def run_study(
             continue
         top1 = _evaluate(run, run_dir, resolutions, img_size)
         dt_min, dt_max = run.dt_range or ('', '')
-        _append_row(path, dict(
+        recorded = _append_row(path, dict(
             run_id=run.run_id, setting=run.setting, model=run.model, init=run.init or '', dt_min=dt_min,
             dt_max=dt_max, bandlimit='' if run.bandlimit is None else run.bandlimit, progressive=run.progressive,
             seed=run.seed, epochs=_run_config(run_dir).train.epochs, train_s=f'{_train_seconds(run_dir):.1f}',
             **{f'top1_{r}': f'{top1[r]:.2f}' for r in resolutions}), fields)
+        if not recorded:
+            log(f'    recorded by another study on {out_dir} meanwhile: not recorded again')
         log('    top-1 ' + ', '.join(f'{top1[r]:.1f}% at {r} px' for r in resolutions)
             + f' ({time.perf_counter() - t0:.0f} s)')
     rows = read_runs(path)
@@ -360,9 +379,13 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
 def summarize_runs(rows: Sequence[Dict], img_size: int) -> List[Dict]:
     """Per setting (baseline first, then by init, dt range and band-limit): what it is (model, init, dt_range,
     bandlimit, progressive), seeds, mean and std of top-1 per resolution, of the fraction of the `img_size`
-    accuracy kept at every resolution (per seed, then averaged), and of the training time."""
-    by_setting: Dict[str, List[Dict]] = {}
+    accuracy kept at every resolution (per seed, then averaged), and of the training time. A run_id given twice
+    counts once (its first row), not as another seed."""
+    unique: Dict[str, Dict] = {}
     for r in rows:
+        unique.setdefault(r['run_id'], r)
+    by_setting: Dict[str, List[Dict]] = {}
+    for r in unique.values():
         by_setting.setdefault(r['setting'], []).append(r)
     out = []
     for setting, mine in by_setting.items():
