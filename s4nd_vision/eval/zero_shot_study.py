@@ -32,13 +32,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..layers import SSM_INITS
 from ..utils import replaced_atomically
+from .demo import CONFIG_DIR, SETTINGS, _train, _train_config
+from .resolution import eval_resolution, load_model
 
 try:
     import fcntl
 except ImportError:  # (not on Windows: runs.csv is not locked there)
     fcntl = None
-from .demo import CONFIG_DIR, SETTINGS, _train, _train_config
-from .resolution import eval_resolution, load_model
 
 __all__ = [
     'StudyRun', 'study_grid', 'progressive_stages', 'run_study', 'read_runs', 'summarize_runs', 'format_study',
