@@ -44,7 +44,7 @@ def _model_spec(flag: str, spec: str, parser: argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------- demo
 
 def _bandlimit_arg(text: str):
-    """'off' or a positive number (argparse type)."""
+    """'off' (or 0) or a positive number (argparse type)."""
     from .eval.zero_shot_study import parse_bandlimit
     try:
         value = parse_bandlimit(text)
@@ -55,11 +55,6 @@ def _bandlimit_arg(text: str):
 
 def _cutoff_arg(text: str) -> float:
     """A band-limit to set: 'off' or 0 -> 0.0 (off), else a positive number (argparse type)."""
-    try:
-        if float(text) == 0:
-            return 0.0
-    except ValueError:
-        pass
     value = _bandlimit_arg(text)
     return 0.0 if value == 'off' else value
 

@@ -61,12 +61,13 @@ def test_grid():
         with pytest.raises(ValueError, match=match):
             study_grid(**kwargs)
     assert parse_dt_range('0.05,0.5') == (0.05, 0.5) and parse_bandlimit('off') is None
-    assert parse_bandlimit('0.5') == 0.5
+    assert parse_bandlimit('0.5') == 0.5 and parse_bandlimit('0') is None  # (0 is off, as everywhere)
     for bad in ('0.5', '1,0.1', 'a,b', '0.1,inf', 'nan,1'):
         with pytest.raises(ValueError, match='dt range'):
             parse_dt_range(bad)
-    with pytest.raises(ValueError, match='band-limit'):
-        parse_bandlimit('-1')
+    for bad in ('-1', 'nan', 'inf', 'x'):
+        with pytest.raises(ValueError, match=r"a band-limit is 'off' \(or 0\) or a positive number"):
+            parse_bandlimit(bad)
 
 
 def test_progressive_stages_and_overrides():
@@ -237,6 +238,20 @@ def test_bad_settings_record_nothing(tmp_path, monkeypatch):
     run_study(runs, out_dir=str(tmp_path), epochs=1, log=lambda s: None)
     assert calls == [runs[0].run_id]
     assert json.loads((tmp_path / study.SETTINGS_JSON).read_text())['epochs'] == 1
+
+
+def test_progressive_sizes_bind_the_progressive_runs_only(tmp_path, monkeypatch):
+    """A study of another training size without progressive runs needs no progressive sizes of that size (the
+    default sizes, ending at 64, refused every --img-size but 64); with progressive runs they must end with it."""
+    calls = []
+    _fake(monkeypatch, calls)
+    plain = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None], seeds=[0], baseline=False,
+                       progressive='none')
+    run_study(plain, out_dir=str(tmp_path / 'plain'), img_size=48, resolutions=[48, 96], log=lambda s: None)
+    assert calls == [plain[0].run_id]
+    twins = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None], seeds=[0], baseline=False)
+    with pytest.raises(ValueError, match=r'progressive_sizes \(--progressive-sizes\) must end with img_size=48'):
+        run_study(twins, out_dir=str(tmp_path / 'twins'), img_size=48, resolutions=[48, 96], log=lambda s: None)
 
 
 def test_tiny_real_run(tmp_path, capsys):

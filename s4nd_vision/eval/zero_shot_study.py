@@ -294,7 +294,7 @@ def run_study(
     Args:
         runs: from `study_grid`.
         img_size: training resolution (the models' reference grid); must be the first of `resolutions`
-            and the last of `progressive_sizes`.
+            and the last of `progressive_sizes` (when a run is progressive).
         epochs, max_steps_per_epoch: None keeps the config's (5 epochs, every batch).
         report_only: train nothing; the table and plot of the rows already there (at the resolutions they were
             trained and tested at, whatever `img_size` and `resolutions` say).
@@ -315,8 +315,9 @@ def run_study(
     if recorded is not None and recorded != resolutions:
         raise ValueError(f'{path} holds runs trained at {recorded[0]} px and tested at {recorded}: continue that study '
                          f'with img_size={recorded[0]} and these resolutions, or choose another output folder')
-    if not report_only and list(progressive_sizes)[-1:] != [img_size]:
-        raise ValueError(f'progressive_sizes must end with img_size={img_size}, got {list(progressive_sizes)}')
+    if not report_only and any(r.progressive for r in runs) and list(progressive_sizes)[-1:] != [img_size]:
+        raise ValueError(f'progressive_sizes (--progressive-sizes) must end with img_size={img_size} (--img-size) for '
+                         f'the progressive runs, got {list(progressive_sizes)}')
     _check_positive('resolutions', resolutions)
     _check_positive('progressive_sizes', progressive_sizes)
     owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
@@ -503,13 +504,13 @@ def parse_dt_range(text: str) -> Tuple[float, float]:
 
 
 def parse_bandlimit(text: str) -> Optional[float]:
-    """'off' / 'none' -> None, else a positive float."""
+    """'off' / 'none' / 0 -> None (no band-limit), else a positive float."""
     if text.lower() in ('off', 'none'):
         return None
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"a band-limit is 'off' or a positive number, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"a band-limit is 'off' or a positive number, got {text!r}")
-    return value
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"a band-limit is 'off' (or 0) or a positive number, got {text!r}")
+    return value or None
