@@ -552,6 +552,13 @@ def test_cli_builds_a_model_with_the_arguments_it_was_trained_with(image_folder,
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.splitlines()) == 1, err
     assert f"error: the weights in {path!r} do not fit s4nd_iso_tiny built with its defaults (" in err
+    # the same arguments without --in-chans (the demo's weights take 1 channel): the error names the channels
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['--models', spec, *[a for a in common if a not in ('--in-chans', '1')]])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert (f"error: the weights in {path!r} take 1 input channels, s4nd_iso_tiny was built for 3: give in_chans=1 "
+            f"(eval-resolution, kernel-report: --in-chans 1;") in err
 
 
 def test_a_split_whose_classes_are_not_the_models_is_refused(image_folder, tmp_path, capsys):

@@ -28,7 +28,7 @@ from ..data.images import ImageFolderDataset, check_class_folders, check_folder_
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import S4ND, set_bandlimit
 from ..models import input_size_args
-from ..models._checkpoint import weights_num_classes
+from ..models._checkpoint import file_shape, weights_num_classes
 from ..utils import replaced_atomically
 from .accuracy import topk_hits
 
@@ -87,6 +87,7 @@ def load_model(
         except RuntimeError as e:
             if 'Error(s) in loading state_dict' not in str(e):
                 raise
+            _check_input_channels(model, name, checkpoint)
             detail = ' '.join(str(e).split('\n', 1)[-1].split())
             detail = detail if len(detail) <= 300 else detail[:300] + '...'
             built = {k: v for k, v in (model_kwargs or {}).items() if k != 'pretrained_cfg_overlay'}
@@ -106,6 +107,22 @@ def load_model(
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()
+
+
+def _check_input_channels(model: nn.Module, name: str, checkpoint: str) -> None:
+    """A one-line error naming the input channels when the weights' first conv takes other channels than the
+    model's (e.g. the demo's 1-channel digits), the likeliest cause of a load that failed."""
+    first_conv = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    try:
+        own = model.get_parameter(f'{first_conv}.weight').shape if first_conv else None
+    except AttributeError:  # (a first_conv the model has not: nothing to say)
+        return
+    saved = file_shape(checkpoint, f'{first_conv}.weight') if own is not None else None
+    if saved is not None and len(saved) == len(own) > 1 and saved[1] != own[1]:
+        raise ValueError(
+            f'the weights in {checkpoint!r} take {saved[1]} input channels, {name} was built for {own[1]}: give '
+            f'in_chans={saved[1]} (eval-resolution, kernel-report: --in-chans {saved[1]}; export: --model-kwargs '
+            f'in_chans={saved[1]})')
 
 
 def dataset_num_classes(data: str, split: str = 'validation') -> int:

@@ -62,25 +62,31 @@ def adapt_input_channels(
     return {**state_dict, name: adapted}
 
 
-def file_num_classes(path: str, classifier: str) -> Optional[int]:
-    """The classes of the weights file `path` (safetensors, or a torch checkpoint of any of CHECKPOINT_KEYS): the
-    rows of `classifier`'s weight, None without one. `pretrained_cfg_overlay=dict(file=path)` needs it as the
-    overlay's `num_classes`: timm drops the file's classifier whenever that differs from the model's, and the
-    registry's is ImageNet's 1000, so without it a 51-class file's head would not load into a 51-class model.
-    Reads the shapes only (the safetensors header, a memory-mapped torch file): timm loads the weights after."""
+def file_shape(path: str, key: str) -> Optional[Tuple[int, ...]]:
+    """The shape of entry `key` of the weights file `path` (safetensors, or a torch checkpoint of any of
+    CHECKPOINT_KEYS), None without it. Reads the shapes only (the safetensors header, a memory-mapped torch file)."""
     if path.endswith('.safetensors'):
         from safetensors import safe_open
         with safe_open(path, 'pt') as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        shape = clean_state_dict(shapes).get(f'{classifier}.weight')
+        shape = clean_state_dict(shapes).get(key)
     else:
         try:
             state_dict = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
             state_dict = torch.load(path, map_location='cpu', weights_only=True)
-        weight = unwrap_state_dict(state_dict).get(f'{classifier}.weight')
+        weight = unwrap_state_dict(state_dict).get(key)
         shape = None if weight is None else weight.shape
-    return None if shape is None else int(shape[0])
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def file_num_classes(path: str, classifier: str) -> Optional[int]:
+    """The classes of the weights file `path`: the rows of `classifier`'s weight, None without one.
+    `pretrained_cfg_overlay=dict(file=path)` needs it as the overlay's `num_classes`: timm drops the file's
+    classifier whenever that differs from the model's, and the registry's is ImageNet's 1000, so without it a
+    51-class file's head would not load into a 51-class model. Reads the shapes only: timm loads the weights after."""
+    shape = file_shape(path, f'{classifier}.weight')
+    return None if shape is None else shape[0]
 
 
 def weights_num_classes(name: str, path: Optional[str]) -> Optional[int]:
