@@ -101,17 +101,23 @@ def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_pat
 
 def test_a_branch_resume_sets_aside_the_abandoned_branchs_best_weights(tmp_path):
     """best.safetensors records the update it was exported at: resumed from an earlier checkpoint, the run's best is
-    the checkpoint's, so weights exported later by the abandoned run must not stay under the name."""
+    the checkpoint's, so weights exported later by the abandoned run must not stay under the name. The tracker logs
+    go aside with them, and only then."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     try:
         acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
-        best = tmp_path / 'best.safetensors'
+        best, logs = tmp_path / 'best.safetensors', tmp_path / 'logs'
         export_weights(acc, model, str(best), update=12)
+        logs.mkdir()
         assert set_aside_newer(acc, str(tmp_path), 12) == [] and best.is_file()  # (not past the resumed update)
-        (moved,) = set_aside_newer(acc, str(tmp_path), 8)
+        assert logs.is_dir()  # (nothing set aside: a plain resume goes on logging there)
+        moved, moved_logs = set_aside_newer(acc, str(tmp_path), 8)
         assert not best.exists() and os.path.basename(moved).startswith('abandoned-')
         assert moved.endswith('-best.safetensors') and os.path.isfile(moved)
+        # the tracker logs go with the branch (they hold its epochs): named as the rest
+        assert not logs.exists() and moved_logs == moved[:-len('best.safetensors')] + 'logs'
+        assert os.path.isdir(moved_logs)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -348,6 +348,34 @@ def test_a_branch_keeps_the_best_weights_its_checkpoint_records(tmp_path, folder
     assert f"file='{tmp_path / 'best.safetensors'}'" in capsys.readouterr().out
 
 
+def _logged_scalars(logs, tag='top1'):
+    """(step, value) of every `tag` scalar in the TensorBoard event files under `logs`, oldest file first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars = []
+    for path in sorted(logs.rglob('events.out.tfevents*')):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        scalars += [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()['scalars'] else []
+    return scalars
+
+
+def test_a_branch_sets_the_tracker_logs_aside_and_logs_each_epoch_once(tmp_path, folder):
+    """The tracker logs of the abandoned branch go aside with its checkpoints (as 'abandoned-<time>-logs'): kept,
+    TensorBoard showed the redone epochs twice, both branches interleaved. The new logs get the checkpoint's rows
+    again, then the branch's own: each epoch once, as in metrics.csv."""
+    overrides = _overrides(folder, tmp_path, 'train.epochs=2', 'train.keep_checkpoints=2',
+                           'train.trackers=[tensorboard]')
+    Trainer(load_config(None, overrides)).fit()
+    epoch0 = sorted((tmp_path / 'checkpoints').iterdir())[0]
+    _reset()
+    Trainer(load_config(None, overrides), resume=str(epoch0)).fit()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith('abandoned-') and p.name.endswith('-logs')]
+    assert [step for step, _ in _logged_scalars(aside)] == [0, 1]
+    logged = _logged_scalars(tmp_path / 'logs')
+    assert [step for step, _ in logged] == [0, 1] == [int(r['epoch']) for r in _rows(tmp_path)]
+    assert [value for _, value in logged] == pytest.approx([float(r['top1']) for r in _rows(tmp_path)])
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path, folder):
     """A truncated or missing file in the latest checkpoint (a full disk, a bad copy) ends the resume with one line
     naming the checkpoint and the --resume of the one before it (a traceback before, or a pytorch_model.bin that

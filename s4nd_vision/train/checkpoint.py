@@ -41,7 +41,8 @@ except ImportError:  # (not on Windows: run folders are not locked there)
 __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
     'all_finite', 'local_shards', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE',
-    'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'set_aside_newer', 'restore_best_weights', 'same_on_every_process',
+    'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'LOGS_DIR', 'set_aside_newer', 'restore_best_weights',
+    'same_on_every_process',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -49,6 +50,7 @@ METRICS_FILE = 'metrics.csv'  # in each checkpoint folder: the metrics rows of t
 
 _CKPT_RE = re.compile(r'^step-(\d+)$')
 BEST_FILE = 'best.safetensors'  # in output_dir, and in each checkpoint folder: the best weights its state records
+LOGS_DIR = 'logs'  # in output_dir: the trackers' logs (`train.trackers`, e.g. TensorBoard's event files)
 _EXPORTED = (BEST_FILE, 'last.safetensors', 'last_ema.safetensors')  # the weights a run exports
 
 
@@ -252,7 +254,10 @@ def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> L
     the weights files exported past it (best, last, last_ema) to 'abandoned-<time>-<name>.safetensors' (main process;
     all must call): a run resumed from an earlier checkpoint starts a new branch, and a later `--resume` must continue
     this branch, not the abandoned one's higher step, nor present the abandoned branch's weights as its own (the
-    resumed state's best accuracy is the checkpoint's). Returns the new paths."""
+    resumed state's best accuracy is the checkpoint's). Where anything was set aside, the trackers' logs
+    (output_dir/logs) go too, to 'abandoned-<time>-logs': they hold the abandoned branch's rows of the epochs this
+    branch redoes (TensorBoard would show both), and `MetricsLog.begin` logs the checkpoint's rows anew. Returns the
+    new paths."""
     root = os.path.join(output_dir, 'checkpoints')
     moved = []
     if accelerator.is_main_process:
@@ -267,9 +272,13 @@ def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> L
             if exported is not None and exported > update:
                 moved.append(os.path.join(output_dir, f'abandoned-{stamp}-{name}'))
                 os.replace(path, moved[-1])
+        logs = os.path.join(output_dir, LOGS_DIR)
+        if moved and os.path.isdir(logs):
+            moved.append(os.path.join(output_dir, f'abandoned-{stamp}-{LOGS_DIR}'))
+            os.replace(logs, moved[-1])
         if moved:
-            accelerator.print(f'--resume: resumed at update {update}; the later checkpoints and weights of the '
-                              f'abandoned run are set aside as {", ".join(os.path.basename(m) for m in moved)}')
+            accelerator.print(f'--resume: resumed at update {update}; the later checkpoints, weights and tracker logs '
+                              f'of the abandoned run are set aside as {", ".join(os.path.basename(m) for m in moved)}')
     accelerator.wait_for_everyone()
     return moved
 

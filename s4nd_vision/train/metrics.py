@@ -10,7 +10,7 @@ import yaml
 from accelerate import Accelerator
 
 from ..utils.files import replaced_atomically
-from .checkpoint import CONFIG_FILE, METRICS_FILE
+from .checkpoint import CONFIG_FILE, LOGS_DIR, METRICS_FILE
 from .config import Config, config_to_dict
 
 __all__ = ['MetricsLog', 'peak_memory_mb', 'reset_peak_memory']
@@ -29,19 +29,20 @@ class MetricsLog:
         self.accelerator, self.cfg = accelerator, cfg
         self.path = os.path.join(cfg.train.output_dir, METRICS_FILE)
         if cfg.train.trackers:
-            accelerator.init_trackers('logs', config=_flat(config_to_dict(cfg)))
+            accelerator.init_trackers(LOGS_DIR, config=_flat(config_to_dict(cfg)))
 
-    def begin(self, epoch: int, checkpoint: Optional[str] = None) -> None:
+    def begin(self, epoch: int, checkpoint: Optional[str] = None, new_logs: bool = False) -> None:
         """A run (re)starting at `epoch`, from the checkpoint folder `checkpoint` if resumed: the rows of the epochs
         before `epoch` are the checkpoint's (so a row the interrupted run did not get to write comes back), rows
-        of epochs it will redo are dropped; the config it runs with goes to `config.yaml`."""
+        of epochs it will redo are dropped; the config it runs with goes to `config.yaml`. `new_logs`: the trackers'
+        logs were set aside (a new branch, `set_aside_newer`), so they get every row of the checkpoint again."""
         if self.accelerator.is_main_process:
             saved = os.path.join(checkpoint, METRICS_FILE) if checkpoint is not None else None
             if saved is not None and os.path.isfile(saved):
-                logged = {r['epoch'] for r in _read_csv(self.path)}
+                logged = set() if new_logs else {r['epoch'] for r in _read_csv(self.path)}
                 with replaced_atomically(self.path) as tmp:
                     shutil.copyfile(saved, tmp)
-                # a row the interrupted run checkpointed but never logged: the trackers get it now
+                # a row the interrupted run checkpointed but never logged (or logged to logs set aside): log it now
                 for row in _read_csv(saved):
                     if row['epoch'] not in logged and int(row['epoch']) < epoch:
                         self.accelerator.log(_numbers(row), step=int(row['epoch']))

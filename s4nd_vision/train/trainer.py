@@ -42,6 +42,7 @@ from ..utils.files import remove_temporaries
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     BEST_FILE,
+    LOGS_DIR,
     TrainState,
     all_finite,
     check_shared_folder,
@@ -241,6 +242,7 @@ class Trainer:
             self.train_loss = nn.CrossEntropyLoss()
         self.data.prepare_evaluation()
 
+        self.logs_set_aside = False
         self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh, say=acc.print)
         if self.resumed_from is not None:
             # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
@@ -271,7 +273,9 @@ class Trainer:
                     f'{self.state.global_batch} (e.g. {hint}): the learning rate, its schedule and the position in '
                     f'the epoch are counted in updates of that size')
             self.state.global_batch = self.global_batch  # (a checkpoint written before it was recorded)
-            set_aside_newer(acc, self.out_dir, self.state.update)
+            moved = set_aside_newer(acc, self.out_dir, self.state.update)
+            # (main process) the trackers' logs went with the abandoned branch: the new ones get the checkpoint's rows
+            self.logs_set_aside = any(os.path.basename(p).endswith(f'-{LOGS_DIR}') for p in moved)
             if not restore_best_weights(acc, self.out_dir, self.resumed_from):  # the branch exports its own best
                 fresh = TrainState()
                 self.state.best_top1, self.state.best_epoch = fresh.best_top1, fresh.best_epoch
@@ -481,7 +485,7 @@ class Trainer:
 
     def _fit(self) -> Dict[str, Any]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
-        self.log.begin(state.epoch, self.resumed_from)
+        self.log.begin(state.epoch, self.resumed_from, new_logs=self.logs_set_aside)
         reset_peak_memory(acc.device)
         acc.print(f'training {cfg.model.name} on {acc.num_processes} process(es), global batch {self.global_batch}, '
                   f'lr {self.lr:.3g}, {self.updates_per_epoch} updates/epoch, '
