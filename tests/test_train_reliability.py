@@ -376,6 +376,34 @@ def test_a_branch_sets_the_tracker_logs_aside_and_logs_each_epoch_once(tmp_path,
     assert [value for _, value in logged] == pytest.approx([float(r['top1']) for r in _rows(tmp_path)])
 
 
+def test_a_resume_with_nothing_left_to_train_is_refused_unless_the_run_is_complete(tmp_path, folder, capsys):
+    """A checkpoint at or past train.epochs, or past the end of its last epoch, is a one-line error saying what to give
+    instead (the run trained nothing, or dropped the rest of an epoch, and ended as a success); nothing is set aside.
+    A run resumed at its own completed end just says it is complete."""
+    overrides = _overrides(folder, tmp_path, 'train.max_steps_per_epoch=3', 'train.checkpoint_every_steps=1',
+                           'train.keep_checkpoints=10')
+    Trainer(load_config(None, [*overrides, 'train.epochs=2'])).fit()
+    root, rows = tmp_path / 'checkpoints', _rows(tmp_path)
+    for resume, extra, message in (
+            (True, 'train.epochs=1', r'is at epoch 2 \(update 6, 0 into the epoch\); train.epochs=1 leaves nothing '
+                                     r'to train: give train.epochs > 2, or resume an earlier checkpoint'),
+            (root / 'step-00000005', 'train.epochs=1', 'is at epoch 1 .*train.epochs=1 leaves nothing to train'),
+            (root / 'step-00000003', 'train.epochs=1', 'is at epoch 1 .*give train.epochs > 1'),  # (not the run's end)
+            (root / 'step-00000005', 'train.max_steps_per_epoch=1',
+             r'2 into the epoch\), past the end of the last epoch \(train.epochs=2\), which has 1 updates now '
+             r'.*give train.epochs > 2 or train.max_steps_per_epoch >= 2')):
+        _reset()
+        with pytest.raises(ConfigError, match=message):
+            Trainer(load_config(None, [*overrides, 'train.epochs=2', extra]), resume=resume if resume is True else
+                    str(resume))
+    assert not [p for p in [*tmp_path.iterdir(), *root.iterdir()] if p.name.startswith('abandoned-')]
+    _reset()
+    capsys.readouterr()
+    summary = Trainer(load_config(None, [*overrides, 'train.epochs=2']), resume=True).fit()
+    assert 'the run is complete' in capsys.readouterr().out and summary['last'] == {}
+    assert _rows(tmp_path) == rows
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path, folder):
     """A truncated or missing file in the latest checkpoint (a full disk, a bad copy) ends the resume with one line
     naming the checkpoint and the --resume of the one before it (a traceback before, or a pytorch_model.bin that

@@ -273,6 +273,7 @@ class Trainer:
                     f'{self.state.global_batch} (e.g. {hint}): the learning rate, its schedule and the position in '
                     f'the epoch are counted in updates of that size')
             self.state.global_batch = self.global_batch  # (a checkpoint written before it was recorded)
+            self._check_epochs_left()  # (before anything is set aside)
             moved = set_aside_newer(acc, self.out_dir, self.state.update)
             # (main process) the trackers' logs went with the abandoned branch: the new ones get the checkpoint's rows
             self.logs_set_aside = any(os.path.basename(p).endswith(f'-{LOGS_DIR}') for p in moved)
@@ -334,6 +335,28 @@ class Trainer:
                 f'training diverged: the loss or a gradient was not finite in {state.nonfinite_in_a_row} updates in '
                 f'a row (epoch {state.epoch}, update {state.update}; train.max_nonfinite_steps={limit}); those updates '
                 f'were skipped and nothing was written from them; {self._last_good()}')
+
+    def _check_epochs_left(self) -> None:
+        """A resumed checkpoint at or past train.epochs, or past the end of its last epoch, is a ConfigError saying
+        what to give instead: the run would train nothing (or drop the rest of an epoch) and still end as a success.
+        Only a run resumed exactly at its completed end (its latest checkpoint, at the end of its last epoch) goes on:
+        nothing to train, `fit` says the run is complete."""
+        state, epochs, checkpoint = self.state, self.cfg.train.epochs, self.resumed_from
+        latest = latest_checkpoint(self.out_dir)
+        if (state.epoch == epochs and not state.step_in_epoch and latest is not None
+                and os.path.realpath(latest) == os.path.realpath(checkpoint)):
+            return
+        at = (f'--resume: {checkpoint} is at epoch {state.epoch} (update {state.update}, {state.step_in_epoch} into '
+              f'the epoch)')
+        earlier = f'resume an earlier checkpoint (--resume {os.path.join(self.out_dir, "checkpoints", "step-N")})'
+        if state.epoch >= epochs:
+            raise ConfigError(f'{at}; train.epochs={epochs} leaves nothing to train: give train.epochs > '
+                              f'{state.epoch}, or {earlier}')
+        if state.epoch == epochs - 1 and state.step_in_epoch > self.updates_per_epoch:
+            raise ConfigError(f'{at}, past the end of the last epoch (train.epochs={epochs}), which has '
+                              f'{self.updates_per_epoch} updates now (train.max_steps_per_epoch='
+                              f'{self.cfg.train.max_steps_per_epoch}): give train.epochs > {epochs} or '
+                              f'train.max_steps_per_epoch >= {state.step_in_epoch}, or {earlier}')
 
     def _last_good(self) -> str:
         latest = latest_checkpoint(self.out_dir)
@@ -487,9 +510,14 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.cfg, self.state
         self.log.begin(state.epoch, self.resumed_from, new_logs=self.logs_set_aside)
         reset_peak_memory(acc.device)
-        acc.print(f'training {cfg.model.name} on {acc.num_processes} process(es), global batch {self.global_batch}, '
-                  f'lr {self.lr:.3g}, {self.updates_per_epoch} updates/epoch, '
-                  f'epochs {state.epoch}..{cfg.train.epochs - 1}')
+        if state.epoch == cfg.train.epochs:  # (resumed at its completed end: `_check_epochs_left`)
+            acc.print(f'--resume: the run is complete ({self.resumed_from} ends epoch {state.epoch - 1}, the last of '
+                      f'train.epochs={cfg.train.epochs}): nothing to train; give train.epochs > {cfg.train.epochs} '
+                      f'to train on')
+        else:
+            acc.print(f'training {cfg.model.name} on {acc.num_processes} process(es), global batch '
+                      f'{self.global_batch}, lr {self.lr:.3g}, {self.updates_per_epoch} updates/epoch, '
+                      f'epochs {state.epoch}..{cfg.train.epochs - 1}')
         row: Dict[str, Any] = {}
         t_start = time.perf_counter()
         for epoch in range(state.epoch, cfg.train.epochs):
