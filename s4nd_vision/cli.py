@@ -292,7 +292,9 @@ def _inflate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('output', help='where to write the 3D weights (safetensors)')
     parser.add_argument('--model', required=True, help='3D timm model: convnext_s4nd_3d_tiny, convnext_3d_tiny, ...')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=_model_kwargs_action(),
-                        help='model constructor arguments, e.g. stem_type=patch downsample_type=conv')
+                        help='model constructor arguments, e.g. num_frames=30 stem_type=patch; num_frames: the clip '
+                        "length the model will train at (S4ND time kernels are referenced to it; the model's default: "
+                        '16)')
     parser.add_argument('--time-init', choices=TIME_INITS, default='smooth')
     parser.add_argument('--time-decay', type=float, default=1.0, help='smooth time kernel decay, in frames')
     parser.add_argument('--conv-mode', choices=CONV_MODES, default='repeat')
@@ -779,10 +781,13 @@ study.md (mean +- std over seeds, kept at 2x and 4x) and study.png (see s4nd_vis
         'inflate a 2D checkpoint into the weights of a 3D (video) model',
         """Inflate a 2D checkpoint into the weights of a 3D (video) model, saved as safetensors.
 
-    s4nd-vision inflate convnext_s4nd_tiny.safetensors video_init.safetensors --model convnext_s4nd_3d_tiny
+    s4nd-vision inflate convnext_s4nd_tiny.safetensors video_init.safetensors --model convnext_s4nd_3d_tiny \\
+        --model-kwargs num_frames=30
     s4nd-vision inflate convnext_tiny.safetensors baseline_init.safetensors --model convnext_3d_tiny
 
 The output loads with timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUTPUT)).
+Build the target at the clip length it will train at (num_frames=30: the HMDB-51 recipe's): S4ND time kernels
+are referenced to its num_frames (logged), and the file keeps them for a model of any other num_frames.
 See s4nd_vision.models.inflate for what each option does to the output on static clips.""",
         _inflate_arguments, _inflate_run),
     'benchmark': Command(

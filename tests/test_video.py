@@ -333,8 +333,9 @@ def test_inflation_adapts_the_input_channels_and_reads_a_clip_input_size(tmp_pat
         assert model.pretrained_cfg['input_size'] == (3, 6, 64, 96)
 
 
-def test_inflate_from_checkpoint_files(tmp_path, monkeypatch):
-    """A wrapped torch checkpoint through the CLI, a safetensors file through timm on the fly: both load with timm."""
+def test_inflate_from_checkpoint_files(tmp_path, monkeypatch, caplog):
+    """A wrapped torch checkpoint through the CLI, a safetensors file through timm on the fly: both load with timm.
+    The CLI says which clip length the time kernels are referenced to (the file keeps it for any model)."""
     model_2d, _ = _pair()
     frame = torch.randn(1, 3, 64, 64)
     clip = _static_clip(frame, 4)
@@ -344,7 +345,9 @@ def test_inflate_from_checkpoint_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, 'argv', [
         'inflate.py', str(checkpoint), str(inflated), '--model', 'convnext_s4nd_3d_atto',
         '--time-init', 'identity', '--model-kwargs', 'img_size=64', 'num_frames=4'])
-    runpy.run_path(os.path.join(REPO, 'tools', 'inflate.py'), run_name='__main__')
+    with caplog.at_level(logging.INFO, logger='s4nd_vision.models.inflate'):
+        runpy.run_path(os.path.join(REPO, 'tools', 'inflate.py'), run_name='__main__')
+    assert 'convnext_s4nd_3d_atto: S4ND time kernels referenced to 4 frames (num_frames' in caplog.text
 
     create = dict(img_size=64, num_frames=4, pretrained=True)
     headless = timm.create_model(

@@ -46,6 +46,7 @@ The convs: 'repeat' is exact on static clips wherever all of a conv's time taps 
 stem, whose stride is its kernel); a padded (3, 7, 7) conv sees only 2 of its 3 taps at the first and last frame.
 'center' is exact everywhere.
 """
+import logging
 import math
 import os
 import pickle
@@ -76,6 +77,7 @@ CONV_MODES = ('repeat', 'center')
 _IDENTITY_DECAY = 1e-9  # exp(-r / 1e-9) underflows to 0 in float32 for every rate r above 1.04e-7
 _RENAMED = 'H/W kernels moved to the 3D H/W axes'
 _RANDOM_TIME = "time kernels (random: the 3D model's own init)"
+_logger = logging.getLogger(__name__)
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -314,6 +316,11 @@ def inflate_checkpoint(
 
     `inflate_kwargs` go to `inflate_state_dict`. The file loads with
     `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=dst))`.
+
+    Build the target at the clip length it will train at (`model_kwargs=dict(num_frames=30)` for the HMDB-51
+    recipe): the S4ND time kernels are referenced to its `num_frames` (the layers' `l_ref`, saved in the file),
+    and a 3D file loads as it is, so a model of another `num_frames` gets kernels stretched or squeezed in time
+    (on-the-fly inflation of a 2D file uses the model's own). The length is logged.
     """
     if os.path.isdir(dst):
         raise ValueError(f'dst {dst!r} is a folder: give the safetensors file to write')
@@ -322,6 +329,9 @@ def inflate_checkpoint(
         raise ValueError(f'unknown timm model {model_name!r} (the 3D target, e.g. convnext_s4nd_3d_tiny)')
     model = timm.create_model(model_name, **(model_kwargs or {}))
     weights = inflate_state_dict(state_dict, model, **inflate_kwargs)
+    if any(isinstance(m, S4ND) for m in model.modules()):
+        _logger.info(f'{model_name}: S4ND time kernels referenced to {model.num_frames} frames (num_frames: build '
+                     'the 3D model at the clip length it will train at)')
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     save_safetensors(weights, dst)  # (atomically: a killed run leaves no partial file under the name)
     return weights
