@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 import s4nd_vision  # noqa: F401  (registers the models)
+import s4nd_vision.data.video as video_module
 from s4nd_vision.data.video import VIDEO_INTERPOLATIONS, Hmdb51Clips, VideoTransform, read_hmdb51_split
 from s4nd_vision.layers import S4ND, s4nd
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
@@ -476,6 +477,23 @@ def test_hmdb51_test_clips_are_labelled_by_class(hmdb):
         assert clip.shape == (3, 4, 32, 32) and skipped == 0
         assert clip.mean(dim=(1, 2, 3)).argmax().item() == label  # the class's colour
         assert not torch.equal(clip[:, 0], clip[:, -1])  # the square moves
+
+
+@pytest.mark.parametrize('clips_per_video, starts', [(1, [0.5]), (2, [0, 1]), (3, [0, 0.5, 1])])
+def test_hmdb51_test_clips_are_evenly_spaced_over_the_whole_video(hmdb, monkeypatch, clips_per_video, starts):
+    """Test clips from the start to the end of each (2 s) video, one clip in the centre: pytorchvideo's
+    'constant_clips_per_video' starts clip k at k (D - c) / n, so the end went unseen and one clip was the first."""
+    videos, splits = hmdb
+    read, get_clip = [], video_module._CheckedVideo.get_clip
+
+    def spy(self, start, end):
+        read.append((float(start), float(end)))
+        return get_clip(self, start, end)
+
+    monkeypatch.setattr(video_module._CheckedVideo, 'get_clip', spy)
+    samples = list(Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, clips_per_video=clips_per_video))
+    assert read == [(pytest.approx(s), pytest.approx(s + 1)) for s in starts] * len(CLASSES)
+    assert [clip.shape[1] for clip, _, _ in samples] == [6] * len(read)  # 1 s at 6 fps: the last clip is whole
 
 
 def test_hmdb51_unreadable_videos_are_skipped_and_counted(hmdb, tmp_path):

@@ -3,10 +3,11 @@
 * `Hmdb51Clips`: pytorchvideo's HMDB-51 dataset (official split files, `<class>/<video>.avi`, PyAV
   decoding) as an iterable dataset of `(clip, label, skipped)`: class names mapped to sorted
   integer ids, one random clip per video and epoch for training, `clips_per_video` evenly spaced
-  clips for testing, videos sharded over processes and DataLoader workers. Problems a run would
-  only meet later (a missing folder, no split files, an empty split) fail at construction with
-  a message saying what was expected, and so do class folders without a split file and split
-  files without a class folder (an incomplete download would train on fewer classes).
+  clips for testing (from the start to the end of the video; one clip: the centre), videos sharded
+  over processes and DataLoader workers. Problems a run would only meet later (a missing folder, no
+  split files, an empty split) fail at construction with a message saying what was expected, and so
+  do class folders without a split file and split files without a class folder (an incomplete
+  download would train on fewer classes).
 * Unreadable videos: pytorchvideo already moves on to the next video when one fails to open or
   decode, silently, and gives up after 10 failures in a row. Here every such video is reported
   with a warning and counted (`skipped`: videos skipped since the previous clip of the same
@@ -21,11 +22,13 @@
 import math
 import os
 import warnings
+from fractions import Fraction
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from pytorchvideo.data import LabeledVideoDataset, make_clip_sampler
+from pytorchvideo.data.clip_sampling import ClipInfo, ConstantClipsPerVideoSampler
 from pytorchvideo.data.hmdb51 import Hmdb51LabeledVideoPaths
 from pytorchvideo.data.video import VideoPathHandler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -174,6 +177,20 @@ def _check_classes(video_dir: str, split_dir: str, split_id: int, classes: Seque
         raise FileNotFoundError('; '.join(problems) + ' (an incomplete HMDB-51 download?)')
 
 
+class _EvenlySpacedClipSampler(ConstantClipsPerVideoSampler):
+    """`clips_per_video` clips spread over the whole video: clip k of n starts at k (D - c) / (n - 1) for a video
+    of D seconds and clips of c, so the first starts at 0 and the last ends at D; a single clip is the centre one.
+    (pytorchvideo's own starts at k (D - c) / n: the end of every video is never seen, one clip is the first.)
+    Its clip count and indices are pytorchvideo's; only the times move."""
+
+    def __call__(self, last_clip_time: float, video_duration: float, annotation: Dict) -> ClipInfo:
+        info = super().__call__(last_clip_time, video_duration, annotation)
+        free = Fraction(max(video_duration - self._clip_duration, 0))  # the latest start
+        n = self._clips_per_video
+        start = free / 2 if n == 1 else free * info.clip_index / (n - 1)
+        return info._replace(clip_start_sec=start, clip_end_sec=start + self._clip_duration)
+
+
 class _CheckedVideo:
     """A pytorchvideo video whose failed clip reads are reported (pytorchvideo drops the video silently)."""
 
@@ -249,7 +266,8 @@ class Hmdb51Clips(IterableDataset):
         split_dir: folder with the official split files `<class>_test_split<1|2|3>.txt`
             (None: `video_dir`).
         split: 'train' (one random clip per video, shuffled) or 'test' (`clips_per_video`
-            evenly spaced clips per video, in order).
+            evenly spaced clips per video, in order: the first at the start, the last at the end, one in the
+            centre).
         split_id: official split 1, 2 or 3.
         clip_duration: seconds per clip.
         transform: applied to each (C, T, H, W) clip, e.g. `VideoTransform`.
@@ -297,7 +315,7 @@ class Hmdb51Clips(IterableDataset):
         self.clips_per_video = 1 if train else clips_per_video
         clip_sampler = (
             make_clip_sampler('random', clip_duration) if train
-            else make_clip_sampler('constant_clips_per_video', clip_duration, clips_per_video))
+            else _EvenlySpacedClipSampler(clip_duration, clips_per_video))
         # pytorchvideo's `Hmdb51`, over exactly the split files checked above: its own listing (`from_dir`) also
         # reads any other .txt whose name holds `_test_split<id>` (a stray `wave_test_split1 (1).txt` listed every
         # wave video twice) and hidden AppleDouble files
