@@ -46,6 +46,7 @@ _AFFINE_INTERPOLATIONS = ('bilinear', 'nearest')  # the modes of torchvision's a
 
 class VideoTransform:
     """(C, T, H, W) clip, values 0-255 (pytorchvideo's; float or uint8) -> (C, num_frames, img_size, img_size) float.
+    A float clip with all values in [0, 1] (divided by 255 before) is refused: it would round to 0 and 1.
 
     Frames are subsampled uniformly in time (repeated when the clip is shorter), the short side is
     resized to img_size / crop_pct, then cropped: at random, with horizontal flips and RandAugment for training;
@@ -113,6 +114,11 @@ class VideoTransform:
         index = torch.linspace(0, video.shape[1] - 1, self.num_frames).round().long()
         frames = video[:, index].permute(1, 0, 2, 3)  # (C, T, H, W) -> (T, C, H, W), torchvision's video layout
         if frames.is_floating_point():
+            low, high = torch.aminmax(frames)
+            if low >= 0 and 0 < high <= 1:  # (an all-black clip is 0 either way)
+                raise ValueError("video must hold values 0-255 (pytorchvideo's decoded clips, float or uint8), got a "
+                                 'float clip with all values in [0, 1] (divided by 255 already?): they would round '
+                                 'to 0 and 1, an almost black clip')
             frames = frames.round().clamp(0, 255).to(torch.uint8)
         frames = self.transform(tv_tensors.Video(frames))
         return frames.as_subclass(torch.Tensor).permute(1, 0, 2, 3)  # (T, C, H, W) -> (C, T, H, W)
