@@ -219,6 +219,21 @@ def test_identity_inflation_passes_through_at_every_clip_length():
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('rate', [1.0, 0.5, 2.0])
+def test_two_sided_smooth_time_kernel_is_symmetric_at_num_frames_only(rate):
+    """The documented shape at another clip length (rate r): the backward half, offset by one tap at every rate, is
+    the symmetric kernel's times lam^(1 - r), and the whole kernel keeps unit mass (S4D)."""
+    model_2d, model_3d = _pair()
+    decay = 1.5
+    model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_decay=decay, keep_head=True))
+    lam, frames = math.exp(-1 / decay), 64
+    kernel = model_3d.stages[2].blocks[1].conv_dw.axis_kernels(
+        (frames, 4, 4), rate=(rate, 1.0, 1.0), dtype=torch.float64)[0][0]  # first rank term: (dim, 2 frames - 1)
+    forward, backward = kernel[:, frames:frames + 3], kernel[:, frames - 4:frames - 1].flip(-1)  # offsets 1..3, -1..-3
+    torch.testing.assert_close(backward / forward, torch.full_like(forward, lam ** (1 - rate)))
+    torch.testing.assert_close(kernel.sum(-1), torch.ones(kernel.shape[0], dtype=torch.float64))
+
+
 def test_s4_kernels_inflate_with_the_same_time_kernels():
     """kernel='s4' (DPLR, bilinear): the pass-through time kernel reproduces the 2D model on a static clip, and the
     smooth one has the documented mass (the low-rank term is zeroed on the time axis, its pole set for bilinear)."""

@@ -121,6 +121,10 @@ class S4ND(nn.Module):
     rate = reference length / input length per axis. With `l_ref` set (the training grid), the
     rate follows the input automatically, so a layer trained at 56x56 sees the same continuous
     kernel at 112x112 (finer steps, twice as many taps). Pass `rate` to forward to override.
+    That holds exactly on causal axes; a two-sided axis also changes shape slightly at another rate. Its backward
+    half starts one tap back (offset -1), a distance fixed in taps, not in position: at rate r that half is the
+    reference one moved (1 - r) reference steps towards the centre, so a kernel symmetric on the reference grid is
+    not on others (for a backward half decaying by lam per reference step, its taps are scaled by lam^(1 - r)).
 
     With `pool` > 1 the output is average-pooled by `pool` (window = stride, remainder dropped,
     like AvgPool): a resolution-aware downsampling. The pooling folds into the convolution, so

@@ -31,6 +31,12 @@ on every frame exactly when s(t) = 1 everywhere:
   conv term is scaled by about 1 / (1 + lam) at the first and last frame (0.73 for the default
   decay of one frame) and by nearly 1 inside. With a causal time axis K(o) = (1 - lam) lam^o for
   o >= 0 and s(t) = 1 - lam^(t+1).
+  The two-sided kernel is symmetric at the model's `num_frames` only: its backward half (offsets -1, -2, ...)
+  is the forward half times its own C = lam, a weight fixed in taps, so at another clip length (rate
+  r = num_frames / T) tap -(l + 1) is lam, not lam^r, times tap l. Against a symmetric kernel the backward
+  half is scaled by lam^(1 - r) (S4D; 0.61 at twice the frames with the default decay, 1 / 0.61 at half); the
+  whole kernel keeps unit mass (the forward half 1 / (1 + lam), the backward lam / (1 + lam)), its shape does
+  not: temporal zero-shot sees a kernel leaning forward at more frames, backward at fewer.
 * `time_init='random'`: the 3D model's own initialization of its time kernels (no relation to the 2D output).
 
 Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
