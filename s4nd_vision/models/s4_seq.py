@@ -371,7 +371,8 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
         # the last 4 blocks
         feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)
-    model.set_input_size()  # (its pretrained_cfg gets the (C, L) input size)
+    seq_len = int(kwargs['seq_len'])  # (the model took it: an integer, maybe NumPy's)
+    model.pretrained_cfg.update(input_size=(kwargs['in_chans'], seq_len), pool_size=(seq_len,))
     return model
 
 
