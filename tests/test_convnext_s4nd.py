@@ -399,12 +399,37 @@ def test_features_only_checks_its_input_as_the_model(name, shape, message):
             module(torch.randn(shape))
 
 
-def test_a_cut_backbone_takes_inputs_down_to_its_own_reduction():
-    """Stages 0 and 1 reduce by 8: a 16 px input runs (as in timm's plain wrapper), a 4 px one is refused."""
-    features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=(0, 1))
+@pytest.mark.parametrize('feature_cls', [None, 'getter', 'fx'])
+def test_a_cut_backbone_takes_inputs_down_to_its_own_reduction(feature_cls):
+    """Stages 0 and 1 reduce by 8: a 16 px input runs (as in timm's convnext, with every wrapper), a 4 px one is
+    refused."""
+    kwargs = {} if feature_cls is None else dict(feature_cls=feature_cls)
+    features = timm.create_model('convnext_s4nd_atto', img_size=64, features_only=True, out_indices=(0, 1), **kwargs)
     assert [tuple(f.shape) for f in features(torch.randn(2, 3, 16, 16))] == [(2, 40, 4, 4), (2, 80, 2, 2)]
     with pytest.raises(ValueError, match='at least 8'):
         features(torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize('name, frames', [('convnext_s4nd_atto', ()), ('convnext_s4nd_3d_atto', (2,))])
+def test_a_pruned_or_early_stopped_model_takes_inputs_down_to_the_kept_reduction(name, frames):
+    """Run through stage 1 (reduction 8), a model takes 16 px inputs, as timm's convnext does, pruned
+    (`prune_intermediate_layers`) or stopping early (`forward_intermediates(stop_early=True)`); the pruned model's
+    pool_size is its final feature map's, also after `set_input_size`."""
+    x = torch.randn(1, 3, *frames, 16, 16)
+    model = timm.create_model(name, img_size=64).eval()
+    with torch.no_grad():
+        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
+        assert [tuple(t.shape[-2:]) for t in early] == [(4, 4), (2, 2)]
+        with pytest.raises(ValueError, match='at least 32'):  # (all stages: the full model's total stride)
+            model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        model.prune_intermediate_layers([0, 1])
+        assert model.min_input_size == 8 and model.forward_features(x).shape[-2:] == (2, 2)
+        with pytest.raises(ValueError, match='at least 8'):
+            model(torch.randn(1, 3, *frames, 4, 4))
+        assert model.pretrained_cfg['pool_size'][-2:] == (8, 8)
+        model.set_input_size(128)
+        assert model.pretrained_cfg['pool_size'][-2:] == (16, 16)
+        assert model.forward_features(torch.randn(1, 3, *frames, 128, 128)).shape[-2:] == (16, 16)
 
 
 def test_meta_device_then_reset_parameters_gives_a_finite_model():

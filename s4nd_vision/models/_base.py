@@ -94,7 +94,13 @@ class _FeatureHookNet(SSMNoWeightDecay, FeatureHookNet):
 
 
 class _FeatureGraphNet(SSMNoWeightDecay, FeatureGraphNet):
-    pass
+    """timm's FX feature graph, traced from the model pruned to the stages it returns (as timm's getter wrapper
+    prunes), so that the input check in the graph takes sides down to the reduction of the last of them."""
+
+    def __init__(self, model: nn.Module, out_indices: Tuple[int, ...], **kwargs):
+        if hasattr(model, 'prune_intermediate_layers'):
+            out_indices = model.prune_intermediate_layers(out_indices, prune_norm=True)
+        super().__init__(model, out_indices=out_indices, **kwargs)
 
 
 class _FeatureGetterNet(SSMNoWeightDecay, FeatureGetterNet):
@@ -180,12 +186,13 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         output_fmt = output_fmt or self.intermediates_fmt
         if output_fmt not in (self.intermediates_fmt, 'NCHW'):  # (timm's feature wrappers ask for 'NCHW')
             raise ValueError(f'output_fmt must be {self.intermediates_fmt!r} (channels first), got {output_fmt!r}')
-        x = self._check_input(x)
         intermediates = []
         all_stages = getattr(self, self._feature_seq)
         take_indices, max_index = feature_take_indices(len(all_stages), indices)
         last_idx = len(all_stages) - 1
         stages = all_stages if torch.jit.is_scripting() or not stop_early else all_stages[:max_index + 1]
+        # (stopping early, the input need only reach the reduction of the last stage run)
+        x = check_input(x, **dict(self._input_checks(), min_side=self._min_side(len(stages) - 1)))
         # model-wide checkpointing (the isotropic blocks; ConvNeXt's stages checkpoint themselves)
         checkpointed = getattr(self, 'grad_checkpointing', False) and not torch.jit.is_scripting()
         # as in forward_features, a training step makes all kernels in one stacked call, where every layer runs
@@ -219,9 +226,19 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         setattr(self, self._feature_seq, stages[:max_index + 1])
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.min_input_size = self._min_side()  # (the kept stages' reduction: smaller inputs run)
+            self.record_input_size()  # (pool_size: the final feature map of the kept stages)
         if prune_head or prune_end:
             self.reset_classifier(0, '', reset_other=True)
         return take_indices
+
+    def _min_side(self, last_index: int = -1) -> int:
+        """The smallest input side of a run through stage `last_index` of `_feature_seq` (-1: the last the model
+        holds, after `prune_intermediate_layers` the last kept): that stage's reduction, the total stride as run.
+        The one rule for the whole model (`min_input_size`), a pruned one, `forward_intermediates(stop_early=True)`
+        and a `features_only` backbone; it is also the reduction of that run's final feature map (`pool_size`)."""
+        index = range(len(getattr(self, self._feature_seq)))[last_index]
+        return self.feature_info[index]['reduction']
 
     def _input_checks(self) -> Dict[str, Any]:
         """`check_input`'s arguments for this model's input."""
@@ -250,8 +267,8 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         model's own channels are `in_chans`."""
         chans = (cfg.get('input_size') or (self.in_chans,))[0]
         cfg['input_size'] = (chans, *self.input_size()[1:])
-        if getattr(self, 'feature_info', None):  # the final feature map at that size (H, W)
-            reduction = self.feature_info[-1]['reduction']
+        if getattr(self, 'feature_info', None):  # the final feature map at that size (H, W), of the stages kept
+            reduction = self._min_side()
             cfg['pool_size'] = tuple(s // reduction for s in self.input_size()[-2:])
 
     @property

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, calculate_drop_path_rates, register_notrace_module
 from timm.models import FeatureListNet, checkpoint_seq
+from timm.models._features import feature_take_indices
 
 from ..layers import (
     S4ND,
@@ -358,7 +359,7 @@ class ConvNeXtBase(S4NDModel):
             # reduction is spatial (timm's convention): the last axis' stride
             self.feature_info += [dict(num_chs=out_chs, reduction=stride[-1], module=f'stages.{i}')]
         self.stages = nn.Sequential(*stages)
-        self.min_input_size = stride[-1]  # inputs: at least the total stride as run (less with output_stride)
+        self.min_input_size = self._min_side()  # inputs: at least the total stride as run (less with output_stride)
         self.num_features = prev_chs
         self.norm_pre = nn.Identity()
         self._init_norm_mlp_head(num_classes, global_pool, head_hidden_size, drop_rate, head_init_scale, **dd)
@@ -453,7 +454,8 @@ class ConvNeXtFeatures(SSMNoWeightDecay, FeatureListNet):
         # a plain list (not registered): the layers stay in the state dict once, under their stage
         self._s4nd_strides = [(layer, stride) for layer, stride in model._s4nd_layers() if layer in held]
         # (a backbone cut after an earlier stage runs at sides down to that stage's reduction)
-        checks = dict(model._input_checks(), min_side=self.feature_info.reduction()[-1])
+        _, last = feature_take_indices(len(model.feature_info), out_indices)
+        checks = dict(model._input_checks(), min_side=model._min_side(last))
         self._check_input = partial(check_input, **checks)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:

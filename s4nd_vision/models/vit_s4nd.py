@@ -144,6 +144,7 @@ class VisionTransformerS4ND(S4NDModel):
     Blocks work on channels-last tokens that keep the grid, (B, H/p, W/p, C); features come out
     as (B, C, H/p, W/p). Runs at any input whose sides are multiples of the patch size.
     """
+    _feature_seq = 'blocks'  # the intermediates are the blocks' outputs
 
     def __init__(
             self,
