@@ -203,9 +203,11 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
                 f"fixed_input_size); a timm ViT takes any with dynamic_img_size=true "
                 f"(--models NAME,dynamic_img_size=true)")
         check_input = getattr(model, '_check_input', None)  # this package's models: what their forward checks first
-        for r in resolutions if check_input is not None else ():
+        # (C,) or a video model's (C, T) before the sides; none for a sequence model (its input has no sides)
+        layout = check_input is not None and hasattr(model, 'input_size') and model.input_size()[:-2]
+        for r in resolutions if layout else ():
             try:  # (a meta tensor: its shape is checked, nothing is allocated or computed)
-                check_input(torch.empty(1, config['input_size'][0], r, r, device='meta'))
+                check_input(torch.empty(1, *layout, r, r, device='meta'))
             except ValueError as e:
                 raise ValueError(f'resolution {r}: {name!r} does not take it ({e})') from None
     return resolutions
