@@ -106,6 +106,24 @@ def test_the_budget_stops_starting_rows(tmp_path):
     assert results['profile'] == [] and results['ok']
 
 
+def test_an_in_process_run_writes_its_environment_before_its_first_row(monkeypatch, tmp_path, capsys):
+    """A run killed in its first row (an outer limit on an in-process run) still leaves the file with the device,
+    versions and plan; skipped compiled pairs come with the command that runs them."""
+    path = str(tmp_path / 'run.json')
+
+    def killed(*args, **kwargs):
+        assert json.load(open(path))['plan']  # (written before the rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, '_run_rows', killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', json_path=path)
+    monkeypatch.undo()
+    results = gpu_check.run_checks(['compiled'], gpu_check.TINY, 'cpu', budget_s=0)
+    assert results['skipped'] == {'compiled': [0]}
+    assert 'run them on their own (--sections compiled' in capsys.readouterr().out
+
+
 def test_a_failed_check_fails_the_run():
     checks = gpu_check._Checks()
     checks.add('close', {'y': 1e-6}, 1e-4)

@@ -898,6 +898,7 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     isolate = dev.type == 'cuda' if isolate is None else isolate
     deadline = None if budget_s is None else time.time() + budget_s
     results = _Results(json_path, **_environment(dev, plan, path, budget_s, commit), isolated=isolate)
+    results.save()  # (the environment and plan at once: a run killed in its first row still leaves them)
     print(describe_environment(results), flush=True)
     if isolate:
         _supervise(results, sections, plan, device, path, deadline)
@@ -908,4 +909,7 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
         print('correctness: ' + (f'FAILED: {failed}' if failed else 'every check passed'), flush=True)
     if results['skipped']:
         print(f'skipped for the time budget: {results["skipped"]}', flush=True)
+        if 'compiled' in results['skipped']:  # (the last section, started only with _MIN_LEFT_S left)
+            print(f'the compiled pairs start only with {_MIN_LEFT_S["compiled"]} s of budget left: run them on their '
+                  f'own (--sections compiled --budget-s 500)', flush=True)
     return dict(results)
