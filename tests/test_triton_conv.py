@@ -511,7 +511,9 @@ def test_video_model_on_the_triton_path_equals_the_fast_path(monkeypatch):
     (y_fast, grads_fast), (y_tri, grads_tri) = results
     torch.testing.assert_close(y_tri, y_fast, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_tri, grads_fast):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        # (an entry far below its tensor's largest is float32 rounding of a cancelling sum, which the two paths'
+        # different generation formulas round differently)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 + 1e-6 * b.abs().max().item())
 
 
 # ----- dispatch (no CUDA needed: the choice depends on the device type, shape and dtype only) -----

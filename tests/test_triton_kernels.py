@@ -236,3 +236,43 @@ def test_fused_generation_of_a_very_stiff_kernel_overflows_nowhere():
         out.sum().backward()
     ref = ssm_kernels([kernel.double()], [6], [0.1], torch.float64)[0]
     assert _rel(out, ref) < 1e-5 and all(torch.isfinite(p.grad).all() for p in kernel.parameters())
+
+
+def _finite_difference_grads(kernel, length, weight, h=1e-6):
+    """d sum(weight * kernel) / d parameter by central differences of the float64 kernels, entry by entry."""
+    def value():
+        return (ssm_kernels([kernel], [length], [1.0], torch.float64)[0] * weight).sum().item()
+    grads = []
+    with torch.no_grad():
+        for p in kernel.parameters():
+            g = torch.empty_like(p)
+            for i in range(p.numel()):
+                p.view(-1)[i] += h
+                up = value()
+                p.view(-1)[i] -= 2 * h
+                g.view(-1)[i] = (up - value()) / (2 * h)
+                p.view(-1)[i] += h
+            grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize('log_a_real', [-50.0, -60.0])
+def test_fused_generation_of_a_mode_with_tiny_a(log_a_real):
+    """S4D-Lin's first mode has Im A = 0; with a tiny decay rate |A|^2 underflows in float32 (|A| < 1e-19), so the
+    discretization divides by A scaled first, as `reference.ssm_kernel_reference` does, and the backward takes
+    d(expm1(dt A) / A)/dA from its series, not from a difference of two terms of size 1 / A. Values and gradients
+    stay those of float64 (before: wrong kernels at -50, NaN at -60, and a gradient of 1e9 for Im A). The
+    gradients are finite differences: float64 autograd cancels there too."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(2, d_state=4, num_kernels=1, init='lin', dt_min=0.1, dt_max=0.1).double()
+    with torch.no_grad():
+        kernel.log_a_real[:, 0] = log_a_real
+    ref = ssm_kernels([kernel], [6], [1.0], torch.float64)[0].detach()
+    weight = torch.randn_like(ref)
+    grads_ref = _finite_difference_grads(kernel, 6, weight)
+    kernel.float()
+    (out,) = triton_kernels.ssm_kernels_fused([kernel], [6], [1.0])
+    assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    grads = torch.autograd.grad((out * weight.float()).sum(), list(kernel.parameters()))
+    for g, r in zip(grads, grads_ref):
+        assert _rel(g, r) < 1e-5, (tuple(g.shape), _rel(g, r))
