@@ -254,6 +254,29 @@ def test_triton_conv_rejects_bad_input():
         triton_conv.separable_conv2d_cl(x, (torch.randn(0, 3, 7),) * 2, skip=torch.ones(3))
     with pytest.raises(ValueError, match='needs at least one channel'):
         triton_conv.separable_conv2d_cl(x[..., :0], (torch.randn(1, 0, 7),) * 2)
+    with pytest.raises(ValueError, match='kernels must be 2 tensors'):
+        triton_conv.separable_conv2d_cl(x, (torch.randn(1, 3, 7),) * 3)
+
+
+def test_triton_functions_refuse_tensors_triton_cannot_launch_on(monkeypatch):
+    """CPU tensors without Triton's interpreter: Triton itself would fail with a driver error ("0 active drivers")
+    naming neither the function nor the device; every public function says which and where."""
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    x, k = torch.randn(1, 3, 3, 2), torch.randn(1, 2, 5)
+    kernel = SSMKernel(2, d_state=4)
+    calls = {
+        'separable_conv2d_cl': lambda: triton_conv.separable_conv2d_cl(x, (k, k)),
+        'separable_conv3d_cl': lambda: triton_conv.separable_conv3d_cl(x[None], (k[..., :1], k, k)),
+        'ssm_kernels_fused': lambda: triton_kernels.ssm_kernels_fused([kernel], [5], [1.0]),
+        'two_sided_kernels_fused': lambda: triton_kernels.two_sided_kernels_fused([kernel], [5], [1.0], [3], False),
+        'discretize': lambda: triton_kernels.discretize(*(torch.zeros(s) for s in ((2,), (2,), (2, 2), (2, 2),
+                                                                                    (2, 2, 2), (2, 1, 2, 2)))),
+        'vandermonde': lambda: triton_kernels.vandermonde(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(1, 2, 2),
+                                                          torch.zeros(1, 2, 2), torch.tensor([3, 3]), 3),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf'{name} needs tensors on an NVIDIA GPU .* got tensors on cpu'):
+            call()
 
 
 def _reference3d(x, kt, kh, kw, skip, pools):
@@ -357,6 +380,8 @@ def test_triton_conv3d_rejects_bad_input():
         triton_conv.separable_conv3d_cl(x, [torch.randn(1, 3, 7)] * 2 + [torch.randn(1, 3, 7, device='meta')])
     with pytest.raises(ValueError, match='with one R >= 1'):
         triton_conv.separable_conv3d_cl(x, [torch.randn(0, 3, 7)] * 3)
+    with pytest.raises(ValueError, match='kernels must be 3 tensors'):
+        triton_conv.separable_conv3d_cl(x, [torch.randn(1, 3, 7)] * 2)
 
 
 def test_s4nd_layer_on_the_triton_path_equals_the_fast_path(monkeypatch):

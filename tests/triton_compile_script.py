@@ -30,7 +30,7 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from s4nd_vision.layers import triton_conv, triton_kernels  # noqa: E402
+from s4nd_vision.layers import dispatch, triton_conv, triton_kernels  # noqa: E402
 from s4nd_vision.layers.ssm_kernel import SSMKernel  # noqa: E402
 
 KERNELS = {
@@ -97,6 +97,7 @@ def record_launches() -> list:
     launches = []
     for module, name in KERNELS:
         setattr(module, name, _Recorder(name, getattr(module, name), launches))
+    dispatch._triton_device = lambda device: True  # (CPU tensors: nothing launches, the kernels are recorders)
     # 2D: (B, H, W, C), pools, dtype, rank, algorithm; 'dot' at its three tile sides (16, 32, 64), and at
     # ConvNeXt-T's batch of 128, whose programs loop over 8 images (`triton_conv._dot_images`)
     cases = [((2, 56, 56, 96), (1, 1), torch.float32, 1, 'sum'), ((2, 56, 56, 96), (1, 1), torch.bfloat16, 1, 'sum'),

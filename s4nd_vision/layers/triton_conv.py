@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .ops import ForcedChoice, _avg_pool_axis
-from .triton_kernels import on_tensor_device
+from .triton_kernels import check_device, on_tensor_device
 
 __all__ = ['separable_conv2d_cl', 'separable_conv3d_cl', 'supported', 'fused_algorithm', 'KERNEL_ALGORITHMS']
 
@@ -676,12 +676,13 @@ def _check_operands(operands: Optional[torch.dtype]) -> Optional[torch.dtype]:
     return operands
 
 
-def _check_devices(x: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
+def _check_devices(name: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> None:
     """The kernels read every tensor on x's device (they launch there, `on_tensor_device`): PyTorch's check for its
-    own operators."""
+    own operators; and that device must be one Triton launches on (`check_device`)."""
     devices = [t.device for t in others if t is not None]
     if any(d != x.device for d in devices):
         raise ValueError(f'kernels and skip must be on the input\'s device {x.device}, got {devices}')
+    check_device(name, x.device)
 
 
 def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[torch.Tensor], pools) -> None:
@@ -697,7 +698,7 @@ def _check(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, skip: Optional[t
                          f'{2 * w - 1}) with R >= 1, got {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
-    _check_devices(x, kh, kw, skip)
+    _check_devices('separable_conv2d_cl', x, kh, kw, skip)
 
 
 @torch.library.custom_op('s4nd_vision::separable_conv2d_cl', mutates_args=())
@@ -813,6 +814,8 @@ def separable_conv2d_cl(
     Returns:
         (B, H // pools[0], W // pools[1], C) in x's dtype (accumulated in float32), C contiguous.
     """
+    if len(kernels) != 2:
+        raise ValueError(f'kernels must be 2 tensors (height, width), got {len(kernels)}')
     kh, kw = kernels
     pools = tuple(int(p) for p in pools)
     _check(x, kh, kw, skip, pools)
@@ -910,6 +913,8 @@ def separable_conv3d_cl(
     Returns:
         (B, T // pools[0], H // pools[1], W // pools[2], C) in x's dtype (accumulated in float32), C contiguous.
     """
+    if len(kernels) != 3:
+        raise ValueError(f'kernels must be 3 tensors (time, height, width), got {len(kernels)}')
     kt, kh, kw = kernels
     pools = tuple(int(p) for p in pools)
     _check3d(x, kt, kh, kw, skip, pools)
@@ -947,4 +952,4 @@ def _check3d(x, kt, kh, kw, skip, pools) -> None:
                          f'{tuple(kt.shape)}, {tuple(kh.shape)} and {tuple(kw.shape)}')
     if skip is not None and skip.shape != (c,):
         raise ValueError(f'skip must be ({c},), got {tuple(skip.shape)}')
-    _check_devices(x, kt, kh, kw, skip)
+    _check_devices('separable_conv3d_cl', x, kt, kh, kw, skip)

@@ -20,9 +20,11 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
+from . import dispatch
 from .ssm_kernel import SSMKernel, mode_masks
 
-__all__ = ['discretize', 'on_tensor_device', 'ssm_kernels_fused', 'two_sided_kernels_fused', 'vandermonde']
+__all__ = ['check_device', 'discretize', 'on_tensor_device', 'ssm_kernels_fused', 'two_sided_kernels_fused',
+           'vandermonde']
 
 
 def on_tensor_device(launch):
@@ -38,6 +40,16 @@ def on_tensor_device(launch):
         with torch.cuda.device(device):
             return launch(*args, **kwargs)
     return on_device
+
+
+def check_device(name: str, device: torch.device) -> None:
+    """Refuses tensors the kernels cannot launch on (`dispatch._triton_device`, looked up when called: a script that
+    records launches on the CPU replaces it), naming the public function `name`: Triton itself fails there with a
+    driver error that names neither."""
+    if not dispatch._triton_device(device):
+        capability = '.'.join(str(v) for v in dispatch.MIN_CAPABILITY)
+        raise ValueError(f'{name} needs tensors on an NVIDIA GPU of compute capability {capability} or newer '
+                         f'(or CPU tensors under TRITON_INTERPRET=1), got tensors on {device}')
 
 
 @triton.jit
@@ -361,6 +373,7 @@ def discretize(log_dt: torch.Tensor, rate: torch.Tensor, log_a_real: torch.Tenso
     Returns:
         x, y (R, N2) and Re C~, Im C~ (K, R, N2), float32, the inputs of `vandermonde`.
     """
+    check_device('discretize', log_dt.device)
     tensors = [t.float().contiguous() for t in (log_dt, rate, log_a_real, a_imag, b, c)]
     return _discretize_op(*tensors, None if mask is None else mask.float().contiguous())
 
@@ -377,6 +390,7 @@ def vandermonde(x: torch.Tensor, y: torch.Tensor, c_re: torch.Tensor, c_im: torc
     Returns:
         (K, R, max_length) float32.
     """
+    check_device('vandermonde', x.device)
     tensors = [t.float().contiguous() for t in (x, y, c_re, c_im)]
     return _vandermonde_op(*tensors, lengths.to(torch.int32).contiguous(), int(max_length))
 
@@ -462,15 +476,17 @@ def _(num_kernels, dims, sizes, bidirectional, max_length, like):
     return like.new_empty(rank * sum(d * (2 * n - 1) for d, n in zip(dims, sizes)), dtype=torch.int64)
 
 
-def _generate(kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Sequence[float]) -> torch.Tensor:
+def _generate(name: str, kernels: Sequence[SSMKernel], lengths: Sequence[int], rates: Sequence[float]
+              ) -> torch.Tensor:
     """The packed (num_kernels, rows, max length) float32 kernels of every entry (rows: the entries' channels in
-    order), zero beyond each entry's length."""
+    order), zero beyond each entry's length; `name`: the public function, for its errors."""
     first = kernels[0]
     if any(not isinstance(k, SSMKernel) for k in kernels):
         raise ValueError('fused kernel generation takes SSMKernel (S4D) entries only')
     if any((k.d_state, k.num_kernels) != (first.d_state, first.num_kernels) for k in kernels):
         raise ValueError('fused kernel generation needs one d_state and one num_kernels for every entry, got '
                          f'{[(k.d_state, k.num_kernels) for k in kernels]}')
+    check_device(name, first.log_dt.device)
     f32 = torch.float32
     dims = [k.dim for k in kernels]
     # (each parameter stacked, then cast: one cast per kind, not per entry, in the graphs torch.compile captures)
@@ -500,7 +516,7 @@ def ssm_kernels_fused(
     """
     if not kernels:
         return []
-    out = _generate(kernels, lengths, rates)
+    out = _generate('ssm_kernels_fused', kernels, lengths, rates)
     return [o[..., :n].to(dtype) for o, n in zip(out.split([k.dim for k in kernels], dim=1), lengths)]
 
 
@@ -521,7 +537,7 @@ def two_sided_kernels_fused(
     """
     if not kernels:
         return []
-    out = _generate(kernels, lengths, rates)
+    out = _generate('two_sided_kernels_fused', kernels, lengths, rates)
     dims, num_kernels = tuple(k.dim for k in kernels), kernels[0].num_kernels
     sizes = tuple(int(n) for n in sizes)
     if torch.compiler.is_compiling():
