@@ -239,3 +239,22 @@ def test_tools_check_a_baselines_minimum_size(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and 'Traceback' not in err and err.splitlines()[-1] == f'error: {message}', err
+
+
+def test_commit_is_the_packages_own_checkout_and_the_version_is_recorded(tmp_path):
+    """A package installed in a venv inside another git repository reported that project's commit (git walks up from
+    site-packages): only a checkout whose top level holds the package counts. The package's version is always
+    recorded, so a result file from a plain install still says which code produced it."""
+    import subprocess
+
+    import s4nd_vision
+    from s4nd_vision.bench.benchmark import _commit, environment
+    site = tmp_path / '.venv' / 'site-packages'
+    site.mkdir(parents=True)
+    git = ['git', '-c', 'user.name=t', '-c', 'user.email=t@t']
+    subprocess.run([*git, 'init', '-q'], cwd=tmp_path, check=True)
+    subprocess.run([*git, 'commit', '-q', '--allow-empty', '-m', 'the user project'], cwd=tmp_path, check=True)
+    project = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert _commit(root=str(site)) is None
+    assert _commit(root=str(tmp_path)) == project  # (the repository's own top level)
+    assert environment(torch.device('cpu'), commit='abc1234')['s4nd_vision'] == s4nd_vision.__version__

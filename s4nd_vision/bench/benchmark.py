@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from timm.layers import create_conv2d
 
+from .. import __version__
 from ..layers import KERNELS, S4ND, S4NDRecurrence, dispatch
 from ..utils import replaced_atomically
 from ..utils.model_spec import parse_model_spec
@@ -41,18 +42,22 @@ def cuda_settings(device: torch.device) -> Dict[str, bool]:
                 tf32_cudnn=torch.backends.cudnn.allow_tf32)
 
 
-def _commit() -> Optional[str]:
-    """The checkout's git commit (with '+changes' when the tree differs from it), None outside a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _commit(root: Optional[str] = None) -> Optional[str]:
+    """The git commit of the checkout at `root` (default: the one holding this package), with '+changes' when the
+    tree differs from it; None unless `root` is that repository's top level (a package installed in a venv inside
+    another repository would otherwise report the enclosing project's commit)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(['git', 'rev-parse', '--show-toplevel', 'HEAD'], cwd=root, capture_output=True,
+                              text=True, timeout=10)
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if head.returncode:
+    lines = head.stdout.split()
+    if head.returncode or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(root):
         return None
-    return head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
+    return lines[1] + ('+changes' if dirty.stdout.strip() else '')
 
 
 def _cpu_name() -> str:
@@ -69,11 +74,11 @@ def _cpu_name() -> str:
 
 def environment(device: torch.device, commit: Optional[str] = None) -> dict:
     """What a result file must state to be read later, whatever measured it: the device, the CPU and its threads,
-    the versions, the commit (`commit`, else git's) and, on CUDA, the toolkit and the settings every benchmark here
-    runs under (`cuda_settings`, which this applies)."""
+    the versions (this package's among them), the commit (`commit`, else git's) and, on CUDA, the toolkit and the
+    settings every benchmark here runs under (`cuda_settings`, which this applies)."""
     env = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device), cpu=_cpu_name(),
                threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-               commit=commit or _commit())
+               s4nd_vision=__version__, commit=commit or _commit())
     try:
         import triton
         env['triton'] = triton.__version__
@@ -88,7 +93,7 @@ def environment(device: torch.device, commit: Optional[str] = None) -> dict:
 def describe_environment(env: dict) -> str:
     """One line of `environment`'s device, threads, versions and commit, to print above results."""
     return (f"{env['device']} ({env['cpu']}, {env['threads']} threads), torch {env['torch']}, timm {env['timm']}, "
-            f"triton {env['triton']}, commit {env['commit']}")
+            f"triton {env['triton']}, s4nd_vision {env['s4nd_vision']}, commit {env['commit']}")
 
 
 def _sync(device: torch.device) -> None:
