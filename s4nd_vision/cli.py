@@ -325,8 +325,10 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch-size', type=_positive_int, default=8)
     parser.add_argument('--img-size', type=_positive_int, default=224)
     parser.add_argument('--pairs', nargs='+', default=['convnext_s4nd_tiny:convnext_tiny'],
-                        help='model pairs NAME[,key=value...]:BASELINE, '
-                             'e.g. vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224')
+                        help='model pairs NAME[,key=value...]:BASELINE[,key=value...], '
+                             'e.g. vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224; num_classes and '
+                             'in_chans must be given to both sides alike (a pair given them on one side only is '
+                             'refused: it would compare unlike models)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
     parser.add_argument('--compile', action='store_true', help='run both models through torch.compile')

@@ -30,6 +30,23 @@ def test_parse_pair():
     with pytest.raises(ValueError, match='key=value'):
         parse_pair('a,token_layout:b')
     assert parse_pair('convnext_s4nd_atto,d_state=8:convnext_atto')[1] == {'d_state': 8}  # a number, not '8'
+    assert parse_pair('a,in_chans=1:b,in_chans=1') == ('a', {'in_chans': 1}, 'b,in_chans=1')  # the baseline's spec
+
+
+@pytest.mark.parametrize('spec', ['a,num_classes=10:b', 'a:b,in_chans=1', 'a,in_chans=1:b,in_chans=2'])
+def test_pairs_given_num_classes_or_in_chans_on_one_side_are_refused(spec):
+    """A 10-class S4ND model was compared with a 1000-class baseline without a word: options that change what a
+    model takes or returns must be given to both sides alike."""
+    with pytest.raises(ValueError, match='must be given to both sides alike'):
+        parse_pair(spec)
+
+
+def test_pairs_run_on_each_models_own_channels():
+    """The input had 3 channels whatever the models took (in_chans=1 failed), and the baseline took no options."""
+    (row,) = bench_models(pairs=[parse_pair('convnext_s4nd_atto,in_chans=1:convnext_atto,in_chans=1')], img_size=32,
+                          batch_size=1, repeats=1)
+    assert row['case'] == 'convnext_s4nd_atto,in_chans=1 vs convnext_atto,in_chans=1 @32 b1'
+    assert row['train_ratio'] > 0 and row['infer_ratio'] > 0 and row['train_mem_ratio'] > 0
 
 
 def test_model_spec_values_are_yaml_and_keep_their_commas():

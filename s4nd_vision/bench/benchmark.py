@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -321,13 +321,32 @@ def bench_scaling(
     return rows
 
 
+# options that change what a model takes or returns: a pair given them on one side only would compare unlike models
+_PAIR_SHARED_OPTIONS = ('num_classes', 'in_chans')
+
+
+def _check_pair(name: str, kwargs: dict, baseline: str) -> Tuple[str, dict]:
+    """The baseline's name and options (`baseline` is `BASELINE[,key=value...]`, read by `parse_model_spec`);
+    ValueError when the two sides are given different `_PAIR_SHARED_OPTIONS` (one of them only, or other values)."""
+    baseline_name, baseline_kwargs = parse_model_spec(baseline)
+    for key in _PAIR_SHARED_OPTIONS:
+        if kwargs.get(key) != baseline_kwargs.get(key):
+            raise ValueError(
+                f'model pair {name} vs {baseline_name}: {key} must be given to both sides alike, e.g. '
+                f'{name},{key}=N:{baseline_name},{key}=N (got {kwargs.get(key)} and {baseline_kwargs.get(key)})')
+    return baseline_name, baseline_kwargs
+
+
 def parse_pair(spec: str) -> tuple:
-    """'vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224' -> (name, kwargs, baseline); the model's
-    options are read as `parse_model_spec` reads them (YAML values)."""
+    """'vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224' -> (name, kwargs, baseline); each side's
+    options are read as `parse_model_spec` reads them (YAML values), the baseline's stay in its spec
+    (`BASELINE[,key=value...]`, which `bench_models` reads). num_classes and in_chans must be given to both sides
+    alike (ValueError otherwise)."""
     if ':' not in spec:
-        raise ValueError(f'a model pair must look like NAME[,key=value...]:BASELINE, got {spec!r}')
+        raise ValueError(f'a model pair must look like NAME[,key=value...]:BASELINE[,key=value...], got {spec!r}')
     left, baseline = spec.split(':', 1)
     name, kwargs = parse_model_spec(left)
+    _check_pair(name, kwargs, baseline)
     return name, kwargs, baseline
 
 
@@ -360,9 +379,11 @@ def bench_models(
         progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Training step (forward+backward) and inference of S4ND models vs their timm baselines
-    (with `compile`, both models run through `torch.compile`). With `num_frames`, the models are video models
-    and the input is (batch_size, 3, num_frames, img_size, img_size) clips. With `channels_last`, both models
-    and the input are in channels-last memory (`torch.channels_last_3d` for clips), as GPU training usually runs.
+    (with `compile`, both models run through `torch.compile`); a pair is (name, kwargs, baseline), the baseline a
+    `BASELINE[,key=value...]` spec (`parse_pair`). Each model's input has its own `in_chans` channels. With
+    `num_frames`, the models are video models and the input is (batch_size, in_chans, num_frames, img_size,
+    img_size) clips. With `channels_last`, both models and the input are in channels-last memory
+    (`torch.channels_last_3d` for clips), as GPU training usually runs.
     A row's `case` names the pair, the size, the batch and these settings (`amp-bfloat16`, channels-last, compiled).
     `progress` gets a pair's row as it fills (compile times, training times, then memory), so that a caller cut
     short keeps what was measured. Compiled pairs have no saved-activation column (the hooks that count it see
@@ -373,19 +394,17 @@ def bench_models(
     cuda_settings(dev)
     if num_frames is not None and num_frames < 1:
         raise ValueError(f'num_frames must be a positive number of frames or None (images), got {num_frames}')
-    shape = (batch_size, 3) + ((num_frames,) if num_frames else ()) + (img_size, img_size)
     memory_format = (torch.channels_last_3d if num_frames else torch.channels_last) if channels_last else None
     rows = []
     for name, kwargs, baseline in pairs:
-        x = torch.randn(shape, device=dev)
-        x = x if memory_format is None else x.contiguous(memory_format=memory_format)
+        baseline_name, baseline_kwargs = _check_pair(name, kwargs, baseline)
         options = ''.join(f',{k}={v}' for k, v in kwargs.items())
         size = f'{num_frames}x{img_size}' if num_frames else f'{img_size}'
         flags = ''.join(flag for flag, on in ((f" amp-{str(amp_dtype).replace('torch.', '')}", amp_dtype is not None),
                                               (' channels-last', channels_last), (' compiled', compile)) if on)
         result = dict(case=f'{name}{options} vs {baseline} @{size} b{batch_size}{flags}', baseline=baseline)
-        models, train_steps, inferences = {}, {}, {}
-        for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline, {})):
+        models, inputs, train_steps, inferences = {}, {}, {}, {}
+        for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline_name, baseline_kwargs)):
             torch.manual_seed(0)
             models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev, memory_format=memory_format)
             smallest = min_input_size(model)  # (a timm baseline's conv would fail deeper, less clearly)
@@ -395,6 +414,10 @@ def bench_models(
             if not num_frames and hasattr(model, 'set_input_size'):  # (timm's ViTs take their patch grid from it)
                 model.set_input_size(img_size)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
+            shape = (batch_size, getattr(model, 'in_chans', 3), *((num_frames,) if num_frames else ()), img_size,
+                     img_size)
+            x = torch.randn(shape, device=dev)
+            inputs[key] = x = x if memory_format is None else x.contiguous(memory_format=memory_format)
             run = torch.compile(model) if compile else model
             train_steps[key], inferences[key] = _train_step(run, x, amp_dtype), _inference(run, x, amp_dtype)
         for model in models.values():
@@ -411,6 +434,7 @@ def bench_models(
         for model in models.values():  # neither model's gradients held while the other's peak is measured
             model.zero_grad(set_to_none=True)
         for key, model in models.items():
+            x = inputs[key]
             if not compile:
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     result[f'{key}_train_mb'] = saved_activation_mb(lambda: model(x))
@@ -433,7 +457,7 @@ def bench_models(
             _first_call_s(inferences, dev, result, 'infer_compile_s')
         for key, ms in time_ms(inferences, dev, warmup=1, repeats=repeats).items():
             result[f'{key}_infer_ms'] = ms
-        del models, train_steps, inferences
+        del models, inputs, train_steps, inferences
         result['infer_ratio'] = result['s4nd_infer_ms'] / result['baseline_infer_ms']
         rows.append(result)
     return rows
