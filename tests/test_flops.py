@@ -119,6 +119,17 @@ def test_s4nd_fft_counts():
         }
 
 
+def test_kernel_generation_is_counted_under_no_grad_too():
+    """The module doc said cached kernels count as 0 under no_grad: a traced layer always generates them, so the
+    count is the same, and an inference count subtracts the `kernels` entries."""
+    layer, x = S4ND(C, ndim=2, d_state=4).eval(), torch.randn(B, C, H, W)
+    with_grad = count_flops(layer, (x,))
+    with torch.no_grad():
+        layer(x)  # (caches the kernels for this size)
+        inference = count_flops(layer, (x,))
+    assert inference.total() == with_grad.total() and inference.total('kernels') == with_grad.total('kernels') > 0
+
+
 @pytest.mark.parametrize('pool', [1, 2])
 def test_s4nd_toeplitz_counts(pool):
     with ops.conv_algorithm('toeplitz'):

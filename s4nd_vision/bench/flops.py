@@ -28,9 +28,10 @@ timm and the ConvNeXt paper report (ConvNeXt-T: 4.5 G); real flops are about twi
 Like fvcore, real elementwise ops (add, sub, mul, exp, cos, sin, GELU, GLU, ...) are not counted
 (they stay in `unsupported_ops()`, except mul and div): the exp/cos/sin of S4ND's kernel
 generation among them; its batched GEMM and complex products are counted. Kernel generation is
-traced and counted with gradients enabled (fvcore's default); under `torch.no_grad()` an S4ND
-layer reuses the kernels an earlier call at the same size cached, which then count as 0, as they
-cost nothing at inference.
+always counted, under `torch.no_grad()` too: a traced S4ND layer generates its kernels from its
+parameters and uses no cached ones (a cache would be baked into the trace as constants). For an
+inference count with the kernels generated once beforehand, subtract the S4ND layers' `kernels`
+entries of `by_module()` (names ending in '.kernels'; they do not grow with the batch).
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
