@@ -178,8 +178,9 @@ def test_step_rows_compare_recurrence_with_recompute():
 
 
 def test_scaling_rows_hold_growth():
+    """Scaling rows are named as such: they shared `layer BxCxHxW` names with the layer rows in one JSON."""
     rows = bench_scaling(batch_size=1, dim=4, sizes=(6, 12, 24), repeats=1)
-    assert [r['case'] for r in rows] == ['layer 1x4x6x6', 'layer 1x4x12x12', 'layer 1x4x24x24']
+    assert [r['case'] for r in rows] == ['scaling 1x4x6x6', 'scaling 1x4x12x12', 'scaling 1x4x24x24']
     for prev, row in zip(rows, rows[1:]):
         assert row['s4nd_growth'] == row['s4nd_ms'] / prev['s4nd_ms'] and row['baseline_growth'] > 0
 

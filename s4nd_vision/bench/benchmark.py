@@ -305,11 +305,13 @@ def bench_scaling(
         progress: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Growth of the layer's forward+backward time with resolution (each step 4x the pixels when sizes double):
-    S4ND vs the 7x7 depthwise conv at a fixed width, each size's pair timed interleaved. `progress` gets each row as
-    it is measured (with its growth over the one before)."""
+    S4ND vs the 7x7 depthwise conv at a fixed width, each size's pair timed interleaved. Rows are named
+    'scaling BxCxHxW' (apart from `bench_layers`' rows of the same shape in one result file). `progress` gets each
+    row as it is measured (with its growth over the one before)."""
     rows: List[dict] = []
 
     def grow(row: dict) -> None:
+        row['case'] = row['case'].replace('layer', 'scaling', 1)
         if rows:
             row['s4nd_growth'] = row['s4nd_ms'] / rows[-1]['s4nd_ms']
             row['baseline_growth'] = row['baseline_ms'] / rows[-1]['baseline_ms']
