@@ -5,7 +5,8 @@ per-axis kernel ('s4d', 's4', 'sgconv').
 Generation: one recurrent step of a causal 1D layer vs recomputing its convolution for each new sample.
 Model level: `convnext_s4nd_*` vs timm's `convnext_*` (training step and inference).
 Times are medians over repeated runs after warm-up. Memory is the bytes autograd saves for the
-backward pass (activations; on CUDA also the allocator's peak), which is what grows with batch size.
+backward pass (activations), which is what grows with batch size; on CUDA the model rows also hold the
+allocator's peak of a training step (`*_cuda_peak_mb`), the layer, kernel and scaling rows do not.
 """
 import json
 import os
