@@ -3,6 +3,7 @@ splits."""
 import os
 import warnings
 from collections import Counter
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -152,6 +153,22 @@ def test_an_image_that_cannot_be_opened_is_skipped_and_counted(tmp_path):
         value, _, skipped = ds[4]
     assert skipped == 1 and value in (0, 20, 30)
     assert _quiet(ds.__getitem__, 1)[2] == 1
+
+
+def test_an_image_too_large_for_pil_is_skipped_and_counted(tmp_path):
+    """A header declaring more pixels than PIL.Image.MAX_IMAGE_PIXELS (a corrupt file, or a huge tile) raises
+    DecompressionBombError, which is not an OSError: it is skipped like any unreadable file, not a crash."""
+    root = _constant_folder(tmp_path, n=3, bad=())
+    jpeg = BytesIO()
+    Image.new('L', (16, 16)).save(jpeg, 'JPEG')
+    data = bytearray(jpeg.getvalue())
+    sof = data.index(b'\xff\xc0')
+    data[sof + 5:sof + 9] = b'\xff\xff\xff\xff'  # height and width 65535
+    (tmp_path / 'digits' / '03.jpg').write_bytes(data)
+    ds = ImageFolderDataset(root, transform=_identity)
+    with pytest.warns(RuntimeWarning, match=r'skipped unreadable image .*03\.jpg.*PIL\.Image\.MAX_IMAGE_PIXELS'):
+        value, _, skipped = ds[3]
+    assert skipped == 1 and value in (0, 10, 20)
 
 
 def test_timms_dataset_arguments_apply_or_are_refused(tmp_path):

@@ -136,6 +136,10 @@ class ImageFolderDataset(ImageDataset):
             warnings.warn(f'skipped unreadable image {self.reader.filename(index, absolute=True)}: {e}',
                           RuntimeWarning)
             return None
+        except Image.DecompressionBombError as e:  # (not an OSError) a huge image, or a corrupt header claiming one
+            warnings.warn(f'skipped unreadable image {self.reader.filename(index, absolute=True)}: {e} (for '
+                          'genuinely large images raise PIL.Image.MAX_IMAGE_PIXELS)', RuntimeWarning)
+            return None
 
     def load(self, index: int, seed: int) -> Tuple[torch.Tensor, int, int]:
         """Sample `index`; when its file is unreadable, a random other sample drawn from `seed` (skipped = 1)."""
