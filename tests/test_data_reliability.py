@@ -121,6 +121,15 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped_to_white(tmp_path):
         Image.fromarray(dark).save(folder / name)
         with pytest.warns(RuntimeWarning, match='16-bit image holds only values below 256'):
             assert not np.asarray(open_image(folder / name, 'L')).any(), name
+    # 12-bit data (microscopy, X-ray) keeps 16 gray levels: warned, saying so; 13 bits and more are not warned about
+    twelve = np.linspace(0, 4095, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(twelve).save(folder / 'f.png')
+    with pytest.warns(RuntimeWarning, match=r'values below 4096 \(12-bit data .* keeps 4 bits \(16 gray levels\)'):
+        assert np.asarray(open_image(folder / 'f.png', 'L')).max() == 15
+    Image.fromarray(twelve * 2 + 1).save(folder / 'g.png')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert np.asarray(open_image(folder / 'g.png', 'L')).max() == 31
 
 
 def test_symlink_loop_in_a_class_folder_is_refused(tmp_path):

@@ -45,7 +45,8 @@ def open_image(fp, mode: str = 'RGB') -> Image.Image:
     PIL converts 16-bit grayscale ('I;16', and 'I' for PGM, which PIL scales to 0-65535) to 8 bits
     by clipping at 255, which turns almost every pixel white: here the high byte is kept instead, the same
     mapping for every image (a choice by each image's values would scale a dark image 256 times brighter than a
-    bright one). 8-bit data in 16-bit files (every value below 256) therefore comes out black: warned about.
+    bright one). Data of 12 bits or fewer in 16-bit files (every value below 4096) therefore keeps 4 bits or fewer
+    (8-bit data comes out black): warned about.
     Raises OSError / ValueError for files that cannot be decoded (or values outside 16 bits).
     """
     img = Image.open(fp)
@@ -54,9 +55,13 @@ def open_image(fp, mode: str = 'RGB') -> Image.Image:
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
             raise ValueError(f'{img.mode} image with values outside 0..65535 ({pixels.min()}..{pixels.max()}): '
                              'cannot scale it to 8 bits')
-        if pixels.size and 0 < pixels.max() <= 255:
-            warnings.warn('a 16-bit image holds only values below 256 (8-bit data in a 16-bit file?): scaled from '
-                          '16 bits it is black; convert such files to 8 bits', RuntimeWarning)
+        bits = int(pixels.max()).bit_length() if pixels.size else 0
+        if 0 < bits <= 12:  # (8- to 12-bit data, e.g. microscopy and X-ray exports, stored in a 16-bit file)
+            kept = ('no bits: it comes out black' if bits <= 8
+                    else f'{bits - 8} bits ({2 ** (bits - 8)} gray levels): it comes out nearly black')
+            warnings.warn(f'a 16-bit image holds only values below {2 ** bits} ({bits}-bit data in a 16-bit file?): '
+                          f'scaled from 16 bits by its high byte, it keeps {kept}; rescale such files to the full '
+                          '16 bits, or convert them to 8 bits', RuntimeWarning)
         img = Image.fromarray((pixels >> 8).astype(np.uint8), mode='L')
     elif img.mode == 'F':  # float images have no fixed range to scale from
         raise ValueError('floating-point image (mode F): no fixed range to scale to 8 bits')
