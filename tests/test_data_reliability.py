@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, open_image
 from s4nd_vision.data.video import Hmdb51Clips
 from s4nd_vision.eval.resolution import dataset_num_classes
+from s4nd_vision.train.config import ConfigError, load_config
 
 
 def _identity(img: Image.Image) -> int:
@@ -213,6 +214,14 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
     with pytest.raises(ValueError, match=r"class folders '(cat|Cat)' and '(cat|Cat)' .* sort as equal"):
         ImageFolderDataset(ties)
     assert len(ImageFolderDataset(ties, class_map={'digits': 0, 'cat': 1, 'Cat': 2})) > 0  # (the map numbers them)
+
+
+def test_mnist_channels_other_than_1_or_3_are_a_config_error_naming_the_key():
+    """MNIST's gray channel is given alone or repeated for RGB: another data.in_chans is refused at load, as a
+    ConfigError naming the key (not a bare ValueError from the dataset once the run has started)."""
+    with pytest.raises(ConfigError, match=r'data.in_chans must be 1 .* or 3 \(RGB\) for data.dataset mnist, got 2'):
+        load_config(None, ['model.name=convnext_s4nd_atto', 'data.dataset=mnist', 'data.in_chans=2'])
+    assert load_config(None, ['model.name=convnext_s4nd_atto', 'data.dataset=mnist', 'data.in_chans=1'])
 
 
 # ------------------------------------------------------------------------------------------- video

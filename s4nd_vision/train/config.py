@@ -185,8 +185,9 @@ class Config:
         if self.data.dataset == 'imagefolder':
             need(self.data.root is not None, 'data.root', 'the dataset folder (with train/ and val/)', self.data.root)
             need(os.path.isdir(self.data.root), 'data.root', 'an existing folder', self.data.root)
+        if self.data.dataset in ('imagefolder', 'mnist'):  # (MNIST's gray channel, alone or repeated for RGB)
             need(self.data.in_chans in (1, 3), 'data.in_chans', '1 (images read as grayscale) or 3 (RGB) for '
-                 'data.dataset imagefolder', self.data.in_chans)
+                 f'data.dataset {self.data.dataset}', self.data.in_chans)
         if self.data.dataset == 'hmdb51':
             self._validate_video()
         if self.data.dataset == 'mnist':  # (digits fill their image: the same resize in training and evaluation)
