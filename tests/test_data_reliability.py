@@ -216,6 +216,20 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
     assert len(ImageFolderDataset(ties, class_map={'digits': 0, 'cat': 1, 'Cat': 2})) > 0  # (the map numbers them)
 
 
+@pytest.mark.parametrize('hidden', ['.ipynb_checkpoints', '__MACOSX'])
+def test_hidden_folders_beside_the_class_folders_are_refused(tmp_path, hidden):
+    """A hidden folder holding images would become class 0 and shift every label (the video data leaves such folders
+    out too); a zip made on macOS adds __MACOSX/<class>/._<image>."""
+    root = _constant_folder(tmp_path, n=2, bad=())
+    os.makedirs(os.path.join(root, hidden, 'digits'))
+    Image.new('L', (4, 4)).save(os.path.join(root, hidden, '0-checkpoint.png'))
+    Image.new('L', (4, 4)).save(os.path.join(root, hidden, 'digits', '._00.png'))
+    with pytest.raises(ValueError, match=f"is in '{hidden}' of .*, a hidden folder .* shifting the labels"):
+        ImageFolderDataset(root)
+    with pytest.raises(ValueError, match=f"is in '{hidden}' of .*, a hidden folder"):  # (evaluation reads it so too)
+        dataset_num_classes(root, split='')
+
+
 def test_mnist_channels_other_than_1_or_3_are_a_config_error_naming_the_key():
     """MNIST's gray channel is given alone or repeated for RGB: another data.in_chans is refused at load, as a
     ConfigError naming the key (not a bare ValueError from the dataset once the run has started)."""

@@ -10,9 +10,10 @@
   and .jpeg files only). A folder reached twice through symbolic links (a link loop, which timm's reader would
   follow again and again) is refused with an error naming the link. The folder must be `<class>/<image>`: timm's
   reader labels an image by its innermost folder, so images in sub-folders (`cat/2019/x.png`) or beside the class
-  folders would silently form or merge classes (also under a class map); both are refused, and so are
-  class names that timm's natural order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would
-  number differently (unless a class map numbers them).
+  folders would silently form or merge classes (also under a class map); both are refused, and so are hidden
+  folders ('.ipynb_checkpoints', '__MACOSX'), which would become classes, and class names that timm's natural
+  order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number differently (unless a
+  class map numbers them).
 * `EpochSeeded` + `ResumableSampler`: the random augmentation of a sample is seeded from
   (seed, epoch, index) (and the repeat, under repeated augmentation), and the sampler can start
   mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from ..utils.seeding import seed_all, seed_from
 
 __all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links',
-           'check_class_folders']
+           'check_class_folders', 'is_hidden']
 
 _16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # PIL's modes of 16-bit grayscale files ('I': PGM)
 
@@ -88,13 +89,24 @@ def check_folder_links(root: str) -> None:
         seen[real] = path
 
 
+def is_hidden(name: str) -> bool:
+    """Whether folder `name` is no class: hidden ('.ipynb_checkpoints', which the video data leaves out too) or
+    the metadata folder of a zip made on macOS ('__MACOSX')."""
+    return name.startswith('.') or name == '__MACOSX'
+
+
 def check_class_folders(root: str, samples, class_to_idx=None) -> None:
-    """ValueError unless every image of `samples` is `root/<class>/<image>` and, where timm numbers the classes
-    (`class_to_idx` given: no class map), its order of them is total (`natural_key` ignores case and leading zeros;
-    ties fall to set order, which differs between processes)."""
+    """ValueError unless every image of `samples` is `root/<class>/<image>`, no class folder is hidden (`is_hidden`)
+    and, where timm numbers the classes (`class_to_idx` given: no class map), its order of them is total
+    (`natural_key` ignores case and leading zeros; ties fall to set order, which differs between processes)."""
     prefix = os.path.join(root, '')
     for path, _ in samples:  # (timm's paths start with root as given: a slice, not relpath, for a million images)
         rest = path[len(prefix):] if path.startswith(prefix) else os.path.normpath(os.path.relpath(path, root))
+        top = rest.split(os.sep, 1)[0]
+        if is_hidden(top):
+            raise ValueError(f'{path!r} is in {top!r} of {root!r}, a hidden folder (or macOS archive metadata), which '
+                             'timm\'s reader would make a class, shifting the labels of the others: remove it, or '
+                             'move it out')
         depth = rest.count(os.sep) + 1
         if depth != 2:
             where = 'beside the class folders' if depth == 1 else 'in a sub-folder of a class folder'
