@@ -216,6 +216,23 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
     assert len(ImageFolderDataset(ties, class_map={'digits': 0, 'cat': 1, 'Cat': 2})) > 0  # (the map numbers them)
 
 
+def test_file_names_timms_order_cannot_tell_apart_are_ordered_the_same_on_every_machine(tmp_path, monkeypatch):
+    """timm's natural order ignores case and leading zeros; its ties kept the directory listing's order, which
+    differs between file systems: sample i was another file on another machine (simulated by listing in reverse)."""
+    for name in ('x1.png', 'x01.png', 'X2.png', 'x2.png', 'x10.png'):
+        (tmp_path / 'a').mkdir(exist_ok=True)
+        Image.new('L', (4, 4)).save(tmp_path / 'a' / name)
+    walk = os.walk
+    orders = []
+    for reverse in (False, True):
+        monkeypatch.setattr(os, 'walk', lambda *a, reverse=reverse, **k: (
+            (path, dirs, sorted(files, reverse=reverse)) for path, dirs, files in walk(*a, **k)))
+        ds = ImageFolderDataset(str(tmp_path))
+        orders.append([os.path.basename(path) for path, _ in ds.reader.samples])
+    # ties broken by the exact name; the order of files without a tie is timm's natural order (x10 after x2)
+    assert orders[0] == orders[1] == ['x01.png', 'x1.png', 'X2.png', 'x2.png', 'x10.png']
+
+
 @pytest.mark.parametrize('hidden', ['.ipynb_checkpoints', '__MACOSX'])
 def test_hidden_folders_beside_the_class_folders_are_refused(tmp_path, hidden):
     """A hidden folder holding images would become class 0 and shift every label (the video data leaves such folders

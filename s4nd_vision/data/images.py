@@ -13,7 +13,8 @@
   folders would silently form or merge classes (also under a class map); both are refused, and so are hidden
   folders ('.ipynb_checkpoints', '__MACOSX'), which would become classes, and class names that timm's natural
   order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number differently (unless a
-  class map numbers them).
+  class map numbers them). Image files are ordered as timm orders them, their exact paths breaking its ties, so
+  sample i is the same file on every machine.
 * `EpochSeeded` + `ResumableSampler`: the random augmentation of a sample is seeded from
   (seed, epoch, index) (and the repeat, under repeated augmentation), and the sampler can start
   mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset
-from timm.data.readers.reader_image_folder import natural_key
+from timm.data.readers.reader_image_folder import ReaderImageFolder, natural_key
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..utils.seeding import seed_all, seed_from
@@ -137,6 +138,11 @@ class ImageFolderDataset(ImageDataset):
         if folder:
             check_folder_links(root)  # before timm's reader walks (and multiplies) a loop
         super().__init__(root, split=split, transform=transform, **kwargs)
+        if isinstance(self.reader, ReaderImageFolder):
+            # timm sorts by natural_key alone (case and leading zeros ignored) and keeps the directory listing's order
+            # for ties ('x1.png', 'x01.png'), which differs between machines: the exact path breaks them (a stable
+            # sort, so the order of files without a tie stays timm's)
+            self.reader.samples.sort(key=lambda sample: (natural_key(sample[0]), sample[0]))
         if len(self.reader) == 0:
             raise ValueError(f'no images found in {root!r} (expected <class>/<image> sub-folders)')
         if folder:  # (a class map numbers the classes itself: their order is not timm's)
