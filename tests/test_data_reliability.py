@@ -233,6 +233,27 @@ def test_file_names_timms_order_cannot_tell_apart_are_ordered_the_same_on_every_
     assert orders[0] == orders[1] == ['x01.png', 'x1.png', 'X2.png', 'x2.png', 'x10.png']
 
 
+def test_images_of_kinds_timms_reader_does_not_list_are_warned_about_or_refused(tmp_path):
+    """timm's reader lists .png, .jpg and .jpeg files only: other images PIL reads (.webp, .bmp, .tif) were left out
+    without a word, and a class made of them vanished (a 2-class model for 3 classes)."""
+    root = _constant_folder(tmp_path, n=2, bad=())
+    Image.new('L', (4, 4)).save(tmp_path / 'digits' / 'b.bmp')
+    Image.new('L', (4, 4)).save(tmp_path / 'digits' / 'c.webp')
+    (tmp_path / 'digits' / '._c.webp').write_bytes(b'AppleDouble')  # (hidden files are not counted)
+    (tmp_path / 'digits' / 'notes.txt').write_text('not an image')
+    with pytest.warns(RuntimeWarning, match=r"2 images under .* of kinds timm's reader leaves out \(\.bmp, \.webp; "
+                                            r"e\.g\. '.*digits/b\.bmp'\): they are not used"):
+        assert len(ImageFolderDataset(root)) == 2
+    (tmp_path / 'letters').mkdir()
+    for name in ('a.webp', 'b.webp'):
+        Image.new('L', (4, 4)).save(tmp_path / 'letters' / name)
+    with pytest.raises(ValueError, match=r"folder '.*letters' holds 2 images of kinds timm's reader leaves out "
+                                         r"\(\.webp\) and none of those it lists .*: its class would vanish"):
+        _quiet(ImageFolderDataset, root)
+    with pytest.raises(ValueError, match=r"letters' holds 2 images"):  # (evaluation reads it so too)
+        _quiet(dataset_num_classes, root, '')
+
+
 @pytest.mark.parametrize('hidden', ['.ipynb_checkpoints', '__MACOSX'])
 def test_hidden_folders_beside_the_class_folders_are_refused(tmp_path, hidden):
     """A hidden folder holding images would become class 0 and shift every label (the video data leaves such folders

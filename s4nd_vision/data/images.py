@@ -1,20 +1,20 @@
 """Image datasets and samplers for training: unreadable files skipped and counted, resumable order.
 
-* `ImageFolderDataset`: timm's `ImageDataset` (folder layout, class map) whose samples are
-  `(image, target, skipped)`. An image that fails to decode is replaced by a random other image
-  (drawn from a generator seeded by the sample, so the replacement is deterministic and the
-  sample distribution stays that of the readable images), with a warning; `skipped` is 1 when the
-  drawn file itself was unreadable, so each unreadable file drawn in an epoch counts once (the
-  count travels with the batch, so it works across worker processes and ranks). 16-bit grayscale
-  PNG images are scaled to 8 bits (PIL's conversion would clip them to white; timm's reader lists .png, .jpg
-  and .jpeg files only). A folder reached twice through symbolic links (a link loop, which timm's reader would
-  follow again and again) is refused with an error naming the link. The folder must be `<class>/<image>`: timm's
-  reader labels an image by its innermost folder, so images in sub-folders (`cat/2019/x.png`) or beside the class
-  folders would silently form or merge classes (also under a class map); both are refused, and so are hidden
-  folders ('.ipynb_checkpoints', '__MACOSX'), which would become classes, and class names that timm's natural
-  order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number differently (unless a
-  class map numbers them). Image files are ordered as timm orders them, their exact paths breaking its ties, so
-  sample i is the same file on every machine.
+* `ImageFolderDataset`: timm's `ImageDataset` (folder layout, class map) whose samples are `(image, target,
+  skipped)`. An image that fails to decode is replaced by a random other image (drawn from a generator seeded by the
+  sample, so the replacement is deterministic and the sample distribution stays that of the readable images), with a
+  warning; `skipped` is 1 when the drawn file itself was unreadable, so each unreadable file drawn in an epoch
+  counts once (the count travels with the batch, so it works across worker processes and ranks). 16-bit grayscale
+  PNG images are scaled to 8 bits (PIL's conversion would clip them to white). timm's reader lists .png, .jpg and
+  .jpeg files only: other images PIL reads (.webp, .bmp, .tif, ...) are counted in a warning, and a class folder of
+  them only is refused (the class would vanish). A folder reached twice through symbolic links (a link loop, which
+  timm's reader would follow again and again) is refused with an error naming the link. The folder must be
+  `<class>/<image>`: timm's reader labels an image by its innermost folder, so images in sub-folders
+  (`cat/2019/x.png`) or beside the class folders would silently form or merge classes (also under a class map); both
+  are refused, and so are hidden folders ('.ipynb_checkpoints', '__MACOSX'), which would become classes, and class
+  names that timm's natural order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number
+  differently (unless a class map numbers them). Image files are ordered as timm orders them, their exact paths
+  breaking its ties, so sample i is the same file on every machine.
 * `EpochSeeded` + `ResumableSampler`: the random augmentation of a sample is seeded from
   (seed, epoch, index) (and the repeat, under repeated augmentation), and the sampler can start
   mid-epoch, so a run resumed from a checkpoint sees exactly the batches (and augmentations) the
@@ -29,7 +29,7 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageDataset
+from timm.data import ImageDataset, get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder, natural_key
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
@@ -38,6 +38,8 @@ from ..utils.seeding import seed_all, seed_from
 __all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links',
            'check_class_folders', 'is_hidden']
 
+# images PIL reads in files that timm's reader does not list (check_folder_links counts them)
+_OTHER_IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jfif', '.jpe', '.pbm', '.pgm', '.pnm', '.ppm', '.tif', '.tiff', '.webp')
 _16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # PIL's modes of 16-bit grayscale files ('I': PGM)
 
 
@@ -71,14 +73,18 @@ def open_image(fp, mode: str = 'RGB') -> Image.Image:
 
 
 def check_folder_links(root: str) -> None:
-    """Raise ValueError when a folder under `root` is reached twice through symbolic links.
+    """Raise ValueError when a folder under `root` is reached twice through symbolic links, or when a folder without
+    sub-folders (a class folder) holds images of kinds timm's reader leaves out and none it lists; warn about images
+    of those kinds elsewhere.
 
     timm's reader walks the tree following links: a link to a folder above it (a loop) lists the
     files below that folder again at every level until the OS gives up, and two links to one
-    folder list its files twice. Both would multiply the dataset silently.
+    folder list its files twice. Both would multiply the dataset silently. It lists only the extensions of
+    `timm.data.get_img_extensions` (.png, .jpg, .jpeg): images in other files that PIL reads (.webp, .bmp, .tif,
+    ...) would be left out without a word, and a class of them would vanish.
     """
-    seen = {}
-    for path, dirs, _ in os.walk(root, followlinks=True):
+    seen, listed, unlisted, example = {}, get_img_extensions(as_set=True), Counter(), None
+    for path, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(path)
         if real in seen:
             first = seen[real]
@@ -88,6 +94,21 @@ def check_folder_links(root: str) -> None:
                 f'{kind} under {root!r}: {path!r} is {first!r} ({real}); its images would be listed more than '
                 'once: remove the link')
         seen[real] = path
+        names = [f for f in files if not f.startswith('.')]  # (not macOS' AppleDouble `._<name>`)
+        kinds = [os.path.splitext(f)[1].lower() for f in names]
+        others = [f for f, ext in zip(names, kinds) if ext in _OTHER_IMAGE_EXTENSIONS and ext not in listed]
+        if others:
+            other_kinds = Counter(os.path.splitext(f)[1].lower() for f in others)
+            if not dirs and not listed.intersection(kinds):
+                raise ValueError(f'folder {path!r} holds {len(others)} images of kinds timm\'s reader leaves out '
+                                 f'({", ".join(sorted(other_kinds))}) and none of those it lists '
+                                 f'({", ".join(sorted(listed))}): its class would vanish: convert them to .png or .jpg')
+            unlisted.update(other_kinds)
+            example = example or os.path.join(path, min(others))
+    if unlisted:
+        warnings.warn(f'{unlisted.total()} images under {root!r} are of kinds timm\'s reader leaves out '
+                      f'({", ".join(sorted(unlisted))}; e.g. {example!r}): they are not used; convert them to .png or '
+                      '.jpg to use them', RuntimeWarning)
 
 
 def is_hidden(name: str) -> bool:
