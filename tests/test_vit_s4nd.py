@@ -189,6 +189,18 @@ def test_bad_input_errors():
         timm.create_model(ATTO, img_size=8)
 
 
+@pytest.mark.parametrize('patch_size', [(32, 32), [32, 32]])
+def test_patch_size_as_a_pair(patch_size):
+    """A square (h, w) patch size (a YAML list too) builds, as timm's ViT takes it; an oblong one is refused."""
+    model = _atto(patch_size=patch_size, img_size=64).eval()
+    assert model.patch_embed.patch_size == (32, 32) and model.feature_info[-1]['reduction'] == 32
+    assert model.pretrained_cfg['pool_size'] == (2, 2)
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 64, 96)).shape == (1, 64, 2, 3)
+    with pytest.raises(ValueError, match=r'patch_size must be square.*\(16, 8\)'):
+        timm.create_model(ATTO, patch_size=(16, 8), img_size=64)
+
+
 @pytest.mark.parametrize('mode', ['2d', '1d'])
 def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode):
     """All blocks' kernels come from one stacked call (2d on a 4x6 grid: two kernel lengths); outputs and

@@ -149,7 +149,7 @@ class VisionTransformerS4ND(S4NDModel):
     def __init__(
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: int = 16,
+            patch_size: Union[int, Tuple[int, int]] = 16,
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = 'avg',
@@ -174,7 +174,8 @@ class VisionTransformerS4ND(S4NDModel):
         """
         Args:
             img_size: training resolution; the S4ND kernels are referenced to its patch grid (rate 1).
-            patch_size: side of the square patches (the stride of the patch embedding).
+            patch_size: side of the square patches (the stride of the patch embedding); an (h, w) pair must be
+                square, as in `set_input_size`.
             in_chans: input image channels.
             num_classes: classifier outputs (0 for pooled features).
             global_pool: head pooling type ('' for none).
@@ -206,6 +207,7 @@ class VisionTransformerS4ND(S4NDModel):
         dt_min = default_dt_min if dt_min is None else dt_min
         dt_max = default_dt_max if dt_max is None else dt_max
         check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        patch_size = self._check_patch_size(to_2tuple(patch_size))
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -231,7 +233,7 @@ class VisionTransformerS4ND(S4NDModel):
             for i in range(depth)
         ])
         self.feature_info = [
-            dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+            dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size[0]) for i in range(depth)]
         self.norm = LayerNorm(embed_dim, **dd)
         self.head = ClassifierHead(embed_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.head_hidden_size = self.head.num_features  # (twice embed_dim with 'catavgmax', as reset_classifier says)
@@ -247,6 +249,12 @@ class VisionTransformerS4ND(S4NDModel):
         if any(s < p or s % p for s, p in zip(img_size, patch_size)):  # (what the input must be)
             raise ValueError(f'img_size must be positive multiples of the patch size {patch_size}, got {img_size}')
 
+    @staticmethod
+    def _check_patch_size(patch_size: Tuple[int, int]) -> Tuple[int, int]:
+        if patch_size[0] != patch_size[1]:  # (a tuple, e.g. a YAML list, as timm's ViT takes it)
+            raise ValueError(f'patch_size must be square (feature_info states one reduction), got {patch_size}')
+        return tuple(patch_size)
+
     @torch.jit.ignore
     def set_input_size(
             self,
@@ -259,11 +267,11 @@ class VisionTransformerS4ND(S4NDModel):
         kernels cover the same image extent on the finer or coarser token grid. Like timm's, it replaces
         `patch_embed.proj`: build the optimizer after."""
         img_size = self.img_size if img_size is None else check_img_size(img_size)
-        patch_size = self.patch_embed.patch_size if patch_size is None else to_2tuple(patch_size)
+        if patch_size is None:
+            patch_size = self.patch_embed.patch_size
+        patch_size = self._check_patch_size(to_2tuple(patch_size))
         self._check_input_size(img_size, patch_size)
         if patch_size != self.patch_embed.patch_size:
-            if patch_size[0] != patch_size[1]:
-                raise ValueError(f'patch_size must be square (feature_info states one reduction), got {patch_size}')
             self.patch_embed.set_input_size(img_size, patch_size=patch_size)
             for info in self.feature_info:
                 info['reduction'] = patch_size[0]
