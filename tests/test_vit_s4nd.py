@@ -201,6 +201,20 @@ def test_patch_size_as_a_pair(patch_size):
         timm.create_model(ATTO, patch_size=(16, 8), img_size=64)
 
 
+@pytest.mark.parametrize('feature_cls', ['fx', 'hook'])
+def test_block_feature_wrappers_state_channels_last(feature_cls):
+    """The wrappers that return the blocks' outputs as they are say so (NHWC, as timm's Swin); the default getter
+    gives the intermediates channels first."""
+    x = torch.randn(1, 3, 64, 96)
+    raw = _atto(features_only=True, feature_cls=feature_cls).eval()
+    getter = _atto(features_only=True).eval()
+    with torch.no_grad():
+        out, nchw = raw(x)[-1], getter(x)[-1]
+    assert raw.output_fmt.value == 'NHWC' and out.shape == (1, 4, 6, raw.feature_info.channels()[-1])
+    assert getter.output_fmt.value == 'NCHW' and nchw.shape == (1, 64, 4, 6)
+    torch.testing.assert_close(out.permute(0, 3, 1, 2), nchw, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('mode', ['2d', '1d'])
 def test_training_step_generates_all_blocks_kernels_together(monkeypatch, mode):
     """All blocks' kernels come from one stacked call (2d on a 4x6 grid: two kernel lengths); outputs and

@@ -215,6 +215,9 @@ class VisionTransformerS4ND(S4NDModel):
         self.num_prefix_tokens = 0  # (timm's ViT attribute: no class or register tokens)
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
+        # the blocks' layout, (B, H/p, W/p, C): timm's builder states it in the wrappers that return the blocks'
+        # outputs as they are ('fx', 'hook', 'list', 'dict'), as for Swin; the getter gives NCHW intermediates
+        self.output_fmt = 'NHWC'
 
         self.patch_embed = PatchEmbed(
             img_size=check_img_size(img_size), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
