@@ -486,6 +486,23 @@ def test_weights_trained_at_another_size_are_named_and_marked(image_folder, tmp_
         assert load_model('s4nd_iso_tiny', path, img_size=28, **load).img_size == (28, 28)
 
 
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('s4nd_iso_tiny', SMALL_KWARGS), ('convnext_s4nd_atto', {}), ('convnext_s4nd_3d_atto', dict(num_frames=4)),
+    ('vit_s4nd_atto_patch16_224', dict(token_layout='2d')), ('vit_s4nd_atto_patch16_224', dict(token_layout='1d')),
+])
+def test_the_model_names_the_size_its_weights_were_trained_at(name, kwargs, tmp_path):
+    """Weights trained at 64 px, loaded with img_size=32: every family, and both ViT token layouts (the '1d' one
+    references a sequence length, (H/p) * (W/p)), is set to 64 px, as `reference_img_size` says."""
+    path = str(tmp_path / 'w64.safetensors')
+    save_file(_create(name, num_classes=5, img_size=64, **kwargs).state_dict(), path)
+    with pytest.warns(UserWarning, match='holds weights trained at 64 px'):
+        model = load_model(name, path, img_size=32, model_kwargs=kwargs)
+    assert model.img_size == (64, 64) and model.reference_img_size() == (64, 64)
+    assert model.pretrained_cfg['input_size'][-2:] == (64, 64)
+    assert _create(name, img_size=(64, 48), **kwargs).reference_img_size() == (64, 48)
+
+
 def test_cli_end_to_end(image_folder, tmp_path):
     paths = []
     for name in ('s4nd_iso_tiny', 'conv_iso_tiny'):

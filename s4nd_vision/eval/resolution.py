@@ -81,7 +81,6 @@ def load_model(
     if img_size is not None and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size)
     if checkpoint is not None:
-        built = [(layer, layer.l_ref) for layer in model.modules() if isinstance(layer, S4ND)]
         try:
             timm.models.load_checkpoint(model, checkpoint, strict=True)
         except RuntimeError as e:
@@ -95,15 +94,14 @@ def load_model(
                 f'the weights in {checkpoint!r} do not fit {name} built with {built or "its defaults"} '
                 f'({detail}): build it with the arguments it was trained with (eval-resolution: '
                 f'--models NAME,key=value,...; kernel-report, export: --model-kwargs key=value ...)') from None
-        # the saved reference grids replace those built for img_size: the size the weights were trained at
-        changed = [(grid[-1], layer.l_ref[-1]) for layer, grid in built if grid and layer.l_ref and layer.l_ref != grid]
-        if img_size is not None and changed:
-            trained = round(img_size * changed[0][1] / changed[0][0])
-            warnings.warn(f'{checkpoint!r} holds weights trained at {trained} px (their S4ND reference grids), not '
-                          f'at img_size={img_size} (--train-resolution): they are evaluated as trained at {trained} px',
+        # the saved reference grids replace those built for img_size: the model says the size they were trained at
+        trained = model.reference_img_size() if hasattr(model, 'reference_img_size') else None
+        if img_size is not None and trained is not None and tuple(trained) != (img_size, img_size):
+            px = f'{trained[0]} px' if trained[0] == trained[1] else f'{trained[0]}x{trained[1]} px'
+            warnings.warn(f'{checkpoint!r} holds weights trained at {px} (their S4ND reference grids), not '
+                          f'at img_size={img_size} (--train-resolution): they are evaluated as trained at {px}',
                           UserWarning)
-            if hasattr(model, 'set_input_size'):
-                model.set_input_size(trained)
+            model.set_input_size(trained)
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()

@@ -260,6 +260,16 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         part."""
         return (self.in_chans, *self.img_size)
 
+    def reference_img_size(self) -> Tuple[int, int]:
+        """The image size (H, W) that the S4ND layers' reference grids (their rate-1 grids, saved with the weights)
+        correspond to: the size the weights were trained at, `img_size` unless weights of another size were loaded.
+        Read from the first S4ND layer; a model without one (the conv baselines) answers `img_size`."""
+        grids = self._s4nd_grids((1, *self.input_size()))
+        if not grids:
+            return self.img_size
+        layer, grid = grids[0]
+        return tuple(round(s * r / g) for s, r, g in zip(self.img_size, layer.l_ref[-2:], grid[-2:]))
+
     def _state_input_size(self, cfg: Dict[str, Any]) -> None:
         """Write the native spatial input size (and its final feature map's, `pool_size`) into a pretrained cfg
         (in place). The channel count stays the one the cfg states, that of the source weights: timm's builder

@@ -283,6 +283,17 @@ class VisionTransformerS4ND(S4NDModel):
             self.patch_embed.set_input_size(img_size)
         self.record_input_size()
 
+    def reference_img_size(self) -> Tuple[int, int]:
+        """The image size (H, W) the S4ND layers' reference grids correspond to (see `S4NDModel`): per axis of the
+        patch grid for '2d'; for '1d' (a sequence length, H/p * W/p) the patch grid of the same aspect as the
+        model's own, scaled by the square root of the length ratio."""
+        mixer = self.blocks[0].mixer
+        grid = mixer.input_grid(self.patch_embed.grid_size)
+        ratios = [r / g for r, g in zip(mixer.s4nd.l_ref, grid)]
+        if mixer.token_layout == '1d':
+            ratios = [ratios[0] ** 0.5] * 2
+        return tuple(round(s * r) for s, r in zip(self.img_size, ratios))
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         return dict(
