@@ -72,6 +72,20 @@ def test_invalid_values_name_the_key(override, message, folder, tmp_path):
     assert '\n' not in str(info.value)
 
 
+def test_progressive_sizes_the_model_does_not_take_are_refused(folder, tmp_path):
+    """A stage size that is no multiple of a ViT's patch size is refused by the model's own input check when the
+    config loads, not when the stage starts."""
+    vit = ['model.name=vit_s4nd_atto_patch16_224', 'model.kwargs={}']
+    message = r"train.progressive\[1\].img_size: resolution 40: .vit_s4nd_atto_patch16_224. does not take it"
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, _overrides(folder, tmp_path, *vit, 'train.progressive=[{epoch: 0, img_size: 32}, '
+                                                             '{epoch: 1, img_size: 40}]'))
+    assert 'multiples of the patch size' in str(info.value) and '\n' not in str(info.value)
+    cfg = load_config(None, _overrides(folder, tmp_path, *vit, 'train.progressive=[{epoch: 0, img_size: 32}, '
+                                                               '{epoch: 1, img_size: 48}]'))
+    assert [s.img_size for s in cfg.train.progressive] == [32, 48]
+
+
 def test_valid_values_from_timm_lists_pass(folder, tmp_path):
     cfg = load_config(None, _overrides(
         folder, tmp_path, 'optim.opt=lookahead_sgd', 'aug.auto_augment=rand-m9-mstd0.5-inc1',

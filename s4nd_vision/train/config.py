@@ -288,7 +288,7 @@ class Config:
         from timm.models import get_model_input_config
 
         from .. import models  # noqa: F401  (registers the models)
-        from ..eval.resolution import min_input_size
+        from ..eval.resolution import check_resolutions, min_input_size
         from ..layers import set_bandlimit
 
         mc, data = self.model, self.data
@@ -329,6 +329,10 @@ class Config:
         for i, stage in enumerate(self.train.progressive):
             if stage.img_size < smallest:
                 raise ConfigError(f'train.progressive[{i}].img_size must be {need_size}, got {stage.img_size}')
+            try:  # the model's own input check on a meta tensor (e.g. a ViT's patch-size multiples), not at the stage
+                check_resolutions([stage.img_size], {mc.name: model})
+            except ValueError as e:
+                raise ConfigError(f'train.progressive[{i}].img_size: {e}') from None
             if stage.bandlimit:  # (set on the meta model: the stage would fail or set nothing when it starts)
                 try:
                     band_limited = set_bandlimit(model, stage.bandlimit)
