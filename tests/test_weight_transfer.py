@@ -1,6 +1,6 @@
-"""Weight transfer from timm's ConvNeXt into ConvNeXt-S4ND (and into the inflated 3D baseline): every timm
-tensor with a counterpart loads, with its values (1x1 conv MLP weights reshaped to our Linear ones), the
-rest keeps its initialization whole, and a one-line report says which is which."""
+"""Weight transfer from timm's ConvNeXt into ConvNeXt-S4ND (and into the inflated 3D baseline), and from timm's ViT
+into ViT-S4ND: every timm tensor with a counterpart loads, with its values (1x1 conv MLP weights reshaped to our
+Linear ones), the rest keeps its initialization whole, and a one-line report says which is which."""
 import logging
 import re
 
@@ -232,3 +232,48 @@ def test_inflating_weights_saved_with_4d_kernel_tensors():
     torch.manual_seed(1)
     out = inflate_state_dict(_as_saved_before_3d_kernel_tensors(model_2d), model_3d)
     assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
+
+
+VIT = 'vit_s4nd_atto_patch16_224'
+
+
+def _timm_vit(embed_dim: int = 64) -> torch.nn.Module:
+    """A timm ViT of the atto's width and depth (timm registers none that small)."""
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', img_size=64, embed_dim=embed_dim, depth=4, num_heads=2)
+
+
+def test_timm_vit_weights_transfer_what_fits_with_a_report(tmp_path, caplog):
+    """From a timm ViT: the patch embedding, the blocks' norms and MLPs and the final norm load; the S4ND mixers and
+    the head (timm's is `head`, ours `head.fc`) keep their init; attention, class token and position embedding are
+    unused, and a line says so. Weights of another width fit nothing and are refused in one line."""
+    vit = _timm_vit()
+    path = str(tmp_path / 'vit.safetensors')
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = timm.create_model(VIT, img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    theirs = vit.state_dict()
+    for name in ('patch_embed.proj.weight', 'blocks.3.norm2.weight', 'blocks.0.mlp.fc1.weight', 'norm.bias'):
+        assert torch.equal(model.state_dict()[name], theirs[name]), name
+    (line,) = _records(caplog)
+    assert line.startswith('VisionTransformerS4ND from timm ViT weights: loaded ')
+    assert 'kept init' in line and 'blocks.*.mixer S4NDMixer' in line and 'blocks.*.attn' in line
+    save_file({k: v.contiguous() for k, v in _timm_vit(embed_dim=32).state_dict().items()}, path)
+    with pytest.raises(ValueError, match='fit no module of VisionTransformerS4ND outside the head'):
+        timm.create_model(VIT, img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+def test_vit_weights_of_another_patch_size_are_resampled(tmp_path, caplog):
+    """Our own patch-16 weights load into a patch-8 model as `set_input_size(patch_size=8)` makes them, without a
+    transfer report."""
+    torch.manual_seed(0)
+    source = timm.create_model(VIT, img_size=64)
+    path = str(tmp_path / 'p16.safetensors')
+    save_file(source.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = timm.create_model(VIT, img_size=64, patch_size=8, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=path))
+    assert not _records(caplog)
+    source.set_input_size(patch_size=8)
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)

@@ -40,6 +40,7 @@ from timm.layers import (
     PatchEmbed,
     calculate_drop_path_rates,
     get_act_layer,
+    resample_patch_embed,
     to_2tuple,
 )
 from timm.models import (
@@ -55,7 +56,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
-from ._checkpoint import stated_img_size
+from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size, check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -398,10 +399,43 @@ class VisionTransformerS4ND(S4NDModel):
         return [(b.mixer.s4nd, b.mixer.input_grid(tokens.shape[1:3])) for b in blocks]
 
 
+_PATCH_WEIGHT = 'patch_embed.proj.weight'
+
+
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor], model: VisionTransformerS4ND) -> Dict[str, torch.Tensor]:
+    """Load our own checkpoints, and start from a plain timm ViT checkpoint, at the model's patch size.
+
+    A training checkpoint dict is unwrapped first (`unwrap_state_dict`). A patch embedding of another patch size is
+    resampled to the model's as timm's ViT filter and `set_input_size(patch_size=)` do (`resample_patch_embed`,
+    FlexiViT's pseudo-inverse). Our own weights then load as they are. From a timm `vit_*` state dict every module
+    whose tensors fit is taken (`match_state_dict`, as ConvNeXt-S4ND's filter does): the patch embedding (adapted
+    to the model's `in_chans` by timm's rule first), the blocks' norms and MLPs and the final norm. Attention, the
+    class token and the position embedding have no counterpart; the S4ND mixers (and anything else without one)
+    keep the model's initialization, and a one-line report of what was loaded and kept is logged. Weights of which
+    nothing outside the head fits (another architecture or width) are refused.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    weight, patch_size = state_dict.get(_PATCH_WEIGHT), model.patch_embed.patch_size
+    if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != patch_size:
+        state_dict = {**state_dict, _PATCH_WEIGHT: resample_patch_embed(weight, list(patch_size), verbose=True)}
+    if any('.kernels.' in k for k in state_dict):
+        return state_dict
+    state_dict = adapt_input_channels(state_dict, 'patch_embed.proj', model.in_chans)
+    out, report = match_state_dict(state_dict, model, source='timm ViT weights')
+    taken = report.loaded + [n for names in report.mapped.values() for n in names]
+    if not any(not n.startswith('head.') for n in taken):
+        raise ValueError(f'the weights fit no module of {type(model).__name__} outside the head: neither its own '
+                         f'weights nor a timm ViT of its width ({report})')
+    report.log()
+    return out
+
+
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         # features_only: the last three blocks, as timm's ViT (all of a shallower model)
         feature_cfg=feature_cfg(kwargs, out_indices=min(3, kwargs.get('depth', 12)), feature_cls='getter'),
         **kwargs)
