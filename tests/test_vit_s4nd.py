@@ -142,6 +142,22 @@ def test_unpooled_head_gives_logits_per_token():
         torch.testing.assert_close(model(x), model.head.fc(features.mean((2, 3))))
 
 
+@pytest.mark.parametrize('global_pool', ['avg', 'catavgmax', ''])
+def test_head_takes_timm_vit_tokens(global_pool):
+    """forward_head takes the (B, N, C) tokens of forward_intermediates(output_dict=True), as timm's ViT does: the
+    same logits as from the (B, C, H/p, W/p) features, per token (B, N, num_classes) without pooling."""
+    model = _atto(num_classes=5, global_pool=global_pool).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        tokens = model.forward_intermediates(x, indices=1, output_dict=True)['image_features']
+        expected = model.forward_head(model.forward_features(x))
+        out = model.forward_head(tokens)
+    expected = expected if global_pool else rearrange(expected, 'b k h w -> b (h w) k')
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match=r'forward_head takes features \(B, C, H/p, W/p\).*got shape \(24, 64\)'):
+        model.forward_head(tokens[0])
+
+
 def test_pretrained_from_local_safetensors(tmp_path):
     torch.manual_seed(0)
     source = timm.create_model('vit_s4nd_small_patch16_224').eval()

@@ -53,6 +53,7 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
@@ -375,10 +376,23 @@ class VisionTransformerS4ND(S4NDModel):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, H/p, W/p) -> (B, num_classes); without pooling (global_pool='') logits per token,
-        (B, num_classes, H/p, W/p), as ConvNeXt's head gives (timm's linear classifier acts on the last axis)."""
+        (B, num_classes, H/p, W/p), as ConvNeXt's head gives (timm's linear classifier acts on the last axis).
+        Also takes timm's ViT tokens (B, N, C), as `forward_intermediates(output_dict=True)` gives them: pooled over
+        N, or without pooling logits per token (B, N, num_classes), as timm's ViT's head gives."""
+        if not is_fx_tracing() and x.ndim != 4:  # (an FX graph traces forward_features' 4-D output: no branch)
+            return self._forward_head_tokens(x, pre_logits=pre_logits)
         if self.head.global_pool.is_identity():
             return self.head(x.movedim(1, -1), pre_logits=pre_logits).movedim(-1, 1)
         return self.head(x, pre_logits=pre_logits)
+
+    def _forward_head_tokens(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """`forward_head` of tokens (B, N, C): pooled over N as over the grid, or per token without pooling."""
+        if x.ndim != 3:
+            raise ValueError(f'forward_head takes features (B, C, H/p, W/p), as forward_features gives them, or '
+                             f'tokens (B, N, C), got shape {tuple(x.shape)}')
+        if self.head.global_pool.is_identity():
+            return self.head(x, pre_logits=pre_logits)
+        return self.head(rearrange(x, 'b n c -> b c n 1'), pre_logits=pre_logits)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, embed_dim, H/p, W/p): channels first, as ConvNeXt's, for the head and
