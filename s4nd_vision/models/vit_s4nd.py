@@ -268,9 +268,11 @@ class VisionTransformerS4ND(S4NDModel):
     ) -> None:
         """Make `img_size` the model's native resolution (the patch grid's; None keeps it), keeping its
         function: see `S4NDModel.set_input_size`. A new `patch_size` resamples the patch embedding as timm's
-        ViT does (FlexiViT's pseudo-inverse); the S4ND layers keep their reference grids, so their continuous
-        kernels cover the same image extent on the finer or coarser token grid. Like timm's, it replaces
-        `patch_embed.proj`: build the optimizer after."""
+        ViT does (FlexiViT's pseudo-inverse); the S4ND layers keep their reference grids. With token_layout '2d'
+        their continuous kernels then cover the same image extent on the finer or coarser token grid; with '1d'
+        the rate follows the token count, not the row spacing, so the kernels change scale (e.g. half the patch
+        size stretches them 2x along a row), as for a size change (see the module docstring). Like timm's, it
+        replaces `patch_embed.proj`: build the optimizer after."""
         img_size = self.img_size if img_size is None else check_img_size(img_size)
         if patch_size is None:
             patch_size = self.patch_embed.patch_size
