@@ -17,7 +17,8 @@ from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
     'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
-    'match_state_dict', 'split_input_size', 'stated_img_size', 'file_num_classes', 'weights_num_classes',
+    'match_state_dict', 'transfer_timm_weights', 'split_input_size', 'stated_img_size', 'file_shape',
+    'file_num_classes', 'weights_num_classes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -279,3 +280,21 @@ def match_state_dict(
                 out[name] = target
     report.unused = [k for k in state_dict if k not in used]
     return out, report
+
+
+def transfer_timm_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, first_conv: str,
+                          source: str) -> Dict[str, torch.Tensor]:
+    """Our own weights (they hold S4ND kernels) as they are; from a plain timm model's (`source`, e.g. 'timm ViT
+    weights') every module that fits (`match_state_dict`), `first_conv` adapted to the model's `in_chans` first by
+    timm's rule, with the report logged. Weights of which nothing outside the head fits (another architecture or
+    width) are refused: the model would otherwise be its initialization under the name of a pretrained one."""
+    if any('.kernels.' in k for k in state_dict):
+        return state_dict
+    state_dict = adapt_input_channels(state_dict, first_conv, model.in_chans)
+    out, report = match_state_dict(state_dict, model, source=source)
+    taken = report.loaded + [n for names in report.mapped.values() for n in names]
+    if not any(not n.startswith('head.') for n in taken):
+        raise ValueError(f'the weights fit no module of {type(model).__name__} outside the head: neither its own '
+                         f'weights nor {source} of its width ({report})')
+    report.log()
+    return out

@@ -23,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, SGCONV_ID, feature_cfg, paper_cfg
-from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
+from ._checkpoint import stated_img_size, transfer_timm_weights, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures
 
 __all__ = ['ConvNeXtS4ND']
@@ -50,17 +50,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4N
     logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the
     model would otherwise be its initialization under the name of a pretrained one.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    if any('.kernels.' in k for k in state_dict):
-        return state_dict
-    state_dict = adapt_input_channels(state_dict, 'stem.0', model.in_chans)
-    out, report = match_state_dict(state_dict, model, source='timm ConvNeXt weights')
-    taken = report.loaded + [n for names in report.mapped.values() for n in names]
-    if not any(not n.startswith('head.') for n in taken):
-        raise ValueError(f'the weights fit no module of {type(model).__name__} outside the head: neither its own '
-                         f'weights nor a timm ConvNeXt of its widths ({report})')
-    report.log()
-    return out
+    return transfer_timm_weights(unwrap_state_dict(state_dict), model, 'stem.0', source='timm ConvNeXt weights')
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:

@@ -57,7 +57,7 @@ from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
-from ._checkpoint import adapt_input_channels, match_state_dict, stated_img_size, unwrap_state_dict
+from ._checkpoint import stated_img_size, transfer_timm_weights, unwrap_state_dict
 from ._checks import check_img_size, check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -435,16 +435,7 @@ def checkpoint_filter_fn(
     weight, patch_size = state_dict.get(_PATCH_WEIGHT), model.patch_embed.patch_size
     if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != patch_size:
         state_dict = {**state_dict, _PATCH_WEIGHT: resample_patch_embed(weight, list(patch_size), verbose=True)}
-    if any('.kernels.' in k for k in state_dict):
-        return state_dict
-    state_dict = adapt_input_channels(state_dict, 'patch_embed.proj', model.in_chans)
-    out, report = match_state_dict(state_dict, model, source='timm ViT weights')
-    taken = report.loaded + [n for names in report.mapped.values() for n in names]
-    if not any(not n.startswith('head.') for n in taken):
-        raise ValueError(f'the weights fit no module of {type(model).__name__} outside the head: neither its own '
-                         f'weights nor a timm ViT of its width ({report})')
-    report.log()
-    return out
+    return transfer_timm_weights(state_dict, model, 'patch_embed.proj', source='timm ViT weights')
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
