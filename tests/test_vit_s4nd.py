@@ -4,6 +4,7 @@ The generic timm contract (backward to every parameter, features, intermediates,
 meta device) is checked for both modes in test_timm_compliance.py.
 """
 import importlib.resources
+import warnings
 
 import pytest
 import timm
@@ -156,6 +157,20 @@ def test_head_takes_timm_vit_tokens(global_pool):
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match=r'forward_head takes features \(B, C, H/p, W/p\).*got shape \(24, 64\)'):
         model.forward_head(tokens[0])
+    with warnings.catch_warnings():  # (torch's is_fx_tracing warned at every forward, and is true under export)
+        warnings.simplefilter('error')
+        model(x)
+    head = torch.export.export(_Head(model), (tokens,))  # (the token branch under export too)
+    torch.testing.assert_close(head.module()(tokens), out)
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model.forward_head(tokens)
 
 
 def test_pretrained_from_local_safetensors(tmp_path):
@@ -328,3 +343,15 @@ def test_intermediates_arguments_in_timm_vit_order():
                                             output_fmt='NLC', intermediates_only=True, output_dict=True)
     assert set(positional) == {'image_intermediates'} and positional['image_intermediates'][0].shape == (1, 16, 64)
     torch.testing.assert_close(positional, named)
+
+
+def test_1d_weights_of_another_aspect_name_a_size_of_whole_patches():
+    """'1d' weights hold a sequence length, which a model of another aspect maps to a square-root scale: rounded to
+    whole patches, the size is one the model takes (eval-resolution sets the model to it)."""
+    with torch.device('meta'):
+        trained = _atto(img_size=(224, 160), token_layout='1d')
+        model = _atto(img_size=224, token_layout='1d')
+    model.load_state_dict(trained.state_dict(), assign=True)
+    size = model.reference_img_size()
+    assert size == (192, 192)
+    model.set_input_size(size)

@@ -34,7 +34,7 @@ on every frame exactly when s(t) = 1 everywhere:
   The two-sided kernel is symmetric at the model's `num_frames` only: its backward half (offsets -1, -2, ...)
   is the forward half times its own C = lam, a weight fixed in taps, so at another clip length (rate
   r = num_frames / T) tap -(l + 1) is lam, not lam^r, times tap l. Against a symmetric kernel the backward
-  half is scaled by lam^(1 - r) (S4D; 0.61 at twice the frames with the default decay, 1 / 0.61 at half); the
+  half is scaled by lam^(1 - r) (S4D; 0.61 at twice the frames with the default decay, 2.7 = 1 / lam at half); the
   whole kernel keeps unit mass (the forward half 1 / (1 + lam), the backward lam / (1 + lam)), its shape does
   not: temporal zero-shot sees a kernel leaning forward at more frames, backward at fewer.
 * `time_init='random'`: the 3D model's own initialization of its time kernels (no relation to the 2D output).

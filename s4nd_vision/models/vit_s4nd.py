@@ -53,7 +53,6 @@ from timm.models import (
 )
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
@@ -218,7 +217,7 @@ class VisionTransformerS4ND(S4NDModel):
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
         # the blocks' layout, (B, H/p, W/p, C): timm's builder states it in the wrappers that return the blocks'
-        # outputs as they are ('fx', 'hook', 'list', 'dict'), as for Swin; the getter gives NCHW intermediates
+        # outputs as they are ('fx', 'hook'), as for Swin; the getter gives NCHW intermediates
         self.output_fmt = 'NHWC'
 
         self.patch_embed = PatchEmbed(
@@ -290,13 +289,15 @@ class VisionTransformerS4ND(S4NDModel):
     def reference_img_size(self) -> Tuple[int, int]:
         """The image size (H, W) the S4ND layers' reference grids correspond to (see `S4NDModel`): per axis of the
         patch grid for '2d'; for '1d' (a sequence length, H/p * W/p) the patch grid of the same aspect as the
-        model's own, scaled by the square root of the length ratio."""
+        model's own, scaled by the square root of the length ratio, each side rounded to whole patches (the model
+        takes no other)."""
         mixer = self.blocks[0].mixer
         grid = mixer.input_grid(self.patch_embed.grid_size)
         ratios = [r / g for r, g in zip(mixer.s4nd.l_ref, grid)]
         if mixer.token_layout == '1d':
             ratios = [ratios[0] ** 0.5] * 2
-        return tuple(round(s * r) for s, r in zip(self.img_size, ratios))
+        patch = self.patch_embed.patch_size
+        return tuple(p * max(1, round(s * r / p)) for s, r, p in zip(self.img_size, ratios, patch))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -381,7 +382,7 @@ class VisionTransformerS4ND(S4NDModel):
         (B, num_classes, H/p, W/p), as ConvNeXt's head gives (timm's linear classifier acts on the last axis).
         Also takes timm's ViT tokens (B, N, C), as `forward_intermediates(output_dict=True)` gives them: pooled over
         N, or without pooling logits per token (B, N, num_classes), as timm's ViT's head gives."""
-        if not is_fx_tracing() and x.ndim != 4:  # (an FX graph traces forward_features' 4-D output: no branch)
+        if not isinstance(x, torch.fx.Proxy) and x.ndim != 4:  # (an FX graph traces forward_features' 4-D output)
             return self._forward_head_tokens(x, pre_logits=pre_logits)
         if self.head.global_pool.is_identity():
             return self.head(x.movedim(1, -1), pre_logits=pre_logits).movedim(-1, 1)
