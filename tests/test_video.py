@@ -448,13 +448,17 @@ def test_training_transform_takes_every_clip_interpolation(interpolation):
 
 def test_transform_refuses_a_float_clip_in_0_1():
     """Values 0-255, uint8 or float (pytorchvideo's), give the same clip; a float clip already divided by 255 would
-    round to 0 and 1 (an almost black clip, silently) and is refused. An all-black float clip is black either way."""
+    round to 0 and 1 (an almost black clip, silently) and is refused. An all-black float clip is black either way,
+    and a nearly black 0-255 clip (whole values 0 and 1: a fade-out) is one, not refused."""
     transform = VideoTransform(train=False, num_frames=2, img_size=32)
     clip = torch.randint(0, 256, (3, 4, 40, 48), dtype=torch.uint8)
     assert torch.equal(transform(clip), transform(clip.float()))
-    with pytest.raises(ValueError, match=r'video must hold values 0-255 .* float clip with all values in \[0, 1\]'):
+    with pytest.raises(ValueError, match=r'video must hold values 0-255 .* fractional values all in \[0, 1\]'):
         transform(clip.float() / 255)
     assert transform(torch.zeros(3, 4, 40, 48)).shape == (3, 2, 32, 32)
+    faded = torch.zeros(3, 4, 40, 48)
+    faded[:, :, 10, 10] = 1.0
+    assert torch.equal(transform(faded), transform(faded.to(torch.uint8)))
 
 
 def test_clip_randaugment_draws_torchvisions_operations_as_documented():

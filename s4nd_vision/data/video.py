@@ -115,10 +115,11 @@ class VideoTransform:
         frames = video[:, index].permute(1, 0, 2, 3)  # (C, T, H, W) -> (T, C, H, W), torchvision's video layout
         if frames.is_floating_point():
             low, high = torch.aminmax(frames)
-            if low >= 0 and 0 < high <= 1:  # (an all-black clip is 0 either way)
+            # (whole values in [0, 1] are a nearly black 0-255 clip, e.g. a fade-out: fractions betray a scaled one)
+            if low >= 0 and 0 < high <= 1 and (frames != frames.round()).any():
                 raise ValueError("video must hold values 0-255 (pytorchvideo's decoded clips, float or uint8), got a "
-                                 'float clip with all values in [0, 1] (divided by 255 already?): they would round '
-                                 'to 0 and 1, an almost black clip')
+                                 'float clip with fractional values all in [0, 1] (divided by 255 already?): they '
+                                 'would round to 0 and 1, an almost black clip')
             frames = frames.round().clamp(0, 255).to(torch.uint8)
         frames = self.transform(tv_tensors.Video(frames))
         return frames.as_subclass(torch.Tensor).permute(1, 0, 2, 3)  # (T, C, H, W) -> (C, T, H, W)

@@ -99,7 +99,7 @@ def load_model(
         if img_size is not None and trained is not None and tuple(trained) != (img_size, img_size):
             px = f'{trained[0]} px' if trained[0] == trained[1] else f'{trained[0]}x{trained[1]} px'
             warnings.warn(f'{checkpoint!r} holds weights trained at {px} (their S4ND reference grids), not '
-                          f'at img_size={img_size} (--train-resolution): they are evaluated as trained at {px}',
+                          f'at img_size={img_size}: they are evaluated as trained at {px}',
                           UserWarning)
             model.set_input_size(trained)
     if bandlimit is not None:
