@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_train import _overrides, _write_folder
 
 from s4nd_vision.cli import tool_main
-from s4nd_vision.train import ConfigError, Trainer, TrainingDiverged, latest_checkpoint, load_config
+from s4nd_vision.train import ConfigError, RunFolderInUse, Trainer, TrainingDiverged, latest_checkpoint, load_config
 
 
 @pytest.fixture(scope='module')
@@ -529,7 +529,7 @@ def test_a_folder_a_live_run_writes_to_is_refused(tmp_path, folder):
         assert holder.stdout.readline().strip() == 'held'
         cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))
         for resume in (False, True):
-            with pytest.raises(ConfigError, match=r"train.output_dir '.*' is in use by another run \(pid 1234 on "
+            with pytest.raises(RunFolderInUse, match=r"train.output_dir '.*' is in use by another run \(pid 1234 on "
                                                   r"elsewhere\).*kill -9"):
                 Trainer(cfg, resume=resume, allow_fresh=True)
             _reset()

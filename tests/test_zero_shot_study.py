@@ -221,6 +221,28 @@ def test_two_studies_on_one_folder_record_each_run_once(tmp_path, monkeypatch):
     assert inv['seeds'] == [0] and inv['top1'][64] == (11.0, 0.0)
 
 
+def test_a_run_another_study_is_training_is_skipped(tmp_path, monkeypatch):
+    """Two studies on one folder walk the grid in the same order: the second meets the run the first trains (its
+    folder locked) and goes on with the next run instead of ending (the first records it)."""
+    from s4nd_vision.train import RunFolderInUse
+    runs = study_grid(inits=['lin', 'inv'], dt_ranges=[(0.1, 1.0)], bandlimits=[1.0], seeds=[0], baseline=False,
+                      progressive='none')
+    calls = []
+    _fake(monkeypatch, calls)
+    fake_train = study._train
+
+    def train(config, model, run_dir, overrides):
+        if os.path.basename(run_dir) == runs[0].run_id:
+            raise RunFolderInUse(f'train.output_dir {run_dir!r} is in use by another run (pid 1)')
+        return fake_train(config, model, run_dir, overrides)
+
+    monkeypatch.setattr(study, '_train', train)
+    logged = []
+    rows = run_study(runs, out_dir=str(tmp_path), log=logged.append)
+    assert calls == [runs[1].run_id] and [r['run_id'] for r in rows] == [runs[1].run_id]
+    assert any('trained by another study' in line for line in logged)
+
+
 def test_bad_settings_record_nothing(tmp_path, monkeypatch):
     """A value the runs' configs refuse fails before study_settings.json is written (it would hold the folder for
     runs that never existed); settings recorded for no run are replaced, never reported as runs."""

@@ -339,7 +339,7 @@ def run_study(
         _check_settings(out_dir, dict(epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
                                       progressive_sizes=[int(s) for s in progressive_sizes],
                                       overrides=list(overrides)), starting=bool(todo), log=log)
-    from ..train import TrainingDiverged
+    from ..train import RunFolderInUse, TrainingDiverged
     for i, (run, run_dir, run_overrides) in enumerate(planned):
         if any(r['run_id'] == run.run_id for r in read_runs(path)):  # (a study beside this one finished it since)
             log(f'[{i + 1}/{len(todo)}] {run.run_id}: recorded by another study on {out_dir} meanwhile, skipped')
@@ -350,6 +350,9 @@ def run_study(
             _train(CONFIG, run.model, run_dir, run_overrides)
         except TrainingDiverged as e:  # a setting that diverges does not stop the others (a rerun tries again)
             log(f'    diverged, left out of {RUNS_CSV}: {e}')
+            continue
+        except RunFolderInUse:  # (a study beside this one trains it: that one records it)
+            log(f'    trained by another study on {out_dir} now: skipped')
             continue
         top1 = _evaluate(run, run_dir, resolutions, img_size)
         dt_min, dt_max = run.dt_range or ('', '')

@@ -5,6 +5,6 @@
 `cli` (`s4nd-vision train`, `tools/train.py`).
 """
 from . import optim
-from .checkpoint import TrainState, latest_checkpoint
+from .checkpoint import RunFolderInUse, TrainState, latest_checkpoint
 from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
 from .trainer import Trainer, TrainingDiverged

@@ -42,7 +42,7 @@ __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
     'all_finite', 'local_shards', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE',
     'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'LOGS_DIR', 'set_aside_newer', 'restore_best_weights',
-    'same_on_every_process',
+    'same_on_every_process', 'RunFolderInUse',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -163,6 +163,10 @@ def _processes(at: List[tuple], state: PartialState) -> str:
             f'(host{"s" if len(hosts) > 1 else ""} {", ".join(hosts)})')
 
 
+class RunFolderInUse(ConfigError):
+    """train.output_dir is held by another live run (`lock_run_folder`)."""
+
+
 LOCK_FILE = '.lock'  # in output_dir: held (flock) by the main process of the run that writes there
 _HELD: Dict[str, int] = {}  # output folders (real paths) this process holds the lock of -> the lock's descriptor
 
@@ -201,7 +205,7 @@ def lock_run_folder(accelerator: Accelerator, folder: str) -> None:
     if accelerator.num_processes > 1:
         error = broadcast_object_list([error])[0]
     if error:
-        raise ConfigError(error)
+        raise RunFolderInUse(error)
 
 
 def release_run_folder(folder: str) -> None:
