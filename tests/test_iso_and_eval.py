@@ -398,7 +398,7 @@ def test_evaluation_crops_as_the_models_config_says(image_folder):
     from s4nd_vision.eval.resolution import _dataset
     for mode, resize in (('squash', 'Resize(size=(24, 24)'), ('center', 'Resize(size=24,')):
         model = timm.create_model('convnext_atto', pretrained_cfg_overlay=dict(crop_mode=mode, crop_pct=0.875))
-        assert resize in repr(_dataset(image_folder, 'validation', 21, model_data_config(model), None).transform)
+        assert resize in repr(_dataset(image_folder, 'validation', 21, model_data_config(model), None, {}).transform)
 
 
 def test_eval_on_builtin_mnist():
@@ -448,6 +448,18 @@ def test_a_split_missing_a_class_takes_the_training_splits_labels(image_folder, 
         eval_resolution({'constant': _Constant()}, str(tmp_path), [14], split='val', progress=False)
 
 
+def test_an_image_folder_is_listed_once_per_evaluation(image_folder, monkeypatch):
+    """Two models at two resolutions list (and check) the folder once, not once per model and resolution (on
+    ImageNet a listing of its training split's classes took minutes)."""
+    import s4nd_vision.eval.resolution as resolution
+    calls = []
+    listing = resolution._image_folder
+    monkeypatch.setattr(resolution, '_image_folder', lambda *a, **k: calls.append(a) or listing(*a, **k))
+    rows = eval_resolution({'a': _Constant(), 'b': _Constant()}, image_folder, [14, 21], progress=False)
+    assert len(rows) == 4 and len(calls) == 1
+    assert len({(r['n'], r['top1']) for r in rows}) == 1
+
+
 def test_load_model_from_local_weights(tmp_path):
     source = _mnist('s4nd_iso_tiny').eval()
     path = str(tmp_path / 'w.safetensors')
@@ -472,7 +484,7 @@ def test_weights_trained_at_another_size_are_named_and_marked(image_folder, tmp_
     path = str(tmp_path / 'w28.safetensors')
     save_file(_create('s4nd_iso_tiny', **dict(SMALL, img_size=28)).state_dict(), path)
     load = dict(in_chans=1, num_classes=10, model_kwargs=SMALL_KWARGS)
-    with pytest.warns(UserWarning, match=r"w28.safetensors' holds weights trained at 28 px .*, not at img_size=14 "):
+    with pytest.warns(UserWarning, match=r"w28.safetensors' holds weights trained at 28 px .*, not at img_size=14:"):
         model = load_model('s4nd_iso_tiny', path, img_size=14, **load)
     assert model.img_size == (28, 28) and {m.l_ref for m in model.modules() if isinstance(m, S4ND)} == {(28, 28)}
     marks = []

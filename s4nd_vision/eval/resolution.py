@@ -211,8 +211,11 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
     return resolutions
 
 
-def _dataset(data: str, split: str, resolution: int, model_cfg: dict, crop_pct: Optional[float]) -> Dataset:
-    """`data` as model `model_cfg` expects it at `resolution`: channels, resampling, normalization."""
+def _dataset(data: str, split: str, resolution: int, model_cfg: dict, crop_pct: Optional[float],
+             listed: Dict[str, Dataset]) -> Dataset:
+    """`data` as model `model_cfg` expects it at `resolution`: channels, resampling, normalization. `listed`: the
+    image folder's split as listed and checked by an earlier call of the same evaluation, per image mode (a folder
+    is walked once, not once per model and resolution)."""
     chans = model_cfg['input_size'][0]
     if data == BUILTIN:  # resampled from the 28 px originals, as the trainer feeds them
         return MNIST5k('val', img_size=28, in_chans=chans, transform=mnist_transform(resolution, model_cfg))
@@ -220,7 +223,10 @@ def _dataset(data: str, split: str, resolution: int, model_cfg: dict, crop_pct: 
     common = dict(interpolation=model_cfg['interpolation'], mean=model_cfg['mean'], std=model_cfg['std'])
     transform = create_transform((chans, resolution, resolution), is_training=False, crop_pct=crop,
                                  crop_mode=model_cfg.get('crop_mode', 'center'), **common)
-    return _image_folder(data, split, input_img_mode='L' if chans == 1 else 'RGB', transform=transform)
+    mode = 'L' if chans == 1 else 'RGB'
+    if mode not in listed:
+        listed[mode] = _image_folder(data, split, input_img_mode=mode)
+    return ImageFolderDataset(data, reader=listed[mode].reader, input_img_mode=mode, transform=transform)
 
 
 @torch.inference_mode()
@@ -260,12 +266,12 @@ def eval_resolution(
     resolutions = check_resolutions(resolutions, models)
     if train_resolution is not None:
         check_resolutions([train_resolution], models)
-    rows = []
+    rows, listed = [], {}
     for name, model in models.items():
         model.eval().to(device)
         cfg = model_data_config(model)
         loaders = [
-            DataLoader(_dataset(data, split, r, cfg, crop_pct), batch_size=batch_size, num_workers=num_workers)
+            DataLoader(_dataset(data, split, r, cfg, crop_pct, listed), batch_size=batch_size, num_workers=num_workers)
             for r in resolutions
         ]
         classes = _num_classes(loaders[0].dataset)
