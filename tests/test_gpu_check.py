@@ -119,9 +119,9 @@ def test_an_in_process_run_writes_its_environment_before_its_first_row(monkeypat
     with pytest.raises(KeyboardInterrupt):
         gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', json_path=path)
     monkeypatch.undo()
-    results = gpu_check.run_checks(['compiled'], gpu_check.TINY, 'cpu', budget_s=0)
-    assert results['skipped'] == {'compiled': [0]}
-    assert 'run them on their own (--sections compiled' in capsys.readouterr().out
+    results = gpu_check.run_checks(['profile', 'compiled'], gpu_check.TINY, 'cpu', budget_s=0)
+    assert results['skipped']['compiled'] == [0]
+    assert 'run them on their own (--sections compiled), with at least that budget per pair' in capsys.readouterr().out
 
 
 def test_a_failed_check_fails_the_run():
