@@ -324,16 +324,15 @@ class Config:
                 f'fixed_input_size; for timm ViTs set model.kwargs.dynamic_img_size: true), or train without it')
         smallest = min_input_size(model)
         need_size = f'at least {smallest} (the smallest input {mc.name} takes)'
-        sizes = [('data.img_size', data.img_size)] + [
-            (f'train.progressive[{i}].img_size', stage.img_size) for i, stage in enumerate(self.train.progressive)]
-        for key, size in sizes:
-            if size < smallest:
-                raise ConfigError(f'{key} must be {need_size}, got {size}')
-            try:  # the model's own input check on a meta tensor (e.g. a ViT's patch-size multiples), not at the run
-                check_resolutions([size], {mc.name: model})
-            except ValueError as e:
-                raise ConfigError(f'{key}: {e}') from None
+        if data.img_size < smallest:
+            raise ConfigError(f'data.img_size must be {need_size}, got {data.img_size}')
         for i, stage in enumerate(self.train.progressive):
+            if stage.img_size < smallest:
+                raise ConfigError(f'train.progressive[{i}].img_size must be {need_size}, got {stage.img_size}')
+            try:  # the model's own input check on a meta tensor (e.g. a ViT's patch-size multiples), not at the stage
+                check_resolutions([stage.img_size], {mc.name: model})
+            except ValueError as e:
+                raise ConfigError(f'train.progressive[{i}].img_size: {e}') from None
             if stage.bandlimit:  # (set on the meta model: the stage would fail or set nothing when it starts)
                 try:
                     band_limited = set_bandlimit(model, stage.bandlimit)
