@@ -351,6 +351,7 @@ def test_a_split_file_without_class_folder_is_an_error_naming_the_class(hmdb, tm
 def test_hidden_folders_and_the_split_folder_inside_video_dir_are_not_classes(hmdb, tmp_path):
     videos, splits = hmdb
     os.makedirs(os.path.join(videos, '.cache'))
+    os.makedirs(os.path.join(videos, '__MACOSX'))  # (a zip made on macOS)
     inside = os.path.join(videos, 'meta', 'splits')
     os.makedirs(inside)
     for name in os.listdir(splits):

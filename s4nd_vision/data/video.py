@@ -36,6 +36,8 @@ from torch.utils.data import DistributedSampler, IterableDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .images import is_hidden
+
 __all__ = ['Hmdb51Clips', 'VideoTransform', 'VIDEO_INTERPOLATIONS', 'read_hmdb51_split']
 
 _SPLIT_TAGS = {'train': 1, 'test': 2}  # official split files: 1 = train, 2 = test, 0 = unused
@@ -166,11 +168,11 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
 
 def _check_classes(video_dir: str, split_dir: str, split_id: int, classes: Sequence[str]) -> None:
     """Raise FileNotFoundError unless every class of the split files has a folder in `video_dir` and every
-    folder of `video_dir` (but hidden ones and the one holding `split_dir`) has a split file: an
+    folder of `video_dir` (but hidden ones, `images.is_hidden`, and the one holding `split_dir`) has a split file: an
     incomplete download would otherwise train on fewer classes without a word."""
     no_folder = [c for c in classes if not os.path.isdir(os.path.join(video_dir, c))]
     splits = os.path.realpath(split_dir) + os.sep
-    folders = [d for d in sorted(os.listdir(video_dir)) if not d.startswith('.')
+    folders = [d for d in sorted(os.listdir(video_dir)) if not is_hidden(d)
                and os.path.isdir(os.path.join(video_dir, d))
                and not splits.startswith(os.path.realpath(os.path.join(video_dir, d)) + os.sep)]
     no_split = sorted(set(folders) - set(classes))
