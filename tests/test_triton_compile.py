@@ -2,29 +2,50 @@
 
 The interpreter tests check the kernels' values; only the compiler checks that Triton accepts them as GPU code
 (a loop variable that changes type, a type mismatch between branches). `triton_compile_script.py` runs the real
-launchers with recorded kernels and compiles each launch to a cubin, in a subprocess without TRITON_INTERPRET.
+launchers with recorded kernels and compiles each launch to a cubin, in a subprocess without TRITON_INTERPRET: every
+launch for sm_90 (the target: H100/H200), and for the other GPUs (sm_80: A100, and the shared-memory limit of sm_86/89;
+sm_100: B200; sm_70: V100, the oldest the dispatch runs them on) a covering subset, recorded once: every kernel with
+each of its pointer dtypes, num_warps and constexpr values (tile sides, images per program, product dtype, pooling,
+transposition, the edges' ints of 1) at least once.
 """
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {'_conv_kernel', '_kernel_grad_kernel', '_axis_kernel', '_axis_grad_kernel', '_dot_conv_kernel',
            '_dot_grad_kernel', '_vandermonde_fwd', '_vandermonde_bwd', '_discretize_fwd', '_discretize_bwd'}
 
 
-@pytest.mark.parametrize('arch', [90, 80, 100, 70])  # (70: the oldest the dispatch runs them on)
-def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
+ARCHS = (90, 80, 100, 70)
+
+
+def _features(report) -> set:
+    return {(report['kernel'], 'dtypes', tuple(report['dtypes'])), (report['kernel'], 'num_warps', report['num_warps'])
+            } | {(report['kernel'], k, str(v)) for k, v in report['constexprs'].items()}
+
+
+def test_every_kernel_compiles_for_the_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT + os.pathsep + env.get('PYTHONPATH', ''))
-    run = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'triton_compile_script.py'), '--arch', str(arch)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'triton_compile_script.py'),
+                          '--arch', str(ARCHS[0]), '--cover', *map(str, ARCHS[1:])],
+                         env=env, capture_output=True, text=True, timeout=900)
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{')]
     failures = [r for r in reports if not r['ok']]
     assert run.returncode == 0 and not failures, failures or run.stderr[-3000:]
+    assert [r['arch'] for r in reports] == sorted((r['arch'] for r in reports), key=ARCHS.index)
+    every = set().union(*(_features(r) for r in reports if r['arch'] == ARCHS[0]))
+    for arch in ARCHS:
+        by_arch = [r for r in reports if r['arch'] == arch]
+        # (the covering subsets: each value every launch has, on a smaller number of launches)
+        assert set().union(*(_features(r) for r in by_arch)) == every
+        assert arch == ARCHS[0] or len(by_arch) < len([r for r in reports if r['arch'] == ARCHS[0]]) / 2
+        _check(arch, by_arch)
+
+
+def _check(arch, reports):
     assert {r['kernel'] for r in reports} == KERNELS
     # every variant the models launch: forward and input gradient (TRANSPOSE) at each stage's block size (and 1, the
     # one-channel edge's), pools 1, 2 and 4, three input dtypes

@@ -6,10 +6,13 @@ This script runs the real launchers (`triton_conv.separable_conv2d_cl` and `sepa
 backward, `triton_kernels.ssm_kernels_fused` forward and backward, with and without band-limiting; at the models'
 shapes and at the edges: batch, channels, sides, rank and length 1) on CPU tensors with the kernels replaced by
 recorders, then compiles each recorded launch (argument types and constexprs as Triton's launcher specializes them,
-num_warps) down to a cubin for the target (Triton ships ptxas; no driver is needed). It prints one JSON line per
-compiled kernel (registers, spills, Triton's dynamic shared memory) and exits non-zero if any launch fails to compile.
+num_warps) down to a cubin for each --arch target (Triton ships ptxas; no driver is needed), and a covering subset
+of them (every kernel with each of its dtypes, num_warps and constexpr values) for each --cover target, recorded
+once.
+It prints one JSON line per compiled kernel (registers, spills, Triton's dynamic shared memory) and exits non-zero
+if any launch fails to compile.
 
-    python tests/triton_compile_script.py [--arch 90]
+    python tests/triton_compile_script.py [--arch 90 ...] [--cover 80 100 70]
 
 Run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
 """
@@ -159,22 +162,55 @@ def record_launches() -> list:
     return launches
 
 
+def _features(name, signature, constexprs, options) -> set:
+    """What of a launch its compilation for an architecture depends on, value by value: the kernel's pointer dtypes,
+    num_warps, and each constexpr's value (tile sides, images per program, product dtype, pooling, transposition,
+    and the edges' ints of 1)."""
+    dtypes = tuple(sorted({t for t in signature.values() if t.startswith('*')}))
+    return {(name, 'dtypes', dtypes), (name, 'num_warps', options.get('num_warps'))} | {
+        (name, k, str(v)) for k, v in constexprs.items()}
+
+
+def _cover(launches: list) -> list:
+    """A subset of `launches` (deterministic, greedy) holding every feature (`_features`) of them all."""
+    left = set().union(*(launch[-1] for launch in launches))
+    chosen = []
+    while left:
+        best = max(launches, key=lambda launch: len(launch[-1] & left))  # (the first of the best)
+        chosen.append(best)
+        left -= best[-1]
+    return sorted(chosen, key=launches.index)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--arch', type=int, default=90,
-                        help='CUDA compute capability, e.g. 90 (H100/H200), 80 (A100), 100 (B200)')
+    parser.add_argument('--arch', type=int, nargs='+', default=[90],
+                        help='CUDA compute capabilities to compile every launch for, e.g. 90 (H100/H200), 80 (A100)')
+    parser.add_argument('--cover', type=int, nargs='*', default=[],
+                        help='CUDA compute capabilities to compile only a covering subset of the launches for: every '
+                             'kernel with each of its dtypes, num_warps and constexpr values at least once')
     args = parser.parse_args()
-    target = GPUTarget('cuda', args.arch, 32)
-    seen, failed = set(), False
+    launches, seen = [], set()
     for name, fn, launch_args, kwargs in record_launches():
         signature, constexprs = _signature(fn, launch_args, kwargs)
         options = {k: kwargs[k] for k in ('num_warps', 'num_stages') if k in kwargs}
         key = (name, *(tuple(sorted(d.items())) for d in (signature, constexprs, options)))
-        if key in seen:
-            continue
-        seen.add(key)
+        if key not in seen:
+            seen.add(key)
+            features = _features(name, signature, constexprs, options)
+            launches.append((name, fn, signature, constexprs, options, features))
+    failed = False
+    for arch, subset in [(a, launches) for a in args.arch] + [(a, _cover(launches)) for a in args.cover]:
+        failed |= _compile(arch, subset)
+    return 1 if failed else 0
+
+
+def _compile(arch: int, launches: list) -> bool:
+    """Compiles `launches` for sm_`arch`, printing one JSON line each; whether any failed."""
+    target, failed = GPUTarget('cuda', arch, 32), False
+    for name, fn, signature, constexprs, options, _ in launches:
         shown = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in constexprs.items()}  # dtypes
-        report = {'kernel': name, 'arch': args.arch, 'constexprs': shown, 'num_warps': options.get('num_warps'),
+        report = {'kernel': name, 'arch': arch, 'constexprs': shown, 'num_warps': options.get('num_warps'),
                   'dtypes': sorted({t for t in signature.values() if t.startswith('*')})}
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -184,7 +220,7 @@ def main() -> int:
             failed = True
             report.update(ok=False, error=f'{type(error).__name__}: {error}'[-2000:])
         print(json.dumps(report), flush=True)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == '__main__':
