@@ -74,10 +74,16 @@ def test_every_section_runs_and_reports(tmp_path):
 
 def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
     """A failing check of the Triton path switches the later model and profile rows to the fast path; a failing row
-    loses only itself, and the file holds every row measured so far."""
+    loses only itself, and the file holds every row measured so far. (The correctness checks other than the failing
+    one and the layer's on the Triton path pass as stubs: only the bookkeeping is checked here.)"""
     def broken(*args, **kwargs):
         raise RuntimeError('no kernel image for this device')
 
+    def passing(plan, device, checks):
+        checks.add('passing', {'y': 0.0}, 1e-4)
+    for name in ('check_conv', 'check_conv_dot', 'check_conv_autocast', 'check_fast_layer', 'check_fast_algorithms',
+                 'check_inductor'):
+        monkeypatch.setattr(gpu_check, name, passing)
     saved = []
     monkeypatch.setattr(gpu_check, '_bench_video_stage', broken)  # the last row of bench
     monkeypatch.setattr(gpu_check, 'check_generation', broken)
