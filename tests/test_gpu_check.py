@@ -169,7 +169,8 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
     """Isolated (the default on CUDA): a row that kills its process, one that breaks its CUDA context and one that
     hangs are each recorded as failed, and a new worker goes on with the next row, on the fast path."""
     monkeypatch.setenv(gpu_check._FAULT_ENV, 'bench[0]=exit,bench[1]=cuda,profile[0]=hang')
-    monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 15)
+    # (the rows that do not hang must end within it on a loaded machine: the suite runs in two processes on 2 cores)
+    monkeypatch.setitem(gpu_check._ROW_LIMIT_S, 'profile', 30)
     path = tmp_path / 'gpu_check.json'
     results = gpu_check.run_checks(['bench', 'profile'], gpu_check.TINY, 'cpu', str(path), isolate=True)
     assert json.loads(path.read_text()) == json.loads(json.dumps(results)) and 'running' not in results
@@ -182,7 +183,7 @@ def test_a_row_that_kills_hangs_or_breaks_its_worker_loses_only_itself(monkeypat
         f'3D layer {gpu_check.TINY.video[0]}x4x2x5x5 float32 in bf16 autocast']
     assert [r['model'] for r in results['profile']] == [gpu_check.TINY.profile_models[1]] + list(
         gpu_check.TINY.profile_models)  # (training, then inference)
-    assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 15
+    assert results['path'] == 'fast' and results['isolated'] and results['seconds']['profile'] >= 30
 
 
 def _terminated_in_a_hanging_row(monkeypatch, path, row: str) -> dict:
