@@ -2,12 +2,14 @@
 import csv
 import os
 
+import numpy as np
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 from timm.data import resolve_data_config
 
+from s4nd_vision.data import mnist
 from s4nd_vision.eval import demo
 from s4nd_vision.eval.demo import CONFIG_DIR, SETTINGS, _train, retention, run_demo
 from s4nd_vision.eval.resolution import CSV_NAME, PLOT_NAME
@@ -20,7 +22,17 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def _first_digits_of_each_class(per_class: int):
+    """MNIST-5k cut to its first `per_class` digits of every class (the stratified split and its file order kept)."""
+    images, labels = mnist.load_mnist_5k()
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+    return images[keep], labels[keep]
+
+
 def test_demo_reduced_end_to_end(tmp_path, capsys, monkeypatch):
+    """The whole demo on 500 of the 5,000 digits (400 train, 100 val: the pipeline, not the accuracy, is checked)."""
+    reduced = _first_digits_of_each_class(50)
+    monkeypatch.setattr(mnist, 'load_mnist_5k', lambda: reduced)
     evaluated = {}  # the data config each model is evaluated with
     evaluate = demo.eval_resolution
     monkeypatch.setattr(demo, 'eval_resolution', lambda models, *a, **k: evaluated.update(
