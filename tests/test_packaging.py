@@ -7,6 +7,7 @@ install of s4nd_vision stays invisible there).
 """
 import csv
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -70,40 +71,77 @@ def _run(installed, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_wheel_imports_its_own_copy_with_configs_and_metadata(installed):
-    _, _, _, purelib = installed
-    result = _run(installed, 'python', '-c', (
-        'import importlib.metadata as m, s4nd_vision, timm; from s4nd_vision.train.config import packaged_configs;'
-        'print(s4nd_vision.__file__); print(len(packaged_configs()));'
-        'print(m.distribution("s4nd-vision").metadata["License-Expression"]);'
-        'print(timm.is_model("convnext_s4nd_tiny"), s4nd_vision.optim.param_groups_ssm.__module__)'))
+# one interpreter of the installed wheel answers several tests (each start pays the torch and timm imports)
+_REPORT = r"""
+import contextlib, io, json
+import importlib.metadata as m, s4nd_vision, timm
+from s4nd_vision.cli import main
+from s4nd_vision.train.config import packaged_configs
+report = dict(file=s4nd_vision.__file__, n_configs=len(packaged_configs()),
+              license=m.distribution("s4nd-vision").metadata["License-Expression"],
+              registered=f'{timm.is_model("convnext_s4nd_tiny")} {s4nd_vision.optim.param_groups_ssm.__module__}')
+for command in ('train', 'export'):
+    out, code = io.StringIO(), 'returned'
+    with contextlib.redirect_stdout(out):
+        try:
+            main([command, '--help'])
+        except SystemExit as exit_info:
+            code = exit_info.code
+    report[command] = [code, out.getvalue()]
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope='module')
+def installed_report(installed):
+    """What the installed package says about itself: its file, configs, metadata, registration, and the train and
+    export commands' --help (exit status, text) as its `s4nd_vision.cli.main` prints them."""
+    result = _run(installed, 'python', '-c', _REPORT)
     assert result.returncode == 0, result.stderr
-    file, n_configs, license_expr, registered = result.stdout.split('\n')[:4]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_wheel_imports_its_own_copy_with_configs_and_metadata(installed, installed_report):
+    _, _, _, purelib = installed
+    file, n_configs = installed_report['file'], installed_report['n_configs']
     assert file.startswith(purelib) and not file.startswith(ROOT)
-    assert int(n_configs) == len(packaged_configs()) >= 11
-    assert license_expr == 'Apache-2.0'
-    assert registered == 'True s4nd_vision.train.optim'
+    assert n_configs == len(packaged_configs()) >= 11
+    assert installed_report['license'] == 'Apache-2.0'
+    assert installed_report['registered'] == 'True s4nd_vision.train.optim'
 
 
-def test_console_script_lists_every_command_and_train_help(installed):
+def test_console_script_lists_every_command_and_train_help(installed, installed_report):
     result = _run(installed, 's4nd-vision', '--help')
     assert result.returncode == 0, result.stderr
     assert all(name in result.stdout for name in COMMANDS)
-    result = _run(installed, 's4nd-vision', 'train', '--help')
-    assert result.returncode == 0, result.stderr
-    assert '--config' in result.stdout and '--resume' in result.stdout
-    result = _run(installed, 's4nd-vision', 'export', '--help')
-    assert result.returncode == 0, result.stderr
-    assert '--trace-size' in result.stdout and '--model-kwargs' in result.stdout
+    # the installed commands' own help (the console script runs this same main; one interpreter serves both)
+    code, text = installed_report['train']
+    assert code == 0 and '--config' in text and '--resume' in text
+    code, text = installed_report['export']
+    assert code == 0 and '--trace-size' in text and '--model-kwargs' in text
     # a packaged config by name, from a folder without configs/: a bad override is the trainer's one-line error
     result = _run(installed, 's4nd-vision', 'train', '--config', 'configs/demo/mnist_iso.yaml', 'optim.lr=-1')
     assert result.returncode == 2 and result.stderr.strip() == 'error: optim.lr must be positive, got -1.0'
 
 
+# the installed main, as the console script calls it, on 500 of MNIST-5k's 5,000 digits (50 of each class: 400
+# train, 100 val; evaluating 1,000 images at 4 resolutions twice was most of the test's time)
+_REDUCED_MAIN = """
+import sys
+import numpy as np
+from s4nd_vision.cli import main
+from s4nd_vision.data import mnist
+images, labels = mnist.load_mnist_5k()
+keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:50] for c in range(10)]))
+mnist.load_mnist_5k = lambda: (images[keep], labels[keep])
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_installed_demo_quick_mode(installed):
     _, _, work, _ = installed
-    result = _run(installed, 's4nd-vision', 'demo', '--epochs', '1', '--max-steps-per-epoch', '2', '--out', 'demo',
-                  timeout=600)
+    result = _run(installed, 'python', '-c', _REDUCED_MAIN, 'demo', '--epochs', '1', '--max-steps-per-epoch', '2',
+                  '--out', 'demo', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert '| s4nd_iso_tiny |' in result.stdout and '| conv_iso_tiny |' in result.stdout
     with open(os.path.join(work, 'demo', 'accuracy_vs_resolution-epochs1-steps2.csv')) as f:
