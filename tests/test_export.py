@@ -106,7 +106,7 @@ def test_compiled_layer_and_model_trace_one_graph_for_every_size():
     sizes here stay on one side of all three."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = timm.create_model('convnext_s4nd_atto', img_size=64).eval()
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, depths=(1, 1, 1, 1)).eval()
     frames = []
 
     def backend(gm, example_inputs):
@@ -185,7 +185,9 @@ def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path, name, stride)
     """The dynamo ONNX exporter (torch.export underneath) gives one graph that onnxruntime runs at the traced
     size and at another one, at another batch size, equal to PyTorch's outputs."""
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=64).eval()
+    # (one block a stage: the test is about the export, not the depth)
+    small = dict(depths=(1, 1, 1, 1)) if name.startswith('convnext') else dict(depth=1)
+    model = timm.create_model(name, img_size=64, **small).eval()
     assert model_stride(model) == stride
     path = export_onnx(model, str(tmp_path / 'model.onnx'), img_size=(4 * stride, 4 * stride), max_side=1024)
     rows = onnx_latency(model, path, [(4 * stride, 4 * stride), (3 * stride, 5 * stride)], batch_size=3, repeats=1)
@@ -214,7 +216,8 @@ def test_onnx_vit_fails_or_pads_at_sides_that_are_not_multiples_of_the_patch(tmp
     not enforce the declared sides: now it fails there (dynamic_img_pad=False: eager refuses 72 px too) or pads as
     eager does (dynamic_img_pad=True); at 64 and 80 px both equal eager."""
     torch.manual_seed(0)
-    model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, num_classes=10, dynamic_img_pad=pad).eval()
+    model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, num_classes=10, dynamic_img_pad=pad,
+                              depth=1).eval()
     path = export_onnx(model, str(tmp_path / 'vit.onnx'), img_size=(64, 64))
     for size in ((64, 64), (72, 72), (80, 80), (72, 96)):
         x = torch.randn(2, 3, *size)
@@ -233,8 +236,8 @@ def test_export_command_writes_checks_and_times_the_file(tmp_path, capsys):
     from s4nd_vision.cli import main, tool_main
     path = tmp_path / 'vit.onnx'
     rows = tool_main('export', ['vit_s4nd_atto_patch16_224', '--output', str(path), '--model-kwargs', 'img_size=64',
-                                'num_classes=5', 'bandlimit=0.5', '--trace-size', '64', '--sizes', '64', '48x80',
-                                '16x32'])
+                                'num_classes=5', 'bandlimit=0.5', 'depth=1', '--trace-size', '64', '--sizes', '64',
+                                '48x80', '16x32'])
     out = capsys.readouterr().out.splitlines()
     assert path.is_file() and out[0].startswith(f'wrote {path} in ')
     assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['64x64', '48x80', '16x32']
@@ -259,7 +262,7 @@ def test_export_onnx_defaults_to_the_models_channels_and_size(tmp_path):
     exports without arguments (the defaults were 3 channels at 224x224, whatever the model)."""
     import onnx
     torch.manual_seed(0)
-    model = timm.create_model('s4nd_iso_tiny', img_size=14, in_chans=1, num_classes=10).eval()
+    model = timm.create_model('s4nd_iso_tiny', img_size=14, in_chans=1, num_classes=10, depth=1).eval()
     path = export_onnx(model, str(tmp_path / 'iso.onnx'))
     dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 1
@@ -278,7 +281,7 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
     torch.manual_seed(0)
     path = tmp_path / 'small.onnx'
     rows = tool_main('export', ['convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'num_classes=5',
-                                'depths=(1,1,2,1)',  # (a tuple, as timm's --model-kwargs reads it)
+                                'depths=(1,1,1,1)',  # (a tuple, as timm's --model-kwargs reads it)
                                 '--sizes', '64', '32', '32x96', '--output', str(path)])
     captured = capsys.readouterr()
     assert "traced at 96x96 (the model's 64x64 raised to 3 strides)" in captured.err
@@ -287,13 +290,15 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
     with torch.device('meta'):
         model = timm.create_model('convnext_s4nd_atto', img_size=64)
     assert trace_size(model) == (96, 96) and trace_size(model, fixed_size=True) == (64, 64)
+    small = 'depths=(1,1,1,1)'  # (a 4-block model: the refusals come from the stride and the sizes, not the depth)
     for argv, message in (
-            (['--model-kwargs', 'img_size=112'], "error: the default trace size (the model's input size): 112x112: "
-                                                 'sides must be multiples of the model stride 32 from 96 to 2048'),
-            (['--trace-size', '64'], 'error: argument --trace-size: 64x64: sides must be multiples of the model '
-                                     'stride 32 from 96 to 2048'),
-            (['--sizes', '48'], 'error: argument --sizes: 48x48: sides must be multiples of the model stride 32 from '
-                                '32 to 2048')):
+            (['--model-kwargs', 'img_size=112', small], "error: the default trace size (the model's input size): "
+                                                        '112x112: sides must be multiples of the model stride 32 from '
+                                                        '96 to 2048'),
+            (['--model-kwargs', small, '--trace-size', '64'], 'error: argument --trace-size: 64x64: sides must be '
+                                                              'multiples of the model stride 32 from 96 to 2048'),
+            (['--model-kwargs', small, '--sizes', '48'], 'error: argument --sizes: 48x48: sides must be multiples of '
+                                                         'the model stride 32 from 32 to 2048')):
         with pytest.raises(SystemExit) as exit_info:
             main(['export', 'convnext_s4nd_atto', *argv])
         assert exit_info.value.code == 2
