@@ -367,6 +367,7 @@ def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, 
     model's output (inference's kernel cache, baked into a trace, would keep the old kernels)."""
     torch.manual_seed(0)
     args = dict(model_name='convnext_s4nd_atto', kernel='s4', bandlimit=0) if name == 's4' else dict(model_name=name)
+    args['depths'] = (1, 1, 1, 1)  # (one block a stage: every stage's kernels, a quarter of the graph to trace)
     model, other = (timm.create_model(**args).eval() for _ in range(2))
     x = torch.randn(2, 3, 32, 32)
     with torch.set_grad_enabled(grad):
@@ -444,7 +445,7 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
     from s4nd_vision.cli import main
     torch.manual_seed(0)
     generation = ('Sin', 'Cos', 'Exp')
-    model = timm.create_model('convnext_s4nd_atto').eval()
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1)).eval()  # (every stage: the depth is moot)
     path = export_onnx(model, str(tmp_path / 'fixed.onnx'), img_size=(64, 96), fixed_size=True)
     import json
 
@@ -459,7 +460,7 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
     for batch in (1, 3):
         (row,) = onnx_latency(model, path, [(64, 96)], batch_size=batch, repeats=1)
         assert row['max_abs_diff'] < 1e-4, row
-    vit = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, dynamic_img_size=False).eval()
+    vit = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, dynamic_img_size=False, depth=1).eval()
     path = export_onnx(vit, str(tmp_path / 'vit.onnx'), img_size=(64, 64), fixed_size=True)
     (row,) = onnx_latency(vit, path, [(64, 64)], batch_size=2, repeats=1)
     assert row['max_abs_diff'] < 1e-4, row
@@ -469,7 +470,8 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
                                          r'complex arithmetic'):
         export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(64, 64), fixed_size=True)
     with pytest.raises(SystemExit) as exit_info:
-        main(['export', 'convnext_s4nd_atto', '--fixed-size', '--trace-size', '64', '--sizes', '64', '96'])
+        main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'depths=(1,1,1,1)', '--fixed-size', '--trace-size',
+              '64', '--sizes', '64', '96'])
     assert exit_info.value.code == 2
     assert ('argument --sizes: 96x96: the graph of --fixed-size takes its --trace-size only (64x64)'
             in capsys.readouterr().err)
@@ -482,7 +484,7 @@ def test_fixed_size_onnx_exports_clips_and_sequences(tmp_path, capsys):
 
     from s4nd_vision.cli import main, tool_main
     torch.manual_seed(0)
-    video = timm.create_model('convnext_s4nd_3d_atto').eval()
+    video = timm.create_model('convnext_s4nd_3d_atto', depths=(1, 1, 1, 1)).eval()  # (the export, not the depth)
     path = export_onnx(video, str(tmp_path / 'video.onnx'), img_size=(4, 32, 32), fixed_size=True)
     (row,) = onnx_latency(video, path, [(4, 32, 32)], batch_size=2, repeats=1)
     assert row['size'] == '4x32x32' and row['max_abs_diff'] < 1e-4, row
@@ -490,14 +492,15 @@ def test_fixed_size_onnx_exports_clips_and_sequences(tmp_path, capsys):
                                          r'\(16, 224, 224\)\), got \(32, 32\)'):
         export_onnx(video, str(tmp_path / 'bad.onnx'), img_size=(32, 32), fixed_size=True)
     path = tmp_path / 'seq.onnx'
-    rows = tool_main('export', ['s4nd_seq_atto', '--fixed-size', '--trace-size', '100', '--sizes', '100',
-                                '--output', str(path)])
+    rows = tool_main('export', ['s4nd_seq_atto', '--model-kwargs', 'depth=1', '--fixed-size', '--trace-size', '100',
+                                '--sizes', '100', '--output', str(path)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f'wrote {path} in ') and out[0].endswith('(dynamic batch, input size fixed)')
     assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['100']
     assert rows[0]['max_abs_diff'] < 1e-4, rows
     with pytest.raises(SystemExit) as exit_info:
-        main(['export', 'convnext_s4nd_3d_atto', '--fixed-size', '--trace-size', '32x32'])
+        main(['export', 'convnext_s4nd_3d_atto', '--model-kwargs', 'depths=(1,1,1,1)', '--fixed-size', '--trace-size',
+              '32x32'])
     assert exit_info.value.code == 2
     assert 'argument --trace-size: 32x32: the model takes inputs of 3 sides, got 2' in capsys.readouterr().err
 
