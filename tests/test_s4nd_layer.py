@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s4nd_vision.layers import S4ND, SSMKernel, dispatch, ops, ssm_init_imag
+from s4nd_vision.layers import S4ND, SSMKernel, dispatch, ops, ssm_init_imag, ssm_kernel
 from s4nd_vision.layers.ssm_kernel import _SSMKernelFn, ssm_kernels
 
 
@@ -69,13 +69,29 @@ def _direct_reference(layer: S4ND, x: torch.Tensor, rate=None) -> torch.Tensor:
     return pool(y, kernel_size=layer.pool)
 
 
+@pytest.mark.parametrize('length', [11, 150], ids=['one-block', 'three-blocks'])
 @pytest.mark.parametrize('init', ['lin', 'inv', 'legs'])
-def test_kernel_matches_ssm_recurrence(init):
+def test_kernel_matches_ssm_recurrence(init, length):
+    """Also beyond `POWER_BLOCK` (64) taps, where the powers continue from exp(l dt A) at each block's start (150: a
+    partial last block)."""
     torch.manual_seed(0)
     kernel = SSMKernel(3, d_state=8, num_kernels=2, init=init, dt_min=0.05, dt_max=0.5).double()
     _randomize(kernel)
     for rate in (1.0, 0.5, 2.0):
-        torch.testing.assert_close(kernel(11, rate=rate, dtype=torch.float64), _recurrence_kernel(kernel, 11, rate))
+        torch.testing.assert_close(kernel(length, rate=rate, dtype=torch.float64),
+                                   _recurrence_kernel(kernel, length, rate))
+
+
+def test_powers_by_blocks_equal_the_exponential():
+    """The differentiable powers (tracing) and the buffered ones (the generation Function) are exp(l dt A), in one
+    block and in several."""
+    torch.manual_seed(0)
+    dta = torch.complex(-torch.rand(3, 4, dtype=torch.float64) * 0.1, torch.randn(3, 4, dtype=torch.float64))
+    steps = torch.arange(150, dtype=torch.float64)[:, None, None]
+    for length in (50, 64, 65, 150):
+        expected = torch.exp(steps[:length] * dta)
+        torch.testing.assert_close(ssm_kernel._powers(dta.exp(), dta, length), expected)
+        torch.testing.assert_close(ssm_kernel._powers_into(dta.exp(), dta, length), expected)
 
 
 class _Stack(torch.nn.Module):
@@ -90,10 +106,13 @@ class _Stack(torch.nn.Module):
         return ssm_kernels(self.kernels, self.lengths, self.rates, torch.float64)
 
 
+@pytest.mark.parametrize('power_block', [64, 4], ids=['one-block', 'blocks-of-4'])
 @pytest.mark.parametrize('lengths', [(9, 9, 9, 9, 9), (9, 4, 9, 7, 4)], ids=['one-length', 'three-lengths'])
-def test_stacked_generation_equals_one_kernel_at_a_time(lengths):
+def test_stacked_generation_equals_one_kernel_at_a_time(monkeypatch, lengths, power_block):
     """Kernels that share sizes are generated in one call, also with different rates, masks and lengths (the
-    entries' order is not the lengths'), and the call's closed-form gradients pass gradcheck."""
+    entries' order is not the lengths'), and the call's closed-form gradients pass gradcheck; also with the powers
+    in several blocks (`POWER_BLOCK`), whole and partial."""
+    monkeypatch.setattr(ssm_kernel, 'POWER_BLOCK', power_block)
     torch.manual_seed(0)
     kernels = [SSMKernel(3, d_state=6, num_kernels=2, dt_min=0.05, dt_max=0.5, bandlimit=bl).double()
                for bl in (None, 0.5, None, 0.5)] + [SSMKernel(2, d_state=6, num_kernels=1).double()]
