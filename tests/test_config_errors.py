@@ -1,21 +1,18 @@
 """Config values that pass the type checks but would fail (or train wrongly) deep in timm: a one-line error naming
 the key. tools/inflate.py given a missing or wrong file: a one-line error naming it."""
 import os
-import runpy
 import warnings
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from test_train import _overrides, _write_folder
+from test_train import _overrides, _write_folder, tool_main
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 
 from s4nd_vision.data.video import VideoTransform
 from s4nd_vision.train import ConfigError, Trainer, config_to_dict, load_config
 from s4nd_vision.train.config import Config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -234,7 +231,7 @@ def test_malformed_yaml_file_is_one_line(tmp_path):
 def _cli(capsys, *args):
     """tools/train.py's main in this process: (exit status, stderr). (An error raised after the Trainer built its
     Accelerator leaves no accelerate state to the next call or test.)"""
-    main = runpy.run_path(os.path.join(ROOT, 'tools', 'train.py'))['main']
+    main = tool_main('train')
     try:
         with pytest.raises(SystemExit) as info:
             main(list(args))
@@ -277,7 +274,7 @@ def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder, capsys)
 
 def _inflate(capsys, *args):
     """tools/inflate.py's main in this process: (exit status, stderr)."""
-    main = runpy.run_path(os.path.join(ROOT, 'tools', 'inflate.py'))['main']
+    main = tool_main('inflate')
     with pytest.raises(SystemExit) as info:
         main([*args, '--model', 'convnext_s4nd_3d_atto'])
     return info.value.code, capsys.readouterr().err
@@ -320,7 +317,7 @@ def test_inflate_cli_creates_the_output_folder_and_refuses_a_folder_as_output(tm
     code, err = _inflate(capsys, source, str(tmp_path))
     assert code == 2 and err.strip() == f"error: dst '{tmp_path}' is a folder: give the safetensors file to write"
     out = tmp_path / 'new' / 'folder' / '3d.safetensors'
-    main = runpy.run_path(os.path.join(ROOT, 'tools', 'inflate.py'))['main']
+    main = tool_main('inflate')
     main([source, str(out), '--model', 'convnext_s4nd_3d_atto'])
     captured = capsys.readouterr()
     assert os.listdir(out.parent) == ['3d.safetensors'] and f'to {out}' in captured.out  # (no temporary file left)

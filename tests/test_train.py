@@ -1,8 +1,8 @@
 """The trainer: config validation, a real run, progressive resizing, corrupt images, kill-and-resume, two processes."""
 import csv
-import importlib.util
 import math
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -63,6 +63,11 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def tool_main(name: str):
+    """tools/<name>.py's main, loaded in this process (the installed console script's run: tests/test_packaging.py)."""
+    return runpy.run_path(os.path.join(ROOT, 'tools', f'{name}.py'))['main']
 
 
 def _overrides(folder, out, *extra):
@@ -131,12 +136,8 @@ def test_shipped_configs_load(path, folder):
 
 
 def test_cli_bad_config_is_one_line_error(tmp_path, folder, capsys):
-    """tools/train.py's main, in this process (the installed console script's run: tests/test_packaging.py)."""
-    spec = importlib.util.spec_from_file_location('tool_train', os.path.join(ROOT, 'tools', 'train.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     with pytest.raises(SystemExit) as exit_info:
-        tool.main(_overrides(folder, tmp_path, 'optim.lr=-1'))
+        tool_main('train')(_overrides(folder, tmp_path, 'optim.lr=-1'))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == 'error: optim.lr must be positive, got -1.0'
 
