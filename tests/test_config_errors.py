@@ -254,6 +254,19 @@ def test_a_key_given_twice_is_an_error(tmp_path):
         load_config(str(path))
 
 
+
+def test_a_section_override_keeps_the_sections_other_keys(folder):
+    """`optim={lr: 2e-3}` sets optim.lr as `optim.lr=2e-3` does (Hydra merges too): replacing the section would reset
+    the file's lr_base_batch and ssm_lr to their defaults, an unscaled lr and the SSM parameters at the full lr."""
+    cfg = load_config('imagenet/convnext_s4nd_tiny.yaml',
+                      [f'data.root={folder}', 'optim={lr: 2.0e-3, weight_decay: 0.1}', 'model={drop_path_rate: 0.2}'])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (2e-3, 0.1)
+    assert (cfg.optim.lr_base_batch, cfg.optim.ssm_lr) == (4096, 1e-3)
+    assert (cfg.model.name, cfg.model.drop_path_rate) == ('convnext_s4nd_tiny', 0.2)
+    # a mapping-valued key is still replaced whole: model.kwargs={} clears the kwargs
+    cfg = load_config(None, [*_overrides(folder, 'out'), 'model={kwargs: {}, name: convnext_s4nd_atto}'])
+    assert cfg.model.kwargs == {}
+
 def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder, capsys):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('optim: {lr: [1\n')

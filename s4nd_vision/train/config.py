@@ -529,6 +529,12 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
 
 def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split('.')
+    if len(parts) == 1 and isinstance(value, dict) and isinstance(tree.get(dotted), dict):
+        # a whole section (`optim={lr: 1e-3}`) sets its keys, as `optim.lr=1e-3` does (and as Hydra merges): replaced,
+        # the file's other keys of the section (optim.lr_base_batch, optim.ssm_lr, ...) would fall to the defaults
+        for key, item in value.items():
+            _set_dotted(tree, f'{dotted}.{key}', item)
+        return
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -538,7 +544,8 @@ def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict."""
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict; `section={key: value, ...}` sets
+    those keys of the section and keeps its others."""
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f'override {item!r} must look like section.key=value')
