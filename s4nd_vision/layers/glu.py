@@ -71,10 +71,12 @@ class _LinearGLU(torch.autograd.Function):
         device_type, enabled, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             h = F.linear(x, weight, bias)  # the forward's projection, in the forward's dtype
-        # d(a sigmoid(b)) = sigmoid(b) da + a sigmoid(b) (1 - sigmoid(b)) db, in float32
+        # d(a sigmoid(b)) = sigmoid(b) da + a sigmoid(b) (1 - sigmoid(b)) db, in float32 (float64 stays float64:
+        # rounding it to float32 left its gradients 1e-7 off, as a float64 check on a GPU would see)
+        acc = torch.promote_types(h.dtype, torch.float32)
         a, b = h.chunk(2, dim=-1)
-        s = torch.sigmoid(b.float())
-        grad_a = grad.float() * s
+        s = torch.sigmoid(b.to(acc))
+        grad_a = grad.to(acc) * s
         grad_b = grad_a * a
         grad_b.addcmul_(grad_b, s, value=-1)  # grad_a a (1 - s)
         grad_h = torch.cat([grad_a.to(h.dtype), grad_b.to(h.dtype)], dim=-1)
@@ -86,5 +88,5 @@ class _LinearGLU(torch.autograd.Function):
             grad_weight = (rows.t() @ x.reshape(-1, x.shape[-1]).to(grad_h.dtype)).to(weight.dtype)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0, dtype=torch.float32).to(bias.dtype)
+            grad_bias = rows.sum(0, dtype=acc).to(bias.dtype)
         return grad_x, grad_weight, grad_bias
