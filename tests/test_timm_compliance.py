@@ -199,7 +199,8 @@ def test_bf16_weights(entry):
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_empty_batch(entry):
     """An empty batch (e.g. a rank's share of an uneven last batch) gives empty logits, as timm's models do, in
-    inference and in training."""
+    inference and in training, and every parameter a (zero) gradient, as a convolution does (DDP waits for all of
+    them), the fused projection of an S4ND stem too."""
     model = _create(*entry).eval()
     x = _small_input(model)[:0]
     with torch.no_grad():
@@ -208,6 +209,7 @@ def test_empty_batch(entry):
     assert out.shape == (0, model.num_classes)
     out.sum().backward()
     assert x.grad.shape == x.shape
+    assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.any()] == []
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)

@@ -476,8 +476,10 @@ class S4ND(nn.Module):
         if u.shape[-2] == 0:  # empty batch: an empty output, like a convolution's (FFT libraries refuse it)
             pooled = tuple(n // p for n, p in zip(sizes, self.pool))
             out = u.new_zeros((self.dim,) + pooled[:-1] + (0, pooled[-1]), dtype=conv_dtype)
-            # keeps the output in the autograd graph, with (zero) gradients for every parameter, as a convolution's
-            return out + 0 * (u.sum() + sum(p.sum() for p in self.parameters()))
+            # keeps the output in the autograd graph, with (zero) gradients for every parameter, as a convolution's:
+            # the layer's and the fused projection's (a model's S4ND stem projection, which DDP waits for too)
+            weights = [*self.parameters(), *(t for t in proj or () if t is not None)]
+            return out + 0 * (u.sum() + sum(t.sum() for t in weights))
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(conv_dtype)
             if proj is not None:
