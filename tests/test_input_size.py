@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 from timm.models import get_model_input_config
+from timm.models._hub import save_config_for_hf
 
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.eval.resolution import load_model
@@ -239,3 +240,22 @@ def test_img_size_that_is_not_one_or_two_positive_integers_is_refused_by_name(fa
             model.set_input_size(64.0)
         model.set_input_size(np.int64(64))  # (timm's builder itself takes no NumPy img_size)
         assert model.img_size == (64, 64) and all(type(s) is int for s in model.img_size)
+
+
+@pytest.mark.parametrize('name, kwargs, change', [
+    ('vit_s4nd_atto_patch16_224', dict(img_size=64), dict(patch_size=np.int64(8))),
+    ('convnext_s4nd_3d_atto', dict(img_size=32, num_frames=4), dict(num_frames=np.int64(8))),
+], ids=['vit-patch_size', '3d-num_frames'])
+def test_numpy_integers_for_the_other_sizes_are_kept_as_ints(name, kwargs, change, tmp_path):
+    """NumPy integers given to `set_input_size` (patch_size, num_frames) are kept as Python ints: the recorded model
+    args stay serializable, so timm's `save_config_for_hf` (push_to_hf_hub) still writes the model's config."""
+    with torch.device('meta'):
+        model = timm.create_model(name, **kwargs)
+        model.set_input_size(**change)
+    save_config_for_hf(model, tmp_path / 'config.json')
+    if 'num_frames' in change:
+        assert type(model.num_frames) is int and model.num_frames == 8
+    else:
+        assert model.patch_embed.patch_size == (8, 8) and all(type(p) is int for p in model.patch_embed.patch_size)
+        with pytest.raises(ValueError, match=r'patch_size must be a positive integer, or a pair of them, got \(0, 0'):
+            timm.create_model(name, patch_size=0)

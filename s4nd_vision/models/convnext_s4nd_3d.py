@@ -63,10 +63,13 @@ def _dw_conv3d(dim: int, device=None, dtype=None) -> nn.Conv3d:
         device=device, dtype=dtype)
 
 
-def _check_num_frames(num_frames: int) -> None:
+def _check_num_frames(num_frames: int) -> int:
+    """`num_frames` as a Python int (a NumPy one, kept, would make the recorded model args unserializable), after
+    raising ValueError unless it is an integer of at least the stem's stride in time."""
     if not is_int(num_frames) or num_frames < _TUBELET[0]:
         raise ValueError(f'num_frames must be an integer of at least {_TUBELET[0]} (the stem stride in time), got '
                          f'{num_frames!r}')
+    return int(num_frames)
 
 
 class ConvNeXt3d(ConvNeXtBase):
@@ -100,9 +103,8 @@ class ConvNeXt3d(ConvNeXtBase):
         if not time_bidirectional and mixer_type == 'conv':
             raise ValueError("time_bidirectional=False needs S4ND blocks (mixer_type='s4nd'): the blocks' depthwise "
                              "(3, 7, 7) convs see both directions in time")
-        _check_num_frames(num_frames)
         # (plain attributes, set before nn.Module.__init__: the base's construction reads them)
-        self.num_frames = num_frames
+        self.num_frames = _check_num_frames(num_frames)
         self.mixer_type = mixer_type
         self.time_bidirectional = time_bidirectional
         super().__init__(**kwargs)
@@ -141,7 +143,7 @@ class ConvNeXt3d(ConvNeXtBase):
         img_size = self.img_size if img_size is None else check_img_size(img_size)
         num_frames = self.num_frames if num_frames is None else num_frames
         self._check_input_size(img_size)
-        _check_num_frames(num_frames)
+        num_frames = _check_num_frames(num_frames)
         self.img_size = img_size
         self.num_frames = num_frames
         self.record_input_size()

@@ -55,6 +55,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import S4ND, check_kernel_args, stacked_kernels
+from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
 from ._checkpoint import stated_img_size, transfer_timm_weights, unwrap_state_dict
 from ._checks import check_img_size, check_input
@@ -255,9 +256,12 @@ class VisionTransformerS4ND(S4NDModel):
 
     @staticmethod
     def _check_patch_size(patch_size: Tuple[int, int]) -> Tuple[int, int]:
+        """`patch_size` as Python ints (NumPy ones, kept, would make the recorded model args unserializable)."""
+        if len(patch_size) != 2 or not all(is_int(p) and p > 0 for p in patch_size):
+            raise ValueError(f'patch_size must be a positive integer, or a pair of them, got {patch_size}')
         if patch_size[0] != patch_size[1]:  # (a tuple, e.g. a YAML list, as timm's ViT takes it)
             raise ValueError(f'patch_size must be square (feature_info states one reduction), got {patch_size}')
-        return tuple(patch_size)
+        return int(patch_size[0]), int(patch_size[1])
 
     @torch.jit.ignore
     def set_input_size(
