@@ -262,6 +262,34 @@ def test_bad_settings_record_nothing(tmp_path, monkeypatch):
     assert json.loads((tmp_path / study.SETTINGS_JSON).read_text())['epochs'] == 1
 
 
+def test_a_study_killed_in_its_first_run_keeps_its_training_size(tmp_path, monkeypatch):
+    """A study interrupted before its first row (no runs.csv header yet) refuses to continue at another --img-size:
+    its run would resume from the checkpoint at the other size and be recorded as trained at it. A settings file
+    from before img_size was kept is continued, and gains it."""
+    runs = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[1.0], seeds=[0], baseline=False,
+                      progressive='none')
+
+    def killed(config, model, run_dir, overrides):  # the run's training has begun (its config.yaml), no row
+        os.makedirs(run_dir, exist_ok=True)
+        (tmp_path / 'runs' / runs[0].run_id / 'config.yaml').write_text('model: {name: convnext_s4nd_atto}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, '_train', killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
+    assert not (tmp_path / RUNS_CSV).exists()
+    calls = []
+    _fake(monkeypatch, calls)
+    with pytest.raises(ValueError, match='holds runs trained with img_size=64, not img_size=48: continue that'):
+        run_study(runs, out_dir=str(tmp_path), img_size=48, resolutions=[48, 96], log=lambda s: None)
+    assert calls == []
+    settings = json.loads((tmp_path / study.SETTINGS_JSON).read_text())
+    del settings['img_size']  # (written before it was kept)
+    (tmp_path / study.SETTINGS_JSON).write_text(json.dumps(settings))
+    run_study(runs, out_dir=str(tmp_path), log=lambda s: None)
+    assert calls == [runs[0].run_id] and json.loads((tmp_path / study.SETTINGS_JSON).read_text())['img_size'] == 64
+
+
 def test_progressive_sizes_bind_the_progressive_runs_only(tmp_path, monkeypatch):
     """A study of another training size without progressive runs needs no progressive sizes of that size (the
     default sizes, ending at 64, refused every --img-size but 64); with progressive runs they must end with it."""

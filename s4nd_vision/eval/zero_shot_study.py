@@ -11,10 +11,11 @@ the sum of its epochs' wall time as the trainer records it, each epoch's validat
 study again skips the runs in it and resumes unfinished ones from their last checkpoint. Studies run side by
 side on one folder share it: each looks at `runs.csv` again before every run, skipping those another has
 finished since, and a run_id is recorded (and read) once (a run that diverges
-is reported and left out; the next study run tries it again). The settings every run shares (epochs, steps per
-epoch, progressive sizes, overrides) are kept in `study_settings.json` once a run starts (every run's config is
-loaded first: a bad value fails before anything is recorded); a continuation with others is refused, as its runs
-would be averaged with those trained before. After the last run (or with `report_only`) it writes `study.md`
+is reported and left out; the next study run tries it again). The settings every run shares (training
+resolution, epochs, steps per epoch, progressive sizes, overrides) are kept in `study_settings.json` once a run
+starts (every run's config is loaded first: a bad value fails before anything is recorded); a continuation with
+others is refused, as its runs would be averaged with those trained before (a run killed mid-training would
+resume at the other resolution). After the last run (or with `report_only`) it writes `study.md`
 (mean +- std over seeds per setting, and the fraction kept at 2x and 4x the training resolution) and `study.png`
 (top-1 against resolution, one line per setting).
 
@@ -210,10 +211,12 @@ def _check_settings(out_dir: str, settings: Dict, starting: bool, log: Callable[
     if os.path.isfile(path):
         with open(path) as f:
             recorded = json.load(f)
-        changed = [k for k in settings if recorded.get(k) != settings[k]]
-        if not changed:
+        # (a file written before img_size was kept holds none: unknown, not changed; runs.csv's header is checked)
+        changed = [k for k in settings
+                   if recorded.get(k) != settings[k] and not (k == 'img_size' and k not in recorded)]
+        if not changed and set(settings) <= set(recorded):
             return
-        if begun:
+        if changed and begun:
             before = ', '.join(f'{k}={recorded.get(k)!r}' for k in changed)
             now = ', '.join(f'{k}={settings[k]!r}' for k in changed)
             raise ValueError(f'{out_dir} holds runs trained with {before}, not {now}: continue that study with its '
@@ -336,7 +339,7 @@ def run_study(
         _train_config(CONFIG, run.model, run_dir, run_overrides)
         planned.append((run, run_dir, run_overrides))
     if not report_only:
-        _check_settings(out_dir, dict(epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
+        _check_settings(out_dir, dict(img_size=img_size, epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
                                       progressive_sizes=[int(s) for s in progressive_sizes],
                                       overrides=list(overrides)), starting=bool(todo), log=log)
     from ..train import RunFolderInUse, TrainingDiverged
