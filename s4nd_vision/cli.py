@@ -380,7 +380,8 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         layout = 'channels-last' if args.channels_last else 'channels-first'
         header += f'; model rows: {f"amp {args.amp}" if amp else "float32"}, {layout}{", compiled" * args.compile}'
     print(header, flush=True)
-    results = dict(environment=env, rows=[])
+    # 'complete' turns true after the last row: a file of a run killed (SIGKILL, `timeout`'s SIGTERM) stays false
+    results = dict(environment=env, rows=[], complete=False)
 
     def save() -> None:  # (atomically: an interrupted write leaves the file before it)
         if args.json:
@@ -427,6 +428,8 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         written = f', in {args.json}' if args.json else ''
         print(f'{len(results["rows"])} rows measured before the interruption{written}', file=sys.stderr, flush=True)
         raise
+    results['complete'] = True
+    save()
     if args.json:
         print(f'wrote {args.json}')
     return results

@@ -204,6 +204,7 @@ def test_results_state_their_conditions(tmp_path, capsys):
                             '--batch-size', '1', '--repeats', '1', '--amp', 'bf16', '--device', 'cpu',
                             '--json', str(path)])
     results = json.loads(path.read_text())
+    assert results['complete'] is True
     env = results['environment']
     assert env['device'] == 'cpu' and env['threads'] == torch.get_num_threads() and env['torch'] == torch.__version__
     assert env['amp'] == 'bf16' and env['dtype'] == 'float32' and env['channels_last'] is False
@@ -226,6 +227,7 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
     def interrupted_pair(pairs, progress, **kwargs):
         on_disk = json.loads(path.read_text())  # the finished rows are already in the file
         assert [r['case'] for r in on_disk['rows']] == [f'step {k} 1x256 L=8' for k in ('s4d', 's4')]
+        assert on_disk['complete'] is False  # (a run killed here, e.g. by `timeout`, leaves this file)
         progress(dict(case='pair so far', baseline_train_ms=1.0))
         raise KeyboardInterrupt
 
@@ -236,6 +238,7 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
     assert exit_info.value.code == 130
     results = json.loads(path.read_text())
     assert results['interrupted'] and len(results['rows']) == 2 and results['partial']['case'] == 'pair so far'
+    assert results['complete'] is False
     assert 'step s4 1x256 L=8' in capsys.readouterr().out  # (the table of the rows measured)
 
 
