@@ -2,7 +2,10 @@
 to torch.export / ONNX with dynamic H and W and compile once for every size."""
 import collections
 import copy
+import functools
+import os
 import re
+import types
 
 import pytest
 import timm
@@ -268,6 +271,31 @@ def test_export_onnx_defaults_to_the_models_channels_and_size(tmp_path):
     assert dims[1].dim_value == 1
     (row,) = onnx_latency(model, path, [(14, 14)], batch_size=2, repeats=1)
     assert row['max_abs_diff'] < 1e-4, row
+
+
+def test_an_interrupted_onnx_save_leaves_the_file_before_it(tmp_path, monkeypatch):
+    """A save interrupted mid-write (Ctrl-C, a full disk) leaves the file written before, not a truncated one under
+    its name, and no temporary file (the graph was written straight to the path); a save that completes replaces
+    it. (The exporter is stubbed: only the save is tested.)"""
+    class Program:  # what export_onnx uses of torch.onnx.export's ONNXProgram (a fixed-size graph)
+        model = types.SimpleNamespace(metadata_props={})
+
+        def save(self, destination, interrupt=True):
+            with open(destination, 'wb') as f:
+                f.write(b'new graph, half written' if interrupt else b'new graph')
+            if interrupt:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, 'export', lambda *args, **kwargs: Program())
+    model = timm.create_model('s4nd_iso_tiny', img_size=14, in_chans=1, num_classes=10, depth=1).eval()
+    path = tmp_path / 'iso.onnx'
+    path.write_bytes(b'old graph')
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, str(path), fixed_size=True)
+    assert path.read_bytes() == b'old graph' and os.listdir(tmp_path) == ['iso.onnx']
+    monkeypatch.setattr(Program, 'save', functools.partialmethod(Program.save, interrupt=False))
+    export_onnx(model, str(path), fixed_size=True)
+    assert path.read_bytes() == b'new graph' and os.listdir(tmp_path) == ['iso.onnx']
 
 
 def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride(tmp_path, capsys):

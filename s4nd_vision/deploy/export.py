@@ -20,6 +20,7 @@ and sequence models export this way.
 """
 import json
 import os
+import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -167,8 +168,15 @@ def export_onnx(
             if node.op_type == 'Reshape':
                 node.name = f'input_sides_must_be_multiples_of_{stride}'
     program.model.metadata_props.update(onnx_metadata(model, (in_chans, *img_size) if fixed_size else None))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    program.save(path)
+    # written in a temporary folder beside `path`, then renamed: an interrupted or failed save leaves no truncated
+    # file under the name (nor replaces one there); a graph over ONNX's size limit saves its weights to a second
+    # file, `<name>.data`, which the graph names and which is renamed first
+    folder, name = os.path.split(os.path.realpath(path))  # (a link at `path`: its target is replaced)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f'.{name}.', dir=folder) as tmp:
+        program.save(os.path.join(tmp, name))
+        for written in sorted(os.listdir(tmp), key=lambda n: n == name):  # (the graph last)
+            os.replace(os.path.join(tmp, written), os.path.join(folder, written))
     return path
 
 
