@@ -27,6 +27,7 @@ from s4nd_vision.eval.resolution import (
     format_table,
     load_model,
     min_input_size,
+    plot_accuracy,
 )
 from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel, set_bandlimit
 from s4nd_vision.train.optim import ssm_param_names
@@ -326,17 +327,23 @@ def test_rows_are_written_as_each_model_finishes(image_folder, tmp_path):
 
 
 def test_each_resolution_is_written_as_soon_as_it_is_measured(image_folder, tmp_path):
-    """A model that fails at its second resolution leaves the row of its first in the CSV."""
+    """A model that fails at its second resolution leaves the row of its first in the CSV, and its plot: not the plot
+    of an earlier evaluation in the folder beside it (the plot was drawn at the end only)."""
     class FailsAbove8(_Constant):
         def forward(self, x):
             if x.shape[-1] > 8:
                 raise RuntimeError('out of memory')
             return super().forward(x)
 
+    out = tmp_path / 'out'
+    eval_resolution({'earlier': _Constant()}, image_folder, [8, 14], out_dir=str(out), progress=False)
     with pytest.raises(RuntimeError, match='out of memory'):
-        eval_resolution({'m': FailsAbove8()}, image_folder, [8, 14], out_dir=str(tmp_path), progress=False)
-    with open(tmp_path / CSV_NAME) as f:
+        eval_resolution({'m': FailsAbove8()}, image_folder, [8, 14], out_dir=str(out), progress=False)
+    with open(out / CSV_NAME) as f:
         assert [(r['model'], r['resolution']) for r in csv.DictReader(f)] == [('m', '8')]
+    measured = eval_resolution({'m': _Constant()}, image_folder, [8], progress=False)
+    plot_accuracy(measured, str(tmp_path / 'expected.png'))
+    assert (out / PLOT_NAME).read_bytes() == (tmp_path / 'expected.png').read_bytes()
 
 
 def test_a_resolution_the_models_input_check_refuses_is_refused_before_any_work(image_folder, tmp_path):

@@ -254,7 +254,8 @@ def eval_resolution(
             the models for it (`load_model(img_size=...)`). Where the S4ND models all state another native size
             (e.g. `load_model` found weights trained at it), the plot marks theirs.
         crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg).
-        out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME.
+        out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME, both rewritten as each
+            row is measured (an interrupted run leaves the rows measured, and their plot).
 
     Returns:
         One dict per (model, resolution): model, resolution, top1, top5, n (images scored), skipped (unreadable
@@ -266,6 +267,10 @@ def eval_resolution(
     resolutions = check_resolutions(resolutions, models)
     if train_resolution is not None:
         check_resolutions([train_resolution], models)
+    if out_dir is not None:  # the resolution the plot marks
+        stated = {get_model_input_config(m)['input_size'][-1] for m in models.values()
+                  if any(isinstance(layer, S4ND) for layer in m.modules())}
+        mark = stated.pop() if train_resolution is not None and len(stated) == 1 else train_resolution
     rows, listed = [], {}
     for name, model in models.items():
         model.eval().to(device)
@@ -304,11 +309,8 @@ def eval_resolution(
                 if out_dir is not None:  # (each row as soon as it is measured: a later failure keeps it)
                     os.makedirs(out_dir, exist_ok=True)
                     write_csv(rows, os.path.join(out_dir, CSV_NAME))
-    if out_dir is not None:
-        stated = {get_model_input_config(m)['input_size'][-1] for m in models.values()
-                  if any(isinstance(layer, S4ND) for layer in m.modules())}
-        mark = stated.pop() if train_resolution is not None and len(stated) == 1 else train_resolution
-        plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=mark)
+                    # the plot of the same rows: an interrupted run leaves no plot of an earlier one beside them
+                    plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=mark)
     return rows
 
 
