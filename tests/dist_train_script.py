@@ -1,7 +1,8 @@
 """Launched by tests/test_train.py under `accelerate launch` (two CPU processes): trains, then writes what each
 rank holds. '{rank}' in an argument becomes the process's rank (e.g. a folder of each process's own).
 NAN_ON_RANK1_AT=<update>: rank 1's loss is NaN at that update (the update is skipped on every rank); each rank
-writes its micro-batches' (update, loss, samples) to rank<r>_losses.txt."""
+writes its micro-batches' (update, loss, samples) to rank<r>_losses.txt, and its final weights (and EMA's) to
+rank<r>.safetensors (rank<r>_ema.safetensors)."""
 import math
 import os
 import sys
@@ -41,6 +42,8 @@ def main() -> None:
     with open(os.path.join(out, f'rank{rank}_losses.txt'), 'w') as f:
         f.write('\n'.join(losses))
     _save(acc.unwrap_model(trainer.model), os.path.join(out, f'rank{rank}.safetensors'))
+    if trainer.ema is not None:
+        _save(trainer.ema.module, os.path.join(out, f'rank{rank}_ema.safetensors'))
 
 
 if __name__ == '__main__':

@@ -384,6 +384,25 @@ def test_two_process_run_synchronizes_gradients(tmp_path, folder):
     assert float(rows[0]['train_loss']) == pytest.approx(sum(v * n for v, n in applied) / sum(n for _, n in applied))
 
 
+def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(tmp_path, folder):
+    """Each process's EMA averages its own BatchNorm statistics (DDP broadcasts only the model's): the EMA evaluated
+    on every process is the main process's, the one last_ema.safetensors holds."""
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    out = tmp_path / 'dist'
+    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
+           os.path.join(ROOT, 'tests', 'dist_train_script.py'),
+           *_overrides(folder, out, 'model.name=test_resnet', 'model.kwargs={}', 'train.epochs=1',
+                       'train.ema_decay=0.5', 'data.batch_size=2')]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    emas = [load_file(str(out / f'rank{r}_ema.safetensors')) for r in (0, 1)]
+    exported = load_file(str(out / 'last_ema.safetensors'))
+    assert any('running_mean' in k for k in exported)
+    for k in exported:
+        assert torch.equal(emas[0][k], exported[k]) and torch.equal(emas[1][k], exported[k]), k
+
+
 def test_output_folder_must_be_the_same_on_every_process(tmp_path, folder):
     """A train.output_dir on each machine's own disk (here: one folder per process) is refused by every process
     before any training: the other machines would not see the main one's checkpoints when resuming."""

@@ -302,6 +302,15 @@ class Trainer:
                 raise ConfigError(f'model.name: {e}') from None
             raise
 
+    def _broadcast_ema_buffers(self) -> None:
+        """Give every process the main process's EMA buffers, the ones `last_ema.safetensors` holds, before the EMA is
+        evaluated: DDP broadcasts the model's buffers from the main process at each forward, not the EMA's, so with
+        BatchNorm each process's EMA averages its own running statistics, and the processes would score their shares
+        of the validation set with different EMA models (`ema_*` then the metric of none of them)."""
+        if self.accelerator.num_processes > 1:
+            for buffer in self.ema.module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def _save_checkpoint(self, row: Optional[Dict[str, Any]] = None) -> None:
         """A checkpoint at the current update, with the config and the metrics rows (and `row`, the epoch it
         completes); refused when any weight is not finite."""
@@ -528,6 +537,7 @@ class Trainer:
             if last or (epoch + 1) % cfg.train.eval_every_epochs == 0:
                 row.update(self.evaluate())
                 if self.ema is not None:
+                    self._broadcast_ema_buffers()
                     row.update({f'ema_{k}': v for k, v in self.evaluate(self.ema.module).items()
                                 if not k.startswith(('val_skipped', 'val_videos'))})
                 if row['top1'] > state.best_top1:
