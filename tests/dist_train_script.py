@@ -2,7 +2,9 @@
 rank holds. '{rank}' in an argument becomes the process's rank (e.g. a folder of each process's own).
 NAN_ON_RANK1_AT=<update>: rank 1's loss is NaN at that update (the update is skipped on every rank); each rank
 writes its micro-batches' (update, loss, samples) to rank<r>_losses.txt, and its final weights (and EMA's) to
-rank<r>.safetensors (rank<r>_ema.safetensors)."""
+rank<r>.safetensors (rank<r>_ema.safetensors); rank 0 writes `trainer.evaluate()` after fit to
+evaluate_after_fit.json."""
+import json
 import math
 import os
 import sys
@@ -39,6 +41,10 @@ def main() -> None:
 
         trainer.train_loss = loss_nan_on_rank1
     trainer.fit()
+    evaluation = trainer.evaluate()  # (after fit: its process group is still up)
+    if rank == 0:
+        with open(os.path.join(out, 'evaluate_after_fit.json'), 'w') as f:
+            json.dump(evaluation, f)
     with open(os.path.join(out, f'rank{rank}_losses.txt'), 'w') as f:
         f.write('\n'.join(losses))
     _save(acc.unwrap_model(trainer.model), os.path.join(out, f'rank{rank}.safetensors'))

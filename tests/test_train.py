@@ -1,5 +1,6 @@
 """The trainer: config validation, a real run, progressive resizing, corrupt images, kill-and-resume, two processes."""
 import csv
+import json
 import math
 import os
 import runpy
@@ -382,6 +383,10 @@ def test_two_process_run_synchronizes_gradients(tmp_path, folder):
     logged = [line.split() for r in (0, 1) for line in (out / f'rank{r}_losses.txt').read_text().splitlines()]
     applied = [(float(loss), int(n)) for update, loss, n in logged if int(update) < 2 and update != '1']
     assert float(rows[0]['train_loss']) == pytest.approx(sum(v * n for v, n in applied) / sum(n for _, n in applied))
+    # `evaluate` after `fit` (whose process group stays up) scores the final model as the last row does
+    evaluation = json.loads((out / 'evaluate_after_fit.json').read_text())
+    assert evaluation['top1'] == pytest.approx(float(rows[-1]['top1']))
+    assert evaluation['val_loss'] == pytest.approx(float(rows[-1]['val_loss']))
 
 
 def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(tmp_path, folder):

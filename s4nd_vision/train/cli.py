@@ -57,7 +57,10 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         print(f'error: {_told_to_every_process(e)}', file=sys.stderr)
         sys.exit(2)
     try:
-        return Trainer(cfg, resume=args.resume, allow_fresh=args.allow_fresh).fit()
+        trainer = Trainer(cfg, resume=args.resume, allow_fresh=args.allow_fresh)
+        summary = trainer.fit()
+        trainer.accelerator.end_training()  # (the process group: `fit` leaves it up for evaluations after it)
+        return summary
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

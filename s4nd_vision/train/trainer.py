@@ -509,7 +509,8 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Train from the current state to the last epoch; returns the final summary. The run folder is free again
-        afterwards, also when training fails (divergence, an interrupt)."""
+        afterwards, also when training fails (divergence, an interrupt). The trackers are finished; the process group
+        of a multi-process run stays up, for `evaluate` after it: end a script with `accelerator.end_training()`."""
         try:
             return self._fit()
         finally:
@@ -550,7 +551,8 @@ class Trainer:
                 self._export('last_ema', self.ema.module)
             self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
             self.log.log(row, epoch)
-        acc.end_training()
+        for tracker in acc.trackers:  # (not `end_training`: it ends the process group, which `evaluate` still needs)
+            tracker.finish()
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, BEST_FILE)
