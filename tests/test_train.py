@@ -533,6 +533,16 @@ def test_accumulation_steps_set_by_the_launcher_must_match_the_config(tmp_path, 
         Trainer(load_config(None, _overrides(folder, tmp_path, 'train.grad_accum_steps=2')))
 
 
+def test_processes_launched_without_a_process_group_are_refused(tmp_path, folder, monkeypatch):
+    """`accelerate launch --multi_gpu --num_processes 2` where no GPU is visible (and no ACCELERATE_USE_CPU=1):
+    torchrun starts 2 workers (WORLD_SIZE=2) that Accelerate runs as single processes, each training alone; one
+    used to stop with 'train.output_dir is in use by another run', naming its sibling."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(ConfigError, match=r'the launcher started 2 processes .* ACCELERATE_USE_CPU=1'):
+        Trainer(load_config(None, _overrides(folder, tmp_path / 'run')))
+    assert not (tmp_path / 'run').exists()
+
+
 def test_layer_decay_groups_keep_the_ssm_lr():
     model = timm.create_model('convnext_s4nd_atto')
     opt = create_optimizer_v2(model, 'adamw', lr=1e-2, param_group_fn=partial(

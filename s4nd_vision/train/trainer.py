@@ -132,6 +132,13 @@ class Trainer:
             # a checkpoint by its folder's name (the machines may mount the run folder at other paths)
             facts['--resume'] = os.path.basename(os.path.normpath(resume)) if isinstance(resume, str) else resume
             facts['--allow-fresh'] = allow_fresh
+            launched = int(os.environ.get('WORLD_SIZE', '1'))
+            if launched > 1 and acc.num_processes == 1:  # e.g. `accelerate launch --multi_gpu` with no GPU visible
+                raise ConfigError(
+                    f'the launcher started {launched} processes (WORLD_SIZE={launched}), but Accelerate runs each as '
+                    f'a run of its own (on {acc.device.type}, without a process group), which would train alone: on '
+                    f'CPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...), on GPUs check that '
+                    f'every process sees its GPU (torch.cuda.is_available(), CUDA_VISIBLE_DEVICES)')
             if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
                 raise ConfigError(f'train.mixed_precision (or accelerate launch --mixed_precision) is fp16, which runs '
                                   f'on GPUs only: on {acc.device.type} Accelerate would train in float32; use bf16 or '
