@@ -227,10 +227,12 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     for cut in args.bandlimits or [None]:
         rows += kernel_report(model, bandlimit=cut)
     os.makedirs(args.out, exist_ok=True)
+    png = os.path.join(args.out, f'kernels_{layer}.png')
+    if os.path.exists(png):  # an earlier run's: a run stopped between the two writes leaves no plot beside its CSV
+        os.remove(png)
     csv_path = write_report_csv(rows, os.path.join(args.out, 'kernel_report.csv'))
     cut = args.bandlimits[0] if args.bandlimits else None
-    png = plot_layer_kernels(model, layer, os.path.join(args.out, f'kernels_{layer}.png'), bandlimit=cut,
-                             axis=args.axis, channels=args.channels)
+    png = plot_layer_kernels(model, layer, png, bandlimit=cut, axis=args.axis, channels=args.channels)
     for cut in dict.fromkeys(r['bandlimit'] for r in rows):
         mine = [r for r in rows if r['bandlimit'] == cut]
         print(f'\nbandlimit {"off" if not cut else cut}:\n\n{format_summary(summarize(mine))}\n')

@@ -303,6 +303,25 @@ def test_kernel_report_command(tmp_path, capsys):
         assert not fresh.exists()
 
 
+def test_kernel_report_stopped_before_its_plot_leaves_no_earlier_plot(tmp_path, monkeypatch, capsys):
+    """The CSV is written before the plot: a run stopped between them (Ctrl-C, a kill, a plotting error) leaves its
+    CSV alone, not beside an earlier run's plot of that layer (of another model or checkpoint)."""
+    from s4nd_vision.cli import main
+    from s4nd_vision.eval import kernel_report as report
+    args = ['kernel-report', '--model-kwargs', 'depths=(1,1,1,1)', 'dims=(8,8,8,8)', 'stem_chs=4', 'd_state=16',
+            '--img-size', '64', '--out', str(tmp_path)]
+    main(args)
+    plot, = tmp_path.glob('kernels_*.png')
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, 'plot_layer_kernels', stopped)
+    with pytest.raises(SystemExit) as exit_info:  # (Ctrl-C: the command's exit status 130)
+        main(args)
+    assert exit_info.value.code == 130
+    assert (tmp_path / 'kernel_report.csv').is_file() and not plot.exists()
+
+
 def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys):
     """--model NAME,key=value as the other commands take it, and --bandlimits off (nothing masked) beside a cut-off."""
     from s4nd_vision.cli import main
