@@ -205,3 +205,23 @@ def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
     assert '# Model card for iso\n' in uploaded['text']
     assert "timm.create_model('hf-hub:me/iso', pretrained=True)" in uploaded['text']
     assert 'import s4nd_vision' in uploaded['text'] and 'pip install s4nd-vision' in uploaded['text']
+
+
+def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """A save stopped part-way (here: the card fails after timm wrote the weights and config) leaves the earlier
+    save's files, not new weights beside its config.json (which would build the model at the old native size), and
+    no temporary folder."""
+    from s4nd_vision.deploy import hub
+    torch.manual_seed(0)
+    model = timm.create_model('s4nd_iso_tiny', img_size=14, num_classes=3)
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+    def failing_card(*args, **kwargs):
+        raise RuntimeError('stopped')
+    monkeypatch.setattr(hub, '_card', failing_card)
+    with torch.no_grad():
+        model.head.fc.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match='stopped'):
+        save_for_hf(model, str(tmp_path), safe_serialization=True, data_config=dict(input_size=(3, 28, 28)))
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

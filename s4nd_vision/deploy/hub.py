@@ -169,20 +169,27 @@ def save_for_hf(
     our models restate their pretrained_cfg's input size from their arguments on load, and keep their function at
     any native size.
 
+    The files are written in a temporary folder inside `save_directory`, then moved out into it, config.json last: an
+    interrupted or failed save leaves its files as they were (not new weights beside an earlier save's config.json,
+    which would build the model at that save's native size).
+
     Returns:
         the README.md path.
     """
     from timm.models import save_for_hf as timm_save_for_hf
     from timm.models._hub import generate_readme  # the card push_to_hf_hub writes
-    with _native_size(model, kwargs.pop('data_config', None)) as data_config:
-        timm_save_for_hf(model, save_directory, data_config=data_config, **kwargs)
-        _state_clip_or_sequence_size(model, os.path.join(save_directory, 'config.json'))
-        card = _card(model, repo_id, **(model_card or {}))  # (at the saved native size, as config.json)
-    name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
-    path = os.path.join(save_directory, 'README.md')
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write(generate_readme(card, name, task_name=task_name or TASKS.get(_axes(model), TASKS[2])))
-    return path
+    os.makedirs(save_directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix='.saving-', dir=save_directory) as tmp:
+        with _native_size(model, kwargs.pop('data_config', None)) as data_config:
+            timm_save_for_hf(model, tmp, data_config=data_config, **kwargs)
+            _state_clip_or_sequence_size(model, os.path.join(tmp, 'config.json'))
+            card = _card(model, repo_id, **(model_card or {}))  # (at the saved native size, as config.json)
+        name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
+        with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
+            f.write(generate_readme(card, name, task_name=task_name or TASKS.get(_axes(model), TASKS[2])))
+        for written in sorted(os.listdir(tmp), key=lambda n: n == 'config.json'):
+            os.replace(os.path.join(tmp, written), os.path.join(save_directory, written))
+    return os.path.join(save_directory, 'README.md')
 
 
 def _set_native_size(model: nn.Module, sizes: Tuple[int, ...]) -> None:
