@@ -410,6 +410,11 @@ def test_the_band_limit_is_saved_with_the_weights():
     with pytest.warns(UserWarning, match=r"without a band-limit record.*own bandlimit=1\.0 is kept"):
         fresh.load_state_dict(old)
     assert set(_cuts(fresh)) == {1.0}
+    # a model built without band-limit says so as models take it (0), not as None (which means the default, 1.0)
+    unlimited = timm.create_model('convnext_s4nd_atto', **dict(kwargs, bandlimit=0))
+    with pytest.warns(UserWarning, match=r"own bandlimit=0 \(off\) is kept"):
+        unlimited.load_state_dict(old)
+    assert set(_cuts(unlimited)) == {None}
     # a file of another model (a plain timm ConvNeXt, no kernel weights at all): its missing-keys error, no warnings
     plain = timm.create_model('convnext_atto', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8)).state_dict()
     with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match='Missing key'):

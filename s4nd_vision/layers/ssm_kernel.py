@@ -129,8 +129,10 @@ class _DiagonalSSM(nn.Module):
             # (only for weights of this kernel without the record: a file of another model, e.g. a plain timm
             # ConvNeXt given to checkpoint_path, ends in the missing-keys error without a warning per kernel)
             if records_in_state_dict() and any(prefix + name in state_dict for name in self._parameters):
+                # (off is spelt 0, as models take it: None would read as "the default", which is 1.0 for S4D)
+                own = '0 (off)' if self.bandlimit is None else self.bandlimit
                 warnings.warn(f'weights without a band-limit record (written before s4nd_vision saved it): the '
-                              f'model\'s own bandlimit={self.bandlimit} is kept; build the model with the band-limit '
+                              f'model\'s own bandlimit={own} is kept; build the model with the band-limit '
                               'they were trained with (bandlimit=0 for none)', stacklevel=2)
         elif not value.is_meta:
             ok = value.dtype == torch.int64 and value.numel() == 1
