@@ -264,6 +264,15 @@ def test_sequential_mnist_experiment_runs_small(monkeypatch):
         run_sequential_mnist(models=('s4nd_seq_atto', 's4nd_seq_atto,sgconv'))
 
 
+def test_sequential_mnist_refuses_learning_rates_that_train_nothing():
+    """A NaN or negative --ssm-lr is refused before any training: AdamW checks only its default lr, so the SSM
+    group trained on with NaN weights and the table showed chance accuracy without an error."""
+    from s4nd_vision.eval.sequential import run_sequential_mnist
+    for key, value in (('ssm_lr', float('nan')), ('ssm_lr', -1e-3), ('lr', float('inf')), ('lr', 0.0)):
+        with pytest.raises(ValueError, match=f'{key} must be a positive finite number'):
+            run_sequential_mnist(models=('conv_seq_tiny',), **{key: value})
+
+
 def test_sequential_mnist_train_limit_keeps_every_class(monkeypatch):
     """`train_limit` trains on digits chosen by the seed: the split is sorted by class, so its first 100 digits would
     all be zeros."""

@@ -6,6 +6,7 @@ Each digit is resampled to `rows` x `cols` and read in raster order; the test se
 (`s4nd_seq_*`) are referenced to the training length and follow the rate; the depthwise-conv baseline
 (`conv_seq_*`) has a kernel fixed in samples.
 """
+import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import timm
@@ -68,6 +69,9 @@ def run_sequential_mnist(
                          f'got {cols}')
     if epochs < 1:
         raise ValueError(f'epochs must be at least 1, got {epochs}')
+    for key, value in (('lr', lr), ('ssm_lr', ssm_lr)):  # (AdamW checks its default lr only: a group's NaN trains on)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f'{key} must be a positive finite number, got {value}')
     train = SequentialMNIST5k('train', rows=rows, cols=cols, seed=seed, transform=_normalize)
     if train_limit is not None:
         if train_limit < 1:
