@@ -113,7 +113,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="band-limiting cut-off of the S4ND models, or 'off' (or 0) (default: the one saved with "
                              "their weights, else the model's own)")
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
-    parser.add_argument('--crop-pct', type=float, default=None, help="ImageFolder center crop (default: each model's)")
+    parser.add_argument('--crop-pct', type=_crop_fraction, default=None,
+                        help="ImageFolder center crop, a fraction in (0, 1] (default: each model's)")
     parser.add_argument('--mean', type=float, nargs='+', default=None,
                         help="input normalization the models were trained with (default: each model's cfg), "
                              'e.g. --mean 0.1307 --std 0.3081 for the MNIST demo models')
@@ -576,6 +577,17 @@ def _model_kwargs_action():
     return ModelKwargs
 
 
+def _crop_fraction(text: str) -> float:
+    """An argparse type: a centre-crop fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f'expects a fraction in (0, 1], got {text!r}')
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:
@@ -628,6 +640,9 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                              'kernels into constants when it loads the file, so calls are faster')
     parser.add_argument('--sizes', nargs='*', type=_size, default=[],
                         help='HxW sizes to check and time the file at (or as --trace-size; from 1 stride)')
+    parser.add_argument('--max-side', type=_positive_int, default=None,
+                        help='the largest height and width the graph declares, in pixels (default: 2048; not with '
+                             '--fixed-size); --trace-size and --sizes may not exceed it')
     parser.add_argument('--batch-size', type=_positive_int, default=1)
     parser.add_argument('--threads', type=_positive_int, default=None,
                         help='threads of torch and onnxruntime (default: all)')
@@ -639,7 +654,14 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     import torch
 
-    from .deploy.export import check_export_size, check_image_model, export_onnx, input_sides, onnx_latency
+    from .deploy.export import (
+        check_export_size,
+        check_image_model,
+        export_onnx,
+        input_sides,
+        model_stride,
+        onnx_latency,
+    )
     from .deploy.export import trace_size as default_trace_size
     from .eval.resolution import load_model
     for package in ('onnx', 'onnxscript', 'onnxruntime'):  # (before any work, not in the exporter after it)
@@ -653,6 +675,12 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     except ValueError as e:
         parser.error(f'{args.model}: {e}')
     chans, own = model.in_chans, input_sides(model)
+    if args.fixed_size and args.max_side is not None:
+        parser.error('argument --max-side: a graph of --fixed-size takes its --trace-size only')
+    max_side = 2048 if args.max_side is None else args.max_side
+    if not args.fixed_size and max_side < 3 * model_stride(model):  # (the smallest trace: 3 strides)
+        parser.error(f'argument --max-side: at least 3 strides of {args.model} ({3 * model_stride(model)} px), '
+                     f'got {max_side}')
     trace_size, sizes = args.trace_size or default_trace_size(model, args.fixed_size), []
     trace_flag = 'argument --trace-size' if args.trace_size else "the default trace size (the model's input size)"
     for flag, given in ((trace_flag, [trace_size]), ('argument --sizes', args.sizes)):
@@ -665,7 +693,7 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
                     raise ValueError('the graph of --fixed-size takes its --trace-size only '
                                      f'({_size_text(trace_size)})')
                 if not args.fixed_size:  # (the graph is traced at 3 strides or more, and serves 1 stride up)
-                    check_export_size(model, size, min_strides=3 if flag == trace_flag else 1)
+                    check_export_size(model, size, max_side, min_strides=3 if flag == trace_flag else 1)
                 with torch.no_grad():
                     model(torch.zeros(1, chans, *size))
             except ValueError as e:
@@ -677,7 +705,7 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     path = args.output or f'output/{args.model}.onnx'
     start = time.perf_counter()
-    export_onnx(model, path, img_size=trace_size, in_chans=chans, fixed_size=args.fixed_size)
+    export_onnx(model, path, img_size=trace_size, in_chans=chans, max_side=max_side, fixed_size=args.fixed_size)
     shape = 'input size fixed' if args.fixed_size else 'height and width'
     print(f'wrote {path} in {time.perf_counter() - start:.0f} s (dynamic batch, {shape})')
     rows = onnx_latency(model, path, sizes, batch_size=args.batch_size, threads=args.threads,

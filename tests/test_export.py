@@ -326,11 +326,36 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
             (['--model-kwargs', small, '--trace-size', '64'], 'error: argument --trace-size: 64x64: sides must be '
                                                               'multiples of the model stride 32 from 96 to 2048'),
             (['--model-kwargs', small, '--sizes', '48'], 'error: argument --sizes: 48x48: sides must be multiples of '
-                                                         'the model stride 32 from 32 to 2048')):
+                                                         'the model stride 32 from 32 to 2048'),
+            (['--model-kwargs', small, '--sizes', '2080x32'], 'error: argument --sizes: 2080x32: sides must be '
+                                                              'multiples of the model stride 32 from 32 to 2048'),
+            (['--model-kwargs', small, '--max-side', '128', '--trace-size', '96', '--sizes', '160x32'],
+             'error: argument --sizes: 160x32: sides must be multiples of the model stride 32 from 32 to 128'),
+            (['--model-kwargs', small, '--max-side', '64'],
+             'error: argument --max-side: at least 3 strides of convnext_s4nd_atto (96 px), got 64'),
+            (['--model-kwargs', small, '--fixed-size', '--max-side', '512'],
+             'error: argument --max-side: a graph of --fixed-size takes its --trace-size only')):
         with pytest.raises(SystemExit) as exit_info:
             main(['export', 'convnext_s4nd_atto', *argv])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err, argv
+
+
+def test_export_max_side_reaches_the_graph(monkeypatch, capsys):
+    """`--max-side` raises the sides the graph declares (and the checks of --sizes) above 2048."""
+    from s4nd_vision.cli import main
+    from s4nd_vision.deploy import export
+    calls = []
+
+    def exported(model, path, **kwargs):  # (the export itself is tested above)
+        calls.append(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, 'export_onnx', exported)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'depths=(1,1,1,1)', 'dims=(4,4,4,4)',
+              '--max-side', '4096', '--sizes', '2080x32'])
+    assert len(calls) == 1 and calls[0]['max_side'] == 4096 and not calls[0]['fixed_size'], calls
 
 
 def test_onnx_metadata_fits_the_models_input_channels():

@@ -408,6 +408,19 @@ def test_evaluation_crops_as_the_models_config_says(image_folder):
         assert resize in repr(_dataset(image_folder, 'validation', 21, model_data_config(model), None, {}).transform)
 
 
+def test_a_crop_pct_outside_0_1_is_refused(image_folder, capsys):
+    """crop_pct 0 would silently become timm's default (0.875); negative or above 1 makes no centre crop."""
+    for bad in (0, 0.0, -0.5, 1.5, float('nan')):
+        with pytest.raises(ValueError, match=r'crop_pct must be in \(0, 1\]'):
+            eval_resolution({'constant': _Constant()}, image_folder, [7], crop_pct=bad, progress=False)
+    from s4nd_vision.cli import main
+    for bad in ('0', '1.5', 'x'):
+        with pytest.raises(SystemExit) as exit_info:  # (before any model is built)
+            main(['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '32', '--crop-pct', bad])
+        assert exit_info.value.code == 2
+        assert f"argument --crop-pct: expects a fraction in (0, 1], got '{bad}'" in capsys.readouterr().err
+
+
 def test_eval_on_builtin_mnist():
     rows = eval_resolution({'constant': _Constant()}, 'mnist', [7], progress=False)
     assert rows == [dict(model='constant', resolution=7, top1=10.0, top5=50.0, n=1000, skipped=0, nonfinite=0)]

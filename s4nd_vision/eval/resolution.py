@@ -264,6 +264,8 @@ def eval_resolution(
     """
     if not models:
         raise ValueError('models must hold at least one model')
+    if crop_pct is not None and not 0 < crop_pct <= 1:  # (timm's create_transform reads 0 as its default, 0.875)
+        raise ValueError(f"crop_pct must be in (0, 1], or None for each model's, got {crop_pct!r}")
     resolutions = check_resolutions(resolutions, models)
     if train_resolution is not None:
         check_resolutions([train_resolution], models)
