@@ -546,18 +546,32 @@ def test_the_trainers_fsdp_checkpoints_leave_the_records_out():
     assert any(k.endswith('.l_ref') for k in model.state_dict())
 
 
-def test_inference_paths_agree_in_a_model():
-    """In inference on the CPU the S4ND layers of the blocks and the downsampling get channels-last input and run the
-    'depthwise' path; the logits equal those of the Toeplitz path (`force_path('fast')`)."""
+@pytest.mark.parametrize('depthwise_max_side', [64, 8])
+def test_inference_paths_agree_in_a_model(depthwise_max_side, monkeypatch):
+    """In inference on the CPU, where the stem's output sides (16 here) are within `dispatch.depthwise_max_side()`,
+    the S4ND layers of the blocks and the downsampling get channels-last input and run the 'depthwise' path; else
+    the network runs in S4ND's channel-major layout from the stem to the head, as a training step does. The logits
+    equal those of the Toeplitz path on channels-last input (`force_path('fast')`, the stem handing on
+    channels-last)."""
     from s4nd_vision.layers import dispatch, ops
+    from s4nd_vision.layers.ops import channel_major_memory
+    from s4nd_vision.models import convnext_base
+    monkeypatch.setattr(dispatch, 'depthwise_max_side', lambda: depthwise_max_side)
+    depthwise = depthwise_max_side >= 16
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
+    layouts = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, o: layouts.append(channel_major_memory(o) is not None))
     with torch.no_grad():
         logits = model(x)
+        assert layouts == [not depthwise] * len(model.stages)
         used = [type(m._kernel_cache[2]) for m in model.modules() if isinstance(m, S4ND) and m._kernel_cache]
-        assert ops.DepthwiseConv in used and list in used  # (the stem, channel-major with its projection: Toeplitz)
-        assert all(isinstance(stage.downsample[1]._kernel_cache[2], ops.DepthwiseConv) for stage in model.stages[1:])
+        assert (ops.DepthwiseConv in used) == depthwise and list in used  # (the stem, channel-major: Toeplitz)
+        assert all(isinstance(stage.downsample[1]._kernel_cache[2], ops.DepthwiseConv) == depthwise
+                   for stage in model.stages[1:])
+        monkeypatch.setattr(convnext_base, 'stem_keeps_channel_major', lambda t: False)
         with dispatch.force_path('fast'):
             torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-5)
 

@@ -65,11 +65,15 @@ def test_channel_major_input_only_on_the_cpu_outside_graph_capture(monkeypatch):
     assert not dispatch.stem_keeps_channel_major(x)
 
 
-def test_stem_keeps_channel_major_only_under_autograd():
-    x = torch.randn(2, 3, 8, 8)
-    assert dispatch.stem_keeps_channel_major(x)
-    with torch.no_grad():
-        assert not dispatch.stem_keeps_channel_major(x)
+def test_stem_keeps_channel_major_under_autograd_or_beyond_the_depthwise_sides(monkeypatch):
+    """In a training step always; in inference where the blocks' S4ND layers will not take the 'depthwise' path, which
+    wants channels-last."""
+    monkeypatch.setattr(dispatch, 'depthwise_max_side', lambda: 8)
+    for y, beyond in ((torch.randn(2, 3, 8, 8), False), (torch.randn(2, 3, 4, 9), True),
+                      (torch.randn(2, 3, 9, 8, 8), True), (torch.randn(2, 3, 2, 8, 8), False)):
+        assert dispatch.stem_keeps_channel_major(y)
+        with torch.no_grad():
+            assert dispatch.stem_keeps_channel_major(y) == beyond
 
 
 @pytest.mark.parametrize('channels', [6, 1])  # (one channel: batch norm refuses it, layer_norm takes it)

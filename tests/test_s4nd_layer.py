@@ -786,9 +786,11 @@ def test_algorithm_rule():
 def test_depthwise_inference_path(rows_view_min, monkeypatch):
     """CPU inference on channels-last 2D or 3D float32 input runs one depthwise convolution per axis and term,
     strided where the layer pools (`ops.DepthwiseConv`): equal to the float64 direct convolution, channels-last
-    out, chosen only there (sides up to 64). The H axis of many rows runs on a view with the (column, channel)
-    pairs as channels (`rows_view_min`: every case below takes that route with 1)."""
+    out, chosen only there (sides up to 64 with AVX-512, see `test_depthwise_max_side_follows_the_cpus_vectors`).
+    The H axis of many rows runs on a view with the (column, channel) pairs as channels (`rows_view_min`: every case
+    below takes that route with 1)."""
     monkeypatch.setattr(ops, 'DEPTHWISE_ROWS_VIEW_MIN', rows_view_min)
+    monkeypatch.setattr(dispatch, 'depthwise_max_side', lambda: ops.DEPTHWISE_MAX_LEN)  # (as with AVX-512)
     cpu = torch.device('cpu')
     with torch.no_grad():
         for pools in ((1, 1), (2, 2), (4, 1)):
@@ -829,6 +831,26 @@ def test_depthwise_inference_path(rows_view_min, monkeypatch):
                                        rtol=1e-5, atol=1e-5)
             with torch.autocast('cpu', dtype=torch.bfloat16):  # kernels and convolution stay float32
                 torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('capability, side', [('AVX512', ops.DEPTHWISE_MAX_LEN), ('AVX512_BF16', ops.DEPTHWISE_MAX_LEN),
+                                              ('AVX2', dispatch.DEPTHWISE_MAX_SIDE_NARROW),
+                                              ('DEFAULT', dispatch.DEPTHWISE_MAX_SIDE_NARROW)])
+def test_depthwise_max_side_follows_the_cpus_vectors(capability, side, monkeypatch):
+    """CPU inference takes the 'depthwise' path up to 64 where PyTorch's CPU kernels use AVX-512, up to 16 elsewhere
+    (there oneDNN's depthwise convolutions ran slower than the Toeplitz GEMMs at 28 and 56)."""
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    dispatch.depthwise_max_side.cache_clear()
+    try:
+        assert dispatch.depthwise_max_side() == side
+        cpu = torch.device('cpu')
+        with torch.no_grad():
+            for sides, path in (((side, side), 'depthwise'), ((side + 1, 4), 'fast'), ((8, side, side), 'depthwise'),
+                                ((8, 4, side + 1), 'fast')):
+                assert dispatch.conv_path(cpu, (8, 96, *sides), (1,) * len(sides), torch.float32,
+                                          channels_last=True) == path, (capability, sides)
+    finally:
+        dispatch.depthwise_max_side.cache_clear()
 
 
 @pytest.mark.parametrize('pool', [1, 2])

@@ -9,9 +9,9 @@
   autograd; where an H200 measured the fused kernels faster than the fast path, see below): the fused channels-last
   kernels (3D: the time axis, then each frame's fused 2D convolution).
 - 'depthwise': CPU inference (no autograd) on a 2D or 3D float32 input in channels-last memory with sides up to
-  `ops.DEPTHWISE_MAX_LEN` (64): `ops.DepthwiseConv`, one depthwise convolution per axis and
-  rank-1 term (strided where the layer pools) that reads and writes channels-last data (no transposing copies);
-  not within `ops.conv_algorithm`, which asks for the fast path's algorithms.
+  `depthwise_max_side()` (64 where PyTorch's CPU kernels use AVX-512, else 16): `ops.DepthwiseConv`, one depthwise
+  convolution per axis and rank-1 term (strided where the layer pools) that reads and writes channels-last data (no
+  transposing copies); not within `ops.conv_algorithm`, which asks for the fast path's algorithms.
 - 'fast': everything else, e.g. every other CPU input: `ops.separable_conv` (Toeplitz GEMMs or FFTs per axis).
 
 Kernel generation (`generate_two_sided`, `fused_generation`): on CUDA, whichever path each layer's convolution
@@ -21,8 +21,9 @@ from one fused launch and one gather (`triton_kernels`), float32.
 Layout of the activations around S4ND (`channel_major_input`, `stem_keeps_channel_major`): on the CPU an S4ND
 layer on the fast path returns its channel-major working layout (`ops.channel_major`), and the layers after it
 act on that layout (`pointwise`: norms, 1x1 projections, the ConvNeXt block's MLP) instead of copying it back to
-channels-last; in a training step the ConvNeXt-S4ND stem starts it, so the whole network runs channel-major
-without transposing copies. In inference the stem hands on channels-last, where the 'depthwise' path needs none.
+channels-last; the ConvNeXt-S4ND stem starts it, so the whole network runs channel-major without transposing copies:
+in a training step, and in inference unless the blocks after the stem take the 'depthwise' path (then the stem hands
+on channels-last, where that path needs no copies).
 
 Model files call `S4ND` and never choose; a `force_path('triton' | 'fast')` context overrides the choice (tests,
 benchmarks; under torch.compile 'triton' takes the custom ops and 'fast' the reference); 'triton' still falls
@@ -43,8 +44,8 @@ from .reference import use_reference
 from .ssm_kernel import SSMKernel, ssm_kernel_runs, ssm_kernels
 
 __all__ = [
-    'PATHS', 'channel_major_input', 'conv_path', 'force_path', 'generate_two_sided', 'stem_keeps_channel_major',
-    'triton_available',
+    'PATHS', 'channel_major_input', 'conv_path', 'depthwise_max_side', 'force_path', 'generate_two_sided',
+    'stem_keeps_channel_major', 'triton_available',
 ]
 
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
@@ -58,6 +59,11 @@ TRITON_FASTER_SIDE_INFERENCE = {2: 32, 3: 32}
 # run the fast path and the unfused kernel generation, also when 'triton' is forced; so do AMD GPUs (ROCm), for
 # which the kernels are neither built nor checked.
 MIN_CAPABILITY = (7, 0)
+# The largest side at which CPU inference takes the 'depthwise' path where PyTorch's CPU kernels use narrower vectors
+# than AVX-512 (AVX2, ...): there oneDNN's depthwise convolutions ran 2.5x slower than the fast path's GEMMs at
+# 96x56x56 and 1.6x at 192x28x28, faster at 384x14x14 and 768x7x7 (README, "Speed and cost": Inference). With AVX-512:
+# `ops.DEPTHWISE_MAX_LEN`.
+DEPTHWISE_MAX_SIDE_NARROW = 16
 _FORCED_PATH = ForcedChoice('s4nd_forced_path')
 
 
@@ -101,7 +107,7 @@ def conv_path(
     if device_type == 'cuda' and _triton_faster(shape) and _triton_supports(device, shape, pools, dtype):
         return 'triton'
     if (device_type == 'cpu' and channels_last and not torch.is_grad_enabled() and dtype == torch.float32
-            and len(shape) in (4, 5) and max(shape[2:]) <= DEPTHWISE_MAX_LEN and forced_algorithm() is None):
+            and len(shape) in (4, 5) and max(shape[2:]) <= depthwise_max_side() and forced_algorithm() is None):
         return 'depthwise'
     return 'fast'
 
@@ -114,12 +120,22 @@ def channel_major_input(x: torch.Tensor) -> Optional[torch.Tensor]:
     return channel_major_memory(x) if _cpu_eager(x) and x.ndim >= 3 else None
 
 
-def stem_keeps_channel_major(x: torch.Tensor) -> bool:
-    """Whether an S4ND stem hands on its output in S4ND's channel-major layout, to be kept up to the head
-    (`pointwise`): in a CPU training step (under autograd), outside graph capture. Without autograd the blocks get
-    channels-last activations, on which their S4ND layers run as depthwise convolutions ('depthwise', faster for
-    inference than the channel-major path: README, "2-core CPU")."""
-    return _cpu_eager(x) and torch.is_grad_enabled()
+def stem_keeps_channel_major(y: torch.Tensor) -> bool:
+    """Whether an S4ND stem hands on its output y (B, C, *spatial) in S4ND's channel-major layout, to be kept up to
+    the head (`pointwise`): on the CPU outside graph capture, in a training step (under autograd), and in inference
+    unless y's sides are within `depthwise_max_side()`: then the blocks get channels-last activations, on which their
+    S4ND layers run as depthwise convolutions ('depthwise', faster there than the channel-major path: README,
+    "2-core CPU")."""
+    return _cpu_eager(y) and (torch.is_grad_enabled() or max(y.shape[2:], default=0) > depthwise_max_side())
+
+
+@functools.lru_cache(maxsize=None)
+def depthwise_max_side() -> int:
+    """The largest side at which CPU inference convolves channels-last input by depthwise convolutions
+    ('depthwise'): `ops.DEPTHWISE_MAX_LEN` where PyTorch's CPU kernels use AVX-512 (`torch.backends.cpu`), else
+    `DEPTHWISE_MAX_SIDE_NARROW`."""
+    wide = torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+    return DEPTHWISE_MAX_LEN if wide else DEPTHWISE_MAX_SIDE_NARROW
 
 
 def _cpu_eager(x: torch.Tensor) -> bool:

@@ -32,8 +32,9 @@ __all__ = [
 ALGORITHMS = ('toeplitz', 'fft')
 TOEPLITZ_MAX_LEN = 256  # longer axes always use the FFT
 TOEPLITZ_MIN_ROWS = 0.75  # Toeplitz needs at least this many rows per matrix, per unit of axis length
-# CPU inference on 2D or 3D channels-last input: `DepthwiseConv` up to this side, where it beat the Toeplitz GEMMs on
-# every VM measured; beyond it an earlier VM's depthwise convolutions fell off (README "2-core CPU")
+# CPU inference on 2D or 3D channels-last input: `DepthwiseConv` up to this side where PyTorch's CPU kernels use
+# AVX-512, where it beat the Toeplitz GEMMs on every VM measured; beyond it an earlier VM's depthwise convolutions fell
+# off (README "2-core CPU"). Other CPUs: `dispatch.depthwise_max_side`.
 DEPTHWISE_MAX_LEN = 64
 # From this many output rows (H // pool) on, `DepthwiseConv` convolves the H axis as the last axis of a view whose
 # channels are the (column, channel) pairs (`_conv_rows`): oneDNN's depthwise convolution along the contiguous last axis

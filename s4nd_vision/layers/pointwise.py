@@ -1,7 +1,8 @@
 """Per-position layers on S4ND's channel-major working layout (`ops.channel_major`: (C, S_1..S_{N-1}, B, S_N)).
 
-On the CPU a training step of ConvNeXt-S4ND keeps its activations in that layout from the stem to the head
-(`dispatch.stem_keeps_channel_major`, `dispatch.channel_major_input`): the S4ND layers then read and write it
+On the CPU a training step of ConvNeXt-S4ND keeps its activations in that layout from the stem to the head, and so
+does inference unless the blocks take the 'depthwise' path (`dispatch.stem_keeps_channel_major`,
+`dispatch.channel_major_input`): the S4ND layers then read and write it
 without transposing copies, and the layers between them act on the (C, positions) matrix it is: a LayerNorm over
 channels normalizes its columns, a 1x1 projection is one GEMM from the left. Channels-last activations cost two
 transposing copies per S4ND layer each way (forward and backward), at a quarter of memory speed on the CPU (README,

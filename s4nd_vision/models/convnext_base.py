@@ -104,7 +104,7 @@ class S4NDStem(nn.Sequential):
         y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
             y = y.to(x.dtype)
-        if stem_keeps_channel_major(x):  # (a CPU training step: the layers up to the head keep this layout)
+        if stem_keeps_channel_major(channels_first(y)):  # (the layers up to the head keep this layout)
             return channels_first(layer_norm_channels(linear_glu_channels(y, conv.weight.flatten(1), conv.bias), norm))
         y = _pointwise_glu(channels_first(y), conv)
         return F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps).movedim(-1, 1)
