@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from test_train import _overrides, _write_folder
+from test_train import TINY_MODEL, _overrides, _write_folder
 
 from s4nd_vision.cli import tool_main
 from s4nd_vision.train import ConfigError, RunFolderInUse, Trainer, TrainingDiverged, latest_checkpoint, load_config
@@ -550,6 +550,17 @@ def _free(folder) -> bool:
     probe = ('import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); '
              'fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)')
     return subprocess.run([sys.executable, '-c', probe, str(folder / '.lock')]).returncode == 0
+
+
+def test_a_batch_larger_than_a_process_epoch_names_the_samples_it_draws(tmp_path):
+    """Under repeated augmentation an epoch draws fewer samples than the dataset holds (3840 of MNIST-5k's 4000 on
+    one process): a batch between the two trains nothing, and the error says so with the draws, not the 4000
+    (it read '3900 ... is more than the 4000 training images')."""
+    with pytest.raises(ConfigError, match=r'data.batch_size=3900 x 1 accumulation steps is more than the 3840 '
+                                          r'training samples each of the 1 process\(es\) draws per epoch \(of 4000'):
+        Trainer(load_config(None, [*TINY_MODEL, 'data.dataset=mnist', 'data.in_chans=1', 'data.img_size=32',
+                                   'data.workers=0', 'aug.repeated_aug=3', 'data.batch_size=3900',
+                                   f'train.output_dir={tmp_path}', 'train.epochs=1']))
 
 
 def test_a_run_that_fails_frees_its_folder(tmp_path, folder):

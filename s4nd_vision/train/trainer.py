@@ -204,10 +204,11 @@ class Trainer:
         full_updates = self.micro_per_epoch // tc.grad_accum_steps
         self.updates_per_epoch = min(full_updates, tc.max_steps_per_epoch or full_updates)
         if self.updates_per_epoch < 1:
+            # (the samples of one process's epoch: the dataset's share per process, fewer under aug.repeated_aug)
             raise ConfigError(
-                f'data.batch_size={cfg.data.batch_size} x {acc.num_processes} processes x '
-                f'{tc.grad_accum_steps} accumulation steps is more than the {self.data.num_train_samples} training '
-                f'{self.data.unit}')
+                f'data.batch_size={cfg.data.batch_size} x {tc.grad_accum_steps} accumulation steps is more than the '
+                f'{self.data.samples_per_rank()} training samples each of the {acc.num_processes} process(es) draws '
+                f'per epoch (of {self.data.num_train_samples} training {self.data.unit}): no update would run')
         left_out = self.micro_per_epoch - full_updates * tc.grad_accum_steps
         if left_out and self.updates_per_epoch == full_updates and acc.is_main_process:
             # (positions are counted in whole updates, so an epoch has no shorter last one, as timm's train.py has)
