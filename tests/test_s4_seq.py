@@ -164,6 +164,16 @@ def test_baselines_refuse_what_their_s4nd_twins_refuse():
         assert timm.create_model('conv_seq_tiny').blocks[0].mixer[0].padding == (8, 0)  # (causal: past samples)
 
 
+def test_conv_kernel_size_is_checked_at_construction():
+    """A conv_kernel_size of 0 built a model that failed only at its first forward, in oneDNN; True built a 1-tap
+    conv. Checked for every mixer, as the S4ND keywords are for the conv baseline."""
+    for name in ('conv_seq_tiny', 's4nd_seq_atto'):
+        for bad in (0, -1, True, 2.5):
+            with pytest.raises(ValueError, match=f'conv_kernel_size must be a positive integer, got {bad!r}'):
+                timm.create_model(name, conv_kernel_size=bad)
+    assert timm.create_model('conv_seq_tiny', conv_kernel_size=np.int64(3)).blocks[0].mixer[1].kernel_size == (3,)
+
+
 @pytest.mark.parametrize('bidirectional', [False, True])
 def test_half_sampling_rate_matches_to_interpolation_error(bidirectional):
     """A smooth signal at half the sampling rate: with the rate following the input (kernels referenced to

@@ -164,7 +164,9 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             raise ValueError(f'bidirectional must be a bool (False: causal), got {bidirectional!r}')
         if global_pool not in POOLS:
             raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
-        check_sizes(seq_len=seq_len)
+        # (conv_kernel_size whatever the mixer, as the S4ND keywords are: a 0 built and then failed in oneDNN at the
+        # first forward, True built a 1-tap conv)
+        check_sizes(seq_len=seq_len, conv_kernel_size=conv_kernel_size)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
