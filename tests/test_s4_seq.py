@@ -274,6 +274,25 @@ def test_sequential_mnist_experiment_runs_small(monkeypatch):
         run_sequential_mnist(models=('s4nd_seq_atto', 's4nd_seq_atto,sgconv'))
 
 
+def test_sequential_mnist_takes_numpy_integers_and_refuses_bools():
+    """Sizes from NumPy (a sweep over np.arange) were refused as 'rows must be a positive integer, got
+    np.int64(4)'; True passed as 1. The rows' lengths come back as Python ints (JSON)."""
+    from s4nd_vision.eval.sequential import run_sequential_mnist
+    seqs = SequentialMNIST5k('val', rows=np.int64(4), cols=np.int64(6))
+    assert (seqs.rows, seqs.cols) == (4, 6) and type(seqs.rows) is int and seqs[0][0].shape == (1, 24)
+    torch.testing.assert_close(seqs[0][0], SequentialMNIST5k('val', rows=4, cols=6)[0][0])
+    assert MNIST5k('val', img_size=np.int64(14))[0][0].shape == (1, 14, 14)
+    for kwargs in (dict(rows=True), dict(cols=4.0)):
+        with pytest.raises(ValueError, match=r'(rows|cols) must be a positive integer, got (True|4\.0)'):
+            SequentialMNIST5k('val', **kwargs)
+    with pytest.raises(ValueError, match='img_size must be a positive integer, got True'):
+        MNIST5k('val', img_size=True)
+    rows = run_sequential_mnist(models=('conv_seq_tiny',), rows=np.int64(2), cols=np.int64(2), epochs=1,
+                                batch_size=25, train_limit=25, model_kwargs=dict(dim=8, depth=1), log=print)
+    assert rows[0]['train_len'] == 4 and type(rows[0]['train_len']) is int
+    json.dumps(rows)
+
+
 def test_sequential_mnist_refuses_learning_rates_that_train_nothing():
     """A NaN or negative --ssm-lr is refused before any training: AdamW checks only its default lr, so the SSM
     group trained on with NaN weights and the table showed chance accuracy without an error."""

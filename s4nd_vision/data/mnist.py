@@ -7,6 +7,7 @@ done once per process.
 import gzip
 import importlib.resources
 import io
+import numbers
 import os
 from functools import lru_cache
 from typing import Callable, Optional, Tuple
@@ -33,6 +34,11 @@ def load_mnist_5k() -> Tuple[np.ndarray, np.ndarray]:
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
+
+
+def _is_size(value) -> bool:
+    """A positive integer, NumPy's too (e.g. from np.arange in a sweep), and not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: int) -> np.ndarray:
@@ -77,8 +83,9 @@ class MNIST5k(Dataset):
     ):
         if split not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-        if not isinstance(img_size, int) or img_size < 1:
+        if not _is_size(img_size):
             raise ValueError(f'img_size must be a positive integer, got {img_size!r}')
+        img_size = int(img_size)
         if not 0 < val_fraction < 1:
             raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
         if in_chans not in (1, 3):
@@ -139,8 +146,9 @@ class SequentialMNIST5k(Dataset):
         if split not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
         for name, value in (('rows', rows), ('cols', cols)):
-            if not isinstance(value, int) or value < 1:
+            if not _is_size(value):
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        rows, cols = int(rows), int(cols)
         if not 0 < val_fraction < 1:
             raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
         images, labels = load_mnist_5k()

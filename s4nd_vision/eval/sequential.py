@@ -73,6 +73,7 @@ def run_sequential_mnist(
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f'{key} must be a positive finite number, got {value}')
     train = SequentialMNIST5k('train', rows=rows, cols=cols, seed=seed, transform=_normalize)
+    rows, cols = train.rows, train.cols  # (Python ints, also for NumPy's: the rows' lengths go to JSON)
     if train_limit is not None:
         if train_limit < 1:
             raise ValueError(f'train_limit must be a positive number of digits, got {train_limit}')
