@@ -7,7 +7,6 @@ done once per process.
 import gzip
 import importlib.resources
 import io
-import numbers
 import os
 from functools import lru_cache
 from typing import Callable, Optional, Tuple
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..layers.ssm_kernel import check_sizes
 
 __all__ = ['MNIST5k', 'SequentialMNIST5k', 'flatten_image', 'load_mnist_5k', 'export_image_folder']
 
@@ -34,11 +35,6 @@ def load_mnist_5k() -> Tuple[np.ndarray, np.ndarray]:
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
-
-
-def _is_size(value) -> bool:
-    """A positive integer, NumPy's too (e.g. from np.arange in a sweep), and not a bool (True would pass as 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _split_indices(labels: np.ndarray, split: str, val_fraction: float, seed: int) -> np.ndarray:
@@ -83,8 +79,7 @@ class MNIST5k(Dataset):
     ):
         if split not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-        if not _is_size(img_size):
-            raise ValueError(f'img_size must be a positive integer, got {img_size!r}')
+        check_sizes(img_size=img_size)  # (NumPy's integers too, e.g. from np.arange in a sweep; not a bool)
         img_size = int(img_size)
         if not 0 < val_fraction < 1:
             raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
@@ -145,9 +140,7 @@ class SequentialMNIST5k(Dataset):
     ):
         if split not in SPLITS:
             raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-        for name, value in (('rows', rows), ('cols', cols)):
-            if not _is_size(value):
-                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        check_sizes(rows=rows, cols=cols)  # (as MNIST5k's img_size)
         rows, cols = int(rows), int(cols)
         if not 0 < val_fraction < 1:
             raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
