@@ -277,3 +277,30 @@ def test_vit_weights_of_another_patch_size_are_resampled(tmp_path, caplog):
     source.set_input_size(patch_size=8)
     for name, value in source.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+
+
+@pytest.mark.parametrize('name,saved,built,size', [
+    ('convnext_s4nd_atto', dict(kernel='s4'), {}, dict(img_size=32)),
+    ('convnext_s4nd_atto', {}, dict(kernel='s4'), dict(img_size=32)),
+    ('vit_s4nd_atto_patch16_224', {}, dict(token_layout='1d'), dict(img_size=32)),
+    ('s4nd_iso_tiny', {}, dict(kernel='sgconv'), dict(img_size=16)),
+    ('convnext_s4nd_3d_atto', {}, dict(kernel='s4'), dict(img_size=32, num_frames=2)),
+    ('s4nd_seq_atto', {}, dict(kernel='s4'), dict(seq_len=16)),
+], ids=['s4-into-s4d', 's4d-into-s4', 'vit-2d-into-1d', 'iso-into-sgconv', '3d', 'seq'])
+def test_our_weights_that_do_not_fit_are_refused_also_with_a_new_classifier(tmp_path, name, saved, built, size):
+    """timm loads non-strictly when it drops the classifier (another num_classes, as in fine-tuning): weights of
+    the model built with other arguments would load in part (an S4 kernel without its low-rank term, a 2D layer's
+    H kernel as a 1D one), the rest at its initialization. They are refused, naming what does not fit; weights that
+    fit load, the new classifier kept at its initialization. timm's pretrained_strict=False still loads in part."""
+    path = tmp_path / 'weights.safetensors'
+    model = timm.create_model(name, num_classes=5, **saved, **size)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    load = dict(pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **size)
+    with pytest.raises(ValueError, match=rf'the weights do not fit {type(model).__name__}: .* missing .*unexpected '):
+        timm.create_model(name, **built, **load)
+    if 'token_layout' not in built:  # (a 2D layer's reference grid never loads into a 1D layer, strict or not)
+        timm.create_model(name, **built, **load, pretrained_strict=False)  # (a partial load asked for: timm's)
+    fine_tuned = timm.create_model(name, **saved, **load)
+    for key, value in model.state_dict().items():
+        if not key.startswith(fine_tuned.pretrained_cfg['classifier'] + '.'):
+            assert torch.equal(fine_tuned.state_dict()[key], value), key

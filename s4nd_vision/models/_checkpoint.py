@@ -13,11 +13,12 @@ import torch.nn as nn
 from timm.models import clean_state_dict
 from timm.models._manipulate import adapt_input_conv
 
+from ..layers.records import state_dict_without_records
 from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
-    'unwrap_state_dict', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport',
-    'match_state_dict', 'transfer_timm_weights', 'split_input_size', 'stated_img_size', 'file_shape',
+    'unwrap_state_dict', 'check_weights_fit', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape',
+    'TransferReport', 'match_state_dict', 'transfer_timm_weights', 'split_input_size', 'stated_img_size', 'file_shape',
     'file_num_classes', 'weights_num_classes',
 ]
 
@@ -43,6 +44,34 @@ def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     for name in state_dict:
         if _KERNEL_TENSOR.search(name):
             flatten_legacy_4d(state_dict, name)
+    return state_dict
+
+
+def check_weights_fit(
+        state_dict: Dict[str, torch.Tensor], model: nn.Module, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """`state_dict` when it names the tensors of `model` one for one, but for the classifier (the pretrained_cfg's
+    `classifier`) and the S4ND layers' records (files written before a record was saved keep the model's own).
+
+    timm loads non-strictly whenever it drops the classifier (a `num_classes` other than the file's, as when
+    fine-tuning): weights of another model, or of this one built with other arguments (`kernel=`, `stem_type=`,
+    `token_layout=`, ...), would then load in part, the rest left at its initialization with at most a log line.
+    They are refused instead, naming what is missing and what is left over; `strict=False` (timm's
+    `pretrained_strict=False`, a partial load asked for) lets them through."""
+    if not strict:
+        return state_dict
+    with state_dict_without_records():
+        tensors = set(model.state_dict())
+    records = set(model.state_dict()) - tensors
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
+    heads = tuple(f'{c}.' for c in ([classifier] if isinstance(classifier, str) else classifier or ()))
+    missing = sorted(k for k in tensors - set(state_dict) if not k.startswith(heads))
+    unexpected = sorted(k for k in set(state_dict) - tensors - records if not k.startswith(heads))
+    if missing or unexpected:
+        raise ValueError(
+            f'the weights do not fit {type(model).__name__}: they are of another model, or of this one built with '
+            f'other arguments (kernel=, stem_type=, token_layout=, ...): missing {missing[:5]}'
+            f'{" ..." if len(missing) > 5 else ""} ({len(missing)}), unexpected {unexpected[:5]}'
+            f'{" ..." if len(unexpected) > 5 else ""} ({len(unexpected)})')
     return state_dict
 
 
@@ -283,13 +312,14 @@ def match_state_dict(
 
 
 def transfer_timm_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, first_conv: str,
-                          source: str) -> Dict[str, torch.Tensor]:
-    """Our own weights (they hold S4ND kernels) as they are; from a plain timm model's (`source`, e.g. 'timm ViT
-    weights') every module that fits (`match_state_dict`), `first_conv` adapted to the model's `in_chans` first by
-    timm's rule, with the report logged. Weights of which nothing outside the head fits (another architecture or
-    width) are refused: the model would otherwise be its initialization under the name of a pretrained one."""
+                          source: str, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """Our own weights (they hold S4ND kernels) as they are, refused where they do not fit the model
+    (`check_weights_fit`); from a plain timm model's (`source`, e.g. 'timm ViT weights') every module that fits
+    (`match_state_dict`), `first_conv` adapted to the model's `in_chans` first by timm's rule, with the report
+    logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the model
+    would otherwise be its initialization under the name of a pretrained one."""
     if any('.kernels.' in k for k in state_dict):
-        return state_dict
+        return check_weights_fit(state_dict, model, strict=strict)
     state_dict = adapt_input_channels(state_dict, first_conv, model.in_chans)
     out, report = match_state_dict(state_dict, model, source=source)
     taken = report.loaded + [n for names in report.mapped.values() for n in names]

@@ -16,6 +16,7 @@ stride, saved with the weights) and derives its step-size rate from each input's
 evaluating at a new resolution needs nothing. `set_input_size(img_size)` makes another resolution
 the native one (the data config's), keeping the model's function, as in timm.
 """
+from functools import partial
 from typing import Any, Dict
 
 import torch
@@ -38,7 +39,8 @@ class ConvNeXtS4ND(ConvNeXtBase):
     down = (2, 2)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4ND) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4ND, strict: bool = True) -> Dict[str, torch.Tensor]:
     """Load our own checkpoints as they are; start from a plain timm ConvNeXt checkpoint otherwise.
 
     A training checkpoint dict is unwrapped first (`unwrap_state_dict`). From a timm `convnext_*` state
@@ -50,14 +52,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4N
     logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the
     model would otherwise be its initialization under the name of a pretrained one.
     """
-    return transfer_timm_weights(unwrap_state_dict(state_dict), model, 'stem.0', source='timm ConvNeXt weights')
+    return transfer_timm_weights(
+        unwrap_state_dict(state_dict), model, 'stem.0', source='timm ConvNeXt weights', strict=strict)
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXtS4ND, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=feature_cfg(
             kwargs, out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)

@@ -43,7 +43,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, MIXER_TYPES, feature_cfg, paper_cfg, update_model_args
-from ._checkpoint import adapt_input_channels, split_input_size, stated_img_size, unwrap_state_dict
+from ._checkpoint import adapt_input_channels, check_weights_fit, split_input_size, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
 from .inflate import default_time_init, inflate_state_dict, is_2d_state_dict
@@ -164,14 +164,16 @@ class ConvNeXt3d(ConvNeXtBase):
 _FIRST_CONV = 'stem.0'  # the patch stem's conv, or the S4ND stem's pointwise projection
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d, strict: bool = True) -> Dict[str, torch.Tensor]:
     """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults, but the time
     kernels' init: 'smooth', or 'random' for SGConv models, `default_time_init`; the transfer report says which).
 
     A 2D classifier is kept when it fits the model (the same number of classes) and dropped
     otherwise (e.g. ImageNet weights for a 51-class video model). A checkpoint without a
     classifier keeps the model's own initialization of `head.fc`. The first conv is adapted to the
-    model's `in_chans` as timm adapts 2D models' (`adapt_input_channels`).
+    model's `in_chans` as timm adapts 2D models' (`adapt_input_channels`). Weights that do not fit the model
+    (`check_weights_fit`) are refused.
     """
     state_dict = adapt_input_channels(unwrap_state_dict(state_dict), _FIRST_CONV, model.in_chans)
     if is_2d_state_dict(state_dict):
@@ -180,7 +182,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d)
         state_dict = inflate_state_dict(state_dict, model, time_init=default_time_init(model), keep_head=keep_head)
     for k, v in model.get_classifier().state_dict(prefix='head.fc.').items():
         state_dict.setdefault(k, v)
-    return state_dict
+    return check_weights_fit(state_dict, model, strict=strict)
 
 
 def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXt3d:
@@ -190,7 +192,7 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
     stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=feature_cfg(
             kwargs, out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, paper_cfg
-from ._checkpoint import stated_img_size
+from ._checkpoint import check_weights_fit, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size
 
 __all__ = ['IsoS4ND']
@@ -155,10 +155,18 @@ class IsoS4ND(S4NDModel):
         return self.norm_pre(x)
 
 
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor], model: IsoS4ND, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint (a training checkpoint dict unwrapped: `unwrap_state_dict`), when they fit the
+    model (`check_weights_fit`); timm adapts the stem to the model's `in_chans` after."""
+    return check_weights_fit(unwrap_state_dict(state_dict), model, strict=strict)
+
+
 def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         IsoS4ND, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         # the last 4 blocks
         feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)

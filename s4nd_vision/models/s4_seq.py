@@ -20,6 +20,7 @@ Papers:
 """
 import math
 import numbers
+from functools import partial
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -49,7 +50,7 @@ from ._base import (
     paper_cfg,
     update_model_args,
 )
-from ._checkpoint import adapt_input_channels, split_input_size, unwrap_state_dict
+from ._checkpoint import adapt_input_channels, check_weights_fit, split_input_size, unwrap_state_dict
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -353,9 +354,12 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
 
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SeqS4ND) -> Dict[str, torch.Tensor]:
-    """The weights of a checkpoint, with the stem adapted to the model's `in_chans` as timm adapts 2D models'."""
-    return adapt_input_channels(unwrap_state_dict(state_dict), 'stem', model.in_chans)
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor], model: SeqS4ND, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint, with the stem adapted to the model's `in_chans` as timm adapts 2D models', when
+    they fit the model (`check_weights_fit`)."""
+    state_dict = adapt_input_channels(unwrap_state_dict(state_dict), 'stem', model.in_chans)
+    return check_weights_fit(state_dict, model, strict=strict)
 
 
 def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
@@ -369,7 +373,7 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
     model = build_model_with_cfg(
         SeqS4ND, variant, pretrained,
         pretrained_cfg_overlay=dict(overlay, input_size=None),
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         # the last 4 blocks
         feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)

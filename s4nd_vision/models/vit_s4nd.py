@@ -424,7 +424,8 @@ _PATCH_WEIGHT = 'patch_embed.proj.weight'
 
 
 def checkpoint_filter_fn(
-        state_dict: Dict[str, torch.Tensor], model: VisionTransformerS4ND) -> Dict[str, torch.Tensor]:
+        state_dict: Dict[str, torch.Tensor], model: VisionTransformerS4ND, strict: bool = True,
+) -> Dict[str, torch.Tensor]:
     """Load our own checkpoints, and start from a plain timm ViT checkpoint, at the model's patch size.
 
     A training checkpoint dict is unwrapped first (`unwrap_state_dict`). A patch embedding of another patch size is
@@ -440,14 +441,14 @@ def checkpoint_filter_fn(
     weight, patch_size = state_dict.get(_PATCH_WEIGHT), model.patch_embed.patch_size
     if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != patch_size:
         state_dict = {**state_dict, _PATCH_WEIGHT: resample_patch_embed(weight, list(patch_size), verbose=True)}
-    return transfer_timm_weights(state_dict, model, 'patch_embed.proj', source='timm ViT weights')
+    return transfer_timm_weights(state_dict, model, 'patch_embed.proj', source='timm ViT weights', strict=strict)
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         # features_only: the last three blocks, as timm's ViT (all of a shallower model)
         feature_cfg=feature_cfg(kwargs, out_indices=min(3, kwargs.get('depth', 12)), feature_cls='getter'),
         **kwargs)
