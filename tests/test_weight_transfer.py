@@ -2,6 +2,7 @@
 into ViT-S4ND: every timm tensor with a counterpart loads, with its values (1x1 conv MLP weights reshaped to our
 Linear ones), the rest keeps its initialization whole, and a one-line report says which is which."""
 import logging
+import os
 import re
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 import s4nd_vision  # noqa: F401
 from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel
 from s4nd_vision.layers.ssm_kernel import per_kernel
-from s4nd_vision.models._checkpoint import match_state_dict, pointwise_reshape
+from s4nd_vision.models._checkpoint import file_num_classes, match_state_dict, pointwise_reshape
 from s4nd_vision.models.convnext_s4nd import checkpoint_filter_fn
 from s4nd_vision.models.inflate import inflate_state_dict
 
@@ -304,3 +305,31 @@ def test_our_weights_that_do_not_fit_are_refused_also_with_a_new_classifier(tmp_
     for key, value in model.state_dict().items():
         if not key.startswith(fine_tuned.pretrained_cfg['classifier'] + '.'):
             assert torch.equal(fine_tuned.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize('name,size', [('convnext_s4nd_atto', dict(img_size=32)), ('s4nd_seq_atto', dict(seq_len=16))])
+def test_a_wrong_or_missing_pretrained_file_is_a_clear_error(tmp_path, name, size):
+    """timm's loader ends a missing file in a bare FileNotFoundError, a YAML file in torch.load's IndexError, and
+    reads a file by its name (a safetensors file named .pth in torch.load's advice to load unsafely): each is
+    refused naming the file and what is wrong. Files of either format under their own names load."""
+    weights = timm.create_model(name, **size).state_dict()
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'config.yaml').write_text('model:\n  name: convnext_s4nd_atto\n')
+    save_file(weights, str(tmp_path / 'safetensors.pth'))
+    torch.save(weights, tmp_path / 'torch.safetensors')
+    for file, error, match in [
+            ('missing.safetensors', FileNotFoundError, 'missing.safetensors.* does not exist'),
+            ('folder', FileNotFoundError, 'folder.* is not a file'),
+            ('config.yaml', ValueError, r"config.yaml.* is neither a safetensors file nor a torch.save file .*b'model"),
+            ('safetensors.pth', ValueError, r'safetensors.pth.* is a safetensors file, but timm reads a file by its '
+                                            r'name: .* rename it'),
+            ('torch.safetensors', ValueError, 'torch.safetensors.* is a torch.save file, but timm reads')]:
+        with pytest.raises(error, match=f'weights file .*{match}'):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / file)), **size)
+        if os.path.isfile(tmp_path / file):  # (the trainer and eval-resolution read the class count first)
+            with pytest.raises(error, match=f'weights file .*{match}'):
+                file_num_classes(str(tmp_path / file), 'head.fc')
+    save_file(weights, str(tmp_path / 'weights.safetensors'))
+    torch.save(weights, tmp_path / 'weights.pth')
+    for file in ('weights.safetensors', 'weights.pth'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / file)), **size)

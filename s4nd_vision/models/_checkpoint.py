@@ -3,6 +3,7 @@ weight transfer from other architectures (timm's ConvNeXt) and the report of wha
 import logging
 import os
 import re
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -17,9 +18,9 @@ from ..layers.records import state_dict_without_records
 from ..layers.ssm_kernel import flatten_legacy_4d
 
 __all__ = [
-    'unwrap_state_dict', 'check_weights_fit', 'adapt_input_channels', 'CHECKPOINT_KEYS', 'pointwise_reshape',
-    'TransferReport', 'match_state_dict', 'transfer_timm_weights', 'split_input_size', 'stated_img_size', 'file_shape',
-    'file_num_classes', 'weights_num_classes',
+    'unwrap_state_dict', 'check_weights_fit', 'check_weights_file', 'check_pretrained_file', 'adapt_input_channels',
+    'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict', 'transfer_timm_weights',
+    'split_input_size', 'stated_img_size', 'file_shape', 'file_num_classes', 'weights_num_classes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -75,6 +76,42 @@ def check_weights_fit(
     return state_dict
 
 
+def check_weights_file(path: str) -> None:
+    """Refuse, on one line naming `path`, a weights file on which timm's loader would fail unclearly: a missing one
+    (a bare FileNotFoundError), one that is no checkpoint (torch.load's errors, e.g. IndexError for a YAML file),
+    and one whose name says another format than its contents: timm reads a file named *.safetensors with
+    safetensors and any other with torch.load, whose error for a safetensors file suggests unsafe loading."""
+    from .inflate import _looks_like_safetensors  # (inflate imports this module)
+    if not os.path.isfile(path):
+        problem = 'is not a file' if os.path.exists(path) else 'does not exist'
+        raise FileNotFoundError(f'weights file {path!r} {problem}')
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head, os.path.getsize(path)):
+        kind = 'safetensors'
+    elif zipfile.is_zipfile(path) or head[:1] == b'\x80':  # torch.save: a zip archive, or (legacy) a pickle
+        kind = 'torch.save'
+    else:
+        raise ValueError(f'weights file {path!r} is neither a safetensors file nor a torch.save file (it starts '
+                         f'with {head!r})')
+    if (kind == 'safetensors') != str(path).endswith('.safetensors'):
+        raise ValueError(f'weights file {path!r} is a {kind} file, but timm reads a file by its name: '
+                         'safetensors for a name ending in .safetensors, torch.load for any other; rename it')
+
+
+def check_pretrained_file(pretrained: bool, kwargs: Dict[str, Any]) -> None:
+    """`check_weights_file` for the `file` that a `pretrained_cfg_overlay` or `pretrained_cfg` argument in `kwargs`
+    has timm's loader read (given `pretrained`; not a 'local-dir:' folder, not a Hub download)."""
+    cfg = {}
+    for key in ('pretrained_cfg', 'pretrained_cfg_overlay'):  # (the overlay's entries win, as in timm)
+        value = kwargs.get(key)
+        if value is not None and not isinstance(value, str):
+            cfg.update(value if isinstance(value, dict) else value.to_dict())
+    if pretrained and cfg.get('file') and cfg.get('state_dict') is None and cfg.get('source') not in (
+            'hf-hub', 'local-dir'):
+        check_weights_file(os.fspath(cfg['file']))
+
+
 def adapt_input_channels(
         state_dict: Dict[str, torch.Tensor], first_conv: str, in_chans: int) -> Dict[str, torch.Tensor]:
     """`state_dict` with the weight of the conv `first_conv` (any number of kernel axes) adapted to `in_chans`
@@ -94,7 +131,9 @@ def adapt_input_channels(
 
 def file_shape(path: str, key: str) -> Optional[Tuple[int, ...]]:
     """The shape of entry `key` of the weights file `path` (safetensors, or a torch checkpoint of any of
-    CHECKPOINT_KEYS), None without it. Reads the shapes only (the safetensors header, a memory-mapped torch file)."""
+    CHECKPOINT_KEYS), None without it. Reads the shapes only (the safetensors header, a memory-mapped torch file).
+    A file that timm cannot load (`check_weights_file`) is refused here already, before the model is built."""
+    check_weights_file(path)
     if path.endswith('.safetensors'):
         from safetensors import safe_open
         with safe_open(path, 'pt') as f:

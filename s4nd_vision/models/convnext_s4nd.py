@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, SGCONV_ID, feature_cfg, paper_cfg
-from ._checkpoint import stated_img_size, transfer_timm_weights, unwrap_state_dict
+from ._checkpoint import check_pretrained_file, stated_img_size, transfer_timm_weights, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures
 
 __all__ = ['ConvNeXtS4ND']
@@ -57,6 +57,7 @@ def checkpoint_filter_fn(
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
+    check_pretrained_file(pretrained, kwargs)
     stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXtS4ND, variant, pretrained,

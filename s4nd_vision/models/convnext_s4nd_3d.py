@@ -43,7 +43,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, MIXER_TYPES, feature_cfg, paper_cfg, update_model_args
-from ._checkpoint import adapt_input_channels, check_weights_fit, split_input_size, stated_img_size, unwrap_state_dict
+from ._checkpoint import (
+    adapt_input_channels,
+    check_pretrained_file,
+    check_weights_fit,
+    split_input_size,
+    stated_img_size,
+    unwrap_state_dict,
+)
 from ._checks import check_img_size
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
 from .inflate import default_time_init, inflate_state_dict, is_2d_state_dict
@@ -186,6 +193,7 @@ def checkpoint_filter_fn(
 
 
 def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXt3d:
+    check_pretrained_file(pretrained, kwargs)
     stated = split_input_size(kwargs, axes=3)  # a config.json's (C, T, H, W)
     if stated:
         kwargs.setdefault('num_frames', stated[1])

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, paper_cfg
-from ._checkpoint import check_weights_fit, stated_img_size, unwrap_state_dict
+from ._checkpoint import check_pretrained_file, check_weights_fit, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size
 
 __all__ = ['IsoS4ND']
@@ -163,6 +163,7 @@ def checkpoint_filter_fn(
 
 
 def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
+    check_pretrained_file(pretrained, kwargs)
     stated_img_size(kwargs)
     return build_model_with_cfg(
         IsoS4ND, variant, pretrained,

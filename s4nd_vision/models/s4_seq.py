@@ -50,7 +50,13 @@ from ._base import (
     paper_cfg,
     update_model_args,
 )
-from ._checkpoint import adapt_input_channels, check_weights_fit, split_input_size, unwrap_state_dict
+from ._checkpoint import (
+    adapt_input_channels,
+    check_pretrained_file,
+    check_weights_fit,
+    split_input_size,
+    unwrap_state_dict,
+)
 from ._checks import check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -363,6 +369,7 @@ def checkpoint_filter_fn(
 
 
 def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
+    check_pretrained_file(pretrained, kwargs)
     # timm's builder reads an input_size as (C, H, W); a sequence model's is (C, L): in_chans and seq_len come
     # from it here, and it goes into the model's pretrained_cfg after building
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})

@@ -57,7 +57,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
-from ._checkpoint import stated_img_size, transfer_timm_weights, unwrap_state_dict
+from ._checkpoint import check_pretrained_file, stated_img_size, transfer_timm_weights, unwrap_state_dict
 from ._checks import check_img_size, check_input
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -445,6 +445,7 @@ def checkpoint_filter_fn(
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
+    check_pretrained_file(pretrained, kwargs)
     stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
