@@ -188,6 +188,7 @@ def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
             return has_readme
 
         def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded['delete_patterns'] = kwargs.get('delete_patterns')
             for name in os.listdir(folder_path):
                 uploaded[name] = os.path.getsize(os.path.join(folder_path, name))
             if not has_readme:
@@ -200,6 +201,9 @@ def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
     assert push_to_hub(model, 'me/iso') == 'me/iso'
     if has_readme:
         assert 'README.md' not in uploaded and {'config.json', 'model.safetensors'} <= set(uploaded)
+        assert uploaded['delete_patterns'] == []  # (both formats pushed: no earlier weights left to delete)
+        push_to_hub(model, 'me/iso', safe_serialization=False)
+        assert uploaded['delete_patterns'] == ['model.safetensors']  # (the earlier push's: timm would load it)
         return
     assert {'config.json', 'model.safetensors', 'README.md'} <= set(uploaded)
     assert '# Model card for iso\n' in uploaded['text']
@@ -225,3 +229,19 @@ def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='stopped'):
         save_for_hf(model, str(tmp_path), safe_serialization=True, data_config=dict(input_size=(3, 28, 28)))
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize('first,then', [(True, False), (False, True), ('both', False)])
+def test_a_save_in_another_format_replaces_the_earlier_weights(tmp_path, first, then):
+    """Saving again into a folder in the other format removes the earlier save's weights: timm loads
+    model.safetensors before pytorch_model.bin, so a re-save with safe_serialization=False loaded the old weights."""
+    torch.manual_seed(0)
+    old, new = (timm.create_model('s4nd_iso_tiny', img_size=14, num_classes=3).eval() for _ in range(2))
+    save_for_hf(old, str(tmp_path), safe_serialization=first)
+    save_for_hf(new, str(tmp_path), safe_serialization=then)
+    assert {'model.safetensors', 'pytorch_model.bin'} & set(os.listdir(tmp_path)) == {
+        'model.safetensors' if then else 'pytorch_model.bin'}
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    x = torch.randn(1, 3, 14, 14)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), new(x), rtol=0, atol=0)

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -171,7 +171,8 @@ def save_for_hf(
 
     The files are written in a temporary folder inside `save_directory`, then moved out into it, config.json last: an
     interrupted or failed save leaves its files as they were (not new weights beside an earlier save's config.json,
-    which would build the model at that save's native size).
+    which would build the model at that save's native size). An earlier save's weights in the other format are
+    removed (timm loads model.safetensors before pytorch_model.bin: the folder would load the earlier weights).
 
     Returns:
         the README.md path.
@@ -187,9 +188,22 @@ def save_for_hf(
         name = repo_id.split('/')[-1] if repo_id else model.pretrained_cfg.get('architecture') or type(model).__name__
         with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
             f.write(generate_readme(card, name, task_name=task_name or TASKS.get(_axes(model), TASKS[2])))
-        for written in sorted(os.listdir(tmp), key=lambda n: n == 'config.json'):
-            os.replace(os.path.join(tmp, written), os.path.join(save_directory, written))
+        written = sorted(os.listdir(tmp), key=lambda n: n == 'config.json')
+        for stale in _stale_weights(written):  # (before the moves: never this save's config beside earlier weights)
+            path = os.path.join(save_directory, stale)
+            if os.path.isfile(path):
+                os.remove(path)
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
     return os.path.join(save_directory, 'README.md')
+
+
+def _stale_weights(written: Iterable[str]) -> List[str]:
+    """The weights files of timm's Hub format (model.safetensors, pytorch_model.bin) that a save which wrote the
+    files `written` did not write: an earlier save's in the other format, which timm would load instead
+    (model.safetensors before pytorch_model.bin, locally and from the Hub) or beside them."""
+    from timm.models._hub import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    return [name for name in (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME) if name not in written]
 
 
 def _set_native_size(model: nn.Module, sizes: Tuple[int, ...]) -> None:
@@ -261,7 +275,9 @@ def push_to_hub(
 ):
     """timm's `push_to_hf_hub`, with the folder of `save_for_hf` above: its config.json states video and sequence
     sizes, and its model card is `model_card(model, repo_id, **model_card)`, written only where the repository
-    has no README yet (as timm does). `kwargs`: `save_for_hf`'s (model_config, model_args, data_config)."""
+    has no README yet (as timm does). The repository's weights in a format not pushed now are deleted in the same
+    commit (`safe_serialization=False` after a push with safetensors: timm would load the earlier
+    model.safetensors). `kwargs`: `save_for_hf`'s (model_config, model_args, data_config)."""
     from huggingface_hub import HfApi
     from timm import __version__
     api = HfApi(token=token, library_name='timm', library_version=__version__)
@@ -273,4 +289,4 @@ def push_to_hub(
         if has_readme:
             os.remove(readme)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message)
+                                 commit_message=commit_message, delete_patterns=_stale_weights(os.listdir(folder)))
