@@ -546,6 +546,40 @@ def test_the_trainers_fsdp_checkpoints_leave_the_records_out():
     assert any(k.endswith('.l_ref') for k in model.state_dict())
 
 
+@pytest.mark.parametrize('feature_cls', [None, 'list', 'dict', 'hook', 'getter'])
+def test_feature_maps_handed_out_take_view(feature_cls, monkeypatch):
+    """The features, intermediates and forward_features' output (ConvNeXt-S4ND's and the isotropic model's) support
+    `.view(B, C, -1)` (channels-last, as the blocks hand on) also where a CPU forward keeps S4ND's channel-major
+    layout between the layers (a training step; inference where the stem's sides exceed
+    `dispatch.depthwise_max_side()`, 8 here), with the same values."""
+    from s4nd_vision.layers import dispatch
+    args = dict(img_size=64, features_only=True, out_indices=(0, 2))
+    if feature_cls is not None:
+        args['feature_cls'] = feature_cls
+    torch.manual_seed(0)
+    features = timm.create_model('convnext_s4nd_atto', **args)
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64)  # (the same weights)
+    x = torch.randn(2, 3, 64, 64)
+    for side in (64, 8):
+        monkeypatch.setattr(dispatch, 'depthwise_max_side', lambda: side)
+        for train in (False, True):
+            features.train(train), model.train(train)
+            with torch.set_grad_enabled(train):
+                out = features(x)
+                maps = (list(out.values()) if isinstance(out, dict) else out) + model.forward_intermediates(
+                    x, indices=(0, 2), intermediates_only=True) + [model.forward_features(x)]
+            views = [t.view(2, t.shape[1], -1) for t in maps]
+            torch.testing.assert_close(views[:2], views[2:4])  # (the features are the intermediates)
+            if side == 64 and not train:
+                expected = views
+            torch.testing.assert_close(views, expected, rtol=1e-4, atol=1e-5)
+    if feature_cls is None:  # (the isotropic model's blocks keep that layout too, at sides above 8 here)
+        iso = timm.create_model('s4nd_iso_tiny', img_size=16).eval()
+        with torch.no_grad():
+            iso.forward_features(torch.randn(2, 3, 12, 12)).view(2, iso.num_features, -1)
+
+
 @pytest.mark.parametrize('depthwise_max_side', [64, 8])
 def test_inference_paths_agree_in_a_model(depthwise_max_side, monkeypatch):
     """In inference on the CPU, where the stem's output sides (16 here) are within `dispatch.depthwise_max_side()`,

@@ -16,6 +16,7 @@ from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._features_fx import FeatureGraphNet
 
 from ..layers import S4ND, ssm_parameters, stacked_kernels
+from ..layers.dispatch import channel_major_input
 from ..layers.s4nd import SCRIPT_ALTERNATIVES
 from ._checks import check_img_size, check_input
 
@@ -33,7 +34,7 @@ torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): t
 __all__ = [
     'S4NDModel', 'MIXER_TYPES', 'S4ND_ID', 'S4_ID', 'SGCONV_ID', 'PAPER_NAMES', 'paper_cfg', 'LIBRARY_CFG',
     'init_weights', 'update_model_args', 'input_size_args',
-    'check_global_pool', 's4nd_grids', 'SSMNoWeightDecay', 'feature_cfg',
+    'check_global_pool', 's4nd_grids', 'SSMNoWeightDecay', 'feature_cfg', 'handed_out', 'HandsOutFeatures',
 ]
 
 # The papers our models implement, by arXiv id, with their titles: the pretrained_cfgs' `paper_ids` / `paper_name`
@@ -81,19 +82,40 @@ class SSMNoWeightDecay:
         return {name for name, _ in ssm_parameters(self)}
 
 
-class _FeatureListNet(SSMNoWeightDecay, FeatureListNet):
+def handed_out(x: torch.Tensor) -> torch.Tensor:
+    """A feature map handed to the caller (features, intermediates) in a layout whose spatial axes merge
+    (`x.view(B, C, -1)` works, as on any conv net's output): where x is S4ND's channel-major working memory
+    (C, ..., B, W), which a CPU forward keeps between layers (`layers.pointwise`) and on which such a view fails, a
+    channels-last copy (`channels_last_3d` for clips), the layout the blocks hand on otherwise; else x as it is."""
+    if channel_major_input(x) is None or x.is_contiguous():  # (batch 1: that memory is contiguous (B, C, ...))
+        return x
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim, torch.contiguous_format)
+    return x.contiguous(memory_format=fmt)
+
+
+class HandsOutFeatures:
+    """Mixed into the `features_only` wrappers (before timm's class): their feature maps `handed_out`."""
+
+    def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], Dict[str, torch.Tensor]]:
+        out = super().forward(x)
+        if isinstance(out, dict):
+            return type(out)((k, handed_out(v)) for k, v in out.items())
+        return [handed_out(v) for v in out]
+
+
+class _FeatureListNet(HandsOutFeatures, SSMNoWeightDecay, FeatureListNet):
     pass
 
 
-class _FeatureDictNet(SSMNoWeightDecay, FeatureDictNet):
+class _FeatureDictNet(HandsOutFeatures, SSMNoWeightDecay, FeatureDictNet):
     pass
 
 
-class _FeatureHookNet(SSMNoWeightDecay, FeatureHookNet):
+class _FeatureHookNet(HandsOutFeatures, SSMNoWeightDecay, FeatureHookNet):
     pass
 
 
-class _FeatureGraphNet(SSMNoWeightDecay, FeatureGraphNet):
+class _FeatureGraphNet(HandsOutFeatures, SSMNoWeightDecay, FeatureGraphNet):
     """timm's FX feature graph, traced from the model pruned to the stages it returns (as timm's getter wrapper
     prunes), so that the input check in the graph takes sides down to the reduction of the last of them."""
 
@@ -182,7 +204,7 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Outputs of the stages (`_feature_seq`) in `indices` (last n if int, all if None), each
-        (B, C_i, *spatial_i); `norm` applies `norm_pre` to the last."""
+        (B, C_i, *spatial_i) (`handed_out`); `norm` applies `norm_pre` to the last."""
         output_fmt = output_fmt or self.intermediates_fmt
         if output_fmt not in (self.intermediates_fmt, 'NCHW'):  # (timm's feature wrappers ask for 'NCHW')
             raise ValueError(f'output_fmt must be {self.intermediates_fmt!r} (channels first), got {output_fmt!r}')
@@ -204,7 +226,7 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
             for feat_idx, stage in enumerate(stages):
                 x = checkpoint(stage, x) if checkpointed else stage(x)
                 if feat_idx in take_indices:
-                    intermediates.append(self.norm_pre(x) if norm and feat_idx == last_idx else x)
+                    intermediates.append(handed_out(self.norm_pre(x) if norm and feat_idx == last_idx else x))
         if intermediates_only:
             return intermediates
         if feat_idx == last_idx:

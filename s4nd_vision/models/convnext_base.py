@@ -32,7 +32,7 @@ from ..layers import (
 )
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
-from ._base import S4NDModel, SSMNoWeightDecay, s4nd_grids
+from ._base import HandsOutFeatures, S4NDModel, SSMNoWeightDecay, handed_out, s4nd_grids
 from ._checks import check_img_size, check_input
 
 __all__ = [
@@ -427,7 +427,8 @@ class ConvNeXtBase(S4NDModel):
             s.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by output_stride (clips: T by 2).
+        """(B, in_chans, *spatial) -> (B, num_features, *spatial reduced): H and W by output_stride (clips: T by 2),
+        in a layout whose spatial axes merge (`handed_out`).
 
         In a training step every S4ND layer's kernels are generated up front in one stacked call
         (`stacked_kernels`, instead of one per layer)."""
@@ -437,14 +438,14 @@ class ConvNeXtBase(S4NDModel):
         with stacked_kernels(self, x, lambda: [] if checkpointed else self._s4nd_grids(x.shape)):
             x = self.stem(x)
             x = self.stages(x)
-        return self.norm_pre(x)
+        return handed_out(self.norm_pre(x))
 
 
-class ConvNeXtFeatures(SSMNoWeightDecay, FeatureListNet):
+class ConvNeXtFeatures(HandsOutFeatures, SSMNoWeightDecay, FeatureListNet):
     """The `features_only=True` backbone of a ConvNeXt(-S4ND): timm's list wrapper (the model's modules one by one,
     its state-dict keys, `set_grad_checkpointing`), which also checks its input as the model does and, in a training
     step, makes the kernels of all its S4ND layers in one stacked call, as the model's forward does.
-    (B, in_chans, *spatial) -> the outputs of the stages in `out_indices`, each (B, C_i, *spatial_i).
+    (B, in_chans, *spatial) -> the outputs of the stages in `out_indices`, each (B, C_i, *spatial_i) (`handed_out`).
     `feature_cls='list'` gives timm's plain wrapper, whose layers generate their kernels one by one (both keep the
     SSM parameters' `no_weight_decay`)."""
 

@@ -28,7 +28,7 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
-from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, paper_cfg
+from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, handed_out, paper_cfg
 from ._checkpoint import check_pretrained_file, check_weights_fit, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size
 
@@ -141,7 +141,7 @@ class IsoS4ND(S4NDModel):
         self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, dim, H, W).
+        """(B, in_chans, H, W) -> (B, dim, H, W), in a layout whose spatial axes merge (`handed_out`).
 
         In a training step the kernels of all blocks are generated together (`stacked_kernels`), as in
         `forward_intermediates`."""
@@ -152,7 +152,7 @@ class IsoS4ND(S4NDModel):
         else:
             with stacked_kernels(self, x, lambda: self._s4nd_grids(x.shape)):
                 x = self.blocks(x)
-        return self.norm_pre(x)
+        return handed_out(self.norm_pre(x))
 
 
 def checkpoint_filter_fn(
