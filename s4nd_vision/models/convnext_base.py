@@ -68,9 +68,10 @@ class S4NDStem(nn.Sequential):
     The full-resolution part, the largest tensors of the network, stays in S4ND's channel-major layout,
     and the first projection is fused into the S4ND layer (recomputed in the backward pass, a few samples
     at a time): no 1x1 conv or permuted copy at full resolution, and only the narrow input is saved.
-    The result is in channels-last memory, the blocks' layout; in a CPU training step it stays in S4ND's
-    channel-major layout instead, which the downsampling layers and blocks keep up to the head (`layers.pointwise`:
-    no transposing copies around the S4ND layers).
+    The result is in channels-last memory, the blocks' layout; on the CPU (`dispatch.stem_keeps_channel_major`: a
+    training step, and inference unless the blocks take the 'depthwise' path) it stays in S4ND's channel-major
+    layout instead, which the downsampling layers and blocks keep up to the head (`layers.pointwise`: no
+    transposing copies around the S4ND layers).
     """
 
     def __init__(
