@@ -438,3 +438,21 @@ def test_accelerate_cpu_offload(entry):
         assert not kernels_can_be_prepared(offloaded)
         with torch.set_grad_enabled(train):
             torch.testing.assert_close(offloaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name, depth_arg', [('convnext_s4nd_atto', 'depths'), ('convnext_s4nd_3d_atto', 'depths'),
+                                             ('vit_s4nd_atto_patch16_224', 'depth'), ('s4nd_iso_tiny', 'depth'),
+                                             ('s4nd_seq_tiny', 'depth')])
+def test_model_sizes_out_of_range_are_refused_at_construction(name, depth_arg):
+    """in_chans 0 built and failed at the first forward in a layer (or in a reshape), a negative depth in timm's
+    drop-path schedule, num_classes -1 built a model: each is now refused naming the argument; 0 classes (no
+    classifier) and 0 blocks stay valid, as in timm."""
+    depth = (1, -1, 1, 1) if depth_arg == 'depths' else -1
+    for kwargs, message in ((dict(in_chans=0), 'in_chans must be a positive integer, got 0'),
+                            (dict(in_chans=True), 'in_chans must be a positive integer, got True'),
+                            (dict(num_classes=-1), 'num_classes must be a non-negative integer'),
+                            ({depth_arg: depth}, f'{depth_arg} must be a non-negative number of blocks')):
+        with pytest.raises(ValueError, match=message), torch.device('meta'):
+            timm.create_model(name, **kwargs)
+    with torch.device('meta'):
+        timm.create_model(name, num_classes=0, **{depth_arg: (1, 0, 1, 1) if depth_arg == 'depths' else 0})

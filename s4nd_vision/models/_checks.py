@@ -6,7 +6,7 @@ import torch
 
 from ..layers.ssm_kernel import is_int
 
-__all__ = ['check_input', 'check_img_size']
+__all__ = ['check_input', 'check_img_size', 'check_model_sizes']
 
 
 def check_img_size(img_size) -> Tuple[int, int]:
@@ -16,6 +16,20 @@ def check_img_size(img_size) -> Tuple[int, int]:
     if len(size) != 2 or not all(is_int(s) and s > 0 for s in size):
         raise ValueError(f'img_size must be a positive integer, or two (H, W), got {img_size!r}')
     return int(size[0]), int(size[1])
+
+
+def check_model_sizes(in_chans, num_classes, **depths) -> None:
+    """Raise ValueError naming the first of a model's sizes out of range: `in_chans` a positive integer, `num_classes`
+    a non-negative one (0: no classifier, as in timm), each of `depths` (name=value: an integer, or one per stage) a
+    non-negative one. Here, rather than as an error from a layer at the first forward, or none at all."""
+    if not is_int(in_chans) or in_chans < 1:
+        raise ValueError(f'in_chans must be a positive integer, got {in_chans!r}')
+    if not is_int(num_classes) or num_classes < 0:
+        raise ValueError(f'num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}')
+    for name, value in depths.items():
+        values = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else (value,)
+        if not all(is_int(v) and v >= 0 for v in values):
+            raise ValueError(f'{name} must be a non-negative number of blocks (or one per stage), got {value!r}')
 
 
 def check_input(

@@ -33,7 +33,7 @@ from ..layers import (
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
 from ._base import HandsOutFeatures, S4NDModel, SSMNoWeightDecay, handed_out, s4nd_grids
-from ._checks import check_img_size, check_input
+from ._checks import check_img_size, check_input, check_model_sizes
 
 __all__ = [
     'ConvNeXtBase', 'ConvNeXtFeatures', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES',
@@ -296,6 +296,7 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
         if downsample_type not in DOWNSAMPLE_TYPES:
             raise ValueError(f'downsample_type must be one of {DOWNSAMPLE_TYPES}, got {downsample_type!r}')
+        check_model_sizes(in_chans, num_classes, depths=depths)
         if len(depths) != len(dims):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
         if output_stride not in (8, 16, 32):

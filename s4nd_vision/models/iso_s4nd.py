@@ -30,7 +30,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, handed_out, paper_cfg
 from ._checkpoint import check_pretrained_file, check_weights_fit, stated_img_size, unwrap_state_dict
-from ._checks import check_img_size
+from ._checks import check_img_size, check_model_sizes
 
 __all__ = ['IsoS4ND']
 
@@ -95,6 +95,7 @@ class IsoS4ND(S4NDModel):
         if mixer_type not in MIXER_TYPES:
             raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
         check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        check_model_sizes(in_chans, num_classes, depth=depth)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans

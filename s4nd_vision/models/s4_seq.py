@@ -57,7 +57,7 @@ from ._checkpoint import (
     split_input_size,
     unwrap_state_dict,
 )
-from ._checks import check_input
+from ._checks import check_input, check_model_sizes
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
@@ -174,6 +174,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         # (conv_kernel_size whatever the mixer, as the S4ND keywords are: a 0 built and then failed in oneDNN at the
         # first forward, True built a 1-tap conv)
         check_sizes(seq_len=seq_len, conv_kernel_size=conv_kernel_size)
+        check_model_sizes(in_chans, num_classes, depth=depth)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
