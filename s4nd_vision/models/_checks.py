@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..layers.ssm_kernel import is_int
+from ..layers.ssm_kernel import check_sizes, is_int
 
 __all__ = ['check_input', 'check_img_size', 'check_model_sizes']
 
@@ -22,8 +22,7 @@ def check_model_sizes(in_chans, num_classes, **depths) -> None:
     """Raise ValueError naming the first of a model's sizes out of range: `in_chans` a positive integer, `num_classes`
     a non-negative one (0: no classifier, as in timm), each of `depths` (name=value: an integer, or one per stage) a
     non-negative one. Here, rather than as an error from a layer at the first forward, or none at all."""
-    if not is_int(in_chans) or in_chans < 1:
-        raise ValueError(f'in_chans must be a positive integer, got {in_chans!r}')
+    check_sizes(in_chans=in_chans)
     if not is_int(num_classes) or num_classes < 0:
         raise ValueError(f'num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}')
     for name, value in depths.items():
