@@ -264,6 +264,26 @@ def test_fx_feature_extraction(entry):
 
 
 @pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_torchvision_feature_extractor(entry):
+    """torchvision's `create_feature_extractor` traces with its own tracer: given timm's leaves (as the README says)
+    it gives the feature modules' outputs, as timm's hooks do; without them a clear error says how to trace."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _create(*entry).eval()
+    nodes = [info['module'] for info in model.feature_info]
+    with pytest.raises(TypeError, match='leaf_modules=timm.layers.get_notrace_modules'):
+        create_feature_extractor(model, return_nodes=nodes)
+    leaves = dict(leaf_modules=timm.layers.get_notrace_modules(),
+                  autowrap_functions=timm.layers.get_notrace_functions())
+    extractor = create_feature_extractor(model, return_nodes=nodes, tracer_kwargs=leaves)
+    hooks = _create(*entry, features_only=True, feature_cls='hook', out_indices=range(len(nodes))).eval()
+    x = _small_input(model, batch_size=2)
+    with torch.no_grad():
+        for a, b in zip(extractor(x).values(), hooks(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
 def test_forward_intermediates_match_forward_features(entry):
     model = _create(*entry).eval()
     x = _small_input(model)

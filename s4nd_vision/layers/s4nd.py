@@ -31,10 +31,23 @@ from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
 from .ssm_kernel import SSM_INITS, SSMKernel, check_ssm_args, is_int
 
-__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS', 'check_kernel_args']
+__all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS', 'check_kernel_args',
+           'refuse_fx_proxy']
 
 KERNELS = ('s4d', 's4', 'sgconv')
 KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
+
+
+def refuse_fx_proxy(x: torch.Tensor, owner: str) -> None:
+    """Raise TypeError if x is a torch.fx proxy: the forward of `owner` (an S4ND module, a leaf of timm's FX graphs:
+    its work depends on the input's sizes) traced by a tracer that does not know timm's leaves, e.g. torchvision's
+    `create_feature_extractor`, which otherwise fails deep inside with a message about proxies."""
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            f'{owner} cannot be traced into by torch.fx: its computation depends on the input sizes. Trace with timm '
+            f'(features_only=True, feature_cls="fx"), or give the tracer timm\'s leaves, e.g. torchvision\'s '
+            f'create_feature_extractor(model, return_nodes, tracer_kwargs=dict('
+            f'leaf_modules=timm.layers.get_notrace_modules(), autowrap_functions=timm.layers.get_notrace_functions()))')
 
 
 def check_kernel_args(kernel: str, init: Optional[str], d_state: int, dt_min: float, dt_max: float,
@@ -419,6 +432,7 @@ class S4ND(nn.Module):
         # kernels `prepare_kernels` made serve this call alone: taken off the layer here and put back only for the
         # paths that read them, so that none outlives a call that refuses its input or runs without them (depthwise)
         prepared, self._prepared = self._prepared, None
+        refuse_fx_proxy(x, 'S4ND')
         self._check_input(x)
         # the fused kernels read x in its own dtype, also under autocast (a memory-bound convolution gains nothing
         # from a cast copy), and accumulate in float32

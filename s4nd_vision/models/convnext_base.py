@@ -32,6 +32,7 @@ from ..layers import (
 )
 from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
+from ..layers.s4nd import refuse_fx_proxy
 from ._base import HandsOutFeatures, S4NDModel, SSMNoWeightDecay, handed_out, s4nd_grids
 from ._checks import check_img_size, check_input, check_model_sizes
 
@@ -97,6 +98,7 @@ class S4NDStem(nn.Sequential):
         record_submodules(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_fx_proxy(x, type(self).__name__)
         if not submodules_as_built(self):  # (hooked or replaced submodules: called one after the other)
             return super().forward(x)
         # (the nn.GLU, dim=1, describes the layer and keeps timm's module indices; here the channels are the
@@ -137,6 +139,7 @@ class S4NDDownsample(nn.Sequential):
         record_submodules(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_fx_proxy(x, type(self).__name__)
         if not submodules_as_built(self):  # (as in `S4NDStem`)
             return super().forward(x)
         norm, s4nd, conv, _ = self  # (the GLU, as in `S4NDStem`: applied by `_pointwise_glu`, channels last)
