@@ -211,6 +211,19 @@ def test_push_to_hub_uploads_the_card(monkeypatch, has_readme):
     assert 'import s4nd_vision' in uploaded['text'] and 'pip install s4nd-vision' in uploaded['text']
 
 
+def test_a_compiled_model_saves_the_model_it_wraps(tmp_path):
+    """`torch.compile(model)` (compilation is lazy: nothing runs here) saves and loads back as the model itself."""
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=5).eval()
+    save_for_hf(torch.compile(model), str(tmp_path))
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert loaded.img_size == (64, 64) and loaded.num_classes == 5
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_a_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     """A save stopped part-way (here: the card fails after timm wrote the weights and config) leaves the earlier
     save's files, not new weights beside its config.json (which would build the model at the old native size), and

@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Iterable, Iterator, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from ..layers import S4ND
@@ -179,6 +180,10 @@ def save_for_hf(
     """
     from timm.models import save_for_hf as timm_save_for_hf
     from timm.models._hub import generate_readme  # the card push_to_hf_hub writes
+    # a torch.compile'd model saves the model it wraps (timm's save fails on the wrapper, whose state dict's keys
+    # carry an '_orig_mod.' prefix)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
     os.makedirs(save_directory, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix='.saving-', dir=save_directory) as tmp:
         with _native_size(model, kwargs.pop('data_config', None)) as data_config:
