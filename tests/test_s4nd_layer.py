@@ -216,6 +216,23 @@ def test_rate_two_kernel_is_box_sum_of_rate_one():
     torch.testing.assert_close(k2, k1[..., 0::2] + k1[..., 1::2])
 
 
+@pytest.mark.parametrize('kernel', ['s4d', 'sgconv'])
+@pytest.mark.parametrize('bidirectional', [True, False], ids=['two-sided', 'causal'])
+def test_finer_grid_gives_the_same_continuous_output_on_every_axis(kernel, bidirectional):
+    """The same continuous kernel at every rate, two-sided axes as exactly as causal ones (`S4ND`'s docstring): each
+    sample of an input repeated m times per axis (a piecewise-constant signal on a grid m times finer, rate 1 / m),
+    output sample m (l + 1) - 1 is output sample l at rate 1, the continuous output at the end of that cell."""
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=8, kernel=kernel, bidirectional=bidirectional, l_ref=(6, 5), dt_min=0.05,
+                 dt_max=0.5).double()
+    u = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(u)
+        for m in (2, 3):
+            fine = layer(u.repeat_interleave(m, 2).repeat_interleave(m, 3))  # automatic rate 1 / m
+            torch.testing.assert_close(fine[..., m - 1::m, m - 1::m], y)
+
+
 def _smooth_image(n: int, channels: int) -> torch.Tensor:
     """A smooth function on the unit square, averaged over the cells of an n x n grid."""
     s = 8

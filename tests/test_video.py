@@ -221,8 +221,8 @@ def test_identity_inflation_passes_through_at_every_clip_length():
 
 @pytest.mark.parametrize('rate', [1.0, 0.5, 2.0])
 def test_two_sided_smooth_time_kernel_is_symmetric_at_num_frames_only(rate):
-    """The documented shape at another clip length (rate r): the backward half, offset by one tap at every rate, is
-    the symmetric kernel's times lam^(1 - r), and the whole kernel keeps unit mass (S4D)."""
+    """The documented taps at another clip length (rate r): the backward half, lam times the forward one at every
+    rate, is the symmetric kernel's times lam^(1 - r), and the whole kernel keeps unit mass (S4D)."""
     model_2d, model_3d = _pair()
     decay = 1.5
     model_3d.load_state_dict(inflate_state_dict(model_2d.state_dict(), model_3d, time_decay=decay, keep_head=True))

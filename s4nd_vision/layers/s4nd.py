@@ -134,10 +134,13 @@ class S4ND(nn.Module):
     rate = reference length / input length per axis. With `l_ref` set (the training grid), the
     rate follows the input automatically, so a layer trained at 56x56 sees the same continuous
     kernel at 112x112 (finer steps, twice as many taps). Pass `rate` to forward to override.
-    That holds exactly on causal axes; a two-sided axis also changes shape slightly at another rate. Its backward
-    half starts one tap back (offset -1), a distance fixed in taps, not in position: at rate r that half is the
-    reference one moved (1 - r) reference steps towards the centre, so a kernel symmetric on the reference grid is
-    not on others (for a backward half decaying by lam per reference step, its taps are scaled by lam^(1 - r)).
+    That holds exactly ('s4d', 'sgconv'; S4's bilinear steps approximate it) on causal and two-sided axes alike: tap
+    o (o < 0: the backward half) is the continuous kernel integrated over the cell [o, o + 1) of the step, so the
+    taps at rate r / 2 summed in pairs are those at rate r, and output sample l is the continuous output (of an input
+    constant over each sample's cell) at the end of its cell, (l + 1) rate reference steps: half a sample after the
+    sample's centre, at every rate. A kernel whose taps are centred on the reference grid (a two-sided one with the
+    backward half lam times the forward one, symmetric at rate 1) is therefore centred there only: at rate r its
+    backward taps are lam^(1 - r) times those of a symmetric kernel.
 
     With `pool` > 1 the output is average-pooled by `pool` (window = stride, remainder dropped,
     like AvgPool): a resolution-aware downsampling. The pooling folds into the convolution, so

@@ -27,10 +27,9 @@ Papers:
 
 Resolution control as in 2D: every S4ND layer knows its (T, H, W) grid at `num_frames` x
 `img_size` and derives its rate from each input, so a clip with twice the frames over the same
-duration sees the same continuous time kernel on a causal time axis (`time_bidirectional=False`).
-A two-sided time kernel also changes shape slightly at another clip length (its backward half is
-offset by one tap, whatever the rate: `S4ND`); the inflated smooth kernel is symmetric only at
-`num_frames` (`s4nd_vision.models.inflate`). `set_input_size(img_size, num_frames)` makes another
+duration sees the same continuous time kernel, on a causal time axis (`time_bidirectional=False`) and a
+two-sided one alike (`S4ND`); the inflated smooth kernel's taps are symmetric only at `num_frames`
+(`s4nd_vision.models.inflate`). `set_input_size(img_size, num_frames)` makes another
 clip size the native one, keeping the model's function.
 """
 from functools import partial

@@ -32,11 +32,13 @@ on every frame exactly when s(t) = 1 everywhere:
   decay of one frame) and by nearly 1 inside. With a causal time axis K(o) = (1 - lam) lam^o for
   o >= 0 and s(t) = 1 - lam^(t+1).
   The two-sided kernel is symmetric at the model's `num_frames` only: its backward half (offsets -1, -2, ...)
-  is the forward half times its own C = lam, a weight fixed in taps, so at another clip length (rate
-  r = num_frames / T) tap -(l + 1) is lam, not lam^r, times tap l. Against a symmetric kernel the backward
+  is the forward half times its own C = lam, so at another clip length (rate r = num_frames / T) tap -(l + 1) is
+  lam, not lam^r, times tap l. The continuous kernel is the same at every rate (`S4ND`: tap o integrates it over
+  the cell [o, o + 1) r frames of the reference grid); it is its taps on the frame grid that are symmetric at rate 1
+  only. Against a symmetric kernel the backward
   half is scaled by lam^(1 - r) (S4D; 0.61 at twice the frames with the default decay, 2.7 = 1 / lam at half); the
-  whole kernel keeps unit mass (the forward half 1 / (1 + lam), the backward lam / (1 + lam)), its shape does
-  not: temporal zero-shot sees a kernel leaning forward at more frames, backward at fewer.
+  whole kernel keeps unit mass (the forward half 1 / (1 + lam), the backward lam / (1 + lam)), its shape on the
+  frame grid does not: temporal zero-shot sees a kernel leaning forward at more frames, backward at fewer.
 * `time_init='random'`: the 3D model's own initialization of its time kernels (no relation to the 2D output).
 
 Both kernels use one real mode (the others start with C = 0 and are free to learn): Im(A) = 0,
