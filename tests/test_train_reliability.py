@@ -293,6 +293,21 @@ def test_fp16_is_refused_where_accelerate_would_train_in_float32(tmp_path, folde
     _reset()
 
 
+def test_a_later_run_in_the_same_process_does_not_inherit_its_mixed_precision(tmp_path, folder):
+    """Accelerate keeps the first Accelerator's mixed precision for the whole process: a later run (a notebook's
+    sweep) whose config leaves it null, float32 without a launcher, would silently train in the earlier bf16."""
+    _reset()
+    assert Trainer(load_config(None, _overrides(folder, tmp_path / 'bf16', 'train.mixed_precision=bf16'))
+                   ).accelerator.mixed_precision == 'bf16'
+    for value in ('null', 'no'):
+        with pytest.raises(ConfigError, match=r'train.mixed_precision is (null|no) \(here: no\), but an earlier run '
+                                              r'in this Python process trained with bf16'):
+            Trainer(load_config(None, _overrides(folder, tmp_path / value, f'train.mixed_precision={value}')))
+    _reset()
+    assert Trainer(load_config(None, _overrides(folder, tmp_path / 'fresh'))).accelerator.mixed_precision == 'no'
+    _reset()
+
+
 def test_poly_schedule_takes_its_power_from_the_config(tmp_path, folder):
     """sched.decay_rate is the poly schedule's power (timm's decay_rate), 0.1 by default as in timm's train.py."""
     for extra, power in (((), 0.1), (('sched.decay_rate=1.0',), 1.0)):

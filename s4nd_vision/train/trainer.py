@@ -28,7 +28,8 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, parse_choice_from_env, set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -117,13 +118,26 @@ class Trainer:
     def __init__(self, cfg: Config, resume=False, allow_fresh: bool = False):
         self.cfg = cfg
         tc = cfg.train
-        self.accelerator = Accelerator(
-            mixed_precision=tc.mixed_precision,
-            gradient_accumulation_steps=tc.grad_accum_steps,
-            log_with=tc.trackers or None,
-            project_dir=tc.output_dir,
-            step_scheduler_with_optimizer=False,
-        )
+        # null: the launcher's (accelerate launch --mixed_precision), resolved as Accelerate resolves it in a fresh
+        # process; passed explicitly, since Accelerate would otherwise keep the precision of an earlier run in
+        # this process (e.g. a notebook's bf16 run before) without a word
+        precision = tc.mixed_precision or parse_choice_from_env('ACCELERATE_MIXED_PRECISION', 'no')
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=precision,
+                gradient_accumulation_steps=tc.grad_accum_steps,
+                log_with=tc.trackers or None,
+                project_dir=tc.output_dir,
+                step_scheduler_with_optimizer=False,
+            )
+        except ValueError as e:
+            if 'already been initialized' not in str(e):
+                raise
+            raise ConfigError(
+                f'train.mixed_precision is {tc.mixed_precision or "null"} (here: {precision}), but an earlier run '
+                f'in this Python process trained with {AcceleratorState._shared_state.get("_mixed_precision")}, '
+                f'which Accelerate keeps for the whole process: give train.mixed_precision that value, or start '
+                f'this run in a new process') from None
         acc = self.accelerator
         # the first collective: a process whose config failed to load joins it with its error (`cli.run`)
         with same_on_every_process(acc) as facts:
