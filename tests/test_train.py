@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import ResumableSampler
-from s4nd_vision.layers import ssm_parameters
+from s4nd_vision.layers import sgconv_weights, ssm_parameters
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
 from s4nd_vision.train.optim import param_groups_ssm
 
@@ -555,6 +555,25 @@ def test_layer_decay_groups_keep_the_ssm_lr():
         assert all(ssm) or not any(ssm)
         if all(ssm):
             assert g['lr'] == 1e-3 and g['weight_decay'] == 0.0
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('layer_decay', [None, 0.5])
+def test_sgconv_weights_take_the_ssm_lr_with_weight_decay(layer_decay):
+    """The SGConv code trains its sub-kernel weights at lr 0.001 (its `_optim` sets only that): with `ssm_lr` they
+    get it, with the decay the other weights get; nothing else changes group."""
+    model = timm.create_model('convnext_sgconv_atto')
+    kernels = {id(p) for _, p in sgconv_weights(model)}
+    assert kernels
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-2, param_group_fn=partial(
+        param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, layer_decay=layer_decay))
+    for g in opt.param_groups:
+        ids = {id(p) for p in g['params']}
+        assert ids <= kernels or not ids & kernels
+        if ids <= kernels:
+            assert g['lr'] == 1e-3 and g['weight_decay'] == 0.05
+        else:
+            assert g['lr'] == 1e-2
     assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
 
 

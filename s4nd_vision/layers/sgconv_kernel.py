@@ -23,7 +23,7 @@ import numbers
 import threading
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,15 @@ from .records import records_in_state_dict
 from .reference import use_reference
 from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel
 
-__all__ = ['SGConvKernel', 'sgconv_scales']
+__all__ = ['SGConvKernel', 'sgconv_scales', 'sgconv_weights']
+
+
+def sgconv_weights(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """(name, parameter) of the sub-kernel weights of every SGConv kernel in `module`, which the SGConv code trains
+    at its own learning rate (0.001) with the other weights' decay (see `s4nd_vision.train.optim`)."""
+    for prefix, m in module.named_modules():
+        if isinstance(m, SGConvKernel):
+            yield f'{prefix}.weight' if prefix else 'weight', m.weight
 
 
 def sgconv_scales(l_ref: int, size: int) -> int:

@@ -117,7 +117,7 @@ class OptimConfig:
     lr: float = 1e-3  # at a global batch of lr_base_batch; scaled linearly to the real global batch
     lr_base_batch: Optional[int] = None  # None: lr is used as given
     weight_decay: float = 0.05
-    ssm_lr: Optional[float] = None  # SSM parameters (A, B, dt); scaled like lr; None = lr
+    ssm_lr: Optional[float] = None  # SSM parameters (A, B, dt) and SGConv weights; scaled like lr; None = lr
     ssm_weight_decay: float = 0.0
     layer_decay: Optional[float] = None  # layer-wise lr decay
     # null: the optimizer's own (timm's train.py passes them only when given; AdamW's are (0.9, 0.999) and 1e-8)

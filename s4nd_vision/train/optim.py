@@ -1,7 +1,8 @@
 """Optimizer parameter groups that give S4ND's SSM parameters their own learning rate.
 
 S4ND trains the SSM parameters (A, B and the log step size) with a smaller learning rate and
-no weight decay. Use with timm's optimizer factory::
+no weight decay; SGConv (`kernel='sgconv'`) its sub-kernel weights with that learning rate and the usual weight
+decay (the SGConv code's only override is their lr). Use with timm's optimizer factory::
 
     optimizer = timm.optim.create_optimizer_v2(
         model, 'adamw', lr=4e-3, weight_decay=0.05,
@@ -16,7 +17,7 @@ from typing import Any, Collection, Dict, List, Optional
 import torch.nn as nn
 from timm.optim._param_groups import _matches_pattern, param_groups_layer_decay
 
-from ..layers import ssm_parameters
+from ..layers import sgconv_weights, ssm_parameters
 
 __all__ = ['param_groups_ssm', 'ssm_param_names']
 
@@ -36,7 +37,8 @@ def param_groups_ssm(
 ) -> List[Dict[str, Any]]:
     """Split parameters into SSM / no-decay / decay groups.
 
-    SSM parameters get `ssm_lr` (the optimizer's lr when None) and `ssm_weight_decay`; biases,
+    SSM parameters get `ssm_lr` (the optimizer's lr when None) and `ssm_weight_decay`, SGConv's sub-kernel weights
+    `ssm_lr` and the weight decay of the rest; biases,
     1-D parameters and names matching `no_weight_decay_list` (fnmatch patterns; None = the model's
     `no_weight_decay()`, as plain `create_optimizer_v2` uses it) get no weight decay.
     With `layer_decay`, timm's layer-wise groups (an `lr_scale` per depth, which timm's schedulers
@@ -61,15 +63,18 @@ def param_groups_ssm(
                 decay.append(p)
         groups = [{'params': ssm}, {'params': no_decay, 'weight_decay': 0.0},
                   {'params': decay, 'weight_decay': weight_decay}]
+    # (without `ssm_lr` SGConv's weights are like the others: no group of their own)
+    kernel_ids = set() if ssm_lr is None else {id(p) for _, p in sgconv_weights(model)}
+    lr = {} if ssm_lr is None else {'lr': ssm_lr}  # (timm's schedulers scale each group from its own initial lr)
     out = []
     for group in groups:
         ssm = [p for p in group['params'] if id(p) in ssm_ids]
-        rest = [p for p in group['params'] if id(p) not in ssm_ids]
+        kernel = [p for p in group['params'] if id(p) in kernel_ids]
+        rest = [p for p in group['params'] if id(p) not in ssm_ids and id(p) not in kernel_ids]
         if ssm:
-            ssm_group = dict(group, params=ssm, weight_decay=ssm_weight_decay)
-            if ssm_lr is not None:
-                ssm_group['lr'] = ssm_lr  # timm's schedulers scale each group from its own initial lr
-            out.append(ssm_group)
+            out.append(dict(group, params=ssm, weight_decay=ssm_weight_decay, **lr))
+        if kernel:
+            out.append(dict(group, params=kernel, **lr))
         if rest:
             out.append(dict(group, params=rest))
     return out
