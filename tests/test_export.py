@@ -412,6 +412,23 @@ def test_layer_with_l_max_exports_one_graph_for_every_size(kwargs):
             torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-4, atol=1e-5)
 
 
+def test_torch_export_program_of_dynamic_sizes_saves_and_loads(tmp_path):
+    """A torch.export program with dynamic sides saves with torch.export.save and, loaded back, equals eager at
+    other sizes: the layers' `torch.autocast(enabled=False)` around the kernel generation (also outside autocast)
+    captured a `wrap_with_autocast` subgraph whose symbolic float input (the kernel rate) save refused."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_s4nd_atto_patch16_224', depth=1, num_classes=4).eval()
+    dims = {0: torch.export.Dim('batch', max=64), 2: 16 * torch.export.Dim('h', min=3, max=8),
+            3: 16 * torch.export.Dim('w', min=3, max=8)}
+    program = torch.export.export(model, (torch.randn(2, 3, 48, 48),), dynamic_shapes=(dims,))
+    torch.export.save(program, str(tmp_path / 'model.pt2'))
+    loaded = torch.export.load(str(tmp_path / 'model.pt2')).module()
+    for size in ((48, 48), (64, 96)):
+        x = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
 @pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_sgconv_atto', 's4'])
 def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, grad):

@@ -21,7 +21,7 @@ __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'channel_major_memory', 'separable_conv', 'project',
     'conv_algorithms', 'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm',
     'forced_algorithm', 'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks',
-    'PROJECTION_CHUNK_BYTES',
+    'PROJECTION_CHUNK_BYTES', 'autocast_off',
     'recompute_for_memory', 'backward_without_autocast',
 ]
 
@@ -586,6 +586,15 @@ def backward_without_autocast(backward):
     return wrapped
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off on `device_type` where it is on (`torch.autocast(enabled=False)`), else no context: a graph
+    that torch.export captures outside autocast then holds no `wrap_with_autocast` subgraph, whose symbolic float
+    inputs (the kernel rates of dynamic sizes) `torch.export.save` cannot serialize."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def generation_without_autocast(generate):
     """Decorates a kernel generator (a kernel module's forward, or a function of a sequence of kernel modules) to
     run with autocast off on the modules' device: kernels are generated in the dtype asked for (float32 or
@@ -594,7 +603,7 @@ def generation_without_autocast(generate):
     def wrapped(kernels, *args, **kwargs):
         module = kernels if isinstance(kernels, torch.nn.Module) else (kernels[0] if len(kernels) else None)
         param = None if module is None else next(module.parameters(), None)
-        with torch.autocast(device_type=param.device.type if param is not None else 'cpu', enabled=False):
+        with autocast_off(param.device.type if param is not None else 'cpu'):
             return generate(kernels, *args, **kwargs)
     return wrapped
 

@@ -19,6 +19,7 @@ from . import dispatch
 from .ops import (
     DepthwiseConv,
     apply_operators,
+    autocast_off,
     channel_major,
     channels_first,
     conv_algorithms,
@@ -497,7 +498,7 @@ class S4ND(nn.Module):
             # the layer's and the fused projection's (a model's S4ND stem projection, which DDP waits for too)
             weights = [*self.parameters(), *(t for t in proj or () if t is not None)]
             return out + 0 * (u.sum() + sum(t.sum() for t in weights))
-        with torch.autocast(device_type=u.device.type, enabled=False):
+        with autocast_off(u.device.type):
             u = u.to(conv_dtype)
             if proj is not None:
                 proj = tuple(None if p is None else p.to(conv_dtype) for p in proj)
@@ -556,7 +557,7 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         rates += layer_rates
         all_sizes += sizes
         bidirectional += layer.bidirectional
-    with torch.autocast(device_type=layers[0][0].D.device.type, enabled=False):  # generation runs in `dtype`
+    with autocast_off(layers[0][0].D.device.type):  # generation runs in `dtype`
         made = iter(dispatch.generate_two_sided(kernels, lengths, rates, all_sizes, bidirectional, dtype))
     thread = None if torch.compiler.is_compiling() else threading.get_ident()  # (see `_prepared_kernels`)
     for layer, sizes in layers:
