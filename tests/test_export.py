@@ -450,6 +450,18 @@ def test_jit_trace_passes_its_check_and_computes_kernels_from_the_weights(name, 
         torch.testing.assert_close(traced(x), other(x), rtol=1e-4, atol=1e-5)
 
 
+def test_jit_trace_warns_that_the_traced_module_takes_the_traced_size_only():
+    """A trace records each S4ND layer's kernel lengths and rates as constants: at another size the traced module
+    runs without error and gives wrong results, so the trace says so (beyond PyTorch's generic TracerWarnings)."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8).eval()
+    with pytest.warns(torch.jit.TracerWarning, match='S4ND layers at the traced input size.*wrong results'):
+        traced = torch.jit.trace(layer, torch.randn(2, 4, 8, 8))
+    x = torch.randn(2, 4, 12, 12)
+    with torch.no_grad():
+        assert not torch.allclose(traced(x), layer(x), atol=1e-3)  # (what the warning is about)
+
+
 def test_export_command_passes_the_models_input_channels(monkeypatch, tmp_path, capsys):
     """`--model-kwargs in_chans=1`: the export and the timing runs feed 1-channel inputs (the model's own)."""
     import s4nd_vision.deploy.export as export

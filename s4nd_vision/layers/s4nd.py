@@ -9,6 +9,7 @@ import itertools
 import math
 import numbers
 import threading
+import warnings
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -488,6 +489,11 @@ class S4ND(nn.Module):
         """
         sizes = u.shape[1:-2] + u.shape[-1:]
         shape = (self.dim,) + u.shape[1:]
+        if torch.jit.is_tracing():  # (a TracerWarning: fvcore's FLOP counting, which traces, hides them)
+            warnings.warn('torch.jit.trace records S4ND layers at the traced input size: their kernel lengths and '
+                          'rates become constants, so the traced module computes wrong results at other input sizes; '
+                          'trace at the size you run, or use torch.export or ONNX (s4nd_vision.deploy.export_onnx) '
+                          'for dynamic sizes', torch.jit.TracerWarning)
         # kernels, FFTs and long sums run in float32 (float64 stays float64), also under autocast
         kernel_dtype = torch.promote_types(u.dtype, torch.float32)
         conv_dtype = self._conv_dtype(u.device, shape, kernel_dtype)
