@@ -298,6 +298,16 @@ def test_an_interrupted_onnx_save_leaves_the_file_before_it(tmp_path, monkeypatc
     assert path.read_bytes() == b'new graph' and os.listdir(tmp_path) == ['iso.onnx']
 
 
+def test_export_onnx_to_a_folder_is_refused_before_the_export(tmp_path, monkeypatch):
+    """A path that is a folder failed only at the final rename, after the export (minutes for large models), with
+    an IsADirectoryError naming a temporary file: export_onnx refuses it first (the command refuses it itself)."""
+    monkeypatch.setattr(torch.onnx, 'export', lambda *a, **k: pytest.fail('exported before refusing the path'))
+    model = timm.create_model('s4nd_iso_tiny', img_size=8, depth=1, dim=8, d_state=4, num_classes=3)
+    with pytest.raises(ValueError, match='is a folder; name the ONNX file'):
+        export_onnx(model, str(tmp_path), img_size=(8, 8))
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride(tmp_path, capsys):
     """convnext_s4nd_atto built at 64 px (2 strides) exports without --trace-size: traced at 3 strides, 96 px (it
     failed on a --trace-size never given), and the graph equals eager at its own 64 px and at 32 px; a default

@@ -131,6 +131,9 @@ def export_onnx(
         the path written.
     """
     from ..layers import S4Kernel
+    if os.path.isdir(path):  # (else refused only by the rename after the export, which takes minutes)
+        raise ValueError(f'path: {path!r} is a folder; name the ONNX file to write, e.g. '
+                         f'{os.path.join(path, "model.onnx")!r}')
     check_image_model(model, fixed_size)
     own = input_sides(model)
     img_size = trace_size(model, fixed_size) if img_size is None else img_size
