@@ -3,6 +3,7 @@ to torch.export / ONNX with dynamic H and W and compile once for every size."""
 import collections
 import copy
 import functools
+import json
 import os
 import re
 import types
@@ -366,6 +367,20 @@ def test_export_max_side_reaches_the_graph(monkeypatch, capsys):
         main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'depths=(1,1,1,1)', 'dims=(4,4,4,4)',
               '--max-side', '4096', '--sizes', '2080x32'])
     assert len(calls) == 1 and calls[0]['max_side'] == 4096 and not calls[0]['fixed_size'], calls
+
+
+def test_export_metadata_states_the_size_the_checkpoint_was_trained_at(tmp_path):
+    """Weights trained at 96 px, loaded as `s4nd-vision export --checkpoint` loads them (no img_size given): the
+    model, hence the file's data_config, stated the default 224 px (while its kernels keep the 96 px grids), so a
+    deployment preprocessing from the metadata resized to 224 px."""
+    from safetensors.torch import save_file
+
+    from s4nd_vision.eval.resolution import load_model
+    path = str(tmp_path / 'w96.safetensors')
+    save_file(timm.create_model('convnext_s4nd_atto', img_size=96, num_classes=10).state_dict(), path)
+    model = load_model('convnext_s4nd_atto', path)
+    assert model.reference_img_size() == (96, 96)
+    assert json.loads(onnx_metadata(model)['data_config'])['input_size'] == [3, 96, 96]
 
 
 def test_onnx_metadata_fits_the_models_input_channels():

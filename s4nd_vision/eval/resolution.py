@@ -63,7 +63,8 @@ def load_model(
         img_size: the resolution the weights were trained at: this package's models are built for it (their
             S4ND kernels' reference grids, which weight files written by earlier versions do not hold); timm
             models that take a size (ViTs) are set to it; others ignore it. Weights that hold another grid keep
-            it (they were trained at another size): a warning names both, and the model is set to the weights'.
+            it (they were trained at another size): a warning names both, and the model is set to the weights'
+            (without a size given, silently: it states the size its weights were trained at).
         bandlimit: band-limiting cut-off set on every S4ND kernel after loading (None leaves the one saved with
             the weights, else the model's own); models without S4ND layers are unaffected.
         model_kwargs: further `timm.create_model` arguments (those the model was trained with).
@@ -95,12 +96,16 @@ def load_model(
                 f'({detail}): build it with the arguments it was trained with (eval-resolution: '
                 f'--models NAME,key=value,...; kernel-report, export: --model-kwargs key=value ...)') from None
         # the saved reference grids replace those built for img_size: the model says the size they were trained at
+        # (also where no size was given: else it would state its default, and so would the data config and the
+        # metadata of an exported file, and preprocessing would resize to that)
         trained = model.reference_img_size() if hasattr(model, 'reference_img_size') else None
-        if img_size is not None and trained is not None and tuple(trained) != (img_size, img_size):
-            px = f'{trained[0]} px' if trained[0] == trained[1] else f'{trained[0]}x{trained[1]} px'
-            warnings.warn(f'{checkpoint!r} holds weights trained at {px} (their S4ND reference grids), not '
-                          f'at img_size={img_size}: they are evaluated as trained at {px}',
-                          UserWarning)
+        if trained is not None and tuple(trained) != tuple(model.img_size):
+            stated = img_size if img_size is not None else kwargs.get('img_size')
+            if stated is not None:
+                px = f'{trained[0]} px' if trained[0] == trained[1] else f'{trained[0]}x{trained[1]} px'
+                warnings.warn(f'{checkpoint!r} holds weights trained at {px} (their S4ND reference grids), not '
+                              f'at img_size={stated}: they are evaluated as trained at {px}',
+                              UserWarning)
             model.set_input_size(trained)
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
