@@ -231,8 +231,7 @@ def test_features_only(entry):
         for a, b, c in zip(getter(x), outs, expected, strict=True):
             assert torch.equal(a, c)
             torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-4)
-    if hasattr(model, 'set_grad_checkpointing'):  # (timm's list wrapper has it; detection code calls it)
-        model.set_grad_checkpointing(True)
+    model.set_grad_checkpointing(True)  # (every wrapper has it; detection code calls it)
     sides = 1 if x.ndim == 3 else 2  # sequences (B, C, L): L; images and videos: H, W
     for out, chs, reduction in zip(outs, info.channels(), info.reduction()):
         assert out.shape[:2] == (2, chs)
@@ -327,6 +326,32 @@ def test_gradient_checkpointing_same_output_and_grads(entry):
             model.forward_intermediates(x)
         saved.append(sum(sizes))
     assert saved[1] < saved[0] / 2, saved
+
+
+@pytest.mark.parametrize('feature_cls', ['getter', None])
+@pytest.mark.parametrize('name', ['vit_s4nd_atto_patch16_224', 's4nd_iso_tiny', 's4nd_seq_atto', 'convnext_s4nd_atto'])
+def test_features_only_gradient_checkpointing(name, feature_cls):
+    """Every `features_only` backbone takes `set_grad_checkpointing` (timm's getter wrapper, the ViT's, the isotropic
+    and sequence models' default, has none): the same features and gradients, far less kept for backward."""
+    extra = {} if feature_cls is None else dict(feature_cls=feature_cls)
+    model = _create(name, {}, features_only=True, drop_path_rate=0.2, **extra)
+    x = _small_input(model, batch_size=2)
+    runs = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad(set_to_none=True)
+        sizes = []
+        torch.manual_seed(1)  # (the same drop-path masks)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            outs = model(x)
+        sum(out.square().sum() for out in outs).backward()
+        runs.append((outs, {n: p.grad for n, p in model.named_parameters()}, sum(sizes)))
+    (outs, grads, saved), (outs_ckpt, grads_ckpt, saved_ckpt) = runs
+    for a, b in zip(outs_ckpt, outs, strict=True):
+        torch.testing.assert_close(a, b)
+    for n, g in grads.items():
+        assert_same_gradient(grads_ckpt[n], g, n)
+    assert saved_ckpt < saved / 2, (saved, saved_ckpt)
 
 
 @pytest.mark.parametrize('entry', [e for e in COMPLIANCE_MODELS if e[0] != 's4nd_seq_atto'], ids=_ids)

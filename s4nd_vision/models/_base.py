@@ -126,7 +126,13 @@ class _FeatureGraphNet(HandsOutFeatures, SSMNoWeightDecay, FeatureGraphNet):
 
 
 class _FeatureGetterNet(SSMNoWeightDecay, FeatureGetterNet):
-    pass
+    """timm's getter wrapper (the model's `forward_intermediates`), with the `set_grad_checkpointing` that timm's
+    lacks and its other wrappers have (detection code calls it): the model's, which `forward_intermediates`
+    honours."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
 
 
 _FEATURE_CLASSES = dict(list=_FeatureListNet, dict=_FeatureDictNet, hook=_FeatureHookNet, fx=_FeatureGraphNet,
