@@ -129,6 +129,19 @@ def test_default_cfg_contract(entry):
         assert out.shape == (expected or features.shape)
 
 
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'vit_s4nd_atto_patch16_224', 's4nd_seq_atto'])
+def test_reset_classifier_refuses_a_class_count_that_is_not_a_non_negative_integer(name):
+    """As at construction: timm's heads took -1 for 0 (features given for logits, num_classes=-1) and failed on
+    None or '10' in a comparison, after the model had recorded it; the classifier stays as it was."""
+    model = _create(name, {}, num_classes=3)
+    for bad in (-1, None, '10', 2.5):
+        with pytest.raises(ValueError, match='num_classes must be a non-negative integer'):
+            model.reset_classifier(bad)
+    assert model.num_classes == 3 and model.get_classifier().out_features == 3
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+
+
 @pytest.mark.parametrize('entry', [e for e in COMPLIANCE_MODELS if not e[0].startswith('s4nd_seq')], ids=_ids)
 def test_an_overlay_input_size_is_the_native_size(entry):
     """As timm's fixed-size models (its ViTs): without `img_size`, the input size a `pretrained_cfg_overlay`

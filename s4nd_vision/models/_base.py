@@ -18,7 +18,7 @@ from timm.models._features_fx import FeatureGraphNet
 from ..layers import S4ND, ssm_parameters, stacked_kernels
 from ..layers.dispatch import channel_major_input
 from ..layers.s4nd import SCRIPT_ALTERNATIVES
-from ._checks import check_img_size, check_input
+from ._checks import check_img_size, check_input, check_num_classes
 
 try:  # timm's record of a model's current input size and arguments, apart from its source cfg (recent timm)
     from timm.models._input import update_model_args, update_model_input_size
@@ -174,6 +174,7 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
         """A new classifier for `num_classes` (0: none) and, if given, pooling; `reset_other` also removes
         the head's norm and pre-logits MLP (heads that have them)."""
+        check_num_classes(num_classes)
         check_global_pool(global_pool)
         self.num_classes = num_classes
         self.head.reset(

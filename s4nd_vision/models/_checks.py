@@ -6,7 +6,7 @@ import torch
 
 from ..layers.ssm_kernel import check_sizes, is_int
 
-__all__ = ['check_input', 'check_img_size', 'check_model_sizes']
+__all__ = ['check_input', 'check_img_size', 'check_model_sizes', 'check_num_classes']
 
 
 def check_img_size(img_size) -> Tuple[int, int]:
@@ -23,12 +23,19 @@ def check_model_sizes(in_chans, num_classes, **depths) -> None:
     a non-negative one (0: no classifier, as in timm), each of `depths` (name=value: an integer, or one per stage) a
     non-negative one. Here, rather than as an error from a layer at the first forward, or none at all."""
     check_sizes(in_chans=in_chans)
-    if not is_int(num_classes) or num_classes < 0:
-        raise ValueError(f'num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}')
+    check_num_classes(num_classes)
     for name, value in depths.items():
         values = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else (value,)
         if not all(is_int(v) and v >= 0 for v in values):
             raise ValueError(f'{name} must be a non-negative number of blocks (or one per stage), got {value!r}')
+
+
+def check_num_classes(num_classes) -> None:
+    """Raise ValueError unless `num_classes` is a non-negative integer (0: no classifier, as in timm): at
+    construction and in `reset_classifier`, where timm's heads take a negative count for 0 (the model then gives
+    features for logits) and fail on others in the layers, after the model has recorded it."""
+    if not is_int(num_classes) or num_classes < 0:
+        raise ValueError(f'num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}')
 
 
 def check_input(

@@ -57,7 +57,7 @@ from ._checkpoint import (
     split_input_size,
     unwrap_state_dict,
 )
-from ._checks import check_input, check_model_sizes
+from ._checks import check_input, check_model_sizes, check_num_classes
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
@@ -237,6 +237,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        check_num_classes(num_classes)
         if global_pool is not None:
             if global_pool not in POOLS:
                 raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
