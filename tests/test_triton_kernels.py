@@ -132,6 +132,27 @@ def test_fused_generation_rejects_mixed_state_sizes():
         triton_kernels.ssm_kernels_fused(kernels, [5, 5], [1.0, 1.0])
 
 
+
+@pytest.mark.parametrize('lengths, rates, match', [
+    ([5, 5], [1.0], 'one entry per kernel'),  # (a rate read beyond the rows' before)
+    ([5], [1.0, 1.0], 'one entry per kernel'),  # (the second kernel silently dropped before)
+    ([5, 0], [1.0, 1.0], 'length must be a positive integer'),
+    ([5, 5], [1.0, 0.0], 'rate must be finite and positive'),  # (all-zero kernels before)
+    ([5, 5], [1.0, float('nan')], 'rate must be finite and positive'),  # (NaN kernels before)
+])
+def test_fused_generation_checks_lengths_and_rates_as_ssm_kernels_does(lengths, rates, match):
+    """The fused generation refuses what `ssm_kernels` (the CPU's generation) refuses, with its message, and axis
+    sizes that do not match the kernels, instead of making zero, NaN or missing kernels."""
+    kernels = [SSMKernel(2, d_state=4), SSMKernel(2, d_state=4)]
+    for generate in (ssm_kernels, triton_kernels.ssm_kernels_fused):
+        with pytest.raises(ValueError, match=match):
+            generate(kernels, lengths, rates)
+    with pytest.raises(ValueError, match=match):
+        triton_kernels.two_sided_kernels_fused(kernels, lengths, rates, [5, 5], True)
+    for sizes in ([5], [5, 0]):  # (the second kernel silently dropped, or a RuntimeError of torch.arange, before)
+        with pytest.raises(ValueError, match='one positive axis size per kernel'):
+            triton_kernels.two_sided_kernels_fused(kernels, [5, 5], [1.0, 1.0], sizes, True)
+
 class _Ops(TorchDispatchMode):
     """Records the non-view operators dispatched inside it, with the device types of their tensors."""
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from . import dispatch
-from .ssm_kernel import SSMKernel, mode_masks
+from .ssm_kernel import SSMKernel, check_generation, mode_masks
 
 __all__ = ['check_device', 'discretize', 'on_tensor_device', 'ssm_kernels_fused', 'two_sided_kernels_fused',
            'vandermonde']
@@ -481,6 +481,11 @@ def _generate(name: str, kernels: Sequence[SSMKernel], lengths: Sequence[int], r
     """The packed (num_kernels, rows, max length) float32 kernels of every entry (rows: the entries' channels in
     order), zero beyond each entry's length; `name`: the public function, for its errors."""
     first = kernels[0]
+    if not len(kernels) == len(lengths) == len(rates):  # (zip would drop entries, or read rates beyond the rows')
+        raise ValueError(f'{name}: kernels, lengths and rates need one entry per kernel, got {len(kernels)}, '
+                         f'{len(lengths)} and {len(rates)}')
+    for length, rate in zip(lengths, rates):  # (as `ssm_kernel_runs` checks them: the kernels would not say)
+        check_generation(length, rate, torch.float32)
     if any(not isinstance(k, SSMKernel) for k in kernels):
         raise ValueError('fused kernel generation takes SSMKernel (S4D) entries only')
     if any((k.d_state, k.num_kernels) != (first.d_state, first.num_kernels) for k in kernels):
@@ -537,9 +542,12 @@ def two_sided_kernels_fused(
     """
     if not kernels:
         return []
+    sizes = tuple(int(n) for n in sizes)
+    if len(sizes) != len(kernels) or any(n < 1 for n in sizes):  # (zip would drop entries)
+        raise ValueError(f'two_sided_kernels_fused: sizes needs one positive axis size per kernel, got {list(sizes)} '
+                         f'for {len(kernels)} kernels')
     out = _generate('two_sided_kernels_fused', kernels, lengths, rates)
     dims, num_kernels = tuple(k.dim for k in kernels), kernels[0].num_kernels
-    sizes = tuple(int(n) for n in sizes)
     if torch.compiler.is_compiling():
         index = _two_sided_index_op(num_kernels, list(dims), list(sizes), bool(bidirectional), out.shape[-1], out)
     else:
