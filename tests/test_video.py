@@ -332,6 +332,13 @@ def test_inflation_errors():
                                                  r'.* build it at the 2D training size, img_size=\(64, 64\)'):
                 elsewhere = timm.create_model('convnext_s4nd_3d_atto', img_size=img_size, num_frames=4, kernel=kernel)
                 inflate_state_dict(other_2d.state_dict(), elsewhere, time_init='random')
+    # weights of another kernel type are named as such (they failed on lists of tensors, or on the time_init advice)
+    for kernel_2d, kernel_3d in (('s4d', 's4'), ('s4', 's4d'), ('s4d', 'sgconv')):
+        weights_2d = timm.create_model('convnext_s4nd_atto', img_size=64, kernel=kernel_2d).state_dict()
+        other_3d = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, kernel=kernel_3d)
+        with pytest.raises(ValueError, match=rf"stem.1: the 2D weights hold kernel='{kernel_2d}' S4ND kernels, but the "
+                                             rf"3D model has kernel='{kernel_3d}': build it with kernel='{kernel_2d}'"):
+            inflate_state_dict(weights_2d, other_3d)
     with pytest.raises(ValueError, match=r"time_bidirectional=False needs S4ND blocks \(mixer_type='s4nd'\)"):
         timm.create_model('convnext_3d_atto', time_bidirectional=False)
 

@@ -59,7 +59,7 @@ import math
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import timm
 import torch
@@ -127,6 +127,12 @@ def is_2d_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
     """True for the weights of a 2D ConvNeXt(-S4ND): its first conv `stem.0` has a 4-D weight."""
     stem = state_dict.get('stem.0.weight')
     return stem is not None and stem.ndim == 4
+
+
+def _kernel_type(names: Set[str]) -> Optional[str]:
+    """The S4ND `kernel` whose axis kernels hold the tensors `names`: 's4' (its low-rank term `p`), 's4d' or 'sgconv'
+    (None: none of them)."""
+    return 's4' if 'p' in names else 's4d' if 'log_a_real' in names else 'sgconv' if 'weight' in names else None
 
 
 def _ssm_time_kernel(layer: S4ND) -> bool:
@@ -248,6 +254,13 @@ def inflate_state_dict(
         if layer.ndim != 3:
             raise ValueError(f'{prefix} is a {layer.ndim}D S4ND layer: the target must be a 3D model')
         p = prefix + '.'
+        # weights of another kernel type, named as such (they failed name for name on lists of tensors, or, into an
+        # SGConv model, on the time_init advice below, which then failed so)
+        held = f'{p}kernels.0.'  # the 2D H kernel's tensors
+        trained = _kernel_type({k[len(held):] for k in source if k.startswith(held)})
+        if trained not in (None, layer.kernel):
+            raise ValueError(f"{prefix}: the 2D weights hold kernel={trained!r} S4ND kernels, but the 3D model has "
+                             f"kernel={layer.kernel!r}: build it with kernel={trained!r}")
         for axis in (1, 2):  # 2D H, W (kernels.0, kernels.1) -> 3D H, W (kernels.1, kernels.2)
             for k in layer.kernels[axis].state_dict():
                 renamed[f'{p}kernels.{axis}.{k}'] = f'{p}kernels.{axis - 1}.{k}'
