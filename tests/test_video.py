@@ -314,6 +314,11 @@ def test_inflation_errors():
     with pytest.raises(ValueError, match=r'the 2D weights hold no S4ND layer \(timm ConvNeXt weights\?\): they '
                                          r'inflate into the convnext_3d_\* baseline'):
         inflate_state_dict(timm_2d, model_3d)
+    # a 2D target (convnext_atto for convnext_3d_atto) took the weights as they are, reported as inflated
+    for weights_2d, target in ((timm_2d, timm.create_model('convnext_atto')), (model_2d.state_dict(), model_2d)):
+        with pytest.raises(ValueError, match=rf'model must be a 3D ConvNeXt \(convnext_s4nd_3d_\*, convnext_3d_\*: a '
+                                             rf'5-D stem.0.weight\), got {type(target).__name__}$'):
+            inflate_state_dict(weights_2d, target)
     # the smooth and pass-through time kernels are SSM kernels: SGConv models take 'random'
     for kernel in ('sgconv',):
         other_2d = timm.create_model('convnext_s4nd_atto', img_size=64, kernel=kernel)

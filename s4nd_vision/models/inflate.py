@@ -244,6 +244,10 @@ def inflate_state_dict(
     if getattr(model, 'in_chans', None) is not None:  # RGB weights for a model of other inputs: timm's rule
         source = adapt_input_channels(source, 'stem.0', model.in_chans)
     target = model.state_dict()
+    stem = target.get('stem.0.weight')
+    if stem is None or stem.ndim != 5:  # (a 2D model took the weights as they are, reported as inflated)
+        raise ValueError(f'model must be a 3D ConvNeXt (convnext_s4nd_3d_*, convnext_3d_*: a 5-D stem.0.weight), got '
+                         f'{type(model).__name__}')
     if not any('.kernels.' in k for k in source) and any('.kernels.' in k for k in target):
         raise ValueError(f'the 2D weights hold no S4ND layer (timm ConvNeXt weights?): they inflate into the '
                          f'convnext_3d_* baseline, not {type(model).__name__} with S4ND layers')
@@ -251,8 +255,6 @@ def inflate_state_dict(
     for prefix, layer in model.named_modules():
         if not isinstance(layer, S4ND):
             continue
-        if layer.ndim != 3:
-            raise ValueError(f'{prefix} is a {layer.ndim}D S4ND layer: the target must be a 3D model')
         p = prefix + '.'
         # weights of another kernel type, named as such (they failed name for name on lists of tensors, or, into an
         # SGConv model, on the time_init advice below, which then failed so)
