@@ -361,6 +361,19 @@ def test_inflation_adapts_the_input_channels_and_reads_a_clip_input_size(tmp_pat
         assert model.pretrained_cfg['input_size'] == (3, 6, 64, 96)
 
 
+def test_3d_weights_of_the_other_time_direction_are_refused_by_name(tmp_path):
+    """A causal video model's file into a two-sided model, and back, failed on size mismatches of kernels.0 only."""
+    for bidirectional in (False, True):
+        path = tmp_path / f'time_bidirectional_{bidirectional}.safetensors'
+        save_file(timm.create_model('convnext_s4nd_3d_atto', time_bidirectional=bidirectional, **CLIP).state_dict(),
+                  str(path))
+        kind = 'two-sided' if bidirectional else 'causal'
+        with pytest.raises(ValueError, match=rf'the weights have {kind} time kernels \(stem.1.kernels.0.c: .* build '
+                                             rf'the model with time_bidirectional={bidirectional}$'):
+            timm.create_model('convnext_s4nd_3d_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              time_bidirectional=not bidirectional, **CLIP)
+
+
 def test_inflate_from_checkpoint_files(tmp_path, monkeypatch, caplog):
     """A wrapped torch checkpoint through the CLI, a safetensors file through timm on the fly: both load with timm.
     The CLI says which clip length the time kernels are referenced to (the file keeps it for any model)."""

@@ -170,6 +170,21 @@ class ConvNeXt3d(ConvNeXtBase):
 _FIRST_CONV = 'stem.0'  # the patch stem's conv, or the S4ND stem's pointwise projection
 
 
+def _check_time_direction(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d) -> None:
+    """Raise ValueError for 3D weights whose time kernels run in the other direction(s) than the model's
+    (`time_bidirectional`): they hold half or twice its rows of C (SGConv: of sub-kernels), a set per direction,
+    which loading reported only as size mismatches of `kernels.0` tensors."""
+    other = 0.5 if model.time_bidirectional else 2  # the other direction(s)' rows per the model's
+    for name, own in model.state_dict().items():
+        theirs = state_dict.get(name)
+        if (name.endswith(('.kernels.0.c', '.kernels.0.weight')) and theirs is not None
+                and theirs.shape[1:] == own.shape[1:] and theirs.shape[0] == other * own.shape[0]):
+            raise ValueError(
+                f'the weights have {"causal" if model.time_bidirectional else "two-sided"} time kernels ({name}: '
+                f'{theirs.shape[0]} rows, the model {own.shape[0]}): build the model with '
+                f'time_bidirectional={not model.time_bidirectional}')
+
+
 def checkpoint_filter_fn(
         state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d, strict: bool = True) -> Dict[str, torch.Tensor]:
     """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults, but the time
@@ -186,6 +201,8 @@ def checkpoint_filter_fn(
         fc, head_2d = model.get_classifier(), state_dict.get('head.fc.weight')
         keep_head = isinstance(fc, nn.Linear) and head_2d is not None and head_2d.shape == fc.weight.shape
         state_dict = inflate_state_dict(state_dict, model, time_init=default_time_init(model), keep_head=keep_head)
+    else:
+        _check_time_direction(state_dict, model)
     for k, v in model.get_classifier().state_dict(prefix='head.fc.').items():
         state_dict.setdefault(k, v)
     return check_weights_fit(state_dict, model, strict=strict)
