@@ -74,6 +74,20 @@ def test_mask_matches_an_independent_computation(init, bandlimit):
     assert torch.equal(kernel.mode_mask(), expected)
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_keep_the_modes_of_their_values(dtype):
+    """`model.to(bfloat16)`: the mask is computed in float32 like the kernels, not in the parameters' dtype, whose
+    rounding of dt |Im A| flipped the modes near the cut-off (a tenth of the kernel)."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(256, d_state=64, num_kernels=2, init='inv', bandlimit=1.0).to(dtype)
+    full = SSMKernel(256, d_state=64, num_kernels=2, init='inv', bandlimit=1.0).double()
+    full.load_state_dict(kernel.state_dict())  # the same values, in float64
+    assert torch.equal(kernel.mode_mask(), full.mode_mask())
+    with torch.no_grad():
+        expected = full(16, dtype=torch.float64)
+        torch.testing.assert_close(kernel(16).double(), expected, atol=1e-5 * expected.abs().max(), rtol=0)
+
+
 def test_kept_set_is_the_same_at_every_rate():
     torch.manual_seed(0)
     kernel = SSMKernel(6, d_state=16, num_kernels=2, init='lin', dt_min=0.05, dt_max=0.5, bandlimit=1.0).double()

@@ -499,7 +499,10 @@ def mode_masks(kernels: Sequence[_DiagonalSSM]) -> Optional[torch.Tensor]:
     with torch.no_grad():  # (stacked, then detached: not one detach per kernel in a captured graph)
         log_dt = torch.cat([k.log_dt for k in kernels]) if len(kernels) > 1 else kernels[0].log_dt
         a_imag = torch.cat([k.a_imag for k in kernels]) if len(kernels) > 1 else kernels[0].a_imag
-        freq = log_dt.exp()[:, None] * a_imag.abs() / (2 * math.pi)
+        # in float32 at least, as the kernels are generated: bfloat16 or float16 parameters (`model.half()`) would
+        # round dt |Im A| by up to 0.4% and flip the modes near the cut-off, each a large part of the kernel
+        full = torch.promote_types(log_dt.dtype, torch.float32)
+        freq = log_dt.to(full).exp()[:, None] * a_imag.to(full).abs() / (2 * math.pi)
         if all(cut == cuts[0] for cut in cuts):
             return freq < cuts[0] / 2
         half = torch.cat([freq.new_full((k.dim, 1), math.inf if k.bandlimit is None else k.bandlimit / 2)
