@@ -331,3 +331,16 @@ def test_tiny_real_run(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 1
     main(args)  # done: skipped, the report written again
     assert len(read_runs(str(out / RUNS_CSV))) == 1
+
+
+def test_runs_on_other_data_than_mnist_are_refused(tmp_path, monkeypatch):
+    """The runs are evaluated on MNIST-5k: a data.dataset override would train on a folder and score the model on
+    the digits (silently, where the folder has 10 classes). Refused before anything is trained or recorded."""
+    runs = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[1.0], seeds=[0], baseline=False,
+                      progressive='none')
+    calls = []
+    _fake(monkeypatch, calls)
+    with pytest.raises(ValueError, match="trains and evaluates on MNIST-5k .* got data.dataset 'imagefolder'"):
+        run_study(runs, out_dir=str(tmp_path), overrides=['data.dataset=imagefolder', f'data.root={tmp_path}'],
+                  log=lambda s: None)
+    assert calls == [] and not (tmp_path / study.SETTINGS_JSON).exists()

@@ -302,7 +302,8 @@ def run_study(
         report_only: train nothing; the table and plot of the rows already there (at the resolutions they were
             trained and tested at, whatever `img_size` and `resolutions` say).
         overrides: further config overrides for every run, before the run's own (e.g. data.batch_size=128,
-            train.mixed_precision=bf16 on a GPU); they change what is compared, so keep them for a whole study.
+            train.mixed_precision=bf16 on a GPU); they change what is compared, so keep them for a whole study. The
+            data stay MNIST-5k (the runs are evaluated on it).
     Returns:
         The rows of runs.csv (see `read_runs`).
     """
@@ -336,7 +337,10 @@ def run_study(
         run_dir = os.path.join(out_dir, 'runs', run.run_id)
         run_overrides = list(overrides) + _overrides(run, img_size, epochs, max_steps_per_epoch, progressive_sizes,
                                                      config_epochs)
-        _train_config(CONFIG, run.model, run_dir, run_overrides)
+        dataset = _train_config(CONFIG, run.model, run_dir, run_overrides).data.dataset
+        if dataset != 'mnist':  # (its evaluation reads MNIST-5k: a model trained on other data would be scored on it)
+            raise ValueError(f"overrides: the study trains and evaluates on MNIST-5k (data.dataset mnist), got "
+                             f"data.dataset {dataset!r}: evaluate models trained on other data with eval-resolution")
         planned.append((run, run_dir, run_overrides))
     if not report_only:
         _check_settings(out_dir, dict(img_size=img_size, epochs=epochs, max_steps_per_epoch=max_steps_per_epoch,
