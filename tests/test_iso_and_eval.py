@@ -367,6 +367,13 @@ def test_a_model_of_one_input_size_is_refused_at_others_before_any_work(image_fo
     dynamic = timm.create_model('vit_tiny_patch16_224', img_size=32, in_chans=1, num_classes=10, depth=1,
                                 dynamic_img_size=True)
     assert check_resolutions([32, 48], {'vit': dynamic}) == [32, 48]
+    # ... at patch multiples only (its forward asserts them: after the other resolutions' work), any with padding
+    with pytest.raises(ValueError, match=r"resolutions \[40\]: 'vit' takes multiples of its patch size 16x16 "
+                                         r"\(any size with dynamic_img_pad=true"):
+        eval_resolution({'vit': dynamic}, image_folder, [32, 40], progress=False)
+    padded = timm.create_model('vit_tiny_patch16_224', img_size=32, in_chans=1, num_classes=10, depth=1,
+                               dynamic_img_size=True, dynamic_img_pad=True)
+    assert check_resolutions([32, 40], {'vit': padded}) == [32, 40]
 
 
 def test_result_files_are_replaced_atomically(tmp_path):

@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import create_dataset, create_transform
+from timm.layers import PatchEmbed
 from timm.models import get_model_input_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -184,7 +185,7 @@ def min_input_size(model: nn.Module) -> int:
 def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, nn.Module]] = None) -> List[int]:
     """Validate `resolutions` (positive integers, each at least every model's minimum input size, only its own
     size for a model that takes no other: timm's `fixed_input_size`, and each one the model's own input check
-    accepts: e.g. a ViT-S4ND's patch-size multiples), before any evaluation."""
+    accepts: e.g. a ViT-S4ND's patch-size multiples, and a timm ViT's unless it pads), before any evaluation."""
     resolutions = list(resolutions)
     if not resolutions:
         raise ValueError('resolutions must list at least one resolution')
@@ -206,6 +207,16 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
                 f"fixed_input_size); a timm ViT takes any with dynamic_img_size=true "
                 f"(--models NAME,dynamic_img_size=true)")
         check_input = getattr(model, '_check_input', None)  # this package's models: what their forward checks first
+        patch_embed = getattr(model, 'patch_embed', None)  # a timm ViT of dynamic_img_size: patch multiples unless
+        # dynamic_img_pad (its forward asserts them only when it reaches the size, after the other sizes' work)
+        if check_input is None and isinstance(patch_embed, PatchEmbed) and patch_embed.img_size is not None and not (
+                patch_embed.strict_img_size or patch_embed.dynamic_img_pad):
+            patch = tuple(patch_embed.patch_size)
+            other = [r for r in resolutions if r % patch[0] or r % patch[1]]
+            if other:
+                raise ValueError(
+                    f'resolutions {other}: {name!r} takes multiples of its patch size {patch[0]}x{patch[1]} (any '
+                    f'size with dynamic_img_pad=true: --models NAME,dynamic_img_size=true,dynamic_img_pad=true)')
         # (C,) or a video model's (C, T) before the sides; none for a sequence model (its input has no sides)
         layout = check_input is not None and hasattr(model, 'input_size') and model.input_size()[:-2]
         for r in resolutions if layout else ():
