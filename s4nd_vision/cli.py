@@ -232,7 +232,8 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     if os.path.exists(png):  # an earlier run's: a run stopped between the two writes leaves no plot beside its CSV
         os.remove(png)
     csv_path = write_report_csv(rows, os.path.join(args.out, 'kernel_report.csv'))
-    cut = args.bandlimits[0] if args.bandlimits else None
+    # the mask of the first cut-off that masks (`--bandlimits off 1.0` plots 1.0's; only 'off': nothing masked)
+    cut = next((c for c in args.bandlimits if c), 0.0) if args.bandlimits else None
     png = plot_layer_kernels(model, layer, png, bandlimit=cut, axis=args.axis, channels=args.channels)
     for cut in dict.fromkeys(r['bandlimit'] for r in rows):
         mine = [r for r in rows if r['bandlimit'] == cut]

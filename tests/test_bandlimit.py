@@ -336,9 +336,15 @@ def test_kernel_report_stopped_before_its_plot_leaves_no_earlier_plot(tmp_path, 
     assert (tmp_path / 'kernel_report.csv').is_file() and not plot.exists()
 
 
-def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys):
-    """--model NAME,key=value as the other commands take it, and --bandlimits off (nothing masked) beside a cut-off."""
+def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys, monkeypatch):
+    """--model NAME,key=value as the other commands take it, and --bandlimits off (nothing masked) beside a cut-off;
+    the plot shows the cut-off's mask (not the first value's: off), and with off alone says nothing is masked."""
+    from matplotlib.axes import Axes
+
     from s4nd_vision.cli import main
+    titles = []
+    set_title = Axes.set_title
+    monkeypatch.setattr(Axes, 'set_title', lambda ax, text, **kw: titles.append(text) or set_title(ax, text, **kw))
     main(['kernel-report', '--model', 'convnext_s4nd_atto,depths=[1,1,1,1],dims=[8,8,8,8],stem_chs=4,d_state=16',
           '--img-size', '64', '--bandlimits', 'off', '1.0', '--out', str(tmp_path)])
     out = capsys.readouterr().out
@@ -348,6 +354,12 @@ def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys):
     assert len(rows) == 2 * 2 * 8  # two cut-offs, 8 layers (the spec's depths), 2 axes
     assert all(r['masked'] == '0.0' for r in rows if r['bandlimit'] == '')
     assert {r['bandlimit'] for r in rows} == {'', '1.0'}
+    assert titles == ['stem.1 axis 0: no mask', 'stem.1 axis 0: masked, bandlimit 1']
+    titles.clear()
+    main(['kernel-report', '--model', 'convnext_s4nd_atto,depths=[1,1,1,1],dims=[8,8,8,8],stem_chs=4,d_state=16',
+          '--img-size', '64', '--bandlimits', 'off', '--out', str(tmp_path / 'off')])
+    assert titles == ['stem.1 axis 0: no mask', 'stem.1 axis 0: no band-limit: nothing masked']
+    capsys.readouterr()
     # a None argument would be dropped by timm.create_model (the model's default band-limit, not off): refused
     for args in (['--model', 'convnext_s4nd_atto,bandlimit=null'], ['--model-kwargs', 'bandlimit=None']):
         with pytest.raises(SystemExit) as exit_info:

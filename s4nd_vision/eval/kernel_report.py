@@ -226,7 +226,8 @@ def plot_layer_kernels(
         raise ValueError(f'S4ND layer {layer} has no reference grid (l_ref): pass grid')
     cut = kernel_bandlimit(kernel) if bandlimit is None else bandlimit or None  # (0: off, as None)
     fig = Figure(figsize=(10, 3.6), dpi=120)
-    panels = [(None, 'no mask'), (cut, 'masked' if cut is None else f'masked, bandlimit {cut:g}')]
+    masked = 'no band-limit: nothing masked' if cut is None else f'masked, bandlimit {cut:g}'
+    panels = [(None, 'no mask'), (cut, masked)]
     for i, (limit, title) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         for rate, style in ((1.0, dict(marker='o', linestyle='-')), (0.5, dict(marker='.', linestyle='--'))):
