@@ -344,3 +344,26 @@ def test_runs_on_other_data_than_mnist_are_refused(tmp_path, monkeypatch):
         run_study(runs, out_dir=str(tmp_path), overrides=['data.dataset=imagefolder', f'data.root={tmp_path}'],
                   log=lambda s: None)
     assert calls == [] and not (tmp_path / study.SETTINGS_JSON).exists()
+
+
+def test_a_study_without_s4nd_twins_plots_every_settings_curve(tmp_path, monkeypatch):
+    """The curves panel singles out the settings with a progressive twin; a study with none (--progressive none, the
+    README's grid) drew the baseline's curve alone, and without 2x or 4x among its resolutions (no bars either) no
+    S4ND result at all: every setting's curve is drawn then."""
+    from matplotlib.axes import Axes
+    labels = []
+    errorbar = Axes.errorbar
+    def curve(ax, x, y, **kw):  # (the bars' error bars too: unlabelled, '_nolegend_')
+        labels.extend([kw['label']] if not kw.get('label', '_').startswith('_') else [])
+        return errorbar(ax, x, y, **kw)
+    monkeypatch.setattr(Axes, 'errorbar', curve)
+    calls = []
+    _fake(monkeypatch, calls)
+    runs = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None, 1.0], seeds=[0], progressive='none')
+    run_study(runs, out_dir=str(tmp_path), resolutions=[64, 96], log=lambda s: None)
+    assert labels == [r.setting for r in runs]
+    labels.clear()
+    twins = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None, 1.0], seeds=[0])
+    run_study(twins, out_dir=str(tmp_path), resolutions=[64, 96], log=lambda s: None)
+    assert labels[:4] == ['convnext_atto', 'convnext_atto progressive', 'lin dt 0.1-1 bandlimit off',
+                          'lin dt 0.1-1 bandlimit off progressive']  # (a twin: singled out, as before)

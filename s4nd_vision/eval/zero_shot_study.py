@@ -443,9 +443,9 @@ def format_study(summary: Sequence[Dict], img_size: int) -> str:
 
 def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
     """Three panels, saved as PNG: top-1 (mean over seeds, std as error bars) against test resolution for the
-    baseline and the settings with a progressive twin (both drawn); and the share of the training-resolution
-    accuracy kept at 2x and at 4x for every fixed-size S4ND setting, grouped by init and dt range, one bar per
-    band-limit."""
+    baseline and the settings with a progressive twin (both drawn; every setting where no S4ND setting has one); and
+    the share of the training-resolution accuracy kept at 2x and at 4x for every fixed-size S4ND setting, grouped by
+    init and dt range, one bar per band-limit."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -453,7 +453,8 @@ def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
     curves, kept_2x, kept_4x = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1.2, 1, 1]))
     twinned = {s['setting'][:-len(' progressive')] for s in summary if s['progressive']}
     shown = [s for s in summary if s['model'] == BASELINE or s['setting'] in twinned or s['progressive']]
-    shown = shown or list(summary)  # (nothing to single out: every setting)
+    if not any(s['model'] != BASELINE for s in shown):  # (no S4ND setting singled out by a twin: every setting, not
+        shown = list(summary)  # the baseline alone, e.g. --progressive none: without 2x or 4x, no S4ND result drawn)
     colors = colormaps['tab10']
     base_names = list(dict.fromkeys(s['setting'].replace(' progressive', '') for s in shown))
     for s in shown:
