@@ -214,6 +214,9 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     if args.img_size is not None and 'img_size' not in input_size_args(name):
         parser.error(f'--img-size: {name} is not one of our image models built for a resolution (a sequence '
                      f'model takes its reference length as --model-kwargs seq_len=N)')
+    clash = [k for k in kwargs if k in args.model_kwargs and kwargs[k] != args.model_kwargs[k]]
+    if clash:  # (else the NAME,key=value one would win silently)
+        parser.error(f'--model and --model-kwargs set {", ".join(clash)} to different values: give each once')
     torch.manual_seed(args.seed)
     model = load_model(name, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
                        img_size=args.img_size, model_kwargs=dict(args.model_kwargs, **kwargs))

@@ -367,6 +367,20 @@ def test_kernel_report_command_takes_model_specs_and_off(tmp_path, capsys, monke
         assert exit_info.value.code == 2 and 'timm.create_model drops null (None)' in capsys.readouterr().err
 
 
+def test_kernel_report_refuses_a_model_argument_given_twice_differently(tmp_path, capsys):
+    """A model argument set two ways to different values (NAME,key=value and --model-kwargs, or --img-size /
+    --num-classes and --model-kwargs) is refused, naming it, instead of one silently winning (another model)."""
+    from s4nd_vision.cli import main
+    for args in (['--model', 'convnext_s4nd_atto,ssm_init=lin', '--model-kwargs', 'ssm_init=legs'],
+                 ['--model-kwargs', 'img_size=32', '--img-size', '64'],
+                 ['--model-kwargs', 'num_classes=3', '--num-classes', '5']):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['kernel-report', *args, '--out', str(tmp_path / 'out')])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and ('ssm_init to different values' in err or 'disagree' in err), err
+        assert not (tmp_path / 'out').exists()
+
+
 def test_kernel_report_of_a_sequence_model(tmp_path, capsys):
     """A sequence model's reference length is its seq_len (--img-size is refused for it, not ignored)."""
     from s4nd_vision.cli import main

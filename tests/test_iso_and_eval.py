@@ -504,6 +504,23 @@ def test_load_model_from_local_weights(tmp_path):
     assert load_model('s4nd_iso_tiny', path, in_chans=1, model_kwargs=dict(img_size=14)).num_classes == 10
 
 
+def test_load_model_refuses_an_argument_given_twice_differently(image_folder, capsys):
+    """in_chans / img_size / num_classes given both as an argument (--in-chans, --train-resolution) and in the model
+    arguments (NAME,key=value) must agree: else one silently won, building another model than the other said."""
+    for given, kwargs in ((dict(in_chans=1), dict(in_chans=3)), (dict(img_size=14), dict(img_size=28)),
+                          (dict(num_classes=10), dict(num_classes=5))):
+        with pytest.raises(ValueError, match=f'{next(iter(given))}=.* and model_kwargs .* disagree'):
+            load_model('s4nd_iso_tiny', **given, model_kwargs=dict(SMALL_KWARGS, **kwargs))
+    same = load_model('s4nd_iso_tiny', in_chans=1, img_size=14, model_kwargs=dict(SMALL_KWARGS, img_size=[14, 14]))
+    assert same.img_size == (14, 14)
+    from s4nd_vision.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(['eval-resolution', '--models', 's4nd_iso_tiny,depth=2,dim=16,d_state=8,img_size=28', '--in-chans', '1',
+              '--train-resolution', '14', '--data', image_folder, '--resolutions', '14', '--out', 'unused'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'error: img_size=14 and model_kwargs img_size=28 disagree' in err, err
+
+
 def test_weights_trained_at_another_size_are_named_and_marked(image_folder, tmp_path, monkeypatch):
     """Weights saved at 28 px, loaded with img_size=14 (a wrong --train-resolution), keep their 28 px grids: a
     warning names both sizes, the model states 28 px, and the plot marks 28 px, not 14."""

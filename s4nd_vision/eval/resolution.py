@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import create_dataset, create_transform
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models import get_model_input_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -73,6 +73,7 @@ def load_model(
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
     kwargs = dict(model_kwargs or {})
+    _check_no_clash(kwargs, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     if num_classes is None and 'num_classes' not in kwargs:
         num_classes = weights_num_classes(name, checkpoint)
     kwargs.update({k: v for k, v in dict(num_classes=num_classes, in_chans=in_chans).items() if v is not None})
@@ -111,6 +112,20 @@ def load_model(
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()
+
+
+def _check_no_clash(model_kwargs: Mapping, **given) -> None:
+    """A ValueError naming both values where an argument of `load_model` and `model_kwargs` set the same model
+    argument to different values (else one would silently win: another model than the other one says)."""
+    for key, value in given.items():
+        if value is None or key not in model_kwargs:
+            continue
+        same = to_2tuple(value) == to_2tuple(model_kwargs[key]) if key == 'img_size' else value == model_kwargs[key]
+        if not same:
+            raise ValueError(
+                f'{key}={value!r} and model_kwargs {key}={model_kwargs[key]!r} disagree: give it once '
+                f'(eval-resolution: --in-chans, --train-resolution or --models NAME,key=value; kernel-report: '
+                f'--num-classes, --in-chans, --img-size or --model-kwargs)')
 
 
 def _check_input_channels(model: nn.Module, name: str, checkpoint: str) -> None:
