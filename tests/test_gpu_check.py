@@ -103,8 +103,10 @@ def test_a_row_or_check_that_raises_is_recorded_and_the_run_goes_on(monkeypatch,
     assert all(r['path'] == 'per column' for r in results['bench'])  # (its columns force their paths)
 
 
-def test_the_budget_stops_starting_rows(tmp_path):
+def test_the_budget_stops_starting_rows(tmp_path, capsys):
     results = gpu_check.run_checks(['correctness', 'profile'], gpu_check.TINY, 'cpu', budget_s=0)
+    out = capsys.readouterr().out  # checks skipped are not reported as passed
+    assert "correctness: NOT RUN: ['check_conv'," in out and 'every check passed' not in out
     assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_conv_autocast',
                                                    'check_generation', 'check_layer', 'check_fast_layer',
                                                    'check_fast_algorithms', 'check_inductor'],

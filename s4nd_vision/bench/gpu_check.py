@@ -905,8 +905,10 @@ def run_checks(sections: Sequence[str] = SECTIONS, plan: Plan = GPU, device: str
     else:
         _run_rows(results, sections, plan, dev, path, deadline)
     failed = [c['check'] for c in results.get('correctness', []) if not c['ok']]
+    not_run = results['skipped'].get('correctness', [])  # (a budget spent, or SIGTERM: not verified, not passed)
     if 'correctness' in sections:
-        print('correctness: ' + (f'FAILED: {failed}' if failed else 'every check passed'), flush=True)
+        print('correctness: ' + (f'FAILED: {failed}' if failed else f'NOT RUN: {not_run}; the checks run passed'
+                                 if not_run else 'every check passed'), flush=True)
     if results['skipped']:
         print(f'skipped for the time budget: {results["skipped"]}', flush=True)
         if 'compiled' in results['skipped'] and len(sections) > 1:  # (the last section: _MIN_LEFT_S left to start)
