@@ -329,6 +329,9 @@ def test_inflate_cli_creates_the_output_folder_and_refuses_a_folder_as_output(tm
     save_file(timm.create_model('convnext_s4nd_atto').state_dict(), source)
     code, err = _inflate(capsys, source, str(tmp_path))
     assert code == 2 and err.strip() == f"error: dst '{tmp_path}' is a folder: give the safetensors file to write"
+    saved = open(source, 'rb').read()  # the source as the output (a typo): refused, the 2D weights kept
+    code, err = _inflate(capsys, source, os.path.join(str(tmp_path), '.', '2d.safetensors'))
+    assert code == 2 and 'is the 2D checkpoint src: give another file' in err and open(source, 'rb').read() == saved
     out = tmp_path / 'new' / 'folder' / '3d.safetensors'
     main = tool_main('inflate')
     main([source, str(out), '--model', 'convnext_s4nd_3d_atto'])

@@ -347,6 +347,8 @@ def inflate_checkpoint(
     """
     if os.path.isdir(dst):
         raise ValueError(f'dst {dst!r} is a folder: give the safetensors file to write')
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):  # (else the 2D weights are lost)
+        raise ValueError(f'dst {dst!r} is the 2D checkpoint src: give another file to write the 3D weights to')
     state_dict = load_checkpoint_file(src)
     if not timm.is_model(model_name):
         raise ValueError(f'unknown timm model {model_name!r} (the 3D target, e.g. convnext_s4nd_3d_tiny)')
