@@ -262,6 +262,18 @@ def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypa
     assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
 
 
+def test_seq_mnist_builds_every_model_before_training_any(capsys):
+    """A wrong model later in --models (unknown, or an image model) is refused before the first one trains for
+    minutes (whose results were lost with the error), in terms of the task."""
+    for bad, message in (('no_such_model', "error: 'no_such_model' is not a timm model"),
+                         ('convnext_s4nd_atto', 'error: convnext_s4nd_atto: not a sequence model (it takes no')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['seq-mnist', '--models', 'conv_seq_tiny', bad, '--rows', '8', '--cols', '8', '--epochs', '1',
+                  '--train-limit', '50'])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and message in captured.err and 'epoch' not in captured.out, captured
+
+
 def test_smoke_builds_the_input_the_model_takes(capsys):
     """smoke runs image models with their own input channels, and video models on clips of their frames."""
     main(['smoke', '--model', 'convnext_s4nd_atto,in_chans=1', '--resolutions', '64', '96', '--batch-size', '1'])

@@ -83,6 +83,15 @@ def run_sequential_mnist(
         raise ValueError(f'batch_size must be in [1, {len(train)}] (the training digits), got {batch_size}')
     tests = {rows * c: SequentialMNIST5k('val', rows=rows, cols=c, seed=seed, transform=_normalize)
              for c in (cols // 2, cols, cols * 2)}
+    for spec, (name, kwargs) in zip(models, specs):  # every model builds before any trains (minutes each)
+        try:
+            timm.create_model(name, in_chans=1, num_classes=10, seq_len=rows * cols, **dict(model_kwargs or {},
+                                                                                           **kwargs))
+        except TypeError as e:
+            if "'seq_len'" not in str(e):
+                raise
+            raise ValueError(f'{spec}: not a sequence model (it takes no seq_len): seq-mnist trains 1D models such '
+                             f'as s4nd_seq_tiny and conv_seq_tiny') from None
     results = []
     for spec, (name, kwargs) in zip(models, specs):
         seed_all(seed)
