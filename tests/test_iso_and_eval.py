@@ -80,6 +80,17 @@ def test_conv_twin_differs_only_in_the_mixer():
     assert len(outside(s4nd)) < len(s4nd.state_dict())
 
 
+def test_conv_kernel_size_is_checked_at_construction():
+    """An even conv_kernel_size lost a row and a column per block (padding k // 2) and a 0 padded negatively: both
+    built and failed at the first forward. Refused by name for both twins; odd sizes keep the input size."""
+    for name in ('conv_iso_tiny', 's4nd_iso_tiny'):
+        for bad, match in ((6, 'must be odd'), (0, 'must be a positive integer'), (True, 'must be a positive integer')):
+            with pytest.raises(ValueError, match=f'conv_kernel_size {match}.*, got {bad!r}'):
+                timm.create_model(name, conv_kernel_size=bad, img_size=16)
+    model = timm.create_model('conv_iso_tiny', conv_kernel_size=np.int64(3), img_size=16, num_classes=0)
+    assert model.forward_features(torch.randn(1, 3, 12, 20)).shape == (1, 64, 12, 20)
+
+
 def test_kernel_is_a_keyword_as_in_the_other_families():
     """`kernel=` as ConvNeXt-S4ND takes it; the default init (LegS) of the SSM kernels, none for SGConv."""
     for kernel, cls in [('s4d', SSMKernel), ('s4', S4Kernel), ('sgconv', SGConvKernel)]:

@@ -28,6 +28,7 @@ from timm.layers import LayerNorm2d, calculate_drop_path_rates, create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
+from ..layers.ssm_kernel import check_sizes
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, handed_out, paper_cfg
 from ._checkpoint import check_pretrained_file, check_weights_fit, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size, check_model_sizes
@@ -84,7 +85,7 @@ class IsoS4ND(S4NDModel):
                 or HiPPO-LegS; 'sgconv' takes none).
             dt_min, dt_max: step size initialization range ('s4d', 's4').
             bandlimit: S4ND band-limiting cut-off ('s4d', 's4'), 0 or None = off.
-            conv_kernel_size: depthwise kernel size ('conv').
+            conv_kernel_size: depthwise kernel size ('conv'): a positive odd integer (the conv is centred).
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).
             act_layer: MLP activation.
@@ -95,6 +96,11 @@ class IsoS4ND(S4NDModel):
         if mixer_type not in MIXER_TYPES:
             raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
         check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        # (whatever the mixer, as the S4ND keywords are: an even size padded by half lost a row and a column per
+        # block, a 0 padded negatively; both built and then failed at the first forward)
+        check_sizes(conv_kernel_size=conv_kernel_size)
+        if conv_kernel_size % 2 == 0:
+            raise ValueError(f'conv_kernel_size must be odd (a centred conv keeps the size), got {conv_kernel_size!r}')
         check_model_sizes(in_chans, num_classes, depth=depth)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
