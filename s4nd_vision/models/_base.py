@@ -176,10 +176,10 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         the head's norm and pre-logits MLP (heads that have them)."""
         check_num_classes(num_classes)
         check_global_pool(global_pool)
-        self.num_classes = num_classes
-        self.head.reset(
+        self.head.reset(  # (first: a pooling timm's head refuses leaves num_classes as it was)
             num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
             **get_device_dtype(self))
+        self.num_classes = num_classes
         self.head_hidden_size = self.head.num_features
 
     def _init_norm_mlp_head(
