@@ -447,7 +447,7 @@ def test_eval_on_builtin_mnist():
 
 def test_bad_resolutions_are_clear_errors(image_folder):
     model = _create('s4nd_iso_tiny', **SMALL)
-    for bad in ([0], [14, -3], [2.5], [True], []):
+    for bad in ([0], [14, -3], [2.5], [True], [], [14, 28, 14]):
         with pytest.raises(ValueError, match='resolution'):
             eval_resolution({'m': model}, image_folder, bad, progress=False)
     with torch.device('meta'):

@@ -252,7 +252,8 @@ def test_bad_settings_record_nothing(tmp_path, monkeypatch):
     _fake(monkeypatch, calls)
     for bad, message in ((dict(epochs=0), 'train.epochs must be positive'),
                          (dict(max_steps_per_epoch=0), 'train.max_steps_per_epoch must be positive'),
-                         (dict(overrides=['bogus.key=1']), "unknown config key 'bogus'")):
+                         (dict(overrides=['bogus.key=1']), "unknown config key 'bogus'"),
+                         (dict(resolutions=(64, 96, 96)), r'each be given once, got \[96\]')):
         with pytest.raises(ValueError, match=message):
             run_study(runs, out_dir=str(tmp_path), log=lambda s: None, **bad)
         assert not (tmp_path / study.SETTINGS_JSON).exists() and calls == []

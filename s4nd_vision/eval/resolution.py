@@ -207,6 +207,9 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
     bad = [r for r in resolutions if isinstance(r, bool) or not isinstance(r, int) or r < 1]
     if bad:
         raise ValueError(f'resolutions must be positive integers (pixels per side), got {bad}')
+    repeated = sorted({r for r in resolutions if resolutions.count(r) > 1})
+    if repeated:  # (evaluated twice, or a study's table with two columns of one name)
+        raise ValueError(f'resolutions must each be given once, got {repeated} more than once')
     for name, model in (models or {}).items():
         smallest = min_input_size(model)
         too_small = [r for r in resolutions if r < smallest]

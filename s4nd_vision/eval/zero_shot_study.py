@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..layers import SSM_INITS
 from ..utils import replaced_atomically
 from .demo import CONFIG_DIR, SETTINGS, _train, _train_config
-from .resolution import eval_resolution, load_model
+from .resolution import check_resolutions, eval_resolution, load_model
 
 try:
     import fcntl
@@ -323,6 +323,7 @@ def run_study(
         raise ValueError(f'progressive_sizes (--progressive-sizes) must end with img_size={img_size} (--img-size) for '
                          f'the progressive runs, got {list(progressive_sizes)}')
     _check_positive('resolutions', resolutions)
+    check_resolutions(resolutions)  # (integers, each once: runs.csv has a column per resolution)
     _check_positive('progressive_sizes', progressive_sizes)
     owned = [o for o in overrides if o.split('=')[0].strip() in _OWNED]
     if owned:
