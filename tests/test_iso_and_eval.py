@@ -459,6 +459,10 @@ def test_bad_resolutions_are_clear_errors(image_folder):
             check_resolutions([64, 16], {'net': net})
     with pytest.raises(ValueError, match='ImageFolder directory'):
         eval_resolution({'m': model}, '/no/such/folder', [14], progress=False)
+    with torch.device('meta'):  # (refused before the data are built, not at its first batch)
+        sequences = timm.create_model('s4nd_seq_atto')
+    with pytest.raises(ValueError, match=r"'seq' takes sequences \(its input_size is \(1, 784\)\)"):
+        eval_resolution({'seq': sequences}, '/no/such/folder', [14], progress=False)
 
 
 def test_a_missing_split_folder_is_refused(image_folder, tmp_path):

@@ -218,7 +218,7 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
      "argument --bandlimits: a band-limit is 'off' (or 0) or a positive number"),
     (['kernel-report', '--model', 'convnext_s4nd_atto,d_state'], "--model: model option 'd_state' in"),
     (['smoke', '--model', 'convnext_s4nd_atto,d_state'], "--model: model option 'd_state' in"),
-    (['smoke', '--model', 's4nd_seq_atto'], 's4nd_seq_atto takes sequences (its input_size is (1, 784))'),
+    (['smoke', '--model', 's4nd_seq_atto'], "'s4nd_seq_atto' takes sequences (its input_size is (1, 784))"),
     (['smoke', '--model', 'vit_small_patch16_224'],
      'takes 224x224 images only (built with dynamic_img_size=False): build it for any size, --model '
      'vit_small_patch16_224,dynamic_img_size=True'),

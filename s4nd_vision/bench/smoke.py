@@ -23,9 +23,6 @@ def run(model_name: str = 'convnext_s4nd_tiny', resolutions: Sequence[int] = (22
     torch.manual_seed(0)
     model = timm.create_model(model_name, **dict(model_kwargs or {})).eval()
     layout = model.pretrained_cfg.get('input_size', (3, 224, 224))  # (C, H, W), (C, T, H, W) or (C, L)
-    if len(layout) < 3:
-        raise ValueError(f'{model_name} takes sequences (its input_size is {layout}): smoke runs image and video '
-                         'models at several resolutions')
     if getattr(model, 'dynamic_img_size', True) is False:  # (timm's ViTs: a patch grid of one size)
         raise ValueError(f'{model_name} takes {layout[-2]}x{layout[-1]} images only (built with '
                          f'dynamic_img_size=False): build it for any size, --model {model_name},dynamic_img_size=True')

@@ -211,6 +211,11 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
     if repeated:  # (evaluated twice, or a study's table with two columns of one name)
         raise ValueError(f'resolutions must each be given once, got {repeated} more than once')
     for name, model in (models or {}).items():
+        # (C, H, W), (C, T, H, W) or (C, L); a model without a pretrained_cfg (not built by timm) takes images
+        input_size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))
+        if len(input_size) < 3:  # (its input check would refuse the first batch, after the data were built)
+            raise ValueError(f'{name!r} takes sequences (its input_size is {tuple(input_size)}): resolutions are the '
+                             f'sides of images and clips')
         smallest = min_input_size(model)
         too_small = [r for r in resolutions if r < smallest]
         if too_small:
