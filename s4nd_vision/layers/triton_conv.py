@@ -36,8 +36,8 @@ process), so clips keep 'sum'.
 3D (clips, (B, T, H, W, C)): per rank-1 term, `_axis_kernel` convolves (and pools) the time axis, writing its
 result once, and the 2D kernels above then treat every frame as an image; the skip term is added by PyTorch ops.
 That result, the rank terms' sum and the skip term are in the clip's dtype: a 16-bit clip is rounded between the
-axes too (under TRITON_INTERPRET=1, bf16, relative error 5.9e-3 against 1.6e-3 for the 2D kernels; an fp32 time
-result, twice its memory traffic, would bring it to 1.7e-3: to be weighed on a GPU).
+axes too (its error, README "H200"; an fp32 time result, twice that tensor's memory traffic, is to be weighed on a
+GPU).
 The time axis' tap gradient reduces over each image's plane in a few chunks (`_axis_grad_kernel`).
 """
 import contextlib
