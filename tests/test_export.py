@@ -274,6 +274,16 @@ def test_export_onnx_defaults_to_the_models_channels_and_size(tmp_path):
     assert row['max_abs_diff'] < 1e-4, row
 
 
+def test_export_onnx_traces_with_an_input_of_the_models_dtype(tmp_path):
+    """export_onnx traces with a sample input on the device and in the dtype of the model's weights: a float64 model
+    exports a float64 graph (a float32 CPU sample failed in torch.export, "Input type (float) and bias type
+    (double)", as it did for a model on a GPU)."""
+    import onnx
+    model = timm.create_model('s4nd_iso_tiny', img_size=14, in_chans=1, num_classes=10, depth=1).double().eval()
+    path = export_onnx(model, str(tmp_path / 'iso64.onnx'))
+    assert onnx.load(path).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
 def test_an_interrupted_onnx_save_leaves_the_file_before_it(tmp_path, monkeypatch):
     """A save interrupted mid-write (Ctrl-C, a full disk) leaves the file written before, not a truncated one under
     its name, and no temporary file (the graph was written straight to the path); a save that completes replaces

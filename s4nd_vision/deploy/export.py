@@ -162,7 +162,7 @@ def export_onnx(
             traced = _StrideBlocks(model, stride).eval()
             shapes.update({2: stride * Dim('h', min=3, max=max_side // stride),
                            3: stride * Dim('w', min=3, max=max_side // stride)})
-    program = torch.onnx.export(traced, (torch.randn(2, in_chans, *img_size),), dynamo=True, verbose=False,
+    program = torch.onnx.export(traced, (_sample_input(model, (2, in_chans, *img_size)),), dynamo=True, verbose=False,
                                 dynamic_shapes=(shapes,))
     if traced is not model:  # the weights keep the model's names; onnxruntime's error on other sides names the check
         for value in list(program.model.graph.initializers.values()):
@@ -181,6 +181,13 @@ def export_onnx(
         for written in sorted(os.listdir(tmp), key=lambda n: n == name):  # (the graph last)
             os.replace(os.path.join(tmp, written), os.path.join(folder, written))
     return path
+
+
+def _sample_input(model: nn.Module, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A random input of `shape` on the device and in the dtype of the model's weights (a float64 model, or one on
+    a GPU, takes no float32 CPU tensor)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return torch.randn(shape) if weight is None else torch.randn(shape, device=weight.device, dtype=weight.dtype)
 
 
 def _model_chans(model: nn.Module) -> int:
@@ -214,8 +221,8 @@ def onnx_latency(
         threads: Optional[int] = None,
 ) -> list:
     """Per input size: the largest difference between the ONNX file's outputs (onnxruntime, CPU) and eager
-    PyTorch's, and both median latencies in ms (timed interleaved, see `bench.benchmark.time_ms`); inputs of
-    `in_chans` channels (default: the model's)."""
+    PyTorch's (on the model's device), and both median latencies in ms (timed interleaved, see
+    `bench.benchmark.time_ms`); inputs of `in_chans` channels (default: the model's)."""
     import onnxruntime as ort
     in_chans = _model_chans(model) if in_chans is None else in_chans
 
@@ -227,15 +234,16 @@ def onnx_latency(
     rows = []
     model = model.eval()
     for size in sizes:
-        x = torch.randn(batch_size, in_chans, *size)
+        x = _sample_input(model, (batch_size, in_chans, *size))  # (eager on the model's device, onnxruntime on CPU)
         with torch.no_grad():
-            expected = model(x)
-        out = session.run(None, {name: x.numpy()})[0]
+            expected = model(x).cpu()
+        array = x.cpu().numpy()
+        out = session.run(None, {name: array})[0]
         with torch.no_grad():
             times: Dict[str, float] = time_ms({
                 'eager': lambda: model(x),
-                'onnxruntime': lambda: session.run(None, {name: x.numpy()}),
-            }, torch.device('cpu'), repeats=repeats)
+                'onnxruntime': lambda: session.run(None, {name: array}),
+            }, x.device, repeats=repeats)
         rows.append(dict(
             size='x'.join(str(side) for side in size), batch_size=batch_size,
             max_abs_diff=float((torch.from_numpy(out) - expected).abs().max()),
