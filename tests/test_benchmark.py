@@ -146,6 +146,11 @@ def test_video_pairs_run_on_clips_in_channels_last_memory():
     assert rows[0]['train_ratio'] > 0 and rows[0]['infer_ratio'] > 0 and rows[0]['train_mem_ratio'] > 0
     with pytest.raises(ValueError, match='num_frames'):
         bench_models(pairs=[('convnext_s4nd_3d_atto', {}, 'convnext_3d_atto')], num_frames=0)
+    # a video pair without num_frames, an image pair with it: refused naming num_frames (was a shape error in the stem)
+    with pytest.raises(ValueError, match=r"num_frames: 'convnext_s4nd_3d_atto' takes clips"):
+        bench_models(pairs=[('convnext_s4nd_3d_atto', {}, 'convnext_3d_atto')], img_size=32, batch_size=1)
+    with pytest.raises(ValueError, match=r"num_frames: 'convnext_s4nd_atto' takes inputs of input_size \(3, 224"):
+        bench_models(pairs=[('convnext_s4nd_atto', {}, 'convnext_atto')], img_size=32, batch_size=1, num_frames=4)
 
 
 def test_kernel_rows_one_per_kernel_and_stage():

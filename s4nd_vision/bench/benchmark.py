@@ -410,6 +410,12 @@ def bench_models(
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline_name, baseline_kwargs)):
             torch.manual_seed(0)
             models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev, memory_format=memory_format)
+            layout = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 0, 0))
+            if (len(layout) == 4) != bool(num_frames):  # (else a shape error deep in the model's stem)
+                raise ValueError(f'num_frames: {model_name!r} takes clips (input_size {tuple(layout)}); give '
+                                 'num_frames (--num-frames) for a video pair' if len(layout) == 4 else
+                                 f'num_frames: {model_name!r} takes inputs of input_size {tuple(layout)}, not '
+                                 'clips; give num_frames (--num-frames) for video pairs only')
             smallest = min_input_size(model)  # (a timm baseline's conv would fail deeper, less clearly)
             if img_size < smallest:
                 raise ValueError(f'img_size {img_size} is smaller than the minimum input size of {model_name!r} '
