@@ -115,6 +115,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--in-chans', type=int, default=None, help='input channels of the models (default: theirs)')
     parser.add_argument('--crop-pct', type=_crop_fraction, default=None,
                         help="ImageFolder center crop, a fraction in (0, 1] (default: each model's)")
+    parser.add_argument('--interpolation', type=_interpolation, default=None,
+                        help="resampling of the inputs to each resolution, a timm interpolation such as bilinear or "
+                             "bicubic (default: each model's cfg)")
     parser.add_argument('--mean', type=float, nargs='+', default=None,
                         help="input normalization the models were trained with (default: each model's cfg), "
                              'e.g. --mean 0.1307 --std 0.3081 for the MNIST demo models')
@@ -136,7 +139,9 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .eval.resolution import dataset_num_classes, eval_resolution, format_table, load_model
     from .models._checkpoint import weights_num_classes
     specs = [_model_spec('--models', spec, parser) for spec in args.models]
-    norm = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
+    overlay = {k: tuple(v) for k, v in (('mean', args.mean), ('std', args.std)) if v is not None}
+    if args.interpolation is not None:
+        overlay['interpolation'] = args.interpolation
     folder_classes = dataset_num_classes(args.data, args.split)
 
     def num_classes(name, kwargs, ckpt):
@@ -150,7 +155,7 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     models = {
         label: load_model(name, ckpt, num_classes=num_classes(name, kwargs, ckpt), in_chans=args.in_chans,
                           bandlimit=args.bandlimit, img_size=args.train_resolution,
-                          model_kwargs=dict(kwargs, **({'pretrained_cfg_overlay': norm} if norm else {})))
+                          model_kwargs=dict(kwargs, **({'pretrained_cfg_overlay': overlay} if overlay else {})))
         for label, (name, kwargs), ckpt in zip(labels, specs, checkpoints)
     }
     for flag, values in (('--mean', args.mean), ('--std', args.std)):  # (a model's own cfg is fitted; these are not)
@@ -590,6 +595,17 @@ def _crop_fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f'expects a fraction in (0, 1], got {text!r}')
     return value
+
+
+def _interpolation(text: str) -> str:
+    """An argparse type: an interpolation timm's eval transforms know (not 'random', a training augmentation)."""
+    from timm.data.transforms import str_to_interp_mode
+    try:
+        str_to_interp_mode(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expects a timm interpolation such as 'bilinear' or 'bicubic', got "
+                                         f"{text!r}") from None
+    return text
 
 
 def _positive_int(text: str) -> int:

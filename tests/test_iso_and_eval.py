@@ -600,8 +600,8 @@ def _load_cli():
 
 
 def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
-    """--mean/--std reach the models' data config (what evaluation normalizes with); without them each
-    model's own cfg (timm's ImageNet defaults here, averaged to one channel) is used."""
+    """--mean/--std and --interpolation reach the models' data config (what evaluation normalizes and resamples
+    with); without them each model's own cfg (timm's ImageNet defaults here, averaged to one channel) is used."""
     cli = _load_cli()
     seen = []
     # the command imports these from s4nd_vision.eval.resolution when it runs
@@ -609,11 +609,12 @@ def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
         {n: resolve_data_config({}, model=m) for n, m in models.items()}) or [])
     monkeypatch.setattr('s4nd_vision.eval.resolution.format_table', lambda rows: '')
     common = ['--models', 's4nd_iso_tiny', '--data', image_folder, '--resolutions', '14', '--in-chans', '1']
-    cli.main(common + ['--mean', '0.1307', '--std', '0.3081', '--out', 'unused'])
+    cli.main(common + ['--mean', '0.1307', '--std', '0.3081', '--interpolation', 'nearest', '--out', 'unused'])
     cli.main(common + ['--out', 'unused'])
     trained, default = (s['s4nd_iso_tiny'] for s in seen)
     assert (trained['mean'], trained['std']) == ((0.1307,), (0.3081,))
     assert (default['mean'], default['std']) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert (trained['interpolation'], default['interpolation']) == ('nearest', 'bilinear')
 
 
 def test_cli_builds_a_model_with_the_arguments_it_was_trained_with(image_folder, tmp_path, monkeypatch, capsys):

@@ -249,6 +249,8 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--device', 'gpu'], '--device: '),
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--mean', '0.1', '0.9'],
      '--mean needs one value or one per input channel (3 for convnext_s4nd_atto), got 2'),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--interpolation', 'random'],
+     "argument --interpolation: expects a timm interpolation such as 'bilinear' or 'bicubic', got 'random'"),
 ], ids=lambda v: v[0] if isinstance(v, list) else '')
 def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypatch):
     """A wrong name, file or value ends any command with an `error: ...` line and exit status 2, no traceback (an
