@@ -299,6 +299,9 @@ def test_inflation_errors():
     model_2d, model_3d = _pair()
     with pytest.raises(ValueError, match=r'stem.0.weight: 2D shape \(32, 3, 1, 1\) does not fit'):
         inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_3d_atto'))
+    with pytest.raises(ValueError, match=r"log_a_real: 2D shape \(32, 32\) does not fit 3D shape \(32, 4\) \(build the "
+                                         r"3D model with the 2D model's arguments, e.g. its dims, d_state"):
+        inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_s4nd_3d_atto', d_state=8))
     patch_2d = timm.create_model('convnext_s4nd_atto', stem_type='patch', downsample_type='conv')
     with pytest.raises(ValueError, match=r"name for name: missing \['stages.0.blocks.0.conv_dw.weight'"):
         inflate_state_dict(patch_2d.state_dict(), timm.create_model('convnext_3d_atto'))

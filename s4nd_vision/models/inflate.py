@@ -204,7 +204,8 @@ def _fit(name: str, value: torch.Tensor, target: torch.Tensor, conv_mode: str) -
     elif value.ndim == 4 and target.ndim == 5 and value.shape == target.shape[:2] + target.shape[3:]:
         out, how = inflate_conv_weight(value, target.shape[2], conv_mode), f'inflated along time ({conv_mode})'
     else:
-        hint = ' (num_classes differs: drop the head, keep_head=False)' if name.startswith('head.fc.') else ''
+        hint = (' (num_classes differs: drop the head, keep_head=False)' if name.startswith('head.fc.') else
+                ' (build the 3D model with the 2D model\'s arguments, e.g. its dims, d_state, stem_chs)')
         raise ValueError(
             f'cannot inflate {name}: 2D shape {tuple(value.shape)} does not fit 3D shape {tuple(target.shape)}{hint}')
     return out.to(target.dtype).contiguous(), how
