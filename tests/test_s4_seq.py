@@ -77,6 +77,27 @@ def test_recurrent_view_defaults_to_the_native_length():
             model.default_state(2, rate)
 
 
+def test_step_refuses_a_state_made_before_the_parameters_changed():
+    """The recurrences are snapshots of the SSMs while the pointwise layers are read live: a state kept across an
+    optimizer step, load_state_dict or .double() stepped old SSMs with new layers (or in float32 for a float64
+    model), silently."""
+    x = torch.randn(2, 1, dtype=torch.float64)
+    model = _model(seq_len=16, d_state=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    changes = [
+        lambda m: (m(torch.randn(2, 1, 16, dtype=torch.float64)).sum().backward(), optimizer.step()),
+        lambda m: m.load_state_dict(_model(seq_len=16, d_state=4).state_dict()),
+        lambda m: m.float(),
+    ]
+    for change in changes:
+        state = model.default_state(2)
+        model.step(x.to(model.stem.weight.dtype), state)  # (a fresh state steps)
+        change(model)
+        with pytest.raises(ValueError, match='state was made from other parameters .* make a new one'):
+            model.step(x.to(model.stem.weight.dtype), state)
+        model.step(x.to(model.stem.weight.dtype), model.default_state(2))
+
+
 def test_recurrent_view_errors():
     x = torch.zeros(2, 1)
     with pytest.raises(ValueError, match='causal 1D'):

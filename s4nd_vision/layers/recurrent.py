@@ -10,13 +10,24 @@ diagonal plus low-rank A). All rank-1 terms share A, B and dt, so they share the
 autoregressive generation: each new sample costs O(dim * N) ('s4d') or O(dim * N^2) ('s4'), not a convolution
 over the whole past.
 """
+import itertools
+
 import torch
 
 from .s4_kernel import S4Kernel
 from .s4nd import S4ND
 from .ssm_kernel import SSMKernel
 
-__all__ = ['S4NDRecurrence']
+__all__ = ['S4NDRecurrence', 'parameter_versions']
+
+
+def parameter_versions(layer: S4ND) -> tuple:
+    """What a recurrence's snapshot of `layer` depends on: each parameter's and buffer's storage, in-place version,
+    dtype and device, and the band-limits. It changes with an optimizer step, `load_state_dict`, `.to()` or
+    `.double()` (not with writes through `.data`, which bypass the version counters)."""
+    tensors = itertools.chain(layer.parameters(), layer.buffers())
+    return (tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors),
+            tuple(getattr(k, 'bandlimit', None) for k in layer.kernels))
 
 
 class S4NDRecurrence:
@@ -56,6 +67,7 @@ class S4NDRecurrence:
                              'sequence of that length), got None')
         (rate,) = layer.resolve_rate((1,), rate)  # (a number or a one-axis tuple, as the layer's forward takes)
         self.diagonal = isinstance(kernel, SSMKernel)
+        self.versions = parameter_versions(layer)  # (read before the snapshot: a later write makes it stale)
         with torch.no_grad():
             a, b, c = kernel.discretize(rate, dtype)
             if self.diagonal:

@@ -39,6 +39,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, check_kernel_args
+from ..layers.recurrent import parameter_versions
 from ..layers.ssm_kernel import check_sizes
 from ._base import (
     LIBRARY_CFG,
@@ -328,7 +329,8 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         Each layer steps at the rate `forward_features` gives it for a sequence of seq_len / rate samples (its
         reference length over that length: weights loaded from a model of another length, or `set_input_size`,
         keep their layers' reference). The SSMs are discretized here, once, from the current parameters; make a
-        new state after they change.
+        new state after they change (`step` refuses a state made before an optimizer step, `load_state_dict`,
+        `.to()` or `.double()`).
         """
         if self.mixer != 's4nd':
             raise ValueError(f"the recurrent view needs mixer='s4nd', got mixer={self.mixer!r}")
@@ -353,6 +355,12 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             raise ValueError(f'state holds {len(state.states)} blocks, the model has {len(self.blocks)}')
         if x.dtype != self.stem.weight.dtype:
             raise ValueError(f'step expects x in the model\'s dtype {self.stem.weight.dtype}, got {x.dtype}')
+        # the recurrences are snapshots: stepping one made before an optimizer step, load_state_dict or .double()
+        # would mix the old SSMs with the current pointwise layers, silently
+        if any(r.versions != parameter_versions(b.mixer) for b, r in zip(self.blocks, state.recurrences)):
+            raise ValueError('the state was made from other parameters than the model\'s current ones (an optimizer '
+                             'step, load_state_dict, .to() or .double() since default_state, or another model): '
+                             'make a new one with default_state')
         x = F.linear(x, self.stem.weight[..., 0], self.stem.bias)
         states = []
         for block, recurrence, s in zip(self.blocks, state.recurrences, state.states):
