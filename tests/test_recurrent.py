@@ -76,6 +76,9 @@ def test_recurrence_errors():
     causal = S4ND(3, ndim=1, bidirectional=False)  # a per-axis rate, as the layer's forward takes it
     torch.testing.assert_close(S4NDRecurrence(causal, rate=(2.0,)).a, S4NDRecurrence(causal, rate=2.0).a)
     recurrence = S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False))
+    for batch in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f'batch must be a non-negative integer .* got {batch!r}'):
+            recurrence.default_state(batch)
     with pytest.raises(ValueError, match=r'one sample u \(B, 3\), got shape \(3,\)'):
         recurrence.step(torch.zeros(3), recurrence.default_state(2))  # (it broadcast over the state's batch)
     with pytest.raises(ValueError, match=r'state must be .* for a batch of 2'):

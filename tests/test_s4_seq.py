@@ -75,6 +75,10 @@ def test_recurrent_view_defaults_to_the_native_length():
     for rate in (None, 0, -1.0, float('nan'), (2.0,)):
         with pytest.raises(ValueError, match=r'rate must be a positive number \(seq_len / the length'):
             model.default_state(2, rate)
+    for batch in (-1, 2.0, True, None):  # (a bool made a batch of 1; the others failed inside torch)
+        with pytest.raises(ValueError, match=f'batch_size must be a non-negative integer, got {batch!r}'):
+            model.default_state(batch)
+    assert model.default_state(np.int64(3)).states[0].shape[0] == 3
 
 
 def test_step_refuses_a_state_made_before_the_parameters_changed():

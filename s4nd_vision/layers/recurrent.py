@@ -16,7 +16,7 @@ import torch
 
 from .s4_kernel import S4Kernel
 from .s4nd import S4ND
-from .ssm_kernel import SSMKernel
+from .ssm_kernel import SSMKernel, is_int
 
 __all__ = ['S4NDRecurrence', 'parameter_versions']
 
@@ -78,6 +78,8 @@ class S4NDRecurrence:
 
     def default_state(self, batch: int) -> torch.Tensor:
         """The zero state, (batch, dim, N) complex (N = d_state / 2 for 's4d', d_state for 's4')."""
+        if not is_int(batch) or batch < 0:  # (a float or a bool failed in torch.Size, or made a batch of 1)
+            raise ValueError(f'batch must be a non-negative integer (sequences stepped at once), got {batch!r}')
         return self.b.new_zeros((batch,) + self.b.shape)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple:

@@ -40,7 +40,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, check_kernel_args
 from ..layers.recurrent import parameter_versions
-from ..layers.ssm_kernel import check_sizes
+from ..layers.ssm_kernel import check_sizes, is_int
 from ._base import (
     LIBRARY_CFG,
     MIXER_TYPES,
@@ -334,6 +334,8 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         """
         if self.mixer != 's4nd':
             raise ValueError(f"the recurrent view needs mixer='s4nd', got mixer={self.mixer!r}")
+        if not is_int(batch_size) or batch_size < 0:  # (a float failed in torch.Size, True made a batch of 1)
+            raise ValueError(f'batch_size must be a non-negative integer, got {batch_size!r}')
         if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
             raise ValueError(f'rate must be a positive number (seq_len / the length of the sequences stepped '
                              f'through), got {rate!r}')
