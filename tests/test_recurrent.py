@@ -73,6 +73,9 @@ def test_recurrence_errors():
     for dtype in (torch.float16, torch.bfloat16):
         with pytest.raises(ValueError, match='dtype must be torch.float32 or torch.float64'):
             S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False), dtype=dtype)
+    # the compute dtype follows the layer's by default: a float64 layer stepped at float32 accuracy (error 1e-6)
+    assert S4NDRecurrence(_causal_layer('s4d')).default_state(1).dtype == torch.complex128
+    assert S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False).bfloat16()).dtype == torch.float32
     causal = S4ND(3, ndim=1, bidirectional=False)  # a per-axis rate, as the layer's forward takes it
     torch.testing.assert_close(S4NDRecurrence(causal, rate=(2.0,)).a, S4NDRecurrence(causal, rate=2.0).a)
     recurrence = S4NDRecurrence(S4ND(3, ndim=1, bidirectional=False))

@@ -11,6 +11,7 @@ autoregressive generation: each new sample costs O(dim * N) ('s4d') or O(dim * N
 over the whole past.
 """
 import itertools
+from typing import Optional
 
 import torch
 
@@ -41,10 +42,11 @@ class S4NDRecurrence:
     Args:
         layer: an S4ND layer with ndim=1, bidirectional=False, pool=1, l_max=None, kernel 's4d' or 's4'.
         rate: step-size rate (1 = the layer's reference grid).
-        dtype: compute dtype of the recurrence (float32 or float64).
+        dtype: compute dtype of the recurrence (float32 or float64); None: the layer's, as its forward computes
+            (float64 for a float64 layer, else float32).
     """
 
-    def __init__(self, layer: S4ND, rate: float = 1.0, dtype: torch.dtype = torch.float32):
+    def __init__(self, layer: S4ND, rate: float = 1.0, dtype: Optional[torch.dtype] = None):
         if not isinstance(layer, S4ND):
             raise ValueError(f'layer must be an S4ND layer (a block\'s S4ND mixer, e.g. `block.mixer`), got '
                              f'{type(layer).__name__}')
@@ -56,6 +58,8 @@ class S4NDRecurrence:
         if layer.l_max is not None:
             raise ValueError(f'the recurrent view needs l_max=None (a truncated kernel has no finite state), '
                              f'got l_max={layer.l_max}')
+        if dtype is None:  # (float32 for a float64 layer stepped its float64 input at float32 accuracy, silently)
+            dtype = torch.promote_types(layer.D.dtype, torch.float32)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f'dtype must be torch.float32 or torch.float64 (the state is complex64 or complex128), '
                              f'got {dtype}')
