@@ -200,6 +200,19 @@ def test_fp16_gradients_of_an_engine_that_scales_its_own_loss_are_left_to_it(tmp
     _reset()
 
 
+def test_fp16_resumes_a_checkpoint_without_gradient_scaler_state(tmp_path, folder, fp16_on_cpu):
+    """A bf16 or float32 run's checkpoint holds no scaler.pt: an fp16 run resumes it with a fresh GradScaler (not
+    a checkpoint refused as damaged), and its own checkpoints hold the scaler's state."""
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.mixed_precision=bf16'))).fit()
+    _reset()
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.mixed_precision=fp16')),
+                      resume=True)
+    assert trainer.state.epoch == 1 and trainer.accelerator.scaler is not None
+    trainer.fit()
+    assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1']
+    assert os.path.isfile(os.path.join(latest_checkpoint(str(tmp_path)), 'scaler.pt'))
+
+
 def test_a_min_lr_above_a_scaled_lr_is_refused(tmp_path, folder):
     """timm's schedules take each group from its LR to sched.min_lr: a group's LR scaled below it would rise."""
     _reset()

@@ -376,7 +376,7 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
     if config is not None and saved is not None:
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
     try:
-        with _fsdp_records(accelerator):
+        with _fsdp_records(accelerator), _without_missing_scaler(accelerator, path):
             accelerator.load_state(path)
     except ValueError as e:  # the optimizer's parameter groups (torch: 'loaded state dict has a different ...')
         if 'parameter group' not in str(e):
@@ -396,6 +396,23 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
         raise _damaged(path, e) from None
     accelerator.print(f'resumed from {path}: epoch {state.epoch}, update {state.update} '
                       f'({state.step_in_epoch} into the epoch)')
+
+
+@contextmanager
+def _without_missing_scaler(accelerator: Accelerator, path: str) -> Iterator[None]:
+    """An fp16 run (Accelerate's GradScaler) resuming a checkpoint without the scaler's state, one of a bf16 or
+    float32 run: its scaler starts afresh, as in a fresh fp16 run (Accelerate would fail on the missing scaler.pt,
+    a checkpoint read as damaged). The weights, optimizer and position are the checkpoint's."""
+    scaler = accelerator.scaler
+    if scaler is None or os.path.isfile(os.path.join(path, 'scaler.pt')):
+        yield
+        return
+    accelerator.print(f'{path} holds no gradient scaler state (a run without fp16): the scaler starts afresh')
+    accelerator.scaler = None
+    try:
+        yield
+    finally:
+        accelerator.scaler = scaler
 
 
 def _damaged(path: str, error: BaseException) -> ConfigError:
