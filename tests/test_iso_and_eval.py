@@ -279,6 +279,18 @@ def test_eval_resolution_leaves_unreadable_images_out(image_folder, tmp_path):
     assert row['top1'] == pytest.approx(100 / 27) and row['top5'] == pytest.approx(100 * 12 / 27)
 
 
+def test_eval_resolution_evaluates_half_precision_models(image_folder):
+    """A model in bfloat16 or float16 (`model.half()`) takes the float32 images cast to its dtype, as timm's
+    validate.py --model-dtype (they reached its first layer as float32, which it refused)."""
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = _create('s4nd_iso_tiny', **SMALL).to(dtype)
+        rows[dtype] = eval_resolution({'m': model}, image_folder, [8, 14], progress=False)
+    for dtype in (torch.bfloat16, torch.float16):
+        for row, ref in zip(rows[dtype], rows[torch.float32]):
+            assert row['n'] == 30 and row['nonfinite'] == 0 and abs(row['top1'] - ref['top1']) <= 10
+
+
 def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
     models = {
         's4nd': _create('s4nd_iso_tiny', **SMALL),

@@ -285,7 +285,9 @@ def eval_resolution(
     """Top-1/top-5 accuracy (%) of every model at every resolution.
 
     Args:
-        models: display name -> model (moved to `device` and put in eval mode).
+        models: display name -> model (moved to `device` and put in eval mode). Images are cast to the dtype of
+            its weights: a `model.half()` or bfloat16 model is evaluated in it (as timm's validate.py
+            --model-dtype); its logits are scored as they are.
         data: 'mnist' (the built-in MNIST-5k validation split) or an ImageFolder directory
             (its `split` sub-folder when present, found as timm's `create_dataset` does).
         resolutions: input sides in pixels.
@@ -315,6 +317,8 @@ def eval_resolution(
     rows, listed = [], {}
     for name, model in models.items():
         model.eval().to(device)
+        # (the transforms give float32 images: cast to the weights' dtype, which the first layer expects)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         cfg = model_data_config(model)
         loaders = [
             DataLoader(_dataset(data, split, r, cfg, crop_pct, listed), batch_size=batch_size, num_workers=num_workers)
@@ -329,7 +333,7 @@ def eval_resolution(
             for resolution, loader in zip(resolutions, loaders):
                 correct1 = correct5 = n = skipped = nonfinite = 0
                 for images, targets, *counts in loader:  # image folders add a skip count per sample
-                    logits = model(images.to(device))
+                    logits = model(images.to(device=device, dtype=dtype))
                     hits = topk_hits(logits, targets.to(device))
                     # an unreadable image's stand-in (another image, with its label) is not scored, as in training
                     read = (counts[0] == 0).to(hits.device) if counts else torch.ones_like(hits[:, 0])
