@@ -319,6 +319,18 @@ def test_export_onnx_to_a_folder_is_refused_before_the_export(tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+def test_export_onnx_of_a_half_precision_model_is_refused_before_the_export(tmp_path, monkeypatch):
+    """A model.half() or bfloat16 model failed minutes into the export with torch's ONNX ConversionError ('expected
+    scalar type torch.float32 but found torch.float16'): refused first, saying what to export instead."""
+    monkeypatch.setattr(torch.onnx, 'export', lambda *a, **k: pytest.fail('exported before refusing the model'))
+    model = timm.create_model('s4nd_iso_tiny', img_size=8, depth=1, dim=8, d_state=4, num_classes=3)
+    for dtype in ('float16', 'bfloat16'):
+        with pytest.raises(ValueError, match=rf'model: its weights are torch.{dtype}; export_onnx exports float32 '
+                                             r'models: export model.float\(\)'):
+            export_onnx(model.to(getattr(torch, dtype)), str(tmp_path / 'half.onnx'), img_size=(8, 8))
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride(tmp_path, capsys):
     """convnext_s4nd_atto built at 64 px (2 strides) exports without --trace-size: traced at 3 strides, 96 px (it
     failed on a --trace-size never given), and the graph equals eager at its own 64 px and at 32 px; a default
