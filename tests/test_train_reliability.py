@@ -321,6 +321,25 @@ def test_a_later_run_in_the_same_process_does_not_inherit_its_mixed_precision(tm
     _reset()
 
 
+def test_the_launchers_mixed_precision_is_recorded_and_a_resume_in_another_is_warned_of(tmp_path, folder,
+                                                                                          monkeypatch):
+    """train.mixed_precision null takes `accelerate launch --mixed_precision` (ACCELERATE_MIXED_PRECISION): the run's
+    config.yaml records what it trained in (it said null), so a resume launched without the flag (float32) is
+    warned about; a value in the config wins over the launcher's."""
+    _reset()
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))).fit()
+    assert load_config(str(tmp_path / 'config.yaml')).train.mixed_precision == 'bf16'
+    _reset()
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'no')
+    with pytest.warns(UserWarning, match=r"changed config .*train.mixed_precision: 'bf16' -> 'no'"):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2')), resume=True)
+    _reset()
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'set', 'train.mixed_precision=bf16')))
+    assert trainer.accelerator.mixed_precision == trainer.cfg.train.mixed_precision == 'bf16'
+    _reset()
+
+
 def test_poly_schedule_takes_its_power_from_the_config(tmp_path, folder):
     """sched.decay_rate is the poly schedule's power (timm's decay_rate), 0.1 by default as in timm's train.py."""
     for extra, power in (((), 0.1), (('sched.decay_rate=1.0',), 1.0)):

@@ -471,6 +471,8 @@ def _compare_configs(path: str, saved: Dict[str, Any], config: Dict[str, Any], w
             f'a model EMA (train.ema_decay={old.get("train.ema_decay")}), this run has train.ema_decay='
             f'{new.get("train.ema_decay")}: resume with the checkpoint\'s choice (another non-null decay is fine), or '
             f'start a fresh run in another output_dir')
+    if old.get('train.mixed_precision') is None:  # (written before the precision a run resolved was recorded)
+        old['train.mixed_precision'] = new.get('train.mixed_precision')
     for key, legacy in LEGACY_OPTIM.items():  # (written before they became null: null means the same values)
         if (new.get(f'optim.{key}') is None and old.get(f'optim.{key}') == legacy
                 and optimizer_default(new.get('optim.opt', 'adamw'), key) in (None, legacy)):

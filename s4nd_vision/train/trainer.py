@@ -17,6 +17,7 @@ update, left out of `train_loss`, counted in `nonfinite_steps`); more than `trai
 of them in a row stop the run with `TrainingDiverged`. Weights and checkpoints are written only when
 every value in them is finite, so the last checkpoint is always one to resume from.
 """
+import dataclasses
 import math
 import os
 import time
@@ -139,6 +140,10 @@ class Trainer:
                 f'which Accelerate keeps for the whole process: give train.mixed_precision that value, or start '
                 f'this run in a new process') from None
         acc = self.accelerator
+        # the precision the run trains in, also where the launcher chose it (null): config.yaml, the checkpoints'
+        # configs and the trackers state it, and a resume in another precision is warned of as a changed key
+        self.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, mixed_precision=acc.mixed_precision))
+        tc = cfg.train
         # the first collective: a process whose config failed to load joins it with its error (`cli.run`)
         with same_on_every_process(acc) as facts:
             facts.update((key, value) for key, value in flat_config(config_to_dict(cfg)).items()
