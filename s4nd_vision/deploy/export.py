@@ -135,10 +135,10 @@ def export_onnx(
         raise ValueError(f'path: {path!r} is a folder; name the ONNX file to write, e.g. '
                          f'{os.path.join(path, "model.onnx")!r}')
     check_image_model(model, fixed_size)
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {'torch.float32'})
-    if dtypes:  # (traced with a float32 input: the export failed minutes in, in torch's ONNX decomposition)
-        raise ValueError(f'model: its weights are {", ".join(dtypes)}; export_onnx exports float32 models: export '
-                         f'model.float() (and convert the ONNX file to float16 afterwards if needed)')
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if dtypes:  # (the export failed minutes in, in torch's ONNX decomposition)
+        raise ValueError(f'model: its weights are {", ".join(dtypes)}; export_onnx exports float32 (or float64) '
+                         f'models: export model.float() (and convert the ONNX file to float16 afterwards if needed)')
     own = input_sides(model)
     img_size = trace_size(model, fixed_size) if img_size is None else img_size
     in_chans = _model_chans(model) if in_chans is None else in_chans
