@@ -338,6 +338,12 @@ def test_the_launchers_mixed_precision_is_recorded_and_a_resume_in_another_is_wa
     trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'set', 'train.mixed_precision=bf16')))
     assert trainer.accelerator.mixed_precision == trainer.cfg.train.mixed_precision == 'bf16'
     _reset()
+    # a set value that differs from the launcher's (e.g. a CPU run's recorded 'no' reused on GPUs) is warned of
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
+    with pytest.warns(UserWarning, match=r"train.mixed_precision=no overrides the launcher's --mixed_precision bf16"):
+        trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'no', 'train.mixed_precision=no')))
+    assert trainer.accelerator.mixed_precision == 'no'
+    _reset()
 
 
 def test_poly_schedule_takes_its_power_from_the_config(tmp_path, folder):

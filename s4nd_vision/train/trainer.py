@@ -140,6 +140,11 @@ class Trainer:
                 f'which Accelerate keeps for the whole process: give train.mixed_precision that value, or start '
                 f'this run in a new process') from None
         acc = self.accelerator
+        launched = parse_choice_from_env('ACCELERATE_MIXED_PRECISION', 'no')
+        if acc.is_main_process and tc.mixed_precision is not None and launched not in ('no', tc.mixed_precision):
+            # (Accelerate says nothing; e.g. a CPU run's config.yaml, which records 'no', launched with bf16)
+            warnings.warn(f'train.mixed_precision={tc.mixed_precision} overrides the launcher\'s --mixed_precision '
+                          f'{launched} (set train.mixed_precision to null to take the launcher\'s)', stacklevel=2)
         # the precision the run trains in, also where the launcher chose it (null): config.yaml, the checkpoints'
         # configs and the trackers state it, and a resume in another precision is warned of as a changed key
         self.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, mixed_precision=acc.mixed_precision))
