@@ -82,6 +82,19 @@ def test_progressive_sizes_the_model_does_not_take_are_refused(folder, tmp_path)
     assert [s.img_size for s in cfg.train.progressive] == [32, 48]
 
 
+def test_a_training_size_the_model_does_not_take_is_refused(folder, tmp_path):
+    """data.img_size is checked as the progressive stages are (a timm ViT of dynamic_img_size: patch multiples), not
+    by an AssertionError in timm's PatchEmbed at the first step; a ViT of one size is built for it and takes it."""
+    vit = ['model.name=vit_tiny_patch16_224', 'model.kwargs={dynamic_img_size: true, depth: 1}']
+    message = r"data.img_size: resolutions \[40\]: 'vit_tiny_patch16_224' takes multiples of its patch size 16x16"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, _overrides(folder, tmp_path, *vit, 'data.img_size=40'))
+    assert load_config(None, _overrides(folder, tmp_path, *vit, 'data.img_size=48')).data.img_size == 48
+    fixed = load_config(None, _overrides(folder, tmp_path, 'model.name=vit_tiny_patch16_224', 'model.kwargs={depth: 1}',
+                                         'data.img_size=40'))
+    assert fixed.data.img_size == 40
+
+
 def test_valid_values_from_timm_lists_pass(folder, tmp_path):
     cfg = load_config(None, _overrides(
         folder, tmp_path, 'optim.opt=lookahead_sgd', 'aug.auto_augment=rand-m9-mstd0.5-inc1',

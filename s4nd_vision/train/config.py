@@ -326,6 +326,11 @@ class Config:
         need_size = f'at least {smallest} (the smallest input {mc.name} takes)'
         if data.img_size < smallest:
             raise ConfigError(f'data.img_size must be {need_size}, got {data.img_size}')
+        if not get_model_input_config(model)['fixed_input_size']:  # (a fixed one is built for data.img_size)
+            try:  # as the stages below (e.g. a timm ViT's patch multiples): else an error at the first step
+                check_resolutions([data.img_size], {mc.name: model})
+            except ValueError as e:
+                raise ConfigError(f'data.img_size: {e}') from None
         for i, stage in enumerate(self.train.progressive):
             if stage.img_size < smallest:
                 raise ConfigError(f'train.progressive[{i}].img_size must be {need_size}, got {stage.img_size}')
