@@ -87,8 +87,9 @@ def test_a_training_size_the_model_does_not_take_is_refused(folder, tmp_path):
     by an AssertionError in timm's PatchEmbed at the first step; a ViT of one size is built for it and takes it."""
     vit = ['model.name=vit_tiny_patch16_224', 'model.kwargs={dynamic_img_size: true, depth: 1}']
     message = r"data.img_size: resolutions \[40\]: 'vit_tiny_patch16_224' takes multiples of its patch size 16x16"
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         load_config(None, _overrides(folder, tmp_path, *vit, 'data.img_size=40'))
+    assert 'training: model.kwargs.dynamic_img_pad: true' in str(info.value)  # (the key to set here, not a flag)
     assert load_config(None, _overrides(folder, tmp_path, *vit, 'data.img_size=48')).data.img_size == 48
     fixed = load_config(None, _overrides(folder, tmp_path, 'model.name=vit_tiny_patch16_224', 'model.kwargs={depth: 1}',
                                          'data.img_size=40'))

@@ -239,7 +239,8 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
             if other:
                 raise ValueError(
                     f'resolutions {other}: {name!r} takes multiples of its patch size {patch[0]}x{patch[1]} (any '
-                    f'size with dynamic_img_pad=true: --models NAME,dynamic_img_size=true,dynamic_img_pad=true)')
+                    f'size with dynamic_img_pad=true: eval-resolution --models NAME,dynamic_img_size=true,'
+                    f'dynamic_img_pad=true; training: model.kwargs.dynamic_img_pad: true)')
         # (C,) or a video model's (C, T) before the sides; none for a sequence model (its input has no sides)
         layout = check_input is not None and hasattr(model, 'input_size') and model.input_size()[:-2]
         for r in resolutions if layout else ():
