@@ -198,9 +198,10 @@ def min_input_size(model: nn.Module) -> int:
 
 
 def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, nn.Module]] = None) -> List[int]:
-    """Validate `resolutions` (positive integers, each at least every model's minimum input size, only its own
-    size for a model that takes no other: timm's `fixed_input_size`, and each one the model's own input check
-    accepts: e.g. a ViT-S4ND's patch-size multiples, and a timm ViT's unless it pads), before any evaluation."""
+    """Validate `resolutions` (positive integers, each given once, each at least every model's minimum input size,
+    only its own size for a model that takes no other: timm's `fixed_input_size`, and each one the model's own input
+    check accepts: e.g. a ViT-S4ND's patch-size multiples, and a timm ViT's unless it pads; a sequence model, whose
+    input has no sides, is refused), before any evaluation."""
     resolutions = list(resolutions)
     if not resolutions:
         raise ValueError('resolutions must list at least one resolution')
