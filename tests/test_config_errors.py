@@ -56,6 +56,9 @@ def folder(tmp_path_factory):
     ('model.kwargs.img_size=64', r'model.kwargs.img_size is set by the trainer from data.img_size'),
     ('model.kwargs.ls_init_value=null', r'model.kwargs.ls_init_value is null, which timm.create_model drops'),
     ('model.kwargs.bandlimit=null', r'model.kwargs.bandlimit is null, .*bandlimit: 0 turns band-limiting off'),
+    # (a stage without its size trained at a default of 224 px, silently)
+    ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, bandlimit: 0.5}]',
+     r"train.progressive\[1\].img_size must be given for every stage \(the stage's training size; .*got None"),
     ('train.progressive=[{epoch: 0, img_size: 32, bandlimit: -1}]',
      r"train.progressive\[\].bandlimit must be a positive cut-off, 0 for off, or null for the model's own, got -1"),
     ('model.name=convnext_s4nd_atoo', r"model.name 'convnext_s4nd_atoo' is not a timm model \(did you mean "

@@ -138,7 +138,9 @@ class SchedConfig:
 @dataclass
 class ProgressiveStage:
     epoch: int = 0  # first epoch of the stage
-    img_size: int = 224  # training resolution in this stage
+    # training resolution in this stage: required (a default, e.g. timm's 224, would silently train at another size
+    # than data.img_size where a stage only changes the band-limit)
+    img_size: Optional[int] = None
     bandlimit: Optional[float] = None  # S4ND band-limit in this stage (0: off; None: leave the model's)
 
 
@@ -274,7 +276,10 @@ class Config:
             need(epochs == sorted(set(epochs)), 'train.progressive', 'stages in increasing epoch order', epochs)
             need(epochs[-1] < self.train.epochs, 'train.progressive',
                  f'stages starting before train.epochs ({self.train.epochs}): a later one never runs', epochs)
-            for stage in self.train.progressive:
+            for i, stage in enumerate(self.train.progressive):
+                need(stage.img_size is not None, f'train.progressive[{i}].img_size',
+                     "given for every stage (the stage's training size; repeat the previous stage's to change only "
+                     'the band-limit)', stage.img_size)
                 need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
                 need(stage.bandlimit is None or stage.bandlimit >= 0, 'train.progressive[].bandlimit',
                      "a positive cut-off, 0 for off, or null for the model's own", stage.bandlimit)
