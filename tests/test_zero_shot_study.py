@@ -303,6 +303,15 @@ def test_progressive_sizes_bind_the_progressive_runs_only(tmp_path, monkeypatch)
     twins = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None], seeds=[0], baseline=False)
     with pytest.raises(ValueError, match=r'progressive_sizes \(--progressive-sizes\) must end with img_size=48'):
         run_study(twins, out_dir=str(tmp_path / 'twins'), img_size=48, resolutions=[48, 96], log=lambda s: None)
+    # a twin that leaves out a listed size (fewer epochs than sizes) or trains at one size is refused: its row would
+    # be recorded as progressive at those sizes
+    for sizes, epochs, trained in (((32, 48, 64), 1, r'\[64\]'), ((32, 48, 64), 2, r'\[48, 64\]'),
+                                   ((64,), 5, r'\[64\]')):
+        with pytest.raises(ValueError, match=rf'progressive_sizes .* at least 2 sizes, each with an epoch of the '
+                                             rf'{epochs} a run trains .*would train at {trained} px only'):
+            run_study(twins, out_dir=str(tmp_path / 'few'), epochs=epochs, progressive_sizes=sizes,
+                      log=lambda s: None)
+    assert calls == [plain[0].run_id]
 
 
 def test_tiny_real_run(tmp_path, capsys):

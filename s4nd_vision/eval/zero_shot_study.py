@@ -333,6 +333,13 @@ def run_study(
     todo = [] if report_only else [r for r in runs if r.run_id not in done]
     from ..train import load_config
     config_epochs = load_config(CONFIG).train.epochs
+    if any(r.progressive for r in todo):  # (a size without an epoch is left out: the row would be no such run)
+        stages = progressive_stages(progressive_sizes, epochs or config_epochs)
+        if len(set(progressive_sizes)) < 2 or len(stages) < len(progressive_sizes):
+            raise ValueError(
+                f'progressive_sizes (--progressive-sizes) must be at least 2 sizes, each with an epoch of the '
+                f'{epochs or config_epochs} a run trains (--epochs), for the progressive runs: they would train at '
+                f'{[s["img_size"] for s in stages]} px only, got {list(progressive_sizes)}')
     planned = []  # (run, its folder, its overrides), every config loaded as the run will (a bad value fails here)
     for run in todo:
         run_dir = os.path.join(out_dir, 'runs', run.run_id)
