@@ -60,7 +60,8 @@ def folder(tmp_path_factory):
     ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, bandlimit: 0.5}]',
      r"train.progressive\[1\].img_size must be given for every stage \(the stage's training size; .*got None"),
     ('train.progressive=[{epoch: 0, img_size: 32, bandlimit: -1}]',
-     r"train.progressive\[\].bandlimit must be a positive cut-off, 0 for off, or null for the model's own, got -1"),
+     r"train.progressive\[\].bandlimit must be a positive cut-off, 0 for off, or null to keep the one in force "
+     r"\(the model's own or an earlier stage's\), got -1"),
     ('model.name=convnext_s4nd_atoo', r"model.name 'convnext_s4nd_atoo' is not a timm model \(did you mean "
                                       r"convnext_s4nd_atto\?\)"),
     ('optim.lr=[1', r"override 'optim.lr=\[1': the value is not valid YAML \(expected ',' or '\]'"),

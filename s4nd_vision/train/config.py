@@ -141,7 +141,8 @@ class ProgressiveStage:
     # training resolution in this stage: required (a default, e.g. timm's 224, would silently train at another size
     # than data.img_size where a stage only changes the band-limit)
     img_size: Optional[int] = None
-    bandlimit: Optional[float] = None  # S4ND band-limit in this stage (0: off; None: leave the model's)
+    # S4ND band-limit from this stage on (0: off; None: keep the one in force, the model's own or an earlier stage's)
+    bandlimit: Optional[float] = None
 
 
 @dataclass
@@ -282,7 +283,8 @@ class Config:
                      'the band-limit)', stage.img_size)
                 need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
                 need(stage.bandlimit is None or stage.bandlimit >= 0, 'train.progressive[].bandlimit',
-                     "a positive cut-off, 0 for off, or null for the model's own", stage.bandlimit)
+                     "a positive cut-off, 0 for off, or null to keep the one in force (the model's own or an "
+                     "earlier stage's)", stage.bandlimit)
         self._validate_model()
         return self
 
