@@ -463,6 +463,33 @@ def test_the_band_limit_is_saved_with_the_weights():
     assert not [w for w in caught if 'band-limit record' in str(w.message)]
 
 
+def test_weights_averaged_in_floating_point_load_with_their_records():
+    """timm's avg_checkpoints.py averages every entry of the state dicts in float64 and writes float32, the int64
+    records too (reference grids, band-limits, SGConv decays): such a file loads with its function, not with an
+    error per record."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+    x = torch.randn(2, 3, 48, 40)
+    for extra in (dict(bandlimit=0.3), dict(kernel='sgconv')):
+        trained = timm.create_model('convnext_s4nd_atto', **kwargs, **extra).eval()
+        averaged = {k: v.to(torch.float64).to(torch.float32) for k, v in trained.state_dict().items()}
+        same = timm.create_model('convnext_s4nd_atto', **kwargs, **extra).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            same.load_state_dict(averaged)
+        with torch.no_grad():
+            torch.testing.assert_close(same(x), trained(x), atol=0, rtol=0)
+    # a model built for another size and cut-off takes the file's grid, and its cut-off to float32's precision
+    trained = timm.create_model('convnext_s4nd_atto', bandlimit=0.3, **kwargs)
+    averaged = {k: v.to(torch.float64).to(torch.float32) for k, v in trained.state_dict().items()}
+    other = timm.create_model('convnext_s4nd_atto', **dict(kwargs, img_size=64, bandlimit=0.5))
+    with pytest.warns(UserWarning, match=r'bandlimit records.* converted to torch\.float32 .*read as 0\.3000'):
+        other.load_state_dict(averaged)
+    assert all(math.isclose(cut, 0.3, rel_tol=1e-3) for cut in _cuts(other))
+    assert {m.l_ref for m in other.modules() if isinstance(m, S4ND)} == {tuple(m.l_ref) for m in trained.modules()
+                                                                          if isinstance(m, S4ND)}
+
+
 def test_inflation_carries_the_2d_band_limit():
     """2D -> 3D: the H and W kernels keep the cut-off they were trained with, the new time kernel the 3D
     model's; a 2D file without cut-offs inflates with the 3D model's own."""
@@ -478,12 +505,13 @@ def test_inflation_carries_the_2d_band_limit():
     target = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, **kwargs)
     target.load_state_dict(inflate_state_dict(old, target), strict=False)
     assert set(_cuts(target)) == {1.0}
-    # a malformed record (e.g. cast to a floating dtype with the rest of a file) fails loading, naming the key,
-    # instead of being converted by value into another cut-off
+    # a record cast to a floating dtype with the rest of a file (as timm's checkpoint averaging does) is read by its
+    # bits, not converted by value into another cut-off: the 2D file's (off) for H and W (a record that cannot be
+    # bits, e.g. the cut-off's value as a float, is refused: `test_the_band_limit_is_saved_with_the_weights`)
     cast = {k: v.double() if k.endswith('.bandlimit') else v for k, v in source.state_dict().items()}
-    key = re.escape('stages.1.blocks.0.conv_dw.kernels.1.bandlimit')
-    with pytest.raises(RuntimeError, match=rf'{key}: expected the band-limit cut-off as float64 bits'):
+    with pytest.warns(UserWarning, match=r'bandlimit records.*converted to torch\.float64 .*read as 0\.0 '):
         target.load_state_dict(inflate_state_dict(cast, target), strict=False)
+    assert [k.bandlimit for k in target.stages[1].blocks[0].conv_dw.kernels] == [1.0, None, None]
 
 
 def test_zero_and_none_are_off_everywhere():

@@ -110,7 +110,7 @@ def test_layer_saves_and_loads_its_reference_grid():
     other.load_state_dict({k: v for k, v in state.items() if k != 'l_ref'})  # older files: the layer's own
     assert other.l_ref is None
 
-    for bad in (torch.tensor([8.0, 6.0]), torch.tensor([8, 6, 4]), torch.tensor([8, 0])):
+    for bad in (torch.tensor([8.5, 6.0]), torch.tensor([8, 6, 4]), torch.tensor([8, 0])):
         with pytest.raises(RuntimeError, match='l_ref: expected 2 positive integers'):
             other.load_state_dict(dict(state, l_ref=bad))
 

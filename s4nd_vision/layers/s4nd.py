@@ -27,7 +27,7 @@ from .ops import (
     conv_operators,
     separable_conv,
 )
-from .records import records_in_state_dict
+from .records import record_ints, records_in_state_dict
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
@@ -299,7 +299,7 @@ class S4ND(nn.Module):
         key = prefix + 'l_ref'
         value = state_dict.get(key)
         if value is not None and not value.is_meta:  # (SGConv kernels take their layout from their own weights)
-            grid = value.tolist() if value.ndim == 1 and not value.is_floating_point() else None
+            grid = record_ints(value)
             d = state_dict.get(prefix + 'D')
             if grid is None or len(grid) != self.ndim or not (all(v > 0 for v in grid) or not any(grid)):
                 error_msgs.append(f'{key}: expected {self.ndim} positive integers (the reference grid; zeros for '

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .ops import backward_without_autocast, generation_without_autocast
-from .records import records_in_state_dict
+from .records import record_float, records_in_state_dict
 from .reference import use_reference
 from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel
 
@@ -219,8 +219,7 @@ class SGConvKernel(nn.Module):
         value = state_dict.get(key)
         decay = self.decay
         if value is not None and not value.is_meta:
-            ok = value.dtype == torch.int64 and value.numel() == 1
-            decay = value.reshape(()).cpu().view(torch.float64).item() if ok else None
+            decay = record_float(value, own=self.decay, name='decay')
             if decay is None or not 0 < decay <= 1:
                 error_msgs.append(f'{key}: expected the decay in (0, 1] as float64 bits in one int64, got '
                                   f'{value.dtype} {tuple(value.shape)} {value.tolist()}')

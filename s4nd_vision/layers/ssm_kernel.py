@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .hippo import legs_b, legs_nplr
 from .ops import backward_without_autocast, generation_without_autocast
-from .records import records_in_state_dict
+from .records import record_float, records_in_state_dict
 from .reference import ssm_kernel_reference, use_reference
 
 __all__ = [
@@ -108,9 +108,10 @@ class _DiagonalSSM(nn.Module):
     # The band-limit is saved with the weights, as `bandlimit`: the float64 cut-off's bit pattern in an int64
     # scalar (0 for off). The kernels' function depends on it, so weights trained with one cut-off and loaded
     # into a kernel built with another (e.g. after a change of defaults) keep their function. It is not a
-    # floating tensor on purpose: EMA and checkpoint averaging interpolate floating entries (a cut-off is not a
-    # weight to average) and copy the others, and a CPU float64 entry among CUDA weights would also take timm's
-    # foreach EMA update off its fused path. Weight files without it keep the kernel's own, with a warning.
+    # floating tensor on purpose: EMA interpolates floating entries (a cut-off is not a weight to average) and
+    # copies the others, and a CPU float64 entry among CUDA weights would also take timm's foreach EMA update off its
+    # fused path (a record that a tool converted to floating point is read from its bits: `record_float`). Weight
+    # files without it keep the kernel's own, with a warning.
     # (A plain attribute, not a buffer: a hyper-parameter that `set_bandlimit` and progressive stages change,
     # read on the host by the layers' kernel caches.)
 
@@ -135,8 +136,7 @@ class _DiagonalSSM(nn.Module):
                               f'model\'s own bandlimit={own} is kept; build the model with the band-limit '
                               'they were trained with (bandlimit=0 for none)', stacklevel=2)
         elif not value.is_meta:
-            ok = value.dtype == torch.int64 and value.numel() == 1
-            cut = value.reshape(()).cpu().view(torch.float64).item() if ok else None
+            cut = record_float(value, own=self.bandlimit or 0.0, name='bandlimit')
             if cut is None or not (math.isfinite(cut) and cut >= 0):
                 error_msgs.append(f'{key}: expected the band-limit cut-off as float64 bits in one int64 (0 for '
                                   f'none), got {value.dtype} {tuple(value.shape)} {value.tolist()}')
