@@ -529,6 +529,15 @@ def test_load_model_from_local_weights(tmp_path):
         load_model('s4nd_iso_tiny', str(tmp_path / 'missing.safetensors'))
     # without num_classes, the model is built with its weights' classes (10 here, where the model's default is 1000)
     assert load_model('s4nd_iso_tiny', path, in_chans=1, model_kwargs=dict(img_size=14)).num_classes == 10
+    # a checkpoint of timm's train.py holds its argparse arguments beside the weights: it loads, as with timm's loader
+    import argparse
+    timm_train = str(tmp_path / 'model_best.pth.tar')
+    torch.save({'epoch': 3, 'state_dict': source.state_dict(), 'args': argparse.Namespace(model='s4nd_iso_tiny'),
+                'metric': 50.0}, timm_train)
+    loaded = load_model('s4nd_iso_tiny', timm_train, in_chans=1, model_kwargs=dict(img_size=14))
+    assert loaded.num_classes == 10
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
 
 
 def test_load_model_refuses_an_argument_given_twice_differently(image_folder, capsys):

@@ -1,5 +1,6 @@
 """Checkpoint weights for a model: one unwrapping order for every model's filter and for inflation, the
 weight transfer from other architectures (timm's ConvNeXt) and the report of what it did."""
+import argparse
 import logging
 import os
 import re
@@ -140,10 +141,12 @@ def file_shape(path: str, key: str) -> Optional[Tuple[int, ...]]:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         shape = clean_state_dict(shapes).get(key)
     else:
-        try:
-            state_dict = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
-            state_dict = torch.load(path, map_location='cpu', weights_only=True)
+        # (timm's train.py saves its argparse arguments in its checkpoints, which timm's loader allows as well)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                state_dict = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+                state_dict = torch.load(path, map_location='cpu', weights_only=True)
         weight = unwrap_state_dict(state_dict).get(key)
         shape = None if weight is None else weight.shape
     return None if shape is None else tuple(int(s) for s in shape)
