@@ -438,6 +438,25 @@ def test_every_named_feature_wrapper_keeps_ssm_parameters_out_of_weight_decay(fe
     assert [o.shape[1] for o in (outputs.values() if isinstance(outputs, dict) else outputs)] == [40, 80, 160, 320]
 
 
+@pytest.mark.parametrize('feature_cls', ['list', 'dict', 'hook'])
+def test_module_by_module_feature_wrappers_check_the_input_as_the_model(feature_cls):
+    """timm's 'list', 'dict' and 'hook' wrappers run the modules one by one, not the model's forward: they check the
+    input as it does (an image given to a video backbone was read by the stem's Conv3d as an unbatched clip of one
+    channel, and refused for that)."""
+    clips = _create('convnext_s4nd_3d_atto', dict(img_size=32, num_frames=4, depths=(1, 1, 1, 1)),
+                    features_only=True, feature_cls=feature_cls, out_indices=(0, 1))
+    with pytest.raises(ValueError, match=r'expected input \(B, C, T, H, W\)'):
+        clips(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match='at least 8'):  # (the reduction of the last stage returned)
+        clips(torch.randn(1, 3, 2, 4, 4))
+    assert [o.shape[1:] for o in (lambda out: out.values() if isinstance(out, dict) else out)(
+        clips(torch.randn(1, 3, 2, 8, 8)))] == [(40, 1, 2, 2), (80, 1, 1, 1)]
+    images = _create('convnext_s4nd_atto', dict(img_size=32, depths=(1, 1, 1, 1)), features_only=True,
+                     feature_cls=feature_cls)
+    with pytest.raises(ValueError, match='floating point'):
+        images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
 # fewer blocks (every block type, stage, stem and downsampling kept): what dynamo traces is each module's code, and
 # its tracing time grows with the number of blocks, which a graph break or an untraceable op does not depend on
 SHALLOW = {'convnext_s4nd_atto': dict(depths=(1, 1, 1, 1)), 'convnext_sgconv_atto': dict(depths=(1, 1, 1, 1)),

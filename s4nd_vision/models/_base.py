@@ -103,15 +103,35 @@ class HandsOutFeatures:
         return [handed_out(v) for v in out]
 
 
-class _FeatureListNet(HandsOutFeatures, SSMNoWeightDecay, FeatureListNet):
+class ChecksInput:
+    """Mixed into timm's 'list', 'dict' and 'hook' wrappers (before timm's class), which run the model's modules
+    one by one rather than its forward: the model's input check, as its forward makes it (`check_input`; sides
+    down to the reduction of the last stage returned), so that e.g. an image given to a video backbone is refused
+    as such rather than by a conv that reads it as one unbatched clip. Models whose forward makes its own checks
+    elsewhere (without `min_input_size`: ViT-S4ND, the sequence models) are left as they are."""
+
+    def __init__(self, model: nn.Module, out_indices: Tuple[int, ...], **kwargs):
+        super().__init__(model, out_indices=out_indices, **kwargs)
+        self._input_check = None
+        if hasattr(model, 'min_input_size'):
+            _, last = feature_take_indices(len(model.feature_info), out_indices)
+            self._input_check = partial(check_input, **dict(model._input_checks(), min_side=model._min_side(last)))
+
+    def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], Dict[str, torch.Tensor]]:
+        if self._input_check is not None:
+            x = self._input_check(x)
+        return super().forward(x)
+
+
+class _FeatureListNet(HandsOutFeatures, ChecksInput, SSMNoWeightDecay, FeatureListNet):
     pass
 
 
-class _FeatureDictNet(HandsOutFeatures, SSMNoWeightDecay, FeatureDictNet):
+class _FeatureDictNet(HandsOutFeatures, ChecksInput, SSMNoWeightDecay, FeatureDictNet):
     pass
 
 
-class _FeatureHookNet(HandsOutFeatures, SSMNoWeightDecay, FeatureHookNet):
+class _FeatureHookNet(HandsOutFeatures, ChecksInput, SSMNoWeightDecay, FeatureHookNet):
     pass
 
 
