@@ -386,6 +386,18 @@ def test_features_only_keeps_timms_list_wrapper():
         timm.create_model('convnext_s4nd_atto', img_size=64), flatten_sequential=True).state_dict())
 
 
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_s4nd_3d_atto'])
+@pytest.mark.parametrize('depths', [(1, 1, 1), (1, 1, 1, 1, 1)])
+def test_features_only_gives_every_stage_of_any_depth(name, depths):
+    """features_only's default is every stage, as timm's ConvNeXt's four: a model of three stages failed (index 3
+    out of range) and one of five lost its last."""
+    dims = (8, 16, 32, 64, 128)[:len(depths)]
+    features = timm.create_model(name, img_size=64, depths=depths, dims=dims, features_only=True).eval()
+    x = torch.randn(1, 3, *((4,) if '3d' in name else ()), 64, 64)
+    with torch.no_grad():
+        assert [o.shape[1] for o in features(x)] == features.feature_info.channels() == list(dims)
+
+
 @pytest.mark.parametrize('name, shape, message', [
     ('convnext_s4nd_atto', (2, 3, 16, 16), 'at least 32'),
     ('convnext_s4nd_atto', (2, 1, 64, 64), 'channels'),

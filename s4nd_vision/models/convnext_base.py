@@ -11,7 +11,7 @@ Paper:
 * `A ConvNet for the 2020s` - https://arxiv.org/abs/2201.03545
 """
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ from ._checks import check_img_size, check_input, check_model_sizes
 
 __all__ = [
     'ConvNeXtBase', 'ConvNeXtFeatures', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES',
-    'PAPER_SSM',
+    'PAPER_SSM', 'every_stage',
 ]
 
 STEM_TYPES = ('s4nd', 'patch')
@@ -444,6 +444,14 @@ class ConvNeXtBase(S4NDModel):
             x = self.stem(x)
             x = self.stages(x)
         return handed_out(self.norm_pre(x))
+
+
+def every_stage(kwargs: Dict[str, Any]) -> Tuple[int, ...]:
+    """`features_only`'s default `out_indices` for a model built from `kwargs`: every stage, as timm's ConvNeXt
+    (its four), also for `depths` of another length (a fixed (0, 1, 2, 3) failed on three stages and dropped a
+    fifth). Depths that are not a sequence are left to the model's own error."""
+    depths = kwargs.get('depths', (3, 3, 9, 3))  # (ConvNeXtBase's default)
+    return tuple(range(len(depths))) if hasattr(depths, '__len__') else (0, 1, 2, 3)
 
 
 class ConvNeXtFeatures(HandsOutFeatures, SSMNoWeightDecay, FeatureListNet):

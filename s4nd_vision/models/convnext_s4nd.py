@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ._base import LIBRARY_CFG, SGCONV_ID, feature_cfg, paper_cfg
 from ._checkpoint import check_pretrained_file, stated_img_size, transfer_timm_weights, unwrap_state_dict
-from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures
+from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures, every_stage
 
 __all__ = ['ConvNeXtS4ND']
 
@@ -63,7 +63,7 @@ def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> C
         ConvNeXtS4ND, variant, pretrained,
         pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=feature_cfg(
-            kwargs, out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
+            kwargs, out_indices=every_stage(kwargs), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)
 
 

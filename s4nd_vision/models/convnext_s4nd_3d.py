@@ -51,7 +51,7 @@ from ._checkpoint import (
     unwrap_state_dict,
 )
 from ._checks import check_img_size
-from .convnext_base import ConvNeXtBase, ConvNeXtFeatures
+from .convnext_base import ConvNeXtBase, ConvNeXtFeatures, every_stage
 from .inflate import default_time_init, inflate_state_dict, is_2d_state_dict
 
 __all__ = ['ConvNeXt3d']
@@ -218,7 +218,7 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
         ConvNeXt3d, variant, pretrained,
         pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=feature_cfg(
-            kwargs, out_indices=(0, 1, 2, 3), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
+            kwargs, out_indices=every_stage(kwargs), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)
 
 
