@@ -179,8 +179,8 @@ def _eval_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def _kernel_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='convnext_s4nd_atto',
-                        help='timm model name (S4ND layers with S4D kernels), with arguments as NAME,key=value,... '
-                             'if it needs them (YAML values)')
+                        help='timm model name (S4ND layers with S4D or S4 kernels), with arguments as '
+                             'NAME,key=value,... if it needs them (YAML values)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=_model_kwargs_action(),
                         help='model constructor arguments, e.g. ssm_init=legs dt_min=0.05 dt_max=0.5')
     parser.add_argument('--checkpoint', default=None, help='weights file (e.g. a run\'s best.safetensors); default: '
@@ -226,7 +226,7 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     model = load_model(name, args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans,
                        img_size=args.img_size, model_kwargs=dict(args.model_kwargs, **kwargs))
     if not s4nd_layers(model):
-        raise ValueError(f'{args.model} has no S4ND layer with S4D kernels: no kernel to report')
+        raise ValueError(f'{args.model} has no S4ND layer with S4D or S4 kernels: no kernel to report')
     layer = args.plot_layer or s4nd_layers(model)[0][0]
     try:  # before any work or output: a bad --plot-layer/--axis/--channels must not leave a CSV behind
         plotted_layer(model, layer, args.axis, args.channels)

@@ -258,6 +258,28 @@ def test_kernel_report_measures_the_mask():
     assert '| stem.1 | stem | 0 | 64 | 1 |' in format_report(rows) and '| block | 4 |' in format_summary(summary)
 
 
+def test_kernel_report_of_s4_kernels():
+    """S4 (DPLR) kernels band-limit too (the modes of A's diagonal part): the report measures them as S4D's, where
+    it refused such models ('no S4ND layer with S4D kernels'); SGConv layers, without modes, are left out."""
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', img_size=32, num_classes=3, kernel='s4', bandlimit=0,
+                              depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=8)
+    rows = kernel_report(model, bandlimit=1.0, progress=False)
+    assert len(rows) == 16 and rows[0]['layer'] == 'stem.1'
+    for r in rows:
+        kernel = model.get_submodule(r['layer']).kernels[r['axis']]
+        assert r['masked'] == pytest.approx(1 - _expected_mask(kernel, 1.0).double().mean().item())
+        full = kernel(r['grid'], dtype=torch.float64)
+        set_bandlimit(kernel, 1.0)
+        kept = kernel(r['grid'], dtype=torch.float64)
+        set_bandlimit(kernel, None)
+        assert r['energy_kept'] == pytest.approx((kept.square().sum() / full.square().sum()).item(), rel=1e-6)
+    assert any(r['masked'] > 0 for r in rows)
+    sgconv = timm.create_model('convnext_sgconv_atto', img_size=32, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match='no S4ND layer with SSM kernels'):
+        kernel_report(sgconv, progress=False)
+
+
 def test_kernel_plot(tmp_path):
     from PIL import Image
     model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1,

@@ -213,7 +213,7 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--checkpoints', 'missing.pth'],
      "checkpoint not found: 'missing.pth'"),
     (['inflate', 'missing.safetensors', 'out.safetensors', '--model', 'convnext_s4nd_3d_atto'], 'does not exist'),
-    (['kernel-report', '--model', 'convnext_tiny'], 'convnext_tiny has no S4ND layer with S4D kernels'),
+    (['kernel-report', '--model', 'convnext_tiny'], 'convnext_tiny has no S4ND layer with S4D or S4 kernels'),
     (['kernel-report', '--bandlimits', '-1'],
      "argument --bandlimits: a band-limit is 'off' (or 0) or a positive number"),
     (['kernel-report', '--model', 'convnext_s4nd_atto,d_state'], "--model: model option 'd_state' in"),

@@ -1,10 +1,11 @@
 """What band-limiting removes from a model's S4ND kernels: per layer and axis, and as plots.
 
-For every S4ND layer with S4D kernels (stem, downsampling, blocks) and every spatial axis, at the
-layer's reference grid (rate 1, its `l_ref`):
+For every S4ND layer with SSM kernels (S4D or S4 (DPLR); stem, downsampling, blocks) and every spatial axis, at
+the layer's reference grid (rate 1, its `l_ref`):
 
 - `masked`: the fraction of SSM modes whose frequency dt |Im A| / 2pi (base dt) is at or above
-  bandlimit / 2 cycles per step, i.e. whose C the mask sets to zero;
+  bandlimit / 2 cycles per step, i.e. whose C the mask sets to zero (S4: the modes of A's diagonal part, whose
+  low-rank term makes the cut approximate, as `energy_kept` shows);
 - `energy_kept`: ||K_masked||^2 / ||K_full||^2 over the layer's channels and directions, with K the
   axis kernel at its rate-1 length; `energy_kept_median`: the median of the same ratio per channel (a ratio
   can exceed 1 where removed modes cancelled part of the kept ones);
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..layers import S4ND, SSMKernel, set_bandlimit
+from ..layers import S4ND, set_bandlimit
+from ..layers.ssm_kernel import _DiagonalSSM
 from ..utils import replaced_atomically
 
 __all__ = [
@@ -47,7 +49,7 @@ def kernel_bandlimit(kernel: nn.Module) -> Optional[float]:
 
 
 @contextlib.contextmanager
-def _bandlimit(kernel: SSMKernel, bandlimit: Optional[float]) -> Iterator[None]:
+def _bandlimit(kernel: _DiagonalSSM, bandlimit: Optional[float]) -> Iterator[None]:
     """`kernel` with the cut-off `bandlimit` (None: off) inside the context, its own afterwards."""
     own = kernel_bandlimit(kernel)
     set_bandlimit(kernel, bandlimit)
@@ -67,20 +69,21 @@ def layer_kind(name: str) -> str:
 
 
 def s4nd_layers(model: nn.Module) -> List[Tuple[str, S4ND]]:
-    """(name, layer) of every S4ND layer with S4D (`SSMKernel`) kernels, in module order."""
+    """(name, layer) of every S4ND layer with SSM kernels (S4D or S4: those with modes to band-limit; not SGConv),
+    in module order."""
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, S4ND) and all(isinstance(k, SSMKernel) for k in m.kernels)]
+            if isinstance(m, S4ND) and all(isinstance(k, _DiagonalSSM) for k in m.kernels)]
 
 
 @torch.no_grad()
-def _axis_kernel(kernel: SSMKernel, length: int, rate: float, bandlimit: Optional[float]) -> torch.Tensor:
+def _axis_kernel(kernel: _DiagonalSSM, length: int, rate: float, bandlimit: Optional[float]) -> torch.Tensor:
     """(num_kernels, dim, length) float64 kernel of `kernel` with the cut-off `bandlimit`."""
     with _bandlimit(kernel, bandlimit):
         return kernel(length, rate=rate, dtype=torch.float64)
 
 
 @torch.no_grad()
-def _mode_mask(kernel: SSMKernel, bandlimit: Optional[float]) -> torch.Tensor:
+def _mode_mask(kernel: _DiagonalSSM, bandlimit: Optional[float]) -> torch.Tensor:
     with _bandlimit(kernel, bandlimit):
         return kernel.mode_mask()
 
@@ -91,7 +94,7 @@ def kernel_report(
         grid: Optional[Sequence[int]] = None,
         progress: bool = True,
 ) -> List[Dict]:
-    """One row per S4D-kernel S4ND layer of `model` and spatial axis (see the module docstring).
+    """One row per SSM-kernel S4ND layer of `model` and spatial axis (see the module docstring).
 
     Args:
         bandlimit: the cut-off to measure, 0 for none (nothing masked); None: each kernel's own (layers without
@@ -103,7 +106,7 @@ def kernel_report(
     """
     layers = s4nd_layers(model)
     if not layers:
-        raise ValueError(f'{type(model).__name__} has no S4ND layer with S4D kernels (kernel="s4d")')
+        raise ValueError(f'{type(model).__name__} has no S4ND layer with SSM kernels (kernel="s4d" or "s4")')
     rows = []
     for name, layer in tqdm(layers, desc='kernels', unit='layer', disable=not progress, leave=False):
         sizes = layer.l_ref if layer.l_ref is not None else grid
@@ -191,7 +194,7 @@ def plotted_layer(model: nn.Module, layer: str, axis: int, channels: Sequence[in
     otherwise): what `plot_layer_kernels` draws, checkable before any other work."""
     layers = dict(s4nd_layers(model))
     if layer not in layers:
-        raise ValueError(f'layer must name an S4ND layer with S4D kernels, one of {list(layers)}, got {layer!r}')
+        raise ValueError(f'layer must name an S4ND layer with SSM kernels, one of {list(layers)}, got {layer!r}')
     s4nd = layers[layer]
     if not 0 <= axis < s4nd.ndim:
         raise ValueError(f'axis must be in [0, {s4nd.ndim}) for {layer}, got {axis}')
