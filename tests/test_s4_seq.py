@@ -1,5 +1,6 @@
 """The 1D sequence classifier (models/s4_seq.py): its recurrent view, sampling-rate change, training, and
 sequential MNIST-5k."""
+import copy
 import json
 import math
 
@@ -374,3 +375,34 @@ def test_drop_path_rate_is_timms_stochastic_depth():
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), plain.eval()(x))
         assert not torch.allclose(model.train()(x), plain.train()(x))
+
+
+def _scale_shared_parameters(model) -> None:
+    """An optimizer step of another process that shares the model's memory (a learner's, `share_memory()`)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+
+
+def test_step_refuses_a_state_made_before_another_process_changed_the_shared_parameters():
+    """Version counters are per process: a worker stepping a model shared with a learner (`share_memory()`) stepped
+    a state made before the learner's optimizer step, old SSMs with new pointwise layers, silently (as a write through
+    `.data` did)."""
+    x = torch.randn(2, 1, dtype=torch.float64)
+    model = _model(seq_len=16, d_state=4).share_memory()
+    state = model.default_state(2)
+    model.step(x, state)
+    learner = torch.multiprocessing.get_context('fork').Process(target=_scale_shared_parameters, args=(model,))
+    learner.start()
+    learner.join(60)
+    assert learner.exitcode == 0
+    with pytest.raises(ValueError, match='state was made from other parameters .* make a new one'):
+        model.step(x, state)
+    state = model.default_state(2)
+    with torch.no_grad():
+        model.blocks[0].mixer.D.data.mul_(2)  # (a write the version counters miss in this process too)
+    with pytest.raises(ValueError, match='state was made from other parameters'):
+        model.step(x, state)
+    # a state sent to a worker steps its copy of the same parameters (other storage; refused before)
+    state = model.default_state(2)
+    torch.testing.assert_close(copy.deepcopy(model).step(x, state)[0], model.step(x, state)[0], rtol=0, atol=0)

@@ -11,24 +11,33 @@ autoregressive generation: each new sample costs O(dim * N) ('s4d') or O(dim * N
 over the whole past.
 """
 import itertools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from .s4_kernel import S4Kernel
-from .s4nd import S4ND
+from .s4nd import S4ND, _equal_tensors
 from .ssm_kernel import SSMKernel, is_int
 
-__all__ = ['S4NDRecurrence', 'parameter_versions']
+__all__ = ['S4NDRecurrence', 'made_from']
 
 
-def parameter_versions(layer: S4ND) -> tuple:
-    """What a recurrence's snapshot of `layer` depends on: each parameter's and buffer's storage, in-place version,
-    dtype and device, and the band-limits. It changes with an optimizer step, `load_state_dict`, `.to()` or
-    `.double()` (not with writes through `.data`, which bypass the version counters)."""
-    tensors = itertools.chain(layer.parameters(), layer.buffers())
-    return (tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors),
-            tuple(getattr(k, 'bandlimit', None) for k in layer.kernels))
+def made_from(recurrences: Sequence['S4NDRecurrence'], layers: Sequence[S4ND]) -> bool:
+    """Whether each of `layers` holds the parameters (values, dtypes, devices) and band-limits its recurrence was made
+    from. Compared by value, as the layers' operator cache does (on a GPU with one synchronization for all):
+    version counters miss writes through `.data` and those of another process sharing the model's memory
+    (`share_memory()`: a learner's optimizer step while a worker steps), after which old SSMs would run with new
+    pointwise layers, silently."""
+    if any(tuple(getattr(k, 'bandlimit', None) for k in layer.kernels) != r.bandlimits
+           for r, layer in zip(recurrences, layers)):
+        return False
+    made = [t for r in recurrences for t in r.values]
+    return _equal_tensors(made, [t for layer in layers for t in _layer_tensors(layer)])
+
+
+def _layer_tensors(layer: S4ND) -> list:
+    """Every parameter and buffer of `layer` (its SSMs and D), detached."""
+    return [t.detach() for t in itertools.chain(layer.parameters(), layer.buffers())]
 
 
 class S4NDRecurrence:
@@ -71,7 +80,9 @@ class S4NDRecurrence:
                              'sequence of that length), got None')
         (rate,) = layer.resolve_rate((1,), rate)  # (a number or a one-axis tuple, as the layer's forward takes)
         self.diagonal = isinstance(kernel, SSMKernel)
-        self.versions = parameter_versions(layer)  # (read before the snapshot: a later write makes it stale)
+        # the values the snapshot is made from (copied before it: a later write makes it stale), for `made_from`
+        self.values = [t.clone() for t in _layer_tensors(layer)]
+        self.bandlimits = tuple(getattr(k, 'bandlimit', None) for k in layer.kernels)
         with torch.no_grad():
             # discretized in float64 and kept as A~ - I, the state stepped as x + (A~ - I) x: A~ = I + O(dt A) rounded
             # to float32 (steps of 6e-8) drifted 4e-5 of the output's scale from the convolution over 4k steps at

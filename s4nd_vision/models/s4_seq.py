@@ -39,7 +39,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ..layers import S4ND, ChannelLayerNorm, S4NDRecurrence, check_kernel_args
-from ..layers.recurrent import parameter_versions
+from ..layers.recurrent import made_from
 from ..layers.ssm_kernel import check_sizes, is_int
 from ._base import (
     LIBRARY_CFG,
@@ -359,7 +359,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             raise ValueError(f'step expects x in the model\'s dtype {self.stem.weight.dtype}, got {x.dtype}')
         # the recurrences are snapshots: stepping one made before an optimizer step, load_state_dict or .double()
         # would mix the old SSMs with the current pointwise layers, silently
-        if any(r.versions != parameter_versions(b.mixer) for b, r in zip(self.blocks, state.recurrences)):
+        if not made_from(state.recurrences, [b.mixer for b in self.blocks]):
             raise ValueError('the state was made from other parameters than the model\'s current ones (an optimizer '
                              'step, load_state_dict, .to() or .double() since default_state, or another model): '
                              'make a new one with default_state')
