@@ -211,6 +211,12 @@ def test_fp16_resumes_a_checkpoint_without_gradient_scaler_state(tmp_path, folde
     trainer.fit()
     assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1']
     assert os.path.isfile(os.path.join(latest_checkpoint(str(tmp_path)), 'scaler.pt'))
+    # an fp16 checkpoint (its config says so) without scaler.pt is damaged, not resumed with a fresh scaler
+    os.remove(os.path.join(latest_checkpoint(str(tmp_path)), 'scaler.pt'))
+    _reset()
+    with pytest.raises(ConfigError, match=r'is damaged \(scaler.pt is missing\)'):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=3', 'train.mixed_precision=fp16')),
+                resume=True)
 
 
 def test_a_min_lr_above_a_scaled_lr_is_refused(tmp_path, folder):

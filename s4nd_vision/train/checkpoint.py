@@ -376,7 +376,8 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
     if config is not None and saved is not None:
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
     try:
-        with _fsdp_records(accelerator), _without_missing_scaler(accelerator, path):
+        fp16 = ((saved or {}).get('train') or {}).get('mixed_precision') == 'fp16'
+        with _fsdp_records(accelerator), _without_missing_scaler(accelerator, path, expected=fp16):
             accelerator.load_state(path)
     except ValueError as e:  # the optimizer's parameter groups (torch: 'loaded state dict has a different ...')
         if 'parameter group' not in str(e):
@@ -399,12 +400,13 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
 
 
 @contextmanager
-def _without_missing_scaler(accelerator: Accelerator, path: str) -> Iterator[None]:
+def _without_missing_scaler(accelerator: Accelerator, path: str, expected: bool) -> Iterator[None]:
     """An fp16 run (Accelerate's GradScaler) resuming a checkpoint without the scaler's state, one of a bf16 or
     float32 run: its scaler starts afresh, as in a fresh fp16 run (Accelerate would fail on the missing scaler.pt,
-    a checkpoint read as damaged). The weights, optimizer and position are the checkpoint's."""
+    a checkpoint read as damaged). The weights, optimizer and position are the checkpoint's. Where the checkpoint's
+    config says it trained in fp16 (`expected`), a missing scaler.pt is damage, left to Accelerate's error."""
     scaler = accelerator.scaler
-    if scaler is None or os.path.isfile(os.path.join(path, 'scaler.pt')):
+    if scaler is None or expected or os.path.isfile(os.path.join(path, 'scaler.pt')):
         yield
         return
     accelerator.print(f'{path} holds no gradient scaler state (a run without fp16): the scaler starts afresh')
