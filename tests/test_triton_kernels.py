@@ -187,6 +187,24 @@ def test_fused_generation_issues_the_same_ops_for_any_number_of_entries():
     assert counts[0] == counts[1], counts
 
 
+
+def test_fused_generation_under_non_reentrant_checkpointing():
+    """Fused generation inside non-reentrant activation checkpointing (timm's `set_grad_checkpointing`, under which
+    every checkpointed block generates its own kernels, fused on a GPU; FSDP's `apply_activation_checkpointing`):
+    its backward unpacks each saved tensor once (checkpointing refuses a second unpack) and gives the gradients of
+    the call without checkpointing."""
+    kernels, lengths, rates = _entries()
+    params = [p for k in kernels for p in k.parameters()]
+    weights = [torch.randn(k.num_kernels, k.dim, n) for k, n in zip(kernels, lengths)]
+
+    def loss() -> torch.Tensor:
+        out = triton_kernels.ssm_kernels_fused(kernels, lengths, rates)
+        return sum((o * w).sum() for o, w in zip(out, weights))
+    expected = torch.autograd.grad(loss(), params)
+    checkpointed = torch.utils.checkpoint.checkpoint(loss, use_reentrant=False)
+    for g, r in zip(torch.autograd.grad(checkpointed, params), expected, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
 @pytest.mark.parametrize('training, img_size, triton_layers', [
     (True, 64, 2 + 2 + 6 + 2 + 3), (False, 64, 2 + 2 + 6 + 2 + 3), (True, 128, 2 + 6 + 2 + 2),
     (False, 128, 2 + 2 + 6 + 2 + 3)], ids=['training-all-triton', 'inference', 'training-mixed', 'inference-128'])

@@ -351,10 +351,12 @@ def _discretize_setup_context(ctx, inputs, output):
 
 
 def _discretize_backward(ctx, grads):  # (the op returns a list: its gradients come as one list)
-    log_a_real, c = ctx.saved_tensors[2], ctx.saved_tensors[5]
+    # (read once: non-reentrant activation checkpointing refuses to unpack a saved tensor twice)
+    saved = ctx.saved_tensors
+    log_a_real, c = saved[2], saved[5]
     shapes = [log_a_real.shape] * 2 + [(c.shape[1],) + tuple(log_a_real.shape)] * 2
     g = [log_a_real.new_zeros(shape) if gi is None else gi for gi, shape in zip(grads, shapes)]
-    g_log_dt, g_lar, g_aim, g_b, g_c = _discretize_backward_op(*g, *ctx.saved_tensors, ctx.mask)
+    g_log_dt, g_lar, g_aim, g_b, g_c = _discretize_backward_op(*g, *saved, ctx.mask)
     return g_log_dt, None, g_lar, g_aim, g_b, g_c, None
 
 
