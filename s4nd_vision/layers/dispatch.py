@@ -70,7 +70,10 @@ _FORCED_PATH = ForcedChoice('s4nd_forced_path')
 @contextlib.contextmanager
 def force_path(path: Optional[str]) -> Iterator[None]:
     """Within this context every S4ND call that is not capturing a graph runs `path`, 'triton' or 'fast'
-    (None: the rule of `conv_path`); 'triton' still falls back to 'fast' for an unsupported input."""
+    (None: the rule of `conv_path`); 'triton' still falls back to 'fast' for an unsupported input. Under activation
+    checkpointing (`set_grad_checkpointing`) the backward pass runs the checkpointed layers again: keep it within
+    the context too, else the recomputation takes the rule's path, saves other tensors and PyTorch's checkpoint
+    stops with a CheckpointError."""
     if path not in (None, 'triton', 'fast'):
         raise ValueError(f"path must be 'triton', 'fast' or None, got {path!r}")
     with _FORCED_PATH.forced(path):
