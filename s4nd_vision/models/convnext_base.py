@@ -288,7 +288,8 @@ class ConvNeXtBase(S4NDModel):
                 holds the published ImageNet ones.
             mlp_ratio: MLP expansion ratio.
             ls_init_value: layer scale init (None disables).
-            head_init_scale: classifier weight and bias init scale.
+            head_init_scale: classifier weight and bias init scale (a Linear head; the 1x1-conv head of
+                global_pool='' keeps its init, as in timm's ConvNeXt).
             head_hidden_size: pre-logits MLP size in the head (None = no MLP).
             act_layer: MLP activation.
             drop_rate: head dropout.
