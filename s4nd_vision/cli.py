@@ -840,7 +840,9 @@ study.md (mean +- std over seeds, kept at 2x and 4x) and study.png (see s4nd_vis
         --model-kwargs num_frames=30
     s4nd-vision inflate convnext_tiny.safetensors baseline_init.safetensors --model convnext_3d_tiny
 
-The output loads with timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUTPUT)).
+The output loads with timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUTPUT)); with
+--keep-head and N classes other than 1000, give num_classes=N to both the call and the overlay (else timm drops the
+kept head).
 Build the target at the clip length it will train at (num_frames=30: the HMDB-51 recipe's): S4ND time kernels
 are referenced to its num_frames (logged), and the file keeps them for a model of any other num_frames.
 See s4nd_vision.models.inflate for what each option does to the output on static clips.""",

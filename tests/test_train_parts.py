@@ -99,6 +99,33 @@ def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_pat
     assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # (no temporary file left)
 
 
+def test_exported_weights_load_with_their_head_as_the_docstring_says(tmp_path):
+    """`export_weights`' docstring: a model of N classes loads its file with num_classes=N given to the call and to
+    the overlay. Without the overlay's, timm drops the file's classifier (N is not the registry's 1000) and the head
+    is a new random one: the docstring must not promise that call."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    size = dict(img_size=32, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), d_state=8)
+    model = timm.create_model('convnext_s4nd_atto', num_classes=7, **size).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.normal_()
+    try:
+        path = export_weights(Accelerator(cpu=True), model, str(tmp_path / 'best.safetensors'))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    documented = timm.create_model('convnext_s4nd_atto', pretrained=True, num_classes=7,
+                                   pretrained_cfg_overlay=dict(file=path, num_classes=7), **size).eval()
+    without = timm.create_model('convnext_s4nd_atto', pretrained=True, num_classes=7,
+                                pretrained_cfg_overlay=dict(file=path), **size).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(documented(x), model(x))
+        assert not torch.allclose(without(x), model(x))  # (the head timm dropped)
+    doc = export_weights.__doc__.replace('\n', ' ')
+    assert 'num_classes=N, pretrained_cfg_overlay=dict(file=path, num_classes=N)' in ' '.join(doc.split())
+
+
 def test_a_branch_resume_sets_aside_the_abandoned_branchs_best_weights(tmp_path):
     """best.safetensors records the update it was exported at: resumed from an earlier checkpoint, the run's best is
     the checkpoint's, so weights exported later by the abandoned run must not stay under the name. The tracker logs

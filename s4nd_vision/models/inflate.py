@@ -339,7 +339,9 @@ def inflate_checkpoint(
     weights.
 
     `inflate_kwargs` go to `inflate_state_dict`. The file loads with
-    `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=dst))`.
+    `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=dst))`; with `keep_head` and N
+    classes other than the registry's 1000, give N to both (`num_classes=N` and the overlay's `num_classes=N`):
+    timm drops the file's classifier when they differ, and the head would be a new random one.
 
     Build the target at the clip length it will train at (`model_kwargs=dict(num_frames=30)` for the HMDB-51
     recipe): the S4ND time kernels are referenced to its `num_frames` (the layers' `l_ref`, saved in the file),

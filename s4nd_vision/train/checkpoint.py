@@ -509,10 +509,13 @@ def all_finite(accelerator: Accelerator, *modules: nn.Module) -> bool:
 
 
 def export_weights(accelerator: Accelerator, model: nn.Module, path: str, update: Optional[int] = None) -> str:
-    """The weights of `model` as safetensors at `path` (written by the main process, atomically), loadable with
-    `timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=path))`. Every process must call it
-    (FSDP gathers the weights). A model compiled by Accelerate (`accelerate launch --dynamo_backend ...`) is written
-    with the keys of the module it compiles, as its checkpoints are. `update`: the run's update count, recorded in
+    """The weights of `model` as safetensors at `path` (written by the main process, atomically), loadable for a
+    model of N classes with `timm.create_model(name, pretrained=True, num_classes=N,
+    pretrained_cfg_overlay=dict(file=path, num_classes=N))` (the trainer prints the exact call): timm drops a
+    file's classifier whenever the overlay's num_classes (else the registry's 1000) differs from the model's, and
+    the head would be a new random one. Every process must call it (FSDP gathers the weights). A model compiled by
+    Accelerate (`accelerate launch --dynamo_backend ...`) is written with the keys of the module it compiles, as its
+    checkpoints are. `update`: the run's update count, recorded in
     the file's metadata (`set_aside_newer` reads it)."""
     if is_compiled_module(model):  # Accelerate's state dict keeps the wrapper's '_orig_mod.' prefix
         model = model._orig_mod
