@@ -63,6 +63,21 @@ def test_checkpoint_lookup_ignores_partial_folders_and_refuses_to_mix_runs(tmp_p
         checkpoint_to_resume(out, False)
 
 
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_metrics_but_no_checkpoints(tmp_path):
+    """Checkpoints removed to save space: a fresh run there would replace the earlier run's metrics.csv, config and
+    best weights, and mix its TensorBoard logs (steps going back to 0)."""
+    out = str(tmp_path)
+    with open(os.path.join(out, 'metrics.csv'), 'w') as f:
+        f.write('epoch,train_loss\n')
+    assert checkpoint_to_resume(out, False) is None  # (a header alone: no earlier run's rows)
+    with open(os.path.join(out, 'metrics.csv'), 'a') as f:
+        f.write('0,2.3\n1,2.1\n')
+    for resume, fresh in ((False, False), (True, True)):
+        with pytest.raises(ConfigError, match=r"train.output_dir .* holds the outputs of an earlier run \(2 rows in "
+                                              r"metrics.csv, but no checkpoint to resume\)"):
+            checkpoint_to_resume(out, resume, allow_fresh=fresh, say=lambda _: None)
+
+
 def test_a_save_removes_killed_saves_folders_and_replaces_a_checkpoint_of_its_update(tmp_path):
     """Partial folders of saves killed before (full size each) do not pile up; saving an update again replaces
     its checkpoint."""

@@ -235,7 +235,9 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
     False = none, refused when `output_dir` already holds checkpoints (it would mix two runs).
 
     `resume=True` with no checkpoint in `output_dir` is refused (a mistyped output_dir would silently start
-    over) unless `allow_fresh` (job scripts that always pass --resume): then it says so and returns None.
+    over) unless `allow_fresh` (job scripts that always pass --resume): then it says so and returns None. A fresh
+    start is refused where `output_dir` holds an earlier run's metrics rows without its checkpoints (removed to save
+    space): it would replace that run's metrics.csv, config.yaml and best weights and mix its tracker logs.
     """
     latest = latest_checkpoint(output_dir)
     if resume is True and latest is None:
@@ -243,6 +245,7 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
         if not allow_fresh:
             raise ConfigError(f'--resume: no checkpoint in {where!r} to resume from (check train.output_dir; pass '
                               '--allow-fresh to start a fresh run when there is none)')
+        _refuse_earlier_outputs(output_dir)
         say(f'--resume: no checkpoint in {where!r}: starting a fresh run (--allow-fresh)')
         return None
     if resume:
@@ -250,7 +253,23 @@ def checkpoint_to_resume(output_dir: str, resume: Union[bool, str], allow_fresh:
     if latest is not None:
         raise ConfigError(f'train.output_dir {output_dir!r} already holds checkpoints ({latest}): '
                           'pass --resume to continue that run, or choose another output_dir')
+    _refuse_earlier_outputs(output_dir)
     return None
+
+
+def _refuse_earlier_outputs(output_dir: str) -> None:
+    """Refuse a fresh start in `output_dir` where its metrics.csv holds rows: a run writes them only after its
+    first checkpoint, so they are an earlier run's (its checkpoints removed), not a killed start of this one's."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = sum(1 for line in f if line.strip()) - 1  # (the header)
+    if rows > 0:
+        raise ConfigError(f'train.output_dir {output_dir!r} holds the outputs of an earlier run ({rows} '
+                          f'row{"s" if rows > 1 else ""} in {METRICS_FILE}, but no checkpoint to resume): a fresh run '
+                          f'would replace its metrics, config and weights; choose another output_dir, or remove its '
+                          f'{METRICS_FILE} (and its weights and logs) to start over there')
 
 
 def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> List[str]:
