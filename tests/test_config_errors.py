@@ -228,6 +228,21 @@ def test_clip_interpolation_follows_the_data_config(tmp_path):
                            f'data.split_dir={splits}', 'data.interpolation=lanczos'])
 
 
+def test_a_tracker_that_is_not_installed_is_refused(folder, tmp_path, monkeypatch):
+    """Accelerate leaves a tracker of `log_with` that is not installed out with a debug message only: the run would
+    log nothing to it (e.g. wandb on a fresh machine) without a word."""
+    from accelerate.utils import LoggerType
+
+    import s4nd_vision.train.trainer as trainer
+    monkeypatch.setattr(trainer, 'get_available_trackers', lambda: [LoggerType.TENSORBOARD])
+    with pytest.raises(ConfigError, match=r"train.trackers: \['wandb'\] not installed here \(installed: "
+                                          r"\['tensorboard'\]\), so the run would log nothing there: pip install "
+                                          r"wandb, or remove them from train.trackers"):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.trackers=[tensorboard, wandb]')))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def test_image_data_refuses_video_and_sequence_models(folder, tmp_path):
     """Before any training (the mirror of hmdb51 refusing image models), not at the first forward."""
     with pytest.raises(ConfigError, match=r'model.name: convnext_s4nd_3d_atto takes video clips \(B, C, T, H, W\); '

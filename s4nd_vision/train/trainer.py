@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, parse_choice_from_env, set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -163,6 +164,12 @@ class Trainer:
                     f'a run of its own (on {acc.device.type}, without a process group), which would train alone: on '
                     f'CPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...), on GPUs check that '
                     f'every process sees its GPU (torch.cuda.is_available(), CUDA_VISIBLE_DEVICES)')
+            installed = {t.value for t in get_available_trackers()}
+            missing = [t for t in tc.trackers if t != 'all' and t not in installed]
+            if missing and acc.is_main_process:  # (it logs; Accelerate leaves a tracker out without a word)
+                raise ConfigError(f'train.trackers: {missing} not installed here (installed: {sorted(installed)}), '
+                                  f'so the run would log nothing there: pip install {" ".join(missing)}, or '
+                                  f'remove them from train.trackers')
             if acc.mixed_precision == 'fp16' and not acc.native_amp:  # (Accelerate runs fp16 on accelerators only)
                 raise ConfigError(f'train.mixed_precision (or accelerate launch --mixed_precision) is fp16, which runs '
                                   f'on GPUs only: on {acc.device.type} Accelerate would train in float32; use bf16 or '
