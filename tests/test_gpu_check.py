@@ -18,9 +18,9 @@ from s4nd_vision.layers import ops
 
 def _correctness_checks(plan) -> int:
     """The checks of `plan`'s correctness section: conv cases in two dtypes by both fused algorithms, the models'
-    kernels (autocast cases), custom op, generation, two layers and every fast case with each algorithm, in fp32 and
-    bf16."""
-    return (4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + len(plan.autocast_cases) + 6
+    kernels (autocast cases), custom op, generation, two layers, the Triton one checkpointed and every fast case with
+    each algorithm, in fp32 and bf16."""
+    return (4 * (len(plan.conv_cases) + len(plan.conv3d_cases)) + len(plan.autocast_cases) + 7
             + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS))
 
 
@@ -108,7 +108,8 @@ def test_the_budget_stops_starting_rows(tmp_path, capsys):
     out = capsys.readouterr().out  # checks skipped are not reported as passed
     assert "correctness: NOT RUN: ['check_conv'," in out and 'every check passed' not in out
     assert results['skipped'] == {'correctness': ['check_conv', 'check_conv_dot', 'check_conv_autocast',
-                                                   'check_generation', 'check_layer', 'check_fast_layer',
+                                                   'check_generation', 'check_layer', 'check_checkpointed',
+                                                   'check_fast_layer',
                                                    'check_fast_algorithms', 'check_inductor'],
                                   'profile': [0, 1, 2, 3]}
     assert results['profile'] == [] and results['ok']
@@ -356,7 +357,7 @@ def test_inductor_failing_leaves_the_model_rows_on_the_dispatch(monkeypatch):
         checks.add('passing', {'y': 0.0}, 1e-4)
     monkeypatch.setattr(torch, 'compile', broken)
     for name in ('check_conv', 'check_conv_dot', 'check_conv_autocast', 'check_generation', 'check_layer',
-                 'check_fast_layer', 'check_fast_algorithms'):
+                 'check_checkpointed', 'check_fast_layer', 'check_fast_algorithms'):
         monkeypatch.setattr(gpu_check, name, passing)
     results = gpu_check.run_checks(['correctness', 'models'], gpu_check.TINY, 'cpu')
     failed = [c for c in results['correctness'] if not c['ok']]

@@ -6,10 +6,11 @@ GPU time is scarce, so one call does everything a GPU session needs, section by 
 1. correctness: the fused convolution (`layers.triton_conv`, forward and every gradient, fp32 and bf16, by
    each algorithm: 'sum' and the tensor-core kernels 'dot'; then 'dot' in every configuration the models launch: a
    float32 input multiplied in bf16 as under autocast, their batches' images per program, `Plan.autocast_cases`), the
-   fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path and a stem-like one on the
-   fast path, against float64 on the CPU; the custom op compiled by inductor (fullgraph). A failed check makes the
-   run fail; one of the Triton path (not of the fast path, nor inductor's) switches the later sections that run S4ND
-   as the dispatch chooses (models, profile, compiled) to its fast path, unless a path is forced.
+   fused kernel generation (`layers.triton_kernels`), an S4ND layer on the Triton path (also under activation
+   checkpointing, against itself) and a stem-like one on the fast path, against float64 on the CPU; the custom op
+   compiled by inductor (fullgraph). A failed check makes the run fail; one of the Triton path (not of the fast
+   path, nor inductor's) switches the later sections that run S4ND as the dispatch chooses (models, profile,
+   compiled) to its fast path, unless a path is forced.
 2. models: `benchmark.bench_models` (bf16 autocast, channels-last) for the image pairs of the performance table
    and the video pair on clips.
 3. bench: S4ND (Triton path and fast path) vs timm's 7x7 depthwise conv, channels-last, forward+backward, at the
@@ -282,6 +283,28 @@ def check_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
     """An S4ND layer (pooled) on the Triton path, float32 and bf16 autocast, against the float64 layer on the CPU."""
     b, c, side, pool = plan.layer
     _check_layer(device, checks, 'triton', b, c, (side, side), pool)
+
+
+def check_checkpointed(plan: Plan, device: torch.device, checks: _Checks) -> None:
+    """The Triton path's layer under non-reentrant activation checkpointing (`set_grad_checkpointing`, FSDP's):
+    its backward, which runs the layer again, gives the gradients of the layer without it (the fused generation's
+    backward once failed there, unpacking a saved tensor twice)."""
+    from torch.utils.checkpoint import checkpoint
+    b, c, side, pool = plan.layer
+    torch.manual_seed(0)
+    layer = S4ND(c, ndim=2, l_ref=(side, side), pool=pool).to(device)
+    x = torch.randn(b, c, side, side, device=device).contiguous(memory_format=torch.channels_last)
+    grads = []
+    with dispatch.force_path('triton'):  # (the backward within: its recomputation takes the same path)
+        for checkpointed in (False, True):
+            layer.zero_grad(set_to_none=True)
+            xg = x.clone().requires_grad_()
+            y = checkpoint(layer, xg, use_reentrant=False) if checkpointed else layer(xg)
+            y.square().sum().backward()
+            grads.append([xg.grad] + [p.grad for p in layer.parameters()])
+    errors = {'dx': _rel(grads[1][0], grads[0][0]),
+              'dparams': max(_rel(g, r) for g, r in zip(grads[1][1:], grads[0][1:]))}
+    checks.add(f'S4ND({c}, pool={pool}) checkpointed, triton path', errors, 1e-4)
 
 
 def check_fast_layer(plan: Plan, device: torch.device, checks: _Checks) -> None:
@@ -608,7 +631,8 @@ def _rows(sections: Sequence[str], plan: Plan, dev: torch.device) -> List[_Row]:
     for section in sections:
         if section == 'correctness':
             rows += [(section, c.__name__, c) for c in (check_conv, check_conv_dot, check_conv_autocast,
-                                                           check_generation, check_layer, check_fast_layer,
+                                                           check_generation, check_layer, check_checkpointed,
+                                                           check_fast_layer,
                                                            check_fast_algorithms, check_inductor)]
         else:
             rows += [(section, i, job) for i, job in enumerate(_jobs(section, plan, dev))]
