@@ -116,3 +116,24 @@ def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
         with pytest.raises(Built):
             run_demo('convnext', out_dir=str(tmp_path), epochs=epochs, max_steps_per_epoch=steps)
         assert folders == {name: str(tmp_path / (name + tag)) for name in (setting.s4nd_model, setting.baseline)}
+
+
+def test_readme_export_example_gives_the_iso_demos_preprocessing():
+    """The README's export example for the isotropic demo's weights overlays every preprocessing value the demo
+    trained with that is not the model's default: without crop_pct (1.0) the file's metadata says timm's 0.875, and
+    a deployment would resize each digit by 8/7 and crop its border."""
+    import ast
+    import re
+
+    import timm
+    import yaml
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, 'README.md')) as f:
+        readme = ' '.join(f.read().split())
+    example = ast.literal_eval(re.search(r'pretrained_cfg_overlay=(\{[^}]*\})', readme).group(1))
+    with open(os.path.join(CONFIG_DIR, 'mnist_iso.yaml')) as f:
+        config = yaml.safe_load(f)
+    trained, default = config['data'], timm.create_model(config['model']['name']).pretrained_cfg
+    needed = {key: tuple(value) if isinstance(value, list) else value for key, value in trained.items()
+              if key in ('mean', 'std', 'crop_pct', 'interpolation')}
+    needed = {key: value for key, value in needed.items() if value != default.get(key)}
+    assert needed and example == needed
