@@ -321,3 +321,21 @@ def test_two_process_run_shards_videos_and_synchronizes(hmdb, tmp_path):
 
 def test_channels_last_run(hmdb, tmp_path):
     train_in_both_memory_formats(tmp_path, partial(_overrides, hmdb), torch.channels_last_3d)
+
+
+def test_a_test_video_cut_short_is_skipped_whole(hmdb, tmp_path):
+    """A truncated test video (frames ending before its header's duration) yields its first clip, then its last has
+    no frames: it is skipped and counted, and its first clip is not scored (it was scored on 1 of 2 clips and counted
+    skipped too: val_videos + val_skipped_videos exceeded the test videos)."""
+    videos, splits = (tmp_path / 'videos', tmp_path / 'splits')
+    shutil.copytree(hmdb[0], videos)
+    shutil.copytree(hmdb[1], splits)
+    cut = videos / 'wave' / 'cut_test.avi'
+    write_video(cut, channel=2, frames=24)
+    cut.write_bytes(cut.read_bytes()[:-1000])  # (its header still says 3.5 s)
+    with open(splits / 'wave_test_split1.txt', 'a') as f:
+        f.write('cut_test.avi 2 \n')
+    trainer = Trainer(load_config(None, _overrides((videos, splits), tmp_path / 'run', 'train.epochs=1')))
+    with pytest.warns(RuntimeWarning, match=r'cut_test.avi: no frames decoded'):
+        metrics = trainer.evaluate()
+    assert metrics['val_videos'] == 3 and metrics['val_skipped_videos'] == 2  # broken_test.avi and cut_test.avi

@@ -277,7 +277,7 @@ class Hmdb51Data(TrainData):
 
     Evaluation scores `data.clips_per_video` clips per test video on each rank's shard with the unwrapped model,
     gathers the scores, counts videos repeated to even out the shards once, and reports clip top-1 and video
-    top-1/top-5 (the mean softmax of a video's clips).
+    top-1/top-5 (the mean softmax of a video's clips); a video with an unreadable clip is skipped whole.
     """
     unit = 'videos'
     rate_name = 'clips_per_s'
@@ -388,7 +388,10 @@ class Hmdb51Data(TrainData):
         # unreadable videos from the shards' records, not the per-clip counts: one after a shard's last clip has no
         # clip to carry its count
         shards = gather_object([(torch.cat(logits), torch.cat(labels), videos, self.val_set.unreadable_videos())])
-        seen, keep = set(), []
+        unreadable = set().union(*(shard[3] for shard in shards))
+        # a video whose frames end before its stated duration yields its first clips, then is skipped: not scored
+        # on those (a video is scored on all its clips or counted skipped, never both)
+        seen, keep = set(unreadable), []
         for shard_logits, shard_labels, shard_videos, _ in shards:
             first = torch.tensor([v not in seen for v in shard_videos], dtype=torch.bool)
             keep.append((shard_logits[first], shard_labels[first], torch.tensor(shard_videos, dtype=torch.long)[first]))
@@ -405,7 +408,7 @@ class Hmdb51Data(TrainData):
             top1=100 * hit[:, 0].float().mean().item(), top5=100 * hit.any(1).float().mean().item(),
             clip_top1=100 * (logits.argmax(1) == labels).float().mean().item(),
             val_loss=nn.functional.cross_entropy(logits, labels).item(), val_videos=len(ids),
-            val_skipped_videos=len(set().union(*(shard[3] for shard in shards))))
+            val_skipped_videos=len(unreadable))
 
     def input_size(self) -> Dict[str, Any]:
         return dict(img_size=self.cfg.data.img_size, num_frames=self.cfg.data.num_frames)
