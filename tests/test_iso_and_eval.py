@@ -475,6 +475,10 @@ def test_bad_resolutions_are_clear_errors(image_folder):
         sequences = timm.create_model('s4nd_seq_atto')
     with pytest.raises(ValueError, match=r"'seq' takes sequences \(its input_size is \(1, 784\)\)"):
         eval_resolution({'seq': sequences}, '/no/such/folder', [14], progress=False)
+    with torch.device('meta'):
+        clips = timm.create_model('convnext_s4nd_3d_atto', num_frames=4)
+    with pytest.raises(ValueError, match=r"'clip' takes video clips \(its input_size is \(3, 4, 224, 224\)\)"):
+        eval_resolution({'clip': clips}, '/no/such/folder', [64], progress=False)
 
 
 def test_a_missing_split_folder_is_refused(image_folder, tmp_path):

@@ -310,6 +310,11 @@ def eval_resolution(
     if crop_pct is not None and not 0 < crop_pct <= 1:  # (timm's create_transform reads 0 as its default, 0.875)
         raise ValueError(f"crop_pct must be in (0, 1], or None for each model's, got {crop_pct!r}")
     resolutions = check_resolutions(resolutions, models)
+    for name, model in models.items():  # (the data are images: a clip model's input check refused the first batch)
+        input_size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or ()
+        if len(input_size) == 4:
+            raise ValueError(f'{name!r} takes video clips (its input_size is {tuple(input_size)}): eval_resolution '
+                             'scores images; evaluate video models on their clips (the trainer, data.dataset hmdb51)')
     if train_resolution is not None:
         check_resolutions([train_resolution], models)
     if out_dir is not None:  # the resolution the plot marks
