@@ -537,6 +537,15 @@ def test_hmdb51_test_clips_are_labelled_by_class(hmdb):
         assert not torch.equal(clip[:, 0], clip[:, -1])  # the square moves
 
 
+def test_hmdb51_a_pass_after_an_abandoned_one_starts_afresh(hmdb):
+    """A peek at the first test clip, then a full pass: each video gives its clips once (the pass began with the
+    peeked video's remaining clip, then read it again: 3 clips of the first video)."""
+    videos, splits = hmdb
+    test = Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, clips_per_video=2, with_video_index=True)
+    next(iter(test))
+    assert [video for *_, video in test] == [0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize('clips_per_video, starts', [(1, [0.5]), (2, [0, 1]), (3, [0, 0.5, 1])])
 def test_hmdb51_test_clips_are_evenly_spaced_over_the_whole_video(hmdb, monkeypatch, clips_per_video, starts):
     """Test clips from the start to the end of each (2 s) video, one clip in the centre: pytorchvideo's

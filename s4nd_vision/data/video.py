@@ -370,6 +370,13 @@ class Hmdb51Clips(IterableDataset):
         return len(self._videos.video_sampler) * self.clips_per_video
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
+        # pytorchvideo's own `__iter__` keeps the video an abandoned pass left loaded (e.g. `next(iter(dataset))`):
+        # the next pass began with the rest of its clips, extra clips of its first video. Each pass starts afresh.
+        videos = self._videos
+        if videos._loaded_video_label:
+            videos._loaded_video_label[0].close()
+        videos._loaded_video_label, videos._next_clip_start_time = None, 0.0
+        videos._clip_sampler.reset()
         reported = self._paths.skipped
         for sample in self._videos:
             clip = sample['video'] if self.transform is None else self.transform(sample['video'])
