@@ -530,10 +530,14 @@ def test_inflation_carries_the_2d_band_limit():
     # a record cast to a floating dtype with the rest of a file (as timm's checkpoint averaging does) is read by its
     # bits, not converted by value into another cut-off: the 2D file's (off) for H and W (a record that cannot be
     # bits, e.g. the cut-off's value as a float, is refused: `test_the_band_limit_is_saved_with_the_weights`)
-    cast = {k: v.double() if k.endswith('.bandlimit') else v for k, v in source.state_dict().items()}
-    with pytest.warns(UserWarning, match=r'bandlimit records.*converted to torch\.float64 .*read as 0\.0 '):
-        target.load_state_dict(inflate_state_dict(cast, target), strict=False)
-    assert [k.bandlimit for k in target.stages[1].blocks[0].conv_dw.kernels] == [1.0, None, None]
+    # (0, off, converts exactly: no warning that its bits were rounded, nor to rebuild the model to load it exactly)
+    for dtype in (torch.float64, torch.float32):
+        cast = {k: v.to(dtype) if k.endswith('.bandlimit') else v for k, v in source.state_dict().items()}
+        target = timm.create_model('convnext_s4nd_3d_atto', img_size=64, num_frames=4, **kwargs)  # default 1.0
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            target.load_state_dict(inflate_state_dict(cast, target), strict=False)
+        assert [k.bandlimit for k in target.stages[1].blocks[0].conv_dw.kernels] == [1.0, None, None]
 
 
 def test_zero_and_none_are_off_everywhere():

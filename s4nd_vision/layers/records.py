@@ -62,6 +62,8 @@ def record_float(value: torch.Tensor, own: float, name: str) -> Optional[float]:
     # (the bits of a normal float64 are 2 ** 52 to 2 ** 63 in size: a smaller float is a value saved as such, not bits)
     if not value.is_floating_point() or not (value.item() == 0 or 2 ** 52 <= abs(value.item()) < 2 ** 63):
         return None
+    if value.item() == 0:  # (0.0's bits, 0, convert exactly, and no other bits round to 0: nothing was lost)
+        return 0.0
     own_bits = torch.tensor(float(own), dtype=torch.float64).view(torch.int64)
     if own_bits.to(value.dtype) == value or own_bits.double().to(value.dtype) == value:  # (rounded once or twice)
         return float(own)
