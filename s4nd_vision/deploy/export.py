@@ -135,10 +135,13 @@ def export_onnx(
         raise ValueError(f'path: {path!r} is a folder; name the ONNX file to write, e.g. '
                          f'{os.path.join(path, "model.onnx")!r}')
     check_image_model(model, fixed_size)
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
-    if dtypes:  # (the export failed minutes in, in torch's ONNX decomposition)
-        raise ValueError(f'model: its weights are {", ".join(dtypes)}; export_onnx exports float32 (or float64) '
-                         f'models: export model.float() (and convert the ONNX file to float16 afterwards if needed)')
+    # float16/bfloat16 failed minutes into the export (torch's ONNX decomposition); a float64 graph exports, but
+    # onnxruntime has no float64 Conv or AveragePool: every S4ND model's file failed to load there
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:
+        raise ValueError(f'model: its weights are {", ".join(dtypes)}; export_onnx exports float32 models (a float64 '
+                         f'graph does not run in onnxruntime): export model.float() (and convert the ONNX file to '
+                         f'float16 afterwards if needed)')
     own = input_sides(model)
     img_size = trace_size(model, fixed_size) if img_size is None else img_size
     in_chans = _model_chans(model) if in_chans is None else in_chans
@@ -188,8 +191,8 @@ def export_onnx(
 
 
 def _sample_input(model: nn.Module, shape: Tuple[int, ...]) -> torch.Tensor:
-    """A random input of `shape` on the device and in the dtype of the model's weights (a float64 model, or one on
-    a GPU, takes no float32 CPU tensor)."""
+    """A random input of `shape` on the device and in the dtype of the model's weights (a model on a GPU takes no
+    CPU tensor)."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     return torch.randn(shape) if weight is None else torch.randn(shape, device=weight.device, dtype=weight.dtype)
 
