@@ -826,7 +826,7 @@ plain ConvNeXt-atto per seed, progressive resizing against the final size throug
 the demo's config and trainer, tested at 64, 96, 128 and 256 px.
 
     s4nd-vision zero-shot-study --out output/zero_shot_study        # the whole grid: many hours on a CPU
-    s4nd-vision zero-shot-study --inits lin legs --bandlimits off 1.0 --seeds 0 --epochs 2
+    s4nd-vision zero-shot-study --inits lin legs --bandlimits off 1.0 --seeds 0 --epochs 3
     s4nd-vision zero-shot-study --report-only --out output/zero_shot_study
 
 Each finished run appends a row to runs.csv; run it again to skip those and resume the unfinished one. Writes

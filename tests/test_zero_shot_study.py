@@ -377,3 +377,21 @@ def test_a_study_without_s4nd_twins_plots_every_settings_curve(tmp_path, monkeyp
     run_study(twins, out_dir=str(tmp_path), resolutions=[64, 96], log=lambda s: None)
     assert labels[:4] == ['convnext_atto', 'convnext_atto progressive', 'lin dt 0.1-1 bandlimit off',
                           'lin dt 0.1-1 bandlimit off progressive']  # (a twin: singled out, as before)
+
+
+@pytest.mark.parametrize('doc', ['module', 'command'])
+def test_the_documented_small_study_passes_the_up_front_checks(doc, tmp_path, monkeypatch):
+    """The small study of the docs (`--epochs`, default progressive twins and sizes 32, 48, 64) gets to training:
+    with `--epochs 2` its twins would skip the 32 px stage, which the study refuses up front."""
+    from s4nd_vision.cli import COMMANDS
+
+    class Started(Exception):
+        pass
+
+    def started(*args):
+        raise Started
+    monkeypatch.setattr(study, '_train', started)
+    text = study.__doc__ if doc == 'module' else COMMANDS['zero-shot-study'].description
+    (line,) = [s.strip() for s in text.splitlines() if s.strip().startswith('s4nd-vision zero-shot-study --inits')]
+    with pytest.raises(Started):
+        main(line.split()[1:] + ['--out', str(tmp_path)])

@@ -20,7 +20,7 @@ resume at the other resolution). After the last run (or with `report_only`) it w
 (top-1 against resolution, one line per setting).
 
     s4nd-vision zero-shot-study --out output/zero_shot_study               # the whole grid (hours on a CPU)
-    s4nd-vision zero-shot-study --inits lin --bandlimits off 1.0 --seeds 0 --epochs 2
+    s4nd-vision zero-shot-study --inits lin --bandlimits off 1.0 --seeds 0 --epochs 3
 """
 import csv
 import json
