@@ -123,7 +123,8 @@ class Trainer:
         # null: the launcher's (accelerate launch --mixed_precision), resolved as Accelerate resolves it in a fresh
         # process; passed explicitly, since Accelerate would otherwise keep the precision of an earlier run in
         # this process (e.g. a notebook's bf16 run before) without a word
-        precision = tc.mixed_precision or parse_choice_from_env('ACCELERATE_MIXED_PRECISION', 'no')
+        launched = parse_choice_from_env('ACCELERATE_MIXED_PRECISION', 'no')
+        precision = tc.mixed_precision or launched
         try:
             self.accelerator = Accelerator(
                 mixed_precision=precision,
@@ -141,7 +142,6 @@ class Trainer:
                 f'which Accelerate keeps for the whole process: give train.mixed_precision that value, or start '
                 f'this run in a new process') from None
         acc = self.accelerator
-        launched = parse_choice_from_env('ACCELERATE_MIXED_PRECISION', 'no')
         if acc.is_main_process and tc.mixed_precision is not None and launched not in ('no', tc.mixed_precision):
             # (Accelerate says nothing; e.g. a CPU run's config.yaml, which records 'no', launched with bf16)
             warnings.warn(f'train.mixed_precision={tc.mixed_precision} overrides the launcher\'s --mixed_precision '
