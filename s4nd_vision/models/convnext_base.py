@@ -10,6 +10,7 @@ and the input sizes for the stacked kernel generation need no per-model code.
 Paper:
 * `A ConvNet for the 2020s` - https://arxiv.org/abs/2201.03545
 """
+import inspect
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -451,7 +452,7 @@ def every_stage(kwargs: Dict[str, Any]) -> Tuple[int, ...]:
     """`features_only`'s default `out_indices` for a model built from `kwargs`: every stage, as timm's ConvNeXt
     (its four), also for `depths` of another length (a fixed (0, 1, 2, 3) failed on three stages and dropped a
     fifth). Depths that are not a sequence are left to the model's own error."""
-    depths = kwargs.get('depths', (3, 3, 9, 3))  # (ConvNeXtBase's default)
+    depths = kwargs.get('depths', inspect.signature(ConvNeXtBase).parameters['depths'].default)
     return tuple(range(len(depths))) if hasattr(depths, '__len__') else (0, 1, 2, 3)
 
 
