@@ -1,8 +1,14 @@
-"""Shared by the model tests: one training step with the model-wide stacked kernel generation and one
-without (every layer generating its own), for comparing outputs, gradients and generation calls."""
+"""Shared by the layer and model tests: one training step with the model-wide stacked kernel generation and one
+without (every layer generating its own), for comparing outputs, gradients and generation calls; a layer's cached
+inference operators."""
 import torch
 
 from s4nd_vision.layers import s4nd, ssm_kernel
+
+
+def latest_operators(layer: s4nd.S4ND):
+    """The convolution operators of the layer's most recent inference call (`S4ND._cached_operators`)."""
+    return layer._kernel_cache[1][-1][1]
 
 
 def count_generation_calls(monkeypatch) -> list:

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from stacking import count_generation_calls, step_with_and_without_stacking
+from stacking import count_generation_calls, latest_operators, step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
@@ -613,9 +613,9 @@ def test_inference_paths_agree_in_a_model(depthwise_max_side, monkeypatch):
     with torch.no_grad():
         logits = model(x)
         assert layouts == [not depthwise] * len(model.stages)
-        used = [type(m._kernel_cache[2]) for m in model.modules() if isinstance(m, S4ND) and m._kernel_cache]
+        used = [type(latest_operators(m)) for m in model.modules() if isinstance(m, S4ND) and m._kernel_cache]
         assert (ops.DepthwiseConv in used) == depthwise and list in used  # (the stem, channel-major: Toeplitz)
-        assert all(isinstance(stage.downsample[1]._kernel_cache[2], ops.DepthwiseConv) == depthwise
+        assert all(isinstance(latest_operators(stage.downsample[1]), ops.DepthwiseConv) == depthwise
                    for stage in model.stages[1:])
         monkeypatch.setattr(convnext_base, 'stem_keeps_channel_major', lambda t: False)
         with dispatch.force_path('fast'):

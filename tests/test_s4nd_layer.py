@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from stacking import latest_operators
 
-from s4nd_vision.layers import S4ND, SSMKernel, dispatch, ops, ssm_init_imag, ssm_kernel
+from s4nd_vision.layers import S4ND, SSMKernel, dispatch, ops, s4nd, ssm_init_imag, ssm_kernel
 from s4nd_vision.layers.ssm_kernel import _SSMKernelFn, ssm_kernels
 
 
@@ -601,7 +602,7 @@ def test_conv_algorithm_context(monkeypatch):
         for algorithm, cls in (('fft', ops._FFTAxis), ('toeplitz', ops._ToeplitzAxis)):
             with ops.conv_algorithm(algorithm):
                 out = layer(x)
-            assert all(isinstance(op, cls) for term in layer._kernel_cache[2] for op in term)
+            assert all(isinstance(op, cls) for term in latest_operators(layer) for op in term)
             torch.testing.assert_close(out, y.detach(), atol=1e-5, rtol=1e-4)
 
 
@@ -677,9 +678,9 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change(memory_format)
 
     with torch.no_grad():
         check(x8)
-        first = layer._kernel_cache[2]
+        first = latest_operators(layer)
         layer(x8)
-        assert layer._kernel_cache[2] is first  # reused while nothing changed
+        assert latest_operators(layer) is first  # reused while nothing changed
         check(x12)  # new resolution
         check(x12.expand(3, -1, -1, -1))  # new batch size
         check(x12, rate=2.0)  # explicit rate
@@ -696,6 +697,33 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change(memory_format)
     # with autograd on, kernels are rebuilt every call (and carry gradients)
     layer(x12.double()).sum().backward()
     assert layer._kernel_cache is None and layer.kernels[0].c.grad is not None
+
+
+@pytest.mark.parametrize('memory_format', MEMORY_FORMATS)
+def test_kernel_cache_keeps_the_last_few_input_shapes_whatever_the_batch(memory_format):
+    """A server alternating between image sizes, or an evaluation whose last batch is smaller, reuses each size's
+    operators; the least recently used size is dropped; a parameter change drops every size's."""
+    torch.manual_seed(0)
+    layer = S4ND(4, ndim=2, d_state=8, l_ref=8).eval()
+    inputs = {n: torch.randn(2, 4, n, n).to(memory_format=memory_format) for n in (8, 9, 10, 11, 12)}
+
+    def run(n, batch=2):
+        y = layer(inputs[n][:batch])
+        with torch.enable_grad():  # (a copy without the cache)
+            torch.testing.assert_close(y, copy.deepcopy(layer)(inputs[n][:batch]).detach())
+        return latest_operators(layer)
+
+    with torch.no_grad():
+        first = run(8)
+        assert run(8, batch=1) is first  # the batch size does not enter the operators
+        twelve = run(12)
+        assert run(8) is first and run(12) is twelve
+        for n in (9, 10, 11):  # 8 is now the least recently used of five sizes
+            run(n)
+        assert len(layer._kernel_cache[1]) == s4nd.CACHED_SHAPES
+        assert run(12) is twelve and run(8) is not first
+        layer.kernels[0].log_dt.add_(0.25)  # (run compares with a fresh copy: kernels of the new values)
+        assert run(8) is not first and run(12) is not twelve and len(layer._kernel_cache[1]) == 2
 
 
 def _momentum_update(layer, other):
@@ -839,8 +867,8 @@ def test_depthwise_inference_path(rows_view_min, monkeypatch):
         x = torch.randn(3, 5, *sizes).to(memory_format=memory_format)
         with torch.no_grad():
             y = layer(x)
-            assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv)
-            rows_axis = layer._kernel_cache[2].axes[-2][-1]
+            assert isinstance(latest_operators(layer), ops.DepthwiseConv)
+            rows_axis = latest_operators(layer).axes[-2][-1]
             assert rows_axis == (sizes[-2] // layer.pool[-2] >= rows_view_min)
             assert y.is_contiguous(memory_format=memory_format) and y.dtype == torch.float32
             torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
@@ -962,7 +990,7 @@ def test_depthwise_inference_path_answers_channels_last_on_one_thread():
         x = torch.randn(3, 5, 4, 9, 7).to(memory_format=torch.channels_last_3d)
         with torch.no_grad():
             y = layer(x)
-        assert isinstance(layer._kernel_cache[2], ops.DepthwiseConv)
+        assert isinstance(latest_operators(layer), ops.DepthwiseConv)
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(y.double(), _direct_reference(layer, x), rtol=1e-5, atol=1e-5)
     finally:

@@ -38,6 +38,7 @@ __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernel
 
 KERNELS = ('s4d', 's4', 'sgconv')
 KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
+CACHED_SHAPES = 4  # input shapes whose convolution operators a layer keeps for inference (`S4ND._cached_operators`)
 
 
 def refuse_fx_proxy(x: torch.Tensor, owner: str) -> None:
@@ -220,7 +221,7 @@ class S4ND(nn.Module):
         self.kernels = nn.ModuleList(self._axis_kernel_modules(
             kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay, device, dtype))
         self.D = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
-        self._kernel_cache = None  # (key, parameter values, convolution operators), inference only
+        self._kernel_cache = None  # (parameter values, ((key, convolution operators), ...)), inference only
         self._prepared = None  # (key, kernels, thread) from `prepare_kernels`, for the next forward
 
     @torch.no_grad()
@@ -375,36 +376,47 @@ class S4ND(nn.Module):
         with `depthwise` the `DepthwiseConv` for the same input in channels-last
         memory, remembered between calls while no gradient is recorded (inference).
 
-        The cache is reused only when the input shape, the algorithm per axis (it depends on the batch
-        size too, and on an enclosing `ops.conv_algorithm`), rates, kernel lengths, dtypes, band limits (SGConv:
-        decays), pooling
+        The layer keeps the operators of its last `CACHED_SHAPES` inputs (least recently used dropped first), so
+        that a server or evaluation alternating between a few image sizes does not rebuild them per call; they do
+        not depend on the batch size, except through the algorithm per axis. An entry is reused only when the
+        input's spatial sizes, the algorithm per axis (it depends on the batch size too, and on an enclosing
+        `ops.conv_algorithm`), rates, kernel lengths, dtypes, band limits (SGConv: decays), pooling
         and the values of every kernel parameter and buffer equal those it was built from. Parameters are
         compared by value, not by version counter: writes through `.data`, `.copy_`,
         `load_state_dict(assign=True)`, `vector_to_parameters`, distributed broadcasts or NumPy views can
-        bypass the counters, and stale kernels would be a silently wrong result. The comparison reads each
-        parameter once per call (on CUDA, one synchronization per layer).
+        bypass the counters, and stale kernels would be a silently wrong result; a change drops every entry. The
+        comparison reads each parameter once per call (on CUDA, one synchronization per layer).
         """
         sizes = shape[1:-2] + shape[-1:]
         rates = self.resolve_rate(sizes, rate)
         algorithms = ('depthwise',) if depthwise else conv_algorithms(shape, self.pool)
         key = (
-            tuple(shape), tuple(algorithms), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
+            tuple(sizes), tuple(algorithms), rates, self.kernel_lengths(sizes, rates), dtype, conv_dtype,
             tuple((k.bandlimit, getattr(k, 'decay', None)) for k in self.kernels), self.pool,
         )
         state = self._kernel_tensors()
-        if self._kernel_cache is not None:
-            cached_key, cached_state, operators = self._kernel_cache
-            if cached_key == key and _equal_tensors(cached_state, state):
-                return operators
-        # (the values compared next time are those read before generating: a write while generating, e.g. an EMA
-        # update from another thread, makes the next call rebuild instead of serving kernels of the old values)
-        snapshot = [t.clone() for t in state]
+        # (the cache is an immutable (values, entries) pair, replaced whole: threads sharing a model in inference
+        # never see one half-updated)
+        cache = self._kernel_cache
+        if cache is not None and _equal_tensors(cache[0], state):
+            snapshot, entries = cache
+            for i, (cached_key, operators) in enumerate(entries):
+                if cached_key == key:
+                    if i < len(entries) - 1:  # the most recently used last
+                        self._kernel_cache = (snapshot, entries[:i] + entries[i + 1:] + (entries[i],))
+                    return operators
+            entries = entries[max(0, len(entries) + 1 - CACHED_SHAPES):]
+        else:
+            # (the values compared next time are those read before generating: a write while generating, e.g. an
+            # EMA update from another thread, makes the next call rebuild instead of serving kernels of the old
+            # values)
+            snapshot, entries = [t.clone() for t in state], ()
         kernels = [k.to(conv_dtype) for k in self.axis_kernels(sizes, rates, dtype=dtype)]
         if depthwise:
             operators = DepthwiseConv(kernels, self.pool)
         else:
             operators = conv_operators(kernels, shape, self.pool, algorithms)
-        self._kernel_cache = (key, snapshot, operators)
+        self._kernel_cache = (snapshot, entries + ((key, operators),))
         return operators
 
     def _check_input(self, x: torch.Tensor) -> None:
