@@ -929,7 +929,13 @@ _INTERRUPT_HINT = {'train': 'the run continues from its last checkpoint with --r
 
 
 def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Before any work: output paths of the right kind (a file, or a folder), and a device that exists."""
+    """Before any work: one process unless the command trains distributed, output paths of the right kind (a file,
+    or a folder), and a device that exists."""
+    processes = os.environ.get('WORLD_SIZE', '1')  # (set by accelerate launch and torchrun for every process)
+    if args._command != 'train' and processes.isdigit() and int(processes) > 1:
+        parser.error(f'{args._command} runs in one process, but this is one of {processes} (WORLD_SIZE, from '
+                     f'accelerate launch or torchrun): each would do the whole job and write the same files; run it '
+                     f'with python or s4nd-vision (only train runs distributed)')
     options = {a.dest for a in parser._actions if a.option_strings}  # (a positional output checks itself)
     for attr, flag, folder in _OUTPUTS:
         path = getattr(args, attr, None) if attr in options else None

@@ -264,6 +264,18 @@ def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypa
     assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
 
 
+@pytest.mark.parametrize('argv', [['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64'],
+                                  ['demo'], ['zero-shot-study'], ['export', 'convnext_s4nd_atto']], ids=lambda a: a[0])
+def test_single_process_commands_refuse_a_distributed_launch(argv, capsys, monkeypatch):
+    """Under `accelerate launch --num_processes 2` every process ran the whole evaluation (or demo, study, export) and
+    wrote the same files; only train shares its work among processes."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and f'error: {argv[0]} runs in one process, but this is one of 2' in err, err
+
+
 def test_seq_mnist_builds_every_model_before_training_any(capsys):
     """A wrong model later in --models (unknown, or an image model) is refused before the first one trains for
     minutes (whose results were lost with the error), in terms of the task."""
