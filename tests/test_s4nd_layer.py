@@ -1017,6 +1017,26 @@ def test_torch_func_transforms_run_the_reference_formulation():
         torch.testing.assert_close(grads[name], param.grad, msg=name)
 
 
+@pytest.mark.parametrize('grad_mode', [True, False])
+def test_forward_mode_ad_gives_the_jvp_of_torch_func(grad_mode):
+    """Dual tensors of `torch.autograd.forward_ad` (the parameters' tangents, the input's) give the tangent
+    `torch.func.jvp` gives, in eval mode, with autograd on or off: the fast paths' autograd Functions have no jvp
+    (they raised), and without autograd the cached operators hold no tangent of the parameters."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, jvp
+    torch.manual_seed(0)
+    layer = S4ND(2, ndim=2, d_state=4, l_ref=4).double().eval()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    for scale in (1.0, 2.0):  # (a second tangent at the same parameter values: no stale one)
+        tangents = {k: scale * torch.randn_like(v) for k, v in params.items()}
+        expected = jvp(lambda p: functional_call(layer, p, (x,)), (params,), (tangents,))[1]
+        with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+            dual = {k: fwAD.make_dual(v, tangents[k]) for k, v in params.items()}
+            y = functional_call(layer, dual, (fwAD.make_dual(x, torch.zeros_like(x)),))
+            torch.testing.assert_close(fwAD.unpack_dual(y).tangent, expected)
+
+
 def test_a_write_while_the_cache_is_built_is_seen_by_the_next_call():
     """Parameters written while inference generates the cached kernels (an EMA update or a weight reload from
     another thread) must not leave kernels of the old values cached under the new ones."""

@@ -19,6 +19,7 @@ last (no transposing copies: the graph is also what onnxruntime runs).
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 __all__ = ['use_reference', 'ssm_kernel_reference', 'separable_conv_reference']
@@ -26,10 +27,12 @@ __all__ = ['use_reference', 'ssm_kernel_reference', 'separable_conv_reference']
 
 def use_reference() -> bool:
     """True while a graph is being captured for export or compilation (torch.export, torch.compile,
-    the TorchScript ONNX exporter), or under a torch.func transform (grad, vmap, jacrev, ...: the fast paths'
-    autograd Functions have no functorch rules): S4ND then runs the reference formulation."""
+    the TorchScript ONNX exporter), under a torch.func transform (grad, vmap, jacrev, ...: the fast paths'
+    autograd Functions have no functorch rules) or within a forward-mode AD level (`torch.autograd.forward_ad`:
+    they have no jvp, and cached operators would carry no tangent of the parameters): S4ND then runs the reference
+    formulation."""
     return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-            or torch._C._are_functorch_transforms_active())
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def ssm_kernel_reference(
