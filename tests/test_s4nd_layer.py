@@ -1037,6 +1037,24 @@ def test_forward_mode_ad_gives_the_jvp_of_torch_func(grad_mode):
             torch.testing.assert_close(fwAD.unpack_dual(y).tangent, expected)
 
 
+def test_functional_call_takes_a_state_dict_without_records():
+    """As README "Deployment" says: a state dict taken within `state_dict_without_records` serves
+    `torch.func.functional_call` (its values used, not the layer's); one with the records is refused by torch."""
+    from torch.func import functional_call
+
+    from s4nd_vision.layers import state_dict_without_records
+    torch.manual_seed(0)
+    layer, other = S4ND(2, ndim=2, d_state=4, l_ref=4).eval(), S4ND(2, ndim=2, d_state=4, l_ref=4).eval()
+    x = torch.randn(1, 2, 4, 4)
+    with state_dict_without_records():
+        weights = other.state_dict()
+    with torch.no_grad():
+        layer(x)  # (operators of the layer's own values cached)
+        torch.testing.assert_close(functional_call(layer, weights, (x,)), other(x))
+    with pytest.raises(TypeError, match='l_ref'):
+        functional_call(layer, other.state_dict(), (x,))
+
+
 def test_a_write_while_the_cache_is_built_is_seen_by_the_next_call():
     """Parameters written while inference generates the cached kernels (an EMA update or a weight reload from
     another thread) must not leave kernels of the old values cached under the new ones."""
