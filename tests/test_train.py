@@ -234,6 +234,20 @@ def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
         GradientState._reset_state()
 
 
+def test_the_ema_holds_no_inference_operators_while_training(tmp_path, folder):
+    """The EMA's weights change at every update: the operators its evaluation cached would never serve again, only
+    hold their memory through the next epoch."""
+    trainer = Trainer(load_config(None, _overrides(
+        folder, tmp_path, 'train.epochs=2', 'train.max_steps_per_epoch=1', 'train.ema_decay=0.9')))
+    layers = [m for m in trainer.ema.module.modules() if isinstance(m, s4nd_vision.layers.S4ND)]
+    held = []  # per training step: whether an EMA layer holds cached operators
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: held.append(any(layer._kernel_cache is not None for layer in layers)) if m.training else None)
+    trainer.fit()
+    assert layers and held == [False, False]
+    assert all(layer._kernel_cache is None for layer in layers)
+
+
 def test_progressive_resizing_changes_resolution_without_recreating_the_model(tmp_path, folder):
     cfg = load_config(None, _overrides(
         folder, tmp_path, 'train.epochs=3', 'train.max_steps_per_epoch=2', 'data.img_size=48', 'train.ema_decay=0.9',
