@@ -303,6 +303,8 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
     assert all(r['n'] == 30 and 0 <= r['top1'] <= r['top5'] <= 100 for r in rows)
     assert all(r['top1'] == 10 and r['top5'] == 50 for r in rows if r['model'] == 'constant')
     assert models['s4nd'].img_size == (14, 14)
+    # the operators cached for its last sizes are freed after each model's sweep: nothing reuses them
+    assert all(m._kernel_cache is None for m in models['s4nd'].modules() if isinstance(m, S4ND))
 
     with open(tmp_path / CSV_NAME) as f:
         table = list(csv.DictReader(f))

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..data import MNIST5k
 from ..data.images import ImageFolderDataset, check_class_folders, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
-from ..layers import S4ND, set_bandlimit
+from ..layers import S4ND, drop_inference_caches, set_bandlimit
 from ..models import input_size_args
 from ..models._checkpoint import file_shape, weights_num_classes
 from ..utils import replaced_atomically
@@ -363,6 +363,7 @@ def eval_resolution(
                     write_csv(rows, os.path.join(out_dir, CSV_NAME))
                     # the plot of the same rows: an interrupted run leaves no plot of an earlier one beside them
                     plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=mark)
+        drop_inference_caches(model)  # (the operators of its last sizes: not reused, held while the next model runs)
     return rows
 
 

@@ -34,7 +34,7 @@ from .sgconv_kernel import SGConvKernel
 from .ssm_kernel import SSM_INITS, SSMKernel, check_ssm_args, is_int
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS', 'check_kernel_args',
-           'refuse_fx_proxy']
+           'refuse_fx_proxy', 'drop_inference_caches']
 
 KERNELS = ('s4d', 's4', 'sgconv')
 KERNEL_INITS = {'s4d': SSM_INITS, 's4': ('legs',)}  # the inits of the SSM kernels (SGConv takes none)
@@ -545,6 +545,15 @@ class S4ND(nn.Module):
             s += f', pool={self.pool}'
         return s
 
+
+
+def drop_inference_caches(module: nn.Module) -> None:
+    """Free the convolution operators the S4ND layers of `module` keep from inference (`S4ND._cached_operators`,
+    up to `CACHED_SHAPES` sizes per layer: 19 MiB per size for convnext_s4nd_tiny at 224 px) once nothing will reuse
+    them, e.g. an EMA model's after its evaluation, or a model's after an evaluation at many sizes."""
+    for m in module.modules():
+        if isinstance(m, S4ND):
+            m._kernel_cache = None
 
 def _saved_tensor_hooks() -> Optional[Callable]:
     """The pack hook of the innermost active `torch.autograd.graph.saved_tensors_hooks` context (non-reentrant

@@ -39,7 +39,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from ..layers import S4ND, set_bandlimit
+from ..layers import drop_inference_caches, set_bandlimit
 from ..models._checkpoint import weights_num_classes
 from ..utils.files import remove_temporaries
 from ..utils.seeding import seed_all, seed_from
@@ -92,16 +92,6 @@ def warn_fsdp_parameter_cast(accelerator: Accelerator) -> None:
             f'rounded values (Im A, up to about 1e3, moves by up to about 3; a layer\'s output changes by a few '
             f'percent). To keep them float32, train with DDP, or FSDP with mixed precision no', UserWarning,
             stacklevel=2)
-
-
-def drop_inference_caches(module: nn.Module) -> None:
-    """Drop the convolution operators the S4ND layers of `module` keep from inference (`S4ND._cached_operators`):
-    an EMA model's after its evaluation, since its weights change at every update, so the next evaluation rebuilds
-    them anyway and keeping them would only hold their memory (19 MiB per size for convnext_s4nd_tiny at 224 px)
-    through the next epoch."""
-    for m in module.modules():
-        if isinstance(m, S4ND):
-            m._kernel_cache = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -590,6 +580,7 @@ class Trainer:
                     self._broadcast_ema_buffers()
                     row.update({f'ema_{k}': v for k, v in self.evaluate(self.ema.module).items()
                                 if not k.startswith(('val_skipped', 'val_videos'))})
+                    # (its weights change at every update: the next evaluation rebuilds them anyway)
                     drop_inference_caches(self.ema.module)
                 if row['top1'] > state.best_top1:
                     state.best_top1, state.best_epoch = row['top1'], epoch
