@@ -6,9 +6,11 @@ The wheel is built from a copy of the sources (no editable install, no repositor
 install of s4nd_vision stays invisible there).
 """
 import csv
+import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,6 +168,20 @@ def test_packaged_config_names_and_paths_load_the_same(tmp_path, monkeypatch):
                                                                  'data: {dataset: mnist}\n')
     assert load_config('configs/demo/mnist_iso.yaml').model.name == 'conv_iso_tiny'
     assert load_config('demo/mnist_iso.yaml').model.name == 's4nd_iso_tiny'
+
+
+# the newest API of each dependency that the package imports, and the release that first has it: pip keeps an
+# installed release that meets the declared floor, so a floor below these breaks the commands on import
+_NEWEST_APIS = {'timm': ('timm.models', 'get_model_input_config', (1, 0, 31))}
+
+
+@pytest.mark.parametrize('package', sorted(_NEWEST_APIS))
+def test_declared_floors_have_the_apis_the_package_imports(package):
+    module, name, first = _NEWEST_APIS[package]
+    assert hasattr(importlib.import_module(module), name)  # (still the import the package makes)
+    with open(os.path.join(ROOT, 'pyproject.toml')) as f:
+        floor = re.search(rf'^\s*"{package}>=([0-9.]+)', f.read(), flags=re.MULTILINE).group(1)
+    assert tuple(int(part) for part in floor.split('.')) >= first, f'{package}>={floor}: {module}.{name} needs {first}'
 
 
 def test_optim_is_reachable_as_the_readme_uses_it():
