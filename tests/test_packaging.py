@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 
 import pytest
 
@@ -168,6 +169,21 @@ def test_packaged_config_names_and_paths_load_the_same(tmp_path, monkeypatch):
                                                                  'data: {dataset: mnist}\n')
     assert load_config('configs/demo/mnist_iso.yaml').model.name == 'conv_iso_tiny'
     assert load_config('demo/mnist_iso.yaml').model.name == 's4nd_iso_tiny'
+
+
+def test_sdist_carries_the_whole_test_suite(tmp_path):
+    """The sdist (what packagers build and test from) holds every file of tests/ and tools/: setuptools alone adds
+    only tests/test*.py, whose helper modules (media, stacking, ...) and conftest.py were then missing."""
+    src = tmp_path / 'src'
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns('.*', 'build', 'output', '*.egg-info', '__pycache__'))
+    build = f'from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})'
+    subprocess.run([sys.executable, '-c', build], cwd=src, check=True, capture_output=True, text=True)
+    with tarfile.open(next(tmp_path.glob('s4nd_vision-*.tar.gz'))) as sdist:
+        packed = {name.split('/', 1)[1] for name in sdist.getnames() if '/' in name}
+    wanted = {os.path.relpath(os.path.join(folder, name), src) for top in ('tests', 'tools')
+              for folder, _, names in os.walk(src / top) for name in names}
+    assert wanted and wanted <= packed, sorted(wanted - packed)
+    assert {'CITATION.cff', 'LICENSE', 's4nd_vision/configs/demo/mnist_iso.yaml'} <= packed
 
 
 # the newest API of each dependency that the package imports, and the release that first has it: pip keeps an
