@@ -325,3 +325,22 @@ def test_fsdp_mixed_precision_that_casts_parameters_is_warned_of(param_dtype, wa
     warn_fsdp_parameter_cast(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=None))
     assert [str(w.message).split(' before')[0] for w in recwarn.list if 'FSDP' in str(w.message)] == (
         [f'FSDP mixed precision casts every parameter to {param_dtype}'] if warns else [])
+
+
+def test_cpu_peak_memory_is_in_mib_on_linux_and_macos_and_the_trainer_imports_without_resource(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS; Windows has no `resource` module (nan, not an ImportError of
+    s4nd_vision.train)."""
+    import resource
+
+    from s4nd_vision.train import metrics
+    cpu = torch.device('cpu')
+    usage = resource.struct_rusage((0,) * 2 + (3 * 2 ** 20,) + (0,) * 13)  # ru_maxrss: 3 * 2 ** 20
+    monkeypatch.setattr(resource, 'getrusage', lambda who: usage)
+    for platform, expected in (('linux', 3 * 2 ** 10), ('darwin', 3)):
+        monkeypatch.setattr(sys, 'platform', platform)
+        assert metrics.peak_memory_mb(cpu) == expected
+    script = ("import sys; sys.modules['resource'] = None\n"
+              "import torch; from s4nd_vision.train.metrics import peak_memory_mb\n"
+              "print(peak_memory_mb(torch.device('cpu')))")
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ['nan'], result.stderr[-2000:]

@@ -1,8 +1,8 @@
 """What a training run reports: one row per epoch to `metrics.csv`, the Accelerate trackers and the console."""
 import csv
 import os
-import resource
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -12,6 +12,11 @@ from accelerate import Accelerator
 from ..utils.files import replaced_atomically
 from .checkpoint import CONFIG_FILE, LOGS_DIR, METRICS_FILE
 from .config import Config, config_to_dict
+
+try:
+    import resource
+except ImportError:  # (not on Windows: no peak resident memory on CPU there, reported as nan)
+    resource = None
 
 __all__ = ['MetricsLog', 'peak_memory_mb', 'reset_peak_memory']
 
@@ -78,10 +83,14 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the allocator's peak since `reset_peak_memory`; CPU: the process's peak resident memory."""
+    """CUDA: the allocator's peak since `reset_peak_memory`; CPU: the process's peak resident memory (nan where the
+    system does not say: Windows)."""
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux: KiB -> MiB (process peak RSS)
+    if resource is None:
+        return float('nan')
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == 'darwin' else 10)
 
 
 def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
