@@ -573,6 +573,20 @@ def test_layer_decay_groups_keep_the_ssm_lr():
 
 
 @pytest.mark.parametrize('layer_decay', [None, 0.5])
+def test_ssm_parameters_take_the_ssm_weight_decay(layer_decay):
+    """SSM parameters get optim.ssm_weight_decay (default 0), not the weight decay of the other weights, also when
+    the optimizer is created with that weight decay (as the trainer creates it), with or without layer decay."""
+    model = timm.create_model('convnext_s4nd_atto')
+    ssm_ids = {id(p) for _, p in ssm_parameters(model)}
+    for ssm_weight_decay in (0.0, 0.01):
+        opt = create_optimizer_v2(model, 'adamw', lr=1e-2, weight_decay=0.05, param_group_fn=partial(
+            param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, ssm_weight_decay=ssm_weight_decay,
+            layer_decay=layer_decay))
+        decays = {g['weight_decay'] for g in opt.param_groups for p in g['params'] if id(p) in ssm_ids}
+        assert decays == {ssm_weight_decay}, ssm_weight_decay
+
+
+@pytest.mark.parametrize('layer_decay', [None, 0.5])
 def test_sgconv_weights_take_the_ssm_lr_with_weight_decay(layer_decay):
     """The SGConv code trains its sub-kernel weights at lr 0.001 (its `_optim` sets only that): with `ssm_lr` they
     get it, with the decay the other weights get; nothing else changes group."""

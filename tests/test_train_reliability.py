@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from test_train import TINY_MODEL, _overrides, _write_folder
 
 from s4nd_vision.cli import tool_main
+from s4nd_vision.layers import ssm_parameters
 from s4nd_vision.train import ConfigError, RunFolderInUse, Trainer, TrainingDiverged, latest_checkpoint, load_config
 
 
@@ -226,6 +227,13 @@ def test_a_min_lr_above_a_scaled_lr_is_refused(tmp_path, folder):
                                           r'batch \(0.0001 x 4 / optim.lr_base_batch 512 = 7.81e-07\)'):
         Trainer(load_config(None, _overrides(folder, tmp_path, 'optim.ssm_lr=1e-4', 'optim.lr_base_batch=512',
                                              'optim.lr=2.0', 'sched.min_lr=1e-5')))
+    _reset()
+    # below it, the optimizer's groups start from the scaled LRs (x 4 / 512), the SSM parameters' from optim.ssm_lr's
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'scaled', 'optim.ssm_lr=1e-4',
+                                                   'optim.lr_base_batch=512', 'optim.lr=2.0', 'sched.min_lr=1e-7')))
+    ssm = {id(p) for _, p in ssm_parameters(trainer.accelerator.unwrap_model(trainer.model))}
+    starts = {id(p) in ssm: g['initial_lr'] for g in trainer.optimizer.param_groups for p in g['params']}
+    assert starts == {True: pytest.approx(1e-4 * 4 / 512), False: pytest.approx(2.0 * 4 / 512)}
     _reset()
 
 
