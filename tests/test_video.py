@@ -489,6 +489,19 @@ def test_transform_refuses_a_float_clip_in_0_1():
     assert torch.equal(transform(faded), transform(faded.to(torch.uint8)))
 
 
+def test_clip_frames_are_evenly_spaced_from_the_first_to_the_last():
+    """num_frames frames at round(linspace(0, T - 1, num_frames)) of a T-frame clip: its first and last frames, the
+    ones between evenly spaced, each repeated where the clip has fewer frames."""
+    for frames, num_frames, expected in ((7, 4, [0, 2, 4, 6]), (5, 5, [0, 1, 2, 3, 4]), (2, 4, [0, 0, 1, 1]),
+                                         (1, 3, [0, 0, 0])):
+        clip = (torch.arange(frames, dtype=torch.uint8) * 10).view(1, frames, 1, 1).expand(3, frames, 8, 8)
+        transform = VideoTransform(train=False, num_frames=num_frames, img_size=8, crop_pct=1.0, mean=(0.0,) * 3,
+                                   std=(1.0,) * 3)
+        out = transform(clip)
+        assert out.shape == (3, num_frames, 8, 8)
+        assert (out[0, :, 0, 0] * 255).round().long().tolist() == [10 * t for t in expected], (frames, num_frames)
+
+
 def test_clip_randaugment_draws_torchvisions_operations_as_documented():
     """The README's account of clip RandAugment: torchvision's operations and magnitude ranges, not timm's image set
     (Identity is one, Invert and SolarizeAdd are not; at m9 posterize keeps 4 bits where timm's keeps 3, solarize
