@@ -432,12 +432,35 @@ def test_result_files_are_replaced_atomically(tmp_path):
 
 def test_evaluation_crops_as_the_models_config_says(image_folder):
     """A data config's crop_mode reaches the transform ('squash': both sides resized to 21 / crop_pct, the aspect
-    ratio not kept; 'center': the short side), as its crop_pct does."""
+    ratio not kept; 'center': the short side), as its crop_pct does; a crop_pct given to the evaluation
+    (`--crop-pct`) replaces the model's."""
     from s4nd_vision.data.transforms import model_data_config
     from s4nd_vision.eval.resolution import _dataset
     for mode, resize in (('squash', 'Resize(size=(24, 24)'), ('center', 'Resize(size=24,')):
         model = timm.create_model('convnext_atto', pretrained_cfg_overlay=dict(crop_mode=mode, crop_pct=0.875))
         assert resize in repr(_dataset(image_folder, 'validation', 21, model_data_config(model), None, {}).transform)
+        given = repr(_dataset(image_folder, 'validation', 21, model_data_config(model), 0.5, {}).transform)
+        assert resize.replace('24', '42') in given  # (21 / 0.5)
+
+
+@pytest.mark.parametrize('data', ['folder', 'mnist'])
+def test_evaluation_resamples_and_normalizes_as_the_models_config_says(image_folder, data):
+    """The model's data config's interpolation, mean and std reach the evaluation transform, for image folders and
+    the built-in digits (`mnist_transform`, which training uses too): weights trained with them are scored on images
+    prepared as in training."""
+    from torchvision import transforms
+
+    from s4nd_vision.data.transforms import model_data_config
+    from s4nd_vision.eval.resolution import _dataset
+    chans, mean, std = (3, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)) if data == 'folder' else (1, (0.1,), (0.4,))
+    model = timm.create_model('convnext_atto', in_chans=chans, pretrained_cfg_overlay=dict(
+        interpolation='bicubic', mean=mean, std=std))
+    source = image_folder if data == 'folder' else 'mnist'
+    steps = _dataset(source, 'validation', 21, model_data_config(model), None, {}).transform.transforms
+    resize = next(t for t in steps if isinstance(t, transforms.Resize))
+    normalize = next(t for t in steps if isinstance(t, transforms.Normalize))
+    assert resize.interpolation == transforms.InterpolationMode.BICUBIC
+    assert tuple(normalize.mean.tolist()) == pytest.approx(mean) and tuple(normalize.std.tolist()) == pytest.approx(std)
 
 
 def test_a_crop_pct_outside_0_1_is_refused(image_folder, capsys):
