@@ -25,7 +25,7 @@ from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
-from s4nd_vision.data.images import ResumableSampler
+from s4nd_vision.data.images import EpochSeeded, ResumableSampler
 from s4nd_vision.layers import sgconv_weights, ssm_parameters
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
 from s4nd_vision.train.optim import param_groups_ssm
@@ -331,6 +331,22 @@ def test_sampler_resumes_mid_epoch_and_shards_ranks():
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 10
     repeated = [i for _, i, _ in ResumableSampler(data, 0, num_replicas=2, rank=0, repeats=3)]
     assert len(repeated) == 10 and len(set(repeated)) < 10  # repeated augmentation: samples recur
+
+
+def test_train_seed_sets_the_sample_order_and_the_augmentation():
+    """train.seed, not only the epoch, decides each epoch's sample order and each sample's augmentation draws: runs
+    of other seeds (a seed study) see other orders and augmentations, runs of one seed the same."""
+    class Draws:  # a sample's "augmentation": a draw from the global generator
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, index):
+            return torch.rand(()).item()
+
+    orders = [[i for _, i, _ in ResumableSampler(list(range(20)), epoch=3, seed=s)] for s in (1, 1, 2)]
+    assert orders[0] == orders[1] != orders[2]
+    draws = [EpochSeeded(Draws(), seed=s)[(3, 5, 0)] for s in (1, 1, 2)]
+    assert draws[0] == draws[1] != draws[2]
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, folder):

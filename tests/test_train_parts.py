@@ -100,6 +100,23 @@ def test_a_save_removes_killed_saves_folders_and_replaces_a_checkpoint_of_its_up
         GradientState._reset_state()
 
 
+def test_a_save_keeps_the_newest_checkpoints(tmp_path):
+    """train.keep_checkpoints: each save removes the oldest checkpoints beyond `keep`, never the one it wrote (the
+    one a resume continues from), also when the updates' digits differ in number."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    acc = Accelerator(cpu=True)
+    try:
+        acc.prepare(torch.nn.Linear(2, 2))
+        for update in (1, 2, 9, 10):
+            save_checkpoint(acc, str(tmp_path), update, keep=2)
+        assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['step-00000009', 'step-00000010']
+        assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoints' / 'step-00000010')
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_metrics_csv_grows_columns_and_drops_epochs_a_resumed_run_redoes(tmp_path):
     path = str(tmp_path / 'metrics.csv')
     _truncate_csv(path, before_epoch=0)  # no file yet: nothing to do
