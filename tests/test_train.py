@@ -22,6 +22,7 @@ from memory_format_runs import train_in_both_memory_formats
 from PIL import Image
 from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
+from timm.data.transforms import str_to_interp_mode
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
@@ -223,13 +224,19 @@ def test_a_timm_vit_run_prints_a_call_that_rebuilds_it_at_the_training_size(tmp_
 
 def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
     """data.crop_pct unset: the model's pretrained cfg's, as eval-resolution and timm's validate.py use for the
-    same weights (so the run's top-1 and theirs come from the same crop)."""
-    for extra, expected in (((), 0.9), (('data.crop_pct=0.8',), 0.8)):
+    same weights (so the run's top-1 and theirs come from the same crop). data.interpolation resamples in the
+    training transform's random resized crop as in the evaluation's resize."""
+    for extra, expected, interpolation in (((), 0.9, 'bilinear'),
+                                           (('data.crop_pct=0.8', 'data.interpolation=bicubic'), 0.8, 'bicubic')):
         trainer = Trainer(load_config(None, _overrides(folder, tmp_path / str(expected), 'train.epochs=1', *extra)))
         assert trainer.model.pretrained_cfg['crop_pct'] == 0.9
         assert trainer.data.data_config['crop_pct'] == expected
         crop = next(t for t in trainer.data.transform(32, training=False).transforms if hasattr(t, 'size'))
         assert crop.size == math.floor(32 / expected)  # the resize before the 32 px centre crop
+        assert crop.interpolation == str_to_interp_mode(interpolation)
+        train_crop = trainer.data.transform(32, training=True).transforms[0]
+        assert type(train_crop).__name__ == 'RandomResizedCropAndInterpolation'
+        assert train_crop.interpolation == str_to_interp_mode(interpolation)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
