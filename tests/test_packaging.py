@@ -82,6 +82,7 @@ from s4nd_vision.cli import main
 from s4nd_vision.train.config import packaged_configs
 report = dict(file=s4nd_vision.__file__, n_configs=len(packaged_configs()),
               license=m.distribution("s4nd-vision").metadata["License-Expression"],
+              versions=[m.version("s4nd-vision"), s4nd_vision.__version__],
               registered=f'{timm.is_model("convnext_s4nd_tiny")} {s4nd_vision.optim.param_groups_ssm.__module__}')
 for command in ('train', 'export'):
     out, code = io.StringIO(), 'returned'
@@ -110,6 +111,7 @@ def test_wheel_imports_its_own_copy_with_configs_and_metadata(installed, install
     assert file.startswith(purelib) and not file.startswith(ROOT)
     assert n_configs == len(packaged_configs()) >= 11
     assert installed_report['license'] == 'Apache-2.0'
+    assert installed_report['versions'] == [s4nd_vision.__version__] * 2  # (the metadata's, from the package's)
     assert installed_report['registered'] == 'True s4nd_vision.train.optim'
 
 
