@@ -20,7 +20,7 @@ from s4nd_vision.eval.kernel_report import (
 )
 from s4nd_vision.layers import S4ND, SSMKernel, set_bandlimit
 from s4nd_vision.layers.reference import ssm_kernel_reference
-from s4nd_vision.layers.ssm_kernel import _kept_modes, per_kernel, ssm_kernels
+from s4nd_vision.layers.ssm_kernel import _kept_modes, mode_masks, per_kernel, ssm_kernels
 
 
 def _expected_mask(kernel: SSMKernel, bandlimit: float) -> torch.Tensor:
@@ -72,6 +72,22 @@ def test_mask_matches_an_independent_computation(init, bandlimit):
     expected = _expected_mask(kernel, bandlimit)
     assert 0 < expected.sum() < expected.numel()
     assert torch.equal(kernel.mode_mask(), expected)
+
+
+def test_kernels_of_different_cutoffs_generated_together_keep_their_own_modes():
+    """Kernels of different cut-offs (and one without) stacked in one generation call (`mode_masks`, one mask for
+    the group): each keeps exactly the modes of its own cut-off, and its kernel equals the one made alone."""
+    torch.manual_seed(0)
+    kernels = [SSMKernel(4, d_state=16, num_kernels=2, init='lin', dt_min=0.01, dt_max=1.0, bandlimit=cut).double()
+               for cut in (1.0, None, 0.3)]
+    masks = mode_masks(kernels).split([k.dim for k in kernels])
+    for kernel, mask, cut in zip(kernels, masks, (1.0, None, 0.3)):
+        expected = _expected_mask(kernel, math.inf if cut is None else cut)
+        assert cut is None or 0 < expected.sum() < expected.numel()
+        assert torch.equal(mask, expected)
+    together = ssm_kernels(kernels, [9, 9, 9], [1.0, 1.0, 1.0], torch.float64)
+    for kernel, k in zip(kernels, together):
+        torch.testing.assert_close(k, kernel(9, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
