@@ -52,6 +52,7 @@ def _rel(a, b):
     (2, 5, 4, 6, 1, (1, 1), True),  # odd sizes, channels not a power of two
     (2, 5, 5, 3, 2, (2, 2), True),  # rank 2, pooled with a dropped remainder
     (1, 8, 4, 3, 1, (4, 1), False),  # pool 4 on one axis, no skip
+    (1, 8, 4, 3, 1, (4, 2), True),  # pooled unequally with D: the skip's window of PH x PW
 ])
 def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, monkeypatch):
     if rows is not None:  # (the kernel gradient takes half the convolution's rows: blocks of 1)
@@ -60,8 +61,9 @@ def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, 
     y_ref = _reference(*tensors, pools)
     grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y_ref, g_ref = _grads(lambda x, kh, kw, d: _reference(x, kh, kw, d, pools), tensors, grad_out)
-    y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
-                  [t.float() if t is not None else None for t in tensors], grad_out)
+    with triton_conv.fused_algorithm('sum'):  # (images default to 'dot', tested below)
+        y, g = _grads(lambda x, kh, kw, d: triton_conv.separable_conv2d_cl(x, (kh, kw), pools, d),
+                      [t.float() if t is not None else None for t in tensors], grad_out)
     assert y.dtype == torch.float32 and y.shape == (b, h // pools[0], w // pools[1], c)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
     assert len(g) == len(g_ref) == (4 if skip else 3)
@@ -77,6 +79,7 @@ def test_triton_conv_equals_reference_fp32(b, h, w, c, rank, pools, skip, rows, 
     (1, 16, 16, 4, 1, (2, 4), True),  # the largest side of 16 x 16 tiles, pooled unequally
     (1, 20, 9, 3, 1, (2, 1), True),  # 32 x 32 tiles (one channel per program: 2D products)
     (1, 33, 60, 2, 2, (1, 4), True),  # 64 x 64 tiles, the largest (sides up to 64, stage 1 of ConvNeXt-T)
+    (1, 9, 20, 3, 1, (1, 1), True),  # 32 x 32 tiles unpooled with D: its gradient from the blocks of x's columns
 ])
 def test_dot_algorithm_equals_reference(b, h, w, c, rank, pools, skip):
     """The tensor-core formulation (`fused_algorithm('dot')`: per-channel Toeplitz matrix products, the taps'
@@ -296,6 +299,7 @@ def test_triton_conv3d_equals_reference_fp32(b, t, h, w, c, rank, pools, skip, a
     PyTorch ops): outputs and every gradient against float64; small plane chunks so that the tap gradient sums
     several programs' slices."""
     monkeypatch.setattr(triton_conv, 'AXIS_BLOCK_S', 4)
+    monkeypatch.setattr(triton_conv, 'AXIS_GRAD_CHUNKS', 3)  # chunks of 5 or 6 positions: the last block masked
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, t, h, w, c, generator=gen, dtype=torch.float64)
     kernels = [torch.randn(rank, c, 2 * n - 1, generator=gen, dtype=torch.float64) for n in (t, h, w)]
