@@ -684,7 +684,7 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change(memory_format)
         assert latest_operators(layer) is first  # reused while nothing changed
         check(x12)  # new resolution
         check(x12.expand(3, -1, -1, -1))  # new batch size
-        check(x12, rate=2.0)  # explicit rate
+        check(x12.expand(3, -1, -1, -1), rate=2.0)  # explicit rate (the shape of the call before: only the rate)
         layer.kernels[0].log_dt.add_(0.5)  # in-place parameter update (optimizer step)
         check(x12)
         layer.load_state_dict({k: v + 0.1 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
