@@ -288,3 +288,18 @@ def test_ssm_step_sizes_must_be_real_numbers():
     for bad in (dict(dt_min='a'), dict(dt_max=True), dict(dt_min=0.5, dt_max=0.1)):
         with pytest.raises(ValueError, match='dt_min <= dt_max'):
             SSMKernel(4, **bad)
+
+
+def test_reference_generation_groups_kernels_of_one_length_only_at_one_rate(monkeypatch):
+    """Under export or compilation S4D kernels of one state size and length share one real-arithmetic generation
+    (`_reference_kernels`); the two axes of a square input at rates (1, 2) must not share it, whose rate is one."""
+    from s4nd_vision.layers import ssm_kernel
+    torch.manual_seed(0)
+    kernels = [SSMKernel(3, 8, dt_min=0.05, dt_max=0.5).double() for _ in range(3)]
+    lengths, rates = [7, 7, 7], [1.0, 2.0, 1.0]
+    alone = [k(n, rate=r, dtype=torch.float64) for k, n, r in zip(kernels, lengths, rates)]
+    monkeypatch.setattr(ssm_kernel, 'use_reference', lambda: True)  # (as under torch.compile or torch.export)
+    runs = ssm_kernel.ssm_kernel_runs(kernels, lengths, rates, torch.float64)
+    assert sorted(sorted(members) for members, _ in runs) == [[0, 2], [1]]
+    for got, expected in zip(ssm_kernels(kernels, lengths, rates, torch.float64), alone):
+        torch.testing.assert_close(got, expected)
