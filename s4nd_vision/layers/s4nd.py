@@ -546,7 +546,6 @@ class S4ND(nn.Module):
         return s
 
 
-
 def drop_inference_caches(module: nn.Module) -> None:
     """Free the convolution operators the S4ND layers of `module` keep from inference (`S4ND._cached_operators`,
     up to `CACHED_SHAPES` sizes per layer: 19 MiB per size for convnext_s4nd_tiny at 224 px) once nothing will reuse
@@ -554,6 +553,7 @@ def drop_inference_caches(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, S4ND):
             m._kernel_cache = None
+
 
 def _saved_tensor_hooks() -> Optional[Callable]:
     """The pack hook of the innermost active `torch.autograd.graph.saved_tensors_hooks` context (non-reentrant
