@@ -448,6 +448,10 @@ class Trainer:
                 set_bandlimit(m, stage.bandlimit)
         start = state.step_in_epoch if state.epoch == epoch else 0
         accum = cfg.train.grad_accum_steps
+        # the update starts afresh where a fit() before was interrupted within one (e.g. Ctrl-C in a notebook): its
+        # micro-batches' gradients would add to this one's, and Accelerate would sync on other micro-batches
+        acc.step = state.update * accum
+        model.zero_grad(set_to_none=True)
         loader = self.data.train_batches(epoch, stage.img_size, start * accum, self.updates_per_epoch * accum)
         model.train()
         total_micro = (self.updates_per_epoch - start) * accum
