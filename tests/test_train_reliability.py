@@ -518,6 +518,30 @@ def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, fo
     assert after[1] == rows[1]  # the row the interrupted run never wrote, from the checkpoint
 
 
+def test_a_fit_after_an_interrupted_one_keeps_the_rows_since_the_resume(tmp_path, folder):
+    """A resumed trainer's fit() interrupted (Ctrl-C in a notebook) and called again: the rows of the epochs it
+    completed stay (the checkpoint's rows, which end before them, replaced metrics.csv at the second fit())."""
+    extra = ('train.max_steps_per_epoch=1', 'data.batch_size=2')
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', *extra))).fit()
+    _reset()
+    with pytest.warns(UserWarning, match='train.epochs: 1 -> 4'):
+        trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=4', *extra)), resume=True)
+    train_one_epoch = trainer.train_one_epoch
+
+    def interrupted_at_epoch_2(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(epoch)
+
+    trainer.train_one_epoch = interrupted_at_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1']
+    trainer.train_one_epoch = train_one_epoch
+    trainer.fit()
+    assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1', '2', '3']
+
+
 def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
     root = _write_folder(tmp_path / 'data', n_train=7, n_val=2)
     (tmp_path / 'data' / 'train' / 'vertical' / 'corrupt.png').write_bytes(b'not an image')

@@ -282,6 +282,7 @@ class Trainer:
         self.data.prepare_evaluation()
 
         self.logs_set_aside = False
+        self.fit_started = False  # (a later fit() goes on from this one's metrics rows, not the checkpoint's)
         self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh, say=acc.print)
         if self.resumed_from is not None:
             # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
@@ -561,7 +562,10 @@ class Trainer:
 
     def _fit(self) -> Dict[str, Any]:
         acc, cfg, state = self.accelerator, self.cfg, self.state
-        self.log.begin(state.epoch, self.resumed_from, new_logs=self.logs_set_aside)
+        # the checkpoint's rows at the first fit() only: a fit() after an interrupted one keeps the rows written since
+        self.log.begin(state.epoch, None if self.fit_started else self.resumed_from,
+                       new_logs=self.logs_set_aside and not self.fit_started)
+        self.fit_started = True
         reset_peak_memory(acc.device)
         if state.epoch == cfg.train.epochs:  # (resumed at its completed end: `_check_epochs_left`)
             acc.print(f'--resume: the run is complete ({self.resumed_from} ends epoch {state.epoch - 1}, the last of '
