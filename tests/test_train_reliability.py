@@ -542,6 +542,29 @@ def test_a_fit_after_an_interrupted_one_keeps_the_rows_since_the_resume(tmp_path
     assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1', '2', '3']
 
 
+def test_a_fit_after_one_interrupted_mid_epoch_reports_the_uninterrupted_epoch_row(tmp_path, folder):
+    """Ctrl-C within an epoch, then fit() again: the epoch's row counts the updates before the interrupt too."""
+    extra = ('train.epochs=1', 'data.batch_size=2', 'train.grad_accum_steps=2', 'train.max_steps_per_epoch=3')
+    Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
+    _reset()
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'interrupted', *extra)))
+    loss, calls = trainer.train_loss, []
+
+    def interrupted_in_update_3(logits, target):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return loss(logits, target)
+
+    trainer.train_loss = interrupted_in_update_3
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    trainer.train_loss = loss
+    trainer.fit()
+    expected, row = _rows(tmp_path / 'straight')[0], _rows(tmp_path / 'interrupted')[0]
+    assert float(row['train_loss']) == pytest.approx(float(expected['train_loss']), rel=1e-6)
+
+
 def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
     root = _write_folder(tmp_path / 'data', n_train=7, n_val=2)
     (tmp_path / 'data' / 'train' / 'vertical' / 'corrupt.png').write_bytes(b'not an image')

@@ -283,6 +283,7 @@ class Trainer:
 
         self.logs_set_aside = False
         self.fit_started = False  # (a later fit() goes on from this one's metrics rows, not the checkpoint's)
+        self.epoch_progress = None  # (`train_one_epoch`'s sums at its last update, for a fit() after an interrupt)
         self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh, say=acc.print)
         if self.resumed_from is not None:
             # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
@@ -464,6 +465,10 @@ class Trainer:
         update_loss, update_n = torch.zeros_like(loss_sum), torch.zeros_like(n_finite)  # this update's, until applied
         bad = torch.zeros((), device=acc.device, dtype=torch.bool)  # a non-finite loss in this update
         seen = skipped = nonfinite = 0
+        if start and self.epoch_progress is not None and self.epoch_progress[:2] == (epoch, state.update):
+            # a fit() interrupted within this epoch (e.g. Ctrl-C in a notebook): its sums go on, as a checkpoint's do
+            carried, carried_seconds, loss_sum, n_finite, seen, skipped, nonfinite = self.epoch_progress[2:]
+            loss_sum, n_finite = loss_sum.clone(), n_finite.clone()
         bar = tqdm(total=self.updates_per_epoch, initial=start, desc=f'epoch {epoch} @{stage.img_size}px',
                    disable=not acc.is_local_main_process, dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
@@ -521,6 +526,8 @@ class Trainer:
                         state.nonfinite_in_a_row = 0
                         if self.ema is not None:
                             self.ema.update(unwrapped, step=state.update)
+                    self.epoch_progress = (epoch, state.update, carried, carried_seconds + time.perf_counter() - t0,
+                                           loss_sum.clone(), n_finite.clone(), seen, skipped, nonfinite)
                     bar.update(1)
                     if acc.is_local_main_process:
                         bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{self.optimizer.param_groups[-1]["lr"]:.2e}')
