@@ -14,7 +14,15 @@ from test_train import TINY_MODEL, _overrides, _write_folder
 
 from s4nd_vision.cli import tool_main
 from s4nd_vision.layers import ssm_parameters
-from s4nd_vision.train import ConfigError, RunFolderInUse, Trainer, TrainingDiverged, latest_checkpoint, load_config
+from s4nd_vision.train import (
+    ConfigError,
+    RunFolderInUse,
+    Trainer,
+    TrainingDiverged,
+    checkpoint,
+    latest_checkpoint,
+    load_config,
+)
 
 
 @pytest.fixture(scope='module')
@@ -560,7 +568,11 @@ def test_a_fit_after_one_interrupted_mid_epoch_reports_the_uninterrupted_epoch_r
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     trainer.train_loss = loss
+    held = []  # (the run folder is locked again for the second fit(): the first released it as it ended)
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: held.append(os.path.realpath(tmp_path / 'interrupted') in checkpoint._HELD))
     trainer.fit()
+    assert held and all(held)
     expected, row = _rows(tmp_path / 'straight')[0], _rows(tmp_path / 'interrupted')[0]
     assert float(row['train_loss']) == pytest.approx(float(expected['train_loss']), rel=1e-6)
 

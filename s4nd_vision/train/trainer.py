@@ -561,7 +561,9 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train from the current state to the last epoch; returns the final summary. The run folder is free again
         afterwards, also when training fails (divergence, an interrupt). The trackers are finished; the process group
-        of a multi-process run stays up, for `evaluate` after it: end a script with `accelerator.end_training()`."""
+        of a multi-process run stays up, for `evaluate` after it: end a script with `accelerator.end_training()`.
+        A fit() after an interrupted one (Ctrl-C in a notebook) goes on where it stopped, holding the folder again."""
+        lock_run_folder(self.accelerator, self.out_dir)  # (held since __init__ at the first fit(): a no-op there)
         try:
             return self._fit()
         finally:
