@@ -956,6 +956,14 @@ def test_separable_conv_refuses_kernels_that_do_not_fit():
         ops.separable_conv(u, [k_h, k_w], pools=(1, 8))
     with pytest.raises(ValueError, match=r'proj weight must be \(C, 8\)'):
         ops.separable_conv(u, [torch.randn(1, 16, 7), torch.randn(1, 16, 11)], proj=(torch.randn(16, 3), None))
+    # a dtype other than u's (kernels from `S4ND.axis_kernels`, float32 by default, for a float64 u) is named too,
+    # not a RuntimeError from inside a GEMM
+    with pytest.raises(ValueError, match=r'kernels\[0\] must have the dtype of u \(torch.float64\), got torch.float32'):
+        ops.separable_conv(u.double(), [k_h, k_w.double()])
+    with pytest.raises(ValueError, match=r'skip must have the dtype of u \(torch.float32\), got torch.float64'):
+        ops.separable_conv(u, [k_h, k_w], skip=torch.randn(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r'proj bias must have the dtype of u'):
+        ops.separable_conv(u, [k_h, k_w], proj=(torch.randn(8, 8), torch.randn(8, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize('make', [

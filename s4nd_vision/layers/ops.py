@@ -776,7 +776,8 @@ def _projection_params_backward(x, grad, skip, weight, bias, operators, kept, po
 
 
 def _check_conv_args(u: torch.Tensor, kernels: Sequence[torch.Tensor], pools: Sequence[int],
-                     skip: Optional[torch.Tensor], weight: Optional[torch.Tensor]) -> None:
+                     skip: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor] = None) -> None:
     """Raise ValueError unless `separable_conv`'s arguments fit a channel-major u (C_in, S_1, ..., B, S_N)."""
     dims = _spatial_dims(u)
     if len(kernels) != len(dims) or len(pools) != len(dims):
@@ -795,6 +796,13 @@ def _check_conv_args(u: torch.Tensor, kernels: Sequence[torch.Tensor], pools: Se
         raise ValueError(f'proj weight must be (C, {u.shape[0]}), got {tuple(weight.shape)}')
     if any(not 1 <= p <= u.shape[dim] for p, dim in zip(pools, dims)):
         raise ValueError(f'pools must be between 1 and the axis lengths, got {tuple(pools)}')
+    # (one dtype for all: the GEMMs and FFTs do not promote, and their own error names no argument; e.g. kernels
+    # from `S4ND.axis_kernels`, float32 by default, for a float64 u)
+    named = [(f'kernels[{a}]', k) for a, k in enumerate(kernels)] + [('skip', skip), ('proj weight', weight),
+                                                                         ('proj bias', bias)]
+    for name, t in named:
+        if t is not None and t.dtype != u.dtype:
+            raise ValueError(f'{name} must have the dtype of u ({u.dtype}), got {t.dtype}')
 
 
 def separable_conv(
@@ -807,7 +815,7 @@ def separable_conv(
     """Depthwise N-D convolution with a sum of separable (outer product) kernels, optionally average-pooled.
 
     Args:
-        u: channel-major input (see `channel_major`), N spatial axes.
+        u: channel-major input (see `channel_major`), N spatial axes; kernels, skip and proj in its dtype.
         kernels: per axis, (R, C, 2n - 1) two-sided kernels of R rank-1 terms.
         pools: per axis, average pooling window (and stride) applied to the result; None = no pooling.
         skip: optional (C,) weights of a skip term skip * pool(u) added to the result (S4ND's D).
@@ -820,7 +828,7 @@ def separable_conv(
     """
     pools = tuple(pools or (1,) * len(kernels))
     weight, bias = proj if proj is not None else (None, None)
-    _check_conv_args(u, kernels, pools, skip, weight)
+    _check_conv_args(u, kernels, pools, skip, weight, bias)
     if use_reference():  # export / compilation: shape-generic real ops (see `reference`)
         u = u if weight is None else project(u, weight, bias)
         return separable_conv_reference(u, kernels, _spatial_dims(u), pools, skip)
