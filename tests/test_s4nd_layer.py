@@ -966,6 +966,18 @@ def test_separable_conv_refuses_kernels_that_do_not_fit():
         ops.separable_conv(u, [k_h, k_w], proj=(torch.randn(8, 8), torch.randn(8, dtype=torch.float64)))
 
 
+def test_avg_pool_axes_pools_every_axis_or_refuses():
+    """The exported `avg_pool_axes` pools each spatial axis like AvgPool, and a `pools` of another length or a pool
+    below 1 is an error naming it: a short one left the last axes unpooled (a result of another shape), a 0 divided
+    by zero."""
+    x = torch.randn(2, 3, 7, 9)
+    u = ops.channel_major(x)
+    torch.testing.assert_close(ops.channels_first(ops.avg_pool_axes(u, (2, 3))), F.avg_pool2d(x, (2, 3)))
+    for pools in ((2,), (2, 2, 2), (0, 1), (2.0, 1)):
+        with pytest.raises(ValueError, match=r'pools must hold one positive integer per spatial axis of u \(2 '):
+            ops.avg_pool_axes(u, pools)
+
+
 @pytest.mark.parametrize('make', [
     lambda: torch.randn(3, 8, 7, 5).to(memory_format=torch.channels_last),
     lambda: torch.randn(2, 8, 3, 7, 5).to(memory_format=torch.channels_last_3d),

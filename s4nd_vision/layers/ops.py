@@ -8,6 +8,7 @@ FFT (N log N), chosen per axis by `choose_algorithm`.
 import contextlib
 import functools
 import math
+import numbers
 import threading
 from contextvars import ContextVar
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -337,8 +338,15 @@ def _spatial_dims(u: torch.Tensor) -> List[int]:
 
 
 def avg_pool_axes(u: torch.Tensor, pools: Sequence[int]) -> torch.Tensor:
-    """Average pooling of a channel-major tensor by pools[a] along spatial axis a."""
-    for dim, pool in zip(_spatial_dims(u), pools):
+    """Average pooling of a channel-major tensor by pools[a] along spatial axis a (window = stride, remainder
+    dropped, like AvgPool)."""
+    dims = _spatial_dims(u)
+    # (zip would leave the axes after a short `pools` unpooled, silently; a pool of 0 divided by zero)
+    if len(pools) != len(dims) or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1
+                                      for p in pools):
+        raise ValueError(f'pools must hold one positive integer per spatial axis of u ({len(dims)} for a '
+                         f'channel-major u of shape {tuple(u.shape)}), got {tuple(pools)}')
+    for dim, pool in zip(dims, pools):
         u = _avg_pool_axis(u, dim, pool)
     return u
 
