@@ -1196,3 +1196,15 @@ def test_a_compiled_layer_takes_kernels_prepared_eagerly_in_any_thread_without_r
     thread.start()
     thread.join()
     assert len(graphs) == 2
+
+
+@pytest.mark.parametrize('kwargs', [dict(pool=np.int64(2)), dict(l_max=np.int64(3), l_ref=8)], ids=['pool', 'l_max'])
+def test_numpy_integer_sizes_compile(kwargs):
+    """NumPy integers pass the constructor's checks; kept as they were, sizes divided by them under torch.compile
+    became NumPy arrays (pool: torch.arange refused them; l_max: a fake-tensor error). They are stored as ints."""
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=8, **kwargs)
+    assert all(type(v) is int for v in layer.pool + (layer.l_max or ()) + (layer.l_ref or ()))
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(layer, backend='eager', dynamic=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)

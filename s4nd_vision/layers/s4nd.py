@@ -215,6 +215,10 @@ class S4ND(nn.Module):
         self.pool = _per_axis(pool, ndim, 'pool')
         if any(not is_int(p) or p < 1 for p in self.pool):
             raise ValueError(f'pool must hold positive integers, got {pool}')
+        # (as Python ints: NumPy integers pass the checks, but sizes divided by them under torch.compile or
+        # torch.export became NumPy arrays, which torch.arange refuses)
+        self.pool = tuple(int(p) for p in self.pool)
+        self.l_max = None if self.l_max is None else tuple(int(v) for v in self.l_max)
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f'dtype must be a real floating-point dtype (or None), got {dtype}')
         self.kernel = kernel
@@ -282,6 +286,7 @@ class S4ND(nn.Module):
             l_ref = _per_axis(l_ref, self.ndim, 'l_ref')
             if any(not is_int(v) or v < 1 for v in l_ref):
                 raise ValueError(f'l_ref must hold positive integers, got {l_ref}')
+            l_ref = tuple(int(v) for v in l_ref)  # (Python ints, as `pool`)
         self.l_ref = l_ref
 
     # The reference grid is saved with the weights, as `l_ref` (int64, zeros for None): it fixes the kernels'
