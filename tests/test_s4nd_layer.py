@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.nn.utils.prune as prune
 from stacking import latest_operators
 
 from s4nd_vision.layers import S4ND, SSMKernel, dispatch, ops, s4nd, ssm_init_imag, ssm_kernel
@@ -725,20 +724,6 @@ def test_kernel_cache_keeps_the_last_few_input_shapes_whatever_the_batch(memory_
         assert run(12) is twelve and run(8) is not first
         layer.kernels[0].log_dt.add_(0.25)  # (run compares with a fresh copy: kernels of the new values)
         assert run(8) is not first and run(12) is not twelve and len(layer._kernel_cache[1]) == 2
-
-
-@pytest.mark.parametrize('hook', ['prune', 'forward_hook'])
-def test_hooks_on_s4d_kernel_modules_are_refused_not_ignored(hook):
-    """S4ND reads its S4D kernel modules' parameters without calling them: pruning a kernel parameter (a forward
-    pre-hook that sets it from `_orig` and the mask) was silently ignored, the output that of the stale values."""
-    layer = S4ND(4, ndim=2, d_state=8, l_ref=8)
-    if hook == 'prune':
-        prune.random_unstructured(layer.kernels[0], 'c', amount=0.5)
-    else:
-        layer.kernels[1].register_forward_hook(lambda module, args, out: None)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match='has forward hooks, but S4ND generates'):
-            layer(torch.randn(1, 4, 8, 8))
 
 
 def _momentum_update(layer, other):

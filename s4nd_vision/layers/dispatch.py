@@ -246,15 +246,6 @@ def generate_two_sided(
     direction come from one fused launch and one gather (`triton_kernels.two_sided_kernels_fused`); elsewhere
     (the CPU, export) from `ssm_kernel.ssm_kernel_runs` (on the CPU one call for the entries that share d_state and
     num_kernels), made two-sided a run at a time."""
-    for k in kernels:
-        if isinstance(k, SSMKernel) and (k._forward_pre_hooks or k._forward_hooks):
-            # (torch.nn.utils.prune, weight_norm and spectral_norm set the parameter in a forward pre-hook)
-            raise RuntimeError(
-                'an S4D kernel module (SSMKernel) of an S4ND layer has forward hooks, but S4ND generates the '
-                'kernels of all its S4D modules together without calling them, so the hooks would never run '
-                '(torch.nn.utils.prune, weight_norm and spectral_norm work by such hooks: their changes would be '
-                'ignored); use torch.nn.utils.parametrize (or parametrizations.weight_norm) on the kernel '
-                'parameters, or hook the S4ND layer')
     if not kernels or not fused_generation(next(kernels[0].parameters()).device, dtype):
         return _two_sided_runs(kernels, ssm_kernel_runs(kernels, lengths, rates, dtype), sizes, bidirectional)
     from .triton_kernels import two_sided_kernels_fused
