@@ -1075,6 +1075,29 @@ def test_functional_call_takes_a_state_dict_without_records():
         functional_call(layer, other.state_dict(), (x,))
 
 
+def test_forward_pre_hooks_of_s4d_kernels_run():
+    """torch.nn.utils.prune recomputes a pruned parameter in a forward pre-hook of its module: S4D kernel modules,
+    whose parameters generation reads stacked with other kernels', are called instead, so the hook runs (it did
+    not: the kernels used the `c` of when pruning began, silently in eval; training raised on its second backward)."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    layer, plain = S4ND(4, ndim=2, d_state=8, l_ref=8), S4ND(4, ndim=2, d_state=8, l_ref=8)
+    prune.random_unstructured(layer.kernels[0], 'c', amount=0.5)
+    x = torch.randn(2, 4, 8, 8)
+    for _ in range(2):  # training steps: the pruned weight trains
+        layer.zero_grad()
+        layer(x).square().mean().backward()
+        with torch.no_grad():
+            layer.kernels[0].c_orig.sub_(0.5 * layer.kernels[0].c_orig.grad)
+    plain.load_state_dict(layer.state_dict(), strict=False)  # (the state dict holds c_orig, c_mask: c is missing)
+    with torch.no_grad():
+        plain.kernels[0].c.copy_(layer.kernels[0].c_orig * layer.kernels[0].c_mask)
+        plain.kernels[1].load_state_dict(layer.kernels[1].state_dict())
+        for mode in (layer.eval, layer.train):
+            mode()
+            torch.testing.assert_close(layer(x), plain.eval()(x))
+
+
 def test_a_write_while_the_cache_is_built_is_seen_by_the_next_call():
     """Parameters written while inference generates the cached kernels (an EMA update or a weight reload from
     another thread) must not leave kernels of the old values cached under the new ones."""

@@ -41,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, channel_major_memory, forced_algorithm, two_sided_kernel
 from .reference import use_reference
-from .ssm_kernel import SSMKernel, ssm_kernel_runs, ssm_kernels
+from .ssm_kernel import read_directly, ssm_kernel_runs, ssm_kernels
 
 __all__ = [
     'PATHS', 'channel_major_input', 'conv_path', 'depthwise_max_side', 'force_path', 'generate_two_sided',
@@ -251,7 +251,7 @@ def generate_two_sided(
     from .triton_kernels import two_sided_kernels_fused
     groups: Dict[Optional[tuple], List[int]] = {}
     for i, k in enumerate(kernels):
-        key = (k.d_state, k.num_kernels, bool(bidirectional[i])) if isinstance(k, SSMKernel) else None
+        key = (k.d_state, k.num_kernels, bool(bidirectional[i])) if read_directly(k) else None
         groups.setdefault(key, []).append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
     for key, members in groups.items():

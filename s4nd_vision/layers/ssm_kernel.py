@@ -487,7 +487,7 @@ class SSMKernel(_DiagonalSSM):
             (num_kernels, dim, length) real tensor of `dtype` (float32 or float64).
         """
         check_generation(length, rate, dtype)
-        return ssm_kernels([self], [length], [rate], dtype)[0]
+        return ssm_kernels([self], [length], [rate], dtype, called=True)[0]
 
 
 def mode_masks(kernels: Sequence[_DiagonalSSM]) -> Optional[torch.Tensor]:
@@ -510,24 +510,33 @@ def mode_masks(kernels: Sequence[_DiagonalSSM]) -> Optional[torch.Tensor]:
         return freq < half
 
 
+def read_directly(kernel: nn.Module) -> bool:
+    """Whether generation may read `kernel`'s parameters as they are, stacked with other S4D kernels': an
+    `SSMKernel` without forward pre-hooks. Those (torch.nn.utils.prune, the deprecated weight_norm and
+    spectral_norm) recompute a parameter before each call of the module, so such a kernel is called instead."""
+    return isinstance(kernel, SSMKernel) and not kernel._forward_pre_hooks
+
+
 @generation_without_autocast
 def ssm_kernel_runs(
         kernels: Sequence[nn.Module],
         lengths: Sequence[int],
         rates: Sequence[float],
         dtype: torch.dtype = torch.float32,
+        called: bool = False,
 ) -> List[Tuple[List[int], torch.Tensor]]:
     """The kernels of `ssm_kernels` as they are made: runs of entries of one length, each run's indices into
     `kernels` and its kernels stacked along channels in that order, (num_kernels, sum of their dims, length), so
     that the steps after generation can act on a run at once. The S4D kernels that share state size and kernel
     count come from one generation call (`_SSMKernelFn`, whatever their lengths); in a captured graph (export,
     compilation) those that also share length and rate come from one reference call (`_reference_kernels`);
-    other kernel generators (`S4Kernel`, `SGConvKernel`) and tracing give runs of one."""
+    other kernel generators (`S4Kernel`, `SGConvKernel`), S4D kernels with forward pre-hooks (`read_directly`; not
+    when `called` from their own forward, after the hooks) and tracing give runs of one."""
     if not len(kernels) == len(lengths) == len(rates):
         raise ValueError(f'kernels, lengths and rates need one entry per kernel, got {len(kernels)}, {len(lengths)} '
                          f'and {len(rates)}')
     if use_reference():  # export / compilation: real arithmetic
-        return _reference_kernels(kernels, lengths, rates, dtype)
+        return _reference_kernels(kernels, lengths, rates, dtype, called)
     for length, rate in zip(lengths, rates):  # (as each kernel module's forward checks them)
         check_generation(length, rate, dtype)
     if torch.jit.is_tracing() and len(kernels) > 1:  # FLOP counting: each kernel in its own module's scope
@@ -536,7 +545,7 @@ def ssm_kernel_runs(
     groups: Dict[tuple, List[int]] = {}
     out: List[Tuple[List[int], torch.Tensor]] = []
     for i, (kernel, length) in enumerate(zip(kernels, lengths)):
-        if isinstance(kernel, SSMKernel):
+        if called or read_directly(kernel):
             groups.setdefault((kernel.d_state, kernel.num_kernels), []).append(i)
         else:
             out.append(([i], kernel(length, rate=rates[i], dtype=dtype)))
@@ -567,6 +576,7 @@ def ssm_kernels(
         lengths: Sequence[int],
         rates: Sequence[float],
         dtype: torch.dtype = torch.float32,
+        called: bool = False,
 ) -> List[torch.Tensor]:
     """`kernels[i](lengths[i], rates[i], dtype)` for every i, with one generation call for all S4D kernels that
     share state size and kernel count (their channels are stacked, `ssm_kernel_runs`): at the sizes of vision
@@ -577,7 +587,7 @@ def ssm_kernels(
         per kernel, a (num_kernels, dim, length) real tensor of `dtype`.
     """
     out: List[Optional[torch.Tensor]] = [None] * len(kernels)
-    for members, stacked in ssm_kernel_runs(kernels, lengths, rates, dtype):
+    for members, stacked in ssm_kernel_runs(kernels, lengths, rates, dtype, called):
         parts = stacked.split([kernels[i].dim for i in members], dim=1) if len(members) > 1 else [stacked]
         for i, k in zip(members, parts):
             out[i] = k
@@ -589,6 +599,7 @@ def _reference_kernels(
         lengths: Sequence,
         rates: Sequence,
         dtype: torch.dtype,
+        called: bool = False,
 ) -> List[Tuple[List[int], torch.Tensor]]:
     """`ssm_kernel_runs` in the reference formulation (`reference.ssm_kernel_reference`), for graph capture: the S4D
     kernels that share d_state, num_kernels, length and rate come from one call, their channels stacked, so that
@@ -598,7 +609,7 @@ def _reference_kernels(
     groups: List[List[int]] = []
     out: List[Tuple[List[int], torch.Tensor]] = []
     for i, kernel in enumerate(kernels):
-        if not isinstance(kernel, SSMKernel):
+        if not (called or read_directly(kernel)):
             out.append(([i], kernel(lengths[i], rate=rates[i], dtype=dtype)))
             continue
         for members in groups:
