@@ -139,6 +139,9 @@ def test_a_failed_check_fails_the_run():
     assert checks.ok
     checks.add('far', {'y': 0.5, 'dx': 1e-6}, 1e-4)
     assert not checks.ok and [c['ok'] for c in checks.rows] == [True, False]
+    checks = gpu_check._Checks()
+    checks.add('just over the limit', {'y': 1e-6, 'dx': 2e-4}, 1e-4)  # (one column off by 2x fails the check)
+    assert not checks.ok
     with pytest.raises(ValueError, match='sections'):
         gpu_check.run_checks(['speed'], gpu_check.TINY, 'cpu')
 
@@ -456,3 +459,52 @@ def test_correctness_launches_the_kernel_configurations_of_the_models(monkeypatc
                     layer(x).float().sum().backward()
     launched = configurations(models)
     assert len(launched) == 36 and launched <= checked, sorted(launched - checked)
+
+
+def test_correctness_checks_catch_a_wrong_result(monkeypatch):
+    """A correctness check that passes on the CPU must still be able to fail: with the Triton convolution's input
+    scaled by 1 + 1e-3 (its output and every gradient off by about 1e-3) each float32 conv check fails on the output
+    and on every gradient; with the fused generation's kernels off by 1e-2, and the layer's convolution by 10%, their
+    checks fail on every column; with the layer's recomputation under checkpointing off, the checkpointed check fails
+    on the parameters' gradients (dx does not depend on the input the backward recomputes). A check comparing a result
+    with itself or with the wrong tensor, or with a limit loosened 10x, would pass."""
+    import dataclasses
+    import itertools
+
+    from s4nd_vision.layers import triton_conv, triton_kernels
+    plan = dataclasses.replace(gpu_check.TINY, conv_cases=gpu_check.TINY.conv_cases[1:])  # (r2, pooled: 2D and 3D)
+
+    def scaled(fn, scale, calls=None):
+        def run(x, *args, **kwargs):
+            count = next(calls) if calls is not None else 0
+            return fn(x * (scale if count >= 2 else 1.0) if calls is not None else x * scale, *args, **kwargs)
+        return run
+
+    def rows(check, **patches) -> list:
+        with monkeypatch.context() as m:
+            for module, name, fn in patches.values():
+                m.setattr(module, name, fn)
+            checks = gpu_check._Checks()
+            check(plan, torch.device('cpu'), checks)
+        return checks.rows
+
+    conv2d, conv3d = triton_conv.separable_conv2d_cl, triton_conv.separable_conv3d_cl
+    off = dict(a=(triton_conv, 'separable_conv2d_cl', scaled(conv2d, 1 + 1e-3)),
+               b=(triton_conv, 'separable_conv3d_cl', scaled(conv3d, 1 + 1e-3)))
+    fp32 = [r for r in rows(gpu_check.check_conv, **off) if 'float32' in r['check']]
+    assert len(fp32) == len(plan.conv_cases) + len(plan.conv3d_cases)
+    assert all(1e-4 < e < 1e-2 for r in fp32 for e in r['errors'].values()), fp32  # (y, dx, each dk, dD)
+    assert not any(r['ok'] for r in fp32)  # (a limit loosened to 1e-2 would pass them)
+
+    fused = triton_kernels.ssm_kernels_fused
+    generation = rows(gpu_check.check_generation, a=(triton_kernels, 'ssm_kernels_fused',
+                                                     lambda *a: [k * 1.01 for k in fused(*a)]))
+    assert all(1e-3 < e < 1e-1 for e in generation[0]['errors'].values()) and not generation[0]['ok'], generation
+
+    layer = rows(gpu_check.check_layer, a=(triton_conv, 'separable_conv2d_cl', scaled(conv2d, 1.1)))
+    assert len(layer) == 2 and all(e > r['limit'] for r in layer for e in r['errors'].values()), layer
+
+    # the layer, the checkpointed layer's forward, then its recomputation: only that one is off
+    checkpointed = rows(gpu_check.check_checkpointed,
+                        a=(triton_conv, 'separable_conv2d_cl', scaled(conv2d, 1.1, itertools.count())))
+    assert checkpointed[0]['errors']['dparams'] > 1e-4 and not checkpointed[0]['ok'], checkpointed
