@@ -508,3 +508,21 @@ def test_correctness_checks_catch_a_wrong_result(monkeypatch):
     checkpointed = rows(gpu_check.check_checkpointed,
                         a=(triton_conv, 'separable_conv2d_cl', scaled(conv2d, 1.1, itertools.count())))
     assert checkpointed[0]['errors']['dparams'] > 1e-4 and not checkpointed[0]['ok'], checkpointed
+
+
+def test_layer_rows_time_each_column_on_its_own_path_and_divide_by_the_conv(monkeypatch):
+    """The layer rows decide the dispatch's paths and algorithms: each column must time S4ND on the path and algorithm
+    it names, and its ratio be its time over the depthwise conv's (a swapped or inverted column would pick the slower
+    side). Timed here by a stand-in that knows what each column ran."""
+    from s4nd_vision.layers import triton_conv
+    ms = {('Conv2d', None, None): 2.0, ('S4ND', 'triton', None): 1.0, ('S4ND', 'triton', 'sum'): 3.0,
+          ('S4ND', 'triton', 'dot'): 0.5, ('S4ND', 'fast', None): 4.0}
+    monkeypatch.setattr(gpu_check, '_fwd_bwd', lambda module, x, amp, path=None: lambda: (
+        type(module).__name__, path, triton_conv._ALGORITHM.get()))
+    monkeypatch.setattr(gpu_check, 'time_ms', lambda fns, *a, **k: {name: ms[fn()] for name, fn in fns.items()})
+    s4nd, conv, x = gpu_check.S4ND(4, ndim=2, l_ref=5), torch.nn.Conv2d(4, 4, 7, padding=3, groups=4), torch.zeros(1)
+    row = gpu_check._bench_layer('case', s4nd, conv, x, True, 1)
+    assert row == dict(case='case', dwconv_ms=2.0, triton_ms=1.0, fast_ms=4.0, triton_ratio=0.5, fast_ratio=2.0,
+                       path='per column')
+    row = gpu_check._bench_layer('case', s4nd, conv, x, True, 1, 'algorithms')
+    assert {k: v for k, v in row.items() if k.endswith('ratio')} == dict(sum_ratio=1.5, dot_ratio=0.25, fast_ratio=2.0)
