@@ -284,3 +284,21 @@ def test_commit_is_the_packages_own_checkout_and_the_version_is_recorded(tmp_pat
     assert _commit(root=str(site)) is None
     assert _commit(root=str(tmp_path)) == project  # (the repository's own top level)
     assert environment(torch.device('cpu'), commit='abc1234')['s4nd_vision'] == s4nd_vision.__version__
+
+
+def test_ratios_divide_each_candidates_own_numbers_s4nd_over_the_baseline(monkeypatch):
+    """Each ratio is S4ND's number over its baseline's, each timed on its own candidate (a swapped or inverted one
+    reads a slower S4ND as faster): timed here by a stand-in that knows what ran, memory as measured."""
+    from s4nd_vision.bench import benchmark
+    ms = {'Conv2d': 2.0, 'S4ND': 3.0, ('s4nd', 'step'): 3.0, ('baseline', 'step'): 2.0, ('s4nd', 'infer'): 1.0,
+          ('baseline', 'infer'): 4.0}
+    monkeypatch.setattr(benchmark, '_fwd_bwd', lambda module, x: lambda: type(module).__name__)
+    monkeypatch.setattr(benchmark, 'time_ms', lambda fns, *a, **k: {
+        name: ms[fn()] if fn.__name__ == '<lambda>' else ms[name, fn.__name__] for name, fn in fns.items()})
+    (row,) = bench_layers(batch_size=1, stages=((8, 7),), repeats=1)
+    assert (row['baseline_ms'], row['s4nd_ms'], row['time_ratio']) == (2.0, 3.0, 1.5)
+    assert row['mem_ratio'] == row['s4nd_mb'] / row['baseline_mb'] and row['s4nd_mb'] != row['baseline_mb']
+    (row,) = bench_models(pairs=[('convnext_s4nd_atto', {}, 'convnext_atto')], img_size=32, batch_size=1, repeats=1)
+    assert (row['s4nd_train_ms'], row['baseline_train_ms'], row['train_ratio']) == (3.0, 2.0, 1.5)
+    assert (row['s4nd_infer_ms'], row['baseline_infer_ms'], row['infer_ratio']) == (1.0, 4.0, 0.25)
+    assert row['train_mem_ratio'] == row['s4nd_train_mb'] / row['baseline_train_mb']
