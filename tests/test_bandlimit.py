@@ -251,26 +251,36 @@ def test_masked_modes_get_zero_gradient_in_a_model():
 def test_kernel_report_measures_the_mask():
     torch.manual_seed(0)
     model = timm.create_model('convnext_s4nd_atto', img_size=64, num_classes=3, in_chans=1, bandlimit=0,
-                              depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=16)
+                              depths=(1, 1, 1, 1), dims=(8, 16, 8, 8), stem_chs=4, d_state=16)  # (blocks of 2 widths)
     rows = kernel_report(model, bandlimit=1.0, progress=False)
     # stem at 64, stage blocks at 16/8/4/2, downsampling at the previous stage's grid; two axes each
     assert [(r['kind'], r['grid']) for r in rows[::2]] == [
         ('stem', 64), ('block', 16), ('downsample', 16), ('block', 8), ('downsample', 8), ('block', 4),
         ('downsample', 4), ('block', 2)]
+    by_kind = {}  # kind -> (modes masked, modes, energy kept) per layer and axis
     for r in rows:
         layer = model.get_submodule(r['layer'])
         kernel = layer.kernels[r['axis']]
-        assert r['masked'] == pytest.approx(1 - _expected_mask(kernel, 1.0).double().mean().item())
+        mask = _expected_mask(kernel, 1.0)
+        assert r['masked'] == pytest.approx(1 - mask.double().mean().item())
         full = kernel(r['grid'], dtype=torch.float64)
-        kept = _kept_only(kernel, _expected_mask(kernel, 1.0))(r['grid'], dtype=torch.float64)
+        kept = _kept_only(kernel, mask)(r['grid'], dtype=torch.float64)
         assert r['energy_kept'] == pytest.approx((kept.square().sum() / full.square().sum()).item(), rel=1e-6)
         assert r['energy_kept'] > 0  # (can exceed 1: removed modes may have cancelled kept ones)
+        per_channel = kept.square().sum(dim=(0, 2)) / full.square().sum(dim=(0, 2))
+        assert r['energy_kept_median'] == pytest.approx(per_channel.median().item(), rel=1e-6)
+        by_kind.setdefault(r['kind'], []).append((int((~mask).sum()), mask.numel(), r['energy_kept']))
     assert kernel_bandlimit(model.stem[1].kernels[0]) is None  # measured, not changed
     off = kernel_report(model, progress=False)  # the model's own cut-off: none
     assert all(r['masked'] == 0 and r['energy_kept'] == 1 and r['bandlimit'] is None for r in off)
     summary = summarize(rows)
     assert [s['kind'] for s in summary] == ['stem', 'downsample', 'block']
     assert summary[2]['grids'] == [16, 8, 4, 2]
+    for s in summary:  # the fraction of all the kind's modes (layers of other widths), the mean and lowest energy
+        masked, modes, energies = zip(*by_kind[s['kind']])
+        assert s['masked'] == pytest.approx(sum(masked) / sum(modes))
+        assert s['energy_kept'] == pytest.approx(sum(energies) / len(energies))
+        assert s['energy_kept_min'] == min(energies)
     assert '| stem.1 | stem | 0 | 64 | 1 |' in format_report(rows) and '| block | 4 |' in format_summary(summary)
 
 
