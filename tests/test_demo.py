@@ -75,6 +75,15 @@ def test_demo_rejects_unknown_setting(tmp_path):
         run_demo('resnet', out_dir=str(tmp_path))
 
 
+def test_retention_is_relative_to_the_training_resolution():
+    """The demo's 'keeps X% at R px' line: per model, each resolution's top-1 over that of the training resolution
+    (the lowest; rows in any order); a model with no top-1 there keeps 0."""
+    rows = [dict(model='s4nd', resolution=r, top1=t) for r, t in ((28, 45.0), (14, 90.0), (42, 30.0))]
+    rows += [dict(model='conv', resolution=r, top1=t) for r, t in ((14, 0.0), (28, 10.0))]
+    assert retention(rows, 's4nd') == {14: 1.0, 28: 0.5, 42: pytest.approx(1 / 3)}
+    assert retention(rows, 'conv') == {14: 0.0, 28: 0.0}
+
+
 def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
     """The ConvNeXt demo passes no model arguments (a layer scale of 1.0 in its config once kept S4D-Lin and
     band-limited S4D-LegS at chance): ConvNeXt-S4ND trains with its own defaults, band-limit 1.0 included,
