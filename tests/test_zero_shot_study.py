@@ -180,6 +180,9 @@ def test_resumable_csv_table_and_plot(tmp_path, monkeypatch):
         run_study(runs, out_dir=str(tmp_path), overrides=['data.batch_size=32', 'train.seed=3'])
     # nor do runs trained with other shared settings (they would be averaged with these: refused, nothing trained)
     for changed, message in ((dict(epochs=5), 'epochs=None, not epochs=5'),
+                             (dict(max_steps_per_epoch=3), 'max_steps_per_epoch=None, not max_steps_per_epoch=3'),
+                             (dict(progressive_sizes=(48, 64)),
+                              'progressive_sizes=\\[32, 48, 64\\], not progressive_sizes=\\[48, 64\\]'),
                              (dict(overrides=['data.batch_size=32']),
                               "overrides=\\[\\], not overrides=\\['data.batch_size=32'\\]")):
         with pytest.raises(ValueError, match=f'holds runs trained with {message}: continue that study'):
