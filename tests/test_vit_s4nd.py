@@ -74,6 +74,21 @@ def test_2d_layout_uses_the_grid_1d_layout_only_the_raster_order():
 
 
 @pytest.mark.parametrize('mode', MODES)
+def test_block_is_pre_norm_with_both_residuals(mode):
+    """A block adds its mixer's and its MLP's outputs to the token stream (pre-norm ViT): x + mixer(norm1(x)), then
+    the same with the MLP; neither branch replaces the stream. The '2d' mixer's S4ND layer sees the token grid as
+    (B, C, Hp, Wp), not transposed."""
+    block = _atto(token_layout=mode).blocks[0].eval()
+    x = torch.randn(2, 4, 3, block.norm1.normalized_shape[0])  # (B, Hp, Wp, C)
+    seen = []  # the S4ND layer's input: the (Hp, Wp) grid, channels first, or the raster sequence
+    block.mixer.s4nd.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        mixed = x + block.mixer(block.norm1(x))
+        torch.testing.assert_close(block(x), mixed + block.mlp(block.norm2(mixed)))
+    assert seen[0] == ((2, x.shape[-1], 4, 3) if mode == '2d' else (2, x.shape[-1], 12))
+
+
+@pytest.mark.parametrize('mode', MODES)
 def test_set_input_size_sets_the_patch_grid_and_keeps_the_reference_grids(mode):
     """(Function preservation: tests/test_input_size.py.)"""
     trained_64 = _atto(token_layout=mode, img_size=64).eval()
