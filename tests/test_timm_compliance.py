@@ -142,8 +142,10 @@ def test_reset_classifier_refuses_a_class_count_that_is_not_a_non_negative_integ
         with pytest.raises(AssertionError, match='Pooling that changes the pooled width'):
             model.reset_classifier(7, 'catavgmax')
         assert model.num_classes == 3 and model.get_classifier().out_features == 3
+    model.reset_classifier(5)  # a valid count: the model states it as timm's models do (train scripts read it)
+    assert model.num_classes == 5 and model.get_classifier().out_features == 5
     model.reset_classifier(0)
-    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), torch.nn.Identity)
 
 
 @pytest.mark.parametrize('entry', [e for e in COMPLIANCE_MODELS if not e[0].startswith('s4nd_seq')], ids=_ids)
