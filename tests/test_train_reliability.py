@@ -320,12 +320,17 @@ def test_resume_applies_the_changed_hyperparameters(tmp_path, folder):
 
 
 def test_fp16_is_refused_where_accelerate_would_train_in_float32(tmp_path, folder):
-    """Accelerate runs fp16 autocast and its GradScaler on GPUs only: on the CPU the run would silently be float32."""
+    """Accelerate runs fp16 autocast and its GradScaler on GPUs only: on the CPU the run would silently be float32.
+    The refused run leaves the process as it found it: the corrected run in it (a notebook's) is not refused as
+    one after an fp16 run."""
     _reset()
     with pytest.raises(ConfigError, match=r'train.mixed_precision .* is fp16, which runs on GPUs only: on cpu '
                                           r'Accelerate would train in float32; use bf16 or no'):
         Trainer(load_config(None, _overrides(folder, tmp_path, 'train.mixed_precision=fp16')))
-    _reset()
+    for value in ('null', 'bf16'):
+        assert Trainer(load_config(None, _overrides(folder, tmp_path / value, f'train.mixed_precision={value}'))
+                       ).accelerator.mixed_precision == ('no' if value == 'null' else value)
+        _reset()
 
 
 def test_a_later_run_in_the_same_process_does_not_inherit_its_mixed_precision(tmp_path, folder):

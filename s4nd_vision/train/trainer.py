@@ -29,7 +29,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, parse_choice_from_env, set_seed
 from timm.data import Mixup
@@ -118,6 +118,18 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, resume=False, allow_fresh: bool = False):
+        fresh = not AcceleratorState._shared_state  # (no Accelerator in this process yet: this run sets its state)
+        try:
+            self._start(cfg, resume, allow_fresh)
+        except BaseException:
+            if fresh:  # a run that fails to start (a ConfigError) leaves the process as it was: the next Trainer in
+                # it (e.g. a notebook's, with the config corrected) may take another precision, as a new process can
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
+            raise
+
+    def _start(self, cfg: Config, resume, allow_fresh: bool) -> None:
+        """The Accelerator, the checks of the launch, the run folder, then the run (`_build`)."""
         self.cfg = cfg
         tc = cfg.train
         # null: the launcher's (accelerate launch --mixed_precision), resolved as Accelerate resolves it in a fresh
