@@ -389,4 +389,5 @@ def test_mnist_refuses_image_augmentation_it_would_ignore(tmp_path):
     with pytest.raises(ConfigError, match=r'data.crop_pct must be null or 1.0 for data.dataset mnist'):
         load_config(None, [*base, 'data.crop_pct=0.5'])
     trainer = Trainer(load_config(None, [*base, 'data.img_size=14']))
-    assert trainer.model.pretrained_cfg['crop_pct'] != 1.0 and trainer.data.data_config['crop_pct'] == 1.0
+    assert trainer.registered_cfg['crop_pct'] != 1.0
+    assert trainer.data.data_config['crop_pct'] == trainer.model.pretrained_cfg['crop_pct'] == 1.0

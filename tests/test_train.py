@@ -27,6 +27,8 @@ from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import EpochSeeded, ResumableSampler
+from s4nd_vision.data.transforms import model_data_config
+from s4nd_vision.eval.resolution import eval_resolution
 from s4nd_vision.layers import sgconv_weights, ssm_parameters
 from s4nd_vision.train import ConfigError, Trainer, latest_checkpoint, load_config
 from s4nd_vision.train.optim import param_groups_ssm
@@ -222,6 +224,22 @@ def test_a_timm_vit_run_prints_a_call_that_rebuilds_it_at_the_training_size(tmp_
         assert config[key] == trainer.data.data_config[key], key
 
 
+def test_the_trained_model_states_the_preprocessing_it_trains_with(tmp_path, folder):
+    """timm's data config of `trainer.model` (what `eval_resolution` of it in a notebook uses) is the run's, as the
+    printed call's model states it, not the registry's (ImageNet's mean and std, RGB, 224 px)."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=1', 'data.in_chans=1',
+                                                   'data.mean=[0.1307]', 'data.std=[0.3081]', 'data.crop_pct=1.0',
+                                                   'train.ema_decay=0.9')))
+    for model in (trainer.model, trainer.ema.module):
+        config = model_data_config(model)
+        assert config['input_size'] == (1, 32, 32)
+        for key in ('mean', 'std', 'crop_pct', 'interpolation'):
+            assert config[key] == trainer.data.data_config[key], key
+    assert trainer.registered_cfg['mean'] == (0.485, 0.456, 0.406)  # (the printed call's overlay states the run's)
+    (row,) = eval_resolution({'run': trainer.model}, folder, [32], split='val', progress=False)
+    assert (row['top1'], row['top5']) == pytest.approx(tuple(trainer.evaluate()[k] for k in ('top1', 'top5')))
+
+
 def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
     """data.crop_pct unset: the model's pretrained cfg's, as eval-resolution and timm's validate.py use for the
     same weights (so the run's top-1 and theirs come from the same crop). data.interpolation resamples in the
@@ -229,8 +247,8 @@ def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
     for extra, expected, interpolation in (((), 0.9, 'bilinear'),
                                            (('data.crop_pct=0.8', 'data.interpolation=bicubic'), 0.8, 'bicubic')):
         trainer = Trainer(load_config(None, _overrides(folder, tmp_path / str(expected), 'train.epochs=1', *extra)))
-        assert trainer.model.pretrained_cfg['crop_pct'] == 0.9
-        assert trainer.data.data_config['crop_pct'] == expected
+        assert trainer.registered_cfg['crop_pct'] == 0.9
+        assert trainer.data.data_config['crop_pct'] == trainer.model.pretrained_cfg['crop_pct'] == expected
         crop = next(t for t in trainer.data.transform(32, training=False).transforms if hasattr(t, 'size'))
         assert crop.size == math.floor(32 / expected)  # the resize before the 32 px centre crop
         assert crop.interpolation == str_to_interp_mode(interpolation)

@@ -218,6 +218,7 @@ class Trainer:
             self.num_classes = self.data.num_classes
             self.model = self._model().to(memory_format=self.data.memory_format)
             self.data.bind(self.model)
+            self._state_preprocessing(self.model)
             self.micro_per_epoch = self.data.samples_per_rank() // cfg.data.batch_size
             facts.update(self.data.fingerprint())
             facts['micro-batches per process and epoch'] = self.micro_per_epoch
@@ -354,6 +355,17 @@ class Trainer:
             if 'Unknown model' in str(e):
                 raise ConfigError(f'model.name: {e}') from None
             raise
+
+    def _state_preprocessing(self, model: nn.Module) -> None:
+        """Give `model` a pretrained cfg stating the preprocessing it trains with (channels and size, mean, std,
+        crop, interpolation: `data.data_config`), as the weights loaded with the printed call state it: timm's data
+        config of `trainer.model` (`resolve_model_data_config`, `eval_resolution`) then gives the training one, not
+        the registry's (e.g. ImageNet's mean and std for MNIST). The registry's is kept for that call."""
+        self.registered_cfg = dict(model.pretrained_cfg)
+        trained = {key: self.data.data_config[key] for key in ('mean', 'std', 'crop_pct', 'interpolation')}
+        if len(self.registered_cfg.get('input_size') or ()) == 3:  # (video models keep their (C, T, H, W))
+            trained['input_size'] = (self.cfg.data.in_chans, self.cfg.data.img_size, self.cfg.data.img_size)
+        model.pretrained_cfg = model.default_cfg = dict(self.registered_cfg, **trained)
 
     def _broadcast_ema_buffers(self) -> None:
         """Give every process the main process's EMA buffers, the ones `last_ema.safetensors` holds, before the EMA is
@@ -639,13 +651,13 @@ class Trainer:
         # model's default: timm's data config of the loaded model then gives them
         size, source = cfg.data.img_size, ''
         trained = (cfg.data.in_chans, size, size)
-        registered = tuple(unwrapped.pretrained_cfg['input_size'])
+        registered = tuple(self.registered_cfg['input_size'])
         if len(registered) == 3 and registered != trained:
             source = f', input_size={trained!r}'  # (images: video models are built for their clips, RGB only)
         for key in ('mean', 'std', 'crop_pct', 'interpolation'):
             value = self.data.data_config[key]
             value = tuple(value) if isinstance(value, (list, tuple)) else value
-            default = unwrapped.pretrained_cfg.get(key)
+            default = self.registered_cfg.get(key)
             if value != (tuple(default) if isinstance(default, (list, tuple)) else default):
                 source += f', {key}={value!r}'
         acc.print(f'done: {cfg.model.name} best top-1 {state.best_top1:.2f}% (epoch {state.best_epoch}) in '
