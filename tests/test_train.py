@@ -240,6 +240,17 @@ def test_the_trained_model_states_the_preprocessing_it_trains_with(tmp_path, fol
     assert (row['top1'], row['top5']) == pytest.approx(tuple(trainer.evaluate()[k] for k in ('top1', 'top5')))
 
 
+def test_the_trainer_keeps_the_config_it_was_given(tmp_path, folder):
+    """Changing the config object after building the Trainer (a notebook preparing its next run) changes nothing of
+    this run: not some keys only (optim.clip_grad, read at every update, but not optim.lr, already in the optimizer),
+    nor config.yaml, which would record values the run never trained with."""
+    cfg = load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=1', 'optim.clip_grad=1.0'))
+    trainer = Trainer(cfg)
+    cfg.optim.lr, cfg.optim.clip_grad, cfg.aug.smoothing, cfg.train.epochs = 0.5, 0.1, 0.2, 3
+    assert (trainer.cfg.optim.lr, trainer.cfg.optim.clip_grad, trainer.cfg.aug.smoothing, trainer.cfg.train.epochs
+            ) == (2e-3, 1.0, 0.0, 1)
+
+
 def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
     """data.crop_pct unset: the model's pretrained cfg's, as eval-resolution and timm's validate.py use for the
     same weights (so the run's top-1 and theirs come from the same crop). data.interpolation resamples in the

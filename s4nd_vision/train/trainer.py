@@ -17,6 +17,7 @@ update, left out of `train_loss`, counted in `nonfinite_steps`); more than `trai
 of them in a row stop the run with `TrainingDiverged`. Weights and checkpoints are written only when
 every value in them is finite, so the last checkpoint is always one to resume from.
 """
+import copy
 import dataclasses
 import math
 import os
@@ -111,7 +112,7 @@ class Trainer:
     """Trains a timm model as `cfg` says. `fit()` runs (or resumes) the whole schedule.
 
     Args:
-        cfg: a validated `Config`.
+        cfg: a validated `Config` (copied: changing it afterwards leaves this Trainer as it is).
         resume: True = continue from the latest checkpoint in `cfg.train.output_dir`, a path =
             continue from that checkpoint, False = fresh start.
         allow_fresh: with `resume=True`, start fresh when there is no checkpoint (refused otherwise).
@@ -130,7 +131,10 @@ class Trainer:
 
     def _start(self, cfg: Config, resume, allow_fresh: bool) -> None:
         """The Accelerator, the checks of the launch, the run folder, then the run (`_build`)."""
-        self.cfg = cfg
+        # a copy: the run and its records (config.yaml, the checkpoints' configs) keep the config as given here; a
+        # later change to the caller's object (a notebook editing it for its next run) would apply in part, e.g.
+        # optim.clip_grad but not optim.lr, while config.yaml recorded the new values
+        self.cfg = cfg = copy.deepcopy(cfg)
         tc = cfg.train
         # null: the launcher's (accelerate launch --mixed_precision), resolved as Accelerate resolves it in a fresh
         # process; passed explicitly, since Accelerate would otherwise keep the precision of an earlier run in
