@@ -251,6 +251,18 @@ def test_the_trainer_keeps_the_config_it_was_given(tmp_path, folder):
             ) == (2e-3, 1.0, 0.0, 1)
 
 
+def test_the_summary_of_a_resumed_complete_run_has_its_last_row(tmp_path, folder):
+    """fit() of a finished run resumed at its end (a job script's `resume=True, allow_fresh=True` run again, or a
+    notebook's second fit()) trains nothing: its summary['last'] is the run's last metrics row still, not {}."""
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.max_steps_per_epoch=1'))
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert summary['last']['epoch'] == 0 and trainer.fit()['last'] == summary['last']
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert Trainer(cfg, resume=True).fit()['last'] == summary['last']
+
+
 def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
     """data.crop_pct unset: the model's pretrained cfg's, as eval-resolution and timm's validate.py use for the
     same weights (so the run's top-1 and theirs come from the same crop). data.interpolation resamples in the

@@ -18,7 +18,7 @@ try:
 except ImportError:  # (not on Windows: no peak resident memory on CPU there, reported as nan)
     resource = None
 
-__all__ = ['MetricsLog', 'peak_memory_mb', 'reset_peak_memory']
+__all__ = ['MetricsLog', 'last_row', 'peak_memory_mb', 'reset_peak_memory']
 
 
 class MetricsLog:
@@ -129,6 +129,22 @@ def _read_csv_fields(path: str) -> Tuple[Optional[List[str]], List[Dict[str, str
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, list(reader)
+
+
+def last_row(path: str) -> Dict[str, Any]:
+    """The last row of the CSV file `path` as `MetricsLog.log` was given it (ints and floats as such; columns it did
+    not have left out), {} without one."""
+    rows = _read_csv(path)
+    return {key: _value(text) for key, text in rows[-1].items() if text != ''} if rows else {}
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):  # (a float is written with a '.', an 'e', or as nan/inf: never read as an int)
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _numbers(row: Dict[str, str]) -> Dict[str, float]:

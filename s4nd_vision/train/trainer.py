@@ -47,6 +47,7 @@ from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     BEST_FILE,
     LOGS_DIR,
+    METRICS_FILE,
     TrainState,
     all_finite,
     check_shared_folder,
@@ -65,7 +66,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, config_to_dict
 from .data import create_train_data
-from .metrics import MetricsLog, peak_memory_mb, reset_peak_memory
+from .metrics import MetricsLog, last_row, peak_memory_mb, reset_peak_memory
 from .optim import param_groups_ssm
 
 __all__ = ['Trainer', 'TrainingDiverged']
@@ -339,6 +340,8 @@ class Trainer:
                 fresh = TrainState()
                 self.state.best_top1, self.state.best_epoch = fresh.best_top1, fresh.best_epoch
         self.log = MetricsLog(acc, cfg)
+        # the last epoch's row, `fit`'s summary['last']: the checkpoint's where a resumed run trains no further epoch
+        self.last_row = last_row(os.path.join(self.resumed_from, METRICS_FILE)) if self.resumed_from else {}
 
     def _model(self) -> nn.Module:
         mc, data = self.cfg.model, self.cfg.data
@@ -612,7 +615,6 @@ class Trainer:
             acc.print(f'training {cfg.model.name} on {acc.num_processes} process(es), global batch '
                       f'{self.global_batch}, lr {self.lr:.3g}, {self.updates_per_epoch} updates/epoch, '
                       f'epochs {state.epoch}..{cfg.train.epochs - 1}')
-        row: Dict[str, Any] = {}
         t_start = time.perf_counter()
         for epoch in range(state.epoch, cfg.train.epochs):
             # (an epoch resumed mid-way: the seconds before the interruption count, as in its img_per_s)
@@ -637,9 +639,10 @@ class Trainer:
                 self._export('last_ema', self.ema.module)
             self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
             self.log.log(row, epoch)
+            self.last_row = row
         for tracker in acc.trackers:  # (not `end_training`: it ends the process group, which `evaluate` still needs)
             tracker.finish()
-        summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=row,
+        summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=self.last_row,
                        minutes=(time.perf_counter() - t_start) / 60, output_dir=self.out_dir)
         best = os.path.join(self.out_dir, BEST_FILE)
         if not os.path.isfile(best):  # (a branch resumed at its last epoch, from a checkpoint that kept no best)
