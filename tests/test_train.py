@@ -583,34 +583,6 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
         torch.testing.assert_close(runs['accum'][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_fit_after_a_fit_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp_path, folder):
-    """Ctrl-C (a notebook's) during an update's micro-batches, then `fit()` again: the update starts afresh, without
-    the interrupted micro-batches' gradients and with Accelerate's micro-step count at the update's start (it synced
-    on the wrong micro-batches after it), so the weights are the uninterrupted run's."""
-    extra = ('train.epochs=1', 'data.batch_size=2', 'train.grad_accum_steps=3', 'train.max_steps_per_epoch=2')
-    Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'interrupted', *extra)))
-    loss, calls = trainer.train_loss, []
-
-    def interrupted_at_the_fifth_micro_batch(logits, target):  # the second of update 2, after the first's backward
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return loss(logits, target)
-
-    trainer.train_loss = interrupted_at_the_fifth_micro_batch
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    assert trainer.state.update == 1
-    trainer.train_loss = loss
-    trainer.fit()
-    a, b = (load_file(str(tmp_path / name / 'last.safetensors')) for name in ('interrupted', 'straight'))
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-
-
 def test_a_partial_last_accumulation_window_is_warned_about(tmp_path, folder):
     """An epoch makes whole updates (resumption counts them): 8 micro-batches of 2 per epoch in updates of 3 leave
     the last 2 out, which the run says at its start; not when the steps divide them or train.max_steps_per_epoch

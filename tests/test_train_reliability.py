@@ -555,29 +555,36 @@ def test_a_fit_after_an_interrupted_one_keeps_the_rows_since_the_resume(tmp_path
     assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1', '2', '3']
 
 
-def test_a_fit_after_one_interrupted_mid_epoch_reports_the_uninterrupted_epoch_row(tmp_path, folder):
-    """Ctrl-C within an epoch, then fit() again: the epoch's row counts the updates before the interrupt too."""
-    extra = ('train.epochs=1', 'data.batch_size=2', 'train.grad_accum_steps=2', 'train.max_steps_per_epoch=3')
+def test_a_fit_after_one_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp_path, folder):
+    """Ctrl-C (a notebook's) during an update's micro-batches, then `fit()` again: the update starts afresh, without
+    the interrupted micro-batches' gradients and with Accelerate's micro-step count at the update's start (it synced
+    on the wrong micro-batches after it), so the weights are the uninterrupted run's; the epoch's row counts the
+    updates before the interrupt too; the second fit() holds the run folder again (the first released it)."""
+    extra = ('train.epochs=1', 'data.batch_size=2', 'train.grad_accum_steps=3', 'train.max_steps_per_epoch=2')
     Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
     _reset()
     trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'interrupted', *extra)))
     loss, calls = trainer.train_loss, []
 
-    def interrupted_in_update_3(logits, target):
+    def interrupted_at_the_fifth_micro_batch(logits, target):  # the second of update 2, after the first's backward
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return loss(logits, target)
 
-    trainer.train_loss = interrupted_in_update_3
+    trainer.train_loss = interrupted_at_the_fifth_micro_batch
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
+    assert trainer.state.update == 1
     trainer.train_loss = loss
-    held = []  # (the run folder is locked again for the second fit(): the first released it as it ended)
+    held = []
     trainer.model.register_forward_pre_hook(
         lambda m, args: held.append(os.path.realpath(tmp_path / 'interrupted') in checkpoint._HELD))
     trainer.fit()
     assert held and all(held)
+    a, b = (load_file(str(tmp_path / name / 'last.safetensors')) for name in ('interrupted', 'straight'))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     expected, row = _rows(tmp_path / 'straight')[0], _rows(tmp_path / 'interrupted')[0]
     assert float(row['train_loss']) == pytest.approx(float(expected['train_loss']), rel=1e-6)
 
