@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from media import write_video
 from memory_format_runs import train_in_both_memory_formats
@@ -20,7 +21,8 @@ from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
 from s4nd_vision.models._checkpoint import file_num_classes
 from s4nd_vision.models.inflate import inflate_state_dict
 from s4nd_vision.train import ConfigError, Trainer, load_config
-from s4nd_vision.train.data import _full_batches
+from s4nd_vision.train import data as train_data
+from s4nd_vision.train.data import Hmdb51Data, _full_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ('brush_hair', 'cartwheel', 'wave')
@@ -339,3 +341,47 @@ def test_a_test_video_cut_short_is_skipped_whole(hmdb, tmp_path):
     with pytest.warns(RuntimeWarning, match=r'cut_test.avi: no frames decoded'):
         metrics = trainer.evaluate()
     assert metrics['val_videos'] == 3 and metrics['val_skipped_videos'] == 2  # broken_test.avi and cut_test.avi
+
+
+class _LogitClips(torch.utils.data.IterableDataset):
+    """Test clips that hold their own logits, `(clip (K, 1, 1, 1), label, skipped, video)`, as `Hmdb51Clips` yields
+    them with `with_video_index`; `unreadable`: the videos its record counts unreadable."""
+
+    def __init__(self, clips, unreadable):
+        self.clips, self.unreadable, self.transform = clips, unreadable, None
+
+    def __iter__(self):
+        for logits, label, video in self.clips:
+            yield torch.tensor(logits).view(-1, 1, 1, 1), label, 0, video
+
+    def set_epoch(self, epoch):
+        pass
+
+    def unreadable_videos(self):
+        return self.unreadable
+
+
+class _ClipLogits(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)  # (B, K, 1, 1, 1) -> (B, K): the clip's logits
+
+
+def test_video_scores_are_the_mean_softmax_of_the_clips_of_each_video_scored_once(monkeypatch, tmp_path):
+    """Crafted clip logits through the evaluation's loader and scoring. Video 0 (class 0): two clips sure of class 0,
+    one far surer of class 1: the mean softmax says class 0, summed logits (or log-probabilities) say class 1.
+    Video 1 is also on another rank (a shard's padding repeat, logits for class 0): scored once, on this rank's copy.
+    Video 2 is unreadable after its first clip: skipped, not scored. 5 clips in batches of 2: the last one, video 1's
+    only clip here, is a partial batch that must be scored."""
+    clips = [([0.0, 0.0, 9.0], 2, 2), ([4.0, 0.0, 0.0], 0, 0), ([4.0, 0.0, 0.0], 0, 0), ([0.0, 20.0, 0.0], 0, 0),
+             ([0.0, 3.0, 0.0], 1, 1)]
+    other_rank = (torch.tensor([[9.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([1, 0]), [1, 3], [])
+    monkeypatch.setattr(train_data, 'gather_object', lambda shards: shards + [other_rank])
+    data = Hmdb51Data.__new__(Hmdb51Data)  # (the evaluation's parts only, no videos)
+    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
+    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), 3, torch.contiguous_format
+    data.val_set, data.transform = _LogitClips(clips, unreadable=[2]), lambda img_size, training: None
+    data.prepare_evaluation()
+    metrics = data.evaluate(_ClipLogits())
+    # videos 0, 1 (this rank's copy) and 3 right; clips: 4 of the 5 scored (video 2's is not) right
+    assert metrics['top1'] == 100 and metrics['val_videos'] == 3 and metrics['val_skipped_videos'] == 1
+    assert metrics['clip_top1'] == pytest.approx(80)
