@@ -661,3 +661,18 @@ def test_real_video_through_the_eval_transform_and_a_3d_model():
     with torch.no_grad():
         logits = model(clip[None])
     assert logits.shape == (1, 51) and torch.isfinite(logits).all()
+
+
+def test_hmdb51_lists_the_videos_of_its_own_split_id(hmdb, tmp_path):
+    """Each official split (fold) tags other videos: split 3's training and test videos are read from the
+    `_test_split3.txt` files, not from another split's."""
+    videos, splits = hmdb
+    shutil.copytree(splits, tmp_path, dirs_exist_ok=True)
+    for name in CLASSES:  # split 3: videos 2 and 3 train, video 0 tests
+        names = [f'{name}_u_nm_np1_fr_med_{i}.avi' for i in range(4)]
+        (tmp_path / f'{name}_test_split3.txt').write_text(''.join(f'{v} {t} \n' for v, t in zip(names, (2, 0, 1, 1))))
+    for split, expected in (('train', ['2', '3']), ('test', ['0'])):
+        dataset = Hmdb51Clips(videos, str(tmp_path), split, split_id=3, clip_duration=1.0)
+        listed = sorted(os.path.basename(path) for path, _ in dataset._videos._labeled_videos)
+        assert listed == sorted(f'{c}_u_nm_np1_fr_med_{i}.avi' for c in CLASSES for i in expected), split
+        assert dataset.num_videos == len(listed)
