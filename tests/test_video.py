@@ -676,3 +676,18 @@ def test_hmdb51_lists_the_videos_of_its_own_split_id(hmdb, tmp_path):
         listed = sorted(os.path.basename(path) for path, _ in dataset._videos._labeled_videos)
         assert listed == sorted(f'{c}_u_nm_np1_fr_med_{i}.avi' for c in CLASSES for i in expected), split
         assert dataset.num_videos == len(listed)
+
+
+def test_hmdb51_training_videos_are_shuffled_anew_each_epoch_and_test_videos_kept_in_order(hmdb):
+    """Training reads its videos in a new random order each epoch (`set_epoch`), the test split in the split files'
+    order (per-video scores do not depend on it)."""
+    videos, splits = hmdb
+    train = Hmdb51Clips(videos, splits, 'train', clip_duration=1.0)
+    orders = []
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        orders.append(tuple(train._videos.video_sampler))
+    assert all(sorted(order) == list(range(6)) for order in orders) and len(set(orders)) == 3
+    test = Hmdb51Clips(videos, splits, 'test', clip_duration=1.0)
+    test.set_epoch(1)
+    assert list(test._videos.video_sampler) == [0, 1, 2]
