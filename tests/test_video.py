@@ -552,11 +552,15 @@ def test_hmdb51_test_clips_are_labelled_by_class(hmdb):
 
 def test_hmdb51_a_pass_after_an_abandoned_one_starts_afresh(hmdb):
     """A peek at the first test clip, then a full pass: each video gives its clips once (the pass began with the
-    peeked video's remaining clip, then read it again: 3 clips of the first video)."""
+    peeked video's remaining clip, then read it again: 3 clips of the first video). The peeked video is not
+    counted unreadable either (read on in the next pass after it was closed, it failed and was skipped)."""
     videos, splits = hmdb
     test = Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, clips_per_video=2, with_video_index=True)
     next(iter(test))
-    assert [video for *_, video in test] == [0, 0, 1, 1, 2, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # (a skipped video warns)
+        samples = list(test)
+    assert [video for *_, video in samples] == [0, 0, 1, 1, 2, 2] and [s for _, _, s, _ in samples] == [0] * 6
 
 
 @pytest.mark.parametrize('clips_per_video, starts', [(1, [0.5]), (2, [0, 1]), (3, [0, 0.5, 1])])
