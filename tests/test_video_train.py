@@ -285,6 +285,9 @@ def test_full_batches_merge_the_partial_ones_in_order():
     merged = list(_full_batches(iter(batches), 3))  # the remainder [60] is dropped
     assert [b[0].tolist() for b in merged] == [[0, 1, 2], [20, 21, 22], [10, 30, 31], [40, 41, 50]]
     assert [b[1].tolist() for b in merged] == [[0, 0, 0], [2, 2, 2], [1, 3, 3], [4, 4, 5]]
+    # a merge past the size keeps its leftover for the next batch
+    batches = [[torch.arange(2) + 10 * i] for i in range(3)]
+    assert [b[0].tolist() for b in _full_batches(iter(batches), 3)] == [[0, 1, 10], [11, 20, 21]]
 
 
 def _free_port() -> int:
