@@ -115,6 +115,14 @@ def test_the_budget_stops_starting_rows(tmp_path, capsys):
     assert results['profile'] == [] and results['ok']
 
 
+def test_a_compiled_pair_needs_its_minimum_budget_left_to_start(monkeypatch):
+    """A compiled pair compiles for minutes: with less budget left than `_MIN_LEFT_S` it is skipped, not started to
+    be killed part-way (a run on a lent GPU would lose its remaining minutes to it)."""
+    monkeypatch.setattr(gpu_check, '_bench_pair', lambda *a, **k: pytest.fail('a compiled pair started'))
+    results = gpu_check.run_checks(['compiled'], gpu_check.TINY, 'cpu', budget_s=100)  # (300 s wanted)
+    assert results['skipped']['compiled'] == [0] and results['compiled'] == []
+
+
 def test_an_in_process_run_writes_its_environment_before_its_first_row(monkeypatch, tmp_path, capsys):
     """A run killed in its first row (an outer limit on an in-process run) still leaves the file with the device,
     versions and plan; skipped compiled pairs come with the command that runs them."""
