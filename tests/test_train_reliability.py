@@ -275,6 +275,22 @@ def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder,
     assert [r['epoch'] for r in _rows(tmp_path / 'typo')] == ['0', '1', '2']
 
 
+def test_allow_fresh_goes_with_a_resume_that_took_an_override(monkeypatch):
+    """`--allow-fresh --resume optim.lr=1e-4` is a plain --resume and an override, not a --resume CHECKPOINT that
+    --allow-fresh would refuse."""
+    from s4nd_vision.train import cli as train_cli
+    seen = []
+
+    def load_config(config, overrides):  # (what reaches the config is what matters, not the training)
+        seen.append(list(overrides))
+        raise ConfigError('stop here')
+
+    monkeypatch.setattr(train_cli, 'load_config', load_config)
+    with pytest.raises(SystemExit):
+        tool_main('train', ['--config', 'X', '--allow-fresh', '--resume', 'optim.lr=1e-4'])
+    assert seen == [['optim.lr=1e-4']]
+
+
 def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))).fit()
     _reset()

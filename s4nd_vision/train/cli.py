@@ -40,16 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> dict:
     """Train with parsed arguments; a bad config exits with status 2, a diverged run with 3 (one-line errors)."""
+    if isinstance(args.resume, str) and '=' in args.resume and not os.path.exists(args.resume):
+        # `--resume optim.lr=1e-4`: argparse gave the override to --resume's optional CHECKPOINT (before the
+        # --allow-fresh check: `--allow-fresh --resume optim.lr=1e-4` is a plain --resume)
+        at = getattr(args, 'resume_position', 0)
+        args.overrides, args.resume = [*args.overrides[:at], args.resume, *args.overrides[at:]], True
     if args.allow_fresh and args.resume is not True:
         message = '--allow-fresh goes with --resume (without a CHECKPOINT)'
         if parser is not None:
             parser.error(message)
         print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
-    if isinstance(args.resume, str) and '=' in args.resume and not os.path.exists(args.resume):
-        # `--resume optim.lr=1e-4`: argparse gave the override to --resume's optional CHECKPOINT
-        at = getattr(args, 'resume_position', 0)
-        args.overrides, args.resume = [*args.overrides[:at], args.resume, *args.overrides[at:]], True
     try:
         cfg = load_config(args.config, args.overrides)
         from .trainer import Trainer, TrainingDiverged  # heavy imports after the config is known to be good
