@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import os
 import sys
+from collections import Counter
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = ['COMMANDS', 'main', 'tool_main', 'build_parser']
@@ -990,9 +991,25 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
     if args._command == 'train':
         overrides = [t for t in extras if '=' in t and not t.startswith('-')]
         args.overrides, extras = [*args.overrides, *overrides], [t for t in extras if t not in overrides]
+        if isinstance(args.resume, str):  # an override --resume took goes back in its place (train.cli.run)
+            args.resume_position = _overrides_before_resume(sys.argv[1:] if argv is None else list(argv),
+                                                            args.overrides)
     if extras:
         parser.error(f'unrecognized arguments: {" ".join(extras)}')
     return args
+
+
+def _overrides_before_resume(argv: Sequence[str], overrides: Sequence[str]) -> int:
+    """How many of `overrides` come before the last --resume (or its abbreviation) in `argv`: `a=1 --config X b=2
+    --resume c=3` gives 2 (argparse counts only its positional's a=1, and c=3 would go before b=2)."""
+    last = max((i for i, t in enumerate(argv) if len(t.split('=')[0]) > 2 and '--resume'.startswith(t.split('=')[0])),
+               default=len(argv))
+    left, before = Counter(overrides), 0
+    for token in argv[:last]:
+        if left[token] > 0:
+            left[token] -= 1
+            before += 1
+    return before
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

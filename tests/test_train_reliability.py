@@ -291,6 +291,26 @@ def test_allow_fresh_goes_with_a_resume_that_took_an_override(monkeypatch):
     assert seen == [['optim.lr=1e-4']]
 
 
+def test_overrides_around_resume_keep_their_command_line_order(monkeypatch, capsys):
+    """An override --resume took goes back in its place among all the others, those argparse leaves unparsed too:
+    the last one for a key wins (c=3 went before b=2 when an option separated a=1 and b=2)."""
+    from s4nd_vision.cli import main
+    from s4nd_vision.train import cli as train_cli
+    seen = []
+
+    def load_config(config, overrides):  # (the order reaching the config is what matters, not the training)
+        seen.append(list(overrides))
+        raise ConfigError('stop here')
+
+    monkeypatch.setattr(train_cli, 'load_config', load_config)
+    for argv in (['a=1', '--config', 'X', 'b=2', '--resume', 'c=3'], ['a=1', '--config', 'X', 'b=2', '--res=c=3'],
+                 ['a=1', '--config', 'X', '--resume', 'b=2', 'c=3'],
+                 ['--resume', 'a=1', '--config', 'X', 'b=2', 'c=3']):
+        with pytest.raises(SystemExit):
+            main(['train', *argv])
+    assert seen == [['a=1', 'b=2', 'c=3']] * 4
+
+
 def test_resume_says_what_changed_and_refuses_another_model(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1'))).fit()
     _reset()
