@@ -649,6 +649,36 @@ def _load_cli():
     return cli
 
 
+def test_cli_passes_each_option_to_its_parameter(tmp_path, monkeypatch):
+    """Each eval-resolution option reaches the parameter it is for: every model built for --train-resolution (its
+    S4ND reference grid) with its own checkpoint and NAME,key=value arguments; the resolutions in their order, the
+    split, the crop and the loader settings to the evaluation (the work itself is tested above)."""
+    from types import SimpleNamespace
+
+    from s4nd_vision.cli import main
+    from s4nd_vision.eval import resolution
+    from s4nd_vision.models import _checkpoint
+    built, evaluated = [], []
+    monkeypatch.setattr(resolution, 'dataset_num_classes', lambda data, split: 10)
+    monkeypatch.setattr(_checkpoint, 'weights_num_classes', lambda name, ckpt: 10)
+    monkeypatch.setattr(resolution, 'load_model', lambda name, ckpt, **kwargs: built.append(
+        (name, ckpt, kwargs)) or SimpleNamespace(in_chans=1))
+    monkeypatch.setattr(resolution, 'eval_resolution', lambda *args, **kwargs: evaluated.append(
+        (args, kwargs)) or [])
+    monkeypatch.setattr(resolution, 'format_table', lambda rows: '')
+    main(['eval-resolution', '--models', 's4nd_iso_tiny,depth=2', 'conv_iso_tiny', '--checkpoints', 'a.pt', 'b.pt',
+          '--data', 'DIR', '--split', 'val', '--resolutions', '28', '14', '42', '--train-resolution', '14',
+          '--bandlimit', '0.5', '--in-chans', '1', '--crop-pct', '0.8', '--batch-size', '7', '--workers', '2',
+          '--out', str(tmp_path)])
+    common = dict(num_classes=None, in_chans=1, bandlimit=0.5, img_size=14)
+    assert built == [('s4nd_iso_tiny', 'a.pt', dict(common, model_kwargs={'depth': 2})),
+                     ('conv_iso_tiny', 'b.pt', dict(common, model_kwargs={}))]
+    ((models, data, resolutions), kwargs), = evaluated
+    assert list(models) == ['s4nd_iso_tiny,depth=2', 'conv_iso_tiny'] and (data, resolutions) == ('DIR', [28, 14, 42])
+    assert kwargs == dict(train_resolution=14, split='val', batch_size=7, device='cpu', num_workers=2, crop_pct=0.8,
+                          out_dir=str(tmp_path))
+
+
 def test_cli_normalizes_as_the_models_were_trained(image_folder, monkeypatch):
     """--mean/--std and --interpolation reach the models' data config (what evaluation normalizes and resamples
     with); without them each model's own cfg (timm's ImageNet defaults here, averaged to one channel) is used."""
