@@ -154,6 +154,29 @@ def test_a_failed_check_fails_the_run():
         gpu_check.run_checks(['speed'], gpu_check.TINY, 'cpu')
 
 
+def test_the_command_passes_its_options_and_exits_1_when_a_check_fails(tmp_path, monkeypatch):
+    """`gpu-check` gives each option to run_checks and exits with status 1 when a check failed (a CI job or a script
+    on a lent GPU reads the status), else returns the results."""
+    calls = []
+
+    def run_checks(*args, **kwargs):  # (the checks themselves are tested above)
+        calls.append((args, kwargs))
+        return {'ok': len(calls) == 1}
+
+    monkeypatch.setattr(gpu_check, 'run_checks', run_checks)
+    json_path = str(tmp_path / 'out' / 'gpu.json')
+    assert tool_main('gpu-check', ['--device', 'cpu', '--tiny', '--sections', 'profile', 'compiled', '--json',
+                                   json_path, '--path', 'fast', '--budget-s', '5', '--in-process', '--commit', 'abc'])
+    assert calls[0] == ((['profile', 'compiled'], gpu_check.TINY, 'cpu', json_path, 'fast', 5.0),
+                        dict(isolate=False, commit='abc'))
+    for argv, plan, budget in (([], gpu_check.GPU, gpu_check.BUDGET_S), (['--tiny'], gpu_check.TINY, None)):
+        with pytest.raises(SystemExit) as info:
+            tool_main('gpu-check', ['--device', 'cpu', *argv])
+        assert info.value.code == 1
+        assert calls[-1] == ((list(gpu_check.SECTIONS), plan, 'cpu', None, None, budget),
+                             dict(isolate=None, commit=None))
+
+
 def test_the_commit_can_be_given_and_the_tool_runs_from_an_uninstalled_copy(tmp_path):
     """A GPU machine may get a copy of the tree without .git and without installing it: `--commit` records the
     commit, and tools/gpu_check.py imports the package of the tree it is in."""
