@@ -991,7 +991,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
     if args._command == 'train':
         overrides = [t for t in extras if '=' in t and not t.startswith('-')]
         args.overrides, extras = [*args.overrides, *overrides], [t for t in extras if t not in overrides]
-        if isinstance(args.resume, str):  # an override --resume took goes back in its place (train.cli.run)
+        # `--resume a=1`: argparse gives the override to --resume's optional CHECKPOINT; train.cli.run puts it back
+        # among the overrides, after those before --resume on the command line (a later value for a key wins)
+        if isinstance(args.resume, str):
             args.resume_position = _overrides_before_resume(sys.argv[1:] if argv is None else list(argv),
                                                             args.overrides)
     if extras:

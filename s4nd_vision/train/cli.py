@@ -17,20 +17,11 @@ from .config import ConfigError, load_config
 __all__ = ['add_arguments', 'run']
 
 
-class _Resume(argparse.Action):
-    """--resume [CHECKPOINT], noting how many overrides preceded it: `--resume a=1 b=2` gives a=1 to CHECKPOINT,
-    and `run` puts it back in its place among the overrides (a later one for the same key wins)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.resume_position = len(getattr(namespace, 'overrides', None) or [])
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', help='YAML config file, or a packaged config name such as '
                                          'imagenet/convnext_s4nd_tiny.yaml (configs/... also accepted)')
     parser.add_argument('overrides', nargs='*', help='section.key=value overrides (values parsed as YAML)')
-    parser.add_argument('--resume', nargs='?', const=True, default=False, action=_Resume,
+    parser.add_argument('--resume', nargs='?', const=True, default=False,
                         help='continue from the latest checkpoint in train.output_dir, or from CHECKPOINT '
                              '(refused when train.output_dir holds none, unless --allow-fresh)')
     parser.add_argument('--allow-fresh', action='store_true',
