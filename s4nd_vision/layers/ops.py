@@ -337,13 +337,17 @@ def _spatial_dims(u: torch.Tensor) -> List[int]:
     return list(range(1, nd)) + [nd + 1]
 
 
+def is_int(value) -> bool:
+    """An integer, and not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def avg_pool_axes(u: torch.Tensor, pools: Sequence[int]) -> torch.Tensor:
     """Average pooling of a channel-major tensor by pools[a] along spatial axis a (window = stride, remainder
     dropped, like AvgPool)."""
     dims = _spatial_dims(u)
     # (zip would leave the axes after a short `pools` unpooled, silently; a pool of 0 divided by zero)
-    if len(pools) != len(dims) or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1
-                                      for p in pools):
+    if len(pools) != len(dims) or any(not is_int(p) or p < 1 for p in pools):
         raise ValueError(f'pools must hold one positive integer per spatial axis of u ({len(dims)} for a '
                          f'channel-major u of shape {tuple(u.shape)}), got {tuple(pools)}')
     for dim, pool in zip(dims, pools):

@@ -553,8 +553,8 @@ class S4ND(nn.Module):
 
 def drop_inference_caches(module: nn.Module) -> None:
     """Free the convolution operators the S4ND layers of `module` keep from inference (`S4ND._cached_operators`,
-    up to `CACHED_SHAPES` sizes per layer: 19 MiB per size for convnext_s4nd_tiny at 224 px) once nothing will reuse
-    them, e.g. an EMA model's after its evaluation, or a model's after an evaluation at many sizes."""
+    up to `CACHED_SHAPES` sizes per layer; README gives their size) once nothing will reuse them, e.g. an EMA
+    model's after its evaluation, or a model's after an evaluation at many sizes."""
     for m in module.modules():
         if isinstance(m, S4ND):
             m._kernel_cache = None

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .hippo import legs_b, legs_nplr
-from .ops import backward_without_autocast, generation_without_autocast
+from .ops import backward_without_autocast, generation_without_autocast, is_int
 from .records import record_float, records_in_state_dict
 from .reference import ssm_kernel_reference, use_reference
 
@@ -630,11 +630,6 @@ def _reference_kernels(
         out.append((members, ssm_kernel_reference(*params, lengths[members[0]], rates[members[0]],
                                                   mask=None if mask is None else mask.to(dtype))))
     return out
-
-
-def is_int(value) -> bool:
-    """An integer, and not a bool (True would pass as 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_sizes(**sizes) -> None:
