@@ -127,6 +127,22 @@ def test_convnext_setting_runs_the_models_defaults(tmp_path, monkeypatch):
         assert folders == {name: str(tmp_path / (name + tag)) for name in (setting.s4nd_model, setting.baseline)}
 
 
+def test_results_are_named_as_their_run_folders(tmp_path, monkeypatch):
+    """The CSV and plot of a run with another seed, number of epochs or band-limit carry its folder's tag: the
+    default command's results are never overwritten by (or mistaken for) a variant's."""
+    written = {}
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: out)
+    monkeypatch.setattr(demo, 'load_model', lambda name, path, **kwargs: name)
+    monkeypatch.setattr(demo, 'eval_resolution', lambda models, dataset, resolutions, **kwargs: [
+        dict(model=m, resolution=r, top1=50.0, top5=90.0, n=1) for m in models for r in resolutions])
+    monkeypatch.setattr(demo, 'write_csv', lambda rows, path: written.__setitem__('csv', path))
+    monkeypatch.setattr(demo, 'plot_accuracy', lambda rows, path, **kwargs: written.__setitem__('plot', path))
+    for kwargs, tag in ((dict(), ''), (dict(seed=3, bandlimit=0.5), '-seed3-bandlimit0.5'),
+                        (dict(bandlimit='off'), '-bandlimit0'), (dict(epochs=2), '-epochs2')):
+        run_demo('convnext', out_dir=str(tmp_path), **kwargs)
+        assert written == {'csv': str(tmp_path / CSV_NAME.replace('.csv', f'{tag}.csv')),
+                           'plot': str(tmp_path / PLOT_NAME.replace('.png', f'{tag}.png'))}, kwargs
+
 def test_readme_export_example_gives_the_iso_demos_preprocessing():
     """The README's export example for the isotropic demo's weights overlays every preprocessing value the demo
     trained with that is not the model's default: without crop_pct (1.0) the file's metadata says timm's 0.875, and
