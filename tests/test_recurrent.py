@@ -119,6 +119,21 @@ def test_recurrence_is_a_snapshot_without_autograd_history(kernel):
 
 
 @pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_recurrence_of_a_pruned_layer_uses_its_current_weights(kernel):
+    """torch.nn.utils.prune recomputes a pruned parameter in a forward pre-hook: a recurrence made after an update
+    of the unpruned weight (no forward between) runs the hook, as the layer's forward does (it read the value of
+    the last forward, silently)."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    layer = _causal_layer(kernel)
+    prune.random_unstructured(layer.kernels[0], 'b', amount=0.5)
+    u = torch.randn(2, 3, 24, dtype=torch.float64)
+    layer(u)  # (the hook sets b from the values before the update)
+    with torch.no_grad():
+        layer.kernels[0].b_orig.mul_(-2.0)
+    torch.testing.assert_close(_run([S4NDRecurrence(layer, 1.0, torch.float64)], u), layer(u))
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
 def test_float32_recurrence_keeps_the_convolutions_accuracy_at_small_steps(kernel):
     """At dt * rate = 1e-5, A~ = I + O(1e-5) rounded to float32 drifted 2e-5 to 4e-5 of the output's scale from the
     float64 convolution over 4k steps; stepped as x + (A~ - I) x the recurrence stays within the float32

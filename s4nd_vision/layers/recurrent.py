@@ -84,6 +84,8 @@ class S4NDRecurrence:
         self.values = [t.clone() for t in _layer_tensors(layer)]
         self.bandlimits = tuple(getattr(k, 'bandlimit', None) for k in layer.kernels)
         with torch.no_grad():
+            if kernel._forward_pre_hooks:  # (torch.nn.utils.prune: its hook recomputes a pruned parameter)
+                kernel(1, rate=rate)
             # discretized in float64 and kept as A~ - I, the state stepped as x + (A~ - I) x: A~ = I + O(dt A) rounded
             # to float32 (steps of 6e-8) drifted 4e-5 of the output's scale from the convolution over 4k steps at
             # dt * rate = 1e-5, the difference keeps the convolution's 1e-6
