@@ -31,6 +31,7 @@ def folder(tmp_path_factory):
     ('optim.eps=0', r'optim.eps must be positive or null, got 0'),
     ('aug.remode=zero', r"aug.remode must be 'pixel', 'rand' or 'const', got 'zero'"),
     ('train.trackers=[tensorbaord]', r"train.trackers must be a list of \[.*'tensorboard'.*\], got \['tensorbaord'\]"),
+    ("train.tracker_project=' '", r"train.tracker_project must be a non-empty name, got ' '"),
     ('train.channels_last=yes', r"train.channels_last must be bool, got 'yes'"),  # YAML 1.2: only true / false
     ('optim.opt=adamww', r"optim.opt must be a timm optimizer .*got 'adamww' \(did you mean adamw\?\)"),
     ('optim.opt=lookahead_adamww', r"optim.opt must be a timm optimizer"),

@@ -294,6 +294,22 @@ def test_a_resumed_run_sends_checkpointed_rows_it_never_logged_to_the_trackers(t
     assert [r.split(',')[0] for r in open(tmp_path / 'metrics.csv').read().splitlines()] == ['epoch', '0', '1']
 
 
+def test_trackers_log_to_the_configs_project_under_the_runs_name(tmp_path):
+    """W&B and MLflow get `train.tracker_project` as their project / experiment and the run folder's name as the
+    run's (every run went to a project named 'logs', the trackers' folder, under a random name)."""
+    from s4nd_vision.train.config import Config
+    from s4nd_vision.train.metrics import MetricsLog
+
+    class Accelerator:
+        def init_trackers(self, project_name, config=None, init_kwargs=None):
+            self.project, self.init_kwargs = project_name, init_kwargs
+
+    cfg = Config()
+    cfg.train.output_dir, cfg.train.trackers, cfg.train.tracker_project = str(tmp_path / 'run7'), ['wandb'], 'mine'
+    acc = Accelerator()
+    MetricsLog(acc, cfg)
+    assert acc.project == 'mine' and acc.init_kwargs == {'wandb': {'name': 'run7'}, 'mlflow': {'run_name': 'run7'}}
+
 def test_non_finite_checks_reduce_fsdp2_shards():
     """FSDP2's parameters and gradients are DTensors, which collectives refuse: the gradient and weight checks
     all-reduce each process's verdict on its local shards (here FSDP2 on one gloo process), and still see a NaN."""

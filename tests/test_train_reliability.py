@@ -487,7 +487,7 @@ def test_a_branch_sets_the_tracker_logs_aside_and_logs_each_epoch_once(tmp_path,
     Trainer(load_config(None, overrides), resume=str(epoch0)).fit()
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith('abandoned-') and p.name.endswith('-logs')]
     assert [step for step, _ in _logged_scalars(aside)] == [0, 1]
-    logged = _logged_scalars(tmp_path / 'logs')
+    logged = _logged_scalars(tmp_path / 'logs' / 's4nd_vision')  # (train.tracker_project)
     assert [step for step, _ in logged] == [0, 1] == [int(r['epoch']) for r in _rows(tmp_path)]
     assert [value for _, value in logged] == pytest.approx([float(r['top1']) for r in _rows(tmp_path)])
 

@@ -159,6 +159,8 @@ class TrainConfig:
     eval_every_epochs: int = 1
     progressive: List[ProgressiveStage] = field(default_factory=list)
     trackers: List[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    # the trackers' project (W&B project, MLflow experiment, ...), in which each run is named as its output_dir
+    tracker_project: str = 's4nd_vision'
     # model and batches in channels-last memory (channels_last_3d for clips), as GPU training usually runs (timm's
     # --channels-last); the S4ND layers read it without transposing copies
     channels_last: bool = False
@@ -242,6 +244,8 @@ class Config:
         trackers = [t.value for t in LoggerType]
         need(all(t in trackers for t in self.train.trackers), 'train.trackers', f'a list of {trackers}',
              self.train.trackers)
+        need(isinstance(self.train.tracker_project, str) and self.train.tracker_project.strip() != '',
+             'train.tracker_project', 'a non-empty name', self.train.tracker_project)
         need(self.train.ema_decay is None or 0 < self.train.ema_decay < 1, 'train.ema_decay', 'in (0, 1) or null',
              self.train.ema_decay)
         need(self.train.checkpoint_every_steps >= 0, 'train.checkpoint_every_steps', '>= 0',

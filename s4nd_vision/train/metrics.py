@@ -10,7 +10,7 @@ import yaml
 from accelerate import Accelerator
 
 from ..utils.files import replaced_atomically
-from .checkpoint import CONFIG_FILE, LOGS_DIR, METRICS_FILE
+from .checkpoint import CONFIG_FILE, METRICS_FILE
 from .config import Config, config_to_dict
 
 try:
@@ -33,8 +33,10 @@ class MetricsLog:
     def __init__(self, accelerator: Accelerator, cfg: Config):
         self.accelerator, self.cfg = accelerator, cfg
         self.path = os.path.join(cfg.train.output_dir, METRICS_FILE)
-        if cfg.train.trackers:
-            accelerator.init_trackers(LOGS_DIR, config=_flat(config_to_dict(cfg)))
+        if cfg.train.trackers:  # (TensorBoard writes to <output_dir>/logs/<project>: the trainer's logging_dir)
+            run = os.path.basename(os.path.abspath(cfg.train.output_dir))
+            accelerator.init_trackers(cfg.train.tracker_project, config=_flat(config_to_dict(cfg)),
+                                      init_kwargs={'wandb': {'name': run}, 'mlflow': {'run_name': run}})
 
     def begin(self, epoch: int, checkpoint: Optional[str] = None, new_logs: bool = False) -> None:
         """A run (re)starting at `epoch`, from the checkpoint folder `checkpoint` if resumed: the rows of the epochs

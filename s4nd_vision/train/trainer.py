@@ -32,7 +32,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType, parse_choice_from_env, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_choice_from_env, set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -147,7 +147,9 @@ class Trainer:
                 mixed_precision=precision,
                 gradient_accumulation_steps=tc.grad_accum_steps,
                 log_with=tc.trackers or None,
-                project_dir=tc.output_dir,
+                # (the trackers' logs in their own folder, which a new branch sets aside: `set_aside_newer`)
+                project_config=ProjectConfiguration(project_dir=tc.output_dir,
+                                                    logging_dir=os.path.join(tc.output_dir, LOGS_DIR)),
                 step_scheduler_with_optimizer=False,
             )
         except ValueError as e:
