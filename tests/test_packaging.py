@@ -310,6 +310,61 @@ def test_single_process_commands_refuse_a_distributed_launch(argv, capsys, monke
     assert exit_info.value.code == 2 and f'error: {argv[0]} runs in one process, but this is one of 2' in err, err
 
 
+class _Called(Exception):
+    """Raised by a stub in place of a command's work, with the arguments the command gave it."""
+
+
+def _stub(monkeypatch, module: str, name: str):
+    def stub(*args, **kwargs):
+        raise _Called(args, kwargs)
+    monkeypatch.setattr(importlib.import_module(module), name, stub)
+
+
+@pytest.mark.parametrize('argv,module,name,expected', [
+    (['demo', '--seed', '5', '--bandlimit', '0.5'], 's4nd_vision.eval.demo', 'run_demo',
+     dict(seed=5, bandlimit=0.5)),
+    (['demo', '--bandlimit', 'off'], 's4nd_vision.eval.demo', 'run_demo', dict(seed=0, bandlimit='off')),
+    (['zero-shot-study', '--overrides', 'train.batch_size=4', 'optim.lr=0.01'], 's4nd_vision.eval.zero_shot_study',
+     'run_study', dict(overrides=['train.batch_size=4', 'optim.lr=0.01'])),
+    (['inflate', 'a.safetensors', 'b.safetensors', '--model', 'convnext_s4nd_3d_atto', '--keep-head', '--time-decay',
+      '2.5'], 's4nd_vision.models.inflate', 'inflate_checkpoint', dict(keep_head=True, time_decay=2.5)),
+    (['seq-mnist', '--ssm-lr', '0.02', '--seed', '3'], 's4nd_vision.eval.sequential', 'run_sequential_mnist',
+     dict(ssm_lr=0.02, seed=3)),
+    (['export', 'convnext_s4nd_atto', '--checkpoint', 'w.safetensors'], 's4nd_vision.eval.resolution', 'load_model',
+     dict(args=('convnext_s4nd_atto', 'w.safetensors'))),
+], ids=lambda v: v[0] if isinstance(v, list) else '')
+def test_commands_pass_their_options_on(argv, module, name, expected, monkeypatch):
+    """Each option reaches the function doing the command's work (a dropped one ran with its default, silently)."""
+    _stub(monkeypatch, module, name)
+    with pytest.raises(_Called) as called:
+        main(argv)
+    args, kwargs = called.value.args
+    assert {k: args if k == 'args' else kwargs.get(k) for k in expected} == expected
+
+
+def test_kernel_report_and_export_use_their_seed_and_batch_size(tmp_path, monkeypatch):
+    """kernel-report's --seed makes the initialization it reports; export times its sizes at --batch-size."""
+    import timm
+    import torch
+    seeds = []
+
+    def load_model(*args, **kwargs):
+        seeds.append(torch.initial_seed())
+        raise _Called()
+    monkeypatch.setattr(importlib.import_module('s4nd_vision.eval.resolution'), 'load_model', load_model)
+    with pytest.raises(_Called):
+        main(['kernel-report', '--seed', '7', '--out', str(tmp_path)])
+    assert seeds == [7]
+    export = importlib.import_module('s4nd_vision.deploy.export')
+    monkeypatch.setattr(importlib.import_module('s4nd_vision.eval.resolution'), 'load_model', lambda *a, **k:
+                        timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(4, 4, 4, 4)).eval())
+    monkeypatch.setattr(export, 'export_onnx', lambda *args, **kwargs: None)
+    _stub(monkeypatch, 's4nd_vision.deploy.export', 'onnx_latency')
+    with pytest.raises(_Called) as called:
+        main(['export', 'convnext_s4nd_atto', '--output', str(tmp_path / 'm.onnx'), '--sizes', '64',
+              '--batch-size', '3'])
+    assert called.value.args[1]['batch_size'] == 3
+
 def test_seq_mnist_builds_every_model_before_training_any(capsys):
     """A wrong model later in --models (unknown, or an image model) is refused before the first one trains for
     minutes (whose results were lost with the error), in terms of the task."""
