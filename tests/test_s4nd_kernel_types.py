@@ -72,12 +72,14 @@ def test_inference_cache_equals_training_path(kernel):
 
 
 def test_stacked_generation_with_mixed_kernel_types():
-    """`prepare_kernels` over layers of all three kernel types gives each layer the kernels it makes itself:
-    same outputs and gradients as layer-by-layer generation."""
+    """`prepare_kernels` over layers of all three kernel types and both directions gives each layer the kernels it
+    makes itself: same outputs and gradients as layer-by-layer generation."""
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(
         [_layer(k, 3, 2, (6, 5), l_ref=(6, 5)) for k in ('s4d', 's4', 'sgconv')]
-        + [_layer('s4d', 3, 2, (6, 5), l_ref=(3, 5), rank=2)])
+        + [_layer('s4d', 3, 2, (6, 5), l_ref=(3, 5), rank=2)]
+        # (a causal rank-2 layer stacks with the first's bidirectional rank-1 kernels: both have 2 per channel)
+        + [_layer('s4d', 3, 2, (6, 5), l_ref=(6, 5), rank=2, bidirectional=False)])
     x = torch.randn(2, 3, 6, 5)
     results = []
     for stacked in (True, False):
