@@ -1057,6 +1057,19 @@ def test_forward_mode_ad_gives_the_jvp_of_torch_func(grad_mode):
             torch.testing.assert_close(fwAD.unpack_dual(y).tangent, expected)
 
 
+def test_reference_formulation_keeps_each_axis_rate():
+    """The reference formulation (export, compilation, torch.func, forward-mode AD) generates the axes of one length
+    and SSM size together only at one rate: a square input at rate (1, 2) gives the fast path's output."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=8, l_ref=(8, 8)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x, rate=(1.0, 2.0))
+        with fwAD.dual_level():  # (a level: the reference formulation)
+            torch.testing.assert_close(layer(x, rate=(1.0, 2.0)), expected)
+    assert not torch.allclose(expected, layer(x).detach())
+
 def test_functional_call_takes_a_state_dict_without_records():
     """As README "Deployment" says: a state dict taken within `state_dict_without_records` serves
     `torch.func.functional_call` (its values used, not the layer's); one with the records is refused by torch."""
