@@ -281,6 +281,11 @@ def test_layer_api_edges_a_standalone_user_meets():
     assert all(p.grad is not None for p in layer.kernels.parameters())
     with pytest.raises(ValueError, match='dtype must be a real floating-point dtype'):
         S4ND(4, ndim=2, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="dtype must be a real floating-point dtype \\(or None\\), got float32"):
+        S4ND(4, ndim=2, dtype='float32')  # (an AttributeError on str before)
+    with pytest.raises(ValueError, match=r'layers: the sizes of each layer need one entry per spatial axis of the '
+                                         r'layer \(2\), got \(8,\)'):
+        prepare_kernels([(layer, (8,))])
     from s4nd_vision.layers import dispatch
     if os.environ.get('TRITON_INTERPRET', '0') in ('', '0'):
         with dispatch.force_path('triton'):

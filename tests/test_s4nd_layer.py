@@ -617,6 +617,9 @@ def test_bad_input_errors():
             layer(torch.randn(1, 4, 8, 8), rate=bad)
     with pytest.raises(ValueError, match='rate needs one value per spatial axis'):
         layer(torch.randn(1, 4, 8, 8), rate=(1.0, 1.0, 1.0))
+    for bad in ('2', True, ('1', 2.0), '12'):  # (float() took them: '12' as rates (1, 2))
+        with pytest.raises(ValueError, match=r'rate must be a number or one per spatial axis \(2\), got'):
+            layer(torch.randn(1, 4, 8, 8), rate=bad)
     x = torch.randn(1, 4, 8, 8)  # per-axis values in a tensor or an array, as in a tuple
     for rate in (torch.tensor([2.0, 0.5]), np.array([2.0, 0.5])):
         torch.testing.assert_close(layer(x, rate=rate), layer(x, rate=(2.0, 0.5)))

@@ -219,7 +219,7 @@ class S4ND(nn.Module):
         # torch.export became NumPy arrays, which torch.arange refuses)
         self.pool = tuple(int(p) for p in self.pool)
         self.l_max = None if self.l_max is None else tuple(int(v) for v in self.l_max)
-        if dtype is not None and not dtype.is_floating_point:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f'dtype must be a real floating-point dtype (or None), got {dtype}')
         self.kernel = kernel
         self.kernels = nn.ModuleList(self._axis_kernel_modules(
@@ -324,7 +324,10 @@ class S4ND(nn.Module):
             if self.l_ref is None:
                 return (1.0,) * self.ndim
             return tuple(r / s for r, s in zip(self.l_ref, sizes))
-        rate = tuple(float(r) for r in _per_axis(rate, self.ndim, 'rate'))
+        rate = _per_axis(rate, self.ndim, 'rate')
+        if any(isinstance(r, (str, bool)) for r in rate):  # (float() took '2' and True as numbers)
+            raise ValueError(f'rate must be a number or one per spatial axis ({self.ndim}), got {rate}')
+        rate = tuple(float(r) for r in rate)
         # (checked in eager mode: under torch.compile a rate may be symbolic, and math.isfinite does not trace)
         if not torch.compiler.is_compiling() and any(not (math.isfinite(r) and r > 0) for r in rate):
             raise ValueError(f'rate must be finite and positive on every axis, got {rate}')
@@ -583,6 +586,9 @@ def prepare_kernels(layers: Sequence[Tuple[S4ND, Sequence[int]]], dtype: torch.d
         return
     kernels, lengths, rates, all_sizes, bidirectional = [], [], [], [], []
     for layer, sizes in layers:
+        if len(sizes) != layer.ndim:
+            raise ValueError(f'layers: the sizes of each layer need one entry per spatial axis of the layer '
+                             f'({layer.ndim}), got {tuple(sizes)}')
         layer_rates = layer.resolve_rate(sizes)
         kernels += list(layer.kernels)
         lengths += layer.kernel_lengths(sizes, layer_rates)
