@@ -11,7 +11,7 @@ from stacking import count_generation_calls, latest_operators, step_with_and_wit
 from timm.optim import create_optimizer_v2
 
 import s4nd_vision  # noqa: F401
-from s4nd_vision.layers import S4ND, S4Kernel, SSMKernel, channel_major, channels_first
+from s4nd_vision.layers import S4ND, S4Kernel, SGConvKernel, SSMKernel, channel_major, channels_first
 from s4nd_vision.layers.ops import channel_major_memory
 from s4nd_vision.models import PAPER_SSM, ConvNeXtS4ND
 from s4nd_vision.train.optim import param_groups_ssm, ssm_param_names
@@ -301,6 +301,30 @@ def test_ssm_params_are_found_in_copies_and_in_models_built_on_the_meta_device()
         opt = create_optimizer_v2(other, 'adamw', lr=4e-3, weight_decay=0.05)
         ssm = {id(p) for n, p in other.named_parameters() if n in names}
         assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if ssm & {id(p) for p in g['params']})
+
+
+@pytest.mark.parametrize('kernel, name', [('s4d', 'log_a_real'), ('sgconv', 'weight')])
+def test_parametrized_kernel_parameters_keep_their_optimizer_group(kernel, name):
+    """A kernel parameter computed by torch.nn.utils.parametrize is trained through its original: that is what
+    `no_weight_decay()` names and `param_groups_ssm` groups (the computed tensor matched no name, and the SSM
+    parameter was silently decayed at the base lr)."""
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1), dims=(8, 16), kernel=kernel, img_size=32)
+    module = next(m for m in model.modules() if isinstance(m, (SSMKernel, SGConvKernel)))
+    torch.nn.utils.parametrize.register_parametrization(module, name, Scale())
+    original = getattr(module.parametrizations, name).original
+    full = next(n for n, p in model.named_parameters() if p is original)
+    assert kernel == 'sgconv' or full in model.no_weight_decay()
+    groups = param_groups_ssm(model, weight_decay=0.05, ssm_lr=1e-3)
+    group = next(g for g in groups if any(p is original for p in g['params']))
+    assert group['lr'] == 1e-3 and group['weight_decay'] == (0.05 if kernel == 'sgconv' else 0.0)
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+
+
+class Scale(torch.nn.Module):
+    """A parametrization that computes a new tensor (an identity would hand back the original itself)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return 2 * t
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])

@@ -31,7 +31,7 @@ import torch.nn as nn
 from .ops import backward_without_autocast, generation_without_autocast
 from .records import record_float, records_in_state_dict
 from .reference import use_reference
-from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel
+from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel, trained_parameters
 
 __all__ = ['SGConvKernel', 'sgconv_scales', 'sgconv_weights']
 
@@ -41,7 +41,7 @@ def sgconv_weights(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
     at its own learning rate (0.001) with the other weights' decay (see `s4nd_vision.train.optim`)."""
     for prefix, m in module.named_modules():
         if isinstance(m, SGConvKernel):
-            yield f'{prefix}.weight' if prefix else 'weight', m.weight
+            yield from trained_parameters(m, 'weight', prefix)
 
 
 def sgconv_scales(l_ref: int, size: int) -> int:

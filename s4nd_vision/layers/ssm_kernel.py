@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.nn.utils import parametrize
 
 from .hippo import legs_b, legs_nplr
 from .ops import backward_without_autocast, generation_without_autocast, is_int
@@ -38,7 +39,20 @@ def ssm_parameters(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
     for prefix, m in module.named_modules():
         if isinstance(m, _DiagonalSSM):
             for name in m.ssm_param_names:
-                yield f'{prefix}.{name}' if prefix else name, getattr(m, name)
+                yield from trained_parameters(m, name, prefix)
+
+
+def trained_parameters(module: nn.Module, name: str, prefix: str = '') -> Iterator[Tuple[str, nn.Parameter]]:
+    """(name, parameter) of what an optimizer trains for the parameter `name` of `module` (its full name under
+    `prefix`): the parameter, or where `torch.nn.utils.parametrize` computes it, its originals
+    (`parametrizations.<name>.original`), the parameters `named_parameters()` lists (the attribute is then a
+    computed tensor, which no optimizer group holds and no `no_weight_decay()` name matches)."""
+    if not parametrize.is_parametrized(module, name):
+        yield f'{prefix}.{name}' if prefix else name, getattr(module, name)
+        return
+    owner = f'{prefix}.parametrizations.{name}' if prefix else f'parametrizations.{name}'
+    for sub, p in module.parametrizations[name].named_parameters(recurse=False):
+        yield f'{owner}.{sub}', p
 
 
 def check_ssm_args(d_state: int, dt_min: float, dt_max: float) -> None:
