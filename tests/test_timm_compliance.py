@@ -539,3 +539,27 @@ def test_model_sizes_out_of_range_are_refused_at_construction(name, depth_arg):
             timm.create_model(name, **kwargs)
     with torch.device('meta'):
         timm.create_model(name, num_classes=0, **{depth_arg: (1, 0, 1, 1) if depth_arg == 'depths' else 0})
+
+
+def test_accelerate_big_model_loading_recipe_applies_the_records(tmp_path):
+    """The README's recipe for Accelerate's big-model loading (whose `load_checkpoint_and_dispatch` stops at the
+    S4ND records): a model built empty for another size and band-limit, loaded by torch with assign=True and
+    dispatched with a disk-offloaded head, computes what the saved model does."""
+    from accelerate import dispatch_model, init_empty_weights, load_checkpoint_and_dispatch
+    from safetensors.torch import load_file, save_file
+    kwargs = dict(depths=(1, 1), dims=(8, 16), img_size=32, bandlimit=0.5)
+    model = timm.create_model('convnext_s4nd_atto', **kwargs).eval()
+    path = str(tmp_path / 'weights.safetensors')
+    save_file(model.state_dict(), path)
+    with init_empty_weights():
+        empty = timm.create_model('convnext_s4nd_atto', **dict(kwargs, img_size=64, bandlimit=1.0))
+    # (if Accelerate learns to skip the records, the README can say so)
+    with pytest.raises(ValueError, match='does not have a parameter or a buffer'):
+        load_checkpoint_and_dispatch(empty, path, device_map={'': 'cpu'})
+    empty.load_state_dict(load_file(path), assign=True)
+    device_map = {'stem': 'cpu', 'stages': 'cpu', 'norm_pre': 'cpu', 'head': 'disk'}
+    dispatched = dispatch_model(empty.eval(), device_map, offload_dir=str(tmp_path / 'offload'),
+                                preload_module_classes=OFFLOAD_PRELOAD)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dispatched(x), model(x), rtol=0, atol=0)
