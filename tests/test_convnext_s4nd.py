@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import timm
 import torch
+import torch.nn.utils.prune
 from safetensors.torch import save_file
 from stacking import count_generation_calls, latest_operators, step_with_and_without_stacking
 from timm.optim import create_optimizer_v2
@@ -303,15 +304,20 @@ def test_ssm_params_are_found_in_copies_and_in_models_built_on_the_meta_device()
         assert all(g['weight_decay'] == 0.0 for g in opt.param_groups if ssm & {id(p) for p in g['params']})
 
 
+@pytest.mark.parametrize('how', ['parametrize', 'prune'])
 @pytest.mark.parametrize('kernel, name', [('s4d', 'log_a_real'), ('sgconv', 'weight')])
-def test_parametrized_kernel_parameters_keep_their_optimizer_group(kernel, name):
-    """A kernel parameter computed by torch.nn.utils.parametrize is trained through its original: that is what
-    `no_weight_decay()` names and `param_groups_ssm` groups (the computed tensor matched no name, and the SSM
-    parameter was silently decayed at the base lr)."""
+def test_recomputed_kernel_parameters_keep_their_optimizer_group(kernel, name, how):
+    """A kernel parameter computed from another (torch.nn.utils.parametrize, or prune's forward pre-hook) is
+    trained through that original: what `no_weight_decay()` names and `param_groups_ssm` groups (the computed
+    tensor matched no name, and the SSM parameter was silently decayed at the base lr)."""
     model = timm.create_model('convnext_s4nd_atto', depths=(1, 1), dims=(8, 16), kernel=kernel, img_size=32)
     module = next(m for m in model.modules() if isinstance(m, (SSMKernel, SGConvKernel)))
-    torch.nn.utils.parametrize.register_parametrization(module, name, Scale())
-    original = getattr(module.parametrizations, name).original
+    if how == 'parametrize':
+        torch.nn.utils.parametrize.register_parametrization(module, name, Scale())
+        original = getattr(module.parametrizations, name).original
+    else:
+        torch.nn.utils.prune.l1_unstructured(module, name, amount=0.25)
+        original = getattr(module, f'{name}_orig')
     full = next(n for n, p in model.named_parameters() if p is original)
     assert kernel == 'sgconv' or full in model.no_weight_decay()
     groups = param_groups_ssm(model, weight_decay=0.05, ssm_lr=1e-3)

@@ -44,15 +44,18 @@ def ssm_parameters(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
 
 def trained_parameters(module: nn.Module, name: str, prefix: str = '') -> Iterator[Tuple[str, nn.Parameter]]:
     """(name, parameter) of what an optimizer trains for the parameter `name` of `module` (its full name under
-    `prefix`): the parameter, or where `torch.nn.utils.parametrize` computes it, its originals
-    (`parametrizations.<name>.original`), the parameters `named_parameters()` lists (the attribute is then a
-    computed tensor, which no optimizer group holds and no `no_weight_decay()` name matches)."""
-    if not parametrize.is_parametrized(module, name):
-        yield f'{prefix}.{name}' if prefix else name, getattr(module, name)
-        return
-    owner = f'{prefix}.parametrizations.{name}' if prefix else f'parametrizations.{name}'
-    for sub, p in module.parametrizations[name].named_parameters(recurse=False):
-        yield f'{owner}.{sub}', p
+    `prefix`): the parameter, or where it is computed from others, those, as `named_parameters()` lists them (the
+    attribute is then a computed tensor, which no optimizer group holds and no `no_weight_decay()` name matches):
+    `parametrizations.<name>.original` where `torch.nn.utils.parametrize` computes it, `<name>_orig` where a forward
+    pre-hook does (`torch.nn.utils.prune`, `spectral_norm`; the old `weight_norm`: `<name>_g` and `<name>_v`)."""
+    join = (lambda sub: f'{prefix}.{sub}') if prefix else (lambda sub: sub)
+    if parametrize.is_parametrized(module, name):
+        for sub, p in module.parametrizations[name].named_parameters(recurse=False):
+            yield join(f'parametrizations.{name}.{sub}'), p
+    elif name in module._parameters:
+        yield join(name), module._parameters[name]
+    else:
+        yield from ((join(sub), p) for sub, p in module.named_parameters(recurse=False) if sub.startswith(name + '_'))
 
 
 def check_ssm_args(d_state: int, dt_min: float, dt_max: float) -> None:
