@@ -331,7 +331,7 @@ def test_sequential_mnist_refuses_learning_rates_that_train_nothing():
 
 def test_sequential_mnist_train_limit_keeps_every_class(monkeypatch):
     """`train_limit` trains on digits chosen by the seed: the split is sorted by class, so its first 100 digits would
-    all be zeros."""
+    all be zeros. The validation digits are the same for every seed."""
     from s4nd_vision.eval import sequential
     trained = []
     loader = sequential.DataLoader
@@ -343,6 +343,8 @@ def test_sequential_mnist_train_limit_keeps_every_class(monkeypatch):
     assert len(first) == len(second) == 100
     assert len({first[i][1] for i in range(100)}) == 10
     assert first.indices != second.indices  # another seed, other digits
+    for a, b in zip(trained[1:4], trained[5:8]):  # and one validation split for every seed (it took the seed's)
+        assert len(a) == len(b) and all(torch.equal(a[i][0], b[i][0]) for i in range(0, len(a), 7))
 
 
 def test_seq_mnist_command_prints_the_table_and_writes_json(tmp_path, capsys):
