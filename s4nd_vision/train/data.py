@@ -199,11 +199,12 @@ class _ImageData(TrainData):
             losses.append(loss[read])
             skipped += int(n_skipped.sum())
         model.train(was_training)
-        c1, c5, loss = torch.cat(correct1).float(), torch.cat(correct5).float(), torch.cat(losses)
+        c1, c5, loss = torch.cat(correct1), torch.cat(correct5), torch.cat(losses)
         if len(loss) == 0:
             raise RuntimeError('no readable validation image: nothing to evaluate')
-        return dict(top1=100 * c1.mean().item(), top5=100 * c5.mean().item(), val_loss=loss.mean().item(),
-                    val_skipped_images=skipped)
+        # (from the counts, as eval-resolution: a float32 mean gave 64.28571343 for 9 of 14)
+        return dict(top1=100 * int(c1.sum()) / len(c1), top5=100 * int(c5.sum()) / len(c5),
+                    val_loss=loss.mean().item(), val_skipped_images=skipped)
 
 
 class ImageFolderData(_ImageData):
@@ -405,8 +406,8 @@ class Hmdb51Data(TrainData):
         video_labels = torch.zeros(len(ids), dtype=torch.long).scatter_(0, video_of_clip, labels)
         hit = topk_hits(scores, video_labels)
         return dict(
-            top1=100 * hit[:, 0].float().mean().item(), top5=100 * hit.any(1).float().mean().item(),
-            clip_top1=100 * (logits.argmax(1) == labels).float().mean().item(),
+            top1=100 * int(hit[:, 0].sum()) / len(hit), top5=100 * int(hit.any(1).sum()) / len(hit),
+            clip_top1=100 * int((logits.argmax(1) == labels).sum()) / len(labels),
             val_loss=nn.functional.cross_entropy(logits, labels).item(), val_videos=len(ids),
             val_skipped_videos=len(unreadable))
 
