@@ -558,6 +558,9 @@ def test_load_model_from_local_weights(tmp_path):
         load_model('s4nd_iso_tiny', str(tmp_path / 'missing.safetensors'))
     # without num_classes, the model is built with its weights' classes (10 here, where the model's default is 1000)
     assert load_model('s4nd_iso_tiny', path, in_chans=1, model_kwargs=dict(img_size=14)).num_classes == 10
+    # a pathlib.Path checkpoint, as timm's loader takes (reading its classes raised AttributeError)
+    assert load_model('s4nd_iso_tiny', tmp_path / 'w.safetensors', in_chans=1,
+                      model_kwargs=dict(img_size=14)).num_classes == 10
     # a checkpoint of timm's train.py holds its argparse arguments beside the weights: it loads, as with timm's loader
     import argparse
     timm_train = str(tmp_path / 'model_best.pth.tar')

@@ -149,6 +149,8 @@ def test_file_num_classes_reads_shapes_of_either_format(tmp_path):
     assert file_num_classes(str(tmp_path / 'w.safetensors'), 'head.fc') == 7
     assert file_num_classes(str(tmp_path / 'ckpt.pth'), 'head.fc') == 9
     assert file_num_classes(str(tmp_path / 'ckpt.pth'), 'head') is None
+    # a pathlib.Path, as timm's loader takes it (load_model reads the classes of its checkpoint through this)
+    assert file_num_classes(tmp_path / 'w.safetensors', 'head.fc') == 7
 
 
 def _evaluate_directly(model, hmdb):

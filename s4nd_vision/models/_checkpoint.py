@@ -134,6 +134,7 @@ def file_shape(path: str, key: str) -> Optional[Tuple[int, ...]]:
     """The shape of entry `key` of the weights file `path` (safetensors, or a torch checkpoint of any of
     CHECKPOINT_KEYS), None without it. Reads the shapes only (the safetensors header, a memory-mapped torch file).
     A file that timm cannot load (`check_weights_file`) is refused here already, before the model is built."""
+    path = os.fspath(path)  # (a pathlib.Path too, as timm's loader takes it)
     check_weights_file(path)
     if path.endswith('.safetensors'):
         from safetensors import safe_open
