@@ -191,6 +191,23 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder, capsys):
         Trainer(cfg)
 
 
+def test_an_epochs_sums_are_float32_on_mps_which_has_no_float64(tmp_path, folder, monkeypatch):
+    """Apple's MPS has no float64 (a float64 tensor there raises TypeError, so training on a Mac, where Accelerate
+    picks MPS, stopped before its first step): the epoch's running sums are float32 there, and its row is the same to
+    float32 rounding (the CPU runs the float32 sums in MPS's place)."""
+    from s4nd_vision.train import trainer as trainer_module
+    assert trainer_module.sum_dtype(torch.device('mps')) == torch.float32
+    assert trainer_module.sum_dtype(torch.device('cpu')) == trainer_module.sum_dtype('cuda:0') == torch.float64
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        monkeypatch.setattr(trainer_module, 'sum_dtype', lambda device, dtype=dtype: dtype)
+        out = tmp_path / str(dtype)
+        Trainer(load_config(None, _overrides(folder, out, 'train.epochs=1'))).fit()
+        with open(out / 'metrics.csv', newline='') as f:
+            rows.append(next(csv.DictReader(f)))
+    assert float(rows[1]['train_loss']) == pytest.approx(float(rows[0]['train_loss']), rel=1e-6)
+
+
 def test_single_channel_run_prints_a_call_that_loads_its_weights_as_they_are(tmp_path, folder, capsys, caplog):
     """The printed call states the file's channels, so timm neither adapts the first conv nor warns that the
     registry's RGB cfg disagrees with the weights."""

@@ -96,6 +96,13 @@ def warn_fsdp_parameter_cast(accelerator: Accelerator) -> None:
             stacklevel=2)
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of an epoch's running loss and sample sums on `device`: float64 (no rounding drift over an epoch),
+    float32 on Apple's MPS, which has no float64 (creating one there raises TypeError; float32 counts exactly up to
+    2 ** 24 samples per process and epoch)."""
+    return torch.float32 if torch.device(device).type == 'mps' else torch.float64
+
+
 class TrainingDiverged(RuntimeError):
     """The loss (or the weights) stopped being finite; nothing non-finite was written."""
 
@@ -493,8 +500,9 @@ class Trainer:
         # the epoch's sums over all processes up to `start` (a mid-epoch resume), then this process's own
         carried = list(state.epoch_sums) if start else [0.0] * 5
         carried_seconds = state.epoch_seconds if start else 0.0
-        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        n_finite = torch.zeros((), device=acc.device, dtype=torch.float64)  # samples with a finite loss
+        sums = sum_dtype(acc.device)
+        loss_sum = torch.zeros((), device=acc.device, dtype=sums)
+        n_finite = torch.zeros((), device=acc.device, dtype=sums)  # samples with a finite loss
         update_loss, update_n = torch.zeros_like(loss_sum), torch.zeros_like(n_finite)  # this update's, until applied
         bad = torch.zeros((), device=acc.device, dtype=torch.bool)  # a non-finite loss in this update
         seen = skipped = nonfinite = 0
@@ -507,10 +515,10 @@ class Trainer:
         t0 = time.perf_counter()
 
         def epoch_sums() -> List[float]:  # a collective: every process calls it
-            local = torch.stack([loss_sum, n_finite, torch.tensor(float(seen), dtype=torch.float64, device=acc.device),
-                                 torch.tensor(float(skipped), dtype=torch.float64, device=acc.device),
+            local = torch.stack([loss_sum, n_finite, torch.tensor(float(seen), dtype=sums, device=acc.device),
+                                 torch.tensor(float(skipped), dtype=sums, device=acc.device),
                                  # every process counts the same skipped updates: the main process's count
-                                 torch.tensor(float(nonfinite if acc.is_main_process else 0), dtype=torch.float64,
+                                 torch.tensor(float(nonfinite if acc.is_main_process else 0), dtype=sums,
                                               device=acc.device)])
             return [c + t for c, t in zip(carried, acc.reduce(local, reduction='sum').tolist())]
 
@@ -531,7 +539,7 @@ class Trainer:
                     finite = torch.isfinite(loss.detach())
                     bad |= ~finite
                     # per sample: a mid-epoch resume may split the same update into other micro-batches
-                    update_loss += torch.where(finite, loss.detach().double() * x.shape[0], 0.0)
+                    update_loss += torch.where(finite, loss.detach().to(sums) * x.shape[0], 0.0)
                     update_n += finite * x.shape[0]
                     skip = None
                     if acc.sync_gradients:  # the last micro-step of an update
