@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -165,6 +166,10 @@ def test_packaged_config_names_and_paths_load_the_same(tmp_path, monkeypatch):
     assert load_config('configs/demo/mnist_iso.yaml').model.name == 's4nd_iso_tiny'
     with pytest.raises(ConfigError, match='config file not found: imagenet/nope.yaml .*imagenet/convnext_s4nd_tiny'):
         load_config('imagenet/nope.yaml')
+    # a pathlib.Path names a packaged config as a str does (it raised TypeError from Path.replace)
+    assert load_config(pathlib.Path('demo/mnist_iso.yaml')).model.name == 's4nd_iso_tiny'
+    with pytest.raises(ConfigError, match='config file not found: imagenet/nope.yaml'):
+        load_config(pathlib.Path('imagenet/nope.yaml'))
     # an existing file wins over the packaged config of the same name
     (tmp_path / 'configs' / 'demo').mkdir(parents=True)
     (tmp_path / 'configs' / 'demo' / 'mnist_iso.yaml').write_text('model: {name: conv_iso_tiny}\n'

@@ -597,6 +597,7 @@ def packaged_configs() -> List[str]:
 
 def _read_config(path: str) -> str:
     """The text of a config file, or of a packaged config named with or without a leading 'configs/'."""
+    path = os.fspath(path)  # (a pathlib.Path names a packaged config too)
     if os.path.isfile(path):
         with open(path) as f:
             return f.read()
