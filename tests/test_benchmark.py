@@ -302,3 +302,13 @@ def test_ratios_divide_each_candidates_own_numbers_s4nd_over_the_baseline(monkey
     assert (row['s4nd_train_ms'], row['baseline_train_ms'], row['train_ratio']) == (3.0, 2.0, 1.5)
     assert (row['s4nd_infer_ms'], row['baseline_infer_ms'], row['infer_ratio']) == (1.0, 4.0, 0.25)
     assert row['train_mem_ratio'] == row['s4nd_train_mb'] / row['baseline_train_mb']
+
+
+def test_timings_wait_for_the_asynchronous_mps_device(monkeypatch):
+    """Apple's MPS queues its work as CUDA does: each timed call waits for it (without, `--device mps` timed only the
+    launches, and the S4ND / baseline ratios were wrong without a word)."""
+    from s4nd_vision.bench import benchmark
+    calls = []
+    monkeypatch.setattr(torch.mps, 'synchronize', lambda: calls.append('sync'))
+    benchmark.time_ms({'a': lambda: calls.append('a')}, torch.device('mps'), warmup=1, repeats=2)
+    assert calls == ['a', 'sync', 'a', 'sync', 'a', 'sync']

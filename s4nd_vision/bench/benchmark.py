@@ -98,8 +98,12 @@ def describe_environment(env: dict) -> str:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the work queued on `device`: CUDA and Apple's MPS run asynchronously, so a timing that did not wait
+    would measure the launches only."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
 
 
 def time_ms(
