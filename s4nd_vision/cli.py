@@ -953,6 +953,8 @@ def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f'--device: {e}')
         if device_type == 'cuda' and not torch.cuda.is_available():
             parser.error(f'--device {device}: no CUDA device here ({_CPU_HINT.get(args._command, "use --device cpu")})')
+        if device_type == 'mps' and not torch.backends.mps.is_available():  # (an Intel Mac, Linux, Windows)
+            parser.error(f'--device {device}: no MPS device here ({_CPU_HINT.get(args._command, "use --device cpu")})')
 
 
 def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser):

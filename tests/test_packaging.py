@@ -285,6 +285,8 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['export', 'convnext_s4nd_atto', '--output', '.'], "--output: '.' is a folder: give the file to write"),
     (['kernel-report', '--out', 'README.md'], "--out: 'README.md' is a file: give a folder"),
     (['benchmark', '--device', 'cuda'], '--device cuda: no CUDA device here (use --device cpu)'),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--device', 'mps'],
+     '--device mps: no MPS device here (use --device cpu)'),
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--device', 'gpu'], '--device: '),
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--mean', '0.1', '0.9'],
      '--mean needs one value or one per input channel (3 for convnext_s4nd_atto), got 2'),
@@ -295,7 +297,8 @@ def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypa
     """A wrong name, file or value ends any command with an `error: ...` line and exit status 2, no traceback (an
     argument's value the model refuses, as argparse reports it: after the usage)."""
     import torch
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # (the CUDA case, on any machine)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # (the CUDA and MPS cases, on any machine)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err.strip()
