@@ -453,18 +453,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run_synchronizes_gradients(tmp_path, folder):
-    """Also: an update skipped for a NaN loss on rank 1 is counted once, and none of its losses (rank 0's finite
-    ones included) enter train_loss."""
-    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', NAN_ON_RANK1_AT='1')
-    out = tmp_path / 'dist'
+@pytest.fixture(scope='module')
+def two_process_runs(tmp_path_factory, folder):
+    """One `accelerate launch` of two CPU processes (gloo) running tests/dist_train_script.py's three runs one after
+    the other: 'sync' (rank 1's loss NaN at update 1), 'bn_ema' (a BatchNorm model with an EMA), and last a run whose
+    train.output_dir is a folder of each process's own ('node{rank}'), which must stop both processes (so the launch
+    fails). (One launch: each process imports torch, timm and accelerate once for the three.) Returns the folder
+    of the runs and the launch's result (unbuffered output: each rank prints 'run <i> of 3' as run i starts)."""
+    tmp = tmp_path_factory.mktemp('two_process')
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
            '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
            os.path.join(ROOT, 'tests', 'dist_train_script.py'),
-           *_overrides(folder, out, 'train.epochs=2', 'train.ema_decay=0.9')]
+           '--nan-on-rank1-at=1', *_overrides(folder, tmp / 'sync', 'train.epochs=2', 'train.ema_decay=0.9'),
+           '--then', *_overrides(folder, tmp / 'bn_ema', 'model.name=test_resnet', 'model.kwargs={}', 'train.epochs=1',
+                                 'train.ema_decay=0.5', 'data.batch_size=2'),
+           '--then', *_overrides(folder, tmp / 'node{rank}', 'train.epochs=1')]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'training convnext_s4nd_atto on 2 process(es), global batch 8' in result.stdout
+    return tmp, result
+
+
+def _finished(tmp, name, result):
+    """The launch's run `name` trained to its end on both ranks (the script writes rank<r>.safetensors last)."""
+    assert all((tmp / name / f'rank{r}.safetensors').is_file() for r in (0, 1)), result.stderr[-3000:]
+
+
+def test_two_process_run_synchronizes_gradients(two_process_runs):
+    """Also: an update skipped for a NaN loss on rank 1 is counted once, and none of its losses (rank 0's finite
+    ones included) enter train_loss."""
+    tmp, result = two_process_runs
+    _finished(tmp, 'sync', result)
+    out = tmp / 'sync'
+    assert 'training convnext_s4nd_atto on 2 process(es), global batch 8' in result.stdout  # (run 2: test_resnet)
     ranks = [load_file(str(out / f'rank{r}.safetensors')) for r in (0, 1)]
     initial = load_file(str(out / 'rank0_initial.safetensors'))
     for k in ranks[0]:
@@ -484,18 +504,12 @@ def test_two_process_run_synchronizes_gradients(tmp_path, folder):
     assert evaluation['val_loss'] == pytest.approx(float(rows[-1]['val_loss']))
 
 
-def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(tmp_path, folder):
+def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(two_process_runs):
     """Each process's EMA averages its own BatchNorm statistics (DDP broadcasts only the model's): the EMA evaluated
     on every process is the main process's, the one last_ema.safetensors holds."""
-    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
-    out = tmp_path / 'dist'
-    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
-           os.path.join(ROOT, 'tests', 'dist_train_script.py'),
-           *_overrides(folder, out, 'model.name=test_resnet', 'model.kwargs={}', 'train.epochs=1',
-                       'train.ema_decay=0.5', 'data.batch_size=2')]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    tmp, result = two_process_runs
+    _finished(tmp, 'bn_ema', result)
+    out = tmp / 'bn_ema'
     emas = [load_file(str(out / f'rank{r}_ema.safetensors')) for r in (0, 1)]
     exported = load_file(str(out / 'last_ema.safetensors'))
     assert any('running_mean' in k for k in exported)
@@ -503,20 +517,19 @@ def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(tmp_p
         assert torch.equal(emas[0][k], exported[k]) and torch.equal(emas[1][k], exported[k]), k
 
 
-def test_output_folder_must_be_the_same_on_every_process(tmp_path, folder):
+def test_output_folder_must_be_the_same_on_every_process(two_process_runs):
     """A train.output_dir on each machine's own disk (here: one folder per process) is refused by every process
-    before any training: the other machines would not see the main one's checkpoints when resuming."""
-    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
-    cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
-           os.path.join(ROOT, 'tests', 'dist_train_script.py'),
-           *_overrides(folder, tmp_path / 'node{rank}', 'train.epochs=1')]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    before any training: the other machines would not see the main one's checkpoints when resuming. (The launch's
+    last run: the runs before it finished, so this one's error is what ends the launch.)"""
+    tmp, result = two_process_runs
+    _finished(tmp, 'bn_ema', result)
     assert result.returncode != 0
     message = 'is not the same folder on every process: 1 of 2 processes do not see what the main process writes'
     assert result.stderr.count(message) == 2, result.stderr[-3000:]  # both processes stop, none waits for the other
-    assert 'training convnext_s4nd_atto' not in result.stdout
-    assert os.listdir(tmp_path / 'node0') == []  # the marker is gone
+    # nothing trained after a process started the last run (its first collective waits for both processes)
+    assert 'run 3 of 3' in result.stdout, result.stderr[-3000:]
+    assert 'training convnext_s4nd_atto' not in result.stdout[result.stdout.index('run 3 of 3'):]
+    assert os.listdir(tmp / 'node0') == []  # the marker is gone
 
 
 def _two_machines(overrides, timeout: float = 120):
