@@ -75,33 +75,56 @@ def _run(installed, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-# one interpreter of the installed wheel answers several tests (each start pays the torch and timm imports)
+# one interpreter of the installed wheel answers several tests (each start pays the torch and timm imports): its
+# commands run through the installed `s4nd_vision.cli.main`, as the console script calls it (`sys.exit(main())`):
+# [exit status, stdout, stderr] of each
 _REPORT = r"""
-import contextlib, io, json
+import contextlib, io, json, traceback
 import importlib.metadata as m, s4nd_vision, timm
+import numpy as np
 from s4nd_vision.cli import main
+from s4nd_vision.data import mnist
 from s4nd_vision.train.config import packaged_configs
 report = dict(file=s4nd_vision.__file__, n_configs=len(packaged_configs()),
               license=m.distribution("s4nd-vision").metadata["License-Expression"],
               versions=[m.version("s4nd-vision"), s4nd_vision.__version__],
               registered=f'{timm.is_model("convnext_s4nd_tiny")} {s4nd_vision.optim.param_groups_ssm.__module__}')
-for command in ('train', 'export'):
-    out, code = io.StringIO(), 'returned'
-    with contextlib.redirect_stdout(out):
+
+
+def command(name, *argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main([command, '--help'])
+            code = main(list(argv))
         except SystemExit as exit_info:
             code = exit_info.code
-    report[command] = [code, out.getvalue()]
+        except Exception:  # (the console script: its traceback, status 1; the next commands still run)
+            traceback.print_exc()
+            code = 1
+    # the exit status sys.exit(code) gives: None is 0, another object (printed) 1
+    report[name] = [0 if code is None else code if isinstance(code, int) else 1, out.getvalue(), err.getvalue()]
+
+
+command('train', 'train', '--help')
+command('export', 'export', '--help')
+# a packaged config by name, from a folder without configs/ (the working folder): a bad override
+command('bad_override', 'train', '--config', 'configs/demo/mnist_iso.yaml', 'optim.lr=-1')
+# the demo's quick mode on 500 of MNIST-5k's 5,000 digits (50 of each class: 400 train, 100 val; evaluating 1,000
+# images at 4 resolutions twice was most of its time)
+images, labels = mnist.load_mnist_5k()
+keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:50] for c in range(10)]))
+mnist.load_mnist_5k = lambda: (images[keep], labels[keep])
+command('demo', 'demo', '--epochs', '1', '--max-steps-per-epoch', '2', '--out', 'demo')
 print(json.dumps(report))
 """
 
 
 @pytest.fixture(scope='module')
 def installed_report(installed):
-    """What the installed package says about itself: its file, configs, metadata, registration, and the train and
-    export commands' --help (exit status, text) as its `s4nd_vision.cli.main` prints them."""
-    result = _run(installed, 'python', '-c', _REPORT)
+    """What the installed package says about itself: its file, configs, metadata, registration, and its commands'
+    (exit status, stdout, stderr) as its `s4nd_vision.cli.main` runs them: the train and export commands' --help,
+    train with a bad override, and the demo's quick mode."""
+    result = _run(installed, 'python', '-c', _REPORT, timeout=600)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -121,35 +144,20 @@ def test_console_script_lists_every_command_and_train_help(installed, installed_
     assert result.returncode == 0, result.stderr
     assert all(name in result.stdout for name in COMMANDS)
     # the installed commands' own help (the console script runs this same main; one interpreter serves both)
-    code, text = installed_report['train']
+    code, text, _ = installed_report['train']
     assert code == 0 and '--config' in text and '--resume' in text
-    code, text = installed_report['export']
+    code, text, _ = installed_report['export']
     assert code == 0 and '--trace-size' in text and '--model-kwargs' in text
     # a packaged config by name, from a folder without configs/: a bad override is the trainer's one-line error
-    result = _run(installed, 's4nd-vision', 'train', '--config', 'configs/demo/mnist_iso.yaml', 'optim.lr=-1')
-    assert result.returncode == 2 and result.stderr.strip() == 'error: optim.lr must be positive, got -1.0'
+    code, _, err = installed_report['bad_override']
+    assert code == 2 and err.strip() == 'error: optim.lr must be positive, got -1.0'
 
 
-# the installed main, as the console script calls it, on 500 of MNIST-5k's 5,000 digits (50 of each class: 400
-# train, 100 val; evaluating 1,000 images at 4 resolutions twice was most of the test's time)
-_REDUCED_MAIN = """
-import sys
-import numpy as np
-from s4nd_vision.cli import main
-from s4nd_vision.data import mnist
-images, labels = mnist.load_mnist_5k()
-keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:50] for c in range(10)]))
-mnist.load_mnist_5k = lambda: (images[keep], labels[keep])
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_installed_demo_quick_mode(installed):
+def test_installed_demo_quick_mode(installed, installed_report):
     _, _, work, _ = installed
-    result = _run(installed, 'python', '-c', _REDUCED_MAIN, 'demo', '--epochs', '1', '--max-steps-per-epoch', '2',
-                  '--out', 'demo', timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert '| s4nd_iso_tiny |' in result.stdout and '| conv_iso_tiny |' in result.stdout
+    code, out, err = installed_report['demo']
+    assert code == 0, err[-3000:]
+    assert '| s4nd_iso_tiny |' in out and '| conv_iso_tiny |' in out
     with open(os.path.join(work, 'demo', 'accuracy_vs_resolution-epochs1-steps2.csv')) as f:
         rows = list(csv.DictReader(f))
     assert {r['model'] for r in rows} == {'s4nd_iso_tiny', 'conv_iso_tiny'} and len(rows) == 8
