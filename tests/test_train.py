@@ -532,7 +532,7 @@ def test_output_folder_must_be_the_same_on_every_process(two_process_runs):
     assert os.listdir(tmp / 'node0') == []  # the marker is gone
 
 
-def _two_machines(overrides, timeout: float = 120):
+def _two_machines(overrides, timeout: float = 240):
     """`tools/train.py` as two machines of one process each (two `accelerate launch --num_machines 2`, gloo on this
     host), machine r with its own `overrides[r]`: [(exit status, stdout, stderr)] of each launcher; both are stopped
     after `timeout` seconds (status None)."""
@@ -590,7 +590,7 @@ def test_a_config_error_on_one_machine_stops_every_machine(tmp_path, folder):
     own = f'data.root={tmp_path / "missing"}'
     expected = 'data.root must be an existing folder'
     results = _two_machines([_overrides(folder, tmp_path / 'run', 'train.epochs=1'),
-                             _overrides(folder, tmp_path / 'run', 'train.epochs=1', own)], timeout=90)
+                             _overrides(folder, tmp_path / 'run', 'train.epochs=1', own)])
     for status, out, err in results:
         assert status not in (0, None), err[-3000:]
         assert 'error: process 1 of 2 (host ' in err and expected in err, err[-3000:]
