@@ -24,10 +24,22 @@ def _correctness_checks(plan) -> int:
             + 2 * len(plan.fast_cases) * len(ops.ALGORITHMS))
 
 
-def test_every_section_runs_and_reports(tmp_path):
-    path = tmp_path / 'gpu_check.json'
-    sections = [s for s in gpu_check.SECTIONS if s != 'compiled']  # compiled: the same code, compile=True
-    results = gpu_check.run_checks(sections[::-1], gpu_check.TINY, 'cpu', str(path))
+@pytest.fixture(scope='module')
+def every_section(tmp_path_factory):
+    """One isolated run (its rows in a worker process, as on CUDA) of every section but 'compiled' (the same code,
+    compile=True), without faults, asked in reverse order: shared by the tests that read it (the run is the suite's
+    costliest). The rows' time limits are lifted: a loaded machine must not make a row count as hung."""
+    path = tmp_path_factory.mktemp('every_section') / 'gpu_check.json'
+    sections = [s for s in gpu_check.SECTIONS if s != 'compiled']
+    with pytest.MonkeyPatch.context() as m:
+        for section in gpu_check._ROW_LIMIT_S:
+            m.setitem(gpu_check._ROW_LIMIT_S, section, 3600)
+        results = gpu_check.run_checks(sections[::-1], gpu_check.TINY, 'cpu', str(path), isolate=True)
+    return sections, path, results
+
+
+def test_every_section_runs_and_reports(every_section):
+    sections, path, results = every_section
     assert results['ok'] and json.loads(path.read_text()) == json.loads(json.dumps(results))
     assert list(results['seconds']) == sections  # in SECTIONS order, whatever the order asked
     assert sections == ['correctness', 'models', 'bench', 'dot', 'profile']  # (profile decides nothing: last)
@@ -318,10 +330,15 @@ def test_a_worker_ends_with_its_killed_supervisor(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_an_isolated_run_without_faults_runs_one_worker(tmp_path):
-    results = gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', isolate=True)
-    assert results['ok'] and results['crashed'] == [] and results['path'] is None
+def test_an_isolated_run_without_faults_runs_one_worker(every_section):
+    results = every_section[2]  # (every section but 'compiled', isolated)
+    assert results['ok'] and results['crashed'] == [] and results['path'] is None and results['isolated']
     assert len(results['correctness']) == _correctness_checks(gpu_check.TINY)
+    # without a file of its own the run keeps its rows in a temporary one (a worker needs one): here its worker
+    # starts, finds the budget spent and ends
+    results = gpu_check.run_checks(['correctness'], gpu_check.TINY, 'cpu', isolate=True, budget_s=0)
+    assert results['ok'] and results['crashed'] == [] and results['isolated'] and 'errors' in results
+    assert len(results['skipped']['correctness']) == 9 and results['correctness'] == []
 
 
 def test_device_activity_counts_kernels_and_the_union_of_busy_time():
@@ -471,6 +488,14 @@ def test_correctness_launches_the_kernel_configurations_of_the_models(monkeypatc
     class Unchecked(gpu_check._Checks):  # (the recorded kernels' outputs are left uninitialized)
         def add(self, *args):
             pass
+
+    def unreferenced_case(shape, rank, pools):  # (`_conv_case` less its float64 reference: the launches depend on
+        # the shapes, dtypes and pools only, and the outputs are unchecked)
+        leaves = [torch.zeros(s, dtype=torch.float64).requires_grad_() for s in (
+            shape, *((rank, shape[-1], 2 * n - 1) for n in shape[1:-1]), shape[-1:])]
+        out = (shape[0], *(n // p for n, p in zip(shape[1:-1], pools)), shape[-1])
+        return leaves, torch.zeros(out, dtype=torch.float64), []
+    monkeypatch.setattr(gpu_check, '_conv_case', unreferenced_case)
 
     plan, cpu = gpu_check.GPU, torch.device('cpu')
     checked = configurations(lambda: [check(plan, cpu, Unchecked()) for check in (
