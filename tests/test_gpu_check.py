@@ -38,6 +38,7 @@ def every_section(tmp_path_factory):
     return sections, path, results
 
 
+@pytest.mark.xdist_group('gpu_check_every_section')  # (shares its module fixture's run: one process)
 def test_every_section_runs_and_reports(every_section):
     sections, path, results = every_section
     assert results['ok'] and json.loads(path.read_text()) == json.loads(json.dumps(results))
@@ -330,6 +331,7 @@ def test_a_worker_ends_with_its_killed_supervisor(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.xdist_group('gpu_check_every_section')  # (shares its module fixture's run: one process)
 def test_an_isolated_run_without_faults_runs_one_worker(every_section):
     results = every_section[2]  # (every section but 'compiled', isolated)
     assert results['ok'] and results['crashed'] == [] and results['path'] is None and results['isolated']

@@ -129,6 +129,7 @@ def installed_report(installed):
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.xdist_group('installed_wheel')  # (shares its module fixture's run: one process)
 def test_wheel_imports_its_own_copy_with_configs_and_metadata(installed, installed_report):
     _, _, _, purelib = installed
     file, n_configs = installed_report['file'], installed_report['n_configs']
@@ -139,6 +140,7 @@ def test_wheel_imports_its_own_copy_with_configs_and_metadata(installed, install
     assert installed_report['registered'] == 'True s4nd_vision.train.optim'
 
 
+@pytest.mark.xdist_group('installed_wheel')  # (shares its module fixture's run: one process)
 def test_console_script_lists_every_command_and_train_help(installed, installed_report):
     result = _run(installed, 's4nd-vision', '--help')
     assert result.returncode == 0, result.stderr
@@ -153,6 +155,7 @@ def test_console_script_lists_every_command_and_train_help(installed, installed_
     assert code == 2 and err.strip() == 'error: optim.lr must be positive, got -1.0'
 
 
+@pytest.mark.xdist_group('installed_wheel')  # (shares its module fixture's run: one process)
 def test_installed_demo_quick_mode(installed, installed_report):
     _, _, work, _ = installed
     code, out, err = installed_report['demo']

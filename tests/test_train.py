@@ -478,6 +478,7 @@ def _finished(tmp, name, result):
     assert all((tmp / name / f'rank{r}.safetensors').is_file() for r in (0, 1)), result.stderr[-3000:]
 
 
+@pytest.mark.xdist_group('two_process_runs')  # (shares its module fixture's run: one process)
 def test_two_process_run_synchronizes_gradients(two_process_runs):
     """Also: an update skipped for a NaN loss on rank 1 is counted once, and none of its losses (rank 0's finite
     ones included) enter train_loss."""
@@ -504,6 +505,7 @@ def test_two_process_run_synchronizes_gradients(two_process_runs):
     assert evaluation['val_loss'] == pytest.approx(float(rows[-1]['val_loss']))
 
 
+@pytest.mark.xdist_group('two_process_runs')  # (shares its module fixture's run: one process)
 def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(two_process_runs):
     """Each process's EMA averages its own BatchNorm statistics (DDP broadcasts only the model's): the EMA evaluated
     on every process is the main process's, the one last_ema.safetensors holds."""
@@ -517,6 +519,7 @@ def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(two_p
         assert torch.equal(emas[0][k], exported[k]) and torch.equal(emas[1][k], exported[k]), k
 
 
+@pytest.mark.xdist_group('two_process_runs')  # (shares its module fixture's run: one process)
 def test_output_folder_must_be_the_same_on_every_process(two_process_runs):
     """A train.output_dir on each machine's own disk (here: one folder per process) is refused by every process
     before any training: the other machines would not see the main one's checkpoints when resuming. (The launch's
