@@ -189,8 +189,9 @@ def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path, name, stride)
     """The dynamo ONNX exporter (torch.export underneath) gives one graph that onnxruntime runs at the traced
     size and at another one, at another batch size, equal to PyTorch's outputs."""
     torch.manual_seed(0)
-    # (one block a stage: the test is about the export, not the depth)
-    small = dict(depths=(1, 1, 1, 1)) if name.startswith('convnext') else dict(depth=1)
+    # (one block, in the first stage: the test is about the export, not the depth; the stem and every downsampling
+    # S4ND layer stay)
+    small = dict(depths=(1, 0, 0, 0)) if name.startswith('convnext') else dict(depth=1)
     model = timm.create_model(name, img_size=64, **small).eval()
     assert model_stride(model) == stride
     path = export_onnx(model, str(tmp_path / 'model.onnx'), img_size=(4 * stride, 4 * stride), max_side=1024)
@@ -338,7 +339,8 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
     torch.manual_seed(0)
     path = tmp_path / 'small.onnx'
     rows = tool_main('export', ['convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'num_classes=5',
-                                'depths=(1,1,1,1)',  # (a tuple, as timm's --model-kwargs reads it)
+                                'depths=(1,0,0,0)',  # (a tuple, as timm's --model-kwargs reads it; stem,
+                                # one block and every downsampling S4ND layer)
                                 '--sizes', '64', '32', '32x96', '--output', str(path)])
     captured = capsys.readouterr()
     assert "traced at 96x96 (the model's 64x64 raised to 3 strides)" in captured.err
@@ -347,22 +349,23 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
     with torch.device('meta'):
         model = timm.create_model('convnext_s4nd_atto', img_size=64)
     assert trace_size(model) == (96, 96) and trace_size(model, fixed_size=True) == (64, 64)
-    small = 'depths=(1,1,1,1)'  # (a 4-block model: the refusals come from the stride and the sizes, not the depth)
+    # (a 1-block model of 8 channels: the refusals come from the stride and the sizes, not the depth or the width)
+    small = ['depths=(1,0,0,0)', 'dims=(8,8,8,8)']
     for argv, message in (
-            (['--model-kwargs', 'img_size=112', small], "error: the default trace size (the model's input size): "
+            (['--model-kwargs', 'img_size=112', *small], "error: the default trace size (the model's input size): "
                                                         '112x112: sides must be multiples of the model stride 32 from '
                                                         '96 to 2048'),
-            (['--model-kwargs', small, '--trace-size', '64'], 'error: argument --trace-size: 64x64: sides must be '
+            (['--model-kwargs', *small, '--trace-size', '64'], 'error: argument --trace-size: 64x64: sides must be '
                                                               'multiples of the model stride 32 from 96 to 2048'),
-            (['--model-kwargs', small, '--sizes', '48'], 'error: argument --sizes: 48x48: sides must be multiples of '
+            (['--model-kwargs', *small, '--sizes', '48'], 'error: argument --sizes: 48x48: sides must be multiples of '
                                                          'the model stride 32 from 32 to 2048'),
-            (['--model-kwargs', small, '--sizes', '2080x32'], 'error: argument --sizes: 2080x32: sides must be '
+            (['--model-kwargs', *small, '--sizes', '2080x32'], 'error: argument --sizes: 2080x32: sides must be '
                                                               'multiples of the model stride 32 from 32 to 2048'),
-            (['--model-kwargs', small, '--max-side', '128', '--trace-size', '96', '--sizes', '160x32'],
+            (['--model-kwargs', *small, '--max-side', '128', '--trace-size', '96', '--sizes', '160x32'],
              'error: argument --sizes: 160x32: sides must be multiples of the model stride 32 from 32 to 128'),
-            (['--model-kwargs', small, '--max-side', '64'],
+            (['--model-kwargs', *small, '--max-side', '64'],
              'error: argument --max-side: at least 3 strides of convnext_s4nd_atto (96 px), got 64'),
-            (['--model-kwargs', small, '--fixed-size', '--max-side', '512'],
+            (['--model-kwargs', *small, '--fixed-size', '--max-side', '512'],
              'error: argument --max-side: a graph of --fixed-size takes its --trace-size only')):
         with pytest.raises(SystemExit) as exit_info:
             main(['export', 'convnext_s4nd_atto', *argv])
