@@ -574,7 +574,8 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
     from s4nd_vision.cli import main
     torch.manual_seed(0)
     generation = ('Sin', 'Cos', 'Exp')
-    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1)).eval()  # (every stage: the depth is moot)
+    # (the stem, a block and every downsampling: the depth is moot)
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 0, 0, 0)).eval()
     path = export_onnx(model, str(tmp_path / 'fixed.onnx'), img_size=(64, 96), fixed_size=True)
     import json
 
@@ -599,7 +600,7 @@ def test_fixed_size_onnx_has_its_s4nd_kernels_folded_into_constants(tmp_path, ca
                                          r'complex arithmetic'):
         export_onnx(s4, str(tmp_path / 's4.onnx'), img_size=(64, 64), fixed_size=True)
     with pytest.raises(SystemExit) as exit_info:
-        main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'depths=(1,1,1,1)', '--fixed-size', '--trace-size',
+        main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'depths=(1,0,0,0)', '--fixed-size', '--trace-size',
               '64', '--sizes', '64', '96'])
     assert exit_info.value.code == 2
     assert ('argument --sizes: 96x96: the graph of --fixed-size takes its --trace-size only (64x64)'
@@ -613,7 +614,7 @@ def test_fixed_size_onnx_exports_clips_and_sequences(tmp_path, capsys):
 
     from s4nd_vision.cli import main, tool_main
     torch.manual_seed(0)
-    video = timm.create_model('convnext_s4nd_3d_atto', depths=(1, 1, 1, 1)).eval()  # (the export, not the depth)
+    video = timm.create_model('convnext_s4nd_3d_atto', depths=(1, 0, 0, 0)).eval()  # (the export, not the depth)
     path = export_onnx(video, str(tmp_path / 'video.onnx'), img_size=(4, 32, 32), fixed_size=True)
     (row,) = onnx_latency(video, path, [(4, 32, 32)], batch_size=2, repeats=1)
     assert row['size'] == '4x32x32' and row['max_abs_diff'] < 1e-4, row
@@ -628,7 +629,7 @@ def test_fixed_size_onnx_exports_clips_and_sequences(tmp_path, capsys):
     assert [json.loads(line) for line in out[1:]] == rows and [r['size'] for r in rows] == ['100']
     assert rows[0]['max_abs_diff'] < 1e-4, rows
     with pytest.raises(SystemExit) as exit_info:
-        main(['export', 'convnext_s4nd_3d_atto', '--model-kwargs', 'depths=(1,1,1,1)', '--fixed-size', '--trace-size',
+        main(['export', 'convnext_s4nd_3d_atto', '--model-kwargs', 'depths=(1,0,0,0)', '--fixed-size', '--trace-size',
               '32x32'])
     assert exit_info.value.code == 2
     assert 'argument --trace-size: 32x32: the model takes inputs of 3 sides, got 2' in capsys.readouterr().err
