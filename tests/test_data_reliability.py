@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, open_image
-from s4nd_vision.data.video import Hmdb51Clips
+from s4nd_vision.data.video import VIDEO_WORKER_START, Hmdb51Clips
 from s4nd_vision.eval.resolution import dataset_num_classes
 from s4nd_vision.train.config import ConfigError, load_config
 
@@ -303,10 +303,8 @@ def test_unreadable_videos_count_once_per_epoch_over_several_passes(hmdb, worker
     """The trainer makes a second pass over a shard left short by unreadable videos: they count once."""
     videos, splits = hmdb
     dataset = Hmdb51Clips(videos, splits, 'train', clip_duration=1.0)
-    # (workers started by spawn: forked after this process wrote and decoded videos, a worker once hung in PyAV's
-    # decoding, a fork-after-threads deadlock, and the suite with it)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                        multiprocessing_context='spawn' if workers else None)
+                        multiprocessing_context=VIDEO_WORKER_START if workers else None)
 
     def skipped_in(passes: int) -> int:
         with warnings.catch_warnings():

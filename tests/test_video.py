@@ -21,7 +21,13 @@ from torchvision.transforms import v2
 
 import s4nd_vision  # noqa: F401  (registers the models)
 import s4nd_vision.data.video as video_module
-from s4nd_vision.data.video import VIDEO_INTERPOLATIONS, Hmdb51Clips, VideoTransform, read_hmdb51_split
+from s4nd_vision.data.video import (
+    VIDEO_INTERPOLATIONS,
+    VIDEO_WORKER_START,
+    Hmdb51Clips,
+    VideoTransform,
+    read_hmdb51_split,
+)
 from s4nd_vision.layers import S4ND, s4nd
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
 from s4nd_vision.train.optim import ssm_param_names
@@ -529,13 +535,15 @@ def test_hmdb51_training_clips(hmdb):
     assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0, 0, 1, 1, 2, 2]
     assert sum(b[2].sum().item() for b in batches) == 0
 
-    # two shards, two workers each: every video exactly once
+    # two shards, two workers each: every video exactly once. The workers start as documented: forked after this
+    # process converted frames above, they hung with PyAV 18.1.1 (its per-thread SwsContext's thread pool)
     labels = []
     for shard in range(2):
         shard_set = Hmdb51Clips(
             videos, splits, 'train', clip_duration=1.0, transform=transform, num_shards=2, shard_id=shard)
         assert len(shard_set) == 3
-        labels += [y for _, y, _ in DataLoader(shard_set, batch_size=None, num_workers=2)]
+        loader = DataLoader(shard_set, batch_size=None, num_workers=2, multiprocessing_context=VIDEO_WORKER_START)
+        labels += [y for _, y, _ in loader]
     assert sorted(labels) == [0, 0, 1, 1, 2, 2]
 
 

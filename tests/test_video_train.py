@@ -273,8 +273,9 @@ def test_an_unreadable_test_video_read_last_is_counted(hmdb, tmp_path):
 def test_workers_train_on_every_video_once_per_epoch(hmdb, tmp_path):
     """data.workers=2: each worker's share of the 7 training videos (one unreadable) can end in a partial batch;
     merged, every readable video is trained on once per epoch (dropped, the epoch ran short into a second pass
-    that repeated videos)."""
+    that repeated videos). This process decodes a clip first: workers forked after it hung (PyAV 18.1.1)."""
     data = Trainer(load_config(None, _overrides(hmdb, tmp_path, 'data.workers=2'))).data
+    next(iter(data.train_set))
     stop = data.samples_per_rank() // data.cfg.data.batch_size
     for epoch in range(3):
         batches = list(data.train_batches(epoch, 32, 0, stop))  # (the workers warn about broken.avi)

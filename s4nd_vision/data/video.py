@@ -20,6 +20,7 @@
   torchvision's `transforms.v2` (`pytorchvideo.transforms` does not import on current torchvision).
 """
 import math
+import multiprocessing
 import os
 import warnings
 from fractions import Fraction
@@ -38,7 +39,13 @@ from torchvision.transforms import v2
 
 from .images import is_hidden
 
-__all__ = ['Hmdb51Clips', 'VideoTransform', 'VIDEO_INTERPOLATIONS', 'read_hmdb51_split']
+__all__ = ['Hmdb51Clips', 'VideoTransform', 'VIDEO_INTERPOLATIONS', 'VIDEO_WORKER_START', 'read_hmdb51_split']
+
+# How DataLoader workers that decode video start: never by fork. A forked worker inherits the FFmpeg state of a
+# parent that has decoded (converted) a frame, with none of its threads: PyAV 18.1.1 keeps one SwsContext, with
+# its slice-thread pool, per thread, and a worker forked after the parent converted a frame waits forever on
+# the parent's pool. A forkserver worker starts from a clean server process (spawn where there is none).
+VIDEO_WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
 
 _SPLIT_TAGS = {'train': 1, 'test': 2}  # official split files: 1 = train, 2 = test, 0 = unused
 _MAX_MAGNITUDE = 10  # RandAugment magnitudes as timm and pytorchvideo count them (timm's _LEVEL_DENOM)
@@ -282,7 +289,8 @@ class Hmdb51Clips(IterableDataset):
         transform: applied to each (C, T, H, W) clip, e.g. `VideoTransform`.
         clips_per_video: clips per video for 'test'.
         num_shards, shard_id: split the videos over processes (distributed runs; every shard gets
-            the same number of videos, some repeated). DataLoader workers split a shard further.
+            the same number of videos, some repeated). DataLoader workers split a shard further;
+            start them with `multiprocessing_context=VIDEO_WORKER_START` (a forked worker can hang in decoding).
         seed: seed of the video order.
         with_video_index: also yield the index of the clip's video in the split (the same for
             every clip of a video and every repeat of it in another shard): `(clip, label,

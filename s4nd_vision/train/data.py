@@ -360,6 +360,12 @@ class Hmdb51Data(TrainData):
                 raise RuntimeError(f'process {acc.process_index}: fewer readable training clips than data.batch_size '
                                    f'in its {len(self.train_set)} videos')
 
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        from ..data.video import VIDEO_WORKER_START
+        if self.cfg.data.workers > 0:
+            kwargs['multiprocessing_context'] = VIDEO_WORKER_START  # a forked worker can hang in decoding
+        return super()._loader(dataset, **kwargs)
+
     def prepare_evaluation(self) -> None:
         _set_transform(self.val_set, self.transform(self.cfg.data.img_size, training=False))
         self.val_loader = self._loader(self.val_set, shuffle=False)  # sharded by Hmdb51Clips, not Accelerate
