@@ -283,6 +283,21 @@ def test_workers_train_on_every_video_once_per_epoch(hmdb, tmp_path):
         assert sorted(torch.cat([y for _, y, _ in batches]).tolist()) == [0, 0, 1, 1, 2, 2], epoch
 
 
+def test_a_run_with_workers_counts_and_scores_as_one_without(hmdb, tmp_path):
+    """data.workers=2 end to end (training and evaluation loaders, workers started by forkserver): the unreadable
+    videos the workers meet are counted in this process, and the scores are those of a direct evaluation."""
+    out = tmp_path / 'run'
+    trainer = Trainer(load_config(None, _overrides(hmdb, out, 'data.workers=2', 'train.epochs=1')))
+    trainer.fit()  # (the workers warn about the broken videos in their own processes)
+    row, = _rows(out)
+    assert (row['skipped_videos'], row['val_skipped_videos'], row['val_videos']) == ('1', '1', '3')
+    with pytest.warns(RuntimeWarning, match='broken_test.avi'):
+        expected = _evaluate_directly(trainer.accelerator.unwrap_model(trainer.model), hmdb)
+    metrics = trainer.evaluate()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
+
+
 def test_full_batches_merge_the_partial_ones_in_order():
     batches = [[torch.arange(n) + 10 * i, torch.full((n,), i)] for i, n in enumerate((3, 1, 3, 2, 2, 1, 1))]
     merged = list(_full_batches(iter(batches), 3))  # the remainder [60] is dropped
