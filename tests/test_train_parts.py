@@ -377,3 +377,15 @@ def test_cpu_peak_memory_is_in_mib_on_linux_and_macos_and_the_trainer_imports_wi
               "print(peak_memory_mb(torch.device('cpu')))")
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.split() == ['nan'], result.stderr[-2000:]
+
+
+def test_a_trainer_built_while_a_worker_imports_the_main_script_says_to_guard_it(monkeypatch, tmp_path):
+    """A script without the main guard runs again in each forkserver/spawn worker (video loaders'): refused there
+    with what to do, not a confusing 'folder in use' error from the run it would start."""
+    import multiprocessing
+
+    from s4nd_vision.train import Trainer, load_config
+    monkeypatch.setattr(multiprocessing.current_process(), '_inheriting', True, raising=False)
+    with pytest.raises(RuntimeError, match="starting worker process imports the main script.*__name__ == '__main__'"):
+        Trainer(load_config('demo/mnist_convnext.yaml', [f'train.output_dir={tmp_path}']))
+    assert not os.listdir(tmp_path)

@@ -20,6 +20,7 @@ every value in them is finite, so the last checkpoint is always one to resume fr
 import copy
 import dataclasses
 import math
+import multiprocessing
 import os
 import time
 import warnings
@@ -127,6 +128,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, resume=False, allow_fresh: bool = False):
+        # (the check Python makes before starting a process from a process that is still starting)
+        if getattr(multiprocessing.current_process(), '_inheriting', False):
+            raise RuntimeError(
+                'Trainer: built while a starting worker process imports the main script (DataLoader workers that '
+                "start by forkserver or spawn, as video workers do, import it): put the training under `if __name__ "
+                "== '__main__':`")
         fresh = not AcceleratorState._shared_state  # (no Accelerator in this process yet: this run sets its state)
         try:
             self._start(cfg, resume, allow_fresh)
