@@ -571,6 +571,17 @@ def test_hmdb51_a_pass_after_an_abandoned_one_starts_afresh(hmdb):
     assert [video for *_, video in samples] == [0, 0, 1, 1, 2, 2] and [s for _, _, s, _ in samples] == [0] * 6
 
 
+def test_hmdb51_workers_start_after_an_abandoned_pass(hmdb):
+    """A peek at the first test clip leaves its video open in this process: the copies that workers started by
+    forkserver or spawn get are pickled without it (PyAV's container does not pickle: the loader failed with
+    'no default __reduce__ due to non-trivial __cinit__') and read every clip once."""
+    videos, splits = hmdb
+    test = Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, clips_per_video=2, with_video_index=True)
+    next(iter(test))
+    loader = DataLoader(test, batch_size=None, num_workers=2, multiprocessing_context=VIDEO_WORKER_START)
+    assert sorted(video for *_, video in loader) == [0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize('clips_per_video, starts', [(1, [0.5]), (2, [0, 1]), (3, [0, 0.5, 1])])
 def test_hmdb51_test_clips_are_evenly_spaced_over_the_whole_video(hmdb, monkeypatch, clips_per_video, starts):
     """Test clips from the start to the end of each (2 s) video, one clip in the centre: pytorchvideo's

@@ -19,6 +19,7 @@
   crop (random + flip + RandAugment for training, centre for evaluation), normalization, with
   torchvision's `transforms.v2` (`pytorchvideo.transforms` does not import on current torchvision).
 """
+import copy
 import math
 import multiprocessing
 import os
@@ -372,6 +373,15 @@ class Hmdb51Clips(IterableDataset):
         if self._paths.epoch is None:
             raise RuntimeError('unreadable_videos() counts per epoch: call set_epoch(epoch) first')
         return torch.nonzero(self._paths.counted_in == self._paths.epoch).flatten().tolist()
+
+    def __getstate__(self) -> Dict:
+        # (the copy that DataLoader workers started by forkserver or spawn get) without the state of a pass: the video
+        # an abandoned pass left open (e.g. a peek at one test clip) does not pickle (PyAV's container), and each
+        # pass starts afresh anyway (`__iter__`)
+        state = self.__dict__.copy()
+        videos = state['_videos'] = copy.copy(self._videos)
+        videos._loaded_video_label, videos._video_sampler_iter, videos._next_clip_start_time = None, None, 0.0
+        return state
 
     def __len__(self) -> int:
         """Clips this shard yields per epoch when every video is readable."""
