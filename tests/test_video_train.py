@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DistributedSampler
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.data.video import Hmdb51Clips, VideoTransform
+from s4nd_vision.data.video import VIDEO_WORKER_START, Hmdb51Clips, VideoTransform
 from s4nd_vision.models._checkpoint import file_num_classes
 from s4nd_vision.models.inflate import inflate_state_dict
 from s4nd_vision.train import ConfigError, Trainer, load_config
@@ -296,6 +296,17 @@ def test_a_run_with_workers_counts_and_scores_as_one_without(hmdb, tmp_path):
     metrics = trainer.evaluate()
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_video_workers_start_from_a_server_that_preloaded_the_video_pipeline(hmdb, tmp_path, monkeypatch):
+    """The trainer starts new workers for every epoch and evaluation: by forkserver, from a server that imported
+    torch and pytorchvideo once, besides the main script (each worker importing them anew took ~10 s a loader)."""
+    import multiprocessing.forkserver
+    monkeypatch.setattr(multiprocessing.forkserver._forkserver, '_preload_modules', ['__main__'])  # (the default)
+    data = Trainer(load_config(None, _overrides(hmdb, tmp_path, 'data.workers=2'))).data
+    assert data.val_loader.multiprocessing_context.get_start_method() == VIDEO_WORKER_START
+    if VIDEO_WORKER_START == 'forkserver':
+        assert multiprocessing.forkserver._forkserver._preload_modules == ['__main__', 's4nd_vision.data.video']
 
 
 def test_full_batches_merge_the_partial_ones_in_order():

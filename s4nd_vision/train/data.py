@@ -361,9 +361,9 @@ class Hmdb51Data(TrainData):
                                    f'in its {len(self.train_set)} videos')
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        from ..data.video import VIDEO_WORKER_START
-        if self.cfg.data.workers > 0:
-            kwargs['multiprocessing_context'] = VIDEO_WORKER_START  # a forked worker can hang in decoding
+        from ..data.video import video_worker_context
+        if self.cfg.data.workers > 0:  # (a forked worker can hang in decoding)
+            kwargs['multiprocessing_context'] = video_worker_context()
         return super()._loader(dataset, **kwargs)
 
     def prepare_evaluation(self) -> None:
