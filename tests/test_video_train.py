@@ -283,6 +283,18 @@ def test_workers_train_on_every_video_once_per_epoch(hmdb, tmp_path):
         assert sorted(torch.cat([y for _, y, _ in batches]).tolist()) == [0, 0, 1, 1, 2, 2], epoch
 
 
+def test_a_mid_epoch_start_with_workers_gives_the_rest_of_the_uninterrupted_epoch(hmdb, tmp_path):
+    """data.workers=2 (workers started by forkserver, seeded from the loader's generator): an epoch started at its
+    second micro-batch, as a mid-epoch resume does, yields the same clips, labels and counts as the whole epoch."""
+    data = Trainer(load_config(None, _overrides(hmdb, tmp_path, 'data.workers=2'))).data
+    stop = data.samples_per_rank() // data.cfg.data.batch_size
+    whole = list(data.train_batches(1, 32, 0, stop))
+    rest = list(data.train_batches(1, 32, 1, stop))
+    assert len(whole) == stop and len(rest) == stop - 1
+    for a, b in zip(whole[1:], rest):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_a_run_with_workers_counts_and_scores_as_one_without(hmdb, tmp_path):
     """data.workers=2 end to end (training and evaluation loaders, workers started by forkserver): the unreadable
     videos the workers meet are counted in this process, and the scores are those of a direct evaluation."""
