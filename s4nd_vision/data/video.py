@@ -305,7 +305,9 @@ class Hmdb51Clips(IterableDataset):
             centre).
         split_id: official split 1, 2 or 3.
         clip_duration: seconds per clip.
-        transform: applied to each (C, T, H, W) clip, e.g. `VideoTransform`.
+        transform: applied to each (C, T, H, W) clip, e.g. `VideoTransform`; picklable for DataLoader workers,
+            which get a pickled copy of the dataset (not a lambda or local function; torch's hint to start them
+            by fork instead does not apply here: a forked worker can hang in decoding).
         clips_per_video: clips per video for 'test'.
         num_shards, shard_id: split the videos over processes (distributed runs; every shard gets
             the same number of videos, some repeated). DataLoader workers split a shard further;
