@@ -22,7 +22,6 @@
 import copy
 import math
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import warnings
 from fractions import Fraction
@@ -61,7 +60,8 @@ def video_worker_context() -> multiprocessing.context.BaseContext:
     """
     context = multiprocessing.get_context(VIDEO_WORKER_START)
     if VIDEO_WORKER_START == 'forkserver':
-        preload = list(getattr(multiprocessing.forkserver._forkserver, '_preload_modules', None) or ['__main__'])
+        from multiprocessing import forkserver  # (POSIX only)
+        preload = list(getattr(forkserver._forkserver, '_preload_modules', None) or ['__main__'])
         if __name__ not in preload:
             context.set_forkserver_preload(preload + [__name__])
     return context
