@@ -1,7 +1,6 @@
 """Test-session setup. Without CUDA the Triton kernels (tests/test_triton_*.py) run in Triton's CPU interpreter.
 Triton reads TRITON_INTERPRET when it is first imported (its own language helpers are decorated then) and when
 kernels are decorated, so it is set here, before any test module (or torch.compile) imports Triton."""
-import multiprocessing
 import os
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # (pytest -n N: N workers share the cores; no oversubscribed OpenMP pools)
@@ -12,7 +11,3 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
-
-# video DataLoader workers start by forkserver (s4nd_vision.data.video.VIDEO_WORKER_START): each would import torch
-# and pytorchvideo anew (~2 s a loader); forked from a server that already has, they start at once
-multiprocessing.set_forkserver_preload(['torch', 's4nd_vision.data.video'])

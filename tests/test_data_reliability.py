@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, open_image
-from s4nd_vision.data.video import VIDEO_WORKER_START, Hmdb51Clips
+from s4nd_vision.data.video import Hmdb51Clips, video_worker_context
 from s4nd_vision.eval.resolution import dataset_num_classes
 from s4nd_vision.train.config import ConfigError, load_config
 
@@ -304,7 +304,7 @@ def test_unreadable_videos_count_once_per_epoch_over_several_passes(hmdb, worker
     videos, splits = hmdb
     dataset = Hmdb51Clips(videos, splits, 'train', clip_duration=1.0)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                        multiprocessing_context=VIDEO_WORKER_START if workers else None)
+                        multiprocessing_context=video_worker_context() if workers else None)
 
     def skipped_in(passes: int) -> int:
         with warnings.catch_warnings():

@@ -23,10 +23,10 @@ import s4nd_vision  # noqa: F401  (registers the models)
 import s4nd_vision.data.video as video_module
 from s4nd_vision.data.video import (
     VIDEO_INTERPOLATIONS,
-    VIDEO_WORKER_START,
     Hmdb51Clips,
     VideoTransform,
     read_hmdb51_split,
+    video_worker_context,
 )
 from s4nd_vision.layers import S4ND, s4nd
 from s4nd_vision.models.inflate import inflate_conv_weight, inflate_state_dict
@@ -542,7 +542,7 @@ def test_hmdb51_training_clips(hmdb):
         shard_set = Hmdb51Clips(
             videos, splits, 'train', clip_duration=1.0, transform=transform, num_shards=2, shard_id=shard)
         assert len(shard_set) == 3
-        loader = DataLoader(shard_set, batch_size=None, num_workers=2, multiprocessing_context=VIDEO_WORKER_START)
+        loader = DataLoader(shard_set, batch_size=None, num_workers=2, multiprocessing_context=video_worker_context())
         labels += [y for _, y, _ in loader]
     assert sorted(labels) == [0, 0, 1, 1, 2, 2]
 
@@ -578,7 +578,7 @@ def test_hmdb51_workers_start_after_an_abandoned_pass(hmdb):
     videos, splits = hmdb
     test = Hmdb51Clips(videos, splits, 'test', clip_duration=1.0, clips_per_video=2, with_video_index=True)
     next(iter(test))
-    loader = DataLoader(test, batch_size=None, num_workers=2, multiprocessing_context=VIDEO_WORKER_START)
+    loader = DataLoader(test, batch_size=None, num_workers=2, multiprocessing_context=video_worker_context())
     assert sorted(video for *_, video in loader) == [0, 0, 1, 1, 2, 2]
 
 
