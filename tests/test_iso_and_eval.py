@@ -766,3 +766,49 @@ def test_cli_reports_bad_arguments(image_folder, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: one checkpoint for two models
         cli.main(['--models', 's4nd_iso_tiny', 'conv_iso_tiny', '--checkpoints', 'a.pth', '--resolutions', '14'])
     assert exit_info.value.code == 2
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_no_earlier_results(image_folder, tmp_path):
+    """An evaluation that fails at its first resolution left the CSV and plot of an earlier one in the folder, read
+    as its own (another model's rows); now they are removed before the first row."""
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError('out of memory')
+
+    out = tmp_path / 'out'
+    eval_resolution({'earlier': _Constant()}, image_folder, [8, 14], out_dir=str(out), progress=False)
+    assert (out / CSV_NAME).exists() and (out / PLOT_NAME).exists()
+    with pytest.raises(RuntimeError, match='out of memory'):
+        eval_resolution({'m': Broken()}, image_folder, [8, 14], out_dir=str(out), progress=False)
+    assert not (out / CSV_NAME).exists() and not (out / PLOT_NAME).exists()
+
+
+def test_models_the_data_do_not_fit_are_refused_before_any_work(image_folder, tmp_path):
+    """A model of 4 input channels failed in its first batch with a bare shape error (images are read as grayscale
+    or RGB), and a later model with other classes than the folder's was refused only after the models before it were
+    evaluated: both are refused, by name, before any evaluation (an earlier evaluation's files are kept)."""
+    class Four(_Constant):
+        pretrained_cfg = dict(input_size=(4, 14, 14), mean=(0.5,) * 4, std=(0.5,) * 4, interpolation='bilinear',
+                              crop_pct=1.0)
+        in_chans = 4
+
+    class Counted(_Constant):
+        calls = 0
+
+        def forward(self, x):
+            Counted.calls += 1
+            return super().forward(x)
+
+    out = tmp_path / 'out'
+    eval_resolution({'earlier': _Constant()}, image_folder, [8], out_dir=str(out), progress=False)
+    for data in (image_folder, 'mnist'):
+        with pytest.raises(ValueError, match=r"'four' takes 4 input channels: eval_resolution reads images as "
+                                             r"grayscale \(in_chans 1\) or RGB \(in_chans 3\)"):
+            eval_resolution({'first': Counted(), 'four': Four()}, data, [8], out_dir=str(out), progress=False)
+    eleven = _Constant()
+    eleven.num_classes = 11
+    with pytest.raises(ValueError, match='eleven classifies 11 classes'):
+        eval_resolution({'first': Counted(), 'eleven': eleven}, image_folder, [8], out_dir=str(out), progress=False)
+    assert Counted.calls == 0
+    with open(out / CSV_NAME) as f:
+        assert [r['model'] for r in csv.DictReader(f)] == ['earlier']

@@ -10,6 +10,7 @@ mean, std, interpolation and crop.
     rows = eval_resolution(models, 'mnist', [14, 20, 28, 42], train_resolution=14, out_dir='output/zero_shot')
     print(format_table(rows))
 """
+import contextlib
 import csv
 import os
 import warnings
@@ -298,7 +299,8 @@ def eval_resolution(
             (e.g. `load_model` found weights trained at it), the plot marks theirs.
         crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg).
         out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME, both rewritten as each
-            row is measured (an interrupted run leaves the rows measured, and their plot).
+            row is measured (an interrupted run leaves the rows measured, and their plot; an earlier evaluation's
+            files there are removed once the models and data are checked, before the first row).
 
     Returns:
         One dict per (model, resolution): model, resolution, top1, top5, n (images scored), skipped (unreadable
@@ -321,12 +323,15 @@ def eval_resolution(
         stated = {get_model_input_config(m)['input_size'][-1] for m in models.values()
                   if any(isinstance(layer, S4ND) for layer in m.modules())}
         mark = stated.pop() if train_resolution is not None and len(stated) == 1 else train_resolution
-    rows, listed = [], {}
+    # every model's data first (lazy: nothing is read), so that a model the data do not fit (channels, classes) is
+    # refused before any work, not after the models before it were evaluated
+    listed, model_loaders = {}, {}
     for name, model in models.items():
-        model.eval().to(device)
-        # (the transforms give float32 images: cast to the weights' dtype, which the first layer expects)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         cfg = model_data_config(model)
+        chans = cfg['input_size'][0]
+        if chans not in (1, 3):  # (images are read as grayscale or RGB: another count failed in the first batch)
+            raise ValueError(f'{name!r} takes {chans} input channels: eval_resolution reads images as grayscale '
+                             f'(in_chans 1) or RGB (in_chans 3)')
         loaders = [
             DataLoader(_dataset(data, split, r, cfg, crop_pct, listed), batch_size=batch_size, num_workers=num_workers)
             for r in resolutions
@@ -336,6 +341,17 @@ def eval_resolution(
             raise ValueError(
                 f'{name} classifies {model.num_classes} classes, but {data!r} ({split}) holds {classes} class '
                 f'folders: its labels would not be the model\'s (a class missing from the split, or an extra folder?)')
+        model_loaders[name] = loaders
+    if out_dir is not None:  # an earlier evaluation's results go: a run that fails before its first row leaves
+        for file in (CSV_NAME, PLOT_NAME):  # none of them beside it, to be read as its own
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, file))
+    rows = []
+    for name, model in models.items():
+        model.eval().to(device)
+        # (the transforms give float32 images: cast to the weights' dtype, which the first layer expects)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        loaders = model_loaders[name]
         with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress) as bar:
             for resolution, loader in zip(resolutions, loaders):
                 correct1 = correct5 = n = skipped = nonfinite = 0
