@@ -812,3 +812,16 @@ def test_models_the_data_do_not_fit_are_refused_before_any_work(image_folder, tm
     assert Counted.calls == 0
     with open(out / CSV_NAME) as f:
         assert [r['model'] for r in csv.DictReader(f)] == ['earlier']
+
+
+def test_a_crop_or_split_the_builtin_digits_do_not_have_is_refused():
+    """crop_pct and split were ignored for 'mnist' (its validation digits, resampled whole): `--crop-pct 0.5` or
+    `--split train` gave the table of the uncropped validation split, read as of the crop or split asked for."""
+    with pytest.raises(ValueError, match=r"crop_pct \(--crop-pct\) crops ImageFolder data; 'mnist' digits are "
+                                         r"resampled whole.*got crop_pct=0.5"):
+        eval_resolution({'constant': _Constant()}, 'mnist', [14], crop_pct=0.5, progress=False)
+    with pytest.raises(ValueError, match=r"split \(--split\): 'mnist' is MNIST-5k's validation split only, got split "
+                                         r"'train'"):
+        eval_resolution({'constant': _Constant()}, 'mnist', [14], split='train', progress=False)
+    (row,) = eval_resolution({'constant': _Constant()}, 'mnist', [14], crop_pct=1.0, split='val', progress=False)
+    assert row['n'] == 1000 and row['top1'] == 10

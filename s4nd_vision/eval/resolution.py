@@ -297,7 +297,9 @@ def eval_resolution(
         train_resolution: the resolution the models were trained at (checked, marked on the plot); build
             the models for it (`load_model(img_size=...)`). Where the S4ND models all state another native size
             (e.g. `load_model` found weights trained at it), the plot marks theirs.
-        crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg).
+        split: the ImageFolder's split ('mnist': 'validation' or 'val', its only split here).
+        crop_pct: center-crop fraction for ImageFolder data (None = each model's pretrained cfg; refused for 'mnist',
+            whose digits are not cropped: None or 1.0 there).
         out_dir: if given, the rows are written there as CSV_NAME and plotted as PLOT_NAME, both rewritten as each
             row is measured (an interrupted run leaves the rows measured, and their plot; an earlier evaluation's
             files there are removed once the models and data are checked, before the first row).
@@ -311,6 +313,12 @@ def eval_resolution(
         raise ValueError('models must hold at least one model')
     if crop_pct is not None and not 0 < crop_pct <= 1:  # (timm's create_transform reads 0 as its default, 0.875)
         raise ValueError(f"crop_pct must be in (0, 1], or None for each model's, got {crop_pct!r}")
+    if data == BUILTIN:  # (else accepted and ignored: the table would read as of the crop or split asked for)
+        if crop_pct not in (None, 1.0):  # (as the trainer refuses data.crop_pct for them)
+            raise ValueError(f'crop_pct (--crop-pct) crops ImageFolder data; {BUILTIN!r} digits are resampled whole, '
+                             f'as the trainer feeds them (no crop): None or 1.0, got crop_pct={crop_pct!r}')
+        if split not in ('validation', 'val'):
+            raise ValueError(f"split (--split): {BUILTIN!r} is MNIST-5k's validation split only, got split {split!r}")
     resolutions = check_resolutions(resolutions, models)
     for name, model in models.items():  # (the data are images: a clip model's input check refused the first batch)
         input_size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or ()
