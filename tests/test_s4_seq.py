@@ -408,3 +408,28 @@ def test_step_refuses_a_state_made_before_another_process_changed_the_shared_par
     # a state sent to a worker steps its copy of the same parameters (other storage; refused before)
     state = model.default_state(2)
     torch.testing.assert_close(copy.deepcopy(model).step(x, state)[0], model.step(x, state)[0], rtol=0, atol=0)
+
+
+def test_sequential_mnist_scores_non_finite_logits_as_misses(monkeypatch):
+    """A model whose logits are NaN at the double length was scored by argmax, which ranks a NaN first: about 10%
+    (the share of class 0), read as chance; now every such sequence is a miss, warned about."""
+    import timm
+    import torch.nn as nn
+
+    from s4nd_vision.eval.sequential import run_sequential_mnist
+    create = timm.create_model
+
+    class NanAtDouble(nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.inner = create('conv_seq_tiny', **kwargs)
+
+        def forward(self, x):
+            out = self.inner(x)
+            return out * float('nan') if x.shape[-1] > 16 else out
+
+    monkeypatch.setattr(timm, 'create_model', lambda name, **kw: NanAtDouble(**kw))
+    with pytest.warns(RuntimeWarning, match=r'conv_seq_tiny at 32 samples: 1000 of 1000 sequences gave non-finite'):
+        (row,) = run_sequential_mnist(models=('conv_seq_tiny',), rows=4, cols=4, epochs=1, batch_size=25,
+                                      train_limit=50, model_kwargs=dict(dim=8, depth=1), log=lambda s: None)
+    assert row['acc@32'] == 0 and row['acc@16'] > 0

@@ -7,6 +7,7 @@ Each digit is resampled to `rows` x `cols` and read in raster order; the test se
 (`conv_seq_*`) has a kernel fixed in samples.
 """
 import math
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import timm
@@ -19,6 +20,7 @@ from ..models.s4_seq import MNIST_MEAN, MNIST_STD
 from ..train.optim import param_groups_ssm
 from ..utils.model_spec import parse_model_spec
 from ..utils.seeding import seed_all
+from .accuracy import topk_hits
 
 __all__ = ['run_sequential_mnist', 'format_table']
 
@@ -27,12 +29,19 @@ def _normalize(sequence: torch.Tensor) -> torch.Tensor:
     return (sequence - MNIST_MEAN[0]) / MNIST_STD[0]
 
 
-def _accuracy(model: torch.nn.Module, dataset, batch_size: int) -> float:
+def _accuracy(model: torch.nn.Module, dataset, batch_size: int, name: str = 'model') -> float:
+    """Top-1 accuracy; a sequence whose logits hold a NaN or inf is a miss, warned about (argmax ranks a NaN first:
+    a model that blows up at a test length read as one at chance, about 10%)."""
     model.eval()
-    hits = 0
+    hits = nonfinite = 0
     with torch.inference_mode():
         for x, y in DataLoader(dataset, batch_size=batch_size):
-            hits += (model(x).argmax(-1) == y).sum().item()
+            logits = model(x)
+            hits += topk_hits(logits, y, k=1)[:, 0].sum().item()
+            nonfinite += int((~logits.isfinite().all(dim=1)).sum())
+    if nonfinite:
+        warnings.warn(f'{name} at {dataset[0][0].shape[-1]} samples: {nonfinite} of {len(dataset)} sequences gave '
+                      'non-finite logits (scored as misses)', RuntimeWarning)
     return hits / len(dataset)
 
 
@@ -52,7 +61,8 @@ def run_sequential_mnist(
 ) -> List[Dict]:
     """Train each of `models` on the MNIST-5k train split as sequences of rows * cols samples (AdamW, cosine
     schedule, SSM parameters at `ssm_lr` without weight decay), then report its validation accuracy at
-    cols / 2, cols and cols * 2 samples per row. One row per model: {'model', 'train_len', 'acc@<len>': ...}.
+    cols / 2, cols and cols * 2 samples per row (a sequence with non-finite logits a miss, warned about). One row per
+    model: {'model', 'train_len', 'acc@<len>': ...}.
 
     `models` are timm names, each with constructor arguments of its own as `NAME,key=value,...`
     (`parse_model_spec`, e.g. 's4nd_seq_tiny,kernel=sgconv'); `model_kwargs` go to every model's constructor;
@@ -118,7 +128,7 @@ def run_sequential_mnist(
             log(f'{spec} epoch {epoch + 1}/{epochs}: train loss {running / len(loader):.3f}')
         row = dict(model=spec, train_len=rows * cols)
         for length, dataset in tests.items():
-            row[f'acc@{length}'] = _accuracy(model, dataset, batch_size)
+            row[f'acc@{length}'] = _accuracy(model, dataset, batch_size, name=spec)
         log(', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
         results.append(row)
     return results
