@@ -610,6 +610,28 @@ def test_weights_trained_at_another_size_are_named_and_marked(image_folder, tmp_
         assert load_model('s4nd_iso_tiny', path, img_size=28, **load).img_size == (28, 28)
 
 
+def test_shared_weights_trained_at_another_size_are_named_too(tmp_path):
+    """Shared weights ('local-dir:', as 'hf-hub:') trained at 28 px, loaded with img_size=14 (--train-resolution 14),
+    stated 14 px without a word while their kernels kept the 28 px grids (the plot marked 14 as the training size);
+    now they warn and state 28 px, as a checkpoint does."""
+    from s4nd_vision.deploy import save_for_hf
+    save_for_hf(_create('s4nd_iso_tiny', **dict(SMALL, img_size=28)), str(tmp_path / 'shared'))
+    name = f'local-dir:{tmp_path / "shared"}'
+    with pytest.warns(UserWarning, match=r"shared' holds weights trained at 28 px .*, not at img_size=14:"):
+        model = load_model(name, img_size=14)
+    assert model.img_size == (28, 28) and model.reference_img_size() == (28, 28)
+    assert model.pretrained_cfg['input_size'][-2:] == (28, 28)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*holds weights trained at')
+        assert load_model(name, img_size=28).img_size == (28, 28)
+        assert load_model(name).img_size == (28, 28)
+    # a size the shared config states on purpose (save_for_hf data_config) is kept where no size is given
+    save_for_hf(_create('s4nd_iso_tiny', **dict(SMALL, img_size=28)), str(tmp_path / 'at42'),
+                data_config=dict(input_size=(1, 42, 42)))
+    assert load_model(f'local-dir:{tmp_path / "at42"}').img_size == (42, 42)
+
+
 
 @pytest.mark.parametrize('name, kwargs', [
     ('s4nd_iso_tiny', SMALL_KWARGS), ('convnext_s4nd_atto', {}), ('convnext_s4nd_3d_atto', dict(num_frames=4)),

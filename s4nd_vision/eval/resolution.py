@@ -64,9 +64,10 @@ def load_model(
         in_chans: passed to `timm.create_model` when given.
         img_size: the resolution the weights were trained at: this package's models are built for it (their
             S4ND kernels' reference grids, which weight files written by earlier versions do not hold); timm
-            models that take a size (ViTs) are set to it; others ignore it. Weights that hold another grid keep
-            it (they were trained at another size): a warning names both, and the model is set to the weights'
-            (without a size given, silently: it states the size its weights were trained at).
+            models that take a size (ViTs) are set to it; others ignore it. Weights (a checkpoint, or shared ones
+            where a size is given) that hold another grid keep it (they were trained at another size): a warning
+            names both, and the model is set to the weights' (a checkpoint without a size given, silently: it
+            states the size its weights were trained at; shared weights then state their config's).
         bandlimit: band-limiting cut-off set on every S4ND kernel after loading (None leaves the one saved with
             the weights, else the model's own); models without S4ND layers are unaffected.
         model_kwargs: further `timm.create_model` arguments (those the model was trained with).
@@ -98,15 +99,19 @@ def load_model(
                 f'the weights in {checkpoint!r} do not fit {name} built with {built or "its defaults"} '
                 f'({detail}): build it with the arguments it was trained with (eval-resolution: '
                 f'--models NAME,key=value,...; kernel-report, export: --model-kwargs key=value ...)') from None
+    stated = img_size if img_size is not None else kwargs.get('img_size')
+    # shared weights where a size is given (without one they state their config's, which may be another on purpose)
+    weights = checkpoint if checkpoint is not None else name if shared and stated is not None else None
+    if weights is not None:
         # the saved reference grids replace those built for img_size: the model says the size they were trained at
         # (also where no size was given: else it would state its default, and so would the data config and the
-        # metadata of an exported file, and preprocessing would resize to that)
+        # metadata of an exported file, and preprocessing would resize to that); shared weights set to img_size
+        # above stated it without a word (and a plot marked it as the training size)
         trained = model.reference_img_size() if hasattr(model, 'reference_img_size') else None
         if trained is not None and tuple(trained) != tuple(model.img_size):
-            stated = img_size if img_size is not None else kwargs.get('img_size')
             if stated is not None:
                 px = f'{trained[0]} px' if trained[0] == trained[1] else f'{trained[0]}x{trained[1]} px'
-                warnings.warn(f'{checkpoint!r} holds weights trained at {px} (their S4ND reference grids), not '
+                warnings.warn(f'{weights!r} holds weights trained at {px} (their S4ND reference grids), not '
                               f'at img_size={stated}: they are evaluated as trained at {px}',
                               UserWarning)
             model.set_input_size(trained)
