@@ -847,3 +847,14 @@ def test_a_crop_or_split_the_builtin_digits_do_not_have_is_refused():
         eval_resolution({'constant': _Constant()}, 'mnist', [14], split='train', progress=False)
     (row,) = eval_resolution({'constant': _Constant()}, 'mnist', [14], crop_pct=1.0, split='val', progress=False)
     assert row['n'] == 1000 and row['top1'] == 10
+
+
+def test_numpy_integer_resolutions_are_taken(image_folder):
+    """Resolutions from NumPy (`np.arange(8, 22, 6)`) were refused as not positive integers; they are taken, and the
+    rows hold Python ints."""
+    assert check_resolutions(np.arange(8, 22, 6)) == [8, 14, 20]
+    rows = eval_resolution({'constant': _Constant()}, image_folder, np.array([8, 14]), train_resolution=np.int64(14),
+                           progress=False)
+    assert [type(r['resolution']) for r in rows] == [int, int] and [r['resolution'] for r in rows] == [8, 14]
+    with pytest.raises(ValueError, match='resolutions must be positive integers'):
+        check_resolutions([np.float64(14.0), True])

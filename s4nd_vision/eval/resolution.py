@@ -12,6 +12,7 @@ mean, std, interpolation and crop.
 """
 import contextlib
 import csv
+import numbers
 import os
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -204,16 +205,17 @@ def min_input_size(model: nn.Module) -> int:
 
 
 def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, nn.Module]] = None) -> List[int]:
-    """Validate `resolutions` (positive integers, each given once, each at least every model's minimum input size,
-    only its own size for a model that takes no other: timm's `fixed_input_size`, and each one the model's own input
-    check accepts: e.g. a ViT-S4ND's patch-size multiples, and a timm ViT's unless it pads; a sequence model, whose
-    input has no sides, is refused), before any evaluation."""
+    """Validate `resolutions` (positive integers, NumPy's too, each given once, each at least every model's minimum
+    input size, only its own size for a model that takes no other: timm's `fixed_input_size`, and each one the
+    model's own input check accepts: e.g. a ViT-S4ND's patch-size multiples, and a timm ViT's unless it pads; a
+    sequence model, whose input has no sides, is refused), before any evaluation; returns them as Python ints."""
     resolutions = list(resolutions)
     if not resolutions:
         raise ValueError('resolutions must list at least one resolution')
-    bad = [r for r in resolutions if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    bad = [r for r in resolutions if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1]
     if bad:
         raise ValueError(f'resolutions must be positive integers (pixels per side), got {bad}')
+    resolutions = [int(r) for r in resolutions]  # (NumPy's too, e.g. np.arange: Python ints in the rows and CSV)
     repeated = sorted({r for r in resolutions if resolutions.count(r) > 1})
     if repeated:  # (evaluated twice, or a study's table with two columns of one name)
         raise ValueError(f'resolutions must each be given once, got {repeated} more than once')
