@@ -803,6 +803,10 @@ def test_a_run_that_fails_before_its_first_row_leaves_no_earlier_results(image_f
     with pytest.raises(RuntimeError, match='out of memory'):
         eval_resolution({'m': Broken()}, image_folder, [8, 14], out_dir=str(out), progress=False)
     assert not (out / CSV_NAME).exists() and not (out / PLOT_NAME).exists()
+    # an output folder that cannot be made fails before any work (it failed once the first row was measured)
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(OSError):
+        eval_resolution({'m': Broken()}, image_folder, [8], out_dir=str(tmp_path / 'a_file'), progress=False)
 
 
 def test_models_the_data_do_not_fit_are_refused_before_any_work(image_folder, tmp_path):

@@ -358,7 +358,8 @@ def eval_resolution(
                 f'folders: its labels would not be the model\'s (a class missing from the split, or an extra folder?)')
         model_loaders[name] = loaders
     if out_dir is not None:  # an earlier evaluation's results go: a run that fails before its first row leaves
-        for file in (CSV_NAME, PLOT_NAME):  # none of them beside it, to be read as its own
+        os.makedirs(out_dir, exist_ok=True)  # none of them beside it, to be read as its own; and a folder that
+        for file in (CSV_NAME, PLOT_NAME):  # cannot be made (a file, no permission) fails before the first row's work
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, file))
     rows = []
@@ -390,7 +391,6 @@ def eval_resolution(
                                  n=n, skipped=skipped, nonfinite=nonfinite))
                 bar.set_postfix({f'{resolution}px': f'{rows[-1]["top1"]:.1f}%'})
                 if out_dir is not None:  # (each row as soon as it is measured: a later failure keeps it)
-                    os.makedirs(out_dir, exist_ok=True)
                     write_csv(rows, os.path.join(out_dir, CSV_NAME))
                     # the plot of the same rows: an interrupted run leaves no plot of an earlier one beside them
                     plot_accuracy(rows, os.path.join(out_dir, PLOT_NAME), train_resolution=mark)
