@@ -801,8 +801,11 @@ a leading configs/ is accepted). Overrides use dotted keys, e.g. optim.lr=1e-3 t
         """Zero-shot resolution evaluation: accuracy of models at resolutions they were (or were not) trained at.
 
     s4nd-vision eval-resolution --models s4nd_iso_tiny conv_iso_tiny \\
-        --checkpoints out/s4nd/best.safetensors out/conv/best.safetensors \\
+        --checkpoints output/demo/iso/s4nd_iso_tiny/best.safetensors output/demo/iso/conv_iso_tiny/best.safetensors \\
+        --in-chans 1 --mean 0.1307 --std 0.3081 \\
         --data mnist --train-resolution 14 --resolutions 14 20 28 42 --out output/zero_shot
+
+(the demo's models: 1-channel digits, normalized with MNIST's mean and std; give what your models trained with)
 
 Prints a top-1/top-5 table and writes accuracy_vs_resolution.csv and .png to --out
 (see s4nd_vision.eval.resolution).""",

@@ -862,3 +862,28 @@ def test_numpy_integer_resolutions_are_taken(image_folder):
     assert [type(r['resolution']) for r in rows] == [int, int] and [r['resolution'] for r in rows] == [8, 14]
     with pytest.raises(ValueError, match='resolutions must be positive integers'):
         check_resolutions([np.float64(14.0), True])
+
+
+def test_the_documented_command_evaluates_the_demos_models_as_trained(tmp_path, monkeypatch):
+    """The example of `s4nd-vision eval-resolution --help` evaluates the demo's models (1-channel digits, MNIST's
+    mean and std) at the paths the demo writes them to: without --in-chans 1 it failed ('take 1 input channels'),
+    and without --mean/--std it would have normalized with ImageNet's."""
+    from s4nd_vision.cli import COMMANDS, main
+    from s4nd_vision.data.transforms import model_data_config
+    from s4nd_vision.eval import resolution
+    text = COMMANDS['eval-resolution'].description.replace('\\\n', ' ')
+    (line,) = [s.strip() for s in text.splitlines() if s.strip().startswith('s4nd-vision eval-resolution')]
+    args = line.split()[1:]
+    monkeypatch.chdir(tmp_path)
+    for name in ('s4nd_iso_tiny', 'conv_iso_tiny'):  # as the demo trains them (its mnist_iso.yaml)
+        os.makedirs(f'output/demo/iso/{name}')
+        save_file(_create(name, in_chans=1, num_classes=10, img_size=14).state_dict(),
+                  f'output/demo/iso/{name}/best.safetensors')
+    seen = {}
+    monkeypatch.setattr(resolution, 'eval_resolution', lambda models, data, resolutions, **kwargs: seen.update(
+        data=data, resolutions=resolutions, configs={n: model_data_config(m) for n, m in models.items()}) or [])
+    monkeypatch.setattr(resolution, 'format_table', lambda rows: '')
+    main(args)
+    assert (seen['data'], seen['resolutions']) == ('mnist', [14, 20, 28, 42])
+    for config in seen['configs'].values():
+        assert (config['input_size'], config['mean'], config['std']) == ((1, 14, 14), (0.1307,), (0.3081,))
