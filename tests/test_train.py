@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import socket
@@ -137,6 +138,27 @@ def test_shipped_configs_load(path, folder):
     data = {'imagenet': [f'data.root={folder}'], 'hmdb51': [f'data.root={folder}', f'data.split_dir={folder}']}
     cfg = load_config(path, data.get(os.path.basename(os.path.dirname(path)), []))
     assert timm.is_model(cfg.model.name)
+
+
+# the global batch of each published recipe: ConvNeXt's (the S4ND paper's ConvNeXt runs), DeiT's, the HMDB-51 runs'
+PUBLISHED_GLOBAL_BATCH = {'imagenet/convnext': 4096, 'imagenet/vit': 1024, 'hmdb51/': 64}
+
+
+@pytest.mark.parametrize('name', [n for n in s4nd_vision.train.config.packaged_configs()
+                                  if not n.startswith('demo/')])
+def test_shipped_launch_command_trains_at_the_published_global_batch(name, folder):
+    """The `accelerate launch` command in a recipe's header trains at the recipe's global batch (data.batch_size x
+    --num_processes x train.grad_accum_steps), the lr as the file gives it: the ConvNeXt configs' 8-process command
+    trained at 1024 (no accumulation), a quarter of ConvNeXt's 4096, with the lr scaled down to 1e-3."""
+    from s4nd_vision.train.config import _read_config
+    header = _read_config(name)
+    processes = [int(n) for n in re.findall(r'--num_processes (\d+)', header)]
+    assert len(processes) == 1, processes
+    cfg = load_config(name, [f'data.root={folder}', f'data.split_dir={folder}'] if name.startswith('hmdb51/') else
+                      [f'data.root={folder}'])
+    (published,) = [b for prefix, b in PUBLISHED_GLOBAL_BATCH.items() if name.startswith(prefix)]
+    assert cfg.data.batch_size * processes[0] * cfg.train.grad_accum_steps == published
+    assert f'global batch {published} ' in ' '.join(header.lower().split())  # (the header states it)
 
 
 def test_cli_bad_config_is_one_line_error(tmp_path, folder, capsys):
