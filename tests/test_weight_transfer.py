@@ -4,6 +4,7 @@ Linear ones), the rest keeps its initialization whole, and a one-line report say
 import logging
 import os
 import re
+import warnings
 
 import pytest
 import timm
@@ -333,3 +334,45 @@ def test_a_wrong_or_missing_pretrained_file_is_a_clear_error(tmp_path, name, siz
     torch.save(weights, tmp_path / 'weights.pth')
     for file in ('weights.safetensors', 'weights.pth'):
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / file)), **size)
+
+
+@pytest.mark.parametrize('name,size', [
+    ('convnext_s4nd_atto', dict(img_size=32)),
+    ('vit_s4nd_atto_patch16_224', dict(img_size=32)),
+    ('s4nd_iso_tiny', dict(img_size=16)),
+    ('convnext_s4nd_3d_atto', dict(img_size=32, num_frames=2)),
+    ('s4nd_seq_atto', dict(seq_len=16)),
+], ids=['convnext', 'vit', 'iso', '3d', 'seq'])
+def test_a_fitting_classifier_that_timm_drops_is_warned_about(tmp_path, name, size):
+    """timm drops the file's classifier whenever the model's num_classes differs from the pretrained_cfg's (1000
+    unless the overlay states another): `num_classes=5` without `num_classes=5` in the overlay loads a 5-class file
+    with a random head. That is warned about; the overlay's count loads the head, and a file of another count
+    (fine-tuning) is not warned about."""
+    path = tmp_path / 'weights.safetensors'
+    model = timm.create_model(name, num_classes=5, **size)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    classifier = model.pretrained_cfg['classifier'] + '.weight'
+    with pytest.warns(UserWarning, match=r"classifier .* has the model's 5 classes, but timm drops it .* "
+                                         r"pass num_classes=5 in pretrained_cfg_overlay"):
+        forgot = timm.create_model(name, pretrained=True, num_classes=5, **size,
+                                   pretrained_cfg_overlay=dict(file=str(path)))
+    assert not torch.equal(forgot.state_dict()[classifier], model.state_dict()[classifier])  # (what it warns of)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*timm drops it')
+        loaded = timm.create_model(name, pretrained=True, num_classes=5, **size,
+                                   pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
+        timm.create_model(name, pretrained=True, num_classes=3, **size, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(loaded.state_dict()[classifier], model.state_dict()[classifier])
+
+
+def test_a_fitting_classifier_of_timm_or_2d_weights_that_timm_drops_is_warned_about(tmp_path):
+    """The same for a plain timm ConvNeXt file (transferred module by module) and a 2D file inflated into a video
+    model, whose classifier is kept when it fits."""
+    for source, target, size in (('convnext_atto', 'convnext_s4nd_atto', dict(img_size=32)),
+                                 ('convnext_s4nd_atto', 'convnext_s4nd_3d_atto', dict(img_size=32, num_frames=2))):
+        path = tmp_path / f'{source}.safetensors'
+        save_file({k: v.contiguous() for k, v in timm.create_model(source, num_classes=5).state_dict().items()},
+                  str(path))
+        with pytest.warns(UserWarning, match=r"has the model's 5 classes, but timm drops it"):
+            timm.create_model(target, pretrained=True, num_classes=5, **size,
+                              pretrained_cfg_overlay=dict(file=str(path)))

@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import re
+import warnings
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ __all__ = [
     'unwrap_state_dict', 'check_weights_fit', 'check_weights_file', 'check_pretrained_file', 'adapt_input_channels',
     'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict', 'transfer_timm_weights',
     'split_input_size', 'stated_img_size', 'file_shape', 'file_num_classes', 'weights_num_classes',
+    'warn_dropped_fitting_classifier',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ def unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def check_weights_fit(
-        state_dict: Dict[str, torch.Tensor], model: nn.Module, strict: bool = True) -> Dict[str, torch.Tensor]:
+        state_dict: Dict[str, torch.Tensor], model: nn.Module, strict: bool = True,
+        check_classifier: bool = True) -> Dict[str, torch.Tensor]:
     """`state_dict` when it names the tensors of `model` one for one, but for the classifier (the pretrained_cfg's
     `classifier`) and the S4ND layers' records (files written before a record was saved keep the model's own).
 
@@ -58,7 +61,11 @@ def check_weights_fit(
     fine-tuning): weights of another model, or of this one built with other arguments (`kernel=`, `stem_type=`,
     `token_layout=`, ...), would then load in part, the rest left at its initialization with at most a log line.
     They are refused instead, naming what is missing and what is left over; `strict=False` (timm's
-    `pretrained_strict=False`, a partial load asked for) lets them through."""
+    `pretrained_strict=False`, a partial load asked for) lets them through. A classifier that timm is about to drop
+    though it fits is warned about (`warn_dropped_fitting_classifier`; `check_classifier=False` where the caller
+    did so before filling the head in)."""
+    if check_classifier:
+        warn_dropped_fitting_classifier(state_dict, model)
     if not strict:
         return state_dict
     with state_dict_without_records():
@@ -75,6 +82,27 @@ def check_weights_fit(
             f'{" ..." if len(missing) > 5 else ""} ({len(missing)}), unexpected {unexpected[:5]}'
             f'{" ..." if len(unexpected) > 5 else ""} ({len(unexpected)})')
     return state_dict
+
+
+def warn_dropped_fitting_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Warn where timm is about to drop a classifier of the weights that fits the model exactly: timm drops it
+    whenever the model's `num_classes` differs from its pretrained_cfg's (the registry's 1000 unless the overlay
+    states another), so `create_model(name, pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=...))`
+    with a 10-class file silently gets a random head. A file of another class count (fine-tuning) is not warned
+    about."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier, cfg_classes = cfg.get('classifier'), cfg.get('num_classes')
+    num_classes = getattr(model, 'num_classes', None)
+    if not classifier or not num_classes or cfg_classes is None or num_classes == cfg_classes:
+        return
+    for name in [classifier] if isinstance(classifier, str) else classifier:
+        weight = state_dict.get(f'{name}.weight')
+        if weight is not None and weight.ndim >= 1 and weight.shape[0] == num_classes:
+            warnings.warn(
+                f'the weights\' classifier {name!r} has the model\'s {num_classes} classes, but timm drops it (random '
+                f'head) because the pretrained_cfg says {cfg_classes}: to load it, pass num_classes={num_classes} in '
+                f'pretrained_cfg_overlay too', stacklevel=2)
+            return
 
 
 def check_weights_file(path: str) -> None:
@@ -363,6 +391,7 @@ def transfer_timm_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module,
     would otherwise be its initialization under the name of a pretrained one."""
     if any('.kernels.' in k for k in state_dict):
         return check_weights_fit(state_dict, model, strict=strict)
+    warn_dropped_fitting_classifier(state_dict, model)
     state_dict = adapt_input_channels(state_dict, first_conv, model.in_chans)
     out, report = match_state_dict(state_dict, model, source=source)
     taken = report.loaded + [n for names in report.mapped.values() for n in names]

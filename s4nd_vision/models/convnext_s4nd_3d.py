@@ -49,6 +49,7 @@ from ._checkpoint import (
     split_input_size,
     stated_img_size,
     unwrap_state_dict,
+    warn_dropped_fitting_classifier,
 )
 from ._checks import check_img_size
 from .convnext_base import ConvNeXtBase, ConvNeXtFeatures, every_stage
@@ -203,9 +204,10 @@ def checkpoint_filter_fn(
         state_dict = inflate_state_dict(state_dict, model, time_init=default_time_init(model), keep_head=keep_head)
     else:
         _check_time_direction(state_dict, model)
+    warn_dropped_fitting_classifier(state_dict, model)  # (before the model's own head fills a missing one in)
     for k, v in model.get_classifier().state_dict(prefix='head.fc.').items():
         state_dict.setdefault(k, v)
-    return check_weights_fit(state_dict, model, strict=strict)
+    return check_weights_fit(state_dict, model, strict=strict, check_classifier=False)
 
 
 def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXt3d:
