@@ -476,9 +476,8 @@ def _count_flops(args: argparse.Namespace, specs) -> None:
     channels."""
     import timm
     import torch
-    from fvcore.nn import FlopCountAnalysis
 
-    from .bench.flops import count_flops
+    from .bench.flops import FlopCountAnalysis, count_flops  # (imports fvcore without its import-time warning)
     from .eval.resolution import min_input_size
     from .models import input_size_args
     for label, (name, kwargs) in zip(args.models, specs):

@@ -182,3 +182,16 @@ def test_command_counts_video_and_sequence_models_on_their_own_inputs(capsys):
                                                         (seq, torch.randn(1, 1, 64)))]
     assert lines[0].startswith(f'{video} @ 4x32x32, batch 1, algorithm rule: {totals[0] / 1e9:.3f} GMACs')
     assert lines[1].startswith(f's4nd_seq_atto,seq_len=64 @ 64, batch 1, algorithm rule: {totals[1] / 1e9:.3f} GMACs')
+
+
+def test_command_error_is_one_line_without_fvcores_import_warning():
+    """`s4nd-vision flops` with a mistyped model ends with one `error: ...` line, as every command does: importing
+    fvcore (which scripts its focal loss) used to print torch's `torch.jit.script` deprecation warning first, which
+    reads as if this package scripted its models (it refuses TorchScript)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, '-m', 's4nd_vision', 'flops', 'convnext_s4nd_atoo'],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: 'convnext_s4nd_atoo' is not a timm model (did you mean convnext_s4nd_atto?)"], done.stderr

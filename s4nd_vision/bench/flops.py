@@ -34,19 +34,23 @@ inference count with the kernels generated once beforehand, subtract the S4ND la
 entries of `by_module()` (names ending in '.kernels'; they do not grow with the batch).
 """
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import (
-    Handle,
-    bmm_flop_jit,
-    einsum_flop_jit,
-    elementwise_flop_counter,
-    get_shape,
-    matmul_flop_jit,
-)
+
+with warnings.catch_warnings():  # (fvcore scripts its focal loss when imported: torch's deprecation warning, not ours)
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import (
+        Handle,
+        bmm_flop_jit,
+        einsum_flop_jit,
+        elementwise_flop_counter,
+        get_shape,
+        matmul_flop_jit,
+    )
 
 __all__ = ['count_flops', 's4nd_handles', 'fft_macs', 'FFT_MACS_PER_POINT_LOG2']
 
