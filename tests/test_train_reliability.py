@@ -429,6 +429,10 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, fold
         with pytest.raises(ConfigError, match='is not a checkpoint folder'):
             Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2')), resume=bad)
         _reset()
+    with pytest.raises(ConfigError, match=r"is a file, not a checkpoint folder .*model.pretrained_file=.*best"):
+        Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2')),
+                resume=str(tmp_path / 'best.safetensors'))  # (the weights a user may take for a checkpoint)
+    _reset()
     for changed, message in (('train.ema_decay=0.99', r'written without a model EMA .*train.ema_decay=0.99'),
                              ('optim.opt=sgd', r"written with optim.opt='adamw', this run has 'sgd'"),
                              ('optim.layer_decay=0.8', 'other parameter groups than this run')):

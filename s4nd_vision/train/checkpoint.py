@@ -386,6 +386,9 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
     With `config` (this run's, as a nested dict): a checkpoint of another model (`model.name`, `model.kwargs`) is
     refused with a ConfigError naming the checkpoint's model, and any other key that changed is warned about.
     """
+    if os.path.isfile(path):  # (e.g. best.safetensors: weights, without the optimizer, schedule and data position)
+        raise ConfigError(f'--resume: {path!r} is a file, not a checkpoint folder (one of <train.output_dir>/'
+                          f'checkpoints/step-*): to start a run from weights, give model.pretrained_file={path}')
     if not os.path.isdir(path):
         raise ConfigError(f'--resume: no checkpoint folder {path!r}')
     if not any(name.startswith('custom_checkpoint_') for name in os.listdir(path)):  # (our TrainState, scheduler)
