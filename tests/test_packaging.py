@@ -262,6 +262,10 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['seq-mnist', '--rows', '0', '--cols', '14'], 'rows must be a positive integer'),
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--checkpoints', 'missing.pth'],
      "checkpoint not found: 'missing.pth'"),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--checkpoints', '.'],
+     "checkpoint '.' is a folder, not a weights file: give a file such as a run's best.safetensors or a training "
+     "checkpoint's model.safetensors"),  # (a training checkpoint, step-N, was 'not found')
+    (['export', 'convnext_s4nd_atto', '--checkpoint', '.'], "checkpoint '.' is a folder, not a weights file"),
     (['inflate', 'missing.safetensors', 'out.safetensors', '--model', 'convnext_s4nd_3d_atto'], 'does not exist'),
     (['kernel-report', '--model', 'convnext_tiny'], 'convnext_tiny has no S4ND layer with S4D or S4 kernels'),
     (['kernel-report', '--bandlimits', '-1'],

@@ -73,6 +73,11 @@ def load_model(
             the weights, else the model's own); models without S4ND layers are unaffected.
         model_kwargs: further `timm.create_model` arguments (those the model was trained with).
     """
+    if checkpoint is not None and os.path.isdir(checkpoint):  # (e.g. a training checkpoint, step-N: its weights are
+        # model.safetensors; a shared-weights folder is 'local-dir:PATH' as the model name)
+        raise IsADirectoryError(f'checkpoint {checkpoint!r} is a folder, not a weights file: give a file such as a '
+                                f'run\'s best.safetensors or a training checkpoint\'s model.safetensors (a folder '
+                                f'saved for the Hub loads as the model local-dir:PATH)')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
     kwargs = dict(model_kwargs or {})
