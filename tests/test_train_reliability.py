@@ -433,6 +433,9 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, fold
         Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2')),
                 resume=str(tmp_path / 'best.safetensors'))  # (the weights a user may take for a checkpoint)
     _reset()
+    with pytest.raises(ConfigError, match=r"model.pretrained_file must be a weights file, got the folder .*step-"):
+        Trainer(load_config(None, _overrides(folder, tmp_path / 'fine-tuned', f'model.pretrained_file={root / first}')))
+    _reset()
     for changed, message in (('train.ema_decay=0.99', r'written without a model EMA .*train.ema_decay=0.99'),
                              ('optim.opt=sgd', r"written with optim.opt='adamw', this run has 'sgd'"),
                              ('optim.layer_decay=0.8', 'other parameter groups than this run')):

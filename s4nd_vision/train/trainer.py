@@ -365,6 +365,10 @@ class Trainer:
                       drop_rate=mc.drop_rate, drop_path_rate=mc.drop_path_rate)
         kwargs.update(self.data.input_size_kwargs(mc.name))  # built for it: the S4ND kernels' reference grids
         if mc.pretrained_file:
+            if os.path.isdir(mc.pretrained_file):  # (e.g. a training checkpoint, step-N)
+                raise ConfigError(f'model.pretrained_file must be a weights file, got the folder {mc.pretrained_file}:'
+                                  f' give e.g. a run\'s best.safetensors or a training checkpoint\'s model.safetensors'
+                                  f' (--resume continues a run from its checkpoint folder)')
             if not os.path.isfile(mc.pretrained_file):
                 raise ConfigError(f'model.pretrained_file not found: {mc.pretrained_file}')
             overlay = dict(file=mc.pretrained_file)
