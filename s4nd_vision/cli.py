@@ -816,9 +816,9 @@ the mask removes and the kernel energy it keeps at the layer's reference grid; p
 rate 1 and 1/2, with and without the mask.
 
     s4nd-vision kernel-report --model convnext_s4nd_atto --img-size 64 --bandlimits 1.0 0.5
-    s4nd-vision kernel-report --model-kwargs ssm_init=legs dt_min=0.05 dt_max=0.5 --img-size 64 \\
-        --checkpoint output/demo/convnext/convnext_s4nd_atto/best.safetensors --num-classes 10 --in-chans 1 \\
-        --bandlimits 1.0 --plot-layer stages.3.downsample.1
+    s4nd-vision kernel-report --model-kwargs ssm_init=legs dt_min=0.05 dt_max=0.5 --img-size 64
+    s4nd-vision kernel-report --checkpoint output/demo/convnext/convnext_s4nd_atto/best.safetensors --img-size 64 \\
+        --num-classes 10 --in-chans 1 --bandlimits 1.0 --plot-layer stages.3.downsample.1
 
 Writes kernel_report.csv and kernels_<layer>.png to --out (see s4nd_vision.eval.kernel_report).""",
         _kernel_report_arguments, _kernel_report_run),
