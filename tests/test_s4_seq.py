@@ -433,3 +433,15 @@ def test_sequential_mnist_scores_non_finite_logits_as_misses(monkeypatch):
         (row,) = run_sequential_mnist(models=('conv_seq_tiny',), rows=4, cols=4, epochs=1, batch_size=25,
                                       train_limit=50, model_kwargs=dict(dim=8, depth=1), log=lambda s: None)
     assert row['acc@32'] == 0 and row['acc@16'] > 0
+
+
+def test_sequential_mnist_refuses_a_string_of_models_and_non_integer_counts():
+    """A single name as `models` was iterated letter by letter ("Unknown model (s)"); a float epochs or train_limit
+    passed the checks and failed in range() or indexing after the data and models were built."""
+    from s4nd_vision.eval.sequential import run_sequential_mnist
+    with pytest.raises(ValueError, match=r"models must be a sequence of model names .* got the string 'conv_seq_tiny'"):
+        run_sequential_mnist(models='conv_seq_tiny')
+    for key, value in (('epochs', 1.5), ('epochs', True), ('train_limit', 50.0), ('batch_size', 25.0)):
+        with pytest.raises(ValueError, match=f'{key} must be a positive (integer|number of digits), got {value!r}'):
+            run_sequential_mnist(models=('conv_seq_tiny',), rows=4, cols=4, **dict(
+                dict(epochs=1, batch_size=25, train_limit=50), **{key: value}))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..data import SequentialMNIST5k
+from ..layers.ops import is_int
 from ..models.s4_seq import MNIST_MEAN, MNIST_STD
 from ..train.optim import param_groups_ssm
 from ..utils.model_spec import parse_model_spec
@@ -71,6 +72,9 @@ def run_sequential_mnist(
     train/validation split is MNIST-5k's fixed one (`MNIST5k`'s seed 0), as for the other tools: a mean over seeds
     measures the training's spread on one validation set, not a mix of validation sets.
     """
+    if isinstance(models, str):  # (iterated, each letter was a model: "Unknown model (s)")
+        raise ValueError(f'models must be a sequence of model names (NAME or NAME,key=value,...), got the string '
+                         f'{models!r}: pass [{models!r}]')
     specs = [parse_model_spec(spec) for spec in models]  # (malformed ones fail before any training)
     fixed = {'seq_len': 'rows x cols', 'in_chans': '1', 'num_classes': '10'}
     for spec, (_, kwargs) in zip(models, specs):
@@ -79,16 +83,19 @@ def run_sequential_mnist(
     if cols < 2 or cols % 2:
         raise ValueError(f'cols must be a positive even number (the test lengths are cols / 2 and cols * 2), '
                          f'got {cols}')
-    if epochs < 1:
-        raise ValueError(f'epochs must be at least 1, got {epochs}')
+    # (a float passed the checks and failed in range() after the data and models were built; True trained 1 epoch)
+    if not is_int(epochs) or epochs < 1:
+        raise ValueError(f'epochs must be a positive integer, got {epochs!r}')
+    if train_limit is not None and (not is_int(train_limit) or train_limit < 1):
+        raise ValueError(f'train_limit must be a positive number of digits, got {train_limit!r}')
+    if not is_int(batch_size):
+        raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')
     for key, value in (('lr', lr), ('ssm_lr', ssm_lr)):  # (AdamW checks its default lr only: a group's NaN trains on)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f'{key} must be a positive finite number, got {value}')
     train = SequentialMNIST5k('train', rows=rows, cols=cols, transform=_normalize)
     rows, cols = train.rows, train.cols  # (Python ints, also for NumPy's: the rows' lengths go to JSON)
     if train_limit is not None:
-        if train_limit < 1:
-            raise ValueError(f'train_limit must be a positive number of digits, got {train_limit}')
         chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_limit]
         train = Subset(train, chosen.sort().values.tolist())
     if not 1 <= batch_size <= len(train):  # (full batches only: a larger one would train nothing)
