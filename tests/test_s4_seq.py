@@ -117,6 +117,11 @@ def test_recurrent_view_errors():
         model.step(torch.zeros(2, 1, 5), state)
     with pytest.raises(ValueError, match='state holds'):
         model.step(x.double(), state._replace(states=state.states[:2]))
+    features, _ = model.step(x.double(), state)
+    for wrong in (features, state.states, None):  # (the results swapped, the bare states: a missing attribute)
+        with pytest.raises(ValueError, match=r'state must be the SeqState of default_state .* got '
+                                             f'{type(wrong).__name__}'):
+            model.step(x.double(), wrong)
     dtype = model.stem.weight.dtype
     with pytest.raises(ValueError, match=f"step expects x in the model's dtype {dtype}, got torch.float16"):
         model.step(x.half(), state)

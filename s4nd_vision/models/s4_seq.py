@@ -353,6 +353,9 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         """
         if x.ndim != 2 or x.shape[1] != self.in_chans:
             raise ValueError(f'step expects one sample (B, {self.in_chans}), got shape {tuple(x.shape)}')
+        if not isinstance(state, SeqState):  # (the features, `step`'s first result, failed on a missing attribute)
+            raise ValueError(f'state must be the SeqState of default_state or of the last step (step returns '
+                             f'(features, state)), got {type(state).__name__}')
         if len(state.states) != len(self.blocks):
             raise ValueError(f'state holds {len(state.states)} blocks, the model has {len(self.blocks)}')
         if x.dtype != self.stem.weight.dtype:
