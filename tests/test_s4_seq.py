@@ -195,6 +195,16 @@ def test_baselines_refuse_what_their_s4nd_twins_refuse():
         assert timm.create_model('conv_seq_tiny').blocks[0].mixer[0].padding == (8, 0)  # (causal: past samples)
 
 
+def test_dim_is_checked_at_construction():
+    """dim=2.5 failed inside a conv ('out_channels must be divisible by groups'), True inside torch.empty, 0 in the
+    conv baseline as 'groups must be a positive integer'."""
+    for name in ('conv_seq_tiny', 's4nd_seq_atto'):
+        for bad in (0, 2.5, True):
+            with pytest.raises(ValueError, match=f'dim must be a positive integer, got {bad!r}'):
+                timm.create_model(name, dim=bad)
+    assert timm.create_model('s4nd_seq_atto', dim=np.int64(8)).num_features == 8
+
+
 def test_conv_kernel_size_is_checked_at_construction():
     """A conv_kernel_size of 0 built a model that failed only at its first forward, in oneDNN; True built a 1-tap
     conv. Checked for every mixer, as the S4ND keywords are for the conv baseline."""

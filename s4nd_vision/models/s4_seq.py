@@ -174,7 +174,8 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             raise ValueError(f'global_pool must be one of {POOLS}, got {global_pool!r}')
         # (conv_kernel_size whatever the mixer, as the S4ND keywords are: a 0 built and then failed in oneDNN at the
         # first forward, True built a 1-tap conv)
-        check_sizes(seq_len=seq_len, conv_kernel_size=conv_kernel_size)
+        # (dim too: 2.5 failed in a conv as 'out_channels must be divisible by groups', True inside torch.empty)
+        check_sizes(seq_len=seq_len, dim=dim, conv_kernel_size=conv_kernel_size)
         check_model_sizes(in_chans, num_classes, depth=depth)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
