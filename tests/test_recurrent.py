@@ -43,6 +43,22 @@ def test_recurrence_equals_convolution(kernel, kw):
         torch.testing.assert_close(_run([S4NDRecurrence(layer, rate, torch.float64)], u), expected)
 
 
+@pytest.mark.parametrize('kernel,init,bandlimit', [('s4d', 'lin', None), ('s4d', 'inv', None), ('s4d', 'legs', None),
+                                                    ('s4', 'legs', None), ('s4', 'legs', 0.5)])
+def test_recurrence_equals_convolution_at_every_init(kernel, init, bandlimit):
+    """At the initializations' own structured values (S4D-Inv's fast modes: dt |Im A| of tens of radians per step)
+    and with S4's band-limit (C masked on the modes of Lambda), at the reference rate and at finer and coarser
+    steps, with D."""
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=1, kernel=kernel, init=init, bandlimit=bandlimit, bidirectional=False, d_state=16,
+                 dt_min=0.05, dt_max=1.0).double()
+    u = torch.randn(2, 3, 37, dtype=torch.float64)
+    for rate in (1.0, 0.3, 3.0):
+        with torch.no_grad():
+            expected = layer(u, rate=rate)
+        torch.testing.assert_close(_run([S4NDRecurrence(layer, rate)], u), expected)
+
+
 @pytest.mark.parametrize('kernel', ['s4d', 's4'])
 def test_recurrent_stack_with_nonlinearities_equals_convolutional_stack(kernel):
     """Two causal layers with a GELU between them: the nonlinearity sees each sample once, in order."""
