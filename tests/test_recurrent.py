@@ -149,6 +149,22 @@ def test_recurrence_of_a_pruned_layer_uses_its_current_weights(kernel):
         layer.kernels[0].b_orig.mul_(-2.0)
     torch.testing.assert_close(_run([S4NDRecurrence(layer, 1.0, torch.float64)], u), layer(u))
 
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_recurrence_of_a_layer_with_a_pruned_skip_uses_its_current_weights(kernel):
+    """The same for the layer's own pre-hooks: D pruned (e.g. every parameter of a model pruned) was read as the
+    last forward left it, stale after an update of D_orig; its recurrence then stepped another skip than the layer
+    computes."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    layer = _causal_layer(kernel)
+    prune.random_unstructured(layer, 'D', amount=0.34)
+    u = torch.randn(2, 3, 12, dtype=torch.float64)
+    layer(u)  # (the hook sets D from the values before the update)
+    with torch.no_grad():
+        layer.D_orig.mul_(-3.0)
+    torch.testing.assert_close(_run([S4NDRecurrence(layer, 1.0, torch.float64)], u), layer(u))
+
 @pytest.mark.parametrize('kernel', ['s4d', 's4'])
 def test_float32_recurrence_keeps_the_convolutions_accuracy_at_small_steps(kernel):
     """At dt * rate = 1e-5, A~ = I + O(1e-5) rounded to float32 drifted 2e-5 to 4e-5 of the output's scale from the

@@ -84,7 +84,13 @@ class S4NDRecurrence:
         self.values = [t.clone() for t in _layer_tensors(layer)]
         self.bandlimits = tuple(getattr(k, 'bandlimit', None) for k in layer.kernels)
         with torch.no_grad():
-            if kernel._forward_pre_hooks:  # (torch.nn.utils.prune: its hook recomputes a pruned parameter)
+            # forward pre-hooks (torch.nn.utils.prune: its hook recomputes a pruned parameter from the unpruned one)
+            # run first, as in the layer's forward: the layer's own (a pruned D) on an empty batch, which generates
+            # no kernel, then the kernel's; read without them, a pruned D or SSM parameter was the value of the last
+            # forward, stale after an update
+            if layer._forward_pre_hooks:
+                layer(layer.D.new_zeros((0, layer.dim, 1)), rate=rate)
+            if kernel._forward_pre_hooks:
                 kernel(1, rate=rate)
             # discretized in float64 and kept as A~ - I, the state stepped as x + (A~ - I) x: A~ = I + O(dt A) rounded
             # to float32 (steps of 6e-8) drifted 4e-5 of the output's scale from the convolution over 4k steps at
