@@ -57,6 +57,24 @@ def test_model_step_equals_convolutional_forward(kernel):
     assert [s.shape for s in state.states] == [(3, 16, 4 if kernel == 's4d' else 8)] * 4
 
 
+def test_model_step_of_a_pruned_model_uses_its_current_weights():
+    """torch.nn.utils.prune recomputes a pruned conv's weight in a forward pre-hook: step read the stem's and the
+    blocks' projection weights directly, as the last forward left them, stale after an update of the unpruned
+    weights (features off by 0.1), where forward_features runs the hooks."""
+    import torch.nn.utils.prune as prune
+    model = _model(seq_len=16, d_state=4)
+    convs = [model.stem] + [b.out_proj for b in model.blocks]
+    for conv in convs:
+        prune.l1_unstructured(conv, 'weight', amount=0.3)
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)  # (the hooks set the weights from the values before the update)
+        for conv in convs:
+            conv.weight_orig.mul_(1.5)
+        torch.testing.assert_close(_step_through(model, x), model.forward_features(x))
+
+
 def test_recurrent_view_defaults_to_the_native_length():
     """After `set_input_size`, or with weights of a model built for another length, the layers keep their reference
     length: `default_state`'s rate is relative to `seq_len`, as `forward_features` runs a sequence of seq_len

@@ -99,10 +99,10 @@ class SeqS4NDBlock(nn.Module):
     def _pointwise(self, x: torch.Tensor, y: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """Everything after the mixer, for (B, dim, L), or with `sample` for one sample (B, dim)."""
         y = self.drop(self.act(y))
-        if sample:
-            y = F.linear(y, self.out_proj.weight[..., 0], self.out_proj.bias)
-        else:
-            y = self.out_proj(y)
+        # a sample goes through the projection module as a length-1 sequence, not F.linear on its weight: the
+        # module's forward pre-hooks (torch.nn.utils.prune recomputes a pruned weight from the unpruned one) run, as
+        # in the forward (read directly, a pruned weight was the last forward's, stale after an update)
+        y = self.out_proj(y[..., None])[..., 0] if sample else self.out_proj(y)
         y = self.drop(F.glu(y, dim=1))
         return self.norm(x + self.drop_path(y))
 
@@ -367,7 +367,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
             raise ValueError('the state was made from other parameters than the model\'s current ones (an optimizer '
                              'step, load_state_dict, .to() or .double() since default_state, or another model): '
                              'make a new one with default_state')
-        x = F.linear(x, self.stem.weight[..., 0], self.stem.bias)
+        x = self.stem(x[..., None])[..., 0]  # (the module, its hooks run: see `SeqS4NDBlock._pointwise`)
         states = []
         for block, recurrence, s in zip(self.blocks, state.recurrences, state.states):
             x, s = block.step(x, recurrence, s)
