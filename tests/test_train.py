@@ -743,6 +743,25 @@ def test_ssm_groups_keep_the_models_no_weight_decay():
             param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, layer_decay=layer_decay))) == plain, layer_decay
 
 
+@pytest.mark.parametrize('layer_decay', [None, 0.5])
+def test_ssm_groups_take_the_optimizers_weight_decay_unless_given_their_own(layer_decay):
+    """`param_groups_ssm` without `weight_decay` leaves the decayed groups to the optimizer's weight decay: a
+    `partial(param_groups_ssm, ssm_lr=...)` given to `create_optimizer_v2(..., weight_decay=0.3)` decayed them at 0.05
+    (its default then), and at 0.05 with the optimizer's weight_decay=0 too, without a word."""
+    model = timm.create_model('convnext_sgconv_atto', depths=(1, 1), dims=(8, 16), img_size=32)
+    kernels = {id(p) for _, p in sgconv_weights(model)}
+    for weight_decay in (0.3, 0.0):
+        opt = create_optimizer_v2(model, 'adamw', lr=1e-2, weight_decay=weight_decay, param_group_fn=partial(
+            param_groups_ssm, ssm_lr=1e-3, layer_decay=layer_decay))
+        decays = {(any(id(p) in kernels for p in g['params']), g['weight_decay']) for g in opt.param_groups
+                  if any(p.ndim > 1 for p in g['params'])}
+        assert decays == {(True, weight_decay), (False, weight_decay)}, weight_decay
+    # given, it is the decay of those groups, whatever the optimizer's
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-2, weight_decay=0.3, param_group_fn=partial(
+        param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3, layer_decay=layer_decay))
+    assert {g['weight_decay'] for g in opt.param_groups} == {0.0, 0.05}
+
+
 def test_the_model_is_built_for_the_training_size(tmp_path, folder):
     """S4ND models are created at data.img_size (their kernels' reference grids), not moved there afterwards;
     their data config says it."""

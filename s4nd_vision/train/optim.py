@@ -11,6 +11,7 @@ decay (the SGConv code's only override is their lr). Use with timm's optimizer f
 Without `param_group_fn`, timm still excludes them from weight decay through the models'
 `no_weight_decay()`, which lists them; `param_groups_ssm` honours the rest of that list too (timm's factory
 does not pass it to a `param_group_fn`), e.g. a ViT's `pos_embed` and `cls_token`.
+
 """
 from typing import Any, Collection, Dict, List, Optional
 
@@ -29,7 +30,7 @@ def ssm_param_names(model: nn.Module) -> List[str]:
 
 def param_groups_ssm(
         model: nn.Module,
-        weight_decay: float = 0.05,
+        weight_decay: Optional[float] = None,
         ssm_lr: Optional[float] = None,
         ssm_weight_decay: float = 0.0,
         no_weight_decay_list: Optional[Collection[str]] = None,
@@ -41,6 +42,8 @@ def param_groups_ssm(
     `ssm_lr` and the weight decay of the rest; biases,
     1-D parameters and names matching `no_weight_decay_list` (fnmatch patterns; None = the model's
     `no_weight_decay()`, as plain `create_optimizer_v2` uses it) get no weight decay.
+    `weight_decay` None: the decayed groups take the optimizer's weight decay (they carry none of their own; a
+    default of their own would override the `weight_decay` given to the optimizer without a word).
     With `layer_decay`, timm's layer-wise groups (an `lr_scale` per depth, which timm's schedulers
     apply) are split the same way, so SSM parameters keep their own lr at every depth.
     """
@@ -63,6 +66,8 @@ def param_groups_ssm(
                 decay.append(p)
         groups = [{'params': ssm}, {'params': no_decay, 'weight_decay': 0.0},
                   {'params': decay, 'weight_decay': weight_decay}]
+    if weight_decay is None:  # (timm's layer-wise groups hold it as given: None where they decay)
+        groups = [{k: v for k, v in g.items() if not (k == 'weight_decay' and v is None)} for g in groups]
     # (without `ssm_lr` SGConv's weights are like the others: no group of their own)
     kernel_ids = set() if ssm_lr is None else {id(p) for _, p in sgconv_weights(model)}
     lr = {} if ssm_lr is None else {'lr': ssm_lr}  # (timm's schedulers scale each group from its own initial lr)
