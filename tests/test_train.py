@@ -762,6 +762,24 @@ def test_ssm_groups_take_the_optimizers_weight_decay_unless_given_their_own(laye
     assert {g['weight_decay'] for g in opt.param_groups} == {0.0, 0.05}
 
 
+@pytest.mark.parametrize('opt_name', ['muon', 'adamuon'])
+def test_hybrid_optimizers_train_the_ssm_parameters_with_their_fallback(opt_name):
+    """timm's Muon orthogonalizes the update of every parameter that has the shape of a matrix, unless its group says
+    `use_fallback`: the SSM parameters A and B ((H, N), (H, N, 2)) and SGConv's sub-kernels ((H, scales, size),
+    per-channel values like a depthwise conv's, which Muon leaves to its fallback) were updated as weight matrices
+    at `ssm_lr`. Their groups go to the fallback (AdamW), which the S4 and SGConv code trains them with."""
+    for name in ('convnext_s4nd_atto', 'convnext_sgconv_atto'):
+        model = timm.create_model(name, depths=(1, 1), dims=(8, 16), d_state=8, img_size=32, num_classes=2)
+        own = {id(p) for _, p in ssm_parameters(model)} | {id(p) for _, p in sgconv_weights(model)}
+        opt = create_optimizer_v2(model, opt_name, lr=1e-2, weight_decay=0.05, param_group_fn=partial(
+            param_groups_ssm, weight_decay=0.05, ssm_lr=1e-3))
+        model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+        opt.step()
+        routed = {id(p): opt.state[p]['use_muon'] for g in opt.param_groups for p in g['params'] if p in opt.state}
+        assert own and own <= routed.keys() and not any(routed[i] for i in own), name
+        assert any(routed.values()), name  # (the other weight matrices still take Muon's update)
+
+
 def test_the_model_is_built_for_the_training_size(tmp_path, folder):
     """S4ND models are created at data.img_size (their kernels' reference grids), not moved there afterwards;
     their data config says it."""

@@ -12,6 +12,9 @@ Without `param_group_fn`, timm still excludes them from weight decay through the
 `no_weight_decay()`, which lists them; `param_groups_ssm` honours the rest of that list too (timm's factory
 does not pass it to a `param_group_fn`), e.g. a ViT's `pos_embed` and `cls_token`.
 
+Hybrid optimizers (timm's `muon`, `adamuon`, ...) train the SSM parameters and SGConv's sub-kernels (in their
+own groups) with their fallback, AdamW, as the S4 and SGConv code trains them: Muon would orthogonalize the updates
+of A, B and the sub-kernels, whose shapes are a weight matrix's but whose rows are independent per-channel values.
 """
 from typing import Any, Collection, Dict, List, Optional
 
@@ -46,6 +49,7 @@ def param_groups_ssm(
     default of their own would override the `weight_decay` given to the optimizer without a word).
     With `layer_decay`, timm's layer-wise groups (an `lr_scale` per depth, which timm's schedulers
     apply) are split the same way, so SSM parameters keep their own lr at every depth.
+    The SSM and SGConv groups say `use_fallback` (hybrid optimizers train them with AdamW; others ignore it).
     """
     if no_weight_decay_list is None:
         no_weight_decay_list = tuple(getattr(model, 'no_weight_decay', lambda: ())())
@@ -77,9 +81,9 @@ def param_groups_ssm(
         kernel = [p for p in group['params'] if id(p) in kernel_ids]
         rest = [p for p in group['params'] if id(p) not in ssm_ids and id(p) not in kernel_ids]
         if ssm:
-            out.append(dict(group, params=ssm, weight_decay=ssm_weight_decay, **lr))
+            out.append(dict(group, params=ssm, weight_decay=ssm_weight_decay, use_fallback=True, **lr))
         if kernel:
-            out.append(dict(group, params=kernel, **lr))
+            out.append(dict(group, params=kernel, use_fallback=True, **lr))
         if rest:
             out.append(dict(group, params=rest))
     return out
