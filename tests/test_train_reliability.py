@@ -632,6 +632,37 @@ def test_a_fit_after_one_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp
     assert float(row['train_loss']) == pytest.approx(float(expected['train_loss']), rel=1e-6)
 
 
+@pytest.mark.parametrize('clip', ['null', '1.0'])
+def test_fp16_fit_after_one_interrupted_between_unscaling_and_step_trains_on(tmp_path, folder, fp16_on_cpu, clip):
+    """Ctrl-C (a notebook's) in an fp16 update after its gradients were unscaled (the clipping's, or the check's) and
+    before its step, e.g. in the all-reduce of the finite check, where the process waits for the GPU: the next
+    `fit()` raised 'unscale_() has already been called on this optimizer since the last update()', the GradScaler
+    still holding the interrupted update's unscaling. The update starts afresh, as in float32, and ends as the
+    uninterrupted run does."""
+    extra = ('train.epochs=1', 'train.mixed_precision=fp16', f'optim.clip_grad={clip}', 'train.max_steps_per_epoch=2')
+    Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
+    _reset()
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'interrupted', *extra)))
+    acc, reduce, calls = trainer.accelerator, trainer.accelerator.reduce, []
+
+    def interrupted_at_the_second_check(tensor, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return reduce(tensor, **kwargs)
+
+    acc.reduce = interrupted_at_the_second_check
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.state.update == 1
+    acc.reduce = reduce
+    trainer.fit()
+    assert trainer.state.update == 2
+    a, b = (load_file(str(tmp_path / name / 'last.safetensors')) for name in ('interrupted', 'straight'))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_mid_epoch_resume_reports_the_uninterrupted_epoch_row(tmp_path):
     root = _write_folder(tmp_path / 'data', n_train=7, n_val=2)
     (tmp_path / 'data' / 'train' / 'vertical' / 'corrupt.png').write_bytes(b'not an image')

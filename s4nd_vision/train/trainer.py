@@ -505,6 +505,11 @@ class Trainer:
         # micro-batches' gradients would add to this one's, and Accelerate would sync on other micro-batches
         acc.step = state.update * accum
         model.zero_grad(set_to_none=True)
+        scaler = acc.scaler if acc.mixed_precision == 'fp16' else None
+        if scaler is not None and hasattr(scaler, '_per_optimizer_states'):
+            # (fp16) and the GradScaler forgets an unscaling of it (interrupted between `_skip_update` and the step):
+            # its next one would raise 'unscale_() has already been called on this optimizer since the last update()'
+            scaler._per_optimizer_states.clear()
         loader = self.data.train_batches(epoch, stage.img_size, start * accum, self.updates_per_epoch * accum)
         model.train()
         total_micro = (self.updates_per_epoch - start) * accum
