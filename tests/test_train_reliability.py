@@ -245,6 +245,41 @@ def test_a_min_lr_above_a_scaled_lr_is_refused(tmp_path, folder):
     _reset()
 
 
+def test_layer_decay_scales_every_groups_scheduled_lr_in_training(tmp_path, folder):
+    """optim.layer_decay in a run: every update's lr is the cosine schedule of its group's own start (optim.lr, or
+    optim.ssm_lr for the SSM parameters) times its depth's lr_scale, from the first update (warm-up too) to the last;
+    the head trains at the full lr, the stem at layer_decay ** (depth)."""
+    trainer = Trainer(load_config(None, _overrides(
+        folder, tmp_path, 'optim.layer_decay=0.5', 'optim.ssm_lr=1e-3', 'train.epochs=2', 'sched.warmup_epochs=1',
+        'sched.warmup_lr=1e-5', 'train.max_steps_per_epoch=2')))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ssm = {id(p) for _, p in ssm_parameters(model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+
+    def schedule(t, base):  # warm-up over the first epoch's 2 updates, then cosine over all 4 (timm's, not prefixed)
+        return 1e-5 + t * (base - 1e-5) / 2 if t < 2 else 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * t / 4))
+
+    step = trainer.optimizer.step
+
+    def checked_step(*args, **kwargs):
+        if trainer.accelerator.sync_gradients:
+            t = trainer.state.update
+            for g in trainer.optimizer.param_groups:
+                is_ssm = {id(p) in ssm for p in g['params']}
+                assert len(is_ssm) == 1
+                base = 1e-3 if is_ssm.pop() else 2e-3
+                assert g['lr'] == pytest.approx(schedule(t, base) * g['lr_scale']), (t, names[id(g['params'][0])])
+            seen.append(t)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = checked_step
+    trainer.fit()
+    assert seen == [0, 1, 2, 3]
+    scales = {names[id(p)].split('.')[0]: g['lr_scale'] for g in trainer.optimizer.param_groups for p in g['params']}
+    assert scales['head'] == 1.0 and scales['stem'] == 0.5 ** 5  # (TINY_MODEL: stem, 4 stages of 1 block, head)
+
+
 # ------------------------------------------------------------------------------------------ resuming
 
 def test_resume_without_a_checkpoint_is_refused_unless_allowed(tmp_path, folder, capsys):
