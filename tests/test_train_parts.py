@@ -311,6 +311,31 @@ def test_trackers_log_to_the_configs_project_under_the_runs_name(tmp_path):
     MetricsLog(acc, cfg)
     assert acc.project == 'mine' and acc.init_kwargs == {'wandb': {'name': 'run7'}, 'mlflow': {'run_name': 'run7'}}
 
+@pytest.mark.parametrize('clip, deepspeed, refused', [
+    (None, 'auto', True), (1.0, 'auto', False), (0.5, 'auto', True), (0.5, 0.5, False), (None, None, False),
+    (None, 0, False), (2.0, None, True), (None, 1.0, True)])
+def test_deepspeed_clipping_must_be_optim_clip_grad(clip, deepspeed, refused):
+    """DeepSpeed clips the gradients itself (Accelerate's clip_grad_norm_ only reads the norm there) at its config's
+    gradient_clipping, 'auto' filled with 1.0 by Accelerate: a run with another optim.clip_grad (null included)
+    clipped at that value without a word."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from s4nd_vision.train.trainer import check_deepspeed_clipping
+
+    config = {} if deepspeed is None else {'gradient_clipping': deepspeed}
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    if refused:
+        with pytest.raises(ConfigError, match=rf'optim.clip_grad is {clip if clip else "null"}, but DeepSpeed, '
+                                              rf'which clips the gradients itself, clips them at'):
+            check_deepspeed_clipping(acc, clip)
+    else:
+        check_deepspeed_clipping(acc, clip)
+    check_deepspeed_clipping(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), clip)  # (others: no-op)
+
+
 def test_non_finite_checks_reduce_fsdp2_shards():
     """FSDP2's parameters and gradients are DTensors, which collectives refuse: the gradient and weight checks
     all-reduce each process's verdict on its local shards (here FSDP2 on one gloo process), and still see a NaN."""
