@@ -311,6 +311,15 @@ def test_trackers_log_to_the_configs_project_under_the_runs_name(tmp_path):
     MetricsLog(acc, cfg)
     assert acc.project == 'mine' and acc.init_kwargs == {'wandb': {'name': 'run7'}, 'mlflow': {'run_name': 'run7'}}
 
+def _deepspeed_accelerator(**config):
+    """What `check_deepspeed_config` reads of an Accelerator launched with DeepSpeed (not installed here)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+
 @pytest.mark.parametrize('clip, deepspeed, refused', [
     (None, 'auto', True), (1.0, 'auto', False), (0.5, 'auto', True), (0.5, 0.5, False), (None, None, False),
     (None, 0, False), (2.0, None, True), (None, 1.0, True)])
@@ -322,18 +331,32 @@ def test_deepspeed_clipping_must_be_optim_clip_grad(clip, deepspeed, refused):
 
     from accelerate.utils import DistributedType
 
-    from s4nd_vision.train.trainer import check_deepspeed_clipping
+    from s4nd_vision.train.trainer import check_deepspeed_config
 
-    config = {} if deepspeed is None else {'gradient_clipping': deepspeed}
-    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    acc = _deepspeed_accelerator(**({} if deepspeed is None else {'gradient_clipping': deepspeed}))
     if refused:
         with pytest.raises(ConfigError, match=rf'optim.clip_grad is {clip if clip else "null"}, but DeepSpeed, '
                                               rf'which clips the gradients itself, clips them at'):
-            check_deepspeed_clipping(acc, clip)
+            check_deepspeed_config(acc, clip, 1)
     else:
-        check_deepspeed_clipping(acc, clip)
-    check_deepspeed_clipping(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), clip)  # (others: no-op)
+        check_deepspeed_config(acc, clip, 1)
+    check_deepspeed_config(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), clip, 1)  # (others: no-op)
+
+
+@pytest.mark.parametrize('steps, refused', [('auto', False), (4, False), (1, True), ('2', True)])
+def test_deepspeed_accumulation_must_be_train_grad_accum_steps(steps, refused):
+    """A DeepSpeed config file's gradient_accumulation_steps (1 where it gives none) replaces Accelerate's in
+    `prepare` (a log line only): Accelerate would sync every `steps` micro-batches while the loop counts updates of
+    train.grad_accum_steps (4 here), stepping the optimizer several times per counted update."""
+    from s4nd_vision.train.trainer import check_deepspeed_config
+
+    acc = _deepspeed_accelerator(gradient_clipping=0, gradient_accumulation_steps=steps)
+    if refused:
+        with pytest.raises(ConfigError, match=rf'train.grad_accum_steps is 4, but the DeepSpeed config accumulates '
+                                              rf'over {steps} micro-batches'):
+            check_deepspeed_config(acc, None, 4)
+    else:
+        check_deepspeed_config(acc, None, 4)
 
 
 def test_non_finite_checks_reduce_fsdp2_shards():

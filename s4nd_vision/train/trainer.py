@@ -97,20 +97,28 @@ def warn_fsdp_parameter_cast(accelerator: Accelerator) -> None:
             stacklevel=2)
 
 
-def check_deepspeed_clipping(accelerator: Accelerator, clip_grad: Optional[float]) -> None:
-    """Under DeepSpeed, which clips the gradients itself (Accelerate's `clip_grad_norm_` only reads its norm), refuse
-    an optim.clip_grad other than the clipping DeepSpeed applies: its config's `gradient_clipping` (`accelerate
-    launch --gradient_clipping`), where 'auto' is Accelerate's 1.0 and none is DeepSpeed's 0 (off). The run would
-    clip at that value, e.g. at 1.0 with optim.clip_grad null, without a word."""
+def check_deepspeed_config(accelerator: Accelerator, clip_grad: Optional[float], grad_accum_steps: int) -> None:
+    """Under DeepSpeed, refuse a DeepSpeed config that `prepare` would apply over the run's config without a word:
+    its `gradient_clipping` (`accelerate launch --gradient_clipping`; 'auto' is Accelerate's 1.0, none DeepSpeed's 0,
+    off) other than optim.clip_grad, since DeepSpeed clips the gradients itself (Accelerate's `clip_grad_norm_` only
+    reads the norm there), and its `gradient_accumulation_steps` (1 where a config file gives none) other than
+    train.grad_accum_steps, which Accelerate then syncs by while the loop counts updates by the config."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    value = accelerator.state.deepspeed_plugin.deepspeed_config.get('gradient_clipping')
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    value = config.get('gradient_clipping')
     applied = 1.0 if value == 'auto' else float(value or 0.0)
     if applied != (clip_grad or 0.0):
         raise ConfigError(
             f'optim.clip_grad is {clip_grad if clip_grad is not None else "null"}, but DeepSpeed, which clips the '
             f'gradients itself, clips them at {applied or "none"} (gradient_clipping {value!r} in its config; '
             f"'auto' is Accelerate's 1.0): give the same in both (DeepSpeed's gradient_clipping 0 for null)")
+    steps = config.get('gradient_accumulation_steps', 'auto')
+    if steps != 'auto' and int(steps) != grad_accum_steps:
+        raise ConfigError(
+            f'train.grad_accum_steps is {grad_accum_steps}, but the DeepSpeed config accumulates over {steps} '
+            f'micro-batches (gradient_accumulation_steps; 1 where the file gives none), which Accelerate would take '
+            f"instead: give the same in both, or 'auto' in DeepSpeed's")
 
 
 def sum_dtype(device: torch.device) -> torch.dtype:
@@ -228,7 +236,7 @@ class Trainer:
                     f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS '
                     f'(accelerate launch with DeepSpeed) sets {acc.gradient_accumulation_steps}: give the same number '
                     f'in both')
-            check_deepspeed_clipping(acc, cfg.optim.clip_grad)
+            check_deepspeed_config(acc, cfg.optim.clip_grad, tc.grad_accum_steps)
         if acc.is_main_process:
             warn_fsdp_parameter_cast(acc)
         self.out_dir = tc.output_dir
