@@ -745,7 +745,9 @@ def _numpy_view(layer, other):
 def test_cache_check_compares_parameters_by_their_bytes():
     """The inference cache's check compares dense real CPU tensors bitwise (memcmp, reached through ctypes on
     Linux): one bit of the last element differs, and -0.0 differs from 0.0; a NaN equals itself (its kernels are
-    those of the cached copy); strided, complex and negative-view tensors go through torch.equal."""
+    those of the cached copy); strided, complex and negative-view tensors, and every tensor off the CPU, by the
+    integers of their bit patterns, with the same answers (on a GPU, `==` refused a NaN parameter's cache and a
+    recurrent state made from it as stale)."""
     from s4nd_vision.layers import s4nd as s4nd_module
     same = s4nd_module._same_values
     if sys.platform.startswith('linux'):
@@ -764,6 +766,17 @@ def test_cache_check_compares_parameters_by_their_bytes():
     # a negative view shares the bytes of what it negates: compared by value
     x = torch.randn(5)
     assert not same(x.clone(), torch._neg_view(x)) and same(-x, torch._neg_view(x))
+    # the comparison off the CPU (run here on CPU tensors): the same answers, complex, strided and 16-bit too
+    bits = s4nd_module._same_bits
+    for a in (torch.randn(96, 32, 2), torch.randn(4, 8, dtype=torch.complex64), torch.randn(6, 4).t(),
+              torch.randn(7, dtype=torch.bfloat16), torch.randn(3, dtype=torch.float64)):
+        b = a.clone()
+        assert bits([a, nan], [b, nan.clone()]) and not bits([a, nan], [b, torch.zeros(3)])
+        last = (-1,) * b.ndim
+        b[last] = float('nan') if a.is_complex() else -b[last]
+        assert not bits([a], [b]), a.dtype
+    assert not bits([torch.zeros(3)], [-torch.zeros(3)]) and bits([-x], [torch._neg_view(x)])
+    assert bits([z], [z.clone()]) and not bits([z], [z.conj()]) and bits([z.conj().resolve_conj()], [z.conj()])
 
 
 @pytest.mark.parametrize('change', [

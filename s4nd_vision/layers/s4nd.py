@@ -89,7 +89,7 @@ def _per_axis(value, ndim: int, name: str) -> tuple:
 
 
 def _libc_memcmp():
-    """The C library's memcmp, or None where ctypes cannot reach it (then `_equal_tensors` uses torch.equal)."""
+    """The C library's memcmp, or None where ctypes cannot reach it (then `_equal_tensors` compares bit patterns)."""
     try:
         memcmp = ctypes.CDLL(None).memcmp
     except (OSError, AttributeError, TypeError):  # (Windows has no process-wide C namespace)
@@ -101,27 +101,47 @@ def _libc_memcmp():
 _MEMCMP = _libc_memcmp()
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values as the integers of their bit patterns (a view, but for a negative or conjugate view, which is
+    resolved): equal exactly where the values are bitwise equal, as memcmp compares them (a NaN equals itself,
+    -0.0 differs from 0.0)."""
+    t = t.resolve_conj().resolve_neg()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
+def _same_bits(cached: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether tensors of equal dtypes, shapes and devices hold bitwise equal values, pair by pair, as a 0-dim bool
+    tensor (on a GPU: read with one synchronization)."""
+    return torch.stack([(_bits(a) == _bits(b)).all() for a, b in zip(cached, current)]).all()
+
+
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two CPU tensors of one dtype and shape hold the same values: by their bytes where both are dense,
     real and not negative views, whose bytes are their values negated (memcmp reads a layer's parameters faster
     than torch.equal, README "2-core CPU"; bitwise equality is the stricter test: a NaN equals itself, -0.0
-    differs from 0.0, and either way the kernels built from b are those of a)."""
+    differs from 0.0, and either way the kernels built from b are those of a), else by their bit patterns."""
     if (_MEMCMP is None or a.dtype.is_complex or a.layout != torch.strided or b.layout != torch.strided
             or not a.is_contiguous() or not b.is_contiguous() or a.is_neg() or b.is_neg()):
-        return torch.equal(a, b)
+        return bool(_same_bits([a], [b]))
     return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.nbytes) == 0
 
 
 def _equal_tensors(cached: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> bool:
-    """Whether two lists of tensors have equal dtypes, shapes, devices and values, compared tensor by tensor in
-    their own dtype (no concatenated or converted copy, which on small layers costs more than their convolution);
-    on a GPU with one synchronization."""
+    """Whether two lists of tensors have equal dtypes, shapes, devices and bitwise values, compared tensor by
+    tensor in their own dtype (no concatenated or converted copy, which on small layers costs more than their
+    convolution); on a GPU with one synchronization. (Bitwise on every device: a parameter holding a NaN equals
+    itself, so a GPU's cache and recurrent states are not refused as stale for it, as `==` did.)"""
     if len(cached) != len(current) or any(
             a.dtype != b.dtype or a.shape != b.shape or a.device != b.device for a, b in zip(cached, current)):
         return False
     if all(t.device.type == 'cpu' for t in current):
         return all(_same_values(a, b) for a, b in zip(cached, current))
-    return bool(torch.stack([(a == b).all() for a, b in zip(cached, current)]).all())
+    return bool(_same_bits(cached, current))
 
 
 @register_notrace_module  # a leaf of timm's FX feature graphs (its forward branches on the input's shape)
