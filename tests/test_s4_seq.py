@@ -201,9 +201,14 @@ def test_baselines_refuse_what_their_s4nd_twins_refuse():
     bad = [(dict(kernel='bogus'), r"kernel must be one of \('s4d', 's4', 'sgconv'\), got 'bogus'"),
            (dict(ssm_init='bogus'), r"ssm_init must be one of \('lin', 'inv', 'legs'\) for kernel='s4d'"),
            (dict(d_state=3), 'd_state must be a positive even integer, got 3'),
-           (dict(dt_min=-1.0), r'need finite 0 < dt_min <= dt_max, got dt_min=-1.0')]
+           (dict(dt_min=-1.0), r'need finite 0 < dt_min <= dt_max, got dt_min=-1.0'),
+           (dict(bandlimit=-1), 'bandlimit must be a positive cut-off, or 0 or None for off, got -1'),
+           (dict(bandlimit='x'), "bandlimit must be a positive cut-off, or 0 or None for off, got 'x'"),
+           (dict(kernel='sgconv', bandlimit=0.5),
+            r"bandlimit applies to the SSM kernels \('s4d', 's4'\), got kernel='sgconv'")]
     with torch.device('meta'):
-        for name in ('conv_seq_tiny', 'conv_iso_tiny', 'convnext_3d_atto', 's4nd_seq_atto'):
+        for name in ('conv_seq_tiny', 'conv_iso_tiny', 'convnext_3d_atto', 's4nd_seq_atto', 'convnext_s4nd_atto',
+                     's4nd_iso_tiny', 'vit_s4nd_tiny_patch16_224'):
             for kwargs, match in bad:
                 with pytest.raises(ValueError, match=match):
                     timm.create_model(name, **kwargs)

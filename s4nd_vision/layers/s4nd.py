@@ -31,7 +31,7 @@ from .records import record_ints, records_in_state_dict
 from .reference import use_reference
 from .s4_kernel import S4Kernel
 from .sgconv_kernel import SGConvKernel
-from .ssm_kernel import SSM_INITS, SSMKernel, check_ssm_args, is_int
+from .ssm_kernel import SSM_INITS, SSMKernel, check_bandlimit, check_ssm_args, is_int
 
 __all__ = ['S4ND', 'prepare_kernels', 'kernels_can_be_prepared', 'stacked_kernels', 'KERNELS', 'check_kernel_args',
            'refuse_fx_proxy', 'drop_inference_caches']
@@ -54,14 +54,18 @@ def refuse_fx_proxy(x: torch.Tensor, owner: str) -> None:
 
 
 def check_kernel_args(kernel: str, init: Optional[str], d_state: int, dt_min: float, dt_max: float,
-                      name: str = 'init') -> None:
+                      name: str = 'init', bandlimit: Optional[float] = None) -> None:
     """Raise ValueError unless `kernel` is one of `KERNELS`, `init` (the argument `name`) None (the default) or an
-    init of that kernel, and d_state, dt_min, dt_max what the SSM kernels take (checked whichever kernel is built).
-    S4ND checks its arguments with it, and the models theirs (`ssm_init`) whatever their mixer, so that a baseline
-    refuses what its S4ND twin refuses."""
+    init of that kernel, d_state, dt_min, dt_max what the SSM kernels take (checked whichever kernel is built), and
+    `bandlimit` a cut-off (0 or None = off) of an SSM kernel. S4ND checks its arguments with it, and the models
+    theirs (`ssm_init`) whatever their mixer, so that a baseline refuses what its S4ND twin refuses."""
     if kernel not in KERNELS:
         raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
     check_ssm_args(d_state, dt_min, dt_max)
+    check_bandlimit(bandlimit)
+    if bandlimit and kernel == 'sgconv':
+        raise ValueError(f"bandlimit applies to the SSM kernels ('s4d', 's4'), got kernel='sgconv' with "
+                         f"bandlimit={bandlimit} (pass bandlimit=None or 0)")
     if init is None:
         return
     if kernel not in KERNEL_INITS:
@@ -268,10 +272,7 @@ class S4ND(nn.Module):
     def _axis_kernel_modules(self, kernel, d_state, init, dt_min, dt_max, bandlimit, sgconv_size, sgconv_decay,
                              device, dtype) -> list:
         """One kernel generator per axis, with rank kernels per direction."""
-        check_kernel_args(kernel, init, d_state, dt_min, dt_max)
-        if bandlimit and kernel == 'sgconv':
-            raise ValueError(f"bandlimit applies to the SSM kernels ('s4d', 's4'), got kernel='sgconv' with "
-                             f"bandlimit={bandlimit} (pass bandlimit=None or 0)")
+        check_kernel_args(kernel, init, d_state, dt_min, dt_max, bandlimit=bandlimit)
         counts = self._kernel_counts()
         dd = dict(device=device, dtype=dtype)
         # every kernel's arguments are checked whichever kernel is built (models pass them all to every layer)

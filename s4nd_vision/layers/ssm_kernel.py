@@ -96,7 +96,7 @@ class _DiagonalSSM(nn.Module):
                  bandlimit: Optional[float] = None, device=None, dtype=None):
         super().__init__()
         check_sizes(dim=dim, num_kernels=num_kernels)
-        _check_bandlimit(bandlimit)
+        check_bandlimit(bandlimit)
         check_ssm_args(d_state, dt_min, dt_max)
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
@@ -672,7 +672,8 @@ def check_generation(length, rate, dtype: torch.dtype) -> None:
                          f'got {dtype}')
 
 
-def _check_bandlimit(bandlimit: Optional[float]) -> None:
+def check_bandlimit(bandlimit: Optional[float]) -> None:
+    """Raise ValueError unless `bandlimit` is a cut-off: a finite number >= 0, or None (0 and None: off)."""
     if bandlimit is not None and not (isinstance(bandlimit, numbers.Real) and not isinstance(bandlimit, bool)
                                       and math.isfinite(bandlimit) and bandlimit >= 0):
         raise ValueError(f'bandlimit must be a positive cut-off, or 0 or None for off, got {bandlimit!r}')
@@ -680,7 +681,7 @@ def _check_bandlimit(bandlimit: Optional[float]) -> None:
 
 def set_bandlimit(module: nn.Module, bandlimit: Optional[float]) -> int:
     """Set the band-limiting cut-off of every SSM kernel in `module` (0 or None = off); returns how many were set."""
-    _check_bandlimit(bandlimit)
+    check_bandlimit(bandlimit)
     bandlimit = bandlimit or None
     kernels = [m for m in module.modules() if isinstance(m, _DiagonalSSM)]  # S4D and S4 kernels
     if bandlimit is not None:

@@ -306,7 +306,7 @@ class ConvNeXtBase(S4NDModel):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
         if output_stride not in (8, 16, 32):
             raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride!r}')
-        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init', bandlimit=bandlimit)
         if bandlimit is None:
             bandlimit = _DEFAULT_BANDLIMIT.get(kernel)
         dd = dict(device=device, dtype=dtype)

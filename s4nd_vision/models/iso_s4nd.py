@@ -95,7 +95,7 @@ class IsoS4ND(S4NDModel):
         super().__init__()
         if mixer_type not in MIXER_TYPES:
             raise ValueError(f'mixer_type must be one of {MIXER_TYPES}, got {mixer_type!r}')
-        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init', bandlimit=bandlimit)
         # (whatever the mixer, as the S4ND keywords are: an even size padded by half lost a row and a column per
         # block, a 0 padded negatively; both built and then failed at the first forward)
         check_sizes(conv_kernel_size=conv_kernel_size)

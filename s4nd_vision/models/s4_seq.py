@@ -167,7 +167,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         super().__init__()
         if mixer not in MIXER_TYPES:
             raise ValueError(f'mixer must be one of {MIXER_TYPES}, got {mixer!r}')
-        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init', bandlimit=bandlimit)
         if not isinstance(bidirectional, bool):  # (bool('false') is True: a two-sided conv for a causal one)
             raise ValueError(f'bidirectional must be a bool (False: causal), got {bidirectional!r}')
         if global_pool not in POOLS:

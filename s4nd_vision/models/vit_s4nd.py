@@ -209,7 +209,7 @@ class VisionTransformerS4ND(S4NDModel):
         default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
         dt_min = default_dt_min if dt_min is None else dt_min
         dt_max = default_dt_max if dt_max is None else dt_max
-        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init')
+        check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init', bandlimit=bandlimit)
         patch_size = self._check_patch_size(to_2tuple(patch_size))
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
