@@ -221,7 +221,7 @@ def test_baselines_refuse_what_their_s4nd_twins_refuse():
 def test_dim_is_checked_at_construction():
     """dim=2.5 failed inside a conv ('out_channels must be divisible by groups'), True inside torch.empty, 0 in the
     conv baseline as 'groups must be a positive integer'."""
-    for name in ('conv_seq_tiny', 's4nd_seq_atto'):
+    for name in ('conv_seq_tiny', 's4nd_seq_atto', 'conv_iso_tiny', 's4nd_iso_tiny'):
         for bad in (0, 2.5, True):
             with pytest.raises(ValueError, match=f'dim must be a positive integer, got {bad!r}'):
                 timm.create_model(name, dim=bad)

@@ -98,7 +98,7 @@ class IsoS4ND(S4NDModel):
         check_kernel_args(kernel, ssm_init, d_state, dt_min, dt_max, name='ssm_init', bandlimit=bandlimit)
         # (whatever the mixer, as the S4ND keywords are: an even size padded by half lost a row and a column per
         # block, a 0 padded negatively; both built and then failed at the first forward)
-        check_sizes(conv_kernel_size=conv_kernel_size)
+        check_sizes(dim=dim, conv_kernel_size=conv_kernel_size)
         if conv_kernel_size % 2 == 0:
             raise ValueError(f'conv_kernel_size must be odd (a centred conv keeps the size), got {conv_kernel_size!r}')
         check_model_sizes(in_chans, num_classes, depth=depth)
