@@ -363,6 +363,40 @@ def test_progressive_resizing_changes_resolution_without_recreating_the_model(tm
     assert stem.l_ref == (48, 48)  # the reference grid is the final resolution: rate 1.5 at 32 px
 
 
+def test_a_run_resumed_after_a_band_limit_stage_keeps_its_cut_off(tmp_path, folder, monkeypatch):
+    """A stage without a band-limit keeps an earlier stage's, also in a run resumed in it from a checkpoint that does
+    not hold the kernels' cut-off (FSDP's, made here with `state_dict_without_records`): the resumed model is rebuilt
+    with its own (1.0), and trained and exported with it, unlike the uninterrupted run."""
+    import s4nd_vision.train.checkpoint as checkpoint
+    monkeypatch.setattr(checkpoint, '_fsdp_records', lambda acc: s4nd_vision.layers.state_dict_without_records())
+
+    class StoppedAfterFirstEpoch(Trainer):
+        def train_one_epoch(self, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return super().train_one_epoch(epoch)
+
+    def trainer(cls, out, resume=False):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return cls(load_config(None, _overrides(
+            folder, out, 'train.epochs=2', 'train.max_steps_per_epoch=1', 'data.img_size=48', 'train.ema_decay=0.9',
+            'train.progressive=[{epoch: 0, img_size: 32, bandlimit: 0}, {epoch: 1, img_size: 48}]')), resume=resume)
+
+    trainer(Trainer, tmp_path / 'straight').fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(StoppedAfterFirstEpoch, tmp_path / 'resumed').fit()
+    resumed = trainer(Trainer, tmp_path / 'resumed', resume=True)
+    assert resumed.state.epoch == 1
+    resumed.fit()
+    for name in ('last', 'last_ema'):
+        a, b = (load_file(str(tmp_path / run / f'{name}.safetensors')) for run in ('resumed', 'straight'))
+        cut_offs = [k for k in b if k.endswith('.bandlimit')]
+        assert cut_offs and all(a[k].item() == b[k].item() == 0 for k in cut_offs), name  # off, as stage 0 set it
+        for k in b:
+            assert torch.equal(a[k], b[k]), f'{name}: {k} differs after resume'
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
     root = _write_folder(tmp_path / 'data', n_train=7, n_val=4)
     (tmp_path / 'data' / 'train' / 'vertical' / 'corrupt.png').write_bytes(b'not an image at all')

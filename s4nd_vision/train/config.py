@@ -389,6 +389,14 @@ class Config:
         stages = self.train.progressive or [ProgressiveStage(epoch=0, img_size=self.data.img_size)]
         return [s for s in stages if s.epoch <= epoch][-1]
 
+    def bandlimit_at(self, epoch: int) -> Optional[float]:
+        """The band-limit that the progressive stages put in force at `epoch`: the last one a stage up to it gives
+        (0: off), or None where none does (the model keeps its own). Set at every epoch, not only where a stage gives
+        one, so that a run resumed in a later stage runs the earlier stage's cut-off also where its checkpoint does not
+        hold it (FSDP checkpoints leave the kernels' records out: the model is rebuilt with its own cut-off)."""
+        given = [s.bandlimit for s in self.train.progressive if s.epoch <= epoch and s.bandlimit is not None]
+        return given[-1] if given else None
+
 
 # optim.betas and optim.eps before they became null (the optimizer's own): every config held AdamW's values, which
 # the trainer passed to any optimizer (timm drops them for one that takes none)

@@ -521,9 +521,10 @@ class Trainer:
         stage = cfg.stage_at(epoch)
         model = self.model
         unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-        if stage.bandlimit is not None:  # the EMA model too: it is evaluated and exported with its own cut-off
+        bandlimit = cfg.bandlimit_at(epoch)  # (an earlier stage's too: a resumed model may not hold it)
+        if bandlimit is not None:  # the EMA model too: it is evaluated and exported with its own cut-off
             for m in [unwrapped] + ([self.ema.module] if self.ema is not None else []):
-                set_bandlimit(m, stage.bandlimit)
+                set_bandlimit(m, bandlimit)
         start = state.step_in_epoch if state.epoch == epoch else 0
         accum = cfg.train.grad_accum_steps
         # the update starts afresh where a fit() before was interrupted within one (e.g. Ctrl-C in a notebook): its
