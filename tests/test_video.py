@@ -383,6 +383,19 @@ def test_3d_weights_of_the_other_time_direction_are_refused_by_name(tmp_path):
                               time_bidirectional=not bidirectional, **CLIP)
 
 
+@pytest.mark.parametrize('bidirectional', [True, False], ids=['two-sided', 'causal'])
+def test_3d_weights_of_another_width_are_not_said_to_be_of_the_other_time_direction(tmp_path, bidirectional):
+    """A file of half (twice) the model's width has half (twice) its time kernels' rows, as one of the other time
+    direction has: it was refused with 'build the model with time_bidirectional=...', which would not fit either."""
+    path = tmp_path / 'video.safetensors'
+    both = dict(depths=(1, 1, 1, 1), time_bidirectional=bidirectional, **CLIP)
+    save_file(timm.create_model('convnext_s4nd_3d_atto', **both).state_dict(), str(path))
+    dims = (80, 160, 320, 640) if bidirectional else (20, 40, 80, 160)  # (the atto's are (40, 80, 160, 320))
+    with pytest.raises(RuntimeError, match=r'size mismatch for stages\.0\.blocks\.0\.conv_dw\.kernels\.0\.c'):
+        timm.create_model('convnext_s4nd_3d_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          dims=dims, **both)  # (torch's list of the tensors that differ)
+
+
 def test_inflate_from_checkpoint_files(tmp_path, monkeypatch, caplog):
     """A wrapped torch checkpoint through the CLI, a safetensors file through timm on the fly: both load with timm.
     The CLI says which clip length the time kernels are referenced to (the file keeps it for any model)."""

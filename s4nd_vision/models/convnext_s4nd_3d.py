@@ -176,9 +176,16 @@ def _check_time_direction(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d
     (`time_bidirectional`): they hold half or twice its rows of C (SGConv: of sub-kernels), a set per direction,
     which loading reported only as size mismatches of `kernels.0` tensors."""
     other = 0.5 if model.time_bidirectional else 2  # the other direction(s)' rows per the model's
-    for name, own in model.state_dict().items():
+    own_state = model.state_dict()
+    for name, own in own_state.items():
         theirs = state_dict.get(name)
-        if (name.endswith(('.kernels.0.c', '.kernels.0.weight')) and theirs is not None
+        # the same layer's H kernel, two-sided in both, has as many rows only where width and rank agree (weights of
+        # another width or rank, whose time kernels hold half or twice the rows too, were said to be of the other
+        # direction); its other axes may differ (an SGConv layout of another grid, which loads)
+        h_name = name.replace('.kernels.0.', '.kernels.1.')
+        h_theirs, h_own = state_dict.get(h_name), own_state.get(h_name)
+        h_rows_fit = h_theirs is not None and h_own is not None and h_theirs.shape[:1] == h_own.shape[:1]
+        if (name.endswith(('.kernels.0.c', '.kernels.0.weight')) and theirs is not None and h_rows_fit
                 and theirs.shape[1:] == own.shape[1:] and theirs.shape[0] == other * own.shape[0]):
             raise ValueError(
                 f'the weights have {"causal" if model.time_bidirectional else "two-sided"} time kernels ({name}: '
