@@ -303,14 +303,18 @@ def test_inflating_timm_convnext_into_the_baseline():
 
 def test_inflation_errors():
     model_2d, model_3d = _pair()
-    with pytest.raises(ValueError, match=r'stem.0.weight: 2D shape \(32, 3, 1, 1\) does not fit'):
-        inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_3d_atto'))
+    # ConvNeXt-S4ND weights for the conv baseline: said so (they failed on the stem's shape, with advice to build the
+    # baseline with the 2D model's dims or d_state), with either stem
+    for stem_type, downsample_type in (('s4nd', 's4nd'), ('patch', 'conv')):
+        s4nd_2d = timm.create_model('convnext_s4nd_atto', stem_type=stem_type, downsample_type=downsample_type)
+        with pytest.raises(ValueError, match=r'the 2D weights hold S4ND layers \(ConvNeXt-S4ND weights\): they inflate '
+                                             r'into a convnext_s4nd_3d_\* model, not ConvNeXt3d without S4ND layers'):
+            inflate_state_dict(s4nd_2d.state_dict(), timm.create_model('convnext_3d_atto'))
+    with pytest.raises(ValueError, match=r"name for name: missing \[\], unexpected \['stages.2.blocks.5.conv_dw.D'"):
+        inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_s4nd_3d_atto', depths=(2, 2, 5, 2)))
     with pytest.raises(ValueError, match=r"log_a_real: 2D shape \(32, 32\) does not fit 3D shape \(32, 4\) \(build the "
                                          r"3D model with the 2D model's arguments, e.g. its dims, d_state"):
         inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_s4nd_3d_atto', d_state=8))
-    patch_2d = timm.create_model('convnext_s4nd_atto', stem_type='patch', downsample_type='conv')
-    with pytest.raises(ValueError, match=r"name for name: missing \['stages.0.blocks.0.conv_dw.weight'"):
-        inflate_state_dict(patch_2d.state_dict(), timm.create_model('convnext_3d_atto'))
     with pytest.raises(ValueError, match='num_classes differs'):
         inflate_state_dict(model_2d.state_dict(), timm.create_model('convnext_s4nd_3d_atto'), keep_head=True)
     with pytest.raises(ValueError, match='time_init'):

@@ -252,6 +252,11 @@ def inflate_state_dict(
     if not any('.kernels.' in k for k in source) and any('.kernels.' in k for k in target):
         raise ValueError(f'the 2D weights hold no S4ND layer (timm ConvNeXt weights?): they inflate into the '
                          f'convnext_3d_* baseline, not {type(model).__name__} with S4ND layers')
+    if any('.kernels.' in k for k in source) and not any('.kernels.' in k for k in target):
+        # (they failed on the stem's shape, with advice to build the target with the 2D model's dims or d_state)
+        raise ValueError(f'the 2D weights hold S4ND layers (ConvNeXt-S4ND weights): they inflate into a '
+                         f'convnext_s4nd_3d_* model, not {type(model).__name__} without S4ND layers (the convnext_3d_* '
+                         f'baseline)')
     renamed, time_params, grids, used = {}, {}, {}, set()
     for prefix, layer in model.named_modules():
         if not isinstance(layer, S4ND):
