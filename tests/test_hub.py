@@ -84,7 +84,13 @@ def test_model_card_overrides_and_paper_citations():
     assert card['details']['Dataset'] == 'ImageNet-1k' and 's4nd-vision' in card['details']['Library']
     assert card['details']['Model Type'] == 'Image classification / feature backbone'
     for name, kind in [('s4nd_seq_atto', 'Sequence'), ('convnext_s4nd_3d_atto', 'Video')]:
-        assert model_card(timm.create_model(name))['details']['Model Type'].startswith(kind), name
+        other = model_card(timm.create_model(name))
+        assert other['details']['Model Type'].startswith(kind), name
+        # the usage's last sentence stands alone without the image-only `eval-resolution` command before it
+        last = "\n\ntimm's own `train.py` / `validate.py` scripts do not import it."
+        assert other['usage'].rstrip().endswith(last), name
+    assert card['usage'].rstrip().endswith('--models hf-hub:me/convnext-sgconv ...`); timm\'s own `train.py` / '
+                                           '`validate.py` scripts do not.')
     assert "timm.create_model('hf-hub:me/convnext-sgconv', pretrained=True)" in card['usage']
     ids = model.pretrained_cfg['paper_ids']
     cites = card['citation']

@@ -78,8 +78,10 @@ def _axes(model: nn.Module) -> int:
 
 def _usage(repo_id: Optional[str], axes: int) -> str:
     source = f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder'
+    # (images only: `eval-resolution` evaluates image folders; the sentence must stand alone for the other models)
     command = (f"The library's `s4nd-vision` command imports it itself (`s4nd-vision eval-resolution --models {source} "
-               "...`); timm's own" if axes == 2 else "timm's own")
+               "...`); timm's own `train.py` / `validate.py` scripts do not." if axes == 2 else
+               "timm's own `train.py` / `validate.py` scripts do not import it.")
     return f"""The architecture is defined by the [{PACKAGE}](https://pypi.org/project/{PACKAGE}/) library, not by
 timm itself: timm has no plugin mechanism, so install the library and `import s4nd_vision` before
 `timm.create_model` (without the import, timm ends in "Unknown model").
@@ -99,7 +101,7 @@ data_config = timm.data.resolve_model_data_config(model)
 {_INPUT.get(axes, _INPUT[2])}
 ```
 
-{command} `train.py` / `validate.py` scripts do not.
+{command}
 """
 
 
