@@ -264,3 +264,16 @@ def test_a_save_in_another_format_replaces_the_earlier_weights(tmp_path, first, 
     x = torch.randn(1, 3, 14, 14)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), new(x), rtol=0, atol=0)
+
+
+def test_a_folder_not_saved_for_the_hub_is_named_with_what_to_give_instead(tmp_path):
+    """'local-dir:' of a run's folder (its best.safetensors, no config.json) or of no folder: an error that says what
+    a Hub folder holds and how a run's weights load (timm's own said only "Config file not found")."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'best.safetensors').write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=r"'local-dir:.*run'.* has no config.json, so it is not weights saved "
+                                                r'for the Hub.*registered model name and the file as the checkpoint'):
+        load_model(f'local-dir:{run}')
+    with pytest.raises(FileNotFoundError, match=r"'.*missing' is not a folder, so it is not weights saved for the Hub"):
+        load_model(f'local-dir:{tmp_path / "missing"}')

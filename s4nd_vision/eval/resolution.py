@@ -88,6 +88,7 @@ def load_model(
     if img_size is not None and input_size_args(name):
         kwargs['img_size'] = img_size
     shared = name.startswith(('hf-hub:', 'local-dir:'))  # the name is the weights: never a random init of them
+    _check_shared_folder(name)
     model = timm.create_model(name, pretrained=shared and checkpoint is None, **kwargs)
     if img_size is not None and hasattr(model, 'set_input_size'):
         model.set_input_size(img_size)
@@ -124,6 +125,22 @@ def load_model(
     if bandlimit is not None:
         set_bandlimit(model, bandlimit)
     return model.eval()
+
+
+def _check_shared_folder(name: str) -> None:
+    """A 'local-dir:PATH' must be a folder saved for the Hub (config.json beside the weights): timm's own error
+    ("Config file not found") says nothing of what to give instead, e.g. for a run's output folder or a training
+    checkpoint (step-N), whose weights load as a checkpoint file of the registered model."""
+    if not name.startswith('local-dir:'):
+        return
+    folder = name[len('local-dir:'):]
+    if os.path.isfile(os.path.join(folder, 'config.json')):
+        return
+    what = 'has no config.json' if os.path.isdir(folder) else 'is not a folder'
+    raise FileNotFoundError(
+        f'{name!r}: {folder!r} {what}, so it is not weights saved for the Hub (s4nd_vision.deploy.save_for_hf or '
+        f'timm.models.save_for_hf write config.json beside them); for a run\'s weights give the registered model '
+        f'name and the file as the checkpoint (e.g. best.safetensors, or a training checkpoint\'s model.safetensors)')
 
 
 def _check_no_clash(model_kwargs: Mapping, **given) -> None:
