@@ -1,4 +1,5 @@
 """The trainer's parts on their own: top-k hits, data configs, checkpoint lookup and the metrics CSV."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -320,6 +321,11 @@ def _deepspeed_accelerator(**config):
                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
 
 
+def _refused_if(refused: bool, match: str):
+    """A ConfigError matching `match` expected where `refused`, none otherwise."""
+    return pytest.raises(ConfigError, match=match) if refused else contextlib.nullcontext()
+
+
 @pytest.mark.parametrize('clip, deepspeed, refused', [
     (None, 'auto', True), (1.0, 'auto', False), (0.5, 'auto', True), (0.5, 0.5, False), (None, None, False),
     (None, 0, False), (2.0, None, True), (None, 1.0, True)])
@@ -334,11 +340,8 @@ def test_deepspeed_clipping_must_be_optim_clip_grad(clip, deepspeed, refused):
     from s4nd_vision.train.trainer import check_deepspeed_config
 
     acc = _deepspeed_accelerator(**({} if deepspeed is None else {'gradient_clipping': deepspeed}))
-    if refused:
-        with pytest.raises(ConfigError, match=rf'optim.clip_grad is {clip if clip else "null"}, but DeepSpeed, '
-                                              rf'which clips the gradients itself, clips them at'):
-            check_deepspeed_config(acc, clip, 1)
-    else:
+    with _refused_if(refused, rf'optim.clip_grad is {clip if clip else "null"}, but DeepSpeed, which clips the '
+                              rf'gradients itself, clips them at'):
         check_deepspeed_config(acc, clip, 1)
     check_deepspeed_config(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), clip, 1)  # (others: no-op)
 
@@ -351,11 +354,8 @@ def test_deepspeed_accumulation_must_be_train_grad_accum_steps(steps, refused):
     from s4nd_vision.train.trainer import check_deepspeed_config
 
     acc = _deepspeed_accelerator(gradient_clipping=0, gradient_accumulation_steps=steps)
-    if refused:
-        with pytest.raises(ConfigError, match=rf'train.grad_accum_steps is 4, but the DeepSpeed config accumulates '
-                                              rf'over {steps} micro-batches'):
-            check_deepspeed_config(acc, None, 4)
-    else:
+    with _refused_if(refused, rf'train.grad_accum_steps is 4, but the DeepSpeed config accumulates over {steps} '
+                              rf'micro-batches'):
         check_deepspeed_config(acc, None, 4)
 
 

@@ -320,7 +320,7 @@ def test_a_wrong_or_missing_pretrained_file_is_a_clear_error(tmp_path, name, siz
     torch.save(weights, tmp_path / 'torch.safetensors')
     for file, error, match in [
             ('missing.safetensors', FileNotFoundError, 'missing.safetensors.* does not exist'),
-            ('folder', FileNotFoundError, 'folder.* is not a file'),
+            ('folder', FileNotFoundError, "folder.* is not a file but a folder: give a file such as a run's best"),
             ('config.yaml', ValueError, r"config.yaml.* is neither a safetensors file nor a torch.save file .*b'model"),
             ('safetensors.pth', ValueError, r'safetensors.pth.* is a safetensors file, but timm reads a file by its '
                                             r'name: .* rename it'),

@@ -31,7 +31,7 @@ from ..data.images import ImageFolderDataset, check_class_folders, check_folder_
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import S4ND, drop_inference_caches, set_bandlimit
 from ..models import input_size_args
-from ..models._checkpoint import file_shape, weights_num_classes
+from ..models._checkpoint import WEIGHTS_FILE_HINT, file_shape, weights_num_classes
 from ..utils import replaced_atomically
 from .accuracy import topk_hits
 
@@ -75,9 +75,8 @@ def load_model(
     """
     if checkpoint is not None and os.path.isdir(checkpoint):  # (e.g. a training checkpoint, step-N: its weights are
         # model.safetensors; a shared-weights folder is 'local-dir:PATH' as the model name)
-        raise IsADirectoryError(f'checkpoint {checkpoint!r} is a folder, not a weights file: give a file such as a '
-                                f'run\'s best.safetensors or a training checkpoint\'s model.safetensors (a folder '
-                                f'saved for the Hub loads as the model local-dir:PATH)')
+        raise IsADirectoryError(f'checkpoint {checkpoint!r} is a folder, not a weights file: {WEIGHTS_FILE_HINT} '
+                                f'(a folder saved for the Hub loads as the model local-dir:PATH)')
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint!r}')
     kwargs = dict(model_kwargs or {})

@@ -23,7 +23,7 @@ __all__ = [
     'unwrap_state_dict', 'check_weights_fit', 'check_weights_file', 'check_pretrained_file', 'adapt_input_channels',
     'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict', 'transfer_timm_weights',
     'split_input_size', 'stated_img_size', 'file_shape', 'file_num_classes', 'weights_num_classes',
-    'warn_dropped_fitting_classifier',
+    'warn_dropped_fitting_classifier', 'WEIGHTS_FILE_HINT',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ def warn_dropped_fitting_classifier(state_dict: Dict[str, torch.Tensor], model: 
             return
 
 
+# what to give where a folder was given for a weights file (e.g. a training checkpoint, step-N)
+WEIGHTS_FILE_HINT = "give a file such as a run's best.safetensors or a training checkpoint's model.safetensors"
+
+
 def check_weights_file(path: str) -> None:
     """Refuse, on one line naming `path`, a weights file on which timm's loader would fail unclearly: a missing one
     (a bare FileNotFoundError), one that is no checkpoint (torch.load's errors, e.g. IndexError for a YAML file),
@@ -112,7 +116,8 @@ def check_weights_file(path: str) -> None:
     safetensors and any other with torch.load, whose error for a safetensors file suggests unsafe loading."""
     from .inflate import _looks_like_safetensors  # (inflate imports this module)
     if not os.path.isfile(path):
-        problem = 'is not a file' if os.path.exists(path) else 'does not exist'
+        problem = ('does not exist' if not os.path.exists(path) else
+                   f'is not a file but a folder: {WEIGHTS_FILE_HINT}' if os.path.isdir(path) else 'is not a file')
         raise FileNotFoundError(f'weights file {path!r} {problem}')
     with open(path, 'rb') as f:
         head = f.read(16)

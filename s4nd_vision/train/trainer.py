@@ -42,7 +42,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..layers import drop_inference_caches, set_bandlimit
-from ..models._checkpoint import weights_num_classes
+from ..models._checkpoint import WEIGHTS_FILE_HINT, weights_num_classes
 from ..utils.files import remove_temporaries
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
@@ -392,8 +392,7 @@ class Trainer:
         if mc.pretrained_file:
             if os.path.isdir(mc.pretrained_file):  # (e.g. a training checkpoint, step-N)
                 raise ConfigError(f'model.pretrained_file must be a weights file, got the folder {mc.pretrained_file}:'
-                                  f' give e.g. a run\'s best.safetensors or a training checkpoint\'s model.safetensors'
-                                  f' (--resume continues a run from its checkpoint folder)')
+                                  f' {WEIGHTS_FILE_HINT} (--resume continues a run from its checkpoint folder)')
             if not os.path.isfile(mc.pretrained_file):
                 raise ConfigError(f'model.pretrained_file not found: {mc.pretrained_file}')
             overlay = dict(file=mc.pretrained_file)
