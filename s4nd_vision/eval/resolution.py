@@ -12,7 +12,6 @@ mean, std, interpolation and crop.
 """
 import contextlib
 import csv
-import numbers
 import os
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -30,6 +29,7 @@ from ..data import MNIST5k
 from ..data.images import ImageFolderDataset, check_class_folders, check_folder_links
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import S4ND, drop_inference_caches, set_bandlimit
+from ..layers.ops import is_int
 from ..models import input_size_args
 from ..models._checkpoint import WEIGHTS_FILE_HINT, file_shape, weights_num_classes
 from ..utils import replaced_atomically
@@ -233,7 +233,7 @@ def check_resolutions(resolutions: Sequence[int], models: Optional[Mapping[str, 
     resolutions = list(resolutions)
     if not resolutions:
         raise ValueError('resolutions must list at least one resolution')
-    bad = [r for r in resolutions if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1]
+    bad = [r for r in resolutions if not is_int(r) or r < 1]
     if bad:
         raise ValueError(f'resolutions must be positive integers (pixels per side), got {bad}')
     resolutions = [int(r) for r in resolutions]  # (NumPy's too, e.g. np.arange: Python ints in the rows and CSV)
