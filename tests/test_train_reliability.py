@@ -823,3 +823,20 @@ def test_a_run_that_fails_frees_its_folder(tmp_path, folder):
     with pytest.raises(TrainingDiverged):
         trainer.fit()
     assert _free(tmp_path)
+
+
+def test_a_checkpoint_written_before_use_fallback_resumes_with_it(tmp_path, folder):
+    """The SSM groups' `use_fallback` (Muon trains them with AdamW) is set by this code, not saved state: a Muon
+    checkpoint written before the groups said it (the optimizer's groups restored from it) still resumes with it."""
+    Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'optim.opt=muon'))).fit()
+    _reset()
+    path = os.path.join(latest_checkpoint(str(tmp_path)), 'optimizer.bin')
+    state = torch.load(path, weights_only=False)
+    assert any(g.pop('use_fallback', False) for g in state['param_groups'])
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match='the new values apply'):
+        resumed = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'optim.opt=muon')),
+                          resume=True)
+    own = {id(p) for _, p in ssm_parameters(resumed.accelerator.unwrap_model(resumed.model))}
+    groups = [g for g in resumed.optimizer.param_groups if own & {id(p) for p in g['params']}]
+    assert groups and all(g['use_fallback'] for g in groups)

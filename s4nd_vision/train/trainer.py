@@ -132,9 +132,10 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the weights) stopped being finite; nothing non-finite was written."""
 
 
-# the parameter-group entries a config sets (lr and its schedule's base, layer decay's scale, weight decay, and the
-# optimizer's own settings); a resumed run takes these from its config and everything else from the checkpoint
-_CONFIG_GROUP_KEYS = ('lr', 'initial_lr', 'lr_scale', 'weight_decay', 'betas', 'eps')
+# the parameter-group entries a config or this code sets (lr and its schedule's base, layer decay's scale, weight
+# decay, the optimizer's own settings, and which groups a hybrid optimizer such as Muon trains with AdamW); a resumed
+# run takes these from its config and everything else from the checkpoint
+_CONFIG_GROUP_KEYS = ('lr', 'initial_lr', 'lr_scale', 'weight_decay', 'betas', 'eps', 'use_fallback')
 # the config keys that may differ between the machines of a run: paths, as each machine mounts the data, the run
 # folder and the weights where it does (the data's contents are compared instead, and `check_shared_folder` checks
 # the run folder), and the loader processes each machine can afford
