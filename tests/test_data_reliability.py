@@ -12,7 +12,7 @@ from media import write_video
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, open_image
+from s4nd_vision.data.images import EpochSeeded, ImageFolderDataset, ResumableSampler, folder_class_to_idx, open_image
 from s4nd_vision.data.video import Hmdb51Clips, video_worker_context
 from s4nd_vision.eval.resolution import dataset_num_classes
 from s4nd_vision.train.config import ConfigError, load_config
@@ -187,6 +187,29 @@ def test_timms_dataset_arguments_apply_or_are_refused(tmp_path):
     for key in ('load_bytes', 'additional_features'):
         with pytest.raises(ValueError, match=f'{key} is not supported by ImageFolderDataset'):
             ImageFolderDataset(root, **{key: True})
+
+
+def test_class_numbers_from_the_class_folders_are_timms(tmp_path):
+    """`folder_class_to_idx` (eval-resolution's numbering of the training split, read without walking it) numbers
+    the classes as timm's reader of the whole folder does: natural order, case ignored, a folder without images of
+    the kinds it lists (empty, or .webp only beside others) no class; names timm cannot order are refused."""
+    for name, ext in (('c10', '.png'), ('c9', '.jpg'), ('B', '.JPEG'), ('a', '.png'), ('webp', '.webp')):
+        os.makedirs(tmp_path / name)
+        Image.new('RGB', (4, 4)).save(tmp_path / name / f'x{ext}', format='WEBP' if ext == '.webp' else None)
+    os.makedirs(tmp_path / 'empty')
+    os.makedirs(tmp_path / 'a' / 'notes.png')  # (a folder, not an image)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # (the trainer refuses the .webp folder)
+        with pytest.raises(ValueError, match="webp' holds 1 images .* its class would vanish"):
+            ImageFolderDataset(str(tmp_path))
+    expected = {'a': 0, 'B': 1, 'c9': 2, 'c10': 3}
+    assert folder_class_to_idx(str(tmp_path)) == expected
+    os.remove(tmp_path / 'webp' / 'x.webp')
+    assert ImageFolderDataset(str(tmp_path)).reader.class_to_idx == expected
+    os.makedirs(tmp_path / 'C9')
+    Image.new('RGB', (4, 4)).save(tmp_path / 'C9' / 'x.png')
+    with pytest.raises(ValueError, match="class folders 'c9' and 'C9'|class folders 'C9' and 'c9'"):
+        folder_class_to_idx(str(tmp_path))
 
 
 def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(tmp_path):

@@ -887,3 +887,20 @@ def test_the_documented_command_evaluates_the_demos_models_as_trained(tmp_path, 
     assert (seen['data'], seen['resolutions']) == ('mnist', [14, 20, 28, 42])
     for config in seen['configs'].values():
         assert (config['input_size'], config['mean'], config['std']) == ((1, 14, 14), (0.1307,), (0.3081,))
+
+
+def test_the_training_splits_classes_are_numbered_without_walking_it(image_folder, tmp_path, monkeypatch):
+    """The training split numbers the classes of another split from its class folders alone: its images are not
+    walked (on ImageNet, 1.28M files listed and checked twice per evaluation from the command line), and a
+    class folder without images is no class, as the trainer numbers them."""
+    shutil.copytree(image_folder, tmp_path / 'train')
+    shutil.copytree(image_folder, tmp_path / 'val')
+    shutil.rmtree(tmp_path / 'val' / '5')
+    (tmp_path / 'train' / 'empty').mkdir()  # (timm's reader makes no class of it: neither does the trainer)
+    walked = []
+    walk = os.walk
+    monkeypatch.setattr(os, 'walk', lambda top, *a, **k: walked.append(os.path.realpath(top)) or walk(top, *a, **k))
+    assert dataset_num_classes(str(tmp_path), split='val') == 10
+    (row,) = eval_resolution({'constant': _Constant()}, str(tmp_path), [14], split='val', progress=False)
+    assert row['n'] == 27 and row['top1'] == pytest.approx(100 * 3 / 27)
+    assert walked and all(w == os.path.realpath(tmp_path / 'val') for w in walked), walked

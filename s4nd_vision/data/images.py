@@ -24,7 +24,7 @@ import os
 import random
 import warnings
 from collections import Counter
-from typing import Iterator, Tuple
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from ..utils.seeding import seed_all, seed_from
 
 __all__ = ['ImageFolderDataset', 'EpochSeeded', 'ResumableSampler', 'open_image', 'check_folder_links',
-           'check_class_folders', 'is_hidden']
+           'check_class_folders', 'is_hidden', 'folder_class_to_idx']
 
 # images PIL reads in files that timm's reader does not list (check_folder_links counts them)
 _OTHER_IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jfif', '.jpe', '.pbm', '.pgm', '.pnm', '.ppm', '.tif', '.tiff', '.webp')
@@ -140,6 +140,27 @@ def check_class_folders(root: str, samples, class_to_idx=None) -> None:
         if other != name:
             raise ValueError(f'class folders {other!r} and {name!r} of {root!r} sort as equal in timm\'s order (case '
                              'and leading zeros ignored), so processes could number them differently: rename one')
+
+
+def folder_class_to_idx(root: str) -> Dict[str, int]:
+    """The class numbers timm's reader (and so the trainer) gives the `<class>/<image>` folder `root`, without
+    listing its images: the sub-folders holding a file of a kind the reader lists, in timm's order.
+
+    One directory read per class, stopped at its first image (ImageNet's training split: 1,000 short reads, not
+    1.28M files walked). A folder whose images are only in sub-folders is no class here; the trainer refuses such
+    a layout. Class names timm's order cannot tell apart are refused (`check_class_folders`).
+    """
+    listed = get_img_extensions(as_set=True)
+    names = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir():  # (follows links, as the reader's walk)
+                with os.scandir(entry.path) as files:  # (files as os.walk takes them: whatever is not a folder)
+                    if any(os.path.splitext(f.name)[1].lower() in listed and not f.is_dir() for f in files):
+                        names.append(entry.name)
+    class_to_idx = {name: i for i, name in enumerate(sorted(names, key=natural_key))}
+    check_class_folders(root, [], class_to_idx)
+    return class_to_idx
 
 
 class ImageFolderDataset(ImageDataset):

@@ -20,13 +20,14 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import create_dataset, create_transform
+from timm.data.dataset_factory import _search_split
 from timm.layers import PatchEmbed, to_2tuple
 from timm.models import get_model_input_config
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data import MNIST5k
-from ..data.images import ImageFolderDataset, check_class_folders, check_folder_links
+from ..data.images import ImageFolderDataset, check_class_folders, check_folder_links, folder_class_to_idx
 from ..data.transforms import mnist_transform, model_data_config
 from ..layers import S4ND, drop_inference_caches, set_bandlimit
 from ..layers.ops import is_int
@@ -190,20 +191,22 @@ TRAIN_SPLIT = 'train'  # the trainer's data.train_split: the classes a model tra
 
 def _image_folder(root: str, split: str, **kwargs) -> Dataset:
     """The `split` of ImageFolder `root`, its labels the training split's class numbers when `root` has one (as the
-    trainer validates: a class without images in `split` shifts no label); classes only in `split` are refused."""
+    trainer validates: a class without images in `split` shifts no label); classes only in `split` are refused.
+    Only the split's folder is walked: the training split's classes are its folders (`folder_class_to_idx`)."""
     if not os.path.isdir(root):
         raise ValueError(f"data must be {BUILTIN!r} or an ImageFolder directory, got {root!r}")
-    check_folder_links(root)  # before timm's reader walks (and multiplies) a symlink loop
-    ds = create_dataset('', root=root, split=split, **kwargs)  # finds the split folder as timm does
+    folder = _search_split(root, split)  # the split's folder as timm's create_dataset finds it
     splits = sorted(d for d in os.listdir(root) if d in _SPLIT_FOLDERS and os.path.isdir(os.path.join(root, d)))
-    if splits and os.path.samefile(ds.reader.root, root):  # timm fell back to the root: every split as classes
+    if splits and os.path.samefile(folder, root):  # timm falls back to the root: every split as classes
         raise ValueError(f'{root!r} holds no folder for split {split!r} (nor a synonym timm accepts) but holds the '
                          f'split folders {splits}: pass one of them as the split')
+    check_folder_links(folder)  # before timm's reader walks (and multiplies) a symlink loop
+    ds = create_dataset('', root=root, split=split, **kwargs)
     if len(ds) == 0:
         raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
     train = os.path.join(root, TRAIN_SPLIT)
     other = os.path.isdir(train) and not os.path.samefile(train, ds.reader.root)
-    classes = ImageFolderDataset(train).reader.class_to_idx if other else ds.reader.class_to_idx
+    classes = folder_class_to_idx(train) if other else ds.reader.class_to_idx
     mapped = ds.reader.class_to_idx != classes
     if mapped:  # (as the trainer's ImageFolderData: the training classes' numbers)
         unknown = sorted(set(ds.reader.class_to_idx) - set(classes))
