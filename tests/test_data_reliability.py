@@ -239,6 +239,19 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
     assert len(ImageFolderDataset(ties, class_map={'digits': 0, 'cat': 1, 'Cat': 2})) > 0  # (the map numbers them)
 
 
+def test_macos_metadata_files_beside_the_images_are_refused(tmp_path):
+    """A copy from a Mac can leave an AppleDouble `._<name>` beside every image: timm lists them by extension, none
+    is an image, and with one file in two unreadable a sample and its 10 random replacements are all unreadable
+    about once in 1,000 draws, which ended the run mid-epoch: refused up front (training and evaluation alike)."""
+    root = _constant_folder(tmp_path / 'mac', n=3, bad=())
+    with open(os.path.join(root, 'digits', '._01.png'), 'wb') as f:
+        f.write(b'\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ')  # (AppleDouble's header)
+    with pytest.raises(ValueError, match=r"_01.png' under .* is a hidden file .*AppleDouble.* -name '\._\*' -delete"):
+        ImageFolderDataset(root)
+    with pytest.raises(ValueError, match=r"_01.png' under .* is a hidden file"):
+        dataset_num_classes(root, split='')
+
+
 def test_file_names_timms_order_cannot_tell_apart_are_ordered_the_same_on_every_machine(tmp_path, monkeypatch):
     """timm's natural order ignores case and leading zeros; its ties kept the directory listing's order, which
     differs between file systems: sample i was another file on another machine (simulated by listing in reverse)."""

@@ -11,7 +11,8 @@
   timm's reader would follow again and again) is refused with an error naming the link. The folder must be
   `<class>/<image>`: timm's reader labels an image by its innermost folder, so images in sub-folders
   (`cat/2019/x.png`) or beside the class folders would silently form or merge classes (also under a class map); both
-  are refused, and so are hidden folders ('.ipynb_checkpoints', '__MACOSX'), which would become classes, and class
+  are refused, and so are hidden folders ('.ipynb_checkpoints', '__MACOSX'), which would become classes, hidden
+  image files (macOS' AppleDouble '._x.png', which timm lists and no image reader reads), and class
   names that timm's natural order cannot tell apart ('cat' and 'Cat', '1' and '01'), which processes would number
   differently (unless a class map numbers them). Image files are ordered as timm orders them, their exact paths
   breaking its ties, so sample i is the same file on every machine.
@@ -118,9 +119,10 @@ def is_hidden(name: str) -> bool:
 
 
 def check_class_folders(root: str, samples, class_to_idx=None) -> None:
-    """ValueError unless every image of `samples` is `root/<class>/<image>`, no class folder is hidden (`is_hidden`)
-    and, where timm numbers the classes (`class_to_idx` given: no class map), its order of them is total
-    (`natural_key` ignores case and leading zeros; ties fall to set order, which differs between processes)."""
+    """ValueError unless every image of `samples` is `root/<class>/<image>`, no class folder (`is_hidden`) or image
+    file ('._x.png', macOS' metadata) is hidden and, where timm numbers the classes (`class_to_idx` given: no class
+    map), its order of them is total (`natural_key` ignores case and leading zeros; ties fall to set order, which
+    differs between processes)."""
     prefix = os.path.join(root, '')
     for path, _ in samples:  # (timm's paths start with root as given: a slice, not relpath, for a million images)
         rest = path[len(prefix):] if path.startswith(prefix) else os.path.normpath(os.path.relpath(path, root))
@@ -129,6 +131,13 @@ def check_class_folders(root: str, samples, class_to_idx=None) -> None:
             raise ValueError(f'{path!r} is in {top!r} of {root!r}, a hidden folder (or macOS archive metadata), which '
                              'timm\'s reader would make a class, shifting the labels of the others: remove it, or '
                              'move it out')
+        name = rest.rsplit(os.sep, 1)[-1]
+        if name.startswith('.'):  # (timm's reader lists them by their extension alone)
+            raise ValueError(f'{path!r} under {root!r} is a hidden file (macOS\' AppleDouble metadata `._<name>`, '
+                             'not an image, where a copy from a Mac left them beside every image): it would be '
+                             'skipped as unreadable each time it is drawn, and where many are, a sample and its random '
+                             f'replacements all unreadable end the run: remove such files (find {root} -name \'._*\' '
+                             '-delete)')
         depth = rest.count(os.sep) + 1
         if depth != 2:
             where = 'beside the class folders' if depth == 1 else 'in a sub-folder of a class folder'
