@@ -324,6 +324,19 @@ def test_eval_crop_is_the_models_unless_given(tmp_path, folder):
         GradientState._reset_state()
 
 
+def test_no_aug_trains_on_the_evaluation_crop_and_refuses_the_augmentation_it_skips(tmp_path, folder):
+    """aug.no_aug (resize and centre crop only): training sees what evaluation sees (timm's no_aug squashed the whole
+    image to the square, neither cropping at crop_pct nor keeping the aspect ratio: another scale and shape than
+    evaluated), as the clips' no_aug does; the image augmentation settings it skips are refused, not ignored."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'aug.no_aug=true', 'data.crop_pct=0.8')))
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))  # (not square)
+    train, val = (trainer.data.transform(32, training=t) for t in (True, False))
+    assert torch.equal(train(img), val(img))
+    with pytest.raises(ConfigError, match=r'aug.hflip must be left at 0.5 with aug.no_aug .*, got 0.0'):
+        load_config(None, _overrides(folder, tmp_path, 'aug.no_aug=true', 'aug.hflip=0'))
+
+
 def test_the_ema_holds_no_inference_operators_while_training(tmp_path, folder):
     """The EMA's weights change at every update: the operators its evaluation cached would never serve again, only
     hold their memory through the next epoch."""

@@ -96,7 +96,7 @@ class AugConfig:
     # the draws rounded down to a multiple of 256 (a dataset of fewer than 256 images: all of them, rounded up to a
     # multiple of the processes)
     repeated_aug: int = 0
-    no_aug: bool = False  # resize + centre crop only (small demos)
+    no_aug: bool = False  # training resizes and centre crops as evaluation does (small demos)
 
     def video_randaugment(self) -> Optional[Tuple[int, int]]:
         """(num_ops, magnitude 0-10) of RandAugment for clips from `auto_augment` (None: off); the magnitude is
@@ -202,6 +202,11 @@ class Config:
                      f'augmentation (Mixup/CutMix and label smoothing apply)', getattr(self.aug, key))
             need(self.data.crop_pct in (None, 1.0), 'data.crop_pct', 'null or 1.0 for data.dataset mnist (a digit '
                  'fills its image: resized whole, never cropped)', self.data.crop_pct)
+        if self.data.dataset == 'imagefolder' and self.aug.no_aug:  # (the training transform is the evaluation's)
+            for key in _IMAGE_AUG:
+                need(getattr(self.aug, key) == getattr(AugConfig(), key), f'aug.{key}',
+                     f'left at {getattr(AugConfig(), key)!r} with aug.no_aug (training resizes and centre crops as '
+                     f'evaluation does; Mixup/CutMix and label smoothing apply)', getattr(self.aug, key))
         for key in ('img_size', 'batch_size', 'in_chans'):
             need(getattr(self.data, key) > 0, f'data.{key}', 'positive', getattr(self.data, key))
         need(self.data.workers >= 0, 'data.workers', '>= 0', self.data.workers)

@@ -209,7 +209,8 @@ class _ImageData(TrainData):
 
 class ImageFolderData(_ImageData):
     """`data.root/{data.train_split,data.val_split}/<class>/<image>`; unreadable images are skipped and counted.
-    Training uses timm's transforms (random resized crop, flip, color jitter, RandAugment, random erasing)."""
+    Training uses timm's transforms (random resized crop, flip, color jitter, RandAugment, random erasing); with
+    `aug.no_aug` the evaluation's resize and centre crop."""
 
     def _datasets(self) -> Tuple[Dataset, Dataset, List[str]]:
         data = self.cfg.data
@@ -233,12 +234,12 @@ class ImageFolderData(_ImageData):
     def transform(self, img_size: int, training: bool):
         data, aug, dc = self.cfg.data, self.cfg.aug, self.data_config
         common = dict(interpolation=dc['interpolation'], mean=dc['mean'], std=dc['std'])
-        if not training:
+        if not training or aug.no_aug:  # (no_aug: what evaluation sees, as for clips; timm's squashed the whole image)
             return create_transform(
                 (data.in_chans, img_size, img_size), is_training=False, crop_pct=dc['crop_pct'],
                 crop_mode=dc.get('crop_mode', 'center'), **common)
         return with_posterize_any_bits(create_transform(
-            (data.in_chans, img_size, img_size), is_training=True, no_aug=aug.no_aug, scale=aug.scale,
+            (data.in_chans, img_size, img_size), is_training=True, scale=aug.scale,
             hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.reprob,
             re_mode=aug.remode, **common))
 
