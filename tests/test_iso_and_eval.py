@@ -904,3 +904,14 @@ def test_the_training_splits_classes_are_numbered_without_walking_it(image_folde
     (row,) = eval_resolution({'constant': _Constant()}, str(tmp_path), [14], split='val', progress=False)
     assert row['n'] == 27 and row['top1'] == pytest.approx(100 * 3 / 27)
     assert walked and all(w == os.path.realpath(tmp_path / 'val') for w in walked), walked
+
+
+def test_a_training_split_named_training_numbers_the_classes_too(image_folder, tmp_path):
+    """timm's synonym of 'train' ('training', beside 'validation'): its classes number the evaluated split's, so a
+    class missing from the split shifts no label (it numbered the split's own classes: 6 read as 5, ...)."""
+    shutil.copytree(image_folder, tmp_path / 'training')
+    shutil.copytree(image_folder, tmp_path / 'validation')
+    shutil.rmtree(tmp_path / 'validation' / '5')
+    assert dataset_num_classes(str(tmp_path)) == 10
+    (row,) = eval_resolution({'constant': _Constant()}, str(tmp_path), [14], progress=False)
+    assert row['n'] == 27 and row['top1'] == pytest.approx(100 * 3 / 27) and row['top5'] == pytest.approx(100 * 12 / 27)

@@ -186,7 +186,7 @@ def _num_classes(dataset: Dataset) -> int:
 
 
 _SPLIT_FOLDERS = ('train', 'training', 'val', 'valid', 'validation', 'eval', 'evaluation', 'test')
-TRAIN_SPLIT = 'train'  # the trainer's data.train_split: the classes a model trained on the folder knows
+TRAIN_SPLIT = 'train'  # the trainer's data.train_split (or timm's 'training'): the classes a trained model knows
 
 
 def _image_folder(root: str, split: str, **kwargs) -> Dataset:
@@ -204,8 +204,9 @@ def _image_folder(root: str, split: str, **kwargs) -> Dataset:
     ds = create_dataset('', root=root, split=split, **kwargs)
     if len(ds) == 0:
         raise ValueError(f'no images found under {root!r} (expected [<split>/]<class>/<image>)')
-    train = os.path.join(root, TRAIN_SPLIT)
-    other = os.path.isdir(train) and not os.path.samefile(train, ds.reader.root)
+    train = _search_split(root, TRAIN_SPLIT)  # ('train', else timm's synonym 'training'; else the root: none)
+    other = (os.path.isdir(train) and not os.path.samefile(train, root)
+             and not os.path.samefile(train, ds.reader.root))
     classes = folder_class_to_idx(train) if other else ds.reader.class_to_idx
     mapped = ds.reader.class_to_idx != classes
     if mapped:  # (as the trainer's ImageFolderData: the training classes' numbers)
