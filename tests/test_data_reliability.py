@@ -242,7 +242,7 @@ def test_images_outside_class_folders_and_classes_timm_cannot_order_are_refused(
 def test_macos_metadata_files_beside_the_images_are_refused(tmp_path):
     """A copy from a Mac can leave an AppleDouble `._<name>` beside every image: timm lists them by extension, none
     is an image, and with one file in two unreadable a sample and its 10 random replacements are all unreadable
-    about once in 1,000 draws, which ended the run mid-epoch: refused up front (training and evaluation alike)."""
+    about once in 2,000 draws, which ended the run mid-epoch: refused up front (training and evaluation alike)."""
     root = _constant_folder(tmp_path / 'mac', n=3, bad=())
     with open(os.path.join(root, 'digits', '._01.png'), 'wb') as f:
         f.write(b'\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ')  # (AppleDouble's header)
