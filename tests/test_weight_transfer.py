@@ -362,7 +362,13 @@ def test_a_fitting_classifier_that_timm_drops_is_warned_about(tmp_path, name, si
         loaded = timm.create_model(name, pretrained=True, num_classes=5, **size,
                                    pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
         timm.create_model(name, pretrained=True, num_classes=3, **size, pretrained_cfg_overlay=dict(file=str(path)))
+        # a features_only backbone has no classifier to lose (timm drops any, the wrapper leaves out the head)
+        backbone = timm.create_model(name, pretrained=True, num_classes=5, features_only=True, **size,
+                                     pretrained_cfg_overlay=dict(file=str(path)))
     torch.testing.assert_close(loaded.state_dict()[classifier], model.state_dict()[classifier])
+    # (loaded, under the wrapper's name)
+    first_conv = model.state_dict()[model.pretrained_cfg['first_conv'] + '.weight']
+    assert any(torch.equal(v, first_conv) for v in backbone.state_dict().values())
 
 
 def test_a_fitting_classifier_of_timm_or_2d_weights_that_timm_drops_is_warned_about(tmp_path):
@@ -375,4 +381,8 @@ def test_a_fitting_classifier_of_timm_or_2d_weights_that_timm_drops_is_warned_ab
                   str(path))
         with pytest.warns(UserWarning, match=r"has the model's 5 classes, but timm drops it"):
             timm.create_model(target, pretrained=True, num_classes=5, **size,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+        with warnings.catch_warnings():  # (not for a features_only backbone, which has no classifier)
+            warnings.filterwarnings('error', message='.*timm drops it')
+            timm.create_model(target, pretrained=True, num_classes=5, features_only=True, **size,
                               pretrained_cfg_overlay=dict(file=str(path)))

@@ -23,7 +23,7 @@ __all__ = [
     'unwrap_state_dict', 'check_weights_fit', 'check_weights_file', 'check_pretrained_file', 'adapt_input_channels',
     'CHECKPOINT_KEYS', 'pointwise_reshape', 'TransferReport', 'match_state_dict', 'transfer_timm_weights',
     'split_input_size', 'stated_img_size', 'file_shape', 'file_num_classes', 'weights_num_classes',
-    'warn_dropped_fitting_classifier', 'WEIGHTS_FILE_HINT',
+    'warn_dropped_fitting_classifier', 'WEIGHTS_FILE_HINT', 'filter_args',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def check_weights_fit(
     They are refused instead, naming what is missing and what is left over; `strict=False` (timm's
     `pretrained_strict=False`, a partial load asked for) lets them through. A classifier that timm is about to drop
     though it fits is warned about (`warn_dropped_fitting_classifier`; `check_classifier=False` where the caller
-    did so before filling the head in)."""
+    did so before filling the head in, and
+    for a `features_only` model: `filter_args`)."""
     if check_classifier:
         warn_dropped_fitting_classifier(state_dict, model)
     if not strict:
@@ -82,6 +83,13 @@ def check_weights_fit(
             f'{" ..." if len(missing) > 5 else ""} ({len(missing)}), unexpected {unexpected[:5]}'
             f'{" ..." if len(unexpected) > 5 else ""} ({len(unexpected)})')
     return state_dict
+
+
+def filter_args(kwargs: Dict[str, Any]) -> Dict[str, bool]:
+    """The models' checkpoint filters' arguments from `create_model`'s `kwargs`: `strict` (timm's
+    `pretrained_strict`), and `warn_classifier`, False for a `features_only` model, which has no classifier to
+    warn about (timm drops the weights' classifier whatever its size, and the wrapper leaves out the head)."""
+    return dict(strict=kwargs.get('pretrained_strict', True), warn_classifier=not kwargs.get('features_only', False))
 
 
 def warn_dropped_fitting_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -388,15 +396,17 @@ def match_state_dict(
 
 
 def transfer_timm_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, first_conv: str,
-                          source: str, strict: bool = True) -> Dict[str, torch.Tensor]:
+                          source: str, strict: bool = True, warn_classifier: bool = True) -> Dict[str, torch.Tensor]:
     """Our own weights (they hold S4ND kernels) as they are, refused where they do not fit the model
     (`check_weights_fit`); from a plain timm model's (`source`, e.g. 'timm ViT weights') every module that fits
     (`match_state_dict`), `first_conv` adapted to the model's `in_chans` first by timm's rule, with the report
     logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the model
-    would otherwise be its initialization under the name of a pretrained one."""
+    would otherwise be its initialization under the name of a pretrained one. `warn_classifier`: see
+    `filter_args`."""
     if any('.kernels.' in k for k in state_dict):
-        return check_weights_fit(state_dict, model, strict=strict)
-    warn_dropped_fitting_classifier(state_dict, model)
+        return check_weights_fit(state_dict, model, strict=strict, check_classifier=warn_classifier)
+    if warn_classifier:
+        warn_dropped_fitting_classifier(state_dict, model)
     state_dict = adapt_input_channels(state_dict, first_conv, model.in_chans)
     out, report = match_state_dict(state_dict, model, source=source)
     taken = report.loaded + [n for names in report.mapped.values() for n in names]

@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._base import LIBRARY_CFG, SGCONV_ID, feature_cfg, paper_cfg
-from ._checkpoint import check_pretrained_file, stated_img_size, transfer_timm_weights, unwrap_state_dict
+from ._checkpoint import check_pretrained_file, filter_args, stated_img_size, transfer_timm_weights, unwrap_state_dict
 from .convnext_base import PAPER_SSM, ConvNeXtBase, ConvNeXtFeatures, every_stage
 
 __all__ = ['ConvNeXtS4ND']
@@ -40,7 +40,8 @@ class ConvNeXtS4ND(ConvNeXtBase):
 
 
 def checkpoint_filter_fn(
-        state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4ND, strict: bool = True) -> Dict[str, torch.Tensor]:
+        state_dict: Dict[str, torch.Tensor], model: ConvNeXtS4ND, strict: bool = True, warn_classifier: bool = True,
+) -> Dict[str, torch.Tensor]:
     """Load our own checkpoints as they are; start from a plain timm ConvNeXt checkpoint otherwise.
 
     A training checkpoint dict is unwrapped first (`unwrap_state_dict`). From a timm `convnext_*` state
@@ -53,7 +54,8 @@ def checkpoint_filter_fn(
     model would otherwise be its initialization under the name of a pretrained one.
     """
     return transfer_timm_weights(
-        unwrap_state_dict(state_dict), model, 'stem.0', source='timm ConvNeXt weights', strict=strict)
+        unwrap_state_dict(state_dict), model, 'stem.0', source='timm ConvNeXt weights', strict=strict,
+        warn_classifier=warn_classifier)
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
@@ -61,7 +63,7 @@ def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> C
     stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXtS4ND, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, **filter_args(kwargs)),
         feature_cfg=feature_cfg(
             kwargs, out_indices=every_stage(kwargs), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)

@@ -46,6 +46,7 @@ from ._checkpoint import (
     adapt_input_channels,
     check_pretrained_file,
     check_weights_fit,
+    filter_args,
     split_input_size,
     stated_img_size,
     unwrap_state_dict,
@@ -194,7 +195,8 @@ def _check_time_direction(state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d
 
 
 def checkpoint_filter_fn(
-        state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d, strict: bool = True) -> Dict[str, torch.Tensor]:
+        state_dict: Dict[str, torch.Tensor], model: ConvNeXt3d, strict: bool = True, warn_classifier: bool = True,
+) -> Dict[str, torch.Tensor]:
     """Load 3D checkpoints as they are, inflate 2D ones on the fly (`inflate_state_dict` defaults, but the time
     kernels' init: 'smooth', or 'random' for SGConv models, `default_time_init`; the transfer report says which).
 
@@ -211,7 +213,8 @@ def checkpoint_filter_fn(
         state_dict = inflate_state_dict(state_dict, model, time_init=default_time_init(model), keep_head=keep_head)
     else:
         _check_time_direction(state_dict, model)
-    warn_dropped_fitting_classifier(state_dict, model)  # (before the model's own head fills a missing one in)
+    if warn_classifier:  # (`filter_args`)
+        warn_dropped_fitting_classifier(state_dict, model)  # (before the model's own head fills a missing one in)
     for k, v in model.get_classifier().state_dict(prefix='head.fc.').items():
         state_dict.setdefault(k, v)
     return check_weights_fit(state_dict, model, strict=strict, check_classifier=False)
@@ -225,7 +228,7 @@ def _create_convnext_3d(variant: str, pretrained: bool = False, **kwargs) -> Con
     stated_img_size(kwargs)
     return build_model_with_cfg(
         ConvNeXt3d, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, **filter_args(kwargs)),
         feature_cfg=feature_cfg(
             kwargs, out_indices=every_stage(kwargs), flatten_sequential=True, feature_cls=ConvNeXtFeatures),
         **kwargs)

@@ -30,7 +30,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
 from ..layers.ssm_kernel import check_sizes
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, handed_out, paper_cfg
-from ._checkpoint import check_pretrained_file, check_weights_fit, stated_img_size, unwrap_state_dict
+from ._checkpoint import check_pretrained_file, check_weights_fit, filter_args, stated_img_size, unwrap_state_dict
 from ._checks import check_img_size, check_model_sizes
 
 __all__ = ['IsoS4ND']
@@ -163,10 +163,12 @@ class IsoS4ND(S4NDModel):
 
 
 def checkpoint_filter_fn(
-        state_dict: Dict[str, torch.Tensor], model: IsoS4ND, strict: bool = True) -> Dict[str, torch.Tensor]:
+        state_dict: Dict[str, torch.Tensor], model: IsoS4ND, strict: bool = True, warn_classifier: bool = True,
+) -> Dict[str, torch.Tensor]:
     """The weights of a checkpoint (a training checkpoint dict unwrapped: `unwrap_state_dict`), when they fit the
-    model (`check_weights_fit`); timm adapts the stem to the model's `in_chans` after."""
-    return check_weights_fit(unwrap_state_dict(state_dict), model, strict=strict)
+    model (`check_weights_fit`; `warn_classifier`: `filter_args`); timm adapts the stem to the model's `in_chans`
+    after."""
+    return check_weights_fit(unwrap_state_dict(state_dict), model, strict=strict, check_classifier=warn_classifier)
 
 
 def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
@@ -174,7 +176,7 @@ def _create_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoS4ND:
     stated_img_size(kwargs)
     return build_model_with_cfg(
         IsoS4ND, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, **filter_args(kwargs)),
         # the last 4 blocks
         feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)

@@ -55,6 +55,7 @@ from ._checkpoint import (
     adapt_input_channels,
     check_pretrained_file,
     check_weights_fit,
+    filter_args,
     split_input_size,
     unwrap_state_dict,
 )
@@ -377,11 +378,12 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
 
 
 def checkpoint_filter_fn(
-        state_dict: Dict[str, torch.Tensor], model: SeqS4ND, strict: bool = True) -> Dict[str, torch.Tensor]:
+        state_dict: Dict[str, torch.Tensor], model: SeqS4ND, strict: bool = True, warn_classifier: bool = True,
+) -> Dict[str, torch.Tensor]:
     """The weights of a checkpoint, with the stem adapted to the model's `in_chans` as timm adapts 2D models', when
-    they fit the model (`check_weights_fit`)."""
+    they fit the model (`check_weights_fit`; `warn_classifier`: `filter_args`)."""
     state_dict = adapt_input_channels(unwrap_state_dict(state_dict), 'stem', model.in_chans)
-    return check_weights_fit(state_dict, model, strict=strict)
+    return check_weights_fit(state_dict, model, strict=strict, check_classifier=warn_classifier)
 
 
 def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
@@ -396,7 +398,7 @@ def _create_seq(variant: str, pretrained: bool = False, **kwargs) -> SeqS4ND:
     model = build_model_with_cfg(
         SeqS4ND, variant, pretrained,
         pretrained_cfg_overlay=dict(overlay, input_size=None),
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, **filter_args(kwargs)),
         # the last 4 blocks
         feature_cfg=feature_cfg(kwargs, out_indices=min(4, kwargs.get('depth', 4)), feature_cls='getter'),
         **kwargs)

@@ -57,7 +57,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
-from ._checkpoint import check_pretrained_file, stated_img_size, transfer_timm_weights, unwrap_state_dict
+from ._checkpoint import check_pretrained_file, filter_args, stated_img_size, transfer_timm_weights, unwrap_state_dict
 from ._checks import check_img_size, check_input, check_model_sizes
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
@@ -426,6 +426,7 @@ _PATCH_WEIGHT = 'patch_embed.proj.weight'
 
 def checkpoint_filter_fn(
         state_dict: Dict[str, torch.Tensor], model: VisionTransformerS4ND, strict: bool = True,
+        warn_classifier: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Load our own checkpoints, and start from a plain timm ViT checkpoint, at the model's patch size.
 
@@ -442,7 +443,8 @@ def checkpoint_filter_fn(
     weight, patch_size = state_dict.get(_PATCH_WEIGHT), model.patch_embed.patch_size
     if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != patch_size:
         state_dict = {**state_dict, _PATCH_WEIGHT: resample_patch_embed(weight, list(patch_size), verbose=True)}
-    return transfer_timm_weights(state_dict, model, 'patch_embed.proj', source='timm ViT weights', strict=strict)
+    return transfer_timm_weights(state_dict, model, 'patch_embed.proj', source='timm ViT weights', strict=strict,
+                                 warn_classifier=warn_classifier)
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
@@ -450,7 +452,7 @@ def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> Vision
     stated_img_size(kwargs)
     return build_model_with_cfg(
         VisionTransformerS4ND, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, **filter_args(kwargs)),
         # features_only: the last three blocks, as timm's ViT (all of a shallower model)
         feature_cfg=feature_cfg(kwargs, out_indices=min(3, kwargs.get('depth', 12)), feature_cls='getter'),
         **kwargs)
