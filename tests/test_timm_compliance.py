@@ -140,14 +140,37 @@ def test_reset_classifier_refuses_a_class_count_that_is_not_a_non_negative_integ
         with pytest.raises(ValueError, match='num_classes must be a non-negative integer'):
             model.reset_classifier(bad)
     assert model.num_classes == 3 and model.get_classifier().out_features == 3
-    if name.startswith('convnext'):  # (timm's norm-MLP head refuses a widening pooling: the count stays too)
-        with pytest.raises(AssertionError, match='Pooling that changes the pooled width'):
+    if name.startswith('convnext'):  # (the norm-MLP head takes no widening pooling: the count stays too)
+        with pytest.raises(ValueError, match="global_pool='catavgmax' doubles the pooled width"):
             model.reset_classifier(7, 'catavgmax')
         assert model.num_classes == 3 and model.get_classifier().out_features == 3
     model.reset_classifier(5)  # a valid count: the model states it as timm's models do (train scripts read it)
     assert model.num_classes == 5 and model.get_classifier().out_features == 5
     model.reset_classifier(0)
     assert model.num_classes == 0 and isinstance(model.get_classifier(), torch.nn.Identity)
+
+
+@pytest.mark.parametrize('name,widening', [('convnext_s4nd_atto', False), ('s4nd_iso_tiny', False),
+                                           ('vit_s4nd_atto_patch16_224', True)])
+def test_a_pooling_that_the_head_does_not_take_is_refused_naming_global_pool(name, widening):
+    """timm's heads only assert on a pooling they do not take ('Invalid pool type: foo'; under `python -O` nothing,
+    and the model failed at its first forward): refused at construction and in reset_classifier, naming the argument
+    and the poolings the head takes, the head left as it was; timm's 'fast' variants and case are taken as timm
+    takes them."""
+    refused = ['foo', 'avgg', 3] + ([] if widening else ['catavgmax', 'fastcatavgmax'])
+    for bad in refused:
+        with pytest.raises(ValueError, match=r"global_pool=.* use 'avg', 'max', 'avgmax'"):
+            _create(name, dict(depth=1) if 'convnext' not in name else dict(depths=(1, 1, 1, 1)), global_pool=bad)
+    model = _create(name, {}, num_classes=3).eval()
+    for bad in refused:
+        with pytest.raises(ValueError, match=r"global_pool="):
+            model.reset_classifier(7, bad)
+        assert model.num_classes == 3 and model.get_classifier().out_features == 3
+    x = torch.randn(1, 3, 32, 32)
+    for pool in ('fast', 'MAX', 'fastavgmax') + (('catavgmax',) if widening else ()):
+        model.reset_classifier(4, pool)
+        with torch.no_grad():
+            assert model(x).shape == (1, 4)
 
 
 @pytest.mark.parametrize('entry', [e for e in COMPLIANCE_MODELS if not e[0].startswith('s4nd_seq')], ids=_ids)

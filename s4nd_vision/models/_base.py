@@ -65,11 +65,28 @@ LIBRARY_CFG = dict(
 MIXER_TYPES = ('s4nd', 'conv')  # the blocks' spatial mixer: S4ND, or the depthwise conv of the baselines
 
 
-def check_global_pool(global_pool: Optional[str]) -> None:
-    """Refuse timm's ViT poolings, which these models have nothing for (timm's heads only assert)."""
+_POOLS = ('avg', 'max', 'avgmax', 'catavgmax')  # timm's adaptive poolings ('fast' + one of them, or 'fast': avg)
+
+
+def check_global_pool(global_pool: Optional[str], widening: bool = True) -> None:
+    """Raise ValueError unless `global_pool` is one of timm's image poolings (None: the head's own), naming the
+    argument, where timm's heads only assert ('Invalid pool type', nothing at all under `python -O`): its ViT
+    poolings, which these models have nothing for, and without `widening` (ConvNeXt's norm-MLP head) 'catavgmax',
+    which doubles the pooled width."""
+    valid = [p for p in _POOLS if widening or p != 'catavgmax']
     if global_pool in ('token', 'map'):
         raise ValueError(f"global_pool={global_pool!r} pools a class token or with attention, which S4ND models do "
-                         f"not have: use 'avg', 'max', 'avgmax' or '' (none)")
+                         f"not have: use {', '.join(map(repr, valid))} or '' (none)")
+    if global_pool is None:
+        return
+    kind = global_pool.lower() if isinstance(global_pool, str) else None
+    if kind is not None and kind.startswith('fast'):
+        kind = kind[4:] or 'avg'
+    if kind != '' and kind not in valid:
+        what = ('doubles the pooled width, which the norm-MLP head does not take' if kind == 'catavgmax' else
+                'is no pooling of timm\'s')
+        raise ValueError(f"global_pool={global_pool!r} {what}: use {', '.join(map(repr, valid))} or '' (none), "
+                         f"also with timm's 'fast' prefix")
 
 
 class SSMNoWeightDecay:
@@ -195,7 +212,7 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
         """A new classifier for `num_classes` (0: none) and, if given, pooling; `reset_other` also removes
         the head's norm and pre-logits MLP (heads that have them)."""
         check_num_classes(num_classes)
-        check_global_pool(global_pool)
+        check_global_pool(global_pool, widening=not isinstance(self.head, NormMlpClassifierHead))
         self.head.reset(  # (first: a pooling timm's head refuses leaves num_classes as it was)
             num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
             **get_device_dtype(self))
@@ -214,7 +231,7 @@ class S4NDModel(SSMNoWeightDecay, nn.Module):
     ) -> None:
         """ConvNeXt's head (timm's norm-MLP classifier head on `num_features`), then the weight init of the
         whole model."""
-        check_global_pool(global_pool)
+        check_global_pool(global_pool, widening=False)
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, hidden_size=head_hidden_size, pool_type=global_pool,
             drop_rate=drop_rate, norm_layer=LayerNorm2d, act_layer='gelu', device=device, dtype=dtype)
