@@ -608,8 +608,13 @@ def test_conv_algorithm_context(monkeypatch):
 
 def test_bad_input_errors():
     layer = S4ND(4, ndim=2, l_ref=8)
-    with pytest.raises(ValueError, match='spatial dims'):
+    with pytest.raises(ValueError, match=r'expects input \(B, C, H, W\) with 2 spatial dims'):
         layer(torch.randn(1, 4, 8))
+    # (a sequence layer names its axis L, as the sequence models do; it said W)
+    with pytest.raises(ValueError, match=r'ndim=1 expects input \(B, C, L\) with 1 spatial dims'):
+        S4ND(4, ndim=1)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r'ndim=3 expects input \(B, C, T, H, W\) with 3 spatial dims'):
+        S4ND(4, ndim=3)(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match='4 input channels'):
         layer(torch.randn(1, 3, 8, 8))
     for bad in (0.0, -1.0, float('nan'), float('inf')):

@@ -452,7 +452,7 @@ class S4ND(nn.Module):
         if x.ndim != self.ndim + 2:
             raise ValueError(
                 f'S4ND with ndim={self.ndim} expects input '
-                f'(B, C, {", ".join("LHW"[-self.ndim:] if self.ndim < 3 else "THW")}) '
+                f'(B, C, {("L", "H, W", "T, H, W")[self.ndim - 1]}) '
                 f'with {self.ndim} spatial dims, got shape {tuple(x.shape)}')
         if x.shape[1] != self.dim:
             raise ValueError(
