@@ -1058,6 +1058,48 @@ def test_torch_func_transforms_run_the_reference_formulation():
         torch.testing.assert_close(grads[name], param.grad, msg=name)
 
 
+def test_higher_order_gradients_within_the_reference_formulation():
+    """A gradient penalty (a backward pass through gradients made with create_graph=True) stops at the fast paths'
+    first-order backward passes with an error naming `reference_formulation`; within it the layer and a model run the
+    plain differentiable ops in eager mode: the same outputs, and the penalty's gradients equal those of torch.func."""
+    import timm
+    from torch.func import functional_call, grad
+
+    from s4nd_vision.layers import reference_formulation
+    torch.manual_seed(0)
+    layer = S4ND(3, ndim=2, d_state=4, rank=2, pool=2, bandlimit=0.7, l_ref=4).double()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+
+    def penalty(module, inputs):
+        g, = torch.autograd.grad(module(inputs).square().sum(), inputs, create_graph=True)
+        return g.square().sum()
+
+    with pytest.raises(RuntimeError, match=r'first-order gradients only.*reference_formulation\(\)'):
+        penalty(layer, x).backward()
+    layer.zero_grad()
+    fast = layer(x).detach()
+    with reference_formulation():
+        assert ssm_kernel.use_reference()
+        torch.testing.assert_close(layer(x), fast)
+        penalty(layer, x).backward()
+    assert not ssm_kernel.use_reference()
+
+    def functional_penalty(params):
+        gx = grad(lambda xx: functional_call(layer, params, (xx,)).square().sum())(x.detach())
+        return gx.square().sum()
+    expected = grad(functional_penalty)({k: v.detach() for k, v in layer.named_parameters()})
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], msg=name)
+    # a model (S4ND stem, fused projections, stacked kernel generation in a training step) as well
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(4, 8, 8, 8), num_classes=3).double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match='reference_formulation'):
+        penalty(model, images).backward()
+    with reference_formulation():
+        penalty(model, images).backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters())
+
+
 @pytest.mark.parametrize('grad_mode', [True, False])
 def test_forward_mode_ad_gives_the_jvp_of_torch_func(grad_mode):
     """Dual tensors of `torch.autograd.forward_ad` (the parameters' tangents, the input's) give the tangent

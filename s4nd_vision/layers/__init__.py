@@ -4,6 +4,7 @@ from .norm import ChannelLayerNorm, LayerNorm3d
 from .ops import avg_pool_axes, channel_major, channels_first, conv_algorithm, separable_conv, two_sided_kernel
 from .records import state_dict_without_records
 from .recurrent import S4NDRecurrence
+from .reference import reference_formulation
 from .s4_kernel import S4Kernel
 from .s4nd import (
     KERNELS,

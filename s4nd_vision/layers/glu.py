@@ -65,7 +65,7 @@ class _LinearGLU(torch.autograd.Function):
         return F.glu(F.linear(x, weight, bias), dim=-1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @ops.first_order_backward
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         device_type, enabled, dtype = ctx.autocast

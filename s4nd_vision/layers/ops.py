@@ -23,7 +23,7 @@ __all__ = [
     'conv_algorithms', 'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm',
     'forced_algorithm', 'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks',
     'PROJECTION_CHUNK_BYTES', 'autocast_off',
-    'recompute_for_memory', 'backward_without_autocast',
+    'recompute_for_memory', 'backward_without_autocast', 'first_order_backward',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -578,6 +578,35 @@ def _pooled_taps(k: torch.Tensor, pool: int) -> torch.Tensor:
     return F.pad(w, (pool - 1, pool - 1)).unfold(-1, pool, 1).mean(-1)
 
 
+FIRST_ORDER_ONLY = (b"S4ND's fast paths compute first-order gradients only, and this backward pass differentiates one "
+                    b"again (create_graph=True, e.g. a gradient penalty): run the model within "
+                    b"s4nd_vision.layers.reference_formulation() for higher-order gradients, or use torch.func "
+                    b"transforms, which take that formulation by themselves")
+
+
+def first_order_backward(backward):
+    """`torch.autograd.function.once_differentiable` for the fast paths' closed-form backward passes, with an error
+    that names the remedy: a backward pass through their gradients (higher-order gradients) raises
+    `FIRST_ORDER_ONLY`, where PyTorch's message names neither S4ND nor `reference.reference_formulation`."""
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            return outputs
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        refuse = torch._C._functions.DelayedError(FIRST_ORDER_ONLY, len(outputs))
+
+        def tracked(t):  # (the error is raised where a gradient flows into one of these)
+            if t is None:
+                return t
+            t = t.detach()
+            t.requires_grad = True
+            return t
+        return refuse(*[tracked(t) for t in outputs])
+    return wrapped
+
+
 def recompute_for_memory(device: torch.device) -> bool:
     """Whether a layer recomputes a large intermediate in the backward pass rather than saving it, where both are
     possible (a widening projection, pooled intermediates): off the CPU, where the GEMM is cheap and memory is what
@@ -661,7 +690,7 @@ class _SeparableConv(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     @backward_without_autocast
     def backward(ctx, grad):
         x, skip, weight, bias, *kernels = ctx.saved_tensors

@@ -16,23 +16,42 @@ first in sliding windows of the pooling size, which averages the matrix's rows b
 matrix product per axis and rank-1 term, on the channel-major tensor as it is where the axis is the first or the
 last (no transposing copies: the graph is also what onnxruntime runs).
 """
-from typing import Optional, Sequence
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-__all__ = ['use_reference', 'ssm_kernel_reference', 'separable_conv_reference']
+__all__ = ['use_reference', 'reference_formulation', 'ssm_kernel_reference', 'separable_conv_reference']
+
+_FORCED: ContextVar[bool] = ContextVar('s4nd_reference_formulation', default=False)
+
+
+@contextlib.contextmanager
+def reference_formulation() -> Iterator[None]:
+    """Within this context S4ND runs its reference formulation in eager mode too (plain differentiable ops on every
+    device): for higher-order gradients, e.g. a gradient penalty (`torch.autograd.grad(..., create_graph=True)`
+    and a backward pass through that gradient), which the fast paths' closed-form backward passes refuse (they
+    compute first-order gradients only; torch.func transforms take the reference formulation by themselves).
+    Slower than the fast paths, and without their inference caches."""
+    token = _FORCED.set(True)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def use_reference() -> bool:
     """True while a graph is being captured for export or compilation (torch.export, torch.compile,
     the TorchScript ONNX exporter), under a torch.func transform (grad, vmap, jacrev, ...: the fast paths'
-    autograd Functions have no functorch rules) or within a forward-mode AD level (`torch.autograd.forward_ad`:
-    they have no jvp, and cached operators would carry no tangent of the parameters): S4ND then runs the reference
-    formulation."""
+    autograd Functions have no functorch rules), within a forward-mode AD level (`torch.autograd.forward_ad`:
+    they have no jvp, and cached operators would carry no tangent of the parameters) or within
+    `reference_formulation()` (higher-order gradients): S4ND then runs the reference formulation."""
     return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+            or _FORCED.get())  # (read in eager mode only: a graph capture answers True first)
 
 
 def ssm_kernel_reference(

@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.utils import parametrize
 
 from .hippo import legs_b, legs_nplr
-from .ops import backward_without_autocast, generation_without_autocast, is_int
+from .ops import backward_without_autocast, first_order_backward, generation_without_autocast, is_int
 from .records import record_float, records_in_state_dict
 from .reference import ssm_kernel_reference, use_reference
 
@@ -423,7 +423,7 @@ class _SSMKernelFn(torch.autograd.Function):
                      for (_, length), z_r, dta_r, c_r in zip(runs, z_conj, dta_conj, c_disc))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     @backward_without_autocast
     def backward(ctx, *grads):
         z, e, dt, a, b, c, mask = ctx.saved_tensors
