@@ -214,13 +214,15 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
         summarize,
         write_report_csv,
     )
-    from .eval.resolution import load_model
+    from .eval.resolution import load_model, same_model_argument
     from .models import input_size_args
     name, kwargs = _model_spec('--model', args.model, parser)
     if args.img_size is not None and 'img_size' not in input_size_args(name):
         parser.error(f'--img-size: {name} is not one of our image models built for a resolution (a sequence '
                      f'model takes its reference length as --model-kwargs seq_len=N)')
-    clash = [k for k in kwargs if k in args.model_kwargs and kwargs[k] != args.model_kwargs[k]]
+    # (img_size=64 and img_size=[64,64] are one size: both spellings are taken, as with --img-size)
+    given = args.model_kwargs
+    clash = [k for k in kwargs if k in given and not same_model_argument(k, kwargs[k], given[k])]
     if clash:  # (else the NAME,key=value one would win silently)
         parser.error(f'--model and --model-kwargs set {", ".join(clash)} to different values: give each once')
     torch.manual_seed(args.seed)

@@ -429,6 +429,20 @@ def test_kernel_report_refuses_a_model_argument_given_twice_differently(tmp_path
         assert not (tmp_path / 'out').exists()
 
 
+def test_kernel_report_takes_one_img_size_however_spelt(tmp_path, capsys):
+    """NAME,img_size=64 and --model-kwargs img_size=[64,64] (or (64,64)) name one size: taken, not refused as two
+    different values; another size given the other way is still refused, naming the argument."""
+    from s4nd_vision.cli import main
+    model = 'convnext_s4nd_atto,depths=[1,1,1,1],dims=[8,8,8,8],stem_chs=4,d_state=8,img_size=64'
+    for other in ('img_size=[64,64]', 'img_size=(64,64)'):
+        main(['kernel-report', '--model', model, '--model-kwargs', other, '--out', str(tmp_path)])
+        assert '| stem.1 | stem | 0 | 64 |' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(['kernel-report', '--model', model, '--model-kwargs', 'img_size=[32,32]', '--out', str(tmp_path / 'no')])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'img_size to different values' in err, err
+
+
 def test_kernel_report_of_a_sequence_model(tmp_path, capsys):
     """A sequence model's reference length is its seq_len (--img-size is refused for it, not ignored)."""
     from s4nd_vision.cli import main

@@ -37,8 +37,8 @@ from ..utils import replaced_atomically
 from .accuracy import topk_hits
 
 __all__ = [
-    'load_model', 'dataset_num_classes', 'min_input_size', 'check_resolutions', 'eval_resolution',
-    'format_table', 'write_csv', 'plot_accuracy', 'CSV_NAME', 'PLOT_NAME',
+    'load_model', 'same_model_argument', 'dataset_num_classes', 'min_input_size', 'check_resolutions',
+    'eval_resolution', 'format_table', 'write_csv', 'plot_accuracy', 'CSV_NAME', 'PLOT_NAME',
 ]
 
 CSV_NAME = 'accuracy_vs_resolution.csv'
@@ -143,14 +143,19 @@ def _check_shared_folder(name: str) -> None:
         f'name and the file as the checkpoint (e.g. best.safetensors, or a training checkpoint\'s model.safetensors)')
 
 
+def same_model_argument(key: str, a: object, b: object) -> bool:
+    """Whether two values of the model argument `key` build the same model: an `img_size` of one side S is the square
+    (S, S), however spelt (64, [64, 64], (64, 64)); other arguments compare as they are."""
+    return to_2tuple(a) == to_2tuple(b) if key == 'img_size' else a == b
+
+
 def _check_no_clash(model_kwargs: Mapping, **given) -> None:
     """A ValueError naming both values where an argument of `load_model` and `model_kwargs` set the same model
     argument to different values (else one would silently win: another model than the other one says)."""
     for key, value in given.items():
         if value is None or key not in model_kwargs:
             continue
-        same = to_2tuple(value) == to_2tuple(model_kwargs[key]) if key == 'img_size' else value == model_kwargs[key]
-        if not same:
+        if not same_model_argument(key, value, model_kwargs[key]):
             raise ValueError(
                 f'{key}={value!r} and model_kwargs {key}={model_kwargs[key]!r} disagree: give it once '
                 f'(eval-resolution: --in-chans, --train-resolution or --models NAME,key=value; kernel-report: '
