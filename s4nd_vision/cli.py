@@ -371,6 +371,7 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
         bench_models,
         bench_scaling,
         bench_step,
+        check_pairs,
         describe_environment,
         environment,
         format_table,
@@ -381,6 +382,7 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     kept = not args.default_malloc and keep_freed_memory()
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16, None: None}[args.amp]
     pairs = [parse_pair(p) for p in args.pairs] if 'models' in args.what else []
+    check_pairs(pairs, img_size=args.img_size, num_frames=args.num_frames)  # (before the other rows' minutes)
     # the conditions every number depends on, stated above the tables and in the JSON (layer, kernel, step and
     # scaling rows run float32 without autocast on channels-last input; amp, channels_last and compile are the
     # model rows')

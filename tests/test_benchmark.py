@@ -247,6 +247,29 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
     assert 'step s4 1x256 L=8' in capsys.readouterr().out  # (the table of the rows measured)
 
 
+@pytest.mark.parametrize('pair, size, message', [
+    ('convnext_s4nd_atto,foo=1:convnext_atto', '32',
+     "model pair convnext_s4nd_atto vs convnext_atto: convnext_s4nd_atto does not take the arguments {'foo': 1}"),
+    ('convnext_s4nd_atto:convnext_atto,d_state=8', '32', "convnext_atto does not take the arguments {'d_state': 8}"),
+    ('convnext_s4nd_atto:convnext_atto', '16',
+     "img_size 16 is smaller than the minimum input size of 'convnext_s4nd_atto'"),
+])
+def test_a_pair_that_cannot_run_is_refused_before_anything_is_measured(pair, size, message, monkeypatch, capsys):
+    """A pair's unknown argument (or a size below a model's minimum) ended the run only when its turn came, after every
+    other section's rows (minutes to hours), with timm's bare TypeError naming neither the pair nor the side."""
+    from s4nd_vision.bench import benchmark
+    from s4nd_vision.cli import tool_main
+
+    def not_reached(**kwargs):
+        raise AssertionError('a row was measured before the pair was checked')
+    monkeypatch.setattr(benchmark, 'bench_step', not_reached)
+    with pytest.raises(SystemExit) as exit_info:
+        tool_main('benchmark', ['--what', 'step', 'models', '--step-lengths', '8', '--repeats', '1', '--device', 'cpu',
+                                '--img-size', size, '--pairs', pair])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and 'Traceback' not in err and message in err.splitlines()[-1], err
+
+
 @pytest.mark.parametrize('argv, message', [
     (['flops', 'convnext_atto', '--img-size', '16'],
      "--img-size 16 is smaller than the minimum input size of 'convnext_atto' (32 px)"),

@@ -28,7 +28,8 @@ from ..utils.model_spec import parse_model_spec
 
 __all__ = [
     'time_ms', 'saved_activation_mb', 'cuda_settings', 'environment', 'describe_environment', 'bench_layers',
-    'bench_kernels', 'bench_step', 'bench_scaling', 'bench_models', 'parse_pair', 'format_table', 'write_json']
+    'bench_kernels', 'bench_step', 'bench_scaling', 'bench_models', 'check_pairs', 'parse_pair', 'format_table',
+    'write_json']
 
 CONVNEXT_T_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 
@@ -357,6 +358,42 @@ def parse_pair(spec: str) -> tuple:
     return name, kwargs, baseline
 
 
+def _pair_model(pair: str, model_name: str, kwargs: dict, img_size: int, num_frames: Optional[int]) -> nn.Module:
+    """One side of the model pair `pair` (named in errors), built on the CPU and checked for the benchmark's input:
+    ValueError for an argument the model does not take (timm's TypeError), for clips given to an image model or
+    images to a video model, and for an `img_size` below the model's minimum; timm's ViTs set to `img_size`."""
+    from ..eval.resolution import min_input_size
+    try:
+        model = timm.create_model(model_name, **kwargs)
+    except TypeError as e:  # (an unknown NAME,key=value: timm says only which __init__ refused it)
+        if 'unexpected keyword argument' not in str(e):
+            raise
+        raise ValueError(f'model pair {pair}: {model_name} does not take the arguments {kwargs}: {e}') from None
+    layout = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 0, 0))
+    if (len(layout) == 4) != bool(num_frames):  # (else a shape error deep in the model's stem)
+        raise ValueError(f'num_frames: {model_name!r} takes clips (input_size {tuple(layout)}); give '
+                         'num_frames (--num-frames) for a video pair' if len(layout) == 4 else
+                         f'num_frames: {model_name!r} takes inputs of input_size {tuple(layout)}, not '
+                         'clips; give num_frames (--num-frames) for video pairs only')
+    smallest = min_input_size(model)  # (a timm baseline's conv would fail deeper, less clearly)
+    if img_size < smallest:
+        raise ValueError(f'img_size {img_size} is smaller than the minimum input size of {model_name!r} '
+                         f'({smallest} px)')
+    if not num_frames and hasattr(model, 'set_input_size'):  # (timm's ViTs take their patch grid from it)
+        model.set_input_size(img_size)
+    return model
+
+
+def check_pairs(pairs: Sequence, img_size: int = 224, num_frames: Optional[int] = None) -> None:
+    """Build both models of every pair (name, kwargs, baseline) once, on the CPU, with `bench_models`' checks: what
+    `bench_models` would refuse (an argument a model does not take, clips for an image model, a size below a
+    model's minimum) is refused before anything is measured, not after the other benchmarks' minutes."""
+    for name, kwargs, baseline in pairs:
+        baseline_name, baseline_kwargs = _check_pair(name, kwargs, baseline)
+        for model_name, model_kwargs in ((name, kwargs), (baseline_name, baseline_kwargs)):
+            _pair_model(f'{name} vs {baseline_name}', model_name, model_kwargs, img_size, num_frames)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
     def step():
         model.zero_grad(set_to_none=True)
@@ -396,7 +433,6 @@ def bench_models(
     short keeps what was measured. Compiled pairs have no saved-activation column (the hooks that count it see
     eager autograd), and add the seconds of each model's first training step and first inference (their
     compilation, `*_compile_s`)."""
-    from ..eval.resolution import min_input_size
     dev = torch.device(device)
     cuda_settings(dev)
     if num_frames is not None and num_frames < 1:
@@ -413,19 +449,8 @@ def bench_models(
         models, inputs, train_steps, inferences = {}, {}, {}, {}
         for key, model_name, model_kwargs in (('s4nd', name, kwargs), ('baseline', baseline_name, baseline_kwargs)):
             torch.manual_seed(0)
-            models[key] = model = timm.create_model(model_name, **model_kwargs).to(dev, memory_format=memory_format)
-            layout = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 0, 0))
-            if (len(layout) == 4) != bool(num_frames):  # (else a shape error deep in the model's stem)
-                raise ValueError(f'num_frames: {model_name!r} takes clips (input_size {tuple(layout)}); give '
-                                 'num_frames (--num-frames) for a video pair' if len(layout) == 4 else
-                                 f'num_frames: {model_name!r} takes inputs of input_size {tuple(layout)}, not '
-                                 'clips; give num_frames (--num-frames) for video pairs only')
-            smallest = min_input_size(model)  # (a timm baseline's conv would fail deeper, less clearly)
-            if img_size < smallest:
-                raise ValueError(f'img_size {img_size} is smaller than the minimum input size of {model_name!r} '
-                                 f'({smallest} px)')
-            if not num_frames and hasattr(model, 'set_input_size'):  # (timm's ViTs take their patch grid from it)
-                model.set_input_size(img_size)
+            model = _pair_model(f'{name} vs {baseline_name}', model_name, model_kwargs, img_size, num_frames)
+            models[key] = model = model.to(dev, memory_format=memory_format)
             result[f'{key}_params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
             shape = (batch_size, getattr(model, 'in_chans', 3), *((num_frames,) if num_frames else ()), img_size,
                      img_size)
