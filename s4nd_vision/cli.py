@@ -347,7 +347,7 @@ def _benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype for the model runs')
     parser.add_argument('--compile', action='store_true', help='run both models through torch.compile')
-    parser.add_argument('--num-frames', type=int, default=None,
+    parser.add_argument('--num-frames', type=_positive_int, default=None,
                         help='video pairs (e.g. convnext_s4nd_3d_tiny:convnext_3d_tiny): clips of this many frames')
     parser.add_argument('--channels-last', action='store_true',
                         help='models and input in channels-last memory (as GPU training usually runs)')

@@ -270,6 +270,18 @@ def test_a_pair_that_cannot_run_is_refused_before_anything_is_measured(pair, siz
     assert exit_info.value.code == 2 and 'Traceback' not in err and message in err.splitlines()[-1], err
 
 
+@pytest.mark.parametrize('frames', ['0', '-2'])
+def test_num_frames_must_be_positive(frames, capsys):
+    """--num-frames 0 told a video pair to 'give num_frames', and -2 told an image pair that it takes no clips:
+    a count of frames below 1 is refused as such."""
+    from s4nd_vision.cli import tool_main
+    with pytest.raises(SystemExit) as exit_info:
+        tool_main('benchmark', ['--what', 'models', '--num-frames', frames, '--pairs', 'convnext_s4nd_3d_atto:'
+                                'convnext_3d_atto', '--img-size', '32', '--repeats', '1', '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--num-frames: expects a positive integer, got '{frames}'" in err, err
+
+
 @pytest.mark.parametrize('argv, message', [
     (['flops', 'convnext_atto', '--img-size', '16'],
      "--img-size 16 is smaller than the minimum input size of 'convnext_atto' (32 px)"),
