@@ -33,6 +33,19 @@ def test_parse_pair():
     assert parse_pair('a,in_chans=1:b,in_chans=1') == ('a', {'in_chans': 1}, 'b,in_chans=1')  # the baseline's spec
 
 
+def test_pairs_split_at_the_colon_between_their_models():
+    """A pair was split at its first colon: one inside a value (a dict, a quoted string) or of shared weights' names
+    (hf-hub:USER/REPO, local-dir:PATH) made the wrong two models, or a YAML error about half a value."""
+    assert parse_pair('hf-hub:user/repo:convnext_tiny') == ('hf-hub:user/repo', {}, 'convnext_tiny')
+    assert parse_pair('local-dir:out/model:hf-hub:timm/convnext_atto') == (
+        'local-dir:out/model', {}, 'hf-hub:timm/convnext_atto')
+    assert parse_pair('a,overlay={file: w.safetensors},tag="x:y":b,c=1') == (
+        'a', {'overlay': {'file': 'w.safetensors'}, 'tag': 'x:y'}, 'b,c=1')
+    for bad in ('a:b:c', 'a', 'hf-hub:user/repo'):
+        with pytest.raises(ValueError, match='must look like NAME'):
+            parse_pair(bad)
+
+
 @pytest.mark.parametrize('spec', ['a,num_classes=10:b', 'a:b,in_chans=1', 'a,in_chans=1:b,in_chans=2'])
 def test_pairs_given_num_classes_or_in_chans_on_one_side_are_refused(spec):
     """A 10-class S4ND model was compared with a 1000-class baseline without a word: options that change what a

@@ -24,7 +24,7 @@ from timm.layers import create_conv2d
 from .. import __version__
 from ..layers import KERNELS, S4ND, S4NDRecurrence, dispatch
 from ..utils import replaced_atomically
-from ..utils.model_spec import parse_model_spec
+from ..utils.model_spec import _split_options, parse_model_spec
 
 __all__ = [
     'time_ms', 'saved_activation_mb', 'cuda_settings', 'environment', 'describe_environment', 'bench_layers',
@@ -345,14 +345,28 @@ def _check_pair(name: str, kwargs: dict, baseline: str) -> Tuple[str, dict]:
     return baseline_name, baseline_kwargs
 
 
+def _pair_sides(spec: str) -> List[str]:
+    """`spec` split at the colons between its models: not one inside a value's brackets, braces or quotes
+    (`pretrained_cfg_overlay={file: w.safetensors}`), nor that of shared weights' names (`hf-hub:USER/REPO`,
+    `local-dir:PATH`)."""
+    sides: List[str] = []
+    for part in _split_options(spec, separator=':'):
+        if sides and sides[-1] in ('hf-hub', 'local-dir'):
+            sides[-1] += ':' + part
+        else:
+            sides.append(part)
+    return sides
+
+
 def parse_pair(spec: str) -> tuple:
     """'vit_s4nd_small_patch16_224,token_layout=1d:vit_small_patch16_224' -> (name, kwargs, baseline); each side's
     options are read as `parse_model_spec` reads them (YAML values), the baseline's stay in its spec
     (`BASELINE[,key=value...]`, which `bench_models` reads). num_classes and in_chans must be given to both sides
     alike (ValueError otherwise)."""
-    if ':' not in spec:
+    sides = _pair_sides(spec)
+    if len(sides) != 2:
         raise ValueError(f'a model pair must look like NAME[,key=value...]:BASELINE[,key=value...], got {spec!r}')
-    left, baseline = spec.split(':', 1)
+    left, baseline = sides
     name, kwargs = parse_model_spec(left)
     _check_pair(name, kwargs, baseline)
     return name, kwargs, baseline

@@ -27,10 +27,10 @@ def closest_model_hint(name: str) -> str:
     return f' (did you mean {close[0]}?)' if close else ''
 
 
-def _split_options(spec: str) -> List[str]:
-    """`spec` split at the commas outside brackets, braces and quoted values (ValueError for a bracket closed unopened
-    or a quote never closed). A quote opens a quoted value only where YAML's would, at a value's start (after `=`,
-    `[`, `{`, `,` or `:`): elsewhere it is a character of a plain value (`a=it's`)."""
+def _split_options(spec: str, separator: str = ',') -> List[str]:
+    """`spec` split at the `separator`s (commas) outside brackets, braces and quoted values (ValueError for a bracket
+    closed unopened or a quote never closed). A quote opens a quoted value only where YAML's would, at a value's start
+    (after `=`, `[`, `{`, `,` or `:`): elsewhere it is a character of a plain value (`a=it's`)."""
     parts, depth, start, quote = [], 0, 0, None
     for i, char in enumerate(spec):
         if quote is not None:
@@ -41,7 +41,7 @@ def _split_options(spec: str) -> List[str]:
             depth += (char in '[{') - (char in ']}')
             if depth < 0:
                 raise ValueError(f'{spec!r} closes a bracket it never opened (at {spec[:i + 1]!r})')
-            if char == ',' and depth == 0:
+            if char == separator and depth == 0:
                 parts.append(spec[start:i])
                 start = i + 1
     if quote is not None:
