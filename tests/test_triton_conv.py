@@ -242,6 +242,51 @@ def test_triton_conv_custom_op_traces_in_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize('algorithm', ['sum', 'dot'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_triton_conv_edges_strided_views_and_float16(algorithm, dtype):
+    """Shapes the models reach that the cases above do not: sides 1 and 2 (the last stages at small resolutions, a
+    side pooled to 1), one channel past a channel block ('sum': 32, 'dot': 8 at 16 x 16 tiles); an input that is a
+    view with gaps (a slice of wider columns and channels: C contiguous, read through its strides), an output
+    gradient with a zero batch stride (of a sum over the batch), float16: output and every gradient against the
+    float64 reference of the same (rounded) input."""
+    block = 32 if algorithm == 'sum' else 8
+    for b, h, w, c, pools in ((1, 1, 1, 3, (1, 1)), (2, 2, 2, block + 1, (2, 2)), (2, 1, 2, 2, (1, 2))):
+        x64, kh, kw, d = _inputs(b, h, w, c, 1, True, seed=h + w)
+        wide = torch.zeros(b, h, w + 2, c + 3, dtype=dtype)
+        wide[:, :, 1:w + 1, :c] = x64.to(dtype)
+        wide.requires_grad_()
+        x = wide[:, :, 1:w + 1, :c]  # (a view: stride 1 over C, gaps between pixels and rows)
+        assert x.stride(-1) == 1 and x.is_contiguous() == (h * w == 1)  # (sizes of 1 have no gaps)
+        leaves = [t.float().requires_grad_() for t in (kh, kw, d)]
+        with triton_conv.fused_algorithm(algorithm):
+            y = triton_conv.separable_conv2d_cl(x, leaves[:2], pools, leaves[2])
+        ref_leaves = [t.clone().requires_grad_() for t in (x.detach().double(), kh, kw, d)]
+        y_ref = _reference(*ref_leaves, pools)
+        grad_out = torch.randn(y_ref.shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        grads = torch.autograd.grad(y.sum(0), [wide] + leaves, grad_out.to(dtype))  # (grad: batch stride 0)
+        grads_ref = torch.autograd.grad(y_ref.sum(0), ref_leaves, grad_out)
+        assert y.dtype == dtype and y.shape == (b, h // pools[0], w // pools[1], c)
+        limit = 1e-5 if dtype == torch.float32 else 5e-3
+        assert _rel(y, y_ref) < limit, (b, h, w, c, _rel(y, y_ref))
+        assert torch.all(grads[0][:, :, 0] == 0) and torch.all(grads[0][..., c:] == 0)  # (the gaps: no gradient)
+        grads = [grads[0][:, :, 1:w + 1, :c]] + list(grads[1:])
+        for name, a, r in zip(['x', 'kh', 'kw', 'D'], grads, grads_ref):
+            assert _rel(a, r) < limit, (b, h, w, c, name, _rel(a, r))
+
+
+def test_triton_conv_backward_op_passes_opcheck():
+    """The input and kernel gradients' custom op (what torch.compile traces for the backward pass): its fake
+    implementation against the kernels, with and without D (whose gradient is then an empty float32 tensor), fp32
+    and bf16 inputs, by either algorithm."""
+    x, kh, kw, d = [t.float() for t in _inputs(2, 3, 4, 5, 2, True, seed=6)]
+    grad = torch.randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(7))
+    for dtype, dot, skip in ((torch.float32, False, None), (torch.bfloat16, False, d), (torch.float32, True, d),
+                             (torch.bfloat16, True, None)):
+        args = (grad.to(dtype), x.to(dtype), kh, kw, skip, 2, 1, dot, None)
+        torch.library.opcheck(triton_conv._conv_backward_op, args)
+
+
 def test_triton_conv_rejects_bad_input():
     x = torch.randn(1, 4, 4, 3)
     with pytest.raises(ValueError, match='kernels must be'):
