@@ -275,6 +275,36 @@ def test_triton_conv_edges_strided_views_and_float16(algorithm, dtype):
             assert _rel(a, r) < limit, (b, h, w, c, name, _rel(a, r))
 
 
+def test_triton_conv_copies_a_view_that_spans_more_than_int32_offsets_reach(monkeypatch):
+    """The kernels index in int32 (`MAX_ELEMENTS`, which `supported` checks against the elements): a view with gaps
+    (a slice of wider channels) can span more memory than that while holding fewer elements, and its offsets would
+    wrap (wrong values, or an illegal address on a GPU). Such an input, and such an output gradient, reaches the
+    kernels as a contiguous copy; a view within the limit as it is (no copy). `MAX_ELEMENTS` is lowered here."""
+    received = []  # what each launch reads (forward: the input; the input gradient's: the output gradient)
+    for name in ('_launch_conv', '_launch_axis'):
+        launch = getattr(triton_conv, name)
+        monkeypatch.setattr(triton_conv, name,
+                            lambda *a, launch=launch, **kw: received.append(a[0]) or launch(*a, **kw))
+    monkeypatch.setattr(triton_conv, 'MAX_ELEMENTS', 80)
+    gen = torch.Generator().manual_seed(8)
+    for shape in ((1, 2, 3, 2), (1, 2, 2, 3, 2)):  # 12 and 24 elements, spanning 82 and 162 in 16 channels
+        wide = torch.randn(*shape[:-1], 16, generator=gen)
+        x, kernels = wide[..., :2], [torch.randn(1, 2, 2 * n - 1, generator=gen) for n in shape[1:-1]]
+        conv = triton_conv.separable_conv2d_cl if len(shape) == 4 else triton_conv.separable_conv3d_cl
+        grad = torch.randn(shape[:-1] + (16,), generator=gen)[..., :2]  # (spans as much)
+        expected = conv(x.contiguous(), kernels)
+        received.clear()
+        y = conv(x.requires_grad_(), kernels)
+        (g,) = torch.autograd.grad(y, x, grad)
+        assert len(received) >= 2 and all(t.is_contiguous() for t in received), [t.stride() for t in received]
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(g, torch.autograd.grad(conv(x, kernels), x, grad.contiguous())[0])
+    monkeypatch.setattr(triton_conv, 'MAX_ELEMENTS', 2 ** 31 - 1)
+    received.clear()
+    triton_conv.separable_conv2d_cl(x.detach()[0], kernels[1:])
+    assert received[0].stride() == (96, 48, 16, 1) and received[0].data_ptr() == wide.data_ptr()  # (a frame's)
+
+
 def test_triton_conv_backward_op_passes_opcheck():
     """The input and kernel gradients' custom op (what torch.compile traces for the backward pass): its fake
     implementation against the kernels, with and without D (whose gradient is then an empty float32 tensor), fp32

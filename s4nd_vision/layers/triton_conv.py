@@ -673,6 +673,14 @@ def _conv_rows(rows: int, block_in: int, block_c: int) -> int:
     return min(triton.next_power_of_2(rows), max(1, CONV_TILE // (block_in * block_c)))
 
 
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernels read it: C contiguous (stride 1), and spanning at most `MAX_ELEMENTS` elements of memory
+    (they index in int32: a view with gaps, e.g. a slice of a wider tensor, can span more than its elements, which
+    `supported` counts); else a contiguous copy."""
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t if t.stride(-1) == 1 and span <= MAX_ELEMENTS else t.contiguous()
+
+
 def _check_operands(operands: Optional[torch.dtype]) -> Optional[torch.dtype]:
     if operands is not None and operands not in DTYPES:
         raise ValueError(f'operands must be one of {DTYPES} or None, got {operands!r}')
@@ -724,7 +732,7 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, kh: torch.Tensor, kw:
                       operands: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_kh, grad_kw, grad_skip); grad_skip is empty without a skip."""
     b, h, w, c = x.shape
-    grad = grad.contiguous() if grad.stride(-1) != 1 else grad
+    grad = _readable(grad)
     grad_x = _launch_conv(grad, kh, kw, skip, (pool_h, pool_w), (h, w), transpose=True, dot=dot, operands=operands)
     if dot:
         return (grad_x,) + _dot_kernel_grads(grad, x, kh, kw, skip, (pool_h, pool_w), operands)
@@ -822,8 +830,7 @@ def separable_conv2d_cl(
     kh, kw = kernels
     pools = tuple(int(p) for p in pools)
     _check(x, kh, kw, skip, pools)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _readable(x)
     return _conv_op(x, kh, kw, skip, pools[0], pools[1], _use_dot(2), _check_operands(operands))
 
 
@@ -864,7 +871,7 @@ def _axis_backward_op(grad: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pool
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_k) of `_axis_op`."""
     b, n, plane, c = x.shape
-    grad = grad.contiguous() if grad.stride(-1) != 1 else grad
+    grad = _readable(grad)
     grad_x = _launch_axis(grad, k, pool, n, transpose=True)
     chunks = min(AXIS_GRAD_CHUNKS, triton.cdiv(plane, AXIS_BLOCK_S))
     dk = torch.zeros((b, chunks, c, 2 * n - 1), device=x.device, dtype=torch.float32)  # summed below
@@ -923,8 +930,7 @@ def separable_conv3d_cl(
     pools = tuple(int(p) for p in pools)
     _check3d(x, kt, kh, kw, skip, pools)
     operands = _check_operands(operands)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _readable(x)
     b, t, h, w, c = x.shape
     to = t // pools[0]
     y = None
