@@ -311,8 +311,7 @@ def test_triton_conv_backward_op_passes_opcheck():
     and bf16 inputs, by either algorithm."""
     x, kh, kw, d = [t.float() for t in _inputs(2, 3, 4, 5, 2, True, seed=6)]
     grad = torch.randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(7))
-    for dtype, dot, skip in ((torch.float32, False, None), (torch.bfloat16, False, d), (torch.float32, True, d),
-                             (torch.bfloat16, True, None)):
+    for dtype, dot, skip in ((torch.bfloat16, False, None), (torch.float32, True, d)):
         args = (grad.to(dtype), x.to(dtype), kh, kw, skip, 2, 1, dot, None)
         torch.library.opcheck(triton_conv._conv_backward_op, args)
 
