@@ -328,6 +328,19 @@ def test_export_onnx_of_a_model_not_in_float32_is_refused_before_the_export(tmp_
     assert os.listdir(tmp_path) == []
 
 
+def test_export_onnx_refuses_an_img_size_of_another_number_of_sides(tmp_path, monkeypatch):
+    """A graph of dynamic sizes traced at img_size=(96,) or (96, 96, 96) (or 96) failed inside torch.export ('Failed
+    to export the model with torch.export', no word of img_size): refused first, naming the sides the model takes."""
+    monkeypatch.setattr(torch.onnx, 'export', lambda *a, **k: pytest.fail('exported before refusing img_size'))
+    with torch.device('meta'):
+        model = timm.create_model('convnext_s4nd_atto', img_size=64)
+    for size, got in (((96,), r'\(96,\)'), ((96, 96, 96), r'\(96, 96, 96\)'), (96, r'\(96,\)')):
+        with pytest.raises(ValueError, match=rf'img_size: \w+ takes inputs of 2 sides \(its input_size has '
+                                             rf'\(64, 64\)\), got {got}$'):
+            export_onnx(model, str(tmp_path / 'bad.onnx'), img_size=size)
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride(tmp_path, capsys):
     """convnext_s4nd_atto built at 64 px (2 strides) exports without --trace-size: traced at 3 strides, 96 px (it
     failed on a --trace-size never given), and the graph equals eager at its own 64 px and at 32 px; a default

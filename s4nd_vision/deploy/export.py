@@ -145,9 +145,11 @@ def export_onnx(
     own = input_sides(model)
     img_size = trace_size(model, fixed_size) if img_size is None else img_size
     in_chans = _model_chans(model) if in_chans is None else in_chans
-    if fixed_size and len(img_size) != len(own):
+    # (a dynamic graph too: another number of sides failed in torch.export with no word of img_size)
+    img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,)
+    if len(img_size) != len(own):
         raise ValueError(f'img_size: {type(model).__name__} takes inputs of {len(own)} sides (its input_size has '
-                         f'{own}), got {tuple(img_size)}')
+                         f'{own}), got {img_size}')
     if any(isinstance(m, S4Kernel) for m in model.modules()):
         raise ValueError("model: the S4 (DPLR) kernel cannot be exported to ONNX (its generation is complex "
                          "arithmetic, which ONNX has no type for, and raises A to the power of each axis length by "
@@ -160,7 +162,7 @@ def export_onnx(
         if max_side < 3 * stride:
             raise ValueError(f'max_side must be at least {3 * stride}, got {max_side}')
         try:
-            check_export_size(model, tuple(img_size), max_side)
+            check_export_size(model, img_size, max_side)
         except ValueError as e:
             raise ValueError(f'img_size: {e}') from None
         if pads_inputs(model):  # (the padding to a multiple of the stride stays symbolic in the graph)
