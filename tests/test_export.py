@@ -125,6 +125,31 @@ def test_compiled_layer_and_model_trace_one_graph_for_every_size():
     assert len(frames) == 1
 
 
+@pytest.mark.parametrize('pad', [False, True], ids=['multiples', 'padded'])
+def test_compiled_vit_traces_one_graph_for_every_size(pad):
+    """ViT-S4ND under torch.compile(dynamic=True) compiled a graph per input size: timm's PatchEmbed asserts the sides
+    are multiples of the patch with messages that format them, which specialized the graph to the traced sides (past
+    torch's recompile limit the model ran in eager mode); the model checks them itself, and pads without them."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, depth=1, dynamic_img_pad=pad).eval()
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for size in ((48, 64), (80, 48), (96, 112)):
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(frames) == 1
+    if not pad:  # (the model's own check of the sides, which timm's asserts repeated)
+        with pytest.raises(ValueError, match=r'input sides must be positive multiples of the patch size \(16, 16\)'):
+            model(torch.randn(2, 3, 72, 64))
+
+
 def _count(gm: torch.fx.GraphModule, *targets) -> int:
     """The nodes of a captured graph and its submodules that call one of `targets`."""
     return sum(n.target in targets for _, m in gm.named_modules() for n in m.graph.nodes)

@@ -40,6 +40,7 @@ from timm.layers import (
     PatchEmbed,
     calculate_drop_path_rates,
     get_act_layer,
+    nchw_to,
     resample_patch_embed,
     to_2tuple,
 )
@@ -322,7 +323,13 @@ class VisionTransformerS4ND(S4NDModel):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, H/p, W/p, C)."""
         x = self._check_input(x)
-        return self.patch_embed(x)
+        embed = self.patch_embed
+        if embed.strict_img_size or embed.dynamic_img_pad or embed.flatten:
+            return embed(x)
+        # timm's PatchEmbed.forward less its asserts that the sides are multiples of the patch (checked above): their
+        # messages format the sides, which specialized torch.compile(dynamic=True)'s graph to the input size (a
+        # recompilation per size, and eager mode past torch's recompile limit)
+        return embed.norm(nchw_to(embed.proj(x), embed.output_fmt))
 
     def forward_intermediates(
             self,
