@@ -129,7 +129,8 @@ def test_compiled_layer_and_model_trace_one_graph_for_every_size():
 def test_compiled_vit_traces_one_graph_for_every_size(pad):
     """ViT-S4ND under torch.compile(dynamic=True) compiled a graph per input size: timm's PatchEmbed asserts the sides
     are multiples of the patch with messages that format them, which specialized the graph to the traced sides (past
-    torch's recompile limit the model ran in eager mode); the model checks them itself, and pads without them."""
+    torch's recompile limit the model ran in eager mode; strict torch.export refused dynamic sides); the model checks
+    them itself, and pads without them."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = timm.create_model('vit_s4nd_atto_patch16_224', img_size=64, depth=1, dynamic_img_pad=pad).eval()
@@ -145,6 +146,12 @@ def test_compiled_vit_traces_one_graph_for_every_size(pad):
             x = torch.randn(2, 3, *size)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
     assert len(frames) == 1
+    # torch.export's strict mode (dynamo) refused dynamic sides for the same reason ('Constraints violated')
+    dims = {2: 16 * torch.export.Dim('h', min=3, max=8), 3: 16 * torch.export.Dim('w', min=3, max=8)}
+    program = torch.export.export(model, (torch.randn(2, 3, 48, 64),), dynamic_shapes=(dims,), strict=True)
+    x = torch.randn(2, 3, 80, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
     if not pad:  # (the model's own check of the sides, which timm's asserts repeated)
         with pytest.raises(ValueError, match=r'input sides must be positive multiples of the patch size \(16, 16\)'):
             model(torch.randn(2, 3, 72, 64))
