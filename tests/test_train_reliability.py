@@ -633,6 +633,34 @@ def test_a_fit_after_an_interrupted_one_keeps_the_rows_since_the_resume(tmp_path
     assert [r['epoch'] for r in _rows(tmp_path)] == ['0', '1', '2', '3']
 
 
+@pytest.mark.parametrize('step', ['_export', '_save_checkpoint', 'log'])
+def test_a_fit_after_one_interrupted_at_the_epochs_end_redoes_it(tmp_path, folder, step):
+    """Ctrl-C (a notebook's) at the end of an epoch, in the best weights' export, the checkpoint's write, or just
+    after the row was logged, then `fit()` again: the epoch's end is done again, once. (The state moved on in it: the
+    next fit() took the epoch as done, without its row and checkpoint, or took the interrupted best.safetensors as
+    written.)"""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'train.max_steps_per_epoch=1',
+                                                   'data.batch_size=2')))
+    owner = trainer.log if step == 'log' else trainer
+    original = getattr(owner, step)
+
+    def interrupted(*args, **kwargs):
+        if step == 'log':
+            original(*args, **kwargs)  # (the row written, the process interrupted before it went on)
+        raise KeyboardInterrupt
+
+    setattr(owner, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    setattr(owner, step, original)
+    summary = trainer.fit()
+    assert [r['epoch'] for r in _rows(tmp_path)] == ['0']
+    assert summary['best_epoch'] == 0 and (tmp_path / 'best.safetensors').is_file()
+    assert checkpoint._exported_update(str(tmp_path / 'best.safetensors')) == 1
+    end = latest_checkpoint(str(tmp_path))
+    assert os.path.basename(end) == 'step-00000001' and [r['epoch'] for r in _rows(end)] == ['0']
+
+
 def test_a_fit_after_one_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp_path, folder):
     """Ctrl-C (a notebook's) during an update's micro-batches, then `fit()` again: the update starts afresh, without
     the interrupted micro-batches' gradients and with Accelerate's micro-step count at the update's start (it synced

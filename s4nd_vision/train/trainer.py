@@ -672,26 +672,35 @@ class Trainer:
             # (an epoch resumed mid-way: the seconds before the interruption count, as in its img_per_s)
             t0 = time.perf_counter() - (state.epoch_seconds if state.step_in_epoch else 0.0)
             row = dict(epoch=epoch, **self.train_one_epoch(epoch))
-            last = epoch == cfg.train.epochs - 1
-            if last or (epoch + 1) % cfg.train.eval_every_epochs == 0:
-                row.update(self.evaluate())
+            # the epoch's end (evaluation, best weights, exports, checkpoint, row) changes the state only for good:
+            # interrupted in it (Ctrl-C in a notebook, e.g. during a checkpoint's write), the state is the epoch's
+            # last update again, so the next fit() redoes it, where it would skip the epoch's row and checkpoint, or
+            # keep the earlier best.safetensors as this epoch's best (`MetricsLog.begin` drops a row logged in part)
+            before = (state.epoch, state.step_in_epoch, state.best_top1, state.best_epoch)
+            try:
+                last = epoch == cfg.train.epochs - 1
+                if last or (epoch + 1) % cfg.train.eval_every_epochs == 0:
+                    row.update(self.evaluate())
+                    if self.ema is not None:
+                        self._broadcast_ema_buffers()
+                        row.update({f'ema_{k}': v for k, v in self.evaluate(self.ema.module).items()
+                                    if not k.startswith(('val_skipped', 'val_videos'))})
+                        # (its weights change at every update: the next evaluation rebuilds them anyway)
+                        drop_inference_caches(self.ema.module)
+                    if row['top1'] > state.best_top1:
+                        state.best_top1, state.best_epoch = row['top1'], epoch
+                        self._export('best', self.model)
+                row.update(peak_mem_mb=peak_memory_mb(acc.device), epoch_time_s=time.perf_counter() - t0)
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+                self._export('last', self.model)
                 if self.ema is not None:
-                    self._broadcast_ema_buffers()
-                    row.update({f'ema_{k}': v for k, v in self.evaluate(self.ema.module).items()
-                                if not k.startswith(('val_skipped', 'val_videos'))})
-                    # (its weights change at every update: the next evaluation rebuilds them anyway)
-                    drop_inference_caches(self.ema.module)
-                if row['top1'] > state.best_top1:
-                    state.best_top1, state.best_epoch = row['top1'], epoch
-                    self._export('best', self.model)
-            row.update(peak_mem_mb=peak_memory_mb(acc.device), epoch_time_s=time.perf_counter() - t0)
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            self._export('last', self.model)
-            if self.ema is not None:
-                self._export('last_ema', self.ema.module)
-            self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
-            self.log.log(row, epoch)
-            self.last_row = row
+                    self._export('last_ema', self.ema.module)
+                self._save_checkpoint(row)  # the row is part of the checkpoint: a resume restores it
+                self.log.log(row, epoch)
+                self.last_row = row
+            except BaseException:
+                state.epoch, state.step_in_epoch, state.best_top1, state.best_epoch = before
+                raise
         for tracker in acc.trackers:  # (not `end_training`: it ends the process group, which `evaluate` still needs)
             tracker.finish()
         summary = dict(best_top1=state.best_top1, best_epoch=state.best_epoch, last=self.last_row,
