@@ -13,10 +13,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import s4nd_vision  # noqa: F401  (registers the models)
 from s4nd_vision.data.transforms import mnist_transform, model_data_config
 from s4nd_vision.eval.accuracy import topk_hits
-from s4nd_vision.train import ConfigError, latest_checkpoint
+from s4nd_vision.train import ConfigError, checkpoint, latest_checkpoint
 from s4nd_vision.train.checkpoint import (
     checkpoint_to_resume,
     export_weights,
+    recover_replaced_checkpoints,
     restore_best_weights,
     save_checkpoint,
     set_aside_newer,
@@ -88,14 +89,57 @@ def test_a_save_removes_killed_saves_folders_and_replaces_a_checkpoint_of_its_up
     try:
         acc.prepare(torch.nn.Linear(2, 2))
         root = tmp_path / 'checkpoints'
-        for name in ('.tmp-step-00000003', '.old-step-00000002'):
+        save_checkpoint(acc, str(tmp_path), 2, keep=3)
+        # a new save's, the old copy of a checkpoint saved again, a pruned checkpoint's: each killed while written or
+        # removed (a `.old-step-N` beside its `step-N`: the new one was in place)
+        for name in ('.tmp-step-00000003', '.old-step-00000002', '.pruned-step-00000001'):
             (root / name).mkdir(parents=True)
             (root / name / 'model.safetensors').write_bytes(b'partial')
         save_checkpoint(acc, str(tmp_path), 5, keep=3)
-        assert sorted(os.listdir(root)) == ['step-00000005']
+        assert sorted(os.listdir(root)) == ['step-00000002', 'step-00000005']
         save_checkpoint(acc, str(tmp_path), 5, keep=3,
                         write_extra=lambda folder: open(os.path.join(folder, 'again'), 'w').close())
-        assert sorted(os.listdir(root)) == ['step-00000005'] and (root / 'step-00000005' / 'again').is_file()
+        assert sorted(os.listdir(root)) == ['step-00000002', 'step-00000005']
+        assert (root / 'step-00000005' / 'again').is_file()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_a_save_killed_between_its_renames_or_while_pruning_leaves_complete_checkpoints(tmp_path, monkeypatch):
+    """A save of an update saved before sets the old checkpoint aside (`.old-step-N`) and renames the new one into
+    place: killed between the two renames, the old one is the update's only copy, put back by the next run's start
+    and by the next save (whose clean-up removed it: `--resume` found an earlier checkpoint, or none). A checkpoint
+    pruned (`train.keep_checkpoints`) is renamed before its removal, so one killed midway is never taken as a
+    checkpoint (`step-N` with some of its files)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    acc = Accelerator(cpu=True)
+    try:
+        acc.prepare(torch.nn.Linear(2, 2))
+        out, root = str(tmp_path), tmp_path / 'checkpoints'
+        save_checkpoint(acc, out, 4, keep=1)
+        os.replace(root / 'step-00000004', root / '.old-step-00000004')  # killed between the renames of a new save
+        (root / '.tmp-step-00000004').mkdir()
+        assert latest_checkpoint(out) is None
+        assert recover_replaced_checkpoints(out) == [str(root / 'step-00000004')]
+        assert latest_checkpoint(out) == str(root / 'step-00000004')
+        os.replace(root / 'step-00000004', root / '.old-step-00000004')
+        save_checkpoint(acc, out, 5, keep=2)
+        assert sorted(os.listdir(root)) == ['step-00000004', 'step-00000005']
+
+        rmtree = checkpoint.shutil.rmtree
+
+        def killed_while_pruning(path, *args, **kwargs):
+            if os.path.basename(path).startswith('.pruned-'):
+                raise KeyboardInterrupt
+            return rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.shutil, 'rmtree', killed_while_pruning)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(acc, out, 6, keep=2)
+        assert sorted(name for name in os.listdir(root) if name.startswith('step-')) == ['step-00000005',
+                                                                                      'step-00000006']
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -594,6 +594,18 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path
             Trainer(load_config(None, _overrides(folder, out, 'train.epochs=2')), resume=True)
 
 
+def test_a_resume_puts_back_a_checkpoint_a_save_of_its_update_set_aside(tmp_path, folder):
+    """Killed between the renames of a save of an update saved before (`.old-step-N` set aside, the new one not in
+    place): `--resume` resumes that checkpoint, where it found none (or an earlier one)."""
+    extra = ('train.epochs=1', 'train.max_steps_per_epoch=1', 'data.batch_size=2')
+    Trainer(load_config(None, _overrides(folder, tmp_path, *extra))).fit()
+    _reset()
+    root = tmp_path / 'checkpoints'
+    os.replace(root / 'step-00000001', root / '.old-step-00000001')
+    resumed = Trainer(load_config(None, _overrides(folder, tmp_path, *extra)), resume=True)
+    assert resumed.resumed_from == str(root / 'step-00000001') and resumed.state.update == 1
+
+
 def test_the_metrics_row_survives_a_kill_between_checkpoint_and_csv(tmp_path, folder):
     Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=2'))).fit()
     rows = _rows(tmp_path)

@@ -42,7 +42,7 @@ __all__ = [
     'TrainState', 'latest_checkpoint', 'checkpoint_to_resume', 'save_checkpoint', 'load_checkpoint', 'export_weights',
     'all_finite', 'local_shards', 'check_shared_folder', 'lock_run_folder', 'release_run_folder', 'CONFIG_FILE',
     'METRICS_FILE', 'LOCK_FILE', 'BEST_FILE', 'LOGS_DIR', 'set_aside_newer', 'restore_best_weights',
-    'same_on_every_process', 'RunFolderInUse',
+    'same_on_every_process', 'RunFolderInUse', 'recover_replaced_checkpoints',
 ]
 
 CONFIG_FILE = 'config.yaml'  # in each checkpoint folder: the config of the run that wrote it
@@ -349,8 +349,9 @@ def save_checkpoint(
     tmp = os.path.join(root, f'.tmp-step-{update:08d}')
     if acc.is_main_process:
         os.makedirs(root, exist_ok=True)
+        recover_replaced_checkpoints(output_dir)  # (an `.old-step-*` left so is the only copy of its checkpoint)
         for name in os.listdir(root):
-            if name.startswith(('.tmp-step-', '.old-step-')):
+            if name.startswith(('.tmp-step-', '.old-step-', '.pruned-step-')):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
     with _write_errors_as_oserror(tmp), _fsdp_records(acc):
@@ -367,9 +368,27 @@ def save_checkpoint(
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        for _, name in _complete(root)[:-keep]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        for _, name in _complete(root)[:-keep]:  # (renamed first: one killed while removed is no checkpoint)
+            os.replace(os.path.join(root, name), os.path.join(root, f'.pruned-{name}'))
+            shutil.rmtree(os.path.join(root, f'.pruned-{name}'), ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def recover_replaced_checkpoints(output_dir: str) -> List[str]:
+    """Rename back to `step-N` each `.old-step-N` under output_dir/checkpoints that has no `step-N`: a save of an
+    update already saved (`save_checkpoint`) sets the old checkpoint aside under that name before renaming the new
+    one into place, so a run killed between the two renames leaves the old one, complete, as the update's only
+    checkpoint (a later save's clean-up would remove it, and a `--resume` found no checkpoint there, or an earlier
+    one). Main process, in a run folder this run holds (`lock_run_folder`). Returns the checkpoints put back."""
+    root = os.path.join(output_dir, 'checkpoints')
+    restored = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.startswith('.old-step-') and _CKPT_RE.match(name[len('.old-'):]):
+            final = os.path.join(root, name[len('.old-'):])
+            if not os.path.exists(final):
+                os.replace(os.path.join(root, name), final)
+                restored.append(final)
+    return restored
 
 
 def _fsdp_records(accelerator: Accelerator):

@@ -59,6 +59,7 @@ from .checkpoint import (
     load_checkpoint,
     local_shards,
     lock_run_folder,
+    recover_replaced_checkpoints,
     release_run_folder,
     restore_best_weights,
     same_on_every_process,
@@ -248,6 +249,7 @@ class Trainer:
         lock_run_folder(acc, self.out_dir)  # before anything in it is read or moved
         if acc.is_main_process:  # (weights, metrics rows, config of a run killed mid-write: full size each)
             remove_temporaries(self.out_dir)
+            recover_replaced_checkpoints(self.out_dir)  # (before `_build` looks for the checkpoint to resume)
         try:
             self._build(resume, allow_fresh)
         except BaseException:
