@@ -87,6 +87,32 @@ def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder, fault,
         assert _all_finite(tmp_path / f'{name}.safetensors')
 
 
+def test_a_skipped_update_of_a_batchnorm_model_leaves_its_running_statistics_as_they_were(tmp_path, folder):
+    """A non-finite forward pass (here a NaN input) makes BatchNorm's running statistics non-finite before the loss
+    is checked: the skipped update restores them, so the stray update is tolerated as in a model without BatchNorm
+    (it stopped the run at the next checkpoint: 'the weights hold non-finite values ... a lower optim.lr')."""
+    cfg = load_config(None, _overrides(folder, tmp_path, 'model.name=test_resnet', 'model.kwargs={}',
+                                       'train.epochs=1', 'train.max_steps_per_epoch=2', 'data.batch_size=2',
+                                       'train.max_nonfinite_steps=1'))
+    trainer = Trainer(cfg)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    statistics = []
+
+    def nan_input_at_update_1(module, args):
+        if trainer.state.update == 1:
+            statistics.append({k: b.clone() for k, b in module.named_buffers()})
+            return (args[0] * math.nan,)
+
+    model.register_forward_pre_hook(nan_input_at_update_1)
+    trainer.fit()
+    assert [int(r['nonfinite_steps']) for r in _rows(tmp_path)] == [1]
+    for name in ('last', 'best'):
+        assert _all_finite(tmp_path / f'{name}.safetensors')
+    restored = load_file(str(tmp_path / 'checkpoints' / 'step-00000002' / 'model.safetensors'))
+    for key, value in statistics[0].items():  # (the epoch's end: update 1 skipped, its statistics undone)
+        assert torch.equal(restored[key], value), key
+
+
 def test_an_epoch_of_skipped_updates_reports_no_train_loss(tmp_path, folder):
     """Every update of an epoch skipped (within train.max_nonfinite_steps): its train_loss is NaN, not 0."""
     cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_nonfinite_steps=100'))

@@ -13,7 +13,8 @@ run exactly; the checkpoint carries the epoch's running sums, so its metrics row
 
 Divergence: every update checks that the loss and the gradients were finite on every process (one
 scalar all-reduce). An update with a non-finite loss or gradient is skipped (no optimizer step, no EMA
-update, left out of `train_loss`, counted in `nonfinite_steps`); more than `train.max_nonfinite_steps`
+update, what its forward passes changed in the buffers, BatchNorm's running statistics, undone, left out of
+`train_loss`, counted in `nonfinite_steps`); more than `train.max_nonfinite_steps`
 of them in a row stop the run with `TrainingDiverged`. Weights and checkpoints are written only when
 every value in them is finite, so the last checkpoint is always one to resume from.
 """
@@ -540,6 +541,11 @@ class Trainer:
             scaler._per_optimizer_states.clear()
         loader = self.data.train_batches(epoch, stage.img_size, start * accum, self.updates_per_epoch * accum)
         model.train()
+        # the buffers as they were before the update in progress: a forward pass changes some (BatchNorm's running
+        # statistics), and a skipped update gets them back (a non-finite forward left them non-finite, and every
+        # later evaluation and checkpoint then: the run stopped as if its weights had diverged)
+        buffers = list(unwrapped.buffers())
+        before = [b.detach().clone() for b in buffers]
         total_micro = (self.updates_per_epoch - start) * accum
         # the epoch's sums over all processes up to `start` (a mid-epoch resume), then this process's own
         carried = list(state.epoch_sums) if start else [0.0] * 5
@@ -577,6 +583,10 @@ class Trainer:
                     x, y = self.mixup(x.flatten(1, -3), y)
                     x = x.view(shape)
                 x = x.contiguous(memory_format=self.data.memory_format)
+                if buffers and micro % accum == 0:  # (an update's first micro-batch)
+                    with torch.no_grad():
+                        for saved, buffer in zip(before, buffers):
+                            saved.copy_(buffer)
                 with acc.accumulate(model):
                     loss = self.train_loss(model(x), y)
                     acc.backward(loss)
@@ -589,6 +599,10 @@ class Trainer:
                     if acc.sync_gradients:  # the last micro-step of an update
                         skip = self._skip_update(bad)
                         bad.zero_()
+                        if skip:
+                            with torch.no_grad():
+                                for saved, buffer in zip(before, buffers):
+                                    buffer.copy_(saved)
                         if not skip:  # a skipped update's finite losses stay out of train_loss too
                             loss_sum += update_loss
                             n_finite += update_n
