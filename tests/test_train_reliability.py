@@ -699,12 +699,14 @@ def test_a_fit_after_one_interrupted_at_the_epochs_end_redoes_it(tmp_path, folde
     assert os.path.basename(end) == 'step-00000001' and [r['epoch'] for r in _rows(end)] == ['0']
 
 
-def test_a_fit_after_one_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp_path, folder):
+@pytest.mark.parametrize('model', [(), ('model.name=test_resnet', 'model.kwargs={}')])
+def test_a_fit_after_one_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp_path, folder, model):
     """Ctrl-C (a notebook's) during an update's micro-batches, then `fit()` again: the update starts afresh, without
     the interrupted micro-batches' gradients and with Accelerate's micro-step count at the update's start (it synced
-    on the wrong micro-batches after it), so the weights are the uninterrupted run's; the epoch's row counts the
-    updates before the interrupt too; the second fit() holds the run folder again (the first released it)."""
-    extra = ('train.epochs=1', 'data.batch_size=2', 'train.grad_accum_steps=3', 'train.max_steps_per_epoch=2')
+    on the wrong micro-batches after it), and BatchNorm's running statistics as they were before it (the interrupted
+    micro-batches' forward passes counted twice), so the weights are the uninterrupted run's; the epoch's row counts
+    the updates before the interrupt too; the second fit() holds the run folder again (the first released it)."""
+    extra = ('train.epochs=1', 'data.batch_size=2', 'train.grad_accum_steps=3', 'train.max_steps_per_epoch=2', *model)
     Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
     _reset()
     trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'interrupted', *extra)))

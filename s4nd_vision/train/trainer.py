@@ -347,6 +347,7 @@ class Trainer:
         self.logs_set_aside = False
         self.fit_started = False  # (a later fit() goes on from this one's metrics rows, not the checkpoint's)
         self.epoch_progress = None  # (`train_one_epoch`'s sums at its last update, for a fit() after an interrupt)
+        self.update_buffers = None  # (the update in progress and the model's buffers before it, for the same)
         self.resumed_from = checkpoint_to_resume(self.out_dir, resume, allow_fresh, say=acc.print)
         if self.resumed_from is not None:
             # this run's config sets the hyperparameters (lr, weight decay, schedule length, ...): the checkpoint
@@ -545,6 +546,11 @@ class Trainer:
         # statistics), and a skipped update gets them back (a non-finite forward left them non-finite, and every
         # later evaluation and checkpoint then: the run stopped as if its weights had diverged)
         buffers = list(unwrapped.buffers())
+        if buffers and self.update_buffers is not None and self.update_buffers[0] == state.update:
+            # a fit() interrupted within this update (Ctrl-C in a notebook): its micro-batches' passes count no more
+            with torch.no_grad():
+                for buffer, saved in zip(buffers, self.update_buffers[1]):
+                    buffer.copy_(saved)
         before = [b.detach().clone() for b in buffers]
         total_micro = (self.updates_per_epoch - start) * accum
         # the epoch's sums over all processes up to `start` (a mid-epoch resume), then this process's own
@@ -587,6 +593,7 @@ class Trainer:
                     with torch.no_grad():
                         for saved, buffer in zip(before, buffers):
                             saved.copy_(buffer)
+                    self.update_buffers = (state.update, before)
                 with acc.accumulate(model):
                     loss = self.train_loss(model(x), y)
                     acc.backward(loss)
