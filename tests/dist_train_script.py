@@ -4,7 +4,8 @@ processes import torch, timm and accelerate once), and writes what each rank hol
 the process's rank (e.g. a folder of each process's own). A run whose overrides start with '--nan-on-rank1-at=<update>':
 rank 1's loss is NaN at that update (the update is skipped on every rank); each rank writes its micro-batches'
 (update, loss, samples) to rank<r>_losses.txt, and its final weights (and EMA's) to rank<r>.safetensors
-(rank<r>_ema.safetensors); rank 0 writes `trainer.evaluate()` after fit to evaluate_after_fit.json. Before each run
+(rank<r>_ema.safetensors); rank 0 writes `trainer.evaluate()` after fit to evaluate_after_fit.json. A run whose
+overrides start with '--resume=<checkpoint>' resumes from that checkpoint folder. Before each run
 every rank prints 'run <i> of <n>' to stdout (stdout and stderr are flushed first), so a test can tell the runs'
 output apart; a run that raises ends the launch (its processes exit with the error)."""
 import json
@@ -24,10 +25,12 @@ def _save(model, path):
 
 
 def run(args) -> None:
-    nan_at = None
+    nan_at, resume = None, False
     if args and args[0].startswith('--nan-on-rank1-at='):
         nan_at, args = int(args[0].split('=', 1)[1]), args[1:]
-    trainer = Trainer(load_config(None, [a.replace('{rank}', os.environ['RANK']) for a in args]))
+    if args and args[0].startswith('--resume='):
+        resume, args = args[0].split('=', 1)[1], args[1:]
+    trainer = Trainer(load_config(None, [a.replace('{rank}', os.environ['RANK']) for a in args]), resume=resume)
     acc, out = trainer.accelerator, trainer.cfg.train.output_dir
     rank = acc.process_index
     if rank == 0:

@@ -527,17 +527,22 @@ def _free_port() -> int:
 
 @pytest.fixture(scope='module')
 def two_process_runs(tmp_path_factory, folder):
-    """One `accelerate launch` of two CPU processes (gloo) running tests/dist_train_script.py's three runs one after
-    the other: 'sync' (rank 1's loss NaN at update 1), 'bn_ema' (a BatchNorm model with an EMA), and last a run whose
-    train.output_dir is a folder of each process's own ('node{rank}'), which must stop both processes (so the launch
-    fails). (One launch: each process imports torch, timm and accelerate once for the three.) Returns the folder
-    of the runs and the launch's result (unbuffered output: each rank prints 'run <i> of 3' as run i starts)."""
+    """One `accelerate launch` of two CPU processes (gloo) running tests/dist_train_script.py's four runs one after
+    the other: 'sync' (rank 1's loss NaN at update 1; a checkpoint at every update), 'resumed' (resumes 'sync' from
+    its checkpoint within the last epoch, into a folder of its own), 'bn_ema' (a BatchNorm model with an EMA), and
+    last a run whose train.output_dir is a folder of each process's own ('node{rank}'), which must stop both
+    processes (so the launch fails). (One launch: each process imports torch, timm and accelerate once for the
+    four.) Returns the folder of the runs and the launch's result (unbuffered output: each rank prints 'run <i> of 4'
+    as run i starts)."""
     tmp = tmp_path_factory.mktemp('two_process')
+    sync = ('train.epochs=2', 'train.ema_decay=0.9', 'train.checkpoint_every_steps=1')
     env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     cmd = ['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
            '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
            os.path.join(ROOT, 'tests', 'dist_train_script.py'),
-           '--nan-on-rank1-at=1', *_overrides(folder, tmp / 'sync', 'train.epochs=2', 'train.ema_decay=0.9'),
+           '--nan-on-rank1-at=1', *_overrides(folder, tmp / 'sync', *sync),
+           '--then', f'--resume={tmp / "sync" / "checkpoints" / "step-00000003"}', *_overrides(folder, tmp / 'resumed',
+                                                                                              *sync),
            '--then', *_overrides(folder, tmp / 'bn_ema', 'model.name=test_resnet', 'model.kwargs={}', 'train.epochs=1',
                                  'train.ema_decay=0.5', 'data.batch_size=2'),
            '--then', *_overrides(folder, tmp / 'node{rank}', 'train.epochs=1')]
@@ -578,6 +583,24 @@ def test_two_process_run_synchronizes_gradients(two_process_runs):
 
 
 @pytest.mark.xdist_group('two_process_runs')  # (shares its module fixture's run: one process)
+def test_two_process_run_resumed_within_an_epoch_ends_as_the_uninterrupted_run(two_process_runs):
+    """Two processes resumed from a checkpoint within the last epoch (after the skipped update of epoch 0): the
+    same weights, EMA and metrics rows (the earlier epoch's from the checkpoint, the resumed epoch's from its
+    carried sums) as the run that went through."""
+    tmp, result = two_process_runs
+    _finished(tmp, 'resumed', result)
+    for name in ('last', 'last_ema'):
+        a, b = (load_file(str(tmp / run / f'{name}.safetensors')) for run in ('resumed', 'sync'))
+        for k in b:
+            assert torch.equal(a[k], b[k]), f'{name}: {k} differs after the two-process resume'
+    timed = ('img_per_s', 'epoch_time_s', 'peak_mem_mb')
+    rows = [[{k: v for k, v in r.items() if k not in timed} for r in csv.DictReader((tmp / run / 'metrics.csv')
+                                                                                   .read_text().splitlines())]
+            for run in ('resumed', 'sync')]
+    assert [r['epoch'] for r in rows[0]] == ['0', '1'] and rows[0] == rows[1]
+
+
+@pytest.mark.xdist_group('two_process_runs')  # (shares its module fixture's run: one process)
 def test_two_process_ema_of_a_batchnorm_model_is_the_same_on_every_process(two_process_runs):
     """Each process's EMA averages its own BatchNorm statistics (DDP broadcasts only the model's): the EMA evaluated
     on every process is the main process's, the one last_ema.safetensors holds."""
@@ -602,8 +625,8 @@ def test_output_folder_must_be_the_same_on_every_process(two_process_runs):
     message = 'is not the same folder on every process: 1 of 2 processes do not see what the main process writes'
     assert result.stderr.count(message) == 2, result.stderr[-3000:]  # both processes stop, none waits for the other
     # nothing trained after a process started the last run (its first collective waits for both processes)
-    assert 'run 3 of 3' in result.stdout, result.stderr[-3000:]
-    assert 'training convnext_s4nd_atto' not in result.stdout[result.stdout.index('run 3 of 3'):]
+    assert 'run 4 of 4' in result.stdout, result.stderr[-3000:]
+    assert 'training convnext_s4nd_atto' not in result.stdout[result.stdout.index('run 4 of 4'):]
     assert os.listdir(tmp / 'node0') == []  # the marker is gone
 
 
