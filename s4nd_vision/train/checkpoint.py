@@ -9,6 +9,8 @@ holds that epoch's row, so a run killed before writing the row gets it back on r
 temporary folder and renamed once every process has written its part, so a run killed at any moment leaves only
 complete checkpoints. Weights with non-finite values are never written (`all_finite` is checked first).
 """
+import csv
+import io
 import os
 import pickle
 import re
@@ -413,6 +415,7 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
     if not any(name.startswith('custom_checkpoint_') for name in os.listdir(path)):  # (our TrainState, scheduler)
         raise ConfigError(f'--resume: {path!r} is not a checkpoint folder (one of <train.output_dir>/checkpoints/'
                           f'step-*; --resume alone takes the latest in train.output_dir)')
+    _check_metrics(path)
     saved = _read_config(path)
     if config is not None and saved is not None:
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
@@ -473,6 +476,21 @@ def _damaged(path: str, error: BaseException) -> ConfigError:
     advice = (f'resume from the checkpoint before it with --resume {os.path.join(root, earlier[-1])}' if earlier else
               'no earlier checkpoint is kept: start a fresh run in another train.output_dir')
     return ConfigError(f'--resume: checkpoint {path!r} is damaged ({reason}); {advice}')
+
+
+def _check_metrics(checkpoint: str) -> None:
+    """Refuse as damaged a checkpoint whose metrics.csv is cut short (its last line unended, or a row short of
+    fields): the resumed run takes its rows as the run's (a TypeError from the missing fields before). None: a
+    checkpoint written before checkpoints held their rows."""
+    path = os.path.join(checkpoint, METRICS_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        text = f.read()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not text.endswith('\n') or any(None in row or None in row.values() or not str(row.get('epoch')).isdigit()
+                                       for row in rows):
+        raise _damaged(checkpoint, ValueError(f'{METRICS_FILE} is cut short'))
 
 
 def _read_config(checkpoint: str) -> Optional[Dict[str, Any]]:
