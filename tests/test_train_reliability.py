@@ -597,7 +597,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path
     first, second = sorted((run / 'checkpoints').iterdir())
     for damage, reason in (('model.safetensors', 'incomplete metadata'), ('optimizer.bin', 'PytorchStreamReader'),
                            ('custom_checkpoint_0.pkl', 'PytorchStreamReader'), (None, 'model.safetensors is missing'),
-                           ('metrics.csv', 'metrics.csv is cut short')):
+                           ('metrics.csv', 'metrics.csv is cut short'), ('config.yaml', 'config.yaml is cut short')):
         _reset()
         out = tmp_path / str(damage)
         shutil.copytree(run, out)

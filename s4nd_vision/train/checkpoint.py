@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 
 import torch
 import torch.nn as nn
+import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object, is_compiled_module
 from safetensors import SafetensorError, safe_open
@@ -494,11 +495,21 @@ def _check_metrics(checkpoint: str) -> None:
 
 
 def _read_config(checkpoint: str) -> Optional[Dict[str, Any]]:
+    """The config of `checkpoint` (None: a checkpoint written before checkpoints held their config); one cut short
+    (its last line unended: YAML reads the rest as the whole config, and the resume warned of every key it lost as
+    changed, or took its model for another) or not a config is refused as damaged."""
     path = os.path.join(checkpoint, CONFIG_FILE)
     if not os.path.isfile(path):
-        return None  # a checkpoint written before checkpoints held their config
+        return None
     with open(path) as f:
-        return load_yaml(f)
+        text = f.read()
+    try:
+        tree = load_yaml(text)
+    except yaml.YAMLError:
+        tree = None
+    if not text.endswith('\n') or not isinstance(tree, dict):
+        raise _damaged(checkpoint, ValueError(f'{CONFIG_FILE} is cut short or not a config'))
+    return tree
 
 
 def flat_config(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
