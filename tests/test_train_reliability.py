@@ -621,6 +621,29 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path
             Trainer(load_config(None, _overrides(folder, out, 'train.epochs=2')), resume=True)
 
 
+def test_damaged_best_weights_are_a_one_line_error_naming_the_file(tmp_path, folder):
+    """A best.safetensors cut short in train.output_dir (read for the update it records) or in the checkpoint (put
+    back as the run's best where the folder has none): one line naming it (a SafetensorError naming no file, or
+    the damaged copy taken as the run's best weights)."""
+    extra = ('train.epochs=1', 'train.max_steps_per_epoch=1', 'data.batch_size=2')
+    run = tmp_path / 'run'
+    Trainer(load_config(None, _overrides(folder, run, *extra))).fit()
+    latest = run / 'checkpoints' / 'step-00000001'
+    for damaged in (run / 'best.safetensors', latest / 'best.safetensors'):
+        _reset()
+        data = (run / 'best.safetensors').read_bytes()
+        os.remove(run / 'best.safetensors')  # (a hard link to the checkpoint's copy: each damaged on its own)
+        (run / 'best.safetensors').write_bytes(data)
+        if damaged != run / 'best.safetensors':
+            os.remove(run / 'best.safetensors')
+        damaged.write_bytes(data[:len(data) // 2])
+        message = (rf"{run}/best.safetensors is damaged \(.*\): move it away" if damaged == run / 'best.safetensors'
+                   else rf"checkpoint '{latest}' is damaged \(best.safetensors is cut short\)")
+        with pytest.raises(ConfigError, match=message):
+            Trainer(load_config(None, _overrides(folder, run, *extra)), resume=True)
+        damaged.write_bytes(data)
+
+
 def test_a_resume_puts_back_a_checkpoint_a_save_of_its_update_set_aside(tmp_path, folder):
     """Killed between the renames of a save of an update saved before (`.old-step-N` set aside, the new one not in
     place): `--resume` resumes that checkpoint, where it found none (or an earlier one)."""

@@ -285,7 +285,16 @@ def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> L
     branch redoes (TensorBoard would show both), and `MetricsLog.begin` logs the checkpoint's rows anew. Returns the
     new paths."""
     root = os.path.join(output_dir, 'checkpoints')
-    moved = []
+    moved, exported, error = [], {}, None
+    if accelerator.is_main_process:  # (a damaged weights file stops every process before anything is moved)
+        try:
+            exported = {name: _exported_update(os.path.join(output_dir, name)) for name in _EXPORTED}
+        except ConfigError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ConfigError(error)
     if accelerator.is_main_process:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         for step, name in _complete(root) if os.path.isdir(root) else []:
@@ -294,8 +303,7 @@ def set_aside_newer(accelerator: Accelerator, output_dir: str, update: int) -> L
                 os.replace(os.path.join(root, name), moved[-1])
         for name in _EXPORTED:
             path = os.path.join(output_dir, name)
-            exported = _exported_update(path)
-            if exported is not None and exported > update:
+            if exported[name] is not None and exported[name] > update:
                 moved.append(os.path.join(output_dir, f'abandoned-{stamp}-{name}'))
                 os.replace(path, moved[-1])
         logs = os.path.join(output_dir, LOGS_DIR)
@@ -314,14 +322,22 @@ def restore_best_weights(accelerator: Accelerator, output_dir: str, checkpoint: 
     abandoned branch's set aside by `set_aside_newer`): the resumed state's best accuracy is that file's. Returns
     whether `output_dir` holds best weights now, the same on every process (all must call); where it does not (a
     checkpoint written before checkpoints kept them), the resumed run must export its own."""
-    present = None
+    present = error = None
     if accelerator.is_main_process:
         best, kept = os.path.join(output_dir, BEST_FILE), os.path.join(checkpoint, BEST_FILE)
         if not os.path.exists(best) and os.path.isfile(kept):
-            _link_or_copy(kept, best)
-            accelerator.print(f'--resume: {BEST_FILE} restored from {checkpoint} (the best weights of its state)')
+            try:  # (a copy cut short would become the run's best weights)
+                _exported_update(kept)
+            except ConfigError:
+                error = str(_damaged(checkpoint, ValueError(f'{BEST_FILE} is cut short')))
+            else:
+                _link_or_copy(kept, best)
+                accelerator.print(f'--resume: {BEST_FILE} restored from {checkpoint} (the best weights of its state)')
         present = os.path.isfile(best)
-    return bool(broadcast_object_list([present])[0])
+    present, error = broadcast_object_list([present, error])
+    if error:
+        raise ConfigError(error)
+    return bool(present)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -609,9 +625,16 @@ def _write_errors_as_oserror(path: str) -> Iterator[None]:
 
 
 def _exported_update(path: str) -> Optional[int]:
-    """The update `export_weights` recorded in weights file `path` (None: none recorded, or no such file)."""
+    """The update `export_weights` recorded in weights file `path` (None: none recorded, or no such file); a file
+    cut short (a bad copy, a failing disk) is a ConfigError naming it (a SafetensorError that named no file
+    before)."""
     if not os.path.isfile(path):
         return None
-    with safe_open(path, framework='pt') as f:
-        update = (f.metadata() or {}).get('update')
+    try:
+        with safe_open(path, framework='pt') as f:
+            update = (f.metadata() or {}).get('update')
+    except SafetensorError as e:
+        raise ConfigError(f'--resume: {path} is damaged ({" ".join(str(e).split())[:200]}): move it away; the '
+                          f'resumed run writes it again ({BEST_FILE}: from the checkpoint\'s copy, where it keeps '
+                          f'one)') from None
     return int(update) if update is not None and update.isdigit() else None
