@@ -225,6 +225,9 @@ def test_onnx_export_with_dynamic_batch_height_and_width(tmp_path, name, stride)
     rows = onnx_latency(model, path, [(4 * stride, 4 * stride), (3 * stride, 5 * stride)], batch_size=3, repeats=1)
     assert [r['size'] for r in rows] == [f'{4 * stride}x{4 * stride}', f'{3 * stride}x{5 * stride}']
     assert all(r['max_abs_diff'] < 1e-4 for r in rows), rows
+    for repeats in (0, 1.5):  # (a median of no runs failed after the whole comparison, naming no argument)
+        with pytest.raises(ValueError, match=r'repeats must be an integer >= 1'):
+            onnx_latency(model, path, [(4 * stride, 4 * stride)], repeats=repeats)
     with pytest.raises(ValueError, match='multiples of the model stride'):
         export_onnx(model, str(tmp_path / 'bad.onnx'), img_size=(4 * stride + 1, 4 * stride))
     # onnxruntime does not enforce the declared sides: the graph checks them (ViT-S4ND answered for a crop)

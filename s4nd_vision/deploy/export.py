@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from ..bench.benchmark import time_ms
+from ..layers.ops import is_int
 
 __all__ = ['input_sides', 'model_stride', 'pads_inputs', 'check_image_model', 'check_export_size', 'trace_size',
            'export_onnx', 'onnx_metadata', 'onnx_latency']
@@ -232,6 +233,8 @@ def onnx_latency(
     """Per input size: the largest difference between the ONNX file's outputs (onnxruntime, CPU) and eager
     PyTorch's (on the model's device), and both median latencies in ms (timed interleaved, see
     `bench.benchmark.time_ms`); inputs of `in_chans` channels (default: the model's)."""
+    if not is_int(repeats) or repeats < 1:  # (before the session loads: a median of no runs fails at the end)
+        raise ValueError(f'repeats must be an integer >= 1, got {repeats!r}')
     import onnxruntime as ort
     in_chans = _model_chans(model) if in_chans is None else in_chans
 
