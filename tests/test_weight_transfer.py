@@ -265,6 +265,24 @@ def test_timm_vit_weights_transfer_what_fits_with_a_report(tmp_path, caplog):
         timm.create_model(VIT, img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=path))
 
 
+def test_timm_vit_report_names_its_top_level_tensors_and_the_resampled_patch_embedding(tmp_path, caplog):
+    """The report names what a timm ViT's top level holds and nothing takes (class token, position embedding, head;
+    in the file's order), where it read '/head 4', and says that a patch embedding of another patch size was
+    resampled, not loaded as it is."""
+    vit = _timm_vit()
+    path = str(tmp_path / 'vit.safetensors')
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        timm.create_model(VIT, img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+        timm.create_model(VIT, img_size=64, patch_size=8, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    same, resampled = _records(caplog)
+    assert 'unused from the checkpoint 20 (blocks.*.attn 16, cls_token/head/pos_embed 4)' in same, same
+    assert same.startswith('VisionTransformerS4ND from timm ViT weights: loaded 36 tensors as they are;'), same
+    assert 'resampled' not in same
+    assert resampled.startswith('VisionTransformerS4ND from timm ViT weights: loaded 35 tensors as they are; '
+                                'resampled from 16x16 to 8x8 patches 1 (patch_embed.proj 1);'), resampled
+
+
 def test_vit_weights_of_another_patch_size_are_resampled(tmp_path, caplog):
     """Our own patch-16 weights load into a patch-8 model as `set_input_size(patch_size=8)` makes them, without a
     transfer report."""

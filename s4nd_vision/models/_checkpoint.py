@@ -293,7 +293,8 @@ def _groups(names: Iterable[str], every: Iterable[str], model: Optional[nn.Modul
     groups = defaultdict(lambda: [0, set()])  # (pattern, class) -> [tensor count, modules]
     for n in names:
         parts = n.split('.')[:-1]
-        prefixes = ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)] or ['']
+        # (a top-level tensor, e.g. a ViT's cls_token, is its own group, named: else it would show as '')
+        prefixes = ['.'.join(parts[:i]) for i in range(1, len(parts) + 1)] or [n]
         module = next((m for m in prefixes if chosen[m] == total[m]), prefixes[-1])
         group = groups[(_pattern(module), classes.get(module, ''))]
         group[0] += 1
@@ -396,19 +397,25 @@ def match_state_dict(
 
 
 def transfer_timm_weights(state_dict: Dict[str, torch.Tensor], model: nn.Module, first_conv: str,
-                          source: str, strict: bool = True, warn_classifier: bool = True) -> Dict[str, torch.Tensor]:
+                          source: str, strict: bool = True, warn_classifier: bool = True,
+                          changed: Optional[Dict[str, str]] = None) -> Dict[str, torch.Tensor]:
     """Our own weights (they hold S4ND kernels) as they are, refused where they do not fit the model
     (`check_weights_fit`); from a plain timm model's (`source`, e.g. 'timm ViT weights') every module that fits
     (`match_state_dict`), `first_conv` adapted to the model's `in_chans` first by timm's rule, with the report
     logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the model
     would otherwise be its initialization under the name of a pretrained one. `warn_classifier`: see
-    `filter_args`."""
+    `filter_args`. `changed`: tensor name -> how the caller changed it before (e.g. a resampled patch embedding),
+    reported as such rather than as loaded as it is."""
     if any('.kernels.' in k for k in state_dict):
         return check_weights_fit(state_dict, model, strict=strict, check_classifier=warn_classifier)
     if warn_classifier:
         warn_dropped_fitting_classifier(state_dict, model)
     state_dict = adapt_input_channels(state_dict, first_conv, model.in_chans)
     out, report = match_state_dict(state_dict, model, source=source)
+    for name, how in (changed or {}).items():
+        if name in report.loaded:
+            report.loaded.remove(name)
+            report.mapped[how].append(name)
     taken = report.loaded + [n for names in report.mapped.values() for n in names]
     if not any(not n.startswith('head.') for n in taken):
         raise ValueError(f'the weights fit no module of {type(model).__name__} outside the head: neither its own '

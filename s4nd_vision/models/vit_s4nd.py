@@ -448,10 +448,12 @@ def checkpoint_filter_fn(
     """
     state_dict = unwrap_state_dict(state_dict)
     weight, patch_size = state_dict.get(_PATCH_WEIGHT), model.patch_embed.patch_size
+    changed = {}
     if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != patch_size:
         state_dict = {**state_dict, _PATCH_WEIGHT: resample_patch_embed(weight, list(patch_size), verbose=True)}
+        changed[_PATCH_WEIGHT] = 'resampled from {}x{} to {}x{} patches'.format(*weight.shape[-2:], *patch_size)
     return transfer_timm_weights(state_dict, model, 'patch_embed.proj', source='timm ViT weights', strict=strict,
-                                 warn_classifier=warn_classifier)
+                                 warn_classifier=warn_classifier, changed=changed)
 
 
 def _create_vit_s4nd(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerS4ND:
