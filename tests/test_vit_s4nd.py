@@ -370,3 +370,10 @@ def test_1d_weights_of_another_aspect_name_a_size_of_whole_patches():
     size = model.reference_img_size()
     assert size == (192, 192)
     model.set_input_size(size)
+
+
+def test_reference_img_size_without_blocks_is_the_img_size():
+    """A ViT-S4ND of depth 0 (patch embedding, norm, head: no S4ND layer) answers its `img_size`, as the models
+    without S4ND layers do, where it failed with an IndexError (eval-resolution and export read it for weights)."""
+    model = _atto(img_size=(32, 48), depth=0)
+    assert model.reference_img_size() == (32, 48)

@@ -296,7 +296,9 @@ class VisionTransformerS4ND(S4NDModel):
         """The image size (H, W) the S4ND layers' reference grids correspond to (see `S4NDModel`): per axis of the
         patch grid for '2d'; for '1d' (a sequence length, H/p * W/p) the patch grid of the same aspect as the
         model's own, scaled by the square root of the length ratio, each side rounded to whole patches (the model
-        takes no other)."""
+        takes no other). Without blocks (`depth=0`) there is no S4ND layer: `img_size`, as `S4NDModel` answers."""
+        if not len(self.blocks):
+            return self.img_size
         mixer = self.blocks[0].mixer
         grid = mixer.input_grid(self.patch_embed.grid_size)
         ratios = [r / g for r, g in zip(mixer.s4nd.l_ref, grid)]
