@@ -264,6 +264,11 @@ def test_kernel_modules_refuse_bad_sizes_and_generation_arguments(make):
     for name, bad in (('dim', 0), ('dim', -1), ('dim', 2.0), ('num_kernels', 0)):
         with pytest.raises(ValueError, match=f'{name} must be a positive integer'):
             make(**{name: bad})
+    # (a complex dtype made complex step sizes and weights whose imaginary parts generation dropped, an integer one
+    # failed in torch naming no argument; S4ND refused both already)
+    for dtype in (torch.complex64, torch.int64, 'float32'):
+        with pytest.raises(ValueError, match=r'dtype must be a real floating-point dtype \(or None\)'):
+            make(dtype=dtype)
     kernel = make()
     for length in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match='length must be a positive integer'):

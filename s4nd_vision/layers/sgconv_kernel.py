@@ -31,7 +31,14 @@ import torch.nn as nn
 from .ops import backward_without_autocast, generation_without_autocast
 from .records import record_float, records_in_state_dict
 from .reference import use_reference
-from .ssm_kernel import check_generation, check_sizes, flatten_legacy_4d, per_kernel, trained_parameters
+from .ssm_kernel import (
+    check_generation,
+    check_param_dtype,
+    check_sizes,
+    flatten_legacy_4d,
+    per_kernel,
+    trained_parameters,
+)
 
 __all__ = ['SGConvKernel', 'sgconv_scales', 'sgconv_weights']
 
@@ -168,6 +175,7 @@ class SGConvKernel(nn.Module):
     ):
         super().__init__()
         check_sizes(dim=dim, l_ref=l_ref, num_kernels=num_kernels, size=size)
+        check_param_dtype(dtype)
         if not (isinstance(decay, numbers.Real) and 0 < decay <= 1):
             raise ValueError(f'decay must be in (0, 1], got {decay}')
         self.dim = dim

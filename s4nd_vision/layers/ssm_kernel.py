@@ -98,6 +98,7 @@ class _DiagonalSSM(nn.Module):
         check_sizes(dim=dim, num_kernels=num_kernels)
         check_bandlimit(bandlimit)
         check_ssm_args(d_state, dt_min, dt_max)
+        check_param_dtype(dtype)
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.d_state = d_state
@@ -670,6 +671,14 @@ def check_generation(length, rate, dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f'dtype must be torch.float32 or torch.float64 (kernels are generated in full precision), '
                          f'got {dtype}')
+
+
+def check_param_dtype(dtype) -> None:
+    """Raise ValueError unless `dtype`, of a kernel's parameters, is None (the default dtype) or a real floating-point
+    dtype: a complex one made complex step sizes and weights whose imaginary parts generation dropped (a cast warning
+    at most), and the optimizer trained; an integer one failed in torch with an error naming no argument."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f'dtype must be a real floating-point dtype (or None), got {dtype}')
 
 
 def check_bandlimit(bandlimit: Optional[float]) -> None:
