@@ -248,7 +248,8 @@ def test_sgconv_kernel_follows_the_rate():
 
 
 def test_sgconv_kernel_errors():
-    for bad in (dict(l_ref=0), dict(l_ref=8, size=0), dict(l_ref=8, decay=0.0), dict(l_ref=8, decay=1.5)):
+    for bad in (dict(l_ref=0), dict(l_ref=8, size=0), dict(l_ref=8, decay=0.0), dict(l_ref=8, decay=1.5),
+                dict(l_ref=8, decay=True)):  # (a bool passed as 1)
         with pytest.raises(ValueError, match=next(iter(k for k in bad if k != 'l_ref'), 'l_ref')):
             SGConvKernel(2, **bad)
 

@@ -149,8 +149,9 @@ def test_kernel_type_errors():
     # every kernel's arguments are checked whichever kernel is built
     with pytest.raises(ValueError, match='need finite 0 < dt_min <= dt_max'):
         S4ND(4, kernel='sgconv', l_ref=8, dt_min=-1)
-    with pytest.raises(ValueError, match='sgconv_decay must be in'):
-        S4ND(4, sgconv_decay=5)
+    for bad in (5, True):  # (True passed as 1)
+        with pytest.raises(ValueError, match='sgconv_decay must be in'):
+            S4ND(4, sgconv_decay=bad)
 
 
 @pytest.mark.parametrize('rate', [1.0, 0.1])

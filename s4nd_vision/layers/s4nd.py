@@ -278,7 +278,8 @@ class S4ND(nn.Module):
         # every kernel's arguments are checked whichever kernel is built (models pass them all to every layer)
         if not is_int(sgconv_size) or sgconv_size < 1:
             raise ValueError(f'sgconv_size must be a positive integer, got {sgconv_size!r}')
-        if not (isinstance(sgconv_decay, numbers.Real) and 0 < sgconv_decay <= 1):
+        if not (isinstance(sgconv_decay, numbers.Real) and not isinstance(sgconv_decay, bool)
+                and 0 < sgconv_decay <= 1):  # (True passed as 1)
             raise ValueError(f'sgconv_decay must be in (0, 1], got {sgconv_decay!r}')
         if kernel == 'sgconv':
             if self.l_ref is None and self.l_max is None:

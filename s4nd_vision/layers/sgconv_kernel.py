@@ -176,7 +176,7 @@ class SGConvKernel(nn.Module):
         super().__init__()
         check_sizes(dim=dim, l_ref=l_ref, num_kernels=num_kernels, size=size)
         check_param_dtype(dtype)
-        if not (isinstance(decay, numbers.Real) and 0 < decay <= 1):
+        if not (isinstance(decay, numbers.Real) and not isinstance(decay, bool) and 0 < decay <= 1):  # (True: 1)
             raise ValueError(f'decay must be in (0, 1], got {decay}')
         self.dim = dim
         self.l_ref = l_ref
