@@ -421,3 +421,35 @@ def test_sgconv_interpolation_cache_holds_matrices_in_the_weights_dtype(monkeypa
     kernel(64)
     assert sgconv_kernel._cache[key32] is m32 and len(sgconv_kernel._cache) == 2
     torch.testing.assert_close(kernel(64), kernel(64, dtype=torch.float64).float())
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 's4'])
+def test_ssm_stays_stable_after_large_optimizer_steps(kernel):
+    """Re(A) = -exp(log_a_real) < 0 and dt = exp(log_dt) > 0 whatever the values, and S4's A = Lambda - P P^* is
+    stable for every P (its Hermitian part Re(Lambda) - P P^* is negative definite): AdamW steps at lr 1 that ascend
+    the output's energy (towards slower decay) move the parameters far from their init and keep every pole in the
+    stable half-plane, every discrete pole inside the unit circle, and the kernels finite."""
+    torch.manual_seed(0)
+    layer = _layer(kernel, 3, 1, (16,), l_ref=16).double()
+    start = copy.deepcopy(layer)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1.0, weight_decay=0.0)
+    x = torch.randn(4, 3, 16, dtype=torch.float64)
+    for _ in range(10):
+        opt.zero_grad()
+        (-layer(x).square().mean()).backward()
+        opt.step()
+    k, k0 = layer.kernels[0], start.kernels[0]
+    assert (k.log_a_real - k0.log_a_real).abs().max() > 3 and (k.log_dt - k0.log_dt).abs().max() > 2
+    with torch.no_grad():
+        if kernel == 's4':
+            a = k.dense()[0]
+            a_disc = k.discretize(rate=1.0, dtype=torch.float64)[0]
+        else:
+            a = torch.diag_embed(torch.complex(-k.log_a_real.exp(), k.a_imag))
+            a_disc = torch.diag_embed(torch.exp(k.log_dt.exp()[:, None] * a.diagonal(dim1=-2, dim2=-1)))
+        assert torch.linalg.eigvals(a).real.max() < 0
+        assert torch.linalg.eigvals(a_disc).abs().max() < 1
+        assert (k.log_dt.exp() > 0).all()
+        for rate in (1.0, 0.5, 2.0):
+            assert torch.isfinite(k(16, rate=rate, dtype=torch.float64)).all()
+            assert torch.isfinite(layer(x, rate=rate)).all()
