@@ -42,6 +42,17 @@ def test_legs_nplr_is_the_hippo_decomposition(d_state):
     torch.testing.assert_close(lam.real, torch.full_like(lam.real, -0.5))
 
 
+def test_hippo_functions_refuse_bad_state_sizes():
+    """A float state size made the matrices of arange(2.5) (3 x 3) silently, or failed in slicing (4.0)."""
+    for bad in (2.5, 0, -1, True):
+        with pytest.raises(ValueError, match='d_state must be a positive integer'):
+            hippo_legs(bad)
+    for bad in (4.0, 3, 0, True, '4'):
+        with pytest.raises(ValueError, match='d_state must be a positive even integer'):
+            legs_nplr(bad)
+    assert hippo_legs(3)[0].shape == (3, 3) and legs_nplr(2)[0].shape == (1,)
+
+
 def _capped_legs_b(d_state: int) -> torch.Tensor:
     """HiPPO-LegS's B with its eigenbasis coordinates V^H B capped at magnitude 2 (the original's B_clip), as a
     real N-vector: V_full is unitary, so b = 2 Re(V (V^H b)) over the half with Im > 0."""

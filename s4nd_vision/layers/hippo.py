@@ -17,6 +17,8 @@ from typing import Tuple
 
 import torch
 
+from .ops import is_int
+
 __all__ = ['hippo_legs', 'legs_nplr', 'legs_b', 'LEGS_B_CLIP']
 
 LEGS_B_CLIP = 2.0  # the cap on |V^H B| of the LegS initializations (the original code's B_clip)
@@ -24,6 +26,8 @@ LEGS_B_CLIP = 2.0  # the cap on |V^H B| of the LegS initializations (the origina
 
 def hippo_legs(d_state: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The HiPPO-LegS matrices A (N, N), B (N,) and the low-rank factor P (N,), float64 on the CPU."""
+    if not is_int(d_state) or d_state < 1:  # (2.5 made the 3 x 3 matrices of arange(2.5), silently)
+        raise ValueError(f'd_state must be a positive integer, got {d_state!r}')
     n = torch.arange(d_state, dtype=torch.float64, device='cpu')
     q = torch.sqrt(2 * n + 1)
     a = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(n + 1)
@@ -52,8 +56,8 @@ def legs_nplr(d_state: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     complex128 on the CPU: Lambda (N/2,), V^H B (N/2,), V^H P (N/2,) and V (N, N/2).
 
     With the conjugate half, A = V_full (Lambda_full - (V_full^H P)(V_full^H P)^H) V_full^H exactly."""
-    if d_state < 2 or d_state % 2:
-        raise ValueError(f'd_state must be a positive even number, got {d_state}')
+    if not is_int(d_state) or d_state < 2 or d_state % 2:  # (4.0 failed in slicing, naming no argument)
+        raise ValueError(f'd_state must be a positive even integer, got {d_state!r}')
     return tuple(t.clone() for t in _legs_nplr(d_state))
 
 
