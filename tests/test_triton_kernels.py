@@ -230,6 +230,56 @@ def test_cuda_path_keeps_every_tensor_on_the_device(training, img_size, triton_l
     assert 'aten._local_scalar_dense.default' not in names
 
 
+
+def _cuda_autocast(dtype: torch.dtype) -> torch.autocast:
+    """`torch.autocast('cuda', dtype)` where no GPU is visible (fake CUDA tensors): PyTorch turns CUDA autocast off
+    with a warning there, so it is made as if CUDA (and bf16 on it) were available; entered, it is autocast's real
+    dispatch state, which the fake tensors go through."""
+    from unittest import mock
+    with mock.patch('torch.cuda.is_available', lambda: True), \
+            mock.patch('torch.cuda.is_bf16_supported', lambda *args, **kwargs: True):
+        return torch.autocast('cuda', dtype=dtype)
+
+
+@pytest.mark.parametrize('amp', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+@pytest.mark.parametrize('training', [True, False], ids=['training', 'inference'])
+def test_cuda_path_under_autocast(amp, training):
+    """A model's forward on CUDA tensors (fake ones: no GPU needed) under CUDA autocast, how the README's GPU numbers
+    were trained (bf16; fp16 with a gradient scaler): the fast path's Toeplitz GEMMs (at 128 px the stem and, in
+    training, stage 1) multiply in the autocast dtype, the Triton layers get it as their `operands` for a float32
+    input, the kernels are generated in float32 (one fused call), and nothing touches a CPU tensor or synchronizes."""
+    model = timm.create_model('convnext_s4nd_atto', img_size=128).train(training)
+    convs, gemms = [], []
+
+    class Record(_Ops):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) == 's4nd_vision.separable_conv2d_cl.default':
+                convs.append((args[0].dtype, args[1].dtype, args[-1]))
+            elif str(func) in ('aten.bmm.default', 'aten.baddbmm_.default'):
+                gemms.append({t.dtype for t in tree_leaves(args) if isinstance(t, torch.Tensor)})
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    autocast = _cuda_autocast(amp)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to('cuda')
+        x = torch.randn(4, 3, 128, 128, device='cuda')  # (batch 4: every axis of the stem a Toeplitz GEMM)
+        with Record() as ops, torch.set_grad_enabled(training), autocast:
+            y = model(x)
+    names = [name for name, _ in ops.ops]
+    assert y.dtype == amp
+    assert gemms and all(dtypes == {amp} for dtypes in gemms), gemms
+    assert not [name for name in names if 'fft' in name]
+    # every block and downsampling layer at sides up to 16 (32 in inference) on the fused kernels: a float32 input
+    # multiplied in the autocast dtype, a 16-bit one (after a downsampling's projection) in its own; float32 kernels
+    assert len(convs) == (12 if training else 15)
+    for x_dtype, kernel_dtype, operands in convs:
+        assert kernel_dtype == torch.float32
+        assert operands == (amp if x_dtype == torch.float32 else None), convs
+    assert names.count('s4nd_vision.ssm_discretize.default') == names.count('s4nd_vision.ssm_vandermonde.default') == 1
+    assert not [op for op in ops.ops if 'cpu' in op[1]]
+    assert 'aten._local_scalar_dense.default' not in names
+
+
 @pytest.mark.parametrize('masked', [False, True], ids=['all-modes', 'band-limited'])
 def test_discretize_op_equals_the_complex_formulation(masked):
     """The discretization kernel and its closed-form backward against complex PyTorch in float64 (autograd),
