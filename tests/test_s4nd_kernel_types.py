@@ -177,6 +177,38 @@ def test_s4_float32_kernel_keeps_its_accuracy_at_long_lengths():
     assert ((got - want).abs().amax(-1) / want.abs().amax(-1)).max() < 2e-5
 
 
+
+def test_s4_generation_reads_nothing_back_from_the_device():
+    """The S4 kernel's bilinear discretization solves (I - dt/2 A) X = B without `torch.linalg.solve`'s error check,
+    which reads a flag back from the device: on a GPU a host synchronization per kernel generation (per layer and
+    axis, forward), and an error while a CUDA graph is captured. Its kernels and gradients are the solve's (against
+    float64), forward, backward and the recurrent view's discretization."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    kernel = S4Kernel(4, d_state=8, num_kernels=2, dt_min=0.01, dt_max=0.1)
+    reference = copy.deepcopy(kernel).double()
+    with Ops() as ops:
+        k = kernel(16, rate=0.5)
+        k.square().sum().backward()
+        kernel.discretize(rate=0.5)
+    reads = [op for op in ops.ops if op in ('aten._linalg_check_errors.default', 'aten._local_scalar_dense.default')]
+    assert not reads, reads
+    want = reference(16, rate=0.5, dtype=torch.float64)
+    want.square().sum().backward()
+    assert (k.double() - want).abs().max() < 1e-5 * want.abs().max()
+    for p, q in zip(kernel.parameters(), reference.parameters()):
+        assert (p.grad.double() - q.grad).norm() < 1e-4 * q.grad.norm()
+
 def test_s4_band_limit_masks_c_on_the_modes_of_lambda():
     """As the original code's DPLR kernel: the modes of Lambda at or above the cut-off (base dt) get C = 0, at
     every rate; the band-limit is saved with the weights; the recurrent view is masked alike."""

@@ -45,6 +45,15 @@ def _full(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.conj()], dim=-1)
 
 
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^-1 b for a batch of matrices a = I - dt/2 A, which are never singular (A's Hermitian part Re(Lambda) - P P^*
+    is negative definite, so every eigenvalue of a has a real part of at least 1): `torch.linalg.solve_ex` without
+    its error check, which `torch.linalg.solve` runs by reading a flag back from the device, a host synchronization
+    per kernel generation on a GPU (per layer and axis: S4 kernels are generated one module at a time), which also
+    fails a CUDA graph's capture. The same LU solve and gradients."""
+    return torch.linalg.solve_ex(a, b)[0]
+
+
 def _power_minus_identity(d: torch.Tensor, n: int) -> torch.Tensor:
     """(I + d) ** n - I for a batch of square matrices d (n >= 1), by repeated squaring on the differences from I,
     (I + x)(I + y) - I = x + y + x y: a d small against I keeps its relative accuracy, which forming I + d in
@@ -125,7 +134,7 @@ class S4Kernel(_DiagonalSSM):
         a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
         eye = torch.eye(lam.shape[-1], dtype=a.dtype, device=a.device)
         half = (0.5 * dt).to(a.dtype)[:, None, None] * a
-        return torch.linalg.solve(eye - half, half + half), eye - half
+        return _solve(eye - half, half + half), eye - half
 
     def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
         """The recurrent view x_t = A~ x_{t-1} + B~ u_t, y_t = Re(C^T x_t) (conjugate halves included, so the state
@@ -134,7 +143,7 @@ class S4Kernel(_DiagonalSSM):
         dt = self.log_dt.to(dtype).exp() * rate
         d, left = self._bilinear(lam, p, dt)
         a_disc = d + torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
-        return a_disc, torch.linalg.solve(left, (dt[:, None] * b)[..., None])[..., 0], c
+        return a_disc, _solve(left, (dt[:, None] * b)[..., None])[..., 0], c
 
     @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
