@@ -695,6 +695,34 @@ def test_a_config_error_on_one_machine_stops_every_machine(tmp_path, folder):
         assert 'training convnext_s4nd_atto' not in out
 
 
+def test_a_data_folder_refused_on_one_machine_stops_every_machine(tmp_path, folder, monkeypatch):
+    """The image folder's refusals are ValueErrors (here a `__MACOSX` folder in one machine's copy of the data): the
+    start-up exchange passes them to every process as it passes a ConfigError, where the process stopped alone and
+    the others waited in their gather (NCCL: until the process group's timeout; gloo: a crashed peer, unnamed).
+    (Two processes as the exchange sees them: this one, 0, and process 1 on host b, whose data is fine.)"""
+    import shutil
+
+    from s4nd_vision.data.images import ImageFolderDataset
+    from s4nd_vision.train import checkpoint
+
+    root = shutil.copytree(os.path.join(folder, 'train'), tmp_path / 'train')
+    os.makedirs(root / '__MACOSX' / 'vertical')
+    shutil.copy(root / 'vertical' / '0.png', root / '__MACOSX' / 'vertical' / '._0.png')
+    gathered = []
+
+    def gather(local):
+        gathered.append(local[0])
+        return local + [(None, {'optim.lr': 0.002}, 'b')]
+
+    monkeypatch.setattr(checkpoint, 'gather_object', gather)
+    two = type('State', (), {'num_processes': 2})()
+    with pytest.raises(ConfigError, match=r"^process 0 of 2 \(host .*\): .*is in '__MACOSX' of .*, a hidden folder"):
+        with checkpoint.same_on_every_process(two) as facts:
+            facts['optim.lr'] = 0.002
+            ImageFolderDataset(str(root))
+    assert len(gathered) == 1 and "is in '__MACOSX'" in gathered[0][0]  # the other process learns it too
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
     """2 micro-batches of 2 with accumulation == 1 batch of 4 (same samples, same augmentations, no drop path)."""
     runs = {}

@@ -118,26 +118,29 @@ def same_on_every_process(state: PartialState) -> Iterator[Dict[str, Any]]:
     The block fills the dict it is given with this process's facts (flat keys, e.g. `optim.lr`). A ConfigError in
     the block is raised on every process, naming the processes (and hosts) it came from: a process stopping alone
     (e.g. data missing on its machine) would leave the others waiting in their next collective until the process
-    group's timeout (30 minutes). Otherwise a ConfigError names each key whose value differs from process 0's, with
-    the values and the processes that hold them: each machine builds the model, optimizer and data from its own
-    command line and files, and a difference would train other weights on some processes without a word, or
-    deadlock when they count other updates per epoch. One process: the block runs as it is."""
+    group's timeout (30 minutes). So is a ValueError or OSError, what the command line reports as a user's error in
+    one line: e.g. the image folder's refusals (a `__MACOSX` folder or a link loop in one machine's copy of the
+    data, which the other machines waited on, or saw only as a peer that crashed). Otherwise a ConfigError names
+    each key whose value differs from process 0's, with the values and the processes that hold them: each machine
+    builds the model, optimizer and data from its own command line and files, and a difference would train other
+    weights on some processes without a word, or deadlock when they count other updates per epoch. One process:
+    the block runs as it is."""
     facts: Dict[str, Any] = {}
     if state.num_processes == 1:
         yield facts
         return
-    error = None
+    error = cause = None
     try:
         yield facts
-    except ConfigError as e:
-        error = str(e)
+    except (ValueError, OSError) as e:  # (a ConfigError is a ValueError)
+        error, cause = str(e), e
     everyone = gather_object([(error, facts, socket.gethostname())])
     errors: Dict[str, list] = {}  # error -> [(rank, host), ...]
     for rank, (process_error, _, host) in enumerate(everyone):
         if process_error is not None:
             errors.setdefault(process_error, []).append((rank, host))
-    if errors:
-        raise ConfigError('; '.join(f'{_processes(at, state)}: {message}' for message, at in errors.items()))
+    if errors:  # (this process's own error, where it had one, as the cause: its traceback)
+        raise ConfigError('; '.join(f'{_processes(at, state)}: {message}' for message, at in errors.items())) from cause
     differences = []
     for key in dict.fromkeys(k for _, process_facts, _ in everyone for k in process_facts):
         values: List[list] = []  # [value, [(rank, host), ...]] in order of first appearance (process 0's first)
