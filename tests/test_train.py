@@ -695,6 +695,39 @@ def test_a_config_error_on_one_machine_stops_every_machine(tmp_path, folder):
         assert 'training convnext_s4nd_atto' not in out
 
 
+def test_a_run_folder_the_main_process_cannot_create_stops_every_machine(tmp_path, folder):
+    """Only the main process creates train.output_dir: where it cannot (here a file stands in its path; a read-only
+    mount, a full disk), every process stops naming the error, where the others waited for it in their next
+    collective (NCCL: until the process group's timeout; gloo: a crashed peer, unnamed)."""
+    (tmp_path / 'file').write_text('')
+    results = _two_machines([_overrides(folder, tmp_path / 'file' / 'run', 'train.epochs=1')] * 2)
+    for status, out, err in results:
+        assert status not in (0, None), err[-3000:]
+        assert 'error: process 0 of 2 (host ' in err and 'Not a directory' in err, err[-3000:]
+        assert 'training convnext_s4nd_atto' not in out
+
+
+def test_a_run_folder_the_main_process_cannot_write_stops_every_process(tmp_path, monkeypatch):
+    """`check_shared_folder`'s marker, written by the main process alone: where it cannot be (a read-only mount;
+    here a file stands in the folder's place), the error reaches every process (process 1 here: the exchange's
+    other entry), which waited for it before. (Two processes as the collectives see them, from process 0.)"""
+    from s4nd_vision.train import checkpoint
+
+    gathered = []
+
+    def gather(local):
+        gathered.append(local[0])
+        return local + [(None, {}, 'b')]
+
+    monkeypatch.setattr(checkpoint, 'gather_object', gather)
+    monkeypatch.setattr(checkpoint, 'broadcast_object_list', lambda objects: objects)
+    main = type('Main', (), {'num_processes': 2, 'is_main_process': True})()
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(ConfigError, match=r'^process 0 of 2 \(host .*\): \[Errno 20\] Not a directory'):
+        checkpoint.check_shared_folder(main, str(tmp_path / 'file'))
+    assert len(gathered) == 1 and 'Not a directory' in gathered[0][0]
+
+
 def test_a_data_folder_refused_on_one_machine_stops_every_machine(tmp_path, folder, monkeypatch):
     """The image folder's refusals are ValueErrors (here a `__MACOSX` folder in one machine's copy of the data): the
     start-up exchange passes them to every process as it passes a ConfigError, where the process stopped alone and

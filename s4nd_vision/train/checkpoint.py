@@ -93,9 +93,9 @@ def check_shared_folder(accelerator: Accelerator, folder: str, wait_s: float = 5
     acc = accelerator
     token = broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None])[0]
     marker = os.path.join(folder, f'.shared-{token}')
-    if acc.is_main_process:
-        open(marker, 'w').close()
-    acc.wait_for_everyone()
+    with same_on_every_process(acc):  # (a folder the main process cannot write: every process stops, naming it)
+        if acc.is_main_process:
+            open(marker, 'w').close()
     deadline = time.monotonic() + wait_s
     while not os.path.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.1)

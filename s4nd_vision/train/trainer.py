@@ -243,8 +243,10 @@ class Trainer:
         if acc.is_main_process:
             warn_fsdp_parameter_cast(acc)
         self.out_dir = tc.output_dir
-        if acc.is_main_process:
-            os.makedirs(self.out_dir, exist_ok=True)
+        # (a folder the main process cannot create, e.g. on a read-only mount: every process stops, naming it)
+        with same_on_every_process(acc):
+            if acc.is_main_process:
+                os.makedirs(self.out_dir, exist_ok=True)
         if acc.num_processes > 1:
             check_shared_folder(acc, self.out_dir)
         lock_run_folder(acc, self.out_dir)  # before anything in it is read or moved
