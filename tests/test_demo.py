@@ -162,3 +162,25 @@ def test_readme_export_example_gives_the_iso_demos_preprocessing():
               if key in ('mean', 'std', 'crop_pct', 'interpolation')}
     needed = {key: value for key, value in needed.items() if value != default.get(key)}
     assert needed and example == needed
+
+
+def test_a_diverged_demo_ends_with_one_line_naming_the_model(tmp_path, capsys, monkeypatch):
+    """A model whose training diverges ends the demo as it ends train: one `error: ...` line naming the model and its
+    run folder, exit status 3 (it ended in a traceback with exit status 1)."""
+    from s4nd_vision import train
+    from s4nd_vision.cli import main
+
+    class Diverging:
+        def __init__(self, cfg, **kwargs):
+            pass
+
+        def fit(self):
+            raise train.TrainingDiverged('training diverged: the loss was not finite')
+
+    monkeypatch.setattr(train, 'Trainer', Diverging)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['demo', '--out', str(tmp_path), '--epochs', '1'])
+    err = capsys.readouterr().err.strip()
+    run = tmp_path / f'{SETTINGS["iso"].s4nd_model}-epochs1'
+    assert exit_info.value.code == 3 and err == (
+        f'error: {SETTINGS["iso"].s4nd_model} in {run}: training diverged: the loss was not finite'), err

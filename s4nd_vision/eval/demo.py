@@ -56,8 +56,11 @@ def _train(config: str, model_name: str, out_dir: str, overrides: Sequence[str])
     """Train (or resume, or find finished) one model; returns its best weights file."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from ..train import Trainer
-    Trainer(_train_config(config, model_name, out_dir, overrides), resume=True, allow_fresh=True).fit()
+    from ..train import Trainer, TrainingDiverged
+    try:
+        Trainer(_train_config(config, model_name, out_dir, overrides), resume=True, allow_fresh=True).fit()
+    except TrainingDiverged as e:  # (named: the demo and the study train several models, one message each)
+        raise TrainingDiverged(f'{model_name} in {out_dir}: {e}') from None
     # the next model builds its own Accelerator in this process
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
