@@ -184,3 +184,23 @@ def test_a_diverged_demo_ends_with_one_line_naming_the_model(tmp_path, capsys, m
     run = tmp_path / f'{SETTINGS["iso"].s4nd_model}-epochs1'
     assert exit_info.value.code == 3 and err == (
         f'error: {SETTINGS["iso"].s4nd_model} in {run}: training diverged: the loss was not finite'), err
+
+
+def test_the_plot_and_table_say_which_variant_they_show(tmp_path, monkeypatch, capsys):
+    """The plot's title and the table's heading name the data, the training size and what differs from the default
+    run (seed, epochs, steps per epoch, band-limit): a variant's plot was titled as the default's, its file name
+    alone telling them apart."""
+    titles = []
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: out)
+    monkeypatch.setattr(demo, 'load_model', lambda name, path, **kwargs: name)
+    monkeypatch.setattr(demo, 'eval_resolution', lambda models, dataset, resolutions, **kwargs: [
+        dict(model=m, resolution=r, top1=50.0, top5=90.0, n=1) for m in models for r in resolutions])
+    monkeypatch.setattr(demo, 'write_csv', lambda rows, path: path)
+    monkeypatch.setattr(demo, 'plot_accuracy', lambda rows, path, **kwargs: titles.append(kwargs['title']))
+    for kwargs, said in ((dict(), ''), (dict(seed=3, bandlimit=0.5), ' (seed 3, S4ND band-limit 0.5)'),
+                         (dict(epochs=2, max_steps_per_epoch=4, bandlimit='off'),
+                          ' (epochs 2, steps per epoch 4, S4ND band-limit off)')):
+        run_demo('iso', out_dir=str(tmp_path), **kwargs)
+        what = 'MNIST-5k validation split, trained at 14 px' + said
+        assert titles[-1] == f'Zero-shot resolution change\n{what}', kwargs
+        assert f'Top-1 / top-5 accuracy (%) on the {what}:' in capsys.readouterr().out, kwargs

@@ -133,9 +133,14 @@ def run_demo(
     # the results of these runs, named as their folders (the default command: accuracy_vs_resolution.csv)
     csv_path, plot_path = (os.path.join(out_dir, f'{base}{train_tag}{s4nd_tag}{ext}')
                            for base, ext in map(os.path.splitext, (CSV_NAME, PLOT_NAME)))
+    # what the results are of, on the plot too (a variant's was titled as the default's: its file name alone said)
+    names = dict(seed='seed', epochs='epochs', steps='steps per epoch')
+    variant = [f'{names[k]} {v}' for k, v in given.items() if v is not None and v != own[k]]
+    variant += ['S4ND band-limit ' + ('off' if v == 0 else f'{v:g}') for v in s4nd_kwargs.values()]
+    what = f'MNIST-5k validation split, trained at {train_res} px' + (f' ({", ".join(variant)})' if variant else '')
     write_csv(rows, csv_path)
-    plot_accuracy(rows, plot_path, train_resolution=train_res)
-    print(f'\nTop-1 / top-5 accuracy (%) on the MNIST-5k validation split, trained at {train_res} px:\n')
+    plot_accuracy(rows, plot_path, train_resolution=train_res, title=f'Zero-shot resolution change\n{what}')
+    print(f'\nTop-1 / top-5 accuracy (%) on the {what}:\n')
     print(format_table(rows))
     for name in weights:
         kept = retention(rows, name)

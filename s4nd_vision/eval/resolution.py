@@ -463,8 +463,9 @@ def write_csv(rows: Sequence[Dict], path: str) -> str:
     return path
 
 
-def plot_accuracy(rows: Sequence[Dict], path: str, train_resolution: Optional[int] = None) -> str:
-    """Top-1 accuracy vs resolution, one line per model, saved as a PNG at `path`."""
+def plot_accuracy(rows: Sequence[Dict], path: str, train_resolution: Optional[int] = None,
+                  title: str = 'Zero-shot resolution change') -> str:
+    """Top-1 accuracy vs resolution, one line per model, saved as a PNG at `path` (`title`: what was measured)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or window state
 
     fig = Figure(figsize=(6, 4), dpi=120)
@@ -480,7 +481,8 @@ def plot_accuracy(rows: Sequence[Dict], path: str, train_resolution: Optional[in
     ax.set_ylim(0, 100)
     ax.set_xlabel('test resolution (px)')
     ax.set_ylabel('top-1 accuracy (%)')
-    ax.set_title('Zero-shot resolution change')
+    import textwrap  # (a long title in lines the figure's width holds)
+    ax.set_title('\n'.join(textwrap.fill(line, 70) for line in title.split('\n')), fontsize='medium')
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
