@@ -78,7 +78,7 @@ def _demo_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .utils.runtime import keep_freed_memory
     keep_freed_memory()  # reuse freed memory instead of page-faulting it in again (CPU speed)
     try:
-        return run_demo(args.setting, out_dir=args.out or f'output/demo/{args.setting}', seed=args.seed,
+        return run_demo(args.setting, out_dir=args.out, seed=args.seed,
                         bandlimit=args.bandlimit, epochs=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch)
     except TrainingDiverged as e:  # one line and exit status 3, as train's (not a traceback)
         print(f'error: {e}', file=sys.stderr)

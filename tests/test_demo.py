@@ -1,6 +1,7 @@
 """The built-in demo (the README's main job) end to end in a reduced mode, and its determinism."""
 import csv
 import os
+import re
 
 import numpy as np
 import pytest
@@ -204,3 +205,31 @@ def test_the_plot_and_table_say_which_variant_they_show(tmp_path, monkeypatch, c
         what = 'MNIST-5k validation split, trained at 14 px' + said
         assert titles[-1] == f'Zero-shot resolution change\n{what}', kwargs
         assert f'Top-1 / top-5 accuracy (%) on the {what}:' in capsys.readouterr().out, kwargs
+
+
+def test_each_setting_keeps_its_own_results(tmp_path, monkeypatch):
+    """run_demo's default folder is the command's, one per setting (it was output/demo for both: the ConvNeXt demo's
+    CSV and plot replaced the isotropic demo's); an output folder given to both settings is refused before any
+    training where it holds the other setting's results."""
+    written, trained = [], []
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: trained.append(out) or out)
+    monkeypatch.setattr(demo, 'load_model', lambda name, path, **kwargs: name)
+    monkeypatch.setattr(demo, 'eval_resolution', lambda models, dataset, resolutions, **kwargs: [
+        dict(model=m, resolution=r, top1=50.0, top5=90.0, n=1, skipped=0, nonfinite=0)
+        for m in models for r in resolutions])
+    monkeypatch.setattr(demo, 'plot_accuracy', lambda rows, path, **kwargs: path)
+    monkeypatch.setattr(demo, 'write_csv', lambda rows, path: written.append(path))
+    monkeypatch.chdir(tmp_path)
+    for setting in SETTINGS:
+        run_demo(setting)
+    assert written == [os.path.join('output', 'demo', setting, CSV_NAME) for setting in SETTINGS]
+    monkeypatch.undo()  # (the real write_csv: results of the isotropic demo in a shared folder)
+    from s4nd_vision.eval.resolution import write_csv
+    write_csv([dict(model=SETTINGS['iso'].s4nd_model, resolution=14, top1=90.0, top5=99.0, n=1000, skipped=0,
+                    nonfinite=0)], str(tmp_path / CSV_NAME))
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: trained.append(out) or out)
+    trained.clear()
+    with pytest.raises(ValueError, match=rf"out_dir \(--out\) '{re.escape(str(tmp_path))}' holds the results of "
+                                         r"other models \(s4nd_iso_tiny: another setting\) in .*: give each setting"):
+        run_demo('convnext', out_dir=str(tmp_path))
+    assert trained == [] and (tmp_path / CSV_NAME).read_text().count('s4nd_iso_tiny') == 1

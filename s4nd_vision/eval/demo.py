@@ -12,6 +12,7 @@ last checkpoint (a finished model is not trained again). Another seed, band-limi
 per epoch trains in run folders of its own and writes its own CSV and plot (`accuracy_vs_resolution-seed1.csv`),
 so no run continues one trained with other settings.
 """
+import csv
 import importlib.resources
 import os
 from dataclasses import dataclass
@@ -67,9 +68,22 @@ def _train(config: str, model_name: str, out_dir: str, overrides: Sequence[str])
     return os.path.join(out_dir, 'best.safetensors')
 
 
+def _check_own_results(csv_path: str, models: Sequence[str]) -> None:
+    """Refuse a results file of other models at `csv_path` (the other setting's, in the same output folder): this
+    run would replace it and its plot."""
+    if not os.path.isfile(csv_path):
+        return
+    with open(csv_path, newline='') as f:
+        others = sorted({r.get('model') or '?' for r in csv.DictReader(f)} - set(models))
+    if others:
+        raise ValueError(f'out_dir (--out) {os.path.dirname(csv_path) or "."!r} holds the results of other models '
+                         f'({", ".join(others)}: another setting) in {csv_path}, which this run would replace: give '
+                         f'each setting its own output folder')
+
+
 def run_demo(
         setting: str = 'iso',
-        out_dir: str = 'output/demo',
+        out_dir: Optional[str] = None,
         seed: int = 0,
         bandlimit: Union[float, str, None] = None,
         epochs: Optional[int] = None,
@@ -82,7 +96,9 @@ def run_demo(
         setting: 'iso' or 'convnext' (see SETTINGS).
         out_dir: where each model's run (`<model>[-seed<s>][-epochs<e>][-steps<n>][-bandlimit<b>]`, the S4ND
             model's band-limit only; a part where the argument keeps the config's is left out), the CSV and the
-            plot (`accuracy_vs_resolution` with the same parts) go.
+            plot (`accuracy_vs_resolution` with the same parts) go; None: `output/demo/<setting>`, as the
+            command's. Results of the other setting there are refused before any training (this run's CSV and
+            plot would replace them: the same names).
         seed: seed of the whole run (same seed, same numbers).
         bandlimit: S4ND band-limiting cut-off for training and evaluation: None keeps the model's own
             (ConvNeXt-S4ND: 1.0; the isotropic model: off), 'off' or 0 turns it off.
@@ -114,6 +130,11 @@ def run_demo(
     own = dict(seed=0, epochs=cfg.train.epochs, steps=cfg.train.max_steps_per_epoch)  # (not in the names)
     train_tag = ''.join(f'-{k}{v}' for k, v in given.items() if v is not None and v != own[k])
     s4nd_tag = ''.join(f'-{k}{v}' for k, v in s4nd_kwargs.items())
+    out_dir = os.path.join('output', 'demo', setting) if out_dir is None else out_dir
+    # the results of these runs, named as their folders (the default command: accuracy_vs_resolution.csv)
+    csv_path, plot_path = (os.path.join(out_dir, f'{base}{train_tag}{s4nd_tag}{ext}')
+                           for base, ext in map(os.path.splitext, (CSV_NAME, PLOT_NAME)))
+    _check_own_results(csv_path, (s.s4nd_model, s.baseline))
     weights = {
         s.s4nd_model: _train(config, s.s4nd_model, os.path.join(out_dir, s.s4nd_model + train_tag + s4nd_tag),
                              common + s4nd_extra),
@@ -130,9 +151,6 @@ def run_demo(
         for name, path in weights.items()
     }
     rows = eval_resolution(models, 'mnist', s.resolutions, train_resolution=train_res)
-    # the results of these runs, named as their folders (the default command: accuracy_vs_resolution.csv)
-    csv_path, plot_path = (os.path.join(out_dir, f'{base}{train_tag}{s4nd_tag}{ext}')
-                           for base, ext in map(os.path.splitext, (CSV_NAME, PLOT_NAME)))
     # what the results are of, on the plot too (a variant's was titled as the default's: its file name alone said)
     names = dict(seed='seed', epochs='epochs', steps='steps per epoch')
     variant = [f'{names[k]} {v}' for k, v in given.items() if v is not None and v != own[k]]
