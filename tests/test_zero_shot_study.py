@@ -398,3 +398,21 @@ def test_the_documented_small_study_passes_the_up_front_checks(doc, tmp_path, mo
     (line,) = [s.strip() for s in text.splitlines() if s.strip().startswith('s4nd-vision zero-shot-study --inits')]
     with pytest.raises(Started):
         main(line.split()[1:] + ['--out', str(tmp_path)])
+
+
+def test_a_kept_panel_of_a_resolution_not_tested_says_so(tmp_path, monkeypatch):
+    """Tested at 2x but not at 4x: the 4x panel says that resolution was not tested, with no legend; it was titled as
+    measured, empty, its legend listing every band-limit in one default colour."""
+    from matplotlib.figure import Figure
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, 'savefig', lambda fig, *a, **k: figures.append(fig) or savefig(fig, *a, **k))
+    _fake(monkeypatch, [])
+    runs = study_grid(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None, 1.0], seeds=[0], progressive='none')
+    run_study(runs, out_dir=str(tmp_path), resolutions=[64, 96, 128], log=lambda s: None)
+    _, kept_2x, kept_4x = figures[-1].axes
+    assert kept_2x.get_title() == 'kept at 2x (128 px), fixed-size training'
+    assert [t.get_text() for t in kept_2x.get_legend().get_texts()] == ['band-limit off', 'band-limit 1']
+    assert kept_4x.get_title() == 'kept at 4x (256 px): not tested' and kept_4x.get_legend() is None
+    assert [t.get_text() for t in kept_4x.texts] == ['256 px is not among the test resolutions']
+    assert not kept_4x.patches

@@ -493,13 +493,19 @@ def plot_study(summary: Sequence[Dict], path: str, img_size: int) -> str:
             mine = {(s['init'], s['dt_range']): s for s in grid if s['bandlimit'] == cut and res in s['kept']}
             xs = [i + (j - (len(cuts) - 1) / 2) * width for i, g in enumerate(groups) if g in mine]
             vals = [mine[g]['kept'][res] for g in groups if g in mine]
-            ax.bar(xs, [100 * v[0] for v in vals], width, yerr=[100 * v[1] for v in vals], capsize=2,
-                   color=colors(j), label='band-limit off' if cut is None else f'band-limit {cut:g}')
+            if vals:  # (an empty bar set would still be a legend entry, in the default colour)
+                ax.bar(xs, [100 * v[0] for v in vals], width, yerr=[100 * v[1] for v in vals], capsize=2,
+                       color=colors(j), label='band-limit off' if cut is None else f'band-limit {cut:g}')
         ax.set_xticks(range(len(groups)), [f'{init}\ndt {lo:g}-{hi:g}' for init, (lo, hi) in groups], fontsize=7)
         ax.set_ylim(0, 100)
         ax.set_ylabel(f'% of the {img_size} px top-1 kept at {res} px')
-        ax.set_title(f'kept at {factor}x ({res} px), fixed-size training')
         ax.grid(alpha=0.3, axis='y')
+        if grid and not any(res in s['kept'] for s in grid):  # (an empty panel read as measured, every bar at 0)
+            ax.set_title(f'kept at {factor}x ({res} px): not tested')
+            ax.text(0.5, 0.5, f'{res} px is not among the test resolutions', ha='center', va='center',
+                    transform=ax.transAxes)
+            continue
+        ax.set_title(f'kept at {factor}x ({res} px), fixed-size training')
         if grid:
             ax.legend(fontsize=7, loc='lower right')
     fig.suptitle('Zero-shot resolution: ConvNeXt-S4ND-atto settings and ConvNeXt-atto on MNIST-5k '
