@@ -60,6 +60,11 @@ def test_grid():
                           (dict(progressive='some'), 'progressive')):
         with pytest.raises(ValueError, match=match):
             study_grid(**kwargs)
+    # values that print alike (6 significant digits) would be one run folder and row: the second never trained
+    for kwargs, name in ((dict(bandlimits=[0.3333333, 0.33333334]), 'lin dt 0.1-1 bandlimit 0.333333'),
+                         (dict(dt_ranges=[(0.1, 1.0), (0.1, 1.0000001)]), 'lin dt 0.1-1 bandlimit off')):
+        with pytest.raises(ValueError, match=f"differ within 6 significant digits .*: two settings are '{name}'"):
+            study_grid(**dict(dict(inits=['lin'], dt_ranges=[(0.1, 1.0)], bandlimits=[None]), **kwargs))
     assert parse_dt_range('0.05,0.5') == (0.05, 0.5) and parse_bandlimit('off') is None
     assert parse_bandlimit('0.5') == 0.5 and parse_bandlimit('0') is None  # (0 is off, as everywhere)
     for bad in ('0.5', '1,0.1', 'a,b', '0.1,inf', 'nan,1'):

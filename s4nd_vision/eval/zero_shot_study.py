@@ -134,7 +134,14 @@ def study_grid(
         twins = [StudyRun(s.model, seed, s.init, s.dt_range, s.bandlimit, progressive=True) for s in settings
                  if progressive == 'all' or (progressive == 'unlimited' and s.bandlimit is None)]
         runs += settings + twins
-    return list(dict.fromkeys(runs))  # (repeated grid values once)
+    runs = list(dict.fromkeys(runs))  # (repeated grid values once)
+    named: Dict[str, StudyRun] = {}
+    for run in runs:  # (the names print 6 significant digits: one folder and row would be taken as both's)
+        other = named.setdefault(run.run_id, run)
+        if other != run:
+            raise ValueError(f'dt_ranges and bandlimits must differ within 6 significant digits (the settings, '
+                             f'their run folders and rows are named with them): two settings are {run.setting!r}')
+    return runs
 
 
 def progressive_stages(sizes: Sequence[int], epochs: int) -> List[Dict]:
