@@ -233,3 +233,24 @@ def test_each_setting_keeps_its_own_results(tmp_path, monkeypatch):
                                          r"other models \(s4nd_iso_tiny: another setting\) in .*: give each setting"):
         run_demo('convnext', out_dir=str(tmp_path))
     assert trained == [] and (tmp_path / CSV_NAME).read_text().count('s4nd_iso_tiny') == 1
+
+
+def test_the_models_are_evaluated_with_the_configs_interpolation(tmp_path, monkeypatch):
+    """A demo config's data.interpolation (the trainer resamples the digits with it) reaches the evaluation, as its
+    mean and std do: the models were evaluated resampled with their own default."""
+    import yaml
+    with open(os.path.join(CONFIG_DIR, SETTINGS['iso'].config)) as f:
+        config = yaml.safe_load(f)
+    config['data']['interpolation'] = 'nearest'
+    (tmp_path / SETTINGS['iso'].config).write_text(yaml.safe_dump(config))
+    built = {}
+    monkeypatch.setattr(demo, '_train', lambda config, name, out, overrides: out)
+    monkeypatch.setattr(demo, 'load_model', lambda name, path, **kwargs: built.setdefault(name, kwargs) and name)
+    monkeypatch.setattr(demo, 'eval_resolution', lambda models, dataset, resolutions, **kwargs: [
+        dict(model=m, resolution=r, top1=50.0, top5=90.0, n=1) for m in models for r in resolutions])
+    monkeypatch.setattr(demo, 'write_csv', lambda rows, path: path)
+    monkeypatch.setattr(demo, 'plot_accuracy', lambda rows, path, **kwargs: path)
+    run_demo('iso', out_dir=str(tmp_path / 'out'), config_dir=str(tmp_path))
+    assert {name: kwargs['model_kwargs']['pretrained_cfg_overlay'] for name, kwargs in built.items()} == {
+        name: dict(mean=(0.1307,), std=(0.3081,), interpolation='nearest')
+        for name in (SETTINGS['iso'].s4nd_model, SETTINGS['iso'].baseline)}

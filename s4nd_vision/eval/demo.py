@@ -141,9 +141,10 @@ def run_demo(
         s.baseline: _train(config, s.baseline, os.path.join(out_dir, s.baseline + train_tag), common),
     }
     common_kwargs = dict(cfg.model.kwargs)  # what both models were created with
-    norm = {k: v for k, v in (('mean', cfg.data.mean), ('std', cfg.data.std)) if v is not None}
-    if norm:  # the normalization the models were trained with, where the config sets one (else their own cfg's)
-        common_kwargs['pretrained_cfg_overlay'] = norm
+    data = (('mean', cfg.data.mean), ('std', cfg.data.std), ('interpolation', cfg.data.interpolation))
+    overlay = {k: v for k, v in data if v is not None}
+    if overlay:  # the normalization and resampling the models were trained with, where the config sets them (else
+        common_kwargs['pretrained_cfg_overlay'] = overlay  # their own cfg's), as the study evaluates its runs
     train_res = s.resolutions[0]
     models = {
         name: load_model(name, path, num_classes=10, in_chans=1, img_size=train_res,
