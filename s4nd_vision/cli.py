@@ -955,6 +955,10 @@ def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f'{flag}: {path!r} is a file: give a folder')
         if isinstance(path, str) and not folder and os.path.isdir(path):
             parser.error(f'{flag}: {path!r} is a folder: give the file to write')
+        if isinstance(path, str) and path:  # (else found only when the results are written: after the work)
+            problem = _unwritable(path if folder else os.path.dirname(path) or '.')
+            if problem:
+                parser.error(f'{flag}: cannot write {path!r}: {problem}')
     device = getattr(args, 'device', None)
     if device is not None:
         import torch
@@ -966,6 +970,19 @@ def _check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f'--device {device}: no CUDA device here ({_CPU_HINT.get(args._command, "use --device cpu")})')
         if device_type == 'mps' and not torch.backends.mps.is_available():  # (an Intel Mac, Linux, Windows)
             parser.error(f'--device {device}: no MPS device here ({_CPU_HINT.get(args._command, "use --device cpu")})')
+
+
+def _unwritable(folder: str) -> Optional[str]:
+    """Why files cannot be made in `folder` (made if missing, as the commands do), or None: its nearest existing
+    ancestor is a file, or a folder this user may not write in (a read-only mount, another user's)."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f'{existing!r} is not a folder'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f'the folder {existing!r} is not writable'
+    return None
 
 
 def _run(command: Command, args: argparse.Namespace, parser: argparse.ArgumentParser):

@@ -299,6 +299,12 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['benchmark', '--json', '.'], "--json: '.' is a folder: give the file to write"),
     (['export', 'convnext_s4nd_atto', '--output', '.'], "--output: '.' is a folder: give the file to write"),
     (['kernel-report', '--out', 'README.md'], "--out: 'README.md' is a file: give a folder"),
+    # an output under a file: refused before the work (seq-mnist wrote its JSON after training, export after tracing)
+    (['seq-mnist', '--json', 'README.md/rows.json', '--train-limit', '2', '--batch-size', '2', '--epochs', '1'],
+     "--json: cannot write 'README.md/rows.json': "),
+    (['export', 'convnext_s4nd_atto', '--output', 'README.md/m.onnx'], "--output: cannot write 'README.md/m.onnx': "),
+    (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--out', 'README.md/sub'],
+     "--out: cannot write 'README.md/sub': "),
     (['benchmark', '--device', 'cuda'], '--device cuda: no CUDA device here (use --device cpu)'),
     (['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64', '--device', 'mps'],
      '--device mps: no MPS device here (use --device cpu)'),
@@ -319,6 +325,22 @@ def test_commands_report_user_errors_in_one_line(argv, message, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and 'Traceback' not in err, err
     assert 'error: ' in err.splitlines()[-1] and message in err.splitlines()[-1], err
+
+
+def test_outputs_in_an_unwritable_folder_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """A folder this user may not write in (a read-only mount, another user's) is named before any work: seq-mnist
+    trained for minutes, then failed writing --json (export: after its trace) with a bare PermissionError."""
+    locked = str(tmp_path / 'locked')
+    os.mkdir(locked)
+    access = os.access  # (root may write anywhere: the permission check is stubbed for this folder)
+    monkeypatch.setattr(os, 'access', lambda path, mode, **kw: path != locked and access(path, mode, **kw))
+    for argv, flag in ((['seq-mnist', '--json', f'{locked}/new/rows.json', '--train-limit', '2', '--batch-size', '2',
+                         '--epochs', '1'], '--json'),
+                       (['kernel-report', '--out', locked], '--out')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and f"the folder '{locked}' is not writable" in err and flag in err, err
 
 
 @pytest.mark.parametrize('argv', [['eval-resolution', '--models', 'convnext_s4nd_atto', '--resolutions', '64'],
