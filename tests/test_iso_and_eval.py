@@ -279,6 +279,19 @@ def test_eval_resolution_leaves_unreadable_images_out(image_folder, tmp_path):
     assert row['top1'] == pytest.approx(100 / 27) and row['top5'] == pytest.approx(100 * 12 / 27)
 
 
+def test_progress_bars_only_on_a_terminal(image_folder, capsys, monkeypatch):
+    """eval-resolution's and kernel-report's bars are drawn on a terminal, not into a log file or pipe (nohup, a
+    batch job's log), which got every redraw: the results are printed as lines besides."""
+    from s4nd_vision.eval.kernel_report import kernel_report
+    model = _create('convnext_s4nd_atto', img_size=32, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=8)
+    for terminal in (False, True):
+        monkeypatch.setattr(sys.stderr, 'isatty', lambda: terminal)  # (capsys's stderr: no terminal)
+        eval_resolution({'constant': _Constant()}, image_folder, [14])
+        kernel_report(model)
+        err = capsys.readouterr().err
+        assert (('constant: ' in err) and ('kernels: ' in err)) == terminal, err
+
+
 def test_eval_resolution_evaluates_half_precision_models(image_folder):
     """A model in bfloat16 or float16 (`model.half()`) takes the float32 images cast to its dtype, as timm's
     validate.py --model-dtype (they reached its first layer as float32, which it refused)."""

@@ -216,6 +216,19 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder, capsys):
         Trainer(cfg)
 
 
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, folder, capsys, monkeypatch):
+    """A log file or pipe (nohup, a batch job's log) got every redraw of the epoch's bar, several a second for the
+    whole run; the epoch rows are printed as lines besides."""
+    for terminal in (False, True):
+        monkeypatch.setattr(sys.stderr, 'isatty', lambda: terminal)  # (capsys's stderr: no terminal)
+        cfg = load_config(None, _overrides(folder, tmp_path / str(terminal), 'train.epochs=1'))
+        Trainer(cfg).fit()
+        captured = capsys.readouterr()
+        assert ('epoch 0 @32px' in captured.err) == terminal and 'top1' in captured.out, captured.err
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_an_epochs_sums_are_float32_on_mps_which_has_no_float64(tmp_path, folder, monkeypatch):
     """Apple's MPS has no float64 (a float64 tensor there raises TypeError, so training on a Mac, where Accelerate
     picks MPS, stopped before its first step): the epoch's running sums are float32 there, and its row is the same to

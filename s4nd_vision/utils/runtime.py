@@ -3,7 +3,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ['keep_freed_memory']
+__all__ = ['keep_freed_memory', 'progress_bars_shown']
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
@@ -24,3 +24,10 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def progress_bars_shown() -> bool:
+    """Whether to draw progress bars (tqdm): where stderr is a terminal, or in a Jupyter kernel (tqdm.auto's widgets);
+    not into a log file or a pipe (nohup, a batch job's log), which would get every redraw of a bar, several a second
+    for the whole run (the results are printed as lines besides)."""
+    return 'ipykernel' in sys.modules or bool(getattr(sys.stderr, 'isatty', lambda: False)())
