@@ -518,7 +518,7 @@ def _gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
     from .bench.gpu_check import BUDGET_S, SECTIONS
     parser.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS),
                         help='what to run (default: all, in this order; compiled while the budget lasts)')
-    parser.add_argument('--budget-s', type=float, default=None,
+    parser.add_argument('--budget-s', type=_seconds, default=None,
                         help=f'start no row after this many seconds (default: {BUDGET_S} on a GPU, none with --tiny)')
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--tiny', action='store_true',
@@ -625,6 +625,17 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f'expects a positive integer, got {text!r}')
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more ('inf' for no limit; not nan, which no time exceeds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'expects a number of seconds (0 or more), got {text!r}')
     return value
 
 

@@ -295,6 +295,11 @@ def test_tools_scripts_are_the_cli_commands(script, command, capsys, monkeypatch
     (['benchmark', '--what', 'step', '--step-lengths', '-5'], 'argument --step-lengths: expects a positive integer'),
     (['flops', 'convnext_atto', '--img-size', '0'], 'argument --img-size: expects a positive integer'),
     (['seq-mnist', '--threads', '0'], 'argument --threads: expects a positive integer'),
+    # a time budget that is no time: -5 ran nothing and passed, nan never ran out
+    (['gpu-check', '--device', 'cpu', '--tiny', '--budget-s', '-5'],
+     'argument --budget-s: expects a number of seconds'),
+    (['gpu-check', '--device', 'cpu', '--tiny', '--budget-s', 'nan'],
+     'argument --budget-s: expects a number of seconds'),
     (['seq-mnist', '--train-limit', '0'], 'argument --train-limit: expects a positive integer'),
     (['benchmark', '--json', '.'], "--json: '.' is a folder: give the file to write"),
     (['export', 'convnext_s4nd_atto', '--output', '.'], "--output: '.' is a folder: give the file to write"),
