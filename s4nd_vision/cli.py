@@ -666,8 +666,10 @@ def _size_text(size: Sequence[int]) -> str:
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('model', help='a registered model name, e.g. convnext_s4nd_tiny')
-    parser.add_argument('--output', default=None, help='ONNX file (default: output/<model>.onnx)')
+    parser.add_argument('model', help="a registered model name, e.g. convnext_s4nd_tiny, or shared weights: "
+                        "'hf-hub:USER/REPO', 'local-dir:PATH'")
+    parser.add_argument('--output', default=None, help='ONNX file (default: output/<model>.onnx; for hf-hub:USER/REPO '
+                        'or local-dir:PATH, output/<REPO or the folder\'s name>.onnx)')
     parser.add_argument('--checkpoint', default=None,
                         help='weights to load (safetensors or torch file; training checkpoints unwrap)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=_model_kwargs_action(),
@@ -743,7 +745,8 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     raised = '' if args.trace_size or trace_size == own else f' (the model\'s {_size_text(own)} raised to 3 strides)'
     print(f'exporting {args.model} traced at {_size_text(trace_size)}{raised} (large models take minutes)',
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
-    path = args.output or f'output/{args.model}.onnx'
+    # (shared weights: named after their repository or folder; 'hf-hub:USER/REPO' made the folders output/hf-hub:USER/)
+    path = args.output or f'output/{os.path.basename(args.model.split(":", 1)[-1].rstrip("/")) or "model"}.onnx'
     start = time.perf_counter()
     export_onnx(model, path, img_size=trace_size, in_chans=chans, max_side=max_side, fixed_size=args.fixed_size)
     shape = 'input size fixed' if args.fixed_size else 'height and width'

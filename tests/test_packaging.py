@@ -415,6 +415,23 @@ def test_kernel_report_and_export_use_their_seed_and_batch_size(tmp_path, monkey
               '--batch-size', '3'])
     assert called.value.args[1]['batch_size'] == 3
 
+def test_export_names_the_file_of_shared_weights_after_them(tmp_path, monkeypatch, capsys):
+    """Without --output, shared weights export to output/<repository or folder>.onnx, as the line printed says: the
+    name as it was made the folders output/hf-hub:USER/ (or output/local-dir:/the/whole/path/)."""
+    import timm
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.import_module('s4nd_vision.eval.resolution'), 'load_model', lambda *a, **k:
+                        timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(4, 4, 4, 4)).eval())
+    written = []
+    monkeypatch.setattr(importlib.import_module('s4nd_vision.deploy.export'), 'export_onnx',
+                        lambda model, path, **kwargs: written.append(path))
+    for name, file in (('hf-hub:someone/s4nd-tiny', 'output/s4nd-tiny.onnx'),
+                       (f'local-dir:{tmp_path}/shared/', 'output/shared.onnx'),
+                       ('convnext_s4nd_atto', 'output/convnext_s4nd_atto.onnx')):
+        main(['export', name])
+        assert written[-1] == file and f'wrote {file} in' in capsys.readouterr().out
+
+
 def test_seq_mnist_builds_every_model_before_training_any(capsys):
     """A wrong model later in --models (unknown, or an image model) is refused before the first one trains for
     minutes (whose results were lost with the error), in terms of the task."""
