@@ -23,6 +23,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = ['COMMANDS', 'main', 'tool_main', 'build_parser']
 
+
 _RAW = argparse.RawDescriptionHelpFormatter
 
 
@@ -929,8 +930,21 @@ accuracy at cols / 2, cols and cols * 2 samples per row (s4nd_vision.eval.sequen
 }
 
 
+def _state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Each option's default after its help, where the help does not state one and there is one to state (not None,
+    False or empty: 'the model's own' and the like are said in the help); `--help` showed few of them."""
+    for action in parser._actions:
+        text, default = action.help or '', action.default
+        if (not action.option_strings or 'default' in text or default is None or default is False
+                or default is argparse.SUPPRESS or (isinstance(default, (list, tuple, dict, str)) and not default)):
+            continue
+        shown = ' '.join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        action.help = f'{text} (default: {shown.replace("%", "%%")})'.lstrip()
+
+
 def _command_parser(name: str, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     COMMANDS[name].add_arguments(parser)
+    _state_defaults(parser)
     parser.set_defaults(_command=name, _parser=parser)
     return parser
 

@@ -5,6 +5,7 @@ The wheel is built from a copy of the sources (no editable install, no repositor
 (a .pth path line adds the folder without running the .pth files inside it, so this environment's editable
 install of s4nd_vision stays invisible there).
 """
+import argparse
 import csv
 import importlib
 import importlib.util
@@ -368,6 +369,28 @@ def _stub(monkeypatch, module: str, name: str):
     def stub(*args, **kwargs):
         raise _Called(args, kwargs)
     monkeypatch.setattr(importlib.import_module(module), name, stub)
+
+
+def test_help_states_every_default():
+    """`COMMAND --help` states the default of every option that has one (seq-mnist's --epochs and --lr,
+    eval-resolution's --batch-size and --device, ... were shown without it), as the value the command runs with."""
+    from s4nd_vision.cli import COMMANDS, build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(COMMANDS)
+    for name, parser in commands.items():
+        for action in parser._actions:
+            default = action.default
+            if not action.option_strings or any(default is v for v in (None, False, argparse.SUPPRESS)) or (
+                    isinstance(default, (list, dict)) and not default):  # (0 is a default to state)
+                continue
+            assert 'default' in (action.help or ''), (name, action.dest)
+    for name, option, shown in (('seq-mnist', '--epochs EPOCHS', '3'), ('seq-mnist', '--lr LR', '0.01'),
+                                ('seq-mnist', '--seed SEED', '0'), ('eval-resolution', '--device DEVICE', 'cpu'),
+                                ('kernel-report', '--channels CHANNELS [CHANNELS ...]', 'channels of --plot-layer to '
+                                 'plot (default: 0 1)'), ('zero-shot-study', '--inits INITS [INITS ...]',
+                                                          'S4D initializations (default: lin inv legs)')):
+        text = ' '.join(commands[name].format_help().split())
+        assert f'{option} {shown if " " in shown else f"(default: {shown})"}' in text, (name, option)
 
 
 @pytest.mark.parametrize('argv,module,name,expected', [
