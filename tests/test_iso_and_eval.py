@@ -279,17 +279,24 @@ def test_eval_resolution_leaves_unreadable_images_out(image_folder, tmp_path):
     assert row['top1'] == pytest.approx(100 / 27) and row['top5'] == pytest.approx(100 * 12 / 27)
 
 
-def test_progress_bars_only_on_a_terminal(image_folder, capsys, monkeypatch):
-    """eval-resolution's and kernel-report's bars are drawn on a terminal, not into a log file or pipe (nohup, a
-    batch job's log), which got every redraw: the results are printed as lines besides."""
-    from s4nd_vision.eval.kernel_report import kernel_report
+def test_progress_bars_redraw_once_a_minute_into_a_log(image_folder, capsys, monkeypatch):
+    """eval-resolution's and kernel-report's bars redraw once a minute at most into a log file or pipe (nohup, a batch
+    job's log), which got every redraw (on a terminal: tqdm's ten a second)."""
+    from s4nd_vision.eval import kernel_report as report_module
+    from s4nd_vision.eval import resolution as resolution_module
     model = _create('convnext_s4nd_atto', img_size=32, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=8)
-    for terminal in (False, True):
-        monkeypatch.setattr(sys.stderr, 'isatty', lambda: terminal)  # (capsys's stderr: no terminal)
-        eval_resolution({'constant': _Constant()}, image_folder, [14])
-        kernel_report(model)
+    draws = {}
+    for refresh_s in (None, 0):  # (None: the log's, stderr being capsys's, no terminal; 0: a redraw every step)
+        if refresh_s is not None:
+            for module in (report_module, resolution_module):
+                monkeypatch.setattr(module, 'progress_refresh_s', lambda: refresh_s)
+        eval_resolution({'constant': _Constant()}, image_folder, [14, 16], batch_size=2)
+        report_module.kernel_report(model)
         err = capsys.readouterr().err
-        assert (('constant: ' in err) and ('kernels: ' in err)) == terminal, err
+        draws[refresh_s] = err.count('constant: '), err.count('kernels: ')
+    # the first draw, one with each resolution's accuracy (eval-resolution), the last where the bar stays
+    assert 1 <= draws[None][0] <= 2 + 2 and 1 <= draws[None][1] <= 2, draws
+    assert draws[0][0] > 30 and draws[0][1] > 4, draws  # (30 batches, 9 layers)
 
 
 def test_eval_resolution_evaluates_half_precision_models(image_folder):

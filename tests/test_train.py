@@ -216,15 +216,21 @@ def test_single_process_run_exports_loadable_weights(tmp_path, folder, capsys):
         Trainer(cfg)
 
 
-def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, folder, capsys, monkeypatch):
+def test_the_progress_bar_redraws_once_a_minute_into_a_log(tmp_path, folder, capsys, monkeypatch):
     """A log file or pipe (nohup, a batch job's log) got every redraw of the epoch's bar, several a second for the
-    whole run; the epoch rows are printed as lines besides."""
+    whole run: there it redraws once a minute at most (on a terminal, tqdm's ten a second). The loss it shows is read
+    at a redraw only (`loss.item()` waits for the device)."""
+    from s4nd_vision.train import trainer as trainer_module
+    from s4nd_vision.utils.runtime import LOG_REFRESH_S, progress_refresh_s
     for terminal in (False, True):
         monkeypatch.setattr(sys.stderr, 'isatty', lambda: terminal)  # (capsys's stderr: no terminal)
-        cfg = load_config(None, _overrides(folder, tmp_path / str(terminal), 'train.epochs=1'))
-        Trainer(cfg).fit()
+        assert progress_refresh_s() == (0.1 if terminal else LOG_REFRESH_S) and LOG_REFRESH_S == 60
+    for refresh_s in (LOG_REFRESH_S, 0):  # (a run of seconds: its first draw only; a redraw at every update)
+        monkeypatch.setattr(trainer_module, 'progress_refresh_s', lambda: refresh_s)
+        Trainer(load_config(None, _overrides(folder, tmp_path / str(refresh_s), 'train.epochs=1'))).fit()
         captured = capsys.readouterr()
-        assert ('epoch 0 @32px' in captured.err) == terminal and 'top1' in captured.out, captured.err
+        assert 'epoch 0 @32px' in captured.err and 'top1' in captured.out
+        assert ('loss=' in captured.err) == (refresh_s == 0), captured.err
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 

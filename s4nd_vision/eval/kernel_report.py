@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..layers import S4ND, set_bandlimit
 from ..layers.ssm_kernel import _DiagonalSSM
 from ..utils import replaced_atomically
-from ..utils.runtime import progress_bars_shown
+from ..utils.runtime import progress_refresh_s
 
 __all__ = [
     'kernel_bandlimit', 'layer_kind', 's4nd_layers', 'kernel_report', 'summarize', 'format_report',
@@ -109,8 +109,8 @@ def kernel_report(
     if not layers:
         raise ValueError(f'{type(model).__name__} has no S4ND layer with SSM kernels (kernel="s4d" or "s4")')
     rows = []
-    for name, layer in tqdm(layers, desc='kernels', unit='layer', leave=False,
-                             disable=not (progress and progress_bars_shown())):
+    for name, layer in tqdm(layers, desc='kernels', unit='layer', leave=False, disable=not progress,
+                            mininterval=progress_refresh_s()):
         sizes = layer.l_ref if layer.l_ref is not None else grid
         if sizes is None:
             raise ValueError(f'S4ND layer {name or "(model)"} has no reference grid (l_ref): pass grid')

@@ -34,7 +34,7 @@ from ..layers.ops import is_int
 from ..models import input_size_args
 from ..models._checkpoint import WEIGHTS_FILE_HINT, file_shape, weights_num_classes
 from ..utils import replaced_atomically
-from ..utils.runtime import progress_bars_shown
+from ..utils.runtime import progress_refresh_s
 from .accuracy import topk_hits
 
 __all__ = [
@@ -399,8 +399,8 @@ def eval_resolution(
         # (the transforms give float32 images: cast to the weights' dtype, which the first layer expects)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         loaders = model_loaders[name]
-        with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch',
-                  disable=not (progress and progress_bars_shown())) as bar:
+        with tqdm(total=sum(len(l) for l in loaders), desc=name, unit='batch', disable=not progress,
+                  mininterval=progress_refresh_s()) as bar:
             for resolution, loader in zip(resolutions, loaders):
                 correct1 = correct5 = n = skipped = nonfinite = 0
                 for images, targets, *counts in loader:  # image folders add a skip count per sample

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..layers import drop_inference_caches, set_bandlimit
 from ..models._checkpoint import WEIGHTS_FILE_HINT, weights_num_classes
 from ..utils.files import remove_temporaries
-from ..utils.runtime import progress_bars_shown
+from ..utils.runtime import progress_refresh_s
 from ..utils.seeding import seed_all, seed_from
 from .checkpoint import (
     BEST_FILE,
@@ -570,7 +570,8 @@ class Trainer:
             carried, carried_seconds, loss_sum, n_finite, seen, skipped, nonfinite = self.epoch_progress[2:]
             loss_sum, n_finite = loss_sum.clone(), n_finite.clone()
         bar = tqdm(total=self.updates_per_epoch, initial=start, desc=f'epoch {epoch} @{stage.img_size}px',
-                   disable=not (acc.is_local_main_process and progress_bars_shown()), dynamic_ncols=True, leave=False)
+                   disable=not acc.is_local_main_process, mininterval=progress_refresh_s(), dynamic_ncols=True,
+                   leave=False)
         t0 = time.perf_counter()
 
         def epoch_sums() -> List[float]:  # a collective: every process calls it
@@ -637,9 +638,9 @@ class Trainer:
                             self.ema.update(unwrapped, step=state.update)
                     self.epoch_progress = (epoch, state.update, carried, carried_seconds + time.perf_counter() - t0,
                                            loss_sum.clone(), n_finite.clone(), seen, skipped, nonfinite)
-                    bar.update(1)
-                    if not bar.disable:  # (loss.item() waits for the device)
-                        bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{self.optimizer.param_groups[-1]["lr"]:.2e}')
+                    if bar.update(1):  # (a redraw: the next one shows these; loss.item() waits for the device)
+                        bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{self.optimizer.param_groups[-1]["lr"]:.2e}',
+                                        refresh=False)
                     every = cfg.train.checkpoint_every_steps
                     if (every and state.update % every == 0 and state.step_in_epoch < self.updates_per_epoch
                             and not state.nonfinite_in_a_row):  # the last checkpoint precedes a non-finite streak

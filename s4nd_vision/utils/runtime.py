@@ -3,7 +3,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ['keep_freed_memory', 'progress_bars_shown']
+__all__ = ['keep_freed_memory', 'progress_refresh_s', 'LOG_REFRESH_S']
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
@@ -26,8 +26,12 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
-def progress_bars_shown() -> bool:
-    """Whether to draw progress bars (tqdm): where stderr is a terminal, or in a Jupyter kernel (tqdm.auto's widgets);
-    not into a log file or a pipe (nohup, a batch job's log), which would get every redraw of a bar, several a second
-    for the whole run (the results are printed as lines besides)."""
-    return 'ipykernel' in sys.modules or bool(getattr(sys.stderr, 'isatty', lambda: False)())
+LOG_REFRESH_S = 60.0  # a progress bar's redraws into a log file or pipe: one a minute at most
+
+
+def progress_refresh_s() -> float:
+    """The least seconds between a progress bar's redraws (tqdm's `mininterval`): tqdm's 0.1 where stderr is a
+    terminal or in a Jupyter kernel (tqdm.auto's widgets); `LOG_REFRESH_S` into a log file or a pipe (nohup, a batch
+    job's log), which kept every redraw, several a second for the whole run, where a line a minute shows progress."""
+    terminal = 'ipykernel' in sys.modules or bool(getattr(sys.stderr, 'isatty', lambda: False)())
+    return 0.1 if terminal else LOG_REFRESH_S
