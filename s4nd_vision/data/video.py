@@ -162,6 +162,17 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
     `split_dir` holds `<class>_test_split<split_id>.txt` per class, lines `<video>.avi <tag>` with
     tag 1 = train, 2 = test, 0 = unused. Raises ValueError for no split files or an empty split.
     """
+    videos = _read_split_videos(split_dir, split, split_id)
+    return list(videos), sum(len(v) for v in videos.values())
+
+
+def _read_split_videos(split_dir: str, split: str, split_id: int) -> Dict[str, List[str]]:
+    """The videos of `split` per class (classes sorted by name), as `read_hmdb51_split` reads them.
+
+    Read as UTF-8, with or without a byte-order mark (a split file saved by Windows Notepad): pytorchvideo's own
+    reading (`Hmdb51LabeledVideoPaths.from_csvs`) reads in the locale's encoding and kept the mark in the first
+    video's name, which was then skipped as an unreadable video that seemed to exist.
+    """
     if split not in _SPLIT_TAGS:
         raise ValueError(f'split must be one of {tuple(_SPLIT_TAGS)}, got {split!r}')
     if split_id not in (1, 2, 3):
@@ -173,23 +184,25 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
                    key=lambda f: f[:-len(suffix)])
     if not files:
         raise ValueError(f'split_dir {split_dir!r} holds no HMDB-51 split files <class>{suffix}')
-    tag, count = _SPLIT_TAGS[split], 0
+    tag, videos = str(_SPLIT_TAGS[split]), {}
     for name in files:
         try:
-            with open(os.path.join(split_dir, name), encoding='utf-8') as f:
+            with open(os.path.join(split_dir, name), encoding='utf-8-sig') as f:
                 lines = f.read().splitlines()
         except UnicodeDecodeError as e:
             raise ValueError(f'{os.path.join(split_dir, name)} is not a text split file ({e})') from None
-        for n, line in enumerate(lines, 1):  # pytorchvideo's reading, which fails on blank lines
+        videos[name[:-len(suffix)]] = chosen = []
+        for n, line in enumerate(lines, 1):
             fields = line.rsplit(None, 1)
             if len(fields) != 2 or fields[1] not in ('0', '1', '2'):
                 raise ValueError(f'{name} line {n}: expected "<video>.avi <0|1|2>", got {line!r}')
-            count += int(fields[1]) == tag
-    if count == 0:
+            if fields[1] == tag:
+                chosen.append(fields[0])
+    if not any(videos.values()):
         raise ValueError(
             f'split {split!r} of split {split_id} is empty: no line of the {len(files)} split files in '
             f'{split_dir!r} is tagged {tag} ("<video>.avi {tag}")')
-    return [name[:-len(suffix)] for name in files], count
+    return videos
 
 
 def _check_classes(video_dir: str, split_dir: str, split_id: int, classes: Sequence[str]) -> None:
@@ -345,7 +358,8 @@ class Hmdb51Clips(IterableDataset):
             raise ValueError(f'clips_per_video must be at least 1, got {clips_per_video}')
         if not 0 <= shard_id < num_shards:
             raise ValueError(f'need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}')
-        self.classes, self.num_videos = read_hmdb51_split(split_dir, split, split_id)
+        videos = _read_split_videos(split_dir, split, split_id)
+        self.classes, self.num_videos = list(videos), sum(len(v) for v in videos.values())
         _check_classes(video_dir, split_dir, split_id, self.classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.transform = transform
@@ -355,12 +369,12 @@ class Hmdb51Clips(IterableDataset):
         clip_sampler = (
             make_clip_sampler('random', clip_duration) if train
             else _EvenlySpacedClipSampler(clip_duration, clips_per_video))
-        # pytorchvideo's `Hmdb51`, over exactly the split files checked above: its own listing (`from_dir`) also
+        # pytorchvideo's `Hmdb51`, over exactly the videos read and checked above: its own listing (`from_dir`) also
         # reads any other .txt whose name holds `_test_split<id>` (a stray `wave_test_split1 (1).txt` listed every
-        # wave video twice) and hidden AppleDouble files
-        paths = Hmdb51LabeledVideoPaths.from_csvs(
-            [os.path.join(split_dir, f'{c}_test_split{split_id}.txt') for c in self.classes], split)
-        paths.path_prefix = video_dir
+        # wave video twice) and hidden AppleDouble files; its reading (`from_csvs`) another encoding (above)
+        paths = Hmdb51LabeledVideoPaths(
+            [(os.path.join(c, v), {'label': c, 'meta_tags': v.split('_')[-6:-1]}) for c in self.classes
+             for v in videos[c]], path_prefix=video_dir)
         self._videos = LabeledVideoDataset(
             paths,
             clip_sampler=clip_sampler,
