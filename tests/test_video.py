@@ -616,6 +616,36 @@ def test_hmdb51_test_clips_are_evenly_spaced_over_the_whole_video(hmdb, monkeypa
     assert [clip.shape[1] for clip, _, _ in samples] == [6] * len(read)  # 1 s at 6 fps: the last clip is whole
 
 
+def test_hmdb51_clips_reach_the_end_of_a_video_whose_first_frame_is_stamped_late(tmp_path, monkeypatch):
+    """A 2 s MP4 whose first frame is stamped 1 s (cut without re-encoding): test clips from its first frame to its
+    last. pytorchvideo took its duration for 1 s (the start time subtracted from it), so every clip was the first."""
+    import av
+    (tmp_path / 'videos' / 'wave').mkdir(parents=True)
+    with av.open(str(tmp_path / 'videos' / 'wave' / 'late.mp4'), mode='w') as container:
+        stream = container.add_stream('mpeg4', rate=6)
+        stream.height, stream.width, stream.pix_fmt = 40, 48, 'yuv420p'
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((40, 48, 3), 20 * i, np.uint8), format='rgb24')
+            frame.pts = 6 + i  # (the stream's time base is 1/6 s)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp_path / 'wave_test_split1.txt').write_text('late.mp4 2\n')
+    read, get_clip = [], video_module._CheckedVideo.get_clip
+
+    def spy(self, start, end):
+        read.append(float(start))
+        return get_clip(self, start, end)
+
+    monkeypatch.setattr(video_module._CheckedVideo, 'get_clip', spy)
+    clips = [clip for clip, _, _ in Hmdb51Clips(
+        str(tmp_path / 'videos'), str(tmp_path), 'test', clip_duration=1.0, clips_per_video=3)]
+    assert read == pytest.approx([0, 0.5, 1])
+    assert [clip.shape[1] for clip in clips] == [6, 6, 6]
+    assert clips[2][:, -1].mean() == pytest.approx(20 * 11, abs=3)  # the last frame
+
+
 def test_hmdb51_unreadable_videos_are_skipped_and_counted(hmdb, tmp_path):
     videos, splits = hmdb
     (tmp_path / 'brush_hair_test_split1.txt').write_text(

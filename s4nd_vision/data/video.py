@@ -252,6 +252,14 @@ class _CheckedVideo:
 
     @property
     def duration(self) -> float:
+        """The video stream's duration as its header states it. pytorchvideo's (PyAV) subtracts the stream's start
+        time from it, as from a time stamp: a video whose first frame is stamped 1 s (an MP4 cut without
+        re-encoding) lasted 1 s less, and its clips, which count from the first frame, never reached its end."""
+        container = getattr(self._video, '_container', None)
+        if getattr(self._video, '_selective_decoding', False) and container is not None:  # (else: from the frames)
+            stream = container.streams.video[0]
+            if stream.duration is not None:
+                return stream.duration * stream.time_base
         return self._video.duration
 
     def get_clip(self, start_sec: float, end_sec: float) -> Dict[str, Optional[torch.Tensor]]:
