@@ -448,6 +448,23 @@ def test_step_refuses_a_state_made_before_another_process_changed_the_shared_par
     torch.testing.assert_close(copy.deepcopy(model).step(x, state)[0], model.step(x, state)[0], rtol=0, atol=0)
 
 
+def test_step_refuses_a_state_made_before_the_reference_grid_changed():
+    """A state's SSMs step at the rate of the layers' reference grid when it was made: a load of weights saved with
+    another grid (here the same values, from a model of another length) makes `forward_features` run at another rate,
+    and stepping the old state gave other features silently (made_from compared parameters and band-limits only)."""
+    model, longer = _model(seq_len=16, d_state=4), _model(seq_len=32, d_state=4)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), longer.parameters()))
+    x = torch.randn(2, 1, dtype=torch.float64)
+    state = model.default_state(2)
+    model.load_state_dict(longer.state_dict())
+    assert model.blocks[0].mixer.l_ref == (32,)
+    with pytest.raises(ValueError, match='state was made from other parameters'):
+        model.step(x, state)
+    seq = torch.randn(2, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(_step_through(model, seq), model.forward_features(seq))
+
+
 def test_sequential_mnist_scores_non_finite_logits_as_misses(monkeypatch):
     """A model whose logits are NaN at the double length was scored by argmax, which ranks a NaN first: about 10%
     (the share of class 0), read as chance; now every such sequence is a miss, warned about."""

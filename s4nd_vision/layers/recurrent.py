@@ -23,12 +23,13 @@ __all__ = ['S4NDRecurrence', 'made_from']
 
 
 def made_from(recurrences: Sequence['S4NDRecurrence'], layers: Sequence[S4ND]) -> bool:
-    """Whether each of `layers` holds the parameters (values, dtypes, devices) and band-limits its recurrence was made
-    from. Compared by value, as the layers' operator cache does (on a GPU with one synchronization for all):
-    version counters miss writes through `.data` and those of another process sharing the model's memory
-    (`share_memory()`: a learner's optimizer step while a worker steps), after which old SSMs would run with new
-    pointwise layers, silently."""
-    if any(tuple(getattr(k, 'bandlimit', None) for k in layer.kernels) != r.bandlimits
+    """Whether each of `layers` holds the parameters (values, dtypes, devices), band-limits and reference grid its
+    recurrence was made from. Compared by value, as the layers' operator cache does (on a GPU with one
+    synchronization for all): version counters miss writes through `.data` and those of another process sharing the
+    model's memory (`share_memory()`: a learner's optimizer step while a worker steps), after which old SSMs would run
+    with new pointwise layers, silently. (The grid: a model derives its recurrences' rates from it, and a load of
+    weights saved with another grid, the same values or not, changes the rate of the layer's forward.)"""
+    if any(tuple(getattr(k, 'bandlimit', None) for k in layer.kernels) != r.bandlimits or layer.l_ref != r.l_ref
            for r, layer in zip(recurrences, layers)):
         return False
     made = [t for r in recurrences for t in r.values]
@@ -83,6 +84,7 @@ class S4NDRecurrence:
         # the values the snapshot is made from (copied before it: a later write makes it stale), for `made_from`
         self.values = [t.clone() for t in _layer_tensors(layer)]
         self.bandlimits = tuple(getattr(k, 'bandlimit', None) for k in layer.kernels)
+        self.l_ref = layer.l_ref  # (for `made_from`)
         with torch.no_grad():
             # forward pre-hooks (torch.nn.utils.prune: its hook recomputes a pruned parameter from the unpruned one)
             # run first, as in the layer's forward: the layer's own (a pruned D) on an empty batch, which generates
