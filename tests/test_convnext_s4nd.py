@@ -709,3 +709,56 @@ def test_output_stride_accepts_inputs_down_to_its_total_stride(output_stride):
         model(torch.randn(1, 3, output_stride // 2, output_stride))
     with pytest.raises(ValueError, match='img_size must be at least 32 on each side'):
         timm.create_model('convnext_s4nd_atto', img_size=16, output_stride=output_stride)
+
+
+def _fresh_output(model, x: torch.Tensor) -> torch.Tensor:
+    """What `model` computes for x from its current weights alone: a deep copy carries no inference cache."""
+    with torch.no_grad():
+        return copy.deepcopy(model)(x)
+
+
+def test_copies_wrappers_and_threads_get_their_own_weights_outputs_in_inference():
+    """The layers' inference caches (operators per input size) never serve a model other weights' outputs: a deep
+    copy made after inference whose weights change (an EMA, updated in place by timm's ModelEmaV3), the original
+    after its copy changed, `torch.func.functional_call` with another model's weights, and threads of an inference
+    server calling one model at more input sizes than a layer caches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from timm.utils import ModelEmaV3
+    from torch.func import functional_call
+
+    from s4nd_vision.layers import state_dict_without_records
+    torch.manual_seed(0)
+    tiny = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5)
+    model, other = (timm.create_model('convnext_s4nd_atto', **tiny).eval() for _ in range(2))
+    inputs = [torch.randn(b, 3, h, w) for b, h, w in ((2, 32, 32), (1, 48, 32), (1, 32, 64), (2, 64, 64),
+                                                      (1, 40, 40), (1, 64, 48))]
+    inputs.append(inputs[0].to(memory_format=torch.channels_last))  # (the depthwise path, where it applies)
+    with torch.no_grad():
+        own = [model(x) for x in inputs]  # (caches filled)
+        ema = ModelEmaV3(model, decay=0.5)
+        for x in inputs:
+            ema.module(x)  # (the copy's own caches, of the weights before the update)
+        for p in model.parameters():
+            p.mul_(1.05)
+        ema.update(model)
+        for x in inputs:
+            torch.testing.assert_close(ema.module(x), _fresh_output(ema.module, x), rtol=0, atol=0)
+            assert not torch.allclose(ema.module(x), _fresh_output(model, x))  # (the update reached the copy)
+        for p in ema.module.parameters():
+            p.mul_(0.5)
+        for x in inputs:
+            torch.testing.assert_close(model(x), _fresh_output(model, x), rtol=0, atol=0)
+        with state_dict_without_records():
+            weights = other.state_dict()
+        for x in inputs:
+            torch.testing.assert_close(functional_call(model, weights, (x,)), other(x), rtol=0, atol=0)
+    expected = [_fresh_output(model, x) for x in inputs]
+    assert not torch.allclose(expected[0], own[0])  # (sanity: the weights changed since the caches were filled)
+
+    def infer(i):
+        with torch.no_grad():
+            return i % len(inputs), model(inputs[i % len(inputs)])
+    with ThreadPoolExecutor(4) as pool:
+        for i, y in pool.map(infer, range(4 * len(inputs))):
+            torch.testing.assert_close(y, expected[i], rtol=0, atol=0)
