@@ -762,3 +762,33 @@ def test_copies_wrappers_and_threads_get_their_own_weights_outputs_in_inference(
     with ThreadPoolExecutor(4) as pool:
         for i, y in pool.map(infer, range(4 * len(inputs))):
             torch.testing.assert_close(y, expected[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('kernel', ['s4d', 'sgconv'])
+def test_replicas_of_data_parallel_compute_what_the_model_computes(kernel, monkeypatch):
+    """nn.DataParallel runs a replica per GPU (`torch.nn.parallel.replicate`, every forward) whose parameters are
+    plain attributes, which `parameters()` does not list: every S4ND layer of a replica raised StopIteration looking
+    for its kernels' device (inference and training alike). Replicated here by torch's own code on the CPU, its
+    broadcast to the GPUs replaced by copies that keep the autograd graph to the parameters, as the broadcast does."""
+    import importlib
+    replicate = importlib.import_module('torch.nn.parallel.replicate')
+    monkeypatch.setattr(replicate, '_get_device_index', lambda device, optional=False: device)
+    monkeypatch.setattr(replicate, '_broadcast_coalesced_reshape', lambda tensors, devices, detach=False: [
+        [t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices] if tensors else [])
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5,
+                              kernel=kernel)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    replicas = replicate.replicate(model, [0, 1])
+    assert not list(replicas[1].parameters())  # (as on GPUs: the replica lists none)
+    replicas[1](x).square().sum().backward()  # (its gradients reach the model's parameters)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)  # (the model's own inference caches, which the replicas copy)
+        for replica in replicate.replicate(model, [0, 1]):
+            torch.testing.assert_close(replica(x), expected)

@@ -39,7 +39,14 @@ import torch
 import torch.nn as nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .ops import DEPTHWISE_MAX_LEN, ForcedChoice, channel_major_memory, forced_algorithm, two_sided_kernel
+from .ops import (
+    DEPTHWISE_MAX_LEN,
+    ForcedChoice,
+    channel_major_memory,
+    forced_algorithm,
+    module_parameter,
+    two_sided_kernel,
+)
 from .reference import use_reference
 from .ssm_kernel import read_directly, ssm_kernel_runs, ssm_kernels
 
@@ -246,7 +253,7 @@ def generate_two_sided(
     direction come from one fused launch and one gather (`triton_kernels.two_sided_kernels_fused`); elsewhere
     (the CPU, export) from `ssm_kernel.ssm_kernel_runs` (on the CPU one call for the entries that share d_state and
     num_kernels), made two-sided a run at a time."""
-    if not kernels or not fused_generation(next(kernels[0].parameters()).device, dtype):
+    if not kernels or not fused_generation(module_parameter(kernels[0]).device, dtype):
         return _two_sided_runs(kernels, ssm_kernel_runs(kernels, lengths, rates, dtype), sizes, bidirectional)
     from .triton_kernels import two_sided_kernels_fused
     groups: Dict[Optional[tuple], List[int]] = {}

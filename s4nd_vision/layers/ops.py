@@ -23,7 +23,7 @@ __all__ = [
     'conv_algorithms', 'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm',
     'forced_algorithm', 'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks',
     'PROJECTION_CHUNK_BYTES', 'autocast_off',
-    'recompute_for_memory', 'backward_without_autocast', 'first_order_backward',
+    'recompute_for_memory', 'backward_without_autocast', 'first_order_backward', 'module_parameter',
 ]
 
 # The per-axis rule. Building an n x n Toeplitz matrix per channel costs O(n^2) and pays off only when
@@ -636,6 +636,17 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def module_parameter(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """A parameter of `module` (its device is the one the module computes on), or None where it has none. Also of
+    a replica that `nn.DataParallel` makes per GPU and forward (`torch.nn.parallel.replicate`): its parameters are
+    plain attributes, which `parameters()` does not list; torch keeps them in `_former_parameters`."""
+    param = next(module.parameters(), None)
+    if param is None:
+        param = next((p for m in module.modules() for p in getattr(m, '_former_parameters', {}).values()
+                      if p is not None), None)
+    return param
+
+
 def generation_without_autocast(generate):
     """Decorates a kernel generator (a kernel module's forward, or a function of a sequence of kernel modules) to
     run with autocast off on the modules' device: kernels are generated in the dtype asked for (float32 or
@@ -643,7 +654,7 @@ def generation_without_autocast(generate):
     @functools.wraps(generate)
     def wrapped(kernels, *args, **kwargs):
         module = kernels if isinstance(kernels, torch.nn.Module) else (kernels[0] if len(kernels) else None)
-        param = None if module is None else next(module.parameters(), None)
+        param = None if module is None else module_parameter(module)
         with autocast_off(param.device.type if param is not None else 'cpu'):
             return generate(kernels, *args, **kwargs)
     return wrapped

@@ -25,6 +25,7 @@ from .ops import (
     channels_first,
     conv_algorithms,
     conv_operators,
+    module_parameter,
     separable_conv,
 )
 from .records import record_ints, records_in_state_dict
@@ -639,7 +640,7 @@ def kernels_can_be_prepared(module: nn.Module) -> bool:
     if torch.jit.is_tracing():
         return False
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        param = next(module.parameters(), None)
+        param = module_parameter(module)
         if param is None or not dispatch.fused_generation(param.device, torch.float32):
             return False
     params = list(module.parameters())
