@@ -1,4 +1,5 @@
 """The trainer: config validation, a real run, progressive resizing, corrupt images, kill-and-resume, two processes."""
+import copy
 import csv
 import json
 import math
@@ -24,7 +25,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 from timm.data.transforms import str_to_interp_mode
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 
 import s4nd_vision  # noqa: F401
 from s4nd_vision.data.images import EpochSeeded, ResumableSampler
@@ -789,6 +793,81 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, folder):
         GradientState._reset_state()
     for k, v in runs['big'].items():
         torch.testing.assert_close(runs['accum'][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize('mixup', [False, True])
+def test_a_run_takes_the_updates_of_a_hand_written_timm_loop(tmp_path, folder, mixup):
+    """The training step against timm's train.py written out by hand on the batches the run drew: each micro-batch's
+    loss (timm's choice: SoftTargetCrossEntropy on Mixup/CutMix's smoothed targets, else LabelSmoothingCrossEntropy)
+    divided by the accumulation steps, the accumulated gradient clipped by its norm, then the optimizer step (SSM
+    lr, layer decay), the schedule stepped per update (half an epoch of warmup) and the EMA updated; the epoch's
+    train_loss is the per-sample mean of its losses and its lr the largest group's after its last update."""
+    smoothing = 0.1
+    extra = ['train.epochs=2', 'data.batch_size=2', 'train.grad_accum_steps=2', 'train.max_steps_per_epoch=2',
+             'sched.warmup_epochs=0.5', 'optim.clip_grad=0.05', 'optim.ssm_lr=5e-4', 'optim.layer_decay=0.6',
+             'train.ema_decay=0.8', f'aug.smoothing={smoothing}']
+    if mixup:
+        extra += ['aug.mixup=0.8', 'aug.cutmix=1.0']
+    cfg = load_config(None, _overrides(folder, tmp_path / 'run', *extra))
+    trainer = Trainer(cfg)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    reference = copy.deepcopy(unwrapped)
+    assert type(trainer.train_loss) is (SoftTargetCrossEntropy if mixup else LabelSmoothingCrossEntropy)
+    batches, inputs, train_loss = [], [], trainer.train_loss
+    hook = unwrapped.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()) if m.training else None)
+
+    def recording_loss(logits, target):
+        batches.append((inputs[-1], target.clone()))
+        return train_loss(logits, target)
+
+    clip_norms, clip = [], trainer.accelerator.clip_grad_norm_
+
+    def recording_clip(*args, **kwargs):  # (the norm of the accumulated gradient, which AdamW and clipping hide)
+        norm = clip(*args, **kwargs)
+        clip_norms.append(float(norm))
+        return norm
+
+    trainer.train_loss, trainer.accelerator.clip_grad_norm_ = recording_loss, recording_clip
+    trainer.fit()
+    hook.remove()
+    rows = list(csv.DictReader((tmp_path / 'run' / 'metrics.csv').read_text().splitlines()))
+    accum, per_epoch = 2, trainer.updates_per_epoch
+    assert per_epoch == 2 and len(batches) == cfg.train.epochs * per_epoch * accum
+    assert all(target.ndim == (2 if mixup else 1) for _, target in batches)
+    if mixup:  # Mixup's targets, smoothed: each class at least smoothing / classes, summing to 1
+        targets = torch.cat([target for _, target in batches])
+        assert targets.min() >= smoothing / 2 - 1e-6
+        torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
+
+    loss_fn = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(smoothing)
+    optimizer = create_optimizer_v2(reference, 'adamw', lr=2e-3, weight_decay=0.05, param_group_fn=partial(
+        param_groups_ssm, weight_decay=0.05, ssm_lr=5e-4, layer_decay=0.6))
+    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, warmup_epochs=0.5, warmup_lr=1e-6,
+                                       min_lr=1e-6, step_on_epochs=False, updates_per_epoch=per_epoch)
+    ema = ModelEmaV3(reference, decay=0.8)
+    reference.train()
+    norms, epoch_losses, epoch_lrs = [], [[] for _ in rows], []
+    for update in range(cfg.train.epochs * per_epoch):
+        for x, target in batches[update * accum:(update + 1) * accum]:
+            loss = loss_fn(reference(x), target)
+            (loss / accum).backward()
+            epoch_losses[update // per_epoch].append(loss.item())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)))
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step_update(num_updates=update + 1)
+        ema.update(reference, step=update + 1)
+        if (update + 1) % per_epoch == 0:
+            epoch_lrs.append(max(g['lr'] for g in optimizer.param_groups))
+    for row, losses, lr in zip(rows, epoch_losses, epoch_lrs, strict=True):
+        assert float(row['train_loss']) == pytest.approx(np.mean(losses), rel=1e-6), row
+        assert float(row['lr']) == pytest.approx(lr, rel=1e-9), row
+    assert min(norms) > 0.05  # (every update clipped)
+    assert clip_norms == pytest.approx(norms, rel=1e-5)
+    for name, got, want in (('model', unwrapped, reference), ('ema', trainer.ema.module, ema.module)):
+        want = want.state_dict()
+        for key, value in got.state_dict().items():
+            torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=f'{name}: {key}')
 
 
 def test_a_partial_last_accumulation_window_is_warned_about(tmp_path, folder):
