@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import warnings
 from functools import partial
 
@@ -237,6 +238,32 @@ def test_the_progress_bar_redraws_once_a_minute_into_a_log(tmp_path, folder, cap
         assert ('loss=' in captured.err) == (refresh_s == 0), captured.err
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def test_an_epoch_interrupted_in_a_notebook_reports_its_whole_time(tmp_path, folder, monkeypatch):
+    """Ctrl-C (a notebook's) within an epoch, then `fit()` again: the epoch's epoch_time_s counts the seconds of the
+    interrupted fit() as its img_per_s does (it counted those of the second fit() only: 600 s of 800, while img_per_s
+    said 16 images in 800 s). A clock that advances 100 s a micro-batch, nothing else."""
+    from s4nd_vision.train import trainer as trainer_module
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'data.batch_size=2')))
+    loss, calls = trainer.train_loss, []
+
+    def timed_loss(logits, target):  # interrupted in the third micro-batch, after two updates (200 s)
+        clock[0] += 100.0
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(logits, target)
+
+    trainer.train_loss = timed_loss
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.state.update == 2 and trainer.updates_per_epoch == 8
+    trainer.fit()
+    row = list(csv.DictReader((tmp_path / 'metrics.csv').read_text().splitlines()))[0]
+    assert float(row['img_per_s']) == pytest.approx(16 / 800) and float(row['epoch_time_s']) == pytest.approx(800)
 
 
 def test_an_epochs_sums_are_float32_on_mps_which_has_no_float64(tmp_path, folder, monkeypatch):

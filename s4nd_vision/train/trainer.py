@@ -491,6 +491,17 @@ class Trainer:
                               f'{self.cfg.train.max_steps_per_epoch}): give train.epochs > {epochs} or '
                               f'train.max_steps_per_epoch >= {state.step_in_epoch}, or {earlier}')
 
+    def _epoch_seconds_so_far(self, epoch: int) -> float:
+        """The seconds `epoch` trained before this fit() (0 at its start): those of a fit() interrupted within it
+        (Ctrl-C in a notebook), whose sums `train_one_epoch` goes on from, else the resumed checkpoint's (which hold
+        those up to the last checkpoint only, not the interrupted fit()'s since)."""
+        state, progress = self.state, self.epoch_progress
+        if state.epoch != epoch or not state.step_in_epoch:
+            return 0.0
+        if progress is not None and progress[:2] == (epoch, state.update):
+            return progress[3]
+        return state.epoch_seconds
+
     def _last_good(self) -> str:
         latest = latest_checkpoint(self.out_dir)
         if latest is None:
@@ -697,7 +708,7 @@ class Trainer:
         t_start = time.perf_counter()
         for epoch in range(state.epoch, cfg.train.epochs):
             # (an epoch resumed mid-way: the seconds before the interruption count, as in its img_per_s)
-            t0 = time.perf_counter() - (state.epoch_seconds if state.step_in_epoch else 0.0)
+            t0 = time.perf_counter() - self._epoch_seconds_so_far(epoch)
             row = dict(epoch=epoch, **self.train_one_epoch(epoch))
             # the epoch's end (evaluation, best weights, exports, checkpoint, row) changes the state only for good:
             # interrupted in it (Ctrl-C in a notebook, e.g. during a checkpoint's write), the state is the epoch's
