@@ -301,6 +301,17 @@ def test_a_section_override_keeps_the_sections_other_keys(folder):
     cfg = load_config(None, [*_overrides(folder, 'out'), 'model={kwargs: {}, name: convnext_s4nd_atto}'])
     assert cfg.model.kwargs == {}
 
+def test_a_leading_tilde_in_a_path_is_the_home_folder(folder, tmp_path, monkeypatch):
+    """The shell leaves the ~ of `data.root=~/imagenet` as is (`data.root` is no variable name): the data was 'not an
+    existing folder' and `train.output_dir=~/runs/x` trained into a folder named '~' in the working folder."""
+    home, name = os.path.split(folder)
+    monkeypatch.setenv('HOME', home)
+    cfg = load_config(None, [*_overrides(folder, tmp_path), f'data.root=~/{name}', 'train.output_dir=~/runs/x',
+                             'model.pretrained_file=~/w.safetensors'])
+    assert cfg.data.root == folder
+    assert cfg.train.output_dir == os.path.join(home, 'runs', 'x')
+    assert cfg.model.pretrained_file == os.path.join(home, 'w.safetensors')
+
 def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder, capsys):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('optim: {lr: [1\n')

@@ -73,6 +73,9 @@ class DataConfig:
     clips_per_video: int = 1  # evenly spaced test clips per video; their softmax is averaged per video
 
 
+# the keys that name files or folders: (section, key)
+_PATH_KEYS = (('data', 'root'), ('data', 'split_dir'), ('model', 'pretrained_file'), ('train', 'output_dir'))
+
 # the settings of the image-folder data's training transform (clips take auto_augment as their RandAugment)
 _IMAGE_AUG = ('auto_augment', 'scale', 'hflip', 'color_jitter', 'reprob', 'remode')
 
@@ -184,6 +187,12 @@ class Config:
             if not ok:
                 raise ConfigError(f'{key} must be {expectation}, got {value!r}')
 
+        # a leading ~ is the home folder, as the shell would make it of a separate argument: it leaves the `~` of
+        # `data.root=~/imagenet` as is (`data.root` is no shell variable name), and the run wrote to ./~/...
+        for section, key in _PATH_KEYS:
+            path = getattr(getattr(self, section), key)
+            if isinstance(path, str) and path.startswith('~'):
+                setattr(getattr(self, section), key, os.path.expanduser(path))
         need(bool(self.model.name), 'model.name', 'a timm model name', self.model.name)
         need(self.data.dataset in ('imagefolder', 'mnist', 'hmdb51'), 'data.dataset',
              "'imagefolder', 'mnist' or 'hmdb51'", self.data.dataset)
