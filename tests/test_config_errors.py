@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 from test_train import _overrides, _write_folder, tool_main
 from timm.data.random_erasing import RandomErasing
@@ -311,6 +312,18 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(folder, tmp_path, monkeypa
     assert cfg.data.root == folder
     assert cfg.train.output_dir == os.path.join(home, 'runs', 'x')
     assert cfg.model.pretrained_file == os.path.join(home, 'w.safetensors')
+
+def test_the_written_config_reads_back_as_the_config(folder, tmp_path):
+    """A run's config.yaml (which --resume compares and the zero-shot study reloads) is the run's Config: a YAML 1.1
+    writer left the string '1e3' plain, which YAML 1.2 reads as 1000.0 (train.output_dir must be str)."""
+    from s4nd_vision.train.metrics import MetricsLog
+    cfg = load_config(None, [*_overrides(folder, tmp_path), "train.output_dir='1e3'", "train.tracker_project='0o17'",
+                             'train.mixed_precision=no', 'optim.betas=[0.9, 0.95]', 'sched.min_lr=1e-7'])
+    MetricsLog(None, cfg)._write_config(str(tmp_path))
+    assert load_config(str(tmp_path / 'config.yaml')) == cfg
+    # (other YAML readers read it alike)
+    with open(tmp_path / 'config.yaml') as f:
+        assert yaml.safe_load(f)['train']['output_dir'] == '1e3'
 
 def test_cli_reports_yaml_and_value_errors_on_one_line(tmp_path, folder, capsys):
     bad = tmp_path / 'bad.yaml'

@@ -6,10 +6,10 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from accelerate import Accelerator
 
 from ..utils.files import replaced_atomically
+from ..utils.yaml12 import dump_yaml
 from .checkpoint import CONFIG_FILE, METRICS_FILE
 from .config import Config, config_to_dict
 
@@ -58,7 +58,7 @@ class MetricsLog:
 
     def _write_config(self, folder: str) -> None:
         with replaced_atomically(os.path.join(folder, CONFIG_FILE)) as tmp, open(tmp, 'w') as f:
-            yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+            dump_yaml(config_to_dict(self.cfg), f, sort_keys=False)
 
     def snapshot(self, folder: str, row: Optional[Dict[str, Any]] = None) -> None:
         """Write the config and the metrics rows so far (and `row`, the epoch a checkpoint completes) into the

@@ -4,13 +4,15 @@ float needs a dot: `model.kwargs.ls_init_value=1e-6` reached the model as '1e-6'
 and `2020-01-01` a date. Here only true / false are booleans, numbers are YAML 1.2's (decimal, 0o octal, 0x hex
 integers; floats with or without a dot or exponent, .inf, .nan) and dates stay strings.
 A key given twice in one mapping is an error, as YAML says (PyYAML kept the last one: a second `optim:` section
-silently replaced the first)."""
+silently replaced the first).
+`dump_yaml` writes what `load_yaml` (and a YAML 1.1 reader) reads back as written: a string that either reads as
+something else (`1e3`, `0o17`: YAML 1.1 writers leave them plain) is quoted."""
 import re
 from typing import Any
 
 import yaml
 
-__all__ = ['load_yaml']
+__all__ = ['load_yaml', 'dump_yaml']
 
 _BOOL, _INT, _FLOAT = 'tag:yaml.org,2002:bool', 'tag:yaml.org,2002:int', 'tag:yaml.org,2002:float'
 _TIMESTAMP = 'tag:yaml.org,2002:timestamp'
@@ -57,3 +59,26 @@ _Loader.add_constructor(_FLOAT, _Loader.construct_yaml_float)
 def load_yaml(text) -> Any:
     """`yaml.safe_load` of `text` (a string or stream) with YAML 1.2's booleans and numbers."""
     return yaml.load(text, Loader=_Loader)
+
+
+class _Resolver12(yaml.resolver.Resolver):
+    yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+
+
+_RESOLVER_12 = _Resolver12()
+
+
+class _Dumper(yaml.SafeDumper):
+
+    def resolve(self, kind, value, implicit):
+        """YAML 1.1's tag of a plain scalar, or YAML 1.2's where 1.1 reads a string: the emitter quotes a string
+        that either reads as another type (a run's config.yaml with train.output_dir '1e3' read back 1000.0)."""
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == 'tag:yaml.org,2002:str':
+            return _RESOLVER_12.resolve(kind, value, implicit)
+        return tag
+
+
+def dump_yaml(data, stream=None, **kwargs) -> Any:
+    """`yaml.safe_dump` of `data` that `load_yaml` (and `yaml.safe_load`) read back as it is."""
+    return yaml.dump(data, stream, Dumper=_Dumper, **kwargs)
