@@ -25,6 +25,7 @@ def folder(tmp_path_factory):
     ('optim.lr=.inf', r'optim.lr must be a finite number, got inf'),
     ('optim.lr=.nan', r'optim.lr must be a finite number, got nan'),
     ('optim.weight_decay=-.inf', r'optim.weight_decay must be a finite number'),
+    ('optim.lr=1' + '0' * 400, r'optim.lr must be a finite number, got 10{400}$'),  # (float() overflowed)
     ('optim.betas=[0.9, .nan]', r'optim.betas\[1\] must be a finite number'),
     ("sched.min_lr='inf'", r'sched.min_lr must be a finite number'),
     ('optim.betas=[0.9, 1.5]', r'optim.betas must be null or 2 values in \[0, 1\) for optim.opt adamw, got '

@@ -531,6 +531,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             number = float(value)  # YAML 1.1 reads 4e-3 as a string
         except ValueError:
             number = None
+        except OverflowError:  # (an integer beyond float's range)
+            number = math.inf
         if number is not None and not math.isfinite(number):
             raise ConfigError(f'{key} must be a finite number, got {value!r}')
         if number is not None:
