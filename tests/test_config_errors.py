@@ -291,6 +291,16 @@ def test_a_key_given_twice_is_an_error(tmp_path):
 
 
 
+def test_a_key_that_is_no_name_is_an_unknown_key(tmp_path):
+    """YAML reads `1:` and `null:` as a number and null: a TypeError from the did-you-mean lookup before."""
+    path = tmp_path / 'keys.yaml'
+    for text, key in [('optim:\n  1: 2\n', "'optim.1'"), ('null: 2\n', 'None'),
+                      ('optim:\n  null: 2\n', "'optim.None'")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf'unknown config key {key}; known keys here: '):
+            load_config(str(path))
+
+
 def test_a_section_override_keeps_the_sections_other_keys(folder):
     """`optim={lr: 2e-3}` sets optim.lr as `optim.lr=2e-3` does (Hydra merges too): replacing the section would reset
     the file's lr_base_batch and ssm_lr to their defaults, an unscaled lr and the SSM parameters at the full lr."""

@@ -549,7 +549,7 @@ def _build(cls, values: Dict[str, Any], prefix: str = ''):
     for key, value in values.items():
         full = f'{prefix}.{key}' if prefix else key
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(key, known, n=1) if isinstance(key, str) else None  # (YAML: `1:`)
             hint = f' (did you mean {prefix + "." if prefix else ""}{close[0]}?)' if close else ''
             raise ConfigError(f'unknown config key {full!r}{hint}; known keys here: {", ".join(known)}')
         kwargs[key] = _convert(value, hints[key], full)
