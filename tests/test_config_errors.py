@@ -58,6 +58,9 @@ def folder(tmp_path_factory):
     ('model.kwargs.num_classes=5', r'model.kwargs.num_classes is set by the trainer from the dataset'),
     ('model.kwargs.img_size=64', r'model.kwargs.img_size is set by the trainer from data.img_size'),
     ('model.kwargs.ls_init_value=null', r'model.kwargs.ls_init_value is null, which timm.create_model drops'),
+    # (a NaN layer scale built a model whose first steps diverged: 'training diverged', not the config)
+    ('model.kwargs.ls_init_value=.nan', r'model.kwargs.ls_init_value must hold finite numbers, got nan'),
+    ('model.kwargs.dims=[8, 16, .inf, 16]', r'model.kwargs.dims must hold finite numbers, got \[8, 16, inf, 16\]'),
     ('model.kwargs.bandlimit=null', r'model.kwargs.bandlimit is null, .*bandlimit: 0 turns band-limiting off'),
     # (a stage without its size trained at a default of 224 px, silently)
     ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, bandlimit: 0.5}]',

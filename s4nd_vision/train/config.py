@@ -334,6 +334,8 @@ class Config:
             if key in owned:
                 raise ConfigError(
                     f'model.kwargs.{key} is set by the trainer from {owned[key]}: remove it from model.kwargs')
+            if not _all_finite(value):  # (e.g. ls_init_value: .nan built a model whose first step diverged)
+                raise ConfigError(f'model.kwargs.{key} must hold finite numbers, got {value!r}')
         kwargs = dict(mc.kwargs, in_chans=data.in_chans, drop_rate=mc.drop_rate, drop_path_rate=mc.drop_path_rate)
         try:
             with torch.device('meta'):
@@ -461,6 +463,17 @@ def _check_optimizer(optim: OptimConfig) -> None:
             raise ConfigError(f'optim.betas must be {expectation}, got {list(optim.betas)!r}')
     if optim.eps is not None and not info.has_eps:
         raise ConfigError(f'optim.eps must be null: optim.opt {optim.opt} takes no eps, got {optim.eps!r}')
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every float in `value` (nested lists and mappings) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return True
 
 
 def _check_interpolation(mode: Optional[str]) -> None:
