@@ -35,6 +35,9 @@ def folder(tmp_path_factory):
     ('train.trackers=[tensorbaord]', r"train.trackers must be a list of \[.*'tensorboard'.*\], got \['tensorbaord'\]"),
     ("train.tracker_project=' '", r"train.tracker_project must be a non-empty name, got ' '"),
     ('train.channels_last=yes', r"train.channels_last must be bool, got 'yes'"),  # YAML 1.2: only true / false
+    # (the shell's quotes in `train.tracker_project='2024'` do not reach YAML: the error says how to quote)
+    ('train.tracker_project=2024', r'train.tracker_project must be str, got 2024 \(YAML reads it as int: quote it in '
+                                   r'YAML, on a command line as train.tracker_project="\'...\'"\)$'),
     ('optim.opt=adamww', r"optim.opt must be a timm optimizer .*got 'adamww' \(did you mean adamw\?\)"),
     ('optim.opt=lookahead_adamww', r"optim.opt must be a timm optimizer"),
     ('aug.auto_augment=bogus', r"aug.auto_augment must be .*got 'bogus'"),

@@ -552,7 +552,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return number
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f'{key} must be {tp.__name__}, got {value!r}')
+    hint = ''
+    if tp is str and isinstance(value, (bool, int, float)):  # (a shell's quotes do not reach YAML: `'2024'` is 2024)
+        hint = f' (YAML reads it as {type(value).__name__}: quote it in YAML, on a command line as {key}="\'...\'")'
+    raise ConfigError(f'{key} must be {tp.__name__}, got {value!r}{hint}')
 
 
 def _build(cls, values: Dict[str, Any], prefix: str = ''):
