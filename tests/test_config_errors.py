@@ -46,6 +46,8 @@ def folder(tmp_path_factory):
     ('data.interpolation=bogus', r"data.interpolation must be null or a timm interpolation.*got 'bogus'"),
     ('data.interpolation=random', r"data.interpolation must be .*not 'random'"),
     ('data.img_size=16', r'data.img_size must be at least 32 \(the smallest input convnext_s4nd_atto takes\), got 16'),
+    ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 0}]',
+     r'train.progressive\[1\].img_size must be positive, got 0'),  # (the stage named, as every other stage check)
     ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 16}]',
      r'train.progressive\[1\].img_size must be at least 32 .*got 16'),
     ('sched.warmup_epochs=5000', r'sched.warmup_epochs must be less than train.epochs \(\d+\): the LR would never '
@@ -68,8 +70,8 @@ def folder(tmp_path_factory):
     # (a stage without its size trained at a default of 224 px, silently)
     ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, bandlimit: 0.5}]',
      r"train.progressive\[1\].img_size must be given for every stage \(the stage's training size; .*got None"),
-    ('train.progressive=[{epoch: 0, img_size: 32, bandlimit: -1}]',
-     r"train.progressive\[\].bandlimit must be a positive cut-off, 0 for off, or null to keep the one in force "
+    ('train.progressive=[{epoch: 0, img_size: 32}, {epoch: 1, img_size: 32, bandlimit: -1}]',
+     r"train.progressive\[1\].bandlimit must be a positive cut-off, 0 for off, or null to keep the one in force "
      r"\(the model's own or an earlier stage's\), got -1"),
     ('model.name=convnext_s4nd_atoo', r"model.name 'convnext_s4nd_atoo' is not a timm model \(did you mean "
                                       r"convnext_s4nd_atto\?\)"),

@@ -299,8 +299,8 @@ class Config:
                 need(stage.img_size is not None, f'train.progressive[{i}].img_size',
                      "given for every stage (the stage's training size; repeat the previous stage's to change only "
                      'the band-limit)', stage.img_size)
-                need(stage.img_size > 0, 'train.progressive[].img_size', 'positive', stage.img_size)
-                need(stage.bandlimit is None or stage.bandlimit >= 0, 'train.progressive[].bandlimit',
+                need(stage.img_size > 0, f'train.progressive[{i}].img_size', 'positive', stage.img_size)
+                need(stage.bandlimit is None or stage.bandlimit >= 0, f'train.progressive[{i}].bandlimit',
                      "a positive cut-off, 0 for off, or null to keep the one in force (the model's own or an "
                      "earlier stage's)", stage.bandlimit)
         self._validate_model()
