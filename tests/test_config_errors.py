@@ -418,6 +418,23 @@ def test_inflate_cli_creates_the_output_folder_and_refuses_a_folder_as_output(tm
     timm.create_model('convnext_s4nd_3d_atto', pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
 
 
+def test_data_keys_the_dataset_does_not_read_are_refused(folder, tmp_path):
+    """data.root with data.dataset mnist trained on the built-in MNIST-5k, not on that folder, without a word; so were
+    a video setting for images and the image-folder splits for MNIST or clips ignored."""
+    mnist = ['model.name=s4nd_iso_tiny', 'data.dataset=mnist', f'train.output_dir={tmp_path}']
+    for override, message in [
+            (f'data.root={folder}', r"data.root must be left at null for data.dataset mnist, which does not read it "
+                                    r"\(data.dataset imagefolder and hmdb51 only; mnist is built in\), got '.*'$"),
+            ('data.val_split=test', r"data.val_split must be left at 'val' for data.dataset mnist, .*got 'test'$"),
+            ('data.num_frames=8', r'data.num_frames must be left at 16 for data.dataset mnist, which does not read '
+                                  r'it \(data.dataset hmdb51 only; .*got 8$')]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*mnist, override])
+    with pytest.raises(ConfigError, match=r'data.clips_per_video must be left at 1 for data.dataset imagefolder'):
+        load_config(None, _overrides(folder, tmp_path, 'data.clips_per_video=4'))
+    assert load_config(None, _overrides(folder, tmp_path, 'data.clip_duration=2')).data.clip_duration == 2.0
+
+
 def test_mnist_refuses_image_augmentation_it_would_ignore(tmp_path):
     """MNIST-5k's digits get the same resize in training and evaluation: RandAugment, crops, flips, jitter and
     random erasing would be silently dropped, so setting them is an error; Mixup/CutMix and smoothing apply."""

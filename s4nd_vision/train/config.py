@@ -76,6 +76,12 @@ class DataConfig:
 # the keys that name files or folders: (section, key)
 _PATH_KEYS = (('data', 'root'), ('data', 'split_dir'), ('model', 'pretrained_file'), ('train', 'output_dir'))
 
+# data keys read by some datasets only (root: MNIST-5k is built in), as the dataclass notes them: the others refuse a
+# value other than the default (data.root with data.dataset mnist trained on the built-in digits, not on that folder)
+_DATASET_KEYS = {'root': ('imagefolder', 'hmdb51'), 'train_split': ('imagefolder',), 'val_split': ('imagefolder',),
+                 **{key: ('hmdb51',)
+                    for key in ('split_dir', 'split', 'num_frames', 'clip_duration', 'clips_per_video')}}
+
 # the settings of the image-folder data's training transform (clips take auto_augment as their RandAugment)
 _IMAGE_AUG = ('auto_augment', 'scale', 'hflip', 'color_jitter', 'reprob', 'remode')
 
@@ -199,6 +205,14 @@ class Config:
         if self.data.dataset == 'imagefolder':
             need(self.data.root is not None, 'data.root', 'the dataset folder (with train/ and val/)', self.data.root)
             need(os.path.isdir(self.data.root), 'data.root', 'an existing folder', self.data.root)
+        for key, datasets in _DATASET_KEYS.items():
+            if self.data.dataset in datasets:
+                continue
+            default = getattr(DataConfig(), key)
+            need(getattr(self.data, key) == default, f'data.{key}',
+                 f'left at {"null" if default is None else repr(default)} for data.dataset {self.data.dataset}, '
+                 f'which does not read it (data.dataset {" and ".join(datasets)} only; mnist is built in)',
+                 getattr(self.data, key))
         if self.data.dataset in ('imagefolder', 'mnist'):  # (MNIST's gray channel, alone or repeated for RGB)
             need(self.data.in_chans in (1, 3), 'data.in_chans', '1 (images read as grayscale) or 3 (RGB) for '
                  f'data.dataset {self.data.dataset}', self.data.in_chans)
