@@ -331,6 +331,10 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(folder, tmp_path, monkeypa
     assert cfg.data.root == folder
     assert cfg.train.output_dir == os.path.join(home, 'runs', 'x')
     assert cfg.model.pretrained_file == os.path.join(home, 'w.safetensors')
+    # (--config=~/run.yaml: the shell leaves that ~ too)
+    with open(os.path.join(home, 'run.yaml'), 'w') as f:
+        f.write('train:\n  epochs: 7\n')
+    assert load_config('~/run.yaml', _overrides(folder, tmp_path)).train.epochs == 7
 
 def test_the_written_config_reads_back_as_the_config(folder, tmp_path):
     """A run's config.yaml (which --resume compares and the zero-shot study reloads) is the run's Config: a YAML 1.1

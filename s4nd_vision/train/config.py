@@ -652,6 +652,8 @@ def packaged_configs() -> List[str]:
 def _read_config(path: str) -> str:
     """The text of a config file, or of a packaged config named with or without a leading 'configs/'."""
     path = os.fspath(path)  # (a pathlib.Path names a packaged config too)
+    if path.startswith('~'):  # (the shell leaves the ~ of --config=~/run.yaml)
+        path = os.path.expanduser(path)
     if os.path.isfile(path):
         with open(path) as f:
             return f.read()
