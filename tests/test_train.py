@@ -80,6 +80,23 @@ def tool_main(name: str):
     return runpy.run_path(os.path.join(ROOT, 'tools', f'{name}.py'))['main']
 
 
+def interrupt_loss_at(trainer: Trainer, call: int, tick=None):
+    """Make `trainer`'s loss raise KeyboardInterrupt (Ctrl-C) at its `call`-th call (`tick()` first at every call);
+    returns the loss it wraps."""
+    loss, calls = trainer.train_loss, []
+
+    def interrupted(logits, target):
+        if tick is not None:
+            tick()
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return loss(logits, target)
+
+    trainer.train_loss = interrupted
+    return loss
+
+
 def _overrides(folder, out, *extra):
     return [*TINY_MODEL, f'data.root={folder}', 'data.img_size=32', 'data.batch_size=4', 'data.workers=0',
             'data.interpolation=bilinear', f'train.output_dir={out}', 'optim.lr=2e-3', 'sched.warmup_epochs=0',
@@ -248,16 +265,8 @@ def test_an_epoch_interrupted_in_a_notebook_reports_its_whole_time(tmp_path, fol
     clock = [0.0]
     monkeypatch.setattr(trainer_module, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
     trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'train.epochs=1', 'data.batch_size=2')))
-    loss, calls = trainer.train_loss, []
-
-    def timed_loss(logits, target):  # interrupted in the third micro-batch, after two updates (200 s)
-        clock[0] += 100.0
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return loss(logits, target)
-
-    trainer.train_loss = timed_loss
+    # interrupted in the third micro-batch, after two updates (200 s)
+    interrupt_loss_at(trainer, 3, tick=lambda: clock.__setitem__(0, clock[0] + 100.0))
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert trainer.state.update == 2 and trainer.updates_per_epoch == 8

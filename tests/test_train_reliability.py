@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from test_train import TINY_MODEL, _overrides, _write_folder
+from test_train import TINY_MODEL, _overrides, _write_folder, interrupt_loss_at
 
 from s4nd_vision.cli import tool_main
 from s4nd_vision.layers import ssm_parameters
@@ -734,15 +734,7 @@ def test_a_fit_after_one_interrupted_mid_update_ends_as_an_uninterrupted_run(tmp
     Trainer(load_config(None, _overrides(folder, tmp_path / 'straight', *extra))).fit()
     _reset()
     trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'interrupted', *extra)))
-    loss, calls = trainer.train_loss, []
-
-    def interrupted_at_the_fifth_micro_batch(logits, target):  # the second of update 2, after the first's backward
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return loss(logits, target)
-
-    trainer.train_loss = interrupted_at_the_fifth_micro_batch
+    loss = interrupt_loss_at(trainer, 5)  # the second micro-batch of update 2, after the first's backward
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert trainer.state.update == 1
