@@ -681,9 +681,11 @@ def test_hmdb51_errors(hmdb, tmp_path):
     (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n')
     with pytest.raises(FileNotFoundError, match=r"no folder for the classes \['run'\]"):
         Hmdb51Clips(videos, str(tmp_path))
-    (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n\nb.avi 2\n')
-    with pytest.raises(ValueError, match='line 2'):
+    (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n\nb.avi\n')  # (a blank line is skipped, not line 3)
+    with pytest.raises(ValueError, match=r'run_test_split1.txt line 3: expected "<video>.avi <0\|1\|2>", got .b.avi.'):
         Hmdb51Clips(videos, str(tmp_path))
+    (tmp_path / 'run_test_split1.txt').write_text('a.avi 1\n\nb.avi 2\n \n')
+    assert read_hmdb51_split(str(tmp_path)) == (['run'], 1)
 
 
 def test_hmdb51_classes_are_sorted_by_name(tmp_path):

@@ -76,7 +76,8 @@ class VideoTransform:
     """(C, T, H, W) clip, values 0-255 (pytorchvideo's; float or uint8) -> (C, num_frames, img_size, img_size) float.
     A float clip with all values in [0, 1] (divided by 255 before) is refused: it would round to 0 and 1.
 
-    Frames are subsampled uniformly in time (repeated when the clip is shorter), the short side is
+    Frames are subsampled evenly by index (uniformly in time at a constant frame rate, as HMDB-51's; repeated when
+    the clip is shorter), the short side is
     resized to img_size / crop_pct, then cropped: at random, with horizontal flips and RandAugment for training;
     in the centre for evaluation. Every frame of a clip gets the same augmentation. Output normalized by mean, std.
 
@@ -160,7 +161,8 @@ def read_hmdb51_split(split_dir: str, split: str = 'train', split_id: int = 1) -
     """Class names (sorted) and the number of videos of `split` in HMDB-51's official split files.
 
     `split_dir` holds `<class>_test_split<split_id>.txt` per class, lines `<video>.avi <tag>` with
-    tag 1 = train, 2 = test, 0 = unused. Raises ValueError for no split files or an empty split.
+    tag 1 = train, 2 = test, 0 = unused (blank lines skipped). Raises ValueError for no split files, a line of
+    another form, or an empty split.
     """
     videos = _read_split_videos(split_dir, split, split_id)
     return list(videos), sum(len(v) for v in videos.values())
@@ -193,6 +195,8 @@ def _read_split_videos(split_dir: str, split: str, split_id: int) -> Dict[str, L
             raise ValueError(f'{os.path.join(split_dir, name)} is not a text split file ({e})') from None
         videos[name[:-len(suffix)]] = chosen = []
         for n, line in enumerate(lines, 1):
+            if not line.strip():  # (an editor's blank line, e.g. at the end)
+                continue
             fields = line.rsplit(None, 1)
             if len(fields) != 2 or fields[1] not in ('0', '1', '2'):
                 raise ValueError(f'{name} line {n}: expected "<video>.avi <0|1|2>", got {line!r}')
