@@ -944,6 +944,20 @@ def test_processes_launched_without_a_process_group_are_refused(tmp_path, folder
     assert not (tmp_path / 'run').exists()
 
 
+def test_an_fsdp_launch_that_accelerate_runs_without_fsdp_is_refused(tmp_path, folder, monkeypatch):
+    """`accelerate launch --config_file` with `distributed_type: FSDP` and ACCELERATE_USE_CPU=1: the launcher sets
+    ACCELERATE_USE_FSDP, but Accelerate enables FSDP for GPU processes only and trained these with DDP instead,
+    without a word. Here one CPU process with the launcher's variables (FSDP2's: FSDP1's plugin refuses CPUs itself).
+    DeepSpeed's launch likewise: tests/test_train_parts.py."""
+    monkeypatch.setenv('ACCELERATE_USE_FSDP', 'true')
+    monkeypatch.setenv('FSDP_VERSION', '2')
+    with pytest.raises(ConfigError, match=r'asks for FSDP \(ACCELERATE_USE_FSDP=true\), but Accelerate runs these 1 '
+                                          r'process\(es\) on cpu without it \(FSDP on GPUs only\): they would train '
+                                          r'as one process'):
+        Trainer(load_config(None, _overrides(folder, tmp_path / 'run')))
+    assert not (tmp_path / 'run').exists()
+
+
 def test_layer_decay_groups_keep_the_ssm_lr():
     model = timm.create_model('convnext_s4nd_atto')
     opt = create_optimizer_v2(model, 'adamw', lr=1e-2, param_group_fn=partial(

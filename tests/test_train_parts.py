@@ -453,6 +453,29 @@ def test_fsdp_mixed_precision_that_casts_parameters_is_warned_of(param_dtype, wa
         [f'FSDP mixed precision casts every parameter to {param_dtype}'] if warns else [])
 
 
+@pytest.mark.parametrize('engine, name, kind', [('FSDP', 'FSDP', 'FSDP'), ('DEEPSPEED', 'DeepSpeed', 'DEEPSPEED')])
+def test_fsdp_and_deepspeed_launches_that_accelerate_runs_with_ddp_are_refused(engine, name, kind, monkeypatch):
+    """On CPU processes (ACCELERATE_USE_CPU=1) Accelerate enables neither FSDP nor DeepSpeed that the launcher's
+    config asks for: it trains with DDP (MULTI_CPU), without a word. Where it runs them, and without them asked
+    for, nothing is refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from s4nd_vision.train.trainer import check_launched_engine
+
+    def acc(distributed_type):
+        return SimpleNamespace(distributed_type=distributed_type, num_processes=2, device=torch.device('cpu'))
+    monkeypatch.delenv('ACCELERATE_USE_FSDP', raising=False)
+    monkeypatch.delenv('ACCELERATE_USE_DEEPSPEED', raising=False)
+    check_launched_engine(acc(DistributedType.MULTI_CPU))
+    monkeypatch.setenv(f'ACCELERATE_USE_{engine}', 'true')
+    check_launched_engine(acc(DistributedType[kind]))
+    with pytest.raises(ConfigError, match=rf'asks for {name} .* runs these 2 process\(es\) on cpu without it '
+                                          rf'.* would train with DDP'):
+        check_launched_engine(acc(DistributedType.MULTI_CPU))
+
+
 def test_cpu_peak_memory_is_in_mib_on_linux_and_macos_and_the_trainer_imports_without_resource(monkeypatch):
     """ru_maxrss is KiB on Linux and bytes on macOS; Windows has no `resource` module (nan, not an ImportError of
     s4nd_vision.train)."""

@@ -34,7 +34,13 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_choice_from_env, set_seed
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    parse_choice_from_env,
+    parse_flag_from_env,
+    set_seed,
+)
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -98,6 +104,21 @@ def warn_fsdp_parameter_cast(accelerator: Accelerator) -> None:
             f'rounded values (Im A, up to about 1e3, moves by up to about 3; a layer\'s output changes by a few '
             f'percent). To keep them float32, train with DDP, or FSDP with mixed precision no', UserWarning,
             stacklevel=2)
+
+
+def check_launched_engine(accelerator: Accelerator) -> None:
+    """Refuse a launch whose config asks for FSDP or DeepSpeed (`accelerate launch` sets ACCELERATE_USE_FSDP or
+    ACCELERATE_USE_DEEPSPEED) where Accelerate runs without it: on CPU processes (ACCELERATE_USE_CPU=1) Accelerate
+    enables neither and trains with DDP instead, without a word (whole weights on every process, other checkpoints)."""
+    for engine, kind in (('FSDP', DistributedType.FSDP), ('DEEPSPEED', DistributedType.DEEPSPEED)):
+        if parse_flag_from_env(f'ACCELERATE_USE_{engine}') and accelerator.distributed_type != kind:
+            name = 'DeepSpeed' if engine == 'DEEPSPEED' else engine
+            plain = 'as one process' if accelerator.num_processes == 1 else 'with DDP (whole weights on each)'
+            raise ConfigError(
+                f'the launcher\'s config asks for {name} (ACCELERATE_USE_{engine}=true), but Accelerate runs these '
+                f'{accelerator.num_processes} process(es) on {accelerator.device.type} without it ({name} on GPUs '
+                f'only): they would train {plain}. Launch CPU processes with --multi_gpu (DDP; README: two CPU '
+                f'processes), or {name} on GPUs')
 
 
 def check_deepspeed_config(accelerator: Accelerator, clip_grad: Optional[float], grad_accum_steps: int) -> None:
@@ -240,6 +261,7 @@ class Trainer:
                     f'train.grad_accum_steps is {tc.grad_accum_steps} but ACCELERATE_GRADIENT_ACCUMULATION_STEPS '
                     f'(accelerate launch with DeepSpeed) sets {acc.gradient_accumulation_steps}: give the same number '
                     f'in both')
+            check_launched_engine(acc)
             check_deepspeed_config(acc, cfg.optim.clip_grad, tc.grad_accum_steps)
         if acc.is_main_process:
             warn_fsdp_parameter_cast(acc)
