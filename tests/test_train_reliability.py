@@ -621,6 +621,42 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_one_before(tmp_path
             Trainer(load_config(None, _overrides(folder, out, 'train.epochs=2')), resume=True)
 
 
+def test_a_checkpoint_written_with_or_without_fsdp_is_refused_by_the_other_kind_of_run(tmp_path, folder):
+    """FSDP writes its model's state in other files (pytorch_model_fsdp.bin, or the folder pytorch_model_fsdp_0,
+    by fsdp_state_dict_type) than a run without it (model.safetensors), and each reads its own only: an FSDP run's
+    checkpoint resumed by DDP, or one process, was 'damaged (model.safetensors is missing)', with the advice to
+    resume the checkpoint before it (written the same way) or start a fresh run. Here a plain run's checkpoint with
+    its model file renamed as FSDP's; the other directions with a fake FSDP accelerator."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import StateDictType
+    run = tmp_path / 'run'
+    Trainer(load_config(None, _overrides(folder, run, 'train.epochs=1'))).fit()
+    latest = latest_checkpoint(str(run))
+    os.rename(os.path.join(latest, 'model.safetensors'), os.path.join(latest, 'pytorch_model_fsdp.bin'))
+    _reset()
+    with pytest.raises(ConfigError, match=rf"checkpoint '{latest}' was written by an FSDP run with "
+                                          rf"fsdp_state_dict_type FULL_STATE_DICT \(pytorch_model_fsdp.bin\), which "
+                                          rf"this run, a run without FSDP \(DDP or one process\), cannot read"):
+        Trainer(load_config(None, _overrides(folder, run, 'train.epochs=2')), resume=True)
+    from s4nd_vision.train.checkpoint import _check_model_layout
+
+    def fsdp(kind):
+        plugin = SimpleNamespace(state_dict_type=kind)
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    _check_model_layout(fsdp(StateDictType.FULL_STATE_DICT), latest)  # (its own: the load goes on)
+    with pytest.raises(ConfigError, match=r'written by an FSDP run with fsdp_state_dict_type FULL_STATE_DICT .*, '
+                                          r'which this run, an FSDP run with fsdp_state_dict_type SHARDED_STATE_DICT,'):
+        _check_model_layout(fsdp(StateDictType.SHARDED_STATE_DICT), latest)
+    os.rename(os.path.join(latest, 'pytorch_model_fsdp.bin'), os.path.join(latest, 'model.safetensors'))
+    with pytest.raises(ConfigError, match=r'written by a run without FSDP \(DDP or one process\) '
+                                          r'\(model.safetensors\), which this run, an FSDP run'):
+        _check_model_layout(fsdp(StateDictType.FULL_STATE_DICT), latest)
+    os.remove(os.path.join(latest, 'model.safetensors'))  # (none of them: damaged, left to the load's error)
+    _check_model_layout(fsdp(StateDictType.FULL_STATE_DICT), latest)
+
+
 def test_damaged_best_weights_are_a_one_line_error_naming_the_file(tmp_path, folder):
     """A best.safetensors cut short in train.output_dir (read for the update it records) or in the checkpoint (put
     back as the run's best where the folder has none): one line naming it (a SafetensorError naming no file, or

@@ -436,6 +436,7 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
         raise ConfigError(f'--resume: {path!r} is not a checkpoint folder (one of <train.output_dir>/checkpoints/'
                           f'step-*; --resume alone takes the latest in train.output_dir)')
     _check_metrics(path)
+    _check_model_layout(accelerator, path)
     saved = _read_config(path)
     if config is not None and saved is not None:
         _compare_configs(path, saved, config, warn=accelerator.is_main_process)
@@ -461,6 +462,36 @@ def load_checkpoint(accelerator: Accelerator, path: str, state: TrainState, conf
         raise _damaged(path, e) from None
     accelerator.print(f'resumed from {path}: epoch {state.epoch}, update {state.update} '
                       f'({state.step_in_epoch} into the epoch)')
+
+
+# how each kind of run writes its model's state in a checkpoint (Accelerate's names; the first model's)
+_MODEL_LAYOUTS = {
+    'plain': (('model.safetensors', 'pytorch_model.bin'), 'a run without FSDP (DDP or one process)'),
+    'FULL_STATE_DICT': (('pytorch_model_fsdp.bin',), 'an FSDP run with fsdp_state_dict_type FULL_STATE_DICT'),
+    'SHARDED_STATE_DICT': (('pytorch_model_fsdp_0',), 'an FSDP run with fsdp_state_dict_type SHARDED_STATE_DICT'),
+    'LOCAL_STATE_DICT': (('pytorch_model_fsdp_rank0.bin',), 'an FSDP run with fsdp_state_dict_type LOCAL_STATE_DICT'),
+}
+
+
+def _check_model_layout(accelerator: Accelerator, path: str) -> None:
+    """Refuse checkpoint `path` where another kind of run wrote its model's state than this one reads: with FSDP
+    or without it, or FSDP's other state dict type (each reads its own files only, and the file it missed made
+    Accelerate's error, read as a damaged checkpoint, whose advice was an earlier checkpoint, written the same way,
+    or a fresh run). A checkpoint without any of them is left to the load (damaged)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        kind = getattr(accelerator.state.fsdp_plugin.state_dict_type, 'name', None)
+    else:
+        kind = 'plain'
+    if kind not in _MODEL_LAYOUTS or any(os.path.exists(os.path.join(path, f)) for f in _MODEL_LAYOUTS[kind][0]):
+        return
+    for files, writer in _MODEL_LAYOUTS.values():
+        found = [f for f in files if os.path.exists(os.path.join(path, f))]
+        if found:
+            raise ConfigError(
+                f'--resume: checkpoint {path!r} was written by {writer} ({found[0]}), which this run, '
+                f'{_MODEL_LAYOUTS[kind][1]}, cannot read: resume it with the launch config that wrote it, or start a '
+                f'fresh run from the run\'s exported weights (model.pretrained_file=<its train.output_dir>/'
+                f'last.safetensors)')
 
 
 @contextmanager
