@@ -42,6 +42,9 @@ def folder(tmp_path_factory):
     ('optim.opt=lookahead_adamww', r"optim.opt must be a timm optimizer"),
     ('aug.auto_augment=bogus', r"aug.auto_augment must be .*got 'bogus'"),
     ('aug.auto_augment=rand-m9-bogus', r"aug.auto_augment must be .*got 'rand-m9-bogus' \(timm ignores \['bogus'\]\)"),
+    # (timm clips a magnitude above its bound to it without a word: rand-m15 would train as rand-m10)
+    ('aug.auto_augment=rand-m15-n2', r"aug.auto_augment must have a magnitude of at most 10 .*got 'rand-m15-n2'"),
+    ('aug.auto_augment=augmix-m12', r"aug.auto_augment must have a magnitude of at most 10 .*got 'augmix-m12'"),
     ('aug.auto_augment=rand-x9', r"aug.auto_augment must be .*got 'rand-x9' \(Unknown RandAugment config section\)"),
     ('data.interpolation=bogus', r"data.interpolation must be null or a timm interpolation.*got 'bogus'"),
     ('data.interpolation=random', r"data.interpolation must be .*not 'random'"),

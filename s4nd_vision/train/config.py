@@ -519,9 +519,16 @@ def _check_auto_augment(policy: Optional[str]) -> None:
     if ignored:
         raise ConfigError(f'aug.auto_augment must be {expectation}, got {policy!r} (timm ignores {ignored})')
     try:
-        build(policy, dict(translate_const=100, img_mean=(124, 116, 104)))
+        transform = build(policy, dict(translate_const=100, img_mean=(124, 116, 104)))
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         raise ConfigError(f'aug.auto_augment must be {expectation}, got {policy!r} ({e})') from None
+    # timm clips each op's magnitude to its magnitude_max (10 unless `-mmax<M>`) without a word: rand-m15 trains as
+    # rand-m10 (a magnitude counts to 10, as for clips, which refuse more)
+    for op in getattr(transform, 'ops', ()):
+        bound = getattr(op, 'magnitude_max', None) or 10
+        if getattr(op, 'magnitude', 0) > bound:
+            raise ConfigError(f'aug.auto_augment must have a magnitude of at most {bound} (timm clips larger ones '
+                              f'to it; add -mmax<M> to raise the bound), got {policy!r}')
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
