@@ -1292,3 +1292,39 @@ def test_numpy_integer_sizes_compile(kwargs):
     x = torch.randn(2, 3, 8, 8)
     compiled = torch.compile(layer, backend='eager', dynamic=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fft_path_transforms_a_bounded_group_of_channels_at_a_time(monkeypatch):
+    """The FFT path's temporaries (padded input, spectrum, product, full-length inverse: each about twice its input)
+    are made a group of channels at a time (`ops.FFT_CHUNK_BYTES` of spectrum), so that a large input (the stem at
+    2048 px peaked at 3.8 GB for a 0.5 GB projection) does not multiply its memory; the values (inference, a training
+    step's forward and gradients, pooled axes and the skip term accumulated into the last) are the same."""
+    torch.manual_seed(0)
+    layer = S4ND(7, ndim=2, d_state=4, rank=2, pool=(2, 3))
+    _randomize(layer)
+    x = torch.randn(2, 7, 12, 30)
+    with ops.conv_algorithm('fft'):
+        with torch.no_grad():
+            expected = layer(x)
+        y = layer(x)
+        expected_grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+        rfft, spectra = torch.fft.rfft, []
+
+        def recording_rfft(z, *args, **kwargs):  # (channels, bytes) of each input's transform (not the kernels', 2D)
+            out = rfft(z, *args, **kwargs)
+            if z.ndim == 4:
+                spectra.append((z.shape[0], out.nbytes))
+            return out
+
+        monkeypatch.setattr(torch.fft, 'rfft', recording_rfft)
+        budget = 3 * 60 * 13 * 8  # three channels' spectra on the first axis: 2 x 30 rows x 13 frequencies, complex64
+        monkeypatch.setattr(ops, 'FFT_CHUNK_BYTES', budget)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected)
+        assert spectra and max(nbytes for _, nbytes in spectra) <= budget and (3, budget) in spectra
+        spectra.clear()
+        y = layer(x)  # (the training step's forward goes through the same groups)
+        torch.testing.assert_close(y, expected)
+        assert (3, budget) in spectra
+        for got, want in zip(torch.autograd.grad(y.square().sum(), list(layer.parameters())), expected_grads):
+            torch.testing.assert_close(got, want)

@@ -22,7 +22,7 @@ __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'channel_major_memory', 'separable_conv', 'project',
     'conv_algorithms', 'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm',
     'forced_algorithm', 'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks',
-    'PROJECTION_CHUNK_BYTES', 'autocast_off',
+    'PROJECTION_CHUNK_BYTES', 'FFT_CHUNK_BYTES', 'autocast_off',
     'recompute_for_memory', 'backward_without_autocast', 'first_order_backward', 'module_parameter',
 ]
 
@@ -42,6 +42,9 @@ DEPTHWISE_MAX_LEN = 64
 # ran faster than along H from 24 rows on, slower below (README "2-core CPU")
 DEPTHWISE_ROWS_VIEW_MIN = 24
 PROJECTION_CHUNK_BYTES = 8 * 2 ** 20  # a fused projection is made this much at a time (`projection_chunks`)
+# The FFT path (`_FFTAxis.apply`) transforms at most this much spectrum at a time (a group of channels): its
+# temporaries, each about twice the input's size, stay bounded at large inputs (the stem at thousands of pixels)
+FFT_CHUNK_BYTES = 32 * 2 ** 20
 # On the CPU, a fused projection whose first axis is at most this long (a clip's frames, not an image's rows) is
 # multiplied together with that axis' Toeplitz matrix, one GEMM (`_projected_first_axis`): the full-resolution
 # projection, a memory-bound pass written and read once more, is never made, for C_in times the axis' multiply-adds
@@ -278,8 +281,30 @@ class _FFTAxis:
         return k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (z.ndim - dim - 1))
 
     def apply(self, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten)."""
-        y = torch.fft.irfft(self._spectrum(z, dim) * self._broadcast(self.k_f, z, dim), n=self.m, dim=dim)
+        """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten). Channels go
+        through the FFTs a group at a time (`FFT_CHUNK_BYTES` of spectrum each): the padded input, its spectrum,
+        their product and the full-length inverse each take about twice z's memory, made whole (a full-resolution
+        stem at 2048 x 2048 px peaked at 3.8 GB for a 0.5 GB input)."""
+        c = z.shape[0]
+        per_channel = z[:1].numel() // self.n * (self.m // 2 + 1) * 2 * max(z.element_size(), 4)
+        step = max(1, FFT_CHUNK_BYTES // max(per_channel, 1))
+        if step >= c:
+            return self._apply(z, self.k_f, dim, acc)
+        out = acc
+        for start in range(0, c, step):
+            size = min(step, c - start)
+            y = self._apply(z.narrow(0, start, size), self.k_f.narrow(0, start, size), dim, None)
+            if out is None:
+                out = y.new_empty((c,) + y.shape[1:])
+            if acc is None:
+                out.narrow(0, start, size).copy_(y)
+            else:
+                out.narrow(0, start, size).add_(y)
+        return out
+
+    def _apply(self, z: torch.Tensor, k_f: torch.Tensor, dim: int, acc: Optional[torch.Tensor]) -> torch.Tensor:
+        """`apply` for the channels of z, whose kernel spectra are k_f."""
+        y = torch.fft.irfft(self._spectrum(z, dim) * self._broadcast(k_f, z, dim), n=self.m, dim=dim)
         y = _avg_pool_axis(y.narrow(dim, 0, self.n), dim, self.pool)
         return y if acc is None else acc.add_(y)
 
