@@ -844,6 +844,11 @@ def test_algorithm_rule():
     assert ops.choose_algorithm(56, 8 * 56) == 'toeplitz'
     assert ops.choose_algorithm(7, 8 * 7) == 'toeplitz'
     assert ops.choose_algorithm(300, 8 * 300) == 'fft'
+    # the README's boundaries: Toeplitz up to 256 taps a side, whatever the rows; at least 0.75 rows per unit of length
+    assert ops.choose_algorithm(256, 256) == 'toeplitz' and ops.choose_algorithm(257, 10 ** 6) == 'fft'
+    assert ops.choose_algorithm(200, 150) == 'toeplitz' and ops.choose_algorithm(200, 149) == 'fft'
+    # batch 1 at 1000x600 px: stage 1's 250 rows share a matrix among 150 columns only (FFT), its columns Toeplitz
+    assert ops.conv_algorithms((40, 250, 1, 150), (1, 1)) == ['fft', 'toeplitz']
     # a 1D raster sequence with a small batch: building the n x n matrix would dominate
     assert ops.choose_algorithm(196, 8) == 'fft'
 
