@@ -280,26 +280,27 @@ class _FFTAxis:
     def _broadcast(self, k_f: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
         return k_f.reshape(k_f.shape[:1] + (1,) * (dim - 1) + k_f.shape[1:] + (1,) * (z.ndim - dim - 1))
 
-    def apply(self, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten). Channels go
-        through the FFTs a group at a time (`FFT_CHUNK_BYTES` of spectrum each): the padded input, its spectrum,
-        their product and the full-length inverse each take about twice z's memory, made whole (a full-resolution
-        stem at 2048 x 2048 px peaked at 3.8 GB for a 0.5 GB input)."""
+    def _groups(self, z: torch.Tensor) -> List[Tuple[int, int]]:
+        """(start, size) groups of z's channels whose spectra take at most `FFT_CHUNK_BYTES` (at least one channel):
+        the padded input, its spectrum, their product and the full-length inverse each take about twice z's memory,
+        made whole (a full-resolution stem at 2048 x 2048 px peaked at 3.8 GB for a 0.5 GB input)."""
         c = z.shape[0]
         per_channel = z[:1].numel() // self.n * (self.m // 2 + 1) * 2 * max(z.element_size(), 4)
         step = max(1, FFT_CHUNK_BYTES // max(per_channel, 1))
-        if step >= c:
+        return [(start, min(step, c - start)) for start in range(0, c, step)]
+
+    def apply(self, z: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z convolved (and pooled) along `dim`, plus `acc` if given (which may be overwritten); a group of
+        channels at a time (`_groups`)."""
+        groups = self._groups(z)
+        if len(groups) == 1:
             return self._apply(z, self.k_f, dim, acc)
         out = acc
-        for start in range(0, c, step):
-            size = min(step, c - start)
+        for start, size in groups:
             y = self._apply(z.narrow(0, start, size), self.k_f.narrow(0, start, size), dim, None)
             if out is None:
-                out = y.new_empty((c,) + y.shape[1:])
-            if acc is None:
-                out.narrow(0, start, size).copy_(y)
-            else:
-                out.narrow(0, start, size).add_(y)
+                out = y.new_empty((z.shape[0],) + y.shape[1:])
+            (out.narrow(0, start, size).copy_ if acc is None else out.narrow(0, start, size).add_)(y)
         return out
 
     def _apply(self, z: torch.Tensor, k_f: torch.Tensor, dim: int, acc: Optional[torch.Tensor]) -> torch.Tensor:
@@ -310,9 +311,27 @@ class _FFTAxis:
 
     def backward(self, z: torch.Tensor, g: torch.Tensor, dim: int, acc: Optional[torch.Tensor] = None) -> tuple:
         """Gradients of the (C, 2n - 1) taps (circular cross-correlation of g and z, summed over every row)
-        and of the axis input z (correlation of g with the kernel; plus `acc` if given), sharing the spectrum of g."""
+        and of the axis input z (correlation of g with the kernel; plus `acc` if given), sharing the spectrum of g;
+        a group of channels at a time (`_groups`)."""
+        groups = self._groups(z)
+        if len(groups) == 1:
+            return self._backward(z, g, self.k_f, dim, acc)
+        grad_k, grad_z = None, acc
+        for start, size in groups:
+            part_k, part_z = self._backward(
+                z.narrow(0, start, size), g.narrow(0, start, size), self.k_f.narrow(0, start, size), dim, None)
+            if grad_k is None:
+                grad_k = part_k.new_empty((z.shape[0],) + part_k.shape[1:])
+                grad_z = part_z.new_empty(z.shape) if acc is None else acc
+            grad_k.narrow(0, start, size).copy_(part_k)
+            (grad_z.narrow(0, start, size).copy_ if acc is None else grad_z.narrow(0, start, size).add_)(part_z)
+        return grad_k, grad_z
+
+    def _backward(self, z: torch.Tensor, g: torch.Tensor, k_f: torch.Tensor, dim: int,
+                  acc: Optional[torch.Tensor]) -> tuple:
+        """`backward` for the channels of z and g, whose kernel spectra are k_f."""
         g_f = self._spectrum(_avg_pool_axis_adjoint(g, dim, self.pool, self.n), dim)
-        grad_z = torch.fft.irfft(g_f * self._broadcast(self.k_f.conj(), g, dim), n=self.m, dim=dim)
+        grad_z = torch.fft.irfft(g_f * self._broadcast(k_f.conj(), g, dim), n=self.m, dim=dim)
         grad_z = grad_z.narrow(dim, 0, self.n)
         grad_z = grad_z if acc is None else acc.add_(grad_z)
         cross = (g_f * self._spectrum(z, dim).conj()).movedim(dim, -1)
