@@ -181,6 +181,27 @@ def test_an_image_too_large_for_pil_is_skipped_and_counted(tmp_path):
     assert skipped == 1 and value in (0, 10, 20)
 
 
+def test_spawned_workers_read_images_with_the_pil_settings_of_the_main_process(tmp_path, monkeypatch):
+    """DataLoader workers started by spawn (macOS' and Windows' default) import PIL afresh: the dataset carries the
+    limit on image pixels and the acceptance of truncated files that the main process set (they read the large
+    image and the truncated one as the main process does, instead of skipping one and reading the other)."""
+    root = _constant_folder(tmp_path, n=3, bad=())
+    Image.fromarray(np.full((16, 16), 250, np.uint8)).save(tmp_path / 'digits' / '03.png')  # 256 pixels
+    jpeg = BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(jpeg, 'JPEG')
+    (tmp_path / 'digits' / '04.jpg').write_bytes(jpeg.getvalue()[:-2])  # truncated
+    from PIL import ImageFile
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # (more than twice it: too large)
+    monkeypatch.setattr(ImageFile, 'LOAD_TRUNCATED_IMAGES', True)
+    ds = ImageFolderDataset(root, transform=_identity)
+    expected = [_quiet(ds.__getitem__, i)[2] for i in range(len(ds))]
+    assert expected == [0, 0, 0, 1, 0]
+    loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context='spawn')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        assert [int(skipped) for _, _, skipped in loader] == expected
+
+
 def test_timms_dataset_arguments_apply_or_are_refused(tmp_path):
     root = _constant_folder(tmp_path, n=2, bad=())
     assert ImageFolderDataset(root, transform=_identity, target_transform=lambda t: t + 100)[1] == (10, 100, 0)

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from timm.data import ImageDataset, get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder, natural_key
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -178,6 +178,9 @@ class ImageFolderDataset(ImageDataset):
     Args:
         root: folder with one sub-folder per class (or a timm reader root).
         max_skips: unreadable replacements tolerated for one sample before giving up.
+
+    PIL's `Image.MAX_IMAGE_PIXELS` and `ImageFile.LOAD_TRUNCATED_IMAGES` of the process that pickles it (a DataLoader
+    starting workers by spawn) apply in the process that unpickles it.
     """
 
     def __init__(self, root: str, split: str = 'train', transform=None, max_skips: int = 10, **kwargs):
@@ -200,6 +203,20 @@ class ImageFolderDataset(ImageDataset):
             mapped = kwargs.get('class_map') not in (None, '')
             check_class_folders(root, self.reader.samples, None if mapped else self.reader.class_to_idx)
         self.max_skips = max_skips
+
+    def __getstate__(self):
+        # PIL's process-wide settings travel with the dataset to the DataLoader workers that start by spawn (macOS'
+        # and Windows' default) and import PIL afresh: a limit raised for genuinely large images
+        # (`Image.MAX_IMAGE_PIXELS`), or truncated files accepted (`ImageFile.LOAD_TRUNCATED_IMAGES`), in a script's
+        # main guard or a notebook applied in the main process alone, so the workers skipped those images
+        return {**self.__dict__, '_pil_settings': (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)}
+
+    def __setstate__(self, state):
+        state = dict(state)
+        settings = state.pop('_pil_settings', None)
+        self.__dict__.update(state)
+        if settings is not None:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = settings
 
     def _read(self, index: int):
         """(image, target) of `index`, or None (with a warning) when the file cannot be opened or decoded."""
