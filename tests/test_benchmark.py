@@ -41,6 +41,10 @@ def test_pairs_split_at_the_colon_between_their_models():
         'local-dir:out/model', {}, 'hf-hub:timm/convnext_atto')
     assert parse_pair('a,overlay={file: w.safetensors},tag="x:y":b,c=1') == (
         'a', {'overlay': {'file': 'w.safetensors'}, 'tag': 'x:y'}, 'b,c=1')
+    # Windows paths: the drive's colon is no separator
+    assert parse_pair(r'local-dir:C:\runs\model:convnext_tiny') == (r'local-dir:C:\runs\model', {}, 'convnext_tiny')
+    assert parse_pair('a:local-dir:D:/runs/model') == ('a', {}, 'local-dir:D:/runs/model')
+    assert parse_pair(r'a,pretrained_file=C:\w.safetensors:b') == ('a', {'pretrained_file': r'C:\w.safetensors'}, 'b')
     for bad in ('a:b:c', 'a', 'hf-hub:user/repo'):
         with pytest.raises(ValueError, match='must look like NAME'):
             parse_pair(bad)

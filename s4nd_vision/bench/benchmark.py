@@ -11,6 +11,7 @@ allocator's peak of a training step (`*_cuda_peak_mb`), the layer, kernel and sc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -348,10 +349,12 @@ def _check_pair(name: str, kwargs: dict, baseline: str) -> Tuple[str, dict]:
 def _pair_sides(spec: str) -> List[str]:
     """`spec` split at the colons between its models: not one inside a value's brackets, braces or quotes
     (`pretrained_cfg_overlay={file: w.safetensors}`), nor that of shared weights' names (`hf-hub:USER/REPO`,
-    `local-dir:PATH`)."""
+    `local-dir:PATH`), nor a Windows drive's (`local-dir:C:\\runs\\x`, `pretrained_file=D:/w.safetensors`: a letter
+    alone before the colon, a path after it, which no model name starts with)."""
     sides: List[str] = []
     for part in _split_options(spec, separator=':'):
-        if sides and sides[-1] in ('hf-hub', 'local-dir'):
+        drive = part[:1] in ('\\', '/') and sides and re.search(r'(^|[=:,{\[\s])[A-Za-z]$', sides[-1])
+        if sides and (sides[-1] in ('hf-hub', 'local-dir') or drive):
             sides[-1] += ':' + part
         else:
             sides.append(part)
