@@ -910,6 +910,19 @@ def test_a_folder_a_live_run_writes_to_is_refused(tmp_path, folder):
     assert (tmp_path / 'best.safetensors').is_file()
 
 
+def test_without_fcntl_runs_train_and_resume_in_an_unlocked_folder(tmp_path, folder, monkeypatch):
+    """Windows has no `fcntl`: a run there trains and resumes as elsewhere, the folder unlocked (no .lock file), as
+    the README says."""
+    monkeypatch.setattr('s4nd_vision.train.checkpoint.fcntl', None)
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_steps_per_epoch=1'))
+    trainer = Trainer(cfg)
+    interrupt_loss_at(trainer, 2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert Trainer(cfg, resume=True).fit()['last']['epoch'] == 1  # (a second Trainer of the process, resumed)
+    assert not (tmp_path / '.lock').exists() and (tmp_path / 'best.safetensors').is_file()
+
+
 def _free(folder) -> bool:
     """Whether another process can take the run folder's lock now."""
     import subprocess
