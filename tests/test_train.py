@@ -937,9 +937,11 @@ def test_accumulation_steps_set_by_the_launcher_must_match_the_config(tmp_path, 
 def test_processes_launched_without_a_process_group_are_refused(tmp_path, folder, monkeypatch):
     """`accelerate launch --multi_gpu --num_processes 2` where no GPU is visible (and no ACCELERATE_USE_CPU=1):
     torchrun starts 2 workers (WORLD_SIZE=2) that Accelerate runs as single processes, each training alone; one
-    used to stop with 'train.output_dir is in use by another run', naming its sibling."""
+    used to stop with 'train.output_dir is in use by another run', naming its sibling. Accelerate's
+    `notebook_launcher(num_processes=2)` on CPUs does the same: the message says what a notebook sets."""
     monkeypatch.setenv('WORLD_SIZE', '2')
-    with pytest.raises(ConfigError, match=r'the launcher started 2 processes .* ACCELERATE_USE_CPU=1'):
+    with pytest.raises(ConfigError, match=r'the launcher started 2 processes .* ACCELERATE_USE_CPU=1 .*in a notebook, '
+                                          r"os.environ\['ACCELERATE_USE_CPU'\] = '1' before notebook_launcher"):
         Trainer(load_config(None, _overrides(folder, tmp_path / 'run')))
     assert not (tmp_path / 'run').exists()
 

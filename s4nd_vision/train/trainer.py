@@ -244,7 +244,8 @@ class Trainer:
                 raise ConfigError(
                     f'the launcher started {launched} processes (WORLD_SIZE={launched}), but Accelerate runs each as '
                     f'a run of its own (on {acc.device.type}, without a process group), which would train alone: on '
-                    f'CPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...), on GPUs check that '
+                    f'CPUs launch with ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu ...; in a notebook, '
+                    f'os.environ[\'ACCELERATE_USE_CPU\'] = \'1\' before notebook_launcher), on GPUs check that '
                     f'every process sees its GPU (torch.cuda.is_available(), CUDA_VISIBLE_DEVICES)')
             installed = {t.value for t in get_available_trackers()}
             missing = [t for t in tc.trackers if t != 'all' and t not in installed]
