@@ -747,7 +747,9 @@ def _export_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     print(f'exporting {args.model} traced at {_size_text(trace_size)}{raised} (large models take minutes)',
           file=sys.stderr)  # (stdout: the file written, then one JSON row per checked size)
     # (shared weights: named after their repository or folder; 'hf-hub:USER/REPO' made the folders output/hf-hub:USER/)
-    path = args.output or f'output/{os.path.basename(args.model.split(":", 1)[-1].rstrip("/")) or "model"}.onnx'
+    # (a folder's trailing separator, '\\' on Windows too, left no name: output/model.onnx)
+    shared = args.model.split(':', 1)[-1].rstrip('/' + os.sep)
+    path = args.output or f'output/{os.path.basename(shared) or "model"}.onnx'
     start = time.perf_counter()
     export_onnx(model, path, img_size=trace_size, in_chans=chans, max_side=max_side, fixed_size=args.fixed_size)
     shape = 'input size fixed' if args.fixed_size else 'height and width'

@@ -453,6 +453,14 @@ def test_export_names_the_file_of_shared_weights_after_them(tmp_path, monkeypatc
                        ('convnext_s4nd_atto', 'output/convnext_s4nd_atto.onnx')):
         main(['export', name])
         assert written[-1] == file and f'wrote {file} in' in capsys.readouterr().out
+    # Windows: the folder's trailing separator is a backslash (a shell's completion adds it)
+    import ntpath
+    import types
+    windows = types.ModuleType('os')
+    windows.__dict__.update(os.__dict__, path=ntpath, sep='\\')
+    monkeypatch.setattr(importlib.import_module('s4nd_vision.cli'), 'os', windows)
+    main(['export', 'local-dir:C:\\runs\\shared\\'])
+    assert written[-1] == 'output/shared.onnx'
 
 
 def test_seq_mnist_builds_every_model_before_training_any(capsys):
