@@ -545,6 +545,22 @@ def test_train_seed_sets_the_sample_order_and_the_augmentation():
     assert draws[0] == draws[1] != draws[2]
 
 
+@pytest.mark.parametrize('data', [['aug.auto_augment=rand-m9-mstd0.5-inc1', 'aug.reprob=0.5', 'aug.repeated_aug=2'],
+                                  ['data.dataset=mnist', 'data.root=null', 'data.in_chans=1']])
+def test_the_loaders_datasets_pickle_as_spawned_workers_take_them(tmp_path, folder, data):
+    """DataLoader workers started by spawn (macOS' and Windows' default) get the training and validation datasets,
+    their transforms included, pickled: they pickle, and the copies give the samples (the augmentation of each
+    seeded as in this process) the process itself reads."""
+    import pickle
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, *data)))
+    loader = trainer.data.train_batches(0, 32, 0, 2)
+    trainer.data.prepare_evaluation()
+    for dataset, key in ((loader.dataset, next(iter(loader.sampler))), (trainer.data.val_loader.dataset, 1)):
+        copy_ = pickle.loads(pickle.dumps(dataset))
+        (x, *rest), (x_copy, *rest_copy) = dataset[key], copy_[key]
+        assert torch.equal(x, x_copy) and rest == rest_copy
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, folder):
     """A real SIGKILL after the first checkpoint, then --resume: the same weights (and EMA) as an uninterrupted run."""
     extra = ('train.epochs=5', 'train.checkpoint_every_steps=3', 'train.ema_decay=0.8', 'aug.mixup=0.5',
