@@ -339,6 +339,23 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(folder, tmp_path, monkeypa
         f.write('train:\n  epochs: 7\n')
     assert load_config('~/run.yaml', _overrides(folder, tmp_path)).train.epochs == 7
 
+def test_a_config_file_is_read_as_utf8_whatever_the_locale(folder, tmp_path):
+    """YAML files are UTF-8: read in the locale's encoding (Windows' cp1252, here a C locale's ASCII), a config
+    naming a folder such as runs/Données failed to load, or named another folder; a byte-order mark (Windows
+    Notepad's) is no part of the first key."""
+    import subprocess
+    import sys
+    path = tmp_path / 'run.yaml'
+    path.write_bytes('\ufeff# ConvNeXt-S4ND \u2014 tiny\nmodel:\n  name: convnext_s4nd_atto\ntrain:\n'
+                     '  output_dir: runs/Donn\u00e9es\n'.encode('utf-8'))
+    env = dict(os.environ, LC_ALL='C', LANG='C', PYTHONUTF8='0', PYTHONCOERCECLOCALE='0')
+    read = subprocess.run(
+        [sys.executable, '-c', 'import sys; from s4nd_vision.train.config import load_config; '
+         'print(ascii(load_config(sys.argv[1], [sys.argv[2]]).train.output_dir))', str(path), f'data.root={folder}'],
+        env=env, capture_output=True, text=True)
+    assert read.stdout.strip() == ascii('runs/Donn\u00e9es'), read.stderr[-2000:]
+
+
 def test_the_written_config_reads_back_as_the_config(folder, tmp_path):
     """A run's config.yaml (which --resume compares and the zero-shot study reloads) is the run's Config: a YAML 1.1
     writer left the string '1e3' plain, which YAML 1.2 reads as 1000.0 (train.output_dir must be str)."""

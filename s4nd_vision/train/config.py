@@ -662,7 +662,9 @@ def _read_config(path: str) -> str:
     if path.startswith('~'):  # (the shell leaves the ~ of --config=~/run.yaml)
         path = os.path.expanduser(path)
     if os.path.isfile(path):
-        with open(path) as f:
+        # UTF-8, as YAML files are (with or without the byte-order mark Windows Notepad writes): the locale's
+        # encoding (Windows' cp1252) turned a path such as data.root: D:/Données into another folder's name
+        with open(path, encoding='utf-8-sig') as f:
             return f.read()
     name = path.replace(os.sep, '/')
     name = name[len('configs/'):] if name.startswith('configs/') else name
