@@ -311,6 +311,21 @@ def test_eval_resolution_evaluates_half_precision_models(image_folder):
             assert row['n'] == 30 and row['nonfinite'] == 0 and abs(row['top1'] - ref['top1']) <= 10
 
 
+def test_the_results_csv_is_utf8_whatever_the_locale(tmp_path):
+    """A model's display name the locale's encoding has no character for (Windows' cp1252, here a C locale's ASCII)
+    is written as UTF-8, not a UnicodeEncodeError after the first model's evaluation."""
+    import subprocess
+    import sys
+    path, name = tmp_path / 'rows.csv', 'mod\u00e8le \u6a21\u578b'
+    env = dict(os.environ, LC_ALL='C', LANG='C', PYTHONUTF8='0', PYTHONCOERCECLOCALE='0')
+    done = subprocess.run(
+        [sys.executable, '-c', 'import sys; from s4nd_vision.eval.resolution import write_csv; write_csv([dict('
+         'model=sys.argv[2].encode().decode("unicode_escape"), resolution=8, top1=1.0, top5=2.0, n=1, skipped=0, '
+         'nonfinite=0)], sys.argv[1])', str(path), ascii(name)[1:-1]], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert path.read_text(encoding='utf-8').splitlines()[1].startswith(name + ',8,1.00')
+
+
 def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
     models = {
         's4nd': _create('s4nd_iso_tiny', **SMALL),

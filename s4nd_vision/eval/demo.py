@@ -73,7 +73,7 @@ def _check_own_results(csv_path: str, models: Sequence[str]) -> None:
     run would replace it and its plot."""
     if not os.path.isfile(csv_path):
         return
-    with open(csv_path, newline='') as f:
+    with open(csv_path, newline='', encoding='utf-8') as f:  # (as `write_csv` writes it)
         others = sorted({r.get('model') or '?' for r in csv.DictReader(f)} - set(models))
     if others:
         raise ValueError(f'out_dir (--out) {os.path.dirname(csv_path) or "."!r} holds the results of other models '

@@ -456,8 +456,9 @@ def format_table(rows: Sequence[Dict]) -> str:
 def write_csv(rows: Sequence[Dict], path: str) -> str:
     """Write the rows (model, resolution, top1, top5, n: images scored, skipped: unreadable ones, nonfinite: scored
     ones with non-finite logits) to `path` (through a temporary file: an interrupted write leaves the previous
-    file)."""
-    with replaced_atomically(path) as tmp, open(tmp, 'w', newline='') as f:
+    file), in UTF-8: the locale's encoding (Windows' cp1252) failed on a model's name it has no character for,
+    after the first model was measured."""
+    with replaced_atomically(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         writer = csv.DictWriter(f, fieldnames=['model', 'resolution', 'top1', 'top5', 'n', 'skipped', 'nonfinite'])
         writer.writeheader()
         for r in rows:
