@@ -663,7 +663,7 @@ def _read_config(path: str) -> str:
         path = os.path.expanduser(path)
     if os.path.isfile(path):
         # UTF-8, as YAML files are (with or without the byte-order mark Windows Notepad writes): the locale's
-        # encoding (Windows' cp1252) turned a path such as data.root: D:/Données into another folder's name
+        # encoding (Windows' cp1252) turned a data.root with an accented letter into another folder's name
         with open(path, encoding='utf-8-sig') as f:
             return f.read()
     name = path.replace(os.sep, '/')
