@@ -117,3 +117,24 @@ def test_inference_on_the_cpu_runs_a_onednn_convolution_equal_to_the_projection(
     linear_glu(x, w64.float(), None).sum().backward()  # training: F.linear (autograd)
     assert calls == [1] and x.grad is not None
 
+
+
+def test_inference_projection_runs_onednn_on_one_thread():
+    """On one thread too, the inference projection is oneDNN's convolution: F.conv2d sends a 1x1 convolution of one
+    image to PyTorch's own GEMM (`_slow_conv2d_forward`, about twice oneDNN's time at the models' shapes) when
+    PyTorch runs on one thread, as with OMP_NUM_THREADS=1 or in a DataLoader worker."""
+    from torch.profiler import ProfilerActivity, profile
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip('this PyTorch build has no oneDNN')
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 4, 5, 6, generator=gen), torch.randn(8, 6, generator=gen), torch.randn(8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = linear_glu(x, weight, bias)
+    finally:
+        torch.set_num_threads(threads)
+    ops_run = {e.key for e in prof.key_averages()}
+    assert 'aten::mkldnn_convolution' in ops_run and 'aten::_slow_conv2d_forward' not in ops_run, sorted(ops_run)
+    torch.testing.assert_close(out, F.glu(F.linear(x, weight, bias), dim=-1))
