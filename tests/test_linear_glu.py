@@ -118,7 +118,6 @@ def test_inference_on_the_cpu_runs_a_onednn_convolution_equal_to_the_projection(
     assert calls == [1] and x.grad is not None
 
 
-
 def test_inference_projection_runs_onednn_on_one_thread():
     """On one thread too, the inference projection is oneDNN's convolution: F.conv2d sends a 1x1 convolution of one
     image to PyTorch's own GEMM (`_slow_conv2d_forward`, about twice oneDNN's time at the models' shapes) when
