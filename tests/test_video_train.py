@@ -1,8 +1,10 @@
 """The trainer on video: a generated HMDB-51-layout dataset through the real pipeline, one and two processes."""
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -363,6 +365,23 @@ def test_two_process_run_shards_videos_and_synchronizes(hmdb, tmp_path):
     assert shards[0] | shards[1] == set(TRAIN) and len(shards[0] & shards[1]) == 1  # own halves, one padding repeat
     row, = _rows(out)  # (each unreadable video once, also where it is a shard's padding repeat)
     assert row['val_videos'] == '3' and row['skipped_videos'] == '1' and row['val_skipped_videos'] == '1'
+
+
+def test_an_fsdp_sharded_model_evaluates_shards_of_unequal_clip_counts(hmdb, tmp_path):
+    """The 4 test videos over 2 ranks, one unreadable: one rank has 1 batch of clips, the other 2. Sharded by FSDP2,
+    every forward all-gathers the parameters: the rank that ran out must keep joining them, not go on to the
+    gathering of scores (a mismatch of collectives: a hang until the timeout, or an error). The metrics equal the
+    plain module's."""
+    out = tmp_path / 'metrics.json'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
+           os.path.join(ROOT, 'tests', 'dist_video_eval_script.py'), str(out), *_overrides(hmdb, tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    plain, sharded = metrics['plain'], metrics['sharded']
+    assert plain['val_videos'] == 3 and plain['val_skipped_videos'] == 1
+    assert sharded == pytest.approx(plain, rel=1e-5)
 
 
 def test_channels_last_run(hmdb, tmp_path):

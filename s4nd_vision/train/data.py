@@ -20,6 +20,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from timm.data import create_transform
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import EpochSeeded, ImageFolderDataset, ResumableSampler
@@ -277,9 +278,10 @@ class Hmdb51Data(TrainData):
     decodes and discards the batches this rank had already trained on in that epoch, then continues with the
     same batches, so it too repeats the uninterrupted run (at the cost of decoding up to an epoch of clips).
 
-    Evaluation scores `data.clips_per_video` clips per test video on each rank's shard with the unwrapped model,
-    gathers the scores, counts videos repeated to even out the shards once, and reports clip top-1 and video
-    top-1/top-5 (the mean softmax of a video's clips); a video with an unreadable clip is skipped whole.
+    Evaluation scores `data.clips_per_video` clips per test video on each rank's shard (the ranks in step: under
+    FSDP every forward is a collective), gathers the scores, counts videos repeated to even out the shards once, and
+    reports clip top-1 and video top-1/top-5 (the mean softmax of a video's clips); a video with an unreadable clip
+    is skipped whole.
     """
     unit = 'videos'
     rate_name = 'clips_per_s'
@@ -376,22 +378,39 @@ class Hmdb51Data(TrainData):
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         """Video top-1/top-5 (the mean softmax of a video's clips), clip top-1 and loss on the test split.
 
-        The model is unwrapped: ranks score their shards without collectives (unreadable videos can leave them with
-        different clip counts), then gather the scores; a video repeated to even out the shards counts once (the
-        copy of the lowest rank).
+        Ranks score their shards, then gather the scores; a video repeated to even out the shards counts once (the
+        copy of the lowest rank). Unreadable videos can leave the shards with different numbers of batches, and
+        under FSDP every forward is a collective (the parameters are gathered): the ranks step through the batches
+        together, and one that has run out forwards a blank clip (not scored) until none has a batch left; without
+        that, its gathering of the scores met the others' forwards: a hang until the timeout (NCCL) or a
+        "collective mismatch" crash (gloo). DDP's wrapper is removed (its forward is not needed to evaluate); FSDP1's
+        is kept (its root unit gathers the parameters it holds).
         """
         acc = self.accelerator
-        model = acc.unwrap_model(model)
+        if not isinstance(model, FullyShardedDataParallel):
+            model = acc.unwrap_model(model)
         was_training = model.training
         model.eval()
         logits, labels, videos = [torch.empty(0, self.num_classes)], [torch.empty(0, dtype=torch.long)], []
         self._evaluations += 1
         self.val_set.set_epoch(self._evaluations)  # (no shuffling: the same order)
-        for x, y, _, video in self.val_loader:
+        data = self.cfg.data
+        blank = torch.zeros(1, data.in_chans, data.num_frames, data.img_size, data.img_size, device=acc.device)
+        batches = iter(self.val_loader)
+        while True:
+            batch = next(batches, None)
+            if acc.num_processes > 1:  # (one small all-reduce per batch)
+                if int(acc.reduce(torch.tensor([batch is not None], device=acc.device, dtype=torch.int32))) == 0:
+                    break
+            elif batch is None:
+                break
+            x = blank if batch is None else batch[0].to(acc.device)
             with acc.autocast():
-                logits.append(model(x.to(acc.device).contiguous(memory_format=self.memory_format)).float().cpu())
-            labels.append(y)
-            videos += video.tolist()
+                out = model(x.contiguous(memory_format=self.memory_format)).float().cpu()
+            if batch is not None:
+                logits.append(out)
+                labels.append(batch[1])
+                videos += batch[3].tolist()
         model.train(was_training)
         # unreadable videos from the shards' records, not the per-clip counts: one after a shard's last clip has no
         # clip to carry its count
