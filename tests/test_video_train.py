@@ -448,3 +448,30 @@ def test_video_scores_are_the_mean_softmax_of_the_clips_of_each_video_scored_onc
     # videos 0, 1 (this rank's copy) and 3 right; clips: 4 of the 5 scored (video 2's is not) right
     assert metrics['top1'] == 100 and metrics['val_videos'] == 3 and metrics['val_skipped_videos'] == 1
     assert metrics['clip_top1'] == pytest.approx(80)
+
+
+class _Fsdp1Wrapper(torch.distributed.fsdp.FullyShardedDataParallel):
+    """Stands for an FSDP1-wrapped model (FSDP1 needs an accelerator: it cannot be built on CPU): its forward, which
+    gathers the root unit's sharded parameters, must be the one evaluated."""
+
+    def __init__(self, module):
+        torch.nn.Module.__init__(self)
+        self._fsdp_wrapped_module, self.forwards = module, 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return self._fsdp_wrapped_module(x)
+
+
+def test_video_evaluation_keeps_the_fsdp1_wrapper(tmp_path):
+    """Accelerate's `unwrap_model` removes FSDP1's wrapper; the inner module holds the root unit's parameters as
+    local shards, so evaluating it fails (or scores a shard): the wrapper's forward is evaluated."""
+    clips = [([4.0, 0.0, 0.0], 0, 0), ([0.0, 3.0, 0.0], 1, 1)]
+    data = Hmdb51Data.__new__(Hmdb51Data)
+    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
+    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), 3, torch.contiguous_format
+    data.val_set, data.transform = _LogitClips(clips, unreadable=[]), lambda img_size, training: None
+    data.prepare_evaluation()
+    wrapped = _Fsdp1Wrapper(_ClipLogits())
+    metrics = data.evaluate(wrapped)
+    assert wrapped.forwards == 1 and metrics['top1'] == 100 and metrics['val_videos'] == 2
