@@ -600,6 +600,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_two_process_image_evaluation_of_uneven_splits_is_in_step_and_exact(folder, tmp_path):
+    """Validation sets of 1, 3 and 5 images over 2 processes in batches of 1 and 2 (one process has no image of its
+    own; a partial last batch), with an unreadable image: every process makes as many forwards (an FSDP2-sharded
+    model's forwards are collectives: one more on a process hangs the run), and the images the loader repeats to
+    even out the processes are not scored twice (top-1 from the images themselves)."""
+    out = tmp_path / 'cases.json'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
+           os.path.join(ROOT, 'tests', 'dist_image_eval_script.py'), str(out), *_overrides(folder, tmp_path)]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = json.loads(out.read_text())
+    assert len(cases) == 8
+    for case in cases:
+        assert case['forwards'][0] == case['forwards'][1] > 0, case
+        assert case['metrics']['top1'] == pytest.approx(case['expected_top1']), case
+        assert case['metrics']['val_skipped_images'] == case['unreadable'], case
+
+
 @pytest.fixture(scope='module')
 def two_process_runs(tmp_path_factory, folder):
     """One `accelerate launch` of two CPU processes (gloo) running tests/dist_train_script.py's four runs one after
