@@ -1,7 +1,8 @@
 """Launched by tests/test_video_train.py under torchrun (two CPU processes, gloo): evaluates a tiny video model
 on HMDB-51 test clips whose shards hold different numbers of clips (an unreadable video on one rank), first as a
-plain module, then sharded by FSDP2 (`fully_shard`: every forward all-gathers the parameters), and writes both
-metrics (rank 0)."""
+plain module, then sharded by FSDP2 (`fully_shard`: every forward all-gathers the parameters), then both again with
+rank 1 given no clip at all, and writes the metrics (rank 0)."""
+import copy
 import json
 import sys
 from datetime import timedelta
@@ -29,14 +30,18 @@ def main() -> None:
                               **data.input_size_kwargs(cfg.model.name))
     data.bind(model)
     data.prepare_evaluation()
+    plain_model = copy.deepcopy(model)
     plain = data.evaluate(model)
     for block in [m for m in model.modules() if type(m).__name__ == 'ConvNeXtS4NDBlock']:
         fully_shard(block)
     fully_shard(model)
     sharded = data.evaluate(model)
+    if acc.process_index == 1:  # (a shard of unreadable videos)
+        data.val_loader = []
+    rank1_empty = dict(plain=data.evaluate(plain_model), sharded=data.evaluate(model))
     if acc.is_main_process:
         with open(out, 'w') as f:
-            json.dump(dict(plain=plain, sharded=sharded), f)
+            json.dump(dict(plain=plain, sharded=sharded, rank1_empty=rank1_empty), f)
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()
 

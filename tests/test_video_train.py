@@ -371,7 +371,7 @@ def test_an_fsdp_sharded_model_evaluates_shards_of_unequal_clip_counts(hmdb, tmp
     """The 4 test videos over 2 ranks, one unreadable: one rank has 1 batch of clips, the other 2. Sharded by FSDP2,
     every forward all-gathers the parameters: the rank that ran out must keep joining them, not go on to the
     gathering of scores (a mismatch of collectives: a hang until the timeout, or an error). The metrics equal the
-    plain module's."""
+    plain module's, also where one rank has no clip at all."""
     out = tmp_path / 'metrics.json'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
            os.path.join(ROOT, 'tests', 'dist_video_eval_script.py'), str(out), *_overrides(hmdb, tmp_path)]
@@ -382,6 +382,9 @@ def test_an_fsdp_sharded_model_evaluates_shards_of_unequal_clip_counts(hmdb, tmp
     plain, sharded = metrics['plain'], metrics['sharded']
     assert plain['val_videos'] == 3 and plain['val_skipped_videos'] == 1
     assert sharded == pytest.approx(plain, rel=1e-5)
+    # a rank without a single clip (the evaluation's stand-in clip has the shape of the data's)
+    empty = metrics['rank1_empty']
+    assert 0 < empty['plain']['val_videos'] < 3 and empty['sharded'] == pytest.approx(empty['plain'], rel=1e-5)
 
 
 def test_channels_last_run(hmdb, tmp_path):
