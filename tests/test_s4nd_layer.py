@@ -696,10 +696,12 @@ def test_kernel_cache_in_inference_is_invalidated_by_every_change(memory_format)
         check(x12)
         layer.load_state_dict({k: v + 0.1 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
         check(x12)
-        layer.kernels[1].bandlimit = 0.5
+        layer.kernels[1].bandlimit = 0.1  # (one that masks modes: a cut-off above every mode changes nothing)
+        assert not layer.kernels[1].mode_mask().all()
         check(x12)
         layer.D.mul_(-2.0)  # the skip term is not part of the cached operators
         check(x12)
+        check(x12.double())  # float64 input, float32 parameters: float64 kernels, not the float32 ones cached
         layer.double()
         check(x12.double())
     # with autograd on, kernels are rebuilt every call (and carry gradients)
