@@ -389,9 +389,6 @@ class Trainer:
                 group.update(fresh)
             self.scheduler.load_state_dict(fresh_schedule)
             self.scheduler.step_update(num_updates=self.state.update)
-            # Accelerate restores its micro-batch count, which decides when gradients sync: count it in this run's
-            # accumulation (a checkpoint of an odd update, written without accumulation, would shift every update)
-            acc.step = self.state.update * tc.grad_accum_steps
             if self.state.global_batch not in (0, self.global_batch):  # e.g. restarted on fewer GPUs
                 factor = self.state.global_batch / self.global_batch
                 hint = (f'train.grad_accum_steps={tc.grad_accum_steps * factor:g}' if factor == int(factor) else
@@ -568,8 +565,10 @@ class Trainer:
                 set_bandlimit(m, bandlimit)
         start = state.step_in_epoch if state.epoch == epoch else 0
         accum = cfg.train.grad_accum_steps
-        # the update starts afresh where a fit() before was interrupted within one (e.g. Ctrl-C in a notebook): its
-        # micro-batches' gradients would add to this one's, and Accelerate would sync on other micro-batches
+        # Accelerate's micro-batch count decides when gradients sync: counted in this run's accumulation, so that a
+        # resumed checkpoint's (Accelerate restores its own: one written without accumulation would shift every
+        # update) and a fit() before interrupted within an update (e.g. Ctrl-C in a notebook: its micro-batches'
+        # gradients would add to this one's) start the update afresh
         acc.step = state.update * accum
         model.zero_grad(set_to_none=True)
         scaler = acc.scaler if acc.mixed_precision == 'fp16' else None
