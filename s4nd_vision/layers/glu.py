@@ -1,4 +1,5 @@
 """A pointwise projection followed by a GLU that keeps only its input for the backward pass."""
+import contextlib
 from typing import Optional
 
 import torch
@@ -67,7 +68,9 @@ class _LinearGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         device_type = x.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        # (None on a device autocast has no notion of: meta)
+        ctx.autocast = ((device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+                        if torch.amp.is_autocast_available(device_type) else None)
         ctx.save_for_backward(x, weight, bias)
         return F.glu(F.linear(x, weight, bias), dim=-1)
 
@@ -75,8 +78,8 @@ class _LinearGLU(torch.autograd.Function):
     @ops.first_order_backward
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with contextlib.nullcontext() if ctx.autocast is None else torch.autocast(
+                ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1]):
             h = F.linear(x, weight, bias)  # the forward's projection, in the forward's dtype
         # d(a sigmoid(b)) = sigmoid(b) da + a sigmoid(b) (1 - sigmoid(b)) db, in float32 at least (float64 stays
         # float64: rounded to float32, a float64 layer's gradients would carry float32's error)

@@ -22,7 +22,7 @@ __all__ = [
     'two_sided_kernel', 'channel_major', 'channels_first', 'channel_major_memory', 'separable_conv', 'project',
     'conv_algorithms', 'conv_operators', 'apply_operators', 'avg_pool_axes', 'choose_algorithm', 'conv_algorithm',
     'forced_algorithm', 'ALGORITHMS', 'DepthwiseConv', 'DEPTHWISE_MAX_LEN', 'projection_chunks',
-    'PROJECTION_CHUNK_BYTES', 'FFT_CHUNK_BYTES', 'autocast_off',
+    'PROJECTION_CHUNK_BYTES', 'FFT_CHUNK_BYTES', 'autocast_off', 'autocast_enabled',
     'recompute_for_memory', 'backward_without_autocast', 'first_order_backward', 'module_parameter',
 ]
 
@@ -666,7 +666,7 @@ def backward_without_autocast(backward):
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
         device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), 'cpu')
-        with torch.autocast(device_type=device, enabled=False):
+        with autocast_off(device):
             return backward(ctx, *grads)
     return wrapped
 
@@ -675,9 +675,16 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast turned off on `device_type` where it is on (`torch.autocast(enabled=False)`), else no context: a graph
     that torch.export captures outside autocast then holds no `wrap_with_autocast` subgraph, whose symbolic float
     inputs (the kernel rates of dynamic sizes) `torch.export.save` cannot serialize."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type`; False for a device autocast has no notion of (`meta`, which shape
+    inference, `init_empty_weights` and memory planning run on): `torch.is_autocast_enabled('meta')` raises instead
+    of answering."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def module_parameter(module: torch.nn.Module) -> Optional[torch.Tensor]:
