@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
+from torch._subclasses.fake_tensor import is_fake
 
 from . import dispatch
 from .ops import (
@@ -136,11 +137,19 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.nbytes) == 0
 
 
+def _valueless(t: torch.Tensor) -> bool:
+    """Whether `t` holds no values: on the meta device or fake (shape inference and memory planning)."""
+    return t.is_meta or is_fake(t)
+
+
 def _equal_tensors(cached: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> bool:
     """Whether two lists of tensors have equal dtypes, shapes, devices and bitwise values, compared tensor by
     tensor in their own dtype (no concatenated or converted copy, which on small layers costs more than their
     convolution); on a GPU with one synchronization. (Bitwise on every device: a parameter holding a NaN equals
-    itself, so a GPU's cache and recurrent states are not refused as stale for it, as `==` did.)"""
+    itself, so a GPU's cache and recurrent states are not refused as stale for it, as `==` did.) Meta and fake
+    tensors (`FakeTensorMode`) have no values: they equal nothing (their data pointers are no memory to compare)."""
+    if any(_valueless(t) for t in itertools.chain(cached, current)):
+        return False
     if len(cached) != len(current) or any(
             a.dtype != b.dtype or a.shape != b.shape or a.device != b.device for a, b in zip(cached, current)):
         return False
@@ -447,7 +456,10 @@ class S4ND(nn.Module):
             operators = DepthwiseConv(kernels, self.pool)
         else:
             operators = conv_operators(kernels, shape, self.pool, algorithms)
-        self._kernel_cache = (snapshot, entries + ((key, operators),))
+        # (operators made on the meta device or under `FakeTensorMode` are shapes only, never served to a later
+        # call: a real call after them would compute with no values, or return fake tensors)
+        if not any(_valueless(t) for t in snapshot + kernels):
+            self._kernel_cache = (snapshot, entries + ((key, operators),))
         return operators
 
     def _check_input(self, x: torch.Tensor) -> None:
