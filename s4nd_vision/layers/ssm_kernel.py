@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.utils import parametrize
 
@@ -287,11 +288,12 @@ def _stack(params: Sequence[torch.Tensor], rates: Sequence[float], mask: Optiona
 
 def _kept_modes(mask: Optional[torch.Tensor]) -> Optional[slice]:
     """The modes from the first to the last that band-limiting keeps in any channel, as a slice of the mode axis;
-    None where that is every mode, and off the CPU (the slice is read on the host, which would synchronize a GPU).
+    None where that is every mode, off the CPU (the slice is read on the host, which would synchronize a GPU), and
+    for a fake tensor (`FakeTensorMode`: shape inference and memory planning, which have no values to read).
     Generation over these modes equals generation over all: a masked mode's C~ is 0 (or NaN where its parameters
     are not finite, which `_kept_values` keeps). (S4D's initializations order the modes by frequency, so the kept
     ones are one run; how many: README, "2-core CPU".)"""
-    if mask is None or mask.device.type != 'cpu':
+    if mask is None or mask.device.type != 'cpu' or is_fake(mask):
         return None
     kept = mask.sum(0).nonzero()  # (a 0/1 float mask: `sum` is far faster than `any` across rows on the CPU)
     if len(kept) == 0:
