@@ -27,6 +27,7 @@ from typing import Iterator, Tuple
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .ops import backward_without_autocast, generation_without_autocast
 from .records import record_float, records_in_state_dict
@@ -121,6 +122,8 @@ def _cell_integrals(size: int, n_scales: int, length: int, rate: float, device: 
                 return store[key]
     with torch.inference_mode(False):  # (a first call under inference mode must not cache inference tensors)
         m = _integrals(size, n_scales, length, rate).to(device, dtype)
+    if is_fake(m):  # (made under `FakeTensorMode`: no values, which later real calls of that key would be served)
+        return m
     with _cache_lock:
         store, limit = (_large, None) if m.nbytes > _CACHE_MATRIX_BYTES else (_cache, _CACHE_BYTES)
         store[key] = m
