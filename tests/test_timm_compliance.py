@@ -5,6 +5,9 @@ SMALL_SIDE; sequence models, input (C, L), get the length capped);
 the small variants in COMPLIANCE_MODELS go through the whole contract (backward, default cfg,
 features, intermediates, gradient checkpointing, bf16, torch.compile).
 """
+import collections
+import copy
+
 import pytest
 import timm
 import timm.optim
@@ -12,7 +15,7 @@ import torch
 from stacking import assert_same_gradient
 
 import s4nd_vision  # noqa: F401  (registers the models)
-from s4nd_vision.layers import ssm_kernel
+from s4nd_vision.layers import sgconv_kernel, ssm_kernel
 
 # (model name, constructor kwargs): the small variants that get every check. Add new families here.
 COMPLIANCE_MODELS = [
@@ -73,6 +76,56 @@ def test_create_on_meta_device_and_cfg_names(name):
         assert layer + '.weight' in state, f'{name}: {layer}.weight not in the state dict'
     with pytest.raises(TypeError):
         timm.create_model(name, not_an_argument=1)
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_meta_device_forward_and_backward_give_the_shapes_of_a_real_run(entry):
+    """Shape inference on the meta device (`with torch.device('meta')`, then a meta input): forward in training and
+    in inference, and backward, give the real run's shapes (autocast's state is asked for the input's device, which
+    `torch.is_autocast_enabled('meta')` refuses); a model that ran on meta, moved with `to_empty` and loaded, computes
+    as the original (no operators cached from meta tensors)."""
+    model = _create(*entry, num_classes=5).eval()
+    x = _small_input(model, batch_size=2)
+    with torch.no_grad():
+        want = model(x)
+    with torch.device('meta'):
+        meta = _create(*entry, num_classes=5)
+    out = meta(x.to('meta'))
+    assert out.device.type == 'meta' and out.shape == want.shape
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in meta.parameters())
+    meta.eval()
+    with torch.no_grad():  # (twice: a second inference call looks for operators cached by the first)
+        assert meta(x.to('meta')).shape == meta(x.to('meta')).shape == want.shape
+    meta.to_empty(device='cpu')
+    meta.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(meta(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('entry', COMPLIANCE_MODELS, ids=_ids)
+def test_fake_tensor_forward_gives_the_shapes_and_leaves_real_runs_alone(entry, monkeypatch):
+    """Memory planning runs a real model on a fake input (`FakeTensorMode`): in training and in inference it gives the
+    real run's shapes (band-limiting's kept modes are not read from fake values), and the real runs after it give real
+    tensors of the same values: no fake kernel operators cached in the layers (the next real call compared its
+    parameters with their data pointers: a crash) or in SGConv's matrices (every later call returned fake tensors)."""
+    from torch._subclasses import FakeTensorMode
+    for store in ('_cache', '_large'):  # (SGConv's matrices for this input not made yet: the fake run makes them)
+        monkeypatch.setattr(sgconv_kernel, store, collections.OrderedDict())
+    model = _create(*entry, num_classes=5)
+    reference = copy.deepcopy(model).eval()
+    x = _small_input(model, batch_size=2)
+    shapes = []
+    for train in (True, False):  # (first: no real call has cached anything)
+        model.train(train)
+        with torch.set_grad_enabled(train), FakeTensorMode(allow_non_fake_inputs=True):
+            shapes.append(model(torch.empty(x.shape)).shape)
+    with torch.no_grad():
+        got = model(x)
+        want = reference(x)
+    assert shapes == [want.shape] * 2
+    assert type(got) is torch.Tensor and type(want) is torch.Tensor
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('name', ALL_S4ND_MODELS)
