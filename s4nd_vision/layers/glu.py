@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import ops
 from .reference import use_reference
@@ -52,11 +53,13 @@ def _project_rows_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     shapes of ConvNeXt-S4ND (measured in the README). A permuted x is copied to contiguous rows first, as
     `F.linear` would."""
     rows = x.reshape(1, -1, x.shape[-2], x.shape[-1]).permute(0, 3, 1, 2)  # (1, C_in, rows / W, W), channels-last
-    if x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu') and torch.backends.mkldnn.enabled:
+    if (x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu') and torch.backends.mkldnn.enabled
+            and not is_fake(x)):
         # oneDNN itself: F.conv2d sends a 1x1 convolution of one image to PyTorch's own GEMM (as slow as F.linear,
         # about twice oneDNN's time here) whenever PyTorch runs on one thread (OMP_NUM_THREADS=1, a DataLoader
         # worker, torch.set_num_threads(1)). bfloat16 and autocast keep F.conv2d, whose dispatch checks the CPU, and so
-        # does oneDNN turned off (torch.backends.mkldnn.flags(enabled=False)).
+        # does oneDNN turned off (torch.backends.mkldnn.flags(enabled=False)), and a fake x (`FakeTensorMode`: the
+        # direct call has no fake implementation).
         y = torch.ops.aten.mkldnn_convolution(rows, weight[:, :, None, None], bias, (0, 0), (1, 1), (1, 1), 1)
     else:
         y = F.conv2d(rows, weight[:, :, None, None], bias)
