@@ -8,6 +8,7 @@ features, intermediates, gradient checkpointing, bf16, torch.compile).
 import collections
 import copy
 
+import numpy as np
 import pytest
 import timm
 import timm.optim
@@ -617,6 +618,20 @@ def test_model_sizes_out_of_range_are_refused_at_construction(name, depth_arg):
             timm.create_model(name, **kwargs)
     with torch.device('meta'):
         timm.create_model(name, num_classes=0, **{depth_arg: (1, 0, 1, 1) if depth_arg == 'depths' else 0})
+
+
+@pytest.mark.parametrize('name', ['convnext_s4nd_atto', 'convnext_s4nd_3d_atto', 'vit_s4nd_atto_patch16_224',
+                                  's4nd_iso_tiny', 's4nd_seq_tiny'])
+def test_drop_rates_out_of_range_are_refused_by_name(name):
+    """Through the Python API a negative, >= 1 or nan drop_path_rate (or drop_rate) built a model and a string
+    failed inside torch.linspace; the config checks them: the models now refuse them naming the argument, as the
+    config does, and keep taking a rate in [0, 1) (NumPy's too)."""
+    for key in ('drop_rate', 'drop_path_rate'):
+        for value in (-0.1, 1.0, float('nan'), '0.1', True):
+            with pytest.raises(ValueError, match=f'{key} must be a number in \\[0, 1\\)'), torch.device('meta'):
+                timm.create_model(name, **{key: value})
+    with torch.device('meta'):
+        timm.create_model(name, drop_rate=np.float32(0.5), drop_path_rate=0.)
 
 
 def test_accelerate_big_model_loading_recipe_applies_the_records(tmp_path):

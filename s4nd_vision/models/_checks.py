@@ -1,4 +1,5 @@
 """Checks shared by the models: a clear ValueError naming what is wrong with the input or with an argument."""
+import numbers
 from collections.abc import Iterable
 from typing import Optional, Tuple
 
@@ -6,7 +7,7 @@ import torch
 
 from ..layers.ssm_kernel import check_sizes, is_int
 
-__all__ = ['check_input', 'check_img_size', 'check_model_sizes', 'check_num_classes']
+__all__ = ['check_input', 'check_img_size', 'check_model_sizes', 'check_num_classes', 'check_rates']
 
 
 def check_img_size(img_size) -> Tuple[int, int]:
@@ -28,6 +29,16 @@ def check_model_sizes(in_chans, num_classes, **depths) -> None:
         values = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else (value,)
         if not all(is_int(v) and v >= 0 for v in values):
             raise ValueError(f'{name} must be a non-negative number of blocks (or one per stage), got {value!r}')
+
+
+def check_rates(**rates) -> None:
+    """Raise ValueError naming the first of `rates` (name=value: a dropout or stochastic depth rate) that is not a
+    real number in [0, 1), as the config's model.drop_rate and model.drop_path_rate are: through the Python API a
+    negative rate or nan built a model (timm's DropPath then dropped nothing, or everything at 1), a string failed
+    inside torch.linspace."""
+    for name, value in rates.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f'{name} must be a number in [0, 1), got {value!r}')
 
 
 def check_num_classes(num_classes) -> None:

@@ -36,7 +36,7 @@ from ..layers.ops import autocast_enabled
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
 from ..layers.s4nd import refuse_fx_proxy
 from ._base import HandsOutFeatures, S4NDModel, SSMNoWeightDecay, handed_out, s4nd_grids
-from ._checks import check_img_size, check_input, check_model_sizes
+from ._checks import check_img_size, check_input, check_model_sizes, check_rates
 
 __all__ = [
     'ConvNeXtBase', 'ConvNeXtFeatures', 'ConvNeXtStage', 'S4NDStem', 'S4NDDownsample', 'STEM_TYPES', 'DOWNSAMPLE_TYPES',
@@ -303,6 +303,7 @@ class ConvNeXtBase(S4NDModel):
         if downsample_type not in DOWNSAMPLE_TYPES:
             raise ValueError(f'downsample_type must be one of {DOWNSAMPLE_TYPES}, got {downsample_type!r}')
         check_model_sizes(in_chans, num_classes, depths=depths)
+        check_rates(drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         if len(depths) != len(dims):
             raise ValueError(f'depths and dims need the same length, got {depths} and {dims}')
         if output_stride not in (8, 16, 32):

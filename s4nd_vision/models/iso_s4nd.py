@@ -31,7 +31,7 @@ from ..layers import S4ND, ConvNeXtS4NDBlock, check_kernel_args, stacked_kernels
 from ..layers.ssm_kernel import check_sizes
 from ._base import LIBRARY_CFG, MIXER_TYPES, S4NDModel, feature_cfg, handed_out, paper_cfg
 from ._checkpoint import check_pretrained_file, check_weights_fit, filter_args, stated_img_size, unwrap_state_dict
-from ._checks import check_img_size, check_model_sizes
+from ._checks import check_img_size, check_model_sizes, check_rates
 
 __all__ = ['IsoS4ND']
 
@@ -102,6 +102,7 @@ class IsoS4ND(S4NDModel):
         if conv_kernel_size % 2 == 0:
             raise ValueError(f'conv_kernel_size must be odd (a centred conv keeps the size), got {conv_kernel_size!r}')
         check_model_sizes(in_chans, num_classes, depth=depth)
+        check_rates(drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans

@@ -59,7 +59,7 @@ from ._checkpoint import (
     split_input_size,
     unwrap_state_dict,
 )
-from ._checks import check_input, check_model_sizes, check_num_classes
+from ._checks import check_input, check_model_sizes, check_num_classes, check_rates
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 
@@ -178,6 +178,7 @@ class SeqS4ND(SSMNoWeightDecay, nn.Module):
         # (dim too: 2.5 failed in a conv as 'out_channels must be divisible by groups', True inside torch.empty)
         check_sizes(seq_len=seq_len, dim=dim, conv_kernel_size=conv_kernel_size)
         check_model_sizes(in_chans, num_classes, depth=depth)
+        check_rates(drop_rate=drop_rate, proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans

@@ -59,7 +59,7 @@ from ..layers import S4ND, check_kernel_args, stacked_kernels
 from ..layers.ssm_kernel import is_int
 from ._base import LIBRARY_CFG, S4NDModel, check_global_pool, feature_cfg, paper_cfg, update_model_args
 from ._checkpoint import check_pretrained_file, filter_args, stated_img_size, transfer_timm_weights, unwrap_state_dict
-from ._checks import check_img_size, check_input, check_model_sizes
+from ._checks import check_img_size, check_input, check_model_sizes, check_rates
 
 torch.fx.wrap('check_input')  # a call in FX graphs (timm's feature_cls='fx'): the check runs on the real input
 torch.fx.wrap('rearrange')  # (einops does not take FX proxies)
@@ -205,6 +205,7 @@ class VisionTransformerS4ND(S4NDModel):
         super().__init__()
         check_global_pool(global_pool)
         check_model_sizes(in_chans, num_classes, depth=depth)
+        check_rates(drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         if token_layout not in _LAYOUT_DT:
             raise ValueError(f'token_layout must be one of {tuple(_LAYOUT_DT)}, got {token_layout!r}')
         default_dt_min, default_dt_max = _LAYOUT_DT[token_layout]
