@@ -476,3 +476,18 @@ def test_mnist_refuses_image_augmentation_it_would_ignore(tmp_path):
     trainer = Trainer(load_config(None, [*base, 'data.img_size=14']))
     assert trainer.registered_cfg['crop_pct'] != 1.0
     assert trainer.data.data_config['crop_pct'] == trainer.model.pretrained_cfg['crop_pct'] == 1.0
+
+
+def test_ssm_lr_for_a_model_without_ssm_parameters_is_warned_about(folder, tmp_path):
+    """optim.ssm_lr set for a model with neither SSM parameters nor SGConv sub-kernels (timm's ConvNeXt, the
+    baseline) went to no parameter group without a word: a warning names the key (not an error: the demo trains its
+    conv twin with the S4ND model's config); S4ND's SSM kernels and SGConv's take it without one."""
+    baseline = ['model.name=convnext_tiny', 'model.kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 16, 16]}']
+    with pytest.warns(UserWarning, match=r'optim.ssm_lr \(0.001\) applies to nothing: convnext_tiny has no SSM'):
+        load_config(None, _overrides(folder, tmp_path, *baseline, 'optim.ssm_lr=1e-3'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_config(None, _overrides(folder, tmp_path, *baseline))
+        load_config(None, _overrides(folder, tmp_path, 'optim.ssm_lr=1e-3'))
+        load_config(None, _overrides(folder, tmp_path, 'optim.ssm_lr=1e-3', 'model.kwargs={depths: [1, 1, 1, 1], '
+                                     'dims: [8, 16, 16, 16], stem_chs: 8, kernel: sgconv}'))

@@ -23,6 +23,7 @@ import inspect
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
@@ -328,7 +329,7 @@ class Config:
 
         from .. import models  # noqa: F401  (registers the models)
         from ..eval.resolution import check_resolutions, min_input_size
-        from ..layers import set_bandlimit
+        from ..layers import set_bandlimit, sgconv_weights, ssm_parameters
 
         mc, data = self.model, self.data
         if not timm.is_model(mc.name):
@@ -359,6 +360,11 @@ class Config:
             raise ConfigError(f'model.kwargs {mc.kwargs} do not build {mc.name}: {what}') from None
         except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device:
             return  # the trainer builds it for real and reports what fails
+        if self.optim.ssm_lr is not None and not any(ssm_parameters(model)) and not any(sgconv_weights(model)):
+            # (param_groups_ssm gives it to no group: it silently changed nothing. A warning, not an error: the demo
+            # trains its conv twin with the S4ND model's config, as a baseline run may share a recipe)
+            warnings.warn(f'optim.ssm_lr ({self.optim.ssm_lr}) applies to nothing: {mc.name} has no SSM parameters '
+                          f'or SGConv sub-kernel weights (every parameter trains at optim.lr)', stacklevel=2)
         if self.train.progressive and get_model_input_config(model)['fixed_input_size']:
             raise ConfigError(
                 f'train.progressive changes the training size, but {mc.name} has a fixed input size (timm\'s '
