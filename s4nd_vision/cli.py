@@ -223,6 +223,9 @@ def _kernel_report_run(args: argparse.Namespace, parser: argparse.ArgumentParser
     from .eval.resolution import load_model, same_model_argument
     from .models import input_size_args
     name, kwargs = _model_spec('--model', args.model, parser)
+    if args.img_size is not None and name.startswith(('hf-hub:', 'local-dir:')):  # (not in the model registry)
+        parser.error(f'--img-size: {name} is shared weights, which hold the resolution they were trained at (their '
+                     f'S4ND reference grids, which the report measures): leave --img-size out')
     if args.img_size is not None and 'img_size' not in input_size_args(name):
         parser.error(f'--img-size: {name} is not one of our image models built for a resolution (a sequence '
                      f'model takes its reference length as --model-kwargs seq_len=N)')

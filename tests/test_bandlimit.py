@@ -455,6 +455,24 @@ def test_kernel_report_of_a_sequence_model(tmp_path, capsys):
     assert exit_info.value.code == 2 and 'seq_len=N' in capsys.readouterr().err
 
 
+def test_kernel_report_of_shared_weights_refuses_img_size_saying_why(tmp_path, capsys):
+    """--img-size with 'local-dir:'/'hf-hub:' weights was refused as 'not one of our image models' (they may well
+    be): the error now says they hold their training resolution, which the report measures without it."""
+    from s4nd_vision.cli import main
+    from s4nd_vision.deploy.hub import save_for_hf
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_chs=4, d_state=8,
+                              img_size=48)
+    save_for_hf(model, str(tmp_path / 'shared'), safe_serialization=True)
+    name = f'local-dir:{tmp_path / "shared"}'
+    with pytest.raises(SystemExit) as exit_info:
+        main(['kernel-report', '--model', name, '--img-size', '64', '--out', str(tmp_path / 'no')])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'is shared weights, which hold the resolution they were trained at' in err
+    assert 'leave --img-size out' in err and 'not one of our image models' not in err, err
+    main(['kernel-report', '--model', name, '--out', str(tmp_path / 'out')])
+    assert '| stem.1 | stem | 0 | 48 |' in capsys.readouterr().out
+
+
 def test_kernel_report_of_trained_weights(tmp_path):
     """--checkpoint: the report reads the weights' step sizes (here all dt = 1: S4D-Lin keeps only mode 0)."""
     from safetensors.torch import save_file
