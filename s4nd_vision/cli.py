@@ -393,12 +393,13 @@ def _benchmark_run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     pairs = [parse_pair(p) for p in args.pairs] if 'models' in args.what else []
     check_pairs(pairs, img_size=args.img_size, num_frames=args.num_frames)  # (before the other rows' minutes)
     # the conditions every number depends on, stated above the tables and in the JSON (layer, kernel, step and
-    # scaling rows run float32 without autocast on channels-last input; amp, channels_last and compile are the
-    # model rows')
+    # scaling rows run float32 without autocast on channels-last input; amp, channels_last, compile, the size and
+    # the pairs are the model rows': recorded only in a run that has them, where they describe something)
+    model_settings = dict(amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                          img_size=args.img_size, num_frames=args.num_frames, pairs=args.pairs)
     env = dict(environment(torch.device(args.device)), command=shlex.join(sys.argv), what=args.what,
-               batch_size=args.batch_size, repeats=args.repeats, dtype='float32', amp=args.amp,
-               channels_last=args.channels_last, compile=args.compile, img_size=args.img_size,
-               num_frames=args.num_frames, pairs=args.pairs,
+               batch_size=args.batch_size, repeats=args.repeats, dtype='float32',
+               **(model_settings if 'models' in args.what else {}),
                malloc='freed memory kept (keep_freed_memory)' if kept else "the C library's default",
                started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), units='ms per call (median), MB, ratios S4ND / baseline')
     header = f'{describe_environment(env)}; malloc: {env["malloc"]}'

@@ -239,6 +239,18 @@ def test_results_state_their_conditions(tmp_path, capsys):
     assert 'model rows: amp bf16, channels-first' in header
 
 
+def test_results_without_model_rows_state_no_model_settings(tmp_path):
+    """A run with no model rows (--what step) recorded the pairs, size, amp, layout and compile flag of model rows
+    it never measured (the default pair convnext_s4nd_tiny among them); it records them only with model rows."""
+    from s4nd_vision.cli import tool_main
+    path = tmp_path / 'bench.json'
+    tool_main('benchmark', ['--what', 'step', '--step-lengths', '8', '--repeats', '1', '--amp', 'bf16', '--device',
+                            'cpu', '--json', str(path)])
+    env = json.loads(path.read_text())['environment']
+    assert env['what'] == ['step'] and env['dtype'] == 'float32'
+    assert not {'amp', 'channels_last', 'compile', 'img_size', 'num_frames', 'pairs'} & set(env), env
+
+
 def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     """The JSON is rewritten as each row finishes, and Ctrl-C keeps it: the finished rows, a model pair's row so far
     (under 'partial') and 'interrupted' (it was written only at the end: an interruption lost every row)."""
