@@ -454,8 +454,14 @@ def test_data_keys_the_dataset_does_not_read_are_refused(folder, tmp_path):
                                   r'it \(data.dataset hmdb51 only; .*got 8$')]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [*mnist, override])
-    with pytest.raises(ConfigError, match=r'data.clips_per_video must be left at 1 for data.dataset imagefolder'):
+    with pytest.raises(ConfigError, match=r'data.clips_per_video must be left at 1 for data.dataset imagefolder, '
+                                          r'which does not read it \(data.dataset hmdb51 only\), got 4$'):
         load_config(None, _overrides(folder, tmp_path, 'data.clips_per_video=4'))
+    # (MNIST's note where the dataset is MNIST only: it was said to hmdb51 and imagefolder too)
+    video = ['model.name=convnext_s4nd_3d_atto', 'data.dataset=hmdb51', f'data.root={folder}']
+    with pytest.raises(ConfigError, match=r"data.val_split must be left at 'val' for data.dataset hmdb51, which does "
+                                          r"not read it \(data.dataset imagefolder only\), got 'test'$"):
+        load_config(None, [*video, f'train.output_dir={tmp_path}', 'data.val_split=test'])
     assert load_config(None, _overrides(folder, tmp_path, 'data.clip_duration=2')).data.clip_duration == 2.0
 
 
