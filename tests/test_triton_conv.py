@@ -686,6 +686,33 @@ def test_dispatch_keeps_gpus_older_than_the_kernels_support_on_the_fast_path(mon
     assert not dispatch.fused_generation(CUDA, torch.float32)
 
 
+def test_capability_is_asked_per_gpu(monkeypatch):
+    """On a machine with two kinds of GPU each one's capability decides, 'cuda' (no index) the current one's: the
+    cache was keyed by the device, so 'cuda' kept the answer of the GPU current when it was first asked (an old GPU
+    then got the Triton path, or a new one the fast path)."""
+    capabilities = {0: (9, 0), 1: (6, 0)}  # an H100 and a P100
+    current = [0]
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: current[0])
+
+    def device_capability(device):  # (as torch's: an index or a device, no index meaning the current one)
+        index = device if isinstance(device, int) else torch.device(device).index
+        return capabilities[current[0] if index is None else index]
+
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', device_capability)
+    monkeypatch.setattr(torch.version, 'hip', None)
+    dispatch._device_capability.cache_clear()
+    try:
+        assert dispatch._capability(torch.device('cuda:0')) == (9, 0)
+        assert dispatch._capability(torch.device('cuda:1')) == (6, 0)
+        assert dispatch._capability(torch.device('cuda')) == (9, 0) and dispatch._triton_device(torch.device('cuda'))
+        current[0] = 1
+        assert dispatch._capability(torch.device('cuda')) == (6, 0)
+        assert not dispatch._triton_device(torch.device('cuda'))
+    finally:
+        dispatch._device_capability.cache_clear()  # (no fake answer left for the other tests)
+
+
 def test_dispatch_while_compiling_exporting_and_tracing(monkeypatch):
     """torch.compile on CUDA takes the Triton custom ops (their fake implementations trace); torch.export gets the
     portable reference, and so does compilation on the CPU unless 'triton' is forced; jit tracing (FLOP counts)

@@ -214,10 +214,20 @@ def _triton_device(device: torch.device) -> bool:
     return capability is None or capability >= MIN_CAPABILITY
 
 
-@functools.lru_cache(maxsize=None)  # (asked per layer call; a device's capability never changes)
 def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
-    """The compute capability of a CUDA device; None where no GPU is visible."""
-    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+    """The compute capability of a CUDA device; None where no GPU is visible. 'cuda' without an index is the current
+    device, asked each time: the cache is keyed by the index (keyed by the device, 'cuda' kept the answer of the GPU
+    that was current first, on a machine of two kinds of GPU)."""
+    index = device.index
+    if index is None and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+    return _device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)  # (asked per layer call; a device's capability never changes)
+def _device_capability(index: Optional[int]) -> Optional[Tuple[int, int]]:
+    """The compute capability of the CUDA device `index`; None where no GPU is visible."""
+    return torch.cuda.get_device_capability(index) if torch.cuda.is_available() else None
 
 
 def _triton_conv():
