@@ -1,5 +1,6 @@
 """Per-axis kernels against their definitions: S4D-LegS from the HiPPO-LegS decomposition, the S4 (DPLR)
 kernel against matrix powers of the dense discretized system, and the SGConv kernel's structure."""
+import contextlib
 import copy
 import math
 
@@ -320,3 +321,43 @@ def test_reference_generation_groups_kernels_of_one_length_only_at_one_rate(monk
     assert sorted(sorted(members) for members, _ in runs) == [[0, 2], [1]]
     for got, expected in zip(ssm_kernels(kernels, lengths, rates, torch.float64), alone):
         torch.testing.assert_close(got, expected)
+
+
+def _s4d_kernel_by_the_formula(kernel: SSMKernel, length: int) -> torch.Tensor:
+    """NOTES.md's S4D kernel, K[l] = 2 Re(sum_n C_n B_n (exp(dt A_n) - 1) / A_n exp(dt A_n l)), in float64 Python
+    complex arithmetic, with (exp(Z) - 1) / A = dt sum_j Z^j / (j + 1)! (Z = dt A): exact where A underflows to 0."""
+    import cmath
+    b = torch.view_as_complex(kernel.b.detach().double().contiguous())
+    c = torch.view_as_complex(kernel.c_pairs.detach().double().contiguous())
+    out = torch.zeros(c.shape[0], kernel.dim, length, dtype=torch.float64)
+    for h in range(kernel.dim):
+        dt = math.exp(kernel.log_dt[h].item())
+        for n in range(b.shape[1]):
+            a = complex(-math.exp(kernel.log_a_real[h, n].item()), kernel.a_imag[h, n].item())
+            z = dt * a
+            e = dt * sum(z ** j / math.factorial(j + 1) for j in range(40)) if abs(z) < 1 else (cmath.exp(z) - 1) / a
+            for k in range(c.shape[0]):
+                for step in range(length):
+                    out[k, h, step] += 2 * (c[k, h, n].item() * b[h, n].item() * e * cmath.exp(z * step)).real
+    return out
+
+
+@pytest.mark.parametrize('log_a_real', [-0.7, -90.0, -104.0, -110.0, -200.0, -1000.0])
+def test_s4d_kernel_of_a_mode_whose_decay_underflows(log_a_real):
+    """Re A = -exp(log_a_real) underflows in float32 below about -88 (and to 0 below -104): on S4D-Lin's first mode
+    (Im A = 0) the kernel was NaN (1 / A overflowed, then 0 / 0). The fast path in float32 and float64, and the
+    reference formulation, now give the formula's values (a mode that does not decay: e = dt), with finite
+    gradients."""
+    from s4nd_vision.layers.reference import reference_formulation
+    torch.manual_seed(0)
+    kernel = SSMKernel(2, d_state=4, num_kernels=2, init='lin', dt_min=0.1, dt_max=0.2)
+    with torch.no_grad():
+        kernel.log_a_real[:, 0] = log_a_real
+    expected = _s4d_kernel_by_the_formula(kernel, 6)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        for reference in (False, True):
+            with reference_formulation() if reference else contextlib.nullcontext():
+                out = kernel(6, 1.0, dtype=dtype)
+                torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+                grads = torch.autograd.grad(out.sum(), list(kernel.parameters()))
+            assert all(g.isfinite().all() for g in grads), (dtype, reference)

@@ -345,13 +345,14 @@ def _finite_difference_grads(kernel, length, weight, h=1e-6):
     return grads
 
 
-@pytest.mark.parametrize('log_a_real', [-50.0, -60.0])
+@pytest.mark.parametrize('log_a_real', [-50.0, -60.0, -110.0])
 def test_fused_generation_of_a_mode_with_tiny_a(log_a_real):
     """S4D-Lin's first mode has Im A = 0; with a tiny decay rate |A|^2 underflows in float32 (|A| < 1e-19), so the
     discretization divides by A scaled first, as `reference.ssm_kernel_reference` does, and the backward takes
     d(expm1(dt A) / A)/dA from its series, not from a difference of two terms of size 1 / A. Values and gradients
     stay those of float64 (before: wrong kernels at -50, NaN at -60, and a gradient of 1e9 for Im A). The
-    gradients are finite differences: float64 autograd cancels there too."""
+    gradients are finite differences: float64 autograd cancels there too. At -110 Re A underflows to 0 in float32
+    (NaN before: 0 / 0): every path bounds log_a_real below (`reference.LOG_A_REAL_MIN`)."""
     torch.manual_seed(0)
     kernel = SSMKernel(2, d_state=4, num_kernels=1, init='lin', dt_min=0.1, dt_max=0.1).double()
     with torch.no_grad():

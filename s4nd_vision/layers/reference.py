@@ -28,6 +28,12 @@ __all__ = ['use_reference', 'reference_formulation', 'ssm_kernel_reference', 'se
 
 _FORCED: ContextVar[bool] = ContextVar('s4nd_reference_formulation', default=False)
 
+# Every S4D generation takes Re A = -exp(max(log_a_real, LOG_A_REAL_MIN)): below about -88 (float32) exp(log_a_real)
+# is a denormal or 0, whose reciprocal in e = expm1(dt A) / A overflowed, and on a mode with Im A = 0 (S4D-Lin's
+# first) the kernel was NaN (0 / 0). At the bound A = -8.7e-27 is negligible beside any dt's rounding: dt A and
+# l dt A round as for the exact A, in float64 too (e = dt (1 + dt A / 2 + ...)), so the kernel is the formula's.
+LOG_A_REAL_MIN = -60.0
+
 
 @contextlib.contextmanager
 def reference_formulation() -> Iterator[None]:
@@ -78,7 +84,7 @@ def ssm_kernel_reference(
         (K, H, L) real kernels.
     """
     dt = log_dt.exp()[:, None] * rate  # (H, 1)
-    a_re, a_im = -log_a_real.exp(), a_imag
+    a_re, a_im = -log_a_real.clamp(min=LOG_A_REAL_MIN).exp(), a_imag  # (see LOG_A_REAL_MIN)
     x, y = dt * a_re, dt * a_im  # dt A
     # expm1(x + iy) = expm1(x) cos y - 2 sin^2(y / 2) + i exp(x) sin y, divided by A
     s = (0.5 * y).sin()

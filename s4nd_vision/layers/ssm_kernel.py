@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from .hippo import legs_b, legs_nplr
 from .ops import backward_without_autocast, first_order_backward, generation_without_autocast, is_int
 from .records import record_float, records_in_state_dict
-from .reference import ssm_kernel_reference, use_reference
+from .reference import LOG_A_REAL_MIN, ssm_kernel_reference, use_reference
 
 __all__ = [
     'SSMKernel', 'ssm_kernels', 'ssm_kernel_runs', 'ssm_init_imag', 'ssm_init_b', 'ssm_parameters', 'set_bandlimit',
@@ -330,7 +330,8 @@ def _put_modes(g: torch.Tensor, modes: Optional[slice], n2: int) -> torch.Tensor
 
 def _poles(log_dt, log_a_real, a_imag, rate) -> tuple:
     """The step dt (H, 1) and the continuous-time poles A (H, N2 complex)."""
-    return log_dt.exp()[:, None] * rate, torch.complex(-log_a_real.exp(), a_imag)
+    # (log_a_real bounded below: a Re A that underflows made the kernel NaN, see LOG_A_REAL_MIN)
+    return log_dt.exp()[:, None] * rate, torch.complex(-log_a_real.clamp(min=LOG_A_REAL_MIN).exp(), a_imag)
 
 
 def _discretize(dt: torch.Tensor, a: torch.Tensor) -> tuple:

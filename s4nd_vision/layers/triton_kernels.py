@@ -21,7 +21,10 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from . import dispatch
+from .reference import LOG_A_REAL_MIN
 from .ssm_kernel import SSMKernel, check_generation, mode_masks
+
+_LOG_A_REAL_MIN = tl.constexpr(LOG_A_REAL_MIN)  # (a global a jitted kernel reads must be a constexpr)
 
 __all__ = ['check_device', 'discretize', 'on_tensor_device', 'ssm_kernels_fused', 'two_sided_kernels_fused',
            'vandermonde']
@@ -93,7 +96,7 @@ def _zoh(log_dt_ptr, rate_ptr, lar_ptr, aim_ptr, b_ptr, mask_ptr, r, n, R, N2, H
     ok = (r < R) & (n < N2)
     rn = r * N2 + n
     dt = tl.exp(tl.load(log_dt_ptr + r, mask=r < R, other=0.0)) * tl.load(rate_ptr + r, mask=r < R, other=1.0)
-    a_re = -tl.exp(tl.load(lar_ptr + rn, mask=ok, other=0.0))
+    a_re = -tl.exp(tl.maximum(tl.load(lar_ptr + rn, mask=ok, other=0.0), _LOG_A_REAL_MIN))  # (no underflow: NaN)
     a_im = tl.load(aim_ptr + rn, mask=ok, other=0.0)
     x, y = dt * a_re, dt * a_im
     s = tl.sin(0.5 * y)
