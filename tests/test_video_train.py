@@ -453,6 +453,20 @@ def test_video_scores_are_the_mean_softmax_of_the_clips_of_each_video_scored_onc
     assert metrics['clip_top1'] == pytest.approx(80)
 
 
+def test_a_clip_with_non_finite_logits_is_no_hit(tmp_path):
+    """A clip whose logits are NaN is a miss in clip_top1 as in top1 (`topk_hits`): argmax ranks a NaN first, so an
+    all-NaN clip was credited to class 0 (a model that blew up read as one at chance)."""
+    nan = float('nan')
+    clips = [([nan, nan, nan], 0, 0), ([0.0, 3.0, 0.0], 1, 1)]
+    data = Hmdb51Data.__new__(Hmdb51Data)  # (the evaluation's parts only, no videos)
+    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
+    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), 3, torch.contiguous_format
+    data.val_set, data.transform = _LogitClips(clips, unreadable=[]), lambda img_size, training: None
+    data.prepare_evaluation()
+    metrics = data.evaluate(_ClipLogits())
+    assert metrics['top1'] == 50 and metrics['clip_top1'] == 50 and metrics['val_videos'] == 2
+
+
 class _Fsdp1Wrapper(torch.distributed.fsdp.FullyShardedDataParallel):
     """Stands for an FSDP1-wrapped model (FSDP1 needs an accelerator: it cannot be built on CPU): its forward, which
     gathers the root unit's sharded parameters, must be the one evaluated."""
