@@ -130,6 +130,33 @@ def test_timm_convnext_atto_weights_give_timm_outputs(tmp_path):
         torch.testing.assert_close(ours.stem[0].bias, theirs.stem[0].bias)
 
 
+def _facebook_name(name: str) -> str:
+    """timm's ConvNeXt tensor name -> the original (facebookresearch/ConvNeXt) checkpoint's."""
+    name = re.sub(r'^stem\.', 'downsample_layers.0.', name)
+    name = re.sub(r'^stages\.(\d)\.downsample\.', r'downsample_layers.\1.', name)
+    name = re.sub(r'^stages\.(\d)\.blocks\.(\d+)\.', r'stages.\1.\2.', name)
+    name = name.replace('conv_dw', 'dwconv').replace('mlp.fc', 'pwconv')
+    return name.replace('head.norm.', 'norm.').replace('head.fc.', 'head.')
+
+
+def test_original_convnext_checkpoints_load_as_timm_renames_them():
+    """A checkpoint of the original ConvNeXt code ({'model': ...}, `downsample_layers.*`, `stages.i.j.pwconv1`)
+    transfers as the same weights in timm's layout do (timm's ConvNeXt filter renames them), also from a deeper
+    ConvNeXt (its extra block unused, not a KeyError in timm's reshape): it was refused as fitting nothing."""
+    torch.manual_seed(0)
+    convnext = timm.models.convnext.ConvNeXt(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), conv_mlp=False)
+    theirs = convnext.state_dict()
+    original = {'model': {_facebook_name(k): v for k, v in theirs.items()}}
+    assert 'downsample_layers.1.1.weight' in original['model'] and 'stages.2.1.pwconv1.weight' in original['model']
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), **_LAYOUTS['patch'])
+    expected = checkpoint_filter_fn(theirs, model)
+    out = checkpoint_filter_fn(original, model)
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in expected)
+    assert torch.equal(out['stem.0.weight'], theirs['stem.0.weight'])
+    assert torch.equal(out['stages.3.blocks.0.mlp.fc2.weight'], theirs['stages.3.blocks.0.mlp.fc2.weight'])
+    assert torch.equal(out['head.norm.weight'], theirs['head.norm.weight'])
+
+
 def test_linear_and_1x1_conv_mlps_map_both_ways():
     """timm's own ConvNeXt in both MLP layouts: the 1x1 conv weights load into Linear layers and back,
     and the model computes the same function."""

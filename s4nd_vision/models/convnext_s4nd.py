@@ -17,11 +17,14 @@ evaluating at a new resolution needs nothing. `set_input_size(img_size)` makes a
 the native one (the data config's), keeping the model's function, as in timm.
 """
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Dict
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.convnext import checkpoint_filter_fn as timm_convnext_filter
 
 from ._base import LIBRARY_CFG, SGCONV_ID, feature_cfg, paper_cfg
 from ._checkpoint import check_pretrained_file, filter_args, stated_img_size, transfer_timm_weights, unwrap_state_dict
@@ -52,10 +55,31 @@ def checkpoint_filter_fn(
     counterpart) keep the model's initialization; a one-line report of what was loaded, reshaped and kept is
     logged. Weights of which nothing outside the head fits (another architecture or width) are refused: the
     model would otherwise be its initialization under the name of a pretrained one.
+    The original ConvNeXt checkpoints (facebookresearch/ConvNeXt: `downsample_layers.*`, `stages.i.j.dwconv`,
+    `pwconv1`, ...) and open_clip's ConvNeXt trunks (`visual.trunk.*`) are first renamed to timm's layout by timm's
+    own ConvNeXt filter, as `timm.create_model('convnext_tiny', pretrained=True)` loads them.
     """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith(('downsample_layers.', 'visual.trunk.')) for k in state_dict):
+        state_dict = timm_convnext_filter(state_dict, _TensorShapes(model))
     return transfer_timm_weights(
-        unwrap_state_dict(state_dict), model, 'stem.0', source='timm ConvNeXt weights', strict=strict,
-        warn_classifier=warn_classifier)
+        state_dict, model, 'stem.0', source='timm ConvNeXt weights', strict=strict, warn_classifier=warn_classifier)
+
+
+class _TensorShapes:
+    """What timm's ConvNeXt filter reads of the model: the tensor of each name (it reshapes 2-D checkpoint tensors
+    to the model's); a name the model lacks (a deeper ConvNeXt's block) flattened, where timm's KeyError would end
+    the load: such tensors go unused and are reported so."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> Dict[str, Any]:
+        class Shapes(dict):
+            def __missing__(self, key):
+                return SimpleNamespace(shape=(-1,))
+
+        return Shapes(self.model.state_dict())
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
