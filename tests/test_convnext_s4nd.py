@@ -792,3 +792,35 @@ def test_replicas_of_data_parallel_compute_what_the_model_computes(kernel, monke
         expected = model(x)  # (the model's own inference caches, which the replicas copy)
         for replica in replicate.replicate(model, [0, 1]):
             torch.testing.assert_close(replica(x), expected)
+
+
+@pytest.mark.parametrize('chunk_bytes', [1, None])
+def test_stem_projects_batch_chunks_of_the_input_without_copying_them(monkeypatch, chunk_bytes):
+    """On the CPU the stem's fused projection reads a contiguous image as a permuted view: a one-sample batch chunk
+    (`ops.projection_chunks`; at 224 px every chunk) goes to its GEMM without a copy (a chunk of the channel-major
+    copy it read before needed a second one), with the values and gradients of the channel-major copy (taken for
+    channels-last input), in a training step and in inference; larger chunks too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import s4nd_vision.layers.ops as ops
+    if chunk_bytes is not None:
+        monkeypatch.setattr(ops, 'PROJECTION_CHUNK_BYTES', chunk_bytes)  # one sample per chunk
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), img_size=32)
+    stem = model.stem
+    x = torch.randn(3, 3, 32, 32)
+    for grad in (True, False):
+        outs, grads = [], []
+        for x_in in (x, x.contiguous(memory_format=torch.channels_last)):
+            with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+                y = stem(x_in)
+            outs.append(y)
+            if grad:
+                grads.append(torch.autograd.grad(y.square().sum(), list(stem.parameters())))
+            if x_in is x:
+                chunk_copies = [e for e in p.events() if e.name == 'aten::copy_' and e.input_shapes
+                                and e.input_shapes[0] == [3, 32, 1, 32]]
+                assert not chunk_copies
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

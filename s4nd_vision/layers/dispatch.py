@@ -42,6 +42,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .ops import (
     DEPTHWISE_MAX_LEN,
     ForcedChoice,
+    channel_major,
     channel_major_memory,
     forced_algorithm,
     module_parameter,
@@ -52,7 +53,7 @@ from .ssm_kernel import read_directly, ssm_kernel_runs, ssm_kernels
 
 __all__ = [
     'PATHS', 'channel_major_input', 'conv_path', 'depthwise_max_side', 'force_path', 'generate_two_sided',
-    'stem_keeps_channel_major', 'triton_available',
+    'stem_input', 'stem_keeps_channel_major', 'triton_available',
 ]
 
 PATHS = ('reference', 'triton', 'depthwise', 'fast')
@@ -128,6 +129,17 @@ def channel_major_input(x: torch.Tensor) -> Optional[torch.Tensor]:
     while timm's FX tracing passes a proxy). Off the CPU the layout copies are cheap and the fused kernels read
     channels-last."""
     return channel_major_memory(x) if _cpu_eager(x) and x.ndim >= 3 else None
+
+
+def stem_input(x: torch.Tensor) -> torch.Tensor:
+    """An S4ND stem's input x (B, C_in, *spatial) in S4ND's channel-major order, for its fused projection: on the CPU,
+    for a contiguous x outside graph capture, the permuted view of x (no copy). The projection reads it a batch chunk
+    at a time (`ops.projection_chunks`: one sample per chunk at 224 px); a one-sample chunk of this view is
+    contiguous, one of a channel-major copy is not and was copied again before its GEMM. Elsewhere
+    `ops.channel_major` (a copy)."""
+    if _cpu_eager(x) and x.is_contiguous():
+        return x.permute(1, *range(2, x.ndim - 1), 0, x.ndim - 1)
+    return channel_major(x)
 
 
 def stem_keeps_channel_major(y: torch.Tensor) -> bool:

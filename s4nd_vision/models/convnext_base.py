@@ -31,7 +31,7 @@ from ..layers import (
     linear_glu,
     stacked_kernels,
 )
-from ..layers.dispatch import channel_major_input, stem_keeps_channel_major
+from ..layers.dispatch import channel_major_input, stem_input, stem_keeps_channel_major
 from ..layers.ops import autocast_enabled
 from ..layers.pointwise import layer_norm_channels, linear_glu_channels, record_submodules, submodules_as_built
 from ..layers.s4nd import refuse_fx_proxy
@@ -106,7 +106,7 @@ class S4NDStem(nn.Sequential):
         # (the nn.GLU, dim=1, describes the layer and keeps timm's module indices; here the channels are the
         # last axis, where `_pointwise_glu` and the norm act)
         proj, s4nd, conv, _, norm = self
-        y = s4nd.forward_channel_major(channel_major(x), proj=(proj.weight.flatten(1), proj.bias))
+        y = s4nd.forward_channel_major(stem_input(x), proj=(proj.weight.flatten(1), proj.bias))
         if not autocast_enabled(x.device.type):  # (under autocast the projection picks its dtype)
             y = y.to(x.dtype)
         if stem_keeps_channel_major(channels_first(y)):  # (the layers up to the head keep this layout)
