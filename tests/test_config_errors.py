@@ -79,11 +79,20 @@ def folder(tmp_path_factory):
     ('model.name=convnext_s4nd_atoo', r"model.name 'convnext_s4nd_atoo' is not a timm model \(did you mean "
                                       r"convnext_s4nd_atto\?\)"),
     ('optim.lr=[1', r"override 'optim.lr=\[1': the value is not valid YAML \(expected ',' or '\]'"),
+    # (a boolean is an int in Python: true trained 1 epoch; a third scale bound was dropped by the pairing, silently)
+    ('train.epochs=true', r'train.epochs must be int, got True'),
+    ('aug.scale=[0.1, 0.5, 0.9]', r'aug.scale must hold 2 values, got \[0.1, 0.5, 0.9\]'),
 ])
 def test_invalid_values_name_the_key(override, message, folder, tmp_path):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(None, _overrides(folder, tmp_path, override))
     assert '\n' not in str(info.value)
+
+
+def test_an_override_value_keeps_its_own_equals_signs(folder, tmp_path):
+    """Only the first `=` separates the key from the value: a value holding one (a path, a project name) is kept."""
+    cfg = load_config(None, _overrides(folder, tmp_path, 'train.tracker_project=lr=1e-3,bs=8'))
+    assert cfg.train.tracker_project == 'lr=1e-3,bs=8'
 
 
 def test_progressive_sizes_the_model_does_not_take_are_refused(folder, tmp_path):
