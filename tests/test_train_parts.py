@@ -145,6 +145,36 @@ def test_a_save_killed_between_its_renames_or_while_pruning_leaves_complete_chec
         GradientState._reset_state()
 
 
+def test_a_save_of_an_update_saved_before_killed_before_its_last_rename_leaves_the_old_checkpoint(tmp_path,
+                                                                                                 monkeypatch):
+    """Saving an update again, the old checkpoint is set aside by a rename, not removed, before the new one is renamed
+    into place: a run killed between the two keeps the update's checkpoint (put back by the next start)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    acc = Accelerator(cpu=True)
+    try:
+        acc.prepare(torch.nn.Linear(2, 2))
+        out, root = str(tmp_path), tmp_path / 'checkpoints'
+        save_checkpoint(acc, out, 4, keep=2)
+        replace = checkpoint.os.replace
+
+        def killed_before_the_new_one_is_in_place(src, dst, *args, **kwargs):
+            if os.path.basename(src).startswith('.tmp-step-'):
+                raise KeyboardInterrupt
+            return replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.os, 'replace', killed_before_the_new_one_is_in_place)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(acc, out, 4, keep=2)
+        monkeypatch.undo()
+        assert recover_replaced_checkpoints(out) == [str(root / 'step-00000004')]
+        assert latest_checkpoint(out) == str(root / 'step-00000004')
+        assert (root / 'step-00000004' / 'model.safetensors').is_file()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_a_save_keeps_the_newest_checkpoints(tmp_path):
     """train.keep_checkpoints: each save removes the oldest checkpoints beyond `keep`, never the one it wrote (the
     one a resume continues from), also when the updates' digits differ in number."""
