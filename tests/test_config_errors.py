@@ -200,6 +200,21 @@ def test_augmentations_mean_what_they_mean_in_timm(folder, tmp_path):
         VideoTransform(train=True, num_frames=2, img_size=32, randaugment_magnitude=11)
 
 
+def test_image_transforms_take_the_configs_interpolation_mean_and_std(folder, tmp_path):
+    """data.interpolation, data.mean and data.std reach both the training and the evaluation transform (what the
+    exported cfg then states); aug.no_aug trains on exactly the evaluation transform."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'data.interpolation=bicubic',
+                                                   'data.mean=[0.1, 0.2, 0.3]', 'data.std=[0.4, 0.5, 0.6]')))
+    for training in (True, False):
+        transform = trainer.data.transform(32, training=training)
+        resize, normalize = transform.transforms[0], transform.transforms[-1]
+        assert 'interpolation=bicubic' in repr(resize), (training, transform)
+        assert normalize.mean.tolist() == pytest.approx([0.1, 0.2, 0.3]), (training, transform)
+        assert normalize.std.tolist() == pytest.approx([0.4, 0.5, 0.6]), (training, transform)
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path, 'aug.no_aug=true')))
+    assert repr(trainer.data.transform(32, training=True)) == repr(trainer.data.transform(32, training=False))
+
+
 def test_randaugment_posterize_runs_on_current_pillow(folder, tmp_path):
     """timm's RandAugment asks posterize for 0 bits at magnitude 10 with inc1 (the ImageNet recipes' mstd draws
     reach it), which Pillow 11+ refuses: the training transform keeps Pillow 10's black image instead."""
