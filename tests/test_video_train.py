@@ -432,6 +432,16 @@ class _ClipLogits(torch.nn.Module):
         return x.flatten(1)  # (B, K, 1, 1, 1) -> (B, K): the clip's logits
 
 
+def _clip_evaluation(tmp_path, clips, num_classes: int, unreadable=()) -> Hmdb51Data:
+    """The evaluation's parts of an `Hmdb51Data` (no videos) over crafted `clips` (`_LogitClips`), batches of 2."""
+    data = Hmdb51Data.__new__(Hmdb51Data)
+    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
+    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), num_classes, torch.contiguous_format
+    data.val_set, data.transform = _LogitClips(clips, unreadable=list(unreadable)), lambda img_size, training: None
+    data.prepare_evaluation()
+    return data
+
+
 def test_video_scores_are_the_mean_softmax_of_the_clips_of_each_video_scored_once(monkeypatch, tmp_path):
     """Crafted clip logits through the evaluation's loader and scoring. Video 0 (class 0): two clips sure of class 0,
     one far surer of class 1: the mean softmax says class 0, summed logits (or log-probabilities) say class 1.
@@ -442,11 +452,7 @@ def test_video_scores_are_the_mean_softmax_of_the_clips_of_each_video_scored_onc
              ([0.0, 3.0, 0.0], 1, 1)]
     other_rank = (torch.tensor([[9.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([1, 0]), [1, 3], [])
     monkeypatch.setattr(train_data, 'gather_object', lambda shards: shards + [other_rank])
-    data = Hmdb51Data.__new__(Hmdb51Data)  # (the evaluation's parts only, no videos)
-    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
-    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), 3, torch.contiguous_format
-    data.val_set, data.transform = _LogitClips(clips, unreadable=[2]), lambda img_size, training: None
-    data.prepare_evaluation()
+    data = _clip_evaluation(tmp_path, clips, num_classes=3, unreadable=[2])
     metrics = data.evaluate(_ClipLogits())
     # videos 0, 1 (this rank's copy) and 3 right; clips: 4 of the 5 scored (video 2's is not) right
     assert metrics['top1'] == 100 and metrics['val_videos'] == 3 and metrics['val_skipped_videos'] == 1
@@ -458,13 +464,19 @@ def test_a_clip_with_non_finite_logits_is_no_hit(tmp_path):
     all-NaN clip was credited to class 0 (a model that blew up read as one at chance)."""
     nan = float('nan')
     clips = [([nan, nan, nan], 0, 0), ([0.0, 3.0, 0.0], 1, 1)]
-    data = Hmdb51Data.__new__(Hmdb51Data)  # (the evaluation's parts only, no videos)
-    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
-    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), 3, torch.contiguous_format
-    data.val_set, data.transform = _LogitClips(clips, unreadable=[]), lambda img_size, training: None
-    data.prepare_evaluation()
+    data = _clip_evaluation(tmp_path, clips, num_classes=3)
     metrics = data.evaluate(_ClipLogits())
     assert metrics['top1'] == 50 and metrics['clip_top1'] == 50 and metrics['val_videos'] == 2
+
+
+def test_video_top5_counts_a_label_ranked_below_the_first(monkeypatch, tmp_path):
+    """Video top-5 is its own count: of 7 classes, video 0's label ranks 2nd (a top-5 hit, no top-1 hit), video 1's
+    last (neither)."""
+    clips = [([5.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0], 0, 0), ([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0], 6, 1)]
+    monkeypatch.setattr(train_data, 'gather_object', lambda shards: shards)
+    data = _clip_evaluation(tmp_path, clips, num_classes=7)
+    metrics = data.evaluate(_ClipLogits())
+    assert (metrics['top1'], metrics['top5'], metrics['clip_top1']) == (0, 50, 0)
 
 
 class _Fsdp1Wrapper(torch.distributed.fsdp.FullyShardedDataParallel):
@@ -484,11 +496,7 @@ def test_video_evaluation_keeps_the_fsdp1_wrapper(tmp_path):
     """Accelerate's `unwrap_model` removes FSDP1's wrapper; the inner module holds the root unit's parameters as
     local shards, so evaluating it fails (or scores a shard): the wrapper's forward is evaluated."""
     clips = [([4.0, 0.0, 0.0], 0, 0), ([0.0, 3.0, 0.0], 1, 1)]
-    data = Hmdb51Data.__new__(Hmdb51Data)
-    data.cfg = load_config(None, _overrides((str(tmp_path), str(tmp_path)), tmp_path, 'data.batch_size=2'))
-    data.accelerator, data.num_classes, data.memory_format = Accelerator(cpu=True), 3, torch.contiguous_format
-    data.val_set, data.transform = _LogitClips(clips, unreadable=[]), lambda img_size, training: None
-    data.prepare_evaluation()
+    data = _clip_evaluation(tmp_path, clips, num_classes=3)
     wrapped = _Fsdp1Wrapper(_ClipLogits())
     metrics = data.evaluate(wrapped)
     assert wrapped.forwards == 1 and metrics['top1'] == 100 and metrics['val_videos'] == 2
