@@ -105,6 +105,21 @@ def _overrides(folder, out, *extra):
 
 # ------------------------------------------------------------------------------------------- config
 
+
+class _AlwaysFirstClass(torch.nn.Module):
+    """Scores class 0 first for every image."""
+
+    def forward(self, x):
+        return torch.tensor([1.0, 0.0], device=x.device).expand(len(x), 2).clone()
+
+
+def test_evaluation_counts_top5_apart_from_top1(folder, tmp_path):
+    """The validation's top-5 is its own count: of two classes, a model that always says the first is right on
+    half of the images (top-1 50) and has every label among its two (top-5 100)."""
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=1')))
+    metrics = trainer.evaluate(_AlwaysFirstClass())
+    assert (metrics['top1'], metrics['top5']) == (50, 100)
+
 def test_config_errors_name_the_key(tmp_path, folder):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean optim.lr\?\)"):
         load_config(None, _overrides(folder, tmp_path, 'optim.lrr=0.1'))
