@@ -176,7 +176,7 @@ def test_kernel_rows_one_per_kernel_and_stage():
                                          for k in ('s4d', 's4', 'sgconv')]
     for row in rows:
         assert row['baseline'] == 'dwconv7x7' and row['time_ratio'] == row['s4nd_ms'] / row['baseline_ms']
-        assert row['mem_ratio'] > 0
+        assert row['mem_ratio'] == row['s4nd_mb'] / row['baseline_mb'] and row['s4nd_mb'] != row['baseline_mb']
     assert 'kernel sgconv 1x4x6x6' in format_table(rows)
 
 
