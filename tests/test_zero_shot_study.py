@@ -421,3 +421,16 @@ def test_a_kept_panel_of_a_resolution_not_tested_says_so(tmp_path, monkeypatch):
     assert kept_4x.get_title() == 'kept at 4x (256 px): not tested' and kept_4x.get_legend() is None
     assert [t.get_text() for t in kept_4x.texts] == ['256 px is not among the test resolutions']
     assert not kept_4x.patches
+
+
+def test_summary_counts_a_repeated_run_once_and_keeps_the_resolutions_of_every_seed():
+    """A run_id given twice (a run appended again) counts once, with its first row; a resolution one seed lacks
+    (an evaluation cut short) is left out of its setting's summary, not averaged over the seeds that have it."""
+    def row(run_id, seed, top1):
+        return dict(run_id=run_id, setting='baseline', seed=seed, model='convnext_atto', init='', dt_min='', dt_max='',
+                    bandlimit='', progressive=False, top1=top1, train_s=10.0)
+    rows = [row('b0', 0, {32: 50.0, 64: 40.0}), row('b1', 1, {32: 60.0}), row('b0', 0, {32: 90.0, 64: 80.0})]
+    (summary,) = study.summarize_runs(rows, img_size=32)
+    assert summary['seeds'] == [0, 1]
+    assert summary['top1'] == {32: pytest.approx((55.0, 50 ** 0.5))}
+    assert summary['kept'] == {32: (1.0, 0.0)}
