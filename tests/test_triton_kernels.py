@@ -366,3 +366,15 @@ def test_fused_generation_of_a_mode_with_tiny_a(log_a_real):
     grads = torch.autograd.grad((out * weight.float()).sum(), list(kernel.parameters()))
     for g, r in zip(grads, grads_ref):
         assert _rel(g, r) < 1e-5, (tuple(g.shape), _rel(g, r))
+
+
+def test_fused_generation_at_coarse_steps_where_dt_a_leaves_the_expm1_series():
+    """dt * rate * Re(A) from -0.5 down to about -8 (a coarse rate: a small input of a layer made for a large grid):
+    the fused kernel's exp(dt A) - 1 leaves its series there, as it must (the series is accurate only near 0)."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(2, d_state=8, init='inv', dt_min=0.5, dt_max=0.5)
+    with torch.no_grad():
+        kernel.log_a_real.copy_(torch.linspace(0.125, 2.0, 4).log().expand(2, 4))  # -Re(A); dt * rate = 4
+    ref = ssm_kernels([kernel.double()], [9], [8.0], torch.float64)[0]
+    out = triton_kernels.ssm_kernels_fused([kernel.float()], [9], [8.0])[0]
+    assert _rel(out, ref) < 1e-5, _rel(out, ref)
