@@ -178,6 +178,23 @@ def test_s4_float32_kernel_keeps_its_accuracy_at_long_lengths():
 
 
 
+@pytest.mark.parametrize('dt', [1e-5, 1e-4])
+def test_s4_float32_gradients_keep_their_accuracy_at_a_small_step(dt):
+    """The kernel's zero frequency, its sum, came from the Cauchy form as C^T (I - A~^L) (I - A~)^-1 B~: factors
+    O(L dt A) and O(1 / (dt A)) whose gradients with respect to A cancel to the much smaller dependence of the sum on
+    A, so float32 lost A's gradients at small L dt (32 taps, d_state 16: 4e-3 to 2e-2 of the largest at dt 1e-5, 2e-4
+    at 1e-4; now under 1e-6). It is the dense sum C^T (I + A~ + ... + A~^(L-1)) B~ from the repeated squaring."""
+    torch.manual_seed(0)
+    k32 = S4Kernel(4, d_state=16, num_kernels=2, dt_min=dt, dt_max=dt)
+    k64 = copy.deepcopy(k32).double()
+    weight = torch.randn(2, 4, 32, dtype=torch.float64)
+    for kernel, dtype in ((k32, torch.float32), (k64, torch.float64)):
+        (kernel(32, dtype=dtype) * weight.to(dtype)).sum().backward()
+    for name in ('log_dt', 'log_a_real', 'a_imag', 'p', 'b', 'c'):
+        got, want = getattr(k32, name).grad.double(), getattr(k64, name).grad
+        assert (got - want).abs().max() < 1e-5 * want.abs().max(), name
+
+
 def test_s4_generation_reads_nothing_back_from_the_device():
     """The S4 kernel's bilinear discretization solves (I - dt/2 A) X = B without `torch.linalg.solve`'s error check,
     which reads a flag back from the device: on a GPU a host synchronization per kernel generation (per layer and

@@ -23,6 +23,12 @@ largest tap at dt * rate ~ 1e-7, 5e-4 at 1e-5); so did 1 - z at long lengths, fo
 float32 the kernel is within 3e-7 to 7e-6 of the largest tap of all channels, 4e-7 to 3e-5 of each channel's own
 (d_state 64, default init, 3 seeds, dt 1e-7 to 1e-1, 64 to 65536 taps; the worst at short lengths: the zero
 frequency's resolvent is about A^-1, so its rounding grows with A's condition number, as in the original S4 code).
+The zero frequency (the kernel's sum) comes from the same repeated squaring instead, not from the Cauchy form, whose
+factors' gradients with respect to A cancel at small L dt: float32 gradients of every parameter are within 2e-5 of
+the largest of the float64 ones at dt 1e-5 to 1e-4 (3e-3 to 6e-3 for A's from the Cauchy form) and 8e-5 at dt 1e-3 to
+1e-1 (d_state 64, 56 to 1024 taps, as S4D's: 2e-5 and 2e-4). What is left is where a pole of A~ turns an integer number
+of times over the L steps (dt Im(Lambda) L / 2 pi near an integer m > 0), where the same cancellation happens at
+frequency m, bounded by the pole's decay over the L steps.
 Resolution as in S4D: rate scales the step (dt * rate).
 
 Paper: S4 (https://arxiv.org/abs/2111.00396).
@@ -127,23 +133,23 @@ class S4Kernel(_DiagonalSSM):
         return _full(lam), _full(p), _full(b), _full(c)
 
     @staticmethod
-    def _bilinear(lam: torch.Tensor, p: torch.Tensor, dt: torch.Tensor) -> tuple:
-        """Dense bilinear A~ - I = (I - dt/2 A)^-1 dt A (H, N, N), A~ = (I - dt/2 A)^-1 (I + dt/2 A), and
-        (I - dt/2 A) for A = Lambda - P P^*. A~ - I is O(dt A): formed as is, not as A~ minus I, it keeps its
-        relative accuracy at small dt * rate (`_power_minus_identity`)."""
+    def _bilinear(lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Dense bilinear [A~ - I, B~] (H, N, N + 1) for A = Lambda - P P^*, by one LU solve:
+        A~ = (I - dt/2 A)^-1 (I + dt/2 A), so A~ - I = (I - dt/2 A)^-1 dt A, and B~ = (I - dt/2 A)^-1 dt B. A~ - I is
+        O(dt A): formed as is, not as A~ minus I, it keeps its relative accuracy at small dt * rate
+        (`_power_minus_identity`)."""
         a = torch.diag_embed(lam) - p[:, :, None] * p.conj()[:, None, :]
         eye = torch.eye(lam.shape[-1], dtype=a.dtype, device=a.device)
         half = (0.5 * dt).to(a.dtype)[:, None, None] * a
-        return _solve(eye - half, half + half), eye - half
+        return _solve(eye - half, torch.cat([half + half, (dt[:, None] * b)[..., None]], dim=-1))
 
     def discretize(self, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple:
         """The recurrent view x_t = A~ x_{t-1} + B~ u_t, y_t = Re(C^T x_t) (conjugate halves included, so the state
         stays conjugate-symmetric and Re drops nothing): A~ (dim, N, N), B~ (dim, N), C (num_kernels, dim, N)."""
         lam, p, b, c = self._modes(dtype)
-        dt = self.log_dt.to(dtype).exp() * rate
-        d, left = self._bilinear(lam, p, dt)
-        a_disc = d + torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
-        return a_disc, _solve(left, (dt[:, None] * b)[..., None])[..., 0], c
+        disc = self._bilinear(lam, p, b, self.log_dt.to(dtype).exp() * rate)
+        eye = torch.eye(disc.shape[-2], dtype=disc.dtype, device=disc.device)
+        return disc[..., :-1] + eye, disc[..., -1], c
 
     @generation_without_autocast
     def forward(self, length: int, rate: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -155,13 +161,23 @@ class S4Kernel(_DiagonalSSM):
         check_generation(length, rate, dtype)
         lam, p, b, c = self._modes(dtype)  # (H, N) x 3, (K, H, N)
         dt = self.log_dt.to(dtype).exp() * rate  # (H,)
-        # truncation: r = C^T (I - A~^L) = -C^T (A~^L - I), with the dense bilinear A~ (H, N, N) kept as A~ - I
-        r = -torch.einsum('khn,hnm->khm', c, _power_minus_identity(self._bilinear(lam, p, dt)[0], length))
-        # Cauchy sums at the rfft frequencies z_m = exp(-2 pi i m / L): 1 / (a(z) - b(z) Lambda_n) = resolvent (H, M, N)
-        # 1 - z and 1 + z from the half angle: 1 - z formed from z loses its real part 1 - cos(theta) ~ theta^2 / 2 to
-        # rounding at long lengths (float32 at 65k taps: ~ 5e-9, below z's ulp), where at small dt * rate it is as large
-        # as the dt term it is compared with (kernel errors of 1e-3 of a channel's largest tap at dt 1e-5, 65k taps)
-        theta = -2 * math.pi / length * torch.arange(length // 2 + 1, device=dt.device, dtype=dtype)  # (M,)
+        # truncation: r = C^T (I - A~^L) = -C^T (A~^L - I), with the dense bilinear A~ (H, N, N) kept as A~ - I, and
+        # the kernel's sum S B~ = (I + A~ + ... + A~^(L-1)) B~ with it: M = [[A~, B~], [0, 1]] has
+        # M^L - I = [[A~^L - I, S B~], [0, 0]], one row and column more in the same repeated squaring
+        disc = self._bilinear(lam, p, b, dt)
+        power = _power_minus_identity(torch.cat([disc, torch.zeros_like(disc[:, :1])], dim=1), length)
+        r = -torch.einsum('khn,hnm->khm', c, power[:, :-1, :-1])
+        # the zero frequency is that sum, C^T S B~: the Cauchy form below would give it as r times the resolvent
+        # ~ (dt A)^-1, factors O(L dt A) and O(1 / (dt A)) whose gradients with respect to A cancel to the sum's far
+        # smaller dependence on A, which float32 lost at small L dt (A's gradients 3e-3 off, relative to the largest,
+        # at d_state 64, 56 taps, dt 1e-5; 2e-4 at dt 1e-4; now 2e-5 at most, as S4D's)
+        k_zero = torch.einsum('khn,hn->kh', c, power[:, :-1, -1])
+        # Cauchy sums at the other rfft frequencies z_m = exp(-2 pi i m / L): 1 / (a(z) - b(z) Lambda_n) = resolvent
+        # (H, M, N). 1 - z and 1 + z from the half angle: 1 - z formed from z loses its real part 1 - cos(theta) ~
+        # theta^2 / 2 to rounding at long lengths (float32 at 65k taps: ~ 5e-9, below z's ulp), where at small
+        # dt * rate it is as large as the dt term it is compared with (kernel errors of 1e-3 of a channel's largest tap
+        # at dt 1e-5, 65k taps)
+        theta = -2 * math.pi / length * torch.arange(1, length // 2 + 1, device=dt.device, dtype=dtype)  # (M,)
         sin, half_sin, half_cos = theta.sin(), (theta / 2).sin(), (theta / 2).cos()
         one_minus_z = torch.complex(2 * half_sin * half_sin, -sin)
         bz = (0.5 * dt)[:, None] * torch.complex(2 * half_cos * half_cos, sin)  # dt/2 (1 + z) (H, M)
@@ -172,4 +188,5 @@ class S4Kernel(_DiagonalSSM):
         k_pp = torch.einsum('hn,hmn->hm', (p.conj() * p), res)
         # Woodbury: (R^-1 + b P P^*)^-1 = R - b R P (1 + b P^* R P)^-1 P^* R
         k_hat = dt[:, None] * (k_rb - k_rp * (bz * k_pb / (1 + bz * k_pp)))
+        k_hat = torch.cat([k_zero[..., None], k_hat], dim=-1)
         return torch.fft.irfft(k_hat, n=length)
