@@ -117,6 +117,30 @@ def test_every_s4nd_layer_is_referenced_to_its_grid():
     assert model.stages[3].downsample[1].l_ref == (8, 8)
 
 
+def test_drop_path_rate_rises_linearly_over_all_blocks_as_timms_convnext():
+    """drop_path_rate (timm's --drop-path): the blocks' stochastic depth rises linearly from 0 over every block of
+    every stage, as in timm's ConvNeXt (not one rate per stage)."""
+    kw = dict(depths=(2, 3, 1, 2), dims=(8, 8, 8, 8), drop_path_rate=0.35)
+    with torch.device('meta'):
+        model = timm.create_model('convnext_s4nd_atto', img_size=64, **kw)
+        ref = timm.create_model('convnext_atto', **kw)
+    def rates(m):
+        return [getattr(b.drop_path, 'drop_prob', 0.0) for s in m.stages for b in s.blocks]
+    assert rates(model) == pytest.approx([0.35 * i / 7 for i in range(8)])
+    assert rates(model) == pytest.approx(rates(ref))
+
+
+def test_dilated_model_is_built_with_the_reference_grids_of_the_undilated_one():
+    """With output_stride < 32 every S4ND layer is referenced to its grid without dilation (the total stride of the
+    undilated model), as built, not only after loading the undilated model's weights (which overwrite them)."""
+    plain = timm.create_model('convnext_s4nd_atto', img_size=64, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+    expected = [m.l_ref for m, _ in plain._s4nd_layers()]
+    for output_stride in (16, 8):
+        model = timm.create_model(
+            'convnext_s4nd_atto', img_size=64, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), output_stride=output_stride)
+        assert [m.l_ref for m, _ in model._s4nd_layers()] == expected
+
+
 def test_set_input_size_keeps_the_reference_grids():
     """(Function preservation for every family: tests/test_input_size.py.)"""
     trained_64 = timm.create_model('convnext_s4nd_atto', img_size=64).eval()
