@@ -80,6 +80,15 @@ def test_conv_twin_differs_only_in_the_mixer():
     assert len(outside(s4nd)) < len(s4nd.state_dict())
 
 
+def test_drop_path_rate_rises_linearly_over_the_blocks():
+    """drop_path_rate (timm's --drop-path): block i's stochastic depth is i / (depth - 1) times it, in both twins."""
+    for name in ('s4nd_iso_tiny', 'conv_iso_tiny'):
+        with torch.device('meta'):
+            model = _create(name, depth=5, dim=8, d_state=4, drop_path_rate=0.2)
+        rates = [getattr(b.drop_path, 'drop_prob', 0.0) for b in model.blocks]
+        assert rates == pytest.approx([0.2 * i / 4 for i in range(5)]), name
+
+
 def test_conv_kernel_size_is_checked_at_construction():
     """An even conv_kernel_size lost a row and a column per block (padding k // 2) and a 0 padded negatively: both
     built and failed at the first forward. Refused by name for both twins; odd sizes keep the input size."""

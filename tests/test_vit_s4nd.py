@@ -73,6 +73,16 @@ def test_2d_layout_uses_the_grid_1d_layout_only_the_raster_order():
                 assert not torch.allclose(out_row, out, atol=1e-3)
 
 
+def test_drop_path_rate_rises_linearly_over_the_blocks_as_timms_vit():
+    """drop_path_rate (timm's --drop-path): both residual branches of block i drop with rate i / (depth - 1) times
+    it, as in timm's ViT."""
+    with torch.device('meta'):
+        model = timm.create_model(ATTO, depth=5, drop_path_rate=0.2)
+    expected = pytest.approx([0.2 * i / 4 for i in range(5)])
+    for branch in ('drop_path1', 'drop_path2'):
+        assert [getattr(getattr(b, branch), 'drop_prob', 0.0) for b in model.blocks] == expected
+
+
 @pytest.mark.parametrize('mode', MODES)
 def test_block_is_pre_norm_with_both_residuals(mode):
     """A block adds its mixer's and its MLP's outputs to the token stream (pre-norm ViT): x + mixer(norm1(x)), then
