@@ -54,6 +54,10 @@ def test_model_step_equals_convolutional_forward(kernel):
             y, state = model.step(x[..., t], state)
         expected = model.forward_head(model.forward_features(x)[..., 9:10])
         torch.testing.assert_close(model.forward_head(y[..., None]), expected)
+        # (and over a whole sequence it pools the final position: a one-sample slice cannot tell first from last)
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), model.forward_head(features[..., -1:]))
+        assert not torch.allclose(model.forward_head(features), model.forward_head(features[..., :1]))
     assert [s.shape for s in state.states] == [(3, 16, 4 if kernel == 's4d' else 8)] * 4
 
 

@@ -157,6 +157,20 @@ def test_original_convnext_checkpoints_load_as_timm_renames_them():
     assert torch.equal(out['head.norm.weight'], theirs['head.norm.weight'])
 
 
+def test_open_clip_convnext_trunks_load_as_timm_renames_them():
+    """An open_clip ConvNeXt tower (`visual.trunk.*`, as the docstring of the filter says) transfers as the same
+    weights in timm's layout do (timm's ConvNeXt filter strips the prefix); unrenamed it fits nothing."""
+    torch.manual_seed(0)
+    convnext = timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), conv_mlp=False)
+    theirs = {k: v for k, v in convnext.state_dict().items() if not k.startswith('head.fc.')}
+    tower = {f'visual.trunk.{k}': v for k, v in theirs.items()}
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), **_LAYOUTS['patch'])
+    expected = checkpoint_filter_fn(theirs, model, warn_classifier=False)
+    out = checkpoint_filter_fn(tower, model, warn_classifier=False)
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in expected)
+    assert torch.equal(out['stages.2.blocks.0.mlp.fc1.weight'], theirs['stages.2.blocks.0.mlp.fc1.weight'])
+
+
 def test_linear_and_1x1_conv_mlps_map_both_ways():
     """timm's own ConvNeXt in both MLP layouts: the 1x1 conv weights load into Linear layers and back,
     and the model computes the same function."""
