@@ -231,6 +231,11 @@ def test_mnist_split_is_stratified_disjoint_and_deterministic():
     image, label = val[0]
     assert image.shape == (1, 14, 14) and image.dtype == torch.float32 and isinstance(label, int)
     assert 0 <= val.images.min() and val.images.max() <= 1
+    # (the docstring's resampling: antialiased bilinear; without antialiasing a 2x reduction drops pixels' weight)
+    full = MNIST5k('val')
+    assert full.images.shape == (1000, 1, 28, 28)
+    expected = F.interpolate(full.images, size=(14, 14), mode='bilinear', antialias=True).clamp(0, 1)
+    torch.testing.assert_close(val.images, expected)
     again, other = MNIST5k('val', img_size=14), MNIST5k('val', img_size=14, seed=1)
     assert (again.indices == val.indices).all() and torch.equal(again.images, val.images)
     assert (other.indices != val.indices).any()
