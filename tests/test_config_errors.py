@@ -521,3 +521,13 @@ def test_ssm_lr_for_a_model_without_ssm_parameters_is_warned_about(folder, tmp_p
         load_config(None, _overrides(folder, tmp_path, 'optim.ssm_lr=1e-3'))
         load_config(None, _overrides(folder, tmp_path, 'optim.ssm_lr=1e-3', 'model.kwargs={depths: [1, 1, 1, 1], '
                                      'dims: [8, 16, 16, 16], stem_chs: 8, kernel: sgconv}'))
+
+
+def test_the_latest_progressive_stage_and_band_limit_are_in_force(folder, tmp_path):
+    """Each epoch trains at the size of the latest stage that has started, and under the latest band-limit a stage up
+    to it gave (a stage without one keeps the earlier one in force)."""
+    stages = ('[{epoch: 0, img_size: 32, bandlimit: 0.5}, {epoch: 2, img_size: 48}, '
+              '{epoch: 4, img_size: 64, bandlimit: 0.8}]')
+    cfg = load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=6', f'train.progressive={stages}'))
+    assert [cfg.stage_at(e).img_size for e in range(6)] == [32, 32, 48, 48, 64, 64]
+    assert [cfg.bandlimit_at(e) for e in range(6)] == [0.5, 0.5, 0.5, 0.5, 0.8, 0.8]
