@@ -531,3 +531,13 @@ def test_the_latest_progressive_stage_and_band_limit_are_in_force(folder, tmp_pa
     cfg = load_config(None, _overrides(folder, tmp_path / 'run', 'train.epochs=6', f'train.progressive={stages}'))
     assert [cfg.stage_at(e).img_size for e in range(6)] == [32, 32, 48, 48, 64, 64]
     assert [cfg.bandlimit_at(e) for e in range(6)] == [0.5, 0.5, 0.5, 0.5, 0.8, 0.8]
+
+
+def test_mixup_and_cutmix_settings_reach_timms_mixup(folder, tmp_path):
+    """aug.mixup / aug.cutmix / mixup_prob / mixup_switch_prob / smoothing are passed to timm's Mixup as its
+    mixup_alpha / cutmix_alpha / mix_prob / switch_prob / label_smoothing (distinct values: a swap shows)."""
+    trainer = Trainer(load_config(None, _overrides(
+        folder, tmp_path / 'run', 'aug.mixup=0.3', 'aug.cutmix=0.7', 'aug.mixup_prob=0.6', 'aug.mixup_switch_prob=0.2',
+        'aug.smoothing=0.05')))
+    m = trainer.mixup
+    assert (m.mixup_alpha, m.cutmix_alpha, m.mix_prob, m.switch_prob, m.label_smoothing) == (0.3, 0.7, 0.6, 0.2, 0.05)
