@@ -171,6 +171,19 @@ def test_open_clip_convnext_trunks_load_as_timm_renames_them():
     assert torch.equal(out['stages.2.blocks.0.mlp.fc1.weight'], theirs['stages.2.blocks.0.mlp.fc1.weight'])
 
 
+def test_original_convnext_checkpoints_of_another_width_are_refused_by_name():
+    """An original ConvNeXt checkpoint of another width is refused as its timm-layout twin is (nothing fits outside
+    the head), not with timm's reshape error ("shape '[32, 8]' is invalid")."""
+    torch.manual_seed(0)
+    wider = timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), conv_mlp=False).state_dict()
+    model = timm.create_model('convnext_s4nd_atto', depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), **_LAYOUTS['patch'])
+    with pytest.raises(ValueError, match='fit no module') as timm_layout:
+        checkpoint_filter_fn(wider, model)
+    with pytest.raises(ValueError, match='fit no module') as original:
+        checkpoint_filter_fn({'model': {_facebook_name(k): v for k, v in wider.items()}}, model)
+    assert str(original.value) == str(timm_layout.value)
+
+
 def test_linear_and_1x1_conv_mlps_map_both_ways():
     """timm's own ConvNeXt in both MLP layouts: the 1x1 conv weights load into Linear layers and back,
     and the model computes the same function."""

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Any, Dict
 
 import torch
-import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import checkpoint_filter_fn as timm_convnext_filter
@@ -61,25 +60,35 @@ def checkpoint_filter_fn(
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith(('downsample_layers.', 'visual.trunk.')) for k in state_dict):
-        state_dict = timm_convnext_filter(state_dict, _TensorShapes(model))
+        state_dict = _renamed_by_timm(state_dict)
     return transfer_timm_weights(
         state_dict, model, 'stem.0', source='timm ConvNeXt weights', strict=strict, warn_classifier=warn_classifier)
 
 
-class _TensorShapes:
-    """What timm's ConvNeXt filter reads of the model: the tensor of each name (it reshapes 2-D checkpoint tensors
-    to the model's); a name the model lacks (a deeper ConvNeXt's block) flattened, where timm's KeyError would end
-    the load: such tensors go unused and are reported so."""
+def _renamed_by_timm(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """An original ConvNeXt (or open_clip trunk) state dict renamed to timm's layout by timm's own ConvNeXt filter,
+    every tensor in its own shape. The filter also reshapes each 2-D tensor to the model's tensor of its name, which
+    failed for a checkpoint of another width (a reshape error, not the refusal `transfer_timm_weights` gives by
+    name) or depth (a KeyError): it is handed a model of no shapes (each 2-D tensor flattened, a view of it), and the
+    flattened tensors are put back as they were; the transfer maps Linear <-> 1x1 conv itself."""
+    state_dict = {k: v.contiguous() if isinstance(v, torch.Tensor) and v.ndim == 2 else v
+                  for k, v in state_dict.items()}  # (so that flattening is a view, found by its data pointer)
+    own = {v.data_ptr(): v for v in state_dict.values() if isinstance(v, torch.Tensor) and v.ndim == 2 and v.numel()}
+    renamed = timm_convnext_filter(state_dict, _NoShapes())
+    return {k: own[v.data_ptr()] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.numel()
+            and v.data_ptr() in own and own[v.data_ptr()].numel() == v.numel() else v for k, v in renamed.items()}
 
-    def __init__(self, model: nn.Module):
-        self.model = model
 
-    def state_dict(self) -> Dict[str, Any]:
+class _NoShapes:
+    """The model timm's ConvNeXt filter reads shapes from: every name's shape is (-1,) (flattened)."""
+
+    @staticmethod
+    def state_dict() -> Dict[str, Any]:
         class Shapes(dict):
             def __missing__(self, key):
                 return SimpleNamespace(shape=(-1,))
 
-        return Shapes(self.model.state_dict())
+        return Shapes()
 
 
 def _create_convnext_s4nd(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtS4ND:
