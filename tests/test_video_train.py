@@ -500,3 +500,16 @@ def test_video_evaluation_keeps_the_fsdp1_wrapper(tmp_path):
     wrapped = _Fsdp1Wrapper(_ClipLogits())
     metrics = data.evaluate(wrapped)
     assert wrapped.forwards == 1 and metrics['top1'] == 100 and metrics['val_videos'] == 2
+
+
+def test_video_evaluation_of_a_compiled_fsdp1_model_leaves_it_as_it_was(tmp_path):
+    """Accelerate compiles the FSDP1 wrapper (`--dynamo_backend`): the evaluation forwards it as it is. unwrap_model
+    removed the FSDP1 wrapper inside the compiled module and put the bare module (local shards) in its place, in the
+    model being trained."""
+    clips = [([4.0, 0.0, 0.0], 0, 0), ([0.0, 3.0, 0.0], 1, 1)]
+    data = _clip_evaluation(tmp_path, clips, num_classes=3)
+    wrapped = _Fsdp1Wrapper(_ClipLogits())
+    compiled = torch.compile(wrapped, backend='eager')
+    metrics = data.evaluate(compiled)
+    assert compiled._orig_mod is wrapped and wrapped.forwards == 1
+    assert metrics['top1'] == 100 and metrics['val_videos'] == 2

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_compiled_module
 from timm.data import create_transform
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -384,10 +384,12 @@ class Hmdb51Data(TrainData):
         together, and one that has run out forwards a blank clip (not scored) until none has a batch left; without
         that, its gathering of the scores met the others' forwards: a hang until the timeout (NCCL) or a
         "collective mismatch" crash (gloo). DDP's wrapper is removed (its forward is not needed to evaluate); FSDP1's
-        is kept (its root unit gathers the parameters it holds).
+        is kept (its root unit gathers the parameters it holds). A compiled model (`--dynamo_backend`) is evaluated
+        as it is: its forward calls the wrapper it compiled, and `unwrap_model` would put the bare module in that
+        wrapper's place inside it, in the model being trained (FSDP1's: a module of local shards).
         """
         acc = self.accelerator
-        if not isinstance(model, FullyShardedDataParallel):
+        if not isinstance(model, FullyShardedDataParallel) and not is_compiled_module(model):
             model = acc.unwrap_model(model)
         was_training = model.training
         model.eval()
