@@ -434,3 +434,19 @@ def test_summary_counts_a_repeated_run_once_and_keeps_the_resolutions_of_every_s
     assert summary['seeds'] == [0, 1]
     assert summary['top1'] == {32: pytest.approx((55.0, 50 ** 0.5))}
     assert summary['kept'] == {32: (1.0, 0.0)}
+
+
+def test_the_baselines_config_is_read_back_without_the_ssm_lr_warning(tmp_path):
+    """The baseline trains with the S4ND recipe's optim.ssm_lr on purpose (the demo silences the warning that it
+    applies to nothing): reading its run's config.yaml back to evaluate and record it warns neither."""
+    import warnings
+
+    from s4nd_vision.eval.demo import _train_config
+    from s4nd_vision.train import config_to_dict
+    cfg = _train_config(study.CONFIG, study.BASELINE, str(tmp_path), [])
+    assert cfg.optim.ssm_lr is not None  # (else this test checks nothing)
+    with open(tmp_path / 'config.yaml', 'w') as f:
+        yaml.safe_dump(config_to_dict(cfg), f)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert study._run_config(str(tmp_path)).model.name == study.BASELINE

@@ -50,10 +50,16 @@ def retention(rows: Sequence[Dict], model: str) -> Dict[int, float]:
 
 def _train_config(config: str, model_name: str, out_dir: str, overrides: Sequence[str]):
     """The config `_train` trains with (ValueError for a bad override or value, before any training)."""
+    return _load_recipe(config, [f'model.name={model_name}', f'train.output_dir={out_dir}', *overrides])
+
+
+def _load_recipe(config: str, overrides: Sequence[str] = ()):
+    """`load_config` without the warning that optim.ssm_lr applies to nothing: the conv twin trains with the S4ND
+    model's recipe, ssm_lr included, on purpose (also when its run's config.yaml is read back, by the study)."""
     from ..train import load_config
-    with warnings.catch_warnings():  # (the conv twin trains with the S4ND model's recipe, ssm_lr included, on purpose)
+    with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message=r'optim\.ssm_lr .* applies to nothing')
-        return load_config(config, [f'model.name={model_name}', f'train.output_dir={out_dir}', *overrides])
+        return load_config(config, overrides)
 
 
 def _train(config: str, model_name: str, out_dir: str, overrides: Sequence[str]) -> str:

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..layers import SSM_INITS
 from ..utils import replaced_atomically
-from .demo import CONFIG_DIR, SETTINGS, _train, _train_config
+from .demo import CONFIG_DIR, SETTINGS, _load_recipe, _train, _train_config
 from .resolution import check_resolutions, eval_resolution, load_model
 
 try:
@@ -261,9 +261,8 @@ def _append_row(path: str, row: Dict, fields: List[str]) -> bool:
 
 
 def _run_config(run_dir: str):
-    """The config a run was trained with (its config.yaml)."""
-    from ..train import load_config
-    return load_config(os.path.join(run_dir, 'config.yaml'))
+    """The config a run was trained with (its config.yaml; the baseline's optim.ssm_lr is the recipe's, on purpose)."""
+    return _load_recipe(os.path.join(run_dir, 'config.yaml'))
 
 
 def _train_seconds(run_dir: str) -> float:
