@@ -232,6 +232,23 @@ def test_large_finite_parameters_of_modes_left_out_do_not_poison_the_kernel():
     assert kernel(10).isfinite().all()
 
 
+def test_a_mode_left_out_with_log_a_real_minus_inf_keeps_the_kernel_finite():
+    """log_a_real = -inf is bounded to LOG_A_REAL_MIN in every path (a finite mode): where band-limiting masks it
+    in every channel, the CPU's finiteness check over the modes left out must not make that channel NaN (-inf * 0),
+    as generation over all modes (the reference formulation, CUDA) gives it a finite kernel."""
+    torch.manual_seed(0)
+    kernel = SSMKernel(3, d_state=12, init='lin', bandlimit=1.0)
+    with torch.no_grad():
+        kernel.log_dt.zero_()
+        kernel.log_a_real[1, 3] = -math.inf
+    mask = kernel.mode_mask()
+    assert not mask[:, 3].any() and _kept_modes(mask.float()) == slice(0, 1)
+    reference = ssm_kernel_reference(kernel.log_dt, kernel.log_a_real, kernel.a_imag, kernel.b, kernel.c_pairs, 10,
+                                     mask=mask.float())
+    assert reference.isfinite().all()
+    torch.testing.assert_close(kernel(10), reference)
+
+
 def test_masked_modes_get_zero_gradient_in_a_model():
     """Through ConvNeXt-S4ND's stacked generation (all layers' kernels in a few calls)."""
     torch.manual_seed(0)

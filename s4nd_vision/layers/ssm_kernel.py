@@ -307,11 +307,13 @@ def _kept_values(modes: slice, mask: torch.Tensor, log_a_real: torch.Tensor, a_i
     """The stacked values (`_stack`) of the `modes` only, and the mask of those modes plus, per channel, the sum of
     all modes' parameters times 0: the mask itself, or NaN in a channel where a parameter of a mode left out is NaN
     or infinite. Generation over all modes (the reference formulation, and CUDA) gives that channel NaN (0 * NaN)
-    for all of these but log_a_real = -inf (a mode that does not decay, masked to 0 there), so a broken parameter is
-    not hidden on the CPU either; work the size of the values (C's: num_kernels x H x N2)."""
+    for all of these but log_a_real = -inf, which every path bounds to LOG_A_REAL_MIN (a finite mode, masked to 0
+    there), so a broken parameter is not hidden on the CPU either, nor a channel with that bounded mode made NaN;
+    work the size of the values (C's: num_kernels x H x N2)."""
     # (each value times 0 before the sums: 0 where finite, NaN where not, never an overflow of finite values; sums
     # over the last, contiguous axis: reductions over other axes are many times slower on the CPU)
-    poison = (log_a_real.mul(0).sum(1) + a_imag.mul(0).sum(1) + torch.view_as_real(b).flatten(1).mul(0).sum(1)
+    poison = (log_a_real.clamp(min=LOG_A_REAL_MIN).mul(0).sum(1) + a_imag.mul(0).sum(1)
+              + torch.view_as_real(b).flatten(1).mul(0).sum(1)
               + torch.view_as_real(c).flatten(2).mul(0).sum(2).sum(0))
     mask = mask[:, modes] + poison[:, None]
     # (B and C contiguous: the complex products downstream are slower on strided views)
