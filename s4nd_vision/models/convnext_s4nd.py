@@ -75,8 +75,9 @@ def _renamed_by_timm(state_dict: Dict[str, Any]) -> Dict[str, Any]:
                   for k, v in state_dict.items()}  # (so that flattening is a view, found by its data pointer)
     own = {v.data_ptr(): v for v in state_dict.values() if isinstance(v, torch.Tensor) and v.ndim == 2 and v.numel()}
     renamed = timm_convnext_filter(state_dict, _NoShapes())
-    return {k: own[v.data_ptr()] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.numel()
-            and v.data_ptr() in own and own[v.data_ptr()].numel() == v.numel() else v for k, v in renamed.items()}
+    return {k: own[v.data_ptr()] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.numel() and 'grn' not in k
+            and v.data_ptr() in own and own[v.data_ptr()].numel() == v.numel() else v  # (GRN's: timm's own reshape)
+            for k, v in renamed.items()}
 
 
 class _NoShapes:
