@@ -523,6 +523,20 @@ def test_ssm_lr_for_a_model_without_ssm_parameters_is_warned_about(folder, tmp_p
                                      'dims: [8, 16, 16, 16], stem_chs: 8, kernel: sgconv}'))
 
 
+def test_the_ssm_lr_warning_comes_from_the_first_process_only(folder, tmp_path, monkeypatch):
+    """Every process of a launched run loads the config: the warning that optim.ssm_lr applies to nothing comes once,
+    from the process of RANK 0 (or an unlaunched one), not once per process."""
+    args = _overrides(folder, tmp_path, 'model.name=convnext_tiny', 'optim.ssm_lr=1e-3',
+                      'model.kwargs={depths: [1, 1, 1, 1], dims: [8, 16, 16, 16]}')
+    monkeypatch.setenv('RANK', '0')
+    with pytest.warns(UserWarning, match='applies to nothing'):
+        load_config(None, args)
+    monkeypatch.setenv('RANK', '1')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_config(None, args)
+
+
 def test_the_latest_progressive_stage_and_band_limit_are_in_force(folder, tmp_path):
     """Each epoch trains at the size of the latest stage that has started, and under the latest band-limit a stage up
     to it gave (a stage without one keeps the earlier one in force)."""

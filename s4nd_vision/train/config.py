@@ -362,9 +362,11 @@ class Config:
             raise ConfigError(f'model.kwargs {mc.kwargs} do not build {mc.name}: {what}') from None
         except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device:
             return  # the trainer builds it for real and reports what fails
-        if self.optim.ssm_lr is not None and not any(ssm_parameters(model)) and not any(sgconv_weights(model)):
+        if (self.optim.ssm_lr is not None and not any(ssm_parameters(model)) and not any(sgconv_weights(model))
+                and os.environ.get('RANK', '0') in ('', '0')):
             # (param_groups_ssm gives it to no group: it silently changed nothing. A warning, not an error: the demo
-            # trains its conv twin with the S4ND model's config, as a baseline run may share a recipe)
+            # trains its conv twin with the S4ND model's config, as a baseline run may share a recipe. Once per run:
+            # by its first process, not by each of `accelerate launch`'s / torchrun's, which set RANK)
             warnings.warn(f'optim.ssm_lr ({self.optim.ssm_lr}) applies to nothing: {mc.name} has no SSM parameters '
                           f'or SGConv sub-kernel weights (every parameter trains at optim.lr)', stacklevel=2)
         if self.train.progressive and get_model_input_config(model)['fixed_input_size']:
