@@ -370,12 +370,13 @@ def test_eval_resolution_writes_csv_and_png(image_folder, tmp_path):
 
 def test_non_finite_logits_are_misses_and_counted(image_folder, tmp_path):
     """NaN logits are not scored as chance (topk ranks NaNs in a fixed order: 10 / 50 % here): every image with a
-    non-finite logit is a miss, warned about and counted in the rows, the CSV and the table."""
+    non-finite logit (one is enough) is a miss, warned about and counted in the rows, the CSV and the table; the
+    rows keep the resolutions in the order given, each labelled with its own."""
     class NanAbove8(_Constant):
         def forward(self, x):
             out = super().forward(x).clone()
             if x.shape[-1] > 8:
-                out[::3] = float('nan')  # images 0, 3, 6, ...: 10 of the 30
+                out[::3, 0] = float('nan')  # one logit of images 0, 3, 6, ...: 10 of the 30
             return out
 
     with pytest.warns(RuntimeWarning, match='m at 14 px: 10 of 30 images gave non-finite logits'):
@@ -385,6 +386,10 @@ def test_non_finite_logits_are_misses_and_counted(image_folder, tmp_path):
     with open(tmp_path / CSV_NAME) as f:
         assert [r['nonfinite'] for r in csv.DictReader(f)] == ['0', '10']
     assert format_table(rows).splitlines()[-1] == '| m | 10.0 / 50.0 | 6.7 / 33.3 | 14 px: 10/30 |'
+    with pytest.warns(RuntimeWarning, match='m at 14 px: 10 of 30 images'):  # (given largest first)
+        rows = eval_resolution({'m': NanAbove8()}, image_folder, [14, 8], progress=False)
+    assert [(r['resolution'], r['nonfinite'], r['top1']) for r in rows] == [(14, 10, pytest.approx(100 * 2 / 30)),
+                                                                             (8, 0, 10)]
 
 
 def test_rows_are_written_as_each_model_finishes(image_folder, tmp_path):
@@ -541,8 +546,11 @@ def test_bad_resolutions_are_clear_errors(image_folder):
         convnext = timm.create_model('convnext_atto')
     assert min_input_size(s4nd_convnext) == min_input_size(convnext) == 32 and min_input_size(model) == 1
     for net in (s4nd_convnext, convnext):
-        with pytest.raises(ValueError, match=r'minimum input size of .* \(32 px\)'):
-            check_resolutions([64, 16], {'net': net})
+        for too_small in (16, 31):  # (31: one pixel short; timm's convnext_atto has no input check of its own)
+            with pytest.raises(ValueError, match=rf'resolutions \[{too_small}\] are smaller than the minimum input '
+                                                 r'size of .* \(32 px\)'):
+                check_resolutions([64, too_small], {'net': net})
+        assert check_resolutions([32, 64], {'net': net}) == [32, 64]
     with pytest.raises(ValueError, match='ImageFolder directory'):
         eval_resolution({'m': model}, '/no/such/folder', [14], progress=False)
     with torch.device('meta'):  # (refused before the data are built, not at its first batch)
