@@ -66,13 +66,23 @@ class _NanGradAt(_NanLossAt):
         return self.loss(logits, target)
 
 
+class _InfLossAt(_NanLossAt):
+    """The trainer's loss made infinite at the given updates, its gradients still finite (an infinite constant added):
+    only the loss tells that the update is to be skipped."""
+
+    def __call__(self, logits, target):
+        loss = self.loss(logits, target)
+        return loss + math.inf if self.trainer.state.update in self.updates else loss
+
+
 def _all_finite(path) -> bool:
     return all(torch.isfinite(v).all() for v in load_file(str(path)).values())
 
 
 # ------------------------------------------------------------------------------------------ divergence
 
-@pytest.mark.parametrize('fault, clip', [(_NanLossAt, 'null'), (_NanGradAt, 'null'), (_NanGradAt, '1.0')])
+@pytest.mark.parametrize('fault, clip', [(_NanLossAt, 'null'), (_InfLossAt, 'null'), (_NanGradAt, 'null'),
+                                         (_NanGradAt, '1.0')])
 def test_stray_non_finite_steps_are_skipped_and_counted(tmp_path, folder, fault, clip):
     """(With optim.clip_grad the clipping's norm is the one checked.)"""
     cfg = load_config(None, _overrides(folder, tmp_path, 'train.epochs=2', 'train.max_nonfinite_steps=1',
