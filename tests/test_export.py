@@ -389,6 +389,9 @@ def test_export_traces_a_small_model_at_3_strides_and_checks_it_down_to_1_stride
     assert "traced at 96x96 (the model's 64x64 raised to 3 strides)" in captured.err
     assert [json.loads(line) for line in captured.out.splitlines()[1:]] == rows
     assert [r['size'] for r in rows] == ['64x64', '32x32', '32x96'] and all(r['max_abs_diff'] < 1e-4 for r in rows)
+    import onnx
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}  # (preprocessing: the model's size)
+    assert json.loads(metadata['data_config'])['input_size'] == [3, 64, 64], metadata  # (not the traced 96 px)
     with torch.device('meta'):
         model = timm.create_model('convnext_s4nd_atto', img_size=64)
     assert trace_size(model) == (96, 96) and trace_size(model, fixed_size=True) == (64, 64)
@@ -431,6 +434,32 @@ def test_export_max_side_reaches_the_graph(monkeypatch, capsys):
         main(['export', 'convnext_s4nd_atto', '--model-kwargs', 'img_size=64', 'depths=(1,1,1,1)', 'dims=(4,4,4,4)',
               '--max-side', '4096', '--sizes', '2080x32'])
     assert len(calls) == 1 and calls[0]['max_side'] == 4096 and not calls[0]['fixed_size'], calls
+
+
+@pytest.mark.parametrize('name, kwargs, sides', [
+    ('convnext_s4nd_atto', dict(depths=(1, 0, 0, 0)), ('32*h', '32*w')),  # multiples of the stride (32)
+    ('vit_s4nd_atto_patch16_224', dict(depth=1, dynamic_img_pad=True), ('h', 'w')),  # padded in the graph
+])
+@pytest.mark.parametrize('max_side', [128, 4096])
+def test_export_declares_the_batch_and_each_side_dynamic_up_to_max_side(name, kwargs, sides, max_side, tmp_path,
+                                                                           monkeypatch):
+    """The shapes export_onnx declares to torch.export: the batch, and height and width as two dims of their own
+    (one dim for both would tie the width to the height), each from 3 strides to `max_side` (above 2048 too: a
+    graph of larger sides would not be exported). Checked on the declaration, without the export (a minute)."""
+    declared = []
+
+    def exporter(model, args, **kw):
+        declared.append(kw['dynamic_shapes'][0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, 'export', exporter)
+    model = timm.create_model(name, img_size=64, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, str(tmp_path / 'model.onnx'), img_size=(96, 128), max_side=max_side)
+    shapes = declared[0]
+    assert sorted(shapes) == [0, 2, 3] and shapes[0].__name__ == 'batch' and shapes[0].max >= 4096
+    assert [(shapes[axis].__name__, shapes[axis].min, shapes[axis].max) for axis in (2, 3)] == [
+        (side, 3 * model_stride(model), max_side) for side in sides]
 
 
 def test_export_metadata_states_the_size_the_checkpoint_was_trained_at(tmp_path):
